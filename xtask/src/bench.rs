@@ -1,0 +1,57 @@
+//! `cargo xtask bench`: runs the benchmarks and writes `target/nemesis-bench.json`, one
+//! flat JSON object of named figures measured in this one run.
+//!
+//! Each benchmark is a binary of its own crate that prints `NAME=VALUE` lines; this
+//! module runs them and collects the figures, so a figure is always from this run.
+
+use crate::util::{cargo, root, sh};
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value};
+use std::process::Command;
+
+/// (figure-name prefix filter, package, binary) of every benchmark.
+const BENCHES: &[(&str, &str, &str)] = &[];
+
+pub fn run_benches(only: Option<&str>) -> Result<()> {
+    crate::setup::run_setup_steps()?;
+    crate::ebpf::build()?;
+    let mut figures = Map::new();
+    for (name, package, bin) in BENCHES {
+        if only.is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        sh(cargo().args(["build", "--release", "-p", package, "--bin", bin]))?;
+        let exe = root().join("target/release").join(bin);
+        let out = Command::new(&exe)
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "benchmark {bin} failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                let v: f64 = v.trim().parse().with_context(|| {
+                    format!("{bin} printed a figure that is not a number: {line}")
+                })?;
+                eprintln!("{k} = {v}");
+                figures.insert(k.trim().to_string(), Value::from(v));
+            }
+        }
+    }
+    let path = root().join("target/nemesis-bench.json");
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(figures))?,
+    )?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+pub fn run(only: Option<&str>) -> Result<()> {
+    run_benches(only)
+}

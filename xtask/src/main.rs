@@ -1,0 +1,49 @@
+//! Developer commands for the Nemesis workspace (`cargo xtask <command>`).
+//!
+//! Every command a newcomer or CI runs lives here, so the README stays two lines and a
+//! fresh machine is set up by the same code that CI runs.
+
+mod bench;
+mod ebpf;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Developer commands for K8s Nemesis")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install (idempotently) everything the build and the tests need on a fresh machine.
+    Setup,
+    /// Build the eBPF programs for bpfel-unknown-none (needs `setup` once).
+    BuildEbpf,
+    /// Set up, build, lint and run every test: the README's test command and CI's.
+    Test {
+        /// Extra arguments for `cargo nextest run` (a filter, `--no-fail-fast`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        nextest_args: Vec<String>,
+    },
+    /// Run the benchmarks and write `target/nemesis-bench.json`.
+    Bench {
+        /// Only run the benchmarks whose name contains this text.
+        #[arg(long)]
+        only: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => ebpf::build(),
+        Command::Test { nextest_args } => test::run(&nextest_args),
+        Command::Bench { only } => bench::run(only.as_deref()),
+    }
+}
