@@ -4,3 +4,6 @@
 //! padding, so the kernel side and the loader read the same bytes. This crate is
 //! `no_std` unless a std-only feature (`wire`) is enabled.
 #![cfg_attr(not(feature = "wire"), no_std)]
+
+#[cfg(feature = "wire")]
+pub mod wire;
