@@ -12,7 +12,7 @@ use std::process::Command;
 /// (figure-name prefix filter, package, binary) of every benchmark.
 const BENCHES: &[(&str, &str, &str)] = &[];
 
-pub fn run_benches(only: Option<&str>) -> Result<()> {
+pub fn run(only: Option<&str>) -> Result<()> {
     crate::setup::run_setup_steps()?;
     crate::ebpf::build()?;
     let mut figures = Map::new();
@@ -50,8 +50,4 @@ pub fn run_benches(only: Option<&str>) -> Result<()> {
     )?;
     eprintln!("wrote {}", path.display());
     Ok(())
-}
-
-pub fn run(only: Option<&str>) -> Result<()> {
-    run_benches(only)
 }
