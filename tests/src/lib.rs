@@ -1,2 +1,4 @@
 //! Test support: the project's own Kubernetes API server, the simulated kubelet, and
 //! the harness end-to-end tests run on. Nothing here runs in a real cluster.
+
+pub mod netns;
