@@ -1,0 +1,12 @@
+//! Everything about the node agents, seen from the controller: who is alive, what each
+//! must do with every Service (directives with epochs) and what each has applied, the
+//! wake-ups they send, and the HTTP endpoints they call. The controller never dials an
+//! agent; scaling decisions belong to the core, not here.
+
+pub mod http;
+pub mod registry;
+pub mod wake;
+
+pub use http::{AgentApi, ApiError, agent_routes};
+pub use registry::{AckError, AgentRegistry, AgentStatus, RegistryConfig, ServiceActivity};
+pub use wake::{WakeGate, WakeOutcome, WakeUp};

@@ -1,0 +1,528 @@
+//! The agents the controller has heard from (node, instance, lease), the directive for
+//! each Service with its epoch, and what every agent reports having applied. Pure state
+//! behind one lock, with time passed in; it never dials an agent (agents call in).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nemesis_common::wire::{
+    Directive, Heartbeat, HeartbeatReply, ServiceDirective, ServiceRef, ServiceReport,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Agents heartbeat every few seconds (and at once after a change); three missed
+/// heartbeats at 5 s make an agent dead. Short enough that a dead node does not block a
+/// sleep for long, long enough that one slow heartbeat is not a death.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+
+/// An agent silent this long is dropped from the registry (it stays listed as dead,
+/// for the UI, until then).
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryConfig {
+    pub lease: Duration,
+    pub forget_after: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            lease: DEFAULT_LEASE,
+            forget_after: DEFAULT_FORGET_AFTER,
+        }
+    }
+}
+
+/// An agent as the UI and the core see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentStatus {
+    pub node: String,
+    pub instance: String,
+    pub live: bool,
+    pub last_heartbeat: Instant,
+    pub services: Vec<ServiceReport>,
+}
+
+/// Traffic of one Service summed over the live agents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceActivity {
+    pub open_connections: u64,
+    pub held_connections: u64,
+    /// Connects seen since this controller started, monotonic across agent restarts
+    /// (each agent's counter is differenced), so a rate is a plain difference.
+    pub connects_total: u64,
+    /// Last heartbeat that showed any connect, open or held connection.
+    pub last_active: Option<Instant>,
+    pub reporting_agents: usize,
+}
+
+/// Why waiting for acknowledgements ended without them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error(
+        "agents on nodes {missing:?} did not acknowledge directive epoch {epoch} for {service} within {after:?}"
+    )]
+    Timeout {
+        service: ServiceRef,
+        epoch: u64,
+        after: Duration,
+        missing: Vec<String>,
+    },
+    #[error("directive epoch {epoch} for {service} was superseded by epoch {current:?}")]
+    Superseded {
+        service: ServiceRef,
+        epoch: u64,
+        current: Option<u64>,
+    },
+}
+
+#[derive(Debug)]
+struct AgentEntry {
+    instance: String,
+    last_heartbeat: Instant,
+    reports: BTreeMap<ServiceRef, ServiceReport>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connects_total: u64,
+    last_active: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    agents: BTreeMap<String, AgentEntry>,
+    directives: BTreeMap<ServiceRef, ServiceDirective>,
+    last_epoch: u64,
+    counters: BTreeMap<ServiceRef, Counters>,
+}
+
+#[derive(Debug)]
+pub struct AgentRegistry {
+    config: RegistryConfig,
+    inner: Mutex<Inner>,
+    /// Bumped on every heartbeat and directive change; waiters re-check on it.
+    changed: watch::Sender<u64>,
+}
+
+// === impl AgentRegistry ===
+
+impl AgentRegistry {
+    pub fn new(config: RegistryConfig) -> Self {
+        Self {
+            config,
+            inner: Mutex::new(Inner::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub fn config(&self) -> RegistryConfig {
+        self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn is_live(&self, a: &AgentEntry, now: Instant) -> bool {
+        now.saturating_duration_since(a.last_heartbeat) <= self.config.lease
+    }
+
+    /// Registers or refreshes an agent and returns the directives it must apply.
+    pub fn heartbeat(&self, hb: Heartbeat, now: Instant) -> HeartbeatReply {
+        let forget_after = self.config.forget_after;
+        let reply = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            inner
+                .agents
+                .retain(|_, a| now.saturating_duration_since(a.last_heartbeat) <= forget_after);
+            let prev = inner.agents.remove(&hb.node);
+            match &prev {
+                None => {
+                    tracing::info!(node = %hb.node, instance = %hb.instance, "agent registered")
+                }
+                Some(p) if p.instance != hb.instance => tracing::info!(
+                    node = %hb.node, old = %p.instance, new = %hb.instance, "agent restarted"
+                ),
+                Some(_) => {}
+            }
+            let same_instance = prev.as_ref().filter(|p| p.instance == hb.instance);
+            let mut reports = BTreeMap::new();
+            for r in hb.services {
+                // Epochs must keep rising across controller restarts: never hand out an
+                // epoch at or below one an agent has already applied.
+                inner.last_epoch = inner.last_epoch.max(r.applied_epoch);
+                let delta = match (same_instance.and_then(|p| p.reports.get(&r.service)), &prev) {
+                    (Some(old), _) if r.connects_total >= old.connects_total => {
+                        r.connects_total - old.connects_total
+                    }
+                    // Same process but the counter went back (map recreated), a
+                    // restarted agent, or a Service new to a known agent: everything it
+                    // reports is new.
+                    (Some(_), _) | (None, Some(_)) => r.connects_total,
+                    // First report this controller gets from the agent: a baseline, not
+                    // a burst of connects.
+                    (None, None) => 0,
+                };
+                let c = inner.counters.entry(r.service.clone()).or_default();
+                c.connects_total += delta;
+                if delta > 0 || r.open_connections > 0 || r.held_connections > 0 {
+                    c.last_active = Some(now);
+                }
+                reports.insert(r.service.clone(), r);
+            }
+            inner.agents.insert(
+                hb.node,
+                AgentEntry {
+                    instance: hb.instance,
+                    last_heartbeat: now,
+                    reports,
+                },
+            );
+            HeartbeatReply {
+                directives: inner.directives.values().cloned().collect(),
+                lease_seconds: u32::try_from(self.config.lease.as_secs()).unwrap_or(u32::MAX),
+            }
+        };
+        self.notify();
+        reply
+    }
+
+    fn next_epoch(inner: &mut Inner) -> u64 {
+        // Wall-clock microseconds as a floor keep epochs rising across controller
+        // restarts even before any agent reported its applied epoch.
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        inner.last_epoch = (inner.last_epoch + 1).max(wall);
+        inner.last_epoch
+    }
+
+    fn set(&self, svc: &ServiceRef, directive: Directive) -> u64 {
+        let (epoch, changed) = {
+            let mut inner = self.lock();
+            match inner.directives.get(svc) {
+                Some(d) if d.directive == directive => (d.epoch, false),
+                _ => {
+                    let epoch = Self::next_epoch(&mut inner);
+                    inner.directives.insert(
+                        svc.clone(),
+                        ServiceDirective {
+                            service: svc.clone(),
+                            directive,
+                            epoch,
+                        },
+                    );
+                    (epoch, true)
+                }
+            }
+        };
+        if changed {
+            tracing::info!(service = %svc, ?directive, epoch, "service directive changed");
+            self.notify();
+        }
+        epoch
+    }
+
+    /// Asks every agent to hold new connections of `svc` (before a scale to zero).
+    /// Returns the epoch to wait for; asking again while already asked returns the same.
+    pub fn request_sleep(&self, svc: &ServiceRef) -> u64 {
+        self.set(svc, Directive::Sleep)
+    }
+
+    /// Back to the agents' own rule for `svc` (hold at zero, direct when warm).
+    pub fn follow(&self, svc: &ServiceRef) -> u64 {
+        self.set(svc, Directive::Follow)
+    }
+
+    /// Drops the directive of a Service no policy manages any more.
+    pub fn remove(&self, svc: &ServiceRef) {
+        let removed = self.lock().directives.remove(svc).is_some();
+        if removed {
+            self.notify();
+        }
+    }
+
+    pub fn directive(&self, svc: &ServiceRef) -> Option<ServiceDirective> {
+        self.lock().directives.get(svc).cloned()
+    }
+
+    /// Nodes of live agents that have not applied `epoch` (or later) for `svc`.
+    pub fn unacknowledged(&self, svc: &ServiceRef, epoch: u64, now: Instant) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .agents
+            .iter()
+            .filter(|(_, a)| self.is_live(a, now))
+            .filter(|(_, a)| a.reports.get(svc).is_none_or(|r| r.applied_epoch < epoch))
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// True when `epoch` is still the current directive for `svc` and every live agent
+    /// has applied it. With no live agent at all this is (vacuously) true: check
+    /// [`AgentRegistry::live_count`] if that matters.
+    pub fn all_live_acknowledged(&self, svc: &ServiceRef, epoch: u64, now: Instant) -> bool {
+        self.current_epoch(svc) == Some(epoch) && self.unacknowledged(svc, epoch, now).is_empty()
+    }
+
+    fn current_epoch(&self, svc: &ServiceRef) -> Option<u64> {
+        self.lock().directives.get(svc).map(|d| d.epoch)
+    }
+
+    /// Waits until [`AgentRegistry::all_live_acknowledged`] holds, re-checking on every
+    /// heartbeat and when a lease runs out. Fails at `timeout`, or at once when the
+    /// directive changes to another epoch.
+    pub async fn wait_acknowledged(
+        &self,
+        svc: &ServiceRef,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<(), AckError> {
+        let deadline = Instant::now() + timeout;
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let now = Instant::now();
+            let current = self.current_epoch(svc);
+            if current != Some(epoch) {
+                return Err(AckError::Superseded {
+                    service: svc.clone(),
+                    epoch,
+                    current,
+                });
+            }
+            let missing = self.unacknowledged(svc, epoch, now);
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if now >= deadline {
+                return Err(AckError::Timeout {
+                    service: svc.clone(),
+                    epoch,
+                    after: timeout,
+                    missing,
+                });
+            }
+            // A missing agent may also stop counting by its lease running out.
+            let wake_at = self
+                .next_lease_expiry(&missing)
+                .map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    fn next_lease_expiry(&self, nodes: &[String]) -> Option<Instant> {
+        let inner = self.lock();
+        nodes
+            .iter()
+            .filter_map(|n| inner.agents.get(n))
+            // Just past the lease, so the re-check sees the agent dead.
+            .map(|a| a.last_heartbeat + self.config.lease + Duration::from_millis(1))
+            .min()
+    }
+
+    pub fn live_count(&self, now: Instant) -> usize {
+        let inner = self.lock();
+        inner
+            .agents
+            .values()
+            .filter(|a| self.is_live(a, now))
+            .count()
+    }
+
+    pub fn agents(&self, now: Instant) -> Vec<AgentStatus> {
+        let inner = self.lock();
+        inner
+            .agents
+            .iter()
+            .map(|(node, a)| AgentStatus {
+                node: node.clone(),
+                instance: a.instance.clone(),
+                live: self.is_live(a, now),
+                last_heartbeat: a.last_heartbeat,
+                services: a.reports.values().cloned().collect(),
+            })
+            .collect()
+    }
+
+    /// Traffic of `svc` over the live agents.
+    pub fn service_activity(&self, svc: &ServiceRef, now: Instant) -> ServiceActivity {
+        let inner = self.lock();
+        let mut act = ServiceActivity::default();
+        if let Some(c) = inner.counters.get(svc) {
+            act.connects_total = c.connects_total;
+            act.last_active = c.last_active;
+        }
+        for a in inner.agents.values().filter(|a| self.is_live(a, now)) {
+            if let Some(r) = a.reports.get(svc) {
+                act.open_connections += r.open_connections;
+                act.held_connections += r.held_connections;
+                act.reporting_agents += 1;
+            }
+        }
+        act
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nemesis_common::wire::AppliedMode;
+
+    use super::*;
+
+    fn svc() -> ServiceRef {
+        ServiceRef {
+            namespace: "ns".into(),
+            name: "web".into(),
+        }
+    }
+
+    fn report(applied_epoch: u64, connects_total: u64, open: u64) -> ServiceReport {
+        ServiceReport {
+            service: svc(),
+            mode: AppliedMode::Passthrough,
+            applied_epoch,
+            connects_total,
+            open_connections: open,
+            closed_total: 0,
+            held_connections: 0,
+        }
+    }
+
+    fn hb(node: &str, instance: &str, services: Vec<ServiceReport>) -> Heartbeat {
+        Heartbeat {
+            node: node.into(),
+            instance: instance.into(),
+            services,
+        }
+    }
+
+    #[test]
+    fn sleep_is_acknowledged_only_when_every_live_agent_applied_its_epoch() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        r.heartbeat(hb("a", "1", vec![report(0, 0, 0)]), t0);
+        r.heartbeat(hb("b", "1", vec![]), t0);
+        let e = r.request_sleep(&svc());
+        assert_eq!(r.request_sleep(&svc()), e, "asking twice is one request");
+        assert!(!r.all_live_acknowledged(&svc(), e, t0));
+        let reply = r.heartbeat(hb("a", "1", vec![report(e, 0, 0)]), t0);
+        assert_eq!(reply.directives.len(), 1);
+        assert_eq!(reply.directives[0].directive, Directive::Sleep);
+        assert_eq!(r.unacknowledged(&svc(), e, t0), vec!["b".to_string()]);
+        // "b" never reported the Service: it has not applied anything for it.
+        r.heartbeat(hb("b", "1", vec![report(e, 0, 0)]), t0);
+        assert!(r.all_live_acknowledged(&svc(), e, t0));
+    }
+
+    #[test]
+    fn dead_agents_do_not_block_acknowledgement() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        r.heartbeat(hb("a", "1", vec![]), t0);
+        let e = r.request_sleep(&svc());
+        let later = t0 + DEFAULT_LEASE + Duration::from_secs(1);
+        r.heartbeat(hb("b", "1", vec![report(e, 0, 0)]), later);
+        assert_eq!(r.live_count(later), 1);
+        assert!(r.all_live_acknowledged(&svc(), e, later));
+        assert!(!r.all_live_acknowledged(&svc(), e, t0));
+    }
+
+    #[test]
+    fn a_superseded_epoch_is_never_acknowledged() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        let sleep = r.request_sleep(&svc());
+        let follow = r.follow(&svc());
+        assert!(follow > sleep);
+        r.heartbeat(hb("a", "1", vec![report(follow, 0, 0)]), t0);
+        assert!(!r.all_live_acknowledged(&svc(), sleep, t0));
+        assert!(r.all_live_acknowledged(&svc(), follow, t0));
+    }
+
+    #[test]
+    fn epochs_rise_above_any_epoch_an_agent_already_applied() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let far = u64::MAX / 2;
+        r.heartbeat(hb("a", "1", vec![report(far, 0, 0)]), Instant::now());
+        assert!(r.request_sleep(&svc()) > far);
+    }
+
+    #[test]
+    fn connect_counts_are_differenced_per_agent_and_survive_agent_restarts() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        // First sight of an agent is a baseline.
+        r.heartbeat(hb("a", "1", vec![report(0, 100, 0)]), t0);
+        assert_eq!(r.service_activity(&svc(), t0).connects_total, 0);
+        assert_eq!(r.service_activity(&svc(), t0).last_active, None);
+        let t1 = t0 + Duration::from_secs(1);
+        r.heartbeat(hb("a", "1", vec![report(0, 105, 2)]), t1);
+        let act = r.service_activity(&svc(), t1);
+        assert_eq!((act.connects_total, act.open_connections), (5, 2));
+        assert_eq!(act.last_active, Some(t1));
+        // Restart: the new process counts from zero.
+        let t2 = t1 + Duration::from_secs(1);
+        r.heartbeat(hb("a", "2", vec![report(0, 3, 0)]), t2);
+        assert_eq!(r.service_activity(&svc(), t2).connects_total, 8);
+        // No change: not active.
+        let t3 = t2 + Duration::from_secs(1);
+        r.heartbeat(hb("a", "2", vec![report(0, 3, 0)]), t3);
+        assert_eq!(r.service_activity(&svc(), t3).last_active, Some(t2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_ends_when_the_last_agent_acknowledges_or_its_lease_expires() {
+        let r = std::sync::Arc::new(AgentRegistry::new(RegistryConfig::default()));
+        r.heartbeat(hb("a", "1", vec![]), Instant::now());
+        r.heartbeat(hb("b", "1", vec![]), Instant::now());
+        let e = r.request_sleep(&svc());
+        let r2 = r.clone();
+        let acker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r2.heartbeat(hb("a", "1", vec![report(e, 0, 0)]), Instant::now());
+        });
+        let start = Instant::now();
+        // "b" never acknowledges; it stops counting when its lease runs out.
+        r.wait_acknowledged(&svc(), e, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let waited = start.elapsed();
+        assert!(waited >= DEFAULT_LEASE && waited < DEFAULT_LEASE + Duration::from_secs(1));
+        acker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_times_out_naming_the_missing_nodes() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let e = r.request_sleep(&svc());
+        r.heartbeat(hb("a", "1", vec![]), Instant::now());
+        let err = r
+            .wait_acknowledged(&svc(), e, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AckError::Timeout { missing, .. } if missing == &["a".to_string()]),
+            "{err}"
+        );
+        let follow = r.follow(&svc());
+        assert!(matches!(
+            r.wait_acknowledged(&svc(), e, Duration::from_secs(2)).await,
+            Err(AckError::Superseded { current: Some(c), .. }) if c == follow
+        ));
+    }
+}

@@ -1,0 +1,360 @@
+//! The controller's own Prometheus metrics (`nemesis_controller_*`), with label sets
+//! bounded by enums. It only counts; it must never take a label value from user input or
+//! error text (unbounded cardinality), and it serves nothing itself: the admin listener
+//! calls [`ControllerMetrics::render`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// What failed, for `nemesis_controller_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A Kubernetes API call other than a scale (get, watch, status patch).
+    KubeApi,
+    /// A `/scale` read or patch.
+    Scale,
+    /// A PromQL query (unreachable, timeout, bad query, non-scalar result).
+    PrometheusQuery,
+    /// The redb history.
+    Store,
+    /// A policy that did not validate.
+    InvalidPolicy,
+    /// Agents did not all acknowledge a hold before the deadline.
+    AgentAckTimeout,
+    /// Acquiring or renewing the leader Lease.
+    LeaderElection,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::KubeApi,
+        ErrorKind::Scale,
+        ErrorKind::PrometheusQuery,
+        ErrorKind::Store,
+        ErrorKind::InvalidPolicy,
+        ErrorKind::AgentAckTimeout,
+        ErrorKind::LeaderElection,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::KubeApi => "kube_api",
+            ErrorKind::Scale => "scale",
+            ErrorKind::PrometheusQuery => "prometheus_query",
+            ErrorKind::Store => "store",
+            ErrorKind::InvalidPolicy => "invalid_policy",
+            ErrorKind::AgentAckTimeout => "agent_ack_timeout",
+            ErrorKind::LeaderElection => "leader_election",
+        }
+    }
+}
+
+/// Which way a scale went, for `nemesis_controller_scale_operations_total{direction}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScaleDirection {
+    /// 0 -> n.
+    FromZero,
+    /// n -> m with 0 < n < m.
+    Up,
+    /// n -> m with 0 < m < n.
+    Down,
+    /// n -> 0.
+    ToZero,
+}
+
+impl ScaleDirection {
+    /// The direction of a change from `from` to `to` replicas; `None` when equal.
+    pub fn of(from: i32, to: i32) -> Option<Self> {
+        use std::cmp::Ordering::*;
+        match (from.cmp(&to), from <= 0, to <= 0) {
+            (Equal, ..) => None,
+            (Less, true, _) => Some(ScaleDirection::FromZero),
+            (Less, false, _) => Some(ScaleDirection::Up),
+            (Greater, _, true) => Some(ScaleDirection::ToZero),
+            (Greater, _, false) => Some(ScaleDirection::Down),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScaleDirection::FromZero => "from_zero",
+            ScaleDirection::Up => "up",
+            ScaleDirection::Down => "down",
+            ScaleDirection::ToZero => "to_zero",
+        }
+    }
+}
+
+/// What one evaluation of a policy concluded, for `nemesis_controller_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionOutcome {
+    /// Same state, same replicas.
+    Unchanged,
+    /// A transition to another state.
+    Transition,
+    /// Same state, different replicas (a range state following its metric).
+    Rescale,
+}
+
+impl DecisionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionOutcome::Unchanged => "unchanged",
+            DecisionOutcome::Transition => "transition",
+            DecisionOutcome::Rescale => "rescale",
+        }
+    }
+}
+
+macro_rules! label_value_as_str {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+label_value_as_str!(ErrorKind, ScaleDirection, DecisionOutcome);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ScaleLabels {
+    direction: ScaleDirection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DecisionLabels {
+    outcome: DecisionOutcome,
+}
+
+/// Wake latency buckets: 1 ms doubling to about 16 s. The goal is <= 10 ms to the scale
+/// PATCH; the upper buckets catch a slow or struggling API server.
+const WAKE_LATENCY_BUCKETS: (f64, f64, u16) = (0.001, 2.0, 15);
+
+/// Cheap to clone; every clone updates the same series.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    reconciles: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    scale_operations: Family<ScaleLabels, Counter>,
+    wake_latency: Histogram,
+    live_agents: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for ControllerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControllerMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nemesis_controller");
+        let reconciles = Counter::default();
+        registry.register(
+            "reconciles",
+            "ScalingPolicy reconciliations run",
+            reconciles.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors by the kind of operation that failed",
+            errors.clone(),
+        );
+        // Pre-create every series so a rate() sees 0 rather than a missing series.
+        for kind in ErrorKind::ALL {
+            let _ = errors.get_or_create(&ErrorLabels { kind });
+        }
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Policy evaluations by what they concluded",
+            decisions.clone(),
+        );
+        let scale_operations = Family::<ScaleLabels, Counter>::default();
+        registry.register(
+            "scale_operations",
+            "Scale patches acknowledged by the API server, by direction",
+            scale_operations.clone(),
+        );
+        let (start, factor, len) = WAKE_LATENCY_BUCKETS;
+        let wake_latency = Histogram::new(exponential_buckets(start, factor, len));
+        registry.register(
+            "wake_latency_seconds",
+            "From a wake-up received from an agent to the scale-up acknowledged by the API server",
+            wake_latency.clone(),
+        );
+        let live_agents = Gauge::default();
+        registry.register(
+            "live_agents",
+            "Agents whose heartbeat lease has not expired",
+            live_agents.clone(),
+        );
+        Self {
+            reconciles,
+            errors,
+            decisions,
+            scale_operations,
+            wake_latency,
+            live_agents,
+            registry: Arc::new(registry),
+        }
+    }
+
+    pub fn reconciled(&self) {
+        self.reconciles.inc();
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    pub fn decided(&self, outcome: DecisionOutcome) {
+        self.decisions
+            .get_or_create(&DecisionLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a scale from `from` to `to` replicas (nothing when they are equal).
+    pub fn scaled(&self, from: i32, to: i32) {
+        if let Some(direction) = ScaleDirection::of(from, to) {
+            self.scale_operations
+                .get_or_create(&ScaleLabels { direction })
+                .inc();
+        }
+    }
+
+    pub fn observe_wake_latency(&self, latency: Duration) {
+        self.wake_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn set_live_agents(&self, n: usize) {
+        self.live_agents.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The OpenMetrics text exposition, for `GET /metrics` on the admin listener
+    /// (content type `application/openmetrics-text; version=1.0.0; charset=utf-8`).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The content type of [`ControllerMetrics::render`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of one sample line, e.g. `series("x_total{kind=\"a\"}")`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn every_metric_is_rendered_with_its_prefixed_name_and_counts() {
+        let m = ControllerMetrics::new();
+        m.reconciled();
+        m.reconciled();
+        m.error(ErrorKind::PrometheusQuery);
+        m.decided(DecisionOutcome::Transition);
+        m.scaled(0, 3);
+        m.scaled(3, 0);
+        m.scaled(3, 3);
+        m.observe_wake_latency(Duration::from_millis(3));
+        m.set_live_agents(4);
+        let t = m.clone().render();
+        assert_eq!(sample(&t, "nemesis_controller_reconciles_total"), Some(2.0));
+        assert_eq!(
+            sample(
+                &t,
+                "nemesis_controller_errors_total{kind=\"prometheus_query\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "nemesis_controller_errors_total{kind=\"store\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "nemesis_controller_decisions_total{outcome=\"transition\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "nemesis_controller_scale_operations_total{direction=\"from_zero\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "nemesis_controller_scale_operations_total{direction=\"to_zero\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "nemesis_controller_wake_latency_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "nemesis_controller_wake_latency_seconds_bucket{le=\"0.004\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "nemesis_controller_wake_latency_seconds_bucket{le=\"0.002\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(sample(&t, "nemesis_controller_live_agents"), Some(4.0));
+        assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn scale_direction_names_zero_crossings_apart() {
+        assert_eq!(ScaleDirection::of(0, 1), Some(ScaleDirection::FromZero));
+        assert_eq!(ScaleDirection::of(1, 2), Some(ScaleDirection::Up));
+        assert_eq!(ScaleDirection::of(2, 1), Some(ScaleDirection::Down));
+        assert_eq!(ScaleDirection::of(2, 0), Some(ScaleDirection::ToZero));
+        assert_eq!(ScaleDirection::of(2, 2), None);
+    }
+}

@@ -1,0 +1,369 @@
+//! A PromQL instant-query client: one query in, one `f64` out, or an error that says
+//! what went wrong in words a policy author can act on. It never retries or falls back;
+//! a policy's declared fallback is the engine's business.
+
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::Deserialize;
+
+/// Long enough for a heavy query on a busy Prometheus, short enough that a dead one does
+/// not hold up a policy tick for long (the tick then uses the policy's fallback).
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bodies of instant queries that reduce to one number are tiny; a bigger body means the
+/// query returns far too many series, which is refused anyway.
+const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromError {
+    #[error("invalid Prometheus URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("building the HTTP client for Prometheus: {0}")]
+    BuildClient(#[source] reqwest::Error),
+    #[error("Prometheus at {url} unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("Prometheus at {url} did not answer within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("Prometheus at {url} rejected the query `{query}`: {error_type}: {message}")]
+    Rejected {
+        url: String,
+        query: String,
+        error_type: String,
+        message: String,
+    },
+    #[error("Prometheus at {url} answered HTTP {status} for `{query}`: {body}")]
+    HttpStatus {
+        url: String,
+        query: String,
+        status: u16,
+        body: String,
+    },
+    #[error("reading the answer of Prometheus at {url}: {reason}")]
+    ReadResponse { url: String, reason: String },
+    #[error("the answer of Prometheus at {url} is not the query API's JSON: {reason}")]
+    DecodeResponse { url: String, reason: String },
+    #[error(
+        "the query `{query}` returned no series (is the metric scraped? wrap it in e.g. `sum(...) or vector(0)` to default to 0)"
+    )]
+    EmptyResult { query: String },
+    #[error(
+        "the query `{query}` returned {count} series; a policy needs one number: aggregate it, e.g. `sum(...)` or `max(...)`"
+    )]
+    MultipleSeries { query: String, count: usize },
+    #[error(
+        "the query `{query}` returned a {result_type}; a policy needs a scalar or a one-element instant vector"
+    )]
+    NotScalar { query: String, result_type: String },
+    #[error("the query `{query}` returned {value:?}, which is not a number")]
+    NotANumber { query: String, value: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct PromClient {
+    base: Url,
+    query_url: Url,
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+impl PromClient {
+    /// `base_url` is where Prometheus serves its UI (`http://prometheus:9090`, or with a
+    /// path prefix such as `http://host/prometheus/`).
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, PromError> {
+        let invalid = |reason: &str| PromError::InvalidUrl {
+            url: base_url.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut base = Url::parse(base_url).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(invalid("a query string or fragment is not allowed"));
+        }
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        let query_url = base
+            .join("api/v1/query")
+            .map_err(|e| invalid(&e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(PromError::BuildClient)?;
+        Ok(Self {
+            base,
+            query_url,
+            http,
+            timeout,
+        })
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// Evaluates `promql` now; the result must be a scalar or an instant vector of
+    /// exactly one series.
+    pub async fn query(&self, promql: &str) -> Result<f64, PromError> {
+        let url = self.base.as_str().trim_end_matches('/').to_string();
+        // Ask Prometheus to give up too, so an abandoned query stops costing it.
+        let server_timeout = format!("{}ms", self.timeout.as_millis().max(1));
+        let sent = self
+            .http
+            .post(self.query_url.clone())
+            .form(&[("query", promql), ("timeout", server_timeout.as_str())])
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Err(self.transport_error(&url, &e)),
+        };
+        let status = resp.status();
+        let body = read_limited(resp)
+            .await
+            .map_err(|e| self.body_error(&url, &e))?;
+        let parsed: Result<ApiResponse, _> = serde_json::from_slice(&body);
+        match parsed {
+            Ok(ApiResponse::Error {
+                error_type, error, ..
+            }) => Err(PromError::Rejected {
+                url,
+                query: promql.to_string(),
+                error_type,
+                message: error,
+            }),
+            Ok(ApiResponse::Success { data, .. }) => single_value(promql, data),
+            Err(e) if status.is_success() => Err(PromError::DecodeResponse {
+                url,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(PromError::HttpStatus {
+                url,
+                query: promql.to_string(),
+                status: status.as_u16(),
+                body: snippet(&body),
+            }),
+        }
+    }
+
+    fn transport_error(&self, url: &str, e: &reqwest::Error) -> PromError {
+        if e.is_timeout() {
+            PromError::Timeout {
+                url: url.to_string(),
+                after: self.timeout,
+            }
+        } else {
+            PromError::Unreachable {
+                url: url.to_string(),
+                reason: error_chain(e),
+            }
+        }
+    }
+
+    fn body_error(&self, url: &str, e: &BodyError) -> PromError {
+        match e {
+            BodyError::Transport(e) if e.is_timeout() => PromError::Timeout {
+                url: url.to_string(),
+                after: self.timeout,
+            },
+            BodyError::Transport(e) => PromError::ReadResponse {
+                url: url.to_string(),
+                reason: error_chain(e),
+            },
+            BodyError::TooLarge => PromError::ReadResponse {
+                url: url.to_string(),
+                reason: format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"),
+            },
+        }
+    }
+}
+
+enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// reqwest's Display stops at "error sending request"; the cause ("Connection refused")
+/// is further down the chain.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+// === the query API's JSON ===
+
+#[derive(Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+enum ApiResponse {
+    Success {
+        data: QueryData,
+    },
+    Error {
+        #[serde(rename = "errorType", default)]
+        error_type: String,
+        #[serde(default)]
+        error: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "resultType", content = "result", rename_all = "lowercase")]
+enum QueryData {
+    Scalar(SamplePair),
+    Vector(Vec<VectorSample>),
+    Matrix(serde::de::IgnoredAny),
+    String(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct VectorSample {
+    value: SamplePair,
+}
+
+/// `[<unix seconds>, "<value>"]`: Prometheus sends values as strings so NaN and
+/// infinities survive JSON.
+#[derive(Deserialize)]
+struct SamplePair(#[allow(dead_code)] f64, String);
+
+/// The decision part: which answers count as one number. Pure, so it is tested
+/// without a server.
+fn single_value(query: &str, data: QueryData) -> Result<f64, PromError> {
+    let raw = match data {
+        QueryData::Scalar(SamplePair(_, v)) => v,
+        QueryData::Vector(mut v) => match v.len() {
+            0 => {
+                return Err(PromError::EmptyResult {
+                    query: query.to_string(),
+                });
+            }
+            1 => v.remove(0).value.1,
+            count => {
+                return Err(PromError::MultipleSeries {
+                    query: query.to_string(),
+                    count,
+                });
+            }
+        },
+        QueryData::Matrix(_) => {
+            return Err(PromError::NotScalar {
+                query: query.to_string(),
+                result_type: "range vector (matrix)".into(),
+            });
+        }
+        QueryData::String(_) => {
+            return Err(PromError::NotScalar {
+                query: query.to_string(),
+                result_type: "string".into(),
+            });
+        }
+    };
+    let not_a_number = || PromError::NotANumber {
+        query: query.to_string(),
+        value: raw.clone(),
+    };
+    let v = match raw.as_str() {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        s => s.parse::<f64>().map_err(|_| not_a_number())?,
+    };
+    // NaN (e.g. 0/0) compares false with everything: a condition over it would silently
+    // never fire, so it is an error and the policy's fallback applies.
+    if v.is_nan() {
+        return Err(not_a_number());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<f64, PromError> {
+        match serde_json::from_str::<ApiResponse>(json).unwrap() {
+            ApiResponse::Success { data } => single_value("q", data),
+            ApiResponse::Error { .. } => panic!("error response"),
+        }
+    }
+
+    #[test]
+    fn scalar_and_single_series_vectors_give_their_value() {
+        assert_eq!(
+            parse(r#"{"status":"success","data":{"resultType":"scalar","result":[1.5,"42"]}}"#)
+                .unwrap(),
+            42.0
+        );
+        assert_eq!(
+            parse(
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"a":"b"},"value":[1.5,"2.5"]}]}}"#
+            )
+            .unwrap(),
+            2.5
+        );
+        assert_eq!(
+            parse(r#"{"status":"success","data":{"resultType":"scalar","result":[1,"+Inf"]}}"#)
+                .unwrap(),
+            f64::INFINITY
+        );
+    }
+
+    #[test]
+    fn empty_multi_series_matrix_and_nan_results_are_explicit_errors() {
+        let e = parse(r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#);
+        assert!(matches!(e, Err(PromError::EmptyResult { .. })));
+        let e = parse(
+            r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"1"]},{"metric":{},"value":[1,"2"]}]}}"#,
+        );
+        assert!(matches!(e, Err(PromError::MultipleSeries { count: 2, .. })));
+        let e = parse(
+            r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"1"]]}]}}"#,
+        );
+        assert!(matches!(e, Err(PromError::NotScalar { .. })));
+        let e = parse(r#"{"status":"success","data":{"resultType":"scalar","result":[1,"NaN"]}}"#);
+        assert!(matches!(e, Err(PromError::NotANumber { .. })));
+    }
+
+    #[test]
+    fn base_urls_are_validated_and_keep_their_path_prefix() {
+        let c = PromClient::new("http://127.0.0.1:9090/prom", DEFAULT_QUERY_TIMEOUT).unwrap();
+        assert_eq!(
+            c.query_url.as_str(),
+            "http://127.0.0.1:9090/prom/api/v1/query"
+        );
+        let e = PromClient::new("ftp://x", DEFAULT_QUERY_TIMEOUT).unwrap_err();
+        assert!(e.to_string().contains("http or https"), "{e}");
+        assert!(PromClient::new("not a url", DEFAULT_QUERY_TIMEOUT).is_err());
+    }
+}

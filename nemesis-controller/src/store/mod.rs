@@ -1,0 +1,483 @@
+//! The controller's history in redb: transitions, scale events, cold starts and
+//! downsampled metric samples per policy, and the report queries over them. It records
+//! what the controller decided; it never decides anything, and never talks to Kubernetes.
+//!
+//! Every `record_*` call is one write transaction committed with redb's default
+//! `Durability::Immediate`: once it returns `Ok`, the record survives a `kill -9` or a
+//! power cut. All calls block on disk I/O: call them from `spawn_blocking` (the `Store`
+//! is `Send + Sync`; share it in an `Arc`).
+
+pub mod records;
+pub mod reports;
+pub mod samples;
+pub mod schema;
+pub mod tables;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, ReadableDatabase, ReadableTable, StorageError, Table, TableDefinition, TableHandle,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use records::{
+    ColdStartOutcome, ColdStartRecord, MetricPoint, PolicyId, SampleValue, ScaleRecord,
+    TransitionRecord, from_unix_ms, unix_ms,
+};
+pub use reports::ColdStartStats;
+pub use samples::{DEFAULT_RETENTION, Retention};
+pub use schema::{Migration, SCHEMA_VERSION};
+
+use tables::{
+    COLD_STARTS, EventKey, META, META_NEXT_SEQ, METRIC_SAMPLES, SCALE_EVENTS, SampleKey,
+    TRANSITIONS,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the history database at {}: {source}", path.display())]
+    OpenDatabase {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("starting a transaction on the history database: {0}")]
+    BeginTransaction(#[from] redb::TransactionError),
+    #[error("opening history table {table}: {source}")]
+    OpenTable {
+        table: String,
+        #[source]
+        source: redb::TableError,
+    },
+    #[error("reading or writing history table {table}: {source}")]
+    AccessTable {
+        table: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("committing to the history database: {0}")]
+    Commit(#[from] redb::CommitError),
+    #[error("encoding a record for history table {table}: {source}")]
+    EncodeRecord {
+        table: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("decoding the record at {key} in history table {table}: {source}")]
+    DecodeRecord {
+        table: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the history database has schema version {found}, newer than the {supported} this \
+         controller understands; refusing to touch it (was the controller downgraded?)"
+    )]
+    SchemaTooNew { found: u64, supported: u64 },
+    #[error("no upgrade step from history schema version {from} to {}", from + 1)]
+    MissingUpgradeStep { from: u64 },
+}
+
+pub(crate) fn open_table<'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &'txn WriteTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Table<'txn, K, V>, StoreError> {
+    txn.open_table(def).map_err(|source| StoreError::OpenTable {
+        table: def.name().to_string(),
+        source,
+    })
+}
+
+pub(crate) fn access_error(def: impl TableHandle) -> impl FnOnce(StorageError) -> StoreError {
+    let table = def.name().to_string();
+    move |source| StoreError::AccessTable { table, source }
+}
+
+/// What a [`Store::compact`] run changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Raw samples folded into one-minute buckets.
+    pub samples_folded: u64,
+    /// Buckets written (new or merged).
+    pub buckets_written: u64,
+    /// Samples and buckets deleted for age.
+    pub samples_expired: u64,
+    /// Transitions, scale events and cold starts deleted for age.
+    pub events_expired: u64,
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    retention: Retention,
+    migration: Migration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (or creates) the history file, creates missing tables and runs schema
+    /// upgrades. After an unclean shutdown redb repairs the file here first.
+    pub fn open(path: impl AsRef<Path>, retention: Retention) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let db = Database::create(&path).map_err(|source| StoreError::OpenDatabase {
+            path: path.clone(),
+            source,
+        })?;
+        let txn = db.begin_write()?;
+        let migration = schema::migrate(&txn, SCHEMA_VERSION, schema::UPGRADES)?;
+        // Create every table now, so read transactions never meet a missing one.
+        open_table(&txn, TRANSITIONS)?;
+        open_table(&txn, SCALE_EVENTS)?;
+        open_table(&txn, COLD_STARTS)?;
+        open_table(&txn, METRIC_SAMPLES)?;
+        txn.commit()?;
+        tracing::info!(path = %path.display(), ?migration, "history store open");
+        Ok(Self {
+            db,
+            path,
+            retention,
+            migration,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// What opening did to the schema.
+    pub fn migration(&self) -> Migration {
+        self.migration
+    }
+
+    // --- recording ---
+
+    /// Records a transition; returns its sequence number (unique, increasing).
+    pub fn record_transition(&self, rec: &TransitionRecord) -> Result<u64, StoreError> {
+        self.insert_event(TRANSITIONS, &rec.policy, rec.at_ms, rec)
+    }
+
+    pub fn record_scale(&self, rec: &ScaleRecord) -> Result<u64, StoreError> {
+        self.insert_event(SCALE_EVENTS, &rec.policy, rec.at_ms, rec)
+    }
+
+    pub fn record_cold_start(&self, rec: &ColdStartRecord) -> Result<u64, StoreError> {
+        self.insert_event(COLD_STARTS, &rec.policy, rec.wake_at_ms, rec)
+    }
+
+    /// Records one raw sample per `(policy, metric, value)` at `at_ms`, all in one
+    /// transaction (one commit per controller tick, not one per value).
+    pub fn record_samples<'a>(
+        &self,
+        at_ms: u64,
+        samples: impl IntoIterator<Item = (&'a PolicyId, &'a str, f64)>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = open_table(&txn, METRIC_SAMPLES)?;
+            for (policy, metric, value) in samples {
+                let bytes = encode(METRIC_SAMPLES, &SampleValue::Raw { value })?;
+                table
+                    .insert((policy.key().as_str(), metric, at_ms), bytes.as_slice())
+                    .map_err(access_error(METRIC_SAMPLES))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn insert_event<T: Serialize>(
+        &self,
+        def: TableDefinition<EventKey, &[u8]>,
+        policy: &PolicyId,
+        at_ms: u64,
+        rec: &T,
+    ) -> Result<u64, StoreError> {
+        let bytes = encode(def, rec)?;
+        let txn = self.db.begin_write()?;
+        let seq = {
+            let mut meta = open_table(&txn, META)?;
+            let seq = meta
+                .get(META_NEXT_SEQ)
+                .map_err(access_error(META))?
+                .map(|g| g.value())
+                .unwrap_or(1);
+            meta.insert(META_NEXT_SEQ, seq + 1)
+                .map_err(access_error(META))?;
+            let mut table = open_table(&txn, def)?;
+            table
+                .insert((policy.key().as_str(), at_ms, seq), bytes.as_slice())
+                .map_err(access_error(def))?;
+            seq
+        };
+        txn.commit()?;
+        Ok(seq)
+    }
+
+    // --- queries ---
+
+    /// Transitions of `policy` with `window.start <= at_ms < window.end`, oldest first.
+    pub fn transitions(
+        &self,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<Vec<TransitionRecord>, StoreError> {
+        self.events_in(TRANSITIONS, policy, window)
+    }
+
+    pub fn scale_events(
+        &self,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<Vec<ScaleRecord>, StoreError> {
+        self.events_in(SCALE_EVENTS, policy, window)
+    }
+
+    /// Cold starts whose wake-up falls in `window`.
+    pub fn cold_starts(
+        &self,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<Vec<ColdStartRecord>, StoreError> {
+        self.events_in(COLD_STARTS, policy, window)
+    }
+
+    /// Raw samples and buckets of one metric in `window`, oldest first.
+    pub fn samples(
+        &self,
+        policy: &PolicyId,
+        metric: &str,
+        window: Range<u64>,
+    ) -> Result<Vec<MetricPoint>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn
+            .open_table(METRIC_SAMPLES)
+            .map_err(|source| StoreError::OpenTable {
+                table: METRIC_SAMPLES.name().to_string(),
+                source,
+            })?;
+        let key = policy.key();
+        let range = table
+            .range((key.as_str(), metric, window.start)..(key.as_str(), metric, window.end))
+            .map_err(access_error(METRIC_SAMPLES))?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (k, v) = entry.map_err(access_error(METRIC_SAMPLES))?;
+            let (_, _, at_ms) = k.value();
+            let value = decode(METRIC_SAMPLES, &k.value(), v.value())?;
+            out.push(MetricPoint { at_ms, value });
+        }
+        Ok(out)
+    }
+
+    pub fn cold_start_stats(
+        &self,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<ColdStartStats, StoreError> {
+        Ok(reports::cold_start_stats(
+            &self.cold_starts(policy, window)?,
+        ))
+    }
+
+    /// Milliseconds spent in each state in `window` (pass `window.end <= now`).
+    pub fn time_in_states(
+        &self,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        let before: Option<TransitionRecord> =
+            self.last_event_before(TRANSITIONS, policy, window.start)?;
+        let in_window = self.transitions(policy, window.clone())?;
+        Ok(reports::time_in_states(before.as_ref(), &in_window, window))
+    }
+
+    /// Replica-seconds in `window` (pass `window.end <= now`); `None` when no scale
+    /// event tells how many replicas there were.
+    pub fn replica_seconds(
+        &self,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<Option<f64>, StoreError> {
+        let before: Option<ScaleRecord> =
+            self.last_event_before(SCALE_EVENTS, policy, window.start)?;
+        let in_window = self.scale_events(policy, window.clone())?;
+        Ok(reports::replica_seconds(
+            before.as_ref(),
+            &in_window,
+            window,
+        ))
+    }
+
+    fn events_in<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<EventKey, &[u8]>,
+        policy: &PolicyId,
+        window: Range<u64>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn
+            .open_table(def)
+            .map_err(|source| StoreError::OpenTable {
+                table: def.name().to_string(),
+                source,
+            })?;
+        let key = policy.key();
+        let range = table
+            .range((key.as_str(), window.start, 0)..(key.as_str(), window.end, 0))
+            .map_err(access_error(def))?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (k, v) = entry.map_err(access_error(def))?;
+            out.push(decode(def, &k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn last_event_before<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<EventKey, &[u8]>,
+        policy: &PolicyId,
+        at_ms: u64,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn
+            .open_table(def)
+            .map_err(|source| StoreError::OpenTable {
+                table: def.name().to_string(),
+                source,
+            })?;
+        let key = policy.key();
+        let last = table
+            .range((key.as_str(), 0, 0)..(key.as_str(), at_ms, 0))
+            .map_err(access_error(def))?
+            .next_back();
+        match last {
+            None => Ok(None),
+            Some(entry) => {
+                let (k, v) = entry.map_err(access_error(def))?;
+                Ok(Some(decode(def, &k.value(), v.value())?))
+            }
+        }
+    }
+
+    // --- retention ---
+
+    /// Folds raw samples older than the raw retention into one-minute buckets and deletes
+    /// everything older than its retention, in one transaction. Call it every few
+    /// minutes; it scans the sample table, so not on every tick.
+    pub fn compact(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {
+        let h = self.retention.horizons(now_ms);
+        let mut report = CompactionReport::default();
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = open_table(&txn, METRIC_SAMPLES)?;
+            type Owned = (String, String, u64);
+            let mut expired: Vec<Owned> = Vec::new();
+            let mut groups: BTreeMap<Owned, Vec<(u64, SampleValue)>> = BTreeMap::new();
+            for entry in table.iter().map_err(access_error(METRIC_SAMPLES))? {
+                let (k, v) = entry.map_err(access_error(METRIC_SAMPLES))?;
+                let (policy, metric, at_ms) = k.value();
+                if at_ms < h.expire_samples_before_ms {
+                    expired.push((policy.to_string(), metric.to_string(), at_ms));
+                    continue;
+                }
+                if at_ms >= h.fold_before_ms {
+                    continue;
+                }
+                let value: SampleValue = decode(METRIC_SAMPLES, &k.value(), v.value())?;
+                if let SampleValue::Raw { .. } = value {
+                    groups
+                        .entry((
+                            policy.to_string(),
+                            metric.to_string(),
+                            samples::bucket_start(at_ms),
+                        ))
+                        .or_default()
+                        .push((at_ms, value));
+                }
+            }
+            for (p, m, t) in &expired {
+                table
+                    .remove((p.as_str(), m.as_str(), *t))
+                    .map_err(access_error(METRIC_SAMPLES))?;
+            }
+            report.samples_expired = expired.len() as u64;
+            for ((p, m, bucket), raws) in groups {
+                for (t, _) in &raws {
+                    table
+                        .remove((p.as_str(), m.as_str(), *t))
+                        .map_err(access_error(METRIC_SAMPLES))?;
+                }
+                report.samples_folded += raws.len() as u64;
+                let key: SampleKey = (p.as_str(), m.as_str(), bucket);
+                // A bucket already at this key (an earlier run, then late raw samples).
+                let existing = match table.get(key).map_err(access_error(METRIC_SAMPLES))? {
+                    Some(g) => Some(decode::<SampleValue>(METRIC_SAMPLES, &key, g.value())?),
+                    None => None,
+                };
+                let folded =
+                    samples::fold(existing.into_iter().chain(raws.into_iter().map(|(_, v)| v)));
+                if let Some(bucket_value) = folded {
+                    let bytes = encode(METRIC_SAMPLES, &bucket_value)?;
+                    table
+                        .insert(key, bytes.as_slice())
+                        .map_err(access_error(METRIC_SAMPLES))?;
+                    report.buckets_written += 1;
+                }
+            }
+        }
+        for def in [TRANSITIONS, SCALE_EVENTS, COLD_STARTS] {
+            let mut table = open_table(&txn, def)?;
+            let mut removed = 0;
+            table
+                .retain(|(_, at_ms, _), _| {
+                    let keep = at_ms >= h.expire_events_before_ms;
+                    removed += u64::from(!keep);
+                    keep
+                })
+                .map_err(access_error(def))?;
+            report.events_expired += removed;
+        }
+        txn.commit()?;
+        tracing::debug!(?report, "history compacted");
+        Ok(report)
+    }
+}
+
+fn encode<T: Serialize>(def: impl TableHandle, rec: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(rec).map_err(|source| StoreError::EncodeRecord {
+        table: def.name().to_string(),
+        source,
+    })
+}
+
+fn decode<T: DeserializeOwned>(
+    def: impl TableHandle,
+    key: &impl std::fmt::Debug,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::DecodeRecord {
+        table: def.name().to_string(),
+        key: format!("{key:?}"),
+        source,
+    })
+}
