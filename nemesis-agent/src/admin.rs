@@ -1,0 +1,117 @@
+//! The agent's admin HTTP server, on a listener of its own apart from the proxy:
+//! `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (every
+//! readiness condition holds). Owns these routes; never any user traffic.
+#![deny(unsafe_code)]
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+/// Named conditions that must all hold for the agent to be ready (e.g. "datapath",
+/// "proxy", "endpoints"). Ready needs at least one condition, so an agent that has not
+/// registered any is not ready.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    conditions: Mutex<BTreeMap<String, bool>>,
+}
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn set(&self, condition: &str, ok: bool) {
+        self.conditions
+            .lock()
+            .expect("readiness lock")
+            .insert(condition.to_string(), ok);
+    }
+
+    /// Ready, or the conditions that do not hold.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let conditions = self.conditions.lock().expect("readiness lock");
+        if conditions.is_empty() {
+            return Err(vec!["no readiness condition registered yet".into()]);
+        }
+        let failing: Vec<String> = conditions
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if failing.is_empty() {
+            Ok(())
+        } else {
+            Err(failing)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub readiness: Arc<Readiness>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("serving the admin endpoints: {0}")]
+    Serve(std::io::Error),
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    match crate::metrics::encode_text(&state.registry) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(?err, "encoding metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(failing) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", failing.join(", ")),
+        )
+            .into_response(),
+    }
+}
+
+/// Serve the admin routes on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(AdminError::Serve)
+}

@@ -1,0 +1,300 @@
+//! The agent's client of the controller: wake-ups and heartbeats (JSON over HTTP with a
+//! bearer token, see `nemesis_common::wire`). Owns the HTTP calls, their timeouts and the
+//! heartbeat loop; never decides a mode (it hands directives to a [`DirectiveSink`]).
+#![deny(unsafe_code)]
+
+use crate::metrics::DatapathCounters;
+use crate::proxy::backoff::Backoff;
+use crate::proxy::{ModeFollower, Proxy, ServiceTable};
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use nemesis_common::wire::{
+    AppliedMode, Heartbeat, HeartbeatReply, ServiceDirective, ServiceReport, WakeReply, WakeRequest,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+pub const WAKE_PATH: &str = "/v1/agents/wake";
+pub const HEARTBEAT_PATH: &str = "/v1/agents/heartbeat";
+/// Per call, connect to last body byte: the controller answers from memory, so a call
+/// slower than this is a controller in trouble, and the caller retries.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Heartbeat period: the controller's view of open connections is at most this old.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("controller URL {url:?}: {reason}")]
+    ParseUrl { url: String, reason: String },
+    #[error("encoding the {path} request: {source}")]
+    EncodeRequest {
+        path: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("building the {path} request: {source}")]
+    BuildRequest {
+        path: &'static str,
+        source: http::Error,
+    },
+    #[error("POST {path}: {source}")]
+    Send {
+        path: &'static str,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("POST {path}: no complete answer within {after:?}")]
+    Timeout { path: &'static str, after: Duration },
+    #[error("POST {path}: reading the answer: {source}")]
+    ReadBody {
+        path: &'static str,
+        source: hyper::Error,
+    },
+    #[error("POST {path}: controller answered {status}: {body}")]
+    Status {
+        path: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("POST {path}: decoding the answer: {source}")]
+    DecodeReply {
+        path: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// HTTP client of the controller's agent API. Plain HTTP inside the cluster network;
+/// the bearer token authenticates the agent.
+#[derive(Clone)]
+pub struct ControllerClient {
+    base: String,
+    token: String,
+    timeout: Duration,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for ControllerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("ControllerClient")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControllerClient {
+    /// `base_url` like `http://nemesis-controller.nemesis-system:8080`.
+    pub fn new(
+        base_url: &str,
+        token: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let uri: http::Uri =
+            base_url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| ControlError::ParseUrl {
+                    url: base_url.to_string(),
+                    reason: e.to_string(),
+                })?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ControlError::ParseUrl {
+                url: base_url.to_string(),
+                reason: "only http:// URLs are supported".into(),
+            });
+        }
+        if uri.authority().is_none() {
+            return Err(ControlError::ParseUrl {
+                url: base_url.to_string(),
+                reason: "no host".into(),
+            });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        Ok(Self {
+            base: base_url.trim_end_matches('/').to_string(),
+            token: token.into(),
+            timeout,
+            http: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    pub async fn wake(&self, request: &WakeRequest) -> Result<WakeReply, ControlError> {
+        self.post(WAKE_PATH, request).await
+    }
+
+    pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatReply, ControlError> {
+        self.post(HEARTBEAT_PATH, heartbeat).await
+    }
+
+    async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        body: &Req,
+    ) -> Result<Resp, ControlError> {
+        let json = serde_json::to_vec(body)
+            .map_err(|source| ControlError::EncodeRequest { path, source })?;
+        let request = http::Request::post(format!("{}{path}", self.base))
+            .header(AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(json)))
+            .map_err(|source| ControlError::BuildRequest { path, source })?;
+        let call = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|source| ControlError::Send { path, source })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|source| ControlError::ReadBody { path, source })?
+                .to_bytes();
+            if !status.is_success() {
+                let text = String::from_utf8_lossy(&body);
+                return Err(ControlError::Status {
+                    path,
+                    status: status.as_u16(),
+                    body: text.chars().take(200).collect(),
+                });
+            }
+            serde_json::from_slice(&body)
+                .map_err(|source| ControlError::DecodeReply { path, source })
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| ControlError::Timeout {
+                path,
+                after: self.timeout,
+            })?
+    }
+}
+
+// === heartbeats ===
+
+/// What the agent reports per Service in each heartbeat.
+pub trait ReportSource: Send + Sync + 'static {
+    fn reports(&self) -> Vec<ServiceReport>;
+}
+
+/// Where the controller's directives go.
+pub trait DirectiveSink: Send + Sync + 'static {
+    fn apply(&self, directives: &[ServiceDirective]);
+}
+
+/// The agent's reports: the managed Services of the table, each with its applied mode
+/// and epoch, its eBPF counters and what the proxy holds.
+pub struct AgentReports {
+    pub table: Arc<ServiceTable>,
+    pub modes: Arc<ModeFollower>,
+    pub proxy: Proxy,
+    pub datapath: Arc<DatapathCounters>,
+}
+
+impl ReportSource for AgentReports {
+    fn reports(&self) -> Vec<ServiceReport> {
+        self.table
+            .services()
+            .into_iter()
+            .map(|service| {
+                let (mode, applied_epoch) = self
+                    .modes
+                    .applied(&service)
+                    .unwrap_or((AppliedMode::Passthrough, 0));
+                let counters = self.datapath.get(&service).unwrap_or_default();
+                ServiceReport {
+                    mode,
+                    applied_epoch,
+                    connects_total: counters.connects_total,
+                    open_connections: counters.open_connections,
+                    closed_total: counters.closed_total,
+                    held_connections: self.proxy.held(&service) as u64,
+                    service,
+                }
+            })
+            .collect()
+    }
+}
+
+impl DirectiveSink for ModeFollower {
+    fn apply(&self, directives: &[ServiceDirective]) {
+        self.apply_directives(directives);
+    }
+}
+
+/// The heartbeat loop: every `interval` (sooner when `kick` is notified, e.g. after a
+/// mode change), send the reports and hand the reply's directives to the sink. Failed
+/// calls are retried with backoff; the loop never ends.
+pub struct Heartbeats {
+    pub client: ControllerClient,
+    pub node: String,
+    /// Random per agent process, so that the controller sees a restart.
+    pub instance: String,
+    pub interval: Duration,
+    pub backoff: Backoff,
+    pub reports: Arc<dyn ReportSource>,
+    pub directives: Arc<dyn DirectiveSink>,
+    pub kick: Arc<Notify>,
+}
+
+impl Heartbeats {
+    pub async fn run(self) {
+        let mut failures = 0u32;
+        loop {
+            let heartbeat = Heartbeat {
+                node: self.node.clone(),
+                instance: self.instance.clone(),
+                services: self.reports.reports(),
+            };
+            let wait = match self.client.heartbeat(&heartbeat).await {
+                Ok(reply) => {
+                    failures = 0;
+                    self.directives.apply(&reply.directives);
+                    // Beat at least three times per lease, so one lost beat is not death.
+                    let lease = Duration::from_secs(u64::from(reply.lease_seconds.max(1)));
+                    self.interval.min(lease / 3)
+                }
+                Err(err) => {
+                    failures += 1;
+                    tracing::warn!(%err, failures, "heartbeat to the controller failed");
+                    self.backoff.delay(failures)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.kick.notified() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_urls_with_a_host_are_accepted() {
+        let t = Duration::from_secs(1);
+        assert!(ControllerClient::new("http://127.0.0.1:8080/", "t", t).is_ok());
+        let err = ControllerClient::new("https://c:8443", "t", t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only http://"), "{err}");
+        assert!(ControllerClient::new("not a url", "t", t).is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let c =
+            ControllerClient::new("http://127.0.0.1:1", "s3cret", Duration::from_secs(1)).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

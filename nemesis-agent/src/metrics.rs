@@ -1,0 +1,439 @@
+//! The agent's Prometheus metrics (prometheus-client): the proxy's families and the eBPF
+//! datapath's per-Service counters. Owns names, help texts and label sets (all bounded:
+//! a Service label only for managed Services, outcomes and directions from fixed enums);
+//! never serves them (see `admin`).
+#![deny(unsafe_code)]
+
+use nemesis_common::wire::ServiceRef;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+
+/// How a connection accepted by the proxy ended its time in the proxy's hands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Connected to a ready backend and spliced.
+    Forwarded,
+    /// The hold budget ran out before a backend was ready.
+    Timeout,
+    /// Refused because the Service's or the agent's held-connection bound was reached.
+    Overflow,
+    /// The client closed or reset while held.
+    ClientGone,
+    /// The original destination is not a managed Service (or could not be recovered).
+    UnknownDestination,
+    /// Ready backends existed but none accepted a connection within the hold budget.
+    BackendFailed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Forwarded,
+        Outcome::Timeout,
+        Outcome::Overflow,
+        Outcome::ClientGone,
+        Outcome::UnknownDestination,
+        Outcome::BackendFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Timeout => "timeout",
+            Outcome::Overflow => "overflow",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UnknownDestination => "unknown_destination",
+            Outcome::BackendFailed => "backend_failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// Which way proxied bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ClientToBackend,
+    BackendToClient,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Direction::ClientToBackend => "client_to_backend",
+            Direction::BackendToClient => "backend_to_client",
+        })
+    }
+}
+
+/// What answered a wake-up request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WakeResult {
+    Accepted,
+    Rejected,
+    Failed,
+}
+
+impl EncodeLabelValue for WakeResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            WakeResult::Accepted => "accepted",
+            WakeResult::Rejected => "rejected",
+            WakeResult::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub service: String,
+}
+
+impl From<&ServiceRef> for ServiceLabels {
+    fn from(s: &ServiceRef) -> Self {
+        Self {
+            namespace: s.namespace.clone(),
+            service: s.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WakeLabels {
+    pub namespace: String,
+    pub service: String,
+    pub result: WakeResult,
+}
+
+fn hold_histogram() -> Histogram {
+    // 1 ms .. ~27 min in x3 steps: a warm retry is milliseconds, an ML cold start minutes.
+    Histogram::new(exponential_buckets(0.001, 3.0, 15))
+}
+
+/// The proxy's metric families; cheap to clone (every family is shared).
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    pub held: Family<ServiceLabels, Gauge>,
+    pub hold_duration: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+    pub wakeups: Family<WakeLabels, Counter>,
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    /// Connections the proxy has in hand (held, refusing or forwarding).
+    pub open: Gauge,
+}
+
+impl ProxyMetrics {
+    fn new() -> Self {
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let hold_duration: Family<OutcomeLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(hold_histogram);
+        // Every outcome and direction is present from the start, so a rate() over them
+        // never misses a series (empty families are not exported at all).
+        for outcome in Outcome::ALL {
+            let _ = outcomes.get_or_create(&OutcomeLabels { outcome });
+            let _ = hold_duration.get_or_create(&OutcomeLabels { outcome });
+        }
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
+            let _ = bytes.get_or_create(&DirectionLabels { direction });
+        }
+        Self {
+            held: Family::default(),
+            hold_duration,
+            wakeups: Family::default(),
+            outcomes,
+            bytes,
+            open: Gauge::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "nemesis_agent_proxy_held_connections",
+            "Connections held by the proxy, waiting for a ready backend, per Service",
+            self.held.clone(),
+        );
+        registry.register_with_unit(
+            "nemesis_agent_proxy_hold_duration",
+            "Time from accept until a held connection was forwarded or refused, by outcome",
+            Unit::Seconds,
+            self.hold_duration.clone(),
+        );
+        registry.register(
+            "nemesis_agent_proxy_wakeups",
+            "Wake-up requests sent to the controller, per Service and result",
+            self.wakeups.clone(),
+        );
+        registry.register(
+            "nemesis_agent_proxy_outcomes",
+            "Connections accepted by the proxy, by how they left it",
+            self.outcomes.clone(),
+        );
+        registry.register_with_unit(
+            "nemesis_agent_proxy_transferred",
+            "Bytes the proxy delivered, by direction",
+            Unit::Bytes,
+            self.bytes.clone(),
+        );
+        registry.register(
+            "nemesis_agent_proxy_open_connections",
+            "Client connections the proxy has in hand (held, refusing or forwarding)",
+            self.open.clone(),
+        );
+    }
+
+    pub fn outcome(&self, outcome: Outcome) {
+        self.outcomes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn outcome_count(&self, outcome: Outcome) -> u64 {
+        self.outcomes
+            .get_or_create(&OutcomeLabels { outcome })
+            .get()
+    }
+
+    pub fn held_count(&self, service: &ServiceRef) -> i64 {
+        self.held.get_or_create(&service.into()).get()
+    }
+
+    pub fn bytes_total(&self, direction: Direction) -> u64 {
+        self.bytes
+            .get_or_create(&DirectionLabels { direction })
+            .get()
+    }
+
+    /// Drop the series of a Service that is no longer managed.
+    pub fn forget_service(&self, service: &ServiceRef) {
+        let labels = ServiceLabels::from(service);
+        self.held.remove(&labels);
+        for result in [
+            WakeResult::Accepted,
+            WakeResult::Rejected,
+            WakeResult::Failed,
+        ] {
+            self.wakeups.remove(&WakeLabels {
+                namespace: labels.namespace.clone(),
+                service: labels.service.clone(),
+                result,
+            });
+        }
+    }
+}
+
+// === impl DatapathCounters ===
+
+/// Per-Service counters kept by the eBPF programs (cumulative in pinned maps, so they
+/// survive agent restarts). The datapath code copies them here from its maps; a scrape
+/// encodes the latest copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub connects_total: u64,
+    pub open_connections: u64,
+    pub closed_total: u64,
+}
+
+/// The eBPF counters per Service, exported as `nemesis_agent_service_connects_total`,
+/// `nemesis_agent_service_open_connections` and `nemesis_agent_service_closed_total`.
+/// The datapath engineer's loop calls [`DatapathCounters::set`] after each map read.
+#[derive(Debug, Default)]
+pub struct DatapathCounters {
+    services: RwLock<BTreeMap<ServiceRef, ServiceCounters>>,
+}
+
+impl DatapathCounters {
+    pub fn set(&self, service: &ServiceRef, counters: ServiceCounters) {
+        self.services
+            .write()
+            .expect("datapath counters lock")
+            .insert(service.clone(), counters);
+    }
+
+    pub fn remove(&self, service: &ServiceRef) {
+        self.services
+            .write()
+            .expect("datapath counters lock")
+            .remove(service);
+    }
+
+    pub fn get(&self, service: &ServiceRef) -> Option<ServiceCounters> {
+        self.services
+            .read()
+            .expect("datapath counters lock")
+            .get(service)
+            .copied()
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<ServiceRef, ServiceCounters> {
+        self.services
+            .read()
+            .expect("datapath counters lock")
+            .clone()
+    }
+}
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.snapshot();
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_service_connects",
+            "connect() calls to the Service seen by the eBPF hooks on this node",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (svc, c) in &snapshot {
+            let labels = ServiceLabels::from(svc);
+            ConstCounter::new(c.connects_total).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_service_closed",
+            "Connections to the Service closed, seen by the eBPF hooks on this node",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (svc, c) in &snapshot {
+            let labels = ServiceLabels::from(svc);
+            ConstCounter::new(c.closed_total).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_service_open_connections",
+            "Open connections to the Service from this node, seen by the eBPF hooks",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (svc, c) in &snapshot {
+            let labels = ServiceLabels::from(svc);
+            ConstGauge::new(c.open_connections).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+// === impl Metrics ===
+
+/// Every metric of the agent, registered in one registry. Build it once at start-up,
+/// hand clones of the parts to their users, and freeze the registry for the admin server
+/// with [`Metrics::into_registry`] (other modules may register more before that).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub proxy: ProxyMetrics,
+    pub datapath: Arc<DatapathCounters>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let proxy = ProxyMetrics::new();
+        proxy.register(&mut registry);
+        let datapath = Arc::new(DatapathCounters::default());
+        registry.register_collector(Box::new(datapath.clone()));
+        Self {
+            registry,
+            proxy,
+            datapath,
+        }
+    }
+
+    /// For other modules' metrics, before the registry is frozen.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub fn into_registry(self) -> Arc<Registry> {
+        Arc::new(self.registry)
+    }
+}
+
+/// The registry in Prometheus text format (OpenMetrics 1.0 text, `# EOF` terminated).
+pub fn encode_text(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_is_exported_from_the_start_with_unit_suffixed_names() {
+        let m = Metrics::new();
+        let text = encode_text(&m.into_registry()).unwrap();
+        for o in Outcome::ALL {
+            assert!(
+                text.contains(&format!(
+                    "nemesis_agent_proxy_outcomes_total{{outcome=\"{}\"}} 0",
+                    o.as_str()
+                )),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains("# TYPE nemesis_agent_proxy_hold_duration_seconds histogram"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE nemesis_agent_proxy_transferred_bytes counter"));
+    }
+
+    #[test]
+    fn datapath_counters_are_encoded_per_service() {
+        let m = Metrics::new();
+        let svc = ServiceRef {
+            namespace: "ns".into(),
+            name: "web".into(),
+        };
+        m.datapath.set(
+            &svc,
+            ServiceCounters {
+                connects_total: 7,
+                open_connections: 3,
+                closed_total: 4,
+            },
+        );
+        let text = encode_text(&m.into_registry()).unwrap();
+        assert!(
+            text.contains(
+                "nemesis_agent_service_connects_total{namespace=\"ns\",service=\"web\"} 7"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "nemesis_agent_service_open_connections{namespace=\"ns\",service=\"web\"} 3"
+        ));
+        assert!(
+            text.contains("nemesis_agent_service_closed_total{namespace=\"ns\",service=\"web\"} 4")
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! The life of one accepted connection: recover its Service, admit it against the
+//! bounds, hold it (buffering what the client sends, in order, up to a bound), then
+//! forward it to a ready backend or refuse it with a counted outcome. Never drops client
+//! bytes: past the bound it stops reading, and TCP pushes back on the client.
+
+use super::Shared;
+use super::backend::BackendLease;
+use super::hold::{Admission, HeldGuard, Overflow};
+use super::refuse::{Reason, close_cleanly, refuse};
+use super::sniff::{Sniff, sniff};
+use super::splice::{shutdown_write, splice_bidirectional};
+use super::table::ManagedPort;
+use crate::endpoints::ServiceEndpoints;
+use crate::metrics::{Direction, DirectionLabels, Outcome, OutcomeLabels};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Read per wake-up of a held socket; the buffer grows only as bytes arrive, so an idle
+/// held connection costs no buffer at all.
+const READ_CHUNK: usize = 4096;
+
+/// What the client sent while held.
+struct HoldBuffer {
+    data: Vec<u8>,
+    limit: usize,
+    /// The client half-closed after sending `data`.
+    eof: bool,
+}
+
+enum ReadEvent {
+    Data,
+    Eof,
+}
+
+impl HoldBuffer {
+    fn new(limit: usize) -> Self {
+        Self {
+            data: Vec::new(),
+            limit,
+            eof: false,
+        }
+    }
+
+    fn wants_read(&self) -> bool {
+        !self.eof && self.data.len() < self.limit
+    }
+
+    async fn read_from(&mut self, client: &TcpStream) -> io::Result<ReadEvent> {
+        loop {
+            client.readable().await?;
+            let old = self.data.len();
+            let room = (self.limit - old).min(READ_CHUNK);
+            self.data.resize(old + room, 0);
+            let res = client.try_read(&mut self.data[old..]);
+            let n = *res.as_ref().unwrap_or(&0);
+            self.data.truncate(old + n);
+            match res {
+                Ok(0) => return Ok(ReadEvent::Eof),
+                Ok(_) => return Ok(ReadEvent::Data),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Counts the connection as open in the proxy's hands for as long as it lives.
+struct OpenGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenGuard {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    let _open = OpenGuard::new(&shared.metrics.open);
+    let accepted = Instant::now();
+    let destination = shared.destinations.lookup(peer);
+    let Some(port) = destination.and_then(|d| shared.table.lookup(d)) else {
+        tracing::debug!(%peer, ?destination, "no managed Service for this connection; closing");
+        shared.metrics.outcome(Outcome::UnknownDestination);
+        close_cleanly(client, shared.config.close_linger).await;
+        return;
+    };
+    // Small writes (a request, a handshake) go out at once; the proxy adds no Nagle delay.
+    let _ = client.set_nodelay(true);
+    let endpoints = shared.endpoints.subscribe(&port.service);
+    let needs_wake = endpoints.borrow().is_empty();
+    match shared
+        .holds
+        .admit(&port.service, port.bounds.max_held, needs_wake)
+    {
+        Admission::Refused(scope) => {
+            tracing::info!(service = %port.service, %peer, ?scope, "held-connection bound reached; refusing");
+            shared.metrics.outcome(Outcome::Overflow);
+            let sniff_for = match scope {
+                Overflow::Service | Overflow::Agent => shared.config.sniff_timeout,
+            };
+            refuse(
+                client,
+                Vec::new(),
+                Reason::Overflow,
+                port.bounds.retry_after,
+                sniff_for,
+                shared.config.close_linger,
+            )
+            .await;
+        }
+        Admission::Held { guard, start_wake } => {
+            if start_wake {
+                tokio::spawn(super::wake::run_wake(shared.clone(), port.service.clone()));
+            }
+            hold(shared, client, peer, port, endpoints, guard, accepted).await;
+        }
+    }
+}
+
+async fn hold(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    port: Arc<ManagedPort>,
+    mut endpoints: watch::Receiver<Arc<ServiceEndpoints>>,
+    guard: HeldGuard,
+    accepted: Instant,
+) {
+    let deadline = accepted + port.bounds.hold_timeout;
+    let mut buf = HoldBuffer::new(port.bounds.buffer_bytes);
+    let mut failures = 0u32;
+    let mut last_failed: Option<SocketAddr> = None;
+    // `None`: dial as soon as there is a ready backend; `Some(t)`: backing off until t.
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        if retry_at.is_none_or(|t| Instant::now() >= t) {
+            retry_at = None;
+            let backends = endpoints
+                .borrow_and_update()
+                .backends(&port.port_name, port.target_port);
+            if !backends.is_empty() {
+                let budget = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(shared.config.connect_timeout);
+                match shared
+                    .backends
+                    .connect(&backends, last_failed, budget)
+                    .await
+                {
+                    Ok((backend, lease)) => {
+                        forward(&shared, client, backend, lease, buf, guard, accepted).await;
+                        return;
+                    }
+                    Err(err) => {
+                        failures += 1;
+                        last_failed = err.addr();
+                        tracing::debug!(service = %port.service, %err, failures, "backend not accepting; retrying");
+                        retry_at =
+                            Some(Instant::now() + shared.config.connect_backoff.delay(failures));
+                    }
+                }
+            }
+        }
+        let wake_at = retry_at.map_or(deadline, |t| t.min(deadline));
+        tokio::select! {
+            changed = endpoints.changed() => {
+                if changed.is_ok() {
+                    // New backends: dial at once, whatever the backoff said.
+                    retry_at = None;
+                }
+            }
+            read = buf.read_from(&client), if buf.wants_read() => match read {
+                Ok(ReadEvent::Data) => {}
+                Ok(ReadEvent::Eof) => {
+                    // Nothing sent, or an HTTP/1 request (whose clients never half-close
+                    // to wait for an answer): the client gave up. Otherwise a half-close
+                    // after a complete message: keep holding, deliver, propagate the EOF.
+                    if buf.data.is_empty() || sniff(&buf.data) == Sniff::Http1 {
+                        end_held(&shared, Outcome::ClientGone, accepted);
+                        tracing::debug!(service = %port.service, %peer, "client gave up while held");
+                        return;
+                    }
+                    buf.eof = true;
+                }
+                Err(err) => {
+                    end_held(&shared, Outcome::ClientGone, accepted);
+                    tracing::debug!(service = %port.service, %peer, %err, "client failed while held");
+                    return;
+                }
+            },
+            _ = tokio::time::sleep_until(wake_at) => {
+                if Instant::now() >= deadline {
+                    let (outcome, reason) = if failures > 0 {
+                        (Outcome::BackendFailed, Reason::BackendFailed)
+                    } else {
+                        (Outcome::Timeout, Reason::Timeout)
+                    };
+                    end_held(&shared, outcome, accepted);
+                    drop(guard);
+                    tracing::info!(service = %port.service, %peer, outcome = outcome.as_str(), "hold budget spent; refusing");
+                    refuse(client, buf.data, reason, port.bounds.retry_after, Duration::ZERO, shared.config.close_linger).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn end_held(shared: &Shared, outcome: Outcome, accepted: Instant) {
+    shared.metrics.outcome(outcome);
+    shared
+        .metrics
+        .hold_duration
+        .get_or_create(&OutcomeLabels { outcome })
+        .observe(accepted.elapsed().as_secs_f64());
+}
+
+async fn forward(
+    shared: &Shared,
+    client: TcpStream,
+    mut backend: TcpStream,
+    lease: BackendLease,
+    buf: HoldBuffer,
+    guard: HeldGuard,
+    accepted: Instant,
+) {
+    end_held(shared, Outcome::Forwarded, accepted);
+    drop(guard);
+    let _ = backend.set_nodelay(true);
+    let up = shared
+        .metrics
+        .bytes
+        .get_or_create(&DirectionLabels {
+            direction: Direction::ClientToBackend,
+        })
+        .clone();
+    let down = shared
+        .metrics
+        .bytes
+        .get_or_create(&DirectionLabels {
+            direction: Direction::BackendToClient,
+        })
+        .clone();
+    // What the client sent while held goes first, in order.
+    if !buf.data.is_empty() {
+        if let Err(err) = backend.write_all(&buf.data).await {
+            tracing::debug!(backend = %lease.addr, %err, "delivering the held bytes failed");
+            return;
+        }
+        up.inc_by(buf.data.len() as u64);
+    }
+    let client_done = buf.eof;
+    drop(buf);
+    if client_done && let Err(err) = shutdown_write(&backend) {
+        tracing::debug!(backend = %lease.addr, %err, "propagating the client's half-close failed");
+        return;
+    }
+    if let Err(err) = splice_bidirectional(&client, &backend, client_done, &up, &down).await {
+        tracing::debug!(backend = %lease.addr, %err, "forwarded connection ended with an error");
+    }
+    drop(lease);
+}

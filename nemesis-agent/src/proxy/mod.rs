@@ -1,0 +1,203 @@
+//! The buffering proxy: accepts the connections the eBPF hook sent here because their
+//! Service is at zero, wakes the Service once (single flight), holds the connections with
+//! what their clients already sent, and splices them to the first ready backends. Owns
+//! holding and forwarding; never changes which Services are managed or held (see `mode`).
+#![deny(unsafe_code)]
+
+mod backend;
+pub mod backoff;
+mod conn;
+mod hold;
+pub mod mode;
+mod refuse;
+pub mod sniff;
+mod splice;
+pub mod table;
+mod wake;
+
+pub use backoff::Backoff;
+pub use mode::{ModeFollower, ModeSink, ModeSinkError, decide_hold};
+pub use table::{HoldBounds, ManagedPort, ServiceTable, TableError, service_ports};
+
+use crate::control::ControllerClient;
+use crate::endpoints::EndpointRegistry;
+use crate::metrics::ProxyMetrics;
+use nemesis_common::wire::ServiceRef;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket};
+
+/// Where a connection was going before the hook sent it to the proxy.
+pub trait OriginalDestinations: Send + Sync + 'static {
+    /// The ClusterIP:port the client at `peer` (the accepted socket's remote address)
+    /// dialled; `None` when unknown (the connection is then closed and counted).
+    fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr>;
+}
+
+/// Every connection went to one destination: for a proxy listener dedicated to one
+/// Service port, and for tests and benches that run without the eBPF datapath.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedDestination(pub SocketAddr);
+
+impl OriginalDestinations for FixedDestination {
+    fn lookup(&self, _peer: SocketAddr) -> Option<SocketAddr> {
+        Some(self.0)
+    }
+}
+
+/// Held connections per agent: each costs a socket and a few hundred bytes while idle;
+/// 16k keeps a node's worst burst well inside the default fd limits we raise to.
+pub const DEFAULT_MAX_HELD_TOTAL: usize = 16 * 1024;
+/// One dial of a backend: pods are on the node's network, a SYN unanswered this long is
+/// a pod that is not there.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a refused connection is read to recognise an HTTP/1 request line.
+pub const DEFAULT_SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a closing connection is drained for its peer's FIN.
+pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Re-send an accepted wake-up this often while connections are still held, in case the
+/// controller lost it (restart, leader change).
+pub const DEFAULT_WAKE_REFRESH: Duration = Duration::from_secs(30);
+/// Listen backlog of the proxy socket: a burst of held connects must not be dropped by
+/// the kernel before the proxy accepts them (the kernel caps it at somaxconn).
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// This node's name, sent with wake-ups.
+    pub node: String,
+    pub max_held_total: usize,
+    pub connect_timeout: Duration,
+    /// Between dials of backends that refuse (ready before listening).
+    pub connect_backoff: Backoff,
+    /// Between failed wake-up calls.
+    pub wake_backoff: Backoff,
+    pub wake_refresh: Duration,
+    pub sniff_timeout: Duration,
+    pub close_linger: Duration,
+}
+
+impl ProxyConfig {
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            max_held_total: DEFAULT_MAX_HELD_TOTAL,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            // A process that is ready but not yet listening is usually milliseconds away.
+            connect_backoff: Backoff::new(Duration::from_millis(10), Duration::from_secs(1)),
+            wake_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            wake_refresh: DEFAULT_WAKE_REFRESH,
+            sniff_timeout: DEFAULT_SNIFF_TIMEOUT,
+            close_linger: DEFAULT_CLOSE_LINGER,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("binding the proxy listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) table: Arc<ServiceTable>,
+    pub(crate) endpoints: Arc<EndpointRegistry>,
+    pub(crate) destinations: Arc<dyn OriginalDestinations>,
+    pub(crate) controller: Option<ControllerClient>,
+    pub(crate) metrics: ProxyMetrics,
+    pub(crate) holds: Arc<hold::Holds>,
+    pub(crate) backends: Arc<backend::BackendLoad>,
+}
+
+/// The proxy; cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bind the proxy's listening socket with a backlog for bursts.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| ProxyError::Bind { addr, source })
+}
+
+impl Proxy {
+    /// `controller: None` runs without wake-ups (Services wake by other means).
+    pub fn new(
+        config: ProxyConfig,
+        table: Arc<ServiceTable>,
+        endpoints: Arc<EndpointRegistry>,
+        destinations: Arc<dyn OriginalDestinations>,
+        controller: Option<ControllerClient>,
+        metrics: ProxyMetrics,
+    ) -> Self {
+        let holds = hold::Holds::new(config.max_held_total, metrics.clone());
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                table,
+                endpoints,
+                destinations,
+                controller,
+                metrics,
+                holds,
+                backends: Arc::new(backend::BackendLoad::default()),
+            }),
+        }
+    }
+
+    /// Accept connections forever, each in a task of its own. Dropping this future stops
+    /// accepting; connections already accepted run on.
+    pub async fn serve(&self, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tokio::spawn(conn::handle(self.shared.clone(), stream, peer));
+                }
+                Err(err) => {
+                    // Out of fds or memory: back off instead of spinning; the kernel keeps
+                    // the connection in the backlog meanwhile.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Connections held for a Service right now.
+    pub fn held(&self, service: &ServiceRef) -> usize {
+        self.shared.holds.held(service)
+    }
+
+    /// Connections held for all Services right now.
+    pub fn held_total(&self) -> usize {
+        self.shared.holds.total()
+    }
+
+    /// Client connections in the proxy's hands (held, being refused or forwarded).
+    pub fn open_connections(&self) -> i64 {
+        self.shared.metrics.open.get()
+    }
+}
