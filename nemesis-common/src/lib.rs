@@ -5,5 +5,7 @@
 //! `no_std` unless a std-only feature (`wire`) is enabled.
 #![cfg_attr(not(feature = "wire"), no_std)]
 
+pub mod maps;
+
 #[cfg(feature = "wire")]
 pub mod wire;

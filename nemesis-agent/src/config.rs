@@ -1,0 +1,190 @@
+//! The agent's command line: subcommands and flags, each flag also read from
+//! `NEMESIS_AGENT_<SETTING>`. Parsing only; never reads the machine or starts anything.
+
+use std::{
+    net::{SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::ebpf::DatapathConfig;
+
+/// Instance name when none is given: one agent per node needs no more.
+pub const DEFAULT_INSTANCE: &str = "default";
+/// The proxy's listener for held IPv4 connects (loopback: the proxy serves its own node).
+pub const DEFAULT_PROXY_V4: &str = "127.0.0.1:15001";
+/// Heartbeat period: 15 beats fit in the default dead-man bound, so a slow beat or
+/// two never releases held traffic.
+pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "1s";
+/// See `ebpf::DEFAULT_DEADMAN_MAX_AGE`.
+pub const DEFAULT_DEADMAN_MAX_AGE: &str = "15s";
+
+#[derive(Debug, Parser)]
+#[command(name = "nemesis-agent", version, about = "K8s Nemesis node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load (or re-adopt) the eBPF datapath and run the agent.
+    Run(RunArgs),
+    /// Detach the programs and remove every pin of an instance.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+    /// How often the dead-man heartbeat is refreshed (e.g. `500ms`, `1s`).
+    #[arg(long, env = "NEMESIS_AGENT_HEARTBEAT_INTERVAL", default_value = DEFAULT_HEARTBEAT_INTERVAL, value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Detach and unpin everything on exit (for demos; a DaemonSet keeps the datapath
+    /// across restarts instead).
+    #[arg(long, env = "NEMESIS_AGENT_DETACH_ON_EXIT")]
+    pub detach_on_exit: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// Names the pin directory `<bpffs>/nemesis/<instance>`.
+    #[arg(long, env = "NEMESIS_AGENT_INSTANCE", default_value = DEFAULT_INSTANCE)]
+    pub instance: String,
+    /// The bpffs mount (default: found in /proc/mounts).
+    #[arg(long, env = "NEMESIS_AGENT_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DatapathArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// The cgroup v2 directory to attach to (default: the cgroup2 mount's root, i.e.
+    /// every process of the node).
+    #[arg(long, env = "NEMESIS_AGENT_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// Where held IPv4 connects are sent (the proxy's listener).
+    #[arg(long, env = "NEMESIS_AGENT_PROXY_V4", default_value = DEFAULT_PROXY_V4)]
+    pub proxy_v4: SocketAddrV4,
+    /// Where held native IPv6 connects are sent (none: they go through unchanged).
+    #[arg(long, env = "NEMESIS_AGENT_PROXY_V6")]
+    pub proxy_v6: Option<SocketAddrV6>,
+    /// Hold-mode redirects stop when the heartbeat is older than this.
+    #[arg(long, env = "NEMESIS_AGENT_DEADMAN_MAX_AGE", default_value = DEFAULT_DEADMAN_MAX_AGE, value_parser = parse_duration)]
+    pub deadman_max_age: Duration,
+}
+
+impl DatapathArgs {
+    pub fn to_config(&self) -> DatapathConfig {
+        DatapathConfig {
+            instance: self.instance.instance.clone(),
+            cgroup: self.cgroup.clone(),
+            bpffs: self.instance.bpffs.clone(),
+            proxy_v4: Some(self.proxy_v4),
+            proxy_v6: self.proxy_v6,
+            deadman_max_age: self.deadman_max_age,
+        }
+    }
+}
+
+impl InstanceArgs {
+    pub fn to_config(&self) -> DatapathConfig {
+        DatapathConfig {
+            bpffs: self.bpffs.clone(),
+            ..DatapathConfig::new(self.instance.clone())
+        }
+    }
+}
+
+/// `250ms`, `2s`, `5m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: expected e.g. 500ms, 2s, 5m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_defaults_name_the_default_instance_and_loopback_proxy() {
+        let cli = Cli::try_parse_from(["nemesis-agent", "run"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        let cfg = run.datapath.to_config();
+        assert_eq!(cfg.instance, "default");
+        assert_eq!(cfg.proxy_v4, Some("127.0.0.1:15001".parse().unwrap()));
+        assert_eq!(cfg.deadman_max_age, Duration::from_secs(15));
+        assert_eq!(run.heartbeat_interval, Duration::from_secs(1));
+        assert!(cfg.cgroup.is_none());
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        let cli = Cli::try_parse_from([
+            "nemesis-agent",
+            "run",
+            "--instance",
+            "t1",
+            "--cgroup",
+            "/sys/fs/cgroup/unified/x",
+            "--proxy-v6",
+            "[::1]:15002",
+            "--deadman-max-age",
+            "300ms",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        let cfg = run.datapath.to_config();
+        assert_eq!(cfg.instance, "t1");
+        assert_eq!(cfg.cgroup, Some(PathBuf::from("/sys/fs/cgroup/unified/x")));
+        assert_eq!(cfg.proxy_v6, Some("[::1]:15002".parse().unwrap()));
+        assert_eq!(cfg.deadman_max_age, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn cleanup_takes_the_instance() {
+        let cli = Cli::try_parse_from(["nemesis-agent", "cleanup", "--instance", "x"]).unwrap();
+        let Command::Cleanup(c) = cli.command else {
+            panic!("expected cleanup")
+        };
+        assert_eq!(c.instance.to_config().instance, "x");
+    }
+
+    #[test]
+    fn bad_durations_say_what_is_wrong() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(
+            parse_duration("2 weeks")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_duration("ms").unwrap_err().contains("not a duration"));
+    }
+}

@@ -1,0 +1,1036 @@
+//! The eBPF datapath: loads the programs (or re-adopts what an earlier agent pinned),
+//! attaches them to a cgroup, pins links and maps under bpffs, and is the only door to
+//! the maps (services and modes, counters, original destinations, heartbeat). It never
+//! decides policy: callers say which service is in which mode.
+//!
+//! Restart model: maps are pinned and reused by name, so counters continue; links are
+//! pinned, and a new agent swaps its freshly loaded programs into them atomically
+//! (BPF_LINK_UPDATE), so the hooks are never without a program, also on upgrades.
+//! `unsafe` lives in `sys` only.
+
+pub mod cgroup;
+mod log_forward;
+pub mod pins;
+pub mod prereq;
+mod sys;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
+};
+use aya_obj::generated::bpf_attach_type;
+use nemesis_common::maps::{
+    self as m, Config, ERROR_KIND_NAMES, ERROR_KINDS, OrigDst, OrigDstKey, ServiceKey,
+    ServiceStats, ServiceValue,
+};
+use tracing::{debug, info, warn};
+
+pub use pins::CleanupReport;
+pub use prereq::{Missing, MissingPrerequisites};
+
+/// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nemesis-ebpf"));
+
+/// Dead-man bound used when none is configured: 15 missed beats at the agent's
+/// 1 s heartbeat. Long enough to ride out a slow restart of the agent, short enough
+/// that a wedged agent releases held traffic within seconds.
+pub const DEFAULT_DEADMAN_MAX_AGE: Duration = Duration::from_secs(15);
+
+/// A service's index into the per-service counters.
+pub type Slot = u32;
+
+/// What the programs do with a connect to a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Count, and leave the connection alone.
+    Passthrough,
+    /// Rewrite to the proxy (TCP), until the dead-man switch fires.
+    Hold,
+    /// Reserved for socket-level load balancing; behaves as passthrough for now.
+    Balance,
+}
+
+impl Mode {
+    fn raw(self) -> u32 {
+        match self {
+            Mode::Passthrough => m::MODE_PASSTHROUGH,
+            Mode::Hold => m::MODE_HOLD,
+            Mode::Balance => m::MODE_BALANCE,
+        }
+    }
+
+    fn from_raw(v: u32) -> Mode {
+        match v {
+            m::MODE_HOLD => Mode::Hold,
+            m::MODE_BALANCE => Mode::Balance,
+            _ => Mode::Passthrough,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    fn raw(self) -> u8 {
+        match self {
+            Proto::Tcp => m::PROTO_TCP,
+            Proto::Udp => m::PROTO_UDP,
+        }
+    }
+
+    fn from_raw(v: u8) -> Option<Proto> {
+        match v {
+            m::PROTO_TCP => Some(Proto::Tcp),
+            m::PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Where and how the datapath is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Names the pin directory `<bpffs>/nemesis/<instance>`; `[A-Za-z0-9_-]{1,64}`.
+    pub instance: String,
+    /// The cgroup to attach to; default: the cgroup2 mount's root.
+    pub cgroup: Option<PathBuf>,
+    /// The bpffs mount; default: found in /proc/mounts.
+    pub bpffs: Option<PathBuf>,
+    /// The proxy's IPv4 listener, where held IPv4 (and v4-mapped) connects go.
+    pub proxy_v4: Option<SocketAddrV4>,
+    /// The proxy's IPv6 listener, where held native IPv6 connects go.
+    pub proxy_v6: Option<SocketAddrV6>,
+    /// Hold-mode redirects stop when the last heartbeat is older than this.
+    pub deadman_max_age: Duration,
+}
+
+impl DatapathConfig {
+    pub fn new(instance: impl Into<String>) -> Self {
+        Self {
+            instance: instance.into(),
+            cgroup: None,
+            bpffs: None,
+            proxy_v4: None,
+            proxy_v6: None,
+            deadman_max_age: DEFAULT_DEADMAN_MAX_AGE,
+        }
+    }
+}
+
+/// A managed service as the datapath knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+    pub slot: Slot,
+    pub mode: Mode,
+}
+
+/// A service's counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// connect() calls to the service.
+    pub connects: u64,
+    /// TCP connections established, in total.
+    pub opened: u64,
+    /// Established TCP connections closed, in total.
+    pub closed: u64,
+    /// Established TCP connections open now.
+    pub open_now: u64,
+    /// Connects rewritten to the proxy.
+    pub redirected: u64,
+    /// Hold-mode connects let through unchanged (dead-man switch, no proxy, not TCP).
+    pub released: u64,
+}
+
+/// What a held client dialled, recovered by the proxy from the client's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// The ClusterIP:port the client dialled.
+    pub addr: SocketAddr,
+    pub slot: Slot,
+}
+
+/// The programs' fail-open counters, by kind, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorCounters {
+    pub counts: [u64; ERROR_KINDS as usize],
+}
+
+impl ErrorCounters {
+    /// (metric label, count) of every kind.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ERROR_KIND_NAMES
+            .iter()
+            .copied()
+            .zip(self.counts.iter().copied())
+    }
+
+    /// The count of one `nemesis_common::maps::ERR_*` kind.
+    pub fn get(&self, kind: u32) -> u64 {
+        self.counts.get(kind as usize).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("invalid instance name {name:?}: use 1-64 characters of A-Z a-z 0-9 - _")]
+    InvalidInstance { name: String },
+    #[error(transparent)]
+    Prerequisites(#[from] MissingPrerequisites),
+    #[error("creating the pin directory {path}")]
+    CreatePinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {path} has key/value size {found:?}, this agent expects {expected:?}: \
+         it was pinned by an incompatible version; run `nemesis-agent cleanup` for this \
+         instance first (interception stops until the agent starts again)"
+    )]
+    PinnedMapLayout {
+        path: PathBuf,
+        found: (u32, u32),
+        expected: (u32, u32),
+    },
+    #[error("reading pinned map {path}")]
+    ReadPinnedMap {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("loading the eBPF object (its maps pinned under {pin_dir})")]
+    LoadObject {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("the eBPF object has no {kind} named {name}: agent and object are out of step")]
+    MissingInObject { kind: &'static str, name: String },
+    #[error("loading program {name} into the kernel (verifier)")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup {path}")]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching program {name} to cgroup {cgroup}")]
+    AttachProgram {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pinning the link of {name} at {path}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("adopting the pinned link {path}")]
+    AdoptLink {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the pinned link {path} is attached to another cgroup (id {found}) than {cgroup} \
+         (id {expected}): run `nemesis-agent cleanup` for this instance, or pass the same --cgroup"
+    )]
+    PinnedLinkElsewhere {
+        path: PathBuf,
+        cgroup: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("opening map {name} of the loaded object")]
+    OpenMap {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading the pinned services table")]
+    ReadServices(#[source] MapError),
+    #[error("starting the eBPF log forwarder")]
+    StartLogForwarder(#[source] aya_log::Error),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("removing the pins under {path}")]
+    RemovePins {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("writing service {addr}/{proto:?} to the services map")]
+    UpdateService {
+        addr: SocketAddr,
+        proto: Proto,
+        #[source]
+        source: MapError,
+    },
+    #[error("removing service {addr}/{proto:?} from the services map")]
+    RemoveService {
+        addr: SocketAddr,
+        proto: Proto,
+        #[source]
+        source: MapError,
+    },
+    #[error("service {addr}/{proto:?} is not in the services table")]
+    ServiceNotFound { addr: SocketAddr, proto: Proto },
+    #[error("the services table is full ({max} services)")]
+    TableFull { max: u32 },
+    #[error("service {addr}/{proto:?}: only TCP services can be held")]
+    HoldNeedsTcp { addr: SocketAddr, proto: Proto },
+    #[error("slot {slot} holds no service")]
+    UnknownSlot { slot: Slot },
+    #[error("resetting the counters of slot {slot}")]
+    ResetStats {
+        slot: Slot,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the counters of slot {slot}")]
+    ReadStats {
+        slot: Slot,
+        #[source]
+        source: MapError,
+    },
+    #[error("writing the heartbeat")]
+    WriteHeartbeat(#[source] MapError),
+    #[error("writing the datapath config")]
+    WriteConfig(#[source] MapError),
+    #[error("reading the error counters")]
+    ReadErrors(#[source] MapError),
+}
+
+/// The loaded (or adopted) datapath. Cheap to share behind an `Arc`: every method takes
+/// `&self`. Dropping it leaves programs attached and maps pinned (an agent restart);
+/// [`Datapath::detach`] or [`Datapath::cleanup`] removes them.
+pub struct Datapath {
+    layout: pins::PinLayout,
+    cgroup: PathBuf,
+    link_ids: Vec<u32>,
+    program_ids: Vec<u32>,
+    table: Mutex<ServiceTable>,
+    orig_dst: BpfHashMap<MapData, OrigDstKey, OrigDst>,
+    errors: PerCpuArray<MapData, u64>,
+    heartbeat: Mutex<Array<MapData, u64>>,
+    config: Mutex<(Array<MapData, Config>, Config)>,
+    _log: Option<log_forward::LogForwarder>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.layout.dir())
+            .field("cgroup", &self.cgroup)
+            .field("link_ids", &self.link_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The services map, its stats, and a mirror of both kept in step under one lock.
+struct ServiceTable {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    stats: PerCpuArray<MapData, ServiceStats>,
+    entries: HashMap<ServiceKey, ServiceValue>,
+    free_slots: BTreeSet<Slot>,
+    next_epoch: u32,
+}
+
+// === impl Datapath ===
+
+impl Datapath {
+    /// Checks the prerequisites, loads the programs, reuses pinned maps and links of
+    /// `cfg.instance` if an earlier agent left them (swapping the new programs in), or
+    /// attaches and pins fresh ones. Writes the config and a first heartbeat.
+    pub fn load_or_adopt(cfg: &DatapathConfig) -> Result<Datapath, LoadError> {
+        if !pins::valid_instance(&cfg.instance) {
+            return Err(LoadError::InvalidInstance {
+                name: cfg.instance.clone(),
+            });
+        }
+        let mut env = prereq::check(cfg.cgroup.as_deref())?;
+        if let Some(b) = &cfg.bpffs {
+            env.bpffs = b.clone();
+        }
+        let layout = pins::PinLayout::new(&env.bpffs, &cfg.instance);
+        layout
+            .create_dirs()
+            .map_err(|source| LoadError::CreatePinDir {
+                path: layout.dir().to_path_buf(),
+                source,
+            })?;
+        check_pinned_maps(&layout)?;
+
+        let mut loader = EbpfLoader::new();
+        let btf = aya::Btf::from_sys_fs().ok();
+        loader.btf(btf.as_ref());
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            m::PINNED_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| LoadError::LoadObject {
+            pin_dir: layout.dir().to_path_buf(),
+            source: Box::new(e),
+        })?;
+
+        let cgroup_file = File::open(&env.cgroup).map_err(|source| LoadError::OpenCgroup {
+            path: env.cgroup.clone(),
+            source,
+        })?;
+        let cgroup_id = cgroup_file
+            .metadata()
+            .map_err(|source| LoadError::OpenCgroup {
+                path: env.cgroup.clone(),
+                source,
+            })?
+            .ino();
+        let target = LinkTarget {
+            cgroup: &env.cgroup,
+            cgroup_file: &cgroup_file,
+            cgroup_id,
+        };
+        let mut link_ids = vec![];
+        let mut program_ids = vec![];
+        for (name, attach_type) in [
+            (m::PROG_CONNECT4, bpf_attach_type::BPF_CGROUP_INET4_CONNECT),
+            (m::PROG_CONNECT6, bpf_attach_type::BPF_CGROUP_INET6_CONNECT),
+            (m::PROG_SOCK_OPS, bpf_attach_type::BPF_CGROUP_SOCK_OPS),
+        ] {
+            let (prog_id, link_id) = load_and_link(&mut ebpf, name, attach_type, &layout, &target)?;
+            program_ids.push(prog_id);
+            link_ids.push(link_id);
+        }
+
+        let log = match log_forward::LogForwarder::start(program_ids[0]) {
+            Ok(l) => Some(l),
+            // Diagnostics are not worth failing the datapath for.
+            Err(e) => {
+                warn!(error = %e, "eBPF log forwarding is off");
+                None
+            }
+        };
+
+        let services: BpfHashMap<_, ServiceKey, ServiceValue> = take_map(&mut ebpf, m::SERVICES)?;
+        let stats: PerCpuArray<_, ServiceStats> = take_map(&mut ebpf, m::SERVICE_STATS)?;
+        let orig_dst = take_map(&mut ebpf, m::ORIG_DST)?;
+        let errors = take_map(&mut ebpf, m::ERRORS)?;
+        let heartbeat = take_map(&mut ebpf, m::HEARTBEAT)?;
+        let config_map = take_map(&mut ebpf, m::CONFIG)?;
+        // The links hold the programs; the loader's handles are no longer needed.
+        drop(ebpf);
+
+        let mut entries = HashMap::new();
+        for kv in services.iter() {
+            let (k, v) = kv.map_err(LoadError::ReadServices)?;
+            entries.insert(k, v);
+        }
+        let free_slots = (0..m::MAX_SERVICES)
+            .filter(|s| !entries.values().any(|v| v.slot == *s))
+            .collect();
+        let adopted = entries.len();
+        let dp = Datapath {
+            layout,
+            cgroup: env.cgroup.clone(),
+            link_ids,
+            program_ids,
+            table: Mutex::new(ServiceTable {
+                services,
+                stats,
+                entries,
+                free_slots,
+                next_epoch: sys::monotonic_ns() as u32,
+            }),
+            orig_dst,
+            errors,
+            heartbeat: Mutex::new(heartbeat),
+            config: Mutex::new((config_map, Config::default())),
+            _log: log,
+        };
+        dp.set_config(cfg.proxy_v4, cfg.proxy_v6, cfg.deadman_max_age)?;
+        dp.heartbeat()?;
+        info!(
+            pin_dir = %dp.layout.dir().display(),
+            cgroup = %dp.cgroup.display(),
+            services = adopted,
+            "eBPF datapath ready"
+        );
+        Ok(dp)
+    }
+
+    /// Removes every link and pin of `cfg.instance` (detaching its programs), whether or
+    /// not an agent is running. Idempotent.
+    pub fn cleanup(cfg: &DatapathConfig) -> Result<CleanupReport, LoadError> {
+        if !pins::valid_instance(&cfg.instance) {
+            return Err(LoadError::InvalidInstance {
+                name: cfg.instance.clone(),
+            });
+        }
+        let bpffs = match &cfg.bpffs {
+            Some(b) => b.clone(),
+            None => {
+                let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+                prereq::bpffs_mount(&mounts)
+                    .ok_or_else(|| MissingPrerequisites(vec![Missing::Bpffs]))?
+            }
+        };
+        let layout = pins::PinLayout::new(&bpffs, &cfg.instance);
+        let report = layout
+            .remove_all()
+            .map_err(|source| LoadError::RemovePins {
+                path: layout.dir().to_path_buf(),
+                source,
+            })?;
+        info!(
+            pin_dir = %layout.dir().display(),
+            links = report.links_removed.len(),
+            maps = report.maps_removed.len(),
+            "eBPF datapath cleaned up"
+        );
+        Ok(report)
+    }
+
+    /// Detaches the programs and removes every pin of this instance.
+    pub fn detach(self) -> Result<CleanupReport, LoadError> {
+        let layout = self.layout.clone();
+        drop(self);
+        layout.remove_all().map_err(|source| LoadError::RemovePins {
+            path: layout.dir().to_path_buf(),
+            source,
+        })
+    }
+
+    /// Adds a service, or changes its mode if it is there; returns its slot. A new
+    /// service starts with zeroed counters.
+    pub fn upsert_service(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        mode: Mode,
+    ) -> Result<Slot, DatapathError> {
+        if mode == Mode::Hold && proto != Proto::Tcp {
+            return Err(DatapathError::HoldNeedsTcp { addr, proto });
+        }
+        let key = service_key(addr, proto);
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = t.entries.get(&key).copied() {
+            if v.mode != mode.raw() {
+                let nv = ServiceValue {
+                    mode: mode.raw(),
+                    ..v
+                };
+                t.services
+                    .insert(key, nv, 0)
+                    .map_err(|source| DatapathError::UpdateService {
+                        addr,
+                        proto,
+                        source,
+                    })?;
+                t.entries.insert(key, nv);
+                debug!(%addr, ?proto, ?mode, slot = v.slot, "service mode changed");
+            }
+            return Ok(v.slot);
+        }
+        let slot = t.free_slots.pop_first().ok_or(DatapathError::TableFull {
+            max: m::MAX_SERVICES,
+        })?;
+        let result = t.insert_new(key, slot, mode, addr, proto);
+        if result.is_err() {
+            t.free_slots.insert(slot);
+        }
+        result?;
+        debug!(%addr, ?proto, ?mode, slot, "service added");
+        Ok(slot)
+    }
+
+    /// Changes the mode of a service that is in the table. Applies to the next connect.
+    pub fn set_mode(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        mode: Mode,
+    ) -> Result<Slot, DatapathError> {
+        let known = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entries.contains_key(&service_key(addr, proto))
+        };
+        if !known {
+            return Err(DatapathError::ServiceNotFound { addr, proto });
+        }
+        self.upsert_service(addr, proto, mode)
+    }
+
+    /// Removes a service; its connects are no longer counted or held. Returns whether it
+    /// was there.
+    pub fn remove_service(&self, addr: SocketAddr, proto: Proto) -> Result<bool, DatapathError> {
+        let key = service_key(addr, proto);
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(v) = t.entries.get(&key).copied() else {
+            return Ok(false);
+        };
+        match t.services.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::RemoveService {
+                    addr,
+                    proto,
+                    source,
+                });
+            }
+        }
+        t.entries.remove(&key);
+        t.free_slots.insert(v.slot);
+        debug!(%addr, ?proto, slot = v.slot, "service removed");
+        Ok(true)
+    }
+
+    /// The service at `addr`/`proto`, if managed.
+    pub fn service(&self, addr: SocketAddr, proto: Proto) -> Option<ServiceEntry> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let key = service_key(addr, proto);
+        t.entries.get(&key).and_then(|v| entry(&key, v))
+    }
+
+    /// Every managed service.
+    pub fn services(&self) -> Vec<ServiceEntry> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.entries.iter().filter_map(|(k, v)| entry(k, v)).collect()
+    }
+
+    /// The counters of the service in `slot`, summed over CPUs.
+    pub fn stats(&self, slot: Slot) -> Result<ServiceCounters, DatapathError> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if !t.entries.values().any(|v| v.slot == slot) {
+            return Err(DatapathError::UnknownSlot { slot });
+        }
+        let per_cpu = t
+            .stats
+            .get(&slot, 0)
+            .map_err(|source| DatapathError::ReadStats { slot, source })?;
+        let mut c = ServiceCounters::default();
+        for s in per_cpu.iter() {
+            c.connects += s.connects;
+            c.opened += s.opened;
+            c.closed += s.closed;
+            c.redirected += s.redirected;
+            c.released += s.released;
+        }
+        // Opens and closes of one connection may land on different CPUs; only the sum
+        // is meaningful.
+        c.open_now = c.opened.saturating_sub(c.closed);
+        Ok(c)
+    }
+
+    /// Refreshes the dead-man heartbeat. Call it from an interval well inside
+    /// `deadman_max_age`.
+    pub fn heartbeat(&self) -> Result<(), DatapathError> {
+        let mut hb = self.heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+        hb.set(0, sys::monotonic_ns(), 0)
+            .map_err(DatapathError::WriteHeartbeat)
+    }
+
+    /// Sets where held connects go and the dead-man bound.
+    pub fn set_config(
+        &self,
+        proxy_v4: Option<SocketAddrV4>,
+        proxy_v6: Option<SocketAddrV6>,
+        deadman_max_age: Duration,
+    ) -> Result<(), DatapathError> {
+        let mut c = Config {
+            deadman_max_age_ns: u64::try_from(deadman_max_age.as_nanos()).unwrap_or(u64::MAX),
+            ..Config::default()
+        };
+        if let Some(a) = proxy_v4 {
+            c.proxy_v4_addr = a.ip().octets();
+            c.proxy_v4_port = a.port().to_be_bytes();
+            c.flags |= m::CONFIG_PROXY_V4;
+        }
+        if let Some(a) = proxy_v6 {
+            c.proxy_v6_addr = a.ip().octets();
+            c.proxy_v6_port = a.port().to_be_bytes();
+            c.flags |= m::CONFIG_PROXY_V6;
+        }
+        let mut guard = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0.set(0, c, 0).map_err(DatapathError::WriteConfig)?;
+        guard.1 = c;
+        Ok(())
+    }
+
+    /// For a connection the proxy accepted from `peer`: the ClusterIP:port the client
+    /// dialled, if the connection was redirected by hold mode. `None` otherwise (or if
+    /// the client has already gone).
+    pub fn original_destination(&self, peer: SocketAddr) -> Option<OriginalDst> {
+        let key = OrigDstKey::new(ip16(peer.ip()), peer.port());
+        match self.orig_dst.get(&key, 0) {
+            Ok(v) => Some(OriginalDst {
+                addr: socket_addr(&v.service.addr, v.service.port()),
+                slot: v.slot,
+            }),
+            Err(MapError::KeyNotFound) => None,
+            Err(error) => {
+                warn!(%peer, %error, "reading the original destination failed");
+                None
+            }
+        }
+    }
+
+    /// The programs' fail-open counters.
+    pub fn error_counters(&self) -> Result<ErrorCounters, DatapathError> {
+        let mut out = ErrorCounters::default();
+        for kind in 0..ERROR_KINDS {
+            let v = self
+                .errors
+                .get(&kind, 0)
+                .map_err(DatapathError::ReadErrors)?;
+            out.counts[kind as usize] = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// `<bpffs>/nemesis/<instance>`.
+    pub fn pin_dir(&self) -> &Path {
+        self.layout.dir()
+    }
+
+    /// Kernel ids of the three links (connect4, connect6, sock_ops).
+    pub fn link_ids(&self) -> &[u32] {
+        &self.link_ids
+    }
+
+    /// Kernel ids of the programs now running in the links.
+    pub fn program_ids(&self) -> &[u32] {
+        &self.program_ids
+    }
+}
+
+impl ServiceTable {
+    fn insert_new(
+        &mut self,
+        key: ServiceKey,
+        slot: Slot,
+        mode: Mode,
+        addr: SocketAddr,
+        proto: Proto,
+    ) -> Result<(), DatapathError> {
+        // Counters of a reused slot start from zero; the epoch keeps sockets of the
+        // slot's previous service from touching them.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, source)| DatapathError::ResetStats { slot, source })?;
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
+            .map_err(|source| DatapathError::ResetStats { slot, source })?;
+        self.stats
+            .set(slot, zeros, 0)
+            .map_err(|source| DatapathError::ReadStats { slot, source })?;
+        self.next_epoch = self.next_epoch.wrapping_add(1);
+        let v = ServiceValue {
+            slot,
+            mode: mode.raw(),
+            epoch: self.next_epoch,
+            _pad: 0,
+        };
+        self.services
+            .insert(key, v, 0)
+            .map_err(|source| DatapathError::UpdateService {
+                addr,
+                proto,
+                source,
+            })?;
+        self.entries.insert(key, v);
+        Ok(())
+    }
+}
+
+// === loading ===
+
+struct LinkTarget<'a> {
+    cgroup: &'a Path,
+    cgroup_file: &'a File,
+    cgroup_id: u64,
+}
+
+/// Loads program `name` and puts it in its pinned link: swapped into the existing link
+/// if an earlier agent pinned one for this cgroup, else attached and pinned anew.
+/// Returns (program id, link id).
+fn load_and_link(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    attach_type: bpf_attach_type,
+    layout: &pins::PinLayout,
+    target: &LinkTarget<'_>,
+) -> Result<(u32, u32), LoadError> {
+    let missing = || LoadError::MissingInObject {
+        kind: "program",
+        name: name.to_string(),
+    };
+    let program = ebpf.program_mut(name).ok_or_else(missing)?;
+    let load_err = |source| LoadError::LoadProgram { name, source };
+    let is_sock_ops = attach_type == bpf_attach_type::BPF_CGROUP_SOCK_OPS;
+    if is_sock_ops {
+        let p: &mut SockOps = program.try_into().map_err(load_err)?;
+        p.load().map_err(load_err)?;
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(load_err)?;
+        p.load().map_err(load_err)?;
+    }
+    let prog_id = program.info().map_err(load_err)?.id();
+    let prog_fd = program.fd().map_err(load_err)?;
+
+    let path = layout.link(name);
+    if let Some(link_id) = adopt_link(&path, prog_fd.as_fd(), attach_type, target)? {
+        info!(
+            program = name,
+            link_id, prog_id, "adopted pinned link, new program swapped in"
+        );
+        return Ok((prog_id, link_id));
+    }
+
+    let attach_err = |source| LoadError::AttachProgram {
+        name,
+        cgroup: target.cgroup.to_path_buf(),
+        source,
+    };
+    // AllowMultiple: other datapaths (a CNI, another agent instance) may hook the same
+    // cgroup; Nemesis must neither replace them nor be replaced.
+    let mode = CgroupAttachMode::AllowMultiple;
+    let fd_link: FdLink = if is_sock_ops {
+        let p: &mut SockOps = program.try_into().map_err(load_err)?;
+        let id = p.attach(target.cgroup_file, mode).map_err(attach_err)?;
+        let link = p.take_link(id).map_err(attach_err)?;
+        link.try_into()
+            .map_err(|e: aya::programs::links::LinkError| LoadError::PinLink {
+                name,
+                path: path.clone(),
+                source: Box::new(e),
+            })?
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(load_err)?;
+        let id = p.attach(target.cgroup_file, mode).map_err(attach_err)?;
+        let link = p.take_link(id).map_err(attach_err)?;
+        link.try_into()
+            .map_err(|e: aya::programs::links::LinkError| LoadError::PinLink {
+                name,
+                path: path.clone(),
+                source: Box::new(e),
+            })?
+    };
+    let link_id = fd_link
+        .info()
+        .map(|i| i.id())
+        .map_err(|e| LoadError::PinLink {
+            name,
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+    // The pin keeps the link (and so the program) attached after this process exits.
+    fd_link.pin(&path).map_err(|e| LoadError::PinLink {
+        name,
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    info!(program = name, link_id, prog_id, "attached and pinned link");
+    Ok((prog_id, link_id))
+}
+
+/// Swaps `prog` into the link pinned at `path`, if there is one attached to the
+/// target cgroup. A link whose cgroup is gone is unpinned so a fresh one is made.
+fn adopt_link(
+    path: &Path,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach_type: bpf_attach_type,
+    target: &LinkTarget<'_>,
+) -> Result<Option<u32>, LoadError> {
+    let adopt_err = |source| LoadError::AdoptLink {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fd = match sys::obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(adopt_err(e)),
+    };
+    let info = sys::cgroup_link_info(fd.as_fd()).map_err(adopt_err)?;
+    let stale = match info {
+        Some(i) if i.cgroup_id == 0 => true,
+        Some(i) if i.attach_type != attach_type as u32 => true,
+        Some(i) if i.cgroup_id != target.cgroup_id => {
+            return Err(LoadError::PinnedLinkElsewhere {
+                path: path.to_path_buf(),
+                cgroup: target.cgroup.to_path_buf(),
+                expected: target.cgroup_id,
+                found: i.cgroup_id,
+            });
+        }
+        Some(_) => false,
+        None => true,
+    };
+    if stale {
+        warn!(path = %path.display(), "pinned link is defunct or foreign; replacing it");
+        drop(fd);
+        std::fs::remove_file(path).map_err(adopt_err)?;
+        return Ok(None);
+    }
+    sys::link_update(fd.as_fd(), prog).map_err(adopt_err)?;
+    Ok(info.map(|i| i.link_id))
+}
+
+/// (name, key size, value size) of every pinned map, as this agent lays them out.
+fn expected_layouts() -> [(&'static str, u32, u32); 7] {
+    use std::mem::size_of;
+    let sz = |n: usize| n as u32;
+    [
+        (
+            m::SERVICES,
+            sz(size_of::<ServiceKey>()),
+            sz(size_of::<ServiceValue>()),
+        ),
+        (m::SERVICE_STATS, 4, sz(size_of::<ServiceStats>())),
+        (m::SOCKETS, 8, sz(size_of::<m::SockRecord>())),
+        (
+            m::ORIG_DST,
+            sz(size_of::<OrigDstKey>()),
+            sz(size_of::<OrigDst>()),
+        ),
+        (m::CONFIG, 4, sz(size_of::<Config>())),
+        (m::HEARTBEAT, 4, 8),
+        (m::ERRORS, 4, 8),
+    ]
+}
+
+/// Refuses pinned maps whose layout differs from this agent's (an incompatible
+/// earlier version): programs would read their bytes wrongly.
+fn check_pinned_maps(layout: &pins::PinLayout) -> Result<(), LoadError> {
+    for (name, key, value) in expected_layouts() {
+        let path = layout.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::ReadPinnedMap {
+            path: path.clone(),
+            source,
+        })?;
+        let found = (info.key_size(), info.value_size());
+        if found != (key, value) {
+            return Err(LoadError::PinnedMapLayout {
+                path,
+                found,
+                expected: (key, value),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| LoadError::MissingInObject {
+            kind: "map",
+            name: name.to_string(),
+        })?;
+    T::try_from(map).map_err(|source| LoadError::OpenMap { name, source })
+}
+
+// === addresses ===
+
+fn ip16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => m::v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn socket_addr(addr: &[u8; 16], port: u16) -> SocketAddr {
+    match m::as_v4(addr) {
+        Some(v4) => SocketAddr::from((Ipv4Addr::from(v4), port)),
+        None => SocketAddr::from((Ipv6Addr::from(*addr), port)),
+    }
+}
+
+fn service_key(addr: SocketAddr, proto: Proto) -> ServiceKey {
+    ServiceKey::new(ip16(addr.ip()), addr.port(), proto.raw())
+}
+
+fn entry(k: &ServiceKey, v: &ServiceValue) -> Option<ServiceEntry> {
+    Some(ServiceEntry {
+        addr: socket_addr(&k.addr, k.port()),
+        proto: Proto::from_raw(k.proto)?,
+        slot: v.slot,
+        mode: Mode::from_raw(v.mode),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_object_has_every_map_with_the_shared_layout() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded eBPF object parses");
+        for (name, key, value) in expected_layouts() {
+            let map = obj
+                .maps
+                .get(name)
+                .unwrap_or_else(|| panic!("map {name} is missing from nemesis-ebpf"));
+            assert_eq!(
+                (map.key_size(), map.value_size()),
+                (key, value),
+                "map {name}"
+            );
+        }
+        for p in pins::PROGRAMS {
+            assert!(
+                obj.programs.contains_key(p),
+                "program {p} is missing from nemesis-ebpf"
+            );
+        }
+    }
+
+    #[test]
+    fn v4_and_v4_mapped_addresses_share_one_service_key() {
+        let v4: SocketAddr = "127.96.0.9:80".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.96.0.9]:80".parse().unwrap();
+        assert_eq!(service_key(v4, Proto::Tcp), service_key(mapped, Proto::Tcp));
+        assert_ne!(service_key(v4, Proto::Tcp), service_key(v4, Proto::Udp));
+        let k = service_key(v4, Proto::Tcp);
+        assert_eq!(socket_addr(&k.addr, k.port()), v4);
+        let v6: SocketAddr = "[::1]:443".parse().unwrap();
+        let k = service_key(v6, Proto::Tcp);
+        assert_eq!(socket_addr(&k.addr, k.port()), v6);
+    }
+}

@@ -1,0 +1,308 @@
+//! The eBPF maps' names, sizes, keys and values, shared by `nemesis-ebpf` and the agent's
+//! loader so the two can never read different bytes. Plain data only: no logic that
+//! touches a map, and nothing that needs `std`.
+//!
+//! Conventions: addresses are 16 bytes, IPv4 as v4-mapped (`::ffff:a.b.c.d`), ports are
+//! big-endian byte pairs (as on the wire), every struct is `#[repr(C)]` with its padding
+//! spelled out and zeroed, so a key built on either side hashes the same.
+
+// === map names ===
+// The `_V1` suffix is the layout version: pinned maps outlive the agent, so a change
+// of a key or value layout must get a new name (the loader checks sizes too).
+
+/// `HashMap<ServiceKey, ServiceValue>`: the managed services, by ClusterIP, port, protocol.
+pub const SERVICES: &str = "SERVICES_V1";
+/// `PerCpuArray<ServiceStats>` indexed by [`ServiceValue::slot`].
+pub const SERVICE_STATS: &str = "SVC_STATS_V1";
+/// `LruHashMap<u64, SockRecord>` keyed by socket cookie: which service a socket dialled.
+pub const SOCKETS: &str = "SOCKETS_V1";
+/// `LruHashMap<OrigDstKey, OrigDst>`: held client socket (local addr, port) -> what it dialled.
+pub const ORIG_DST: &str = "ORIG_DST_V1";
+/// `Array<Config>` with one entry: proxy addresses and the dead-man bound.
+pub const CONFIG: &str = "CONFIG_V1";
+/// `Array<u64>` with one entry: the agent's last heartbeat, CLOCK_MONOTONIC ns
+/// (the clock of `bpf_ktime_get_ns`).
+pub const HEARTBEAT: &str = "HEARTBEAT_V1";
+/// `PerCpuArray<u64>` indexed by the `ERR_*` kinds.
+pub const ERRORS: &str = "ERRORS_V1";
+
+/// Every map the agent pins and re-adopts across restarts.
+pub const PINNED_MAPS: [&str; 7] = [
+    SERVICES,
+    SERVICE_STATS,
+    SOCKETS,
+    ORIG_DST,
+    CONFIG,
+    HEARTBEAT,
+    ERRORS,
+];
+
+// === program names (the eBPF function names) ===
+
+pub const PROG_CONNECT4: &str = "connect4";
+pub const PROG_CONNECT6: &str = "connect6";
+pub const PROG_SOCK_OPS: &str = "sock_ops";
+
+// === sizes ===
+
+/// Services per node. Kubernetes' tested limit is 10,000 Services per cluster; the
+/// stats array is per CPU and preallocated (40 bytes x this x CPUs), so not more.
+pub const MAX_SERVICES: u32 = 16_384;
+/// Tracked sockets to managed services at once. LRU: a socket whose close was never
+/// seen (its connect failed before TCP started) cannot leak a slot forever.
+pub const MAX_SOCKETS: u32 = 65_536;
+/// Held connections whose original destination is remembered at once (LRU, as above).
+pub const MAX_ORIG_DST: u32 = 65_536;
+
+// === protocols and modes ===
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Count and leave the connection alone.
+pub const MODE_PASSTHROUGH: u32 = 0;
+/// Rewrite the destination to the agent's proxy (TCP only), unless the dead-man
+/// switch has fired.
+pub const MODE_HOLD: u32 = 1;
+/// Reserved for socket-level load balancing; the programs treat it as passthrough.
+pub const MODE_BALANCE: u32 = 2;
+
+// === error kinds (indexes into ERRORS) ===
+// None of these stops a connection: each counts a case where the programs failed open.
+
+/// Inserting into SOCKETS failed: the socket's open/close is not counted.
+pub const ERR_SOCKETS_INSERT: u32 = 0;
+/// Inserting into ORIG_DST failed: the proxy cannot recover where the client went.
+pub const ERR_ORIG_DST_INSERT: u32 = 1;
+/// `bpf_sock_ops_cb_flags_set` failed: the close would be unseen, so the open is not counted.
+pub const ERR_CB_FLAGS: u32 = 2;
+/// A service's slot is outside SERVICE_STATS: nothing counted for it.
+pub const ERR_BAD_SLOT: u32 = 3;
+/// Hold mode, but the dead-man switch fired (no fresh heartbeat): connection let through.
+pub const ERR_DEADMAN_RELEASE: u32 = 4;
+/// Hold mode, but no proxy address of the family is configured: connection let through.
+pub const ERR_NO_PROXY: u32 = 5;
+/// Hold mode on a non-TCP socket: only TCP can be held, so it was let through.
+pub const ERR_HOLD_NOT_TCP: u32 = 6;
+/// Number of error kinds (the length of ERRORS).
+pub const ERROR_KINDS: u32 = 7;
+/// Metric label of each error kind, by index.
+pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
+    "sockets_insert",
+    "orig_dst_insert",
+    "cb_flags",
+    "bad_slot",
+    "deadman_release",
+    "no_proxy",
+    "hold_not_tcp",
+];
+
+// === CONFIG flags ===
+
+pub const CONFIG_PROXY_V4: u32 = 1;
+pub const CONFIG_PROXY_V6: u32 = 2;
+
+// === SockRecord flags ===
+
+/// The connect was rewritten to the proxy.
+pub const SOCK_HELD: u32 = 1;
+/// The state callback is on: the close will be seen.
+pub const SOCK_TRACKED: u32 = 2;
+/// The connection was counted as opened (so its close is counted too).
+pub const SOCK_OPENED: u32 = 4;
+
+/// Key of SERVICES: what a client dials.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// IPv6 address, or IPv4 as v4-mapped.
+    pub addr: [u8; 16],
+    /// Big-endian port bytes.
+    pub port: [u8; 2],
+    /// IP protocol number ([`PROTO_TCP`], [`PROTO_UDP`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(addr: [u8; 16], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port: port.to_be_bytes(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Value of SERVICES.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into SERVICE_STATS.
+    pub slot: u32,
+    /// One of the `MODE_*` values.
+    pub mode: u32,
+    /// Chosen anew each time a service is inserted: a socket's close is counted only if
+    /// its service still has the slot and epoch it had at connect, so a removed and
+    /// re-added service (or a reused slot) never counts an old socket's close.
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// Value of SERVICE_STATS (per CPU; the agent sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// connect() calls to the service.
+    pub connects: u64,
+    /// TCP connections established (open now = opened - closed, summed over CPUs).
+    pub opened: u64,
+    /// Established TCP connections closed.
+    pub closed: u64,
+    /// connect() calls rewritten to the proxy (hold mode).
+    pub redirected: u64,
+    /// Hold-mode connects let through unchanged (dead-man switch, no proxy, not TCP).
+    pub released: u64,
+}
+
+/// Value of SOCKETS: written by connect4/6, read by sock_ops.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRecord {
+    /// What the client dialled (before any rewrite).
+    pub service: ServiceKey,
+    pub slot: u32,
+    pub epoch: u32,
+    /// `SOCK_*` bits.
+    pub flags: u32,
+}
+
+/// Key of ORIG_DST: the held client socket's local address as the proxy sees it (peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigDstKey {
+    /// IPv6 address, or IPv4 as v4-mapped.
+    pub addr: [u8; 16],
+    /// Big-endian port bytes.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+impl OrigDstKey {
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            addr,
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of ORIG_DST.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The service the client dialled.
+    pub service: ServiceKey,
+    /// Its stats slot.
+    pub slot: u32,
+}
+
+/// The single entry of CONFIG.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Hold-mode redirects stop when the heartbeat is older than this (0: never hold).
+    pub deadman_max_age_ns: u64,
+    /// The proxy's IPv6 listener address (valid with [`CONFIG_PROXY_V6`]).
+    pub proxy_v6_addr: [u8; 16],
+    /// The proxy's IPv4 listener address, network order (valid with [`CONFIG_PROXY_V4`]).
+    pub proxy_v4_addr: [u8; 4],
+    /// Big-endian port bytes.
+    pub proxy_v4_port: [u8; 2],
+    /// Big-endian port bytes.
+    pub proxy_v6_port: [u8; 2],
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address.
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The IPv4 address inside a v4-mapped one, if it is one.
+pub const fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
+    if addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+    {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+// The layouts are part of the pinned-map contract: a padding hole would leave bytes
+// that differ between two equal keys. These fail the build if a field change adds one.
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceStats>() == 40);
+    assert!(core::mem::size_of::<SockRecord>() == 32);
+    assert!(core::mem::size_of::<OrigDstKey>() == 20);
+    assert!(core::mem::size_of::<OrigDst>() == 24);
+    assert!(core::mem::size_of::<Config>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made of integers and byte arrays only,
+    // with no padding holes (checked by the size asserts above), so any byte pattern is
+    // a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::SockRecord {}
+    unsafe impl aya::Pod for super::OrigDstKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_round_trips_and_rejects_native_v6() {
+        let m = v4_mapped([127, 96, 0, 7]);
+        assert_eq!(as_v4(&m), Some([127, 96, 0, 7]));
+        let mut v6 = [0u8; 16];
+        v6[15] = 1; // ::1
+        assert_eq!(as_v4(&v6), None);
+    }
+
+    #[test]
+    fn service_key_port_is_big_endian_bytes() {
+        let k = ServiceKey::new(v4_mapped([127, 96, 0, 1]), 8080, PROTO_TCP);
+        assert_eq!(k.port, [0x1f, 0x90]);
+        assert_eq!(k.port(), 8080);
+    }
+}
