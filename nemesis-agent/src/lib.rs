@@ -1,7 +1,6 @@
 //! The node agent as a library, so tests and benches drive the same code as `main`.
+//! `unsafe` is denied everywhere except `ebpf::sys` (the loader's raw syscalls).
+#![deny(unsafe_code)]
 
-pub mod admin;
-pub mod control;
-pub mod endpoints;
-pub mod metrics;
-pub mod proxy;
+pub mod config;
+pub mod ebpf;
