@@ -2,5 +2,10 @@
 //! `unsafe` is denied everywhere except `ebpf::sys` (the loader's raw syscalls).
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod config;
+pub mod control;
 pub mod ebpf;
+pub mod endpoints;
+pub mod metrics;
+pub mod proxy;
