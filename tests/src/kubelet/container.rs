@@ -1,0 +1,383 @@
+//! Turns a pod's container spec into a [`Launch`]: the environment (the pod's identity as
+//! `POD_NAME`/`POD_NAMESPACE`/`POD_IP`, then the spec's `env` with the downward-API
+//! fields the sandbox knows), `$(VAR)` expansion of command and args as Kubernetes does
+//! it, and the start-delay annotation. Pure: no I/O, so every rule is tested alone.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+use super::process::Launch;
+
+/// Milliseconds a container spends before running its command, to play a slow starter
+/// (an ML server loading its model): the process runs but does not listen yet.
+pub const START_DELAY_ANNOTATION: &str = "nemesis.test/start-delay-ms";
+
+/// Why a container's configuration cannot be turned into a process; reported in the
+/// container status as `CreateContainerConfigError`, as a kubelet does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "container {container}: `command` is empty; the sandbox runs no images, so the command must be given"
+    )]
+    NoCommand { container: String },
+    #[error(
+        "container {container}: env {var}: {source_kind} is not supported by the sandbox kubelet"
+    )]
+    UnsupportedEnvSource {
+        container: String,
+        var: String,
+        source_kind: &'static str,
+    },
+    #[error("container {container}: env {var}: unsupported fieldRef `{field}`")]
+    UnsupportedFieldRef {
+        container: String,
+        var: String,
+        field: String,
+    },
+    #[error("container {container}: envFrom is not supported by the sandbox kubelet")]
+    UnsupportedEnvFrom { container: String },
+    #[error("annotation {key}: `{value}` is not a whole number of milliseconds")]
+    BadAnnotation { key: String, value: String },
+}
+
+/// Where and as what the pod runs on this node.
+#[derive(Debug, Clone)]
+pub struct PodPlacement<'a> {
+    pub netns: &'a str,
+    pub pod_ip: Ipv4Addr,
+    pub node_name: &'a str,
+    pub host_ip: Ipv4Addr,
+    /// The pod's scratch directory: default working directory.
+    pub pod_dir: &'a Path,
+    pub log_path: PathBuf,
+}
+
+/// The launch description for `container` of `pod`.
+pub fn launch(
+    pod: &Pod,
+    container: &Container,
+    place: &PodPlacement<'_>,
+) -> Result<Launch, ConfigError> {
+    let env = environment(pod, container, place)?;
+    let lookup: HashMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let argv: Vec<String> = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .map(|a| expand(a, &lookup))
+        .collect();
+    if container.command.as_ref().is_none_or(Vec::is_empty) {
+        return Err(ConfigError::NoCommand {
+            container: container.name.clone(),
+        });
+    }
+    Ok(Launch {
+        netns: place.netns.to_string(),
+        argv,
+        env,
+        working_dir: container
+            .working_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| place.pod_dir.to_path_buf()),
+        start_delay: annotation_ms(pod, START_DELAY_ANNOTATION)?.unwrap_or_default(),
+        log_path: place.log_path.clone(),
+    })
+}
+
+/// A millisecond annotation of the pod, if present.
+pub fn annotation_ms(pod: &Pod, key: &str) -> Result<Option<Duration>, ConfigError> {
+    let Some(value) = pod.metadata.annotations.as_ref().and_then(|a| a.get(key)) else {
+        return Ok(None);
+    };
+    value
+        .trim()
+        .parse::<u64>()
+        .map(|ms| Some(Duration::from_millis(ms)))
+        .map_err(|_| ConfigError::BadAnnotation {
+            key: key.to_string(),
+            value: value.clone(),
+        })
+}
+
+fn environment(
+    pod: &Pod,
+    container: &Container,
+    place: &PodPlacement<'_>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
+        return Err(ConfigError::UnsupportedEnvFrom {
+            container: container.name.clone(),
+        });
+    }
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let mut env: Vec<(String, String)> = vec![
+        ("HOSTNAME".into(), name.clone()),
+        ("POD_NAME".into(), name),
+        ("POD_NAMESPACE".into(), namespace),
+        ("POD_IP".into(), place.pod_ip.to_string()),
+    ];
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (_, Some(from)) => {
+                let unsupported = |source_kind| ConfigError::UnsupportedEnvSource {
+                    container: container.name.clone(),
+                    var: var.name.clone(),
+                    source_kind,
+                };
+                if let Some(field) = &from.field_ref {
+                    field_value(pod, place, &field.field_path).ok_or_else(|| {
+                        ConfigError::UnsupportedFieldRef {
+                            container: container.name.clone(),
+                            var: var.name.clone(),
+                            field: field.field_path.clone(),
+                        }
+                    })?
+                } else if from.secret_key_ref.is_some() {
+                    return Err(unsupported("secretKeyRef"));
+                } else if from.config_map_key_ref.is_some() {
+                    return Err(unsupported("configMapKeyRef"));
+                } else if from.resource_field_ref.is_some() {
+                    return Err(unsupported("resourceFieldRef"));
+                } else {
+                    return Err(unsupported("this valueFrom"));
+                }
+            }
+            (Some(value), None) => {
+                let lookup: HashMap<&str, &str> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                expand(value, &lookup)
+            }
+            (None, None) => String::new(),
+        };
+        // A later definition wins, as with Kubernetes' env list.
+        env.retain(|(k, _)| *k != var.name);
+        env.push((var.name.clone(), value));
+    }
+    Ok(env)
+}
+
+/// The downward-API fields a pod may reference in `fieldRef` that the sandbox knows.
+fn field_value(pod: &Pod, place: &PodPlacement<'_>, path: &str) -> Option<String> {
+    let meta = &pod.metadata;
+    let keyed = |prefix: &str, map: &Option<std::collections::BTreeMap<String, String>>| {
+        let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
+        Some(map.as_ref()?.get(key).cloned().unwrap_or_default())
+    };
+    match path {
+        "metadata.name" => meta.name.clone(),
+        "metadata.namespace" => meta.namespace.clone(),
+        "metadata.uid" => meta.uid.clone(),
+        "spec.nodeName" => Some(place.node_name.to_string()),
+        "spec.serviceAccountName" => Some(
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+        ),
+        "status.podIP" | "status.podIPs" => Some(place.pod_ip.to_string()),
+        "status.hostIP" | "status.hostIPs" => Some(place.host_ip.to_string()),
+        _ => keyed("metadata.labels['", &meta.labels)
+            .or_else(|| keyed("metadata.annotations['", &meta.annotations)),
+    }
+}
+
+/// Kubernetes' `$(VAR)` expansion: a defined variable is replaced, an undefined one is
+/// left as written, and `$$` is an escaped `$`.
+pub fn expand(input: &str, vars: &HashMap<&str, &str>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match vars.get(name) {
+                Some(value) => out.push_str(value),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn pod(annotations: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("web-abc".into()),
+                namespace: Some("demo".into()),
+                uid: Some("u-1".into()),
+                labels: Some([("app".to_string(), "web".to_string())].into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn place(dir: &Path) -> PodPlacement<'_> {
+        PodPlacement {
+            netns: "nm3p2",
+            pod_ip: Ipv4Addr::new(198, 18, 3, 2),
+            node_name: "node-a",
+            host_ip: Ipv4Addr::new(198, 18, 3, 1),
+            pod_dir: dir,
+            log_path: dir.join("c.log"),
+        }
+    }
+
+    fn env_var(name: &str, value: &str) -> EnvVar {
+        EnvVar {
+            name: name.into(),
+            value: Some(value.into()),
+            value_from: None,
+        }
+    }
+
+    fn field_var(name: &str, path: &str) -> EnvVar {
+        EnvVar {
+            name: name.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: path.into(),
+                    api_version: None,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn expansion_replaces_defined_keeps_undefined_and_unescapes() {
+        let vars = HashMap::from([("POD_IP", "198.18.3.2"), ("PORT", "8080")]);
+        assert_eq!(expand("$(POD_IP):$(PORT)", &vars), "198.18.3.2:8080");
+        assert_eq!(
+            expand("$(NOPE) $$(PORT) $x $", &vars),
+            "$(NOPE) $(PORT) $x $"
+        );
+        assert_eq!(expand("$(unclosed", &vars), "$(unclosed");
+    }
+
+    #[test]
+    fn launch_has_pod_identity_spec_env_and_expanded_args() {
+        let dir = Path::new("/tmp/x");
+        let container = Container {
+            name: "web".into(),
+            command: Some(vec!["server".into()]),
+            args: Some(vec!["--bind".into(), "$(POD_IP):$(PORT)".into()]),
+            env: Some(vec![
+                env_var("PORT", "8080"),
+                env_var("URL", "http://$(POD_IP):$(PORT)/"),
+                field_var("APP", "metadata.labels['app']"),
+                field_var("NODE", "spec.nodeName"),
+            ]),
+            ..Default::default()
+        };
+        let launch = launch(
+            &pod(&[(START_DELAY_ANNOTATION, "1500")]),
+            &container,
+            &place(dir),
+        )
+        .unwrap();
+        assert_eq!(launch.argv, ["server", "--bind", "198.18.3.2:8080"]);
+        let env: HashMap<_, _> = launch.env.iter().cloned().collect();
+        assert_eq!(env["POD_NAME"], "web-abc");
+        assert_eq!(env["POD_NAMESPACE"], "demo");
+        assert_eq!(env["POD_IP"], "198.18.3.2");
+        assert_eq!(env["URL"], "http://198.18.3.2:8080/");
+        assert_eq!(env["APP"], "web");
+        assert_eq!(env["NODE"], "node-a");
+        assert_eq!(launch.start_delay, Duration::from_millis(1500));
+        assert_eq!(launch.working_dir, dir);
+        assert_eq!(launch.netns, "nm3p2");
+    }
+
+    #[test]
+    fn a_container_without_command_is_refused_with_its_name() {
+        let container = Container {
+            name: "web".into(),
+            args: Some(vec!["x".into()]),
+            ..Default::default()
+        };
+        let err = launch(&pod(&[]), &container, &place(Path::new("/tmp"))).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::NoCommand {
+                container: "web".into()
+            }
+        );
+    }
+
+    #[test]
+    fn secrets_in_env_are_refused_rather_than_left_empty() {
+        let container = Container {
+            name: "web".into(),
+            command: Some(vec!["x".into()]),
+            env: Some(vec![EnvVar {
+                name: "TOKEN".into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: "s".into(),
+                        key: "k".into(),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                }),
+            }]),
+            ..Default::default()
+        };
+        let err = launch(&pod(&[]), &container, &place(Path::new("/tmp"))).unwrap_err();
+        assert!(err.to_string().contains("TOKEN: secretKeyRef"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_start_delay_names_the_annotation() {
+        let container = Container {
+            name: "web".into(),
+            command: Some(vec!["x".into()]),
+            ..Default::default()
+        };
+        let err = launch(
+            &pod(&[(START_DELAY_ANNOTATION, "2s")]),
+            &container,
+            &place(Path::new("/tmp")),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(START_DELAY_ANNOTATION), "{err}");
+    }
+}

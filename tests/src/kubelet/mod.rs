@@ -1,0 +1,241 @@
+//! The simulated node: a kubelet that runs pods as local processes, each in a network
+//! namespace of its own with an address from 198.18.0.0/15, plus the controllers around
+//! it (Deployments, EndpointSlices, garbage collection). Everything talks to the API
+//! only through kube-rs, so it runs against the project's test API server or any other.
+//!
+//! # Use
+//!
+//! ```no_run
+//! # async fn demo(client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
+//!
+//! let sandbox = Sandbox::start(client, SandboxOptions::default()).await?;
+//! // Create Deployments and Services through the API as usual: pods appear as
+//! // processes, become Ready by their readiness probes, and fill EndpointSlices.
+//! println!("pods live in {} behind {}", sandbox.subnet(), sandbox.gateway());
+//! sandbox.shutdown().await?; // kills every process, removes every namespace
+//! # Ok(()) }
+//! ```
+//!
+//! # What a pod gets
+//!
+//! - Each container's `command` + `args` (no images: `command` is required), run with
+//!   `ip netns exec` in the pod's namespace, in a process group of its own, env
+//!   `POD_NAME`, `POD_NAMESPACE`, `POD_IP`, `HOSTNAME`, then the spec's `env` (values,
+//!   `$(VAR)` expansion, downward-API `fieldRef`s); output appended to
+//!   [`Sandbox::log_path`].
+//! - `eth0` with the pod IP, a default route via the sandbox bridge, `lo` up. The root
+//!   namespace reaches pod IPs through the bridge, so tests can dial pods directly.
+//! - Readiness from the container's `readinessProbe` (`tcpSocket`, `httpGet` or `exec`),
+//!   dialled from the root namespace; no probe means ready once running. Annotations
+//!   for tests: [`START_DELAY_ANNOTATION`] (the process sleeps this many ms before it
+//!   runs its command: a slow ML server), [`PROBE_PERIOD_ANNOTATION`] and
+//!   [`PROBE_INITIAL_DELAY_ANNOTATION`] (sub-second probe timing).
+//! - Restarts by `restartPolicy` with the kubelet's crash-loop back-off.
+//! - On deletion: SIGTERM to the process group, SIGKILL after the grace period
+//!   (`deletionGracePeriodSeconds` when the server set a positive one, else
+//!   `terminationGracePeriodSeconds`, default 30 s), then the namespace is removed and
+//!   the kubelet's finalizer [`FINALIZER`] released (added when the pod is first seen,
+//!   so the pod object outlives its processes on any API server), and a grace-0 delete
+//!   completes the deletion.
+//!
+//! Pods are taken when `spec.nodeName` is empty or equals [`SandboxOptions::node_name`];
+//! the Deployment controller binds the pods it creates to that node.
+//!
+//! # Not simulated
+//!
+//! Images, volumes, resources, init and ephemeral containers, liveness/startup probes,
+//! `envFrom` and secret/config-map env (refused with `CreateContainerConfigError`),
+//! ReplicaSets (a Deployment owns its pods directly, `pod-template-hash` labelled),
+//! `spec.paused` rollouts beyond "do nothing", Nodes.
+
+pub mod call;
+pub mod container;
+pub mod pods;
+pub mod probe;
+pub mod process;
+pub mod status;
+pub mod worker;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::controllers;
+use crate::netns::{NetnsError, PodNetwork};
+
+pub use container::START_DELAY_ANNOTATION;
+pub use probe::{
+    INITIAL_DELAY_ANNOTATION as PROBE_INITIAL_DELAY_ANNOTATION,
+    PERIOD_ANNOTATION as PROBE_PERIOD_ANNOTATION,
+};
+pub use worker::FINALIZER;
+
+/// How long shutdown waits for the loops to stop their processes before it gives up
+/// on them (Drop of what is left still kills and removes everything).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// The node this kubelet plays; pods bound elsewhere are left alone.
+    pub node_name: String,
+    /// Where pod scratch directories and container logs go. `None`: a fresh directory
+    /// under the system temp dir, removed on shutdown.
+    pub work_dir: Option<PathBuf>,
+    /// Watch and act in this namespace only; `None` for all namespaces.
+    pub namespace: Option<String>,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            node_name: "nemesis-sandbox".into(),
+            work_dir: None,
+            namespace: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("setting up pod networking: {0}")]
+    CreateNetwork(#[from] NetnsError),
+    #[error("creating sandbox work directory {path}: {source}")]
+    CreateWorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the sandbox loops did not stop within {SHUTDOWN_TIMEOUT:?}")]
+    StopLoops,
+    #[error("removing pod networking: {0}")]
+    RemoveNetwork(#[source] NetnsError),
+}
+
+/// A running simulated node. Stop it with [`Sandbox::shutdown`]; dropping it does the
+/// same on a best-effort basis.
+#[derive(Debug)]
+pub struct Sandbox {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    network: Arc<PodNetwork>,
+    env: Arc<worker::WorkerEnv>,
+    owned_work_dir: bool,
+}
+
+static SANDBOXES_IN_PROCESS: AtomicU32 = AtomicU32::new(0);
+
+impl Sandbox {
+    /// Sets up pod networking and starts the kubelet, the Deployment and EndpointSlice
+    /// controllers and the garbage collector as tokio tasks.
+    pub async fn start(client: Client, opts: SandboxOptions) -> Result<Self, SandboxError> {
+        let (work_dir, owned_work_dir) = match opts.work_dir {
+            Some(dir) => (dir, false),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "nemesis-sandbox-{}-{}",
+                    std::process::id(),
+                    SANDBOXES_IN_PROCESS.fetch_add(1, Ordering::Relaxed)
+                )),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&work_dir).map_err(|source| SandboxError::CreateWorkDir {
+            path: work_dir.clone(),
+            source,
+        })?;
+        let network = PodNetwork::create().await?;
+        let env = Arc::new(worker::WorkerEnv {
+            client: client.clone(),
+            network: Arc::clone(&network),
+            node_name: opts.node_name.clone(),
+            work_dir,
+        });
+        let cancel = CancellationToken::new();
+        let ns = opts.namespace.clone();
+        let pods_api: kube::Api<Pod> = match &ns {
+            Some(ns) => kube::Api::namespaced(client.clone(), ns),
+            None => kube::Api::all(client.clone()),
+        };
+        let tasks = vec![
+            tokio::spawn(pods::run(Arc::clone(&env), pods_api, cancel.child_token())),
+            tokio::spawn(controllers::deployments::run(
+                client.clone(),
+                ns.clone(),
+                Some(opts.node_name.clone()),
+                cancel.child_token(),
+            )),
+            tokio::spawn(controllers::endpointslices::run(
+                client.clone(),
+                ns.clone(),
+                cancel.child_token(),
+            )),
+            tokio::spawn(controllers::gc::run(client, ns, cancel.child_token())),
+        ];
+        tracing::info!(node = %opts.node_name, subnet = %network.subnet(), "sandbox started");
+        Ok(Self {
+            cancel,
+            tasks,
+            network,
+            env,
+            owned_work_dir,
+        })
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.env.node_name
+    }
+
+    /// The /24 pod IPs of this sandbox come from.
+    pub fn subnet(&self) -> String {
+        self.network.subnet()
+    }
+
+    /// The bridge address: the node's address as pods see it (`status.hostIP`).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.network.gateway()
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.env.work_dir
+    }
+
+    /// Where a container's stdout and stderr go.
+    pub fn log_path(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
+        self.env.log_path(namespace, pod, container)
+    }
+
+    /// Stops every loop, kills every process the sandbox started, removes every network
+    /// namespace, veth and the bridge. Pod objects are left in the API as they are.
+    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut self.tasks);
+        let joined = tokio::time::timeout(SHUTDOWN_TIMEOUT, futures::future::join_all(tasks)).await;
+        let network = self.network.shutdown().await;
+        if self.owned_work_dir {
+            let _ = std::fs::remove_dir_all(&self.env.work_dir);
+        }
+        joined.map_err(|_| SandboxError::StopLoops)?;
+        network.map_err(SandboxError::RemoveNetwork)?;
+        tracing::info!(node = %self.env.node_name, "sandbox stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Shutdown not called: abort the loops. Their workers' processes and namespaces
+        // are killed and removed by their own Drop as the tasks are dropped, and the
+        // bridge once the last namespace handle is gone.
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
