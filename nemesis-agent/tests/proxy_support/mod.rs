@@ -244,6 +244,11 @@ impl Harness {
         *self.destinations.default.lock().unwrap() = Some(dst);
     }
 
+    /// The client at `peer` dialled `dst`.
+    pub fn destinations_insert(&self, peer: SocketAddr, dst: SocketAddr) {
+        self.destinations.by_peer.lock().unwrap().insert(peer, dst);
+    }
+
     /// Connect to the proxy as a client that dialled `dst`.
     pub async fn connect_as(&self, dst: SocketAddr) -> Result<TcpStream> {
         let socket = TcpSocket::new_v4()?;
