@@ -4,6 +4,7 @@
 //! fresh machine is set up by the same code that CI runs.
 
 mod bench;
+mod codegen;
 mod ebpf;
 mod setup;
 mod test;
@@ -31,6 +32,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         nextest_args: Vec<String>,
     },
+    /// Regenerate files generated from Rust types (the ScalingPolicy CRD YAML).
+    Gen {
+        /// Only check that the committed files are up to date; fail if not.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the benchmarks and write `target/nemesis-bench.json`.
     Bench {
         /// Only run the benchmarks whose name contains this text.
@@ -45,5 +52,6 @@ fn main() -> Result<()> {
         Command::BuildEbpf => ebpf::build(),
         Command::Test { nextest_args } => test::run(&nextest_args),
         Command::Bench { only } => bench::run(only.as_deref()),
+        Command::Gen { check } => codegen::run(check),
     }
 }

@@ -1,0 +1,101 @@
+//! The engine's memory between two decisions for one policy: the current state and since
+//! when, what was last decided and when, the step-rate windows, and when each `for`
+//! condition became true. Owns that record; `decide` is the only thing that advances it.
+
+use crate::policy::CompiledPolicy;
+use chrono::{DateTime, Utc};
+
+/// A step-rate window: replicas were `base` when it opened at `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepWindow {
+    pub start: DateTime<Utc>,
+    pub base: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    pub(crate) current: usize,
+    /// When the current state was entered.
+    pub since: DateTime<Utc>,
+    /// The replicas last decided (`None` before the first decision).
+    pub desired: Option<u32>,
+    /// The last time the policy changed state or its decided replicas (cooldowns count
+    /// from here).
+    pub last_change: Option<DateTime<Utc>>,
+    pub(crate) up_window: Option<StepWindow>,
+    pub(crate) down_window: Option<StepWindow>,
+    /// Per `for` clause: when its condition became true without a break since.
+    pub(crate) true_since: Vec<Option<DateTime<Utc>>>,
+}
+
+impl State {
+    /// A new policy, in its initial state from `now`.
+    pub fn initial(policy: &CompiledPolicy, now: DateTime<Utc>) -> Self {
+        Self {
+            current: policy.initial,
+            since: now,
+            desired: None,
+            last_change: None,
+            up_window: None,
+            down_window: None,
+            true_since: vec![None; policy.sustained_slots],
+        }
+    }
+
+    /// Resumes from what a status recorded (state name, since when), e.g. after a
+    /// controller restart or a policy edit. An unknown name starts over in the initial
+    /// state. `for` windows restart: a restart never shortens an idle window.
+    pub fn resume(
+        policy: &CompiledPolicy,
+        state: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        match policy.state_index(state) {
+            Some(current) => Self {
+                current,
+                since,
+                ..Self::initial(policy, now)
+            },
+            None => Self::initial(policy, now),
+        }
+    }
+
+    /// Carries this state over to a recompiled policy (the spec was edited).
+    pub fn carry_over(
+        &self,
+        old: &CompiledPolicy,
+        new: &CompiledPolicy,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let mut s = Self::resume(new, self.name(old), self.since, now);
+        if new.state_index(self.name(old)).is_some() {
+            s.desired = self.desired;
+            s.last_change = self.last_change;
+            s.up_window = self.up_window;
+            s.down_window = self.down_window;
+        }
+        s
+    }
+
+    pub fn name<'p>(&self, policy: &'p CompiledPolicy) -> &'p str {
+        policy
+            .states
+            .get(self.current)
+            .map_or(policy.initial_state(), |s| s.name.as_str())
+    }
+
+    /// The `for` condition trackers that are running (true, window not yet over).
+    pub fn pending_windows(&self) -> usize {
+        self.true_since.iter().filter(|t| t.is_some()).count()
+    }
+
+    /// Repairs a state that does not fit `policy` (a state built for another version).
+    pub(crate) fn fit(&mut self, policy: &CompiledPolicy, now: DateTime<Utc>) {
+        if self.current >= policy.states.len() {
+            *self = Self::initial(policy, now);
+        } else if self.true_since.len() != policy.sustained_slots {
+            self.true_since = vec![None; policy.sustained_slots];
+        }
+    }
+}

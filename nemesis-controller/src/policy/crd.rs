@@ -1,0 +1,299 @@
+//! The `ScalingPolicy` custom resource (`nemesis.dev/v1alpha1`): the Rust types are the
+//! source of the CRD YAML (`nemesis-controller crd`, `cargo xtask gen`). Owns the wire
+//! shape and defaults; it never validates (see `compile`) and never talks to the API.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A scaling automaton for one Deployment: states with replica counts, and transitions
+/// between them on conditions over connection counts, Prometheus queries, alerts,
+/// schedules and wake-ups. Only `target` plus the short-form fields (`minReplicas`,
+/// `maxReplicas`, `idleTimeout`, `targetMetric`, `targetValue`) gives the classic
+/// zero <-> warm automaton.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "nemesis.dev",
+    version = "v1alpha1",
+    kind = "ScalingPolicy",
+    plural = "scalingpolicies",
+    shortname = "spol",
+    namespaced,
+    status = "ScalingPolicyStatus",
+    derive = "PartialEq",
+    doc = "A scaling automaton for one Deployment, run by the Nemesis controller.",
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".spec.target.deployment"
+    ),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicySpec {
+    /// What is scaled, and whose traffic is watched and held.
+    pub target: TargetRef,
+
+    /// Where conditions read their values from.
+    #[serde(default, skip_serializing_if = "MetricSources::is_empty")]
+    pub metrics: MetricSources,
+
+    /// The automaton's states (long form). Leave empty to use the short form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<StateSpec>,
+
+    /// Transitions between states, tried in order; the first whose condition holds fires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transitions: Vec<TransitionSpec>,
+
+    /// The state a new policy starts in (long form; required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_state: Option<String>,
+
+    /// Short form: the lowest replica count. 0 (the default) scales to zero after
+    /// `idleTimeout`; 1 or more keeps a single warm state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<i32>,
+
+    /// Short form: the highest replica count while warm (defaults to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replicas: Option<i32>,
+
+    /// Short form: how long without open or new connections before scaling to zero
+    /// (`30s`, `10m`, `1h`; default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+
+    /// Short form: the metric expression that sizes the warm state (default
+    /// `conns.active`), compared per replica with `targetValue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_metric: Option<String>,
+
+    /// Short form: the value of `targetMetric` one replica should carry; needed when
+    /// `maxReplicas` is above the warm minimum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_value: Option<f64>,
+
+    /// How long the target's pods may take to become ready after a wake-up (default
+    /// `10m`). A target whose pods have not become ready since the wake is never scaled
+    /// back to zero; past the budget the policy reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_budget: Option<String>,
+
+    /// How long an agent holds a connection while the target wakes (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_timeout_seconds: Option<i32>,
+
+    /// How many connections one agent holds for this Service at most (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_held_connections: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// The Deployment scaled through its `/scale` subresource, in the policy's namespace.
+    pub deployment: String,
+    /// The Service whose connections are counted and held while the Deployment is at
+    /// zero. Needed for `conns.*` and `demand`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricSources {
+    /// The agents' connection counts (`conns.active`, `conns.rate`, `conns.held`); always
+    /// available when `target.service` is set, this only tunes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionsSource>,
+    /// PromQL instant queries; each is a metric named by its `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prometheus: Vec<PrometheusSource>,
+    /// Alertmanager alert names this policy reacts to with `alert(Name)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
+}
+
+impl MetricSources {
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_none() && self.prometheus.is_empty() && self.alerts.is_empty()
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionsSource {
+    /// The window `conns.rate` is averaged over (default `1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_window: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSource {
+    /// The metric's name in conditions (`queue > 20`): lowercase letters, digits, `_`.
+    pub name: String,
+    /// A PromQL instant query returning one number (a scalar or a one-sample vector).
+    pub query: String,
+    /// The Prometheus base URL; defaults to the controller's `--prometheus-url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// How long one query may take (default `2s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// How often the query runs (default `15s`); a sample older than three intervals
+    /// counts as missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// The value conditions see when the query fails, times out or returns nothing.
+    /// Without it the policy holds: transitions that read this metric do not fire and
+    /// range states keep their replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateSpec {
+    /// Letters, digits, `-` and `_`; unique within the policy.
+    pub name: String,
+    /// A fixed replica count (give this or `range`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Replicas driven by a metric within min..max (give this or `replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<RangeSpec>,
+}
+
+/// Replicas follow a metric as the HPA does: `desired = ceil(current * metric / target)`
+/// (`targetType: Value`) or `ceil(metric / target)` (`AverageValue`: the target is per
+/// replica), within min..max, unchanged while within `tolerance` of the target, and moved
+/// at most `maxStep` replicas per `period` each way.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RangeSpec {
+    /// The fewest replicas (0 allows the formula to reach zero).
+    pub min: i32,
+    pub max: i32,
+    /// A metric expression, e.g. `queue` or `queue / 2`.
+    pub metric: String,
+    /// The metric's target value (per replica with `AverageValue`).
+    pub target: f64,
+    /// `Value` (default) or `AverageValue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_type: Option<TargetType>,
+    /// Relative distance from the target within which nothing changes (default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
+    /// Default: 4 replicas per 15s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up: Option<StepSpec>,
+    /// Default: 1 replica per 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<StepSpec>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum TargetType {
+    /// `desired = ceil(current * metric / target)`: the metric is a per-replica level.
+    #[default]
+    Value,
+    /// `desired = ceil(metric / target)`: the metric is a total, the target per replica.
+    AverageValue,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepSpec {
+    /// The most replicas added (or removed) within one period.
+    pub max_step: i32,
+    /// `15s`, `1m`, ...
+    pub period: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransitionSpec {
+    /// A state name, or `*` for every state other than `to`.
+    pub from: String,
+    /// The state entered when `when` holds.
+    pub to: String,
+    /// A condition, e.g. `queue > 20 for 30s`, `conns.active == 0 for 10m`, `demand`,
+    /// `alert(GPUPressure)`, `schedule("0 8 * * MON-FRI", "Europe/Paris", for 10h)`.
+    pub when: String,
+    /// The transition waits this long after the policy last changed state or replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The automaton's current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// When the current state was entered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<DateTime<Utc>>,
+    /// The replicas the policy wants now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// The last state change, with its reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<TransitionRecord>,
+    /// The latest value of every metric the policy reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricValue>,
+    /// `Ready` (the policy runs) and `Invalid` (rejected, with the reason).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransitionRecord {
+    pub from: String,
+    /// The state entered when `when` holds.
+    pub to: String,
+    pub at: DateTime<Utc>,
+    /// The condition that fired, with the values it saw.
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricValue {
+    /// As conditions name it (`conns.active`, `queue`).
+    pub name: String,
+    /// Absent when the metric is missing (no agent reports, the query failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// The CRD as YAML, exactly as committed in `manifests/crd/scalingpolicy.yaml`.
+pub fn crd_yaml() -> String {
+    let crd = ScalingPolicy::crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes to YAML");
+    format!(
+        "# Generated from nemesis-controller/src/policy/crd.rs by `cargo xtask gen`; do not edit.\n{body}"
+    )
+}

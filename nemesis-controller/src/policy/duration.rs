@@ -1,0 +1,187 @@
+//! Durations as users write them (`30s`, `10m`, `1h30m`, `500ms`, `2d`), in CRD fields and
+//! in expressions alike, so one spelling works everywhere. Owns only the text -> length
+//! conversion; it never decides what a duration means.
+
+use chrono::TimeDelta;
+
+/// Why a duration did not parse, with the byte offset in the text where it went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationError {
+    pub offset: usize,
+    pub message: String,
+}
+
+/// Milliseconds per unit; the longest unit names come first so `ms` wins over `m`.
+const UNITS: &[(&str, i64)] = &[
+    ("ms", 1),
+    ("s", 1_000),
+    ("m", 60_000),
+    ("h", 3_600_000),
+    ("d", 86_400_000),
+];
+
+/// Reads a unit name at the start of `text`; returns (milliseconds per unit, its length).
+pub(crate) fn unit_at(text: &str) -> Option<(i64, usize)> {
+    let letters = text.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+    let word = &text[..letters];
+    UNITS
+        .iter()
+        .find(|(name, _)| *name == word)
+        .map(|(_, ms)| (*ms, letters))
+}
+
+/// Parses one or more `<number><unit>` groups written together (`1h30m`). A bare number
+/// is rejected: a duration without a unit is ambiguous (seconds? minutes?).
+pub fn parse_duration(text: &str) -> Result<TimeDelta, DurationError> {
+    let (ms, used) = scan_duration(text)?;
+    if used != text.len() {
+        return Err(DurationError {
+            offset: used,
+            message: format!(
+                "unexpected `{}` after the duration",
+                &text[used..].chars().next().unwrap_or(' ')
+            ),
+        });
+    }
+    Ok(TimeDelta::milliseconds(ms))
+}
+
+/// Scans a duration at the start of `text`: returns (milliseconds, bytes used). Used by
+/// the expression lexer, which then carries on after it.
+pub(crate) fn scan_duration(text: &str) -> Result<(i64, usize), DurationError> {
+    let bytes = text.as_bytes();
+    let mut pos = 0;
+    let mut total: f64 = 0.0;
+    loop {
+        let start = pos;
+        while pos < bytes.len() && (bytes[pos].is_ascii_digit() || bytes[pos] == b'.') {
+            pos += 1;
+        }
+        if pos == start {
+            return Err(DurationError {
+                offset: start,
+                message: if start == 0 {
+                    "expected a duration such as `30s`, `10m` or `1h`".into()
+                } else {
+                    "expected a number".into()
+                },
+            });
+        }
+        let number: f64 = text[start..pos].parse().map_err(|_| DurationError {
+            offset: start,
+            message: format!("`{}` is not a number", &text[start..pos]),
+        })?;
+        let Some((per_unit, unit_len)) = unit_at(&text[pos..]) else {
+            let letters = text[pos..]
+                .bytes()
+                .take_while(|b| b.is_ascii_alphabetic())
+                .count();
+            return Err(DurationError {
+                offset: pos,
+                message: if letters == 0 {
+                    format!(
+                        "`{}` needs a unit: ms, s, m, h or d (for example `{}s`)",
+                        &text[start..pos],
+                        &text[start..pos]
+                    )
+                } else {
+                    format!(
+                        "unknown unit `{}`: use ms, s, m, h or d",
+                        &text[pos..pos + letters]
+                    )
+                },
+            });
+        };
+        pos += unit_len;
+        total += number * per_unit as f64;
+        if total > i64::MAX as f64 / 2.0 {
+            return Err(DurationError {
+                offset: start,
+                message: "duration is too long".into(),
+            });
+        }
+        if pos >= bytes.len() || !bytes[pos].is_ascii_digit() {
+            return Ok((total.round() as i64, pos));
+        }
+    }
+}
+
+/// Formats a duration the way users write it (`1h30m`, `45s`, `250ms`).
+pub fn format_duration(d: TimeDelta) -> String {
+    let mut ms = d.num_milliseconds();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    if ms < 0 {
+        out.push('-');
+        ms = -ms;
+    }
+    for (name, per) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= per {
+            out.push_str(&format!("{}{name}", ms / per));
+            ms %= per;
+        }
+    }
+    if ms > 0 {
+        out.push_str(&format!("{ms}ms"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_units_parse_to_their_length() {
+        assert_eq!(parse_duration("30s").unwrap(), TimeDelta::seconds(30));
+        assert_eq!(parse_duration("10m").unwrap(), TimeDelta::minutes(10));
+        assert_eq!(parse_duration("1h").unwrap(), TimeDelta::hours(1));
+        assert_eq!(parse_duration("2d").unwrap(), TimeDelta::days(2));
+        assert_eq!(
+            parse_duration("250ms").unwrap(),
+            TimeDelta::milliseconds(250)
+        );
+        assert_eq!(parse_duration("1.5m").unwrap(), TimeDelta::seconds(90));
+    }
+
+    #[test]
+    fn compound_durations_add_up() {
+        assert_eq!(parse_duration("1h30m").unwrap(), TimeDelta::minutes(90));
+        assert_eq!(parse_duration("1m30s").unwrap(), TimeDelta::seconds(90));
+    }
+
+    #[test]
+    fn a_bare_number_is_rejected_with_a_hint() {
+        let err = parse_duration("30").unwrap_err();
+        assert_eq!(err.offset, 2);
+        assert!(err.message.contains("needs a unit"), "{}", err.message);
+    }
+
+    #[test]
+    fn an_unknown_unit_is_named() {
+        let err = parse_duration("5w").unwrap_err();
+        assert_eq!(err.offset, 1);
+        assert!(err.message.contains("unknown unit `w`"), "{}", err.message);
+    }
+
+    #[test]
+    fn trailing_text_is_rejected_where_it_starts() {
+        let err = parse_duration("5m ").unwrap_err();
+        assert_eq!(err.offset, 2);
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn formatting_round_trips() {
+        for text in ["1h30m", "45s", "250ms", "2d", "10m"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The short form (`minReplicas`, `maxReplicas`, `idleTimeout`, `targetMetric`,
+//! `targetValue`) expanded into the classic automaton:
+//!
+//! ```text
+//! zero (0 replicas) --[demand or conns.active > 0]--> warm
+//! warm (1..max)     --[(conns.active == 0 and conns.held == 0 and conns.rate == 0) for idleTimeout]--> zero
+//! ```
+//! starting in `warm`, so a new policy never cuts a running Deployment off without an idle
+//! window first. With `minReplicas >= 1` there is only `warm`. Owns that expansion only;
+//! the expanded states are validated like hand-written ones.
+
+use super::compile::{Draft, DraftState, DraftTransition};
+use super::crd::{RangeSpec, ScalingPolicySpec, StateSpec, TargetType, TransitionSpec};
+use super::duration::{format_duration, parse_duration};
+use super::problem::Problem;
+use chrono::TimeDelta;
+
+/// KEDA's default cooldown before scaling to zero; long enough to ride out a pause
+/// between bursts, short enough that an idle service stops costing within minutes.
+pub const DEFAULT_IDLE_TIMEOUT: TimeDelta = TimeDelta::minutes(5);
+
+/// The metric the warm state follows when the short form names none.
+pub const DEFAULT_TARGET_METRIC: &str = "conns.active";
+
+pub const ZERO_STATE: &str = "zero";
+pub const WARM_STATE: &str = "warm";
+
+/// Whether the spec uses any short-form field.
+pub fn is_short_form(spec: &ScalingPolicySpec) -> bool {
+    spec.min_replicas.is_some()
+        || spec.max_replicas.is_some()
+        || spec.idle_timeout.is_some()
+        || spec.target_metric.is_some()
+        || spec.target_value.is_some()
+}
+
+/// Expands the short form; problems name the short-form fields.
+pub fn expand(
+    spec: &ScalingPolicySpec,
+    errors: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Option<Draft> {
+    let before = errors.len();
+    let min = spec.min_replicas.unwrap_or(0);
+    if min < 0 {
+        errors.push(Problem::at(
+            "spec.minReplicas",
+            format!("must not be negative (is {min})"),
+        ));
+    }
+    let warm_min = min.max(1);
+    let max = spec.max_replicas.unwrap_or(warm_min);
+    if max < 1 {
+        errors.push(Problem::at(
+            "spec.maxReplicas",
+            format!("must be at least 1 (is {max})"),
+        ));
+    } else if max < min {
+        errors.push(Problem::at(
+            "spec.maxReplicas",
+            format!("must be at least minReplicas ({min}), is {max}"),
+        ));
+    }
+    let idle = match &spec.idle_timeout {
+        None => DEFAULT_IDLE_TIMEOUT,
+        Some(text) => match parse_duration(text) {
+            Ok(d) if d >= TimeDelta::seconds(1) => d,
+            Ok(_) => {
+                errors.push(Problem::at("spec.idleTimeout", "must be at least 1s"));
+                DEFAULT_IDLE_TIMEOUT
+            }
+            Err(e) => {
+                errors.push(Problem::in_expression(
+                    "spec.idleTimeout",
+                    text,
+                    e.offset,
+                    e.message,
+                ));
+                DEFAULT_IDLE_TIMEOUT
+            }
+        },
+    };
+    if min > 0 && spec.idle_timeout.is_some() {
+        errors.push(Problem::at(
+            "spec.idleTimeout",
+            format!("only applies when scaling to zero, which needs minReplicas: 0 (is {min})"),
+        ));
+    }
+    if min == 0 && spec.target.service.is_none() {
+        errors.push(Problem::at(
+            "spec.target.service",
+            "the short form wakes and sleeps on the Service's connections: name the Service",
+        ));
+    }
+    let metric = spec
+        .target_metric
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TARGET_METRIC.to_string());
+    let warm_replicas = if max > warm_min {
+        match spec.target_value {
+            Some(v) if v.is_finite() && v > 0.0 => Some(RangeSpec {
+                min: warm_min,
+                max,
+                metric,
+                target: v,
+                target_type: Some(TargetType::AverageValue),
+                ..RangeSpec::default()
+            }),
+            Some(v) => {
+                errors.push(Problem::at(
+                    "spec.targetValue",
+                    format!("must be above 0 (is {v})"),
+                ));
+                None
+            }
+            None => {
+                errors.push(Problem::at(
+                    "spec.targetValue",
+                    format!(
+                        "is needed because maxReplicas ({max}) is above the warm minimum ({warm_min}): the value of `{metric}` one replica should carry"
+                    ),
+                ));
+                None
+            }
+        }
+    } else {
+        if spec.target_metric.is_some() || spec.target_value.is_some() {
+            warnings.push(Problem::at(
+                "spec.targetValue",
+                format!("unused: maxReplicas ({max}) leaves nothing to size between {warm_min} and {max}"),
+            ));
+        }
+        None
+    };
+    if errors.len() > before {
+        return None;
+    }
+
+    let warm = DraftState::generated(
+        StateSpec {
+            name: WARM_STATE.into(),
+            replicas: warm_replicas.is_none().then_some(warm_min),
+            range: warm_replicas,
+        },
+        "spec.maxReplicas",
+        "spec.targetMetric",
+    );
+    let mut draft = Draft {
+        states: vec![],
+        transitions: vec![],
+        initial: Some(WARM_STATE.into()),
+        initial_path: "spec.minReplicas".into(),
+    };
+    if min == 0 {
+        draft.states.push(DraftState::generated(
+            StateSpec {
+                name: ZERO_STATE.into(),
+                replicas: Some(0),
+                range: None,
+            },
+            "spec.minReplicas",
+            "spec.minReplicas",
+        ));
+        draft.states.push(warm);
+        draft.transitions.push(DraftTransition::generated(
+            TransitionSpec {
+                from: ZERO_STATE.into(),
+                to: WARM_STATE.into(),
+                when: "demand or conns.active > 0".into(),
+                cooldown: None,
+            },
+            "spec.minReplicas",
+        ));
+        draft.transitions.push(DraftTransition::generated(
+            TransitionSpec {
+                from: WARM_STATE.into(),
+                to: ZERO_STATE.into(),
+                when: format!(
+                    "(conns.active == 0 and conns.held == 0 and conns.rate == 0) for {}",
+                    format_duration(idle)
+                ),
+                cooldown: None,
+            },
+            "spec.idleTimeout",
+        ));
+    } else {
+        draft.states.push(warm);
+    }
+    Some(draft)
+}

@@ -1,0 +1,72 @@
+//! The committed CRD YAML is exactly what the Rust types generate, and has the shape
+//! `kubectl` relies on (group, version, scope, printer columns, status subresource).
+
+use nemesis_controller::policy::crd_yaml;
+use std::path::PathBuf;
+
+fn committed_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/crd/scalingpolicy.yaml")
+}
+
+#[test]
+fn committed_crd_yaml_matches_the_rust_types() {
+    let committed = std::fs::read_to_string(committed_path())
+        .expect("manifests/crd/scalingpolicy.yaml exists (run `cargo xtask gen`)");
+    let generated = crd_yaml();
+    if committed != generated {
+        let line = committed
+            .lines()
+            .zip(generated.lines())
+            .position(|(a, b)| a != b)
+            .map_or_else(|| "the lengths".to_string(), |i| format!("line {}", i + 1));
+        panic!(
+            "manifests/crd/scalingpolicy.yaml is stale (first difference at {line}): run `cargo xtask gen` and commit it"
+        );
+    }
+}
+
+#[test]
+fn crd_is_namespaced_v1alpha1_in_the_nemesis_group_with_status() {
+    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let spec = &crd["spec"];
+    assert_eq!(
+        crd["metadata"]["name"].as_str(),
+        Some("scalingpolicies.nemesis.dev")
+    );
+    assert_eq!(spec["group"].as_str(), Some("nemesis.dev"));
+    assert_eq!(spec["scope"].as_str(), Some("Namespaced"));
+    assert_eq!(spec["names"]["kind"].as_str(), Some("ScalingPolicy"));
+    let version = &spec["versions"][0];
+    assert_eq!(version["name"].as_str(), Some("v1alpha1"));
+    assert!(version["subresources"]["status"].is_mapping());
+    let columns: Vec<(&str, &str)> = version["additionalPrinterColumns"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["jsonPath"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        columns,
+        vec![
+            ("Target", ".spec.target.deployment"),
+            ("State", ".status.state"),
+            ("Replicas", ".status.desiredReplicas"),
+            ("Age", ".metadata.creationTimestamp"),
+        ]
+    );
+    let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+    for field in [
+        "state",
+        "stateSince",
+        "lastTransition",
+        "metrics",
+        "desiredReplicas",
+        "conditions",
+        "observedGeneration",
+    ] {
+        assert!(
+            status[field].is_mapping(),
+            "status.{field} is in the schema"
+        );
+    }
+}
