@@ -1,6 +1,7 @@
 //! A PromQL instant-query client: one query in, one `f64` out, or an error that says
-//! what went wrong in words a policy author can act on. It never retries or falls back;
-//! a policy's declared fallback is the engine's business.
+//! what went wrong in words a policy author can act on. It does not fall back (a policy's
+//! declared fallback is the engine's business) and retries only a request that died on a
+//! stale keep-alive connection.
 
 use std::time::Duration;
 
@@ -112,12 +113,35 @@ impl PromClient {
         let url = self.base.as_str().trim_end_matches('/').to_string();
         // Ask Prometheus to give up too, so an abandoned query stops costing it.
         let server_timeout = format!("{}ms", self.timeout.as_millis().max(1));
-        let sent = self
+        let form = [("query", promql), ("timeout", server_timeout.as_str())];
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let first = self
             .http
             .post(self.query_url.clone())
-            .form(&[("query", promql), ("timeout", server_timeout.as_str())])
+            .form(&form)
             .send()
             .await;
+        let sent = match first {
+            // A pooled keep-alive connection the server closed (it restarted, or its idle
+            // timeout hit first) fails without a connect error; the query is read-only,
+            // so one retry on a fresh connection within the same budget is safe, and
+            // gives the real answer ("connection refused", or a result).
+            Err(e) if !e.is_timeout() && !e.is_connect() => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    Err(e)
+                } else {
+                    tracing::debug!(err = %error_chain(&e), "retrying a PromQL query once");
+                    self.http
+                        .post(self.query_url.clone())
+                        .form(&form)
+                        .timeout(left)
+                        .send()
+                        .await
+                }
+            }
+            other => other,
+        };
         let resp = match sent {
             Ok(r) => r,
             Err(e) => return Err(self.transport_error(&url, &e)),
