@@ -34,10 +34,12 @@
 //! - Restarts by `restartPolicy` with the kubelet's crash-loop back-off.
 //! - On deletion: SIGTERM to the process group, SIGKILL after the grace period
 //!   (`deletionGracePeriodSeconds` when the server set a positive one, else
-//!   `terminationGracePeriodSeconds`, default 30 s), then the namespace is removed and
-//!   the kubelet's finalizer [`FINALIZER`] released (added when the pod is first seen,
-//!   so the pod object outlives its processes on any API server), and a grace-0 delete
-//!   completes the deletion.
+//!   `terminationGracePeriodSeconds`, default 30 s), then the namespace is removed and a
+//!   grace-0 delete completes the graceful deletion, as a kubelet does. The API server
+//!   keeps a deleted pod that is bound to a node (`spec.nodeName`) until then, so the
+//!   pod shows as terminating in the API (and its endpoint as `terminating`) while its
+//!   process winds down; an unbound pod is removed at once and only its process gets
+//!   the grace period.
 //!
 //! Pods are taken when `spec.nodeName` is empty or equals [`SandboxOptions::node_name`];
 //! the Deployment controller binds the pods it creates to that node.
@@ -76,7 +78,6 @@ pub use probe::{
     INITIAL_DELAY_ANNOTATION as PROBE_INITIAL_DELAY_ANNOTATION,
     PERIOD_ANNOTATION as PROBE_PERIOD_ANNOTATION,
 };
-pub use worker::FINALIZER;
 
 /// How long shutdown waits for the loops to stop their processes before it gives up
 /// on them (Drop of what is left still kills and removes everything).

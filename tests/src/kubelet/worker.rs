@@ -1,7 +1,7 @@
 //! One pod's life on the simulated node: its network namespace, its container processes
 //! (restarted by the restart policy), readiness probing, status reports, and graceful
-//! termination on deletion. It writes only the pod's status, its own finalizer and the
-//! final delete; never the spec.
+//! termination on deletion. It writes only the pod's status and the final grace-0
+//! delete that completes a graceful deletion; never the spec.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -28,10 +28,6 @@ use super::process::{ContainerProcess, exit_code};
 use super::status::{self, ContainerView, PodView};
 use crate::netns::{PodNetns, PodNetwork};
 
-/// Keeps the pod object until the kubelet has stopped its processes, so that a pod is
-/// never gone from the API while its process still serves (works on any API server;
-/// a real one would also hold the pod through graceful deletion).
-pub const FINALIZER: &str = "nemesis.test/kubelet";
 /// Default `terminationGracePeriodSeconds`, as in Kubernetes.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Pause before retrying a failed API call or namespace set-up.
@@ -70,10 +66,6 @@ impl WorkerEnv {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("adding finalizer to pod {pod}: {source}")]
-    AddFinalizer { pod: String, source: CallError },
-    #[error("removing finalizer from pod {pod}: {source}")]
-    RemoveFinalizer { pod: String, source: CallError },
     #[error("reporting status of pod {pod}: {source}")]
     ReportStatus { pod: String, source: CallError },
     #[error("deleting pod {pod}: {source}")]
@@ -82,8 +74,8 @@ pub enum WorkerError {
 
 /// The grace period for stopping `pod`: the deletion's own grace period when the API
 /// server set one, otherwise the pod's `terminationGracePeriodSeconds` (default 30 s).
-/// A deletion grace of 0 is what API servers record for objects held by finalizers, not
-/// a request to skip SIGTERM, so it falls back to the spec too.
+/// A grace of 0 means a forced deletion (the object is already gone), which still gets
+/// the spec's SIGTERM-then-SIGKILL rather than none.
 pub fn termination_grace(pod: &Pod) -> Duration {
     let spec = pod
         .spec
@@ -150,7 +142,7 @@ pub async fn run(
     }
     worker.teardown_network().await;
     if end == End::Deleting {
-        worker.finalize(&mut updates, &cancel).await;
+        worker.complete_deletion(&mut updates, &cancel).await;
     }
 }
 
@@ -160,7 +152,7 @@ enum End {
     Cancelled,
     /// The pod object disappeared without us: stop, write nothing.
     Gone,
-    /// The pod is being deleted: stop gracefully, report, release the finalizer.
+    /// The pod is being deleted: stop gracefully, report, complete the deletion.
     Deleting,
 }
 
@@ -305,13 +297,6 @@ impl Worker {
     ) -> End {
         if self.deleting() {
             return End::Deleting;
-        }
-        // Set up: finalizer, then network. Each step retries until it works.
-        while let Err(err) = self.ensure_finalizer().await {
-            tracing::warn!(pod = %self.key, %err, "retrying");
-            if let Some(end) = self.pause(RETRY, updates, cancel).await {
-                return end;
-            }
         }
         let phase = self.pod.status.as_ref().and_then(|s| s.phase.clone());
         if matches!(phase.as_deref(), Some("Succeeded" | "Failed")) {
@@ -639,119 +624,39 @@ impl Worker {
         true
     }
 
-    async fn ensure_finalizer(&mut self) -> Result<(), WorkerError> {
-        let finalizers = self.pod.finalizers();
-        if finalizers.iter().any(|f| f == FINALIZER) {
-            return Ok(());
-        }
-        let rv = self.pod.resource_version().unwrap_or_default();
-        let ops = if self.pod.metadata.finalizers.is_none() {
-            json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-            ])
-        } else {
-            json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
-            ])
-        };
-        let patch: json_patch::Patch = serde_json::from_value(ops).expect("valid JSON patch");
-        match call(self.api.patch(
-            &self.name(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(patch),
-        ))
-        .await
-        {
-            Ok(pod) => {
-                self.pod = pod;
-                Ok(())
-            }
-            Err(source) => {
-                // Stale copy: fetch the current one for the next attempt.
-                if let Ok(pod) = call(self.api.get(&self.name())).await {
-                    self.pod = pod;
-                }
-                Err(WorkerError::AddFinalizer {
-                    pod: self.key.clone(),
-                    source,
-                })
-            }
-        }
-    }
-
-    /// Removes our finalizer and completes the deletion (a grace-0 delete, as a kubelet
-    /// does once the containers are gone), retrying until the pod is gone.
-    async fn finalize(
+    /// Completes a graceful deletion once the containers are gone, as a kubelet does: a
+    /// grace-0 delete bound to this pod's uid; retried until it lands or the pod is gone.
+    async fn complete_deletion(
         &mut self,
         updates: &mut watch::Receiver<Option<Pod>>,
         cancel: &CancellationToken,
     ) {
-        loop {
-            match self.release().await {
-                Ok(()) => return,
-                Err(err) => {
-                    tracing::warn!(pod = %self.key, %err, "retrying");
-                    if let Some(End::Cancelled) = self.pause(RETRY, updates, cancel).await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn release(&mut self) -> Result<(), WorkerError> {
-        let name = self.name();
-        let pod = match call(self.api.get(&name)).await {
-            Ok(pod) if pod.uid() == self.pod.uid() => pod,
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_not_found() => return Ok(()),
-            Err(source) => {
-                return Err(WorkerError::RemoveFinalizer {
-                    pod: self.key.clone(),
-                    source,
-                });
-            }
-        };
-        if let Some(index) = pod.finalizers().iter().position(|f| f == FINALIZER) {
-            let ops = json!([
-                {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": FINALIZER},
-                {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
-            ]);
-            let patch: json_patch::Patch = serde_json::from_value(ops).expect("valid JSON patch");
-            match call(
-                self.api
-                    .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)),
-            )
-            .await
-            {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => return Ok(()),
-                Err(source) => {
-                    return Err(WorkerError::RemoveFinalizer {
-                        pod: self.key.clone(),
-                        source,
-                    });
-                }
-            }
-        }
         let params = DeleteParams {
             grace_period_seconds: Some(0),
             preconditions: Some(Preconditions {
-                uid: pod.uid(),
+                uid: self.pod.uid(),
                 resource_version: None,
             }),
             ..Default::default()
         };
-        match call(self.api.delete(&name, &params)).await {
-            Ok(_) => Ok(()),
-            // Gone already (the finalizer was the last thing holding it), or replaced.
-            Err(e) if e.is_not_found() || e.is_conflict() => Ok(()),
-            Err(source) => Err(WorkerError::DeletePod {
-                pod: self.key.clone(),
-                source,
-            }),
+        loop {
+            match call(self.api.delete(&self.name(), &params)).await {
+                // 404: gone already; 409: the name now belongs to another pod.
+                Ok(_) => return,
+                Err(e) if e.is_not_found() || e.is_conflict() => return,
+                Err(source) => {
+                    let err = WorkerError::DeletePod {
+                        pod: self.key.clone(),
+                        source,
+                    };
+                    tracing::warn!(pod = %self.key, %err, "retrying");
+                    if let Some(End::Cancelled | End::Gone) =
+                        self.pause(RETRY, updates, cancel).await
+                    {
+                        return;
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,98 @@
+//! A tiny HTTP server for sandbox pods: answers every request with `200` and the pod's
+//! name (`POD_NAME`), so a test can tell which pod answered. It listens on
+//! `$POD_IP:<port>` unless told otherwise, and exits on SIGTERM unless asked to
+//! ignore it (to exercise the kubelet's SIGKILL after the grace period).
+//!
+//! Usage: nemesis-pod-server [--port N] [--listen ADDR:PORT] [--ignore-sigterm]
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Port when none is given: what the sandbox tests' manifests use.
+const DEFAULT_PORT: u16 = 8080;
+
+struct Args {
+    listen: SocketAddr,
+    ignore_sigterm: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut port = DEFAULT_PORT;
+    let mut listen = None;
+    let mut ignore_sigterm = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--port needs a value"))?;
+                port = v.parse().map_err(|e| anyhow::anyhow!("--port {v}: {e}"))?;
+            }
+            "--listen" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--listen needs a value"))?;
+                listen = Some(
+                    v.parse()
+                        .map_err(|e| anyhow::anyhow!("--listen {v}: {e}"))?,
+                );
+            }
+            "--ignore-sigterm" => ignore_sigterm = true,
+            other => anyhow::bail!("unknown argument {other:?}"),
+        }
+    }
+    let listen = match listen {
+        Some(addr) => addr,
+        None => {
+            let ip = std::env::var("POD_IP")
+                .map_err(|_| anyhow::anyhow!("POD_IP is not set and --listen not given"))?;
+            SocketAddr::new(
+                ip.parse()
+                    .map_err(|e| anyhow::anyhow!("POD_IP {ip}: {e}"))?,
+                port,
+            )
+        }
+    };
+    Ok(Args {
+        listen,
+        ignore_sigterm,
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let name = std::env::var("POD_NAME").unwrap_or_else(|_| "unknown".into());
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    println!("{name} listening on {}", listener.local_addr()?);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                if args.ignore_sigterm {
+                    println!("{name} ignoring SIGTERM");
+                } else {
+                    println!("{name} got SIGTERM, exiting");
+                    return Ok(());
+                }
+            }
+            accepted = listener.accept() => {
+                let (mut stream, _) = accepted?;
+                let body = format!("{name}\n");
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    // One request per connection is all the tests need.
+                    let _ = stream.read(&mut buf).await;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        }
+    }
+}
