@@ -78,7 +78,7 @@ impl ContainerProcess {
         let mut cmd = tokio::process::Command::new("ip");
         cmd.args(["netns", "exec", &launch.netns]);
         if !launch.start_delay.is_zero() {
-            // `sh` sleeps, then becomes the program: one process, as the container would be.
+            // `sh` sleeps (in a child `sleep`), then becomes the program itself.
             cmd.args(["sh", "-c", r#"sleep "$0" && exec "$@""#])
                 .arg(format!("{:.3}", launch.start_delay.as_secs_f64()));
         }
