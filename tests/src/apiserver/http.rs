@@ -1,0 +1,390 @@
+//! The HTTPS front: accepting TLS connections (HTTP/1.1 and h2), bearer-token
+//! authentication, body limits, content negotiation (JSON, YAML, Table,
+//! PartialObjectMetadata), routing to discovery/OpenAPI/resource handlers, and the
+//! request log tests can read. It holds no API rules of its own.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::routes::{self, Route};
+use super::status::ApiError;
+use super::store::State;
+use super::{discovery, handlers, openapi};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Request bodies larger than this are refused, as upstream's 3 MiB limit.
+const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// How many requests the log keeps.
+const REQUEST_LOG_CAPACITY: usize = 2000;
+
+/// One request as the server saw it (for tests asserting what a client did).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub status: u16,
+    pub user_agent: String,
+    pub content_type: String,
+}
+
+pub struct Settings {
+    pub bookmark_interval: Duration,
+    pub default_watch_timeout: Duration,
+}
+
+/// Everything the handlers share: the state behind one lock, the token, and the
+/// switches tests use to cut or hold watches.
+pub struct Shared {
+    pub state: Mutex<State>,
+    pub token: String,
+    pub settings: Settings,
+    pub address: String,
+    pub shutdown: CancellationToken,
+    /// Cancelled (and replaced) to end every running watch.
+    pub watch_epoch: Mutex<CancellationToken>,
+    /// While true, new watch requests wait.
+    pub watch_gate: tokio::sync::watch::Sender<bool>,
+    pub log: Mutex<VecDeque<RequestRecord>>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving what is there.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How the client wants the response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    Json,
+    Yaml,
+    Table(String),
+    PartialMeta(String),
+}
+
+fn media_params(range: &str) -> (String, Vec<(String, String)>) {
+    let mut it = range.split(';');
+    let ty = it.next().unwrap_or("").trim().to_lowercase();
+    let params = it
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    (ty, params)
+}
+
+/// Pick the first acceptable media range of an Accept header.
+pub fn negotiate(accept: Option<&str>) -> Result<Format, ApiError> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Ok(Format::Json);
+    };
+    for range in accept.split(',') {
+        let (ty, params) = media_params(range);
+        let p = |k: &str| {
+            params
+                .iter()
+                .find(|(pk, _)| pk == k)
+                .map(|(_, v)| v.as_str())
+        };
+        match ty.as_str() {
+            "application/json" => match (p("as"), p("g"), p("v")) {
+                (None, _, _) => return Ok(Format::Json),
+                (Some("Table"), Some("meta.k8s.io"), Some(v @ ("v1" | "v1beta1"))) => {
+                    return Ok(Format::Table(format!("meta.k8s.io/{v}")));
+                }
+                (
+                    Some("PartialObjectMetadata" | "PartialObjectMetadataList"),
+                    Some("meta.k8s.io"),
+                    Some(v @ ("v1" | "v1beta1")),
+                ) => {
+                    return Ok(Format::PartialMeta(format!("meta.k8s.io/{v}")));
+                }
+                _ => continue,
+            },
+            "application/yaml" => return Ok(Format::Yaml),
+            "*/*" | "application/*" => return Ok(Format::Json),
+            _ => continue,
+        }
+    }
+    Err(ApiError::not_acceptable(accept))
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+pub fn respond(status: u16, v: &Value, format: &Format, warnings: &[String]) -> Response<Body> {
+    let (ct, bytes) = match format {
+        Format::Yaml => (
+            "application/yaml",
+            serde_yaml::to_string(v).unwrap_or_default().into_bytes(),
+        ),
+        Format::Table(av) if v["kind"] == "Table" => {
+            let ver = av.rsplit('/').next().unwrap_or("v1");
+            return with_headers(
+                status,
+                &format!("application/json;as=Table;v={ver};g=meta.k8s.io"),
+                v.to_string().into_bytes(),
+                warnings,
+            );
+        }
+        _ => ("application/json", v.to_string().into_bytes()),
+    };
+    with_headers(status, ct, bytes, warnings)
+}
+
+fn with_headers(status: u16, ct: &str, bytes: Vec<u8>, warnings: &[String]) -> Response<Body> {
+    let mut r = Response::new(full(bytes));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_str(ct).unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('"', "\\\""));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            r.headers_mut().append("warning", v);
+        }
+    }
+    r
+}
+
+pub fn error(e: &ApiError) -> Response<Body> {
+    let mut r = respond(e.code, &e.to_status(), &Format::Json, &[]);
+    if let Some(s) = e.retry_after
+        && let Ok(v) = HeaderValue::from_str(&s.to_string())
+    {
+        r.headers_mut().insert(http::header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.trim() == token)
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let mut err = ApiError::bad_request(format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes"
+            ));
+            err.code = 413;
+            err.reason = "RequestEntityTooLarge";
+            Err(err)
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
+    }
+}
+
+/// Serve one request.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let ua = parts
+        .headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let ct = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let route = routes::route(&path);
+    let public = matches!(route, Route::Health | Route::Version);
+    let resp = if !public && !authorized(&parts.headers, &shared.token) {
+        error(&ApiError::unauthorized())
+    } else {
+        match read_body(body).await {
+            Err(e) => error(&e),
+            Ok(bytes) => {
+                dispatch(
+                    &shared,
+                    &parts.method,
+                    &parts.headers,
+                    route,
+                    &query,
+                    bytes,
+                    &ua,
+                )
+                .await
+            }
+        }
+    };
+    tracing::debug!(method = %parts.method, %path, %query, status = resp.status().as_u16(), "request");
+    let mut log = shared.log.lock().unwrap_or_else(|p| p.into_inner());
+    if log.len() == REQUEST_LOG_CAPACITY {
+        log.pop_front();
+    }
+    log.push_back(RequestRecord {
+        method: parts.method.to_string(),
+        path,
+        query,
+        status: resp.status().as_u16(),
+        user_agent: ua,
+        content_type: ct,
+    });
+    resp
+}
+
+async fn dispatch(
+    shared: &Arc<Shared>,
+    method: &Method,
+    headers: &HeaderMap,
+    route: Route,
+    query: &str,
+    body: Bytes,
+    ua: &str,
+) -> Response<Body> {
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = match negotiate(accept) {
+        Ok(f) => f,
+        Err(e) => return error(&e),
+    };
+    let read_only = |v: Option<Value>| -> Response<Body> {
+        if method != Method::GET {
+            return error(&ApiError::method_not_allowed(method.as_str()));
+        }
+        match v {
+            Some(v) => respond(200, &v, &Format::Json, &[]),
+            None => error(&ApiError::path_not_found()),
+        }
+    };
+    match route {
+        Route::Health => {
+            let mut r = Response::new(full("ok"));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        }
+        Route::Version => read_only(Some(discovery::version_info())),
+        Route::Api => read_only(Some(discovery::api_versions(&shared.address))),
+        Route::Apis => read_only(Some(discovery::api_group_list(&shared.lock().registry))),
+        Route::Group(g) => read_only(discovery::api_group(&shared.lock().registry, &g)),
+        Route::GroupVersion(g, v) => {
+            read_only(discovery::resource_list(&shared.lock().registry, &g, &v))
+        }
+        Route::OpenApiV3Index => read_only(Some(openapi::index(&shared.lock().registry))),
+        Route::OpenApiV3(g, v) => {
+            read_only(openapi::group_version_doc(&shared.lock().registry, &g, &v))
+        }
+        Route::NotFound => error(&ApiError::path_not_found()),
+        Route::Resource(p) => {
+            let q = routes::query(Some(query));
+            let ctx = handlers::Ctx {
+                shared,
+                method,
+                headers,
+                q: &q,
+                body: &body,
+                format: &format,
+                user_agent: ua,
+            };
+            handlers::resource(ctx, p).await
+        }
+    }
+}
+
+/// Accept connections until `cancel`; each runs until it closes or `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let tls = tls.clone();
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            });
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with an error") },
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_prefers_the_first_acceptable_range() {
+        let kubectl_get = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
+        assert_eq!(
+            negotiate(Some(kubectl_get)).unwrap(),
+            Format::Table("meta.k8s.io/v1".into())
+        );
+        let discovery =
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(negotiate(Some(discovery)).unwrap(), Format::Json);
+        assert_eq!(
+            negotiate(Some("application/vnd.kubernetes.protobuf, */*")).unwrap(),
+            Format::Json
+        );
+        assert_eq!(negotiate(None).unwrap(), Format::Json);
+        assert_eq!(
+            negotiate(Some("application/vnd.kubernetes.protobuf"))
+                .unwrap_err()
+                .code,
+            406
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! The project's Kubernetes API server for tests and the demo: HTTPS with a generated CA
+//! and a bearer token, the real wire protocol (discovery, OpenAPI v3, CRUD, watch,
+//! patches, server-side apply, subresources, CRDs), driven by kube-rs and kubectl
+//! exactly as a cluster would be. What it does not implement it refuses with a `Status`
+//! error. It never runs in a real cluster, and it binds only to loopback.
+
+mod convert;
+mod defaults;
+mod discovery;
+mod fields;
+mod handlers;
+mod http;
+mod kubeconfig;
+mod lifecycle;
+mod meta;
+mod openapi;
+mod patch;
+mod registry;
+mod routes;
+mod scale;
+mod schemas;
+mod selector;
+mod status;
+mod store;
+mod structural;
+mod table;
+mod tls;
+mod validate;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use self::http::RequestRecord;
+pub use self::lifecycle::SERVICE_CIDR;
+
+/// Events kept for watch resumption by default (older resourceVersions get `410`).
+const DEFAULT_WATCH_HISTORY: usize = 10_000;
+/// Bookmarks often enough that a resumed watcher rarely falls outside the history.
+const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(5);
+/// Upstream's minimum request timeout for watches without `timeoutSeconds`.
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating the server's temporary directory: {0}")]
+    CreateTempDir(#[source] std::io::Error),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("writing the kubeconfig {path}: {source}")]
+    WriteKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the kubeconfig {path}: {source}")]
+    ReadKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("building a kube client from the kubeconfig: {0}")]
+    BuildClient(#[source] kube::Error),
+}
+
+/// How to start a server. `Default` is right for tests.
+#[derive(Debug, Clone)]
+pub struct ApiServerOptions {
+    /// Where to listen; loopback only. Port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Directory for the kubeconfig; `None`: a fresh temporary directory, removed on drop.
+    pub dir: Option<PathBuf>,
+    /// Watch events kept for resuming from a resourceVersion.
+    pub watch_history: usize,
+    pub bookmark_interval: Duration,
+    pub default_watch_timeout: Duration,
+    /// The bearer token; `None`: a random one.
+    pub token: Option<String>,
+}
+
+impl Default for ApiServerOptions {
+    fn default() -> Self {
+        ApiServerOptions {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir: None,
+            watch_history: DEFAULT_WATCH_HISTORY,
+            bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
+            token: None,
+        }
+    }
+}
+
+/// A running test API server. Dropping it stops it (and removes its temporary directory).
+pub struct TestApiServer {
+    shared: Arc<http::Shared>,
+    addr: SocketAddr,
+    kubeconfig: PathBuf,
+    ca_pem: String,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+fn install_crypto_provider() {
+    // kube's rustls client config uses the process default provider; make it ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl TestApiServer {
+    pub async fn start(opts: ApiServerOptions) -> Result<Self, Error> {
+        install_crypto_provider();
+        let (dir, tempdir) = match &opts.dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("nemesis-apiserver-")
+                    .tempdir()
+                    .map_err(Error::CreateTempDir)?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let pki = tls::generate()?;
+        let listener = TcpListener::bind(opts.addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: opts.addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: opts.addr,
+            source,
+        })?;
+        let url = format!("https://{addr}");
+        let token = opts.token.clone().unwrap_or_else(|| {
+            let b: [u8; 24] = rand::random();
+            b.iter().map(|x| format!("{x:02x}")).collect()
+        });
+        let kubeconfig = dir.join("kubeconfig");
+        kubeconfig::write(&kubeconfig, &url, &pki.ca_pem, &token).map_err(|source| {
+            Error::WriteKubeconfig {
+                path: kubeconfig.clone(),
+                source,
+            }
+        })?;
+        let mut state = store::State::new(opts.watch_history);
+        lifecycle::bootstrap(&mut state);
+        let cancel = CancellationToken::new();
+        let shared = Arc::new(http::Shared {
+            state: Mutex::new(state),
+            token,
+            settings: http::Settings {
+                bookmark_interval: opts.bookmark_interval,
+                default_watch_timeout: opts.default_watch_timeout,
+            },
+            address: addr.to_string(),
+            shutdown: cancel.clone(),
+            watch_epoch: Mutex::new(cancel.child_token()),
+            watch_gate: tokio::sync::watch::channel(false).0,
+            log: Mutex::new(Default::default()),
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config.clone());
+        let task = tokio::spawn(http::serve(
+            listener,
+            acceptor,
+            shared.clone(),
+            cancel.clone(),
+        ));
+        tracing::info!(%url, kubeconfig = %kubeconfig.display(), "test API server started");
+        Ok(TestApiServer {
+            shared,
+            addr,
+            kubeconfig,
+            ca_pem: pki.ca_pem,
+            cancel,
+            task: Some(task),
+            _tempdir: tempdir,
+        })
+    }
+
+    /// `https://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// The CA certificate (PEM) the server's certificate chains to.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A kube client configured from this server's kubeconfig (default namespace `default`).
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        install_crypto_provider();
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).map_err(|source| {
+            Error::ReadKubeconfig {
+                path: self.kubeconfig.clone(),
+                source,
+            }
+        })?;
+        let cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::ReadKubeconfig {
+                    path: self.kubeconfig.clone(),
+                    source,
+                })?;
+        kube::Client::try_from(cfg).map_err(Error::BuildClient)
+    }
+
+    /// The requests served so far (the most recent few thousand), oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The current (latest) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv()
+    }
+
+    /// Fault injection: end every running watch and hold new ones until
+    /// [`resume_watches`](Self::resume_watches), as a network partition would.
+    pub fn interrupt_watches(&self) {
+        self.shared.watch_gate.send_replace(true);
+        let mut epoch = self
+            .shared
+            .watch_epoch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        epoch.cancel();
+        *epoch = self.cancel.child_token();
+    }
+
+    pub fn resume_watches(&self) {
+        self.shared.watch_gate.send_replace(false);
+    }
+
+    /// Forget the watch history (as an etcd compaction): watches resuming from an older
+    /// resourceVersion get `410 Expired`.
+    pub fn compact_watch_history(&self) {
+        let mut st = self.shared.lock();
+        let rv = st.rv();
+        st.log.compact(rv);
+    }
+
+    /// Stop serving and wait for the accept loop to end.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,294 @@
+//! Watches: the bounded event history (resume from a resourceVersion, `410 Expired` when
+//! it is too old) and the task that streams one watch as JSON lines (ADDED, MODIFIED,
+//! DELETED, BOOKMARK, ERROR) with selector-aware translation and a timeout. It reads
+//! events; it never writes objects.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::registry::StoreKey;
+use super::status::ApiError;
+
+/// How many events a lagging watcher may fall behind before it is cut off (it then
+/// resumes from its last resourceVersion, or relists on `410`).
+const BROADCAST_CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub rv: u64,
+    pub key: StoreKey,
+    pub etype: EventType,
+    pub object: Value,
+    /// The object before a `Modified`, so selector watches can see it leave or enter.
+    pub old: Option<Value>,
+}
+
+pub struct EventLog {
+    buf: VecDeque<Arc<StoredEvent>>,
+    cap: usize,
+    /// The highest resourceVersion no longer in `buf`: a watch from an older one is `410`.
+    evicted_upto: u64,
+    tx: broadcast::Sender<Arc<StoredEvent>>,
+}
+
+impl EventLog {
+    pub fn new(cap: usize) -> Self {
+        EventLog {
+            buf: VecDeque::new(),
+            cap: cap.max(1),
+            evicted_upto: 0,
+            tx: broadcast::channel(BROADCAST_CAPACITY).0,
+        }
+    }
+
+    pub fn push(&mut self, ev: StoredEvent) {
+        let ev = Arc::new(ev);
+        if self.buf.len() == self.cap
+            && let Some(old) = self.buf.pop_front()
+        {
+            self.evicted_upto = old.rv;
+        }
+        self.buf.push_back(ev.clone());
+        // No receiver is fine: nobody watches.
+        let _ = self.tx.send(ev);
+    }
+
+    /// Events after `rv`, or `410 Expired` when some of them were already forgotten.
+    pub fn since(&self, rv: u64, current: u64) -> Result<Vec<Arc<StoredEvent>>, ApiError> {
+        if rv < self.evicted_upto {
+            return Err(ApiError::gone(format!(
+                "too old resource version: {rv} ({})",
+                self.evicted_upto + 1
+            )));
+        }
+        if rv > current {
+            let mut e = ApiError::timeout(format!(
+                "Too large resource version: {rv}, current: {current}"
+            ));
+            e.details = Some(super::status::Details {
+                causes: vec![super::status::Cause {
+                    reason: "ResourceVersionTooLarge",
+                    field: String::new(),
+                    message: "Too large resource version".into(),
+                }],
+                ..Default::default()
+            });
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Ok(self.buf.iter().filter(|e| e.rv > rv).cloned().collect())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// Forget all history up to `current` (like an etcd compaction).
+    pub fn compact(&mut self, current: u64) {
+        self.buf.clear();
+        self.evicted_upto = current;
+    }
+}
+
+/// Renders a stored object in the form the watcher asked for (version, Table).
+pub type Render = Box<dyn Fn(&Value) -> Value + Send + Sync>;
+/// Whether an object is in the watcher's namespace and selectors.
+pub type Filter = Box<dyn Fn(&Value) -> bool + Send + Sync>;
+
+pub struct WatchSpec {
+    pub key: StoreKey,
+    pub filter: Filter,
+    pub render: Render,
+    /// apiVersion and kind for BOOKMARK objects.
+    pub api_version: String,
+    pub kind: String,
+    pub bookmarks: bool,
+    pub bookmark_interval: Duration,
+    pub timeout: Duration,
+    /// Synthetic ADDED events sent first (watch from "0"/unset, or sendInitialEvents).
+    pub initial: Vec<Value>,
+    /// After `initial`, send the `k8s.io/initial-events-end` bookmark.
+    pub initial_events_end: bool,
+    pub start_rv: u64,
+}
+
+fn line(etype: &str, object: Value) -> Bytes {
+    let mut s = json!({"type": etype, "object": object}).to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// The single ERROR event a watch sends when it cannot start (e.g. `410`).
+pub fn error_line(e: &ApiError) -> Bytes {
+    line("ERROR", e.to_status())
+}
+
+fn bookmark(spec: &WatchSpec, rv: u64, initial_end: bool) -> Bytes {
+    let mut md = json!({"resourceVersion": rv.to_string()});
+    if initial_end {
+        md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    line(
+        "BOOKMARK",
+        json!({"kind": spec.kind, "apiVersion": spec.api_version, "metadata": md}),
+    )
+}
+
+/// The watch event (if any) a watcher with `spec`'s filter sees for `ev`.
+fn translate(spec: &WatchSpec, ev: &StoredEvent) -> Option<(&'static str, Value)> {
+    if ev.key != spec.key {
+        return None;
+    }
+    let now = (spec.filter)(&ev.object);
+    let etype = match ev.etype {
+        EventType::Added => now.then_some("ADDED")?,
+        EventType::Deleted => now.then_some("DELETED")?,
+        EventType::Modified => match (ev.old.as_ref().is_some_and(|o| (spec.filter)(o)), now) {
+            (true, true) => "MODIFIED",
+            (false, true) => "ADDED",
+            (true, false) => "DELETED",
+            (false, false) => return None,
+        },
+    };
+    Some((etype, (spec.render)(&ev.object)))
+}
+
+/// Stream one watch into `out` until the timeout, cancellation, a lagging receiver, or
+/// the client going away.
+pub async fn run(
+    spec: WatchSpec,
+    backlog: Vec<Arc<StoredEvent>>,
+    mut rx: broadcast::Receiver<Arc<StoredEvent>>,
+    cancel: CancellationToken,
+    out: mpsc::Sender<Bytes>,
+) {
+    let mut last_rv = spec.start_rv;
+    for obj in &spec.initial {
+        if out.send(line("ADDED", (spec.render)(obj))).await.is_err() {
+            return;
+        }
+    }
+    if spec.initial_events_end && out.send(bookmark(&spec, last_rv, true)).await.is_err() {
+        return;
+    }
+    for ev in backlog {
+        last_rv = ev.rv;
+        if let Some((t, o)) = translate(&spec, &ev)
+            && out.send(line(t, o)).await.is_err()
+        {
+            return;
+        }
+    }
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
+    let mut ticker = tokio::time::interval(spec.bookmark_interval);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            _ = cancel.cancelled() => break,
+            _ = out.closed() => return,
+            _ = ticker.tick(), if spec.bookmarks => {
+                if out.send(bookmark(&spec, last_rv, false)).await.is_err() {
+                    return;
+                }
+            }
+            ev = rx.recv() => match ev {
+                Ok(ev) => {
+                    if ev.rv <= last_rv {
+                        continue;
+                    }
+                    last_rv = ev.rv;
+                    if let Some((t, o)) = translate(&spec, &ev)
+                        && out.send(line(t, o)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                // Lagged: this watcher missed events; end it so the client resumes.
+                Err(_) => break,
+            },
+        }
+    }
+    if spec.bookmarks {
+        let _ = out.send(bookmark(&spec, last_rv, false)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(rv: u64) -> StoredEvent {
+        StoredEvent {
+            rv,
+            key: ("".into(), "pods".into()),
+            etype: EventType::Added,
+            object: json!({}),
+            old: None,
+        }
+    }
+
+    #[test]
+    fn history_resumes_and_expires() {
+        let mut log = EventLog::new(3);
+        for rv in 2..=6 {
+            log.push(ev(rv));
+        }
+        // 2 and 3 were evicted: resuming from 3 is fine (only later events are needed).
+        assert_eq!(log.since(3, 6).unwrap().len(), 3);
+        let e = log.since(2, 6).unwrap_err();
+        assert_eq!((e.code, e.reason), (410, "Expired"));
+        assert_eq!(log.since(7, 6).unwrap_err().code, 504);
+        log.compact(6);
+        assert!(log.since(5, 6).is_err());
+        assert!(log.since(6, 6).unwrap().is_empty());
+    }
+
+    #[test]
+    fn selector_watches_see_objects_enter_and_leave() {
+        let spec = WatchSpec {
+            key: ("".into(), "pods".into()),
+            filter: Box::new(|o| o["l"] == "yes"),
+            render: Box::new(|o| o.clone()),
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            bookmarks: false,
+            bookmark_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            initial: vec![],
+            initial_events_end: false,
+            start_rv: 0,
+        };
+        let modified = |old: &str, new: &str| StoredEvent {
+            rv: 1,
+            key: ("".into(), "pods".into()),
+            etype: EventType::Modified,
+            object: json!({"l": new}),
+            old: Some(json!({"l": old})),
+        };
+        assert_eq!(translate(&spec, &modified("no", "yes")).unwrap().0, "ADDED");
+        assert_eq!(
+            translate(&spec, &modified("yes", "no")).unwrap().0,
+            "DELETED"
+        );
+        assert_eq!(
+            translate(&spec, &modified("yes", "yes")).unwrap().0,
+            "MODIFIED"
+        );
+        assert!(translate(&spec, &modified("no", "no")).is_none());
+    }
+}
