@@ -388,6 +388,8 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
     if !errors.is_empty() {
         return Err(InvalidPolicy { problems: errors });
     }
+    // Usage warnings come first, so warnings read in field order (metrics before states).
+    let shape_warnings = std::mem::take(&mut warnings);
     for (i, used) in resolver.used_sources.iter().enumerate() {
         if !used {
             warnings.push(Problem::at(
@@ -407,6 +409,7 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
             ));
         }
     }
+    warnings.extend(shape_warnings);
     let (states, transitions, initial) = automaton.expect("no errors means the automaton compiled");
     Ok(CompiledPolicy {
         deployment: spec.target.deployment.clone(),
