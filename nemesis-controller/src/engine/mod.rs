@@ -106,7 +106,7 @@ impl Decision {
             }
             let _ = write!(
                 out,
-                "{} replicas: {}={} for target {}",
+                "replicas -> {}: {}={} for target {}",
                 self.desired_replicas, r.metric, r.value, r.target
             );
         }
@@ -296,7 +296,10 @@ pub fn decide(
                     n = 1.min(r.max);
                 }
             }
+            // Only the formula's moves are rescales; clamping into the range on entry
+            // is the transition's doing.
             if n != obs.replicas
+                && out.wanted.is_some()
                 && let Some(v) = value
             {
                 rescaled = Some(Rescaled {

@@ -7,6 +7,12 @@ use crate::policy::compile::CONNECTIONS_STALE_AFTER;
 use crate::policy::expr::Metric;
 use chrono::{DateTime, Utc};
 
+/// How long a wake-up counts as demand. Wake-ups are pushed and evaluated at once, so this
+/// only has to cover a missed or slow evaluation; held connections keep signalling demand
+/// beyond it for as long as they wait. A wake-up must not count forever: one that came
+/// in while warm would then block every later sleep.
+pub const DEMAND_WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// One value of a Prometheus source and when it was measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
@@ -115,9 +121,11 @@ impl Observations {
         }
     }
 
-    /// A wake-up since `since`, or connections held right now.
+    /// A recent wake-up (within [`DEMAND_WINDOW`]) since `since`, or connections held
+    /// right now.
     pub fn demand_since(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        self.last_demand.is_some_and(|t| t >= since)
+        self.last_demand
+            .is_some_and(|t| t >= since && now - t <= DEMAND_WINDOW)
             || self
                 .connections
                 .is_some_and(|c| c.held > 0.0 && now - c.at <= CONNECTIONS_STALE_AFTER)

@@ -54,7 +54,9 @@ pub fn range_replicas(
             (ratio, raw)
         }
     };
-    if current > 0 && (ratio - 1.0).abs() <= r.tolerance {
+    // The epsilon keeps a ratio of exactly 1 + tolerance (0.66 / 0.6) inside despite
+    // binary fractions.
+    if current > 0 && (ratio - 1.0).abs() <= r.tolerance + 1e-9 {
         return stay(current);
     }
     let raw = if raw.is_finite() {

@@ -58,7 +58,8 @@ pub enum Expr {
         window: TimeDelta,
         slot: usize,
     },
-    /// A wake-up or a held connection since the current state was entered.
+    /// A wake-up within the last minute and since the current state was entered, or a
+    /// connection held right now.
     Demand,
     /// An Alertmanager alert, by its index in `spec.metrics.alerts`, is firing.
     Alert(usize),
