@@ -106,10 +106,14 @@ fn dropping_the_sandbox_without_shutdown_still_cleans_up() -> anyhow::Result<()>
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (index, ns) = runtime.block_on(async {
+    let (index, ns, work_dir) = runtime.block_on(async {
         let env = Env::start("kubelet-drop").await?;
         two_ready_pods(&env).await?;
-        let found = (subnet_index(&env.sandbox.subnet()), env.ns.clone());
+        let found = (
+            subnet_index(&env.sandbox.subnet()),
+            env.ns.clone(),
+            env.sandbox.work_dir().to_path_buf(),
+        );
         drop(env);
         anyhow::Ok(found)
     })?;
@@ -120,5 +124,6 @@ fn dropping_the_sandbox_without_shutdown_still_cleans_up() -> anyhow::Result<()>
         Vec::<u32>::new()
     );
     assert_eq!(net_objects(index), Vec::<String>::new());
+    assert!(!work_dir.exists(), "{} left behind", work_dir.display());
     Ok(())
 }

@@ -88,7 +88,8 @@ pub struct SandboxOptions {
     /// The node this kubelet plays; pods bound elsewhere are left alone.
     pub node_name: String,
     /// Where pod scratch directories and container logs go. `None`: a fresh directory
-    /// under the system temp dir, removed on shutdown.
+    /// under the system temp dir, removed on shutdown or drop (kept when dropped during
+    /// a panic, so a failed test's container logs can be read).
     pub work_dir: Option<PathBuf>,
     /// Watch and act in this namespace only; `None` for all namespaces.
     pub namespace: Option<String>,
@@ -179,7 +180,12 @@ impl Sandbox {
             )),
             tokio::spawn(controllers::gc::run(client, ns, cancel.child_token())),
         ];
-        tracing::info!(node = %opts.node_name, subnet = %network.subnet(), "sandbox started");
+        tracing::info!(
+            node = %opts.node_name,
+            subnet = %network.subnet(),
+            work_dir = %env.work_dir.display(),
+            "sandbox started"
+        );
         Ok(Self {
             cancel,
             tasks,
@@ -237,6 +243,10 @@ impl Drop for Sandbox {
         self.cancel.cancel();
         for task in &self.tasks {
             task.abort();
+        }
+        // A panicking test keeps its container logs for the post-mortem.
+        if self.owned_work_dir && !self.tasks.is_empty() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.env.work_dir);
         }
     }
 }

@@ -229,9 +229,9 @@ mod tests {
         assert_eq!(phase(&[creating.clone(), run.clone()], "Always"), "Pending");
         assert_eq!(phase(&[run.clone(), ok.clone()], "Always"), "Running");
         assert_eq!(phase(&[backoff], "Always"), "Running");
-        assert_eq!(phase(&[ok.clone()], "Always"), "Running");
-        assert_eq!(phase(&[ok.clone()], "OnFailure"), "Succeeded");
-        assert_eq!(phase(&[bad.clone()], "OnFailure"), "Running");
+        assert_eq!(phase(std::slice::from_ref(&ok), "Always"), "Running");
+        assert_eq!(phase(std::slice::from_ref(&ok), "OnFailure"), "Succeeded");
+        assert_eq!(phase(std::slice::from_ref(&bad), "OnFailure"), "Running");
         assert_eq!(phase(&[ok.clone(), bad.clone()], "Never"), "Failed");
         assert_eq!(phase(&[ok], "Never"), "Succeeded");
     }
