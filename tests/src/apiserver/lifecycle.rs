@@ -105,6 +105,7 @@ fn check_schema(
         let opts = structural::Options {
             defaults: true,
             root_meta_known: true,
+            opaque_empty_objects: false,
         };
         structural::check(&crd.schema, &serde_json::Map::new(), obj, &opts)
     } else if let Some(b) = rt.builtin {
@@ -115,6 +116,7 @@ fn check_schema(
         let opts = structural::Options {
             defaults: false,
             root_meta_known: false,
+            opaque_empty_objects: true,
         };
         structural::check(root, &s.defs, obj, &opts)
     } else {

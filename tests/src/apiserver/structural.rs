@@ -21,6 +21,10 @@ pub struct Options {
     pub defaults: bool,
     /// The object root: `apiVersion`, `kind` and `metadata` are always known there.
     pub root_meta_known: bool,
+    /// An object schema with neither `properties` nor `additionalProperties` holds any
+    /// fields (built-in Go types such as FieldsV1 and RawExtension); for CRDs such an
+    /// object prunes everything, as upstream.
+    pub opaque_empty_objects: bool,
 }
 
 struct Walker<'a> {
@@ -232,7 +236,8 @@ impl Walker<'_> {
         };
         let props = s.get("properties").and_then(Value::as_object);
         let additional = s.get("additionalProperties");
-        let preserve = s.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+        let preserve = s.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
+            || (self.opts.opaque_empty_objects && props.is_none() && additional.is_none());
         let keys: Vec<String> = map.keys().cloned().collect();
         for k in keys {
             let p = join(path, &k);
@@ -317,6 +322,7 @@ mod tests {
         Options {
             defaults: true,
             root_meta_known: true,
+            opaque_empty_objects: false,
         }
     }
 
@@ -372,6 +378,7 @@ mod tests {
             &Options {
                 defaults: false,
                 root_meta_known: true,
+                opaque_empty_objects: true,
             },
         );
         assert_eq!(
