@@ -127,3 +127,75 @@ fn dropping_the_sandbox_without_shutdown_still_cleans_up() -> anyhow::Result<()>
     assert!(!work_dir.exists(), "{} left behind", work_dir.display());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_api_server_run_their_own_pods_on_their_own_subnets() -> anyhow::Result<()>
+{
+    use kubelet_support::{PORT, SERVER, http_get, pod_ip};
+    use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
+
+    let env = Env::start("kubelet-nodes").await?;
+    let second = Sandbox::start(
+        env.client.clone(),
+        SandboxOptions {
+            node_name: "node-b".into(),
+            controllers: false,
+            adopt_unbound_pods: false,
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_ne!(second.subnet(), env.sandbox.subnet());
+    env.deployments()
+        .create(
+            &PostParams::default(),
+            &server_deployment("on-a", 1, &[], json!({}), 5),
+        )
+        .await?;
+    let bare: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "on-b", "labels": {"app": "on-b"}},
+        "spec": {
+            "nodeName": "node-b",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "server",
+                "image": "local/nemesis-pod-server",
+                "command": [SERVER],
+                "args": ["--port", PORT.to_string()],
+                "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 1},
+            }],
+        },
+    }))?;
+    env.pods().create(&PostParams::default(), &bare).await?;
+    let pods = wait_for("two ready pods", Duration::from_secs(30), || async {
+        let pods = env.running_pods().await?;
+        Ok((pods.len() == 2 && pods.iter().all(pod_ready)).then_some(pods))
+    })
+    .await?;
+    let in_subnet = |ip: std::net::Ipv4Addr, subnet: &str| {
+        subnet.starts_with(&format!(
+            "{}.{}.{}.",
+            ip.octets()[0],
+            ip.octets()[1],
+            ip.octets()[2]
+        ))
+    };
+    for pod in &pods {
+        let ip = pod_ip(pod).unwrap();
+        let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+        let expected = if node == "node-b" {
+            second.subnet()
+        } else {
+            assert_eq!(node, env.sandbox.node_name());
+            env.sandbox.subnet()
+        };
+        assert!(
+            in_subnet(ip, &expected),
+            "{ip} of a pod on {node} is not in {expected}"
+        );
+        let body = http_get(std::net::SocketAddr::from((ip, PORT)))?;
+        assert_eq!(body.trim(), pod.metadata.name.as_deref().unwrap());
+    }
+    second.shutdown().await?;
+    env.shutdown().await
+}

@@ -42,7 +42,11 @@
 //!   the grace period.
 //!
 //! Pods are taken when `spec.nodeName` is empty or equals [`SandboxOptions::node_name`];
-//! the Deployment controller binds the pods it creates to that node.
+//! the Deployment controller binds the pods it creates to that node. Several nodes on one
+//! API server: start one `Sandbox` per node, all but the first with `controllers: false`
+//! and `adopt_unbound_pods: false`; each gets a /24 of its own. The root namespace
+//! reaches every pod; pod-to-pod traffic across nodes would need IP forwarding on the
+//! host, which the sandbox does not switch on.
 //!
 //! # Not simulated
 //!
@@ -93,6 +97,13 @@ pub struct SandboxOptions {
     pub work_dir: Option<PathBuf>,
     /// Watch and act in this namespace only; `None` for all namespaces.
     pub namespace: Option<String>,
+    /// Run the Deployment and EndpointSlice controllers and the garbage collector. A
+    /// second "node" on the same API server sets this to `false` (one set of
+    /// controllers per cluster) ...
+    pub controllers: bool,
+    /// ... and this too, so that pods without `spec.nodeName` run on the first node
+    /// only. Pods for the second node name it in `spec.nodeName`.
+    pub adopt_unbound_pods: bool,
 }
 
 impl Default for SandboxOptions {
@@ -101,6 +112,8 @@ impl Default for SandboxOptions {
             node_name: "nemesis-sandbox".into(),
             work_dir: None,
             namespace: None,
+            controllers: true,
+            adopt_unbound_pods: true,
         }
     }
 }
@@ -157,6 +170,7 @@ impl Sandbox {
             client: client.clone(),
             network: Arc::clone(&network),
             node_name: opts.node_name.clone(),
+            adopt_unbound: opts.adopt_unbound_pods,
             work_dir,
         });
         let cancel = CancellationToken::new();
@@ -165,21 +179,29 @@ impl Sandbox {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),
             None => kube::Api::all(client.clone()),
         };
-        let tasks = vec![
-            tokio::spawn(pods::run(Arc::clone(&env), pods_api, cancel.child_token())),
-            tokio::spawn(controllers::deployments::run(
+        let mut tasks = vec![tokio::spawn(pods::run(
+            Arc::clone(&env),
+            pods_api,
+            cancel.child_token(),
+        ))];
+        if opts.controllers {
+            tasks.push(tokio::spawn(controllers::deployments::run(
                 client.clone(),
                 ns.clone(),
                 Some(opts.node_name.clone()),
                 cancel.child_token(),
-            )),
-            tokio::spawn(controllers::endpointslices::run(
+            )));
+            tasks.push(tokio::spawn(controllers::endpointslices::run(
                 client.clone(),
                 ns.clone(),
                 cancel.child_token(),
-            )),
-            tokio::spawn(controllers::gc::run(client, ns, cancel.child_token())),
-        ];
+            )));
+            tasks.push(tokio::spawn(controllers::gc::run(
+                client,
+                ns,
+                cancel.child_token(),
+            )));
+        }
         tracing::info!(
             node = %opts.node_name,
             subnet = %network.subnet(),

@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::worker::{self, WorkerEnv};
 
-/// Whether this kubelet runs `pod`: bound to `node`, or not bound at all.
-pub fn runs_here(pod: &Pod, node: &str) -> bool {
+/// Whether this kubelet runs `pod`: bound to `node`, or not bound at all when it adopts
+/// unbound pods (there is no scheduler to bind them).
+pub fn runs_here(pod: &Pod, node: &str, adopt_unbound: bool) -> bool {
     match pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
-        None | Some("") => true,
+        None | Some("") => adopt_unbound,
         Some(n) => n == node,
     }
 }
@@ -98,7 +99,7 @@ fn apply(
     }
     // A pod already being deleted still gets a worker: it completes the deletion (a
     // grace-0 delete) as a kubelet does, even with no process to stop.
-    if finished.contains(&uid) || !runs_here(&pod, &env.node_name) {
+    if finished.contains(&uid) || !runs_here(&pod, &env.node_name, env.adopt_unbound) {
         return;
     }
     tracing::debug!(pod = %pod.name_any(), %uid, "starting pod worker");
@@ -129,9 +130,15 @@ mod tests {
 
     #[test]
     fn unbound_and_own_pods_run_here_others_do_not() {
-        assert!(runs_here(&pod(None), "n1"));
-        assert!(runs_here(&pod(Some("")), "n1"));
-        assert!(runs_here(&pod(Some("n1")), "n1"));
-        assert!(!runs_here(&pod(Some("n2")), "n1"));
+        assert!(runs_here(&pod(None), "n1", true));
+        assert!(runs_here(&pod(Some("")), "n1", true));
+        assert!(runs_here(&pod(Some("n1")), "n1", true));
+        assert!(!runs_here(&pod(Some("n2")), "n1", true));
+    }
+
+    #[test]
+    fn a_second_node_leaves_unbound_pods_to_the_first() {
+        assert!(!runs_here(&pod(None), "n2", false));
+        assert!(runs_here(&pod(Some("n2")), "n2", false));
     }
 }

@@ -43,6 +43,8 @@ pub struct WorkerEnv {
     pub client: Client,
     pub network: Arc<PodNetwork>,
     pub node_name: String,
+    /// Whether pods with no `spec.nodeName` run here too.
+    pub adopt_unbound: bool,
     pub work_dir: PathBuf,
 }
 
