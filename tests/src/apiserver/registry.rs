@@ -44,6 +44,8 @@ pub struct CrdVersion {
     pub storage: bool,
     /// The CRD object's name (`<plural>.<group>`), to find it back.
     pub crd_name: String,
+    /// Fields (`spec.x`) a field selector may use, from `selectableFields`.
+    pub selectable: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -441,6 +443,13 @@ pub fn types_from_crd(crd: &Value) -> Vec<ResourceType> {
                     .unwrap_or_default(),
                 storage: v["storage"] == Value::Bool(true),
                 crd_name: crd_name.clone(),
+                selectable: v["selectableFields"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f["jsonPath"].as_str())
+                    .map(|p| p.trim_start_matches('.').to_owned())
+                    .collect(),
             }),
         });
     }

@@ -280,6 +280,13 @@ fn build() -> BuiltinSchemas {
             p["x-kubernetes-patch-strategy"] = json!("retainKeys");
         }
     }
+    // `apiextensions/v1.JSON` holds any JSON value (schemars describes it as an object).
+    for (name, d) in defs.iter_mut() {
+        if name.ends_with(".apiextensions.v1.JSON") {
+            let description = d["description"].clone();
+            *d = json!({"description": description, "x-kubernetes-preserve-unknown-fields": true});
+        }
+    }
     // Port protocols default to TCP (upstream's schema says so; list keys rely on it).
     for def in [
         "io.k8s.api.core.v1.ContainerPort",
