@@ -52,6 +52,14 @@ async fn deployment_scaled_to_two_serves_on_two_pod_ips_then_to_zero_leaves_noth
     let mut ips = BTreeSet::new();
     for pod in &pods {
         assert!(pod_ready(pod), "{pod:?}");
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        let container = &status.container_statuses.as_ref().unwrap()[0];
+        assert!(container.ready && container.state.as_ref().unwrap().running.is_some());
+        assert_eq!(
+            pod.spec.as_ref().unwrap().node_name.as_deref(),
+            Some(env.sandbox.node_name())
+        );
         let ip = pod_ip(pod).expect("pod IP");
         assert!(
             ip.octets()[0] == 198 && ip.octets()[1] & 0xfe == 18,
@@ -107,6 +115,82 @@ async fn deployment_scaled_to_two_serves_on_two_pod_ips_then_to_zero_leaves_noth
     assert_eq!(
         (s.replicas, s.ready_replicas, s.available_replicas),
         (None, None, None)
+    );
+    env.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_change_rolls_the_pods_without_losing_a_ready_endpoint() -> anyhow::Result<()> {
+    let env = Env::start("kubelet-roll").await?;
+    env.services()
+        .create(&PostParams::default(), &service("roll"))
+        .await?;
+    env.deployments()
+        .create(
+            &PostParams::default(),
+            &server_deployment("roll", 2, &[], json!({}), 5),
+        )
+        .await?;
+    wait_for("two ready endpoints", Duration::from_secs(30), || async {
+        let eps = env.endpoints("roll").await?;
+        Ok((eps.iter().filter(|e| e.1).count() == 2).then_some(()))
+    })
+    .await?;
+    let old: BTreeSet<String> = env
+        .running_pods()
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+
+    env.deployments()
+        .patch(
+            "roll",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"spec": {"template": {"metadata": {"annotations": {"rev": "2"}}}}}),
+            ),
+        )
+        .await?;
+    let fewest_ready = std::cell::Cell::new(usize::MAX);
+    wait_for("the rollout to finish", Duration::from_secs(30), || {
+        let env = &env;
+        let old = &old;
+        let fewest = &fewest_ready;
+        async move {
+            let ready = env.endpoints("roll").await?.iter().filter(|e| e.1).count();
+            fewest.set(fewest.get().min(ready));
+            let d = env.deployments().get("roll").await?;
+            let s = d.status.unwrap_or_default();
+            let pods = env.running_pods().await?;
+            let done = s.updated_replicas == Some(2)
+                && s.available_replicas == Some(2)
+                && s.replicas == Some(2)
+                && pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|p| !old.contains(p.metadata.name.as_deref().unwrap()));
+            Ok(done.then_some(()))
+        }
+    })
+    .await?;
+    let fewest_ready = fewest_ready.get();
+    assert!(
+        fewest_ready >= 2,
+        "ready endpoints dropped to {fewest_ready} during the rollout"
+    );
+    let d = env.deployments().get("roll").await?;
+    let progressing = d
+        .status
+        .unwrap()
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_.as_deref() == Some("Progressing"))
+        .unwrap();
+    assert_eq!(
+        progressing.reason.as_deref(),
+        Some("NewReplicaSetAvailable")
     );
     env.shutdown().await
 }
