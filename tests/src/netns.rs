@@ -252,6 +252,7 @@ impl PodNetwork {
             .await
             .map_err(NetnsError::RouteUnreachable)?;
         std::fs::create_dir_all(LOCK_DIR).map_err(NetnsError::CreateLockDir)?;
+        let _ = tokio::task::spawn_blocking(reap_abandoned_blocking).await;
         let addrs = ip(&["-o", "-4", "addr", "show"])
             .await
             .map_err(NetnsError::ListAddresses)?;
@@ -418,6 +419,69 @@ fn remove_stale_blocking(index: u16) {
     }
 }
 
+/// The subnet indices that own objects among `names` (namespaces and links): bridges
+/// `nmb<X>`, pod namespaces `nm<X>p<N>` and veths `nm<X>v<N>`.
+pub fn indices_with_objects<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeSet<u16> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let index = if let Some(x) = name.strip_prefix("nmb") {
+                x
+            } else {
+                let rest = name.strip_prefix("nm")?;
+                let (x, host) = rest.split_once(['p', 'v'])?;
+                if !digits(host) {
+                    return None;
+                }
+                x
+            };
+            if !digits(index) {
+                return None;
+            }
+            index.parse::<u16>().ok().filter(|i| *i < SUBNETS)
+        })
+        .collect()
+}
+
+/// Removes the objects of every subnet no live sandbox holds: what sandboxes killed
+/// without a chance to clean up (a test timed out, a SIGKILL) left behind, processes
+/// in their pod namespaces included.
+fn reap_abandoned_blocking() {
+    let mut names = Vec::new();
+    for args in [&["netns", "list"][..], &["-o", "link", "show"][..]] {
+        if let Ok(out) = std::process::Command::new("ip").args(args).output() {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            names.extend(text.lines().filter_map(|l| {
+                let word = if args[0] == "netns" {
+                    l.split_whitespace().next()
+                } else {
+                    l.split_whitespace().nth(1)
+                }?;
+                Some(word.trim_end_matches(':').split('@').next()?.to_string())
+            }));
+        }
+    }
+    for index in indices_with_objects(names.iter().map(String::as_str)) {
+        let path = Path::new(LOCK_DIR).join(format!("subnet-{index}.lock"));
+        let Ok(file) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        else {
+            continue;
+        };
+        // Held by a live sandbox: its objects are in use.
+        let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        tracing::info!(subnet = %subnet_cidr(index), "removing an abandoned sandbox's pod network");
+        remove_stale_blocking(index);
+        ip_blocking(&["link", "del", &bridge_name(index)]);
+    }
+}
+
 /// `name` is `prefix` followed by a host number only (so `nm1p` never matches `nm12p3`).
 fn owned_name(name: &str, prefix: &str) -> bool {
     name.strip_prefix(prefix)
@@ -532,6 +596,25 @@ mod tests {
         for name in [bridge_name(511), netns_name(511, 254), veth_name(511, 254)] {
             assert!(name.len() <= 15, "{name} too long");
         }
+    }
+
+    #[test]
+    fn objects_are_traced_to_their_subnet_and_foreign_names_ignored() {
+        let names = [
+            "nmb7",
+            "nm7p2",
+            "nm12v3",
+            "nm300p254",
+            "nmbr0",
+            "nm5",
+            "nm5p",
+            "nm5px",
+            "eth0",
+            "nm999p2",
+            "lo",
+        ];
+        let found: Vec<u16> = indices_with_objects(names).into_iter().collect();
+        assert_eq!(found, [7, 12, 300]);
     }
 
     #[test]

@@ -99,3 +99,92 @@ async fn parallel_sandboxes_get_distinct_subnets_and_drop_cleans_up() -> anyhow:
     two.shutdown().await?;
     Ok(())
 }
+
+/// Takes a subnet no sandbox holds and builds, by hand, what a sandbox killed with
+/// SIGKILL leaves behind: bridge, pod namespace with a process inside, veth.
+fn abandon_a_subnet(marker: &str) -> u16 {
+    use nemesis_tests::netns::{LOCK_DIR, SUBNETS, bridge_name, netns_name, veth_name};
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::create_dir_all(LOCK_DIR).unwrap();
+    for index in (0..SUBNETS).rev() {
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(format!("{LOCK_DIR}/subnet-{index}.lock"))
+            .unwrap();
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        if link_exists(&bridge_name(index)) {
+            continue;
+        }
+        let (ns, veth, bridge) = (
+            netns_name(index, 9),
+            veth_name(index, 9),
+            bridge_name(index),
+        );
+        for args in [
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec!["netns", "add", &ns],
+            vec![
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+            vec!["link", "set", &veth, "master", &bridge],
+        ] {
+            assert!(
+                Command::new("ip").args(&args).status().unwrap().success(),
+                "{args:?}"
+            );
+        }
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "sleep", "300"])
+            .env("NEMESIS_ABANDONED", marker)
+            .spawn()
+            .unwrap();
+        // The lock goes with this scope, as it would with the dead process.
+        drop(lock);
+        return index;
+    }
+    panic!("no free subnet to abandon");
+}
+
+fn marked_processes(marker: &str) -> usize {
+    let entry = format!("NEMESIS_ABANDONED={marker}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == entry.as_bytes()))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_new_sandbox_removes_what_a_killed_one_left_behind() -> anyhow::Result<()> {
+    let marker = format!("{}", std::process::id());
+    let index = abandon_a_subnet(&marker);
+    let start = Instant::now();
+    while marked_processes(&marker) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the abandoned process never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let net = PodNetwork::create().await?;
+    assert!(!netns_exists(&nemesis_tests::netns::netns_name(index, 9)));
+    assert!(!link_exists(&nemesis_tests::netns::veth_name(index, 9)));
+    assert!(!link_exists(&nemesis_tests::netns::bridge_name(index)));
+    let start = Instant::now();
+    while marked_processes(&marker) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the abandoned process survived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    net.shutdown().await?;
+    Ok(())
+}
