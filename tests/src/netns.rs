@@ -4,8 +4,9 @@
 //! address outside that range, nor an interface or namespace it did not name itself.
 //!
 //! The /15 holds 512 /24 subnets; a sandbox claims one (`X`) with an exclusive `flock`
-//! on a file under [`LOCK_DIR`], so parallel test processes never share a bridge, and a
-//! sandbox that crashed is cleaned up by the next one that claims its subnet.
+//! on a file under [`LOCK_DIR`], so parallel test processes never share a bridge, and
+//! what a killed sandbox left behind (its lock died with it) is removed, processes
+//! included, by the next sandbox that starts.
 
 use std::collections::BTreeSet;
 use std::fs::File;
