@@ -1,8 +1,13 @@
 pub mod agents;
 pub mod alerts;
+pub mod app;
 pub mod auth;
+pub mod config;
 pub mod engine;
+pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod prometheus;
+pub mod reconcile;
+pub mod server;
 pub mod store;

@@ -1,8 +1,11 @@
-//! The controller binary. For now it has one command: `nemesis-controller crd` prints
-//! the ScalingPolicy CustomResourceDefinition generated from the Rust types (what
-//! `cargo xtask gen` writes to `manifests/crd/`).
+//! The controller binary: `nemesis-controller run` runs the controller (see
+//! `nemesis_controller::config::RunArgs` for its flags and `NEMESIS_CONTROLLER_*`
+//! variables); `nemesis-controller crd` prints the ScalingPolicy CustomResourceDefinition
+//! generated from the Rust types (what `cargo xtask gen` writes to `manifests/crd/`).
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use nemesis_controller::config::{LogFormat, RunArgs};
 
 #[derive(Parser)]
 #[command(name = "nemesis-controller", about = "Runs ScalingPolicy automata")]
@@ -13,13 +16,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller (leader election, policies, agents' API, webhook, metrics).
+    Run(Box<RunArgs>),
     /// Print the ScalingPolicy CRD as YAML.
     Crd,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube_runtime=warn,kube_client=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", nemesis_controller::policy::crd_yaml()),
+        Command::Run(args) => {
+            init_tracing(args.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run(*args))?;
+        }
     }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let client = kube::Client::try_default()
+        .await
+        .context("configuring the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let mut running = nemesis_controller::app::start(&args, client)
+        .await
+        .context("starting the controller")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+        e = running.failed() => {
+            running.shutdown().await;
+            return Err(e).context("a listener stopped");
+        }
+    }
+    running.shutdown().await;
     Ok(())
 }

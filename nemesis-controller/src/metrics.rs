@@ -152,6 +152,7 @@ pub struct ControllerMetrics {
     scale_operations: Family<ScaleLabels, Counter>,
     wake_latency: Histogram,
     live_agents: Gauge,
+    leader: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -211,6 +212,12 @@ impl ControllerMetrics {
             "Agents whose heartbeat lease has not expired",
             live_agents.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader Lease and acts, else 0",
+            leader.clone(),
+        );
         Self {
             reconciles,
             errors,
@@ -218,6 +225,7 @@ impl ControllerMetrics {
             scale_operations,
             wake_latency,
             live_agents,
+            leader,
             registry: Arc::new(registry),
         }
     }
@@ -251,6 +259,10 @@ impl ControllerMetrics {
 
     pub fn set_live_agents(&self, n: usize) {
         self.live_agents.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     pub fn registry(&self) -> &Registry {
@@ -293,6 +305,7 @@ mod tests {
         m.scaled(3, 3);
         m.observe_wake_latency(Duration::from_millis(3));
         m.set_live_agents(4);
+        m.set_leader(true);
         let t = m.clone().render();
         assert_eq!(sample(&t, "nemesis_controller_reconciles_total"), Some(2.0));
         assert_eq!(
@@ -346,6 +359,7 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(sample(&t, "nemesis_controller_live_agents"), Some(4.0));
+        assert_eq!(sample(&t, "nemesis_controller_leader"), Some(1.0));
         assert!(t.ends_with("# EOF\n"));
     }
 

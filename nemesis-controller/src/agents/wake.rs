@@ -85,6 +85,14 @@ impl WakeGate {
         }
     }
 
+    /// Forgets every managed Service and wake in flight (this instance stopped leading:
+    /// wake-ups are refused until policies are managed again).
+    pub fn unmanage_all(&self) {
+        let mut st = self.lock();
+        st.managed.clear();
+        st.waking.clear();
+    }
+
     /// Passes a wake-up on unless one for the same Service is in flight. The check and
     /// the insert happen under one lock, so two agents racing send one wake-up.
     pub fn wake(&self, req: &WakeRequest, now: Instant) -> WakeOutcome {

@@ -1,0 +1,369 @@
+//! The composition root of `nemesis-controller run`: builds every part from the settings
+//! (tokens, history store, agent registry, wake gate, alert book, listeners, leader
+//! election, the core) and runs them until shutdown. In-process tests start it the same
+//! way. It wires; it holds no logic of its own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::registry::DEFAULT_FORGET_AFTER;
+use crate::agents::wake::{DEFAULT_QUEUE, DEFAULT_REFORWARD_AFTER};
+use crate::agents::{AgentApi, AgentRegistry, RegistryConfig, WakeGate};
+use crate::alerts::{AlertApi, AlertBook};
+use crate::auth::{AuthError, BearerToken};
+use crate::config::{ConfigError, RunArgs};
+use crate::leader::{self, LeaderConfig, LeaseLock};
+use crate::metrics::ControllerMetrics;
+use crate::prometheus::{DEFAULT_QUERY_TIMEOUT, PromClient, PromError};
+use crate::reconcile::{self, Context, EventSink, History, PromPool, Settings};
+use crate::server::{self, Health, ServerError};
+use crate::store::{Store, StoreError};
+
+/// A mounted Secret is updated in place by the kubelet (within about a minute); checking
+/// every 30 s picks a rotated token up soon after.
+const TOKEN_RELOAD_EVERY: Duration = Duration::from_secs(30);
+/// Graceful shutdown gives each stage this long before it is cut off.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    #[error("the agent token: {0}")]
+    ReadAgentToken(#[source] AuthError),
+    #[error("the Alertmanager token: {0}")]
+    ReadAlertmanagerToken(#[source] AuthError),
+    #[error("--prometheus-url: {0}")]
+    PrometheusUrl(#[source] PromError),
+    #[error(transparent)]
+    OpenStore(#[from] StoreError),
+    #[error("opening the history store: the blocking task failed: {0}")]
+    JoinStore(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Listen(#[from] ServerError),
+}
+
+/// A running controller. Drop or [`Running::kill`] it to stop it at once (as `kill -9`
+/// would: the Lease is not released); [`Running::shutdown`] stops it in order.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub identity: String,
+    pub metrics: ControllerMetrics,
+    pub registry: Arc<AgentRegistry>,
+    pub store: Arc<Store>,
+    leading: watch::Receiver<bool>,
+    core_stop: CancellationToken,
+    leader_stop: CancellationToken,
+    serve_stop: CancellationToken,
+    core: Option<JoinHandle<()>>,
+    leader: Option<JoinHandle<()>>,
+    servers: Vec<JoinHandle<Result<(), ServerError>>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Leadership as it changes.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
+    }
+
+    /// Stops acting first, then releases the Lease (a standby takes over at once), then
+    /// stops serving, and lets the history writer commit what it holds.
+    pub async fn shutdown(mut self) {
+        self.core_stop.cancel();
+        if let Some(core) = self.core.take() {
+            let _ = tokio::time::timeout(STOP_TIMEOUT, core).await;
+        }
+        self.leader_stop.cancel();
+        if let Some(leader) = self.leader.take() {
+            let _ = tokio::time::timeout(STOP_TIMEOUT, leader).await;
+        }
+        self.serve_stop.cancel();
+        for s in std::mem::take(&mut self.servers) {
+            let _ = tokio::time::timeout(STOP_TIMEOUT, s).await;
+        }
+        // The history writer ends once every handle to it is gone (the core's are).
+        for b in std::mem::take(&mut self.background) {
+            if tokio::time::timeout(STOP_TIMEOUT, b).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Stops everything at once, like a crash: nothing is released.
+    pub fn kill(self) {
+        drop(self);
+    }
+
+    /// Resolves when a listener stopped serving by itself (a fatal error).
+    pub async fn failed(&mut self) -> ServerError {
+        loop {
+            if self.servers.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let (result, i, _) = futures::future::select_all(self.servers.iter_mut()).await;
+            self.servers.remove(i);
+            match result {
+                Ok(Err(e)) => return e,
+                Ok(Ok(())) => continue,
+                Err(join) => {
+                    return ServerError::Serve {
+                        which: "http",
+                        source: std::io::Error::other(join.to_string()),
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for h in self
+            .core
+            .iter()
+            .chain(self.leader.iter())
+            .chain(&self.background)
+        {
+            h.abort();
+        }
+        for s in &self.servers {
+            s.abort();
+        }
+    }
+}
+
+/// Starts a controller with `args` against the API server of `client`.
+pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, StartError> {
+    args.validate()?;
+    let agent_token =
+        BearerToken::from_file(&args.agent_token_file).map_err(StartError::ReadAgentToken)?;
+    let alert_token = args
+        .alertmanager_token_file
+        .as_ref()
+        .map(BearerToken::from_file)
+        .transpose()
+        .map_err(StartError::ReadAlertmanagerToken)?;
+    if alert_token.is_none() {
+        tracing::warn!(
+            "no --alertmanager-token-file: the Alertmanager webhook is not served and alert(...) conditions never fire"
+        );
+    }
+    if let Some(url) = &args.prometheus_url {
+        PromClient::new(url, DEFAULT_QUERY_TIMEOUT).map_err(StartError::PrometheusUrl)?;
+    }
+    let store = {
+        let path = args.store_path.clone();
+        let retention = args.retention();
+        tokio::task::spawn_blocking(move || Store::open(path, retention))
+            .await
+            .map_err(StartError::JoinStore)??
+    };
+    let store = Arc::new(store);
+    let identity = args.identity();
+    let metrics = ControllerMetrics::new();
+    let registry = Arc::new(AgentRegistry::new(RegistryConfig {
+        lease: args.agent_lease,
+        forget_after: DEFAULT_FORGET_AFTER,
+    }));
+    let (wakes, wake_rx) = WakeGate::new(DEFAULT_QUEUE, DEFAULT_REFORWARD_AFTER);
+    let wakes = Arc::new(wakes);
+    let alerts = Arc::new(AlertBook::new());
+    let (lead_tx, leading) = watch::channel(false);
+    let (synced_tx, synced) = watch::channel(false);
+
+    let api_listener = server::bind("API", args.listen).await?;
+    let admin_listener = server::bind("admin", args.admin_listen).await?;
+    let local = |l: &tokio::net::TcpListener, which, addr| {
+        l.local_addr().map_err(|source| ServerError::Bind {
+            which,
+            addr,
+            source,
+        })
+    };
+    let api_addr = local(&api_listener, "API", args.listen)?;
+    let admin_addr = local(&admin_listener, "admin", args.admin_listen)?;
+
+    let core_stop = CancellationToken::new();
+    let leader_stop = CancellationToken::new();
+    let serve_stop = CancellationToken::new();
+    let mut background = Vec::new();
+
+    let (history, writer) = History::new(store.clone(), metrics.clone());
+    background.push(tokio::spawn(writer));
+    let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
+    let publisher = tokio::spawn(publisher);
+
+    let api = server::api_router(
+        AgentApi {
+            registry: registry.clone(),
+            wakes: wakes.clone(),
+            token: agent_token.clone(),
+        },
+        alert_token.clone().map(|token| AlertApi {
+            book: alerts.clone(),
+            token,
+        }),
+        leading.clone(),
+    );
+    let admin = server::admin_router(
+        metrics.clone(),
+        Health {
+            leading: leading.clone(),
+            synced,
+        },
+    );
+    let servers = vec![
+        tokio::spawn(server::serve("API", api_listener, api, serve_stop.clone())),
+        tokio::spawn(server::serve(
+            "admin",
+            admin_listener,
+            admin,
+            serve_stop.clone(),
+        )),
+    ];
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        registry: registry.clone(),
+        wakes,
+        alerts,
+        metrics: metrics.clone(),
+        history,
+        events,
+        prom: Arc::new(PromPool::new(args.prometheus_url.clone())),
+        settings: Settings {
+            tick: args.tick_interval,
+            sleep_ack_timeout: args.sleep_ack_timeout,
+            sample_interval: args.sample_interval,
+            status_interval: args.status_interval,
+        },
+        leading: leading.clone(),
+    });
+    let core = tokio::spawn(reconcile::run(ctx, wake_rx, synced_tx, core_stop.clone()));
+
+    let lock = LeaseLock::new(
+        client.clone(),
+        LeaderConfig {
+            lease_name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        },
+    );
+    let leader = tokio::spawn(leader::run(
+        lock,
+        lead_tx,
+        metrics.clone(),
+        leader_stop.clone(),
+    ));
+
+    background.push(tokio::spawn(maintain(
+        registry.clone(),
+        metrics.clone(),
+        [Some(agent_token), alert_token]
+            .into_iter()
+            .flatten()
+            .collect(),
+        serve_stop.clone(),
+    )));
+    if let Some(pod) = args.pod_name.clone() {
+        background.push(tokio::spawn(label_leader_pod(
+            client,
+            args.lease_namespace.clone(),
+            pod,
+            leading.clone(),
+        )));
+    }
+    // Events outlive the core only as long as the publisher drains its queue.
+    background.push(publisher);
+
+    tracing::info!(%api_addr, %admin_addr, %identity, "controller started");
+    Ok(Running {
+        api_addr,
+        admin_addr,
+        identity,
+        metrics,
+        registry,
+        store,
+        leading,
+        core_stop,
+        leader_stop,
+        serve_stop,
+        core: Some(core),
+        leader: Some(leader),
+        servers,
+        background,
+    })
+}
+
+/// Keeps the live-agents gauge current and re-reads rotated token files.
+async fn maintain(
+    registry: Arc<AgentRegistry>,
+    metrics: ControllerMetrics,
+    tokens: Vec<BearerToken>,
+    stop: CancellationToken,
+) {
+    let mut gauge = tokio::time::interval(Duration::from_secs(1));
+    let mut reload = tokio::time::interval(TOKEN_RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = gauge.tick() => metrics.set_live_agents(registry.live_count(Instant::now())),
+            _ = reload.tick() => {
+                for t in &tokens {
+                    match t.reload() {
+                        Ok(true) => tracing::info!("a rotated token was loaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(err = %e, "re-reading a token file failed; keeping the old token"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Mirrors leadership onto the Pod's leader label (retrying until it sticks).
+async fn label_leader_pod(
+    client: kube::Client,
+    namespace: String,
+    pod: String,
+    mut leading: watch::Receiver<bool>,
+) {
+    let mut labelled: Option<bool> = None;
+    loop {
+        let want = *leading.borrow_and_update();
+        if labelled != Some(want) {
+            match tokio::time::timeout(
+                reconcile::API_TIMEOUT,
+                leader::label_pod(client.clone(), &namespace, &pod, want),
+            )
+            .await
+            {
+                Ok(Ok(())) => labelled = Some(want),
+                Ok(Err(e)) => tracing::warn!(err = %e, "labelling the controller Pod failed"),
+                Err(_) => tracing::warn!("labelling the controller Pod timed out"),
+            }
+        }
+        if labelled == Some(want) {
+            if leading.changed().await.is_err() {
+                return;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The settings of `nemesis-controller run`: every flag can also come from the
+//! environment as `NEMESIS_CONTROLLER_<SETTING>`, and every default is a named constant
+//! with the reason for its value. Parsing only; nothing here opens a file or a socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::policy::duration::parse_duration;
+use crate::store::Retention;
+
+/// Agents and Alertmanager call this port; 8080 is the usual plain-HTTP service port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// `/metrics`, `/healthz`, `/readyz` apart from the agents' port, so a scrape or a probe
+/// never competes with wake-ups and a NetworkPolicy can treat them differently.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:8081";
+/// The StatefulSet mounts its volume here; redb keeps the history in one file.
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/nemesis/history.redb";
+pub const DEFAULT_LEASE_NAME: &str = "nemesis-controller";
+/// Where the manifests install the controller.
+pub const DEFAULT_LEASE_NAMESPACE: &str = "nemesis-system";
+/// client-go's defaults (15 s / 10 s / 2 s), which every Kubernetes controller uses: a
+/// dead leader is replaced within about 15 s, and a leader cut off from the API server
+/// stops acting after 10 s, well before anyone else may take over at 15 s.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+pub const DEFAULT_RENEW_DEADLINE: Duration = Duration::from_secs(10);
+pub const DEFAULT_RETRY_PERIOD: Duration = Duration::from_secs(2);
+/// Agent counts arrive every few seconds; a second between evaluations keeps `for`
+/// windows accurate to about a second without spending much on idle policies (events,
+/// wake-ups and new query results are evaluated at once anyway).
+pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long every live agent has to acknowledge a hold before a scale to zero; an agent
+/// applies a directive on its next heartbeat (a few seconds), so 30 s means several
+/// missed heartbeats, after which the sleep is abandoned rather than risked.
+pub const DEFAULT_SLEEP_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Metric samples for the history: every 10 s gives 360 points per metric per hour at
+/// full resolution, plenty for charts, and one small write per policy per 10 s.
+pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+/// The latest metric values are refreshed in a policy's status at most this often (state
+/// changes are written at once): frequent enough for `kubectl describe`, rare enough not
+/// to load the API server with one write per policy per tick.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(15);
+/// The shortest tick accepted: below this the controller spins without new information.
+pub const MIN_TICK_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `nemesis-controller run`. The Kubernetes client is configured the standard kube-rs
+/// way: `KUBECONFIG` (or `~/.kube/config`), else the in-cluster service account.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address for the agents' API and the Alertmanager webhook.
+    #[arg(long, env = "NEMESIS_CONTROLLER_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Address for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "NEMESIS_CONTROLLER_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
+
+    /// File holding the bearer token agents present (a mounted Secret; re-read on change).
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TOKEN_FILE")]
+    pub agent_token_file: PathBuf,
+
+    /// File holding the bearer token Alertmanager presents. Without it the webhook is not
+    /// served and `alert(...)` conditions never fire.
+    #[arg(long, env = "NEMESIS_CONTROLLER_ALERTMANAGER_TOKEN_FILE")]
+    pub alertmanager_token_file: Option<PathBuf>,
+
+    /// The Prometheus that PromQL sources query unless they name their own `server`.
+    #[arg(long, env = "NEMESIS_CONTROLLER_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
+
+    /// The redb history file.
+    #[arg(long, env = "NEMESIS_CONTROLLER_STORE_PATH", default_value = DEFAULT_STORE_PATH)]
+    pub store_path: PathBuf,
+
+    /// Raw metric samples older than this are folded into one-minute buckets.
+    #[arg(long, env = "NEMESIS_CONTROLLER_RETENTION_RAW", value_parser = parse_flag_duration,
+          default_value = "1h")]
+    pub retention_raw: Duration,
+
+    /// Minute buckets older than this are deleted.
+    #[arg(long, env = "NEMESIS_CONTROLLER_RETENTION_DOWNSAMPLED", value_parser = parse_flag_duration,
+          default_value = "30d")]
+    pub retention_downsampled: Duration,
+
+    /// Transitions, scale events and cold starts older than this are deleted.
+    #[arg(long, env = "NEMESIS_CONTROLLER_RETENTION_EVENTS", value_parser = parse_flag_duration,
+          default_value = "365d")]
+    pub retention_events: Duration,
+
+    /// The Lease that elects the one acting instance.
+    #[arg(long, env = "NEMESIS_CONTROLLER_LEASE_NAME", default_value = DEFAULT_LEASE_NAME)]
+    pub lease_name: String,
+
+    #[arg(long, env = "NEMESIS_CONTROLLER_LEASE_NAMESPACE", default_value = DEFAULT_LEASE_NAMESPACE)]
+    pub lease_namespace: String,
+
+    /// This instance's name in the Lease (default: the host name plus a random suffix).
+    #[arg(long, env = "NEMESIS_CONTROLLER_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// The controller's own Pod (downward API). When set, the leader labels it
+    /// `nemesis.dev/leader=true`, so a Service selecting that label routes agents and
+    /// Alertmanager to the acting instance only.
+    #[arg(long, env = "NEMESIS_CONTROLLER_POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// How long a Lease is valid without renewal; a standby takes over after this.
+    #[arg(long, env = "NEMESIS_CONTROLLER_LEASE_DURATION", value_parser = parse_flag_duration,
+          default_value = "15s")]
+    pub lease_duration: Duration,
+
+    /// The leader stops acting when it could not renew for this long (< lease duration).
+    #[arg(long, env = "NEMESIS_CONTROLLER_RENEW_DEADLINE", value_parser = parse_flag_duration,
+          default_value = "10s")]
+    pub renew_deadline: Duration,
+
+    /// How often the Lease is renewed or an acquisition attempted (< renew deadline).
+    #[arg(long, env = "NEMESIS_CONTROLLER_RETRY_PERIOD", value_parser = parse_flag_duration,
+          default_value = "2s")]
+    pub retry_period: Duration,
+
+    /// How often every policy is evaluated when nothing else triggers it.
+    #[arg(long, env = "NEMESIS_CONTROLLER_TICK_INTERVAL", value_parser = parse_flag_duration,
+          default_value = "1s")]
+    pub tick_interval: Duration,
+
+    /// How long every live agent has to acknowledge a hold before a scale to zero.
+    #[arg(long, env = "NEMESIS_CONTROLLER_SLEEP_ACK_TIMEOUT", value_parser = parse_flag_duration,
+          default_value = "30s")]
+    pub sleep_ack_timeout: Duration,
+
+    /// An agent silent for this long is dead (its acknowledgement is no longer awaited).
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_LEASE", value_parser = parse_flag_duration,
+          default_value = "15s")]
+    pub agent_lease: Duration,
+
+    /// How often each policy's metric values are written to the history.
+    #[arg(long, env = "NEMESIS_CONTROLLER_SAMPLE_INTERVAL", value_parser = parse_flag_duration,
+          default_value = "10s")]
+    pub sample_interval: Duration,
+
+    /// How often the latest metric values are refreshed in a policy's status.
+    #[arg(long, env = "NEMESIS_CONTROLLER_STATUS_INTERVAL", value_parser = parse_flag_duration,
+          default_value = "15s")]
+    pub status_interval: Duration,
+
+    #[arg(long, env = "NEMESIS_CONTROLLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Why the settings cannot work together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--renew-deadline ({renew:?}) must be shorter than --lease-duration ({lease:?}): a leader must stop acting before anyone else may take over"
+    )]
+    RenewDeadlineNotBelowLease { renew: Duration, lease: Duration },
+    #[error("--retry-period ({retry:?}) must be shorter than --renew-deadline ({renew:?})")]
+    RetryPeriodNotBelowRenewDeadline { retry: Duration, renew: Duration },
+    #[error("--tick-interval ({tick:?}) must be at least {MIN_TICK_INTERVAL:?}")]
+    TickTooShort { tick: Duration },
+    #[error("--{flag} must be above zero")]
+    Zero { flag: &'static str },
+    #[error(
+        "--lease-duration must be a whole number of seconds (a Lease counts in seconds), is {0:?}"
+    )]
+    LeaseNotWholeSeconds(Duration),
+}
+
+impl RunArgs {
+    /// Checks the settings that depend on each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (flag, d) in [
+            ("lease-duration", self.lease_duration),
+            ("renew-deadline", self.renew_deadline),
+            ("retry-period", self.retry_period),
+            ("sleep-ack-timeout", self.sleep_ack_timeout),
+            ("agent-lease", self.agent_lease),
+            ("sample-interval", self.sample_interval),
+            ("status-interval", self.status_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        if self.lease_duration.subsec_nanos() != 0 {
+            return Err(ConfigError::LeaseNotWholeSeconds(self.lease_duration));
+        }
+        if self.renew_deadline >= self.lease_duration {
+            return Err(ConfigError::RenewDeadlineNotBelowLease {
+                renew: self.renew_deadline,
+                lease: self.lease_duration,
+            });
+        }
+        if self.retry_period >= self.renew_deadline {
+            return Err(ConfigError::RetryPeriodNotBelowRenewDeadline {
+                retry: self.retry_period,
+                renew: self.renew_deadline,
+            });
+        }
+        if self.tick_interval < MIN_TICK_INTERVAL {
+            return Err(ConfigError::TickTooShort {
+                tick: self.tick_interval,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn retention(&self) -> Retention {
+        Retention {
+            raw: self.retention_raw,
+            downsampled: self.retention_downsampled,
+            events: self.retention_events,
+        }
+    }
+
+    /// The Lease identity: the flag, else `<host name>-<random>` (unique even for two
+    /// instances on one host, as in tests).
+    pub fn identity(&self) -> String {
+        if let Some(id) = &self.identity {
+            return id.clone();
+        }
+        // The kernel's name for this host (a Pod's name in Kubernetes).
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "nemesis-controller".to_string());
+        format!("{host}-{:08x}", rand::random::<u32>())
+    }
+}
+
+/// Durations as policies write them (`500ms`, `15s`, `1h30m`), for flags.
+pub fn parse_flag_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text.trim()).map_err(|e| {
+        format!(
+            "{:?} is not a duration (e.g. 500ms, 15s, 10m, 1h): {}",
+            text, e.message
+        )
+    })?;
+    d.to_std()
+        .map_err(|_| format!("{text:?} must not be negative"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::store::DEFAULT_RETENTION;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut all = vec!["nemesis-controller", "--agent-token-file", "/t"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|c| c.run)
+    }
+
+    #[test]
+    fn defaults_match_their_named_constants() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(a.admin_listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+        assert_eq!(a.store_path, PathBuf::from(DEFAULT_STORE_PATH));
+        assert_eq!(a.lease_duration, DEFAULT_LEASE_DURATION);
+        assert_eq!(a.renew_deadline, DEFAULT_RENEW_DEADLINE);
+        assert_eq!(a.retry_period, DEFAULT_RETRY_PERIOD);
+        assert_eq!(a.tick_interval, DEFAULT_TICK_INTERVAL);
+        assert_eq!(a.sleep_ack_timeout, DEFAULT_SLEEP_ACK_TIMEOUT);
+        assert_eq!(a.agent_lease, crate::agents::registry::DEFAULT_LEASE);
+        assert_eq!(a.sample_interval, DEFAULT_SAMPLE_INTERVAL);
+        assert_eq!(a.status_interval, DEFAULT_STATUS_INTERVAL);
+        assert_eq!(a.retention(), DEFAULT_RETENTION);
+        assert!(a.validate().is_ok());
+    }
+
+    #[test]
+    fn durations_use_the_policy_spelling_and_bad_ones_say_what_is_wrong() {
+        let a = parse(&["--tick-interval", "250ms", "--lease-duration", "1m"]).unwrap();
+        assert_eq!(a.tick_interval, Duration::from_millis(250));
+        assert_eq!(a.lease_duration, Duration::from_secs(60));
+        let e = parse(&["--tick-interval", "5"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--tick-interval") && e.contains("not a duration"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_renew_deadline_at_or_above_the_lease_duration_is_refused() {
+        let a = parse(&["--lease-duration", "10s", "--renew-deadline", "10s"]).unwrap();
+        assert!(matches!(
+            a.validate(),
+            Err(ConfigError::RenewDeadlineNotBelowLease { .. })
+        ));
+        let a = parse(&["--retry-period", "10s"]).unwrap();
+        assert!(matches!(
+            a.validate(),
+            Err(ConfigError::RetryPeriodNotBelowRenewDeadline { .. })
+        ));
+        let a = parse(&["--tick-interval", "10ms"]).unwrap();
+        assert!(matches!(
+            a.validate(),
+            Err(ConfigError::TickTooShort { .. })
+        ));
+        let a = parse(&[
+            "--lease-duration",
+            "1500ms",
+            "--renew-deadline",
+            "1s",
+            "--retry-period",
+            "200ms",
+        ])
+        .unwrap();
+        assert!(matches!(
+            a.validate(),
+            Err(ConfigError::LeaseNotWholeSeconds(_))
+        ));
+    }
+
+    #[test]
+    fn a_missing_agent_token_file_is_a_clear_error() {
+        #[derive(Parser)]
+        struct Bare {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let e = Bare::try_parse_from(["x"]).err().unwrap().to_string();
+        assert!(e.contains("--agent-token-file"), "{e}");
+    }
+}

@@ -1,0 +1,372 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, as client-go does it: acquire
+//! or renew with resourceVersion-guarded updates (a lost race is a 409, never two
+//! holders), judge another holder's expiry by when this instance last saw the record
+//! change (immune to clock skew), and publish leadership on a watch channel. A leader
+//! that cannot renew within the renew deadline publishes `false` at once, before its
+//! lease can expire for anyone else. It never scales anything itself.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{ControllerMetrics, ErrorKind};
+
+/// The label the leader puts on its own Pod (see `--pod-name`).
+pub const LEADER_LABEL: &str = "nemesis.dev/leader";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderConfig {
+    pub lease_name: String,
+    pub namespace: String,
+    /// Unique per instance.
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("reading Lease {namespace}/{name}: {source}")]
+    GetLease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("creating Lease {namespace}/{name}: {source}")]
+    CreateLease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("updating Lease {namespace}/{name}: {source}")]
+    UpdateLease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("labelling the leader Pod {namespace}/{name}: {source}")]
+    LabelPod {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What one acquire-or-renew attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// This instance holds the Lease (acquired or renewed just now).
+    Leading,
+    /// Someone else holds a Lease that has not expired, or won a race for it.
+    Following { holder: Option<String> },
+}
+
+/// The Lease record as this instance last saw it, and when it saw it change.
+#[derive(Debug, Clone)]
+struct Observed {
+    resource_version: Option<String>,
+    seen_at: Instant,
+}
+
+/// One instance's handle on the Lease.
+pub struct LeaseLock {
+    api: Api<Lease>,
+    cfg: LeaderConfig,
+    observed: Option<Observed>,
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn seconds(d: Duration) -> i32 {
+    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+}
+
+// === impl LeaseLock ===
+
+impl LeaseLock {
+    pub fn new(client: Client, cfg: LeaderConfig) -> Self {
+        Self {
+            api: Api::namespaced(client, &cfg.namespace),
+            cfg,
+            observed: None,
+        }
+    }
+
+    pub fn config(&self) -> &LeaderConfig {
+        &self.cfg
+    }
+
+    fn get_error(&self, source: kube::Error) -> LeaderError {
+        LeaderError::GetLease {
+            namespace: self.cfg.namespace.clone(),
+            name: self.cfg.lease_name.clone(),
+            source,
+        }
+    }
+
+    fn update_error(&self, source: kube::Error) -> LeaderError {
+        LeaderError::UpdateLease {
+            namespace: self.cfg.namespace.clone(),
+            name: self.cfg.lease_name.clone(),
+            source,
+        }
+    }
+
+    fn observe(&mut self, resource_version: Option<String>) -> Instant {
+        match &self.observed {
+            Some(o) if o.resource_version == resource_version => o.seen_at,
+            _ => {
+                let now = Instant::now();
+                self.observed = Some(Observed {
+                    resource_version,
+                    seen_at: now,
+                });
+                now
+            }
+        }
+    }
+
+    /// Takes the Lease if it is free, expired or ours, and renews it if ours. Every write
+    /// carries the resourceVersion read, so of two racing instances exactly one wins.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, LeaderError> {
+        let now = MicroTime(Timestamp::now());
+        let existing = self
+            .api
+            .get_opt(&self.cfg.lease_name)
+            .await
+            .map_err(|e| self.get_error(e))?;
+        let Some(mut lease) = existing else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.cfg.lease_name.clone()),
+                    namespace: Some(self.cfg.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.cfg.identity.clone()),
+                    lease_duration_seconds: Some(seconds(self.cfg.lease_duration)),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(created) => {
+                    self.observe(created.metadata.resource_version);
+                    Ok(Attempt::Leading)
+                }
+                // Another instance created it first.
+                Err(e) if is_conflict(&e) => Ok(Attempt::Following { holder: None }),
+                Err(source) => Err(LeaderError::CreateLease {
+                    namespace: self.cfg.namespace.clone(),
+                    name: self.cfg.lease_name.clone(),
+                    source,
+                }),
+            };
+        };
+
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let seen_at = self.observe(lease.metadata.resource_version.clone());
+        let ours = holder.as_deref() == Some(self.cfg.identity.as_str());
+        if !ours && let Some(holder) = holder.clone() {
+            let duration = Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(0).max(1)).unwrap_or(1),
+            );
+            if Instant::now() < seen_at + duration {
+                return Ok(Attempt::Following {
+                    holder: Some(holder),
+                });
+            }
+            tracing::info!(previous = %holder, "the Lease expired; taking it over");
+        }
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(self.cfg.identity.clone()),
+            lease_duration_seconds: Some(seconds(self.cfg.lease_duration)),
+            acquire_time: if ours {
+                spec.acquire_time.clone()
+            } else {
+                Some(now.clone())
+            },
+            renew_time: Some(now),
+            lease_transitions: Some(
+                spec.lease_transitions.unwrap_or(0) + i32::from(!ours && holder.is_some()),
+            ),
+            ..spec
+        });
+        match self
+            .api
+            .replace(&self.cfg.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(updated) => {
+                self.observe(updated.metadata.resource_version);
+                Ok(Attempt::Leading)
+            }
+            Err(e) if is_conflict(&e) => Ok(Attempt::Following { holder }),
+            Err(e) => Err(self.update_error(e)),
+        }
+    }
+
+    /// Gives the Lease up (holder cleared, one-second duration) so a standby takes over
+    /// at its next attempt instead of after the lease duration. `false`: not ours.
+    pub async fn release(&mut self) -> Result<bool, LeaderError> {
+        let Some(mut lease) = self
+            .api
+            .get_opt(&self.cfg.lease_name)
+            .await
+            .map_err(|e| self.get_error(e))?
+        else {
+            return Ok(false);
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
+            return Ok(false);
+        }
+        lease.spec = Some(LeaseSpec {
+            holder_identity: None,
+            lease_duration_seconds: Some(1),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..spec
+        });
+        match self
+            .api
+            .replace(&self.cfg.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(self.update_error(e)),
+        }
+    }
+}
+
+/// Runs the election until `shutdown`: publishes `true` on `leading` when this instance
+/// acquires the Lease and `false` the moment it loses it (another holder, or no renewal
+/// within the renew deadline). On shutdown it stops leading first, then releases.
+pub async fn run(
+    mut lock: LeaseLock,
+    leading: watch::Sender<bool>,
+    metrics: ControllerMetrics,
+    shutdown: CancellationToken,
+) {
+    let cfg = lock.config().clone();
+    let attempt_timeout = cfg.retry_period;
+    loop {
+        // --- following: try to acquire every retry period (with jitter, as client-go) ---
+        let mut renewed_at;
+        loop {
+            let sent = Instant::now();
+            match tokio::time::timeout(attempt_timeout, lock.try_acquire_or_renew()).await {
+                Ok(Ok(Attempt::Leading)) => {
+                    renewed_at = sent;
+                    break;
+                }
+                Ok(Ok(Attempt::Following { holder })) => {
+                    tracing::debug!(?holder, "following");
+                }
+                Ok(Err(e)) => {
+                    metrics.error(ErrorKind::LeaderElection);
+                    tracing::warn!(err = %e, "leader election attempt failed");
+                }
+                Err(_) => {
+                    metrics.error(ErrorKind::LeaderElection);
+                    tracing::warn!(after = ?attempt_timeout, "leader election attempt timed out");
+                }
+            }
+            let jitter = cfg.retry_period.mul_f64(rand::random::<f64>() * 0.2);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(cfg.retry_period + jitter) => {}
+            }
+        }
+        tracing::info!(identity = %cfg.identity, lease = %cfg.lease_name, "became the leader");
+        metrics.set_leader(true);
+        leading.send_replace(true);
+
+        // --- leading: renew every retry period; stop at the renew deadline ---
+        loop {
+            let deadline = renewed_at + cfg.renew_deadline;
+            let next = (Instant::now() + cfg.retry_period).min(deadline);
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    leading.send_replace(false);
+                    metrics.set_leader(false);
+                    match tokio::time::timeout(attempt_timeout, lock.release()).await {
+                        Ok(Ok(true)) => tracing::info!("released the Lease"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => tracing::warn!(err = %e, "releasing the Lease failed"),
+                        Err(_) => tracing::warn!("releasing the Lease timed out"),
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            if Instant::now() >= deadline {
+                metrics.error(ErrorKind::LeaderElection);
+                tracing::error!(deadline = ?cfg.renew_deadline, "could not renew the Lease in time; stepping down");
+                break;
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout_at(deadline, lock.try_acquire_or_renew()).await {
+                Ok(Ok(Attempt::Leading)) => renewed_at = sent,
+                Ok(Ok(Attempt::Following { holder })) => {
+                    tracing::error!(?holder, "lost the Lease; stepping down");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    metrics.error(ErrorKind::LeaderElection);
+                    tracing::warn!(err = %e, "renewing the Lease failed; retrying until the renew deadline");
+                }
+                Err(_) => {
+                    metrics.error(ErrorKind::LeaderElection);
+                    tracing::error!(deadline = ?cfg.renew_deadline, "renewing the Lease timed out; stepping down");
+                    break;
+                }
+            }
+        }
+        leading.send_replace(false);
+        metrics.set_leader(false);
+    }
+}
+
+/// Puts (or removes) [`LEADER_LABEL`] on the controller's own Pod, so a Service that
+/// selects it sends agents and Alertmanager to the acting instance only.
+pub async fn label_pod(
+    client: Client,
+    namespace: &str,
+    pod: &str,
+    leading: bool,
+) -> Result<(), LeaderError> {
+    let api: Api<Pod> = Api::namespaced(client, namespace);
+    let value = if leading {
+        serde_json::Value::from("true")
+    } else {
+        serde_json::Value::Null
+    };
+    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    api.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| LeaderError::LabelPod {
+            namespace: namespace.to_string(),
+            name: pod.to_string(),
+            source,
+        })
+}

@@ -1,0 +1,967 @@
+//! One ScalingPolicy's loop while this instance leads: on every tick, wake-up, spec
+//! change, new query result or Deployment change it gathers the observations, calls
+//! `engine::decide`, and applies the decision: the `/scale` subresource, the agents'
+//! sleep handshake before any scale to zero, status, history and Events. It owns the
+//! policy's runtime memory (engine state, wake and sleep progress); it never decides a
+//! replica count itself, and never scales after this instance stopped leading.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::{Api, Resource, ResourceExt};
+use nemesis_common::wire::{Directive, ServiceRef};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+
+use super::connections::{self, RateWindow};
+use super::events::Note;
+use super::history::Item;
+use super::prom::Poller;
+use super::status::{self, Blocked};
+use super::{API_TIMEOUT, Context, ReconcileError, backoff};
+use crate::agents::{AckError, WakeUp};
+use crate::engine::{self, Decision, Observations, State};
+use crate::metrics::{DecisionOutcome, ErrorKind};
+use crate::policy::crd::{self, ScalingPolicyStatus};
+use crate::policy::short_form::ZERO_STATE;
+use crate::policy::{CompiledPolicy, InvalidPolicy, ScalingPolicy, compile};
+use crate::store::{self, ColdStartOutcome, ColdStartRecord, PolicyId, unix_ms};
+
+/// An invalid policy is looked at again this often (its spec changes arrive as events
+/// anyway); it does nothing in between.
+const INVALID_RECHECK: Duration = Duration::from_secs(30);
+/// The scale we made is trusted over the cache for this long while the cache catches
+/// up, so a lagging watch never makes us scale twice.
+const PENDING_SCALE_TRUST: Duration = Duration::from_secs(10);
+
+/// What the supervisor sends an actor.
+#[derive(Debug)]
+pub enum Msg {
+    /// The policy object changed (spec or status).
+    Spec(Arc<ScalingPolicy>),
+    Wake(WakeUp),
+}
+
+/// What the supervisor keeps per actor.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub tx: mpsc::UnboundedSender<Msg>,
+    /// Evaluate now (a Deployment, an alert or a query result changed).
+    pub poke: Arc<Notify>,
+}
+
+/// What one leadership term shares with its actors.
+pub struct Term {
+    pub deployments: reflector::Store<Deployment>,
+    /// No scale to zero before this: agents that heartbeat to the previous leader need
+    /// one agent lease to show up here, and an empty registry would "acknowledge" a
+    /// hold no agent applied.
+    pub sleep_allowed_from: Instant,
+}
+
+/// A wake in progress: from an agent's wake-up, or a scale from zero the policy made.
+#[derive(Debug, Clone)]
+struct PendingWake {
+    received_at: Instant,
+    at: DateTime<Utc>,
+    /// Held connections reported (the wake-up's, then the largest heartbeat sum).
+    held: u64,
+    /// An agent's wake-up: the wake gate must be told when it is done.
+    from_agent: bool,
+    /// This wake scaled the target from zero: it is a cold start.
+    woke_target: bool,
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<(), AckError>> + Send>>;
+
+enum SleepPhase {
+    Awake,
+    /// Every live agent was asked to hold; scaling to zero waits for them all.
+    Waiting {
+        epoch: u64,
+        requested_at: DateTime<Utc>,
+        ack: AckFuture,
+    },
+    /// The last attempt was refused; the next waits until then.
+    Backoff {
+        until: Instant,
+    },
+}
+
+/// What one evaluation has to say in the status.
+#[derive(Debug, Default)]
+struct Report {
+    state: Option<(String, DateTime<Utc>)>,
+    desired: Option<u32>,
+    metrics: Vec<(String, Option<f64>)>,
+    blocked: Option<Blocked>,
+    notes: Vec<String>,
+}
+
+/// The facts about the target one evaluation used.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    replicas: u32,
+    ready: u32,
+}
+
+pub struct Actor {
+    id: PolicyId,
+    ctx: Arc<Context>,
+    term: Arc<Term>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    poke: Arc<Notify>,
+    obj: Arc<ScalingPolicy>,
+    generation: Option<i64>,
+    compiled: Result<Arc<CompiledPolicy>, InvalidPolicy>,
+    svc: Option<ServiceRef>,
+    engine: Option<State>,
+    rates: RateWindow,
+    poller: Option<Poller>,
+    last_demand: Option<DateTime<Utc>>,
+    last_wake: Option<DateTime<Utc>>,
+    ready_since_wake: bool,
+    wake: Option<PendingWake>,
+    pending_scale: Option<(u32, Instant)>,
+    sleep: SleepPhase,
+    /// Why the last sleep was refused (shown in status until the next one succeeds).
+    sleep_note: Option<String>,
+    last_transition: Option<crd::TransitionRecord>,
+    /// The reason and values of the latest decision, for scale records.
+    last_reason: String,
+    last_values: BTreeMap<String, f64>,
+    written: Option<(ScalingPolicyStatus, Instant)>,
+    last_sample: Option<Instant>,
+    failures: u32,
+    started: bool,
+}
+
+fn policy_id(p: &ScalingPolicy) -> PolicyId {
+    PolicyId::new(p.namespace().unwrap_or_default(), p.name_any())
+}
+
+// === impl Actor ===
+
+impl Actor {
+    pub fn new(ctx: Arc<Context>, term: Arc<Term>, obj: Arc<ScalingPolicy>) -> (Self, Handle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let poke = Arc::new(Notify::new());
+        let compiled = compile(&obj.spec).map(Arc::new);
+        let rates = RateWindow::new(
+            compiled
+                .as_ref()
+                .map_or(crate::policy::compile::DEFAULT_RATE_WINDOW, |c| {
+                    c.rate_window()
+                }),
+        );
+        let actor = Self {
+            id: policy_id(&obj),
+            ctx,
+            term,
+            rx,
+            poke: poke.clone(),
+            generation: None,
+            compiled,
+            svc: None,
+            engine: None,
+            rates,
+            poller: None,
+            last_demand: None,
+            last_wake: None,
+            ready_since_wake: false,
+            wake: None,
+            pending_scale: None,
+            sleep: SleepPhase::Awake,
+            sleep_note: None,
+            last_transition: obj.status.as_ref().and_then(|s| s.last_transition.clone()),
+            last_reason: String::new(),
+            last_values: BTreeMap::new(),
+            written: None,
+            last_sample: None,
+            failures: 0,
+            started: false,
+            obj,
+        };
+        (actor, Handle { tx, poke })
+    }
+
+    /// Runs until the supervisor drops the handle (the policy was deleted).
+    pub async fn run(mut self) {
+        if self.term.deployments.wait_until_ready().await.is_err() {
+            return;
+        }
+        self.adopt_spec(self.obj.clone());
+        let mut next = Instant::now();
+        loop {
+            tokio::select! {
+                m = self.rx.recv() => match m {
+                    None => break,
+                    Some(Msg::Spec(p)) => {
+                        if !self.adopt_spec(p) {
+                            continue;
+                        }
+                    }
+                    Some(Msg::Wake(w)) => self.on_wake(w),
+                },
+                r = wait_ack(&mut self.sleep) => self.on_ack(r).await,
+                _ = self.poke.notified() => {}
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let wait = self.tick().await;
+            next = Instant::now() + wait;
+        }
+        self.stop();
+    }
+
+    fn namespace(&self) -> &str {
+        &self.id.namespace
+    }
+
+    // --- spec ---
+
+    /// Takes a new version of the object; `true` when the spec changed (a new
+    /// generation) and the policy must be evaluated at once.
+    fn adopt_spec(&mut self, obj: Arc<ScalingPolicy>) -> bool {
+        let generation = obj.metadata.generation;
+        let first = !self.started;
+        self.obj = obj;
+        if !first && generation == self.generation {
+            return false;
+        }
+        self.started = true;
+        self.generation = generation;
+        let now = Utc::now();
+        let new = compile(&self.obj.spec).map(Arc::new);
+        let old_svc = self.svc.take();
+        match (&self.compiled, &new) {
+            (Ok(old), Ok(n)) if !first => {
+                self.engine = self.engine.as_ref().map(|s| s.carry_over(old, n, now));
+            }
+            _ => self.engine = None,
+        }
+        self.compiled = new;
+        match &self.compiled {
+            Ok(c) => {
+                self.svc = c.service().map(|name| ServiceRef {
+                    namespace: self.id.namespace.clone(),
+                    name: name.to_string(),
+                });
+                self.rates.set_window(c.rate_window());
+                self.poller = (!c.sources().is_empty()).then(|| {
+                    Poller::start(
+                        self.ctx.prom.clone(),
+                        c.sources(),
+                        self.poke.clone(),
+                        self.ctx.metrics.clone(),
+                    )
+                });
+                tracing::info!(policy = %self.id, generation = ?generation, "policy valid; running it");
+            }
+            Err(e) => {
+                self.poller = None;
+                self.ctx.metrics.error(ErrorKind::InvalidPolicy);
+                tracing::warn!(policy = %self.id, err = %e, "policy invalid; nothing is scaled for it");
+                self.emit(true, "InvalidPolicy", "Validate", e.to_string());
+            }
+        }
+        if old_svc != self.svc
+            && let Some(old) = &old_svc
+        {
+            self.ctx.wakes.set_managed(old, false);
+            self.ctx.registry.remove(old);
+        }
+        if let Some(svc) = &self.svc {
+            self.ctx.wakes.set_managed(svc, true);
+        }
+        // Status is rewritten for the new generation.
+        self.written = None;
+        true
+    }
+
+    // --- events from outside ---
+
+    fn on_wake(&mut self, w: WakeUp) {
+        let now = Utc::now();
+        self.last_demand = Some(now);
+        tracing::debug!(policy = %self.id, node = %w.node, held = w.held_connections, "wake-up");
+        match &mut self.wake {
+            Some(p) => p.held = p.held.max(u64::from(w.held_connections)),
+            None => {
+                self.wake = Some(PendingWake {
+                    received_at: w.received_at,
+                    at: now,
+                    held: u64::from(w.held_connections),
+                    from_agent: true,
+                    woke_target: false,
+                })
+            }
+        }
+    }
+
+    // --- one evaluation ---
+
+    /// Evaluates and applies; returns how long until the next evaluation at the latest.
+    async fn tick(&mut self) -> Duration {
+        let tick = self.ctx.settings.tick;
+        self.ctx.metrics.reconciled();
+        if !self.ctx.is_leading() {
+            return tick;
+        }
+        let now = Utc::now();
+        let compiled = match &self.compiled {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                let e = e.clone();
+                self.write_status(Err(&e), Report::default(), now).await;
+                return INVALID_RECHECK;
+            }
+        };
+
+        let Some(target) = self.target(&compiled) else {
+            let blocked = Blocked {
+                reason: "TargetNotFound",
+                message: format!(
+                    "Deployment {}/{} does not exist",
+                    self.namespace(),
+                    compiled.deployment()
+                ),
+            };
+            let report = Report {
+                blocked: Some(blocked),
+                ..Report::default()
+            };
+            self.write_status(Ok(&compiled), report, now).await;
+            return backoff(tick, 3);
+        };
+        if !self.ready_since_wake && self.last_wake.is_some() && target.ready > 0 {
+            self.ready_since_wake = true;
+        }
+
+        let obs = self.observe(&compiled, target, now);
+        let state = match self.engine.take() {
+            Some(s) => s,
+            None => self.initial_state(&compiled, target, now),
+        };
+        let from_state = state.name(&compiled).to_string();
+        let d = engine::decide(&compiled, &state, &obs, now);
+        self.engine = Some(d.state.clone());
+        let outcome = if d.transition.is_some() {
+            DecisionOutcome::Transition
+        } else if d.rescaled.is_some() {
+            DecisionOutcome::Rescale
+        } else {
+            DecisionOutcome::Unchanged
+        };
+        self.ctx.metrics.decided(outcome);
+        let values = engine::metric_values(&compiled, &obs, now);
+        let reason = d.reason(&compiled);
+        if d.transition.is_some() || d.rescaled.is_some() {
+            self.last_reason = reason.clone();
+            self.last_values = values
+                .iter()
+                .filter_map(|(n, v)| v.map(|v| (n.clone(), v)))
+                .collect();
+        }
+        if let Some(t) = &d.transition {
+            tracing::info!(policy = %self.id, from = %t.from, to = %t.to, %reason, "transition");
+            self.ctx
+                .history
+                .record(Item::Transition(store::TransitionRecord {
+                    at_ms: unix_ms(now.into()),
+                    policy: self.id.clone(),
+                    from_state: from_state.clone(),
+                    to_state: t.to.clone(),
+                    from_replicas: to_i32(target.replicas),
+                    to_replicas: to_i32(d.desired_replicas),
+                    reason: reason.clone(),
+                    metrics: self.last_values.clone(),
+                }));
+            self.last_transition = Some(crd::TransitionRecord {
+                from: t.from.clone(),
+                to: t.to.clone(),
+                at: now,
+                reason: reason.clone(),
+            });
+            self.emit(false, "Transition", "Evaluate", reason.clone());
+        }
+
+        let mut wait = d.requeue_after.min(tick);
+        match self.apply(&compiled, &d, target, now).await {
+            Ok(()) => self.failures = 0,
+            Err(e) => {
+                self.failures += 1;
+                wait = backoff(tick, self.failures);
+                tracing::warn!(policy = %self.id, err = %e, retry_in = ?wait, "applying a decision failed");
+                self.emit(true, "ScaleFailed", "Scale", e.to_string());
+            }
+        }
+        let target = self.target(&compiled).unwrap_or(target);
+        self.follow_wake(&compiled, target, now);
+        if d.readiness_overdue {
+            tracing::warn!(policy = %self.id, "pods not ready within the readiness budget");
+        }
+
+        let mut notes = Vec::new();
+        if let Some(p) = &self.poller {
+            for (i, e) in p.errors() {
+                let name = compiled.sources()[i].name.as_str();
+                notes.push(format!("PromQL source `{name}` failing: {e}"));
+            }
+        }
+        if let Some(n) = &self.sleep_note {
+            notes.push(n.clone());
+        }
+        if d.hold.is_some() || d.readiness_overdue {
+            notes.push(reason.clone());
+        }
+        let desired = d.desired_replicas;
+        let st = self
+            .engine
+            .as_ref()
+            .map(|s| (s.name(&compiled).to_string(), s.since));
+        let report = Report {
+            state: st,
+            desired: Some(desired),
+            metrics: values.clone(),
+            blocked: None,
+            notes,
+        };
+        self.write_status(Ok(&compiled), report, now).await;
+        self.sample(&values, target, desired, now);
+        wait
+    }
+
+    /// The target's replicas (our own recent scale wins over a lagging cache) and ready
+    /// replicas; `None` when the Deployment does not exist.
+    fn target(&mut self, c: &CompiledPolicy) -> Option<Target> {
+        let key = ObjectRef::<Deployment>::new(c.deployment()).within(self.namespace());
+        let dep = self.term.deployments.get(&key)?;
+        let cached = dep.spec.replicas.unwrap_or(1).max(0) as u32;
+        let ready = dep
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+            .max(0) as u32;
+        let replicas = match self.pending_scale {
+            Some((n, _)) if n == cached => {
+                self.pending_scale = None;
+                cached
+            }
+            Some((n, at)) if at.elapsed() < PENDING_SCALE_TRUST => n,
+            _ => {
+                self.pending_scale = None;
+                cached
+            }
+        };
+        Some(Target { replicas, ready })
+    }
+
+    fn observe(&mut self, c: &CompiledPolicy, target: Target, now: DateTime<Utc>) -> Observations {
+        let mut obs = Observations::for_policy(c);
+        obs.replicas = target.replicas;
+        obs.ready_replicas = target.ready;
+        if let Some(svc) = &self.svc {
+            let act = self.ctx.registry.service_activity(svc, Instant::now());
+            obs.connections = connections::sample(&act, &mut self.rates, now);
+            if let Some(w) = &mut self.wake {
+                w.held = w.held.max(act.held_connections);
+            }
+        }
+        if let Some(p) = &self.poller {
+            obs.sources = p.samples();
+        }
+        if !c.alerts().is_empty() {
+            let firing = self.ctx.alerts.firing();
+            for (i, name) in c.alerts().iter().enumerate() {
+                obs.alerts[i] = firing.get(name).map(|a| a.since);
+            }
+        }
+        obs.last_demand = self.last_demand;
+        obs.last_wake = self.last_wake;
+        obs.ready_since_wake = self.ready_since_wake;
+        obs
+    }
+
+    /// Where a policy starts when this term first runs it: the state its status records
+    /// (a restart or a new leader resumes), else the short form's `zero` for a target
+    /// already at zero (a new policy must not wake it without demand), else the initial
+    /// state. Pods still starting count as a wake in progress, so they are never put to
+    /// sleep before they become ready.
+    fn initial_state(&mut self, c: &CompiledPolicy, target: Target, now: DateTime<Utc>) -> State {
+        if target.replicas > 0 && target.ready == 0 {
+            self.last_wake = Some(now);
+            self.ready_since_wake = false;
+        }
+        let status = self.obj.status.as_ref();
+        if let Some(name) = status.and_then(|s| s.state.as_deref())
+            && c.state_index(name).is_some()
+        {
+            let since = status.and_then(|s| s.state_since).unwrap_or(now);
+            return State::resume(c, name, since, now);
+        }
+        if c.is_short_form() && target.replicas == 0 && c.state_index(ZERO_STATE).is_some() {
+            return State::resume(c, ZERO_STATE, now, now);
+        }
+        State::initial(c, now)
+    }
+
+    // --- applying a decision ---
+
+    async fn apply(
+        &mut self,
+        c: &CompiledPolicy,
+        d: &Decision,
+        target: Target,
+        now: DateTime<Utc>,
+    ) -> Result<(), ReconcileError> {
+        let desired = d.desired_replicas;
+        if desired == 0 {
+            if target.replicas == 0 {
+                return Ok(());
+            }
+            let Some(svc) = self.svc.clone() else {
+                // Nothing intercepts this target's traffic: there is nobody to ask.
+                return self.scale(c, target.replicas, 0, now).await;
+            };
+            if let SleepPhase::Backoff { until } = self.sleep {
+                if Instant::now() < until {
+                    return Ok(());
+                }
+                self.sleep = SleepPhase::Awake;
+            }
+            if matches!(self.sleep, SleepPhase::Awake) {
+                if Instant::now() < self.term.sleep_allowed_from {
+                    tracing::debug!(policy = %self.id, "not sleeping yet: agents are still reporting to this new leader");
+                    return Ok(());
+                }
+                self.request_sleep(&svc, now);
+            }
+            return Ok(());
+        }
+
+        if let Some(svc) = self.svc.clone() {
+            if matches!(self.sleep, SleepPhase::Waiting { .. }) {
+                tracing::info!(policy = %self.id, "sleep cancelled: the policy wants replicas again");
+                self.emit(
+                    false,
+                    "SleepCancelled",
+                    "Sleep",
+                    format!("{} wants {desired} replicas again", self.id),
+                );
+            }
+            self.sleep = SleepPhase::Awake;
+            if target.replicas != desired {
+                self.scale(c, target.replicas, desired, now).await?;
+            }
+            if self
+                .ctx
+                .registry
+                .directive(&svc)
+                .is_some_and(|d| d.directive == Directive::Sleep)
+            {
+                self.ctx.registry.follow(&svc);
+            }
+            return Ok(());
+        }
+        if target.replicas != desired {
+            self.scale(c, target.replicas, desired, now).await?;
+        }
+        Ok(())
+    }
+
+    fn request_sleep(&mut self, svc: &ServiceRef, now: DateTime<Utc>) {
+        let epoch = self.ctx.registry.request_sleep(svc);
+        let registry = self.ctx.registry.clone();
+        let timeout = self.ctx.settings.sleep_ack_timeout;
+        let svc2 = svc.clone();
+        let ack: AckFuture =
+            Box::pin(async move { registry.wait_acknowledged(&svc2, epoch, timeout).await });
+        tracing::info!(policy = %self.id, service = %svc, epoch, "asking every live agent to hold before scaling to zero");
+        self.sleep = SleepPhase::Waiting {
+            epoch,
+            requested_at: now,
+            ack,
+        };
+    }
+
+    /// The agents answered (or did not): scale to zero only if every live agent holds,
+    /// nothing is open or held, and no wake-up came in since the request.
+    async fn on_ack(&mut self, result: Result<(), AckError>) {
+        let SleepPhase::Waiting {
+            epoch,
+            requested_at,
+            ..
+        } = std::mem::replace(&mut self.sleep, SleepPhase::Awake)
+        else {
+            return;
+        };
+        let (Some(svc), Ok(c)) = (self.svc.clone(), self.compiled.clone()) else {
+            return;
+        };
+        if !self.ctx.is_leading() {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let act = self.ctx.registry.service_activity(&svc, Instant::now());
+                let demand = self.last_demand.is_some_and(|t| t >= requested_at);
+                let wants_zero = self.engine.as_ref().and_then(|s| s.desired) == Some(0);
+                if !wants_zero {
+                    self.ctx.registry.follow(&svc);
+                    return;
+                }
+                if act.open_connections > 0 || act.held_connections > 0 || demand {
+                    let why = format!(
+                        "sleep abandoned: {} open and {} held connections{} while the agents acknowledged the hold",
+                        act.open_connections,
+                        act.held_connections,
+                        if demand { " and a wake-up" } else { "" }
+                    );
+                    tracing::info!(policy = %self.id, epoch, %why);
+                    self.emit(false, "SleepAbandoned", "Sleep", why.clone());
+                    self.sleep_note = Some(why);
+                    self.ctx.registry.follow(&svc);
+                    return;
+                }
+                let Some(target) = self.target(&c) else {
+                    return;
+                };
+                if target.replicas == 0 {
+                    return;
+                }
+                let now = Utc::now();
+                match self.scale(&c, target.replicas, 0, now).await {
+                    Ok(()) => {
+                        self.sleep_note = None;
+                    }
+                    Err(e) => {
+                        // Agents hold while the backends still run: let them go.
+                        self.ctx.registry.follow(&svc);
+                        self.failures += 1;
+                        self.sleep = SleepPhase::Backoff {
+                            until: Instant::now() + backoff(self.ctx.settings.tick, self.failures),
+                        };
+                        tracing::warn!(policy = %self.id, err = %e, "scaling to zero failed");
+                        self.emit(true, "ScaleFailed", "Scale", e.to_string());
+                    }
+                }
+            }
+            Err(e @ AckError::Timeout { .. }) => {
+                self.ctx.metrics.error(ErrorKind::AgentAckTimeout);
+                let why = format!("sleep abandoned, not scaling to zero: {e}");
+                tracing::warn!(policy = %self.id, %why);
+                self.emit(true, "SleepAbandoned", "Sleep", why.clone());
+                self.sleep_note = Some(why);
+                self.ctx.registry.follow(&svc);
+                self.sleep = SleepPhase::Backoff {
+                    until: Instant::now() + self.ctx.settings.sleep_ack_timeout,
+                };
+            }
+            Err(AckError::Superseded { .. }) => {}
+        }
+    }
+
+    /// Scales through the `/scale` subresource and records it.
+    async fn scale(
+        &mut self,
+        c: &CompiledPolicy,
+        from: u32,
+        to: u32,
+        now: DateTime<Utc>,
+    ) -> Result<(), ReconcileError> {
+        if !self.ctx.is_leading() {
+            return Ok(());
+        }
+        let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), self.namespace());
+        let patch = serde_json::json!({ "spec": { "replicas": to } });
+        let name = c.deployment();
+        let result = tokio::time::timeout(
+            API_TIMEOUT,
+            api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await;
+        let err = match result {
+            Ok(Ok(_)) => None,
+            Ok(Err(source)) => Some(ReconcileError::ScaleDeployment {
+                namespace: self.id.namespace.clone(),
+                name: name.to_string(),
+                replicas: to,
+                source,
+            }),
+            Err(_) => Some(ReconcileError::Timeout {
+                what: format!("scaling Deployment {}/{name}", self.id.namespace),
+                after: API_TIMEOUT,
+            }),
+        };
+        if let Some(e) = err {
+            self.ctx.metrics.error(ErrorKind::Scale);
+            return Err(e);
+        }
+        let acked = Instant::now();
+        self.ctx.metrics.scaled(to_i32(from), to_i32(to));
+        self.pending_scale = Some((to, acked));
+        if from == 0 && to > 0 {
+            self.last_wake = Some(now);
+            self.ready_since_wake = false;
+            match &mut self.wake {
+                Some(w) if !w.woke_target => {
+                    w.woke_target = true;
+                    let latency = acked.saturating_duration_since(w.received_at);
+                    self.ctx.metrics.observe_wake_latency(latency);
+                    tracing::info!(
+                        policy = %self.id,
+                        replicas = to,
+                        wake_latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                        "scaled from zero on a wake-up"
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    self.wake = Some(PendingWake {
+                        received_at: acked,
+                        at: now,
+                        held: 0,
+                        from_agent: false,
+                        woke_target: true,
+                    })
+                }
+            }
+        }
+        let state = self
+            .engine
+            .as_ref()
+            .map(|s| s.name(c).to_string())
+            .unwrap_or_default();
+        tracing::info!(policy = %self.id, from, to, %state, "scaled");
+        self.ctx.history.record(Item::Scale(store::ScaleRecord {
+            at_ms: unix_ms(now.into()),
+            policy: self.id.clone(),
+            state,
+            from_replicas: to_i32(from),
+            to_replicas: to_i32(to),
+            reason: self.last_reason.clone(),
+            metrics: self.last_values.clone(),
+        }));
+        let reason = if to == 0 {
+            "ScaledToZero"
+        } else if from == 0 {
+            "ScaledFromZero"
+        } else {
+            "Scaled"
+        };
+        self.emit(
+            false,
+            reason,
+            "Scale",
+            format!(
+                "Deployment {} scaled from {from} to {to}: {}",
+                name, self.last_reason
+            ),
+        );
+        Ok(())
+    }
+
+    /// Ends a wake once a pod is ready, the readiness budget is spent, or (when the
+    /// policy kept the target at zero) the agents' hold time is over.
+    fn follow_wake(&mut self, c: &CompiledPolicy, target: Target, now: DateTime<Utc>) {
+        let Some(w) = &self.wake else { return };
+        let age = (now - w.at).to_std().unwrap_or_default();
+        let outcome = if target.replicas > 0 && target.ready > 0 {
+            Some(ColdStartOutcome::Ready)
+        } else if (w.woke_target || target.replicas > 0)
+            && age > c.readiness_budget().to_std().unwrap_or_default()
+        {
+            Some(ColdStartOutcome::Timeout)
+        } else if !w.woke_target
+            && target.replicas == 0
+            && age > Duration::from_secs(u64::from(c.hold_timeout_seconds()))
+        {
+            Some(ColdStartOutcome::Failed {
+                message: "the policy kept the target at zero for the whole hold time".into(),
+            })
+        } else {
+            None
+        };
+        if let Some(o) = outcome {
+            self.finish_wake(o, now);
+        }
+    }
+
+    fn finish_wake(&mut self, outcome: ColdStartOutcome, now: DateTime<Utc>) {
+        let Some(w) = self.wake.take() else { return };
+        if w.from_agent
+            && let Some(svc) = &self.svc
+        {
+            self.ctx.wakes.finished(svc);
+        }
+        if !w.woke_target {
+            return;
+        }
+        let time_to_ready = (outcome == ColdStartOutcome::Ready)
+            .then(|| u64::try_from((now - w.at).num_milliseconds().max(0)).unwrap_or(0));
+        tracing::info!(policy = %self.id, ?outcome, time_to_ready_ms = ?time_to_ready, held = w.held, "cold start ended");
+        let warning = outcome != ColdStartOutcome::Ready;
+        self.emit(
+            warning,
+            if warning {
+                "ColdStartFailed"
+            } else {
+                "ColdStart"
+            },
+            "Wake",
+            match time_to_ready {
+                Some(ms) => format!("ready {ms} ms after the wake, {} connections held", w.held),
+                None => format!("no pod became ready: {outcome:?}"),
+            },
+        );
+        self.ctx.history.record(Item::ColdStart(ColdStartRecord {
+            wake_at_ms: unix_ms(w.at.into()),
+            policy: self.id.clone(),
+            time_to_ready_ms: time_to_ready,
+            held_connections: w.held,
+            outcome,
+        }));
+    }
+
+    // --- status, samples, events ---
+
+    async fn write_status(
+        &mut self,
+        compiled: Result<&CompiledPolicy, &InvalidPolicy>,
+        report: Report,
+        now: DateTime<Utc>,
+    ) {
+        let previous = self
+            .written
+            .as_ref()
+            .map(|(s, _)| s.clone())
+            .or_else(|| self.obj.status.clone())
+            .unwrap_or_default();
+        let new = status::build(status::Input {
+            compiled,
+            generation: self.generation,
+            previous: &previous,
+            state: report.state,
+            desired: report.desired,
+            last_transition: self.last_transition.clone(),
+            metrics: report.metrics,
+            blocked: report.blocked,
+            notes: report.notes,
+            now,
+        });
+        self.patch_status(new).await;
+    }
+
+    async fn patch_status(&mut self, new: ScalingPolicyStatus) {
+        let written = self.written.as_ref().map(|(s, _)| s);
+        let age = self.written.as_ref().map(|(_, at)| at.elapsed());
+        if !status::worth_writing(&new, written, age, self.ctx.settings.status_interval) {
+            return;
+        }
+        if !self.ctx.is_leading() {
+            return;
+        }
+        let api: Api<ScalingPolicy> = Api::namespaced(self.ctx.client.clone(), self.namespace());
+        let patch = serde_json::json!({ "status": new });
+        let result = tokio::time::timeout(
+            API_TIMEOUT,
+            api.patch_status(
+                &self.id.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await;
+        match result {
+            Ok(Ok(_)) => self.written = Some((new, Instant::now())),
+            Ok(Err(source)) => {
+                self.ctx.metrics.error(ErrorKind::KubeApi);
+                let e = ReconcileError::PatchStatus {
+                    namespace: self.id.namespace.clone(),
+                    name: self.id.name.clone(),
+                    source,
+                };
+                tracing::warn!(policy = %self.id, err = %e, "status not written; retrying next tick");
+            }
+            Err(_) => {
+                self.ctx.metrics.error(ErrorKind::KubeApi);
+                tracing::warn!(policy = %self.id, after = ?API_TIMEOUT, "status write timed out");
+            }
+        }
+    }
+
+    fn sample(
+        &mut self,
+        values: &[(String, Option<f64>)],
+        target: Target,
+        desired: u32,
+        now: DateTime<Utc>,
+    ) {
+        if self
+            .last_sample
+            .is_some_and(|t| t.elapsed() < self.ctx.settings.sample_interval)
+        {
+            return;
+        }
+        self.last_sample = Some(Instant::now());
+        let mut out: Vec<(String, f64)> = values
+            .iter()
+            .filter_map(|(n, v)| v.map(|v| (n.clone(), v)))
+            .collect();
+        out.push(("nemesis.replicas".into(), f64::from(target.replicas)));
+        out.push(("nemesis.replicas.ready".into(), f64::from(target.ready)));
+        out.push(("nemesis.replicas.desired".into(), f64::from(desired)));
+        self.ctx.history.record(Item::Samples {
+            at_ms: unix_ms(now.into()),
+            policy: self.id.clone(),
+            values: out,
+        });
+    }
+
+    fn emit(&self, warning: bool, reason: &'static str, action: &'static str, message: String) {
+        self.ctx.events.emit(Note {
+            regarding: self.obj.object_ref(&()),
+            warning,
+            reason,
+            action,
+            message,
+        });
+    }
+
+    /// The policy is gone: stop taking its wake-ups and release its agents' directive.
+    fn stop(&mut self) {
+        let now = Utc::now();
+        if self.wake.as_ref().is_some_and(|w| w.woke_target) {
+            self.finish_wake(
+                ColdStartOutcome::Failed {
+                    message: "the policy was deleted".into(),
+                },
+                now,
+            );
+        }
+        if let Some(svc) = &self.svc {
+            self.ctx.wakes.set_managed(svc, false);
+            self.ctx.registry.remove(svc);
+        }
+        tracing::info!(policy = %self.id, "policy removed; no longer managed");
+    }
+}
+
+async fn wait_ack(phase: &mut SleepPhase) -> Result<(), AckError> {
+    match phase {
+        SleepPhase::Waiting { ack, .. } => ack.as_mut().await,
+        _ => std::future::pending().await,
+    }
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}

@@ -1,0 +1,230 @@
+//! What a policy's status says, built from the engine's state and the actor's findings,
+//! and when it is worth a write: at once when anything but the metric values changed,
+//! the metric values at most every status interval. Pure; the actor patches.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::policy::crd::{MetricValue, ScalingPolicyStatus, TransitionRecord};
+use crate::policy::status::{CONDITION_READY, policy_conditions};
+use crate::policy::{CompiledPolicy, InvalidPolicy};
+
+/// Why a valid policy cannot act right now (the `Ready` condition turns `False`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// PascalCase, e.g. `TargetNotFound`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Everything a status is built from.
+pub struct Input<'a> {
+    pub compiled: Result<&'a CompiledPolicy, &'a InvalidPolicy>,
+    pub generation: Option<i64>,
+    pub previous: &'a ScalingPolicyStatus,
+    /// The engine's state name and since when (`None`: not running).
+    pub state: Option<(String, DateTime<Utc>)>,
+    pub desired: Option<u32>,
+    pub last_transition: Option<TransitionRecord>,
+    pub metrics: Vec<(String, Option<f64>)>,
+    pub blocked: Option<Blocked>,
+    /// Appended to the `Ready` message (a failing PromQL source, a refused sleep).
+    pub notes: Vec<String>,
+    pub now: DateTime<Utc>,
+}
+
+pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
+    let mut conditions = policy_conditions(
+        input.compiled,
+        input.generation,
+        &input.previous.conditions,
+        input.now,
+    );
+    if let Some(ready) = conditions.iter_mut().find(|c| c.type_ == CONDITION_READY) {
+        if let Some(b) = &input.blocked {
+            set(
+                ready,
+                "False",
+                b.reason,
+                &b.message,
+                &input.previous.conditions,
+                input.now,
+            );
+        }
+        if !input.notes.is_empty() {
+            ready.message = format!("{}; {}", ready.message, input.notes.join("; "));
+        }
+    }
+    let (state, state_since) = match input.state {
+        Some((s, since)) => (Some(s), Some(since)),
+        None => (input.previous.state.clone(), input.previous.state_since),
+    };
+    ScalingPolicyStatus {
+        observed_generation: input.generation,
+        state,
+        state_since,
+        desired_replicas: input
+            .desired
+            .map(|d| i32::try_from(d).unwrap_or(i32::MAX))
+            .or(input.previous.desired_replicas),
+        last_transition: input
+            .last_transition
+            .or_else(|| input.previous.last_transition.clone()),
+        metrics: input
+            .metrics
+            .into_iter()
+            .map(|(name, value)| MetricValue {
+                name,
+                value: value.filter(|v| v.is_finite()),
+                at: Some(input.now),
+            })
+            .collect(),
+        conditions,
+    }
+}
+
+/// Sets a condition's status, reason and message; its `lastTransitionTime` moves only
+/// when the status differs from the one in `previous`.
+fn set(
+    c: &mut Condition,
+    status: &str,
+    reason: &str,
+    message: &str,
+    previous: &[Condition],
+    now: DateTime<Utc>,
+) {
+    c.status = status.to_string();
+    c.reason = reason.to_string();
+    c.message = message.to_string();
+    c.last_transition_time = previous
+        .iter()
+        .find(|p| p.type_ == c.type_ && p.status == status)
+        .map(|p| p.last_transition_time.clone())
+        .unwrap_or_else(|| {
+            Time(
+                Timestamp::new(now.timestamp(), now.timestamp_subsec_nanos() as i32)
+                    .unwrap_or(Timestamp::UNIX_EPOCH),
+            )
+        });
+}
+
+/// The status without its metric values: a change here is written at once.
+pub fn significant(s: &ScalingPolicyStatus) -> ScalingPolicyStatus {
+    ScalingPolicyStatus {
+        metrics: s
+            .metrics
+            .iter()
+            .map(|m| MetricValue {
+                name: m.name.clone(),
+                value: None,
+                at: None,
+            })
+            .collect(),
+        ..s.clone()
+    }
+}
+
+/// Whether `new` should be written, given what was written last and how long ago.
+pub fn worth_writing(
+    new: &ScalingPolicyStatus,
+    written: Option<&ScalingPolicyStatus>,
+    since_written: Option<std::time::Duration>,
+    interval: std::time::Duration,
+) -> bool {
+    match (written, since_written) {
+        (Some(old), Some(age)) => {
+            significant(old) != significant(new) || (age >= interval && values(old) != values(new))
+        }
+        _ => true,
+    }
+}
+
+fn values(s: &ScalingPolicyStatus) -> Vec<Option<f64>> {
+    s.metrics.iter().map(|m| m.value).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::policy::compile;
+    use crate::policy::crd::{ScalingPolicySpec, TargetRef};
+
+    fn policy() -> CompiledPolicy {
+        compile(&ScalingPolicySpec {
+            target: TargetRef {
+                deployment: "web".into(),
+                service: Some("web".into()),
+            },
+            idle_timeout: Some("1m".into()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    fn input<'a>(p: &'a CompiledPolicy, prev: &'a ScalingPolicyStatus) -> Input<'a> {
+        Input {
+            compiled: Ok(p),
+            generation: Some(2),
+            previous: prev,
+            state: Some(("warm".into(), now())),
+            desired: Some(1),
+            last_transition: None,
+            metrics: vec![("conns.active".into(), Some(3.0))],
+            blocked: None,
+            notes: vec![],
+            now: now(),
+        }
+    }
+
+    #[test]
+    fn a_blocked_policy_is_not_ready_and_says_why() {
+        let p = policy();
+        let prev = ScalingPolicyStatus::default();
+        let s = build(Input {
+            blocked: Some(Blocked {
+                reason: "TargetNotFound",
+                message: "Deployment ns/web does not exist".into(),
+            }),
+            ..input(&p, &prev)
+        });
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "TargetNotFound");
+        assert_eq!(s.state.as_deref(), Some("warm"));
+        assert_eq!(s.desired_replicas, Some(1));
+        assert_eq!(s.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn metric_values_alone_are_written_at_most_every_interval() {
+        let p = policy();
+        let prev = ScalingPolicyStatus::default();
+        let a = build(input(&p, &prev));
+        let mut i = input(&p, &prev);
+        i.metrics = vec![("conns.active".into(), Some(4.0))];
+        let b = build(i);
+        let interval = Duration::from_secs(15);
+        assert!(worth_writing(&a, None, None, interval));
+        assert!(!worth_writing(
+            &b,
+            Some(&a),
+            Some(Duration::from_secs(1)),
+            interval
+        ));
+        assert!(worth_writing(&b, Some(&a), Some(interval), interval));
+        assert!(!worth_writing(&a, Some(&a), Some(interval), interval));
+        let mut i = input(&p, &prev);
+        i.desired = Some(2);
+        let c = build(i);
+        assert!(worth_writing(&c, Some(&a), Some(Duration::ZERO), interval));
+    }
+}

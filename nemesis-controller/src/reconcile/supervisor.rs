@@ -1,0 +1,280 @@
+//! One leadership term: watches ScalingPolicies and Deployments (cluster-wide, with
+//! reflector caches), keeps one actor per policy, and routes to them what concerns them:
+//! spec changes, wake-ups by Service, Deployment changes by target, alert changes. It
+//! holds no scaling logic; dropping the term aborts every actor it started.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, reflector, watcher as watch_api};
+use kube::{Api, ResourceExt};
+use nemesis_common::wire::ServiceRef;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::Context;
+use super::actor::{Actor, Handle, Msg, Term};
+use crate::agents::WakeUp;
+use crate::metrics::ErrorKind;
+use crate::policy::ScalingPolicy;
+use crate::store::PolicyId;
+
+/// Every cached policy is checked for a running actor this often (an actor that died
+/// is restarted; a missed event is caught up), beyond the watch events themselves.
+const RESYNC: Duration = Duration::from_secs(10);
+
+struct Running {
+    handle: Handle,
+    deployment: (String, String),
+    service: Option<ServiceRef>,
+}
+
+#[derive(Default)]
+struct Actors {
+    running: HashMap<PolicyId, Running>,
+    by_deployment: HashMap<(String, String), BTreeSet<PolicyId>>,
+    by_service: HashMap<ServiceRef, BTreeSet<PolicyId>>,
+}
+
+fn id_of(p: &ScalingPolicy) -> PolicyId {
+    PolicyId::new(p.namespace().unwrap_or_default(), p.name_any())
+}
+
+impl Actors {
+    fn upsert(
+        &mut self,
+        ctx: &Arc<Context>,
+        term: &Arc<Term>,
+        tasks: &mut JoinSet<PolicyId>,
+        p: ScalingPolicy,
+    ) {
+        let id = id_of(&p);
+        let ns = id.namespace.clone();
+        let deployment = (ns.clone(), p.spec.target.deployment.clone());
+        let service = p.spec.target.service.clone().map(|name| ServiceRef {
+            namespace: ns.clone(),
+            name,
+        });
+        let p = Arc::new(p);
+        if let Some(r) = self.running.get(&id)
+            && r.handle.tx.send(Msg::Spec(p.clone())).is_ok()
+        {
+            if r.deployment != deployment || r.service != service {
+                self.unindex(&id);
+                self.index(&id, deployment.clone(), service.clone());
+                if let Some(r) = self.running.get_mut(&id) {
+                    r.deployment = deployment;
+                    r.service = service;
+                }
+            }
+            return;
+        }
+        self.remove(&id);
+        let (actor, handle) = Actor::new(ctx.clone(), term.clone(), p);
+        let id2 = id.clone();
+        tasks.spawn(async move {
+            actor.run().await;
+            id2
+        });
+        self.index(&id, deployment.clone(), service.clone());
+        self.running.insert(
+            id,
+            Running {
+                handle,
+                deployment,
+                service,
+            },
+        );
+    }
+
+    fn index(&mut self, id: &PolicyId, deployment: (String, String), service: Option<ServiceRef>) {
+        self.by_deployment
+            .entry(deployment)
+            .or_default()
+            .insert(id.clone());
+        if let Some(s) = service {
+            let owners = self.by_service.entry(s.clone()).or_default();
+            owners.insert(id.clone());
+            if owners.len() > 1 {
+                tracing::warn!(service = %s, policies = ?owners, "several policies name one Service; wake-ups go to the first");
+            }
+        }
+    }
+
+    fn unindex(&mut self, id: &PolicyId) {
+        if let Some(r) = self.running.get(id) {
+            if let Some(set) = self.by_deployment.get_mut(&r.deployment) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_deployment.remove(&r.deployment);
+                }
+            }
+            if let Some(s) = &r.service
+                && let Some(set) = self.by_service.get_mut(s)
+            {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_service.remove(s);
+                }
+            }
+        }
+    }
+
+    /// Drops the actor's handle: it stops taking wake-ups and ends.
+    fn remove(&mut self, id: &PolicyId) {
+        self.unindex(id);
+        self.running.remove(id);
+    }
+
+    fn poke_deployment(&self, ns: &str, name: &str) {
+        if let Some(ids) = self.by_deployment.get(&(ns.to_string(), name.to_string())) {
+            for id in ids {
+                if let Some(r) = self.running.get(id) {
+                    r.handle.poke.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// Runs one leadership term; it only ends when dropped (or when a watch stream ends,
+/// which the default backoff never lets happen).
+pub async fn run_term(
+    ctx: Arc<Context>,
+    wake_rx: &mut mpsc::Receiver<WakeUp>,
+    synced: &watch::Sender<bool>,
+) {
+    let client = ctx.client.clone();
+    let (dep_reader, dep_writer) = reflector::store::<Deployment>();
+    let deployments = reflector::reflector(
+        dep_writer,
+        watch_api(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    );
+    let (pol_reader, pol_writer) = reflector::store::<ScalingPolicy>();
+    let policies = reflector::reflector(
+        pol_writer,
+        watch_api(
+            Api::<ScalingPolicy>::all(client),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    );
+    futures::pin_mut!(deployments, policies);
+    let term = Arc::new(Term {
+        deployments: dep_reader,
+        sleep_allowed_from: Instant::now() + ctx.registry.config().lease,
+    });
+    let mut actors = Actors::default();
+    let mut tasks: JoinSet<PolicyId> = JoinSet::new();
+    let mut alerts = ctx.alerts.subscribe();
+    let mut resync = tokio::time::interval(RESYNC);
+    let (mut policies_synced, mut deployments_synced) = (false, false);
+
+    loop {
+        tokio::select! {
+            ev = policies.next() => match ev {
+                Some(Ok(Event::Apply(p) | Event::InitApply(p))) => actors.upsert(&ctx, &term, &mut tasks, p),
+                Some(Ok(Event::Delete(p))) => {
+                    tracing::info!(policy = %id_of(&p), "policy deleted");
+                    actors.remove(&id_of(&p));
+                }
+                Some(Ok(Event::Init)) => {}
+                Some(Ok(Event::InitDone)) => {
+                    policies_synced = true;
+                    let present: BTreeSet<PolicyId> =
+                        pol_reader.state().iter().map(|p| id_of(p)).collect();
+                    let gone: Vec<PolicyId> = actors
+                        .running
+                        .keys()
+                        .filter(|id| !present.contains(*id))
+                        .cloned()
+                        .collect();
+                    for id in gone {
+                        actors.remove(&id);
+                    }
+                }
+                Some(Err(e)) => {
+                    ctx.metrics.error(ErrorKind::KubeApi);
+                    tracing::warn!(err = %e, "watching ScalingPolicies failed; retrying");
+                }
+                None => return,
+            },
+            ev = deployments.next() => match ev {
+                Some(Ok(Event::Apply(d) | Event::InitApply(d) | Event::Delete(d))) => {
+                    actors.poke_deployment(&d.namespace().unwrap_or_default(), &d.name_any());
+                }
+                Some(Ok(Event::InitDone)) => deployments_synced = true,
+                Some(Ok(Event::Init)) => {}
+                Some(Err(e)) => {
+                    ctx.metrics.error(ErrorKind::KubeApi);
+                    tracing::warn!(err = %e, "watching Deployments failed; retrying");
+                }
+                None => return,
+            },
+            w = wake_rx.recv() => {
+                let Some(w) = w else { return };
+                let target = actors
+                    .by_service
+                    .get(&w.service)
+                    .and_then(|ids| ids.iter().next())
+                    .and_then(|id| actors.running.get(id));
+                match target {
+                    Some(r) => {
+                        if r.handle.tx.send(Msg::Wake(w.clone())).is_err() {
+                            ctx.wakes.finished(&w.service);
+                        }
+                    }
+                    None => {
+                        tracing::info!(service = %w.service, "wake-up for a Service no running policy names");
+                        ctx.wakes.finished(&w.service);
+                    }
+                }
+            }
+            r = alerts.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                for r in actors.running.values() {
+                    r.handle.poke.notify_one();
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                match done {
+                    Ok(id) => tracing::debug!(policy = %id, "policy actor ended"),
+                    Err(e) => tracing::error!(err = %e, "a policy actor failed; restarting it at the next resync"),
+                }
+                // An actor that ended while still listed (it panicked) is forgotten so
+                // the resync starts a new one.
+                let dead: Vec<PolicyId> = actors
+                    .running
+                    .iter()
+                    .filter(|(_, r)| r.handle.tx.is_closed())
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in dead {
+                    actors.remove(&id);
+                }
+            }
+            _ = resync.tick() => {
+                for p in pol_reader.state() {
+                    if !actors.running.contains_key(&id_of(&p)) {
+                        actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
+                    }
+                }
+            }
+        }
+        synced.send_if_modified(|s| {
+            let now = policies_synced && deployments_synced;
+            std::mem::replace(s, now) != now
+        });
+    }
+}
