@@ -24,7 +24,10 @@ use serde_json::json;
     namespaced,
     status = "WidgetStatus",
     shortname = "wd",
-    scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas"),
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas"
+    ),
     printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
     selectable = ".spec.color"
 )]
@@ -57,7 +60,11 @@ async fn with_crd() -> Result<(TestApiServer, kube::Client)> {
     let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
     crds.create(&PostParams::default(), &Widget::crd()).await?;
     let name = Widget::crd_name();
-    tokio::time::timeout(Duration::from_secs(10), await_condition(crds, name, conditions::is_crd_established())).await??;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        await_condition(crds, name, conditions::is_crd_established()),
+    )
+    .await??;
     Ok((s, c))
 }
 
@@ -70,13 +77,31 @@ async fn custom_resources_are_served_once_the_crd_exists() -> Result<()> {
     assert_eq!(ar.plural, "widgets");
     assert!(caps.subresources.iter().any(|(s, _)| s.plural == "status"));
     let api: Api<Widget> = Api::namespaced(c.clone(), "default");
-    let w = Widget::new("w1", WidgetSpec { size: 3, color: Some("red".into()), replicas: 1 });
+    let w = Widget::new(
+        "w1",
+        WidgetSpec {
+            size: 3,
+            color: Some("red".into()),
+            replicas: 1,
+        },
+    );
     let created = api.create(&PostParams::default(), &w).await?;
     assert_eq!(created.metadata.generation, Some(1));
     assert_eq!(api.get("w1").await?.spec.size, 3);
     assert_eq!(api.list(&ListParams::default()).await?.items.len(), 1);
-    assert_eq!(api.list(&ListParams::default().fields("spec.color=red")).await?.items.len(), 1);
-    assert!(api.list(&ListParams::default().fields("spec.color=blue")).await?.items.is_empty());
+    assert_eq!(
+        api.list(&ListParams::default().fields("spec.color=red"))
+            .await?
+            .items
+            .len(),
+        1
+    );
+    assert!(
+        api.list(&ListParams::default().fields("spec.color=blue"))
+            .await?
+            .items
+            .is_empty()
+    );
     // Dynamic access works the same.
     let dynamic: Api<DynamicObject> = Api::namespaced_with(c, "default", &ar);
     assert_eq!(dynamic.get("w1").await?.data["spec"]["size"], 3);
@@ -87,25 +112,60 @@ async fn custom_resources_are_served_once_the_crd_exists() -> Result<()> {
 async fn status_subresource_separates_spec_and_status() -> Result<()> {
     let (_s, c) = with_crd().await?;
     let api: Api<Widget> = Api::namespaced(c, "default");
-    let mut w = Widget::new("w1", WidgetSpec { size: 1, color: None, replicas: 1 });
-    w.status = Some(WidgetStatus { phase: "ignored".into(), replicas: 0 });
+    let mut w = Widget::new(
+        "w1",
+        WidgetSpec {
+            size: 1,
+            color: None,
+            replicas: 1,
+        },
+    );
+    w.status = Some(WidgetStatus {
+        phase: "ignored".into(),
+        replicas: 0,
+    });
     let created = api.create(&PostParams::default(), &w).await?;
     assert!(created.status.is_none(), "status is dropped on create");
     let st = json!({"status": {"phase": "Ready", "replicas": 1}});
-    let after = api.patch_status("w1", &PatchParams::default(), &Patch::Merge(st)).await?;
+    let after = api
+        .patch_status("w1", &PatchParams::default(), &Patch::Merge(st))
+        .await?;
     assert_eq!(after.status.unwrap().phase, "Ready");
     assert_eq!(after.metadata.generation, Some(1));
-    let after = api.patch("w1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"size": 2}, "status": {"phase": "X"}}))).await?;
+    let after = api
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 2}, "status": {"phase": "X"}})),
+        )
+        .await?;
     assert_eq!(after.metadata.generation, Some(2));
-    assert_eq!(after.status.unwrap().phase, "Ready", "status ignored on the main resource");
+    assert_eq!(
+        after.status.unwrap().phase,
+        "Ready",
+        "status ignored on the main resource"
+    );
     // Scale subresource from the CRD's paths.
     let scale = api.get_scale("w1").await?;
     assert_eq!(scale.spec.unwrap().replicas, Some(1));
     assert_eq!(scale.status.unwrap().replicas, 1);
-    api.patch_scale("w1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 4}}))).await?;
+    api.patch_scale(
+        "w1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 4}})),
+    )
+    .await?;
     assert_eq!(api.get("w1").await?.spec.replicas, 4);
     // Strategic merge patch is for built-in kinds only.
-    let e = api_err(api.patch("w1", &PatchParams::default(), &Patch::Strategic(json!({"spec": {"size": 5}}))).await.unwrap_err());
+    let e = api_err(
+        api.patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"size": 5}})),
+        )
+        .await
+        .unwrap_err(),
+    );
     assert_eq!(e.code, 415);
     Ok(())
 }
@@ -115,25 +175,55 @@ async fn schema_validation_pruning_and_strict_fields() -> Result<()> {
     let (_s, c) = with_crd().await?;
     let ar = kube::core::ApiResource::erase::<Widget>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(c, "default", &ar);
-    let bad_type: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
-        "metadata": {"name": "bad"}, "spec": {"size": "big"}}))?;
-    let e = api_err(api.create(&PostParams::default(), &bad_type).await.unwrap_err());
+    let bad_type: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
+        "metadata": {"name": "bad"}, "spec": {"size": "big"}}),
+    )?;
+    let e = api_err(
+        api.create(&PostParams::default(), &bad_type)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(e.code, 422);
     assert!(e.message.contains("spec.size"), "{}", e.message);
-    let missing: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
-        "metadata": {"name": "missing"}, "spec": {}}))?;
-    let e = api_err(api.create(&PostParams::default(), &missing).await.unwrap_err());
-    assert!(e.message.contains("spec.size: Required value"), "{}", e.message);
+    let missing: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
+        "metadata": {"name": "missing"}, "spec": {}}),
+    )?;
+    let e = api_err(
+        api.create(&PostParams::default(), &missing)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        e.message.contains("spec.size: Required value"),
+        "{}",
+        e.message
+    );
     // Unknown fields are pruned (a warning), or refused under strict validation.
-    let extra: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
-        "metadata": {"name": "extra"}, "spec": {"size": 1, "bogus": true}}))?;
+    let extra: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
+        "metadata": {"name": "extra"}, "spec": {"size": 1, "bogus": true}}),
+    )?;
     let strict = PatchParams::apply("t").validation_strict();
-    let e = api_err(api.patch("extra", &strict, &Patch::Apply(&extra)).await.unwrap_err());
+    let e = api_err(
+        api.patch("extra", &strict, &Patch::Apply(&extra))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(e.code, 400);
-    assert!(e.message.contains("unknown field \"spec.bogus\""), "{}", e.message);
+    assert!(
+        e.message.contains("unknown field \"spec.bogus\""),
+        "{}",
+        e.message
+    );
     let created = api.create(&PostParams::default(), &extra).await?;
     assert!(created.data["spec"].get("bogus").is_none());
-    assert_eq!(created.data["spec"]["replicas"], json!(0), "schema default applied");
+    assert_eq!(
+        created.data["spec"]["replicas"],
+        json!(0),
+        "schema default applied"
+    );
     Ok(())
 }
 
@@ -141,12 +231,32 @@ async fn schema_validation_pruning_and_strict_fields() -> Result<()> {
 async fn deleting_the_crd_removes_its_resources_and_discovery() -> Result<()> {
     let (_s, c) = with_crd().await?;
     let api: Api<Widget> = Api::namespaced(c.clone(), "default");
-    api.create(&PostParams::default(), &Widget::new("w1", WidgetSpec { size: 1, color: None, replicas: 0 })).await?;
+    api.create(
+        &PostParams::default(),
+        &Widget::new(
+            "w1",
+            WidgetSpec {
+                size: 1,
+                color: None,
+                replicas: 0,
+            },
+        ),
+    )
+    .await?;
     let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
-    crds.delete(&Widget::crd_name(), &DeleteParams::default()).await?;
+    crds.delete(&Widget::crd_name(), &DeleteParams::default())
+        .await?;
     assert_eq!(api_err(api.get("w1").await.unwrap_err()).code, 404);
     let discovery = Discovery::new(c.clone()).run().await?;
-    assert!(discovery.resolve_gvk(&GroupVersionKind::gvk("example.nemesis.dev", "v1", "Widget")).is_none());
+    assert!(
+        discovery
+            .resolve_gvk(&GroupVersionKind::gvk(
+                "example.nemesis.dev",
+                "v1",
+                "Widget"
+            ))
+            .is_none()
+    );
     // Recreated, it starts empty.
     crds.create(&PostParams::default(), &Widget::crd()).await?;
     assert!(api.list(&ListParams::default()).await?.items.is_empty());
@@ -161,6 +271,11 @@ async fn crd_names_must_match_plural_and_group() -> Result<()> {
     crd.metadata.name = Some("wrong.example.nemesis.dev".into());
     let e = api_err(crds.create(&PostParams::default(), &crd).await.unwrap_err());
     assert_eq!(e.code, 422);
-    assert!(e.message.contains("must be spec.names.plural+\".\"+spec.group"), "{}", e.message);
+    assert!(
+        e.message
+            .contains("must be spec.names.plural+\".\"+spec.group"),
+        "{}",
+        e.message
+    );
     Ok(())
 }

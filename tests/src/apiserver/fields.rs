@@ -516,6 +516,19 @@ pub fn record_update(
     if manager.is_empty() {
         return;
     }
+    let sent = new.pointer("/metadata/managedFields").cloned();
+    let before = old.and_then(|o| o.pointer("/metadata/managedFields").cloned());
+    match sent.as_ref().and_then(Value::as_array) {
+        // `[{}]` resets field ownership.
+        Some(a) if a.len() == 1 && a[0].as_object().is_some_and(Map::is_empty) => {
+            meta::metadata_mut(new).remove("managedFields");
+            return;
+        }
+        // A writer that changes managedFields itself (kubectl migrating client-side
+        // apply ownership, say) gets them as it sent them.
+        Some(a) if !a.is_empty() && sent != before => return,
+        _ => {}
+    }
     let mut es = old.map(entries).unwrap_or_default();
     let new_set = field_set(new, schema);
     let old_set = old.map(|o| field_set(o, schema)).unwrap_or_default();

@@ -262,7 +262,10 @@ impl FieldSelector {
     /// Refuse fields this kind cannot be selected on, as the real server does.
     pub fn check_supported(&self, rt: &ResourceType) -> Result<(), ApiError> {
         for r in &self.0 {
-            let crd_field = rt.crd.as_ref().is_some_and(|c| c.selectable.contains(&r.field));
+            let crd_field = rt
+                .crd
+                .as_ref()
+                .is_some_and(|c| c.selectable.contains(&r.field));
             if !crd_field && !supported_fields(rt).contains(&r.field.as_str()) {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {}",
