@@ -102,7 +102,7 @@ async fn parallel_sandboxes_get_distinct_subnets_and_drop_cleans_up() -> anyhow:
 
 /// Takes a subnet no sandbox holds and builds, by hand, what a sandbox killed with
 /// SIGKILL leaves behind: bridge, pod namespace with a process inside, veth.
-fn abandon_a_subnet(marker: &str) -> u16 {
+fn abandon_a_subnet(marker: &str) -> (u16, std::process::Child) {
     use nemesis_tests::netns::{LOCK_DIR, SUBNETS, bridge_name, netns_name, veth_name};
     use nix::fcntl::{Flock, FlockArg};
     std::fs::create_dir_all(LOCK_DIR).unwrap();
@@ -137,14 +137,14 @@ fn abandon_a_subnet(marker: &str) -> u16 {
                 "{args:?}"
             );
         }
-        Command::new("ip")
+        let child = Command::new("ip")
             .args(["netns", "exec", &ns, "sleep", "300"])
             .env("NEMESIS_ABANDONED", marker)
             .spawn()
             .unwrap();
         // The lock goes with this scope, as it would with the dead process.
         drop(lock);
-        return index;
+        return (index, child);
     }
     panic!("no free subnet to abandon");
 }
@@ -164,7 +164,7 @@ fn marked_processes(marker: &str) -> usize {
 #[tokio::test]
 async fn a_new_sandbox_removes_what_a_killed_one_left_behind() -> anyhow::Result<()> {
     let marker = format!("{}", std::process::id());
-    let index = abandon_a_subnet(&marker);
+    let (index, mut abandoned) = abandon_a_subnet(&marker);
     let start = Instant::now();
     while marked_processes(&marker) == 0 {
         assert!(
@@ -178,13 +178,14 @@ async fn a_new_sandbox_removes_what_a_killed_one_left_behind() -> anyhow::Result
     assert!(!link_exists(&nemesis_tests::netns::veth_name(index, 9)));
     assert!(!link_exists(&nemesis_tests::netns::bridge_name(index)));
     let start = Instant::now();
-    while marked_processes(&marker) > 0 {
+    while abandoned.try_wait()?.is_none() {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "the abandoned process survived"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(marked_processes(&marker), 0);
     net.shutdown().await?;
     Ok(())
 }
