@@ -27,8 +27,7 @@ use nemesis_common::maps::{
     CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE,
     ERR_HOLD_NOT_TCP, ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
     MAX_ORIG_DST, MAX_SERVICES, MAX_SOCKETS, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_HELD,
-    SOCK_OPENED, SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SockRecord, as_v4,
-    v4_mapped,
+    SOCK_OPENED, SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SockRecord,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -67,12 +66,37 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Where a managed connect goes.
-enum Verdict {
-    /// Unchanged (passthrough, balance for now, or any failure).
-    Pass,
-    /// Rewritten to the proxy at this address (16 bytes, v4-mapped for IPv4) and port.
-    Redirect([u8; 16], [u8; 2]),
+/// The address family a connect is made in, as far as the service key goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// connect4.
+    V4,
+    /// connect6 to `::ffff:a.b.c.d`: IPv4 on the wire, from an IPv6 socket.
+    V4Mapped,
+    /// connect6 to a native IPv6 address.
+    V6,
+}
+
+/// A rewrite target: address as four network-order words (as in `bpf_sock_addr`;
+/// IPv4 in the last word), port as `user_port` holds it.
+struct Target {
+    words: [u32; 4],
+    port: u32,
+}
+
+/// Word 2 of a v4-mapped address (`::ffff:0:0`) as it sits in memory.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+fn addr_bytes(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; every byte pattern is valid.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
+#[inline(always)]
+fn addr_words(bytes: [u8; 16]) -> [u32; 4] {
+    // SAFETY: as above.
+    unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(bytes) }
 }
 
 fn try_connect4(ctx: &SockAddrContext) {
@@ -86,149 +110,139 @@ fn try_connect4(ctx: &SockAddrContext) {
             read_volatile(addr_of!((*sa).protocol)),
         )
     };
-    let key = ServiceKey {
-        addr: v4_mapped(ip.to_ne_bytes()),
-        port: (port as u16).to_ne_bytes(),
-        proto: proto as u8,
-        _pad: 0,
-    };
-    if let Verdict::Redirect(addr, port) = on_connect(ctx, &key) {
-        let Some(v4) = as_v4(&addr) else { return };
+    let words = [0, 0, V4_MAPPED_WORD, ip];
+    if let Some(t) = on_connect(ctx, words, port, proto, Family::V4) {
         // SAFETY: user_ip4/user_port are writable in connect4; 4-byte stores.
         unsafe {
-            write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(v4));
-            write_volatile(
-                addr_of_mut!((*sa).user_port),
-                u16::from_ne_bytes(port) as u32,
-            );
+            write_volatile(addr_of_mut!((*sa).user_ip4), t.words[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), t.port);
         }
     }
 }
 
 fn try_connect6(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    let mut addr = [0u8; 16];
-    // SAFETY: as in connect4; user_ip6 must be read one 4-byte word at a time.
-    let (port, proto) = unsafe {
-        for i in 0..4 {
-            let w = read_volatile(addr_of!((*sa).user_ip6[i]));
-            addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
+    // SAFETY: as in connect4; user_ip6 is read one 4-byte word at a time.
+    let (words, port, proto) = unsafe {
         (
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
             read_volatile(addr_of!((*sa).user_port)),
             read_volatile(addr_of!((*sa).protocol)),
         )
     };
-    let key = ServiceKey {
-        addr,
-        port: (port as u16).to_ne_bytes(),
-        proto: proto as u8,
-        _pad: 0,
+    let family = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
+        Family::V4Mapped
+    } else {
+        Family::V6
     };
-    if let Verdict::Redirect(addr, port) = on_connect(ctx, &key) {
+    if let Some(t) = on_connect(ctx, words, port, proto, family) {
         // SAFETY: user_ip6 words and user_port are writable in connect6; 4-byte stores.
         unsafe {
-            for i in 0..4 {
-                let w = u32::from_ne_bytes([
-                    addr[i * 4],
-                    addr[i * 4 + 1],
-                    addr[i * 4 + 2],
-                    addr[i * 4 + 3],
-                ]);
-                write_volatile(addr_of_mut!((*sa).user_ip6[i]), w);
-            }
-            write_volatile(
-                addr_of_mut!((*sa).user_port),
-                u16::from_ne_bytes(port) as u32,
-            );
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), t.words[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), t.words[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), t.words[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), t.words[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), t.port);
         }
     }
 }
 
-/// Counts a connect to `key` if it is a managed service and decides where it goes.
+/// Counts a connect if it goes to a managed service and decides whether it is
+/// rewritten (`Some`) or goes on unchanged (`None`: passthrough, balance for now, any
+/// failure).
 #[inline(always)]
-fn on_connect(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
-    // SAFETY: a copy is taken at once; a concurrent update at worst gives a stale mode.
-    let Some(svc) = (unsafe { SERVICES_V1.get(key) }).copied() else {
-        return Verdict::Pass; // not managed: not an error
+fn on_connect(
+    ctx: &SockAddrContext,
+    words: [u32; 4],
+    port: u32,
+    proto: u32,
+    family: Family,
+) -> Option<Target> {
+    let key = ServiceKey {
+        addr: addr_bytes(words),
+        port: (port as u16).to_ne_bytes(),
+        proto: proto as u8,
+        _pad: 0,
     };
+    // SAFETY: a copy is taken at once; a concurrent update at worst gives a stale mode.
+    let svc = (unsafe { SERVICES_V1.get(&key) }).copied()?; // not managed: not an error
     let Some(stats) = SVC_STATS_V1.get_ptr_mut(svc.slot) else {
         count_error(ERR_BAD_SLOT);
-        return Verdict::Pass;
+        return None;
     };
     // SAFETY: per-CPU value of this CPU; the program is not migrated while it runs.
     unsafe { (*stats).connects += 1 };
 
-    let mut verdict = Verdict::Pass;
-    if svc.mode == MODE_HOLD {
-        verdict = hold_target(ctx, key, svc.slot);
-        // SAFETY: as above.
-        unsafe {
-            match verdict {
-                Verdict::Redirect(..) => (*stats).redirected += 1,
-                Verdict::Pass => (*stats).released += 1,
+    let target = if svc.mode == MODE_HOLD {
+        hold_target(ctx, key.proto, family, svc.slot)
+    } else {
+        None
+    };
+    if key.proto == PROTO_TCP {
+        let record = SockRecord {
+            service: key,
+            slot: svc.slot,
+            epoch: svc.epoch,
+            flags: if target.is_some() { SOCK_HELD } else { 0 },
+        };
+        // SAFETY: the helper accepts this program type's context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if SOCKETS_V1.insert(cookie, record, BPF_ANY as u64).is_err() {
+            count_error(ERR_SOCKETS_INSERT);
+            // Without the record sock_ops cannot remember the original destination and
+            // the proxy could not tell where the client was going: let it through.
+            if svc.mode == MODE_HOLD {
+                // SAFETY: as above.
+                unsafe { (*stats).released += 1 };
             }
+            return None;
         }
     }
-    if key.proto != PROTO_TCP {
-        return verdict; // sock_ops only sees TCP: nothing to track
-    }
-    let held = matches!(verdict, Verdict::Redirect(..));
-    let record = SockRecord {
-        service: *key,
-        slot: svc.slot,
-        epoch: svc.epoch,
-        flags: if held { SOCK_HELD } else { 0 },
-    };
-    // SAFETY: the helper accepts this program type's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SOCKETS_V1.insert(cookie, record, BPF_ANY as u64).is_err() {
-        count_error(ERR_SOCKETS_INSERT);
-        // Without the record sock_ops cannot remember the original destination, and the
-        // proxy could not tell where a redirected client was going: let it through.
-        if held {
-            // SAFETY: as above.
-            unsafe {
-                (*stats).redirected -= 1;
+    if svc.mode == MODE_HOLD {
+        // SAFETY: as above.
+        unsafe {
+            if target.is_some() {
+                (*stats).redirected += 1;
+            } else {
                 (*stats).released += 1;
             }
         }
-        return Verdict::Pass;
     }
-    if held {
+    if target.is_some() {
         debug!(
             ctx,
             "nemesis: held connect to service slot {} sent to the proxy", svc.slot
         );
     }
-    verdict
+    target
 }
 
-/// The proxy address for a hold-mode connect, or `Pass` when it must go through: not TCP,
-/// no proxy configured for the family, or the agent's heartbeat is stale (dead-man).
+/// The proxy address for a hold-mode connect, or `None` when it must go through: not
+/// TCP, no proxy configured for the family, or a stale heartbeat (dead-man switch).
 #[inline(always)]
-fn hold_target(ctx: &SockAddrContext, key: &ServiceKey, slot: u32) -> Verdict {
-    if key.proto != PROTO_TCP {
+fn hold_target(ctx: &SockAddrContext, proto: u8, family: Family, slot: u32) -> Option<Target> {
+    if proto != PROTO_TCP {
         count_error(ERR_HOLD_NOT_TCP);
-        return Verdict::Pass;
+        return None;
     }
     let Some(cfg) = CONFIG_V1.get(0) else {
         count_error(ERR_NO_PROXY);
-        return Verdict::Pass;
+        return None;
     };
-    let target = if as_v4(&key.addr).is_some() {
-        if cfg.flags & CONFIG_PROXY_V4 == 0 {
-            count_error(ERR_NO_PROXY);
-            return Verdict::Pass;
-        }
-        (v4_mapped(cfg.proxy_v4_addr), cfg.proxy_v4_port)
+    let flag = if family == Family::V6 {
+        CONFIG_PROXY_V6
     } else {
-        if cfg.flags & CONFIG_PROXY_V6 == 0 {
-            count_error(ERR_NO_PROXY);
-            return Verdict::Pass;
-        }
-        (cfg.proxy_v6_addr, cfg.proxy_v6_port)
+        CONFIG_PROXY_V4
     };
+    if cfg.flags & flag == 0 {
+        count_error(ERR_NO_PROXY);
+        return None;
+    }
     let beat = HEARTBEAT_V1.get(0).copied().unwrap_or(0);
     // SAFETY: no arguments, always available.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -239,9 +253,20 @@ fn hold_target(ctx: &SockAddrContext, key: &ServiceKey, slot: u32) -> Verdict {
             ctx,
             "nemesis: dead-man switch released a held connect to slot {}", slot
         );
-        return Verdict::Pass;
+        return None;
     }
-    Verdict::Redirect(target.0, target.1)
+    let port = u16::from_ne_bytes(cfg.proxy_v4_port) as u32;
+    let v4 = u32::from_ne_bytes(cfg.proxy_v4_addr);
+    Some(match family {
+        Family::V4 | Family::V4Mapped => Target {
+            words: [0, 0, V4_MAPPED_WORD, v4],
+            port,
+        },
+        Family::V6 => Target {
+            words: addr_words(cfg.proxy_v6_addr),
+            port: u16::from_ne_bytes(cfg.proxy_v6_port) as u32,
+        },
+    })
 }
 
 // === sock_ops ===
@@ -352,21 +377,23 @@ fn current_stats(r: &SockRecord) -> Option<*mut ServiceStats> {
 #[inline(always)]
 fn local_key(ctx: &SockOpsContext) -> Option<OrigDstKey> {
     let port = ctx.local_port() as u16; // host order in sock_ops
-    let addr = match ctx.family() {
-        AF_INET => v4_mapped(ctx.local_ip4().to_ne_bytes()),
+    let words = match ctx.family() {
+        AF_INET => [0, 0, V4_MAPPED_WORD, ctx.local_ip4()],
         AF_INET6 => {
-            let mut a = [0u8; 16];
             let ops = ctx.ops;
-            for i in 0..4 {
-                // SAFETY: valid context; one 4-byte load per word, as the verifier wants.
-                let w = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) };
-                a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            // SAFETY: valid context; one 4-byte load per word, as the verifier wants.
+            unsafe {
+                [
+                    read_volatile(addr_of!((*ops).local_ip6[0])),
+                    read_volatile(addr_of!((*ops).local_ip6[1])),
+                    read_volatile(addr_of!((*ops).local_ip6[2])),
+                    read_volatile(addr_of!((*ops).local_ip6[3])),
+                ]
             }
-            a
         }
         _ => return None,
     };
-    Some(OrigDstKey::new(addr, port))
+    Some(OrigDstKey::new(addr_bytes(words), port))
 }
 
 #[inline(always)]

@@ -376,10 +376,7 @@ impl Datapath {
                 name: cfg.instance.clone(),
             });
         }
-        let mut env = prereq::check(cfg.cgroup.as_deref())?;
-        if let Some(b) = &cfg.bpffs {
-            env.bpffs = b.clone();
-        }
+        let env = prereq::check(cfg.cgroup.as_deref(), cfg.bpffs.as_deref())?;
         let layout = pins::PinLayout::new(&env.bpffs, &cfg.instance);
         layout
             .create_dirs()
@@ -822,9 +819,10 @@ fn load_and_link(
         cgroup: target.cgroup.to_path_buf(),
         source,
     };
-    // AllowMultiple: other datapaths (a CNI, another agent instance) may hook the same
-    // cgroup; Nemesis must neither replace them nor be replaced.
-    let mode = CgroupAttachMode::AllowMultiple;
+    // Links on cgroups (kernel >= 5.7, which the prerequisites demand) always run
+    // alongside other programs (a CNI, another agent instance), and the kernel rejects
+    // any attach flag on them; `Single` is aya's "no flags".
+    let mode = CgroupAttachMode::Single;
     let fd_link: FdLink = if is_sock_ops {
         let p: &mut SockOps = program.try_into().map_err(load_err)?;
         let id = p.attach(target.cgroup_file, mode).map_err(attach_err)?;

@@ -117,6 +117,49 @@ fn remove_dir_if_empty(p: &Path) -> io::Result<bool> {
     }
 }
 
+/// A private bpffs mounted on a fresh directory, for tests and benchmarks that must not
+/// depend on (or litter) the system's /sys/fs/bpf. Unmounted and removed on drop.
+#[derive(Debug)]
+pub struct ScratchBpffs {
+    dir: PathBuf,
+}
+
+impl ScratchBpffs {
+    /// Mounts a new bpffs instance at `<tmp>/nemesis-bpffs-<name>`.
+    pub fn mount(name: &str) -> io::Result<Self> {
+        use nix::mount::{MsFlags, mount};
+        let dir = std::env::temp_dir().join(format!("nemesis-bpffs-{name}"));
+        std::fs::create_dir(&dir)?;
+        if let Err(e) = mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(io::Error::other(format!(
+                "mounting a bpffs at {}: {e}",
+                dir.display()
+            )));
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for ScratchBpffs {
+    fn drop(&mut self) {
+        use nix::mount::{MntFlags, umount2};
+        // Detach: pins still open elsewhere must not keep the mount busy.
+        let _ = umount2(&self.dir, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

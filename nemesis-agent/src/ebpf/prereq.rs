@@ -28,6 +28,8 @@ pub enum Missing {
     Cgroup2,
     /// No bpf filesystem mount.
     Bpffs,
+    /// The bpffs directory given is not a bpf filesystem mount.
+    BpffsPath { path: PathBuf },
     /// /sys/kernel/btf/vmlinux is absent.
     Btf,
     /// The kernel is older than [`MIN_KERNEL`] (or its version cannot be read).
@@ -59,6 +61,14 @@ impl fmt::Display for Missing {
                 f,
                 "no bpf filesystem (bpffs) in /proc/mounts: mount it with \
                  `mount -t bpf bpf /sys/fs/bpf` (in a pod: a hostPath volume of /sys/fs/bpf)"
+            ),
+            Missing::BpffsPath { path } => write!(
+                f,
+                "{} is not a bpf filesystem mount: mount one there with \
+                 `mount -t bpf bpf {}`, or leave the bpffs setting unset to use the \
+                 system's",
+                path.display(),
+                path.display()
             ),
             Missing::Btf => write!(
                 f,
@@ -204,6 +214,8 @@ pub struct Facts {
     pub kernel_release: String,
     /// The --cgroup override, and whether it is an existing directory.
     pub cgroup_override: Option<(PathBuf, bool)>,
+    /// The bpffs override (canonical path).
+    pub bpffs_override: Option<PathBuf>,
 }
 
 /// Decides from the facts alone: the environment, or everything that is missing.
@@ -222,10 +234,24 @@ pub fn evaluate(facts: &Facts) -> Result<Environment, MissingPrerequisites> {
     if cgroup2.is_none() {
         missing.push(Missing::Cgroup2);
     }
-    let bpffs = bpffs_mount(&facts.mounts);
-    if bpffs.is_none() {
-        missing.push(Missing::Bpffs);
-    }
+    let bpffs = match &facts.bpffs_override {
+        Some(path) => {
+            let mounted = mounts_of_type(&facts.mounts, "bpf")
+                .iter()
+                .any(|d| Path::new(&unescape_mount_path(d)) == path);
+            if !mounted {
+                missing.push(Missing::BpffsPath { path: path.clone() });
+            }
+            mounted.then(|| path.clone())
+        }
+        None => {
+            let found = bpffs_mount(&facts.mounts);
+            if found.is_none() {
+                missing.push(Missing::Bpffs);
+            }
+            found
+        }
+    };
     if !facts.btf_present {
         missing.push(Missing::Btf);
     }
@@ -256,11 +282,14 @@ pub fn evaluate(facts: &Facts) -> Result<Environment, MissingPrerequisites> {
 }
 
 /// Reads the facts from this machine and evaluates them.
-pub fn check(cgroup_override: Option<&Path>) -> Result<Environment, MissingPrerequisites> {
-    evaluate(&read_facts(cgroup_override))
+pub fn check(
+    cgroup_override: Option<&Path>,
+    bpffs_override: Option<&Path>,
+) -> Result<Environment, MissingPrerequisites> {
+    evaluate(&read_facts(cgroup_override, bpffs_override))
 }
 
-pub fn read_facts(cgroup_override: Option<&Path>) -> Facts {
+pub fn read_facts(cgroup_override: Option<&Path>, bpffs_override: Option<&Path>) -> Facts {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     Facts {
         mounts: read("/proc/mounts"),
@@ -274,6 +303,8 @@ pub fn read_facts(cgroup_override: Option<&Path>) -> Facts {
             let is_dir = canon.is_dir();
             (canon, is_dir)
         }),
+        bpffs_override: bpffs_override
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
     }
 }
 
@@ -297,6 +328,7 @@ bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
             btf_present: true,
             kernel_release: "6.18.44-fc-v657\n".into(),
             cgroup_override: None,
+            bpffs_override: None,
         }
     }
 
@@ -329,6 +361,23 @@ bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
         f.mounts = f.mounts.replace(" bpf rw", " tmpfs rw");
         let msg = evaluate(&f).unwrap_err().to_string();
         assert!(msg.contains("mount -t bpf bpf /sys/fs/bpf"), "{msg}");
+    }
+
+    #[test]
+    fn bpffs_override_must_be_a_bpf_mount() {
+        let mut f = good_facts();
+        f.bpffs_override = Some(PathBuf::from("/tmp/not-bpffs"));
+        let err = evaluate(&f).unwrap_err();
+        assert_eq!(
+            err.0,
+            vec![Missing::BpffsPath {
+                path: PathBuf::from("/tmp/not-bpffs")
+            }]
+        );
+        assert!(err.to_string().contains("mount -t bpf bpf /tmp/not-bpffs"));
+        f.mounts.push_str("bpf /tmp/scratch bpf rw 0 0\n");
+        f.bpffs_override = Some(PathBuf::from("/tmp/scratch"));
+        assert_eq!(evaluate(&f).unwrap().bpffs, PathBuf::from("/tmp/scratch"));
     }
 
     #[test]

@@ -1,0 +1,733 @@
+//! The eBPF datapath on the real kernel: counting, hold-mode redirects, original
+//! destinations, restarts, cleanup and the dead-man switch.
+//!
+//! Needs root. Each test creates its own child cgroup under the cgroup2 mount and its
+//! own pin instance, attaches only there, and removes both afterwards. The connecting
+//! process is a child (this test binary re-run as `child_client_entry`) that moves
+//! itself into the test's cgroup and takes commands on stdin, because cgroup
+//! membership is per process: moving the test process itself would drag other tests
+//! running in it along.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use nemesis_agent::ebpf::{
+    Datapath, DatapathConfig, DatapathError, Mode, OriginalDst, Proto,
+    cgroup::{ChildCgroup, move_process},
+    pins::ScratchBpffs,
+    prereq,
+};
+use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY};
+
+const CLIENT_ENV: &str = "NEMESIS_TEST_CLIENT_CGROUP";
+const REPLY: &str = "NEMESIS> ";
+const WAIT: Duration = Duration::from_secs(10);
+
+// === fixture: a child cgroup and a pin instance of our own ===
+
+struct Fixture {
+    cfg: DatapathConfig,
+    cgroup: Option<ChildCgroup>,
+    bpffs: Option<ScratchBpffs>,
+}
+
+impl Fixture {
+    fn new(test: &str) -> Fixture {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = prereq::cgroup2_mount(&mounts).expect("a cgroup2 mount (run as root on Linux)");
+        let name = format!("nemesis-t-{test}-{}", std::process::id());
+        let cgroup = ChildCgroup::create(&root, &name).expect("creating the test cgroup");
+        // A bpffs of our own: pins of parallel tests cannot meet, and nothing is left
+        // on the system's bpffs (which may not even be mounted).
+        let bpffs = ScratchBpffs::mount(&name).expect("mounting a scratch bpffs");
+        let mut cfg = DatapathConfig::new(format!("t-{test}"));
+        cfg.cgroup = Some(cgroup.path().to_path_buf());
+        cfg.bpffs = Some(bpffs.path().to_path_buf());
+        cfg.deadman_max_age = Duration::from_secs(30);
+        Fixture {
+            cfg,
+            cgroup: Some(cgroup),
+            bpffs: Some(bpffs),
+        }
+    }
+
+    fn cgroup(&self) -> &Path {
+        self.cgroup.as_ref().unwrap().path()
+    }
+
+    fn load(&self) -> Datapath {
+        Datapath::load_or_adopt(&self.cfg).expect("loading the datapath")
+    }
+
+    fn client(&self) -> Client {
+        Client::spawn(self.cgroup())
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Datapath::cleanup(&self.cfg);
+        if let Some(cg) = self.cgroup.take() {
+            // The client has exited by now (it is dropped first), but reaping takes a
+            // moment to show in cgroup.procs.
+            let deadline = Instant::now() + WAIT;
+            while !cg.processes().unwrap_or_default().is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            cg.remove().expect("removing the test cgroup");
+        }
+        drop(self.bpffs.take());
+    }
+}
+
+// === the child process that connects from inside the cgroup ===
+
+/// Entry point of the client child; a no-op when run as a normal test.
+#[test]
+fn child_client_entry() {
+    let Ok(cgroup) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    move_process(Path::new(&cgroup), std::process::id()).expect("joining the test cgroup");
+    let mut open: Vec<Option<TcpStream>> = vec![];
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line.unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            ["open", addr] => match connect(addr) {
+                Ok(s) => {
+                    let r = format!(
+                        "ok {} {} {}",
+                        open.len(),
+                        s.local_addr().unwrap(),
+                        s.peer_addr().unwrap()
+                    );
+                    open.push(Some(s));
+                    r
+                }
+                Err(e) => format!("err {e}"),
+            },
+            ["close", id] => {
+                let id: usize = id.parse().unwrap();
+                if let Some(s) = open[id].take() {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                "ok".to_string()
+            }
+            ["burst", addr, n] => {
+                let n: usize = n.parse().unwrap();
+                let mut ok = 0;
+                for _ in 0..n {
+                    if let Ok(s) = connect(addr) {
+                        ok += 1;
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+                format!("ok {ok}")
+            }
+            ["exit"] => return,
+            _ => format!("err unknown command {line:?}"),
+        };
+        writeln!(out, "{REPLY}{reply}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+}
+
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    replies: mpsc::Receiver<String>,
+}
+
+/// How long the client may take to answer one command (a burst of connects included).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A connection the client opened: its id, its local address, where it got to.
+#[derive(Debug)]
+struct Opened {
+    id: usize,
+    local: SocketAddr,
+    peer: SocketAddr,
+}
+
+impl Client {
+    fn spawn(cgroup: &Path) -> Client {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_client_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CLIENT_ENV, cgroup)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning the client child");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, replies) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                // libtest prints `test child_client_entry ... ` without a newline before
+                // the test runs, so the first reply shares its line.
+                if let Some(i) = line.find(REPLY)
+                    && tx
+                        .send(line[i + REPLY.len()..].trim_end().to_string())
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Client {
+            child,
+            stdin,
+            replies,
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        self.replies
+            .recv_timeout(REPLY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("no reply from the client to {line:?}: {e}"))
+    }
+
+    fn open(&mut self, addr: SocketAddr) -> Opened {
+        let r = self.cmd(&format!("open {addr}"));
+        let w: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!(w[0], "ok", "connect to {addr} failed: {r}");
+        Opened {
+            id: w[1].parse().unwrap(),
+            local: w[2].parse().unwrap(),
+            peer: w[3].parse().unwrap(),
+        }
+    }
+
+    fn close(&mut self, c: &Opened) {
+        assert_eq!(self.cmd(&format!("close {}", c.id)), "ok");
+    }
+
+    /// `n` connects, each closed right away; returns how many succeeded.
+    fn burst(&mut self, addr: SocketAddr, n: usize) -> usize {
+        let r = self.cmd(&format!("burst {addr} {n}"));
+        r.strip_prefix("ok ")
+            .unwrap_or_else(|| panic!("burst failed: {r}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === servers ===
+
+/// A listener that accepts, records the peers, and echoes nothing: it reads until the
+/// client closes, then closes its side (so the client's socket reaches TCP_CLOSE).
+struct Server {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Server {
+    fn bind(addr: &str) -> Server {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let addr = l.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(vec![]));
+        let p = peers.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                p.lock().unwrap().push(s.peer_addr().unwrap());
+                std::thread::spawn(move || {
+                    let mut sink = [0u8; 256];
+                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                });
+            }
+        });
+        Server { addr, peers }
+    }
+
+    fn accepted(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+
+    fn has_peer(&self, peer: SocketAddr) -> bool {
+        wait_until(|| self.peers.lock().unwrap().contains(&peer))
+    }
+}
+
+/// A loopback ClusterIP-like address from 127.96.0.0/16, distinct per test process.
+fn cluster_ip(n: u8) -> String {
+    let pid = std::process::id();
+    format!("127.96.{}.{}", (pid % 250) as u8 + 1, n)
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+fn wait_counters(
+    dp: &Datapath,
+    slot: u32,
+    want: impl Fn(&nemesis_agent::ebpf::ServiceCounters) -> bool,
+) {
+    let ok = wait_until(|| want(&dp.stats(slot).unwrap()));
+    assert!(
+        ok,
+        "counters of slot {slot} never got there: {:?}",
+        dp.stats(slot).unwrap()
+    );
+}
+
+// === tests ===
+
+#[test]
+fn connects_are_counted_exactly_over_ipv4_ipv6_and_v4_mapped() {
+    let fx = Fixture::new("count");
+    let dp = fx.load();
+    let v4 = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let v6 = Server::bind("[::1]:0");
+    let unmanaged = Server::bind(&format!("{}:0", cluster_ip(2)));
+    let s4 = dp
+        .upsert_service(v4.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let s6 = dp
+        .upsert_service(v6.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    assert_ne!(s4, s6);
+    let mut c = fx.client();
+
+    assert_eq!(c.burst(v4.addr, 20), 20);
+    assert_eq!(c.burst(v6.addr, 15), 15);
+    let mapped: SocketAddr = format!("[::ffff:{}]:{}", v4.addr.ip(), v4.addr.port())
+        .parse()
+        .unwrap();
+    assert_eq!(c.burst(mapped, 5), 5);
+    assert_eq!(c.burst(unmanaged.addr, 7), 7);
+
+    wait_counters(&dp, s4, |s| s.closed == 25);
+    wait_counters(&dp, s6, |s| s.closed == 15);
+    let st4 = dp.stats(s4).unwrap();
+    let st6 = dp.stats(s6).unwrap();
+    assert_eq!(
+        (st4.connects, st4.opened, st4.closed, st4.open_now),
+        (25, 25, 25, 0)
+    );
+    assert_eq!(
+        (st6.connects, st6.opened, st6.closed, st6.open_now),
+        (15, 15, 15, 0)
+    );
+    assert_eq!((st4.redirected, st4.released), (0, 0));
+    assert!(wait_until(|| unmanaged.accepted() == 7
+        && v4.accepted() == 25
+        && v6.accepted() == 15));
+    assert_eq!(dp.error_counters().unwrap().counts.iter().sum::<u64>(), 0);
+}
+
+#[test]
+fn open_gauge_rises_and_falls() {
+    let fx = Fixture::new("gauge");
+    let dp = fx.load();
+    let srv = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let slot = dp
+        .upsert_service(srv.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let mut c = fx.client();
+    let conns: Vec<Opened> = (0..5).map(|_| c.open(srv.addr)).collect();
+    wait_counters(&dp, slot, |s| s.open_now == 5 && s.connects == 5);
+    c.close(&conns[0]);
+    c.close(&conns[1]);
+    wait_counters(&dp, slot, |s| s.open_now == 3 && s.closed == 2);
+    for conn in &conns[2..] {
+        c.close(conn);
+    }
+    wait_counters(&dp, slot, |s| {
+        s.open_now == 0 && s.closed == 5 && s.opened == 5
+    });
+}
+
+#[test]
+fn passthrough_leaves_connections_untouched() {
+    let mut fx = Fixture::new("pass");
+    let proxy = Server::bind("127.0.0.1:0");
+    fx.cfg.proxy_v4 = Some(match proxy.addr {
+        SocketAddr::V4(a) => a,
+        _ => unreachable!(),
+    });
+    let dp = fx.load();
+    let srv = Server::bind(&format!("{}:0", cluster_ip(1)));
+    dp.upsert_service(srv.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let mut c = fx.client();
+    let conn = c.open(srv.addr);
+    assert_eq!(
+        conn.peer, srv.addr,
+        "the client reached the address it dialled"
+    );
+    assert!(srv.has_peer(conn.local));
+    assert_eq!(proxy.accepted(), 0);
+    assert_eq!(dp.original_destination(conn.local), None);
+}
+
+#[test]
+fn hold_mode_redirects_to_the_proxy_which_recovers_the_original_destination() {
+    let mut fx = Fixture::new("hold");
+    let proxy4 = Server::bind("127.0.0.1:0");
+    let proxy6 = Server::bind("[::1]:0");
+    fx.cfg.proxy_v4 = match proxy4.addr {
+        SocketAddr::V4(a) => Some(a),
+        _ => None,
+    };
+    fx.cfg.proxy_v6 = match proxy6.addr {
+        SocketAddr::V6(a) => Some(a),
+        _ => None,
+    };
+    let logs = capture_ebpf_logs();
+    let dp = fx.load();
+    // Real listeners at the service addresses: a redirect that failed would reach them.
+    let svc4 = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let svc6 = Server::bind("[::1]:0");
+    let s4 = dp
+        .upsert_service(svc4.addr, Proto::Tcp, Mode::Hold)
+        .unwrap();
+    let s6 = dp
+        .upsert_service(svc6.addr, Proto::Tcp, Mode::Hold)
+        .unwrap();
+    let mut c = fx.client();
+
+    for (svc, slot, proxy) in [(&svc4, s4, &proxy4), (&svc6, s6, &proxy6)] {
+        let conn = c.open(svc.addr);
+        assert_eq!(
+            conn.peer, proxy.addr,
+            "the connect was rewritten to the proxy"
+        );
+        assert!(
+            proxy.has_peer(conn.local),
+            "the proxy accepted the held client"
+        );
+        assert_eq!(
+            dp.original_destination(conn.local),
+            Some(OriginalDst {
+                addr: svc.addr,
+                slot
+            }),
+            "the proxy recovers what the client dialled"
+        );
+        let st = dp.stats(slot).unwrap();
+        assert_eq!((st.connects, st.redirected, st.released), (1, 1, 0));
+        // Closing the client (the proxy closes its side on EOF) forgets the entry.
+        c.close(&conn);
+        assert!(wait_until(|| dp.original_destination(conn.local).is_none()));
+        wait_counters(&dp, slot, |s| s.open_now == 0 && s.closed == 1);
+    }
+    // v4-mapped from an IPv6 socket goes to the IPv4 proxy and keeps its service.
+    let mapped: SocketAddr = format!("[::ffff:{}]:{}", svc4.addr.ip(), svc4.addr.port())
+        .parse()
+        .unwrap();
+    let conn = c.open(mapped);
+    let mapped_proxy: SocketAddr = format!("[::ffff:{}]:{}", proxy4.addr.ip(), proxy4.addr.port())
+        .parse()
+        .unwrap();
+    assert_eq!(conn.peer, mapped_proxy);
+    assert_eq!(
+        dp.original_destination(conn.local).map(|o| o.addr),
+        Some(svc4.addr)
+    );
+    assert_eq!(
+        svc4.accepted() + svc6.accepted(),
+        0,
+        "no held connect reached the service"
+    );
+    assert!(
+        wait_until(|| logs.lock().unwrap().contains("held connect")),
+        "the programs' aya-log records reach tracing: {:?}",
+        logs.lock().unwrap()
+    );
+    // Only TCP can be held.
+    assert!(matches!(
+        dp.upsert_service(svc4.addr, Proto::Udp, Mode::Hold),
+        Err(DatapathError::HoldNeedsTcp { .. })
+    ));
+}
+
+#[test]
+fn a_mode_flip_applies_to_the_next_connect() {
+    let mut fx = Fixture::new("flip");
+    let proxy = Server::bind("127.0.0.1:0");
+    fx.cfg.proxy_v4 = match proxy.addr {
+        SocketAddr::V4(a) => Some(a),
+        _ => None,
+    };
+    let dp = fx.load();
+    let srv = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let slot = dp
+        .upsert_service(srv.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let mut c = fx.client();
+    let first = c.open(srv.addr);
+    assert_eq!(first.peer, srv.addr);
+    assert_eq!(dp.set_mode(srv.addr, Proto::Tcp, Mode::Hold).unwrap(), slot);
+    let second = c.open(srv.addr);
+    assert_eq!(second.peer, proxy.addr);
+    assert_eq!(
+        dp.set_mode(srv.addr, Proto::Tcp, Mode::Passthrough)
+            .unwrap(),
+        slot
+    );
+    let third = c.open(srv.addr);
+    assert_eq!(third.peer, srv.addr);
+    let st = dp.stats(slot).unwrap();
+    assert_eq!((st.connects, st.redirected), (3, 1));
+    wait_counters(&dp, slot, |s| s.open_now == 3);
+    // Balance is reserved and behaves as passthrough for now.
+    dp.set_mode(srv.addr, Proto::Tcp, Mode::Balance).unwrap();
+    assert_eq!(c.open(srv.addr).peer, srv.addr);
+}
+
+#[test]
+fn an_agent_restart_loses_no_interception_and_counters_continue() {
+    let mut fx = Fixture::new("restart");
+    let proxy = Server::bind("127.0.0.1:0");
+    fx.cfg.proxy_v4 = match proxy.addr {
+        SocketAddr::V4(a) => Some(a),
+        _ => None,
+    };
+    let held = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let counted = Server::bind(&format!("{}:0", cluster_ip(2)));
+    let dp = fx.load();
+    let s_held = dp
+        .upsert_service(held.addr, Proto::Tcp, Mode::Hold)
+        .unwrap();
+    let s_counted = dp
+        .upsert_service(counted.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let links = dp.link_ids().to_vec();
+    let progs = dp.program_ids().to_vec();
+    let mut c = fx.client();
+    assert_eq!(c.burst(counted.addr, 3), 3);
+    let open_before = c.open(counted.addr);
+
+    // The agent goes away without cleaning up.
+    drop(dp);
+    assert_eq!(c.burst(counted.addr, 2), 2);
+    let held_while_down = c.open(held.addr);
+    assert_eq!(held_while_down.peer, proxy.addr, "held while no agent runs");
+
+    // A new agent adopts the pinned links and maps.
+    let dp = fx.load();
+    assert_eq!(
+        dp.link_ids(),
+        links.as_slice(),
+        "the same links, never detached"
+    );
+    assert_ne!(
+        dp.program_ids(),
+        progs.as_slice(),
+        "fresh programs swapped in"
+    );
+    assert_eq!(
+        dp.service(counted.addr, Proto::Tcp).unwrap().slot,
+        s_counted
+    );
+    assert_eq!(dp.service(held.addr, Proto::Tcp).unwrap().mode, Mode::Hold);
+    assert_eq!(
+        dp.original_destination(held_while_down.local)
+            .map(|o| o.addr),
+        Some(held.addr),
+        "an original destination recorded while the agent was down is recoverable"
+    );
+    assert_eq!(c.burst(counted.addr, 1), 1);
+    wait_counters(&dp, s_counted, |s| {
+        s.connects == 7 && s.closed == 6 && s.open_now == 1
+    });
+    // The connection opened before the restart is closed through the new programs.
+    c.close(&open_before);
+    wait_counters(&dp, s_counted, |s| s.closed == 7 && s.open_now == 0);
+    assert_eq!(dp.stats(s_held).unwrap().redirected, 1);
+    // A new slot does not collide with the adopted ones.
+    let other = Server::bind(&format!("{}:0", cluster_ip(3)));
+    let s_new = dp
+        .upsert_service(other.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    assert!(s_new != s_held && s_new != s_counted);
+}
+
+#[test]
+fn cleanup_leaves_nothing_attached_or_pinned() {
+    let fx = Fixture::new("cleanup");
+    let dp = fx.load();
+    let srv = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let slot = dp
+        .upsert_service(srv.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let pin_dir = dp.pin_dir().to_path_buf();
+    let links = dp.link_ids().to_vec();
+    assert_eq!(attached_programs(fx.cgroup()), 3);
+    assert!(pin_dir.join("links").read_dir().unwrap().count() == 3);
+    let mut c = fx.client();
+    assert_eq!(c.burst(srv.addr, 1), 1);
+    wait_counters(&dp, slot, |s| s.connects == 1);
+    drop(dp);
+
+    let report = Datapath::cleanup(&fx.cfg).unwrap();
+    assert_eq!(report.links_removed.len(), 3);
+    assert_eq!(report.maps_removed.len(), 7);
+    assert!(report.dir_removed);
+    assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
+    assert_eq!(
+        attached_programs(fx.cgroup()),
+        0,
+        "bpftool still lists programs"
+    );
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    for id in links {
+        assert!(!live.contains(&id), "link {id} is still loaded");
+    }
+    // Connections still work, uncounted.
+    assert_eq!(c.burst(srv.addr, 2), 2);
+    // Cleanup is idempotent.
+    let again = Datapath::cleanup(&fx.cfg).unwrap();
+    assert!(again.links_removed.is_empty() && again.maps_removed.is_empty());
+}
+
+#[test]
+fn the_dead_man_switch_releases_held_traffic() {
+    let mut fx = Fixture::new("deadman");
+    let proxy = Server::bind("127.0.0.1:0");
+    fx.cfg.proxy_v4 = match proxy.addr {
+        SocketAddr::V4(a) => Some(a),
+        _ => None,
+    };
+    fx.cfg.deadman_max_age = Duration::from_millis(400);
+    let dp = fx.load();
+    let svc = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let slot = dp.upsert_service(svc.addr, Proto::Tcp, Mode::Hold).unwrap();
+    let mut c = fx.client();
+    dp.heartbeat().unwrap();
+    assert_eq!(c.open(svc.addr).peer, proxy.addr, "fresh heartbeat: held");
+
+    std::thread::sleep(Duration::from_millis(700)); // no heartbeat
+    let released = c.open(svc.addr);
+    assert_eq!(
+        released.peer, svc.addr,
+        "stale heartbeat: released to the service"
+    );
+    assert!(svc.has_peer(released.local));
+    let st = dp.stats(slot).unwrap();
+    assert_eq!((st.connects, st.redirected, st.released), (2, 1, 1));
+    assert_eq!(dp.error_counters().unwrap().get(ERR_DEADMAN_RELEASE), 1);
+
+    dp.heartbeat().unwrap();
+    assert_eq!(
+        c.open(svc.addr).peer,
+        proxy.addr,
+        "heartbeat back: held again"
+    );
+}
+
+#[test]
+fn hold_without_a_proxy_address_fails_open_and_is_counted() {
+    let fx = Fixture::new("noproxy");
+    let dp = fx.load(); // no proxy_v4 / proxy_v6 configured
+    let svc = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let slot = dp.upsert_service(svc.addr, Proto::Tcp, Mode::Hold).unwrap();
+    let mut c = fx.client();
+    let conn = c.open(svc.addr);
+    assert_eq!(conn.peer, svc.addr);
+    assert_eq!(dp.stats(slot).unwrap().released, 1);
+    assert_eq!(dp.error_counters().unwrap().get(ERR_NO_PROXY), 1);
+}
+
+#[test]
+fn a_link_pinned_for_another_cgroup_is_refused_with_a_clear_error() {
+    let fx = Fixture::new("elsewhere");
+    let dp = fx.load();
+    drop(dp);
+    let other = ChildCgroup::create(fx.cgroup(), "other").unwrap();
+    let mut cfg = fx.cfg.clone();
+    cfg.cgroup = Some(other.path().to_path_buf());
+    let err = Datapath::load_or_adopt(&cfg).unwrap_err().to_string();
+    assert!(err.contains("attached to another cgroup"), "{err}");
+    assert!(err.contains("nemesis-agent cleanup"), "{err}");
+    drop(other);
+}
+
+// === helpers on the kernel's view ===
+
+/// Programs attached to `cgroup`, as bpftool (the kernel's BPF_PROG_QUERY) sees them.
+fn attached_programs(cgroup: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = if text.trim().is_empty() {
+        serde_json::Value::Array(vec![])
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    v.as_array().map(Vec::len).unwrap_or(0)
+}
+
+/// Captures `tracing` output of target `nemesis_ebpf` (the programs' aya-log records).
+fn capture_ebpf_logs() -> Arc<Mutex<String>> {
+    #[derive(Clone)]
+    struct Buf(Arc<Mutex<String>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push_str(&String::from_utf8_lossy(b));
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Arc::new(Mutex::new(String::new()));
+    let writer = Buf(buf.clone());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("nemesis_ebpf=debug")
+        .with_writer(move || writer.clone())
+        .try_init();
+    buf
+}
