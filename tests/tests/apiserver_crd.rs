@@ -244,7 +244,7 @@ async fn deleting_the_crd_removes_its_resources_and_discovery() -> Result<()> {
     )
     .await?;
     let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
-    crds.delete(&Widget::crd_name(), &DeleteParams::default())
+    crds.delete(Widget::crd_name(), &DeleteParams::default())
         .await?;
     assert_eq!(api_err(api.get("w1").await.unwrap_err()).code, 404);
     let discovery = Discovery::new(c.clone()).run().await?;

@@ -487,3 +487,41 @@ async fn kubectl_with_a_wrong_token_is_unauthorized() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn kubectl_describe_shows_events_recorded_through_events_k8s_io() -> Result<()> {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (_s, c, k) = setup().await?;
+    k.ok(&["apply", "-f", "-"], Some(WEB)).await?;
+    let d = Api::<Deployment>::namespaced(c.clone(), "default")
+        .get("web")
+        .await?;
+    let recorder = Recorder::new(
+        c,
+        Reporter {
+            controller: "nemesis-test".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "ScaledToZero".into(),
+        note: Some("no connections for 10m".into()),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &d.object_ref(&())).await?;
+    let described = k.ok(&["describe", "deployment", "web"], None).await?;
+    let events = described.split("Events:").nth(1).unwrap_or("");
+    assert!(
+        events.contains("ScaledToZero") && events.contains("no connections for 10m"),
+        "{described}"
+    );
+    let listed = k.ok(&["get", "events"], None).await?;
+    assert!(
+        listed.contains("ScaledToZero") && listed.contains("deployment/web"),
+        "{listed}"
+    );
+    Ok(())
+}

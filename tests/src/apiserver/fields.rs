@@ -258,7 +258,7 @@ fn remove_at(v: &mut Value, path: &[Pe], schema: Schema) {
         }
         Pe::Val(val) => {
             if let Some(a) = parent_v.as_array_mut() {
-                a.retain(|it| it.to_string() != *val);
+                a.retain(|it| it.to_string().as_str() != val.as_str());
             }
         }
     }

@@ -10,8 +10,17 @@ use serde_json::{Map, Value, json};
 
 use super::registry::Builtin;
 
-/// Per (definition, property): patch strategy, merge key, list type, list map keys.
-const LIST_RULES: &[(&str, &str, &str, &str, &str, &[&str])] = &[
+/// (definition, property, patch strategy, merge key, list type, list map keys)
+type ListRule = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
+
+const LIST_RULES: &[ListRule] = &[
     (
         "io.k8s.api.core.v1.PodSpec",
         "containers",

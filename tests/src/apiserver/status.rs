@@ -100,7 +100,7 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
-    pub details: Option<Details>,
+    pub details: Option<Box<Details>>,
     /// Seconds the client should wait before retrying (`retryAfterSeconds`).
     pub retry_after: Option<u32>,
 }
@@ -133,12 +133,12 @@ impl ApiError {
         }
     }
     fn with_details(mut self, name: &str, group: &str, kind: &str) -> Self {
-        self.details = Some(Details {
+        self.details = Some(Box::new(Details {
             name: name.into(),
             group: group.into(),
             kind: kind.into(),
             causes: vec![],
-        });
+        }));
         self
     }
 
@@ -215,10 +215,10 @@ impl ApiError {
     /// A server-side apply conflict: `causes` name the fields and their managers.
     pub fn apply_conflict(message: String, causes: Vec<Cause>) -> Self {
         let mut e = Self::new(409, "Conflict", message);
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             causes,
             ..Details::default()
-        });
+        }));
         e
     }
     pub fn gone(message: impl Into<String>) -> Self {
@@ -248,12 +248,12 @@ impl ApiError {
             format!("{q} \"{name}\" is invalid: [{}]", lines.join(", "))
         };
         let mut e = Self::new(422, "Invalid", msg);
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             name: name.into(),
             group: group.into(),
             kind: kind.into(),
             causes,
-        });
+        }));
         e
     }
     pub fn internal(message: impl Into<String>) -> Self {

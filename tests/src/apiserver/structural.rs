@@ -173,11 +173,7 @@ impl Walker<'_> {
                 }
                 self.bounds(s, v, path);
             }
-            "boolean" => {
-                if !v.is_boolean() {
-                    self.type_error(path, v, "boolean");
-                }
-            }
+            "boolean" if !v.is_boolean() => self.type_error(path, v, "boolean"),
             _ => {}
         }
         if let Some(allowed) = s.get("enum").and_then(Value::as_array)

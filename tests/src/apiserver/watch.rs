@@ -78,14 +78,14 @@ impl EventLog {
             let mut e = ApiError::timeout(format!(
                 "Too large resource version: {rv}, current: {current}"
             ));
-            e.details = Some(super::status::Details {
+            e.details = Some(Box::new(super::status::Details {
                 causes: vec![super::status::Cause {
                     reason: "ResourceVersionTooLarge",
                     field: String::new(),
                     message: "Too large resource version".into(),
                 }],
                 ..Default::default()
-            });
+            }));
             e.retry_after = Some(1);
             return Err(e);
         }
