@@ -1,0 +1,189 @@
+//! Two controllers against one test API server, elected on a Lease: only the leader
+//! scales (the standby refuses wake-ups and records no scale); when the leader dies
+//! without a word the standby takes over within the lease duration and finishes the
+//! work with no scale repeated or lost; a leader that shuts down hands over at once.
+
+mod controller_support;
+
+use std::time::{Duration, Instant};
+
+use controller_support::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::api::PostParams;
+use nemesis_common::wire::ServiceRef;
+use nemesis_controller::policy::ScalingPolicy;
+use nemesis_controller::store::PolicyId;
+use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use serde_json::json;
+
+/// The test controllers' `--lease-duration` and `--retry-period` (see `run_args`).
+const LEASE: Duration = Duration::from_secs(3);
+const RETRY: Duration = Duration::from_millis(250);
+
+fn scale_records(c: &nemesis_controller::app::Running, ns: &str, name: &str) -> usize {
+    c.store
+        .scale_events(&PolicyId::new(ns, name), 0..u64::MAX)
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_scales_and_a_killed_leader_is_replaced_without_repeating_or_losing_a_scale()
+-> anyhow::Result<()> {
+    init_tracing();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    install_crd(&client).await?;
+    let ns = "default";
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("web", 1))
+        .await?;
+    let log = ReplicaLog::start(deployments.clone(), "web");
+
+    let dir_a = tempfile::tempdir()?;
+    let dir_b = tempfile::tempdir()?;
+    let a = start_controller(&server, dir_a.path(), &[]).await?;
+    wait_leading(&a, Duration::from_secs(10)).await?;
+    // B starts after A leads, so A is the leader and B the standby.
+    let b = start_controller(&server, dir_b.path(), &[]).await?;
+    tokio::time::sleep(LEASE).await;
+    assert!(a.is_leading() && !b.is_leading(), "exactly one leader");
+
+    let svc = ServiceRef {
+        namespace: ns.into(),
+        name: "web".into(),
+    };
+    let agent = TestAgent::start("node-a", vec![svc.clone()], vec![a.api_addr, b.api_addr]);
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                "web",
+                json!({
+                    "target": {"deployment": "web", "service": "web"},
+                    "initialState": "low",
+                    "states": [
+                        {"name": "low", "replicas": 1},
+                        {"name": "high", "replicas": 3},
+                    ],
+                    "transitions": [
+                        {"from": "low", "to": "high", "when": "conns.active > 5"},
+                        {"from": "high", "to": "low", "when": "conns.active <= 5"},
+                    ],
+                }),
+            ),
+        )
+        .await?;
+    wait_state(&policies, "web", "low", Duration::from_secs(10)).await?;
+
+    // The standby refuses wake-ups; the leader takes them.
+    let http = Http::default();
+    let (status, _) = http.wake(b.api_addr, "node-a", &svc, 1).await?;
+    assert_eq!(status, 503, "a standby must not take wake-ups");
+    let (status, body) = http.wake(a.api_addr, "node-a", &svc, 1).await?;
+    assert_eq!(status, 200, "{body}");
+
+    // Load: the leader scales 1 -> 3; the standby does nothing.
+    agent.set(|s| s.open = 10);
+    wait_replicas(&deployments, "web", 3, Duration::from_secs(10)).await?;
+    wait_state(&policies, "web", "high", Duration::from_secs(10)).await?;
+    // History is written off the scaling path: wait for the commit.
+    eventually("A's scale record", Duration::from_secs(5), || async {
+        Ok((scale_records(&a, ns, "web") == 1).then_some(()))
+    })
+    .await?;
+    assert_eq!(scale_records(&b, ns, "web"), 0);
+    assert_eq!(
+        scrape(
+            &b,
+            "nemesis_controller_scale_operations_total{direction=\"up\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(
+        scrape(
+            &a,
+            "nemesis_controller_scale_operations_total{direction=\"up\"}"
+        )
+        .await?,
+        1.0
+    );
+
+    // Kill the leader (nothing released) and drop the load at the same moment.
+    let killed = Instant::now();
+    a.kill();
+    agent.targets.lock().unwrap().retain(|t| *t == b.api_addr);
+    agent.set(|s| s.open = 0);
+    wait_leading(&b, LEASE * 3).await?;
+    let took = killed.elapsed();
+    // B saw A's last renewal at most one retry period (plus jitter) after it happened,
+    // and needs one more attempt after the lease ran out.
+    assert!(
+        took <= LEASE + RETRY * 3,
+        "the standby took {took:?} to take over (lease {LEASE:?})"
+    );
+    let lease: Lease = Api::namespaced(client.clone(), ns)
+        .get("nemesis-controller")
+        .await?;
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(b.identity.as_str())
+    );
+
+    // B resumes in `high` from the status A wrote, then scales back down once: 3 -> 1.
+    wait_replicas(&deployments, "web", 1, Duration::from_secs(10)).await?;
+    wait_state(&policies, "web", "low", Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.seen(), vec![1, 3, 1], "every scale exactly once");
+    eventually("B's scale record", Duration::from_secs(5), || async {
+        Ok((scale_records(&b, ns, "web") == 1).then_some(()))
+    })
+    .await?;
+    let transitions = b
+        .store
+        .transitions(&PolicyId::new(ns, "web"), 0..u64::MAX)?;
+    assert_eq!(transitions.len(), 1);
+    assert_eq!(
+        (
+            transitions[0].from_state.as_str(),
+            transitions[0].to_state.as_str()
+        ),
+        ("high", "low")
+    );
+    b.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_at_once()
+-> anyhow::Result<()> {
+    init_tracing();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    install_crd(&client).await?;
+    let dir_a = tempfile::tempdir()?;
+    let dir_b = tempfile::tempdir()?;
+    // A long lease: only the release can make the hand-over fast.
+    let slow = ["--lease-duration", "20s", "--renew-deadline", "10s"];
+    let a = start_controller(&server, dir_a.path(), &slow).await?;
+    wait_leading(&a, Duration::from_secs(10)).await?;
+    let b = start_controller(&server, dir_b.path(), &slow).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!b.is_leading());
+    let stopped = Instant::now();
+    a.shutdown().await;
+    wait_leading(&b, Duration::from_secs(5)).await?;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "hand-over took {:?}",
+        stopped.elapsed()
+    );
+    b.shutdown().await;
+    Ok(())
+}
