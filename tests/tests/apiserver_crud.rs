@@ -387,3 +387,49 @@ async fn requests_without_the_token_are_unauthorized() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn dry_run_validates_but_stores_nothing() -> Result<()> {
+    let (_s, c) = server().await?;
+    let api: Api<Service> = Api::namespaced(c, "default");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let svc: Service = serde_json::from_value(
+        json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}),
+    )?;
+    let out = api.create(&dry, &svc).await?;
+    assert!(out.spec.unwrap().cluster_ip.is_some());
+    assert_eq!(err_code(api.get("web").await.unwrap_err()), 404);
+    let bad: Service =
+        serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"ports": []}}))?;
+    assert_eq!(err_code(api.create(&dry, &bad).await.unwrap_err()), 422);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_status_errors() -> Result<()> {
+    let (_s, c) = server().await?;
+    let get = |p: &str| http::Request::get(p.to_string()).body(Vec::new());
+    for (req, code) in [
+        (get("/apis/nothing.example.com/v1/widgets")?, 404),
+        (get("/api/v1/namespaces/default/nothings")?, 404),
+        (get("/api/v1/namespaces/default/pods/p/log")?, 404),
+        (
+            http::Request::post("/apis/apps/v1/deployments").body(b"{}".to_vec())?,
+            405,
+        ),
+        (
+            http::Request::put("/api/v1/namespaces/default/configmaps").body(b"{}".to_vec())?,
+            405,
+        ),
+    ] {
+        let what = format!("{} {}", req.method(), req.uri());
+        match c.request::<serde_json::Value>(req).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, code, "{what}"),
+            other => panic!("{what}: expected a {code} Status, got {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -362,3 +362,47 @@ async fn kube_runtime_streaming_list_watcher_sees_existing_and_new_objects() -> 
     task.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn metadata_lists_and_watches_return_partial_object_metadata() -> Result<()> {
+    let s = TestApiServer::start(ApiServerOptions::default()).await?;
+    let api: Api<ConfigMap> = Api::namespaced(s.client().await?, "default");
+    api.create(&PostParams::default(), &cm("a", json!({"k": "v"}))?)
+        .await?;
+    let list = api
+        .list_metadata(&ListParams::default().labels("k=v"))
+        .await?;
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.items[0].metadata.name.as_deref(), Some("a"));
+    let rv = list.metadata.resource_version.unwrap();
+    let mut w = api
+        .watch_metadata(&WatchParams::default(), &rv)
+        .await?
+        .boxed();
+    api.delete("a", &DeleteParams::default()).await?;
+    match tokio::time::timeout(STEP, w.next())
+        .await?
+        .context("ended")??
+    {
+        WatchEvent::Deleted(m) => assert_eq!(m.metadata.name.as_deref(), Some("a")),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn legacy_single_object_watch_on_the_object_path() -> Result<()> {
+    let s = TestApiServer::start(ApiServerOptions::default()).await?;
+    let c = s.client().await?;
+    let api: Api<ConfigMap> = Api::namespaced(c.clone(), "default");
+    api.create(&PostParams::default(), &cm("a", json!({}))?)
+        .await?;
+    api.create(&PostParams::default(), &cm("b", json!({}))?)
+        .await?;
+    let req =
+        http::Request::get("/api/v1/namespaces/default/configmaps/b?watch=true&timeoutSeconds=1")
+            .body(vec![])?;
+    let mut lines = c.request_events::<ConfigMap>(req).await?.boxed();
+    assert_eq!(describe(&next(&mut lines).await?), "ADDED b");
+    Ok(())
+}

@@ -71,7 +71,8 @@ fn ok(body: Value) -> Reply {
 }
 
 pub async fn resource(ctx: Ctx<'_>, p: ResourcePath) -> Response<Body> {
-    let is_watch = *ctx.method == Method::GET && p.name.is_none() && ctx.flag("watch");
+    // `?watch=true` on an object's own path is the legacy single-object watch.
+    let is_watch = *ctx.method == Method::GET && p.sub.is_none() && ctx.flag("watch");
     if is_watch {
         return match start_watch(&ctx, &p).await {
             Ok(r) => r,
@@ -711,6 +712,7 @@ async fn start_watch(ctx: &Ctx<'_>, p: &ResourcePath) -> Result<Response<Body>, 
         let rt = resolve(&st, p)?;
         let (ls, fs) = selectors(ctx, &rt)?;
         let ns = p.namespace.clone();
+        let only = p.name.clone();
         let key = convert::storage_key(&rt);
         let current = st.rv();
         let rv = ctx.param("resourceVersion");
@@ -759,6 +761,7 @@ async fn start_watch(ctx: &Ctx<'_>, p: &ResourcePath) -> Result<Response<Body>, 
         let initial: Vec<Value> = if initial_from_state {
             st.list(&key, ns.as_deref())
                 .into_iter()
+                .filter(|o| only.as_deref().is_none_or(|n| meta::name(o) == n))
                 .filter(|o| matches(&rt, ns.as_deref(), &ls, &fs, o))
                 .cloned()
                 .collect()
@@ -766,8 +769,10 @@ async fn start_watch(ctx: &Ctx<'_>, p: &ResourcePath) -> Result<Response<Body>, 
             vec![]
         };
         let filter_rt = rt.clone();
-        let filter: watch::Filter =
-            Box::new(move |o| matches(&filter_rt, ns.as_deref(), &ls, &fs, o));
+        let filter: watch::Filter = Box::new(move |o| {
+            only.as_deref().is_none_or(|n| meta::name(o) == n)
+                && matches(&filter_rt, ns.as_deref(), &ls, &fs, o)
+        });
         let render_rt = rt.clone();
         let format = ctx.format.clone();
         let include = include_object(ctx)?;
