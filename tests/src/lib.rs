@@ -3,5 +3,6 @@
 
 pub mod apiserver;
 pub mod controllers;
+pub mod demo;
 pub mod kubelet;
 pub mod netns;

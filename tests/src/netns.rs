@@ -306,6 +306,11 @@ impl PodNetwork {
         &self.bridge
     }
 
+    /// The subnet index this network claimed (0..[`SUBNETS`]).
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         gateway_address(self.index)
     }

@@ -41,6 +41,10 @@
 //!   process winds down; an unbound pod is removed at once and only its process gets
 //!   the grace period.
 //!
+//! With [`SandboxOptions::service_proxy`], the node also runs kube-proxy's part:
+//! `ClusterIP:port` of every Service with ready endpoints accepts connections and
+//! forwards them to a ready pod ([`service_proxy`]).
+//!
 //! Pods are taken when `spec.nodeName` is empty or equals [`SandboxOptions::node_name`];
 //! the Deployment controller binds the pods it creates to that node. Several nodes on one
 //! API server: start one `Sandbox` per node, all but the first with `controllers: false`
@@ -60,6 +64,7 @@ pub mod container;
 pub mod pods;
 pub mod probe;
 pub mod process;
+pub mod service_proxy;
 pub mod status;
 pub mod worker;
 
@@ -104,6 +109,11 @@ pub struct SandboxOptions {
     /// ... and this too, so that pods without `spec.nodeName` run on the first node
     /// only. Pods for the second node name it in `spec.nodeName`.
     pub adopt_unbound_pods: bool,
+    /// Serve Service ClusterIPs as kube-proxy would ([`service_proxy`]): connects to
+    /// `ClusterIP:port` reach a ready pod, or are refused when there is none. Off by
+    /// default: ClusterIPs of parallel test API servers overlap, and only one process
+    /// can listen on an address; the demo turns it on with ClusterIPs of its own.
+    pub service_proxy: bool,
 }
 
 impl Default for SandboxOptions {
@@ -114,6 +124,7 @@ impl Default for SandboxOptions {
             namespace: None,
             controllers: true,
             adopt_unbound_pods: true,
+            service_proxy: false,
         }
     }
 }
@@ -184,6 +195,12 @@ impl Sandbox {
             pods_api,
             cancel.child_token(),
         ))];
+        if opts.service_proxy {
+            tasks.push(tokio::spawn(service_proxy::run(
+                client.clone(),
+                cancel.child_token(),
+            )));
+        }
         if opts.controllers {
             tasks.push(tokio::spawn(controllers::deployments::run(
                 client.clone(),
@@ -224,6 +241,13 @@ impl Sandbox {
     /// The /24 pod IPs of this sandbox come from.
     pub fn subnet(&self) -> String {
         self.network.subnet()
+    }
+
+    /// Which of the 512 /24s of 198.18.0.0/15 this sandbox holds: unique among live
+    /// sandboxes on this machine (a lock file claims it), so other per-sandbox names
+    /// and addresses can be derived from it without colliding.
+    pub fn subnet_index(&self) -> u16 {
+        self.network.index()
     }
 
     /// The bridge address: the node's address as pods see it (`status.hostIP`).

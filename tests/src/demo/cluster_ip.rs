@@ -1,0 +1,52 @@
+//! ClusterIPs for a sandbox whose Service proxy listens on them. Test API servers all
+//! allocate from the bottom of 127.96.0.0/16, so two of them hand out the same address;
+//! a sandbox that serves its ClusterIPs takes them instead from a block of the upper
+//! half that belongs to its pod subnet index (unique on the machine while it lives).
+
+use std::net::Ipv4Addr;
+
+use crate::netns::SUBNETS;
+
+/// Addresses per block: 4 blocks share a /24 of 127.96.128.0/17.
+pub const BLOCK_SIZE: u8 = 62;
+
+/// The `ordinal`-th (0-based) ClusterIP of the sandbox holding subnet `index`, or `None`
+/// past the block's [`BLOCK_SIZE`] addresses. Block `index` is
+/// `127.96.(128 + index / 4).((index % 4) * 64 + 1 ..= +62)`.
+pub fn cluster_ip(index: u16, ordinal: u8) -> Option<Ipv4Addr> {
+    if index >= SUBNETS || ordinal >= BLOCK_SIZE {
+        return None;
+    }
+    let third = 128 + (index / 4) as u8;
+    let fourth = (index % 4) as u8 * 64 + 1 + ordinal;
+    Some(Ipv4Addr::new(127, 96, third, fourth))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn blocks_of_all_subnets_are_disjoint_and_inside_the_upper_half_of_the_service_range() {
+        let mut seen = BTreeSet::new();
+        for index in 0..SUBNETS {
+            for ordinal in 0..BLOCK_SIZE {
+                let ip = cluster_ip(index, ordinal).unwrap();
+                let [a, b, c, d] = ip.octets();
+                assert_eq!((a, b), (127, 96));
+                assert!(c >= 128, "{ip}");
+                assert!(d != 0 && d != 255, "{ip}");
+                assert!(seen.insert(ip), "{ip} handed out twice");
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_range_inputs_get_none() {
+        assert_eq!(cluster_ip(SUBNETS, 0), None);
+        assert_eq!(cluster_ip(0, BLOCK_SIZE), None);
+        assert_eq!(cluster_ip(0, 0), Some(Ipv4Addr::new(127, 96, 128, 1)));
+        assert_eq!(cluster_ip(511, 61), Some(Ipv4Addr::new(127, 96, 255, 254)));
+    }
+}
