@@ -136,18 +136,29 @@ fn check_schema(
             lines.join("; ")
         )));
     }
-    let unknown: Vec<String> = out
+    let mut unknown: Vec<String> = out
         .unknown
         .iter()
         .map(|f| format!("unknown field \"{f}\""))
         .collect();
+    // CEL rules are not evaluated here: say so rather than pass silently.
+    let cel = |schema: &Value| schema.to_string().contains("\"x-kubernetes-validations\"");
+    let cel_here = rt.crd.as_ref().is_some_and(|c| cel(&c.schema))
+        || (rt.builtin == Some(Builtin::Crd) && cel(&obj["spec"]["versions"]));
+    let cel_warning = cel_here.then(|| {
+        "x-kubernetes-validations (CEL) rules are not evaluated by the Nemesis test API server"
+            .to_owned()
+    });
     match fv {
         FieldValidation::Strict if !unknown.is_empty() => Err(ApiError::bad_request(format!(
             "{decode_prefix}: strict decoding error: {}",
             unknown.join(", ")
         ))),
-        FieldValidation::Warn => Ok(unknown),
-        _ => Ok(vec![]),
+        FieldValidation::Warn => {
+            unknown.extend(cel_warning);
+            Ok(unknown)
+        }
+        _ => Ok(cel_warning.into_iter().collect()),
     }
 }
 

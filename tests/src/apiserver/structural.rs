@@ -160,10 +160,28 @@ impl Walker<'_> {
                             .push(Cause::invalid(path, v, "illegal base64 data"));
                     }
                 }
+                if s.get("format").and_then(Value::as_str) == Some("date-time")
+                    && chrono::DateTime::parse_from_rfc3339(st).is_err()
+                {
+                    self.out.causes.push(Cause::invalid(
+                        path,
+                        v,
+                        &format!("{path} in body must be of type date-time: \"{st}\""),
+                    ));
+                }
             }
             "integer" => {
                 if v.as_i64().is_none() && v.as_u64().is_none() {
                     return self.type_error(path, v, "integer");
+                }
+                if s.get("format").and_then(Value::as_str) == Some("int32")
+                    && v.as_i64().is_none_or(|n| i32::try_from(n).is_err())
+                {
+                    self.out.causes.push(Cause::invalid(
+                        path,
+                        v,
+                        &format!("{path} in body must be of type int32: \"{v}\""),
+                    ));
                 }
                 self.bounds(s, v, path);
             }
@@ -338,6 +356,26 @@ mod tests {
         let mut obj = json!({"spec": {"target": 5}});
         let out = check(&schema, &Map::new(), &mut obj, &crd_opts());
         assert!(out.causes[0].message.contains("must be of type string"));
+    }
+
+    #[test]
+    fn int32_and_date_time_formats_are_checked() {
+        let schema = json!({"type": "object", "properties": {
+            "n": {"type": "integer", "format": "int32"},
+            "t": {"type": "string", "format": "date-time"}}});
+        let mut ok = json!({"n": 5, "t": "2025-01-01T00:00:00Z"});
+        assert!(
+            check(&schema, &Map::new(), &mut ok, &crd_opts())
+                .causes
+                .is_empty()
+        );
+        let mut bad = json!({"n": 4_294_967_296u64, "t": "yesterday"});
+        let fields: Vec<_> = check(&schema, &Map::new(), &mut bad, &crd_opts())
+            .causes
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert_eq!(fields, ["n", "t"]);
     }
 
     #[test]

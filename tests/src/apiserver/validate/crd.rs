@@ -102,6 +102,16 @@ pub fn validate(obj: &Value, old: Option<&Value>) -> Vec<Cause> {
             ));
         }
     }
+    if let Some(s) = spec["conversion"]["strategy"].as_str()
+        && s != "None"
+    {
+        // No webhook can be called from here: versions would be served unconverted.
+        causes.push(Cause::not_supported(
+            "spec.conversion.strategy",
+            &json!(s),
+            &["None"],
+        ));
+    }
     if let Some(old) = old {
         causes.extend(immutable(
             "spec.group",
@@ -136,6 +146,18 @@ mod tests {
         let causes = validate(&crd, None);
         assert_eq!(causes.len(), 1);
         assert_eq!(causes[0].field, "metadata.name");
+    }
+
+    #[test]
+    fn conversion_webhooks_are_refused() {
+        let crd = json!({"metadata": {"name": "widgets.example.com"}, "spec": {
+            "group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "widgets", "kind": "Widget"},
+            "conversion": {"strategy": "Webhook"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object"}}}]}});
+        let causes = validate(&crd, None);
+        assert_eq!(causes[0].field, "spec.conversion.strategy");
     }
 
     #[test]
