@@ -63,7 +63,14 @@ impl HoldBuffer {
             match res {
                 Ok(0) => return Ok(ReadEvent::Eof),
                 Ok(_) => return Ok(ReadEvent::Data),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness can be spurious (a fresh socket reports it once): give the
+                    // chunk back, or every idle held connection would keep 4 KiB.
+                    if old == 0 {
+                        self.data = Vec::new();
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -93,7 +100,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketA
     let Some(port) = destination.and_then(|d| shared.table.lookup(d)) else {
         tracing::debug!(%peer, ?destination, "no managed Service for this connection; closing");
         shared.metrics.outcome(Outcome::UnknownDestination);
-        close_cleanly(client, shared.config.close_linger).await;
+        Box::pin(close_cleanly(client, shared.config.close_linger)).await;
         return;
     };
     // Small writes (a request, a handshake) go out at once; the proxy adds no Nagle delay.
@@ -110,14 +117,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketA
             let sniff_for = match scope {
                 Overflow::Service | Overflow::Agent => shared.config.sniff_timeout,
             };
-            refuse(
+            Box::pin(refuse(
                 client,
                 Vec::new(),
                 Reason::Overflow,
                 port.bounds.retry_after,
                 sniff_for,
                 shared.config.close_linger,
-            )
+            ))
             .await;
         }
         Admission::Held { guard, start_wake } => {
@@ -154,13 +161,15 @@ async fn hold(
                 let budget = deadline
                     .saturating_duration_since(Instant::now())
                     .min(shared.config.connect_timeout);
-                match shared
-                    .backends
-                    .connect(&backends, last_failed, budget)
-                    .await
-                {
+                // Boxed, like the forwarding below: only the dialling connection pays.
+                let dial = Box::pin(shared.backends.connect(&backends, last_failed, budget));
+                match dial.await {
                     Ok((backend, lease)) => {
-                        forward(&shared, client, backend, lease, buf, guard, accepted).await;
+                        // Boxed: the splice state is not carried by every held connection.
+                        Box::pin(forward(
+                            &shared, client, backend, lease, buf, guard, accepted,
+                        ))
+                        .await;
                         return;
                     }
                     Err(err) => {
@@ -210,7 +219,7 @@ async fn hold(
                     end_held(&shared, outcome, accepted);
                     drop(guard);
                     tracing::info!(service = %port.service, %peer, outcome = outcome.as_str(), "hold budget spent; refusing");
-                    refuse(client, buf.data, reason, port.bounds.retry_after, Duration::ZERO, shared.config.close_linger).await;
+                    Box::pin(refuse(client, buf.data, reason, port.bounds.retry_after, Duration::ZERO, shared.config.close_linger)).await;
                     return;
                 }
             }

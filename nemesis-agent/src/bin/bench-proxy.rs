@@ -1,0 +1,400 @@
+//! Benchmark of the buffering proxy; prints `NAME=VALUE` figures for `cargo xtask bench`:
+//! - `cold_start_overhead_ms_p50` / `_p99`: 100 held clients; each client's time to the
+//!   first response byte minus the moment its backend became ready (5 rounds);
+//! - `held_10k_rss_mib`: growth of the proxy process's resident memory while it holds
+//!   10,000 idle connections;
+//! - `proxied_throughput_ratio`: bulk transfer through the proxy divided by direct, A B
+//!   alternated in one run.
+//!
+//! The proxy runs in a child process (this binary with `--serve-proxy`), so its memory is
+//! measured apart from the clients and it competes for the CPU like the agent would. Its
+//! original-destination lookup is a fixed destination: the eBPF datapath is not part of
+//! these figures. Diagnostics go to stderr; stdout carries only the figures.
+
+use anyhow::{Context, Result, bail, ensure};
+use nemesis_agent::endpoints::{EndpointRegistry, ServiceEndpoints};
+use nemesis_agent::metrics::Metrics;
+use nemesis_agent::proxy::{
+    FixedDestination, HoldBounds, ManagedPort, Proxy, ProxyConfig, ServiceTable,
+};
+use nemesis_common::wire::ServiceRef;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const CLUSTER_IP: &str = "127.96.0.1:80";
+const COLD_CLIENTS: usize = 100;
+const COLD_ROUNDS: usize = 5;
+const HELD_IDLE: usize = 10_000;
+/// Per transfer; 4 rounds of A and B each: 2 GiB over loopback in total.
+const BULK_BYTES: usize = 256 << 20;
+const BULK_ROUNDS: usize = 4;
+
+fn service() -> ServiceRef {
+    ServiceRef {
+        namespace: "bench".into(),
+        name: "svc".into(),
+    }
+}
+
+fn main() -> Result<()> {
+    raise_fd_limit()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if std::env::args().nth(1).as_deref() == Some("--serve-proxy") {
+        rt.block_on(serve_proxy())
+    } else {
+        rt.block_on(run_benches())
+    }
+}
+
+/// Held connections need one fd each on both sides; the soft limit is often 1024.
+fn raise_fd_limit() -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let want = hard.max(65_536);
+    // Root may raise the hard limit too; otherwise settle for the hard limit.
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(())
+}
+
+// === the proxy child ===
+
+/// Serve a proxy for one Service on 127.0.0.1:0; print `PORT <n>`; then obey stdin
+/// commands: `READY <addr>` (the backend is ready), `ZERO` (back to no backend),
+/// `HELD` (answers `HELD <n>`). Exits at stdin EOF.
+async fn serve_proxy() -> Result<()> {
+    let table = ServiceTable::new();
+    let endpoints = EndpointRegistry::new();
+    let svc = service();
+    let dst: SocketAddr = CLUSTER_IP.parse()?;
+    table.upsert_service(
+        &svc,
+        vec![(
+            dst,
+            ManagedPort {
+                service: svc.clone(),
+                port_name: "http".into(),
+                target_port: None,
+                bounds: HoldBounds {
+                    hold_timeout: Duration::from_secs(3600),
+                    max_held: 2 * HELD_IDLE,
+                    ..HoldBounds::default()
+                },
+            },
+        )],
+    );
+    let mut config = ProxyConfig::new("bench");
+    config.max_held_total = 2 * HELD_IDLE;
+    let proxy = Proxy::new(
+        config,
+        table,
+        endpoints.clone(),
+        std::sync::Arc::new(FixedDestination(dst)),
+        None,
+        Metrics::new().proxy,
+    );
+    let listener = nemesis_agent::proxy::bind("127.0.0.1:0".parse()?)?;
+    let port = listener.local_addr()?.port();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.serve(listener).await });
+    let mut out = tokio::io::stdout();
+    out.write_all(format!("PORT {port}\n").as_bytes()).await?;
+    out.flush().await?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("READY"), Some(addr)) => {
+                let addr: SocketAddr = addr.parse()?;
+                endpoints.publish(&svc, ServiceEndpoints::default().with_port("http", [addr]));
+            }
+            (Some("ZERO"), None) => endpoints.publish(&svc, ServiceEndpoints::default()),
+            (Some("HELD"), None) => {
+                out.write_all(format!("HELD {}\n", proxy.held_total()).as_bytes())
+                    .await?;
+                out.flush().await?;
+            }
+            _ => bail!("unknown command {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+struct ProxyChild {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: tokio::io::Lines<BufReader<ChildStdout>>,
+    addr: SocketAddr,
+}
+
+impl ProxyChild {
+    async fn start() -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve-proxy")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the proxy child")?;
+        let stdin = child.stdin.take().context("child stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+        let first = stdout.next_line().await?.context("proxy child exited")?;
+        let port: u16 = first
+            .strip_prefix("PORT ")
+            .context("no PORT line")?
+            .parse()?;
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+
+    async fn send(&mut self, line: &str) -> Result<()> {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn held(&mut self) -> Result<usize> {
+        self.send("HELD").await?;
+        let line = self
+            .stdout
+            .next_line()
+            .await?
+            .context("proxy child exited")?;
+        Ok(line
+            .strip_prefix("HELD ")
+            .context("bad HELD line")?
+            .parse()?)
+    }
+
+    async fn wait_held(&mut self, n: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let held = self.held().await?;
+            if held == n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the proxy holds {held}, expected {n}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn rss_kib(&self) -> Result<u64> {
+        let pid = self.child.id().context("proxy child has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .context("no VmRSS")?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("bad VmRSS")?
+            .parse()?)
+    }
+}
+
+// === the benches ===
+
+async fn run_benches() -> Result<()> {
+    let (p50, p99) = cold_start().await?;
+    println!("cold_start_overhead_ms_p50={p50:.3}");
+    println!("cold_start_overhead_ms_p99={p99:.3}");
+    let rss = held_rss().await?;
+    println!("held_10k_rss_mib={rss:.1}");
+    let ratio = throughput_ratio().await?;
+    println!("proxied_throughput_ratio={ratio:.3}");
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 backend: one small response per connection.
+async fn http_backend() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = Vec::with_capacity(1024);
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    if !matches!(s.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn cold_start() -> Result<(f64, f64)> {
+    let mut proxy = ProxyChild::start().await?;
+    let backend = http_backend().await?;
+    let mut overheads = Vec::with_capacity(COLD_CLIENTS * COLD_ROUNDS);
+    for round in 0..COLD_ROUNDS {
+        let mut clients = Vec::with_capacity(COLD_CLIENTS);
+        for _ in 0..COLD_CLIENTS {
+            let mut s = TcpStream::connect(proxy.addr).await?;
+            s.set_nodelay(true)?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+                .await?;
+            clients.push(tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                s.read_exact(&mut first).await?;
+                let at = Instant::now();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                ensure!(first[0] == b'H' && rest.ends_with(b"ok"), "bad response");
+                anyhow::Ok(at)
+            }));
+        }
+        proxy
+            .wait_held(COLD_CLIENTS, Duration::from_secs(10))
+            .await?;
+        // The backend listens already; this is the moment it becomes ready.
+        let ready_at = Instant::now();
+        proxy.send(&format!("READY {backend}")).await?;
+        for c in clients {
+            let at = c.await??;
+            overheads.push(at.duration_since(ready_at).as_secs_f64() * 1000.0);
+        }
+        proxy.send("ZERO").await?;
+        proxy.wait_held(0, Duration::from_secs(5)).await?;
+        eprintln!("cold start round {} done", round + 1);
+    }
+    overheads.sort_by(f64::total_cmp);
+    eprintln!(
+        "cold start overhead ms: min {:.3} p50 {:.3} p90 {:.3} max {:.3}",
+        overheads[0],
+        percentile(&overheads, 50.0),
+        percentile(&overheads, 90.0),
+        overheads[overheads.len() - 1]
+    );
+    Ok((percentile(&overheads, 50.0), percentile(&overheads, 99.0)))
+}
+
+async fn held_rss() -> Result<f64> {
+    let mut proxy = ProxyChild::start().await?;
+    // Settle the child's start-up allocations with a few connections first.
+    let warm: Vec<TcpStream> = futures_connect(proxy.addr, 100).await?;
+    proxy.wait_held(100, Duration::from_secs(10)).await?;
+    drop(warm);
+    proxy.wait_held(0, Duration::from_secs(10)).await?;
+    let before = proxy.rss_kib()?;
+    let mut held = Vec::with_capacity(HELD_IDLE);
+    while held.len() < HELD_IDLE {
+        let batch = (HELD_IDLE - held.len()).min(500);
+        held.extend(futures_connect(proxy.addr, batch).await?);
+    }
+    proxy.wait_held(HELD_IDLE, Duration::from_secs(30)).await?;
+    let after = proxy.rss_kib()?;
+    eprintln!("proxy RSS {before} KiB -> {after} KiB holding {HELD_IDLE}");
+    drop(held);
+    Ok(after.saturating_sub(before) as f64 / 1024.0)
+}
+
+async fn futures_connect(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(TcpStream::connect(addr)))
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+/// A sink backend: reads everything, answers the byte count at EOF.
+async fn sink_backend() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_le_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Send `BULK_BYTES` to `addr`, half-close, wait for the count; bytes per second.
+async fn bulk(addr: SocketAddr, chunk: &[u8]) -> Result<f64> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await?;
+    let mut sent = 0;
+    while sent < BULK_BYTES {
+        s.write_all(chunk).await?;
+        sent += chunk.len();
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await?;
+    let secs = started.elapsed().as_secs_f64();
+    ensure!(
+        u64::from_le_bytes(count) == BULK_BYTES as u64,
+        "the sink got {} of {BULK_BYTES} bytes",
+        u64::from_le_bytes(count)
+    );
+    Ok(BULK_BYTES as f64 / secs)
+}
+
+async fn throughput_ratio() -> Result<f64> {
+    let sink = sink_backend().await?;
+    let mut proxy = ProxyChild::start().await?;
+    proxy.send(&format!("READY {sink}")).await?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    // Warm both paths once, then alternate A B A B.
+    bulk(sink, &chunk).await?;
+    bulk(proxy.addr, &chunk).await?;
+    let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+    for _ in 0..BULK_ROUNDS {
+        direct.push(bulk(sink, &chunk).await?);
+        proxied.push(bulk(proxy.addr, &chunk).await?);
+    }
+    let mib = |v: &[f64]| {
+        v.iter()
+            .map(|b| format!("{:.0}", b / (1 << 20) as f64))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "direct MiB/s: {}; proxied MiB/s: {}",
+        mib(&direct),
+        mib(&proxied)
+    );
+    direct.sort_by(f64::total_cmp);
+    proxied.sort_by(f64::total_cmp);
+    Ok(percentile(&proxied, 50.0) / percentile(&direct, 50.0))
+}
