@@ -10,7 +10,10 @@ use serde_json::{Map, Value};
 use std::process::Command;
 
 /// (figure-name prefix filter, package, binary) of every benchmark.
-const BENCHES: &[(&str, &str, &str)] = &[("wake_to_scale_ms", "nemesis-tests", "bench-wake")];
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("wake_to_scale_ms", "nemesis-tests", "bench-wake"),
+    ("proxy", "nemesis-agent", "bench-proxy"),
+];
 
 pub fn run(only: Option<&str>) -> Result<()> {
     crate::setup::run_setup_steps()?;

@@ -3,7 +3,7 @@
 //! splice(2) through a pipe so they never enter user space; falls back to a copy when no
 //! pipe can be had. Never buffers more than one pipe's worth per direction.
 
-use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::unistd::pipe2;
 use prometheus_client::metrics::counter::Counter;
 use std::io;
@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 
 /// Bytes asked of one splice(2) call; the kernel caps it at the pipe's size.
 const SPLICE_CHUNK: usize = 1 << 20;
+/// Pipe capacity asked for (the kernel's default pipe-max-size).
+const PIPE_SIZE: i32 = 1 << 20;
 /// The fallback copy's buffer.
 const COPY_CHUNK: usize = 16 * 1024;
 
@@ -25,6 +27,9 @@ struct Pipe {
 impl Pipe {
     fn new() -> io::Result<Self> {
         let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A bigger pipe moves a bulk transfer in fewer, larger splices. The kernel may
+        // refuse (pipe-max-size, per-user pipe quota): the default 64 KiB still works.
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         Ok(Self { read, write })
     }
 }
