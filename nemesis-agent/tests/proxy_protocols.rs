@@ -137,14 +137,13 @@ async fn a_websocket_upgraded_through_a_cold_start_stays_open_and_exchanges_mess
                         return;
                     };
                     while let Some(Ok(msg)) = ws.next().await {
-                        match msg {
-                            Message::Text(t) => {
-                                if ws.send(Message::text(format!("echo: {t}"))).await.is_err() {
-                                    return;
-                                }
-                            }
+                        let reply = match msg {
+                            Message::Text(t) => Message::text(format!("echo: {t}")),
                             Message::Close(_) => return,
-                            _ => {}
+                            _ => continue,
+                        };
+                        if ws.send(reply).await.is_err() {
+                            return;
                         }
                     }
                 });
