@@ -13,6 +13,7 @@ use std::process::Command;
 const BENCHES: &[(&str, &str, &str)] = &[
     ("wake_to_scale_ms", "nemesis-tests", "bench-wake"),
     ("proxy", "nemesis-agent", "bench-proxy"),
+    ("connect_overhead", "nemesis-agent", "bench-connect"),
 ];
 
 pub fn run(only: Option<&str>) -> Result<()> {

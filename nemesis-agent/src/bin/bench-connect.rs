@@ -1,0 +1,172 @@
+//! `bench-connect`: what the datapath costs a connect(). Prints, for `cargo xtask bench`,
+//! `connect_overhead_ratio=<x>` (time for connect()+close() to a loopback listener from
+//! a cgroup with the programs attached and the service in passthrough, divided by the
+//! same from a sibling cgroup without programs) and
+//! `connect_overhead_ratio_10k_services=<x>` (the same with 10,000 more services in the
+//! table). Goal for both: <= 1.10.
+//!
+//! Method (see notes/toolchain.md, "Measuring connection rates"): connections are closed
+//! with RST (SO_LINGER {on, 0}) so neither ephemeral ports nor TIME_WAIT pile up; each
+//! run is bounded; the two sides alternate A B A B in one process (this process moves
+//! itself between the two cgroups), and the figure is the median of the pair ratios, so
+//! noise from other work on the machine hits both sides alike. Needs root.
+#![deny(unsafe_code)]
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nemesis_agent::ebpf::{
+    Datapath, DatapathConfig, Mode, Proto,
+    cgroup::{ChildCgroup, current_cgroup, move_process},
+    pins::ScratchBpffs,
+    prereq,
+};
+use nix::sys::socket::{setsockopt, sockopt::Linger};
+
+/// Connections per timed run: short runs, alternated often, so bursts of other work on
+/// a shared machine land on both sides alike; bounded far below the ~28k ephemeral
+/// ports one destination has.
+const CONNS_PER_RUN: usize = 5_000;
+/// A B pairs per figure; the median of their ratios is reported.
+const PAIRS: usize = 25;
+/// Untimed connections per side before measuring (caches, branch predictors, slabs).
+const WARMUP: usize = 2_000;
+/// Extra services for the table-size variant.
+const EXTRA_SERVICES: usize = 10_000;
+/// The measured service: a loopback "ClusterIP" outside the ranges the tests use.
+const SERVICE_IP: &str = "127.96.255.1";
+/// Accept queue of the listener (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: i32 = 4096;
+/// One connect may not take longer than this (a loopback listener answers in µs).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    // A private mount namespace (while this process still has one thread): the
+    // scratch bpffs vanishes with the process, even if it is interrupted.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("unsharing the mount namespace (are you root?)")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let Some(root) = prereq::cgroup2_mount(&mounts) else {
+        bail!("no cgroup2 mount in /proc/mounts: bench-connect needs cgroup v2 (and root)");
+    };
+    let pid = std::process::id();
+    let home = current_cgroup(&root).context("finding this process's cgroup")?;
+    let on = ChildCgroup::create(&root, &format!("nemesis-bench-{pid}-on"))
+        .context("creating a child cgroup (are you root?)")?;
+    let off = ChildCgroup::create(&root, &format!("nemesis-bench-{pid}-off"))?;
+    let bpffs = ScratchBpffs::mount(&format!("bench-{pid}"))?;
+
+    // Created here, before this process moves: sockets keep the cgroup they were made
+    // in, so the listener and its accepted sockets stay outside both sides.
+    let listener = listen(format!("{SERVICE_IP}:0").parse()?)?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+
+    let mut cfg = DatapathConfig::new(format!("bench-{pid}"));
+    cfg.cgroup = Some(on.path().to_path_buf());
+    cfg.bpffs = Some(bpffs.path().to_path_buf());
+    let dp = Datapath::load_or_adopt(&cfg)?;
+    dp.upsert_service(addr, Proto::Tcp, Mode::Passthrough)?;
+
+    let result = (|| -> Result<(f64, f64)> {
+        let plain = measure(on.path(), off.path(), addr)?;
+        for i in 0..EXTRA_SERVICES {
+            let extra: SocketAddr = format!("127.96.{}.{}:8080", 100 + i / 256, i % 256).parse()?;
+            dp.upsert_service(extra, Proto::Tcp, Mode::Passthrough)?;
+        }
+        let big = measure(on.path(), off.path(), addr)?;
+        let slot = dp.service(addr, Proto::Tcp).map(|s| s.slot).unwrap_or(0);
+        let counted = dp.stats(slot)?.connects;
+        let expected = 2 * ((PAIRS * CONNS_PER_RUN + WARMUP) as u64);
+        if counted != expected {
+            bail!("the programs counted {counted} connects on the 'on' side, expected {expected}");
+        }
+        Ok((plain, big))
+    })();
+
+    // Back home before the cgroups go; then detach and unpin.
+    move_process(&home, pid).context("moving back to the original cgroup")?;
+    dp.detach()?;
+    on.remove()?;
+    off.remove()?;
+    drop(bpffs);
+
+    let (plain, big) = result?;
+    println!("connect_overhead_ratio={plain:.4}");
+    println!("connect_overhead_ratio_10k_services={big:.4}");
+    Ok(())
+}
+
+/// A listener with a deep accept queue: with the default (128) a busy machine lets the
+/// queue fill, SYNs are dropped, and a connect waits a whole 1 s retransmission.
+fn listen(addr: SocketAddr) -> Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.bind(&addr.into())?;
+    s.listen(LISTEN_BACKLOG)?;
+    Ok(s.into())
+}
+
+/// Median over [`PAIRS`] of (time with programs / time without).
+fn measure(on: &Path, off: &Path, addr: SocketAddr) -> Result<f64> {
+    let pid = std::process::id();
+    move_process(off, pid)?;
+    connect_close(addr, WARMUP)?;
+    move_process(on, pid)?;
+    connect_close(addr, WARMUP)?;
+    let mut ratios = vec![];
+    for _ in 0..PAIRS {
+        move_process(off, pid)?;
+        let without = connect_close(addr, CONNS_PER_RUN)?;
+        move_process(on, pid)?;
+        let with = connect_close(addr, CONNS_PER_RUN)?;
+        let r = with.as_secs_f64() / without.as_secs_f64();
+        eprintln!(
+            "without programs {:.0} conn/s, with {:.0} conn/s, ratio {r:.4}",
+            CONNS_PER_RUN as f64 / without.as_secs_f64(),
+            CONNS_PER_RUN as f64 / with.as_secs_f64(),
+        );
+        ratios.push(r);
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok(ratios[ratios.len() / 2])
+}
+
+/// `n` times: connect, then close with RST. Returns the elapsed time.
+fn connect_close(addr: SocketAddr, n: usize) -> Result<Duration> {
+    let rst = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let start = Instant::now();
+    for i in 0..n {
+        let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            .with_context(|| format!("connect {i} of {n} to {addr}"))?;
+        setsockopt(&s, Linger, &rst).context("setting SO_LINGER {on, 0}")?;
+        drop(s);
+    }
+    Ok(start.elapsed())
+}
