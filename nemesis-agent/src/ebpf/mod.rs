@@ -495,8 +495,18 @@ impl Datapath {
             Some(b) => b.clone(),
             None => {
                 let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-                prereq::bpffs_mount(&mounts)
-                    .ok_or_else(|| MissingPrerequisites(vec![Missing::Bpffs]))?
+                match prereq::bpffs_mount(&mounts) {
+                    Some(b) => b,
+                    // Without a bpffs nothing can be pinned, so nothing is attached
+                    // either: there is nothing to clean.
+                    None => {
+                        info!("no bpffs mounted: nothing pinned, nothing to clean up");
+                        return Ok(CleanupReport {
+                            dir_removed: true,
+                            ..CleanupReport::default()
+                        });
+                    }
+                }
             }
         };
         let layout = pins::PinLayout::new(&bpffs, &cfg.instance);
@@ -1017,6 +1027,12 @@ mod tests {
                 "program {p} is missing from nemesis-ebpf"
             );
         }
+    }
+
+    #[test]
+    fn datapath_can_be_shared_across_tasks() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Datapath>();
     }
 
     #[test]
