@@ -217,7 +217,7 @@ transitions:
 }
 
 fn p_source(sim: &Sim, name: &str) -> nemesis_controller::policy::expr::Metric {
-    nemesis_controller::policy::expr::Metric::Source(sim.p.source_index(name).unwrap())
+    nemesis_controller::policy::expr::Metric::Source(sim.p.source_index(name).unwrap() as u32)
 }
 
 #[test]

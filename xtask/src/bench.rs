@@ -14,6 +14,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("wake_to_scale_ms", "nemesis-tests", "bench-wake"),
     ("proxy", "nemesis-agent", "bench-proxy"),
     ("connect_overhead", "nemesis-agent", "bench-connect"),
+    ("policy_tick", "nemesis-controller", "bench-policy"),
 ];
 
 pub fn run(only: Option<&str>) -> Result<()> {

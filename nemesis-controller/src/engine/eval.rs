@@ -1,14 +1,20 @@
-//! Evaluates a compiled expression at one instant with three-valued logic: a missing
-//! metric makes a comparison *unknown*, and only a *true* condition fires. Owns the
-//! arithmetic and the `for` trackers' bookkeeping; it never picks a transition.
+//! Runs a compiled program at one instant with three-valued logic: a missing metric makes
+//! a comparison *unknown*, and only a *true* condition fires. Owns the arithmetic, the
+//! Kleene logic and the `for` trackers' bookkeeping; it never picks a transition.
+//!
+//! On the stack, numbers are `f64` with NaN for missing, truth values are 1.0, 0.0 and
+//! NaN (unknown). Every operation runs on every evaluation (there is no short-circuit),
+//! so each `for` tracker sees every tick and "continuously true" means what it says.
 
 use super::observations::Observations;
 use crate::policy::CompiledPolicy;
-use crate::policy::expr::{ArithOp, CmpOp, Expr};
+use crate::policy::expr::{ArithOp, CmpOp};
+use crate::policy::program::{Code, MAX_STACK, Op};
 use chrono::{DateTime, Utc};
 
-/// Kleene's logic: `unknown and false` is false, `unknown or true` is true, anything
-/// else with unknown is unknown.
+/// No tracker running (the slot's condition is not true).
+pub const NOT_TRUE: i64 = i64::MIN;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Truth {
     False,
@@ -17,135 +23,175 @@ pub enum Truth {
 }
 
 impl Truth {
-    fn not(self) -> Self {
-        match self {
-            Truth::True => Truth::False,
-            Truth::False => Truth::True,
-            Truth::Unknown => Truth::Unknown,
+    fn from_f64(v: f64) -> Self {
+        if v == 1.0 {
+            Truth::True
+        } else if v == 0.0 {
+            Truth::False
+        } else {
+            Truth::Unknown
         }
     }
-    fn and(self, other: Self) -> Self {
-        match (self, other) {
-            (Truth::False, _) | (_, Truth::False) => Truth::False,
-            (Truth::True, Truth::True) => Truth::True,
-            _ => Truth::Unknown,
-        }
-    }
-    fn or(self, other: Self) -> Self {
-        match (self, other) {
-            (Truth::True, _) | (_, Truth::True) => Truth::True,
-            (Truth::False, Truth::False) => Truth::False,
-            _ => Truth::Unknown,
-        }
-    }
+}
+
+const TRUE: f64 = 1.0;
+const FALSE: f64 = 0.0;
+const UNKNOWN: f64 = f64::NAN;
+
+fn truth(b: bool) -> f64 {
+    if b { TRUE } else { FALSE }
 }
 
 pub struct Ctx<'a> {
     pub policy: &'a CompiledPolicy,
     pub obs: &'a Observations,
     pub now: DateTime<Utc>,
+    pub now_ms: i64,
     /// When the current state was entered (`demand` counts wake-ups since then).
-    pub state_since: DateTime<Utc>,
-    pub true_since: &'a mut [Option<DateTime<Utc>>],
-    /// The earliest future instant at which a condition may change by time alone.
-    pub deadline: Option<DateTime<Utc>>,
+    pub state_since_ms: i64,
+    /// Per `for` slot: when its condition became true, or [`NOT_TRUE`].
+    pub true_since: &'a mut [i64],
+    /// The earliest future instant (ms) at which a condition may change by time alone.
+    pub deadline_ms: Option<i64>,
 }
 
 impl Ctx<'_> {
-    pub fn note_deadline(&mut self, at: DateTime<Utc>) {
-        if at > self.now && self.deadline.is_none_or(|d| at < d) {
-            self.deadline = Some(at);
+    pub fn note_deadline(&mut self, at_ms: i64) {
+        if at_ms > self.now_ms && self.deadline_ms.is_none_or(|d| at_ms < d) {
+            self.deadline_ms = Some(at_ms);
         }
     }
 
-    /// A number, or `None` when a metric it reads is missing or the arithmetic has no
-    /// finite answer (a division by zero).
-    pub fn number(&mut self, e: &Expr) -> Option<f64> {
-        let v = match e {
-            Expr::Num(n) => *n,
-            Expr::Metric(m) => self.obs.metric(self.policy, *m, self.now)?,
-            Expr::Neg(inner) => -self.number(inner)?,
-            Expr::Arith(op, a, b) => {
-                // Both sides are evaluated, so `for` trackers below them stay current.
-                let (a, b) = (self.number(a), self.number(b));
-                let (a, b) = (a?, b?);
-                match op {
-                    ArithOp::Add => a + b,
-                    ArithOp::Sub => a - b,
-                    ArithOp::Mul => a * b,
-                    ArithOp::Div => a / b,
-                }
-            }
-            // The resolver only lets numbers here.
-            _ => return None,
-        };
+    /// A condition's truth.
+    pub fn truth(&mut self, code: Code) -> Truth {
+        Truth::from_f64(self.run(code))
+    }
+
+    /// A metric expression's value, `None` when missing or not finite.
+    pub fn number(&mut self, code: Code) -> Option<f64> {
+        let v = self.run(code);
         v.is_finite().then_some(v)
     }
 
-    /// Evaluates a condition. Every `for` below is evaluated on every call (no
-    /// short-circuit), so each tracker sees every tick and "continuously true" holds.
-    pub fn truth(&mut self, e: &Expr) -> Truth {
-        match e {
-            Expr::Bool(b) => truth_of(*b),
-            Expr::Cmp(op, a, b) => {
-                let (a, b) = (self.number(a), self.number(b));
-                let (Some(a), Some(b)) = (a, b) else {
-                    return Truth::Unknown;
-                };
-                truth_of(match op {
-                    CmpOp::Lt => a < b,
-                    CmpOp::Le => a <= b,
-                    CmpOp::Gt => a > b,
-                    CmpOp::Ge => a >= b,
-                    CmpOp::Eq => a == b,
-                    CmpOp::Ne => a != b,
-                })
-            }
-            Expr::Not(inner) => self.truth(inner).not(),
-            Expr::And(a, b) => {
-                let a = self.truth(a);
-                a.and(self.truth(b))
-            }
-            Expr::Or(a, b) => {
-                let a = self.truth(a);
-                a.or(self.truth(b))
-            }
-            Expr::Sustained { cond, window, slot } => {
-                let inner = self.truth(cond);
-                if inner != Truth::True {
-                    self.true_since[*slot] = None;
-                    return inner;
+    fn run(&mut self, code: Code) -> f64 {
+        let mut stack = [0.0f64; MAX_STACK];
+        let mut sp = 0usize;
+        let policy = self.policy;
+        for op in &policy.code[code.range()] {
+            let v = match *op {
+                Op::Const(c) => c,
+                Op::Metric(m) => self.obs.metric_ms(self.policy, m, self.now_ms),
+                Op::Demand => truth(self.obs.demand_since_ms(self.state_since_ms, self.now_ms)),
+                Op::Alert(i) => truth(
+                    self.obs
+                        .alerts
+                        .get(i as usize)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|since| since <= self.now),
+                ),
+                Op::Schedule(i) => {
+                    let state = policy.schedules[i as usize].state_at(self.now);
+                    if let Some(until) = state.until {
+                        self.note_deadline(until.timestamp_millis());
+                    }
+                    truth(state.active)
                 }
-                let since = *self.true_since[*slot].get_or_insert(self.now);
-                let due = since + *window;
-                if self.now >= due {
-                    Truth::True
-                } else {
-                    self.note_deadline(due);
-                    Truth::False
+                Op::Neg => {
+                    sp -= 1;
+                    -stack[sp]
                 }
-            }
-            Expr::Demand => truth_of(self.obs.demand_since(self.state_since, self.now)),
-            Expr::Alert(i) => truth_of(
-                self.obs
-                    .alerts
-                    .get(*i)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|since| since <= self.now),
-            ),
-            Expr::Schedule(s) => {
-                let state = s.state_at(self.now);
-                if let Some(until) = state.until {
-                    self.note_deadline(until);
+                Op::Not => {
+                    sp -= 1;
+                    let a = stack[sp];
+                    if a.is_nan() { UNKNOWN } else { 1.0 - a }
                 }
-                truth_of(state.active)
-            }
-            Expr::Num(_) | Expr::Metric(_) | Expr::Neg(_) | Expr::Arith(..) => Truth::Unknown,
+                Op::Arith(op) => {
+                    sp -= 2;
+                    let (a, b) = (stack[sp], stack[sp + 1]);
+                    let r = match op {
+                        ArithOp::Add => a + b,
+                        ArithOp::Sub => a - b,
+                        ArithOp::Mul => a * b,
+                        ArithOp::Div => a / b,
+                    };
+                    // A division by zero is no value at all, not infinity.
+                    if r.is_finite() { r } else { UNKNOWN }
+                }
+                Op::Cmp(op) => {
+                    sp -= 2;
+                    let (a, b) = (stack[sp], stack[sp + 1]);
+                    if a.is_nan() || b.is_nan() {
+                        UNKNOWN
+                    } else {
+                        truth(match op {
+                            CmpOp::Lt => a < b,
+                            CmpOp::Le => a <= b,
+                            CmpOp::Gt => a > b,
+                            CmpOp::Ge => a >= b,
+                            CmpOp::Eq => a == b,
+                            CmpOp::Ne => a != b,
+                        })
+                    }
+                }
+                Op::And => {
+                    sp -= 2;
+                    let (a, b) = (stack[sp], stack[sp + 1]);
+                    if a == FALSE || b == FALSE {
+                        FALSE
+                    } else if a == TRUE && b == TRUE {
+                        TRUE
+                    } else {
+                        UNKNOWN
+                    }
+                }
+                Op::Or => {
+                    sp -= 2;
+                    let (a, b) = (stack[sp], stack[sp + 1]);
+                    if a == TRUE || b == TRUE {
+                        TRUE
+                    } else if a == FALSE && b == FALSE {
+                        FALSE
+                    } else {
+                        UNKNOWN
+                    }
+                }
+                Op::Sustained { window_ms, slot } => {
+                    sp -= 1;
+                    let inner = stack[sp];
+                    let tracker = &mut self.true_since[slot as usize];
+                    if inner != TRUE {
+                        *tracker = NOT_TRUE;
+                        inner
+                    } else {
+                        if *tracker == NOT_TRUE {
+                            *tracker = self.now_ms;
+                        }
+                        let due = *tracker + window_ms;
+                        if self.now_ms >= due {
+                            TRUE
+                        } else {
+                            self.note_deadline(due);
+                            FALSE
+                        }
+                    }
+                }
+            };
+            stack[sp] = v;
+            sp += 1;
         }
+        if sp == 0 { UNKNOWN } else { stack[0] }
     }
 }
 
-fn truth_of(b: bool) -> Truth {
-    if b { Truth::True } else { Truth::False }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kleene_logic_on_the_stack_encoding() {
+        assert_eq!(Truth::from_f64(TRUE), Truth::True);
+        assert_eq!(Truth::from_f64(FALSE), Truth::False);
+        assert_eq!(Truth::from_f64(UNKNOWN), Truth::Unknown);
+    }
 }

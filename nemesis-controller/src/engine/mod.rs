@@ -15,8 +15,8 @@ pub use state::State;
 use crate::policy::CompiledPolicy;
 use crate::policy::compile::Replicas;
 use crate::policy::expr::Metric;
-use chrono::{DateTime, TimeDelta, Utc};
-use eval::{Ctx, Truth};
+use chrono::{DateTime, Utc};
+use eval::{Ctx, NOT_TRUE, Truth};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -191,6 +191,8 @@ pub fn decide(
 ) -> Decision {
     let mut next = state.clone();
     next.fit(policy, now);
+    let now_ms = now.timestamp_millis();
+    let last_change_ms = state.last_change.map(|t| t.timestamp_millis());
     let mut hold: Option<Hold> = None;
     let mut fired: Option<usize> = None;
 
@@ -198,42 +200,49 @@ pub fn decide(
         policy,
         obs,
         now,
-        state_since: next.since,
+        now_ms,
+        state_since_ms: next.since.timestamp_millis(),
         true_since: &mut next.true_since,
-        deadline: None,
+        deadline_ms: None,
     };
-    for &ti in &policy.states[next.current].outgoing {
-        let t = &policy.transitions[ti];
-        if ctx.truth(&t.when) != Truth::True {
+    for edge in &policy.edges[policy.states[next.current].edges.range()] {
+        if ctx.truth(edge.when) != Truth::True {
             continue;
         }
-        if let Some(changed) = state.last_change
-            && now < changed + t.cooldown
+        if let Some(changed) = last_change_ms
+            && edge.cooldown_ms > 0
+            && now_ms < changed + edge.cooldown_ms
         {
-            let until = changed + t.cooldown;
-            ctx.note_deadline(until);
+            ctx.note_deadline(changed + edge.cooldown_ms);
+            let ti = edge.transition as usize;
             hold.get_or_insert(Hold::Cooldown {
                 transition: ti,
-                until,
+                until: state.last_change.unwrap_or(now) + policy.transitions[ti].cooldown,
             });
             continue;
         }
-        if policy.states[t.to].replicas.min() == 0
-            && let Some(h) = zero_guard(policy, &t.metrics, obs, ctx.state_since, now)
+        if edge.to_zero
+            && let Some(h) = zero_guard(
+                policy,
+                &policy.transitions[edge.transition as usize].metrics,
+                obs,
+                next.since,
+                now,
+            )
         {
             hold.get_or_insert(h);
             continue;
         }
-        fired = Some(ti);
+        fired = Some(edge.transition as usize);
         break;
     }
-    let mut deadline = ctx.deadline;
+    let mut deadline_ms = ctx.deadline_ms;
 
     let transition = fired.map(|ti| {
         let t = &policy.transitions[ti];
         next.current = t.to;
         next.since = now;
-        next.true_since.iter_mut().for_each(|s| *s = None);
+        next.true_since.iter_mut().for_each(|s| *s = NOT_TRUE);
         // Held reasons were about the state just left.
         hold = None;
         Fired {
@@ -261,11 +270,12 @@ pub fn decide(
                 policy,
                 obs,
                 now,
-                state_since: next.since,
+                now_ms,
+                state_since_ms: next.since.timestamp_millis(),
                 true_since: &mut [],
-                deadline: None,
+                deadline_ms: None,
             };
-            let value = vctx.number(&r.metric);
+            let value = vctx.number(r.metric);
             if value.is_none() && obs.replicas >= r.min && obs.replicas <= r.max {
                 let missing = r
                     .metrics
@@ -285,16 +295,18 @@ pub fn decide(
             );
             if let Some(until) = out.step_limited_until {
                 hold.get_or_insert(Hold::StepLimit { until });
-                if deadline.is_none_or(|d| until < d) {
-                    deadline = Some(until);
+                let until_ms = until.timestamp_millis();
+                if deadline_ms.is_none_or(|d| until_ms < d) {
+                    deadline_ms = Some(until_ms);
                 }
             }
             let mut n = out.replicas;
-            if n == 0 && obs.replicas > 0 {
-                if let Some(h) = zero_guard(policy, &r.metrics, obs, next.since, now) {
-                    hold.get_or_insert(h);
-                    n = 1.min(r.max);
-                }
+            if n == 0
+                && obs.replicas > 0
+                && let Some(h) = zero_guard(policy, &r.metrics, obs, next.since, now)
+            {
+                hold.get_or_insert(h);
+                n = 1.min(r.max);
             }
             // Only the formula's moves are rescales; clamping into the range on entry
             // is the transition's doing.
@@ -314,11 +326,11 @@ pub fn decide(
 
     let readiness_overdue = match obs.last_wake {
         Some(woke) if !obs.ready_since_wake => {
-            let due = woke + policy.readiness_budget;
-            if now < due && deadline.is_none_or(|d| due < d) {
-                deadline = Some(due);
+            let due_ms = woke.timestamp_millis() + policy.readiness_budget.num_milliseconds();
+            if now_ms < due_ms && deadline_ms.is_none_or(|d| due_ms < d) {
+                deadline_ms = Some(due_ms);
             }
-            now >= due
+            now_ms >= due_ms
         }
         _ => false,
     };
@@ -331,11 +343,8 @@ pub fn decide(
     let requeue_after = if transition.is_some() || desired != obs.replicas {
         MIN_REQUEUE
     } else {
-        deadline.map_or(MAX_REQUEUE, |d| {
-            (d - now)
-                .to_std()
-                .unwrap_or(MIN_REQUEUE)
-                .clamp(MIN_REQUEUE, MAX_REQUEUE)
+        deadline_ms.map_or(MAX_REQUEUE, |d| {
+            Duration::from_millis((d - now_ms).max(0) as u64).clamp(MIN_REQUEUE, MAX_REQUEUE)
         })
     };
 
@@ -370,9 +379,4 @@ fn zero_guard(
         .iter()
         .find(|m| obs.metric(policy, **m, now).is_none())
         .map(|m| Hold::MissingMetric(*m))
-}
-
-/// How long until `t`, for requeue hints (zero when past).
-pub fn until(now: DateTime<Utc>, t: DateTime<Utc>) -> TimeDelta {
-    (t - now).max(TimeDelta::zero())
 }

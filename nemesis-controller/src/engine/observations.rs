@@ -98,37 +98,55 @@ impl Observations {
     /// A metric's value as conditions see it at `now`: stale or missing samples are
     /// `None`, unless the source declares a fallback.
     pub fn metric(&self, policy: &CompiledPolicy, m: Metric, now: DateTime<Utc>) -> Option<f64> {
+        let v = self.metric_ms(policy, m, now.timestamp_millis());
+        (!v.is_nan()).then_some(v)
+    }
+
+    /// [`Self::metric`] on millisecond timestamps, NaN for missing: the engine's hot path.
+    pub(crate) fn metric_ms(&self, policy: &CompiledPolicy, m: Metric, now_ms: i64) -> f64 {
         let conns = || {
-            self.connections
-                .filter(|c| now - c.at <= CONNECTIONS_STALE_AFTER)
+            self.connections.filter(|c| {
+                now_ms - c.at.timestamp_millis() <= CONNECTIONS_STALE_AFTER.num_milliseconds()
+            })
         };
-        match m {
+        let v = match m {
             Metric::ConnsActive => conns().map(|c| c.active),
             Metric::ConnsRate => conns().map(|c| c.rate),
             Metric::ConnsHeld => conns().map(|c| c.held),
             Metric::Replicas => Some(self.replicas as f64),
             Metric::ReadyReplicas => Some(self.ready_replicas as f64),
             Metric::Source(i) => {
+                let i = i as usize;
                 let source = &policy.sources[i];
                 self.sources
                     .get(i)
                     .copied()
                     .flatten()
-                    .filter(|s| now - s.at <= source.stale_after && s.value.is_finite())
+                    .filter(|s| {
+                        now_ms - s.at.timestamp_millis() <= source.stale_after.num_milliseconds()
+                            && s.value.is_finite()
+                    })
                     .map(|s| s.value)
                     .or(source.fallback)
             }
-        }
+        };
+        v.filter(|v| v.is_finite()).unwrap_or(f64::NAN)
     }
 
     /// A recent wake-up (within [`DEMAND_WINDOW`]) since `since`, or connections held
     /// right now.
     pub fn demand_since(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        self.last_demand
-            .is_some_and(|t| t >= since && now - t <= DEMAND_WINDOW)
-            || self
-                .connections
-                .is_some_and(|c| c.held > 0.0 && now - c.at <= CONNECTIONS_STALE_AFTER)
+        self.demand_since_ms(since.timestamp_millis(), now.timestamp_millis())
+    }
+
+    pub(crate) fn demand_since_ms(&self, since_ms: i64, now_ms: i64) -> bool {
+        self.last_demand.is_some_and(|t| {
+            let t = t.timestamp_millis();
+            t >= since_ms && now_ms - t <= DEMAND_WINDOW.num_milliseconds()
+        }) || self.connections.is_some_and(|c| {
+            c.held > 0.0
+                && now_ms - c.at.timestamp_millis() <= CONNECTIONS_STALE_AFTER.num_milliseconds()
+        })
     }
 
     /// Pods were started by a wake and none has become ready since.

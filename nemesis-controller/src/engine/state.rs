@@ -2,6 +2,7 @@
 //! when, what was last decided and when, the step-rate windows, and when each `for`
 //! condition became true. Owns that record; `decide` is the only thing that advances it.
 
+use super::eval::NOT_TRUE;
 use crate::policy::CompiledPolicy;
 use chrono::{DateTime, Utc};
 
@@ -24,8 +25,48 @@ pub struct State {
     pub last_change: Option<DateTime<Utc>>,
     pub(crate) up_window: Option<StepWindow>,
     pub(crate) down_window: Option<StepWindow>,
-    /// Per `for` clause: when its condition became true without a break since.
-    pub(crate) true_since: Vec<Option<DateTime<Utc>>>,
+    /// Per `for` clause: when its condition became true without a break since (ms since
+    /// the epoch), or `eval::NOT_TRUE`. Plain integers: this is cloned on every decision.
+    pub(crate) true_since: Trackers,
+}
+
+/// Trackers live inline up to this many `for` clauses, so cloning a state (once per
+/// decision) allocates nothing for ordinary policies.
+const INLINE_TRACKERS: usize = 6;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Trackers {
+    Inline(u8, [i64; INLINE_TRACKERS]),
+    Heap(Vec<i64>),
+}
+
+impl Trackers {
+    fn new(n: usize) -> Self {
+        if n <= INLINE_TRACKERS {
+            Trackers::Inline(n as u8, [NOT_TRUE; INLINE_TRACKERS])
+        } else {
+            Trackers::Heap(vec![NOT_TRUE; n])
+        }
+    }
+}
+
+impl std::ops::Deref for Trackers {
+    type Target = [i64];
+    fn deref(&self) -> &[i64] {
+        match self {
+            Trackers::Inline(n, a) => &a[..*n as usize],
+            Trackers::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Trackers {
+    fn deref_mut(&mut self) -> &mut [i64] {
+        match self {
+            Trackers::Inline(n, a) => &mut a[..*n as usize],
+            Trackers::Heap(v) => v,
+        }
+    }
 }
 
 impl State {
@@ -38,7 +79,7 @@ impl State {
             last_change: None,
             up_window: None,
             down_window: None,
-            true_since: vec![None; policy.sustained_slots],
+            true_since: Trackers::new(policy.sustained_slots),
         }
     }
 
@@ -87,7 +128,7 @@ impl State {
 
     /// The `for` condition trackers that are running (true, window not yet over).
     pub fn pending_windows(&self) -> usize {
-        self.true_since.iter().filter(|t| t.is_some()).count()
+        self.true_since.iter().filter(|t| **t != NOT_TRUE).count()
     }
 
     /// Repairs a state that does not fit `policy` (a state built for another version).
@@ -95,7 +136,7 @@ impl State {
         if self.current >= policy.states.len() {
             *self = Self::initial(policy, now);
         } else if self.true_since.len() != policy.sustained_slots {
-            self.true_since = vec![None; policy.sustained_slots];
+            self.true_since = Trackers::new(policy.sustained_slots);
         }
     }
 }

@@ -19,7 +19,7 @@ pub enum Metric {
     /// The target's ready replicas.
     ReadyReplicas,
     /// A Prometheus source, by its index in `spec.metrics.prometheus`.
-    Source(usize),
+    Source(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,6 +11,7 @@ pub mod expr;
 pub mod lexer;
 pub mod parser;
 pub mod problem;
+pub mod program;
 pub mod resolve;
 pub mod schedule;
 pub mod short_form;

@@ -230,7 +230,7 @@ impl<'a> Resolver<'a> {
         }
         if let Some(i) = self.names.sources.iter().position(|s| s == name) {
             self.used_sources[i] = true;
-            return (Expr::Metric(Metric::Source(i)), Ty::Num);
+            return (Expr::Metric(Metric::Source(i as u32)), Ty::Num);
         }
         if name == "alert" || name == "schedule" {
             self.error(
