@@ -450,9 +450,8 @@ impl Datapath {
             let (k, v) = kv.map_err(LoadError::ReadServices)?;
             entries.insert(k, v);
         }
-        let free_slots = (0..m::MAX_SERVICES)
-            .filter(|s| !entries.values().any(|v| v.slot == *s))
-            .collect();
+        let used: BTreeSet<Slot> = entries.values().map(|v| v.slot).collect();
+        let free_slots = (0..m::MAX_SERVICES).filter(|s| !used.contains(s)).collect();
         let adopted = entries.len();
         let dp = Datapath {
             layout,
@@ -635,7 +634,7 @@ impl Datapath {
     /// The counters of the service in `slot`, summed over CPUs.
     pub fn stats(&self, slot: Slot) -> Result<ServiceCounters, DatapathError> {
         let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if !t.entries.values().any(|v| v.slot == slot) {
+        if slot >= m::MAX_SERVICES || t.free_slots.contains(&slot) {
             return Err(DatapathError::UnknownSlot { slot });
         }
         let per_cpu = t
