@@ -1,7 +1,8 @@
 //! Both directions of a forwarded connection until each side closes, with half-close
-//! propagated (EOF on one side -> `shutdown(Write)` on the other). Moves bytes with
-//! splice(2) through a pipe so they never enter user space; falls back to a copy when no
-//! pipe can be had. Never buffers more than one pipe's worth per direction.
+//! propagated (EOF on one side -> `shutdown(Write)` on the other). Copies the first
+//! bytes of each direction (requests, responses, handshakes), then moves bulk with
+//! splice(2) through a pipe so it never enters user space. Never buffers more than one
+//! chunk or one pipe's worth per direction.
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::unistd::pipe2;
@@ -16,7 +17,9 @@ use tokio::net::TcpStream;
 const SPLICE_CHUNK: usize = 1 << 20;
 /// Pipe capacity asked for (the kernel's default pipe-max-size).
 const PIPE_SIZE: i32 = 1 << 20;
-/// The fallback copy's buffer.
+/// A direction that moved this much is bulk and switches from copying to splice(2).
+const SPLICE_AFTER: u64 = 256 * 1024;
+/// The copy's buffer (allocated per chunk).
 const COPY_CHUNK: usize = 16 * 1024;
 
 struct Pipe {
@@ -57,11 +60,17 @@ pub(crate) async fn splice_bidirectional(
 
 /// One direction: bytes from `src` to `dst` until EOF, then `shutdown(Write)` of `dst`.
 async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<()> {
-    match Pipe::new() {
-        Ok(pipe) => pump_splice(src, dst, &pipe, bytes).await?,
-        Err(err) => {
-            tracing::debug!(?err, "no pipe for splice(2); copying instead");
-            pump_copy(src, dst, bytes).await?
+    // A request or a response is copied: cheaper than setting up a pipe, which matters
+    // when a burst of held connections is released at once. A direction that moves more
+    // than SPLICE_AFTER is bulk, and splice(2) moves it without copying.
+    let reached_eof = pump_copy(src, dst, bytes, Some(SPLICE_AFTER)).await?;
+    if !reached_eof {
+        match Pipe::new() {
+            Ok(pipe) => pump_splice(src, dst, &pipe, bytes).await?,
+            Err(err) => {
+                tracing::debug!(?err, "no pipe for splice(2); copying instead");
+                pump_copy(src, dst, bytes, None).await?;
+            }
         }
     }
     shutdown_write(dst)
@@ -124,12 +133,24 @@ async fn pump_splice(
     }
 }
 
-async fn pump_copy(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_CHUNK];
+/// Copy until EOF (returns true) or until `limit` bytes were moved (returns false). The
+/// buffer lives only while a chunk is in flight, so an idle forwarded connection (a quiet
+/// WebSocket) holds none.
+async fn pump_copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &Counter,
+    limit: Option<u64>,
+) -> io::Result<bool> {
+    let mut moved = 0u64;
     loop {
+        if limit.is_some_and(|l| moved >= l) {
+            return Ok(false);
+        }
         src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
+        let mut buf = Vec::with_capacity(COPY_CHUNK);
+        let n = match src.try_read_buf(&mut buf) {
+            Ok(0) => return Ok(true),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -144,6 +165,7 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Res
             }
         }
         bytes.inc_by(n as u64);
+        moved += n as u64;
     }
 }
 
