@@ -5,6 +5,7 @@
 
 mod bench;
 mod codegen;
+mod demo;
 mod ebpf;
 mod setup;
 mod test;
@@ -38,6 +39,9 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the sandbox cluster, the agent, the controller and a demo app at zero
+    /// replicas; print how to reach them; Ctrl-C stops and removes everything.
+    Demo(demo::DemoArgs),
     /// Run the benchmarks and write `target/nemesis-bench.json`.
     Bench {
         /// Only run the benchmarks whose name contains this text.
@@ -53,5 +57,6 @@ fn main() -> Result<()> {
         Command::Test { nextest_args } => test::run(&nextest_args),
         Command::Bench { only } => bench::run(only.as_deref()),
         Command::Gen { check } => codegen::run(check),
+        Command::Demo(args) => demo::run(&args),
     }
 }
