@@ -5,7 +5,7 @@
 
 use super::Shared;
 use super::backend::BackendLease;
-use super::hold::{Admission, HeldGuard, Overflow};
+use super::hold::{Admission, HeldGuard};
 use super::refuse::{Reason, close_cleanly, refuse};
 use super::sniff::{Sniff, sniff};
 use super::splice::{shutdown_write, splice_bidirectional};
@@ -114,15 +114,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketA
         Admission::Refused(scope) => {
             tracing::info!(service = %port.service, %peer, ?scope, "held-connection bound reached; refusing");
             shared.metrics.outcome(Outcome::Overflow);
-            let sniff_for = match scope {
-                Overflow::Service | Overflow::Agent => shared.config.sniff_timeout,
-            };
             Box::pin(refuse(
                 client,
                 Vec::new(),
                 Reason::Overflow,
                 port.bounds.retry_after,
-                sniff_for,
+                shared.config.sniff_timeout,
                 shared.config.close_linger,
             ))
             .await;
@@ -151,6 +148,7 @@ async fn hold(
     let mut last_failed: Option<SocketAddr> = None;
     // `None`: dial as soon as there is a ready backend; `Some(t)`: backing off until t.
     let mut retry_at: Option<Instant> = None;
+    let mut endpoints_open = true;
     loop {
         if retry_at.is_none_or(|t| Instant::now() >= t) {
             retry_at = None;
@@ -184,10 +182,14 @@ async fn hold(
         }
         let wake_at = retry_at.map_or(deadline, |t| t.min(deadline));
         tokio::select! {
-            changed = endpoints.changed() => {
+            changed = endpoints.changed(), if endpoints_open => {
                 if changed.is_ok() {
                     // New backends: dial at once, whatever the backoff said.
                     retry_at = None;
+                } else {
+                    // The registry is gone: no more changes will come (and a closed
+                    // channel must not be polled again in a loop).
+                    endpoints_open = false;
                 }
             }
             read = buf.read_from(&client), if buf.wants_read() => match read {
