@@ -170,7 +170,7 @@ fn on_connect(
         _pad: 0,
     };
     // SAFETY: a copy is taken at once; a concurrent update at worst gives a stale mode.
-    let svc = (unsafe { SERVICES_V1.get(&key) }).copied()?; // not managed: not an error
+    let svc = (unsafe { SERVICES_V1.get(key) }).copied()?; // not managed: not an error
     let Some(stats) = SVC_STATS_V1.get_ptr_mut(svc.slot) else {
         count_error(ERR_BAD_SLOT);
         return None;
@@ -362,7 +362,7 @@ fn on_close(ctx: &SockOpsContext) {
 #[inline(always)]
 fn current_stats(r: &SockRecord) -> Option<*mut ServiceStats> {
     // SAFETY: a copy is taken at once.
-    let svc = (unsafe { SERVICES_V1.get(&r.service) }).copied()?;
+    let svc = (unsafe { SERVICES_V1.get(r.service) }).copied()?;
     if svc.slot != r.slot || svc.epoch != r.epoch {
         return None;
     }
