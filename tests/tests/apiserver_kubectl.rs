@@ -525,3 +525,89 @@ async fn kubectl_describe_shows_events_recorded_through_events_k8s_io() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn kubectl_create_generators_send_protobuf_that_the_server_decodes() -> Result<()> {
+    let (_s, c, k) = setup().await?;
+    k.ok(&["create", "namespace", "team-a"], None).await?;
+    let out = k
+        .ok(
+            &[
+                "create",
+                "deployment",
+                "d1",
+                "-n",
+                "team-a",
+                "--image=demo:1",
+                "--replicas=0",
+                "--port=8080",
+            ],
+            None,
+        )
+        .await?;
+    assert!(out.contains("deployment.apps/d1 created"), "{out}");
+    k.ok(
+        &[
+            "create",
+            "configmap",
+            "c1",
+            "-n",
+            "team-a",
+            "--from-literal=a=b",
+        ],
+        None,
+    )
+    .await?;
+    k.ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "s1",
+            "-n",
+            "team-a",
+            "--from-literal=k=v",
+        ],
+        None,
+    )
+    .await?;
+    let out = k
+        .ok(
+            &[
+                "expose",
+                "deployment",
+                "d1",
+                "-n",
+                "team-a",
+                "--port=80",
+                "--target-port=8080",
+            ],
+            None,
+        )
+        .await?;
+    assert!(out.contains("service/d1 exposed"), "{out}");
+    let d = Api::<Deployment>::namespaced(c.clone(), "team-a")
+        .get("d1")
+        .await?;
+    assert_eq!(
+        d.spec.replicas,
+        Some(0),
+        "an explicit zero survives the protobuf decoding"
+    );
+    let pod = d.spec.template.spec.unwrap();
+    assert_eq!(pod.containers[0].image.as_deref(), Some("demo:1"));
+    assert_eq!(
+        pod.containers[0].ports.as_ref().unwrap()[0].container_port,
+        8080
+    );
+    assert!(pod.init_containers.is_none());
+    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(c.clone(), "team-a")
+        .get("c1")
+        .await?;
+    assert_eq!(cm.data.unwrap()["a"], "b");
+    let s = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c, "team-a")
+        .get("s1")
+        .await?;
+    assert_eq!(s.data.unwrap()["k"].0, b"v");
+    Ok(())
+}

@@ -41,12 +41,22 @@ fn pod_spec(spec: &mut Value) {
     set_absent(spec, "schedulerName", json!("default-scheduler"));
     set_absent(spec, "securityContext", json!({}));
     for field in ["initContainers", "containers"] {
-        for c in spec[field].as_array_mut().into_iter().flatten() {
+        for c in spec
+            .get_mut(field)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
             set_absent(c, "terminationMessagePath", json!("/dev/termination-log"));
             set_absent(c, "terminationMessagePolicy", json!("File"));
             let policy = image_pull_policy(c["image"].as_str().unwrap_or(""));
             set_absent(c, "imagePullPolicy", json!(policy));
-            for p in c["ports"].as_array_mut().into_iter().flatten() {
+            for p in c
+                .get_mut("ports")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
                 set_absent(p, "protocol", json!("TCP"));
             }
         }
@@ -75,7 +85,9 @@ fn replicated(obj: &mut Value, deployment: bool) {
             );
         }
     }
-    pod_spec(&mut spec["template"]["spec"]);
+    if let Some(ps) = spec.pointer_mut("/template/spec") {
+        pod_spec(ps);
+    }
 }
 
 /// Default `obj` of kind `b` in place.
@@ -83,7 +95,11 @@ pub fn apply(b: Builtin, obj: &mut Value) {
     match b {
         Builtin::Deployment => replicated(obj, true),
         Builtin::ReplicaSet => replicated(obj, false),
-        Builtin::Pod => pod_spec(&mut obj["spec"]),
+        Builtin::Pod => {
+            if let Some(ps) = obj.get_mut("spec") {
+                pod_spec(ps);
+            }
+        }
         Builtin::Service => {
             if !obj["spec"].is_object() {
                 obj["spec"] = json!({});
@@ -94,14 +110,24 @@ pub fn apply(b: Builtin, obj: &mut Value) {
             set_absent(spec, "internalTrafficPolicy", json!("Cluster"));
             set_absent(spec, "ipFamilyPolicy", json!("SingleStack"));
             set_absent(spec, "ipFamilies", json!(["IPv4"]));
-            for p in spec["ports"].as_array_mut().into_iter().flatten() {
+            for p in spec
+                .get_mut("ports")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
                 set_absent(p, "protocol", json!("TCP"));
                 let port = p["port"].clone();
                 set_absent(p, "targetPort", port);
             }
         }
         Builtin::EndpointSlice => {
-            for p in obj["ports"].as_array_mut().into_iter().flatten() {
+            for p in obj
+                .get_mut("ports")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
                 set_absent(p, "protocol", json!("TCP"));
             }
         }

@@ -158,14 +158,19 @@ fn decode_body(ctx: &Ctx) -> Result<Value, ApiError> {
         "application/yaml" => serde_yaml::from_slice(ctx.body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
         "application/vnd.kubernetes.protobuf" => {
-            // kubectl's generators (`kubectl create namespace|deployment|secret ...`) send
-            // protobuf; this server speaks JSON and YAML only.
-            let mut e =
-                ApiError::unsupported_media_type(&ct, &["application/json", "application/yaml"]);
-            e.message.push_str(
-                " (protobuf is not implemented by this test server: use `kubectl apply -f` or `kubectl create -f` with a manifest)",
-            );
-            Err(e)
+            super::protobuf::decode_object(ctx.body).map_err(|e| match e {
+                super::protobuf::ProtoError::UnknownKind { .. }
+                | super::protobuf::ProtoError::UnknownField { .. } => {
+                    let mut err = ApiError::unsupported_media_type(
+                        &ct,
+                        &["application/json", "application/yaml"],
+                    );
+                    err.message
+                        .push_str(&format!(" ({e}; send JSON or YAML instead)"));
+                    err
+                }
+                other => ApiError::bad_request(format!("decoding the protobuf body: {other}")),
+            })
         }
         other => Err(ApiError::unsupported_media_type(
             other,

@@ -15,6 +15,7 @@ mod lifecycle;
 mod meta;
 mod openapi;
 mod patch;
+mod protobuf;
 mod registry;
 mod routes;
 mod scale;

@@ -193,7 +193,7 @@ pub fn pod(obj: &Value, old: Option<&Value>) -> Vec<Cause> {
         let strip = |spec: &Value| {
             let mut s = spec.clone();
             for field in ["containers", "initContainers"] {
-                if let Some(cs) = s[field].as_array_mut() {
+                if let Some(cs) = s.get_mut(field).and_then(Value::as_array_mut) {
                     for c in cs {
                         c["image"] = Value::Null;
                     }
