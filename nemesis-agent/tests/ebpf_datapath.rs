@@ -353,6 +353,12 @@ fn connects_are_counted_exactly_over_ipv4_ipv6_and_v4_mapped() {
     assert!(wait_until(|| unmanaged.accepted() == 7
         && v4.accepted() == 25
         && v6.accepted() == 15));
+    let all = dp.all_stats().unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(
+        all.iter()
+            .any(|(e, c)| e.addr == v6.addr && e.slot == s6 && c.connects == 15)
+    );
     assert_eq!(dp.error_counters().unwrap().counts.iter().sum::<u64>(), 0);
 }
 

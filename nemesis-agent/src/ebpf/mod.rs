@@ -655,6 +655,15 @@ impl Datapath {
         Ok(c)
     }
 
+    /// Every managed service with its counters (one map read per service), for the
+    /// metrics loop.
+    pub fn all_stats(&self) -> Result<Vec<(ServiceEntry, ServiceCounters)>, DatapathError> {
+        self.services()
+            .into_iter()
+            .map(|e| Ok((e, self.stats(e.slot)?)))
+            .collect()
+    }
+
     /// Refreshes the dead-man heartbeat. Call it from an interval well inside
     /// `deadman_max_age`.
     pub fn heartbeat(&self) -> Result<(), DatapathError> {
