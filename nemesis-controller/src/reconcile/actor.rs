@@ -192,11 +192,9 @@ impl Actor {
         (actor, Handle { tx, poke })
     }
 
-    /// Runs until the supervisor drops the handle (the policy was deleted).
+    /// Runs until the supervisor drops the handle (the policy was deleted). Start it
+    /// only once the term's Deployment cache is synced.
     pub async fn run(mut self) {
-        if self.term.deployments.wait_until_ready().await.is_err() {
-            return;
-        }
         self.adopt_spec(self.obj.clone());
         let mut next = Instant::now();
         loop {
@@ -352,6 +350,12 @@ impl Actor {
         let from_state = state.name(&compiled).to_string();
         let d = engine::decide(&compiled, &state, &obs, now);
         self.engine = Some(d.state.clone());
+        // A transition starts a new state at `now`: wake-ups before it are spent (the
+        // engine keeps milliseconds, so one in the same millisecond would otherwise
+        // count as demand in the new state and block its next sleep for a minute).
+        if d.transition.is_some() && self.last_demand.is_some_and(|t| t <= now) {
+            self.last_demand = None;
+        }
         let outcome = if d.transition.is_some() {
             DecisionOutcome::Transition
         } else if d.rescaled.is_some() {
@@ -362,6 +366,16 @@ impl Actor {
         self.ctx.metrics.decided(outcome);
         let values = engine::metric_values(&compiled, &obs, now);
         let reason = d.reason(&compiled);
+        tracing::debug!(
+            policy = %self.id,
+            state = %d.state.name(&compiled),
+            desired = d.desired_replicas,
+            replicas = target.replicas,
+            ready = target.ready,
+            ?values,
+            %reason,
+            "evaluated"
+        );
         if d.transition.is_some() || d.rescaled.is_some() {
             self.last_reason = reason.clone();
             self.last_values = values

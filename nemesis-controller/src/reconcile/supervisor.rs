@@ -182,7 +182,12 @@ pub async fn run_term(
     loop {
         tokio::select! {
             ev = policies.next() => match ev {
-                Some(Ok(Event::Apply(p) | Event::InitApply(p))) => actors.upsert(&ctx, &term, &mut tasks, p),
+                // Actors start once the Deployment cache is synced (they read it at
+                // once); until then the policy cache keeps what arrives.
+                Some(Ok(Event::Apply(p) | Event::InitApply(p))) if deployments_synced => {
+                    actors.upsert(&ctx, &term, &mut tasks, p)
+                }
+                Some(Ok(Event::Apply(_) | Event::InitApply(_))) => {}
                 Some(Ok(Event::Delete(p))) => {
                     tracing::info!(policy = %id_of(&p), "policy deleted");
                     actors.remove(&id_of(&p));
@@ -212,7 +217,14 @@ pub async fn run_term(
                 Some(Ok(Event::Apply(d) | Event::InitApply(d) | Event::Delete(d))) => {
                     actors.poke_deployment(&d.namespace().unwrap_or_default(), &d.name_any());
                 }
-                Some(Ok(Event::InitDone)) => deployments_synced = true,
+                Some(Ok(Event::InitDone)) => {
+                    if !deployments_synced {
+                        deployments_synced = true;
+                        for p in pol_reader.state() {
+                            actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
+                        }
+                    }
+                }
                 Some(Ok(Event::Init)) => {}
                 Some(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
@@ -264,7 +276,7 @@ pub async fn run_term(
                     actors.remove(&id);
                 }
             }
-            _ = resync.tick() => {
+            _ = resync.tick(), if deployments_synced => {
                 for p in pol_reader.state() {
                     if !actors.running.contains_key(&id_of(&p)) {
                         actors.upsert(&ctx, &term, &mut tasks, (*p).clone());

@@ -74,7 +74,10 @@ fn main() -> anyhow::Result<()> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_filter(tracing_subscriber::EnvFilter::new("warn")),
+                .with_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                ),
         )
         .init();
     tokio::runtime::Builder::new_multi_thread()
@@ -167,7 +170,10 @@ async fn run(latencies: Arc<Mutex<Vec<u64>>>) -> anyhow::Result<()> {
         let status = resp.status();
         let answer = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            bail!("wake-up {i} refused: {status} {}", String::from_utf8_lossy(&answer));
+            bail!(
+                "wake-up {i} refused: {status} {}",
+                String::from_utf8_lossy(&answer)
+            );
         }
         // One wake at a time: the figure is the latency of a wake, not of a queue.
         let deadline = Instant::now() + Duration::from_secs(5);
