@@ -334,6 +334,38 @@ fn cooldowns_and_budgets_are_durations() {
 }
 
 #[test]
+fn cooldowns_and_query_intervals_are_bounded() {
+    let yaml = base_with("when: demand}", "when: demand, cooldown: 2d}");
+    assert_eq!(
+        only_problem(&yaml),
+        "spec.transitions[0].cooldown: must be at most 1d"
+    );
+    let yaml = base_with("query: \"sum(q)\"}", "query: \"sum(q)\", interval: 2h}");
+    assert_eq!(
+        only_problem(&yaml),
+        "spec.metrics.prometheus[0].interval: must be between 1s and 1h"
+    );
+}
+
+#[test]
+fn state_and_transition_counts_are_bounded() {
+    let mut yaml = String::from("target: {deployment: w}\ninitialState: s0\nstates:\n");
+    for i in 0..101 {
+        yaml.push_str(&format!("  - {{name: s{i}, replicas: 1}}\n"));
+    }
+    yaml.push_str("transitions:\n  - {from: \"*\", to: s0, when: \"replicas > 5\"}\n");
+    let all: Vec<String> = invalid(&yaml)
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        all,
+        vec!["spec.states: has 101 states; at most 100 are allowed"]
+    );
+}
+
+#[test]
 fn every_problem_is_reported_at_once_in_field_order() {
     let yaml = BASE
         .replacen("min: 1, max: 4", "min: 5, max: 4", 1)

@@ -156,6 +156,8 @@ impl Ctx<'_> {
                         UNKNOWN
                     }
                 }
+                // Tables never sit inside an expression's range.
+                Op::State { .. } | Op::Source { .. } | Op::Edge { .. } => UNKNOWN,
                 Op::Sustained { window_ms, slot } => {
                     sp -= 1;
                     let inner = stack[sp];

@@ -15,6 +15,7 @@ pub use state::State;
 use crate::policy::CompiledPolicy;
 use crate::policy::compile::Replicas;
 use crate::policy::expr::Metric;
+use crate::policy::program::{Code, Op};
 use chrono::{DateTime, Utc};
 use eval::{Ctx, NOT_TRUE, Truth};
 use std::fmt::Write as _;
@@ -205,26 +206,51 @@ pub fn decide(
         true_since: &mut next.true_since,
         deadline_ms: None,
     };
-    for edge in &policy.edges[policy.states[next.current].edges.range()] {
-        if ctx.truth(edge.when) != Truth::True {
+    let code = &policy.code;
+    let (mut pc, end) = match code.get(next.current) {
+        Some(Op::State {
+            edges_start,
+            edges_len,
+            ..
+        }) => (*edges_start as usize, (*edges_start + *edges_len) as usize),
+        _ => (0, 0),
+    };
+    while pc < end {
+        let Op::Edge {
+            transition,
+            cond_len,
+            to_zero,
+            cooldown_ms,
+            ..
+        } = code[pc]
+        else {
+            break;
+        };
+        let cond = Code {
+            start: pc as u32 + 1,
+            len: cond_len as u32,
+        };
+        pc += 1 + cond_len as usize;
+        let ti = transition as usize;
+        if ctx.truth(cond) != Truth::True {
             continue;
         }
+        let cooldown_ms = i64::from(cooldown_ms);
         if let Some(changed) = last_change_ms
-            && edge.cooldown_ms > 0
-            && now_ms < changed + edge.cooldown_ms
+            && cooldown_ms > 0
+            && now_ms < changed + cooldown_ms
         {
-            ctx.note_deadline(changed + edge.cooldown_ms);
-            let ti = edge.transition as usize;
+            ctx.note_deadline(changed + cooldown_ms);
             hold.get_or_insert(Hold::Cooldown {
                 transition: ti,
                 until: state.last_change.unwrap_or(now) + policy.transitions[ti].cooldown,
             });
             continue;
         }
-        if edge.to_zero
+        if to_zero
             && let Some(h) = zero_guard(
                 policy,
-                &policy.transitions[edge.transition as usize].metrics,
+                &policy.transitions[ti].metrics,
                 obs,
                 next.since,
                 now,
@@ -233,7 +259,7 @@ pub fn decide(
             hold.get_or_insert(h);
             continue;
         }
-        fired = Some(edge.transition as usize);
+        fired = Some(ti);
         break;
     }
     let mut deadline_ms = ctx.deadline_ms;
@@ -263,7 +289,15 @@ pub fn decide(
     });
 
     let mut rescaled = None;
-    let desired = match &policy.states[next.current].replicas {
+    let fixed = match code.get(next.current) {
+        Some(Op::State { fixed, .. }) if *fixed != u32::MAX => Some(*fixed),
+        _ => None,
+    };
+    let desired = match fixed
+        .map(Replicas::Fixed)
+        .as_ref()
+        .unwrap_or(&policy.states[next.current].replicas)
+    {
         Replicas::Fixed(n) => *n,
         Replicas::Range(r) => {
             let mut vctx = Ctx {

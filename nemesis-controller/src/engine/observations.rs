@@ -5,6 +5,7 @@
 use crate::policy::CompiledPolicy;
 use crate::policy::compile::CONNECTIONS_STALE_AFTER;
 use crate::policy::expr::Metric;
+use crate::policy::program::Op;
 use chrono::{DateTime, Utc};
 
 /// How long a wake-up counts as demand. Wake-ups are pushed and evaluated at once, so this
@@ -117,17 +118,22 @@ impl Observations {
             Metric::ReadyReplicas => Some(self.ready_replicas as f64),
             Metric::Source(i) => {
                 let i = i as usize;
-                let source = &policy.sources[i];
+                // The source's row in the policy's hot code (after the state headers).
+                let Some(Op::Source { stale_ms, fallback }) =
+                    policy.code.get(policy.states.len() + i).copied()
+                else {
+                    return f64::NAN;
+                };
                 self.sources
                     .get(i)
                     .copied()
                     .flatten()
                     .filter(|s| {
-                        now_ms - s.at.timestamp_millis() <= source.stale_after.num_milliseconds()
+                        now_ms - s.at.timestamp_millis() <= i64::from(stale_ms)
                             && s.value.is_finite()
                     })
-                    .map(|s| s.value)
-                    .or(source.fallback)
+                    .map_or(fallback, |s| s.value)
+                    .into()
             }
         };
         v.filter(|v| v.is_finite()).unwrap_or(f64::NAN)

@@ -42,6 +42,11 @@ pub const DEFAULT_SCALE_DOWN: Step = Step {
     max_step: 1,
     period: TimeDelta::seconds(30),
 };
+/// Bounds that keep a policy readable and its compiled form compact (16-bit indexes).
+pub const MAX_STATES: usize = 100;
+pub const MAX_TRANSITIONS: usize = 1000;
+/// A longer cooldown is a schedule, not a cooldown.
+pub const MAX_COOLDOWN: TimeDelta = TimeDelta::days(1);
 /// Conditions longer than this are refused (they are evaluated for every policy on every
 /// tick, and deep trees cost stack).
 pub const MAX_EXPRESSION_BYTES: usize = 2048;
@@ -57,10 +62,11 @@ pub const MAX_EXPRESSION_BYTES: usize = 2048;
 #[repr(C)]
 pub struct CompiledPolicy {
     // === hot: read on every decision ===
-    /// Every expression's operations, one allocation per policy.
+    /// Everything a decision reads, in one allocation: a header per state
+    /// (`Op::State`), a row per Prometheus source (`Op::Source`), then per state its run
+    /// of edges (`Op::Edge` followed by the condition's operations), then the range
+    /// states' metric expressions.
     pub(crate) code: Box<[Op]>,
-    /// The transitions as edges grouped by their `from` state.
-    pub(crate) edges: Box<[Edge]>,
     pub(crate) states: Vec<CompiledState>,
     pub(crate) sustained_slots: usize,
     pub(crate) sources: Vec<CompiledSource>,
@@ -79,23 +85,9 @@ pub struct CompiledPolicy {
     pub(crate) short_form: bool,
 }
 
-/// A transition as the engine walks it; `CompiledState::edges` indexes a run of these.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Edge {
-    /// Index in `CompiledPolicy::transitions` (spec order, after `*` expansion).
-    pub transition: u32,
-    pub to: u32,
-    pub when: Code,
-    pub cooldown_ms: i64,
-    /// The target state's replicas can be 0 (the zero guards apply).
-    pub to_zero: bool,
-}
-
 #[derive(Debug, Clone)]
 #[repr(C)]
 pub struct CompiledState {
-    /// Transitions leaving this state, as a run of `CompiledPolicy::edges` (hot first).
-    pub(crate) edges: Code,
     pub replicas: Replicas,
     pub name: String,
     /// The same transitions by index, in spec order (the order they are tried).
@@ -443,28 +435,9 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
         }
     }
     warnings.extend(shape_warnings);
-    let (mut states, transitions, initial) =
+    let (mut states, mut transitions, initial) =
         automaton.expect("no errors means the automaton compiled");
-    let mut edges = Vec::with_capacity(transitions.len());
-    for (i, state) in states.iter_mut().enumerate() {
-        let start = edges.len() as u32;
-        for (ti, t) in transitions.iter().enumerate().filter(|(_, t)| t.from == i) {
-            edges.push(Edge {
-                transition: ti as u32,
-                to: t.to as u32,
-                when: t.when,
-                cooldown_ms: t.cooldown.num_milliseconds(),
-                to_zero: false,
-            });
-        }
-        state.edges = Code {
-            start,
-            len: edges.len() as u32 - start,
-        };
-    }
-    for e in edges.iter_mut() {
-        e.to_zero = states[e.to as usize].replicas.min() == 0;
-    }
+    let hot = layout(&mut states, &mut transitions, &sources, &code.ops);
     Ok(CompiledPolicy {
         deployment: spec.target.deployment.clone(),
         service: spec.target.service.clone(),
@@ -480,10 +453,77 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
         max_held_connections,
         warnings,
         short_form: !long,
-        code: code.ops.into_boxed_slice(),
+        code: hot.into_boxed_slice(),
         schedules: code.schedules.into_boxed_slice(),
-        edges: edges.into_boxed_slice(),
     })
+}
+
+/// Lays out the hot code (see `CompiledPolicy::code`) from the expressions compiled in
+/// spec order, and points every `Code` at its new place.
+fn layout(
+    states: &mut [CompiledState],
+    transitions: &mut [CompiledTransition],
+    sources: &[CompiledSource],
+    ops: &[Op],
+) -> Vec<Op> {
+    let mut hot = Vec::with_capacity(states.len() + sources.len() + ops.len() + transitions.len());
+    hot.extend(states.iter().map(|s| Op::State {
+        edges_start: 0,
+        edges_len: 0,
+        fixed: match s.replicas {
+            Replicas::Fixed(n) => n,
+            Replicas::Range(_) => u32::MAX,
+        },
+    }));
+    hot.extend(sources.iter().map(|s| Op::Source {
+        stale_ms: s.stale_after.num_milliseconds().clamp(0, u32::MAX as i64) as u32,
+        fallback: s.fallback.unwrap_or(f64::NAN),
+    }));
+    for (i, state) in states.iter().enumerate() {
+        let start = hot.len();
+        for &ti in &state.outgoing {
+            let t = &mut transitions[ti];
+            let cond = &ops[t.when.range()];
+            hot.push(Op::Edge {
+                transition: ti as u16,
+                to: t.to as u16,
+                cond_len: cond.len() as u16,
+                to_zero: false,
+                cooldown_ms: t.cooldown.num_milliseconds().clamp(0, u32::MAX as i64) as u32,
+            });
+            t.when = Code {
+                start: hot.len() as u32,
+                len: cond.len() as u32,
+            };
+            hot.extend_from_slice(cond);
+        }
+        let len = hot.len() - start;
+        if let Op::State {
+            edges_start,
+            edges_len,
+            ..
+        } = &mut hot[i]
+        {
+            *edges_start = start as u32;
+            *edges_len = len as u32;
+        }
+    }
+    for op in hot.iter_mut() {
+        if let Op::Edge { to, to_zero, .. } = op {
+            *to_zero = states[*to as usize].replicas.min() == 0;
+        }
+    }
+    for state in states.iter_mut() {
+        if let Replicas::Range(r) = &mut state.replicas {
+            let metric = &ops[r.metric.range()];
+            r.metric = Code {
+                start: hot.len() as u32,
+                len: metric.len() as u32,
+            };
+            hot.extend_from_slice(metric);
+        }
+    }
+    hot
 }
 
 type Automaton = (Vec<CompiledState>, Vec<CompiledTransition>, usize);
@@ -521,7 +561,6 @@ fn compile_automaton(
             name: name.to_string(),
             replicas: replicas.unwrap_or(Replicas::Fixed(0)),
             outgoing: Vec::new(),
-            edges: Code::default(),
         });
     }
     let index = |states: &[CompiledState], name: &str| states.iter().position(|s| s.name == name);
@@ -556,7 +595,11 @@ fn compile_automaton(
         let cooldown = match &t.cooldown {
             None => TimeDelta::zero(),
             Some(text) => match parse_duration(text) {
-                Ok(c) => c,
+                Ok(c) if c <= MAX_COOLDOWN => c,
+                Ok(_) => {
+                    errors.push(Problem::at(&d.cooldown_path, "must be at most 1d"));
+                    TimeDelta::zero()
+                }
                 Err(e) => {
                     errors.push(Problem::in_expression(
                         &d.cooldown_path,
@@ -583,6 +626,24 @@ fn compile_automaton(
                 });
             }
         }
+    }
+    if states.len() > MAX_STATES {
+        errors.push(Problem::at(
+            "spec.states",
+            format!(
+                "has {} states; at most {MAX_STATES} are allowed",
+                states.len()
+            ),
+        ));
+    }
+    if transitions.len() > MAX_TRANSITIONS {
+        errors.push(Problem::at(
+            "spec.transitions",
+            format!(
+                "make {} transitions (after `*` expands); at most {MAX_TRANSITIONS} are allowed",
+                transitions.len()
+            ),
+        ));
     }
     for (i, t) in transitions.iter().enumerate() {
         states[t.from].outgoing.push(i);
@@ -978,10 +1039,10 @@ fn compile_sources(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) -> Vec<C
                 positive_duration(t, &format!("{path}.interval"), errors)
                     .unwrap_or(DEFAULT_PROMETHEUS_INTERVAL)
             });
-        if interval < TimeDelta::seconds(1) {
+        if interval < TimeDelta::seconds(1) || interval > TimeDelta::hours(1) {
             errors.push(Problem::at(
                 format!("{path}.interval"),
-                "must be at least 1s",
+                "must be between 1s and 1h",
             ));
         }
         if let Some(f) = s.fallback

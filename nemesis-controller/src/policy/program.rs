@@ -26,8 +26,31 @@ pub enum Op {
     },
     Demand,
     Alert(u32),
-    /// Index into `Program::schedules`.
+    /// Index into the policy's schedules.
     Schedule(u32),
+
+    // Tables, not operations: they sit outside every expression's range, so the policy's
+    // hot data is one allocation (see `CompiledPolicy::code`).
+    /// The header of a state (the first ops of a policy's code, one per state): where
+    /// its run of edges is, and its fixed replicas (`u32::MAX` for a range).
+    State {
+        edges_start: u32,
+        edges_len: u32,
+        fixed: u32,
+    },
+    /// A Prometheus source's freshness bound and fallback (NaN: none), after the headers.
+    Source {
+        stale_ms: u32,
+        fallback: f64,
+    },
+    /// One transition in its state's run; its condition's `cond_len` ops follow it.
+    Edge {
+        transition: u16,
+        to: u16,
+        cond_len: u16,
+        to_zero: bool,
+        cooldown_ms: u32,
+    },
 }
 
 /// Where one expression's operations sit in its policy's code.
