@@ -29,7 +29,8 @@ pub enum Outcome {
     Overflow,
     /// The client closed or reset while held.
     ClientGone,
-    /// The original destination is not a managed Service (or could not be recovered).
+    /// The original destination is not a managed Service (or could not be recovered, or
+    /// the controller rejected the wake-up: no policy manages it).
     UnknownDestination,
     /// Ready backends existed but none accepted a connection within the hold budget.
     BackendFailed,

@@ -156,3 +156,36 @@ async fn a_service_with_ready_backends_is_forwarded_at_once_without_a_wake_up() 
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_the_controller_rejects_refuses_the_held_connections_at_once() -> Result<()> {
+    bounded(Duration::from_secs(10), async {
+        let controller = TestController::start(0).await?;
+        controller.reject.store(true, Ordering::SeqCst);
+        let h = Harness::start(ProxyConfig::new("node-a"), Some(controller.client())).await?;
+        let web = svc("unmanaged");
+        let dst = h.manage(&web, 1, bounds(Duration::from_secs(300), 100));
+        let started = Instant::now();
+        let http = tokio::spawn({
+            let s = h.connect_as(dst).await?;
+            async move { http_get(s, "/").await }
+        });
+        let mut raw = h.connect_as(dst).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut raw, b"\x00\x01binary").await?;
+        let (status, _, body) = parse_response(&http.await??)?;
+        ensure!(status == "HTTP/1.1 503 Service Unavailable", "{status}");
+        ensure!(body.contains("no scaling policy"), "{body}");
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut rest).await?;
+        ensure!(rest.is_empty());
+        ensure!(
+            started.elapsed() < Duration::from_secs(5),
+            "refused only after {:?}",
+            started.elapsed()
+        );
+        ensure!(h.metrics.outcome_count(Outcome::UnknownDestination) == 2);
+        ensure!(h.proxy.held(&web) == 0);
+        Ok(())
+    })
+    .await
+}

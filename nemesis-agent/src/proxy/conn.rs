@@ -124,13 +124,30 @@ pub(crate) async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketA
             ))
             .await;
         }
-        Admission::Held { guard, start_wake } => {
+        Admission::Held {
+            guard,
+            start_wake,
+            released,
+        } => {
             if start_wake {
                 tokio::spawn(super::wake::run_wake(shared.clone(), port.service.clone()));
             }
-            hold(shared, client, peer, port, endpoints, guard, accepted).await;
+            let held = Held {
+                guard,
+                released,
+                accepted,
+            };
+            hold(shared, client, peer, port, endpoints, held).await;
         }
     }
+}
+
+/// A connection counted as held, with what it needs to know about its Service.
+struct Held {
+    guard: HeldGuard,
+    /// Notified when the controller says no policy manages the Service.
+    released: Arc<tokio::sync::Notify>,
+    accepted: Instant,
 }
 
 async fn hold(
@@ -139,9 +156,13 @@ async fn hold(
     peer: SocketAddr,
     port: Arc<ManagedPort>,
     mut endpoints: watch::Receiver<Arc<ServiceEndpoints>>,
-    guard: HeldGuard,
-    accepted: Instant,
+    held: Held,
 ) {
+    let Held {
+        guard,
+        released,
+        accepted,
+    } = held;
     let deadline = accepted + port.bounds.hold_timeout;
     let mut buf = HoldBuffer::new(port.bounds.buffer_bytes);
     let mut failures = 0u32;
@@ -211,6 +232,21 @@ async fn hold(
                     return;
                 }
             },
+            _ = released.notified() => {
+                end_held(&shared, Outcome::UnknownDestination, accepted);
+                drop(guard);
+                tracing::info!(service = %port.service, %peer, "no policy manages the Service; refusing");
+                Box::pin(refuse(
+                    client,
+                    buf.data,
+                    Reason::NotManaged,
+                    port.bounds.retry_after,
+                    shared.config.sniff_timeout,
+                    shared.config.close_linger,
+                ))
+                .await;
+                return;
+            }
             _ = tokio::time::sleep_until(wake_at) => {
                 if Instant::now() >= deadline {
                     let (outcome, reason) = if failures > 0 {

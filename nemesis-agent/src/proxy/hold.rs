@@ -15,6 +15,9 @@ struct ServiceHolds {
     waking: bool,
     /// Notified when `held` drops to zero, so the wake-up task can stop.
     emptied: Arc<Notify>,
+    /// Notified (all waiters) when the controller says no policy manages the Service:
+    /// held connections are refused at once instead of waiting for their timeout.
+    released: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +45,8 @@ pub(crate) enum Admission {
         guard: HeldGuard,
         /// This connection is the one that starts the Service's wake-up.
         start_wake: bool,
+        /// Notified when the Service's held connections are to be refused.
+        released: Arc<Notify>,
     },
     Refused(Overflow),
 }
@@ -81,6 +86,7 @@ impl Holds {
         if start_wake {
             entry.waking = true;
         }
+        let entry_released = entry.released.clone();
         inner.total += 1;
         self.metrics
             .held
@@ -92,6 +98,7 @@ impl Holds {
                 service: service.clone(),
             },
             start_wake,
+            released: entry_released,
         }
     }
 
@@ -128,6 +135,19 @@ impl Holds {
             inner.services.remove(service);
         }
         true
+    }
+
+    /// The controller manages no policy for the Service: end the wake-up flight (the next
+    /// held connection asks again) and wake every held connection to be refused.
+    pub(crate) fn release_held(&self, service: &ServiceRef) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.services.get_mut(service) {
+            entry.waking = false;
+            entry.released.notify_waiters();
+            if entry.held == 0 {
+                inner.services.remove(service);
+            }
+        }
     }
 
     fn release(&self, service: &ServiceRef) {
@@ -177,7 +197,9 @@ mod tests {
 
     fn held(a: Admission) -> (HeldGuard, bool) {
         match a {
-            Admission::Held { guard, start_wake } => (guard, start_wake),
+            Admission::Held {
+                guard, start_wake, ..
+            } => (guard, start_wake),
             Admission::Refused(o) => panic!("refused: {o:?}"),
         }
     }

@@ -13,6 +13,7 @@ pub(crate) enum Reason {
     Timeout,
     Overflow,
     BackendFailed,
+    NotManaged,
 }
 
 /// The full `503` response.
@@ -21,6 +22,7 @@ pub(crate) fn response_503(reason: Reason, retry_after: Duration) -> Vec<u8> {
         Reason::Timeout => "the service did not become ready in time\n",
         Reason::Overflow => "too many connections are waiting for the service\n",
         Reason::BackendFailed => "the service's backends did not accept the connection\n",
+        Reason::NotManaged => "no scaling policy manages this service\n",
     };
     // Retry-After is whole seconds; never 0, which invites an immediate retry storm.
     let secs = retry_after.as_secs().max(1);

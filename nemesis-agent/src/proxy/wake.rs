@@ -42,10 +42,20 @@ pub(crate) async fn run_wake(shared: Arc<Shared>, service: ServiceRef) {
                 (WakeResult::Accepted, shared.config.wake_refresh)
             }
             Ok(reply) => {
-                // No policy manages the Service (yet): held connections run into their
-                // hold timeout unless a policy appears and a later attempt is accepted.
-                tracing::warn!(service = %service, message = %reply.message, "wake-up rejected");
-                (WakeResult::Rejected, shared.config.wake_refresh)
+                // No policy manages the Service: its held connections are refused now
+                // rather than at their timeout; a later connection asks again.
+                tracing::warn!(service = %service, message = %reply.message, "wake-up rejected; refusing held connections");
+                shared
+                    .metrics
+                    .wakeups
+                    .get_or_create(&WakeLabels {
+                        namespace: service.namespace.clone(),
+                        service: service.name.clone(),
+                        result: WakeResult::Rejected,
+                    })
+                    .inc();
+                shared.holds.release_held(&service);
+                return;
             }
             Err(err) => {
                 failures += 1;

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,6 +63,8 @@ pub struct TestController {
     pub requests: Arc<AtomicUsize>,
     pub unauthorised: Arc<AtomicUsize>,
     pub last_wake: Arc<Mutex<Option<WakeRequest>>>,
+    /// Answer wake-ups with `accepted: false` (no policy manages the Service).
+    pub reject: Arc<AtomicBool>,
 }
 
 impl TestController {
@@ -74,6 +76,8 @@ impl TestController {
         let requests = Arc::new(AtomicUsize::new(0));
         let unauthorised = Arc::new(AtomicUsize::new(0));
         let last_wake = Arc::new(Mutex::new(None));
+        let reject = Arc::new(AtomicBool::new(false));
+        let rj = reject.clone();
         let (a, r, u, l) = (
             accepted.clone(),
             requests.clone(),
@@ -86,9 +90,11 @@ impl TestController {
                     return;
                 };
                 let (a, r, u, l) = (a.clone(), r.clone(), u.clone(), l.clone());
+                let rj = rj.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (a, r, u, l) = (a.clone(), r.clone(), u.clone(), l.clone());
+                        let rejecting = rj.load(Ordering::SeqCst);
                         async move {
                             let n = r.fetch_add(1, Ordering::SeqCst);
                             let auth = req
@@ -107,6 +113,16 @@ impl TestController {
                                 text(StatusCode::SERVICE_UNAVAILABLE, "not now")
                             } else {
                                 match serde_json::from_slice::<WakeRequest>(&body) {
+                                    Ok(w) if rejecting => {
+                                        *l.lock().unwrap() = Some(w);
+                                        let reply = WakeReply {
+                                            accepted: false,
+                                            message: "no ScalingPolicy for this Service".into(),
+                                        };
+                                        Response::new(Full::new(Bytes::from(
+                                            serde_json::to_vec(&reply).unwrap(),
+                                        )))
+                                    }
                                     Ok(w) => {
                                         *l.lock().unwrap() = Some(w);
                                         a.fetch_add(1, Ordering::SeqCst);
@@ -136,6 +152,7 @@ impl TestController {
             requests,
             unauthorised,
             last_wake,
+            reject,
         })
     }
 
