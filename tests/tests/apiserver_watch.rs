@@ -406,3 +406,53 @@ async fn legacy_single_object_watch_on_the_object_path() -> Result<()> {
     assert_eq!(describe(&next(&mut lines).await?), "ADDED b");
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_writers_are_seen_once_each_in_resource_version_order() -> Result<()> {
+    const N: usize = 200;
+    let s = TestApiServer::start(ApiServerOptions::default()).await?;
+    let api: Api<ConfigMap> = Api::namespaced(s.client().await?, "default");
+    let rv = api
+        .list(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = api.watch(&WatchParams::default(), &rv).await?.boxed();
+    let writes = futures::stream::iter(0..N)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &cm(&format!("c{i}"), json!({}))?)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>();
+    let results = tokio::time::timeout(Duration::from_secs(60), writes).await?;
+    assert!(results.iter().all(Result::is_ok), "every create succeeds");
+    let mut last = 0u64;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        match next(&mut w).await? {
+            WatchEvent::Added(o) => {
+                let rv: u64 = o
+                    .metadata
+                    .resource_version
+                    .as_deref()
+                    .unwrap_or("0")
+                    .parse()?;
+                assert!(rv > last, "resourceVersions must increase along the watch");
+                last = rv;
+                assert!(
+                    seen.insert(o.metadata.name.unwrap()),
+                    "an object was seen twice"
+                );
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {}", describe(&other)),
+        }
+    }
+    Ok(())
+}

@@ -233,6 +233,15 @@ fn node_status(o: &Value) -> Value {
     json!(s)
 }
 
+fn node_address(o: &Value, ty: &str) -> Value {
+    let a = o["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == ty);
+    json!(a.and_then(|a| a["address"].as_str()).unwrap_or("<none>"))
+}
+
 fn count(o: &Value, field: &str) -> Value {
     let n = o[field].as_object().map_or(0, |m| m.len())
         + if field == "data" {
@@ -360,6 +369,17 @@ fn columns(b: Option<Builtin>) -> Vec<Column> {
             age,
             col("Version", 0, |o| {
                 str_or(o, "/status/nodeInfo/kubeletVersion", "")
+            }),
+            col("Internal-IP", 1, |o| node_address(o, "InternalIP")),
+            col("External-IP", 1, |o| node_address(o, "ExternalIP")),
+            col("OS-Image", 1, |o| {
+                str_or(o, "/status/nodeInfo/osImage", "<unknown>")
+            }),
+            col("Kernel-Version", 1, |o| {
+                str_or(o, "/status/nodeInfo/kernelVersion", "<unknown>")
+            }),
+            col("Container-Runtime", 1, |o| {
+                str_or(o, "/status/nodeInfo/containerRuntimeVersion", "<unknown>")
             }),
         ],
         Some(Builtin::ConfigMap) => vec![name, int_col("Data", 0, |o| count(o, "data")), age],
