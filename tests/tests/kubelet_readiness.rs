@@ -45,7 +45,10 @@ async fn a_slow_starter_becomes_ready_only_after_it_listens() -> anyhow::Result<
     let ip = pod_ip(&pod).expect("a running pod has an IP");
     let addr = SocketAddr::from((ip, PORT));
     assert!(!pod_ready(&pod), "ready before listening: {:?}", pod.status);
-    assert!(!env.processes().is_empty(), "the slow starter's process runs");
+    assert!(
+        !env.processes().is_empty(),
+        "the slow starter's process runs"
+    );
     assert!(
         TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
         "the server listens before its start delay is over"

@@ -42,9 +42,14 @@ pub struct DemoArgs {
     /// Skip the set-up steps (already done, e.g. by `cargo xtask test`).
     #[arg(long)]
     pub skip_setup: bool,
-    /// Build and run the debug binaries instead of release ones (what the tests do).
+    /// Build and run the debug binaries instead of release ones.
     #[arg(long)]
     pub debug: bool,
+    /// Build nothing (not even the eBPF programs): run the binaries already in this
+    /// directory, e.g. `target/debug` after `cargo xtask test` (what the demo's test
+    /// does). A component whose binary is missing there is reported as not available.
+    #[arg(long, value_name = "DIR", conflicts_with = "debug")]
+    pub prebuilt: Option<PathBuf>,
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
@@ -59,25 +64,24 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         crate::setup::run_setup_steps()?;
     }
     signals::check()?;
-    let ebpf =
-        crate::ebpf::build().map_err(|e| format!("building the eBPF programs failed: {e:#}"));
-    signals::check()?;
-    let layout = Layout::new(&args.instance, args.debug)?;
+    let layout = Layout::new(&args.instance, args.debug, args.prebuilt.clone())?;
     layout.prepare()?;
-    build(
-        &layout,
-        "nemesis-tests",
-        &["nemesis-sandbox", "nemesis-pod-server"],
-    )
-    .context("building the sandbox")?;
-    signals::check()?;
-    let agent_bin = ebpf.and_then(|()| {
-        build(&layout, "nemesis-agent", &["nemesis-agent"]).map_err(|e| format!("{e:#}"))
-    });
-    signals::check()?;
-    let controller_bin =
-        build(&layout, "nemesis-controller", &["nemesis-controller"]).map_err(|e| format!("{e:#}"));
-    signals::check()?;
+    let (agent_bin, controller_bin) = match &args.prebuilt {
+        None => build_all(&layout)?,
+        Some(_) => {
+            let sandbox = layout.bin("nemesis-sandbox");
+            if !sandbox.exists() || !layout.bin("nemesis-pod-server").exists() {
+                bail!(
+                    "--prebuilt {}: nemesis-sandbox or nemesis-pod-server is missing there",
+                    layout.bin_dir.display()
+                );
+            }
+            (
+                prebuilt(&layout, "nemesis-agent"),
+                prebuilt(&layout, "nemesis-controller"),
+            )
+        }
+    };
 
     let mut demo = Demo {
         layout,
@@ -112,6 +116,40 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
 }
 
+type Built = std::result::Result<PathBuf, String>;
+
+/// The eBPF programs and every binary; the sandbox is required, the components are
+/// reported as not available when they do not build.
+fn build_all(layout: &Layout) -> Result<(Built, Built)> {
+    let ebpf =
+        crate::ebpf::build().map_err(|e| format!("building the eBPF programs failed: {e:#}"));
+    signals::check()?;
+    build(
+        layout,
+        "nemesis-tests",
+        &["nemesis-sandbox", "nemesis-pod-server"],
+    )
+    .context("building the sandbox")?;
+    signals::check()?;
+    let agent = ebpf.and_then(|()| {
+        build(layout, "nemesis-agent", &["nemesis-agent"]).map_err(|e| format!("{e:#}"))
+    });
+    signals::check()?;
+    let controller =
+        build(layout, "nemesis-controller", &["nemesis-controller"]).map_err(|e| format!("{e:#}"));
+    signals::check()?;
+    Ok((agent, controller))
+}
+
+fn prebuilt(layout: &Layout, name: &str) -> Built {
+    let bin = layout.bin(name);
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!("{} is not built", bin.display()))
+    }
+}
+
 fn check_instance(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 40
@@ -137,13 +175,18 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(instance: &str, debug: bool) -> Result<Self> {
+    fn new(instance: &str, debug: bool, prebuilt: Option<PathBuf>) -> Result<Self> {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root().join("target"));
+        let bin_dir = match prebuilt {
+            Some(dir) => std::path::absolute(&dir)
+                .with_context(|| format!("--prebuilt {}", dir.display()))?,
+            None => target.join(if debug { "debug" } else { "release" }),
+        };
         Ok(Self {
             instance: instance.to_string(),
-            bin_dir: target.join(if debug { "debug" } else { "release" }),
+            bin_dir,
             dir: target.join("nemesis-demo").join(instance),
             debug,
         })

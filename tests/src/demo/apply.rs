@@ -33,14 +33,14 @@ pub enum ApplyError {
     Discover {
         origin: String,
         gvk: GroupVersionKind,
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("{origin}: applying {kind} {name}: {source}")]
     Apply {
         origin: String,
         kind: String,
         name: String,
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("{origin}: applying {kind} {name}: no answer within {CALL_TIMEOUT:?}")]
     ApplyTimeout {
@@ -172,7 +172,7 @@ async fn apply_one(client: &Client, m: &Manifest) -> Result<DynamicObject, Apply
             return Err(ApplyError::Discover {
                 origin: m.origin.clone(),
                 gvk,
-                source,
+                source: Box::new(source),
             });
         }
         Err(_) => {
@@ -204,7 +204,7 @@ async fn apply_one(client: &Client, m: &Manifest) -> Result<DynamicObject, Apply
                 origin: m.origin.clone(),
                 kind: gvk.kind,
                 name,
-                source,
+                source: Box::new(source),
             });
         }
         Err(_) => {

@@ -1,0 +1,368 @@
+//! `cargo xtask demo` end to end: the real xtask binary runs the demo (an instance of
+//! its own, on the binaries `cargo xtask test` built) in a child process; the test
+//! reads its contract lines, uses the sandbox through the printed kubeconfig, calls a
+//! Service from a process inside the printed cgroup, then sends SIGINT and checks that
+//! nothing is left: no process, no cgroup, no bpffs or pins, no pod network.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Start-up runs no build (`--prebuilt`): a sandbox, a controller and an agent.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Tear-down: pods get 5 s of grace, each component up to 10 s.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+const POD_SERVER: &str = env!("CARGO_BIN_EXE_nemesis-pod-server");
+
+/// The demo in a child process; SIGINT on drop, so a failed test still cleans up.
+struct DemoProcess {
+    child: Child,
+    lines: BTreeMap<String, String>,
+    text: Vec<String>,
+}
+
+impl Drop for DemoProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_nemesis-sandbox"))
+        .parent()
+        .expect("binaries live in a directory")
+        .to_path_buf()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is one level below the root")
+        .to_path_buf()
+}
+
+/// The xtask binary, built if `cargo xtask` has not built it (a no-op when it has).
+async fn xtask_bin() -> anyhow::Result<PathBuf> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "-p", "xtask"])
+        .current_dir(workspace_root())
+        .status()
+        .await
+        .context("running cargo build -p xtask")?;
+    ensure!(status.success(), "cargo build -p xtask failed ({status})");
+    Ok(bin_dir().join("xtask"))
+}
+
+async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
+    for bin in ["nemesis-agent", "nemesis-controller"] {
+        ensure!(
+            bin_dir().join(bin).exists(),
+            "{} is not built: run the tests through `cargo xtask test` (it builds every binary)",
+            bin_dir().join(bin).display()
+        );
+    }
+    let mut child = Command::new(xtask_bin().await?)
+        .arg("demo")
+        .arg("--skip-setup")
+        .arg("--prebuilt")
+        .arg(bin_dir())
+        .arg("--instance")
+        .arg(instance)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(false)
+        .spawn()
+        .context("starting xtask demo")?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut demo = DemoProcess {
+        child,
+        lines: BTreeMap::new(),
+        text: Vec::new(),
+    };
+    let mut reader = BufReader::new(stdout).lines();
+    let read = async {
+        // NEMESIS_LOGS comes after every contract line.
+        while !demo.lines.contains_key("NEMESIS_LOGS") {
+            let Some(line) = reader.next_line().await? else {
+                bail!(
+                    "the demo ended before it was ready; it printed: {:?}",
+                    demo.text
+                );
+            };
+            demo.text.push(line.clone());
+            if let Some((k, v)) = line.split_once('=')
+                && k.starts_with("NEMESIS_")
+            {
+                demo.lines.insert(k.to_string(), v.to_string());
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(READY_TIMEOUT, read)
+        .await
+        .context("the demo was not ready in time")??;
+    // Keep draining stdout so the demo never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = reader.next_line().await {} });
+    Ok(demo)
+}
+
+async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(Client::try_from(cfg)?)
+}
+
+/// The pod subnet index the sandbox claimed, recovered from its ClusterIP block
+/// (`nemesis_tests::demo::cluster_ip`).
+fn subnet_index_of(cluster_ip: Ipv4Addr) -> u16 {
+    let [_, _, c, d] = cluster_ip.octets();
+    u16::from(c - 128) * 4 + u16::from((d - 1) / 64)
+}
+
+/// Runs `curl url` in a shell that first moves itself into `cgroup`.
+async fn curl_from_cgroup(cgroup: &str, url: &str) -> anyhow::Result<std::process::Output> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec curl -sS -m 10 "$1""#)
+        .arg(cgroup)
+        .arg(url)
+        .output()
+        .await
+        .context("running curl in the demo's cgroup")?;
+    Ok(out)
+}
+
+/// Processes whose command line or working directory mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.parse::<u32>().is_err() || name == std::process::id().to_string() {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd = std::fs::read_link(entry.path().join("cwd"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if cmdline.contains(needle) || cwd.contains(needle) {
+            found.push(format!("{name}: {cmdline} (cwd {cwd})"));
+        }
+    }
+    found
+}
+
+fn ip_output(args: &[&str]) -> String {
+    std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_its_contract_serves_through_its_cgroup_and_leaves_nothing_after_sigint()
+-> anyhow::Result<()> {
+    let instance = format!("t{}", std::process::id());
+    let mut demo = start_demo(&instance).await?;
+    let line = |k: &str| {
+        demo.lines
+            .get(k)
+            .cloned()
+            .with_context(|| format!("no {k} line in {:?}", demo.text))
+    };
+
+    // --- the contract lines ---
+    let ui = line("NEMESIS_UI")?;
+    let demo_url = line("NEMESIS_DEMO_URL")?;
+    let cgroup = line("NEMESIS_DEMO_CGROUP")?;
+    let kubeconfig = PathBuf::from(line("NEMESIS_KUBECONFIG")?);
+    let logs = PathBuf::from(line("NEMESIS_LOGS")?);
+    assert!(ui.starts_with("http://127.0.0.1:"), "{ui}");
+    let has_login = demo.lines.contains_key("NEMESIS_LOGIN");
+    let says_no_ui = demo
+        .text
+        .iter()
+        .any(|l| l.contains("web UI is not available"));
+    assert!(
+        has_login || says_no_ui,
+        "neither a login nor a word on the UI: {:?}",
+        demo.text
+    );
+    assert!(
+        !demo.text.iter().any(|l| l.starts_with("NOT RUNNING")),
+        "every component should run: {:?}",
+        demo.text
+    );
+    let service_addr = demo_url
+        .strip_prefix("http://")
+        .and_then(|r| r.strip_suffix(":80/"))
+        .with_context(|| format!("NEMESIS_DEMO_URL {demo_url} is not http://<ClusterIP>:80/"))?;
+    let cluster_ip: Ipv4Addr = service_addr.parse()?;
+    assert_eq!(cluster_ip.octets()[..2], [127, 96], "{cluster_ip}");
+    assert!(Path::new(&cgroup).join("cgroup.procs").exists(), "{cgroup}");
+    assert!(
+        cgroup.ends_with(&format!("/nemesis-{instance}")),
+        "{cgroup}"
+    );
+    let pins = logs.join("bpffs/nemesis").join(&instance);
+    assert!(
+        pins.join("links/connect4").exists(),
+        "the agent pinned no connect4 link under {}",
+        pins.display()
+    );
+
+    // --- the kubeconfig works, and the demo app is there at zero ---
+    let client = client_from(&kubeconfig).await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "demo");
+    let hello = deployments.get("hello").await?;
+    assert_eq!(hello.spec.replicas, Some(0));
+    let services: Api<Service> = Api::namespaced(client.clone(), "demo");
+    let svc = services.get("hello").await?;
+    assert_eq!(
+        svc.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some(service_addr)
+    );
+    let policies: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "demo",
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "nemesis.dev",
+            "v1alpha1",
+            "ScalingPolicy",
+        )),
+    );
+    let policy = policies.get("hello").await?;
+    assert_eq!(policy.data["spec"]["target"]["deployment"], "hello");
+
+    // --- a warm Service answers a process inside the demo's cgroup ---
+    // A second app with a ClusterIP of the same sandbox's block (the next address), at
+    // one replica and without a policy: the agent's programs are attached to the cgroup
+    // and must let the connect through to the sandbox's Service proxy.
+    let mut warm_ip = cluster_ip.octets();
+    warm_ip[3] += 1;
+    let warm_ip = Ipv4Addr::from(warm_ip);
+    let warm: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "warm", "namespace": "demo"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "warm"}},
+            "template": {
+                "metadata": {"labels": {"app": "warm"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "server",
+                        "image": "local/nemesis-pod-server",
+                        "command": [POD_SERVER, "--port", "8080"],
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1}
+                    }]
+                }
+            }
+        }
+    }))?;
+    deployments.create(&PostParams::default(), &warm).await?;
+    let warm_svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "warm", "namespace": "demo"},
+        "spec": {
+            "clusterIP": warm_ip.to_string(),
+            "selector": {"app": "warm"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}]
+        }
+    }))?;
+    services.create(&PostParams::default(), &warm_svc).await?;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "demo");
+    let ready = async {
+        loop {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=warm"))
+                .await?;
+            let any_ready = list
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter().flatten())
+                .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true));
+            if any_ready {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .context("the warm app had no ready endpoint in time")??;
+    // The Service proxy opens the ClusterIP as soon as it sees the ready endpoint.
+    let warm_url = format!("http://{warm_ip}:80/");
+    let mut answer = None;
+    for _ in 0..50 {
+        let out = curl_from_cgroup(&cgroup, &warm_url).await?;
+        if out.status.success() {
+            answer = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = answer.context("the warm Service never answered from the cgroup")?;
+    assert!(answer.starts_with("warm-"), "answered {answer:?}");
+
+    // --- SIGINT stops everything ---
+    let pid = demo.child.id().context("the demo is running")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let status = tokio::time::timeout(STOP_TIMEOUT, demo.child.wait())
+        .await
+        .context("the demo did not stop after SIGINT")??;
+    assert!(status.success(), "the demo exited with {status}");
+
+    assert!(!Path::new(&cgroup).exists(), "{cgroup} is left");
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    assert!(
+        !mounts.contains(&logs.join("bpffs").display().to_string()),
+        "the demo's bpffs is still mounted"
+    );
+    assert!(!pins.exists(), "{} is left", pins.display());
+    let left = processes_mentioning(&logs.display().to_string());
+    assert!(left.is_empty(), "processes left: {left:#?}");
+    let left = processes_mentioning(&format!("--instance {instance}"));
+    assert!(left.is_empty(), "processes left: {left:#?}");
+    let index = subnet_index_of(cluster_ip);
+    let bridge = format!("nmb{index}");
+    assert!(
+        !ip_output(&["-o", "link", "show"]).contains(&format!(" {bridge}:")),
+        "bridge {bridge} is left"
+    );
+    let netns_prefix = format!("nm{index}p");
+    let netns = ip_output(&["netns", "list"]);
+    assert!(
+        !netns.lines().any(|l| l.starts_with(&netns_prefix)),
+        "pod namespaces left: {netns}"
+    );
+    let _ = std::fs::remove_dir_all(&logs);
+    Ok(())
+}
