@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use controller_support::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
 use nemesis_common::wire::ServiceRef;
+use nemesis_controller::leader::LEADER_LABEL;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::PolicyId;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
@@ -161,7 +163,7 @@ async fn only_the_leader_scales_and_a_killed_leader_is_replaced_without_repeatin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_at_once()
+async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_at_once_moving_the_pod_label()
 -> anyhow::Result<()> {
     init_tracing();
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
@@ -169,13 +171,51 @@ async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_
     install_crd(&client).await?;
     let dir_a = tempfile::tempdir()?;
     let dir_b = tempfile::tempdir()?;
+    // The controllers' own Pods (objects only; nothing runs them), for the leader label.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for name in ["ctl-a", "ctl-b"] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": "nemesis-controller"}},
+            "spec": {"containers": [{"name": "c", "image": "local/controller"}]},
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    let leader_label = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get(name).await?;
+            anyhow::Ok(
+                p.metadata
+                    .labels
+                    .unwrap_or_default()
+                    .get(LEADER_LABEL)
+                    .cloned(),
+            )
+        }
+    };
     // A long lease: only the release can make the hand-over fast.
     let slow = ["--lease-duration", "20s", "--renew-deadline", "10s"];
-    let a = start_controller(&server, dir_a.path(), &slow).await?;
+    let a = start_controller(
+        &server,
+        dir_a.path(),
+        &[&slow[..], &["--pod-name", "ctl-a"]].concat(),
+    )
+    .await?;
     wait_leading(&a, Duration::from_secs(10)).await?;
-    let b = start_controller(&server, dir_b.path(), &slow).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = start_controller(
+        &server,
+        dir_b.path(),
+        &[&slow[..], &["--pod-name", "ctl-b"]].concat(),
+    )
+    .await?;
+    eventually(
+        "the leader label on A's Pod",
+        Duration::from_secs(5),
+        || async { Ok((leader_label("ctl-a").await?.as_deref() == Some("true")).then_some(())) },
+    )
+    .await?;
     assert!(!b.is_leading());
+    assert_eq!(leader_label("ctl-b").await?, None);
     let stopped = Instant::now();
     a.shutdown().await;
     wait_leading(&b, Duration::from_secs(5)).await?;
@@ -184,6 +224,16 @@ async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_
         "hand-over took {:?}",
         stopped.elapsed()
     );
+    eventually(
+        "the leader label moved to B's Pod",
+        Duration::from_secs(5),
+        || async {
+            let a = leader_label("ctl-a").await?;
+            let b = leader_label("ctl-b").await?;
+            Ok((a.is_none() && b.as_deref() == Some("true")).then_some(()))
+        },
+    )
+    .await?;
     b.shutdown().await;
     Ok(())
 }
