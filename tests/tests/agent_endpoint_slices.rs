@@ -1,17 +1,15 @@
 //! The EndpointSlice watch against the project's test API server (the real wire protocol
 //! through kube-rs): ready backends per Service appear, change and disappear, and
-//! survive a watch interruption.
+//! survive a watch interruption. (Lives here, not in the agent crate, so the agent never
+//! needs this crate as a dev-dependency while this crate depends on the agent.)
 
-mod proxy_support;
-
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use kube::Api;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use nemesis_agent::endpoints::{EndpointRegistry, SERVICE_NAME_LABEL, watch_endpoint_slices};
 use nemesis_common::wire::ServiceRef;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
-use proxy_support::{bounded, wait_until};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -43,6 +41,23 @@ fn slice(name: &str, service: &str, ips: &[(&str, bool)]) -> EndpointSlice {
                 .collect(),
         ),
     }
+}
+
+async fn bounded<T>(within: Duration, f: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(within, f)
+        .await
+        .with_context(|| format!("test did not finish within {within:?}"))?
+}
+
+async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 fn backends(reg: &EndpointRegistry, svc: &ServiceRef) -> Vec<SocketAddr> {
