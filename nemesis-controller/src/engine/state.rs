@@ -85,7 +85,8 @@ impl State {
 
     /// Resumes from what a status recorded (state name, since when), e.g. after a
     /// controller restart or a policy edit. An unknown name starts over in the initial
-    /// state. `for` windows restart: a restart never shortens an idle window.
+    /// state. `for` windows restart, and cooldowns count from the first decision after
+    /// the resume: a restart never shortens an idle window or a cooldown.
     pub fn resume(
         policy: &CompiledPolicy,
         state: &str,

@@ -48,7 +48,9 @@
 //! target)` (`targetType: Value`) or `ceil(metric / target)` (`AverageValue`, target per
 //! replica), unchanged within `tolerance` (10%) of the target, clamped to min..max (at
 //! once when entering the state), and moved by at most `maxStep` replicas per `period`
-//! each way (defaults: up 4 per 15 s, down 1 per 30 s).
+//! each way (defaults: up 4 per 15 s, down 1 per 30 s). With `Value`, a range at 0
+//! replicas stays at 0 (the formula multiplies by the current count): wake it with a
+//! transition, or give it `min: 1`.
 //!
 //! # Transitions
 //!
