@@ -440,6 +440,21 @@ async fn an_invalid_policy_reports_the_field_and_column_and_scales_nothing() -> 
         .await?;
     wait_state(&w.policies(), "web", "zero", Duration::from_secs(10)).await?;
     wait_replicas(&w.deployments(), "web", 0, Duration::from_secs(15)).await?;
+    let (_, body) = Http::default().wake(c.api_addr, "node-a", &svc, 1).await?;
+    assert_eq!(body["accepted"].as_bool(), Some(true), "{body}");
+
+    // Deleted: its Service is no longer managed and its agents' directive is dropped.
+    w.policies()
+        .delete("web", &kube::api::DeleteParams::default())
+        .await?;
+    eventually("the Service unmanaged", Duration::from_secs(10), || async {
+        let (_, body) = Http::default().wake(c.api_addr, "node-a", &svc, 1).await?;
+        Ok(
+            (body["accepted"].as_bool() == Some(false) && c.registry.directive(&svc).is_none())
+                .then_some(()),
+        )
+    })
+    .await?;
     c.shutdown().await;
     w.shutdown().await
 }
