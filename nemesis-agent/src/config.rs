@@ -2,7 +2,7 @@
 //! `NEMESIS_AGENT_<SETTING>`. Parsing only; never reads the machine or starts anything.
 
 use std::{
-    net::{SocketAddrV4, SocketAddrV6},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     time::Duration,
 };
@@ -20,6 +20,14 @@ pub const DEFAULT_PROXY_V4: &str = "127.0.0.1:15001";
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "1s";
 /// See `ebpf::DEFAULT_DEADMAN_MAX_AGE`.
 pub const DEFAULT_DEADMAN_MAX_AGE: &str = "15s";
+/// The admin listener (`/metrics`, `/healthz`, `/readyz`): on every address, so that
+/// Prometheus and the kubelet's probes reach a host-network DaemonSet pod.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9464";
+/// Reports to the controller: its view of open connections is at most this old.
+pub const DEFAULT_CONTROLLER_HEARTBEAT_INTERVAL: &str = "5s";
+/// On shutdown, connections the proxy still has (held or forwarding) get this long to
+/// finish before the process exits; a DaemonSet's grace period is 30 s by default.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 
 #[derive(Debug, Parser)]
 #[command(name = "nemesis-agent", version, about = "K8s Nemesis node agent")]
@@ -29,6 +37,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing buys nothing"
+)]
 pub enum Command {
     /// Load (or re-adopt) the eBPF datapath and run the agent.
     Run(RunArgs),
@@ -47,6 +59,35 @@ pub struct RunArgs {
     /// across restarts instead).
     #[arg(long, env = "NEMESIS_AGENT_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
+    /// The admin listener: `/metrics`, `/healthz`, `/readyz` (port 0: any free port).
+    #[arg(long, env = "NEMESIS_AGENT_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
+    /// The controller's agent API, e.g. `http://nemesis-controller.nemesis-system:8080`.
+    /// Without it no wake-ups are sent: held connections wait for endpoints that come
+    /// by other means, and no heartbeats are reported.
+    #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_URL")]
+    pub controller_url: Option<String>,
+    /// File holding the bearer token presented to the controller (a mounted Secret).
+    /// Required with `--controller-url`.
+    #[arg(
+        long,
+        visible_alias = "token-file",
+        env = "NEMESIS_AGENT_TOKEN_FILE",
+        requires = "controller_url"
+    )]
+    pub agent_token_file: Option<PathBuf>,
+    /// This node's name, sent with wake-ups and heartbeats (default: the host name).
+    #[arg(long, env = "NEMESIS_AGENT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How often the agent reports to the controller (sooner after a mode change).
+    #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_HEARTBEAT_INTERVAL", default_value = DEFAULT_CONTROLLER_HEARTBEAT_INTERVAL, value_parser = parse_duration)]
+    pub controller_heartbeat_interval: Duration,
+    /// Connections held at once by this agent, over all Services.
+    #[arg(long, env = "NEMESIS_AGENT_MAX_HELD_TOTAL", default_value_t = crate::proxy::DEFAULT_MAX_HELD_TOTAL)]
+    pub max_held_total: usize,
+    /// How long connections still in the proxy's hands may finish at shutdown.
+    #[arg(long, env = "NEMESIS_AGENT_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -73,10 +114,12 @@ pub struct DatapathArgs {
     /// every process of the node).
     #[arg(long, env = "NEMESIS_AGENT_CGROUP")]
     pub cgroup: Option<PathBuf>,
-    /// Where held IPv4 connects are sent (the proxy's listener).
+    /// Where held IPv4 connects are sent: the proxy listens here (port 0: any free
+    /// port, which the datapath is then told).
     #[arg(long, env = "NEMESIS_AGENT_PROXY_V4", default_value = DEFAULT_PROXY_V4)]
     pub proxy_v4: SocketAddrV4,
-    /// Where held native IPv6 connects are sent (none: they go through unchanged).
+    /// Where held native IPv6 connects are sent, and a second proxy listener (none:
+    /// they go through unchanged).
     #[arg(long, env = "NEMESIS_AGENT_PROXY_V6")]
     pub proxy_v6: Option<SocketAddrV6>,
     /// Hold-mode redirects stop when the heartbeat is older than this.
@@ -165,6 +208,47 @@ mod tests {
         assert_eq!(cfg.cgroup, Some(PathBuf::from("/sys/fs/cgroup/unified/x")));
         assert_eq!(cfg.proxy_v6, Some("[::1]:15002".parse().unwrap()));
         assert_eq!(cfg.deadman_max_age, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn agent_flags_parse_and_the_token_file_needs_a_controller() {
+        let cli = Cli::try_parse_from([
+            "nemesis-agent",
+            "run",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--agent-token-file",
+            "/run/token",
+            "--node-name",
+            "node-a",
+            "--controller-heartbeat-interval",
+            "250ms",
+            "--max-held-total",
+            "10",
+            "--shutdown-grace",
+            "1s",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.admin_listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(run.controller_url.as_deref(), Some("http://127.0.0.1:8080"));
+        assert_eq!(run.agent_token_file, Some(PathBuf::from("/run/token")));
+        assert_eq!(run.node_name.as_deref(), Some("node-a"));
+        assert_eq!(
+            run.controller_heartbeat_interval,
+            Duration::from_millis(250)
+        );
+        assert_eq!(run.max_held_total, 10);
+        assert_eq!(run.shutdown_grace, Duration::from_secs(1));
+
+        let err = Cli::try_parse_from(["nemesis-agent", "run", "--token-file", "/t"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--controller-url"), "{err}");
     }
 
     #[test]

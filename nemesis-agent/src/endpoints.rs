@@ -125,6 +125,8 @@ pub struct EndpointRegistry {
     channels: Mutex<HashMap<ServiceRef, watch::Sender<Arc<ServiceEndpoints>>>>,
     /// Bumped on every change of any Service, for those that follow all Services at once.
     any_change: watch::Sender<u64>,
+    /// True once a publisher has published a complete listing (see [`Self::mark_synced`]).
+    synced: watch::Sender<bool>,
 }
 
 impl Default for EndpointRegistry {
@@ -132,6 +134,7 @@ impl Default for EndpointRegistry {
         Self {
             channels: Mutex::new(HashMap::new()),
             any_change: watch::Sender::new(0),
+            synced: watch::Sender::new(false),
         }
     }
 }
@@ -177,6 +180,23 @@ impl EndpointRegistry {
     /// Wakes on every change of any Service's backends.
     pub fn subscribe_any(&self) -> watch::Receiver<u64> {
         self.any_change.subscribe()
+    }
+
+    /// Every Service's backends have been published from a complete listing: an empty
+    /// Service is now really at zero, not merely not listed yet.
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Resolves once [`Self::mark_synced`] was called.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|s| *s).await;
     }
 }
 
@@ -278,7 +298,12 @@ pub async fn watch_endpoint_slices(
             Ok(watcher::Event::InitDone) => {
                 let slices = relist.take().unwrap_or_default();
                 tracing::debug!(slices = slices.len(), "EndpointSlices listed");
-                index.replace_all(&slices).into_iter().collect()
+                let touched = index.replace_all(&slices);
+                for svc in &touched {
+                    registry.publish(svc, index.service_endpoints(svc));
+                }
+                registry.mark_synced();
+                continue;
             }
             Ok(watcher::Event::Apply(slice)) => index.apply(&slice),
             Ok(watcher::Event::Delete(slice)) => index.delete(&slice).into_iter().collect(),

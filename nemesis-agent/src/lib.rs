@@ -3,9 +3,11 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod agent;
 pub mod config;
 pub mod control;
 pub mod ebpf;
 pub mod endpoints;
 pub mod metrics;
 pub mod proxy;
+pub mod services;

@@ -2,15 +2,13 @@
 //! Wiring only; every decision lives in the library.
 #![deny(unsafe_code)]
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
 use clap::Parser;
 use nemesis_agent::{
+    agent,
     config::{Cli, Command, RunArgs},
     ebpf::Datapath,
 };
-use tracing::{info, warn};
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -40,40 +38,7 @@ fn main() -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let cfg = args.datapath.to_config();
-    let datapath = Arc::new(Datapath::load_or_adopt(&cfg)?);
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async {
-        let mut beat = tokio::time::interval(args.heartbeat_interval);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = beat.tick() => {
-                    if let Err(error) = datapath.heartbeat() {
-                        warn!(error = %error, "heartbeat failed; held traffic is released once it is stale");
-                    }
-                }
-                _ = shutdown_signal() => break,
-            }
-        }
-    });
-    info!("shutting down");
-    if args.detach_on_exit {
-        let dp = Arc::try_unwrap(datapath)
-            .map_err(|_| anyhow::anyhow!("datapath still shared at exit"))?;
-        dp.detach()?;
-        info!("datapath detached and unpinned");
-    } else {
-        info!("datapath left attached and pinned for the next agent");
-    }
+    rt.block_on(agent::run(args))?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -1,0 +1,740 @@
+//! Which Services this agent manages: those a `ScalingPolicy` names as its target, with
+//! the hold bounds the policy sets. Owns the policy and Service watches, their
+//! translation into rows of the proxy's table and of the eBPF services table, and the
+//! per-Service datapath mode; never decides a mode (`proxy::mode` does) nor holds traffic.
+#![deny(unsafe_code)]
+
+use crate::ebpf::{Datapath, DatapathError, Mode, Proto};
+use crate::endpoints::EndpointRegistry;
+use crate::metrics::{DatapathCounters, ProxyMetrics, ServiceCounters};
+use crate::proxy::{
+    HoldBounds, ManagedPort, ModeSink, ModeSinkError, ServiceTable, TableError, decide_hold,
+    service_ports,
+};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{ApiResource, DynamicObject};
+use kube::core::GroupVersionKind;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use nemesis_common::wire::{AppliedMode, Directive, ServiceRef};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// A policy without `holdTimeoutSeconds` holds for this long (the CRD's documented default).
+pub const DEFAULT_POLICY_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
+/// A policy without `maxHeldConnections` holds this many per agent (the CRD's default).
+pub const DEFAULT_POLICY_MAX_HELD: usize = 1024;
+
+/// `nemesis.dev/v1alpha1` `ScalingPolicy`, read as a dynamic object: the agent needs
+/// three fields and must not fail on the rest (nor depend on the controller crate).
+pub fn scaling_policy_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("nemesis.dev", "v1alpha1", "ScalingPolicy"),
+        "scalingpolicies",
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error("ScalingPolicy {policy}: {field}: {reason}")]
+    ParsePolicy {
+        policy: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error(
+        "Service {service} is the target of ScalingPolicies {winner} and {loser}; {winner} is used"
+    )]
+    ConflictingPolicies {
+        service: ServiceRef,
+        winner: String,
+        loser: String,
+    },
+    #[error(transparent)]
+    ServiceRows(#[from] TableError),
+    #[error("updating the datapath rows of Service {service}: {source}")]
+    UpdateDatapath {
+        service: ServiceRef,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("removing the stale datapath row {addr}: {source}")]
+    PruneDatapath {
+        addr: SocketAddr,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("reading the datapath counters: {0}")]
+    ReadCounters(#[source] Box<DatapathError>),
+    #[error("the datapath is gone (the agent is shutting down)")]
+    DatapathGone,
+    #[error("the {what} watch stream ended")]
+    WatchEnded { what: &'static str },
+}
+
+// === the pure part: policies and Services -> rows ===
+
+/// What a policy asks of the agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyTarget {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    pub service: ServiceRef,
+    pub bounds: HoldBounds,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecView {
+    #[serde(default)]
+    target: TargetView,
+    hold_timeout_seconds: Option<serde_json::Value>,
+    max_held_connections: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TargetView {
+    service: Option<String>,
+}
+
+/// A positive integer field of a policy, or an error naming it.
+fn positive(
+    policy: &str,
+    field: &'static str,
+    v: &serde_json::Value,
+) -> Result<u64, ServicesError> {
+    v.as_u64()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ServicesError::ParsePolicy {
+            policy: policy.to_string(),
+            field,
+            reason: format!("must be a positive integer, got {v}"),
+        })
+}
+
+/// The Service a policy targets and its hold bounds; `None` when the policy names no
+/// Service (it scales on other metrics, nothing is intercepted). An invalid bound is an
+/// error: the controller rejects such a policy, so it must change nothing here either.
+pub fn policy_target(obj: &DynamicObject) -> Result<Option<PolicyTarget>, ServicesError> {
+    let namespace = obj.namespace().unwrap_or_default();
+    let policy = format!("{namespace}/{}", obj.name_any());
+    let spec: SpecView = match obj.data.get("spec") {
+        None | Some(serde_json::Value::Null) => SpecView::default(),
+        Some(v) => SpecView::deserialize(v).map_err(|e| ServicesError::ParsePolicy {
+            policy: policy.clone(),
+            field: "spec",
+            reason: e.to_string(),
+        })?,
+    };
+    let Some(service) = spec.target.service.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let mut bounds = HoldBounds {
+        hold_timeout: DEFAULT_POLICY_HOLD_TIMEOUT,
+        max_held: DEFAULT_POLICY_MAX_HELD,
+        ..HoldBounds::default()
+    };
+    if let Some(v) = &spec.hold_timeout_seconds {
+        bounds.hold_timeout = Duration::from_secs(positive(&policy, "spec.holdTimeoutSeconds", v)?);
+    }
+    if let Some(v) = &spec.max_held_connections {
+        let n = positive(&policy, "spec.maxHeldConnections", v)?;
+        bounds.max_held = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    Ok(Some(PolicyTarget {
+        policy,
+        service: ServiceRef {
+            namespace,
+            name: service,
+        },
+        bounds,
+    }))
+}
+
+/// Rows of every managed Service.
+pub type Rows = BTreeMap<ServiceRef, Vec<(SocketAddr, ManagedPort)>>;
+
+/// The rows of every Service some policy targets and that exists, plus what was wrong
+/// on the way (a Service named by two policies keeps the first policy by name; a
+/// Service whose addresses do not parse is left out).
+pub fn desired_rows<'a>(
+    targets: impl IntoIterator<Item = &'a PolicyTarget>,
+    services: &BTreeMap<ServiceRef, Service>,
+) -> (Rows, Vec<ServicesError>) {
+    let mut by_service: BTreeMap<&ServiceRef, &PolicyTarget> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut targets: Vec<&PolicyTarget> = targets.into_iter().collect();
+    targets.sort_by(|a, b| a.policy.cmp(&b.policy));
+    for t in targets {
+        if let Some(winner) = by_service.get(&t.service) {
+            problems.push(ServicesError::ConflictingPolicies {
+                service: t.service.clone(),
+                winner: winner.policy.clone(),
+                loser: t.policy.clone(),
+            });
+            continue;
+        }
+        by_service.insert(&t.service, t);
+    }
+    let mut rows = Rows::new();
+    for (service, target) in by_service {
+        let Some(svc) = services.get(service) else {
+            continue;
+        };
+        match service_ports(svc, target.bounds) {
+            Ok(r) if r.is_empty() => {}
+            Ok(r) => {
+                rows.insert(service.clone(), r);
+            }
+            Err(e) => problems.push(e.into()),
+        }
+    }
+    (rows, problems)
+}
+
+// === impl DatapathServices ===
+
+/// The eBPF services table, kept per managed Service: its addresses and the mode they
+/// share. Holds the datapath weakly, so that the agent alone decides when it is dropped.
+#[derive(Debug)]
+pub struct DatapathServices {
+    datapath: Weak<Datapath>,
+    endpoints: Arc<EndpointRegistry>,
+    state: Mutex<HashMap<ServiceRef, DatapathRows>>,
+}
+
+#[derive(Debug, Default)]
+struct DatapathRows {
+    addrs: BTreeSet<SocketAddr>,
+    /// The mode last set through [`ModeSink::set_hold`]; `None` before the first.
+    hold: Option<bool>,
+}
+
+fn mode_of(hold: bool) -> Mode {
+    // Balance (socket-level load balancing) is not built yet; direct is passthrough,
+    // where kube-proxy (or its stand-in) serves the ClusterIP.
+    if hold { Mode::Hold } else { Mode::Passthrough }
+}
+
+impl DatapathServices {
+    pub fn new(datapath: &Arc<Datapath>, endpoints: Arc<EndpointRegistry>) -> Arc<Self> {
+        Arc::new(Self {
+            datapath: Arc::downgrade(datapath),
+            endpoints,
+            state: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn datapath(&self) -> Result<Arc<Datapath>, ServicesError> {
+        self.datapath.upgrade().ok_or(ServicesError::DatapathGone)
+    }
+
+    /// Make `addrs` the rows of `service`. New rows get the Service's mode: the one set
+    /// last, or (for a Service new to this agent) hold exactly when it has no ready
+    /// backend, so that no connect meets a ClusterIP without endpoints.
+    pub fn set_rows(
+        &self,
+        service: &ServiceRef,
+        addrs: BTreeSet<SocketAddr>,
+    ) -> Result<(), ServicesError> {
+        let dp = self.datapath()?;
+        let mut state = self.state.lock().expect("datapath services lock");
+        let rows = state.entry(service.clone()).or_default();
+        let hold = rows.hold.unwrap_or_else(|| {
+            decide_hold(
+                !self.endpoints.current(service).is_empty(),
+                Directive::Follow,
+            )
+        });
+        let update = |source| ServicesError::UpdateDatapath {
+            service: service.clone(),
+            source: Box::new(source),
+        };
+        for addr in addrs.difference(&rows.addrs) {
+            dp.upsert_service(*addr, Proto::Tcp, mode_of(hold))
+                .map_err(update)?;
+        }
+        for addr in rows.addrs.difference(&addrs) {
+            dp.remove_service(*addr, Proto::Tcp).map_err(update)?;
+        }
+        rows.addrs = addrs;
+        Ok(())
+    }
+
+    /// Forget a Service that is no longer managed: its connects go untouched.
+    pub fn remove(&self, service: &ServiceRef) -> Result<(), ServicesError> {
+        let dp = self.datapath()?;
+        let mut state = self.state.lock().expect("datapath services lock");
+        if let Some(rows) = state.remove(service) {
+            for addr in rows.addrs {
+                dp.remove_service(addr, Proto::Tcp).map_err(|source| {
+                    ServicesError::UpdateDatapath {
+                        service: service.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove datapath rows of no managed Service (left by an earlier agent for Services
+    /// that stopped being managed while it was away); returns how many.
+    pub fn prune_unmanaged(&self) -> Result<usize, ServicesError> {
+        let dp = self.datapath()?;
+        let state = self.state.lock().expect("datapath services lock");
+        let managed: BTreeSet<SocketAddr> = state
+            .values()
+            .flat_map(|r| r.addrs.iter().copied())
+            .collect();
+        let mut removed = 0;
+        for entry in dp.services() {
+            if !managed.contains(&entry.addr) {
+                dp.remove_service(entry.addr, entry.proto)
+                    .map_err(|source| ServicesError::PruneDatapath {
+                        addr: entry.addr,
+                        source: Box::new(source),
+                    })?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The eBPF counters of every managed Service, summed over its rows.
+    pub fn counters(&self) -> Result<Vec<(ServiceRef, ServiceCounters)>, ServicesError> {
+        let dp = self.datapath()?;
+        let by_addr: HashMap<SocketAddr, crate::ebpf::ServiceCounters> = dp
+            .all_stats()
+            .map_err(|e| ServicesError::ReadCounters(Box::new(e)))?
+            .into_iter()
+            .map(|(e, c)| (e.addr, c))
+            .collect();
+        let state = self.state.lock().expect("datapath services lock");
+        Ok(state
+            .iter()
+            .map(|(svc, rows)| {
+                let mut sum = ServiceCounters::default();
+                for c in rows.addrs.iter().filter_map(|a| by_addr.get(a)) {
+                    sum.connects_total += c.connects;
+                    sum.open_connections += c.open_now;
+                    sum.closed_total += c.closed;
+                }
+                (svc.clone(), sum)
+            })
+            .collect())
+    }
+}
+
+impl ModeSink for DatapathServices {
+    fn set_hold(&self, service: &ServiceRef, hold: bool) -> Result<AppliedMode, ModeSinkError> {
+        let dp = self.datapath().map_err(|e| ModeSinkError(Box::new(e)))?;
+        let mut state = self.state.lock().expect("datapath services lock");
+        let rows = state.entry(service.clone()).or_default();
+        for addr in &rows.addrs {
+            dp.set_mode(*addr, Proto::Tcp, mode_of(hold))
+                .map_err(|e| ModeSinkError(Box::new(e)))?;
+        }
+        rows.hold = Some(hold);
+        Ok(if hold {
+            AppliedMode::Hold
+        } else {
+            AppliedMode::Passthrough
+        })
+    }
+}
+
+// === impl ManagedServices ===
+
+/// Applies desired rows to the proxy's table and the datapath, changing only what changed.
+#[derive(Debug)]
+pub struct ManagedServices {
+    table: Arc<ServiceTable>,
+    datapath: Arc<DatapathServices>,
+    proxy_metrics: ProxyMetrics,
+    counters: Arc<DatapathCounters>,
+    applied: Mutex<Option<Rows>>,
+}
+
+impl ManagedServices {
+    pub fn new(
+        table: Arc<ServiceTable>,
+        datapath: Arc<DatapathServices>,
+        proxy_metrics: ProxyMetrics,
+        counters: Arc<DatapathCounters>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            table,
+            datapath,
+            proxy_metrics,
+            counters,
+            applied: Mutex::new(None),
+        })
+    }
+
+    /// Bring table and datapath to `desired`. The datapath goes first, so a Service the
+    /// proxy knows always has its rows (and mode) in the kernel. A Service that fails is
+    /// retried at the next apply; the others go on.
+    pub fn apply(&self, desired: &Rows) -> Vec<ServicesError> {
+        let mut applied = self.applied.lock().expect("managed services lock");
+        let first = applied.is_none();
+        let old = applied.take().unwrap_or_default();
+        let mut now = Rows::new();
+        let mut problems = Vec::new();
+        for (service, rows) in &old {
+            if desired.contains_key(service) {
+                continue;
+            }
+            self.table.remove_service(service);
+            self.proxy_metrics.forget_service(service);
+            self.counters.remove(service);
+            match self.datapath.remove(service) {
+                Ok(()) => tracing::info!(service = %service, "Service no longer managed"),
+                Err(e) => {
+                    // Keep it as applied, so the next apply removes it again.
+                    problems.push(e);
+                    now.insert(service.clone(), rows.clone());
+                }
+            }
+        }
+        for (service, rows) in desired {
+            if old.get(service) == Some(rows) {
+                now.insert(service.clone(), rows.clone());
+                continue;
+            }
+            let addrs = rows.iter().map(|(a, _)| *a).collect();
+            match self.datapath.set_rows(service, addrs) {
+                Ok(()) => {
+                    self.table.upsert_service(service, rows.clone());
+                    tracing::info!(service = %service, rows = rows.len(), "Service managed");
+                    now.insert(service.clone(), rows.clone());
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if first {
+            match self.datapath.prune_unmanaged() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "stale datapath rows removed"),
+                Err(e) => problems.push(e),
+            }
+        }
+        *applied = Some(now);
+        problems
+    }
+
+    /// Copy the datapath's counters into the metrics.
+    pub fn refresh_counters(&self) -> Result<(), ServicesError> {
+        for (svc, c) in self.datapath.counters()? {
+            self.counters.set(&svc, c);
+        }
+        Ok(())
+    }
+}
+
+// === the watch ===
+
+/// What the watches have seen, keyed by object.
+#[derive(Debug, Default)]
+struct Seen {
+    policies: BTreeMap<(String, String), Option<PolicyTarget>>,
+    services: BTreeMap<ServiceRef, Service>,
+    policies_listed: bool,
+    services_listed: bool,
+}
+
+enum Change {
+    // Boxed: objects are hundreds of bytes, and events queue in the merged stream.
+    Policy(Box<watcher::Event<DynamicObject>>),
+    Service(Box<watcher::Event<Service>>),
+}
+
+fn policy_key(obj: &DynamicObject) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+fn service_key(svc: &Service) -> ServiceRef {
+    ServiceRef {
+        namespace: svc.namespace().unwrap_or_default(),
+        name: svc.name_any(),
+    }
+}
+
+fn parse_policy(obj: &DynamicObject) -> Option<PolicyTarget> {
+    match policy_target(obj) {
+        Ok(t) => t,
+        Err(err) => {
+            tracing::warn!(%err, "ScalingPolicy ignored by the agent");
+            None
+        }
+    }
+}
+
+/// Waits for the endpoints to be listed (so a warm Service is not held by mistake at
+/// start), then follows ScalingPolicies and Services cluster-wide and applies the
+/// managed rows on every change; `on_synced` runs once, after the first apply. Returns
+/// only if a watch stream ends; watch errors are retried with kube-rs's backoff.
+pub async fn watch_managed_services(
+    client: kube::Client,
+    endpoints: Arc<EndpointRegistry>,
+    managed: Arc<ManagedServices>,
+    on_synced: impl FnOnce() + Send,
+) -> Result<(), ServicesError> {
+    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &scaling_policy_resource());
+    let services: Api<Service> = Api::all(client);
+    let policy_events = watcher(policies, watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(|ev| Change::Policy(Box::new(ev))));
+    let service_events = watcher(services, watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(|ev| Change::Service(Box::new(ev))));
+    let mut events = std::pin::pin!(futures::stream::select(policy_events, service_events));
+    let mut seen = Seen::default();
+    let mut relist_policies: Option<Vec<DynamicObject>> = None;
+    let mut relist_services: Option<Vec<Service>> = None;
+    let mut on_synced = Some(on_synced);
+    endpoints.synced().await;
+    while let Some(event) = events.next().await {
+        match event {
+            Err(err) => {
+                tracing::warn!(?err, "ScalingPolicy/Service watch failed; retrying");
+                continue;
+            }
+            Ok(Change::Policy(e)) => match *e {
+                watcher::Event::Init => relist_policies = Some(Vec::new()),
+                watcher::Event::InitApply(o) => {
+                    relist_policies.get_or_insert_with(Vec::new).push(o)
+                }
+                watcher::Event::InitDone => {
+                    seen.policies = relist_policies
+                        .take()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|o| (policy_key(o), parse_policy(o)))
+                        .collect();
+                    seen.policies_listed = true;
+                }
+                watcher::Event::Apply(o) => {
+                    seen.policies.insert(policy_key(&o), parse_policy(&o));
+                }
+                watcher::Event::Delete(o) => {
+                    seen.policies.remove(&policy_key(&o));
+                }
+            },
+            Ok(Change::Service(e)) => match *e {
+                watcher::Event::Init => relist_services = Some(Vec::new()),
+                watcher::Event::InitApply(s) => {
+                    relist_services.get_or_insert_with(Vec::new).push(s)
+                }
+                watcher::Event::InitDone => {
+                    seen.services = relist_services
+                        .take()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|s| (service_key(&s), s))
+                        .collect();
+                    seen.services_listed = true;
+                }
+                watcher::Event::Apply(s) => {
+                    seen.services.insert(service_key(&s), s);
+                }
+                watcher::Event::Delete(s) => {
+                    seen.services.remove(&service_key(&s));
+                }
+            },
+        }
+        if !(seen.policies_listed && seen.services_listed) {
+            continue;
+        }
+        let (rows, mut problems) = desired_rows(seen.policies.values().flatten(), &seen.services);
+        problems.extend(managed.apply(&rows));
+        for err in problems {
+            tracing::warn!(%err, "managing Services");
+        }
+        if let Some(f) = on_synced.take() {
+            f();
+        }
+    }
+    Err(ServicesError::WatchEnded {
+        what: "ScalingPolicy/Service",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> DynamicObject {
+        DynamicObject::new(name, &scaling_policy_resource())
+            .within(ns)
+            .data(json!({ "spec": spec }))
+    }
+
+    fn service(ns: &str, name: &str, ip: &str) -> (ServiceRef, Service) {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip],
+                     "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}
+        }))
+        .unwrap();
+        (
+            ServiceRef {
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            svc,
+        )
+    }
+
+    #[test]
+    fn a_policy_without_bounds_gets_the_crd_defaults() {
+        let p = policy(
+            "shop",
+            "web",
+            json!({"target": {"deployment": "web", "service": "web-svc"}}),
+        );
+        let t = policy_target(&p).unwrap().unwrap();
+        assert_eq!(t.policy, "shop/web");
+        assert_eq!(
+            t.service,
+            ServiceRef {
+                namespace: "shop".into(),
+                name: "web-svc".into()
+            }
+        );
+        assert_eq!(t.bounds.hold_timeout, Duration::from_secs(60));
+        assert_eq!(t.bounds.max_held, 1024);
+    }
+
+    #[test]
+    fn hold_bounds_come_from_the_policy() {
+        let p = policy(
+            "shop",
+            "web",
+            json!({"target": {"deployment": "web", "service": "web"},
+                   "holdTimeoutSeconds": 600, "maxHeldConnections": 3}),
+        );
+        let t = policy_target(&p).unwrap().unwrap();
+        assert_eq!(t.bounds.hold_timeout, Duration::from_secs(600));
+        assert_eq!(t.bounds.max_held, 3);
+    }
+
+    #[test]
+    fn a_policy_without_a_service_manages_nothing() {
+        let p = policy("shop", "batch", json!({"target": {"deployment": "batch"}}));
+        assert_eq!(policy_target(&p).unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_bound_is_an_error_naming_the_policy_and_the_field() {
+        for bad in [json!(0), json!(-5), json!("ten"), json!(1.5)] {
+            let p = policy(
+                "shop",
+                "web",
+                json!({"target": {"deployment": "web", "service": "web"},
+                       "maxHeldConnections": bad}),
+            );
+            let err = policy_target(&p).unwrap_err().to_string();
+            assert!(
+                err.contains("shop/web") && err.contains("spec.maxHeldConnections"),
+                "{err}"
+            );
+        }
+        let p = policy("shop", "web", json!({"target": "web"}));
+        let err = policy_target(&p).unwrap_err().to_string();
+        assert!(err.contains("shop/web") && err.contains("spec"), "{err}");
+    }
+
+    #[test]
+    fn only_services_that_exist_and_are_targeted_get_rows() {
+        let targets = [
+            policy_target(&policy(
+                "shop",
+                "a",
+                json!({"target": {"deployment": "a", "service": "a"}}),
+            ))
+            .unwrap()
+            .unwrap(),
+            policy_target(&policy(
+                "shop",
+                "b",
+                json!({"target": {"deployment": "b", "service": "missing"}}),
+            ))
+            .unwrap()
+            .unwrap(),
+        ];
+        let services: BTreeMap<_, _> = [
+            service("shop", "a", "127.96.0.10"),
+            service("shop", "untargeted", "127.96.0.11"),
+            service("other", "a", "127.96.0.12"),
+        ]
+        .into_iter()
+        .collect();
+        let (rows, problems) = desired_rows(&targets, &services);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rows.len(), 1);
+        let (svc, r) = rows.iter().next().unwrap();
+        assert_eq!(svc.to_string(), "shop/a");
+        assert_eq!(r[0].0, "127.96.0.10:80".parse().unwrap());
+        assert_eq!(r[0].1.port_name, "web");
+        assert_eq!(r[0].1.bounds.hold_timeout, DEFAULT_POLICY_HOLD_TIMEOUT);
+    }
+
+    #[test]
+    fn two_policies_for_one_service_keep_the_first_by_name_and_say_so() {
+        let a = policy_target(&policy(
+            "shop",
+            "z-late",
+            json!({"target": {"deployment": "a", "service": "a"}, "maxHeldConnections": 9}),
+        ))
+        .unwrap()
+        .unwrap();
+        let b = policy_target(&policy(
+            "shop",
+            "a-early",
+            json!({"target": {"deployment": "a", "service": "a"}, "maxHeldConnections": 2}),
+        ))
+        .unwrap()
+        .unwrap();
+        let services: BTreeMap<_, _> = [service("shop", "a", "127.96.0.10")].into_iter().collect();
+        let (rows, problems) = desired_rows([&a, &b], &services);
+        assert_eq!(rows.values().next().unwrap()[0].1.bounds.max_held, 2);
+        assert_eq!(problems.len(), 1);
+        let msg = problems[0].to_string();
+        assert!(msg.contains("shop/a-early is used"), "{msg}");
+    }
+
+    #[test]
+    fn a_service_with_a_bad_cluster_ip_is_reported_and_left_out() {
+        let t = policy_target(&policy(
+            "shop",
+            "a",
+            json!({"target": {"deployment": "a", "service": "a"}}),
+        ))
+        .unwrap()
+        .unwrap();
+        let services: BTreeMap<_, _> = [service("shop", "a", "127.96.0.999")].into_iter().collect();
+        let (rows, problems) = desired_rows([&t], &services);
+        assert!(rows.is_empty());
+        assert!(problems[0].to_string().contains("127.96.0.999"));
+    }
+
+    #[test]
+    fn a_headless_service_is_not_managed() {
+        let t = policy_target(&policy(
+            "shop",
+            "a",
+            json!({"target": {"deployment": "a", "service": "a"}}),
+        ))
+        .unwrap()
+        .unwrap();
+        let services: BTreeMap<_, _> = [service("shop", "a", "None")].into_iter().collect();
+        let (rows, problems) = desired_rows([&t], &services);
+        assert!(rows.is_empty() && problems.is_empty());
+    }
+}
