@@ -262,7 +262,13 @@ pub fn evaluate(facts: &Facts) -> Result<Environment, MissingPrerequisites> {
     }
     let cgroup = match (&facts.cgroup_override, &cgroup2) {
         (Some((path, is_dir)), Some(mount)) => {
-            if *is_dir && path.starts_with(mount) {
+            // Any cgroup2 mount will do, not only the first: in a container the first
+            // is the container's own cgroup namespace, and the node's hierarchy is a
+            // host mount further down (the DaemonSet's /run/nemesis/cgroupv2).
+            let under_cgroup2 = mounts_of_type(&facts.mounts, "cgroup2")
+                .iter()
+                .any(|m| path.starts_with(unescape_mount_path(m)));
+            if *is_dir && under_cgroup2 {
                 Some(path.clone())
             } else {
                 missing.push(Missing::CgroupPath {
@@ -440,6 +446,26 @@ bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
             evaluate(&f).unwrap().cgroup,
             PathBuf::from("/sys/fs/cgroup/unified/x")
         );
+    }
+
+    #[test]
+    fn cgroup_override_on_a_later_cgroup2_mount_is_accepted() {
+        // A DaemonSet container: its own cgroup namespace first, the host's hierarchy
+        // mounted further down.
+        let mut f = good_facts();
+        f.mounts = "\
+cgroup /sys/fs/cgroup cgroup2 ro,nosuid,nodev,noexec,relatime 0 0
+cgroup2 /run/nemesis/cgroupv2 cgroup2 ro,nosuid,nodev,noexec,relatime 0 0
+bpf /run/nemesis/bpffs bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
+"
+        .into();
+        f.cgroup_override = Some((PathBuf::from("/run/nemesis/cgroupv2"), true));
+        assert_eq!(
+            evaluate(&f).unwrap().cgroup,
+            PathBuf::from("/run/nemesis/cgroupv2")
+        );
+        f.cgroup_override = Some((PathBuf::from("/run/nemesis/other"), true));
+        assert!(evaluate(&f).is_err());
     }
 
     #[test]
