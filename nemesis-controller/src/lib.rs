@@ -11,3 +11,4 @@ pub mod prometheus;
 pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod ui;
