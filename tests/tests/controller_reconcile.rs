@@ -209,6 +209,24 @@ async fn a_wake_up_scales_from_zero_and_an_idle_target_sleeps_only_after_every_a
         scrape(&c, "nemesis_controller_wake_latency_seconds_count").await?,
         1.0
     );
+    assert_eq!(scrape(&c, "nemesis_controller_live_agents").await?, 2.0);
+    assert_eq!(
+        scrape(
+            &c,
+            "nemesis_controller_scale_operations_total{direction=\"from_zero\"}"
+        )
+        .await?,
+        1.0
+    );
+    assert!(
+        scrape(
+            &c,
+            "nemesis_controller_decisions_total{outcome=\"transition\"}"
+        )
+        .await?
+            >= 1.0
+    );
+    assert!(scrape(&c, "nemesis_controller_reconciles_total").await? > 1.0);
     wait_state(&w.policies(), "web", "warm", Duration::from_secs(5)).await?;
 
     // Idle: both agents report nothing open. The slow agent holds back its answer.
@@ -455,6 +473,77 @@ async fn an_invalid_policy_reports_the_field_and_column_and_scales_nothing() -> 
         )
     })
     .await?;
+    c.shutdown().await;
+    w.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_watches_and_a_compacted_watch_history_do_not_stop_the_controller() -> anyhow::Result<()>
+{
+    let w = World::start("ctl-watch-cut", false).await?;
+    w.deployments()
+        .create(&PostParams::default(), &deployment("web", 0))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let c = start_controller(&w.server, dir.path(), &[]).await?;
+    wait_leading(&c, Duration::from_secs(10)).await?;
+    let svc = w.svc("web");
+    let _agent = TestAgent::start("node-a", vec![svc.clone()], vec![c.api_addr]);
+    w.policies()
+        .create(
+            &PostParams::default(),
+            &policy(
+                "web",
+                json!({
+                    "target": {"deployment": "web", "service": "web"},
+                    "minReplicas": 0, "maxReplicas": 1, "idleTimeout": "1h",
+                }),
+            ),
+        )
+        .await?;
+    wait_state(&w.policies(), "web", "zero", Duration::from_secs(10)).await?;
+
+    // A partition: every watch ends and new ones hang; the history they would resume
+    // from is compacted away meanwhile (the next watch gets 410 and relists).
+    w.server.interrupt_watches();
+    // Created while nobody watches: the controller must find them after the relist.
+    w.deployments()
+        .create(&PostParams::default(), &deployment("late", 0))
+        .await?;
+    w.policies()
+        .create(
+            &PostParams::default(),
+            &policy(
+                "late",
+                json!({
+                    "target": {"deployment": "late", "service": "late"},
+                    "minReplicas": 0, "maxReplicas": 1, "idleTimeout": "1h",
+                }),
+            ),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    w.server.compact_watch_history();
+    w.server.resume_watches();
+
+    // The wake path still works, and the policy keeps being evaluated.
+    let (code, body) = Http::default().wake(c.api_addr, "node-a", &svc, 1).await?;
+    assert_eq!(
+        (code, body["accepted"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    wait_replicas(&w.deployments(), "web", 1, Duration::from_secs(5)).await?;
+    wait_state(&w.policies(), "web", "warm", Duration::from_secs(10)).await?;
+    wait_state(&w.policies(), "late", "zero", Duration::from_secs(15)).await?;
+    let late = w.svc("late");
+    let (code, body) = Http::default().wake(c.api_addr, "node-a", &late, 1).await?;
+    assert_eq!(
+        (code, body["accepted"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    wait_replicas(&w.deployments(), "late", 1, Duration::from_secs(5)).await?;
     c.shutdown().await;
     w.shutdown().await
 }
