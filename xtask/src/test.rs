@@ -12,7 +12,12 @@ pub fn run(nextest_args: &[String]) -> Result<()> {
     crate::ebpf::build()?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     // The eBPF crate is a workspace of its own; stable rustfmt formats it fine.
-    sh(cargo().args(["fmt", "--manifest-path", "nemesis-ebpf/Cargo.toml", "--check"]))?;
+    sh(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "nemesis-ebpf/Cargo.toml",
+        "--check",
+    ]))?;
     sh(cargo().args([
         "clippy",
         "--workspace",
