@@ -62,8 +62,8 @@ impl AdminPassword {
 
     /// Takes a stored argon2id PHC string, checking that it parses.
     pub fn from_phc(phc: &str) -> Result<Self, AuthError> {
-        let parsed = argon2::password_hash::PasswordHash::new(phc)
-            .map_err(AuthError::ParsePasswordHash)?;
+        let parsed =
+            argon2::password_hash::PasswordHash::new(phc).map_err(AuthError::ParsePasswordHash)?;
         if parsed.salt.is_none() || parsed.hash.is_none() {
             return Err(AuthError::ParsePasswordHash(
                 argon2::password_hash::Error::PhcStringField,

@@ -173,3 +173,121 @@ pub fn volume_at<'a>(
         .with_context(|| format!("{} has no volume {vol_name}", id(workload)))?;
     Ok((volume, mount.clone()))
 }
+
+// === Prometheus Operator kinds ===
+//
+// The fields of monitoring.coreos.com/v1 the manifests use, named as the operator's CRDs
+// name them. Decoded through `serde_ignored` (see `manifests_apply`), so a field
+// outside this list is reported, as the operator's CRD schema would prune it.
+
+pub mod monitoring {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Object<S> {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: S,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct NamespaceSelector {
+        pub any: Option<bool>,
+        pub match_names: Option<Vec<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodMonitorSpec {
+        pub selector: LabelSelector,
+        pub namespace_selector: Option<NamespaceSelector>,
+        pub job_label: Option<String>,
+        pub pod_metrics_endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ServiceMonitorSpec {
+        pub selector: LabelSelector,
+        pub namespace_selector: Option<NamespaceSelector>,
+        pub job_label: Option<String>,
+        pub endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Endpoint {
+        pub port: Option<String>,
+        pub path: Option<String>,
+        pub scheme: Option<String>,
+        pub interval: Option<String>,
+        pub scrape_timeout: Option<String>,
+        pub honor_labels: Option<bool>,
+        pub relabelings: Option<Vec<Relabel>>,
+        pub metric_relabelings: Option<Vec<Relabel>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Relabel {
+        pub source_labels: Option<Vec<String>>,
+        pub separator: Option<String>,
+        pub target_label: Option<String>,
+        pub regex: Option<String>,
+        pub modulus: Option<u64>,
+        pub replacement: Option<String>,
+        pub action: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PrometheusRuleSpec {
+        pub groups: Vec<RuleGroup>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct RuleGroup {
+        pub name: String,
+        pub interval: Option<String>,
+        pub rules: Vec<Rule>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Rule {
+        pub alert: Option<String>,
+        pub record: Option<String>,
+        pub expr: String,
+        #[serde(rename = "for")]
+        pub for_: Option<String>,
+        pub labels: Option<BTreeMap<String, String>>,
+        pub annotations: Option<BTreeMap<String, String>>,
+    }
+
+    pub type PodMonitor = Object<PodMonitorSpec>;
+    pub type ServiceMonitor = Object<ServiceMonitorSpec>;
+    pub type PrometheusRule = Object<PrometheusRuleSpec>;
+}
+
+/// Decodes `obj` as `T`, failing on any field `T` does not know (with its path), as an
+/// API server does with `fieldValidation=Strict`.
+pub fn decode_strict<T: serde::de::DeserializeOwned>(obj: &Value) -> Result<T> {
+    let mut unknown = vec![];
+    let decoded: T = serde_ignored::deserialize(obj, |path| {
+        // `?` marks an Option on the way; it is not a field.
+        let p = path.to_string().replace(".?", "");
+        unknown.push(p.trim_start_matches("?.").to_string())
+    })
+    .with_context(|| format!("{} does not decode", id(obj)))?;
+    if !unknown.is_empty() {
+        bail!("{}: unknown fields {}", id(obj), unknown.join(", "));
+    }
+    Ok(decoded)
+}
