@@ -94,6 +94,12 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> ServiceEndpoints {
         .filter_map(|a| a.parse::<IpAddr>().ok())
         .collect();
     let mut out = ServiceEndpoints::default();
+    // No ready address contributes nothing, not even an empty port entry: an empty
+    // Service must compare equal to "no slices yet", or the registry would announce a
+    // change that is none (and a wake-up flight would be sent again).
+    if ready_ips.is_empty() {
+        return out;
+    }
     match slice.ports.as_deref() {
         None | Some([]) => out.portless.extend(ready_ips),
         Some(ports) => {
@@ -425,6 +431,17 @@ mod tests {
     fn all_unready_is_empty() {
         let s = slice("a-1", "a", &[("http", 80)], &[("198.18.0.5", Some(false))]);
         assert!(slice_endpoints(&s).is_empty());
+    }
+
+    #[test]
+    fn a_slice_without_ready_endpoints_equals_no_slice_at_all() {
+        let s = slice("a-1", "a", &[("http", 80)], &[("198.18.0.5", Some(false))]);
+        assert_eq!(slice_endpoints(&s), ServiceEndpoints::default());
+        let reg = EndpointRegistry::new();
+        let mut rx = reg.subscribe(&svc("a"));
+        reg.publish(&svc("a"), slice_endpoints(&s));
+        assert!(!rx.has_changed().unwrap(), "no change to announce");
+        rx.borrow_and_update();
     }
 
     #[test]

@@ -1,0 +1,814 @@
+//! Shared set-up of the wake end-to-end tests: a test API server with the ScalingPolicy
+//! CRD (from `manifests/crd/`), a sandbox node with its kube-proxy stand-in, a Deployment
+//! at zero with its Service and policy, the real agent in-process (real eBPF attached to
+//! a child cgroup of the test's own, on a scratch bpffs), and a small HTTP server that
+//! plays the controller: it checks the bearer token, counts wake-ups and scales the
+//! Deployment through `/scale` on the first one. Clients are processes moved into the
+//! test's cgroup before they connect (`nemesis-test-client`).
+
+#![allow(dead_code, reason = "each test file uses its own subset")]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Parser as _;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use nemesis_agent::agent::Agent;
+use nemesis_agent::config::{Cli, Command};
+use nemesis_agent::ebpf::cgroup::ChildCgroup;
+use nemesis_agent::ebpf::pins::ScratchBpffs;
+use nemesis_agent::ebpf::{Mode, Proto, prereq};
+use nemesis_agent::services::scaling_policy_resource;
+use nemesis_common::wire::{Heartbeat, HeartbeatReply, WakeReply, WakeRequest};
+use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use nemesis_tests::demo::cluster_ip::cluster_ip;
+use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_nemesis-pod-server");
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_nemesis-test-client");
+pub const TOKEN: &str = "wake-test-agent-token";
+pub const NS: &str = "shop";
+pub const APP: &str = "web";
+pub const POD_PORT: u16 = 8080;
+pub const SERVICE_PORT: u16 = 80;
+/// The slow starter of issue 4: its process starts 2 s after the pod.
+pub const START_DELAY_MS: u64 = 2000;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "nemesis_agent=info,nemesis_tests=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` every 20 ms until it yields `Some`, or fails after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > within {
+            bail!("timed out after {within:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// === the pod and its manifests ===
+
+/// The pod server with an HTTP readiness probe on a 100 ms period, starting
+/// [`START_DELAY_MS`] after its pod.
+pub fn slow_server() -> Value {
+    json!({
+        "annotations": {
+            "nemesis.test/start-delay-ms": START_DELAY_MS.to_string(),
+            "nemesis.test/probe-period-ms": "100",
+        },
+        "container": {
+            "name": "server",
+            "image": "local/nemesis-pod-server",
+            "command": [SERVER],
+            "args": ["--port", POD_PORT.to_string()],
+            "ports": [{"name": "http", "containerPort": POD_PORT}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+        }
+    })
+}
+
+/// A pod that says it is ready before its server listens: the probe (`exec true`)
+/// passes at once, the server starts `listen_after_ms` later.
+pub fn ready_before_listening(listen_after_ms: u64) -> Value {
+    let script = format!(
+        "sleep {}; exec {SERVER} --port {POD_PORT}",
+        listen_after_ms as f64 / 1000.0
+    );
+    json!({
+        "annotations": {"nemesis.test/probe-period-ms": "100"},
+        "container": {
+            "name": "server",
+            "image": "local/nemesis-pod-server",
+            "command": ["sh", "-c", script],
+            "ports": [{"name": "http", "containerPort": POD_PORT}],
+            "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
+        }
+    })
+}
+
+fn deployment(pod: &Value) -> anyhow::Result<Deployment> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": APP, "namespace": NS},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": APP}},
+            "template": {
+                "metadata": {"labels": {"app": APP}, "annotations": pod["annotations"]},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [pod["container"]],
+                },
+            },
+        },
+    }))?)
+}
+
+fn service(ip: Ipv4Addr) -> anyhow::Result<Service> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": APP, "namespace": NS},
+        "spec": {
+            "clusterIP": ip.to_string(),
+            "clusterIPs": [ip.to_string()],
+            "selector": {"app": APP},
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
+        },
+    }))?)
+}
+
+async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crd/scalingpolicy.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &crd)
+        .await
+        .context("creating the ScalingPolicy CRD")?;
+    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &scaling_policy_resource());
+    eventually("the ScalingPolicy API", Duration::from_secs(10), || async {
+        Ok(policies.list(&ListParams::default()).await.ok().map(|_| ()))
+    })
+    .await
+}
+
+// === the controller, played by the test ===
+
+/// A real HTTP server with the controller's agent API: wake-ups are counted and the
+/// first one scales the Deployment to 1 (when `scale_on_wake`); heartbeats are kept.
+pub struct TestController {
+    pub url: String,
+    /// Wake-up requests with the right token.
+    pub wakes: Arc<AtomicUsize>,
+    pub unauthorised: Arc<AtomicUsize>,
+    pub last_wake: Arc<Mutex<Option<WakeRequest>>>,
+    pub last_heartbeat: Arc<Mutex<Option<Heartbeat>>>,
+    pub scale_on_wake: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestController {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct ControllerState {
+    client: Client,
+    wakes: Arc<AtomicUsize>,
+    unauthorised: Arc<AtomicUsize>,
+    last_wake: Arc<Mutex<Option<WakeRequest>>>,
+    last_heartbeat: Arc<Mutex<Option<Heartbeat>>>,
+    scale_on_wake: Arc<AtomicBool>,
+}
+
+fn reply(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("header"));
+    r
+}
+
+async fn controller_call(
+    state: ControllerState,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let authorised = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(format!("Bearer {TOKEN}").as_str());
+    let path = req.uri().path().to_string();
+    let post = req.method() == hyper::Method::POST;
+    let body = req.into_body().collect().await?.to_bytes();
+    if !authorised {
+        state.unauthorised.fetch_add(1, Ordering::SeqCst);
+        return Ok(reply(
+            StatusCode::UNAUTHORIZED,
+            b"{\"error\":\"bad token\"}".to_vec(),
+        ));
+    }
+    Ok(match (post, path.as_str()) {
+        (true, "/v1/agents/wake") => match serde_json::from_slice::<WakeRequest>(&body) {
+            Ok(w) => {
+                *state.last_wake.lock().expect("lock") = Some(w);
+                let n = state.wakes.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 && state.scale_on_wake.load(Ordering::SeqCst) {
+                    let deployments: Api<Deployment> = Api::namespaced(state.client.clone(), NS);
+                    let scaled = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        deployments.patch_scale(
+                            APP,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+                        ),
+                    )
+                    .await;
+                    if !matches!(scaled, Ok(Ok(_))) {
+                        return Ok(reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("{{\"error\":\"scaling failed: {scaled:?}\"}}").into_bytes(),
+                        ));
+                    }
+                }
+                let r = WakeReply {
+                    accepted: true,
+                    message: "waking".into(),
+                };
+                reply(StatusCode::OK, serde_json::to_vec(&r).expect("json"))
+            }
+            Err(e) => reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes()),
+        },
+        (true, "/v1/agents/heartbeat") => match serde_json::from_slice::<Heartbeat>(&body) {
+            Ok(h) => {
+                *state.last_heartbeat.lock().expect("lock") = Some(h);
+                let r = HeartbeatReply {
+                    directives: vec![],
+                    lease_seconds: 10,
+                };
+                reply(StatusCode::OK, serde_json::to_vec(&r).expect("json"))
+            }
+            Err(e) => reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes()),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            b"{\"error\":\"no such route\"}".to_vec(),
+        ),
+    })
+}
+
+impl TestController {
+    pub async fn start(client: Client, scale_on_wake: bool) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = ControllerState {
+            client,
+            wakes: Arc::default(),
+            unauthorised: Arc::default(),
+            last_wake: Arc::default(),
+            last_heartbeat: Arc::default(),
+            scale_on_wake: Arc::new(AtomicBool::new(scale_on_wake)),
+        };
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| controller_call(s.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            url,
+            wakes: state.wakes,
+            unauthorised: state.unauthorised,
+            last_wake: state.last_wake,
+            last_heartbeat: state.last_heartbeat,
+            scale_on_wake: state.scale_on_wake,
+            task,
+        })
+    }
+
+    pub fn wakes(&self) -> usize {
+        self.wakes.load(Ordering::SeqCst)
+    }
+}
+
+// === the environment ===
+
+/// How a test wants its world.
+pub struct Scenario {
+    /// Short and unique per test: names the cgroup, the pin instance and the bpffs.
+    pub name: &'static str,
+    /// [`slow_server`] or [`ready_before_listening`].
+    pub pod: Value,
+    /// Extra `spec` fields of the ScalingPolicy (hold bounds).
+    pub policy: Value,
+    /// Whether the first wake-up scales the Deployment to 1.
+    pub scale_on_wake: bool,
+}
+
+pub struct WakeEnv {
+    pub server: Option<TestApiServer>,
+    pub client: Client,
+    pub sandbox: Option<Sandbox>,
+    pub controller: TestController,
+    pub agent: Option<Agent>,
+    cgroup: Option<ChildCgroup>,
+    bpffs: Option<ScratchBpffs>,
+    /// `ClusterIP:80` of the Service.
+    pub service_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl WakeEnv {
+    pub async fn start(sc: Scenario) -> anyhow::Result<Self> {
+        init_tracing();
+        let unique = format!("{}-{}", sc.name, std::process::id());
+        let server = TestApiServer::start(ApiServerOptions::default()).await?;
+        let client = server.client().await?;
+        install_crd(&client).await?;
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": NS}}))?,
+            )
+            .await
+            .context("creating the namespace")?;
+        let sandbox = Sandbox::start(
+            client.clone(),
+            SandboxOptions {
+                service_proxy: true,
+                ..SandboxOptions::default()
+            },
+        )
+        .await?;
+        let ip =
+            cluster_ip(sandbox.subnet_index(), 0).context("a ClusterIP of the sandbox's block")?;
+        let service_addr = SocketAddr::from((ip, SERVICE_PORT));
+        Api::<Deployment>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &deployment(&sc.pod)?)
+            .await
+            .context("creating the Deployment")?;
+        Api::<Service>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &service(ip)?)
+            .await
+            .context("creating the Service")?;
+        let mut spec = json!({
+            "target": {"deployment": APP, "service": APP},
+            "minReplicas": 0,
+            "maxReplicas": 1,
+            "idleTimeout": "10m",
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), sc.policy.as_object()) {
+            spec.extend(extra.clone());
+        }
+        let policy = DynamicObject::new(APP, &scaling_policy_resource())
+            .within(NS)
+            .data(json!({ "spec": spec }));
+        Api::<DynamicObject>::namespaced_with(client.clone(), NS, &scaling_policy_resource())
+            .create(&PostParams::default(), &policy)
+            .await
+            .context("creating the ScalingPolicy")?;
+
+        let controller = TestController::start(client.clone(), sc.scale_on_wake).await?;
+        let mounts = std::fs::read_to_string("/proc/mounts")?;
+        let root = prereq::cgroup2_mount(&mounts).context("a cgroup2 mount (run as root)")?;
+        let cg_name = format!("nemesis-wake-{unique}");
+        let cgroup = ChildCgroup::create(&root, &cg_name).context("creating the test cgroup")?;
+        let bpffs = ScratchBpffs::mount(&cg_name).context("mounting a scratch bpffs")?;
+        let dir = tempfile::tempdir()?;
+        let token_file = dir.path().join("agent-token");
+        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+        let argv: Vec<String> = [
+            "nemesis-agent",
+            "run",
+            "--instance",
+            &format!("w-{unique}"),
+            "--cgroup",
+            &cgroup.path().display().to_string(),
+            "--bpffs",
+            &bpffs.path().display().to_string(),
+            "--proxy-v4",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--controller-url",
+            &controller.url,
+            "--agent-token-file",
+            &token_file.display().to_string(),
+            "--node-name",
+            sandbox.node_name(),
+            "--controller-heartbeat-interval",
+            "500ms",
+            "--deadman-max-age",
+            "30s",
+            "--shutdown-grace",
+            "2s",
+            "--detach-on-exit",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
+            bail!("expected the run command");
+        };
+        let agent = Agent::start(&args, client.clone()).await?;
+        let env = WakeEnv {
+            server: Some(server),
+            client,
+            sandbox: Some(sandbox),
+            controller,
+            agent: Some(agent),
+            cgroup: Some(cgroup),
+            bpffs: Some(bpffs),
+            service_addr,
+            _dir: dir,
+        };
+        eventually("the agent to be ready", Duration::from_secs(15), || async {
+            Ok((env.http_get_admin("/readyz").await?.0 == 200).then_some(()))
+        })
+        .await?;
+        env.wait_mode(Mode::Hold).await?;
+        Ok(env)
+    }
+
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    /// Waits until the Service's row in the datapath has `mode`.
+    pub async fn wait_mode(&self, mode: Mode) -> anyhow::Result<()> {
+        eventually(
+            &format!("{} in {mode:?} mode in the datapath", self.service_addr),
+            Duration::from_secs(15),
+            || async {
+                Ok(self
+                    .agent()
+                    .datapath()
+                    .service(self.service_addr, Proto::Tcp)
+                    .filter(|e| e.mode == mode)
+                    .map(|_| ()))
+            },
+        )
+        .await
+    }
+
+    /// `(status, body)` of a GET on the agent's admin listener.
+    pub async fn http_get_admin(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.agent().admin_addr(), path).await
+    }
+
+    /// The agent's metrics, parsed.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let (status, text) = self.http_get_admin("/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(Metrics::parse(&text))
+    }
+
+    /// Starts `nemesis-test-client` with `args` (plus `--connect` to the Service), moves
+    /// it into the test's cgroup, and lets it go.
+    pub async fn clients(&self, args: &[&str]) -> anyhow::Result<Clients> {
+        let mut child = tokio::process::Command::new(CLIENT)
+            .args(args)
+            .arg("--connect")
+            .arg(self.service_addr.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning nemesis-test-client")?;
+        let pid = child.id().context("the client's pid")?;
+        self.cgroup
+            .as_ref()
+            .expect("cgroup")
+            .add_process(pid)
+            .context("moving the client into the test cgroup")?;
+        let mut stdin = child.stdin.take().context("client stdin")?;
+        stdin.write_all(b"go\n").await?;
+        drop(stdin);
+        Ok(Clients { child })
+    }
+
+    /// Runs clients to completion (bounded by `within`) and returns their results.
+    pub async fn run_clients(
+        &self,
+        args: &[&str],
+        within: Duration,
+    ) -> anyhow::Result<Vec<ClientResult>> {
+        self.clients(args).await?.finish(within).await
+    }
+
+    /// Pod name of the Deployment's pod, once there is one.
+    pub async fn pod_names(&self) -> anyhow::Result<Vec<String>> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), NS);
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect())
+    }
+
+    /// Stops the agent (detaching its programs), the sandbox and the API server, then
+    /// removes the cgroup and the scratch bpffs.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(agent) = self.agent.take() {
+            agent.shutdown().await.context("stopping the agent")?;
+        }
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.shutdown().await.context("stopping the sandbox")?;
+        }
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        if let Some(cg) = self.cgroup.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cg.processes().unwrap_or_default().is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            cg.remove().context("removing the test cgroup")?;
+        }
+        drop(self.bpffs.take());
+        Ok(())
+    }
+}
+
+// === clients ===
+
+/// A running `nemesis-test-client`.
+pub struct Clients {
+    child: tokio::process::Child,
+}
+
+impl Clients {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub async fn finish(self, within: Duration) -> anyhow::Result<Vec<ClientResult>> {
+        let out = tokio::time::timeout(within, self.child.wait_with_output())
+            .await
+            .with_context(|| format!("the clients did not finish within {within:?}"))??;
+        anyhow::ensure!(
+            out.status.success(),
+            "nemesis-test-client failed: {}",
+            out.status
+        );
+        let mut results: Vec<ClientResult> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .context("parsing the clients' results")?;
+        results.sort_by_key(|r| r.client);
+        Ok(results)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientResult {
+    pub client: usize,
+    /// `response`, `error` or `gave_up`.
+    pub result: String,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub error_kind: String,
+    pub ms: u64,
+}
+
+/// An HTTP/1.1 response, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl ClientResult {
+    /// The response as HTTP, or why it is not one.
+    pub fn http(&self) -> anyhow::Result<HttpResponse> {
+        if self.result != "response" {
+            bail!(
+                "client {} got no response: {} {}",
+                self.client,
+                self.result,
+                self.error
+            );
+        }
+        parse_http(&self.text).with_context(|| format!("client {}: {:?}", self.client, self.text))
+    }
+}
+
+pub fn parse_http(text: &str) -> anyhow::Result<HttpResponse> {
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of the header")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().context("no status line")?;
+    let mut parts = status_line.splitn(3, ' ');
+    anyhow::ensure!(
+        parts.next() == Some("HTTP/1.1"),
+        "not an HTTP/1.1 status line: {status_line:?}"
+    );
+    let status: u16 = parts.next().context("no status code")?.parse()?;
+    let mut headers = BTreeMap::new();
+    for line in lines {
+        let (k, v) = line
+            .split_once(':')
+            .with_context(|| format!("bad header {line:?}"))?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    if let Some(len) = headers.get("content-length") {
+        let len: usize = len.parse()?;
+        anyhow::ensure!(
+            len == body.len(),
+            "content-length {len} but {} body bytes",
+            body.len()
+        );
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+// === small HTTP and metrics helpers ===
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let run = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        let r = parse_http_lenient(&text)?;
+        Ok::<_, anyhow::Error>(r)
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .with_context(|| format!("GET http://{addr}{path} timed out"))?
+}
+
+/// Status and body, de-chunking a chunked body (axum streams `/metrics`).
+fn parse_http_lenient(text: &str) -> anyhow::Result<(u16, String)> {
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of the header")?;
+    let status: u16 = head.split(' ').nth(1).context("no status code")?.parse()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    if !chunked {
+        return Ok((status, body.to_string()));
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("bad chunk")?;
+        let size = usize::from_str_radix(size.trim(), 16)?;
+        if size == 0 {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    Ok((status, out))
+}
+
+/// Samples of a Prometheus text exposition: `name{labels}` -> value.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (series, value) = match line.rsplit_once(' ') {
+                Some(x) => x,
+                None => continue,
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut map = BTreeMap::new();
+            for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                if let Some((k, v)) = pair.split_once('=') {
+                    map.insert(k.to_string(), v.trim_matches('"').to_string());
+                }
+            }
+            samples.push((name.to_string(), map, value));
+        }
+        Metrics { samples }
+    }
+
+    /// Sum of the samples of `name` whose labels include `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Held connections of the test's Service.
+    pub fn held(&self) -> f64 {
+        self.sum(
+            "nemesis_agent_proxy_held_connections",
+            &[("namespace", NS), ("service", APP)],
+        )
+    }
+
+    pub fn outcome(&self, outcome: &str) -> f64 {
+        self.sum(
+            "nemesis_agent_proxy_outcomes_total",
+            &[("outcome", outcome)],
+        )
+    }
+
+    /// Connections the proxy accepted and let go of, whatever the outcome.
+    pub fn proxy_outcomes(&self) -> f64 {
+        self.sum("nemesis_agent_proxy_outcomes_total", &[])
+    }
+
+    pub fn proxy_open(&self) -> f64 {
+        self.sum("nemesis_agent_proxy_open_connections", &[])
+    }
+
+    /// connect() calls to the Service seen by the eBPF hooks.
+    pub fn ebpf_connects(&self) -> f64 {
+        self.sum(
+            "nemesis_agent_service_connects_total",
+            &[("namespace", NS), ("service", APP)],
+        )
+    }
+}
+
+/// TCP sockets of this machine's root namespace whose local port is `port`, by state
+/// (`/proc/net/tcp` hex states: 01 established, 08 close-wait, 0A listen, ...).
+pub fn sockets_on_port(port: u16) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut out = BTreeMap::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(file)?;
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 4 {
+                continue;
+            }
+            let Some((_, p)) = cols[1].rsplit_once(':') else {
+                continue;
+            };
+            if u16::from_str_radix(p, 16).ok() == Some(port) {
+                *out.entry(cols[3].to_string()).or_default() += 1;
+            }
+        }
+    }
+    Ok(out)
+}
