@@ -1,8 +1,9 @@
 //! `cargo xtask demo` end to end: the real xtask binary runs the demo (an instance of
 //! its own, on the binaries `cargo xtask test` built) in a child process; the test
-//! reads its contract lines, uses the sandbox through the printed kubeconfig, calls a
-//! Service from a process inside the printed cgroup, then sends SIGINT and checks that
-//! nothing is left: no process, no cgroup, no bpffs or pins, no pod network.
+//! reads its contract lines, uses the sandbox through the printed kubeconfig, wakes the
+//! demo app at zero with a request from a process inside the printed cgroup, then sends
+//! SIGINT and checks that nothing is left: no process, no cgroup, no bpffs or pins, no
+//! pod network.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,10 +14,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, Client};
-use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -24,7 +23,6 @@ use tokio::process::{Child, Command};
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Tear-down: pods get 5 s of grace, each component up to 10 s.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-const POD_SERVER: &str = env!("CARGO_BIN_EXE_nemesis-pod-server");
 
 /// The demo in a child process; SIGINT on drop, so a failed test still cleans up.
 struct DemoProcess {
@@ -184,7 +182,7 @@ fn ip_output(args: &[&str]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_prints_its_contract_serves_through_its_cgroup_and_leaves_nothing_after_sigint()
+async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothing_after_sigint()
 -> anyhow::Result<()> {
     let instance = format!("t{}", std::process::id());
     let mut demo = start_demo(&instance).await?;
@@ -258,76 +256,47 @@ async fn demo_prints_its_contract_serves_through_its_cgroup_and_leaves_nothing_a
     let policy = policies.get("hello").await?;
     assert_eq!(policy.data["spec"]["target"]["deployment"], "hello");
 
-    // --- a warm Service answers a process inside the demo's cgroup ---
-    // A second app with a ClusterIP of the same sandbox's block (the next address), at
-    // one replica and without a policy: the agent's programs are attached to the cgroup
-    // and must let the connect through to the sandbox's Service proxy.
-    let mut warm_ip = cluster_ip.octets();
-    warm_ip[3] += 1;
-    let warm_ip = Ipv4Addr::from(warm_ip);
-    let warm: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "warm", "namespace": "demo"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "warm"}},
-            "template": {
-                "metadata": {"labels": {"app": "warm"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 2,
-                    "containers": [{
-                        "name": "server",
-                        "image": "local/nemesis-pod-server",
-                        "command": [POD_SERVER, "--port", "8080"],
-                        "ports": [{"name": "http", "containerPort": 8080}],
-                        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1}
-                    }]
-                }
-            }
-        }
-    }))?;
-    deployments.create(&PostParams::default(), &warm).await?;
-    let warm_svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "warm", "namespace": "demo"},
-        "spec": {
-            "clusterIP": warm_ip.to_string(),
-            "selector": {"app": "warm"},
-            "ports": [{"name": "http", "port": 80, "targetPort": "http"}]
-        }
-    }))?;
-    services.create(&PostParams::default(), &warm_svc).await?;
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "demo");
-    let ready = async {
-        loop {
-            let list = slices
-                .list(&ListParams::default().labels("kubernetes.io/service-name=warm"))
-                .await?;
-            let any_ready = list
-                .items
-                .iter()
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true));
-            if any_ready {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), ready)
-        .await
-        .context("the warm app had no ready endpoint in time")??;
-    // The Service proxy opens the ClusterIP as soon as it sees the ready endpoint.
-    let warm_url = format!("http://{warm_ip}:80/");
-    let mut answer = None;
-    for _ in 0..50 {
-        let out = curl_from_cgroup(&cgroup, &warm_url).await?;
-        if out.status.success() {
-            answer = Some(String::from_utf8_lossy(&out.stdout).into_owned());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let answer = answer.context("the warm Service never answered from the cgroup")?;
-    assert!(answer.starts_with("warm-"), "answered {answer:?}");
+    // --- at zero, a connect from outside the cgroup is refused (no endpoints) ---
+    let addr = std::net::SocketAddr::from((cluster_ip, 80));
+    let err = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .expect_err("nothing serves the demo app at zero replicas");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    // --- inside the cgroup, the first connection is held and the app woken ---
+    let out = curl_from_cgroup(&cgroup, &demo_url).await?;
+    assert!(
+        out.status.success(),
+        "the held request failed: {}; the logs: {}",
+        String::from_utf8_lossy(&out.stderr),
+        logs.display()
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("hello-"), "answered {answer:?}");
+    let woken = deployments.get("hello").await?;
+    assert!(
+        woken.spec.replicas.unwrap_or(0) >= 1,
+        "the wake-up did not scale hello: {:?}",
+        woken.spec.replicas
+    );
+
+    // --- once warm, new connections go direct, from inside and outside the cgroup ---
+    let out = curl_from_cgroup(&cgroup, &demo_url).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello-"));
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "10", &demo_url])
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello-"));
 
     // --- SIGINT stops everything ---
     let pid = demo.child.id().context("the demo is running")?;

@@ -30,6 +30,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The demo app's Service, as `manifests/demo/` defines it.
 const DEMO_SERVICE: &str = "demo/hello:http";
 const ADMIN_USER: &str = "admin";
+/// The simulated node's name (`nemesis-sandbox --node-name` default); the agent runs on it.
+const SANDBOX_NODE: &str = "nemesis-sandbox";
 
 /// Flags of `cargo xtask demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -495,7 +497,6 @@ impl Demo {
         controller: Option<&ControllerInfo>,
         token_file: &Path,
     ) -> Result<()> {
-        let help = help_of(bin, &["run", "--help"])?;
         let log = self.layout.log("agent");
         let proxy = free_loopback_port()?;
         let mut cmd = Command::new(bin);
@@ -510,24 +511,22 @@ impl Demo {
             .arg(proxy.to_string())
             .arg("--detach-on-exit")
             .env("KUBECONFIG", &sandbox.kubeconfig);
-        // Flags the agent grows while it is wired up; passed once it has them.
-        let admin = if help.contains("--admin-listen") {
-            let admin = free_loopback_port()?;
-            cmd.arg("--admin-listen").arg(admin.to_string());
-            Some(admin)
-        } else {
-            None
-        };
+        let admin = free_loopback_port()?;
+        cmd.arg("--admin-listen")
+            .arg(admin.to_string())
+            .arg("--node-name")
+            .arg(SANDBOX_NODE)
+            // Well inside STOP_GRACE, so the agent detaches before any SIGKILL.
+            .arg("--shutdown-grace")
+            .arg("2s");
         if let Some(c) = controller {
-            if let Some(flag) = first_flag(&help, &["--controller-url", "--controller"]) {
-                cmd.arg(flag).arg(format!("http://{}", c.api));
-            }
-            if let Some(flag) = first_flag(&help, &["--agent-token-file", "--token-file"]) {
-                cmd.arg(flag).arg(token_file);
-            }
-        }
-        if let Some(flag) = first_flag(&help, &["--node-name", "--node"]) {
-            cmd.arg(flag).arg("nemesis-sandbox");
+            cmd.arg("--controller-url")
+                .arg(format!("http://{}", c.api))
+                .arg("--agent-token-file")
+                .arg(token_file)
+                // Sleeping waits for every agent's acknowledgement on its heartbeat.
+                .arg("--controller-heartbeat-interval")
+                .arg("1s");
         }
         let log_file = open_log(&log)?;
         cmd.stdout(log_file.try_clone()?).stderr(log_file);
@@ -537,18 +536,7 @@ impl Demo {
             child: spawn_child(&mut cmd)?,
             log: log.clone(),
         });
-        match admin {
-            Some(admin) => {
-                self.wait_ready("agent", &log, || Ok(http_get(admin, "/readyz")?.0 == 200))?
-            }
-            None => {
-                // No admin listener yet: ready once its programs are attached and pinned.
-                let links = self.layout.pins().join("links");
-                self.wait_ready("agent", &log, || {
-                    Ok(std::fs::read_dir(&links).is_ok_and(|mut d| d.next().is_some()))
-                })?
-            }
-        }
+        self.wait_ready("agent", &log, || Ok(http_get(admin, "/readyz")?.0 == 200))?;
         eprintln!("demo: agent ready");
         Ok(())
     }
