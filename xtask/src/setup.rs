@@ -28,6 +28,7 @@ pub fn run_setup_steps() -> Result<()> {
     nightly_toolchain()?;
     bpf_linker()?;
     nextest()?;
+    ui_node_modules()?;
     Ok(())
 }
 
@@ -178,4 +179,39 @@ fn nextest() -> Result<()> {
         return Ok(());
     }
     sh(crate::util::cargo().args(["install", "cargo-nextest", "--locked"]))
+}
+
+/// playwright-core for the UI's browser test (`ui/tests/browser.mjs`): `npm ci` in `ui/`
+/// when `ui/node_modules` is missing or `ui/package-lock.json` changed since the last
+/// install (a copy of the lock file in `node_modules` is the stamp).
+fn ui_node_modules() -> Result<()> {
+    let ui = crate::util::root().join("ui");
+    let lock = std::fs::read(ui.join("package-lock.json"))
+        .with_context(|| format!("reading {}", ui.join("package-lock.json").display()))?;
+    let stamp = ui.join("node_modules/.nemesis-package-lock.json");
+    if std::fs::read(&stamp).is_ok_and(|s| s == lock) {
+        return Ok(());
+    }
+    let version = output(Command::new("node").arg("--version")).context(
+        "node is missing: the UI's browser test needs node 20 or newer with npm (Debian: apt-get install nodejs npm)",
+    )?;
+    let major: u32 = version
+        .trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("`node --version` printed {version:?}"))?;
+    if major < 20 {
+        bail!(
+            "node {} is too old: playwright-core needs node 20 or newer",
+            version.trim()
+        );
+    }
+    sh(Command::new("npm")
+        .args(["ci", "--prefix"])
+        .arg(&ui)
+        .args(["--no-audit", "--no-fund"]))?;
+    std::fs::write(&stamp, &lock).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
 }
