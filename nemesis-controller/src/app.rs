@@ -24,6 +24,7 @@ use crate::prometheus::{DEFAULT_QUERY_TIMEOUT, PromClient, PromError};
 use crate::reconcile::{self, Context, EventSink, History, PromPool, Settings};
 use crate::server::{self, Health, ServerError};
 use crate::store::{Store, StoreError};
+use crate::ui::{self, AdminPassword, PolicyCache, UiConfig, UiError, UiSources, UiState};
 
 /// A mounted Secret is updated in place by the kubelet (within about a minute); checking
 /// every 30 s picks a rotated token up soon after.
@@ -39,6 +40,8 @@ pub enum StartError {
     ReadAgentToken(#[source] AuthError),
     #[error("the Alertmanager token: {0}")]
     ReadAlertmanagerToken(#[source] AuthError),
+    #[error("the web UI: {0}")]
+    ReadUiPassword(#[source] UiError),
     #[error("--prometheus-url: {0}")]
     PrometheusUrl(#[source] PromError),
     #[error(transparent)]
@@ -163,6 +166,15 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     if let Some(url) = &args.prometheus_url {
         PromClient::new(url, DEFAULT_QUERY_TIMEOUT).map_err(StartError::PrometheusUrl)?;
     }
+    let ui_password = args
+        .ui_password_file
+        .as_ref()
+        .map(AdminPassword::from_file)
+        .transpose()
+        .map_err(StartError::ReadUiPassword)?;
+    if ui_password.is_none() {
+        tracing::warn!("no --ui-password-file: the web UI is not served");
+    }
     let store = {
         let path = args.store_path.clone();
         let retention = args.retention();
@@ -205,7 +217,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
     let publisher = tokio::spawn(publisher);
 
-    let api = server::api_router(
+    let mut api = server::api_router(
         AgentApi {
             registry: registry.clone(),
             wakes: wakes.clone(),
@@ -217,6 +229,29 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         }),
         leading.clone(),
     );
+    if let Some(password) = ui_password {
+        // The UI watches the policies itself, so a standby shows them too.
+        let (policies, feed) = PolicyCache::new();
+        background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
+        let state = UiState::new(
+            UiConfig {
+                user: args.ui_user.clone(),
+                session_ttl: args.ui_session_ttl,
+                secure_cookie: args.ui_secure_cookie,
+                ..UiConfig::default()
+            },
+            password,
+            UiSources {
+                store: store.clone(),
+                policies,
+                registry: registry.clone(),
+                alerts: alerts.clone(),
+                alert_webhook: alert_token.is_some(),
+            },
+        );
+        api = api.merge(ui::router(state));
+        tracing::info!(ui = %format!("http://{api_addr}/"), "web UI served on the API listener");
+    }
     let admin = server::admin_router(
         metrics.clone(),
         Health {

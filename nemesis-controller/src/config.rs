@@ -155,6 +155,24 @@ pub struct RunArgs {
 
     #[arg(long, env = "NEMESIS_CONTROLLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// File holding the web UI's admin password, or its argon2id PHC hash
+    /// (`$argon2id$v=19$...`); a mounted Secret. Without it the UI is not served.
+    #[arg(long, env = "NEMESIS_CONTROLLER_UI_PASSWORD_FILE")]
+    pub ui_password_file: Option<PathBuf>,
+
+    /// The user name the UI accepts with that password.
+    #[arg(long, env = "NEMESIS_CONTROLLER_UI_USER", default_value = crate::ui::DEFAULT_USER)]
+    pub ui_user: String,
+
+    /// A UI session ends this long after login.
+    #[arg(long, env = "NEMESIS_CONTROLLER_UI_SESSION_TTL", value_parser = parse_flag_duration,
+          default_value = "12h")]
+    pub ui_session_ttl: Duration,
+
+    /// Mark the UI's session cookie `Secure` (when the UI is reached over HTTPS only).
+    #[arg(long, env = "NEMESIS_CONTROLLER_UI_SECURE_COOKIE")]
+    pub ui_secure_cookie: bool,
 }
 
 /// Why the settings cannot work together.
@@ -187,6 +205,7 @@ impl RunArgs {
             ("agent-lease", self.agent_lease),
             ("sample-interval", self.sample_interval),
             ("status-interval", self.status_interval),
+            ("ui-session-ttl", self.ui_session_ttl),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero { flag });
@@ -330,6 +349,36 @@ mod tests {
             a.validate(),
             Err(ConfigError::LeaseNotWholeSeconds(_))
         ));
+    }
+
+    #[test]
+    fn the_ui_is_off_without_a_password_file_and_its_flags_parse() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.ui_password_file, None);
+        assert_eq!(a.ui_user, crate::ui::DEFAULT_USER);
+        assert_eq!(a.ui_session_ttl, crate::ui::DEFAULT_SESSION_TTL);
+        assert!(!a.ui_secure_cookie);
+        let a = parse(&[
+            "--ui-password-file",
+            "/p",
+            "--ui-user",
+            "ops",
+            "--ui-session-ttl",
+            "1h",
+            "--ui-secure-cookie",
+        ])
+        .unwrap();
+        assert_eq!(a.ui_password_file, Some(PathBuf::from("/p")));
+        assert_eq!(a.ui_user, "ops");
+        assert_eq!(a.ui_session_ttl, Duration::from_secs(3600));
+        assert!(a.ui_secure_cookie);
+        let a = parse(&["--ui-session-ttl", "0s"]).unwrap();
+        assert_eq!(
+            a.validate(),
+            Err(ConfigError::Zero {
+                flag: "ui-session-ttl"
+            })
+        );
     }
 
     #[test]

@@ -151,10 +151,14 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|source| ServerError::Serve { which, source })
+    // The peer address is an extension of every request (the UI limits logins by it).
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .map_err(|source| ServerError::Serve { which, source })
 }
 
 #[cfg(test)]
