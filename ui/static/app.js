@@ -270,7 +270,7 @@ async function agentsPage() {
     h('td', { class: 'mono small', text: a.instance }),
     h('td', {}, h('span', { class: `badge ${a.live ? 'badge-ok' : 'badge-bad'}`, text: a.live ? 'live' : 'silent' })),
     h('td', { text: ago(Date.now() - a.lastHeartbeatSecondsAgo * 1000) }),
-    h('td', {}, a.services.length ? h('details', {}, h('summary', { text: `${a.services.length} services` }),
+    h('td', {}, a.services.length ? h('details', {}, h('summary', { text: `${a.services.length} service${a.services.length === 1 ? '' : 's'}` }),
       h('ul', { class: 'plain' }, a.services.map((s) => h('li', {},
         `${s.namespace}/${s.name}: `, h('span', { class: 'badge', text: s.mode }),
         ` ${s.openConnections} open · ${s.heldConnections} held · ${s.connectsTotal} connects`)))) : h('span', { class: 'muted', text: 'none' }))));
