@@ -140,6 +140,15 @@ mod tests {
         assert!(e.contains("reading the UI password file"), "{e}");
     }
 
+    #[tokio::test]
+    async fn a_hash_made_by_debians_argon2_tool_is_accepted_with_its_own_parameters() {
+        // `printf %s cli-made-password-1 | argon2 <salt> -id -m 15 -t 2 -p 1 -e`, the
+        // recipe in manifests/base/secrets.example.yaml (m = 32 MiB, not our default).
+        let p = AdminPassword::from_phc("$argon2id$v=19$m=32768,t=2,p=1$N1hUVWxtcTA5TDFKZENna21pb1pkZz09$5YAtVCWx3fj/5Lxka2+4q83usDaPQzmb9+7HcYWgAyg").unwrap();
+        assert!(p.verify("cli-made-password-1".into()).await.unwrap());
+        assert!(!p.verify("cli-made-password-2".into()).await.unwrap());
+    }
+
     #[test]
     fn debug_output_is_redacted() {
         let p = AdminPassword::from_plaintext("hunter22hunter22").unwrap();
