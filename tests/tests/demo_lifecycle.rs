@@ -149,6 +149,29 @@ async fn curl_from_cgroup(cgroup: &str, url: &str) -> anyhow::Result<std::proces
     Ok(out)
 }
 
+/// The status of `POST <ui>login` with these credentials.
+async fn ui_login_status(ui: &str, user: &str, password: &str) -> anyhow::Result<u16> {
+    let body = serde_json::json!({"username": user, "password": password}).to_string();
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body,
+        ])
+        .arg(format!("{ui}login"))
+        .output()
+        .await
+        .context("running curl against the UI")?;
+    ensure!(
+        out.status.success(),
+        "curl {ui}login failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
 /// Processes whose command line or working directory mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -200,16 +223,7 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
     let kubeconfig = PathBuf::from(line("NEMESIS_KUBECONFIG")?);
     let logs = PathBuf::from(line("NEMESIS_LOGS")?);
     assert!(ui.starts_with("http://127.0.0.1:"), "{ui}");
-    let has_login = demo.lines.contains_key("NEMESIS_LOGIN");
-    let says_no_ui = demo
-        .text
-        .iter()
-        .any(|l| l.contains("web UI is not available"));
-    assert!(
-        has_login || says_no_ui,
-        "neither a login nor a word on the UI: {:?}",
-        demo.text
-    );
+    let login = line("NEMESIS_LOGIN")?;
     assert!(
         !demo.text.iter().any(|l| l.starts_with("NOT RUNNING")),
         "every component should run: {:?}",
@@ -232,6 +246,13 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
         "the agent pinned no connect4 link under {}",
         pins.display()
     );
+
+    // --- the UI takes the printed login, and only that ---
+    let (user, password) = login
+        .split_once(':')
+        .with_context(|| format!("NEMESIS_LOGIN={login} is not user:password"))?;
+    assert_eq!(ui_login_status(&ui, user, password).await?, 200);
+    assert_eq!(ui_login_status(&ui, user, "not-the-password").await?, 401);
 
     // --- the kubeconfig works, and the demo app is there at zero ---
     let client = client_from(&kubeconfig).await?;

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::util::{cargo, describe, is_root, output, root, sh};
+use crate::util::{cargo, describe, is_root, root, sh};
 
 /// The sandbox applies manifests and builds pod networks: seconds; a minute means stuck.
 const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,7 +29,7 @@ const POLL: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The demo app's Service, as `manifests/demo/` defines it.
 const DEMO_SERVICE: &str = "demo/hello:http";
-const ADMIN_USER: &str = "admin";
+const UI_USER: &str = "admin";
 /// The simulated node's name (`nemesis-sandbox --node-name` default); the agent runs on it.
 const SANDBOX_NODE: &str = "nemesis-sandbox";
 
@@ -269,7 +269,8 @@ struct SandboxInfo {
 /// The controller as the demo runs it.
 struct ControllerInfo {
     api: SocketAddr,
-    login: Option<String>,
+    /// `user:password` for the web UI.
+    login: String,
 }
 
 impl Demo {
@@ -327,12 +328,8 @@ impl Demo {
         writeln!(out, "NEMESIS_DEMO_URL={}", sandbox.demo_url)?;
         writeln!(out, "NEMESIS_DEMO_CGROUP={}", cgroup.display())?;
         writeln!(out, "NEMESIS_KUBECONFIG={}", sandbox.kubeconfig.display())?;
-        match controller.as_ref().map(|c| c.login.as_deref()) {
-            Some(Some(login)) => writeln!(out, "NEMESIS_LOGIN={login}")?,
-            Some(None) => writeln!(
-                out,
-                "The web UI is not available yet: this controller serves no UI login (NEMESIS_UI is its API)."
-            )?,
+        match &controller {
+            Some(c) => writeln!(out, "NEMESIS_LOGIN={}", c.login)?,
             None => writeln!(
                 out,
                 "The web UI is not available: the controller is not running."
@@ -441,7 +438,6 @@ impl Demo {
         sandbox: &SandboxInfo,
         token_file: &Path,
     ) -> Result<ControllerInfo> {
-        let help = help_of(bin, &["run", "--help"])?;
         let api = free_loopback_port()?;
         let admin = free_loopback_port()?;
         let log = self.layout.log("controller");
@@ -458,20 +454,14 @@ impl Demo {
             .arg("--identity")
             .arg(format!("demo-{}", self.layout.instance))
             .env("KUBECONFIG", &sandbox.kubeconfig);
-        let login = match password_flag(&help) {
-            Some(flag) => {
-                let password = random_hex(12);
-                if flag.ends_with("-file") {
-                    let file = self.layout.dir.join("admin-password");
-                    write_secret(&file, &password)?;
-                    cmd.arg(flag).arg(file);
-                } else {
-                    cmd.arg(flag).arg(&password);
-                }
-                Some(format!("{ADMIN_USER}:{password}"))
-            }
-            None => None,
-        };
+        // The controller hashes the password at start; the file is the demo's Secret.
+        let password = random_hex(12);
+        let password_file = self.layout.dir.join("ui-password");
+        write_secret(&password_file, &password)?;
+        cmd.arg("--ui-password-file")
+            .arg(&password_file)
+            .arg("--ui-user")
+            .arg(UI_USER);
         let log_file = open_log(&log)?;
         cmd.stdout(log_file.try_clone()?).stderr(log_file);
         eprintln!("demo: controller starting (log: {})", log.display());
@@ -486,7 +476,10 @@ impl Demo {
             Ok(status == 200 && !body.contains("standby"))
         })?;
         eprintln!("demo: controller ready");
-        Ok(ControllerInfo { api, login })
+        Ok(ControllerInfo {
+            api,
+            login: format!("{UI_USER}:{password}"),
+        })
     }
 
     fn start_agent(
@@ -741,33 +734,6 @@ fn open_log(path: &Path) -> Result<File> {
         .with_context(|| format!("opening the log {}", path.display()))
 }
 
-fn help_of(bin: &Path, args: &[&str]) -> Result<String> {
-    output(Command::new(bin).args(args))
-        .ok_or_else(|| anyhow!("`{} {}` did not run", bin.display(), args.join(" ")))
-}
-
-fn first_flag(help: &str, candidates: &[&'static str]) -> Option<&'static str> {
-    candidates.iter().copied().find(|f| help_has_flag(help, f))
-}
-
-fn help_has_flag(help: &str, flag: &str) -> bool {
-    help.split(|c: char| c.is_whitespace() || c == ',' || c == '=')
-        .any(|w| w == flag)
-}
-
-/// The controller's flag for the UI admin password, once it has one.
-fn password_flag(help: &str) -> Option<&'static str> {
-    first_flag(
-        help,
-        &[
-            "--admin-password-file",
-            "--ui-password-file",
-            "--admin-password",
-            "--ui-password",
-        ],
-    )
-}
-
 /// A loopback port free right now (the component binds it a moment later).
 fn free_loopback_port() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
@@ -985,21 +951,6 @@ bpf /sys/fs/bpf bpf rw 0 0
         );
         assert_eq!(mount_in(mounts, "bpf"), Some(PathBuf::from("/sys/fs/bpf")));
         assert_eq!(mount_in(mounts, "tracefs"), None);
-    }
-
-    #[test]
-    fn flags_are_matched_whole_in_help_text() {
-        let help = "Options:\n      --admin-password-file <FILE>\n          The file [env: X=]\n      --listen <ADDR>\n";
-        assert_eq!(password_flag(help), Some("--admin-password-file"));
-        assert_eq!(
-            first_flag(help, &["--listen-x", "--listen"]),
-            Some("--listen")
-        );
-        assert_eq!(
-            password_flag("      --admin-password <P>\n"),
-            Some("--admin-password")
-        );
-        assert_eq!(password_flag("      --admin-passwords-dir <D>\n"), None);
     }
 
     #[test]
