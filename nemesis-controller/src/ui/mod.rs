@@ -129,7 +129,7 @@ pub fn router(state: UiState) -> Router {
         .route("/api/v1/alerts", get(api::alerts))
         .route("/api/v1/reports/summary", get(report::summary))
         .route("/logout", post(login::logout))
-        // Nothing here reads a body: refuse any before it is buffered.
+        // No route here takes a body; one that starts to must raise this on purpose.
         .layer(DefaultBodyLimit::max(0))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
