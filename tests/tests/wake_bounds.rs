@@ -22,10 +22,14 @@ async fn past_the_hold_timeout_http_clients_get_503_with_retry_after_and_raw_cli
     })
     .await?;
 
-    let http = env.clients(&["--clients", "3", "--http"]).await?;
-    let raw = env
-        .clients(&["--clients", "3", "--raw", "PING not-http\n"])
+    let mut sets = env
+        .clients_together(&[
+            &["--clients", "3", "--http"],
+            &["--clients", "3", "--raw", "PING not-http\n"],
+        ])
         .await?;
+    let raw = sets.pop().expect("raw clients");
+    let http = sets.pop().expect("http clients");
     let http = http.finish(Duration::from_secs(20)).await?;
     let raw = raw.finish(Duration::from_secs(20)).await?;
 

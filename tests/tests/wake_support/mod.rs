@@ -496,25 +496,43 @@ impl WakeEnv {
     /// Starts `nemesis-test-client` with `args` (plus `--connect` to the Service), moves
     /// it into the test's cgroup, and lets it go.
     pub async fn clients(&self, args: &[&str]) -> anyhow::Result<Clients> {
-        let mut child = tokio::process::Command::new(CLIENT)
-            .args(args)
-            .arg("--connect")
-            .arg(self.service_addr.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning nemesis-test-client")?;
-        let pid = child.id().context("the client's pid")?;
-        self.cgroup
-            .as_ref()
-            .expect("cgroup")
-            .add_process(pid)
-            .context("moving the client into the test cgroup")?;
-        let mut stdin = child.stdin.take().context("client stdin")?;
-        stdin.write_all(b"go\n").await?;
-        drop(stdin);
-        Ok(Clients { child })
+        Ok(self
+            .clients_together(&[args])
+            .await?
+            .pop()
+            .expect("one set of clients"))
+    }
+
+    /// Like [`Self::clients`] for several sets, all let go at the same moment (so that a
+    /// slow process start cannot put them in separate wake-up flights).
+    pub async fn clients_together(&self, sets: &[&[&str]]) -> anyhow::Result<Vec<Clients>> {
+        let mut ready = Vec::new();
+        for args in sets {
+            let mut child = tokio::process::Command::new(CLIENT)
+                .args(*args)
+                .arg("--connect")
+                .arg(self.service_addr.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("spawning nemesis-test-client")?;
+            let pid = child.id().context("the client's pid")?;
+            self.cgroup
+                .as_ref()
+                .expect("cgroup")
+                .add_process(pid)
+                .context("moving the client into the test cgroup")?;
+            let stdin = child.stdin.take().context("client stdin")?;
+            ready.push((child, stdin));
+        }
+        let mut out = Vec::new();
+        for (child, mut stdin) in ready {
+            stdin.write_all(b"go\n").await?;
+            drop(stdin);
+            out.push(Clients { child });
+        }
+        Ok(out)
     }
 
     /// Runs clients to completion (bounded by `within`) and returns their results.
