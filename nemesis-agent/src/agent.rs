@@ -36,7 +36,7 @@ const DETACH_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("reading the agent token {path}: {source}")]
+    #[error("reading the agent token {path}")]
     ReadToken {
         path: PathBuf,
         #[source]
@@ -52,23 +52,23 @@ pub enum AgentError {
     Controller(#[from] ControlError),
     #[error(transparent)]
     BindProxy(#[from] ProxyError),
-    #[error("reading the address of the proxy listener: {0}")]
+    #[error("reading the address of the proxy listener")]
     ProxyAddr(#[source] std::io::Error),
-    #[error("binding the admin listener on {addr}: {source}")]
+    #[error("binding the admin listener on {addr}")]
     BindAdmin {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("loading the eBPF datapath: {0}")]
+    #[error("loading the eBPF datapath")]
     LoadDatapath(#[source] Box<LoadError>),
-    #[error("detaching the eBPF datapath: {0}")]
+    #[error("detaching the eBPF datapath")]
     Detach(#[source] Box<LoadError>),
     #[error("the datapath is still in use {after:?} after shutdown; left attached and pinned")]
     DatapathInUse { after: Duration },
-    #[error("configuring the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster): {0}")]
+    #[error("configuring the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")]
     KubeClient(#[source] kube::Error),
-    #[error("installing the {signal} handler: {source}")]
+    #[error("installing the {signal} handler")]
     Signal {
         signal: &'static str,
         #[source]
@@ -272,7 +272,7 @@ impl Agent {
                     beat.tick().await;
                     let Some(dp) = dp.upgrade() else { return };
                     if let Err(error) = dp.heartbeat() {
-                        tracing::warn!(%error, "heartbeat failed; held traffic is released once it is stale");
+                        tracing::warn!(error = %services::error_chain(&error), "heartbeat failed; held traffic is released once it is stale");
                     }
                 }
             }));
@@ -314,7 +314,7 @@ impl Agent {
                     })
                     .await;
                 if let Err(err) = result {
-                    tracing::error!(%err, "the managed-Service watch stopped");
+                    tracing::error!(error = %services::error_chain(&err), "the managed-Service watch stopped");
                     readiness.set("services", false);
                 }
             }));
@@ -329,7 +329,7 @@ impl Agent {
                 loop {
                     tick.tick().await;
                     if let Err(err) = managed.refresh_counters() {
-                        tracing::debug!(%err, "datapath counters not refreshed");
+                        tracing::debug!(error = %services::error_chain(&err), "datapath counters not refreshed");
                     }
                 }
             }));

@@ -56,24 +56,37 @@ pub enum ServicesError {
     },
     #[error(transparent)]
     ServiceRows(#[from] TableError),
-    #[error("updating the datapath rows of Service {service}: {source}")]
+    #[error("updating the datapath rows of Service {service}")]
     UpdateDatapath {
         service: ServiceRef,
         #[source]
         source: Box<DatapathError>,
     },
-    #[error("removing the stale datapath row {addr}: {source}")]
+    #[error("removing the stale datapath row {addr}")]
     PruneDatapath {
         addr: SocketAddr,
         #[source]
         source: Box<DatapathError>,
     },
-    #[error("reading the datapath counters: {0}")]
+    #[error("reading the datapath counters")]
     ReadCounters(#[source] Box<DatapathError>),
     #[error("the datapath is gone (the agent is shutting down)")]
     DatapathGone,
     #[error("the {what} watch stream ended")]
     WatchEnded { what: &'static str },
+}
+
+/// An error and its sources on one line (`a: b: c`), for logs: the variants above keep
+/// their source out of their own message, as `anyhow` expects.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }
 
 // === the pure part: policies and Services -> rows ===
@@ -468,7 +481,7 @@ fn parse_policy(obj: &DynamicObject) -> Option<PolicyTarget> {
     match policy_target(obj) {
         Ok(t) => t,
         Err(err) => {
-            tracing::warn!(%err, "ScalingPolicy ignored by the agent");
+            tracing::warn!(error = %error_chain(&err), "ScalingPolicy ignored by the agent");
             None
         }
     }
@@ -553,7 +566,7 @@ pub async fn watch_managed_services(
         let (rows, mut problems) = desired_rows(seen.policies.values().flatten(), &seen.services);
         problems.extend(managed.apply(&rows));
         for err in problems {
-            tracing::warn!(%err, "managing Services");
+            tracing::warn!(error = %error_chain(&err), "managing Services");
         }
         if let Some(f) = on_synced.take() {
             f();
@@ -722,6 +735,15 @@ mod tests {
         let (rows, problems) = desired_rows([&t], &services);
         assert!(rows.is_empty());
         assert!(problems[0].to_string().contains("127.96.0.999"));
+    }
+
+    #[test]
+    fn the_error_chain_names_every_cause() {
+        let err = ServicesError::ReadCounters(Box::new(DatapathError::TableFull { max: 3 }));
+        assert_eq!(
+            error_chain(&err),
+            "reading the datapath counters: the services table is full (3 services)"
+        );
     }
 
     #[test]
