@@ -2,14 +2,17 @@
 //! endpoint its datapath mode flips, the agent reports the new mode to the controller,
 //! and new connections go straight to the ClusterIP (served here by the sandbox's
 //! kube-proxy stand-in): the eBPF hooks still count them, the proxy never sees them.
+//! A connection that reaches the proxy without a redirect is closed and counted.
 
 mod wake_support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use nemesis_agent::ebpf::Mode;
 use nemesis_common::wire::AppliedMode;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 use wake_support::{Scenario, WakeEnv, eventually, http_get, slow_server};
 
 const CLIENTS: usize = 20;
@@ -98,5 +101,18 @@ async fn once_warm_new_connections_bypass_the_proxy() -> anyhow::Result<()> {
     );
     assert_eq!(after.proxy_open(), 0.0);
     assert_eq!(env.controller.wakes(), 1);
+
+    // A connection the hooks did not redirect (this process dials the proxy itself)
+    // has no original destination: it is closed cleanly and counted.
+    let mut direct = tokio::net::TcpStream::connect(SocketAddr::V4(env.agent().proxy_v4())).await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), direct.read_to_end(&mut got)).await??;
+    assert!(got.is_empty(), "closed without a word: {got:?}");
+    eventually(
+        "the unknown destination to be counted",
+        Duration::from_secs(5),
+        || async { Ok((env.metrics().await?.outcome("unknown_destination") == 1.0).then_some(())) },
+    )
+    .await?;
     env.shutdown().await
 }
