@@ -429,6 +429,12 @@ impl Agent {
         &self.datapath
     }
 
+    /// Whether [`Agent::shutdown`] detaches the datapath (from `--detach-on-exit` at
+    /// start); a test of restarts turns it off for one agent.
+    pub fn set_detach_on_exit(&mut self, detach: bool) {
+        self.detach_on_exit = detach;
+    }
+
     /// True once every readiness condition holds (what `/readyz` answers).
     pub fn is_ready(&self) -> bool {
         self.readiness.check().is_ok()

@@ -345,6 +345,8 @@ pub struct WakeEnv {
     bpffs: Option<ScratchBpffs>,
     /// `ClusterIP:80` of the Service.
     pub service_addr: SocketAddr,
+    /// The agent's command line, for a restart.
+    agent_argv: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -437,10 +439,7 @@ impl WakeEnv {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
-            bail!("expected the run command");
-        };
-        let agent = Agent::start(&args, client.clone()).await?;
+        let agent = start_agent(&argv, &client).await?;
         let env = WakeEnv {
             server: Some(server),
             client,
@@ -450,14 +449,35 @@ impl WakeEnv {
             cgroup: Some(cgroup),
             bpffs: Some(bpffs),
             service_addr,
+            agent_argv: argv,
             _dir: dir,
         };
-        eventually("the agent to be ready", Duration::from_secs(15), || async {
-            Ok((env.http_get_admin("/readyz").await?.0 == 200).then_some(()))
-        })
-        .await?;
+        env.wait_ready().await?;
         env.wait_mode(Mode::Hold).await?;
         Ok(env)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        eventually("the agent to be ready", Duration::from_secs(15), || async {
+            Ok((self.http_get_admin("/readyz").await?.0 == 200).then_some(()))
+        })
+        .await
+    }
+
+    /// Stops the agent leaving its datapath attached and pinned, as a DaemonSet's agent
+    /// does on a restart.
+    pub async fn stop_agent_keeping_datapath(&mut self) -> anyhow::Result<()> {
+        let mut old = self.agent.take().context("an agent to stop")?;
+        old.set_detach_on_exit(false);
+        old.shutdown().await.context("stopping the agent")
+    }
+
+    /// Starts a new agent with the same command line (and so the same instance), which
+    /// adopts what an earlier one left pinned.
+    pub async fn start_agent_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.agent.is_none(), "an agent is running");
+        self.agent = Some(start_agent(&self.agent_argv, &self.client).await?);
+        self.wait_ready().await
     }
 
     pub fn agent(&self) -> &Agent {
@@ -578,6 +598,13 @@ impl WakeEnv {
         drop(self.bpffs.take());
         Ok(())
     }
+}
+
+async fn start_agent(argv: &[String], client: &Client) -> anyhow::Result<Agent> {
+    let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
+        bail!("expected the run command");
+    };
+    Ok(Agent::start(&args, client.clone()).await?)
 }
 
 // === clients ===
