@@ -35,7 +35,9 @@ use nemesis_agent::ebpf::cgroup::ChildCgroup;
 use nemesis_agent::ebpf::pins::ScratchBpffs;
 use nemesis_agent::ebpf::{Mode, Proto, prereq};
 use nemesis_agent::services::scaling_policy_resource;
-use nemesis_common::wire::{Heartbeat, HeartbeatReply, WakeReply, WakeRequest};
+use nemesis_common::wire::{
+    Heartbeat, HeartbeatReply, ServiceDirective, ServiceReport, WakeReply, WakeRequest,
+};
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use nemesis_tests::demo::cluster_ip::cluster_ip;
 use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
@@ -183,6 +185,8 @@ pub struct TestController {
     pub last_wake: Arc<Mutex<Option<WakeRequest>>>,
     pub last_heartbeat: Arc<Mutex<Option<Heartbeat>>>,
     pub scale_on_wake: Arc<AtomicBool>,
+    /// What every heartbeat is answered with.
+    pub directives: Arc<Mutex<Vec<ServiceDirective>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -200,6 +204,7 @@ struct ControllerState {
     last_wake: Arc<Mutex<Option<WakeRequest>>>,
     last_heartbeat: Arc<Mutex<Option<Heartbeat>>>,
     scale_on_wake: Arc<AtomicBool>,
+    directives: Arc<Mutex<Vec<ServiceDirective>>>,
 }
 
 fn reply(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -264,7 +269,7 @@ async fn controller_call(
             Ok(h) => {
                 *state.last_heartbeat.lock().expect("lock") = Some(h);
                 let r = HeartbeatReply {
-                    directives: vec![],
+                    directives: state.directives.lock().expect("lock").clone(),
                     lease_seconds: 10,
                 };
                 reply(StatusCode::OK, serde_json::to_vec(&r).expect("json"))
@@ -289,6 +294,7 @@ impl TestController {
             last_wake: Arc::default(),
             last_heartbeat: Arc::default(),
             scale_on_wake: Arc::new(AtomicBool::new(scale_on_wake)),
+            directives: Arc::default(),
         };
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -312,12 +318,21 @@ impl TestController {
             last_wake: state.last_wake,
             last_heartbeat: state.last_heartbeat,
             scale_on_wake: state.scale_on_wake,
+            directives: state.directives,
             task,
         })
     }
 
     pub fn wakes(&self) -> usize {
         self.wakes.load(Ordering::SeqCst)
+    }
+
+    /// The test Service's report in the last heartbeat.
+    pub fn report(&self) -> Option<ServiceReport> {
+        let hb = self.last_heartbeat.lock().expect("lock").clone()?;
+        hb.services
+            .into_iter()
+            .find(|s| s.service.namespace == NS && s.service.name == APP)
     }
 }
 
