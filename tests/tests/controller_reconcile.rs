@@ -274,12 +274,22 @@ async fn a_wake_up_scales_from_zero_and_an_idle_target_sleeps_only_after_every_a
             ("warm".to_string(), "zero".to_string())
         ]
     );
-    let scales: Vec<(i32, i32)> = c
-        .store
-        .scale_events(&id, 0..u64::MAX)?
-        .iter()
-        .map(|s| (s.from_replicas, s.to_replicas))
-        .collect();
+    // The scale event is written once the PATCH is acknowledged, which can be a moment
+    // after the Deployment already shows 0; wait (bounded) rather than race it.
+    let scales = eventually(
+        "both scale events in the history",
+        Duration::from_secs(5),
+        || async {
+            let scales: Vec<(i32, i32)> = c
+                .store
+                .scale_events(&id, 0..u64::MAX)?
+                .iter()
+                .map(|s| (s.from_replicas, s.to_replicas))
+                .collect();
+            Ok((scales.len() >= 2).then_some(scales))
+        },
+    )
+    .await?;
     assert_eq!(scales, vec![(0, 1), (1, 0)]);
     let reasons: Vec<String> = events(&w.client, &w.ns, "web")
         .await?
