@@ -71,6 +71,13 @@ fn pod_env(workload: &Value, c: &Value) -> Result<Vec<(String, String)>> {
                 "spec.nodeName" => NODE.to_string(),
                 other => bail!("{name}: the test does not resolve fieldPath {other}"),
             }
+        } else if let Some(r) = e["valueFrom"].get("secretKeyRef") {
+            // The placeholder's value: the Secret and key must be documented.
+            let secret = r["name"]
+                .as_str()
+                .context("a secretKeyRef names its Secret")?;
+            let key = r["key"].as_str().context("a secretKeyRef names its key")?;
+            documented_secret_value(secret, key).with_context(|| name.to_string())?
         } else {
             bail!("{name}: neither a value nor a fieldRef: {e}");
         };
@@ -206,14 +213,18 @@ fn secret_file(workload: &Value, c: &Value, path: &Path) -> Result<(String, Stri
 
 /// The Secret placeholders document every Secret and key the workloads read.
 fn assert_documented_secret(secret: &str, key: &str) -> Result<()> {
+    documented_secret_value(secret, key).map(drop)
+}
+
+/// The placeholder value of `key` in Secret `secret` of base/secrets.example.yaml.
+fn documented_secret_value(secret: &str, key: &str) -> Result<String> {
     let examples = yaml_file("base/secrets.example.yaml")?;
     let s = find(&examples, "Secret", secret)
-        .context("base/secrets.example.yaml must document every Secret a workload mounts")?;
-    ensure!(
-        s["stringData"].get(key).is_some(),
-        "base/secrets.example.yaml: Secret {secret} has no key {key}"
-    );
-    Ok(())
+        .context("base/secrets.example.yaml must document every Secret a workload reads")?;
+    s["stringData"][key]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("base/secrets.example.yaml: Secret {secret} has no key {key}"))
 }
 
 /// The container port a Service port reaches (by name or number) in `c`.
@@ -499,6 +510,36 @@ fn controller_statefulset_command_line_parses_and_matches_its_volume_services_an
         ("nemesis-agent-token", "token")
     );
     assert_documented_secret(&secret, &key)?;
+
+    // The web UI is served (only with --ui-password-file), its login from the Secret
+    // documented for it: the password (or its hash) as a file, the user name as a variable.
+    let password = run
+        .ui_password_file
+        .clone()
+        .context("--ui-password-file: without it the controller serves no UI")?;
+    let (secret, key) = secret_file(sts, c, &password)?;
+    assert_eq!(
+        (secret.as_str(), key.as_str()),
+        ("nemesis-ui-admin", "password")
+    );
+    let placeholder = documented_secret_value(&secret, &key)?;
+    let user = &env_entry(c, "NEMESIS_CONTROLLER_UI_USER")?["valueFrom"]["secretKeyRef"];
+    assert_eq!(
+        (user["name"].as_str(), user["key"].as_str()),
+        (Some("nemesis-ui-admin"), Some("username"))
+    );
+    assert_eq!(
+        run.ui_user,
+        documented_secret_value("nemesis-ui-admin", "username")?
+    );
+    // The placeholder applied unchanged must stop the controller, not open the UI.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join(&key);
+    std::fs::write(&file, &placeholder)?;
+    let refused = nemesis_controller::ui::AdminPassword::from_file(&file)
+        .expect_err("the placeholder password must be refused at start")
+        .to_string();
+    assert!(refused.contains("shorter than"), "{refused}");
 
     // RBAC: the Lease in --lease-namespace, and a patch of each replica's own Pod.
     assert_eq!(run.lease_namespace, NAMESPACE);
