@@ -57,47 +57,6 @@ fn cold_start(p: &PolicyId, wake_at_ms: u64, ready_ms: Option<u64>) -> ColdStart
 
 // === crash safety ===
 
-/// Set in the child: the database the crash writer writes to, and the first id to use.
-const CRASH_DB_ENV: &str = "NEMESIS_TEST_CRASH_WRITER_DB";
-const CRASH_FIRST_ID_ENV: &str = "NEMESIS_TEST_CRASH_WRITER_FIRST_ID";
-const CRASH_WRITER_TEST: &str = "crash_writer_child_process";
-
-/// Not a test of its own: the child process of
-/// `records_committed_before_a_kill_9_survive_the_restart`, started by re-running this
-/// test binary with `--ignored --exact`. It writes until killed and prints
-/// `committed <kind> <id>` after each commit returned.
-#[test]
-#[ignore = "child process of the kill -9 test; runs only when that test starts it"]
-fn crash_writer_child_process() -> Result<()> {
-    let path = std::env::var(CRASH_DB_ENV).context("run by the kill -9 test only")?;
-    let first: u64 = std::env::var(CRASH_FIRST_ID_ENV)?.parse()?;
-    let store = Store::open(&path, Retention::default())?;
-    let p = policy("crash");
-    for id in first.. {
-        let kind = match id % 4 {
-            0 => {
-                store.record_transition(&transition(&p, id, "zero", "warm", &id.to_string()))?;
-                "transition"
-            }
-            1 => {
-                store.record_scale(&scale(&p, id, 0, 1))?;
-                "scale"
-            }
-            2 => {
-                store.record_cold_start(&cold_start(&p, id, Some(id)))?;
-                "cold_start"
-            }
-            _ => {
-                store.record_samples(id, [(&p, "rate", id as f64)])?;
-                "sample"
-            }
-        };
-        // stdout is line-buffered: the line leaves the process before the next write.
-        println!("committed {kind} {id}");
-    }
-    Ok(())
-}
-
 /// Runs the writer in a child until it has committed at least `min_commits` records
 /// after `first_id`, kills it with SIGKILL mid-write, and returns what it had reported
 /// committed.
@@ -106,16 +65,10 @@ fn write_then_kill_9(
     first_id: u64,
     min_commits: usize,
 ) -> Result<Vec<(String, u64)>> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            CRASH_WRITER_TEST,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CRASH_DB_ENV, db)
-        .env(CRASH_FIRST_ID_ENV, first_id.to_string())
+    // src/bin/store-writer.rs: writes policy shop/crash, one line per commit.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_store-writer"))
+        .arg(db)
+        .arg(first_id.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
