@@ -1,10 +1,16 @@
 //! Benchmark of the buffering proxy; prints `NAME=VALUE` figures for `cargo xtask bench`:
 //! - `cold_start_overhead_ms_p50` / `_p99`: 100 held clients; each client's time to the
-//!   first response byte minus the moment its backend became ready (5 rounds);
+//!   first response byte minus the moment its backend became ready (10 rounds);
+//! - `cold_start_direct_ms_p50` / `_p99`: the baseline, in the same run (rounds
+//!   alternated): the same 100 clients connecting straight to the ready backend at once,
+//!   time to the first byte from the moment the burst starts; what the machine itself
+//!   costs for 100 simultaneous exchanges;
 //! - `held_10k_rss_mib`: growth of the proxy process's resident memory while it holds
 //!   10,000 idle connections;
 //! - `proxied_throughput_ratio`: bulk transfer through the proxy divided by direct, A B
-//!   alternated in one run.
+//!   alternated in one run, median of the pair ratios (both series on stderr).
+//!
+//! `bench-proxy [cold] [rss] [throughput]` runs only the parts named (all by default).
 //!
 //! The proxy runs in a child process (this binary with `--serve-proxy`), so its memory is
 //! measured apart from the clients and it competes for the CPU like the agent would. Its
@@ -19,6 +25,7 @@ use nemesis_agent::proxy::{
 };
 use nemesis_common::wire::ServiceRef;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -27,7 +34,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 const CLUSTER_IP: &str = "127.96.0.1:80";
 const COLD_CLIENTS: usize = 100;
-const COLD_ROUNDS: usize = 5;
+const COLD_ROUNDS: usize = 10;
 const HELD_IDLE: usize = 10_000;
 /// Per transfer; 8 pairs of A and B: 2 GiB over loopback in total.
 const BULK_BYTES: usize = 128 << 20;
@@ -42,15 +49,25 @@ fn service() -> ServiceRef {
 
 fn main() -> Result<()> {
     raise_fd_limit()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    if std::env::args().nth(1).as_deref() == Some("--serve-proxy") {
-        rt.block_on(serve_proxy())
-    } else {
-        rt.block_on(run_benches())
+    // The proxy child runs the agent's runtime (nemesis-agent's main.rs:
+    // `Runtime::new()`, one worker per core); the clients run the same kind.
+    let rt = tokio::runtime::Runtime::new()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--serve-proxy") {
+        return rt.block_on(serve_proxy());
     }
+    for a in &args {
+        ensure!(
+            ["cold", "rss", "throughput"].contains(&a.as_str()),
+            "unknown part {a:?}: expected cold, rss or throughput"
+        );
+    }
+    let wants = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
+    rt.block_on(run_benches(
+        wants("cold"),
+        wants("rss"),
+        wants("throughput"),
+    ))
 }
 
 /// Held connections need one fd each on both sides; the soft limit is often 1024.
@@ -70,6 +87,11 @@ fn raise_fd_limit() -> Result<()> {
 /// Serve a proxy for one Service on 127.0.0.1:0; print `PORT <n>`; then obey stdin
 /// commands: `READY <addr>` (the backend is ready), `ZERO` (back to no backend),
 /// `HELD` (answers `HELD <n>`). Exits at stdin EOF.
+///
+/// Stdin is read on the runtime's reactor, not with `tokio::io::stdin()` (a blocking
+/// thread that hands each line over): the agent learns of a ready endpoint from a socket
+/// its runtime polls, and the hand-over from a blocking thread would be timed as if it
+/// were the proxy's.
 async fn serve_proxy() -> Result<()> {
     let table = ServiceTable::new();
     let endpoints = EndpointRegistry::new();
@@ -108,7 +130,10 @@ async fn serve_proxy() -> Result<()> {
     let mut out = tokio::io::stdout();
     out.write_all(format!("PORT {port}\n").as_bytes()).await?;
     out.flush().await?;
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let stdin =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).context("stdin must be a pipe")?;
+    let mut lines = BufReader::new(stdin).lines();
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
@@ -209,14 +234,22 @@ impl ProxyChild {
 
 // === the benches ===
 
-async fn run_benches() -> Result<()> {
-    let (p50, p99) = cold_start().await?;
-    println!("cold_start_overhead_ms_p50={p50:.3}");
-    println!("cold_start_overhead_ms_p99={p99:.3}");
-    let rss = held_rss().await?;
-    println!("held_10k_rss_mib={rss:.1}");
-    let ratio = throughput_ratio().await?;
-    println!("proxied_throughput_ratio={ratio:.3}");
+async fn run_benches(cold: bool, rss: bool, throughput: bool) -> Result<()> {
+    if cold {
+        let c = cold_start().await?;
+        println!("cold_start_overhead_ms_p50={:.3}", c.proxied_p50);
+        println!("cold_start_overhead_ms_p99={:.3}", c.proxied_p99);
+        println!("cold_start_direct_ms_p50={:.3}", c.direct_p50);
+        println!("cold_start_direct_ms_p99={:.3}", c.direct_p99);
+    }
+    if rss {
+        let rss = held_rss().await?;
+        println!("held_10k_rss_mib={rss:.1}");
+    }
+    if throughput {
+        let ratio = throughput_ratio().await?;
+        println!("proxied_throughput_ratio={ratio:.3}");
+    }
     Ok(())
 }
 
@@ -270,50 +303,187 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn cold_start() -> Result<(f64, f64)> {
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n";
+
+/// The wall clock now, comparable with the kernel's receive timestamps.
+fn wall_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// When a client got its first response byte: as its task saw it, and as the kernel
+/// stamped the segment on arrival (`SO_TIMESTAMPNS`, wall clock). The difference is the
+/// client's own scheduling, a cost of the client process, not of the path to it.
+struct FirstByte {
+    seen: Instant,
+    arrived: Duration,
+}
+
+/// Ask the kernel to stamp arriving segments, before any of them arrives.
+fn stamp_arrivals(s: &TcpStream) -> Result<()> {
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+        .context("SO_TIMESTAMPNS")
+}
+
+/// One byte with its arrival stamp.
+fn recv_stamped(fd: RawFd) -> std::io::Result<(u8, Option<Duration>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::empty())?;
+    if msg.bytes == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut stamp = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmTimestampns(ts) = c {
+            stamp = Some(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32));
+        }
+    }
+    Ok((byte[0], stamp))
+}
+
+/// Read a whole `http_backend` response; when its first byte came.
+async fn read_response(mut s: TcpStream) -> Result<FirstByte> {
+    let (first, arrived) = loop {
+        s.readable().await?;
+        match s.try_io(tokio::io::Interest::READABLE, || {
+            recv_stamped(s.as_raw_fd())
+        }) {
+            Ok(got) => break got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let seen = Instant::now();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await?;
+    ensure!(first == b'H' && rest.ends_with(b"ok"), "bad response");
+    let arrived = arrived.context("no arrival stamp on the first byte")?;
+    Ok(FirstByte { seen, arrived })
+}
+
+/// Times from a start, in ms: as the client tasks saw them, and by arrival stamps.
+#[derive(Default)]
+struct Ttfb {
+    seen: Vec<f64>,
+    arrived: Vec<f64>,
+}
+
+impl Ttfb {
+    fn push(&mut self, start: (Instant, Duration), got: &FirstByte) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        self.seen.push(ms(got.seen.duration_since(start.0)));
+        self.arrived.push(ms(got.arrived.saturating_sub(start.1)));
+    }
+
+    fn sort(&mut self) {
+        self.seen.sort_by(f64::total_cmp);
+        self.arrived.sort_by(f64::total_cmp);
+    }
+
+    fn describe(&self, what: &str) {
+        for (how, v) in [
+            ("seen by the client", &self.seen),
+            ("arrival", &self.arrived),
+        ] {
+            eprintln!(
+                "{what} ms ({how}): min {:.3} p50 {:.3} p90 {:.3} p99 {:.3} max {:.3}",
+                v[0],
+                percentile(v, 50.0),
+                percentile(v, 90.0),
+                percentile(v, 99.0),
+                v[v.len() - 1]
+            );
+        }
+    }
+}
+
+struct ColdStart {
+    proxied_p50: f64,
+    proxied_p99: f64,
+    direct_p50: f64,
+    direct_p99: f64,
+}
+
+async fn cold_start() -> Result<ColdStart> {
+    // The kernel stamps arriving packets only while some socket asks for stamps, and
+    // turns that on a moment after the first one asks (deferred work): one socket asks
+    // for the whole bench, so that every client's first byte carries a stamp.
+    let keeper = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    nix::sys::socket::setsockopt(
+        &keeper,
+        nix::sys::socket::sockopt::ReceiveTimestampns,
+        &true,
+    )?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut proxy = ProxyChild::start().await?;
     let backend = http_backend().await?;
-    let mut overheads = Vec::with_capacity(COLD_CLIENTS * COLD_ROUNDS);
+    let (mut proxied, mut direct) = (Ttfb::default(), Ttfb::default());
+    // Warm the backend's and the clients' runtimes, as the proxy's warms in round 1.
+    direct_round(backend, &mut Ttfb::default()).await?;
     for round in 0..COLD_ROUNDS {
-        let mut clients = Vec::with_capacity(COLD_CLIENTS);
-        for _ in 0..COLD_CLIENTS {
-            let mut s = TcpStream::connect(proxy.addr).await?;
-            s.set_nodelay(true)?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
-                .await?;
-            clients.push(tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                s.read_exact(&mut first).await?;
-                let at = Instant::now();
-                let mut rest = Vec::new();
-                s.read_to_end(&mut rest).await?;
-                ensure!(first[0] == b'H' && rest.ends_with(b"ok"), "bad response");
-                anyhow::Ok(at)
-            }));
-        }
-        proxy
-            .wait_held(COLD_CLIENTS, Duration::from_secs(10))
-            .await?;
-        // The backend listens already; this is the moment it becomes ready.
-        let ready_at = Instant::now();
-        proxy.send(&format!("READY {backend}")).await?;
-        for c in clients {
-            let at = c.await??;
-            overheads.push(at.duration_since(ready_at).as_secs_f64() * 1000.0);
-        }
-        proxy.send("ZERO").await?;
-        proxy.wait_held(0, Duration::from_secs(5)).await?;
+        proxied_round(&mut proxy, backend, &mut proxied).await?;
+        direct_round(backend, &mut direct).await?;
         eprintln!("cold start round {} done", round + 1);
     }
-    overheads.sort_by(f64::total_cmp);
-    eprintln!(
-        "cold start overhead ms: min {:.3} p50 {:.3} p90 {:.3} max {:.3}",
-        overheads[0],
-        percentile(&overheads, 50.0),
-        percentile(&overheads, 90.0),
-        overheads[overheads.len() - 1]
-    );
-    Ok((percentile(&overheads, 50.0), percentile(&overheads, 99.0)))
+    drop(keeper);
+    proxied.sort();
+    direct.sort();
+    proxied.describe("cold start overhead (proxied)");
+    direct.describe("cold start direct (baseline)");
+    Ok(ColdStart {
+        proxied_p50: percentile(&proxied.seen, 50.0),
+        proxied_p99: percentile(&proxied.seen, 99.0),
+        direct_p50: percentile(&direct.seen, 50.0),
+        direct_p99: percentile(&direct.seen, 99.0),
+    })
+}
+
+/// 100 clients held by the proxy, each with its request sent; the backend becomes ready.
+async fn proxied_round(proxy: &mut ProxyChild, backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
+    let mut clients = Vec::with_capacity(COLD_CLIENTS);
+    for _ in 0..COLD_CLIENTS {
+        let mut s = TcpStream::connect(proxy.addr).await?;
+        s.set_nodelay(true)?;
+        stamp_arrivals(&s)?;
+        s.write_all(REQUEST).await?;
+        clients.push(tokio::spawn(read_response(s)));
+    }
+    proxy
+        .wait_held(COLD_CLIENTS, Duration::from_secs(10))
+        .await?;
+    // The backend listens already; this is the moment it becomes ready.
+    let ready_at = (Instant::now(), wall_now());
+    proxy.send(&format!("READY {backend}")).await?;
+    for c in clients {
+        out.push(ready_at, &c.await??);
+    }
+    proxy.send("ZERO").await?;
+    proxy.wait_held(0, Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// The same 100 clients, straight to the ready backend, all started at once.
+async fn direct_round(backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
+    let start = (Instant::now(), wall_now());
+    let clients: Vec<_> = (0..COLD_CLIENTS)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(backend).await?;
+                s.set_nodelay(true)?;
+                stamp_arrivals(&s)?;
+                s.write_all(REQUEST).await?;
+                read_response(s).await
+            })
+        })
+        .collect();
+    for c in clients {
+        out.push(start, &c.await??);
+    }
+    Ok(())
 }
 
 async fn held_rss() -> Result<f64> {
