@@ -13,7 +13,9 @@ use crate::ebpf::DatapathConfig;
 
 /// Instance name when none is given: one agent per node needs no more.
 pub const DEFAULT_INSTANCE: &str = "default";
-/// The proxy's listener for held IPv4 connects (loopback: the proxy serves its own node).
+/// The proxy's listener for held IPv4 connects. Loopback serves clients in the host's
+/// network namespace only (a pod's 127.0.0.1 is its own): a cluster passes the node IP
+/// (`status.hostIP`), which pods reach and which is local to host-network clients too.
 pub const DEFAULT_PROXY_V4: &str = "127.0.0.1:15001";
 /// Heartbeat period: 15 beats fit in the default dead-man bound, so a slow beat or
 /// two never releases held traffic.
@@ -115,7 +117,11 @@ pub struct DatapathArgs {
     #[arg(long, env = "NEMESIS_AGENT_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// Where held IPv4 connects are sent: the proxy listens here (port 0: any free
-    /// port, which the datapath is then told).
+    /// port, which the datapath is then told). The hook rewrites the connect in the
+    /// CLIENT's network namespace, so this must be an address every client on the node
+    /// reaches: in a cluster the node IP (e.g. `$(NODE_IP):15001` from `status.hostIP`,
+    /// the agent on the host network); loopback only serves host-network clients. No
+    /// second loopback listener is needed: the node IP is a local address for those too.
     #[arg(long, env = "NEMESIS_AGENT_PROXY_V4", default_value = DEFAULT_PROXY_V4)]
     pub proxy_v4: SocketAddrV4,
     /// Where held native IPv6 connects are sent, and a second proxy listener (none:
@@ -249,6 +255,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--controller-url"), "{err}");
+    }
+
+    #[test]
+    fn the_proxy_can_listen_on_the_node_ip_as_the_daemonset_passes_it() {
+        // What the DaemonSet's `$(NODE_IP):15001` expands to.
+        let cli = Cli::try_parse_from(["nemesis-agent", "run", "--proxy-v4", "198.18.7.1:15001"])
+            .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            run.datapath.to_config().proxy_v4,
+            Some("198.18.7.1:15001".parse().unwrap())
+        );
+        let err = Cli::try_parse_from(["nemesis-agent", "run", "--proxy-v4", ":15001"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--proxy-v4"), "{err}");
     }
 
     #[test]

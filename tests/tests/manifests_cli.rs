@@ -43,11 +43,24 @@ enum ControllerCommand {
     Crd,
 }
 
-/// Variables the binaries read that are not flags: tracing's filter.
-const NON_FLAG_ENV: &[&str] = &["RUST_LOG"];
+/// Variables that are not flags: tracing's filter, and the node IP the agent's
+/// proxy address is built from (`$(NODE_IP)`).
+const NON_FLAG_ENV: &[&str] = &["RUST_LOG", "NODE_IP"];
 
 /// A node name for `spec.nodeName`.
 const NODE: &str = "node-a";
+/// A node IP for `status.hostIP` (198.18.0.0/15: never a real network).
+const NODE_IP: &str = "198.18.0.1";
+
+/// `$(VAR)` in `value` replaced as the kubelet does, with variables defined earlier in
+/// the container's env; an unknown one stays as written (and then fails to parse).
+fn expand(value: &str, earlier: &[(String, String)]) -> String {
+    let mut out = value.to_string();
+    for (name, v) in earlier {
+        out = out.replace(&format!("$({name})"), v);
+    }
+    out
+}
 
 /// The environment of `c` as the kubelet would set it for the first Pod of `workload`:
 /// downward API fields resolved, `RUST_LOG` checked as tracing would parse it.
@@ -60,7 +73,7 @@ fn pod_env(workload: &Value, c: &Value) -> Result<Vec<(String, String)>> {
     for e in c["env"].as_array().into_iter().flatten() {
         let name = e["name"].as_str().context("an env entry without a name")?;
         let value = if let Some(v) = e["value"].as_str() {
-            v.to_string()
+            expand(v, &out)
         } else if let Some(path) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
             match path {
                 "metadata.name" => pod_name.clone(),
@@ -69,6 +82,7 @@ fn pod_env(workload: &Value, c: &Value) -> Result<Vec<(String, String)>> {
                     .context("a namespaced workload")?
                     .to_string(),
                 "spec.nodeName" => NODE.to_string(),
+                "status.hostIP" => NODE_IP.to_string(),
                 other => bail!("{name}: the test does not resolve fieldPath {other}"),
             }
         } else if let Some(r) = e["valueFrom"].get("secretKeyRef") {
@@ -293,13 +307,17 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
 
-    // The programs redirect held connects to the proxy on loopback of the host's
-    // network namespace: the agent must be in it.
+    // The programs redirect held connects, in the client's network namespace, to the
+    // node IP: pods reach it, and the proxy listens there on the host's network.
     assert_eq!(
         pod["hostNetwork"], true,
         "the proxy must be on the host network"
     );
-    assert!(run.datapath.proxy_v4.ip().is_loopback());
+    assert_eq!(
+        run.datapath.proxy_v4.ip().to_string(),
+        NODE_IP,
+        "--proxy-v4 must be the node IP (status.hostIP): a pod's loopback is its own"
+    );
     assert_eq!(
         pod["dnsPolicy"], "ClusterFirstWithHostNet",
         "a host-network Pod resolves the controller's Service name only with ClusterFirstWithHostNet"

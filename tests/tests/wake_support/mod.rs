@@ -872,3 +872,60 @@ pub fn sockets_on_port(port: u16) -> anyhow::Result<BTreeMap<String, usize>> {
     }
     Ok(out)
 }
+
+// === more agents, other proxy addresses, clients in a pod's network namespace ===
+
+/// `argv` with each `(flag, value)` of `flags` replacing the flag's value, or appended.
+fn with_flags(argv: &[String], flags: &[(&str, String)]) -> Vec<String> {
+    let mut out = argv.to_vec();
+    for (flag, value) in flags {
+        match out.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < out.len() => out[i + 1] = value.clone(),
+            _ => out.extend([flag.to_string(), value.clone()]),
+        }
+    }
+    out
+}
+
+impl WakeEnv {
+    /// Stops the agent (leaving its datapath attached and pinned) and starts it again
+    /// with `flags` changed in its command line, e.g. another `--proxy-v4`; later
+    /// restarts keep the change.
+    pub async fn restart_agent_with(&mut self, flags: &[(&str, String)]) -> anyhow::Result<()> {
+        self.stop_agent_keeping_datapath().await?;
+        self.agent_argv = with_flags(&self.agent_argv, flags);
+        self.start_agent_again().await
+    }
+
+    /// A second agent of the same instance beside the running one (a DaemonSet's
+    /// surge), with `flags` changed, e.g. `--proxy-v4` at the first agent's port. The
+    /// caller stops it (it does not detach unless `--detach-on-exit` stays set).
+    pub async fn start_second_agent(&self, flags: &[(&str, String)]) -> anyhow::Result<Agent> {
+        start_agent(&with_flags(&self.agent_argv, flags), &self.client).await
+    }
+
+    /// Like [`Self::clients`], from inside the network namespace `netns` (a pod's):
+    /// `ip netns exec` keeps the pid, which joins the test's cgroup before `go`.
+    pub async fn clients_in_netns(&self, netns: &str, args: &[&str]) -> anyhow::Result<Clients> {
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", netns, CLIENT])
+            .args(args)
+            .arg("--connect")
+            .arg(self.service_addr.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning nemesis-test-client in a network namespace")?;
+        let pid = child.id().context("the client's pid")?;
+        self.cgroup
+            .as_ref()
+            .expect("cgroup")
+            .add_process(pid)
+            .context("moving the client into the test cgroup")?;
+        let mut stdin = child.stdin.take().context("client stdin")?;
+        stdin.write_all(b"go\n").await?;
+        drop(stdin);
+        Ok(Clients { child })
+    }
+}
