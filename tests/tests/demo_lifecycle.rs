@@ -1,15 +1,18 @@
 //! `cargo xtask demo` end to end: the real xtask binary runs the demo (an instance of
-//! its own, on the binaries `cargo xtask test` built) in a child process; the test
-//! reads its contract lines, uses the sandbox through the printed kubeconfig, wakes the
-//! demo app at zero with a request from a process inside the printed cgroup, then sends
-//! SIGINT and checks that nothing is left: no process, no cgroup, no bpffs or pins, no
-//! pod network.
+//! its own, on the binaries `cargo xtask test` built) in a child process; the test reads
+//! its contract lines and drives the whole scale-to-zero cycle as a user would, with the
+//! real `kubectl` on the printed kubeconfig: the app at zero, woken by a request from a
+//! process inside the printed cgroup, back to zero after its idle window (shortened with
+//! `kubectl patch`), the history in the UI's JSON API, and woken again from zero; then
+//! it sends SIGINT and checks that nothing is left: no process, no cgroup, no bpffs or
+//! pins, no pod network.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -23,12 +26,31 @@ use tokio::process::{Child, Command};
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Tear-down: pods get 5 s of grace, each component up to 10 s.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Every kubectl and curl call ends within this.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The idle window the test sets with `kubectl patch` (the demo's own is a minute): with
+/// the connect rate averaged over as long, the app sleeps this long after its last call.
+const TEST_IDLE: &str = "10s";
+/// The idle window, the sleep handshake (agents acknowledge on a 1 s heartbeat) and the
+/// pod's 5 s of grace, with room for a loaded machine.
+const SLEEP_TIMEOUT: Duration = Duration::from_secs(75);
+/// A status write or a cache update after a scale: well under a second when idle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The policy's columns as `kubectl get` prints them (issue 5: target, state, replicas, age).
+const POLICY_COLUMNS: [&str; 5] = ["NAME", "TARGET", "STATE", "REPLICAS", "AGE"];
 
 /// The demo in a child process; SIGINT on drop, so a failed test still cleans up.
 struct DemoProcess {
     child: Child,
     lines: BTreeMap<String, String>,
-    text: Vec<String>,
+    /// Everything printed on stdout so far (a task keeps reading after start-up).
+    text: Arc<Mutex<Vec<String>>>,
+}
+
+impl DemoProcess {
+    fn text(&self) -> Vec<String> {
+        self.text.lock().expect("not poisoned").clone()
+    }
 }
 
 impl Drop for DemoProcess {
@@ -93,7 +115,7 @@ async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
     let mut demo = DemoProcess {
         child,
         lines: BTreeMap::new(),
-        text: Vec::new(),
+        text: Arc::new(Mutex::new(Vec::new())),
     };
     let mut reader = BufReader::new(stdout).lines();
     let read = async {
@@ -102,10 +124,10 @@ async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
             let Some(line) = reader.next_line().await? else {
                 bail!(
                     "the demo ended before it was ready; it printed: {:?}",
-                    demo.text
+                    demo.text()
                 );
             };
-            demo.text.push(line.clone());
+            demo.text.lock().expect("not poisoned").push(line.clone());
             if let Some((k, v)) = line.split_once('=')
                 && k.starts_with("NEMESIS_")
             {
@@ -117,8 +139,13 @@ async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
     tokio::time::timeout(READY_TIMEOUT, read)
         .await
         .context("the demo was not ready in time")??;
-    // Keep draining stdout so the demo never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = reader.next_line().await {} });
+    // Keep reading stdout (the demo's hints follow), so it never blocks on a full pipe.
+    let text = demo.text.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = reader.next_line().await {
+            text.lock().expect("not poisoned").push(line);
+        }
+    });
     Ok(demo)
 }
 
@@ -204,8 +231,197 @@ fn ip_output(args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The real kubectl on the demo's kubeconfig, with a cache and HOME of its own.
+struct Kubectl {
+    kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Kubectl {
+    fn new(kubeconfig: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            kubeconfig: kubeconfig.to_path_buf(),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// Runs `kubectl args`; its stdout, or an error with both outputs.
+    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let out = Command::new(&bin)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .args(args)
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(CALL_TIMEOUT, out)
+            .await
+            .with_context(|| format!("kubectl {args:?} did not finish within {CALL_TIMEOUT:?}"))?
+            .with_context(|| format!("running {bin} (is kubectl installed? set KUBECTL)"))?;
+        ensure!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl get scalingpolicies -n demo`: checks the header and returns the columns
+    /// of the `hello` row.
+    async fn policy_row(&self) -> anyhow::Result<Vec<String>> {
+        let out = self.run(&["get", "scalingpolicies", "-n", "demo"]).await?;
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        ensure!(
+            header == POLICY_COLUMNS,
+            "kubectl get scalingpolicies printed the columns {header:?}:\n{out}"
+        );
+        let row = lines
+            .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .find(|cols| cols.first().map(String::as_str) == Some("hello"))
+            .with_context(|| format!("no policy `hello` in:\n{out}"))?;
+        ensure!(
+            row.len() == POLICY_COLUMNS.len(),
+            "a column is empty: {row:?}\n{out}"
+        );
+        Ok(row)
+    }
+
+    /// The `hello` row once its state is `state` (the status is written by the
+    /// controller's next evaluation after a change).
+    async fn policy_row_in(&self, state: &str) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let row = self.policy_row().await?;
+            if row[2] == state {
+                return Ok(row);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "kubectl get scalingpolicies still shows {row:?} after {SETTLE_TIMEOUT:?}, not state {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// A logged-in session of the controller's web UI (curl with a cookie jar).
+struct UiSession {
+    ui: String,
+    jar: PathBuf,
+}
+
+impl UiSession {
+    async fn login(ui: &str, user: &str, password: &str, dir: &Path) -> anyhow::Result<Self> {
+        let session = Self {
+            ui: ui.to_string(),
+            jar: dir.join("ui-cookies"),
+        };
+        let body = serde_json::json!({"username": user, "password": password}).to_string();
+        let out = session
+            .curl(&[
+                "-c",
+                &session.jar.display().to_string(),
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+                &format!("{ui}login"),
+            ])
+            .await?;
+        ensure!(out.contains("csrfToken"), "the login answered {out}");
+        Ok(session)
+    }
+
+    /// `GET <ui><path>` in the session, as JSON.
+    async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.ui);
+        let out = self
+            .curl(&["-b", &self.jar.display().to_string(), &url])
+            .await?;
+        serde_json::from_str(&out).with_context(|| format!("GET {url} answered {out}"))
+    }
+
+    async fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "-m", "10"])
+            .args(args)
+            .output()
+            .await
+            .context("running curl against the UI")?;
+        ensure!(
+            out.status.success(),
+            "curl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `timeout`; the error says what
+/// was awaited and what `last` saw.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Option<T>, String)>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (found, seen) = check().await?;
+        if let Some(v) = found {
+            return Ok(v);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}; last seen: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `(from, to)` of every transition in a history answer, in order.
+fn transitions(history: &serde_json::Value) -> Vec<(String, String)> {
+    history["transitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t["from"].as_str().unwrap_or_default().to_string(),
+                t["to"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `(fromReplicas, toReplicas)` of every scale event in a history answer, in order.
+fn scale_events(history: &serde_json::Value) -> Vec<(i64, i64)> {
+    history["scaleEvents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["fromReplicas"].as_i64().unwrap_or(-1),
+                e["toReplicas"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothing_after_sigint()
+async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again_and_nothing_is_left_after_sigint()
 -> anyhow::Result<()> {
     let instance = format!("t{}", std::process::id());
     let mut demo = start_demo(&instance).await?;
@@ -213,7 +429,7 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
         demo.lines
             .get(k)
             .cloned()
-            .with_context(|| format!("no {k} line in {:?}", demo.text))
+            .with_context(|| format!("no {k} line in {:?}", demo.text()))
     };
 
     // --- the contract lines ---
@@ -224,11 +440,6 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
     let logs = PathBuf::from(line("NEMESIS_LOGS")?);
     assert!(ui.starts_with("http://127.0.0.1:"), "{ui}");
     let login = line("NEMESIS_LOGIN")?;
-    assert!(
-        !demo.text.iter().any(|l| l.starts_with("NOT RUNNING")),
-        "every component should run: {:?}",
-        demo.text
-    );
     let service_addr = demo_url
         .strip_prefix("http://")
         .and_then(|r| r.strip_suffix(":80/"))
@@ -247,14 +458,38 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
         pins.display()
     );
 
+    // --- after them, the hints: what to watch, with the printed kubeconfig ---
+    let watch = format!(
+        "kubectl --kubeconfig {} get scalingpolicies -n demo -w",
+        kubeconfig.display()
+    );
+    wait_for(
+        "the demo's hint to watch the policy",
+        SETTLE_TIMEOUT,
+        || {
+            let text = demo.text();
+            let found = text.iter().any(|l| l.trim() == watch).then_some(());
+            async move { Ok((found, format!("{text:#?}"))) }
+        },
+    )
+    .await?;
+    let text = demo.text();
+    assert!(
+        !text.iter().any(|l| l.starts_with("NOT RUNNING")),
+        "every component should run: {text:#?}"
+    );
+
     // --- the UI takes the printed login, and only that ---
     let (user, password) = login
         .split_once(':')
         .with_context(|| format!("NEMESIS_LOGIN={login} is not user:password"))?;
     assert_eq!(ui_login_status(&ui, user, password).await?, 200);
     assert_eq!(ui_login_status(&ui, user, "not-the-password").await?, 401);
+    let scratch = tempfile::tempdir()?;
+    let session = UiSession::login(&ui, user, password, scratch.path()).await?;
 
     // --- the kubeconfig works, and the demo app is there at zero ---
+    let kubectl = Kubectl::new(&kubeconfig)?;
     let client = client_from(&kubeconfig).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "demo");
     let hello = deployments.get("hello").await?;
@@ -276,38 +511,57 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
     );
     let policy = policies.get("hello").await?;
     assert_eq!(policy.data["spec"]["target"]["deployment"], "hello");
+    // kubectl shows the policy with its printer columns: target, state, replicas, age.
+    let row = kubectl.policy_row_in("zero").await?;
+    assert_eq!(row[1], "hello", "target: {row:?}");
+    assert_eq!(row[3], "0", "replicas: {row:?}");
+    assert!(
+        row[4].ends_with('s') || row[4].ends_with('m'),
+        "age: {row:?}"
+    );
 
     // --- at zero, a connect from outside the cgroup is refused (no endpoints) ---
     let addr = std::net::SocketAddr::from((cluster_ip, 80));
-    let err = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .expect_err("nothing serves the demo app at zero replicas");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let refused_outside = || {
+        let err = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .expect_err("nothing serves the demo app at zero replicas");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    };
+    refused_outside();
 
     // --- inside the cgroup, the first connection is held and the app woken ---
-    let out = curl_from_cgroup(&cgroup, &demo_url).await?;
-    assert!(
-        out.status.success(),
-        "the held request failed: {}; the logs: {}",
-        String::from_utf8_lossy(&out.stderr),
-        logs.display()
-    );
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(answer.starts_with("hello-"), "answered {answer:?}");
+    let served = |what: &'static str| {
+        let cgroup = cgroup.clone();
+        let demo_url = demo_url.clone();
+        let logs = logs.clone();
+        async move {
+            let out = curl_from_cgroup(&cgroup, &demo_url).await?;
+            ensure!(
+                out.status.success(),
+                "{what}: the request from the cgroup failed: {}; the logs: {}",
+                String::from_utf8_lossy(&out.stderr),
+                logs.display()
+            );
+            let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+            ensure!(answer.starts_with("hello-"), "{what}: answered {answer:?}");
+            anyhow::Ok(())
+        }
+    };
+    served("the first request at zero").await?;
     let woken = deployments.get("hello").await?;
     assert!(
         woken.spec.replicas.unwrap_or(0) >= 1,
         "the wake-up did not scale hello: {:?}",
         woken.spec.replicas
     );
+    let row = kubectl.policy_row_in("warm").await?;
+    assert!(
+        row[3].parse::<u32>().is_ok_and(|n| n >= 1),
+        "replicas once warm: {row:?}"
+    );
 
     // --- once warm, new connections go direct, from inside and outside the cgroup ---
-    let out = curl_from_cgroup(&cgroup, &demo_url).await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello-"));
+    served("a request while warm").await?;
     let out = Command::new("curl")
         .args(["-sS", "-m", "10", &demo_url])
         .output()
@@ -318,6 +572,136 @@ async fn demo_prints_its_contract_wakes_its_app_from_its_cgroup_and_leaves_nothi
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello-"));
+
+    // --- a shorter idle window, set as a user would ---
+    // The connect rate is averaged over `rateWindow` and the idle window waits for it to
+    // be 0 too, so both are shortened.
+    let patch = serde_json::json!({"spec": {
+        "idleTimeout": TEST_IDLE,
+        "metrics": {"connections": {"rateWindow": TEST_IDLE}},
+    }})
+    .to_string();
+    let out = kubectl
+        .run(&[
+            "patch",
+            "scalingpolicy",
+            "hello",
+            "-n",
+            "demo",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ])
+        .await?;
+    assert!(
+        out.contains("scalingpolicy.nemesis.dev/hello patched"),
+        "{out}"
+    );
+    let spec = kubectl
+        .run(&[
+            "get",
+            "scalingpolicy",
+            "hello",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.spec.idleTimeout} {.status.conditions[?(@.type==\"Invalid\")].status}",
+        ])
+        .await?;
+    assert_eq!(spec.split_whitespace().next(), Some(TEST_IDLE), "{spec}");
+
+    // --- after the idle window, back to zero: replicas 0, pods gone, state zero ---
+    let asleep = Instant::now();
+    wait_for("hello scaled to zero", SLEEP_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let replicas = deployments.get("hello").await?.spec.replicas;
+            Ok((
+                (replicas == Some(0)).then_some(()),
+                format!("replicas {replicas:?}"),
+            ))
+        }
+    })
+    .await?;
+    let slept_after = asleep.elapsed();
+    wait_for("hello's pods gone", SETTLE_TIMEOUT, || {
+        let kubectl = &kubectl;
+        async move {
+            let pods = kubectl
+                .run(&["get", "pods", "-n", "demo", "-l", "app=hello", "-o", "name"])
+                .await?;
+            Ok((pods.trim().is_empty().then_some(()), pods))
+        }
+    })
+    .await?;
+    let row = kubectl.policy_row_in("zero").await?;
+    assert_eq!(row[3], "0", "replicas at zero: {row:?}");
+    // The Service has no endpoints again: outside the cgroup, nothing answers.
+    refused_outside();
+
+    // --- the controller's history (the UI's JSON API) records the cycle ---
+    let history_path = "api/v1/policies/demo/hello/history?window=1h";
+    let history = session.get(history_path).await?;
+    let zero_warm = ("zero".to_string(), "warm".to_string());
+    let warm_zero = ("warm".to_string(), "zero".to_string());
+    assert_eq!(
+        transitions(&history),
+        [zero_warm.clone(), warm_zero.clone()],
+        "{history:#}"
+    );
+    assert_eq!(scale_events(&history), [(0, 1), (1, 0)], "{history:#}");
+    let sleep_reason = history["transitions"][1]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        sleep_reason.contains(&format!("for {TEST_IDLE}")),
+        "the sleep should name the patched idle window: {sleep_reason:?}"
+    );
+    assert_eq!(history["coldStarts"][0]["outcome"], "ready", "{history:#}");
+    assert!(
+        history["coldStarts"][0]["heldConnections"].as_u64() >= Some(1),
+        "{history:#}"
+    );
+
+    // --- at zero again, a request from the cgroup is held and served: the sleep left
+    // the datapath holding ---
+    served("the first request after the sleep").await?;
+    let row = kubectl.policy_row_in("warm").await?;
+    assert!(
+        row[3].parse::<u32>().is_ok_and(|n| n >= 1),
+        "replicas once warm again: {row:?}"
+    );
+    let history = wait_for(
+        "the second cold start in the history",
+        SETTLE_TIMEOUT,
+        || {
+            let session = &session;
+            async move {
+                let h = session.get(history_path).await?;
+                let done = h["coldStarts"].as_array().is_some_and(|c| c.len() == 2)
+                    && h["coldStarts"][1]["outcome"] != serde_json::Value::Null;
+                Ok((done.then(|| h.clone()), format!("{h:#}")))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        transitions(&history),
+        [zero_warm.clone(), warm_zero, zero_warm],
+        "{history:#}"
+    );
+    assert_eq!(
+        scale_events(&history),
+        [(0, 1), (1, 0), (0, 1)],
+        "{history:#}"
+    );
+    assert_eq!(history["coldStarts"][1]["outcome"], "ready", "{history:#}");
+    assert!(
+        history["coldStarts"][1]["heldConnections"].as_u64() >= Some(1),
+        "the request after the sleep was not held: {history:#}"
+    );
+    eprintln!("demo_lifecycle: asleep {slept_after:?} after the idle window was set");
 
     // --- SIGINT stops everything ---
     let pid = demo.child.id().context("the demo is running")?;

@@ -344,6 +344,10 @@ impl Demo {
             "\nTry it: put a shell into the demo's cgroup, so the agent sees its connections,\n\
              and call the app (at zero replicas, the first call wakes it):\n\
              \n    echo $$ > {cg}/cgroup.procs; curl {url}\n\
+             \nWatch the policy go from zero to warm on that call, and back to zero once the\n\
+             app has had no connections for its idle window (idleTimeout in\n\
+             manifests/demo/20-policy.yaml); the next call wakes it again:\n\
+             \n    kubectl --kubeconfig {kc} get scalingpolicies -n demo -w\n\
              \n    kubectl --kubeconfig {kc} -n demo get deploy,pods,endpointslices,scalingpolicies\n\
              \nLogs: {logs}. Ctrl-C stops everything.",
             cg = cgroup.display(),
