@@ -18,8 +18,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, StorageError, Table, TableDefinition, TableHandle,
-    WriteTransaction,
+    AccessGuard, Database, Key, ReadableDatabase, ReadableTable, StorageError, Table,
+    TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -267,25 +267,17 @@ impl Store {
         metric: &str,
         window: Range<u64>,
     ) -> Result<Vec<MetricPoint>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn
-            .open_table(METRIC_SAMPLES)
-            .map_err(|source| StoreError::OpenTable {
-                table: METRIC_SAMPLES.name().to_string(),
-                source,
-            })?;
         let key = policy.key();
-        let range = table
-            .range((key.as_str(), metric, window.start)..(key.as_str(), metric, window.end))
-            .map_err(access_error(METRIC_SAMPLES))?;
-        let mut out = Vec::new();
-        for entry in range {
-            let (k, v) = entry.map_err(access_error(METRIC_SAMPLES))?;
+        self.read_range(
+            METRIC_SAMPLES,
+            (key.as_str(), metric, window.start)..(key.as_str(), metric, window.end),
+        )?
+        .map(|entry| {
+            let (k, value) = decode_entry(METRIC_SAMPLES, entry)?;
             let (_, _, at_ms) = k.value();
-            let value = decode(METRIC_SAMPLES, &k.value(), v.value())?;
-            out.push(MetricPoint { at_ms, value });
-        }
-        Ok(out)
+            Ok(MetricPoint { at_ms, value })
+        })
+        .collect()
     }
 
     pub fn cold_start_stats(
@@ -333,23 +325,13 @@ impl Store {
         policy: &PolicyId,
         window: Range<u64>,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn
-            .open_table(def)
-            .map_err(|source| StoreError::OpenTable {
-                table: def.name().to_string(),
-                source,
-            })?;
         let key = policy.key();
-        let range = table
-            .range((key.as_str(), window.start, 0)..(key.as_str(), window.end, 0))
-            .map_err(access_error(def))?;
-        let mut out = Vec::new();
-        for entry in range {
-            let (k, v) = entry.map_err(access_error(def))?;
-            out.push(decode(def, &k.value(), v.value())?);
-        }
-        Ok(out)
+        self.read_range(
+            def,
+            (key.as_str(), window.start, 0)..(key.as_str(), window.end, 0),
+        )?
+        .map(|entry| Ok(decode_entry(def, entry)?.1))
+        .collect()
     }
 
     fn last_event_before<T: DeserializeOwned>(
@@ -358,6 +340,20 @@ impl Store {
         policy: &PolicyId,
         at_ms: u64,
     ) -> Result<Option<T>, StoreError> {
+        let key = policy.key();
+        self.read_range(def, (key.as_str(), 0, 0)..(key.as_str(), at_ms, 0))?
+            .next_back()
+            .map(|entry| Ok(decode_entry(def, entry)?.1))
+            .transpose()
+    }
+
+    /// The entries of `def` with keys in `range`, in key order, from a read transaction of
+    /// their own (the range keeps it alive): one query sees one state of the file.
+    fn read_range<'k, K: Key + 'static>(
+        &self,
+        def: TableDefinition<K, &'static [u8]>,
+        range: Range<K::SelfType<'k>>,
+    ) -> Result<redb::Range<'static, K, &'static [u8]>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn
             .open_table(def)
@@ -365,18 +361,7 @@ impl Store {
                 table: def.name().to_string(),
                 source,
             })?;
-        let key = policy.key();
-        let last = table
-            .range((key.as_str(), 0, 0)..(key.as_str(), at_ms, 0))
-            .map_err(access_error(def))?
-            .next_back();
-        match last {
-            None => Ok(None),
-            Some(entry) => {
-                let (k, v) = entry.map_err(access_error(def))?;
-                Ok(Some(decode(def, &k.value(), v.value())?))
-            }
-        }
+        table.range(range).map_err(access_error(def))
     }
 
     // --- retention ---
@@ -469,6 +454,24 @@ fn encode<T: Serialize>(def: impl TableHandle, rec: &T) -> Result<Vec<u8>, Store
         source,
     })
 }
+
+/// One entry of a [`Store::read_range`]: its key and its decoded value.
+fn decode_entry<K, T>(
+    def: TableDefinition<K, &'static [u8]>,
+    entry: Result<RangeEntry<K>, StorageError>,
+) -> Result<(AccessGuard<'static, K>, T), StoreError>
+where
+    K: Key + 'static,
+    for<'a> K::SelfType<'a>: std::fmt::Debug,
+    T: DeserializeOwned,
+{
+    let (k, v) = entry.map_err(access_error(def))?;
+    let value = decode(def, &k.value(), v.value())?;
+    Ok((k, value))
+}
+
+/// What a range over a table of encoded records yields.
+type RangeEntry<K> = (AccessGuard<'static, K>, AccessGuard<'static, &'static [u8]>);
 
 fn decode<T: DeserializeOwned>(
     def: impl TableHandle,
