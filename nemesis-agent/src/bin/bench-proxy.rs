@@ -36,9 +36,9 @@ const CLUSTER_IP: &str = "127.96.0.1:80";
 const COLD_CLIENTS: usize = 100;
 const COLD_ROUNDS: usize = 10;
 const HELD_IDLE: usize = 10_000;
-/// Per transfer; 8 pairs of A and B: 2 GiB over loopback in total.
-const BULK_BYTES: usize = 128 << 20;
-const BULK_ROUNDS: usize = 8;
+/// Per transfer; 12 pairs of A and B: 6 GiB over loopback in total.
+const BULK_BYTES: usize = 256 << 20;
+const BULK_ROUNDS: usize = 12;
 
 fn service() -> ServiceRef {
     ServiceRef {
@@ -127,9 +127,22 @@ async fn serve_proxy() -> Result<()> {
     let port = listener.local_addr()?.port();
     let p = proxy.clone();
     tokio::spawn(async move { p.serve(listener).await });
-    let mut out = tokio::io::stdout();
+    // Commands are obeyed on a worker, as the agent's EndpointSlice watch publishes from
+    // a task of its own: a publish from the thread that blocks on the runtime would hand
+    // every woken connection over through the runtime's shared queue instead.
+    tokio::spawn(obey(proxy, endpoints, svc, port)).await?
+}
+
+async fn obey(
+    proxy: Proxy,
+    endpoints: std::sync::Arc<EndpointRegistry>,
+    svc: ServiceRef,
+    port: u16,
+) -> Result<()> {
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+    let mut out =
+        tokio::net::unix::pipe::Sender::from_owned_fd(stdout).context("stdout must be a pipe")?;
     out.write_all(format!("PORT {port}\n").as_bytes()).await?;
-    out.flush().await?;
     let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
     let stdin =
         tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).context("stdin must be a pipe")?;
@@ -145,12 +158,23 @@ async fn serve_proxy() -> Result<()> {
             (Some("HELD"), None) => {
                 out.write_all(format!("HELD {}\n", proxy.held_total()).as_bytes())
                     .await?;
-                out.flush().await?;
+            }
+            (Some("CPU"), None) => {
+                out.write_all(format!("CPU {}\n", cpu_micros()?).as_bytes())
+                    .await?;
             }
             _ => bail!("unknown command {line:?}"),
         }
     }
     Ok(())
+}
+
+/// CPU time this process used so far (all threads, user and system), in microseconds.
+fn cpu_micros() -> Result<u64> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF)?;
+    let us = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    Ok(us(u.user_time()) + us(u.system_time()))
 }
 
 struct ProxyChild {
@@ -201,6 +225,17 @@ impl ProxyChild {
             .strip_prefix("HELD ")
             .context("bad HELD line")?
             .parse()?)
+    }
+
+    /// The proxy process's CPU time so far, in microseconds.
+    async fn cpu(&mut self) -> Result<u64> {
+        self.send("CPU").await?;
+        let line = self
+            .stdout
+            .next_line()
+            .await?
+            .context("proxy child exited")?;
+        Ok(line.strip_prefix("CPU ").context("bad CPU line")?.parse()?)
     }
 
     async fn wait_held(&mut self, n: usize, within: Duration) -> Result<()> {
@@ -370,6 +405,9 @@ async fn read_response(mut s: TcpStream) -> Result<FirstByte> {
 struct Ttfb {
     seen: Vec<f64>,
     arrived: Vec<f64>,
+    /// CPU used per round by the proxy process, and by this one (clients, backend).
+    cpu_proxy_us: Vec<u64>,
+    cpu_here_us: Vec<u64>,
 }
 
 impl Ttfb {
@@ -398,6 +436,16 @@ impl Ttfb {
                 v[v.len() - 1]
             );
         }
+        let median = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        eprintln!(
+            "{what}: CPU per round (median) of the proxy {} us, of clients and backend {} us",
+            median(&self.cpu_proxy_us),
+            median(&self.cpu_here_us)
+        );
     }
 }
 
@@ -456,11 +504,16 @@ async fn proxied_round(proxy: &mut ProxyChild, backend: SocketAddr, out: &mut Tt
         .wait_held(COLD_CLIENTS, Duration::from_secs(10))
         .await?;
     // The backend listens already; this is the moment it becomes ready.
+    let cpu_before = (proxy.cpu().await?, cpu_micros()?);
     let ready_at = (Instant::now(), wall_now());
     proxy.send(&format!("READY {backend}")).await?;
     for c in clients {
         out.push(ready_at, &c.await??);
     }
+    // Both connections of each client closed (the clients read to EOF): the proxy's work
+    // of the release is done but for the last closes.
+    out.cpu_proxy_us.push(proxy.cpu().await? - cpu_before.0);
+    out.cpu_here_us.push(cpu_micros()? - cpu_before.1);
     proxy.send("ZERO").await?;
     proxy.wait_held(0, Duration::from_secs(5)).await?;
     Ok(())
@@ -468,6 +521,7 @@ async fn proxied_round(proxy: &mut ProxyChild, backend: SocketAddr, out: &mut Tt
 
 /// The same 100 clients, straight to the ready backend, all started at once.
 async fn direct_round(backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
+    let cpu_before = cpu_micros()?;
     let start = (Instant::now(), wall_now());
     let clients: Vec<_> = (0..COLD_CLIENTS)
         .map(|_| {
@@ -483,6 +537,7 @@ async fn direct_round(backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
     for c in clients {
         out.push(start, &c.await??);
     }
+    out.cpu_here_us.push(cpu_micros()? - cpu_before);
     Ok(())
 }
 
@@ -517,61 +572,108 @@ async fn futures_connect(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
     Ok(out)
 }
 
-/// A sink backend: reads everything, answers the byte count at EOF.
-async fn sink_backend() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+/// Pin the calling thread to one CPU (when the machine has it), so that the placement of
+/// the bulk client and the sink is the same in every transfer of both kinds: left to the
+/// scheduler, the direct baseline swings 1-3 GB/s on two cores with where the two land.
+fn pin_to(cpu: usize) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = CpuSet::new();
+    if set.set(cpu % cpus).is_ok() {
+        let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Blocking I/O on the bench's own sockets never waits longer than this.
+const BULK_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A sink backend on a thread of its own (pinned to the second CPU): reads everything,
+/// answers the byte count at EOF.
+fn sink_backend() -> Result<SocketAddr> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    backend_runtime().spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
+    std::thread::spawn(move || {
+        pin_to(1);
+        let mut buf = vec![0u8; 256 * 1024];
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_read_timeout(Some(BULK_IO_TIMEOUT));
+            let _ = s.set_write_timeout(Some(BULK_IO_TIMEOUT));
+            let mut total = 0u64;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
                 }
-                let _ = s.write_all(&total.to_le_bytes()).await;
-            });
+                total += n as u64;
+            }
+            let _ = s.write_all(&total.to_le_bytes());
         }
     });
     Ok(addr)
 }
 
-/// Send `BULK_BYTES` to `addr`, half-close, wait for the count; bytes per second.
-async fn bulk(addr: SocketAddr, chunk: &[u8]) -> Result<f64> {
-    let started = Instant::now();
-    let mut s = TcpStream::connect(addr).await?;
-    let mut sent = 0;
-    while sent < BULK_BYTES {
-        s.write_all(chunk).await?;
-        sent += chunk.len();
-    }
-    s.shutdown().await?;
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).await?;
-    let secs = started.elapsed().as_secs_f64();
-    ensure!(
-        u64::from_le_bytes(count) == BULK_BYTES as u64,
-        "the sink got {} of {BULK_BYTES} bytes",
-        u64::from_le_bytes(count)
-    );
-    Ok(BULK_BYTES as f64 / secs)
+/// Send `BULK_BYTES` to `addr` from a thread pinned to the first CPU, half-close, wait
+/// for the count; bytes per second.
+fn bulk(addr: SocketAddr) -> Result<f64> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use std::io::{Read, Write};
+                pin_to(0);
+                let chunk = vec![0x5au8; 256 * 1024];
+                let started = Instant::now();
+                let mut s = std::net::TcpStream::connect_timeout(&addr, BULK_IO_TIMEOUT)?;
+                s.set_read_timeout(Some(BULK_IO_TIMEOUT))?;
+                s.set_write_timeout(Some(BULK_IO_TIMEOUT))?;
+                let mut sent = 0;
+                while sent < BULK_BYTES {
+                    s.write_all(&chunk)?;
+                    sent += chunk.len();
+                }
+                s.shutdown(std::net::Shutdown::Write)?;
+                let mut count = [0u8; 8];
+                s.read_exact(&mut count)?;
+                let secs = started.elapsed().as_secs_f64();
+                ensure!(
+                    u64::from_le_bytes(count) == BULK_BYTES as u64,
+                    "the sink got {} of {BULK_BYTES} bytes",
+                    u64::from_le_bytes(count)
+                );
+                Ok(BULK_BYTES as f64 / secs)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the bulk client panicked"))?
+    })
 }
 
 async fn throughput_ratio() -> Result<f64> {
-    let sink = sink_backend().await?;
+    let sink = sink_backend()?;
     let mut proxy = ProxyChild::start().await?;
     proxy.send(&format!("READY {sink}")).await?;
-    let chunk = vec![0x5au8; 256 * 1024];
-    // Warm both paths once, then alternate A B A B.
-    bulk(sink, &chunk).await?;
-    bulk(proxy.addr, &chunk).await?;
+    // Warm both paths once.
+    bulk(sink)?;
+    bulk(proxy.addr)?;
     let (mut direct, mut proxied) = (Vec::new(), Vec::new());
-    for _ in 0..BULK_ROUNDS {
-        direct.push(bulk(sink, &chunk).await?);
-        proxied.push(bulk(proxy.addr, &chunk).await?);
+    let (mut cpu_proxy, mut cpu_here_direct, mut cpu_here_proxied) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..BULK_ROUNDS {
+        // A B, then B A: a drift in the machine's load hits both sides alike.
+        for proxied_turn in if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
+            let before = (proxy.cpu().await?, cpu_micros()?);
+            if proxied_turn {
+                proxied.push(bulk(proxy.addr)?);
+                cpu_proxy.push(proxy.cpu().await? - before.0);
+                cpu_here_proxied.push(cpu_micros()? - before.1);
+            } else {
+                direct.push(bulk(sink)?);
+                cpu_here_direct.push(cpu_micros()? - before.1);
+            }
+        }
     }
     let mib = |v: &[f64]| {
         v.iter()
@@ -579,14 +681,34 @@ async fn throughput_ratio() -> Result<f64> {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    eprintln!("direct MiB/s: {}", mib(&direct));
+    eprintln!("proxied MiB/s: {}", mib(&proxied));
+    // CPU per GiB moved: what each side costs the machine, whatever the throughput.
+    let per_gib = |v: &[u64]| {
+        let mut v: Vec<f64> = v
+            .iter()
+            .map(|us| *us as f64 / 1000.0 * (1u64 << 30) as f64 / BULK_BYTES as f64)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 50.0)
+    };
     eprintln!(
-        "direct MiB/s: {}; proxied MiB/s: {}",
-        mib(&direct),
-        mib(&proxied)
+        "CPU ms per GiB (median): direct: client+sink {:.0}; proxied: client+sink {:.0}, proxy {:.0}",
+        per_gib(&cpu_here_direct),
+        per_gib(&cpu_here_proxied),
+        per_gib(&cpu_proxy)
     );
-    // Each B against the A just before it, so that load changes on a shared machine hit
-    // both sides of a pair alike; the median pair is the figure.
+    // Each B against its A, so that load changes on a shared machine hit both sides of a
+    // pair alike; the median pair is the figure.
     let mut ratios: Vec<f64> = proxied.iter().zip(&direct).map(|(p, d)| p / d).collect();
     ratios.sort_by(f64::total_cmp);
+    eprintln!(
+        "pair ratios: {}",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     Ok(percentile(&ratios, 50.0))
 }
