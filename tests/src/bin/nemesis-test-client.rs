@@ -5,13 +5,19 @@
 //!
 //! Usage: nemesis-test-client --connect ADDR [--clients N] [--http | --raw TEXT]
 //!        [--give-up-after MS] [--timeout-ms MS]
+//!        [--every-ms MS --max-connections N --for-ms MS]
 //!
 //! - `--http` (default): `GET /` with `Connection: close`, then read to the end.
 //! - `--raw TEXT`: send TEXT (not HTTP) and read to the end.
 //! - `--give-up-after MS`: send nothing, wait MS, close (a client that gives up).
+//! - `--every-ms MS`: instead of N clients at once, start a new client every MS (without
+//!   waiting for the ones still running) until a `stop` line (or EOF) on stdin,
+//!   `--max-connections` clients (default 2,000) or `--for-ms` (default 60,000) since
+//!   `go`, whichever comes first; then wait for every client started.
 //!
 //! Each line: `{"client":i,"result":"response"|"error"|"gave_up","text":..,"error":..,
-//! "error_kind":..,"ms":..}`; `text` is what came back (lossy UTF-8).
+//! "error_kind":..,"ms":..,"started_ms":..}`; `text` is what came back (lossy UTF-8),
+//! `started_ms` when the client started, counted from `go`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -24,6 +30,9 @@ use tokio::net::TcpStream;
 /// One client's whole exchange must end within this unless told otherwise: a held
 /// connection waits for a cold start, which tests keep to seconds.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds of a repeating run unless told otherwise: a load that can never run away.
+const DEFAULT_MAX_CONNECTIONS: usize = 2_000;
+const DEFAULT_REPEAT_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 enum Mode {
@@ -38,6 +47,15 @@ struct Args {
     clients: usize,
     mode: Mode,
     timeout: Duration,
+    repeat: Option<Repeat>,
+}
+
+/// A client every `every` until stopped or a bound is reached.
+#[derive(Debug, Clone, Copy)]
+struct Repeat {
+    every: Duration,
+    max_connections: usize,
+    max_for: Duration,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -45,6 +63,14 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut clients = 1;
     let mut mode = Mode::Http;
     let mut timeout = DEFAULT_TIMEOUT;
+    let mut every = None;
+    let mut max_connections = DEFAULT_MAX_CONNECTIONS;
+    let mut max_for = DEFAULT_REPEAT_FOR;
+    let ms = |v: &str, flag: &str| -> anyhow::Result<Duration> {
+        Ok(Duration::from_millis(
+            v.parse().with_context(|| format!("{flag} {v}"))?,
+        ))
+    };
     let mut args = std::env::args().skip(1);
     let value = |args: &mut std::iter::Skip<std::env::Args>, flag: &str| {
         args.next().with_context(|| format!("{flag} needs a value"))
@@ -72,6 +98,14 @@ fn parse_args() -> anyhow::Result<Args> {
                 timeout =
                     Duration::from_millis(v.parse().with_context(|| format!("--timeout-ms {v}"))?);
             }
+            "--every-ms" => every = Some(ms(&value(&mut args, "--every-ms")?, "--every-ms")?),
+            "--max-connections" => {
+                let v = value(&mut args, "--max-connections")?;
+                max_connections = v
+                    .parse()
+                    .with_context(|| format!("--max-connections {v}"))?;
+            }
+            "--for-ms" => max_for = ms(&value(&mut args, "--for-ms")?, "--for-ms")?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -80,11 +114,17 @@ fn parse_args() -> anyhow::Result<Args> {
         clients,
         mode,
         timeout,
+        repeat: every.map(|every| Repeat {
+            every,
+            max_connections,
+            max_for,
+        }),
     })
 }
 
-async fn exchange(args: &Args, i: usize) -> serde_json::Value {
+async fn exchange(args: &Args, i: usize, go: Instant) -> serde_json::Value {
     let started = Instant::now();
+    let started_ms = started.duration_since(go).as_millis() as u64;
     let run = async {
         let mut stream = TcpStream::connect(args.connect).await?;
         match &args.mode {
@@ -107,7 +147,7 @@ async fn exchange(args: &Args, i: usize) -> serde_json::Value {
         Ok(Some(got))
     };
     let ms = || started.elapsed().as_millis() as u64;
-    match tokio::time::timeout(args.timeout, run).await {
+    let mut line = match tokio::time::timeout(args.timeout, run).await {
         Ok(Ok(Some(got))) => json!({
             "client": i, "result": "response",
             "text": String::from_utf8_lossy(&got), "ms": ms(),
@@ -121,24 +161,51 @@ async fn exchange(args: &Args, i: usize) -> serde_json::Value {
             "client": i, "result": "error", "error": "timed out",
             "error_kind": "TimedOut", "ms": ms(),
         }),
-    }
+    };
+    line["started_ms"] = json!(started_ms);
+    line
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     let mut line = String::new();
-    tokio::io::BufReader::new(tokio::io::stdin())
+    stdin
         .read_line(&mut line)
         .await
         .context("waiting for `go` on stdin")?;
     if line.trim() != "go" {
         bail!("expected `go` on stdin, got {line:?}");
     }
+    let go = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.clients {
-        let args = args.clone();
-        tasks.spawn(async move { exchange(&args, i).await });
+    match args.repeat {
+        None => {
+            for i in 0..args.clients {
+                let args = args.clone();
+                tasks.spawn(async move { exchange(&args, i, go).await });
+            }
+        }
+        Some(r) => {
+            // Anything on stdin after `go` (a `stop` line, or EOF) ends the run.
+            let mut stop = Box::pin(async move {
+                let mut rest = String::new();
+                let _ = stdin.read_line(&mut rest).await;
+            });
+            let mut tick = tokio::time::interval(r.every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let end = tokio::time::Instant::from_std(go + r.max_for);
+            for i in 0..r.max_connections {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep_until(end) => break,
+                }
+                let args = args.clone();
+                tasks.spawn(async move { exchange(&args, i, go).await });
+            }
+        }
     }
     let mut out = tokio::io::stdout();
     while let Some(result) = tasks.join_next().await {

@@ -5,6 +5,8 @@
 //! plays the controller: it checks the bearer token, counts wake-ups and scales the
 //! Deployment through `/scale` on the first one. Clients are processes moved into the
 //! test's cgroup before they connect (`nemesis-test-client`).
+//! [`WakeEnv::start_with`] can instead start the real controller in-process (as
+//! `nemesis-controller run` does) and point the agent at it, with a long-form policy.
 
 #![allow(dead_code, reason = "each test file uses its own subset")]
 
@@ -38,6 +40,8 @@ use nemesis_agent::services::scaling_policy_resource;
 use nemesis_common::wire::{
     Heartbeat, HeartbeatReply, ServiceDirective, ServiceReport, WakeReply, WakeRequest,
 };
+use nemesis_controller::app::Running;
+use nemesis_controller::config::RunArgs;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use nemesis_tests::demo::cluster_ip::cluster_ip;
 use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
@@ -49,6 +53,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub const SERVER: &str = env!("CARGO_BIN_EXE_nemesis-pod-server");
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_nemesis-test-client");
 pub const TOKEN: &str = "wake-test-agent-token";
+/// What the real controller (see [`Options::real_controller`]) wants from Alertmanager.
+pub const ALERT_TOKEN: &str = "wake-test-alertmanager-token";
 pub const NS: &str = "shop";
 pub const APP: &str = "web";
 pub const POD_PORT: u16 = 8080;
@@ -350,11 +356,25 @@ pub struct Scenario {
     pub scale_on_wake: bool,
 }
 
+/// What a test may want beyond [`Scenario`]; the default is [`WakeEnv::start`]'s world.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// The whole ScalingPolicy `spec` (a long-form automaton), instead of the short
+    /// form extended by [`Scenario::policy`].
+    pub policy_spec: Option<Value>,
+    /// Start the real controller in-process (extra `nemesis-controller run` flags) and
+    /// point the agent at it; the stand-in [`TestController`] still runs but is never
+    /// called, and `scale_on_wake` means nothing.
+    pub real_controller: Option<Vec<String>>,
+}
+
 pub struct WakeEnv {
     pub server: Option<TestApiServer>,
     pub client: Client,
     pub sandbox: Option<Sandbox>,
     pub controller: TestController,
+    /// The real controller, when [`Options::real_controller`] asked for it.
+    pub real: Option<Running>,
     pub agent: Option<Agent>,
     cgroup: Option<ChildCgroup>,
     bpffs: Option<ScratchBpffs>,
@@ -367,6 +387,10 @@ pub struct WakeEnv {
 
 impl WakeEnv {
     pub async fn start(sc: Scenario) -> anyhow::Result<Self> {
+        Self::start_with(sc, Options::default()).await
+    }
+
+    pub async fn start_with(sc: Scenario, opts: Options) -> anyhow::Result<Self> {
         init_tracing();
         let unique = format!("{}-{}", sc.name, std::process::id());
         let server = TestApiServer::start(ApiServerOptions::default()).await?;
@@ -398,15 +422,21 @@ impl WakeEnv {
             .create(&PostParams::default(), &service(ip)?)
             .await
             .context("creating the Service")?;
-        let mut spec = json!({
-            "target": {"deployment": APP, "service": APP},
-            "minReplicas": 0,
-            "maxReplicas": 1,
-            "idleTimeout": "10m",
-        });
-        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), sc.policy.as_object()) {
-            spec.extend(extra.clone());
-        }
+        let spec = match opts.policy_spec {
+            Some(spec) => spec,
+            None => {
+                let mut spec = json!({
+                    "target": {"deployment": APP, "service": APP},
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "idleTimeout": "10m",
+                });
+                if let (Some(spec), Some(extra)) = (spec.as_object_mut(), sc.policy.as_object()) {
+                    spec.extend(extra.clone());
+                }
+                spec
+            }
+        };
         let policy = DynamicObject::new(APP, &scaling_policy_resource())
             .within(NS)
             .data(json!({ "spec": spec }));
@@ -416,14 +446,22 @@ impl WakeEnv {
             .context("creating the ScalingPolicy")?;
 
         let controller = TestController::start(client.clone(), sc.scale_on_wake).await?;
+        let dir = tempfile::tempdir()?;
+        let token_file = dir.path().join("agent-token");
+        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+        let real = match &opts.real_controller {
+            Some(extra) => Some(start_real_controller(&server, dir.path(), extra).await?),
+            None => None,
+        };
+        let controller_url = real.as_ref().map_or_else(
+            || controller.url.clone(),
+            |r| format!("http://{}", r.api_addr),
+        );
         let mounts = std::fs::read_to_string("/proc/mounts")?;
         let root = prereq::cgroup2_mount(&mounts).context("a cgroup2 mount (run as root)")?;
         let cg_name = format!("nemesis-wake-{unique}");
         let cgroup = ChildCgroup::create(&root, &cg_name).context("creating the test cgroup")?;
         let bpffs = ScratchBpffs::mount(&cg_name).context("mounting a scratch bpffs")?;
-        let dir = tempfile::tempdir()?;
-        let token_file = dir.path().join("agent-token");
-        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
         let argv: Vec<String> = [
             "nemesis-agent",
             "run",
@@ -438,7 +476,7 @@ impl WakeEnv {
             "--admin-listen",
             "127.0.0.1:0",
             "--controller-url",
-            &controller.url,
+            &controller_url,
             "--agent-token-file",
             &token_file.display().to_string(),
             "--node-name",
@@ -460,6 +498,7 @@ impl WakeEnv {
             client,
             sandbox: Some(sandbox),
             controller,
+            real,
             agent: Some(agent),
             cgroup: Some(cgroup),
             bpffs: Some(bpffs),
@@ -570,6 +609,33 @@ impl WakeEnv {
         Ok(out)
     }
 
+    /// Starts `nemesis-test-client` in repeating mode (`args` must include `--every-ms`)
+    /// in the test's cgroup; it connects until [`RepeatingClients::stop`].
+    pub async fn repeating_clients(&self, args: &[&str]) -> anyhow::Result<RepeatingClients> {
+        let mut child = tokio::process::Command::new(CLIENT)
+            .args(args)
+            .arg("--connect")
+            .arg(self.service_addr.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning nemesis-test-client")?;
+        let pid = child.id().context("the client's pid")?;
+        self.cgroup
+            .as_ref()
+            .expect("cgroup")
+            .add_process(pid)
+            .context("moving the client into the test cgroup")?;
+        let mut stdin = child.stdin.take().context("client stdin")?;
+        stdin.write_all(b"go\n").await?;
+        stdin.flush().await?;
+        Ok(RepeatingClients {
+            clients: Clients { child },
+            stdin,
+        })
+    }
+
     /// Runs clients to completion (bounded by `within`) and returns their results.
     pub async fn run_clients(
         &self,
@@ -594,6 +660,9 @@ impl WakeEnv {
     /// Stops the agent (detaching its programs), the sandbox and the API server, then
     /// removes the cgroup and the scratch bpffs.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(real) = self.real.take() {
+            real.shutdown().await;
+        }
         if let Some(agent) = self.agent.take() {
             agent.shutdown().await.context("stopping the agent")?;
         }
@@ -613,6 +682,61 @@ impl WakeEnv {
         drop(self.bpffs.take());
         Ok(())
     }
+}
+
+#[derive(clap::Parser)]
+struct ControllerCli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The real controller against `server`, with its tokens and history in `dir` (the
+/// agent token file is already there), loopback ports picked by the kernel, and ticks and
+/// leases short enough for a test; waits until it leads.
+async fn start_real_controller(
+    server: &TestApiServer,
+    dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<Running> {
+    let alert_token = dir.join("alert-token");
+    std::fs::write(&alert_token, ALERT_TOKEN)?;
+    let defaults: &[(&str, &str)] = &[
+        ("--listen", "127.0.0.1:0"),
+        ("--admin-listen", "127.0.0.1:0"),
+        ("--lease-namespace", "default"),
+        ("--lease-duration", "3s"),
+        ("--renew-deadline", "2s"),
+        ("--retry-period", "250ms"),
+        ("--tick-interval", "200ms"),
+        ("--agent-lease", "2s"),
+        ("--sample-interval", "500ms"),
+        ("--status-interval", "500ms"),
+        ("--sleep-ack-timeout", "5s"),
+    ];
+    let mut args: Vec<String> = vec!["nemesis-controller".into()];
+    // A flag given in `extra` replaces its default.
+    for (flag, value) in defaults {
+        if !extra.iter().any(|e| e == flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    for (flag, path) in [
+        ("--agent-token-file", dir.join("agent-token")),
+        ("--alertmanager-token-file", alert_token),
+        ("--store-path", dir.join("history.redb")),
+    ] {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    args.extend(extra.iter().cloned());
+    let run = ControllerCli::try_parse_from(args)?.run;
+    let running = nemesis_controller::app::start(&run, server.client().await?)
+        .await
+        .context("starting the real controller")?;
+    let mut leading = running.leading();
+    tokio::time::timeout(Duration::from_secs(10), leading.wait_for(|l| *l))
+        .await
+        .context("the real controller did not lead within 10 s")??;
+    Ok(running)
 }
 
 async fn start_agent(argv: &[String], client: &Client) -> anyhow::Result<Agent> {
@@ -653,6 +777,23 @@ impl Clients {
     }
 }
 
+/// A `nemesis-test-client --every-ms` run: it keeps starting clients until stopped.
+pub struct RepeatingClients {
+    clients: Clients,
+    stdin: tokio::process::ChildStdin,
+}
+
+impl RepeatingClients {
+    /// Tells it to start no more clients, and waits (bounded by `within`) for the results
+    /// of all it started.
+    pub async fn stop(mut self, within: Duration) -> anyhow::Result<Vec<ClientResult>> {
+        // A client that already stopped by a bound has closed its stdin: that is fine.
+        let _ = self.stdin.write_all(b"stop\n").await;
+        drop(self.stdin);
+        self.clients.finish(within).await
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClientResult {
     pub client: usize,
@@ -665,6 +806,9 @@ pub struct ClientResult {
     #[serde(default)]
     pub error_kind: String,
     pub ms: u64,
+    /// When it started, from `go` (milliseconds).
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
 /// An HTTP/1.1 response, split.
