@@ -1,8 +1,10 @@
 //! The agent as one program: the eBPF datapath, the proxy listener(s), the EndpointSlice
 //! and managed-Service watches, the mode follower that drives the datapath's modes, the
 //! controller client (wake-ups, heartbeats, directives), the dead-man heartbeat and the
-//! admin server, started in order and stopped gracefully. Owns composition and
-//! lifecycle only; every decision lives in the modules it wires together.
+//! admin server, started in order and stopped gracefully, handing over to a next agent
+//! of the same node without a refused connect (see `handover` for why two at once are
+//! safe). Owns composition and lifecycle only; every decision lives in the modules it
+//! wires together.
 #![deny(unsafe_code)]
 
 use crate::admin::{self, AdminState, Readiness};
@@ -10,9 +12,10 @@ use crate::config::RunArgs;
 use crate::control::{
     AgentReports, ControlError, ControllerClient, DEFAULT_CALL_TIMEOUT, Heartbeats,
 };
-use crate::ebpf::{Datapath, LoadError};
+use crate::ebpf::{Datapath, DatapathConfig, LoadError, pins, prereq};
 use crate::endpoints::{self, EndpointRegistry};
-use crate::metrics::Metrics;
+use crate::handover::{self, HandoverError, Migration, WriterLock};
+use crate::metrics::{DatapathCounters, Metrics, ProxyMetrics};
 use crate::proxy::{
     self, Backoff, ModeFollower, OriginalDestinations, Proxy, ProxyConfig, ProxyError, ServiceTable,
 };
@@ -21,10 +24,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How often the eBPF counters are copied into the metrics and heartbeat reports: a
@@ -33,6 +36,13 @@ pub const COUNTERS_INTERVAL: Duration = Duration::from_millis(500);
 /// After the last task is stopped, how long a detach waits for a straggling holder of
 /// the datapath (a scrape in flight) before it gives up.
 const DETACH_WAIT: Duration = Duration::from_secs(2);
+/// Listen backlog of the admin socket: probes and scrapes, a handful at a time.
+const ADMIN_BACKLOG: u32 = 128;
+/// How long the proxy waits for the managed Services and their EndpointSlices before
+/// it accepts anyway: a sync takes well under a second against a live API server.
+const SYNC_WAIT_MAX: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the admin server to finish the requests in flight.
+const LISTENER_CLOSE_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -68,6 +78,8 @@ pub enum AgentError {
     DatapathInUse { after: Duration },
     #[error("configuring the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")]
     KubeClient(#[source] kube::Error),
+    #[error("waiting for the datapath's writer lock")]
+    Handover(#[from] HandoverError),
     #[error("installing the {signal} handler")]
     Signal {
         signal: &'static str,
@@ -76,24 +88,37 @@ pub enum AgentError {
     },
 }
 
-/// The proxy's view of original destinations: the datapath's, held weakly so that a
-/// connection task that outlives the agent never keeps the programs attached.
-struct DatapathDestinations(Weak<Datapath>);
+/// The datapath, once this agent holds the writer lock and has loaded it; weakly, so
+/// that a connection task or a scrape that outlives the agent never keeps the programs
+/// attached. Empty while the agent stands by for another one to hand over.
+type LateDatapath = Arc<OnceLock<Weak<Datapath>>>;
+
+/// The proxy's view of original destinations: the datapath's.
+struct DatapathDestinations(LateDatapath);
 
 impl OriginalDestinations for DatapathDestinations {
     fn lookup(&self, peer: SocketAddr) -> Option<SocketAddr> {
-        self.0.upgrade()?.original_destination(peer).map(|o| o.addr)
+        self.0
+            .get()?
+            .upgrade()?
+            .original_destination(peer)
+            .map(|o| o.addr)
     }
 }
 
 /// The programs' fail-open counters, read at scrape time, as
 /// `nemesis_agent_datapath_errors_total{kind}` (kinds from a fixed list).
 #[derive(Debug)]
-struct DatapathErrors(Weak<Datapath>);
+struct DatapathErrors(LateDatapath);
 
 impl Collector for DatapathErrors {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(counters) = self.0.upgrade().and_then(|dp| dp.error_counters().ok()) else {
+        let Some(counters) = self
+            .0
+            .get()
+            .and_then(Weak::upgrade)
+            .and_then(|dp| dp.error_counters().ok())
+        else {
             return Ok(());
         };
         let mut family = encoder.encode_descriptor(
@@ -114,10 +139,17 @@ pub struct Agent {
     admin_addr: SocketAddr,
     proxy_addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
+    /// The proxy's and the admin server's listeners: closed first at shutdown.
+    listeners: Vec<JoinHandle<()>>,
+    /// Waits for the writer lock, loads the datapath and runs everything that writes
+    /// it; aborting it releases the lock (see `handover`).
+    writer: JoinHandle<()>,
+    /// What the connections being drained still need (the EndpointSlice watch).
     tasks: Vec<JoinHandle<()>>,
-    datapath: Arc<Datapath>,
+    datapath: Arc<OnceLock<Arc<Datapath>>>,
     proxy: Proxy,
     readiness: Arc<Readiness>,
+    failed: Option<oneshot::Receiver<AgentError>>,
     detach_on_exit: bool,
     shutdown_grace: Duration,
 }
@@ -127,7 +159,7 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("admin_addr", &self.admin_addr)
             .field("proxy_addrs", &self.proxy_addrs)
-            .field("datapath", &self.datapath)
+            .field("datapath", &self.datapath.get())
             .finish_non_exhaustive()
     }
 }
@@ -171,11 +203,219 @@ fn stopped(stop: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> 
     }
 }
 
+/// The admin listener: SO_REUSEPORT like the proxy's, because the next agent of a
+/// hand-over binds the same host port while this one still runs.
+fn bind_admin(addr: SocketAddr) -> Result<tokio::net::TcpListener, AgentError> {
+    let bind = || -> std::io::Result<tokio::net::TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(ADMIN_BACKLOG)
+    };
+    bind().map_err(|source| AgentError::BindAdmin { addr, source })
+}
+
+/// The directory whose `flock` is the writer lock: the instance's pin directory,
+/// created if missing. `None` when it cannot be known before loading (no bpffs, a bad
+/// instance name): the load then fails and says why.
+fn writer_lock_dir(cfg: &DatapathConfig) -> Option<PathBuf> {
+    if !pins::valid_instance(&cfg.instance) {
+        return None;
+    }
+    let bpffs = match &cfg.bpffs {
+        Some(b) => b.clone(),
+        None => prereq::bpffs_mount(&std::fs::read_to_string("/proc/mounts").ok()?)?,
+    };
+    let layout = pins::PinLayout::new(&bpffs, &cfg.instance);
+    layout.create_dirs().ok()?;
+    Some(layout.dir().to_path_buf())
+}
+
+/// Everything the writer needs, built before the datapath is there.
+struct WriterParts {
+    args: RunArgs,
+    cfg: DatapathConfig,
+    node: String,
+    kube: kube::Client,
+    controller: Option<ControllerClient>,
+    table: Arc<ServiceTable>,
+    registry: Arc<EndpointRegistry>,
+    proxy: Proxy,
+    proxy_metrics: ProxyMetrics,
+    counters: Arc<DatapathCounters>,
+    readiness: Arc<Readiness>,
+    strong: Arc<OnceLock<Arc<Datapath>>>,
+    late: LateDatapath,
+    serving: watch::Sender<bool>,
+}
+
+impl WriterParts {
+    /// Loads or adopts the datapath (the writer lock is ours, or nobody can hold one)
+    /// and returns the loops that write it, which keep `lock` until they are dropped.
+    fn activate(
+        self,
+        lock: Option<WriterLock>,
+    ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, AgentError> {
+        let WriterParts {
+            args,
+            cfg,
+            node,
+            kube,
+            controller,
+            table,
+            registry,
+            proxy,
+            proxy_metrics,
+            counters,
+            readiness,
+            strong,
+            late,
+            serving,
+        } = self;
+        let datapath = Arc::new(
+            Datapath::load_or_adopt(&cfg).map_err(|e| AgentError::LoadDatapath(Box::new(e)))?,
+        );
+        let _ = late.set(Arc::downgrade(&datapath));
+        let _ = strong.set(datapath.clone());
+        readiness.set("datapath", true);
+        readiness.set("services", false);
+
+        let dp_services = DatapathServices::new(&datapath, registry.clone());
+        let managed = ManagedServices::new(
+            table.clone(),
+            dp_services.clone(),
+            proxy_metrics,
+            counters.clone(),
+        );
+        let modes = ModeFollower::new(table.clone(), registry.clone(), dp_services);
+        let (services_synced, mut services_synced_rx) = watch::channel(false);
+
+        // The dead-man heartbeat: while this beats, hold-mode redirects stay on.
+        let deadman = {
+            let dp = Arc::downgrade(&datapath);
+            let interval = args.heartbeat_interval;
+            async move {
+                let mut beat = tokio::time::interval(interval);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    beat.tick().await;
+                    let Some(dp) = dp.upgrade() else { return };
+                    if let Err(error) = dp.heartbeat() {
+                        tracing::warn!(error = %services::error_chain(&error), "heartbeat failed; held traffic is released once it is stale");
+                    }
+                }
+            }
+        };
+        drop(datapath);
+
+        // ScalingPolicies + Services -> managed rows in the table and the datapath.
+        let watch_services = {
+            let managed = managed.clone();
+            let registry = registry.clone();
+            let readiness = readiness.clone();
+            async move {
+                let ready = readiness.clone();
+                let result = services::watch_managed_services(kube, registry, managed, move || {
+                    ready.set("services", true);
+                    services_synced.send_replace(true);
+                    tracing::info!("managed Services synced");
+                })
+                .await;
+                if let Err(err) = result {
+                    tracing::error!(error = %services::error_chain(&err), "the managed-Service watch stopped");
+                    readiness.set("services", false);
+                }
+            }
+        };
+
+        // Datapath counters -> metrics (and so heartbeat reports).
+        let refresh_counters = async move {
+            let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(err) = managed.refresh_counters() {
+                    tracing::debug!(error = %services::error_chain(&err), "datapath counters not refreshed");
+                }
+            }
+        };
+
+        // The proxy accepts once it knows the managed Services and their endpoints:
+        // before that it could only close a held connection as unknown. Meanwhile the
+        // kernel queues them. Bounded, so that a cluster that never answers costs a
+        // clean close rather than clients waiting on a queue forever.
+        let open_proxy = {
+            let registry = registry.clone();
+            async move {
+                let synced = async {
+                    let _ = services_synced_rx.wait_for(|s| *s).await;
+                    registry.synced().await;
+                };
+                if tokio::time::timeout(SYNC_WAIT_MAX, synced).await.is_err() {
+                    tracing::warn!(after = ?SYNC_WAIT_MAX, "Services or EndpointSlices not synced yet; the proxy accepts anyway");
+                }
+                serving.send_replace(true);
+                std::future::pending::<()>().await;
+            }
+        };
+
+        let report = {
+            let modes = modes.clone();
+            let interval = args.controller_heartbeat_interval;
+            async move {
+                let Some(client) = controller else {
+                    tracing::warn!(
+                        "no --controller-url: held Services are not woken by this agent"
+                    );
+                    return;
+                };
+                Heartbeats {
+                    client,
+                    node,
+                    instance: random_instance(),
+                    interval,
+                    backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+                    reports: Arc::new(AgentReports {
+                        table,
+                        modes: modes.clone(),
+                        proxy,
+                        datapath: counters,
+                    }),
+                    directives: modes.clone(),
+                    kick: modes.changed.clone(),
+                }
+                .run()
+                .await
+            }
+        };
+
+        Ok(async move {
+            let _lock = lock;
+            tokio::join!(
+                deadman,
+                watch_services,
+                refresh_counters,
+                open_proxy,
+                modes.run(),
+                report
+            );
+        })
+    }
+}
+
 impl Agent {
     /// Starts every part of the agent against the API server of `client`: binds the
-    /// proxy listener(s) first (so the datapath is told their real ports), loads or
-    /// adopts the datapath, then starts the watches, the proxy, the mode follower, the
-    /// controller loop and the admin server.
+    /// proxy and admin listeners first (SO_REUSEPORT: a predecessor may still listen
+    /// there), starts the admin server and the EndpointSlice watch, then takes the
+    /// writer lock of the datapath: at once if no other agent of this instance runs,
+    /// loading or adopting the datapath and starting the writers before returning; else
+    /// in the background, standing by (listening, queueing, not accepting) until the
+    /// other agent lets go (see `handover`).
     pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Agent, AgentError> {
         let node = node_name(args)?;
         let controller = match (&args.controller_url, &args.agent_token_file) {
@@ -187,6 +427,19 @@ impl Agent {
             (Some(_), None) => return Err(AgentError::MissingToken),
             (None, _) => None,
         };
+
+        match handover::enable_listener_migration(Path::new(handover::TCP_MIGRATE_REQ)) {
+            Migration::AlreadyOn => {
+                tracing::debug!("net.ipv4.tcp_migrate_req is on")
+            }
+            Migration::TurnedOn => tracing::info!(
+                "net.ipv4.tcp_migrate_req turned on: a closing agent's queued connections move to the next one"
+            ),
+            Migration::Unavailable(why) => tracing::warn!(
+                %why,
+                "net.ipv4.tcp_migrate_req is off and cannot be turned on: connections queued at this agent's proxy when it stops are reset instead of moving to the next agent (set it on the host, e.g. in the DaemonSet's privileged init container)"
+            ),
+        }
 
         // The proxy listeners: bound before the datapath redirects anything to them.
         let v4 = proxy::bind(SocketAddr::V4(args.datapath.proxy_v4))?;
@@ -205,12 +458,7 @@ impl Agent {
             },
             None => None,
         };
-        let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
-            .await
-            .map_err(|source| AgentError::BindAdmin {
-                addr: args.admin_listen,
-                source,
-            })?;
+        let admin_listener = bind_admin(args.admin_listen)?;
         let admin_addr = admin_listener
             .local_addr()
             .map_err(|source| AgentError::BindAdmin {
@@ -221,64 +469,42 @@ impl Agent {
         let mut cfg = args.datapath.to_config();
         cfg.proxy_v4 = Some(v4_addr);
         cfg.proxy_v6 = v6_addr;
-        let datapath = Arc::new(
-            Datapath::load_or_adopt(&cfg).map_err(|e| AgentError::LoadDatapath(Box::new(e)))?,
-        );
 
+        // A standing-by agent is ready once it knows the endpoints: it listens, and it
+        // takes over the instant the other agent lets go (a DaemonSet update waits for
+        // this before stopping the old agent). "datapath" and "services" join then.
         let readiness = Readiness::new();
-        readiness.set("datapath", true);
         readiness.set("proxy", true);
         readiness.set("endpoints", false);
-        readiness.set("services", false);
 
+        let late: LateDatapath = Arc::new(OnceLock::new());
+        let strong = Arc::new(OnceLock::new());
         let mut metrics = Metrics::new();
         metrics
             .registry_mut()
-            .register_collector(Box::new(DatapathErrors(Arc::downgrade(&datapath))));
+            .register_collector(Box::new(DatapathErrors(late.clone())));
         let table = ServiceTable::new();
         let registry = EndpointRegistry::new();
-        let dp_services = DatapathServices::new(&datapath, registry.clone());
-        let managed = ManagedServices::new(
-            table.clone(),
-            dp_services.clone(),
-            metrics.proxy.clone(),
-            metrics.datapath.clone(),
-        );
-        let modes = ModeFollower::new(table.clone(), registry.clone(), dp_services.clone());
         let mut proxy_config = ProxyConfig::new(node.clone());
         proxy_config.max_held_total = args.max_held_total;
         let proxy = Proxy::new(
             proxy_config,
             table.clone(),
             registry.clone(),
-            Arc::new(DatapathDestinations(Arc::downgrade(&datapath))),
+            Arc::new(DatapathDestinations(late.clone())),
             controller.clone(),
             metrics.proxy.clone(),
         );
+        let proxy_metrics = metrics.proxy.clone();
         let counters = metrics.datapath.clone();
         let registry_text = metrics.into_registry();
 
         let (stop, _) = watch::channel(false);
+        let (serving, _) = watch::channel(false);
+        let mut listeners = Vec::new();
         let mut tasks = Vec::new();
 
-        // The dead-man heartbeat: while this beats, hold-mode redirects stay on.
-        {
-            let dp = Arc::downgrade(&datapath);
-            let interval = args.heartbeat_interval;
-            tasks.push(tokio::spawn(async move {
-                let mut beat = tokio::time::interval(interval);
-                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    beat.tick().await;
-                    let Some(dp) = dp.upgrade() else { return };
-                    if let Err(error) = dp.heartbeat() {
-                        tracing::warn!(error = %services::error_chain(&error), "heartbeat failed; held traffic is released once it is stale");
-                    }
-                }
-            }));
-        }
-
-        // EndpointSlices -> ready backends.
+        // EndpointSlices -> ready backends. Read-only, so a standby agent runs it too.
         {
             let client = client.clone();
             let registry = registry.clone();
@@ -300,74 +526,24 @@ impl Agent {
             }));
         }
 
-        // ScalingPolicies + Services -> managed rows in the table and the datapath.
-        {
-            let readiness = readiness.clone();
-            let managed = managed.clone();
-            let registry = registry.clone();
-            tasks.push(tokio::spawn(async move {
-                let ready = readiness.clone();
-                let result =
-                    services::watch_managed_services(client, registry, managed, move || {
-                        ready.set("services", true);
-                        tracing::info!("managed Services synced");
-                    })
-                    .await;
-                if let Err(err) = result {
-                    tracing::error!(error = %services::error_chain(&err), "the managed-Service watch stopped");
-                    readiness.set("services", false);
-                }
-            }));
-        }
-
-        // Datapath counters -> metrics (and so heartbeat reports).
-        {
-            let managed = managed.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    if let Err(err) = managed.refresh_counters() {
-                        tracing::debug!(error = %services::error_chain(&err), "datapath counters not refreshed");
-                    }
-                }
-            }));
-        }
-
-        tasks.push(tokio::spawn(modes.clone().run()));
-
         for listener in std::iter::once(v4).chain(v6) {
             let proxy = proxy.clone();
             let stopped = stopped(&stop);
-            tasks.push(tokio::spawn(async move {
-                // Dropping `serve` closes the listener; accepted connections run on.
+            let mut serving = serving.subscribe();
+            listeners.push(tokio::spawn(async move {
+                // Listening from the start (the kernel queues connects), accepting once
+                // the writer says so; dropping `serve` closes the listener, and the
+                // connections already accepted run on.
+                let serve = async {
+                    if serving.wait_for(|s| *s).await.is_ok() {
+                        proxy.serve(listener).await;
+                    }
+                };
                 tokio::select! {
-                    _ = proxy.serve(listener) => {}
+                    _ = serve => {}
                     _ = stopped => {}
                 }
             }));
-        }
-
-        if let Some(client) = controller {
-            let heartbeats = Heartbeats {
-                client,
-                node: node.clone(),
-                instance: random_instance(),
-                interval: args.controller_heartbeat_interval,
-                backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
-                reports: Arc::new(AgentReports {
-                    table: table.clone(),
-                    modes: modes.clone(),
-                    proxy: proxy.clone(),
-                    datapath: counters,
-                }),
-                directives: modes.clone(),
-                kick: modes.changed.clone(),
-            };
-            tasks.push(tokio::spawn(heartbeats.run()));
-        } else {
-            tracing::warn!("no --controller-url: held Services are not woken by this agent");
         }
 
         {
@@ -376,12 +552,62 @@ impl Agent {
                 readiness: readiness.clone(),
             };
             let stopped = stopped(&stop);
-            tasks.push(tokio::spawn(async move {
+            listeners.push(tokio::spawn(async move {
                 if let Err(err) = admin::serve(admin_listener, state, stopped).await {
                     tracing::error!(%err, "the admin server stopped");
                 }
             }));
         }
+
+        let parts = WriterParts {
+            args: args.clone(),
+            cfg: cfg.clone(),
+            node: node.clone(),
+            kube: client,
+            controller,
+            table,
+            registry,
+            proxy: proxy.clone(),
+            proxy_metrics,
+            counters,
+            readiness: readiness.clone(),
+            strong: strong.clone(),
+            late,
+            serving,
+        };
+        let lock_dir = writer_lock_dir(&cfg);
+        let lock = match &lock_dir {
+            Some(dir) => WriterLock::try_acquire(dir)?,
+            None => None,
+        };
+        let (failed_tx, failed) = oneshot::channel();
+        let writer = match (lock, lock_dir) {
+            (Some(lock), _) => tokio::spawn(parts.activate(Some(lock))?),
+            // Nothing to lock: the load fails and says why.
+            (None, None) => tokio::spawn(parts.activate(None)?),
+            (None, Some(dir)) => {
+                tracing::info!(
+                    pin_dir = %dir.display(),
+                    "another agent of this instance runs: standing by (listening, not accepting) until it hands over"
+                );
+                tokio::spawn(async move {
+                    let lock = match WriterLock::acquire(&dir).await {
+                        Ok(lock) => lock,
+                        Err(err) => {
+                            let _ = failed_tx.send(err.into());
+                            return;
+                        }
+                    };
+                    tracing::info!("the other agent handed over: taking the datapath");
+                    match parts.activate(Some(lock)) {
+                        Ok(writers) => writers.await,
+                        Err(err) => {
+                            let _ = failed_tx.send(err);
+                        }
+                    }
+                })
+            }
+        };
 
         let proxy_addrs: Vec<SocketAddr> = std::iter::once(SocketAddr::V4(v4_addr))
             .chain(v6_addr.map(SocketAddr::V6))
@@ -390,18 +616,20 @@ impl Agent {
             node = %node,
             admin = %admin_addr,
             proxy = ?proxy_addrs,
-            cgroup = %datapath.cgroup().display(),
-            pin_dir = %datapath.pin_dir().display(),
+            active = strong.get().is_some(),
             "agent started"
         );
         Ok(Agent {
             admin_addr,
             proxy_addrs,
             stop,
+            listeners,
+            writer,
             tasks,
-            datapath,
+            datapath: strong,
             proxy,
             readiness,
+            failed: Some(failed),
             detach_on_exit: args.detach_on_exit,
             shutdown_grace: args.shutdown_grace,
         })
@@ -425,8 +653,29 @@ impl Agent {
         }
     }
 
+    /// Whether this agent holds the writer lock and has the datapath (false while it
+    /// stands by for another agent of its instance to hand over).
+    pub fn is_active(&self) -> bool {
+        self.datapath.get().is_some()
+    }
+
+    /// The datapath. Panics while the agent stands by ([`Agent::is_active`] is false):
+    /// until the hand-over it is another agent's.
     pub fn datapath(&self) -> &Datapath {
-        &self.datapath
+        self.datapath
+            .get()
+            .expect("the agent stands by: the datapath is still another agent's")
+    }
+
+    /// Resolves if the agent cannot go on: a standby agent failed to take over.
+    pub async fn failed(&mut self) -> AgentError {
+        match self.failed.take() {
+            Some(rx) => match rx.await {
+                Ok(err) => err,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether [`Agent::shutdown`] detaches the datapath (from `--detach-on-exit` at
@@ -435,18 +684,29 @@ impl Agent {
         self.detach_on_exit = detach;
     }
 
+    /// How long [`Agent::shutdown`] lets the proxy's connections finish (from
+    /// `--shutdown-grace` at start).
+    pub fn set_shutdown_grace(&mut self, grace: Duration) {
+        self.shutdown_grace = grace;
+    }
+
     /// True once every readiness condition holds (what `/readyz` answers).
     pub fn is_ready(&self) -> bool {
         self.readiness.check().is_ok()
     }
 
-    /// Stops accepting, lets connections in the proxy's hands finish for up to the
-    /// shutdown grace, stops every loop, and detaches the datapath if asked to (else it
-    /// stays attached and pinned for the next agent; held traffic is released by the
-    /// dead-man switch if none comes).
+    /// Hands over and stops, in this order: closes the listeners (connections queued
+    /// there move to a next agent's, see `handover`), stops every writer of the
+    /// datapath and releases the writer lock, lets connections in the proxy's hands
+    /// finish for up to the shutdown grace (their endpoints are still watched), stops
+    /// the rest, and detaches the datapath if asked to (else it stays attached and
+    /// pinned for the next agent; held traffic is released by the dead-man switch if
+    /// none comes).
     pub async fn shutdown(self) -> Result<(), AgentError> {
         let Agent {
             stop,
+            listeners,
+            writer,
             tasks,
             datapath,
             proxy,
@@ -455,6 +715,20 @@ impl Agent {
             ..
         } = self;
         stop.send_replace(true);
+        for mut t in listeners {
+            // The admin server finishes the requests in flight; a stuck scrape must
+            // not hold the hand-over up.
+            if tokio::time::timeout(LISTENER_CLOSE_MAX, &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+                let _ = t.await;
+            }
+        }
+        writer.abort();
+        let _ = writer.await;
+        tracing::info!("listeners closed and the datapath let go; draining");
         let deadline = tokio::time::Instant::now() + shutdown_grace;
         while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -477,7 +751,13 @@ impl Agent {
             tracing::info!("datapath left attached and pinned for the next agent");
             return Ok(());
         }
-        let mut datapath = datapath;
+        let Some(mut datapath) = Arc::try_unwrap(datapath)
+            .ok()
+            .and_then(OnceLock::into_inner)
+        else {
+            tracing::info!("this agent never held the datapath: nothing to detach");
+            return Ok(());
+        };
         let deadline = tokio::time::Instant::now() + DETACH_WAIT;
         let dp = loop {
             match Arc::try_unwrap(datapath) {
@@ -505,8 +785,11 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let client = kube::Client::try_default()
         .await
         .map_err(AgentError::KubeClient)?;
-    let agent = Agent::start(&args, client).await?;
-    shutdown_signal().await?;
+    let mut agent = Agent::start(&args, client).await?;
+    tokio::select! {
+        signal = shutdown_signal() => signal?,
+        err = agent.failed() => return Err(err),
+    }
     tracing::info!("shutting down");
     agent.shutdown().await
 }

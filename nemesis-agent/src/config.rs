@@ -50,7 +50,7 @@ pub enum Command {
     Cleanup(CleanupArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub datapath: DatapathArgs,
@@ -98,7 +98,7 @@ pub struct CleanupArgs {
     pub instance: InstanceArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct InstanceArgs {
     /// Names the pin directory `<bpffs>/nemesis/<instance>`.
     #[arg(long, env = "NEMESIS_AGENT_INSTANCE", default_value = DEFAULT_INSTANCE)]
@@ -108,7 +108,7 @@ pub struct InstanceArgs {
     pub bpffs: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct DatapathArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,

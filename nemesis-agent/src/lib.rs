@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod ebpf;
 pub mod endpoints;
+pub mod handover;
 pub mod metrics;
 pub mod proxy;
 pub mod services;

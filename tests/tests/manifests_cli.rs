@@ -290,13 +290,37 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
     let argv = argv(&AgentCli::command(), c, &env)?;
     let run = agent_run(&argv)?;
 
-    // Probes and the scrape port reach the admin listener.
-    let admin = container_port(c, "admin")?;
+    // Updates surge: the new agent starts beside the old one on the same host ports
+    // (SO_REUSEPORT). A declared port of a host-network Pod is a hostPort, which would
+    // keep the scheduler from placing the new Pod on the node: none is declared.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(rolling["maxSurge"], 1, "the new agent starts first");
+    assert_eq!(rolling["maxUnavailable"], 0, "the old agent stops last");
+    assert!(
+        c["ports"].as_array().is_none_or(|p| p.is_empty()),
+        "the agent declares no ports (hostPorts forbid the surge)"
+    );
+
+    // Probes and the scrape target reach the admin listener.
+    let admin = probe_port(c, "readinessProbe")?;
     assert_eq!(
         run.admin_listen.port(),
         admin,
-        "--admin-listen vs port admin"
+        "--admin-listen vs the probes' port"
     );
+    let monitoring = kustomize("monitoring")?;
+    let pm = find(&monitoring, "PodMonitor", "nemesis-agent")?;
+    let scrape_port = pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["targetLabel"] == "__address__")
+        .and_then(|r| r["replacement"].as_str())
+        .and_then(|r| r.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .context("the PodMonitor sets __address__ to <pod IP>:<admin port>")?;
+    assert_eq!(scrape_port, admin, "the PodMonitor scrapes the admin port");
     assert!(
         run.admin_listen.ip().is_unspecified(),
         "--admin-listen {} must take the kubelet's probes on the node address",

@@ -128,7 +128,11 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-/// Bind the proxy's listening socket with a backlog for bursts.
+/// Bind the proxy's listening socket with a backlog for bursts. SO_REUSEPORT: during a
+/// hand-over the next agent listens on the same address beside this one, and the
+/// connections queued here when this listener closes move to it (see `handover`). A
+/// port-0 bind never joins another socket's group: the kernel picks a port no
+/// SO_REUSEPORT socket holds.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     let bind = || -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {
@@ -137,6 +141,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };
