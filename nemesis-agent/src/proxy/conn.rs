@@ -181,12 +181,27 @@ async fn hold(
                     .saturating_duration_since(Instant::now())
                     .min(shared.config.connect_timeout);
                 // Boxed, like the forwarding below: only the dialling connection pays.
-                let dial = Box::pin(shared.backends.connect(&backends, last_failed, budget));
+                // What the client sent while held goes out with the connect.
+                let dial = Box::pin(shared.backends.connect(
+                    &backends,
+                    last_failed,
+                    budget,
+                    &buf.data,
+                ));
                 match dial.await {
-                    Ok((backend, lease)) => {
+                    Ok((backend, lease, sent)) => {
                         // Boxed: the splice state is not carried by every held connection.
                         Box::pin(forward(
-                            &shared, client, backend, lease, buf, guard, accepted,
+                            &shared,
+                            client,
+                            Dialled {
+                                backend,
+                                lease,
+                                sent,
+                            },
+                            buf,
+                            guard,
+                            accepted,
                         ))
                         .await;
                         return;
@@ -274,18 +289,28 @@ fn end_held(shared: &Shared, outcome: Outcome, accepted: Instant) {
         .observe(accepted.elapsed().as_secs_f64());
 }
 
+/// A backend connection, with how much of the held bytes went out with its connect.
+struct Dialled {
+    backend: TcpStream,
+    lease: BackendLease,
+    sent: usize,
+}
+
 async fn forward(
     shared: &Shared,
     client: TcpStream,
-    mut backend: TcpStream,
-    lease: BackendLease,
+    dialled: Dialled,
     buf: HoldBuffer,
     guard: HeldGuard,
     accepted: Instant,
 ) {
+    let Dialled {
+        mut backend,
+        lease,
+        sent,
+    } = dialled;
     end_held(shared, Outcome::Forwarded, accepted);
     drop(guard);
-    let _ = backend.set_nodelay(true);
     let up = shared
         .metrics
         .bytes
@@ -300,14 +325,14 @@ async fn forward(
             direction: Direction::BackendToClient,
         })
         .clone();
-    // What the client sent while held goes first, in order.
-    if !buf.data.is_empty() {
-        if let Err(err) = backend.write_all(&buf.data).await {
-            tracing::debug!(backend = %lease.addr, %err, "delivering the held bytes failed");
-            return;
-        }
-        up.inc_by(buf.data.len() as u64);
+    // What the client sent while held goes first, in order (the connect sent `sent`).
+    if sent < buf.data.len()
+        && let Err(err) = backend.write_all(&buf.data[sent..]).await
+    {
+        tracing::debug!(backend = %lease.addr, %err, "delivering the held bytes failed");
+        return;
     }
+    up.inc_by(buf.data.len() as u64);
     let client_done = buf.eof;
     drop(buf);
     if client_done && let Err(err) = shutdown_write(&backend) {
