@@ -470,12 +470,26 @@ impl Agent {
         cfg.proxy_v4 = Some(v4_addr);
         cfg.proxy_v6 = v6_addr;
 
+        // The writer lock, tried once now: free unless another agent of this instance
+        // runs (then this one stands by, see below).
+        let lock_dir = writer_lock_dir(&cfg);
+        let lock = match &lock_dir {
+            Some(dir) => WriterLock::try_acquire(dir)?,
+            None => None,
+        };
+        let standby = lock.is_none() && lock_dir.is_some();
+
         // A standing-by agent is ready once it knows the endpoints: it listens, and it
         // takes over the instant the other agent lets go (a DaemonSet update waits for
-        // this before stopping the old agent). "datapath" and "services" join then.
+        // this before stopping the old agent). "datapath" and "services" join then; an
+        // active agent has them from the start, so it is never ready before its load.
         let readiness = Readiness::new();
         readiness.set("proxy", true);
         readiness.set("endpoints", false);
+        if !standby {
+            readiness.set("datapath", false);
+            readiness.set("services", false);
+        }
 
         let late: LateDatapath = Arc::new(OnceLock::new());
         let strong = Arc::new(OnceLock::new());
@@ -574,11 +588,6 @@ impl Agent {
             strong: strong.clone(),
             late,
             serving,
-        };
-        let lock_dir = writer_lock_dir(&cfg);
-        let lock = match &lock_dir {
-            Some(dir) => WriterLock::try_acquire(dir)?,
-            None => None,
         };
         let (failed_tx, failed) = oneshot::channel();
         let writer = match (lock, lock_dir) {
