@@ -23,6 +23,11 @@
 //! - The dead-man switch needs no hand-over: the heartbeat is one value in a pinned
 //!   map, written only by the lock holder; while the standby takes over (milliseconds)
 //!   it ages far less than `--deadman-max-age`.
+//! - The mode followers never fight: the standby runs none until it holds the lock,
+//!   and it starts from the table as the old one left it. The controller hears from one
+//!   agent of the node at a time too: a standby sends no heartbeat and no wake-up (its
+//!   proxy accepts nothing), and the old agent stops reporting when it lets go; the new
+//!   one reports under a new instance id, as after any restart.
 //! - The lock dies with its process (it is a `flock` on an open file), so a crashed
 //!   agent never blocks its successor.
 
