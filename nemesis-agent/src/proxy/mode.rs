@@ -1,5 +1,6 @@
 //! The mode of every managed Service in the datapath: hold while it has no ready
-//! backend (or the controller asked to hold it for a scale-down), direct once it has one.
+//! backend (or the controller asked to hold it for a scale-down), direct once it has one
+//! and the node's Service proxy has had [`DIRECT_AFTER_READY`] to program it.
 //! Owns the decision and its application through a [`ModeSink`]; never touches
 //! connections (those already held drain through the proxy).
 
@@ -10,6 +11,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A held Service whose backends just became ready stays held this long (the proxy
+/// forwards its connects at once meanwhile) before connects go direct: direct means
+/// through kube-proxy (or whatever serves the ClusterIP), which programs the new
+/// endpoints on its own schedule (kube-proxy's `minSyncPeriod` defaults to 1 s), and a
+/// connect sent direct before that is refused. Seen end to end in the sandbox: its
+/// Service proxy opened the ClusterIP 7 ms after the agent went direct, and a connect in
+/// between was refused. Backends that were ready all along (a sleep given up) go direct
+/// at once.
+pub const DIRECT_AFTER_READY: Duration = Duration::from_secs(2);
 
 /// Where modes are applied: the eBPF service table (the datapath engineer implements it).
 pub trait ModeSink: Send + Sync + 'static {
@@ -25,6 +37,24 @@ pub struct ModeSinkError(pub Box<dyn std::error::Error + Send + Sync>);
 /// Hold unless a backend is ready and the controller does not want the Service held.
 pub fn decide_hold(ready: bool, directive: Directive) -> bool {
     directive == Directive::Sleep || !ready
+}
+
+/// [`decide_hold`] with the hand-over: a Service held now (`held`) and ready since
+/// `ready_since` stays held until `ready_since + handover`. Returns whether to hold, and
+/// when to decide again if that changes by time alone.
+fn hold_with_handover(
+    want_hold: bool,
+    held: bool,
+    ready_since: Option<Instant>,
+    handover: Duration,
+    now: Instant,
+) -> (bool, Option<Instant>) {
+    match ready_since {
+        Some(since) if held && !want_hold && now < since + handover => {
+            (true, Some(since + handover))
+        }
+        _ => (want_hold, None),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,10 +78,15 @@ pub struct ModeFollower {
     sink: Arc<dyn ModeSink>,
     desired: Mutex<HashMap<ServiceRef, Desired>>,
     applied: Mutex<HashMap<ServiceRef, Applied>>,
+    /// Since when each Service has had a ready backend without a break.
+    ready_since: Mutex<HashMap<ServiceRef, Instant>>,
+    /// The next time a hand-over ends (a pass is due then).
+    recheck_at: Mutex<Option<Instant>>,
     kick: Notify,
     /// Notified after a mode was applied (e.g. to send a heartbeat at once).
     pub changed: Arc<Notify>,
     retry: Duration,
+    handover: Duration,
 }
 
 impl std::fmt::Debug for ModeFollower {
@@ -74,9 +109,12 @@ impl ModeFollower {
             sink,
             desired: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
+            ready_since: Mutex::new(HashMap::new()),
+            recheck_at: Mutex::new(None),
             kick: Notify::new(),
             changed: Arc::new(Notify::new()),
             retry: Duration::from_secs(1),
+            handover: DIRECT_AFTER_READY,
         })
     }
 
@@ -114,6 +152,10 @@ impl ModeFollower {
         let desired = self.desired.lock().expect("mode desired lock").clone();
         let mut applied = self.applied.lock().expect("mode applied lock");
         applied.retain(|svc, _| services.contains(svc));
+        let mut ready_since = self.ready_since.lock().expect("mode ready lock");
+        ready_since.retain(|svc, _| services.contains(svc));
+        let now = Instant::now();
+        let mut recheck_at: Option<Instant> = None;
         let mut all_ok = true;
         let mut any_change = false;
         for svc in services {
@@ -122,7 +164,23 @@ impl ModeFollower {
                 epoch: 0,
             });
             let ready = !self.endpoints.current(&svc).is_empty();
-            let hold = decide_hold(ready, want.directive);
+            let since = if ready {
+                Some(*ready_since.entry(svc.clone()).or_insert(now))
+            } else {
+                ready_since.remove(&svc);
+                None
+            };
+            let held = applied.get(&svc).is_some_and(|a| a.hold);
+            let (hold, until) = hold_with_handover(
+                decide_hold(ready, want.directive),
+                held,
+                since,
+                self.handover,
+                now,
+            );
+            if let Some(t) = until {
+                recheck_at = Some(recheck_at.map_or(t, |r| r.min(t)));
+            }
             match applied.get_mut(&svc) {
                 Some(a) if a.hold == hold => a.epoch = want.epoch,
                 _ => match self.sink.set_hold(&svc, hold) {
@@ -146,6 +204,8 @@ impl ModeFollower {
             }
         }
         drop(applied);
+        drop(ready_since);
+        *self.recheck_at.lock().expect("mode recheck lock") = recheck_at;
         if any_change {
             self.changed.notify_one();
         }
@@ -160,11 +220,13 @@ impl ModeFollower {
             table.borrow_and_update();
             endpoints.borrow_and_update();
             let ok = self.sync_once();
+            let recheck_at = *self.recheck_at.lock().expect("mode recheck lock");
             tokio::select! {
                 _ = table.changed() => {}
                 _ = endpoints.changed() => {}
                 _ = self.kick.notified() => {}
                 _ = tokio::time::sleep(self.retry), if !ok => {}
+                _ = tokio::time::sleep_until(recheck_at.unwrap_or_else(Instant::now)), if recheck_at.is_some() => {}
             }
         }
     }
@@ -180,5 +242,39 @@ mod tests {
         assert!(!decide_hold(true, Directive::Follow));
         assert!(decide_hold(true, Directive::Sleep));
         assert!(decide_hold(false, Directive::Sleep));
+    }
+
+    #[test]
+    fn a_held_service_goes_direct_only_after_the_hand_over() {
+        let t0 = Instant::now();
+        let h = Duration::from_secs(2);
+        let later = |ms| t0 + Duration::from_millis(ms);
+        // Just ready while held: still held, decided again when the hand-over ends.
+        assert_eq!(
+            hold_with_handover(false, true, Some(t0), h, later(10)),
+            (true, Some(later(2000)))
+        );
+        assert_eq!(
+            hold_with_handover(false, true, Some(t0), h, later(2000)),
+            (false, None)
+        );
+        // Ready all along (a sleep given up): direct at once.
+        assert_eq!(
+            hold_with_handover(false, true, Some(t0), h, later(60_000)),
+            (false, None)
+        );
+        // Already direct, or not ready, or told to sleep: no hand-over.
+        assert_eq!(
+            hold_with_handover(false, false, Some(t0), h, later(10)),
+            (false, None)
+        );
+        assert_eq!(
+            hold_with_handover(true, true, None, h, later(10)),
+            (true, None)
+        );
+        assert_eq!(
+            hold_with_handover(true, true, Some(t0), h, later(10)),
+            (true, None)
+        );
     }
 }
