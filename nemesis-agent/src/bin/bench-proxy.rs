@@ -13,6 +13,10 @@
 //! - `proxied_throughput_ratio`: bulk transfer through the proxy divided by direct, A B
 //!   alternated in one run, median of the pair ratios (both series on stderr).
 //!
+//! On stderr besides: the distributions, and the CPU time each side used (per cold-start
+//! round, per GiB moved), which the load of a shared machine disturbs far less than the
+//! wall-clock figures: on two cores the figures are bounded by that CPU time.
+//!
 //! `bench-proxy [cold] [rss] [throughput]` runs only the parts named (all by default).
 //!
 //! The proxy runs in a child process (this binary with `--serve-proxy`), so its memory is
