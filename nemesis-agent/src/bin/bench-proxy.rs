@@ -326,12 +326,19 @@ fn backend_runtime() -> tokio::runtime::Handle {
     .clone()
 }
 
+/// When the backend accepted each connection and when it had written its response.
+type BackendLog = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>;
+
 /// A minimal HTTP/1.1 backend: one small response per connection.
-async fn http_backend() -> Result<SocketAddr> {
+async fn http_backend() -> Result<(SocketAddr, BackendLog)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let log = BackendLog::default();
+    let log2 = log.clone();
     backend_runtime().spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let accepted = Instant::now();
+            let log = log2.clone();
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 let mut buf = Vec::with_capacity(1024);
@@ -345,10 +352,13 @@ async fn http_backend() -> Result<SocketAddr> {
                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
                     )
                     .await;
+                log.lock()
+                    .expect("backend log")
+                    .push((accepted, Instant::now()));
             });
         }
     });
-    Ok(addr)
+    Ok((addr, log))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -426,13 +436,32 @@ struct Ttfb {
     /// CPU used per round by the proxy process, and by this one (clients, backend).
     cpu_proxy_us: Vec<u64>,
     cpu_here_us: Vec<u64>,
+    /// Per round, ms from the start: the backend's last accept, its last response
+    /// written, the last first byte's arrival, the last first byte seen by its client.
+    timeline: Vec<[f64; 4]>,
 }
 
 impl Ttfb {
-    fn push(&mut self, start: (Instant, Duration), got: &FirstByte) {
+    fn round(&mut self, start: (Instant, Duration), got: &[FirstByte], log: &BackendLog) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        self.seen.push(ms(got.seen.duration_since(start.0)));
-        self.arrived.push(ms(got.arrived.saturating_sub(start.1)));
+        let (mut last_seen, mut last_arrived) = (0f64, 0f64);
+        for g in got {
+            let (seen, arrived) = (
+                ms(g.seen.duration_since(start.0)),
+                ms(g.arrived.saturating_sub(start.1)),
+            );
+            self.seen.push(seen);
+            self.arrived.push(arrived);
+            (last_seen, last_arrived) = (last_seen.max(seen), last_arrived.max(arrived));
+        }
+        let log = log.lock().expect("backend log");
+        let last = |f: fn(&(Instant, Instant)) -> Instant| {
+            log.iter()
+                .map(|e| ms(f(e).saturating_duration_since(start.0)))
+                .fold(0f64, f64::max)
+        };
+        self.timeline
+            .push([last(|e| e.0), last(|e| e.1), last_arrived, last_seen]);
     }
 
     fn sort(&mut self) {
@@ -459,6 +488,18 @@ impl Ttfb {
             v.sort_unstable();
             v.get(v.len() / 2).copied().unwrap_or(0)
         };
+        let column = |i: usize| {
+            let mut v: Vec<f64> = self.timeline.iter().map(|t| t[i]).collect();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, 50.0)
+        };
+        eprintln!(
+            "{what}: timeline ms (median round): backend's last accept {:.3}, its last response written {:.3}, last first byte arrived {:.3}, seen {:.3}",
+            column(0),
+            column(1),
+            column(2),
+            column(3)
+        );
         eprintln!(
             "{what}: CPU per round (median) of the proxy {} us, of clients and backend {} us",
             median(&self.cpu_proxy_us),
@@ -531,13 +572,13 @@ async fn cold_start() -> Result<ColdStart> {
     )?;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut proxy = ProxyChild::start().await?;
-    let backend = http_backend().await?;
+    let (backend, log) = http_backend().await?;
     let (mut proxied, mut direct) = (Ttfb::default(), Ttfb::default());
     // Warm the backend's and the clients' runtimes, as the proxy's warms in round 1.
-    direct_round(backend, &mut Ttfb::default()).await?;
+    direct_round(backend, &log, &mut Ttfb::default()).await?;
     for round in 0..COLD_ROUNDS {
-        proxied_round(&mut proxy, backend, &mut proxied).await?;
-        direct_round(backend, &mut direct).await?;
+        proxied_round(&mut proxy, backend, &log, &mut proxied).await?;
+        direct_round(backend, &log, &mut direct).await?;
         eprintln!("cold start round {} done", round + 1);
     }
     drop(keeper);
@@ -556,7 +597,12 @@ async fn cold_start() -> Result<ColdStart> {
 }
 
 /// 100 clients held by the proxy, each with its request sent; the backend becomes ready.
-async fn proxied_round(proxy: &mut ProxyChild, backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
+async fn proxied_round(
+    proxy: &mut ProxyChild,
+    backend: SocketAddr,
+    log: &BackendLog,
+    out: &mut Ttfb,
+) -> Result<()> {
     let clients = Gather::new(COLD_CLIENTS);
     for _ in 0..COLD_CLIENTS {
         let mut s = TcpStream::connect(proxy.addr).await?;
@@ -570,11 +616,11 @@ async fn proxied_round(proxy: &mut ProxyChild, backend: SocketAddr, out: &mut Tt
         .await?;
     // The backend listens already; this is the moment it becomes ready.
     let cpu_before = (proxy.cpu().await?, cpu_micros()?);
+    log.lock().expect("backend log").clear();
     let ready_at = (Instant::now(), wall_now());
     proxy.send(&format!("READY {backend}")).await?;
-    for got in clients.wait().await? {
-        out.push(ready_at, &got);
-    }
+    let got = clients.wait().await?;
+    out.round(ready_at, &got, log);
     // Both connections of each client closed (the clients read to EOF): the proxy's work
     // of the release is done but for the last closes.
     out.cpu_proxy_us.push(proxy.cpu().await? - cpu_before.0);
@@ -585,8 +631,9 @@ async fn proxied_round(proxy: &mut ProxyChild, backend: SocketAddr, out: &mut Tt
 }
 
 /// The same 100 clients, straight to the ready backend, all started at once.
-async fn direct_round(backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
+async fn direct_round(backend: SocketAddr, log: &BackendLog, out: &mut Ttfb) -> Result<()> {
     let cpu_before = cpu_micros()?;
+    log.lock().expect("backend log").clear();
     let start = (Instant::now(), wall_now());
     let clients = Gather::new(COLD_CLIENTS);
     for _ in 0..COLD_CLIENTS {
@@ -598,9 +645,8 @@ async fn direct_round(backend: SocketAddr, out: &mut Ttfb) -> Result<()> {
             read_response(s).await
         });
     }
-    for got in clients.wait().await? {
-        out.push(start, &got);
-    }
+    let got = clients.wait().await?;
+    out.round(start, &got, log);
     out.cpu_here_us.push(cpu_micros()? - cpu_before);
     Ok(())
 }
