@@ -189,3 +189,45 @@ async fn a_wake_up_the_controller_rejects_refuses_the_held_connections_at_once()
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_held_while_backends_were_ready_wakes_the_service_when_they_go_away()
+-> Result<()> {
+    bounded(Duration::from_secs(20), async {
+        let controller = TestController::start(0).await?;
+        let h = Harness::start(ProxyConfig::new("node-a"), Some(controller.client())).await?;
+        let web = svc("going-to-zero");
+        let dst = h.manage(&web, 1, bounds(Duration::from_secs(15), 100));
+        // A backend still listed as ready but already gone (its pod is stopping): the
+        // connection is held without a wake-up, dialling it and backing off.
+        let gone = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+        h.ready(&web, &[gone]);
+        let client = tokio::spawn({
+            let s = h.connect_as(dst).await?;
+            async move { http_get(s, "/").await }
+        });
+        wait_until("the connection is held", Duration::from_secs(5), || {
+            h.proxy.held(&web) == 1
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ensure!(
+            controller.requests.load(Ordering::SeqCst) == 0,
+            "no wake-up while the Service still lists a ready backend"
+        );
+        // The scale to zero removes the endpoint: the held connection must ask for the
+        // Service again itself, not wait for a heartbeat to carry its count.
+        h.ready(&web, &[]);
+        wait_until("a wake-up arrives", Duration::from_secs(5), || {
+            controller.accepted.load(Ordering::SeqCst) == 1
+        })
+        .await?;
+        let (backend, _) = http_backend().await?;
+        h.ready(&web, &[backend]);
+        let (status, _, _) = parse_response(&client.await??)?;
+        ensure!(status == "HTTP/1.1 200 OK", "{status}");
+        ensure!(controller.accepted.load(Ordering::SeqCst) == 1);
+        Ok(())
+    })
+    .await
+}

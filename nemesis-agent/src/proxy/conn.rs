@@ -216,6 +216,12 @@ async fn hold(
                 }
             }
         }
+        // Held while the Service had backends (no flight then), and now it has none: the
+        // Service is going to zero under this connection, which must wake it again
+        // rather than wait for the controller to see the held count in a heartbeat.
+        if endpoints.borrow().is_empty() && shared.holds.claim_wake(&port.service) {
+            tokio::spawn(super::wake::run_wake(shared.clone(), port.service.clone()));
+        }
         let wake_at = retry_at.map_or(deadline, |t| t.min(deadline));
         tokio::select! {
             changed = endpoints.changed(), if endpoints_open => {

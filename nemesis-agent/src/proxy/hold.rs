@@ -120,6 +120,20 @@ impl Holds {
             .clone()
     }
 
+    /// Start a wake-up flight for a Service whose held connections lost their backends
+    /// after the last flight ended (held while it was ready, then its endpoints went away,
+    /// as in a scale to zero). Returns whether the caller must run the flight.
+    pub(crate) fn claim_wake(&self, service: &ServiceRef) -> bool {
+        let mut inner = self.lock();
+        match inner.services.get_mut(service) {
+            Some(entry) if entry.held > 0 && !entry.waking => {
+                entry.waking = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// End the Service's wake-up flight. With `only_if_idle`, only when nothing is held
     /// any more (returns whether it ended); a later held connection starts a new one.
     pub(crate) fn end_wake(&self, service: &ServiceRef, only_if_idle: bool) -> bool {
