@@ -292,7 +292,12 @@ impl WriterParts {
             proxy_metrics,
             counters.clone(),
         );
-        let modes = ModeFollower::new(table.clone(), registry.clone(), dp_services);
+        let modes = ModeFollower::with_direct_after(
+            table.clone(),
+            registry.clone(),
+            dp_services,
+            args.direct_after_ready,
+        );
         let (services_synced, mut services_synced_rx) = watch::channel(false);
 
         // The dead-man heartbeat: while this beats, hold-mode redirects stay on.

@@ -30,6 +30,8 @@ pub const DEFAULT_CONTROLLER_HEARTBEAT_INTERVAL: &str = "5s";
 /// On shutdown, connections the proxy still has (held or forwarding) get this long to
 /// finish before the process exits; a DaemonSet's grace period is 30 s by default.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+/// kube-proxy's `minSyncPeriod` is 1 s by default: twice that before going direct.
+pub const DEFAULT_DIRECT_AFTER_READY: &str = "2s";
 
 #[derive(Debug, Parser)]
 #[command(name = "nemesis-agent", version, about = "K8s Nemesis node agent")]
@@ -90,6 +92,12 @@ pub struct RunArgs {
     /// How long connections still in the proxy's hands may finish at shutdown.
     #[arg(long, env = "NEMESIS_AGENT_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// A woken Service's connects keep going through the proxy this long after its
+    /// backends became ready, so the node's Service proxy (kube-proxy, Cilium) has
+    /// programmed them before connects go direct. Raise it where kube-proxy syncs slowly
+    /// (large clusters, iptables mode).
+    #[arg(long, env = "NEMESIS_AGENT_DIRECT_AFTER_READY", default_value = DEFAULT_DIRECT_AFTER_READY, value_parser = parse_duration)]
+    pub direct_after_ready: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +243,8 @@ mod tests {
             "10",
             "--shutdown-grace",
             "1s",
+            "--direct-after-ready",
+            "5s",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -250,6 +260,7 @@ mod tests {
         );
         assert_eq!(run.max_held_total, 10);
         assert_eq!(run.shutdown_grace, Duration::from_secs(1));
+        assert_eq!(run.direct_after_ready, Duration::from_secs(5));
 
         let err = Cli::try_parse_from(["nemesis-agent", "run", "--token-file", "/t"])
             .unwrap_err()

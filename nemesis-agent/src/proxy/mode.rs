@@ -103,6 +103,17 @@ impl ModeFollower {
         endpoints: Arc<EndpointRegistry>,
         sink: Arc<dyn ModeSink>,
     ) -> Arc<Self> {
+        Self::with_direct_after(table, endpoints, sink, DIRECT_AFTER_READY)
+    }
+
+    /// As [`ModeFollower::new`], with the hand-over to the Service proxy after
+    /// `direct_after_ready` instead of [`DIRECT_AFTER_READY`].
+    pub fn with_direct_after(
+        table: Arc<ServiceTable>,
+        endpoints: Arc<EndpointRegistry>,
+        sink: Arc<dyn ModeSink>,
+        direct_after_ready: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             table,
             endpoints,
@@ -114,7 +125,7 @@ impl ModeFollower {
             kick: Notify::new(),
             changed: Arc::new(Notify::new()),
             retry: Duration::from_secs(1),
-            handover: DIRECT_AFTER_READY,
+            handover: direct_after_ready,
         })
     }
 
