@@ -54,7 +54,7 @@ fn an_idle_target_sleeps_exactly_after_the_idle_window() {
     assert_eq!(d.desired_replicas, 0);
     assert_eq!(
         d.reason(&sim.p),
-        "warm -> zero: `(conns.active == 0 and conns.held == 0 and conns.rate == 0) for 5m` (conns.active=0, conns.held=0, conns.rate=0)"
+        "warm -> zero: `(conns.active == 0 and conns.held == 0) for 5m and conns.rate == 0 for 4m` (conns.active=0, conns.held=0, conns.rate=0)"
     );
 }
 
@@ -69,6 +69,21 @@ fn one_connection_inside_the_idle_window_restarts_it() {
     let restarted = sim.now;
     let asleep_at = sim.run_until_state("zero", mins(10), secs(5));
     assert_eq!(asleep_at - restarted, mins(5));
+}
+
+#[test]
+fn a_connect_seen_only_in_the_rate_puts_the_idle_window_after_it_not_after_the_rate_window() {
+    // Opened and closed between two samples: `conns.active` never sees it, the rate
+    // (averaged over 1m) stays above 0 for a minute. The target sleeps the idle timeout
+    // after the connect: neither before, nor a rate window later.
+    let mut sim = Sim::new(SHORT, 1);
+    sim.run(mins(2), secs(5));
+    let connect = sim.now;
+    sim.conns = Some((0.0, 1.0 / 60.0, 0.0));
+    sim.run(mins(1), secs(5));
+    sim.conns = Some((0.0, 0.0, 0.0));
+    let asleep_at = sim.run_until_state("zero", mins(10), secs(5));
+    assert_eq!(asleep_at - connect, mins(5));
 }
 
 #[test]

@@ -482,7 +482,7 @@ fn a_policy_with_only_a_target_gets_the_classic_automaton_with_defaults() {
         texts,
         vec![
             "demand or conns.active > 0",
-            "(conns.active == 0 and conns.held == 0 and conns.rate == 0) for 5m",
+            "(conns.active == 0 and conns.held == 0) for 5m and conns.rate == 0 for 4m",
         ]
     );
     assert_eq!(p.hold_timeout_seconds(), 60);
@@ -501,7 +501,34 @@ fn short_form_with_a_range_follows_the_target_per_replica() {
         }
         other => panic!("warm is a range: {other:?}"),
     }
-    assert!(p.transitions()[1].text.ends_with("for 1m30s"));
+    assert_eq!(
+        p.transitions()[1].text,
+        "(conns.active == 0 and conns.held == 0) for 1m30s and conns.rate == 0 for 30s"
+    );
+}
+
+#[test]
+fn short_form_idle_window_counts_the_rate_window_once() {
+    // `conns.rate` reads 0 a rate window after the last connect: sustained only for what
+    // is left of the idle timeout, and not at all when the rate window is as long.
+    let idle = |extra: &str| {
+        let p = valid(&format!(
+            "target: {{deployment: web, service: web}}\nidleTimeout: 30s\n{extra}"
+        ));
+        p.transitions()[1].text.clone()
+    };
+    assert_eq!(
+        idle(""),
+        "(conns.active == 0 and conns.held == 0) for 30s and conns.rate == 0"
+    );
+    assert_eq!(
+        idle("metrics: {connections: {rateWindow: 30s}}\n"),
+        "(conns.active == 0 and conns.held == 0) for 30s and conns.rate == 0"
+    );
+    assert_eq!(
+        idle("metrics: {connections: {rateWindow: 10s}}\n"),
+        "(conns.active == 0 and conns.held == 0) for 30s and conns.rate == 0 for 20s"
+    );
 }
 
 #[test]

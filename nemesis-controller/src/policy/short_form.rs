@@ -3,13 +3,18 @@
 //!
 //! ```text
 //! zero (0 replicas) --[demand or conns.active > 0]--> warm
-//! warm (1..max)     --[(conns.active == 0 and conns.held == 0 and conns.rate == 0) for idleTimeout]--> zero
+//! warm (1..max)     --[(conns.active == 0 and conns.held == 0) for idleTimeout
+//!                       and conns.rate == 0 for (idleTimeout - rateWindow)]--> zero
 //! ```
 //! starting in `warm`, so a new policy never cuts a running Deployment off without an idle
-//! window first. With `minReplicas >= 1` there is only `warm`. Owns that expansion only;
-//! the expanded states are validated like hand-written ones.
+//! window first. `conns.rate` reads 0 only a rate window after the last connect, so it is
+//! sustained for the rest of the idle timeout only (not at all when the rate window is as
+//! long or longer, which then sets the idle window): the target sleeps `idleTimeout`
+//! after its last connection, not `idleTimeout + rateWindow`. With `minReplicas >= 1`
+//! there is only `warm`. Owns that expansion only; the expanded states are validated like
+//! hand-written ones.
 
-use super::compile::{Draft, DraftState, DraftTransition};
+use super::compile::{DEFAULT_RATE_WINDOW, Draft, DraftState, DraftTransition};
 use super::crd::{RangeSpec, ScalingPolicySpec, StateSpec, TargetType, TransitionSpec};
 use super::duration::{format_duration, parse_duration};
 use super::problem::Problem;
@@ -175,10 +180,7 @@ pub fn expand(
             TransitionSpec {
                 from: WARM_STATE.into(),
                 to: ZERO_STATE.into(),
-                when: format!(
-                    "(conns.active == 0 and conns.held == 0 and conns.rate == 0) for {}",
-                    format_duration(idle)
-                ),
+                when: idle_condition(idle, rate_window(spec)),
                 cooldown: None,
             },
             "spec.idleTimeout",
@@ -187,4 +189,30 @@ pub fn expand(
         draft.states.push(warm);
     }
     Some(draft)
+}
+
+/// The window `conns.rate` is averaged over; an invalid one is reported by `compile`.
+fn rate_window(spec: &ScalingPolicySpec) -> TimeDelta {
+    spec.metrics
+        .connections
+        .as_ref()
+        .and_then(|c| c.rate_window.as_deref())
+        .and_then(|text| parse_duration(text).ok())
+        .filter(|d| *d > TimeDelta::zero())
+        .unwrap_or(DEFAULT_RATE_WINDOW)
+}
+
+/// Nothing open or held for `idle`, and no connect for `idle` (or for the rate window
+/// when that is longer): the rate is 0 from a rate window after the last connect on.
+fn idle_condition(idle: TimeDelta, rate_window: TimeDelta) -> String {
+    let quiet = format!(
+        "(conns.active == 0 and conns.held == 0) for {} and conns.rate == 0",
+        format_duration(idle)
+    );
+    let rest = idle - rate_window;
+    if rest > TimeDelta::zero() {
+        format!("{quiet} for {}", format_duration(rest))
+    } else {
+        quiet
+    }
 }
