@@ -28,9 +28,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Every kubectl and curl call ends within this.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// The idle window the test sets with `kubectl patch` (the demo's own is a minute): with
-/// the connect rate averaged over as long, the app sleeps this long after its last call.
+/// The idle window the test sets with `kubectl patch` (the demo's own is a minute), and
+/// the window the connect rate is averaged over (the idle window is the longer of the
+/// two): the app sleeps this long after its last connection.
 const TEST_IDLE: &str = "10s";
+const TEST_IDLE_SECS: u64 = 10;
 /// The idle window, the sleep handshake (agents acknowledge on a 1 s heartbeat) and the
 /// pod's 5 s of grace, with room for a loaded machine.
 const SLEEP_TIMEOUT: Duration = Duration::from_secs(75);
@@ -454,8 +456,15 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     let pins = logs.join("bpffs/nemesis").join(&instance);
     assert!(
         pins.join("links/connect4").exists(),
-        "the agent pinned no connect4 link under {}",
-        pins.display()
+        "the agent pinned no connect4 link under {}; its log: {:?}; listeners: {}",
+        pins.display(),
+        std::fs::read_to_string(logs.join("agent.log")).unwrap_or_default(),
+        String::from_utf8_lossy(
+            &std::process::Command::new("ss")
+                .arg("-ltnp")
+                .output()?
+                .stdout
+        )
     );
 
     // --- after them, the hints: what to watch, with the printed kubeconfig ---
@@ -573,9 +582,11 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello-"));
 
+    let last_request = Instant::now();
+
     // --- a shorter idle window, set as a user would ---
-    // The connect rate is averaged over `rateWindow` and the idle window waits for it to
-    // be 0 too, so both are shortened.
+    // No connect within the rate window (1m by default) is part of being idle, so both
+    // are shortened.
     let patch = serde_json::json!({"spec": {
         "idleTimeout": TEST_IDLE,
         "metrics": {"connections": {"rateWindow": TEST_IDLE}},
@@ -625,6 +636,11 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     })
     .await?;
     let slept_after = asleep.elapsed();
+    assert!(
+        last_request.elapsed() >= Duration::from_secs(TEST_IDLE_SECS),
+        "asleep {:?} after the last request, before the idle window of {TEST_IDLE}",
+        last_request.elapsed()
+    );
     wait_for("hello's pods gone", SETTLE_TIMEOUT, || {
         let kubectl = &kubectl;
         async move {

@@ -533,8 +533,14 @@ impl Demo {
             child: spawn_child(&mut cmd)?,
             log: log.clone(),
         });
-        self.wait_ready("agent", &log, || Ok(http_get(admin, "/readyz")?.0 == 200))?;
-        eprintln!("demo: agent ready");
+        // Ready, and its programs attached: the contract lines promise an intercepted
+        // cgroup. (A `/readyz` answer alone was seen before the load had pinned anything,
+        // when the machine was busy.)
+        let attached = self.layout.pins().join("links/connect4");
+        self.wait_ready("agent", &log, || {
+            Ok(http_get(admin, "/readyz")?.0 == 200 && attached.exists())
+        })?;
+        eprintln!("demo: agent ready (admin {admin}, proxy {proxy})");
         Ok(())
     }
 
