@@ -98,7 +98,7 @@ fn a_wake_up_scales_a_sleeping_target_at_once() {
     assert_eq!(d.requeue_after, MIN_REQUEUE);
     assert_eq!(
         d.reason(&sim.p),
-        "zero -> warm: `demand or conns.active > 0` (conns.active=0)"
+        "zero -> warm: `demand or conns.active > 0` (demand=true, conns.active=0)"
     );
     assert_eq!(sim.obs.last_wake, Some(sim.now));
 }

@@ -36,6 +36,9 @@ pub struct Fired {
     pub condition: String,
     /// The metrics the condition read, with the values it saw (`None`: missing).
     pub values: Vec<(String, Option<f64>)>,
+    /// Whether `demand` held, when the condition reads it: a wake-up fires
+    /// `demand or conns.active > 0` with `conns.active=0`, and the reason must say so.
+    pub demand: Option<bool>,
 }
 
 /// A range state moved its replicas.
@@ -89,14 +92,15 @@ impl Decision {
         let mut out = String::new();
         if let Some(t) = &self.transition {
             let _ = write!(out, "{} -> {}: `{}`", t.from, t.to, t.condition);
-            if !t.values.is_empty() {
+            if !t.values.is_empty() || t.demand.is_some() {
                 let values: Vec<String> = t
-                    .values
-                    .iter()
-                    .map(|(n, v)| match v {
+                    .demand
+                    .map(|d| format!("demand={d}"))
+                    .into_iter()
+                    .chain(t.values.iter().map(|(n, v)| match v {
                         Some(v) => format!("{n}={v}"),
                         None => format!("{n}=missing"),
-                    })
+                    }))
                     .collect();
                 let _ = write!(out, " ({})", values.join(", "));
             }
@@ -195,7 +199,7 @@ pub fn decide(
     let now_ms = now.timestamp_millis();
     let last_change_ms = state.last_change.map(|t| t.timestamp_millis());
     let mut hold: Option<Hold> = None;
-    let mut fired: Option<usize> = None;
+    let mut fired: Option<(usize, Code)> = None;
 
     let mut ctx = Ctx {
         policy,
@@ -259,13 +263,15 @@ pub fn decide(
             hold.get_or_insert(h);
             continue;
         }
-        fired = Some(ti);
+        fired = Some((ti, cond));
         break;
     }
     let mut deadline_ms = ctx.deadline_ms;
 
-    let transition = fired.map(|ti| {
+    let transition = fired.map(|(ti, cond)| {
         let t = &policy.transitions[ti];
+        let reads_demand = code[cond.range()].iter().any(|op| matches!(op, Op::Demand));
+        let demand = reads_demand.then(|| obs.demand_since(next.since, now));
         next.current = t.to;
         next.since = now;
         next.true_since.iter_mut().for_each(|s| *s = NOT_TRUE);
@@ -285,6 +291,7 @@ pub fn decide(
                     )
                 })
                 .collect(),
+            demand,
         }
     });
 
