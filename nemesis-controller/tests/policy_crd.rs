@@ -51,6 +51,8 @@ fn crd_is_namespaced_v1alpha1_in_the_nemesis_group_with_status() {
             ("Target", ".spec.target.deployment"),
             ("State", ".status.state"),
             ("Replicas", ".status.desiredReplicas"),
+            ("Ready", ".status.conditions[?(@.type==\"Ready\")].status"),
+            ("Reason", ".status.conditions[?(@.type==\"Ready\")].reason"),
             ("Age", ".metadata.creationTimestamp"),
         ]
     );
