@@ -235,7 +235,11 @@ impl ReplicaLog {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let task = tokio::spawn(async move {
             use futures::StreamExt;
-            let stream = watcher::watcher(api, cfg);
+            use kube::runtime::WatchStreamExt;
+            // With a backoff: once the API server is gone, a watcher without one retries
+            // refused connects that complete without ever yielding, pinning a worker
+            // so the test's runtime can never shut down (seen: hangs to the 300 s kill).
+            let stream = watcher::watcher(api, cfg).default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 if let Ok(Event::Apply(d) | Event::InitApply(d)) = ev {
