@@ -446,6 +446,34 @@ impl Agent {
             ),
         }
 
+        // The writer lock, tried once now: free unless another agent of this instance
+        // runs (then this one stands by, see below). Tried before binding: only such a
+        // successor may share its predecessor's ports.
+        let mut cfg = args.datapath.to_config();
+        let lock_dir = writer_lock_dir(&cfg);
+        let lock = match &lock_dir {
+            Some(dir) => WriterLock::try_acquire(dir)?,
+            None => None,
+        };
+        let standby = lock.is_none() && lock_dir.is_some();
+        if !standby {
+            // SO_REUSEPORT lets any process of the same user share a port silently; an
+            // agent that is nobody's successor must find its ports free, or it would
+            // split connections (and health probes) with a stranger.
+            let v4 = SocketAddr::V4(args.datapath.proxy_v4);
+            proxy::ensure_unused(v4)
+                .map_err(|source| proxy::ProxyError::Bind { addr: v4, source })?;
+            if let Some(v6) = args.datapath.proxy_v6 {
+                let v6 = SocketAddr::V6(v6);
+                proxy::ensure_unused(v6)
+                    .map_err(|source| proxy::ProxyError::Bind { addr: v6, source })?;
+            }
+            proxy::ensure_unused(args.admin_listen).map_err(|source| AgentError::BindAdmin {
+                addr: args.admin_listen,
+                source,
+            })?;
+        }
+
         // The proxy listeners: bound before the datapath redirects anything to them.
         let v4 = proxy::bind(SocketAddr::V4(args.datapath.proxy_v4))?;
         let v4_addr = match v4.local_addr().map_err(AgentError::ProxyAddr)? {
@@ -471,18 +499,8 @@ impl Agent {
                 source,
             })?;
 
-        let mut cfg = args.datapath.to_config();
         cfg.proxy_v4 = Some(v4_addr);
         cfg.proxy_v6 = v6_addr;
-
-        // The writer lock, tried once now: free unless another agent of this instance
-        // runs (then this one stands by, see below).
-        let lock_dir = writer_lock_dir(&cfg);
-        let lock = match &lock_dir {
-            Some(dir) => WriterLock::try_acquire(dir)?,
-            None => None,
-        };
-        let standby = lock.is_none() && lock_dir.is_some();
 
         // A standing-by agent is ready once it knows the endpoints: it listens, and it
         // takes over the instant the other agent lets go (a DaemonSet update waits for

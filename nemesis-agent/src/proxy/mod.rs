@@ -148,6 +148,18 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     bind().map_err(|source| ProxyError::Bind { addr, source })
 }
 
+/// Fails with `AddrInUse` when something already listens on `addr` (port 0: never).
+/// The listeners are SO_REUSEPORT for hand-overs, and the kernel lets any socket of the
+/// same user join such a group, so an agent that is no one's successor checks first
+/// that it would not be sharing its port with a stranger.
+pub fn ensure_unused(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    // A plain bind (no SO_REUSEPORT) conflicts with any listener on the address.
+    std::net::TcpListener::bind(addr).map(drop)
+}
+
 impl Proxy {
     /// `controller: None` runs without wake-ups (Services wake by other means).
     pub fn new(
@@ -204,5 +216,22 @@ impl Proxy {
     /// Client connections in the proxy's hands (held, being refused or forwarded).
     pub fn open_connections(&self) -> i64 {
         self.shared.metrics.open.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_another_reuseport_listener_holds_is_reported_in_use() {
+        // What a stranger's SO_REUSEPORT listener looks like: bind() would silently join it.
+        let stranger = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = stranger.local_addr().unwrap();
+        let err = ensure_unused(addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        drop(stranger);
+        ensure_unused(addr).unwrap();
+        ensure_unused("127.0.0.1:0".parse().unwrap()).unwrap();
     }
 }
