@@ -302,6 +302,25 @@ async fn a_wake_up_scales_from_zero_and_an_idle_target_sleeps_only_after_every_a
             "no {want} Event in {reasons:?}"
         );
     }
+    // Each transition is an Event with its own note (`kubectl describe` showed the
+    // sleep as a second `zero -> warm` when series ignored the note).
+    eventually(
+        "a Transition Event for each transition",
+        Duration::from_secs(5),
+        || async {
+            let notes: Vec<String> = events(&w.client, &w.ns, "web")
+                .await?
+                .into_iter()
+                .filter(|(r, _)| r == "Transition")
+                .map(|(_, n)| n)
+                .collect();
+            let both = ["zero -> warm", "warm -> zero"]
+                .iter()
+                .all(|t| notes.iter().any(|n| n.starts_with(t)));
+            Ok(both.then_some(()))
+        },
+    )
+    .await?;
     c.shutdown().await;
     w.shutdown().await
 }

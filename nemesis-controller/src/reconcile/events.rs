@@ -1,12 +1,19 @@
 //! Kubernetes Events about policies (`kubectl describe scalingpolicy` shows them),
 //! published off the scaling path by one task: an actor hands an Event over and never
 //! waits for the API server. A full queue drops Events (counted), never blocks.
+//! Only an identical repeat (same note too) joins an earlier Event's series: kube's
+//! `Recorder` keys series without the note, so `warm -> zero` was shown as a second
+//! `zero -> warm` and every later cold start as the first one's time.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::{Event, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::mpsc;
 
 use crate::metrics::{ControllerMetrics, ErrorKind};
@@ -18,6 +25,9 @@ const QUEUE: usize = 1024;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `reportingController` of every Event.
 pub const REPORTING_CONTROLLER: &str = "nemesis.dev/controller";
+/// A repeat joins an Event's series only within this (as kube's and client-go's
+/// recorders do); later it is news again.
+const SERIES_TTL: SignedDuration = SignedDuration::from_mins(6);
 
 /// One Event for the object `regarding`.
 pub struct Note {
@@ -43,14 +53,7 @@ impl EventSink {
         metrics: ControllerMetrics,
     ) -> (Self, impl std::future::Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let recorder = Recorder::new(
-            client,
-            Reporter {
-                controller: REPORTING_CONTROLLER.to_string(),
-                instance: Some(instance),
-            },
-        );
-        let task = publish_all(recorder, rx, metrics.clone());
+        let task = publish_all(client, Series::new(instance), rx, metrics.clone());
         (Self { tx, metrics }, task)
     }
 
@@ -62,21 +65,105 @@ impl EventSink {
     }
 }
 
-async fn publish_all(recorder: Recorder, mut rx: mpsc::Receiver<Note>, metrics: ControllerMetrics) {
-    while let Some(n) = rx.recv().await {
-        let ev = Event {
-            type_: if n.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: n.reason.to_string(),
+/// What to send for one Note.
+#[derive(Debug, Clone, PartialEq)]
+enum Publish {
+    Create(Event),
+    /// A repeat: the earlier Event with its series counted up.
+    Patch(Event),
+}
+
+/// The Events published lately, by everything that makes one the same (note included).
+struct Series {
+    instance: String,
+    recent: HashMap<String, Event>,
+}
+
+impl Series {
+    fn new(instance: String) -> Self {
+        Self {
+            instance,
+            recent: HashMap::new(),
+        }
+    }
+
+    fn next(&mut self, n: &Note, now: Timestamp) -> Publish {
+        self.recent.retain(|_, e| {
+            let last = e
+                .series
+                .as_ref()
+                .map(|s| s.last_observed_time.0)
+                .or(e.event_time.as_ref().map(|t| t.0));
+            last.is_some_and(|t| t + SERIES_TTL > now)
+        });
+        let type_ = if n.warning { "Warning" } else { "Normal" };
+        let r = &n.regarding;
+        let key = serde_json::json!([
+            type_,
+            n.reason,
+            n.action,
+            r.namespace,
+            r.name,
+            r.uid,
+            r.kind,
+            n.message
+        ])
+        .to_string();
+        if let Some(e) = self.recent.get_mut(&key) {
+            let count = e.series.as_ref().map_or(2, |s| s.count + 1);
+            e.series = Some(EventSeries {
+                count,
+                last_observed_time: MicroTime(now),
+            });
+            return Publish::Patch(e.clone());
+        }
+        let e = Event {
+            action: Some(n.action.to_string()),
+            reason: Some(n.reason.to_string()),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(r.clone()),
             // The Events API limits a note to 1 kB.
             note: Some(truncate(&n.message, 1000)),
-            action: n.action.to_string(),
-            secondary: None,
+            metadata: ObjectMeta {
+                namespace: r.namespace.clone(),
+                name: Some(format!(
+                    "{}.{:x}",
+                    r.name.as_deref().unwrap_or("nemesis"),
+                    now.as_nanosecond()
+                )),
+                ..Default::default()
+            },
+            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
+            reporting_instance: Some(self.instance.clone()),
+            type_: Some(type_.to_string()),
+            ..Default::default()
         };
-        match tokio::time::timeout(PUBLISH_TIMEOUT, recorder.publish(&ev, &n.regarding)).await {
+        self.recent.insert(key, e.clone());
+        Publish::Create(e)
+    }
+}
+
+async fn publish_all(
+    client: Client,
+    mut series: Series,
+    mut rx: mpsc::Receiver<Note>,
+    metrics: ControllerMetrics,
+) {
+    while let Some(n) = rx.recv().await {
+        let ns = n.regarding.namespace.as_deref().unwrap_or("default");
+        let api: Api<Event> = Api::namespaced(client.clone(), ns);
+        let write = async {
+            match series.next(&n, Timestamp::now()) {
+                Publish::Create(e) => api.create(&PostParams::default(), &e).await.map(drop),
+                Publish::Patch(e) => {
+                    let name = e.metadata.name.clone().unwrap_or_default();
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&e))
+                        .await
+                        .map(drop)
+                }
+            }
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 metrics.error(ErrorKind::KubeApi);
@@ -99,4 +186,67 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(reason: &'static str, message: &str) -> Note {
+        Note {
+            regarding: ObjectReference {
+                api_version: Some("nemesis.dev/v1alpha1".into()),
+                kind: Some("ScalingPolicy".into()),
+                namespace: Some("demo".into()),
+                name: Some("hello".into()),
+                uid: Some("u1".into()),
+                ..Default::default()
+            },
+            warning: false,
+            reason,
+            action: "Evaluate",
+            message: message.into(),
+        }
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(2_000_000_000 + s).unwrap()
+    }
+
+    #[test]
+    fn a_different_note_is_a_new_event_with_that_note() {
+        let mut s = Series::new("c-0".into());
+        let Publish::Create(a) = s.next(&note("Transition", "zero -> warm"), at(0)) else {
+            panic!("the first Event is created");
+        };
+        let Publish::Create(b) = s.next(&note("Transition", "warm -> zero"), at(60)) else {
+            panic!("a transition with another note must not join the first one's series");
+        };
+        assert_eq!(b.note.as_deref(), Some("warm -> zero"));
+        assert_ne!(a.metadata.name, b.metadata.name);
+        assert_eq!(b.series, None);
+    }
+
+    #[test]
+    fn an_identical_repeat_counts_up_the_series_until_it_is_old_news() {
+        let mut s = Series::new("c-0".into());
+        let n = note("ScaledToZero", "Deployment hello scaled from 1 to 0");
+        let Publish::Create(a) = s.next(&n, at(0)) else {
+            panic!("created")
+        };
+        let Publish::Patch(b) = s.next(&n, at(10)) else {
+            panic!("an identical repeat joins the series")
+        };
+        assert_eq!(a.metadata.name, b.metadata.name);
+        assert_eq!(b.series.as_ref().map(|x| x.count), Some(2));
+        assert_eq!(
+            b.series.as_ref().map(|x| x.last_observed_time.0),
+            Some(at(10))
+        );
+        let Publish::Patch(c) = s.next(&n, at(20)) else {
+            panic!("a third repeat joins it too")
+        };
+        assert_eq!(c.series.map(|x| x.count), Some(3));
+        assert!(matches!(s.next(&n, at(20 + 7 * 60)), Publish::Create(_)));
+    }
 }
