@@ -832,7 +832,7 @@ impl Actor {
             },
             "Wake",
             match time_to_ready {
-                Some(ms) => format!("ready {ms} ms after the wake, {} connections held", w.held),
+                Some(ms) => cold_start_note(ms, w.held),
                 None => format!("no pod became ready: {outcome:?}"),
             },
         );
@@ -976,6 +976,33 @@ async fn wait_ack(phase: &mut SleepPhase) -> Result<(), AckError> {
     }
 }
 
+/// The `ColdStart` Event's note: `ready 205 ms after the wake, 1 connection held`.
+fn cold_start_note(ms: u64, held: u64) -> String {
+    let s = if held == 1 { "" } else { "s" };
+    format!("ready {ms} ms after the wake, {held} connection{s} held")
+}
+
 fn to_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cold_start_note;
+
+    #[test]
+    fn the_cold_start_note_counts_held_connections_in_words() {
+        assert_eq!(
+            cold_start_note(205, 1),
+            "ready 205 ms after the wake, 1 connection held"
+        );
+        assert_eq!(
+            cold_start_note(90, 0),
+            "ready 90 ms after the wake, 0 connections held"
+        );
+        assert_eq!(
+            cold_start_note(90, 3),
+            "ready 90 ms after the wake, 3 connections held"
+        );
+    }
 }
