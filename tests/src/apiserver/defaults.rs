@@ -51,6 +51,11 @@ fn pod_spec(spec: &mut Value) {
             set_absent(c, "terminationMessagePolicy", json!("File"));
             let policy = image_pull_policy(c["image"].as_str().unwrap_or(""));
             set_absent(c, "imagePullPolicy", json!(policy));
+            for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+                if let Some(p) = c.get_mut(probe).filter(|p| p.is_object()) {
+                    probe_defaults(p);
+                }
+            }
             for p in c
                 .get_mut("ports")
                 .and_then(Value::as_array_mut)
@@ -60,6 +65,19 @@ fn pod_spec(spec: &mut Value) {
                 set_absent(p, "protocol", json!("TCP"));
             }
         }
+    }
+}
+
+/// `SetDefaults_Probe` and `SetDefaults_HTTPGetAction`: without them `kubectl describe`
+/// printed `http-get //:http/ timeout=0s #success=0 #failure=0` for the demo's probe.
+fn probe_defaults(p: &mut Value) {
+    set_absent(p, "timeoutSeconds", json!(1));
+    set_absent(p, "periodSeconds", json!(10));
+    set_absent(p, "successThreshold", json!(1));
+    set_absent(p, "failureThreshold", json!(3));
+    if let Some(h) = p.get_mut("httpGet").filter(|h| h.is_object()) {
+        set_absent(h, "path", json!("/"));
+        set_absent(h, "scheme", json!("HTTP"));
     }
 }
 
@@ -166,6 +184,26 @@ mod tests {
         let c = &d["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["imagePullPolicy"], "IfNotPresent");
         assert_eq!(c["ports"][0]["protocol"], "TCP");
+    }
+
+    #[test]
+    fn probes_get_upstream_defaults_and_keep_what_is_set() {
+        let mut d = json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x:1",
+            "readinessProbe": {"httpGet": {"port": "http"}, "periodSeconds": 1},
+            "livenessProbe": {"tcpSocket": {"port": 80}, "failureThreshold": 5}}]}}}});
+        apply(Builtin::Deployment, &mut d);
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            c["readinessProbe"],
+            json!({"httpGet": {"port": "http", "path": "/", "scheme": "HTTP"}, "periodSeconds": 1,
+                "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3})
+        );
+        assert_eq!(
+            c["livenessProbe"],
+            json!({"tcpSocket": {"port": 80}, "failureThreshold": 5, "periodSeconds": 10,
+                "timeoutSeconds": 1, "successThreshold": 1})
+        );
+        assert!(c.get("startupProbe").is_none());
     }
 
     #[test]

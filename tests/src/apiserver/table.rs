@@ -261,11 +261,13 @@ fn event_object(o: &Value) -> Value {
     ))
 }
 
+/// As upstream's `printEvent`: a series' last observation first (an events.k8s.io repeat
+/// only moves that), then `lastTimestamp`, then when it first happened.
 fn event_last_seen(o: &Value) -> Value {
-    let ts = o["lastTimestamp"]
+    let ts = o["series"]["lastObservedTime"]
         .as_str()
+        .or_else(|| o["lastTimestamp"].as_str())
         .or_else(|| o["eventTime"].as_str())
-        .or_else(|| o["series"]["lastObservedTime"].as_str())
         .or_else(|| o["metadata"]["creationTimestamp"].as_str())
         .unwrap_or("");
     json!(
@@ -592,6 +594,16 @@ mod tests {
         assert_eq!(json_path(&o, ".spec.l[1]"), vec![json!(2)]);
         assert_eq!(json_path(&o, ".spec.l[*]").len(), 2);
         assert!(json_path(&o, ".missing.x").is_empty());
+    }
+
+    #[test]
+    fn an_event_series_is_last_seen_at_its_last_observation() {
+        let ago = |h: i64| (chrono::Utc::now() - chrono::Duration::hours(h)).to_rfc3339();
+        let e = json!({"eventTime": ago(72), "series": {"count": 2, "lastObservedTime": ago(20)}});
+        assert_eq!(event_last_seen(&e), json!("20h"));
+        let e = json!({"eventTime": ago(72), "lastTimestamp": ago(20)});
+        assert_eq!(event_last_seen(&e), json!("20h"));
+        assert_eq!(event_last_seen(&json!({"eventTime": ago(72)})), json!("3d"));
     }
 
     #[test]
