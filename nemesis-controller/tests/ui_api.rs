@@ -104,6 +104,43 @@ async fn a_policys_history_carries_its_transitions_cold_starts_and_time_per_stat
 }
 
 #[tokio::test]
+async fn a_new_policys_history_starts_when_it_was_created_not_a_window_earlier() {
+    let mut f = fixture(UiConfig::default());
+    let login = login(&f.router).await;
+    let now = f.now_ms;
+    let created = now - 30 * 60_000;
+    let mut p = policy("shop", "fresh", now);
+    p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_millisecond(created as i64).unwrap(),
+    ));
+    f.feed.upsert(p);
+    let id = nemesis_controller::store::PolicyId::new("shop", "fresh");
+    f.store
+        .record_transition(&nemesis_controller::store::TransitionRecord {
+            at_ms: now - 10 * 60_000,
+            policy: id,
+            from_state: "zero".into(),
+            to_state: "warm".into(),
+            from_replicas: 0,
+            to_replicas: 1,
+            reason: "demand".into(),
+            metrics: Default::default(),
+        })
+        .unwrap();
+    let (status, h) = get_json(&f.router, "/api/v1/policies/shop/fresh/history", &login).await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["window"]["fromMs"], created);
+    let seconds = h["window"]["seconds"].as_u64().unwrap();
+    assert!((1799..=1801).contains(&seconds), "{seconds}");
+    let zero = h["timeInStatesMs"]["zero"].as_f64().unwrap() / 60_000.0;
+    let warm = h["timeInStatesMs"]["warm"].as_f64().unwrap() / 60_000.0;
+    assert!(
+        (zero - 20.0).abs() < 0.1 && (warm - 10.0).abs() < 0.1,
+        "zero {zero} min, warm {warm} min (a 24 h window would count 23 h 50 min at zero)"
+    );
+}
+
+#[tokio::test]
 async fn the_summary_report_comes_as_json_and_as_csv() {
     let f = fixture(UiConfig::default());
     let login = login(&f.router).await;

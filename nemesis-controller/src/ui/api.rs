@@ -103,6 +103,20 @@ impl Window {
     pub fn range(&self) -> Range<u64> {
         self.from_ms..self.to_ms
     }
+
+    /// The window from `start_ms` on when that is inside it: nothing is known of a policy
+    /// before it was created, and the figures must not count the time before as its
+    /// first state (a policy a few minutes old showed 24 h at zero).
+    pub fn starting_no_earlier_than(self, start_ms: Option<u64>) -> Self {
+        match start_ms {
+            Some(start) if start > self.from_ms && start < self.to_ms => Self {
+                from_ms: start,
+                to_ms: self.to_ms,
+                seconds: ((self.to_ms - start) / 1000).max(1),
+            },
+            _ => self,
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -558,6 +572,11 @@ pub async fn history(
         .map(|s| s.metrics.iter().map(|m| m.name.clone()).collect())
         .unwrap_or_default();
     let known = policy.is_some();
+    let created_ms = policy
+        .as_ref()
+        .and_then(|p| p.metadata.creation_timestamp.as_ref())
+        .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
+    let window = window.starting_no_earlier_than(created_ms);
     let store = ui.sources.store.clone();
     let view = blocking("reading the policy's history", move || {
         read_history(&store, &id, window, &metrics, known)
