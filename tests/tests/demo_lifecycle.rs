@@ -39,7 +39,7 @@ const SLEEP_TIMEOUT: Duration = Duration::from_secs(75);
 /// A status write or a cache update after a scale: well under a second when idle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The policy's columns as `kubectl get` prints them (issue 5: target, state, replicas, age).
-const POLICY_COLUMNS: [&str; 5] = ["NAME", "TARGET", "STATE", "REPLICAS", "AGE"];
+const POLICY_COLUMNS: [&str; 6] = ["NAME", "TARGET", "STATE", "REPLICAS", "READY", "AGE"];
 
 /// The demo in a child process; SIGINT on drop, so a failed test still cleans up.
 struct DemoProcess {
@@ -520,12 +520,14 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     );
     let policy = policies.get("hello").await?;
     assert_eq!(policy.data["spec"]["target"]["deployment"], "hello");
-    // kubectl shows the policy with its printer columns: target, state, replicas, age.
+    // kubectl shows the policy with its printer columns: target, state, replicas,
+    // ready (the demo's policy is valid, so it can act), age.
     let row = kubectl.policy_row_in("zero").await?;
     assert_eq!(row[1], "hello", "target: {row:?}");
     assert_eq!(row[3], "0", "replicas: {row:?}");
+    assert_eq!(row[4], "True", "ready: {row:?}");
     assert!(
-        row[4].ends_with('s') || row[4].ends_with('m'),
+        row[5].ends_with('s') || row[5].ends_with('m'),
         "age: {row:?}"
     );
 
