@@ -90,7 +90,20 @@ async fn a_browser_logs_in_sees_the_policy_and_its_charts_and_a_wrong_password_i
     let ui = ui_dir();
     ensure_node_modules(&ui).await?;
 
-    let f = fixture(UiConfig::default());
+    let mut f = fixture(UiConfig::default());
+    // A second policy that cannot act: its row must say why.
+    let mut blocked = policy("shop", "blocked", f.now_ms);
+    if let Some(status) = blocked.status.as_mut() {
+        status.state = None;
+        status.state_since = None;
+        status.desired_replicas = None;
+        status.last_transition = None;
+        let ready = &mut status.conditions[0];
+        ready.status = "False".into();
+        ready.reason = "TargetNotFound".into();
+        ready.message = "Deployment shop/blocked does not exist".into();
+    }
+    f.feed.upsert(blocked);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = f

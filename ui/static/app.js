@@ -73,6 +73,14 @@ function readyBadge(p) {
   return h('span', { class: 'badge badge-unknown', text: 'no status' });
 }
 
+// Why a policy is not acting (kubectl shows it as the Ready or Invalid condition):
+// the badge alone left the user to guess between a typo and a missing Deployment.
+function readyNote(p) {
+  if (p.ready === true && !p.invalid) return null;
+  const c = (p.conditions || []).find((x) => x.type === (p.invalid ? 'Invalid' : 'Ready'));
+  return c && c.message ? h('div', { class: 'muted small reason ready-note', text: c.message }) : null;
+}
+
 function card(label, value, sub) {
   return h('div', { class: 'card' },
     h('div', { class: 'card-label', text: label }),
@@ -124,7 +132,7 @@ async function overview() {
       h('td', {}, stateBadge(p.state), h('div', { class: 'muted small', text: p.stateSinceMs ? `since ${ago(p.stateSinceMs)}` : '' })),
       h('td', { class: 'num', title: 'current / desired' }, `${num(p.replicas)} / ${num(p.desiredReplicas)}`),
       h('td', {}, lt ? [h('div', { text: `${lt.from} → ${lt.to} · ${ago(lt.atMs)}` }), h('div', { class: 'muted small reason', text: lt.reason })] : h('span', { class: 'muted', text: 'none yet' })),
-      h('td', {}, readyBadge(p)));
+      h('td', {}, readyBadge(p), readyNote(p)));
   });
   main.replaceChildren(
     h('div', { class: 'page-head' },

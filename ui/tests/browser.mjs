@@ -1,8 +1,9 @@
 // The UI in a real browser (Debian's chromium, driven by playwright-core):
 //   node ui/tests/browser.mjs <url> <password> [screenshot.png]
-// Logs in as admin, sees the overview list the seeded policy shop/checkout, opens its
-// page and sees the state timeline and the replica chart, takes a screenshot, logs out,
-// and sees a wrong password refused with a message. Any console error (a script error or
+// Logs in as admin, sees the overview list the seeded policy shop/checkout (and why
+// shop/blocked is not ready), opens its page and sees the state timeline and the
+// replica chart, takes a screenshot, logs out, and sees a wrong password refused with a
+// message. Any console error (a script error or
 // a Content-Security-Policy violation) fails the run. Prints one JSON line of findings.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -16,6 +17,7 @@ if (!url || !password) {
 }
 const base = url.replace(/\/$/, '');
 const POLICY = 'shop/checkout';
+const BLOCKED = 'shop/blocked';
 const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 const args = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -56,6 +58,11 @@ try {
   check(rowText.includes('2 / 2'), `the overview row shows the replicas: ${rowText}`);
   check(rowText.includes('zero → warm'), `the overview row shows the last transition: ${rowText}`);
   findings.overviewRow = rowText.replace(/\s+/g, ' ').trim();
+  // A policy that cannot act says why in its row.
+  const blocked = await page.locator(`tr[data-policy="${BLOCKED}"]`).innerText();
+  check(blocked.includes('not ready') && blocked.includes(`Deployment ${BLOCKED} does not exist`),
+    `the blocked policy's row says why it is not ready: ${blocked}`);
+  findings.blockedRow = blocked.replace(/\s+/g, ' ').trim();
   const cookies = await context.cookies();
   const session = cookies.find((c) => c.name === 'nemesis_session');
   check(session && session.httpOnly && session.sameSite === 'Strict', 'the session cookie is HttpOnly and SameSite=Strict');
