@@ -3,6 +3,8 @@
 //! variables); `nemesis-controller crd` prints the ScalingPolicy CustomResourceDefinition
 //! generated from the Rust types (what `cargo xtask gen` writes to `manifests/crd/`).
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use nemesis_controller::config::{LogFormat, RunArgs};
@@ -25,7 +27,10 @@ enum Command {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube_runtime=warn,kube_client=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: `kubectl logs` and log files showed `^[[2m` escapes.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
