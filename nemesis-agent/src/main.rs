@@ -2,6 +2,8 @@
 //! Wiring only; every decision lives in the library.
 #![deny(unsafe_code)]
 
+use std::io::IsTerminal as _;
+
 use anyhow::{Context, Result};
 use clap::Parser;
 use nemesis_agent::{
@@ -11,11 +13,16 @@ use nemesis_agent::{
 };
 
 fn main() -> Result<()> {
+    // Logs on stderr, so stdout carries only a subcommand's result (`cleanup`'s line was
+    // mixed with log lines); colours only on a terminal (`kubectl logs` and log files
+    // showed `^[[2m` escapes).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {
