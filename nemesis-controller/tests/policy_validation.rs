@@ -282,7 +282,7 @@ fn prometheus_sources_are_checked() {
         all,
         vec![
             "spec.metrics.prometheus[0].server: `prom:9090` is not an http:// or https:// URL",
-            "spec.metrics.prometheus[0].timeout: column 2: `2` needs a unit: ms, s, m, h or d (for example `2s`)",
+            "spec.metrics.prometheus[0].timeout: column 2: `2 s`: write the unit right after the number, as in `2s` (units: ms, s, m, h, d)",
         ]
     );
     let yaml = base_with(
@@ -324,7 +324,12 @@ fn cooldowns_and_budgets_are_durations() {
     let yaml = base_with("when: demand}", "when: demand, cooldown: 5 minutes}");
     assert_eq!(
         only_problem(&yaml),
-        "spec.transitions[0].cooldown: column 2: `5` needs a unit: ms, s, m, h or d (for example `5s`)"
+        "spec.transitions[0].cooldown: column 2: `5 minutes`: write the unit right after the number, as in `5m` (units: ms, s, m, h, d)"
+    );
+    let yaml = base_with("when: demand}", "when: demand, cooldown: 2hours}");
+    assert_eq!(
+        only_problem(&yaml),
+        "spec.transitions[0].cooldown: column 2: unknown unit `hours`: write `2h` (units: ms, s, m, h, d)"
     );
     let yaml = format!("{BASE}readinessBudget: 10y\n");
     assert_eq!(

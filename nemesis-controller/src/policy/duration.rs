@@ -72,23 +72,35 @@ pub(crate) fn scan_duration(text: &str) -> Result<(i64, usize), DurationError> {
             message: format!("`{}` is not a number", &text[start..pos]),
         })?;
         let Some((per_unit, unit_len)) = unit_at(&text[pos..]) else {
+            let number = &text[start..pos];
             let letters = text[pos..]
                 .bytes()
                 .take_while(|b| b.is_ascii_alphabetic())
                 .count();
+            let spaced = text[pos..].trim_start();
+            let spaced_word: String = spaced
+                .chars()
+                .take_while(char::is_ascii_alphabetic)
+                .collect();
             return Err(DurationError {
                 offset: pos,
-                message: if letters == 0 {
-                    format!(
-                        "`{}` needs a unit: ms, s, m, h or d (for example `{}s`)",
-                        &text[start..pos],
-                        &text[start..pos]
-                    )
-                } else {
-                    format!(
-                        "unknown unit `{}`: use ms, s, m, h or d",
-                        &text[pos..pos + letters]
-                    )
+                message: match (letters, spelled_out(&spaced_word)) {
+                    (0, Some(unit)) if !spaced_word.is_empty() => format!(
+                        "`{number} {spaced_word}`: write the unit right after the number, \
+                         as in `{number}{unit}` (units: ms, s, m, h, d)"
+                    ),
+                    (0, _) => format!(
+                        "`{number}` needs a unit: ms, s, m, h or d (for example `{number}s`)"
+                    ),
+                    (_, _) => {
+                        let word = &text[pos..pos + letters];
+                        match spelled_out(word) {
+                            Some(unit) => format!(
+                                "unknown unit `{word}`: write `{number}{unit}` (units: ms, s, m, h, d)"
+                            ),
+                            None => format!("unknown unit `{word}`: use ms, s, m, h or d"),
+                        }
+                    }
                 },
             });
         };
@@ -104,6 +116,19 @@ pub(crate) fn scan_duration(text: &str) -> Result<(i64, usize), DurationError> {
             return Ok((total.round() as i64, pos));
         }
     }
+}
+
+/// The unit a spelled-out name means (`minutes` -> `m`), for a message that says what
+/// to write instead.
+fn spelled_out(word: &str) -> Option<&'static str> {
+    Some(match word.to_ascii_lowercase().as_str() {
+        "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => "ms",
+        "s" | "sec" | "secs" | "second" | "seconds" => "s",
+        "m" | "min" | "mins" | "minute" | "minutes" => "m",
+        "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+        "d" | "day" | "days" => "d",
+        _ => return None,
+    })
 }
 
 /// Formats a duration the way users write it (`1h30m`, `45s`, `250ms`).
