@@ -8,7 +8,7 @@
 #![deny(unsafe_code)]
 
 use crate::admin::{self, AdminState, Readiness};
-use crate::config::RunArgs;
+use crate::config::{DirectMode, RunArgs};
 use crate::control::{
     AgentReports, ControlError, ControllerClient, DEFAULT_CALL_TIMEOUT, Heartbeats,
 };
@@ -285,19 +285,40 @@ impl WriterParts {
         readiness.set("datapath", true);
         readiness.set("services", false);
 
-        let dp_services = DatapathServices::new(&datapath, registry.clone());
+        let dp_services =
+            DatapathServices::with_direct_mode(&datapath, registry.clone(), args.direct_mode);
         let managed = ManagedServices::new(
             table.clone(),
             dp_services.clone(),
             proxy_metrics,
             counters.clone(),
         );
+        // Balance routes to the ready backends itself: no Service proxy to wait for.
+        let direct_after_ready = match args.direct_mode {
+            DirectMode::Balance => Duration::ZERO,
+            DirectMode::Passthrough => args.direct_after_ready,
+        };
         let modes = ModeFollower::with_direct_after(
             table.clone(),
             registry.clone(),
-            dp_services,
-            args.direct_after_ready,
+            dp_services.clone(),
+            direct_after_ready,
         );
+        // Balance: the datapath's backends follow the EndpointSlices.
+        let follow_backends = {
+            let dp_services = dp_services.clone();
+            let mut any = registry.subscribe_any();
+            async move {
+                loop {
+                    for e in dp_services.sync_backends() {
+                        tracing::warn!(error = %services::error_chain(&e), "writing balance backends failed; retried at the next endpoints change");
+                    }
+                    if any.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
         let (services_synced, mut services_synced_rx) = watch::channel(false);
 
         // The dead-man heartbeat: while this beats, hold-mode redirects stay on.
@@ -403,6 +424,7 @@ impl WriterParts {
             let _lock = lock;
             tokio::join!(
                 deadman,
+                follow_backends,
                 watch_services,
                 refresh_counters,
                 open_proxy,

@@ -98,6 +98,21 @@ pub struct RunArgs {
     /// (large clusters, iptables mode).
     #[arg(long, env = "NEMESIS_AGENT_DIRECT_AFTER_READY", default_value = DEFAULT_DIRECT_AFTER_READY, value_parser = parse_duration)]
     pub direct_after_ready: Duration,
+    /// How connects to a Service that is not held go: `passthrough` leaves them to the
+    /// node's Service proxy (kube-proxy, Cilium); `balance` sends each to the
+    /// least-loaded ready backend from the eBPF hook itself, so a woken Service goes
+    /// direct at once (`--direct-after-ready` is not waited).
+    #[arg(long, env = "NEMESIS_AGENT_DIRECT_MODE", value_enum, default_value_t = DirectMode::Passthrough)]
+    pub direct_mode: DirectMode,
+}
+
+/// What "direct" (not held) means for a managed Service's connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirectMode {
+    /// Count, and leave the connect to the node's Service proxy.
+    Passthrough,
+    /// Rewrite the connect to the least-loaded ready backend (socket-level balancing).
+    Balance,
 }
 
 #[derive(Debug, Args)]

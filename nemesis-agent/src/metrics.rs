@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 /// How a connection accepted by the proxy ended its time in the proxy's hands.
@@ -265,6 +266,16 @@ pub struct ServiceCounters {
 #[derive(Debug, Default)]
 pub struct DatapathCounters {
     services: RwLock<BTreeMap<ServiceRef, ServiceCounters>>,
+    /// Balance mode: open connections per ready backend (at most
+    /// `nemesis_common::maps::MAX_BACKENDS` per Service port, so the labels are bounded).
+    backends: RwLock<BTreeMap<ServiceRef, Vec<(SocketAddr, u64)>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    namespace: String,
+    service: String,
+    backend: String,
 }
 
 impl DatapathCounters {
@@ -280,6 +291,30 @@ impl DatapathCounters {
             .write()
             .expect("datapath counters lock")
             .remove(service);
+        self.backends
+            .write()
+            .expect("datapath counters lock")
+            .remove(service);
+    }
+
+    /// Balance mode: the open connections of each ready backend of `service` (all its
+    /// ports); an empty list drops its series.
+    pub fn set_backends(&self, service: &ServiceRef, backends: Vec<(SocketAddr, u64)>) {
+        let mut b = self.backends.write().expect("datapath counters lock");
+        if backends.is_empty() {
+            b.remove(service);
+        } else {
+            b.insert(service.clone(), backends);
+        }
+    }
+
+    pub fn backends(&self, service: &ServiceRef) -> Vec<(SocketAddr, u64)> {
+        self.backends
+            .read()
+            .expect("datapath counters lock")
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn get(&self, service: &ServiceRef) -> Option<ServiceCounters> {
@@ -330,6 +365,27 @@ impl Collector for DatapathCounters {
         for (svc, c) in &snapshot {
             let labels = ServiceLabels::from(svc);
             ConstGauge::new(c.open_connections).encode(family.encode_family(&labels)?)?;
+        }
+        let backends = self
+            .backends
+            .read()
+            .expect("datapath counters lock")
+            .clone();
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_backend_open_connections",
+            "Balance mode: open connections the eBPF hooks on this node sent to each ready backend",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (svc, list) in &backends {
+            for (addr, open) in list {
+                let labels = BackendLabels {
+                    namespace: svc.namespace.clone(),
+                    service: svc.name.clone(),
+                    backend: addr.to_string(),
+                };
+                ConstGauge::new(*open).encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

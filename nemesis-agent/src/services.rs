@@ -4,6 +4,7 @@
 //! per-Service datapath mode; never decides a mode (`proxy::mode` does) nor holds traffic.
 #![deny(unsafe_code)]
 
+use crate::config::DirectMode;
 use crate::ebpf::{Datapath, DatapathError, Mode, Proto};
 use crate::endpoints::EndpointRegistry;
 use crate::metrics::{DatapathCounters, ProxyMetrics, ServiceCounters};
@@ -23,6 +24,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+/// Open connections per balance-mode backend of one Service.
+pub type BackendLoads = Vec<(SocketAddr, u64)>;
 
 /// A policy without `holdTimeoutSeconds` holds for this long (the CRD's documented default).
 pub const DEFAULT_POLICY_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -218,28 +222,118 @@ pub struct DatapathServices {
     datapath: Weak<Datapath>,
     endpoints: Arc<EndpointRegistry>,
     state: Mutex<HashMap<ServiceRef, DatapathRows>>,
+    direct: DirectMode,
 }
 
 #[derive(Debug, Default)]
 struct DatapathRows {
     addrs: BTreeSet<SocketAddr>,
+    /// Each row's Service port name and numeric `targetPort` (where its backends are).
+    ports: BTreeMap<SocketAddr, (String, Option<u16>)>,
     /// The mode last set through [`ModeSink::set_hold`]; `None` before the first.
     hold: Option<bool>,
 }
 
-fn mode_of(hold: bool) -> Mode {
-    // Balance (socket-level load balancing) is not built yet; direct is passthrough,
-    // where kube-proxy (or its stand-in) serves the ClusterIP.
-    if hold { Mode::Hold } else { Mode::Passthrough }
-}
-
 impl DatapathServices {
+    /// Direct (not held) Services are left to kube-proxy (passthrough).
     pub fn new(datapath: &Arc<Datapath>, endpoints: Arc<EndpointRegistry>) -> Arc<Self> {
+        Self::with_direct_mode(datapath, endpoints, DirectMode::Passthrough)
+    }
+
+    /// As [`DatapathServices::new`], with direct Services served as `direct` says: in
+    /// [`DirectMode::Balance`] the datapath sends each connect to a ready backend itself,
+    /// from the backends [`DatapathServices::sync_backends`] writes.
+    pub fn with_direct_mode(
+        datapath: &Arc<Datapath>,
+        endpoints: Arc<EndpointRegistry>,
+        direct: DirectMode,
+    ) -> Arc<Self> {
         Arc::new(Self {
             datapath: Arc::downgrade(datapath),
             endpoints,
             state: Mutex::new(HashMap::new()),
+            direct,
         })
+    }
+
+    fn mode_of(&self, hold: bool) -> Mode {
+        match (hold, self.direct) {
+            (true, _) => Mode::Hold,
+            (false, DirectMode::Passthrough) => Mode::Passthrough,
+            (false, DirectMode::Balance) => Mode::Balance,
+        }
+    }
+
+    /// Balance mode: writes every managed Service port's ready backends into the
+    /// datapath (call it whenever endpoints change). A Service that fails is reported
+    /// and the others go on. Passthrough: nothing to do.
+    pub fn sync_backends(&self) -> Vec<ServicesError> {
+        if self.direct != DirectMode::Balance {
+            return vec![];
+        }
+        let dp = match self.datapath() {
+            Ok(dp) => dp,
+            Err(e) => return vec![e],
+        };
+        let state = self.state.lock().expect("datapath services lock");
+        state
+            .iter()
+            .filter_map(|(svc, rows)| self.write_backends(&dp, svc, rows).err())
+            .collect()
+    }
+
+    /// The ready backends of each of `rows` into the datapath (balance mode only).
+    fn write_backends(
+        &self,
+        dp: &Datapath,
+        service: &ServiceRef,
+        rows: &DatapathRows,
+    ) -> Result<(), ServicesError> {
+        if self.direct != DirectMode::Balance {
+            return Ok(());
+        }
+        let eps = self.endpoints.current(service);
+        for (addr, (port_name, target_port)) in &rows.ports {
+            let mut backends: Vec<SocketAddr> = eps
+                .backends(port_name, *target_port)
+                .into_iter()
+                // A connect can only be rewritten within its address family.
+                .filter(|b| b.is_ipv4() == addr.is_ipv4())
+                .collect();
+            let max = nemesis_common::maps::MAX_BACKENDS as usize;
+            if backends.len() > max {
+                // Balancing over the first `max` still beats failing open to kube-proxy.
+                tracing::warn!(service = %service, ready = backends.len(), max, "more ready backends than balance mode takes; using the first");
+                backends.truncate(max);
+            }
+            dp.set_backends(*addr, Proto::Tcp, &backends)
+                .map_err(|source| ServicesError::UpdateDatapath {
+                    service: service.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Balance mode: open connections per backend of every managed Service.
+    pub fn backend_counters(&self) -> Result<Vec<(ServiceRef, BackendLoads)>, ServicesError> {
+        if self.direct != DirectMode::Balance {
+            return Ok(vec![]);
+        }
+        let dp = self.datapath()?;
+        let state = self.state.lock().expect("datapath services lock");
+        let mut out = vec![];
+        for (svc, rows) in state.iter() {
+            let mut list = vec![];
+            for addr in &rows.addrs {
+                let backends = dp
+                    .backends(*addr, Proto::Tcp)
+                    .map_err(|e| ServicesError::ReadCounters(Box::new(e)))?;
+                list.extend(backends.iter().map(|b| (b.addr, b.open_now)));
+            }
+            out.push((svc.clone(), list));
+        }
+        Ok(out)
     }
 
     fn datapath(&self) -> Result<Arc<Datapath>, ServicesError> {
@@ -252,8 +346,9 @@ impl DatapathServices {
     pub fn set_rows(
         &self,
         service: &ServiceRef,
-        addrs: BTreeSet<SocketAddr>,
+        rows_in: &[(SocketAddr, ManagedPort)],
     ) -> Result<(), ServicesError> {
+        let addrs: BTreeSet<SocketAddr> = rows_in.iter().map(|(a, _)| *a).collect();
         let dp = self.datapath()?;
         let mut state = self.state.lock().expect("datapath services lock");
         let rows = state.entry(service.clone()).or_default();
@@ -267,15 +362,19 @@ impl DatapathServices {
             service: service.clone(),
             source: Box::new(source),
         };
+        let mode = self.mode_of(hold);
         for addr in addrs.difference(&rows.addrs) {
-            dp.upsert_service(*addr, Proto::Tcp, mode_of(hold))
-                .map_err(update)?;
+            dp.upsert_service(*addr, Proto::Tcp, mode).map_err(update)?;
         }
         for addr in rows.addrs.difference(&addrs) {
             dp.remove_service(*addr, Proto::Tcp).map_err(update)?;
         }
         rows.addrs = addrs;
-        Ok(())
+        rows.ports = rows_in
+            .iter()
+            .map(|(a, p)| (*a, (p.port_name.clone(), p.target_port)))
+            .collect();
+        self.write_backends(&dp, service, rows)
     }
 
     /// Forget a Service that is no longer managed: its connects go untouched.
@@ -348,15 +447,21 @@ impl ModeSink for DatapathServices {
         let dp = self.datapath().map_err(|e| ModeSinkError(Box::new(e)))?;
         let mut state = self.state.lock().expect("datapath services lock");
         let rows = state.entry(service.clone()).or_default();
+        // Balance: the backends first, so the first direct connect finds them.
+        if !hold {
+            self.write_backends(&dp, service, rows)
+                .map_err(|e| ModeSinkError(Box::new(e)))?;
+        }
+        let mode = self.mode_of(hold);
         for addr in &rows.addrs {
-            dp.set_mode(*addr, Proto::Tcp, mode_of(hold))
+            dp.set_mode(*addr, Proto::Tcp, mode)
                 .map_err(|e| ModeSinkError(Box::new(e)))?;
         }
         rows.hold = Some(hold);
-        Ok(if hold {
-            AppliedMode::Hold
-        } else {
-            AppliedMode::Passthrough
+        Ok(match mode {
+            Mode::Hold => AppliedMode::Hold,
+            Mode::Balance => AppliedMode::Balance,
+            Mode::Passthrough => AppliedMode::Passthrough,
         })
     }
 }
@@ -419,8 +524,7 @@ impl ManagedServices {
                 now.insert(service.clone(), rows.clone());
                 continue;
             }
-            let addrs = rows.iter().map(|(a, _)| *a).collect();
-            match self.datapath.set_rows(service, addrs) {
+            match self.datapath.set_rows(service, rows) {
                 Ok(()) => {
                     self.table.upsert_service(service, rows.clone());
                     tracing::info!(service = %service, rows = rows.len(), "Service managed");
@@ -444,6 +548,9 @@ impl ManagedServices {
     pub fn refresh_counters(&self) -> Result<(), ServicesError> {
         for (svc, c) in self.datapath.counters()? {
             self.counters.set(&svc, c);
+        }
+        for (svc, list) in self.datapath.backend_counters()? {
+            self.counters.set_backends(&svc, list);
         }
         Ok(())
     }

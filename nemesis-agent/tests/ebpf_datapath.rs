@@ -1,5 +1,6 @@
 //! The eBPF datapath on the real kernel: counting, hold-mode redirects, original
-//! destinations, restarts, cleanup and the dead-man switch.
+//! destinations, balance mode (least-loaded backends, per-backend counts), restarts,
+//! cleanup and the dead-man switch.
 //!
 //! Needs root. Each test creates its own child cgroup under the cgroup2 mount and its
 //! own pin instance, attaches only there, and removes both afterwards. The connecting
@@ -23,7 +24,7 @@ use nemesis_agent::ebpf::{
     pins::ScratchBpffs,
     prereq,
 };
-use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY};
+use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY, PINNED_MAPS};
 
 const CLIENT_ENV: &str = "NEMESIS_TEST_CLIENT_CGROUP";
 const REPLY: &str = "NEMESIS> ";
@@ -114,6 +115,13 @@ fn child_client_entry() {
                     r
                 }
                 Err(e) => format!("err {e}"),
+            },
+            ["send", id] => match open[id.parse::<usize>().unwrap()].as_mut() {
+                Some(s) => match s.write_all(b"ping") {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("err {e}"),
+                },
+                None => "err closed".to_string(),
             },
             ["close", id] => {
                 let id: usize = id.parse().unwrap();
@@ -222,6 +230,11 @@ impl Client {
         }
     }
 
+    /// Writes 4 bytes on an open connection.
+    fn send(&mut self, c: &Opened) {
+        assert_eq!(self.cmd(&format!("send {}", c.id)), "ok");
+    }
+
     fn close(&mut self, c: &Opened) {
         assert_eq!(self.cmd(&format!("close {}", c.id)), "ok");
     }
@@ -251,6 +264,8 @@ impl Drop for Client {
 struct Server {
     addr: SocketAddr,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Bytes read from all connections.
+    received: Arc<Mutex<usize>>,
 }
 
 impl Server {
@@ -258,18 +273,29 @@ impl Server {
         let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         let addr = l.local_addr().unwrap();
         let peers = Arc::new(Mutex::new(vec![]));
+        let received = Arc::new(Mutex::new(0));
         let p = peers.clone();
+        let r = received.clone();
         std::thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
                 p.lock().unwrap().push(s.peer_addr().unwrap());
+                let r = r.clone();
                 std::thread::spawn(move || {
                     let mut sink = [0u8; 256];
-                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                    while let Ok(n) = s.read(&mut sink)
+                        && n > 0
+                    {
+                        *r.lock().unwrap() += n;
+                    }
                 });
             }
         });
-        Server { addr, peers }
+        Server {
+            addr,
+            peers,
+            received,
+        }
     }
 
     fn accepted(&self) -> usize {
@@ -279,6 +305,13 @@ impl Server {
     fn has_peer(&self, peer: SocketAddr) -> bool {
         wait_until(|| self.peers.lock().unwrap().contains(&peer))
     }
+}
+
+/// A loopback address standing in for a pod IP (outside the ClusterIP range), distinct
+/// per test process.
+fn pod_ip(n: u8) -> String {
+    let pid = std::process::id();
+    format!("127.98.{}.{}", (pid % 250) as u8 + 1, n)
 }
 
 /// A loopback ClusterIP-like address from 127.96.0.0/16, distinct per test process.
@@ -517,9 +550,9 @@ fn a_mode_flip_applies_to_the_next_connect() {
     let st = dp.stats(slot).unwrap();
     assert_eq!((st.connects, st.redirected), (3, 1));
     wait_counters(&dp, slot, |s| s.open_now == 3);
-    // Balance is reserved and behaves as passthrough for now.
+    // Balance with no backend set holds, so the service still wakes.
     dp.set_mode(srv.addr, Proto::Tcp, Mode::Balance).unwrap();
-    assert_eq!(c.open(srv.addr).peer, srv.addr);
+    assert_eq!(c.open(srv.addr).peer, proxy.addr);
 }
 
 #[test]
@@ -609,7 +642,7 @@ fn cleanup_leaves_nothing_attached_or_pinned() {
 
     let report = Datapath::cleanup(&fx.cfg).unwrap();
     assert_eq!(report.links_removed.len(), 3);
-    assert_eq!(report.maps_removed.len(), 7);
+    assert_eq!(report.maps_removed.len(), PINNED_MAPS.len());
     assert!(report.dir_removed);
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     assert_eq!(
@@ -736,4 +769,261 @@ fn capture_ebpf_logs() -> Arc<Mutex<String>> {
         .with_writer(move || writer.clone())
         .try_init();
     buf
+}
+
+// === balance mode ===
+
+/// Three backend listeners on distinct loopback addresses, a service in balance mode
+/// with all three ready, and the datapath.
+struct Balanced {
+    fx: Fixture,
+    dp: Datapath,
+    svc: Server,
+    proxy: Server,
+    backends: Vec<Server>,
+}
+
+impl Balanced {
+    fn new(test: &str, ready: bool) -> Balanced {
+        let mut fx = Fixture::new(test);
+        let proxy = Server::bind("127.0.0.1:0");
+        fx.cfg.proxy_v4 = match proxy.addr {
+            SocketAddr::V4(a) => Some(a),
+            _ => None,
+        };
+        let dp = fx.load();
+        let svc = Server::bind(&format!("{}:0", cluster_ip(1)));
+        let backends: Vec<Server> = (1..=3)
+            .map(|n| Server::bind(&format!("{}:0", pod_ip(n))))
+            .collect();
+        dp.upsert_service(svc.addr, Proto::Tcp, Mode::Balance)
+            .unwrap();
+        let b = Balanced {
+            fx,
+            dp,
+            svc,
+            proxy,
+            backends,
+        };
+        if ready {
+            b.set_ready(&[0, 1, 2]);
+        }
+        b
+    }
+
+    fn set_ready(&self, which: &[usize]) {
+        let addrs: Vec<SocketAddr> = which.iter().map(|i| self.backends[*i].addr).collect();
+        self.dp
+            .set_backends(self.svc.addr, Proto::Tcp, &addrs)
+            .unwrap();
+    }
+
+    /// Which backend (index) a connection got to; panics if it got anywhere else.
+    fn backend_of(&self, c: &Opened) -> usize {
+        self.backends
+            .iter()
+            .position(|b| b.addr == c.peer)
+            .unwrap_or_else(|| panic!("{c:?} reached no backend"))
+    }
+
+    /// Open connections per backend as the datapath counts them, by backend index.
+    fn counts(&self) -> Vec<u64> {
+        let listed = self.dp.backends(self.svc.addr, Proto::Tcp).unwrap();
+        self.backends
+            .iter()
+            .map(|b| {
+                listed
+                    .iter()
+                    .find(|c| c.addr == b.addr)
+                    .map_or(0, |c| c.open_now)
+            })
+            .collect()
+    }
+
+    fn wait_counts(&self, want: &[u64]) {
+        assert!(
+            wait_until(|| self.counts() == want),
+            "per-backend counts never became {want:?}: {:?}",
+            self.counts()
+        );
+    }
+}
+
+#[test]
+fn balance_sends_each_new_connect_to_the_least_loaded_backend() {
+    let b = Balanced::new("bal-least", true);
+    let mut c = b.fx.client();
+    let mut conns = vec![];
+    for _ in 0..9 {
+        let o = c.open(b.svc.addr);
+        b.backend_of(&o);
+        conns.push(o);
+        // Each connect is established before the next starts, so each sees the
+        // counts of all before it.
+    }
+    b.wait_counts(&[3, 3, 3]);
+    let accepted = || b.backends.iter().map(Server::accepted).collect::<Vec<_>>();
+    assert!(
+        wait_until(|| accepted() == [3, 3, 3]),
+        "accepted per backend: {:?}",
+        accepted()
+    );
+    assert_eq!(b.svc.accepted(), 0, "nothing reached the ClusterIP itself");
+    assert_eq!(b.proxy.accepted(), 0, "nothing went through the proxy");
+
+    // Unbalance on purpose: close backend 1's three connections. Least-loaded (not
+    // round-robin) sends the next three all there.
+    for o in conns.iter().filter(|o| b.backend_of(o) == 1) {
+        c.close(o);
+    }
+    b.wait_counts(&[3, 0, 3]);
+    for _ in 0..3 {
+        let o = c.open(b.svc.addr);
+        assert_eq!(b.backend_of(&o), 1, "the least-loaded backend gets it");
+    }
+    b.wait_counts(&[3, 3, 3]);
+
+    // Ties spread: three more land one on each.
+    let mut got: Vec<usize> = (0..3).map(|_| b.backend_of(&c.open(b.svc.addr))).collect();
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2]);
+    let counts = b.counts();
+    let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+    assert!(hi - lo <= 1, "balanced within one: {counts:?}");
+    let st =
+        b.dp.stats(b.dp.service(b.svc.addr, Proto::Tcp).unwrap().slot)
+            .unwrap();
+    assert_eq!((st.connects, st.redirected), (15, 0));
+}
+
+#[test]
+fn a_backend_taken_out_gets_no_new_connects_while_its_open_ones_keep_working() {
+    let b = Balanced::new("bal-remove", true);
+    let mut c = b.fx.client();
+    let first: Vec<Opened> = (0..3).map(|_| c.open(b.svc.addr)).collect();
+    b.wait_counts(&[1, 1, 1]);
+    let on_2 = first.iter().find(|o| b.backend_of(o) == 2).unwrap();
+
+    b.set_ready(&[0, 1]);
+    for _ in 0..6 {
+        let o = c.open(b.svc.addr);
+        assert_ne!(b.backend_of(&o), 2, "a removed backend got a new connect");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(b.backends[2].accepted(), 1);
+    let listed: Vec<SocketAddr> =
+        b.dp.backends(b.svc.addr, Proto::Tcp)
+            .unwrap()
+            .iter()
+            .map(|c| c.addr)
+            .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(!listed.contains(&b.backends[2].addr));
+    // Its connection from before still carries data.
+    c.send(on_2);
+    assert!(wait_until(|| *b.backends[2].received.lock().unwrap() == 4));
+    b.wait_counts(&[4, 4, 0]);
+
+    // Back in: it is the least loaded and gets the next connects, with a fresh count
+    // (the old connection's close does not count against it).
+    b.set_ready(&[0, 1, 2]);
+    c.close(on_2);
+    let o = c.open(b.svc.addr);
+    assert_eq!(b.backend_of(&o), 2);
+    b.wait_counts(&[4, 4, 1]);
+}
+
+#[test]
+fn balance_with_no_backend_holds_and_goes_direct_once_backends_are_set() {
+    let b = Balanced::new("bal-zero", false);
+    let mut c = b.fx.client();
+    let held = c.open(b.svc.addr);
+    assert_eq!(
+        held.peer, b.proxy.addr,
+        "no ready backend: held by the proxy"
+    );
+    assert!(b.proxy.has_peer(held.local));
+    let orig =
+        b.dp.original_destination(held.local)
+            .expect("original destination");
+    assert_eq!(orig.addr, b.svc.addr);
+
+    // An empty set holds too.
+    b.dp.set_backends(b.svc.addr, Proto::Tcp, &[]).unwrap();
+    assert_eq!(c.open(b.svc.addr).peer, b.proxy.addr);
+
+    b.set_ready(&[0]);
+    let direct = c.open(b.svc.addr);
+    assert_eq!(direct.peer, b.backends[0].addr, "straight to the backend");
+    assert!(b.backends[0].has_peer(direct.local));
+    assert!(wait_until(|| b.proxy.accepted() == 2));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        b.proxy.accepted(),
+        2,
+        "the proxy saw only the two held ones"
+    );
+    assert_eq!(b.svc.accepted(), 0);
+    let st = b.dp.stats(orig.slot).unwrap();
+    assert_eq!((st.connects, st.redirected), (3, 2));
+    b.wait_counts(&[1, 0, 0]);
+}
+
+#[test]
+fn closing_balanced_connections_brings_the_backend_counts_down() {
+    let b = Balanced::new("bal-close", true);
+    let mut c = b.fx.client();
+    let conns: Vec<Opened> = (0..6).map(|_| c.open(b.svc.addr)).collect();
+    b.wait_counts(&[2, 2, 2]);
+    for o in &conns[..3] {
+        c.close(o);
+    }
+    assert!(wait_until(|| b.counts().iter().sum::<u64>() == 3));
+    for o in &conns[3..] {
+        c.close(o);
+    }
+    b.wait_counts(&[0, 0, 0]);
+    // Short connections leave nothing behind either.
+    assert_eq!(c.burst(b.svc.addr, 30), 30);
+    b.wait_counts(&[0, 0, 0]);
+    let per = || b.backends.iter().map(Server::accepted).collect::<Vec<_>>();
+    assert!(
+        wait_until(|| per().iter().sum::<usize>() == 36),
+        "{:?}",
+        per()
+    );
+    let per = per();
+    // Each CPU rotates its own start, so the split is even per CPU and only roughly
+    // even overall; a backend that got (next to) none would mean no spreading.
+    assert!(per.iter().all(|n| *n >= 6), "spread: {per:?}");
+}
+
+#[test]
+fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
+    let fx = Fixture::new("bal-refuse");
+    let dp = fx.load();
+    let udp: SocketAddr = format!("{}:53", cluster_ip(3)).parse().unwrap();
+    let e = dp
+        .upsert_service(udp, Proto::Udp, Mode::Balance)
+        .unwrap_err();
+    assert!(matches!(e, DatapathError::BalanceNeedsTcp { .. }), "{e}");
+    let svc: SocketAddr = format!("{}:80", cluster_ip(4)).parse().unwrap();
+    dp.upsert_service(svc, Proto::Tcp, Mode::Balance).unwrap();
+    let many: Vec<SocketAddr> = (0..65u16)
+        .map(|p| SocketAddr::from(([127, 98, 0, 1], 1000 + p)))
+        .collect();
+    let e = dp.set_backends(svc, Proto::Tcp, &many).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DatapathError::TooManyBackends {
+                count: 65,
+                max: 64,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    dp.set_backends(svc, Proto::Tcp, &many[..64]).unwrap();
+    assert_eq!(dp.backends(svc, Proto::Tcp).unwrap().len(), 64);
 }

@@ -25,9 +25,22 @@ pub const CONFIG: &str = "CONFIG_V1";
 pub const HEARTBEAT: &str = "HEARTBEAT_V1";
 /// `PerCpuArray<u64>` indexed by the `ERR_*` kinds.
 pub const ERRORS: &str = "ERRORS_V1";
+/// `HashMap<u32, BackendSet>` keyed by [`ServiceValue::slot`]: a balance-mode service's
+/// ready backends (not preallocated: only balanced services take memory).
+pub const BACKENDS: &str = "BACKENDS_V1";
+/// `Array<u64>` indexed by `slot * MAX_BACKENDS + backend index`: open connections per
+/// backend, changed atomically by sock_ops (one count for all CPUs, as the choice of the
+/// least-loaded backend needs the total).
+pub const BACKEND_CONNS: &str = "BACKEND_CONNS_V1";
+/// `LruHashMap<u64, SockBackend>` keyed by socket cookie: which backend a balanced
+/// socket was sent to.
+pub const SOCK_BACKEND: &str = "SOCK_BACKEND_V1";
+/// `PerCpuArray<u32>` with one entry: where the next balance choice starts looking, so
+/// ties between equally loaded backends spread.
+pub const BALANCE_RR: &str = "BALANCE_RR_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 11] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -35,6 +48,10 @@ pub const PINNED_MAPS: [&str; 7] = [
     CONFIG,
     HEARTBEAT,
     ERRORS,
+    BACKENDS,
+    BACKEND_CONNS,
+    SOCK_BACKEND,
+    BALANCE_RR,
 ];
 
 // === program names (the eBPF function names) ===
@@ -53,6 +70,13 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_SOCKETS: u32 = 65_536;
 /// Held connections whose original destination is remembered at once (LRU, as above).
 pub const MAX_ORIG_DST: u32 = 65_536;
+/// Ready backends per balanced service port. A power of two: the programs wrap indexes
+/// with a mask. Services with more ready backends than this are not balanced.
+pub const MAX_BACKENDS: u32 = 64;
+/// Entries of BACKEND_CONNS (8 MiB of u64).
+pub const MAX_BACKEND_CONNS: u32 = MAX_SERVICES * MAX_BACKENDS;
+/// Balanced sockets whose backend is remembered at once (LRU, as SOCKETS).
+pub const MAX_SOCK_BACKENDS: u32 = MAX_SOCKETS;
 
 // === protocols and modes ===
 
@@ -64,7 +88,8 @@ pub const MODE_PASSTHROUGH: u32 = 0;
 /// Rewrite the destination to the agent's proxy (TCP only), unless the dead-man
 /// switch has fired.
 pub const MODE_HOLD: u32 = 1;
-/// Reserved for socket-level load balancing; the programs treat it as passthrough.
+/// Rewrite the destination to the least-loaded ready backend in BACKENDS (TCP only);
+/// with no ready backend, behave as [`MODE_HOLD`] so the service still wakes.
 pub const MODE_BALANCE: u32 = 2;
 
 // === error kinds (indexes into ERRORS) ===
@@ -84,8 +109,14 @@ pub const ERR_DEADMAN_RELEASE: u32 = 4;
 pub const ERR_NO_PROXY: u32 = 5;
 /// Hold mode on a non-TCP socket: only TCP can be held, so it was let through.
 pub const ERR_HOLD_NOT_TCP: u32 = 6;
+/// Balance mode, but remembering the socket's backend failed: connection let through
+/// unchanged (its backend could not be counted).
+pub const ERR_SOCK_BACKEND_INSERT: u32 = 7;
+/// Balance mode on a non-TCP socket: its connections cannot be counted, so it was let
+/// through unchanged.
+pub const ERR_BALANCE_NOT_TCP: u32 = 8;
 /// Number of error kinds (the length of ERRORS).
-pub const ERROR_KINDS: u32 = 7;
+pub const ERROR_KINDS: u32 = 9;
 /// Metric label of each error kind, by index.
 pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "sockets_insert",
@@ -95,6 +126,8 @@ pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "deadman_release",
     "no_proxy",
     "hold_not_tcp",
+    "sock_backend_insert",
+    "balance_not_tcp",
 ];
 
 // === CONFIG flags ===
@@ -232,6 +265,56 @@ pub struct Config {
     pub _pad: u32,
 }
 
+/// One ready backend of a balanced service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv6 address, or IPv4 as v4-mapped.
+    pub addr: [u8; 16],
+    /// Big-endian port bytes.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// 0: this index is empty. Otherwise unique for the agent's life per backend put at
+    /// this index, so a socket counts its close only against the backend it was sent
+    /// to, never against a later one at the same index.
+    pub generation: u32,
+}
+
+/// Value of BACKENDS. The agent keeps a backend at the same index while it stays ready
+/// (its count in BACKEND_CONNS is per index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSet {
+    /// Number of non-empty entries (0: no ready backend, so hold).
+    pub count: u32,
+    /// Every non-empty entry has an index below this (bounds the search).
+    pub end: u32,
+    pub backends: [Backend; MAX_BACKENDS as usize],
+}
+
+impl Default for BackendSet {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            end: 0,
+            backends: [Backend::default(); MAX_BACKENDS as usize],
+        }
+    }
+}
+
+/// Value of SOCK_BACKEND: written by connect4/6, read by sock_ops.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockBackend {
+    pub slot: u32,
+    /// Index into the service's [`BackendSet::backends`].
+    pub index: u32,
+    /// [`Backend::generation`] at the choice.
+    pub generation: u32,
+    /// 1 once counted in BACKEND_CONNS (so its close is subtracted).
+    pub opened: u32,
+}
+
 /// `::ffff:a.b.c.d` for an IPv4 address.
 pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
@@ -270,6 +353,10 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDstKey>() == 20);
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<BackendSet>() == 8 + 24 * MAX_BACKENDS as usize);
+    assert!(core::mem::size_of::<SockBackend>() == 16);
+    assert!(MAX_BACKENDS.is_power_of_two());
 };
 
 #[cfg(feature = "user")]
@@ -284,6 +371,9 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::BackendSet {}
+    unsafe impl aya::Pod for super::SockBackend {}
 }
 
 #[cfg(test)]

@@ -1,20 +1,28 @@
 //! eBPF programs the agent attaches to a cgroup v2: `connect4`/`connect6` count connects
-//! to managed services and, in hold mode, rewrite them to the agent's proxy; `sock_ops`
-//! counts opened/closed TCP connections and remembers held connections' original
-//! destinations. Every path fails OPEN: on any error the connect goes on unchanged and an
+//! to managed services and, in hold mode, rewrite them to the agent's proxy, in balance
+//! mode to the least-loaded ready backend (or the proxy when there is none); `sock_ops`
+//! counts opened/closed TCP connections per service and per backend and remembers held
+//! connections' original destinations. Every path fails OPEN: on any error the connect goes on unchanged and an
 //! ERRORS counter says so. Nothing here may ever deny a connect.
 //!
 //! Map layouts and names live in `nemesis_common::maps`; the statics below are named
 //! exactly as its `pub const` names (a loader test checks that).
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` does not exist;
+// the intrinsic lowers to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -24,10 +32,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use nemesis_common::maps::{
-    CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE,
-    ERR_HOLD_NOT_TCP, ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
-    MAX_ORIG_DST, MAX_SERVICES, MAX_SOCKETS, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_HELD,
-    SOCK_OPENED, SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SockRecord,
+    Backend, BackendSet, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
+    ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_NO_PROXY,
+    ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
+    MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_ORIG_DST, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS,
+    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_HELD, SOCK_OPENED, SOCK_TRACKED,
+    ServiceKey, ServiceStats, ServiceValue, SockBackend, SockRecord,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -51,6 +61,16 @@ static CONFIG_V1: Array<Config> = Array::with_max_entries(1, 0);
 static HEARTBEAT_V1: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static ERRORS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERROR_KINDS, 0);
+#[map]
+static BACKENDS_V1: HashMap<u32, BackendSet> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+#[map]
+static BACKEND_CONNS_V1: Array<u64> = Array::with_max_entries(MAX_BACKEND_CONNS, 0);
+#[map]
+static SOCK_BACKEND_V1: LruHashMap<u64, SockBackend> =
+    LruHashMap::with_max_entries(MAX_SOCK_BACKENDS, 0);
+#[map]
+static BALANCE_RR_V1: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 // === connect4 / connect6 ===
 
@@ -153,8 +173,8 @@ fn try_connect6(ctx: &SockAddrContext) {
 }
 
 /// Counts a connect if it goes to a managed service and decides whether it is
-/// rewritten (`Some`) or goes on unchanged (`None`: passthrough, balance for now, any
-/// failure).
+/// rewritten (`Some`: to the proxy, or to a backend in balance mode) or goes on
+/// unchanged (`None`: passthrough, any failure).
 #[inline(always)]
 fn on_connect(
     ctx: &SockAddrContext,
@@ -178,48 +198,194 @@ fn on_connect(
     // SAFETY: per-CPU value of this CPU; the program is not migrated while it runs.
     unsafe { (*stats).connects += 1 };
 
-    let target = if svc.mode == MODE_HOLD {
-        hold_target(ctx, key.proto, family, svc.slot)
-    } else {
-        None
+    // Balance mode with no ready backend holds, so a service at zero still wakes.
+    let mut holding = svc.mode == MODE_HOLD;
+    let mut chosen: Option<Chosen> = None;
+    if svc.mode == MODE_BALANCE {
+        if key.proto != PROTO_TCP {
+            count_error(ERR_BALANCE_NOT_TCP);
+        } else {
+            chosen = pick_backend(svc.slot, family);
+            holding = chosen.is_none();
+        }
+    }
+    let target = match &chosen {
+        Some(c) => Some(Target {
+            words: c.target.words,
+            port: c.target.port,
+        }),
+        None if holding => hold_target(ctx, key.proto, family, svc.slot),
+        None => None,
     };
+    let held = holding && target.is_some();
     if key.proto == PROTO_TCP {
         let record = SockRecord {
             service: key,
             slot: svc.slot,
             epoch: svc.epoch,
-            flags: if target.is_some() { SOCK_HELD } else { 0 },
+            flags: if held { SOCK_HELD } else { 0 },
         };
         // SAFETY: the helper accepts this program type's context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if SOCKETS_V1.insert(cookie, record, BPF_ANY as u64).is_err() {
             count_error(ERR_SOCKETS_INSERT);
-            // Without the record sock_ops cannot remember the original destination and
-            // the proxy could not tell where the client was going: let it through.
-            if svc.mode == MODE_HOLD {
+            // Without the record sock_ops cannot remember the original destination (the
+            // proxy could not tell where the client was going) nor turn on the close
+            // callback (a backend's count would never come down): let it through.
+            if holding {
                 // SAFETY: as above.
                 unsafe { (*stats).released += 1 };
             }
             return None;
         }
+        if let Some(c) = &chosen {
+            let sb = SockBackend {
+                slot: svc.slot,
+                index: c.index,
+                generation: c.generation,
+                opened: 0,
+            };
+            if SOCK_BACKEND_V1.insert(cookie, sb, BPF_ANY as u64).is_err() {
+                count_error(ERR_SOCK_BACKEND_INSERT);
+                return None;
+            }
+        }
     }
-    if svc.mode == MODE_HOLD {
+    if holding {
         // SAFETY: as above.
         unsafe {
-            if target.is_some() {
+            if held {
                 (*stats).redirected += 1;
             } else {
                 (*stats).released += 1;
             }
         }
     }
-    if target.is_some() {
+    if held {
         debug!(
             ctx,
             "nemesis: held connect to service slot {} sent to the proxy", svc.slot
         );
     }
     target
+}
+
+/// `i & (MAX_BACKENDS - 1)`, with the mask kept even where LLVM proves it redundant
+/// (after `% end`): the verifier does not track bounds through `%` and needs the mask
+/// to bound the offset into the backend set.
+#[inline(always)]
+fn backend_index(i: u32) -> u32 {
+    let mask = MAX_BACKENDS - 1;
+    // SAFETY: a volatile read of a local, only so LLVM cannot drop the `&`.
+    i & unsafe { read_volatile(&mask) }
+}
+
+/// Entry `idx` of a backend set, by pointer arithmetic: indexing would add a bounds
+/// check LLVM cannot drop after the volatile mask, and a panic path the verifier
+/// refuses.
+///
+/// # Safety
+/// `set` points to a live map value and `idx < MAX_BACKENDS` (from [`backend_index`]).
+#[inline(always)]
+unsafe fn backend_ptr(set: *const BackendSet, idx: u32) -> *const Backend {
+    // SAFETY: per the contract, the entry is inside the value.
+    unsafe {
+        addr_of!((*set).backends)
+            .cast::<Backend>()
+            .add(idx as usize)
+    }
+}
+
+/// A balance-mode choice: where the connect goes and which backend entry it counts on.
+struct Chosen {
+    target: Target,
+    index: u32,
+    generation: u32,
+}
+
+/// The ready backend of `slot` with the fewest open connections that the socket's
+/// family can reach, or `None` when there is none. The search starts at a per-CPU
+/// rotating index, so equally loaded backends take turns.
+#[inline(always)]
+fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
+    let set = BACKENDS_V1.get_ptr(slot)?;
+    // SAFETY: the map value stays valid while this program runs (a concurrent update
+    // replaces the element, RCU); fields are read one at a time, never copied whole
+    // (the set is larger than the stack).
+    let (count, end) = unsafe { ((*set).count, (*set).end) };
+    if count == 0 {
+        return None;
+    }
+    let end = if end > MAX_BACKENDS {
+        MAX_BACKENDS
+    } else {
+        end
+    };
+    if end == 0 {
+        return None;
+    }
+    let start = match BALANCE_RR_V1.get_ptr_mut(0) {
+        // SAFETY: per-CPU value of this CPU.
+        Some(p) => unsafe {
+            let v = *p;
+            *p = v.wrapping_add(1);
+            v % end
+        },
+        None => 0,
+    };
+    let want_v4 = family != Family::V6;
+    let base = slot.wrapping_mul(MAX_BACKENDS);
+    // Plain initialised locals, not an Option<Chosen>: LLVM may spill the payload of a
+    // `None` uninitialised, which the verifier rejects (`!read_ok`).
+    let mut best_load = u64::MAX;
+    let mut best_idx = MAX_BACKENDS;
+    let mut best_gen = 0u32;
+    let mut best_words = [0u32; 4];
+    let mut best_port = 0u32;
+    let mut i = 0;
+    while i < MAX_BACKENDS {
+        if i >= end {
+            break;
+        }
+        let idx = backend_index((start + i) % end);
+        i += 1;
+        // SAFETY: as above; idx < MAX_BACKENDS by the mask.
+        let (generation, bytes, port) = unsafe {
+            let b = backend_ptr(set, idx);
+            ((*b).generation, (*b).addr, (*b).port)
+        };
+        if generation == 0 {
+            continue;
+        }
+        let words = addr_words(bytes);
+        let is_v4 = words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD;
+        if is_v4 != want_v4 {
+            continue;
+        }
+        let load = match BACKEND_CONNS_V1.get_ptr(base + idx) {
+            // SAFETY: a plain aligned load of a counter others add to atomically.
+            Some(p) => unsafe { read_volatile(p) },
+            None => continue,
+        };
+        if load < best_load {
+            best_load = load;
+            best_idx = idx;
+            best_gen = generation;
+            best_words = words;
+            best_port = u16::from_ne_bytes(port) as u32;
+        }
+    }
+    if best_idx >= MAX_BACKENDS {
+        return None;
+    }
+    Some(Chosen {
+        target: Target {
+            words: best_words,
+            port: best_port,
+        },
+        index: best_idx,
+        generation: best_gen,
+    })
 }
 
 /// The proxy address for a hold-mode connect, or `None` when it must go through: not
@@ -323,7 +489,11 @@ fn on_established(ctx: &SockOpsContext) {
     };
     // SAFETY: the LRU entry stays valid while this program runs.
     let r = unsafe { *rec };
-    if r.flags & SOCK_TRACKED == 0 || r.flags & SOCK_OPENED != 0 {
+    if r.flags & SOCK_TRACKED == 0 {
+        return;
+    }
+    backend_opened(cookie);
+    if r.flags & SOCK_OPENED != 0 {
         return;
     }
     if let Some(stats) = current_stats(&r) {
@@ -354,7 +524,62 @@ fn on_close(ctx: &SockOpsContext) {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*stats).closed += 1 };
     }
+    backend_closed(cookie);
     let _ = SOCKETS_V1.remove(cookie);
+}
+
+/// A balanced socket is established: one more open connection on its backend, if the
+/// backend is still the one it was sent to.
+#[inline(always)]
+fn backend_opened(cookie: u64) {
+    let Some(sb) = SOCK_BACKEND_V1.get_ptr_mut(cookie) else {
+        return; // not balanced
+    };
+    // SAFETY: the LRU entry stays valid while this program runs.
+    let b = unsafe { *sb };
+    if b.opened != 0 {
+        return;
+    }
+    if let Some(conns) = current_backend_conns(&b) {
+        // SAFETY: an aligned u64 in an array map value; other CPUs change it atomically
+        // too. The result is unused, so this is a plain atomic add.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, 1);
+            (*sb).opened = 1;
+        }
+    }
+}
+
+/// A balanced socket closed: one fewer open connection on its backend (if it was
+/// counted and the backend is still the same), and forget the socket.
+#[inline(always)]
+fn backend_closed(cookie: u64) {
+    // SAFETY: copied at once.
+    let Some(b) = (unsafe { SOCK_BACKEND_V1.get(cookie) }).copied() else {
+        return;
+    };
+    if b.opened != 0
+        && let Some(conns) = current_backend_conns(&b)
+    {
+        // SAFETY: as in backend_opened; adding u64::MAX subtracts one.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, u64::MAX) };
+    }
+    let _ = SOCK_BACKEND_V1.remove(cookie);
+}
+
+/// The open-connection count of a balanced socket's backend, if the entry it was sent
+/// to still holds that backend (same generation): a removed backend's index may be
+/// reused, and its old sockets must not count against the new one.
+#[inline(always)]
+fn current_backend_conns(b: &SockBackend) -> Option<*mut u64> {
+    let set = BACKENDS_V1.get_ptr(b.slot)?;
+    let idx = backend_index(b.index);
+    // SAFETY: as in pick_backend; idx < MAX_BACKENDS by the mask.
+    let generation = unsafe { (*backend_ptr(set, idx)).generation };
+    if generation != b.generation {
+        return None;
+    }
+    BACKEND_CONNS_V1.get_ptr_mut(b.slot.wrapping_mul(MAX_BACKENDS) + idx)
 }
 
 /// The stats of the socket's service, if the service still has the slot and epoch it

@@ -1,7 +1,8 @@
 //! The eBPF datapath: loads the programs (or re-adopts what an earlier agent pinned),
 //! attaches them to a cgroup, pins links and maps under bpffs, and is the only door to
-//! the maps (services and modes, counters, original destinations, heartbeat). It never
-//! decides policy: callers say which service is in which mode.
+//! the maps (services and modes, balance backends, counters, original destinations,
+//! heartbeat). It never decides policy: callers say which service is in which mode and
+//! which backends are ready.
 //!
 //! Restart model: maps are pinned and reused by name, so counters continue; links are
 //! pinned, and a new agent swaps its freshly loaded programs into them atomically
@@ -31,8 +32,8 @@ use aya::{
 };
 use aya_obj::generated::bpf_attach_type;
 use nemesis_common::maps::{
-    self as m, Config, ERROR_KIND_NAMES, ERROR_KINDS, OrigDst, OrigDstKey, ServiceKey,
-    ServiceStats, ServiceValue,
+    self as m, Backend, BackendSet, Config, ERROR_KIND_NAMES, ERROR_KINDS, OrigDst, OrigDstKey,
+    ServiceKey, ServiceStats, ServiceValue,
 };
 use tracing::{debug, info, warn};
 
@@ -57,7 +58,8 @@ pub enum Mode {
     Passthrough,
     /// Rewrite to the proxy (TCP), until the dead-man switch fires.
     Hold,
-    /// Reserved for socket-level load balancing; behaves as passthrough for now.
+    /// Rewrite to the least-loaded ready backend set with [`Datapath::set_backends`]
+    /// (TCP); with none, hold (rewrite to the proxy) so the service still wakes.
     Balance,
 }
 
@@ -164,6 +166,14 @@ pub struct OriginalDst {
     /// The ClusterIP:port the client dialled.
     pub addr: SocketAddr,
     pub slot: Slot,
+}
+
+/// A balance-mode backend and its open connections now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub addr: SocketAddr,
+    /// Established connections the programs sent to this backend that are still open.
+    pub open_now: u64,
 }
 
 /// The programs' fail-open counters, by kind, summed over CPUs.
@@ -307,6 +317,31 @@ pub enum DatapathError {
     TableFull { max: u32 },
     #[error("service {addr}/{proto:?}: only TCP services can be held")]
     HoldNeedsTcp { addr: SocketAddr, proto: Proto },
+    #[error("service {addr}/{proto:?}: only TCP services can be balanced")]
+    BalanceNeedsTcp { addr: SocketAddr, proto: Proto },
+    #[error(
+        "service {addr}/{proto:?} has {count} ready backends; balance mode takes at most {max}"
+    )]
+    TooManyBackends {
+        addr: SocketAddr,
+        proto: Proto,
+        count: usize,
+        max: u32,
+    },
+    #[error("writing the backends of service {addr}/{proto:?}")]
+    WriteBackends {
+        addr: SocketAddr,
+        proto: Proto,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading the backend counters of service {addr}/{proto:?}")]
+    ReadBackends {
+        addr: SocketAddr,
+        proto: Proto,
+        #[source]
+        source: MapError,
+    },
     #[error("slot {slot} holds no service")]
     UnknownSlot { slot: Slot },
     #[error("resetting the counters of slot {slot}")]
@@ -338,6 +373,8 @@ pub struct Datapath {
     link_ids: Vec<u32>,
     program_ids: Vec<u32>,
     table: Mutex<ServiceTable>,
+    /// Locked after `table` when both are needed.
+    balance: Mutex<BalanceTable>,
     orig_dst: BpfHashMap<MapData, OrigDstKey, OrigDst>,
     errors: PerCpuArray<MapData, u64>,
     heartbeat: Mutex<Array<MapData, u64>>,
@@ -362,6 +399,14 @@ struct ServiceTable {
     entries: HashMap<ServiceKey, ServiceValue>,
     free_slots: BTreeSet<Slot>,
     next_epoch: u32,
+}
+
+/// The balance backends map and its per-backend counters, with a mirror of the sets.
+struct BalanceTable {
+    sets: BpfHashMap<MapData, u32, BackendSet>,
+    conns: Array<MapData, u64>,
+    mirror: HashMap<Slot, BackendSet>,
+    next_generation: u32,
 }
 
 // === impl Datapath ===
@@ -442,6 +487,8 @@ impl Datapath {
         let errors = take_map(&mut ebpf, m::ERRORS)?;
         let heartbeat = take_map(&mut ebpf, m::HEARTBEAT)?;
         let config_map = take_map(&mut ebpf, m::CONFIG)?;
+        let mut sets: BpfHashMap<_, u32, BackendSet> = take_map(&mut ebpf, m::BACKENDS)?;
+        let conns = take_map(&mut ebpf, m::BACKEND_CONNS)?;
         // The links hold the programs; the loader's handles are no longer needed.
         drop(ebpf);
 
@@ -453,6 +500,27 @@ impl Datapath {
         let used: BTreeSet<Slot> = entries.values().map(|v| v.slot).collect();
         let free_slots = (0..m::MAX_SERVICES).filter(|s| !used.contains(s)).collect();
         let adopted = entries.len();
+        // Sets of services still in the table carry on (their indexes and generations
+        // match what sockets recorded); a set whose service is gone is dropped.
+        let mut mirror = HashMap::new();
+        let mut stale = vec![];
+        for kv in sets.iter() {
+            let (slot, set) = kv.map_err(LoadError::ReadServices)?;
+            if used.contains(&slot) {
+                mirror.insert(slot, set);
+            } else {
+                stale.push(slot);
+            }
+        }
+        for slot in stale {
+            let _ = sets.remove(&slot);
+        }
+        let next_generation = mirror
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.generation))
+            .max()
+            .unwrap_or(0)
+            .max(sys::monotonic_ns() as u32);
         let dp = Datapath {
             layout,
             cgroup: env.cgroup.clone(),
@@ -464,6 +532,12 @@ impl Datapath {
                 entries,
                 free_slots,
                 next_epoch: sys::monotonic_ns() as u32,
+            }),
+            balance: Mutex::new(BalanceTable {
+                sets,
+                conns,
+                mirror,
+                next_generation,
             }),
             orig_dst,
             errors,
@@ -545,6 +619,9 @@ impl Datapath {
         if mode == Mode::Hold && proto != Proto::Tcp {
             return Err(DatapathError::HoldNeedsTcp { addr, proto });
         }
+        if mode == Mode::Balance && proto != Proto::Tcp {
+            return Err(DatapathError::BalanceNeedsTcp { addr, proto });
+        }
         let key = service_key(addr, proto);
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = t.entries.get(&key).copied() {
@@ -613,9 +690,137 @@ impl Datapath {
             }
         }
         t.entries.remove(&key);
+        self.balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear(v.slot);
         t.free_slots.insert(v.slot);
         debug!(%addr, ?proto, slot = v.slot, "service removed");
         Ok(true)
+    }
+
+    /// Sets the ready backends a balance-mode service's connects go to (the set is kept
+    /// whatever the mode, so a switch to balance takes effect at once). A backend that
+    /// stays keeps its index and its count; one that goes gets no new connects, while
+    /// its open connections carry on. An empty list makes balance mode hold.
+    pub fn set_backends(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        backends: &[SocketAddr],
+    ) -> Result<(), DatapathError> {
+        let mut wanted: Vec<SocketAddr> = backends.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        if wanted.len() > m::MAX_BACKENDS as usize {
+            return Err(DatapathError::TooManyBackends {
+                addr,
+                proto,
+                count: wanted.len(),
+                max: m::MAX_BACKENDS,
+            });
+        }
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let key = service_key(addr, proto);
+        let slot = t
+            .entries
+            .get(&key)
+            .ok_or(DatapathError::ServiceNotFound { addr, proto })?
+            .slot;
+        let mut b = self.balance.lock().unwrap_or_else(|p| p.into_inner());
+        let write_err = |source| DatapathError::WriteBackends {
+            addr,
+            proto,
+            source,
+        };
+        let mut set = b.mirror.get(&slot).copied().unwrap_or_default();
+        let wanted_keys: Vec<Backend> = wanted.iter().map(|a| backend_entry(*a, 0)).collect();
+        let same = |x: &Backend, y: &Backend| x.addr == y.addr && x.port == y.port;
+
+        // Removals first, and written before any index is reused: until the kernel
+        // sees the new generation, an old socket's close still counts on the index.
+        let mut removed = false;
+        for e in set.backends.iter_mut() {
+            if e.generation != 0 && !wanted_keys.iter().any(|w| same(w, e)) {
+                *e = Backend::default();
+                removed = true;
+            }
+        }
+        if removed {
+            seal(&mut set);
+            b.sets.insert(slot, set, 0).map_err(write_err)?;
+            b.mirror.insert(slot, set);
+        }
+        let mut added = false;
+        for w in &wanted_keys {
+            if set.backends.iter().any(|e| e.generation != 0 && same(w, e)) {
+                continue;
+            }
+            let Some(idx) = set.backends.iter().position(|e| e.generation == 0) else {
+                break; // cannot happen: at most MAX_BACKENDS wanted
+            };
+            // A fresh count for the index: nothing counts on it until the set below
+            // gives it the new generation.
+            b.conns
+                .set(slot * m::MAX_BACKENDS + idx as u32, 0, 0)
+                .map_err(write_err)?;
+            b.next_generation = match b.next_generation.wrapping_add(1) {
+                0 => 1,
+                g => g,
+            };
+            set.backends[idx] = Backend {
+                generation: b.next_generation,
+                ..*w
+            };
+            added = true;
+        }
+        if added || !b.mirror.contains_key(&slot) {
+            seal(&mut set);
+            b.sets.insert(slot, set, 0).map_err(write_err)?;
+            b.mirror.insert(slot, set);
+        }
+        debug!(%addr, ?proto, slot, backends = set.count, "balance backends set");
+        Ok(())
+    }
+
+    /// The backends set for a service, each with its open connections now.
+    pub fn backends(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+    ) -> Result<Vec<BackendCounters>, DatapathError> {
+        let slot = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entries
+                .get(&service_key(addr, proto))
+                .ok_or(DatapathError::ServiceNotFound { addr, proto })?
+                .slot
+        };
+        let b = self.balance.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(set) = b.mirror.get(&slot) else {
+            return Ok(vec![]);
+        };
+        let mut out = vec![];
+        for (idx, e) in set.backends.iter().enumerate() {
+            if e.generation == 0 {
+                continue;
+            }
+            let raw = b
+                .conns
+                .get(&(slot * m::MAX_BACKENDS + idx as u32), 0)
+                .map_err(|source| DatapathError::ReadBackends {
+                    addr,
+                    proto,
+                    source,
+                })?;
+            out.push(BackendCounters {
+                addr: socket_addr(&e.addr, u16::from_be_bytes(e.port)),
+                // A close racing an index's reuse could take a count below zero.
+                open_now: if raw > i64::MAX as u64 { 0 } else { raw },
+            });
+        }
+        out.sort_by_key(|c| c.addr);
+        Ok(out)
     }
 
     /// The service at `addr`/`proto`, if managed.
@@ -748,6 +953,37 @@ impl Datapath {
     /// Kernel ids of the programs now running in the links.
     pub fn program_ids(&self) -> &[u32] {
         &self.program_ids
+    }
+}
+
+impl BalanceTable {
+    /// Forgets the set of a slot (its service is gone or the slot is fresh).
+    fn clear(&mut self, slot: Slot) {
+        if self.mirror.remove(&slot).is_some() || self.sets.get(&slot, 0).is_ok() {
+            match self.sets.remove(&slot) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => warn!(slot, %error, "removing a balance backend set failed"),
+            }
+        }
+    }
+}
+
+/// Recomputes a set's count and search bound from its entries.
+fn seal(set: &mut BackendSet) {
+    set.count = set.backends.iter().filter(|e| e.generation != 0).count() as u32;
+    set.end = set
+        .backends
+        .iter()
+        .rposition(|e| e.generation != 0)
+        .map_or(0, |i| i as u32 + 1);
+}
+
+fn backend_entry(addr: SocketAddr, generation: u32) -> Backend {
+    Backend {
+        addr: ip16(addr.ip()),
+        port: addr.port().to_be_bytes(),
+        _pad: [0; 2],
+        generation,
     }
 }
 
@@ -923,7 +1159,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 7] {
+fn expected_layouts() -> [(&'static str, u32, u32); 11] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -942,6 +1178,10 @@ fn expected_layouts() -> [(&'static str, u32, u32); 7] {
         (m::CONFIG, 4, sz(size_of::<Config>())),
         (m::HEARTBEAT, 4, 8),
         (m::ERRORS, 4, 8),
+        (m::BACKENDS, 4, sz(size_of::<BackendSet>())),
+        (m::BACKEND_CONNS, 4, 8),
+        (m::SOCK_BACKEND, 8, sz(size_of::<m::SockBackend>())),
+        (m::BALANCE_RR, 4, 4),
     ]
 }
 
