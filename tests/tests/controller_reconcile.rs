@@ -2,8 +2,8 @@
 //! processes, real readiness): a short-form policy keeps a Deployment at zero until a
 //! wake-up posted to the agents' API scales it up; once idle it asks every live agent to
 //! hold and scales to zero only after each one acknowledged; an agent that never
-//! acknowledges keeps the target up; an invalid policy says where it is wrong and
-//! scales nothing. Root required (the sandbox makes network namespaces).
+//! acknowledges keeps the target up; a target scaled outside the policy is put back
+//! with an Event saying so; an invalid policy says where it is wrong and scales nothing. Root required (the sandbox makes network namespaces).
 
 mod controller_support;
 
@@ -321,6 +321,56 @@ async fn a_wake_up_scales_from_zero_and_an_idle_target_sleeps_only_after_every_a
         },
     )
     .await?;
+    c.shutdown().await;
+    w.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_scaled_outside_the_policy_is_put_back_with_an_event_that_says_so()
+-> anyhow::Result<()> {
+    let w = World::start("ctl-outside", false).await?;
+    w.app("web", 0).await?;
+    let dir = tempfile::tempdir()?;
+    let c = start_controller(&w.server, dir.path(), &[]).await?;
+    wait_leading(&c, Duration::from_secs(10)).await?;
+    let _agent = TestAgent::start("node-a", vec![w.svc("web")], vec![c.api_addr]);
+    w.policies()
+        .create(
+            &PostParams::default(),
+            &policy(
+                "web",
+                json!({
+                    "target": {"deployment": "web", "service": "web"},
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "idleTimeout": "1h",
+                }),
+            ),
+        )
+        .await?;
+    wait_state(&w.policies(), "web", "zero", Duration::from_secs(10)).await?;
+    // `kubectl scale deploy web --replicas=2`.
+    w.deployments()
+        .patch_scale(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await?;
+    wait_replicas(&w.deployments(), "web", 0, Duration::from_secs(20)).await?;
+    let note = eventually("a ScaledToZero Event", Duration::from_secs(5), || async {
+        Ok(events(&w.client, &w.ns, "web")
+            .await?
+            .into_iter()
+            .find(|(r, _)| r == "ScaledToZero")
+            .map(|(_, n)| n))
+    })
+    .await?;
+    assert_eq!(
+        note,
+        "Deployment web scaled from 2 to 0: Deployment web had 2 replicas, set outside the \
+         policy; state `zero` wants 0"
+    );
     c.shutdown().await;
     w.shutdown().await
 }

@@ -406,6 +406,23 @@ impl Actor {
             self.emit(false, "Transition", "Evaluate", reason.clone());
         }
 
+        // Nothing was decided, yet the target is not where the state wants it: someone
+        // scaled it (`kubectl scale`). The scale that puts it back must say so rather
+        // than repeat the last transition's reason. Not while a sleep is under way: that
+        // scale carries its transition's reason, and a retried scale keeps its own.
+        if d.transition.is_none()
+            && d.rescaled.is_none()
+            && target.replicas != d.desired_replicas
+            && matches!(self.sleep, SleepPhase::Awake)
+            && self.failures == 0
+        {
+            self.last_reason = outside_scale_reason(
+                compiled.deployment(),
+                target.replicas,
+                d.state.name(&compiled),
+                d.desired_replicas,
+            );
+        }
         let mut wait = d.requeue_after.min(tick);
         match self.apply(&compiled, &d, target, now).await {
             Ok(()) => self.failures = 0,
@@ -974,6 +991,14 @@ async fn wait_ack(phase: &mut SleepPhase) -> Result<(), AckError> {
         SleepPhase::Waiting { ack, .. } => ack.as_mut().await,
         _ => std::future::pending().await,
     }
+}
+
+/// Why a target is scaled back when it was scaled outside the policy.
+fn outside_scale_reason(deployment: &str, replicas: u32, state: &str, desired: u32) -> String {
+    format!(
+        "Deployment {deployment} had {replicas} replicas, set outside the policy; \
+         state `{state}` wants {desired}"
+    )
 }
 
 /// The `ColdStart` Event's note: `ready 205 ms after the wake, 1 connection held`.
