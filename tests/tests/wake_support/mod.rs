@@ -391,6 +391,16 @@ impl WakeEnv {
     }
 
     pub async fn start_with(sc: Scenario, opts: Options) -> anyhow::Result<Self> {
+        Self::start_with_agent_flags(sc, opts, &[]).await
+    }
+
+    /// As [`Self::start_with`], with `agent_flags` set (or replaced) on the agent's
+    /// command line, e.g. `("--direct-mode", "balance")`.
+    pub async fn start_with_agent_flags(
+        sc: Scenario,
+        opts: Options,
+        agent_flags: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         init_tracing();
         let unique = format!("{}-{}", sc.name, std::process::id());
         let server = TestApiServer::start(ApiServerOptions::default()).await?;
@@ -492,6 +502,7 @@ impl WakeEnv {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let argv = with_flags(&argv, agent_flags);
         let agent = start_agent(&argv, &client).await?;
         let env = WakeEnv {
             server: Some(server),
@@ -654,6 +665,18 @@ impl WakeEnv {
             .items
             .into_iter()
             .filter_map(|p| p.metadata.name)
+            .collect())
+    }
+
+    /// The pod IPs of the test's pods (from their status).
+    pub async fn pod_ips(&self) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), NS);
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.status?.pod_ip?.parse().ok())
             .collect())
     }
 
