@@ -284,6 +284,26 @@ mod tests {
     }
 
     #[test]
+    fn direct_mode_defaults_to_passthrough_and_takes_balance() {
+        let run = |args: &[&str]| {
+            let mut argv = vec!["nemesis-agent", "run"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Run(run)) => Ok(run.direct_mode),
+                Ok(_) => panic!("expected run"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(run(&[]), Ok(DirectMode::Passthrough));
+        assert_eq!(run(&["--direct-mode", "balance"]), Ok(DirectMode::Balance));
+        let err = run(&["--direct-mode", "roundrobin"]).unwrap_err();
+        assert!(
+            err.contains("passthrough") && err.contains("balance"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_proxy_can_listen_on_the_node_ip_as_the_daemonset_passes_it() {
         // What the DaemonSet's `$(NODE_IP):15001` expands to.
         let cli = Cli::try_parse_from(["nemesis-agent", "run", "--proxy-v4", "198.18.7.1:15001"])

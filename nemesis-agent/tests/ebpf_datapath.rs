@@ -1027,3 +1027,52 @@ fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
     dp.set_backends(svc, Proto::Tcp, &many[..64]).unwrap();
     assert_eq!(dp.backends(svc, Proto::Tcp).unwrap().len(), 64);
 }
+
+#[test]
+fn an_agent_restart_keeps_the_backends_and_their_counts() {
+    let mut fx = Fixture::new("bal-restart");
+    let proxy = Server::bind("127.0.0.1:0");
+    fx.cfg.proxy_v4 = match proxy.addr {
+        SocketAddr::V4(a) => Some(a),
+        _ => None,
+    };
+    let svc = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let backends: Vec<Server> = (1..=2)
+        .map(|n| Server::bind(&format!("{}:0", pod_ip(n))))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let dp = fx.load();
+    dp.upsert_service(svc.addr, Proto::Tcp, Mode::Balance)
+        .unwrap();
+    dp.set_backends(svc.addr, Proto::Tcp, &addrs).unwrap();
+    let mut c = fx.client();
+    let first = c.open(svc.addr);
+    assert!(addrs.contains(&first.peer));
+    let open_on = |dp: &Datapath| -> Vec<u64> {
+        let listed = dp.backends(svc.addr, Proto::Tcp).unwrap();
+        addrs
+            .iter()
+            .map(|a| {
+                listed
+                    .iter()
+                    .find(|b| b.addr == *a)
+                    .map_or(0, |b| b.open_now)
+            })
+            .collect()
+    };
+    assert!(wait_until(|| open_on(&dp).iter().sum::<u64>() == 1));
+
+    // The agent goes away; balancing goes on without it, and a new agent finds the
+    // same backends with their counts.
+    drop(dp);
+    let second = c.open(svc.addr);
+    assert!(addrs.contains(&second.peer));
+    assert_ne!(second.peer, first.peer, "the less loaded one");
+    let dp = fx.load();
+    assert!(wait_until(|| open_on(&dp) == [1, 1]), "{:?}", open_on(&dp));
+    // Writing the same set again changes nothing, and closes still count down.
+    dp.set_backends(svc.addr, Proto::Tcp, &addrs).unwrap();
+    c.close(&first);
+    c.close(&second);
+    assert!(wait_until(|| open_on(&dp) == [0, 0]), "{:?}", open_on(&dp));
+}
