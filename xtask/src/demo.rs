@@ -969,9 +969,17 @@ bpf /sys/fs/bpf bpf rw 0 0
         let addr = l.local_addr().unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
+            // TCP is a stream: the request can arrive in several reads (`write!` sends
+            // each piece of its format on its own), so read up to the end of the head.
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut head = Vec::new();
             let mut buf = [0u8; 512];
-            let n = s.read(&mut buf).unwrap();
-            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /readyz HTTP/1.0\r\n"));
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before the end of the request head: {head:?}");
+                head.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&head).starts_with("GET /readyz HTTP/1.0\r\n"));
             s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 8\r\n\r\nwaiting\n")
                 .unwrap();
         });
