@@ -72,3 +72,47 @@ fn crd_is_namespaced_v1alpha1_in_the_nemesis_group_with_status() {
         );
     }
 }
+
+#[test]
+fn descriptions_are_whole_paragraphs_for_kubectl_explain() {
+    fn walk(v: &serde_yaml::Value, path: &str, bad: &mut Vec<String>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, x) in m {
+                    let k = k.as_str().unwrap_or("?");
+                    match (k, x.as_str()) {
+                        ("description", Some(text)) => {
+                            // A line break is a paragraph break or a list item, never a
+                            // doc comment's wrap (kubectl explain wraps again).
+                            let lines: Vec<&str> = text.lines().collect();
+                            for pair in lines.windows(2) {
+                                let (a, b) = (pair[0].trim(), pair[1].trim());
+                                if !a.is_empty() && !b.is_empty() && !b.starts_with("- ") {
+                                    bad.push(format!("{path}: {a:?} / {b:?}"));
+                                }
+                            }
+                        }
+                        _ => walk(x, &format!("{path}.{k}"), bad),
+                    }
+                }
+            }
+            serde_yaml::Value::Sequence(s) => s.iter().for_each(|x| walk(x, path, bad)),
+            _ => {}
+        }
+    }
+    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let mut bad = Vec::new();
+    walk(&crd, "", &mut bad);
+    assert!(
+        bad.is_empty(),
+        "descriptions broken mid-paragraph: {bad:#?}"
+    );
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert!(
+        spec["description"]
+            .as_str()
+            .unwrap()
+            .contains("and transitions between them"),
+        "lines are joined with a space"
+    );
+}

@@ -285,9 +285,49 @@ pub struct MetricValue {
 
 /// The CRD as YAML, exactly as committed in `manifests/crd/scalingpolicy.yaml`.
 pub fn crd_yaml() -> String {
-    let crd = ScalingPolicy::crd();
+    let mut crd = serde_json::to_value(ScalingPolicy::crd()).expect("a CRD is JSON");
+    reflow_descriptions(&mut crd);
     let body = serde_yaml::to_string(&crd).expect("a CRD always serializes to YAML");
     format!(
         "# Generated from nemesis-controller/src/policy/crd.rs by `cargo xtask gen`; do not edit.\n{body}"
     )
+}
+
+/// Joins the lines of each paragraph of every `description` (doc comments wrap at 90
+/// columns; `kubectl explain` wraps again and kept those breaks mid-sentence). Blank
+/// lines and list items (`- `) keep their breaks.
+fn reflow_descriptions(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match x {
+                    serde_json::Value::String(text) if k == "description" => {
+                        *text = reflow(text);
+                    }
+                    _ => reflow_descriptions(x),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(reflow_descriptions),
+        _ => {}
+    }
+}
+
+fn reflow(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut previous_blank = true;
+    for line in text.lines() {
+        let blank = line.trim().is_empty();
+        let list_item = line.trim_start().starts_with("- ");
+        if !out.is_empty() {
+            if blank || previous_blank || list_item {
+                out.push('\n');
+            } else {
+                out.push(' ');
+            }
+        }
+        out.push_str(if blank { "" } else { line.trim_end() });
+        previous_blank = blank;
+    }
+    out
 }
