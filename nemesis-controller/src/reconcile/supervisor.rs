@@ -206,6 +206,18 @@ pub async fn run_term(
                     for id in gone {
                         actors.remove(&id);
                     }
+                    // The reflector's store shows a listing only from its InitDone on: a
+                    // policy listed before the Deployment cache synced was skipped above
+                    // and was not in the store yet when that sync started actors, so
+                    // start it now rather than at the next resync (up to 10 s of
+                    // wake-ups refused as unmanaged after every start or failover).
+                    if deployments_synced {
+                        for p in pol_reader.state() {
+                            if !actors.running.contains_key(&id_of(&p)) {
+                                actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
+                            }
+                        }
+                    }
                 }
                 Some(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
