@@ -6,7 +6,11 @@
 use std::path::PathBuf;
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Read at run time, not with env!(): cargo reuses a compiled build script across
+    // checkouts that share a target directory, and a path baked in at compile time
+    // would point into whichever checkout built it first.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = PathBuf::from(manifest_dir).join("..");
     let object = root.join("target/bpfel-unknown-none/release/nemesis-ebpf");
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.exists() {
