@@ -75,26 +75,7 @@ pub fn run_args(dir: &Path, extra: &[&str]) -> anyhow::Result<RunArgs> {
     let alert_token = dir.join("alert-token");
     std::fs::write(&alert_token, ALERT_TOKEN)?;
     let store = dir.join("history.redb");
-    let defaults: &[(&str, &str)] = &[
-        ("--listen", "127.0.0.1:0"),
-        ("--admin-listen", "127.0.0.1:0"),
-        ("--lease-namespace", "default"),
-        ("--lease-duration", "3s"),
-        ("--renew-deadline", "2s"),
-        ("--retry-period", "250ms"),
-        ("--tick-interval", "200ms"),
-        ("--agent-lease", "2s"),
-        ("--sample-interval", "500ms"),
-        ("--status-interval", "500ms"),
-        ("--sleep-ack-timeout", "5s"),
-    ];
-    let mut args: Vec<String> = vec!["nemesis-controller".into()];
-    // A flag given in `extra` replaces its default.
-    for (flag, value) in defaults {
-        if !extra.contains(flag) {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-    }
+    let mut args = nemesis_tests::controller_flags::argv_with_defaults(extra);
     args.extend([
         "--agent-token-file".into(),
         agent_token.display().to_string(),

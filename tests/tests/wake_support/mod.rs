@@ -588,43 +588,14 @@ impl WakeEnv {
             .expect("one set of clients"))
     }
 
-    /// Like [`Self::clients`] for several sets, all let go at the same moment (so that a
-    /// slow process start cannot put them in separate wake-up flights).
-    pub async fn clients_together(&self, sets: &[&[&str]]) -> anyhow::Result<Vec<Clients>> {
-        let mut ready = Vec::new();
-        for args in sets {
-            let mut child = tokio::process::Command::new(CLIENT)
-                .args(*args)
-                .arg("--connect")
-                .arg(self.service_addr.to_string())
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .context("spawning nemesis-test-client")?;
-            let pid = child.id().context("the client's pid")?;
-            self.cgroup
-                .as_ref()
-                .expect("cgroup")
-                .add_process(pid)
-                .context("moving the client into the test cgroup")?;
-            let stdin = child.stdin.take().context("client stdin")?;
-            ready.push((child, stdin));
-        }
-        let mut out = Vec::new();
-        for (child, mut stdin) in ready {
-            stdin.write_all(b"go\n").await?;
-            drop(stdin);
-            out.push(Clients { child });
-        }
-        Ok(out)
-    }
-
-    /// Starts `nemesis-test-client` in repeating mode (`args` must include `--every-ms`)
-    /// in the test's cgroup; it connects until [`RepeatingClients::stop`].
-    pub async fn repeating_clients(&self, args: &[&str]) -> anyhow::Result<RepeatingClients> {
-        let mut child = tokio::process::Command::new(CLIENT)
-            .args(args)
+    /// Spawns `cmd` (a `nemesis-test-client` command line, `--connect` added here) and
+    /// moves it into the test's cgroup; it waits for `go` on the returned stdin, so
+    /// nothing connects before the cgroup's hooks apply to it.
+    fn spawn_client_in_cgroup(
+        &self,
+        mut cmd: tokio::process::Command,
+    ) -> anyhow::Result<(tokio::process::Child, tokio::process::ChildStdin)> {
+        let mut child = cmd
             .arg("--connect")
             .arg(self.service_addr.to_string())
             .stdin(std::process::Stdio::piped())
@@ -638,7 +609,34 @@ impl WakeEnv {
             .expect("cgroup")
             .add_process(pid)
             .context("moving the client into the test cgroup")?;
-        let mut stdin = child.stdin.take().context("client stdin")?;
+        let stdin = child.stdin.take().context("client stdin")?;
+        Ok((child, stdin))
+    }
+
+    /// Like [`Self::clients`] for several sets, all let go at the same moment (so that a
+    /// slow process start cannot put them in separate wake-up flights).
+    pub async fn clients_together(&self, sets: &[&[&str]]) -> anyhow::Result<Vec<Clients>> {
+        let mut ready = Vec::new();
+        for args in sets {
+            let mut cmd = tokio::process::Command::new(CLIENT);
+            cmd.args(*args);
+            ready.push(self.spawn_client_in_cgroup(cmd)?);
+        }
+        let mut out = Vec::new();
+        for (child, mut stdin) in ready {
+            stdin.write_all(b"go\n").await?;
+            drop(stdin);
+            out.push(Clients { child });
+        }
+        Ok(out)
+    }
+
+    /// Starts `nemesis-test-client` in repeating mode (`args` must include `--every-ms`)
+    /// in the test's cgroup; it connects until [`RepeatingClients::stop`].
+    pub async fn repeating_clients(&self, args: &[&str]) -> anyhow::Result<RepeatingClients> {
+        let mut cmd = tokio::process::Command::new(CLIENT);
+        cmd.args(args);
+        let (child, mut stdin) = self.spawn_client_in_cgroup(cmd)?;
         stdin.write_all(b"go\n").await?;
         stdin.flush().await?;
         Ok(RepeatingClients {
@@ -723,26 +721,7 @@ async fn start_real_controller(
 ) -> anyhow::Result<Running> {
     let alert_token = dir.join("alert-token");
     std::fs::write(&alert_token, ALERT_TOKEN)?;
-    let defaults: &[(&str, &str)] = &[
-        ("--listen", "127.0.0.1:0"),
-        ("--admin-listen", "127.0.0.1:0"),
-        ("--lease-namespace", "default"),
-        ("--lease-duration", "3s"),
-        ("--renew-deadline", "2s"),
-        ("--retry-period", "250ms"),
-        ("--tick-interval", "200ms"),
-        ("--agent-lease", "2s"),
-        ("--sample-interval", "500ms"),
-        ("--status-interval", "500ms"),
-        ("--sleep-ack-timeout", "5s"),
-    ];
-    let mut args: Vec<String> = vec!["nemesis-controller".into()];
-    // A flag given in `extra` replaces its default.
-    for (flag, value) in defaults {
-        if !extra.iter().any(|e| e == flag) {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-    }
+    let mut args = nemesis_tests::controller_flags::argv_with_defaults(extra);
     for (flag, path) in [
         ("--agent-token-file", dir.join("agent-token")),
         ("--alertmanager-token-file", alert_token),
@@ -1074,23 +1053,9 @@ impl WakeEnv {
     /// Like [`Self::clients`], from inside the network namespace `netns` (a pod's):
     /// `ip netns exec` keeps the pid, which joins the test's cgroup before `go`.
     pub async fn clients_in_netns(&self, netns: &str, args: &[&str]) -> anyhow::Result<Clients> {
-        let mut child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", netns, CLIENT])
-            .args(args)
-            .arg("--connect")
-            .arg(self.service_addr.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning nemesis-test-client in a network namespace")?;
-        let pid = child.id().context("the client's pid")?;
-        self.cgroup
-            .as_ref()
-            .expect("cgroup")
-            .add_process(pid)
-            .context("moving the client into the test cgroup")?;
-        let mut stdin = child.stdin.take().context("client stdin")?;
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args(["netns", "exec", netns, CLIENT]).args(args);
+        let (child, mut stdin) = self.spawn_client_in_cgroup(cmd)?;
         stdin.write_all(b"go\n").await?;
         drop(stdin);
         Ok(Clients { child })
