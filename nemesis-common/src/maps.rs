@@ -143,6 +143,9 @@ pub const SOCK_HELD: u32 = 1;
 pub const SOCK_TRACKED: u32 = 2;
 /// The connection was counted as opened (so its close is counted too).
 pub const SOCK_OPENED: u32 = 4;
+/// Balance mode sent the connect to a backend: SOCK_BACKEND has its entry (sock_ops
+/// looks there only for such sockets).
+pub const SOCK_BALANCED: u32 = 8;
 
 /// Key of SERVICES: what a client dials.
 #[repr(C)]

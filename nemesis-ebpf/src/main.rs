@@ -36,8 +36,8 @@ use nemesis_common::maps::{
     ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_NO_PROXY,
     ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
     MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_ORIG_DST, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS,
-    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_HELD, SOCK_OPENED, SOCK_TRACKED,
-    ServiceKey, ServiceStats, ServiceValue, SockBackend, SockRecord,
+    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED,
+    SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SockBackend, SockRecord,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -223,7 +223,13 @@ fn on_connect(
             service: key,
             slot: svc.slot,
             epoch: svc.epoch,
-            flags: if held { SOCK_HELD } else { 0 },
+            flags: if held {
+                SOCK_HELD
+            } else if chosen.is_some() {
+                SOCK_BALANCED
+            } else {
+                0
+            },
         };
         // SAFETY: the helper accepts this program type's context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -492,7 +498,10 @@ fn on_established(ctx: &SockOpsContext) {
     if r.flags & SOCK_TRACKED == 0 {
         return;
     }
-    backend_opened(cookie);
+    // Only balanced sockets have a backend entry: the others skip the lookup.
+    if r.flags & SOCK_BALANCED != 0 {
+        backend_opened(cookie);
+    }
     if r.flags & SOCK_OPENED != 0 {
         return;
     }
@@ -524,7 +533,9 @@ fn on_close(ctx: &SockOpsContext) {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*stats).closed += 1 };
     }
-    backend_closed(cookie);
+    if r.flags & SOCK_BALANCED != 0 {
+        backend_closed(cookie);
+    }
     let _ = SOCKETS_V1.remove(cookie);
 }
 
