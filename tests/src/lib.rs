@@ -7,3 +7,4 @@ pub mod controllers;
 pub mod demo;
 pub mod kubelet;
 pub mod netns;
+pub mod wait;

@@ -108,24 +108,12 @@ pub async fn wait_leading(c: &Running, within: Duration) -> anyhow::Result<()> {
 }
 
 /// Polls `check` every 50 ms until it yields `Some`, or fails after `within`.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
-    let start = Instant::now();
-    let mut last_err = None;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if start.elapsed() > within {
-            bail!("timed out after {within:?} waiting for {what} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nemesis_tests::wait::eventually_every(Duration::from_millis(50), what, within, check).await
 }
 
 // === objects ===
