@@ -154,6 +154,10 @@ pub struct DatapathArgs {
     /// Hold-mode redirects stop when the heartbeat is older than this.
     #[arg(long, env = "NEMESIS_AGENT_DEADMAN_MAX_AGE", default_value = DEFAULT_DEADMAN_MAX_AGE, value_parser = parse_duration)]
     pub deadman_max_age: Duration,
+    /// Entries of the socket-tracking map (default: its built-in 65,536). Tests shrink
+    /// it to show that open counts survive its evictions.
+    #[arg(long, hide = true, env = "NEMESIS_AGENT_SOCKET_MAP_ENTRIES")]
+    pub socket_map_entries: Option<u32>,
 }
 
 impl DatapathArgs {
@@ -165,6 +169,7 @@ impl DatapathArgs {
             proxy_v4: Some(self.proxy_v4),
             proxy_v6: self.proxy_v6,
             deadman_max_age: self.deadman_max_age,
+            socket_map_entries: self.socket_map_entries,
         }
     }
 }

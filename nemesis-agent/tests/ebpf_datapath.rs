@@ -1,6 +1,7 @@
 //! The eBPF datapath on the real kernel: counting, hold-mode redirects, original
-//! destinations, balance mode (least-loaded backends, per-backend counts), restarts,
-//! cleanup and the dead-man switch.
+//! destinations, balance mode (least-loaded backends, per-backend counts), server-side
+//! counting of the connections backend pods accept, the reconcile of open counts against
+//! the live sockets, restarts, cleanup and the dead-man switch.
 //!
 //! Needs root. Each test creates its own child cgroup under the cgroup2 mount and its
 //! own pin instance, attaches only there, and removes both afterwards. The connecting
@@ -141,6 +142,26 @@ fn child_client_entry() {
                 }
                 format!("ok {ok}")
             }
+            ["listen", addr] => match TcpListener::bind(addr) {
+                // A backend pod: serves from inside the cgroup, closes each connection
+                // when its client does.
+                Ok(l) => {
+                    let bound = l.local_addr().unwrap();
+                    std::thread::spawn(move || {
+                        for s in l.incoming() {
+                            let Ok(mut s) = s else { continue };
+                            std::thread::spawn(move || {
+                                let mut sink = [0u8; 256];
+                                while let Ok(n) = s.read(&mut sink)
+                                    && n > 0
+                                {}
+                            });
+                        }
+                    });
+                    format!("ok {bound}")
+                }
+                Err(e) => format!("err {e}"),
+            },
             ["exit"] => return,
             _ => format!("err unknown command {line:?}"),
         };
@@ -237,6 +258,16 @@ impl Client {
 
     fn close(&mut self, c: &Opened) {
         assert_eq!(self.cmd(&format!("close {}", c.id)), "ok");
+    }
+
+    /// Serves on `addr` from inside the cgroup (a backend pod on the node); returns the
+    /// bound address.
+    fn listen(&mut self, addr: &str) -> SocketAddr {
+        let r = self.cmd(&format!("listen {addr}"));
+        r.strip_prefix("ok ")
+            .unwrap_or_else(|| panic!("listen on {addr} failed: {r}"))
+            .parse()
+            .unwrap()
     }
 
     /// `n` connects, each closed right away; returns how many succeeded.
@@ -1075,4 +1106,120 @@ fn an_agent_restart_keeps_the_backends_and_their_counts() {
     c.close(&first);
     c.close(&second);
     assert!(wait_until(|| open_on(&dp) == [0, 0]), "{:?}", open_on(&dp));
+}
+
+// === server side and the reconcile ===
+
+#[test]
+fn connections_a_backend_accepts_are_counted_server_side_whatever_path_they_took() {
+    let fx = Fixture::new("server");
+    let dp = fx.load();
+    // The Service's ClusterIP has no server: only the pod is dialled, by its IP, from a
+    // client outside the cgroup (an Ingress controller).
+    let svc: SocketAddr = format!("{}:80", cluster_ip(1)).parse().unwrap();
+    let slot = dp
+        .upsert_service(svc, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let mut pod = fx.client();
+    let backend = pod.listen(&format!("{}:0", pod_ip(1)));
+    let other = pod.listen(&format!("{}:0", pod_ip(1)));
+    dp.set_server_ports(svc, Proto::Tcp, &[backend]).unwrap();
+    assert_eq!(dp.server_ports(svc, Proto::Tcp), vec![backend]);
+
+    let mut conns: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(backend).unwrap())
+        .collect();
+    // A port of the pod that serves no managed Service is not counted.
+    let stray = TcpStream::connect(other).unwrap();
+    wait_counters(&dp, slot, |s| s.accepted == 5 && s.accepted_open == 5);
+    let s = dp.stats(slot).unwrap();
+    assert_eq!(
+        (s.connects, s.opened),
+        (0, 0),
+        "no client side saw these: {s:?}"
+    );
+
+    for c in conns.drain(..2) {
+        drop(c);
+    }
+    wait_counters(&dp, slot, |s| {
+        s.accepted_open == 3 && s.accepted_closed == 2
+    });
+    drop(conns);
+    drop(stray);
+    wait_counters(&dp, slot, |s| s.accepted_open == 0 && s.accepted == 5);
+
+    // Taken out of the list: new accepts are no longer counted.
+    dp.set_server_ports(svc, Proto::Tcp, &[]).unwrap();
+    let c = TcpStream::connect(backend).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(dp.stats(slot).unwrap().accepted, 5);
+    drop(c);
+}
+
+#[test]
+fn open_counts_return_to_the_live_sockets_after_the_tracking_map_evicted_their_records() {
+    // A tracking map of 16 entries, and 120 connections on each side at once: most
+    // records are evicted before their close, so the counters alone never come down.
+    let mut fx = Fixture::new("drift");
+    fx.cfg.socket_map_entries = Some(16);
+    let dp = fx.load();
+    let srv = Server::bind(&format!("{}:0", cluster_ip(1)));
+    let slot = dp
+        .upsert_service(srv.addr, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let mut c = fx.client();
+    let backend = c.listen(&format!("{}:0", pod_ip(1)));
+    dp.set_server_ports(srv.addr, Proto::Tcp, &[backend])
+        .unwrap();
+
+    const N: usize = 120;
+    let client_side: Vec<Opened> = (0..N).map(|_| c.open(srv.addr)).collect();
+    let server_side: Vec<TcpStream> = (0..N)
+        .map(|_| TcpStream::connect(backend).unwrap())
+        .collect();
+    wait_counters(&dp, slot, |s| {
+        s.opened == N as u64 && s.accepted == N as u64
+    });
+    for conn in &client_side {
+        c.close(conn);
+    }
+    drop(server_side);
+    // Every socket is gone; the counters still believe in some.
+    assert!(wait_until(|| srv.accepted() == N));
+    std::thread::sleep(Duration::from_millis(300));
+    let drifted = dp.stats(slot).unwrap();
+    assert!(
+        drifted.open_now > 0 && drifted.accepted_open > 0,
+        "the evictions should have hidden some closes: {drifted:?}"
+    );
+
+    let report = dp.reconcile_open_counts().unwrap();
+    let s = dp.stats(slot).unwrap();
+    assert_eq!(
+        (s.open_now, s.accepted_open),
+        (0, 0),
+        "after one reconcile: {s:?} {report:?}"
+    );
+    assert_eq!(
+        (report.client_corrections, report.server_corrections),
+        (1, 1),
+        "one correction per side of the one service"
+    );
+    assert_eq!(dp.corrections(), (1, 1));
+
+    // The corrected counts go on counting new connections exactly, and a reconcile
+    // with nothing wrong corrects nothing.
+    let again: Vec<Opened> = (0..3).map(|_| c.open(srv.addr)).collect();
+    wait_counters(&dp, slot, |s| s.open_now == 3);
+    let report = dp.reconcile_open_counts().unwrap();
+    assert_eq!(
+        (report.client_corrections, report.server_corrections),
+        (0, 0),
+        "{report:?}"
+    );
+    for conn in &again {
+        c.close(conn);
+    }
+    wait_counters(&dp, slot, |s| s.open_now == 0);
 }

@@ -12,8 +12,9 @@
 
 /// `HashMap<ServiceKey, ServiceValue>`: the managed services, by ClusterIP, port, protocol.
 pub const SERVICES: &str = "SERVICES_V1";
-/// `PerCpuArray<ServiceStats>` indexed by [`ServiceValue::slot`].
-pub const SERVICE_STATS: &str = "SVC_STATS_V1";
+/// `PerCpuArray<ServiceStats>` indexed by [`ServiceValue::slot`]. V2: the server-side
+/// counts (`accepted`, `accepted_closed`) joined the client-side ones.
+pub const SERVICE_STATS: &str = "SVC_STATS_V2";
 /// `LruHashMap<u64, SockRecord>` keyed by socket cookie: which service a socket dialled.
 pub const SOCKETS: &str = "SOCKETS_V1";
 /// `LruHashMap<OrigDstKey, OrigDst>`: held client socket (local addr, port) -> what it dialled.
@@ -39,8 +40,20 @@ pub const SOCK_BACKEND: &str = "SOCK_BACKEND_V1";
 /// ties between equally loaded backends spread.
 pub const BALANCE_RR: &str = "BALANCE_RR_V1";
 
+/// `Array<u32>` indexed by slot: the epoch of the service that has the slot now (0: the
+/// slot is free). A socket counts its close only while its slot still has the epoch it
+/// recorded, whichever side (client or server) it was counted on.
+pub const SLOT_EPOCH: &str = "SLOT_EPOCH_V1";
+/// `HashMap<ServiceKey, SlotRef>`: backend pods' (address, port, protocol) on this node
+/// -> the service they serve. The server-side hook counts the connections these accept.
+pub const SERVER_PORTS: &str = "SERVER_PORTS_V1";
+/// `SkStorage<LiveSock>`: one entry on each counted socket that is still open (client or
+/// server side), freed by the kernel with the socket. It can neither fill up nor evict:
+/// the TCP sockets that carry it are the truth the counters are reconciled against.
+pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
+
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 14] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -52,6 +65,9 @@ pub const PINNED_MAPS: [&str; 11] = [
     BACKEND_CONNS,
     SOCK_BACKEND,
     BALANCE_RR,
+    SLOT_EPOCH,
+    SERVER_PORTS,
+    SOCK_LIVE,
 ];
 
 // === program names (the eBPF function names) ===
@@ -59,6 +75,9 @@ pub const PINNED_MAPS: [&str; 11] = [
 pub const PROG_CONNECT4: &str = "connect4";
 pub const PROG_CONNECT6: &str = "connect6";
 pub const PROG_SOCK_OPS: &str = "sock_ops";
+/// The `iter/tcp` program that writes the [`LiveSock`] of every TCP socket of a network
+/// namespace that has one.
+pub const PROG_LIVE_SOCKETS: &str = "live_sockets";
 
 // === sizes ===
 
@@ -77,6 +96,9 @@ pub const MAX_BACKENDS: u32 = 64;
 pub const MAX_BACKEND_CONNS: u32 = MAX_SERVICES * MAX_BACKENDS;
 /// Balanced sockets whose backend is remembered at once (LRU, as SOCKETS).
 pub const MAX_SOCK_BACKENDS: u32 = MAX_SOCKETS;
+/// Backend (address, port) pairs of local pods the server-side hook recognises: a node
+/// runs at most a few hundred pods, each with a handful of ports.
+pub const MAX_SERVER_PORTS: u32 = 65_536;
 
 // === protocols and modes ===
 
@@ -115,8 +137,11 @@ pub const ERR_SOCK_BACKEND_INSERT: u32 = 7;
 /// Balance mode on a non-TCP socket: its connections cannot be counted, so it was let
 /// through unchanged.
 pub const ERR_BALANCE_NOT_TCP: u32 = 8;
+/// Putting the live marker on a counted socket failed (no memory): the reconcile sees
+/// the socket as closed until it is.
+pub const ERR_LIVE_MARK: u32 = 9;
 /// Number of error kinds (the length of ERRORS).
-pub const ERROR_KINDS: u32 = 9;
+pub const ERROR_KINDS: u32 = 10;
 /// Metric label of each error kind, by index.
 pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "sockets_insert",
@@ -128,6 +153,7 @@ pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "hold_not_tcp",
     "sock_backend_insert",
     "balance_not_tcp",
+    "live_mark",
 ];
 
 // === CONFIG flags ===
@@ -146,10 +172,20 @@ pub const SOCK_OPENED: u32 = 4;
 /// Balance mode sent the connect to a backend: SOCK_BACKEND has its entry (sock_ops
 /// looks there only for such sockets).
 pub const SOCK_BALANCED: u32 = 8;
+/// The socket is a backend pod's side of a connection (accepted), counted in
+/// [`ServiceStats::accepted`].
+pub const SOCK_SERVER: u32 = 16;
+
+// === LiveSock sides ===
+
+/// A client's socket to a managed service, counted in `opened`.
+pub const LIVE_CLIENT: u32 = 1;
+/// A backend pod's accepted socket, counted in `accepted`.
+pub const LIVE_SERVER: u32 = 2;
 
 /// Key of SERVICES: what a client dials.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// IPv6 address, or IPv4 as v4-mapped.
     pub addr: [u8; 16],
@@ -204,6 +240,11 @@ pub struct ServiceStats {
     pub redirected: u64,
     /// Hold-mode connects let through unchanged (dead-man switch, no proxy, not TCP).
     pub released: u64,
+    /// TCP connections a backend pod on this node accepted (server side), whatever
+    /// path they came by: ClusterIP, pod IP (Ingress, mesh), NodePort.
+    pub accepted: u64,
+    /// Accepted connections closed.
+    pub accepted_closed: u64,
 }
 
 /// Value of SOCKETS: written by connect4/6, read by sock_ops.
@@ -216,6 +257,26 @@ pub struct SockRecord {
     pub epoch: u32,
     /// `SOCK_*` bits.
     pub flags: u32,
+}
+
+/// Value of SERVER_PORTS: the service slot a backend (address, port) counts for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotRef {
+    pub slot: u32,
+    /// The slot's epoch when written (see [`SLOT_EPOCH`]).
+    pub epoch: u32,
+}
+
+/// Value of SOCK_LIVE: which slot an open counted socket counts for, and on which side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveSock {
+    pub slot: u32,
+    pub epoch: u32,
+    /// [`LIVE_CLIENT`] or [`LIVE_SERVER`].
+    pub side: u32,
+    pub _pad: u32,
 }
 
 /// Key of ORIG_DST: the held client socket's local address as the proxy sees it (peer).
@@ -351,7 +412,9 @@ pub const fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
-    assert!(core::mem::size_of::<ServiceStats>() == 40);
+    assert!(core::mem::size_of::<ServiceStats>() == 56);
+    assert!(core::mem::size_of::<SlotRef>() == 8);
+    assert!(core::mem::size_of::<LiveSock>() == 16);
     assert!(core::mem::size_of::<SockRecord>() == 32);
     assert!(core::mem::size_of::<OrigDstKey>() == 20);
     assert!(core::mem::size_of::<OrigDst>() == 24);
@@ -377,6 +440,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::BackendSet {}
     unsafe impl aya::Pod for super::SockBackend {}
+    unsafe impl aya::Pod for super::SlotRef {}
+    unsafe impl aya::Pod for super::LiveSock {}
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! to managed services and, in hold mode, rewrite them to the agent's proxy, in balance
 //! mode to the least-loaded ready backend (or the proxy when there is none); `sock_ops`
 //! counts opened/closed TCP connections per service and per backend and remembers held
-//! connections' original destinations. Every path fails OPEN: on any error the connect goes on unchanged and an
+//! connections' original destinations; on the server side it counts the connections
+//! that backend pods of managed services accept, whatever path they came by. The
+//! `live_sockets` iterator writes out every counted socket still open in a network
+//! namespace, the truth the agent reconciles the counters against. Every path fails OPEN: on any error the connect goes on unchanged and an
 //! ERRORS counter says so. Nothing here may ever deny a connect.
 //!
 //! Map layouts and names live in `nemesis_common::maps`; the statics below are named
@@ -22,22 +25,29 @@ use core::{
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    btf_maps::SkStorage,
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write, bpf_sk_storage_delete,
+        bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+    },
+    macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use nemesis_common::maps::{
     Backend, BackendSet, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
-    ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_NO_PROXY,
-    ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
-    MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_ORIG_DST, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS,
-    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED,
-    SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SockBackend, SockRecord,
+    ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_LIVE_MARK,
+    ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
+    LIVE_CLIENT, LIVE_SERVER, LiveSock, MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_ORIG_DST,
+    MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD,
+    OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER,
+    SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -50,7 +60,7 @@ const AF_INET6: u32 = 10;
 #[map]
 static SERVICES_V1: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
 #[map]
-static SVC_STATS_V1: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+static SVC_STATS_V2: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static SOCKETS_V1: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 #[map]
@@ -71,6 +81,13 @@ static SOCK_BACKEND_V1: LruHashMap<u64, SockBackend> =
     LruHashMap::with_max_entries(MAX_SOCK_BACKENDS, 0);
 #[map]
 static BALANCE_RR_V1: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SLOT_EPOCH_V1: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static SERVER_PORTS_V1: HashMap<ServiceKey, SlotRef> =
+    HashMap::with_max_entries(MAX_SERVER_PORTS, BPF_F_NO_PREALLOC);
+#[btf_map]
+static SOCK_LIVE_V1: SkStorage<LiveSock> = SkStorage::new();
 
 // === connect4 / connect6 ===
 
@@ -191,7 +208,7 @@ fn on_connect(
     };
     // SAFETY: a copy is taken at once; a concurrent update at worst gives a stale mode.
     let svc = (unsafe { SERVICES_V1.get(key) }).copied()?; // not managed: not an error
-    let Some(stats) = SVC_STATS_V1.get_ptr_mut(svc.slot) else {
+    let Some(stats) = SVC_STATS_V2.get_ptr_mut(svc.slot) else {
         count_error(ERR_BAD_SLOT);
         return None;
     };
@@ -448,6 +465,7 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
@@ -511,11 +529,110 @@ fn on_established(ctx: &SockOpsContext) {
             (*stats).opened += 1;
             (*rec).flags |= SOCK_OPENED;
         }
+        mark_live(ctx, r.slot, r.epoch, LIVE_CLIENT);
+    }
+}
+
+/// A backend pod accepted a connection: if its (address, port) serves a managed service,
+/// one more accepted connection, and its close will be counted.
+fn on_accepted(ctx: &SockOpsContext) {
+    let Some(local) = local_key(ctx) else { return };
+    let key = ServiceKey {
+        addr: local.addr,
+        port: local.port,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    // SAFETY: a copy is taken at once.
+    let Some(port) = (unsafe { SERVER_PORTS_V1.get(key) }).copied() else {
+        return; // not a managed service's backend: not an error
+    };
+    let rec = SockRecord {
+        service: key,
+        slot: port.slot,
+        epoch: port.epoch,
+        flags: SOCK_SERVER | SOCK_TRACKED | SOCK_OPENED,
+    };
+    let Some(stats) = current_stats(&rec) else {
+        return; // the entry is stale (its service left the slot)
+    };
+    // Without the state callback the close would go unseen: then do not count the open.
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        count_error(ERR_CB_FLAGS);
+        return;
+    }
+    // SAFETY: the helper accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SOCKETS_V1.insert(cookie, rec, BPF_ANY as u64).is_err() {
+        count_error(ERR_SOCKETS_INSERT);
+        return;
+    }
+    // SAFETY: per-CPU value of this CPU.
+    unsafe { (*stats).accepted += 1 };
+    mark_live(ctx, port.slot, port.epoch, LIVE_SERVER);
+}
+
+/// The kernel socket behind a sock_ops context, or null.
+#[inline(always)]
+fn sock_of(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
+    // SAFETY: valid context; `sk` is a plain pointer field of `bpf_sock_ops`.
+    unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) }.cast()
+}
+
+/// Puts the live marker on a counted socket (see SOCK_LIVE in `nemesis_common::maps`).
+/// A failure only makes the reconcile see one socket fewer, as if it had closed.
+#[inline(always)]
+fn mark_live(ctx: &SockOpsContext, slot: u32, epoch: u32, side: u32) {
+    let sk = sock_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let mut live = LiveSock {
+        slot,
+        epoch,
+        side,
+        _pad: 0,
+    };
+    // SAFETY: `sk` is the context's non-null socket; the value is copied in.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            sock_live_map(),
+            sk,
+            addr_of_mut!(live).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    };
+    if p.is_null() {
+        count_error(ERR_LIVE_MARK);
+    }
+}
+
+/// SOCK_LIVE as the helpers want it: the address of its definition, which the loader
+/// relocates to the map (aya's own accessor is crate-private, and its SkStorage methods
+/// take only a sock_addr context).
+#[inline(always)]
+fn sock_live_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&SOCK_LIVE_V1).cast_mut().cast()
+}
+
+/// Takes the live marker off a closing socket (absent on sockets never counted).
+#[inline(always)]
+fn unmark_live(ctx: &SockOpsContext) {
+    let sk = sock_of(ctx);
+    if !sk.is_null() {
+        // SAFETY: `sk` is the context's non-null socket.
+        let _ = unsafe { bpf_sk_storage_delete(sock_live_map(), sk) };
     }
 }
 
 /// The socket reached TCP_CLOSE: count the close and forget the socket.
 fn on_close(ctx: &SockOpsContext) {
+    // First, whether or not the record below is still there (the LRU may have evicted
+    // it): the marker is what the reconcile trusts.
+    unmark_live(ctx);
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied at once.
@@ -531,7 +648,13 @@ fn on_close(ctx: &SockOpsContext) {
         && let Some(stats) = current_stats(&r)
     {
         // SAFETY: per-CPU value of this CPU.
-        unsafe { (*stats).closed += 1 };
+        unsafe {
+            if r.flags & SOCK_SERVER != 0 {
+                (*stats).accepted_closed += 1;
+            } else {
+                (*stats).closed += 1;
+            }
+        }
     }
     if r.flags & SOCK_BALANCED != 0 {
         backend_closed(cookie);
@@ -593,16 +716,15 @@ fn current_backend_conns(b: &SockBackend) -> Option<*mut u64> {
     BACKEND_CONNS_V1.get_ptr_mut(b.slot.wrapping_mul(MAX_BACKENDS) + idx)
 }
 
-/// The stats of the socket's service, if the service still has the slot and epoch it
-/// had at connect (a removed or replaced service must not count an old socket).
+/// The stats of the socket's service, if its slot still has the epoch the socket
+/// recorded (a removed or replaced service must not count an old socket).
 #[inline(always)]
 fn current_stats(r: &SockRecord) -> Option<*mut ServiceStats> {
-    // SAFETY: a copy is taken at once.
-    let svc = (unsafe { SERVICES_V1.get(r.service) }).copied()?;
-    if svc.slot != r.slot || svc.epoch != r.epoch {
+    let epoch = SLOT_EPOCH_V1.get(r.slot).copied()?;
+    if epoch == 0 || epoch != r.epoch {
         return None;
     }
-    let stats = SVC_STATS_V1.get_ptr_mut(r.slot);
+    let stats = SVC_STATS_V2.get_ptr_mut(r.slot);
     if stats.is_none() {
         count_error(ERR_BAD_SLOT);
     }
@@ -630,6 +752,62 @@ fn local_key(ctx: &SockOpsContext) -> Option<OrigDstKey> {
         _ => return None,
     };
     Some(OrigDstKey::new(addr_bytes(words), port))
+}
+
+// === live_sockets (iter/tcp) ===
+
+/// The context of a `tcp` iterator program, as the kernel lays it out.
+#[repr(C)]
+pub struct TcpIterCtx {
+    meta: *mut IterMeta,
+    sk_common: *mut core::ffi::c_void,
+    uid: u32,
+}
+
+/// `struct bpf_iter_meta`: only its first field is read.
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut core::ffi::c_void,
+}
+
+/// Writes the SOCK_LIVE entry of every TCP socket of the walked network namespace that
+/// has one (a counted socket still open), one [`LiveSock`] after another. The agent
+/// walks each namespace in turn: the kernel's own socket table, so a socket whose
+/// close the counters missed is simply not there.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn live_sockets(ctx: *mut TcpIterCtx) -> i32 {
+    // SAFETY: the kernel passes the iterator context; each field is read once.
+    let (meta, skc) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
+    if skc.is_null() {
+        return 0; // the end of the walk
+    }
+    // Full TCP sockets only: time-wait and request sockets never carry the marker.
+    // SAFETY: a socket pointer the kernel handed over; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(skc) };
+    if tp.is_null() {
+        return 0;
+    }
+    // SAFETY: `tp` is a full socket; without the create flag nothing is written.
+    let live = unsafe { bpf_sk_storage_get(sock_live_map(), tp.cast(), core::ptr::null_mut(), 0) }
+        .cast::<LiveSock>();
+    if live.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null storage value of LiveSock's size; copied to the stack so the
+    // helper reads verified memory.
+    let mut rec = unsafe { core::ptr::read_volatile(live) };
+    // SAFETY: `meta` is the iterator's metadata; `seq` its output.
+    let seq = unsafe { (*meta).seq };
+    // SAFETY: `rec` is a live stack value of the size passed.
+    unsafe {
+        bpf_seq_write(
+            seq.cast(),
+            addr_of_mut!(rec).cast(),
+            core::mem::size_of::<LiveSock>() as u32,
+        )
+    };
+    0
 }
 
 #[inline(always)]

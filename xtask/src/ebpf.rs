@@ -25,7 +25,10 @@ pub fn build() -> Result<()> {
             "build-std=core",
         ])
         .arg("--target-dir")
-        .arg(root.join("target"));
+        .arg(root.join("target"))
+        // BTF in the object: the socket-storage map (SOCK_LIVE) is a BTF map, and the
+        // iterator program is typed against the kernel's BTF.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-C\x1flink-arg=--btf");
     sh(&mut cmd)
 }
 

@@ -10,6 +10,7 @@
 //! `unsafe` lives in `sys` only.
 
 pub mod cgroup;
+pub mod live;
 mod log_forward;
 pub mod pins;
 pub mod prereq;
@@ -21,19 +22,22 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, Iter, ProgramError, SockOps, links::FdLink},
 };
 use aya_obj::generated::bpf_attach_type;
 use nemesis_common::maps::{
-    self as m, Backend, BackendSet, Config, ERROR_KIND_NAMES, ERROR_KINDS, OrigDst, OrigDstKey,
-    ServiceKey, ServiceStats, ServiceValue,
+    self as m, Backend, BackendSet, Config, ERROR_KIND_NAMES, ERROR_KINDS, LiveSock, OrigDst,
+    OrigDstKey, ServiceKey, ServiceStats, ServiceValue, SlotRef,
 };
 use tracing::{debug, info, warn};
 
@@ -119,6 +123,9 @@ pub struct DatapathConfig {
     pub proxy_v6: Option<SocketAddrV6>,
     /// Hold-mode redirects stop when the last heartbeat is older than this.
     pub deadman_max_age: Duration,
+    /// Entries of the socket-tracking map (SOCKETS); `None`: its built-in size. Only
+    /// tests shrink it, to show that counts survive its evictions.
+    pub socket_map_entries: Option<u32>,
 }
 
 impl DatapathConfig {
@@ -130,6 +137,7 @@ impl DatapathConfig {
             proxy_v4: None,
             proxy_v6: None,
             deadman_max_age: DEFAULT_DEADMAN_MAX_AGE,
+            socket_map_entries: None,
         }
     }
 }
@@ -158,6 +166,24 @@ pub struct ServiceCounters {
     pub redirected: u64,
     /// Hold-mode connects let through unchanged (dead-man switch, no proxy, not TCP).
     pub released: u64,
+    /// TCP connections the service's backend pods on this node accepted, in total,
+    /// whatever path they came by (server side).
+    pub accepted: u64,
+    /// Accepted connections closed, in total.
+    pub accepted_closed: u64,
+    /// Accepted connections open now.
+    pub accepted_open: u64,
+}
+
+/// What one reconcile of the open counts against the live sockets found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Client-side open counts changed to match the live sockets.
+    pub client_corrections: u64,
+    /// Server-side (accepted) open counts changed to match the live sockets.
+    pub server_corrections: u64,
+    /// Slots left for the next reconcile because their counters moved meanwhile.
+    pub busy: u64,
 }
 
 /// What a held client dialled, recovered by the proxy from the client's address.
@@ -283,6 +309,21 @@ pub enum LoadError {
     },
     #[error("reading the pinned services table")]
     ReadServices(#[source] MapError),
+    #[error(
+        "loading the live-socket iterator {name} (needs kernel BTF and TCP socket \
+         iterators with socket storage, Linux 5.10 or newer)"
+    )]
+    LoadIterator {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("linking the live-socket iterator {name}")]
+    LinkIterator {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting the eBPF log forwarder")]
     StartLogForwarder(#[source] aya_log::Error),
     #[error(transparent)]
@@ -362,6 +403,15 @@ pub enum DatapathError {
     WriteConfig(#[source] MapError),
     #[error("reading the error counters")]
     ReadErrors(#[source] MapError),
+    #[error("writing the server-side ports of service {addr}/{proto:?}")]
+    WriteServerPorts {
+        addr: SocketAddr,
+        proto: Proto,
+        #[source]
+        source: MapError,
+    },
+    #[error("walking the live sockets")]
+    WalkLiveSockets(#[source] std::io::Error),
 }
 
 /// The loaded (or adopted) datapath. Cheap to share behind an `Arc`: every method takes
@@ -379,6 +429,10 @@ pub struct Datapath {
     errors: PerCpuArray<MapData, u64>,
     heartbeat: Mutex<Array<MapData, u64>>,
     config: Mutex<(Array<MapData, Config>, Config)>,
+    /// Locked after `table` when both are needed.
+    server_ports: Mutex<ServerPorts>,
+    live: live::LiveIter,
+    corrections: [AtomicU64; 2],
     _log: Option<log_forward::LogForwarder>,
 }
 
@@ -392,13 +446,24 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
-/// The services map, its stats, and a mirror of both kept in step under one lock.
+/// The services map, its stats, the slots' epochs, and a mirror of them kept in step
+/// under one lock; with the reconcile's corrections of the open counts.
 struct ServiceTable {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     stats: PerCpuArray<MapData, ServiceStats>,
+    slot_epochs: Array<MapData, u32>,
     entries: HashMap<ServiceKey, ServiceValue>,
     free_slots: BTreeSet<Slot>,
     next_epoch: u32,
+    /// (client, server) offsets the reconcile added to the counters' open counts.
+    offsets: HashMap<Slot, (i64, i64)>,
+}
+
+/// SERVER_PORTS and which slot wrote each of its entries.
+struct ServerPorts {
+    map: BpfHashMap<MapData, ServiceKey, SlotRef>,
+    by_slot: HashMap<Slot, BTreeSet<ServiceKey>>,
+    owner: HashMap<ServiceKey, Slot>,
 }
 
 /// The balance backends map and its per-backend counters, with a mirror of the sets.
@@ -438,6 +503,9 @@ impl Datapath {
             m::PINNED_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(n) = cfg.socket_map_entries {
+            loader.map_max_entries(m::SOCKETS, n);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| LoadError::LoadObject {
             pin_dir: layout.dir().to_path_buf(),
@@ -489,6 +557,9 @@ impl Datapath {
         let config_map = take_map(&mut ebpf, m::CONFIG)?;
         let mut sets: BpfHashMap<_, u32, BackendSet> = take_map(&mut ebpf, m::BACKENDS)?;
         let conns = take_map(&mut ebpf, m::BACKEND_CONNS)?;
+        let mut slot_epochs: Array<_, u32> = take_map(&mut ebpf, m::SLOT_EPOCH)?;
+        let ports_map: BpfHashMap<_, ServiceKey, SlotRef> = take_map(&mut ebpf, m::SERVER_PORTS)?;
+        let live = load_live_iter(&mut ebpf, btf.as_ref())?;
         // The links hold the programs; the loader's handles are no longer needed.
         drop(ebpf);
 
@@ -500,6 +571,41 @@ impl Datapath {
         let used: BTreeSet<Slot> = entries.values().map(|v| v.slot).collect();
         let free_slots = (0..m::MAX_SERVICES).filter(|s| !used.contains(s)).collect();
         let adopted = entries.len();
+        // Slot epochs as the adopted services have them (an agent from before SLOT_EPOCH
+        // left none), and 0 for free slots, so no old socket counts on them.
+        let epoch_of: HashMap<Slot, u32> = entries.values().map(|v| (v.slot, v.epoch)).collect();
+        let found: Vec<u32> = slot_epochs
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(LoadError::ReadServices)?;
+        for (slot, have) in found.into_iter().enumerate() {
+            let slot = slot as Slot;
+            let want = epoch_of.get(&slot).copied().unwrap_or(0);
+            if have != want {
+                slot_epochs.set(slot, want, 0).map_err(|source| {
+                    LoadError::Datapath(DatapathError::ReadStats { slot, source })
+                })?;
+            }
+        }
+        // Server-side ports of adopted services carry on; the others' are dropped.
+        let mut server_ports = ServerPorts {
+            map: ports_map,
+            by_slot: HashMap::new(),
+            owner: HashMap::new(),
+        };
+        let mut stale_ports = vec![];
+        for kv in server_ports.map.iter() {
+            let (k, v) = kv.map_err(LoadError::ReadServices)?;
+            if epoch_of.get(&v.slot) == Some(&v.epoch) {
+                server_ports.by_slot.entry(v.slot).or_default().insert(k);
+                server_ports.owner.insert(k, v.slot);
+            } else {
+                stale_ports.push(k);
+            }
+        }
+        for k in stale_ports {
+            let _ = server_ports.map.remove(&k);
+        }
         // Sets of services still in the table carry on (their indexes and generations
         // match what sockets recorded); a set whose service is gone is dropped.
         let mut mirror = HashMap::new();
@@ -529,9 +635,11 @@ impl Datapath {
             table: Mutex::new(ServiceTable {
                 services,
                 stats,
+                slot_epochs,
                 entries,
                 free_slots,
                 next_epoch: sys::monotonic_ns() as u32,
+                offsets: HashMap::new(),
             }),
             balance: Mutex::new(BalanceTable {
                 sets,
@@ -543,6 +651,9 @@ impl Datapath {
             errors,
             heartbeat: Mutex::new(heartbeat),
             config: Mutex::new((config_map, Config::default())),
+            server_ports: Mutex::new(server_ports),
+            live,
+            corrections: [AtomicU64::new(0), AtomicU64::new(0)],
             _log: log,
         };
         dp.set_config(cfg.proxy_v4, cfg.proxy_v6, cfg.deadman_max_age)?;
@@ -690,7 +801,16 @@ impl Datapath {
             }
         }
         t.entries.remove(&key);
+        // No socket of the old service counts on the slot any more.
+        if let Err(error) = t.slot_epochs.set(v.slot, 0, 0) {
+            warn!(slot = v.slot, %error, "clearing a slot's epoch failed");
+        }
+        t.offsets.remove(&v.slot);
         self.balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear(v.slot);
+        self.server_ports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear(v.slot);
@@ -853,11 +973,169 @@ impl Datapath {
             c.closed += s.closed;
             c.redirected += s.redirected;
             c.released += s.released;
+            c.accepted += s.accepted;
+            c.accepted_closed += s.accepted_closed;
         }
         // Opens and closes of one connection may land on different CPUs; only the sum
-        // is meaningful.
-        c.open_now = c.opened.saturating_sub(c.closed);
+        // is meaningful. The reconcile's offsets make up for closes the counters missed.
+        let (client, server) = t.offsets.get(&slot).copied().unwrap_or((0, 0));
+        c.open_now = live::corrected_open(c.client_side(), client);
+        c.accepted_open = live::corrected_open(c.server_side(), server);
         Ok(c)
+    }
+
+    /// The backend pods' (address, port) pairs of a service whose accepted connections
+    /// count for it (server side). Replaces the earlier list. An address already counted
+    /// for another service stays with that one (two Services selecting the same pods
+    /// and port cannot both count the same accept).
+    pub fn set_server_ports(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        backends: &[SocketAddr],
+    ) -> Result<(), DatapathError> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let key = service_key(addr, proto);
+        let v = *t
+            .entries
+            .get(&key)
+            .ok_or(DatapathError::ServiceNotFound { addr, proto })?;
+        let mut ports = self.server_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: BTreeSet<ServiceKey> =
+            backends.iter().map(|b| service_key(*b, proto)).collect();
+        let have = ports.by_slot.get(&v.slot).cloned().unwrap_or_default();
+        let write_err = |source| DatapathError::WriteServerPorts {
+            addr,
+            proto,
+            source,
+        };
+        for k in have.difference(&wanted) {
+            match ports.map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(write_err(source)),
+            }
+            ports.owner.remove(k);
+            if let Some(s) = ports.by_slot.get_mut(&v.slot) {
+                s.remove(k);
+            }
+        }
+        for k in wanted.difference(&have) {
+            if ports.owner.get(k).is_some_and(|s| *s != v.slot) {
+                continue;
+            }
+            let value = SlotRef {
+                slot: v.slot,
+                epoch: v.epoch,
+            };
+            ports.map.insert(*k, value, 0).map_err(write_err)?;
+            ports.owner.insert(*k, v.slot);
+            ports.by_slot.entry(v.slot).or_default().insert(*k);
+        }
+        Ok(())
+    }
+
+    /// The server-side ports a service counts on now.
+    pub fn server_ports(&self, addr: SocketAddr, proto: Proto) -> Vec<SocketAddr> {
+        let Some(slot) = self.service(addr, proto).map(|e| e.slot) else {
+            return vec![];
+        };
+        let ports = self.server_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<SocketAddr> = ports
+            .by_slot
+            .get(&slot)
+            .into_iter()
+            .flatten()
+            .map(|k| socket_addr(&k.addr, k.port()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Brings every service's open counts (client and server side) back to the live
+    /// sockets the kernel holds, where the counters drifted: the counters are read, the
+    /// live sockets walked twice, the counters read again, and a slot is corrected only
+    /// if nothing moved meanwhile and both walks agree (else the next call looks again).
+    /// Every correction is counted ([`Datapath::corrections`]).
+    pub fn reconcile_open_counts(&self) -> Result<ReconcileReport, DatapathError> {
+        let read_all =
+            |t: &ServiceTable| -> Result<HashMap<Slot, (u32, ServiceCounters)>, DatapathError> {
+                let mut out = HashMap::new();
+                for v in t.entries.values() {
+                    out.insert(v.slot, (v.epoch, t.raw_counters(v.slot)?));
+                }
+                Ok(out)
+            };
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let before = read_all(&t)?;
+        let first = self.live.walk().map_err(DatapathError::WalkLiveSockets)?;
+        let second = self.live.walk().map_err(DatapathError::WalkLiveSockets)?;
+        let after = read_all(&t)?;
+        let mut report = ReconcileReport::default();
+        for (slot, (epoch, b)) in &before {
+            let Some((epoch_after, a)) = after.get(slot) else {
+                continue;
+            };
+            if epoch_after != epoch {
+                continue;
+            }
+            let w1 = first.get(&(*slot, *epoch)).copied().unwrap_or_default();
+            let w2 = second.get(&(*slot, *epoch)).copied().unwrap_or_default();
+            let offsets = t.offsets.get(slot).copied().unwrap_or((0, 0));
+            let mut next = offsets;
+            let client = live::correction(
+                b.client_side(),
+                a.client_side(),
+                w1.client,
+                w2.client,
+                offsets.0,
+            );
+            let server = live::correction(
+                b.server_side(),
+                a.server_side(),
+                w1.server,
+                w2.server,
+                offsets.1,
+            );
+            if b.client_side() != a.client_side() || b.server_side() != a.server_side() {
+                report.busy += 1;
+            }
+            if let Some(o) = client {
+                debug!(
+                    slot,
+                    from = offsets.0,
+                    to = o,
+                    live = w2.client,
+                    "client-side open count corrected"
+                );
+                next.0 = o;
+                report.client_corrections += 1;
+            }
+            if let Some(o) = server {
+                debug!(
+                    slot,
+                    from = offsets.1,
+                    to = o,
+                    live = w2.server,
+                    "server-side open count corrected"
+                );
+                next.1 = o;
+                report.server_corrections += 1;
+            }
+            if next != offsets {
+                t.offsets.insert(*slot, next);
+            }
+        }
+        self.corrections[0].fetch_add(report.client_corrections, Ordering::Relaxed);
+        self.corrections[1].fetch_add(report.server_corrections, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Open-count corrections made since this datapath was loaded: (client, server).
+    pub fn corrections(&self) -> (u64, u64) {
+        (
+            self.corrections[0].load(Ordering::Relaxed),
+            self.corrections[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Every managed service with its counters (one map read per service), for the
@@ -987,7 +1265,52 @@ fn backend_entry(addr: SocketAddr, generation: u32) -> Backend {
     }
 }
 
+impl ServiceCounters {
+    fn client_side(&self) -> live::SideCount {
+        live::SideCount {
+            opened: self.opened,
+            closed: self.closed,
+        }
+    }
+
+    fn server_side(&self) -> live::SideCount {
+        live::SideCount {
+            opened: self.accepted,
+            closed: self.accepted_closed,
+        }
+    }
+}
+
+impl ServerPorts {
+    /// Forgets every server-side port of a slot (its service is gone).
+    fn clear(&mut self, slot: Slot) {
+        for k in self.by_slot.remove(&slot).unwrap_or_default() {
+            self.owner.remove(&k);
+            match self.map.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => warn!(slot, %error, "removing a server-side port failed"),
+            }
+        }
+    }
+}
+
 impl ServiceTable {
+    /// The slot's counters summed over CPUs, without the reconcile's offsets.
+    fn raw_counters(&self, slot: Slot) -> Result<ServiceCounters, DatapathError> {
+        let per_cpu = self
+            .stats
+            .get(&slot, 0)
+            .map_err(|source| DatapathError::ReadStats { slot, source })?;
+        let mut c = ServiceCounters::default();
+        for s in per_cpu.iter() {
+            c.opened += s.opened;
+            c.closed += s.closed;
+            c.accepted += s.accepted;
+            c.accepted_closed += s.accepted_closed;
+        }
+        Ok(c)
+    }
+
     fn insert_new(
         &mut self,
         key: ServiceKey,
@@ -1005,13 +1328,22 @@ impl ServiceTable {
         self.stats
             .set(slot, zeros, 0)
             .map_err(|source| DatapathError::ReadStats { slot, source })?;
-        self.next_epoch = self.next_epoch.wrapping_add(1);
+        self.next_epoch = match self.next_epoch.wrapping_add(1) {
+            0 => 1, // 0 marks a free slot
+            e => e,
+        };
+        self.offsets.remove(&slot);
         let v = ServiceValue {
             slot,
             mode: mode.raw(),
             epoch: self.next_epoch,
             _pad: 0,
         };
+        // The epoch first: a socket that connects once the service is visible must find
+        // its slot current when it is established.
+        self.slot_epochs
+            .set(slot, v.epoch, 0)
+            .map_err(|source| DatapathError::ReadStats { slot, source })?;
         self.services
             .insert(key, v, 0)
             .map_err(|source| DatapathError::UpdateService {
@@ -1116,6 +1448,30 @@ fn load_and_link(
     Ok((prog_id, link_id))
 }
 
+/// Loads the `live_sockets` iterator (a `tcp` socket iterator) and links it. Not
+/// pinned: each agent makes its own link, which keeps the program loaded for the
+/// agent's life.
+fn load_live_iter(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<live::LiveIter, LoadError> {
+    let name = m::PROG_LIVE_SOCKETS;
+    let load_err = |source| LoadError::LoadIterator { name, source };
+    let btf = match btf {
+        Some(b) => b,
+        None => return Err(load_err(ProgramError::UnexpectedProgramType)),
+    };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| LoadError::MissingInObject {
+            kind: "program",
+            name: name.to_string(),
+        })?;
+    let p: &mut Iter = program.try_into().map_err(load_err)?;
+    p.load("tcp", btf).map_err(load_err)?;
+    let prog_fd = p.fd().map_err(load_err)?;
+    let link = sys::iter_link(prog_fd.as_fd())
+        .map_err(|source| LoadError::LinkIterator { name, source })?;
+    Ok(live::LiveIter::new(link))
+}
+
 /// Swaps `prog` into the link pinned at `path`, if there is one attached to the
 /// target cgroup. A link whose cgroup is gone is unpinned so a fresh one is made.
 fn adopt_link(
@@ -1159,7 +1515,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 11] {
+fn expected_layouts() -> [(&'static str, u32, u32); 14] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -1182,6 +1538,13 @@ fn expected_layouts() -> [(&'static str, u32, u32); 11] {
         (m::BACKEND_CONNS, 4, 8),
         (m::SOCK_BACKEND, 8, sz(size_of::<m::SockBackend>())),
         (m::BALANCE_RR, 4, 4),
+        (m::SLOT_EPOCH, 4, 4),
+        (
+            m::SERVER_PORTS,
+            sz(size_of::<ServiceKey>()),
+            sz(size_of::<SlotRef>()),
+        ),
+        (m::SOCK_LIVE, 4, sz(size_of::<LiveSock>())),
     ]
 }
 

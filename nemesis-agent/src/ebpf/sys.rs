@@ -1,6 +1,6 @@
 //! Raw system calls the loader needs and aya does not expose: opening a pinned cgroup
-//! link, reading its info, swapping its program (BPF_LINK_UPDATE), and the clock of
-//! `bpf_ktime_get_ns`. The only `unsafe` in the crate; nothing here decides anything.
+//! link, reading its info, swapping its program (BPF_LINK_UPDATE), linking an
+//! iterator and opening a walk of it, and the clock of `bpf_ktime_get_ns`. The only `unsafe` in the crate; nothing here decides anything.
 #![allow(unsafe_code)]
 
 use std::{
@@ -14,7 +14,7 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
 
 /// What the kernel says about a cgroup link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +86,31 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     attr.link_update.link_fd = link.as_raw_fd() as u32;
     attr.link_update.__bindgen_anon_1.new_prog_fd = new_prog.as_raw_fd() as u32;
     sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// BPF_LINK_CREATE for an iterator program (aya's `Iter::attach` keeps the link's fd
+/// to itself). The link keeps the program loaded; each [`iter_create`] on it starts a
+/// fresh walk, of the network namespace the creating thread is in for socket
+/// iterators.
+pub fn iter_link(prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: all-zero is a valid `bpf_attr`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    attr.link_create.attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
+    let fd = sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: BPF_LINK_CREATE returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// BPF_ITER_CREATE: a readable fd that runs the iterator link's program over its
+/// target once, as it is read.
+pub fn iter_create(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: all-zero is a valid `bpf_attr`.
+    let mut attr: bpf_attr = unsafe { zeroed() };
+    attr.iter_create.link_fd = link.as_raw_fd() as u32;
+    let fd = sys_bpf(bpf_cmd::BPF_ITER_CREATE, &mut attr)?;
+    // SAFETY: BPF_ITER_CREATE returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
