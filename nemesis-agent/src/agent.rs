@@ -10,11 +10,12 @@
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::{DirectMode, RunArgs};
 use crate::control::{
-    AgentReports, ControlError, ControllerClient, DEFAULT_CALL_TIMEOUT, Heartbeats,
+    AgentDirectives, AgentReports, ControlError, ControllerClient, DEFAULT_CALL_TIMEOUT, Heartbeats,
 };
 use crate::ebpf::{Datapath, DatapathConfig, LoadError, pins, prereq};
 use crate::endpoints::{self, EndpointRegistry};
 use crate::handover::{self, HandoverError, Migration, WriterLock};
+use crate::holdports::HoldListeners;
 use crate::metrics::{DatapathCounters, Metrics, ProxyMetrics};
 use crate::proxy::{
     self, Backoff, ModeFollower, OriginalDestinations, Proxy, ProxyConfig, ProxyError, ServiceTable,
@@ -103,6 +104,34 @@ impl OriginalDestinations for DatapathDestinations {
             .upgrade()?
             .original_destination(peer)
             .map(|o| o.addr)
+    }
+}
+
+/// Open-count corrections the reconcile made, read at scrape time, as
+/// `nemesis_agent_open_count_corrections_total{side}`.
+#[derive(Debug)]
+struct CountCorrections(LateDatapath);
+
+impl Collector for CountCorrections {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some((client, server)) = self
+            .0
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|dp| dp.corrections())
+        else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_open_count_corrections",
+            "Times an open-connection count was brought back to the live sockets the kernel holds (a close the counters missed), by side",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (side, n) in [("client", client), ("server", server)] {
+            ConstCounter::new(n).encode(family.encode_family(&[("side", side)])?)?;
+        }
+        Ok(())
     }
 }
 
@@ -252,6 +281,7 @@ struct WriterParts {
     strong: Arc<OnceLock<Arc<Datapath>>>,
     late: LateDatapath,
     serving: watch::Sender<bool>,
+    holds: Arc<HoldListeners>,
 }
 
 impl WriterParts {
@@ -276,6 +306,7 @@ impl WriterParts {
             strong,
             late,
             serving,
+            holds,
         } = self;
         let datapath = Arc::new(
             Datapath::load_or_adopt(&cfg).map_err(|e| AgentError::LoadDatapath(Box::new(e)))?,
@@ -337,6 +368,59 @@ impl WriterParts {
                 }
             }
         };
+        // The node's own addresses -> the datapath, so the kubelet's probes of local pods
+        // are not counted as traffic.
+        let host_addresses = {
+            let dp = Arc::downgrade(&datapath);
+            async move {
+                let mut tick = tokio::time::interval(crate::node::REFRESH);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(dp) = dp.upgrade() else { return };
+                    let result = crate::node::host_addresses()
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| {
+                            dp.set_host_addresses(&a)
+                                .map_err(|e| services::error_chain(&e))
+                        });
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "the node's own addresses were not written: probes of local pods may count as traffic");
+                    }
+                }
+            }
+        };
+
+        // Open counts <- the kernel's live sockets, off the runtime's threads (the walk
+        // joins each network namespace from a thread of its own).
+        let reconcile_counts = {
+            let dp = Arc::downgrade(&datapath);
+            let every = args.count_reconcile_interval;
+            async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(dp) = dp.upgrade() else { return };
+                    match tokio::task::spawn_blocking(move || dp.reconcile_open_counts()).await {
+                        Ok(Ok(r)) if r.client_corrections + r.server_corrections > 0 => {
+                            tracing::info!(
+                                client = r.client_corrections,
+                                server = r.server_corrections,
+                                "open-connection counts corrected to the live sockets"
+                            );
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => {
+                            tracing::warn!(error = %services::error_chain(&err), "reconciling the open counts failed; retried at the next interval")
+                        }
+                        Err(err) => tracing::warn!(%err, "the open-count reconcile stopped"),
+                    }
+                }
+            }
+        };
+
         drop(datapath);
 
         // ScalingPolicies + Services -> managed rows in the table and the datapath.
@@ -393,6 +477,7 @@ impl WriterParts {
         let report = {
             let modes = modes.clone();
             let interval = args.controller_heartbeat_interval;
+            let ready = readiness.clone();
             async move {
                 let Some(client) = controller else {
                     tracing::warn!(
@@ -406,13 +491,19 @@ impl WriterParts {
                     instance: random_instance(),
                     interval,
                     backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+                    addresses: holds.addresses().to_vec(),
+                    ready,
                     reports: Arc::new(AgentReports {
                         table,
                         modes: modes.clone(),
                         proxy,
                         datapath: counters,
+                        holds: holds.clone(),
                     }),
-                    directives: modes.clone(),
+                    directives: Arc::new(AgentDirectives {
+                        modes: modes.clone(),
+                        holds,
+                    }),
                     kick: modes.changed.clone(),
                 }
                 .run()
@@ -426,6 +517,8 @@ impl WriterParts {
                 deadman,
                 follow_backends,
                 watch_services,
+                reconcile_counts,
+                host_addresses,
                 refresh_counters,
                 open_proxy,
                 modes.run(),
@@ -542,6 +635,9 @@ impl Agent {
         metrics
             .registry_mut()
             .register_collector(Box::new(DatapathErrors(late.clone())));
+        metrics
+            .registry_mut()
+            .register_collector(Box::new(CountCorrections(late.clone())));
         let table = ServiceTable::new();
         let registry = EndpointRegistry::new();
         let mut proxy_config = ProxyConfig::new(node.clone());
@@ -618,6 +714,12 @@ impl Agent {
             }));
         }
 
+        let holds = HoldListeners::new(
+            proxy.clone(),
+            table.clone(),
+            args.hold_addresses(),
+            serving.subscribe(),
+        );
         let parts = WriterParts {
             args: args.clone(),
             cfg: cfg.clone(),
@@ -633,6 +735,7 @@ impl Agent {
             strong: strong.clone(),
             late,
             serving,
+            holds,
         };
         let (failed_tx, failed) = oneshot::channel();
         let writer = match (lock, lock_dir) {

@@ -32,6 +32,10 @@ pub const DEFAULT_CONTROLLER_HEARTBEAT_INTERVAL: &str = "5s";
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
 /// kube-proxy's `minSyncPeriod` is 1 s by default: twice that before going direct.
 pub const DEFAULT_DIRECT_AFTER_READY: &str = "2s";
+/// How often open counts are checked against the live sockets: a missed close (an
+/// evicted tracking record) is corrected within this, well inside any idle window
+/// (the shortest a policy can ask for is the rate window, 1 minute by default).
+pub const DEFAULT_COUNT_RECONCILE_INTERVAL: &str = "10s";
 
 #[derive(Debug, Parser)]
 #[command(name = "nemesis-agent", version, about = "K8s Nemesis node agent")]
@@ -104,6 +108,37 @@ pub struct RunArgs {
     /// direct at once (`--direct-after-ready` is not waited).
     #[arg(long, env = "NEMESIS_AGENT_DIRECT_MODE", value_enum, default_value_t = DirectMode::Passthrough)]
     pub direct_mode: DirectMode,
+    /// How often the open-connection counts are reconciled against the kernel's live
+    /// sockets (every correction is counted in
+    /// `nemesis_agent_open_count_corrections_total`).
+    #[arg(long, env = "NEMESIS_AGENT_COUNT_RECONCILE_INTERVAL", default_value = DEFAULT_COUNT_RECONCILE_INTERVAL, value_parser = parse_duration)]
+    pub count_reconcile_interval: Duration,
+    /// The node addresses (comma-separated) the hold listeners bind, which hold
+    /// EndpointSlices list for callers that never dial a ClusterIP (Ingress
+    /// controllers, NodePorts, meshes). Default: the IP of `--proxy-v4` (and of
+    /// `--proxy-v6`) unless it is a loopback or unspecified address; none: this agent
+    /// serves no hold listener.
+    #[arg(long, env = "NEMESIS_AGENT_HOLD_ADDRESSES", value_delimiter = ',')]
+    pub hold_addresses: Vec<std::net::IpAddr>,
+}
+
+impl RunArgs {
+    /// The hold listeners' addresses: `--hold-addresses`, else the proxy addresses'
+    /// IPs that other hosts can reach.
+    pub fn hold_addresses(&self) -> Vec<std::net::IpAddr> {
+        if !self.hold_addresses.is_empty() {
+            return self.hold_addresses.clone();
+        }
+        let v4 = std::net::IpAddr::V4(*self.datapath.proxy_v4.ip());
+        let v6 = self
+            .datapath
+            .proxy_v6
+            .map(|a| std::net::IpAddr::V6(*a.ip()));
+        std::iter::once(v4)
+            .chain(v6)
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .collect()
+    }
 }
 
 /// What "direct" (not held) means for a managed Service's connects.

@@ -3,6 +3,7 @@
 //! heartbeat loop; never decides a mode (it hands directives to a [`DirectiveSink`]).
 #![deny(unsafe_code)]
 
+use crate::holdports::HoldListeners;
 use crate::metrics::DatapathCounters;
 use crate::proxy::backoff::Backoff;
 use crate::proxy::{ModeFollower, Proxy, ServiceTable};
@@ -197,6 +198,7 @@ pub struct AgentReports {
     pub modes: Arc<ModeFollower>,
     pub proxy: Proxy,
     pub datapath: Arc<DatapathCounters>,
+    pub holds: Arc<HoldListeners>,
 }
 
 impl ReportSource for AgentReports {
@@ -216,7 +218,10 @@ impl ReportSource for AgentReports {
                     connects_total: counters.connects_total,
                     open_connections: counters.open_connections,
                     closed_total: counters.closed_total,
+                    accepted_total: counters.accepted_total,
+                    accepted_open: counters.accepted_open,
                     held_connections: self.proxy.held(&service) as u64,
+                    hold_ports: self.holds.listening(&service),
                     service,
                 }
             })
@@ -227,6 +232,30 @@ impl ReportSource for AgentReports {
 impl DirectiveSink for ModeFollower {
     fn apply(&self, directives: &[ServiceDirective]) {
         self.apply_directives(directives);
+    }
+}
+
+/// The agent's directives: the modes, then the hold listeners.
+pub struct AgentDirectives {
+    pub modes: Arc<ModeFollower>,
+    pub holds: Arc<HoldListeners>,
+}
+
+impl DirectiveSink for AgentDirectives {
+    fn apply(&self, directives: &[ServiceDirective]) {
+        self.modes.apply_directives(directives);
+        self.holds.apply(directives);
+    }
+}
+
+/// Whether the agent is ready, as `/readyz` answers.
+pub trait ReadySource: Send + Sync + 'static {
+    fn is_ready(&self) -> bool;
+}
+
+impl ReadySource for crate::admin::Readiness {
+    fn is_ready(&self) -> bool {
+        self.check().is_ok()
     }
 }
 
@@ -243,6 +272,9 @@ pub struct Heartbeats {
     pub reports: Arc<dyn ReportSource>,
     pub directives: Arc<dyn DirectiveSink>,
     pub kick: Arc<Notify>,
+    /// Where this agent's hold listeners are reachable.
+    pub addresses: Vec<std::net::IpAddr>,
+    pub ready: Arc<dyn ReadySource>,
 }
 
 impl Heartbeats {
@@ -253,6 +285,8 @@ impl Heartbeats {
                 node: self.node.clone(),
                 instance: self.instance.clone(),
                 services: self.reports.reports(),
+                addresses: self.addresses.clone(),
+                ready: self.ready.is_ready(),
             };
             let wait = match self.client.heartbeat(&heartbeat).await {
                 Ok(reply) => {

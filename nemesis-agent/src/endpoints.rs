@@ -281,7 +281,14 @@ pub async fn watch_endpoint_slices(
     registry: Arc<EndpointRegistry>,
 ) -> Result<(), EndpointsError> {
     let api: Api<EndpointSlice> = Api::all(client);
-    let config = watcher::Config::default().labels(SERVICE_NAME_LABEL);
+    // Not the hold slices the controller publishes for held Services: they list the
+    // agents themselves, and taking them for backends would send held connections in
+    // a loop.
+    let config = watcher::Config::default().labels(&format!(
+        "{SERVICE_NAME_LABEL},{}!={}",
+        nemesis_common::wire::MANAGED_BY_LABEL,
+        nemesis_common::wire::HOLD_SLICE_MANAGED_BY
+    ));
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
     let mut index = SliceIndex::default();
     // Slices of a relist, applied at once on `InitDone` so that a relist never publishes

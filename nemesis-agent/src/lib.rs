@@ -9,6 +9,8 @@ pub mod control;
 pub mod ebpf;
 pub mod endpoints;
 pub mod handover;
+pub mod holdports;
 pub mod metrics;
+pub mod node;
 pub mod proxy;
 pub mod services;

@@ -258,6 +258,10 @@ pub struct ServiceCounters {
     pub connects_total: u64,
     pub open_connections: u64,
     pub closed_total: u64,
+    /// Connections the Service's backend pods on this node accepted (server side).
+    pub accepted_total: u64,
+    /// Accepted connections open now.
+    pub accepted_open: u64,
 }
 
 /// The eBPF counters per Service, exported as `nemesis_agent_service_connects_total`,
@@ -365,6 +369,26 @@ impl Collector for DatapathCounters {
         for (svc, c) in &snapshot {
             let labels = ServiceLabels::from(svc);
             ConstGauge::new(c.open_connections).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_service_accepted_connections",
+            "Connections the Service's backend pods on this node accepted, whatever path they came by (ClusterIP, pod IP from an Ingress or mesh, NodePort), seen by the eBPF hooks",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (svc, c) in &snapshot {
+            let labels = ServiceLabels::from(svc);
+            ConstCounter::new(c.accepted_total).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_service_accepted_open_connections",
+            "Connections the Service's backend pods on this node accepted that are open now",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (svc, c) in &snapshot {
+            let labels = ServiceLabels::from(svc);
+            ConstGauge::new(c.accepted_open).encode(family.encode_family(&labels)?)?;
         }
         let backends = self
             .backends
@@ -477,6 +501,8 @@ mod tests {
                 connects_total: 7,
                 open_connections: 3,
                 closed_total: 4,
+                accepted_total: 9,
+                accepted_open: 2,
             },
         );
         let text = encode_text(&m.into_registry()).unwrap();
@@ -492,5 +518,11 @@ mod tests {
         assert!(
             text.contains("nemesis_agent_service_closed_total{namespace=\"ns\",service=\"web\"} 4")
         );
+        assert!(text.contains(
+            "nemesis_agent_service_accepted_connections_total{namespace=\"ns\",service=\"web\"} 9"
+        ));
+        assert!(text.contains(
+            "nemesis_agent_service_accepted_open_connections{namespace=\"ns\",service=\"web\"} 2"
+        ));
     }
 }

@@ -264,13 +264,11 @@ impl DatapathServices {
         }
     }
 
-    /// Balance mode: writes every managed Service port's ready backends into the
-    /// datapath (call it whenever endpoints change). A Service that fails is reported
-    /// and the others go on. Passthrough: nothing to do.
+    /// Writes every managed Service port's ready backends into the datapath (call it
+    /// whenever endpoints change): as the (address, port) pairs whose accepts count for
+    /// the Service (server side), and in balance mode as where connects go. A Service
+    /// that fails is reported and the others go on.
     pub fn sync_backends(&self) -> Vec<ServicesError> {
-        if self.direct != DirectMode::Balance {
-            return vec![];
-        }
         let dp = match self.datapath() {
             Ok(dp) => dp,
             Err(e) => return vec![e],
@@ -282,24 +280,31 @@ impl DatapathServices {
             .collect()
     }
 
-    /// The ready backends of each of `rows` into the datapath (balance mode only).
+    /// The ready backends of each of `rows` into the datapath: always as server-side
+    /// ports, in balance mode also as balance backends.
     fn write_backends(
         &self,
         dp: &Datapath,
         service: &ServiceRef,
         rows: &DatapathRows,
     ) -> Result<(), ServicesError> {
-        if self.direct != DirectMode::Balance {
-            return Ok(());
-        }
         let eps = self.endpoints.current(service);
         for (addr, (port_name, target_port)) in &rows.ports {
             let mut backends: Vec<SocketAddr> = eps
                 .backends(port_name, *target_port)
                 .into_iter()
-                // A connect can only be rewritten within its address family.
+                // A connect can only be rewritten within its address family, and each
+                // family's backends count on the row (slot) of that family.
                 .filter(|b| b.is_ipv4() == addr.is_ipv4())
                 .collect();
+            dp.set_server_ports(*addr, Proto::Tcp, &backends)
+                .map_err(|source| ServicesError::UpdateDatapath {
+                    service: service.clone(),
+                    source: Box::new(source),
+                })?;
+            if self.direct != DirectMode::Balance {
+                continue;
+            }
             let max = nemesis_common::maps::MAX_BACKENDS as usize;
             if backends.len() > max {
                 // Balancing over the first `max` still beats failing open to kube-proxy.
@@ -435,6 +440,8 @@ impl DatapathServices {
                     sum.connects_total += c.connects;
                     sum.open_connections += c.open_now;
                     sum.closed_total += c.closed;
+                    sum.accepted_total += c.accepted;
+                    sum.accepted_open += c.accepted_open;
                 }
                 (svc.clone(), sum)
             })

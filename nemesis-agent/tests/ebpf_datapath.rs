@@ -1149,11 +1149,30 @@ fn connections_a_backend_accepts_are_counted_server_side_whatever_path_they_took
     drop(stray);
     wait_counters(&dp, slot, |s| s.accepted_open == 0 && s.accepted == 5);
 
+    // The node calling its own pod (the kubelet's probes come from its addresses) is
+    // not traffic: counted apart.
+    let from: std::net::IpAddr = TcpStream::connect(backend)
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .ip();
+    wait_counters(&dp, slot, |s| s.accepted == 6);
+    dp.set_host_addresses(&[from]).unwrap();
+    let probe = TcpStream::connect(backend).unwrap();
+    wait_counters(&dp, slot, |s| s.from_host == 1);
+    assert_eq!(
+        dp.stats(slot).unwrap().accepted,
+        6,
+        "a probe is not traffic"
+    );
+    drop(probe);
+    dp.set_host_addresses(&[]).unwrap();
+
     // Taken out of the list: new accepts are no longer counted.
     dp.set_server_ports(svc, Proto::Tcp, &[]).unwrap();
     let c = TcpStream::connect(backend).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(dp.stats(slot).unwrap().accepted, 5);
+    assert_eq!(dp.stats(slot).unwrap().accepted, 6);
     drop(c);
 }
 

@@ -93,6 +93,7 @@ async fn admin_serves_metrics_health_and_readiness_apart_from_the_proxy() -> Res
                 connects_total: 12,
                 open_connections: 2,
                 closed_total: 10,
+                ..ServiceCounters::default()
             },
         );
         let (_, body) = get(admin, "/metrics").await?;
@@ -143,6 +144,7 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
                 connects_total: 5,
                 open_connections: 1,
                 closed_total: 4,
+                ..ServiceCounters::default()
             },
         );
         let modes = ModeFollower::new(h.table.clone(), h.endpoints.clone(), Arc::new(Sink));
@@ -173,6 +175,7 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
                                     service: w,
                                     directive: Directive::Sleep,
                                     epoch: 9,
+                                    hold_ports: vec![],
                                 }],
                                 lease_seconds: 3,
                             };
@@ -202,9 +205,17 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
                     modes: modes.clone(),
                     proxy: h.proxy.clone(),
                     datapath: h.datapath.clone(),
+                    holds: nemesis_agent::holdports::HoldListeners::new(
+                        h.proxy.clone(),
+                        h.table.clone(),
+                        vec![],
+                        tokio::sync::watch::channel(true).1,
+                    ),
                 }),
                 directives: modes.clone(),
                 kick,
+                addresses: vec![],
+                ready: Arc::new(AlwaysReady),
             }
             .run(),
         );
@@ -233,4 +244,13 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
         Ok(())
     })
     .await
+}
+
+/// An agent that is always ready, for heartbeats in tests.
+struct AlwaysReady;
+
+impl nemesis_agent::control::ReadySource for AlwaysReady {
+    fn is_ready(&self) -> bool {
+        true
+    }
 }

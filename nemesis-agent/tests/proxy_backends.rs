@@ -250,6 +250,7 @@ async fn the_mode_flips_to_direct_when_ready_while_held_connections_drain_throug
             service: web.clone(),
             directive: Directive::Sleep,
             epoch: 4,
+            hold_ports: vec![],
         }]);
         wait_until("held for sleep", Duration::from_secs(5), || {
             modes.applied(&web) == Some((AppliedMode::Hold, 4))
@@ -260,6 +261,7 @@ async fn the_mode_flips_to_direct_when_ready_while_held_connections_drain_throug
             service: web.clone(),
             directive: Directive::Follow,
             epoch: 3,
+            hold_ports: vec![],
         }]);
         tokio::time::sleep(Duration::from_millis(100)).await;
         ensure!(modes.applied(&web) == Some((AppliedMode::Hold, 4)));
@@ -267,6 +269,7 @@ async fn the_mode_flips_to_direct_when_ready_while_held_connections_drain_throug
             service: web.clone(),
             directive: Directive::Follow,
             epoch: 5,
+            hold_ports: vec![],
         }]);
         wait_until("direct again", Duration::from_secs(5), || {
             modes.applied(&web) == Some((AppliedMode::Balance, 5))

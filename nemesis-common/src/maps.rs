@@ -47,13 +47,18 @@ pub const SLOT_EPOCH: &str = "SLOT_EPOCH_V1";
 /// `HashMap<ServiceKey, SlotRef>`: backend pods' (address, port, protocol) on this node
 /// -> the service they serve. The server-side hook counts the connections these accept.
 pub const SERVER_PORTS: &str = "SERVER_PORTS_V1";
+/// `HashMap<[u8; 16], u32>`: the node's own addresses (its host network namespace's).
+/// A connection a backend pod accepts from one of them is the node itself calling:
+/// the kubelet's probes above all (Cilium calls this identity `reserved:host`). It is
+/// not traffic, and counting it would keep every Service awake forever.
+pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 /// `SkStorage<LiveSock>`: one entry on each counted socket that is still open (client or
 /// server side), freed by the kernel with the socket. It can neither fill up nor evict:
 /// the TCP sockets that carry it are the truth the counters are reconciled against.
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -68,6 +73,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     SLOT_EPOCH,
     SERVER_PORTS,
     SOCK_LIVE,
+    HOST_ADDRS,
 ];
 
 // === program names (the eBPF function names) ===
@@ -99,6 +105,8 @@ pub const MAX_SOCK_BACKENDS: u32 = MAX_SOCKETS;
 /// Backend (address, port) pairs of local pods the server-side hook recognises: a node
 /// runs at most a few hundred pods, each with a handful of ports.
 pub const MAX_SERVER_PORTS: u32 = 65_536;
+/// Addresses of the node's host network namespace (interfaces, IPv4 and IPv6).
+pub const MAX_HOST_ADDRS: u32 = 1024;
 
 // === protocols and modes ===
 
@@ -245,6 +253,9 @@ pub struct ServiceStats {
     pub accepted: u64,
     /// Accepted connections closed.
     pub accepted_closed: u64,
+    /// Connections a backend pod accepted from the node's own addresses (probes), not
+    /// counted as accepted.
+    pub from_host: u64,
 }
 
 /// Value of SOCKETS: written by connect4/6, read by sock_ops.
@@ -412,7 +423,7 @@ pub const fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
-    assert!(core::mem::size_of::<ServiceStats>() == 56);
+    assert!(core::mem::size_of::<ServiceStats>() == 64);
     assert!(core::mem::size_of::<SlotRef>() == 8);
     assert!(core::mem::size_of::<LiveSock>() == 16);
     assert!(core::mem::size_of::<SockRecord>() == 32);

@@ -10,6 +10,25 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The `endpointslice.kubernetes.io/managed-by` value of the hold EndpointSlices the
+/// controller publishes for held Services (listing agents' hold listeners): the
+/// Kubernetes EndpointSlice controller leaves them alone, and agents leave them out of
+/// a Service's backends (connecting to themselves would loop).
+pub const HOLD_SLICE_MANAGED_BY: &str = "controller.nemesis.dev";
+
+/// The label by which EndpointSlices name their manager.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+
+/// A Service port's hold listener: every agent listens on `port` of its node addresses
+/// for the Service port named `name` ("" for a single unnamed port), so a connection
+/// arriving there is known to be for that Service port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldPort {
+    pub name: String,
+    pub port: u16,
+}
+
 /// A Kubernetes Service, by namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceRef {
@@ -43,6 +62,11 @@ pub struct ServiceDirective {
     /// Increases with every change the controller makes for this Service; an agent
     /// acknowledges by reporting the epoch it applied.
     pub epoch: u64,
+    /// Where every agent listens for this Service's connections routed to it by the hold
+    /// EndpointSlice (callers that never dial the ClusterIP: Ingress controllers,
+    /// NodePorts, meshes). Empty from controllers that predate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hold_ports: Vec<HoldPort>,
 }
 
 /// The mode an agent's eBPF table has for a Service right now.
@@ -66,6 +90,16 @@ pub struct ServiceReport {
     pub closed_total: u64,
     /// Connections held by this agent's proxy right now.
     pub held_connections: u64,
+    /// Connections the Service's backend pods on this node accepted, in total (server
+    /// side: whatever path they came by). 0 from agents that predate it.
+    #[serde(default)]
+    pub accepted_total: u64,
+    /// Accepted connections open now.
+    #[serde(default)]
+    pub accepted_open: u64,
+    /// Hold ports this agent listens on for the Service now (see [`HoldPort`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hold_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +110,18 @@ pub struct Heartbeat {
     /// Random per agent process, so the controller sees a restart.
     pub instance: String,
     pub services: Vec<ServiceReport>,
+    /// The node addresses its hold listeners are reachable on (the hold EndpointSlice
+    /// lists these). Empty: this agent serves no hold listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Whether the agent is ready (its `/readyz`): only ready agents are listed in hold
+    /// EndpointSlices. Agents that predate it count as ready.
+    #[serde(default = "ready_by_default")]
+    pub ready: bool,
+}
+
+fn ready_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

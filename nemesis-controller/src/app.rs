@@ -278,6 +278,11 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         history,
         events,
         prom: Arc::new(PromPool::new(args.prometheus_url.clone())),
+        hold_slices: Arc::new(crate::holdslice::HoldSlices::new(
+            client.clone(),
+            registry.clone(),
+            args.hold_ports,
+        )),
         settings: Settings {
             tick: args.tick_interval,
             sleep_ack_timeout: args.sleep_ack_timeout,

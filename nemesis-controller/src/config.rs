@@ -143,6 +143,14 @@ pub struct RunArgs {
           default_value = "15s")]
     pub agent_lease: Duration,
 
+    /// The node ports agents listen on for held Services' connections that arrive
+    /// through hold EndpointSlices (Ingress controllers, NodePorts, meshes): one per
+    /// managed Service port, the same on every node. Keep it clear of NodePorts
+    /// (30000-32767), ephemeral ports and the nodes' own services.
+    #[arg(long, env = "NEMESIS_CONTROLLER_HOLD_PORTS", value_parser = parse_port_range,
+          default_value = "20000-29999")]
+    pub hold_ports: (u16, u16),
+
     /// How often each policy's metric values are written to the history.
     #[arg(long, env = "NEMESIS_CONTROLLER_SAMPLE_INTERVAL", value_parser = parse_flag_duration,
           default_value = "10s")]
@@ -259,6 +267,20 @@ impl RunArgs {
 }
 
 /// Durations as policies write them (`500ms`, `15s`, `1h30m`), for flags.
+/// `FIRST-LAST`, both ports, FIRST <= LAST.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{text:?} is not a port range: write FIRST-LAST, e.g. 20000-29999");
+    let (a, b) = text.trim().split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || a > b {
+        return Err(format!(
+            "{text:?}: the first port must be at least 1 and not above the last"
+        ));
+    }
+    Ok((a, b))
+}
+
 pub fn parse_flag_duration(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text.trim()).map_err(|e| {
         format!(

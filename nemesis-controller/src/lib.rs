@@ -4,6 +4,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod holdslice;
 pub mod leader;
 pub mod metrics;
 pub mod policy;

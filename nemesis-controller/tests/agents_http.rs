@@ -59,7 +59,12 @@ fn heartbeat(node: &str, applied_epoch: u64) -> Heartbeat {
             open_connections: 0,
             closed_total: 0,
             held_connections: 0,
+            accepted_total: 0,
+            accepted_open: 0,
+            hold_ports: vec![],
         }],
+        addresses: vec![],
+        ready: true,
     }
 }
 

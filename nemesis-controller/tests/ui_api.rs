@@ -269,7 +269,12 @@ async fn agents_and_alerts_show_what_the_registry_and_the_alert_book_hold() {
                 open_connections: 3,
                 closed_total: 9,
                 held_connections: 0,
+                accepted_total: 0,
+                accepted_open: 0,
+                hold_ports: vec![],
             }],
+            addresses: vec![],
+            ready: true,
         },
         tokio::time::Instant::now(),
     );

@@ -44,9 +44,9 @@ use nemesis_common::maps::{
     Backend, BackendSet, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
     ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_LIVE_MARK,
     ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
-    LIVE_CLIENT, LIVE_SERVER, LiveSock, MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_ORIG_DST,
-    MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD,
-    OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER,
+    LIVE_CLIENT, LIVE_SERVER, LiveSock, MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_HOST_ADDRS,
+    MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE,
+    MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER,
     SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
 };
 
@@ -86,6 +86,8 @@ static SLOT_EPOCH_V1: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static SERVER_PORTS_V1: HashMap<ServiceKey, SlotRef> =
     HashMap::with_max_entries(MAX_SERVER_PORTS, BPF_F_NO_PREALLOC);
+#[map]
+static HOST_ADDRS_V1: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 #[btf_map]
 static SOCK_LIVE_V1: SkStorage<LiveSock> = SkStorage::new();
 
@@ -556,6 +558,14 @@ fn on_accepted(ctx: &SockOpsContext) {
     let Some(stats) = current_stats(&rec) else {
         return; // the entry is stale (its service left the slot)
     };
+    if let Some(peer) = remote_addr(ctx)
+        // SAFETY: only whether the key is there is used.
+        && unsafe { HOST_ADDRS_V1.get(peer) }.is_some()
+    {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*stats).from_host += 1 };
+        return;
+    }
     // Without the state callback the close would go unseen: then do not count the open.
     if ctx
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
@@ -729,6 +739,28 @@ fn current_stats(r: &SockRecord) -> Option<*mut ServiceStats> {
         count_error(ERR_BAD_SLOT);
     }
     stats
+}
+
+/// The socket's remote address (the peer of an accepted connection).
+#[inline(always)]
+fn remote_addr(ctx: &SockOpsContext) -> Option<[u8; 16]> {
+    let words = match ctx.family() {
+        AF_INET => [0, 0, V4_MAPPED_WORD, ctx.remote_ip4()],
+        AF_INET6 => {
+            let ops = ctx.ops;
+            // SAFETY: valid context; one 4-byte load per word, as the verifier wants.
+            unsafe {
+                [
+                    read_volatile(addr_of!((*ops).remote_ip6[0])),
+                    read_volatile(addr_of!((*ops).remote_ip6[1])),
+                    read_volatile(addr_of!((*ops).remote_ip6[2])),
+                    read_volatile(addr_of!((*ops).remote_ip6[3])),
+                ]
+            }
+        }
+        _ => return None,
+    };
+    Some(addr_bytes(words))
 }
 
 /// The socket's local address and port: the peer address the proxy sees.

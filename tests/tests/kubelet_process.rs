@@ -30,6 +30,7 @@ fn launch(netns: &str, argv: &[&str], env: &[(&str, &str)], dir: &std::path::Pat
         working_dir: dir.to_path_buf(),
         start_delay: Duration::ZERO,
         log_path: dir.join("container.log"),
+        cgroup: None,
     }
 }
 

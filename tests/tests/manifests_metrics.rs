@@ -112,6 +112,8 @@ fn agent_exposition() -> Result<String> {
             connects_total: 1,
             open_connections: 1,
             closed_total: 1,
+            accepted_total: 1,
+            accepted_open: 1,
         },
     );
     Ok(encode_text(&m.into_registry())?)

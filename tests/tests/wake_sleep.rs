@@ -21,6 +21,7 @@ fn directive(directive: Directive, epoch: u64) -> Vec<ServiceDirective> {
         },
         directive,
         epoch,
+        hold_ports: vec![],
     }]
 }
 

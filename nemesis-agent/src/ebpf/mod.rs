@@ -173,6 +173,9 @@ pub struct ServiceCounters {
     pub accepted_closed: u64,
     /// Accepted connections open now.
     pub accepted_open: u64,
+    /// Connections backend pods accepted from the node's own addresses (the kubelet's
+    /// probes): not counted as accepted.
+    pub from_host: u64,
 }
 
 /// What one reconcile of the open counts against the live sockets found and did.
@@ -410,6 +413,8 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("writing the node's own addresses")]
+    WriteHostAddresses(#[source] MapError),
     #[error("walking the live sockets")]
     WalkLiveSockets(#[source] std::io::Error),
 }
@@ -431,6 +436,7 @@ pub struct Datapath {
     config: Mutex<(Array<MapData, Config>, Config)>,
     /// Locked after `table` when both are needed.
     server_ports: Mutex<ServerPorts>,
+    host_addrs: Mutex<HostAddrs>,
     live: live::LiveIter,
     corrections: [AtomicU64; 2],
     _log: Option<log_forward::LogForwarder>,
@@ -458,6 +464,9 @@ struct ServiceTable {
     /// (client, server) offsets the reconcile added to the counters' open counts.
     offsets: HashMap<Slot, (i64, i64)>,
 }
+
+/// HOST_ADDRS and a mirror of its keys.
+type HostAddrs = (BpfHashMap<MapData, [u8; 16], u32>, BTreeSet<[u8; 16]>);
 
 /// SERVER_PORTS and which slot wrote each of its entries.
 struct ServerPorts {
@@ -559,6 +568,7 @@ impl Datapath {
         let conns = take_map(&mut ebpf, m::BACKEND_CONNS)?;
         let mut slot_epochs: Array<_, u32> = take_map(&mut ebpf, m::SLOT_EPOCH)?;
         let ports_map: BpfHashMap<_, ServiceKey, SlotRef> = take_map(&mut ebpf, m::SERVER_PORTS)?;
+        let host_map: BpfHashMap<_, [u8; 16], u32> = take_map(&mut ebpf, m::HOST_ADDRS)?;
         let live = load_live_iter(&mut ebpf, btf.as_ref())?;
         // The links hold the programs; the loader's handles are no longer needed.
         drop(ebpf);
@@ -652,6 +662,10 @@ impl Datapath {
             heartbeat: Mutex::new(heartbeat),
             config: Mutex::new((config_map, Config::default())),
             server_ports: Mutex::new(server_ports),
+            host_addrs: Mutex::new({
+                let have = host_map.keys().filter_map(Result::ok).collect();
+                (host_map, have)
+            }),
             live,
             corrections: [AtomicU64::new(0), AtomicU64::new(0)],
             _log: log,
@@ -975,6 +989,7 @@ impl Datapath {
             c.released += s.released;
             c.accepted += s.accepted;
             c.accepted_closed += s.accepted_closed;
+            c.from_host += s.from_host;
         }
         // Opens and closes of one connection may land on different CPUs; only the sum
         // is meaningful. The reconcile's offsets make up for closes the counters missed.
@@ -1031,6 +1046,26 @@ impl Datapath {
             ports.owner.insert(*k, v.slot);
             ports.by_slot.entry(v.slot).or_default().insert(*k);
         }
+        Ok(())
+    }
+
+    /// The node's own addresses: connections backend pods accept from these (the
+    /// kubelet's probes) are not counted. Replaces the earlier set.
+    pub fn set_host_addresses(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        let wanted: BTreeSet<[u8; 16]> = addrs.iter().map(|a| ip16(*a)).collect();
+        let mut guard = self.host_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, have) = &mut *guard;
+        for k in have.difference(&wanted) {
+            match map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(DatapathError::WriteHostAddresses(source)),
+            }
+        }
+        for k in wanted.difference(have) {
+            map.insert(*k, 1, 0)
+                .map_err(DatapathError::WriteHostAddresses)?;
+        }
+        *have = wanted;
         Ok(())
     }
 
@@ -1515,7 +1550,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 14] {
+fn expected_layouts() -> [(&'static str, u32, u32); 15] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -1545,6 +1580,7 @@ fn expected_layouts() -> [(&'static str, u32, u32); 14] {
             sz(size_of::<SlotRef>()),
         ),
         (m::SOCK_LIVE, 4, sz(size_of::<LiveSock>())),
+        (m::HOST_ADDRS, 16, 4),
     ]
 }
 

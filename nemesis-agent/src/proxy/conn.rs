@@ -94,9 +94,20 @@ impl Drop for OpenGuard {
 }
 
 pub(crate) async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    let destination = shared.destinations.lookup(peer);
+    handle_to(shared, client, peer, destination).await
+}
+
+/// As [`handle`], with the destination the client dialled already known (`None`:
+/// unknown, the connection is closed and counted).
+pub(crate) async fn handle_to(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    destination: Option<SocketAddr>,
+) {
     let _open = OpenGuard::new(&shared.metrics.open);
     let accepted = Instant::now();
-    let destination = shared.destinations.lookup(peer);
     let Some(port) = destination.and_then(|d| shared.table.lookup(d)) else {
         tracing::debug!(%peer, ?destination, "no managed Service for this connection; closing");
         shared.metrics.outcome(Outcome::UnknownDestination);

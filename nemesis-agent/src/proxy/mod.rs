@@ -203,6 +203,28 @@ impl Proxy {
         }
     }
 
+    /// As [`Proxy::serve`], for a listener dedicated to one Service port (a hold
+    /// listener): every connection is taken as dialled to `destination`, the Service
+    /// port's ClusterIP:port.
+    pub async fn serve_to(&self, listener: TcpListener, destination: SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tokio::spawn(conn::handle_to(
+                        self.shared.clone(),
+                        stream,
+                        peer,
+                        Some(destination),
+                    ));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     /// Connections held for a Service right now.
     pub fn held(&self, service: &ServiceRef) -> usize {
         self.shared.holds.held(service)

@@ -185,6 +185,18 @@ impl ServiceTable {
             .cloned()
     }
 
+    /// The ClusterIP:port of `service`'s port named `port_name` (the IPv4 row first,
+    /// for a dual-stack Service).
+    pub fn address_of(&self, service: &ServiceRef, port_name: &str) -> Option<SocketAddr> {
+        self.rows
+            .read()
+            .expect("service table lock")
+            .iter()
+            .filter(|(_, p)| &p.service == service && p.port_name == port_name)
+            .map(|(a, _)| *a)
+            .min_by_key(|a| (a.is_ipv6(), *a))
+    }
+
     pub fn services(&self) -> BTreeSet<ServiceRef> {
         self.rows
             .read()

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nemesis_common::wire::{
-    Directive, Heartbeat, HeartbeatReply, ServiceDirective, ServiceRef, ServiceReport,
+    Directive, Heartbeat, HeartbeatReply, HoldPort, ServiceDirective, ServiceRef, ServiceReport,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -42,11 +42,17 @@ pub struct AgentStatus {
     pub node: String,
     pub instance: String,
     pub live: bool,
+    /// Whether the agent says it is ready (only ready agents go in hold slices).
+    pub ready: bool,
+    /// Where its hold listeners are reachable.
+    pub addresses: Vec<std::net::IpAddr>,
     pub last_heartbeat: Instant,
     pub services: Vec<ServiceReport>,
 }
 
-/// Traffic of one Service summed over the live agents.
+/// Traffic of one Service summed over the live agents: the client side (connects to its
+/// ClusterIP from agent nodes) and the server side (connections its backend pods on
+/// agent nodes accepted, whatever path they came by) apart, as each agent reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServiceActivity {
     pub open_connections: u64,
@@ -54,6 +60,11 @@ pub struct ServiceActivity {
     /// Connects seen since this controller started, monotonic across agent restarts
     /// (each agent's counter is differenced), so a rate is a plain difference.
     pub connects_total: u64,
+    /// Server side: accepted connections open now.
+    pub accepted_open: u64,
+    /// Server side: accepts seen since this controller started, differenced as
+    /// `connects_total` is.
+    pub accepted_total: u64,
     /// Last heartbeat that showed any connect, open or held connection.
     pub last_active: Option<Instant>,
     pub reporting_agents: usize,
@@ -77,6 +88,8 @@ pub enum AckError {
         epoch: u64,
         current: Option<u64>,
     },
+    #[error("the hold EndpointSlice of {service} could not be published: {reason}")]
+    HoldSlice { service: ServiceRef, reason: String },
 }
 
 #[derive(Debug)]
@@ -84,12 +97,27 @@ struct AgentEntry {
     instance: String,
     last_heartbeat: Instant,
     reports: BTreeMap<ServiceRef, ServiceReport>,
+    ready: bool,
+    addresses: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     connects_total: u64,
+    accepted_total: u64,
     last_active: Option<Instant>,
+}
+
+/// How much of an agent's monotonic `total` is new since its last report: all of it
+/// after a restart or for a Service new to a known agent, none on the first report this
+/// controller gets from the agent (a baseline, not a burst).
+fn new_since(now_total: u64, last: Option<u64>, same_instance: bool, known_agent: bool) -> u64 {
+    match (last, same_instance, known_agent) {
+        (Some(old), true, _) if now_total >= old => now_total - old,
+        // Same process but the counter went back (map recreated), or a restarted agent.
+        (Some(_), _, _) | (None, _, true) => now_total,
+        (None, _, false) => 0,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -161,21 +189,21 @@ impl AgentRegistry {
                 // Epochs must keep rising across controller restarts: never hand out an
                 // epoch at or below one an agent has already applied.
                 inner.last_epoch = inner.last_epoch.max(r.applied_epoch);
-                let delta = match (same_instance.and_then(|p| p.reports.get(&r.service)), &prev) {
-                    (Some(old), _) if r.connects_total >= old.connects_total => {
-                        r.connects_total - old.connects_total
-                    }
-                    // Same process but the counter went back (map recreated), a
-                    // restarted agent, or a Service new to a known agent: everything it
-                    // reports is new.
-                    (Some(_), _) | (None, Some(_)) => r.connects_total,
-                    // First report this controller gets from the agent: a baseline, not
-                    // a burst of connects.
-                    (None, None) => 0,
-                };
+                let old = same_instance.and_then(|p| p.reports.get(&r.service));
+                let (same, known) = (old.is_some(), prev.is_some());
+                let connects =
+                    new_since(r.connects_total, old.map(|o| o.connects_total), same, known);
+                let accepts =
+                    new_since(r.accepted_total, old.map(|o| o.accepted_total), same, known);
                 let c = inner.counters.entry(r.service.clone()).or_default();
-                c.connects_total += delta;
-                if delta > 0 || r.open_connections > 0 || r.held_connections > 0 {
+                c.connects_total += connects;
+                c.accepted_total += accepts;
+                if connects > 0
+                    || accepts > 0
+                    || r.open_connections > 0
+                    || r.accepted_open > 0
+                    || r.held_connections > 0
+                {
                     c.last_active = Some(now);
                 }
                 reports.insert(r.service.clone(), r);
@@ -186,6 +214,8 @@ impl AgentRegistry {
                     instance: hb.instance,
                     last_heartbeat: now,
                     reports,
+                    ready: hb.ready,
+                    addresses: hb.addresses,
                 },
             );
             HeartbeatReply {
@@ -215,12 +245,18 @@ impl AgentRegistry {
                 Some(d) if d.directive == directive => (d.epoch, false),
                 _ => {
                     let epoch = Self::next_epoch(&mut inner);
+                    let hold_ports = inner
+                        .directives
+                        .get(svc)
+                        .map(|d| d.hold_ports.clone())
+                        .unwrap_or_default();
                     inner.directives.insert(
                         svc.clone(),
                         ServiceDirective {
                             service: svc.clone(),
                             directive,
                             epoch,
+                            hold_ports,
                         },
                     );
                     (epoch, true)
@@ -243,6 +279,42 @@ impl AgentRegistry {
     /// Back to the agents' own rule for `svc` (hold at zero, direct when warm).
     pub fn follow(&self, svc: &ServiceRef) -> u64 {
         self.set(svc, Directive::Follow)
+    }
+
+    /// The hold ports every agent must listen on for `svc` (sent with its directive; a
+    /// Service without one gets a `Follow` directive, which is what agents do anyway).
+    pub fn set_hold_ports(&self, svc: &ServiceRef, ports: Vec<HoldPort>) {
+        let changed = {
+            let mut inner = self.lock();
+            match inner.directives.get_mut(svc) {
+                Some(d) if d.hold_ports == ports => false,
+                Some(d) => {
+                    d.hold_ports = ports;
+                    true
+                }
+                None => {
+                    let epoch = Self::next_epoch(&mut inner);
+                    inner.directives.insert(
+                        svc.clone(),
+                        ServiceDirective {
+                            service: svc.clone(),
+                            directive: Directive::Follow,
+                            epoch,
+                            hold_ports: ports,
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if changed {
+            self.notify();
+        }
+    }
+
+    /// A receiver that changes on every heartbeat and directive change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Drops the directive of a Service no policy manages any more.
@@ -353,6 +425,8 @@ impl AgentRegistry {
                 node: node.clone(),
                 instance: a.instance.clone(),
                 live: self.is_live(a, now),
+                ready: a.ready,
+                addresses: a.addresses.clone(),
                 last_heartbeat: a.last_heartbeat,
                 services: a.reports.values().cloned().collect(),
             })
@@ -365,11 +439,13 @@ impl AgentRegistry {
         let mut act = ServiceActivity::default();
         if let Some(c) = inner.counters.get(svc) {
             act.connects_total = c.connects_total;
+            act.accepted_total = c.accepted_total;
             act.last_active = c.last_active;
         }
         for a in inner.agents.values().filter(|a| self.is_live(a, now)) {
             if let Some(r) = a.reports.get(svc) {
                 act.open_connections += r.open_connections;
+                act.accepted_open += r.accepted_open;
                 act.held_connections += r.held_connections;
                 act.reporting_agents += 1;
             }
@@ -400,6 +476,9 @@ mod tests {
             open_connections: open,
             closed_total: 0,
             held_connections: 0,
+            accepted_total: 0,
+            accepted_open: 0,
+            hold_ports: vec![],
         }
     }
 
@@ -408,6 +487,8 @@ mod tests {
             node: node.into(),
             instance: instance.into(),
             services,
+            addresses: vec![],
+            ready: true,
         }
     }
 

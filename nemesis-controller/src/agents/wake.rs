@@ -129,6 +129,11 @@ impl WakeGate {
         self.lock().waking.remove(svc);
     }
 
+    /// Whether a running, valid policy manages the Service.
+    pub fn is_managed(&self, svc: &ServiceRef) -> bool {
+        self.lock().managed.contains(svc)
+    }
+
     pub fn is_waking(&self, svc: &ServiceRef) -> bool {
         self.lock().waking.contains_key(svc)
     }

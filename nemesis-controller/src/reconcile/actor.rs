@@ -20,7 +20,7 @@ use nemesis_common::wire::{Directive, ServiceRef};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::connections::{self, RateWindow};
+use super::connections::{self, SideRates};
 use super::events::Note;
 use super::history::Item;
 use super::prom::Poller;
@@ -123,7 +123,7 @@ pub struct Actor {
     compiled: Result<Arc<CompiledPolicy>, InvalidPolicy>,
     svc: Option<ServiceRef>,
     engine: Option<State>,
-    rates: RateWindow,
+    rates: SideRates,
     poller: Option<Poller>,
     last_demand: Option<DateTime<Utc>>,
     last_wake: Option<DateTime<Utc>>,
@@ -154,7 +154,7 @@ impl Actor {
         let (tx, rx) = mpsc::unbounded_channel();
         let poke = Arc::new(Notify::new());
         let compiled = compile(&obj.spec).map(Arc::new);
-        let rates = RateWindow::new(
+        let rates = SideRates::new(
             compiled
                 .as_ref()
                 .map_or(crate::policy::compile::DEFAULT_RATE_WINDOW, |c| {
@@ -613,8 +613,21 @@ impl Actor {
         let registry = self.ctx.registry.clone();
         let timeout = self.ctx.settings.sleep_ack_timeout;
         let svc2 = svc.clone();
-        let ack: AckFuture =
-            Box::pin(async move { registry.wait_acknowledged(&svc2, epoch, timeout).await });
+        let holds = self.ctx.hold_slices.clone();
+        let policy = self.obj.clone();
+        // Every agent holds first, then the hold slice goes up: only then may the
+        // endpoints go, so neither a connect() nor an Ingress meets an empty Service.
+        let ack: AckFuture = Box::pin(async move {
+            registry.wait_acknowledged(&svc2, epoch, timeout).await?;
+            holds
+                .publish_held(&svc2, &policy)
+                .await
+                .map(drop)
+                .map_err(|e| AckError::HoldSlice {
+                    service: svc2.clone(),
+                    reason: e.to_string(),
+                })
+        });
         tracing::info!(policy = %self.id, service = %svc, epoch, "asking every live agent to hold before scaling to zero");
         self.sleep = SleepPhase::Waiting {
             epoch,
@@ -649,10 +662,11 @@ impl Actor {
                     self.ctx.registry.follow(&svc);
                     return;
                 }
-                if act.open_connections > 0 || act.held_connections > 0 || demand {
+                let open = act.open_connections.max(act.accepted_open);
+                if open > 0 || act.held_connections > 0 || demand {
                     let why = format!(
                         "sleep abandoned: {} open and {} held connections{} while the agents acknowledged the hold",
-                        act.open_connections,
+                        open,
                         act.held_connections,
                         if demand { " and a wake-up" } else { "" }
                     );
@@ -685,7 +699,7 @@ impl Actor {
                     }
                 }
             }
-            Err(e @ AckError::Timeout { .. }) => {
+            Err(e @ (AckError::Timeout { .. } | AckError::HoldSlice { .. })) => {
                 self.ctx.metrics.error(ErrorKind::AgentAckTimeout);
                 let why = format!("sleep abandoned, not scaling to zero: {e}");
                 tracing::warn!(policy = %self.id, %why);

@@ -1,7 +1,16 @@
 //! The agents' counts of one Service as the engine reads them: open and held connections
 //! summed over live agents, and the connect rate averaged over the policy's rate window
-//! from the registry's monotonic connect total. Arithmetic over samples only; reading
-//! the registry is the actor's job.
+//! from the registry's monotonic totals. Arithmetic over samples only; reading the
+//! registry is the actor's job.
+//!
+//! Two sides see a Service's connections: the client side (connects to its ClusterIP
+//! from processes on agent nodes) and the server side (what its backend pods on agent
+//! nodes accept, whatever path the connection took: an Ingress dialling pod IPs, a
+//! NodePort, a mesh). A connection from an agent node's process to a pod on an agent
+//! node is seen by both, one from an Ingress only by the server side, one to a pod on a
+//! node without an agent only by the client side. `conns.active` and `conns.rate` read
+//! the larger of the two sides, so a connection seen by both counts once, and traffic
+//! seen by either keeps the Service awake.
 
 use std::collections::VecDeque;
 
@@ -52,17 +61,39 @@ impl RateWindow {
     }
 }
 
+/// The rate windows of both sides of one Service.
+#[derive(Debug, Clone)]
+pub struct SideRates {
+    client: RateWindow,
+    server: RateWindow,
+}
+
+impl SideRates {
+    pub fn new(window: TimeDelta) -> Self {
+        Self {
+            client: RateWindow::new(window),
+            server: RateWindow::new(window),
+        }
+    }
+
+    pub fn set_window(&mut self, window: TimeDelta) {
+        self.client.set_window(window);
+        self.server.set_window(window);
+    }
+}
+
 /// The engine's sample from the registry's activity; `None` when no live agent reports
-/// the Service (missing data never counts as idle).
+/// the Service (missing data never counts as idle). Each figure is the larger side's.
 pub fn sample(
     activity: &ServiceActivity,
-    rates: &mut RateWindow,
+    rates: &mut SideRates,
     now: DateTime<Utc>,
 ) -> Option<ConnectionSample> {
-    let rate = rates.push(now, activity.connects_total);
+    let client = rates.client.push(now, activity.connects_total);
+    let server = rates.server.push(now, activity.accepted_total);
     (activity.reporting_agents > 0).then_some(ConnectionSample {
-        active: activity.open_connections as f64,
-        rate,
+        active: activity.open_connections.max(activity.accepted_open) as f64,
+        rate: client.max(server),
         held: activity.held_connections as f64,
         at: now,
     })
@@ -96,8 +127,32 @@ mod tests {
     }
 
     #[test]
+    fn each_figure_is_the_larger_side_so_a_connection_seen_by_both_counts_once() {
+        let mut r = SideRates::new(TimeDelta::seconds(10));
+        let at = |connects, accepted, open, accepted_open| ServiceActivity {
+            connects_total: connects,
+            accepted_total: accepted,
+            open_connections: open,
+            accepted_open,
+            reporting_agents: 2,
+            ..ServiceActivity::default()
+        };
+        sample(&at(0, 0, 0, 0), &mut r, t(0));
+        // 3 connections through the ClusterIP from an agent node to pods on agent nodes
+        // (both sides see them) and 2 from an Ingress straight to pod IPs (server only).
+        let s = sample(&at(30, 50, 3, 5), &mut r, t(10)).unwrap();
+        assert_eq!((s.active, s.rate), (5.0, 5.0));
+        // Only Ingress traffic: the client side sees nothing, the Service is still busy.
+        let s = sample(&at(30, 70, 0, 2), &mut r, t(20)).unwrap();
+        assert_eq!((s.active, s.rate), (2.0, 2.0));
+        // Only a client whose pods are on a node without an agent.
+        let s = sample(&at(50, 70, 1, 0), &mut r, t(30)).unwrap();
+        assert_eq!((s.active, s.rate), (1.0, 2.0));
+    }
+
+    #[test]
     fn no_reporting_agent_means_missing_not_idle() {
-        let mut w = RateWindow::new(TimeDelta::seconds(10));
+        let mut w = SideRates::new(TimeDelta::seconds(10));
         let none = ServiceActivity::default();
         assert_eq!(sample(&none, &mut w, t(0)), None);
         let one = ServiceActivity {

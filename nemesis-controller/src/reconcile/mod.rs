@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentRegistry, WakeGate, WakeUp};
 use crate::alerts::AlertBook;
+use crate::holdslice::HoldSlices;
 use crate::metrics::ControllerMetrics;
 
 pub use events::EventSink;
@@ -79,6 +80,7 @@ pub struct Context {
     pub history: History,
     pub events: EventSink,
     pub prom: Arc<PromPool>,
+    pub hold_slices: Arc<HoldSlices>,
     pub settings: Settings,
     /// True while this instance holds the Lease; checked again right before every scale.
     pub leading: watch::Receiver<bool>,

@@ -142,6 +142,15 @@ impl Actors {
     }
 }
 
+/// Aborts its task when dropped (with the term).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs one leadership term; it only ends when dropped (or when a watch stream ends,
 /// which the default backoff never lets happen).
 pub async fn run_term(
@@ -169,6 +178,12 @@ pub async fn run_term(
         .default_backoff(),
     );
     futures::pin_mut!(deployments, policies);
+    // The hold EndpointSlices live and die with the term (a follower writes nothing).
+    let _hold_slices = AbortOnDrop(tokio::spawn(
+        ctx.hold_slices
+            .clone()
+            .run(pol_reader.clone(), ctx.wakes.clone()),
+    ));
     let term = Arc::new(Term {
         deployments: dep_reader,
         sleep_allowed_from: Instant::now() + ctx.registry.config().lease,

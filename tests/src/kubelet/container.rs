@@ -54,6 +54,8 @@ pub struct PodPlacement<'a> {
     /// The pod's scratch directory: default working directory.
     pub pod_dir: &'a Path,
     pub log_path: PathBuf,
+    /// The cgroup the container's processes join, if any.
+    pub cgroup: Option<&'a Path>,
 }
 
 /// The launch description for `container` of `pod`.
@@ -87,6 +89,7 @@ pub fn launch(
             .unwrap_or_else(|| place.pod_dir.to_path_buf()),
         start_delay: annotation_ms(pod, START_DELAY_ANNOTATION)?.unwrap_or_default(),
         log_path: place.log_path.clone(),
+        cgroup: place.cgroup.map(Path::to_path_buf),
     })
 }
 
@@ -256,6 +259,7 @@ mod tests {
             host_ip: Ipv4Addr::new(198, 18, 3, 1),
             pod_dir: dir,
             log_path: dir.join("c.log"),
+            cgroup: None,
         }
     }
 

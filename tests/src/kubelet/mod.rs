@@ -114,6 +114,11 @@ pub struct SandboxOptions {
     /// default: ClusterIPs of parallel test API servers overlap, and only one process
     /// can listen on an address; the demo turns it on with ClusterIPs of its own.
     pub service_proxy: bool,
+    /// The cgroup v2 directory every container process joins, as a real node's pods sit
+    /// in the cgroup tree where the Nemesis agent attaches (the cgroup2 root); tests put
+    /// pods under the child cgroup their agent attaches to, so the server-side hooks see
+    /// the connections the pods accept. `None`: the processes stay where the test is.
+    pub pod_cgroup: Option<PathBuf>,
 }
 
 impl Default for SandboxOptions {
@@ -125,6 +130,7 @@ impl Default for SandboxOptions {
             controllers: true,
             adopt_unbound_pods: true,
             service_proxy: false,
+            pod_cgroup: None,
         }
     }
 }
@@ -183,6 +189,7 @@ impl Sandbox {
             node_name: opts.node_name.clone(),
             adopt_unbound: opts.adopt_unbound_pods,
             work_dir,
+            pod_cgroup: opts.pod_cgroup.clone(),
         });
         let cancel = CancellationToken::new();
         let ns = opts.namespace.clone();
@@ -257,6 +264,14 @@ impl Sandbox {
 
     pub fn work_dir(&self) -> &Path {
         &self.env.work_dir
+    }
+
+    /// A network namespace on this node's pod bridge that belongs to no pod: a host of
+    /// its own for a caller that must be neither the node (whose addresses the agent
+    /// treats as its own probes) nor a sandbox pod, e.g. an Ingress controller's pod or
+    /// a machine outside the cluster. Removed when the handle is dropped or torn down.
+    pub async fn outside_host(&self) -> Result<crate::netns::PodNetns, SandboxError> {
+        Ok(self.network.attach().await?)
     }
 
     /// Where a container's stdout and stderr go.

@@ -25,6 +25,8 @@ pub struct Launch {
     pub start_delay: Duration,
     /// Where stdout and stderr go (appended, so restarts keep earlier output).
     pub log_path: PathBuf,
+    /// A cgroup v2 directory the process joins before it runs anything.
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +77,18 @@ impl ContainerProcess {
             path: launch.log_path.clone(),
             source,
         })?;
-        let mut cmd = tokio::process::Command::new("ip");
+        let mut cmd = match &launch.cgroup {
+            // `sh` moves itself into the cgroup, then becomes `ip netns exec ...`: the
+            // container's processes are in the cgroup from their first instruction.
+            Some(cg) => {
+                let mut c = tokio::process::Command::new("sh");
+                c.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+                    .arg(cg)
+                    .arg("ip");
+                c
+            }
+            None => tokio::process::Command::new("ip"),
+        };
         cmd.args(["netns", "exec", &launch.netns]);
         if !launch.start_delay.is_zero() {
             // `sh` sleeps (in a child `sleep`), then becomes the program itself.

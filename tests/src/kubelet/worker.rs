@@ -46,6 +46,8 @@ pub struct WorkerEnv {
     /// Whether pods with no `spec.nodeName` run here too.
     pub adopt_unbound: bool,
     pub work_dir: PathBuf,
+    /// Where container processes go (see `SandboxOptions::pod_cgroup`).
+    pub pod_cgroup: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for WorkerEnv {
@@ -408,6 +410,7 @@ impl Worker {
             host_ip: netns.gateway(),
             pod_dir: &pod_dir,
             log_path: self.env.log_path(&namespace, &name, &slot.spec.name),
+            cgroup: self.env.pod_cgroup.as_deref(),
         };
         let prepared = container::launch(&self.pod, &slot.spec, &place)
             .map_err(|e| e.to_string())

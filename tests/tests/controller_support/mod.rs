@@ -395,6 +395,9 @@ async fn heartbeats(
                         open_connections: st.open,
                         closed_total: 0,
                         held_connections: st.held,
+                        accepted_total: 0,
+                        accepted_open: 0,
+                        hold_ports: vec![],
                     })
                     .collect();
                 let reported = std::mem::take(&mut st.pending);
@@ -402,6 +405,8 @@ async fn heartbeats(
                     node: node.clone(),
                     instance: instance.clone(),
                     services: reports,
+                    addresses: vec![],
+                    ready: true,
                 };
                 Some((
                     serde_json::to_value(hb).expect("heartbeat serializes"),

@@ -401,10 +401,18 @@ impl WakeEnv {
             )
             .await
             .context("creating the namespace")?;
+        // The agent's cgroup first: the sandbox's pods run in it, as a node's pods sit
+        // under the cgroup2 root where a DaemonSet agent attaches, so the server-side
+        // hooks see what they accept.
+        let mounts = std::fs::read_to_string("/proc/mounts")?;
+        let root = prereq::cgroup2_mount(&mounts).context("a cgroup2 mount (run as root)")?;
+        let cg_name = format!("nemesis-wake-{unique}");
+        let cgroup = ChildCgroup::create(&root, &cg_name).context("creating the test cgroup")?;
         let sandbox = Sandbox::start(
             client.clone(),
             SandboxOptions {
                 service_proxy: true,
+                pod_cgroup: Some(cgroup.path().to_path_buf()),
                 ..SandboxOptions::default()
             },
         )
@@ -455,10 +463,6 @@ impl WakeEnv {
             || controller.url.clone(),
             |r| format!("http://{}", r.api_addr),
         );
-        let mounts = std::fs::read_to_string("/proc/mounts")?;
-        let root = prereq::cgroup2_mount(&mounts).context("a cgroup2 mount (run as root)")?;
-        let cg_name = format!("nemesis-wake-{unique}");
-        let cgroup = ChildCgroup::create(&root, &cg_name).context("creating the test cgroup")?;
         let bpffs = ScratchBpffs::mount(&cg_name).context("mounting a scratch bpffs")?;
         let argv: Vec<String> = [
             "nemesis-agent",
@@ -479,6 +483,10 @@ impl WakeEnv {
             &token_file.display().to_string(),
             "--node-name",
             sandbox.node_name(),
+            // The node's address as pods and other hosts reach it: where the hold
+            // EndpointSlice sends callers that never dial the ClusterIP.
+            "--hold-addresses",
+            &sandbox.gateway().to_string(),
             "--controller-heartbeat-interval",
             "500ms",
             "--deadman-max-age",
@@ -631,6 +639,37 @@ impl WakeEnv {
             clients: Clients { child },
             stdin,
         })
+    }
+
+    /// Starts `nemesis-test-client` in repeating mode (`args` include `--every-ms` and
+    /// their own `--connect`) inside network namespace `netns`, as a process of the
+    /// test's own cgroup (not the intercepted one): a caller no connect() hook of the
+    /// agent sees, such as an Ingress controller's pod. It connects until
+    /// [`RepeatingClients::stop`] or one of its bounds.
+    pub async fn outside_repeating_clients(
+        &self,
+        netns: &str,
+        args: &[&str],
+    ) -> anyhow::Result<RepeatingClients> {
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", netns, CLIENT])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning nemesis-test-client in a namespace")?;
+        let mut stdin = child.stdin.take().context("client stdin")?;
+        stdin.write_all(b"go\n").await?;
+        stdin.flush().await?;
+        Ok(RepeatingClients {
+            clients: Clients { child },
+            stdin,
+        })
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        self.sandbox.as_ref().expect("the sandbox runs")
     }
 
     /// Runs clients to completion (bounded by `within`) and returns their results.
