@@ -75,17 +75,21 @@ impl Follower {
         }
     }
 
-    /// Client bytes on their way to the backend: how many of them to forward.
-    fn client_sent(&mut self, bytes: &[u8]) -> usize {
+    /// Client bytes on their way to the backend: appends to `out` what goes on.
+    fn client_sent(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         match self {
-            Follower::Http1(h) => h.client_sent(bytes),
-            Follower::Http2(h) => h.client_sent(bytes),
-            Follower::Plain(_) => bytes.len(),
+            Follower::Http1(h) => {
+                let n = h.client_sent(bytes);
+                out.extend_from_slice(&bytes[..n]);
+            }
+            Follower::Http2(h) => h.client_sent(bytes, out),
+            Follower::Plain(_) => out.extend_from_slice(bytes),
             Follower::Detect { client, backend } => {
+                // Forwarded at once: a client waits for nothing before its first line.
+                out.extend_from_slice(bytes);
                 client.extend_from_slice(bytes);
                 let (client, backend) = (std::mem::take(client), std::mem::take(backend));
                 *self = Self::detect(client, backend);
-                bytes.len()
             }
         }
     }
@@ -98,9 +102,9 @@ impl Follower {
             if client.len() < PREFACE.len() {
                 return Follower::Detect { client, backend };
             }
+            // Both already forwarded: only the frame boundaries matter here.
             let mut h = Http2::default();
-            h.client_sent(&client);
-            // Already forwarded: only the frame boundaries matter here.
+            h.client_replayed(&client);
             h.backend_sent(&backend, Want::Stay, &mut Vec::new());
             return Follower::Http2(h);
         }
@@ -211,7 +215,8 @@ pub(crate) async fn relay(
     let (up_bytes, down_bytes) = counters;
     let mut follower = Follower::new();
     if !held.is_empty() {
-        follower.client_sent(held);
+        // Already delivered (the dial and `forward` sent it): followed only.
+        follower.client_sent(held, &mut Vec::new());
     }
     if let Some(why) = follower.plain_because() {
         // Known from the held bytes alone (TLS, a binary protocol): nothing to follow.
@@ -254,9 +259,21 @@ pub(crate) async fn relay(
             }
         }
     };
-    if let Some(why) = shared.follower().plain_because() {
-        tracing::debug!(why, "forwarded connection spliced untouched");
-    }
+    let ended = {
+        let f = shared.follower();
+        if let Some(why) = f.plain_because() {
+            tracing::debug!(why, "forwarded connection spliced untouched");
+        }
+        // An HTTP/2 client told to go usually closes by itself, before the final GOAWAY.
+        match &*f {
+            Follower::Http2(h) if ended.is_none() && h.announced() => {
+                metrics.stepped_out(StepOut::Goaway);
+                tracing::debug!("the HTTP/2 client left after the announced shutdown");
+                None
+            }
+            _ => ended,
+        }
+    };
     drop(shared);
     if let Some(how) = ended {
         metrics.stepped_out(how);
@@ -288,16 +305,17 @@ async fn upstream(shared: &Shared<'_>, drain: &DrainWatch, bytes: &Counter) -> i
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
-        let (forward, poke) = {
+        let mut forward = Vec::with_capacity(buf.len());
+        let poke = {
             let mut f = shared.follower();
-            let forward = f.client_sent(&buf);
-            (forward, f.is_plain() || drain.now() != Want::Stay)
+            f.client_sent(&buf, &mut forward);
+            f.is_plain() || drain.now() != Want::Stay
         };
         if poke {
             shared.kick.notify_one();
         }
-        write_all(shared.backend, &buf[..forward]).await?;
-        bytes.inc_by(forward as u64);
+        write_all(shared.backend, &forward).await?;
+        bytes.inc_by(forward.len() as u64);
     }
 }
 
@@ -357,15 +375,15 @@ mod tests {
     #[test]
     fn the_protocol_is_told_from_the_clients_first_bytes() {
         let mut f = Follower::new();
-        f.client_sent(b"GET / HT");
+        f.client_sent(b"GET / HT", &mut Vec::new());
         assert!(matches!(f, Follower::Detect { .. }));
-        f.client_sent(b"TP/1.1\r\n\r\n");
+        f.client_sent(b"TP/1.1\r\n\r\n", &mut Vec::new());
         assert!(matches!(f, Follower::Http1(_)));
 
         let mut f = Follower::new();
-        f.client_sent(&PREFACE[..10]);
+        f.client_sent(&PREFACE[..10], &mut Vec::new());
         assert!(matches!(f, Follower::Detect { .. }));
-        f.client_sent(&PREFACE[10..]);
+        f.client_sent(&PREFACE[10..], &mut Vec::new());
         assert!(matches!(f, Follower::Http2(_)));
 
         for other in [
@@ -374,7 +392,7 @@ mod tests {
             b"\0\0\0\x08",
         ] {
             let mut f = Follower::new();
-            f.client_sent(other);
+            f.client_sent(other, &mut Vec::new());
             assert!(f.is_plain(), "{other:?}");
         }
     }
@@ -388,7 +406,7 @@ mod tests {
             Step::Follow
         );
         assert_eq!(out, b"220 smtp ready\r\n", "passed on at once");
-        f.client_sent(b"GET / HTTP/1.1\r\n\r\n");
+        f.client_sent(b"GET / HTTP/1.1\r\n\r\n", &mut Vec::new());
         assert_eq!(
             f.plain_because(),
             Some("the backend spoke before the request")
@@ -404,11 +422,13 @@ mod tests {
             f.backend_sent(&settings, Want::StepOut, &mut out),
             Step::Follow
         );
-        f.client_sent(PREFACE);
-        f.client_sent(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let mut up = Vec::new();
+        f.client_sent(PREFACE, &mut up);
+        f.client_sent(&settings, &mut up);
+        assert_eq!(up, [PREFACE, &settings].concat(), "forwarded once");
         let mut out = Vec::new();
-        // No stream ever opened, the backend's SETTINGS seen: an idle connection.
-        assert_eq!(f.poll(Want::StepOut, &mut out), Step::Done(StepOut::Goaway));
-        assert_eq!(out, http2::goaway(0));
+        // No stream ever opened, the backend's SETTINGS seen: the shutdown starts.
+        assert_eq!(f.poll(Want::StepOut, &mut out), Step::Follow);
+        assert_eq!(&out[..17], &http2::goaway(0x7fff_ffff));
     }
 }
