@@ -8,10 +8,15 @@
 
 use super::drain::Want;
 use std::collections::VecDeque;
+use std::time::Duration;
 
 /// A request or response head longer than this is not followed (servers cap request
 /// heads near 8-16 KiB; 64 KiB is the proxy's per-connection hold buffer).
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// A stopping agent closes a keep-alive connection quiet for this long (see `poll`).
+/// Longer than the gap between the requests of a client in use (which then gets the
+/// close on its next response), short beside a shutdown grace of seconds.
+pub(crate) const IDLE_CLOSE_QUIET: Duration = Duration::from_secs(1);
 /// Headers per head: httparse needs a fixed array; more than this is not followed.
 const MAX_HEADERS: usize = 128;
 /// Requests pipelined ahead of their responses; a client this far ahead is not followed.
@@ -418,22 +423,30 @@ impl Http1 {
         }
     }
 
-    /// Nothing new from the backend, but the signal or the client side changed.
-    pub(crate) fn poll(&mut self, want: Want, out: &mut Vec<u8>) -> Step {
+    /// Nothing new from the backend, but the signal or the client side changed; the
+    /// connection has been `quiet` (no byte either way) for that long.
+    pub(crate) fn poll(&mut self, want: Want, quiet: Duration, out: &mut Vec<u8>) -> Step {
         if let Some(why) = self.gave_up {
             self.flush_head(out);
             return Step::GaveUp(why);
         }
-        let idle = matches!(self.request, Side::Between)
-            && matches!(self.response, Side::Between)
-            && self.pending.is_empty()
-            && !self.closing;
-        // Stopping: close a connection that waits for its next request, as servers do
-        // on a graceful shutdown; clients retry a request on a closed idle connection.
-        if want == Want::Shutdown && idle {
+        // Stopping: close a connection that has waited a while for its next request, as
+        // servers do on a graceful shutdown. One in use gets the close on its next
+        // response instead: closing it just as its client reuses it would fail that
+        // request.
+        if want == Want::Shutdown && self.idle() && quiet >= IDLE_CLOSE_QUIET {
             return Step::Done(Ending::IdleClose);
         }
         Step::Follow
+    }
+
+    /// Between requests, nothing pending either way.
+    pub(crate) fn idle(&self) -> bool {
+        self.gave_up.is_none()
+            && matches!(self.request, Side::Between)
+            && matches!(self.response, Side::Between)
+            && self.pending.is_empty()
+            && !self.closing
     }
 
     /// A response head (whole): decides its body and whether it carries the close.
@@ -866,34 +879,40 @@ mod tests {
         // The client's next request upgrades, while the response head is half here.
         h.client_sent(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n");
         assert_eq!(
-            h.poll(Want::Stay, &mut out),
+            h.poll(Want::Stay, Duration::ZERO, &mut out),
             Step::GaveUp("a protocol upgrade")
         );
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nConte");
     }
 
     #[test]
-    fn a_stopping_agent_closes_only_idle_connections_at_once() {
+    fn a_stopping_agent_closes_only_connections_idle_for_a_while() {
+        let quiet = IDLE_CLOSE_QUIET;
         let mut h = Http1::default();
         let mut out = Vec::new();
         assert_eq!(
-            h.poll(Want::Shutdown, &mut out),
+            h.poll(Want::Shutdown, quiet, &mut out),
             Step::Done(Ending::IdleClose)
         );
         assert_eq!(
-            h.poll(Want::StepOut, &mut out),
+            h.poll(Want::Shutdown, quiet / 2, &mut out),
+            Step::Follow,
+            "just used: its next request may be on its way"
+        );
+        assert_eq!(
+            h.poll(Want::StepOut, quiet, &mut out),
             Step::Follow,
             "warm: wait for a request"
         );
         h.client_sent(GET);
         assert_eq!(
-            h.poll(Want::Shutdown, &mut out),
+            h.poll(Want::Shutdown, quiet, &mut out),
             Step::Follow,
             "a request is in flight"
         );
         h.backend_sent(OK, Want::Stay, &mut out);
         assert_eq!(
-            h.poll(Want::Shutdown, &mut out),
+            h.poll(Want::Shutdown, quiet, &mut out),
             Step::Done(Ending::IdleClose)
         );
         assert!(text(&out) == text(OK));

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Read per wake-up of a followed direction (the copy phase of `splice` reads as much).
 const READ_CHUNK: usize = 16 * 1024;
@@ -143,10 +144,11 @@ impl Follower {
         }
     }
 
-    /// Nothing new from the backend, but the signal or the client side changed.
-    fn poll(&mut self, want: Want, out: &mut Vec<u8>) -> Step {
+    /// Nothing new from the backend, but the signal or the client side changed; the
+    /// connection has been `quiet` that long.
+    fn poll(&mut self, want: Want, quiet: Duration, out: &mut Vec<u8>) -> Step {
         match self {
-            Follower::Http1(h) => http1_step(h.poll(want, out)),
+            Follower::Http1(h) => http1_step(h.poll(want, quiet, out)),
             Follower::Http2(h) => http2_step(h.poll(want, out)),
             Follower::Plain(_) => Step::Plain,
             Follower::Detect { .. } => Step::Follow,
@@ -157,7 +159,7 @@ impl Follower {
     fn backend_closed(&mut self, out: &mut Vec<u8>) {
         if let Follower::Http1(h) = self {
             h.give_up("the backend closed the connection");
-            h.poll(Want::Stay, out);
+            h.poll(Want::Stay, Duration::ZERO, out);
         }
     }
 }
@@ -179,9 +181,15 @@ fn http2_step(step: http2::Step) -> Step {
     }
 }
 
+/// The follower, and when either side last sent a byte.
+struct State {
+    follower: Follower,
+    active_at: Instant,
+}
+
 /// What the two directions share.
 struct Shared<'a> {
-    follower: Mutex<Follower>,
+    state: Mutex<State>,
     /// Wakes the backend -> client direction when the client side changed something it
     /// may act on (a stream ended, the follower gave up).
     kick: Notify,
@@ -190,8 +198,8 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    fn follower(&self) -> std::sync::MutexGuard<'_, Follower> {
-        self.follower.lock().expect("relay follower lock")
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("relay state lock")
     }
 }
 
@@ -224,7 +232,10 @@ pub(crate) async fn relay(
         return splice_bidirectional(&client, &backend, client_done, up_bytes, down_bytes).await;
     }
     let shared = Shared {
-        follower: Mutex::new(follower),
+        state: Mutex::new(State {
+            follower,
+            active_at: Instant::now(),
+        }),
         kick: Notify::new(),
         client: &client,
         backend: &backend,
@@ -260,12 +271,13 @@ pub(crate) async fn relay(
         }
     };
     let ended = {
-        let f = shared.follower();
+        let state = shared.state();
+        let f = &state.follower;
         if let Some(why) = f.plain_because() {
             tracing::debug!(why, "forwarded connection spliced untouched");
         }
         // An HTTP/2 client told to go usually closes by itself, before the final GOAWAY.
-        match &*f {
+        match f {
             Follower::Http2(h) if ended.is_none() && h.announced() => {
                 metrics.stepped_out(StepOut::Goaway);
                 tracing::debug!("the HTTP/2 client left after the announced shutdown");
@@ -294,7 +306,7 @@ pub(crate) async fn relay(
 /// Client -> backend, followed until the follower is plain, then spliced.
 async fn upstream(shared: &Shared<'_>, drain: &DrainWatch, bytes: &Counter) -> io::Result<()> {
     loop {
-        if shared.follower().is_plain() {
+        if shared.state().follower.is_plain() {
             return pump(shared.client, shared.backend, bytes).await;
         }
         shared.client.readable().await?;
@@ -307,9 +319,10 @@ async fn upstream(shared: &Shared<'_>, drain: &DrainWatch, bytes: &Counter) -> i
         }
         let mut forward = Vec::with_capacity(buf.len());
         let poke = {
-            let mut f = shared.follower();
-            f.client_sent(&buf, &mut forward);
-            f.is_plain() || drain.now() != Want::Stay
+            let mut state = shared.state();
+            state.active_at = Instant::now();
+            state.follower.client_sent(&buf, &mut forward);
+            state.follower.is_plain() || drain.now() != Want::Stay
         };
         if poke {
             shared.kick.notify_one();
@@ -328,6 +341,16 @@ async fn downstream(
 ) -> io::Result<Option<StepOut>> {
     let mut out = Vec::new();
     loop {
+        // Stopping, an idle HTTP/1 connection is closed once it has been quiet a while.
+        let idle_close_at = {
+            let state = shared.state();
+            match &state.follower {
+                Follower::Http1(h) if drain.now() == Want::Shutdown && h.idle() => {
+                    Some(state.active_at + http1::IDLE_CLOSE_QUIET)
+                }
+                _ => None,
+            }
+        };
         let readable = tokio::select! {
             r = shared.backend.readable() => {
                 r?;
@@ -335,24 +358,31 @@ async fn downstream(
             }
             () = drain.changed() => false,
             () = shared.kick.notified() => false,
+            () = sleep_until(idle_close_at), if idle_close_at.is_some() => false,
         };
         let want = drain.now();
         let step = if readable {
             let mut buf = Vec::with_capacity(READ_CHUNK);
             match shared.backend.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    shared.follower().backend_closed(&mut out);
+                    shared.state().follower.backend_closed(&mut out);
                     write_all(shared.client, &out).await?;
                     bytes.inc_by(out.len() as u64);
                     shutdown_write(shared.client)?;
                     return Ok(None);
                 }
-                Ok(_) => shared.follower().backend_sent(&buf, want, &mut out),
+                Ok(_) => {
+                    let mut state = shared.state();
+                    state.active_at = Instant::now();
+                    state.follower.backend_sent(&buf, want, &mut out)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         } else {
-            shared.follower().poll(want, &mut out)
+            let mut state = shared.state();
+            let quiet = state.active_at.elapsed();
+            state.follower.poll(want, quiet, &mut out)
         };
         write_all(shared.client, &out).await?;
         bytes.inc_by(out.len() as u64);
@@ -365,6 +395,14 @@ async fn downstream(
             }
             Step::Done(how) => return Ok(Some(how)),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one (a disabled `select!` branch is still built).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -428,7 +466,10 @@ mod tests {
         assert_eq!(up, [PREFACE, &settings].concat(), "forwarded once");
         let mut out = Vec::new();
         // No stream ever opened, the backend's SETTINGS seen: the shutdown starts.
-        assert_eq!(f.poll(Want::StepOut, &mut out), Step::Follow);
+        assert_eq!(
+            f.poll(Want::StepOut, Duration::ZERO, &mut out),
+            Step::Follow
+        );
         assert_eq!(&out[..17], &http2::goaway(0x7fff_ffff));
     }
 }
