@@ -886,6 +886,9 @@ impl Agent {
         writer.abort();
         let _ = writer.await;
         tracing::info!("listeners closed and the datapath let go; draining");
+        // HTTP connections step out at their next safe point instead of being cut at
+        // the end of the grace; their clients reconnect to the next agent or direct.
+        proxy.drain();
         let deadline = tokio::time::Instant::now() + shutdown_grace;
         while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

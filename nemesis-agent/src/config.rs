@@ -218,22 +218,10 @@ impl InstanceArgs {
     }
 }
 
-/// `250ms`, `2s`, `5m`, `1h`; a bare number is seconds.
+/// `250ms`, `2s`, `5m`, `1h30m`: the grammar of the ScalingPolicy's durations
+/// (`nemesis_common::duration`), so one spelling works in flags and policies alike.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: expected e.g. 500ms, 2s, 5m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(d)
+    nemesis_common::duration::parse(s.trim()).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[cfg(test)]
@@ -374,11 +362,22 @@ mod tests {
     fn bad_durations_say_what_is_wrong() {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(
-            parse_duration("2 weeks")
-                .unwrap_err()
-                .contains("unknown unit")
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("2 weeks").unwrap_err(),
+            "\"2 weeks\": column 2: `2` needs a unit: ms, s, m, h or d (for example `2s`)"
         );
-        assert!(parse_duration("ms").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("2weeks")
+                .unwrap_err()
+                .contains("unknown unit `weeks`")
+        );
+        assert!(
+            parse_duration("ms")
+                .unwrap_err()
+                .contains("expected a duration such as `30s`")
+        );
+        // A bare number was seconds here and is refused in a policy: one grammar now.
+        assert!(parse_duration("10").unwrap_err().contains("needs a unit"));
     }
 }

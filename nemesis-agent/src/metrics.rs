@@ -81,6 +81,75 @@ impl EncodeLabelValue for Direction {
     }
 }
 
+/// The protocol of a forwarded connection the proxy followed to step it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// How a forwarded connection stepped out of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepOut {
+    /// `Connection: close` on the response in flight, the connection closed after it.
+    ConnectionClose,
+    /// Closed while waiting for its next request (the agent stopping).
+    IdleClose,
+    /// An HTTP/2 GOAWAY once no stream was open.
+    Goaway,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        }
+    }
+}
+
+impl StepOut {
+    pub const ALL: [StepOut; 3] = [
+        StepOut::ConnectionClose,
+        StepOut::IdleClose,
+        StepOut::Goaway,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOut::ConnectionClose => "connection_close",
+            StepOut::IdleClose => "idle_close",
+            StepOut::Goaway => "goaway",
+        }
+    }
+
+    /// The protocol that ends this way.
+    pub fn protocol(self) -> Protocol {
+        match self {
+            StepOut::ConnectionClose | StepOut::IdleClose => Protocol::Http1,
+            StepOut::Goaway => Protocol::Http2,
+        }
+    }
+}
+
+impl EncodeLabelValue for Protocol {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for StepOut {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StepOutLabels {
+    pub protocol: Protocol,
+    pub how: StepOut,
+}
+
 /// What answered a wake-up request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WakeResult {
@@ -144,6 +213,8 @@ pub struct ProxyMetrics {
     pub wakeups: Family<WakeLabels, Counter>,
     pub outcomes: Family<OutcomeLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
+    /// Forwarded connections ended at a safe point so that their next requests go direct.
+    pub stepped_out: Family<StepOutLabels, Counter>,
     /// Connections the proxy has in hand (held, refusing or forwarding).
     pub open: Gauge,
 }
@@ -163,12 +234,20 @@ impl ProxyMetrics {
         for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
             let _ = bytes.get_or_create(&DirectionLabels { direction });
         }
+        let stepped_out = Family::<StepOutLabels, Counter>::default();
+        for how in StepOut::ALL {
+            let _ = stepped_out.get_or_create(&StepOutLabels {
+                protocol: how.protocol(),
+                how,
+            });
+        }
         Self {
             held: Family::default(),
             hold_duration,
             wakeups: Family::default(),
             outcomes,
             bytes,
+            stepped_out,
             open: Gauge::default(),
         }
     }
@@ -202,6 +281,13 @@ impl ProxyMetrics {
             self.bytes.clone(),
         );
         registry.register(
+            "nemesis_agent_proxy_stepped_out",
+            "Forwarded connections the proxy ended at a point their protocol makes safe, \
+             once their Service went direct or the agent was stopping, so that their next \
+             requests go direct; by protocol and how",
+            self.stepped_out.clone(),
+        );
+        registry.register(
             "nemesis_agent_proxy_open_connections",
             "Client connections the proxy has in hand (held, refusing or forwarding)",
             self.open.clone(),
@@ -217,6 +303,24 @@ impl ProxyMetrics {
     pub fn outcome_count(&self, outcome: Outcome) -> u64 {
         self.outcomes
             .get_or_create(&OutcomeLabels { outcome })
+            .get()
+    }
+
+    pub fn stepped_out(&self, how: StepOut) {
+        self.stepped_out
+            .get_or_create(&StepOutLabels {
+                protocol: how.protocol(),
+                how,
+            })
+            .inc();
+    }
+
+    pub fn stepped_out_count(&self, how: StepOut) -> u64 {
+        self.stepped_out
+            .get_or_create(&StepOutLabels {
+                protocol: how.protocol(),
+                how,
+            })
             .get()
     }
 

@@ -18,6 +18,7 @@ use kube::api::{ApiResource, DynamicObject};
 use kube::core::GroupVersionKind;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
+use nemesis_common::policy;
 use nemesis_common::wire::{AppliedMode, Directive, ServiceRef};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,10 +29,8 @@ use std::time::Duration;
 /// Open connections per balance-mode backend of one Service.
 pub type BackendLoads = Vec<(SocketAddr, u64)>;
 
-/// A policy without `holdTimeoutSeconds` holds for this long (the CRD's documented default).
-pub const DEFAULT_POLICY_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 /// A policy without `maxHeldConnections` holds this many per agent (the CRD's default).
-pub const DEFAULT_POLICY_MAX_HELD: usize = 1024;
+pub const DEFAULT_POLICY_MAX_HELD: usize = policy::DEFAULT_MAX_HELD_CONNECTIONS as usize;
 
 /// `nemesis.dev/v1alpha1` `ScalingPolicy`, read as a dynamic object: the agent needs
 /// three fields and must not fail on the rest (nor depend on the controller crate).
@@ -109,6 +108,7 @@ pub struct PolicyTarget {
 struct SpecView {
     #[serde(default)]
     target: TargetView,
+    readiness_budget: Option<serde_json::Value>,
     hold_timeout_seconds: Option<serde_json::Value>,
     max_held_connections: Option<serde_json::Value>,
 }
@@ -133,6 +133,28 @@ fn positive(
         })
 }
 
+/// A duration field of a policy (`10m`, in the controller's grammar) longer than zero,
+/// or an error naming it and the column where it goes wrong.
+fn positive_duration(
+    policy: &str,
+    field: &'static str,
+    v: &serde_json::Value,
+) -> Result<Duration, ServicesError> {
+    let error = |reason: String| ServicesError::ParsePolicy {
+        policy: policy.to_string(),
+        field,
+        reason,
+    };
+    let text = v
+        .as_str()
+        .ok_or_else(|| error(format!("must be a duration such as `10m`, got {v}")))?;
+    match nemesis_common::duration::parse(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(error("must be longer than zero".into())),
+        Err(e) => Err(error(e.to_string())),
+    }
+}
+
 /// The Service a policy targets and its hold bounds; `None` when the policy names no
 /// Service (it scales on other metrics, nothing is intercepted). An invalid bound is an
 /// error: the controller rejects such a policy, so it must change nothing here either.
@@ -150,14 +172,21 @@ pub fn policy_target(obj: &DynamicObject) -> Result<Option<PolicyTarget>, Servic
     let Some(service) = spec.target.service.filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
+    let budget = match &spec.readiness_budget {
+        None => policy::DEFAULT_READINESS_BUDGET,
+        Some(v) => positive_duration(&policy, "spec.readinessBudget", v)?,
+    };
+    let explicit_hold = match &spec.hold_timeout_seconds {
+        None => None,
+        Some(v) => Some(
+            u32::try_from(positive(&policy, "spec.holdTimeoutSeconds", v)?).unwrap_or(u32::MAX),
+        ),
+    };
     let mut bounds = HoldBounds {
-        hold_timeout: DEFAULT_POLICY_HOLD_TIMEOUT,
+        hold_timeout: policy::hold_timeout(explicit_hold, budget),
         max_held: DEFAULT_POLICY_MAX_HELD,
         ..HoldBounds::default()
     };
-    if let Some(v) = &spec.hold_timeout_seconds {
-        bounds.hold_timeout = Duration::from_secs(positive(&policy, "spec.holdTimeoutSeconds", v)?);
-    }
     if let Some(v) = &spec.max_held_connections {
         let n = positive(&policy, "spec.maxHeldConnections", v)?;
         bounds.max_held = usize::try_from(n).unwrap_or(usize::MAX);
@@ -734,8 +763,50 @@ mod tests {
                 name: "web-svc".into()
             }
         );
-        assert_eq!(t.bounds.hold_timeout, Duration::from_secs(60));
+        // Held for the whole readiness budget (10 minutes), not the 60 s that gave an
+        // ML model's first callers a 503 while it was still loading as planned.
+        assert_eq!(t.bounds.hold_timeout, Duration::from_secs(600));
         assert_eq!(t.bounds.max_held, 1024);
+    }
+
+    #[test]
+    fn the_hold_timeout_follows_the_readiness_budget_unless_set() {
+        let target = |extra: serde_json::Value| {
+            let mut spec = json!({"target": {"deployment": "web", "service": "web"}});
+            spec.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            policy_target(&policy("shop", "web", spec))
+        };
+        for (extra, hold) in [
+            (json!({"readinessBudget": "15m"}), 900),
+            (json!({"readinessBudget": "1h30m"}), 5400),
+            (
+                json!({"readinessBudget": "15m", "holdTimeoutSeconds": 45}),
+                45,
+            ),
+            (json!({"holdTimeoutSeconds": 45}), 45),
+        ] {
+            let t = target(extra.clone()).unwrap().unwrap();
+            assert_eq!(t.bounds.hold_timeout, Duration::from_secs(hold), "{extra}");
+        }
+        for (bad, says) in [
+            (
+                json!("15 minutes"),
+                "column 3: `15 minutes`: write the unit right after",
+            ),
+            (json!("10y"), "column 3: unknown unit `y`"),
+            (json!("0s"), "must be longer than zero"),
+            (json!(600), "must be a duration such as `10m`, got 600"),
+        ] {
+            let err = target(json!({"readinessBudget": bad}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("shop/web: spec.readinessBudget: ") && err.contains(says),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -809,7 +880,7 @@ mod tests {
         assert_eq!(svc.to_string(), "shop/a");
         assert_eq!(r[0].0, "127.96.0.10:80".parse().unwrap());
         assert_eq!(r[0].1.port_name, "web");
-        assert_eq!(r[0].1.bounds.hold_timeout, DEFAULT_POLICY_HOLD_TIMEOUT);
+        assert_eq!(r[0].1.bounds.hold_timeout, policy::DEFAULT_READINESS_BUDGET);
     }
 
     #[test]

@@ -2,10 +2,14 @@
 //!
 //! Map keys and values are `#[repr(C)]`, `Copy`, with fixed-width fields and explicit
 //! padding, so the kernel side and the loader read the same bytes. This crate is
-//! `no_std` unless a std-only feature (`wire`) is enabled.
-#![cfg_attr(not(feature = "wire"), no_std)]
+//! `no_std` unless a std-only feature (`wire`, `policy`) is enabled.
+#![cfg_attr(not(any(feature = "wire", feature = "policy")), no_std)]
 
 pub mod maps;
 
+#[cfg(feature = "policy")]
+pub mod duration;
+#[cfg(feature = "policy")]
+pub mod policy;
 #[cfg(feature = "wire")]
 pub mod wire;

@@ -2,6 +2,7 @@
 //! what was expected; warnings do not stop a policy; the short form expands as documented.
 
 use nemesis_controller::policy::{CompiledPolicy, InvalidPolicy, ScalingPolicySpec, compile};
+use std::time::Duration;
 
 fn spec(yaml: &str) -> ScalingPolicySpec {
     serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("test spec does not parse: {e}\n{yaml}"))
@@ -314,9 +315,24 @@ fn agent_bounds_are_checked() {
         "{BASE}holdTimeoutSeconds: 120\nmaxHeldConnections: 50\n"
     ));
     assert_eq!(
-        (p.hold_timeout_seconds(), p.max_held_connections()),
-        (120, 50)
+        (p.hold_timeout(), p.max_held_connections()),
+        (Duration::from_secs(120), 50)
     );
+}
+
+#[test]
+fn the_hold_timeout_defaults_to_the_readiness_budget() {
+    // A slow starter's callers are held for as long as its start-up may take...
+    let p = valid(&format!("{BASE}readinessBudget: 15m\n"));
+    assert_eq!(p.hold_timeout(), Duration::from_secs(900));
+    // ...longer than the hour an explicit holdTimeoutSeconds is bounded by, too...
+    let p = valid(&format!("{BASE}readinessBudget: 2h\n"));
+    assert_eq!(p.hold_timeout(), Duration::from_secs(7200));
+    // ...unless the policy says otherwise.
+    let p = valid(&format!(
+        "{BASE}readinessBudget: 15m\nholdTimeoutSeconds: 30\n"
+    ));
+    assert_eq!(p.hold_timeout(), Duration::from_secs(30));
 }
 
 #[test]
@@ -490,7 +506,9 @@ fn a_policy_with_only_a_target_gets_the_classic_automaton_with_defaults() {
             "(conns.active == 0 and conns.held == 0) for 5m and conns.rate == 0 for 4m",
         ]
     );
-    assert_eq!(p.hold_timeout_seconds(), 60);
+    // The readiness budget's default, 10 minutes (it was 60 s: an ML model's first
+    // callers got a 503 long before the start-up the policy allows was over).
+    assert_eq!(p.hold_timeout(), Duration::from_secs(600));
     assert_eq!(p.max_held_connections(), 1024);
 }
 

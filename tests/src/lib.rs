@@ -5,6 +5,7 @@ pub mod apiserver;
 pub mod controller_flags;
 pub mod controllers;
 pub mod demo;
+pub mod ingress;
 pub mod kubelet;
 pub mod netns;
 pub mod wait;

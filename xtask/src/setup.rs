@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus-alertmanager", // real Alertmanager for alert(...) policy tests
     "chromium",                // real browser for the UI tests
     "wrk",                     // HTTP load in benchmarks
+    "nginx-light",             // the Ingress controller of the every-path tests
     "hyperfine",               // timing whole commands in benchmarks
     "curl",                    // health checks in scripts
     "procps",                  // ps / pgrep in tests that look for leaked processes

@@ -5,10 +5,12 @@
 
 use super::Shared;
 use super::backend::BackendLease;
+use super::drain::DrainWatch;
 use super::hold::{Admission, HeldGuard};
 use super::refuse::{Reason, close_cleanly, refuse};
+use super::relay::relay;
 use super::sniff::{Sniff, sniff};
-use super::splice::{shutdown_write, splice_bidirectional};
+use super::splice::shutdown_write;
 use super::table::ManagedPort;
 use crate::endpoints::ServiceEndpoints;
 use crate::metrics::{Direction, DirectionLabels, Outcome, OutcomeLabels};
@@ -202,6 +204,7 @@ async fn hold(
                 match dial.await {
                     Ok((backend, lease, sent)) => {
                         // Boxed: the splice state is not carried by every held connection.
+                        let drain = shared.table.drain().watch(&port.service);
                         Box::pin(forward(
                             &shared,
                             client,
@@ -211,8 +214,11 @@ async fn hold(
                                 sent,
                             },
                             buf,
-                            guard,
-                            accepted,
+                            Released {
+                                guard,
+                                accepted,
+                                drain,
+                            },
                         ))
                         .await;
                         return;
@@ -313,19 +319,31 @@ struct Dialled {
     sent: usize,
 }
 
+/// What a held connection hands over once it is forwarded.
+struct Released {
+    guard: HeldGuard,
+    accepted: Instant,
+    /// When the forwarded connection should step out of the proxy.
+    drain: DrainWatch,
+}
+
 async fn forward(
     shared: &Shared,
     client: TcpStream,
     dialled: Dialled,
     buf: HoldBuffer,
-    guard: HeldGuard,
-    accepted: Instant,
+    released: Released,
 ) {
     let Dialled {
         mut backend,
         lease,
         sent,
     } = dialled;
+    let Released {
+        guard,
+        accepted,
+        drain,
+    } = released;
     end_held(shared, Outcome::Forwarded, accepted);
     drop(guard);
     let up = shared
@@ -351,13 +369,24 @@ async fn forward(
     }
     up.inc_by(buf.data.len() as u64);
     let client_done = buf.eof;
-    drop(buf);
     if client_done && let Err(err) = shutdown_write(&backend) {
         tracing::debug!(backend = %lease.addr, %err, "propagating the client's half-close failed");
         return;
     }
-    if let Err(err) = splice_bidirectional(&client, &backend, client_done, &up, &down).await {
-        tracing::debug!(backend = %lease.addr, %err, "forwarded connection ended with an error");
+    let backend_addr = lease.addr;
+    if let Err(err) = relay(
+        client,
+        backend,
+        &buf.data,
+        client_done,
+        drain,
+        &shared.metrics,
+        (&up, &down),
+        shared.config.close_linger,
+    )
+    .await
+    {
+        tracing::debug!(backend = %backend_addr, %err, "forwarded connection ended with an error");
     }
     drop(lease);
 }

@@ -1,21 +1,27 @@
 //! The buffering proxy: accepts the connections the eBPF hook sent here because their
 //! Service is at zero, wakes the Service once (single flight), holds the connections with
-//! what their clients already sent, and splices them to the first ready backends. Owns
-//! holding and forwarding; never changes which Services are managed or held (see `mode`).
+//! what their clients already sent, splices them to the first ready backends, and steps
+//! HTTP connections out once their Service goes direct (`relay`). Owns holding and
+//! forwarding; never changes which Services are managed or held (see `mode`).
 #![deny(unsafe_code)]
 
 mod backend;
 pub mod backoff;
 mod conn;
+pub mod drain;
 mod hold;
+mod http1;
+mod http2;
 pub mod mode;
 mod refuse;
+mod relay;
 pub mod sniff;
 mod splice;
 pub mod table;
 mod wake;
 
 pub use backoff::Backoff;
+pub use drain::Drain;
 pub use mode::{ModeFollower, ModeSink, ModeSinkError, decide_hold};
 pub use table::{HoldBounds, ManagedPort, ServiceTable, TableError, service_ports};
 
@@ -223,6 +229,14 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Every forwarded connection steps out at its next safe point (an HTTP/1 response
+    /// with `Connection: close`, an HTTP/2 GOAWAY; an idle HTTP/1 connection is closed),
+    /// whatever its Service: the agent is stopping, and its clients' next connects go to
+    /// the next agent or direct. Other protocols keep their connections until they end.
+    pub fn drain(&self) {
+        self.shared.table.drain().shutdown();
     }
 
     /// Connections held for a Service right now.

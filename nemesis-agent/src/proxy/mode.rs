@@ -1,8 +1,9 @@
 //! The mode of every managed Service in the datapath: hold while it has no ready
 //! backend (or the controller asked to hold it for a scale-down), direct once it has one
 //! and the node's Service proxy has had [`DIRECT_AFTER_READY`] to program it.
-//! Owns the decision and its application through a [`ModeSink`]; never touches
-//! connections (those already held drain through the proxy).
+//! Owns the decision and its application through a [`ModeSink`], and tells the proxy
+//! which Services go direct (`drain`); never touches connections (those already
+//! forwarded step out through the proxy's `relay`).
 
 use super::table::ServiceTable;
 use crate::endpoints::EndpointRegistry;
@@ -214,6 +215,15 @@ impl ModeFollower {
                 },
             }
         }
+        // Connections the proxy forwarded for a Service that now goes direct may step
+        // out: their clients' next connects no longer come back to the proxy.
+        self.table.drain().set_direct(
+            applied
+                .iter()
+                .filter(|(_, a)| !a.hold)
+                .map(|(svc, _)| svc.clone())
+                .collect(),
+        );
         drop(applied);
         drop(ready_since);
         *self.recheck_at.lock().expect("mode recheck lock") = recheck_at;

@@ -59,7 +59,7 @@ pub(crate) async fn splice_bidirectional(
 }
 
 /// One direction: bytes from `src` to `dst` until EOF, then `shutdown(Write)` of `dst`.
-async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<()> {
+pub(crate) async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<()> {
     // A request or a response is copied: cheaper than setting up a pipe, which matters
     // when a burst of held connections is released at once. A direction that moves more
     // than SPLICE_AFTER is bulk, and splice(2) moves it without copying.
@@ -74,6 +74,21 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &Counter) -> io::Result<(
         }
     }
     shutdown_write(dst)
+}
+
+/// All of `buf` to `dst` (through a shared reference, as both directions use both
+/// sockets at once).
+pub(crate) async fn write_all(dst: &TcpStream, buf: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        dst.writable().await?;
+        match dst.try_write(&buf[off..]) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
@@ -155,15 +170,7 @@ async fn pump_copy(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        let mut off = 0;
-        while off < n {
-            dst.writable().await?;
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(dst, &buf[..n]).await?;
         bytes.inc_by(n as u64);
         moved += n as u64;
     }

@@ -2,6 +2,7 @@
 //! Owns the translation of a Kubernetes Service into table rows; never decides which
 //! Services are managed (the agent's policy watch does) nor what happens to a connection.
 
+use super::drain::Drain;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -135,11 +136,14 @@ pub fn service_ports(
 }
 
 /// ClusterIP:port -> [`ManagedPort`] of every managed Service. Read on every accepted
-/// connection, written when a Service or its policy changes.
+/// connection, written when a Service or its policy changes. Carries the [`Drain`]
+/// signal too: the mode follower and the proxy share the table, and the signal is how
+/// the one tells the other which Services' forwarded connections may step out.
 #[derive(Debug)]
 pub struct ServiceTable {
     rows: RwLock<HashMap<SocketAddr, Arc<ManagedPort>>>,
     changes: watch::Sender<u64>,
+    drain: Drain,
 }
 
 impl Default for ServiceTable {
@@ -147,6 +151,7 @@ impl Default for ServiceTable {
         Self {
             rows: RwLock::new(HashMap::new()),
             changes: watch::Sender::new(0),
+            drain: Drain::default(),
         }
     }
 }
@@ -209,6 +214,11 @@ impl ServiceTable {
     /// Wakes on every change of the table.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// When forwarded connections should step out of the proxy.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 }
 

@@ -15,14 +15,14 @@ use chrono::TimeDelta;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-/// Slow starters (ML images, GPU nodes) routinely take several minutes to become ready;
-/// ten minutes covers a node scale-up plus a model load before the policy reports it.
-pub const DEFAULT_READINESS_BUDGET: TimeDelta = TimeDelta::minutes(10);
-/// Long enough for a typical cold start, short enough that a client's own timeout (often
-/// 60-120 s) is not beaten by a silent hold.
-pub const DEFAULT_HOLD_TIMEOUT_SECONDS: u32 = 60;
-/// Bounds the memory an agent spends on one sleeping Service's held connections.
-pub const DEFAULT_MAX_HELD_CONNECTIONS: u32 = 1024;
+/// See `nemesis_common::policy` (the agents read the same default).
+pub const DEFAULT_READINESS_BUDGET: TimeDelta =
+    TimeDelta::seconds(nemesis_common::policy::DEFAULT_READINESS_BUDGET.as_secs() as i64);
+/// See `nemesis_common::policy` (the agents read the same default).
+pub const DEFAULT_MAX_HELD_CONNECTIONS: u32 = nemesis_common::policy::DEFAULT_MAX_HELD_CONNECTIONS;
+/// An explicit `holdTimeoutSeconds` above an hour is a typo (minutes for seconds); a
+/// longer hold follows from the readiness budget instead.
+pub const MAX_HOLD_TIMEOUT_SECONDS: i64 = 3600;
 /// A PromQL instant query that takes longer than this is a Prometheus in trouble.
 pub const DEFAULT_PROMETHEUS_TIMEOUT: TimeDelta = TimeDelta::seconds(2);
 /// Prometheus's own default scrape interval: querying faster sees no new data.
@@ -79,7 +79,7 @@ pub struct CompiledPolicy {
     pub(crate) service: Option<String>,
     pub(crate) alerts: Vec<String>,
     pub(crate) rate_window: TimeDelta,
-    pub(crate) hold_timeout_seconds: u32,
+    pub(crate) hold_timeout: Duration,
     pub(crate) max_held_connections: u32,
     pub(crate) warnings: Vec<Problem>,
     pub(crate) short_form: bool,
@@ -201,8 +201,10 @@ impl CompiledPolicy {
     pub fn rate_window(&self) -> TimeDelta {
         self.rate_window
     }
-    pub fn hold_timeout_seconds(&self) -> u32 {
-        self.hold_timeout_seconds
+    /// How long the agents hold a connection while the target wakes
+    /// (`holdTimeoutSeconds`, else the readiness budget).
+    pub fn hold_timeout(&self) -> Duration {
+        self.hold_timeout
     }
     pub fn max_held_connections(&self) -> u32 {
         self.max_held_connections
@@ -352,12 +354,19 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
                 positive_duration(text, "spec.readinessBudget", &mut errors)
                     .unwrap_or(DEFAULT_READINESS_BUDGET)
             });
-    let hold_timeout_seconds = bounded(
-        spec.hold_timeout_seconds,
-        DEFAULT_HOLD_TIMEOUT_SECONDS,
-        1..=3600,
-        "spec.holdTimeoutSeconds",
-        &mut errors,
+    // An invalid override is reported; the value beside it never reaches an agent.
+    let explicit_hold = spec.hold_timeout_seconds.map(|v| {
+        bounded(
+            Some(v),
+            1,
+            1..=MAX_HOLD_TIMEOUT_SECONDS,
+            "spec.holdTimeoutSeconds",
+            &mut errors,
+        )
+    });
+    let hold_timeout = nemesis_common::policy::hold_timeout(
+        explicit_hold,
+        readiness_budget.to_std().unwrap_or_default(),
     );
     let max_held_connections = bounded(
         spec.max_held_connections,
@@ -449,7 +458,7 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
         sustained_slots: resolver.next_slot,
         readiness_budget,
         rate_window,
-        hold_timeout_seconds,
+        hold_timeout,
         max_held_connections,
         warnings,
         short_form: !long,

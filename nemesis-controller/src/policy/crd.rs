@@ -83,11 +83,15 @@ pub struct ScalingPolicySpec {
 
     /// How long the target's pods may take to become ready after a wake-up (default
     /// `10m`). A target whose pods have not become ready since the wake is never scaled
-    /// back to zero; past the budget the policy reports it.
+    /// back to zero; past the budget the policy reports it. The agents hold the callers
+    /// of a sleeping target this long too, unless `holdTimeoutSeconds` is set: set the
+    /// budget to the slowest start-up you expect (a model load on a fresh GPU node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_budget: Option<String>,
 
-    /// How long an agent holds a connection while the target wakes (default 60).
+    /// How long an agent holds a connection while the target wakes, in seconds (1 to
+    /// 3600; default: the whole `readinessBudget`). Set it shorter when callers would
+    /// rather get a quick `503` with `Retry-After` than wait for a slow start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_timeout_seconds: Option<i32>,
 

@@ -1,162 +1,27 @@
 //! Durations as users write them (`30s`, `10m`, `1h30m`, `500ms`, `2d`), in CRD fields and
-//! in expressions alike, so one spelling works everywhere. Owns only the text -> length
+//! in expressions alike: the grammar of `nemesis_common::duration` (which the agents
+//! read the same fields with), as chrono lengths. Owns only the text -> length
 //! conversion; it never decides what a duration means.
 
 use chrono::TimeDelta;
-
-/// Why a duration did not parse, with the byte offset in the text where it went wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DurationError {
-    pub offset: usize,
-    pub message: String,
-}
-
-/// Milliseconds per unit; the longest unit names come first so `ms` wins over `m`.
-const UNITS: &[(&str, i64)] = &[
-    ("ms", 1),
-    ("s", 1_000),
-    ("m", 60_000),
-    ("h", 3_600_000),
-    ("d", 86_400_000),
-];
-
-/// Reads a unit name at the start of `text`; returns (milliseconds per unit, its length).
-pub(crate) fn unit_at(text: &str) -> Option<(i64, usize)> {
-    let letters = text.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
-    let word = &text[..letters];
-    UNITS
-        .iter()
-        .find(|(name, _)| *name == word)
-        .map(|(_, ms)| (*ms, letters))
-}
+pub use nemesis_common::duration::DurationError;
+use nemesis_common::duration::{format_millis, parse_millis, scan_millis};
 
 /// Parses one or more `<number><unit>` groups written together (`1h30m`). A bare number
 /// is rejected: a duration without a unit is ambiguous (seconds? minutes?).
 pub fn parse_duration(text: &str) -> Result<TimeDelta, DurationError> {
-    let (ms, used) = scan_duration(text)?;
-    if used != text.len() {
-        return Err(DurationError {
-            offset: used,
-            message: format!(
-                "unexpected `{}` after the duration",
-                &text[used..].chars().next().unwrap_or(' ')
-            ),
-        });
-    }
-    Ok(TimeDelta::milliseconds(ms))
+    parse_millis(text).map(TimeDelta::milliseconds)
 }
 
 /// Scans a duration at the start of `text`: returns (milliseconds, bytes used). Used by
 /// the expression lexer, which then carries on after it.
 pub(crate) fn scan_duration(text: &str) -> Result<(i64, usize), DurationError> {
-    let bytes = text.as_bytes();
-    let mut pos = 0;
-    let mut total: f64 = 0.0;
-    loop {
-        let start = pos;
-        while pos < bytes.len() && (bytes[pos].is_ascii_digit() || bytes[pos] == b'.') {
-            pos += 1;
-        }
-        if pos == start {
-            return Err(DurationError {
-                offset: start,
-                message: if start == 0 {
-                    "expected a duration such as `30s`, `10m` or `1h`".into()
-                } else {
-                    "expected a number".into()
-                },
-            });
-        }
-        let number: f64 = text[start..pos].parse().map_err(|_| DurationError {
-            offset: start,
-            message: format!("`{}` is not a number", &text[start..pos]),
-        })?;
-        let Some((per_unit, unit_len)) = unit_at(&text[pos..]) else {
-            let number = &text[start..pos];
-            let letters = text[pos..]
-                .bytes()
-                .take_while(|b| b.is_ascii_alphabetic())
-                .count();
-            let spaced = text[pos..].trim_start();
-            let spaced_word: String = spaced
-                .chars()
-                .take_while(char::is_ascii_alphabetic)
-                .collect();
-            return Err(DurationError {
-                offset: pos,
-                message: match (letters, spelled_out(&spaced_word)) {
-                    (0, Some(unit)) if !spaced_word.is_empty() => format!(
-                        "`{number} {spaced_word}`: write the unit right after the number, \
-                         as in `{number}{unit}` (units: ms, s, m, h, d)"
-                    ),
-                    (0, _) => format!(
-                        "`{number}` needs a unit: ms, s, m, h or d (for example `{number}s`)"
-                    ),
-                    (_, _) => {
-                        let word = &text[pos..pos + letters];
-                        match spelled_out(word) {
-                            Some(unit) => format!(
-                                "unknown unit `{word}`: write `{number}{unit}` (units: ms, s, m, h, d)"
-                            ),
-                            None => format!("unknown unit `{word}`: use ms, s, m, h or d"),
-                        }
-                    }
-                },
-            });
-        };
-        pos += unit_len;
-        total += number * per_unit as f64;
-        if total > i64::MAX as f64 / 2.0 {
-            return Err(DurationError {
-                offset: start,
-                message: "duration is too long".into(),
-            });
-        }
-        if pos >= bytes.len() || !bytes[pos].is_ascii_digit() {
-            return Ok((total.round() as i64, pos));
-        }
-    }
-}
-
-/// The unit a spelled-out name means (`minutes` -> `m`), for a message that says what
-/// to write instead.
-fn spelled_out(word: &str) -> Option<&'static str> {
-    Some(match word.to_ascii_lowercase().as_str() {
-        "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => "ms",
-        "s" | "sec" | "secs" | "second" | "seconds" => "s",
-        "m" | "min" | "mins" | "minute" | "minutes" => "m",
-        "h" | "hr" | "hrs" | "hour" | "hours" => "h",
-        "d" | "day" | "days" => "d",
-        _ => return None,
-    })
+    scan_millis(text)
 }
 
 /// Formats a duration the way users write it (`1h30m`, `45s`, `250ms`).
 pub fn format_duration(d: TimeDelta) -> String {
-    let mut ms = d.num_milliseconds();
-    if ms == 0 {
-        return "0s".into();
-    }
-    let mut out = String::new();
-    if ms < 0 {
-        out.push('-');
-        ms = -ms;
-    }
-    for (name, per) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
-        if ms >= per {
-            out.push_str(&format!("{}{name}", ms / per));
-            ms %= per;
-        }
-    }
-    if ms > 0 {
-        out.push_str(&format!("{ms}ms"));
-    }
-    out
+    format_millis(d.num_milliseconds())
 }
 
 #[cfg(test)]

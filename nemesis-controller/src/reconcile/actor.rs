@@ -825,10 +825,7 @@ impl Actor {
             && age > c.readiness_budget().to_std().unwrap_or_default()
         {
             Some(ColdStartOutcome::Timeout)
-        } else if !w.woke_target
-            && target.replicas == 0
-            && age > Duration::from_secs(u64::from(c.hold_timeout_seconds()))
-        {
+        } else if !w.woke_target && target.replicas == 0 && age > c.hold_timeout() {
             Some(ColdStartOutcome::Failed {
                 message: "the policy kept the target at zero for the whole hold time".into(),
             })

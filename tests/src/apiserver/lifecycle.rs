@@ -810,8 +810,13 @@ fn remove_and_cascade(st: &mut State, key: &StoreKey, ns: &str, name: &str) {
                 .as_str()
                 .unwrap_or("")
                 .to_owned();
-            st.remove_all(&(group, plural));
+            // The custom resources go with their definition, and what they owned
+            // with them (a real API server's garbage collector does the same).
+            let removed = st.remove_all(&(group, plural));
             st.registry.remove_crd(name);
+            for cr in removed {
+                collect_dependents(st, meta::uid(&cr));
+            }
         }
         _ => {}
     }

@@ -156,15 +156,17 @@ impl State {
     }
 
     /// Drop every object of a resource (its CRD went away), recording `DELETED`s.
-    pub fn remove_all(&mut self, key: &StoreKey) {
+    /// Removes every object of a type; returns them.
+    pub fn remove_all(&mut self, key: &StoreKey) -> Vec<Value> {
         let names: Vec<ObjKey> = self
             .objects
             .get(key)
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
-        for (ns, name) in names {
-            self.remove(key, &ns, &name);
-        }
+        names
+            .into_iter()
+            .filter_map(|(ns, name)| self.remove(key, &ns, &name))
+            .collect()
     }
 }
 

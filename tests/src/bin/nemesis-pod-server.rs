@@ -3,7 +3,11 @@
 //! `$POD_IP:<port>` unless told otherwise, and exits on SIGTERM unless asked to
 //! ignore it (to exercise the kubelet's SIGKILL after the grace period).
 //!
-//! Usage: nemesis-pod-server [--port N] [--listen ADDR:PORT] [--ignore-sigterm]
+//! Usage: nemesis-pod-server [--port N] [--listen ADDR:PORT] [--ignore-sigterm] [--hyper]
+//!
+//! By default one request per connection, answered with `connection: close`. With
+//! `--hyper`, a real server (hyper) keeps connections alive and speaks HTTP/1.1 and
+//! HTTP/2 with prior knowledge, as an app behind a Service does.
 
 use std::net::SocketAddr;
 
@@ -16,12 +20,14 @@ const DEFAULT_PORT: u16 = 8080;
 struct Args {
     listen: SocketAddr,
     ignore_sigterm: bool,
+    hyper: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut port = DEFAULT_PORT;
     let mut listen = None;
     let mut ignore_sigterm = false;
+    let mut hyper = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -41,6 +47,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 );
             }
             "--ignore-sigterm" => ignore_sigterm = true,
+            "--hyper" => hyper = true,
             other => anyhow::bail!("unknown argument {other:?}"),
         }
     }
@@ -59,6 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(Args {
         listen,
         ignore_sigterm,
+        hyper,
     })
 }
 
@@ -81,6 +89,10 @@ async fn main() -> anyhow::Result<()> {
             }
             accepted = listener.accept() => {
                 let (mut stream, _) = accepted?;
+                if args.hyper {
+                    tokio::spawn(serve_hyper(stream, name.clone()));
+                    continue;
+                }
                 let body = format!("{name}\n");
                 tokio::spawn(async move {
                     let mut buf = [0u8; 2048];
@@ -95,4 +107,18 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// One connection served by hyper: keep-alive HTTP/1.1 or HTTP/2 (prior knowledge).
+async fn serve_hyper(stream: tokio::net::TcpStream, name: String) {
+    let body = bytes::Bytes::from(format!("{name}\n"));
+    let service = hyper::service::service_fn(move |_req| {
+        let body = body.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(body)))
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
 }

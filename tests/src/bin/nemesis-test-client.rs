@@ -4,12 +4,18 @@
 //! prints one JSON line per client. Never retries: each client's fate is reported as is.
 //!
 //! Usage: nemesis-test-client --connect ADDR [--clients N] [--http | --raw TEXT]
-//!        [--give-up-after MS] [--timeout-ms MS]
+//!        [--give-up-after MS] [--timeout-ms MS] [--keep-alive N | --h2 N --interval-ms MS]
 //!        [--every-ms MS --max-connections N --for-ms MS]
 //!
 //! - `--http` (default): `GET /` with `Connection: close`, then read to the end.
 //! - `--raw TEXT`: send TEXT (not HTTP) and read to the end.
 //! - `--give-up-after MS`: send nothing, wait MS, close (a client that gives up).
+//! - `--keep-alive N` / `--h2 N`: one real HTTP client (hyper's pooled client) making N
+//!   requests one after another, `--interval-ms` apart (default 200), on keep-alive
+//!   HTTP/1.1 or HTTP/2 with prior knowledge: it reconnects only when a connection is
+//!   closed (`Connection: close`, GOAWAY), as applications' clients do. One line per
+//!   request, with `status`, `connection` (the response's header) and `local` (the
+//!   client's end of the connection that carried it).
 //! - `--every-ms MS`: instead of N clients at once, start a new client every MS (without
 //!   waiting for the ones still running) until a `stop` line (or EOF) on stdin,
 //!   `--max-connections` clients (default 2,000) or `--for-ms` (default 60,000) since
@@ -39,7 +45,15 @@ enum Mode {
     Http,
     Raw(String),
     GiveUp(Duration),
+    /// N requests on one pooled client, HTTP/2 when `http2`.
+    Reuse {
+        requests: usize,
+        http2: bool,
+    },
 }
+
+/// Between the requests of `--keep-alive` / `--h2` unless told otherwise.
+const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -48,6 +62,7 @@ struct Args {
     mode: Mode,
     timeout: Duration,
     repeat: Option<Repeat>,
+    interval: Duration,
 }
 
 /// A client every `every` until stopped or a bound is reached.
@@ -66,6 +81,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut every = None;
     let mut max_connections = DEFAULT_MAX_CONNECTIONS;
     let mut max_for = DEFAULT_REPEAT_FOR;
+    let mut interval = DEFAULT_INTERVAL;
     let ms = |v: &str, flag: &str| -> anyhow::Result<Duration> {
         Ok(Duration::from_millis(
             v.parse().with_context(|| format!("{flag} {v}"))?,
@@ -93,6 +109,14 @@ fn parse_args() -> anyhow::Result<Args> {
                     v.parse().with_context(|| format!("--give-up-after {v}"))?,
                 ));
             }
+            flag @ ("--keep-alive" | "--h2") => {
+                let v = value(&mut args, flag)?;
+                mode = Mode::Reuse {
+                    requests: v.parse().with_context(|| format!("{flag} {v}"))?,
+                    http2: flag == "--h2",
+                };
+            }
+            "--interval-ms" => interval = ms(&value(&mut args, "--interval-ms")?, "--interval-ms")?,
             "--timeout-ms" => {
                 let v = value(&mut args, "--timeout-ms")?;
                 timeout =
@@ -119,6 +143,7 @@ fn parse_args() -> anyhow::Result<Args> {
             max_connections,
             max_for,
         }),
+        interval,
     })
 }
 
@@ -141,6 +166,7 @@ async fn exchange(args: &Args, i: usize, go: Instant) -> serde_json::Value {
                 stream.write_all(req.as_bytes()).await?;
             }
             Mode::Raw(text) => stream.write_all(text.as_bytes()).await?,
+            Mode::Reuse { .. } => unreachable!("run by `reuse`"),
         }
         let mut got = Vec::new();
         stream.read_to_end(&mut got).await?;
@@ -166,6 +192,57 @@ async fn exchange(args: &Args, i: usize, go: Instant) -> serde_json::Value {
     line
 }
 
+/// `--keep-alive` / `--h2`: the requests of one pooled client, one line each.
+async fn reuse(args: &Args, requests: usize, http2: bool, go: Instant) -> Vec<serde_json::Value> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpInfo;
+    let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(http2)
+        .build_http::<Empty<bytes::Bytes>>();
+    let mut lines = Vec::new();
+    for i in 0..requests {
+        if i > 0 {
+            tokio::time::sleep(args.interval).await;
+        }
+        let started = Instant::now();
+        let url = format!("http://{}/?request={i}", args.connect);
+        let run = async {
+            let resp = client.get(url.parse()?).await?;
+            let local = resp
+                .extensions()
+                .get::<HttpInfo>()
+                .map(|info| info.local_addr().to_string());
+            let status = resp.status().as_u16();
+            let connection = resp
+                .headers()
+                .get("connection")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, connection, local, body))
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        let mut line = match tokio::time::timeout(args.timeout, run).await {
+            Ok(Ok((status, connection, local, body))) => json!({
+                "client": i, "result": "response", "status": status,
+                "connection": connection, "local": local,
+                "text": String::from_utf8_lossy(&body), "ms": started.elapsed().as_millis() as u64,
+            }),
+            Ok(Err(e)) => json!({
+                "client": i, "result": "error", "error": format!("{e:#}"), "ms": ms,
+            }),
+            Err(_) => json!({
+                "client": i, "result": "error", "error": "timed out",
+                "error_kind": "TimedOut", "ms": ms,
+            }),
+        };
+        line["started_ms"] = json!(started.duration_since(go).as_millis() as u64);
+        lines.push(line);
+    }
+    lines
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -179,6 +256,14 @@ async fn main() -> anyhow::Result<()> {
         bail!("expected `go` on stdin, got {line:?}");
     }
     let go = Instant::now();
+    if let Mode::Reuse { requests, http2 } = args.mode {
+        let mut out = tokio::io::stdout();
+        for line in reuse(&args, requests, http2, go).await {
+            out.write_all(format!("{line}\n").as_bytes()).await?;
+        }
+        out.flush().await?;
+        return Ok(());
+    }
     let mut tasks = tokio::task::JoinSet::new();
     match args.repeat {
         None => {

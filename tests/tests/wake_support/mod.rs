@@ -838,6 +838,14 @@ pub struct ClientResult {
     /// When it started, from `go` (milliseconds).
     #[serde(default)]
     pub started_ms: u64,
+    /// `--keep-alive` / `--h2`: the response's status and `connection` header, and the
+    /// client's end of the connection that carried it.
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub connection: Option<String>,
+    #[serde(default)]
+    pub local: Option<String>,
 }
 
 /// An HTTP/1.1 response, split.
