@@ -188,7 +188,12 @@ pub struct RangeSpec {
     /// The metric's target value (per replica with `AverageValue`).
     pub target: f64,
     /// `Value` (default) or `AverageValue`.
+    // The schema of the enum itself, not of `Option`: kube's derive puts
+    // `nullable: true` beside an `enum` that lacks null, and a real API server then
+    // refuses `targetType: null` ("Unsupported value: null"). Without `nullable` it
+    // prunes a null as unset, which is what `None` means here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "TargetType")]
     pub target_type: Option<TargetType>,
     /// Relative distance from the target within which nothing changes (default 0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
