@@ -67,7 +67,11 @@ pub struct ScalingPolicySpec {
     pub max_replicas: Option<i32>,
 
     /// Short form: how long without open or new connections before scaling to zero
-    /// (`30s`, `10m`, `1h`; default `5m`).
+    /// (`30s`, `10m`, `1h`; default `5m`). Shorter than a minute, `conns.rate` is
+    /// averaged over the idle timeout instead of the default minute; a
+    /// `metrics.connections.rateWindow` longer than `idleTimeout` is refused (the target
+    /// would sleep a rate window after its last connection). Agents report every few
+    /// seconds, so the idle time is measured to within a heartbeat (5 s by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
 
@@ -131,7 +135,8 @@ impl MetricSources {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionsSource {
-    /// The window `conns.rate` is averaged over (default `1m`).
+    /// The window `conns.rate` is averaged over (default `1m`, or the short form's
+    /// `idleTimeout` when shorter); in the short form, at most `idleTimeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_window: Option<String>,
 }
