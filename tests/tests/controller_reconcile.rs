@@ -309,6 +309,41 @@ async fn a_wake_up_scales_from_zero_and_an_idle_target_sleeps_only_after_every_a
             "no {want} Event in {reasons:?}"
         );
     }
+    // `kubectl get events --sort-by=.lastTimestamp` orders them as they happened: the
+    // scale from zero before the one to zero (a real cluster showed ours without
+    // lastTimestamp, sorted anyhow).
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(w.server.kubeconfig_path())
+        .args([
+            "get",
+            "events",
+            "-n",
+            &w.ns,
+            "--sort-by=.lastTimestamp",
+            "--no-headers",
+        ])
+        .args(["-o", "custom-columns=LAST:.lastTimestamp,REASON:.reason"])
+        .output()
+        .await
+        .context("running kubectl (is it installed?)")?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(&str, &str)> = table
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .map(|(last, reason)| (last, reason.trim()))
+        .collect();
+    assert!(rows.iter().all(|(last, _)| last.ends_with('Z')), "{table}");
+    let at = |reason: &str| rows.iter().position(|(_, r)| *r == reason);
+    assert!(
+        at("ScaledFromZero") < at("ScaledToZero") && at("ScaledFromZero").is_some(),
+        "{table}"
+    );
     let cold_note = events(&w.client, &w.ns, "web")
         .await?
         .into_iter()
