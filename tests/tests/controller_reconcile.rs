@@ -423,6 +423,92 @@ async fn a_target_scaled_outside_the_policy_is_put_back_with_an_event_that_says_
     w.shutdown().await
 }
 
+/// `spec.paused` is the way to scale by hand: a paused policy leaves a manual scale alone,
+/// says so in its Ready condition and refuses wake-ups as unmanaged; resumed, it puts
+/// the target back where its state wants it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_policy_leaves_a_manual_scale_alone_until_resumed() -> anyhow::Result<()> {
+    let w = World::start("ctl-paused", false).await?;
+    w.app("web", 0).await?;
+    let dir = tempfile::tempdir()?;
+    let c = start_controller(&w.server, dir.path(), &["--tick-interval", "250ms"]).await?;
+    wait_leading(&c, Duration::from_secs(10)).await?;
+    let svc = w.svc("web");
+    let _agent = TestAgent::start("node-a", vec![svc.clone()], vec![c.api_addr]);
+    w.policies()
+        .create(
+            &PostParams::default(),
+            &policy(
+                "web",
+                json!({
+                    "target": {"deployment": "web", "service": "web"},
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "idleTimeout": "1h",
+                }),
+            ),
+        )
+        .await?;
+    wait_state(&w.policies(), "web", "zero", Duration::from_secs(10)).await?;
+    let merge = |v: serde_json::Value| kube::api::Patch::Merge(v);
+    let pp = kube::api::PatchParams::default();
+    w.policies()
+        .patch("web", &pp, &merge(json!({"spec": {"paused": true}})))
+        .await?;
+    let ready = eventually(
+        "Ready False, reason Paused",
+        Duration::from_secs(10),
+        || async {
+            let p = w.policies().get("web").await?;
+            Ok(p.status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready" && c.reason == "Paused"))
+        },
+    )
+    .await?;
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("spec.paused is true"),
+        "{}",
+        ready.message
+    );
+    // `kubectl scale deploy web --replicas=2` stays.
+    w.deployments()
+        .patch_scale("web", &pp, &merge(json!({"spec": {"replicas": 2}})))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        replicas(&w.deployments(), "web").await?,
+        2,
+        "a paused policy scaled"
+    );
+    let (status, body) = Http::default().wake(c.api_addr, "node-a", &svc, 1).await?;
+    assert_eq!(
+        (status, body["accepted"].as_bool()),
+        (200, Some(false)),
+        "a paused policy takes no wake-up: {body}"
+    );
+    assert_eq!(
+        w.policies()
+            .get("web")
+            .await?
+            .status
+            .and_then(|s| s.state)
+            .as_deref(),
+        Some("zero"),
+        "the state is kept"
+    );
+    // Resumed: back where state `zero` wants it.
+    w.policies()
+        .patch("web", &pp, &merge(json!({"spec": {"paused": false}})))
+        .await?;
+    wait_replicas(&w.deployments(), "web", 0, Duration::from_secs(20)).await?;
+    c.shutdown().await;
+    w.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_never_acknowledges_the_hold_keeps_the_target_up() -> anyhow::Result<()> {
     let w = World::start("ctl-no-ack", true).await?;

@@ -98,6 +98,14 @@ pub struct ScalingPolicySpec {
     /// How many connections one agent holds for this Service at most (default 1024).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_held_connections: Option<i32>,
+
+    /// `true` stops the policy: the controller scales nothing and makes no transition
+    /// (a manual `kubectl scale` stays), and the agents hold no connection for the
+    /// Service (at zero replicas it refuses connections, as in plain Kubernetes). Set it
+    /// back to `false` to resume in the state the status shows; the target is then put
+    /// where that state wants it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]

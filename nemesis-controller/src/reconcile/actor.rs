@@ -38,6 +38,9 @@ use crate::store::{self, ColdStartOutcome, ColdStartRecord, PolicyId, unix_ms};
 /// An invalid policy is looked at again this often (its spec changes arrive as events
 /// anyway); it does nothing in between.
 const INVALID_RECHECK: Duration = Duration::from_secs(30);
+/// The `Ready` condition's message while `spec.paused` is true.
+const PAUSED_MESSAGE: &str = "spec.paused is true: the policy scales nothing and holds no \
+     connection; set it to false to resume in the state shown";
 /// The scale we made is trusted over the cache for this long while the cache catches
 /// up, so a lagging watch never makes us scale twice.
 const PENDING_SCALE_TRUST: Duration = Duration::from_secs(10);
@@ -246,6 +249,9 @@ impl Actor {
         self.started = true;
         self.generation = generation;
         let now = Utc::now();
+        if self.obj.spec.paused {
+            self.pause(now);
+        }
         let new = compile(&self.obj.spec).map(Arc::new);
         let old_svc = self.svc.take();
         match (&self.compiled, &new) {
@@ -255,9 +261,12 @@ impl Actor {
             _ => self.engine = None,
         }
         self.compiled = new;
+        let paused = self.obj.spec.paused;
         match &self.compiled {
             Ok(c) => {
-                self.svc = c.service().map(|name| ServiceRef {
+                // A paused policy manages no Service: wake-ups are refused as unmanaged
+                // and the agents hold nothing for it (they skip paused policies too).
+                self.svc = c.service().filter(|_| !paused).map(|name| ServiceRef {
                     namespace: self.id.namespace.clone(),
                     name: name.to_string(),
                 });
@@ -291,6 +300,25 @@ impl Actor {
         // Status is rewritten for the new generation.
         self.written = None;
         true
+    }
+
+    /// Stops acting: no wake or sleep in progress, and no engine state (a resume starts
+    /// from the state the status shows, with its windows restarted).
+    fn pause(&mut self, now: DateTime<Utc>) {
+        if self.wake.is_some() {
+            self.finish_wake(
+                ColdStartOutcome::Failed {
+                    message: "the policy was paused".into(),
+                },
+                now,
+            );
+        }
+        self.report_cold_start(true);
+        self.sleep = SleepPhase::Awake;
+        self.sleep_note = None;
+        self.engine = None;
+        self.pending_scale = None;
+        tracing::info!(policy = %self.id, "policy paused (spec.paused); it scales nothing");
     }
 
     // --- events from outside ---
@@ -334,6 +362,17 @@ impl Actor {
             }
         };
 
+        if self.obj.spec.paused {
+            let report = Report {
+                blocked: Some(Blocked {
+                    reason: "Paused",
+                    message: PAUSED_MESSAGE.to_string(),
+                }),
+                ..Report::default()
+            };
+            self.write_status(Ok(&compiled), report, now).await;
+            return INVALID_RECHECK;
+        }
         let Some(target) = self.target(&compiled) else {
             let blocked = Blocked {
                 reason: "TargetNotFound",
