@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "hyperfine",               // timing whole commands in benchmarks
     "curl",                    // health checks in scripts
     "procps",                  // ps / pgrep in tests that look for leaked processes
+    "podman",                  // `cargo xtask image`: podman build / save, no daemon
 ];
 
 pub fn run_setup_steps() -> Result<()> {
