@@ -222,6 +222,7 @@ impl ReportSource for AgentReports {
                     accepted_open: counters.accepted_open,
                     held_connections: self.proxy.held(&service) as u64,
                     hold_ports: self.holds.listening(&service),
+                    holds_total: self.proxy.holds_total(&service),
                     service,
                 }
             })

@@ -209,6 +209,9 @@ fn hold_histogram() -> Histogram {
 #[derive(Debug, Clone)]
 pub struct ProxyMetrics {
     pub held: Family<ServiceLabels, Gauge>,
+    /// Connections taken into hold since the agent started, per Service: what a cold
+    /// start held is a difference of these (the gauge misses those already forwarded).
+    pub holds: Family<ServiceLabels, Counter>,
     pub hold_duration: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
     pub wakeups: Family<WakeLabels, Counter>,
     pub outcomes: Family<OutcomeLabels, Counter>,
@@ -243,6 +246,7 @@ impl ProxyMetrics {
         }
         Self {
             held: Family::default(),
+            holds: Family::default(),
             hold_duration,
             wakeups: Family::default(),
             outcomes,
@@ -257,6 +261,11 @@ impl ProxyMetrics {
             "nemesis_agent_proxy_held_connections",
             "Connections held by the proxy, waiting for a ready backend, per Service",
             self.held.clone(),
+        );
+        registry.register(
+            "nemesis_agent_proxy_holds",
+            "Connections the proxy took into hold since the agent started, per Service",
+            self.holds.clone(),
         );
         registry.register_with_unit(
             "nemesis_agent_proxy_hold_duration",
@@ -328,6 +337,10 @@ impl ProxyMetrics {
         self.held.get_or_create(&service.into()).get()
     }
 
+    pub fn holds_total(&self, service: &ServiceRef) -> u64 {
+        self.holds.get_or_create(&service.into()).get()
+    }
+
     pub fn bytes_total(&self, direction: Direction) -> u64 {
         self.bytes
             .get_or_create(&DirectionLabels { direction })
@@ -338,6 +351,7 @@ impl ProxyMetrics {
     pub fn forget_service(&self, service: &ServiceRef) {
         let labels = ServiceLabels::from(service);
         self.held.remove(&labels);
+        self.holds.remove(&labels);
         for result in [
             WakeResult::Accepted,
             WakeResult::Rejected,

@@ -111,6 +111,10 @@ struct SpecView {
     readiness_budget: Option<serde_json::Value>,
     hold_timeout_seconds: Option<serde_json::Value>,
     max_held_connections: Option<serde_json::Value>,
+    /// A paused policy steps out of the Service's traffic (the controller refuses its
+    /// wake-ups as unmanaged): nothing is held for it.
+    #[serde(default)]
+    paused: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,7 +160,7 @@ fn positive_duration(
 }
 
 /// The Service a policy targets and its hold bounds; `None` when the policy names no
-/// Service (it scales on other metrics, nothing is intercepted). An invalid bound is an
+/// Service (it scales on other metrics, nothing is intercepted) or is paused. An invalid bound is an
 /// error: the controller rejects such a policy, so it must change nothing here either.
 pub fn policy_target(obj: &DynamicObject) -> Result<Option<PolicyTarget>, ServicesError> {
     let namespace = obj.namespace().unwrap_or_default();
@@ -169,7 +173,11 @@ pub fn policy_target(obj: &DynamicObject) -> Result<Option<PolicyTarget>, Servic
             reason: e.to_string(),
         })?,
     };
-    let Some(service) = spec.target.service.filter(|s| !s.is_empty()) else {
+    let Some(service) = spec
+        .target
+        .service
+        .filter(|s| !s.is_empty() && !spec.paused)
+    else {
         return Ok(None);
     };
     let budget = match &spec.readiness_budget {
@@ -826,6 +834,21 @@ mod tests {
     fn a_policy_without_a_service_manages_nothing() {
         let p = policy("shop", "batch", json!({"target": {"deployment": "batch"}}));
         assert_eq!(policy_target(&p).unwrap(), None);
+    }
+
+    #[test]
+    fn a_paused_policy_manages_nothing_until_resumed() {
+        let spec =
+            |paused| json!({"target": {"deployment": "web", "service": "web"}, "paused": paused});
+        assert_eq!(
+            policy_target(&policy("shop", "web", spec(true))).unwrap(),
+            None
+        );
+        assert!(
+            policy_target(&policy("shop", "web", spec(false)))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -100,6 +100,11 @@ pub struct ServiceReport {
     /// Hold ports this agent listens on for the Service now (see [`HoldPort`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hold_ports: Vec<u16>,
+    /// Connections this agent's proxy took into hold since it started (the controller
+    /// differences it: the held count of a cold start includes those already forwarded).
+    /// Absent from agents older than the field.
+    #[serde(default)]
+    pub holds_total: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -205,9 +205,9 @@ impl LeaseLock {
                 Some(now.clone())
             },
             renew_time: Some(now),
-            lease_transitions: Some(
-                spec.lease_transitions.unwrap_or(0) + i32::from(!ours && holder.is_some()),
-            ),
+            // Every change of holder counts, a hand-over after a release (no holder)
+            // too, as client-go's elector counts it.
+            lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!ours)),
             ..spec
         });
         match self

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use nemesis_controller::config::{LogFormat, RunArgs};
 
 #[derive(Parser)]
-#[command(name = "nemesis-controller", about = "Runs ScalingPolicy automata")]
+#[command(
+    name = "nemesis-controller",
+    version,
+    about = "Runs ScalingPolicy automata"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -62,6 +62,7 @@ fn heartbeat(node: &str, applied_epoch: u64) -> Heartbeat {
             accepted_total: 0,
             accepted_open: 0,
             hold_ports: vec![],
+            holds_total: 0,
         }],
         addresses: vec![],
         ready: true,

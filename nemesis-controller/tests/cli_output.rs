@@ -1,9 +1,23 @@
-//! The controller binary's log lines as `kubectl logs` or a log file sees them: no
+//! The controller binary as a shell or an image check sees it: `--version` answers (as
+//! the agent's does), and its log lines as `kubectl logs` or a log file sees them: no
 //! terminal colour codes when stdout is not a terminal.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[test]
+fn version_prints_the_name_and_the_workspace_version() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nemesis-controller"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("nemesis-controller {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
 
 #[test]
 fn logs_carry_no_colour_codes_when_stdout_is_not_a_terminal() {

@@ -116,3 +116,34 @@ fn descriptions_are_whole_paragraphs_for_kubectl_explain() {
         "lines are joined with a space"
     );
 }
+
+/// A real API server checks a null against an `enum` even where `nullable: true`
+/// (v1.36 refused `targetType: null` with "Unsupported value: null").
+#[test]
+fn no_nullable_field_has_an_enum_without_null() {
+    fn walk(v: &serde_yaml::Value, path: &str, bad: &mut Vec<String>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                let nullable = m.get("nullable").and_then(|n| n.as_bool()) == Some(true);
+                if let Some(values) = m.get("enum").and_then(|e| e.as_sequence())
+                    && nullable
+                    && !values.iter().any(|x| x.is_null())
+                {
+                    bad.push(path.to_owned());
+                }
+                for (k, x) in m {
+                    walk(x, &format!("{path}.{}", k.as_str().unwrap_or("?")), bad);
+                }
+            }
+            serde_yaml::Value::Sequence(s) => s.iter().for_each(|x| walk(x, path, bad)),
+            _ => {}
+        }
+    }
+    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let mut bad = Vec::new();
+    walk(&crd, "", &mut bad);
+    assert!(
+        bad.is_empty(),
+        "nullable beside an enum without null: {bad:#?}"
+    );
+}

@@ -87,6 +87,46 @@ fn a_connect_seen_only_in_the_rate_puts_the_idle_window_after_it_not_after_the_r
 }
 
 #[test]
+fn an_idle_timeout_shorter_than_a_minute_sleeps_that_long_after_the_last_connect() {
+    // Tried on a real cluster: a 20s policy slept 65 s after its last connection (the
+    // 1m rate window kept `conns.rate` above 0 for a minute). The rate here comes from
+    // the controller's own window over the agents' connect total, as in the actor.
+    use nemesis_controller::reconcile::connections::RateWindow;
+    let mut sim = Sim::new(
+        "target: {deployment: web, service: web}\nidleTimeout: 20s\n",
+        1,
+    );
+    let mut rates = RateWindow::new(sim.p.rate_window());
+    let mut total = 0u64;
+    let mut step = |sim: &mut Sim, total: u64| {
+        let rate = rates.push(sim.now, total);
+        sim.conns = Some((0.0, rate, 0.0));
+        sim.tick();
+        sim.now += secs(1);
+    };
+    // Short connections every second for half a minute, seen only in the connect total.
+    let mut connect = sim.now;
+    for _ in 0..30 {
+        total += 1;
+        connect = sim.now;
+        step(&mut sim, total);
+        assert_eq!(sim.state_name(), "warm", "asleep while busy");
+    }
+    while sim.state_name() != "zero" {
+        assert!(
+            sim.now - connect <= secs(60),
+            "still warm 60 s after the connect"
+        );
+        step(&mut sim, total);
+    }
+    let asleep_after = sim.now - secs(1) - connect;
+    assert!(
+        asleep_after >= secs(20) && asleep_after <= secs(21),
+        "asleep {asleep_after} after the last connect"
+    );
+}
+
+#[test]
 fn a_wake_up_scales_a_sleeping_target_at_once() {
     let mut sim = Sim::new(SHORT, 1);
     sim.run_until_state("zero", mins(10), secs(5));

@@ -600,3 +600,35 @@ fn short_form_and_states_cannot_be_mixed() {
         "spec.states: use either the short form (minReplicas, maxReplicas, idleTimeout, targetMetric, targetValue) or states and transitions, not both"
     );
 }
+
+#[test]
+fn short_form_idle_timeout_shorter_than_the_rate_window_sets_it_or_is_refused() {
+    // A 20s policy slept 65 s after its last connection: the 1m rate window read the
+    // connect for a minute. Without a given window, the idle timeout is the window.
+    let p = valid("target: {deployment: web, service: web}\nidleTimeout: 20s\n");
+    assert_eq!(p.rate_window(), chrono::TimeDelta::seconds(20));
+    assert_eq!(
+        p.transitions()[1].text,
+        "(conns.active == 0 and conns.held == 0) for 20s and conns.rate == 0"
+    );
+    let p = valid("target: {deployment: web, service: web}\n");
+    assert_eq!(p.rate_window(), chrono::TimeDelta::minutes(1));
+    assert_eq!(
+        only_problem(
+            "target: {deployment: web, service: web}\nidleTimeout: 20s\nmetrics: {connections: {rateWindow: 1m}}\n"
+        ),
+        "spec.idleTimeout: idleTimeout (20s) is shorter than metrics.connections.rateWindow (1m): conns.rate reads 0 only a rate window after the last connect, so the target would sleep 1m after it; set rateWindow to at most 20s, or leave it out (it then follows idleTimeout)"
+    );
+    assert!(
+        only_problem(
+            "target: {deployment: web, service: web}\nmetrics: {connections: {rateWindow: 10m}}\n"
+        )
+        .starts_with("spec.metrics.connections.rateWindow: idleTimeout (5m) is shorter")
+    );
+    // The long form keeps the window it is given.
+    let p = valid(&base_with(
+        "alerts: [GPUPressure]",
+        "alerts: [GPUPressure]\n  connections: {rateWindow: 2m}",
+    ));
+    assert_eq!(p.rate_window(), chrono::TimeDelta::minutes(2));
+}

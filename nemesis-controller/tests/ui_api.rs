@@ -272,6 +272,7 @@ async fn agents_and_alerts_show_what_the_registry_and_the_alert_book_hold() {
                 accepted_total: 0,
                 accepted_open: 0,
                 hold_ports: vec![],
+                holds_total: 0,
             }],
             addresses: vec![],
             ready: true,

@@ -38,6 +38,19 @@ pub struct WidgetSpec {
     color: Option<String>,
     #[serde(default)]
     replicas: i32,
+    /// kube's derive gives an `Option` of an enum whose variants carry doc comments
+    /// `nullable: true` beside an `enum` without null, as ScalingPolicy's `targetType`
+    /// once had (without the comments, null is listed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    finish: Option<Finish>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, JsonSchema)]
+pub enum Finish {
+    /// Dull.
+    Matte,
+    /// Shiny.
+    Gloss,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
@@ -83,6 +96,7 @@ async fn custom_resources_are_served_once_the_crd_exists() -> Result<()> {
             size: 3,
             color: Some("red".into()),
             replicas: 1,
+            finish: Some(Finish::Gloss),
         },
     );
     let created = api.create(&PostParams::default(), &w).await?;
@@ -118,6 +132,7 @@ async fn status_subresource_separates_spec_and_status() -> Result<()> {
             size: 1,
             color: None,
             replicas: 1,
+            finish: None,
         },
     );
     w.status = Some(WidgetStatus {
@@ -227,6 +242,66 @@ async fn schema_validation_pruning_and_strict_fields() -> Result<()> {
     Ok(())
 }
 
+/// A kube-apiserver v1.36 refused `targetType: null` in a ScalingPolicy: `nullable`
+/// skips the type check but not the `enum`. Where the field is not nullable, a null is
+/// pruned as unset.
+#[tokio::test]
+async fn null_in_a_nullable_enum_without_null_is_refused_as_upstream() -> Result<()> {
+    let (_s, c) = with_crd().await?;
+    let ar = kube::core::ApiResource::erase::<Widget>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(c, "default", &ar);
+    let null_finish: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "example.nemesis.dev/v1", "kind": "Widget",
+        "metadata": {"name": "w"}, "spec": {"size": 1, "finish": null}}),
+    )?;
+    let e = api_err(
+        api.create(&PostParams::default(), &null_finish)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+    assert!(
+        e.message.contains(
+            "spec.finish: Unsupported value: null: supported values: \"Matte\", \"Gloss\""
+        ),
+        "{}",
+        e.message
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn scaling_policy_target_type_null_is_pruned_as_unset() -> Result<()> {
+    use nemesis_controller::policy::ScalingPolicy;
+    let s = TestApiServer::start(ApiServerOptions::default()).await?;
+    let c = s.client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
+    crds.create(&PostParams::default(), &ScalingPolicy::crd())
+        .await?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        await_condition(
+            crds,
+            ScalingPolicy::crd_name(),
+            conditions::is_crd_established(),
+        ),
+    )
+    .await??;
+    let ar = kube::core::ApiResource::erase::<ScalingPolicy>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(c, "default", &ar);
+    let policy: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "nemesis.dev/v1alpha1", "kind": "ScalingPolicy",
+        "metadata": {"name": "p"},
+        "spec": {"target": {"deployment": "web"}, "initialState": "busy",
+            "states": [{"name": "busy", "range": {"min": 1, "max": 4, "metric": "queue",
+                "target": 10.0, "targetType": null}}]}}))?;
+    let created = api.create(&PostParams::default(), &policy).await?;
+    let range = &created.data["spec"]["states"][0]["range"];
+    assert_eq!(range["min"], 1, "{range}");
+    assert!(range.get("targetType").is_none(), "{range}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn deleting_the_crd_removes_its_resources_and_discovery() -> Result<()> {
     let (_s, c) = with_crd().await?;
@@ -239,6 +314,7 @@ async fn deleting_the_crd_removes_its_resources_and_discovery() -> Result<()> {
                 size: 1,
                 color: None,
                 replicas: 0,
+                finish: None,
             },
         ),
     )

@@ -133,10 +133,9 @@ async fn only_the_leader_scales_and_a_killed_leader_is_replaced_without_repeatin
     let lease: Lease = Api::namespaced(client.clone(), ns)
         .get("nemesis-controller")
         .await?;
-    assert_eq!(
-        lease.spec.unwrap().holder_identity.as_deref(),
-        Some(b.identity.as_str())
-    );
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some(b.identity.as_str()));
+    assert_eq!(spec.lease_transitions, Some(1), "A -> B");
 
     // B resumes in `high` from the status A wrote, then scales back down once: 3 -> 1.
     wait_replicas(&deployments, "web", 1, Duration::from_secs(10)).await?;
@@ -234,6 +233,13 @@ async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_
         },
     )
     .await?;
+    // A graceful hand-over is a transition too (a real cluster showed 0 after one).
+    let lease: Lease = Api::namespaced(client.clone(), "default")
+        .get("nemesis-controller")
+        .await?;
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some(b.identity.as_str()));
+    assert_eq!(spec.lease_transitions, Some(1), "A -> released -> B");
     b.shutdown().await;
     Ok(())
 }

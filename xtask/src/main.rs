@@ -7,6 +7,7 @@ mod bench;
 mod codegen;
 mod demo;
 mod ebpf;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -42,6 +43,9 @@ enum Command {
     /// Run the sandbox cluster, the agent, the controller and a demo app at zero
     /// replicas; print how to reach them; Ctrl-C stops and removes everything.
     Demo(demo::DemoArgs),
+    /// Build the agent's and the controller's images as OCI archives under
+    /// `target/images/<profile>/`, tagged with the workspace version (podman, no daemon).
+    Image(image::ImageArgs),
     /// Run the benchmarks and write `target/nemesis-bench.json`.
     Bench {
         /// Only run the benchmarks whose name contains this text.
@@ -58,5 +62,6 @@ fn main() -> Result<()> {
         Command::Bench { only } => bench::run(only.as_deref()),
         Command::Gen { check } => codegen::run(check),
         Command::Demo(args) => demo::run(&args),
+        Command::Image(args) => image::run(&args),
     }
 }

@@ -22,7 +22,15 @@ const APT_PACKAGES: &[&str] = &[
     "hyperfine",               // timing whole commands in benchmarks
     "curl",                    // health checks in scripts
     "procps",                  // ps / pgrep in tests that look for leaked processes
+    "podman",                  // `cargo xtask image`: podman build / save, no daemon
+    "python3-venv",            // a venv for kubernetes-validate (PyPI)
 ];
+
+/// kubernetes-validate from PyPI, in a venv of its own: the manifests tests check every
+/// object against the Kubernetes OpenAPI schemas it bundles, offline. Pinned, so a
+/// release with new schemas is a deliberate change.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const KUBERNETES_VALIDATE_VENV: &str = "/opt/nemesis/kubernetes-validate";
 
 pub fn run_setup_steps() -> Result<()> {
     apt_packages()?;
@@ -30,6 +38,7 @@ pub fn run_setup_steps() -> Result<()> {
     bpf_linker()?;
     nextest()?;
     ui_node_modules()?;
+    kubernetes_validate()?;
     Ok(())
 }
 
@@ -215,4 +224,23 @@ fn ui_node_modules() -> Result<()> {
         .args(["--no-audit", "--no-fund"]))?;
     std::fs::write(&stamp, &lock).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(())
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = PathBuf::from(KUBERNETES_VALIDATE_VENV);
+    let bin = venv.join("bin/kubernetes-validate");
+    let installed = output(Command::new(&bin).arg("--version"))
+        .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION);
+    if installed {
+        return Ok(());
+    }
+    // Debian's own python3 (with python3-venv), whatever else is first on PATH.
+    sh(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))?;
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q"])
+        .arg(format!(
+            "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+        )))
 }

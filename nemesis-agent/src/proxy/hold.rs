@@ -88,10 +88,9 @@ impl Holds {
         }
         let entry_released = entry.released.clone();
         inner.total += 1;
-        self.metrics
-            .held
-            .get_or_create(&ServiceLabels::from(service))
-            .inc();
+        let labels = ServiceLabels::from(service);
+        self.metrics.held.get_or_create(&labels).inc();
+        self.metrics.holds.get_or_create(&labels).inc();
         Admission::Held {
             guard: HeldGuard {
                 holds: self.clone(),
@@ -262,5 +261,7 @@ mod tests {
         drop(a1);
         assert_eq!((h.held(&svc("a")), h.total()), (1, 2));
         assert_eq!(m.held_count(&svc("a")), 1);
+        // Refusals are not holds; a release does not take one back.
+        assert_eq!((m.holds_total(&svc("a")), m.holds_total(&svc("b"))), (2, 1));
     }
 }

@@ -244,6 +244,11 @@ impl Proxy {
         self.shared.holds.held(service)
     }
 
+    /// Connections taken into hold for `service` since the agent started.
+    pub fn holds_total(&self, service: &ServiceRef) -> u64 {
+        self.shared.metrics.holds_total(service)
+    }
+
     /// Connections held for all Services right now.
     pub fn held_total(&self) -> usize {
         self.shared.holds.total()

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nemesis_common::wire::{
-    Directive, Heartbeat, HeartbeatReply, HoldPort, ServiceDirective, ServiceRef, ServiceReport,
+    AppliedMode, Directive, Heartbeat, HeartbeatReply, HoldPort, ServiceDirective, ServiceRef,
+    ServiceReport,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -65,9 +66,14 @@ pub struct ServiceActivity {
     /// Server side: accepts seen since this controller started, differenced as
     /// `connects_total` is.
     pub accepted_total: u64,
+    /// Connections taken into hold since this controller started, differenced as
+    /// `connects_total`: a cold start's held count is the rise over the wake.
+    pub holds_total: u64,
     /// Last heartbeat that showed any connect, open or held connection.
     pub last_active: Option<Instant>,
     pub reporting_agents: usize,
+    /// Live agents whose last report has the Service in hold mode.
+    pub holding_agents: usize,
 }
 
 /// Why waiting for acknowledgements ended without them.
@@ -105,6 +111,7 @@ struct AgentEntry {
 struct Counters {
     connects_total: u64,
     accepted_total: u64,
+    holds_total: u64,
     last_active: Option<Instant>,
 }
 
@@ -195,9 +202,11 @@ impl AgentRegistry {
                     new_since(r.connects_total, old.map(|o| o.connects_total), same, known);
                 let accepts =
                     new_since(r.accepted_total, old.map(|o| o.accepted_total), same, known);
+                let holds = new_since(r.holds_total, old.map(|o| o.holds_total), same, known);
                 let c = inner.counters.entry(r.service.clone()).or_default();
                 c.connects_total += connects;
                 c.accepted_total += accepts;
+                c.holds_total += holds;
                 if connects > 0
                     || accepts > 0
                     || r.open_connections > 0
@@ -440,6 +449,7 @@ impl AgentRegistry {
         if let Some(c) = inner.counters.get(svc) {
             act.connects_total = c.connects_total;
             act.accepted_total = c.accepted_total;
+            act.holds_total = c.holds_total;
             act.last_active = c.last_active;
         }
         for a in inner.agents.values().filter(|a| self.is_live(a, now)) {
@@ -448,6 +458,9 @@ impl AgentRegistry {
                 act.accepted_open += r.accepted_open;
                 act.held_connections += r.held_connections;
                 act.reporting_agents += 1;
+                if r.mode == AppliedMode::Hold {
+                    act.holding_agents += 1;
+                }
             }
         }
         act
@@ -456,8 +469,6 @@ impl AgentRegistry {
 
 #[cfg(test)]
 mod tests {
-    use nemesis_common::wire::AppliedMode;
-
     use super::*;
 
     fn svc() -> ServiceRef {
@@ -479,6 +490,7 @@ mod tests {
             accepted_total: 0,
             accepted_open: 0,
             hold_ports: vec![],
+            holds_total: 0,
         }
     }
 
@@ -564,6 +576,33 @@ mod tests {
         let t3 = t2 + Duration::from_secs(1);
         r.heartbeat(hb("a", "2", vec![report(0, 3, 0)]), t3);
         assert_eq!(r.service_activity(&svc(), t3).last_active, Some(t2));
+    }
+
+    #[test]
+    fn holds_are_differenced_like_connects_and_holding_agents_counted() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        let holding = |holds_total, held| ServiceReport {
+            mode: AppliedMode::Hold,
+            held_connections: held,
+            holds_total,
+            ..report(0, 0, 0)
+        };
+        r.heartbeat(hb("a", "1", vec![holding(7, 0)]), t0);
+        r.heartbeat(hb("b", "1", vec![report(0, 0, 0)]), t0);
+        let act = r.service_activity(&svc(), t0);
+        assert_eq!((act.holds_total, act.holding_agents), (0, 1));
+        // Ten held on a (four of them still held), three on a restarted b.
+        let t1 = t0 + Duration::from_secs(1);
+        r.heartbeat(hb("a", "1", vec![holding(17, 4)]), t1);
+        r.heartbeat(hb("b", "2", vec![holding(3, 0)]), t1);
+        let act = r.service_activity(&svc(), t1);
+        assert_eq!(
+            (act.holds_total, act.held_connections, act.holding_agents),
+            (13, 4, 2)
+        );
+        r.heartbeat(hb("a", "1", vec![report(0, 0, 0)]), t1);
+        assert_eq!(r.service_activity(&svc(), t1).holding_agents, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -326,6 +326,9 @@ pub struct Draft {
     pub transitions: Vec<DraftTransition>,
     pub initial: Option<String>,
     pub initial_path: String,
+    /// The rate window the automaton needs, when not the one the spec gives (the short
+    /// form's idle timeout shorter than the default window).
+    pub rate_window: Option<TimeDelta>,
 }
 
 // === compile ===
@@ -401,12 +404,17 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
                 .collect(),
             initial: spec.initial_state.clone(),
             initial_path: "spec.initialState".into(),
+            rate_window: None,
         })
     } else {
         // No automaton at all: the classic one with its defaults.
         short_form::expand(spec, &mut errors, &mut warnings)
     };
 
+    let rate_window = draft
+        .as_ref()
+        .and_then(|d| d.rate_window)
+        .unwrap_or(rate_window);
     let source_names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
     let alert_names = alerts.clone();
     let names = Names {

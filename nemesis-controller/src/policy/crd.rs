@@ -67,7 +67,11 @@ pub struct ScalingPolicySpec {
     pub max_replicas: Option<i32>,
 
     /// Short form: how long without open or new connections before scaling to zero
-    /// (`30s`, `10m`, `1h`; default `5m`).
+    /// (`30s`, `10m`, `1h`; default `5m`). Shorter than a minute, `conns.rate` is
+    /// averaged over the idle timeout instead of the default minute; a
+    /// `metrics.connections.rateWindow` longer than `idleTimeout` is refused (the target
+    /// would sleep a rate window after its last connection). Agents report every few
+    /// seconds, so the idle time is measured to within a heartbeat (5 s by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
 
@@ -98,6 +102,14 @@ pub struct ScalingPolicySpec {
     /// How many connections one agent holds for this Service at most (default 1024).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_held_connections: Option<i32>,
+
+    /// `true` stops the policy: the controller scales nothing and makes no transition
+    /// (a manual `kubectl scale` stays), and the agents hold no connection for the
+    /// Service (at zero replicas it refuses connections, as in plain Kubernetes). Set it
+    /// back to `false` to resume in the state the status shows; the target is then put
+    /// where that state wants it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
@@ -135,7 +147,8 @@ impl MetricSources {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionsSource {
-    /// The window `conns.rate` is averaged over (default `1m`).
+    /// The window `conns.rate` is averaged over (default `1m`, or the short form's
+    /// `idleTimeout` when shorter); in the short form, at most `idleTimeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_window: Option<String>,
 }
@@ -192,7 +205,12 @@ pub struct RangeSpec {
     /// The metric's target value (per replica with `AverageValue`).
     pub target: f64,
     /// `Value` (default) or `AverageValue`.
+    // The schema of the enum itself, not of `Option`: kube's derive puts
+    // `nullable: true` beside an `enum` that lacks null, and a real API server then
+    // refuses `targetType: null` ("Unsupported value: null"). Without `nullable` it
+    // prunes a null as unset, which is what `None` means here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "TargetType")]
     pub target_type: Option<TargetType>,
     /// Relative distance from the target within which nothing changes (default 0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,11 +8,12 @@
 //! ```
 //! starting in `warm`, so a new policy never cuts a running Deployment off without an idle
 //! window first. `conns.rate` reads 0 only a rate window after the last connect, so it is
-//! sustained for the rest of the idle timeout only (not at all when the rate window is as
-//! long or longer, which then sets the idle window): the target sleeps `idleTimeout`
-//! after its last connection, not `idleTimeout + rateWindow`. With `minReplicas >= 1`
-//! there is only `warm`. Owns that expansion only; the expanded states are validated like
-//! hand-written ones.
+//! sustained for the rest of the idle timeout only: the target sleeps `idleTimeout` after
+//! its last connection, not `idleTimeout + rateWindow`. An idle timeout shorter than the
+//! default rate window (1m) makes it the rate window; shorter than a rate window the spec
+//! sets, it is refused (the rate window would set the idle time: a 20s policy slept 65 s
+//! after its last connection). With `minReplicas >= 1` there is only `warm`. Owns that
+//! expansion only; the expanded states are validated like hand-written ones.
 
 use super::compile::{DEFAULT_RATE_WINDOW, Draft, DraftState, DraftTransition};
 use super::crd::{RangeSpec, ScalingPolicySpec, StateSpec, TargetType, TransitionSpec};
@@ -155,8 +156,23 @@ pub fn expand(
         transitions: vec![],
         initial: Some(WARM_STATE.into()),
         initial_path: "spec.minReplicas".into(),
+        rate_window: None,
     };
     if min == 0 {
+        let given = given_rate_window(spec);
+        let window = match idle_rate_window(idle, given) {
+            Ok(w) => w,
+            Err(message) => {
+                let path = if spec.idle_timeout.is_some() {
+                    "spec.idleTimeout"
+                } else {
+                    "spec.metrics.connections.rateWindow"
+                };
+                errors.push(Problem::at(path, message));
+                return None;
+            }
+        };
+        draft.rate_window = (Some(window) != given).then_some(window);
         draft.states.push(DraftState::generated(
             StateSpec {
                 name: ZERO_STATE.into(),
@@ -180,7 +196,7 @@ pub fn expand(
             TransitionSpec {
                 from: WARM_STATE.into(),
                 to: ZERO_STATE.into(),
-                when: idle_condition(idle, rate_window(spec)),
+                when: idle_condition(idle, window),
                 cooldown: None,
             },
             "spec.idleTimeout",
@@ -191,15 +207,36 @@ pub fn expand(
     Some(draft)
 }
 
-/// The window `conns.rate` is averaged over; an invalid one is reported by `compile`.
-fn rate_window(spec: &ScalingPolicySpec) -> TimeDelta {
+/// The window `conns.rate` is averaged over as the spec gives it; an invalid one is
+/// reported by `compile`.
+fn given_rate_window(spec: &ScalingPolicySpec) -> Option<TimeDelta> {
     spec.metrics
         .connections
         .as_ref()
         .and_then(|c| c.rate_window.as_deref())
         .and_then(|text| parse_duration(text).ok())
         .filter(|d| *d > TimeDelta::zero())
-        .unwrap_or(DEFAULT_RATE_WINDOW)
+}
+
+/// The rate window of a short form that sleeps after `idle`. `conns.rate` reads 0 only a
+/// rate window after the last connect, so a window longer than the idle timeout would set
+/// the idle time instead: without a given window it shrinks to the idle timeout; a given
+/// one longer than it is an error (the message says what to write).
+pub fn idle_rate_window(idle: TimeDelta, given: Option<TimeDelta>) -> Result<TimeDelta, String> {
+    match given {
+        None => Ok(idle.min(DEFAULT_RATE_WINDOW)),
+        Some(w) if w <= idle => Ok(w),
+        Some(w) => Err(format!(
+            "idleTimeout ({}) is shorter than metrics.connections.rateWindow ({}): conns.rate \
+             reads 0 only a rate window after the last connect, so the target would sleep {} \
+             after it; set rateWindow to at most {}, or leave it out (it then follows \
+             idleTimeout)",
+            format_duration(idle),
+            format_duration(w),
+            format_duration(w),
+            format_duration(idle),
+        )),
+    }
 }
 
 /// Nothing open or held for `idle`, and no connect for `idle` (or for the rate window
@@ -214,5 +251,34 @@ fn idle_condition(idle: TimeDelta, rate_window: TimeDelta) -> String {
         format!("{quiet} for {}", format_duration(rest))
     } else {
         quiet
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_window_never_outlasts_the_idle_timeout() {
+        let s = TimeDelta::seconds;
+        let cases = [
+            // (idle, given, window)
+            (s(20), None, Ok(s(20))),
+            (s(300), None, Ok(DEFAULT_RATE_WINDOW)),
+            (s(60), None, Ok(s(60))),
+            (s(20), Some(s(10)), Ok(s(10))),
+            (s(20), Some(s(20)), Ok(s(20))),
+            (s(300), Some(s(120)), Ok(s(120))),
+        ];
+        for (idle, given, want) in cases {
+            assert_eq!(idle_rate_window(idle, given), want, "{idle} {given:?}");
+        }
+        assert_eq!(
+            idle_rate_window(s(20), Some(s(60))).unwrap_err(),
+            "idleTimeout (20s) is shorter than metrics.connections.rateWindow (1m): conns.rate \
+             reads 0 only a rate window after the last connect, so the target would sleep 1m \
+             after it; set rateWindow to at most 20s, or leave it out (it then follows \
+             idleTimeout)"
+        );
     }
 }

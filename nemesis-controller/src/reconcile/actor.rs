@@ -20,13 +20,14 @@ use nemesis_common::wire::{Directive, ServiceRef};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
+use super::cold_start;
 use super::connections::{self, SideRates};
 use super::events::Note;
 use super::history::Item;
 use super::prom::Poller;
 use super::status::{self, Blocked};
 use super::{API_TIMEOUT, Context, ReconcileError, backoff};
-use crate::agents::{AckError, WakeUp};
+use crate::agents::{AckError, ServiceActivity, WakeUp};
 use crate::engine::{self, Decision, Observations, State};
 use crate::metrics::{DecisionOutcome, ErrorKind};
 use crate::policy::crd::{self, ScalingPolicyStatus};
@@ -37,6 +38,9 @@ use crate::store::{self, ColdStartOutcome, ColdStartRecord, PolicyId, unix_ms};
 /// An invalid policy is looked at again this often (its spec changes arrive as events
 /// anyway); it does nothing in between.
 const INVALID_RECHECK: Duration = Duration::from_secs(30);
+/// The `Ready` condition's message while `spec.paused` is true.
+const PAUSED_MESSAGE: &str = "spec.paused is true: the policy scales nothing and holds no \
+     connection; set it to false to resume in the state shown";
 /// The scale we made is trusted over the cache for this long while the cache catches
 /// up, so a lagging watch never makes us scale twice.
 const PENDING_SCALE_TRUST: Duration = Duration::from_secs(10);
@@ -71,8 +75,11 @@ pub struct Term {
 struct PendingWake {
     received_at: Instant,
     at: DateTime<Utc>,
-    /// Held connections reported (the wake-up's, then the largest heartbeat sum).
+    /// Held connections reported (the wake-up's, then the largest heartbeat sum): the
+    /// least the cold start held.
     held: u64,
+    /// The agents' hold total this wake's count starts from.
+    holds_base: u64,
     /// An agent's wake-up: the wake gate must be told when it is done.
     from_agent: bool,
     /// This wake scaled the target from zero: it is a cold start.
@@ -129,6 +136,10 @@ pub struct Actor {
     last_wake: Option<DateTime<Utc>>,
     ready_since_wake: bool,
     wake: Option<PendingWake>,
+    /// Where the next cold start's held count starts.
+    holds_baseline: cold_start::Baseline,
+    /// A cold start that ended, waiting for the agents' count before it is reported.
+    ended: Option<cold_start::Ended>,
     pending_scale: Option<(u32, Instant)>,
     sleep: SleepPhase,
     /// Why the last sleep was refused (shown in status until the next one succeeds).
@@ -177,6 +188,8 @@ impl Actor {
             last_wake: None,
             ready_since_wake: false,
             wake: None,
+            holds_baseline: cold_start::Baseline::default(),
+            ended: None,
             pending_scale: None,
             sleep: SleepPhase::Awake,
             sleep_note: None,
@@ -236,6 +249,9 @@ impl Actor {
         self.started = true;
         self.generation = generation;
         let now = Utc::now();
+        if self.obj.spec.paused {
+            self.pause(now);
+        }
         let new = compile(&self.obj.spec).map(Arc::new);
         let old_svc = self.svc.take();
         match (&self.compiled, &new) {
@@ -245,9 +261,12 @@ impl Actor {
             _ => self.engine = None,
         }
         self.compiled = new;
+        let paused = self.obj.spec.paused;
         match &self.compiled {
             Ok(c) => {
-                self.svc = c.service().map(|name| ServiceRef {
+                // A paused policy manages no Service: wake-ups are refused as unmanaged
+                // and the agents hold nothing for it (they skip paused policies too).
+                self.svc = c.service().filter(|_| !paused).map(|name| ServiceRef {
                     namespace: self.id.namespace.clone(),
                     name: name.to_string(),
                 });
@@ -283,6 +302,25 @@ impl Actor {
         true
     }
 
+    /// Stops acting: no wake or sleep in progress, and no engine state (a resume starts
+    /// from the state the status shows, with its windows restarted).
+    fn pause(&mut self, now: DateTime<Utc>) {
+        if self.wake.is_some() {
+            self.finish_wake(
+                ColdStartOutcome::Failed {
+                    message: "the policy was paused".into(),
+                },
+                now,
+            );
+        }
+        self.report_cold_start(true);
+        self.sleep = SleepPhase::Awake;
+        self.sleep_note = None;
+        self.engine = None;
+        self.pending_scale = None;
+        tracing::info!(policy = %self.id, "policy paused (spec.paused); it scales nothing");
+    }
+
     // --- events from outside ---
 
     fn on_wake(&mut self, w: WakeUp) {
@@ -292,10 +330,12 @@ impl Actor {
         match &mut self.wake {
             Some(p) => p.held = p.held.max(u64::from(w.held_connections)),
             None => {
+                let holds_base = self.new_holds_base();
                 self.wake = Some(PendingWake {
                     received_at: w.received_at,
                     at: now,
                     held: u64::from(w.held_connections),
+                    holds_base,
                     from_agent: true,
                     woke_target: false,
                 })
@@ -322,6 +362,17 @@ impl Actor {
             }
         };
 
+        if self.obj.spec.paused {
+            let report = Report {
+                blocked: Some(Blocked {
+                    reason: "Paused",
+                    message: PAUSED_MESSAGE.to_string(),
+                }),
+                ..Report::default()
+            };
+            self.write_status(Ok(&compiled), report, now).await;
+            return INVALID_RECHECK;
+        }
         let Some(target) = self.target(&compiled) else {
             let blocked = Blocked {
                 reason: "TargetNotFound",
@@ -435,6 +486,7 @@ impl Actor {
         }
         let target = self.target(&compiled).unwrap_or(target);
         self.follow_wake(&compiled, target, now);
+        self.report_cold_start(false);
         if d.readiness_overdue {
             tracing::warn!(policy = %self.id, "pods not ready within the readiness budget");
         }
@@ -502,8 +554,10 @@ impl Actor {
         if let Some(svc) = &self.svc {
             let act = self.ctx.registry.service_activity(svc, Instant::now());
             obs.connections = connections::sample(&act, &mut self.rates, now);
-            if let Some(w) = &mut self.wake {
-                w.held = w.held.max(act.held_connections);
+            match &mut self.wake {
+                Some(w) => w.held = w.held.max(act.held_connections),
+                None if self.ended.is_none() => self.holds_baseline.observe(&act),
+                None => {}
             }
         }
         if let Some(p) = &self.poller {
@@ -770,10 +824,12 @@ impl Actor {
                 }
                 Some(_) => {}
                 None => {
+                    let holds_base = self.new_holds_base();
                     self.wake = Some(PendingWake {
                         received_at: acked,
                         at: now,
                         held: 0,
+                        holds_base,
                         from_agent: false,
                         woke_target: true,
                     })
@@ -845,12 +901,48 @@ impl Actor {
             self.ctx.wakes.finished(svc);
         }
         if !w.woke_target {
+            // What it held was refused, not part of the next cold start.
+            if let Some(act) = self.activity() {
+                self.holds_baseline.reset(&act);
+            }
             return;
         }
-        let time_to_ready = (outcome == ColdStartOutcome::Ready)
+        let time_to_ready_ms = (outcome == ColdStartOutcome::Ready)
             .then(|| u64::try_from((now - w.at).num_milliseconds().max(0)).unwrap_or(0));
-        tracing::info!(policy = %self.id, ?outcome, time_to_ready_ms = ?time_to_ready, held = w.held, "cold start ended");
-        let warning = outcome != ColdStartOutcome::Ready;
+        tracing::info!(policy = %self.id, ?outcome, ?time_to_ready_ms, "cold start ended");
+        // At most one cold start waits for its count.
+        self.report_cold_start(true);
+        self.ended = Some(cold_start::Ended {
+            wake_at: w.at,
+            outcome,
+            time_to_ready_ms,
+            held_floor: w.held,
+            base: w.holds_base,
+            deadline: Instant::now() + cold_start::COUNT_WAIT,
+        });
+        self.report_cold_start(false);
+    }
+
+    /// The Event and history record of the cold start that ended, once the agents'
+    /// count is in (or at once with `now_or_never`).
+    fn report_cold_start(&mut self, now_or_never: bool) {
+        let Some(e) = &self.ended else { return };
+        let at = if now_or_never {
+            e.deadline
+        } else {
+            Instant::now()
+        };
+        let act = self.activity();
+        let Some(held) = e.held(act.as_ref(), at) else {
+            return;
+        };
+        let Some(e) = self.ended.take() else { return };
+        // Counted: what the agents hold from here on belongs to the next one.
+        if let Some(act) = &act {
+            self.holds_baseline.reset(act);
+        }
+        tracing::info!(policy = %self.id, outcome = ?e.outcome, held, "cold start counted");
+        let warning = e.outcome != ColdStartOutcome::Ready;
         self.emit(
             warning,
             if warning {
@@ -859,18 +951,32 @@ impl Actor {
                 "ColdStart"
             },
             "Wake",
-            match time_to_ready {
-                Some(ms) => cold_start_note(ms, w.held),
-                None => format!("no pod became ready: {outcome:?}"),
+            match e.time_to_ready_ms {
+                Some(ms) => cold_start_note(ms, held),
+                None => format!("no pod became ready: {:?}", e.outcome),
             },
         );
         self.ctx.history.record(Item::ColdStart(ColdStartRecord {
-            wake_at_ms: unix_ms(w.at.into()),
+            wake_at_ms: unix_ms(e.wake_at.into()),
             policy: self.id.clone(),
-            time_to_ready_ms: time_to_ready,
-            held_connections: w.held,
-            outcome,
+            time_to_ready_ms: e.time_to_ready_ms,
+            held_connections: held,
+            outcome: e.outcome,
         }));
+    }
+
+    /// The Service's traffic over the live agents, if the policy names a Service.
+    fn activity(&self) -> Option<ServiceActivity> {
+        let svc = self.svc.as_ref()?;
+        Some(self.ctx.registry.service_activity(svc, Instant::now()))
+    }
+
+    /// The agents' hold total a wake starting now counts from (a cold start still
+    /// waiting for its count is counted first, so the two never share connections).
+    fn new_holds_base(&mut self) -> u64 {
+        self.report_cold_start(true);
+        self.activity()
+            .map_or(0, |act| self.holds_baseline.for_wake(&act))
     }
 
     // --- status, samples, events ---
@@ -989,6 +1095,7 @@ impl Actor {
                 now,
             );
         }
+        self.report_cold_start(true);
         if let Some(svc) = &self.svc {
             self.ctx.wakes.set_managed(svc, false);
             self.ctx.registry.remove(svc);

@@ -4,13 +4,15 @@
 //! Only an identical repeat (same note too) joins an earlier Event's series: kube's
 //! `Recorder` keys series without the note, so `warm -> zero` was shown as a second
 //! `zero -> warm` and every later cold start as the first one's time.
+//! Events are written through core `v1` with `firstTimestamp`, `lastTimestamp` and
+//! `count` beside `eventTime` and `series`: `events.k8s.io/v1` refuses the former, and
+//! without them `kubectl get events --sort-by=.lastTimestamp` misordered ours.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::{Event, EventSeries};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::api::core::v1::{Event, EventSeries, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -23,8 +25,10 @@ use crate::metrics::{ControllerMetrics, ErrorKind};
 const QUEUE: usize = 1024;
 /// One Event write; a slow API server must not pile up Events behind it.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// The `reportingController` of every Event.
+/// The `reportingController` (core: `reportingComponent`) of every Event.
 pub const REPORTING_CONTROLLER: &str = "nemesis.dev/controller";
+/// The legacy `source.component`, which `kubectl describe` shows as "From".
+const SOURCE_COMPONENT: &str = "nemesis-controller";
 /// A repeat joins an Event's series only within this (as kube's and client-go's
 /// recorders do); later it is news again.
 const SERIES_TTL: SignedDuration = SignedDuration::from_mins(6);
@@ -92,8 +96,9 @@ impl Series {
             let last = e
                 .series
                 .as_ref()
-                .map(|s| s.last_observed_time.0)
-                .or(e.event_time.as_ref().map(|t| t.0));
+                .and_then(|s| s.last_observed_time.as_ref())
+                .or(e.event_time.as_ref())
+                .map(|t| t.0);
             last.is_some_and(|t| t + SERIES_TTL > now)
         });
         let type_ = if n.warning { "Warning" } else { "Normal" };
@@ -110,10 +115,12 @@ impl Series {
         ])
         .to_string();
         if let Some(e) = self.recent.get_mut(&key) {
-            let count = e.series.as_ref().map_or(2, |s| s.count + 1);
+            let count = e.count.map_or(2, |c| c + 1);
+            e.count = Some(count);
+            e.last_timestamp = Some(Time(now));
             e.series = Some(EventSeries {
-                count,
-                last_observed_time: MicroTime(now),
+                count: Some(count),
+                last_observed_time: Some(MicroTime(now)),
             });
             return Publish::Patch(e.clone());
         }
@@ -121,9 +128,12 @@ impl Series {
             action: Some(n.action.to_string()),
             reason: Some(n.reason.to_string()),
             event_time: Some(MicroTime(now)),
-            regarding: Some(r.clone()),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            count: Some(1),
+            involved_object: r.clone(),
             // The Events API limits a note to 1 kB.
-            note: Some(truncate(&n.message, 1000)),
+            message: Some(truncate(&n.message, 1000)),
             metadata: ObjectMeta {
                 namespace: r.namespace.clone(),
                 name: Some(format!(
@@ -133,8 +143,12 @@ impl Series {
                 )),
                 ..Default::default()
             },
-            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
+            reporting_component: Some(REPORTING_CONTROLLER.to_string()),
             reporting_instance: Some(self.instance.clone()),
+            source: Some(EventSource {
+                component: Some(SOURCE_COMPONENT.to_string()),
+                host: None,
+            }),
             type_: Some(type_.to_string()),
             ..Default::default()
         };
@@ -222,9 +236,14 @@ mod tests {
         let Publish::Create(b) = s.next(&note("Transition", "warm -> zero"), at(60)) else {
             panic!("a transition with another note must not join the first one's series");
         };
-        assert_eq!(b.note.as_deref(), Some("warm -> zero"));
+        assert_eq!(b.message.as_deref(), Some("warm -> zero"));
         assert_ne!(a.metadata.name, b.metadata.name);
         assert_eq!(b.series, None);
+        // What `kubectl get events --sort-by=.lastTimestamp` sorts on.
+        assert_eq!(
+            (a.last_timestamp, b.last_timestamp),
+            (Some(Time(at(0))), Some(Time(at(60))))
+        );
     }
 
     #[test]
@@ -238,15 +257,21 @@ mod tests {
             panic!("an identical repeat joins the series")
         };
         assert_eq!(a.metadata.name, b.metadata.name);
-        assert_eq!(b.series.as_ref().map(|x| x.count), Some(2));
+        assert_eq!((a.count, a.first_timestamp), (Some(1), Some(Time(at(0)))));
         assert_eq!(
-            b.series.as_ref().map(|x| x.last_observed_time.0),
-            Some(at(10))
+            (b.count, b.first_timestamp, b.last_timestamp),
+            (Some(2), Some(Time(at(0))), Some(Time(at(10))))
+        );
+        assert_eq!(b.series.as_ref().and_then(|x| x.count), Some(2));
+        assert_eq!(
+            b.series.as_ref().and_then(|x| x.last_observed_time.clone()),
+            Some(MicroTime(at(10)))
         );
         let Publish::Patch(c) = s.next(&n, at(20)) else {
             panic!("a third repeat joins it too")
         };
-        assert_eq!(c.series.map(|x| x.count), Some(3));
+        assert_eq!(c.series.and_then(|x| x.count), Some(3));
+        assert_eq!(c.count, Some(3));
         assert!(matches!(s.next(&n, at(20 + 7 * 60)), Publish::Create(_)));
     }
 }

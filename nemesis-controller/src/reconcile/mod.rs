@@ -10,6 +10,7 @@
 //! the API server (policies, their status, Deployments) and the agents' heartbeats.
 
 pub mod actor;
+pub mod cold_start;
 pub mod connections;
 pub mod events;
 pub mod history;

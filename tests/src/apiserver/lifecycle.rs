@@ -416,7 +416,7 @@ pub fn create(
             md.insert("generation".into(), json!(1));
         }
     }
-    let mut causes = validate::validate(&storage, &obj, None);
+    let mut causes = validate::validate(&storage, rt, &obj, None);
     let mut ip = None;
     if storage.builtin == Some(Builtin::Service) && causes.is_empty() {
         match allocate_cluster_ip(st, &mut obj, None) {
@@ -610,7 +610,7 @@ pub fn update(
             ));
         }
     }
-    let mut causes = validate::validate(&storage, &new, Some(&old));
+    let mut causes = validate::validate(&storage, rt, &new, Some(&old));
     if storage.builtin == Some(Builtin::Service)
         && let Err(c) = allocate_cluster_ip(st, &mut new, Some(&old))
     {

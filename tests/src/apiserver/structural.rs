@@ -194,6 +194,10 @@ impl Walker<'_> {
             "boolean" if !v.is_boolean() => self.type_error(path, v, "boolean"),
             _ => {}
         }
+        self.check_enum(s, v, path);
+    }
+
+    fn check_enum(&mut self, s: &Value, v: &Value, path: &str) {
         if let Some(allowed) = s.get("enum").and_then(Value::as_array)
             && !allowed.contains(v)
         {
@@ -256,10 +260,15 @@ impl Walker<'_> {
         for k in keys {
             let p = join(path, &k);
             if let Some(ps) = props.and_then(|p| p.get(&k)) {
-                let nullable = resolve(ps, self.defs).get("nullable") == Some(&Value::Bool(true));
+                let resolved = resolve(ps, self.defs);
+                let nullable = resolved.get("nullable") == Some(&Value::Bool(true));
                 if map[&k].is_null() {
                     // A JSON null in a non-nullable field means "unset", as Go decodes it.
-                    if !nullable {
+                    // A nullable one keeps it, and upstream still checks it against an
+                    // `enum` (`nullable` skips only the type check).
+                    if nullable {
+                        self.check_enum(resolved, &Value::Null, &p);
+                    } else {
                         map.remove(&k);
                     }
                     continue;
@@ -356,6 +365,31 @@ mod tests {
         let mut obj = json!({"spec": {"target": 5}});
         let out = check(&schema, &Map::new(), &mut obj, &crd_opts());
         assert!(out.causes[0].message.contains("must be of type string"));
+    }
+
+    #[test]
+    fn null_is_unset_unless_nullable_and_a_nullable_enum_still_needs_null_listed() {
+        let schema = json!({"type": "object", "properties": {
+            "plain": {"type": "string", "enum": ["Value", "AverageValue"]},
+            "nullable": {"type": "string", "nullable": true, "enum": ["Value", "AverageValue"]},
+            "listed": {"type": "string", "nullable": true, "enum": ["Value", null]},
+            "free": {"type": "string", "nullable": true}}});
+        let mut obj = json!({"plain": null, "nullable": null, "listed": null, "free": null});
+        let out = check(&schema, &Map::new(), &mut obj, &crd_opts());
+        let causes: Vec<_> = out
+            .causes
+            .iter()
+            .map(|c| (c.field.as_str(), c.message.as_str()))
+            .collect();
+        // The message a kube-apiserver v1.36 gave for `targetType: null`.
+        assert_eq!(
+            causes,
+            [(
+                "nullable",
+                "Unsupported value: null: supported values: \"Value\", \"AverageValue\""
+            )]
+        );
+        assert_eq!(obj, json!({"nullable": null, "listed": null, "free": null}));
     }
 
     #[test]

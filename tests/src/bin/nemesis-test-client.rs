@@ -243,8 +243,20 @@ async fn reuse(args: &Args, requests: usize, http2: bool, go: Instant) -> Vec<se
     lines
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(run());
+    // Tokio reads stdin with a blocking read on a thread of its own that cannot be
+    // cancelled: a run that ended by a bound (`--max-connections`, `--for-ms`) while
+    // stdin stays open would hang in the runtime's drop until the next line.
+    rt.shutdown_background();
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = parse_args()?;
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     let mut line = String::new();

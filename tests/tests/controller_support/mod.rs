@@ -313,6 +313,10 @@ pub async fn scrape(c: &Running, series: &str) -> anyhow::Result<f64> {
 pub struct AgentState {
     pub open: u64,
     pub held: u64,
+    /// Connections taken into hold since the agent started.
+    pub holds: u64,
+    /// The Service is in hold mode (at zero, or asked to sleep).
+    pub holding: bool,
     pub connects: u64,
     /// Apply (acknowledge) directives; `false` plays an agent stuck before applying.
     pub ack: bool,
@@ -339,6 +343,8 @@ impl TestAgent {
         let state = Arc::new(Mutex::new(AgentState {
             open: 0,
             held: 0,
+            holds: 0,
+            holding: false,
             connects: 0,
             ack: true,
             alive: true,
@@ -389,7 +395,11 @@ async fn heartbeats(
                     .iter()
                     .map(|s| ServiceReport {
                         service: s.clone(),
-                        mode: AppliedMode::Passthrough,
+                        mode: if st.holding {
+                            AppliedMode::Hold
+                        } else {
+                            AppliedMode::Passthrough
+                        },
                         applied_epoch: st.applied.get(s).copied().unwrap_or(0),
                         connects_total: st.connects,
                         open_connections: st.open,
@@ -398,6 +408,7 @@ async fn heartbeats(
                         accepted_total: 0,
                         accepted_open: 0,
                         hold_ports: vec![],
+                        holds_total: st.holds,
                     })
                     .collect();
                 let reported = std::mem::take(&mut st.pending);

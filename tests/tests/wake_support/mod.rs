@@ -821,6 +821,14 @@ impl RepeatingClients {
         drop(self.stdin);
         self.clients.finish(within).await
     }
+
+    /// Waits (bounded by `within`) until it stops by its own bounds (`--max-connections`,
+    /// `--for-ms`) and for the results of all it started.
+    pub async fn finish(self, within: Duration) -> anyhow::Result<Vec<ClientResult>> {
+        let results = self.clients.finish(within).await;
+        drop(self.stdin);
+        results
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

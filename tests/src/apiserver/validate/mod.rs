@@ -3,6 +3,7 @@
 //! Pods, Services, EndpointSlices, CRDs. Returns causes; never changes an object.
 
 mod crd;
+mod events;
 mod names;
 mod network;
 mod workloads;
@@ -79,10 +80,21 @@ fn validate_metadata(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
     causes
 }
 
-/// All validation causes for `obj` (created when `old` is `None`, else updated).
-pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
+/// All validation causes for `obj` in its storage form `rt` (created when `old` is
+/// `None`, else updated), sent as `served` (Events are checked by the request's version).
+pub fn validate(
+    rt: &ResourceType,
+    served: &ResourceType,
+    obj: &Value,
+    old: Option<&Value>,
+) -> Vec<Cause> {
     let mut causes = validate_metadata(rt, obj);
     match rt.builtin {
+        Some(Builtin::CoreEvent) => causes.extend(events::validate(
+            obj,
+            old,
+            served.builtin == Some(Builtin::EventsV1),
+        )),
         Some(Builtin::Deployment) => causes.extend(workloads::deployment(obj, old)),
         Some(Builtin::ReplicaSet) => causes.extend(workloads::replica_set(obj, old)),
         Some(Builtin::Pod) => causes.extend(workloads::pod(obj, old)),
