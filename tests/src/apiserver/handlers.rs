@@ -17,6 +17,7 @@ use super::fields;
 use super::http::{Body, Format, Shared, error, respond};
 use super::lifecycle::{self, DeleteOpts, FieldValidation, Propagation, Sub, WriteOpts};
 use super::meta;
+use super::paging;
 use super::patch::{self, PatchType};
 use super::registry::{Builtin, ResourceType};
 use super::routes::ResourcePath;
@@ -296,49 +297,105 @@ fn get(ctx: &Ctx, st: &State, rt: &ResourceType, ns: &str, name: &str) -> Result
 fn list(ctx: &Ctx, st: &State, rt: &ResourceType, ns: Option<&str>) -> Result<Reply, ApiError> {
     let (ls, fs) = selectors(ctx, rt)?;
     let current = st.rv();
-    if let Some(rv) = ctx.param("resourceVersion") {
-        let n: u64 = rv.parse().map_err(|_| {
-            ApiError::bad_request(format!(
-                "resourceVersion: Invalid value: \"{rv}\": must be an integer"
-            ))
-        })?;
-        match ctx.param("resourceVersionMatch") {
-            // Only the latest state is kept: an exact older snapshot is gone.
-            Some("Exact") if n != current => {
-                return Err(ApiError::gone(format!(
-                    "too old resource version: {n} ({current})"
-                )));
+    let key = convert::storage_key(rt);
+    let mut limit = paging::parse_limit(ctx.param("limit"))?;
+    let resume = match ctx.param("continue") {
+        Some(token) => {
+            if ctx.param("resourceVersion").is_some() {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
             }
-            Some("NotOlderThan") | None if n > current => {
-                return Err(ApiError::timeout(format!(
-                    "Too large resource version: {n}, current: {current}"
-                )));
-            }
-            Some("Exact" | "NotOlderThan") | None => {}
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "resourceVersionMatch: Unsupported value: \"{other}\""
-                )));
+            Some(paging::decode(token)?)
+        }
+        None => None,
+    };
+    // The snapshot this page shows: the continued list's, an exact older one, or now.
+    let snapshot = match (&resume, ctx.param("resourceVersion")) {
+        (Some(c), _) => u64::try_from(c.rv).ok(),
+        (None, None) => None,
+        (None, Some(rv)) => {
+            let n: u64 = rv.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "resourceVersion: Invalid value: \"{rv}\": must be an integer"
+                ))
+            })?;
+            match ctx.param("resourceVersionMatch") {
+                Some("Exact") if n > current => {
+                    return Err(ApiError::timeout(format!(
+                        "Too large resource version: {n}, current: {current}"
+                    )));
+                }
+                Some("Exact") => Some(n),
+                Some("NotOlderThan") | None if n > current => {
+                    return Err(ApiError::timeout(format!(
+                        "Too large resource version: {n}, current: {current}"
+                    )));
+                }
+                // "0" is served from the watch cache, which ignores `limit`.
+                None if n == 0 => {
+                    limit = None;
+                    None
+                }
+                Some("NotOlderThan") | None => None,
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "resourceVersionMatch: Unsupported value: \"{other}\""
+                    )));
+                }
             }
         }
-    }
-    let items: Vec<Value> = st
-        .list(&convert::storage_key(rt), ns)
-        .into_iter()
+    };
+    let stored: Vec<Value> = match snapshot {
+        Some(at) => match st.list_at(&key, ns, at) {
+            Ok(objs) => objs,
+            Err(e) => {
+                return match &resume {
+                    Some(c) => {
+                        let (err, token) = paging::expired(&c.after);
+                        Err(err.with_continue(token))
+                    }
+                    None => Err(e),
+                };
+            }
+        },
+        None => st.list(&key, ns).into_iter().cloned().collect(),
+    };
+    let rv_num = snapshot.unwrap_or(current);
+    let items: Vec<Value> = stored
+        .iter()
         .filter(|o| matches(rt, ns, &ls, &fs, o))
         .map(|o| convert::to_served(o, rt))
         .collect();
-    let rv = current.to_string();
-    // `limit`/`continue` are honoured by returning everything in one page, as the real
-    // server does when it serves from its watch cache.
+    let filtered = ctx.param("labelSelector").is_some() || ctx.param("fieldSelector").is_some();
+    let page = paging::page(
+        items,
+        resume.as_ref().map(|c| c.after.as_str()),
+        limit,
+        i64::try_from(rv_num).unwrap_or(i64::MAX),
+        filtered,
+    );
+    let rv = rv_num.to_string();
+    let mut list_meta = json!({"resourceVersion": rv});
+    if let Some(t) = &page.continue_token {
+        list_meta["continue"] = json!(t);
+    }
+    if let Some(n) = page.remaining {
+        list_meta["remainingItemCount"] = json!(n);
+    }
+    let items = page.items;
     let body = match ctx.format {
-        Format::Table(av) => table::table(rt, &items, &rv, include_object(ctx)?, av),
+        Format::Table(av) => {
+            let mut t = table::table(rt, &items, &rv, include_object(ctx)?, av);
+            t["metadata"] = list_meta;
+            t
+        }
         Format::PartialMeta(av) => json!({
-            "kind": "PartialObjectMetadataList", "apiVersion": av, "metadata": {"resourceVersion": rv},
+            "kind": "PartialObjectMetadataList", "apiVersion": av, "metadata": list_meta,
             "items": items.iter().map(|o| partial(o, av)).collect::<Vec<_>>(),
         }),
         _ => {
-            json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rv}, "items": items})
+            json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": list_meta, "items": items})
         }
     };
     Ok(ok(body))

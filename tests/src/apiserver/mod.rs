@@ -14,6 +14,7 @@ mod kubeconfig;
 mod lifecycle;
 mod meta;
 mod openapi;
+mod paging;
 mod patch;
 mod protobuf;
 mod registry;

@@ -103,6 +103,8 @@ pub struct ApiError {
     pub details: Option<Box<Details>>,
     /// Seconds the client should wait before retrying (`retryAfterSeconds`).
     pub retry_after: Option<u32>,
+    /// The Status's `metadata.continue` (an expired list continuation's way on).
+    pub list_continue: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -130,7 +132,12 @@ impl ApiError {
             message: message.into(),
             details: None,
             retry_after: None,
+            list_continue: None,
         }
+    }
+    pub fn with_continue(mut self, token: String) -> Self {
+        self.list_continue = Some(token);
+        self
     }
     fn with_details(mut self, name: &str, group: &str, kind: &str) -> Self {
         self.details = Some(Box::new(Details {
@@ -297,6 +304,9 @@ impl ApiError {
                 dj.insert("retryAfterSeconds".into(), json!(r));
             }
             s["details"] = Value::Object(dj);
+        }
+        if let Some(t) = &self.list_continue {
+            s["metadata"] = json!({ "continue": t });
         }
         if s["message"] == "" {
             s.as_object_mut().map(|m| m.remove("message"));
