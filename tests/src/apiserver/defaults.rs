@@ -167,6 +167,18 @@ pub fn apply(b: Builtin, obj: &mut Value) {
             set_absent(obj, "spec", json!({"finalizers": ["kubernetes"]}));
             set_absent(obj, "status", json!({"phase": "Active"}));
         }
+        Builtin::RoleBinding | Builtin::ClusterRoleBinding => {
+            for s in obj
+                .get_mut("subjects")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if matches!(s["kind"].as_str(), Some("User" | "Group")) {
+                    set_absent(s, "apiGroup", json!("rbac.authorization.k8s.io"));
+                }
+            }
+        }
         _ => {}
     }
 }

@@ -20,6 +20,7 @@ use super::meta;
 use super::paging;
 use super::patch::{self, PatchType};
 use super::registry::{Builtin, ResourceType};
+use super::reviews;
 use super::routes::ResourcePath;
 use super::scale;
 use super::schemas::builtin_schemas;
@@ -40,6 +41,8 @@ pub struct Ctx<'a> {
     pub body: &'a Bytes,
     pub format: &'a Format,
     pub user_agent: &'a str,
+    /// The requester, authenticated and allowed this request.
+    pub user: &'a super::rbac::User,
 }
 
 impl Ctx<'_> {
@@ -224,6 +227,29 @@ fn sync_resource(ctx: &Ctx, p: &ResourcePath) -> Result<Reply, ApiError> {
     let rt = resolve(&st, p)?;
     let ns = p.namespace.clone().unwrap_or_default();
     let m = ctx.method.clone();
+    if rt.create_only {
+        return match (&m, p.name.as_deref()) {
+            (&Method::POST, None) => {
+                let body = decode_body(ctx)?;
+                let shared = ctx.shared;
+                let out = reviews::create(
+                    &st,
+                    &shared.signer,
+                    &shared.token,
+                    &rt,
+                    &ns,
+                    ctx.user,
+                    &body,
+                )?;
+                Ok(Reply {
+                    status: 201,
+                    body: out,
+                    warnings: vec![],
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(m.as_str())),
+        };
+    }
     match (p.name.as_deref(), p.sub.as_deref()) {
         (None, None) => match m {
             Method::GET => list(ctx, &st, &rt, p.namespace.as_deref()),
@@ -277,6 +303,18 @@ fn sync_resource(ctx: &Ctx, p: &ResourcePath) -> Result<Reply, ApiError> {
         (Some(name), Some("scale")) if rt.scale.is_some() => {
             scale_sub(ctx, &mut st, &rt, &ns, name)
         }
+        (Some(name), Some("token")) if rt.builtin == Some(Builtin::ServiceAccount) => match m {
+            Method::POST => {
+                let body = decode_body(ctx)?;
+                let out = reviews::token_request(&st, &ctx.shared.signer, &ns, name, &body)?;
+                Ok(Reply {
+                    status: 201,
+                    body: out,
+                    warnings: vec![],
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(m.as_str())),
+        },
         (Some(name), Some("binding")) if rt.builtin == Some(Builtin::Pod) => match m {
             Method::POST => bind(ctx, &mut st, &rt, &ns, name),
             _ => Err(ApiError::method_not_allowed(m.as_str())),

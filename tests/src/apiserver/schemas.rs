@@ -264,6 +264,58 @@ fn build() -> BuiltinSchemas {
     );
     root!(g, roots, Builtin::Lease, api::coordination::v1::Lease);
     root!(g, roots, Builtin::Crd, ext::CustomResourceDefinition);
+    root!(
+        g,
+        roots,
+        Builtin::ServiceAccount,
+        api::core::v1::ServiceAccount
+    );
+    root!(g, roots, Builtin::Role, api::rbac::v1::Role);
+    root!(g, roots, Builtin::ClusterRole, api::rbac::v1::ClusterRole);
+    root!(g, roots, Builtin::RoleBinding, api::rbac::v1::RoleBinding);
+    root!(
+        g,
+        roots,
+        Builtin::ClusterRoleBinding,
+        api::rbac::v1::ClusterRoleBinding
+    );
+    root!(
+        g,
+        roots,
+        Builtin::TokenReview,
+        api::authentication::v1::TokenReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SelfSubjectReview,
+        api::authentication::v1::SelfSubjectReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SelfSubjectAccessReview,
+        api::authorization::v1::SelfSubjectAccessReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SubjectAccessReview,
+        api::authorization::v1::SubjectAccessReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::LocalSubjectAccessReview,
+        api::authorization::v1::LocalSubjectAccessReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SelfSubjectRulesReview,
+        api::authorization::v1::SelfSubjectRulesReview
+    );
+    let _ = g.subschema_for::<k8s_openapi::api::authentication::v1::TokenRequest>();
     let _ = g.subschema_for::<k8s_openapi::api::autoscaling::v1::Scale>();
     let mut defs = g.take_definitions(true);
     for (def, prop, strategy, key, list_type, map_keys) in LIST_RULES {

@@ -164,6 +164,24 @@ impl ApiError {
         )
         .with_details(name, group, plural)
     }
+    /// A request the authorizer refused: `<resource> ["name"] is forbidden: why`, or
+    /// `forbidden: why` for a non-resource path (upstream's `NewForbidden`).
+    pub fn forbidden_resource(plural: &str, group: &str, name: &str, why: &str) -> Self {
+        let q = qualified(plural, group);
+        let message = if plural.is_empty() {
+            format!("forbidden: {why}")
+        } else if name.is_empty() {
+            format!("{q} is forbidden: {why}")
+        } else {
+            format!("{q} \"{name}\" is forbidden: {why}")
+        };
+        let e = Self::new(403, "Forbidden", message);
+        if plural.is_empty() {
+            e
+        } else {
+            e.with_details(name, group, plural)
+        }
+    }
     pub fn not_found(plural: &str, group: &str, name: &str) -> Self {
         let q = qualified(plural, group);
         Self::new(404, "NotFound", format!("{q} \"{name}\" not found"))

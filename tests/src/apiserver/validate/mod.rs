@@ -5,6 +5,7 @@
 mod crd;
 mod names;
 mod network;
+mod rbac;
 mod workloads;
 
 use serde_json::Value;
@@ -23,6 +24,13 @@ fn name_errors(rt: &ResourceType, name: &str) -> Vec<String> {
         Some(Builtin::Namespace) => names::dns1123_label_errors(name),
         Some(Builtin::Service) => names::dns1035_label_errors(name),
         Some(Builtin::Crd) => vec![], // checked against spec.names in crd::validate
+        // `system:masters`-style names: any path segment.
+        Some(
+            Builtin::Role
+            | Builtin::ClusterRole
+            | Builtin::RoleBinding
+            | Builtin::ClusterRoleBinding,
+        ) => names::path_segment_errors(name),
         _ => names::dns1123_subdomain_errors(name),
     }
 }
@@ -92,6 +100,10 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Caus
         Some(Builtin::ConfigMap) => causes.extend(config_map(obj)),
         Some(Builtin::Secret) => causes.extend(secret(obj)),
         Some(Builtin::Crd) => causes.extend(crd::validate(obj, old)),
+        Some(Builtin::Role) => causes.extend(rbac::role(obj, true)),
+        Some(Builtin::ClusterRole) => causes.extend(rbac::role(obj, false)),
+        Some(Builtin::RoleBinding) => causes.extend(rbac::binding(obj, old, true)),
+        Some(Builtin::ClusterRoleBinding) => causes.extend(rbac::binding(obj, old, false)),
         _ => {}
     }
     causes
