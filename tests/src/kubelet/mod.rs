@@ -46,7 +46,7 @@
 //! forwards them to a ready pod ([`service_proxy`]).
 //!
 //! Pods are taken when `spec.nodeName` is empty or equals [`SandboxOptions::node_name`];
-//! the Deployment controller binds the pods it creates to that node. Several nodes on one
+//! the ReplicaSet controller binds the pods it creates to that node. Several nodes on one
 //! API server: start one `Sandbox` per node, all but the first with `controllers: false`
 //! and `adopt_unbound_pods: false`; each gets a /24 of its own. The root namespace
 //! reaches every pod; pod-to-pod traffic across nodes would need IP forwarding on the
@@ -56,7 +56,7 @@
 //!
 //! Images, volumes, resources, init and ephemeral containers, liveness/startup probes,
 //! `envFrom` and secret/config-map env (refused with `CreateContainerConfigError`),
-//! ReplicaSets (a Deployment owns its pods directly, `pod-template-hash` labelled),
+//! `maxSurge`/`maxUnavailable` beyond "new pods first, old ones once they are ready",
 //! `spec.paused` rollouts beyond "do nothing", Nodes.
 
 pub mod call;
@@ -119,6 +119,10 @@ pub struct SandboxOptions {
     /// pods under the child cgroup their agent attaches to, so the server-side hooks see
     /// the connections the pods accept. `None`: the processes stay where the test is.
     pub pod_cgroup: Option<PathBuf>,
+    /// How long the Deployment controller waits before it acts on a new generation (a
+    /// busy controller-manager's lag: `observedGeneration` trails `generation`, and the
+    /// status still describes the previous spec). Zero by default.
+    pub rollout_lag: std::time::Duration,
 }
 
 impl Default for SandboxOptions {
@@ -131,6 +135,7 @@ impl Default for SandboxOptions {
             adopt_unbound_pods: true,
             service_proxy: false,
             pod_cgroup: None,
+            rollout_lag: std::time::Duration::ZERO,
         }
     }
 }
@@ -210,6 +215,12 @@ impl Sandbox {
         }
         if opts.controllers {
             tasks.push(tokio::spawn(controllers::deployments::run(
+                client.clone(),
+                ns.clone(),
+                opts.rollout_lag,
+                cancel.child_token(),
+            )));
+            tasks.push(tokio::spawn(controllers::replicasets::run(
                 client.clone(),
                 ns.clone(),
                 Some(opts.node_name.clone()),
