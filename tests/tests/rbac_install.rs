@@ -83,6 +83,7 @@ async fn start(
             real_controller: real.then(|| vec!["--lease-namespace".into(), SYSTEM_NS.into()]),
             rbac: Some(rbac),
             skip_ready_wait: !real,
+            ..Options::default()
         },
     )
     .await

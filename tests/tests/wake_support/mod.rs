@@ -361,6 +361,9 @@ pub struct Options {
     /// Return once everything is started, without waiting for the agent to be ready
     /// (a test that expects it never to be).
     pub skip_ready_wait: bool,
+    /// The sandbox's Deployment controller acts this long after a change
+    /// ([`SandboxOptions::rollout_lag`]).
+    pub rollout_lag: Duration,
 }
 
 /// Changes the objects of `manifests/base/rbac.yaml` before they are applied.
@@ -482,6 +485,7 @@ impl WakeEnv {
             SandboxOptions {
                 service_proxy: true,
                 pod_cgroup: Some(cgroup.path().to_path_buf()),
+                rollout_lag: opts.rollout_lag,
                 ..SandboxOptions::default()
             },
         )
@@ -854,6 +858,20 @@ pub async fn post_alert(env: &WakeEnv, alert: &str, firing: bool) -> anyhow::Res
     let addr = env.real.as_ref().context("the real controller")?.api_addr;
     let now = chrono::Utc::now();
     let status = if firing { "firing" } else { "resolved" };
+    // As Alertmanager: one fingerprint per label set, and a firing that follows a
+    // resolution is a new instance that starts now (an older start would be taken for
+    // a late copy of the resolved one and ignored).
+    let fingerprint = format!(
+        "{:016x}",
+        alert.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    );
+    let starts_at = if firing {
+        now.to_rfc3339()
+    } else {
+        (now - chrono::Duration::seconds(60)).to_rfc3339()
+    };
     let ends_at = if firing {
         "0001-01-01T00:00:00Z".to_string()
     } else {
@@ -867,9 +885,9 @@ pub async fn post_alert(env: &WakeEnv, alert: &str, firing: bool) -> anyhow::Res
         "alerts": [{
             "status": status,
             "labels": {"alertname": alert},
-            "startsAt": (now - chrono::Duration::seconds(60)).to_rfc3339(),
+            "startsAt": starts_at,
             "endsAt": ends_at,
-            "fingerprint": "5eed0f5eed0f5eed",
+            "fingerprint": fingerprint,
         }],
     })
     .to_string();
