@@ -113,6 +113,24 @@ pub fn apply(b: Builtin, obj: &mut Value) {
     match b {
         Builtin::Deployment => replicated(obj, true),
         Builtin::ReplicaSet => replicated(obj, false),
+        Builtin::StatefulSet => {
+            replicated(obj, false);
+            if let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) {
+                set_absent(spec, "podManagementPolicy", json!("OrderedReady"));
+                set_absent(spec, "revisionHistoryLimit", json!(10));
+                set_absent(spec, "updateStrategy", json!({}));
+                let strategy = &mut spec["updateStrategy"];
+                set_absent(strategy, "type", json!("RollingUpdate"));
+                if strategy["type"] == "RollingUpdate" {
+                    set_absent(strategy, "rollingUpdate", json!({"partition": 0}));
+                }
+                set_absent(
+                    spec,
+                    "persistentVolumeClaimRetentionPolicy",
+                    json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+                );
+            }
+        }
         Builtin::Pod => {
             if let Some(ps) = obj.get_mut("spec") {
                 pod_spec(ps);

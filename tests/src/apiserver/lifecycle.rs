@@ -71,7 +71,14 @@ pub struct DeleteOpts {
 fn has_generation(rt: &ResourceType) -> bool {
     matches!(
         rt.builtin,
-        None | Some(Builtin::Deployment | Builtin::ReplicaSet | Builtin::Pod | Builtin::Crd)
+        None | Some(
+            Builtin::Deployment
+                | Builtin::ReplicaSet
+                | Builtin::StatefulSet
+                | Builtin::HorizontalPodAutoscaler
+                | Builtin::Pod
+                | Builtin::Crd
+        )
     )
 }
 

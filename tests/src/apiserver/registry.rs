@@ -24,6 +24,8 @@ pub enum Builtin {
     Lease,
     Crd,
     ServiceAccount,
+    StatefulSet,
+    HorizontalPodAutoscaler,
     Role,
     ClusterRole,
     RoleBinding,
@@ -129,7 +131,12 @@ fn builtin(
         short_names: short.iter().map(|s| s.to_string()).collect(),
         categories: if matches!(
             b,
-            Builtin::Pod | Builtin::Service | Builtin::Deployment | Builtin::ReplicaSet
+            Builtin::Pod
+                | Builtin::Service
+                | Builtin::Deployment
+                | Builtin::ReplicaSet
+                | Builtin::StatefulSet
+                | Builtin::HorizontalPodAutoscaler
         ) {
             vec!["all".into()]
         } else {
@@ -248,6 +255,28 @@ pub fn builtins() -> Vec<ResourceType> {
             &["rs"],
             true,
             true,
+        ),
+        builtin(
+            StatefulSet,
+            "apps",
+            "v1",
+            "StatefulSet",
+            "statefulsets",
+            true,
+            &["sts"],
+            true,
+            true,
+        ),
+        builtin(
+            HorizontalPodAutoscaler,
+            "autoscaling",
+            "v2",
+            "HorizontalPodAutoscaler",
+            "horizontalpodautoscalers",
+            true,
+            &["hpa"],
+            true,
+            false,
         ),
         builtin(
             EventsV1,

@@ -256,6 +256,13 @@ fn build() -> BuiltinSchemas {
     root!(g, roots, Builtin::EventsV1, api::events::v1::Event);
     root!(g, roots, Builtin::Deployment, api::apps::v1::Deployment);
     root!(g, roots, Builtin::ReplicaSet, api::apps::v1::ReplicaSet);
+    root!(g, roots, Builtin::StatefulSet, api::apps::v1::StatefulSet);
+    root!(
+        g,
+        roots,
+        Builtin::HorizontalPodAutoscaler,
+        api::autoscaling::v2::HorizontalPodAutoscaler
+    );
     root!(
         g,
         roots,

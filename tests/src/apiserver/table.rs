@@ -420,6 +420,47 @@ fn columns(b: Option<Builtin>) -> Vec<Column> {
                 cell: |o| o["metadata"]["creationTimestamp"].clone(),
             },
         ],
+        Some(Builtin::StatefulSet) => vec![
+            name,
+            col("Ready", 0, |o| {
+                json!(format!(
+                    "{}/{}",
+                    int_at(o, "/status/readyReplicas"),
+                    int_at(o, "/spec/replicas")
+                ))
+            }),
+            age,
+            col("Containers", 1, |o| {
+                containers(o, "/spec/template/spec/containers", "name")
+            }),
+            col("Images", 1, |o| {
+                containers(o, "/spec/template/spec/containers", "image")
+            }),
+        ],
+        Some(Builtin::HorizontalPodAutoscaler) => vec![
+            name,
+            col("Reference", 0, |o| {
+                json!(format!(
+                    "{}/{}",
+                    o["spec"]["scaleTargetRef"]["kind"].as_str().unwrap_or(""),
+                    o["spec"]["scaleTargetRef"]["name"].as_str().unwrap_or("")
+                ))
+            }),
+            col("Targets", 0, |o| {
+                json!(match o["spec"]["metrics"].as_array().map_or(0, Vec::len) {
+                    0 => "<none>".to_string(),
+                    n => format!("{n} metric(s)"),
+                })
+            }),
+            int_col("MinPods", 0, |o| {
+                json!(o["spec"]["minReplicas"].as_i64().unwrap_or(1))
+            }),
+            int_col("MaxPods", 0, |o| json!(int_at(o, "/spec/maxReplicas"))),
+            int_col("Replicas", 0, |o| {
+                json!(int_at(o, "/status/currentReplicas"))
+            }),
+            age,
+        ],
         Some(Builtin::ServiceAccount) => vec![
             name,
             int_col("Secrets", 0, |o| {

@@ -1,14 +1,14 @@
 //! The garbage collector, for the owners the sandbox knows: ReplicaSets whose controlling
-//! Deployment is gone, pods whose controlling ReplicaSet or Deployment is gone and
-//! EndpointSlices whose controlling Service is gone are deleted
-//! (background propagation, what kubectl and kube-rs ask for by default). It deletes
+//! Deployment is gone, pods whose controlling ReplicaSet, StatefulSet or Deployment is
+//! gone and EndpointSlices whose controlling Service is gone are deleted (background
+//! propagation, what kubectl and kube-rs ask for by default). It deletes
 //! only objects whose controller owner reference names a missing uid.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams};
@@ -93,9 +93,11 @@ async fn sweep(client: &Client, ns: Option<&str>) -> Result<(), GcError> {
     let deployments = uids(&list::<Deployment>(client, ns, "deployments").await?);
     let services = uids(&list::<Service>(client, ns, "services").await?);
     let set_uids = uids(&sets);
+    let stateful = uids(&list::<StatefulSet>(client, ns, "statefulsets").await?);
     for pod in &pods {
         let orphan = controller_uid(pod, "Deployment").is_some_and(|u| !deployments.contains(u))
-            || controller_uid(pod, "ReplicaSet").is_some_and(|u| !set_uids.contains(u));
+            || controller_uid(pod, "ReplicaSet").is_some_and(|u| !set_uids.contains(u))
+            || controller_uid(pod, "StatefulSet").is_some_and(|u| !stateful.contains(u));
         if orphan {
             delete::<Pod>(client, pod, "pod").await?;
         }

@@ -226,6 +226,12 @@ impl Sandbox {
                 Some(opts.node_name.clone()),
                 cancel.child_token(),
             )));
+            tasks.push(tokio::spawn(controllers::statefulsets::run(
+                client.clone(),
+                ns.clone(),
+                Some(opts.node_name.clone()),
+                cancel.child_token(),
+            )));
             tasks.push(tokio::spawn(controllers::endpointslices::run(
                 client.clone(),
                 ns.clone(),

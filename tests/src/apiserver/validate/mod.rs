@@ -93,6 +93,7 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Caus
     match rt.builtin {
         Some(Builtin::Deployment) => causes.extend(workloads::deployment(obj, old)),
         Some(Builtin::ReplicaSet) => causes.extend(workloads::replica_set(obj, old)),
+        Some(Builtin::StatefulSet) => causes.extend(workloads::stateful_set(obj, old)),
         Some(Builtin::Pod) => causes.extend(workloads::pod(obj, old)),
         Some(Builtin::Service) => causes.extend(network::service(obj, old)),
         Some(Builtin::EndpointSlice) => causes.extend(network::endpoint_slice(obj)),
