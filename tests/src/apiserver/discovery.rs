@@ -87,6 +87,7 @@ fn resource_entries(rt: &ResourceType) -> Vec<Value> {
                         "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
     }
     if rt.builtin == Some(Builtin::Pod) {
+        out.push(json!({"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]}));
         out.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true, "kind": "Binding", "verbs": ["create"]}));
     }
     out

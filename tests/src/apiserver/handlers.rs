@@ -75,6 +75,18 @@ fn ok(body: Value) -> Reply {
 }
 
 pub async fn resource(ctx: Ctx<'_>, p: ResourcePath) -> Response<Body> {
+    if p.sub.as_deref() == Some("log") && p.plural == "pods" && p.group.is_empty() {
+        let url = {
+            let st = ctx.shared.lock();
+            resolve(&st, &p).and_then(|_| super::logs::kubelet_url(&st, &p, ctx.q))
+        };
+        let answer = match (ctx.method.clone(), url) {
+            (Method::GET, Ok(url)) => super::logs::proxy(&url).await,
+            (Method::GET, Err(e)) => Err(e),
+            (m, _) => Err(ApiError::method_not_allowed(m.as_str())),
+        };
+        return answer.unwrap_or_else(|e| error(&e));
+    }
     // `?watch=true` on an object's own path is the legacy single-object watch.
     let is_watch = *ctx.method == Method::GET && p.sub.is_none() && ctx.flag("watch");
     if is_watch {

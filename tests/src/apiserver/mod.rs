@@ -15,6 +15,7 @@ mod handlers;
 mod http;
 mod kubeconfig;
 mod lifecycle;
+mod logs;
 mod meta;
 mod openapi;
 mod paging;

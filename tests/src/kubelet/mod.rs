@@ -41,6 +41,11 @@
 //!   process winds down; an unbound pod is removed at once and only its process gets
 //!   the grace period.
 //!
+//! The kubelet registers its Node (Ready, at 127.0.0.1, its log endpoint as the kubelet
+//! port) and serves container logs there for the API server's `pods/log`
+//! (`kubectl logs`, [`logs`]); it records the pod Events `kubectl describe pod` shows
+//! ([`events`]).
+//!
 //! With [`SandboxOptions::service_proxy`], the node also runs kube-proxy's part:
 //! `ClusterIP:port` of every Service with ready endpoints accepts connections and
 //! forwards them to a ready pod ([`service_proxy`]).
@@ -57,10 +62,12 @@
 //! Images, volumes, resources, init and ephemeral containers, liveness/startup probes,
 //! `envFrom` and secret/config-map env (refused with `CreateContainerConfigError`),
 //! `maxSurge`/`maxUnavailable` beyond "new pods first, old ones once they are ready",
-//! `spec.paused` rollouts beyond "do nothing", Nodes.
+//! `spec.paused` rollouts beyond "do nothing", Node heartbeats and capacity.
 
 pub mod call;
 pub mod container;
+pub mod events;
+pub mod logs;
 pub mod pods;
 pub mod probe;
 pub mod process;
@@ -153,6 +160,8 @@ pub enum SandboxError {
     StopLoops,
     #[error("removing pod networking: {0}")]
     RemoveNetwork(#[source] NetnsError),
+    #[error(transparent)]
+    LogServer(#[from] logs::LogServerError),
 }
 
 /// A running simulated node. Stop it with [`Sandbox::shutdown`]; dropping it does the
@@ -195,8 +204,12 @@ impl Sandbox {
             adopt_unbound: opts.adopt_unbound_pods,
             work_dir,
             pod_cgroup: opts.pod_cgroup.clone(),
+            events: events::Recorder::new(client.clone(), opts.node_name.clone()),
         });
         let cancel = CancellationToken::new();
+        // `kubectl logs` reaches container logs through the Node, as on a cluster.
+        let log_addr = logs::serve(env.work_dir.join("logs"), cancel.child_token()).await?;
+        logs::register_node(&client, &opts.node_name, log_addr.port()).await?;
         let ns = opts.namespace.clone();
         let pods_api: kube::Api<Pod> = match &ns {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),
