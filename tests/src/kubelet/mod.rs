@@ -44,7 +44,8 @@
 //! The kubelet registers its Node (Ready, at 127.0.0.1, its log endpoint as the kubelet
 //! port) and serves container logs there for the API server's `pods/log`
 //! (`kubectl logs`, [`logs`]); it records the pod Events `kubectl describe pod` shows
-//! ([`events`]).
+//! ([`events`]). Each pod's containers find a token of its ServiceAccount, bound to the
+//! pod, at `/var/run/secrets/kubernetes.io/serviceaccount` ([`service_account`]).
 //!
 //! With [`SandboxOptions::service_proxy`], the node also runs kube-proxy's part:
 //! `ClusterIP:port` of every Service with ready endpoints accepts connections and
@@ -71,6 +72,7 @@ pub mod logs;
 pub mod pods;
 pub mod probe;
 pub mod process;
+pub mod service_account;
 pub mod service_proxy;
 pub mod status;
 pub mod worker;
@@ -130,6 +132,9 @@ pub struct SandboxOptions {
     /// busy controller-manager's lag: `observedGeneration` trails `generation`, and the
     /// status still describes the previous spec). Zero by default.
     pub rollout_lag: std::time::Duration,
+    /// The API server's CA certificate (PEM), written beside each pod's ServiceAccount
+    /// token as `ca.crt` ([`service_account`]); `None`: no `ca.crt`.
+    pub ca_pem: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -143,6 +148,7 @@ impl Default for SandboxOptions {
             service_proxy: false,
             pod_cgroup: None,
             rollout_lag: std::time::Duration::ZERO,
+            ca_pem: None,
         }
     }
 }
@@ -205,6 +211,7 @@ impl Sandbox {
             work_dir,
             pod_cgroup: opts.pod_cgroup.clone(),
             events: events::Recorder::new(client.clone(), opts.node_name.clone()),
+            ca_pem: opts.ca_pem.clone(),
         });
         let cancel = CancellationToken::new();
         // `kubectl logs` reaches container logs through the Node, as on a cluster.

@@ -51,6 +51,8 @@ pub struct WorkerEnv {
     pub pod_cgroup: Option<PathBuf>,
     /// Events about the pods, for `kubectl describe pod`.
     pub events: Arc<Recorder>,
+    /// The API server's CA, for the pods' `ca.crt`.
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for WorkerEnv {
@@ -193,6 +195,8 @@ struct Worker {
     start_time: Option<Time>,
     reported: Option<PodStatus>,
     report_retry_at: Option<Instant>,
+    /// The pod's projected ServiceAccount token directory, once written.
+    service_account: Option<std::path::PathBuf>,
     exits_tx: mpsc::UnboundedSender<(usize, u64, ExitStatus)>,
     exits_rx: mpsc::UnboundedReceiver<(usize, u64, ExitStatus)>,
     probes: FuturesUnordered<BoxFuture<'static, ProbeDone>>,
@@ -241,6 +245,7 @@ impl Worker {
             start_time: None,
             reported: None,
             report_retry_at: None,
+            service_account: None,
             exits_tx,
             exits_rx,
             probes: FuturesUnordered::new(),
@@ -330,6 +335,28 @@ impl Worker {
                 }
             }
         }
+        // The token volume comes before any container, as the kubelet mounts volumes first.
+        loop {
+            let dir = self.pod_dir().join("serviceaccount");
+            let ca = self.env.ca_pem.clone();
+            match super::service_account::project(&self.env.client, &self.pod, &dir, ca.as_deref())
+                .await
+            {
+                Ok(projected) => {
+                    self.service_account = projected;
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(pod = %self.key, %err, "projecting the ServiceAccount token failed, retrying");
+                    let message =
+                        format!("MountVolume.SetUp failed for volume \"kube-api-access\" : {err}");
+                    self.event(None, Source::Kubelet, true, "FailedMount", message);
+                    if let Some(end) = self.pause(RETRY, updates, cancel).await {
+                        return end;
+                    }
+                }
+            }
+        }
         let _ = self.report().await;
         for i in 0..self.slots.len() {
             self.start(i);
@@ -402,12 +429,8 @@ impl Worker {
         };
         let namespace = self.pod.namespace().unwrap_or_default();
         let name = self.name();
-        let uid = self.pod.uid().unwrap_or_default();
-        let pod_dir = self
-            .env
-            .work_dir
-            .join("pods")
-            .join(format!("{namespace}_{name}_{}", &uid[..uid.len().min(8)]));
+        let pod_dir = self.pod_dir();
+        let service_account = self.service_account.clone();
         let slot = &mut self.slots[i];
         if slot.config_error {
             return;
@@ -420,6 +443,7 @@ impl Worker {
             pod_dir: &pod_dir,
             log_path: self.env.log_path(&namespace, &name, &slot.spec.name),
             cgroup: self.env.pod_cgroup.as_deref(),
+            service_account: service_account.as_deref(),
         };
         let prepared = container::launch(&self.pod, &slot.spec, &place)
             .map_err(|e| e.to_string())
@@ -547,6 +571,17 @@ impl Worker {
         self.env
             .events
             .record(&self.pod, container, source, warning, reason, message);
+    }
+
+    /// The pod's scratch directory: `<work>/pods/<ns>_<name>_<uid prefix>`.
+    fn pod_dir(&self) -> std::path::PathBuf {
+        let namespace = self.pod.namespace().unwrap_or_default();
+        let uid = self.pod.uid().unwrap_or_default();
+        self.env.work_dir.join("pods").join(format!(
+            "{namespace}_{}_{}",
+            self.name(),
+            &uid[..uid.len().min(8)]
+        ))
     }
 
     fn record_killing(&self) {

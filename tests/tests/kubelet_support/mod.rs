@@ -35,7 +35,7 @@ impl Env {
         Self::start_with(prefix, SandboxOptions::default()).await
     }
 
-    pub async fn start_with(prefix: &str, opts: SandboxOptions) -> anyhow::Result<Self> {
+    pub async fn start_with(prefix: &str, mut opts: SandboxOptions) -> anyhow::Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -54,6 +54,8 @@ impl Env {
             )
             .await
             .context("creating the test namespace")?;
+        opts.ca_pem
+            .get_or_insert_with(|| server.ca_pem().to_owned());
         let sandbox = Sandbox::start(client.clone(), opts).await?;
         Ok(Self {
             server,
