@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 /// registered any is not ready.
 #[derive(Debug, Default)]
 pub struct Readiness {
-    conditions: Mutex<BTreeMap<String, bool>>,
+    /// Each condition, and why it does not hold when something said so.
+    conditions: Mutex<BTreeMap<String, (bool, Option<String>)>>,
 }
 
 impl Readiness {
@@ -27,10 +28,19 @@ impl Readiness {
     }
 
     pub fn set(&self, condition: &str, ok: bool) {
-        self.conditions
-            .lock()
-            .expect("readiness lock")
-            .insert(condition.to_string(), ok);
+        let mut conditions = self.conditions.lock().expect("readiness lock");
+        let why = conditions.remove(condition).and_then(|(_, why)| why);
+        conditions.insert(condition.to_string(), (ok, if ok { None } else { why }));
+    }
+
+    /// Why `condition` does not hold (shown by `/readyz` while it does not); cleared
+    /// when it next holds.
+    pub fn explain(&self, condition: &str, why: String) {
+        let mut conditions = self.conditions.lock().expect("readiness lock");
+        let entry = conditions
+            .entry(condition.to_string())
+            .or_insert((false, None));
+        entry.1 = Some(why);
     }
 
     /// Ready, or the conditions that do not hold.
@@ -41,8 +51,11 @@ impl Readiness {
         }
         let failing: Vec<String> = conditions
             .iter()
-            .filter(|(_, ok)| !**ok)
-            .map(|(name, _)| name.clone())
+            .filter(|(_, (ok, _))| !*ok)
+            .map(|(name, (_, why))| match why {
+                Some(why) => format!("{name} ({why})"),
+                None => name.clone(),
+            })
             .collect();
         if failing.is_empty() {
             Ok(())

@@ -430,11 +430,18 @@ impl WriterParts {
             let readiness = readiness.clone();
             async move {
                 let ready = readiness.clone();
-                let result = services::watch_managed_services(kube, registry, managed, move || {
-                    ready.set("services", true);
-                    services_synced.send_replace(true);
-                    tracing::info!("managed Services synced");
-                })
+                let explain = readiness.clone();
+                let result = services::watch_managed_services(
+                    kube,
+                    registry,
+                    managed,
+                    move || {
+                        ready.set("services", true);
+                        services_synced.send_replace(true);
+                        tracing::info!("managed Services synced");
+                    },
+                    move |why| explain.explain("services", why),
+                )
                 .await;
                 if let Err(err) = result {
                     tracing::error!(error = %services::error_chain(&err), "the managed-Service watch stopped");
@@ -665,7 +672,11 @@ impl Agent {
             let registry = registry.clone();
             let readiness = readiness.clone();
             tasks.push(tokio::spawn(async move {
-                let watch = endpoints::watch_endpoint_slices(client, registry.clone());
+                let explain = readiness.clone();
+                let watch =
+                    endpoints::watch_endpoint_slices(client, registry.clone(), move |why| {
+                        explain.explain("endpoints", why)
+                    });
                 tokio::pin!(watch);
                 let result = tokio::select! {
                     r = &mut watch => r,

@@ -273,12 +273,14 @@ pub enum EndpointsError {
 
 /// Watch every EndpointSlice that belongs to a Service (cluster-wide, by the
 /// [`SERVICE_NAME_LABEL`] label) and publish each Service's ready backends into
-/// `registry`. Runs until the stream ends; watch errors are retried with kube-rs's backoff.
+/// `registry`. Runs until the stream ends; watch errors are retried with kube-rs's backoff,
+/// and each is told to `on_error` in words for the operator (a 403 names the permission).
 /// Every Service's backends are published, not only those managed now, so a Service that
 /// becomes managed later has its backends at once.
 pub async fn watch_endpoint_slices(
     client: kube::Client,
     registry: Arc<EndpointRegistry>,
+    on_error: impl Fn(String) + Send,
 ) -> Result<(), EndpointsError> {
     let api: Api<EndpointSlice> = Api::all(client);
     // Not the hold slices the controller publishes for held Services: they list the
@@ -297,7 +299,9 @@ pub async fn watch_endpoint_slices(
     while let Some(event) = stream.next().await {
         let touched: Vec<ServiceRef> = match event {
             Err(err) => {
-                tracing::warn!(?err, "EndpointSlice watch failed; retrying");
+                let why = format!("EndpointSlices: {}", crate::permissions::explain(&err));
+                tracing::warn!(error = %why, "EndpointSlice watch failed; retrying");
+                on_error(why);
                 continue;
             }
             Ok(watcher::Event::Init) => {

@@ -12,5 +12,6 @@ pub mod handover;
 pub mod holdports;
 pub mod metrics;
 pub mod node;
+pub mod permissions;
 pub mod proxy;
 pub mod services;

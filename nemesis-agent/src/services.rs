@@ -641,12 +641,14 @@ fn parse_policy(obj: &DynamicObject) -> Option<PolicyTarget> {
 /// Waits for the endpoints to be listed (so a warm Service is not held by mistake at
 /// start), then follows ScalingPolicies and Services cluster-wide and applies the
 /// managed rows on every change; `on_synced` runs once, after the first apply. Returns
-/// only if a watch stream ends; watch errors are retried with kube-rs's backoff.
+/// only if a watch stream ends; watch errors are retried with kube-rs's backoff, and
+/// each is told to `on_error` in words for the operator (a 403 names the permission).
 pub async fn watch_managed_services(
     client: kube::Client,
     endpoints: Arc<EndpointRegistry>,
     managed: Arc<ManagedServices>,
     on_synced: impl FnOnce() + Send,
+    on_error: impl Fn(String) + Send,
 ) -> Result<(), ServicesError> {
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &scaling_policy_resource());
     let services: Api<Service> = Api::all(client);
@@ -665,7 +667,12 @@ pub async fn watch_managed_services(
     while let Some(event) = events.next().await {
         match event {
             Err(err) => {
-                tracing::warn!(?err, "ScalingPolicy/Service watch failed; retrying");
+                let why = format!(
+                    "ScalingPolicies/Services: {}",
+                    crate::permissions::explain(&err)
+                );
+                tracing::warn!(error = %why, "ScalingPolicy/Service watch failed; retrying");
+                on_error(why);
                 continue;
             }
             Ok(Change::Policy(e)) => match *e {

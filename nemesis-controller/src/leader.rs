@@ -35,28 +35,28 @@ pub struct LeaderConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
-    #[error("reading Lease {namespace}/{name}: {source}")]
+    #[error("reading Lease {namespace}/{name}: {}", crate::permissions::explain(.source))]
     GetLease {
         namespace: String,
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("creating Lease {namespace}/{name}: {source}")]
+    #[error("creating Lease {namespace}/{name}: {}", crate::permissions::explain(.source))]
     CreateLease {
         namespace: String,
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("updating Lease {namespace}/{name}: {source}")]
+    #[error("updating Lease {namespace}/{name}: {}", crate::permissions::explain(.source))]
     UpdateLease {
         namespace: String,
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("labelling the leader Pod {namespace}/{name}: {source}")]
+    #[error("labelling the leader Pod {namespace}/{name}: {}", crate::permissions::explain(.source))]
     LabelPod {
         namespace: String,
         name: String,

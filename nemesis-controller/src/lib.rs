@@ -7,6 +7,7 @@ pub mod engine;
 pub mod holdslice;
 pub mod leader;
 pub mod metrics;
+pub mod permissions;
 pub mod policy;
 pub mod prometheus;
 pub mod reconcile;

@@ -70,7 +70,11 @@ async fn ready_backends_follow_the_endpoint_slices_of_each_service() -> Result<(
         let server = TestApiServer::start(ApiServerOptions::default()).await?;
         let client = server.client().await?;
         let registry = EndpointRegistry::new();
-        let watch = tokio::spawn(watch_endpoint_slices(client.clone(), registry.clone()));
+        let watch = tokio::spawn(watch_endpoint_slices(
+            client.clone(),
+            registry.clone(),
+            |_| {},
+        ));
         let api: Api<EndpointSlice> = Api::namespaced(client, "default");
         let web = ServiceRef {
             namespace: "default".into(),

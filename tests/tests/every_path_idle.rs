@@ -77,6 +77,7 @@ async fn traffic_straight_to_the_pod_keeps_the_service_warm_and_it_sleeps_one_id
         Options {
             policy_spec: Some(policy()),
             real_controller: Some(vec![]),
+            ..Options::default()
         },
     )
     .await?;

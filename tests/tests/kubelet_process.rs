@@ -31,6 +31,7 @@ fn launch(netns: &str, argv: &[&str], env: &[(&str, &str)], dir: &std::path::Pat
         start_delay: Duration::ZERO,
         log_path: dir.join("container.log"),
         cgroup: None,
+        service_account: None,
     }
 }
 

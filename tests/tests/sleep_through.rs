@@ -22,11 +22,8 @@ use nemesis_controller::agents::AgentRegistry;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::{ColdStartOutcome, PolicyId};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
-use wake_support::{
-    ALERT_TOKEN, APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually,
-};
+use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually, post_alert};
 
 /// The alert that sends the policy to sleep.
 const ALERT: &str = "NemesisSleepNow";
@@ -77,57 +74,6 @@ fn svc() -> ServiceRef {
         namespace: NS.into(),
         name: APP.into(),
     }
-}
-
-/// Posts an Alertmanager (payload version 4) notification for [`ALERT`] to the real
-/// controller's receiver, as Alertmanager's webhook would.
-async fn post_alert(env: &WakeEnv, firing: bool) -> anyhow::Result<()> {
-    let addr = env.real.as_ref().context("the real controller")?.api_addr;
-    let now = chrono::Utc::now();
-    let status = if firing { "firing" } else { "resolved" };
-    let ends_at = if firing {
-        "0001-01-01T00:00:00Z".to_string()
-    } else {
-        now.to_rfc3339()
-    };
-    let body = json!({
-        "version": "4",
-        "groupKey": format!("{{}}:{{alertname=\"{ALERT}\"}}"),
-        "status": status,
-        "receiver": "nemesis",
-        "alerts": [{
-            "status": status,
-            "labels": {"alertname": ALERT},
-            "startsAt": (now - chrono::Duration::seconds(60)).to_rfc3339(),
-            "endsAt": ends_at,
-            "fingerprint": "5eed0f5eed0f5eed",
-        }],
-    })
-    .to_string();
-    let run = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!(
-                "POST /v1/alerts/alertmanager HTTP/1.1\r\nHost: {addr}\r\n\
-                 Authorization: Bearer {ALERT_TOKEN}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
-        Ok::<_, anyhow::Error>(text)
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .context("posting the alert timed out")??;
-    anyhow::ensure!(
-        text.starts_with("HTTP/1.1 200"),
-        "the controller refused the {status} alert: {text}"
-    );
-    Ok(())
 }
 
 /// What the controller's registry said about the agent when the Deployment was seen at 0.
@@ -224,6 +170,7 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
         Options {
             policy_spec: Some(policy()),
             real_controller: Some(Vec::new()),
+            ..Options::default()
         },
     )
     .await?;
@@ -289,10 +236,10 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = env.metrics().await?;
 
-        post_alert(&env, true).await?;
+        post_alert(&env, ALERT, true).await?;
         wait_replicas_seen(&log, &[0, 1, 0], Duration::from_secs(30)).await?;
         // Asleep: the alert has done its job (and must not send the woken target back).
-        post_alert(&env, false).await?;
+        post_alert(&env, ALERT, false).await?;
         wait_replicas_seen(&log, &[0, 1, 0, 1], Duration::from_secs(30)).await?;
         env.wait_mode(Mode::Passthrough).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;

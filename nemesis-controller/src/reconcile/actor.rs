@@ -526,13 +526,7 @@ impl Actor {
     fn target(&mut self, c: &CompiledPolicy) -> Option<Target> {
         let key = ObjectRef::<Deployment>::new(c.deployment()).within(self.namespace());
         let dep = self.term.deployments.get(&key)?;
-        let cached = dep.spec.replicas.unwrap_or(1).max(0) as u32;
-        let ready = dep
-            .status
-            .as_ref()
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0)
-            .max(0) as u32;
+        let (cached, ready) = observed_replicas(&dep);
         let replicas = match self.pending_scale {
             Some((n, _)) if n == cached => {
                 self.pending_scale = None;
@@ -1111,6 +1105,31 @@ async fn wait_ack(phase: &mut SleepPhase) -> Result<(), AckError> {
     }
 }
 
+/// A Deployment's `spec.replicas` and the ready replicas its status vouches for. The
+/// status speaks for the spec only once the Deployment controller has caught up with it
+/// (`status.observedGeneration >= metadata.generation`): before that its ready count is
+/// the previous spec's (a scale to zero not yet acted on still shows the old pods ready),
+/// so it counts as none and a scale is never taken as done on it.
+fn observed_replicas(dep: &Deployment) -> (u32, u32) {
+    let replicas = dep.spec.replicas.unwrap_or(1).max(0) as u32;
+    let status = dep.status.as_ref();
+    let caught_up = match (
+        dep.metadata.generation,
+        status.and_then(|s| s.observed_generation),
+    ) {
+        (Some(generation), Some(observed)) => observed >= generation,
+        // No generation (not from an API server): nothing to wait for.
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    let ready = status
+        .and_then(|s| s.ready_replicas)
+        .filter(|_| caught_up)
+        .unwrap_or(0)
+        .max(0) as u32;
+    (replicas, ready)
+}
+
 /// Why a target is scaled back when it was scaled outside the policy.
 fn outside_scale_reason(deployment: &str, replicas: u32, state: &str, desired: u32) -> String {
     format!(
@@ -1131,7 +1150,35 @@ fn to_i32(n: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::cold_start_note;
+    use super::{cold_start_note, observed_replicas};
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
+
+    fn dep(replicas: i32, generation: i64, observed: Option<i64>, ready: i32) -> Deployment {
+        Deployment {
+            metadata: kube::api::ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            spec: DeploymentSpec {
+                replicas: Some(replicas),
+                ..Default::default()
+            },
+            status: Some(DeploymentStatus {
+                observed_generation: observed,
+                ready_replicas: Some(ready),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn ready_replicas_count_only_once_the_deployment_controller_caught_up() {
+        // Scaled 1 -> 0 -> 1 faster than the controller acts: the old pod shows ready.
+        assert_eq!(observed_replicas(&dep(1, 4, Some(2), 1)), (1, 0));
+        assert_eq!(observed_replicas(&dep(1, 4, Some(4), 1)), (1, 1));
+        assert_eq!(observed_replicas(&dep(3, 4, Some(5), 2)), (3, 2));
+        assert_eq!(observed_replicas(&dep(1, 1, None, 0)), (1, 0));
+    }
 
     #[test]
     fn the_cold_start_note_counts_held_connections_in_words() {

@@ -181,7 +181,7 @@ async fn publish_all(
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 metrics.error(ErrorKind::KubeApi);
-                tracing::warn!(err = %e, reason = n.reason, "publishing an Event failed");
+                tracing::warn!(err = %crate::permissions::explain(&e), reason = n.reason, "publishing an Event failed");
             }
             Err(_) => {
                 metrics.error(ErrorKind::KubeApi);

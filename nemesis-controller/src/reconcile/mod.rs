@@ -43,7 +43,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("scaling Deployment {namespace}/{name} to {replicas}: {source}")]
+    #[error("scaling Deployment {namespace}/{name} to {replicas}: {}", crate::permissions::explain(.source))]
     ScaleDeployment {
         namespace: String,
         name: String,
@@ -51,7 +51,7 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
-    #[error("updating the status of ScalingPolicy {namespace}/{name}: {source}")]
+    #[error("updating the status of ScalingPolicy {namespace}/{name}: {}", crate::permissions::explain(.source))]
     PatchStatus {
         namespace: String,
         name: String,

@@ -236,7 +236,7 @@ pub async fn run_term(
                 }
                 Some(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
-                    tracing::warn!(err = %e, "watching ScalingPolicies failed; retrying");
+                    tracing::warn!(err = %crate::permissions::explain_chain(&e), "watching ScalingPolicies failed; retrying");
                 }
                 None => return,
             },
@@ -255,7 +255,7 @@ pub async fn run_term(
                 Some(Ok(Event::Init)) => {}
                 Some(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
-                    tracing::warn!(err = %e, "watching Deployments failed; retrying");
+                    tracing::warn!(err = %crate::permissions::explain_chain(&e), "watching Deployments failed; retrying");
                 }
                 None => return,
             },

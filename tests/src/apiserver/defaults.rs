@@ -113,6 +113,24 @@ pub fn apply(b: Builtin, obj: &mut Value) {
     match b {
         Builtin::Deployment => replicated(obj, true),
         Builtin::ReplicaSet => replicated(obj, false),
+        Builtin::StatefulSet => {
+            replicated(obj, false);
+            if let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) {
+                set_absent(spec, "podManagementPolicy", json!("OrderedReady"));
+                set_absent(spec, "revisionHistoryLimit", json!(10));
+                set_absent(spec, "updateStrategy", json!({}));
+                let strategy = &mut spec["updateStrategy"];
+                set_absent(strategy, "type", json!("RollingUpdate"));
+                if strategy["type"] == "RollingUpdate" {
+                    set_absent(strategy, "rollingUpdate", json!({"partition": 0}));
+                }
+                set_absent(
+                    spec,
+                    "persistentVolumeClaimRetentionPolicy",
+                    json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+                );
+            }
+        }
         Builtin::Pod => {
             if let Some(ps) = obj.get_mut("spec") {
                 pod_spec(ps);
@@ -166,6 +184,18 @@ pub fn apply(b: Builtin, obj: &mut Value) {
         Builtin::Namespace => {
             set_absent(obj, "spec", json!({"finalizers": ["kubernetes"]}));
             set_absent(obj, "status", json!({"phase": "Active"}));
+        }
+        Builtin::RoleBinding | Builtin::ClusterRoleBinding => {
+            for s in obj
+                .get_mut("subjects")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if matches!(s["kind"].as_str(), Some("User" | "Group")) {
+                    set_absent(s, "apiGroup", json!("rbac.authorization.k8s.io"));
+                }
+            }
         }
         _ => {}
     }

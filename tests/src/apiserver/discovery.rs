@@ -64,7 +64,7 @@ fn resource_entries(rt: &ResourceType) -> Vec<Value> {
         "singularName": rt.singular,
         "namespaced": rt.namespaced,
         "kind": rt.kind,
-        "verbs": VERBS,
+        "verbs": if rt.create_only { &["create"][..] } else { &VERBS[..] },
         "storageVersionHash": storage_hash(rt),
     });
     if !rt.short_names.is_empty() {
@@ -82,7 +82,12 @@ fn resource_entries(rt: &ResourceType) -> Vec<Value> {
         out.push(json!({"name": format!("{}/scale", rt.plural), "singularName": "", "namespaced": rt.namespaced,
                         "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
     }
+    if rt.builtin == Some(Builtin::ServiceAccount) {
+        out.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true, "group": "authentication.k8s.io",
+                        "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
+    }
     if rt.builtin == Some(Builtin::Pod) {
+        out.push(json!({"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]}));
         out.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true, "kind": "Binding", "verbs": ["create"]}));
     }
     out

@@ -17,8 +17,10 @@ use super::fields;
 use super::http::{Body, Format, Shared, error, respond};
 use super::lifecycle::{self, DeleteOpts, FieldValidation, Propagation, Sub, WriteOpts};
 use super::meta;
+use super::paging;
 use super::patch::{self, PatchType};
 use super::registry::{Builtin, ResourceType};
+use super::reviews;
 use super::routes::ResourcePath;
 use super::scale;
 use super::schemas::builtin_schemas;
@@ -39,6 +41,8 @@ pub struct Ctx<'a> {
     pub body: &'a Bytes,
     pub format: &'a Format,
     pub user_agent: &'a str,
+    /// The requester, authenticated and allowed this request.
+    pub user: &'a super::rbac::User,
 }
 
 impl Ctx<'_> {
@@ -71,6 +75,18 @@ fn ok(body: Value) -> Reply {
 }
 
 pub async fn resource(ctx: Ctx<'_>, p: ResourcePath) -> Response<Body> {
+    if p.sub.as_deref() == Some("log") && p.plural == "pods" && p.group.is_empty() {
+        let url = {
+            let st = ctx.shared.lock();
+            resolve(&st, &p).and_then(|_| super::logs::kubelet_url(&st, &p, ctx.q))
+        };
+        let answer = match (ctx.method.clone(), url) {
+            (Method::GET, Ok(url)) => super::logs::proxy(&url).await,
+            (Method::GET, Err(e)) => Err(e),
+            (m, _) => Err(ApiError::method_not_allowed(m.as_str())),
+        };
+        return answer.unwrap_or_else(|e| error(&e));
+    }
     // `?watch=true` on an object's own path is the legacy single-object watch.
     let is_watch = *ctx.method == Method::GET && p.sub.is_none() && ctx.flag("watch");
     if is_watch {
@@ -223,6 +239,29 @@ fn sync_resource(ctx: &Ctx, p: &ResourcePath) -> Result<Reply, ApiError> {
     let rt = resolve(&st, p)?;
     let ns = p.namespace.clone().unwrap_or_default();
     let m = ctx.method.clone();
+    if rt.create_only {
+        return match (&m, p.name.as_deref()) {
+            (&Method::POST, None) => {
+                let body = decode_body(ctx)?;
+                let shared = ctx.shared;
+                let out = reviews::create(
+                    &st,
+                    &shared.signer,
+                    &shared.token,
+                    &rt,
+                    &ns,
+                    ctx.user,
+                    &body,
+                )?;
+                Ok(Reply {
+                    status: 201,
+                    body: out,
+                    warnings: vec![],
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(m.as_str())),
+        };
+    }
     match (p.name.as_deref(), p.sub.as_deref()) {
         (None, None) => match m {
             Method::GET => list(ctx, &st, &rt, p.namespace.as_deref()),
@@ -276,6 +315,18 @@ fn sync_resource(ctx: &Ctx, p: &ResourcePath) -> Result<Reply, ApiError> {
         (Some(name), Some("scale")) if rt.scale.is_some() => {
             scale_sub(ctx, &mut st, &rt, &ns, name)
         }
+        (Some(name), Some("token")) if rt.builtin == Some(Builtin::ServiceAccount) => match m {
+            Method::POST => {
+                let body = decode_body(ctx)?;
+                let out = reviews::token_request(&st, &ctx.shared.signer, &ns, name, &body)?;
+                Ok(Reply {
+                    status: 201,
+                    body: out,
+                    warnings: vec![],
+                })
+            }
+            _ => Err(ApiError::method_not_allowed(m.as_str())),
+        },
         (Some(name), Some("binding")) if rt.builtin == Some(Builtin::Pod) => match m {
             Method::POST => bind(ctx, &mut st, &rt, &ns, name),
             _ => Err(ApiError::method_not_allowed(m.as_str())),
@@ -296,49 +347,105 @@ fn get(ctx: &Ctx, st: &State, rt: &ResourceType, ns: &str, name: &str) -> Result
 fn list(ctx: &Ctx, st: &State, rt: &ResourceType, ns: Option<&str>) -> Result<Reply, ApiError> {
     let (ls, fs) = selectors(ctx, rt)?;
     let current = st.rv();
-    if let Some(rv) = ctx.param("resourceVersion") {
-        let n: u64 = rv.parse().map_err(|_| {
-            ApiError::bad_request(format!(
-                "resourceVersion: Invalid value: \"{rv}\": must be an integer"
-            ))
-        })?;
-        match ctx.param("resourceVersionMatch") {
-            // Only the latest state is kept: an exact older snapshot is gone.
-            Some("Exact") if n != current => {
-                return Err(ApiError::gone(format!(
-                    "too old resource version: {n} ({current})"
-                )));
+    let key = convert::storage_key(rt);
+    let mut limit = paging::parse_limit(ctx.param("limit"))?;
+    let resume = match ctx.param("continue") {
+        Some(token) => {
+            if ctx.param("resourceVersion").is_some() {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
             }
-            Some("NotOlderThan") | None if n > current => {
-                return Err(ApiError::timeout(format!(
-                    "Too large resource version: {n}, current: {current}"
-                )));
-            }
-            Some("Exact" | "NotOlderThan") | None => {}
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "resourceVersionMatch: Unsupported value: \"{other}\""
-                )));
+            Some(paging::decode(token)?)
+        }
+        None => None,
+    };
+    // The snapshot this page shows: the continued list's, an exact older one, or now.
+    let snapshot = match (&resume, ctx.param("resourceVersion")) {
+        (Some(c), _) => u64::try_from(c.rv).ok(),
+        (None, None) => None,
+        (None, Some(rv)) => {
+            let n: u64 = rv.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "resourceVersion: Invalid value: \"{rv}\": must be an integer"
+                ))
+            })?;
+            match ctx.param("resourceVersionMatch") {
+                Some("Exact") if n > current => {
+                    return Err(ApiError::timeout(format!(
+                        "Too large resource version: {n}, current: {current}"
+                    )));
+                }
+                Some("Exact") => Some(n),
+                Some("NotOlderThan") | None if n > current => {
+                    return Err(ApiError::timeout(format!(
+                        "Too large resource version: {n}, current: {current}"
+                    )));
+                }
+                // "0" is served from the watch cache, which ignores `limit`.
+                None if n == 0 => {
+                    limit = None;
+                    None
+                }
+                Some("NotOlderThan") | None => None,
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "resourceVersionMatch: Unsupported value: \"{other}\""
+                    )));
+                }
             }
         }
-    }
-    let items: Vec<Value> = st
-        .list(&convert::storage_key(rt), ns)
-        .into_iter()
+    };
+    let stored: Vec<Value> = match snapshot {
+        Some(at) => match st.list_at(&key, ns, at) {
+            Ok(objs) => objs,
+            Err(e) => {
+                return match &resume {
+                    Some(c) => {
+                        let (err, token) = paging::expired(&c.after);
+                        Err(err.with_continue(token))
+                    }
+                    None => Err(e),
+                };
+            }
+        },
+        None => st.list(&key, ns).into_iter().cloned().collect(),
+    };
+    let rv_num = snapshot.unwrap_or(current);
+    let items: Vec<Value> = stored
+        .iter()
         .filter(|o| matches(rt, ns, &ls, &fs, o))
         .map(|o| convert::to_served(o, rt))
         .collect();
-    let rv = current.to_string();
-    // `limit`/`continue` are honoured by returning everything in one page, as the real
-    // server does when it serves from its watch cache.
+    let filtered = ctx.param("labelSelector").is_some() || ctx.param("fieldSelector").is_some();
+    let page = paging::page(
+        items,
+        resume.as_ref().map(|c| c.after.as_str()),
+        limit,
+        i64::try_from(rv_num).unwrap_or(i64::MAX),
+        filtered,
+    );
+    let rv = rv_num.to_string();
+    let mut list_meta = json!({"resourceVersion": rv});
+    if let Some(t) = &page.continue_token {
+        list_meta["continue"] = json!(t);
+    }
+    if let Some(n) = page.remaining {
+        list_meta["remainingItemCount"] = json!(n);
+    }
+    let items = page.items;
     let body = match ctx.format {
-        Format::Table(av) => table::table(rt, &items, &rv, include_object(ctx)?, av),
+        Format::Table(av) => {
+            let mut t = table::table(rt, &items, &rv, include_object(ctx)?, av);
+            t["metadata"] = list_meta;
+            t
+        }
         Format::PartialMeta(av) => json!({
-            "kind": "PartialObjectMetadataList", "apiVersion": av, "metadata": {"resourceVersion": rv},
+            "kind": "PartialObjectMetadataList", "apiVersion": av, "metadata": list_meta,
             "items": items.iter().map(|o| partial(o, av)).collect::<Vec<_>>(),
         }),
         _ => {
-            json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rv}, "items": items})
+            json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": list_meta, "items": items})
         }
     };
     Ok(ok(body))

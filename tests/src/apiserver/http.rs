@@ -17,10 +17,12 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::rbac::User;
 use super::routes::{self, Route};
 use super::status::ApiError;
 use super::store::State;
-use super::{discovery, handlers, openapi};
+use super::tokens::Signer;
+use super::{access, discovery, handlers, openapi};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -38,6 +40,9 @@ pub struct RequestRecord {
     pub status: u16,
     pub user_agent: String,
     pub content_type: String,
+    /// Who the server took the requester for (after impersonation); empty when the
+    /// token was refused.
+    pub user: String,
 }
 
 pub struct Settings {
@@ -49,7 +54,10 @@ pub struct Settings {
 /// switches tests use to cut or hold watches.
 pub struct Shared {
     pub state: Mutex<State>,
+    /// The admin token (a `system:masters` member), the kubeconfig's.
     pub token: String,
+    /// Signs and checks ServiceAccount tokens.
+    pub signer: Signer,
     pub settings: Settings,
     pub address: String,
     pub shutdown: CancellationToken,
@@ -172,12 +180,21 @@ pub fn error(e: &ApiError) -> Response<Body> {
     r
 }
 
-fn authorized(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t.trim() == token)
+/// The requester (impersonation applied), once authenticated and allowed `route`.
+fn admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+    method: &Method,
+    route: &Route,
+    path: &str,
+    query: &str,
+) -> Result<User, ApiError> {
+    let st = shared.lock();
+    let user = access::authenticate(&st, &shared.signer, &shared.token, headers)?;
+    let user = access::impersonate(&st, user, headers)?;
+    let q = routes::query(Some(query));
+    access::authorize(&st, &user, &access::attributes(route, method, path, &q))?;
+    Ok(user)
 }
 
 async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
@@ -216,25 +233,33 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         .unwrap_or("")
         .to_owned();
     let route = routes::route(&path);
-    let public = matches!(route, Route::Health | Route::Version);
-    let resp = if !public && !authorized(&parts.headers, &shared.token) {
-        error(&ApiError::unauthorized())
-    } else {
-        match read_body(body).await {
+    let admitted = admit(
+        &shared,
+        &parts.headers,
+        &parts.method,
+        &route,
+        &path,
+        &query,
+    );
+    let user_name = admitted
+        .as_ref()
+        .map(|u| u.name.clone())
+        .unwrap_or_default();
+    let resp = match admitted {
+        Err(e) => error(&e),
+        Ok(user) => match read_body(body).await {
             Err(e) => error(&e),
             Ok(bytes) => {
-                dispatch(
-                    &shared,
-                    &parts.method,
-                    &parts.headers,
-                    route,
-                    &query,
-                    bytes,
-                    &ua,
-                )
-                .await
+                let req = Admitted {
+                    method: &parts.method,
+                    headers: &parts.headers,
+                    query: &query,
+                    user_agent: &ua,
+                    user: &user,
+                };
+                dispatch(&shared, &req, route, bytes).await
             }
-        }
+        },
     };
     tracing::debug!(method = %parts.method, %path, %query, status = resp.status().as_u16(), "request");
     let mut log = shared.log.lock().unwrap_or_else(|p| p.into_inner());
@@ -248,20 +273,29 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         status: resp.status().as_u16(),
         user_agent: ua,
         content_type: ct,
+        user: user_name,
     });
     resp
 }
 
+/// What dispatch needs to know about an admitted request.
+struct Admitted<'a> {
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    query: &'a str,
+    user_agent: &'a str,
+    user: &'a User,
+}
+
 async fn dispatch(
     shared: &Arc<Shared>,
-    method: &Method,
-    headers: &HeaderMap,
+    req: &Admitted<'_>,
     route: Route,
-    query: &str,
     body: Bytes,
-    ua: &str,
 ) -> Response<Body> {
-    let accept = headers
+    let method = req.method;
+    let accept = req
+        .headers
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok());
     let format = match negotiate(accept) {
@@ -299,15 +333,16 @@ async fn dispatch(
         }
         Route::NotFound => error(&ApiError::path_not_found()),
         Route::Resource(p) => {
-            let q = routes::query(Some(query));
+            let q = routes::query(Some(req.query));
             let ctx = handlers::Ctx {
                 shared,
                 method,
-                headers,
+                headers: req.headers,
                 q: &q,
                 body: &body,
                 format: &format,
-                user_agent: ua,
+                user_agent: req.user_agent,
+                user: req.user,
             };
             handlers::resource(ctx, p).await
         }

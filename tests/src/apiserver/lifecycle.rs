@@ -71,7 +71,14 @@ pub struct DeleteOpts {
 fn has_generation(rt: &ResourceType) -> bool {
     matches!(
         rt.builtin,
-        None | Some(Builtin::Deployment | Builtin::ReplicaSet | Builtin::Pod | Builtin::Crd)
+        None | Some(
+            Builtin::Deployment
+                | Builtin::ReplicaSet
+                | Builtin::StatefulSet
+                | Builtin::HorizontalPodAutoscaler
+                | Builtin::Pod
+                | Builtin::Crd
+        )
     )
 }
 
@@ -461,6 +468,9 @@ pub fn create(
     let stored = st.insert(&key, obj);
     if storage.builtin == Some(Builtin::Crd) {
         st.registry.install_crd(&name, types_from_crd(&stored));
+    }
+    if storage.builtin == Some(Builtin::Namespace) {
+        create_default_service_account(st, &name);
     }
     Ok(Written {
         object: stored,
@@ -906,8 +916,118 @@ fn finish_namespace_if_empty(st: &mut State, ns: &str) {
     }
 }
 
-/// The namespaces every cluster starts with.
+/// Every namespace gets a `default` ServiceAccount, as the ServiceAccount controller
+/// makes one (at once here rather than a moment later).
+fn create_default_service_account(st: &mut State, ns: &str) {
+    let Some(rt) = builtin_type(Builtin::ServiceAccount) else {
+        return;
+    };
+    let obj = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": ns}});
+    let opts = WriteOpts {
+        field_manager: "kube-controller-manager".into(),
+        ..Default::default()
+    };
+    if let Err(e) = create(st, &rt, ns, obj, &opts) {
+        tracing::warn!(namespace = ns, err = %e, "creating the default ServiceAccount");
+    }
+}
+
+fn builtin_type(b: Builtin) -> Option<ResourceType> {
+    super::registry::builtins()
+        .into_iter()
+        .find(|t| t.builtin == Some(b))
+}
+
+/// Upstream's bootstrap policy, the part a client meets: `cluster-admin` for
+/// `system:masters`, discovery and the public info for everyone authenticated (the
+/// health and version paths for anyone), and self reviews (`kubectl auth can-i`,
+/// `whoami`) for everyone authenticated.
+fn bootstrap_rbac(st: &mut State) {
+    let role = |name: &str, rules: Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                            "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+               "rules": rules})
+    };
+    let binding = |name: &str, groups: &[&str]| {
+        let subjects: Vec<Value> = groups
+            .iter()
+            .map(|g| json!({"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": g}))
+            .collect();
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"},
+                            "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+               "subjects": subjects})
+    };
+    let public_paths = json!(["/healthz", "/livez", "/readyz", "/version", "/version/"]);
+    let objects = [
+        (
+            Builtin::ClusterRole,
+            role(
+                "cluster-admin",
+                json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                       {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
+            ),
+        ),
+        (
+            Builtin::ClusterRole,
+            role(
+                "system:discovery",
+                json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/healthz", "/livez",
+                                            "/openapi", "/openapi/*", "/readyz", "/version", "/version/"],
+                        "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            Builtin::ClusterRole,
+            role(
+                "system:basic-user",
+                json!([{"apiGroups": ["authorization.k8s.io"],
+                        "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+                       {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
+            ),
+        ),
+        (
+            Builtin::ClusterRole,
+            role(
+                "system:public-info-viewer",
+                json!([{"nonResourceURLs": public_paths, "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            Builtin::ClusterRoleBinding,
+            binding("cluster-admin", &[super::rbac::MASTERS]),
+        ),
+        (
+            Builtin::ClusterRoleBinding,
+            binding("system:discovery", &[super::rbac::AUTHENTICATED]),
+        ),
+        (
+            Builtin::ClusterRoleBinding,
+            binding("system:basic-user", &[super::rbac::AUTHENTICATED]),
+        ),
+        (
+            Builtin::ClusterRoleBinding,
+            binding(
+                "system:public-info-viewer",
+                &[super::rbac::AUTHENTICATED, super::rbac::UNAUTHENTICATED],
+            ),
+        ),
+    ];
+    let opts = WriteOpts {
+        field_manager: "kube-apiserver".into(),
+        ..Default::default()
+    };
+    for (b, obj) in objects {
+        let rt = builtin_type(b).expect("built-in");
+        create(st, &rt, "", obj, &opts).expect("the bootstrap policy is valid");
+    }
+}
+
+/// The namespaces and RBAC policy every cluster starts with.
 pub fn bootstrap(st: &mut State) {
+    bootstrap_rbac(st);
     let rt = super::registry::builtins()
         .into_iter()
         .find(|t| t.builtin == Some(Builtin::Namespace))

@@ -1,9 +1,12 @@
 //! The project's Kubernetes API server for tests and the demo: HTTPS with a generated CA
 //! and a bearer token, the real wire protocol (discovery, OpenAPI v3, CRUD, watch,
 //! patches, server-side apply, subresources, CRDs), driven by kube-rs and kubectl
-//! exactly as a cluster would be. What it does not implement it refuses with a `Status`
-//! error. It never runs in a real cluster, and it binds only to loopback.
+//! exactly as a cluster would be; ServiceAccount tokens and RBAC as a cluster enforces
+//! them (the kubeconfig's admin token is a `system:masters` member). What it does not
+//! implement it refuses with a `Status` error. It never runs in a real cluster, and it
+//! binds only to loopback.
 
+mod access;
 mod convert;
 mod defaults;
 mod discovery;
@@ -12,11 +15,15 @@ mod handlers;
 mod http;
 mod kubeconfig;
 mod lifecycle;
+mod logs;
 mod meta;
 mod openapi;
+mod paging;
 mod patch;
 mod protobuf;
+mod rbac;
 mod registry;
+mod reviews;
 mod routes;
 mod scale;
 mod schemas;
@@ -26,6 +33,7 @@ mod store;
 mod structural;
 mod table;
 mod tls;
+mod tokens;
 mod validate;
 mod watch;
 
@@ -73,6 +81,13 @@ pub enum Error {
     },
     #[error("building a kube client from the kubeconfig: {0}")]
     BuildClient(#[source] kube::Error),
+    #[error("issuing a token for ServiceAccount {namespace}/{name}: {source}")]
+    IssueToken {
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<status::ApiError>,
+    },
 }
 
 /// How to start a server. `Default` is right for tests.
@@ -161,6 +176,7 @@ impl TestApiServer {
         let shared = Arc::new(http::Shared {
             state: Mutex::new(state),
             token,
+            signer: tokens::Signer::generate(),
             settings: http::Settings {
                 bookmark_interval: opts.bookmark_interval,
                 default_watch_timeout: opts.default_watch_timeout,
@@ -226,6 +242,58 @@ impl TestApiServer {
                 .await
                 .map_err(|source| Error::ReadKubeconfig {
                     path: self.kubeconfig.clone(),
+                    source,
+                })?;
+        kube::Client::try_from(cfg).map_err(Error::BuildClient)
+    }
+
+    /// A token for ServiceAccount `namespace/name`, as a TokenRequest with no
+    /// audiences and the default hour of life would give (the ServiceAccount must exist).
+    pub fn service_account_token(&self, namespace: &str, name: &str) -> Result<String, Error> {
+        let st = self.shared.lock();
+        let answer = reviews::token_request(
+            &st,
+            &self.shared.signer,
+            namespace,
+            name,
+            &serde_json::json!({}),
+        )
+        .map_err(|source| Error::IssueToken {
+            namespace: namespace.into(),
+            name: name.into(),
+            source: Box::new(source),
+        })?;
+        Ok(answer["status"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Writes a kubeconfig for this server that authenticates with `token` (for kubectl
+    /// or a client acting as that user).
+    pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), Error> {
+        kubeconfig::write(path, &self.url(), &self.ca_pem, token).map_err(|source| {
+            Error::WriteKubeconfig {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// A kube client that authenticates with `token` (default namespace `default`).
+    pub async fn client_with_token(&self, token: &str) -> Result<kube::Client, Error> {
+        install_crypto_provider();
+        let yaml = kubeconfig::render(&self.url(), &self.ca_pem, token, "default");
+        let kc =
+            kube::config::Kubeconfig::from_yaml(&yaml).map_err(|source| Error::ReadKubeconfig {
+                path: PathBuf::from("<in memory>"),
+                source,
+            })?;
+        let cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::ReadKubeconfig {
+                    path: PathBuf::from("<in memory>"),
                     source,
                 })?;
         kube::Client::try_from(cfg).map_err(Error::BuildClient)

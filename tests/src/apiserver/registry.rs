@@ -23,6 +23,20 @@ pub enum Builtin {
     EndpointSlice,
     Lease,
     Crd,
+    ServiceAccount,
+    StatefulSet,
+    HorizontalPodAutoscaler,
+    Role,
+    ClusterRole,
+    RoleBinding,
+    ClusterRoleBinding,
+    // Create-only: answered at once, never stored (`ResourceType::create_only`).
+    TokenReview,
+    SelfSubjectReview,
+    SelfSubjectAccessReview,
+    SubjectAccessReview,
+    LocalSubjectAccessReview,
+    SelfSubjectRulesReview,
 }
 
 /// Where the `/scale` subresource reads and writes (JSON paths as `.spec.replicas`).
@@ -63,6 +77,8 @@ pub struct ResourceType {
     pub scale: Option<ScalePaths>,
     pub builtin: Option<Builtin>,
     pub crd: Option<CrdVersion>,
+    /// A review: only `create` on the collection, answered and never stored.
+    pub create_only: bool,
 }
 
 /// Objects of every version of one resource share one storage slot.
@@ -115,7 +131,12 @@ fn builtin(
         short_names: short.iter().map(|s| s.to_string()).collect(),
         categories: if matches!(
             b,
-            Builtin::Pod | Builtin::Service | Builtin::Deployment | Builtin::ReplicaSet
+            Builtin::Pod
+                | Builtin::Service
+                | Builtin::Deployment
+                | Builtin::ReplicaSet
+                | Builtin::StatefulSet
+                | Builtin::HorizontalPodAutoscaler
         ) {
             vec!["all".into()]
         } else {
@@ -129,6 +150,15 @@ fn builtin(
         }),
         builtin: Some(b),
         crd: None,
+        create_only: matches!(
+            b,
+            Builtin::TokenReview
+                | Builtin::SelfSubjectReview
+                | Builtin::SelfSubjectAccessReview
+                | Builtin::SubjectAccessReview
+                | Builtin::LocalSubjectAccessReview
+                | Builtin::SelfSubjectRulesReview
+        ),
     }
 }
 
@@ -227,6 +257,28 @@ pub fn builtins() -> Vec<ResourceType> {
             true,
         ),
         builtin(
+            StatefulSet,
+            "apps",
+            "v1",
+            "StatefulSet",
+            "statefulsets",
+            true,
+            &["sts"],
+            true,
+            true,
+        ),
+        builtin(
+            HorizontalPodAutoscaler,
+            "autoscaling",
+            "v2",
+            "HorizontalPodAutoscaler",
+            "horizontalpodautoscalers",
+            true,
+            &["hpa"],
+            true,
+            false,
+        ),
+        builtin(
             EventsV1,
             "events.k8s.io",
             "v1",
@@ -270,8 +322,131 @@ pub fn builtins() -> Vec<ResourceType> {
             true,
             false,
         ),
+        builtin(
+            ServiceAccount,
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            true,
+            &["sa"],
+            false,
+            false,
+        ),
+        builtin(
+            ClusterRoleBinding,
+            RBAC_GROUP,
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            ClusterRole,
+            RBAC_GROUP,
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            RoleBinding,
+            RBAC_GROUP,
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            Role,
+            RBAC_GROUP,
+            "v1",
+            "Role",
+            "roles",
+            true,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            TokenReview,
+            "authentication.k8s.io",
+            "v1",
+            "TokenReview",
+            "tokenreviews",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            SelfSubjectReview,
+            "authentication.k8s.io",
+            "v1",
+            "SelfSubjectReview",
+            "selfsubjectreviews",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            LocalSubjectAccessReview,
+            "authorization.k8s.io",
+            "v1",
+            "LocalSubjectAccessReview",
+            "localsubjectaccessreviews",
+            true,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            SelfSubjectAccessReview,
+            "authorization.k8s.io",
+            "v1",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            SelfSubjectRulesReview,
+            "authorization.k8s.io",
+            "v1",
+            "SelfSubjectRulesReview",
+            "selfsubjectrulesreviews",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            SubjectAccessReview,
+            "authorization.k8s.io",
+            "v1",
+            "SubjectAccessReview",
+            "subjectaccessreviews",
+            false,
+            &[],
+            false,
+            false,
+        ),
     ]
 }
+
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
 /// Kubernetes version priority: GA > beta > alpha, then higher numbers first; other
 /// strings last, alphabetically.
@@ -435,6 +610,7 @@ pub fn types_from_crd(crd: &Value) -> Vec<ResourceType> {
             status: sub.get("status").is_some_and(|x| !x.is_null()),
             scale,
             builtin: None,
+            create_only: false,
             crd: Some(CrdVersion {
                 schema: v["schema"]["openAPIV3Schema"].clone(),
                 printer_columns: v["additionalPrinterColumns"]

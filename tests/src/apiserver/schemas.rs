@@ -256,6 +256,13 @@ fn build() -> BuiltinSchemas {
     root!(g, roots, Builtin::EventsV1, api::events::v1::Event);
     root!(g, roots, Builtin::Deployment, api::apps::v1::Deployment);
     root!(g, roots, Builtin::ReplicaSet, api::apps::v1::ReplicaSet);
+    root!(g, roots, Builtin::StatefulSet, api::apps::v1::StatefulSet);
+    root!(
+        g,
+        roots,
+        Builtin::HorizontalPodAutoscaler,
+        api::autoscaling::v2::HorizontalPodAutoscaler
+    );
     root!(
         g,
         roots,
@@ -264,6 +271,58 @@ fn build() -> BuiltinSchemas {
     );
     root!(g, roots, Builtin::Lease, api::coordination::v1::Lease);
     root!(g, roots, Builtin::Crd, ext::CustomResourceDefinition);
+    root!(
+        g,
+        roots,
+        Builtin::ServiceAccount,
+        api::core::v1::ServiceAccount
+    );
+    root!(g, roots, Builtin::Role, api::rbac::v1::Role);
+    root!(g, roots, Builtin::ClusterRole, api::rbac::v1::ClusterRole);
+    root!(g, roots, Builtin::RoleBinding, api::rbac::v1::RoleBinding);
+    root!(
+        g,
+        roots,
+        Builtin::ClusterRoleBinding,
+        api::rbac::v1::ClusterRoleBinding
+    );
+    root!(
+        g,
+        roots,
+        Builtin::TokenReview,
+        api::authentication::v1::TokenReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SelfSubjectReview,
+        api::authentication::v1::SelfSubjectReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SelfSubjectAccessReview,
+        api::authorization::v1::SelfSubjectAccessReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SubjectAccessReview,
+        api::authorization::v1::SubjectAccessReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::LocalSubjectAccessReview,
+        api::authorization::v1::LocalSubjectAccessReview
+    );
+    root!(
+        g,
+        roots,
+        Builtin::SelfSubjectRulesReview,
+        api::authorization::v1::SelfSubjectRulesReview
+    );
+    let _ = g.subschema_for::<k8s_openapi::api::authentication::v1::TokenRequest>();
     let _ = g.subschema_for::<k8s_openapi::api::autoscaling::v1::Scale>();
     let mut defs = g.take_definitions(true);
     for (def, prop, strategy, key, list_type, map_keys) in LIST_RULES {

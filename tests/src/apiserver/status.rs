@@ -103,6 +103,8 @@ pub struct ApiError {
     pub details: Option<Box<Details>>,
     /// Seconds the client should wait before retrying (`retryAfterSeconds`).
     pub retry_after: Option<u32>,
+    /// The Status's `metadata.continue` (an expired list continuation's way on).
+    pub list_continue: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -130,7 +132,12 @@ impl ApiError {
             message: message.into(),
             details: None,
             retry_after: None,
+            list_continue: None,
         }
+    }
+    pub fn with_continue(mut self, token: String) -> Self {
+        self.list_continue = Some(token);
+        self
     }
     fn with_details(mut self, name: &str, group: &str, kind: &str) -> Self {
         self.details = Some(Box::new(Details {
@@ -156,6 +163,24 @@ impl ApiError {
             format!("{q} \"{name}\" is forbidden: {why}"),
         )
         .with_details(name, group, plural)
+    }
+    /// A request the authorizer refused: `<resource> ["name"] is forbidden: why`, or
+    /// `forbidden: why` for a non-resource path (upstream's `NewForbidden`).
+    pub fn forbidden_resource(plural: &str, group: &str, name: &str, why: &str) -> Self {
+        let q = qualified(plural, group);
+        let message = if plural.is_empty() {
+            format!("forbidden: {why}")
+        } else if name.is_empty() {
+            format!("{q} is forbidden: {why}")
+        } else {
+            format!("{q} \"{name}\" is forbidden: {why}")
+        };
+        let e = Self::new(403, "Forbidden", message);
+        if plural.is_empty() {
+            e
+        } else {
+            e.with_details(name, group, plural)
+        }
     }
     pub fn not_found(plural: &str, group: &str, name: &str) -> Self {
         let q = qualified(plural, group);
@@ -297,6 +322,9 @@ impl ApiError {
                 dj.insert("retryAfterSeconds".into(), json!(r));
             }
             s["details"] = Value::Object(dj);
+        }
+        if let Some(t) = &self.list_continue {
+            s["metadata"] = json!({ "continue": t });
         }
         if s["message"] == "" {
             s.as_object_mut().map(|m| m.remove("message"));

@@ -63,6 +63,40 @@ impl State {
         }
     }
 
+    /// Objects of `key` as they were at resourceVersion `rv` (in one namespace or all),
+    /// rebuilt from the current state by undoing the history after `rv`, as etcd reads
+    /// at a revision; `410 Expired` once that history is no longer kept.
+    pub fn list_at(
+        &self,
+        key: &StoreKey,
+        ns: Option<&str>,
+        rv: u64,
+    ) -> Result<Vec<Value>, super::status::ApiError> {
+        let mut m = self.objects.get(key).cloned().unwrap_or_default();
+        for ev in self.log.since(rv, self.rv)?.iter().rev() {
+            if &ev.key != key {
+                continue;
+            }
+            let k = (
+                meta::namespace(&ev.object).to_owned(),
+                meta::name(&ev.object).to_owned(),
+            );
+            match (ev.etype, &ev.old) {
+                (EventType::Added, _) => {
+                    m.remove(&k);
+                }
+                (EventType::Modified | EventType::Deleted, Some(old)) => {
+                    m.insert(k, old.clone());
+                }
+                (_, None) => {}
+            }
+        }
+        Ok(m.into_iter()
+            .filter(|((n, _), _)| ns.is_none_or(|ns| n == ns))
+            .map(|(_, v)| v)
+            .collect())
+    }
+
     /// Every object of every resource in namespace `ns`, with its key.
     pub fn in_namespace(&self, ns: &str) -> Vec<(StoreKey, Value)> {
         let mut out = vec![];
@@ -144,13 +178,14 @@ impl State {
             .objects
             .get_mut(key)?
             .remove(&(ns.to_owned(), name.to_owned()))?;
+        let before = obj.clone();
         let rv = self.stamp(&mut obj);
         self.log.push(StoredEvent {
             rv,
             key: key.clone(),
             etype: EventType::Deleted,
             object: obj.clone(),
-            old: None,
+            old: Some(before),
         });
         Some(obj)
     }

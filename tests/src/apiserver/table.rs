@@ -420,8 +420,98 @@ fn columns(b: Option<Builtin>) -> Vec<Column> {
                 cell: |o| o["metadata"]["creationTimestamp"].clone(),
             },
         ],
-        None => vec![name, age],
+        Some(Builtin::StatefulSet) => vec![
+            name,
+            col("Ready", 0, |o| {
+                json!(format!(
+                    "{}/{}",
+                    int_at(o, "/status/readyReplicas"),
+                    int_at(o, "/spec/replicas")
+                ))
+            }),
+            age,
+            col("Containers", 1, |o| {
+                containers(o, "/spec/template/spec/containers", "name")
+            }),
+            col("Images", 1, |o| {
+                containers(o, "/spec/template/spec/containers", "image")
+            }),
+        ],
+        Some(Builtin::HorizontalPodAutoscaler) => vec![
+            name,
+            col("Reference", 0, |o| {
+                json!(format!(
+                    "{}/{}",
+                    o["spec"]["scaleTargetRef"]["kind"].as_str().unwrap_or(""),
+                    o["spec"]["scaleTargetRef"]["name"].as_str().unwrap_or("")
+                ))
+            }),
+            col("Targets", 0, |o| {
+                json!(match o["spec"]["metrics"].as_array().map_or(0, Vec::len) {
+                    0 => "<none>".to_string(),
+                    n => format!("{n} metric(s)"),
+                })
+            }),
+            int_col("MinPods", 0, |o| {
+                json!(o["spec"]["minReplicas"].as_i64().unwrap_or(1))
+            }),
+            int_col("MaxPods", 0, |o| json!(int_at(o, "/spec/maxReplicas"))),
+            int_col("Replicas", 0, |o| {
+                json!(int_at(o, "/status/currentReplicas"))
+            }),
+            age,
+        ],
+        Some(Builtin::ServiceAccount) => vec![
+            name,
+            int_col("Secrets", 0, |o| {
+                json!(o["secrets"].as_array().map_or(0, Vec::len))
+            }),
+            age,
+        ],
+        Some(Builtin::Role | Builtin::ClusterRole) => vec![
+            name,
+            Column {
+                name: "Created At",
+                ty: "date",
+                format: "",
+                priority: 0,
+                cell: |o| o["metadata"]["creationTimestamp"].clone(),
+            },
+        ],
+        Some(Builtin::RoleBinding | Builtin::ClusterRoleBinding) => vec![
+            name,
+            col("Role", 0, |o| {
+                json!(format!(
+                    "{}/{}",
+                    o["roleRef"]["kind"].as_str().unwrap_or(""),
+                    o["roleRef"]["name"].as_str().unwrap_or("")
+                ))
+            }),
+            age,
+            col("Users", 1, |o| subjects(o, "User")),
+            col("Groups", 1, |o| subjects(o, "Group")),
+            col("ServiceAccounts", 1, |o| subjects(o, "ServiceAccount")),
+        ],
+        _ => vec![name, age],
     }
+}
+
+/// A binding's subjects of one kind, as kubectl prints them (`ns/name` for accounts).
+fn subjects(o: &Value, kind: &str) -> Value {
+    let names: Vec<String> = o["subjects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["kind"] == kind)
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or("");
+            match s["namespace"].as_str().filter(|n| !n.is_empty()) {
+                Some(ns) if kind == "ServiceAccount" => format!("{ns}/{name}"),
+                _ => name.to_owned(),
+            }
+        })
+        .collect();
+    json!(names.join(", "))
 }
 
 /// Evaluate the JSONPath subset printer columns use: `.a.b`, `.a[0].b`, `.a[*].b`,

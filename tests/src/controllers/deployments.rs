@@ -1,20 +1,25 @@
-//! The Deployment controller: keeps `spec.replicas` pods of the current template for each
-//! Deployment (owned by it directly; the sandbox has no ReplicaSets), rolls template
-//! changes without losing ready pods, and keeps the Deployment's status true. The plan
-//! and the status are pure functions of the Deployment and its pods; `reconcile` only
-//! lists, applies the plan and patches.
+//! The Deployment controller, as kube-controller-manager's: a Deployment owns one
+//! ReplicaSet per pod template (`<name>-<pod-template-hash>`), which owns the pods (see
+//! `replicasets`); it scales the current set to `spec.replicas` and the old ones down as
+//! new pods become ready (or first, for `Recreate`), and keeps the status true, with
+//! `observedGeneration` written only once a generation was acted on. A rollout lag can be
+//! played (`SandboxOptions::rollout_lag`), as a busy controller-manager shows. The plans
+//! and the status are pure functions of the Deployment, its sets and its pods;
+//! `reconcile` only lists, applies and patches.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentCondition, DeploymentStatus};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
+};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::Selector;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -37,15 +42,20 @@ pub enum DeploymentError {
         deployment: String,
         source: CallError,
     },
-    #[error("creating a pod for deployment {deployment}: {source}")]
-    CreatePod {
+    #[error("listing ReplicaSets of deployment {deployment}: {source}")]
+    ListSets {
         deployment: String,
         source: CallError,
     },
-    #[error("deleting pod {pod} of deployment {deployment}: {source}")]
-    DeletePod {
+    #[error("creating the ReplicaSet of deployment {deployment}: {source}")]
+    CreateSet {
         deployment: String,
-        pod: String,
+        source: CallError,
+    },
+    #[error("scaling ReplicaSet {set} of deployment {deployment}: {source}")]
+    ScaleSet {
+        deployment: String,
+        set: String,
         source: CallError,
     },
     #[error("updating status of deployment {deployment}: {source}")]
@@ -100,11 +110,11 @@ impl PodFacts {
         }
     }
 
-    fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         !self.terminating && !self.finished
     }
 
-    fn available(&self, min_ready: Duration, now: Timestamp) -> bool {
+    pub(crate) fn available(&self, min_ready: Duration, now: Timestamp) -> bool {
         self.ready
             && self.ready_since.is_none_or(|t| {
                 now.duration_since(t).unsigned_abs() >= min_ready || min_ready.is_zero()
@@ -132,7 +142,7 @@ fn deletion_order(a: &PodFacts, b: &PodFacts) -> std::cmp::Ordering {
         .then_with(|| b.name.cmp(&a.name))
 }
 
-fn victims(mut pods: Vec<&PodFacts>, count: usize) -> impl Iterator<Item = String> + '_ {
+pub(crate) fn victims(mut pods: Vec<&PodFacts>, count: usize) -> impl Iterator<Item = String> + '_ {
     pods.sort_by(|a, b| deletion_order(a, b));
     pods.into_iter().take(count).map(|p| p.name.clone())
 }
@@ -347,33 +357,30 @@ pub fn template_hash(deployment: &Deployment) -> String {
     safe_hash(&bytes)
 }
 
-/// A new pod of `deployment`'s current template, bound to `node` when one is given.
-pub fn new_pod(deployment: &Deployment, hash: &str, node: Option<&str>) -> Pod {
-    let name = deployment.name_any();
-    let template = deployment.spec.template.clone();
+/// A new pod from `template`, controlled by `owner`, named `<prefix>-<5 random>`, bound
+/// to `node` when one is given.
+pub fn new_pod(
+    template: &PodTemplateSpec,
+    owner: OwnerReference,
+    namespace: Option<String>,
+    prefix: &str,
+    node: Option<&str>,
+) -> Pod {
+    let template = template.clone();
     let meta = template.metadata.unwrap_or_default();
-    let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
-    labels.insert(TEMPLATE_HASH_LABEL.into(), hash.into());
     // Pod names are DNS subdomains: at most 253 characters.
-    let prefix: String = name.chars().take(253 - hash.len() - 7).collect();
+    let prefix: String = prefix.chars().take(253 - 6).collect();
     let mut spec = template.spec.unwrap_or_default();
     if let Some(node) = node {
         spec.node_name = Some(node.into());
     }
     Pod {
         metadata: ObjectMeta {
-            name: Some(format!("{prefix}-{hash}-{}", random_suffix(5))),
-            namespace: deployment.namespace(),
-            labels: Some(labels),
+            name: Some(format!("{prefix}-{}", random_suffix(5))),
+            namespace,
+            labels: meta.labels,
             annotations: meta.annotations,
-            owner_references: Some(vec![OwnerReference {
-                api_version: "apps/v1".into(),
-                kind: "Deployment".into(),
-                name,
-                uid: deployment.uid().unwrap_or_default(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }]),
+            owner_references: Some(vec![owner]),
             ..Default::default()
         },
         spec: Some(spec),
@@ -381,26 +388,103 @@ pub fn new_pod(deployment: &Deployment, hash: &str, node: Option<&str>) -> Pod {
     }
 }
 
+/// The controller reference an object puts on what it owns.
+pub fn controller_ref(api_version: &str, kind: &str, meta: &ObjectMeta) -> OwnerReference {
+    OwnerReference {
+        api_version: api_version.into(),
+        kind: kind.into(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// What the Deployment plan needs to know about one of its ReplicaSets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetFacts {
+    pub name: String,
+    pub hash: Option<String>,
+    pub replicas: i32,
+    pub created: Option<Timestamp>,
+}
+
+impl SetFacts {
+    pub fn of(rs: &ReplicaSet) -> Self {
+        Self {
+            name: rs.name_any(),
+            hash: rs.labels().get(TEMPLATE_HASH_LABEL).cloned(),
+            replicas: rs.spec.replicas.unwrap_or(1),
+            created: rs.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        }
+    }
+}
+
+/// The replicas each of a Deployment's ReplicaSets should have, for `replicas` pods of
+/// template `hash` (the ReplicaSet of that hash, which exists). Rolling update: the new
+/// set is scaled to `replicas` at once, and old sets give up a pod only once a new one is
+/// ready to take its place (newest old sets keep theirs longest). `Recreate`: old sets go
+/// to zero first; the new one is scaled once no old pod is left.
+pub fn scale_plan(
+    replicas: i32,
+    hash: &str,
+    recreate: bool,
+    sets: &[SetFacts],
+    pods: &[PodFacts],
+) -> BTreeMap<String, i32> {
+    let mut want = BTreeMap::new();
+    let is_new = |h: Option<&str>| h == Some(hash);
+    let mut old: Vec<&SetFacts> = sets.iter().filter(|s| !is_new(s.hash.as_deref())).collect();
+    old.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.name.cmp(&b.name)));
+    let new = sets.iter().find(|s| is_new(s.hash.as_deref()));
+    if recreate {
+        for s in &old {
+            want.insert(s.name.clone(), 0);
+        }
+        let old_pods_left = pods
+            .iter()
+            .any(|p| !is_new(p.hash.as_deref()) && !p.finished);
+        if let Some(n) = new {
+            want.insert(n.name.clone(), if old_pods_left { 0 } else { replicas });
+        }
+        return want;
+    }
+    if let Some(n) = new {
+        want.insert(n.name.clone(), replicas);
+    }
+    let new_ready = pods
+        .iter()
+        .filter(|p| is_new(p.hash.as_deref()) && p.active() && p.ready)
+        .count() as i32;
+    let mut keep = (replicas - new_ready.min(replicas)).max(0);
+    for s in old {
+        let n = s.replicas.min(keep).max(0);
+        keep -= n;
+        want.insert(s.name.clone(), n);
+    }
+    want
+}
+
 // === the I/O part ===
 
 struct Context {
     client: Client,
-    node_name: Option<String>,
+    lag: Duration,
 }
 
 /// Runs the controller until `cancel` fires. `namespace` limits it to one namespace;
-/// `node_name` binds the pods it creates to that node.
+/// `lag` is how long it waits before acting on a new generation.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
-    node_name: Option<String>,
+    lag: Duration,
     cancel: CancellationToken,
 ) {
     let deployments: Api<Deployment> = api(&client, namespace.as_deref());
-    let pods: Api<Pod> = api(&client, namespace.as_deref());
-    let ctx = Arc::new(Context { client, node_name });
+    let sets: Api<ReplicaSet> = api(&client, namespace.as_deref());
+    let ctx = Arc::new(Context { client, lag });
     Controller::new(deployments, watcher::Config::default())
-        .owns(pods, watcher::Config::default())
+        .owns(sets, watcher::Config::default())
         .graceful_shutdown_on(cancel.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -416,28 +500,140 @@ fn error_policy(deployment: Arc<Deployment>, err: &DeploymentError, _: Arc<Conte
     Action::requeue(RETRY)
 }
 
+/// The ReplicaSet of `deployment`'s current template (hash `hash`), at `revision`.
+fn new_set(deployment: &Deployment, hash: &str, revision: u64) -> ReplicaSet {
+    let name = deployment.name_any();
+    let mut template = deployment.spec.template.clone();
+    let tmeta = template.metadata.get_or_insert_with(Default::default);
+    tmeta
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(TEMPLATE_HASH_LABEL.into(), hash.into());
+    let mut selector = deployment.spec.selector.clone();
+    selector
+        .match_labels
+        .get_or_insert_with(Default::default)
+        .insert(TEMPLATE_HASH_LABEL.into(), hash.into());
+    let replicas = deployment.spec.replicas.unwrap_or(1);
+    // ReplicaSet names are DNS subdomains; pods append 6 more characters.
+    let prefix: String = name.chars().take(253 - 6 - hash.len() - 1).collect();
+    ReplicaSet {
+        metadata: ObjectMeta {
+            name: Some(format!("{prefix}-{hash}")),
+            namespace: deployment.namespace(),
+            labels: tmeta.labels.clone(),
+            annotations: Some(BTreeMap::from([
+                (REVISION_ANNOTATION.to_string(), revision.to_string()),
+                (
+                    "deployment.kubernetes.io/desired-replicas".to_string(),
+                    replicas.to_string(),
+                ),
+            ])),
+            owner_references: Some(vec![controller_ref(
+                "apps/v1",
+                "Deployment",
+                &deployment.metadata,
+            )]),
+            ..Default::default()
+        },
+        spec: ReplicaSetSpec {
+            replicas: Some(0),
+            min_ready_seconds: deployment.spec.min_ready_seconds,
+            selector,
+            template: Some(template),
+        },
+        status: None,
+    }
+}
+
+/// The revision annotation Kubernetes numbers a Deployment's ReplicaSets with.
+pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+
+fn owned_by(refs: &[OwnerReference], uid: Option<&String>) -> bool {
+    refs.iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == uid)
+}
+
 #[tracing::instrument(skip_all, fields(deployment = %deployment.name_any()))]
 async fn reconcile(
     deployment: Arc<Deployment>,
     ctx: Arc<Context>,
 ) -> Result<Action, DeploymentError> {
-    let key = format!(
-        "{}/{}",
-        deployment.namespace().unwrap_or_default(),
-        deployment.name_any()
-    );
+    let namespace = deployment.namespace().unwrap_or_default();
+    let key = format!("{namespace}/{}", deployment.name_any());
     if deployment.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let observed = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation);
+    let deployment = if !ctx.lag.is_zero() && observed != deployment.metadata.generation {
+        // A busy controller-manager acts on a change a while after it: play that, then
+        // act on the Deployment as it is by then.
+        tokio::time::sleep(ctx.lag).await;
+        match call(api.get_opt(&deployment.name_any())).await {
+            Ok(Some(d)) => Arc::new(d),
+            Ok(None) => return Ok(Action::await_change()),
+            Err(source) => {
+                return Err(DeploymentError::ListPods {
+                    deployment: key,
+                    source,
+                });
+            }
+        }
+    } else {
+        deployment
+    };
     let spec = &deployment.spec;
-    let namespace = deployment.namespace().unwrap_or_default();
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let selector =
         Selector::try_from(spec.selector.clone()).map_err(|e| DeploymentError::ParseSelector {
             deployment: key.clone(),
             message: e.to_string(),
         })?;
     let uid = deployment.uid();
+    let sets_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut sets: Vec<ReplicaSet> =
+        call(sets_api.list(&ListParams::default().labels_from(&selector)))
+            .await
+            .map_err(|source| DeploymentError::ListSets {
+                deployment: key.clone(),
+                source,
+            })?
+            .items
+            .into_iter()
+            .filter(|s| owned_by(s.owner_references(), uid.as_ref()))
+            .collect();
+    let hash = template_hash(&deployment);
+    if !sets
+        .iter()
+        .any(|s| s.labels().get(TEMPLATE_HASH_LABEL) == Some(&hash))
+    {
+        let revision = sets
+            .iter()
+            .filter_map(|s| {
+                s.annotations()
+                    .get(REVISION_ANNOTATION)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let created = call(sets_api.create(
+            &PostParams::default(),
+            &new_set(&deployment, &hash, revision),
+        ))
+        .await
+        .map_err(|source| DeploymentError::CreateSet {
+            deployment: key.clone(),
+            source,
+        })?;
+        sets.push(created);
+    }
+    let set_uids: Vec<String> = sets.iter().filter_map(|s| s.uid()).collect();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let pods: Vec<Pod> = call(pods_api.list(&ListParams::default().labels_from(&selector)))
         .await
         .map_err(|source| DeploymentError::ListPods {
@@ -449,47 +645,37 @@ async fn reconcile(
         .filter(|p| {
             p.owner_references()
                 .iter()
-                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
+                .any(|o| o.controller == Some(true) && set_uids.contains(&o.uid))
         })
         .collect();
     let facts: Vec<PodFacts> = pods.iter().map(PodFacts::of).collect();
-    let hash = template_hash(&deployment);
-    let replicas = spec.replicas.unwrap_or(1).max(0) as usize;
+    let replicas = spec.replicas.unwrap_or(1).max(0);
     let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
-    let plan = if spec.paused == Some(true) {
-        Plan::default()
-    } else {
-        plan(replicas, &hash, recreate, &facts)
-    };
-    if plan != Plan::default() {
-        tracing::info!(create = plan.create, delete = ?plan.delete, "scaling");
-    }
-    for name in &plan.delete {
-        match call(pods_api.delete(name, &DeleteParams::default())).await {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(source) => {
-                return Err(DeploymentError::DeletePod {
-                    deployment: key,
-                    pod: name.clone(),
+    if spec.paused != Some(true) {
+        let set_facts: Vec<SetFacts> = sets.iter().map(SetFacts::of).collect();
+        for (name, want) in scale_plan(replicas, &hash, recreate, &set_facts, &facts) {
+            if set_facts
+                .iter()
+                .any(|s| s.name == name && s.replicas != want)
+            {
+                tracing::info!(set = %name, replicas = want, "scaling ReplicaSet");
+                call(sets_api.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"replicas": want}})),
+                ))
+                .await
+                .map_err(|source| DeploymentError::ScaleSet {
+                    deployment: key.clone(),
+                    set: name.clone(),
                     source,
-                });
+                })?;
             }
         }
-    }
-    for _ in 0..plan.create {
-        let pod = new_pod(&deployment, &hash, ctx.node_name.as_deref());
-        call(pods_api.create(&PostParams::default(), &pod))
-            .await
-            .map_err(|source| DeploymentError::CreatePod {
-                deployment: key.clone(),
-                source,
-            })?;
     }
     let now = now();
     let status = status(&deployment, &hash, &facts, &now);
     if deployment.status.as_ref() != Some(&status) {
-        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
         call(api.patch_status(
             &deployment.name_any(),
             &PatchParams::default(),
@@ -775,20 +961,106 @@ mod tests {
     }
 
     #[test]
-    fn new_pods_carry_template_labels_hash_owner_and_node() {
-        let d = deployment(1, "v1");
-        let pod = new_pod(&d, "abc", Some("node-1"));
-        let labels = pod.metadata.labels.unwrap();
-        assert_eq!(labels["app"], "web");
-        assert_eq!(labels[TEMPLATE_HASH_LABEL], "abc");
-        assert!(pod.metadata.name.unwrap().starts_with("web-abc-"));
-        let owner = &pod.metadata.owner_references.unwrap()[0];
+    fn the_new_set_carries_the_hash_revision_owner_and_a_narrowed_selector() {
+        let d = deployment(2, "v1");
+        let rs = new_set(&d, "abc", 3);
+        assert_eq!(rs.metadata.name.as_deref(), Some("web-abc"));
+        assert_eq!(rs.labels()[TEMPLATE_HASH_LABEL], "abc");
+        assert_eq!(rs.annotations()[REVISION_ANNOTATION], "3");
+        let owner = &rs.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.uid.as_str()),
             ("Deployment", "d-uid")
         );
+        let spec = rs.spec;
+        assert_eq!(spec.replicas, Some(0), "scaled by the plan, not at birth");
+        let sel = spec.selector.match_labels.unwrap();
+        assert_eq!(sel[TEMPLATE_HASH_LABEL], "abc");
+        let tl = spec.template.unwrap().metadata.unwrap().labels.unwrap();
+        assert_eq!(tl[TEMPLATE_HASH_LABEL], "abc");
+    }
+
+    #[test]
+    fn new_pods_carry_template_labels_owner_and_node() {
+        let d = deployment(1, "v1");
+        let owner = controller_ref(
+            "apps/v1",
+            "ReplicaSet",
+            &ObjectMeta {
+                name: Some("web-abc".into()),
+                uid: Some("rs-uid".into()),
+                ..Default::default()
+            },
+        );
+        let pod = new_pod(
+            &d.spec.template,
+            owner,
+            Some("demo".into()),
+            "web-abc",
+            Some("node-1"),
+        );
+        assert_eq!(pod.metadata.labels.unwrap()["app"], "web");
+        assert!(pod.metadata.name.unwrap().starts_with("web-abc-"));
+        let owner = &pod.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("ReplicaSet", "rs-uid")
+        );
         assert_eq!(owner.controller, Some(true));
         assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("node-1"));
+    }
+
+    fn set(name: &str, hash: &str, replicas: i32, created: i64) -> SetFacts {
+        SetFacts {
+            name: name.into(),
+            hash: Some(hash.into()),
+            replicas,
+            created: Some(Timestamp::from_second(created).unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_rolling_update_moves_replicas_to_the_new_set_as_its_pods_become_ready() {
+        let sets = [set("web-old", "old", 2, 1), set("web-new", "new", 0, 5)];
+        let want = |pods: &[PodFacts]| scale_plan(2, "new", false, &sets, pods);
+        let none = want(&[]);
+        assert_eq!(
+            (none["web-new"], none["web-old"]),
+            (2, 2),
+            "old pods stay until new ones are ready"
+        );
+        let one = want(&[pod("n1", "new", true, 10), pod("n2", "new", false, 11)]);
+        assert_eq!((one["web-new"], one["web-old"]), (2, 1));
+        let all = want(&[pod("n1", "new", true, 10), pod("n2", "new", true, 11)]);
+        assert_eq!((all["web-new"], all["web-old"]), (2, 0));
+        // Scaling a settled Deployment is the new set's alone.
+        let settled = scale_plan(0, "new", false, &[set("web-new", "new", 2, 5)], &[]);
+        assert_eq!(settled["web-new"], 0);
+    }
+
+    #[test]
+    fn older_sets_give_up_their_pods_first() {
+        let sets = [
+            set("web-a", "a", 1, 1),
+            set("web-b", "b", 1, 2),
+            set("web-c", "c", 0, 3),
+        ];
+        let want = scale_plan(2, "c", false, &sets, &[pod("c1", "c", true, 10)]);
+        assert_eq!((want["web-a"], want["web-b"], want["web-c"]), (0, 1, 2));
+    }
+
+    #[test]
+    fn recreate_empties_old_sets_before_scaling_the_new_one() {
+        let sets = [set("web-old", "old", 1, 1), set("web-new", "new", 0, 5)];
+        let leaving = {
+            let mut p = pod("o1", "old", true, 1);
+            p.terminating = true;
+            p
+        };
+        let want = scale_plan(1, "new", true, &sets, &[leaving]);
+        assert_eq!((want["web-old"], want["web-new"]), (0, 0));
+        let want = scale_plan(1, "new", true, &sets, &[]);
+        assert_eq!((want["web-old"], want["web-new"]), (0, 1));
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! The garbage collector, for the owners the sandbox knows: pods whose controlling
-//! Deployment is gone and EndpointSlices whose controlling Service is gone are deleted
-//! (background propagation, what kubectl and kube-rs ask for by default). It deletes
+//! The garbage collector, for the owners the sandbox knows: ReplicaSets whose controlling
+//! Deployment is gone, pods whose controlling ReplicaSet, StatefulSet or Deployment is
+//! gone and EndpointSlices whose controlling Service is gone are deleted (background
+//! propagation, what kubectl and kube-rs ask for by default). It deletes
 //! only objects whose controller owner reference names a missing uid.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams};
@@ -52,7 +53,10 @@ pub fn controller_uid<'a>(obj: &'a impl ResourceExt, kind: &str) -> Option<&'a s
 pub async fn run(client: Client, namespace: Option<String>, cancel: CancellationToken) {
     let ns = namespace.as_deref();
     let deletions = futures::stream::select(
-        owner_deletions::<Deployment>(api(&client, ns)),
+        futures::stream::select(
+            owner_deletions::<Deployment>(api(&client, ns)),
+            owner_deletions::<ReplicaSet>(api(&client, ns)),
+        ),
         owner_deletions::<Service>(api(&client, ns)),
     );
     let mut deletions = std::pin::pin!(deletions);
@@ -85,11 +89,22 @@ async fn sweep(client: &Client, ns: Option<&str>) -> Result<(), GcError> {
     // listed cannot be missed, so a new pod is never taken for an orphan.
     let pods = list::<Pod>(client, ns, "pods").await?;
     let slices = list::<EndpointSlice>(client, ns, "endpointslices").await?;
+    let sets = list::<ReplicaSet>(client, ns, "replicasets").await?;
     let deployments = uids(&list::<Deployment>(client, ns, "deployments").await?);
     let services = uids(&list::<Service>(client, ns, "services").await?);
+    let set_uids = uids(&sets);
+    let stateful = uids(&list::<StatefulSet>(client, ns, "statefulsets").await?);
     for pod in &pods {
-        if controller_uid(pod, "Deployment").is_some_and(|u| !deployments.contains(u)) {
+        let orphan = controller_uid(pod, "Deployment").is_some_and(|u| !deployments.contains(u))
+            || controller_uid(pod, "ReplicaSet").is_some_and(|u| !set_uids.contains(u))
+            || controller_uid(pod, "StatefulSet").is_some_and(|u| !stateful.contains(u));
+        if orphan {
             delete::<Pod>(client, pod, "pod").await?;
+        }
+    }
+    for set in &sets {
+        if controller_uid(set, "Deployment").is_some_and(|u| !deployments.contains(u)) {
+            delete::<ReplicaSet>(client, set, "replicaset").await?;
         }
     }
     for slice in &slices {

@@ -56,6 +56,8 @@ pub struct PodPlacement<'a> {
     pub log_path: PathBuf,
     /// The cgroup the container's processes join, if any.
     pub cgroup: Option<&'a Path>,
+    /// The pod's projected ServiceAccount token directory, if it has one.
+    pub service_account: Option<&'a Path>,
 }
 
 /// The launch description for `container` of `pod`.
@@ -90,6 +92,7 @@ pub fn launch(
         start_delay: annotation_ms(pod, START_DELAY_ANNOTATION)?.unwrap_or_default(),
         log_path: place.log_path.clone(),
         cgroup: place.cgroup.map(Path::to_path_buf),
+        service_account: place.service_account.map(Path::to_path_buf),
     })
 }
 
@@ -260,6 +263,7 @@ mod tests {
             pod_dir: dir,
             log_path: dir.join("c.log"),
             cgroup: None,
+            service_account: None,
         }
     }
 

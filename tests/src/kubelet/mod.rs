@@ -41,12 +41,18 @@
 //!   process winds down; an unbound pod is removed at once and only its process gets
 //!   the grace period.
 //!
+//! The kubelet registers its Node (Ready, at 127.0.0.1, its log endpoint as the kubelet
+//! port) and serves container logs there for the API server's `pods/log`
+//! (`kubectl logs`, [`logs`]); it records the pod Events `kubectl describe pod` shows
+//! ([`events`]). Each pod's containers find a token of its ServiceAccount, bound to the
+//! pod, at `/var/run/secrets/kubernetes.io/serviceaccount` ([`service_account`]).
+//!
 //! With [`SandboxOptions::service_proxy`], the node also runs kube-proxy's part:
 //! `ClusterIP:port` of every Service with ready endpoints accepts connections and
 //! forwards them to a ready pod ([`service_proxy`]).
 //!
 //! Pods are taken when `spec.nodeName` is empty or equals [`SandboxOptions::node_name`];
-//! the Deployment controller binds the pods it creates to that node. Several nodes on one
+//! the ReplicaSet controller binds the pods it creates to that node. Several nodes on one
 //! API server: start one `Sandbox` per node, all but the first with `controllers: false`
 //! and `adopt_unbound_pods: false`; each gets a /24 of its own. The root namespace
 //! reaches every pod; pod-to-pod traffic across nodes would need IP forwarding on the
@@ -56,14 +62,17 @@
 //!
 //! Images, volumes, resources, init and ephemeral containers, liveness/startup probes,
 //! `envFrom` and secret/config-map env (refused with `CreateContainerConfigError`),
-//! ReplicaSets (a Deployment owns its pods directly, `pod-template-hash` labelled),
-//! `spec.paused` rollouts beyond "do nothing", Nodes.
+//! `maxSurge`/`maxUnavailable` beyond "new pods first, old ones once they are ready",
+//! `spec.paused` rollouts beyond "do nothing", Node heartbeats and capacity.
 
 pub mod call;
 pub mod container;
+pub mod events;
+pub mod logs;
 pub mod pods;
 pub mod probe;
 pub mod process;
+pub mod service_account;
 pub mod service_proxy;
 pub mod status;
 pub mod worker;
@@ -119,6 +128,13 @@ pub struct SandboxOptions {
     /// pods under the child cgroup their agent attaches to, so the server-side hooks see
     /// the connections the pods accept. `None`: the processes stay where the test is.
     pub pod_cgroup: Option<PathBuf>,
+    /// How long the Deployment controller waits before it acts on a new generation (a
+    /// busy controller-manager's lag: `observedGeneration` trails `generation`, and the
+    /// status still describes the previous spec). Zero by default.
+    pub rollout_lag: std::time::Duration,
+    /// The API server's CA certificate (PEM), written beside each pod's ServiceAccount
+    /// token as `ca.crt` ([`service_account`]); `None`: no `ca.crt`.
+    pub ca_pem: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -131,6 +147,8 @@ impl Default for SandboxOptions {
             adopt_unbound_pods: true,
             service_proxy: false,
             pod_cgroup: None,
+            rollout_lag: std::time::Duration::ZERO,
+            ca_pem: None,
         }
     }
 }
@@ -148,6 +166,8 @@ pub enum SandboxError {
     StopLoops,
     #[error("removing pod networking: {0}")]
     RemoveNetwork(#[source] NetnsError),
+    #[error(transparent)]
+    LogServer(#[from] logs::LogServerError),
 }
 
 /// A running simulated node. Stop it with [`Sandbox::shutdown`]; dropping it does the
@@ -190,8 +210,13 @@ impl Sandbox {
             adopt_unbound: opts.adopt_unbound_pods,
             work_dir,
             pod_cgroup: opts.pod_cgroup.clone(),
+            events: events::Recorder::new(client.clone(), opts.node_name.clone()),
+            ca_pem: opts.ca_pem.clone(),
         });
         let cancel = CancellationToken::new();
+        // `kubectl logs` reaches container logs through the Node, as on a cluster.
+        let log_addr = logs::serve(env.work_dir.join("logs"), cancel.child_token()).await?;
+        logs::register_node(&client, &opts.node_name, log_addr.port()).await?;
         let ns = opts.namespace.clone();
         let pods_api: kube::Api<Pod> = match &ns {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),
@@ -210,6 +235,18 @@ impl Sandbox {
         }
         if opts.controllers {
             tasks.push(tokio::spawn(controllers::deployments::run(
+                client.clone(),
+                ns.clone(),
+                opts.rollout_lag,
+                cancel.child_token(),
+            )));
+            tasks.push(tokio::spawn(controllers::replicasets::run(
+                client.clone(),
+                ns.clone(),
+                Some(opts.node_name.clone()),
+                cancel.child_token(),
+            )));
+            tasks.push(tokio::spawn(controllers::statefulsets::run(
                 client.clone(),
                 ns.clone(),
                 Some(opts.node_name.clone()),

@@ -27,6 +27,8 @@ pub struct Launch {
     pub log_path: PathBuf,
     /// A cgroup v2 directory the process joins before it runs anything.
     pub cgroup: Option<PathBuf>,
+    /// Seen by the process at `/var/run/secrets/kubernetes.io/serviceaccount`.
+    pub service_account: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,18 @@ impl ContainerProcess {
             None => tokio::process::Command::new("ip"),
         };
         cmd.args(["netns", "exec", &launch.netns]);
+        if let Some(dir) = &launch.service_account {
+            // `ip netns exec` gives the process a mount namespace of its own (slave to
+            // the host's): a tmpfs on /run there, and the token directory bound into
+            // it, change nothing outside.
+            cmd.args([
+                "sh",
+                "-c",
+                r#"mount -t tmpfs -o mode=0755 pod-run /run && mkdir -p "$1" && mount --bind -o ro "$0" "$1" && shift && exec "$@""#,
+            ])
+            .arg(dir)
+            .arg(super::service_account::MOUNT_PATH.replace("/var/run/", "/run/"));
+        }
         if !launch.start_delay.is_zero() {
             // `sh` sleeps (in a child `sleep`), then becomes the program itself.
             cmd.args(["sh", "-c", r#"sleep "$0" && exec "$@""#])

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::call::{CallError, call};
 use super::container::{self, PodPlacement};
+use super::events::{Recorder, Source};
 use super::probe::{self, Outcome, ProbePlan, Readiness};
 use super::process::{ContainerProcess, exit_code};
 use super::status::{self, ContainerView, PodView};
@@ -48,6 +49,10 @@ pub struct WorkerEnv {
     pub work_dir: PathBuf,
     /// Where container processes go (see `SandboxOptions::pod_cgroup`).
     pub pod_cgroup: Option<PathBuf>,
+    /// Events about the pods, for `kubectl describe pod`.
+    pub events: Arc<Recorder>,
+    /// The API server's CA, for the pods' `ca.crt`.
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for WorkerEnv {
@@ -137,6 +142,7 @@ pub async fn run(
         }
         End::Deleting => {
             let grace = termination_grace(&worker.pod);
+            worker.record_killing();
             worker.stop_all(grace).await;
             if !worker.report_until_done(&mut updates, &cancel).await {
                 worker.teardown_network().await;
@@ -189,6 +195,8 @@ struct Worker {
     start_time: Option<Time>,
     reported: Option<PodStatus>,
     report_retry_at: Option<Instant>,
+    /// The pod's projected ServiceAccount token directory, once written.
+    service_account: Option<std::path::PathBuf>,
     exits_tx: mpsc::UnboundedSender<(usize, u64, ExitStatus)>,
     exits_rx: mpsc::UnboundedReceiver<(usize, u64, ExitStatus)>,
     probes: FuturesUnordered<BoxFuture<'static, ProbeDone>>,
@@ -237,6 +245,7 @@ impl Worker {
             start_time: None,
             reported: None,
             report_retry_at: None,
+            service_account: None,
             exits_tx,
             exits_rx,
             probes: FuturesUnordered::new(),
@@ -312,9 +321,36 @@ impl Worker {
                 Ok(ns) => {
                     self.netns = Some(ns);
                     self.start_time = Some(now());
+                    let message = format!(
+                        "Successfully assigned {} to {}",
+                        self.key, self.env.node_name
+                    );
+                    self.event(None, Source::Scheduler, false, "Scheduled", message);
                 }
                 Err(err) => {
                     tracing::warn!(pod = %self.key, %err, "pod network set-up failed, retrying");
+                    if let Some(end) = self.pause(RETRY, updates, cancel).await {
+                        return end;
+                    }
+                }
+            }
+        }
+        // The token volume comes before any container, as the kubelet mounts volumes first.
+        loop {
+            let dir = self.pod_dir().join("serviceaccount");
+            let ca = self.env.ca_pem.clone();
+            match super::service_account::project(&self.env.client, &self.pod, &dir, ca.as_deref())
+                .await
+            {
+                Ok(projected) => {
+                    self.service_account = projected;
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(pod = %self.key, %err, "projecting the ServiceAccount token failed, retrying");
+                    let message =
+                        format!("MountVolume.SetUp failed for volume \"kube-api-access\" : {err}");
+                    self.event(None, Source::Kubelet, true, "FailedMount", message);
                     if let Some(end) = self.pause(RETRY, updates, cancel).await {
                         return end;
                     }
@@ -393,12 +429,8 @@ impl Worker {
         };
         let namespace = self.pod.namespace().unwrap_or_default();
         let name = self.name();
-        let uid = self.pod.uid().unwrap_or_default();
-        let pod_dir = self
-            .env
-            .work_dir
-            .join("pods")
-            .join(format!("{namespace}_{name}_{}", &uid[..uid.len().min(8)]));
+        let pod_dir = self.pod_dir();
+        let service_account = self.service_account.clone();
         let slot = &mut self.slots[i];
         if slot.config_error {
             return;
@@ -411,6 +443,7 @@ impl Worker {
             pod_dir: &pod_dir,
             log_path: self.env.log_path(&namespace, &name, &slot.spec.name),
             cgroup: self.env.pod_cgroup.as_deref(),
+            service_account: service_account.as_deref(),
         };
         let prepared = container::launch(&self.pod, &slot.spec, &place)
             .map_err(|e| e.to_string())
@@ -429,7 +462,16 @@ impl Worker {
             Err(message) => {
                 tracing::warn!(pod = %self.key, container = %slot.spec.name, %message, "container config error");
                 slot.config_error = true;
-                slot.view.state = status::waiting("CreateContainerConfigError", Some(message));
+                slot.view.state =
+                    status::waiting("CreateContainerConfigError", Some(message.clone()));
+                let name = slot.spec.name.clone();
+                self.event(
+                    Some(&name),
+                    Source::Kubelet,
+                    true,
+                    "Failed",
+                    format!("Error: {message}"),
+                );
                 return;
             }
         };
@@ -447,11 +489,23 @@ impl Worker {
                 slot.crash_streak += 1;
                 slot.restart_at =
                     Some(Instant::now() + restart_backoff(slot.crash_streak).max(RETRY));
-                slot.view.state = status::waiting("RunContainerError", Some(message));
+                slot.view.state = status::waiting("RunContainerError", Some(message.clone()));
+                let name = slot.spec.name.clone();
+                self.event(
+                    Some(&name),
+                    Source::Kubelet,
+                    true,
+                    "Failed",
+                    format!("Error: {message}"),
+                );
                 return;
             }
         };
         tracing::info!(pod = %self.key, container = %slot.spec.name, pid = process.pid(), ip = %netns.ip(), "container started");
+        let (cname, image) = (
+            slot.spec.name.clone(),
+            slot.spec.image.clone().unwrap_or_default(),
+        );
         slot.generation += 1;
         let generation = slot.generation;
         let mut exit = process.exit_watch();
@@ -482,6 +536,65 @@ impl Worker {
             }
         }
         slot.probe = probe;
+        // The sandbox runs commands, not images: the image is "already present".
+        self.event(
+            Some(&cname),
+            Source::Kubelet,
+            false,
+            "Pulled",
+            format!("Container image \"{image}\" already present on machine"),
+        );
+        self.event(
+            Some(&cname),
+            Source::Kubelet,
+            false,
+            "Created",
+            format!("Created container: {cname}"),
+        );
+        self.event(
+            Some(&cname),
+            Source::Kubelet,
+            false,
+            "Started",
+            format!("Started container {cname}"),
+        );
+    }
+
+    fn event(
+        &self,
+        container: Option<&str>,
+        source: Source,
+        warning: bool,
+        reason: &str,
+        message: String,
+    ) {
+        self.env
+            .events
+            .record(&self.pod, container, source, warning, reason, message);
+    }
+
+    /// The pod's scratch directory: `<work>/pods/<ns>_<name>_<uid prefix>`.
+    fn pod_dir(&self) -> std::path::PathBuf {
+        let namespace = self.pod.namespace().unwrap_or_default();
+        let uid = self.pod.uid().unwrap_or_default();
+        self.env.work_dir.join("pods").join(format!(
+            "{namespace}_{}_{}",
+            self.name(),
+            &uid[..uid.len().min(8)]
+        ))
+    }
+
+    fn record_killing(&self) {
+        for slot in self.slots.iter().filter(|s| s.process.is_some()) {
+            let name = slot.spec.name.clone();
+            self.event(
+                Some(&name),
+                Source::Kubelet,
+                false,
+                "Killing",
+                format!("Stopping container {name}"),
+            );
+        }
     }
 
     fn launch_probe(&mut self, i: usize, now: Instant) {
@@ -509,6 +622,19 @@ impl Worker {
         }
         slot.probing = false;
         let success = outcome == Outcome::Success;
+        if let Outcome::Failure(why) = &outcome {
+            let name = slot.spec.name.clone();
+            let message = format!("Readiness probe failed: {why}");
+            self.env.events.record(
+                &self.pod,
+                Some(&name),
+                Source::Kubelet,
+                true,
+                "Unhealthy",
+                message,
+            );
+        }
+        let slot = &mut self.slots[i];
         if slot.readiness.observe(success) {
             tracing::info!(pod = %self.key, container = %slot.spec.name, ready = slot.readiness.is_ready(), ?outcome, "readiness changed");
         }
@@ -558,6 +684,12 @@ impl Worker {
                 )),
             );
             slot.restart_at = Some(Instant::now() + delay);
+            let name = slot.spec.name.clone();
+            let message = format!(
+                "Back-off restarting failed container {name} in pod {}",
+                self.pod.name_any()
+            );
+            self.event(Some(&name), Source::Kubelet, true, "BackOff", message);
         }
     }
 

@@ -32,6 +32,10 @@ pub struct Env {
 
 impl Env {
     pub async fn start(prefix: &str) -> anyhow::Result<Self> {
+        Self::start_with(prefix, SandboxOptions::default()).await
+    }
+
+    pub async fn start_with(prefix: &str, mut opts: SandboxOptions) -> anyhow::Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -50,7 +54,9 @@ impl Env {
             )
             .await
             .context("creating the test namespace")?;
-        let sandbox = Sandbox::start(client.clone(), SandboxOptions::default()).await?;
+        opts.ca_pem
+            .get_or_insert_with(|| server.ca_pem().to_owned());
+        let sandbox = Sandbox::start(client.clone(), opts).await?;
         Ok(Self {
             server,
             client,

@@ -43,6 +43,7 @@ use nemesis_common::wire::{
 use nemesis_controller::app::Running;
 use nemesis_controller::config::RunArgs;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use nemesis_tests::demo::apply::{Manifest, apply_all, read_manifests};
 use nemesis_tests::demo::cluster_ip::cluster_ip;
 use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
 use serde::Deserialize;
@@ -354,6 +355,71 @@ pub struct Options {
     /// point the agent at it; the stand-in [`TestController`] still runs but is never
     /// called, and `scale_on_wake` means nothing.
     pub real_controller: Option<Vec<String>>,
+    /// Run the agent and the real controller as their ServiceAccounts, with exactly the
+    /// rules of `manifests/base/rbac.yaml` once this edit (which may remove one) is made.
+    pub rbac: Option<RbacEdit>,
+    /// Return once everything is started, without waiting for the agent to be ready
+    /// (a test that expects it never to be).
+    pub skip_ready_wait: bool,
+    /// The sandbox's Deployment controller acts this long after a change
+    /// ([`SandboxOptions::rollout_lag`]).
+    pub rollout_lag: Duration,
+}
+
+/// Changes the objects of `manifests/base/rbac.yaml` before they are applied.
+pub type RbacEdit = fn(&mut [Manifest]);
+
+/// The namespace of the install, where its ServiceAccounts and Lease live.
+pub const SYSTEM_NS: &str = "nemesis-system";
+
+/// Applies the install's namespace and RBAC (edited) with the admin `client`, and
+/// returns clients for the agent's and the controller's ServiceAccounts.
+async fn install_rbac(
+    server: &TestApiServer,
+    client: &Client,
+    edit: RbacEdit,
+) -> anyhow::Result<(Client, Client)> {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base");
+    let mut manifests = read_manifests(&[base.join("namespace.yaml"), base.join("rbac.yaml")])?;
+    edit(&mut manifests);
+    apply_all(client, &manifests)
+        .await
+        .context("applying manifests/base/rbac.yaml")?;
+    let as_sa = |name: &str| -> anyhow::Result<String> {
+        Ok(server.service_account_token(SYSTEM_NS, name)?)
+    };
+    Ok((
+        server.client_with_token(&as_sa("nemesis-agent")?).await?,
+        server
+            .client_with_token(&as_sa("nemesis-controller")?)
+            .await?,
+    ))
+}
+
+/// An [`RbacEdit`] helper: removes from `role` (a ClusterRole or Role of the install)
+/// the rule for `resource`, and fails the test when there is none.
+pub fn remove_rule(manifests: &mut [Manifest], role: &str, resource: &str) {
+    let m = manifests
+        .iter_mut()
+        .find(|m| {
+            matches!(m.kind(), "ClusterRole" | "Role")
+                && m.object.metadata.name.as_deref() == Some(role)
+        })
+        .unwrap_or_else(|| panic!("no role {role} in manifests/base/rbac.yaml"));
+    let rules = m.object.data["rules"]
+        .as_array_mut()
+        .expect("a role has rules");
+    let before = rules.len();
+    rules.retain(|r| {
+        !r["resources"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == resource))
+    });
+    assert_eq!(
+        before - 1,
+        rules.len(),
+        "{role} has one rule for {resource}"
+    );
 }
 
 pub struct WakeEnv {
@@ -370,6 +436,8 @@ pub struct WakeEnv {
     pub service_addr: SocketAddr,
     /// The agent's command line, for a restart.
     agent_argv: Vec<String>,
+    /// The client the agent runs with (the admin's, or its ServiceAccount's).
+    agent_client: Client,
     _dir: tempfile::TempDir,
 }
 
@@ -394,6 +462,10 @@ impl WakeEnv {
         let server = TestApiServer::start(ApiServerOptions::default()).await?;
         let client = server.client().await?;
         install_crd(&client).await?;
+        let (agent_client, controller_client) = match opts.rbac {
+            Some(edit) => install_rbac(&server, &client, edit).await?,
+            None => (client.clone(), client.clone()),
+        };
         Api::<Namespace>::all(client.clone())
             .create(
                 &PostParams::default(),
@@ -413,6 +485,7 @@ impl WakeEnv {
             SandboxOptions {
                 service_proxy: true,
                 pod_cgroup: Some(cgroup.path().to_path_buf()),
+                rollout_lag: opts.rollout_lag,
                 ..SandboxOptions::default()
             },
         )
@@ -456,7 +529,7 @@ impl WakeEnv {
         let token_file = dir.path().join("agent-token");
         std::fs::write(&token_file, format!("{TOKEN}\n"))?;
         let real = match &opts.real_controller {
-            Some(extra) => Some(start_real_controller(&server, dir.path(), extra).await?),
+            Some(extra) => Some(start_real_controller(controller_client, dir.path(), extra).await?),
             None => None,
         };
         let controller_url = real.as_ref().map_or_else(
@@ -499,7 +572,7 @@ impl WakeEnv {
         .map(|s| s.to_string())
         .collect();
         let argv = with_flags(&argv, agent_flags);
-        let agent = start_agent(&argv, &client).await?;
+        let agent = start_agent(&argv, &agent_client).await?;
         let env = WakeEnv {
             server: Some(server),
             client,
@@ -511,8 +584,12 @@ impl WakeEnv {
             bpffs: Some(bpffs),
             service_addr,
             agent_argv: argv,
+            agent_client,
             _dir: dir,
         };
+        if opts.skip_ready_wait {
+            return Ok(env);
+        }
         env.wait_ready().await?;
         env.wait_mode(Mode::Hold).await?;
         Ok(env)
@@ -537,7 +614,7 @@ impl WakeEnv {
     /// adopts what an earlier one left pinned.
     pub async fn start_agent_again(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.agent.is_none(), "an agent is running");
-        self.agent = Some(start_agent(&self.agent_argv, &self.client).await?);
+        self.agent = Some(start_agent(&self.agent_argv, &self.agent_client).await?);
         self.wait_ready().await
     }
 
@@ -742,7 +819,7 @@ struct ControllerCli {
 /// agent token file is already there), loopback ports picked by the kernel, and ticks and
 /// leases short enough for a test; waits until it leads.
 async fn start_real_controller(
-    server: &TestApiServer,
+    client: Client,
     dir: &Path,
     extra: &[String],
 ) -> anyhow::Result<Running> {
@@ -758,7 +835,7 @@ async fn start_real_controller(
     }
     args.extend(extra.iter().cloned());
     let run = ControllerCli::try_parse_from(args)?.run;
-    let running = nemesis_controller::app::start(&run, server.client().await?)
+    let running = nemesis_controller::app::start(&run, client)
         .await
         .context("starting the real controller")?;
     let mut leading = running.leading();
@@ -773,6 +850,71 @@ async fn start_agent(argv: &[String], client: &Client) -> anyhow::Result<Agent> 
         bail!("expected the run command");
     };
     Ok(Agent::start(&args, client.clone()).await?)
+}
+
+/// Posts an Alertmanager (payload version 4) notification for `alert` to the real
+/// controller's receiver, as Alertmanager's webhook would.
+pub async fn post_alert(env: &WakeEnv, alert: &str, firing: bool) -> anyhow::Result<()> {
+    let addr = env.real.as_ref().context("the real controller")?.api_addr;
+    let now = chrono::Utc::now();
+    let status = if firing { "firing" } else { "resolved" };
+    // As Alertmanager: one fingerprint per label set, and a firing that follows a
+    // resolution is a new instance that starts now (an older start would be taken for
+    // a late copy of the resolved one and ignored).
+    let fingerprint = format!(
+        "{:016x}",
+        alert.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    );
+    let starts_at = if firing {
+        now.to_rfc3339()
+    } else {
+        (now - chrono::Duration::seconds(60)).to_rfc3339()
+    };
+    let ends_at = if firing {
+        "0001-01-01T00:00:00Z".to_string()
+    } else {
+        now.to_rfc3339()
+    };
+    let body = json!({
+        "version": "4",
+        "groupKey": format!("{{}}:{{alertname=\"{alert}\"}}"),
+        "status": status,
+        "receiver": "nemesis",
+        "alerts": [{
+            "status": status,
+            "labels": {"alertname": alert},
+            "startsAt": starts_at,
+            "endsAt": ends_at,
+            "fingerprint": fingerprint,
+        }],
+    })
+    .to_string();
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!(
+                "POST /v1/alerts/alertmanager HTTP/1.1\r\nHost: {addr}\r\n\
+                 Authorization: Bearer {ALERT_TOKEN}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok::<_, anyhow::Error>(text)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .context("posting the alert timed out")??;
+    anyhow::ensure!(
+        text.starts_with("HTTP/1.1 200"),
+        "the controller refused the {status} alert: {text}"
+    );
+    Ok(())
 }
 
 // === clients ===

@@ -107,6 +107,7 @@ impl<'a> Reader<'a> {
 fn fields_of(message: &str) -> Option<&'static [Field]> {
     MESSAGES
         .iter()
+        .chain(super::table_auth::MESSAGES)
         .find(|(m, _)| *m == message)
         .map(|(_, f)| *f)
 }

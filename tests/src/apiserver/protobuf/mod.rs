@@ -4,5 +4,6 @@
 
 mod decode;
 mod table;
+mod table_auth;
 
 pub use decode::{ProtoError, decode_object};

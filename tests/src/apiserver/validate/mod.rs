@@ -6,6 +6,7 @@ mod crd;
 mod events;
 mod names;
 mod network;
+mod rbac;
 mod workloads;
 
 use serde_json::Value;
@@ -24,6 +25,13 @@ fn name_errors(rt: &ResourceType, name: &str) -> Vec<String> {
         Some(Builtin::Namespace) => names::dns1123_label_errors(name),
         Some(Builtin::Service) => names::dns1035_label_errors(name),
         Some(Builtin::Crd) => vec![], // checked against spec.names in crd::validate
+        // `system:masters`-style names: any path segment.
+        Some(
+            Builtin::Role
+            | Builtin::ClusterRole
+            | Builtin::RoleBinding
+            | Builtin::ClusterRoleBinding,
+        ) => names::path_segment_errors(name),
         _ => names::dns1123_subdomain_errors(name),
     }
 }
@@ -97,6 +105,7 @@ pub fn validate(
         )),
         Some(Builtin::Deployment) => causes.extend(workloads::deployment(obj, old)),
         Some(Builtin::ReplicaSet) => causes.extend(workloads::replica_set(obj, old)),
+        Some(Builtin::StatefulSet) => causes.extend(workloads::stateful_set(obj, old)),
         Some(Builtin::Pod) => causes.extend(workloads::pod(obj, old)),
         Some(Builtin::Service) => causes.extend(network::service(obj, old)),
         Some(Builtin::EndpointSlice) => causes.extend(network::endpoint_slice(obj)),
@@ -104,6 +113,10 @@ pub fn validate(
         Some(Builtin::ConfigMap) => causes.extend(config_map(obj)),
         Some(Builtin::Secret) => causes.extend(secret(obj)),
         Some(Builtin::Crd) => causes.extend(crd::validate(obj, old)),
+        Some(Builtin::Role) => causes.extend(rbac::role(obj, true)),
+        Some(Builtin::ClusterRole) => causes.extend(rbac::role(obj, false)),
+        Some(Builtin::RoleBinding) => causes.extend(rbac::binding(obj, old, true)),
+        Some(Builtin::ClusterRoleBinding) => causes.extend(rbac::binding(obj, old, false)),
         _ => {}
     }
     causes

@@ -17,6 +17,22 @@ fn is_label_shape(s: &str, first: impl Fn(char) -> bool) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
 }
 
+/// `path.IsValidPathSegmentName`: RBAC object names may hold `:` and upper case.
+pub fn path_segment_errors(s: &str) -> Vec<String> {
+    let mut e = vec![];
+    match s {
+        "." => e.push("may not be '.'".to_owned()),
+        ".." => e.push("may not be '..'".to_owned()),
+        _ => {}
+    }
+    for c in ['/', '%'] {
+        if s.contains(c) {
+            e.push(format!("may not contain '{c}'"));
+        }
+    }
+    e
+}
+
 pub fn dns1123_label_errors(s: &str) -> Vec<String> {
     let mut e = vec![];
     if s.len() > 63 {

@@ -184,6 +184,49 @@ pub fn replica_set(obj: &Value, old: Option<&Value>) -> Vec<Cause> {
     replicated(obj, old, "replicaset")
 }
 
+/// A StatefulSet: what every replicated workload needs, and the fields upstream keeps
+/// immutable (everything but replicas, template, updateStrategy, minReadySeconds,
+/// ordinals, the claim retention policy).
+pub fn stateful_set(obj: &Value, old: Option<&Value>) -> Vec<Cause> {
+    let mut causes = replicated(obj, old, "statefulset");
+    let policy = &obj["spec"]["podManagementPolicy"];
+    if let Some(p) = policy.as_str()
+        && !["OrderedReady", "Parallel"].contains(&p)
+    {
+        causes.push(Cause::not_supported(
+            "spec.podManagementPolicy",
+            policy,
+            &["OrderedReady", "Parallel"],
+        ));
+    }
+    if let Some(old) = old {
+        let frozen = |v: &Value| {
+            let mut s = v["spec"].clone();
+            if let Some(m) = s.as_object_mut() {
+                for k in [
+                    "replicas",
+                    "template",
+                    "updateStrategy",
+                    "minReadySeconds",
+                    "ordinals",
+                    "persistentVolumeClaimRetentionPolicy",
+                    "revisionHistoryLimit",
+                ] {
+                    m.remove(k);
+                }
+            }
+            s
+        };
+        if frozen(obj) != frozen(old) {
+            causes.push(Cause::forbidden(
+                "spec",
+                "updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+            ));
+        }
+    }
+    causes
+}
+
 /// The pod spec fields an update may change, as upstream lists them.
 const POD_MUTABLE: &str = "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)";
 
