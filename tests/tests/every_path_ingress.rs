@@ -74,6 +74,7 @@ async fn start(name: &'static str) -> anyhow::Result<WakeEnv> {
         Options {
             policy_spec: Some(policy()),
             real_controller: Some(vec![]),
+            ..Options::default()
         },
     )
     .await

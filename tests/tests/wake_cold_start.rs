@@ -34,6 +34,7 @@ async fn the_cold_start_counts_every_connection_held_and_forwarded() -> anyhow::
         Options {
             policy_spec: None,
             real_controller: Some(Vec::new()),
+            ..Options::default()
         },
         // The default interval, as on a cluster.
         &[("--controller-heartbeat-interval", "5s".to_string())],
