@@ -120,7 +120,8 @@ pub fn workload_ref(t: &TargetRef) -> Result<WorkloadRef, Vec<Problem>> {
             v.clone()
         }
         None if APPS_KINDS.contains(&kind.as_str()) => APPS_V1.into(),
-        None if kind.is_empty() => String::new(),
+        // A missing or malformed kind is already reported; its default cannot be known.
+        None if kind.is_empty() || bad_kind_char(&kind).is_some() => String::new(),
         None => {
             problems.push(Problem::at(
                 "spec.target.apiVersion",

@@ -31,7 +31,7 @@ use super::status::{self, Blocked};
 use super::workload::{self, Seen};
 use super::{API_TIMEOUT, Context, ReconcileError, backoff};
 use crate::agents::{AckError, ServiceActivity, WakeUp};
-use crate::engine::{self, Decision, Observations, State};
+use crate::engine::{self, Observations, State};
 use crate::metrics::{DecisionOutcome, ErrorKind};
 use crate::policy::crd::{self, ScalingPolicyStatus};
 use crate::policy::short_form::ZERO_STATE;

@@ -65,7 +65,10 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
         let mut c = Condition {
             type_: CONDITION_HPA.to_string(),
             observed_generation: input.generation,
-            ..Default::default()
+            status: String::new(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
         };
         set(
             &mut c,

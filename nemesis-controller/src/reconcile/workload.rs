@@ -93,10 +93,6 @@ impl Publisher {
             self.poke.notify_one();
         }
     }
-
-    fn blocked(&self, reason: &'static str, message: String) {
-        self.publish(Seen::Blocked(Blocked { reason, message }));
-    }
 }
 
 async fn run(client: Client, namespace: String, target: WorkloadRef, out: Publisher) {

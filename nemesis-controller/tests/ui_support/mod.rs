@@ -167,6 +167,8 @@ pub fn policy(ns: &str, name: &str, now: u64) -> ScalingPolicy {
             value: Some(4.0),
             at: Some(Utc::now()),
         }],
+        target: Some(format!("Deployment/{name}")),
+        horizontal_pod_autoscaler: None,
         conditions: vec![
             Condition {
                 type_: "Ready".into(),
