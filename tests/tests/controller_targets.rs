@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use controller_support::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Event, Namespace};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
@@ -133,7 +133,7 @@ fn run_model_operator(client: Client, ns: String, name: String) -> AbortOnDropHa
                 let m = models.get(&name).await?;
                 let want = m.data["spec"]["replicas"].as_i64().unwrap_or(0);
                 let d = deployments.get(&name).await?;
-                if d.spec.as_ref().and_then(|s| s.replicas) != Some(want as i32) {
+                if d.spec.replicas != Some(want as i32) {
                     deployments
                         .patch(
                             &name,
@@ -280,12 +280,19 @@ async fn a_custom_resource_with_a_scale_subresource_is_woken_and_slept() -> anyh
     // Ready only once the selector's pod is: the cold start is reported on it.
     let note = event_note(&client, &ns, "ColdStart").await?;
     assert!(note.starts_with("ready "), "{note}");
-    let ready = deployments
-        .get("llm")
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let ready = pods
+        .list(&ListParams::default().labels("app=llm"))
         .await?
-        .status
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
+        .items
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
     assert_eq!(ready, 1, "the cold start ended on a ready pod");
     wait_state(&policies, "llm", "warm", Duration::from_secs(10)).await?;
 
@@ -419,12 +426,10 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
     let ns = format!("ctl-hpa-{}", std::process::id());
     namespace(&client, &ns).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    // Real pods: a policy never sleeps a target whose pods did not become ready.
+    let sandbox = Sandbox::start(client.clone(), SandboxOptions::default()).await?;
     deployments
-        .create(&PostParams::default(), &{
-            let mut d = deployment("api", 0);
-            d.metadata.namespace = Some(ns.clone());
-            d
-        })
+        .create(&PostParams::default(), &server_deployment("api", 0)?)
         .await?;
     Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &hpa("api", "api", 2, 5)?)
@@ -457,40 +462,41 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
     wait_state(&policies, "api", "warm", Duration::from_secs(10)).await?;
 
     // The HPA scales up (played by the test): the policy leaves it there. Three of its
-    // samples at 4 replicas prove it looked several times (a sample per evaluation at
+    // samples at 3 replicas prove it looked several times (a sample per evaluation at
     // most every 500 ms).
     deployments
         .patch_scale(
             "api",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
         )
         .await?;
     let id = PolicyId::new(&ns, "api");
     eventually(
-        "three samples of the target at 4 replicas",
+        "three samples of the target at 3 replicas",
         Duration::from_secs(30),
         || async {
-            let at_four = c
+            let at_three = c
                 .store
                 .samples(&id, "nemesis.replicas", 0..u64::MAX)?
                 .iter()
-                .filter(|p| matches!(p.value, SampleValue::Raw { value } if value == 4.0))
+                .filter(|p| matches!(p.value, SampleValue::Raw { value } if value == 3.0))
                 .count();
-            Ok((at_four >= 3).then_some(()))
+            Ok((at_three >= 3).then_some(()))
         },
     )
     .await?;
-    assert_eq!(replicas(&deployments, "api").await?, 4, "the HPA's count stays");
+    assert_eq!(replicas(&deployments, "api").await?, 3, "the HPA's count stays");
     let p = policies.get("api").await?;
-    assert_eq!(p.status.and_then(|s| s.desired_replicas), Some(4));
+    assert_eq!(p.status.and_then(|s| s.desired_replicas), Some(3));
 
     // Sleeping takes it to zero, whatever the HPA had.
     post_alert(c.api_addr, "ApiDemand", false).await?;
-    wait_replicas(&deployments, "api", 0, Duration::from_secs(30)).await?;
+    wait_replicas(&deployments, "api", 0, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(log.seen(), vec![0, 2, 4, 0]);
+    assert_eq!(log.seen(), vec![0, 2, 3, 0]);
     c.shutdown().await;
+    sandbox.shutdown().await?;
     Ok(())
 }
 

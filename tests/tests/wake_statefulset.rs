@@ -74,7 +74,7 @@ async fn wait_replicas(env: &WakeEnv, want: i32) -> anyhow::Result<()> {
         Duration::from_secs(60),
         || async {
             let s = sets.get(APP).await?;
-            Ok((s.spec.and_then(|s| s.replicas) == Some(want)).then_some(()))
+            Ok((s.spec.replicas == Some(want)).then_some(()))
         },
     )
     .await
