@@ -143,6 +143,7 @@ fn deployment(pod: &Value) -> anyhow::Result<Deployment> {
 fn stateful_set(pod: &Value) -> anyhow::Result<StatefulSet> {
     let mut v = serde_json::to_value(deployment(pod)?)?;
     v["spec"]["serviceName"] = json!(APP);
+    v["kind"] = json!("StatefulSet");
     Ok(serde_json::from_value(v)?)
 }
 
