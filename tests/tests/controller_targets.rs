@@ -43,7 +43,12 @@ fn model_resource() -> ApiResource {
 
 /// A namespaced CRD (schema open) with a status subresource, and with `/scale` when
 /// `scale` is set (the paths a kube-apiserver reads: spec, status and selector).
-fn crd(group: &str, kind: &str, plural: &str, scale: bool) -> anyhow::Result<CustomResourceDefinition> {
+fn crd(
+    group: &str,
+    kind: &str,
+    plural: &str,
+    scale: bool,
+) -> anyhow::Result<CustomResourceDefinition> {
     let mut subresources = json!({"status": {}});
     if scale {
         subresources["scale"] = json!({
@@ -71,7 +76,11 @@ fn crd(group: &str, kind: &str, plural: &str, scale: bool) -> anyhow::Result<Cus
     }))?)
 }
 
-async fn install(client: &Client, crd: CustomResourceDefinition, probe: ApiResource) -> anyhow::Result<()> {
+async fn install(
+    client: &Client,
+    crd: CustomResourceDefinition,
+    probe: ApiResource,
+) -> anyhow::Result<()> {
     Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &crd)
         .await
@@ -126,7 +135,8 @@ fn server_deployment(name: &str, replicas: i32) -> anyhow::Result<Deployment> {
 /// (`status.replicas`), their selector and the generation it acted on.
 fn run_model_operator(client: Client, ns: String, name: String) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
-        let models: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &model_resource());
+        let models: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &model_resource());
         let deployments: Api<Deployment> = Api::namespaced(client, &ns);
         loop {
             let step = async {
@@ -170,7 +180,10 @@ async fn post_alert(api: SocketAddr, alert: &str, firing: bool) -> anyhow::Resul
     let (starts, ends) = if firing {
         (now.to_rfc3339(), "0001-01-01T00:00:00Z".to_string())
     } else {
-        ((now - chrono::Duration::seconds(60)).to_rfc3339(), now.to_rfc3339())
+        (
+            (now - chrono::Duration::seconds(60)).to_rfc3339(),
+            now.to_rfc3339(),
+        )
     };
     let body = json!({
         "version": "4",
@@ -188,7 +201,10 @@ async fn post_alert(api: SocketAddr, alert: &str, firing: bool) -> anyhow::Resul
     let (code, answer) = Http::default()
         .post(api, "/v1/alerts/alertmanager", ALERT_TOKEN, &body)
         .await?;
-    anyhow::ensure!(code == 200, "the controller refused the alert: {code} {answer}");
+    anyhow::ensure!(
+        code == 200,
+        "the controller refused the alert: {code} {answer}"
+    );
     Ok(())
 }
 
@@ -242,7 +258,12 @@ async fn a_custom_resource_with_a_scale_subresource_is_woken_and_slept() -> anyh
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
     install_crd(&client).await?;
-    install(&client, crd(GROUP, "Model", "models", true)?, model_resource()).await?;
+    install(
+        &client,
+        crd(GROUP, "Model", "models", true)?,
+        model_resource(),
+    )
+    .await?;
     let ns = format!("ctl-model-{}", std::process::id());
     namespace(&client, &ns).await?;
     let sandbox = Sandbox::start(client.clone(), SandboxOptions::default()).await?;
@@ -359,12 +380,22 @@ async fn targets_that_cannot_be_scaled_say_why() -> anyhow::Result<()> {
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
     install_crd(&client).await?;
-    install(&client, crd(GROUP, "Model", "models", true)?, model_resource()).await?;
+    install(
+        &client,
+        crd(GROUP, "Model", "models", true)?,
+        model_resource(),
+    )
+    .await?;
     let dataset = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("data.nemesis.test", "v1", "Dataset"),
         "datasets",
     );
-    install(&client, crd("data.nemesis.test", "Dataset", "datasets", false)?, dataset).await?;
+    install(
+        &client,
+        crd("data.nemesis.test", "Dataset", "datasets", false)?,
+        dataset,
+    )
+    .await?;
     let ns = format!("ctl-unusable-{}", std::process::id());
     namespace(&client, &ns).await?;
     let dir = tempfile::tempdir()?;
@@ -372,22 +403,46 @@ async fn targets_that_cannot_be_scaled_say_why() -> anyhow::Result<()> {
 
     let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns);
     let cases = [
-        ("unserved", json!({"kind": "Model", "apiVersion": "nowhere.nemesis.test/v1", "name": "m"}),
-         "TargetKindNotFound", "the API server does not serve nowhere.nemesis.test/v1".to_string()),
-        ("misspelt", json!({"kind": "Modle", "apiVersion": format!("{GROUP}/v1"), "name": "m"}),
-         "TargetKindNotFound", format!("{GROUP}/v1 has no kind Modle (it serves: Model)")),
-        ("unscalable", json!({"kind": "Dataset", "apiVersion": "data.nemesis.test/v1", "name": "d"}),
-         "TargetNotScalable", "Dataset (data.nemesis.test/v1) has no /scale subresource".to_string()),
-        ("missing", json!({"kind": "StatefulSet", "name": "ghost"}),
-         "TargetNotFound", format!("StatefulSet {ns}/ghost does not exist")),
+        (
+            "unserved",
+            json!({"kind": "Model", "apiVersion": "nowhere.nemesis.test/v1", "name": "m"}),
+            "TargetKindNotFound",
+            "the API server does not serve nowhere.nemesis.test/v1".to_string(),
+        ),
+        (
+            "misspelt",
+            json!({"kind": "Modle", "apiVersion": format!("{GROUP}/v1"), "name": "m"}),
+            "TargetKindNotFound",
+            format!("{GROUP}/v1 has no kind Modle (it serves: Model)"),
+        ),
+        (
+            "unscalable",
+            json!({"kind": "Dataset", "apiVersion": "data.nemesis.test/v1", "name": "d"}),
+            "TargetNotScalable",
+            "Dataset (data.nemesis.test/v1) has no /scale subresource".to_string(),
+        ),
+        (
+            "missing",
+            json!({"kind": "StatefulSet", "name": "ghost"}),
+            "TargetNotFound",
+            format!("StatefulSet {ns}/ghost does not exist"),
+        ),
         // The shipped rules grant Deployments and StatefulSets; another kind needs its own.
-        ("unreadable", json!({"kind": "Model", "apiVersion": format!("{GROUP}/v1"), "name": "m"}),
-         "TargetUnreadable",
-         format!("cannot list resource \"models\" in API group \"{GROUP}\" in the namespace \"{ns}\"")),
+        (
+            "unreadable",
+            json!({"kind": "Model", "apiVersion": format!("{GROUP}/v1"), "name": "m"}),
+            "TargetUnreadable",
+            format!(
+                "cannot list resource \"models\" in API group \"{GROUP}\" in the namespace \"{ns}\""
+            ),
+        ),
     ];
     for (name, target, _, _) in &cases {
         policies
-            .create(&PostParams::default(), &policy(name, alert_policy(target.clone(), "Never", 1)))
+            .create(
+                &PostParams::default(),
+                &policy(name, alert_policy(target.clone(), "Never", 1)),
+            )
             .await?;
     }
     for (name, _, reason, want) in &cases {
@@ -396,7 +451,10 @@ async fn targets_that_cannot_be_scaled_say_why() -> anyhow::Result<()> {
     }
     // Nothing was scaled for any of them.
     assert!(
-        !server.requests().iter().any(|r| r.method == "PATCH" && r.path.ends_with("/scale")),
+        !server
+            .requests()
+            .iter()
+            .any(|r| r.method == "PATCH" && r.path.ends_with("/scale")),
         "no /scale was patched"
     );
     c.shutdown().await;
@@ -441,7 +499,10 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
     policies
         .create(
             &PostParams::default(),
-            &policy("api", alert_policy(json!({"deployment": "api"}), "ApiDemand", 1)),
+            &policy(
+                "api",
+                alert_policy(json!({"deployment": "api"}), "ApiDemand", 1),
+            ),
         )
         .await?;
     let p = wait_state(&policies, "api", "zero", Duration::from_secs(30)).await?;
@@ -486,7 +547,11 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
         },
     )
     .await?;
-    assert_eq!(replicas(&deployments, "api").await?, 3, "the HPA's count stays");
+    assert_eq!(
+        replicas(&deployments, "api").await?,
+        3,
+        "the HPA's count stays"
+    );
     let p = policies.get("api").await?;
     assert_eq!(p.status.and_then(|s| s.desired_replicas), Some(3));
 
@@ -499,4 +564,3 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
     sandbox.shutdown().await?;
     Ok(())
 }
-

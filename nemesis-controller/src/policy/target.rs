@@ -97,7 +97,9 @@ pub fn workload_ref(t: &TargetRef) -> Result<WorkloadRef, Vec<Problem>> {
             "spec.target.kind",
             &kind,
             at,
-            format!("`{kind}` is not a kind (letters and digits, starting with an uppercase letter)"),
+            format!(
+                "`{kind}` is not a kind (letters and digits, starting with an uppercase letter)"
+            ),
         ));
     }
     let name = t.name.clone().unwrap_or_default();
@@ -183,7 +185,9 @@ fn bad_api_version(v: &str) -> Option<(usize, &'static str)> {
         }
         if let Some(i) = g
             .char_indices()
-            .find(|(_, c)| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.'))
+            .find(|(_, c)| {
+                !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.')
+            })
             .map(|(i, _)| i)
         {
             return Some((i, "a group has lowercase letters, digits, `-` and `.`"));
@@ -259,7 +263,9 @@ mod tests {
         assert!(!w.is_apps_kind());
         assert_eq!(
             errors(serde_json::json!({"kind": "Rollout", "name": "web"})),
-            ["spec.target.apiVersion: is required for kind `Rollout` (only Deployment and StatefulSet default to `apps/v1`)"]
+            [
+                "spec.target.apiVersion: is required for kind `Rollout` (only Deployment and StatefulSet default to `apps/v1`)"
+            ]
         );
     }
 
@@ -276,20 +282,30 @@ mod tests {
     fn malformed_references_name_their_field_and_column() {
         assert_eq!(
             errors(serde_json::json!({"deployment": "web", "kind": "StatefulSet", "name": "db"})),
-            ["spec.target.deployment: give either `deployment` (a Deployment's name) or `kind` and `name`, not both"]
+            [
+                "spec.target.deployment: give either `deployment` (a Deployment's name) or `kind` and `name`, not both"
+            ]
         );
         assert_eq!(errors(serde_json::json!({"service": "web"})).len(), 1);
         assert_eq!(
             errors(serde_json::json!({"kind": "statefulSet", "name": "db"})),
-            ["spec.target.kind: column 1: `statefulSet` is not a kind (letters and digits, starting with an uppercase letter)"]
+            [
+                "spec.target.kind: column 1: `statefulSet` is not a kind (letters and digits, starting with an uppercase letter)"
+            ]
         );
         assert_eq!(
-            errors(serde_json::json!({"kind": "Model", "apiVersion": "ml.example.com/V1", "name": "m"})),
-            ["spec.target.apiVersion: column 16: `ml.example.com/V1` is not an API version (`group/version`, e.g. `argoproj.io/v1alpha1`): a version has lowercase letters and digits only (`v1`, `v1beta2`)"]
+            errors(
+                serde_json::json!({"kind": "Model", "apiVersion": "ml.example.com/V1", "name": "m"})
+            ),
+            [
+                "spec.target.apiVersion: column 16: `ml.example.com/V1` is not an API version (`group/version`, e.g. `argoproj.io/v1alpha1`): a version has lowercase letters and digits only (`v1`, `v1beta2`)"
+            ]
         );
         assert_eq!(
             errors(serde_json::json!({"kind": "Model", "apiVersion": "ML/v1", "name": "m"})),
-            ["spec.target.apiVersion: column 1: `ML/v1` is not an API version (`group/version`, e.g. `argoproj.io/v1alpha1`): a group has lowercase letters, digits, `-` and `.`"]
+            [
+                "spec.target.apiVersion: column 1: `ML/v1` is not an API version (`group/version`, e.g. `argoproj.io/v1alpha1`): a group has lowercase letters, digits, `-` and `.`"
+            ]
         );
         assert_eq!(
             errors(serde_json::json!({"kind": "StatefulSet"})),
@@ -297,15 +313,21 @@ mod tests {
         );
         assert_eq!(
             errors(serde_json::json!({"name": "db"})),
-            ["spec.target.kind: is required with `name` (e.g. `StatefulSet`, or a custom resource's kind)"]
+            [
+                "spec.target.kind: is required with `name` (e.g. `StatefulSet`, or a custom resource's kind)"
+            ]
         );
         assert_eq!(
             errors(serde_json::json!({"deployment": "Web"})),
-            ["spec.target.deployment: `Web` is not a valid Deployment name (lowercase letters, digits, `-` and `.`, at most 253)"]
+            [
+                "spec.target.deployment: `Web` is not a valid Deployment name (lowercase letters, digits, `-` and `.`, at most 253)"
+            ]
         );
         assert_eq!(
             errors(serde_json::json!({"kind": "StatefulSet", "name": "db_1"})),
-            ["spec.target.name: `db_1` is not a valid StatefulSet name (lowercase letters, digits, `-` and `.`, at most 253)"]
+            [
+                "spec.target.name: `db_1` is not a valid StatefulSet name (lowercase letters, digits, `-` and `.`, at most 253)"
+            ]
         );
     }
 }

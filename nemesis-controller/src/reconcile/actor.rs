@@ -278,7 +278,12 @@ impl Actor {
             self.resource = None;
             self.pending_scale = None;
             self.workload = target.map(|t| {
-                workload::Watch::start(self.ctx.client.clone(), &self.id.namespace, t, self.poke.clone())
+                workload::Watch::start(
+                    self.ctx.client.clone(),
+                    &self.id.namespace,
+                    t,
+                    self.poke.clone(),
+                )
             });
         }
         let paused = self.obj.spec.paused;

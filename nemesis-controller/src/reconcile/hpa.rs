@@ -75,7 +75,14 @@ pub fn replicas(desired: u32, current: u32, hpa: Option<&HpaView>) -> u32 {
 mod tests {
     use super::*;
 
-    fn hpa(ns: &str, name: &str, kind: &str, api: &str, target: &str, min: Option<i32>) -> HorizontalPodAutoscaler {
+    fn hpa(
+        ns: &str,
+        name: &str,
+        kind: &str,
+        api: &str,
+        target: &str,
+        min: Option<i32>,
+    ) -> HorizontalPodAutoscaler {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": ns},
             "spec": {
@@ -93,7 +100,14 @@ mod tests {
         let hpas = [
             hpa("other", "a", "Deployment", "apps/v1", "web", Some(3)),
             hpa("shop", "b", "StatefulSet", "apps/v1", "web", Some(3)),
-            hpa("shop", "c", "Deployment", "extensions/v1beta1", "web", Some(3)),
+            hpa(
+                "shop",
+                "c",
+                "Deployment",
+                "extensions/v1beta1",
+                "web",
+                Some(3),
+            ),
             hpa("shop", "e", "Deployment", "apps/v1", "api", Some(3)),
             hpa("shop", "z", "Deployment", "apps/v1", "web", None),
             hpa("shop", "d", "Deployment", "apps/v1beta2", "web", Some(2)),
@@ -128,7 +142,11 @@ mod tests {
             ((7, 3), 3),
         ];
         for ((desired, current), want) in table {
-            assert_eq!(replicas(desired, current, Some(&h)), want, "{desired} {current}");
+            assert_eq!(
+                replicas(desired, current, Some(&h)),
+                want,
+                "{desired} {current}"
+            );
             assert_eq!(replicas(desired, current, None), desired);
         }
         assert_eq!(

@@ -229,8 +229,15 @@ mod tests {
         });
         assert_eq!(s.target.as_deref(), Some("Deployment/web"));
         assert_eq!(s.horizontal_pod_autoscaler.as_deref(), Some("web-hpa"));
-        let c = s.conditions.iter().find(|c| c.type_ == CONDITION_HPA).unwrap();
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "SharedWithHPA"));
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_HPA)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "SharedWithHPA")
+        );
         assert!(c.message.contains("between 0 and 2"), "{}", c.message);
         let gone = build(input(&p, &s));
         assert_eq!(gone.horizontal_pod_autoscaler, None);

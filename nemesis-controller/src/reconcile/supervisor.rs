@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{AbortOnDrop, Context};
 use super::actor::{Actor, Handle, Msg, Term};
+use super::{AbortOnDrop, Context};
 use crate::agents::WakeUp;
 use crate::metrics::ErrorKind;
 use crate::policy::ScalingPolicy;

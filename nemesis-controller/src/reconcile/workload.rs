@@ -119,11 +119,17 @@ async fn discover(client: &Client, target: &WorkloadRef) -> Result<ApiResource, 
         return Ok(ApiResource::from_gvk_with_plural(&gvk, &plural));
     }
     let listed = if target.group().is_empty() {
-        tokio::time::timeout(API_TIMEOUT, client.list_core_api_resources(&target.api_version))
-            .await
+        tokio::time::timeout(
+            API_TIMEOUT,
+            client.list_core_api_resources(&target.api_version),
+        )
+        .await
     } else {
-        tokio::time::timeout(API_TIMEOUT, client.list_api_group_resources(&target.api_version))
-            .await
+        tokio::time::timeout(
+            API_TIMEOUT,
+            client.list_api_group_resources(&target.api_version),
+        )
+        .await
     };
     let list = match listed {
         Err(_) => {
@@ -414,7 +420,10 @@ fn seen(namespace: &str, target: &WorkloadRef, resource: &ApiResource, f: &Facts
             .and_then(|s| s.replicas)
             .unwrap_or(0)
             .max(0) as u32;
-        let status = scale.status.as_ref().map_or(0, |s| s.replicas.max(0) as u32);
+        let status = scale
+            .status
+            .as_ref()
+            .map_or(0, |s| s.replicas.max(0) as u32);
         let ready_pods = f
             .pods
             .as_ref()
@@ -539,7 +548,11 @@ mod tests {
             ((2, true, false, None), 2),
         ];
         for ((status, up, sel, pods), want) in table {
-            assert_eq!(custom_ready(status, up, sel, pods), want, "{status} {up} {sel} {pods:?}");
+            assert_eq!(
+                custom_ready(status, up, sel, pods),
+                want,
+                "{status} {up} {sel} {pods:?}"
+            );
         }
         assert!(caught_up(Some(3), Some(3)));
         assert!(!caught_up(Some(3), Some(2)));
@@ -584,19 +597,39 @@ mod tests {
             res("models/scale", "Scale", true, &["get", "patch", "update"]),
         ]));
         let r = plan(&model(), &ok).unwrap();
-        assert_eq!((r.plural.as_str(), r.group.as_str(), r.version.as_str()), ("models", "ml.example.com", "v1"));
+        assert_eq!(
+            (r.plural.as_str(), r.group.as_str(), r.version.as_str()),
+            ("models", "ml.example.com", "v1")
+        );
 
-        let no_scale = list(json!([res("models", "Model", true, &["get"]), res("models/status", "Model", true, &["get"])]));
+        let no_scale = list(json!([
+            res("models", "Model", true, &["get"]),
+            res("models/status", "Model", true, &["get"])
+        ]));
         let b = plan(&model(), &no_scale).unwrap_err();
         assert_eq!(b.reason, "TargetNotScalable");
-        assert!(b.message.starts_with("Model (ml.example.com/v1) has no /scale subresource"), "{}", b.message);
+        assert!(
+            b.message
+                .starts_with("Model (ml.example.com/v1) has no /scale subresource"),
+            "{}",
+            b.message
+        );
 
         let other = list(json!([res("datasets", "Dataset", true, &["get"])]));
         let b = plan(&model(), &other).unwrap_err();
         assert_eq!(b.reason, "TargetKindNotFound");
-        assert_eq!(b.message, "ml.example.com/v1 has no kind Model (it serves: Dataset)");
+        assert_eq!(
+            b.message,
+            "ml.example.com/v1 has no kind Model (it serves: Dataset)"
+        );
 
-        let cluster = list(json!([res("models", "Model", false, &["get"]), res("models/scale", "Scale", false, &["patch"])]));
-        assert_eq!(plan(&model(), &cluster).unwrap_err().reason, "TargetNotScalable");
+        let cluster = list(json!([
+            res("models", "Model", false, &["get"]),
+            res("models/scale", "Scale", false, &["patch"])
+        ]));
+        assert_eq!(
+            plan(&model(), &cluster).unwrap_err().reason,
+            "TargetNotScalable"
+        );
     }
 }
