@@ -93,14 +93,13 @@ impl Actors {
     }
 
     fn unindex(&mut self, id: &PolicyId) {
-        if let Some(r) = self.running.get(id) {
-            if let Some(s) = &r.service
-                && let Some(set) = self.by_service.get_mut(s)
-            {
-                set.remove(id);
-                if set.is_empty() {
-                    self.by_service.remove(s);
-                }
+        if let Some(r) = self.running.get(id)
+            && let Some(s) = &r.service
+            && let Some(set) = self.by_service.get_mut(s)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_service.remove(s);
             }
         }
     }
