@@ -396,10 +396,56 @@ async fn targets_that_cannot_be_scaled_say_why() -> anyhow::Result<()> {
         dataset,
     )
     .await?;
+    let widget = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("widgets.nemesis.test", "v1", "Widget"),
+        "widgets",
+    );
+    install(
+        &client,
+        crd("widgets.nemesis.test", "Widget", "widgets", true)?,
+        widget.clone(),
+    )
+    .await?;
     let ns = format!("ctl-unusable-{}", std::process::id());
     namespace(&client, &ns).await?;
+    Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &widget)
+        .create(
+            &PostParams::default(),
+            &DynamicObject::new("w", &widget)
+                .within(&ns)
+                .data(json!({"spec": {"replicas": 0}})),
+        )
+        .await?;
+    // Half of what a Widget target needs: watching it, not its /scale.
+    let half = [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "widget-watcher"},
+               "rules": [{"apiGroups": ["widgets.nemesis.test"], "resources": ["widgets"],
+                          "verbs": ["list", "watch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "widget-watcher"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "widget-watcher"},
+               "subjects": [{"kind": "ServiceAccount", "name": "nemesis-controller",
+                             "namespace": SYSTEM_NS}]}),
+    ];
     let dir = tempfile::tempdir()?;
     let c = start_controller_as_installed(&server, &client, dir.path()).await?;
+    for (kind, plural, obj) in [
+        ("ClusterRole", "clusterroles", &half[0]),
+        ("ClusterRoleBinding", "clusterrolebindings", &half[1]),
+    ] {
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind),
+            plural,
+        );
+        Api::<DynamicObject>::all_with(client.clone(), &ar)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(obj.clone())?,
+            )
+            .await?;
+    }
 
     let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), &ns);
     let cases = [
@@ -434,6 +480,14 @@ async fn targets_that_cannot_be_scaled_say_why() -> anyhow::Result<()> {
             "TargetUnreadable",
             format!(
                 "cannot list resource \"models\" in API group \"{GROUP}\" in the namespace \"{ns}\""
+            ),
+        ),
+        (
+            "noscaleget",
+            json!({"kind": "Widget", "apiVersion": "widgets.nemesis.test/v1", "name": "w"}),
+            "TargetUnreadable",
+            format!(
+                "cannot get resource \"widgets/scale\" in API group \"widgets.nemesis.test\" in the namespace \"{ns}\""
             ),
         ),
     ];

@@ -236,7 +236,10 @@ struct Facts {
     pods: Option<Vec<Pod>>,
     pods_relisting: Vec<Pod>,
     selector: Option<String>,
+    /// The object or its `/scale` cannot be read (a refused permission).
     blocked: Option<Blocked>,
+    /// Its pods cannot be read (a refused permission).
+    pods_blocked: Option<Blocked>,
 }
 
 /// Watches the target until a watch ends (it never does with its backoff; the loop
@@ -275,23 +278,27 @@ async fn follow(
                 Some(Err(e)) => {
                     let why = explain_chain(&e);
                     tracing::warn!(target = %target, err = %why, "watching the target failed; retrying");
-                    facts.blocked = Some(unreadable(target, why));
+                    // A refusal stops the policy until a rule is granted; anything else
+                    // (a dropped connection) is retried on what was seen last.
+                    if refused(&e) {
+                        facts.blocked = Some(unreadable(target, why));
+                    }
                 }
             },
             ev = next_or_pending(&mut pod_events) => match ev {
                 Some(Ok(ev)) => {
-                    if facts.blocked.as_ref().is_some_and(|b| b.message.contains("pods")) {
-                        facts.blocked = None;
-                    }
+                    facts.pods_blocked = None;
                     on_pod(&mut facts, ev);
                 }
                 Some(Err(e)) => {
                     let why = explain_chain(&e);
                     tracing::warn!(target = %target, err = %why, "watching the target's pods failed; retrying");
-                    facts.blocked = Some(Blocked {
-                        reason: "TargetUnreadable",
-                        message: format!("cannot read the pods of {target} (its readiness): {why}"),
-                    });
+                    if refused(&e) {
+                        facts.pods_blocked = Some(Blocked {
+                            reason: "TargetUnreadable",
+                            message: format!("cannot read the pods of {target} (its readiness): {why}"),
+                        });
+                    }
                 }
                 None => pod_events = None,
             },
@@ -320,6 +327,18 @@ async fn follow(
         }
         out.publish(seen(namespace, target, &resource, &facts));
     }
+}
+
+/// The API server refused the watch (401/403): retrying will not help until a rule is
+/// granted or the token renewed.
+fn refused(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s))
+            if s.code == 403 || s.code == 401
+    )
 }
 
 async fn next_or_pending<T>(s: &mut Option<BoxStream<T>>) -> Option<T> {
@@ -387,7 +406,9 @@ async fn read_scale_of(
         Ok(Err(e)) => {
             let why = explain(&e);
             tracing::warn!(target = %target, err = %why, "reading the target's /scale failed");
-            f.blocked = Some(unreadable(target, format!("reading its /scale: {why}")));
+            if matches!(&e, kube::Error::Api(s) if s.code == 403 || s.code == 401) {
+                f.blocked = Some(unreadable(target, format!("reading its /scale: {why}")));
+            }
         }
         Err(_) => {
             tracing::warn!(target = %target, "reading the target's /scale timed out");
@@ -396,7 +417,7 @@ async fn read_scale_of(
 }
 
 fn seen(namespace: &str, target: &WorkloadRef, resource: &ApiResource, f: &Facts) -> Seen {
-    if let Some(b) = &f.blocked {
+    if let Some(b) = f.blocked.as_ref().or(f.pods_blocked.as_ref()) {
         return Seen::Blocked(b.clone());
     }
     if !f.listed {
