@@ -166,6 +166,7 @@ pub fn policy(ns: &str, name: &str, now: u64) -> ScalingPolicy {
             value: Some(4.0),
             at: Some(Utc::now()),
         }],
+        windows: vec![],
         conditions: vec![
             Condition {
                 type_: "Ready".into(),
