@@ -310,6 +310,20 @@ pub struct ScalingPolicyStatus {
     /// `HorizontalPodAutoscaler` (an HPA shares the target).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The `for` windows running in the current state: a controller that takes over
+    /// (a new leader, a restart) resumes them for the same generation and state, so a
+    /// transition fires at its original deadline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<ForWindow>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForWindow {
+    /// The `for` clause, counted from 0 in the order the policy's conditions give them.
+    pub clause: u32,
+    /// Since when its condition has held without a break.
+    pub since: DateTime<Utc>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]

@@ -111,6 +111,7 @@ enum SleepPhase {
 #[derive(Debug, Default)]
 struct Report {
     state: Option<(String, DateTime<Utc>)>,
+    windows: Vec<(u32, DateTime<Utc>)>,
     desired: Option<u32>,
     metrics: Vec<(String, Option<f64>)>,
     blocked: Option<Blocked>,
@@ -537,8 +538,10 @@ impl Actor {
             .engine
             .as_ref()
             .map(|s| (s.name(&compiled).to_string(), s.since));
+        let windows = self.engine.as_ref().map(State::windows).unwrap_or_default();
         let report = Report {
             state: st,
+            windows,
             desired: Some(desired),
             metrics: values.clone(),
             blocked: None,
@@ -619,7 +622,17 @@ impl Actor {
             && c.state_index(name).is_some()
         {
             let since = status.and_then(|s| s.state_since).unwrap_or(now);
-            return State::resume(c, name, since, now);
+            let mut state = State::resume(c, name, since, now);
+            // The windows were counted for this generation's program: an edited policy
+            // numbers its clauses anew, so they restart.
+            if let Some(s) = status
+                && s.observed_generation.is_some()
+                && s.observed_generation == self.generation
+            {
+                let windows: Vec<_> = s.windows.iter().map(|w| (w.clause, w.since)).collect();
+                state.resume_windows(&windows, now);
+            }
+            return state;
         }
         if c.is_short_form() && target.replicas == 0 && c.state_index(ZERO_STATE).is_some() {
             return State::resume(c, ZERO_STATE, now, now);
@@ -1034,6 +1047,7 @@ impl Actor {
             generation: self.generation,
             previous: &previous,
             state: report.state,
+            windows: report.windows,
             desired: report.desired,
             last_transition: self.last_transition.clone(),
             metrics: report.metrics,

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::policy::crd::{MetricValue, ScalingPolicyStatus, TransitionRecord};
+use crate::policy::crd::{ForWindow, MetricValue, ScalingPolicyStatus, TransitionRecord};
 use crate::policy::status::{CONDITION_READY, policy_conditions};
 use crate::policy::{CompiledPolicy, InvalidPolicy, WorkloadRef};
 use crate::reconcile::hpa::{CONDITION_HPA, HpaView};
@@ -26,6 +26,8 @@ pub struct Input<'a> {
     pub previous: &'a ScalingPolicyStatus,
     /// The engine's state name and since when (`None`: not running).
     pub state: Option<(String, DateTime<Utc>)>,
+    /// The running `for` windows (clause, since) of that state.
+    pub windows: Vec<(u32, DateTime<Utc>)>,
     pub desired: Option<u32>,
     pub last_transition: Option<TransitionRecord>,
     pub metrics: Vec<(String, Option<f64>)>,
@@ -80,9 +82,21 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
         );
         conditions.push(c);
     }
-    let (state, state_since) = match input.state {
-        Some((s, since)) => (Some(s), Some(since)),
-        None => (input.previous.state.clone(), input.previous.state_since),
+    let (state, state_since, windows) = match input.state {
+        Some((s, since)) => (
+            Some(s),
+            Some(since),
+            input
+                .windows
+                .into_iter()
+                .map(|(clause, since)| ForWindow { clause, since })
+                .collect(),
+        ),
+        None => (
+            input.previous.state.clone(),
+            input.previous.state_since,
+            input.previous.windows.clone(),
+        ),
     };
     ScalingPolicyStatus {
         observed_generation: input.generation,
@@ -107,6 +121,7 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
         target: input.target.map(ToString::to_string),
         horizontal_pod_autoscaler: input.hpa.map(|h| h.name.clone()),
         conditions,
+        windows,
     }
 }
 
@@ -203,6 +218,7 @@ mod tests {
             generation: Some(2),
             previous: prev,
             state: Some(("warm".into(), now())),
+            windows: vec![],
             desired: Some(1),
             last_transition: None,
             metrics: vec![("conns.active".into(), Some(3.0))],

@@ -169,6 +169,7 @@ pub fn policy(ns: &str, name: &str, now: u64) -> ScalingPolicy {
         }],
         target: Some(format!("Deployment/{name}")),
         horizontal_pod_autoscaler: None,
+        windows: vec![],
         conditions: vec![
             Condition {
                 type_: "Ready".into(),
