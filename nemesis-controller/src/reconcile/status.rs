@@ -8,7 +8,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::policy::crd::{ForWindow, MetricValue, ScalingPolicyStatus, TransitionRecord};
 use crate::policy::status::{CONDITION_READY, policy_conditions};
-use crate::policy::{CompiledPolicy, InvalidPolicy};
+use crate::policy::{CompiledPolicy, InvalidPolicy, WorkloadRef};
+use crate::reconcile::hpa::{CONDITION_HPA, HpaView};
 
 /// Why a valid policy cannot act right now (the `Ready` condition turns `False`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,10 @@ pub struct Input<'a> {
     pub blocked: Option<Blocked>,
     /// Appended to the `Ready` message (a failing PromQL source, a refused sleep).
     pub notes: Vec<String>,
+    /// What the policy scales (`None` while invalid).
+    pub target: Option<&'a WorkloadRef>,
+    /// The HPA that shares the target, if any.
+    pub hpa: Option<&'a HpaView>,
     pub now: DateTime<Utc>,
 }
 
@@ -57,6 +62,25 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
         if !input.notes.is_empty() {
             ready.message = format!("{}; {}", ready.message, input.notes.join("; "));
         }
+    }
+    if let (Some(h), Some(t)) = (input.hpa, input.target) {
+        let mut c = Condition {
+            type_: CONDITION_HPA.to_string(),
+            observed_generation: input.generation,
+            status: String::new(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        };
+        set(
+            &mut c,
+            "True",
+            "SharedWithHPA",
+            &h.message(t),
+            &input.previous.conditions,
+            input.now,
+        );
+        conditions.push(c);
     }
     let (state, state_since, windows) = match input.state {
         Some((s, since)) => (
@@ -94,6 +118,8 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
                 at: Some(input.now),
             })
             .collect(),
+        target: input.target.map(ToString::to_string),
+        horizontal_pod_autoscaler: input.hpa.map(|h| h.name.clone()),
         conditions,
         windows,
     }
@@ -172,8 +198,9 @@ mod tests {
     fn policy() -> CompiledPolicy {
         compile(&ScalingPolicySpec {
             target: TargetRef {
-                deployment: "web".into(),
+                deployment: Some("web".into()),
                 service: Some("web".into()),
+                ..Default::default()
             },
             idle_timeout: Some("1m".into()),
             ..Default::default()
@@ -197,8 +224,40 @@ mod tests {
             metrics: vec![("conns.active".into(), Some(3.0))],
             blocked: None,
             notes: vec![],
+            target: Some(p.workload()),
+            hpa: None,
             now: now(),
         }
+    }
+
+    #[test]
+    fn an_hpa_on_the_target_is_named_in_the_status_and_a_condition() {
+        let p = policy();
+        let prev = ScalingPolicyStatus::default();
+        let h = HpaView {
+            name: "web-hpa".into(),
+            min: 2,
+            max: 6,
+        };
+        let s = build(Input {
+            hpa: Some(&h),
+            ..input(&p, &prev)
+        });
+        assert_eq!(s.target.as_deref(), Some("Deployment/web"));
+        assert_eq!(s.horizontal_pod_autoscaler.as_deref(), Some("web-hpa"));
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_HPA)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "SharedWithHPA")
+        );
+        assert!(c.message.contains("between 0 and 2"), "{}", c.message);
+        let gone = build(input(&p, &s));
+        assert_eq!(gone.horizontal_pod_autoscaler, None);
+        assert!(gone.conditions.iter().all(|c| c.type_ != CONDITION_HPA));
     }
 
     #[test]
