@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually};
+use wake_support::{APP, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually};
 
 /// The short form's idle window (and rate window, so that the window is the whole wait).
 const IDLE: Duration = Duration::from_secs(6);
@@ -92,17 +92,19 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
 
     // ... then only an "Ingress" sends traffic: from a host of its own on the pod
     // network, outside the intercepted cgroup, to the pod IP, for three idle windows.
-    let last_done = env.keep_warm_from_outside(pod, IDLE * 3).await?;
+    let last = env.keep_warm_from_outside(pod, IDLE * 3).await?;
 
     // Silence: asleep after the idle window, not before.
     let slept = eventually("the policy back at zero", IDLE + SLACK * 3, || async {
         Ok((env.policy_state().await?.as_deref() == Some("zero")).then(Instant::now))
     })
     .await?;
-    let after = slept - last_done;
+    // Asleep no sooner than a window after the last request reached the pod, and no
+    // later than a window (plus the reporting lag) after it was done.
+    let (after_start, after_done) = (slept - last.started, slept - last.done);
     anyhow::ensure!(
-        after >= IDLE && after <= IDLE + SLACK,
-        "slept {after:?} after the last request; the idle window is {IDLE:?}"
+        after_start >= IDLE && after_done <= IDLE + SLACK,
+        "slept {after_done:?} after the last request was done ({after_start:?} after it started); the idle window is {IDLE:?}"
     );
     Ok(())
 }

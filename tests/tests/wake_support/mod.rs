@@ -1429,13 +1429,14 @@ impl WakeEnv {
     /// as an Ingress controller's pod does: no connect() hook sees it. (From the node's
     /// own addresses it would count as the node probing its pod, like the kubelet's
     /// readiness probes.) Fails if the Deployment leaves one replica meanwhile, if a
-    /// request fails, or if the agent did not count every one on the server side.
-    /// Returns when the last request was done.
+    /// request fails, or if the agent did not count every one on the server side. Then
+    /// one last request from the same host, alone, so that the test knows when the last
+    /// request was: it returns when that one started and when it was done.
     pub async fn keep_warm_from_outside(
         &self,
         pod: SocketAddr,
         busy_for: Duration,
-    ) -> anyhow::Result<tokio::time::Instant> {
+    ) -> anyhow::Result<LastRequest> {
         let caller = self.sandbox().outside_host().await?;
         let start = tokio::time::Instant::now();
         let clients = self
@@ -1469,8 +1470,21 @@ impl WakeEnv {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let results = clients.stop(Duration::from_secs(30)).await?;
-        let last_done = tokio::time::Instant::now();
+        let mut results = clients.stop(Duration::from_secs(30)).await?;
+        // The repeating client's last request ended some time before it exited: the
+        // last one is made alone, timed from before its start to after its end.
+        let started = tokio::time::Instant::now();
+        let last = self
+            .outside_repeating_clients(caller.name(), &["--connect", &pod.to_string()])
+            .await?
+            .finish(Duration::from_secs(30))
+            .await?;
+        let last_request = LastRequest {
+            started,
+            done: tokio::time::Instant::now(),
+        };
+        anyhow::ensure!(last.len() == 1, "the last request: {last:?}");
+        results.extend(last);
         let requests = results.len();
         // Half the nominal rate: a loaded machine starts processes slowly.
         let least = (busy_for.as_millis() / OUTSIDE_EVERY.as_millis() / 2) as usize;
@@ -1496,6 +1510,15 @@ impl WakeEnv {
             },
         )
         .await?;
-        Ok(last_done)
+        Ok(last_request)
     }
+}
+
+/// When the last request of [`WakeEnv::keep_warm_from_outside`] was: it reached the pod
+/// between `started` and `done`, so an idle window after it ends no sooner than
+/// `started` + window and no later than `done` + window (plus the reporting lag).
+#[derive(Debug, Clone, Copy)]
+pub struct LastRequest {
+    pub started: tokio::time::Instant,
+    pub done: tokio::time::Instant,
 }
