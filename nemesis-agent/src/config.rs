@@ -159,12 +159,7 @@ impl RunArgs {
     pub fn proxy_v6(&self) -> Option<SocketAddrV6> {
         self.datapath.proxy_v6.or_else(|| {
             self.node_addresses.iter().find_map(|ip| match ip {
-                IpAddr::V6(v6) => Some(SocketAddrV6::new(
-                    *v6,
-                    self.datapath.proxy_v4.port(),
-                    0,
-                    0,
-                )),
+                IpAddr::V6(v6) => Some(SocketAddrV6::new(*v6, self.datapath.proxy_v4.port(), 0, 0)),
                 IpAddr::V4(_) => None,
             })
         })
@@ -360,9 +355,15 @@ mod tests {
         ]);
         assert_eq!(
             run.hold_addresses(),
-            ["198.18.0.1".parse::<IpAddr>().unwrap(), "fd6e:6d00::1".parse().unwrap()]
+            [
+                "198.18.0.1".parse::<IpAddr>().unwrap(),
+                "fd6e:6d00::1".parse().unwrap()
+            ]
         );
-        assert_eq!(run.proxy_v6(), Some("[fd6e:6d00::1]:15001".parse().unwrap()));
+        assert_eq!(
+            run.proxy_v6(),
+            Some("[fd6e:6d00::1]:15001".parse().unwrap())
+        );
 
         // Given explicitly, the flags win.
         let run = run_args(&[
@@ -373,7 +374,10 @@ mod tests {
             "--proxy-v6",
             "[::1]:15002",
         ]);
-        assert_eq!(run.hold_addresses(), ["198.18.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            run.hold_addresses(),
+            ["198.18.0.9".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(run.proxy_v6(), Some("[::1]:15002".parse().unwrap()));
 
         // Without node addresses: IPv4 only, and loopback holds nothing.

@@ -97,7 +97,11 @@ impl HoldListeners {
             if state.contains_key(&(svc.clone(), port)) {
                 continue;
             }
-            if self.table.address_of(&svc, &hold.name, self.addresses[0]).is_none() {
+            if self
+                .table
+                .address_of(&svc, &hold.name, self.addresses[0])
+                .is_none()
+            {
                 continue;
             }
             let mut tasks = Vec::new();

@@ -55,7 +55,10 @@ pub fn pod_address(index: u16, host: u8) -> Ipv4Addr {
 
 /// Host `host` of subnet `index`'s IPv6 /64: `fd6e:6d00:0:<index>::<host>`.
 pub fn pod_address_v6(index: u16, host: u8) -> Ipv6Addr {
-    assert!(index < SUBNETS, "subnet index {index} outside fd6e:6d00:0::/55");
+    assert!(
+        index < SUBNETS,
+        "subnet index {index} outside fd6e:6d00:0::/55"
+    );
     Ipv6Addr::new(0xfd6e, 0x6d00, 0, index, 0, 0, 0, u16::from(host))
 }
 

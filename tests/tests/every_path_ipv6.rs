@@ -139,9 +139,7 @@ async fn dual_stack(env: &WakeEnv) -> anyhow::Result<()> {
     // This test process is outside the intercepted cgroup: its connect to the IPv6
     // ClusterIP is the node's Service proxy's, which follows the IPv6 EndpointSlices to
     // the agent's hold listener on the node's IPv6 address.
-    let (status, body) = http_get(v6, "/")
-        .await
-        .context("GET the IPv6 ClusterIP")?;
+    let (status, body) = http_get(v6, "/").await.context("GET the IPv6 ClusterIP")?;
     anyhow::ensure!(status == 200, "the Service answered {status}: {body}");
     anyhow::ensure!(
         env.replicas().await? == 1,
@@ -171,9 +169,11 @@ async fn dual_stack(env: &WakeEnv) -> anyhow::Result<()> {
 /// A caller outside the cgroup dialling the pod's IPv6 address keeps the policy warm
 /// for three idle windows; it sleeps one idle window after the last request.
 async fn warm_over_ipv6_then_sleep(env: &WakeEnv) -> anyhow::Result<()> {
-    let pod = eventually("the pod's IPv6 address", Duration::from_secs(10), || async {
-        Ok(env.pod_ips_of(true).await?.first().copied())
-    })
+    let pod = eventually(
+        "the pod's IPv6 address",
+        Duration::from_secs(10),
+        || async { Ok(env.pod_ips_of(true).await?.first().copied()) },
+    )
     .await?;
     anyhow::ensure!(
         matches!(pod, IpAddr::V6(ip) if ip.segments()[..2] == [0xfd6e, 0x6d00]),

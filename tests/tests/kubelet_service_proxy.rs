@@ -170,28 +170,51 @@ async fn a_dual_stack_service_is_served_on_each_cluster_ip_from_the_slices_of_it
 
     // Families defaulted and refused as kube-apiserver does.
     let ports = json!([{"port": 80}]);
-    let msg = refused(&services, json!({"ports": ports, "ipFamilyPolicy": "SingleStack",
-                         "ipFamilies": ["IPv4", "IPv6"]}))
+    let msg = refused(
+        &services,
+        json!({"ports": ports, "ipFamilyPolicy": "SingleStack",
+                         "ipFamilies": ["IPv4", "IPv6"]}),
+    )
     .await?;
     assert!(
         msg.contains("spec.ipFamilyPolicy")
             && msg.contains("must be 'RequireDualStack' or 'PreferDualStack'"),
         "{msg}"
     );
-    let msg = refused(&services, json!({"ports": ports, "ipFamilyPolicy": "Sometimes"})).await?;
-    assert!(msg.contains("spec.ipFamilyPolicy: Unsupported value: \"Sometimes\""), "{msg}");
-    let msg = refused(&services, json!({"ports": ports, "ipFamilyPolicy": "RequireDualStack",
-                         "ipFamilies": ["IPv6", "IPv6"]}))
+    let msg = refused(
+        &services,
+        json!({"ports": ports, "ipFamilyPolicy": "Sometimes"}),
+    )
     .await?;
-    assert!(msg.contains("spec.ipFamilies[1]: Duplicate value: \"IPv6\""), "{msg}");
-    let msg = refused(&services, json!({"ports": ports, "clusterIP": "fd6e:6d00:ffff::9",
-                         "ipFamilies": ["IPv4"]}))
+    assert!(
+        msg.contains("spec.ipFamilyPolicy: Unsupported value: \"Sometimes\""),
+        "{msg}"
+    );
+    let msg = refused(
+        &services,
+        json!({"ports": ports, "ipFamilyPolicy": "RequireDualStack",
+                         "ipFamilies": ["IPv6", "IPv6"]}),
+    )
+    .await?;
+    assert!(
+        msg.contains("spec.ipFamilies[1]: Duplicate value: \"IPv6\""),
+        "{msg}"
+    );
+    let msg = refused(
+        &services,
+        json!({"ports": ports, "clusterIP": "fd6e:6d00:ffff::9",
+                         "ipFamilies": ["IPv4"]}),
+    )
     .await?;
     assert!(
         msg.contains("spec.clusterIPs[0]") && msg.contains("expected an IPv4 value"),
         "{msg}"
     );
-    let msg = refused(&services, json!({"ports": ports, "clusterIP": "fd6e:6d00:0:1::9"})).await?;
+    let msg = refused(
+        &services,
+        json!({"ports": ports, "clusterIP": "fd6e:6d00:0:1::9"}),
+    )
+    .await?;
     assert!(
         msg.contains("The range of valid IPs is fd6e:6d00:ffff::/108"),
         "{msg}"
@@ -299,8 +322,10 @@ async fn a_dual_stack_service_is_served_on_each_cluster_ip_from_the_slices_of_it
                     )
                 })
             };
-            Ok((refused(SocketAddr::from((v4, 80))) && refused(SocketAddr::from((v6, 80))))
-                .then_some(()))
+            Ok(
+                (refused(SocketAddr::from((v4, 80))) && refused(SocketAddr::from((v6, 80))))
+                    .then_some(()),
+            )
         },
     )
     .await?;

@@ -433,7 +433,8 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
         "hold listeners on both of the node's addresses"
     );
     assert_eq!(
-        run.proxy_v6().map(|a| (std::net::IpAddr::V6(*a.ip()), a.port())),
+        run.proxy_v6()
+            .map(|a| (std::net::IpAddr::V6(*a.ip()), a.port())),
         Some((v6, run.datapath.proxy_v4.port())),
         "the IPv6 proxy listener on the node's IPv6 address"
     );

@@ -23,7 +23,8 @@ pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(127, 96, 0, 0), 16);
 /// The IPv6 Service ClusterIP range: inside the sandbox's unique local range
 /// (fd6e:6d00::/32), which the sandbox routes nowhere; the server is dual-stack, IPv4
 /// first, as a cluster started with both service CIDRs.
-pub const SERVICE_CIDR_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd6e, 0x6d00, 0xffff, 0, 0, 0, 0, 0), 108);
+pub const SERVICE_CIDR_V6: (Ipv6Addr, u8) =
+    (Ipv6Addr::new(0xfd6e, 0x6d00, 0xffff, 0, 0, 0, 0, 0), 108);
 /// The `spec.ipFamilyPolicy` values upstream accepts, in its order of listing.
 const IP_FAMILY_POLICIES: [&str; 3] = ["PreferDualStack", "RequireDualStack", "SingleStack"];
 
@@ -351,7 +352,11 @@ fn service_families(spec: &Value, ips: &[IpAddr]) -> Result<Vec<&'static str>, C
         families.push("IPv4");
     }
     if policy != "SingleStack" && families.len() == 1 {
-        families.push(if families[0] == "IPv4" { "IPv6" } else { "IPv4" });
+        families.push(if families[0] == "IPv4" {
+            "IPv6"
+        } else {
+            "IPv4"
+        });
     }
     Ok(families)
 }

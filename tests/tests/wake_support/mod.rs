@@ -522,8 +522,8 @@ impl WakeEnv {
             cluster_ip(sandbox.subnet_index(), 0).context("a ClusterIP of the sandbox's block")?;
         let ip6 = cluster_ip_v6(sandbox.subnet_index(), 0)
             .context("an IPv6 ClusterIP of the sandbox's block")?;
-        let service_addr_v6 = (opts.families != Families::V4)
-            .then(|| SocketAddr::from((ip6, SERVICE_PORT)));
+        let service_addr_v6 =
+            (opts.families != Families::V4).then(|| SocketAddr::from((ip6, SERVICE_PORT)));
         let service_addr = match opts.families {
             Families::V6 => SocketAddr::from((ip6, SERVICE_PORT)),
             Families::V4 | Families::Dual => SocketAddr::from((ip, SERVICE_PORT)),
@@ -1292,9 +1292,10 @@ const OUTSIDE_EVERY: Duration = Duration::from_millis(300);
 impl WakeEnv {
     /// The ScalingPolicy's `status.state` (`zero`, `warm`, ...).
     pub async fn policy_state(&self) -> anyhow::Result<Option<String>> {
-        let p = Api::<nemesis_controller::policy::ScalingPolicy>::namespaced(self.client.clone(), NS)
-            .get(APP)
-            .await?;
+        let p =
+            Api::<nemesis_controller::policy::ScalingPolicy>::namespaced(self.client.clone(), NS)
+                .get(APP)
+                .await?;
         Ok(p.status.and_then(|s| s.state))
     }
 
@@ -1415,7 +1416,10 @@ impl WakeEnv {
             .into_iter()
             .map(|ip| SocketAddr::new(ip, POD_PORT))
             .collect();
-        anyhow::ensure!(!pods.is_empty(), "the woken pod has an address of the family");
+        anyhow::ensure!(
+            !pods.is_empty(),
+            "the woken pod has an address of the family"
+        );
         eventually(
             "nginx's upstream to be the pod",
             Duration::from_secs(10),
