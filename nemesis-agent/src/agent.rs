@@ -585,7 +585,7 @@ impl Agent {
             let v4 = SocketAddr::V4(args.datapath.proxy_v4);
             proxy::ensure_unused(v4)
                 .map_err(|source| proxy::ProxyError::Bind { addr: v4, source })?;
-            if let Some(v6) = args.datapath.proxy_v6 {
+            if let Some(v6) = args.proxy_v6() {
                 let v6 = SocketAddr::V6(v6);
                 proxy::ensure_unused(v6)
                     .map_err(|source| proxy::ProxyError::Bind { addr: v6, source })?;
@@ -602,7 +602,7 @@ impl Agent {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => unreachable!("bound from an IPv4 address"),
         };
-        let v6 = match args.datapath.proxy_v6 {
+        let v6 = match args.proxy_v6() {
             Some(a) => Some(proxy::bind(SocketAddr::V6(a))?),
             None => None,
         };

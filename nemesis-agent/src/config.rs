@@ -2,7 +2,7 @@
 //! `NEMESIS_AGENT_<SETTING>`. Parsing only; never reads the machine or starts anything.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     time::Duration,
 };
@@ -115,29 +115,54 @@ pub struct RunArgs {
     pub count_reconcile_interval: Duration,
     /// The node addresses (comma-separated) the hold listeners bind, which hold
     /// EndpointSlices list for callers that never dial a ClusterIP (Ingress
-    /// controllers, NodePorts, meshes). Default: the IP of `--proxy-v4` (and of
-    /// `--proxy-v6`) unless it is a loopback or unspecified address; none: this agent
-    /// serves no hold listener.
+    /// controllers, NodePorts, meshes). Default: `--node-addresses`, else the IP of
+    /// `--proxy-v4` (and of `--proxy-v6`) unless it is a loopback or unspecified
+    /// address; none: this agent serves no hold listener.
     #[arg(long, env = "NEMESIS_AGENT_HOLD_ADDRESSES", value_delimiter = ',')]
-    pub hold_addresses: Vec<std::net::IpAddr>,
+    pub hold_addresses: Vec<IpAddr>,
+    /// The node's addresses, one per family (comma-separated, as the downward API's
+    /// `status.hostIPs` gives them). They make IPv6 and dual-stack Services held and
+    /// counted by default: the hold listeners bind them, and without `--proxy-v6` the
+    /// node's IPv6 address gets the IPv6 proxy listener (at `--proxy-v4`'s port).
+    #[arg(long, env = "NEMESIS_AGENT_NODE_ADDRESSES", value_delimiter = ',')]
+    pub node_addresses: Vec<IpAddr>,
 }
 
 impl RunArgs {
-    /// The hold listeners' addresses: `--hold-addresses`, else the proxy addresses'
-    /// IPs that other hosts can reach.
-    pub fn hold_addresses(&self) -> Vec<std::net::IpAddr> {
-        if !self.hold_addresses.is_empty() {
-            return self.hold_addresses.clone();
+    /// The hold listeners' addresses: `--hold-addresses`, else `--node-addresses`, else
+    /// the proxy addresses' IPs that other hosts can reach.
+    pub fn hold_addresses(&self) -> Vec<IpAddr> {
+        let chosen = if !self.hold_addresses.is_empty() {
+            self.hold_addresses.clone()
+        } else if !self.node_addresses.is_empty() {
+            self.node_addresses.clone()
+        } else {
+            let v4 = IpAddr::V4(*self.datapath.proxy_v4.ip());
+            let v6 = self.proxy_v6().map(|a| IpAddr::V6(*a.ip()));
+            std::iter::once(v4)
+                .chain(v6)
+                .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+                .collect()
+        };
+        let mut out = Vec::new();
+        for ip in chosen {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
         }
-        let v4 = std::net::IpAddr::V4(*self.datapath.proxy_v4.ip());
-        let v6 = self
-            .datapath
-            .proxy_v6
-            .map(|a| std::net::IpAddr::V6(*a.ip()));
-        std::iter::once(v4)
-            .chain(v6)
-            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
-            .collect()
+        out
+    }
+
+    /// The IPv6 proxy listener: `--proxy-v6`, else the node's IPv6 address (from
+    /// `--node-addresses`) at `--proxy-v4`'s port, else none (IPv6 connects pass
+    /// unchanged).
+    pub fn proxy_v6(&self) -> Option<SocketAddrV6> {
+        self.datapath.proxy_v6.or_else(|| {
+            self.node_addresses.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(SocketAddrV6::new(*v6, self.datapath.proxy_v4.port(), 0, 0)),
+                IpAddr::V4(_) => None,
+            })
+        })
     }
 }
 
@@ -309,6 +334,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--controller-url"), "{err}");
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut argv = vec!["nemesis-agent", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(run) => run,
+            Command::Cleanup(_) => panic!("expected run"),
+        }
+    }
+
+    #[test]
+    fn node_addresses_give_the_hold_listeners_and_the_ipv6_proxy_by_default() {
+        let run = run_args(&[
+            "--proxy-v4",
+            "198.18.0.1:15001",
+            "--node-addresses",
+            "198.18.0.1,fd6e:6d00:0:0::1",
+        ]);
+        assert_eq!(
+            run.hold_addresses(),
+            [
+                "198.18.0.1".parse::<IpAddr>().unwrap(),
+                "fd6e:6d00::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            run.proxy_v6(),
+            Some("[fd6e:6d00::1]:15001".parse().unwrap())
+        );
+
+        // Given explicitly, the flags win.
+        let run = run_args(&[
+            "--node-addresses",
+            "198.18.0.1,fd6e:6d00::1",
+            "--hold-addresses",
+            "198.18.0.9",
+            "--proxy-v6",
+            "[::1]:15002",
+        ]);
+        assert_eq!(
+            run.hold_addresses(),
+            ["198.18.0.9".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(run.proxy_v6(), Some("[::1]:15002".parse().unwrap()));
+
+        // Without node addresses: IPv4 only, and loopback holds nothing.
+        let run = run_args(&[]);
+        assert_eq!(run.proxy_v6(), None);
+        assert!(run.hold_addresses().is_empty());
+        let err = Cli::try_parse_from(["nemesis-agent", "run", "--node-addresses", "node-a"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--node-addresses"), "{err}");
     }
 
     #[test]

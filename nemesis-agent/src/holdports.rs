@@ -97,11 +97,19 @@ impl HoldListeners {
             if state.contains_key(&(svc.clone(), port)) {
                 continue;
             }
-            let Some(destination) = self.table.address_of(&svc, &hold.name) else {
+            if self
+                .table
+                .address_of(&svc, &hold.name, self.addresses[0])
+                .is_none()
+            {
                 continue;
-            };
+            }
             let mut tasks = Vec::new();
             for ip in &self.addresses {
+                // A listener stands for the Service's ClusterIP of its own family.
+                let Some(destination) = self.table.address_of(&svc, &hold.name, *ip) else {
+                    continue;
+                };
                 let addr = SocketAddr::new(*ip, port);
                 match proxy::bind(addr) {
                     Ok(listener) => {

@@ -1,16 +1,19 @@
 //! Pod networking for the sandbox: one bridge per sandbox in the root namespace and one
-//! network namespace per pod, joined to it by a veth pair, with addresses from
-//! 198.18.0.0/15 (DESIGN.md "Addresses in tests and the demo"). It never touches an
-//! address outside that range, nor an interface or namespace it did not name itself.
+//! network namespace per pod, joined to it by a veth pair, dual-stack: an IPv4 address
+//! from 198.18.0.0/15 (DESIGN.md "Addresses in tests and the demo") and an IPv6 one from
+//! the unique local range fd6e:6d00::/32 (never routable). It never touches an address
+//! outside those ranges, nor an interface or namespace it did not name itself.
 //!
-//! The /15 holds 512 /24 subnets; a sandbox claims one (`X`) with an exclusive `flock`
+//! The /15 holds 512 /24 subnets; subnet `X` also owns the IPv6 /64
+//! `fd6e:6d00:0:X::/64` (bridge `::1`, pod host `N` at `::N`). A sandbox claims one
+//! (`X`) with an exclusive `flock`
 //! on a file under [`LOCK_DIR`], so parallel test processes never share a bridge, and
 //! what a killed sandbox left behind (its lock died with it) is removed, processes
 //! included, by the next sandbox that starts.
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +24,9 @@ use nix::fcntl::{Flock, FlockArg};
 /// The range every pod address comes from: reserved for benchmarks (RFC 2544), so it
 /// can never be somebody's real network.
 pub const POD_RANGE: &str = "198.18.0.0/15";
+/// The IPv6 range of every pod and Service address: unique local (RFC 4193), so it can
+/// never be somebody's real network; an `unreachable` route keeps it on this machine.
+pub const POD_RANGE_V6: &str = "fd6e:6d00::/32";
 /// Number of /24 subnets in [`POD_RANGE`], one per live sandbox.
 pub const SUBNETS: u16 = 512;
 /// First and last host number of a pod in its /24 (`.1` is the bridge, `.255` broadcast).
@@ -45,6 +51,20 @@ pub fn pod_address(index: u16, host: u8) -> Ipv4Addr {
         "subnet index {index} outside 198.18.0.0/15"
     );
     Ipv4Addr::new(198, 18 + (index / 256) as u8, (index % 256) as u8, host)
+}
+
+/// Host `host` of subnet `index`'s IPv6 /64: `fd6e:6d00:0:<index>::<host>`.
+pub fn pod_address_v6(index: u16, host: u8) -> Ipv6Addr {
+    assert!(
+        index < SUBNETS,
+        "subnet index {index} outside fd6e:6d00:0::/55"
+    );
+    Ipv6Addr::new(0xfd6e, 0x6d00, 0, index, 0, 0, 0, u16::from(host))
+}
+
+/// The bridge's IPv6 address of subnet `index` (the node's IPv6 address as pods see it).
+pub fn gateway_address_v6(index: u16) -> Ipv6Addr {
+    pod_address_v6(index, 1)
 }
 
 /// The /24 of subnet `index` in CIDR notation.
@@ -241,6 +261,7 @@ pub struct PodNetns {
     name: String,
     veth: String,
     ip: Ipv4Addr,
+    ip_v6: Ipv6Addr,
     torn_down: bool,
 }
 
@@ -250,6 +271,9 @@ impl PodNetwork {
     /// Installs the safety route, claims a free /24 and creates its bridge.
     pub async fn create() -> Result<Arc<Self>, NetnsError> {
         ip(&["route", "replace", "unreachable", POD_RANGE])
+            .await
+            .map_err(NetnsError::RouteUnreachable)?;
+        ip(&["-6", "route", "replace", "unreachable", POD_RANGE_V6])
             .await
             .map_err(NetnsError::RouteUnreachable)?;
         std::fs::create_dir_all(LOCK_DIR).map_err(NetnsError::CreateLockDir)?;
@@ -280,9 +304,13 @@ impl PodNetwork {
             remove_stale(index).await;
             let bridge = bridge_name(index);
             let gw = format!("{}/24", gateway_address(index));
+            let gw6 = format!("{}/64", gateway_address_v6(index));
             let created = async {
                 ip(&["link", "add", &bridge, "type", "bridge"]).await?;
                 ip(&["addr", "add", &gw, "dev", &bridge]).await?;
+                // nodad: usable at once (duplicate detection would keep it tentative,
+                // unbindable, for a second or two; the /64 is ours alone).
+                ip(&["addr", "add", &gw6, "dev", &bridge, "nodad"]).await?;
                 ip(&["link", "set", &bridge, "up"]).await
             }
             .await;
@@ -315,6 +343,11 @@ impl PodNetwork {
         gateway_address(self.index)
     }
 
+    /// The bridge's IPv6 address.
+    pub fn gateway_v6(&self) -> Ipv6Addr {
+        gateway_address_v6(self.index)
+    }
+
     pub fn subnet(&self) -> String {
         subnet_cidr(self.index)
     }
@@ -339,6 +372,7 @@ impl PodNetwork {
             name,
             veth,
             ip: ip_addr,
+            ip_v6: pod_address_v6(self.index, host),
             torn_down: false,
         };
         if let Err(source) = pod.create().await {
@@ -507,6 +541,15 @@ impl PodNetns {
         self.network.gateway()
     }
 
+    /// The pod's IPv6 address.
+    pub fn ip_v6(&self) -> Ipv6Addr {
+        self.ip_v6
+    }
+
+    pub fn gateway_v6(&self) -> Ipv6Addr {
+        self.network.gateway_v6()
+    }
+
     async fn create(&self) -> Result<(), IpError> {
         let (ns, veth) = (self.name.as_str(), self.veth.as_str());
         let addr = format!("{}/24", self.ip);
@@ -521,6 +564,10 @@ impl PodNetns {
         ip(&["-n", ns, "link", "set", "eth0", "up"]).await?;
         ip(&["-n", ns, "link", "set", "lo", "up"]).await?;
         ip(&["-n", ns, "route", "add", "default", "via", &gw]).await?;
+        let addr6 = format!("{}/64", self.ip_v6);
+        let gw6 = self.network.gateway_v6().to_string();
+        ip(&["-n", ns, "addr", "add", &addr6, "dev", "eth0", "nodad"]).await?;
+        ip(&["-n", ns, "-6", "route", "add", "default", "via", &gw6]).await?;
         Ok(())
     }
 
@@ -570,6 +617,19 @@ mod tests {
         assert_eq!(gateway_address(256), Ipv4Addr::new(198, 19, 0, 1));
         assert_eq!(pod_address(511, 254), Ipv4Addr::new(198, 19, 255, 254));
         assert_eq!(subnet_cidr(257), "198.19.1.0/24");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_unique_local_one_slash_64_per_subnet() {
+        assert_eq!(
+            pod_address_v6(3, 2),
+            "fd6e:6d00:0:3::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            gateway_address_v6(511),
+            "fd6e:6d00:0:1ff::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(pod_address_v6(0, 2).segments()[..2] == [0xfd6e, 0x6d00]);
     }
 
     #[test]

@@ -10,12 +10,9 @@ mod wake_support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
-use nemesis_controller::policy::ScalingPolicy;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually};
+use wake_support::{APP, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually};
 
 /// The short form's idle window (and rate window, so that the window is the whole wait).
 const IDLE: Duration = Duration::from_secs(6);
@@ -50,20 +47,6 @@ fn policy() -> Value {
     })
 }
 
-async fn state(env: &WakeEnv) -> anyhow::Result<Option<String>> {
-    let p = Api::<ScalingPolicy>::namespaced(env.client.clone(), NS)
-        .get(APP)
-        .await?;
-    Ok(p.status.and_then(|s| s.state))
-}
-
-async fn replicas(env: &WakeEnv) -> anyhow::Result<i32> {
-    let d = Api::<Deployment>::namespaced(env.client.clone(), NS)
-        .get(APP)
-        .await?;
-    Ok(d.spec.replicas.unwrap_or(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traffic_straight_to_the_pod_keeps_the_service_warm_and_it_sleeps_one_idle_window_after()
 -> anyhow::Result<()> {
@@ -88,7 +71,7 @@ async fn traffic_straight_to_the_pod_keeps_the_service_warm_and_it_sleeps_one_id
 
 async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     eventually("the policy at zero", Duration::from_secs(20), || async {
-        Ok((state(env).await?.as_deref() == Some("zero")).then_some(()))
+        Ok((env.policy_state().await?.as_deref() == Some("zero")).then_some(()))
     })
     .await?;
     // Woken once by a caller in the cgroup (the ClusterIP path)...
@@ -108,75 +91,20 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     let pod = SocketAddr::new(pod, POD_PORT);
 
     // ... then only an "Ingress" sends traffic: from a host of its own on the pod
-    // network, outside the intercepted cgroup, to the pod IP. (From the node's own
-    // addresses it would count as the node probing its pod, like the sandbox's kubelet
-    // whose readiness probes hit the same port all along.)
-    let ingress = env.sandbox().outside_host().await?;
-    let busy_for = IDLE * 3;
-    let every = Duration::from_millis(300);
-    let start = Instant::now();
-    let clients = env
-        .outside_repeating_clients(
-            ingress.name(),
-            &[
-                "--connect",
-                &pod.to_string(),
-                "--every-ms",
-                &every.as_millis().to_string(),
-                "--for-ms",
-                &busy_for.as_millis().to_string(),
-            ],
-        )
-        .await?;
-    while start.elapsed() < busy_for {
-        if replicas(env).await? != 1 {
-            let m = env.metrics().await?;
-            anyhow::bail!(
-                "scaled down {:?} into traffic that only reaches the pod by its IP (the agent counted {} accepted connections)",
-                start.elapsed(),
-                m.sum(
-                    "nemesis_agent_service_accepted_connections_total",
-                    &[("namespace", NS), ("service", APP)]
-                ),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let results = clients.stop(Duration::from_secs(30)).await?;
-    let last_done = Instant::now();
-    let requests = results.len();
-    anyhow::ensure!(requests >= 30, "only {requests} requests in {busy_for:?}");
-    for r in &results {
-        anyhow::ensure!(r.http()?.status == 200, "a request to the pod IP: {r:?}");
-    }
-    anyhow::ensure!(
-        state(env).await?.as_deref() == Some("warm"),
-        "the policy left warm during the traffic"
-    );
-    // Every one of them counted on the server side (the agent's metrics lag its
-    // counters by up to half a second).
-    eventually(
-        "the agent's server-side count of the requests",
-        Duration::from_secs(5),
-        || async {
-            let accepted = env.metrics().await?.sum(
-                "nemesis_agent_service_accepted_connections_total",
-                &[("namespace", NS), ("service", APP)],
-            );
-            Ok((accepted >= requests as f64).then_some(()))
-        },
-    )
-    .await?;
+    // network, outside the intercepted cgroup, to the pod IP, for three idle windows.
+    let last = env.keep_warm_from_outside(pod, IDLE * 3).await?;
 
     // Silence: asleep after the idle window, not before.
     let slept = eventually("the policy back at zero", IDLE + SLACK * 3, || async {
-        Ok((state(env).await?.as_deref() == Some("zero")).then(Instant::now))
+        Ok((env.policy_state().await?.as_deref() == Some("zero")).then(Instant::now))
     })
     .await?;
-    let after = slept - last_done;
+    // Asleep no sooner than a window after the last request reached the pod, and no
+    // later than a window (plus the reporting lag) after it was done.
+    let (after_start, after_done) = (slept - last.started, slept - last.done);
     anyhow::ensure!(
-        after >= IDLE && after <= IDLE + SLACK,
-        "slept {after:?} after the last request; the idle window is {IDLE:?}"
+        after_start >= IDLE && after_done <= IDLE + SLACK,
+        "slept {after_done:?} after the last request was done ({after_start:?} after it started); the idle window is {IDLE:?}"
     );
     Ok(())
 }

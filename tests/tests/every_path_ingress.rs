@@ -17,11 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::ListParams;
-use nemesis_common::wire::{HOLD_SLICE_MANAGED_BY, MANAGED_BY_LABEL};
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::ingress::IngressNginx;
 use serde_json::{Value, json};
@@ -80,57 +76,6 @@ async fn start(name: &'static str) -> anyhow::Result<WakeEnv> {
     .await
 }
 
-async fn state(env: &WakeEnv) -> anyhow::Result<Option<String>> {
-    let p = Api::<ScalingPolicy>::namespaced(env.client.clone(), NS)
-        .get(APP)
-        .await?;
-    Ok(p.status.and_then(|s| s.state))
-}
-
-async fn replicas(env: &WakeEnv) -> anyhow::Result<i32> {
-    let d = Api::<Deployment>::namespaced(env.client.clone(), NS)
-        .get(APP)
-        .await?;
-    Ok(d.spec.replicas.unwrap_or(0))
-}
-
-/// The hold slices of the Service, with how many agents each lists.
-async fn hold_slices(env: &WakeEnv) -> anyhow::Result<Vec<(String, usize)>> {
-    let lp = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={HOLD_SLICE_MANAGED_BY}"));
-    Ok(Api::<EndpointSlice>::namespaced(env.client.clone(), NS)
-        .list(&lp)
-        .await?
-        .items
-        .into_iter()
-        .map(|s| {
-            (
-                s.metadata.name.unwrap_or_default(),
-                s.endpoints.map_or(0, |e| e.len()),
-            )
-        })
-        .collect())
-}
-
-/// At zero, with the hold slice listing this node's agent.
-async fn wait_held(env: &WakeEnv) -> anyhow::Result<()> {
-    eventually("the policy at zero", Duration::from_secs(30), || async {
-        Ok((state(env).await?.as_deref() == Some("zero")).then_some(()))
-    })
-    .await?;
-    eventually(
-        "a hold slice listing the agent",
-        Duration::from_secs(15),
-        || async {
-            Ok(hold_slices(env)
-                .await?
-                .iter()
-                .any(|(_, n)| *n == 1)
-                .then_some(()))
-        },
-    )
-    .await
-}
-
 async fn ingress(
     env: &WakeEnv,
     netns: &nemesis_tests::netns::PodNetns,
@@ -156,56 +101,13 @@ async fn an_ingress_is_held_at_zero_keeps_the_service_warm_and_lets_it_sleep() -
 }
 
 async fn cycle(env: &WakeEnv) -> anyhow::Result<()> {
-    wait_held(env).await?;
+    env.wait_held().await?;
     let netns = env.sandbox().outside_host().await?;
     let nginx = ingress(env, &netns).await?;
-    let hold_addr = SocketAddr::from((env.sandbox().gateway(), 0));
-    anyhow::ensure!(
-        nginx.upstream().iter().all(|u| u.ip() == hold_addr.ip()),
-        "at zero nginx's upstream is the agents' hold listeners: {:?}",
-        nginx.upstream()
-    );
-
-    // Held at zero: the request through nginx wakes the Service and gets its answer.
-    let (status, body) = http_get(nginx.addr(), "/")
-        .await
-        .context("GET through nginx at zero")?;
-    anyhow::ensure!(
-        status == 200,
-        "nginx answered {status}: {body}\n{}",
-        nginx.error_log()
-    );
-    anyhow::ensure!(
-        replicas(env).await? == 1,
-        "the request did not wake the Service"
-    );
-    let m = env.metrics().await?;
-    anyhow::ensure!(
-        m.sum(
-            "nemesis_agent_proxy_wakeups_total",
-            &[("namespace", NS), ("service", APP)]
-        ) >= 1.0,
-        "the agent's proxy sent no wake-up"
-    );
-    // Warm: the hold slice is gone and nginx goes straight to the pod.
-    eventually(
-        "the hold slice gone once warm",
-        Duration::from_secs(15),
-        || async { Ok(hold_slices(env).await?.is_empty().then_some(())) },
-    )
-    .await?;
-    let pods: Vec<SocketAddr> = env
-        .pod_ips()
-        .await?
-        .into_iter()
-        .map(|ip| SocketAddr::new(ip, POD_PORT))
-        .collect();
-    eventually(
-        "nginx's upstream to be the pod",
-        Duration::from_secs(10),
-        || async { Ok((nginx.upstream() == pods).then_some(())) },
-    )
-    .await?;
+    // Held at zero: the request through nginx wakes the Service and gets its answer;
+    // once warm nginx goes straight to the pod.
+    env.held_through_nginx(&nginx, env.sandbox().gateway().into())
+        .await?;
 
     // Traffic only through nginx keeps it warm for three idle windows.
     let start = Instant::now();
@@ -215,7 +117,7 @@ async fn cycle(env: &WakeEnv) -> anyhow::Result<()> {
         anyhow::ensure!(status == 200, "nginx answered {status} while warm");
         last = Instant::now();
         anyhow::ensure!(
-            replicas(env).await? == 1,
+            env.replicas().await? == 1,
             "scaled down {:?} into traffic that only comes through the Ingress",
             start.elapsed()
         );
@@ -223,7 +125,7 @@ async fn cycle(env: &WakeEnv) -> anyhow::Result<()> {
     }
     // Silence: asleep after the idle window, and held again.
     let slept = eventually("back at zero", IDLE + SLACK * 3, || async {
-        Ok((state(env).await?.as_deref() == Some("zero")).then(Instant::now))
+        Ok((env.policy_state().await?.as_deref() == Some("zero")).then(Instant::now))
     })
     .await?;
     let after = slept - last;
@@ -235,10 +137,11 @@ async fn cycle(env: &WakeEnv) -> anyhow::Result<()> {
         "the hold slice back at zero",
         Duration::from_secs(15),
         || async {
-            Ok(hold_slices(env)
+            Ok(env
+                .hold_slices()
                 .await?
                 .iter()
-                .any(|(_, n)| *n == 1)
+                .any(|(_, _, n)| *n == 1)
                 .then_some(()))
         },
     )
@@ -262,7 +165,7 @@ async fn two_hundred_requests_through_the_ingress_at_zero_make_one_wake_up_and_a
 }
 
 async fn burst(env: &WakeEnv) -> anyhow::Result<()> {
-    wait_held(env).await?;
+    env.wait_held().await?;
     let netns = env.sandbox().outside_host().await?;
     let nginx = ingress(env, &netns).await?;
     // The clients call nginx from the node (outside the intercepted cgroup).
@@ -315,7 +218,7 @@ async fn the_nodes_service_proxy_called_from_outside_the_cgroup_is_held_through_
 }
 
 async fn node_proxy(env: &WakeEnv) -> anyhow::Result<()> {
-    wait_held(env).await?;
+    env.wait_held().await?;
     // This test process is not in the intercepted cgroup: its connect to the ClusterIP
     // is the node's Service proxy's business, which follows the EndpointSlices, so at
     // zero it forwards to the hold listener.
@@ -323,7 +226,7 @@ async fn node_proxy(env: &WakeEnv) -> anyhow::Result<()> {
         .await
         .context("GET the ClusterIP")?;
     anyhow::ensure!(status == 200, "the Service answered {status}: {body}");
-    anyhow::ensure!(replicas(env).await? == 1);
+    anyhow::ensure!(env.replicas().await? == 1);
     let m = env.metrics().await?;
     anyhow::ensure!(
         m.ebpf_connects() == 0.0,
@@ -345,7 +248,7 @@ async fn stale(env: &mut WakeEnv) -> anyhow::Result<()> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{DeleteParams, PostParams};
 
-    wait_held(env).await?;
+    env.wait_held().await?;
     let services: Api<Service> = Api::namespaced(env.client.clone(), NS);
     let policies: Api<ScalingPolicy> = Api::namespaced(env.client.clone(), NS);
 
@@ -356,7 +259,7 @@ async fn stale(env: &mut WakeEnv) -> anyhow::Result<()> {
     svc.metadata.resource_version = None;
     svc.metadata.uid = None;
     services.create(&PostParams::default(), &svc).await?;
-    wait_held(env).await?;
+    env.wait_held().await?;
 
     // The policy goes: so does the slice.
     let mut pol = policies.get(APP).await?;
@@ -366,7 +269,7 @@ async fn stale(env: &mut WakeEnv) -> anyhow::Result<()> {
     pol.metadata.uid = None;
     pol.status = None;
     policies.create(&PostParams::default(), &pol).await?;
-    wait_held(env).await?;
+    env.wait_held().await?;
 
     // Nemesis uninstalled while held: its controller gone (as `kill -9`), then its CRD.
     // Nothing of Nemesis runs to clean up; the slice still goes, with the policy that
@@ -375,7 +278,7 @@ async fn stale(env: &mut WakeEnv) -> anyhow::Result<()> {
         real.kill();
     }
     anyhow::ensure!(
-        !hold_slices(env).await?.is_empty(),
+        !env.hold_slices().await?.is_empty(),
         "still held before the uninstall"
     );
     Api::<CustomResourceDefinition>::all(env.client.clone())
@@ -387,7 +290,7 @@ async fn stale(env: &mut WakeEnv) -> anyhow::Result<()> {
 
 async fn gone(env: &WakeEnv, what: &str) -> anyhow::Result<()> {
     eventually(what, Duration::from_secs(15), || async {
-        Ok(hold_slices(env).await?.is_empty().then_some(()))
+        Ok(env.hold_slices().await?.is_empty().then_some(()))
     })
     .await
 }

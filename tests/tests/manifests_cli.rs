@@ -51,6 +51,9 @@ const NON_FLAG_ENV: &[&str] = &["RUST_LOG", "NODE_IP"];
 const NODE: &str = "node-a";
 /// A node IP for `status.hostIP` (198.18.0.0/15: never a real network).
 const NODE_IP: &str = "198.18.0.1";
+/// The node's IPv6 address, second in `status.hostIPs` on a dual-stack node (unique
+/// local: never a real network).
+const NODE_IP_V6: &str = "fd6e:6d00::1";
 
 /// `$(VAR)` in `value` replaced as the kubelet does, with variables defined earlier in
 /// the container's env; an unknown one stays as written (and then fails to parse).
@@ -83,6 +86,8 @@ fn pod_env(workload: &Value, c: &Value) -> Result<Vec<(String, String)>> {
                     .to_string(),
                 "spec.nodeName" => NODE.to_string(),
                 "status.hostIP" => NODE_IP.to_string(),
+                // A dual-stack node; the downward API joins the list with commas.
+                "status.hostIPs" => format!("{NODE_IP},{NODE_IP_V6}"),
                 other => bail!("{name}: the test does not resolve fieldPath {other}"),
             }
         } else if let Some(r) = e["valueFrom"].get("secretKeyRef") {
@@ -412,6 +417,26 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
         service_target(svc, port, cc)?,
         controller.listen.port(),
         "{url} must reach the controller's --listen"
+    );
+
+    // IPv6 and dual-stack Services are held and counted by default: the node's
+    // addresses of both families come from status.hostIPs, the hold listeners bind
+    // each, and the IPv6 proxy listener the IPv6 one at the IPv4 listener's port.
+    assert_eq!(
+        env_entry(c, "NEMESIS_AGENT_NODE_ADDRESSES")?["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIPs"
+    );
+    let v6: std::net::IpAddr = NODE_IP_V6.parse()?;
+    assert_eq!(
+        run.hold_addresses(),
+        vec![NODE_IP.parse::<std::net::IpAddr>()?, v6],
+        "hold listeners on both of the node's addresses"
+    );
+    assert_eq!(
+        run.proxy_v6()
+            .map(|a| (std::net::IpAddr::V6(*a.ip()), a.port())),
+        Some((v6, run.datapath.proxy_v4.port())),
+        "the IPv6 proxy listener on the node's IPv6 address"
     );
 
     // Each node reports under its own name.

@@ -8,6 +8,12 @@
 //! - `cold_start_overhead_arrival_ms_p99` / `cold_start_direct_arrival_ms_p99`: the same
 //!   two, each first byte timed by the kernel's arrival stamp (`SO_TIMESTAMPNS`) instead
 //!   of when the client's task saw it;
+//! - `hold_slice_release_ms_p99`: the same 100 clients held through the hold slice's
+//!   path instead (dialling the proxy's hold listener, as an Ingress controller does
+//!   when the hold EndpointSlice is its upstream), time to the first byte after the
+//!   backend became ready; `hold_slice_release_direct_ms_p99` the direct baseline of
+//!   the same run and `hold_slice_release_ratio_p99` the one over the other (the three
+//!   kinds of round alternate: eBPF-redirect path, hold slice path, direct);
 //! - `held_10k_rss_mib`: growth of the proxy process's resident memory while it holds
 //!   10,000 idle connections;
 //! - `proxied_throughput_ratio`: bulk transfer through the proxy divided by direct, A B
@@ -134,10 +140,16 @@ async fn serve_proxy() -> Result<()> {
     let port = listener.local_addr()?.port();
     let p = proxy.clone();
     tokio::spawn(async move { p.serve(listener).await });
+    // A hold listener, as the agent binds one per Service port for the hold slice: the
+    // port, not an eBPF lookup, says which Service a caller meant.
+    let hold = nemesis_agent::proxy::bind("127.0.0.1:0".parse()?)?;
+    let hold_port = hold.local_addr()?.port();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.serve_to(hold, dst).await });
     // Commands are obeyed on a worker, as the agent's EndpointSlice watch publishes from
     // a task of its own: a publish from the thread that blocks on the runtime would hand
     // every woken connection over through the runtime's shared queue instead.
-    tokio::spawn(obey(proxy, endpoints, svc, port)).await?
+    tokio::spawn(obey(proxy, endpoints, svc, port, hold_port)).await?
 }
 
 async fn obey(
@@ -145,11 +157,13 @@ async fn obey(
     endpoints: std::sync::Arc<EndpointRegistry>,
     svc: ServiceRef,
     port: u16,
+    hold_port: u16,
 ) -> Result<()> {
     let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
     let mut out =
         tokio::net::unix::pipe::Sender::from_owned_fd(stdout).context("stdout must be a pipe")?;
-    out.write_all(format!("PORT {port}\n").as_bytes()).await?;
+    out.write_all(format!("PORT {port} {hold_port}\n").as_bytes())
+        .await?;
     let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
     let stdin =
         tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).context("stdin must be a pipe")?;
@@ -189,6 +203,8 @@ struct ProxyChild {
     stdin: ChildStdin,
     stdout: tokio::io::Lines<BufReader<ChildStdout>>,
     addr: SocketAddr,
+    /// Its hold listener (the hold slice's path).
+    hold_addr: SocketAddr,
 }
 
 impl ProxyChild {
@@ -203,15 +219,16 @@ impl ProxyChild {
         let stdin = child.stdin.take().context("child stdin")?;
         let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?).lines();
         let first = stdout.next_line().await?.context("proxy child exited")?;
-        let port: u16 = first
+        let (port, hold_port) = first
             .strip_prefix("PORT ")
-            .context("no PORT line")?
-            .parse()?;
+            .and_then(|p| p.split_once(' '))
+            .context("no PORT line")?;
         Ok(Self {
             child,
             stdin,
             stdout,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], port.parse()?)),
+            hold_addr: SocketAddr::from(([127, 0, 0, 1], hold_port.parse()?)),
         })
     }
 
@@ -293,6 +310,12 @@ async fn run_benches(cold: bool, rss: bool, throughput: bool) -> Result<()> {
         println!(
             "cold_start_direct_arrival_ms_p99={:.3}",
             percentile(&c.direct_arrived, 99.0)
+        );
+        println!("hold_slice_release_ms_p99={:.3}", c.slice_p99);
+        println!("hold_slice_release_direct_ms_p99={:.3}", c.direct_p99);
+        println!(
+            "hold_slice_release_ratio_p99={:.3}",
+            c.slice_p99 / c.direct_p99
         );
     }
     if rss {
@@ -562,6 +585,8 @@ struct ColdStart {
     proxied_p99: f64,
     direct_p50: f64,
     direct_p99: f64,
+    /// Held through the hold listener (the hold slice's path).
+    slice_p99: f64,
     /// Sorted, ms.
     proxied_arrived: Vec<f64>,
     direct_arrived: Vec<f64>,
@@ -581,16 +606,22 @@ async fn cold_start() -> Result<ColdStart> {
     let mut proxy = ProxyChild::start().await?;
     let (backend, log) = http_backend().await?;
     let (mut proxied, mut direct) = (Ttfb::default(), Ttfb::default());
+    let mut slice = Ttfb::default();
     // Warm the backend's and the clients' runtimes, as the proxy's warms in round 1.
     direct_round(backend, &log, &mut Ttfb::default()).await?;
     for round in 0..COLD_ROUNDS {
-        proxied_round(&mut proxy, backend, &log, &mut proxied).await?;
+        let redirect_path = proxy.addr;
+        proxied_round(&mut proxy, redirect_path, backend, &log, &mut proxied).await?;
+        let slice_path = proxy.hold_addr;
+        proxied_round(&mut proxy, slice_path, backend, &log, &mut slice).await?;
         direct_round(backend, &log, &mut direct).await?;
         eprintln!("cold start round {} done", round + 1);
     }
     drop(keeper);
     proxied.sort();
     direct.sort();
+    slice.sort();
+    slice.describe("hold slice release (proxied through the hold listener)");
     proxied.describe("cold start overhead (proxied)");
     direct.describe("cold start direct (baseline)");
     Ok(ColdStart {
@@ -598,21 +629,24 @@ async fn cold_start() -> Result<ColdStart> {
         proxied_p99: percentile(&proxied.seen, 99.0),
         direct_p50: percentile(&direct.seen, 50.0),
         direct_p99: percentile(&direct.seen, 99.0),
+        slice_p99: percentile(&slice.seen, 99.0),
         proxied_arrived: proxied.arrived,
         direct_arrived: direct.arrived,
     })
 }
 
-/// 100 clients held by the proxy, each with its request sent; the backend becomes ready.
+/// 100 clients held by the proxy (dialling `via`: its redirect listener or its hold
+/// listener), each with its request sent; the backend becomes ready.
 async fn proxied_round(
     proxy: &mut ProxyChild,
+    via: SocketAddr,
     backend: SocketAddr,
     log: &BackendLog,
     out: &mut Ttfb,
 ) -> Result<()> {
     let clients = Gather::new(COLD_CLIENTS);
     for _ in 0..COLD_CLIENTS {
-        let mut s = TcpStream::connect(proxy.addr).await?;
+        let mut s = TcpStream::connect(via).await?;
         s.set_nodelay(true)?;
         stamp_arrivals(&s)?;
         s.write_all(REQUEST).await?;

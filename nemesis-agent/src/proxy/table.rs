@@ -190,16 +190,23 @@ impl ServiceTable {
             .cloned()
     }
 
-    /// The ClusterIP:port of `service`'s port named `port_name` (the IPv4 row first,
-    /// for a dual-stack Service).
-    pub fn address_of(&self, service: &ServiceRef, port_name: &str) -> Option<SocketAddr> {
+    /// The ClusterIP:port of `service`'s port named `port_name` in the family of
+    /// `family` (a dual-stack Service's IPv6 callers stand for its IPv6 ClusterIP, so
+    /// they are forwarded to IPv6 backends), else of the other family (a single-stack
+    /// Service reached through a listener of the other family).
+    pub fn address_of(
+        &self,
+        service: &ServiceRef,
+        port_name: &str,
+        family: IpAddr,
+    ) -> Option<SocketAddr> {
         self.rows
             .read()
             .expect("service table lock")
             .iter()
             .filter(|(_, p)| &p.service == service && p.port_name == port_name)
             .map(|(a, _)| *a)
-            .min_by_key(|a| (a.is_ipv6(), *a))
+            .min_by_key(|a| (a.is_ipv6() != family.is_ipv6(), *a))
     }
 
     pub fn services(&self) -> BTreeSet<ServiceRef> {

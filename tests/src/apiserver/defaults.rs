@@ -145,7 +145,7 @@ pub fn apply(b: Builtin, obj: &mut Value) {
             set_absent(spec, "sessionAffinity", json!("None"));
             set_absent(spec, "internalTrafficPolicy", json!("Cluster"));
             set_absent(spec, "ipFamilyPolicy", json!("SingleStack"));
-            set_absent(spec, "ipFamilies", json!(["IPv4"]));
+            // `ipFamilies` is set with the ClusterIPs (lifecycle), from what they are.
             for p in spec
                 .get_mut("ports")
                 .and_then(Value::as_array_mut)

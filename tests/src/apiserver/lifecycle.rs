@@ -3,7 +3,7 @@
 //! namespace termination, Service ClusterIP allocation, CRD installation. Every write
 //! of the API goes through here; it never speaks HTTP.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -20,6 +20,13 @@ use super::validate;
 /// The Service ClusterIP range: loopback, so nothing addressed to a Service ever leaves
 /// the machine (a real kube-apiserver accepts a loopback service CIDR).
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(127, 96, 0, 0), 16);
+/// The IPv6 Service ClusterIP range: inside the sandbox's unique local range
+/// (fd6e:6d00::/32), which the sandbox routes nowhere; the server is dual-stack, IPv4
+/// first, as a cluster started with both service CIDRs.
+pub const SERVICE_CIDR_V6: (Ipv6Addr, u8) =
+    (Ipv6Addr::new(0xfd6e, 0x6d00, 0xffff, 0, 0, 0, 0, 0), 108);
+/// The `spec.ipFamilyPolicy` values upstream accepts, in its order of listing.
+const IP_FAMILY_POLICIES: [&str; 3] = ["PreferDualStack", "RequireDualStack", "SingleStack"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FieldValidation {
@@ -229,77 +236,226 @@ fn check_namespace(st: &State, rt: &ResourceType, ns: &str, name: &str) -> Resul
     }
 }
 
-fn in_service_range(ip: Ipv4Addr) -> bool {
-    let (net, bits) = SERVICE_CIDR;
-    let mask = u32::MAX << (32 - bits);
-    u32::from(ip) & mask == u32::from(net)
+/// Whether `ip` is in the service range of its family.
+pub fn in_service_range(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => {
+            let (net, bits) = SERVICE_CIDR;
+            let mask = u32::MAX << (32 - bits);
+            u32::from(ip) & mask == u32::from(net)
+        }
+        IpAddr::V6(ip) => {
+            let (net, bits) = SERVICE_CIDR_V6;
+            let mask = u128::MAX << (128 - bits);
+            u128::from(ip) & mask == u128::from(net)
+        }
+    }
 }
 
-/// Give a Service its ClusterIP (allocated or the one it asked for, checked).
+fn service_range(family: &str) -> String {
+    if family == "IPv6" {
+        format!("{}/{}", SERVICE_CIDR_V6.0, SERVICE_CIDR_V6.1)
+    } else {
+        format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1)
+    }
+}
+
+fn family_of(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// The lowest free address of `family`'s service range (network and last address left
+/// out), or `None` when the range is full.
+fn next_free_ip(st: &State, family: &str) -> Option<IpAddr> {
+    if family == "IPv6" {
+        let base = u128::from(SERVICE_CIDR_V6.0);
+        let size = 1u128 << (128 - SERVICE_CIDR_V6.1);
+        (1..size - 1)
+            .map(|i| IpAddr::V6(Ipv6Addr::from(base + i)))
+            .find(|ip| !st.cluster_ips.contains_key(ip))
+    } else {
+        let base = u32::from(SERVICE_CIDR.0);
+        let size = 1u32 << (32 - SERVICE_CIDR.1);
+        (1..size - 1)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(base + i)))
+            .find(|ip| !st.cluster_ips.contains_key(ip))
+    }
+}
+
+/// The families a new Service gets, checked as kube-apiserver checks them: `ipFamilies`
+/// as given, completed from the requested ClusterIPs, IPv4 when nothing says, and the
+/// other family added for a dual-stack policy (this server is dual-stack).
+fn service_families(spec: &Value, ips: &[IpAddr]) -> Result<Vec<&'static str>, Cause> {
+    let policy = spec["ipFamilyPolicy"].as_str().unwrap_or("SingleStack");
+    if !IP_FAMILY_POLICIES.contains(&policy) {
+        return Err(Cause::not_supported(
+            "spec.ipFamilyPolicy",
+            &json!(policy),
+            &IP_FAMILY_POLICIES,
+        ));
+    }
+    let given = spec["ipFamilies"].as_array().cloned().unwrap_or_default();
+    if given.len() > 2 {
+        return Err(Cause::invalid(
+            "spec.ipFamilies",
+            &spec["ipFamilies"],
+            "may not have more than two entries",
+        ));
+    }
+    let mut families: Vec<&'static str> = Vec::new();
+    for (i, f) in given.iter().enumerate() {
+        let family = match f.as_str() {
+            Some("IPv4") => "IPv4",
+            Some("IPv6") => "IPv6",
+            _ => {
+                return Err(Cause::not_supported(
+                    format!("spec.ipFamilies[{i}]"),
+                    f,
+                    &["IPv4", "IPv6"],
+                ));
+            }
+        };
+        if families.contains(&family) {
+            return Err(Cause::duplicate(format!("spec.ipFamilies[{i}]"), f));
+        }
+        families.push(family);
+    }
+    if policy == "SingleStack" && (families.len() > 1 || ips.len() > 1) {
+        return Err(Cause::invalid(
+            "spec.ipFamilyPolicy",
+            &json!(policy),
+            "must be 'RequireDualStack' or 'PreferDualStack' when multiple IP families are specified",
+        ));
+    }
+    if ips.len() == 2 && ips[0].is_ipv4() == ips[1].is_ipv4() {
+        return Err(Cause::invalid(
+            "spec.clusterIPs",
+            &spec["clusterIPs"],
+            "may specify no more than one IP for each IP family",
+        ));
+    }
+    for (i, ip) in ips.iter().enumerate() {
+        let family = family_of(*ip);
+        match families.get(i) {
+            Some(f) if *f != family => {
+                return Err(Cause::invalid(
+                    format!("spec.clusterIPs[{i}]"),
+                    &json!(ip.to_string()),
+                    &format!("expected an {f} value as indicated by `ipFamilies[{i}]`"),
+                ));
+            }
+            Some(_) => {}
+            None => families.push(family),
+        }
+    }
+    if families.is_empty() {
+        families.push("IPv4");
+    }
+    if policy != "SingleStack" && families.len() == 1 {
+        families.push(if families[0] == "IPv4" {
+            "IPv6"
+        } else {
+            "IPv4"
+        });
+    }
+    Ok(families)
+}
+
+/// Give a Service its ClusterIPs (allocated or the ones it asked for, checked) and its
+/// `ipFamilies`; returns the addresses to record as taken.
 fn allocate_cluster_ip(
     st: &State,
     obj: &mut Value,
     old: Option<&Value>,
-) -> Result<Option<Ipv4Addr>, Cause> {
+) -> Result<Vec<IpAddr>, Cause> {
     let requested = obj["spec"]["clusterIP"].as_str().unwrap_or("").to_owned();
     if let Some(old) = old {
-        let old_ip = old["spec"]["clusterIP"].clone();
         if requested.is_empty() {
-            obj["spec"]["clusterIP"] = old_ip;
+            obj["spec"]["clusterIP"] = old["spec"]["clusterIP"].clone();
             obj["spec"]["clusterIPs"] = old["spec"]["clusterIPs"].clone();
         }
-        return Ok(None);
+        for field in ["ipFamilies", "ipFamilyPolicy"] {
+            if obj["spec"][field].is_null() && !old["spec"][field].is_null() {
+                obj["spec"][field] = old["spec"][field].clone();
+            }
+        }
+        return Ok(vec![]);
     }
-    let range = format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1);
-    let ip = match requested.as_str() {
-        "None" => {
-            obj["spec"]["clusterIPs"] = json!(["None"]);
-            return Ok(None);
-        }
-        "" => {
-            let base = u32::from(SERVICE_CIDR.0);
-            let size = 1u32 << (32 - SERVICE_CIDR.1);
-            (1..size - 1)
-                .map(|i| Ipv4Addr::from(base + i))
-                .find(|ip| !st.cluster_ips.contains_key(ip))
-                .ok_or_else(|| {
-                    Cause::invalid(
-                        "spec.clusterIPs",
-                        &json!([]),
-                        &format!("failed to allocate IP: range is full ({range})"),
-                    )
-                })?
-        }
-        s => {
-            let ip: Ipv4Addr = s.parse().map_err(|_| {
-                Cause::invalid(
-                    "spec.clusterIPs[0]",
-                    &json!(s),
-                    "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
-                )
-            })?;
-            if !in_service_range(ip) {
+    let mut asked: Vec<String> = obj["spec"]["clusterIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    if !requested.is_empty() {
+        match asked.first() {
+            None => asked.push(requested.clone()),
+            Some(first) if *first != requested => {
                 return Err(Cause::invalid(
-                    "spec.clusterIPs[0]",
-                    &json!(s),
-                    &format!(
-                        "failed to allocate IP {s}: the provided IP ({s}) is not in the valid range. The range of valid IPs is {range}"
-                    ),
+                    "spec.clusterIPs",
+                    &obj["spec"]["clusterIPs"],
+                    "first value must match `clusterIP`",
                 ));
             }
-            if st.cluster_ips.contains_key(&ip) {
-                return Err(Cause::invalid(
-                    "spec.clusterIPs[0]",
-                    &json!(s),
-                    &format!("failed to allocate IP {s}: provided IP is already allocated"),
-                ));
-            }
-            ip
+            Some(_) => {}
         }
-    };
-    obj["spec"]["clusterIP"] = json!(ip.to_string());
-    obj["spec"]["clusterIPs"] = json!([ip.to_string()]);
-    Ok(Some(ip))
+    }
+    if asked.first().map(String::as_str) == Some("None") {
+        obj["spec"]["clusterIPs"] = json!(["None"]);
+        let families = service_families(&obj["spec"], &[])?;
+        obj["spec"]["ipFamilies"] = json!(families);
+        return Ok(vec![]);
+    }
+    let mut ips = Vec::new();
+    for (i, s) in asked.iter().enumerate() {
+        let ip: IpAddr = s.parse().map_err(|_| {
+            Cause::invalid(
+                format!("spec.clusterIPs[{i}]"),
+                &json!(s),
+                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+            )
+        })?;
+        ips.push(ip);
+    }
+    let families = service_families(&obj["spec"], &ips)?;
+    for (i, ip) in ips.iter().enumerate() {
+        let s = ip.to_string();
+        if !in_service_range(*ip) {
+            let range = service_range(family_of(*ip));
+            return Err(Cause::invalid(
+                format!("spec.clusterIPs[{i}]"),
+                &json!(s),
+                &format!(
+                    "failed to allocate IP {s}: the provided IP ({s}) is not in the valid range. The range of valid IPs is {range}"
+                ),
+            ));
+        }
+        if st.cluster_ips.contains_key(ip) {
+            return Err(Cause::invalid(
+                format!("spec.clusterIPs[{i}]"),
+                &json!(s),
+                &format!("failed to allocate IP {s}: provided IP is already allocated"),
+            ));
+        }
+    }
+    for family in families.iter().skip(ips.len()) {
+        let ip = next_free_ip(st, family).ok_or_else(|| {
+            Cause::invalid(
+                "spec.clusterIPs",
+                &json!([]),
+                &format!(
+                    "failed to allocate IP: range is full ({})",
+                    service_range(family)
+                ),
+            )
+        })?;
+        ips.push(ip);
+    }
+    let texts: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+    obj["spec"]["clusterIP"] = json!(texts[0]);
+    obj["spec"]["clusterIPs"] = json!(texts);
+    obj["spec"]["ipFamilies"] = json!(families);
+    Ok(ips)
 }
 
 /// The status a CRD gets: its names accepted and established at once.
@@ -424,10 +580,10 @@ pub fn create(
         }
     }
     let mut causes = validate::validate(&storage, rt, &obj, None);
-    let mut ip = None;
+    let mut ips = Vec::new();
     if storage.builtin == Some(Builtin::Service) && causes.is_empty() {
         match allocate_cluster_ip(st, &mut obj, None) {
-            Ok(a) => ip = a,
+            Ok(a) => ips = a,
             Err(c) => causes.push(c),
         }
     }
@@ -461,7 +617,7 @@ pub fn create(
             created: true,
         });
     }
-    if let Some(ip) = ip {
+    for ip in ips {
         st.cluster_ips
             .insert(ip, (meta::namespace(&obj).to_owned(), name.clone()));
     }
@@ -807,9 +963,12 @@ fn remove_and_cascade(st: &mut State, key: &StoreKey, ns: &str, name: &str) {
     let rt = st.registry.storage_type(key).map(|t| (*t).clone());
     match rt.as_ref().and_then(|t| t.builtin) {
         Some(Builtin::Service) => {
-            if let Some(ip) = obj["spec"]["clusterIP"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
+            for ip in obj["spec"]["clusterIPs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(std::iter::once(&obj["spec"]["clusterIP"]))
+                .filter_map(|v| v.as_str()?.parse::<IpAddr>().ok())
             {
                 st.cluster_ips.remove(&ip);
             }

@@ -46,7 +46,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use self::http::RequestRecord;
-pub use self::lifecycle::SERVICE_CIDR;
+pub use self::lifecycle::{SERVICE_CIDR, SERVICE_CIDR_V6, in_service_range};
 
 /// Events kept for watch resumption by default (older resourceVersions get `410`).
 const DEFAULT_WATCH_HISTORY: usize = 10_000;

@@ -18,7 +18,7 @@ pub struct State {
     rv: u64,
     pub log: EventLog,
     /// Service ClusterIPs in use, with the Service that holds each.
-    pub cluster_ips: BTreeMap<std::net::Ipv4Addr, (String, String)>,
+    pub cluster_ips: BTreeMap<std::net::IpAddr, (String, String)>,
 }
 
 impl State {

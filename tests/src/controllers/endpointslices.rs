@@ -97,16 +97,43 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The endpoint for `pod`, or `None` when it has no IPv4 address or has finished.
-pub fn endpoint(pod: &Pod, publish_not_ready: bool) -> Option<Endpoint> {
+/// The families of a Service's slices: `spec.ipFamilies` (the API server sets it), IPv4
+/// when unset.
+pub fn families(service: &Service) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = service
+        .spec
+        .iter()
+        .flat_map(|s| s.ip_families.iter().flatten())
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some("IPv4"),
+            "IPv6" => Some("IPv6"),
+            _ => None,
+        })
+        .collect();
+    if out.is_empty() {
+        out.push("IPv4");
+    }
+    out
+}
+
+/// The endpoint for `pod` in a slice of `family` (`IPv4`, `IPv6`), or `None` when it has
+/// no address of that family or has finished.
+pub fn endpoint(pod: &Pod, publish_not_ready: bool, family: &str) -> Option<Endpoint> {
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
+    let of_family = |ip: &&str| match ip.parse::<std::net::IpAddr>() {
+        Ok(a) => a.is_ipv4() == (family == "IPv4"),
+        Err(_) => false,
+    };
     let ip = status
-        .pod_ip
-        .as_deref()
-        .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())?;
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .find(of_family)?;
     let terminating = pod.metadata.deletion_timestamp.is_some();
     let ready = pod_ready(pod);
     Some(Endpoint {
@@ -131,8 +158,16 @@ pub fn endpoint(pod: &Pod, publish_not_ready: bool) -> Option<Endpoint> {
 /// The slices `service` should have given `pods`: endpoints grouped by their resolved
 /// ports (pods may number a named port differently), at most
 /// [`MAX_ENDPOINTS_PER_SLICE`] per slice, names stable so reconciles are idempotent.
-/// A service selecting nothing gets one empty slice, as Kubernetes' placeholder.
+/// A service selecting nothing gets one empty slice, as Kubernetes' placeholder. A
+/// dual-stack Service gets a set of slices per family, as kube-controller-manager does.
 pub fn desired_slices(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
+    families(service)
+        .into_iter()
+        .flat_map(|family| desired_slices_of(service, pods, family))
+        .collect()
+}
+
+fn desired_slices_of(service: &Service, pods: &[Pod], family: &str) -> Vec<EndpointSlice> {
     if selector_of(service).is_none() {
         return Vec::new();
     }
@@ -145,7 +180,7 @@ pub fn desired_slices(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
     sorted.sort_by_key(|p| p.name_any());
     let mut groups: BTreeMap<Vec<(String, i32, String)>, Vec<Endpoint>> = BTreeMap::new();
     for pod in sorted {
-        let Some(endpoint) = endpoint(pod, publish_not_ready) else {
+        let Some(endpoint) = endpoint(pod, publish_not_ready, family) else {
             continue;
         };
         let ports: Vec<(String, i32, String)> = service_ports
@@ -167,7 +202,12 @@ pub fn desired_slices(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
     let svc = service.name_any();
     let mut slices = Vec::new();
     for (ports, endpoints) in groups {
-        let key = format!("{ports:?}");
+        // IPv4 names as before dual-stack; other families hash their name in.
+        let key = if family == "IPv4" {
+            format!("{ports:?}")
+        } else {
+            format!("{family}{ports:?}")
+        };
         let base = format!("{svc}-{}", safe_hash(key.as_bytes()));
         let app_protocol = |name: &str| {
             service_ports
@@ -213,7 +253,7 @@ pub fn desired_slices(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
                     }]),
                     ..Default::default()
                 },
-                address_type: "IPv4".into(),
+                address_type: family.into(),
                 endpoints: Some(chunk),
                 ports: (!slice_ports.is_empty()).then(|| slice_ports.clone()),
             });

@@ -3,8 +3,9 @@
 //! a sandbox that serves its ClusterIPs takes them instead from a block of the upper
 //! half that belongs to its pod subnet index (unique on the machine while it lives).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
+use crate::apiserver::SERVICE_CIDR_V6;
 use crate::netns::SUBNETS;
 
 /// Addresses per block: 4 blocks share a /24 of 127.96.128.0/17.
@@ -20,6 +21,18 @@ pub fn cluster_ip(index: u16, ordinal: u8) -> Option<Ipv4Addr> {
     let third = 128 + (index / 4) as u8;
     let fourth = (index % 4) as u8 * 64 + 1 + ordinal;
     Some(Ipv4Addr::new(127, 96, third, fourth))
+}
+
+/// The `ordinal`-th IPv6 ClusterIP of the sandbox holding subnet `index`, or `None` past
+/// the block's [`BLOCK_SIZE`] addresses: `fd6e:6d00:ffff::<index * 64 + 1 + ordinal>`
+/// (hex), inside the IPv6 service range, one block per subnet index, so two live
+/// sandboxes never put the same address on `lo` (nor remove each other's).
+pub fn cluster_ip_v6(index: u16, ordinal: u8) -> Option<Ipv6Addr> {
+    if index >= SUBNETS || ordinal >= BLOCK_SIZE {
+        return None;
+    }
+    let offset = u128::from(index) * 64 + 1 + u128::from(ordinal);
+    Some(Ipv6Addr::from(u128::from(SERVICE_CIDR_V6.0) + offset))
 }
 
 #[cfg(test)]
@@ -40,6 +53,23 @@ mod tests {
                 assert!(seen.insert(ip), "{ip} handed out twice");
             }
         }
+    }
+
+    #[test]
+    fn ipv6_blocks_are_disjoint_and_inside_the_ipv6_service_range() {
+        let mut seen = BTreeSet::new();
+        for index in 0..SUBNETS {
+            for ordinal in 0..BLOCK_SIZE {
+                let ip = cluster_ip_v6(index, ordinal).unwrap();
+                assert!(crate::apiserver::in_service_range(ip.into()), "{ip}");
+                assert!(seen.insert(ip), "{ip} handed out twice");
+            }
+        }
+        assert_eq!(
+            cluster_ip_v6(1, 0),
+            Some("fd6e:6d00:ffff::41".parse().unwrap())
+        );
+        assert_eq!(cluster_ip_v6(0, BLOCK_SIZE), None);
     }
 
     #[test]

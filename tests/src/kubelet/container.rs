@@ -49,8 +49,11 @@ pub enum ConfigError {
 pub struct PodPlacement<'a> {
     pub netns: &'a str,
     pub pod_ip: Ipv4Addr,
+    /// The pod's second address (the sandbox is dual-stack, IPv4 first).
+    pub pod_ip_v6: std::net::Ipv6Addr,
     pub node_name: &'a str,
     pub host_ip: Ipv4Addr,
+    pub host_ip_v6: std::net::Ipv6Addr,
     /// The pod's scratch directory: default working directory.
     pub pod_dir: &'a Path,
     pub log_path: PathBuf,
@@ -187,8 +190,11 @@ fn field_value(pod: &Pod, place: &PodPlacement<'_>, path: &str) -> Option<String
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
         ),
-        "status.podIP" | "status.podIPs" => Some(place.pod_ip.to_string()),
-        "status.hostIP" | "status.hostIPs" => Some(place.host_ip.to_string()),
+        "status.podIP" => Some(place.pod_ip.to_string()),
+        // The plural fields list every family, comma-separated, as the kubelet does.
+        "status.podIPs" => Some(format!("{},{}", place.pod_ip, place.pod_ip_v6)),
+        "status.hostIP" => Some(place.host_ip.to_string()),
+        "status.hostIPs" => Some(format!("{},{}", place.host_ip, place.host_ip_v6)),
         _ => keyed("metadata.labels['", &meta.labels)
             .or_else(|| keyed("metadata.annotations['", &meta.annotations)),
     }
@@ -258,8 +264,10 @@ mod tests {
         PodPlacement {
             netns: "nm3p2",
             pod_ip: Ipv4Addr::new(198, 18, 3, 2),
+            pod_ip_v6: "fd6e:6d00:0:3::2".parse().unwrap(),
             node_name: "node-a",
             host_ip: Ipv4Addr::new(198, 18, 3, 1),
+            host_ip_v6: "fd6e:6d00:0:3::1".parse().unwrap(),
             pod_dir: dir,
             log_path: dir.join("c.log"),
             cgroup: None,

@@ -24,8 +24,11 @@
 //!   `POD_NAME`, `POD_NAMESPACE`, `POD_IP`, `HOSTNAME`, then the spec's `env` (values,
 //!   `$(VAR)` expansion, downward-API `fieldRef`s); output appended to
 //!   [`Sandbox::log_path`].
-//! - `eth0` with the pod IP, a default route via the sandbox bridge, `lo` up. The root
-//!   namespace reaches pod IPs through the bridge, so tests can dial pods directly.
+//! - `eth0` with the pod IPs (dual-stack: IPv4 from 198.18.0.0/15 first, IPv6 from
+//!   fd6e:6d00::/32; `status.podIPs` lists both), default routes of both families via
+//!   the sandbox bridge, `lo` up. The root namespace reaches pod IPs through the
+//!   bridge, so tests can dial pods directly. A Service's EndpointSlices come one set
+//!   per family of its `ipFamilies`.
 //! - Readiness from the container's `readinessProbe` (`tcpSocket`, `httpGet` or `exec`),
 //!   dialled from the root namespace; no probe means ready once running. Annotations
 //!   for tests: [`START_DELAY_ANNOTATION`] (the process sleeps this many ms before it
@@ -297,6 +300,12 @@ impl Sandbox {
     /// The bridge address: the node's address as pods see it (`status.hostIP`).
     pub fn gateway(&self) -> Ipv4Addr {
         self.network.gateway()
+    }
+
+    /// The bridge's IPv6 address: the node's IPv6 address as pods see it (the second
+    /// of `status.hostIPs`).
+    pub fn gateway_v6(&self) -> std::net::Ipv6Addr {
+        self.network.gateway_v6()
     }
 
     pub fn work_dir(&self) -> &Path {

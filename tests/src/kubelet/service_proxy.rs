@@ -1,11 +1,15 @@
 //! The node's Service proxy, as kube-proxy's old userspace mode did it: for every TCP
-//! port of a Service whose ClusterIP is a loopback address (the sandbox's service range
-//! is 127.96.0.0/16), a listener on `ClusterIP:port` while the Service has ready
-//! endpoints, forwarding each connection to one of them. With no ready endpoint there
+//! port of a Service and each of its ClusterIPs that is a loopback address (the
+//! sandbox's IPv4 service range is 127.96.0.0/16) or in the IPv6 service range
+//! (fd6e:6d00:ffff::/108), a listener on `ClusterIP:port` while the Service has ready
+//! endpoints of that family, forwarding each connection to one of them; each family is
+//! served from its own EndpointSlices, as kube-proxy does. With no ready endpoint there
 //! is no listener, so a connect is refused, as kube-proxy's REJECT rule makes it; that
-//! is the very behaviour Nemesis exists to hide. It never binds a non-loopback address.
+//! is the very behaviour Nemesis exists to hide. An IPv6 ClusterIP is put on `lo` (as
+//! kube-proxy's IPVS mode puts ClusterIPs on a dummy interface) while it is served, and
+//! removed after. It binds nothing else.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,9 +37,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where each Service port is served and which ready endpoints serve it.
 pub type Frontends = BTreeMap<SocketAddr, Vec<SocketAddr>>;
 
-/// The frontends `services` need given `slices`: one per TCP port of a Service with a
-/// loopback ClusterIP, listing the addresses of its ready endpoints at the slice port
-/// of the same name. Ports without a ready endpoint are left out (refused).
+/// Whether this proxy serves ClusterIP `ip`: IPv4 loopback, or the IPv6 service range.
+pub fn servable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(_) => crate::apiserver::in_service_range(ip),
+    }
+}
+
+/// The frontends `services` need given `slices`: one per TCP port and servable
+/// ClusterIP of a Service, listing the addresses of its ready endpoints of the
+/// ClusterIP's family at the slice port of the same name. Ports without a ready
+/// endpoint are left out (refused).
 pub fn frontends<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: &[Arc<EndpointSlice>],
@@ -43,20 +56,37 @@ pub fn frontends<'a>(
     let mut out = Frontends::new();
     for svc in services {
         let Some(spec) = &svc.spec else { continue };
-        let Some(ip) = spec
-            .cluster_ip
-            .as_deref()
-            .and_then(|ip| ip.parse::<IpAddr>().ok())
-            .filter(IpAddr::is_loopback)
-        else {
-            continue;
-        };
+        let mut ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .filter(|ip| servable(*ip))
+            .collect();
+        ips.sort();
+        ips.dedup();
+        for ip in ips {
+            frontends_of(svc, ip, slices, &mut out);
+        }
+    }
+    out
+}
+
+fn frontends_of(svc: &Service, ip: IpAddr, slices: &[Arc<EndpointSlice>], out: &mut Frontends) {
+    let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let Some(spec) = &svc.spec else { return };
+    {
         let ns = svc.namespace();
         let name = svc.name_any();
         let own: Vec<&EndpointSlice> = slices
             .iter()
             .map(Arc::as_ref)
-            .filter(|s| s.namespace() == ns && s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
+            .filter(|s| {
+                s.namespace() == ns
+                    && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
+                    && s.address_type == family
+            })
             .collect();
         for port in spec.ports.iter().flatten() {
             if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
@@ -98,7 +128,6 @@ pub fn frontends<'a>(
             }
         }
     }
-    out
 }
 
 // === the I/O part ===
@@ -132,6 +161,7 @@ pub async fn run(client: Client, cancel: CancellationToken) {
     let mut changes = futures::stream::select(services.map(|_| ()), slices.map(|_| ())).boxed();
     let conns = TaskTracker::new();
     let mut listeners: HashMap<SocketAddr, Listener> = HashMap::new();
+    let mut local_v6: BTreeSet<IpAddr> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -140,12 +170,15 @@ pub async fn run(client: Client, cancel: CancellationToken) {
                     break;
                 }
                 let want = desired(&svc_reader, &slice_reader);
-                converge(&mut listeners, want, &conns, &cancel);
+                converge(&mut listeners, &mut local_v6, want, &conns, &cancel);
             }
         }
     }
     for (_, l) in listeners.drain() {
         l.stop.cancel();
+    }
+    for ip in std::mem::take(&mut local_v6) {
+        local_address(ip, false);
     }
     conns.close();
     conns.wait().await;
@@ -158,6 +191,7 @@ fn desired(services: &Store<Service>, slices: &Store<EndpointSlice>) -> Frontend
 
 fn converge(
     listeners: &mut HashMap<SocketAddr, Listener>,
+    local_v6: &mut BTreeSet<IpAddr>,
     mut want: Frontends,
     conns: &TaskTracker,
     cancel: &CancellationToken,
@@ -170,6 +204,14 @@ fn converge(
         }
         keep
     });
+    // IPv6 ClusterIPs no listener uses any more leave `lo`.
+    local_v6.retain(|ip| {
+        let used = listeners.keys().chain(want.keys()).any(|f| f.ip() == *ip);
+        if !used {
+            local_address(*ip, false);
+        }
+        used
+    });
     for (front, backends) in std::mem::take(&mut want) {
         if let Some(l) = listeners.get(&front) {
             l.backends.send_if_modified(|old| {
@@ -178,6 +220,9 @@ fn converge(
                 changed
             });
             continue;
+        }
+        if front.is_ipv6() && local_v6.insert(front.ip()) {
+            local_address(front.ip(), true);
         }
         let std_listener = match bind(front) {
             Ok(l) => l,
@@ -194,9 +239,38 @@ fn converge(
     }
 }
 
+/// Puts (or takes) IPv6 ClusterIP `ip` on `lo`, so that it is a local address this
+/// proxy can bind and the node's processes reach. `nodad`: usable at once. Failures are
+/// logged; the bind that follows says what it means.
+fn local_address(ip: IpAddr, add: bool) {
+    let addr = format!("{ip}/128");
+    let verb = if add { "add" } else { "del" };
+    let out = std::process::Command::new("ip")
+        .args(["-6", "addr", verb, &addr, "dev", "lo"])
+        .args(add.then_some("nodad"))
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => tracing::debug!(%ip, verb, "ClusterIP on lo"),
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            // Already there (another listener's port of the same Service, a
+            // restart): fine.
+            if !(add && err.contains("exists")) {
+                tracing::warn!(%ip, verb, err = %err.trim(), "changing a ClusterIP on lo failed");
+            }
+        }
+        Err(err) => tracing::warn!(%ip, verb, %err, "running ip failed"),
+    }
+}
+
 /// Binds now (not in the task), so a failure is seen at once.
 fn bind(front: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
+    let sock = if front.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     sock.set_reuseaddr(true)?;
     sock.bind(front)?;
     sock.listen(1024)
@@ -315,6 +389,43 @@ mod tests {
             f.get(&"127.96.0.7:81".parse().unwrap()),
             Some(&vec!["198.18.3.2:9090".parse().unwrap()])
         );
+    }
+
+    #[test]
+    fn each_cluster_ip_is_served_from_the_slices_of_its_family() {
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"clusterIP": "127.96.0.7",
+                     "clusterIPs": ["127.96.0.7", "fd6e:6d00:ffff::7"],
+                     "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let v4 = slice(
+            "demo",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": ["198.18.3.2"], "conditions": {"ready": true}}]),
+        );
+        let mut v6 = (*slice(
+            "demo",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": ["fd6e:6d00:0:3::2"], "conditions": {"ready": true}}]),
+        ))
+        .clone();
+        v6.address_type = "IPv6".into();
+        let f = frontends([&s], &[v4, Arc::new(v6)]);
+        assert_eq!(
+            f.get(&"127.96.0.7:80".parse().unwrap()),
+            Some(&vec!["198.18.3.2:8080".parse().unwrap()])
+        );
+        assert_eq!(
+            f.get(&"[fd6e:6d00:ffff::7]:80".parse().unwrap()),
+            Some(&vec!["[fd6e:6d00:0:3::2]:8080".parse().unwrap()])
+        );
+        // An IPv6 address outside the service range is never bound.
+        assert!(!servable("fd6e:6d00:0:3::9".parse().unwrap()));
+        assert!(servable("fd6e:6d00:ffff::9".parse().unwrap()));
     }
 
     #[test]

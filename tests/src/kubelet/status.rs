@@ -24,7 +24,10 @@ pub struct ContainerView {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodView {
     pub pod_ip: Option<String>,
+    /// The second (IPv6) address of a dual-stack pod.
+    pub pod_ip_v6: Option<String>,
     pub host_ip: Option<String>,
+    pub host_ip_v6: Option<String>,
     pub start_time: Option<Time>,
     /// The network namespace is up, so containers can be started.
     pub sandbox_ready: bool,
@@ -168,9 +171,19 @@ pub fn pod_status(view: &PodView, previous: Option<&PodStatus>, now: &Time) -> P
         phase: Some(phase.into()),
         conditions: Some(conditions),
         host_ip: view.host_ip.clone(),
-        host_ips: view.host_ip.clone().map(|ip| vec![HostIP { ip }]),
+        host_ips: view.host_ip.clone().map(|ip| {
+            std::iter::once(ip)
+                .chain(view.host_ip_v6.clone())
+                .map(|ip| HostIP { ip })
+                .collect()
+        }),
         pod_ip: view.pod_ip.clone(),
-        pod_ips: view.pod_ip.clone().map(|ip| vec![PodIP { ip }]),
+        pod_ips: view.pod_ip.clone().map(|ip| {
+            std::iter::once(ip)
+                .chain(view.pod_ip_v6.clone())
+                .map(|ip| PodIP { ip })
+                .collect()
+        }),
         start_time: view.start_time.clone(),
         qos_class: Some("BestEffort".into()),
         container_statuses: Some(
@@ -240,7 +253,9 @@ mod tests {
     fn ready_condition_keeps_its_transition_time_while_it_holds() {
         let mut view = PodView {
             pod_ip: Some("198.18.1.2".into()),
+            pod_ip_v6: Some("fd6e:6d00:0:1::2".into()),
             host_ip: Some("198.18.1.1".into()),
+            host_ip_v6: Some("fd6e:6d00:0:1::1".into()),
             start_time: Some(t(1)),
             sandbox_ready: true,
             restart_policy: "Always".into(),

@@ -438,8 +438,10 @@ impl Worker {
         let place = PodPlacement {
             netns: netns.name(),
             pod_ip: netns.ip(),
+            pod_ip_v6: netns.ip_v6(),
             node_name: &self.env.node_name,
             host_ip: netns.gateway(),
+            host_ip_v6: netns.gateway_v6(),
             pod_dir: &pod_dir,
             log_path: self.env.log_path(&namespace, &name, &slot.spec.name),
             cgroup: self.env.pod_cgroup.as_deref(),
@@ -696,7 +698,9 @@ impl Worker {
     fn view(&self) -> PodView {
         PodView {
             pod_ip: self.netns.as_ref().map(|n| n.ip().to_string()),
+            pod_ip_v6: self.netns.as_ref().map(|n| n.ip_v6().to_string()),
             host_ip: self.netns.as_ref().map(|n| n.gateway().to_string()),
+            host_ip_v6: self.netns.as_ref().map(|n| n.gateway_v6().to_string()),
             start_time: self.start_time.clone(),
             sandbox_ready: self.netns.is_some(),
             restart_policy: self.restart_policy(),

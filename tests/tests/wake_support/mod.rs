@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +44,7 @@ use nemesis_controller::app::Running;
 use nemesis_controller::config::RunArgs;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use nemesis_tests::demo::apply::{Manifest, apply_all, read_manifests};
-use nemesis_tests::demo::cluster_ip::cluster_ip;
+use nemesis_tests::demo::cluster_ip::{cluster_ip, cluster_ip_v6};
 use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -147,12 +147,35 @@ fn stateful_set(pod: &Value) -> anyhow::Result<StatefulSet> {
     Ok(serde_json::from_value(v)?)
 }
 
-fn service(ip: Ipv4Addr) -> anyhow::Result<Service> {
+/// The test Service's IP families.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Families {
+    /// IPv4 only (what a Service gets when it says nothing).
+    #[default]
+    V4,
+    /// IPv6 only (`ipFamilies: [IPv6]`).
+    V6,
+    /// Both, IPv4 first (`ipFamilyPolicy: RequireDualStack`).
+    Dual,
+}
+
+fn service(families: Families, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<Service> {
+    let (ips, policy, names) = match families {
+        Families::V4 => (vec![v4.to_string()], "SingleStack", vec!["IPv4"]),
+        Families::V6 => (vec![v6.to_string()], "SingleStack", vec!["IPv6"]),
+        Families::Dual => (
+            vec![v4.to_string(), v6.to_string()],
+            "RequireDualStack",
+            vec!["IPv4", "IPv6"],
+        ),
+    };
     Ok(serde_json::from_value(json!({
         "metadata": {"name": APP, "namespace": NS},
         "spec": {
-            "clusterIP": ip.to_string(),
-            "clusterIPs": [ip.to_string()],
+            "clusterIP": ips[0],
+            "clusterIPs": ips,
+            "ipFamilyPolicy": policy,
+            "ipFamilies": names,
             "selector": {"app": APP},
             "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
         },
@@ -375,6 +398,8 @@ pub struct Options {
     /// The app is a StatefulSet (named [`APP`], at zero) instead of a Deployment; the
     /// policy must then target it (`{kind: StatefulSet, name: APP}`).
     pub stateful_set: bool,
+    /// The Service's IP families (ClusterIPs from the sandbox's blocks of each).
+    pub families: Families,
 }
 
 /// Changes the objects of `manifests/base/rbac.yaml` before they are applied.
@@ -443,8 +468,11 @@ pub struct WakeEnv {
     pub agent: Option<Agent>,
     cgroup: Option<ChildCgroup>,
     bpffs: Option<ScratchBpffs>,
-    /// `ClusterIP:80` of the Service.
+    /// `ClusterIP:80` of the Service (its first ClusterIP: the IPv6 one of an IPv6-only
+    /// Service).
     pub service_addr: SocketAddr,
+    /// `[IPv6 ClusterIP]:80` of an IPv6 or dual-stack Service.
+    pub service_addr_v6: Option<SocketAddr>,
     /// The agent's command line, for a restart.
     agent_argv: Vec<String>,
     /// The client the agent runs with (the admin's, or its ServiceAccount's).
@@ -503,7 +531,14 @@ impl WakeEnv {
         .await?;
         let ip =
             cluster_ip(sandbox.subnet_index(), 0).context("a ClusterIP of the sandbox's block")?;
-        let service_addr = SocketAddr::from((ip, SERVICE_PORT));
+        let ip6 = cluster_ip_v6(sandbox.subnet_index(), 0)
+            .context("an IPv6 ClusterIP of the sandbox's block")?;
+        let service_addr_v6 =
+            (opts.families != Families::V4).then(|| SocketAddr::from((ip6, SERVICE_PORT)));
+        let service_addr = match opts.families {
+            Families::V6 => SocketAddr::from((ip6, SERVICE_PORT)),
+            Families::V4 | Families::Dual => SocketAddr::from((ip, SERVICE_PORT)),
+        };
         if opts.stateful_set {
             Api::<StatefulSet>::namespaced(client.clone(), NS)
                 .create(&PostParams::default(), &stateful_set(&sc.pod)?)
@@ -516,7 +551,7 @@ impl WakeEnv {
                 .context("creating the Deployment")?;
         }
         Api::<Service>::namespaced(client.clone(), NS)
-            .create(&PostParams::default(), &service(ip)?)
+            .create(&PostParams::default(), &service(opts.families, ip, ip6)?)
             .await
             .context("creating the Service")?;
         let spec = match opts.policy_spec {
@@ -574,10 +609,11 @@ impl WakeEnv {
             &token_file.display().to_string(),
             "--node-name",
             sandbox.node_name(),
-            // The node's address as pods and other hosts reach it: where the hold
-            // EndpointSlice sends callers that never dial the ClusterIP.
-            "--hold-addresses",
-            &sandbox.gateway().to_string(),
+            // The node's addresses as pods and other hosts reach them (its
+            // status.hostIPs): where the hold EndpointSlices send callers that never
+            // dial the ClusterIP, and the IPv6 one takes the IPv6 proxy listener.
+            "--node-addresses",
+            &format!("{},{}", sandbox.gateway(), sandbox.gateway_v6()),
             "--controller-heartbeat-interval",
             "500ms",
             "--deadman-max-age",
@@ -601,6 +637,7 @@ impl WakeEnv {
             cgroup: Some(cgroup),
             bpffs: Some(bpffs),
             service_addr,
+            service_addr_v6,
             agent_argv: argv,
             agent_client,
             _dir: dir,
@@ -1263,4 +1300,247 @@ impl WakeEnv {
         drop(stdin);
         Ok(Clients { child })
     }
+}
+
+// === callers that never dial a ClusterIP (the every_path_* tests) ===
+
+/// How often a caller outside the cgroup sends a request while it keeps a Service warm.
+const OUTSIDE_EVERY: Duration = Duration::from_millis(300);
+
+impl WakeEnv {
+    /// The ScalingPolicy's `status.state` (`zero`, `warm`, ...).
+    pub async fn policy_state(&self) -> anyhow::Result<Option<String>> {
+        let p =
+            Api::<nemesis_controller::policy::ScalingPolicy>::namespaced(self.client.clone(), NS)
+                .get(APP)
+                .await?;
+        Ok(p.status.and_then(|s| s.state))
+    }
+
+    /// The Deployment's `spec.replicas`.
+    pub async fn replicas(&self) -> anyhow::Result<i32> {
+        let d = Api::<Deployment>::namespaced(self.client.clone(), NS)
+            .get(APP)
+            .await?;
+        Ok(d.spec.replicas.unwrap_or(0))
+    }
+
+    /// The Service's hold EndpointSlices: name, address type and how many agents each
+    /// lists.
+    pub async fn hold_slices(&self) -> anyhow::Result<Vec<(String, String, usize)>> {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        use nemesis_common::wire::{HOLD_SLICE_MANAGED_BY, MANAGED_BY_LABEL};
+        let lp =
+            ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={HOLD_SLICE_MANAGED_BY}"));
+        Ok(Api::<EndpointSlice>::namespaced(self.client.clone(), NS)
+            .list(&lp)
+            .await?
+            .items
+            .into_iter()
+            .map(|s| {
+                (
+                    s.metadata.name.unwrap_or_default(),
+                    s.address_type,
+                    s.endpoints.map_or(0, |e| e.len()),
+                )
+            })
+            .collect())
+    }
+
+    /// Waits until the policy is at zero and there is a hold slice listing this node's
+    /// agent for each of `families` (`IPv4`, `IPv6`).
+    pub async fn wait_held_families(&self, families: &[&str]) -> anyhow::Result<()> {
+        eventually("the policy at zero", Duration::from_secs(30), || async {
+            Ok((self.policy_state().await?.as_deref() == Some("zero")).then_some(()))
+        })
+        .await?;
+        eventually(
+            &format!("hold slices of {families:?} listing the agent"),
+            Duration::from_secs(15),
+            || async {
+                let slices = self.hold_slices().await?;
+                Ok(families
+                    .iter()
+                    .all(|f| slices.iter().any(|(_, t, n)| t == f && *n == 1))
+                    .then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// [`Self::wait_held_families`] for an IPv4 Service.
+    pub async fn wait_held(&self) -> anyhow::Result<()> {
+        self.wait_held_families(&["IPv4"]).await
+    }
+
+    /// The pod IPs of the test's pods of one family (from `status.podIPs`).
+    pub async fn pod_ips_of(&self, v6: bool) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), NS);
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.status?.pod_ips)
+            .flatten()
+            .filter_map(|ip| ip.ip.parse::<std::net::IpAddr>().ok())
+            .filter(|ip| ip.is_ipv6() == v6)
+            .collect())
+    }
+
+    /// At zero, a request through `nginx` (an Ingress following the EndpointSlices) is
+    /// held by the agent's hold listener at `hold_ip` (the node's address of the
+    /// family), wakes the Service and gets the app's 200; once warm the hold slices are
+    /// gone and nginx's upstream is the pod's address of that family.
+    pub async fn held_through_nginx(
+        &self,
+        nginx: &nemesis_tests::ingress::IngressNginx,
+        hold_ip: std::net::IpAddr,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !nginx.upstream().is_empty() && nginx.upstream().iter().all(|u| u.ip() == hold_ip),
+            "at zero nginx's upstream is the agents' hold listeners at {hold_ip}: {:?}",
+            nginx.upstream()
+        );
+        let (status, body) = http_get(nginx.addr(), "/")
+            .await
+            .context("GET through nginx at zero")?;
+        anyhow::ensure!(
+            status == 200,
+            "nginx answered {status}: {body}\n{}",
+            nginx.error_log()
+        );
+        anyhow::ensure!(
+            self.replicas().await? == 1,
+            "the request did not wake the Service"
+        );
+        let m = self.metrics().await?;
+        anyhow::ensure!(
+            m.sum(
+                "nemesis_agent_proxy_wakeups_total",
+                &[("namespace", NS), ("service", APP)]
+            ) >= 1.0,
+            "the agent's proxy sent no wake-up"
+        );
+        eventually(
+            "the hold slices gone once warm",
+            Duration::from_secs(15),
+            || async { Ok(self.hold_slices().await?.is_empty().then_some(())) },
+        )
+        .await?;
+        let pods: Vec<SocketAddr> = self
+            .pod_ips_of(hold_ip.is_ipv6())
+            .await?
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, POD_PORT))
+            .collect();
+        anyhow::ensure!(
+            !pods.is_empty(),
+            "the woken pod has an address of the family"
+        );
+        eventually(
+            "nginx's upstream to be the pod",
+            Duration::from_secs(10),
+            || async { Ok((nginx.upstream() == pods).then_some(())) },
+        )
+        .await
+    }
+
+    /// Sends a request every 300 ms for `busy_for` straight to `pod` (a pod's IP and
+    /// port) from a host of its own on the pod network, outside the intercepted cgroup,
+    /// as an Ingress controller's pod does: no connect() hook sees it. (From the node's
+    /// own addresses it would count as the node probing its pod, like the kubelet's
+    /// readiness probes.) Fails if the Deployment leaves one replica meanwhile, if a
+    /// request fails, or if the agent did not count every one on the server side. Then
+    /// one last request from the same host, alone, so that the test knows when the last
+    /// request was: it returns when that one started and when it was done.
+    pub async fn keep_warm_from_outside(
+        &self,
+        pod: SocketAddr,
+        busy_for: Duration,
+    ) -> anyhow::Result<LastRequest> {
+        let caller = self.sandbox().outside_host().await?;
+        let start = tokio::time::Instant::now();
+        let clients = self
+            .outside_repeating_clients(
+                caller.name(),
+                &[
+                    "--connect",
+                    &pod.to_string(),
+                    "--every-ms",
+                    &OUTSIDE_EVERY.as_millis().to_string(),
+                    "--for-ms",
+                    &busy_for.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        let accepted = |m: &Metrics| {
+            m.sum(
+                "nemesis_agent_service_accepted_connections_total",
+                &[("namespace", NS), ("service", APP)],
+            )
+        };
+        let counted_before = accepted(&self.metrics().await?);
+        while start.elapsed() < busy_for {
+            if self.replicas().await? != 1 {
+                let m = self.metrics().await?;
+                bail!(
+                    "scaled down {:?} into traffic that only reaches the pod by its IP {pod} (the agent counted {} accepted connections)",
+                    start.elapsed(),
+                    accepted(&m) - counted_before,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut results = clients.stop(Duration::from_secs(30)).await?;
+        // The repeating client's last request ended some time before it exited: the
+        // last one is made alone, timed from before its start to after its end.
+        let started = tokio::time::Instant::now();
+        let last = self
+            .outside_repeating_clients(caller.name(), &["--connect", &pod.to_string()])
+            .await?
+            .finish(Duration::from_secs(30))
+            .await?;
+        let last_request = LastRequest {
+            started,
+            done: tokio::time::Instant::now(),
+        };
+        anyhow::ensure!(last.len() == 1, "the last request: {last:?}");
+        results.extend(last);
+        let requests = results.len();
+        // Half the nominal rate: a loaded machine starts processes slowly.
+        let least = (busy_for.as_millis() / OUTSIDE_EVERY.as_millis() / 2) as usize;
+        anyhow::ensure!(
+            requests >= least,
+            "only {requests} requests in {busy_for:?}"
+        );
+        for r in &results {
+            anyhow::ensure!(r.http()?.status == 200, "a request to {pod}: {r:?}");
+        }
+        anyhow::ensure!(
+            self.policy_state().await?.as_deref() == Some("warm"),
+            "the policy left warm during the traffic"
+        );
+        // Every one of them counted on the server side (the agent's metrics lag its
+        // counters by up to half a second).
+        eventually(
+            "the agent's server-side count of the requests",
+            Duration::from_secs(5),
+            || async {
+                let counted = accepted(&self.metrics().await?) - counted_before;
+                Ok((counted >= requests as f64).then_some(()))
+            },
+        )
+        .await?;
+        Ok(last_request)
+    }
+}
+
+/// When the last request of [`WakeEnv::keep_warm_from_outside`] was: it reached the pod
+/// between `started` and `done`, so an idle window after it ends no sooner than
+/// `started` + window and no later than `done` + window (plus the reporting lag).
+#[derive(Debug, Clone, Copy)]
+pub struct LastRequest {
+    pub started: tokio::time::Instant,
+    pub done: tokio::time::Instant,
 }
