@@ -10,7 +10,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 
 use super::UiState;
 use super::error::HttpError;
-use super::guard::current_session;
+use super::guard::authenticate;
 
 const APP_HTML: &str = include_str!("../../../ui/static/app.html");
 const LOGIN_HTML: &str = include_str!("../../../ui/static/login.html");
@@ -51,14 +51,14 @@ fn html(body: &'static str) -> Response {
 /// The app's pages (overview, policy, agents, alerts): one page that draws what its
 /// path names.
 pub async fn app_page(State(ui): State<UiState>, headers: HeaderMap) -> Response {
-    if current_session(&ui, &headers).is_none() {
+    if authenticate(&ui, &headers).is_err() {
         return Redirect::to("/login").into_response();
     }
     html(APP_HTML)
 }
 
 pub async fn login_page(State(ui): State<UiState>, headers: HeaderMap) -> Response {
-    if current_session(&ui, &headers).is_some() {
+    if authenticate(&ui, &headers).is_ok() {
         return Redirect::to("/").into_response();
     }
     html(LOGIN_HTML)

@@ -27,8 +27,9 @@ use nemesis_controller::store::{
     ColdStartOutcome, ColdStartRecord, PolicyId, Retention, ScaleRecord, Store, TransitionRecord,
     unix_ms,
 };
+use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::ui::{
-    self, AdminPassword, PolicyCache, PolicyFeed, UiConfig, UiSources, UiState,
+    self, AdminPassword, Directory, PolicyCache, PolicyFeed, UiConfig, UiSources, UiState,
 };
 use tower::ServiceExt;
 
@@ -42,6 +43,8 @@ pub struct Fixture {
     pub feed: PolicyFeed,
     pub registry: Arc<AgentRegistry>,
     pub alerts: Arc<AlertBook>,
+    pub metrics: ControllerMetrics,
+    pub directory: Arc<Directory>,
     pub now_ms: u64,
     _dir: tempfile::TempDir,
 }
@@ -203,15 +206,20 @@ pub fn fixture(config: UiConfig) -> Fixture {
     feed.upsert(policy(NS, NAME, now));
     let registry = Arc::new(AgentRegistry::new(RegistryConfig::default()));
     let alerts = Arc::new(AlertBook::new());
+    let metrics = ControllerMetrics::new();
+    let directory = Arc::new(Directory::in_memory(&config.user));
     let state = UiState::new(
         config,
         AdminPassword::from_plaintext(PASSWORD).unwrap(),
+        directory.clone(),
+        metrics.clone(),
         UiSources {
             store: store.clone(),
             policies: cache,
             registry: registry.clone(),
             alerts: alerts.clone(),
             alert_webhook: true,
+            kube: None,
         },
     );
     Fixture {
@@ -220,6 +228,8 @@ pub fn fixture(config: UiConfig) -> Fixture {
         feed,
         registry,
         alerts,
+        metrics,
+        directory,
         now_ms: now,
         _dir: dir,
     }
@@ -259,20 +269,35 @@ pub async fn send(router: &Router, req: Request<Body>) -> (Response<()>, String)
     )
 }
 
-/// A logged-in session: the cookie pair to send and the CSRF token.
+/// A logged-in session: the cookie pair to send and the CSRF token, and the browser's
+/// trusted-browser cookie pair.
 pub struct Login {
     pub cookie: String,
     pub csrf: String,
+    pub device: String,
+}
+
+/// The `name=value` pair of the `Set-Cookie` header for cookie `name`.
+pub fn set_cookie_pair(resp: &Response<()>, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap().to_string())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
 }
 
 pub async fn login(router: &Router) -> Login {
-    let (resp, body) = send(router, login_request("admin", PASSWORD, CLIENT)).await;
-    assert_eq!(resp.status(), 200, "{body}");
-    let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
-    let cookie = set.split(';').next().unwrap().to_string();
+    login_as(router, "admin", PASSWORD, CLIENT).await
+}
+
+pub async fn login_as(router: &Router, user: &str, password: &str, client: &str) -> Login {
+    let (resp, body) = send(router, login_request(user, password, client)).await;
+    assert_eq!(resp.status(), 200, "{user}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     Login {
-        cookie,
+        cookie: set_cookie_pair(&resp, "nemesis_session").unwrap(),
+        device: set_cookie_pair(&resp, "nemesis_device").unwrap(),
         csrf: v["csrfToken"].as_str().unwrap().to_string(),
     }
 }
