@@ -129,6 +129,38 @@ impl std::fmt::Debug for Store {
 
 // === impl Store ===
 
+/// The event tables a page of events reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventTable {
+    Transitions,
+    ScaleEvents,
+    ColdStarts,
+}
+
+impl EventTable {
+    pub const ALL: [EventTable; 3] = [
+        EventTable::Transitions,
+        EventTable::ScaleEvents,
+        EventTable::ColdStarts,
+    ];
+
+    fn table(self) -> TableDefinition<'static, EventKey<'static>, &'static [u8]> {
+        match self {
+            EventTable::Transitions => TRANSITIONS,
+            EventTable::ScaleEvents => SCALE_EVENTS,
+            EventTable::ColdStarts => COLD_STARTS,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventTable::Transitions => "transition",
+            EventTable::ScaleEvents => "scale",
+            EventTable::ColdStarts => "coldStart",
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the history file, creates missing tables and runs schema
     /// upgrades. After an unclean shutdown redb repairs the file here first.
@@ -332,6 +364,35 @@ impl Store {
         )?
         .map(|entry| Ok(decode_entry(def, entry)?.1))
         .collect()
+    }
+
+    /// Up to `limit` events of `policy` from table `kind` with `since_ms <= at_ms` and
+    /// `(at_ms, seq) < before`, newest first, each with its `(at_ms, seq)` key. The
+    /// sequence is global, so `(at_ms, seq)` orders every event of every table and policy
+    /// totally: a page that ends inside a millisecond loses none of its other events.
+    pub fn events_before(
+        &self,
+        kind: EventTable,
+        policy: &PolicyId,
+        since_ms: u64,
+        before: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<((u64, u64), serde_json::Value)>, StoreError> {
+        let def = kind.table();
+        let key = policy.key();
+        let (at, seq) = before;
+        if since_ms > at || limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read_range(def, (key.as_str(), since_ms, 0)..(key.as_str(), at, seq))?
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (k, v): (_, serde_json::Value) = decode_entry(def, entry)?;
+                let (_, at_ms, seq) = k.value();
+                Ok(((at_ms, seq), v))
+            })
+            .collect()
     }
 
     fn last_event_before<T: DeserializeOwned>(

@@ -16,6 +16,7 @@ pub mod assets;
 pub mod directory;
 pub mod edit;
 pub mod error;
+pub mod events;
 pub mod guard;
 pub mod limit;
 pub mod lockout;
@@ -201,6 +202,8 @@ pub fn router(state: UiState) -> Router {
         )
         .route("/api/v1/agents", get(api::agents))
         .route("/api/v1/alerts", get(api::alerts))
+        .route("/api/v1/events", get(events::events))
+        .route("/api/v1/stream", get(events::stream))
         .route("/api/v1/reports/summary", get(report::summary))
         .route("/logout", post(login::logout))
         // No route here takes a body; one that starts to must raise this on purpose.
