@@ -23,6 +23,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../../ui/static/app.js"),
     ),
     (
+        "automaton.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../ui/static/automaton.js"),
+    ),
+    (
         "charts.js",
         "text/javascript; charset=utf-8",
         include_str!("../../../ui/static/charts.js"),
@@ -48,8 +53,8 @@ fn html(body: &'static str) -> Response {
     ([(CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
 }
 
-/// The app's pages (overview, policy, agents, alerts): one page that draws what its
-/// path names.
+/// The app's pages (overview, policy, agents, alerts, events, editor, users, tokens):
+/// one page that draws what its path names (the API decides what each role may do).
 pub async fn app_page(State(ui): State<UiState>, headers: HeaderMap) -> Response {
     if authenticate(&ui, &headers).is_err() {
         return Redirect::to("/login").into_response();
