@@ -148,7 +148,7 @@ async function overview() {
       h('td', {}, stateBadge(p.state), h('div', { class: 'muted small', text: p.stateSinceMs ? `since ${ago(p.stateSinceMs)}` : '' })),
       h('td', { class: 'num', title: 'current / desired' }, `${num(p.replicas)} / ${num(p.desiredReplicas)}`),
       h('td', {}, lt ? [h('div', { text: `${lt.from} → ${lt.to} · ${ago(lt.atMs)}` }), h('div', { class: 'muted small reason', text: lt.reason })] : h('span', { class: 'muted', text: 'none yet' })),
-      h('td', {}, readyBadge(p), readyNote(p)));
+      h('td', {}, readyBadge(p), p.paused ? [' ', h('span', { class: 'badge badge-warn', text: 'paused' })] : null, readyNote(p)));
   });
   main.replaceChildren(
     h('div', { class: 'page-head' },
@@ -296,7 +296,8 @@ async function policyPage(namespace, name) {
   const diagram = detail && detail.automaton
     ? h('div', { id: 'automaton', class: 'chart-box scroll-x' }, automaton(detail.automaton, detail.state, detail.lastTransition))
     : h('p', { class: 'muted', text: 'The policy is invalid, so there is no automaton to draw; its conditions below say what to fix.' });
-  main.replaceChildren(head, cards,
+  // replaceChildren would write a null as the text "null": absent sections are dropped.
+  main.replaceChildren(...[head, cards,
     section('Automaton', diagram),
     section('State timeline', timelineBox),
     section('Replicas', replicaChart),
@@ -305,7 +306,7 @@ async function policyPage(namespace, name) {
     section('Cold starts', table(['Wake-up', 'Time to ready', 'Held connections', 'Outcome'], coldRows, 'No cold start in this window.')),
     section('Transitions', table(['When', 'States', 'Replicas', 'Reason'], transRows, 'No transition in this window.')),
     detail ? section('Conditions', table(['Type', 'Status', 'Reason', 'Message', 'Changed'], conds, 'No condition reported yet.')) : null,
-    detail ? section('Spec', h('details', {}, h('summary', { text: 'Show the policy spec' }), h('pre', { text: JSON.stringify(detail.spec, null, 2) }))) : null);
+    detail ? section('Spec', h('details', {}, h('summary', { text: 'Show the policy spec' }), h('pre', { text: JSON.stringify(detail.spec, null, 2) }))) : null].filter(Boolean));
   if (hist.truncated) main.append(h('p', { class: 'muted small', text: 'Lists show only the most recent entries; counts and statistics cover the whole window.' }));
 }
 
@@ -338,10 +339,10 @@ async function alertsPage() {
     h('td', { text: a.sinceMs ? ago(a.sinceMs) : '–' }),
     h('td', { class: 'num', text: String(a.instances) }),
     h('td', { text: a.policies.join(', ') || '–' })));
-  main.replaceChildren(
+  main.replaceChildren(...[
     h('div', { class: 'page-head' }, h('h1', { text: 'Alerts' })),
     list.webhookConfigured ? null : h('p', { class: 'notice', text: 'The Alertmanager webhook is not configured (--alertmanager-token-file): no alert can fire.' }),
-    section('Alerts', table(['Alert', 'Status', 'Since', 'Instances', 'Policies reacting'], rows, 'No alert is firing and no policy waits for one.')));
+    section('Alerts', table(['Alert', 'Status', 'Since', 'Instances', 'Policies reacting'], rows, 'No alert is firing and no policy waits for one.'))].filter(Boolean));
 }
 
 // --- shell ---
@@ -391,13 +392,23 @@ async function start() {
   if (r.still) return;
   // Live updates: the server pushes the policy list whenever it changes (a wake, a
   // sleep, a new policy); the page redraws at most once a second.
+  // Only what the page shows counts as a change (metric values move all the time, and a
+  // redraw on each would steal the keyboard focus).
+  const policyMatch = window.location.pathname.match(/^\/policies\/([^/]+)\/([^/]+)$/);
+  const liveKey = (data) => {
+    let ps = JSON.parse(data).policies;
+    if (policyMatch) ps = ps.filter((p) => p.namespace === decodeURIComponent(policyMatch[1]) && p.name === decodeURIComponent(policyMatch[2]));
+    return JSON.stringify(ps.map((p) => [p.namespace, p.name, p.state, p.replicas, p.desiredReplicas, p.paused, p.ready, p.invalid,
+      p.lastTransition && p.lastTransition.atMs, (p.conditions || []).map((c) => c.message)]));
+  };
   let pending = false;
   let seen = null;
+  try { seen = liveKey(JSON.stringify(await api('/api/v1/policies'))); } catch (e) { /* the feed will tell */ }
   const stream = new EventSource('/api/v1/stream');
   stream.addEventListener('policies', (ev) => {
-    if (seen === null) { seen = ev.data; return; }
-    if (ev.data === seen) return;
-    seen = ev.data;
+    const key = liveKey(ev.data);
+    if (key === seen) return;
+    seen = key;
     if (pending) return;
     pending = true;
     setTimeout(async () => { pending = false; await refresh(); }, 1000);
@@ -552,7 +563,18 @@ async function editPage() {
     h('div', { class: 'actions' },
       h('button', { type: 'button', class: 'secondary', id: 'yaml-check', text: 'Check', onclick: () => run({ yaml: yaml.value }, false).catch(showError) }),
       h('button', { type: 'button', id: 'yaml-apply', text: 'Apply', onclick: () => run({ yaml: yaml.value }, true).catch(showError) })));
-  const tab = (id, label, show) => h('button', { type: 'button', role: 'tab', id, class: 'tab', text: label, onclick: () => { guided.hidden = !show; full.hidden = show; } });
+  const tab = (id, label, show) => h('button', {
+    type: 'button', role: 'tab', id, class: show ? 'tab' : 'tab secondary', 'aria-selected': String(show), text: label,
+    onclick: (ev) => {
+      guided.hidden = !show;
+      full.hidden = show;
+      for (const b of ev.target.parentElement.children) {
+        const on = b === ev.target;
+        b.classList.toggle('secondary', !on);
+        b.setAttribute('aria-selected', String(on));
+      }
+    },
+  });
   main.replaceChildren(
     h('div', { class: 'page-head' }, h('h1', { text: detail ? `Edit ${detail.namespace}/${detail.name}` : 'New policy' })),
     h('div', { class: 'segmented', role: 'tablist' }, tab('tab-guided-btn', 'Guided form', true), tab('tab-yaml-btn', 'YAML', false)),
