@@ -236,6 +236,32 @@ impl Store {
         Ok(())
     }
 
+    /// Records many transitions in one transaction (importing history, benchmarks):
+    /// sequence numbers as [`Store::record_transition`] would give them, in order.
+    pub fn record_transitions(&self, recs: &[TransitionRecord]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = open_table(&txn, META)?;
+            let mut seq = meta
+                .get(META_NEXT_SEQ)
+                .map_err(access_error(META))?
+                .map(|g| g.value())
+                .unwrap_or(1);
+            let mut table = open_table(&txn, TRANSITIONS)?;
+            for rec in recs {
+                let bytes = encode(TRANSITIONS, rec)?;
+                table
+                    .insert((rec.policy.key().as_str(), rec.at_ms, seq), bytes.as_slice())
+                    .map_err(access_error(TRANSITIONS))?;
+                seq += 1;
+            }
+            meta.insert(META_NEXT_SEQ, seq)
+                .map_err(access_error(META))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     fn insert_event<T: Serialize>(
         &self,
         def: TableDefinition<EventKey, &[u8]>,
@@ -310,6 +336,38 @@ impl Store {
             Ok(MetricPoint { at_ms, value })
         })
         .collect()
+    }
+
+    /// The latest sample of each `(policy, metric)` in `window` (`None` where there is
+    /// none), all read in one read transaction: the overview asks this for every policy
+    /// on every refresh, and a transaction per policy cost more than the reads.
+    pub fn latest_samples(
+        &self,
+        keys: &[(&PolicyId, &str)],
+        window: Range<u64>,
+    ) -> Result<Vec<Option<MetricPoint>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn
+            .open_table(METRIC_SAMPLES)
+            .map_err(|source| StoreError::OpenTable {
+                table: METRIC_SAMPLES.name().to_string(),
+                source,
+            })?;
+        keys.iter()
+            .map(|(policy, metric)| {
+                let key = policy.key();
+                let last = table
+                    .range((key.as_str(), *metric, window.start)..(key.as_str(), *metric, window.end))
+                    .map_err(access_error(METRIC_SAMPLES))?
+                    .next_back();
+                last.map(|entry| {
+                    let (k, value) = decode_entry(METRIC_SAMPLES, entry)?;
+                    let (_, _, at_ms) = k.value();
+                    Ok(MetricPoint { at_ms, value })
+                })
+                .transpose()
+            })
+            .collect()
     }
 
     pub fn cold_start_stats(

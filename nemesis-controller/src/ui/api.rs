@@ -335,13 +335,6 @@ pub fn policy_view(p: &ScalingPolicy, current: Current) -> PolicyView {
     }
 }
 
-fn latest(points: &[MetricPoint]) -> Option<f64> {
-    points
-        .last()
-        .map(|p| p.value.mean())
-        .filter(|v| v.is_finite())
-}
-
 /// The latest replica samples of each policy.
 pub(crate) fn current_replicas(
     store: &Store,
@@ -349,14 +342,23 @@ pub(crate) fn current_replicas(
     now_ms: u64,
 ) -> Result<Vec<Current>, StoreError> {
     let since = now_ms.saturating_sub(CURRENT_SAMPLE_AGE.as_millis() as u64);
-    ids.iter()
-        .map(|id| {
-            Ok(Current {
-                replicas: latest(&store.samples(id, "nemesis.replicas", since..now_ms + 1)?),
-                ready: latest(&store.samples(id, "nemesis.replicas.ready", since..now_ms + 1)?),
-            })
+    let keys: Vec<(&PolicyId, &str)> = ids
+        .iter()
+        .flat_map(|id| [(id, "nemesis.replicas"), (id, "nemesis.replicas.ready")])
+        .collect();
+    let latest = store.latest_samples(&keys, since..now_ms + 1)?;
+    let value = |p: &Option<MetricPoint>| {
+        p.as_ref()
+            .map(|p| p.value.mean())
+            .filter(|v| v.is_finite())
+    };
+    Ok(latest
+        .chunks(2)
+        .map(|pair| Current {
+            replicas: value(&pair[0]),
+            ready: value(&pair[1]),
         })
-        .collect()
+        .collect())
 }
 
 pub async fn policies(State(ui): State<UiState>) -> Result<Json<PolicyList>, HttpError> {
