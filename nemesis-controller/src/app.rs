@@ -258,7 +258,11 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
         let directory = Arc::new(
             Directory::open(
-                Backing::secret(client.clone(), &args.lease_namespace, &args.ui_accounts_secret),
+                Backing::secret(
+                    client.clone(),
+                    &args.lease_namespace,
+                    &args.ui_accounts_secret,
+                ),
                 &args.ui_user,
             )
             .await

@@ -194,11 +194,19 @@ pub struct RunArgs {
 
     /// PEM certificate chain for serving the UI over TLS itself (with --ui-tls-key-file);
     /// the UI then listens on --ui-listen only and its cookies are Secure.
-    #[arg(long, env = "NEMESIS_CONTROLLER_UI_TLS_CERT_FILE", requires = "ui_tls_key_file")]
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_UI_TLS_CERT_FILE",
+        requires = "ui_tls_key_file"
+    )]
     pub ui_tls_cert_file: Option<PathBuf>,
 
     /// PEM private key of --ui-tls-cert-file.
-    #[arg(long, env = "NEMESIS_CONTROLLER_UI_TLS_KEY_FILE", requires = "ui_tls_cert_file")]
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_UI_TLS_KEY_FILE",
+        requires = "ui_tls_cert_file"
+    )]
     pub ui_tls_key_file: Option<PathBuf>,
 
     /// Where the UI listens when it serves TLS (8443: the usual HTTPS service port

@@ -80,8 +80,16 @@ async fn events_filter_by_kind_policy_and_text_and_refuse_bad_input() {
         .iter()
         .map(|e| e["atMs"].as_u64().unwrap())
         .collect();
-    assert!(ats.windows(2).all(|w| w[0] >= w[1]), "newest first: {ats:?}");
-    let (_, v) = get_json(&f.router, "/api/v1/events?kind=coldStart&window=24h", &login).await;
+    assert!(
+        ats.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {ats:?}"
+    );
+    let (_, v) = get_json(
+        &f.router,
+        "/api/v1/events?kind=coldStart&window=24h",
+        &login,
+    )
+    .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 3, "{v}");
     let (_, v) = get_json(
         &f.router,
@@ -90,7 +98,12 @@ async fn events_filter_by_kind_policy_and_text_and_refuse_bad_input() {
     )
     .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
-    let (_, v) = get_json(&f.router, "/api/v1/events?policy=shop/other&window=24h", &login).await;
+    let (_, v) = get_json(
+        &f.router,
+        "/api/v1/events?policy=shop/other&window=24h",
+        &login,
+    )
+    .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 0, "{v}");
     assert_eq!(v["nextBefore"], serde_json::Value::Null);
     for (q, says) in [

@@ -101,15 +101,28 @@ fn draft() -> serde_json::Value {
 async fn each_role_reads_everything_and_changes_only_what_it_may() {
     let f = fixture(UiConfig::default());
     let (admin, viewer, operator) = three_roles(&f).await;
-    for (who, l) in [("admin", &admin), ("viewer", &viewer), ("operator", &operator)] {
+    for (who, l) in [
+        ("admin", &admin),
+        ("viewer", &viewer),
+        ("operator", &operator),
+    ] {
         let (status, v) = get_json(&f.router, "/api/v1/policies", l).await;
         assert_eq!(status, 200, "{who}: {v}");
         let (status, v) = get_json(&f.router, "/api/v1/session", l).await;
         assert_eq!(status, 200, "{who}: {v}");
     }
-    assert_eq!(get_json(&f.router, "/api/v1/session", &viewer).await.1["role"], "viewer");
-    assert_eq!(get_json(&f.router, "/api/v1/session", &operator).await.1["role"], "operator");
-    assert_eq!(get_json(&f.router, "/api/v1/session", &admin).await.1["role"], "admin");
+    assert_eq!(
+        get_json(&f.router, "/api/v1/session", &viewer).await.1["role"],
+        "viewer"
+    );
+    assert_eq!(
+        get_json(&f.router, "/api/v1/session", &operator).await.1["role"],
+        "operator"
+    );
+    assert_eq!(
+        get_json(&f.router, "/api/v1/session", &admin).await.1["role"],
+        "admin"
+    );
 
     // Pause: operator and admin pass the role checks (this UI has no cluster to patch,
     // so the answer is 503 from the handler); the viewer is refused before it.
@@ -125,7 +138,13 @@ async fn each_role_reads_everything_and_changes_only_what_it_may() {
     // Editing policies and managing users: admin only.
     let (status, v) = change(&f, "POST", VALIDATE, &operator, draft()).await;
     assert_eq!(status, 403, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("needs the admin role"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("needs the admin role"),
+        "{v}"
+    );
     let (status, v) = change(&f, "POST", VALIDATE, &admin, draft()).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["valid"], true, "{v}");
@@ -152,7 +171,10 @@ async fn each_role_reads_everything_and_changes_only_what_it_may() {
         .collect();
     assert_eq!(names, ["admin", "otto", "vera"]);
     assert_eq!(v["users"][0]["builtIn"], true);
-    assert!(!v.to_string().contains("argon2"), "no hash is ever sent: {v}");
+    assert!(
+        !v.to_string().contains("argon2"),
+        "no hash is ever sent: {v}"
+    );
 
     // Every viewer may still log out.
     let (status, v) = change(&f, "POST", "/logout", &viewer, serde_json::json!({})).await;
@@ -191,7 +213,9 @@ async fn tokens_are_shown_once_kept_as_digests_carry_their_role_and_expire() {
     assert!(v.get("csrfToken").is_none());
     assert_eq!(with_token(&f, "POST", PAUSE, &token, None).await.0, 503);
     assert_eq!(
-        with_token(&f, "POST", VALIDATE, &token, Some(draft())).await.0,
+        with_token(&f, "POST", VALIDATE, &token, Some(draft()))
+            .await
+            .0,
         403,
         "an operator token cannot edit"
     );
@@ -199,7 +223,12 @@ async fn tokens_are_shown_once_kept_as_digests_carry_their_role_and_expire() {
     let forged = format!("nmt_{id}.{}", "0".repeat(64));
     let (status, v) = with_token(&f, "GET", "/api/v1/session", &forged, None).await;
     assert_eq!(status, 401, "{v}");
-    assert_eq!(with_token(&f, "GET", "/api/v1/session", "nope", None).await.0, 401);
+    assert_eq!(
+        with_token(&f, "GET", "/api/v1/session", "nope", None)
+            .await
+            .0,
+        401
+    );
 
     // A short-lived viewer token expires.
     let (status, v) = change(
@@ -212,7 +241,12 @@ async fn tokens_are_shown_once_kept_as_digests_carry_their_role_and_expire() {
     .await;
     assert_eq!(status, 201, "{v}");
     let brief = v["secret"].as_str().unwrap().to_string();
-    assert_eq!(with_token(&f, "GET", "/api/v1/policies", &brief, None).await.0, 200);
+    assert_eq!(
+        with_token(&f, "GET", "/api/v1/policies", &brief, None)
+            .await
+            .0,
+        200
+    );
     assert_eq!(with_token(&f, "POST", PAUSE, &brief, None).await.0, 403);
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     let (status, v) = with_token(&f, "GET", "/api/v1/policies", &brief, None).await;
@@ -230,14 +264,24 @@ async fn tokens_are_shown_once_kept_as_digests_carry_their_role_and_expire() {
     )
     .await;
     assert_eq!(status, 204);
-    assert_eq!(with_token(&f, "GET", "/api/v1/session", &token, None).await.0, 401);
+    assert_eq!(
+        with_token(&f, "GET", "/api/v1/session", &token, None)
+            .await
+            .0,
+        401
+    );
 }
 
 #[tokio::test]
 async fn a_role_change_applies_at_once_and_a_deleted_user_is_logged_out() {
     let f = fixture(UiConfig::default());
     let (admin, viewer, _) = three_roles(&f).await;
-    assert_eq!(change(&f, "POST", PAUSE, &viewer, serde_json::json!({})).await.0, 403);
+    assert_eq!(
+        change(&f, "POST", PAUSE, &viewer, serde_json::json!({}))
+            .await
+            .0,
+        403
+    );
     let (status, v) = change(
         &f,
         "PUT",
@@ -248,7 +292,9 @@ async fn a_role_change_applies_at_once_and_a_deleted_user_is_logged_out() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(
-        change(&f, "POST", PAUSE, &viewer, serde_json::json!({})).await.0,
+        change(&f, "POST", PAUSE, &viewer, serde_json::json!({}))
+            .await
+            .0,
         503,
         "the same session now has the operator role"
     );
@@ -368,13 +414,23 @@ async fn the_editor_checks_drafts_with_the_controllers_validator() {
     assert_eq!(status, 422, "{v}");
     // YAML: a type error names its line and column.
     let yaml = "apiVersion: nemesis.dev/v1alpha1\nkind: ScalingPolicy\nmetadata:\n  name: cart\n  namespace: shop\nspec:\n  target:\n    deployment: cart\n  maxReplicas: many\n";
-    let (status, v) = change(&f, "POST", VALIDATE, &admin, serde_json::json!({ "yaml": yaml })).await;
+    let (status, v) = change(
+        &f,
+        "POST",
+        VALIDATE,
+        &admin,
+        serde_json::json!({ "yaml": yaml }),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["valid"], false);
     assert_eq!(v["problems"][0]["line"], 9, "{v}");
     // A valid one comes back as the manifest that would be applied.
     let (_, v) = change(&f, "POST", VALIDATE, &admin, draft()).await;
-    assert!(v["manifest"].as_str().unwrap().contains("idleTimeout: 10m"), "{v}");
+    assert!(
+        v["manifest"].as_str().unwrap().contains("idleTimeout: 10m"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -416,12 +472,22 @@ async fn every_refusal_is_counted_by_reason() {
     .await;
     assert_eq!(resp.status(), 403);
     // role (the viewer's change, and the operator on an admin route)
-    assert_eq!(change(&f, "POST", PAUSE, &viewer, serde_json::json!({})).await.0, 403);
+    assert_eq!(
+        change(&f, "POST", PAUSE, &viewer, serde_json::json!({}))
+            .await
+            .0,
+        403
+    );
     assert_eq!(get_json(&f.router, "/api/v1/users", &operator).await.0, 403);
     // wrong credentials, invalid token
     let (resp, _) = send(&f.router, login_request("otto", "not-his-password", CLIENT)).await;
     assert_eq!(resp.status(), 401);
-    assert_eq!(with_token(&f, "GET", "/api/v1/policies", "nmt_x", None).await.0, 401);
+    assert_eq!(
+        with_token(&f, "GET", "/api/v1/policies", "nmt_x", None)
+            .await
+            .0,
+        401
+    );
 
     let grew = |r: UiRefusal| {
         let i = UiRefusal::ALL.iter().position(|x| *x == r).unwrap();
@@ -454,11 +520,26 @@ async fn a_locked_user_name_locks_no_one_else_and_unknown_names_look_the_same() 
             let (resp, _) = send(&f.router, login_request(user, "wrong-guess-1", &client)).await;
             assert_eq!(resp.status(), 401, "{user} attempt {i}");
         }
-        let (resp, body) = send(&f.router, login_request(user, "bobs-password-1", "127.0.3.99:5000")).await;
+        let (resp, body) = send(
+            &f.router,
+            login_request(user, "bobs-password-1", "127.0.3.99:5000"),
+        )
+        .await;
         assert_eq!(resp.status(), 429, "{user}: {body}");
-        answers.push(json(&body)["error"].as_str().unwrap().split(';').next().unwrap().to_string());
+        answers.push(
+            json(&body)["error"]
+                .as_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string(),
+        );
     }
-    assert_eq!(answers[0], answers[1], "a locked unknown name reads as a locked user");
+    assert_eq!(
+        answers[0], answers[1],
+        "a locked unknown name reads as a locked user"
+    );
     assert!(f.metrics.ui_refusals(UiRefusal::LockedOut) >= 2);
     // The admin is not affected.
     login_as(&f.router, "admin", PASSWORD, "127.0.3.50:5000").await;

@@ -27,7 +27,10 @@ const ADMIN_PW: &str = "cluster-admin-password";
 const SPREAD: Duration = Duration::from_secs(60);
 
 /// One HTTP/1.1 request over `io`; returns status, the `Set-Cookie` values and the body.
-async fn exchange<T>(io: T, req: http::Request<Full<Bytes>>) -> anyhow::Result<(u16, Vec<String>, Value)>
+async fn exchange<T>(
+    io: T,
+    req: http::Request<Full<Bytes>>,
+) -> anyhow::Result<(u16, Vec<String>, Value)>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -83,7 +86,10 @@ fn ui_request(
     Ok(b.body(body)?)
 }
 
-async fn plain(addr: SocketAddr, req: http::Request<Full<Bytes>>) -> anyhow::Result<(u16, Vec<String>, Value)> {
+async fn plain(
+    addr: SocketAddr,
+    req: http::Request<Full<Bytes>>,
+) -> anyhow::Result<(u16, Vec<String>, Value)> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     exchange(tcp, req).await
 }
@@ -117,7 +123,10 @@ async fn login(addr: SocketAddr, user: &str, password: &str) -> anyhow::Result<S
     anyhow::ensure!(status == 200, "login as {user} on {addr}: {status} {v}");
     Ok(Session {
         cookie: pair(&cookies, "nemesis_session").context("no session cookie")?,
-        csrf: v["csrfToken"].as_str().context("no CSRF token")?.to_string(),
+        csrf: v["csrfToken"]
+            .as_str()
+            .context("no CSRF token")?
+            .to_string(),
     })
 }
 
@@ -163,7 +172,11 @@ async fn sessions_users_and_tokens_survive_a_leader_crash_and_a_restart() -> any
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
     install_crd(&client).await?;
-    let (dir_a, dir_b, dir_c) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+    let (dir_a, dir_b, dir_c) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
     let a = start_ui_controller(&server, dir_a.path(), &[]).await?;
     wait_leading(&a, Duration::from_secs(60)).await?;
     let b = start_ui_controller(&server, dir_b.path(), &[]).await?;
@@ -202,18 +215,34 @@ async fn sessions_users_and_tokens_survive_a_leader_crash_and_a_restart() -> any
     let otto = login(a.api_addr, "otto", "otto-password-1").await?;
 
     // The standby sees all of it through its watch of the Secret.
-    let v = session_works(b.api_addr, Some(&admin.cookie), None, "the admin's session on the standby").await?;
+    let v = session_works(
+        b.api_addr,
+        Some(&admin.cookie),
+        None,
+        "the admin's session on the standby",
+    )
+    .await?;
     assert_eq!(v["role"], "admin");
-    let v = session_works(b.api_addr, Some(&otto.cookie), None, "the operator's session on the standby").await?;
+    let v = session_works(
+        b.api_addr,
+        Some(&otto.cookie),
+        None,
+        "the operator's session on the standby",
+    )
+    .await?;
     assert_eq!(v["role"], "operator");
     let v = session_works(b.api_addr, None, Some(&token), "the token on the standby").await?;
     assert_eq!(v["role"], "viewer");
 
     // The Secret holds digests: no token secret, no session id.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
-    let s = secrets.get(nemesis_controller::ui::directory::DEFAULT_SECRET).await?;
+    let s = secrets
+        .get(nemesis_controller::ui::directory::DEFAULT_SECRET)
+        .await?;
     let doc = String::from_utf8(
-        s.data.unwrap()[nemesis_controller::ui::directory::STATE_KEY].0.clone(),
+        s.data.unwrap()[nemesis_controller::ui::directory::STATE_KEY]
+            .0
+            .clone(),
     )?;
     assert!(doc.contains("otto"), "{doc}");
     let token_secret = token.split('.').nth(1).unwrap();
@@ -224,7 +253,13 @@ async fn sessions_users_and_tokens_survive_a_leader_crash_and_a_restart() -> any
     // The leader dies without a word; the standby takes over and keeps serving them.
     a.kill();
     wait_leading(&b, Duration::from_secs(60)).await?;
-    session_works(b.api_addr, Some(&admin.cookie), None, "the admin's session after the crash").await?;
+    session_works(
+        b.api_addr,
+        Some(&admin.cookie),
+        None,
+        "the admin's session after the crash",
+    )
+    .await?;
     // A change made on the new leader with the old session.
     let (status, _, v) = plain(
         b.api_addr,
@@ -244,7 +279,13 @@ async fn sessions_users_and_tokens_survive_a_leader_crash_and_a_restart() -> any
     // A controller started afresh (a restart) loads everything from the Secret.
     b.shutdown().await;
     let c = start_ui_controller(&server, dir_c.path(), &[]).await?;
-    let v = session_works(c.api_addr, Some(&otto.cookie), None, "the operator's session after a restart").await?;
+    let v = session_works(
+        c.api_addr,
+        Some(&otto.cookie),
+        None,
+        "the operator's session after a restart",
+    )
+    .await?;
     assert_eq!(v["user"], "otto");
     session_works(c.api_addr, None, Some(&token), "the token after a restart").await?;
     login(c.api_addr, "vera", "vera-password-1").await?;
@@ -269,7 +310,8 @@ fn certificates(dir: &Path) -> anyhow::Result<rustls::pki_types::CertificateDer<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ui_over_its_own_tls_sets_secure_cookies_and_leaves_the_plain_port() -> anyhow::Result<()> {
+async fn the_ui_over_its_own_tls_sets_secure_cookies_and_leaves_the_plain_port()
+-> anyhow::Result<()> {
     init_tracing();
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
@@ -296,7 +338,10 @@ async fn the_ui_over_its_own_tls_sets_secure_cookies_and_leaves_the_plain_port()
     .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(ui).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned(), tcp)
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned(),
+            tcp,
+        )
         .await
         .context("TLS handshake with the UI")?;
     let mut req = ui_request(
@@ -320,7 +365,11 @@ async fn the_ui_over_its_own_tls_sets_secure_cookies_and_leaves_the_plain_port()
     }
 
     // Plain HTTP to the TLS port is no UI, and the plain API port no longer serves it.
-    let (status, _, _) = plain(c.api_addr, ui_request("GET", c.api_addr, "/login", None, None, None, None)?).await?;
+    let (status, _, _) = plain(
+        c.api_addr,
+        ui_request("GET", c.api_addr, "/login", None, None, None, None)?,
+    )
+    .await?;
     assert_eq!(status, 404);
     let (status, _, _) = plain(
         c.api_addr,

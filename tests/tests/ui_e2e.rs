@@ -50,7 +50,10 @@ async fn run(cmd: &mut Command, what: &str, limit: Duration) -> Result<std::proc
 
 /// `npm ci` in ui/ unless playwright-core is installed already.
 async fn ensure_node_modules(ui: &Path) -> Result<()> {
-    if ui.join("node_modules/playwright-core/package.json").exists() {
+    if ui
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
         return Ok(());
     }
     let out = run(
@@ -101,10 +104,18 @@ async fn admin_post(
         .headers()
         .get_all("set-cookie")
         .iter()
-        .filter_map(|v| v.to_str().ok().map(|c| c.split(';').next().unwrap().to_string()))
+        .filter_map(|v| {
+            v.to_str()
+                .ok()
+                .map(|c| c.split(';').next().unwrap().to_string())
+        })
         .collect();
     let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((status, cookies, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    Ok((
+        status,
+        cookies,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
 }
 
 fn artifacts_dir() -> PathBuf {
@@ -132,7 +143,9 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         .create(&PostParams::default(), &deployment("web", 1))
         .await?;
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    services.create(&PostParams::default(), &service("web")).await?;
+    services
+        .create(&PostParams::default(), &service("web"))
+        .await?;
 
     let dir = tempfile::tempdir()?;
     let pw = dir.path().join("ui-password");
@@ -157,7 +170,10 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         .find(|c| c.starts_with("nemesis_session="))
         .context("no session cookie")?
         .clone();
-    let csrf = v["csrfToken"].as_str().context("no CSRF token")?.to_string();
+    let csrf = v["csrfToken"]
+        .as_str()
+        .context("no CSRF token")?
+        .to_string();
     for (name, role) in [("vera", "viewer"), ("otto", "operator")] {
         let (status, _, v) = admin_post(
             addr,
@@ -188,7 +204,10 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("browser: {stdout}");
     if !out.status.success() {
-        bail!("the browser run failed ({}):\n{stdout}\n{stderr}", out.status);
+        bail!(
+            "the browser run failed ({}):\n{stdout}\n{stderr}",
+            out.status
+        );
     }
     let findings: Value = serde_json::from_str(
         stdout
@@ -199,11 +218,19 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     )?;
     ensure!(findings["ok"] == true, "{findings}");
     ensure!(findings["viewerApplyStatus"] == 403, "{findings}");
-    let shots_taken = findings["screenshots"].as_array().context("no screenshots")?;
-    ensure!(shots_taken.len() >= 12, "a screenshot of every page: {findings}");
+    let shots_taken = findings["screenshots"]
+        .as_array()
+        .context("no screenshots")?;
+    ensure!(
+        shots_taken.len() >= 12,
+        "a screenshot of every page: {findings}"
+    );
     for s in shots_taken {
         let png = std::fs::read(s.as_str().unwrap())?;
-        ensure!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{s}: not a real screenshot");
+        ensure!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+            "{s}: not a real screenshot"
+        );
     }
 
     // The cluster shows what the browser did.
@@ -218,9 +245,15 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     )
     .await?;
     let listed = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "kubectl: {}", String::from_utf8_lossy(&out.stderr));
     ensure!(
-        listed.lines().any(|l| l.split_whitespace().next() == Some("web")),
+        out.status.success(),
+        "kubectl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("web")),
         "kubectl get scalingpolicies lists web:\n{listed}"
     );
     let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), "default");

@@ -116,7 +116,10 @@ async fn p99(router: &Router, path: &str, cookie: &str, runs: usize) -> Result<f
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs + 10 {
         let t = Instant::now();
-        let resp = router.clone().oneshot(request(path, Some(cookie), None)).await?;
+        let resp = router
+            .clone()
+            .oneshot(request(path, Some(cookie), None))
+            .await?;
         ensure!(resp.status() == 200, "{path}: {}", resp.status());
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
         ensure!(bytes.len() > 1_000, "{path}: a suspiciously short answer");
@@ -139,14 +142,22 @@ async fn main() -> Result<()> {
     let policies: Vec<ScalingPolicy> = (0..SERVICES).map(policy).collect();
     let ids: Vec<PolicyId> = policies
         .iter()
-        .map(|p| PolicyId::new(p.metadata.namespace.clone().unwrap(), p.metadata.name.clone().unwrap()))
+        .map(|p| {
+            PolicyId::new(
+                p.metadata.namespace.clone().unwrap(),
+                p.metadata.name.clone().unwrap(),
+            )
+        })
         .collect();
     for p in policies {
         feed.upsert(p);
     }
     let started = Instant::now();
     seed(&store, &ids, now)?;
-    eprintln!("seeded {EVENTS} events for {SERVICES} Services in {:?}", started.elapsed());
+    eprintln!(
+        "seeded {EVENTS} events for {SERVICES} Services in {:?}",
+        started.elapsed()
+    );
     let state = UiState::new(
         UiConfig::default(),
         AdminPassword::from_plaintext(PASSWORD)?,
@@ -182,7 +193,13 @@ async fn main() -> Result<()> {
         .to_string();
     let overview = p99(&router, "/api/v1/policies", &cookie, RUNS).await?;
     println!("ui_overview_p99_ms={overview:.2}");
-    let summary = p99(&router, "/api/v1/reports/summary?window=24h", &cookie, SUMMARY_RUNS).await?;
+    let summary = p99(
+        &router,
+        "/api/v1/reports/summary?window=24h",
+        &cookie,
+        SUMMARY_RUNS,
+    )
+    .await?;
     println!("ui_summary_24h_p99_ms={summary:.2}");
     std::fs::remove_dir_all(&dir).ok();
     Ok(())

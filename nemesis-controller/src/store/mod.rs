@@ -251,7 +251,10 @@ impl Store {
             for rec in recs {
                 let bytes = encode(TRANSITIONS, rec)?;
                 table
-                    .insert((rec.policy.key().as_str(), rec.at_ms, seq), bytes.as_slice())
+                    .insert(
+                        (rec.policy.key().as_str(), rec.at_ms, seq),
+                        bytes.as_slice(),
+                    )
                     .map_err(access_error(TRANSITIONS))?;
                 seq += 1;
             }
@@ -357,7 +360,9 @@ impl Store {
             .map(|(policy, metric)| {
                 let key = policy.key();
                 let last = table
-                    .range((key.as_str(), *metric, window.start)..(key.as_str(), *metric, window.end))
+                    .range(
+                        (key.as_str(), *metric, window.start)..(key.as_str(), *metric, window.end),
+                    )
                     .map_err(access_error(METRIC_SAMPLES))?
                     .next_back();
                 last.map(|entry| {

@@ -193,11 +193,12 @@ impl Accounts {
         now_ms: u64,
     ) -> Result<(&str, &TokenRecord), TokenRefusal> {
         let (id, secret) = split_token(presented).ok_or(TokenRefusal::Invalid)?;
-        let (id, rec) = self
-            .tokens
-            .get_key_value(id)
-            .ok_or(TokenRefusal::Invalid)?;
-        if !bool::from(rec.secret_digest.as_bytes().ct_eq(digest(secret).as_bytes())) {
+        let (id, rec) = self.tokens.get_key_value(id).ok_or(TokenRefusal::Invalid)?;
+        if !bool::from(
+            rec.secret_digest
+                .as_bytes()
+                .ct_eq(digest(secret).as_bytes()),
+        ) {
             return Err(TokenRefusal::Invalid);
         }
         if rec.expires_ms <= now_ms {

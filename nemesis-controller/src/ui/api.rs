@@ -347,11 +347,8 @@ pub(crate) fn current_replicas(
         .flat_map(|id| [(id, "nemesis.replicas"), (id, "nemesis.replicas.ready")])
         .collect();
     let latest = store.latest_samples(&keys, since..now_ms + 1)?;
-    let value = |p: &Option<MetricPoint>| {
-        p.as_ref()
-            .map(|p| p.value.mean())
-            .filter(|v| v.is_finite())
-    };
+    let value =
+        |p: &Option<MetricPoint>| p.as_ref().map(|p| p.value.mean()).filter(|v| v.is_finite());
     Ok(latest
         .chunks(2)
         .map(|pair| Current {

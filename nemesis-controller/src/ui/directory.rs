@@ -48,7 +48,10 @@ impl Clock {
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.wall_ms + Instant::now().saturating_duration_since(self.at).as_millis() as u64
+        self.wall_ms
+            + Instant::now()
+                .saturating_duration_since(self.at)
+                .as_millis() as u64
     }
 }
 
@@ -254,7 +257,11 @@ impl Directory {
         ))
     }
 
-    async fn store(&self, accounts: &Accounts, version: Option<String>) -> Result<Option<String>, Stored> {
+    async fn store(
+        &self,
+        accounts: &Accounts,
+        version: Option<String>,
+    ) -> Result<Option<String>, Stored> {
         let (api, name) = match &self.backing {
             Backing::Memory => return Ok(None),
             Backing::Secret { api, name } => (api, name),

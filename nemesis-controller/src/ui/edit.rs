@@ -187,7 +187,13 @@ pub fn check_draft(draft: &Draft) -> Result<ScalingPolicy, Vec<DraftProblem>> {
     if policy.metadata.name.as_deref().unwrap_or("").is_empty() {
         problems.push(DraftProblem::at("metadata.name", "is required"));
     }
-    if policy.metadata.namespace.as_deref().unwrap_or("").is_empty() {
+    if policy
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or("")
+        .is_empty()
+    {
         problems.push(DraftProblem::at("metadata.namespace", "is required"));
     }
     for (field, value) in [
@@ -227,7 +233,8 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 fn from_yaml(yaml: &str) -> Result<ScalingPolicy, Vec<DraftProblem>> {
-    let value: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| vec![yaml_problem(&e)])?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(yaml).map_err(|e| vec![yaml_problem(&e)])?;
     let api_version = value.get("apiVersion").and_then(|v| v.as_str());
     let kind = value.get("kind").and_then(|v| v.as_str());
     let mut problems = Vec::new();
@@ -321,7 +328,9 @@ fn verdict(draft: &Draft) -> (Result<ScalingPolicy, ()>, DraftVerdict) {
 }
 
 /// Checks a draft without applying it (the editors call it as the user types).
-pub async fn validate(body: Result<Json<Draft>, JsonRejection>) -> Result<Json<DraftVerdict>, HttpError> {
+pub async fn validate(
+    body: Result<Json<Draft>, JsonRejection>,
+) -> Result<Json<DraftVerdict>, HttpError> {
     let draft = parse_draft(body)?;
     Ok(Json(verdict(&draft).1))
 }

@@ -116,7 +116,13 @@ pub async fn events(
             })?;
             vec![PolicyId::new(ns, name)]
         }
-        None => ui.sources.policies.list().iter().map(|p| id_of(p)).collect(),
+        None => ui
+            .sources
+            .policies
+            .list()
+            .iter()
+            .map(|p| id_of(p))
+            .collect(),
     };
     let search = q.q.unwrap_or_default().trim().to_lowercase();
     let store = ui.sources.store.clone();

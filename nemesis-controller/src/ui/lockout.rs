@@ -126,7 +126,11 @@ mod tests {
         assert_eq!(l.failed("bob", 10_000), Some(Duration::from_secs(20)));
         l.failed("bob", 30_000);
         l.failed("bob", 30_000);
-        assert_eq!(l.failed("bob", 30_000), Some(Duration::from_secs(25)), "capped");
+        assert_eq!(
+            l.failed("bob", 30_000),
+            Some(Duration::from_secs(25)),
+            "capped"
+        );
         l.succeeded("bob");
         assert_eq!(l.check("bob", 30_001), Ok(()));
     }

@@ -175,7 +175,8 @@ async fn try_login(
         Some(phc) => ui.password.verify_against(req.password, phc).await,
         None => ui.password.verify(req.password).await,
     };
-    let password_ok = checked.map_err(|e| (HttpError::internal("checking the password", &e), None))?;
+    let password_ok =
+        checked.map_err(|e| (HttpError::internal("checking the password", &e), None))?;
     if !(known && password_ok) {
         if ui.lockout.failed(&req.username, now).is_some() {
             tracing::warn!(user = %req.username, "UI user name locked after wrong passwords");

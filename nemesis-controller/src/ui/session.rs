@@ -98,7 +98,10 @@ mod tests {
         assert!(clear_cookie(false).contains("Max-Age=0"));
         let mut bad = http::HeaderMap::new();
         bad.append(http::header::COOKIE, "nemesis_session=xyz".parse().unwrap());
-        assert!(from_cookies(&bad).is_none(), "only well-formed ids are read");
+        assert!(
+            from_cookies(&bad).is_none(),
+            "only well-formed ids are read"
+        );
     }
 
     #[test]

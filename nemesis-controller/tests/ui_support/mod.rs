@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use nemesis_controller::agents::{AgentRegistry, RegistryConfig};
 use nemesis_controller::alerts::AlertBook;
+use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::policy::crd::{
     MetricValue, ScalingPolicySpec, ScalingPolicyStatus, TargetRef,
@@ -27,7 +28,6 @@ use nemesis_controller::store::{
     ColdStartOutcome, ColdStartRecord, PolicyId, Retention, ScaleRecord, Store, TransitionRecord,
     unix_ms,
 };
-use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::ui::{
     self, AdminPassword, Directory, PolicyCache, PolicyFeed, UiConfig, UiSources, UiState,
 };
