@@ -48,9 +48,9 @@ fn policy(i: usize) -> ScalingPolicy {
     );
     p.metadata.namespace = Some(format!("team-{}", i % 20));
     p.status = Some(ScalingPolicyStatus {
-        state: Some(if i % 3 == 0 { "zero" } else { "warm" }.into()),
+        state: Some(if i.is_multiple_of(3) { "zero" } else { "warm" }.into()),
         state_since: Some(Utc::now()),
-        desired_replicas: Some(if i % 3 == 0 { 0 } else { 2 }),
+        desired_replicas: Some(if i.is_multiple_of(3) { 0 } else { 2 }),
         ..Default::default()
     });
     p

@@ -129,6 +129,9 @@ impl std::fmt::Debug for Store {
 
 // === impl Store ===
 
+/// An event's `(at_ms, seq)` key and its record as JSON.
+pub type KeyedEvent = ((u64, u64), serde_json::Value);
+
 /// The event tables a page of events reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventTable {
@@ -440,7 +443,7 @@ impl Store {
         since_ms: u64,
         before: (u64, u64),
         limit: usize,
-    ) -> Result<Vec<((u64, u64), serde_json::Value)>, StoreError> {
+    ) -> Result<Vec<KeyedEvent>, StoreError> {
         let def = kind.table();
         let key = policy.key();
         let (at, seq) = before;

@@ -67,13 +67,13 @@ pub enum Backing {
     /// In this process only (tests, and a UI without a cluster).
     Memory,
     /// In `data["accounts.json"]` of this Secret.
-    Secret { api: Api<Secret>, name: String },
+    Secret { api: Box<Api<Secret>>, name: String },
 }
 
 impl Backing {
     pub fn secret(client: Client, namespace: &str, name: &str) -> Self {
         Backing::Secret {
-            api: Api::namespaced(client, namespace),
+            api: Box::new(Api::namespaced(client, namespace)),
             name: name.to_string(),
         }
     }
@@ -352,7 +352,7 @@ impl Directory {
             return;
         };
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let stream = watch_api(api, config).default_backoff();
+        let stream = watch_api(*api, config).default_backoff();
         futures::pin_mut!(stream);
         loop {
             let ev = tokio::select! {

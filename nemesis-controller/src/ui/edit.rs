@@ -200,13 +200,11 @@ pub fn check_draft(draft: &Draft) -> Result<ScalingPolicy, Vec<DraftProblem>> {
         ("metadata.name", policy.metadata.name.as_deref()),
         ("metadata.namespace", policy.metadata.namespace.as_deref()),
     ] {
-        if let Some(v) = value.filter(|v| !v.is_empty()) {
-            if !is_dns_label(v) {
-                problems.push(DraftProblem::at(
-                    field,
-                    format!("{v:?} is not a DNS label: lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit"),
-                ));
-            }
+        if let Some(v) = value.filter(|v| !v.is_empty() && !is_dns_label(v)) {
+            problems.push(DraftProblem::at(
+                field,
+                format!("{v:?} is not a DNS label: lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit"),
+            ));
         }
     }
     if let Err(invalid) = compile(&policy.spec) {

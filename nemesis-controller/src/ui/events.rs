@@ -142,7 +142,7 @@ pub async fn events(
                     batch.extend(got.into_iter().map(|(key, v)| (key, *kind, id.clone(), v)));
                 }
             }
-            batch.sort_by(|a, b| b.0.cmp(&a.0));
+            batch.sort_by_key(|b| std::cmp::Reverse(b.0));
             // Only the first `limit` of the merge are sure to be the newest overall.
             batch.truncate(limit);
             let exhausted = batch.len() < limit && !more;

@@ -206,10 +206,10 @@ pub async fn require_session(State(ui): State<UiState>, mut req: Request, next: 
         Ok(p) => p,
         Err(r) => return r.answer(&ui, &path),
     };
-    if !is_safe(req.method()) {
-        if let Err(r) = check_change(&principal, req.headers(), &path) {
-            return r.answer(&ui, &path);
-        }
+    if !is_safe(req.method())
+        && let Err(r) = check_change(&principal, req.headers(), &path)
+    {
+        return r.answer(&ui, &path);
     }
     req.extensions_mut().insert(principal);
     next.run(req).await

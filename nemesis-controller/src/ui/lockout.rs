@@ -78,7 +78,7 @@ impl UserLockout {
         }
         let r = names.entry(user.to_string()).or_default();
         r.failures += 1;
-        if r.failures % c.threshold.max(1) != 0 {
+        if !r.failures.is_multiple_of(c.threshold.max(1)) {
             return None;
         }
         let runs = r.failures / c.threshold.max(1);
