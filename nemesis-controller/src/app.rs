@@ -24,7 +24,9 @@ use crate::prometheus::{DEFAULT_QUERY_TIMEOUT, PromClient, PromError};
 use crate::reconcile::{self, Context, EventSink, History, PromPool, Settings};
 use crate::server::{self, Health, ServerError};
 use crate::store::{Store, StoreError};
-use crate::ui::{self, AdminPassword, PolicyCache, UiConfig, UiError, UiSources, UiState};
+use crate::ui::{
+    self, AdminPassword, Backing, Directory, PolicyCache, UiConfig, UiError, UiSources, UiState,
+};
 
 /// A mounted Secret is updated in place by the kubelet (within about a minute); checking
 /// every 30 s picks a rotated token up soon after.
@@ -42,6 +44,10 @@ pub enum StartError {
     ReadAlertmanagerToken(#[source] AuthError),
     #[error("the web UI: {0}")]
     ReadUiPassword(#[source] UiError),
+    #[error("the web UI: {0}")]
+    UiTls(#[source] crate::ui::tls::TlsError),
+    #[error("the web UI: {0}")]
+    UiAccounts(#[source] crate::ui::directory::DirectoryError),
     #[error("--prometheus-url: {0}")]
     PrometheusUrl(#[source] PromError),
     #[error(transparent)]
@@ -56,6 +62,8 @@ pub enum StartError {
 /// would: the Lease is not released); [`Running::shutdown`] stops it in order.
 pub struct Running {
     pub api_addr: SocketAddr,
+    /// Where the UI is served over TLS (`None`: on the API listener, or not at all).
+    pub ui_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub identity: String,
     pub metrics: ControllerMetrics,
@@ -175,6 +183,12 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     if ui_password.is_none() {
         tracing::warn!("no --ui-password-file: the web UI is not served");
     }
+    let ui_tls = match (&args.ui_tls_cert_file, &args.ui_tls_key_file) {
+        (Some(cert), Some(key)) if ui_password.is_some() => {
+            Some(crate::ui::tls::load(cert, key).map_err(StartError::UiTls)?)
+        }
+        _ => None,
+    };
     let store = {
         let path = args.store_path.clone();
         let retention = args.retention();
@@ -206,6 +220,14 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     };
     let api_addr = local(&api_listener, "API", args.listen)?;
     let admin_addr = local(&admin_listener, "admin", args.admin_listen)?;
+    let ui_listener = match &ui_tls {
+        Some(_) => Some(server::bind("UI", args.ui_listen).await?),
+        None => None,
+    };
+    let ui_addr = match &ui_listener {
+        Some(l) => Some(local(l, "UI", args.ui_listen)?),
+        None => None,
+    };
 
     let core_stop = CancellationToken::new();
     let leader_stop = CancellationToken::new();
@@ -229,28 +251,61 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         }),
         leading.clone(),
     );
+    let mut ui_server = None;
     if let Some(password) = ui_password {
         // The UI watches the policies itself, so a standby shows them too.
         let (policies, feed) = PolicyCache::new();
         background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
+        let directory = Arc::new(
+            Directory::open(
+                Backing::secret(
+                    client.clone(),
+                    &args.lease_namespace,
+                    &args.ui_accounts_secret,
+                ),
+                &args.ui_user,
+            )
+            .await
+            .map_err(StartError::UiAccounts)?,
+        );
+        background.push(tokio::spawn(directory.clone().follow(serve_stop.clone())));
         let state = UiState::new(
             UiConfig {
                 user: args.ui_user.clone(),
                 session_ttl: args.ui_session_ttl,
-                secure_cookie: args.ui_secure_cookie,
+                secure_cookie: args.ui_secure_cookie || ui_tls.is_some(),
                 ..UiConfig::default()
             },
             password,
+            directory,
+            metrics.clone(),
             UiSources {
                 store: store.clone(),
                 policies,
                 registry: registry.clone(),
                 alerts: alerts.clone(),
                 alert_webhook: alert_token.is_some(),
+                kube: Some(client.clone()),
             },
         );
-        api = api.merge(ui::router(state));
-        tracing::info!(ui = %format!("http://{api_addr}/"), "web UI served on the API listener");
+        match (ui_tls.clone(), ui_listener, ui_addr) {
+            (Some(tls), Some(listener), Some(addr)) => {
+                ui_server = Some(tokio::spawn(crate::ui::tls::serve(
+                    listener,
+                    tls,
+                    ui::router(state),
+                    serve_stop.clone(),
+                )));
+                tracing::info!(ui = %format!("https://{addr}/"), "web UI served over TLS on its own listener");
+            }
+            _ => {
+                api = api.merge(ui::router(state));
+                tracing::info!(ui = %format!("http://{api_addr}/"), "web UI served on the API listener");
+            }
+        }
+    }
+    if let Some(ui_server) = ui_server {
+        background.push(ui_server);
     }
     let admin = server::admin_router(
         metrics.clone(),
@@ -334,6 +389,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     tracing::info!(%api_addr, %admin_addr, %identity, "controller started");
     Ok(Running {
         api_addr,
+        ui_addr: ui_addr.filter(|_| ui_tls.is_some()),
         admin_addr,
         identity,
         metrics,

@@ -16,6 +16,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// `/metrics`, `/healthz`, `/readyz` apart from the agents' port, so a scrape or a probe
 /// never competes with wake-ups and a NetworkPolicy can treat them differently.
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:8081";
+/// The UI over TLS (only with --ui-tls-cert-file); 8443 is the usual HTTPS port.
+pub const DEFAULT_UI_LISTEN: &str = "0.0.0.0:8443";
 /// The StatefulSet mounts its volume here; redb keeps the history in one file.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/nemesis/history.redb";
 pub const DEFAULT_LEASE_NAME: &str = "nemesis-controller";
@@ -178,9 +180,39 @@ pub struct RunArgs {
           default_value = "12h")]
     pub ui_session_ttl: Duration,
 
-    /// Mark the UI's session cookie `Secure` (when the UI is reached over HTTPS only).
+    /// Mark the UI's cookies `Secure` (when the UI is reached over HTTPS only, e.g.
+    /// behind a TLS-terminating ingress; implied by --ui-tls-cert-file).
     #[arg(long, env = "NEMESIS_CONTROLLER_UI_SECURE_COOKIE")]
     pub ui_secure_cookie: bool,
+
+    /// The Secret (in --lease-namespace, the controller's own) where the UI keeps its
+    /// users, API tokens and sessions; every instance watches it, so they survive a
+    /// restart and a change of leader. Created on the first login.
+    #[arg(long, env = "NEMESIS_CONTROLLER_UI_ACCOUNTS_SECRET",
+          default_value = crate::ui::directory::DEFAULT_SECRET)]
+    pub ui_accounts_secret: String,
+
+    /// PEM certificate chain for serving the UI over TLS itself (with --ui-tls-key-file);
+    /// the UI then listens on --ui-listen only and its cookies are Secure.
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_UI_TLS_CERT_FILE",
+        requires = "ui_tls_key_file"
+    )]
+    pub ui_tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --ui-tls-cert-file.
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_UI_TLS_KEY_FILE",
+        requires = "ui_tls_cert_file"
+    )]
+    pub ui_tls_key_file: Option<PathBuf>,
+
+    /// Where the UI listens when it serves TLS (8443: the usual HTTPS service port
+    /// beside 8080).
+    #[arg(long, env = "NEMESIS_CONTROLLER_UI_LISTEN", default_value = DEFAULT_UI_LISTEN)]
+    pub ui_listen: SocketAddr,
 }
 
 /// Why the settings cannot work together.

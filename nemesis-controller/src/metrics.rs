@@ -122,7 +122,63 @@ macro_rules! label_value_as_str {
         }
     )*};
 }
-label_value_as_str!(ErrorKind, ScaleDirection, DecisionOutcome);
+/// Why the UI refused a request, for `nemesis_controller_ui_refusals_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UiRefusal {
+    /// No session, or it expired (401).
+    Unauthenticated,
+    /// An API token that is unknown, malformed or wrong (401).
+    InvalidToken,
+    /// An API token past its expiry (401).
+    ExpiredToken,
+    /// A role below what the route needs (403).
+    Role,
+    /// A change without the session's CSRF token (403).
+    Csrf,
+    /// A change from another site's page (403).
+    CrossOrigin,
+    /// A login with a wrong user name or password (401).
+    WrongCredentials,
+    /// A login over the per-address or global attempt limit (429).
+    RateLimited,
+    /// A login as a user name locked after wrong passwords (429).
+    LockedOut,
+}
+
+impl UiRefusal {
+    pub const ALL: [UiRefusal; 9] = [
+        UiRefusal::Unauthenticated,
+        UiRefusal::InvalidToken,
+        UiRefusal::ExpiredToken,
+        UiRefusal::Role,
+        UiRefusal::Csrf,
+        UiRefusal::CrossOrigin,
+        UiRefusal::WrongCredentials,
+        UiRefusal::RateLimited,
+        UiRefusal::LockedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UiRefusal::Unauthenticated => "unauthenticated",
+            UiRefusal::InvalidToken => "invalid_token",
+            UiRefusal::ExpiredToken => "expired_token",
+            UiRefusal::Role => "role",
+            UiRefusal::Csrf => "csrf",
+            UiRefusal::CrossOrigin => "cross_origin",
+            UiRefusal::WrongCredentials => "wrong_credentials",
+            UiRefusal::RateLimited => "rate_limited",
+            UiRefusal::LockedOut => "locked_out",
+        }
+    }
+}
+
+label_value_as_str!(ErrorKind, ScaleDirection, DecisionOutcome, UiRefusal);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UiRefusalLabels {
+    reason: UiRefusal,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ErrorLabels {
@@ -153,6 +209,7 @@ pub struct ControllerMetrics {
     wake_latency: Histogram,
     live_agents: Gauge,
     leader: Gauge,
+    ui_refusals: Family<UiRefusalLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -218,6 +275,15 @@ impl ControllerMetrics {
             "1 while this instance holds the leader Lease and acts, else 0",
             leader.clone(),
         );
+        let ui_refusals = Family::<UiRefusalLabels, Counter>::default();
+        registry.register(
+            "ui_refusals",
+            "UI and UI API requests refused, by reason",
+            ui_refusals.clone(),
+        );
+        for reason in UiRefusal::ALL {
+            let _ = ui_refusals.get_or_create(&UiRefusalLabels { reason });
+        }
         Self {
             reconciles,
             errors,
@@ -226,12 +292,26 @@ impl ControllerMetrics {
             wake_latency,
             live_agents,
             leader,
+            ui_refusals,
             registry: Arc::new(registry),
         }
     }
 
     pub fn reconciled(&self) {
         self.reconciles.inc();
+    }
+
+    pub fn ui_refused(&self, reason: UiRefusal) {
+        self.ui_refusals
+            .get_or_create(&UiRefusalLabels { reason })
+            .inc();
+    }
+
+    /// How many requests were refused for `reason` (tests and the UI's own checks).
+    pub fn ui_refusals(&self, reason: UiRefusal) -> u64 {
+        self.ui_refusals
+            .get_or_create(&UiRefusalLabels { reason })
+            .get()
     }
 
     pub fn error(&self, kind: ErrorKind) {

@@ -77,6 +77,7 @@ async fn a_login_sets_an_http_only_strict_cookie_and_opens_the_api() {
     let login = Login {
         cookie: format!("nemesis_session={id}"),
         csrf: csrf.to_string(),
+        device: String::new(),
     };
     let (status, v) = get_json(&f.router, "/api/v1/session", &login).await;
     assert_eq!(status, 200);
@@ -197,6 +198,8 @@ async fn an_idle_session_expires() {
 async fn logins_are_rate_limited_per_address_with_a_clear_429() {
     capture_logs();
     let f = fixture(UiConfig::default());
+    // The admin's own browser logged in once before the attack.
+    let admins_browser = login(&f.router).await;
     let guesser = "127.0.0.7:51000";
     for i in 0..5 {
         let (resp, _) = send(
@@ -221,8 +224,21 @@ async fn logins_are_rate_limited_per_address_with_a_clear_429() {
             "{msg}"
         );
     }
-    // Another address is not affected.
-    let (resp, body) = send(&f.router, login_request("admin", PASSWORD, CLIENT)).await;
+    // Another address is not limited by the guesser's bucket, but five wrong passwords
+    // locked the user name itself, from every address a browser has never logged in
+    // from...
+    let (resp, body) = send(
+        &f.router,
+        login_request("admin", PASSWORD, "127.0.0.8:51000"),
+    )
+    .await;
+    assert_eq!(resp.status(), 429, "{body}");
+    assert!(body.contains("locked"), "{body}");
+    // ...but not from the admin's own browser, even from the guesser's address.
+    let mut req = login_request("admin", PASSWORD, guesser);
+    req.headers_mut()
+        .insert("cookie", admins_browser.device.parse().unwrap());
+    let (resp, body) = send(&f.router, req).await;
     assert_eq!(resp.status(), 200, "{body}");
 }
 
@@ -262,6 +278,7 @@ async fn the_api_and_the_pages_need_a_session() {
     let bogus = Login {
         cookie: format!("nemesis_session={}", "a".repeat(64)),
         csrf: String::new(),
+        device: String::new(),
     };
     for path in [
         "/api/v1/session",

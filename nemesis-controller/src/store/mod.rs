@@ -129,6 +129,41 @@ impl std::fmt::Debug for Store {
 
 // === impl Store ===
 
+/// An event's `(at_ms, seq)` key and its record as JSON.
+pub type KeyedEvent = ((u64, u64), serde_json::Value);
+
+/// The event tables a page of events reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventTable {
+    Transitions,
+    ScaleEvents,
+    ColdStarts,
+}
+
+impl EventTable {
+    pub const ALL: [EventTable; 3] = [
+        EventTable::Transitions,
+        EventTable::ScaleEvents,
+        EventTable::ColdStarts,
+    ];
+
+    fn table(self) -> TableDefinition<'static, EventKey<'static>, &'static [u8]> {
+        match self {
+            EventTable::Transitions => TRANSITIONS,
+            EventTable::ScaleEvents => SCALE_EVENTS,
+            EventTable::ColdStarts => COLD_STARTS,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventTable::Transitions => "transition",
+            EventTable::ScaleEvents => "scale",
+            EventTable::ColdStarts => "coldStart",
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the history file, creates missing tables and runs schema
     /// upgrades. After an unclean shutdown redb repairs the file here first.
@@ -199,6 +234,35 @@ impl Store {
                     .insert((policy.key().as_str(), metric, at_ms), bytes.as_slice())
                     .map_err(access_error(METRIC_SAMPLES))?;
             }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Records many transitions in one transaction (importing history, benchmarks):
+    /// sequence numbers as [`Store::record_transition`] would give them, in order.
+    pub fn record_transitions(&self, recs: &[TransitionRecord]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = open_table(&txn, META)?;
+            let mut seq = meta
+                .get(META_NEXT_SEQ)
+                .map_err(access_error(META))?
+                .map(|g| g.value())
+                .unwrap_or(1);
+            let mut table = open_table(&txn, TRANSITIONS)?;
+            for rec in recs {
+                let bytes = encode(TRANSITIONS, rec)?;
+                table
+                    .insert(
+                        (rec.policy.key().as_str(), rec.at_ms, seq),
+                        bytes.as_slice(),
+                    )
+                    .map_err(access_error(TRANSITIONS))?;
+                seq += 1;
+            }
+            meta.insert(META_NEXT_SEQ, seq)
+                .map_err(access_error(META))?;
         }
         txn.commit()?;
         Ok(())
@@ -280,6 +344,40 @@ impl Store {
         .collect()
     }
 
+    /// The latest sample of each `(policy, metric)` in `window` (`None` where there is
+    /// none), all read in one read transaction: the overview asks this for every policy
+    /// on every refresh, and a transaction per policy cost more than the reads.
+    pub fn latest_samples(
+        &self,
+        keys: &[(&PolicyId, &str)],
+        window: Range<u64>,
+    ) -> Result<Vec<Option<MetricPoint>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn
+            .open_table(METRIC_SAMPLES)
+            .map_err(|source| StoreError::OpenTable {
+                table: METRIC_SAMPLES.name().to_string(),
+                source,
+            })?;
+        keys.iter()
+            .map(|(policy, metric)| {
+                let key = policy.key();
+                let last = table
+                    .range(
+                        (key.as_str(), *metric, window.start)..(key.as_str(), *metric, window.end),
+                    )
+                    .map_err(access_error(METRIC_SAMPLES))?
+                    .next_back();
+                last.map(|entry| {
+                    let (k, value) = decode_entry(METRIC_SAMPLES, entry)?;
+                    let (_, _, at_ms) = k.value();
+                    Ok(MetricPoint { at_ms, value })
+                })
+                .transpose()
+            })
+            .collect()
+    }
+
     pub fn cold_start_stats(
         &self,
         policy: &PolicyId,
@@ -332,6 +430,35 @@ impl Store {
         )?
         .map(|entry| Ok(decode_entry(def, entry)?.1))
         .collect()
+    }
+
+    /// Up to `limit` events of `policy` from table `kind` with `since_ms <= at_ms` and
+    /// `(at_ms, seq) < before`, newest first, each with its `(at_ms, seq)` key. The
+    /// sequence is global, so `(at_ms, seq)` orders every event of every table and policy
+    /// totally: a page that ends inside a millisecond loses none of its other events.
+    pub fn events_before(
+        &self,
+        kind: EventTable,
+        policy: &PolicyId,
+        since_ms: u64,
+        before: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<KeyedEvent>, StoreError> {
+        let def = kind.table();
+        let key = policy.key();
+        let (at, seq) = before;
+        if since_ms > at || limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read_range(def, (key.as_str(), since_ms, 0)..(key.as_str(), at, seq))?
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (k, v): (_, serde_json::Value) = decode_entry(def, entry)?;
+                let (_, at_ms, seq) = k.value();
+                Ok(((at_ms, seq), v))
+            })
+            .collect()
     }
 
     fn last_event_before<T: DeserializeOwned>(

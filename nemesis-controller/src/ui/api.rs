@@ -193,6 +193,8 @@ pub struct PolicyView {
     pub metrics: Vec<MetricView>,
     pub generation: Option<i64>,
     pub observed_generation: Option<i64>,
+    /// `spec.paused`: the policy scales nothing until resumed.
+    pub paused: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -209,6 +211,69 @@ pub struct PolicyDetail {
     #[serde(flatten)]
     pub view: PolicyView,
     pub spec: ScalingPolicySpec,
+    /// The automaton the spec compiles to (the short form expanded); `None` when the
+    /// spec is invalid (the conditions say why).
+    pub automaton: Option<AutomatonView>,
+}
+
+/// A policy's automaton as the diagram draws it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomatonView {
+    pub initial: String,
+    pub states: Vec<AutomatonState>,
+    pub transitions: Vec<AutomatonEdge>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomatonState {
+    pub name: String,
+    /// `2`, or `1-5 following <metric> toward <target>`.
+    pub replicas: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomatonEdge {
+    pub from: String,
+    pub to: String,
+    pub when: String,
+    pub cooldown_seconds: i64,
+}
+
+/// The compiled automaton of `spec`, for the diagram.
+pub fn automaton_view(spec: &ScalingPolicySpec) -> Option<AutomatonView> {
+    use crate::policy::compile::{Replicas, compile};
+    let c = compile(spec).ok()?;
+    let name = |i: usize| c.states.get(i).map(|s| s.name.clone()).unwrap_or_default();
+    Some(AutomatonView {
+        initial: name(c.initial),
+        states: c
+            .states
+            .iter()
+            .map(|s| AutomatonState {
+                name: s.name.clone(),
+                replicas: match &s.replicas {
+                    Replicas::Fixed(n) => n.to_string(),
+                    Replicas::Range(r) => format!(
+                        "{}-{} following {} toward {}",
+                        r.min, r.max, r.metric_text, r.target
+                    ),
+                },
+            })
+            .collect(),
+        transitions: c
+            .transitions
+            .iter()
+            .map(|t| AutomatonEdge {
+                from: name(t.from),
+                to: name(t.to),
+                when: t.text.clone(),
+                cooldown_seconds: t.cooldown.num_seconds(),
+            })
+            .collect(),
+    })
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -269,14 +334,8 @@ pub fn policy_view(p: &ScalingPolicy, current: Current) -> PolicyView {
         conditions,
         generation: p.metadata.generation,
         observed_generation: status.observed_generation,
+        paused: p.spec.paused,
     }
-}
-
-fn latest(points: &[MetricPoint]) -> Option<f64> {
-    points
-        .last()
-        .map(|p| p.value.mean())
-        .filter(|v| v.is_finite())
 }
 
 /// The latest replica samples of each policy.
@@ -286,14 +345,20 @@ pub(crate) fn current_replicas(
     now_ms: u64,
 ) -> Result<Vec<Current>, StoreError> {
     let since = now_ms.saturating_sub(CURRENT_SAMPLE_AGE.as_millis() as u64);
-    ids.iter()
-        .map(|id| {
-            Ok(Current {
-                replicas: latest(&store.samples(id, "nemesis.replicas", since..now_ms + 1)?),
-                ready: latest(&store.samples(id, "nemesis.replicas.ready", since..now_ms + 1)?),
-            })
+    let keys: Vec<(&PolicyId, &str)> = ids
+        .iter()
+        .flat_map(|id| [(id, "nemesis.replicas"), (id, "nemesis.replicas.ready")])
+        .collect();
+    let latest = store.latest_samples(&keys, since..now_ms + 1)?;
+    let value =
+        |p: &Option<MetricPoint>| p.as_ref().map(|p| p.value.mean()).filter(|v| v.is_finite());
+    Ok(latest
+        .chunks(2)
+        .map(|pair| Current {
+            replicas: value(&pair[0]),
+            ready: value(&pair[1]),
         })
-        .collect()
+        .collect())
 }
 
 pub async fn policies(State(ui): State<UiState>) -> Result<Json<PolicyList>, HttpError> {
@@ -356,6 +421,7 @@ pub async fn policy(
     Ok(Json(PolicyDetail {
         view: policy_view(&p, current.first().copied().unwrap_or_default()),
         spec: p.spec.clone(),
+        automaton: automaton_view(&p.spec),
     }))
 }
 

@@ -10,7 +10,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 
 use super::UiState;
 use super::error::HttpError;
-use super::guard::current_session;
+use super::guard::authenticate;
 
 const APP_HTML: &str = include_str!("../../../ui/static/app.html");
 const LOGIN_HTML: &str = include_str!("../../../ui/static/login.html");
@@ -21,6 +21,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         "app.js",
         "text/javascript; charset=utf-8",
         include_str!("../../../ui/static/app.js"),
+    ),
+    (
+        "automaton.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../ui/static/automaton.js"),
     ),
     (
         "charts.js",
@@ -48,17 +53,17 @@ fn html(body: &'static str) -> Response {
     ([(CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
 }
 
-/// The app's pages (overview, policy, agents, alerts): one page that draws what its
-/// path names.
+/// The app's pages (overview, policy, agents, alerts, events, editor, users, tokens):
+/// one page that draws what its path names (the API decides what each role may do).
 pub async fn app_page(State(ui): State<UiState>, headers: HeaderMap) -> Response {
-    if current_session(&ui, &headers).is_none() {
+    if authenticate(&ui, &headers).is_err() {
         return Redirect::to("/login").into_response();
     }
     html(APP_HTML)
 }
 
 pub async fn login_page(State(ui): State<UiState>, headers: HeaderMap) -> Response {
-    if current_session(&ui, &headers).is_some() {
+    if authenticate(&ui, &headers).is_ok() {
         return Redirect::to("/").into_response();
     }
     html(LOGIN_HTML)

@@ -1,21 +1,28 @@
-//! The checks in front of the UI's handlers: a live session for the API, and for every
-//! request that changes something (any method but GET/HEAD) a same-origin request with
-//! the session's CSRF token in `X-CSRF-Token`; body size before anything is buffered; the
-//! security headers on every answer. It decides who may pass, never what they see.
+//! The checks in front of the UI's handlers: who the request is (an API token or a live
+//! session), for every request that changes something (any method but GET/HEAD) a
+//! same-origin request with the session's CSRF token in `X-CSRF-Token` and a role above
+//! viewer, the least role each route names; body size before anything is buffered; the
+//! security headers on every answer. Every refusal is counted. It decides who may pass,
+//! never what they see.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::time::Duration;
+
 use http::header::{
-    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, HOST, ORIGIN, REFERRER_POLICY,
-    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, HOST, ORIGIN,
+    REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use tokio::time::Instant;
+use subtle::ConstantTimeEq;
 
+use super::accounts::{self, Accounts, TokenRefusal};
 use super::error::HttpError;
-use super::session::{self, SessionInfo};
-use super::{MAX_LOGIN_BODY_BYTES, UiState};
+use super::role::{Principal, Role, Via};
+use super::session;
+use super::{MAX_BODY_BYTES, UiState};
+use crate::metrics::UiRefusal;
 
 /// Where the page sends the CSRF token it got from `GET /api/v1/session` or the login.
 pub const CSRF_HEADER: &str = "x-csrf-token";
@@ -25,10 +32,101 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-/// The session the request's cookie names, if it is live.
-pub fn current_session(ui: &UiState, headers: &HeaderMap) -> Option<SessionInfo> {
-    let id = session::from_cookies(headers)?;
-    ui.sessions.get(&id, Instant::now())
+/// Who the request is: an API token in `Authorization: Bearer nmt_...`, else the live
+/// session its cookie names; the refusal (and its reason for the metrics) otherwise.
+pub fn authenticate(ui: &UiState, headers: &HeaderMap) -> Result<Principal, Refused> {
+    let now = ui.directory.now_ms();
+    if let Some(auth) = headers.get(AUTHORIZATION) {
+        let bytes = auth.as_bytes();
+        let token = match bytes.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+                std::str::from_utf8(&bytes[7..]).unwrap_or("").trim()
+            }
+            _ => "",
+        };
+        return ui.directory.read(|a| match a.check_token(token, now) {
+            Ok((id, rec)) => Ok(Principal {
+                user: rec.created_by.clone(),
+                role: rec.role,
+                via: Via::Token { id: id.to_string() },
+            }),
+            Err(TokenRefusal::Expired) => Err(Refused::new(
+                StatusCode::UNAUTHORIZED,
+                "the API token has expired; an admin can issue a new one under Tokens",
+                UiRefusal::ExpiredToken,
+            )),
+            Err(TokenRefusal::Invalid) => Err(Refused::new(
+                StatusCode::UNAUTHORIZED,
+                "the Authorization header does not hold a valid API token (Bearer nmt_<id>.<secret>)",
+                UiRefusal::InvalidToken,
+            )),
+        });
+    }
+    let unauthenticated = || Refused {
+        error: HttpError::unauthenticated(),
+        reason: UiRefusal::Unauthenticated,
+    };
+    let id = session::from_cookies(headers).ok_or_else(unauthenticated)?;
+    let found = ui.directory.read(|a| {
+        let s = a.session(&id, now)?;
+        let role = role_of(ui, a, &s.user)?;
+        Some((s.user.clone(), s.csrf.clone(), s.expires_ms, role))
+    });
+    let (user, csrf, expires_ms, role) = found.ok_or_else(unauthenticated)?;
+    if ui
+        .directory
+        .touch(&accounts::digest(&id), ui.config.session_idle, now)
+    {
+        // Idle too long: the session ends here (the next write prunes nothing for it,
+        // so it is removed now).
+        let dir = ui.directory.clone();
+        let gone = id.clone();
+        tokio::spawn(async move {
+            let _ = dir.update(|a| Ok(a.remove_session(&gone))).await;
+        });
+        return Err(unauthenticated());
+    }
+    Ok(Principal {
+        user,
+        role,
+        via: Via::Session {
+            id,
+            csrf,
+            expires_in: Duration::from_millis(expires_ms.saturating_sub(now)),
+        },
+    })
+}
+
+/// The role `user` has now: the built-in admin's, or the one in the document (`None` for
+/// a user deleted since).
+pub fn role_of(ui: &UiState, a: &Accounts, user: &str) -> Option<Role> {
+    if user == ui.directory.builtin() {
+        Some(Role::Admin)
+    } else {
+        a.users.get(user).map(|u| u.role)
+    }
+}
+
+/// A refusal and its reason.
+pub struct Refused {
+    pub error: HttpError,
+    pub reason: UiRefusal,
+}
+
+impl Refused {
+    fn new(status: StatusCode, message: &'static str, reason: UiRefusal) -> Self {
+        Self {
+            error: HttpError::new(status, message),
+            reason,
+        }
+    }
+
+    /// Counts the refusal and answers it.
+    pub fn answer(self, ui: &UiState, path: &str) -> Response {
+        ui.metrics.ui_refused(self.reason);
+        tracing::warn!(%path, reason = self.reason.as_str(), "UI request refused");
+        self.error.into_response()
+    }
 }
 
 fn is_safe(method: &Method) -> bool {
@@ -66,32 +164,89 @@ pub fn same_origin(headers: &HeaderMap) -> Result<(), HttpError> {
     }
 }
 
-/// API middleware: a live session, plus origin and CSRF token checks on changes. The
-/// session goes into the request's extensions for the handler.
-pub async fn require_session(State(ui): State<UiState>, mut req: Request, next: Next) -> Response {
-    let Some(session) = current_session(&ui, req.headers()) else {
-        return HttpError::unauthenticated().into_response();
-    };
-    if !is_safe(req.method()) {
-        if let Err(e) = same_origin(req.headers()) {
-            tracing::warn!(path = %req.uri().path(), "cross-origin change refused");
-            return e.into_response();
-        }
-        let presented = req.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+/// The checks a change (any method but GET/HEAD/OPTIONS) passes: a browser session's
+/// change comes from the UI's own origin with the session's CSRF token (an API token is
+/// nothing a browser sends by itself, so it needs neither); a viewer changes nothing but
+/// its own login, whatever route it is.
+fn check_change(principal: &Principal, headers: &HeaderMap, path: &str) -> Result<(), Refused> {
+    if let Via::Session { csrf, .. } = &principal.via {
+        same_origin(headers).map_err(|error| Refused {
+            error,
+            reason: UiRefusal::CrossOrigin,
+        })?;
+        let presented = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
         let refusal = match presented {
-            Some(t) if session.csrf_matches(t) => None,
+            Some(t) if bool::from(csrf.as_bytes().ct_eq(t.as_bytes())) => None,
             Some(_) => Some("the X-CSRF-Token header does not match this session's token"),
             None => Some(
                 "missing X-CSRF-Token header: every change needs the token that the login and GET /api/v1/session return",
             ),
         };
         if let Some(why) = refusal {
-            tracing::warn!(path = %req.uri().path(), "change without a valid CSRF token refused");
-            return HttpError::new(StatusCode::FORBIDDEN, why).into_response();
+            return Err(Refused::new(StatusCode::FORBIDDEN, why, UiRefusal::Csrf));
         }
     }
-    req.extensions_mut().insert(session);
+    // Ending one's own session changes nothing anyone else sees.
+    if principal.role == Role::Viewer && path != "/logout" {
+        return Err(Refused::new(
+            StatusCode::FORBIDDEN,
+            "the viewer role is read-only; ask an admin for the operator or admin role",
+            UiRefusal::Role,
+        ));
+    }
+    Ok(())
+}
+
+/// API middleware: a principal (token or live session), plus origin, CSRF and read-only
+/// checks on changes. The principal goes into the request's extensions for the routes'
+/// role checks and the handler.
+pub async fn require_session(State(ui): State<UiState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let principal = match authenticate(&ui, req.headers()) {
+        Ok(p) => p,
+        Err(r) => return r.answer(&ui, &path),
+    };
+    if !is_safe(req.method())
+        && let Err(r) = check_change(&principal, req.headers(), &path)
+    {
+        return r.answer(&ui, &path);
+    }
+    req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+/// What a route needs: the UI (for counting refusals) and the least role.
+#[derive(Clone)]
+pub struct Need {
+    pub ui: UiState,
+    pub role: Role,
+}
+
+/// Route middleware: the principal's role is at least `need.role`. Runs after
+/// [`require_session`], which put the principal in the extensions.
+pub async fn require_role(State(need): State<Need>, req: Request, next: Next) -> Response {
+    let Need { ui, role: needed } = need;
+    let role = req.extensions().get::<Principal>().map(|p| p.role);
+    match role {
+        Some(r) if r.allows(needed) => next.run(req).await,
+        Some(r) => Refused {
+            error: HttpError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this needs the {} role; you have {}",
+                    needed.as_str(),
+                    r.as_str()
+                ),
+            ),
+            reason: UiRefusal::Role,
+        }
+        .answer(&ui, req.uri().path()),
+        None => Refused {
+            error: HttpError::unauthenticated(),
+            reason: UiRefusal::Unauthenticated,
+        }
+        .answer(&ui, req.uri().path()),
+    }
 }
 
 /// Outer middleware of every UI route: refuses a body declared larger than any UI
@@ -103,9 +258,9 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut resp = match declared {
-        Some(n) if n > MAX_LOGIN_BODY_BYTES as u64 => HttpError::new(
+        Some(n) if n > MAX_BODY_BYTES as u64 => HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body ({n} bytes) is larger than the UI's limit of {MAX_LOGIN_BODY_BYTES} bytes"),
+            format!("the request body ({n} bytes) is larger than the UI's limit of {MAX_BODY_BYTES} bytes"),
         )
         .into_response(),
         _ => next.run(req).await,

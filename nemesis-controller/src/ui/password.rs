@@ -77,20 +77,39 @@ impl AdminPassword {
         })
     }
 
-    /// Checks a presented password on the blocking pool (argon2 is CPU- and
-    /// memory-hard), at most [`CONCURRENT_CHECKS`] at once.
+    /// Checks a presented password against the admin's hash on the blocking pool
+    /// (argon2 is CPU- and memory-hard), at most [`CONCURRENT_CHECKS`] at once.
     pub async fn verify(&self, presented: String) -> Result<bool, AuthError> {
+        self.verify_against(presented, self.phc.clone()).await
+    }
+
+    /// Checks a presented password against another user's stored hash, sharing the same
+    /// bound on concurrent checks.
+    pub async fn verify_against(&self, presented: String, phc: String) -> Result<bool, AuthError> {
         let _permit = self
             .checks
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let phc = self.phc.clone();
         match tokio::task::spawn_blocking(move || verify_password(&presented, &phc)).await {
             Ok(r) => r,
             // The check panicked: treat it as a failed login, never as a success.
             Err(_) => Ok(false),
         }
+    }
+
+    /// Hashes a new password (a user created or changed) on the blocking pool.
+    pub async fn hash(&self, password: String) -> Result<String, AuthError> {
+        let _permit = self
+            .checks
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .unwrap_or(Err(AuthError::HashPassword(
+                argon2::password_hash::Error::Crypto,
+            )))
     }
 }
 

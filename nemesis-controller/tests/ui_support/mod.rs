@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use nemesis_controller::agents::{AgentRegistry, RegistryConfig};
 use nemesis_controller::alerts::AlertBook;
+use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::policy::crd::{
     MetricValue, ScalingPolicySpec, ScalingPolicyStatus, TargetRef,
@@ -28,7 +29,7 @@ use nemesis_controller::store::{
     unix_ms,
 };
 use nemesis_controller::ui::{
-    self, AdminPassword, PolicyCache, PolicyFeed, UiConfig, UiSources, UiState,
+    self, AdminPassword, Directory, PolicyCache, PolicyFeed, UiConfig, UiSources, UiState,
 };
 use tower::ServiceExt;
 
@@ -42,6 +43,8 @@ pub struct Fixture {
     pub feed: PolicyFeed,
     pub registry: Arc<AgentRegistry>,
     pub alerts: Arc<AlertBook>,
+    pub metrics: ControllerMetrics,
+    pub directory: Arc<Directory>,
     pub now_ms: u64,
     _dir: tempfile::TempDir,
 }
@@ -207,15 +210,20 @@ pub fn fixture(config: UiConfig) -> Fixture {
     feed.upsert(policy(NS, NAME, now));
     let registry = Arc::new(AgentRegistry::new(RegistryConfig::default()));
     let alerts = Arc::new(AlertBook::new());
+    let metrics = ControllerMetrics::new();
+    let directory = Arc::new(Directory::in_memory(&config.user));
     let state = UiState::new(
         config,
         AdminPassword::from_plaintext(PASSWORD).unwrap(),
+        directory.clone(),
+        metrics.clone(),
         UiSources {
             store: store.clone(),
             policies: cache,
             registry: registry.clone(),
             alerts: alerts.clone(),
             alert_webhook: true,
+            kube: None,
         },
     );
     Fixture {
@@ -224,6 +232,8 @@ pub fn fixture(config: UiConfig) -> Fixture {
         feed,
         registry,
         alerts,
+        metrics,
+        directory,
         now_ms: now,
         _dir: dir,
     }
@@ -263,20 +273,35 @@ pub async fn send(router: &Router, req: Request<Body>) -> (Response<()>, String)
     )
 }
 
-/// A logged-in session: the cookie pair to send and the CSRF token.
+/// A logged-in session: the cookie pair to send and the CSRF token, and the browser's
+/// trusted-browser cookie pair.
 pub struct Login {
     pub cookie: String,
     pub csrf: String,
+    pub device: String,
+}
+
+/// The `name=value` pair of the `Set-Cookie` header for cookie `name`.
+pub fn set_cookie_pair(resp: &Response<()>, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap().to_string())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
 }
 
 pub async fn login(router: &Router) -> Login {
-    let (resp, body) = send(router, login_request("admin", PASSWORD, CLIENT)).await;
-    assert_eq!(resp.status(), 200, "{body}");
-    let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
-    let cookie = set.split(';').next().unwrap().to_string();
+    login_as(router, "admin", PASSWORD, CLIENT).await
+}
+
+pub async fn login_as(router: &Router, user: &str, password: &str, client: &str) -> Login {
+    let (resp, body) = send(router, login_request(user, password, client)).await;
+    assert_eq!(resp.status(), 200, "{user}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     Login {
-        cookie,
+        cookie: set_cookie_pair(&resp, "nemesis_session").unwrap(),
+        device: set_cookie_pair(&resp, "nemesis_device").unwrap(),
         csrf: v["csrfToken"].as_str().unwrap().to_string(),
     }
 }

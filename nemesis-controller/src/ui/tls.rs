@@ -1,0 +1,126 @@
+//! The UI served over TLS by the controller itself: a certificate and key from PEM files
+//! (a mounted `kubernetes.io/tls` Secret), rustls with the ring provider, HTTP/1.1 and
+//! HTTP/2 by ALPN. The UI then has a listener of its own and its cookies are `Secure`;
+//! the agents' plain API listener no longer serves it. Owns the handshake and the accept
+//! loop; what is served is the router's business.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// A client that connects and never finishes the handshake holds a task this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading the UI's TLS certificate file {}: {source}", path.display())]
+    ReadCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the UI's TLS certificate file {} holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("reading the UI's TLS key file {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the UI's TLS certificate and key do not work together: {0}")]
+    Config(#[source] rustls::Error),
+}
+
+/// Reads a PEM certificate chain (leaf first) and its private key.
+pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let read_cert = |source| TlsError::ReadCertificate {
+        path: cert.to_path_buf(),
+        source,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(read_cert)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_cert)?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` over TLS on `listener` until `stop`. Each request carries the peer
+/// address as `ConnectInfo` (logins are limited by it), as on the plain listener.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    router: Router,
+    stop: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(config);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait a moment rather than spin.
+                tracing::warn!(err = %e, "UI TLS listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, err = %e, "UI TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    router.clone().oneshot(req)
+                });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, err = %e, "UI TLS connection ended with an error");
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

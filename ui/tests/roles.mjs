@@ -1,0 +1,205 @@
+// The UI as people use it, each in their own browser context (Debian's chromium driven
+// by playwright-core) against a real controller on the test API server:
+//   node ui/tests/roles.mjs <url> <admin password> <screenshot dir>
+// The users vera (viewer, password vera-password-1) and otto (operator,
+// otto-password-1) exist; a Deployment and Service named web exist in default; no policy.
+// A viewer sees no edit controls and the API refuses its change with 403; an admin
+// creates the policy through the guided form (a typo first, shown with field and column)
+// and issues a token; the viewer's open overview shows the new policy without a reload;
+// an operator sees the automaton, pauses the policy, and the viewer sees it paused live;
+// the pages are reachable by keyboard; a screenshot of every page is kept; any console
+// error (a script error, a CSP violation) fails the run. Prints one JSON line.
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [url, password, shots] = process.argv.slice(2);
+if (!url || !password || !shots) {
+  console.error('usage: node ui/tests/roles.mjs <url> <admin password> <screenshot dir>');
+  process.exit(2);
+}
+const base = url.replace(/\/$/, '');
+const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+const args = [
+  '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+// Generous: the machine running the tests is busy.
+const WAIT = 60000;
+
+function check(cond, what) {
+  if (!cond) throw new Error(`check failed: ${what}`);
+}
+
+const findings = { screenshots: [] };
+const consoleErrors = [];
+let browser;
+
+async function shot(page, name) {
+  // A JavaScript null written into the page as text is a rendering bug.
+  const text = await page.locator('main').innerText();
+  check(!/(^|\n)null(\n|$)/.test(text), `the ${name} page shows a stray "null"`);
+  const file = path.join(shots, `${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  findings.screenshots.push(file);
+}
+
+async function as(user, pw) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  context.setDefaultTimeout(WAIT);
+  const page = await context.newPage();
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(`${user}: ${m.text()}`); });
+  page.on('pageerror', (e) => consoleErrors.push(`${user}: page error: ${e.message}`));
+  await page.goto(`${base}/login`);
+  await page.fill('#username', user);
+  await page.fill('#password', pw);
+  await page.click('#login-submit');
+  await page.waitForURL(`${base}/`);
+  await page.locator('section.panel').first().waitFor();
+  return page;
+}
+
+// A change through the API with the page's own session and CSRF token.
+async function apiChange(page, method, p, body) {
+  return page.evaluate(async ([method, p, body]) => {
+    const s = await (await fetch('/api/v1/session')).json();
+    const r = await fetch(p, {
+      method, headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrfToken },
+      body: JSON.stringify(body),
+    });
+    return r.status;
+  }, [method, p, body]);
+}
+
+// Tabs through the page and returns a description of each focused element.
+async function tabStops(page, n) {
+  await page.locator('body').click({ position: { x: 5, y: 5 } });
+  const stops = [];
+  for (let i = 0; i < n; i++) {
+    await page.keyboard.press('Tab');
+    stops.push(await page.evaluate(() => {
+      const e = document.activeElement;
+      if (!e || e === document.body) return '';
+      return `${e.tagName.toLowerCase()}${e.id ? `#${e.id}` : ''}${e.getAttribute('href') ? `[href=${e.getAttribute('href')}]` : ''}`;
+    }));
+  }
+  return stops;
+}
+
+try {
+  browser = await chromium.launch({ executablePath, args, headless: true });
+
+  // --- the viewer: reads, cannot edit ---
+  const viewer = await as('vera', 'vera-password-1');
+  const empty = await page_text(viewer, 'main');
+  check(empty.includes('No ScalingPolicy exists yet') && empty.includes('An admin can create one'),
+    `the empty overview says what to do next: ${empty}`);
+  for (const sel of ['nav a[href="/users"]', 'nav a[href="/tokens"]', 'nav a[href="/edit"]', '#new-policy']) {
+    check(await viewer.locator(sel).count() === 0, `a viewer has no ${sel}`);
+  }
+  const refused = await apiChange(viewer, 'POST', '/api/v1/policy-drafts/apply',
+    { form: { namespace: 'default', name: 'sneaky', deployment: 'web' } });
+  check(refused === 403, `the API refuses a viewer's edit (got ${refused})`);
+  findings.viewerApplyStatus = refused;
+  await shot(viewer, 'viewer-overview-empty');
+  // Marks this page: a reload would lose the mark.
+  await viewer.evaluate(() => { window.__noReload = true; });
+
+  // --- the admin: creates the policy through the guided form ---
+  const admin = await as('admin', password);
+  await admin.click('#new-policy');
+  await admin.waitForURL(`${base}/edit`);
+  await admin.fill('#f-namespace', 'default');
+  await admin.fill('#f-name', 'web');
+  await admin.fill('#f-deployment', 'web');
+  await admin.fill('#f-service', 'web');
+  await admin.fill('#f-idleTimeout', '10x');
+  await admin.click('#form-check');
+  const problem = admin.locator('#edit-result .problems li').first();
+  await problem.waitFor();
+  const problemText = await problem.innerText();
+  check(problemText.includes('spec.idleTimeout') && problemText.includes('column'),
+    `the typo is shown with its field and column: ${problemText}`);
+  findings.formProblem = problemText;
+  await shot(admin, 'admin-editor-problem');
+  await admin.fill('#f-idleTimeout', '10m');
+  await admin.click('#form-apply');
+  await admin.locator('#edit-result .ok >> text=Applied').waitFor();
+  await shot(admin, 'admin-editor-applied');
+  // The YAML tab is there and reachable.
+  await admin.click('#tab-yaml-btn');
+  await admin.locator('#yaml-editor').waitFor({ state: 'visible' });
+  await shot(admin, 'admin-editor-yaml');
+
+  // The viewer's open overview shows it without a reload.
+  const row = viewer.locator('tr[data-policy="default/web"]');
+  await row.waitFor();
+  check(await viewer.evaluate(() => window.__noReload === true), 'the overview updated without a reload');
+  findings.liveRow = (await row.innerText()).replace(/\s+/g, ' ').trim();
+
+  // Users and tokens pages.
+  await admin.goto(`${base}/users`);
+  await admin.locator('tr[data-user="otto"]').waitFor();
+  await shot(admin, 'admin-users');
+  await admin.goto(`${base}/tokens`);
+  await admin.fill('#new-token-name', 'ci');
+  await admin.fill('#new-token-expires', '7d');
+  await admin.click('#new-token button[type=submit]');
+  const secret = await admin.locator('#new-token-secret').innerText();
+  check(secret.startsWith('nmt_'), `the token is shown once: ${secret.slice(0, 8)}…`);
+  await admin.locator('tr[data-token]').first().waitFor();
+  await shot(admin, 'admin-tokens');
+  await admin.goto(`${base}/events`);
+  await admin.locator('#ev-filters').waitFor();
+  await shot(admin, 'admin-events');
+  await admin.goto(`${base}/agents`);
+  await admin.locator('h1 >> text=Agents').waitFor();
+  await shot(admin, 'admin-agents');
+  await admin.goto(`${base}/alerts`);
+  await admin.locator('h1 >> text=Alerts').waitFor();
+  await shot(admin, 'admin-alerts');
+
+  // --- the operator: sees the automaton, pauses ---
+  const operator = await as('otto', 'otto-password-1');
+  check(await operator.locator('nav a[href="/users"]').count() === 0, 'an operator has no Users page');
+  await operator.goto(`${base}/policies/default/web`);
+  await operator.locator('#automaton svg g.state-node').first().waitFor();
+  findings.automatonStates = await operator.locator('#automaton svg g.state-node').count();
+  findings.automatonEdges = await operator.locator('#automaton svg g.edge').count();
+  check(findings.automatonStates >= 2 && findings.automatonEdges >= 2,
+    `the automaton is drawn: ${findings.automatonStates} states, ${findings.automatonEdges} transitions`);
+  check(await operator.locator('#edit-policy').count() === 0, 'an operator cannot edit');
+  const stops = await tabStops(operator, 30);
+  findings.tabStops = stops.filter(Boolean);
+  for (const want of ['[href=/events]', '#pause-toggle', '#logout']) {
+    check(stops.some((s) => s.includes(want)), `${want} is reachable by keyboard: ${stops.join(' ')}`);
+  }
+  await shot(operator, 'operator-policy');
+  await operator.click('#pause-toggle');
+  await operator.locator('h1 .badge >> text=paused').waitFor();
+  // The viewer sees it paused, live.
+  await row.locator('.badge >> text=paused').waitFor();
+  check(await viewer.evaluate(() => window.__noReload === true), 'still no reload');
+  await shot(viewer, 'viewer-overview-live');
+  await viewer.goto(`${base}/policies/default/web`);
+  await viewer.locator('#automaton svg').waitFor();
+  check(await viewer.locator('#pause-toggle').count() === 0, 'a viewer has no pause control');
+  await shot(viewer, 'viewer-policy');
+
+  // 401 and 403 answers are logged by chromium as failed loads: expected, nothing else.
+  const unexpected = consoleErrors.filter((e) => !/status of 40[13]/.test(e));
+  check(unexpected.length === 0, `no console errors: ${JSON.stringify(unexpected)}`);
+  findings.ok = true;
+  console.log(JSON.stringify(findings));
+} catch (e) {
+  findings.ok = false;
+  findings.error = String(e && e.stack || e);
+  findings.consoleErrors = consoleErrors;
+  console.log(JSON.stringify(findings));
+  process.exitCode = 1;
+} finally {
+  if (browser) await browser.close().catch(() => {});
+}
+
+async function page_text(page, sel) {
+  return (await page.locator(sel).innerText()).replace(/\s+/g, ' ');
+}
