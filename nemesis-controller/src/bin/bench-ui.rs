@@ -39,8 +39,9 @@ fn policy(i: usize) -> ScalingPolicy {
         &name,
         ScalingPolicySpec {
             target: TargetRef {
-                deployment: name.clone(),
+                deployment: Some(name.clone()),
                 service: Some(name.clone()),
+                ..Default::default()
             },
             idle_timeout: Some("10m".into()),
             ..Default::default()

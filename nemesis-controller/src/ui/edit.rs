@@ -275,7 +275,12 @@ fn from_form(f: &ShortForm) -> ScalingPolicy {
         &f.name,
         ScalingPolicySpec {
             target: TargetRef {
-                deployment: f.deployment.clone(),
+                // The guided form names a Deployment (the short form's shorthand); other
+                // kinds take the YAML editor.
+                deployment: Some(f.deployment.clone()),
+                kind: None,
+                api_version: None,
+                name: None,
                 service: blank(&f.service),
             },
             min_replicas: f.min_replicas,
