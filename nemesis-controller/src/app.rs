@@ -20,6 +20,7 @@ use crate::auth::{AuthError, BearerToken};
 use crate::config::{ConfigError, RunArgs};
 use crate::leader::{self, LeaderConfig, LeaseLock};
 use crate::metrics::ControllerMetrics;
+use crate::notify::{self, Notifier, RuleSource, SecretOutbox};
 use crate::prometheus::{DEFAULT_QUERY_TIMEOUT, PromClient, PromError};
 use crate::reconcile::{self, Context, EventSink, History, PromPool, Settings};
 use crate::server::{self, Health, ServerError};
@@ -44,6 +45,8 @@ pub enum StartError {
     ReadUiPassword(#[source] UiError),
     #[error("--prometheus-url: {0}")]
     PrometheusUrl(#[source] PromError),
+    #[error("--alert-sinks-file: {0}")]
+    AlertSinks(#[source] crate::notify::sinks::SinksError),
     #[error(transparent)]
     OpenStore(#[from] StoreError),
     #[error("opening the history store: the blocking task failed: {0}")]
@@ -175,6 +178,16 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     if ui_password.is_none() {
         tracing::warn!("no --ui-password-file: the web UI is not served");
     }
+    let alert_sinks = args
+        .alert_sinks_file
+        .as_deref()
+        .map(notify::sinks::read_sinks)
+        .transpose()
+        .map_err(StartError::AlertSinks)?
+        .unwrap_or_default();
+    if args.alert_sinks_file.is_none() {
+        tracing::warn!("no --alert-sinks-file: alerts are raised and shown, but sent nowhere");
+    }
     let store = {
         let path = args.store_path.clone();
         let retention = args.retention();
@@ -212,7 +225,24 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let serve_stop = CancellationToken::new();
     let mut background = Vec::new();
 
+    let (rules, rule_feed) = RuleSource::watch(client.clone(), serve_stop.clone());
+    background.push(tokio::spawn(rule_feed));
+    let (notifier, notify_handle, tap) = Notifier::new(
+        alert_sinks,
+        Box::new(SecretOutbox::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.alert_outbox_secret,
+        )),
+        rules,
+        notify::sinks::Sender::new(identity.clone(), format!("http://{api_addr}/alerts")),
+        metrics.clone(),
+        Some(registry.clone()),
+        leading.clone(),
+    );
+    background.push(tokio::spawn(notifier.run(core_stop.clone())));
     let (history, writer) = History::new(store.clone(), metrics.clone());
+    let history = history.with_tap(tap);
     background.push(tokio::spawn(writer));
     let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
     let publisher = tokio::spawn(publisher);
@@ -247,6 +277,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
                 registry: registry.clone(),
                 alerts: alerts.clone(),
                 alert_webhook: alert_token.is_some(),
+                notify: Some(notify_handle),
             },
         );
         api = api.merge(ui::router(state));

@@ -13,6 +13,7 @@ pub mod error;
 pub mod guard;
 pub mod limit;
 pub mod login;
+pub mod outbox;
 pub mod password;
 pub mod policies;
 pub mod report;
@@ -86,6 +87,8 @@ pub struct UiSources {
     pub alerts: Arc<AlertBook>,
     /// Whether the Alertmanager webhook is served (else no alert can ever fire).
     pub alert_webhook: bool,
+    /// Alerts out (the outbox and the sinks); `None` where no notifier runs.
+    pub notify: Option<crate::notify::NotifyHandle>,
 }
 
 /// Everything the handlers share; cheap to clone.
@@ -128,6 +131,10 @@ pub fn router(state: UiState) -> Router {
         .route("/api/v1/agents", get(api::agents))
         .route("/api/v1/alerts", get(api::alerts))
         .route("/api/v1/reports/summary", get(report::summary))
+        // Alerts out (issue 11): the paths the UI pages and the role checks rely on.
+        .route("/api/alerts", get(outbox::alerts))
+        .route("/api/alerts/{id}/ack", post(outbox::acknowledge))
+        .route("/api/sinks", get(outbox::sinks))
         .route("/logout", post(login::logout))
         // No route here takes a body; one that starts to must raise this on purpose.
         .layer(DefaultBodyLimit::max(0))
