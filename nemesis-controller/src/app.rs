@@ -278,6 +278,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
                 alerts: alerts.clone(),
                 alert_webhook: alert_token.is_some(),
                 notify: Some(notify_handle),
+                client: Some(client.clone()),
             },
         );
         api = api.merge(ui::router(state));

@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod password;
 pub mod policies;
 pub mod report;
+pub mod reports;
 pub mod session;
 
 use std::sync::Arc;
@@ -89,6 +90,8 @@ pub struct UiSources {
     pub alert_webhook: bool,
     /// Alerts out (the outbox and the sinks); `None` where no notifier runs.
     pub notify: Option<crate::notify::NotifyHandle>,
+    /// Reads Deployments' pod requests for reports; `None`: resources counted per replica only.
+    pub client: Option<kube::Client>,
 }
 
 /// Everything the handlers share; cheap to clone.
@@ -135,6 +138,7 @@ pub fn router(state: UiState) -> Router {
         .route("/api/alerts", get(outbox::alerts))
         .route("/api/alerts/{id}/ack", post(outbox::acknowledge))
         .route("/api/sinks", get(outbox::sinks))
+        .route("/api/reports", get(reports::report))
         .route("/logout", post(login::logout))
         // No route here takes a body; one that starts to must raise this on purpose.
         .layer(DefaultBodyLimit::max(0))

@@ -221,6 +221,7 @@ pub fn fixture_with(
             alerts: alerts.clone(),
             alert_webhook: true,
             notify,
+            client: None,
         },
     );
     Fixture {
