@@ -59,7 +59,9 @@ async fn a_service_report_has_scaling_resources_and_performance() {
     assert_eq!(w["p95Ms"], 4200);
     assert_eq!(w["maxMs"], 4200);
     assert_eq!(w["heldConnections"], 9);
-    close(&sc["timeInStatesSeconds"]["zero"], 4.0 * 3600.0, 60.0);
+    // Zero from the window's start to the first wake, and between 3 h and 1 h ago.
+    close(&sc["timeInStatesSeconds"]["zero"], 3.0 * 3600.0, 60.0);
+    close(&sc["timeInStatesSeconds"]["warm"], 3.0 * 3600.0, 60.0);
     // Resources: 2 replicas for 2 h and for the last hour, against 4 for 6 h.
     let r = &s["resources"];
     assert_eq!(r["maxReplicas"], 4);
@@ -90,8 +92,11 @@ async fn from_and_to_choose_the_window_and_scopes_choose_the_services() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
+    // The wake that timed out 2 h ago (on the boundary, which belongs to the window)
+    // and the one 1 h ago; only the transition 1 h ago.
     assert_eq!(v["services"][0]["scaling"]["transitions"], 1);
-    assert_eq!(v["services"][0]["scaling"]["wakes"]["count"], 1);
+    assert_eq!(v["services"][0]["scaling"]["wakes"]["count"], 2);
+    assert_eq!(v["services"][0]["scaling"]["wakes"]["holdsTimedOut"], 1);
 
     let (_, v) = get_json(&f.router, "/api/reports?scope=namespace&namespace=shop", &login).await;
     assert_eq!(v["totals"]["services"], 1);

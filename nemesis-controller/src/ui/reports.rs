@@ -210,7 +210,8 @@ async fn requests(ui: &UiState, namespace: &str, deployment: &str) -> PerReplica
     match tokio::time::timeout(DEPLOYMENT_TIMEOUT, api.get_opt(deployment)).await {
         Ok(Ok(Some(d))) => d
             .spec
-            .and_then(|s| s.template.spec)
+            .template
+            .spec
             .map(|s| per_replica(&s))
             .unwrap_or_default(),
         Ok(Ok(None)) => PerReplica::default(),
