@@ -25,7 +25,7 @@ use nemesis_controller::notify::evaluate::Signal;
 use nemesis_controller::notify::outbox::{AlertState, DeliveryState, Outbox};
 use nemesis_controller::notify::rule::{AlertRule, CompiledRule, compile};
 use nemesis_controller::notify::sinks::{SIGNATURE_HEADER, Sender, TIMESTAMP_HEADER, parse_sinks};
-use nemesis_controller::notify::{NotifyHandle, NotifyTap, Notifier, OutboxStore, RuleSource};
+use nemesis_controller::notify::{Notifier, NotifyHandle, NotifyTap, OutboxStore, RuleSource};
 use nemesis_controller::store::PolicyId;
 use nemesis_controller::ui::UiConfig;
 use tokio::sync::watch;
@@ -219,8 +219,7 @@ async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> Sta
     if !(signature_ok && fresh) {
         return StatusCode::UNAUTHORIZED;
     }
-    if r
-        .fail_first
+    if r.fail_first
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
@@ -400,7 +399,10 @@ sinks:
     assert_eq!(chat.len(), 1);
     let text = chat[0].body["text"].as_str().unwrap();
     assert!(text.contains("[FIRING] info NemesisScaledToZero"), "{text}");
-    assert!(text.contains("shop/checkout scaled from 2 to zero"), "{text}");
+    assert!(
+        text.contains("shop/checkout scaled from 2 to zero"),
+        "{text}"
+    );
 
     // Alertmanager lists it.
     let listed: serde_json::Value = serde_json::from_str(
@@ -423,9 +425,15 @@ sinks:
 
     // The mail arrived (through AUTH PLAIN).
     let mail = wait_for("the mail", async || mails(&maildir).into_iter().next()).await?;
-    assert!(mail.contains("Subject: Nemesis: 1 firing, 0 resolved (shop/to-zero)"), "{mail}");
+    assert!(
+        mail.contains("Subject: Nemesis: 1 firing, 0 resolved (shop/to-zero)"),
+        "{mail}"
+    );
     assert!(mail.contains("To: oncall@team.test"), "{mail}");
-    assert!(mail.contains("shop/checkout scaled from 2 to zero"), "{mail}");
+    assert!(
+        mail.contains("shop/checkout scaled from 2 to zero"),
+        "{mail}"
+    );
 
     // Counters and metrics.
     let metrics = n.metrics.render();
@@ -474,7 +482,10 @@ sinks:
     })
     .await?;
     assert_eq!(forged.state, DeliveryState::Pending);
-    assert!(forged.last_error.as_deref().unwrap().contains("401"), "{forged:?}");
+    assert!(
+        forged.last_error.as_deref().unwrap().contains("401"),
+        "{forged:?}"
+    );
     let got = rx.all();
     assert!(got.iter().any(|g| !g.signature_ok));
     assert_eq!(got.iter().filter(|g| g.signature_ok).count(), 3);
@@ -529,8 +540,14 @@ async fn the_rate_limit_holds_notifications_back_without_dropping_them() -> Resu
         "sinks:\n- {{name: hook, kind: webhook, url: \"{base}/hook\", hmacKey: \"{HMAC_KEY}\", rateLimitPerMinute: 1}}\n"
     );
     let rules = vec![
-        rule("a", serde_json::json!({"when": [{"event": "ScaledToZero"}], "groupWait": "1s"})),
-        rule("b", serde_json::json!({"when": [{"event": "ScaledToZero"}], "groupWait": "1s"})),
+        rule(
+            "a",
+            serde_json::json!({"when": [{"event": "ScaledToZero"}], "groupWait": "1s"}),
+        ),
+        rule(
+            "b",
+            serde_json::json!({"when": [{"event": "ScaledToZero"}], "groupWait": "1s"}),
+        ),
     ];
     let n = start(&sinks, rules, Arc::default());
     n.tap.send(scaled_to_zero("checkout"));
@@ -593,8 +610,7 @@ async fn an_alert_saved_before_a_crash_is_delivered_after_restart() -> Result<()
     wait_for("the resolution to be delivered", async || {
         let a = second.handle.alerts();
         let a = a.first()?;
-        (a.state == AlertState::Resolved
-            && a.deliveries["hook"].state == DeliveryState::Delivered)
+        (a.state == AlertState::Resolved && a.deliveries["hook"].state == DeliveryState::Delivered)
             .then_some(())
     })
     .await?;
@@ -604,8 +620,8 @@ async fn an_alert_saved_before_a_crash_is_delivered_after_restart() -> Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ui_lists_alerts_with_delivery_state_acknowledges_and_hides_sink_secrets()
--> Result<()> {
+async fn the_ui_lists_alerts_with_delivery_state_acknowledges_and_hides_sink_secrets() -> Result<()>
+{
     use ui_support::{CLIENT, fixture_with, get_json, login, request, send};
     let rx = Receiver::default();
     let base = serve(rx.clone()).await?;
@@ -643,7 +659,12 @@ sinks:
     assert_eq!(a["labels"]["alertname"], "NemesisScaledToZero");
     assert_eq!(a["deliveries"]["hook"]["state"], "delivered");
     assert_eq!(a["deliveries"]["mail"]["state"], "pending");
-    assert!(a["deliveries"]["mail"]["lastError"].as_str().unwrap().contains("127.0.0.1:1"));
+    assert!(
+        a["deliveries"]["mail"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:1")
+    );
     assert!(a["deliveries"]["mail"]["nextAttemptMs"].as_u64().is_some());
     let id = a["id"].as_str().unwrap().to_string();
 
@@ -669,7 +690,9 @@ sinks:
         .unwrap();
     assert_eq!(send(&f.router, missing).await.0.status(), 404);
     // Without a session: nothing.
-    let anon = request("GET", "/api/alerts", CLIENT).body(Body::empty()).unwrap();
+    let anon = request("GET", "/api/alerts", CLIENT)
+        .body(Body::empty())
+        .unwrap();
     assert_eq!(send(&f.router, anon).await.0.status(), 401);
 
     let (status, v) = get_json(&f.router, "/api/sinks", &login).await;

@@ -50,7 +50,10 @@ async fn a_service_report_has_scaling_resources_and_performance() {
     // Scaling: three transitions with their reasons, two ready wakes and one timed out.
     let sc = &s["scaling"];
     assert_eq!(sc["transitions"], 3);
-    assert_eq!(sc["transitionsListed"][1]["reason"], "conns.active == 0 for 10m");
+    assert_eq!(
+        sc["transitionsListed"][1]["reason"],
+        "conns.active == 0 for 10m"
+    );
     let w = &sc["wakes"];
     assert_eq!(w["count"], 3);
     assert_eq!(w["ready"], 2);
@@ -98,7 +101,12 @@ async fn from_and_to_choose_the_window_and_scopes_choose_the_services() {
     assert_eq!(v["services"][0]["scaling"]["wakes"]["count"], 2);
     assert_eq!(v["services"][0]["scaling"]["wakes"]["holdsTimedOut"], 1);
 
-    let (_, v) = get_json(&f.router, "/api/reports?scope=namespace&namespace=shop", &login).await;
+    let (_, v) = get_json(
+        &f.router,
+        "/api/reports?scope=namespace&namespace=shop",
+        &login,
+    )
+    .await;
     assert_eq!(v["totals"]["services"], 1);
     let (_, v) = get_json(&f.router, "/api/reports?scope=cluster", &login).await;
     assert_eq!(v["totals"]["services"], 2);
@@ -117,10 +125,14 @@ async fn the_csv_has_one_row_per_service_and_a_total() {
     let login = login(&f.router).await;
     let (resp, body) = send(
         &f.router,
-        request("GET", "/api/reports?scope=cluster&window=6h&format=csv", CLIENT)
-            .header("cookie", &login.cookie)
-            .body(Body::empty())
-            .unwrap(),
+        request(
+            "GET",
+            "/api/reports?scope=cluster&window=6h&format=csv",
+            CLIENT,
+        )
+        .header("cookie", &login.cookie)
+        .body(Body::empty())
+        .unwrap(),
     )
     .await;
     assert_eq!(resp.status(), 200, "{body}");
@@ -167,7 +179,10 @@ async fn the_printable_page_prints_to_pdf_through_chromium() {
     assert_eq!(resp.status(), 200, "{html}");
     assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
     let csp = resp.headers()["content-security-policy"].to_str().unwrap();
-    assert!(csp.starts_with("default-src 'none'") && !csp.contains("script"), "{csp}");
+    assert!(
+        csp.starts_with("default-src 'none'") && !csp.contains("script"),
+        "{csp}"
+    );
     assert!(html.contains("Nemesis report: shop/checkout"));
     assert!(html.contains("<svg") && html.contains("<polyline"));
     assert!(html.contains("conns.active == 0 for 10m"));
@@ -186,7 +201,10 @@ async fn the_printable_page_prints_to_pdf_through_chromium() {
             "--disable-sync",
             "--no-pdf-header-footer",
         ])
-        .arg(format!("--user-data-dir={}", dir.path().join("profile").display()))
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
         .arg(format!("--print-to-pdf={}", pdf.display()))
         .arg(format!("file://{}", page.display()))
         .stdout(Stdio::null())
@@ -210,11 +228,16 @@ async fn the_printable_page_prints_to_pdf_through_chromium() {
     let bytes = std::fs::read(&pdf).unwrap();
     assert!(bytes.starts_with(b"%PDF-"), "not a PDF");
     let text = String::from_utf8_lossy(&bytes);
-    let pages = text.matches("/Type /Page\n").count() + text.matches("/Type /Page/").count()
+    let pages = text.matches("/Type /Page\n").count()
+        + text.matches("/Type /Page/").count()
         + text.matches("/Type /Page ").count()
         + text.matches("/Type/Page").count();
     assert!(pages >= 1, "no page in the PDF ({} bytes)", bytes.len());
-    assert!(bytes.len() > 5_000, "a nearly empty PDF: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 5_000,
+        "a nearly empty PDF: {} bytes",
+        bytes.len()
+    );
 }
 
 #[tokio::test]
@@ -237,6 +260,8 @@ async fn bad_queries_are_refused_saying_what_is_wrong() {
         assert_eq!(got, status, "{query}: {v}");
         assert!(v.to_string().contains(says), "{query}: {v}");
     }
-    let anon = request("GET", "/api/reports", CLIENT).body(Body::empty()).unwrap();
+    let anon = request("GET", "/api/reports", CLIENT)
+        .body(Body::empty())
+        .unwrap();
     assert_eq!(send(&f.router, anon).await.0.status(), 401);
 }

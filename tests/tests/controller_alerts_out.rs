@@ -56,7 +56,11 @@ async fn serve_hook(hook: Arc<Hook>) -> anyhow::Result<String> {
                     let hook = hook.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         let h = |n: &str| {
                             parts
                                 .headers
@@ -69,11 +73,14 @@ async fn serve_hook(hook: Arc<Hook>) -> anyhow::Result<String> {
                             .strip_prefix("sha256=")
                             .map(|hex| {
                                 (0..hex.len() / 2)
-                                    .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                                    .filter_map(|i| {
+                                        u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()
+                                    })
                                     .collect()
                             })
                             .unwrap_or_default();
-                        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
+                        let key =
+                            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
                         let signed = [h(TIMESTAMP_HEADER).as_bytes(), b".", &body].concat();
                         let status = if ring::hmac::verify(&key, &signed, &tag).is_err() {
                             401
@@ -106,7 +113,8 @@ async fn serve_hook(hook: Arc<Hook>) -> anyhow::Result<String> {
 
 async fn install_alertrule_crd(client: &Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &AlertRule::crd()).await?;
+    crds.create(&PostParams::default(), &AlertRule::crd())
+        .await?;
     let rules: Api<AlertRule> = Api::all(client.clone());
     eventually("the AlertRule API", Duration::from_secs(10), || async {
         Ok(rules.list(&ListParams::default()).await.ok().map(|_| ()))
@@ -146,7 +154,9 @@ async fn an_alert_raised_before_the_leader_dies_is_delivered_by_the_next_leader(
     let sinks = sinks_dir.path().join("sinks.yaml");
     std::fs::write(
         &sinks,
-        format!("sinks:\n- {{name: hook, kind: webhook, url: \"{url}\", hmacKey: \"{HMAC_KEY}\"}}\n"),
+        format!(
+            "sinks:\n- {{name: hook, kind: webhook, url: \"{url}\", hmacKey: \"{HMAC_KEY}\"}}\n"
+        ),
     )?;
     let sinks_flag = sinks.display().to_string();
     let extra = ["--alert-sinks-file", sinks_flag.as_str()];
@@ -176,7 +186,10 @@ async fn an_alert_raised_before_the_leader_dies_is_delivered_by_the_next_leader(
     rules
         .create(
             &PostParams::default(),
-            &rule("typo", json!({"when": [{"threshold": "conns.active >> 3"}]})),
+            &rule(
+                "typo",
+                json!({"when": [{"threshold": "conns.active >> 3"}]}),
+            ),
         )
         .await?;
     let valid = eventually("the valid rule's status", WAIT, || async {
@@ -236,7 +249,10 @@ async fn an_alert_raised_before_the_leader_dies_is_delivered_by_the_next_leader(
     assert_eq!(body["sender"], b.identity.as_str(), "{body:#}");
     assert_eq!(body["status"], "firing");
     assert_eq!(body["alerts"][0]["id"], id.as_str());
-    assert_eq!(body["alerts"][0]["labels"]["alertname"], "NemesisInvalidPolicy");
+    assert_eq!(
+        body["alerts"][0]["labels"]["alertname"],
+        "NemesisInvalidPolicy"
+    );
     assert_eq!(body["alerts"][0]["labels"]["severity"], "critical");
     assert!(
         body["alerts"][0]["annotations"]["summary"]

@@ -124,7 +124,10 @@ fn policy_subject(p: &PolicyId) -> Subject<'static> {
     Subject {
         kind: "policy",
         what: p.key(),
-        labels: vec![("namespace", p.namespace.clone()), ("policy", p.name.clone())],
+        labels: vec![
+            ("namespace", p.namespace.clone()),
+            ("policy", p.name.clone()),
+        ],
     }
 }
 
@@ -378,8 +381,18 @@ mod tests {
     fn scale_events_raise_only_their_direction_and_only_in_the_rules_namespace() {
         let r = rules(serde_json::json!([{"event": "ScaledToZero"}]));
         let mut m = Memory::default();
-        let down = Signal::Scaled { policy: p(), from: 2, to: 0, reason: "idle".into() };
-        let up = Signal::Scaled { policy: p(), from: 0, to: 1, reason: "demand".into() };
+        let down = Signal::Scaled {
+            policy: p(),
+            from: 2,
+            to: 0,
+            reason: "idle".into(),
+        };
+        let up = Signal::Scaled {
+            policy: p(),
+            from: 0,
+            to: 1,
+            reason: "demand".into(),
+        };
         let elsewhere = Signal::Scaled {
             policy: PolicyId::new("other", "web"),
             from: 2,
@@ -409,8 +422,23 @@ mod tests {
             outcome,
             held: 3,
         };
-        assert!(evaluate(&r, &[], &cs(Some(9_000), ColdStartOutcome::Ready), &mut m, 0).is_empty());
-        let a = evaluate(&r, &[], &cs(Some(12_000), ColdStartOutcome::Ready), &mut m, 0);
+        assert!(
+            evaluate(
+                &r,
+                &[],
+                &cs(Some(9_000), ColdStartOutcome::Ready),
+                &mut m,
+                0
+            )
+            .is_empty()
+        );
+        let a = evaluate(
+            &r,
+            &[],
+            &cs(Some(12_000), ColdStartOutcome::Ready),
+            &mut m,
+            0,
+        );
         assert!(raised(&a)[0].summary.contains("12.0 s"), "{a:?}");
         let a = evaluate(&r, &[], &cs(None, ColdStartOutcome::Timeout), &mut m, 0);
         assert_eq!(raised(&a)[0].labels["trigger"], "HoldsTimedOut");
@@ -420,7 +448,12 @@ mod tests {
     fn flapping_counts_transitions_within_the_window() {
         let r = rules(serde_json::json!([{"flapping": {"transitions": 2, "window": "1m"}}]));
         let mut m = Memory::default();
-        let t = Signal::Transition { policy: p(), from: "a".into(), to: "b".into(), reason: String::new() };
+        let t = Signal::Transition {
+            policy: p(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: String::new(),
+        };
         assert!(evaluate(&r, &[], &t, &mut m, 0).is_empty());
         assert!(evaluate(&r, &[], &t, &mut m, 1_000).is_empty());
         assert_eq!(evaluate(&r, &[], &t, &mut m, 2_000).len(), 1);
@@ -444,7 +477,10 @@ mod tests {
         assert!(fired[0].resolve_after_ms.is_none());
         assert!(fired[0].summary.contains("conns.active=20"));
         let id = fired[0].id.clone();
-        assert_eq!(evaluate(&r, &[], &s(5.0), &mut m, 31_000), vec![Action::Resolve(id)]);
+        assert_eq!(
+            evaluate(&r, &[], &s(5.0), &mut m, 31_000),
+            vec![Action::Resolve(id)]
+        );
         // The window starts over.
         assert!(evaluate(&r, &[], &s(20.0), &mut m, 32_000).is_empty());
     }
@@ -453,7 +489,10 @@ mod tests {
     fn an_invalid_policy_and_a_lost_agent_fire_until_they_are_fixed() {
         let r = rules(serde_json::json!([{"event": "InvalidPolicy"}, {"event": "AgentLost"}]));
         let mut m = Memory::default();
-        let bad = Signal::PolicyInvalid { policy: p(), message: "spec.x: nope".into() };
+        let bad = Signal::PolicyInvalid {
+            policy: p(),
+            message: "spec.x: nope".into(),
+        };
         let a = evaluate(&r, &[], &bad, &mut m, 0);
         let id = raised(&a)[0].id.clone();
         assert!(raised(&a)[0].resolve_after_ms.is_none());
@@ -463,7 +502,10 @@ mod tests {
         );
         let lost = evaluate(&r, &[], &Signal::AgentLost { node: "n1".into() }, &mut m, 0);
         assert_eq!(raised(&lost)[0].labels["node"], "n1");
-        assert_eq!(evaluate(&r, &[], &Signal::AgentBack { node: "n1".into() }, &mut m, 0).len(), 1);
+        assert_eq!(
+            evaluate(&r, &[], &Signal::AgentBack { node: "n1".into() }, &mut m, 0).len(),
+            1
+        );
     }
 
     #[test]
@@ -471,7 +513,12 @@ mod tests {
         let mut r = rules(serde_json::json!([{"event": "ScaledToZero"}]));
         r[0].sinks.clear();
         let all = vec!["a".to_string(), "b".to_string()];
-        let down = Signal::Scaled { policy: p(), from: 1, to: 0, reason: String::new() };
+        let down = Signal::Scaled {
+            policy: p(),
+            from: 1,
+            to: 0,
+            reason: String::new(),
+        };
         let a = evaluate(&r, &all, &down, &mut Memory::default(), 0);
         assert_eq!(raised(&a)[0].sinks, all);
     }

@@ -27,9 +27,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt;
 use kube::{Client, ResourceExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -75,7 +75,6 @@ impl NotifyTap {
 }
 
 // === where the outbox is kept ===
-
 
 type BoxFut<'a, T> = futures::future::BoxFuture<'a, T>;
 
@@ -287,11 +286,9 @@ impl RuleSource {
         let (store, writer) = reflector::store();
         let api = Api::<AlertRule>::all(client.clone());
         let feed = async move {
-            let stream = reflector::reflector(
-                writer,
-                watcher::watcher(api, watcher::Config::default()),
-            )
-            .default_backoff();
+            let stream =
+                reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
+                    .default_backoff();
             futures::pin_mut!(stream);
             loop {
                 tokio::select! {
@@ -413,7 +410,10 @@ impl Notifier {
                 *self.lock() = stored;
                 self.loaded = true;
                 self.lost_agents.clear();
-                tracing::info!(alerts = n, "alert outbox loaded; delivering what is pending");
+                tracing::info!(
+                    alerts = n,
+                    "alert outbox loaded; delivering what is pending"
+                );
                 true
             }
             Err(e) => {
@@ -529,7 +529,8 @@ impl Notifier {
     /// Sends what is due, each sink's notifications at once, sinks side by side.
     async fn deliver(&mut self, now: u64) {
         let sinks = self.handle.sinks.clone();
-        let by_name: HashMap<&str, &SinkSpec> = sinks.iter().map(|s| (s.name.as_str(), s)).collect();
+        let by_name: HashMap<&str, &SinkSpec> =
+            sinks.iter().map(|s| (s.name.as_str(), s)).collect();
         let due = self
             .lock()
             .due(now, |s| by_name.get(s).and_then(|k| k.resend_ms()));
@@ -615,7 +616,10 @@ impl Notifier {
             return;
         };
         for r in store.state() {
-            let key = (r.uid().unwrap_or_default(), r.metadata.generation.unwrap_or(0));
+            let key = (
+                r.uid().unwrap_or_default(),
+                r.metadata.generation.unwrap_or(0),
+            );
             let result = rule::compile(&r);
             let ok = result.is_ok();
             let current = r.status.as_ref().is_some_and(|s| {
@@ -664,7 +668,9 @@ impl Notifier {
                     self.metrics.error(ErrorKind::KubeApi);
                     tracing::warn!(rule = %r.name_any(), err = %e, "writing an AlertRule status failed");
                 }
-                Err(_) => tracing::warn!(rule = %r.name_any(), "writing an AlertRule status timed out"),
+                Err(_) => {
+                    tracing::warn!(rule = %r.name_any(), "writing an AlertRule status timed out")
+                }
             }
         }
     }

@@ -22,7 +22,7 @@ pub const MAX_ATTEMPTS: u32 = 300;
 /// past this many.
 pub const MAX_ALERTS: usize = 500;
 /// A resolved alert whose deliveries are all finished stays visible this long.
-pub const KEEP_RESOLVED_MS: u64 = 24 * 3600_000;
+pub const KEEP_RESOLVED_MS: u64 = 24 * 3_600_000;
 /// Summaries and errors are cut to this many characters (they come from user text and
 /// remote servers).
 const MAX_TEXT: usize = 500;
@@ -372,8 +372,7 @@ impl Outbox {
 
 fn finished(a: &Alert) -> bool {
     a.state == AlertState::Resolved
-        && a
-            .deliveries
+        && a.deliveries
             .values()
             .all(|d| d.state != DeliveryState::Pending)
 }
@@ -438,7 +437,10 @@ mod tests {
     fn a_repeat_while_firing_is_counted_not_sent_again() {
         let mut o = Outbox::default();
         assert!(o.raise(raise("a", "r", &["s"], Some(60_000)), 0));
-        assert!(o.due(500, |_| None).is_empty(), "the group wait holds it back");
+        assert!(
+            o.due(500, |_| None).is_empty(),
+            "the group wait holds it back"
+        );
         let due = o.due(1_000, |_| None);
         assert_eq!(due.len(), 1);
         o.delivered("s", &[("a".into(), AlertState::Firing)], 1_000);
@@ -465,9 +467,21 @@ mod tests {
         assert_eq!(
             due,
             vec![
-                Batch { sink: "s".into(), rule: "r1".into(), ids: vec!["a".into(), "b".into()] },
-                Batch { sink: "s".into(), rule: "r2".into(), ids: vec!["c".into()] },
-                Batch { sink: "t".into(), rule: "r1".into(), ids: vec!["a".into(), "b".into()] },
+                Batch {
+                    sink: "s".into(),
+                    rule: "r1".into(),
+                    ids: vec!["a".into(), "b".into()]
+                },
+                Batch {
+                    sink: "s".into(),
+                    rule: "r2".into(),
+                    ids: vec!["c".into()]
+                },
+                Batch {
+                    sink: "t".into(),
+                    rule: "r1".into(),
+                    ids: vec!["a".into(), "b".into()]
+                },
             ]
         );
     }
@@ -513,7 +527,10 @@ mod tests {
         o.delivered("s", &[("b".into(), AlertState::Firing)], 2_000);
         assert_eq!(o.alerts["b"].deliveries["s"].state, DeliveryState::Pending);
         assert!(o.resolve("a", 3_000));
-        assert_eq!(o.due(3_000, |_| None)[0].ids, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(
+            o.due(3_000, |_| None)[0].ids,
+            vec!["a".to_string(), "b".to_string()]
+        );
     }
 
     #[test]

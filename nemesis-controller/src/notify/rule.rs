@@ -175,10 +175,19 @@ impl EventKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Trigger {
     Event(EventKind),
-    ColdStartSlowerThan { ms: u64 },
-    Flapping { transitions: u32, window_ms: u64 },
+    ColdStartSlowerThan {
+        ms: u64,
+    },
+    Flapping {
+        transitions: u32,
+        window_ms: u64,
+    },
     /// `cond` must hold for `for_ms` (0: at once).
-    Threshold { text: String, cond: Node, for_ms: u64 },
+    Threshold {
+        text: String,
+        cond: Node,
+        for_ms: u64,
+    },
 }
 
 impl Trigger {
@@ -223,7 +232,10 @@ fn duration_ms(path: &str, text: &str, problems: &mut Vec<Problem>) -> Option<u6
             None
         }
         Err(e) => {
-            problems.push(Problem::at(path, format!("{text:?} is not a duration: {e}")));
+            problems.push(Problem::at(
+                path,
+                format!("{text:?} is not a duration: {e}"),
+            ));
             None
         }
     }
@@ -257,7 +269,10 @@ pub fn compile(rule: &AlertRule) -> Result<CompiledRule, Vec<Problem>> {
         .unwrap_or(DEFAULT_RESOLVE_AFTER_MS);
     for (i, s) in spec.sinks.iter().enumerate() {
         if s.trim().is_empty() {
-            problems.push(Problem::at(format!("spec.sinks[{i}]"), "a sink name is empty"));
+            problems.push(Problem::at(
+                format!("spec.sinks[{i}]"),
+                "a sink name is empty",
+            ));
         }
     }
     if spec.when.is_empty() {
@@ -346,7 +361,9 @@ pub fn compile(rule: &AlertRule) -> Result<CompiledRule, Vec<Problem>> {
 fn threshold(path: &str, text: &str) -> Result<Trigger, Problem> {
     let node = parse(text).map_err(|e| Problem::in_expression(path, text, e.offset, e.message))?;
     let (cond, for_ms) = match node.kind {
-        NodeKind::Sustained { cond, window_ms, .. } => (*cond, window_ms.max(0) as u64),
+        NodeKind::Sustained {
+            cond, window_ms, ..
+        } => (*cond, window_ms.max(0) as u64),
         _ => (node, 0),
     };
     check_boolean(path, text, &cond)?;
@@ -391,15 +408,21 @@ fn check_number(path: &str, text: &str, n: &Node) -> Result<(), Problem> {
     match &n.kind {
         NodeKind::Number(_) | NodeKind::Name(_) => Ok(()),
         NodeKind::Neg(x) => check_number(path, text, x),
-        NodeKind::Binary { op, lhs, rhs } if op.symbol().len() == 1 && "+-*/".contains(op.symbol()) => {
+        NodeKind::Binary { op, lhs, rhs }
+            if op.symbol().len() == 1 && "+-*/".contains(op.symbol()) =>
+        {
             check_number(path, text, lhs)?;
             check_number(path, text, rhs)
         }
-        NodeKind::Call { name, name_span, .. } => Err(Problem::in_expression(
+        NodeKind::Call {
+            name, name_span, ..
+        } => Err(Problem::in_expression(
             path,
             text,
             name_span.start,
-            format!("`{name}(...)` is not available in alert thresholds: use metric names and numbers"),
+            format!(
+                "`{name}(...)` is not available in alert thresholds: use metric names and numbers"
+            ),
         )),
         NodeKind::Sustained { window_span, .. } => Err(Problem::in_expression(
             path,
@@ -490,10 +513,16 @@ mod tests {
         assert_eq!(c.severity, Severity::Critical);
         assert_eq!(c.group_wait_ms, 2000);
         assert_eq!(c.triggers.len(), 4);
-        assert!(matches!(c.triggers[1], Trigger::ColdStartSlowerThan { ms: 30_000 }));
+        assert!(matches!(
+            c.triggers[1],
+            Trigger::ColdStartSlowerThan { ms: 30_000 }
+        ));
         assert!(matches!(
             c.triggers[3],
-            Trigger::Threshold { for_ms: 300_000, .. }
+            Trigger::Threshold {
+                for_ms: 300_000,
+                ..
+            }
         ));
         assert!(c.watches("ns", "web") && !c.watches("ns", "api") && !c.watches("x", "web"));
     }
@@ -514,12 +543,30 @@ mod tests {
         .unwrap_err();
         let text: Vec<String> = e.iter().map(ToString::to_string).collect();
         assert!(text[0].starts_with("spec.severity: \"loud\""), "{text:?}");
-        assert!(text[1].starts_with("spec.when[0].event: \"Exploded\""), "{text:?}");
-        assert!(text[2].starts_with("spec.when[1].threshold: column 16:"), "{text:?}");
-        assert!(text[3].starts_with("spec.when[2].threshold: column 1: `rate(...)`"), "{text:?}");
-        assert!(text[4].starts_with("spec.when[3]: set exactly one"), "{text:?}");
-        assert!(text[5].starts_with("spec.when[4].flapping.transitions"), "{text:?}");
-        assert!(text[6].starts_with("spec.when[5].coldStartSlowerThan"), "{text:?}");
+        assert!(
+            text[1].starts_with("spec.when[0].event: \"Exploded\""),
+            "{text:?}"
+        );
+        assert!(
+            text[2].starts_with("spec.when[1].threshold: column 16:"),
+            "{text:?}"
+        );
+        assert!(
+            text[3].starts_with("spec.when[2].threshold: column 1: `rate(...)`"),
+            "{text:?}"
+        );
+        assert!(
+            text[4].starts_with("spec.when[3]: set exactly one"),
+            "{text:?}"
+        );
+        assert!(
+            text[5].starts_with("spec.when[4].flapping.transitions"),
+            "{text:?}"
+        );
+        assert!(
+            text[6].starts_with("spec.when[5].coldStartSlowerThan"),
+            "{text:?}"
+        );
     }
 
     #[test]

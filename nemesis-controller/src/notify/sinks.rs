@@ -89,7 +89,11 @@ pub struct SinkSpec {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "lowercase", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "kind",
+    rename_all = "lowercase",
+    rename_all_fields = "camelCase"
+)]
 pub enum SinkKind {
     Webhook {
         url: String,
@@ -146,7 +150,9 @@ impl SinkSpec {
         match &self.kind {
             SinkKind::Webhook { url, .. } | SinkKind::Alertmanager { url } => url.clone(),
             SinkKind::Slack { .. } => "(incoming-webhook URL, kept secret)".into(),
-            SinkKind::Smtp { host, port, to, .. } => format!("smtp://{host}:{port} to {}", to.join(", ")),
+            SinkKind::Smtp { host, port, to, .. } => {
+                format!("smtp://{host}:{port} to {}", to.join(", "))
+            }
         }
     }
 }
@@ -168,7 +174,9 @@ fn check_url(field: &str, url: &str) -> Result<(), String> {
         .map_err(|e| format!("{field}: {url:?} is not a URL: {e}"))?;
     match u.scheme_str() {
         Some("http" | "https") if u.host().is_some() => Ok(()),
-        _ => Err(format!("{field}: {url:?} must be an http:// or https:// URL with a host")),
+        _ => Err(format!(
+            "{field}: {url:?} must be an http:// or https:// URL with a host"
+        )),
     }
 }
 
@@ -184,8 +192,7 @@ pub fn parse_sinks(path: &str, text: &str) -> Result<Vec<SinkSpec>, SinksError> 
         let at = format!("sinks[{i}]");
         let name_ok = !s.name.is_empty()
             && s.name.len() <= 63
-            && s
-                .name
+            && s.name
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !name_ok {
@@ -198,16 +205,22 @@ pub fn parse_sinks(path: &str, text: &str) -> Result<Vec<SinkSpec>, SinksError> 
             return Err(invalid(format!("{at}.name: {:?} is used twice", s.name)));
         }
         if s.rate_limit_per_minute == Some(0) {
-            return Err(invalid(format!("{at}.rateLimitPerMinute: must be at least 1")));
+            return Err(invalid(format!(
+                "{at}.rateLimitPerMinute: must be at least 1"
+            )));
         }
         let r = match &s.kind {
-            SinkKind::Webhook { url, hmac_key } => check_url(&format!("{at}.url"), url).and_then(|()| {
-                if hmac_key.expose().len() < MIN_HMAC_KEY {
-                    Err(format!("{at}.hmacKey: must be at least {MIN_HMAC_KEY} bytes"))
-                } else {
-                    Ok(())
-                }
-            }),
+            SinkKind::Webhook { url, hmac_key } => {
+                check_url(&format!("{at}.url"), url).and_then(|()| {
+                    if hmac_key.expose().len() < MIN_HMAC_KEY {
+                        Err(format!(
+                            "{at}.hmacKey: must be at least {MIN_HMAC_KEY} bytes"
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
             SinkKind::Slack { url } => check_url(&format!("{at}.url"), url.expose())
                 .map_err(|_| format!("{at}.url: must be an http:// or https:// URL with a host")),
             SinkKind::Alertmanager { url } => check_url(&format!("{at}.url"), url),
@@ -327,7 +340,10 @@ pub fn text_lines(alerts: &[Alert]) -> Vec<String> {
 }
 
 fn headline(rule: &str, alerts: &[Alert]) -> String {
-    let firing = alerts.iter().filter(|a| a.state == AlertState::Firing).count();
+    let firing = alerts
+        .iter()
+        .filter(|a| a.state == AlertState::Firing)
+        .count();
     format!(
         "Nemesis: {firing} firing, {} resolved ({rule})",
         alerts.len() - firing
@@ -472,7 +488,11 @@ impl Sender {
         }
     }
 
-    async fn answer(&self, req: reqwest::RequestBuilder, secret_url: bool) -> Result<(), SendError> {
+    async fn answer(
+        &self,
+        req: reqwest::RequestBuilder,
+        secret_url: bool,
+    ) -> Result<(), SendError> {
         let resp = req.send().await.map_err(|e| {
             // reqwest's message names the URL; a Slack URL is the secret itself.
             let e = if secret_url { e.without_url() } else { e };
@@ -518,11 +538,23 @@ sinks:
     #[test]
     fn a_bad_sinks_file_is_refused_naming_the_field() {
         let cases = [
-            ("sinks: [{name: Hook, kind: alertmanager, url: 'http://x'}]", "sinks[0].name"),
-            ("sinks: [{name: h, kind: webhook, url: 'http://x', hmacKey: short}]", "sinks[0].hmacKey"),
-            ("sinks: [{name: h, kind: alertmanager, url: 'ftp://x'}]", "sinks[0].url"),
+            (
+                "sinks: [{name: Hook, kind: alertmanager, url: 'http://x'}]",
+                "sinks[0].name",
+            ),
+            (
+                "sinks: [{name: h, kind: webhook, url: 'http://x', hmacKey: short}]",
+                "sinks[0].hmacKey",
+            ),
+            (
+                "sinks: [{name: h, kind: alertmanager, url: 'ftp://x'}]",
+                "sinks[0].url",
+            ),
             ("sinks: [{name: h, kind: pager, url: 'http://x'}]", "pager"),
-            ("sinks: [{name: m, kind: smtp, host: h, from: a@b, to: []}]", "sinks[0].to"),
+            (
+                "sinks: [{name: m, kind: smtp, host: h, from: a@b, to: []}]",
+                "sinks[0].to",
+            ),
             (
                 "sinks: [{name: a, kind: alertmanager, url: 'http://x'}, {name: a, kind: alertmanager, url: 'http://y'}]",
                 "sinks[1].name",

@@ -60,7 +60,9 @@ impl Conn {
                 .await
                 .map_err(|e| SmtpError(format!("{step}: reading the reply: {e}")))?;
             if n == 0 {
-                return Err(SmtpError(format!("{step}: the server closed the connection")));
+                return Err(SmtpError(format!(
+                    "{step}: the server closed the connection"
+                )));
             }
             let line = line.trim_end();
             text.push_str(line);
@@ -108,15 +110,19 @@ pub async fn send(
     c.expect("greeting", 2).await?;
     let ehlo = c.cmd("EHLO", "EHLO nemesis-controller", 2).await?;
     if let Some((user, password)) = auth {
-        if !ehlo.lines().any(|l| l.get(4..).is_some_and(|x| x.to_ascii_uppercase().starts_with("AUTH"))) {
+        if !ehlo.lines().any(|l| {
+            l.get(4..)
+                .is_some_and(|x| x.to_ascii_uppercase().starts_with("AUTH"))
+        }) {
             return Err(SmtpError(
                 "the server offers no AUTH, but a username and password are configured".into(),
             ));
         }
-        let token = base64::engine::general_purpose::STANDARD
-            .encode(format!("\0{user}\0{password}"));
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         // The step name only: the line carries the password.
-        c.cmd("AUTH PLAIN", &format!("AUTH PLAIN {token}"), 2).await?;
+        c.cmd("AUTH PLAIN", &format!("AUTH PLAIN {token}"), 2)
+            .await?;
     }
     c.cmd("MAIL FROM", &format!("MAIL FROM:<{}>", mail.from), 2)
         .await?;
@@ -124,7 +130,8 @@ pub async fn send(
         c.cmd("RCPT TO", &format!("RCPT TO:<{to}>"), 2).await?;
     }
     c.cmd("DATA", "DATA", 3).await?;
-    let date = chrono::DateTime::<chrono::Utc>::from(crate::store::from_unix_ms(now_ms)).to_rfc2822();
+    let date =
+        chrono::DateTime::<chrono::Utc>::from(crate::store::from_unix_ms(now_ms)).to_rfc2822();
     let mut msg = format!(
         "From: {}\r\nTo: {}\r\nSubject: {}\r\nDate: {date}\r\nMIME-Version: 1.0\r\n\
          Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
@@ -140,7 +147,7 @@ pub async fn send(
         msg.push_str(line);
         msg.push_str("\r\n");
     }
-    msg.push_str(".");
+    msg.push('.');
     c.cmd("end of DATA", &msg, 2).await?;
     let _ = c.cmd("QUIT", "QUIT", 2).await;
     Ok(())

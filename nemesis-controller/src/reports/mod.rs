@@ -333,12 +333,18 @@ pub struct Report {
     pub totals: Totals,
 }
 
+/// What a report covers: `service`, `namespace` or `cluster`, and which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub scope: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
 /// The report over `services` (their cold starts are passed again for the totals'
 /// distribution, which cannot be merged from percentiles).
 pub fn report(
-    scope: &str,
-    namespace: Option<String>,
-    name: Option<String>,
+    scope: Scope,
     span: Span,
     now_ms: u64,
     prices: Prices,
@@ -357,9 +363,9 @@ pub fn report(
         totals.saved.add(&s.resources.saved);
     }
     Report {
-        scope: scope.to_string(),
-        namespace,
-        name,
+        scope: scope.scope,
+        namespace: scope.namespace,
+        name: scope.name,
         span,
         generated_at_ms: now_ms,
         prices,
@@ -452,9 +458,17 @@ mod tests {
             .map(|i| cold(Some(i * 10), ColdStartOutcome::Ready))
             .collect();
         r.push(cold(None, ColdStartOutcome::Timeout));
-        r.push(cold(None, ColdStartOutcome::Failed { message: "x".into() }));
+        r.push(cold(
+            None,
+            ColdStartOutcome::Failed {
+                message: "x".into(),
+            },
+        ));
         let w = wakes(&r);
-        assert_eq!((w.count, w.ready, w.holds_timed_out, w.failed), (102, 100, 1, 1));
+        assert_eq!(
+            (w.count, w.ready, w.holds_timed_out, w.failed),
+            (102, 100, 1, 1)
+        );
         assert_eq!(w.p50_ms, Some(500));
         assert_eq!(w.p95_ms, Some(950));
         assert_eq!(w.p99_ms, Some(990));
@@ -503,6 +517,9 @@ mod tests {
         assert_eq!(r.saved.memory_gib_hours, 68.0);
         assert_eq!(r.saved.gpu_hours, 34.0);
         let saved_cost = r.saved.cost.unwrap();
-        assert!((saved_cost - (17.0 * 0.04 + 34.0 * 2.0)).abs() < 1e-9, "{saved_cost}");
+        assert!(
+            (saved_cost - (17.0 * 0.04 + 34.0 * 2.0)).abs() < 1e-9,
+            "{saved_cost}"
+        );
     }
 }

@@ -96,8 +96,16 @@ pub fn csv(r: &Report) -> String {
             &s.resources.at_max,
             &s.resources.saved,
         ));
-        f.push(opt(s.performance.get("conns.rate").and_then(|x| x.avg).map(f3)));
-        f.push(opt(s.performance.get("conns.active").and_then(|x| x.max).map(f3)));
+        f.push(opt(s
+            .performance
+            .get("conns.rate")
+            .and_then(|x| x.avg)
+            .map(f3)));
+        f.push(opt(s
+            .performance
+            .get("conns.active")
+            .and_then(|x| x.max)
+            .map(f3)));
         f.push(csv_field(&states.join(";")));
         let _ = write!(out, "{}\r\n", f.join(","));
     }
@@ -318,7 +326,10 @@ mod tests {
 
     #[test]
     fn user_text_is_escaped_and_csv_fields_defused() {
-        assert_eq!(escape("<b a=\"x\">&'"), "&lt;b a=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<b a=\"x\">&'"),
+            "&lt;b a=&quot;x&quot;&gt;&amp;&#39;"
+        );
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("=1+1"), "'=1+1");
     }

@@ -33,8 +33,7 @@ use crate::store::{ColdStartRecord, PolicyId, Store, StoreError};
 /// One Deployment read for its pod requests.
 const DEPLOYMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The printable page styles itself and runs nothing.
-const REPORT_CSP: &str =
-    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+const REPORT_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -299,7 +298,10 @@ pub async fn report(
     }
     let store = ui.sources.store.clone();
     let inputs = blocking("reading the report's history", move || {
-        metas.into_iter().map(|m| read(&store, m)).collect::<Result<Vec<_>, _>>()
+        metas
+            .into_iter()
+            .map(|m| read(&store, m))
+            .collect::<Result<Vec<_>, _>>()
     })
     .await?;
     let mut all_colds = Vec::new();
@@ -309,9 +311,11 @@ pub async fn report(
         services.push(reports::service(input, &prices));
     }
     let r = reports::report(
-        scope,
-        q.namespace.clone(),
-        q.name.clone().filter(|_| scope == "service"),
+        reports::Scope {
+            scope: scope.to_string(),
+            namespace: q.namespace.clone(),
+            name: q.name.clone().filter(|_| scope == "service"),
+        },
         span,
         now,
         prices,
