@@ -15,6 +15,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("proxy", "nemesis-agent", "bench-proxy"),
     ("connect_overhead", "nemesis-agent", "bench-connect"),
     ("policy_tick", "nemesis-controller", "bench-policy"),
+    ("report_30d", "nemesis-controller", "bench-report"),
 ];
 
 pub fn run(only: Option<&str>) -> Result<()> {
