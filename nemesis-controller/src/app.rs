@@ -227,8 +227,11 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
 
     let (rules, rule_feed) = RuleSource::watch(client.clone(), serve_stop.clone());
     background.push(tokio::spawn(rule_feed));
+    // The policies as the UI and scheduled reports see them (every instance watches).
+    let (policies, feed) = PolicyCache::new();
+    background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
     let (notifier, notify_handle, tap) = Notifier::new(
-        alert_sinks,
+        alert_sinks.sinks,
         Box::new(SecretOutbox::new(
             client.clone(),
             &args.lease_namespace,
@@ -239,6 +242,18 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         metrics.clone(),
         Some(registry.clone()),
         leading.clone(),
+    );
+    let notifier = notifier.with_reports(
+        alert_sinks.reports,
+        Arc::new(ui::reports::ScheduledReports(UiSources {
+            store: store.clone(),
+            policies: policies.clone(),
+            registry: registry.clone(),
+            alerts: alerts.clone(),
+            alert_webhook: alert_token.is_some(),
+            notify: None,
+            client: Some(client.clone()),
+        })),
     );
     background.push(tokio::spawn(notifier.run(core_stop.clone())));
     let (history, writer) = History::new(store.clone(), metrics.clone());
@@ -260,9 +275,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         leading.clone(),
     );
     if let Some(password) = ui_password {
-        // The UI watches the policies itself, so a standby shows them too.
-        let (policies, feed) = PolicyCache::new();
-        background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
+        // The UI watches the policies itself (above), so a standby shows them too.
         let state = UiState::new(
             UiConfig {
                 user: args.ui_user.clone(),

@@ -24,7 +24,9 @@ use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::notify::evaluate::Signal;
 use nemesis_controller::notify::outbox::{AlertState, DeliveryState, Outbox};
 use nemesis_controller::notify::rule::{AlertRule, CompiledRule, compile};
-use nemesis_controller::notify::sinks::{SIGNATURE_HEADER, Sender, TIMESTAMP_HEADER, parse_sinks};
+use nemesis_controller::notify::sinks::{
+    SIGNATURE_HEADER, Sender, TIMESTAMP_HEADER, parse_config, parse_sinks,
+};
 use nemesis_controller::notify::{Notifier, NotifyHandle, NotifyTap, OutboxStore, RuleSource};
 use nemesis_controller::store::PolicyId;
 use nemesis_controller::ui::UiConfig;
@@ -711,5 +713,110 @@ sinks:
     assert_eq!(v["sinks"][0]["kind"], "webhook");
     assert_eq!(v["sinks"][0]["counters"]["delivered"], 1);
     assert!(v["sinks"][2]["counters"]["failed"].as_u64().unwrap() >= 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_report_goes_out_by_webhook_and_by_mail_once_per_firing() -> Result<()> {
+    use nemesis_controller::agents::{AgentRegistry, RegistryConfig};
+    use nemesis_controller::alerts::AlertBook;
+    use nemesis_controller::store::{Retention, Store};
+    use nemesis_controller::ui::reports::ScheduledReports;
+    use nemesis_controller::ui::{PolicyCache, UiSources};
+
+    let dir = tempfile::tempdir()?;
+    let (_smtp, smtp_port, maildir) = start_smtp(dir.path()).await?;
+    let rx = Receiver::default();
+    let base = serve(rx.clone()).await?;
+    let store = Arc::new(Store::open(
+        dir.path().join("h.redb"),
+        Retention::default(),
+    )?);
+    let now = ui_support::now_ms();
+    ui_support::seed(&store, &ui_support::id(), now);
+    let (policies, mut feed) = PolicyCache::new();
+    feed.upsert(ui_support::policy(ui_support::NS, ui_support::NAME, now));
+    let sources = UiSources {
+        store,
+        policies,
+        registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
+        alerts: Arc::new(AlertBook::new()),
+        alert_webhook: false,
+        notify: None,
+        client: None,
+    };
+    // Every minute: the first firing after start goes out (none for the past).
+    let config = parse_config(
+        "test sinks",
+        &format!(
+            r#"
+sinks:
+- {{name: hook, kind: webhook, url: "{base}/hook", hmacKey: "{HMAC_KEY}"}}
+- {{name: mail, kind: smtp, host: 127.0.0.1, port: {smtp_port}, from: nemesis@cluster.test, to: [team@team.test], username: {SMTP_USER}, password: {SMTP_PASSWORD}}}
+reports:
+- {{name: weekly, schedule: "* * * * *", window: 7d, namespace: shop, sinks: [hook, mail]}}
+"#
+        ),
+    )?;
+    let (lead_tx, leading) = watch::channel(true);
+    let store = Arc::new(MemStore::default());
+    let (n, handle, _tap) = Notifier::new(
+        config.sinks,
+        Box::new(Shared(store.clone())),
+        RuleSource::Fixed(vec![]),
+        Sender::new("test-instance".into(), "http://127.0.0.1:1/alerts".into()),
+        ControllerMetrics::new(),
+        None,
+        leading,
+    );
+    let n = n.with_reports(config.reports, Arc::new(ScheduledReports(sources)));
+    let stop = CancellationToken::new();
+    tokio::spawn(n.run(stop.clone()));
+
+    let report = wait_for("the webhook report", async || {
+        rx.all().into_iter().find(|g| g.body["kind"] == "report")
+    })
+    .await?;
+    assert!(report.signature_ok);
+    let r = &report.body["report"];
+    assert_eq!(r["scope"], "namespace");
+    assert_eq!(r["services"][0]["name"], "checkout");
+    assert_eq!(r["services"][0]["scaling"]["wakes"]["count"], 3);
+    assert!(
+        report.body["title"]
+            .as_str()
+            .unwrap()
+            .starts_with("Nemesis report weekly: ")
+    );
+    let mail = wait_for("the mailed report", async || {
+        mails(&maildir).into_iter().next()
+    })
+    .await?;
+    assert!(mail.contains("Subject: Nemesis report weekly: "), "{mail}");
+    assert!(
+        mail.contains("shop/checkout: 3 transitions; 3 wakes"),
+        "{mail}"
+    );
+    assert!(mail.contains("scope,namespace,name,deployment"), "{mail}");
+    // Marked sent (for the next leader), once per sink.
+    let sent = wait_for("the marks in the outbox", async || {
+        let o = store.outbox()?;
+        (o.reports_sent.len() == 2).then_some(o.reports_sent)
+    })
+    .await?;
+    assert_eq!(sent["weekly/hook"], sent["weekly/mail"]);
+    assert_eq!(sent["weekly/hook"] % 60_000, 0);
+    assert_eq!(handle.sinks()[0].counters.delivered, 1);
+    // Never the same firing twice.
+    let titles: Vec<String> = rx
+        .all()
+        .iter()
+        .filter(|g| g.body["kind"] == "report")
+        .map(|g| g.body["title"].to_string())
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = titles.iter().collect();
+    assert_eq!(distinct.len(), titles.len(), "{titles:?}");
+    stop.cancel();
+    drop(lead_tx);
     Ok(())
 }

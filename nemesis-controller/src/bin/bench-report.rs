@@ -43,11 +43,22 @@ fn seed(store: &Store, id: &PolicyId, now: u64) -> Result<()> {
     let mut batch = Vec::new();
     let mut at = start;
     while at < now {
-        let step = if now - at <= 3_600_000 { 10_000 } else { 60_000 };
+        let step = if now - at <= 3_600_000 {
+            10_000
+        } else {
+            60_000
+        };
         let w = warm(at);
-        let conns = if w { 5.0 + ((at / 60_000) % 17) as f64 } else { 0.0 };
+        let conns = if w {
+            5.0 + ((at / 60_000) % 17) as f64
+        } else {
+            0.0
+        };
         let replicas = if w { 3.0 } else { 0.0 };
-        for (m, v) in SERIES.iter().zip([replicas, replicas, replicas, conns, conns / 10.0]) {
+        for (m, v) in SERIES
+            .iter()
+            .zip([replicas, replicas, replicas, conns, conns / 10.0])
+        {
             batch.push((at, *m, v));
         }
         if batch.len() >= 50_000 {
@@ -106,7 +117,9 @@ fn request(method: &str, uri: &str) -> http::request::Builder {
         .uri(uri)
         .header("host", "127.0.0.1:8080");
     let addr: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
-    b.extensions_mut().expect("a builder").insert(ConnectInfo(addr));
+    b.extensions_mut()
+        .expect("a builder")
+        .insert(ConnectInfo(addr));
     b
 }
 
@@ -174,16 +187,22 @@ async fn main() -> Result<()> {
         let resp = router
             .clone()
             .oneshot(
-                request("GET", "/api/reports?namespace=shop&name=checkout&window=30d")
-                    .header("cookie", &cookie)
-                    .body(Body::empty())?,
+                request(
+                    "GET",
+                    "/api/reports?namespace=shop&name=checkout&window=30d",
+                )
+                .header("cookie", &cookie)
+                .body(Body::empty())?,
             )
             .await?;
         let status = resp.status();
         let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
         if !status.is_success() {
-            bail!("the report answered {status}: {}", String::from_utf8_lossy(&body));
+            bail!(
+                "the report answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         let v: serde_json::Value = serde_json::from_slice(&body)?;
         let wakes = v["services"][0]["scaling"]["wakes"]["count"].as_u64();

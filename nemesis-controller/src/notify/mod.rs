@@ -159,6 +159,28 @@ impl OutboxStore for SecretOutbox {
     }
 }
 
+// === scheduled reports ===
+
+/// Builds a report for a scheduled delivery (the UI's report code over the store).
+pub trait ReportSource: Send + Sync {
+    fn build<'a>(
+        &'a self,
+        namespace: Option<&'a str>,
+        policy: Option<&'a str>,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> BoxFut<'a, Result<crate::reports::Report, String>>;
+}
+
+/// A failed scheduled report is tried again this much later.
+const REPORT_RETRY_MS: u64 = 30_000;
+
+type Scheduled = (
+    sinks::ReportSchedule,
+    crate::policy::schedule::Schedule,
+    u64,
+);
+
 // === what the UI reads ===
 
 /// Delivery counters of one sink since this instance started.
@@ -264,6 +286,10 @@ pub struct Notifier {
     lost_agents: BTreeSet<String>,
     loaded: bool,
     last_saved: Vec<u8>,
+    schedules: Vec<Scheduled>,
+    report_source: Option<Arc<dyn ReportSource>>,
+    /// `<schedule>/<sink>` -> not before (after a failure).
+    report_retry: HashMap<String, u64>,
 }
 
 /// Where rules come from: a cluster watch, or a fixed list (tests).
@@ -349,12 +375,110 @@ impl Notifier {
             lost_agents: BTreeSet::new(),
             loaded: false,
             last_saved: Vec::new(),
+            schedules: Vec::new(),
+            report_source: None,
+            report_retry: HashMap::new(),
         };
         (n, handle, NotifyTap { tx: Some(tx) })
     }
 
     fn leading(&self) -> bool {
         *self.handle.leading.borrow()
+    }
+
+    /// Sends `schedules`' reports, built by `source`.
+    pub fn with_reports(
+        mut self,
+        schedules: Vec<Scheduled>,
+        source: Arc<dyn ReportSource>,
+    ) -> Self {
+        self.schedules = schedules;
+        self.report_source = Some(source);
+        self
+    }
+
+    /// Each schedule's latest firing goes to every sink that has not had it. A schedule
+    /// seen for the first time starts from its next firing (no report for the past).
+    async fn scheduled_reports(&mut self, now: u64) {
+        let Some(source) = self.report_source.clone() else {
+            return;
+        };
+        let now_utc = chrono::DateTime::<chrono::Utc>::from(crate::store::from_unix_ms(now));
+        for (r, schedule, window) in self.schedules.clone() {
+            let Some(at) = schedule.last_at_or_before(now_utc) else {
+                continue;
+            };
+            let at_ms = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+            let mut due = Vec::new();
+            {
+                let mut o = self.lock();
+                for sink in &r.sinks {
+                    let key = format!("{}/{sink}", r.name);
+                    match o.reports_sent.get(&key) {
+                        None => {
+                            o.reports_sent.insert(key, at_ms);
+                        }
+                        Some(last) if *last >= at_ms => {}
+                        Some(_) => {
+                            if self.report_retry.get(&key).is_none_or(|t| *t <= now) {
+                                due.push((sink.clone(), key));
+                            }
+                        }
+                    }
+                }
+            }
+            if due.is_empty() {
+                continue;
+            }
+            let from = at_ms.saturating_sub(window);
+            let report = match source
+                .build(r.namespace.as_deref(), r.policy.as_deref(), from, at_ms)
+                .await
+            {
+                Ok(rep) => rep,
+                Err(e) => {
+                    tracing::warn!(schedule = %r.name, err = %e, "building a scheduled report failed; retrying");
+                    for (_, key) in due {
+                        self.report_retry.insert(key, now + REPORT_RETRY_MS);
+                    }
+                    continue;
+                }
+            };
+            let title = format!(
+                "Nemesis report {}: {} to {}",
+                r.name,
+                chrono::DateTime::<chrono::Utc>::from(crate::store::from_unix_ms(from))
+                    .format("%Y-%m-%d %H:%M UTC"),
+                at.format("%Y-%m-%d %H:%M UTC")
+            );
+            for (sink, key) in due {
+                let Some(spec) = self.handle.sinks.iter().find(|s| s.name == sink).cloned() else {
+                    continue;
+                };
+                match self.sender.send_report(&spec, &title, &report, now).await {
+                    Ok(()) => {
+                        self.lock().reports_sent.insert(key.clone(), at_ms);
+                        self.report_retry.remove(&key);
+                        self.metrics
+                            .alert_delivery(&sink, DeliveryOutcome::Delivered);
+                        self.count(&sink, |c| {
+                            c.delivered += 1;
+                            c.last_delivered_at_ms = Some(now_ms());
+                        });
+                        tracing::info!(schedule = %r.name, %sink, "scheduled report delivered");
+                    }
+                    Err(e) => {
+                        self.report_retry.insert(key, now + REPORT_RETRY_MS);
+                        self.metrics.alert_delivery(&sink, DeliveryOutcome::Failed);
+                        self.count(&sink, |c| {
+                            c.failed += 1;
+                            c.last_error = Some(e.0.clone());
+                        });
+                        tracing::warn!(schedule = %r.name, %sink, err = %e, "sending a scheduled report failed; retrying");
+                    }
+                }
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
@@ -479,6 +603,7 @@ impl Notifier {
         self.lock().advance(now);
         self.save().await;
         self.deliver(now).await;
+        self.scheduled_reports(now).await;
         self.save().await;
         let pending = self.lock().pending();
         self.metrics.set_alert_outbox_pending(pending);

@@ -159,6 +159,10 @@ pub struct Batch {
 pub struct Outbox {
     /// By id.
     pub alerts: BTreeMap<String, Alert>,
+    /// Scheduled reports: `<schedule>/<sink>` -> the firing time last sent (Unix ms), so
+    /// the next leader neither repeats nor skips one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reports_sent: BTreeMap<String, u64>,
 }
 
 impl Outbox {

@@ -76,6 +76,41 @@ impl fmt::Debug for SecretString {
 pub struct SinksFile {
     #[serde(default)]
     pub sinks: Vec<SinkSpec>,
+    /// Reports sent on a schedule through the sinks (e.g. weekly by e-mail).
+    #[serde(default)]
+    pub reports: Vec<ReportSchedule>,
+}
+
+/// A report sent on a schedule: `schedule` is a cron pattern in `timeZone` (default
+/// UTC); each time it fires, the report over the `window` before it (default `7d`) goes
+/// to `sinks` (webhook: the JSON report; Slack and e-mail: a text summary, the mail with
+/// the CSV too). Alertmanager takes alerts only.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportSchedule {
+    pub name: String,
+    pub schedule: String,
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    #[serde(default)]
+    pub window: Option<String>,
+    /// Absent: the cluster; with `policy` too: one Service's policy.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub policy: Option<String>,
+    pub sinks: Vec<String>,
+}
+
+/// The default window of a scheduled report: the week before it.
+pub const DEFAULT_REPORT_WINDOW: &str = "7d";
+
+/// A validated sinks file.
+#[derive(Debug, Clone, Default)]
+pub struct SinksConfig {
+    pub sinks: Vec<SinkSpec>,
+    /// With their parsed schedules and windows (ms).
+    pub reports: Vec<(ReportSchedule, crate::policy::schedule::Schedule, u64)>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -182,6 +217,11 @@ fn check_url(field: &str, url: &str) -> Result<(), String> {
 
 /// Parses and checks a sinks file's text; `path` names it in errors.
 pub fn parse_sinks(path: &str, text: &str) -> Result<Vec<SinkSpec>, SinksError> {
+    parse_config(path, text).map(|c| c.sinks)
+}
+
+/// The sinks and the scheduled reports of a sinks file.
+pub fn parse_config(path: &str, text: &str) -> Result<SinksConfig, SinksError> {
     let invalid = |message: String| SinksError::Invalid {
         path: path.to_string(),
         message,
@@ -247,15 +287,64 @@ pub fn parse_sinks(path: &str, text: &str) -> Result<Vec<SinkSpec>, SinksError> 
         };
         r.map_err(invalid)?;
     }
-    Ok(file.sinks)
+    let mut reports = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, r) in file.reports.iter().enumerate() {
+        let at = format!("reports[{i}]");
+        if r.name.is_empty() || !names.insert(r.name.clone()) {
+            return Err(invalid(format!("{at}.name: empty or used twice")));
+        }
+        let window_text = r.window.as_deref().unwrap_or(DEFAULT_REPORT_WINDOW);
+        let window = crate::policy::duration::parse_duration(window_text)
+            .ok()
+            .filter(|d| d.num_minutes() >= 1 && d.num_days() <= 400)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{at}.window: {window_text:?} is not a duration from 1m to 400d"
+                ))
+            })?;
+        let schedule = crate::policy::schedule::Schedule::new(
+            &r.schedule,
+            r.time_zone.as_deref(),
+            chrono::TimeDelta::zero(),
+        )
+        .map_err(|e| invalid(format!("{at}.schedule: {e:?}")))?;
+        if r.policy.is_some() && r.namespace.is_none() {
+            return Err(invalid(format!("{at}.policy: needs namespace too")));
+        }
+        if r.sinks.is_empty() {
+            return Err(invalid(format!("{at}.sinks: name at least one sink")));
+        }
+        for (j, name) in r.sinks.iter().enumerate() {
+            match file.sinks.iter().find(|s| &s.name == name) {
+                None => {
+                    return Err(invalid(format!("{at}.sinks[{j}]: no sink named {name:?}")));
+                }
+                Some(SinkSpec {
+                    kind: SinkKind::Alertmanager { .. },
+                    ..
+                }) => {
+                    return Err(invalid(format!(
+                        "{at}.sinks[{j}]: {name:?} is an Alertmanager, which takes alerts, not reports"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        reports.push((r.clone(), schedule, window.num_milliseconds() as u64));
+    }
+    Ok(SinksConfig {
+        sinks: file.sinks,
+        reports,
+    })
 }
 
-pub fn read_sinks(path: &Path) -> Result<Vec<SinkSpec>, SinksError> {
+pub fn read_sinks(path: &Path) -> Result<SinksConfig, SinksError> {
     let text = std::fs::read_to_string(path).map_err(|source| SinksError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    parse_sinks(&path.display().to_string(), &text)
+    parse_config(&path.display().to_string(), &text)
 }
 
 // === the messages ===
@@ -488,6 +577,87 @@ impl Sender {
         }
     }
 
+    /// Sends a scheduled report to `sink`: the JSON report to a webhook (signed), a text
+    /// summary to Slack, a mail with the summary and the CSV over SMTP.
+    pub async fn send_report(
+        &self,
+        sink: &SinkSpec,
+        title: &str,
+        report: &crate::reports::Report,
+        now_ms: u64,
+    ) -> Result<(), SendError> {
+        use crate::reports::render;
+        let fut = async {
+            match &sink.kind {
+                SinkKind::Webhook { url, hmac_key } => {
+                    let body = serde_json::to_vec(&serde_json::json!({
+                        "version": "1",
+                        "kind": "report",
+                        "sender": self.identity,
+                        "title": title,
+                        "report": report,
+                    }))
+                    .unwrap_or_default();
+                    let ts = (now_ms / 1000).to_string();
+                    let sig = signature(hmac_key.expose().as_bytes(), &ts, &body);
+                    let req = self
+                        .http
+                        .post(url)
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .header(TIMESTAMP_HEADER, ts)
+                        .header(SIGNATURE_HEADER, sig)
+                        .body(body);
+                    self.answer(req, false).await
+                }
+                SinkKind::Slack { url } => {
+                    let text = format!("*{title}*\n{}", render::text(report));
+                    let req = self
+                        .http
+                        .post(url.expose())
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(serde_json::json!({ "text": text }).to_string());
+                    self.answer(req, true).await
+                }
+                SinkKind::Alertmanager { .. } => {
+                    Err(SendError("Alertmanager takes alerts, not reports".into()))
+                }
+                SinkKind::Smtp {
+                    host,
+                    port,
+                    from,
+                    to,
+                    username,
+                    password,
+                } => {
+                    let body = format!(
+                        "{}\r\nThe report as CSV:\r\n\r\n{}",
+                        render::text(report).replace('\n', "\r\n"),
+                        render::csv(report)
+                    );
+                    let mail = smtp::Mail {
+                        from,
+                        to,
+                        subject: title,
+                        body: &body,
+                    };
+                    let auth = username
+                        .as_deref()
+                        .zip(password.as_ref().map(SecretString::expose));
+                    smtp::send(host, *port, auth, &mail, now_ms)
+                        .await
+                        .map_err(|e| SendError(e.to_string()))
+                }
+            }
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError(format!(
+                "no answer within {} s",
+                SEND_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
     async fn answer(
         &self,
         req: reqwest::RequestBuilder,
@@ -563,6 +733,45 @@ sinks:
         for (text, want) in cases {
             let e = parse_sinks("f.yaml", text).unwrap_err().to_string();
             assert!(e.contains("f.yaml") && e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn scheduled_reports_are_checked_against_the_sinks() {
+        let sinks = "sinks:\n- {name: am, kind: alertmanager, url: 'http://x'}\n- {name: h, kind: webhook, url: 'http://x', hmacKey: 0123456789abcdef}\n";
+        let ok = parse_config(
+            "f",
+            &format!("{sinks}reports:\n- {{name: weekly, schedule: '0 8 * * MON', timeZone: Europe/Paris, sinks: [h]}}\n"),
+        )
+        .unwrap();
+        assert_eq!(ok.reports.len(), 1);
+        assert_eq!(ok.reports[0].2, 7 * 24 * 3_600_000);
+        for (report, want) in [
+            (
+                "{name: w, schedule: '0 8 * * MON', sinks: [am]}",
+                "reports[0].sinks[0]: \"am\" is an Alertmanager",
+            ),
+            (
+                "{name: w, schedule: '0 8 * * MON', sinks: [nope]}",
+                "no sink named",
+            ),
+            (
+                "{name: w, schedule: 'every monday', sinks: [h]}",
+                "reports[0].schedule",
+            ),
+            (
+                "{name: w, schedule: '0 8 * * MON', window: forever, sinks: [h]}",
+                "reports[0].window",
+            ),
+            (
+                "{name: w, schedule: '0 8 * * MON', policy: web, sinks: [h]}",
+                "needs namespace",
+            ),
+        ] {
+            let e = parse_config("f", &format!("{sinks}reports:\n- {report}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{report}: {e}");
         }
     }
 

@@ -137,6 +137,60 @@ pub fn csv(r: &Report) -> String {
     out
 }
 
+/// A plain-text summary (chat and mail): one paragraph per Service, then the totals.
+pub fn text(r: &Report) -> String {
+    let ms = |v: Option<u64>| v.map_or("-".into(), |v| format!("{:.1} s", v as f64 / 1000.0));
+    let mut o = format!(
+        "Nemesis report ({}{}), {} to {}\n",
+        r.scope,
+        r.namespace
+            .as_deref()
+            .map(|n| format!(
+                " {n}{}",
+                r.name
+                    .as_deref()
+                    .map(|x| format!("/{x}"))
+                    .unwrap_or_default()
+            ))
+            .unwrap_or_default(),
+        time(r.span.from_ms),
+        time(r.span.to_ms)
+    );
+    for s in &r.services {
+        let w = &s.scaling.wakes;
+        let _ = write!(
+            o,
+            "\n{}/{}: {} transitions; {} wakes (p50 {}, p95 {}, p99 {}, max {}), {} holds timed out, {} failed; \
+             {:.1} replica-hours used of {:.1} at max, {:.1} saved{}\n",
+            s.namespace,
+            s.name,
+            s.scaling.transitions,
+            w.count,
+            ms(w.p50_ms),
+            ms(w.p95_ms),
+            ms(w.p99_ms),
+            ms(w.max_ms),
+            w.holds_timed_out,
+            w.failed,
+            s.resources.used.replica_hours,
+            s.resources.at_max.replica_hours,
+            s.resources.saved.replica_hours,
+            s.resources
+                .saved
+                .cost
+                .map(|c| format!(" (cost saved {c:.2})"))
+                .unwrap_or_default()
+        );
+    }
+    let t = &r.totals;
+    let _ = write!(
+        o,
+        "\nTotal: {} Service(s), {} transitions, {} wakes, {:.1} replica-hours saved.\n",
+        t.services, t.transitions, t.wakes.count, t.saved.replica_hours
+    );
+    o
+}
+
 pub fn escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {

@@ -19,10 +19,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
 
-use super::UiState;
 use super::api::{MAX_WINDOW, MIN_WINDOW, Window, blocking, now_ms, query_error};
 use super::error::HttpError;
 use super::policies::id_of;
+use super::{UiSources, UiState};
 use crate::policy::compile::Replicas;
 use crate::policy::{ScalingPolicy, compile};
 use crate::reports::{
@@ -201,8 +201,8 @@ fn max_replicas(p: &ScalingPolicy) -> u32 {
     }
 }
 
-async fn requests(ui: &UiState, namespace: &str, deployment: &str) -> PerReplica {
-    let Some(client) = ui.sources.client.clone() else {
+async fn requests(sources: &UiSources, namespace: &str, deployment: &str) -> PerReplica {
+    let Some(client) = sources.client.clone() else {
         return PerReplica::default();
     };
     let api: Api<Deployment> = Api::namespaced(client, namespace);
@@ -263,16 +263,15 @@ fn read(store: &Store, m: Meta) -> Result<(ServiceInput, Vec<ColdStartRecord>), 
     ))
 }
 
-pub async fn report(
-    State(ui): State<UiState>,
-    query: Result<Query<ReportQuery>, QueryRejection>,
-) -> Result<Response, HttpError> {
-    let Query(q) = query.map_err(query_error)?;
-    let now = now_ms();
-    let fmt = format(&q)?;
-    let span = span(&q, now)?;
-    let prices = prices(&q)?;
-    let (scope, policies) = select(&q, ui.sources.policies.list())?;
+/// The report of `q`'s scope over `span`, from `sources`.
+pub async fn build(
+    sources: &UiSources,
+    q: &ReportQuery,
+    span: Span,
+    prices: Prices,
+    now: u64,
+) -> Result<reports::Report, HttpError> {
+    let (scope, policies) = select(q, sources.policies.list())?;
     let mut metas = Vec::with_capacity(policies.len());
     for p in &policies {
         let created = p
@@ -286,7 +285,7 @@ pub async fn report(
         let ns = p.namespace().unwrap_or_default();
         metas.push(Meta {
             id: id_of(p),
-            per_replica: requests(&ui, &ns, &deployment).await,
+            per_replica: requests(sources, &ns, &deployment).await,
             deployment,
             state: p.status.as_ref().and_then(|s| s.state.clone()),
             span: Span {
@@ -296,7 +295,7 @@ pub async fn report(
             max_replicas: max_replicas(p),
         });
     }
-    let store = ui.sources.store.clone();
+    let store = sources.store.clone();
     let inputs = blocking("reading the report's history", move || {
         metas
             .into_iter()
@@ -310,7 +309,7 @@ pub async fn report(
         all_colds.extend(colds);
         services.push(reports::service(input, &prices));
     }
-    let r = reports::report(
+    Ok(reports::report(
         reports::Scope {
             scope: scope.to_string(),
             namespace: q.namespace.clone(),
@@ -321,7 +320,57 @@ pub async fn report(
         prices,
         services,
         &all_colds,
-    );
+    ))
+}
+
+/// Scheduled reports (sent through the alert sinks) are built like the UI's.
+pub struct ScheduledReports(pub UiSources);
+
+impl crate::notify::ReportSource for ScheduledReports {
+    fn build<'a>(
+        &'a self,
+        namespace: Option<&'a str>,
+        policy: Option<&'a str>,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> futures::future::BoxFuture<'a, Result<reports::Report, String>> {
+        Box::pin(async move {
+            let q = ReportQuery {
+                scope: None,
+                namespace: namespace.map(str::to_string),
+                name: policy.map(str::to_string),
+                from: None,
+                to: None,
+                window: None,
+                format: None,
+                price_replica_hour: None,
+                price_cpu_core_hour: None,
+                price_memory_gib_hour: None,
+                price_gpu_hour: None,
+            };
+            build(
+                &self.0,
+                &q,
+                Span { from_ms, to_ms },
+                Prices::default(),
+                now_ms(),
+            )
+            .await
+            .map_err(|e| e.message.to_string())
+        })
+    }
+}
+
+pub async fn report(
+    State(ui): State<UiState>,
+    query: Result<Query<ReportQuery>, QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(q) = query.map_err(query_error)?;
+    let now = now_ms();
+    let fmt = format(&q)?;
+    let span = span(&q, now)?;
+    let prices = prices(&q)?;
+    let r = build(&ui.sources, &q, span, prices, now).await?;
     let file = match (&r.namespace, &r.name) {
         (Some(ns), Some(n)) => format!("nemesis-report-{ns}-{n}"),
         (Some(ns), None) => format!("nemesis-report-{ns}"),
