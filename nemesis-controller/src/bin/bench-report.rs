@@ -138,8 +138,9 @@ async fn main() -> Result<()> {
         "checkout",
         ScalingPolicySpec {
             target: TargetRef {
-                deployment: "checkout".into(),
+                deployment: Some("checkout".into()),
                 service: Some("checkout".into()),
+                ..Default::default()
             },
             max_replicas: Some(3),
             ..Default::default()

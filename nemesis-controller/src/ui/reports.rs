@@ -281,11 +281,19 @@ pub async fn build(
             .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
         // A young policy is counted from its creation, not credited before it.
         let from = created.filter(|c| *c > span.from_ms && *c < span.to_ms);
-        let deployment = p.spec.target.deployment.clone();
+        let t = &p.spec.target;
+        let deployment = t.deployment.clone().or(t.name.clone()).unwrap_or_default();
         let ns = p.namespace().unwrap_or_default();
+        // Requests are read from Deployments; other kinds count replicas only (for now).
+        let is_deployment = t.kind.as_deref().is_none_or(|k| k == "Deployment");
+        let per_replica = if is_deployment {
+            requests(sources, &ns, &deployment).await
+        } else {
+            PerReplica::default()
+        };
         metas.push(Meta {
             id: id_of(p),
-            per_replica: requests(sources, &ns, &deployment).await,
+            per_replica,
             deployment,
             state: p.status.as_ref().and_then(|s| s.state.clone()),
             span: Span {
