@@ -20,6 +20,7 @@ use crate::auth::{AuthError, BearerToken};
 use crate::config::{ConfigError, RunArgs};
 use crate::leader::{self, LeaderConfig, LeaseLock};
 use crate::metrics::ControllerMetrics;
+use crate::notify::{self, Notifier, RuleSource, SecretOutbox};
 use crate::prometheus::{DEFAULT_QUERY_TIMEOUT, PromClient, PromError};
 use crate::reconcile::{self, Context, EventSink, History, PromPool, Settings};
 use crate::server::{self, Health, ServerError};
@@ -50,6 +51,8 @@ pub enum StartError {
     UiAccounts(#[source] crate::ui::directory::DirectoryError),
     #[error("--prometheus-url: {0}")]
     PrometheusUrl(#[source] PromError),
+    #[error("--alert-sinks-file: {0}")]
+    AlertSinks(#[source] crate::notify::sinks::SinksError),
     #[error(transparent)]
     OpenStore(#[from] StoreError),
     #[error("opening the history store: the blocking task failed: {0}")]
@@ -189,6 +192,16 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         }
         _ => None,
     };
+    let alert_sinks = args
+        .alert_sinks_file
+        .as_deref()
+        .map(notify::sinks::read_sinks)
+        .transpose()
+        .map_err(StartError::AlertSinks)?
+        .unwrap_or_default();
+    if args.alert_sinks_file.is_none() {
+        tracing::warn!("no --alert-sinks-file: alerts are raised and shown, but sent nowhere");
+    }
     let store = {
         let path = args.store_path.clone();
         let retention = args.retention();
@@ -234,7 +247,39 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let serve_stop = CancellationToken::new();
     let mut background = Vec::new();
 
+    let (rules, rule_feed) = RuleSource::watch(client.clone(), serve_stop.clone());
+    background.push(tokio::spawn(rule_feed));
+    // The policies as the UI and scheduled reports see them (every instance watches).
+    let (policies, feed) = PolicyCache::new();
+    background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
+    let (notifier, notify_handle, tap) = Notifier::new(
+        alert_sinks.sinks,
+        Box::new(SecretOutbox::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.alert_outbox_secret,
+        )),
+        rules,
+        notify::sinks::Sender::new(identity.clone(), format!("http://{api_addr}/alerts")),
+        metrics.clone(),
+        Some(registry.clone()),
+        leading.clone(),
+    );
+    let notifier = notifier.with_reports(
+        alert_sinks.reports,
+        Arc::new(ui::reports::ScheduledReports(UiSources {
+            store: store.clone(),
+            policies: policies.clone(),
+            registry: registry.clone(),
+            alerts: alerts.clone(),
+            alert_webhook: alert_token.is_some(),
+            notify: None,
+            kube: Some(client.clone()),
+        })),
+    );
+    background.push(tokio::spawn(notifier.run(core_stop.clone())));
     let (history, writer) = History::new(store.clone(), metrics.clone());
+    let history = history.with_tap(tap);
     background.push(tokio::spawn(writer));
     let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
     let publisher = tokio::spawn(publisher);
@@ -253,9 +298,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     );
     let mut ui_server = None;
     if let Some(password) = ui_password {
-        // The UI watches the policies itself, so a standby shows them too.
-        let (policies, feed) = PolicyCache::new();
-        background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
+        // The UI watches the policies itself (above), so a standby shows them too.
         let directory = Arc::new(
             Directory::open(
                 Backing::secret(
@@ -286,6 +329,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
                 alerts: alerts.clone(),
                 alert_webhook: alert_token.is_some(),
                 kube: Some(client.clone()),
+                notify: Some(notify_handle),
             },
         );
         match (ui_tls.clone(), ui_listener, ui_addr) {

@@ -171,6 +171,17 @@ pub struct RunArgs {
     #[arg(long, env = "NEMESIS_CONTROLLER_UI_PASSWORD_FILE")]
     pub ui_password_file: Option<PathBuf>,
 
+    /// File listing the alert sinks (webhook, Slack, Alertmanager, SMTP) with their keys
+    /// and passwords: a mounted Secret (see `notify::sinks`). Without it AlertRules
+    /// raise alerts the UI shows, but nothing is sent.
+    #[arg(long, env = "NEMESIS_CONTROLLER_ALERT_SINKS_FILE")]
+    pub alert_sinks_file: Option<PathBuf>,
+
+    /// The Secret (in the Lease's namespace) that keeps the alert outbox, so the next
+    /// leader delivers what this one raised.
+    #[arg(long, env = "NEMESIS_CONTROLLER_ALERT_OUTBOX_SECRET", default_value = crate::notify::DEFAULT_OUTBOX_SECRET)]
+    pub alert_outbox_secret: String,
+
     /// The user name the UI accepts with that password.
     #[arg(long, env = "NEMESIS_CONTROLLER_UI_USER", default_value = crate::ui::DEFAULT_USER)]
     pub ui_user: String,

@@ -20,12 +20,21 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CrdKind {
+    Scalingpolicy,
+    Alertrule,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (leader election, policies, agents' API, webhook, metrics).
     Run(Box<RunArgs>),
-    /// Print the ScalingPolicy CRD as YAML.
-    Crd,
+    /// Print a CRD as YAML: the ScalingPolicy's, or with `--kind alertrule` the AlertRule's.
+    Crd {
+        #[arg(long, value_enum, default_value_t = CrdKind::Scalingpolicy)]
+        kind: CrdKind,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -43,7 +52,13 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => print!("{}", nemesis_controller::policy::crd_yaml()),
+        Command::Crd { kind } => print!(
+            "{}",
+            match kind {
+                CrdKind::Scalingpolicy => nemesis_controller::policy::crd_yaml(),
+                CrdKind::Alertrule => nemesis_controller::notify::rule::crd_yaml(),
+            }
+        ),
         Command::Run(args) => {
             init_tracing(args.log_format);
             tokio::runtime::Builder::new_multi_thread()

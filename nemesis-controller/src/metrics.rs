@@ -173,11 +173,44 @@ impl UiRefusal {
     }
 }
 
-label_value_as_str!(ErrorKind, ScaleDirection, DecisionOutcome, UiRefusal);
+/// What became of one notification, for `nemesis_controller_alert_deliveries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryOutcome {
+    Delivered,
+    /// Refused or unreachable; retried with backoff.
+    Failed,
+    /// Held back by the sink's rate limit; sent later.
+    RateLimited,
+}
+
+impl DeliveryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Failed => "failed",
+            DeliveryOutcome::RateLimited => "rate_limited",
+        }
+    }
+}
+
+label_value_as_str!(
+    ErrorKind,
+    ScaleDirection,
+    DecisionOutcome,
+    UiRefusal,
+    DeliveryOutcome
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct UiRefusalLabels {
     reason: UiRefusal,
+}
+
+/// `sink` is a name from the administrator's sinks file (a handful), never user input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeliveryLabels {
+    sink: String,
+    outcome: DeliveryOutcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -210,6 +243,9 @@ pub struct ControllerMetrics {
     live_agents: Gauge,
     leader: Gauge,
     ui_refusals: Family<UiRefusalLabels, Counter>,
+    alerts_raised: Counter,
+    alert_deliveries: Family<DeliveryLabels, Counter>,
+    alert_outbox_pending: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -284,7 +320,28 @@ impl ControllerMetrics {
         for reason in UiRefusal::ALL {
             let _ = ui_refusals.get_or_create(&UiRefusalLabels { reason });
         }
+        let alerts_raised = Counter::default();
+        registry.register(
+            "alerts_raised",
+            "Alerts raised by AlertRules (repeats of a firing alert not counted)",
+            alerts_raised.clone(),
+        );
+        let alert_deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "alert_deliveries",
+            "Notifications to alert sinks, by sink and outcome",
+            alert_deliveries.clone(),
+        );
+        let alert_outbox_pending = Gauge::default();
+        registry.register(
+            "alert_outbox_pending",
+            "Alert deliveries waiting in the outbox (all sinks)",
+            alert_outbox_pending.clone(),
+        );
         Self {
+            alerts_raised,
+            alert_deliveries,
+            alert_outbox_pending,
             reconciles,
             errors,
             decisions,
@@ -343,6 +400,24 @@ impl ControllerMetrics {
 
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+
+    pub fn alert_raised(&self) {
+        self.alerts_raised.inc();
+    }
+
+    pub fn alert_delivery(&self, sink: &str, outcome: DeliveryOutcome) {
+        self.alert_deliveries
+            .get_or_create(&DeliveryLabels {
+                sink: sink.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn set_alert_outbox_pending(&self, n: usize) {
+        self.alert_outbox_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn registry(&self) -> &Registry {

@@ -147,3 +147,23 @@ fn no_nullable_field_has_an_enum_without_null() {
         "nullable beside an enum without null: {bad:#?}"
     );
 }
+
+#[test]
+fn committed_alertrule_crd_matches_the_rust_types_and_has_a_status() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/crd/alertrule.yaml");
+    let committed = std::fs::read_to_string(&path)
+        .expect("manifests/crd/alertrule.yaml exists (run `cargo xtask gen`)");
+    let generated = nemesis_controller::notify::rule::crd_yaml();
+    assert!(
+        committed == generated,
+        "manifests/crd/alertrule.yaml is stale: run `cargo xtask gen` and commit it"
+    );
+    let crd: serde_yaml::Value = serde_yaml::from_str(&generated).unwrap();
+    assert_eq!(
+        crd["metadata"]["name"].as_str(),
+        Some("alertrules.nemesis.dev")
+    );
+    assert_eq!(crd["spec"]["scope"].as_str(), Some("Namespaced"));
+    let version = &crd["spec"]["versions"][0];
+    assert!(version["subresources"]["status"].is_mapping());
+}

@@ -16,6 +16,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("connect_overhead", "nemesis-agent", "bench-connect"),
     ("policy_tick", "nemesis-controller", "bench-policy"),
     ("ui_overview", "nemesis-controller", "bench-ui"),
+    ("report_30d", "nemesis-controller", "bench-report"),
 ];
 
 pub fn run(only: Option<&str>) -> Result<()> {

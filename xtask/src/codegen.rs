@@ -1,13 +1,24 @@
 //! `cargo xtask gen`: regenerates files whose source of truth is Rust code, so they can
-//! never drift by hand. Today: the ScalingPolicy CRD (`manifests/crd/scalingpolicy.yaml`)
-//! from the controller's types, printed by `nemesis-controller crd`.
+//! never drift by hand. Today: the ScalingPolicy and AlertRule CRDs (`manifests/crd/`)
+//! from the controller's types, printed by `nemesis-controller crd [--kind alertrule]`.
 
 use crate::util::{cargo, describe, root};
 use anyhow::{Context, Result, bail};
 
-const CRD_PATH: &str = "manifests/crd/scalingpolicy.yaml";
+/// (`--kind` of `nemesis-controller crd`, the file it is committed as)
+const CRDS: [(&str, &str); 2] = [
+    ("scalingpolicy", "manifests/crd/scalingpolicy.yaml"),
+    ("alertrule", "manifests/crd/alertrule.yaml"),
+];
 
 pub fn run(check: bool) -> Result<()> {
+    for (kind, path) in CRDS {
+        one(kind, path, check)?;
+    }
+    Ok(())
+}
+
+fn one(kind: &str, crd_path: &str, check: bool) -> Result<()> {
     let mut cmd = cargo();
     cmd.args([
         "run",
@@ -18,6 +29,8 @@ pub fn run(check: bool) -> Result<()> {
         "nemesis-controller",
         "--",
         "crd",
+        "--kind",
+        kind,
     ]);
     let line = describe(&cmd);
     eprintln!("+ {line}");
@@ -32,17 +45,17 @@ pub fn run(check: bool) -> Result<()> {
         );
     }
     let yaml = String::from_utf8(out.stdout).context("the CRD YAML is not UTF-8")?;
-    let path = root().join(CRD_PATH);
+    let path = root().join(crd_path);
     if check {
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         if committed != yaml {
-            bail!("{CRD_PATH} is stale: run `cargo xtask gen` and commit it");
+            bail!("{crd_path} is stale: run `cargo xtask gen` and commit it");
         }
-        eprintln!("{CRD_PATH} is up to date");
+        eprintln!("{crd_path} is up to date");
         return Ok(());
     }
-    std::fs::create_dir_all(path.parent().expect("CRD_PATH has a folder"))?;
+    std::fs::create_dir_all(path.parent().expect("a CRD path has a folder"))?;
     std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {CRD_PATH}");
+    eprintln!("wrote {crd_path}");
     Ok(())
 }

@@ -32,6 +32,11 @@ const APT_PACKAGES: &[&str] = &[
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const KUBERNETES_VALIDATE_VENV: &str = "/opt/nemesis/kubernetes-validate";
 
+/// aiosmtpd from PyPI, in a venv of its own: the alert tests deliver e-mail to a real
+/// SMTP server (`python -m aiosmtpd`) on loopback. Pinned like kubernetes-validate.
+const AIOSMTPD_VERSION: &str = "1.4.6";
+pub const AIOSMTPD_VENV: &str = "/opt/nemesis/aiosmtpd";
+
 pub fn run_setup_steps() -> Result<()> {
     apt_packages()?;
     nightly_toolchain()?;
@@ -39,6 +44,7 @@ pub fn run_setup_steps() -> Result<()> {
     nextest()?;
     ui_node_modules()?;
     kubernetes_validate()?;
+    aiosmtpd()?;
     Ok(())
 }
 
@@ -243,4 +249,20 @@ fn kubernetes_validate() -> Result<()> {
         .arg(format!(
             "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
         )))
+}
+
+fn aiosmtpd() -> Result<()> {
+    let venv = PathBuf::from(AIOSMTPD_VENV);
+    let python = venv.join("bin/python");
+    let installed = output(Command::new(&python).args(["-m", "aiosmtpd", "--version"]))
+        .is_some_and(|v| v.trim() == format!("aiosmtpd {AIOSMTPD_VERSION}"));
+    if installed {
+        return Ok(());
+    }
+    sh(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))?;
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q"])
+        .arg(format!("aiosmtpd=={AIOSMTPD_VERSION}")))
 }

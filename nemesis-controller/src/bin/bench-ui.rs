@@ -171,6 +171,7 @@ async fn main() -> Result<()> {
             alerts: Arc::new(AlertBook::new()),
             alert_webhook: true,
             kube: None,
+            notify: None,
         },
     );
     let router = ui::router(state);

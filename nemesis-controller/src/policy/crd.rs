@@ -362,7 +362,7 @@ pub fn crd_yaml() -> String {
 /// Joins the lines of each paragraph of every `description` (doc comments wrap at 90
 /// columns; `kubectl explain` wraps again and kept those breaks mid-sentence). Blank
 /// lines and list items (`- `) keep their breaks.
-fn reflow_descriptions(v: &mut serde_json::Value) {
+pub(crate) fn reflow_descriptions(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, x) in m.iter_mut() {

@@ -58,6 +58,15 @@ impl Schedule {
         })
     }
 
+    /// The latest time at or before `now` the pattern fires (in the schedule's zone).
+    pub fn last_at_or_before(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let local = now.with_timezone(&self.tz);
+        self.cron
+            .find_previous_occurrence(&local, true)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
     /// Is `now` within `window` after a time the pattern fires (in the schedule's zone)?
     /// A pattern that cannot be evaluated (no occurrence within croner's search horizon)
     /// counts as inactive.

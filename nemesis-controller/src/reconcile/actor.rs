@@ -306,12 +306,19 @@ impl Actor {
                     )
                 });
                 tracing::info!(policy = %self.id, generation = ?generation, "policy valid; running it");
+                self.ctx
+                    .history
+                    .signal(crate::notify::validity(self.id.clone(), None));
             }
             Err(e) => {
                 self.poller = None;
                 self.ctx.metrics.error(ErrorKind::InvalidPolicy);
                 tracing::warn!(policy = %self.id, err = %e, "policy invalid; nothing is scaled for it");
                 self.emit(true, "InvalidPolicy", "Validate", e.to_string());
+                self.ctx.history.signal(crate::notify::validity(
+                    self.id.clone(),
+                    Some(e.to_string()),
+                ));
             }
         }
         if old_svc != self.svc

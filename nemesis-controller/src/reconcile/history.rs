@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 use crate::metrics::{ControllerMetrics, ErrorKind};
+use crate::notify::NotifyTap;
+use crate::notify::evaluate::Signal;
 use crate::store::{
     ColdStartRecord, PolicyId, ScaleRecord, Store, StoreError, TransitionRecord, unix_ms,
 };
@@ -38,6 +40,8 @@ pub enum Item {
 pub struct History {
     tx: mpsc::Sender<Item>,
     metrics: ControllerMetrics,
+    /// Alert rules see every record too.
+    tap: NotifyTap,
 }
 
 impl History {
@@ -48,10 +52,31 @@ impl History {
     ) -> (Self, impl std::future::Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = write_all(store, rx, metrics.clone());
-        (Self { tx, metrics }, task)
+        (
+            Self {
+                tx,
+                metrics,
+                tap: NotifyTap::default(),
+            },
+            task,
+        )
+    }
+
+    /// Hands every record to the alert rules as well.
+    pub fn with_tap(mut self, tap: NotifyTap) -> Self {
+        self.tap = tap;
+        self
+    }
+
+    /// Reports something alert rules watch that is not a history record.
+    pub fn signal(&self, s: Signal) {
+        self.tap.send(s);
     }
 
     pub fn record(&self, item: Item) {
+        if let Some(s) = crate::notify::signal_of(&item) {
+            self.tap.send(s);
+        }
         if self.tx.try_send(item).is_err() {
             self.metrics.error(ErrorKind::Store);
             tracing::warn!("history queue full; a record was dropped");

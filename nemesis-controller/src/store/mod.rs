@@ -268,6 +268,26 @@ impl Store {
         Ok(())
     }
 
+    /// Records raw samples of many moments in one transaction: an import, or a backlog
+    /// of ticks (one commit, so one disk sync, for all of them).
+    pub fn record_sample_batch<'a>(
+        &self,
+        samples: impl IntoIterator<Item = (u64, &'a PolicyId, &'a str, f64)>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = open_table(&txn, METRIC_SAMPLES)?;
+            for (at_ms, policy, metric, value) in samples {
+                let bytes = encode(METRIC_SAMPLES, &SampleValue::Raw { value })?;
+                table
+                    .insert((policy.key().as_str(), metric, at_ms), bytes.as_slice())
+                    .map_err(access_error(METRIC_SAMPLES))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     fn insert_event<T: Serialize>(
         &self,
         def: TableDefinition<EventKey, &[u8]>,

@@ -21,9 +21,11 @@ pub mod guard;
 pub mod limit;
 pub mod lockout;
 pub mod login;
+pub mod outbox;
 pub mod password;
 pub mod policies;
 pub mod report;
+pub mod reports;
 pub mod role;
 pub mod session;
 pub mod tls;
@@ -103,8 +105,11 @@ pub struct UiSources {
     pub alerts: Arc<AlertBook>,
     /// Whether the Alertmanager webhook is served (else no alert can ever fire).
     pub alert_webhook: bool,
-    /// How policy changes are made (`None`: the UI cannot change policies).
+    /// How policy changes are made and Deployments' pod requests read for reports
+    /// (`None`: the UI cannot change policies; reports count resources per replica only).
     pub kube: Option<kube::Client>,
+    /// Alerts out (the outbox and the sinks); `None` where no notifier runs.
+    pub notify: Option<crate::notify::NotifyHandle>,
 }
 
 /// Everything the handlers share; cheap to clone.
@@ -157,6 +162,7 @@ fn least(state: &UiState, role: Role) -> guard::Need {
 pub fn router(state: UiState) -> Router {
     // Changes an operator may make.
     let operator = Router::new()
+        .route("/api/alerts/{id}/ack", post(outbox::acknowledge))
         .route(
             "/api/v1/policies/{namespace}/{name}/pause",
             post(edit::pause),
@@ -205,6 +211,10 @@ pub fn router(state: UiState) -> Router {
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/stream", get(events::stream))
         .route("/api/v1/reports/summary", get(report::summary))
+        // Alerts out (issue 11): the paths the UI pages and the role checks rely on.
+        .route("/api/alerts", get(outbox::alerts))
+        .route("/api/sinks", get(outbox::sinks))
+        .route("/api/reports", get(reports::report))
         .route("/logout", post(login::logout))
         // No route here takes a body; one that starts to must raise this on purpose.
         .layer(DefaultBodyLimit::max(0))

@@ -201,6 +201,14 @@ pub fn now_ms() -> u64 {
 
 /// A UI over a fresh store seeded for [`id`], with the policy in its cache.
 pub fn fixture(config: UiConfig) -> Fixture {
+    fixture_with(config, None)
+}
+
+/// The same, with the alerts-out notifier's handle behind `/api/alerts` and `/api/sinks`.
+pub fn fixture_with(
+    config: UiConfig,
+    notify: Option<nemesis_controller::notify::NotifyHandle>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store =
         Arc::new(Store::open(dir.path().join("history.redb"), Retention::default()).unwrap());
@@ -224,6 +232,7 @@ pub fn fixture(config: UiConfig) -> Fixture {
             alerts: alerts.clone(),
             alert_webhook: true,
             kube: None,
+            notify,
         },
     );
     Fixture {
