@@ -21,7 +21,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::api_route::{self, ApiRoute};
 use super::call::{CallError, call};
+use super::images::{Image, ImageStore};
+use super::volumes::{self, PodVolumes};
 use super::container::{self, PodPlacement};
 use super::events::{Recorder, Source};
 use super::probe::{self, Outcome, ProbePlan, Readiness};
@@ -33,6 +36,9 @@ use crate::netns::{PodNetns, PodNetwork};
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Pause before retrying a failed API call or namespace set-up.
 const RETRY: Duration = Duration::from_millis(500);
+/// Pause before retrying volumes whose Secret or claim is missing: each failure is an
+/// Event, so not too often.
+const VOLUME_RETRY: Duration = Duration::from_secs(1);
 /// Crash-loop back-off, as the kubelet: 10 s doubling to 5 min (the first restart is
 /// immediate), reset after a run of 10 min.
 const BACKOFF_BASE: Duration = Duration::from_secs(10);
@@ -53,6 +59,13 @@ pub struct WorkerEnv {
     pub events: Arc<Recorder>,
     /// The API server's CA, for the pods' `ca.crt`.
     pub ca_pem: Option<String>,
+    /// The images this node has; `None`: every container runs its `command` on the host.
+    pub images: Option<Arc<ImageStore>>,
+    /// The API server's address, for `KUBERNETES_SERVICE_HOST`/`_PORT` and the route to
+    /// it from pods' namespaces.
+    pub api_server: Option<std::net::SocketAddr>,
+    /// Where PersistentVolumeClaims' data lives on this node.
+    pub claims_dir: PathBuf,
 }
 
 impl std::fmt::Debug for WorkerEnv {
@@ -197,6 +210,12 @@ struct Worker {
     report_retry_at: Option<Instant>,
     /// The pod's projected ServiceAccount token directory, once written.
     service_account: Option<std::path::PathBuf>,
+    /// Its volumes and the objects its env reads, once ready.
+    volumes: PodVolumes,
+    /// Each container's image, by container name, when the node has it.
+    images: std::collections::HashMap<String, Arc<Image>>,
+    /// The pod's way to the API server from its own namespace.
+    api_route: Option<ApiRoute>,
     exits_tx: mpsc::UnboundedSender<(usize, u64, ExitStatus)>,
     exits_rx: mpsc::UnboundedReceiver<(usize, u64, ExitStatus)>,
     probes: FuturesUnordered<BoxFuture<'static, ProbeDone>>,
@@ -246,6 +265,9 @@ impl Worker {
             reported: None,
             report_retry_at: None,
             service_account: None,
+            volumes: PodVolumes::default(),
+            images: std::collections::HashMap::new(),
+            api_route: None,
             exits_tx,
             exits_rx,
             probes: FuturesUnordered::new(),
@@ -258,6 +280,65 @@ impl Worker {
 
     fn deleting(&self) -> bool {
         self.pod.metadata.deletion_timestamp.is_some()
+    }
+
+    fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
+    /// The pod's address: its namespace's, or the node's on the host network.
+    fn pod_ip(&self) -> Option<std::net::Ipv4Addr> {
+        if self.host_network() {
+            return Some(self.env.network.gateway());
+        }
+        self.netns.as_ref().map(|n| n.ip())
+    }
+
+    /// Whether the pod's network is there (always, on the host network).
+    fn network_ready(&self) -> bool {
+        self.host_network() || self.netns.is_some()
+    }
+
+    /// Volumes, env sources, images and the API route: what must be there before any
+    /// container starts. An error is for an event and a retry.
+    async fn prepare_containers(&mut self) -> Result<(), String> {
+        let pod_ip = self.pod_ip().ok_or("no pod network yet")?;
+        let pod_dir = self.pod_dir();
+        self.volumes = volumes::prepare(
+            &self.env.client,
+            &self.pod,
+            &pod_dir,
+            &self.env.claims_dir,
+            pod_ip,
+        )
+        .await
+        .map_err(|e| format!("MountVolume.SetUp failed: {e}"))?;
+        if let Some(store) = &self.env.images {
+            for slot in &self.slots {
+                let Some(reference) = slot.spec.image.clone() else {
+                    continue;
+                };
+                if self.images.contains_key(&slot.spec.name) || !store.has(&reference) {
+                    continue;
+                }
+                let store = Arc::clone(store);
+                let image = tokio::task::spawn_blocking(move || store.resolve(&reference))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                self.images.insert(slot.spec.name.clone(), image);
+            }
+        }
+        if let (Some(api), Some(netns), None) =
+            (self.env.api_server, self.netns.as_ref(), self.api_route.as_ref())
+        {
+            self.api_route = Some(api_route::serve(netns.name(), api).map_err(|e| e.to_string())?);
+        }
+        Ok(())
     }
 
     fn restart_policy(&self) -> String {
@@ -316,7 +397,15 @@ impl Worker {
             // A finished pod from an earlier kubelet: it stays finished.
             return self.idle(updates, cancel).await;
         }
-        while self.netns.is_none() {
+        if self.host_network() {
+            self.start_time = Some(now());
+            let message = format!(
+                "Successfully assigned {} to {}",
+                self.key, self.env.node_name
+            );
+            self.event(None, Source::Scheduler, false, "Scheduled", message);
+        }
+        while !self.network_ready() {
             match self.env.network.attach().await {
                 Ok(ns) => {
                     self.netns = Some(ns);
@@ -352,6 +441,20 @@ impl Worker {
                         format!("MountVolume.SetUp failed for volume \"kube-api-access\" : {err}");
                     self.event(None, Source::Kubelet, true, "FailedMount", message);
                     if let Some(end) = self.pause(RETRY, updates, cancel).await {
+                        return end;
+                    }
+                }
+            }
+        }
+        // Then the other volumes, env sources and images: a Secret created after the
+        // pod (as the install's are) is waited for, as on a cluster.
+        loop {
+            match self.prepare_containers().await {
+                Ok(()) => break,
+                Err(message) => {
+                    tracing::warn!(pod = %self.key, %message, "preparing the pod's containers failed, retrying");
+                    self.event(None, Source::Kubelet, true, "FailedMount", message);
+                    if let Some(end) = self.pause(VOLUME_RETRY, updates, cancel).await {
                         return end;
                     }
                 }
@@ -424,26 +527,37 @@ impl Worker {
     }
 
     fn start(&mut self, i: usize) {
-        let Some(netns) = self.netns.as_ref() else {
-            return;
+        let host_network = self.host_network();
+        let (netns_name, pod_ip, host_ip) = match (&self.netns, host_network) {
+            (_, true) => {
+                let gw = self.env.network.gateway();
+                (String::new(), gw, gw)
+            }
+            (Some(ns), false) => (ns.name().to_string(), ns.ip(), ns.gateway()),
+            (None, false) => return,
         };
         let namespace = self.pod.namespace().unwrap_or_default();
         let name = self.name();
         let pod_dir = self.pod_dir();
         let service_account = self.service_account.clone();
+        let image = self.images.get(&self.slots[i].spec.name).cloned();
         let slot = &mut self.slots[i];
         if slot.config_error {
             return;
         }
         let place = PodPlacement {
-            netns: netns.name(),
-            pod_ip: netns.ip(),
+            netns: &netns_name,
+            pod_ip,
             node_name: &self.env.node_name,
-            host_ip: netns.gateway(),
+            host_ip,
             pod_dir: &pod_dir,
             log_path: self.env.log_path(&namespace, &name, &slot.spec.name),
             cgroup: self.env.pod_cgroup.as_deref(),
             service_account: service_account.as_deref(),
+            host_network,
+            volumes: &self.volumes,
+            image: image.as_deref(),
+            api_server: self.env.api_server,
         };
         let prepared = container::launch(&self.pod, &slot.spec, &place)
             .map_err(|e| e.to_string())
@@ -452,7 +566,7 @@ impl Worker {
                     .spec
                     .readiness_probe
                     .as_ref()
-                    .map(|p| probe::plan(p, &self.pod, &slot.spec, netns.ip()))
+                    .map(|p| probe::plan(p, &self.pod, &slot.spec, pod_ip))
                     .transpose()
                     .map_err(|e| e.to_string())?;
                 Ok((launch, probe))
@@ -475,7 +589,8 @@ impl Worker {
                 return;
             }
         };
-        let dirs = [Some(pod_dir.as_path()), launch.log_path.parent()];
+        let scratch = launch.image.as_ref().map(|i| i.scratch.as_path());
+        let dirs = [Some(pod_dir.as_path()), launch.log_path.parent(), scratch];
         let spawned = dirs
             .into_iter()
             .flatten()
@@ -501,7 +616,7 @@ impl Worker {
                 return;
             }
         };
-        tracing::info!(pod = %self.key, container = %slot.spec.name, pid = process.pid(), ip = %netns.ip(), "container started");
+        tracing::info!(pod = %self.key, container = %slot.spec.name, pid = process.pid(), ip = %pod_ip, image = image.is_some(), "container started");
         let (cname, image) = (
             slot.spec.name.clone(),
             slot.spec.image.clone().unwrap_or_default(),
@@ -536,7 +651,7 @@ impl Worker {
             }
         }
         slot.probe = probe;
-        // The sandbox runs commands, not images: the image is "already present".
+        // Images are loaded into the node, never pulled: "already present".
         self.event(
             Some(&cname),
             Source::Kubelet,
@@ -598,9 +713,10 @@ impl Worker {
     }
 
     fn launch_probe(&mut self, i: usize, now: Instant) {
-        let Some(netns) = self.netns.as_ref() else {
+        if !self.network_ready() {
             return;
-        };
+        }
+        let ns = self.netns.as_ref().map(|n| n.name().to_string()).unwrap_or_default();
         let slot = &mut self.slots[i];
         let Some(plan) = slot.probe.clone() else {
             return;
@@ -608,7 +724,6 @@ impl Worker {
         slot.probing = true;
         slot.next_probe = Some(now + plan.period);
         let generation = slot.generation;
-        let ns = netns.name().to_string();
         self.probes.push(Box::pin(async move {
             let outcome = probe::check(&plan.action, &ns, plan.timeout).await;
             (i, generation, outcome)
@@ -695,10 +810,12 @@ impl Worker {
 
     fn view(&self) -> PodView {
         PodView {
-            pod_ip: self.netns.as_ref().map(|n| n.ip().to_string()),
-            host_ip: self.netns.as_ref().map(|n| n.gateway().to_string()),
+            pod_ip: self.pod_ip().map(|ip| ip.to_string()),
+            host_ip: self
+                .network_ready()
+                .then(|| self.env.network.gateway().to_string()),
             start_time: self.start_time.clone(),
-            sandbox_ready: self.netns.is_some(),
+            sandbox_ready: self.network_ready(),
             restart_policy: self.restart_policy(),
             containers: self.slots.iter().map(|s| s.view.clone()).collect(),
         }
@@ -828,6 +945,7 @@ impl Worker {
     }
 
     async fn teardown_network(&mut self) {
+        self.api_route = None;
         if let Some(ns) = self.netns.take() {
             let name = ns.name().to_string();
             if let Err(err) = ns.teardown().await {
