@@ -112,6 +112,10 @@ pub fn launch(
             image.entrypoint.clone(),
             container.args.clone().unwrap_or_else(|| image.cmd.clone()),
         ),
+        (None, None) if container.image.as_deref().is_some_and(super::images::is_pause) => (
+            super::images::PAUSE_ARGV.map(String::from).to_vec(),
+            Vec::new(),
+        ),
         (None, None) => {
             return Err(ConfigError::NoCommand {
                 container: container.name.clone(),

@@ -82,6 +82,15 @@ pub fn normalize(reference: &str) -> String {
     format!("{name}{tag}")
 }
 
+/// Whether `reference` is the pause image every kubelet has (its sandbox image): the
+/// sandbox runs it as a process that only waits, whatever its tag.
+pub fn is_pause(reference: &str) -> bool {
+    normalize(reference).starts_with("registry.k8s.io/pause:")
+}
+
+/// What the pause image runs: nothing but waiting to be stopped.
+pub const PAUSE_ARGV: [&str; 2] = ["sleep", "infinity"];
+
 fn tar_file(archive: &Path, member: &str) -> Result<Vec<u8>, String> {
     let out = Command::new("tar")
         .arg("-xOf")
@@ -300,6 +309,13 @@ mod tests {
             "localhost:5000/x/y:latest"
         );
         assert_eq!(normalize("a/b@sha256:00"), "docker.io/a/b@sha256:00");
+    }
+
+    #[test]
+    fn the_pause_image_is_known_by_any_tag() {
+        assert!(is_pause("registry.k8s.io/pause:3.10"));
+        assert!(!is_pause("pause:3.10"));
+        assert!(!is_pause("registry.k8s.io/pause-not"));
     }
 
     #[test]

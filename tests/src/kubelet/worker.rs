@@ -216,6 +216,8 @@ struct Worker {
     images: std::collections::HashMap<String, Arc<Image>>,
     /// The pod's way to the API server from its own namespace.
     api_route: Option<ApiRoute>,
+    /// The init containers' statuses.
+    init_views: Vec<ContainerView>,
     exits_tx: mpsc::UnboundedSender<(usize, u64, ExitStatus)>,
     exits_rx: mpsc::UnboundedReceiver<(usize, u64, ExitStatus)>,
     probes: FuturesUnordered<BoxFuture<'static, ProbeDone>>,
@@ -268,6 +270,7 @@ impl Worker {
             volumes: PodVolumes::default(),
             images: std::collections::HashMap::new(),
             api_route: None,
+            init_views: Vec::new(),
             exits_tx,
             exits_rx,
             probes: FuturesUnordered::new(),
@@ -318,11 +321,23 @@ impl Worker {
         .await
         .map_err(|e| format!("MountVolume.SetUp failed: {e}"))?;
         if let Some(store) = &self.env.images {
-            for slot in &self.slots {
-                let Some(reference) = slot.spec.image.clone() else {
+            let inits = self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.init_containers.clone())
+                .unwrap_or_default();
+            let containers: Vec<Container> = self
+                .slots
+                .iter()
+                .map(|s| s.spec.clone())
+                .chain(inits)
+                .collect();
+            for container in &containers {
+                let Some(reference) = container.image.clone() else {
                     continue;
                 };
-                if self.images.contains_key(&slot.spec.name) || !store.has(&reference) {
+                if self.images.contains_key(&container.name) || !store.has(&reference) {
                     continue;
                 }
                 let store = Arc::clone(store);
@@ -330,7 +345,7 @@ impl Worker {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                self.images.insert(slot.spec.name.clone(), image);
+                self.images.insert(container.name.clone(), image);
             }
         }
         if let (Some(api), Some(netns), None) =
@@ -460,6 +475,9 @@ impl Worker {
                 }
             }
         }
+        if let Some(end) = self.run_init_containers(updates, cancel).await {
+            return end;
+        }
         let _ = self.report().await;
         for i in 0..self.slots.len() {
             self.start(i);
@@ -486,6 +504,150 @@ impl Worker {
                 _ = sleep_until_opt(deadline) => self.on_timer(),
             }
         }
+    }
+
+    /// The launch of `container` (an init container) in this pod, or why it cannot run.
+    fn launch_of(&self, container: &Container) -> Result<super::process::Launch, String> {
+        let host_network = self.host_network();
+        let (netns_name, pod_ip, host_ip) = match (&self.netns, host_network) {
+            (_, true) => {
+                let gw = self.env.network.gateway();
+                (String::new(), gw, gw)
+            }
+            (Some(ns), false) => (ns.name().to_string(), ns.ip(), ns.gateway()),
+            (None, false) => return Err("no pod network".into()),
+        };
+        let namespace = self.pod.namespace().unwrap_or_default();
+        let pod_dir = self.pod_dir();
+        let place = PodPlacement {
+            netns: &netns_name,
+            pod_ip,
+            node_name: &self.env.node_name,
+            host_ip,
+            pod_dir: &pod_dir,
+            log_path: self.env.log_path(&namespace, &self.name(), &container.name),
+            cgroup: self.env.pod_cgroup.as_deref(),
+            service_account: self.service_account.as_deref(),
+            host_network,
+            volumes: &self.volumes,
+            image: self.images.get(&container.name).map(|i| i.as_ref()),
+            api_server: self.env.api_server,
+        };
+        let launch = container::launch(&self.pod, container, &place).map_err(|e| e.to_string())?;
+        let scratch = launch.image.as_ref().map(|i| i.scratch.as_path());
+        for dir in [Some(pod_dir.as_path()), launch.log_path.parent(), scratch]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        Ok(launch)
+    }
+
+    /// Runs the init containers one after the other, each to a successful exit (retried
+    /// with the crash-loop back-off unless the restart policy is `Never`), as the
+    /// kubelet does before it starts any other container. `Some(end)` when the pod goes
+    /// away (or the sandbox stops) meanwhile; a pod whose init container failed under
+    /// `Never` stays as it is until deleted.
+    async fn run_init_containers(
+        &mut self,
+        updates: &mut watch::Receiver<Option<Pod>>,
+        cancel: &CancellationToken,
+    ) -> Option<End> {
+        let inits = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default();
+        if inits.is_empty() {
+            return None;
+        }
+        self.init_views = inits
+            .iter()
+            .map(|c| ContainerView {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                state: status::waiting("PodInitializing", None),
+                last_state: None,
+                ready: false,
+                restart_count: 0,
+                container_id: None,
+            })
+            .collect();
+        for slot in &mut self.slots {
+            slot.view.state = status::waiting("PodInitializing", None);
+        }
+        for (i, c) in inits.iter().enumerate() {
+            let mut streak = 0u32;
+            loop {
+                let launch = match self.launch_of(c) {
+                    Ok(l) => l,
+                    Err(message) => {
+                        self.init_views[i].state =
+                            status::waiting("CreateContainerConfigError", Some(message.clone()));
+                        self.event(Some(&c.name), Source::Kubelet, true, "Failed", format!("Error: {message}"));
+                        let _ = self.report().await;
+                        return Some(self.idle(updates, cancel).await);
+                    }
+                };
+                let mut process = match ContainerProcess::spawn(&launch) {
+                    Ok(p) => p,
+                    Err(err) => {
+                        self.init_views[i].state =
+                            status::waiting("RunContainerError", Some(err.to_string()));
+                        let _ = self.report().await;
+                        streak += 1;
+                        if let Some(end) = self.pause(restart_backoff(streak).max(RETRY), updates, cancel).await {
+                            return Some(end);
+                        }
+                        continue;
+                    }
+                };
+                let started = now();
+                self.init_views[i].state = status::running(started.clone());
+                self.init_views[i].container_id = Some(format!("nemesis://{}", process.pid()));
+                self.event(Some(&c.name), Source::Kubelet, false, "Created", format!("Created container: {}", c.name));
+                self.event(Some(&c.name), Source::Kubelet, false, "Started", format!("Started container {}", c.name));
+                let _ = self.report().await;
+                let exit = loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Some(End::Cancelled),
+                        changed = updates.changed() => {
+                            if changed.is_err() {
+                                return Some(End::Cancelled);
+                            }
+                            if let Some(end) = self.take_update(updates) {
+                                process.stop(termination_grace(&self.pod)).await;
+                                return Some(end);
+                            }
+                        }
+                        status = process.exited() => break status,
+                    }
+                };
+                let code = exit_code(exit);
+                let reason = if code == 0 { "Completed" } else { "Error" };
+                self.init_views[i].state = status::terminated(code, reason, Some(started), now());
+                tracing::info!(pod = %self.key, container = %c.name, code, "init container exited");
+                if code == 0 {
+                    break;
+                }
+                if self.restart_policy() == "Never" {
+                    let _ = self.report().await;
+                    return Some(self.idle(updates, cancel).await);
+                }
+                streak += 1;
+                self.init_views[i].restart_count += 1;
+                let _ = self.report().await;
+                if let Some(end) = self.pause(restart_backoff(streak).max(RETRY), updates, cancel).await {
+                    return Some(end);
+                }
+            }
+        }
+        for slot in &mut self.slots {
+            slot.view.state = status::waiting("ContainerCreating", None);
+        }
+        None
     }
 
     /// Nothing to run: wait for the pod to go.
@@ -818,6 +980,7 @@ impl Worker {
             sandbox_ready: self.network_ready(),
             restart_policy: self.restart_policy(),
             containers: self.slots.iter().map(|s| s.view.clone()).collect(),
+            init_containers: self.init_views.clone(),
         }
     }
 

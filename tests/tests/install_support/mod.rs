@@ -251,6 +251,71 @@ patches:
         Ok(())
     }
 
+    /// The uninstall's per-node cleanup (`manifests/uninstall/agent-cleanup.yaml`, as
+    /// it is) with the node's image names and this run's bpffs: a kustomization in the
+    /// run's directory (kustomize takes only files below its own root, hence the copy).
+    /// Returns its directory, for `kubectl apply -k` / `delete -k`.
+    pub fn write_cleanup_kustomization(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join("cleanup");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(
+            workspace_root().join("manifests/uninstall/agent-cleanup.yaml"),
+            dir.join("agent-cleanup.yaml"),
+        )?;
+        let bpffs = self.bpffs.as_ref().context("bpffs")?.path().display().to_string();
+        std::fs::write(
+            dir.join("kustomization.yaml"),
+            format!(
+                r#"apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - agent-cleanup.yaml
+images:
+  - name: nemesis-agent
+    newName: localhost/nemesis-agent
+patches:
+  - patch: |-
+      apiVersion: apps/v1
+      kind: DaemonSet
+      metadata: {{name: nemesis-agent-cleanup, namespace: {SYSTEM_NS}}}
+      spec:
+        template:
+          spec:
+            volumes:
+              - {{name: bpffs, hostPath: {{path: "{bpffs}", type: Directory}}}}
+"#
+            ),
+        )?;
+        Ok(dir)
+    }
+
+    /// The run's install kustomization (for `kubectl delete -k`).
+    pub fn install_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// The programs attached to the run's cgroup, as `bpftool cgroup show` lists them.
+    pub async fn attached_programs(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let cgroup = self.cgroup.as_ref().context("cgroup")?.path().to_path_buf();
+        let out = tokio::process::Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&cgroup)
+            .output()
+            .await
+            .context("running bpftool")?;
+        ensure!(
+            out.status.success(),
+            "bpftool cgroup show {}: {}",
+            cgroup.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(listed.as_array().cloned().unwrap_or_default())
+    }
+
     pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         self.kubectl_within(KUBECTL_TIMEOUT, args).await
     }
