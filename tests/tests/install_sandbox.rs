@@ -39,7 +39,10 @@ async fn kubectl_apply_k_installs_from_images_and_the_installed_nemesis_wakes_an
     // The wake: a client held by the installed agent, the installed controller scales.
     let result = env.request(WAKE_TIMEOUT).await?;
     let response = result.http().with_context(|| env.diagnostics())?;
-    ensure!(response.status == 200, "the woken app answered {response:?}");
+    ensure!(
+        response.status == 200,
+        "the woken app answered {response:?}"
+    );
     env.wait_replicas(1, Duration::from_secs(30)).await?;
 
     // The sleep: after the idle window the controller holds the Service again and
@@ -49,9 +52,20 @@ async fn kubectl_apply_k_installs_from_images_and_the_installed_nemesis_wakes_an
         .with_context(|| env.diagnostics())?;
     env.wait_held(Duration::from_secs(30)).await?;
     let policy = env
-        .kubectl(&["-n", APP_NS, "get", "scalingpolicy", APP, "-o", "jsonpath={.status.state}"])
+        .kubectl(&[
+            "-n",
+            APP_NS,
+            "get",
+            "scalingpolicy",
+            APP,
+            "-o",
+            "jsonpath={.status.state}",
+        ])
         .await?;
-    ensure!(policy == "zero", "the policy's state after the sleep: {policy:?}");
+    ensure!(
+        policy == "zero",
+        "the policy's state after the sleep: {policy:?}"
+    );
 
     // Both components spoke to the API as their ServiceAccounts, refused nothing.
     let requests = env.server.as_ref().context("the API server")?.requests();
@@ -86,7 +100,10 @@ async fn an_installed_nemesis_uninstalls_as_the_readme_says_and_leaves_nothing_b
         .await
         .with_context(|| env.diagnostics())?;
     let response = env.request(WAKE_TIMEOUT).await?.http()?;
-    ensure!(response.status == 200, "the woken app answered {response:?}");
+    ensure!(
+        response.status == 200,
+        "the woken app answered {response:?}"
+    );
     env.wait_replicas(1, Duration::from_secs(30)).await?;
     env.wait_replicas(0, SLEEP_TIMEOUT).await?;
     env.wait_held(Duration::from_secs(30)).await?;
@@ -95,34 +112,42 @@ async fn an_installed_nemesis_uninstalls_as_the_readme_says_and_leaves_nothing_b
         !env.attached_programs().await?.is_empty(),
         "the installed agent attached its programs"
     );
-    ensure!(env.pins().exists(), "the agent pinned under {}", env.pins().display());
+    ensure!(
+        env.pins().exists(),
+        "the agent pinned under {}",
+        env.pins().display()
+    );
 
     // The uninstall, step by step as manifests/README.md has it.
-    env.kubectl(&["delete", "scalingpolicies", "--all", "-A"]).await?;
+    env.kubectl(&["delete", "scalingpolicies", "--all", "-A"])
+        .await?;
     env.kubectl_within(
         Duration::from_secs(90),
-        &["-n", SYSTEM_NS, "delete", "daemonset", "nemesis-agent", "--wait"],
+        &[
+            "-n",
+            SYSTEM_NS,
+            "delete",
+            "daemonset",
+            "nemesis-agent",
+            "--wait",
+        ],
     )
     .await?;
-    wake_support::eventually(
-        "the agent's pod gone",
-        Duration::from_secs(90),
-        || async {
-            let out = env
-                .kubectl(&[
-                    "-n",
-                    SYSTEM_NS,
-                    "get",
-                    "pods",
-                    "-l",
-                    "app.kubernetes.io/name=nemesis-agent",
-                    "-o",
-                    "name",
-                ])
-                .await?;
-            Ok(out.trim().is_empty().then_some(()))
-        },
-    )
+    wake_support::eventually("the agent's pod gone", Duration::from_secs(90), || async {
+        let out = env
+            .kubectl(&[
+                "-n",
+                SYSTEM_NS,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=nemesis-agent",
+                "-o",
+                "name",
+            ])
+            .await?;
+        Ok(out.trim().is_empty().then_some(()))
+    })
     .await?;
     // A stopping agent leaves its datapath for its successor: the cleanup removes it.
     ensure!(
@@ -173,8 +198,7 @@ async fn an_installed_nemesis_uninstalls_as_the_readme_says_and_leaves_nothing_b
         env.attached_programs().await?
     );
     ensure!(
-        !env.pins().exists()
-            || std::fs::read_dir(env.pins())?.next().is_none(),
+        !env.pins().exists() || std::fs::read_dir(env.pins())?.next().is_none(),
         "pins left under {}",
         env.pins().display()
     );
@@ -195,16 +219,15 @@ async fn an_installed_nemesis_uninstalls_as_the_readme_says_and_leaves_nothing_b
     for (what, args) in [
         ("the CRD", vec!["get", "crd", "-o", "name"]),
         ("the namespace", vec!["get", "namespaces", "-o", "name"]),
-        ("the cluster roles", vec!["get", "clusterroles", "-o", "name"]),
+        (
+            "the cluster roles",
+            vec!["get", "clusterroles", "-o", "name"],
+        ),
     ] {
-        wake_support::eventually(
-            &format!("{what} gone"),
-            Duration::from_secs(60),
-            || async {
-                let out = env.kubectl(&args).await?;
-                Ok((!out.contains("nemesis")).then_some(()))
-            },
-        )
+        wake_support::eventually(&format!("{what} gone"), Duration::from_secs(60), || async {
+            let out = env.kubectl(&args).await?;
+            Ok((!out.contains("nemesis")).then_some(()))
+        })
         .await?;
     }
     // The app stays, at zero, as the README warns.

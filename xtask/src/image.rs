@@ -202,8 +202,11 @@ fn copy_into(from: &Path, rootfs: &Path, at: &Path) -> Result<()> {
 fn stage_nsswitch(rootfs: &Path) -> Result<()> {
     let etc = rootfs.join("etc");
     std::fs::create_dir_all(&etc)?;
-    std::fs::write(etc.join("nsswitch.conf"), "hosts: files dns
-")?;
+    std::fs::write(
+        etc.join("nsswitch.conf"),
+        "hosts: files dns
+",
+    )?;
     Ok(())
 }
 

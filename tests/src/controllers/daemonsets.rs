@@ -101,7 +101,10 @@ pub fn plan(nodes: &[String], revision: &str, surge: bool, members: &[Member]) -
             (true, false) if surge => plan.create.push(node.clone()),
             (true, false) => plan.delete.extend(old.iter().map(|m| m.facts.name.clone())),
             (false, false) => {
-                if current.iter().any(|m| m.facts.ready && !m.facts.terminating) {
+                if current
+                    .iter()
+                    .any(|m| m.facts.ready && !m.facts.terminating)
+                {
                     plan.delete.extend(old.iter().map(|m| m.facts.name.clone()));
                 }
             }
@@ -236,16 +239,17 @@ async fn reconcile(set: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Dae
     if set.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let nodes: Vec<String> = call(Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()))
-        .await
-        .map_err(|source| DaemonSetError::ListNodes {
-            set: key.clone(),
-            source,
-        })?
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect();
+    let nodes: Vec<String> =
+        call(Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()))
+            .await
+            .map_err(|source| DaemonSetError::ListNodes {
+                set: key.clone(),
+                source,
+            })?
+            .items
+            .iter()
+            .map(|n| n.name_any())
+            .collect();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = set.uid();
     let members: Vec<Member> = call(pods_api.list(&ListParams::default()))
@@ -299,12 +303,7 @@ async fn reconcile(set: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Dae
                 source,
             })?;
     }
-    let min_ready = Duration::from_secs(
-        set.spec
-            .min_ready_seconds
-            .unwrap_or(0)
-            .max(0) as u64,
-    );
+    let min_ready = Duration::from_secs(set.spec.min_ready_seconds.unwrap_or(0).max(0) as u64);
     let status = status(
         set.metadata.generation,
         &nodes,
@@ -370,9 +369,19 @@ mod tests {
 
     #[test]
     fn every_node_gets_one_pod_and_pods_of_gone_nodes_go() {
-        let p = plan(&nodes(&["a", "b"]), "r", false, &[member("x", "a", true, "r")]);
+        let p = plan(
+            &nodes(&["a", "b"]),
+            "r",
+            false,
+            &[member("x", "a", true, "r")],
+        );
         assert_eq!(p.create, ["b"]);
-        let p = plan(&nodes(&["a"]), "r", false, &[member("y", "gone", true, "r")]);
+        let p = plan(
+            &nodes(&["a"]),
+            "r",
+            false,
+            &[member("y", "gone", true, "r")],
+        );
         assert_eq!(p.delete, ["y"]);
         assert_eq!(p.create, ["a"]);
         assert_eq!(
@@ -393,7 +402,10 @@ mod tests {
             Plan::default()
         );
         let ready = member("new", "a", true, "r2");
-        assert_eq!(plan(&nodes(&["a"]), "r2", true, &[old.clone(), ready]).delete, ["old"]);
+        assert_eq!(
+            plan(&nodes(&["a"]), "r2", true, &[old.clone(), ready]).delete,
+            ["old"]
+        );
         // Without surge the old pod goes first.
         assert_eq!(plan(&nodes(&["a"]), "r2", false, &[old]).delete, ["old"]);
     }

@@ -47,12 +47,13 @@ fn bind_in(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener, ApiRo
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{netns}")).map_err(|source| {
-                    ApiRouteError::OpenNetns {
-                        netns: netns.clone(),
-                        source,
-                    }
-                })?;
+                let file =
+                    std::fs::File::open(format!("/run/netns/{netns}")).map_err(|source| {
+                        ApiRouteError::OpenNetns {
+                            netns: netns.clone(),
+                            source,
+                        }
+                    })?;
                 nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                     |source| ApiRouteError::EnterNetns {
                         netns: netns.clone(),

@@ -112,10 +112,17 @@ pub fn launch(
             image.entrypoint.clone(),
             container.args.clone().unwrap_or_else(|| image.cmd.clone()),
         ),
-        (None, None) if container.image.as_deref().is_some_and(super::images::is_pause) => (
-            super::images::PAUSE_ARGV.map(String::from).to_vec(),
-            Vec::new(),
-        ),
+        (None, None)
+            if container
+                .image
+                .as_deref()
+                .is_some_and(super::images::is_pause) =>
+        {
+            (
+                super::images::PAUSE_ARGV.map(String::from).to_vec(),
+                Vec::new(),
+            )
+        }
         (None, None) => {
             return Err(ConfigError::NoCommand {
                 container: container.name.clone(),
@@ -227,7 +234,9 @@ fn image_launch(
         uid,
         gid,
         working_dir,
-        read_only_root: sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false),
+        read_only_root: sc
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false),
     })
 }
 
@@ -268,7 +277,10 @@ fn environment(
         // What in-cluster clients read, as the kubelet sets it for the `kubernetes` Service.
         env.push(("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string()));
         env.push(("KUBERNETES_SERVICE_PORT".into(), api.port().to_string()));
-        env.push(("KUBERNETES_SERVICE_PORT_HTTPS".into(), api.port().to_string()));
+        env.push((
+            "KUBERNETES_SERVICE_PORT_HTTPS".into(),
+            api.port().to_string(),
+        ));
     }
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
@@ -287,7 +299,13 @@ fn environment(
                         }
                     })?
                 } else if let Some(r) = &from.secret_key_ref {
-                    match key_ref(&place.volumes.secrets, "secret", &r.name, &r.key, r.optional) {
+                    match key_ref(
+                        &place.volumes.secrets,
+                        "secret",
+                        &r.name,
+                        &r.key,
+                        r.optional,
+                    ) {
                         Ok(Some(v)) => v,
                         Ok(None) => continue,
                         Err(message) => {

@@ -72,9 +72,7 @@ pub fn normalize(reference: &str) -> String {
     };
     let name = match name.split_once('/') {
         None => format!("docker.io/library/{name}"),
-        Some((first, _))
-            if first.contains('.') || first.contains(':') || first == "localhost" =>
-        {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
             name
         }
         Some(_) => format!("docker.io/{name}"),
@@ -177,11 +175,14 @@ impl ImageStore {
         if let Some(image) = unpacked.get(&entry.digest) {
             return Ok(Arc::clone(image));
         }
-        let image = Arc::new(self.unpack(&key, entry).map_err(|message| ImageError::Unpack {
-            reference: key.clone(),
-            path: entry.archive.clone(),
-            message,
-        })?);
+        let image = Arc::new(
+            self.unpack(&key, entry)
+                .map_err(|message| ImageError::Unpack {
+                    reference: key.clone(),
+                    path: entry.archive.clone(),
+                    message,
+                })?,
+        );
         unpacked.insert(entry.digest.clone(), Arc::clone(&image));
         Ok(image)
     }
@@ -304,10 +305,7 @@ mod tests {
             normalize("registry.k8s.io/pause:3.10"),
             "registry.k8s.io/pause:3.10"
         );
-        assert_eq!(
-            normalize("localhost:5000/x/y"),
-            "localhost:5000/x/y:latest"
-        );
+        assert_eq!(normalize("localhost:5000/x/y"), "localhost:5000/x/y:latest");
         assert_eq!(normalize("a/b@sha256:00"), "docker.io/a/b@sha256:00");
     }
 

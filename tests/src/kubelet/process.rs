@@ -196,7 +196,9 @@ impl ContainerProcess {
                 .iter()
                 .find(|(k, _)| k == "PATH")
                 .map(|(_, v)| std::ffi::OsString::from(v))
-                .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+                .unwrap_or_else(|| {
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+                }),
             // Host processes resolve commands as the test itself does.
             None => std::env::var_os("PATH").unwrap_or_default(),
         };

@@ -118,7 +118,12 @@ async fn config_map_data(
                 .into_iter()
                 .map(|(k, v)| (k, v.into_bytes()))
                 .collect();
-            data.extend(c.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+            data.extend(
+                c.binary_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0)),
+            );
             Ok(Some(data))
         }
         Err(e) if e.is_not_found() => Ok(None),
@@ -157,11 +162,9 @@ fn write_keys(
             let mut out = Vec::new();
             for item in items {
                 match data.get(&item.key) {
-                    Some(v) => out.push((
-                        item.path.clone(),
-                        v,
-                        item.mode.map_or(mode, |m| m as u32),
-                    )),
+                    Some(v) => {
+                        out.push((item.path.clone(), v, item.mode.map_or(mode, |m| m as u32)))
+                    }
                     None if optional => {}
                     None => {
                         return Err(VolumeError::MissingKey {
@@ -363,9 +366,15 @@ pub async fn prepare(
         out.volumes.insert(name, ready);
     }
     // What env's valueFrom refers to.
-    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
         for var in c.env.iter().flatten() {
-            let Some(from) = &var.value_from else { continue };
+            let Some(from) = &var.value_from else {
+                continue;
+            };
             if let Some(r) = &from.secret_key_ref
                 && !out.secrets.contains_key(&r.name)
             {
@@ -477,8 +486,17 @@ mod tests {
             mode: None,
             ..Default::default()
         }];
-        let err = write_keys("v", "secret", "s", &vol, &data, Some(&missing), 0o644, false)
-            .unwrap_err();
+        let err = write_keys(
+            "v",
+            "secret",
+            "s",
+            &vol,
+            &data,
+            Some(&missing),
+            0o644,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "volume \"v\": key \"nope\" is not in secret \"s\""

@@ -23,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::api_route::{self, ApiRoute};
 use super::call::{CallError, call};
-use super::images::{Image, ImageStore};
-use super::volumes::{self, PodVolumes};
 use super::container::{self, PodPlacement};
 use super::events::{Recorder, Source};
+use super::images::{Image, ImageStore};
 use super::probe::{self, Outcome, ProbePlan, Readiness};
 use super::process::{ContainerProcess, exit_code};
 use super::status::{self, ContainerView, PodView};
+use super::volumes::{self, PodVolumes};
 use crate::netns::{PodNetns, PodNetwork};
 
 /// Default `terminationGracePeriodSeconds`, as in Kubernetes.
@@ -348,9 +348,11 @@ impl Worker {
                 self.images.insert(container.name.clone(), image);
             }
         }
-        if let (Some(api), Some(netns), None) =
-            (self.env.api_server, self.netns.as_ref(), self.api_route.as_ref())
-        {
+        if let (Some(api), Some(netns), None) = (
+            self.env.api_server,
+            self.netns.as_ref(),
+            self.api_route.as_ref(),
+        ) {
             self.api_route = Some(api_route::serve(netns.name(), api).map_err(|e| e.to_string())?);
         }
         Ok(())
@@ -586,7 +588,13 @@ impl Worker {
                     Err(message) => {
                         self.init_views[i].state =
                             status::waiting("CreateContainerConfigError", Some(message.clone()));
-                        self.event(Some(&c.name), Source::Kubelet, true, "Failed", format!("Error: {message}"));
+                        self.event(
+                            Some(&c.name),
+                            Source::Kubelet,
+                            true,
+                            "Failed",
+                            format!("Error: {message}"),
+                        );
                         let _ = self.report().await;
                         return Some(self.idle(updates, cancel).await);
                     }
@@ -598,7 +606,10 @@ impl Worker {
                             status::waiting("RunContainerError", Some(err.to_string()));
                         let _ = self.report().await;
                         streak += 1;
-                        if let Some(end) = self.pause(restart_backoff(streak).max(RETRY), updates, cancel).await {
+                        if let Some(end) = self
+                            .pause(restart_backoff(streak).max(RETRY), updates, cancel)
+                            .await
+                        {
                             return Some(end);
                         }
                         continue;
@@ -607,8 +618,20 @@ impl Worker {
                 let started = now();
                 self.init_views[i].state = status::running(started.clone());
                 self.init_views[i].container_id = Some(format!("nemesis://{}", process.pid()));
-                self.event(Some(&c.name), Source::Kubelet, false, "Created", format!("Created container: {}", c.name));
-                self.event(Some(&c.name), Source::Kubelet, false, "Started", format!("Started container {}", c.name));
+                self.event(
+                    Some(&c.name),
+                    Source::Kubelet,
+                    false,
+                    "Created",
+                    format!("Created container: {}", c.name),
+                );
+                self.event(
+                    Some(&c.name),
+                    Source::Kubelet,
+                    false,
+                    "Started",
+                    format!("Started container {}", c.name),
+                );
                 let _ = self.report().await;
                 let exit = loop {
                     tokio::select! {
@@ -639,7 +662,10 @@ impl Worker {
                 streak += 1;
                 self.init_views[i].restart_count += 1;
                 let _ = self.report().await;
-                if let Some(end) = self.pause(restart_backoff(streak).max(RETRY), updates, cancel).await {
+                if let Some(end) = self
+                    .pause(restart_backoff(streak).max(RETRY), updates, cancel)
+                    .await
+                {
                     return Some(end);
                 }
             }
@@ -878,7 +904,11 @@ impl Worker {
         if !self.network_ready() {
             return;
         }
-        let ns = self.netns.as_ref().map(|n| n.name().to_string()).unwrap_or_default();
+        let ns = self
+            .netns
+            .as_ref()
+            .map(|n| n.name().to_string())
+            .unwrap_or_default();
         let slot = &mut self.slots[i];
         let Some(plan) = slot.probe.clone() else {
             return;

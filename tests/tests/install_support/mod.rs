@@ -83,10 +83,7 @@ pub fn images() -> anyhow::Result<Vec<PathBuf>> {
         "xtask image --debug --no-build failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = debug
-        .parent()
-        .context("target/")?
-        .join("images/debug");
+    let dir = debug.parent().context("target/")?.join("images/debug");
     Ok(["nemesis-agent", "nemesis-controller"]
         .iter()
         .map(|c| dir.join(format!("{c}-{VERSION}.oci.tar")))
@@ -221,8 +218,20 @@ impl Installed {
         let run = self.dir.path().join("run");
         std::fs::create_dir_all(&run)?;
         let base = relative(&workspace_root().join("manifests/sandbox"), &run);
-        let cgroup = self.cgroup.as_ref().context("cgroup")?.path().display().to_string();
-        let bpffs = self.bpffs.as_ref().context("bpffs")?.path().display().to_string();
+        let cgroup = self
+            .cgroup
+            .as_ref()
+            .context("cgroup")?
+            .path()
+            .display()
+            .to_string();
+        let bpffs = self
+            .bpffs
+            .as_ref()
+            .context("bpffs")?
+            .path()
+            .display()
+            .to_string();
         let text = format!(
             r#"apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
@@ -262,7 +271,13 @@ patches:
             workspace_root().join("manifests/uninstall/agent-cleanup.yaml"),
             dir.join("agent-cleanup.yaml"),
         )?;
-        let bpffs = self.bpffs.as_ref().context("bpffs")?.path().display().to_string();
+        let bpffs = self
+            .bpffs
+            .as_ref()
+            .context("bpffs")?
+            .path()
+            .display()
+            .to_string();
         std::fs::write(
             dir.join("kustomization.yaml"),
             format!(
@@ -531,7 +546,11 @@ patches:
         let out = tokio::time::timeout(within + Duration::from_secs(10), child.wait_with_output())
             .await
             .with_context(|| format!("the client did not finish within {within:?}"))??;
-        ensure!(out.status.success(), "nemesis-test-client failed: {}", out.status);
+        ensure!(
+            out.status.success(),
+            "nemesis-test-client failed: {}",
+            out.status
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().next().context("one client result")?;
         Ok(serde_json::from_str(line)?)
@@ -578,7 +597,10 @@ mod tests {
     #[test]
     fn relative_paths_climb_to_the_common_root() {
         assert_eq!(
-            relative(Path::new("/work/x/manifests/sandbox"), Path::new("/tmp/a/run")),
+            relative(
+                Path::new("/work/x/manifests/sandbox"),
+                Path::new("/tmp/a/run")
+            ),
             PathBuf::from("../../../work/x/manifests/sandbox")
         );
     }
