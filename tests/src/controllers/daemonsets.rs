@@ -74,9 +74,9 @@ pub fn plan(nodes: &[String], revision: &str, surge: bool, members: &[Member]) -
     let mut plan = Plan::default();
     let mut by_node: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
     for m in members {
-        if m.facts.finished && !m.facts.terminating {
-            plan.delete.push(m.facts.name.clone());
-        } else if !nodes.contains(&m.node) && !m.facts.terminating {
+        // Finished, or on a node that is gone: made anew where it belongs.
+        let misplaced = m.facts.finished || !nodes.contains(&m.node);
+        if misplaced && !m.facts.terminating {
             plan.delete.push(m.facts.name.clone());
         } else if !m.facts.finished {
             by_node.entry(m.node.as_str()).or_default().push(m);

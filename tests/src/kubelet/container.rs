@@ -544,6 +544,84 @@ mod tests {
     }
 
     #[test]
+    fn an_image_gives_entrypoint_env_and_user_that_the_pod_overrides() {
+        use super::super::images::Image;
+        use super::super::volumes::Ready;
+        let image = Image {
+            reference: "localhost/app:1".into(),
+            rootfs: "/images/app".into(),
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["run".into()],
+            env: vec![
+                ("PATH".into(), "/bin".into()),
+                ("MODE".into(), "image".into()),
+            ],
+            user: "65532:65532".into(),
+            working_dir: String::new(),
+        };
+        let mut volumes = PodVolumes::default();
+        volumes.volumes.insert(
+            "token".into(),
+            Ready {
+                path: "/pod/volumes/token".into(),
+                read_only: true,
+            },
+        );
+        let dir = Path::new("/pod");
+        let mut placed = place(dir);
+        placed.image = Some(&image);
+        placed.volumes = &volumes;
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "args": ["serve", "--ip", "$(POD_IP)"],
+            "env": [{"name": "MODE", "value": "pod"}],
+            "securityContext": {"runAsUser": 1000, "readOnlyRootFilesystem": true},
+            "volumeMounts": [{"name": "token", "mountPath": "/var/run/token"}],
+        }))
+        .unwrap();
+        let launch = launch(&pod(&[]), &container, &placed).unwrap();
+        assert_eq!(launch.argv, ["/bin/app", "serve", "--ip", "198.18.3.2"]);
+        let env: HashMap<_, _> = launch.env.iter().cloned().collect();
+        assert_eq!(env["MODE"], "pod");
+        assert_eq!(env["PATH"], "/bin");
+        let image = launch.image.expect("run from the image");
+        assert_eq!((image.uid, image.gid), (1000, 65532));
+        assert!(image.read_only_root);
+        assert_eq!(image.working_dir, "/");
+        assert_eq!(
+            image.mounts,
+            [MountSpec {
+                source: "/pod/volumes/token".into(),
+                target: "/var/run/token".into(),
+                read_only: true,
+            }]
+        );
+        // No args: the image's cmd. A mount of a volume the pod lacks is named.
+        let bare = Container {
+            name: "app".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            launch_of_bare(&bare, &placed),
+            ["/bin/app".to_string(), "run".to_string()]
+        );
+        let unknown: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "volumeMounts": [{"name": "nope", "mountPath": "/x"}],
+        }))
+        .unwrap();
+        let err = super::launch(&pod(&[]), &unknown, &placed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "container app: volumeMount nope: no volume of that name in the pod"
+        );
+    }
+
+    fn launch_of_bare(c: &Container, placed: &PodPlacement<'_>) -> Vec<String> {
+        launch(&pod(&[]), c, placed).unwrap().argv
+    }
+
+    #[test]
     fn a_container_without_command_is_refused_with_its_name() {
         let container = Container {
             name: "web".into(),
