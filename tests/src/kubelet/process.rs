@@ -205,8 +205,8 @@ impl ContainerProcess {
         cmd.args(&launch.argv)
             // Like a container, the process sees only its own environment.
             .env_clear()
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("PATH", path)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&launch.working_dir)
             .stdin(Stdio::null())
             .stdout(log)
