@@ -48,7 +48,7 @@ fn crd_is_namespaced_v1alpha1_in_the_nemesis_group_with_status() {
     assert_eq!(
         columns,
         vec![
-            ("Target", ".spec.target.deployment"),
+            ("Target", ".status.target"),
             ("State", ".status.state"),
             ("Replicas", ".status.desiredReplicas"),
             ("Ready", ".status.conditions[?(@.type==\"Ready\")].status"),

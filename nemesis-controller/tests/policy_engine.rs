@@ -713,6 +713,60 @@ fn a_resumed_state_restarts_its_windows_so_a_restart_never_shortens_an_idle_wind
 }
 
 #[test]
+fn resumed_windows_fire_at_the_original_deadline_through_unknown_values_until_a_known_false() {
+    let mut sim = Sim::new(SHORT, 1);
+    sim.run(mins(3), secs(5));
+    let windows = sim.state.windows();
+    assert_eq!(windows.len(), 2, "both clauses of the idle condition run");
+    assert!(windows.iter().all(|(_, since)| *since == t0()));
+
+    // A new leader takes over 3 minutes into the 5-minute window: it resumes the
+    // windows the status recorded, and hears from no agent for a while (unknown).
+    let mut resumed = State::resume(&sim.p, "warm", t0(), sim.now);
+    resumed.resume_windows(&windows, sim.now);
+    assert_eq!(resumed.windows(), windows);
+    sim.state = resumed.clone();
+    sim.conns = None;
+    sim.run(mins(1), secs(5));
+    assert_eq!(sim.state_name(), "warm", "unknown never fires");
+    assert_eq!(
+        sim.state.windows(),
+        windows,
+        "unknown is no break in a resumed window"
+    );
+    sim.conns = Some((0.0, 0.0, 0.0));
+    let at = sim.run_until_state("zero", mins(10), secs(5));
+    assert_eq!(
+        at - t0(),
+        mins(5),
+        "the original deadline, not a window after the take-over"
+    );
+
+    // A known false ends a resumed window as it ends any other.
+    let mut sim = Sim::new(SHORT, 1);
+    sim.run(mins(3), secs(5));
+    let windows = sim.state.windows();
+    let mut resumed = State::resume(&sim.p, "warm", t0(), sim.now);
+    resumed.resume_windows(&windows, sim.now);
+    sim.state = resumed;
+    sim.conns = Some((1.0, 0.1, 0.0));
+    sim.tick();
+    assert_eq!(sim.state.pending_windows(), 0);
+    sim.now += secs(5);
+    sim.conns = Some((0.0, 0.0, 0.0));
+    let restarted = sim.now;
+    let at = sim.run_until_state("zero", mins(10), secs(5));
+    assert_eq!(at - restarted, mins(5));
+
+    // Unknown values end a window this controller started itself (as before).
+    let mut sim = Sim::new(SHORT, 1);
+    sim.run(mins(3), secs(5));
+    sim.conns = None;
+    sim.tick();
+    assert_eq!(sim.state.pending_windows(), 0);
+}
+
+#[test]
 fn an_edited_policy_keeps_the_state_it_still_has() {
     let old = policy(ML);
     let new = policy(&ML.replace("{name: burst, replicas: 8}", "{name: burst, replicas: 10}"));

@@ -22,7 +22,7 @@ async fn the_overview_lists_each_policy_with_state_replicas_and_last_transition(
     let p = &v["policies"][0];
     assert_eq!(p["namespace"], NS);
     assert_eq!(p["name"], NAME);
-    assert_eq!(p["deployment"], NAME);
+    assert_eq!(p["target"], format!("Deployment/{NAME}"));
     assert_eq!(p["state"], "warm");
     assert_eq!(p["desiredReplicas"], 2);
     assert_eq!(p["replicas"], 2.0, "the latest replica sample");

@@ -243,3 +243,106 @@ async fn a_leader_that_shuts_down_releases_the_lease_and_the_standby_takes_over_
     b.shutdown().await;
     Ok(())
 }
+
+/// The `for` window a leader started survives its death: the standby resumes it from the
+/// policy status and fires at the original deadline, not a whole window after it took
+/// over. The agent reaches only the leader until it dies, so the new leader knows
+/// nothing of the connections for a while (unknown values must not end the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_for_window_is_replaced_by_one_that_fires_at_the_original_deadline()
+-> anyhow::Result<()> {
+    const WINDOW: Duration = Duration::from_secs(12);
+    init_tracing();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    install_crd(&client).await?;
+    let ns = "default";
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("win", 3))
+        .await?;
+    let log = ReplicaLog::start(deployments.clone(), "win");
+
+    let dir_a = tempfile::tempdir()?;
+    let dir_b = tempfile::tempdir()?;
+    let a = start_controller(&server, dir_a.path(), &[]).await?;
+    wait_leading(&a, Duration::from_secs(10)).await?;
+    let b = start_controller(&server, dir_b.path(), &[]).await?;
+    tokio::time::sleep(LEASE).await;
+    assert!(a.is_leading() && !b.is_leading(), "exactly one leader");
+
+    let svc = ServiceRef {
+        namespace: ns.into(),
+        name: "win".into(),
+    };
+    let agent = TestAgent::start("node-w", vec![svc.clone()], vec![a.api_addr]);
+    agent.set(|s| s.open = 10);
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                "win",
+                json!({
+                    "target": {"deployment": "win", "service": "win"},
+                    "initialState": "high",
+                    "states": [
+                        {"name": "low", "replicas": 1},
+                        {"name": "high", "replicas": 3},
+                    ],
+                    "transitions": [
+                        {"from": "low", "to": "high", "when": "conns.active > 5"},
+                        {"from": "high", "to": "low", "when": format!("conns.active <= 5 for {}s", WINDOW.as_secs())},
+                    ],
+                }),
+            ),
+        )
+        .await?;
+    wait_state(&policies, "win", "high", Duration::from_secs(20)).await?;
+
+    // The load goes; A starts the window and records it in the status.
+    agent.set(|s| s.open = 0);
+    let since = eventually(
+        "the window in the status",
+        Duration::from_secs(20),
+        || async {
+            let p = policies.get("win").await?;
+            Ok(p.status.and_then(|s| s.windows.first().map(|w| w.since)))
+        },
+    )
+    .await?;
+    // Kill A five seconds into the window (nothing released); the agent now reaches B.
+    let kill_at = since + chrono::TimeDelta::seconds(5);
+    if let Ok(wait) = (kill_at - chrono::Utc::now()).to_std() {
+        tokio::time::sleep(wait).await;
+    }
+    assert_eq!(replicas(&deployments, "win").await?, 3, "A fired early");
+    let killed = chrono::Utc::now();
+    a.kill();
+    *agent.targets.lock().unwrap() = vec![b.api_addr];
+    wait_leading(&b, Duration::from_secs(30)).await?;
+
+    wait_state(&policies, "win", "low", Duration::from_secs(60)).await?;
+    let at = policies
+        .get("win")
+        .await?
+        .status
+        .and_then(|s| s.last_transition)
+        .map(|t| t.at)
+        .expect("a transition record");
+    let deadline = since + chrono::TimeDelta::from_std(WINDOW)?;
+    // Started afresh, B's window could not end before `killed + WINDOW` (it cannot take
+    // over before the kill); resumed, it ends at `since + WINDOW`, five seconds earlier.
+    assert!(
+        at >= deadline,
+        "fired at {at}, before the deadline {deadline}"
+    );
+    assert!(
+        at < killed + chrono::TimeDelta::from_std(WINDOW)?,
+        "fired at {at}: a whole window after the take-over ({killed}), not at the original deadline {deadline}"
+    );
+    wait_replicas(&deployments, "win", 1, Duration::from_secs(20)).await?;
+    assert_eq!(log.seen(), vec![3, 1], "one scale, once");
+    b.shutdown().await;
+    Ok(())
+}

@@ -523,7 +523,7 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     // kubectl shows the policy with its printer columns: target, state, replicas,
     // ready (the demo's policy is valid, so it can act), age.
     let row = kubectl.policy_row_in("zero").await?;
-    assert_eq!(row[1], "hello", "target: {row:?}");
+    assert_eq!(row[1], "Deployment/hello", "target (Kind/name): {row:?}");
     assert_eq!(row[3], "0", "replicas: {row:?}");
     assert_eq!(row[4], "True", "ready: {row:?}");
     assert!(

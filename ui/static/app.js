@@ -128,7 +128,7 @@ async function overview() {
     const lt = p.lastTransition;
     return h('tr', { 'data-policy': id },
       h('td', {}, h('a', { href: `/policies/${encodeURIComponent(p.namespace)}/${encodeURIComponent(p.name)}`, class: 'policy-link', text: id })),
-      h('td', {}, h('span', { text: p.deployment }), p.service ? h('span', { class: 'muted', text: ` · svc ${p.service}` }) : null),
+      h('td', {}, h('span', { text: p.target }), p.service ? h('span', { class: 'muted', text: ` · svc ${p.service}` }) : null),
       h('td', {}, stateBadge(p.state), h('div', { class: 'muted small', text: p.stateSinceMs ? `since ${ago(p.stateSinceMs)}` : '' })),
       h('td', { class: 'num', title: 'current / desired' }, `${num(p.replicas)} / ${num(p.desiredReplicas)}`),
       h('td', {}, lt ? [h('div', { text: `${lt.from} → ${lt.to} · ${ago(lt.atMs)}` }), h('div', { class: 'muted small reason', text: lt.reason })] : h('span', { class: 'muted', text: 'none yet' })),

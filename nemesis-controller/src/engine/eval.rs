@@ -51,6 +51,9 @@ pub struct Ctx<'a> {
     pub state_since_ms: i64,
     /// Per `for` slot: when its condition became true, or [`NOT_TRUE`].
     pub true_since: &'a mut [i64],
+    /// One bit per `for` slot whose tracker was resumed from a status (another
+    /// controller started it): kept through unknown values until its condition is known.
+    pub resumed: &'a mut u64,
     /// The earliest future instant (ms) at which a condition may change by time alone.
     pub deadline_ms: Option<i64>,
 }
@@ -162,10 +165,18 @@ impl Ctx<'_> {
                     sp -= 1;
                     let inner = stack[sp];
                     let tracker = &mut self.true_since[slot as usize];
-                    if inner != TRUE {
+                    let bit = resumed_bit(slot);
+                    if inner.is_nan() && *tracker != NOT_TRUE && *self.resumed & bit != 0 {
+                        // A window resumed from another controller's status: this one
+                        // has not heard from the agents yet (a heartbeat away), so an
+                        // unknown value is no break in the window, only not a firing.
+                        UNKNOWN
+                    } else if inner != TRUE {
                         *tracker = NOT_TRUE;
+                        *self.resumed &= !bit;
                         inner
                     } else {
+                        *self.resumed &= !bit;
                         if *tracker == NOT_TRUE {
                             *tracker = self.now_ms;
                         }
@@ -184,6 +195,11 @@ impl Ctx<'_> {
         }
         if sp == 0 { UNKNOWN } else { stack[0] }
     }
+}
+
+/// The `resumed` bit of a `for` slot; slots past 63 are never resumed (they restart).
+pub fn resumed_bit(slot: u32) -> u64 {
+    1u64.checked_shl(slot).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -208,6 +208,7 @@ pub fn decide(
         now_ms,
         state_since_ms: next.since.timestamp_millis(),
         true_since: &mut next.true_since,
+        resumed: &mut next.resumed,
         deadline_ms: None,
     };
     let code = &policy.code;
@@ -275,6 +276,7 @@ pub fn decide(
         next.current = t.to;
         next.since = now;
         next.true_since.iter_mut().for_each(|s| *s = NOT_TRUE);
+        next.resumed = 0;
         // Held reasons were about the state just left.
         hold = None;
         Fired {
@@ -314,6 +316,7 @@ pub fn decide(
                 now_ms,
                 state_since_ms: next.since.timestamp_millis(),
                 true_since: &mut [],
+                resumed: &mut 0,
                 deadline_ms: None,
             };
             let value = vctx.number(r.metric);

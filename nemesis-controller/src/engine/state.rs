@@ -28,6 +28,9 @@ pub struct State {
     /// Per `for` clause: when its condition became true without a break since (ms since
     /// the epoch), or `eval::NOT_TRUE`. Plain integers: this is cloned on every decision.
     pub(crate) true_since: Trackers,
+    /// `eval::resumed_bit` per tracker resumed from a status and not yet confirmed by a
+    /// known value of its condition.
+    pub(crate) resumed: u64,
 }
 
 /// Trackers live inline up to this many `for` clauses, so cloning a state (once per
@@ -80,6 +83,7 @@ impl State {
             up_window: None,
             down_window: None,
             true_since: Trackers::new(policy.sustained_slots),
+            resumed: 0,
         }
     }
 
@@ -132,12 +136,45 @@ impl State {
         self.true_since.iter().filter(|t| **t != NOT_TRUE).count()
     }
 
+    /// The running `for` windows: (clause slot, since when). A status records them so
+    /// that the next controller to run the policy resumes them (see [`Self::resume_windows`]).
+    pub fn windows(&self) -> Vec<(u32, DateTime<Utc>)> {
+        self.true_since
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t != NOT_TRUE)
+            .filter_map(|(i, t)| {
+                Some((u32::try_from(i).ok()?, DateTime::from_timestamp_millis(*t)?))
+            })
+            .collect()
+    }
+
+    /// Resumes `for` windows another controller recorded for this state, so a leader
+    /// change mid-window fires at the original deadline instead of a whole window later.
+    /// Only for the same policy generation and state (the caller checks both): slots are
+    /// the clauses' order in that compiled program. A resumed window survives unknown
+    /// values (this controller has no agent counts yet) and ends at a known false.
+    pub fn resume_windows(&mut self, windows: &[(u32, DateTime<Utc>)], now: DateTime<Utc>) {
+        for (slot, since) in windows {
+            let bit = super::eval::resumed_bit(*slot);
+            let Some(tracker) = self.true_since.get_mut(*slot as usize) else {
+                continue;
+            };
+            if bit == 0 || *since > now {
+                continue;
+            }
+            *tracker = since.timestamp_millis();
+            self.resumed |= bit;
+        }
+    }
+
     /// Repairs a state that does not fit `policy` (a state built for another version).
     pub(crate) fn fit(&mut self, policy: &CompiledPolicy, now: DateTime<Utc>) {
         if self.current >= policy.states.len() {
             *self = Self::initial(policy, now);
         } else if self.true_since.len() != policy.sustained_slots {
             self.true_since = Trackers::new(policy.sustained_slots);
+            self.resumed = 0;
         }
     }
 }

@@ -11,6 +11,7 @@ use super::program::{Code, CodeBuf, MAX_STACK, Op};
 use super::resolve::{BUILTIN_METRICS, Names, RESERVED_WORDS, Resolver};
 use super::schedule::Schedule;
 use super::short_form;
+use super::target::{WorkloadRef, workload_ref};
 use chrono::TimeDelta;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -75,7 +76,7 @@ pub struct CompiledPolicy {
     pub(crate) initial: usize,
     // === cold ===
     pub(crate) transitions: Vec<CompiledTransition>,
-    pub(crate) deployment: String,
+    pub(crate) workload: WorkloadRef,
     pub(crate) service: Option<String>,
     pub(crate) alerts: Vec<String>,
     pub(crate) rate_window: TimeDelta,
@@ -158,8 +159,9 @@ pub struct CompiledSource {
 }
 
 impl CompiledPolicy {
-    pub fn deployment(&self) -> &str {
-        &self.deployment
+    /// What the policy scales.
+    pub fn workload(&self) -> &WorkloadRef {
+        &self.workload
     }
     pub fn service(&self) -> Option<&str> {
         self.service.as_deref()
@@ -338,7 +340,7 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
 
-    check_target(spec, &mut errors);
+    let workload = check_target(spec, &mut errors);
     let sources = compile_sources(spec, &mut errors);
     let alerts = check_alerts(spec, &mut errors);
     let rate_window = spec
@@ -456,7 +458,7 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
         automaton.expect("no errors means the automaton compiled");
     let hot = layout(&mut states, &mut transitions, &sources, &code.ops);
     Ok(CompiledPolicy {
-        deployment: spec.target.deployment.clone(),
+        workload: workload.expect("no errors means the target was read"),
         service: spec.target.service.clone(),
         states,
         transitions,
@@ -966,16 +968,14 @@ fn bounded(
     }
 }
 
-fn check_target(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) {
-    if !is_dns_label(&spec.target.deployment) {
-        errors.push(Problem::at(
-            "spec.target.deployment",
-            format!(
-                "`{}` is not a valid Deployment name (lowercase letters, digits and `-`, at most 63)",
-                spec.target.deployment
-            ),
-        ));
-    }
+fn check_target(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) -> Option<WorkloadRef> {
+    let workload = match workload_ref(&spec.target) {
+        Ok(w) => Some(w),
+        Err(problems) => {
+            errors.extend(problems);
+            None
+        }
+    };
     if let Some(svc) = &spec.target.service
         && !is_dns_label(svc)
     {
@@ -984,6 +984,7 @@ fn check_target(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) {
             format!("`{svc}` is not a valid Service name (lowercase letters, digits and `-`, at most 63)"),
         ));
     }
+    workload
 }
 
 fn is_dns_label(name: &str) -> bool {

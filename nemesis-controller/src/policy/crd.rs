@@ -9,7 +9,8 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// A scaling automaton for one Deployment: states with replica counts, and transitions
+/// A scaling automaton for one workload (a Deployment, a StatefulSet or any resource with
+/// a `/scale` subresource): states with replica counts, and transitions
 /// between them on conditions over connection counts, Prometheus queries, alerts,
 /// schedules and wake-ups. Only `target` plus the short-form fields (`minReplicas`,
 /// `maxReplicas`, `idleTimeout`, `targetMetric`, `targetValue`) gives the classic
@@ -24,10 +25,12 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "ScalingPolicyStatus",
     derive = "PartialEq",
-    doc = "A scaling automaton for one Deployment, run by the Nemesis controller.",
+    doc = "A scaling automaton for one scalable workload (Deployment, StatefulSet, or any resource with a /scale subresource), run by the Nemesis controller.",
     // The JSON form: clippy reads repeated `type_ = ...` in the structured form as
     // duplicated attributes.
-    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.target.deployment"}"#,
+    // From the status: the spec has two spellings (`deployment`, or `kind` and `name`)
+    // and a column reads one path.
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.desiredReplicas"}"#,
     // A policy that cannot act (invalid, target missing) has no state yet: without these
@@ -112,13 +115,32 @@ pub struct ScalingPolicySpec {
     pub paused: bool,
 }
 
+/// What is scaled: `kind` and `name` (and `apiVersion` unless the kind is Deployment or
+/// StatefulSet) of any resource with a `/scale` subresource in the policy's namespace,
+/// or `deployment: <name>` for a Deployment. The controller finds the kind through API
+/// discovery; readiness is read from the resource's status (`readyReplicas` for
+/// Deployments and StatefulSets) or its `/scale` selector's ready pods. When a
+/// HorizontalPodAutoscaler scales the same target, the policy only moves it between zero
+/// and the HPA's `minReplicas` and leaves the range above to the HPA.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetRef {
-    /// The Deployment scaled through its `/scale` subresource, in the policy's namespace.
-    pub deployment: String,
-    /// The Service whose connections are counted and held while the Deployment is at
-    /// zero. Needed for `conns.*` and `demand`.
+    /// Shorthand for `kind: Deployment, name: <this>`; give it or `kind` and `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The target's kind: `Deployment`, `StatefulSet`, or a custom resource's kind (an
+    /// Argo `Rollout`) whose API serves `/scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The kind's `group/version` (`argoproj.io/v1alpha1`); defaults to `apps/v1` for
+    /// Deployment and StatefulSet, required for every other kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// The target's name, in the policy's namespace (with `kind`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The Service whose connections are counted and held while the target is at zero.
+    /// Needed for `conns.*` and `demand`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
 }
@@ -277,9 +299,31 @@ pub struct ScalingPolicyStatus {
     /// The latest value of every metric the policy reads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricValue>,
-    /// `Ready` (the policy runs) and `Invalid` (rejected, with the reason).
+    /// The target as `Kind/name` (the `Target` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The HorizontalPodAutoscaler that scales the same target, if any: the policy then
+    /// scales only between zero and its `minReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizontal_pod_autoscaler: Option<String>,
+    /// `Ready` (the policy runs), `Invalid` (rejected, with the reason) and
+    /// `HorizontalPodAutoscaler` (an HPA shares the target).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The `for` windows running in the current state: a controller that takes over
+    /// (a new leader, a restart) resumes them for the same generation and state, so a
+    /// transition fires at its original deadline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<ForWindow>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForWindow {
+    /// The `for` clause, counted from 0 in the order the policy's conditions give them.
+    pub clause: u32,
+    /// Since when its condition has held without a break.
+    pub since: DateTime<Utc>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]

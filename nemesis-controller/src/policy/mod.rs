@@ -72,7 +72,9 @@ pub mod resolve;
 pub mod schedule;
 pub mod short_form;
 pub mod status;
+pub mod target;
 
 pub use compile::{CompiledPolicy, CompiledSource, Replicas, compile};
 pub use crd::{ScalingPolicy, ScalingPolicySpec, ScalingPolicyStatus, crd_yaml};
 pub use problem::{InvalidPolicy, Problem};
+pub use target::WorkloadRef;

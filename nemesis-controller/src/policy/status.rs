@@ -81,8 +81,9 @@ mod tests {
     fn spec(idle: &str) -> ScalingPolicySpec {
         ScalingPolicySpec {
             target: TargetRef {
-                deployment: "web".into(),
+                deployment: Some("web".into()),
                 service: Some("web".into()),
+                ..Default::default()
             },
             idle_timeout: Some(idle.into()),
             ..Default::default()

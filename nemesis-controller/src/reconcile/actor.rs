@@ -1,8 +1,9 @@
 //! One ScalingPolicy's loop while this instance leads: on every tick, wake-up, spec
-//! change, new query result or Deployment change it gathers the observations, calls
-//! `engine::decide`, and applies the decision: the `/scale` subresource, the agents'
-//! sleep handshake before any scale to zero, status, history and Events. It owns the
-//! policy's runtime memory (engine state, wake and sleep progress); it never decides a
+//! change, new query result, target or HPA change it gathers the observations, calls
+//! `engine::decide`, and applies the decision (beside an HPA, only between zero and the
+//! HPA's minimum): the `/scale` subresource, the agents' sleep handshake before any
+//! scale to zero, status, history and Events. It owns the policy's runtime memory
+//! (engine state, wake and sleep progress, its target's watch); it never decides a
 //! replica count itself, and never scales after this instance stopped leading.
 
 use std::collections::BTreeMap;
@@ -12,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::{self, ObjectRef};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::reflector;
 use kube::{Api, Resource, ResourceExt};
 use nemesis_common::wire::{Directive, ServiceRef};
 use tokio::sync::{Notify, mpsc};
@@ -24,15 +25,17 @@ use super::cold_start;
 use super::connections::{self, SideRates};
 use super::events::Note;
 use super::history::Item;
+use super::hpa::{self, HpaView};
 use super::prom::Poller;
 use super::status::{self, Blocked};
+use super::workload::{self, Seen};
 use super::{API_TIMEOUT, Context, ReconcileError, backoff};
 use crate::agents::{AckError, ServiceActivity, WakeUp};
-use crate::engine::{self, Decision, Observations, State};
+use crate::engine::{self, Observations, State};
 use crate::metrics::{DecisionOutcome, ErrorKind};
 use crate::policy::crd::{self, ScalingPolicyStatus};
 use crate::policy::short_form::ZERO_STATE;
-use crate::policy::{CompiledPolicy, InvalidPolicy, ScalingPolicy, compile};
+use crate::policy::{CompiledPolicy, InvalidPolicy, ScalingPolicy, WorkloadRef, compile};
 use crate::store::{self, ColdStartOutcome, ColdStartRecord, PolicyId, unix_ms};
 
 /// An invalid policy is looked at again this often (its spec changes arrive as events
@@ -57,13 +60,15 @@ pub enum Msg {
 #[derive(Debug, Clone)]
 pub struct Handle {
     pub tx: mpsc::UnboundedSender<Msg>,
-    /// Evaluate now (a Deployment, an alert or a query result changed).
+    /// Evaluate now (the target, an HPA, an alert or a query result changed).
     pub poke: Arc<Notify>,
 }
 
 /// What one leadership term shares with its actors.
 pub struct Term {
-    pub deployments: reflector::Store<Deployment>,
+    /// Every HPA: a policy whose target one scales leaves the range above its minimum
+    /// to it.
+    pub hpas: reflector::Store<HorizontalPodAutoscaler>,
     /// No scale to zero before this: agents that heartbeat to the previous leader need
     /// one agent lease to show up here, and an empty registry would "acknowledge" a
     /// hold no agent applied.
@@ -106,10 +111,12 @@ enum SleepPhase {
 #[derive(Debug, Default)]
 struct Report {
     state: Option<(String, DateTime<Utc>)>,
+    windows: Vec<(u32, DateTime<Utc>)>,
     desired: Option<u32>,
     metrics: Vec<(String, Option<f64>)>,
     blocked: Option<Blocked>,
     notes: Vec<String>,
+    hpa: Option<HpaView>,
 }
 
 /// The facts about the target one evaluation used.
@@ -128,6 +135,10 @@ pub struct Actor {
     obj: Arc<ScalingPolicy>,
     generation: Option<i64>,
     compiled: Result<Arc<CompiledPolicy>, InvalidPolicy>,
+    /// The watch of the compiled policy's target (none while the policy is invalid).
+    workload: Option<workload::Watch>,
+    /// Where the target's `/scale` is, from its watch.
+    resource: Option<ApiResource>,
     svc: Option<ServiceRef>,
     engine: Option<State>,
     rates: SideRates,
@@ -180,6 +191,8 @@ impl Actor {
             poke: poke.clone(),
             generation: None,
             compiled,
+            workload: None,
+            resource: None,
             svc: None,
             engine: None,
             rates,
@@ -206,7 +219,7 @@ impl Actor {
     }
 
     /// Runs until the supervisor drops the handle (the policy was deleted). Start it
-    /// only once the term's Deployment cache is synced.
+    /// only once the term's HPA cache is synced.
     pub async fn run(mut self) {
         self.adopt_spec(self.obj.clone());
         let mut next = Instant::now();
@@ -261,6 +274,19 @@ impl Actor {
             _ => self.engine = None,
         }
         self.compiled = new;
+        let target = self.compiled.as_ref().ok().map(|c| c.workload().clone());
+        if target.as_ref() != self.workload.as_ref().map(|w| &w.target) {
+            self.resource = None;
+            self.pending_scale = None;
+            self.workload = target.map(|t| {
+                workload::Watch::start(
+                    self.ctx.client.clone(),
+                    &self.id.namespace,
+                    t,
+                    self.poke.clone(),
+                )
+            });
+        }
         let paused = self.obj.spec.paused;
         match &self.compiled {
             Ok(c) => {
@@ -373,22 +399,24 @@ impl Actor {
             self.write_status(Ok(&compiled), report, now).await;
             return INVALID_RECHECK;
         }
-        let Some(target) = self.target(&compiled) else {
-            let blocked = Blocked {
-                reason: "TargetNotFound",
-                message: format!(
-                    "Deployment {}/{} does not exist",
-                    self.namespace(),
-                    compiled.deployment()
-                ),
-            };
-            let report = Report {
-                blocked: Some(blocked),
-                ..Report::default()
-            };
-            self.write_status(Ok(&compiled), report, now).await;
-            return backoff(tick, 3);
+        let target = match self.target() {
+            Ok(t) => t,
+            // Not listed yet: its watch pokes as soon as it is.
+            Err(None) => return tick,
+            Err(Some(blocked)) => {
+                let report = Report {
+                    blocked: Some(blocked),
+                    ..Report::default()
+                };
+                self.write_status(Ok(&compiled), report, now).await;
+                return backoff(tick, 3);
+            }
         };
+        let hpa = hpa::find(
+            self.term.hpas.state().iter().map(|h| h.as_ref()),
+            self.namespace(),
+            compiled.workload(),
+        );
         if !self.ready_since_wake && self.last_wake.is_some() && target.ready > 0 {
             self.ready_since_wake = true;
         }
@@ -401,6 +429,8 @@ impl Actor {
         let from_state = state.name(&compiled).to_string();
         let d = engine::decide(&compiled, &state, &obs, now);
         self.engine = Some(d.state.clone());
+        // Beside an HPA the policy owns only zero and the wake to the HPA's minimum.
+        let desired = hpa::replicas(d.desired_replicas, target.replicas, hpa.as_ref());
         // A transition starts a new state at `now`: wake-ups before it are spent (the
         // engine keeps milliseconds, so one in the same millisecond would otherwise
         // count as demand in the new state and block its next sleep for a minute).
@@ -420,7 +450,7 @@ impl Actor {
         tracing::debug!(
             policy = %self.id,
             state = %d.state.name(&compiled),
-            desired = d.desired_replicas,
+            desired,
             replicas = target.replicas,
             ready = target.ready,
             ?values,
@@ -444,7 +474,7 @@ impl Actor {
                     from_state: from_state.clone(),
                     to_state: t.to.clone(),
                     from_replicas: to_i32(target.replicas),
-                    to_replicas: to_i32(d.desired_replicas),
+                    to_replicas: to_i32(desired),
                     reason: reason.clone(),
                     metrics: self.last_values.clone(),
                 }));
@@ -463,19 +493,19 @@ impl Actor {
         // scale carries its transition's reason, and a retried scale keeps its own.
         if d.transition.is_none()
             && d.rescaled.is_none()
-            && target.replicas != d.desired_replicas
+            && target.replicas != desired
             && matches!(self.sleep, SleepPhase::Awake)
             && self.failures == 0
         {
             self.last_reason = outside_scale_reason(
-                compiled.deployment(),
+                compiled.workload(),
                 target.replicas,
                 d.state.name(&compiled),
-                d.desired_replicas,
+                desired,
             );
         }
         let mut wait = d.requeue_after.min(tick);
-        match self.apply(&compiled, &d, target, now).await {
+        match self.apply(&compiled, desired, target, now).await {
             Ok(()) => self.failures = 0,
             Err(e) => {
                 self.failures += 1;
@@ -484,7 +514,7 @@ impl Actor {
                 self.emit(true, "ScaleFailed", "Scale", e.to_string());
             }
         }
-        let target = self.target(&compiled).unwrap_or(target);
+        let target = self.target().unwrap_or(target);
         self.follow_wake(&compiled, target, now);
         self.report_cold_start(false);
         if d.readiness_overdue {
@@ -504,29 +534,37 @@ impl Actor {
         if d.hold.is_some() || d.readiness_overdue {
             notes.push(reason.clone());
         }
-        let desired = d.desired_replicas;
         let st = self
             .engine
             .as_ref()
             .map(|s| (s.name(&compiled).to_string(), s.since));
+        let windows = self.engine.as_ref().map(State::windows).unwrap_or_default();
         let report = Report {
             state: st,
+            windows,
             desired: Some(desired),
             metrics: values.clone(),
             blocked: None,
             notes,
+            hpa,
         };
         self.write_status(Ok(&compiled), report, now).await;
         self.sample(&values, target, desired, now);
         wait
     }
 
-    /// The target's replicas (our own recent scale wins over a lagging cache) and ready
-    /// replicas; `None` when the Deployment does not exist.
-    fn target(&mut self, c: &CompiledPolicy) -> Option<Target> {
-        let key = ObjectRef::<Deployment>::new(c.deployment()).within(self.namespace());
-        let dep = self.term.deployments.get(&key)?;
-        let (cached, ready) = observed_replicas(&dep);
+    /// The target's replicas (our own recent scale wins over a lagging watch) and ready
+    /// replicas; `Err(None)` while its watch has not listed it yet, `Err(Some(why))`
+    /// when it cannot be used (missing, kind not served, no `/scale`, unreadable).
+    fn target(&mut self) -> Result<Target, Option<Blocked>> {
+        let seen = self.workload.as_ref().map_or(Seen::Unknown, |w| w.seen());
+        let observed = match seen {
+            Seen::Unknown => return Err(None),
+            Seen::Blocked(b) => return Err(Some(b)),
+            Seen::Present(o) => o,
+        };
+        let (cached, ready) = (observed.replicas, observed.ready);
+        self.resource = Some(observed.resource);
         let replicas = match self.pending_scale {
             Some((n, _)) if n == cached => {
                 self.pending_scale = None;
@@ -538,7 +576,7 @@ impl Actor {
                 cached
             }
         };
-        Some(Target { replicas, ready })
+        Ok(Target { replicas, ready })
     }
 
     fn observe(&mut self, c: &CompiledPolicy, target: Target, now: DateTime<Utc>) -> Observations {
@@ -584,7 +622,17 @@ impl Actor {
             && c.state_index(name).is_some()
         {
             let since = status.and_then(|s| s.state_since).unwrap_or(now);
-            return State::resume(c, name, since, now);
+            let mut state = State::resume(c, name, since, now);
+            // The windows were counted for this generation's program: an edited policy
+            // numbers its clauses anew, so they restart.
+            if let Some(s) = status
+                && s.observed_generation.is_some()
+                && s.observed_generation == self.generation
+            {
+                let windows: Vec<_> = s.windows.iter().map(|w| (w.clause, w.since)).collect();
+                state.resume_windows(&windows, now);
+            }
+            return state;
         }
         if c.is_short_form() && target.replicas == 0 && c.state_index(ZERO_STATE).is_some() {
             return State::resume(c, ZERO_STATE, now, now);
@@ -594,14 +642,14 @@ impl Actor {
 
     // --- applying a decision ---
 
+    /// Puts the target at `desired` (the decision's replicas, as the HPA leaves them).
     async fn apply(
         &mut self,
         c: &CompiledPolicy,
-        d: &Decision,
+        desired: u32,
         target: Target,
         now: DateTime<Utc>,
     ) -> Result<(), ReconcileError> {
-        let desired = d.desired_replicas;
         if desired == 0 {
             if target.replicas == 0 {
                 return Ok(());
@@ -724,7 +772,7 @@ impl Actor {
                     self.ctx.registry.follow(&svc);
                     return;
                 }
-                let Some(target) = self.target(&c) else {
+                let Ok(target) = self.target() else {
                     return;
                 };
                 if target.replicas == 0 {
@@ -773,9 +821,15 @@ impl Actor {
         if !self.ctx.is_leading() {
             return Ok(());
         }
-        let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), self.namespace());
+        let target = c.workload();
+        let name = target.name.as_str();
+        // Only a watched target is scaled, so its resource is known by now.
+        let Some(resource) = self.resource.clone() else {
+            return Ok(());
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.ctx.client.clone(), self.namespace(), &resource);
         let patch = serde_json::json!({ "spec": { "replicas": to } });
-        let name = c.deployment();
         let result = tokio::time::timeout(
             API_TIMEOUT,
             api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch)),
@@ -783,14 +837,15 @@ impl Actor {
         .await;
         let err = match result {
             Ok(Ok(_)) => None,
-            Ok(Err(source)) => Some(ReconcileError::ScaleDeployment {
+            Ok(Err(source)) => Some(ReconcileError::ScaleTarget {
+                kind: target.kind.clone(),
                 namespace: self.id.namespace.clone(),
                 name: name.to_string(),
                 replicas: to,
                 source,
             }),
             Err(_) => Some(ReconcileError::Timeout {
-                what: format!("scaling Deployment {}/{name}", self.id.namespace),
+                what: format!("scaling {} {}/{name}", target.kind, self.id.namespace),
                 after: API_TIMEOUT,
             }),
         };
@@ -857,8 +912,8 @@ impl Actor {
             reason,
             "Scale",
             format!(
-                "Deployment {} scaled from {from} to {to}: {}",
-                name, self.last_reason
+                "{} {name} scaled from {from} to {to}: {}",
+                target.kind, self.last_reason
             ),
         );
         Ok(())
@@ -992,11 +1047,14 @@ impl Actor {
             generation: self.generation,
             previous: &previous,
             state: report.state,
+            windows: report.windows,
             desired: report.desired,
             last_transition: self.last_transition.clone(),
             metrics: report.metrics,
             blocked: report.blocked,
             notes: report.notes,
+            target: compiled.ok().map(|c| c.workload()),
+            hpa: report.hpa.as_ref(),
             now,
         });
         self.patch_status(new).await;
@@ -1012,7 +1070,12 @@ impl Actor {
             return;
         }
         let api: Api<ScalingPolicy> = Api::namespaced(self.ctx.client.clone(), self.namespace());
-        let patch = serde_json::json!({ "status": new });
+        let mut patch = serde_json::json!({ "status": new });
+        // A merge patch keeps a field it does not name: an HPA that went away must be
+        // cleared by name.
+        if new.horizontal_pod_autoscaler.is_none() {
+            patch["status"]["horizontalPodAutoscaler"] = serde_json::Value::Null;
+        }
         let result = tokio::time::timeout(
             API_TIMEOUT,
             api.patch_status(
@@ -1105,36 +1168,11 @@ async fn wait_ack(phase: &mut SleepPhase) -> Result<(), AckError> {
     }
 }
 
-/// A Deployment's `spec.replicas` and the ready replicas its status vouches for. The
-/// status speaks for the spec only once the Deployment controller has caught up with it
-/// (`status.observedGeneration >= metadata.generation`): before that its ready count is
-/// the previous spec's (a scale to zero not yet acted on still shows the old pods ready),
-/// so it counts as none and a scale is never taken as done on it.
-fn observed_replicas(dep: &Deployment) -> (u32, u32) {
-    let replicas = dep.spec.replicas.unwrap_or(1).max(0) as u32;
-    let status = dep.status.as_ref();
-    let caught_up = match (
-        dep.metadata.generation,
-        status.and_then(|s| s.observed_generation),
-    ) {
-        (Some(generation), Some(observed)) => observed >= generation,
-        // No generation (not from an API server): nothing to wait for.
-        (None, _) => true,
-        (Some(_), None) => false,
-    };
-    let ready = status
-        .and_then(|s| s.ready_replicas)
-        .filter(|_| caught_up)
-        .unwrap_or(0)
-        .max(0) as u32;
-    (replicas, ready)
-}
-
 /// Why a target is scaled back when it was scaled outside the policy.
-fn outside_scale_reason(deployment: &str, replicas: u32, state: &str, desired: u32) -> String {
+fn outside_scale_reason(target: &WorkloadRef, replicas: u32, state: &str, desired: u32) -> String {
     format!(
-        "Deployment {deployment} had {replicas} replicas, set outside the policy; \
-         state `{state}` wants {desired}"
+        "{} {} had {replicas} replicas, set outside the policy; state `{state}` wants {desired}",
+        target.kind, target.name
     )
 }
 
@@ -1150,35 +1188,7 @@ fn to_i32(n: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{cold_start_note, observed_replicas};
-    use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
-
-    fn dep(replicas: i32, generation: i64, observed: Option<i64>, ready: i32) -> Deployment {
-        Deployment {
-            metadata: kube::api::ObjectMeta {
-                generation: Some(generation),
-                ..Default::default()
-            },
-            spec: DeploymentSpec {
-                replicas: Some(replicas),
-                ..Default::default()
-            },
-            status: Some(DeploymentStatus {
-                observed_generation: observed,
-                ready_replicas: Some(ready),
-                ..Default::default()
-            }),
-        }
-    }
-
-    #[test]
-    fn ready_replicas_count_only_once_the_deployment_controller_caught_up() {
-        // Scaled 1 -> 0 -> 1 faster than the controller acts: the old pod shows ready.
-        assert_eq!(observed_replicas(&dep(1, 4, Some(2), 1)), (1, 0));
-        assert_eq!(observed_replicas(&dep(1, 4, Some(4), 1)), (1, 1));
-        assert_eq!(observed_replicas(&dep(3, 4, Some(5), 2)), (3, 2));
-        assert_eq!(observed_replicas(&dep(1, 1, None, 0)), (1, 0));
-    }
+    use super::cold_start_note;
 
     #[test]
     fn the_cold_start_note_counts_held_connections_in_words() {

@@ -14,9 +14,11 @@ pub mod cold_start;
 pub mod connections;
 pub mod events;
 pub mod history;
+pub mod hpa;
 pub mod prom;
 pub mod status;
 pub mod supervisor;
+pub mod workload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +45,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("scaling Deployment {namespace}/{name} to {replicas}: {}", crate::permissions::explain(.source))]
-    ScaleDeployment {
+    #[error("scaling {kind} {namespace}/{name} to {replicas}: {}", crate::permissions::explain(.source))]
+    ScaleTarget {
+        kind: String,
         namespace: String,
         name: String,
         replicas: u32,
@@ -122,6 +125,15 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return;
         }
+    }
+}
+
+/// Aborts its task when dropped (with the term, or with a policy's actor).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

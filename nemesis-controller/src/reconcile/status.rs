@@ -6,9 +6,10 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::policy::crd::{MetricValue, ScalingPolicyStatus, TransitionRecord};
+use crate::policy::crd::{ForWindow, MetricValue, ScalingPolicyStatus, TransitionRecord};
 use crate::policy::status::{CONDITION_READY, policy_conditions};
-use crate::policy::{CompiledPolicy, InvalidPolicy};
+use crate::policy::{CompiledPolicy, InvalidPolicy, WorkloadRef};
+use crate::reconcile::hpa::{CONDITION_HPA, HpaView};
 
 /// Why a valid policy cannot act right now (the `Ready` condition turns `False`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,12 +26,18 @@ pub struct Input<'a> {
     pub previous: &'a ScalingPolicyStatus,
     /// The engine's state name and since when (`None`: not running).
     pub state: Option<(String, DateTime<Utc>)>,
+    /// The running `for` windows (clause, since) of that state.
+    pub windows: Vec<(u32, DateTime<Utc>)>,
     pub desired: Option<u32>,
     pub last_transition: Option<TransitionRecord>,
     pub metrics: Vec<(String, Option<f64>)>,
     pub blocked: Option<Blocked>,
     /// Appended to the `Ready` message (a failing PromQL source, a refused sleep).
     pub notes: Vec<String>,
+    /// What the policy scales (`None` while invalid).
+    pub target: Option<&'a WorkloadRef>,
+    /// The HPA that shares the target, if any.
+    pub hpa: Option<&'a HpaView>,
     pub now: DateTime<Utc>,
 }
 
@@ -56,9 +63,40 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
             ready.message = format!("{}; {}", ready.message, input.notes.join("; "));
         }
     }
-    let (state, state_since) = match input.state {
-        Some((s, since)) => (Some(s), Some(since)),
-        None => (input.previous.state.clone(), input.previous.state_since),
+    if let (Some(h), Some(t)) = (input.hpa, input.target) {
+        let mut c = Condition {
+            type_: CONDITION_HPA.to_string(),
+            observed_generation: input.generation,
+            status: String::new(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        };
+        set(
+            &mut c,
+            "True",
+            "SharedWithHPA",
+            &h.message(t),
+            &input.previous.conditions,
+            input.now,
+        );
+        conditions.push(c);
+    }
+    let (state, state_since, windows) = match input.state {
+        Some((s, since)) => (
+            Some(s),
+            Some(since),
+            input
+                .windows
+                .into_iter()
+                .map(|(clause, since)| ForWindow { clause, since })
+                .collect(),
+        ),
+        None => (
+            input.previous.state.clone(),
+            input.previous.state_since,
+            input.previous.windows.clone(),
+        ),
     };
     ScalingPolicyStatus {
         observed_generation: input.generation,
@@ -80,7 +118,10 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
                 at: Some(input.now),
             })
             .collect(),
+        target: input.target.map(ToString::to_string),
+        horizontal_pod_autoscaler: input.hpa.map(|h| h.name.clone()),
         conditions,
+        windows,
     }
 }
 
@@ -157,8 +198,9 @@ mod tests {
     fn policy() -> CompiledPolicy {
         compile(&ScalingPolicySpec {
             target: TargetRef {
-                deployment: "web".into(),
+                deployment: Some("web".into()),
                 service: Some("web".into()),
+                ..Default::default()
             },
             idle_timeout: Some("1m".into()),
             ..Default::default()
@@ -176,13 +218,46 @@ mod tests {
             generation: Some(2),
             previous: prev,
             state: Some(("warm".into(), now())),
+            windows: vec![],
             desired: Some(1),
             last_transition: None,
             metrics: vec![("conns.active".into(), Some(3.0))],
             blocked: None,
             notes: vec![],
+            target: Some(p.workload()),
+            hpa: None,
             now: now(),
         }
+    }
+
+    #[test]
+    fn an_hpa_on_the_target_is_named_in_the_status_and_a_condition() {
+        let p = policy();
+        let prev = ScalingPolicyStatus::default();
+        let h = HpaView {
+            name: "web-hpa".into(),
+            min: 2,
+            max: 6,
+        };
+        let s = build(Input {
+            hpa: Some(&h),
+            ..input(&p, &prev)
+        });
+        assert_eq!(s.target.as_deref(), Some("Deployment/web"));
+        assert_eq!(s.horizontal_pod_autoscaler.as_deref(), Some("web-hpa"));
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_HPA)
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "SharedWithHPA")
+        );
+        assert!(c.message.contains("between 0 and 2"), "{}", c.message);
+        let gone = build(input(&p, &s));
+        assert_eq!(gone.horizontal_pod_autoscaler, None);
+        assert!(gone.conditions.iter().all(|c| c.type_ != CONDITION_HPA));
     }
 
     #[test]

@@ -1,14 +1,15 @@
-//! One leadership term: watches ScalingPolicies and Deployments (cluster-wide, with
-//! reflector caches), keeps one actor per policy, and routes to them what concerns them:
-//! spec changes, wake-ups by Service, Deployment changes by target, alert changes. It
-//! holds no scaling logic; dropping the term aborts every actor it started.
+//! One leadership term: watches ScalingPolicies and HorizontalPodAutoscalers
+//! (cluster-wide, with reflector caches), keeps one actor per policy, and routes to them
+//! what concerns them: spec changes, wake-ups by Service, HPA and alert changes. Each
+//! actor watches its own target (`workload`). It holds no scaling logic; dropping the
+//! term aborts every actor it started.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector, watcher as watch_api};
 use kube::{Api, ResourceExt};
@@ -17,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Context;
 use super::actor::{Actor, Handle, Msg, Term};
+use super::{AbortOnDrop, Context};
 use crate::agents::WakeUp;
 use crate::metrics::ErrorKind;
 use crate::policy::ScalingPolicy;
@@ -30,14 +31,12 @@ const RESYNC: Duration = Duration::from_secs(10);
 
 struct Running {
     handle: Handle,
-    deployment: (String, String),
     service: Option<ServiceRef>,
 }
 
 #[derive(Default)]
 struct Actors {
     running: HashMap<PolicyId, Running>,
-    by_deployment: HashMap<(String, String), BTreeSet<PolicyId>>,
     by_service: HashMap<ServiceRef, BTreeSet<PolicyId>>,
 }
 
@@ -55,7 +54,6 @@ impl Actors {
     ) {
         let id = id_of(&p);
         let ns = id.namespace.clone();
-        let deployment = (ns.clone(), p.spec.target.deployment.clone());
         let service = p.spec.target.service.clone().map(|name| ServiceRef {
             namespace: ns.clone(),
             name,
@@ -64,11 +62,10 @@ impl Actors {
         if let Some(r) = self.running.get(&id)
             && r.handle.tx.send(Msg::Spec(p.clone())).is_ok()
         {
-            if r.deployment != deployment || r.service != service {
+            if r.service != service {
                 self.unindex(&id);
-                self.index(&id, deployment.clone(), service.clone());
+                self.index(&id, service.clone());
                 if let Some(r) = self.running.get_mut(&id) {
-                    r.deployment = deployment;
                     r.service = service;
                 }
             }
@@ -81,22 +78,11 @@ impl Actors {
             actor.run().await;
             id2
         });
-        self.index(&id, deployment.clone(), service.clone());
-        self.running.insert(
-            id,
-            Running {
-                handle,
-                deployment,
-                service,
-            },
-        );
+        self.index(&id, service.clone());
+        self.running.insert(id, Running { handle, service });
     }
 
-    fn index(&mut self, id: &PolicyId, deployment: (String, String), service: Option<ServiceRef>) {
-        self.by_deployment
-            .entry(deployment)
-            .or_default()
-            .insert(id.clone());
+    fn index(&mut self, id: &PolicyId, service: Option<ServiceRef>) {
         if let Some(s) = service {
             let owners = self.by_service.entry(s.clone()).or_default();
             owners.insert(id.clone());
@@ -107,20 +93,13 @@ impl Actors {
     }
 
     fn unindex(&mut self, id: &PolicyId) {
-        if let Some(r) = self.running.get(id) {
-            if let Some(set) = self.by_deployment.get_mut(&r.deployment) {
-                set.remove(id);
-                if set.is_empty() {
-                    self.by_deployment.remove(&r.deployment);
-                }
-            }
-            if let Some(s) = &r.service
-                && let Some(set) = self.by_service.get_mut(s)
-            {
-                set.remove(id);
-                if set.is_empty() {
-                    self.by_service.remove(s);
-                }
+        if let Some(r) = self.running.get(id)
+            && let Some(s) = &r.service
+            && let Some(set) = self.by_service.get_mut(s)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_service.remove(s);
             }
         }
     }
@@ -131,23 +110,11 @@ impl Actors {
         self.running.remove(id);
     }
 
-    fn poke_deployment(&self, ns: &str, name: &str) {
-        if let Some(ids) = self.by_deployment.get(&(ns.to_string(), name.to_string())) {
-            for id in ids {
-                if let Some(r) = self.running.get(id) {
-                    r.handle.poke.notify_one();
-                }
-            }
+    /// Every actor evaluates now (an HPA or an alert changed).
+    fn poke_all(&self) {
+        for r in self.running.values() {
+            r.handle.poke.notify_one();
         }
-    }
-}
-
-/// Aborts its task when dropped (with the term).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -159,11 +126,11 @@ pub async fn run_term(
     synced: &watch::Sender<bool>,
 ) {
     let client = ctx.client.clone();
-    let (dep_reader, dep_writer) = reflector::store::<Deployment>();
-    let deployments = reflector::reflector(
-        dep_writer,
+    let (hpa_reader, hpa_writer) = reflector::store::<HorizontalPodAutoscaler>();
+    let hpas = reflector::reflector(
+        hpa_writer,
         watch_api(
-            Api::<Deployment>::all(client.clone()),
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
             watcher::Config::default(),
         )
         .default_backoff(),
@@ -177,7 +144,7 @@ pub async fn run_term(
         )
         .default_backoff(),
     );
-    futures::pin_mut!(deployments, policies);
+    futures::pin_mut!(hpas, policies);
     // The hold EndpointSlices live and die with the term (a follower writes nothing).
     let _hold_slices = AbortOnDrop(tokio::spawn(
         ctx.hold_slices
@@ -185,21 +152,22 @@ pub async fn run_term(
             .run(pol_reader.clone(), ctx.wakes.clone()),
     ));
     let term = Arc::new(Term {
-        deployments: dep_reader,
+        hpas: hpa_reader,
         sleep_allowed_from: Instant::now() + ctx.registry.config().lease,
     });
     let mut actors = Actors::default();
     let mut tasks: JoinSet<PolicyId> = JoinSet::new();
     let mut alerts = ctx.alerts.subscribe();
     let mut resync = tokio::time::interval(RESYNC);
-    let (mut policies_synced, mut deployments_synced) = (false, false);
+    let (mut policies_synced, mut hpas_synced) = (false, false);
 
     loop {
         tokio::select! {
             ev = policies.next() => match ev {
-                // Actors start once the Deployment cache is synced (they read it at
-                // once); until then the policy cache keeps what arrives.
-                Some(Ok(Event::Apply(p) | Event::InitApply(p))) if deployments_synced => {
+                // Actors start once the HPA cache is synced (a policy that missed its
+                // target's HPA would take the HPA's replicas for a manual scale and put
+                // them back); until then the policy cache keeps what arrives.
+                Some(Ok(Event::Apply(p) | Event::InitApply(p))) if hpas_synced => {
                     actors.upsert(&ctx, &term, &mut tasks, p)
                 }
                 Some(Ok(Event::Apply(_) | Event::InitApply(_))) => {}
@@ -222,11 +190,11 @@ pub async fn run_term(
                         actors.remove(&id);
                     }
                     // The reflector's store shows a listing only from its InitDone on: a
-                    // policy listed before the Deployment cache synced was skipped above
+                    // policy listed before the HPA cache synced was skipped above
                     // and was not in the store yet when that sync started actors, so
                     // start it now rather than at the next resync (up to 10 s of
                     // wake-ups refused as unmanaged after every start or failover).
-                    if deployments_synced {
+                    if hpas_synced {
                         for p in pol_reader.state() {
                             if !actors.running.contains_key(&id_of(&p)) {
                                 actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
@@ -240,22 +208,31 @@ pub async fn run_term(
                 }
                 None => return,
             },
-            ev = deployments.next() => match ev {
-                Some(Ok(Event::Apply(d) | Event::InitApply(d) | Event::Delete(d))) => {
-                    actors.poke_deployment(&d.namespace().unwrap_or_default(), &d.name_any());
-                }
+            ev = hpas.next() => match ev {
+                Some(Ok(Event::Apply(_) | Event::Delete(_))) => actors.poke_all(),
+                Some(Ok(Event::InitApply(_) | Event::Init)) => {}
                 Some(Ok(Event::InitDone)) => {
-                    if !deployments_synced {
-                        deployments_synced = true;
+                    actors.poke_all();
+                    if !hpas_synced {
+                        hpas_synced = true;
                         for p in pol_reader.state() {
                             actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
                         }
                     }
                 }
-                Some(Ok(Event::Init)) => {}
                 Some(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
-                    tracing::warn!(err = %crate::permissions::explain_chain(&e), "watching Deployments failed; retrying");
+                    let why = crate::permissions::explain_chain(&e);
+                    tracing::warn!(err = %why, "watching HorizontalPodAutoscalers failed; retrying");
+                    // Without HPAs the policies still run (they just cannot see one);
+                    // waiting for a permission that may never come would stop them all.
+                    if !hpas_synced && forbidden(&e) {
+                        tracing::warn!("starting the policies without HorizontalPodAutoscalers: a policy whose target an HPA scales will fight it until they can be read");
+                        hpas_synced = true;
+                        for p in pol_reader.state() {
+                            actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
+                        }
+                    }
                 }
                 None => return,
             },
@@ -282,9 +259,7 @@ pub async fn run_term(
                 if r.is_err() {
                     return;
                 }
-                for r in actors.running.values() {
-                    r.handle.poke.notify_one();
-                }
+                actors.poke_all();
             }
             Some(done) = tasks.join_next() => {
                 match done {
@@ -303,7 +278,7 @@ pub async fn run_term(
                     actors.remove(&id);
                 }
             }
-            _ = resync.tick(), if deployments_synced => {
+            _ = resync.tick(), if hpas_synced => {
                 for p in pol_reader.state() {
                     if !actors.running.contains_key(&id_of(&p)) {
                         actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
@@ -312,8 +287,18 @@ pub async fn run_term(
             }
         }
         synced.send_if_modified(|s| {
-            let now = policies_synced && deployments_synced;
+            let now = policies_synced && hpas_synced;
             std::mem::replace(s, now) != now
         });
     }
+}
+
+/// A watch refused for want of a permission (which retrying will not grant).
+fn forbidden(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.code == 403
+    )
 }

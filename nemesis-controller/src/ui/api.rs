@@ -174,13 +174,14 @@ pub struct MetricView {
 pub struct PolicyView {
     pub namespace: String,
     pub name: String,
-    pub deployment: String,
+    /// What the policy scales, as `Kind/name`.
+    pub target: String,
     pub service: Option<String>,
     pub state: Option<String>,
     pub state_since_ms: Option<i64>,
     /// What the policy wants (its status).
     pub desired_replicas: Option<i32>,
-    /// What the Deployment had at the latest sample (within the last two minutes).
+    /// What the target had at the latest sample (within the last two minutes).
     pub replicas: Option<f64>,
     pub ready_replicas: Option<f64>,
     /// The `Ready` condition's status: the policy runs.
@@ -239,7 +240,9 @@ pub fn policy_view(p: &ScalingPolicy, current: Current) -> PolicyView {
     PolicyView {
         namespace: id.namespace,
         name: id.name,
-        deployment: p.spec.target.deployment.clone(),
+        target: crate::policy::target::workload_ref(&p.spec.target)
+            .map(|w| w.to_string())
+            .unwrap_or_else(|_| "(invalid target)".into()),
         service: p.spec.target.service.clone(),
         state: status.state.clone(),
         state_since_ms: status.state_since.map(ms),

@@ -139,8 +139,9 @@ pub fn policy(ns: &str, name: &str, now: u64) -> ScalingPolicy {
         name,
         ScalingPolicySpec {
             target: TargetRef {
-                deployment: name.into(),
+                deployment: Some(name.into()),
                 service: Some(name.into()),
+                ..Default::default()
             },
             idle_timeout: Some("10m".into()),
             ..Default::default()
@@ -166,6 +167,9 @@ pub fn policy(ns: &str, name: &str, now: u64) -> ScalingPolicy {
             value: Some(4.0),
             at: Some(Utc::now()),
         }],
+        target: Some(format!("Deployment/{name}")),
+        horizontal_pod_autoscaler: None,
+        windows: vec![],
         conditions: vec![
             Condition {
                 type_: "Ready".into(),

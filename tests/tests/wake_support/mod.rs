@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -137,6 +137,14 @@ fn deployment(pod: &Value) -> anyhow::Result<Deployment> {
             },
         },
     }))?)
+}
+
+/// [`deployment`]'s pods, kept by a StatefulSet (its pods `web-0`, `web-1`, ...).
+fn stateful_set(pod: &Value) -> anyhow::Result<StatefulSet> {
+    let mut v = serde_json::to_value(deployment(pod)?)?;
+    v["spec"]["serviceName"] = json!(APP);
+    v["kind"] = json!("StatefulSet");
+    Ok(serde_json::from_value(v)?)
 }
 
 fn service(ip: Ipv4Addr) -> anyhow::Result<Service> {
@@ -364,6 +372,9 @@ pub struct Options {
     /// The sandbox's Deployment controller acts this long after a change
     /// ([`SandboxOptions::rollout_lag`]).
     pub rollout_lag: Duration,
+    /// The app is a StatefulSet (named [`APP`], at zero) instead of a Deployment; the
+    /// policy must then target it (`{kind: StatefulSet, name: APP}`).
+    pub stateful_set: bool,
 }
 
 /// Changes the objects of `manifests/base/rbac.yaml` before they are applied.
@@ -493,10 +504,17 @@ impl WakeEnv {
         let ip =
             cluster_ip(sandbox.subnet_index(), 0).context("a ClusterIP of the sandbox's block")?;
         let service_addr = SocketAddr::from((ip, SERVICE_PORT));
-        Api::<Deployment>::namespaced(client.clone(), NS)
-            .create(&PostParams::default(), &deployment(&sc.pod)?)
-            .await
-            .context("creating the Deployment")?;
+        if opts.stateful_set {
+            Api::<StatefulSet>::namespaced(client.clone(), NS)
+                .create(&PostParams::default(), &stateful_set(&sc.pod)?)
+                .await
+                .context("creating the StatefulSet")?;
+        } else {
+            Api::<Deployment>::namespaced(client.clone(), NS)
+                .create(&PostParams::default(), &deployment(&sc.pod)?)
+                .await
+                .context("creating the Deployment")?;
+        }
         Api::<Service>::namespaced(client.clone(), NS)
             .create(&PostParams::default(), &service(ip)?)
             .await
