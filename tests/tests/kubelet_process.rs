@@ -32,6 +32,8 @@ fn launch(netns: &str, argv: &[&str], env: &[(&str, &str)], dir: &std::path::Pat
         log_path: dir.join("container.log"),
         cgroup: None,
         service_account: None,
+        host_network: false,
+        image: None,
     }
 }
 

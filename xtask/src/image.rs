@@ -95,6 +95,7 @@ fn build_one(debug: bool, component: &str) -> Result<()> {
     }
     let rootfs = work.join("context/rootfs");
     stage_binary(&bin, &rootfs, component)?;
+    stage_nsswitch(&rootfs)?;
     if component == "nemesis-controller" {
         stage_controller_extras(&rootfs)?;
     }
@@ -192,6 +193,20 @@ fn copy_into(from: &Path, rootfs: &Path, at: &Path) -> Result<()> {
     }
     std::fs::copy(from, &dest)
         .with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
+    Ok(())
+}
+
+/// Names are looked up in `/etc/hosts` first, then DNS, as distroless images have it:
+/// without the file glibc asks DNS first and gives up on a NOTFOUND before reading the
+/// hosts file the kubelet manages.
+fn stage_nsswitch(rootfs: &Path) -> Result<()> {
+    let etc = rootfs.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(
+        etc.join("nsswitch.conf"),
+        "hosts: files dns
+",
+    )?;
     Ok(())
 }
 

@@ -131,6 +131,31 @@ pub fn apply(b: Builtin, obj: &mut Value) {
                 );
             }
         }
+        Builtin::DaemonSet => {
+            if let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) {
+                set_absent(spec, "revisionHistoryLimit", json!(10));
+                set_absent(spec, "updateStrategy", json!({}));
+                let strategy = &mut spec["updateStrategy"];
+                set_absent(strategy, "type", json!("RollingUpdate"));
+                if strategy["type"] == "RollingUpdate" {
+                    set_absent(strategy, "rollingUpdate", json!({}));
+                    let rolling = &mut strategy["rollingUpdate"];
+                    set_absent(rolling, "maxUnavailable", json!(1));
+                    set_absent(rolling, "maxSurge", json!(0));
+                }
+                if let Some(ps) = spec.pointer_mut("/template/spec") {
+                    pod_spec(ps);
+                }
+            }
+        }
+        Builtin::PersistentVolumeClaim => {
+            if let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) {
+                set_absent(spec, "volumeMode", json!("Filesystem"));
+            }
+            if !obj["status"].is_object() {
+                obj["status"] = json!({"phase": "Pending"});
+            }
+        }
         Builtin::Pod => {
             if let Some(ps) = obj.get_mut("spec") {
                 pod_spec(ps);

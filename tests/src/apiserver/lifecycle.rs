@@ -82,6 +82,8 @@ fn has_generation(rt: &ResourceType) -> bool {
             Builtin::Deployment
                 | Builtin::ReplicaSet
                 | Builtin::StatefulSet
+                | Builtin::DaemonSet
+                | Builtin::PodDisruptionBudget
                 | Builtin::HorizontalPodAutoscaler
                 | Builtin::Pod
                 | Builtin::Crd

@@ -34,12 +34,19 @@ pub fn kubelet_url(
         .flatten()
         .filter_map(|c| c["name"].as_str())
         .collect();
+    // Init containers are named only explicitly, as upstream has it.
+    let inits: Vec<&str> = pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
     let container = match q
         .get("container")
         .map(String::as_str)
         .filter(|c| !c.is_empty())
     {
-        Some(c) if containers.contains(&c) => c.to_owned(),
+        Some(c) if containers.contains(&c) || inits.contains(&c) => c.to_owned(),
         Some(c) => {
             return Err(ApiError::bad_request(format!(
                 "container {c} is not valid for pod {name}"
@@ -53,14 +60,19 @@ pub fn kubelet_url(
             )));
         }
     };
-    let waiting = pod["status"]["containerStatuses"]
+    let statuses = if inits.contains(&container.as_str()) {
+        &pod["status"]["initContainerStatuses"]
+    } else {
+        &pod["status"]["containerStatuses"]
+    };
+    let waiting = statuses
         .as_array()
         .into_iter()
         .flatten()
         .find(|s| s["name"] == container.as_str())
         .map(|s| s["state"]["waiting"].clone())
         .unwrap_or(Value::Null);
-    let not_started = pod["status"]["containerStatuses"].is_null() || waiting.is_object();
+    let not_started = statuses.is_null() || waiting.is_object();
     if not_started {
         let reason = waiting["reason"].as_str().unwrap_or("ContainerCreating");
         return Err(ApiError::bad_request(format!(

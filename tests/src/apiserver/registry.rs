@@ -25,6 +25,9 @@ pub enum Builtin {
     Crd,
     ServiceAccount,
     StatefulSet,
+    DaemonSet,
+    PersistentVolumeClaim,
+    PodDisruptionBudget,
     HorizontalPodAutoscaler,
     Role,
     ClusterRole,
@@ -136,6 +139,7 @@ fn builtin(
                 | Builtin::Deployment
                 | Builtin::ReplicaSet
                 | Builtin::StatefulSet
+                | Builtin::DaemonSet
                 | Builtin::HorizontalPodAutoscaler
         ) {
             vec!["all".into()]
@@ -266,6 +270,39 @@ pub fn builtins() -> Vec<ResourceType> {
             &["sts"],
             true,
             true,
+        ),
+        builtin(
+            DaemonSet,
+            "apps",
+            "v1",
+            "DaemonSet",
+            "daemonsets",
+            true,
+            &["ds"],
+            true,
+            false,
+        ),
+        builtin(
+            PersistentVolumeClaim,
+            "",
+            "v1",
+            "PersistentVolumeClaim",
+            "persistentvolumeclaims",
+            true,
+            &["pvc"],
+            true,
+            false,
+        ),
+        builtin(
+            PodDisruptionBudget,
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            true,
+            &["pdb"],
+            true,
+            false,
         ),
         builtin(
             HorizontalPodAutoscaler,

@@ -257,6 +257,19 @@ fn build() -> BuiltinSchemas {
     root!(g, roots, Builtin::Deployment, api::apps::v1::Deployment);
     root!(g, roots, Builtin::ReplicaSet, api::apps::v1::ReplicaSet);
     root!(g, roots, Builtin::StatefulSet, api::apps::v1::StatefulSet);
+    root!(g, roots, Builtin::DaemonSet, api::apps::v1::DaemonSet);
+    root!(
+        g,
+        roots,
+        Builtin::PersistentVolumeClaim,
+        api::core::v1::PersistentVolumeClaim
+    );
+    root!(
+        g,
+        roots,
+        Builtin::PodDisruptionBudget,
+        api::policy::v1::PodDisruptionBudget
+    );
     root!(
         g,
         roots,

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams};
@@ -57,7 +57,10 @@ pub async fn run(client: Client, namespace: Option<String>, cancel: Cancellation
             owner_deletions::<Deployment>(api(&client, ns)),
             owner_deletions::<ReplicaSet>(api(&client, ns)),
         ),
-        owner_deletions::<Service>(api(&client, ns)),
+        futures::stream::select(
+            owner_deletions::<Service>(api(&client, ns)),
+            owner_deletions::<DaemonSet>(api(&client, ns)),
+        ),
     );
     let mut deletions = std::pin::pin!(deletions);
     loop {
@@ -94,10 +97,12 @@ async fn sweep(client: &Client, ns: Option<&str>) -> Result<(), GcError> {
     let services = uids(&list::<Service>(client, ns, "services").await?);
     let set_uids = uids(&sets);
     let stateful = uids(&list::<StatefulSet>(client, ns, "statefulsets").await?);
+    let daemons = uids(&list::<DaemonSet>(client, ns, "daemonsets").await?);
     for pod in &pods {
         let orphan = controller_uid(pod, "Deployment").is_some_and(|u| !deployments.contains(u))
             || controller_uid(pod, "ReplicaSet").is_some_and(|u| !set_uids.contains(u))
-            || controller_uid(pod, "StatefulSet").is_some_and(|u| !stateful.contains(u));
+            || controller_uid(pod, "StatefulSet").is_some_and(|u| !stateful.contains(u))
+            || controller_uid(pod, "DaemonSet").is_some_and(|u| !daemons.contains(u));
         if orphan {
             delete::<Pod>(client, pod, "pod").await?;
         }

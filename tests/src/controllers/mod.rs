@@ -1,10 +1,12 @@
 //! The parts of kube-controller-manager the sandbox needs, talking to the API only
 //! through kube-rs as the real ones do: Deployments own ReplicaSets ([`deployments`]),
 //! which keep their pods ([`replicasets`]), StatefulSets keep pods with stable names
-//! ([`statefulsets`]), Services get EndpointSlices
+//! ([`statefulsets`]), DaemonSets keep one pod per node ([`daemonsets`]), Services get
+//! EndpointSlices
 //! ([`endpointslices`]), and dependents of deleted owners are removed ([`gc`]). No decision here reads local state: each
 //! reconcile starts from what the API server says.
 
+pub mod daemonsets;
 pub mod deployments;
 pub mod endpointslices;
 pub mod gc;

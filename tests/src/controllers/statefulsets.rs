@@ -4,8 +4,11 @@
 //! or all at once with `Parallel`, removed from the highest ordinal down, replaced when
 //! finished, rolled one pod at a time from the highest ordinal on a template change, and
 //! a status with `observedGeneration` and revisions. The plan and the status are pure;
-//! `reconcile` only lists, applies and patches. Not simulated: ControllerRevision
-//! objects (the revision is the template's hash) and volumeClaimTemplates.
+//! `reconcile` only lists, applies and patches. Each `volumeClaimTemplates` entry
+//! becomes a PersistentVolumeClaim per ordinal (`<template>-<set>-<ordinal>`, made
+//! before the pod, kept after it as `Retain` has it) and a volume of the pod that
+//! mounts it. Not simulated: ControllerRevision objects (the revision is the
+//! template's hash) and claim retention policies other than `Retain`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +16,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, Volume,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -50,6 +55,12 @@ pub enum StatefulSetError {
     },
     #[error("updating status of statefulset {set}: {source}")]
     UpdateStatus { set: String, source: CallError },
+    #[error("creating PersistentVolumeClaim {claim} of statefulset {set}: {source}")]
+    CreateClaim {
+        set: String,
+        claim: String,
+        source: CallError,
+    },
 }
 
 // === the pure part ===
@@ -177,6 +188,23 @@ pub fn new_pod(set: &StatefulSet, ordinal: u32, revision: &str, node: Option<&st
     labels.insert(POD_NAME_LABEL.into(), name.clone());
     labels.insert(POD_INDEX_LABEL.into(), ordinal.to_string());
     let mut spec = template.spec.unwrap_or_default();
+    for claim in claims(set, ordinal) {
+        let volume = claim
+            .labels()
+            .get(CLAIM_TEMPLATE_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        let volumes = spec.volumes.get_or_insert_with(Vec::new);
+        volumes.retain(|v| v.name != volume);
+        volumes.push(Volume {
+            name: volume,
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.name_any(),
+                read_only: None,
+            }),
+            ..Default::default()
+        });
+    }
     spec.hostname = Some(name.clone());
     if !set.spec.service_name.as_deref().unwrap_or("").is_empty() {
         spec.subdomain = set.spec.service_name.clone();
@@ -200,6 +228,36 @@ pub fn new_pod(set: &StatefulSet, ordinal: u32, revision: &str, node: Option<&st
         spec: Some(spec),
         status: None,
     }
+}
+
+/// Names the template a claim was made from (the pod's volume name); the sandbox's own
+/// bookkeeping, removed from nothing a cluster would show differently.
+const CLAIM_TEMPLATE_LABEL: &str = "nemesis.test/volume-claim-template";
+
+/// The claims pod `ordinal` of `set` mounts, one per `volumeClaimTemplates` entry:
+/// `<template>-<set>-<ordinal>`, with the template's labels and spec.
+pub fn claims(set: &StatefulSet, ordinal: u32) -> Vec<PersistentVolumeClaim> {
+    set.spec
+        .volume_claim_templates
+        .iter()
+        .flatten()
+        .map(|t| {
+            let template = t.metadata.name.clone().unwrap_or_default();
+            let mut labels = t.metadata.labels.clone().unwrap_or_default();
+            labels.insert(CLAIM_TEMPLATE_LABEL.into(), template.clone());
+            PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(format!("{template}-{}-{ordinal}", set.name_any())),
+                    namespace: set.namespace(),
+                    labels: Some(labels),
+                    annotations: t.metadata.annotations.clone(),
+                    ..Default::default()
+                },
+                spec: t.spec.clone(),
+                status: None,
+            }
+        })
+        .collect()
 }
 
 // === the I/O part ===
@@ -288,7 +346,22 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, S
             }
         }
     }
+    let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
     for ordinal in &plan.create {
+        for claim in claims(&set, *ordinal) {
+            match call(claims_api.create(&PostParams::default(), &claim)).await {
+                // Kept from an earlier pod at this ordinal: its data stays.
+                Ok(_) => {}
+                Err(e) if e.is_conflict() => {}
+                Err(source) => {
+                    return Err(StatefulSetError::CreateClaim {
+                        set: key,
+                        claim: claim.name_any(),
+                        source,
+                    });
+                }
+            }
+        }
         let pod = new_pod(&set, *ordinal, &revision, ctx.node_name.as_deref());
         match call(pods_api.create(&PostParams::default(), &pod)).await {
             Ok(_) => {}

@@ -1,7 +1,9 @@
 //! Turns a pod's container spec into a [`Launch`]: the environment (the pod's identity as
 //! `POD_NAME`/`POD_NAMESPACE`/`POD_IP`, then the spec's `env` with the downward-API
-//! fields the sandbox knows), `$(VAR)` expansion of command and args as Kubernetes does
-//! it, and the start-delay annotation. Pure: no I/O, so every rule is tested alone.
+//! fields the sandbox knows, `secretKeyRef` and `configMapKeyRef` from what the volume
+//! step read), `$(VAR)` expansion of command and args as Kubernetes does it, the
+//! start-delay annotation, and for a container run from an image its root, user,
+//! working directory and mounts. Pure: no I/O, so every rule is tested alone.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -10,7 +12,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
-use super::process::Launch;
+use super::images::{Image, image_user};
+use super::process::{ImageLaunch, Launch, MountSpec};
+use super::volumes::PodVolumes;
 
 /// Milliseconds a container spends before running its command, to play a slow starter
 /// (an ML server loading its model): the process runs but does not listen yet.
@@ -42,6 +46,20 @@ pub enum ConfigError {
     UnsupportedEnvFrom { container: String },
     #[error("annotation {key}: `{value}` is not a whole number of milliseconds")]
     BadAnnotation { key: String, value: String },
+    #[error("container {container}: env {var}: {message}")]
+    EnvSource {
+        container: String,
+        var: String,
+        message: String,
+    },
+    #[error("container {container}: volumeMount {volume}: no volume of that name in the pod")]
+    NoVolume { container: String, volume: String },
+    #[error("container {container}: image {image}: {message}")]
+    ImageUser {
+        container: String,
+        image: String,
+        message: String,
+    },
 }
 
 /// Where and as what the pod runs on this node.
@@ -61,6 +79,14 @@ pub struct PodPlacement<'a> {
     pub cgroup: Option<&'a Path>,
     /// The pod's projected ServiceAccount token directory, if it has one.
     pub service_account: Option<&'a Path>,
+    /// The pod runs in the node's network namespace (`hostNetwork`).
+    pub host_network: bool,
+    /// What the volume step made ready and read.
+    pub volumes: &'a PodVolumes,
+    /// The container's image, when the node has it; `None`: run `command` on the host.
+    pub image: Option<&'a Image>,
+    /// Where the pod reaches the API server (`KUBERNETES_SERVICE_HOST`/`_PORT`).
+    pub api_server: Option<std::net::SocketAddr>,
 }
 
 /// The launch description for `container` of `pod`.
@@ -69,33 +95,151 @@ pub fn launch(
     container: &Container,
     place: &PodPlacement<'_>,
 ) -> Result<Launch, ConfigError> {
-    let env = environment(pod, container, place)?;
+    let mut env = environment(pod, container, place)?;
+    if let Some(image) = place.image {
+        // The image's Env comes first; the pod's own wins over it.
+        let mut merged: Vec<(String, String)> = image
+            .env
+            .iter()
+            .filter(|(k, _)| !env.iter().any(|(e, _)| e == k))
+            .cloned()
+            .collect();
+        merged.append(&mut env);
+        env = merged;
+    }
     let lookup: HashMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let argv: Vec<String> = container
-        .command
+    let given_command = container.command.as_ref().filter(|c| !c.is_empty());
+    let (command, args): (Vec<String>, Vec<String>) = match (place.image, given_command) {
+        (_, Some(cmd)) => (cmd.clone(), container.args.clone().unwrap_or_default()),
+        (Some(image), None) => (
+            image.entrypoint.clone(),
+            container.args.clone().unwrap_or_else(|| image.cmd.clone()),
+        ),
+        (None, None)
+            if container
+                .image
+                .as_deref()
+                .is_some_and(super::images::is_pause) =>
+        {
+            (
+                super::images::PAUSE_ARGV.map(String::from).to_vec(),
+                Vec::new(),
+            )
+        }
+        (None, None) => {
+            return Err(ConfigError::NoCommand {
+                container: container.name.clone(),
+            });
+        }
+    };
+    let argv: Vec<String> = command
         .iter()
-        .flatten()
-        .chain(container.args.iter().flatten())
+        .chain(args.iter())
         .map(|a| expand(a, &lookup))
         .collect();
-    if container.command.as_ref().is_none_or(Vec::is_empty) {
+    if argv.is_empty() {
         return Err(ConfigError::NoCommand {
             container: container.name.clone(),
         });
     }
+    let image = place
+        .image
+        .map(|image| image_launch(pod, container, place, image))
+        .transpose()?;
     Ok(Launch {
         netns: place.netns.to_string(),
+        host_network: place.host_network,
         argv,
         env,
-        working_dir: container
-            .working_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| place.pod_dir.to_path_buf()),
+        working_dir: match image {
+            // The host side of an image's container runs where the pod's files are.
+            Some(_) => place.pod_dir.to_path_buf(),
+            None => container
+                .working_dir
+                .as_ref()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| place.pod_dir.to_path_buf()),
+        },
         start_delay: annotation_ms(pod, START_DELAY_ANNOTATION)?.unwrap_or_default(),
         log_path: place.log_path.clone(),
         cgroup: place.cgroup.map(Path::to_path_buf),
         service_account: place.service_account.map(Path::to_path_buf),
+        image,
+    })
+}
+
+/// Root, user, working directory and mounts of a container run from `image`.
+fn image_launch(
+    pod: &Pod,
+    container: &Container,
+    place: &PodPlacement<'_>,
+    image: &Image,
+) -> Result<ImageLaunch, ConfigError> {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let sc = container.security_context.as_ref();
+    let (image_uid, image_gid) = image_user(image).map_err(|message| ConfigError::ImageUser {
+        container: container.name.clone(),
+        image: image.reference.clone(),
+        message,
+    })?;
+    let uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(pod_sc.and_then(|s| s.run_as_user))
+        .map_or(image_uid, |u| u as u32);
+    let gid = sc
+        .and_then(|s| s.run_as_group)
+        .or(pod_sc.and_then(|s| s.run_as_group))
+        .map_or(image_gid, |g| g as u32);
+    let mut mounts = Vec::new();
+    for m in container.volume_mounts.iter().flatten() {
+        let ready = place
+            .volumes
+            .volumes
+            .get(&m.name)
+            .ok_or_else(|| ConfigError::NoVolume {
+                container: container.name.clone(),
+                volume: m.name.clone(),
+            })?;
+        let source = match m.sub_path.as_deref().filter(|p| !p.is_empty()) {
+            Some(sub) => ready.path.join(sub),
+            None => ready.path.clone(),
+        };
+        mounts.push(MountSpec {
+            source,
+            target: m.mount_path.clone(),
+            read_only: ready.read_only || m.read_only.unwrap_or(false),
+        });
+    }
+    if let Some(dir) = place.service_account {
+        mounts.push(MountSpec {
+            source: dir.to_path_buf(),
+            target: super::service_account::MOUNT_PATH.into(),
+            read_only: true,
+        });
+    }
+    if let Some(hosts) = &place.volumes.hosts {
+        mounts.push(MountSpec {
+            source: hosts.clone(),
+            target: "/etc/hosts".into(),
+            read_only: false,
+        });
+    }
+    let working_dir = container
+        .working_dir
+        .clone()
+        .filter(|d| !d.is_empty())
+        .or_else(|| Some(image.working_dir.clone()).filter(|d| !d.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    Ok(ImageLaunch {
+        rootfs: image.rootfs.clone(),
+        scratch: place.pod_dir.join(format!("rootfs-{}", container.name)),
+        mounts,
+        uid,
+        gid,
+        working_dir,
+        read_only_root: sc
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false),
     })
 }
 
@@ -132,6 +276,15 @@ fn environment(
         ("POD_NAMESPACE".into(), namespace),
         ("POD_IP".into(), place.pod_ip.to_string()),
     ];
+    if let Some(api) = place.api_server {
+        // What in-cluster clients read, as the kubelet sets it for the `kubernetes` Service.
+        env.push(("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string()));
+        env.push(("KUBERNETES_SERVICE_PORT".into(), api.port().to_string()));
+        env.push((
+            "KUBERNETES_SERVICE_PORT_HTTPS".into(),
+            api.port().to_string(),
+        ));
+    }
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (_, Some(from)) => {
@@ -148,10 +301,42 @@ fn environment(
                             field: field.field_path.clone(),
                         }
                     })?
-                } else if from.secret_key_ref.is_some() {
-                    return Err(unsupported("secretKeyRef"));
-                } else if from.config_map_key_ref.is_some() {
-                    return Err(unsupported("configMapKeyRef"));
+                } else if let Some(r) = &from.secret_key_ref {
+                    match key_ref(
+                        &place.volumes.secrets,
+                        "secret",
+                        &r.name,
+                        &r.key,
+                        r.optional,
+                    ) {
+                        Ok(Some(v)) => v,
+                        Ok(None) => continue,
+                        Err(message) => {
+                            return Err(ConfigError::EnvSource {
+                                container: container.name.clone(),
+                                var: var.name.clone(),
+                                message,
+                            });
+                        }
+                    }
+                } else if let Some(r) = &from.config_map_key_ref {
+                    match key_ref(
+                        &place.volumes.config_maps,
+                        "configmap",
+                        &r.name,
+                        &r.key,
+                        r.optional,
+                    ) {
+                        Ok(Some(v)) => v,
+                        Ok(None) => continue,
+                        Err(message) => {
+                            return Err(ConfigError::EnvSource {
+                                container: container.name.clone(),
+                                var: var.name.clone(),
+                                message,
+                            });
+                        }
+                    }
                 } else if from.resource_field_ref.is_some() {
                     return Err(unsupported("resourceFieldRef"));
                 } else {
@@ -170,6 +355,26 @@ fn environment(
         env.push((var.name.clone(), value));
     }
     Ok(env)
+}
+
+/// A `secretKeyRef` / `configMapKeyRef`: the value, `None` when optional and absent.
+fn key_ref(
+    objects: &HashMap<String, std::collections::BTreeMap<String, String>>,
+    kind: &str,
+    name: &str,
+    key: &str,
+    optional: Option<bool>,
+) -> Result<Option<String>, String> {
+    let optional = optional.unwrap_or(false);
+    match objects.get(name) {
+        None if optional => Ok(None),
+        None => Err(format!("{kind} \"{name}\" not found")),
+        Some(data) => match data.get(key) {
+            Some(v) => Ok(Some(v.clone())),
+            None if optional => Ok(None),
+            None => Err(format!("couldn't find key {key} in {kind} {name}")),
+        },
+    }
 }
 
 /// The downward-API fields a pod may reference in `fieldRef` that the sandbox knows.
@@ -272,6 +477,10 @@ mod tests {
             log_path: dir.join("c.log"),
             cgroup: None,
             service_account: None,
+            host_network: false,
+            volumes: Box::leak(Box::default()),
+            image: None,
+            api_server: None,
         }
     }
 
@@ -343,6 +552,84 @@ mod tests {
     }
 
     #[test]
+    fn an_image_gives_entrypoint_env_and_user_that_the_pod_overrides() {
+        use super::super::images::Image;
+        use super::super::volumes::Ready;
+        let image = Image {
+            reference: "localhost/app:1".into(),
+            rootfs: "/images/app".into(),
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["run".into()],
+            env: vec![
+                ("PATH".into(), "/bin".into()),
+                ("MODE".into(), "image".into()),
+            ],
+            user: "65532:65532".into(),
+            working_dir: String::new(),
+        };
+        let mut volumes = PodVolumes::default();
+        volumes.volumes.insert(
+            "token".into(),
+            Ready {
+                path: "/pod/volumes/token".into(),
+                read_only: true,
+            },
+        );
+        let dir = Path::new("/pod");
+        let mut placed = place(dir);
+        placed.image = Some(&image);
+        placed.volumes = &volumes;
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "args": ["serve", "--ip", "$(POD_IP)"],
+            "env": [{"name": "MODE", "value": "pod"}],
+            "securityContext": {"runAsUser": 1000, "readOnlyRootFilesystem": true},
+            "volumeMounts": [{"name": "token", "mountPath": "/var/run/token"}],
+        }))
+        .unwrap();
+        let launch = launch(&pod(&[]), &container, &placed).unwrap();
+        assert_eq!(launch.argv, ["/bin/app", "serve", "--ip", "198.18.3.2"]);
+        let env: HashMap<_, _> = launch.env.iter().cloned().collect();
+        assert_eq!(env["MODE"], "pod");
+        assert_eq!(env["PATH"], "/bin");
+        let image = launch.image.expect("run from the image");
+        assert_eq!((image.uid, image.gid), (1000, 65532));
+        assert!(image.read_only_root);
+        assert_eq!(image.working_dir, "/");
+        assert_eq!(
+            image.mounts,
+            [MountSpec {
+                source: "/pod/volumes/token".into(),
+                target: "/var/run/token".into(),
+                read_only: true,
+            }]
+        );
+        // No args: the image's cmd. A mount of a volume the pod lacks is named.
+        let bare = Container {
+            name: "app".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            launch_of_bare(&bare, &placed),
+            ["/bin/app".to_string(), "run".to_string()]
+        );
+        let unknown: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "volumeMounts": [{"name": "nope", "mountPath": "/x"}],
+        }))
+        .unwrap();
+        let err = super::launch(&pod(&[]), &unknown, &placed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "container app: volumeMount nope: no volume of that name in the pod"
+        );
+    }
+
+    fn launch_of_bare(c: &Container, placed: &PodPlacement<'_>) -> Vec<String> {
+        launch(&pod(&[]), c, placed).unwrap().argv
+    }
+
+    #[test]
     fn a_container_without_command_is_refused_with_its_name() {
         let container = Container {
             name: "web".into(),
@@ -359,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn secrets_in_env_are_refused_rather_than_left_empty() {
+    fn a_missing_secret_in_env_is_named_rather_than_left_empty() {
         let container = Container {
             name: "web".into(),
             command: Some(vec!["x".into()]),
@@ -378,7 +665,18 @@ mod tests {
             ..Default::default()
         };
         let err = launch(&pod(&[]), &container, &place(Path::new("/tmp"))).unwrap_err();
-        assert!(err.to_string().contains("TOKEN: secretKeyRef"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "container web: env TOKEN: secret \"s\" not found"
+        );
+        let mut volumes = PodVolumes::default();
+        volumes
+            .secrets
+            .insert("s".into(), [("k".to_string(), "v4lue".to_string())].into());
+        let mut placed = place(Path::new("/tmp"));
+        placed.volumes = &volumes;
+        let launch = launch(&pod(&[]), &container, &placed).unwrap();
+        assert!(launch.env.contains(&("TOKEN".into(), "v4lue".into())));
     }
 
     #[test]

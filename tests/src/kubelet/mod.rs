@@ -19,11 +19,19 @@
 //!
 //! # What a pod gets
 //!
-//! - Each container's `command` + `args` (no images: `command` is required), run with
-//!   `ip netns exec` in the pod's namespace, in a process group of its own, env
-//!   `POD_NAME`, `POD_NAMESPACE`, `POD_IP`, `HOSTNAME`, then the spec's `env` (values,
-//!   `$(VAR)` expansion, downward-API `fieldRef`s); output appended to
-//!   [`Sandbox::log_path`].
+//! - Each container run from its image when the node has it ([`SandboxOptions::images`]:
+//!   OCI archives, [`images`]): chrooted into an overlay of the image's root with the
+//!   image's entrypoint, cmd, env and user, overridden by the pod's `command`, `args`,
+//!   `env` and `securityContext` (`runAsUser`, `runAsGroup`, `readOnlyRootFilesystem`),
+//!   its `volumeMounts` ([`volumes`]: Secret, ConfigMap, hostPath, emptyDir, a PVC as a
+//!   node directory), the ServiceAccount token, and a kubelet-managed `/etc/hosts` that
+//!   names the Services. Otherwise its `command` + `args` run on the host (`command` is
+//!   then required). Either way with `ip netns exec` in the pod's namespace (the
+//!   node's with `hostNetwork`), in a process group of its own, env `POD_NAME`,
+//!   `POD_NAMESPACE`, `POD_IP`, `HOSTNAME`, `KUBERNETES_SERVICE_HOST`/`_PORT` (with
+//!   [`SandboxOptions::api_server`]), then the spec's `env` (values, `$(VAR)`
+//!   expansion, downward-API `fieldRef`s, `secretKeyRef`, `configMapKeyRef`); output
+//!   appended to [`Sandbox::log_path`].
 //! - `eth0` with the pod IPs (dual-stack: IPv4 from 198.18.0.0/15 first, IPv6 from
 //!   fd6e:6d00::/32; `status.podIPs` lists both), default routes of both families via
 //!   the sandbox bridge, `lo` up. The root namespace reaches pod IPs through the
@@ -63,14 +71,17 @@
 //!
 //! # Not simulated
 //!
-//! Images, volumes, resources, init and ephemeral containers, liveness/startup probes,
-//! `envFrom` and secret/config-map env (refused with `CreateContainerConfigError`),
+//! Pulling images, resources, init and ephemeral containers, liveness/startup probes,
+//! `envFrom` (refused with `CreateContainerConfigError`), other volume types (refused
+//! by name), volumes of containers run on the host,
 //! `maxSurge`/`maxUnavailable` beyond "new pods first, old ones once they are ready",
 //! `spec.paused` rollouts beyond "do nothing", Node heartbeats and capacity.
 
+pub mod api_route;
 pub mod call;
 pub mod container;
 pub mod events;
+pub mod images;
 pub mod logs;
 pub mod pods;
 pub mod probe;
@@ -78,6 +89,7 @@ pub mod process;
 pub mod service_account;
 pub mod service_proxy;
 pub mod status;
+pub mod volumes;
 pub mod worker;
 
 use std::net::Ipv4Addr;
@@ -138,6 +150,13 @@ pub struct SandboxOptions {
     /// The API server's CA certificate (PEM), written beside each pod's ServiceAccount
     /// token as `ca.crt` ([`service_account`]); `None`: no `ca.crt`.
     pub ca_pem: Option<String>,
+    /// The images loaded into this node ([`images`]): a container whose image is here
+    /// runs from it; any other runs its `command` on the host. `None`: no images.
+    pub images: Option<Arc<images::ImageStore>>,
+    /// The API server (on the host's loopback): pods get `KUBERNETES_SERVICE_HOST` and
+    /// `_PORT`, and a route to it from their own namespaces ([`api_route`]), so
+    /// in-cluster clients work. `None`: neither.
+    pub api_server: Option<std::net::SocketAddr>,
 }
 
 impl Default for SandboxOptions {
@@ -152,6 +171,8 @@ impl Default for SandboxOptions {
             pod_cgroup: None,
             rollout_lag: std::time::Duration::ZERO,
             ca_pem: None,
+            images: None,
+            api_server: None,
         }
     }
 }
@@ -206,6 +227,7 @@ impl Sandbox {
             source,
         })?;
         let network = PodNetwork::create().await?;
+        let claims_dir = work_dir.join("claims");
         let env = Arc::new(worker::WorkerEnv {
             client: client.clone(),
             network: Arc::clone(&network),
@@ -215,6 +237,9 @@ impl Sandbox {
             pod_cgroup: opts.pod_cgroup.clone(),
             events: events::Recorder::new(client.clone(), opts.node_name.clone()),
             ca_pem: opts.ca_pem.clone(),
+            images: opts.images.clone(),
+            api_server: opts.api_server,
+            claims_dir,
         });
         let cancel = CancellationToken::new();
         // `kubectl logs` reaches container logs through the Node, as on a cluster.
@@ -253,6 +278,11 @@ impl Sandbox {
                 client.clone(),
                 ns.clone(),
                 Some(opts.node_name.clone()),
+                cancel.child_token(),
+            )));
+            tasks.push(tokio::spawn(controllers::daemonsets::run(
+                client.clone(),
+                ns.clone(),
                 cancel.child_token(),
             )));
             tasks.push(tokio::spawn(controllers::endpointslices::run(

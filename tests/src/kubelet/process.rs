@@ -29,7 +29,64 @@ pub struct Launch {
     pub cgroup: Option<PathBuf>,
     /// Seen by the process at `/var/run/secrets/kubernetes.io/serviceaccount`.
     pub service_account: Option<PathBuf>,
+    /// Run in the node's network namespace (`hostNetwork`) rather than `netns`.
+    pub host_network: bool,
+    /// Run `argv` chrooted in an image's root rather than on the host.
+    pub image: Option<ImageLaunch>,
 }
+
+/// A container run from an image's unpacked root: an overlay over it (the container's
+/// writable layer, on a tmpfs, gone when the container ends), `/proc`, `/sys`, a minimal
+/// `/dev`, the mounts, then `argv` chrooted there as `uid:gid` in `working_dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLaunch {
+    /// The image's unpacked root (read-only, shared by every container of the image).
+    pub rootfs: PathBuf,
+    /// An empty directory of the pod's where the container's root is assembled.
+    pub scratch: PathBuf,
+    pub mounts: Vec<MountSpec>,
+    pub uid: u32,
+    pub gid: u32,
+    pub working_dir: String,
+    pub read_only_root: bool,
+}
+
+/// A host file or directory seen by the container at `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub source: PathBuf,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Assembles the container's root in its own mount namespace and becomes the
+/// container's program. `$0` scratch, `$1` image root, `$2` `ro`/`rw` root, `$3`
+/// working dir, `$4` uid, `$5` gid, then `mode source target` triples up to `--`, then
+/// the program and its arguments. Host tools by absolute path: `PATH` is the image's.
+const IMAGE_SCRIPT: &str = r#"set -e
+S="$0"; IMG="$1"; ROOTMODE="$2"; WD="$3"; U="$4"; G="$5"; shift 5
+/bin/mount -t tmpfs -o mode=0755 container "$S"
+/bin/mkdir "$S/upper" "$S/work" "$S/root"
+/bin/mount -t overlay overlay -o "lowerdir=$IMG,upperdir=$S/upper,workdir=$S/work" "$S/root"
+R="$S/root"
+/bin/mkdir -p "$R/proc" "$R/sys" "$R/dev" "$R/tmp" "$R/etc"
+/bin/mount -t proc proc "$R/proc"
+/bin/mount --bind /sys "$R/sys"
+/bin/mount -o remount,bind,ro "$R/sys"
+/bin/mount -t tmpfs -o mode=0755 dev "$R/dev"
+for d in null zero full random urandom tty; do
+  /bin/touch "$R/dev/$d"; /bin/mount --bind "/dev/$d" "$R/dev/$d"
+done
+while [ "$1" != "--" ]; do
+  if [ -d "$2" ]; then /bin/mkdir -p "$R$3"; else /bin/mkdir -p "$(/usr/bin/dirname "$R$3")"; [ -e "$R$3" ] || /bin/touch "$R$3"; fi
+  /bin/mount --bind "$2" "$R$3"
+  if [ "$1" = ro ]; then /bin/mount -o remount,bind,ro "$R$3"; fi
+  shift 3
+done
+shift
+if [ "$ROOTMODE" = ro ]; then /bin/mount -o remount,ro "$R"; fi
+exec /usr/bin/unshare --root="$R" --wd="$WD" --setgid "$G" --setuid "$U" -- "$@"
+"#;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -80,40 +137,75 @@ impl ContainerProcess {
             source,
         })?;
         let mut cmd = match &launch.cgroup {
-            // `sh` moves itself into the cgroup, then becomes `ip netns exec ...`: the
+            // `sh` moves itself into the cgroup, then becomes the next step: the
             // container's processes are in the cgroup from their first instruction.
             Some(cg) => {
-                let mut c = tokio::process::Command::new("sh");
+                let mut c = tokio::process::Command::new("/bin/sh");
                 c.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
-                    .arg(cg)
-                    .arg("ip");
+                    .arg(cg);
                 c
             }
-            None => tokio::process::Command::new("ip"),
+            None => tokio::process::Command::new("/usr/bin/env"),
         };
-        cmd.args(["netns", "exec", &launch.netns]);
-        if let Some(dir) = &launch.service_account {
-            // `ip netns exec` gives the process a mount namespace of its own (slave to
-            // the host's): a tmpfs on /run there, and the token directory bound into
-            // it, change nothing outside.
-            cmd.args([
-                "sh",
-                "-c",
-                r#"mount -t tmpfs -o mode=0755 pod-run /run && mkdir -p "$1" && mount --bind -o ro "$0" "$1" && shift && exec "$@""#,
-            ])
-            .arg(dir)
-            .arg(super::service_account::MOUNT_PATH.replace("/var/run/", "/run/"));
+        // A mount namespace of its own (slave to the host's) for the container's mounts;
+        // in the pod's network namespace unless it is on the host's network.
+        if launch.host_network {
+            cmd.args(["/usr/bin/unshare", "--mount", "--propagation", "slave"]);
+        } else {
+            cmd.args(["/bin/ip", "netns", "exec", &launch.netns]);
+        }
+        match &launch.image {
+            Some(image) => {
+                cmd.args(["/bin/sh", "-c", IMAGE_SCRIPT])
+                    .arg(&image.scratch)
+                    .arg(&image.rootfs)
+                    .arg(if image.read_only_root { "ro" } else { "rw" })
+                    .arg(&image.working_dir)
+                    .arg(image.uid.to_string())
+                    .arg(image.gid.to_string());
+                for m in &image.mounts {
+                    cmd.arg(if m.read_only { "ro" } else { "rw" })
+                        .arg(&m.source)
+                        .arg(&m.target);
+                }
+                cmd.arg("--");
+            }
+            None => {
+                if let Some(dir) = &launch.service_account {
+                    // A tmpfs on /run in the container's mount namespace, and the token
+                    // directory bound into it, change nothing outside.
+                    cmd.args([
+                        "/bin/sh",
+                        "-c",
+                        r#"mount -t tmpfs -o mode=0755 pod-run /run && mkdir -p "$1" && mount --bind -o ro "$0" "$1" && shift && exec "$@""#,
+                    ])
+                    .arg(dir)
+                    .arg(super::service_account::MOUNT_PATH.replace("/var/run/", "/run/"));
+                }
+            }
         }
         if !launch.start_delay.is_zero() {
             // `sh` sleeps (in a child `sleep`), then becomes the program itself.
-            cmd.args(["sh", "-c", r#"sleep "$0" && exec "$@""#])
+            cmd.args(["/bin/sh", "-c", r#"sleep "$0" && exec "$@""#])
                 .arg(format!("{:.3}", launch.start_delay.as_secs_f64()));
         }
+        let path = match &launch.image {
+            // The image's own PATH (from its Env) resolves the program in its root.
+            Some(_) => launch
+                .env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| std::ffi::OsString::from(v))
+                .unwrap_or_else(|| {
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+                }),
+            // Host processes resolve commands as the test itself does.
+            None => std::env::var_os("PATH").unwrap_or_default(),
+        };
         cmd.args(&launch.argv)
-            // Like a container, the process sees only its own environment; PATH is the
-            // host's so that commands resolve as they do for the test itself.
+            // Like a container, the process sees only its own environment.
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PATH", path)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&launch.working_dir)
             .stdin(Stdio::null())

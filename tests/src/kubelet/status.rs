@@ -33,6 +33,8 @@ pub struct PodView {
     pub sandbox_ready: bool,
     pub restart_policy: String,
     pub containers: Vec<ContainerView>,
+    /// The init containers, run one after the other before `containers`.
+    pub init_containers: Vec<ContainerView>,
 }
 
 pub fn waiting(reason: &str, message: Option<String>) -> ContainerState {
@@ -152,7 +154,17 @@ pub fn pod_status(view: &PodView, previous: Option<&PodStatus>, now: &Time) -> P
     };
     let conditions = vec![
         condition("PodReadyToStartContainers", view.sandbox_ready, None, None),
-        condition("Initialized", true, None, None),
+        condition(
+            "Initialized",
+            view.init_containers.iter().all(|c| {
+                c.state
+                    .terminated
+                    .as_ref()
+                    .is_some_and(|t| t.exit_code == 0)
+            }),
+            Some("ContainersNotInitialized"),
+            None,
+        ),
         condition(
             "Ready",
             all_ready && !terminal,
@@ -186,6 +198,8 @@ pub fn pod_status(view: &PodView, previous: Option<&PodStatus>, now: &Time) -> P
         }),
         start_time: view.start_time.clone(),
         qos_class: Some("BestEffort".into()),
+        init_container_statuses: (!view.init_containers.is_empty())
+            .then(|| view.init_containers.iter().map(container_status).collect()),
         container_statuses: Some(
             view.containers
                 .iter()
@@ -203,6 +217,21 @@ pub fn pod_status(view: &PodView, previous: Option<&PodStatus>, now: &Time) -> P
                 })
                 .collect(),
         ),
+        ..Default::default()
+    }
+}
+
+fn container_status(c: &ContainerView) -> ContainerStatus {
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        image_id: String::new(),
+        container_id: c.container_id.clone(),
+        ready: c.ready,
+        restart_count: c.restart_count,
+        started: Some(c.state.running.is_some()),
+        state: Some(c.state.clone()),
+        last_state: c.last_state.clone(),
         ..Default::default()
     }
 }
@@ -260,6 +289,7 @@ mod tests {
             sandbox_ready: true,
             restart_policy: "Always".into(),
             containers: vec![c(running(t(1)), None, false)],
+            init_containers: vec![],
         };
         let first = pod_status(&view, None, &t(10));
         let ready = |s: &PodStatus| {

@@ -21,18 +21,24 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::api_route::{self, ApiRoute};
 use super::call::{CallError, call};
 use super::container::{self, PodPlacement};
 use super::events::{Recorder, Source};
+use super::images::{Image, ImageStore};
 use super::probe::{self, Outcome, ProbePlan, Readiness};
 use super::process::{ContainerProcess, exit_code};
 use super::status::{self, ContainerView, PodView};
+use super::volumes::{self, PodVolumes};
 use crate::netns::{PodNetns, PodNetwork};
 
 /// Default `terminationGracePeriodSeconds`, as in Kubernetes.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Pause before retrying a failed API call or namespace set-up.
 const RETRY: Duration = Duration::from_millis(500);
+/// Pause before retrying volumes whose Secret or claim is missing: each failure is an
+/// Event, so not too often.
+const VOLUME_RETRY: Duration = Duration::from_secs(1);
 /// Crash-loop back-off, as the kubelet: 10 s doubling to 5 min (the first restart is
 /// immediate), reset after a run of 10 min.
 const BACKOFF_BASE: Duration = Duration::from_secs(10);
@@ -53,6 +59,13 @@ pub struct WorkerEnv {
     pub events: Arc<Recorder>,
     /// The API server's CA, for the pods' `ca.crt`.
     pub ca_pem: Option<String>,
+    /// The images this node has; `None`: every container runs its `command` on the host.
+    pub images: Option<Arc<ImageStore>>,
+    /// The API server's address, for `KUBERNETES_SERVICE_HOST`/`_PORT` and the route to
+    /// it from pods' namespaces.
+    pub api_server: Option<std::net::SocketAddr>,
+    /// Where PersistentVolumeClaims' data lives on this node.
+    pub claims_dir: PathBuf,
 }
 
 impl std::fmt::Debug for WorkerEnv {
@@ -197,6 +210,14 @@ struct Worker {
     report_retry_at: Option<Instant>,
     /// The pod's projected ServiceAccount token directory, once written.
     service_account: Option<std::path::PathBuf>,
+    /// Its volumes and the objects its env reads, once ready.
+    volumes: PodVolumes,
+    /// Each container's image, by container name, when the node has it.
+    images: std::collections::HashMap<String, Arc<Image>>,
+    /// The pod's way to the API server from its own namespace.
+    api_route: Option<ApiRoute>,
+    /// The init containers' statuses.
+    init_views: Vec<ContainerView>,
     exits_tx: mpsc::UnboundedSender<(usize, u64, ExitStatus)>,
     exits_rx: mpsc::UnboundedReceiver<(usize, u64, ExitStatus)>,
     probes: FuturesUnordered<BoxFuture<'static, ProbeDone>>,
@@ -246,6 +267,10 @@ impl Worker {
             reported: None,
             report_retry_at: None,
             service_account: None,
+            volumes: PodVolumes::default(),
+            images: std::collections::HashMap::new(),
+            api_route: None,
+            init_views: Vec::new(),
             exits_tx,
             exits_rx,
             probes: FuturesUnordered::new(),
@@ -258,6 +283,110 @@ impl Worker {
 
     fn deleting(&self) -> bool {
         self.pod.metadata.deletion_timestamp.is_some()
+    }
+
+    fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
+    /// The pod's address: its namespace's, or the node's on the host network.
+    fn pod_ip(&self) -> Option<std::net::Ipv4Addr> {
+        if self.host_network() {
+            return Some(self.env.network.gateway());
+        }
+        self.netns.as_ref().map(|n| n.ip())
+    }
+
+    /// Whether the pod's network is there (always, on the host network).
+    fn network_ready(&self) -> bool {
+        self.host_network() || self.netns.is_some()
+    }
+
+    /// The pod's IPv6 address: its namespace's, or the node's on the host network.
+    fn pod_ip_v6(&self) -> Option<std::net::Ipv6Addr> {
+        if self.host_network() {
+            return Some(self.env.network.gateway_v6());
+        }
+        self.netns.as_ref().map(|n| n.ip_v6())
+    }
+
+    /// Where a container runs: the namespace's name (empty: the node's), the pod's
+    /// addresses and the node's, of both families; `None` before the pod has a network.
+    fn addresses(&self) -> Option<Addresses> {
+        let net = &self.env.network;
+        match (&self.netns, self.host_network()) {
+            (_, true) => Some(Addresses {
+                netns: String::new(),
+                pod_ip: net.gateway(),
+                pod_ip_v6: net.gateway_v6(),
+                host_ip: net.gateway(),
+                host_ip_v6: net.gateway_v6(),
+            }),
+            (Some(ns), false) => Some(Addresses {
+                netns: ns.name().to_string(),
+                pod_ip: ns.ip(),
+                pod_ip_v6: ns.ip_v6(),
+                host_ip: ns.gateway(),
+                host_ip_v6: ns.gateway_v6(),
+            }),
+            (None, false) => None,
+        }
+    }
+
+    /// Volumes, env sources, images and the API route: what must be there before any
+    /// container starts. An error is for an event and a retry.
+    async fn prepare_containers(&mut self) -> Result<(), String> {
+        let pod_ip = self.pod_ip().ok_or("no pod network yet")?;
+        let pod_dir = self.pod_dir();
+        self.volumes = volumes::prepare(
+            &self.env.client,
+            &self.pod,
+            &pod_dir,
+            &self.env.claims_dir,
+            pod_ip,
+        )
+        .await
+        .map_err(|e| format!("MountVolume.SetUp failed: {e}"))?;
+        if let Some(store) = &self.env.images {
+            let inits = self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.init_containers.clone())
+                .unwrap_or_default();
+            let containers: Vec<Container> = self
+                .slots
+                .iter()
+                .map(|s| s.spec.clone())
+                .chain(inits)
+                .collect();
+            for container in &containers {
+                let Some(reference) = container.image.clone() else {
+                    continue;
+                };
+                if self.images.contains_key(&container.name) || !store.has(&reference) {
+                    continue;
+                }
+                let store = Arc::clone(store);
+                let image = tokio::task::spawn_blocking(move || store.resolve(&reference))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                self.images.insert(container.name.clone(), image);
+            }
+        }
+        if let (Some(api), Some(netns), None) = (
+            self.env.api_server,
+            self.netns.as_ref(),
+            self.api_route.as_ref(),
+        ) {
+            self.api_route = Some(api_route::serve(netns.name(), api).map_err(|e| e.to_string())?);
+        }
+        Ok(())
     }
 
     fn restart_policy(&self) -> String {
@@ -316,7 +445,15 @@ impl Worker {
             // A finished pod from an earlier kubelet: it stays finished.
             return self.idle(updates, cancel).await;
         }
-        while self.netns.is_none() {
+        if self.host_network() {
+            self.start_time = Some(now());
+            let message = format!(
+                "Successfully assigned {} to {}",
+                self.key, self.env.node_name
+            );
+            self.event(None, Source::Scheduler, false, "Scheduled", message);
+        }
+        while !self.network_ready() {
             match self.env.network.attach().await {
                 Ok(ns) => {
                     self.netns = Some(ns);
@@ -357,6 +494,23 @@ impl Worker {
                 }
             }
         }
+        // Then the other volumes, env sources and images: a Secret created after the
+        // pod (as the install's are) is waited for, as on a cluster.
+        loop {
+            match self.prepare_containers().await {
+                Ok(()) => break,
+                Err(message) => {
+                    tracing::warn!(pod = %self.key, %message, "preparing the pod's containers failed, retrying");
+                    self.event(None, Source::Kubelet, true, "FailedMount", message);
+                    if let Some(end) = self.pause(VOLUME_RETRY, updates, cancel).await {
+                        return end;
+                    }
+                }
+            }
+        }
+        if let Some(end) = self.run_init_containers(updates, cancel).await {
+            return end;
+        }
         let _ = self.report().await;
         for i in 0..self.slots.len() {
             self.start(i);
@@ -383,6 +537,168 @@ impl Worker {
                 _ = sleep_until_opt(deadline) => self.on_timer(),
             }
         }
+    }
+
+    /// The launch of `container` (an init container) in this pod, or why it cannot run.
+    fn launch_of(&self, container: &Container) -> Result<super::process::Launch, String> {
+        let addrs = self.addresses().ok_or("no pod network")?;
+        let namespace = self.pod.namespace().unwrap_or_default();
+        let pod_dir = self.pod_dir();
+        let place = PodPlacement {
+            netns: &addrs.netns,
+            pod_ip: addrs.pod_ip,
+            pod_ip_v6: addrs.pod_ip_v6,
+            node_name: &self.env.node_name,
+            host_ip: addrs.host_ip,
+            host_ip_v6: addrs.host_ip_v6,
+            pod_dir: &pod_dir,
+            log_path: self.env.log_path(&namespace, &self.name(), &container.name),
+            cgroup: self.env.pod_cgroup.as_deref(),
+            service_account: self.service_account.as_deref(),
+            host_network: self.host_network(),
+            volumes: &self.volumes,
+            image: self.images.get(&container.name).map(|i| i.as_ref()),
+            api_server: self.env.api_server,
+        };
+        let launch = container::launch(&self.pod, container, &place).map_err(|e| e.to_string())?;
+        let scratch = launch.image.as_ref().map(|i| i.scratch.as_path());
+        for dir in [Some(pod_dir.as_path()), launch.log_path.parent(), scratch]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        Ok(launch)
+    }
+
+    /// Runs the init containers one after the other, each to a successful exit (retried
+    /// with the crash-loop back-off unless the restart policy is `Never`), as the
+    /// kubelet does before it starts any other container. `Some(end)` when the pod goes
+    /// away (or the sandbox stops) meanwhile; a pod whose init container failed under
+    /// `Never` stays as it is until deleted.
+    async fn run_init_containers(
+        &mut self,
+        updates: &mut watch::Receiver<Option<Pod>>,
+        cancel: &CancellationToken,
+    ) -> Option<End> {
+        let inits = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default();
+        if inits.is_empty() {
+            return None;
+        }
+        self.init_views = inits
+            .iter()
+            .map(|c| ContainerView {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                state: status::waiting("PodInitializing", None),
+                last_state: None,
+                ready: false,
+                restart_count: 0,
+                container_id: None,
+            })
+            .collect();
+        for slot in &mut self.slots {
+            slot.view.state = status::waiting("PodInitializing", None);
+        }
+        for (i, c) in inits.iter().enumerate() {
+            let mut streak = 0u32;
+            loop {
+                let launch = match self.launch_of(c) {
+                    Ok(l) => l,
+                    Err(message) => {
+                        self.init_views[i].state =
+                            status::waiting("CreateContainerConfigError", Some(message.clone()));
+                        self.event(
+                            Some(&c.name),
+                            Source::Kubelet,
+                            true,
+                            "Failed",
+                            format!("Error: {message}"),
+                        );
+                        let _ = self.report().await;
+                        return Some(self.idle(updates, cancel).await);
+                    }
+                };
+                let mut process = match ContainerProcess::spawn(&launch) {
+                    Ok(p) => p,
+                    Err(err) => {
+                        self.init_views[i].state =
+                            status::waiting("RunContainerError", Some(err.to_string()));
+                        let _ = self.report().await;
+                        streak += 1;
+                        if let Some(end) = self
+                            .pause(restart_backoff(streak).max(RETRY), updates, cancel)
+                            .await
+                        {
+                            return Some(end);
+                        }
+                        continue;
+                    }
+                };
+                let started = now();
+                self.init_views[i].state = status::running(started.clone());
+                self.init_views[i].container_id = Some(format!("nemesis://{}", process.pid()));
+                self.event(
+                    Some(&c.name),
+                    Source::Kubelet,
+                    false,
+                    "Created",
+                    format!("Created container: {}", c.name),
+                );
+                self.event(
+                    Some(&c.name),
+                    Source::Kubelet,
+                    false,
+                    "Started",
+                    format!("Started container {}", c.name),
+                );
+                let _ = self.report().await;
+                let exit = loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Some(End::Cancelled),
+                        changed = updates.changed() => {
+                            if changed.is_err() {
+                                return Some(End::Cancelled);
+                            }
+                            if let Some(end) = self.take_update(updates) {
+                                process.stop(termination_grace(&self.pod)).await;
+                                return Some(end);
+                            }
+                        }
+                        status = process.exited() => break status,
+                    }
+                };
+                let code = exit_code(exit);
+                let reason = if code == 0 { "Completed" } else { "Error" };
+                self.init_views[i].state = status::terminated(code, reason, Some(started), now());
+                tracing::info!(pod = %self.key, container = %c.name, code, "init container exited");
+                if code == 0 {
+                    break;
+                }
+                if self.restart_policy() == "Never" {
+                    let _ = self.report().await;
+                    return Some(self.idle(updates, cancel).await);
+                }
+                streak += 1;
+                self.init_views[i].restart_count += 1;
+                let _ = self.report().await;
+                if let Some(end) = self
+                    .pause(restart_backoff(streak).max(RETRY), updates, cancel)
+                    .await
+                {
+                    return Some(end);
+                }
+            }
+        }
+        for slot in &mut self.slots {
+            slot.view.state = status::waiting("ContainerCreating", None);
+        }
+        None
     }
 
     /// Nothing to run: wait for the pod to go.
@@ -424,28 +740,34 @@ impl Worker {
     }
 
     fn start(&mut self, i: usize) {
-        let Some(netns) = self.netns.as_ref() else {
+        let Some(addrs) = self.addresses() else {
             return;
         };
+        let host_network = self.host_network();
         let namespace = self.pod.namespace().unwrap_or_default();
         let name = self.name();
         let pod_dir = self.pod_dir();
         let service_account = self.service_account.clone();
+        let image = self.images.get(&self.slots[i].spec.name).cloned();
         let slot = &mut self.slots[i];
         if slot.config_error {
             return;
         }
         let place = PodPlacement {
-            netns: netns.name(),
-            pod_ip: netns.ip(),
-            pod_ip_v6: netns.ip_v6(),
+            netns: &addrs.netns,
+            pod_ip: addrs.pod_ip,
+            pod_ip_v6: addrs.pod_ip_v6,
             node_name: &self.env.node_name,
-            host_ip: netns.gateway(),
-            host_ip_v6: netns.gateway_v6(),
+            host_ip: addrs.host_ip,
+            host_ip_v6: addrs.host_ip_v6,
             pod_dir: &pod_dir,
             log_path: self.env.log_path(&namespace, &name, &slot.spec.name),
             cgroup: self.env.pod_cgroup.as_deref(),
             service_account: service_account.as_deref(),
+            host_network,
+            volumes: &self.volumes,
+            image: image.as_deref(),
+            api_server: self.env.api_server,
         };
         let prepared = container::launch(&self.pod, &slot.spec, &place)
             .map_err(|e| e.to_string())
@@ -454,7 +776,7 @@ impl Worker {
                     .spec
                     .readiness_probe
                     .as_ref()
-                    .map(|p| probe::plan(p, &self.pod, &slot.spec, netns.ip()))
+                    .map(|p| probe::plan(p, &self.pod, &slot.spec, addrs.pod_ip))
                     .transpose()
                     .map_err(|e| e.to_string())?;
                 Ok((launch, probe))
@@ -477,7 +799,8 @@ impl Worker {
                 return;
             }
         };
-        let dirs = [Some(pod_dir.as_path()), launch.log_path.parent()];
+        let scratch = launch.image.as_ref().map(|i| i.scratch.as_path());
+        let dirs = [Some(pod_dir.as_path()), launch.log_path.parent(), scratch];
         let spawned = dirs
             .into_iter()
             .flatten()
@@ -503,7 +826,7 @@ impl Worker {
                 return;
             }
         };
-        tracing::info!(pod = %self.key, container = %slot.spec.name, pid = process.pid(), ip = %netns.ip(), "container started");
+        tracing::info!(pod = %self.key, container = %slot.spec.name, pid = process.pid(), ip = %addrs.pod_ip, image = image.is_some(), "container started");
         let (cname, image) = (
             slot.spec.name.clone(),
             slot.spec.image.clone().unwrap_or_default(),
@@ -538,7 +861,7 @@ impl Worker {
             }
         }
         slot.probe = probe;
-        // The sandbox runs commands, not images: the image is "already present".
+        // Images are loaded into the node, never pulled: "already present".
         self.event(
             Some(&cname),
             Source::Kubelet,
@@ -600,9 +923,14 @@ impl Worker {
     }
 
     fn launch_probe(&mut self, i: usize, now: Instant) {
-        let Some(netns) = self.netns.as_ref() else {
+        if !self.network_ready() {
             return;
-        };
+        }
+        let ns = self
+            .netns
+            .as_ref()
+            .map(|n| n.name().to_string())
+            .unwrap_or_default();
         let slot = &mut self.slots[i];
         let Some(plan) = slot.probe.clone() else {
             return;
@@ -610,7 +938,6 @@ impl Worker {
         slot.probing = true;
         slot.next_probe = Some(now + plan.period);
         let generation = slot.generation;
-        let ns = netns.name().to_string();
         self.probes.push(Box::pin(async move {
             let outcome = probe::check(&plan.action, &ns, plan.timeout).await;
             (i, generation, outcome)
@@ -697,14 +1024,19 @@ impl Worker {
 
     fn view(&self) -> PodView {
         PodView {
-            pod_ip: self.netns.as_ref().map(|n| n.ip().to_string()),
-            pod_ip_v6: self.netns.as_ref().map(|n| n.ip_v6().to_string()),
-            host_ip: self.netns.as_ref().map(|n| n.gateway().to_string()),
-            host_ip_v6: self.netns.as_ref().map(|n| n.gateway_v6().to_string()),
+            pod_ip: self.pod_ip().map(|ip| ip.to_string()),
+            pod_ip_v6: self.pod_ip_v6().map(|ip| ip.to_string()),
+            host_ip: self
+                .network_ready()
+                .then(|| self.env.network.gateway().to_string()),
+            host_ip_v6: self
+                .network_ready()
+                .then(|| self.env.network.gateway_v6().to_string()),
             start_time: self.start_time.clone(),
-            sandbox_ready: self.netns.is_some(),
+            sandbox_ready: self.network_ready(),
             restart_policy: self.restart_policy(),
             containers: self.slots.iter().map(|s| s.view.clone()).collect(),
+            init_containers: self.init_views.clone(),
         }
     }
 
@@ -832,6 +1164,7 @@ impl Worker {
     }
 
     async fn teardown_network(&mut self) {
+        self.api_route = None;
         if let Some(ns) = self.netns.take() {
             let name = ns.name().to_string();
             if let Err(err) = ns.teardown().await {
@@ -918,4 +1251,13 @@ mod tests {
         assert!(!restarts("OnFailure", 0));
         assert!(!restarts("Never", 1));
     }
+}
+
+/// See [`Worker::addresses`].
+struct Addresses {
+    netns: String,
+    pod_ip: std::net::Ipv4Addr,
+    pod_ip_v6: std::net::Ipv6Addr,
+    host_ip: std::net::Ipv4Addr,
+    host_ip_v6: std::net::Ipv6Addr,
 }
