@@ -1201,6 +1201,15 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
+/// See [`Worker::addresses`].
+struct Addresses {
+    netns: String,
+    pod_ip: std::net::Ipv4Addr,
+    pod_ip_v6: std::net::Ipv6Addr,
+    host_ip: std::net::Ipv4Addr,
+    host_ip_v6: std::net::Ipv6Addr,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1251,13 +1260,4 @@ mod tests {
         assert!(!restarts("OnFailure", 0));
         assert!(!restarts("Never", 1));
     }
-}
-
-/// See [`Worker::addresses`].
-struct Addresses {
-    netns: String,
-    pod_ip: std::net::Ipv4Addr,
-    pod_ip_v6: std::net::Ipv6Addr,
-    host_ip: std::net::Ipv4Addr,
-    host_ip_v6: std::net::Ipv6Addr,
 }
