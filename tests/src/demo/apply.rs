@@ -70,7 +70,8 @@ impl Manifest {
 }
 
 /// The documents of `paths` in order: a file's documents as written, a directory's
-/// `*.yaml` / `*.yml` files by name (not recursive). Empty documents are skipped.
+/// `*.yaml` / `*.yml` files by name (not recursive; `kustomization.yaml` left out). Empty
+/// documents are skipped.
 pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<Manifest>, ApplyError> {
     let mut out = Vec::new();
     for path in paths {
@@ -81,9 +82,14 @@ pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<Manifest>, ApplyError> {
                     source,
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
+                // A kustomization in the directory configures kustomize; it is no object.
                 .filter(|p| {
                     p.is_file()
                         && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                        && !matches!(
+                            p.file_name().and_then(|n| n.to_str()),
+                            Some("kustomization.yaml" | "kustomization.yml")
+                        )
                 })
                 .collect();
             files.sort();
