@@ -44,13 +44,15 @@ pub struct DemoArgs {
     /// Skip the set-up steps (already done, e.g. by `cargo xtask test`).
     #[arg(long)]
     pub skip_setup: bool,
-    /// Build and run the debug binaries instead of release ones.
+    /// Build and run optimized release binaries instead of the debug ones (a first build
+    /// several times longer; the eBPF programs are optimized either way, and the warm
+    /// path never crosses the userspace proxy).
     #[arg(long)]
-    pub debug: bool,
+    pub release: bool,
     /// Build nothing (not even the eBPF programs): run the binaries already in this
     /// directory, e.g. `target/debug` after `cargo xtask test` (what the demo's test
     /// does). A component whose binary is missing there is reported as not available.
-    #[arg(long, value_name = "DIR", conflicts_with = "debug")]
+    #[arg(long, value_name = "DIR", conflicts_with = "release")]
     pub prebuilt: Option<PathBuf>,
 }
 
@@ -66,7 +68,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         crate::setup::run_setup_steps()?;
     }
     signals::check()?;
-    let layout = Layout::new(&args.instance, args.debug, args.prebuilt.clone())?;
+    let layout = Layout::new(&args.instance, args.release, args.prebuilt.clone())?;
     layout.prepare()?;
     let (agent_bin, controller_bin) = match &args.prebuilt {
         None => build_all(&layout)?,
@@ -126,6 +128,25 @@ fn build_all(layout: &Layout) -> Result<(Built, Built)> {
     let ebpf =
         crate::ebpf::build().map_err(|e| format!("building the eBPF programs failed: {e:#}"));
     signals::check()?;
+    // One cargo call for everything the demo runs: shared dependencies are built once
+    // and both cores stay busy; only when it fails are the parts built one by one, to
+    // tell which component is not available.
+    let mut all = vec![
+        (
+            "nemesis-tests",
+            &["nemesis-sandbox", "nemesis-pod-server"][..],
+        ),
+        ("nemesis-controller", &["nemesis-controller"][..]),
+    ];
+    if ebpf.is_ok() {
+        all.push(("nemesis-agent", &["nemesis-agent"][..]));
+    }
+    if build_together(layout, &all).is_ok() {
+        signals::check()?;
+        let agent = ebpf.map(|()| layout.bin("nemesis-agent"));
+        return Ok((agent, Ok(layout.bin("nemesis-controller"))));
+    }
+    signals::check()?;
     build(
         layout,
         "nemesis-tests",
@@ -173,24 +194,24 @@ struct Layout {
     bin_dir: PathBuf,
     /// `target/nemesis-demo/<instance>`: logs, the kubeconfig, the agent token, history.
     dir: PathBuf,
-    debug: bool,
+    release: bool,
 }
 
 impl Layout {
-    fn new(instance: &str, debug: bool, prebuilt: Option<PathBuf>) -> Result<Self> {
+    fn new(instance: &str, release: bool, prebuilt: Option<PathBuf>) -> Result<Self> {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root().join("target"));
         let bin_dir = match prebuilt {
             Some(dir) => std::path::absolute(&dir)
                 .with_context(|| format!("--prebuilt {}", dir.display()))?,
-            None => target.join(if debug { "debug" } else { "release" }),
+            None => target.join(if release { "release" } else { "debug" }),
         };
         Ok(Self {
             instance: instance.to_string(),
             bin_dir,
             dir: target.join("nemesis-demo").join(instance),
-            debug,
+            release,
         })
     }
 
@@ -229,16 +250,24 @@ impl Layout {
 }
 
 fn build(layout: &Layout, package: &str, bins: &[&str]) -> Result<PathBuf> {
+    build_together(layout, &[(package, bins)])?;
+    Ok(layout.bin(bins[0]))
+}
+
+/// Builds `bins` of each package in one cargo call.
+fn build_together(layout: &Layout, parts: &[(&str, &[&str])]) -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "-p", package]);
-    if !layout.debug {
+    cmd.arg("build");
+    if layout.release {
         cmd.arg("--release");
     }
-    for b in bins {
+    for (package, _) in parts {
+        cmd.args(["-p", package]);
+    }
+    for b in parts.iter().flat_map(|(_, bins)| bins.iter()) {
         cmd.args(["--bin", b]);
     }
-    sh(&mut cmd)?;
-    Ok(layout.bin(bins[0]))
+    sh(&mut cmd)
 }
 
 // === the running demo ===
