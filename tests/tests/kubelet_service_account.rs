@@ -17,9 +17,12 @@ use kube::api::{DeleteParams, LogParams, PostParams};
 use kubelet_support::{Env, wait_for};
 use serde_json::json;
 
+/// Prints what the container finds, then [`END`]: the output is read only once complete
+/// (it comes in several writes, and a log read between two of them saw half of it).
 const SCRIPT: &str = "d=/var/run/secrets/kubernetes.io/serviceaccount; \
     if test -s $d/token; then echo has-token; cat $d/namespace; echo; head -c 27 $d/ca.crt; echo; \
-    else echo no-token; fi; sleep 60";
+    else echo no-token; fi; echo end-of-output; sleep 60";
+const END: &str = "end-of-output\n";
 
 fn pod(env: &Env, name: &str, extra: serde_json::Value) -> anyhow::Result<Pod> {
     let mut spec = json!({
@@ -45,7 +48,7 @@ async fn log_of(env: &Env, name: &str) -> anyhow::Result<String> {
                 .logs(name, &LogParams::default())
                 .await
                 .unwrap_or_default();
-            Ok(text.contains("token").then_some(text))
+            Ok(text.find(END).map(|at| text[..at].to_string()))
         },
     )
     .await
