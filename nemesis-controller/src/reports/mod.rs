@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::store::reports::percentile;
-use crate::store::{ColdStartOutcome, ColdStartRecord, MetricPoint, TransitionRecord};
+use crate::store::{ColdStartRecord, MetricPoint, TransitionRecord};
 
 /// Transitions listed per Service at most (the counts cover the whole window).
 pub const MAX_TRANSITIONS_LISTED: usize = 200;
@@ -155,28 +154,18 @@ pub struct Wakes {
 }
 
 pub fn wakes(records: &[ColdStartRecord]) -> Wakes {
-    let mut w = Wakes {
-        count: records.len(),
-        ..Wakes::default()
-    };
-    let mut ms = Vec::new();
-    for r in records {
-        w.held_connections += r.held_connections;
-        match r.outcome {
-            ColdStartOutcome::Ready => {
-                w.ready += 1;
-                ms.extend(r.time_to_ready_ms);
-            }
-            ColdStartOutcome::Timeout => w.holds_timed_out += 1,
-            ColdStartOutcome::Failed { .. } => w.failed += 1,
-        }
+    let s = crate::store::reports::cold_start_stats(records);
+    Wakes {
+        count: s.count,
+        ready: s.ready,
+        holds_timed_out: s.timeouts,
+        failed: s.failures,
+        held_connections: s.held_connections,
+        p50_ms: s.p50_ms,
+        p95_ms: s.p95_ms,
+        p99_ms: s.p99_ms,
+        max_ms: s.max_ms,
     }
-    ms.sort_unstable();
-    w.p50_ms = percentile(&ms, 50.0);
-    w.p95_ms = percentile(&ms, 95.0);
-    w.p99_ms = percentile(&ms, 99.0);
-    w.max_ms = ms.last().copied();
-    w
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -428,7 +417,7 @@ pub fn per_replica(spec: &k8s_openapi::api::core::v1::PodSpec) -> PerReplica {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::PolicyId;
+    use crate::store::{ColdStartOutcome, PolicyId};
 
     #[test]
     fn quantities_parse_as_kubernetes_writes_them() {

@@ -19,6 +19,7 @@ pub struct ColdStartStats {
     /// Percentiles of time to ready over the cold starts that became ready
     /// (nearest-rank); `None` without any.
     pub p50_ms: Option<u64>,
+    pub p95_ms: Option<u64>,
     pub p99_ms: Option<u64>,
     pub max_ms: Option<u64>,
     /// Connections held across all cold starts in the window.
@@ -44,6 +45,7 @@ pub fn cold_start_stats(records: &[ColdStartRecord]) -> ColdStartStats {
     }
     ready_ms.sort_unstable();
     stats.p50_ms = percentile(&ready_ms, 50.0);
+    stats.p95_ms = percentile(&ready_ms, 95.0);
     stats.p99_ms = percentile(&ready_ms, 99.0);
     stats.max_ms = ready_ms.last().copied();
     stats

@@ -414,7 +414,7 @@ fn allocate_cluster_ip(
             Cause::invalid(
                 format!("spec.clusterIPs[{i}]"),
                 &json!(s),
-                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+                "must be a valid IP address, (e.g. 127.77.0.10 or fd6e:6d00:ffff::a)",
             )
         })?;
         ips.push(ip);
