@@ -14,7 +14,8 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("wake_to_scale_ms", "nemesis-tests", "bench-wake"),
     ("proxy", "nemesis-agent", "bench-proxy"),
     ("connect_overhead", "nemesis-agent", "bench-connect"),
-    ("policy_tick", "nemesis-controller", "bench-policy"),
+    ("policy_decide", "nemesis-controller", "bench-policy"),
+    ("policy_tick_status", "nemesis-tests", "bench-status"),
     ("ui_overview", "nemesis-controller", "bench-ui"),
     ("report_30d", "nemesis-controller", "bench-report"),
 ];
