@@ -14,6 +14,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("wake_to_scale_ms", "nemesis-tests", "bench-wake"),
     ("proxy", "nemesis-agent", "bench-proxy"),
     ("connect_overhead", "nemesis-agent", "bench-connect"),
+    ("lb_", "nemesis-agent", "bench-lb"),
     ("policy_decide", "nemesis-controller", "bench-policy"),
     ("policy_tick_status", "nemesis-tests", "bench-status"),
     ("ui_overview", "nemesis-controller", "bench-ui"),
