@@ -34,8 +34,8 @@ fn main() {
     println!("cargo:rerun-if-changed={}", lock_path.display());
     println!("cargo:rerun-if-changed={}", installed_path.display());
     let read = |p: &Path| std::fs::read_to_string(p);
-    let lock = read(&lock_path)
-        .unwrap_or_else(|e| fail(format!("reading {}: {e}", lock_path.display())));
+    let lock =
+        read(&lock_path).unwrap_or_else(|e| fail(format!("reading {}: {e}", lock_path.display())));
     let locked = version_after(&lock, "\"node_modules/uplot\"").unwrap_or_else(|| {
         fail(format!(
             "{} pins no uplot (the UI's charting library)",

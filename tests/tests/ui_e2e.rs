@@ -2,7 +2,8 @@
 //! sink) against the test API server with the sandbox kubelet running namespace `shop`,
 //! and `ui/tests/roles.mjs` driving Debian's chromium through playwright-core as a
 //! viewer, an admin and an operator (see the script for the steps). `shop/api` sits at
-//! zero under a ScalingPolicy and an AlertRule on ScaledFromZero; the script asks for
+//! zero under a ScalingPolicy (the admin applies it in the YAML editor) and an
+//! AlertRule on ScaledFromZero; the script asks for
 //! its wake as the node agent does when a connection arrives (this test runs no eBPF
 //! agent: a test agent heartbeats for the node, and the wake request is the agent's own
 //! HTTP call), the sandbox starts the pod for real, and the open pages show it live.
@@ -189,7 +190,8 @@ async fn serve_hook(accepted: Arc<Mutex<Vec<Value>>>) -> Result<String> {
                         let tag: Vec<u8> = (0..hex.len() / 2)
                             .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
                             .collect();
-                        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
+                        let key =
+                            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
                         let signed = [header(TIMESTAMP_HEADER).as_bytes(), b".", &body].concat();
                         let status = if ring::hmac::verify(&key, &signed, &tag).is_ok() {
                             accepted
@@ -335,7 +337,9 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     let sinks = dir.path().join("sinks.yaml");
     std::fs::write(
         &sinks,
-        format!("sinks:\n- {{name: hook, kind: webhook, url: \"{hook_url}\", hmacKey: \"{HMAC_KEY}\"}}\n"),
+        format!(
+            "sinks:\n- {{name: hook, kind: webhook, url: \"{hook_url}\", hmacKey: \"{HMAC_KEY}\"}}\n"
+        ),
     )?;
     let sinks = sinks.display().to_string();
     let pw = dir.path().join("ui-password");
@@ -356,19 +360,8 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         name: "api".into(),
     };
     let _agent = TestAgent::start("node-e2e", vec![svc.clone()], vec![addr]);
+    // Its ScalingPolicy is the admin's to apply, in the browser's YAML editor.
     let shop_policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), SHOP);
-    let mut p = policy(
-        "api",
-        json!({
-            "target": {"deployment": "api", "service": "api"},
-            "minReplicas": 0,
-            "maxReplicas": 1,
-            "idleTimeout": "1h",
-        }),
-    );
-    p.metadata.namespace = Some(SHOP.into());
-    shop_policies.create(&PostParams::default(), &p).await?;
-    wait_state(&shop_policies, "api", "zero", WAIT).await?;
     // Tell the team when it wakes: an AlertRule on ScaledFromZero, sent to the hook.
     let rules: Api<AlertRule> = Api::namespaced(client.clone(), SHOP);
     let mut rule = AlertRule::new(
@@ -471,7 +464,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         .as_array()
         .context("no screenshots")?;
     ensure!(
-        shots_taken.len() >= 17,
+        shots_taken.len() >= 19,
         "a screenshot of every page: {findings}"
     );
     for s in shots_taken {
@@ -511,9 +504,12 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     assert_eq!(web.spec.target.service.as_deref(), Some("web"));
     assert!(web.spec.paused, "the operator paused it");
 
-    // The wake happened for real: the sandbox runs the pod and it is ready.
+    // The admin's YAML made it to the cluster, and the wake happened for real: the
+    // sandbox runs the pod.
+    let api_policy = shop_policies.get("api").await?;
+    assert_eq!(api_policy.spec.idle_timeout.as_deref(), Some("1h"));
     let d = shop_deployments.get("api").await?;
-    ensure!(d.spec.and_then(|s| s.replicas) == Some(1), "api was scaled to 1");
+    ensure!(d.spec.replicas == Some(1), "api was scaled to 1");
     // The hook got the alert, signed.
     let got = hooked.lock().unwrap().clone();
     ensure!(
@@ -538,7 +534,9 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     );
     // The CSV the admin downloaded: shop/api's row has the wake and every transition
     // the controller recorded for it (the history API lists them one by one).
-    let csv_path = findings["reportCsv"].as_str().context("no CSV downloaded")?;
+    let csv_path = findings["reportCsv"]
+        .as_str()
+        .context("no CSV downloaded")?;
     let csv = std::fs::read_to_string(csv_path)?;
     let (status, text) = admin_get(
         addr,
@@ -552,7 +550,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     ensure!(
         transitions
             .iter()
-            .any(|e| e["record"]["fromState"] == "zero"),
+            .any(|e| e["record"]["from_state"] == "zero"),
         "the wake's transition out of zero is recorded: {events}"
     );
     let row = csv_row(&csv, &["service", SHOP, "api"])?;

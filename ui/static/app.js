@@ -329,11 +329,14 @@ async function start() {
 
 const KINDS = [['transition', 'Transitions'], ['scale', 'Scale events'], ['coldStart', 'Cold starts']];
 
+// The record as the store keeps it (snake_case fields; the outcome is tagged by kind).
 function eventSummary(e) {
   const r = e.record;
-  if (e.kind === 'transition') return `${r.fromState} → ${r.toState} (${r.fromReplicas} → ${r.toReplicas}): ${r.reason}`;
-  if (e.kind === 'scale') return `scaled ${r.fromReplicas} → ${r.toReplicas} in ${r.state}: ${r.reason}`;
-  return `cold start: ${r.outcome}${r.timeToReadyMs != null ? ` after ${duration(r.timeToReadyMs)}` : ''}, ${r.heldConnections} held`;
+  if (e.kind === 'transition') return `${r.from_state} → ${r.to_state} (${r.from_replicas} → ${r.to_replicas}): ${r.reason}`;
+  if (e.kind === 'scale') return `scaled ${r.from_replicas} → ${r.to_replicas} in ${r.state}: ${r.reason}`;
+  const o = r.outcome || {};
+  const outcome = o.kind === 'failed' && o.message ? `failed (${o.message})` : o.kind;
+  return `cold start: ${outcome}${r.time_to_ready_ms != null ? ` after ${duration(r.time_to_ready_ms)}` : ''}, ${r.held_connections} held`;
 }
 
 async function eventsPage() {

@@ -17,7 +17,7 @@ const PRICES = [
 function words(key) {
   if (/[.\-/]/.test(key)) return key;
   const w = key.replace(/([a-z0-9])([A-Z])/g, '$1 $2').replace(/^./, (c) => c.toUpperCase());
-  return w.replace(/\bCpu\b/i, 'CPU').replace(/\bGpu(s?)\b/i, 'GPU$1').replace(/\bGib\b/i, 'GiB').replace(/\bMs\b$/, '(ms)');
+  return w.replace(/\bCpu\b/i, 'CPU').replace(/\bGpu(s?)\b/i, 'GPU$1').replace(/\bGib\b/i, 'GiB').replace(/ Ms$/, '');
 }
 
 function isSeries(v) {

@@ -2,10 +2,11 @@
 // by playwright-core) against a real controller on the test API server:
 //   node ui/tests/roles.mjs <url> <admin password> <screenshot dir>
 // The users vera (viewer, password vera-password-1) and otto (operator,
-// otto-password-1) exist; a Deployment and Service named web exist in default; no policy.
+// otto-password-1) exist; a Deployment and Service named web exist in default, api in
+// shop (run by the sandbox kubelet, at zero) with an AlertRule; no policy.
 // A viewer sees no edit controls and the API refuses its change with 403; an admin
 // creates the policy through the guided form (a typo first, shown with field and column)
-// and issues a token; the viewer's open overview shows the new policy without a reload;
+// and shop/api's in the YAML editor, and issues a token; the viewer's open overview shows the new policy without a reload;
 // an operator sees the automaton, pauses the policy, and the viewer sees it paused live.
 // Then shop/api (at zero, an AlertRule on ScaledFromZero with a webhook sink) wakes:
 // the script sends the wake request the node agent sends for a held connection
@@ -47,6 +48,7 @@ async function shot(page, name) {
   // A JavaScript null written into the page as text is a rendering bug.
   const text = await page.locator('main').innerText();
   check(!/(^|\n)null(\n|$)/.test(text), `the ${name} page shows a stray "null"`);
+  check(!/undefined|NaN|\[object Object\]/.test(text), `the ${name} page shows a missing value: ${text}`);
   const file = path.join(shots, `${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   findings.screenshots.push(file);
@@ -147,6 +149,14 @@ try {
   await admin.click('#tab-yaml-btn');
   await admin.locator('#yaml-editor').waitFor({ state: 'visible' });
   await shot(admin, 'admin-editor-yaml');
+  // The full form: shop/api's policy (at zero until a connection comes), in YAML.
+  await admin.fill('#yaml-editor', [
+    'apiVersion: nemesis.dev/v1alpha1', 'kind: ScalingPolicy',
+    'metadata: {name: api, namespace: shop}',
+    'spec:', '  target: {deployment: api, service: api}',
+    '  minReplicas: 0', '  maxReplicas: 1', '  idleTimeout: 1h', ''].join('\n'));
+  await admin.click('#yaml-apply');
+  await admin.locator('#edit-result .ok >> text=Applied').waitFor();
 
   // The viewer's open overview shows it without a reload.
   const row = viewer.locator('tr[data-policy="default/web"]');
@@ -208,7 +218,10 @@ try {
   await viewer.goto(`${base}/`);
   const apiRow = viewer.locator('tr[data-policy="shop/api"]');
   await apiRow.waitFor();
-  check((await apiRow.innerText()).includes('zero'), `shop/api is at zero: ${await apiRow.innerText()}`);
+  await viewer.waitForFunction(() => {
+    const r = document.querySelector('tr[data-policy="shop/api"] [data-state]');
+    return r && r.dataset.state === 'zero';
+  }, null, { timeout: 120000 });
   await viewer.evaluate(() => { window.__noReload = true; });
   await operator.goto(`${base}/alerts`);
   const emptyAlerts = operator.locator('#alerts-empty');
@@ -269,8 +282,16 @@ try {
   await until('the wake\'s cold start, ready', 120000, () => admin.evaluate(async () => {
     const r = await fetch('/api/v1/events?policy=shop/api&kind=coldStart&window=1h');
     const page = await r.json();
-    return page.events.some((e) => e.record.outcome === 'ready');
+    return page.events.some((e) => e.record.outcome && e.record.outcome.kind === 'ready');
   }));
+  // The events page lists the wake: its transition, scale and cold start.
+  await admin.goto(`${base}/events?policy=shop/api`);
+  await admin.locator('#ev-rows tr[data-kind="coldStart"]').waitFor();
+  const coldText = await admin.locator('#ev-rows tr[data-kind="coldStart"]').first().innerText();
+  check(coldText.includes('cold start: ready'), `the cold start is listed: ${coldText}`);
+  const wakeText = await admin.locator('#ev-rows tr[data-kind="transition"]').first().innerText();
+  check(wakeText.includes('zero → warm'), `the wake's transition is listed: ${wakeText}`);
+  await shot(admin, 'admin-events-wake');
   await admin.goto(`${base}/reports`);
   await admin.locator('#report-form').waitFor();
   await shot(admin, 'admin-reports-cluster');
