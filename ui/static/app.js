@@ -5,6 +5,7 @@
 // session's CSRF token.
 import { timeline, lineChart, legend, stateColor, formatTime } from './charts.js';
 import { automaton } from './automaton.js';
+import { timeSeries } from './plots.js';
 import {
   main, session, setSession, Unauthenticated, can, send, api, h, ago, duration, num,
   card, section, table, showError, WINDOWS,
@@ -185,7 +186,7 @@ async function policyPage(namespace, name) {
   const metricCharts = Object.entries(hist.series || {})
     .filter(([n]) => !n.startsWith('nemesis.'))
     .map(([n, pts]) => h('div', { class: 'metric-chart' }, h('h3', { text: n }),
-      lineChart({ from: fromMs, to: toMs, height: 160, series: [{ name: n, points: pts, color: '#9333ea' }] })));
+      timeSeries({ from: fromMs, to: toMs, height: 160, label: `${n} over the window`, series: [{ name: n, points: pts, color: '#9333ea' }] })));
 
   const coldRows = hist.coldStarts.slice().reverse().map((c) => h('tr', {},
     h('td', { text: new Date(c.wakeAtMs).toLocaleString() }),
