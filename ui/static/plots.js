@@ -77,12 +77,18 @@ export function timeSeries({ from, to, series, height = 220, yLabel = '', label 
     cursor: { drag: { x: true, y: false } },
   };
   let chart = null;
-  const fit = () => {
+  const observer = new ResizeObserver(() => {
+    // A redrawn page drops its charts: let go of the one that left the page.
+    if (chart && !box.isConnected) {
+      chart.destroy();
+      observer.disconnect();
+      return;
+    }
     const width = Math.floor(box.clientWidth);
     if (width <= 0) return;
     if (!chart) chart = new uPlot({ ...opts, width }, data, box);
     else if (chart.width !== width) chart.setSize({ width, height });
-  };
-  new ResizeObserver(fit).observe(box);
+  });
+  observer.observe(box);
   return box;
 }

@@ -50,6 +50,21 @@ function seriesIn(obj, prefix = '') {
   return out;
 }
 
+// Every number or text under `obj` that is not part of a series, by its path.
+function scalarsIn(obj, prefix = '') {
+  const out = [];
+  if (!obj || typeof obj !== 'object' || Array.isArray(obj) || isSeries(obj)) return out;
+  for (const [k, v] of Object.entries(obj)) {
+    const p = prefix ? `${prefix}/${k}` : k;
+    if (v !== null && typeof v === 'object') out.push(...scalarsIn(v, p));
+    else out.push([p, v]);
+  }
+  return out;
+}
+
+// The parts of a Service's report this page draws in its own sections.
+const DRAWN = ['namespace', 'name', 'deployment', 'state', 'span', 'scaling', 'resources'];
+
 function query(params, format) {
   const q = new URLSearchParams(params);
   if (format) q.set('format', format);
@@ -225,10 +240,15 @@ function charts(r) {
         series: list.map((x, i) => ({ name: list.length === 1 ? name : x.svc, points: x.series.points, color: seriesColor(i), step: /replicas/.test(name), area: list.length === 1 })),
       }));
   });
+  // Figures beside the series (counts of errors, refusals...), whatever the report adds.
+  const figures = r.services.flatMap((s) => scalarsIn(Object.fromEntries(Object.entries(s).filter(([k]) => !DRAWN.includes(k))))
+    .map(([p, v]) => h('tr', { 'data-figure': p }, h('td', { text: `${s.namespace}/${s.name}` }), h('td', { text: p.replace(/\//g, ' · ') }),
+      h('td', { class: 'num', text: figure(p.split('/').pop(), v) }))));
   return h('section', { class: 'panel', id: 'report-performance' }, h('h2', { text: 'Performance' }),
     boxes.length
       ? h('div', { class: 'metric-grid' }, boxes)
-      : h('p', { class: 'muted empty', text: 'No sample in this window: the policies record connection rates and open connections while agents report them. Pick a longer window, or check the Agents page.' }));
+      : h('p', { class: 'muted empty', text: 'No sample in this window: the policies record connection rates and open connections while agents report them. Pick a longer window, or check the Agents page.' }),
+    figures.length ? [h('h3', { text: 'Figures' }), table(['Service', 'Figure', 'Value'], figures, '')] : null);
 }
 
 export async function reportsPage() {

@@ -320,6 +320,23 @@ try {
     return [r.status, r.headers.get('content-type')];
   });
   check(html[0] === 200 && html[1].startsWith('text/html'), `the printable page is served: ${html}`);
+  // The page draws whatever the report holds: a series and a figure it has never seen
+  // (added to the server's answer on the way) get a chart and a row.
+  const isReport = (u) => u.pathname === '/api/reports' && u.searchParams.get('format') === 'json';
+  await admin.route(isReport, async (route) => {
+    const resp = await route.fetch();
+    const r = await resp.json();
+    for (const s of r.services) {
+      s.performance['latency.p99'] = { points: [[r.span.fromMs + 60000, 12], [r.span.toMs - 60000, 30]], avg: 21, max: 30 };
+      s.proxy = { errors: 3 };
+    }
+    await route.fulfill({ response: resp, json: r });
+  });
+  await admin.click('#report-show');
+  await admin.locator('[data-series="performance/latency.p99"] .uplot canvas').waitFor();
+  const extra = await admin.locator('tr[data-figure="proxy/errors"]').innerText();
+  check(extra.includes('shop/api') && extra.includes('3'), `a new figure gets a row: ${extra}`);
+  await admin.unroute(isReport);
 
   // 401 and 403 answers are logged by chromium as failed loads: expected, nothing else.
   const unexpected = consoleErrors.filter((e) => !/status of 40[13]/.test(e));
