@@ -35,7 +35,9 @@ function figure(key, v) {
   if (typeof v !== 'number') return String(v);
   if (/Ms$/.test(key)) return duration(v);
   if (/Seconds$/.test(key)) return duration(v * 1000);
-  return Number.isInteger(v) ? v.toLocaleString() : v.toFixed(3);
+  if (Number.isInteger(v)) return v.toLocaleString();
+  // Small figures (a young Service's GiB-hours) keep their digits.
+  return Math.abs(v) < 1 ? String(Number(v.toPrecision(3))) : v.toFixed(2);
 }
 
 // Every series under `obj`, by its path (`performance/conns.rate`).
@@ -169,7 +171,7 @@ function scaling(r) {
     h('td', { text: `${t.from} → ${t.to}` }),
     h('td', { class: 'reason', text: t.reason })));
   return h('section', { class: 'panel', id: 'report-scaling' }, h('h2', { text: 'Scaling' }), cards,
-    table(['Service', 'Transitions', ...wakeKeys.map((k) => `Wakes: ${words(k).toLowerCase()}`), 'Time in each state'], rows, 'No ScalingPolicy in this scope.'),
+    table(['Service', 'Transitions', ...wakeKeys.map((k) => (k === 'count' ? 'Wakes' : words(k))), 'Time in each state'], rows, 'No ScalingPolicy in this scope.'),
     h('h3', { text: 'Transitions and their reasons' }),
     table(['When', 'Service', 'Transition', 'Reason'], trows, 'No transition in this window.'));
 }
