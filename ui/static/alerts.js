@@ -84,7 +84,7 @@ function alertRow(a, leading, redraw, note) {
       ev.target.disabled = true;
       try {
         await send('POST', `/api/alerts/${encodeURIComponent(a.id)}/ack`);
-        note.replaceChildren(h('p', { class: 'ok', role: 'status', text: `Acknowledged: ${a.summary}` }));
+        flash = { until: Date.now() + FLASH_MS, text: `Acknowledged: ${a.summary}` };
         await redraw();
       } catch (e) {
         if (e instanceof Unauthenticated) return;
@@ -138,6 +138,10 @@ function emptyState(sinksConfigured) {
 }
 
 let view = 'all';
+// A message the page shows for a while across redraws (the acknowledgement redraws it,
+// and so does the live feed right after).
+let flash = null;
+const FLASH_MS = 30000;
 const VIEWS = [['all', 'All'], ['firing', 'Firing'], ['open', 'Not acknowledged']];
 
 export async function alertsPage() {
@@ -147,7 +151,9 @@ export async function alertsPage() {
     api('/api/sinks'),
     api('/api/v1/alerts'),
   ]);
-  const note = h('div', { id: 'alerts-note', 'aria-live': 'polite' });
+  if (flash && Date.now() > flash.until) flash = null;
+  const note = h('div', { id: 'alerts-note', 'aria-live': 'polite' },
+    flash ? h('p', { class: 'ok', role: 'status', text: flash.text }) : null);
   const firing = out.alerts.filter((a) => a.state === 'firing');
   const open = firing.filter((a) => !a.acknowledgedBy);
   const undelivered = out.alerts.filter((a) => Object.values(a.deliveries || {}).some((d) => d.state !== 'delivered')).length;

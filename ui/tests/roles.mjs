@@ -275,6 +275,7 @@ try {
   await operator.locator('button.ack').first().focus();
   await operator.keyboard.press('Enter');
   await operator.locator(`tr[data-alert="${alertId}"] .ack-note >> text=acknowledged by otto`).waitFor();
+  await operator.locator('#alerts-note >> text=Acknowledged').waitFor();
   check(await operator.locator('button.ack').count() === 0, 'no button left once acknowledged');
   await shot(operator, 'operator-alerts-acknowledged');
 
