@@ -173,11 +173,12 @@ fn subnet_index_of(cluster_ip: Ipv4Addr) -> u16 {
     u16::from(c - 128) * 4 + u16::from((d - 1) / 64)
 }
 
-/// Runs `curl url` in a shell that first moves itself into `cgroup`.
+/// Runs `curl url` in a shell that first moves itself into `cgroup`; up to 60 s (a
+/// cold start on a loaded machine).
 async fn curl_from_cgroup(cgroup: &str, url: &str) -> anyhow::Result<std::process::Output> {
     let out = Command::new("sh")
         .arg("-c")
-        .arg(r#"echo $$ > "$0/cgroup.procs" && exec curl -sS -m 10 "$1""#)
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec curl -sS -m 60 "$1""#)
         .arg(cgroup)
         .arg(url)
         .output()
