@@ -234,6 +234,39 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// The ids of the programs attached to `cgroup` (`bpftool cgroup show`).
+fn attached_programs(cgroup: &str) -> anyhow::Result<Vec<u64>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show", cgroup])
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool cgroup show {cgroup}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect())
+}
+
+/// Whether the kernel still has the program `id`.
+fn program_exists(id: u64) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn ip_output(args: &[&str]) -> String {
     std::process::Command::new("ip")
         .args(args)
@@ -789,7 +822,7 @@ fn pod_logs(logs: &Path) -> String {
 }
 
 /// SIGINT to the demo; then nothing of it is left: no process, no cgroup, no bpffs or
-/// pins, no mount under its directory, no pod network.
+/// pins, no program it attached, no mount under its directory, no pod network.
 async fn stop_and_check_nothing_is_left(
     demo: &mut DemoProcess,
     instance: &str,
@@ -808,6 +841,11 @@ async fn stop_and_check_nothing_is_left(
         .trim_end_matches(":80/")
         .parse()?;
     let pins = logs.join("bpffs/nemesis").join(instance);
+    let programs = attached_programs(&cgroup)?;
+    ensure!(
+        !programs.is_empty(),
+        "no program attached to {cgroup} before the stop"
+    );
     // --- SIGINT stops everything ---
     let pid = demo.child.id().context("the demo is running")?;
     nix::sys::signal::kill(
@@ -830,6 +868,17 @@ async fn stop_and_check_nothing_is_left(
         "mounts left under the demo's directory (its bpffs, an image's root): {left:#?}"
     );
     assert!(!pins.exists(), "{} is left", pins.display());
+    // Nothing holds the programs any more (no link, pin or process): the kernel frees
+    // them, a moment after the last reference goes.
+    wait_for("the demo's programs freed", SETTLE_TIMEOUT, || {
+        let left: Vec<u64> = programs
+            .iter()
+            .copied()
+            .filter(|id| program_exists(*id))
+            .collect();
+        async move { Ok((left.is_empty().then_some(()), format!("{left:?}"))) }
+    })
+    .await?;
     let left = processes_mentioning(&logs.display().to_string());
     assert!(left.is_empty(), "processes left: {left:#?}");
     let left = processes_mentioning(&format!("--instance {instance} "));
