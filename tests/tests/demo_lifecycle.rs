@@ -50,6 +50,10 @@ const POLICY_COLUMNS: [&str; 6] = ["NAME", "TARGET", "STATE", "REPLICAS", "READY
 /// The demo in a child process; SIGINT on drop, so a failed test still cleans up.
 struct DemoProcess {
     child: Child,
+    /// The demo's stderr: a file, not the test's pipe, which closes when a failed test
+    /// ends (the demo, still tearing down, then failed to write its log and left its
+    /// cgroup and bpffs behind).
+    stderr: tempfile::NamedTempFile,
     lines: BTreeMap<String, String>,
     /// Everything printed on stdout so far (a task keeps reading after start-up).
     text: Arc<Mutex<Vec<String>>>,
@@ -62,13 +66,21 @@ impl DemoProcess {
 }
 
 impl Drop for DemoProcess {
+    /// SIGINT, then waits for the demo's tear-down (so a failed test leaves nothing
+    /// either), and shows what the demo logged.
     fn drop(&mut self) {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGINT,
             );
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
+        let log = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
+        eprintln!("--- the demo's stderr:\n{log}");
     }
 }
 
@@ -107,6 +119,7 @@ async fn start_demo(instance: &str, extra: &[&str]) -> anyhow::Result<DemoProces
             bin_dir().join(bin).display()
         );
     }
+    let stderr = tempfile::NamedTempFile::new()?;
     let mut child = Command::new(xtask_bin().await?)
         .arg("demo")
         .arg("--skip-setup")
@@ -118,12 +131,14 @@ async fn start_demo(instance: &str, extra: &[&str]) -> anyhow::Result<DemoProces
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr.reopen()?))
         .kill_on_drop(false)
         .spawn()
         .context("starting xtask demo")?;
     let stdout = child.stdout.take().expect("piped");
     let mut demo = DemoProcess {
         child,
+        stderr,
         lines: BTreeMap::new(),
         text: Arc::new(Mutex::new(Vec::new())),
     };
