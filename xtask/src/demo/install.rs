@@ -47,14 +47,14 @@ impl Demo {
         }
         let started = Instant::now();
         let images_dir = self.layout.images_dir();
-        eprintln!(
+        note!(
             "demo: images from {} into {}",
             self.layout.bin_dir.display(),
             images_dir.display()
         );
         let archives = crate::image::build_from(&self.layout.bin_dir, &images_dir)
             .context("building the images")?;
-        eprintln!("demo: images ready in {:.1?}", started.elapsed());
+        note!("demo: images ready in {:.1?}", started.elapsed());
         signals::check()?;
 
         // The pods' cgroup (the agent's "node root") and bpffs exist before the sandbox:
@@ -161,7 +161,7 @@ impl Demo {
                 .with_context(|| format!("the pods' logs: {}", pod_logs.display()))?;
             self.check_sandbox()?;
         }
-        eprintln!("demo: the agent and the controller are ready");
+        note!("demo: the agent and the controller are ready");
 
         // Ready pods; then what the contract lines promise: an intercepted cgroup (the
         // programs attached and pinned) and a UI answering at the printed address.
@@ -281,7 +281,7 @@ impl Kubectl {
         let line = format!("kubectl {}", args.join(" "));
         // `get` is the demo's own polling: only what changes the cluster is shown.
         if !args.contains(&"get") {
-            eprintln!("demo: {line}");
+            note!("demo: {line}");
         }
         let mut child = spawn_child(&mut cmd)
             .with_context(|| format!("`{}` (is kubectl installed?)", describe(&cmd)))?;

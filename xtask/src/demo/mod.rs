@@ -6,6 +6,15 @@
 //! and pin directory, all named after `--instance`; never touches another instance's,
 //! nor the cgroup2 root.
 
+/// `eprintln!` that never panics: a closed stderr (a pipe whose reader went away) must
+/// not stop the tear-down half-way and leave the cgroup or the bpffs behind.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod install;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -122,15 +131,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         Err(e) => Err(e),
     };
     if let Err(e) = &outcome {
-        eprintln!("demo: {e:#}");
+        note!("demo: {e:#}");
     }
-    eprintln!("demo: stopping everything");
+    note!("demo: stopping everything");
     let leftovers = demo.teardown();
     if leftovers.is_empty() {
-        eprintln!("demo: stopped; nothing left behind");
+        note!("demo: stopped; nothing left behind");
     } else {
         for l in &leftovers {
-            eprintln!("demo: cleanup: {l}");
+            note!("demo: cleanup: {l}");
         }
     }
     match (outcome, leftovers.is_empty()) {
@@ -487,7 +496,7 @@ impl Demo {
                 let _ = tx.send(line);
             }
         });
-        eprintln!("demo: sandbox starting (log: {})", log.display());
+        note!("demo: sandbox starting (log: {})", log.display());
         self.sandbox = Some(Running {
             name: "sandbox",
             child,
@@ -532,7 +541,7 @@ impl Demo {
                 log.display()
             )
         })?;
-        eprintln!("demo: sandbox ready");
+        note!("demo: sandbox ready");
         Ok(SandboxInfo {
             kubeconfig: kubeconfig.expect("loop ends with it"),
             demo_url: format!("http://{demo_addr}/"),
@@ -572,7 +581,7 @@ impl Demo {
             .arg(UI_USER);
         let log_file = open_log(&log)?;
         cmd.stdout(log_file.try_clone()?).stderr(log_file);
-        eprintln!("demo: controller starting (log: {})", log.display());
+        note!("demo: controller starting (log: {})", log.display());
         self.controller = Some(Running {
             name: "controller",
             child: spawn_child(&mut cmd)?,
@@ -583,7 +592,7 @@ impl Demo {
             // A standby answers 200 too; the demo needs the instance that acts.
             Ok(status == 200 && !body.contains("standby"))
         })?;
-        eprintln!("demo: controller ready");
+        note!("demo: controller ready");
         Ok(ControllerInfo {
             api,
             login: format!("{UI_USER}:{password}"),
@@ -631,7 +640,7 @@ impl Demo {
         }
         let log_file = open_log(&log)?;
         cmd.stdout(log_file.try_clone()?).stderr(log_file);
-        eprintln!("demo: agent starting (log: {})", log.display());
+        note!("demo: agent starting (log: {})", log.display());
         self.agent = Some(Running {
             name: "agent",
             child: spawn_child(&mut cmd)?,
@@ -644,7 +653,7 @@ impl Demo {
         self.wait_ready("agent", &log, || {
             Ok(http_get(admin, "/readyz")?.0 == 200 && attached.exists())
         })?;
-        eprintln!("demo: agent ready (admin {admin}, proxy {proxy})");
+        note!("demo: agent ready (admin {admin}, proxy {proxy})");
         Ok(())
     }
 
@@ -705,7 +714,7 @@ impl Demo {
         let mut reported = Vec::new();
         loop {
             if let Some(sig) = signals::received() {
-                eprintln!("demo: {sig} received");
+                note!("demo: {sig} received");
                 return Ok(());
             }
             for name in ["sandbox", "controller", "agent"] {
@@ -721,7 +730,7 @@ impl Demo {
                     if name == "sandbox" {
                         bail!("the sandbox {why}; its log: {}", log.display());
                     }
-                    eprintln!("demo: the {name} {why}; its log: {}", log.display());
+                    note!("demo: the {name} {why}; its log: {}", log.display());
                 }
             }
             std::thread::sleep(POLL);
@@ -780,7 +789,7 @@ impl Demo {
         let line = describe(&cmd);
         match cmd.output() {
             Ok(out) if out.status.success() => {
-                eprintln!("demo: {}", String::from_utf8_lossy(&out.stdout).trim());
+                note!("demo: {}", String::from_utf8_lossy(&out.stdout).trim());
             }
             Ok(out) => {
                 return Some(format!(
@@ -800,7 +809,7 @@ impl Drop for Demo {
     /// A panic or an early return must not leave processes, pins or the cgroup behind.
     fn drop(&mut self) {
         for l in self.teardown() {
-            eprintln!("demo: cleanup: {l}");
+            note!("demo: cleanup: {l}");
         }
     }
 }
@@ -817,7 +826,7 @@ fn stop(mut r: Running, grace: Duration, left: &mut Vec<String>) {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = r.child.try_wait() {
-            eprintln!("demo: {} stopped ({status})", r.name);
+            note!("demo: {} stopped ({status})", r.name);
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
