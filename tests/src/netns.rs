@@ -568,6 +568,22 @@ impl PodNetns {
         let gw6 = self.network.gateway_v6().to_string();
         ip(&["-n", ns, "addr", "add", &addr6, "dev", "eth0", "nodad"]).await?;
         ip(&["-n", ns, "-6", "route", "add", "default", "via", &gw6]).await?;
+        // Addresses are reused lowest first: the node may still map this one to the
+        // MAC of the pod that had it last (a REACHABLE neighbour entry lives 15-45 s).
+        // Frames to that MAC reach nobody, and the new pod's probes and connections
+        // time out until the entry expires: a woken app stayed unready for over 10 s.
+        let bridge = self.network.bridge.as_str();
+        ip(&["neigh", "flush", "to", &self.ip.to_string(), "dev", bridge]).await?;
+        ip(&[
+            "-6",
+            "neigh",
+            "flush",
+            "to",
+            &self.ip_v6.to_string(),
+            "dev",
+            bridge,
+        ])
+        .await?;
         Ok(())
     }
 

@@ -1,11 +1,15 @@
 //! `cargo xtask demo` end to end: the real xtask binary runs the demo (an instance of
 //! its own, on the binaries `cargo xtask test` built) in a child process; the test reads
 //! its contract lines and drives the whole scale-to-zero cycle as a user would, with the
-//! real `kubectl` on the printed kubeconfig: the app at zero, woken by a request from a
-//! process inside the printed cgroup, back to zero after its idle window (shortened with
-//! `kubectl patch`), the history in the UI's JSON API, and woken again from zero; then
-//! it sends SIGINT and checks that nothing is left: no process, no cgroup, no bpffs or
-//! pins, no pod network.
+//! real `kubectl` on the printed kubeconfig. By default the demo installs Nemesis from
+//! its images with `kubectl apply -k` (the agent DaemonSet and the controller
+//! StatefulSet run as the sandbox's pods): the app at zero, held (its hold
+//! EndpointSlice), woken by a request from a process inside the printed cgroup, back to
+//! zero after its idle window (shortened with `kubectl patch`), the history in the UI's
+//! JSON API, and woken again from zero; then it sends SIGINT and checks that nothing is
+//! left: no process, no cgroup, no bpffs or pins, no mount, no pod network. A shorter
+//! test runs `--processes` (the agent and the controller as host processes): ready, a
+//! wake from the cgroup, nothing left after SIGINT.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -22,10 +26,12 @@ use kube::{Api, Client};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Start-up runs no build (`--prebuilt`): a sandbox, a controller and an agent.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// Tear-down: pods get 5 s of grace, each component up to 10 s.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Start-up runs no cargo build (`--prebuilt`), but may build the two images (podman,
+/// when the binaries are newer than the archives), then a sandbox that unpacks them and
+/// two rollouts: a minute when idle, several on a loaded machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Tear-down: the sandbox stops its pods (up to 30 s), each component up to 10 s.
+const STOP_TIMEOUT: Duration = Duration::from_secs(90);
 /// Every kubectl and curl call ends within this.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The idle window the test sets with `kubectl patch` (the demo's own is a minute), and
@@ -44,6 +50,10 @@ const POLICY_COLUMNS: [&str; 6] = ["NAME", "TARGET", "STATE", "REPLICAS", "READY
 /// The demo in a child process; SIGINT on drop, so a failed test still cleans up.
 struct DemoProcess {
     child: Child,
+    /// The demo's stderr: a file, not the test's pipe, which closes when a failed test
+    /// ends (the demo, still tearing down, then failed to write its log and left its
+    /// cgroup and bpffs behind).
+    stderr: tempfile::NamedTempFile,
     lines: BTreeMap<String, String>,
     /// Everything printed on stdout so far (a task keeps reading after start-up).
     text: Arc<Mutex<Vec<String>>>,
@@ -56,13 +66,21 @@ impl DemoProcess {
 }
 
 impl Drop for DemoProcess {
+    /// SIGINT, then waits for the demo's tear-down (so a failed test leaves nothing
+    /// either), and shows what the demo logged.
     fn drop(&mut self) {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGINT,
             );
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
+        let log = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
+        eprintln!("--- the demo's stderr:\n{log}");
     }
 }
 
@@ -92,7 +110,8 @@ async fn xtask_bin() -> anyhow::Result<PathBuf> {
     Ok(bin_dir().join("xtask"))
 }
 
-async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
+/// `xtask demo --skip-setup --prebuilt <these binaries> --instance <instance> <extra>`.
+async fn start_demo(instance: &str, extra: &[&str]) -> anyhow::Result<DemoProcess> {
     for bin in ["nemesis-agent", "nemesis-controller"] {
         ensure!(
             bin_dir().join(bin).exists(),
@@ -100,6 +119,7 @@ async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
             bin_dir().join(bin).display()
         );
     }
+    let stderr = tempfile::NamedTempFile::new()?;
     let mut child = Command::new(xtask_bin().await?)
         .arg("demo")
         .arg("--skip-setup")
@@ -107,15 +127,18 @@ async fn start_demo(instance: &str) -> anyhow::Result<DemoProcess> {
         .arg(bin_dir())
         .arg("--instance")
         .arg(instance)
+        .args(extra)
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr.reopen()?))
         .kill_on_drop(false)
         .spawn()
         .context("starting xtask demo")?;
     let stdout = child.stdout.take().expect("piped");
     let mut demo = DemoProcess {
         child,
+        stderr,
         lines: BTreeMap::new(),
         text: Arc::new(Mutex::new(Vec::new())),
     };
@@ -165,11 +188,12 @@ fn subnet_index_of(cluster_ip: Ipv4Addr) -> u16 {
     u16::from(c - 128) * 4 + u16::from((d - 1) / 64)
 }
 
-/// Runs `curl url` in a shell that first moves itself into `cgroup`.
+/// Runs `curl url` in a shell that first moves itself into `cgroup`; up to 60 s (a
+/// cold start on a loaded machine).
 async fn curl_from_cgroup(cgroup: &str, url: &str) -> anyhow::Result<std::process::Output> {
     let out = Command::new("sh")
         .arg("-c")
-        .arg(r#"echo $$ > "$0/cgroup.procs" && exec curl -sS -m 10 "$1""#)
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec curl -sS -m 60 "$1""#)
         .arg(cgroup)
         .arg(url)
         .output()
@@ -225,6 +249,39 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// The ids of the programs attached to `cgroup` (`bpftool cgroup show`).
+fn attached_programs(cgroup: &str) -> anyhow::Result<Vec<u64>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show", cgroup])
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool cgroup show {cgroup}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect())
+}
+
+/// Whether the kernel still has the program `id`.
+fn program_exists(id: u64) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn ip_output(args: &[&str]) -> String {
     std::process::Command::new("ip")
         .args(args)
@@ -272,6 +329,23 @@ impl Kubectl {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether the controller's hold EndpointSlice for `hello` exists.
+    async fn hold_slice(&self) -> anyhow::Result<bool> {
+        let out = self
+            .run(&[
+                "get",
+                "endpointslices",
+                "-n",
+                "demo",
+                "-l",
+                "endpointslice.kubernetes.io/managed-by=controller.nemesis.dev,kubernetes.io/service-name=hello",
+                "-o",
+                "name",
+            ])
+            .await?;
+        Ok(!out.trim().is_empty())
     }
 
     /// `kubectl get scalingpolicies -n demo`: checks the header and returns the columns
@@ -426,7 +500,7 @@ fn scale_events(history: &serde_json::Value) -> Vec<(i64, i64)> {
 async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again_and_nothing_is_left_after_sigint()
 -> anyhow::Result<()> {
     let instance = format!("t{}", std::process::id());
-    let mut demo = start_demo(&instance).await?;
+    let mut demo = start_demo(&instance, &[]).await?;
     let line = |k: &str| {
         demo.lines
             .get(k)
@@ -440,7 +514,6 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     let cgroup = line("NEMESIS_DEMO_CGROUP")?;
     let kubeconfig = PathBuf::from(line("NEMESIS_KUBECONFIG")?);
     let logs = PathBuf::from(line("NEMESIS_LOGS")?);
-    assert!(ui.starts_with("http://127.0.0.1:"), "{ui}");
     let login = line("NEMESIS_LOGIN")?;
     let service_addr = demo_url
         .strip_prefix("http://")
@@ -448,6 +521,18 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
         .with_context(|| format!("NEMESIS_DEMO_URL {demo_url} is not http://<ClusterIP>:80/"))?;
     let cluster_ip: Ipv4Addr = service_addr.parse()?;
     assert_eq!(cluster_ip.octets()[..2], [127, 96], "{cluster_ip}");
+    // The UI is the controller's Service, on a ClusterIP of the sandbox's own block
+    // that the sandbox serves on the host, as kube-proxy would.
+    let ui_ip: Ipv4Addr = ui
+        .strip_prefix("http://")
+        .and_then(|r| r.strip_suffix(":8080/"))
+        .with_context(|| format!("NEMESIS_UI {ui} is not http://<ClusterIP>:8080/"))?
+        .parse()?;
+    assert_eq!(
+        subnet_index_of(ui_ip),
+        subnet_index_of(cluster_ip),
+        "the UI's ClusterIP {ui_ip} is not of the sandbox's block ({cluster_ip})"
+    );
     assert!(Path::new(&cgroup).join("cgroup.procs").exists(), "{cgroup}");
     assert!(
         cgroup.ends_with(&format!("/nemesis-{instance}")),
@@ -456,15 +541,9 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     let pins = logs.join("bpffs/nemesis").join(&instance);
     assert!(
         pins.join("links/connect4").exists(),
-        "the agent pinned no connect4 link under {}; its log: {:?}; listeners: {}",
+        "the agent pinned no connect4 link under {}; the pods' logs: {}",
         pins.display(),
-        std::fs::read_to_string(logs.join("agent.log")).unwrap_or_default(),
-        String::from_utf8_lossy(
-            &std::process::Command::new("ss")
-                .arg("-ltnp")
-                .output()?
-                .stdout
-        )
+        pod_logs(&logs)
     );
 
     // --- after them, the hints: what to watch, with the printed kubeconfig ---
@@ -520,6 +599,28 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     );
     let policy = policies.get("hello").await?;
     assert_eq!(policy.data["spec"]["target"]["deployment"], "hello");
+    // Nemesis runs installed: the DaemonSet's and the StatefulSet's pods, from the
+    // images the demo loaded into the node.
+    let pods = kubectl
+        .run(&[
+            "get",
+            "pods",
+            "-n",
+            "nemesis-system",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.spec.containers[0].image}{\"\\n\"}{end}",
+        ])
+        .await?;
+    for (prefix, image) in [
+        ("nemesis-agent-", "localhost/nemesis-agent:"),
+        ("nemesis-controller-0", "localhost/nemesis-controller:"),
+    ] {
+        assert!(
+            pods.lines()
+                .any(|l| l.starts_with(prefix) && l.contains(" Running ") && l.contains(image)),
+            "no running {prefix}* from {image}*:\n{pods}"
+        );
+    }
     // kubectl shows the policy with its printer columns: target, state, replicas,
     // ready (the demo's policy is valid, so it can act), age.
     let row = kubectl.policy_row_in("zero").await?;
@@ -531,14 +632,10 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
         "age: {row:?}"
     );
 
-    // --- at zero, a connect from outside the cgroup is refused (no endpoints) ---
-    let addr = std::net::SocketAddr::from((cluster_ip, 80));
-    let refused_outside = || {
-        let err = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .expect_err("nothing serves the demo app at zero replicas");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    };
-    refused_outside();
+    // --- at zero, the app is held: its hold EndpointSlice sends callers that the
+    // cgroup's programs do not see (outside the cgroup, other nodes) to the agent ---
+    let held = || kubectl.hold_slice();
+    ensure!(held().await?, "no hold EndpointSlice for hello at zero");
 
     // --- inside the cgroup, the first connection is held and the app woken ---
     let served = |what: &'static str| {
@@ -651,8 +748,11 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     .await?;
     let row = kubectl.policy_row_in("zero").await?;
     assert_eq!(row[3], "0", "replicas at zero: {row:?}");
-    // The Service has no endpoints again: outside the cgroup, nothing answers.
-    refused_outside();
+    // Held again: the hold EndpointSlice is back.
+    wait_for("hello held again", SETTLE_TIMEOUT, || async {
+        Ok((held().await?.then_some(()), "no hold EndpointSlice".into()))
+    })
+    .await?;
 
     // --- the controller's history (the UI's JSON API) records the cycle ---
     let history_path = "api/v1/policies/demo/hello/history?window=1h";
@@ -717,6 +817,50 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     );
     eprintln!("demo_lifecycle: asleep {slept_after:?} after the idle window was set");
 
+    stop_and_check_nothing_is_left(&mut demo, &instance).await
+}
+
+/// The tails of the sandbox's container logs (the installed agent's and controller's).
+fn pod_logs(logs: &Path) -> String {
+    let dir = logs.join("sandbox/pods/logs");
+    let mut out = format!("{}:\n", dir.display());
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        out.push_str(&format!("--- {}\n", entry.path().display()));
+        for line in tail.into_iter().rev() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// SIGINT to the demo; then nothing of it is left: no process, no cgroup, no bpffs or
+/// pins, no program it attached, no mount under its directory, no pod network.
+async fn stop_and_check_nothing_is_left(
+    demo: &mut DemoProcess,
+    instance: &str,
+) -> anyhow::Result<()> {
+    let line = |k: &str| {
+        demo.lines
+            .get(k)
+            .cloned()
+            .with_context(|| format!("no {k} line in {:?}", demo.text()))
+    };
+    let cgroup = line("NEMESIS_DEMO_CGROUP")?;
+    let logs = PathBuf::from(line("NEMESIS_LOGS")?);
+    let demo_url = line("NEMESIS_DEMO_URL")?;
+    let cluster_ip: Ipv4Addr = demo_url
+        .trim_start_matches("http://")
+        .trim_end_matches(":80/")
+        .parse()?;
+    let pins = logs.join("bpffs/nemesis").join(instance);
+    let programs = attached_programs(&cgroup)?;
+    ensure!(
+        !programs.is_empty(),
+        "no program attached to {cgroup} before the stop"
+    );
     // --- SIGINT stops everything ---
     let pid = demo.child.id().context("the demo is running")?;
     nix::sys::signal::kill(
@@ -730,14 +874,29 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
 
     assert!(!Path::new(&cgroup).exists(), "{cgroup} is left");
     let mounts = std::fs::read_to_string("/proc/mounts")?;
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&logs.display().to_string()))
+        .collect();
     assert!(
-        !mounts.contains(&logs.join("bpffs").display().to_string()),
-        "the demo's bpffs is still mounted"
+        left.is_empty(),
+        "mounts left under the demo's directory (its bpffs, an image's root): {left:#?}"
     );
     assert!(!pins.exists(), "{} is left", pins.display());
+    // Nothing holds the programs any more (no link, pin or process): the kernel frees
+    // them, a moment after the last reference goes.
+    wait_for("the demo's programs freed", SETTLE_TIMEOUT, || {
+        let left: Vec<u64> = programs
+            .iter()
+            .copied()
+            .filter(|id| program_exists(*id))
+            .collect();
+        async move { Ok((left.is_empty().then_some(()), format!("{left:?}"))) }
+    })
+    .await?;
     let left = processes_mentioning(&logs.display().to_string());
     assert!(left.is_empty(), "processes left: {left:#?}");
-    let left = processes_mentioning(&format!("--instance {instance}"));
+    let left = processes_mentioning(&format!("--instance {instance} "));
     assert!(left.is_empty(), "processes left: {left:#?}");
     let index = subnet_index_of(cluster_ip);
     let bridge = format!("nmb{index}");
@@ -753,4 +912,70 @@ async fn demo_app_wakes_from_its_cgroup_sleeps_after_its_idle_window_wakes_again
     );
     let _ = std::fs::remove_dir_all(&logs);
     Ok(())
+}
+
+/// `--processes`: the agent and the controller as host processes (for debugging the
+/// binaries). Ready with every contract line, the UI on loopback, the app refused
+/// outside the cgroup at zero (no hold EndpointSlice: the agent reports no node
+/// address), woken from the cgroup; nothing left after SIGINT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_processes_wakes_from_its_cgroup_and_nothing_is_left_after_sigint()
+-> anyhow::Result<()> {
+    let instance = format!("p{}", std::process::id());
+    let mut demo = start_demo(&instance, &["--processes"]).await?;
+    let line = |k: &str| {
+        demo.lines
+            .get(k)
+            .cloned()
+            .with_context(|| format!("no {k} line in {:?}", demo.text()))
+    };
+    let ui = line("NEMESIS_UI")?;
+    let demo_url = line("NEMESIS_DEMO_URL")?;
+    let cgroup = line("NEMESIS_DEMO_CGROUP")?;
+    let kubeconfig = PathBuf::from(line("NEMESIS_KUBECONFIG")?);
+    let logs = PathBuf::from(line("NEMESIS_LOGS")?);
+    let login = line("NEMESIS_LOGIN")?;
+    assert!(ui.starts_with("http://127.0.0.1:"), "{ui}");
+    let (user, password) = login
+        .split_once(':')
+        .with_context(|| format!("NEMESIS_LOGIN={login} is not user:password"))?;
+    assert_eq!(ui_login_status(&ui, user, password).await?, 200);
+    let pins = logs.join("bpffs/nemesis").join(&instance);
+    assert!(
+        pins.join("links/connect4").exists(),
+        "the agent pinned no connect4 link under {}; its log: {:?}",
+        pins.display(),
+        std::fs::read_to_string(logs.join("agent.log")).unwrap_or_default(),
+    );
+    let text = demo.text();
+    assert!(
+        !text.iter().any(|l| l.starts_with("NOT RUNNING")),
+        "every component should run: {text:#?}"
+    );
+
+    let kubectl = Kubectl::new(&kubeconfig)?;
+    kubectl.policy_row_in("zero").await?;
+    let cluster_ip: Ipv4Addr = demo_url
+        .trim_start_matches("http://")
+        .trim_end_matches(":80/")
+        .parse()?;
+    let err = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from((cluster_ip, 80)),
+        Duration::from_secs(2),
+    )
+    .expect_err("nothing serves the demo app at zero replicas outside the cgroup");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    let out = curl_from_cgroup(&cgroup, &demo_url).await?;
+    ensure!(
+        out.status.success(),
+        "the request from the cgroup failed: {}; the logs: {}",
+        String::from_utf8_lossy(&out.stderr),
+        logs.display()
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(answer.starts_with("hello-"), "answered {answer:?}");
+    kubectl.policy_row_in("warm").await?;
+
+    stop_and_check_nothing_is_left(&mut demo, &instance).await
 }

@@ -41,9 +41,9 @@ pub fn out_dir(debug: bool) -> PathBuf {
     root().join("target/images").join(profile_dir(debug))
 }
 
-/// The archive of `component`: `target/images/<profile>/<component>-<version>.oci.tar`.
-pub fn archive(debug: bool, component: &str) -> PathBuf {
-    out_dir(debug).join(format!("{component}-{}.oci.tar", version()))
+/// The file name of `component`'s archive: `<component>-<version>.oci.tar`.
+fn archive_name(component: &str) -> String {
+    format!("{component}-{}.oci.tar", version())
 }
 
 pub fn run(args: &ImageArgs) -> Result<()> {
@@ -62,39 +62,46 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         }
         sh(&mut build)?;
     }
-    let out = out_dir(args.debug);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    // One image build at a time per profile (tests may ask for them in parallel).
+    let bins = root().join("target").join(profile_dir(args.debug));
+    build_from(&bins, &out_dir(args.debug))?;
+    Ok(())
+}
+
+/// Builds the image of every component from the binaries in `bins` into archives in
+/// `out` (`<component>-<version>.oci.tar`), each unless it is up to date; returns the
+/// archives. No cargo: `cargo xtask image` and `cargo xtask demo` build first.
+pub fn build_from(bins: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    if output(Command::new("podman").arg("--version")).is_none() {
+        bail!("podman is missing: run `cargo xtask setup` (it installs Debian's podman)");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // One image build at a time per directory (tests and demos may ask in parallel).
     let lock = std::fs::File::create(out.join(".lock"))?;
     let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .context("locking the image directory")?;
-    for c in COMPONENTS {
-        build_one(args.debug, c)?;
-    }
-    Ok(())
+    COMPONENTS
+        .iter()
+        .map(|c| build_one(&bins.join(c), out, c))
+        .collect()
 }
 
 /// Builds one image unless its archive is newer than its binary and Containerfile.
-fn build_one(debug: bool, component: &str) -> Result<()> {
-    let bin = root()
-        .join("target")
-        .join(profile_dir(debug))
-        .join(component);
+fn build_one(bin: &Path, out: &Path, component: &str) -> Result<PathBuf> {
     let containerfile = root().join(component).join("Containerfile");
-    let archive = archive(debug, component);
+    let archive = out.join(archive_name(component));
     // This program too: a change in how images are staged rebuilds them.
     let xtask = std::env::current_exe()?;
-    if is_newer(&archive, &[&bin, &containerfile, &xtask]) {
+    if is_newer(&archive, &[bin, &containerfile, &xtask]) {
         eprintln!("image: {} is up to date", archive.display());
-        return Ok(());
+        return Ok(archive);
     }
-    let work = out_dir(debug).join(format!(".{component}"));
+    let work = out.join(format!(".{component}"));
     if work.exists() {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     let rootfs = work.join("context/rootfs");
-    stage_binary(&bin, &rootfs, component)?;
+    stage_binary(bin, &rootfs, component)?;
     stage_nsswitch(&rootfs)?;
     if component == "nemesis-controller" {
         stage_controller_extras(&rootfs)?;
@@ -119,7 +126,10 @@ fn build_one(debug: bool, component: &str) -> Result<()> {
             .arg("--runroot")
             .arg(&runroot)
             .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
-            .args(args);
+            .args(args)
+            // Progress is for people: stdout stays the caller's (the demo prints its
+            // contract lines there).
+            .stdout(std::io::stderr());
         cmd
     };
     let tmp = archive.with_extension("tar.partial");
@@ -141,7 +151,7 @@ fn build_one(debug: bool, component: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(&runroot);
     std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     eprintln!("image: {tag} -> {}", archive.display());
-    Ok(())
+    Ok(archive)
 }
 
 fn is_newer(target: &Path, sources: &[&Path]) -> bool {

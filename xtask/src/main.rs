@@ -40,8 +40,9 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Run the sandbox cluster, the agent, the controller and a demo app at zero
-    /// replicas; print how to reach them; Ctrl-C stops and removes everything.
+    /// Run the sandbox cluster with Nemesis installed from its images (`kubectl apply
+    /// -k`; `--processes`: as host processes) and a demo app at zero replicas; print how
+    /// to reach them; Ctrl-C stops and removes everything.
     Demo(demo::DemoArgs),
     /// Build the agent's and the controller's images as OCI archives under
     /// `target/images/<profile>/`, tagged with the workspace version (podman, no daemon).

@@ -6,12 +6,22 @@
 //!
 //! Stdout is the interface (one `KEY=value` per line, in this order): for each port
 //! of each applied Service `NEMESIS_SANDBOX_SERVICE=<ns>/<name>:<port name or
-//! number>=<ClusterIP>:<port>`, then `NEMESIS_KUBECONFIG=<path>` last, once every
-//! manifest is applied. Logs go to stderr.
+//! number>=<ClusterIP>:<port>`; with `--service-proxy`,
+//! `NEMESIS_SANDBOX_FREE_CLUSTER_IPS=<first>-<last>` (the ClusterIPs of this sandbox's
+//! own block that nothing applied took: a Service created later, e.g. by `kubectl
+//! apply`, sets `spec.clusterIP` to one of them so that its address is this sandbox's
+//! alone); `NEMESIS_SANDBOX_NODE_IP=<address>` (the node's address, as pods see it and
+//! `status.hostIP` says); then `NEMESIS_KUBECONFIG=<path>` last, once every manifest is
+//! applied. Logs go to stderr.
+//!
+//! With `--image`, the node has those OCI archives loaded (as after `kind load`): a pod
+//! whose container names one runs from it, with its ServiceAccount token and a route to
+//! the API server, so `kubectl apply -k manifests/sandbox/` installs Nemesis here.
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,6 +30,7 @@ use kube::ResourceExt;
 use kube::api::DynamicObject;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use nemesis_tests::demo::{apply, cluster_ip};
+use nemesis_tests::kubelet::images::ImageStore;
 use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
 
 #[derive(Debug, Parser)]
@@ -55,6 +66,15 @@ struct Args {
     /// server serves; repeat for several, applied in order.
     #[arg(long = "apply", value_name = "PATH")]
     apply: Vec<PathBuf>,
+    /// An OCI archive (`cargo xtask image` writes them) the node has loaded, known by
+    /// the reference it carries; repeat for several. Containers of other images run
+    /// their `command` on the host.
+    #[arg(long = "image", value_name = "ARCHIVE")]
+    images: Vec<PathBuf>,
+    /// The cgroup v2 directory every container process joins, as a node's pods sit
+    /// under the cgroup where the Nemesis agent attaches. Default: where the sandbox is.
+    #[arg(long, value_name = "DIR", env = "NEMESIS_SANDBOX_POD_CGROUP")]
+    pod_cgroup: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,6 +132,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let images = if args.images.is_empty() {
+        None
+    } else {
+        let store = ImageStore::open(&args.images, dir.join("images"))
+            .context("loading the node's images")?;
+        Some(Arc::new(store))
+    };
     let server = TestApiServer::start(ApiServerOptions {
         addr: SocketAddr::new(args.address, args.port),
         dir: Some(dir.clone()),
@@ -127,6 +154,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             node_name: args.node_name.clone(),
             work_dir: Some(dir.join("pods")),
             service_proxy: args.service_proxy,
+            pod_cgroup: args.pod_cgroup.clone(),
+            // What in-cluster clients find in a pod: the CA beside the ServiceAccount
+            // token, and the API server at KUBERNETES_SERVICE_HOST.
+            ca_pem: Some(server.ca_pem().to_string()),
+            api_server: Some(server.addr()),
+            images,
             ..SandboxOptions::default()
         },
     )
@@ -156,6 +189,7 @@ async fn apply_and_announce(
     service_proxy: bool,
     server: &TestApiServer,
 ) -> anyhow::Result<()> {
+    let mut taken = 0u8;
     if service_proxy {
         let index = sandbox.subnet_index();
         let mut ordinal = 0u8;
@@ -170,6 +204,7 @@ async fn apply_and_announce(
                 cluster_ip::BLOCK_SIZE
             )
         })?;
+        taken = ordinal;
     }
     let applied = apply::apply_all(client, &manifests).await?;
     for obj in &applied {
@@ -177,8 +212,20 @@ async fn apply_and_announce(
             println!("{line}");
         }
     }
+    if service_proxy && let Some(line) = free_cluster_ips_line(sandbox.subnet_index(), taken) {
+        println!("{line}");
+    }
+    println!("NEMESIS_SANDBOX_NODE_IP={}", sandbox.gateway());
     println!("NEMESIS_KUBECONFIG={}", server.kubeconfig_path().display());
     Ok(())
+}
+
+/// `NEMESIS_SANDBOX_FREE_CLUSTER_IPS=<first>-<last>`: the block's ClusterIPs from
+/// ordinal `taken` on; `None` when applying took them all.
+fn free_cluster_ips_line(index: u16, taken: u8) -> Option<String> {
+    let first = cluster_ip::cluster_ip(index, taken)?;
+    let last = cluster_ip::cluster_ip(index, cluster_ip::BLOCK_SIZE - 1)?;
+    Some(format!("NEMESIS_SANDBOX_FREE_CLUSTER_IPS={first}-{last}"))
 }
 
 /// `NEMESIS_SANDBOX_SERVICE=...` lines for an applied Service (none for other kinds).
@@ -248,12 +295,32 @@ mod tests {
             "a.yaml",
             "--apply",
             "dir",
+            "--image",
+            "a.oci.tar",
+            "--image",
+            "b.oci.tar",
+            "--pod-cgroup",
+            "/sys/fs/cgroup/x",
         ])
         .unwrap();
+        assert_eq!(
+            a.images,
+            vec![PathBuf::from("a.oci.tar"), PathBuf::from("b.oci.tar")]
+        );
+        assert_eq!(a.pod_cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
         assert_eq!(a.dir, Some(PathBuf::from("/tmp/x")));
         assert!(a.service_proxy);
         assert_eq!(a.apply, vec![PathBuf::from("a.yaml"), PathBuf::from("dir")]);
         assert_eq!(a.port, 0);
+    }
+
+    #[test]
+    fn the_free_cluster_ips_are_the_rest_of_the_block() {
+        assert_eq!(
+            free_cluster_ips_line(0, 1).as_deref(),
+            Some("NEMESIS_SANDBOX_FREE_CLUSTER_IPS=127.96.128.2-127.96.128.62")
+        );
+        assert_eq!(free_cluster_ips_line(5, cluster_ip::BLOCK_SIZE), None);
     }
 
     #[test]

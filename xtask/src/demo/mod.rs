@@ -1,8 +1,21 @@
-//! `cargo xtask demo`: the sandbox cluster (test API server + simulated node), every
-//! Nemesis component that exists, and the demo app at zero replicas; the contract lines
-//! of DESIGN.md once all is ready; on Ctrl-C or SIGTERM everything torn down in reverse.
-//! Owns the demo's processes, cgroup and pin directory, all named after `--instance`;
-//! never touches another instance's, nor the cgroup2 root.
+//! `cargo xtask demo`: the sandbox cluster (test API server + simulated node), Nemesis
+//! installed in it from its images by `kubectl apply -k` of the manifests ([`install`];
+//! with `--processes`, the agent and the controller as host processes instead), and the
+//! demo app at zero replicas; the contract lines of DESIGN.md once all is ready; on
+//! Ctrl-C or SIGTERM everything torn down in reverse. Owns the demo's processes, cgroup
+//! and pin directory, all named after `--instance`; never touches another instance's,
+//! nor the cgroup2 root.
+
+/// `eprintln!` that never panics: a closed stderr (a pipe whose reader went away) must
+/// not stop the tear-down half-way and leave the cgroup or the bpffs behind.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+mod install;
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::fs::File;
@@ -16,14 +29,15 @@ use std::time::{Duration, Instant};
 
 use crate::util::{cargo, describe, is_root, root, sh};
 
-/// The sandbox applies manifests and builds pod networks: seconds; a minute means stuck.
-const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The sandbox applies manifests, reads its images and builds pod networks: seconds;
+/// two minutes (on a loaded machine) means stuck.
+const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Loading eBPF, syncing caches and winning a fresh Lease take seconds.
 const COMPONENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// SIGTERM first; SIGKILL when a child has not exited after this.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// The sandbox stops pods with their own grace (5 s for the demo app) before it exits.
-const SANDBOX_STOP_GRACE: Duration = Duration::from_secs(20);
+/// The sandbox stops its loops within 15 s and kills every pod process before it exits.
+const SANDBOX_STOP_GRACE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(200);
 /// One readiness probe; the components answer from memory.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,6 +68,11 @@ pub struct DemoArgs {
     /// does). A component whose binary is missing there is reported as not available.
     #[arg(long, value_name = "DIR", conflicts_with = "release")]
     pub prebuilt: Option<PathBuf>,
+    /// Run the agent and the controller as host processes with flags of the demo's
+    /// own, instead of installing them from their images with `kubectl apply -k` (for
+    /// debugging the binaries: their logs are files, a rebuild needs no image).
+    #[arg(long)]
+    pub processes: bool,
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
@@ -89,6 +108,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     let mut demo = Demo {
         layout,
+        installed: !args.processes,
         sandbox: None,
         controller: None,
         agent: None,
@@ -96,21 +116,30 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         bpffs_mounted: false,
         agent_bin: agent_bin.as_ref().ok().cloned(),
     };
-    let started = demo.start(agent_bin, controller_bin);
+    let started = if args.processes {
+        demo.start(agent_bin, controller_bin)
+    } else {
+        match (agent_bin, controller_bin) {
+            (Ok(agent), Ok(controller)) => demo.start_installed(&agent, &controller),
+            (Err(e), _) | (_, Err(e)) => Err(anyhow!(
+                "the install needs both images: {e} (`--processes` runs what there is)"
+            )),
+        }
+    };
     let outcome = match started {
         Ok(()) => demo.wait_for_stop(),
         Err(e) => Err(e),
     };
     if let Err(e) = &outcome {
-        eprintln!("demo: {e:#}");
+        note!("demo: {e:#}");
     }
-    eprintln!("demo: stopping everything");
+    note!("demo: stopping everything");
     let leftovers = demo.teardown();
     if leftovers.is_empty() {
-        eprintln!("demo: stopped; nothing left behind");
+        note!("demo: stopped; nothing left behind");
     } else {
         for l in &leftovers {
-            eprintln!("demo: cleanup: {l}");
+            note!("demo: cleanup: {l}");
         }
     }
     match (outcome, leftovers.is_empty()) {
@@ -194,6 +223,8 @@ struct Layout {
     bin_dir: PathBuf,
     /// `target/nemesis-demo/<instance>`: logs, the kubeconfig, the agent token, history.
     dir: PathBuf,
+    /// The target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+    target: PathBuf,
     release: bool,
 }
 
@@ -211,6 +242,7 @@ impl Layout {
             instance: instance.to_string(),
             bin_dir,
             dir: target.join("nemesis-demo").join(instance),
+            target,
             release,
         })
     }
@@ -247,6 +279,23 @@ impl Layout {
     fn pins(&self) -> PathBuf {
         self.bpffs().join("nemesis").join(&self.instance)
     }
+
+    /// Where the images of `bin_dir`'s binaries go: `target/images/<profile>` for the
+    /// target's own binaries (what `cargo xtask image` and the tests use, so an image
+    /// built by either is reused), a directory per path for any other `--prebuilt`.
+    fn images_dir(&self) -> PathBuf {
+        let images = self.target.join("images");
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        for profile in ["debug", "release"] {
+            if canonical(&self.bin_dir) == canonical(&self.target.join(profile)) {
+                return images.join(profile);
+            }
+        }
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.bin_dir.hash(&mut h);
+        images.join(format!("prebuilt-{:016x}", h.finish()))
+    }
 }
 
 fn build(layout: &Layout, package: &str, bins: &[&str]) -> Result<PathBuf> {
@@ -280,6 +329,8 @@ struct Running {
 
 struct Demo {
     layout: Layout,
+    /// Nemesis runs as pods of the sandbox (the default), not as the processes below.
+    installed: bool,
     sandbox: Option<Running>,
     controller: Option<Running>,
     agent: Option<Running>,
@@ -293,7 +344,13 @@ struct Demo {
 struct SandboxInfo {
     kubeconfig: PathBuf,
     demo_url: String,
+    /// The first ClusterIP of the sandbox's own block that nothing took yet.
+    free_cluster_ip: Option<std::net::Ipv4Addr>,
 }
+
+/// What the contract lines say about the UI: its address and `user:password`, or why
+/// there is none.
+type UiLines = std::result::Result<(String, String), String>;
 
 /// The controller as the demo runs it.
 struct ControllerInfo {
@@ -315,7 +372,15 @@ impl Demo {
             cgroup::remove(&cgroup).context("removing the previous run's cgroup")?;
         }
 
-        let sandbox = self.start_sandbox()?;
+        let root = root();
+        let sandbox = self.start_sandbox(
+            &[
+                root.join("manifests/crd"),
+                root.join("manifests/base/namespace.yaml"),
+                root.join("manifests/demo"),
+            ],
+            &[],
+        )?;
         bpffs::mount(&self.layout.bpffs())?;
         self.bpffs_mounted = true;
         cgroup::create(&cgroup)?;
@@ -349,23 +414,36 @@ impl Demo {
             Err(e) => notes.push(format!("the agent is not available: {e}")),
         }
         signals::check()?;
+        let ui = match &controller {
+            Some(c) => Ok((format!("http://{}/", c.api), c.login.clone())),
+            None => Err("the controller is not running".to_string()),
+        };
+        let logs = format!("Logs: {}.", self.layout.dir.display());
+        self.print_contract(&sandbox, &cgroup, ui, &notes, &logs)
+    }
 
+    /// DESIGN.md's contract lines (each alone on a line), then how to try the demo.
+    fn print_contract(
+        &self,
+        sandbox: &SandboxInfo,
+        cgroup: &Path,
+        ui: UiLines,
+        notes: &[String],
+        logs: &str,
+    ) -> Result<()> {
         let mut out = std::io::stdout().lock();
-        if let Some(c) = &controller {
-            writeln!(out, "NEMESIS_UI=http://{}/", c.api)?;
+        if let Ok((url, _)) = &ui {
+            writeln!(out, "NEMESIS_UI={url}")?;
         }
         writeln!(out, "NEMESIS_DEMO_URL={}", sandbox.demo_url)?;
         writeln!(out, "NEMESIS_DEMO_CGROUP={}", cgroup.display())?;
         writeln!(out, "NEMESIS_KUBECONFIG={}", sandbox.kubeconfig.display())?;
-        match &controller {
-            Some(c) => writeln!(out, "NEMESIS_LOGIN={}", c.login)?,
-            None => writeln!(
-                out,
-                "The web UI is not available: the controller is not running."
-            )?,
+        match &ui {
+            Ok((_, login)) => writeln!(out, "NEMESIS_LOGIN={login}")?,
+            Err(why) => writeln!(out, "The web UI is not available: {why}.")?,
         }
         writeln!(out, "NEMESIS_LOGS={}", self.layout.dir.display())?;
-        for note in &notes {
+        for note in notes {
             writeln!(out, "NOT RUNNING: {note}")?;
         }
         writeln!(
@@ -378,30 +456,32 @@ impl Demo {
              manifests/demo/20-policy.yaml); the next call wakes it again:\n\
              \n    kubectl --kubeconfig {kc} get scalingpolicies -n demo -w\n\
              \n    kubectl --kubeconfig {kc} -n demo get deploy,pods,endpointslices,scalingpolicies\n\
-             \nLogs: {logs}. Ctrl-C stops everything.",
+             \n{logs} Ctrl-C stops everything.",
             cg = cgroup.display(),
             url = sandbox.demo_url,
             kc = sandbox.kubeconfig.display(),
-            logs = self.layout.dir.display(),
         )?;
         out.flush()?;
         Ok(())
     }
 
-    fn start_sandbox(&mut self) -> Result<SandboxInfo> {
-        let root = root();
+    /// Starts `nemesis-sandbox` with the manifests in `apply` and `extra` flags, and
+    /// waits for its lines.
+    fn start_sandbox(
+        &mut self,
+        apply: &[PathBuf],
+        extra: &[std::ffi::OsString],
+    ) -> Result<SandboxInfo> {
         let bin = self.layout.bin("nemesis-sandbox");
         let log = self.layout.log("sandbox");
         let mut cmd = Command::new(&bin);
         cmd.arg("--dir")
             .arg(self.layout.dir.join("sandbox"))
             .arg("--service-proxy")
-            .arg("--apply")
-            .arg(root.join("manifests/crd"))
-            .arg("--apply")
-            .arg(root.join("manifests/base/namespace.yaml"))
-            .arg("--apply")
-            .arg(root.join("manifests/demo"));
+            .args(extra);
+        for m in apply {
+            cmd.arg("--apply").arg(m);
+        }
         let log_file = open_log(&log)?;
         cmd.stdout(Stdio::piped()).stderr(log_file);
         let mut child = spawn_child(&mut cmd)?;
@@ -416,7 +496,7 @@ impl Demo {
                 let _ = tx.send(line);
             }
         });
-        eprintln!("demo: sandbox starting (log: {})", log.display());
+        note!("demo: sandbox starting (log: {})", log.display());
         self.sandbox = Some(Running {
             name: "sandbox",
             child,
@@ -424,6 +504,7 @@ impl Demo {
         });
         let mut kubeconfig = None;
         let mut demo_addr = None;
+        let mut free_cluster_ip = None;
         let deadline = Instant::now() + SANDBOX_READY_TIMEOUT;
         while kubeconfig.is_none() {
             signals::check()?;
@@ -444,6 +525,8 @@ impl Demo {
             };
             if let Some(v) = line.strip_prefix("NEMESIS_KUBECONFIG=") {
                 kubeconfig = Some(PathBuf::from(v));
+            } else if let Some(v) = line.strip_prefix("NEMESIS_SANDBOX_FREE_CLUSTER_IPS=") {
+                free_cluster_ip = first_of_range(v);
             } else if let Some(addr) = line
                 .strip_prefix("NEMESIS_SANDBOX_SERVICE=")
                 .and_then(|v| v.strip_prefix(DEMO_SERVICE))
@@ -458,10 +541,11 @@ impl Demo {
                 log.display()
             )
         })?;
-        eprintln!("demo: sandbox ready");
+        note!("demo: sandbox ready");
         Ok(SandboxInfo {
             kubeconfig: kubeconfig.expect("loop ends with it"),
             demo_url: format!("http://{demo_addr}/"),
+            free_cluster_ip,
         })
     }
 
@@ -497,7 +581,7 @@ impl Demo {
             .arg(UI_USER);
         let log_file = open_log(&log)?;
         cmd.stdout(log_file.try_clone()?).stderr(log_file);
-        eprintln!("demo: controller starting (log: {})", log.display());
+        note!("demo: controller starting (log: {})", log.display());
         self.controller = Some(Running {
             name: "controller",
             child: spawn_child(&mut cmd)?,
@@ -508,7 +592,7 @@ impl Demo {
             // A standby answers 200 too; the demo needs the instance that acts.
             Ok(status == 200 && !body.contains("standby"))
         })?;
-        eprintln!("demo: controller ready");
+        note!("demo: controller ready");
         Ok(ControllerInfo {
             api,
             login: format!("{UI_USER}:{password}"),
@@ -556,7 +640,7 @@ impl Demo {
         }
         let log_file = open_log(&log)?;
         cmd.stdout(log_file.try_clone()?).stderr(log_file);
-        eprintln!("demo: agent starting (log: {})", log.display());
+        note!("demo: agent starting (log: {})", log.display());
         self.agent = Some(Running {
             name: "agent",
             child: spawn_child(&mut cmd)?,
@@ -569,7 +653,7 @@ impl Demo {
         self.wait_ready("agent", &log, || {
             Ok(http_get(admin, "/readyz")?.0 == 200 && attached.exists())
         })?;
-        eprintln!("demo: agent ready (admin {admin}, proxy {proxy})");
+        note!("demo: agent ready (admin {admin}, proxy {proxy})");
         Ok(())
     }
 
@@ -630,7 +714,7 @@ impl Demo {
         let mut reported = Vec::new();
         loop {
             if let Some(sig) = signals::received() {
-                eprintln!("demo: {sig} received");
+                note!("demo: {sig} received");
                 return Ok(());
             }
             for name in ["sandbox", "controller", "agent"] {
@@ -646,7 +730,7 @@ impl Demo {
                     if name == "sandbox" {
                         bail!("the sandbox {why}; its log: {}", log.display());
                     }
-                    eprintln!("demo: the {name} {why}; its log: {}", log.display());
+                    note!("demo: the {name} {why}; its log: {}", log.display());
                 }
             }
             std::thread::sleep(POLL);
@@ -660,6 +744,13 @@ impl Demo {
             if let Some(r) = slot.take() {
                 stop(r, STOP_GRACE, &mut left);
             }
+        }
+        // Installed, the agent and the controller are the sandbox's pods: its shutdown
+        // kills them (and every other pod) before their datapath is cleaned up.
+        if self.installed
+            && let Some(r) = self.sandbox.take()
+        {
+            stop(r, SANDBOX_STOP_GRACE, &mut left);
         }
         left.extend(self.cleanup_agent_pins());
         if std::mem::take(&mut self.bpffs_mounted)
@@ -698,7 +789,7 @@ impl Demo {
         let line = describe(&cmd);
         match cmd.output() {
             Ok(out) if out.status.success() => {
-                eprintln!("demo: {}", String::from_utf8_lossy(&out.stdout).trim());
+                note!("demo: {}", String::from_utf8_lossy(&out.stdout).trim());
             }
             Ok(out) => {
                 return Some(format!(
@@ -718,7 +809,7 @@ impl Drop for Demo {
     /// A panic or an early return must not leave processes, pins or the cgroup behind.
     fn drop(&mut self) {
         for l in self.teardown() {
-            eprintln!("demo: cleanup: {l}");
+            note!("demo: cleanup: {l}");
         }
     }
 }
@@ -735,7 +826,7 @@ fn stop(mut r: Running, grace: Duration, left: &mut Vec<String>) {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = r.child.try_wait() {
-            eprintln!("demo: {} stopped ({status})", r.name);
+            note!("demo: {} stopped ({status})", r.name);
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -771,6 +862,11 @@ fn open_log(path: &Path) -> Result<File> {
         .append(true)
         .open(path)
         .with_context(|| format!("opening the log {}", path.display()))
+}
+
+/// The first address of `<first>-<last>`.
+fn first_of_range(range: &str) -> Option<std::net::Ipv4Addr> {
+    range.split('-').next()?.trim().parse().ok()
 }
 
 /// A loopback port free right now (the component binds it a moment later).
@@ -975,6 +1071,37 @@ mod tests {
         for bad in ["", "-x", "a/b", "a b", "..", &"x".repeat(41)] {
             assert!(check_instance(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<DemoArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).map(|c| c.demo)
+    }
+
+    #[test]
+    fn the_install_is_the_default_and_processes_a_flag_that_takes_prebuilt_binaries() {
+        let a = parse(&["--instance", "x1"]).unwrap();
+        assert!(!a.processes, "installing from images is the default");
+        assert_eq!(a.instance, "x1");
+        let a = parse(&["--processes", "--prebuilt", "target/debug", "--skip-setup"]).unwrap();
+        assert!(a.processes && a.skip_setup);
+        assert_eq!(a.prebuilt, Some(PathBuf::from("target/debug")));
+        assert!(parse(&["--prebuilt", "d", "--release"]).is_err());
+    }
+
+    #[test]
+    fn the_first_free_cluster_ip_is_taken_from_the_sandboxs_range() {
+        assert_eq!(
+            first_of_range("127.96.128.2-127.96.128.62"),
+            Some(std::net::Ipv4Addr::new(127, 96, 128, 2))
+        );
+        assert_eq!(first_of_range("nonsense"), None);
     }
 
     #[test]
