@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// This node's name, sent with wake-ups and heartbeats (default: the host name).
     #[arg(long, env = "NEMESIS_AGENT_NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for balance mode's
+    /// `preferSameZone`; without it only same-node preference applies.
+    #[arg(long, env = "NEMESIS_AGENT_ZONE")]
+    pub zone: Option<String>,
     /// How often the agent reports to the controller (sooner after a mode change).
     #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_HEARTBEAT_INTERVAL", default_value = DEFAULT_CONTROLLER_HEARTBEAT_INTERVAL, value_parser = parse_duration)]
     pub controller_heartbeat_interval: Duration,
