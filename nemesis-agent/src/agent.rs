@@ -20,7 +20,7 @@ use crate::metrics::{DatapathCounters, Metrics, ProxyMetrics};
 use crate::proxy::{
     self, Backoff, ModeFollower, OriginalDestinations, Proxy, ProxyConfig, ProxyError, ServiceTable,
 };
-use crate::services::{self, DatapathServices, ManagedServices};
+use crate::services::{self, DatapathServices, Locality, ManagedServices};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -316,8 +316,15 @@ impl WriterParts {
         readiness.set("datapath", true);
         readiness.set("services", false);
 
-        let dp_services =
-            DatapathServices::with_direct_mode(&datapath, registry.clone(), args.direct_mode);
+        let dp_services = DatapathServices::with_locality(
+            &datapath,
+            registry.clone(),
+            args.direct_mode,
+            Locality {
+                node: node_name(&args).ok(),
+                zone: args.zone.clone().filter(|z| !z.is_empty()),
+            },
+        );
         let managed = ManagedServices::new(
             table.clone(),
             dp_services.clone(),

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// This node's name, sent with wake-ups and heartbeats (default: the host name).
     #[arg(long, env = "NEMESIS_AGENT_NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for balance mode's
+    /// `preferSameZone`; without it only same-node preference applies.
+    #[arg(long, env = "NEMESIS_AGENT_ZONE")]
+    pub zone: Option<String>,
     /// How often the agent reports to the controller (sooner after a mode change).
     #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_HEARTBEAT_INTERVAL", default_value = DEFAULT_CONTROLLER_HEARTBEAT_INTERVAL, value_parser = parse_duration)]
     pub controller_heartbeat_interval: Duration,
@@ -102,11 +106,12 @@ pub struct RunArgs {
     /// (large clusters, iptables mode).
     #[arg(long, env = "NEMESIS_AGENT_DIRECT_AFTER_READY", default_value = DEFAULT_DIRECT_AFTER_READY, value_parser = parse_duration)]
     pub direct_after_ready: Duration,
-    /// How connects to a Service that is not held go: `passthrough` leaves them to the
-    /// node's Service proxy (kube-proxy, Cilium); `balance` sends each to the
-    /// least-loaded ready backend from the eBPF hook itself, so a woken Service goes
-    /// direct at once (`--direct-after-ready` is not waited).
-    #[arg(long, env = "NEMESIS_AGENT_DIRECT_MODE", value_enum, default_value_t = DirectMode::Passthrough)]
+    /// How connects to a Service that is not held go: `balance` (the default) sends each
+    /// to a ready backend from the eBPF hook itself, chosen as the policy's
+    /// `loadBalancing` says, so a woken Service goes direct at once
+    /// (`--direct-after-ready` is not waited); `passthrough` leaves them to the node's
+    /// Service proxy (kube-proxy, Cilium).
+    #[arg(long, env = "NEMESIS_AGENT_DIRECT_MODE", value_enum, default_value_t = DirectMode::Balance)]
     pub direct_mode: DirectMode,
     /// How often the open-connection counts are reconciled against the kernel's live
     /// sockets (every correction is counted in
@@ -171,7 +176,8 @@ impl RunArgs {
 pub enum DirectMode {
     /// Count, and leave the connect to the node's Service proxy.
     Passthrough,
-    /// Rewrite the connect to the least-loaded ready backend (socket-level balancing).
+    /// Rewrite the connect to a ready backend chosen by the policy's `loadBalancing`
+    /// (socket-level balancing); hold when there is none.
     Balance,
 }
 
@@ -391,7 +397,7 @@ mod tests {
     }
 
     #[test]
-    fn direct_mode_defaults_to_passthrough_and_takes_balance() {
+    fn direct_mode_defaults_to_balance_and_keeps_passthrough() {
         let run = |args: &[&str]| {
             let mut argv = vec!["nemesis-agent", "run"];
             argv.extend_from_slice(args);
@@ -401,8 +407,12 @@ mod tests {
                 Err(e) => Err(e.to_string()),
             }
         };
-        assert_eq!(run(&[]), Ok(DirectMode::Passthrough));
+        assert_eq!(run(&[]), Ok(DirectMode::Balance));
         assert_eq!(run(&["--direct-mode", "balance"]), Ok(DirectMode::Balance));
+        assert_eq!(
+            run(&["--direct-mode", "passthrough"]),
+            Ok(DirectMode::Passthrough)
+        );
         let err = run(&["--direct-mode", "roundrobin"]).unwrap_err();
         assert!(
             err.contains("passthrough") && err.contains("balance"),

@@ -26,6 +26,16 @@ pub struct ServiceEndpoints {
     /// Ready addresses of slices that list no ports (selector-less Services managed by
     /// hand); reached at the Service port's numeric `targetPort`.
     portless: BTreeSet<IpAddr>,
+    /// Where each ready address runs (its endpoint's `nodeName` and `zone`), for
+    /// balance mode's topology preference.
+    places: BTreeMap<IpAddr, Place>,
+}
+
+/// Where an endpoint runs, as its EndpointSlice says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Place {
+    pub node: Option<String>,
+    pub zone: Option<String>,
 }
 
 impl ServiceEndpoints {
@@ -61,7 +71,20 @@ impl ServiceEndpoints {
         out
     }
 
+    /// Where a backend address runs, if its slice said.
+    pub fn place(&self, ip: &IpAddr) -> Option<&Place> {
+        self.places.get(ip)
+    }
+
+    /// Records where a backend runs, e.g. for tests.
+    pub fn with_place(mut self, ip: IpAddr, place: Place) -> Self {
+        self.places.insert(ip, place);
+        self
+    }
+
     fn merge(&mut self, other: &ServiceEndpoints) {
+        self.places
+            .extend(other.places.iter().map(|(k, v)| (*k, v.clone())));
         for (name, addrs) in &other.by_port {
             self.by_port
                 .entry(name.clone())
@@ -83,17 +106,31 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
 
 /// The ready backends one slice contributes. Only TCP ports count (the proxy holds TCP);
 /// an endpoint whose `ready` condition is unset counts as ready, as the API documents;
-/// addresses that are not IPs (FQDN slices) are skipped.
+/// a terminating one never does (it gets no new connections, even while it still
+/// serves); addresses that are not IPs (FQDN slices) are skipped.
 pub fn slice_endpoints(slice: &EndpointSlice) -> ServiceEndpoints {
-    let ready_ips: Vec<IpAddr> = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .flat_map(|ep| ep.addresses.iter())
-        .filter_map(|a| a.parse::<IpAddr>().ok())
-        .collect();
     let mut out = ServiceEndpoints::default();
+    let mut ready_ips: Vec<IpAddr> = vec![];
+    for ep in slice.endpoints.iter().flatten() {
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        if !ready || terminating {
+            continue;
+        }
+        for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+            ready_ips.push(ip);
+            if ep.node_name.is_some() || ep.zone.is_some() {
+                out.places.insert(
+                    ip,
+                    Place {
+                        node: ep.node_name.clone(),
+                        zone: ep.zone.clone(),
+                    },
+                );
+            }
+        }
+    }
     // No ready address contributes nothing, not even an empty port entry: an empty
     // Service must compare equal to "no slices yet", or the registry would announce a
     // change that is none (and a wake-up flight would be sent again).
@@ -407,6 +444,30 @@ mod tests {
                 "198.18.0.7:8080".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn a_terminating_endpoint_is_no_backend_and_ready_ones_carry_their_place() {
+        let mut s = slice(
+            "a-1",
+            "a",
+            &[("http", 8080)],
+            &[("198.18.0.5", Some(true)), ("198.18.0.6", Some(true))],
+        );
+        let eps_list = s.endpoints.as_mut().unwrap();
+        eps_list[0].node_name = Some("node-a".into());
+        eps_list[0].zone = Some("z1".into());
+        // Still serving its open connections, but on its way out.
+        eps_list[1].conditions.as_mut().unwrap().terminating = Some(true);
+        let eps = slice_endpoints(&s);
+        assert_eq!(
+            eps.backends("http", None),
+            vec!["198.18.0.5:8080".parse().unwrap()]
+        );
+        let place = eps.place(&"198.18.0.5".parse().unwrap()).unwrap();
+        assert_eq!(place.node.as_deref(), Some("node-a"));
+        assert_eq!(place.zone.as_deref(), Some("z1"));
+        assert!(eps.place(&"198.18.0.6".parse().unwrap()).is_none());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 #![deny(unsafe_code)]
 
 use crate::config::DirectMode;
-use crate::ebpf::{Datapath, DatapathError, Mode, Proto};
-use crate::endpoints::EndpointRegistry;
+use crate::ebpf::{Datapath, DatapathError, LoadBalancing, Mode, Proto, Tier};
+use crate::endpoints::{EndpointRegistry, Place};
 use crate::metrics::{DatapathCounters, ProxyMetrics, ServiceCounters};
 use crate::proxy::{
     HoldBounds, ManagedPort, ModeSink, ModeSinkError, ServiceTable, TableError, decide_hold,
@@ -101,6 +101,17 @@ pub struct PolicyTarget {
     pub policy: String,
     pub service: ServiceRef,
     pub bounds: HoldBounds,
+    /// `spec.loadBalancing`: how balance mode picks among the Service's backends.
+    pub balancing: policy::LoadBalancing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LoadBalancingView {
+    algorithm: Option<String>,
+    slow_start: Option<String>,
+    prefer_same_node: Option<bool>,
+    prefer_same_zone: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +126,8 @@ struct SpecView {
     /// wake-ups as unmanaged): nothing is held for it.
     #[serde(default)]
     paused: bool,
+    #[serde(default)]
+    load_balancing: LoadBalancingView,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +212,24 @@ pub fn policy_target(obj: &DynamicObject) -> Result<Option<PolicyTarget>, Servic
         let n = positive(&policy, "spec.maxHeldConnections", v)?;
         bounds.max_held = usize::try_from(n).unwrap_or(usize::MAX);
     }
+    let lb = &spec.load_balancing;
+    let balancing = policy::LoadBalancing::parse(
+        lb.algorithm.as_deref(),
+        lb.slow_start.as_deref(),
+        lb.prefer_same_node,
+        lb.prefer_same_zone,
+    )
+    .map_err(|errors| {
+        let first = &errors[0];
+        ServicesError::ParsePolicy {
+            policy: policy.clone(),
+            field: first.field,
+            reason: match first.column {
+                Some(c) => format!("column {c}: {}", first.message),
+                None => first.message.clone(),
+            },
+        }
+    })?;
     Ok(Some(PolicyTarget {
         policy,
         service: ServiceRef {
@@ -206,6 +237,7 @@ pub fn policy_target(obj: &DynamicObject) -> Result<Option<PolicyTarget>, Servic
             name: service,
         },
         bounds,
+        balancing,
     }))
 }
 
@@ -241,7 +273,10 @@ pub fn desired_rows<'a>(
         };
         match service_ports(svc, target.bounds) {
             Ok(r) if r.is_empty() => {}
-            Ok(r) => {
+            Ok(mut r) => {
+                for (_, port) in &mut r {
+                    port.balancing = target.balancing;
+                }
                 rows.insert(service.clone(), r);
             }
             Err(e) => problems.push(e.into()),
@@ -260,13 +295,39 @@ pub struct DatapathServices {
     endpoints: Arc<EndpointRegistry>,
     state: Mutex<HashMap<ServiceRef, DatapathRows>>,
     direct: DirectMode,
+    locality: Locality,
+}
+
+/// This agent's node and zone, against which balance mode tiers the backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub node: Option<String>,
+    pub zone: Option<String>,
+}
+
+impl Locality {
+    /// The tier of a backend that runs at `place` (unknown: the farthest).
+    pub fn tier(&self, place: Option<&Place>) -> Tier {
+        let Some(place) = place else {
+            return Tier::Remote;
+        };
+        let same = |mine: &Option<String>, theirs: &Option<String>| matches!((mine, theirs), (Some(a), Some(b)) if a == b);
+        if same(&self.node, &place.node) {
+            Tier::Node
+        } else if same(&self.zone, &place.zone) {
+            Tier::Zone
+        } else {
+            Tier::Remote
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct DatapathRows {
     addrs: BTreeSet<SocketAddr>,
-    /// Each row's Service port name and numeric `targetPort` (where its backends are).
-    ports: BTreeMap<SocketAddr, (String, Option<u16>)>,
+    /// Each row's Service port name, numeric `targetPort` (where its backends are) and
+    /// how balance mode picks among them.
+    ports: BTreeMap<SocketAddr, (String, Option<u16>, LoadBalancing)>,
     /// The mode last set through [`ModeSink::set_hold`]; `None` before the first.
     hold: Option<bool>,
 }
@@ -285,11 +346,23 @@ impl DatapathServices {
         endpoints: Arc<EndpointRegistry>,
         direct: DirectMode,
     ) -> Arc<Self> {
+        Self::with_locality(datapath, endpoints, direct, Locality::default())
+    }
+
+    /// As [`DatapathServices::with_direct_mode`], on a node at `locality` (for the
+    /// policies' same-node and same-zone preferences).
+    pub fn with_locality(
+        datapath: &Arc<Datapath>,
+        endpoints: Arc<EndpointRegistry>,
+        direct: DirectMode,
+        locality: Locality,
+    ) -> Arc<Self> {
         Arc::new(Self {
             datapath: Arc::downgrade(datapath),
             endpoints,
             state: Mutex::new(HashMap::new()),
             direct,
+            locality,
         })
     }
 
@@ -326,7 +399,7 @@ impl DatapathServices {
         rows: &DatapathRows,
     ) -> Result<(), ServicesError> {
         let eps = self.endpoints.current(service);
-        for (addr, (port_name, target_port)) in &rows.ports {
+        for (addr, (port_name, target_port, balancing)) in &rows.ports {
             let mut backends: Vec<SocketAddr> = eps
                 .backends(port_name, *target_port)
                 .into_iter()
@@ -348,7 +421,11 @@ impl DatapathServices {
                 tracing::warn!(service = %service, ready = backends.len(), max, "more ready backends than balance mode takes; using the first");
                 backends.truncate(max);
             }
-            dp.set_backends(*addr, Proto::Tcp, &backends)
+            let tiered: Vec<(SocketAddr, Tier)> = backends
+                .iter()
+                .map(|b| (*b, self.locality.tier(eps.place(&b.ip()))))
+                .collect();
+            dp.set_balance(*addr, Proto::Tcp, &tiered, *balancing)
                 .map_err(|source| ServicesError::UpdateDatapath {
                     service: service.clone(),
                     source: Box::new(source),
@@ -414,7 +491,7 @@ impl DatapathServices {
         rows.addrs = addrs;
         rows.ports = rows_in
             .iter()
-            .map(|(a, p)| (*a, (p.port_name.clone(), p.target_port)))
+            .map(|(a, p)| (*a, (p.port_name.clone(), p.target_port, p.balancing)))
             .collect();
         self.write_backends(&dp, service, rows)
     }
@@ -782,6 +859,61 @@ mod tests {
         // ML model's first callers a 503 while it was still loading as planned.
         assert_eq!(t.bounds.hold_timeout, Duration::from_secs(600));
         assert_eq!(t.bounds.max_held, 1024);
+    }
+
+    #[test]
+    fn load_balancing_comes_from_the_policy_and_a_bad_field_is_named() {
+        let spec = |lb: serde_json::Value| json!({"target": {"deployment": "web", "service": "web"}, "loadBalancing": lb});
+        let t = policy_target(&policy(
+            "shop",
+            "web",
+            json!({"target": {"service": "web"}}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.balancing, LoadBalancing::default(), "p2c by default");
+        let t = policy_target(&policy(
+            "shop",
+            "web",
+            spec(json!({"algorithm": "random", "slowStart": "20s", "preferSameZone": true})),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.balancing.algorithm, crate::ebpf::Algorithm::Random);
+        assert_eq!(t.balancing.slow_start, Duration::from_secs(20));
+        assert!(t.balancing.prefer_same_zone && !t.balancing.prefer_same_node);
+        let err = policy_target(&policy(
+            "shop",
+            "web",
+            spec(json!({"algorithm": "fastest"})),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "ScalingPolicy shop/web: spec.loadBalancing.algorithm: unknown algorithm `fastest`"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn backends_are_tiered_by_the_agents_node_and_zone() {
+        let here = Locality {
+            node: Some("node-a".into()),
+            zone: Some("z1".into()),
+        };
+        let at = |node: &str, zone: &str| Place {
+            node: Some(node.into()),
+            zone: Some(zone.into()),
+        };
+        assert_eq!(here.tier(Some(&at("node-a", "z1"))), Tier::Node);
+        assert_eq!(here.tier(Some(&at("node-b", "z1"))), Tier::Zone);
+        assert_eq!(here.tier(Some(&at("node-c", "z2"))), Tier::Remote);
+        assert_eq!(here.tier(None), Tier::Remote, "unknown: the farthest");
+        // An agent that knows no zone never calls anything same-zone.
+        let nowhere = Locality::default();
+        assert_eq!(nowhere.tier(Some(&at("node-b", "z1"))), Tier::Remote);
     }
 
     #[test]

@@ -20,7 +20,8 @@ use std::{
 };
 
 use nemesis_agent::ebpf::{
-    Datapath, DatapathConfig, DatapathError, Mode, OriginalDst, Proto,
+    Algorithm, Datapath, DatapathConfig, DatapathError, LoadBalancing, Mode, OriginalDst, Proto,
+    Tier,
     cgroup::{ChildCgroup, move_process},
     pins::ScratchBpffs,
     prereq,
@@ -331,6 +332,10 @@ impl Server {
 
     fn accepted(&self) -> usize {
         self.peers.lock().unwrap().len()
+    }
+
+    fn saw(&self, peer: SocketAddr) -> bool {
+        self.peers.lock().unwrap().contains(&peer)
     }
 
     fn has_peer(&self, peer: SocketAddr) -> bool {
@@ -664,15 +669,16 @@ fn cleanup_leaves_nothing_attached_or_pinned() {
         .unwrap();
     let pin_dir = dp.pin_dir().to_path_buf();
     let links = dp.link_ids().to_vec();
-    assert_eq!(attached_programs(fx.cgroup()), 3);
-    assert!(pin_dir.join("links").read_dir().unwrap().count() == 3);
+    // connect4, connect6, sock_ops, getpeername4, getpeername6.
+    assert_eq!(attached_programs(fx.cgroup()), 5);
+    assert!(pin_dir.join("links").read_dir().unwrap().count() == 5);
     let mut c = fx.client();
     assert_eq!(c.burst(srv.addr, 1), 1);
     wait_counters(&dp, slot, |s| s.connects == 1);
     drop(dp);
 
     let report = Datapath::cleanup(&fx.cfg).unwrap();
-    assert_eq!(report.links_removed.len(), 3);
+    assert_eq!(report.links_removed.len(), 5);
     assert_eq!(report.maps_removed.len(), PINNED_MAPS.len());
     assert!(report.dir_removed);
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
@@ -812,10 +818,24 @@ struct Balanced {
     svc: Server,
     proxy: Server,
     backends: Vec<Server>,
+    balancing: Mutex<LoadBalancing>,
 }
 
 impl Balanced {
+    /// With least connections, the algorithm whose choices are exact (the tests written
+    /// before the others existed check each choice).
     fn new(test: &str, ready: bool) -> Balanced {
+        Self::with(
+            test,
+            ready,
+            LoadBalancing {
+                algorithm: Algorithm::LeastConnections,
+                ..LoadBalancing::default()
+            },
+        )
+    }
+
+    fn with(test: &str, ready: bool, balancing: LoadBalancing) -> Balanced {
         let mut fx = Fixture::new(test);
         let proxy = Server::bind("127.0.0.1:0");
         fx.cfg.proxy_v4 = match proxy.addr {
@@ -835,6 +855,7 @@ impl Balanced {
             svc,
             proxy,
             backends,
+            balancing: Mutex::new(balancing),
         };
         if ready {
             b.set_ready(&[0, 1, 2]);
@@ -843,18 +864,31 @@ impl Balanced {
     }
 
     fn set_ready(&self, which: &[usize]) {
-        let addrs: Vec<SocketAddr> = which.iter().map(|i| self.backends[*i].addr).collect();
+        let addrs: Vec<(SocketAddr, Tier)> = which
+            .iter()
+            .map(|i| (self.backends[*i].addr, Tier::Remote))
+            .collect();
+        let balancing = *self.balancing.lock().unwrap();
         self.dp
-            .set_backends(self.svc.addr, Proto::Tcp, &addrs)
+            .set_balance(self.svc.addr, Proto::Tcp, &addrs, balancing)
             .unwrap();
     }
 
-    /// Which backend (index) a connection got to; panics if it got anywhere else.
+    /// Which backend (index) a connection got to, by the client address each backend
+    /// saw (the client's own `getpeername` shows the Service); panics if none saw it.
     fn backend_of(&self, c: &Opened) -> usize {
-        self.backends
-            .iter()
-            .position(|b| b.addr == c.peer)
-            .unwrap_or_else(|| panic!("{c:?} reached no backend"))
+        let local = unmapped(c.local);
+        let mut at = None;
+        wait_until(|| {
+            at = self.backends.iter().position(|b| b.saw(local));
+            at.is_some()
+        });
+        at.unwrap_or_else(|| panic!("{c:?} reached no backend"))
+    }
+
+    /// Accepted connections per backend.
+    fn accepted(&self) -> Vec<usize> {
+        self.backends.iter().map(Server::accepted).collect()
     }
 
     /// Open connections per backend as the datapath counts them, by backend index.
@@ -869,6 +903,14 @@ impl Balanced {
                     .map_or(0, |c| c.open_now)
             })
             .collect()
+    }
+
+    fn wait_counts_sum(&self, want: u64) {
+        assert!(
+            wait_until(|| self.counts().iter().sum::<u64>() == want),
+            "per-backend counts never summed to {want}: {:?}",
+            self.counts()
+        );
     }
 
     fn wait_counts(&self, want: &[u64]) {
@@ -985,8 +1027,8 @@ fn balance_with_no_backend_holds_and_goes_direct_once_backends_are_set() {
 
     b.set_ready(&[0]);
     let direct = c.open(b.svc.addr);
-    assert_eq!(direct.peer, b.backends[0].addr, "straight to the backend");
-    assert!(b.backends[0].has_peer(direct.local));
+    assert_eq!(b.backend_of(&direct), 0, "straight to the backend");
+    assert_eq!(direct.peer, b.svc.addr, "getpeername shows the Service");
     assert!(wait_until(|| b.proxy.accepted() == 2));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
@@ -1077,8 +1119,16 @@ fn an_agent_restart_keeps_the_backends_and_their_counts() {
         .unwrap();
     dp.set_backends(svc.addr, Proto::Tcp, &addrs).unwrap();
     let mut c = fx.client();
+    let backend_of = |o: &Opened| -> SocketAddr {
+        let mut at = None;
+        wait_until(|| {
+            at = backends.iter().find(|b| b.saw(o.local)).map(|b| b.addr);
+            at.is_some()
+        });
+        at.unwrap_or_else(|| panic!("{o:?} reached no backend"))
+    };
     let first = c.open(svc.addr);
-    assert!(addrs.contains(&first.peer));
+    let first_at = backend_of(&first);
     let open_on = |dp: &Datapath| -> Vec<u64> {
         let listed = dp.backends(svc.addr, Proto::Tcp).unwrap();
         addrs
@@ -1097,8 +1147,7 @@ fn an_agent_restart_keeps_the_backends_and_their_counts() {
     // same backends with their counts.
     drop(dp);
     let second = c.open(svc.addr);
-    assert!(addrs.contains(&second.peer));
-    assert_ne!(second.peer, first.peer, "the less loaded one");
+    assert_ne!(backend_of(&second), first_at, "the less loaded one");
     let dp = fx.load();
     assert!(wait_until(|| open_on(&dp) == [1, 1]), "{:?}", open_on(&dp));
     // Writing the same set again changes nothing, and closes still count down.
@@ -1106,6 +1155,270 @@ fn an_agent_restart_keeps_the_backends_and_their_counts() {
     c.close(&first);
     c.close(&second);
     assert!(wait_until(|| open_on(&dp) == [0, 0]), "{:?}", open_on(&dp));
+}
+
+// === getpeername and the algorithms ===
+
+#[test]
+fn getpeername_on_a_balanced_socket_shows_the_service_address_it_dialled() {
+    let b = Balanced::with("peer", true, LoadBalancing::default());
+    let mut c = b.fx.client();
+    let o = c.open(b.svc.addr);
+    let at = b.backend_of(&o);
+    assert_ne!(b.backends[at].addr, b.svc.addr);
+    assert_eq!(o.peer, b.svc.addr, "getpeername: the ClusterIP and port");
+    assert_eq!(b.svc.accepted(), 0, "yet the backend took it");
+
+    // The same from an IPv6 socket dialling the v4-mapped ClusterIP (getpeername6).
+    let mapped = match b.svc.addr {
+        SocketAddr::V4(a) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+        other => other,
+    };
+    let o6 = c.open(mapped);
+    b.backend_of(&o6);
+    assert_eq!(o6.peer, mapped, "getpeername6: the address dialled");
+    assert_eq!(b.svc.accepted(), 0);
+}
+
+/// An IPv4 address as a v4-mapped IPv6 socket reports it, as the IPv4 peer it is.
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// The number of possible CPUs (each has its own round-robin position).
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    text.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// 600 short connects to three idle backends; returns how many each accepted.
+fn spread_of(algorithm: Algorithm, test: &str) -> Vec<usize> {
+    let b = Balanced::with(
+        test,
+        true,
+        LoadBalancing {
+            algorithm,
+            ..LoadBalancing::default()
+        },
+    );
+    let mut c = b.fx.client();
+    assert_eq!(c.burst(b.svc.addr, 600), 600);
+    assert!(
+        wait_until(|| b.accepted().iter().sum::<usize>() == 600),
+        "{:?}",
+        b.accepted()
+    );
+    assert_eq!(b.svc.accepted() + b.proxy.accepted(), 0);
+    b.accepted()
+}
+
+#[test]
+fn random_spreads_connects_within_statistical_tolerance() {
+    let per = spread_of(Algorithm::Random, "alg-random");
+    // Chi-square with 2 degrees of freedom; 13.8 is the 0.1% tail.
+    let chi2: f64 = per
+        .iter()
+        .map(|n| (*n as f64 - 200.0).powi(2) / 200.0)
+        .sum();
+    assert!(chi2 < 13.8, "not uniform: {per:?} (chi2 {chi2:.1})");
+}
+
+#[test]
+fn round_robin_takes_each_backend_in_turn() {
+    let per = spread_of(Algorithm::RoundRobin, "alg-rr");
+    // Each CPU keeps its own position: at most one ahead per CPU.
+    let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+    assert!(
+        hi - lo <= 2 * possible_cpus(),
+        "round robin drifted: {per:?}"
+    );
+}
+
+#[test]
+fn p2c_and_least_connections_send_new_connects_away_from_a_loaded_backend() {
+    for (algorithm, test) in [
+        (Algorithm::P2c, "alg-p2c"),
+        (Algorithm::LeastConnections, "alg-lc"),
+    ] {
+        let b = Balanced::with(
+            test,
+            false,
+            LoadBalancing {
+                algorithm,
+                ..LoadBalancing::default()
+            },
+        );
+        let mut c = b.fx.client();
+        // Six long connections on backend 0 alone...
+        b.set_ready(&[0]);
+        let long: Vec<Opened> = (0..6).map(|_| c.open(b.svc.addr)).collect();
+        b.wait_counts(&[6, 0, 0]);
+        // ...then all three ready: six new long connections all go to the other two
+        // (each stays below six, so backend 0 is never the lesser of a pair).
+        b.set_ready(&[0, 1, 2]);
+        let new: Vec<Opened> = (0..6).map(|_| c.open(b.svc.addr)).collect();
+        for o in &new {
+            assert_ne!(
+                b.backend_of(o),
+                0,
+                "{algorithm:?}: the loaded backend got one"
+            );
+        }
+        let counts = b.counts();
+        assert_eq!(counts[0], 6, "{algorithm:?}: {counts:?}");
+        assert_eq!(counts[1] + counts[2], 6, "{algorithm:?}: {counts:?}");
+        if algorithm == Algorithm::LeastConnections {
+            assert_eq!(counts, [6, 3, 3]);
+        }
+        drop(long);
+    }
+}
+
+#[test]
+fn a_removed_backend_gets_nothing_new_under_any_algorithm() {
+    for (algorithm, test) in [
+        (Algorithm::P2c, "gone-p2c"),
+        (Algorithm::LeastConnections, "gone-lc"),
+        (Algorithm::RoundRobin, "gone-rr"),
+        (Algorithm::Random, "gone-rnd"),
+    ] {
+        let b = Balanced::with(
+            test,
+            true,
+            LoadBalancing {
+                algorithm,
+                ..LoadBalancing::default()
+            },
+        );
+        let mut c = b.fx.client();
+        b.set_ready(&[0, 1]);
+        assert_eq!(c.burst(b.svc.addr, 60), 60);
+        assert!(wait_until(|| b.accepted().iter().sum::<usize>() == 60));
+        assert_eq!(b.accepted()[2], 0, "{algorithm:?}: {:?}", b.accepted());
+        assert!(
+            b.accepted()[0] > 0 && b.accepted()[1] > 0,
+            "{:?}",
+            b.accepted()
+        );
+    }
+}
+
+#[test]
+fn slow_start_ramps_a_new_backends_share_over_its_window() {
+    let window = Duration::from_secs(20);
+    let b = Balanced::with(
+        "slow",
+        false,
+        LoadBalancing {
+            algorithm: Algorithm::Random,
+            slow_start: window,
+            ..LoadBalancing::default()
+        },
+    );
+    let mut c = b.fx.client();
+    // Two warm backends (the set is new: nobody knows since when, so warm)...
+    b.set_ready(&[0, 1]);
+    assert_eq!(c.burst(b.svc.addr, 10), 10);
+    // ...then a third becomes ready, and its window starts.
+    b.set_ready(&[0, 1, 2]);
+    assert!(wait_until(|| b.accepted().iter().sum::<usize>() == 10));
+    let start = Instant::now();
+    // (connects, of them to backend 2) in the first, middle and last third of the window.
+    let mut thirds = [(0usize, 0usize); 3];
+    let mut before = b.accepted();
+    let mut total = 10;
+    loop {
+        let t0 = start.elapsed();
+        if t0 >= window {
+            break;
+        }
+        assert_eq!(c.burst(b.svc.addr, 10), 10);
+        total += 10;
+        assert!(
+            wait_until(|| b.accepted().iter().sum::<usize>() == total),
+            "{:?} accepted, {total} connected",
+            b.accepted()
+        );
+        let t1 = start.elapsed();
+        let now = b.accepted();
+        // A burst counts for a third only if it lies wholly inside it.
+        let third = |t: Duration| (t.as_secs_f64() * 3.0 / window.as_secs_f64()) as usize;
+        if third(t0) == third(t1) && third(t1) < 3 {
+            let i = third(t1);
+            thirds[i].0 += 10;
+            thirds[i].1 += now[2] - before[2];
+        }
+        before = now;
+    }
+    assert_eq!(b.svc.accepted() + b.proxy.accepted(), 0);
+    let share = |(n, k): (usize, usize)| k as f64 / n.max(1) as f64;
+    let (early, late) = (share(thirds[0]), share(thirds[2]));
+    assert!(
+        thirds[0].0 >= 50 && thirds[2].0 >= 50,
+        "too few connects to judge: {thirds:?}"
+    );
+    // Expected about 0.08 early and 0.29 late (a weight of 2-33% vs 67-100%).
+    assert!(early < 0.2, "early share {early:.2}: {thirds:?}");
+    assert!(
+        late > early + 0.08 && late > 0.15,
+        "no ramp: early {early:.2}, late {late:.2}: {thirds:?}"
+    );
+}
+
+#[test]
+fn the_same_node_is_preferred_until_it_is_loaded_then_connects_spill_over() {
+    let b = Balanced::with(
+        "topo",
+        false,
+        LoadBalancing {
+            prefer_same_node: true,
+            ..LoadBalancing::default()
+        },
+    );
+    let tiers = [Tier::Node, Tier::Remote, Tier::Remote];
+    let set = || {
+        let list: Vec<(SocketAddr, Tier)> =
+            (0..3).map(|i| (b.backends[i].addr, tiers[i])).collect();
+        b.dp.set_balance(b.svc.addr, Proto::Tcp, &list, *b.balancing.lock().unwrap())
+            .unwrap();
+    };
+    set();
+    let mut c = b.fx.client();
+    // Idle (each connect closed and its count back to zero before the next): every
+    // connect stays on the node.
+    for _ in 0..10 {
+        let o = c.open(b.svc.addr);
+        assert_eq!(b.backend_of(&o), 0, "idle: local");
+        c.close(&o);
+        b.wait_counts(&[0, 0, 0]);
+    }
+    // Long connections: the local backend takes them until it carries well above the
+    // rest (twice the least loaded of two picks, plus four), then they spill over.
+    let mut long = vec![];
+    for _ in 0..5 {
+        let o = c.open(b.svc.addr);
+        assert_eq!(b.backend_of(&o), 0, "below the spill-over bound: local");
+        long.push(o);
+    }
+    for _ in 0..10 {
+        long.push(c.open(b.svc.addr));
+    }
+    b.wait_counts_sum(15);
+    let counts = b.counts();
+    assert!(counts[0] >= 5, "{counts:?}");
+    assert!(counts[1] + counts[2] >= 2, "no spill-over: {counts:?}");
 }
 
 // === server side and the reconcile ===

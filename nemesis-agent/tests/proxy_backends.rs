@@ -157,6 +157,7 @@ async fn the_service_port_reaches_the_endpoint_port_of_the_same_name() -> Result
                     port_name: "grpc".into(),
                     target_port: None,
                     bounds: bounds(Duration::from_secs(5), 10),
+                    balancing: Default::default(),
                 },
             )],
         );

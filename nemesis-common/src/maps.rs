@@ -27,8 +27,12 @@ pub const HEARTBEAT: &str = "HEARTBEAT_V1";
 /// `PerCpuArray<u64>` indexed by the `ERR_*` kinds.
 pub const ERRORS: &str = "ERRORS_V1";
 /// `HashMap<u32, BackendSet>` keyed by [`ServiceValue::slot`]: a balance-mode service's
-/// ready backends (not preallocated: only balanced services take memory).
-pub const BACKENDS: &str = "BACKENDS_V1";
+/// ready backends (not preallocated: only balanced services take memory). V2: the set
+/// carries its algorithm, slow-start window and topology tiers, each backend its ready
+/// time and tier, and a dense order of the occupied entries (O(1) random picks).
+/// Memory: 2,208 bytes per balanced service port (with BACKEND_CONNS' 8 MiB and
+/// BALANCE_RR's 64 KiB per CPU, the balance state of one datapath).
+pub const BACKENDS: &str = "BACKENDS_V2";
 /// `Array<u64>` indexed by `slot * MAX_BACKENDS + backend index`: open connections per
 /// backend, changed atomically by sock_ops (one count for all CPUs, as the choice of the
 /// least-loaded backend needs the total).
@@ -36,9 +40,16 @@ pub const BACKEND_CONNS: &str = "BACKEND_CONNS_V1";
 /// `LruHashMap<u64, SockBackend>` keyed by socket cookie: which backend a balanced
 /// socket was sent to.
 pub const SOCK_BACKEND: &str = "SOCK_BACKEND_V1";
-/// `PerCpuArray<u32>` with one entry: where the next balance choice starts looking, so
-/// ties between equally loaded backends spread.
-pub const BALANCE_RR: &str = "BALANCE_RR_V1";
+/// `PerCpuArray<u32>` indexed by slot: the service's round-robin position on this CPU
+/// (V2: one per service; V1 had a single entry for all).
+pub const BALANCE_RR: &str = "BALANCE_RR_V2";
+/// `SkStorage<PeerRewrite>`: on each balanced client socket, the Service address it
+/// dialled and the backend it was sent to, so `getpeername` reports the former.
+pub const SOCK_PEER: &str = "SOCK_PEER_V1";
+
+/// Maps of earlier layouts that this agent no longer uses: removed from the pin
+/// directory at start (a new agent must not adopt an old layout under a new meaning).
+pub const RETIRED_MAPS: [&str; 2] = ["BACKENDS_V1", "BALANCE_RR_V1"];
 
 /// `Array<u32>` indexed by slot: the epoch of the service that has the slot now (0: the
 /// slot is free). A socket counts its close only while its slot still has the epoch it
@@ -59,7 +70,7 @@ pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -75,6 +86,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     SERVER_PORTS,
     SOCK_LIVE,
     HOST_ADDRS,
+    SOCK_PEER,
 ];
 
 // === program names (the eBPF function names) ===
@@ -82,6 +94,10 @@ pub const PINNED_MAPS: [&str; 15] = [
 pub const PROG_CONNECT4: &str = "connect4";
 pub const PROG_CONNECT6: &str = "connect6";
 pub const PROG_SOCK_OPS: &str = "sock_ops";
+/// `getpeername` on a balanced IPv4 socket reports the Service address it dialled.
+pub const PROG_GETPEERNAME4: &str = "getpeername4";
+/// `getpeername` on a balanced IPv6 (or v4-mapped) socket, as above.
+pub const PROG_GETPEERNAME6: &str = "getpeername6";
 /// The `iter/tcp` program that writes the [`LiveSock`] of every TCP socket of a network
 /// namespace that has one.
 pub const PROG_LIVE_SOCKETS: &str = "live_sockets";
@@ -119,9 +135,39 @@ pub const MODE_PASSTHROUGH: u32 = 0;
 /// Rewrite the destination to the agent's proxy (TCP only), unless the dead-man
 /// switch has fired.
 pub const MODE_HOLD: u32 = 1;
-/// Rewrite the destination to the least-loaded ready backend in BACKENDS (TCP only);
-/// with no ready backend, behave as [`MODE_HOLD`] so the service still wakes.
+/// Rewrite the destination to a ready backend in BACKENDS chosen by the set's
+/// algorithm (TCP only); with no ready backend, behave as [`MODE_HOLD`] so the service
+/// still wakes.
 pub const MODE_BALANCE: u32 = 2;
+
+// === balance algorithms ([`BackendSet::algorithm`]) ===
+
+/// Power of two choices: two random backends, the one with fewer open connections
+/// (weighted by slow start). O(1), and within a constant of least-connections.
+pub const ALG_P2C: u32 = 0;
+/// The backend with the fewest open connections (weighted), over the whole set.
+pub const ALG_LEAST_CONNECTIONS: u32 = 1;
+/// Each backend in turn (a per-CPU position per service).
+pub const ALG_ROUND_ROBIN: u32 = 2;
+/// A uniformly random backend.
+pub const ALG_RANDOM: u32 = 3;
+
+/// [`Backend::tier`]: the backend runs on this agent's node.
+pub const TIER_NODE: u8 = 0;
+/// [`Backend::tier`]: the backend runs in this agent's zone, on another node.
+pub const TIER_ZONE: u8 = 1;
+/// [`Backend::tier`]: anywhere else (or unknown).
+pub const TIER_REMOTE: u8 = 2;
+
+/// Slow-start weights are in thousandths; a backend just ready weighs this much, so it
+/// still takes the odd connection (its caches warm) rather than none.
+pub const WEIGHT_FULL: u64 = 1000;
+pub const WEIGHT_MIN: u64 = 20;
+/// Spill-over: the preferred tier is given up for a connect when its best candidate's
+/// weighted load is above this many times the whole set's best plus [`SPILL_SLACK`]
+/// connections (so a few connections never push traffic off the node).
+pub const SPILL_FACTOR: u64 = 2;
+pub const SPILL_SLACK: u64 = 4;
 
 // === error kinds (indexes into ERRORS) ===
 // None of these stops a connection: each counts a case where the programs failed open.
@@ -354,22 +400,39 @@ pub struct Backend {
     pub addr: [u8; 16],
     /// Big-endian port bytes.
     pub port: [u8; 2],
-    pub _pad: [u8; 2],
+    /// `TIER_*`: where the backend runs as seen from this node.
+    pub tier: u8,
+    pub _pad: u8,
     /// 0: this index is empty. Otherwise unique for the agent's life per backend put at
     /// this index, so a socket counts its close only against the backend it was sent
     /// to, never against a later one at the same index.
     pub generation: u32,
+    /// CLOCK_MONOTONIC ns when the backend became ready (0: warm since before anyone
+    /// looked); its slow-start weight ramps from here.
+    pub ready_ns: u64,
 }
 
 /// Value of BACKENDS. The agent keeps a backend at the same index while it stays ready
-/// (its count in BACKEND_CONNS is per index).
+/// (its count in BACKEND_CONNS is per index); `order` lists the occupied indexes densely,
+/// preferred tiers first, so every pick is an O(1) index into it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendSet {
-    /// Number of non-empty entries (0: no ready backend, so hold).
+    /// Number of non-empty entries, and of valid `order` entries (0: hold).
     pub count: u32,
-    /// Every non-empty entry has an index below this (bounds the search).
+    /// Every non-empty entry has an index below this.
     pub end: u32,
+    /// `ALG_*`.
+    pub algorithm: u32,
+    /// `order[..tiers[0]]` are the preferred same-node backends, `order[..tiers[1]]`
+    /// the preferred same-node and same-zone ones (0: no preference at that level).
+    pub tiers: [u32; 2],
+    pub _pad: u32,
+    /// The slow-start window in ns (0: none): a backend's weight ramps linearly from
+    /// [`WEIGHT_MIN`] to [`WEIGHT_FULL`] over this long after its `ready_ns`.
+    pub slow_start_ns: u64,
+    /// Indexes into `backends` of the occupied entries, `count` of them.
+    pub order: [u16; MAX_BACKENDS as usize],
     pub backends: [Backend; MAX_BACKENDS as usize],
 }
 
@@ -378,9 +441,27 @@ impl Default for BackendSet {
         Self {
             count: 0,
             end: 0,
+            algorithm: ALG_P2C,
+            tiers: [0; 2],
+            _pad: 0,
+            slow_start_ns: 0,
+            order: [0; MAX_BACKENDS as usize],
             backends: [Backend::default(); MAX_BACKENDS as usize],
         }
     }
+}
+
+/// Value of SOCK_PEER: what a balanced socket dialled and where it was sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerRewrite {
+    /// The Service address (as dialled, v4-mapped for IPv4).
+    pub service_addr: [u8; 16],
+    /// The backend it was rewritten to.
+    pub backend_addr: [u8; 16],
+    /// Big-endian port bytes of each.
+    pub service_port: [u8; 2],
+    pub backend_port: [u8; 2],
 }
 
 /// Value of SOCK_BACKEND: written by connect4/6, read by sock_ops.
@@ -436,8 +517,9 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDstKey>() == 20);
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<Config>() == 40);
-    assert!(core::mem::size_of::<Backend>() == 24);
-    assert!(core::mem::size_of::<BackendSet>() == 8 + 24 * MAX_BACKENDS as usize);
+    assert!(core::mem::size_of::<Backend>() == 32);
+    assert!(core::mem::size_of::<BackendSet>() == 32 + (2 + 32) * MAX_BACKENDS as usize);
+    assert!(core::mem::size_of::<PeerRewrite>() == 36);
     assert!(core::mem::size_of::<SockBackend>() == 16);
     assert!(MAX_BACKENDS.is_power_of_two());
 };
@@ -459,6 +541,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockBackend {}
     unsafe impl aya::Pod for super::SlotRef {}
     unsafe impl aya::Pod for super::LiveSock {}
+    unsafe impl aya::Pod for super::PeerRewrite {}
 }
 
 #[cfg(test)]

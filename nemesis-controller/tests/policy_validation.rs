@@ -321,6 +321,37 @@ fn agent_bounds_are_checked() {
 }
 
 #[test]
+fn load_balancing_fields_are_checked_with_field_and_column() {
+    let yaml = format!(
+        "{BASE}loadBalancing:\n  algorithm: fastest\n  slowStart: 30 s\n  preferSameNode: true\n"
+    );
+    let all: Vec<String> = invalid(&yaml)
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(
+        all[0],
+        "spec.loadBalancing.algorithm: unknown algorithm `fastest`; use one of p2c, leastConnections, roundRobin, random"
+    );
+    assert!(
+        all[1].starts_with("spec.loadBalancing.slowStart: column 3: "),
+        "{}",
+        all[1]
+    );
+    let too_long = format!("{BASE}loadBalancing: {{slowStart: 2h}}\n");
+    assert_eq!(
+        only_problem(&too_long),
+        "spec.loadBalancing.slowStart: must be at most 1h"
+    );
+    valid(&format!(
+        "{BASE}loadBalancing:\n  algorithm: leastConnections\n  slowStart: 20s\n  preferSameZone: true\n"
+    ));
+    valid(&format!("{BASE}loadBalancing: {{}}\n"));
+}
+
+#[test]
 fn the_hold_timeout_defaults_to_the_readiness_budget() {
     // A slow starter's callers are held for as long as its start-up may take...
     let p = valid(&format!("{BASE}readinessBudget: 15m\n"));

@@ -1,11 +1,13 @@
 //! eBPF programs the agent attaches to a cgroup v2: `connect4`/`connect6` count connects
 //! to managed services and, in hold mode, rewrite them to the agent's proxy, in balance
-//! mode to the least-loaded ready backend (or the proxy when there is none); `sock_ops`
+//! mode to a ready backend chosen by the Service's algorithm (p2c, least connections,
+//! round robin, random; slow start and topology tiers), or the proxy when there is none; `sock_ops`
 //! counts opened/closed TCP connections per service and per backend and remembers held
 //! connections' original destinations; on the server side it counts the connections
 //! that backend pods of managed services accept, whatever path they came by. The
 //! `live_sockets` iterator writes out every counted socket still open in a network
-//! namespace, the truth the agent reconciles the counters against. Every path fails OPEN: on any error the connect goes on unchanged and an
+//! namespace, the truth the agent reconciles the counters against. `getpeername4`/`6`
+//! show a balanced socket the Service address it dialled, not the backend's. Every path fails OPEN: on any error the connect goes on unchanged and an
 //! ERRORS counter says so. Nothing here may ever deny a connect.
 //!
 //! Map layouts and names live in `nemesis_common::maps`; the statics below are named
@@ -32,8 +34,8 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write, bpf_sk_storage_get,
-        bpf_skc_to_tcp_sock,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write,
+        bpf_sk_storage_get, bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -41,13 +43,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use nemesis_common::maps::{
-    Backend, BackendSet, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
-    ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_LIVE_MARK,
-    ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
-    LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock, MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_HOST_ADDRS,
-    MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE,
-    MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER,
-    SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
+    ALG_LEAST_CONNECTIONS, ALG_RANDOM, ALG_ROUND_ROBIN, Backend, BackendSet, CONFIG_PROXY_V4,
+    CONFIG_PROXY_V6, Config, ERR_BAD_SLOT, ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE,
+    ERR_HOLD_NOT_TCP, ERR_LIVE_MARK, ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT,
+    ERR_SOCKETS_INSERT, ERROR_KINDS, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock,
+    MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES,
+    MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP,
+    PeerRewrite, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR,
+    SPILL_SLACK, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
+    WEIGHT_FULL, WEIGHT_MIN,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -72,7 +76,7 @@ static HEARTBEAT_V1: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static ERRORS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERROR_KINDS, 0);
 #[map]
-static BACKENDS_V1: HashMap<u32, BackendSet> =
+static BACKENDS_V2: HashMap<u32, BackendSet> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 #[map]
 static BACKEND_CONNS_V1: Array<u64> = Array::with_max_entries(MAX_BACKEND_CONNS, 0);
@@ -80,7 +84,7 @@ static BACKEND_CONNS_V1: Array<u64> = Array::with_max_entries(MAX_BACKEND_CONNS,
 static SOCK_BACKEND_V1: LruHashMap<u64, SockBackend> =
     LruHashMap::with_max_entries(MAX_SOCK_BACKENDS, 0);
 #[map]
-static BALANCE_RR_V1: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static BALANCE_RR_V2: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static SLOT_EPOCH_V1: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map]
@@ -90,6 +94,8 @@ static SERVER_PORTS_V1: HashMap<ServiceKey, SlotRef> =
 static HOST_ADDRS_V1: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 #[btf_map]
 static SOCK_LIVE_V1: SkStorage<LiveSock> = SkStorage::new();
+#[btf_map]
+static SOCK_PEER_V1: SkStorage<PeerRewrite> = SkStorage::new();
 
 // === connect4 / connect6 ===
 
@@ -274,6 +280,7 @@ fn on_connect(
                 count_error(ERR_SOCK_BACKEND_INSERT);
                 return None;
             }
+            remember_peer(ctx, &key, &c.target);
         }
     }
     if holding {
@@ -295,8 +302,89 @@ fn on_connect(
     target
 }
 
+/// Puts on a balanced socket what it dialled and where it goes, for `getpeername`. A
+/// failure (no memory) only leaves `getpeername` reporting the backend.
+#[inline(always)]
+fn remember_peer(ctx: &SockAddrContext, service: &ServiceKey, target: &Target) {
+    let mut rw = PeerRewrite {
+        service_addr: service.addr,
+        backend_addr: addr_bytes(target.words),
+        service_port: service.port,
+        backend_port: (target.port as u16).to_ne_bytes(),
+    };
+    // SAFETY: the context's socket; the value is copied in when created.
+    let p = unsafe { SOCK_PEER_V1.get_or_insert_ptr_mut(ctx, Some(&mut rw)) };
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: a non-null storage value of PeerRewrite's size; a reconnect of the same
+    // socket overwrites it.
+    unsafe { write_volatile(p, rw) };
+}
+
+// === getpeername4 / getpeername6 ===
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, true);
+    ALLOW
+}
+
+/// A balanced socket's peer is the backend the connect was sent to; the application
+/// dialled the Service and is shown the Service (as kube-proxy's DNAT would). Only
+/// while the peer is still that backend: a socket connected again elsewhere is left be.
+#[inline(always)]
+fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
+    // SAFETY: the context's socket; without the create flag nothing is written.
+    let p = unsafe { SOCK_PEER_V1.get_ptr_mut(ctx) };
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: a non-null storage value of PeerRewrite's size.
+    let rw = unsafe { read_volatile(p) };
+    let sa = ctx.sock_addr;
+    let backend = addr_words(rw.backend_addr);
+    let service = addr_words(rw.service_addr);
+    // SAFETY: user_ip4/user_ip6/user_port are readable and writable in getpeername
+    // programs; 4-byte loads and stores.
+    unsafe {
+        let port = read_volatile(addr_of!((*sa).user_port));
+        if (port as u16).to_ne_bytes() != rw.backend_port {
+            return;
+        }
+        let new_port = u16::from_ne_bytes(rw.service_port) as u32;
+        if v6 {
+            let now = [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ];
+            if now != backend {
+                return;
+            }
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), service[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), service[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), service[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), service[3]);
+        } else {
+            if read_volatile(addr_of!((*sa).user_ip4)) != backend[3] {
+                return;
+            }
+            write_volatile(addr_of_mut!((*sa).user_ip4), service[3]);
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), new_port);
+    }
+}
+
 /// `i & (MAX_BACKENDS - 1)`, with the mask kept even where LLVM proves it redundant
-/// (after `% end`): the verifier does not track bounds through `%` and needs the mask
+/// (after `% n`): the verifier does not track bounds through `%` and needs the mask
 /// to bound the offset into the backend set.
 #[inline(always)]
 fn backend_index(i: u32) -> u32 {
@@ -321,6 +409,18 @@ unsafe fn backend_ptr(set: *const BackendSet, idx: u32) -> *const Backend {
     }
 }
 
+/// The backend index at position `pos` of the set's dense order.
+///
+/// # Safety
+/// `set` points to a live map value.
+#[inline(always)]
+unsafe fn order_at(set: *const BackendSet, pos: u32) -> u32 {
+    let pos = backend_index(pos);
+    // SAFETY: pos < MAX_BACKENDS by the mask; the order array has that many entries.
+    let raw = unsafe { read_volatile(addr_of!((*set).order).cast::<u16>().add(pos as usize)) };
+    backend_index(raw as u32)
+}
+
 /// A balance-mode choice: where the connect goes and which backend entry it counts on.
 struct Chosen {
     target: Target,
@@ -328,88 +428,240 @@ struct Chosen {
     generation: u32,
 }
 
-/// The ready backend of `slot` with the fewest open connections that the socket's
-/// family can reach, or `None` when there is none. The search starts at a per-CPU
-/// rotating index, so equally loaded backends take turns.
+/// A candidate's load as the algorithms compare it: open connections divided by its
+/// slow-start weight, in thousandths of a connection. Idle backends tie at zero (the
+/// random first pick wins, and a warming one is then taken with a probability of its
+/// weight); loaded ones settle where a warming backend carries its weight's share.
 #[inline(always)]
-fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
-    let set = BACKENDS_V1.get_ptr(slot)?;
-    // SAFETY: the map value stays valid while this program runs (a concurrent update
-    // replaces the element, RCU); fields are read one at a time, never copied whole
-    // (the set is larger than the stack).
-    let (count, end) = unsafe { ((*set).count, (*set).end) };
-    if count == 0 {
-        return None;
-    }
-    let end = if end > MAX_BACKENDS {
-        MAX_BACKENDS
-    } else {
-        end
+fn weighted_load(set: *const BackendSet, base: u32, idx: u32, now: u64, window: u64) -> u64 {
+    let conns = match BACKEND_CONNS_V1.get_ptr(base + idx) {
+        // SAFETY: a plain aligned load of a counter others add to atomically; a close
+        // racing an index's reuse may have taken it below zero (huge): count it as 0.
+        Some(p) => {
+            let v = unsafe { read_volatile(p) };
+            if v > (1u64 << 40) { 0 } else { v }
+        }
+        None => 0,
     };
-    if end == 0 {
-        return None;
+    div(
+        conns * WEIGHT_FULL * WEIGHT_FULL,
+        weight(set, idx, now, window),
+    )
+}
+
+/// The slow-start weight of entry `idx` now, in thousandths ([`WEIGHT_MIN`] just ready,
+/// [`WEIGHT_FULL`] once its window has passed).
+#[inline(always)]
+fn weight(set: *const BackendSet, idx: u32, now: u64, window: u64) -> u64 {
+    if window == 0 {
+        return WEIGHT_FULL;
     }
-    let start = match BALANCE_RR_V1.get_ptr_mut(0) {
+    // SAFETY: as in pick_backend; idx < MAX_BACKENDS by the mask.
+    let ready = unsafe { (*backend_ptr(set, backend_index(idx))).ready_ns };
+    if ready == 0 || now <= ready {
+        return if ready == 0 { WEIGHT_FULL } else { WEIGHT_MIN };
+    }
+    let age = now - ready;
+    if age >= window {
+        return WEIGHT_FULL;
+    }
+    let w = div(age * WEIGHT_FULL, window);
+    if w < WEIGHT_MIN { WEIGHT_MIN } else { w }
+}
+
+/// `a % b`, 0 when `b` is 0: a plain `%` carries a panic path the verifier refuses.
+#[inline(always)]
+fn rem(a: u32, b: u32) -> u32 {
+    a.checked_rem(b).unwrap_or(0)
+}
+
+/// `a / b`, 0 when `b` is 0 (as [`rem`]).
+#[inline(always)]
+fn div(a: u64, b: u64) -> u64 {
+    a.checked_div(b).unwrap_or(0)
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: no arguments, always available.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// Two random positions in `order[..n]`, distinct when `n > 1`; the one whose backend
+/// has the lower weighted load (ties: the first, which is random already).
+#[inline(always)]
+fn two_choices(set: *const BackendSet, base: u32, n: u32, now: u64, window: u64) -> (u32, u64) {
+    let a = rem(random(), n);
+    if n < 2 {
+        // SAFETY: as in pick_backend.
+        let ia = unsafe { order_at(set, a) };
+        return (a, weighted_load(set, base, ia, now, window));
+    }
+    let mut b = rem(random(), n - 1);
+    if b >= a {
+        b += 1;
+    }
+    // SAFETY: as in pick_backend.
+    let (ia, ib) = unsafe { (order_at(set, a), order_at(set, b)) };
+    let la = weighted_load(set, base, ia, now, window);
+    let lb = weighted_load(set, base, ib, now, window);
+    if lb < la { (b, lb) } else { (a, la) }
+}
+
+/// The position in `order[..n]` of the backend with the lowest weighted load; the scan
+/// starts at a random position, so equally loaded backends share the connects.
+#[inline(always)]
+fn least_loaded(set: *const BackendSet, base: u32, n: u32, now: u64, window: u64) -> u32 {
+    let start = rem(random(), n);
+    let mut best = start;
+    let mut best_load = u64::MAX;
+    let mut i = 0;
+    while i < MAX_BACKENDS {
+        if i >= n {
+            break;
+        }
+        let pos = rem(start + i, n);
+        i += 1;
+        // SAFETY: as in pick_backend.
+        let idx = unsafe { order_at(set, pos) };
+        let load = weighted_load(set, base, idx, now, window);
+        if load < best_load {
+            best_load = load;
+            best = pos;
+        }
+    }
+    best
+}
+
+/// The next round-robin position of `slot` on this CPU, in `[0, n)`.
+#[inline(always)]
+fn round_robin(slot: u32, n: u32) -> u32 {
+    match BALANCE_RR_V2.get_ptr_mut(slot) {
         // SAFETY: per-CPU value of this CPU.
         Some(p) => unsafe {
             let v = *p;
             *p = v.wrapping_add(1);
-            v % end
+            rem(v, n)
         },
-        None => 0,
-    };
-    let want_v4 = family != Family::V6;
+        None => rem(random(), n),
+    }
+}
+
+/// One pick by the set's algorithm among `order[..n]`.
+#[inline(always)]
+fn choose(set: *const BackendSet, algorithm: u32, slot: u32, n: u32, now: u64, window: u64) -> u32 {
     let base = slot.wrapping_mul(MAX_BACKENDS);
-    // Plain initialised locals, not an Option<Chosen>: LLVM may spill the payload of a
-    // `None` uninitialised, which the verifier rejects (`!read_ok`).
-    let mut best_load = u64::MAX;
-    let mut best_idx = MAX_BACKENDS;
-    let mut best_gen = 0u32;
-    let mut best_words = [0u32; 4];
-    let mut best_port = 0u32;
-    let mut i = 0;
-    while i < MAX_BACKENDS {
-        if i >= end {
-            break;
-        }
-        let idx = backend_index((start + i) % end);
-        i += 1;
-        // SAFETY: as above; idx < MAX_BACKENDS by the mask.
-        let (generation, bytes, port) = unsafe {
-            let b = backend_ptr(set, idx);
-            ((*b).generation, (*b).addr, (*b).port)
-        };
-        if generation == 0 {
+    match algorithm {
+        ALG_LEAST_CONNECTIONS => least_loaded(set, base, n, now, window),
+        ALG_ROUND_ROBIN => round_robin(slot, n),
+        ALG_RANDOM => rem(random(), n),
+        _ => two_choices(set, base, n, now, window).0,
+    }
+}
+
+/// A pick after a warming backend was passed over: as [`choose`], but least
+/// connections picks by two choices here, so its scan of the whole set runs once per
+/// connect (the verifier walks every copy of the loop).
+#[inline(always)]
+fn choose_again(
+    set: *const BackendSet,
+    algorithm: u32,
+    slot: u32,
+    n: u32,
+    now: u64,
+    window: u64,
+) -> u32 {
+    match algorithm {
+        ALG_ROUND_ROBIN => round_robin(slot, n),
+        ALG_RANDOM => rem(random(), n),
+        _ => two_choices(set, slot.wrapping_mul(MAX_BACKENDS), n, now, window).0,
+    }
+}
+
+/// How many of the set's backends (a prefix of `order`) this connect may use: the
+/// preferred tier (same node, then same zone) unless it is loaded well beyond the
+/// whole set (two random picks each, O(1)), then everyone.
+#[inline(always)]
+fn usable(set: *const BackendSet, slot: u32, count: u32, now: u64, window: u64) -> u32 {
+    // SAFETY: as in pick_backend.
+    let tiers = unsafe { [(*set).tiers[0], (*set).tiers[1]] };
+    let base = slot.wrapping_mul(MAX_BACKENDS);
+    let mut t = 0;
+    while t < 2 {
+        let n = tiers[t];
+        t += 1;
+        if n == 0 || n >= count {
             continue;
         }
-        let words = addr_words(bytes);
-        let is_v4 = words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD;
-        if is_v4 != want_v4 {
-            continue;
-        }
-        let load = match BACKEND_CONNS_V1.get_ptr(base + idx) {
-            // SAFETY: a plain aligned load of a counter others add to atomically.
-            Some(p) => unsafe { read_volatile(p) },
-            None => continue,
-        };
-        if load < best_load {
-            best_load = load;
-            best_idx = idx;
-            best_gen = generation;
-            best_words = words;
-            best_port = u16::from_ne_bytes(port) as u32;
+        let (_, local) = two_choices(set, base, n, now, window);
+        let (_, all) = two_choices(set, base, count, now, window);
+        if local <= SPILL_FACTOR * all + SPILL_SLACK * WEIGHT_FULL {
+            return n;
         }
     }
-    if best_idx >= MAX_BACKENDS {
+    count
+}
+
+/// The ready backend of `slot` the set's algorithm picks for this connect, or `None`
+/// when there is none. A warming backend (slow start) is taken with a probability of
+/// its weight, else the algorithm picks again (a few times, then it is kept).
+#[inline(always)]
+fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
+    let set = BACKENDS_V2.get_ptr(slot)?;
+    // SAFETY: the map value stays valid while this program runs (a concurrent update
+    // replaces the element, RCU); fields are read one at a time, never copied whole
+    // (the set is larger than the stack).
+    let (count, algorithm, window) =
+        unsafe { ((*set).count, (*set).algorithm, (*set).slow_start_ns) };
+    if count == 0 {
+        return None;
+    }
+    let count = if count > MAX_BACKENDS {
+        MAX_BACKENDS
+    } else {
+        count
+    };
+    // SAFETY: no arguments, always available.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let n = usable(set, slot, count, now, window);
+    let mut pos = choose(set, algorithm, slot, n, now, window);
+    if window != 0 {
+        let mut tries = 0;
+        while tries < 3 {
+            tries += 1;
+            // SAFETY: as above.
+            let idx = unsafe { order_at(set, pos) };
+            let w = weight(set, idx, now, window);
+            if w >= WEIGHT_FULL || rem(random(), WEIGHT_FULL as u32) < w as u32 {
+                break;
+            }
+            pos = choose_again(set, algorithm, slot, n, now, window);
+        }
+    }
+    // SAFETY: as above.
+    let idx = unsafe { order_at(set, pos) };
+    // SAFETY: as above; idx < MAX_BACKENDS by the mask.
+    let (generation, bytes, port) = unsafe {
+        let b = backend_ptr(set, idx);
+        ((*b).generation, (*b).addr, (*b).port)
+    };
+    if generation == 0 {
+        return None;
+    }
+    let words = addr_words(bytes);
+    let is_v4 = words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD;
+    if is_v4 != (family != Family::V6) {
+        // The agent writes each family's backends on that family's row, so this cannot
+        // happen; were it to, the proxy (hold) still gets the connection there.
         return None;
     }
     Some(Chosen {
         target: Target {
-            words: best_words,
-            port: best_port,
+            words,
+            port: u16::from_ne_bytes(port) as u32,
         },
-        index: best_idx,
-        generation: best_gen,
+        index: idx,
+        generation,
     })
 }
 
@@ -745,7 +997,7 @@ fn backend_closed(cookie: u64) {
 /// reused, and its old sockets must not count against the new one.
 #[inline(always)]
 fn current_backend_conns(b: &SockBackend) -> Option<*mut u64> {
-    let set = BACKENDS_V1.get_ptr(b.slot)?;
+    let set = BACKENDS_V2.get_ptr(b.slot)?;
     let idx = backend_index(b.index);
     // SAFETY: as in pick_backend; idx < MAX_BACKENDS by the mask.
     let generation = unsafe { (*backend_ptr(set, idx)).generation };

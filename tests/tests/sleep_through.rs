@@ -232,7 +232,7 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
             .await?;
         // The first connects wake it from zero; then they go direct.
         wait_replicas_seen(&log, &[0, 1], Duration::from_secs(15)).await?;
-        env.wait_mode(Mode::Passthrough).await?;
+        env.wait_mode(Mode::Balance).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = env.metrics().await?;
 
@@ -241,7 +241,7 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
         // Asleep: the alert has done its job (and must not send the woken target back).
         post_alert(&env, ALERT, false).await?;
         wait_replicas_seen(&log, &[0, 1, 0, 1], Duration::from_secs(30)).await?;
-        env.wait_mode(Mode::Passthrough).await?;
+        env.wait_mode(Mode::Balance).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = env.metrics().await?;
         let results = clients.stop(Duration::from_secs(40)).await?;
@@ -330,7 +330,7 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
         .map(|(at, _)| *at);
     let direct_before_zero = modes
         .iter()
-        .filter(|(at, m)| *at < at_zero.at && *m == Mode::Passthrough)
+        .filter(|(at, m)| *at < at_zero.at && *m == Mode::Balance)
         .map(|(at, _)| *at)
         .next_back();
     assert!(

@@ -68,6 +68,6 @@ async fn two_hundred_clients_of_a_zero_scaled_service_all_get_their_response_aft
     let m = env.metrics().await?;
     assert_eq!(m.outcome("forwarded"), CLIENTS as f64, "forwarded");
     assert_eq!(m.held(), 0.0, "nothing held any more");
-    env.wait_mode(Mode::Passthrough).await?;
+    env.wait_mode(Mode::Balance).await?;
     env.shutdown().await
 }

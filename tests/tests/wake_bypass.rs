@@ -32,7 +32,7 @@ async fn once_warm_new_connections_bypass_the_proxy() -> anyhow::Result<()> {
         .run_clients(&["--clients", "1", "--http"], Duration::from_secs(30))
         .await?;
     assert_eq!(first[0].http()?.status, 200);
-    env.wait_mode(Mode::Passthrough).await?;
+    env.wait_mode(Mode::Balance).await?;
     eventually(
         "the controller to hear of the flip",
         Duration::from_secs(5),
@@ -40,7 +40,7 @@ async fn once_warm_new_connections_bypass_the_proxy() -> anyhow::Result<()> {
             let hb = env.controller.last_heartbeat.lock().unwrap().clone();
             Ok(hb
                 .and_then(|hb| hb.services.into_iter().find(|s| s.service.name == "web"))
-                .filter(|s| s.mode == AppliedMode::Passthrough)
+                .filter(|s| s.mode == AppliedMode::Balance)
                 .map(|_| ()))
         },
     )

@@ -35,7 +35,7 @@ async fn a_restarted_agent_adopts_the_datapath_and_counting_never_stops() -> any
     })
     .await?;
     all_ok(&env, 1).await?;
-    env.wait_mode(Mode::Passthrough).await?;
+    env.wait_mode(Mode::Balance).await?;
     eventually(
         "the ClusterIP to be served",
         Duration::from_secs(10),
@@ -72,7 +72,7 @@ async fn a_restarted_agent_adopts_the_datapath_and_counting_never_stops() -> any
         1,
         "the Service's row was adopted, not duplicated"
     );
-    env.wait_mode(Mode::Passthrough).await?;
+    env.wait_mode(Mode::Balance).await?;
     eventually(
         "the counters to continue",
         Duration::from_secs(5),

@@ -53,7 +53,7 @@ async fn a_sleep_directive_holds_a_warm_service_and_is_acknowledged() -> anyhow:
         .run_clients(&["--clients", "1", "--http"], Duration::from_secs(30))
         .await?;
     assert_eq!(first[0].http()?.status, 200);
-    env.wait_mode(Mode::Passthrough).await?;
+    env.wait_mode(Mode::Balance).await?;
 
     *env.controller.directives.lock().unwrap() = directive(Directive::Sleep, 1);
     env.wait_mode(Mode::Hold).await?;
@@ -75,7 +75,7 @@ async fn a_sleep_directive_holds_a_warm_service_and_is_acknowledged() -> anyhow:
     assert_eq!(env.controller.wakes(), 1, "no wake-up: backends are ready");
 
     *env.controller.directives.lock().unwrap() = directive(Directive::Follow, 2);
-    env.wait_mode(Mode::Passthrough).await?;
-    acknowledged(&env, AppliedMode::Passthrough, 2).await?;
+    env.wait_mode(Mode::Balance).await?;
+    acknowledged(&env, AppliedMode::Balance, 2).await?;
     env.shutdown().await
 }

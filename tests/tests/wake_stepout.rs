@@ -173,6 +173,8 @@ async fn an_agent_update_steps_held_http_connections_out_instead_of_cutting_them
     const GRACE: Duration = Duration::from_secs(30);
     // The Service stays held all along (the hand-over to the Service proxy is never
     // over), so only the agent's update can move the connections out of A's proxy.
+    // Passthrough: balance mode goes direct at readiness whatever
+    // `--direct-after-ready` says.
     let mut env = WakeEnv::start_with_agent_flags(
         Scenario {
             name: "so-update",
@@ -181,7 +183,10 @@ async fn an_agent_update_steps_held_http_connections_out_instead_of_cutting_them
             scale_on_wake: true,
         },
         Options::default(),
-        &[("--direct-after-ready", "10m".into())],
+        &[
+            ("--direct-after-ready", "10m".into()),
+            ("--direct-mode", "passthrough".into()),
+        ],
     )
     .await?;
     // Busy clients (a request every 200 ms) for longer than A's stop may take: without

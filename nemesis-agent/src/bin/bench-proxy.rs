@@ -130,6 +130,7 @@ async fn serve_proxy() -> Result<()> {
                     max_held: 2 * HELD_IDLE,
                     ..HoldBounds::default()
                 },
+                balancing: Default::default(),
             },
         )],
     );

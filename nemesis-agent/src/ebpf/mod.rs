@@ -41,6 +41,7 @@ use nemesis_common::maps::{
 };
 use tracing::{debug, info, warn};
 
+pub use nemesis_common::policy::{Algorithm, LoadBalancing};
 pub use pins::CleanupReport;
 pub use prereq::{Missing, MissingPrerequisites};
 
@@ -195,6 +196,28 @@ pub struct OriginalDst {
     /// The ClusterIP:port the client dialled.
     pub addr: SocketAddr,
     pub slot: Slot,
+}
+
+/// Where a backend runs, seen from this agent's node: balance mode prefers the nearer
+/// tiers when the policy asks it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    /// On this node.
+    Node,
+    /// In this node's zone, on another node.
+    Zone,
+    /// Anywhere else, or unknown.
+    Remote,
+}
+
+impl Tier {
+    fn raw(self) -> u8 {
+        match self {
+            Tier::Node => m::TIER_NODE,
+            Tier::Zone => m::TIER_ZONE,
+            Tier::Remote => m::TIER_REMOTE,
+        }
+    }
 }
 
 /// A balance-mode backend and its open connections now.
@@ -504,6 +527,7 @@ impl Datapath {
                 source,
             })?;
         check_pinned_maps(&layout)?;
+        remove_retired_maps(&layout)?;
 
         let mut loader = EbpfLoader::new();
         let btf = aya::Btf::from_sys_fs().ok();
@@ -543,6 +567,14 @@ impl Datapath {
             (m::PROG_CONNECT4, bpf_attach_type::BPF_CGROUP_INET4_CONNECT),
             (m::PROG_CONNECT6, bpf_attach_type::BPF_CGROUP_INET6_CONNECT),
             (m::PROG_SOCK_OPS, bpf_attach_type::BPF_CGROUP_SOCK_OPS),
+            (
+                m::PROG_GETPEERNAME4,
+                bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+            ),
+            (
+                m::PROG_GETPEERNAME6,
+                bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
+            ),
         ] {
             let (prog_id, link_id) = load_and_link(&mut ebpf, name, attach_type, &layout, &target)?;
             program_ids.push(prog_id);
@@ -834,18 +866,34 @@ impl Datapath {
     }
 
     /// Sets the ready backends a balance-mode service's connects go to (the set is kept
-    /// whatever the mode, so a switch to balance takes effect at once). A backend that
-    /// stays keeps its index and its count; one that goes gets no new connects, while
-    /// its open connections carry on. An empty list makes balance mode hold.
+    /// whatever the mode, so a switch to balance takes effect at once), all in one
+    /// tier and with the default algorithm. See [`Datapath::set_balance`].
     pub fn set_backends(
         &self,
         addr: SocketAddr,
         proto: Proto,
         backends: &[SocketAddr],
     ) -> Result<(), DatapathError> {
-        let mut wanted: Vec<SocketAddr> = backends.to_vec();
+        let tiered: Vec<(SocketAddr, Tier)> = backends.iter().map(|a| (*a, Tier::Remote)).collect();
+        self.set_balance(addr, proto, &tiered, LoadBalancing::default())
+    }
+
+    /// Sets the ready backends of a balance-mode service, each with its topology tier,
+    /// and how they are chosen. A backend that stays keeps its index, its count and its
+    /// ready time; one that goes gets no new connects, while its open connections carry
+    /// on; one that comes is ready from now (its slow start begins), unless the set is
+    /// new to this agent (then nobody knows since when, and all count as warm). An
+    /// empty list makes balance mode hold.
+    pub fn set_balance(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        backends: &[(SocketAddr, Tier)],
+        balancing: LoadBalancing,
+    ) -> Result<(), DatapathError> {
+        let mut wanted: Vec<(SocketAddr, Tier)> = backends.to_vec();
         wanted.sort();
-        wanted.dedup();
+        wanted.dedup_by_key(|(a, _)| *a);
         if wanted.len() > m::MAX_BACKENDS as usize {
             return Err(DatapathError::TooManyBackends {
                 addr,
@@ -867,8 +915,16 @@ impl Datapath {
             proto,
             source,
         };
-        let mut set = b.mirror.get(&slot).copied().unwrap_or_default();
-        let wanted_keys: Vec<Backend> = wanted.iter().map(|a| backend_entry(*a, 0)).collect();
+        let known = b.mirror.contains_key(&slot);
+        let before = b.mirror.get(&slot).copied();
+        let mut set = before.unwrap_or_default();
+        let wanted_keys: Vec<Backend> = wanted
+            .iter()
+            .map(|(a, tier)| Backend {
+                tier: tier.raw(),
+                ..backend_entry(*a, 0)
+            })
+            .collect();
         let same = |x: &Backend, y: &Backend| x.addr == y.addr && x.port == y.port;
 
         // Removals first, and written before any index is reused: until the kernel
@@ -881,13 +937,18 @@ impl Datapath {
             }
         }
         if removed {
-            seal(&mut set);
+            seal(&mut set, balancing);
             b.sets.insert(slot, set, 0).map_err(write_err)?;
             b.mirror.insert(slot, set);
         }
-        let mut added = false;
+        let now = sys::monotonic_ns();
         for w in &wanted_keys {
-            if set.backends.iter().any(|e| e.generation != 0 && same(w, e)) {
+            if let Some(e) = set
+                .backends
+                .iter_mut()
+                .find(|e| e.generation != 0 && same(w, e))
+            {
+                e.tier = w.tier;
                 continue;
             }
             let Some(idx) = set.backends.iter().position(|e| e.generation == 0) else {
@@ -904,16 +965,16 @@ impl Datapath {
             };
             set.backends[idx] = Backend {
                 generation: b.next_generation,
+                ready_ns: if known { now } else { 0 },
                 ..*w
             };
-            added = true;
         }
-        if added || !b.mirror.contains_key(&slot) {
-            seal(&mut set);
+        seal(&mut set, balancing);
+        if before != Some(set) {
             b.sets.insert(slot, set, 0).map_err(write_err)?;
             b.mirror.insert(slot, set);
         }
-        debug!(%addr, ?proto, slot, backends = set.count, "balance backends set");
+        debug!(%addr, ?proto, slot, backends = set.count, algorithm = balancing.algorithm.name(), "balance backends set");
         Ok(())
     }
 
@@ -1258,7 +1319,8 @@ impl Datapath {
         self.layout.dir()
     }
 
-    /// Kernel ids of the three links (connect4, connect6, sock_ops).
+    /// Kernel ids of the links (connect4, connect6, sock_ops, getpeername4,
+    /// getpeername6).
     pub fn link_ids(&self) -> &[u32] {
         &self.link_ids
     }
@@ -1281,22 +1343,61 @@ impl BalanceTable {
     }
 }
 
-/// Recomputes a set's count and search bound from its entries.
-fn seal(set: &mut BackendSet) {
-    set.count = set.backends.iter().filter(|e| e.generation != 0).count() as u32;
+/// Recomputes a set's count, search bound, dense order (preferred tiers first) and
+/// tier bounds from its entries, and takes the algorithm and window of `balancing`.
+fn seal(set: &mut BackendSet, balancing: LoadBalancing) {
+    let mut occupied: Vec<(u8, u16)> = set
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.generation != 0)
+        .map(|(i, e)| (e.tier, i as u16))
+        .collect();
+    occupied.sort();
+    set.count = occupied.len() as u32;
     set.end = set
         .backends
         .iter()
         .rposition(|e| e.generation != 0)
         .map_or(0, |i| i as u32 + 1);
+    set.order = [0; m::MAX_BACKENDS as usize];
+    for (pos, (_, idx)) in occupied.iter().enumerate() {
+        set.order[pos] = *idx;
+    }
+    let within = |tier: u8| occupied.iter().filter(|(t, _)| *t <= tier).count() as u32;
+    set.tiers = [
+        if balancing.prefer_same_node {
+            within(m::TIER_NODE)
+        } else {
+            0
+        },
+        if balancing.prefer_same_zone {
+            within(m::TIER_ZONE)
+        } else {
+            0
+        },
+    ];
+    set.algorithm = algorithm_raw(balancing.algorithm);
+    set.slow_start_ns = u64::try_from(balancing.slow_start.as_nanos()).unwrap_or(u64::MAX);
+}
+
+fn algorithm_raw(a: Algorithm) -> u32 {
+    match a {
+        Algorithm::P2c => m::ALG_P2C,
+        Algorithm::LeastConnections => m::ALG_LEAST_CONNECTIONS,
+        Algorithm::RoundRobin => m::ALG_ROUND_ROBIN,
+        Algorithm::Random => m::ALG_RANDOM,
+    }
 }
 
 fn backend_entry(addr: SocketAddr, generation: u32) -> Backend {
     Backend {
         addr: ip16(addr.ip()),
         port: addr.port().to_be_bytes(),
-        _pad: [0; 2],
+        tier: m::TIER_REMOTE,
+        _pad: 0,
         generation,
+        ready_ns: 0,
     }
 }
 
@@ -1550,7 +1651,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 15] {
+fn expected_layouts() -> [(&'static str, u32, u32); 16] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -1581,7 +1682,22 @@ fn expected_layouts() -> [(&'static str, u32, u32); 15] {
         ),
         (m::SOCK_LIVE, 4, sz(size_of::<LiveSock>())),
         (m::HOST_ADDRS, 16, 4),
+        (m::SOCK_PEER, 4, sz(size_of::<m::PeerRewrite>())),
     ]
+}
+
+/// Unpins maps of earlier layouts this agent no longer uses (their sockets' counts die
+/// with them; the new maps start empty, and the agent writes its sets anew).
+fn remove_retired_maps(layout: &pins::PinLayout) -> Result<(), LoadError> {
+    for name in m::RETIRED_MAPS {
+        let path = layout.map(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!(path = %path.display(), "removed a retired pinned map"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::RemovePins { path, source }),
+        }
+    }
+    Ok(())
 }
 
 /// Refuses pinned maps whose layout differs from this agent's (an incompatible

@@ -8,10 +8,19 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nemesis_common::maps::{PINNED_MAPS, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS};
+use nemesis_common::maps::{
+    PINNED_MAPS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
+    RETIRED_MAPS,
+};
 
 /// The programs, each pinned as one link.
-pub const PROGRAMS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS];
+pub const PROGRAMS: [&str; 5] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SOCK_OPS,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+];
 
 /// Directory under bpffs that holds every instance.
 pub const ROOT_DIR: &str = "nemesis";
@@ -81,7 +90,7 @@ impl PinLayout {
                 report.links_removed.push(self.link(p));
             }
         }
-        for m in PINNED_MAPS {
+        for m in PINNED_MAPS.iter().chain(RETIRED_MAPS.iter()) {
             if remove_if_exists(&self.map(m))? {
                 report.maps_removed.push(self.map(m));
             }

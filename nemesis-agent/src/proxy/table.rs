@@ -58,6 +58,9 @@ pub struct ManagedPort {
     /// The numeric `targetPort`, for slices that list no ports.
     pub target_port: Option<u16>,
     pub bounds: HoldBounds,
+    /// How balance mode picks among the port's backends (the policy's
+    /// `spec.loadBalancing`).
+    pub balancing: nemesis_common::policy::LoadBalancing,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,7 @@ pub fn service_ports(
                     port_name: name,
                     target_port,
                     bounds,
+                    balancing: Default::default(),
                 },
             ));
         }

@@ -250,6 +250,7 @@ impl Harness {
                     port_name: "http".into(),
                     target_port: None,
                     bounds,
+                    balancing: Default::default(),
                 },
             )],
         );

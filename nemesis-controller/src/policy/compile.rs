@@ -381,6 +381,21 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
         &mut errors,
     );
 
+    if let Some(lb) = &spec.load_balancing
+        && let Err(problems) = nemesis_common::policy::LoadBalancing::parse(
+            lb.algorithm.as_deref(),
+            lb.slow_start.as_deref(),
+            lb.prefer_same_node,
+            lb.prefer_same_zone,
+        )
+    {
+        errors.extend(problems.into_iter().map(|p| Problem {
+            path: p.field.to_string(),
+            column: p.column,
+            message: p.message,
+        }));
+    }
+
     let short = short_form::is_short_form(spec);
     let long =
         !spec.states.is_empty() || !spec.transitions.is_empty() || spec.initial_state.is_some();

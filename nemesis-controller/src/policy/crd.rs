@@ -113,6 +113,34 @@ pub struct ScalingPolicySpec {
     /// where that state wants it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+
+    /// How the agents spread new connections over the target Service's ready backends
+    /// (balance mode, the agents' default data path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<LoadBalancingSpec>,
+}
+
+/// `spec.loadBalancing`: the algorithm, slow start and topology preference of balance
+/// mode. Every field is optional.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancingSpec {
+    /// `p2c` (the default: two random backends, the one with fewer open connections),
+    /// `leastConnections`, `roundRobin` or `random`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// A newly ready backend's share of new connections ramps up linearly over this
+    /// window (`30s`, at most `1h`; default none), for servers that warm caches or JIT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<String>,
+    /// Prefer backends on the caller's node; new connections spill over to the others
+    /// when the local ones carry well above the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_same_node: Option<bool>,
+    /// Prefer backends in the caller's zone (the agent's `--zone`), with the same
+    /// spill-over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_same_zone: Option<bool>,
 }
 
 /// What is scaled: `kind` and `name` (and `apiVersion` unless the kind is Deployment or
