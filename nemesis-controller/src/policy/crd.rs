@@ -113,6 +113,26 @@ pub struct ScalingPolicySpec {
     /// where that state wants it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+
+    /// Prometheus queries charted in this Service's reports beside the agents' figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports: Option<ReportQueries>,
+}
+
+/// PromQL range queries a report charts for the Service, over the report's window at its
+/// step, against the controller's `--prometheus-url`. Each must return one series (wrap
+/// it in `sum(...)`, `histogram_quantile(...)`, ...). `$namespace` is replaced by the
+/// policy's namespace and `$pod` by a regular expression matching the target's pods.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportQueries {
+    /// The Service's latency, e.g. `histogram_quantile(0.99, sum by (le)
+    /// (rate(http_request_duration_seconds_bucket{namespace="$namespace"}[5m])))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<String>,
+    /// The Service's error rate, e.g. `sum(rate(http_requests_total{code=~"5.."}[5m]))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<String>,
 }
 
 /// What is scaled: `kind` and `name` (and `apiVersion` unless the kind is Deployment or

@@ -67,6 +67,7 @@ pub mod expr;
 pub mod lexer;
 pub mod parser;
 pub mod problem;
+pub mod promql;
 pub mod program;
 pub mod resolve;
 pub mod schedule;

@@ -1,0 +1,147 @@
+//! The Prometheus side of a report, as plain functions: the usage queries (cAdvisor's
+//! series for the Service's pods by default, overridable), the steps a window is queried
+//! at, and how the answers integrate into core-hours and GiB-hours. No I/O: the report
+//! handler runs the queries these describe.
+
+use super::{SERIES_POINTS, Span};
+
+/// CPU cores in use by the Service's containers at each step: cAdvisor's counter of CPU
+/// seconds, as a rate. `container!=""` drops the pod-level cgroup series and
+/// `container!="POD"` the pause container, which would count the same usage twice.
+pub const DEFAULT_CPU_USAGE_QUERY: &str = r#"sum(rate(container_cpu_usage_seconds_total{namespace="$namespace",pod=~"$pod",container!="",container!="POD"}[$range]))"#;
+
+/// Memory bytes in use by the Service's containers at each step (the working set, what
+/// the kubelet evicts on), averaged over the step.
+pub const DEFAULT_MEMORY_USAGE_QUERY: &str = r#"sum(avg_over_time(container_memory_working_set_bytes{namespace="$namespace",pod=~"$pod",container!="",container!="POD"}[$range]))"#;
+
+/// The shortest range a `$range` gets: `rate()` needs two scrapes inside it, and a
+/// minute covers the usual 15 s and 30 s scrape intervals.
+pub const MIN_RANGE_SECONDS: u64 = 60;
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// The usage queries a report runs (templates with `$namespace`, `$pod`, `$range`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQueries {
+    pub cpu: String,
+    pub memory: String,
+}
+
+impl Default for UsageQueries {
+    fn default() -> Self {
+        Self {
+            cpu: DEFAULT_CPU_USAGE_QUERY.to_string(),
+            memory: DEFAULT_MEMORY_USAGE_QUERY.to_string(),
+        }
+    }
+}
+
+/// Where and how often a window is queried: points at `start + k*step` up to `end`
+/// (Unix seconds), each standing for the step that ends at it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Steps {
+    pub start: f64,
+    pub end: f64,
+    pub step: f64,
+    /// What `$range` becomes: the step, at least [`MIN_RANGE_SECONDS`].
+    pub range_seconds: u64,
+}
+
+/// About [`SERIES_POINTS`] whole-second steps over `span` (at least one second each).
+pub fn steps(span: Span) -> Steps {
+    let secs = span.to_ms.saturating_sub(span.from_ms) / 1000;
+    let step = (secs / SERIES_POINTS as u64).max(1);
+    let start = span.from_ms as f64 / 1000.0 + step as f64;
+    Steps {
+        start,
+        end: (span.to_ms as f64 / 1000.0).max(start),
+        step: step as f64,
+        range_seconds: step.max(MIN_RANGE_SECONDS),
+    }
+}
+
+/// The regular expression matching the pods of a target: a Deployment's are
+/// `<name>-<template hash>-<suffix>`, a StatefulSet's `<name>-<ordinal>`, anything else
+/// `<name>-...`.
+pub fn pod_regex(kind: Option<&str>, name: &str) -> String {
+    // Object names are DNS subdomains: `.` is the only regex metacharacter they can hold.
+    let name = name.replace('.', "\\\\.");
+    match kind {
+        None | Some("Deployment") => format!("{name}-[a-z0-9]+-[a-z0-9]+"),
+        Some("StatefulSet") => format!("{name}-[0-9]+"),
+        Some(_) => format!("{name}-.+"),
+    }
+}
+
+/// `template` with its placeholders filled in.
+pub fn fill(template: &str, namespace: &str, pod: &str, range_seconds: u64) -> String {
+    template
+        .replace("$namespace", namespace)
+        .replace("$pod", pod)
+        .replace("$range", &format!("{range_seconds}s"))
+}
+
+/// The integral of a stepped series (each point stands for the step ending at it) in
+/// unit-hours.
+pub fn unit_hours(points: &[(f64, f64)], step: f64) -> f64 {
+    points
+        .iter()
+        .map(|(_, v)| *v)
+        .filter(|v| v.is_finite())
+        .sum::<f64>()
+        * step
+        / 3600.0
+}
+
+/// CPU core-hours from the CPU query's points (cores at each step).
+pub fn cpu_core_hours(points: &[(f64, f64)], step: f64) -> f64 {
+    unit_hours(points, step)
+}
+
+/// Memory GiB-hours from the memory query's points (bytes at each step).
+pub fn memory_gib_hours(points: &[(f64, f64)], step: f64) -> f64 {
+    unit_hours(points, step) / GIB
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_is_stepped_in_whole_seconds_with_a_range_rate_can_use() {
+        let s = steps(Span {
+            from_ms: 1_000_000,
+            to_ms: 1_000_000 + 24 * 3_600_000,
+        });
+        assert_eq!((s.step, s.range_seconds), (360.0, 360));
+        assert_eq!(s.start, 1_000.0 + 360.0);
+        let s = steps(Span {
+            from_ms: 0,
+            to_ms: 60_000,
+        });
+        assert_eq!((s.step, s.range_seconds), (1.0, MIN_RANGE_SECONDS));
+    }
+
+    #[test]
+    fn queries_are_filled_for_the_targets_pods() {
+        let q = fill(
+            DEFAULT_CPU_USAGE_QUERY,
+            "shop",
+            &pod_regex(None, "web.v2"),
+            60,
+        );
+        assert!(q.contains(r#"namespace="shop""#), "{q}");
+        assert!(q.contains(r#"pod=~"web\\.v2-[a-z0-9]+-[a-z0-9]+""#), "{q}");
+        assert!(q.contains("[60s]"), "{q}");
+        assert_eq!(pod_regex(Some("StatefulSet"), "db"), "db-[0-9]+");
+    }
+
+    #[test]
+    fn usage_integrates_over_the_steps() {
+        // Half a core and 2 GiB for an hour of 10 s steps.
+        let cpu: Vec<(f64, f64)> = (1..=360).map(|i| (f64::from(i) * 10.0, 0.5)).collect();
+        assert!((cpu_core_hours(&cpu, 10.0) - 0.5).abs() < 1e-9);
+        let mem: Vec<(f64, f64)> = (1..=360).map(|i| (f64::from(i) * 10.0, 2.0 * GIB)).collect();
+        assert!((memory_gib_hours(&mem, 10.0) - 2.0).abs() < 1e-9);
+    }
+}
