@@ -203,7 +203,13 @@ impl PromClient {
             ("step", step.as_str()),
             ("timeout", server_timeout.as_str()),
         ];
-        let resp = match self.http.post(self.range_url.clone()).form(&form).send().await {
+        let resp = match self
+            .http
+            .post(self.range_url.clone())
+            .form(&form)
+            .send()
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Err(self.transport_error(&url, &e)),
         };
@@ -524,7 +530,10 @@ mod tests {
         let two = parse_range(
             r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[]},{"metric":{},"values":[]}]}}"#,
         );
-        assert!(matches!(two, Err(PromError::MultipleSeries { count: 2, .. })));
+        assert!(matches!(
+            two,
+            Err(PromError::MultipleSeries { count: 2, .. })
+        ));
         let bad = parse_range(
             r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"x"]]}]}}"#,
         );

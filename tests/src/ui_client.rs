@@ -38,7 +38,11 @@ async fn exchange(
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
-    Ok((status, cookies, resp.into_body().collect().await?.to_bytes()))
+    Ok((
+        status,
+        cookies,
+        resp.into_body().collect().await?.to_bytes(),
+    ))
 }
 
 /// Logs in as `user` on the UI served at `addr`.

@@ -150,7 +150,9 @@ async fn refused_holds_are_counted_in_the_report_and_alerted_through_a_webhook()
     let sinks = dir.path().join("sinks.yaml");
     std::fs::write(
         &sinks,
-        format!("sinks:\n- {{name: hook, kind: webhook, url: \"{url}\", hmacKey: \"{HMAC_KEY}\"}}\n"),
+        format!(
+            "sinks:\n- {{name: hook, kind: webhook, url: \"{url}\", hmacKey: \"{HMAC_KEY}\"}}\n"
+        ),
     )?;
     let password = dir.path().join("ui-password");
     std::fs::write(&password, PASSWORD)?;
@@ -253,16 +255,25 @@ async fn refused_holds_are_counted_in_the_report_and_alerted_through_a_webhook()
         .iter()
         .position(|h| *h == "holds_refused")
         .expect("a holds_refused column");
-    assert_eq!(row.get(col).copied(), Some(refused.to_string().as_str()), "{csv}");
+    assert_eq!(
+        row.get(col).copied(),
+        Some(refused.to_string().as_str()),
+        "{csv}"
+    );
 
     // And the alert went out, signed.
-    let alert = eventually_every(slowly, "the HoldsRefused alert at the webhook", WAIT, || async {
-        Ok(received.accepted.lock().unwrap().iter().find_map(|body| {
-            body["alerts"].as_array()?.iter().find_map(|a| {
-                (a["labels"]["alertname"] == "NemesisHoldsRefused").then(|| a.clone())
-            })
-        }))
-    })
+    let alert = eventually_every(
+        slowly,
+        "the HoldsRefused alert at the webhook",
+        WAIT,
+        || async {
+            Ok(received.accepted.lock().unwrap().iter().find_map(|body| {
+                body["alerts"].as_array()?.iter().find_map(|a| {
+                    (a["labels"]["alertname"] == "NemesisHoldsRefused").then(|| a.clone())
+                })
+            }))
+        },
+    )
     .await?;
     assert_eq!(alert["labels"]["policy"], APP, "{alert:#}");
     assert_eq!(alert["labels"]["namespace"], NS, "{alert:#}");

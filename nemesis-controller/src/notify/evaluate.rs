@@ -479,8 +479,15 @@ mod tests {
         let a = raised(&a);
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].labels["alertname"], "NemesisHoldsRefused");
-        assert!(a[0].summary.contains("7 connection(s) refused"), "{}", a[0].summary);
-        assert!(a[0].resolve_after_ms.is_some(), "an event: resolves by itself");
+        assert!(
+            a[0].summary.contains("7 connection(s) refused"),
+            "{}",
+            a[0].summary
+        );
+        assert!(
+            a[0].resolve_after_ms.is_some(),
+            "an event: resolves by itself"
+        );
     }
 
     #[test]

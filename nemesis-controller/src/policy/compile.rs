@@ -1015,7 +1015,10 @@ fn check_report_queries(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) {
         let Some(q) = q else { continue };
         let path = format!("spec.reports.{field}");
         if q.trim().is_empty() {
-            errors.push(Problem::at(path, "must not be empty (leave the field out instead)"));
+            errors.push(Problem::at(
+                path,
+                "must not be empty (leave the field out instead)",
+            ));
         } else if let Err((offset, message)) = super::promql::check_brackets(q) {
             errors.push(Problem::in_expression(path, q, offset, message));
         }

@@ -122,7 +122,8 @@ pub struct ScalingPolicySpec {
 /// PromQL range queries a report charts for the Service, over the report's window at its
 /// step, against the controller's `--prometheus-url`. Each must return one series (wrap
 /// it in `sum(...)`, `histogram_quantile(...)`, ...). `$namespace` is replaced by the
-/// policy's namespace and `$pod` by a regular expression matching the target's pods.
+/// policy's namespace, `$pod` by a regular expression matching the target's pods and
+/// `$range` by the report's step (at least a minute).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportQueries {

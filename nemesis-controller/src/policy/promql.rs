@@ -22,7 +22,10 @@ pub fn check_brackets(q: &str) -> Result<(), (usize, String)> {
                     }
                 }
                 if !closed {
-                    return Err((i, format!("the string opened here with {c} is never closed")));
+                    return Err((
+                        i,
+                        format!("the string opened here with {c} is never closed"),
+                    ));
                 }
             }
             '(' | '[' | '{' => open.push((i, c)),
@@ -35,7 +38,13 @@ pub fn check_brackets(q: &str) -> Result<(), (usize, String)> {
                 match open.pop() {
                     Some((_, o)) if o == want => {}
                     Some((at, o)) => {
-                        return Err((i, format!("`{c}` does not close the `{o}` at column {}", super::problem::column_of(q, at))));
+                        return Err((
+                            i,
+                            format!(
+                                "`{c}` does not close the `{o}` at column {}",
+                                super::problem::column_of(q, at)
+                            ),
+                        ));
                     }
                     None => return Err((i, format!("`{c}` closes nothing"))),
                 }
@@ -56,7 +65,10 @@ mod tests {
     #[test]
     fn matching_brackets_and_strings_pass_and_the_first_mismatch_is_located() {
         assert!(check_brackets(r#"sum(rate(x{code=~"5.."}[5m]))"#).is_ok());
-        assert!(check_brackets(r#"x{a="(\")"}"#).is_ok(), "brackets in strings do not count");
+        assert!(
+            check_brackets(r#"x{a="(\")"}"#).is_ok(),
+            "brackets in strings do not count"
+        );
         let (at, msg) = check_brackets("sum(rate(x[5m])").unwrap_err();
         assert_eq!((at, msg.as_str()), (3, "`(` is never closed"));
         let (at, msg) = check_brackets("sum(x[5m)]").unwrap_err();

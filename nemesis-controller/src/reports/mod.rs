@@ -628,7 +628,10 @@ mod tests {
             vec![s.clone(), s],
             &[],
         );
-        assert_eq!((r.totals.wakes.holds_refused, r.totals.proxy_errors), (14, 4));
+        assert_eq!(
+            (r.totals.wakes.holds_refused, r.totals.proxy_errors),
+            (14, 4)
+        );
     }
 
     #[test]

@@ -29,8 +29,7 @@ use crate::prometheus::{PromClient, PromError};
 use crate::reports::render::{ERROR_RATE_SERIES, LATENCY_SERIES};
 use crate::reports::usage::{self, UsageQueries};
 use crate::reports::{
-    self, Measured, PERFORMANCE_SERIES, PerReplica, Prices, ServiceInput, Span, per_replica,
-    render,
+    self, Measured, PERFORMANCE_SERIES, PerReplica, Prices, ServiceInput, Span, per_replica, render,
 };
 use crate::store::{ColdStartRecord, MetricPoint, PolicyId, SampleValue, Store, StoreError};
 
@@ -283,13 +282,13 @@ impl PromRun<'_> {
     }
 
     async fn ask(&mut self, a: &PromAsk) -> PromAnswers {
-        let steps = usage::steps(a.span);
-        let fill = |t: &str| usage::fill(t, &a.namespace, &a.pod, steps.range_seconds);
+        let steps = usage::usage_steps(a.span);
+        let fill = |t: &str, s: usage::Steps| usage::fill(t, &a.namespace, &a.pod, s.range_ms);
         let mut out = PromAnswers::default();
         let mut measured = Measured::default();
         let usage = self.prom.usage.clone();
         for (what, template) in [("CPU", &usage.cpu), ("memory", &usage.memory)] {
-            let figure = match self.range(&fill(template), steps).await {
+            let figure = match self.range(&fill(template, steps), steps).await {
                 Ok(points) => {
                     if points.is_empty() {
                         measured.notes.push(format!(
@@ -317,8 +316,9 @@ impl PromRun<'_> {
             }
         }
         out.measured = Some(measured);
+        let chart = usage::series_steps(a.span);
         for (name, template) in &a.user {
-            match self.range(&fill(template), steps).await {
+            match self.range(&fill(template, chart), chart).await {
                 Ok(points) => {
                     out.series.insert(
                         name.to_string(),
@@ -452,7 +452,10 @@ pub async fn build(
     .await?;
     let mut all_colds = Vec::new();
     let mut services = Vec::with_capacity(inputs.len());
-    let mut prom = sources.prometheus.as_ref().map(|prom| PromRun { prom, dead: None });
+    let mut prom = sources
+        .prometheus
+        .as_ref()
+        .map(|prom| PromRun { prom, dead: None });
     for ((mut input, colds), ask) in inputs.into_iter().zip(asks) {
         all_colds.extend(colds);
         match &mut prom {
