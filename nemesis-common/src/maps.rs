@@ -55,6 +55,7 @@ pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 /// `SkStorage<LiveSock>`: one entry on each counted socket that is still open (client or
 /// server side), freed by the kernel with the socket. It can neither fill up nor evict:
 /// the TCP sockets that carry it are the truth the counters are reconciled against.
+/// For an accepted (server-side) socket it is the only record: its close reads it back.
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
@@ -181,10 +182,15 @@ pub const SOCK_OPENED: u32 = 4;
 /// looks there only for such sockets).
 pub const SOCK_BALANCED: u32 = 8;
 /// The socket is a backend pod's side of a connection (accepted), counted in
-/// [`ServiceStats::accepted`].
+/// [`ServiceStats::accepted`]. Only in SOCKETS entries written by older agents'
+/// programs: an accepted socket's one record is now its SOCK_LIVE marker.
 pub const SOCK_SERVER: u32 = 16;
 
 // === LiveSock sides ===
+
+/// A closed socket's marker (overwritten rather than deleted at the close; the kernel
+/// frees it with the socket): neither side, skipped by the reconcile.
+pub const LIVE_GONE: u32 = 0;
 
 /// A client's socket to a managed service, counted in `opened`.
 pub const LIVE_CLIENT: u32 = 1;
@@ -285,7 +291,7 @@ pub struct SlotRef {
 pub struct LiveSock {
     pub slot: u32,
     pub epoch: u32,
-    /// [`LIVE_CLIENT`] or [`LIVE_SERVER`].
+    /// [`LIVE_CLIENT`], [`LIVE_SERVER`], or [`LIVE_GONE`] once closed.
     pub side: u32,
     pub _pad: u32,
 }

@@ -1,15 +1,25 @@
 //! The events API and the live feed through the UI's real router: paging newest first
 //! loses no event when many share a millisecond, filters by kind and policy and a text
-//! search narrow it, and the feed sends the policy list at once.
+//! search narrow it, and the feed sends the policy list at once, and the alerts Nemesis
+//! sends at once and again when one is raised or acknowledged.
 
 mod ui_support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use axum::body::Body;
 use http_body_util::BodyExt;
+use nemesis_controller::metrics::ControllerMetrics;
+use nemesis_controller::notify::evaluate::Signal;
+use nemesis_controller::notify::outbox::Outbox;
+use nemesis_controller::notify::rule::{AlertRule, compile};
+use nemesis_controller::notify::sinks::{Sender, parse_sinks};
+use nemesis_controller::notify::{Notifier, OutboxStore, RuleSource};
 use nemesis_controller::store::{PolicyId, TransitionRecord};
 use nemesis_controller::ui::UiConfig;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use ui_support::*;
 
@@ -158,4 +168,116 @@ async fn the_live_feed_sends_the_policies_at_once() {
     )
     .await;
     assert_eq!(resp.status(), 401);
+}
+
+/// An outbox kept nowhere (this test restarts nothing).
+struct NoStore;
+
+impl OutboxStore for NoStore {
+    fn load(&self) -> futures::future::BoxFuture<'_, Result<Option<Outbox>, String>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn save<'a>(&'a self, _: &'a [u8]) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Reads the feed until an `event: alerts` whose data satisfies `want` (30 s at most).
+async fn next_alerts(
+    body: &mut Body,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no matching alerts event within 30 s; the feed said:\n{text}")
+            })
+            .expect("the feed goes on")
+            .expect("a frame");
+        if let Some(d) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(d));
+        }
+        // Events end with a blank line; look at each complete one.
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            if let Some(data) = event.strip_prefix("event: alerts\ndata: ") {
+                let v: serde_json::Value = serde_json::from_str(data.trim_end()).unwrap();
+                if want(&v) {
+                    return v;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_feed_sends_the_alerts_at_once_and_when_one_is_raised_or_acknowledged() {
+    // A sink nobody listens on: the alert stays pending, which the feed shows too.
+    let sinks = parse_sinks(
+        "test sinks",
+        "sinks:\n- {name: hook, kind: webhook, url: 'http://127.0.0.1:1/hook', hmacKey: 0123456789abcdef}\n",
+    )
+    .unwrap();
+    let mut rule = AlertRule::new(
+        "to-zero",
+        serde_json::from_value(
+            serde_json::json!({"when": [{"event": "ScaledToZero"}], "groupWait": "1s"}),
+        )
+        .unwrap(),
+    );
+    rule.metadata.namespace = Some(NS.into());
+    let (_lead, leading) = watch::channel(true);
+    let (notifier, handle, tap) = Notifier::new(
+        sinks,
+        Box::new(NoStore),
+        RuleSource::Fixed(vec![compile(&rule).unwrap()]),
+        Sender::new("test-instance".into(), "http://127.0.0.1:1/alerts".into()),
+        ControllerMetrics::new(),
+        None,
+        leading,
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(notifier.run(stop.clone()));
+    let f = fixture_with(UiConfig::default(), Some(handle.clone()));
+    let login = login(&f.router).await;
+    let resp = f
+        .router
+        .clone()
+        .oneshot(
+            request("GET", "/api/v1/stream", CLIENT)
+                .header("cookie", &login.cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = next_alerts(&mut body, |_| true).await;
+    assert_eq!(first["alerts"], serde_json::json!([]), "{first}");
+    assert_eq!(first["sinksConfigured"], 1, "{first}");
+
+    tap.send(Signal::Scaled {
+        policy: PolicyId::new(NS, NAME),
+        from: 2,
+        to: 0,
+        reason: "conns.active == 0 for 5m".into(),
+    });
+    let raised = next_alerts(&mut body, |v| {
+        v["alerts"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let a = &raised["alerts"][0];
+    assert_eq!(a["labels"]["alertname"], "NemesisScaledToZero", "{raised}");
+    assert_eq!(a["state"], "firing", "{raised}");
+    assert!(a["deliveries"]["hook"].is_object(), "{raised}");
+
+    let id = a["id"].as_str().unwrap().to_string();
+    handle.acknowledge(&id, "otto").unwrap();
+    let acked = next_alerts(&mut body, |v| v["alerts"][0]["acknowledgedBy"] == "otto").await;
+    assert_eq!(acked["alerts"][0]["id"], id.as_str());
+    stop.cancel();
 }

@@ -32,8 +32,8 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write, bpf_sk_storage_delete,
-        bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write, bpf_sk_storage_get,
+        bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -44,7 +44,7 @@ use nemesis_common::maps::{
     Backend, BackendSet, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
     ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_LIVE_MARK,
     ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
-    LIVE_CLIENT, LIVE_SERVER, LiveSock, MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_HOST_ADDRS,
+    LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock, MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_HOST_ADDRS,
     MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE,
     MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER,
     SOCK_TRACKED, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
@@ -531,12 +531,16 @@ fn on_established(ctx: &SockOpsContext) {
             (*stats).opened += 1;
             (*rec).flags |= SOCK_OPENED;
         }
-        mark_live(ctx, r.slot, r.epoch, LIVE_CLIENT);
+        let _ = mark_live(ctx, r.slot, r.epoch, LIVE_CLIENT);
     }
 }
 
 /// A backend pod accepted a connection: if its (address, port) serves a managed service,
 /// one more accepted connection, and its close will be counted.
+///
+/// The socket's only record is its SOCK_LIVE marker (slot, epoch, side), which the close
+/// reads back: no SOCKETS entry, so an accept costs no LRU insert and its close no LRU
+/// lookup and delete (issue 9's accept_overhead_ratio: those were most of the cost).
 fn on_accepted(ctx: &SockOpsContext) {
     let Some(local) = local_key(ctx) else { return };
     let key = ServiceKey {
@@ -549,13 +553,7 @@ fn on_accepted(ctx: &SockOpsContext) {
     let Some(port) = (unsafe { SERVER_PORTS_V1.get(key) }).copied() else {
         return; // not a managed service's backend: not an error
     };
-    let rec = SockRecord {
-        service: key,
-        slot: port.slot,
-        epoch: port.epoch,
-        flags: SOCK_SERVER | SOCK_TRACKED | SOCK_OPENED,
-    };
-    let Some(stats) = current_stats(&rec) else {
+    let Some(stats) = stats_of(port.slot, port.epoch) else {
         return; // the entry is stale (its service left the slot)
     };
     if let Some(peer) = remote_addr(ctx)
@@ -574,15 +572,12 @@ fn on_accepted(ctx: &SockOpsContext) {
         count_error(ERR_CB_FLAGS);
         return;
     }
-    // SAFETY: the helper accepts the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SOCKETS_V1.insert(cookie, rec, BPF_ANY as u64).is_err() {
-        count_error(ERR_SOCKETS_INSERT);
+    // Without its marker the close could not be attributed: then do not count the open.
+    if !mark_live(ctx, port.slot, port.epoch, LIVE_SERVER) {
         return;
     }
     // SAFETY: per-CPU value of this CPU.
     unsafe { (*stats).accepted += 1 };
-    mark_live(ctx, port.slot, port.epoch, LIVE_SERVER);
 }
 
 /// The kernel socket behind a sock_ops context, or null.
@@ -592,13 +587,16 @@ fn sock_of(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
     unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) }.cast()
 }
 
-/// Puts the live marker on a counted socket (see SOCK_LIVE in `nemesis_common::maps`).
-/// A failure only makes the reconcile see one socket fewer, as if it had closed.
+/// Puts the live marker on a counted socket (see SOCK_LIVE in `nemesis_common::maps`);
+/// false (and an error counted) when it could not. On a client socket a failure only
+/// makes the reconcile see one socket fewer, as if it had closed; a server socket's
+/// close is attributed through its marker, so it is not counted without one.
 #[inline(always)]
-fn mark_live(ctx: &SockOpsContext, slot: u32, epoch: u32, side: u32) {
+fn mark_live(ctx: &SockOpsContext, slot: u32, epoch: u32, side: u32) -> bool {
     let sk = sock_of(ctx);
     if sk.is_null() {
-        return;
+        count_error(ERR_LIVE_MARK);
+        return false;
     }
     let mut live = LiveSock {
         slot,
@@ -617,7 +615,9 @@ fn mark_live(ctx: &SockOpsContext, slot: u32, epoch: u32, side: u32) {
     };
     if p.is_null() {
         count_error(ERR_LIVE_MARK);
+        return false;
     }
+    true
 }
 
 /// SOCK_LIVE as the helpers want it: the address of its definition, which the loader
@@ -628,13 +628,31 @@ fn sock_live_map() -> *mut core::ffi::c_void {
     core::ptr::from_ref(&SOCK_LIVE_V1).cast_mut().cast()
 }
 
-/// Takes the live marker off a closing socket (absent on sockets never counted).
+/// Takes the live marker off a closing socket and returns what it said (None on sockets
+/// never counted). The marker is overwritten as gone rather than deleted: a write into
+/// the socket's own storage is cheaper than a delete (a lock and an RCU free), and the
+/// kernel frees the storage with the socket anyway; the reconcile skips gone markers.
 #[inline(always)]
-fn unmark_live(ctx: &SockOpsContext) {
+fn unmark_live(ctx: &SockOpsContext) -> Option<LiveSock> {
     let sk = sock_of(ctx);
-    if !sk.is_null() {
-        // SAFETY: `sk` is the context's non-null socket.
-        let _ = unsafe { bpf_sk_storage_delete(sock_live_map(), sk) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is the context's non-null socket; without the create flag nothing is
+    // allocated.
+    let live = unsafe { bpf_sk_storage_get(sock_live_map(), sk, core::ptr::null_mut(), 0) }
+        .cast::<LiveSock>();
+    if live.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null storage value of LiveSock's size, owned by this socket.
+    unsafe {
+        let rec = read_volatile(live);
+        if rec.side == LIVE_GONE {
+            return None;
+        }
+        (*live).side = LIVE_GONE;
+        Some(rec)
     }
 }
 
@@ -642,7 +660,17 @@ fn unmark_live(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     // First, whether or not the record below is still there (the LRU may have evicted
     // it): the marker is what the reconcile trusts.
-    unmark_live(ctx);
+    let live = unmark_live(ctx);
+    // A backend pod's socket has only its marker (see on_accepted).
+    if let Some(l) = live
+        && l.side == LIVE_SERVER
+    {
+        if let Some(stats) = stats_of(l.slot, l.epoch) {
+            // SAFETY: per-CPU value of this CPU.
+            unsafe { (*stats).accepted_closed += 1 };
+        }
+        return;
+    }
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied at once.
@@ -660,6 +688,7 @@ fn on_close(ctx: &SockOpsContext) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             if r.flags & SOCK_SERVER != 0 {
+                // Accepted by an older agent's program, which kept a SOCKETS entry.
                 (*stats).accepted_closed += 1;
             } else {
                 (*stats).closed += 1;
@@ -730,11 +759,17 @@ fn current_backend_conns(b: &SockBackend) -> Option<*mut u64> {
 /// recorded (a removed or replaced service must not count an old socket).
 #[inline(always)]
 fn current_stats(r: &SockRecord) -> Option<*mut ServiceStats> {
-    let epoch = SLOT_EPOCH_V1.get(r.slot).copied()?;
-    if epoch == 0 || epoch != r.epoch {
+    stats_of(r.slot, r.epoch)
+}
+
+/// The stats of `slot` if it still has `epoch`.
+#[inline(always)]
+fn stats_of(slot: u32, epoch: u32) -> Option<*mut ServiceStats> {
+    let current = SLOT_EPOCH_V1.get(slot).copied()?;
+    if current == 0 || current != epoch {
         return None;
     }
-    let stats = SVC_STATS_V2.get_ptr_mut(r.slot);
+    let stats = SVC_STATS_V2.get_ptr_mut(slot);
     if stats.is_none() {
         count_error(ERR_BAD_SLOT);
     }
@@ -829,6 +864,9 @@ pub fn live_sockets(ctx: *mut TcpIterCtx) -> i32 {
     // SAFETY: a non-null storage value of LiveSock's size; copied to the stack so the
     // helper reads verified memory.
     let mut rec = unsafe { core::ptr::read_volatile(live) };
+    if rec.side == LIVE_GONE {
+        return 0; // closed, its storage not yet freed with the socket
+    }
     // SAFETY: `meta` is the iterator's metadata; `seq` its output.
     let seq = unsafe { (*meta).seq };
     // SAFETY: `rec` is a live stack value of the size passed.

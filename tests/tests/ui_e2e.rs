@@ -1,27 +1,44 @@
-//! The UI as people use it: a real controller (UI on, accounts in its Secret) against the
-//! test API server, and `ui/tests/roles.mjs` driving Debian's chromium through
-//! playwright-core as a viewer, an admin and an operator (see the script for the
-//! steps). Afterwards the cluster shows what the browser did: `kubectl get
-//! scalingpolicies` lists the policy the admin created through the guided form, and it
-//! is paused as the operator asked. Screenshots of every page are kept under
-//! `target/ui-e2e/` (or `NEMESIS_UI_SCREENSHOT_DIR`) as the run's artifacts.
+//! The UI as people use it: a real controller (UI on, accounts in its Secret, an alert
+//! sink) against the test API server with the sandbox kubelet running namespace `shop`,
+//! and `ui/tests/roles.mjs` driving Debian's chromium through playwright-core as a
+//! viewer, an admin and an operator (see the script for the steps). `shop/api` sits at
+//! zero under a ScalingPolicy (the admin applies it in the YAML editor) and an
+//! AlertRule on ScaledFromZero; the script asks for
+//! its wake as the node agent does when a connection arrives (this test runs no eBPF
+//! agent: a test agent heartbeats for the node, and the wake request is the agent's own
+//! HTTP call), the sandbox starts the pod for real, and the open pages show it live.
+//! Afterwards the cluster shows what the browser did: `kubectl get scalingpolicies`
+//! lists the policy the admin created through the guided form, paused as the operator
+//! asked; the webhook receiver got the alert signed; the outbox says who acknowledged
+//! it; the report's CSV the admin downloaded has the wake and the transitions the
+//! controller recorded. Screenshots of every page are kept under `target/ui-e2e/` (or
+//! `NEMESIS_UI_SCREENSHOT_DIR`) as the run's artifacts.
 
 mod controller_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use controller_support::*;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
-use kube::Api;
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, CustomResourceExt};
+use nemesis_common::wire::ServiceRef;
+use nemesis_controller::notify::rule::AlertRule;
+use nemesis_controller::notify::sinks::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
@@ -29,8 +46,16 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const ADMIN_PW: &str = "e2e-admin-password";
 /// npm ci downloads one package; generous for a slow registry.
 const NPM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Three browser contexts and a dozen pages on a busy machine.
-const BROWSER_TIMEOUT: Duration = Duration::from_secs(600);
+/// Three browser contexts, a wake and a dozen pages on a busy machine.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(900);
+/// The namespace the sandbox kubelet runs pods in: the app that wakes.
+const SHOP: &str = "shop";
+const POD_SERVER: &str = env!("CARGO_BIN_EXE_nemesis-pod-server");
+const POD_PORT: u16 = 8080;
+/// The webhook sink's key: the receiver checks every body's signature with it.
+const HMAC_KEY: &str = "ui-e2e-webhook-hmac-key-0123456789";
+/// Start-ups, rule status and leases on a loaded machine.
+const WAIT: Duration = Duration::from_secs(120);
 
 fn ui_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui")
@@ -118,6 +143,140 @@ async fn admin_post(
     ))
 }
 
+/// The admin's GET (session cookie), as JSON or text.
+async fn admin_get(addr: std::net::SocketAddr, path: &str, cookie: &str) -> Result<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .header("cookie", cookie)
+        .body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await??;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// A local webhook receiver: keeps the bodies whose HMAC-SHA256 signature is right,
+/// answers 401 to any other.
+async fn serve_hook(accepted: Arc<Mutex<Vec<Value>>>) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<Incoming>| {
+                    let accepted = accepted.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let header = |n: &str| {
+                            parts
+                                .headers
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string()
+                        };
+                        let sig = header(SIGNATURE_HEADER);
+                        let hex = sig.strip_prefix("sha256=").unwrap_or("");
+                        let tag: Vec<u8> = (0..hex.len() / 2)
+                            .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                            .collect();
+                        let key =
+                            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
+                        let signed = [header(TIMESTAMP_HEADER).as_bytes(), b".", &body].concat();
+                        let status = if ring::hmac::verify(&key, &signed, &tag).is_ok() {
+                            accepted
+                                .lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap_or_default());
+                            200
+                        } else {
+                            401
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(url)
+}
+
+async fn install_alertrule_crd(client: &Client) -> Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &AlertRule::crd())
+        .await
+        .context("creating the AlertRule CRD")?;
+    let rules: Api<AlertRule> = Api::all(client.clone());
+    eventually("the AlertRule API", Duration::from_secs(30), || async {
+        Ok(rules.list(&ListParams::default()).await.ok().map(|_| ()))
+    })
+    .await
+}
+
+/// The app that wakes: the pod server, at zero, with its Service.
+fn shop_app() -> Result<(Deployment, Service)> {
+    let d = serde_json::from_value(json!({
+        "metadata": {"name": "api"},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {
+                "metadata": {"labels": {"app": "api"},
+                             "annotations": {"nemesis.test/probe-period-ms": "100"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "server",
+                        "image": "local/nemesis-pod-server",
+                        "command": [POD_SERVER],
+                        "args": ["--port", POD_PORT.to_string()],
+                        "ports": [{"name": "http", "containerPort": POD_PORT}],
+                        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}},
+                        "readinessProbe": {"httpGet": {"path": "/", "port": "http"},
+                                           "periodSeconds": 1},
+                    }],
+                },
+            },
+        },
+    }))?;
+    Ok((d, service("api")))
+}
+
+/// The cells of the CSV row whose first cells are `prefix`, by header name.
+fn csv_row(csv: &str, prefix: &[&str]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().context("an empty CSV")?.split(',').collect();
+    let row = lines
+        .find(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            cells.len() >= prefix.len() && cells[..prefix.len()] == *prefix
+        })
+        .with_context(|| format!("no row {prefix:?} in\n{csv}"))?;
+    Ok(header
+        .iter()
+        .zip(row.split(','))
+        .map(|(h, v)| (h.to_string(), v.to_string()))
+        .collect())
+}
+
 fn artifacts_dir() -> PathBuf {
     match std::env::var_os("NEMESIS_UI_SCREENSHOT_DIR") {
         Some(d) => PathBuf::from(d),
@@ -138,6 +297,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
     install_crd(&client).await?;
+    install_alertrule_crd(&client).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     deployments
         .create(&PostParams::default(), &deployment("web", 1))
@@ -146,14 +306,86 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     services
         .create(&PostParams::default(), &service("web"))
         .await?;
+    // The app that wakes, in a namespace the sandbox kubelet runs.
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": SHOP}}))?,
+        )
+        .await?;
+    let sandbox = Sandbox::start(
+        client.clone(),
+        SandboxOptions {
+            namespace: Some(SHOP.into()),
+            ..SandboxOptions::default()
+        },
+    )
+    .await?;
+    let (api_deployment, api_service) = shop_app()?;
+    let shop_deployments: Api<Deployment> = Api::namespaced(client.clone(), SHOP);
+    shop_deployments
+        .create(&PostParams::default(), &api_deployment)
+        .await?;
+    Api::<Service>::namespaced(client.clone(), SHOP)
+        .create(&PostParams::default(), &api_service)
+        .await?;
 
+    // Alerts go to a local webhook that checks their signature.
+    let hooked = Arc::new(Mutex::new(Vec::new()));
+    let hook_url = serve_hook(hooked.clone()).await?;
     let dir = tempfile::tempdir()?;
+    let sinks = dir.path().join("sinks.yaml");
+    std::fs::write(
+        &sinks,
+        format!(
+            "sinks:\n- {{name: hook, kind: webhook, url: \"{hook_url}\", hmacKey: \"{HMAC_KEY}\"}}\n"
+        ),
+    )?;
+    let sinks = sinks.display().to_string();
     let pw = dir.path().join("ui-password");
     std::fs::write(&pw, ADMIN_PW)?;
     let pw = pw.display().to_string();
-    let c = start_controller(&server, dir.path(), &["--ui-password-file", &pw]).await?;
+    let c = start_controller(
+        &server,
+        dir.path(),
+        &["--ui-password-file", &pw, "--alert-sinks-file", &sinks],
+    )
+    .await?;
     wait_leading(&c, Duration::from_secs(60)).await?;
     let addr = c.api_addr;
+
+    // shop/api: at zero until a connection comes; the node's agent heartbeats for it.
+    let svc = ServiceRef {
+        namespace: SHOP.into(),
+        name: "api".into(),
+    };
+    let _agent = TestAgent::start("node-e2e", vec![svc.clone()], vec![addr]);
+    // Its ScalingPolicy is the admin's to apply, in the browser's YAML editor.
+    let shop_policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), SHOP);
+    // Tell the team when it wakes: an AlertRule on ScaledFromZero, sent to the hook.
+    let rules: Api<AlertRule> = Api::namespaced(client.clone(), SHOP);
+    let mut rule = AlertRule::new(
+        "wakes",
+        serde_json::from_value(json!({
+            "when": [{"event": "ScaledFromZero"}],
+            "groupWait": "1s",
+            "resolveAfter": "1h",
+            "severity": "warning",
+            "sinks": ["hook"],
+        }))?,
+    );
+    rule.metadata.namespace = Some(SHOP.into());
+    rules.create(&PostParams::default(), &rule).await?;
+    eventually("the AlertRule's Ready condition", WAIT, || async {
+        let r = rules.get("wakes").await?;
+        Ok(r.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.status == "True")
+            .map(|_| ()))
+    })
+    .await?;
 
     // The people: a viewer and an operator, added by the admin.
     let (status, cookies, v) = admin_post(
@@ -195,7 +427,17 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
             .arg(ADMIN_PW)
             .arg(&shots)
             .current_dir(&ui)
-            .env("CHROMIUM", CHROMIUM),
+            .env("CHROMIUM", CHROMIUM)
+            // The wake request the node's agent would send for a held connection.
+            .env(
+                "NEMESIS_E2E_WAKE",
+                json!({
+                    "path": "/v1/agents/wake",
+                    "token": AGENT_TOKEN,
+                    "body": {"node": "node-e2e", "service": svc, "heldConnections": 1},
+                })
+                .to_string(),
+            ),
         "node ui/tests/roles.mjs",
         BROWSER_TIMEOUT,
     )
@@ -222,7 +464,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         .as_array()
         .context("no screenshots")?;
     ensure!(
-        shots_taken.len() >= 12,
+        shots_taken.len() >= 19,
         "a screenshot of every page: {findings}"
     );
     for s in shots_taken {
@@ -261,6 +503,78 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     assert_eq!(web.spec.idle_timeout.as_deref(), Some("10m"));
     assert_eq!(web.spec.target.service.as_deref(), Some("web"));
     assert!(web.spec.paused, "the operator paused it");
+
+    // The admin's YAML made it to the cluster, and the wake happened for real: the
+    // sandbox runs the pod.
+    let api_policy = shop_policies.get("api").await?;
+    assert_eq!(api_policy.spec.idle_timeout.as_deref(), Some("1h"));
+    let d = shop_deployments.get("api").await?;
+    ensure!(d.spec.replicas == Some(1), "api was scaled to 1");
+    // The hook got the alert, signed.
+    let got = hooked.lock().unwrap().clone();
+    ensure!(
+        got.iter()
+            .any(|b| b.to_string().contains("NemesisScaledFromZero")),
+        "the webhook received the ScaledFromZero alert: {got:?}"
+    );
+    // The outbox says who acknowledged it.
+    let (status, text) = admin_get(addr, "/api/alerts", &cookie).await?;
+    ensure!(status == 200, "GET /api/alerts: {status} {text}");
+    let out: Value = serde_json::from_str(&text)?;
+    let acked = out["alerts"]
+        .as_array()
+        .context("alerts")?
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "NemesisScaledFromZero")
+        .with_context(|| format!("no ScaledFromZero alert in {out}"))?;
+    ensure!(acked["acknowledgedBy"] == "otto", "{acked}");
+    ensure!(
+        acked["deliveries"]["hook"]["state"] == "delivered",
+        "{acked}"
+    );
+    // The CSV the admin downloaded: shop/api's row has the wake and every transition
+    // the controller recorded for it (the history API lists them one by one).
+    let csv_path = findings["reportCsv"]
+        .as_str()
+        .context("no CSV downloaded")?;
+    let csv = std::fs::read_to_string(csv_path)?;
+    let (status, text) = admin_get(
+        addr,
+        "/api/v1/events?policy=shop/api&kind=transition&window=24h&limit=500",
+        &cookie,
+    )
+    .await?;
+    ensure!(status == 200, "events: {status} {text}");
+    let events: Value = serde_json::from_str(&text)?;
+    let transitions = events["events"].as_array().context("events")?;
+    ensure!(
+        transitions
+            .iter()
+            .any(|e| e["record"]["from_state"] == "zero"),
+        "the wake's transition out of zero is recorded: {events}"
+    );
+    let row = csv_row(&csv, &["service", SHOP, "api"])?;
+    ensure!(
+        row["transitions"] == transitions.len().to_string(),
+        "the CSV counts {} transitions, the history has {}:\n{csv}",
+        row["transitions"],
+        transitions.len()
+    );
+    ensure!(
+        row["wakes"] == "1" && row["wakes_ready"] == "1",
+        "one wake, ready:\n{csv}"
+    );
+    ensure!(
+        row["cold_start_p50_ms"].parse::<u64>().is_ok(),
+        "the wake's cold start is timed:\n{csv}"
+    );
+    ensure!(
+        csv.lines().filter(|l| l.starts_with("service,")).count() == 1,
+        "the namespace report has one Service:\n{csv}"
+    );
+    let total = csv_row(&csv, &["total", SHOP])?;
+    ensure!(total["transitions"] == row["transitions"], "{csv}");
     c.shutdown().await;
+    sandbox.shutdown().await?;
     Ok(())
 }

@@ -1,79 +1,17 @@
 // The UI's pages: overview (policies), policy detail (timeline, replica chart, cold
-// starts), agents and alerts, drawn from the JSON API. Text goes in with textContent
-// only (never innerHTML), and every change carries the session's CSRF token.
+// starts), agents, events, the editor, users and tokens, drawn from the JSON API, and
+// the shell that routes to them (alerts and reports have modules of their own). Text
+// goes in with textContent only (never innerHTML), and every change carries the
+// session's CSRF token.
 import { timeline, lineChart, legend, stateColor, formatTime } from './charts.js';
 import { automaton } from './automaton.js';
-
-const main = document.getElementById('main');
-let session = null;
-
-class Unauthenticated extends Error {}
-
-const RANK = { viewer: 0, operator: 1, admin: 2 };
-
-// Whether the logged-in user has at least `role` (the server checks again on every
-// change; this only decides which controls are drawn).
-function can(role) {
-  return session && RANK[session.role] >= RANK[role];
-}
-
-// A change: JSON body, the session's CSRF token.
-function send(method, path, body) {
-  const headers = { 'X-CSRF-Token': session.csrfToken };
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
-  return api(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-}
-
-async function api(path, options = {}) {
-  const resp = await fetch(path, { credentials: 'same-origin', ...options });
-  if (resp.status === 401) {
-    window.location.assign('/login');
-    throw new Unauthenticated('not logged in');
-  }
-  const body = await resp.json().catch(() => null);
-  if (!resp.ok) throw new Error((body && body.error) || `HTTP ${resp.status}`);
-  return body;
-}
-
-// --- DOM helpers ---
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === 'class') el.className = v;
-    else if (k === 'text') el.textContent = v;
-    else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
-    else el.setAttribute(k, v === true ? '' : String(v));
-  }
-  for (const c of children.flat()) {
-    if (c === null || c === undefined || c === false) continue;
-    el.append(typeof c === 'string' || typeof c === 'number' ? document.createTextNode(String(c)) : c);
-  }
-  return el;
-}
-
-function ago(ms) {
-  if (ms === null || ms === undefined) return '–';
-  const s = Math.max(0, (Date.now() - ms) / 1000);
-  if (s < 60) return `${Math.round(s)} s ago`;
-  if (s < 3600) return `${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `${(s / 3600).toFixed(1)} h ago`;
-  return `${(s / 86400).toFixed(1)} d ago`;
-}
-
-function duration(ms) {
-  if (ms === null || ms === undefined) return '–';
-  if (ms < 1000) return `${ms} ms`;
-  const s = ms / 1000;
-  if (s < 60) return `${s.toFixed(s < 10 ? 2 : 1)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
-  return `${(s / 3600).toFixed(1)} h`;
-}
-
-function num(v, digits = 0) {
-  return v === null || v === undefined ? '–' : Number(v).toFixed(digits);
-}
+import { timeSeries } from './plots.js';
+import {
+  main, session, setSession, Unauthenticated, can, send, api, h, ago, duration, num,
+  card, section, table, showError, WINDOWS,
+} from './common.js';
+import { alertsPage } from './alerts.js';
+import { reportsPage } from './reports.js';
 
 function stateBadge(state) {
   if (!state) return h('span', { class: 'badge badge-unknown', text: 'unknown' });
@@ -95,31 +33,6 @@ function readyNote(p) {
   if (p.ready === true && !p.invalid) return null;
   const c = (p.conditions || []).find((x) => x.type === (p.invalid ? 'Invalid' : 'Ready'));
   return c && c.message ? h('div', { class: 'muted small reason ready-note', text: c.message }) : null;
-}
-
-function card(label, value, sub) {
-  return h('div', { class: 'card' },
-    h('div', { class: 'card-label', text: label }),
-    h('div', { class: 'card-value', text: value }),
-    sub ? h('div', { class: 'card-sub muted', text: sub }) : null);
-}
-
-function section(title, ...body) {
-  return h('section', { class: 'panel' }, h('h2', { text: title }), ...body);
-}
-
-function table(headers, rows, empty) {
-  if (!rows.length) return h('p', { class: 'muted empty', text: empty });
-  return h('div', { class: 'table-wrap' },
-    h('table', {},
-      h('thead', {}, h('tr', {}, headers.map((x) => h('th', { text: x })))),
-      h('tbody', {}, rows)));
-}
-
-function showError(e) {
-  if (e instanceof Unauthenticated) return;
-  main.replaceChildren(h('div', { class: 'panel error-panel', role: 'alert' },
-    h('h2', { text: 'Something went wrong' }), h('p', { text: e.message })));
 }
 
 // --- overview ---
@@ -216,8 +129,6 @@ function stateBar(ms) {
   return h('div', {}, bar, h('div', { class: 'legend' }, items));
 }
 
-const WINDOWS = ['1h', '6h', '24h', '7d', '30d'];
-
 async function policyPage(namespace, name) {
   const params = new URLSearchParams(window.location.search);
   const win = WINDOWS.includes(params.get('window')) ? params.get('window') : '24h';
@@ -275,7 +186,7 @@ async function policyPage(namespace, name) {
   const metricCharts = Object.entries(hist.series || {})
     .filter(([n]) => !n.startsWith('nemesis.'))
     .map(([n, pts]) => h('div', { class: 'metric-chart' }, h('h3', { text: n }),
-      lineChart({ from: fromMs, to: toMs, height: 160, series: [{ name: n, points: pts, color: '#9333ea' }] })));
+      timeSeries({ from: fromMs, to: toMs, height: 160, label: `${n} over the window`, series: [{ name: n, points: pts, color: '#9333ea' }] })));
 
   const coldRows = hist.coldStarts.slice().reverse().map((c) => h('tr', {},
     h('td', { text: new Date(c.wakeAtMs).toLocaleString() }),
@@ -310,7 +221,7 @@ async function policyPage(namespace, name) {
   if (hist.truncated) main.append(h('p', { class: 'muted small', text: 'Lists show only the most recent entries; counts and statistics cover the whole window.' }));
 }
 
-// --- agents and alerts ---
+// --- agents ---
 
 async function agentsPage() {
   document.title = 'Agents · Nemesis';
@@ -330,21 +241,6 @@ async function agentsPage() {
     section('Node agents', table(['Node', 'Instance', 'Status', 'Last heartbeat', 'Services'], rows, 'No agent has called in yet.')));
 }
 
-async function alertsPage() {
-  document.title = 'Alerts · Nemesis';
-  const list = await api('/api/v1/alerts');
-  const rows = list.alerts.map((a) => h('tr', { 'data-alert': a.name },
-    h('td', { text: a.name }),
-    h('td', {}, h('span', { class: `badge ${a.firing ? 'badge-bad' : 'badge-unknown'}`, text: a.firing ? 'firing' : 'quiet' })),
-    h('td', { text: a.sinceMs ? ago(a.sinceMs) : '–' }),
-    h('td', { class: 'num', text: String(a.instances) }),
-    h('td', { text: a.policies.join(', ') || '–' })));
-  main.replaceChildren(...[
-    h('div', { class: 'page-head' }, h('h1', { text: 'Alerts' })),
-    list.webhookConfigured ? null : h('p', { class: 'notice', text: 'The Alertmanager webhook is not configured (--alertmanager-token-file): no alert can fire.' }),
-    section('Alerts', table(['Alert', 'Status', 'Since', 'Instances', 'Policies reacting'], rows, 'No alert is firing and no policy waits for one.'))].filter(Boolean));
-}
-
 // --- shell ---
 
 async function logout() {
@@ -361,7 +257,8 @@ function route() {
   const m = path.match(/^\/policies\/([^/]+)\/([^/]+)$/);
   if (m) return { nav: 'overview', run: () => policyPage(decodeURIComponent(m[1]), decodeURIComponent(m[2])) };
   if (path === '/agents') return { nav: 'agents', run: agentsPage };
-  if (path === '/alerts') return { nav: 'alerts', run: alertsPage };
+  if (path === '/alerts') return { nav: 'alerts', run: alertsPage, feed: 'alerts' };
+  if (path === '/reports') return { nav: 'reports', run: reportsPage, still: true };
   if (path === '/events') return { nav: 'events', run: eventsPage, still: true };
   if (path === '/edit') return { nav: 'edit', run: editPage, still: true };
   if (path === '/users') return { nav: 'users', run: usersPage, still: true };
@@ -371,7 +268,7 @@ function route() {
 
 async function start() {
   try {
-    session = await api('/api/v1/session');
+    setSession(await api('/api/v1/session'));
   } catch (e) {
     showError(e);
     return;
@@ -385,8 +282,12 @@ async function start() {
   for (const a of document.querySelectorAll('[data-nav]')) {
     a.classList.toggle('active', a.dataset.nav === r.nav);
   }
+  // A redraw keeps the keyboard where it was (the same control, found by its id).
   const refresh = async () => {
+    const focused = document.activeElement && document.activeElement.id;
     try { await r.run(); } catch (e) { showError(e); }
+    const again = focused && document.getElementById(focused);
+    if (again) again.focus();
   };
   await refresh();
   if (r.still) return;
@@ -401,31 +302,42 @@ async function start() {
     return JSON.stringify(ps.map((p) => [p.namespace, p.name, p.state, p.replicas, p.desiredReplicas, p.paused, p.ready, p.invalid,
       p.lastTransition && p.lastTransition.atMs, (p.conditions || []).map((c) => c.message)]));
   };
+  // The feed this page follows: the policies, or (the alerts page) the alerts Nemesis
+  // sends; a redraw at most once a second, and only when what the page shows changed.
+  const feed = r.feed || 'policies';
+  const keyOf = feed === 'alerts' ? (data) => JSON.stringify(JSON.parse(data).alerts) : liveKey;
   let pending = false;
   let seen = null;
-  try { seen = liveKey(JSON.stringify(await api('/api/v1/policies'))); } catch (e) { /* the feed will tell */ }
+  try {
+    seen = keyOf(JSON.stringify(await api(feed === 'alerts' ? '/api/alerts' : '/api/v1/policies')));
+  } catch (e) { /* the feed will tell */ }
   const stream = new EventSource('/api/v1/stream');
-  stream.addEventListener('policies', (ev) => {
-    const key = liveKey(ev.data);
+  stream.addEventListener(feed, (ev) => {
+    const key = keyOf(ev.data);
     if (key === seen) return;
     seen = key;
     if (pending) return;
     pending = true;
     setTimeout(async () => { pending = false; await refresh(); }, 1000);
   });
-  // Agents and alerts are not in the feed: those pages also refresh on a timer.
-  if (r.nav === 'agents' || r.nav === 'alerts') setInterval(refresh, 10000);
+  // Agents and Alertmanager's alerts are not in the feed: those pages also refresh on a
+  // timer.
+  if (r.nav === 'agents') setInterval(refresh, 10000);
+  if (r.nav === 'alerts') setInterval(refresh, 30000);
 }
 
 // --- events ---
 
 const KINDS = [['transition', 'Transitions'], ['scale', 'Scale events'], ['coldStart', 'Cold starts']];
 
+// The record as the store keeps it (snake_case fields; the outcome is tagged by kind).
 function eventSummary(e) {
   const r = e.record;
-  if (e.kind === 'transition') return `${r.fromState} → ${r.toState} (${r.fromReplicas} → ${r.toReplicas}): ${r.reason}`;
-  if (e.kind === 'scale') return `scaled ${r.fromReplicas} → ${r.toReplicas} in ${r.state}: ${r.reason}`;
-  return `cold start: ${r.outcome}${r.timeToReadyMs != null ? ` after ${duration(r.timeToReadyMs)}` : ''}, ${r.heldConnections} held`;
+  if (e.kind === 'transition') return `${r.from_state} → ${r.to_state} (${r.from_replicas} → ${r.to_replicas}): ${r.reason}`;
+  if (e.kind === 'scale') return `scaled ${r.from_replicas} → ${r.to_replicas} in ${r.state}: ${r.reason}`;
+  const o = r.outcome || {};
+  const outcome = o.kind === 'failed' && o.message ? `failed (${o.message})` : o.kind;
+  return `cold start: ${outcome}${r.time_to_ready_ms != null ? ` after ${duration(r.time_to_ready_ms)}` : ''}, ${r.held_connections} held`;
 }
 
 async function eventsPage() {

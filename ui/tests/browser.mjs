@@ -1,10 +1,10 @@
 // The UI in a real browser (Debian's chromium, driven by playwright-core):
 //   node ui/tests/browser.mjs <url> <password> [screenshot.png]
 // Logs in as admin, sees the overview list the seeded policy shop/checkout (and why
-// shop/blocked is not ready), opens its page and sees the state timeline and the
-// replica chart, takes a screenshot, logs out, and sees a wrong password refused with a
-// message. Any console error (a script error or
-// a Content-Security-Policy violation) fails the run. Prints one JSON line of findings.
+// shop/blocked is not ready), opens its page and sees the state timeline, the replica
+// chart and its metric (drawn by uPlot), takes a screenshot, logs out, and sees a wrong
+// password refused with a message. Any console error (a script error or a
+// Content-Security-Policy violation) fails the run. Prints one JSON line of findings.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -83,6 +83,12 @@ try {
   const pathLength = await page.locator('#replica-chart svg path.series').first().getAttribute('d');
   check(findings.timelineSegments >= 4, `four state segments in 24 h (got ${findings.timelineSegments})`);
   check(pathLength && pathLength.length > 40, 'the replica line has points');
+  // The policy's own metrics are drawn by uPlot (the charting library the controller
+  // embeds): a canvas, and a legend naming the series.
+  await page.locator('.metric-chart .uplot canvas').first().waitFor();
+  const metricLegend = await page.locator('.metric-chart .u-legend').first().innerText();
+  check(metricLegend.includes('conns.active'), `the metric chart's legend names it: ${metricLegend}`);
+  findings.metricCharts = await page.locator('.metric-chart .uplot').count();
   const coldRows = await page.locator('section:has(h2:text("Cold starts")) tbody tr').count();
   check(coldRows === 3, `three cold starts listed (got ${coldRows})`);
   findings.coldStartRows = coldRows;

@@ -2,17 +2,27 @@
 // by playwright-core) against a real controller on the test API server:
 //   node ui/tests/roles.mjs <url> <admin password> <screenshot dir>
 // The users vera (viewer, password vera-password-1) and otto (operator,
-// otto-password-1) exist; a Deployment and Service named web exist in default; no policy.
+// otto-password-1) exist; a Deployment and Service named web exist in default, api in
+// shop (run by the sandbox kubelet, at zero) with an AlertRule; no policy.
 // A viewer sees no edit controls and the API refuses its change with 403; an admin
 // creates the policy through the guided form (a typo first, shown with field and column)
-// and issues a token; the viewer's open overview shows the new policy without a reload;
-// an operator sees the automaton, pauses the policy, and the viewer sees it paused live;
-// the pages are reachable by keyboard; a screenshot of every page is kept; any console
-// error (a script error, a CSP violation) fails the run. Prints one JSON line.
+// and shop/api's in the YAML editor, and issues a token; the viewer's open overview shows the new policy without a reload;
+// an operator sees the automaton, pauses the policy, and the viewer sees it paused live.
+// Then shop/api (at zero, an AlertRule on ScaledFromZero with a webhook sink) wakes:
+// the script sends the wake request the node agent sends for a held connection
+// (NEMESIS_E2E_WAKE: path, agent token, body), the viewer's open overview shows the
+// transition out of zero and the operator's open alerts page the alert with its
+// delivery, both without a reload; the viewer has no Acknowledge button and the API
+// answers its acknowledgement with 403; the operator acknowledges through the page; the
+// admin opens the reports page (charts drawn by uPlot) and downloads the CSV, which the
+// Rust side checks. The pages are reachable by keyboard; a screenshot of every page is
+// kept; any console error (a script error, a CSP violation) fails the run. Prints one
+// JSON line.
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 const [url, password, shots] = process.argv.slice(2);
+const wake = process.env.NEMESIS_E2E_WAKE ? JSON.parse(process.env.NEMESIS_E2E_WAKE) : null;
 if (!url || !password || !shots) {
   console.error('usage: node ui/tests/roles.mjs <url> <admin password> <screenshot dir>');
   process.exit(2);
@@ -38,6 +48,7 @@ async function shot(page, name) {
   // A JavaScript null written into the page as text is a rendering bug.
   const text = await page.locator('main').innerText();
   check(!/(^|\n)null(\n|$)/.test(text), `the ${name} page shows a stray "null"`);
+  check(!/undefined|NaN|\[object Object\]/.test(text), `the ${name} page shows a missing value: ${text}`);
   const file = path.join(shots, `${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   findings.screenshots.push(file);
@@ -68,6 +79,15 @@ async function apiChange(page, method, p, body) {
     });
     return r.status;
   }, [method, p, body]);
+}
+
+// Polls `cond` (async, true when done) every second until it holds or `ms` passed.
+async function until(what, ms, cond) {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 1000));
+  }
 }
 
 // Tabs through the page and returns a description of each focused element.
@@ -129,6 +149,14 @@ try {
   await admin.click('#tab-yaml-btn');
   await admin.locator('#yaml-editor').waitFor({ state: 'visible' });
   await shot(admin, 'admin-editor-yaml');
+  // The full form: shop/api's policy (at zero until a connection comes), in YAML.
+  await admin.fill('#yaml-editor', [
+    'apiVersion: nemesis.dev/v1alpha1', 'kind: ScalingPolicy',
+    'metadata: {name: api, namespace: shop}',
+    'spec:', '  target: {deployment: api, service: api}',
+    '  minReplicas: 0', '  maxReplicas: 1', '  idleTimeout: 1h', ''].join('\n'));
+  await admin.click('#yaml-apply');
+  await admin.locator('#edit-result .ok >> text=Applied').waitFor();
 
   // The viewer's open overview shows it without a reload.
   const row = viewer.locator('tr[data-policy="default/web"]');
@@ -184,6 +212,132 @@ try {
   await viewer.locator('#automaton svg').waitFor();
   check(await viewer.locator('#pause-toggle').count() === 0, 'a viewer has no pause control');
   await shot(viewer, 'viewer-policy');
+
+  // --- a wake, live; an alert, acknowledged; the report ---
+  check(wake, 'NEMESIS_E2E_WAKE names the wake request');
+  await viewer.goto(`${base}/`);
+  const apiRow = viewer.locator('tr[data-policy="shop/api"]');
+  await apiRow.waitFor();
+  await viewer.waitForFunction(() => {
+    const r = document.querySelector('tr[data-policy="shop/api"] [data-state]');
+    return r && r.dataset.state === 'zero';
+  }, null, { timeout: 120000 });
+  await viewer.evaluate(() => { window.__noReload = true; });
+  await operator.goto(`${base}/alerts`);
+  const emptyAlerts = operator.locator('#alerts-empty');
+  await emptyAlerts.waitFor();
+  const emptyText = await emptyAlerts.innerText();
+  check(emptyText.includes('AlertRule') && emptyText.includes('kubectl apply'), `the empty alerts page says what to do: ${emptyText}`);
+  await shot(operator, 'operator-alerts-empty');
+  await operator.evaluate(() => { window.__noReload = true; });
+
+  // The node agent's wake request (a held connection arrived for shop/api).
+  const woke = await fetch(`${base}${wake.path}`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${wake.token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify(wake.body),
+  });
+  const wokeBody = await woke.json().catch(() => null);
+  check(woke.status === 200 && wokeBody && wokeBody.accepted === true, `the wake is accepted: ${woke.status} ${JSON.stringify(wokeBody)}`);
+
+  // The viewer's open overview shows it, without a reload.
+  await viewer.waitForFunction(() => {
+    const r = document.querySelector('tr[data-policy="shop/api"]');
+    return r && /zero →/.test(r.innerText);
+  }, null, { timeout: 120000 });
+  check(await viewer.evaluate(() => window.__noReload === true), 'the wake showed without a reload');
+  findings.wakeRow = (await apiRow.innerText()).replace(/\s+/g, ' ').trim();
+  await shot(viewer, 'viewer-overview-woken');
+
+  // The operator's open alerts page shows the alert and its delivery, live.
+  const alertRow = operator.locator('tr[data-alert]').first();
+  await alertRow.waitFor({ timeout: 120000 });
+  await operator.locator('tr[data-alert] li[data-sink="hook"] .badge >> text=delivered').waitFor({ timeout: 120000 });
+  check(await operator.evaluate(() => window.__noReload === true), 'the alert showed without a reload');
+  const alertText = (await alertRow.innerText()).replace(/\s+/g, ' ');
+  check(alertText.includes('NemesisScaledFromZero') && alertText.includes('shop/api') && alertText.includes('firing'),
+    `the alert row names the rule, the Service and its state: ${alertText}`);
+  findings.alertRow = alertText.trim();
+  const alertId = await alertRow.getAttribute('data-alert');
+
+  // The viewer: no button, and the API refuses.
+  await viewer.goto(`${base}/alerts`);
+  await viewer.locator(`tr[data-alert="${alertId}"]`).waitFor();
+  check(await viewer.locator('button.ack').count() === 0, 'a viewer has no Acknowledge button');
+  const viewerAck = await apiChange(viewer, 'POST', `/api/alerts/${encodeURIComponent(alertId)}/ack`);
+  check(viewerAck === 403, `the API refuses a viewer's acknowledgement (got ${viewerAck})`);
+  findings.viewerAckStatus = viewerAck;
+  await shot(viewer, 'viewer-alerts');
+
+  // The operator acknowledges, by keyboard.
+  const ackStops = await tabStops(operator, 40);
+  check(ackStops.some((x) => x.startsWith('button#ack-')), `Acknowledge is reachable by keyboard: ${ackStops.join(' ')}`);
+  await operator.locator('button.ack').first().focus();
+  await operator.keyboard.press('Enter');
+  await operator.locator(`tr[data-alert="${alertId}"] .ack-note >> text=acknowledged by otto`).waitFor();
+  await operator.locator('#alerts-note >> text=Acknowledged').waitFor();
+  check(await operator.locator('button.ack').count() === 0, 'no button left once acknowledged');
+  await shot(operator, 'operator-alerts-acknowledged');
+
+  // Wait for the wake's cold start to be recorded (the pod is ready), then the report.
+  await until('the wake\'s cold start, ready', 120000, () => admin.evaluate(async () => {
+    const r = await fetch('/api/v1/events?policy=shop/api&kind=coldStart&window=1h');
+    const page = await r.json();
+    return page.events.some((e) => e.record.outcome && e.record.outcome.kind === 'ready');
+  }));
+  // The events page lists the wake: its transition, scale and cold start.
+  await admin.goto(`${base}/events?policy=shop/api`);
+  await admin.locator('#ev-rows tr[data-kind="coldStart"]').waitFor();
+  const coldText = await admin.locator('#ev-rows tr[data-kind="coldStart"]').first().innerText();
+  check(coldText.includes('cold start: ready'), `the cold start is listed: ${coldText}`);
+  const wakeText = await admin.locator('#ev-rows tr[data-kind="transition"]').first().innerText();
+  check(wakeText.includes('zero → warm'), `the wake's transition is listed: ${wakeText}`);
+  await shot(admin, 'admin-events-wake');
+  await admin.goto(`${base}/reports`);
+  await admin.locator('#report-form').waitFor();
+  await shot(admin, 'admin-reports-cluster');
+  await admin.selectOption('#report-scope', 'namespace');
+  await admin.selectOption('#report-namespace', 'shop');
+  await admin.selectOption('#report-window', '1h');
+  await admin.click('#report-show');
+  await admin.locator('#report-scaling tr[data-report-service="shop/api"]').waitFor();
+  await admin.locator('#report-performance .plot canvas').first().waitFor();
+  findings.reportCharts = await admin.locator('#report-performance .uplot').count();
+  check(findings.reportCharts >= 1, `the report's series are charted: ${findings.reportCharts}`);
+  const transitionsListed = await admin.locator('#report-scaling tr[data-transition]').count();
+  check(transitionsListed >= 1, `the report lists the wake's transition (got ${transitionsListed})`);
+  const reportStops = await tabStops(admin, 40);
+  for (const want of ['select#report-scope', 'a#report-csv', 'button#report-show']) {
+    check(reportStops.some((x) => x.startsWith(want)), `${want} is reachable by keyboard: ${reportStops.join(' ')}`);
+  }
+  await shot(admin, 'admin-reports-shop');
+  const [download] = await Promise.all([admin.waitForEvent('download'), admin.click('#report-csv')]);
+  const csvFile = path.join(shots, 'report-shop.csv');
+  await download.saveAs(csvFile);
+  findings.reportCsv = csvFile;
+  const html = await admin.evaluate(async () => {
+    const a = document.getElementById('report-html');
+    const r = await fetch(a.href);
+    return [r.status, r.headers.get('content-type')];
+  });
+  check(html[0] === 200 && html[1].startsWith('text/html'), `the printable page is served: ${html}`);
+  // The page draws whatever the report holds: a series and a figure it has never seen
+  // (added to the server's answer on the way) get a chart and a row.
+  const isReport = (u) => u.pathname === '/api/reports' && u.searchParams.get('format') === 'json';
+  await admin.route(isReport, async (route) => {
+    const resp = await route.fetch();
+    const r = await resp.json();
+    for (const s of r.services) {
+      s.performance['latency.p99'] = { points: [[r.span.fromMs + 60000, 12], [r.span.toMs - 60000, 30]], avg: 21, max: 30 };
+      s.proxy = { errors: 3 };
+    }
+    await route.fulfill({ response: resp, json: r });
+  });
+  await admin.click('#report-show');
+  await admin.locator('[data-series="performance/latency.p99"] .uplot canvas').waitFor();
+  const extra = await admin.locator('tr[data-figure="proxy/errors"]').innerText();
+  check(extra.includes('shop/api') && extra.includes('3'), `a new figure gets a row: ${extra}`);
+  await admin.unroute(isReport);
 
   // 401 and 403 answers are logged by chromium as failed loads: expected, nothing else.
   const unexpected = consoleErrors.filter((e) => !/status of 40[13]/.test(e));

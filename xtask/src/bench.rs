@@ -14,10 +14,22 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("wake_to_scale_ms", "nemesis-tests", "bench-wake"),
     ("proxy", "nemesis-agent", "bench-proxy"),
     ("connect_overhead", "nemesis-agent", "bench-connect"),
-    ("policy_tick", "nemesis-controller", "bench-policy"),
+    ("lb_", "nemesis-agent", "bench-lb"),
+    ("policy_decide", "nemesis-controller", "bench-policy"),
+    ("policy_tick_status", "nemesis-tests", "bench-status"),
     ("ui_overview", "nemesis-controller", "bench-ui"),
     ("report_30d", "nemesis-controller", "bench-report"),
 ];
+
+/// (figure-name prefix filter, package, test target) of the benchmarks that are ignored
+/// tests, because they need the test suite's environment (the sandbox, the real agent
+/// and controller in-process): run with `--ignored`, their figures are the stdout lines
+/// of the form `name=number`.
+const TEST_BENCHES: &[(&str, &str, &str)] = &[(
+    "wake_to_first_byte",
+    "nemesis-tests",
+    "bench_wake_first_byte",
+)];
 
 pub fn run(only: Option<&str>) -> Result<()> {
     crate::setup::run_setup_steps()?;
@@ -49,6 +61,27 @@ pub fn run(only: Option<&str>) -> Result<()> {
             }
         }
     }
+    for (name, package, test) in TEST_BENCHES {
+        if only.is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let out = cargo()
+            .args(["test", "--release", "-p", package, "--test", test])
+            .args(["--", "--ignored", "--nocapture", "--test-threads", "1"])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running the benchmark test {test}"))?;
+        if !out.status.success() {
+            bail!("benchmark test {test} failed ({})", out.status);
+        }
+        for (k, v) in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(figure_line)
+        {
+            eprintln!("{k} = {v}");
+            figures.insert(k, Value::from(v));
+        }
+    }
     let path = root().join("target/nemesis-bench.json");
     std::fs::create_dir_all(path.parent().unwrap())?;
     std::fs::write(
@@ -57,4 +90,29 @@ pub fn run(only: Option<&str>) -> Result<()> {
     )?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// A `name=number` line of a test's output (the harness prints its own lines too).
+fn figure_line(line: &str) -> Option<(String, f64)> {
+    let (k, v) = line.trim().split_once('=')?;
+    let named = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    Some((k.to_string(), v.parse().ok()?)).filter(|_| named)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::figure_line;
+
+    #[test]
+    fn only_name_equals_number_lines_are_figures() {
+        assert_eq!(
+            figure_line("wake_to_first_byte_ms_p99=464.9"),
+            Some(("wake_to_first_byte_ms_p99".into(), 464.9))
+        );
+        assert_eq!(figure_line("test wake_to_first_byte ... ok"), None);
+        assert_eq!(figure_line("RUST_LOG=debug"), None);
+        assert_eq!(figure_line("x=not a number"), None);
+    }
 }

@@ -197,7 +197,9 @@ fn nextest() -> Result<()> {
     sh(crate::util::cargo().args(["install", "cargo-nextest", "--locked"]))
 }
 
-/// playwright-core for the UI's browser test (`ui/tests/browser.mjs`): `npm ci` in `ui/`
+/// The UI's npm packages: uPlot, the charting library the controller's build embeds
+/// (`nemesis-controller/build.rs`), and playwright-core for the UI's browser tests
+/// (`ui/tests/*.mjs`): `npm ci` in `ui/`
 /// when `ui/node_modules` is missing or `ui/package-lock.json` changed since the last
 /// install (a copy of the lock file in `node_modules` is the stamp).
 fn ui_node_modules() -> Result<()> {

@@ -1,7 +1,9 @@
 //! The front end's files from the repository's `ui/static/`, embedded at build time so
 //! the controller binary is the whole UI (no folder to mount, no version skew), and the
 //! page routes: the app page needs a session (else it redirects to `/login`). The files
-//! hold no data; everything they show comes from the JSON API.
+//! hold no data; everything they show comes from the JSON API. The charting library
+//! (uPlot, pinned in `ui/package-lock.json`) comes from `ui/node_modules` through
+//! `build.rs`, so no page loads anything from outside the controller.
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -43,6 +45,36 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../../ui/static/style.css"),
     ),
     (
+        "uplot.js",
+        "text/javascript; charset=utf-8",
+        include_str!(concat!(env!("OUT_DIR"), "/uPlot.iife.min.js")),
+    ),
+    (
+        "uplot.css",
+        "text/css; charset=utf-8",
+        include_str!(concat!(env!("OUT_DIR"), "/uPlot.min.css")),
+    ),
+    (
+        "common.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../ui/static/common.js"),
+    ),
+    (
+        "plots.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../ui/static/plots.js"),
+    ),
+    (
+        "reports.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../ui/static/reports.js"),
+    ),
+    (
+        "alerts.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../../ui/static/alerts.js"),
+    ),
+    (
         "favicon.svg",
         "image/svg+xml",
         include_str!("../../../ui/static/favicon.svg"),
@@ -53,8 +85,9 @@ fn html(body: &'static str) -> Response {
     ([(CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
 }
 
-/// The app's pages (overview, policy, agents, alerts, events, editor, users, tokens):
-/// one page that draws what its path names (the API decides what each role may do).
+/// The app's pages (overview, policy, agents, alerts, reports, events, editor, users,
+/// tokens): one page that draws what its path names (the API decides what each role
+/// may do).
 pub async fn app_page(State(ui): State<UiState>, headers: HeaderMap) -> Response {
     if authenticate(&ui, &headers).is_err() {
         return Redirect::to("/login").into_response();

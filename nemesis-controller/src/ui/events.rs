@@ -1,7 +1,8 @@
 //! The events page's API: `GET /api/v1/events` pages through transitions, scale events
 //! and cold starts of every policy (or one), newest first, with filters by policy and
 //! kind and a text search, and `GET /api/v1/stream`, the live feed (Server-Sent Events)
-//! that tells open pages when the policies changed. Read-only.
+//! that tells open pages when the policies or the alerts Nemesis sends changed.
+//! Read-only.
 //!
 //! Paging uses the store's `(at_ms, seq)` key as the cursor (`before=<at_ms>.<seq>`):
 //! the sequence is global, so a page that ends inside a millisecond continues with that
@@ -186,32 +187,69 @@ const STREAM_POLL: Duration = Duration::from_millis(500);
 /// that ended stops receiving, as the reconnect is authenticated anew).
 const STREAM_LIFETIME: Duration = Duration::from_secs(600);
 
+/// The feed's state between two events: what each kind last said, and what is due.
+struct Feed {
+    ui: UiState,
+    policies: String,
+    alerts: String,
+    due: std::collections::VecDeque<Event>,
+    first: bool,
+}
+
+/// The outbox as `GET /api/alerts` shows it, when this instance has a notifier.
+fn alerts_text(ui: &UiState) -> Option<String> {
+    let h = ui.sources.notify.as_ref()?;
+    let view = super::outbox::AlertsView {
+        leading: h.is_leading(),
+        sinks_configured: h.sinks().len(),
+        alerts: h.alerts(),
+    };
+    serde_json::to_string(&view).ok()
+}
+
 /// `GET /api/v1/stream`: an `event: policies` with the policy list (as
-/// `GET /api/v1/policies` answers) at once and whenever it changes.
+/// `GET /api/v1/policies` answers) and an `event: alerts` with the alerts Nemesis sends
+/// (as `GET /api/alerts` answers; absent where no notifier runs), each at once and
+/// whenever it changes.
 pub async fn stream(
     State(ui): State<UiState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let deadline = tokio::time::Instant::now() + STREAM_LIFETIME;
-    let feed = futures::stream::unfold(
-        (ui, String::new(), true),
-        move |(ui, last, first)| async move {
-            loop {
-                if !first {
-                    tokio::time::sleep(STREAM_POLL).await;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return None;
-                }
-                let Ok(Json(list)) = api::policies(State(ui.clone())).await else {
-                    continue;
-                };
+    let start = Feed {
+        ui,
+        policies: String::new(),
+        alerts: String::new(),
+        due: Default::default(),
+        first: true,
+    };
+    let feed = futures::stream::unfold(start, move |mut f| async move {
+        loop {
+            if let Some(ev) = f.due.pop_front() {
+                return Some((Ok(ev), f));
+            }
+            if !f.first {
+                tokio::time::sleep(STREAM_POLL).await;
+            }
+            f.first = false;
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            if let Ok(Json(list)) = api::policies(State(f.ui.clone())).await {
                 let text = serde_json::to_string(&list).unwrap_or_default();
-                if text != last {
-                    let ev = Event::default().event("policies").data(text.clone());
-                    return Some((Ok(ev), (ui, text, false)));
+                if text != f.policies {
+                    f.due
+                        .push_back(Event::default().event("policies").data(text.clone()));
+                    f.policies = text;
                 }
             }
-        },
-    );
+            if let Some(text) = alerts_text(&f.ui)
+                && text != f.alerts
+            {
+                f.due
+                    .push_back(Event::default().event("alerts").data(text.clone()));
+                f.alerts = text;
+            }
+        }
+    });
     Sse::new(feed).keep_alive(KeepAlive::default())
 }

@@ -7,7 +7,7 @@
 //!
 //! Routes (on the controller's API listener beside the agents' `/v1/...`, or on a TLS
 //! listener of their own, see [`tls`]): pages `/`, `/policies/{namespace}/{name}`,
-//! `/agents`, `/alerts`, `/login`, ...; assets under `/assets/`; `POST /login`,
+//! `/agents`, `/alerts`, `/reports`, `/login`, ...; assets under `/assets/`; `POST /login`,
 //! `POST /logout`; JSON under `/api/v1/` (see [`api`], [`users`], [`edit`]).
 
 pub mod accounts;
@@ -232,6 +232,7 @@ pub fn router(state: UiState) -> Router {
         .route("/policies/{namespace}/{name}", get(assets::app_page))
         .route("/agents", get(assets::app_page))
         .route("/alerts", get(assets::app_page))
+        .route("/reports", get(assets::app_page))
         .route("/events", get(assets::app_page))
         .route("/edit", get(assets::app_page))
         .route("/users", get(assets::app_page))

@@ -1,0 +1,571 @@
+//! `bench-lb`: balance mode against what nodes run today, kube-proxy's rules. Prints, for
+//! `cargo xtask bench` (issue 12 point 7), ratios each from A B B A blocks in this one run:
+//! - `lb_connect_overhead_ratio`: time for connect()+RST to a Service's ClusterIP from a
+//!   cgroup with the programs in balance mode (the connect is sent to a pod by the
+//!   connect hook) over the same to the pod IP from a sibling cgroup without programs, no
+//!   NAT rules loaded (goal <= 1.10);
+//! - `lb_connect_rate_ratio_vs_iptables_5000`: connections per second in balance mode
+//!   over kube-proxy's own DNAT path (no programs, ClusterIP), both with kube-proxy's
+//!   iptables rules for 5,000 Services of 3 endpoints loaded and the measured Service in
+//!   the middle of KUBE-SERVICES (goal >= 1.0);
+//!   `lb_connect_rate_ratio_vs_iptables_5000_skip`: the same with one rule added ahead of
+//!   kube-proxy's in nat OUTPUT that returns connections already addressed to the pod
+//!   CIDR (balance mode's) before the KUBE-SERVICES walk;
+//! - `lb_connect_rate_ratio_vs_nftables_5000`: the same against kube-proxy's nftables
+//!   mode (verdict maps) for the 5,000 Services (goal >= 1.2);
+//! - `lb_warm_throughput_ratio`: request/response round trips per second on one
+//!   established connection made through the Service address in balance mode over one
+//!   made straight to the pod (goal >= 0.95).
+//!
+//! The topology is a node and a pod, each a network namespace of this benchmark's own
+//! (nothing can leave the machine): the node namespace (this process, after
+//! `unshare`) holds the client and the rules; the pod (a child process of this binary in
+//! a namespace of its own, joined by a veth pair) has three pod IPs and a server that
+//! only accepts and closes (and, on a second port, echoes), so the server is never the
+//! bottleneck. Addresses: node link 198.18.0.0/24, pods 198.18.128.0/17 (the "cluster
+//! CIDR"), Services 198.19.0.0/16, all within 198.18.0.0/15, the benchmarking range.
+//! Needs root, iptables-restore and nft (Debian's iptables and nftables packages).
+#![deny(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nemesis_agent::ebpf::{
+    Datapath, DatapathConfig, Mode, Proto,
+    cgroup::{ChildCgroup, current_cgroup, move_process},
+    pins::ScratchBpffs,
+    prereq,
+};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::socket::{setsockopt, sockopt::Linger};
+
+const SERVICES: usize = 5_000;
+const ENDPOINTS: usize = 3;
+/// The measured Service: the middle of the list.
+const MEASURED: usize = SERVICES / 2;
+const POD_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 8081;
+const SERVICE_PORT: u16 = 80;
+const NODE_ADDR: &str = "198.18.0.1";
+const POD_LINK_ADDR: &str = "198.18.0.2";
+const POD_CIDR: &str = "198.18.128.0/17";
+/// The pod's three addresses: the measured Service's endpoints.
+const POD_IPS: [Ipv4Addr; ENDPOINTS] = [
+    Ipv4Addr::new(198, 18, 255, 1),
+    Ipv4Addr::new(198, 18, 255, 2),
+    Ipv4Addr::new(198, 18, 255, 3),
+];
+/// The Service the echo (throughput) figure dials.
+const ECHO_SERVICE: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+const CONNS_PER_RUN: usize = 500;
+const BLOCKS: usize = 60;
+const WARMUP: usize = 1_000;
+const ROUND_TRIPS_PER_RUN: usize = 5_000;
+const THROUGHPUT_BLOCKS: usize = 15;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The ClusterIP of Service `i` (198.19.0.1 upwards).
+fn cluster_ip(i: usize) -> Ipv4Addr {
+    let n = i + 1;
+    Ipv4Addr::new(198, 19, (n / 256) as u8, (n % 256) as u8)
+}
+
+/// The endpoints of Service `i`: the pod's three addresses for the measured one, other
+/// pod-CIDR addresses (never dialled) for the rest.
+fn endpoints(i: usize) -> [Ipv4Addr; ENDPOINTS] {
+    if i == MEASURED {
+        return POD_IPS;
+    }
+    let e = |k: usize| {
+        let n = i * ENDPOINTS + k;
+        Ipv4Addr::new(198, 18, 128 + (n / 256) as u8, (n % 256) as u8)
+    };
+    [e(0), e(1), e(2)]
+}
+
+fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--pod") {
+        return serve_pod();
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    // Private mount and network namespaces while this process still has one thread: the
+    // scratch bpffs and every rule and address vanish with the process.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+        .context("unsharing the mount and network namespaces (are you root?)")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let Some(root) = prereq::cgroup2_mount(&mounts) else {
+        bail!("no cgroup2 mount in /proc/mounts: bench-lb needs cgroup v2 (and root)");
+    };
+    let mut pod = Pod::start()?;
+    let pid = std::process::id();
+    let home = current_cgroup(&root).context("finding this process's cgroup")?;
+    let on = ChildCgroup::create(&root, &format!("nemesis-bench-lb-{pid}-on"))
+        .context("creating a child cgroup (are you root?)")?;
+    let off = ChildCgroup::create(&root, &format!("nemesis-bench-lb-{pid}-off"))?;
+    let bpffs = ScratchBpffs::mount(&format!("bench-lb-{pid}"))?;
+    let mut cfg = DatapathConfig::new(format!("bench-lb-{pid}"));
+    cfg.cgroup = Some(on.path().to_path_buf());
+    cfg.bpffs = Some(bpffs.path().to_path_buf());
+    let dp = Datapath::load_or_adopt(&cfg)?;
+
+    let result = run(&dp, on.path(), off.path());
+
+    move_process(&home, pid).context("moving back to the original cgroup")?;
+    dp.detach()?;
+    on.remove()?;
+    off.remove()?;
+    drop(bpffs);
+    pod.stop();
+    let figures = result?;
+    for (name, value) in figures {
+        println!("{name}={value:.4}");
+    }
+    Ok(())
+}
+
+fn run(dp: &Datapath, on: &Path, off: &Path) -> Result<Vec<(&'static str, f64)>> {
+    let service = SocketAddr::from((cluster_ip(MEASURED), SERVICE_PORT));
+    let pods: Vec<SocketAddr> = POD_IPS
+        .iter()
+        .map(|ip| SocketAddr::from((*ip, POD_PORT)))
+        .collect();
+    dp.upsert_service(service, Proto::Tcp, Mode::Balance)?;
+    dp.set_backends(service, Proto::Tcp, &pods)?;
+    let echo_service = SocketAddr::from((ECHO_SERVICE, SERVICE_PORT));
+    let echo_pod = SocketAddr::from((POD_IPS[0], ECHO_PORT));
+    dp.upsert_service(echo_service, Proto::Tcp, Mode::Balance)?;
+    dp.set_backends(echo_service, Proto::Tcp, &[echo_pod])?;
+
+    let mut out = vec![];
+    // No rules: the programs' own cost.
+    out.push((
+        "lb_connect_overhead_ratio",
+        time_ratio("balance vs pod IP, no rules", (on, service), (off, pods[0]))?,
+    ));
+    out.push((
+        "lb_warm_throughput_ratio",
+        throughput_ratio(on, echo_service, off, echo_pod)?,
+    ));
+
+    load_iptables(false)?;
+    // Both sides now walk the rules: balance mode's connect (to a pod IP) matches
+    // nothing; kube-proxy's (to the ClusterIP) is DNAT-ed halfway down.
+    let t = time_ratio(
+        "balance vs kube-proxy iptables",
+        (on, service),
+        (off, service),
+    )?;
+    out.push(("lb_connect_rate_ratio_vs_iptables_5000", 1.0 / t));
+    load_iptables(true)?;
+    let t = time_ratio(
+        "balance (+pod CIDR skip rule) vs kube-proxy iptables",
+        (on, service),
+        (off, service),
+    )?;
+    out.push(("lb_connect_rate_ratio_vs_iptables_5000_skip", 1.0 / t));
+    flush_iptables()?;
+
+    load_nftables()?;
+    let t = time_ratio(
+        "balance vs kube-proxy nftables",
+        (on, service),
+        (off, service),
+    )?;
+    out.push(("lb_connect_rate_ratio_vs_nftables_5000", 1.0 / t));
+    sh(
+        Command::new("nft").args(["delete", "table", "ip", "kube-proxy"]),
+        None,
+    )?;
+    Ok(out)
+}
+
+// === the pod ===
+
+/// The pod: this binary with `--pod`, in a network namespace of its own.
+struct Pod {
+    child: Child,
+}
+
+impl Pod {
+    fn start() -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("--pod")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the pod process")?;
+        let mut lines = BufReader::new(child.stdout.take().context("pod stdout")?).lines();
+        let mut expect = |what: &str| -> Result<()> {
+            match lines.next() {
+                Some(Ok(l)) if l == what => Ok(()),
+                other => bail!("the pod process said {other:?}, expected {what}"),
+            }
+        };
+        expect("netns")?;
+        let pid = child.id().to_string();
+        // The node's side of the link; the pod's side goes into its namespace.
+        ip(&["link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", "nbl0", "type", "veth", "peer", "name", "nbl1", "netns", &pid,
+        ])?;
+        ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", "nbl0"])?;
+        ip(&["link", "set", "nbl0", "up"])?;
+        ip(&["route", "add", POD_CIDR, "dev", "nbl0"])?;
+        // ClusterIPs are virtual: routed towards the pods, rewritten before they leave.
+        ip(&["route", "add", "198.19.0.0/16", "dev", "nbl0"])?;
+        let stdin = child.stdin.as_mut().context("pod stdin")?;
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        expect("listening")?;
+        Ok(Self { child })
+    }
+
+    fn stop(&mut self) {
+        drop(self.child.stdin.take()); // EOF: the pod exits
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_pod() -> Result<()> {
+    unshare(CloneFlags::CLONE_NEWNET).context("unsharing the pod's network namespace")?;
+    println!("netns");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    ensure!(line.trim() == "go", "the node said {line:?}");
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&["addr", "add", &format!("{POD_LINK_ADDR}/24"), "dev", "nbl1"])?;
+    for a in POD_IPS {
+        ip(&["addr", "add", &format!("{a}/32"), "dev", "nbl1"])?;
+    }
+    ip(&["link", "set", "nbl1", "up"])?;
+    let accept = listen(SocketAddr::from(([0, 0, 0, 0], POD_PORT)))?;
+    let echo = listen(SocketAddr::from(([0, 0, 0, 0], ECHO_PORT)))?;
+    std::thread::spawn(move || {
+        for s in accept.incoming() {
+            drop(s);
+        }
+    });
+    std::thread::spawn(move || {
+        for s in echo.incoming().flatten() {
+            std::thread::spawn(move || echo_loop(s));
+        }
+    });
+    println!("listening");
+    std::io::stdout().flush()?;
+    // Until the node closes stdin.
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    Ok(())
+}
+
+fn echo_loop(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut buf = [0u8; 64];
+    while s.read_exact(&mut buf).is_ok() {
+        if s.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+// === kube-proxy's rules ===
+
+/// kube-proxy's iptables mode, nat table, as its proxier writes it (KUBE-SERVICES ->
+/// KUBE-SVC-* with the statistic match -> KUBE-SEP-* DNAT, masquerade marks, the
+/// nodeports jump last). `skip`: one rule ahead of KUBE-SERVICES in OUTPUT returning
+/// connections already addressed to the pod CIDR.
+fn iptables_rules(skip: bool) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
+        chains.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    if skip {
+        rules.push_str(&format!(
+            "-A OUTPUT -d {POD_CIDR} -m comment --comment \"nemesis: already addressed to a pod\" -j RETURN\n"
+        ));
+    }
+    rules.push_str(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    rules.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    rules.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
+    rules.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+    rules.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+    rules.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
+    rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    for i in 0..SERVICES {
+        let svc = format!("KUBE-SVC-{i:016X}");
+        let ip = cluster_ip(i);
+        let name = format!("bench/svc-{i}:http");
+        chains.push_str(&format!(":{svc} - [0:0]\n"));
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {SERVICE_PORT} -j {svc}\n"
+        ));
+        rules.push_str(&format!(
+            "-A {svc} ! -s {POD_CIDR} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {SERVICE_PORT} -j KUBE-MARK-MASQ\n"
+        ));
+        for (k, ep) in endpoints(i).iter().enumerate() {
+            let sep = format!("KUBE-SEP-{:016X}", i * ENDPOINTS + k);
+            chains.push_str(&format!(":{sep} - [0:0]\n"));
+            let left = ENDPOINTS - k;
+            let pick = if left > 1 {
+                format!(
+                    "-m statistic --mode random --probability {:.11} ",
+                    1.0 / left as f64
+                )
+            } else {
+                String::new()
+            };
+            rules.push_str(&format!(
+                "-A {svc} -m comment --comment \"{name} -> {ep}:{POD_PORT}\" {pick}-j {sep}\n"
+            ));
+            rules.push_str(&format!(
+                "-A {sep} -s {ep}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n"
+            ));
+            rules.push_str(&format!(
+                "-A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {ep}:{POD_PORT}\n"
+            ));
+        }
+    }
+    rules.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    format!("*nat\n{chains}{rules}COMMIT\n")
+}
+
+fn load_iptables(skip: bool) -> Result<()> {
+    // A fresh nat table each time (the restore replaces the whole table).
+    sh(
+        &mut Command::new("iptables-restore"),
+        Some(&iptables_rules(skip)),
+    )
+}
+
+fn flush_iptables() -> Result<()> {
+    sh(
+        &mut Command::new("iptables-restore"),
+        Some(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n",
+        ),
+    )
+}
+
+/// kube-proxy's nftables mode, as its proxier lays it out: a `services` chain that
+/// looks the destination up in the `service-ips` verdict map, one chain per Service
+/// choosing an endpoint with `numgen random`, one chain per endpoint with the DNAT, the
+/// masquerade mark, and the filter-side checks for new connections.
+fn nftables_rules() -> String {
+    let mut s = String::from(
+        "table ip kube-proxy {\n\
+         \tmap service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
+         \tmap service-nodeports { type inet_proto . inet_service : verdict; }\n\
+         \tmap no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
+         \tmap firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
+         \tchain mark-for-masquerade { meta mark set meta mark | 0x4000; }\n\
+         \tchain masquerading { meta mark & 0x4000 == 0 return; meta mark set meta mark ^ 0x4000; masquerade fully-random; }\n\
+         \tchain services { ip daddr . meta l4proto . th dport vmap @service-ips; fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports; }\n\
+         \tchain service-endpoints-check { ip daddr . meta l4proto . th dport vmap @no-endpoint-services; }\n\
+         \tchain firewall-check { ip daddr . meta l4proto . th dport vmap @firewall-ips; }\n\
+         \tchain filter-output { type filter hook output priority -110; ct state new jump service-endpoints-check; ct state new jump firewall-check; }\n\
+         \tchain nat-output { type nat hook output priority -100; jump services; }\n\
+         \tchain nat-prerouting { type nat hook prerouting priority -100; jump services; }\n\
+         \tchain nat-postrouting { type nat hook postrouting priority 100; jump masquerading; }\n",
+    );
+    let mut elements = Vec::with_capacity(SERVICES);
+    for i in 0..SERVICES {
+        let ip = cluster_ip(i);
+        let eps = endpoints(i);
+        let mut pick = Vec::new();
+        for (k, ep) in eps.iter().enumerate() {
+            s.push_str(&format!(
+                "\tchain endpoint-{i}-{k} {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:{POD_PORT}; }}\n"
+            ));
+            pick.push(format!("{k} : goto endpoint-{i}-{k}"));
+        }
+        s.push_str(&format!(
+            "\tchain service-{i} {{ ip daddr {ip} tcp dport {SERVICE_PORT} ip saddr != {POD_CIDR} jump mark-for-masquerade; numgen random mod {ENDPOINTS} vmap {{ {} }}; }}\n",
+            pick.join(", ")
+        ));
+        elements.push(format!("{ip} . tcp . {SERVICE_PORT} : goto service-{i}"));
+    }
+    s.push_str("}\n");
+    s.push_str(&format!(
+        "add element ip kube-proxy service-ips {{ {} }}\n",
+        elements.join(", ")
+    ));
+    s
+}
+
+fn load_nftables() -> Result<()> {
+    sh(
+        Command::new("nft").args(["-f", "-"]),
+        Some(&nftables_rules()),
+    )
+}
+
+// === measuring ===
+
+/// Median over A B B A blocks of (time of `a` / time of `b`), each side connecting
+/// from its cgroup to its address and closing with RST.
+fn time_ratio(what: &str, a: (&Path, SocketAddr), b: (&Path, SocketAddr)) -> Result<f64> {
+    let pid = std::process::id();
+    let side = |(cg, addr): (&Path, SocketAddr), n: usize| -> Result<Duration> {
+        move_process(cg, pid)?;
+        connect_close(addr, n)
+    };
+    side(b, WARMUP)?;
+    side(a, WARMUP)?;
+    let mut ratios = Vec::with_capacity(BLOCKS);
+    for _ in 0..BLOCKS {
+        let b1 = side(b, CONNS_PER_RUN)?;
+        let a1 = side(a, CONNS_PER_RUN)?;
+        let a2 = side(a, CONNS_PER_RUN)?;
+        let b2 = side(b, CONNS_PER_RUN)?;
+        ratios.push((a1 + a2).as_secs_f64() / (b1 + b2).as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    eprintln!(
+        "{what}: time ratio median {median:.4} over {BLOCKS} A B B A blocks (quartiles {:.4} .. {:.4})",
+        ratios[ratios.len() / 4],
+        ratios[ratios.len() * 3 / 4]
+    );
+    Ok(median)
+}
+
+/// `n` times: connect, then close with RST. Returns the elapsed time.
+fn connect_close(addr: SocketAddr, n: usize) -> Result<Duration> {
+    let rst = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let start = Instant::now();
+    for i in 0..n {
+        let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            .with_context(|| format!("connect {i} of {n} to {addr}"))?;
+        setsockopt(&s, Linger, &rst).context("setting SO_LINGER {on, 0}")?;
+        drop(s);
+    }
+    Ok(start.elapsed())
+}
+
+/// Median over A B B A blocks of (round trips per second on a connection made through
+/// the Service address with the programs / on one made to the pod without).
+fn throughput_ratio(on: &Path, service: SocketAddr, off: &Path, pod: SocketAddr) -> Result<f64> {
+    let pid = std::process::id();
+    // Sockets keep the cgroup they were made in: each connection is made on its side.
+    move_process(on, pid)?;
+    let mut through = TcpStream::connect_timeout(&service, CONNECT_TIMEOUT)?;
+    move_process(off, pid)?;
+    let mut direct = TcpStream::connect_timeout(&pod, CONNECT_TIMEOUT)?;
+    for s in [&through, &direct] {
+        s.set_nodelay(true)?;
+    }
+    ensure!(
+        through.peer_addr()?.ip() == pod.ip(),
+        "balance mode sent the connection to {}, not the pod",
+        through.peer_addr()?
+    );
+    round_trips(&mut direct, ROUND_TRIPS_PER_RUN)?;
+    round_trips(&mut through, ROUND_TRIPS_PER_RUN)?;
+    let mut ratios = Vec::with_capacity(THROUGHPUT_BLOCKS);
+    for _ in 0..THROUGHPUT_BLOCKS {
+        let b1 = round_trips(&mut direct, ROUND_TRIPS_PER_RUN)?;
+        let a1 = round_trips(&mut through, ROUND_TRIPS_PER_RUN)?;
+        let a2 = round_trips(&mut through, ROUND_TRIPS_PER_RUN)?;
+        let b2 = round_trips(&mut direct, ROUND_TRIPS_PER_RUN)?;
+        // Throughput ratio: the inverse of the time ratio.
+        ratios.push((b1 + b2).as_secs_f64() / (a1 + a2).as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    eprintln!(
+        "round trips through the Service address vs to the pod: median ratio {median:.4} (quartiles {:.4} .. {:.4})",
+        ratios[ratios.len() / 4],
+        ratios[ratios.len() * 3 / 4]
+    );
+    Ok(median)
+}
+
+fn round_trips(s: &mut TcpStream, n: usize) -> Result<Duration> {
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let start = Instant::now();
+    for _ in 0..n {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+    }
+    Ok(start.elapsed())
+}
+
+// === commands ===
+
+fn ip(args: &[&str]) -> Result<()> {
+    sh(Command::new("ip").args(args), None)
+}
+
+/// Runs `cmd` (with `input` on stdin) and fails with its stderr.
+fn sh(cmd: &mut Command, input: Option<&str>) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {what} (is it installed? `cargo xtask setup`)"))?;
+    if let Some(text) = input {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
