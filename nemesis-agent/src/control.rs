@@ -223,6 +223,8 @@ impl ReportSource for AgentReports {
                     held_connections: self.proxy.held(&service) as u64,
                     hold_ports: self.holds.listening(&service),
                     holds_total: self.proxy.holds_total(&service),
+                    holds_refused_total: self.proxy.holds_refused_total(&service),
+                    proxy_errors: self.proxy.errors_total(&service),
                     service,
                 }
             })

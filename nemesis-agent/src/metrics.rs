@@ -183,6 +183,59 @@ impl From<&ServiceRef> for ServiceLabels {
     }
 }
 
+/// What went wrong for the proxy between a held connection and its Service's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyErrorKind {
+    /// A ready backend refused the connect (or another connect error).
+    ConnectFailed,
+    /// A ready backend did not answer the connect within the connect timeout.
+    ConnectTimeout,
+    /// A forwarded connection was reset by either side.
+    Reset,
+    /// A forwarded connection ended with another I/O error.
+    Other,
+}
+
+impl ProxyErrorKind {
+    pub const ALL: [ProxyErrorKind; 4] = [
+        ProxyErrorKind::ConnectFailed,
+        ProxyErrorKind::ConnectTimeout,
+        ProxyErrorKind::Reset,
+        ProxyErrorKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyErrorKind::ConnectFailed => "connect_failed",
+            ProxyErrorKind::ConnectTimeout => "connect_timeout",
+            ProxyErrorKind::Reset => "reset",
+            ProxyErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind of a forwarded connection's I/O error.
+    pub fn of_io(err: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match err.kind() {
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => ProxyErrorKind::Reset,
+            _ => ProxyErrorKind::Other,
+        }
+    }
+}
+
+impl EncodeLabelValue for ProxyErrorKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProxyErrorLabels {
+    pub namespace: String,
+    pub service: String,
+    pub kind: ProxyErrorKind,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: Outcome,
@@ -212,6 +265,12 @@ pub struct ProxyMetrics {
     /// Connections taken into hold since the agent started, per Service: what a cold
     /// start held is a difference of these (the gauge misses those already forwarded).
     pub holds: Family<ServiceLabels, Counter>,
+    /// Connections refused at once at a held-connection bound, per Service (the
+    /// controller reports them and alerts on them: `HoldsRefused`).
+    pub holds_refused: Family<ServiceLabels, Counter>,
+    /// Errors seen between held connections and their Service's backends, per Service
+    /// and kind.
+    pub errors: Family<ProxyErrorLabels, Counter>,
     pub hold_duration: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
     pub wakeups: Family<WakeLabels, Counter>,
     pub outcomes: Family<OutcomeLabels, Counter>,
@@ -247,6 +306,8 @@ impl ProxyMetrics {
         Self {
             held: Family::default(),
             holds: Family::default(),
+            holds_refused: Family::default(),
+            errors: Family::default(),
             hold_duration,
             wakeups: Family::default(),
             outcomes,
@@ -266,6 +327,18 @@ impl ProxyMetrics {
             "nemesis_agent_proxy_holds",
             "Connections the proxy took into hold since the agent started, per Service",
             self.holds.clone(),
+        );
+        registry.register(
+            "nemesis_agent_proxy_holds_refused",
+            "Connections the proxy refused at once because a held-connection bound (the \
+             Service's or the agent's) was reached, per Service",
+            self.holds_refused.clone(),
+        );
+        registry.register(
+            "nemesis_agent_proxy_errors",
+            "Errors the proxy saw for a Service: backend dials that failed or timed out, \
+             forwarded connections reset or failed; per Service and kind",
+            self.errors.clone(),
         );
         registry.register_with_unit(
             "nemesis_agent_proxy_hold_duration",
@@ -341,6 +414,40 @@ impl ProxyMetrics {
         self.holds.get_or_create(&service.into()).get()
     }
 
+    pub fn holds_refused_total(&self, service: &ServiceRef) -> u64 {
+        self.holds_refused.get_or_create(&service.into()).get()
+    }
+
+    /// Counts a proxy error for `service`.
+    pub fn error(&self, service: &ServiceRef, kind: ProxyErrorKind) {
+        self.errors
+            .get_or_create(&ProxyErrorLabels {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The proxy's errors for `service` since the agent started, by kind.
+    pub fn errors_total(&self, service: &ServiceRef) -> nemesis_common::wire::ProxyErrors {
+        let n = |kind| {
+            self.errors
+                .get(&ProxyErrorLabels {
+                    namespace: service.namespace.clone(),
+                    service: service.name.clone(),
+                    kind,
+                })
+                .map_or(0, |c| c.get())
+        };
+        nemesis_common::wire::ProxyErrors {
+            connect_failed: n(ProxyErrorKind::ConnectFailed),
+            connect_timeouts: n(ProxyErrorKind::ConnectTimeout),
+            resets: n(ProxyErrorKind::Reset),
+            other: n(ProxyErrorKind::Other),
+        }
+    }
+
     pub fn bytes_total(&self, direction: Direction) -> u64 {
         self.bytes
             .get_or_create(&DirectionLabels { direction })
@@ -352,6 +459,14 @@ impl ProxyMetrics {
         let labels = ServiceLabels::from(service);
         self.held.remove(&labels);
         self.holds.remove(&labels);
+        self.holds_refused.remove(&labels);
+        for kind in ProxyErrorKind::ALL {
+            self.errors.remove(&ProxyErrorLabels {
+                namespace: labels.namespace.clone(),
+                service: labels.service.clone(),
+                kind,
+            });
+        }
         for result in [
             WakeResult::Accepted,
             WakeResult::Rejected,

@@ -105,6 +105,41 @@ pub struct ServiceReport {
     /// Absent from agents older than the field.
     #[serde(default)]
     pub holds_total: u64,
+    /// Connections this agent's proxy refused at once because a held-connection bound
+    /// (the Service's `maxHeldConnections` or the agent's total) was reached, since it
+    /// started; differenced like `holds_total`. 0 from agents that predate it.
+    #[serde(default)]
+    pub holds_refused_total: u64,
+    /// Errors this agent's proxy saw for the Service since it started, differenced like
+    /// `holds_total`: dials of a ready backend that failed or timed out, and forwarded
+    /// connections that ended in a reset or another I/O error. 0 from agents that
+    /// predate it.
+    #[serde(default)]
+    pub proxy_errors: ProxyErrors,
+}
+
+/// The proxy's errors for one Service, by kind (monotonic per agent process).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyErrors {
+    /// A ready backend refused the connection (or another connect error).
+    #[serde(default)]
+    pub connect_failed: u64,
+    /// A ready backend did not answer the connect within the proxy's connect timeout.
+    #[serde(default)]
+    pub connect_timeouts: u64,
+    /// A forwarded connection was reset (by the client or the backend).
+    #[serde(default)]
+    pub resets: u64,
+    /// A forwarded connection ended with another I/O error (including timeouts).
+    #[serde(default)]
+    pub other: u64,
+}
+
+impl ProxyErrors {
+    pub fn total(&self) -> u64 {
+        self.connect_failed + self.connect_timeouts + self.resets + self.other
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -174,9 +174,17 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
             "no --alertmanager-token-file: the Alertmanager webhook is not served and alert(...) conditions never fire"
         );
     }
-    if let Some(url) = &args.prometheus_url {
-        PromClient::new(url, DEFAULT_QUERY_TIMEOUT).map_err(StartError::PrometheusUrl)?;
-    }
+    let report_prometheus = match &args.prometheus_url {
+        Some(url) => Some(ui::reports::ReportPrometheus {
+            client: PromClient::new(url, DEFAULT_QUERY_TIMEOUT)
+                .map_err(StartError::PrometheusUrl)?,
+            usage: crate::reports::usage::UsageQueries {
+                cpu: args.report_cpu_usage_query.clone(),
+                memory: args.report_memory_usage_query.clone(),
+            },
+        }),
+        None => None,
+    };
     let ui_password = args
         .ui_password_file
         .as_ref()
@@ -275,6 +283,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
             alert_webhook: alert_token.is_some(),
             notify: None,
             kube: Some(client.clone()),
+            prometheus: report_prometheus.clone(),
         })),
     );
     background.push(tokio::spawn(notifier.run(core_stop.clone())));
@@ -330,6 +339,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
                 alert_webhook: alert_token.is_some(),
                 kube: Some(client.clone()),
                 notify: Some(notify_handle),
+                prometheus: report_prometheus,
             },
         );
         match (ui_tls.clone(), ui_listener, ui_addr) {

@@ -79,6 +79,22 @@ pub struct RunArgs {
     #[arg(long, env = "NEMESIS_CONTROLLER_PROMETHEUS_URL")]
     pub prometheus_url: Option<String>,
 
+    /// With `--prometheus-url`: the PromQL for the CPU cores a Service's pods used on
+    /// average over each step of a report (`$namespace`, `$pod` (a regex of the target's
+    /// pods) and `$range` (the step, at least a minute) are filled in); reports sum it
+    /// into CPU core-hours. Default: cAdvisor's `container_cpu_usage_seconds_total` as
+    /// a rate.
+    #[arg(long, env = "NEMESIS_CONTROLLER_REPORT_CPU_USAGE_QUERY",
+          default_value = crate::reports::usage::DEFAULT_CPU_USAGE_QUERY)]
+    pub report_cpu_usage_query: String,
+
+    /// With `--prometheus-url`: the PromQL for the memory bytes a Service's pods used on
+    /// average over each step (placeholders as `--report-cpu-usage-query`); reports sum
+    /// it into GiB-hours. Default: cAdvisor's `container_memory_working_set_bytes`.
+    #[arg(long, env = "NEMESIS_CONTROLLER_REPORT_MEMORY_USAGE_QUERY",
+          default_value = crate::reports::usage::DEFAULT_MEMORY_USAGE_QUERY)]
+    pub report_memory_usage_query: String,
+
     /// The redb history file.
     #[arg(long, env = "NEMESIS_CONTROLLER_STORE_PATH", default_value = DEFAULT_STORE_PATH)]
     pub store_path: PathBuf,

@@ -64,6 +64,7 @@ pub enum PromError {
 pub struct PromClient {
     base: Url,
     query_url: Url,
+    range_url: Url,
     http: reqwest::Client,
     timeout: Duration,
 }
@@ -90,6 +91,9 @@ impl PromClient {
         let query_url = base
             .join("api/v1/query")
             .map_err(|e| invalid(&e.to_string()))?;
+        let range_url = base
+            .join("api/v1/query_range")
+            .map_err(|e| invalid(&e.to_string()))?;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -98,6 +102,7 @@ impl PromClient {
         Ok(Self {
             base,
             query_url,
+            range_url,
             http,
             timeout,
         })
@@ -161,6 +166,67 @@ impl PromClient {
                 message: error,
             }),
             Ok(ApiResponse::Success { data, .. }) => single_value(promql, data),
+            Err(e) if status.is_success() => Err(PromError::DecodeResponse {
+                url,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(PromError::HttpStatus {
+                url,
+                query: promql.to_string(),
+                status: status.as_u16(),
+                body: snippet(&body),
+            }),
+        }
+    }
+
+    /// Evaluates `promql` from `start` to `end` (Unix seconds) every `step` seconds
+    /// (reports' series). The result must be at most one series (none: no data, an
+    /// empty list); its points come back as `(unix seconds, value)`, NaNs left out.
+    pub async fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: f64,
+    ) -> Result<Vec<(f64, f64)>, PromError> {
+        let url = self.base.as_str().trim_end_matches('/').to_string();
+        let server_timeout = format!("{}ms", self.timeout.as_millis().max(1));
+        let (start, end, step) = (
+            format!("{start:.3}"),
+            format!("{end:.3}"),
+            format!("{step:.3}"),
+        );
+        let form = [
+            ("query", promql),
+            ("start", start.as_str()),
+            ("end", end.as_str()),
+            ("step", step.as_str()),
+            ("timeout", server_timeout.as_str()),
+        ];
+        let resp = match self
+            .http
+            .post(self.range_url.clone())
+            .form(&form)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Err(self.transport_error(&url, &e)),
+        };
+        let status = resp.status();
+        let body = read_limited(resp)
+            .await
+            .map_err(|e| self.body_error(&url, &e))?;
+        match serde_json::from_slice::<RangeResponse>(&body) {
+            Ok(RangeResponse::Error {
+                error_type, error, ..
+            }) => Err(PromError::Rejected {
+                url,
+                query: promql.to_string(),
+                error_type,
+                message: error,
+            }),
+            Ok(RangeResponse::Success { data }) => range_points(promql, data),
             Err(e) if status.is_success() => Err(PromError::DecodeResponse {
                 url,
                 reason: e.to_string(),
@@ -280,7 +346,72 @@ struct VectorSample {
 /// `[<unix seconds>, "<value>"]`: Prometheus sends values as strings so NaN and
 /// infinities survive JSON.
 #[derive(Deserialize)]
-struct SamplePair(#[allow(dead_code)] f64, String);
+struct SamplePair(f64, String);
+
+#[derive(Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+enum RangeResponse {
+    Success {
+        data: RangeData,
+    },
+    Error {
+        #[serde(rename = "errorType", default)]
+        error_type: String,
+        #[serde(default)]
+        error: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "resultType", content = "result", rename_all = "lowercase")]
+enum RangeData {
+    Matrix(Vec<MatrixSeries>),
+    Vector(serde::de::IgnoredAny),
+    Scalar(serde::de::IgnoredAny),
+    String(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct MatrixSeries {
+    values: Vec<SamplePair>,
+}
+
+/// The points of a range query's one series (none: no data).
+fn range_points(query: &str, data: RangeData) -> Result<Vec<(f64, f64)>, PromError> {
+    let mut series = match data {
+        RangeData::Matrix(m) => m,
+        _ => {
+            return Err(PromError::NotScalar {
+                query: query.to_string(),
+                result_type: "not a range result (matrix)".into(),
+            });
+        }
+    };
+    match series.len() {
+        0 => Ok(Vec::new()),
+        1 => {
+            let mut out = Vec::new();
+            for SamplePair(t, v) in series.remove(0).values {
+                let v = match v.as_str() {
+                    "+Inf" => f64::INFINITY,
+                    "-Inf" => f64::NEG_INFINITY,
+                    s => s.parse::<f64>().map_err(|_| PromError::NotANumber {
+                        query: query.to_string(),
+                        value: v.clone(),
+                    })?,
+                };
+                if !v.is_nan() {
+                    out.push((t, v));
+                }
+            }
+            Ok(out)
+        }
+        count => Err(PromError::MultipleSeries {
+            query: query.to_string(),
+            count,
+        }),
+    }
+}
 
 /// The decision part: which answers count as one number. Pure, so it is tested
 /// without a server.
@@ -377,6 +508,36 @@ mod tests {
         assert!(matches!(e, Err(PromError::NotScalar { .. })));
         let e = parse(r#"{"status":"success","data":{"resultType":"scalar","result":[1,"NaN"]}}"#);
         assert!(matches!(e, Err(PromError::NotANumber { .. })));
+    }
+
+    fn parse_range(json: &str) -> Result<Vec<(f64, f64)>, PromError> {
+        match serde_json::from_str::<RangeResponse>(json).unwrap() {
+            RangeResponse::Success { data } => range_points("q", data),
+            RangeResponse::Error { .. } => panic!("error response"),
+        }
+    }
+
+    #[test]
+    fn a_range_answer_is_one_series_of_points_or_none() {
+        let pts = parse_range(
+            r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[10,"1.5"],[20,"NaN"],[30,"2"]]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(pts, vec![(10.0, 1.5), (30.0, 2.0)]);
+        let none =
+            parse_range(r#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#);
+        assert_eq!(none.unwrap(), vec![]);
+        let two = parse_range(
+            r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[]},{"metric":{},"values":[]}]}}"#,
+        );
+        assert!(matches!(
+            two,
+            Err(PromError::MultipleSeries { count: 2, .. })
+        ));
+        let bad = parse_range(
+            r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"x"]]}]}}"#,
+        );
+        assert!(matches!(bad, Err(PromError::NotANumber { .. })));
     }
 
     #[test]

@@ -63,6 +63,8 @@ fn heartbeat(node: &str, applied_epoch: u64) -> Heartbeat {
             accepted_open: 0,
             hold_ports: vec![],
             holds_total: 0,
+            holds_refused_total: 0,
+            proxy_errors: Default::default(),
         }],
         addresses: vec![],
         ready: true,

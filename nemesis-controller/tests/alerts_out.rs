@@ -743,6 +743,7 @@ async fn a_scheduled_report_goes_out_by_webhook_and_by_mail_once_per_firing() ->
         alerts: Arc::new(AlertBook::new()),
         alert_webhook: false,
         notify: None,
+        prometheus: None,
         kube: None,
     };
     // Every minute: the first firing after start goes out (none for the past).

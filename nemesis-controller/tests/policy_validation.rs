@@ -663,3 +663,21 @@ fn short_form_idle_timeout_shorter_than_the_rate_window_sets_it_or_is_refused() 
     ));
     assert_eq!(p.rate_window(), chrono::TimeDelta::minutes(2));
 }
+
+#[test]
+fn report_queries_are_checked_with_field_and_column() {
+    let ok = format!(
+        "{BASE}reports:\n  latency: 'histogram_quantile(0.99, sum by (le) (rate(h_bucket{{namespace=\"$namespace\"}}[5m])))'\n  errorRate: 'sum(rate(e[5m]))'\n"
+    );
+    valid(&ok);
+    let bad = format!("{BASE}reports:\n  latency: 'sum(rate(h[5m])'\n  errorRate: ' '\n");
+    let e = invalid(&bad);
+    let all: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        all,
+        vec![
+            "spec.reports.latency: column 4: `(` is never closed".to_string(),
+            "spec.reports.errorRate: must not be empty (leave the field out instead)".to_string(),
+        ]
+    );
+}

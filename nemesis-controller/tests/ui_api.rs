@@ -273,6 +273,8 @@ async fn agents_and_alerts_show_what_the_registry_and_the_alert_book_hold() {
                 accepted_open: 0,
                 hold_ports: vec![],
                 holds_total: 0,
+                holds_refused_total: 0,
+                proxy_errors: Default::default(),
             }],
             addresses: vec![],
             ready: true,

@@ -8,4 +8,6 @@ pub mod demo;
 pub mod ingress;
 pub mod kubelet;
 pub mod netns;
+pub mod ui_client;
 pub mod wait;
+pub mod webhook;

@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::json;
-use wake_support::{NS, POD_PORT, Scenario, WakeEnv, ready_before_listening};
+use wake_support::{APP, NS, POD_PORT, Scenario, WakeEnv, eventually, ready_before_listening};
 
 const CLIENTS: usize = 20;
 const LISTEN_AFTER_MS: u64 = 1500;
@@ -91,6 +91,28 @@ async fn held_connections_are_served_when_the_backend_is_ready_before_it_listens
     let m = env.metrics().await?;
     assert_eq!(m.outcome("forwarded"), CLIENTS as f64);
     assert_eq!(m.outcome("backend_failed"), 0.0);
+    // The refused dials are the proxy's errors for the Service, reported to the controller.
+    let failed = m.sum(
+        "nemesis_agent_proxy_errors_total",
+        &[
+            ("namespace", NS),
+            ("service", APP),
+            ("kind", "connect_failed"),
+        ],
+    );
+    assert!(failed >= 1.0, "the refused dials were counted: {failed}");
+    eventually(
+        "the proxy's errors in a heartbeat",
+        Duration::from_secs(30),
+        || async {
+            Ok(env
+                .controller
+                .report()
+                .filter(|r| r.proxy_errors.connect_failed as f64 == failed)
+                .map(|_| ()))
+        },
+    )
+    .await?;
     assert_eq!(env.controller.wakes(), 1);
     env.shutdown().await
 }

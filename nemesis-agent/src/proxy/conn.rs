@@ -4,7 +4,7 @@
 //! bytes: past the bound it stops reading, and TCP pushes back on the client.
 
 use super::Shared;
-use super::backend::BackendLease;
+use super::backend::{BackendLease, ConnectError};
 use super::drain::DrainWatch;
 use super::hold::{Admission, HeldGuard};
 use super::refuse::{Reason, close_cleanly, refuse};
@@ -13,7 +13,7 @@ use super::sniff::{Sniff, sniff};
 use super::splice::shutdown_write;
 use super::table::ManagedPort;
 use crate::endpoints::ServiceEndpoints;
-use crate::metrics::{Direction, DirectionLabels, Outcome, OutcomeLabels};
+use crate::metrics::{Direction, DirectionLabels, Outcome, OutcomeLabels, ProxyErrorKind};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -127,6 +127,11 @@ pub(crate) async fn handle_to(
         Admission::Refused(scope) => {
             tracing::info!(service = %port.service, %peer, ?scope, "held-connection bound reached; refusing");
             shared.metrics.outcome(Outcome::Overflow);
+            shared
+                .metrics
+                .holds_refused
+                .get_or_create(&(&port.service).into())
+                .inc();
             Box::pin(refuse(
                 client,
                 Vec::new(),
@@ -207,6 +212,7 @@ async fn hold(
                         let drain = shared.table.drain().watch(&port.service);
                         Box::pin(forward(
                             &shared,
+                            &port.service,
                             client,
                             Dialled {
                                 backend,
@@ -226,6 +232,15 @@ async fn hold(
                     Err(err) => {
                         failures += 1;
                         last_failed = err.addr();
+                        match &err {
+                            ConnectError::NoBackend => {}
+                            ConnectError::Timeout { .. } => shared
+                                .metrics
+                                .error(&port.service, ProxyErrorKind::ConnectTimeout),
+                            ConnectError::Connect { .. } => shared
+                                .metrics
+                                .error(&port.service, ProxyErrorKind::ConnectFailed),
+                        }
                         tracing::debug!(service = %port.service, %err, failures, "backend not accepting; retrying");
                         retry_at =
                             Some(Instant::now() + shared.config.connect_backoff.delay(failures));
@@ -329,6 +344,7 @@ struct Released {
 
 async fn forward(
     shared: &Shared,
+    service: &nemesis_common::wire::ServiceRef,
     client: TcpStream,
     dialled: Dialled,
     buf: HoldBuffer,
@@ -365,12 +381,14 @@ async fn forward(
         && let Err(err) = backend.write_all(&buf.data[sent..]).await
     {
         tracing::debug!(backend = %lease.addr, %err, "delivering the held bytes failed");
+        shared.metrics.error(service, ProxyErrorKind::of_io(&err));
         return;
     }
     up.inc_by(buf.data.len() as u64);
     let client_done = buf.eof;
     if client_done && let Err(err) = shutdown_write(&backend) {
         tracing::debug!(backend = %lease.addr, %err, "propagating the client's half-close failed");
+        shared.metrics.error(service, ProxyErrorKind::of_io(&err));
         return;
     }
     let backend_addr = lease.addr;
@@ -387,6 +405,7 @@ async fn forward(
     .await
     {
         tracing::debug!(backend = %backend_addr, %err, "forwarded connection ended with an error");
+        shared.metrics.error(service, ProxyErrorKind::of_io(&err));
     }
     drop(lease);
 }

@@ -249,6 +249,17 @@ impl Proxy {
         self.shared.metrics.holds_total(service)
     }
 
+    /// Connections refused at a held-connection bound for `service` since the agent
+    /// started.
+    pub fn holds_refused_total(&self, service: &ServiceRef) -> u64 {
+        self.shared.metrics.holds_refused_total(service)
+    }
+
+    /// The proxy's errors for `service` since the agent started.
+    pub fn errors_total(&self, service: &ServiceRef) -> nemesis_common::wire::ProxyErrors {
+        self.shared.metrics.errors_total(service)
+    }
+
     /// Connections held for all Services right now.
     pub fn held_total(&self) -> usize {
         self.shared.holds.total()

@@ -69,6 +69,12 @@ pub struct ServiceActivity {
     /// Connections taken into hold since this controller started, differenced as
     /// `connects_total`: a cold start's held count is the rise over the wake.
     pub holds_total: u64,
+    /// Connections refused at a held-connection bound since this controller started,
+    /// differenced as `connects_total`.
+    pub holds_refused_total: u64,
+    /// Errors the agents' proxies saw since this controller started (every kind),
+    /// differenced as `connects_total`.
+    pub proxy_errors_total: u64,
     /// Last heartbeat that showed any connect, open or held connection.
     pub last_active: Option<Instant>,
     pub reporting_agents: usize,
@@ -112,6 +118,8 @@ struct Counters {
     connects_total: u64,
     accepted_total: u64,
     holds_total: u64,
+    holds_refused_total: u64,
+    proxy_errors_total: u64,
     last_active: Option<Instant>,
 }
 
@@ -203,10 +211,24 @@ impl AgentRegistry {
                 let accepts =
                     new_since(r.accepted_total, old.map(|o| o.accepted_total), same, known);
                 let holds = new_since(r.holds_total, old.map(|o| o.holds_total), same, known);
+                let refused = new_since(
+                    r.holds_refused_total,
+                    old.map(|o| o.holds_refused_total),
+                    same,
+                    known,
+                );
+                let errors = new_since(
+                    r.proxy_errors.total(),
+                    old.map(|o| o.proxy_errors.total()),
+                    same,
+                    known,
+                );
                 let c = inner.counters.entry(r.service.clone()).or_default();
                 c.connects_total += connects;
                 c.accepted_total += accepts;
                 c.holds_total += holds;
+                c.holds_refused_total += refused;
+                c.proxy_errors_total += errors;
                 if connects > 0
                     || accepts > 0
                     || r.open_connections > 0
@@ -450,6 +472,8 @@ impl AgentRegistry {
             act.connects_total = c.connects_total;
             act.accepted_total = c.accepted_total;
             act.holds_total = c.holds_total;
+            act.holds_refused_total = c.holds_refused_total;
+            act.proxy_errors_total = c.proxy_errors_total;
             act.last_active = c.last_active;
         }
         for a in inner.agents.values().filter(|a| self.is_live(a, now)) {
@@ -491,6 +515,8 @@ mod tests {
             accepted_open: 0,
             hold_ports: vec![],
             holds_total: 0,
+            holds_refused_total: 0,
+            proxy_errors: Default::default(),
         }
     }
 
@@ -603,6 +629,32 @@ mod tests {
         );
         r.heartbeat(hb("a", "1", vec![report(0, 0, 0)]), t1);
         assert_eq!(r.service_activity(&svc(), t1).holding_agents, 1);
+    }
+
+    #[test]
+    fn refused_holds_and_proxy_errors_are_differenced_like_connects() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        let with = |refused, connect_failed, resets| ServiceReport {
+            holds_refused_total: refused,
+            proxy_errors: nemesis_common::wire::ProxyErrors {
+                connect_failed,
+                resets,
+                ..Default::default()
+            },
+            ..report(0, 0, 0)
+        };
+        // The first report of an agent is a baseline.
+        r.heartbeat(hb("a", "1", vec![with(5, 2, 1)]), t0);
+        let act = r.service_activity(&svc(), t0);
+        assert_eq!((act.holds_refused_total, act.proxy_errors_total), (0, 0));
+        r.heartbeat(hb("a", "1", vec![with(8, 3, 1)]), t0);
+        let act = r.service_activity(&svc(), t0);
+        assert_eq!((act.holds_refused_total, act.proxy_errors_total), (3, 1));
+        // A restarted agent counts from zero again: all of it is new.
+        r.heartbeat(hb("a", "2", vec![with(2, 0, 4)]), t0);
+        let act = r.service_activity(&svc(), t0);
+        assert_eq!((act.holds_refused_total, act.proxy_errors_total), (5, 5));
     }
 
     #[tokio::test(start_paused = true)]

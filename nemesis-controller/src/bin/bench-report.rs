@@ -163,6 +163,7 @@ async fn main() -> Result<()> {
             alerts: Arc::new(AlertBook::new()),
             alert_webhook: false,
             notify: None,
+            prometheus: None,
             kube: None,
         },
     );

@@ -172,6 +172,7 @@ async fn main() -> Result<()> {
             alert_webhook: true,
             kube: None,
             notify: None,
+            prometheus: None,
         },
     );
     let router = ui::router(state);

@@ -247,6 +247,23 @@ fn on_trigger(
                 "{policy}: no pod became ready within the readiness budget; {held} held connection(s) timed out"
             ),
         ))),
+        (Trigger::Event(EventKind::HoldsRefused), Signal::Samples { policy, values }) => {
+            let refused = values
+                .get(crate::reports::HOLDS_REFUSED_SERIES)
+                .copied()
+                .unwrap_or(0.0);
+            if refused > 0.0 {
+                out.push(Action::Raise(raise(
+                    rule,
+                    i,
+                    t,
+                    policy_subject(policy),
+                    format!(
+                        "{policy}: {refused} connection(s) refused at once: the held-connection bound was reached"
+                    ),
+                )));
+            }
+        }
         (
             Trigger::Event(EventKind::WakeFailed),
             Signal::ColdStart {
@@ -442,6 +459,35 @@ mod tests {
         assert!(raised(&a)[0].summary.contains("12.0 s"), "{a:?}");
         let a = evaluate(&r, &[], &cs(None, ColdStartOutcome::Timeout), &mut m, 0);
         assert_eq!(raised(&a)[0].labels["trigger"], "HoldsTimedOut");
+    }
+
+    #[test]
+    fn refused_holds_in_a_sample_raise_and_a_sample_without_them_does_not() {
+        let r = rules(serde_json::json!([{"event": "HoldsRefused"}]));
+        let mut m = Memory::default();
+        let sample = |refused: Option<f64>| Signal::Samples {
+            policy: p(),
+            values: refused
+                .map(|v| (crate::reports::HOLDS_REFUSED_SERIES.to_string(), v))
+                .into_iter()
+                .chain([("conns.active".to_string(), 3.0)])
+                .collect(),
+        };
+        assert!(evaluate(&r, &[], &sample(None), &mut m, 0).is_empty());
+        assert!(evaluate(&r, &[], &sample(Some(0.0)), &mut m, 0).is_empty());
+        let a = evaluate(&r, &[], &sample(Some(7.0)), &mut m, 0);
+        let a = raised(&a);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].labels["alertname"], "NemesisHoldsRefused");
+        assert!(
+            a[0].summary.contains("7 connection(s) refused"),
+            "{}",
+            a[0].summary
+        );
+        assert!(
+            a[0].resolve_after_ms.is_some(),
+            "an event: resolves by itself"
+        );
     }
 
     #[test]

@@ -72,8 +72,10 @@ pub struct AlertRuleSpec {
 #[serde(rename_all = "camelCase")]
 pub struct AlertTrigger {
     /// `ScaledToZero`, `ScaledFromZero`, `HoldsTimedOut` (no pod became ready within the
-    /// readiness budget: the held connections were timed out), `WakeFailed` (a wake was
-    /// refused or failed), `InvalidPolicy`, `AgentLost`.
+    /// readiness budget: the held connections were timed out), `HoldsRefused` (an
+    /// agent's proxy refused connections at once because a held-connection bound was
+    /// reached), `WakeFailed` (a wake was refused or failed), `InvalidPolicy`,
+    /// `AgentLost`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
 
@@ -145,16 +147,18 @@ pub enum EventKind {
     ScaledToZero,
     ScaledFromZero,
     HoldsTimedOut,
+    HoldsRefused,
     WakeFailed,
     InvalidPolicy,
     AgentLost,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::ScaledToZero,
         EventKind::ScaledFromZero,
         EventKind::HoldsTimedOut,
+        EventKind::HoldsRefused,
         EventKind::WakeFailed,
         EventKind::InvalidPolicy,
         EventKind::AgentLost,
@@ -165,6 +169,7 @@ impl EventKind {
             EventKind::ScaledToZero => "ScaledToZero",
             EventKind::ScaledFromZero => "ScaledFromZero",
             EventKind::HoldsTimedOut => "HoldsTimedOut",
+            EventKind::HoldsRefused => "HoldsRefused",
             EventKind::WakeFailed => "WakeFailed",
             EventKind::InvalidPolicy => "InvalidPolicy",
             EventKind::AgentLost => "AgentLost",

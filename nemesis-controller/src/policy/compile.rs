@@ -343,6 +343,7 @@ pub fn compile(spec: &ScalingPolicySpec) -> Result<CompiledPolicy, InvalidPolicy
     let workload = check_target(spec, &mut errors);
     let sources = compile_sources(spec, &mut errors);
     let alerts = check_alerts(spec, &mut errors);
+    check_report_queries(spec, &mut errors);
     let rate_window = spec
         .metrics
         .connections
@@ -1019,6 +1020,24 @@ fn is_source_name(name: &str) -> bool {
         && (b[0].is_ascii_lowercase() || b[0] == b'_')
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// `spec.reports`: each query present is non-empty and its brackets and quotes match
+/// (Prometheus checks the rest when the report runs, and the report says what it said).
+fn check_report_queries(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) {
+    let Some(r) = &spec.reports else { return };
+    for (field, q) in [("latency", &r.latency), ("errorRate", &r.error_rate)] {
+        let Some(q) = q else { continue };
+        let path = format!("spec.reports.{field}");
+        if q.trim().is_empty() {
+            errors.push(Problem::at(
+                path,
+                "must not be empty (leave the field out instead)",
+            ));
+        } else if let Err((offset, message)) = super::promql::check_brackets(q) {
+            errors.push(Problem::in_expression(path, q, offset, message));
+        }
+    }
 }
 
 fn compile_sources(spec: &ScalingPolicySpec, errors: &mut Vec<Problem>) -> Vec<CompiledSource> {

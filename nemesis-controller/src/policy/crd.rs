@@ -118,6 +118,9 @@ pub struct ScalingPolicySpec {
     /// (balance mode, the agents' default data path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancing: Option<LoadBalancingSpec>,
+    /// Prometheus queries charted in this Service's reports beside the agents' figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports: Option<ReportQueries>,
 }
 
 /// `spec.loadBalancing`: the algorithm, slow start and topology preference of balance
@@ -141,6 +144,23 @@ pub struct LoadBalancingSpec {
     /// spill-over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer_same_zone: Option<bool>,
+}
+
+/// PromQL range queries a report charts for the Service, over the report's window at its
+/// step, against the controller's `--prometheus-url`. Each must return one series (wrap
+/// it in `sum(...)`, `histogram_quantile(...)`, ...). `$namespace` is replaced by the
+/// policy's namespace, `$pod` by a regular expression matching the target's pods and
+/// `$range` by the report's step (at least a minute).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportQueries {
+    /// The Service's latency, e.g. `histogram_quantile(0.99, sum by (le)
+    /// (rate(http_request_duration_seconds_bucket{namespace="$namespace"}[5m])))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<String>,
+    /// The Service's error rate, e.g. `sum(rate(http_requests_total{code=~"5.."}[5m]))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<String>,
 }
 
 /// What is scaled: `kind` and `name` (and `apiVersion` unless the kind is Deployment or

@@ -68,6 +68,7 @@ pub mod lexer;
 pub mod parser;
 pub mod problem;
 pub mod program;
+pub mod promql;
 pub mod resolve;
 pub mod schedule;
 pub mod short_form;

@@ -161,6 +161,9 @@ pub struct Actor {
     last_values: BTreeMap<String, f64>,
     written: Option<(ScalingPolicyStatus, Instant)>,
     last_sample: Option<Instant>,
+    /// The agents' refused-hold and proxy-error totals at the last sample: each sample
+    /// records the rise since (`None`: the first observation is the baseline).
+    proxy_seen: Option<(u64, u64)>,
     failures: u32,
     started: bool,
 }
@@ -211,6 +214,7 @@ impl Actor {
             last_values: BTreeMap::new(),
             written: None,
             last_sample: None,
+            proxy_seen: None,
             failures: 0,
             started: false,
             obj,
@@ -1131,6 +1135,22 @@ impl Actor {
         out.push(("nemesis.replicas".into(), f64::from(target.replicas)));
         out.push(("nemesis.replicas.ready".into(), f64::from(target.ready)));
         out.push(("nemesis.replicas.desired".into(), f64::from(desired)));
+        if let Some(act) = self.activity() {
+            let now_seen = (act.holds_refused_total, act.proxy_errors_total);
+            // A total that went back (a new registry) counts from zero.
+            let rise = |now: u64, before: u64| if now >= before { now - before } else { now };
+            if let Some((refused, errors)) = self.proxy_seen {
+                out.push((
+                    crate::reports::HOLDS_REFUSED_SERIES.into(),
+                    rise(now_seen.0, refused) as f64,
+                ));
+                out.push((
+                    crate::reports::PROXY_ERRORS_SERIES.into(),
+                    rise(now_seen.1, errors) as f64,
+                ));
+            }
+            self.proxy_seen = Some(now_seen);
+        }
         self.ctx.history.record(Item::Samples {
             at_ms: unix_ms(now.into()),
             policy: self.id.clone(),

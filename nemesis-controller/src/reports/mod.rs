@@ -7,6 +7,7 @@
 //! read; rendered by [`render`]. Nothing here does I/O.
 
 pub mod render;
+pub mod usage;
 
 use std::collections::BTreeMap;
 
@@ -18,8 +19,23 @@ use crate::store::{ColdStartRecord, MetricPoint, TransitionRecord};
 pub const MAX_TRANSITIONS_LISTED: usize = 200;
 /// Points per performance series: about one per pixel column of a printed chart.
 pub const SERIES_POINTS: usize = 240;
+/// Connections the agents' proxies refused at a held-connection bound, per sample (the
+/// rise since the previous sample, as the actor records it).
+pub const HOLDS_REFUSED_SERIES: &str = "proxy.holds.refused";
+/// Errors the agents' proxies saw (failed or timed-out backend dials, forwarded
+/// connections reset or failed), per sample.
+pub const PROXY_ERRORS_SERIES: &str = "proxy.errors";
 /// The performance series charted, as the actor samples them.
-pub const PERFORMANCE_SERIES: [&str; 3] = ["conns.rate", "conns.active", "nemesis.replicas"];
+pub const PERFORMANCE_SERIES: [&str; 5] = [
+    "conns.rate",
+    "conns.active",
+    "nemesis.replicas",
+    HOLDS_REFUSED_SERIES,
+    PROXY_ERRORS_SERIES,
+];
+/// Series whose samples are counts of events since the previous sample: their `total`
+/// over the window is the sum of the samples.
+pub const COUNT_SERIES: [&str; 2] = [HOLDS_REFUSED_SERIES, PROXY_ERRORS_SERIES];
 
 /// A time window, Unix milliseconds, `from_ms < to_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -135,6 +151,23 @@ pub struct Resources {
     pub saved: Usage,
     /// `false` when no scale event says how many replicas there were (nothing counted).
     pub known: bool,
+    /// What the pods really used, from the Prometheus usage queries; absent when the
+    /// controller has no Prometheus configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+}
+
+/// Usage measured by Prometheus over the window, beside the request-based figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Measured {
+    /// CPU core-hours the Service's containers used (`None`: see `notes`).
+    pub cpu_core_hours: Option<f64>,
+    /// Memory GiB-hours of the containers' working sets (`None`: see `notes`).
+    pub memory_gib_hours: Option<f64>,
+    /// Why a figure is missing (Prometheus unreachable, an answer that is not usable).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -147,6 +180,8 @@ pub struct Wakes {
     /// Refused or failed wakes (scale refused, policy deleted, ...).
     pub failed: usize,
     pub held_connections: u64,
+    /// Connections the agents' proxies refused at once at a held-connection bound.
+    pub holds_refused: u64,
     pub p50_ms: Option<u64>,
     pub p95_ms: Option<u64>,
     pub p99_ms: Option<u64>,
@@ -161,6 +196,7 @@ pub fn wakes(records: &[ColdStartRecord]) -> Wakes {
         holds_timed_out: s.timeouts,
         failed: s.failures,
         held_connections: s.held_connections,
+        holds_refused: 0,
         p50_ms: s.p50_ms,
         p95_ms: s.p95_ms,
         p99_ms: s.p99_ms,
@@ -194,6 +230,23 @@ pub struct Series {
     pub points: Vec<[f64; 2]>,
     pub avg: Option<f64>,
     pub max: Option<f64>,
+    /// The sum over the window, for series that count events per sample
+    /// ([`COUNT_SERIES`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<f64>,
+}
+
+/// The sum of a counting series' samples: a raw sample is its count, a minute bucket
+/// the sum of the samples folded into it.
+pub fn total(points: &[MetricPoint]) -> f64 {
+    points
+        .iter()
+        .map(|p| match p.value {
+            crate::store::SampleValue::Raw { value } => value,
+            crate::store::SampleValue::Minute { avg, count, .. } => avg * f64::from(count),
+        })
+        .filter(|v| v.is_finite())
+        .sum()
 }
 
 pub fn series(points: &[MetricPoint], span: Span) -> Series {
@@ -208,6 +261,7 @@ pub fn series(points: &[MetricPoint], span: Span) -> Series {
         points: crate::ui::api::downsample(points, span.from_ms..span.to_ms, SERIES_POINTS),
         avg,
         max,
+        total: None,
     }
 }
 
@@ -227,6 +281,12 @@ pub struct ServiceInput {
     pub max_replicas: u32,
     pub per_replica: PerReplica,
     pub performance: BTreeMap<String, Vec<MetricPoint>>,
+    /// The Prometheus usage figures, when a Prometheus is configured.
+    pub measured: Option<Measured>,
+    /// Series from the policy's `spec.reports` queries (`latency`, `errorRate`).
+    pub user_series: BTreeMap<String, Vec<MetricPoint>>,
+    /// Why a series or figure is missing.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -239,7 +299,13 @@ pub struct ServiceReport {
     pub span: Span,
     pub scaling: Scaling,
     pub resources: Resources,
+    /// Errors the agents' proxies saw over the window (the `proxy.errors` series'
+    /// total).
+    pub proxy_errors: u64,
     pub performance: BTreeMap<String, Series>,
+    /// Why a series or figure of this Service is missing (a failing Prometheus query).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 pub fn service(i: ServiceInput, prices: &Prices) -> ServiceReport {
@@ -276,12 +342,31 @@ pub fn service(i: ServiceInput, prices: &Prices) -> ServiceReport {
         used,
         at_max,
         known: i.replica_seconds.is_some(),
+        measured: i.measured,
     };
-    let performance = i
+    let mut scaling = scaling;
+    let performance: BTreeMap<String, Series> = i
         .performance
         .iter()
-        .map(|(k, pts)| (k.clone(), series(pts, i.span)))
+        .chain(i.user_series.iter())
+        .map(|(k, pts)| {
+            let mut s = series(pts, i.span);
+            if COUNT_SERIES.contains(&k.as_str()) {
+                s.total = Some(total(pts));
+            }
+            (k.clone(), s)
+        })
         .collect();
+    scaling.wakes.holds_refused = performance
+        .get(HOLDS_REFUSED_SERIES)
+        .and_then(|s| s.total)
+        .unwrap_or(0.0)
+        .round() as u64;
+    let proxy_errors = performance
+        .get(PROXY_ERRORS_SERIES)
+        .and_then(|s| s.total)
+        .unwrap_or(0.0)
+        .round() as u64;
     ServiceReport {
         namespace: i.namespace,
         name: i.name,
@@ -290,7 +375,9 @@ pub fn service(i: ServiceInput, prices: &Prices) -> ServiceReport {
         span: i.span,
         scaling,
         resources,
+        proxy_errors,
         performance,
+        notes: i.notes,
     }
 }
 
@@ -301,9 +388,13 @@ pub struct Totals {
     pub transitions: usize,
     /// Over every Service's wakes together.
     pub wakes: Wakes,
+    pub proxy_errors: u64,
     pub used: Usage,
     pub at_max: Usage,
     pub saved: Usage,
+    /// The measured usage summed over the Services that have it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -347,6 +438,17 @@ pub fn report(
     };
     for s in &services {
         totals.transitions += s.scaling.transitions;
+        totals.wakes.holds_refused += s.scaling.wakes.holds_refused;
+        totals.proxy_errors += s.proxy_errors;
+        if let Some(m) = &s.resources.measured {
+            let t = totals.measured.get_or_insert_with(Measured::default);
+            let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            };
+            t.cpu_core_hours = add(t.cpu_core_hours, m.cpu_core_hours);
+            t.memory_gib_hours = add(t.memory_gib_hours, m.memory_gib_hours);
+        }
         totals.used.add(&s.resources.used);
         totals.at_max.add(&s.resources.at_max);
         totals.saved.add(&s.resources.saved);
@@ -466,6 +568,73 @@ mod tests {
     }
 
     #[test]
+    fn refused_holds_and_proxy_errors_are_summed_over_raw_samples_and_minute_buckets() {
+        use crate::store::SampleValue;
+        let span = Span {
+            from_ms: 0,
+            to_ms: 3_600_000,
+        };
+        let pt = |at_ms, value| MetricPoint { at_ms, value };
+        let refused = vec![
+            // Three samples folded into a minute: 1 + 0 + 2.
+            pt(
+                0,
+                SampleValue::Minute {
+                    min: 0.0,
+                    max: 2.0,
+                    avg: 1.0,
+                    count: 3,
+                },
+            ),
+            pt(120_000, SampleValue::Raw { value: 4.0 }),
+            pt(180_000, SampleValue::Raw { value: 0.0 }),
+        ];
+        let errors = vec![pt(60_000, SampleValue::Raw { value: 2.0 })];
+        let s = service(
+            ServiceInput {
+                namespace: "ns".into(),
+                name: "p".into(),
+                deployment: "d".into(),
+                state: None,
+                span,
+                transitions: vec![],
+                time_in_states_ms: BTreeMap::new(),
+                cold_starts: vec![],
+                replica_seconds: None,
+                max_replicas: 1,
+                per_replica: PerReplica::default(),
+                performance: BTreeMap::from([
+                    (HOLDS_REFUSED_SERIES.to_string(), refused),
+                    (PROXY_ERRORS_SERIES.to_string(), errors),
+                ]),
+                measured: None,
+                user_series: BTreeMap::new(),
+                notes: vec![],
+            },
+            &Prices::default(),
+        );
+        assert_eq!(s.scaling.wakes.holds_refused, 7);
+        assert_eq!(s.proxy_errors, 2);
+        assert_eq!(s.performance[HOLDS_REFUSED_SERIES].total, Some(7.0));
+        let r = report(
+            Scope {
+                scope: "cluster".into(),
+                namespace: None,
+                name: None,
+            },
+            span,
+            0,
+            Prices::default(),
+            vec![s.clone(), s],
+            &[],
+        );
+        assert_eq!(
+            (r.totals.wakes.holds_refused, r.totals.proxy_errors),
+            (14, 4)
+        );
+    }
+
+    #[test]
     fn the_saving_is_against_the_service_kept_at_its_maximum_and_priced() {
         let span = Span {
             from_ms: 0,
@@ -495,6 +664,9 @@ mod tests {
                     gpus: 1.0,
                 },
                 performance: BTreeMap::new(),
+                measured: None,
+                user_series: BTreeMap::new(),
+                notes: vec![],
             },
             &prices,
         );

@@ -14,7 +14,13 @@ wakes,wakes_ready,holds_timed_out,wakes_failed,held_connections,cold_start_p50_m
 cold_start_p95_ms,cold_start_p99_ms,cold_start_max_ms,max_replicas,replica_hours,\
 replica_hours_at_max,replica_hours_saved,cpu_core_hours,cpu_core_hours_saved,\
 memory_gib_hours,memory_gib_hours_saved,gpu_hours,gpu_hours_saved,cost,cost_at_max,\
-cost_saved,conns_rate_avg,conns_active_max,time_in_states_seconds";
+cost_saved,conns_rate_avg,conns_active_max,time_in_states_seconds,holds_refused,proxy_errors,\
+measured_cpu_core_hours,measured_memory_gib_hours,latency_avg,latency_max,error_rate_avg,\
+error_rate_max";
+
+/// The policy's `spec.reports` series, as named in a report's `performance`.
+pub const LATENCY_SERIES: &str = "latency";
+pub const ERROR_RATE_SERIES: &str = "errorRate";
 
 /// RFC 4180 quoting; a leading `=`, `+`, `-`, `@` gets a `'` so a spreadsheet does not
 /// run it as a formula.
@@ -107,6 +113,16 @@ pub fn csv(r: &Report) -> String {
             .and_then(|x| x.max)
             .map(f3)));
         f.push(csv_field(&states.join(";")));
+        f.extend(tail_cols(
+            w.holds_refused,
+            s.proxy_errors,
+            s.resources.measured.as_ref(),
+        ));
+        for name in [LATENCY_SERIES, ERROR_RATE_SERIES] {
+            let series = s.performance.get(name);
+            f.push(opt(series.and_then(|x| x.avg).map(f3)));
+            f.push(opt(series.and_then(|x| x.max).map(f3)));
+        }
         let _ = write!(out, "{}\r\n", f.join(","));
     }
     let t = &r.totals;
@@ -133,8 +149,25 @@ pub fn csv(r: &Report) -> String {
     ];
     f.extend(usage_cols(&t.used, &t.at_max, &t.saved));
     f.extend([String::new(), String::new(), String::new()]);
+    f.extend(tail_cols(
+        w.holds_refused,
+        t.proxy_errors,
+        t.measured.as_ref(),
+    ));
+    f.extend([String::new(), String::new(), String::new(), String::new()]);
     let _ = write!(out, "{}\r\n", f.join(","));
     out
+}
+
+/// The columns added after `time_in_states_seconds` (new columns go at the end, so a
+/// reader of the older columns by position keeps working).
+fn tail_cols(holds_refused: u64, proxy_errors: u64, m: Option<&super::Measured>) -> Vec<String> {
+    vec![
+        holds_refused.to_string(),
+        proxy_errors.to_string(),
+        opt(m.and_then(|m| m.cpu_core_hours).map(f3)),
+        opt(m.and_then(|m| m.memory_gib_hours).map(f3)),
+    ]
 }
 
 /// A plain-text summary (chat and mail): one paragraph per Service, then the totals.
@@ -160,8 +193,8 @@ pub fn text(r: &Report) -> String {
         let w = &s.scaling.wakes;
         let _ = write!(
             o,
-            "\n{}/{}: {} transitions; {} wakes (p50 {}, p95 {}, p99 {}, max {}), {} holds timed out, {} failed; \
-             {:.1} replica-hours used of {:.1} at max, {:.1} saved{}\n",
+            "\n{}/{}: {} transitions; {} wakes (p50 {}, p95 {}, p99 {}, max {}), {} holds timed out, {} refused, {} failed; \
+             {} proxy errors; {:.1} replica-hours used of {:.1} at max, {:.1} saved{}\n",
             s.namespace,
             s.name,
             s.scaling.transitions,
@@ -171,7 +204,9 @@ pub fn text(r: &Report) -> String {
             ms(w.p99_ms),
             ms(w.max_ms),
             w.holds_timed_out,
+            w.holds_refused,
             w.failed,
+            s.proxy_errors,
             s.resources.used.replica_hours,
             s.resources.at_max.replica_hours,
             s.resources.saved.replica_hours,
@@ -232,6 +267,11 @@ fn chart(title: &str, s: &Series, span: (u64, u64)) -> String {
             format!("{x:.1},{y:.1}")
         })
         .collect();
+    let title = match s.total {
+        Some(t) => format!("{title}: {t} in total"),
+        None => title.to_string(),
+    };
+    let title = title.as_str();
     format!(
         "<figure class=\"chart\"><figcaption>{} (max {:.2}, avg {})</figcaption>\
 <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\">\
@@ -277,14 +317,15 @@ fn service_section(s: &ServiceReport) -> String {
     let _ = write!(
         o,
         "<p>From {} to {}.</p><h3>Scaling</h3><table><tr><th>transitions</th><th>wakes</th><th>ready</th>\
-<th>holds timed out</th><th>failed</th><th>held conns</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>\
-<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+<th>holds timed out</th><th>holds refused</th><th>failed</th><th>held conns</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>\
+<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
         time(s.span.from_ms),
         time(s.span.to_ms),
         s.scaling.transitions,
         w.count,
         w.ready,
         w.holds_timed_out,
+        w.holds_refused,
         w.failed,
         w.held_connections,
         ms(w.p50_ms),
@@ -335,7 +376,26 @@ fn service_section(s: &ServiceReport) -> String {
         ("kept at max", &r.at_max),
         ("saved", &r.saved),
     ]));
-    o.push_str("<h3>Application performance</h3>");
+    if let Some(m) = &r.measured {
+        let h = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+        let _ = write!(
+            o,
+            "<p>Measured by Prometheus: {} CPU core-hours, {} memory GiB-hours.</p>",
+            h(m.cpu_core_hours),
+            h(m.memory_gib_hours)
+        );
+        for n in &m.notes {
+            let _ = write!(o, "<p class=\"note\">{}</p>", escape(n));
+        }
+    }
+    let _ = write!(
+        o,
+        "<h3>Application performance</h3><p>{} errors seen by the proxy.</p>",
+        s.proxy_errors
+    );
+    for n in &s.notes {
+        let _ = write!(o, "<p class=\"note\">{}</p>", escape(n));
+    }
     for (name, series) in &s.performance {
         o.push_str(&chart(name, series, (s.span.from_ms, s.span.to_ms)));
     }

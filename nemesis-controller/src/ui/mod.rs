@@ -110,6 +110,9 @@ pub struct UiSources {
     pub kube: Option<kube::Client>,
     /// Alerts out (the outbox and the sinks); `None` where no notifier runs.
     pub notify: Option<crate::notify::NotifyHandle>,
+    /// The Prometheus reports read measured usage and the policies' `spec.reports`
+    /// series from (`None`: no `--prometheus-url`).
+    pub prometheus: Option<reports::ReportPrometheus>,
 }
 
 /// Everything the handlers share; cheap to clone.

@@ -25,10 +25,13 @@ use super::policies::id_of;
 use super::{UiSources, UiState};
 use crate::policy::compile::Replicas;
 use crate::policy::{ScalingPolicy, compile};
+use crate::prometheus::{PromClient, PromError};
+use crate::reports::render::{ERROR_RATE_SERIES, LATENCY_SERIES};
+use crate::reports::usage::{self, UsageQueries};
 use crate::reports::{
-    self, PERFORMANCE_SERIES, PerReplica, Prices, ServiceInput, Span, per_replica, render,
+    self, Measured, PERFORMANCE_SERIES, PerReplica, Prices, ServiceInput, Span, per_replica, render,
 };
-use crate::store::{ColdStartRecord, PolicyId, Store, StoreError};
+use crate::store::{ColdStartRecord, MetricPoint, PolicyId, SampleValue, Store, StoreError};
 
 /// One Deployment read for its pod requests.
 const DEPLOYMENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -225,6 +228,131 @@ async fn requests(sources: &UiSources, namespace: &str, deployment: &str) -> Per
     }
 }
 
+/// The Prometheus reports read measured usage and the policies' `spec.reports` series
+/// from (the controller's `--prometheus-url`).
+#[derive(Debug, Clone)]
+pub struct ReportPrometheus {
+    pub client: PromClient,
+    pub usage: UsageQueries,
+}
+
+/// What one Service's report asks Prometheus.
+struct PromAsk {
+    namespace: String,
+    pod: String,
+    span: Span,
+    /// `(series name, query)` from the policy's `spec.reports`.
+    user: Vec<(&'static str, String)>,
+}
+
+/// What Prometheus answered for one Service.
+#[derive(Default)]
+struct PromAnswers {
+    measured: Option<Measured>,
+    series: BTreeMap<String, Vec<MetricPoint>>,
+    notes: Vec<String>,
+}
+
+/// A dead Prometheus is asked once per report, not once per query: after a transport
+/// failure the rest of the report's queries are skipped with the same reason.
+struct PromRun<'a> {
+    prom: &'a ReportPrometheus,
+    dead: Option<String>,
+}
+
+impl PromRun<'_> {
+    async fn range(&mut self, query: &str, steps: usage::Steps) -> Result<Vec<(f64, f64)>, String> {
+        if let Some(why) = &self.dead {
+            return Err(format!("skipped: {why}"));
+        }
+        match self
+            .prom
+            .client
+            .query_range(query, steps.start, steps.end, steps.step)
+            .await
+        {
+            Ok(points) => Ok(points),
+            Err(e @ (PromError::Unreachable { .. } | PromError::Timeout { .. })) => {
+                let why = e.to_string();
+                self.dead = Some(why.clone());
+                Err(why)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn ask(&mut self, a: &PromAsk) -> PromAnswers {
+        let steps = usage::usage_steps(a.span);
+        let fill = |t: &str, s: usage::Steps| usage::fill(t, &a.namespace, &a.pod, s.range_ms);
+        let mut out = PromAnswers::default();
+        let mut measured = Measured::default();
+        let usage = self.prom.usage.clone();
+        for (what, template) in [("CPU", &usage.cpu), ("memory", &usage.memory)] {
+            let figure = match self.range(&fill(template, steps), steps).await {
+                Ok(points) => {
+                    if points.is_empty() {
+                        measured.notes.push(format!(
+                            "Prometheus has no {what} usage samples for pods matching `{}` in this window (counted as 0; is cAdvisor scraped?)",
+                            a.pod
+                        ));
+                    }
+                    Some(if what == "CPU" {
+                        usage::cpu_core_hours(&points, steps.step)
+                    } else {
+                        usage::memory_gib_hours(&points, steps.step)
+                    })
+                }
+                Err(e) => {
+                    measured
+                        .notes
+                        .push(format!("{what} usage from Prometheus unavailable: {e}"));
+                    None
+                }
+            };
+            if what == "CPU" {
+                measured.cpu_core_hours = figure;
+            } else {
+                measured.memory_gib_hours = figure;
+            }
+        }
+        out.measured = Some(measured);
+        let chart = usage::series_steps(a.span);
+        for (name, template) in &a.user {
+            match self.range(&fill(template, chart), chart).await {
+                Ok(points) => {
+                    out.series.insert(
+                        name.to_string(),
+                        points
+                            .into_iter()
+                            .map(|(t, value)| MetricPoint {
+                                at_ms: (t * 1000.0).round() as u64,
+                                value: SampleValue::Raw { value },
+                            })
+                            .collect(),
+                    );
+                }
+                Err(e) => out.notes.push(format!(
+                    "the {name} series (spec.reports) from Prometheus is unavailable: {e}"
+                )),
+            }
+        }
+        out
+    }
+}
+
+fn user_queries(p: &ScalingPolicy) -> Vec<(&'static str, String)> {
+    let Some(r) = &p.spec.reports else {
+        return Vec::new();
+    };
+    [
+        (LATENCY_SERIES, r.latency.clone()),
+        (ERROR_RATE_SERIES, r.error_rate.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(n, q)| q.filter(|q| !q.trim().is_empty()).map(|q| (n, q)))
+    .collect()
+}
+
 struct Meta {
     id: PolicyId,
     deployment: String,
@@ -258,6 +386,9 @@ fn read(store: &Store, m: Meta) -> Result<(ServiceInput, Vec<ColdStartRecord>), 
             max_replicas: m.max_replicas,
             per_replica: m.per_replica,
             performance,
+            measured: None,
+            user_series: BTreeMap::new(),
+            notes: Vec::new(),
         },
         cold_starts,
     ))
@@ -273,6 +404,7 @@ pub async fn build(
 ) -> Result<reports::Report, HttpError> {
     let (scope, policies) = select(q, sources.policies.list())?;
     let mut metas = Vec::with_capacity(policies.len());
+    let mut asks = Vec::with_capacity(policies.len());
     for p in &policies {
         let created = p
             .metadata
@@ -291,15 +423,22 @@ pub async fn build(
         } else {
             PerReplica::default()
         };
+        let service_span = Span {
+            from_ms: from.unwrap_or(span.from_ms),
+            to_ms: span.to_ms,
+        };
+        asks.push(PromAsk {
+            pod: usage::pod_regex(t.kind.as_deref(), &deployment),
+            namespace: ns.clone(),
+            span: service_span,
+            user: user_queries(p),
+        });
         metas.push(Meta {
             id: id_of(p),
             per_replica,
             deployment,
             state: p.status.as_ref().and_then(|s| s.state.clone()),
-            span: Span {
-                from_ms: from.unwrap_or(span.from_ms),
-                to_ms: span.to_ms,
-            },
+            span: service_span,
             max_replicas: max_replicas(p),
         });
     }
@@ -313,8 +452,25 @@ pub async fn build(
     .await?;
     let mut all_colds = Vec::new();
     let mut services = Vec::with_capacity(inputs.len());
-    for (input, colds) in inputs {
+    let mut prom = sources
+        .prometheus
+        .as_ref()
+        .map(|prom| PromRun { prom, dead: None });
+    for ((mut input, colds), ask) in inputs.into_iter().zip(asks) {
         all_colds.extend(colds);
+        match &mut prom {
+            Some(run) => {
+                let a = run.ask(&ask).await;
+                input.measured = a.measured;
+                input.user_series = a.series;
+                input.notes.extend(a.notes);
+            }
+            None if !ask.user.is_empty() => input.notes.push(
+                "spec.reports names Prometheus queries, but the controller has no --prometheus-url"
+                    .to_string(),
+            ),
+            None => {}
+        }
         services.push(reports::service(input, &prices));
     }
     Ok(reports::report(

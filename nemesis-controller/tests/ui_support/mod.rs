@@ -233,6 +233,7 @@ pub fn fixture_with(
             alert_webhook: true,
             kube: None,
             notify,
+            prometheus: None,
         },
     );
     Fixture {

@@ -409,6 +409,8 @@ async fn heartbeats(
                         accepted_open: 0,
                         hold_ports: vec![],
                         holds_total: st.holds,
+                        holds_refused_total: 0,
+                        proxy_errors: Default::default(),
                     })
                     .collect();
                 let reported = std::mem::take(&mut st.pending);
