@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
         }
         if stayed {
             assert!(client_in.starts_with(&client_out), "client bytes changed");
-            assert!(backend_in.starts_with(&backend_out), "backend bytes changed");
+            assert!(
+                backend_in.starts_with(&backend_out),
+                "backend bytes changed"
+            );
         }
     }
 });
