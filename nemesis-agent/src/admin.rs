@@ -1,6 +1,8 @@
 //! The agent's admin HTTP server, on a listener of its own apart from the proxy:
 //! `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (every
-//! readiness condition holds). Owns these routes; never any user traffic.
+//! readiness condition holds). Owns these routes; never any user traffic. Served with
+//! [`ADMIN_LIMITS`] (`nemesis_common::serve`), refusals counted in
+//! `nemesis_agent_http_rejected_total{listener="admin", reason}`.
 #![deny(unsafe_code)]
 
 use axum::Router;
@@ -8,10 +10,20 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use nemesis_common::serve::{LimitedRouter, Limits, RejectionCounter};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// No admin route takes a body; Prometheus gives up a scrape after 10 s (its default
+/// `scrape_timeout`), so an answer later than that is wasted.
+pub const ADMIN_LIMITS: Limits = Limits {
+    max_body_bytes: 0,
+    request_timeout: Duration::from_secs(10),
+    ..Limits::with_max_body(0)
+};
 
 /// Named conditions that must all hold for the agent to be ready (e.g. "datapath",
 /// "proxy", "endpoints"). Ready needs at least one condition, so an agent that has not
@@ -69,6 +81,8 @@ impl Readiness {
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub readiness: Arc<Readiness>,
+    /// Where the listener counts what its limits refused (registered in `registry`).
+    pub http_rejected: RejectionCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,8 +137,19 @@ pub async fn serve(
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    serve_with(listener, state, ADMIN_LIMITS, shutdown).await
+}
+
+/// [`serve`] with other limits (tests shorten the timeouts).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    let rejected = state.http_rejected.clone();
+    let routes = LimitedRouter::new("admin", router(state), limits, rejected);
+    nemesis_common::serve::serve(listener, routes, shutdown)
         .await
         .map_err(AdminError::Serve)
 }

@@ -666,6 +666,7 @@ impl Agent {
         );
         let proxy_metrics = metrics.proxy.clone();
         let counters = metrics.datapath.clone();
+        let http_rejected = metrics.http_rejected.clone();
         let registry_text = metrics.into_registry();
 
         let (stop, _) = watch::channel(false);
@@ -723,6 +724,7 @@ impl Agent {
             let state = AdminState {
                 registry: registry_text,
                 readiness: readiness.clone(),
+                http_rejected,
             };
             let stopped = stopped(&stop);
             listeners.push(tokio::spawn(async move {

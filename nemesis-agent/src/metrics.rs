@@ -658,6 +658,8 @@ pub struct Metrics {
     registry: Registry,
     pub proxy: ProxyMetrics,
     pub datapath: Arc<DatapathCounters>,
+    /// `nemesis_agent_http_rejected_total{listener, reason}`: the admin listener's limits.
+    pub http_rejected: nemesis_common::serve::RejectionCounter,
 }
 
 impl Default for Metrics {
@@ -673,10 +675,13 @@ impl Metrics {
         proxy.register(&mut registry);
         let datapath = Arc::new(DatapathCounters::default());
         registry.register_collector(Box::new(datapath.clone()));
+        let http_rejected = nemesis_common::serve::RejectionCounter::default();
+        http_rejected.register(&mut registry, "nemesis_agent_http_rejected");
         Self {
             registry,
             proxy,
             datapath,
+            http_rejected,
         }
     }
 

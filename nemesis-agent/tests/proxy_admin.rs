@@ -48,6 +48,7 @@ async fn admin_serves_metrics_health_and_readiness_apart_from_the_proxy() -> Res
         let state = AdminState {
             registry: h.registry.clone(),
             readiness: readiness.clone(),
+            http_rejected: Default::default(),
         };
         tokio::spawn(nemesis_agent::admin::serve(
             listener,

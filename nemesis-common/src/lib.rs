@@ -2,8 +2,11 @@
 //!
 //! Map keys and values are `#[repr(C)]`, `Copy`, with fixed-width fields and explicit
 //! padding, so the kernel side and the loader read the same bytes. This crate is
-//! `no_std` unless a std-only feature (`wire`, `policy`) is enabled.
-#![cfg_attr(not(any(feature = "wire", feature = "policy")), no_std)]
+//! `no_std` unless a std-only feature (`wire`, `policy`, `serve`) is enabled.
+#![cfg_attr(
+    not(any(feature = "wire", feature = "policy", feature = "serve")),
+    no_std
+)]
 
 pub mod maps;
 
@@ -11,5 +14,7 @@ pub mod maps;
 pub mod duration;
 #[cfg(feature = "policy")]
 pub mod policy;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(feature = "wire")]
 pub mod wire;

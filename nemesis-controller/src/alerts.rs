@@ -262,6 +262,18 @@ async fn receive(
 ) -> Result<Json<ApplySummary>, ApiError> {
     let Json(msg) = body
         .map_err(|r| ApiError::from_json_rejection("Alertmanager webhook", MAX_WEBHOOK_BYTES, r))?;
+    let sum = accept(&api.book, &msg, Utc::now())?;
+    tracing::debug!(group = %msg.group_key, receiver = %msg.receiver, ?sum, "alertmanager webhook");
+    Ok(Json(sum))
+}
+
+/// Checks a decoded webhook message and applies it to `book`. Pure but for the book's
+/// lock (the fuzz target `alertmanager` calls it as the handler does).
+pub fn accept(
+    book: &AlertBook,
+    msg: &WebhookMessage,
+    now: DateTime<Utc>,
+) -> Result<ApplySummary, ApiError> {
     if msg.version != "4" {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -271,9 +283,7 @@ async fn receive(
             ),
         ));
     }
-    let sum = api.book.apply(&msg, Utc::now());
-    tracing::debug!(group = %msg.group_key, receiver = %msg.receiver, ?sum, "alertmanager webhook");
-    Ok(Json(sum))
+    Ok(book.apply(msg, now))
 }
 
 #[cfg(test)]

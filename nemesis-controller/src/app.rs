@@ -347,7 +347,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
                 ui_server = Some(tokio::spawn(crate::ui::tls::serve(
                     listener,
                     tls,
-                    ui::router(state),
+                    server::limited("ui", ui::router(state), ui::tls::UI_LIMITS, &metrics),
                     serve_stop.clone(),
                 )));
                 tracing::info!(ui = %format!("https://{addr}/"), "web UI served over TLS on its own listener");
@@ -368,6 +368,8 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
             synced,
         },
     );
+    let api = server::limited("api", api, server::API_LIMITS, &metrics);
+    let admin = server::limited("admin", admin, server::ADMIN_LIMITS, &metrics);
     let servers = vec![
         tokio::spawn(server::serve("API", api_listener, api, serve_stop.clone())),
         tokio::spawn(server::serve(

@@ -3,6 +3,7 @@
 //! error text (unbounded cardinality), and it serves nothing itself: the admin listener
 //! calls [`ControllerMetrics::render`].
 
+use nemesis_common::serve::RejectionCounter;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -246,6 +247,8 @@ pub struct ControllerMetrics {
     alerts_raised: Counter,
     alert_deliveries: Family<DeliveryLabels, Counter>,
     alert_outbox_pending: Gauge,
+    /// `nemesis_controller_http_rejected_total{listener, reason}`: the listeners' limits.
+    http_rejected: RejectionCounter,
     registry: Arc<Registry>,
 }
 
@@ -338,7 +341,10 @@ impl ControllerMetrics {
             "Alert deliveries waiting in the outbox (all sinks)",
             alert_outbox_pending.clone(),
         );
+        let http_rejected = RejectionCounter::default();
+        http_rejected.register(&mut registry, "http_rejected");
         Self {
+            http_rejected,
             alerts_raised,
             alert_deliveries,
             alert_outbox_pending,
@@ -352,6 +358,11 @@ impl ControllerMetrics {
             ui_refusals,
             registry: Arc::new(registry),
         }
+    }
+
+    /// What the HTTP listeners count their refusals in (see `nemesis_common::serve`).
+    pub fn http_rejected(&self) -> &RejectionCounter {
+        &self.http_rejected
     }
 
     pub fn reconciled(&self) {

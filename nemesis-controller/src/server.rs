@@ -7,8 +7,15 @@
 //! accepted on a standby too, so its registry is warm when it takes over). Only the
 //! leader takes wake-ups: a standby answers them `503` with `Retry-After`, and the agent
 //! retries (with `--pod-name`, the Service routes agents to the leader anyway).
+//!
+//! Every listener serves through `nemesis_common::serve`: a body over the listener's
+//! limit is refused with 413 before the handler runs (routes set lower limits of their
+//! own), a request head must arrive within 10 s, its body and the answer within the
+//! listener's request timeout; refusals are counted in
+//! `nemesis_controller_http_rejected_total{listener, reason}`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -23,8 +30,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::http::WAKE_PATH;
 use crate::agents::{AgentApi, ApiError, agent_routes};
-use crate::alerts::{AlertApi, alert_routes};
+use crate::alerts::{AlertApi, MAX_WEBHOOK_BYTES, alert_routes};
 use crate::metrics::{ControllerMetrics, OPENMETRICS_CONTENT_TYPE};
+
+pub use nemesis_common::serve::{LimitedRouter, Limits, Rejection};
+
+/// The API listener: the largest body it takes is an Alertmanager group (the agents'
+/// routes, and the UI's when it is served here, set lower limits of their own).
+pub const API_LIMITS: Limits = Limits::with_max_body(MAX_WEBHOOK_BYTES);
+/// The admin listener: no route takes a body, and Prometheus gives up a scrape after
+/// 10 s (its default `scrape_timeout`), so an answer later than that is wasted.
+pub const ADMIN_LIMITS: Limits = Limits {
+    max_body_bytes: 0,
+    request_timeout: Duration::from_secs(10),
+    ..Limits::with_max_body(0)
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -144,21 +164,28 @@ pub async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, 
         })
 }
 
-/// Serves `router` until `shutdown`, then finishes the requests in flight.
+/// `router` behind the limits of the listener `which`, counted in `metrics`.
+pub fn limited(
+    which: &'static str,
+    router: Router,
+    limits: Limits,
+    metrics: &ControllerMetrics,
+) -> LimitedRouter {
+    LimitedRouter::new(which, router, limits, metrics.http_rejected().clone())
+}
+
+/// Serves `router` until `shutdown`, then finishes the requests in flight (each within
+/// the listener's request timeout). The peer address is an extension of every request
+/// (`ConnectInfo`: the UI limits logins by it).
 pub async fn serve(
     which: &'static str,
     listener: TcpListener,
-    router: Router,
+    router: LimitedRouter,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    // The peer address is an extension of every request (the UI limits logins by it).
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
-    .map_err(|source| ServerError::Serve { which, source })
+    nemesis_common::serve::serve(listener, router, shutdown.cancelled_owned())
+        .await
+        .map_err(|source| ServerError::Serve { which, source })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod bench;
 mod codegen;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod image;
 mod setup;
 mod test;
@@ -47,6 +48,16 @@ enum Command {
     /// Build the agent's and the controller's images as OCI archives under
     /// `target/images/<profile>/`, tagged with the workspace version (podman, no daemon).
     Image(image::ImageArgs),
+    /// Build the cargo-fuzz targets (`fuzz/`) and run each for a bounded time from its
+    /// committed seeds; fails on a crash, naming the reproducer.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Only the targets whose name contains this text.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Run the benchmarks and write `target/nemesis-bench.json`.
     Bench {
         /// Only run the benchmarks whose name contains this text.
@@ -60,6 +71,7 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::BuildEbpf => ebpf::build(),
         Command::Test { nextest_args } => test::run(&nextest_args),
+        Command::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
         Command::Bench { only } => bench::run(only.as_deref()),
         Command::Gen { check } => codegen::run(check),
         Command::Demo(args) => demo::run(&args),

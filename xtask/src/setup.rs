@@ -42,6 +42,7 @@ pub fn run_setup_steps() -> Result<()> {
     nightly_toolchain()?;
     bpf_linker()?;
     nextest()?;
+    cargo_fuzz()?;
     ui_node_modules()?;
     kubernetes_validate()?;
     aiosmtpd()?;
@@ -195,6 +196,14 @@ fn nextest() -> Result<()> {
         return Ok(());
     }
     sh(crate::util::cargo().args(["install", "cargo-nextest", "--locked"]))
+}
+
+/// cargo-fuzz for `cargo xtask fuzz` (a few minutes to build, once).
+pub fn cargo_fuzz() -> Result<()> {
+    if output(Command::new("cargo-fuzz").arg("--version")).is_some() {
+        return Ok(());
+    }
+    sh(crate::util::cargo().args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// The UI's npm packages: uPlot, the charting library the controller's build embeds

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 /// What a forwarded connection of one Service is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Want {
+pub enum Want {
     /// Stay: the Service's connects still come to the proxy, so a reconnect would too.
     Stay,
     /// Step out at the next safe point: a new connection goes direct.

@@ -21,8 +21,9 @@ pub mod table;
 mod wake;
 
 pub use backoff::Backoff;
-pub use drain::Drain;
+pub use drain::{Drain, Want};
 pub use mode::{ModeFollower, ModeSink, ModeSinkError, decide_hold};
+pub use relay::{ProtocolFollower, Step as FollowStep};
 pub use table::{HoldBounds, ManagedPort, ServiceTable, TableError, service_ports};
 
 use crate::control::ControllerClient;

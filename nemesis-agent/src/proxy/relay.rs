@@ -29,7 +29,7 @@ const MAX_EARLY_BACKEND: usize = 16 * 1024;
 
 /// What the followed side of the connection came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
+pub enum Step {
     Follow,
     /// Not followed (any more): the rest is spliced untouched.
     Plain,
@@ -161,6 +161,53 @@ impl Follower {
             h.give_up("the backend closed the connection");
             h.poll(Want::Stay, Duration::ZERO, out);
         }
+    }
+}
+
+/// The protocol follower of a forwarded connection driven by hand, byte slices in and
+/// out: what the fuzz target `proxy_sniff` (`fuzz/`) calls. [`relay`] drives the same
+/// follower from the sockets.
+#[derive(Debug)]
+pub struct ProtocolFollower(Follower);
+
+impl Default for ProtocolFollower {
+    fn default() -> Self {
+        Self(Follower::new())
+    }
+}
+
+impl ProtocolFollower {
+    /// Client bytes: what goes on to the backend.
+    pub fn client_sent(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.0.client_sent(bytes, &mut out);
+        out
+    }
+
+    /// Backend bytes: what goes on to the client, and what the connection came to.
+    pub fn backend_sent(&mut self, bytes: &[u8], want: Want) -> (Vec<u8>, Step) {
+        let mut out = Vec::new();
+        let step = self.0.backend_sent(bytes, want, &mut out);
+        (out, step)
+    }
+
+    /// Nothing new from the backend for `quiet`.
+    pub fn poll(&mut self, want: Want, quiet: Duration) -> (Vec<u8>, Step) {
+        let mut out = Vec::new();
+        let step = self.0.poll(want, quiet, &mut out);
+        (out, step)
+    }
+
+    /// The backend closed: what was held back goes to the client.
+    pub fn backend_closed(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.0.backend_closed(&mut out);
+        out
+    }
+
+    /// Why the connection is spliced untouched, once it is.
+    pub fn plain_because(&self) -> Option<&'static str> {
+        self.0.plain_because()
     }
 }
 

@@ -100,12 +100,9 @@ fn check_service(what: &str, svc: &ServiceRef) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn heartbeat(
-    State(api): State<AgentApi>,
-    body: Result<Json<Heartbeat>, JsonRejection>,
-) -> Result<Json<HeartbeatReply>, ApiError> {
-    let Json(hb) =
-        body.map_err(|r| ApiError::from_json_rejection("heartbeat", MAX_HEARTBEAT_BYTES, r))?;
+/// What a decoded heartbeat must hold before the registry sees it. Pure (the fuzz
+/// target `agent_api` calls it as the handler does).
+pub fn check_heartbeat(hb: &Heartbeat) -> Result<(), ApiError> {
     if hb.node.is_empty() || hb.instance.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -115,6 +112,27 @@ async fn heartbeat(
     for (i, r) in hb.services.iter().enumerate() {
         check_service(&format!("heartbeat: services[{i}]"), &r.service)?;
     }
+    Ok(())
+}
+
+/// What a decoded wake-up must hold before the wake gate sees it. Pure.
+pub fn check_wake(req: &WakeRequest) -> Result<(), ApiError> {
+    if req.node.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wake: `node` must not be empty",
+        ));
+    }
+    check_service("wake", &req.service)
+}
+
+async fn heartbeat(
+    State(api): State<AgentApi>,
+    body: Result<Json<Heartbeat>, JsonRejection>,
+) -> Result<Json<HeartbeatReply>, ApiError> {
+    let Json(hb) =
+        body.map_err(|r| ApiError::from_json_rejection("heartbeat", MAX_HEARTBEAT_BYTES, r))?;
+    check_heartbeat(&hb)?;
     tracing::debug!(node = %hb.node, services = hb.services.len(), "heartbeat");
     Ok(Json(api.registry.heartbeat(hb, Instant::now())))
 }
@@ -124,13 +142,7 @@ async fn wake(
     body: Result<Json<WakeRequest>, JsonRejection>,
 ) -> Result<Json<WakeReply>, ApiError> {
     let Json(req) = body.map_err(|r| ApiError::from_json_rejection("wake", MAX_WAKE_BYTES, r))?;
-    if req.node.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "wake: `node` must not be empty",
-        ));
-    }
-    check_service("wake", &req.service)?;
+    check_wake(&req)?;
     let outcome = api.wakes.wake(&req, Instant::now());
     tracing::info!(service = %req.service, node = %req.node, held = req.held_connections, ?outcome, "wake-up");
     let (accepted, message) = match outcome {

@@ -4,21 +4,18 @@
 //! the agents' plain API listener no longer serves it. Owns the handshake and the accept
 //! loop; what is served is the router's business.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use nemesis_common::serve::{LimitedRouter, Limits, Rejection};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 /// A client that connects and never finishes the handshake holds a task this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,18 +70,23 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// Serves `router` over TLS on `listener` until `stop`. Each request carries the peer
-/// address as `ConnectInfo` (logins are limited by it), as on the plain listener.
+/// The UI's own listener: its largest body is a policy's YAML.
+pub const UI_LIMITS: Limits = Limits::with_max_body(super::MAX_BODY_BYTES);
+
+/// Serves `router` over TLS on `listener` until `stop`, with its limits (a handshake not
+/// done within [`HANDSHAKE_TIMEOUT`] is counted as a header timeout). Each request carries
+/// the peer address as `ConnectInfo` (logins are limited by it), as on the plain listener.
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    router: Router,
+    router: LimitedRouter,
     stop: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(config);
+    let (stopped_tx, stopped) = watch::channel(false);
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -98,7 +100,7 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
-        let stop = stop.clone();
+        let stopped = stopped.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -106,21 +108,14 @@ pub async fn serve(
                     tracing::debug!(%peer, err = %e, "UI TLS handshake failed");
                     return;
                 }
-                Err(_) => return,
+                Err(_) => {
+                    router.count_rejection(Rejection::HeaderTimeout);
+                    return;
+                }
             };
-            let service =
-                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                    router.clone().oneshot(req)
-                });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, err = %e, "UI TLS connection ended with an error");
-                },
-                _ = stop.cancelled() => {}
-            }
+            router.serve_connection(tls, peer, stopped).await;
         });
     }
+    // Connections finish the request in flight (within the request timeout) and close.
+    stopped_tx.send_replace(true);
 }
