@@ -279,6 +279,7 @@ fn ui_router(metrics: &ControllerMetrics, dir: &std::path::Path) -> Router {
             alert_webhook: true,
             kube: None,
             notify: None,
+            prometheus: None,
         },
     );
     ui::router(state)
