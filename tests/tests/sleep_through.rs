@@ -29,6 +29,8 @@ use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventu
 const ALERT: &str = "NemesisSleepNow";
 /// One new connection this often (each one a `GET` with `Connection: close`).
 const EVERY_MS: &str = "30";
+/// The clients run at least this long (about 200 connections), however fast the cycle.
+const TRAFFIC_AT_LEAST: Duration = Duration::from_secs(6);
 
 /// The pod server, ready as soon as it listens (probed every 100 ms), and draining as a
 /// well-behaved Kubernetes app does: it keeps serving after SIGTERM until the kubelet
@@ -230,6 +232,7 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
                 "30000",
             ])
             .await?;
+        let traffic_from = Instant::now();
         // The first connects wake it from zero; then they go direct.
         wait_replicas_seen(&log, &[0, 1], Duration::from_secs(15)).await?;
         env.wait_mode(Mode::Balance).await?;
@@ -244,6 +247,9 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
         env.wait_mode(Mode::Balance).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = env.metrics().await?;
+        // Traffic for long enough to count as continuous (a connection every 30 ms): in
+        // balance mode the whole cycle can take under 3 s.
+        tokio::time::sleep_until(traffic_from + TRAFFIC_AT_LEAST).await;
         let results = clients.stop(Duration::from_secs(40)).await?;
         Ok::<_, anyhow::Error>((before, after, results))
     };
