@@ -4,6 +4,7 @@
 pub mod apiserver;
 pub mod controller_flags;
 pub mod controllers;
+pub mod crds;
 pub mod demo;
 pub mod ingress;
 pub mod kubelet;

@@ -80,8 +80,27 @@ impl Session {
             .header("cookie", &self.cookie)
             .body(Full::default())?;
         let (status, _, body) = exchange(self.addr, req).await?;
-        let v = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-        Ok((status, v))
+        Ok((status, json_or_text(&body)))
     }
+
+    /// `POST path` with a JSON body, the session's cookie and CSRF token, as the page
+    /// sends it: the status and the body (JSON when it parses, else a string).
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("origin", format!("http://{}", self.addr))
+            .header("content-type", "application/json")
+            .header("cookie", &self.cookie)
+            .header("x-csrf-token", &self.csrf)
+            .body(Full::new(Bytes::from(body.to_string())))?;
+        let (status, _, body) = exchange(self.addr, req).await?;
+        Ok((status, json_or_text(&body)))
+    }
+}
+
+fn json_or_text(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
 }

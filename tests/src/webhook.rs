@@ -1,7 +1,9 @@
 //! A generic-webhook alert receiver for end-to-end tests: a real HTTP server on loopback
 //! that checks every request's HMAC-SHA256 signature (as a team's receiver would) and
-//! keeps the bodies it accepted. Unsigned or wrongly signed requests get 401.
+//! keeps the bodies it accepted. Unsigned or wrongly signed requests get 401; while
+//! `refuse` is set, signed ones get 503 (a receiver that is down).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -17,6 +19,10 @@ pub struct Received {
     pub accepted: Mutex<Vec<serde_json::Value>>,
     /// Requests refused for their signature.
     pub bad_signatures: Mutex<usize>,
+    /// Answer 503 to signed requests while set.
+    pub refuse: AtomicBool,
+    /// Signed requests answered 503 because `refuse` was set.
+    pub refused: Mutex<usize>,
 }
 
 /// Whether `signature` (`sha256=<hex>`) signs `timestamp.body` with `key`.
@@ -62,16 +68,19 @@ pub async fn serve(key: String, received: Arc<Received>) -> anyhow::Result<Strin
                                 .to_string()
                         };
                         let status =
-                            if verify(&key, &h(TIMESTAMP_HEADER), &body, &h(SIGNATURE_HEADER)) {
+                            if !verify(&key, &h(TIMESTAMP_HEADER), &body, &h(SIGNATURE_HEADER)) {
+                                *received.bad_signatures.lock().unwrap() += 1;
+                                401
+                            } else if received.refuse.load(Ordering::SeqCst) {
+                                *received.refused.lock().unwrap() += 1;
+                                503
+                            } else {
                                 received
                                     .accepted
                                     .lock()
                                     .unwrap()
                                     .push(serde_json::from_slice(&body).unwrap_or_default());
                                 200
-                            } else {
-                                *received.bad_signatures.lock().unwrap() += 1;
-                                401
                             };
                         Ok::<_, std::convert::Infallible>(
                             hyper::Response::builder()

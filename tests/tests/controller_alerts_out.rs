@@ -7,120 +7,25 @@
 
 mod controller_support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use controller_support::*;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::Api;
+use kube::api::PostParams;
 use nemesis_controller::notify::outbox::{DeliveryState, Outbox};
 use nemesis_controller::notify::rule::AlertRule;
-use nemesis_controller::notify::sinks::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use nemesis_controller::notify::{DEFAULT_OUTBOX_SECRET, OUTBOX_KEY};
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use nemesis_tests::webhook::{self, Received};
 use serde_json::json;
 
 const HMAC_KEY: &str = "failover-test-hmac-key-0123456789";
 /// Start-ups, leases and backoffs on a loaded machine.
 const WAIT: Duration = Duration::from_secs(90);
-
-#[derive(Default)]
-struct Hook {
-    /// Answer 503 while set.
-    refuse: AtomicBool,
-    /// Bodies of signed requests accepted.
-    accepted: Mutex<Vec<serde_json::Value>>,
-    refused: Mutex<usize>,
-}
-
-async fn serve_hook(hook: Arc<Hook>) -> anyhow::Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let hook = hook.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: hyper::Request<Incoming>| {
-                    let hook = hook.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let h = |n: &str| {
-                            parts
-                                .headers
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string()
-                        };
-                        let tag: Vec<u8> = h(SIGNATURE_HEADER)
-                            .strip_prefix("sha256=")
-                            .map(|hex| {
-                                (0..hex.len() / 2)
-                                    .filter_map(|i| {
-                                        u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        let key =
-                            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
-                        let signed = [h(TIMESTAMP_HEADER).as_bytes(), b".", &body].concat();
-                        let status = if ring::hmac::verify(&key, &signed, &tag).is_err() {
-                            401
-                        } else if hook.refuse.load(Ordering::SeqCst) {
-                            *hook.refused.lock().unwrap() += 1;
-                            503
-                        } else {
-                            hook.accepted
-                                .lock()
-                                .unwrap()
-                                .push(serde_json::from_slice(&body).unwrap_or_default());
-                            200
-                        };
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::new()))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(url)
-}
-
-async fn install_alertrule_crd(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &AlertRule::crd())
-        .await?;
-    let rules: Api<AlertRule> = Api::all(client.clone());
-    eventually("the AlertRule API", Duration::from_secs(10), || async {
-        Ok(rules.list(&ListParams::default()).await.ok().map(|_| ()))
-    })
-    .await
-}
 
 async fn outbox(secrets: &Api<Secret>) -> Option<Outbox> {
     let s = secrets.get_opt(DEFAULT_OUTBOX_SECRET).await.ok()??;
@@ -144,12 +49,12 @@ async fn an_alert_raised_before_the_leader_dies_is_delivered_by_the_next_leader(
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
     install_crd(&client).await?;
-    install_alertrule_crd(&client).await?;
+    nemesis_tests::crds::install_alert_rule_crd(&client).await?;
     let ns = "default";
 
-    let hook = Arc::new(Hook::default());
+    let hook = Arc::new(Received::default());
     hook.refuse.store(true, Ordering::SeqCst);
-    let url = serve_hook(hook.clone()).await?;
+    let url = webhook::serve(HMAC_KEY.to_owned(), hook.clone()).await?;
     let sinks_dir = tempfile::tempdir()?;
     let sinks = sinks_dir.path().join("sinks.yaml");
     std::fs::write(

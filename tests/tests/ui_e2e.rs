@@ -18,27 +18,22 @@ mod controller_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use bytes::Bytes;
 use controller_support::*;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
+use kube::Api;
+use kube::api::PostParams;
 use nemesis_common::wire::ServiceRef;
 use nemesis_controller::notify::rule::AlertRule;
-use nemesis_controller::notify::sinks::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use nemesis_tests::kubelet::{Sandbox, SandboxOptions};
+use nemesis_tests::ui_client;
+use nemesis_tests::webhook::{self, Received};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
@@ -95,140 +90,6 @@ async fn ensure_node_modules(ui: &Path) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-/// The admin's API call (plain HTTP/1.1, as the page would send it).
-async fn admin_post(
-    addr: std::net::SocketAddr,
-    path: &str,
-    cookie: Option<&str>,
-    csrf: Option<&str>,
-    body: Value,
-) -> Result<(u16, Vec<String>, Value)> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut b = http::Request::post(path)
-        .header("host", addr.to_string())
-        .header("origin", format!("http://{addr}"))
-        .header("content-type", "application/json");
-    if let Some(c) = cookie {
-        b = b.header("cookie", c);
-    }
-    if let Some(t) = csrf {
-        b = b.header("x-csrf-token", t);
-    }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(30),
-        sender.send_request(b.body(Full::new(Bytes::from(body.to_string())))?),
-    )
-    .await??;
-    let status = resp.status().as_u16();
-    let cookies = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| {
-            v.to_str()
-                .ok()
-                .map(|c| c.split(';').next().unwrap().to_string())
-        })
-        .collect();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((
-        status,
-        cookies,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
-}
-
-/// The admin's GET (session cookie), as JSON or text.
-async fn admin_get(addr: std::net::SocketAddr, path: &str, cookie: &str) -> Result<(u16, String)> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", addr.to_string())
-        .header("cookie", cookie)
-        .body(Full::new(Bytes::new()))?;
-    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await??;
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-}
-
-/// A local webhook receiver: keeps the bodies whose HMAC-SHA256 signature is right,
-/// answers 401 to any other.
-async fn serve_hook(accepted: Arc<Mutex<Vec<Value>>>) -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let accepted = accepted.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: hyper::Request<Incoming>| {
-                    let accepted = accepted.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let header = |n: &str| {
-                            parts
-                                .headers
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string()
-                        };
-                        let sig = header(SIGNATURE_HEADER);
-                        let hex = sig.strip_prefix("sha256=").unwrap_or("");
-                        let tag: Vec<u8> = (0..hex.len() / 2)
-                            .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-                            .collect();
-                        let key =
-                            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
-                        let signed = [header(TIMESTAMP_HEADER).as_bytes(), b".", &body].concat();
-                        let status = if ring::hmac::verify(&key, &signed, &tag).is_ok() {
-                            accepted
-                                .lock()
-                                .unwrap()
-                                .push(serde_json::from_slice(&body).unwrap_or_default());
-                            200
-                        } else {
-                            401
-                        };
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::new()))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(url)
-}
-
-async fn install_alertrule_crd(client: &Client) -> Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &AlertRule::crd())
-        .await
-        .context("creating the AlertRule CRD")?;
-    let rules: Api<AlertRule> = Api::all(client.clone());
-    eventually("the AlertRule API", Duration::from_secs(30), || async {
-        Ok(rules.list(&ListParams::default()).await.ok().map(|_| ()))
-    })
-    .await
 }
 
 /// The app that wakes: the pod server, at zero, with its Service.
@@ -297,7 +158,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     let server = TestApiServer::start(ApiServerOptions::default()).await?;
     let client = server.client().await?;
     install_crd(&client).await?;
-    install_alertrule_crd(&client).await?;
+    nemesis_tests::crds::install_alert_rule_crd(&client).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     deployments
         .create(&PostParams::default(), &deployment("web", 1))
@@ -331,8 +192,8 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         .await?;
 
     // Alerts go to a local webhook that checks their signature.
-    let hooked = Arc::new(Mutex::new(Vec::new()));
-    let hook_url = serve_hook(hooked.clone()).await?;
+    let hooked = Arc::new(Received::default());
+    let hook_url = webhook::serve(HMAC_KEY.to_owned(), hooked.clone()).await?;
     let dir = tempfile::tempdir()?;
     let sinks = dir.path().join("sinks.yaml");
     std::fs::write(
@@ -388,33 +249,14 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     .await?;
 
     // The people: a viewer and an operator, added by the admin.
-    let (status, cookies, v) = admin_post(
-        addr,
-        "/login",
-        None,
-        None,
-        json!({"username": "admin", "password": ADMIN_PW}),
-    )
-    .await?;
-    ensure!(status == 200, "admin login: {status} {v}");
-    let cookie = cookies
-        .iter()
-        .find(|c| c.starts_with("nemesis_session="))
-        .context("no session cookie")?
-        .clone();
-    let csrf = v["csrfToken"]
-        .as_str()
-        .context("no CSRF token")?
-        .to_string();
+    let admin = ui_client::login(addr, "admin", ADMIN_PW).await?;
     for (name, role) in [("vera", "viewer"), ("otto", "operator")] {
-        let (status, _, v) = admin_post(
-            addr,
-            "/api/v1/users",
-            Some(&cookie),
-            Some(&csrf),
-            json!({"name": name, "role": role, "password": format!("{name}-password-1")}),
-        )
-        .await?;
+        let (status, v) = admin
+            .post(
+                "/api/v1/users",
+                &json!({"name": name, "role": role, "password": format!("{name}-password-1")}),
+            )
+            .await?;
         ensure!(status == 201, "adding {name}: {status} {v}");
     }
 
@@ -511,16 +353,15 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
     let d = shop_deployments.get("api").await?;
     ensure!(d.spec.replicas == Some(1), "api was scaled to 1");
     // The hook got the alert, signed.
-    let got = hooked.lock().unwrap().clone();
+    let got = hooked.accepted.lock().unwrap().clone();
     ensure!(
         got.iter()
             .any(|b| b.to_string().contains("NemesisScaledFromZero")),
         "the webhook received the ScaledFromZero alert: {got:?}"
     );
     // The outbox says who acknowledged it.
-    let (status, text) = admin_get(addr, "/api/alerts", &cookie).await?;
-    ensure!(status == 200, "GET /api/alerts: {status} {text}");
-    let out: Value = serde_json::from_str(&text)?;
+    let (status, out) = admin.get("/api/alerts").await?;
+    ensure!(status == 200, "GET /api/alerts: {status} {out}");
     let acked = out["alerts"]
         .as_array()
         .context("alerts")?
@@ -538,14 +379,10 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
         .as_str()
         .context("no CSV downloaded")?;
     let csv = std::fs::read_to_string(csv_path)?;
-    let (status, text) = admin_get(
-        addr,
-        "/api/v1/events?policy=shop/api&kind=transition&window=24h&limit=500",
-        &cookie,
-    )
-    .await?;
-    ensure!(status == 200, "events: {status} {text}");
-    let events: Value = serde_json::from_str(&text)?;
+    let (status, events) = admin
+        .get("/api/v1/events?policy=shop/api&kind=transition&window=24h&limit=500")
+        .await?;
+    ensure!(status == 200, "events: {status} {events}");
     let transitions = events["events"].as_array().context("events")?;
     ensure!(
         transitions

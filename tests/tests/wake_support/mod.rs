@@ -199,20 +199,6 @@ async fn install_crd(client: &Client) -> anyhow::Result<()> {
     .await
 }
 
-async fn install_alertrule_crd(client: &Client) -> anyhow::Result<()> {
-    use kube::CustomResourceExt as _;
-    use nemesis_controller::notify::rule::AlertRule;
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &AlertRule::crd())
-        .await
-        .context("creating the AlertRule CRD")?;
-    let rules: Api<AlertRule> = Api::all(client.clone());
-    eventually("the AlertRule API", Duration::from_secs(10), || async {
-        Ok(rules.list(&ListParams::default()).await.ok().map(|_| ()))
-    })
-    .await
-}
-
 // === the controller, played by the test ===
 
 /// A real HTTP server with the controller's agent API: wake-ups are counted and the
@@ -517,7 +503,7 @@ impl WakeEnv {
         install_crd(&client).await?;
         if opts.real_controller.is_some() {
             // Before the controller starts, so its AlertRule watch lists at once.
-            install_alertrule_crd(&client).await?;
+            nemesis_tests::crds::install_alert_rule_crd(&client).await?;
         }
         let (agent_client, controller_client) = match opts.rbac {
             Some(edit) => install_rbac(&server, &client, edit).await?,
