@@ -18,7 +18,7 @@
 #![deny(unsafe_code)]
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -30,11 +30,14 @@ use nemesis_agent::ebpf::{
     pins::ScratchBpffs,
     prereq,
 };
-use nix::sys::socket::{setsockopt, sockopt::Linger};
 
 /// Connections per timed run: short runs, alternated often, so bursts of other work on
 /// a shared machine land on both sides alike; bounded far below the ~28k ephemeral
 /// ports one destination has.
+#[path = "shared/sockets.rs"]
+mod sockets;
+use sockets::{connect_close, listen};
+
 const CONNS_PER_RUN: usize = 5_000;
 /// A B pairs per figure; the median of their ratios is reported.
 const PAIRS: usize = 25;
@@ -50,10 +53,6 @@ const BACKEND_IP: &str = "127.96.255.2";
 /// short runs, so that the median of the blocks' ratios is steady on a shared machine.
 const ACCEPT_CONNS_PER_RUN: usize = 500;
 const ACCEPT_PAIRS: usize = 251;
-/// Accept queue of the listener (the kernel caps it at net.core.somaxconn).
-const LISTEN_BACKLOG: i32 = 4096;
-/// One connect may not take longer than this (a loopback listener answers in µs).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -150,16 +149,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A listener with a deep accept queue: with the default (128) a busy machine lets the
-/// queue fill, SYNs are dropped, and a connect waits a whole 1 s retransmission.
-fn listen(addr: SocketAddr) -> Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.bind(&addr.into())?;
-    s.listen(LISTEN_BACKLOG)?;
-    Ok(s.into())
-}
-
 /// Median over [`PAIRS`] of (time with programs / time without).
 fn measure(on: &Path, off: &Path, addr: SocketAddr) -> Result<f64> {
     let pid = std::process::id();
@@ -236,20 +225,4 @@ fn measure_accept(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// `n` times: connect, then close with RST. Returns the elapsed time.
-fn connect_close(addr: SocketAddr, n: usize) -> Result<Duration> {
-    let rst = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let start = Instant::now();
-    for i in 0..n {
-        let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .with_context(|| format!("connect {i} of {n} to {addr}"))?;
-        setsockopt(&s, Linger, &rst).context("setting SO_LINGER {on, 0}")?;
-        drop(s);
-    }
-    Ok(start.elapsed())
 }

@@ -28,7 +28,7 @@
 #![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,7 +41,10 @@ use nemesis_agent::ebpf::{
     prereq,
 };
 use nix::sched::{CloneFlags, unshare};
-use nix::sys::socket::{setsockopt, sockopt::Linger};
+
+#[path = "shared/sockets.rs"]
+mod sockets;
+use sockets::{connect, connect_close, listen};
 
 const SERVICES: usize = 5_000;
 const ENDPOINTS: usize = 3;
@@ -66,7 +69,6 @@ const BLOCKS: usize = 60;
 const WARMUP: usize = 1_000;
 const ROUND_TRIPS_PER_RUN: usize = 5_000;
 const THROUGHPUT_BLOCKS: usize = 15;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The ClusterIP of Service `i` (198.19.0.1 upwards).
 fn cluster_ip(i: usize) -> Ipv4Addr {
@@ -288,15 +290,6 @@ fn echo_loop(mut s: TcpStream) {
     }
 }
 
-fn listen(addr: SocketAddr) -> Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    Ok(s.into())
-}
-
 // === kube-proxy's rules ===
 
 /// kube-proxy's iptables mode, nat table, as its proxier writes it (KUBE-SERVICES ->
@@ -468,31 +461,15 @@ fn time_ratio(what: &str, a: (&Path, SocketAddr), b: (&Path, SocketAddr)) -> Res
     Ok(median)
 }
 
-/// `n` times: connect, then close with RST. Returns the elapsed time.
-fn connect_close(addr: SocketAddr, n: usize) -> Result<Duration> {
-    let rst = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let start = Instant::now();
-    for i in 0..n {
-        let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .with_context(|| format!("connect {i} of {n} to {addr}"))?;
-        setsockopt(&s, Linger, &rst).context("setting SO_LINGER {on, 0}")?;
-        drop(s);
-    }
-    Ok(start.elapsed())
-}
-
 /// Median over A B B A blocks of (round trips per second on a connection made through
 /// the Service address with the programs / on one made to the pod without).
 fn throughput_ratio(on: &Path, service: SocketAddr, off: &Path, pod: SocketAddr) -> Result<f64> {
     let pid = std::process::id();
     // Sockets keep the cgroup they were made in: each connection is made on its side.
     move_process(on, pid)?;
-    let mut through = TcpStream::connect_timeout(&service, CONNECT_TIMEOUT)?;
+    let mut through = connect(service)?;
     move_process(off, pid)?;
-    let mut direct = TcpStream::connect_timeout(&pod, CONNECT_TIMEOUT)?;
+    let mut direct = connect(pod)?;
     for s in [&through, &direct] {
         s.set_nodelay(true)?;
     }
