@@ -21,9 +21,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::time::Instant;
-use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually};
+use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, pod_server};
 
 const ROUNDS: usize = 12;
 /// Short, so a round (wake, idle window, sleep) takes seconds.
@@ -34,20 +34,6 @@ const IDLE: &str = "2s";
 struct Seen {
     created: Option<Instant>,
     ready: Option<Instant>,
-}
-
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "50"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -61,7 +47,7 @@ async fn wake_to_first_byte() -> anyhow::Result<()> {
     let env = WakeEnv::start_with(
         Scenario {
             name: "bench-ttfb",
-            pod: quick_server(),
+            pod: pod_server(50, &[]),
             policy: json!({}),
             scale_on_wake: false,
         },

@@ -15,25 +15,11 @@ use kube::Api;
 use kube::api::ListParams;
 use nemesis_controller::policy::ScalingPolicy;
 use serde_json::{Value, json};
-use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually, post_alert};
+use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, post_alert, quick_server};
 
 const WAKE: &str = "NemesisLagWake";
 const SLEEP: &str = "NemesisLagSleep";
 const LAG: Duration = Duration::from_millis(2500);
-
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "100"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
-}
 
 /// zero <-> warm on two alerts, so the test decides when each scale happens.
 fn policy() -> Value {

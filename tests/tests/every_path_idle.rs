@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use wake_support::{APP, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually};
+use wake_support::{APP, Options, POD_PORT, Scenario, WakeEnv, eventually, quick_server};
 
 /// The short form's idle window (and rate window, so that the window is the whole wait).
 const IDLE: Duration = Duration::from_secs(6);
@@ -20,20 +20,6 @@ const IDLE: Duration = Duration::from_secs(6);
 /// 500 ms and reports every 500 ms, the controller ticks every 200 ms and writes status
 /// every 500 ms.
 const SLACK: Duration = Duration::from_secs(3);
-
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "100"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
-}
 
 fn policy() -> Value {
     let idle = format!("{}s", IDLE.as_secs());

@@ -22,7 +22,7 @@ use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::ingress::IngressNginx;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually, http_get};
+use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, http_get, quick_server};
 
 /// The short form's idle window (and rate window, so the window is the whole wait).
 const IDLE: Duration = Duration::from_secs(6);
@@ -30,22 +30,6 @@ const IDLE: Duration = Duration::from_secs(6);
 /// every 500 ms, controller ticks every 200 ms, status every 500 ms.
 const SLACK: Duration = Duration::from_secs(3);
 const INGRESS_PORT: u16 = 8088;
-
-/// The pod server, quick to start: the cold start under test is the path, not a slow
-/// model.
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "100"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
-}
 
 fn policy() -> Value {
     let idle = format!("{}s", IDLE.as_secs());

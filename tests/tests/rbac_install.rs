@@ -18,7 +18,7 @@ use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::demo::apply::Manifest;
 use serde_json::{Value, json};
 use wake_support::{
-    APP, NS, Options, POD_PORT, SERVER, SYSTEM_NS, Scenario, WakeEnv, eventually, post_alert,
+    APP, NS, Options, SYSTEM_NS, Scenario, WakeEnv, eventually, post_alert, quick_server,
     remove_rule,
 };
 
@@ -34,21 +34,6 @@ fn without_scale(m: &mut [Manifest]) {
 
 fn without_endpoint_slices(m: &mut [Manifest]) {
     remove_rule(m, "nemesis-agent", "endpointslices");
-}
-
-/// Ready as soon as it listens, probed every 100 ms.
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "100"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
 }
 
 /// zero --demand--> warm --alert--> zero: the sleep comes when the test says.

@@ -23,7 +23,7 @@ use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::{ColdStartOutcome, PolicyId};
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use wake_support::{APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually, post_alert};
+use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, pod_server, post_alert};
 
 /// The alert that sends the policy to sleep.
 const ALERT: &str = "NemesisSleepNow";
@@ -31,26 +31,6 @@ const ALERT: &str = "NemesisSleepNow";
 const EVERY_MS: &str = "30";
 /// The clients run at least this long (about 200 connections), however fast the cycle.
 const TRAFFIC_AT_LEAST: Duration = Duration::from_secs(6);
-
-/// The pod server, ready as soon as it listens (probed every 100 ms), and draining as a
-/// well-behaved Kubernetes app does: it keeps serving after SIGTERM until the kubelet
-/// kills it at the end of the 1 s grace period. A server that exits the instant it gets
-/// SIGTERM resets the connections in its accept queue, which were dialled while its
-/// endpoint was still ready (endpoint removal and SIGTERM race in Kubernetes too, hence
-/// preStop sleeps): no load balancer in front of it can save those.
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "100"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string(), "--ignore-sigterm"],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
-}
 
 /// zero --demand--> warm --alert--> zero: the sleep is an event the test controls, so it
 /// fires while the client keeps the Service busy (an idle window never would).
@@ -165,7 +145,7 @@ async fn every_connection_is_served_while_the_service_sleeps_after_its_agents_ho
     let env = WakeEnv::start_with(
         Scenario {
             name: "sthru",
-            pod: quick_server(),
+            pod: pod_server(100, &["--ignore-sigterm"]),
             policy: json!({}),
             scale_on_wake: false,
         },

@@ -16,27 +16,12 @@ use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::demo::apply::Manifest;
 use serde_json::{Value, json};
 use wake_support::{
-    APP, NS, Options, POD_PORT, SERVER, SYSTEM_NS, Scenario, WakeEnv, eventually, post_alert,
+    APP, NS, Options, SYSTEM_NS, Scenario, WakeEnv, eventually, post_alert, quick_server,
 };
 
 const ALERT: &str = "NemesisStatefulSleep";
 
 fn as_shipped(_: &mut [Manifest]) {}
-
-/// Ready as soon as it listens, probed every 100 ms.
-fn quick_server() -> Value {
-    json!({
-        "annotations": {"nemesis.test/probe-period-ms": "100"},
-        "container": {
-            "name": "server",
-            "image": "local/nemesis-pod-server",
-            "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
-            "ports": [{"name": "http", "containerPort": POD_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
-        }
-    })
-}
 
 /// zero --demand--> warm --alert--> zero, on the StatefulSet.
 fn policy() -> Value {

@@ -84,23 +84,34 @@ where
 
 // === the pod and its manifests ===
 
-/// The pod server with an HTTP readiness probe on a 100 ms period, starting
-/// [`START_DELAY_MS`] after its pod.
-pub fn slow_server() -> Value {
+/// The pod server with an HTTP readiness probe probed every `probe_period_ms`, run
+/// with `--port POD_PORT` and `extra_args`.
+pub fn pod_server(probe_period_ms: u64, extra_args: &[&str]) -> Value {
+    let mut args = vec!["--port".to_owned(), POD_PORT.to_string()];
+    args.extend(extra_args.iter().map(|a| a.to_string()));
     json!({
-        "annotations": {
-            "nemesis.test/start-delay-ms": START_DELAY_MS.to_string(),
-            "nemesis.test/probe-period-ms": "100",
-        },
+        "annotations": {"nemesis.test/probe-period-ms": probe_period_ms.to_string()},
         "container": {
             "name": "server",
             "image": "local/nemesis-pod-server",
             "command": [SERVER],
-            "args": ["--port", POD_PORT.to_string()],
+            "args": args,
             "ports": [{"name": "http", "containerPort": POD_PORT}],
             "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
         }
     })
+}
+
+/// The pod server, ready as soon as it listens (probed every 100 ms).
+pub fn quick_server() -> Value {
+    pod_server(100, &[])
+}
+
+/// The pod server, starting [`START_DELAY_MS`] after its pod (probed every 100 ms).
+pub fn slow_server() -> Value {
+    let mut pod = pod_server(100, &[]);
+    pod["annotations"]["nemesis.test/start-delay-ms"] = json!(START_DELAY_MS.to_string());
+    pod
 }
 
 /// A pod that says it is ready before its server listens: the probe (`exec true`)
