@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 /// Long enough for a heavy query on a busy Prometheus, short enough that a dead one does
 /// not hold up a policy tick for long (the tick then uses the policy's fallback).
@@ -115,20 +116,55 @@ impl PromClient {
     /// Evaluates `promql` now; the result must be a scalar or an instant vector of
     /// exactly one series.
     pub async fn query(&self, promql: &str) -> Result<f64, PromError> {
-        let url = self.base.as_str().trim_end_matches('/').to_string();
         // Ask Prometheus to give up too, so an abandoned query stops costing it.
         let server_timeout = format!("{}ms", self.timeout.as_millis().max(1));
         let form = [("query", promql), ("timeout", server_timeout.as_str())];
+        let data = self.ask(&self.query_url, promql, &form).await?;
+        single_value(promql, data)
+    }
+
+    /// Evaluates `promql` from `start` to `end` (Unix seconds) every `step` seconds
+    /// (reports' series). The result must be at most one series (none: no data, an
+    /// empty list); its points come back as `(unix seconds, value)`, NaNs left out.
+    pub async fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: f64,
+    ) -> Result<Vec<(f64, f64)>, PromError> {
+        let server_timeout = format!("{}ms", self.timeout.as_millis().max(1));
+        let (start, end, step) = (
+            format!("{start:.3}"),
+            format!("{end:.3}"),
+            format!("{step:.3}"),
+        );
+        let form = [
+            ("query", promql),
+            ("start", start.as_str()),
+            ("end", end.as_str()),
+            ("step", step.as_str()),
+            ("timeout", server_timeout.as_str()),
+        ];
+        let data = self.ask(&self.range_url, promql, &form).await?;
+        range_points(promql, data)
+    }
+
+    /// POSTs `form` to `endpoint` and decodes the API's answer: its `data` on success,
+    /// else an error naming the server, the query and what went wrong (refused, timed
+    /// out, rejected, not JSON, an HTTP error page).
+    async fn ask<D: DeserializeOwned>(
+        &self,
+        endpoint: &Url,
+        promql: &str,
+        form: &[(&str, &str)],
+    ) -> Result<D, PromError> {
+        let url = self.base.as_str().trim_end_matches('/').to_string();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let first = self
-            .http
-            .post(self.query_url.clone())
-            .form(&form)
-            .send()
-            .await;
+        let first = self.http.post(endpoint.clone()).form(form).send().await;
         let sent = match first {
             // A pooled keep-alive connection the server closed (it restarted, or its idle
-            // timeout hit first) fails without a connect error; the query is read-only,
+            // timeout hit first) fails without a connect error; queries are read-only,
             // so one retry on a fresh connection within the same budget is safe, and
             // gives the real answer ("connection refused", or a result).
             Err(e) if !e.is_timeout() && !e.is_connect() => {
@@ -138,8 +174,8 @@ impl PromClient {
                 } else {
                     tracing::debug!(err = %error_chain(&e), "retrying a PromQL query once");
                     self.http
-                        .post(self.query_url.clone())
-                        .form(&form)
+                        .post(endpoint.clone())
+                        .form(form)
                         .timeout(left)
                         .send()
                         .await
@@ -155,8 +191,7 @@ impl PromClient {
         let body = read_limited(resp)
             .await
             .map_err(|e| self.body_error(&url, &e))?;
-        let parsed: Result<ApiResponse, _> = serde_json::from_slice(&body);
-        match parsed {
+        match serde_json::from_slice::<ApiResponse<D>>(&body) {
             Ok(ApiResponse::Error {
                 error_type, error, ..
             }) => Err(PromError::Rejected {
@@ -165,68 +200,7 @@ impl PromClient {
                 error_type,
                 message: error,
             }),
-            Ok(ApiResponse::Success { data, .. }) => single_value(promql, data),
-            Err(e) if status.is_success() => Err(PromError::DecodeResponse {
-                url,
-                reason: e.to_string(),
-            }),
-            Err(_) => Err(PromError::HttpStatus {
-                url,
-                query: promql.to_string(),
-                status: status.as_u16(),
-                body: snippet(&body),
-            }),
-        }
-    }
-
-    /// Evaluates `promql` from `start` to `end` (Unix seconds) every `step` seconds
-    /// (reports' series). The result must be at most one series (none: no data, an
-    /// empty list); its points come back as `(unix seconds, value)`, NaNs left out.
-    pub async fn query_range(
-        &self,
-        promql: &str,
-        start: f64,
-        end: f64,
-        step: f64,
-    ) -> Result<Vec<(f64, f64)>, PromError> {
-        let url = self.base.as_str().trim_end_matches('/').to_string();
-        let server_timeout = format!("{}ms", self.timeout.as_millis().max(1));
-        let (start, end, step) = (
-            format!("{start:.3}"),
-            format!("{end:.3}"),
-            format!("{step:.3}"),
-        );
-        let form = [
-            ("query", promql),
-            ("start", start.as_str()),
-            ("end", end.as_str()),
-            ("step", step.as_str()),
-            ("timeout", server_timeout.as_str()),
-        ];
-        let resp = match self
-            .http
-            .post(self.range_url.clone())
-            .form(&form)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return Err(self.transport_error(&url, &e)),
-        };
-        let status = resp.status();
-        let body = read_limited(resp)
-            .await
-            .map_err(|e| self.body_error(&url, &e))?;
-        match serde_json::from_slice::<RangeResponse>(&body) {
-            Ok(RangeResponse::Error {
-                error_type, error, ..
-            }) => Err(PromError::Rejected {
-                url,
-                query: promql.to_string(),
-                error_type,
-                message: error,
-            }),
-            Ok(RangeResponse::Success { data }) => range_points(promql, data),
+            Ok(ApiResponse::Success { data }) => Ok(data),
             Err(e) if status.is_success() => Err(PromError::DecodeResponse {
                 url,
                 reason: e.to_string(),
@@ -315,11 +289,12 @@ fn snippet(body: &[u8]) -> String {
 
 // === the query API's JSON ===
 
+/// The envelope of every query API answer; `D` is an instant or a range result.
 #[derive(Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
-enum ApiResponse {
+enum ApiResponse<D> {
     Success {
-        data: QueryData,
+        data: D,
     },
     Error {
         #[serde(rename = "errorType", default)]
@@ -347,20 +322,6 @@ struct VectorSample {
 /// infinities survive JSON.
 #[derive(Deserialize)]
 struct SamplePair(f64, String);
-
-#[derive(Deserialize)]
-#[serde(tag = "status", rename_all = "lowercase")]
-enum RangeResponse {
-    Success {
-        data: RangeData,
-    },
-    Error {
-        #[serde(rename = "errorType", default)]
-        error_type: String,
-        #[serde(default)]
-        error: String,
-    },
-}
 
 #[derive(Deserialize)]
 #[serde(tag = "resultType", content = "result", rename_all = "lowercase")]
@@ -467,7 +428,7 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<f64, PromError> {
-        match serde_json::from_str::<ApiResponse>(json).unwrap() {
+        match serde_json::from_str::<ApiResponse<QueryData>>(json).unwrap() {
             ApiResponse::Success { data } => single_value("q", data),
             ApiResponse::Error { .. } => panic!("error response"),
         }
@@ -511,9 +472,9 @@ mod tests {
     }
 
     fn parse_range(json: &str) -> Result<Vec<(f64, f64)>, PromError> {
-        match serde_json::from_str::<RangeResponse>(json).unwrap() {
-            RangeResponse::Success { data } => range_points("q", data),
-            RangeResponse::Error { .. } => panic!("error response"),
+        match serde_json::from_str::<ApiResponse<RangeData>>(json).unwrap() {
+            ApiResponse::Success { data } => range_points("q", data),
+            ApiResponse::Error { .. } => panic!("error response"),
         }
     }
 
