@@ -718,8 +718,6 @@ sinks:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_report_goes_out_by_webhook_and_by_mail_once_per_firing() -> Result<()> {
-    use nemesis_controller::agents::{AgentRegistry, RegistryConfig};
-    use nemesis_controller::alerts::AlertBook;
     use nemesis_controller::store::{Retention, Store};
     use nemesis_controller::ui::reports::ScheduledReports;
     use nemesis_controller::ui::{PolicyCache, UiSources};
@@ -737,14 +735,8 @@ async fn a_scheduled_report_goes_out_by_webhook_and_by_mail_once_per_firing() ->
     let (policies, mut feed) = PolicyCache::new();
     feed.upsert(ui_support::policy(ui_support::NS, ui_support::NAME, now));
     let sources = UiSources {
-        store,
-        policies,
-        registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
-        alerts: Arc::new(AlertBook::new()),
         alert_webhook: false,
-        notify: None,
-        prometheus: None,
-        kube: None,
+        ..UiSources::local(store, policies)
     };
     // Every minute: the first firing after start goes out (none for the past).
     let config = parse_config(

@@ -271,16 +271,7 @@ fn ui_router(metrics: &ControllerMetrics, dir: &std::path::Path) -> Router {
         AdminPassword::from_plaintext("correct-horse-battery-staple").unwrap(),
         Arc::new(Directory::in_memory(&config.user)),
         metrics.clone(),
-        UiSources {
-            store,
-            policies,
-            registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
-            alerts: Arc::new(AlertBook::new()),
-            alert_webhook: true,
-            kube: None,
-            notify: None,
-            prometheus: None,
-        },
+        UiSources::local(store, policies),
     );
     ui::router(state)
 }

@@ -13,8 +13,6 @@ use anyhow::{Context, Result, bail};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http::Request;
-use nemesis_controller::agents::{AgentRegistry, RegistryConfig};
-use nemesis_controller::alerts::AlertBook;
 use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::policy::crd::{ScalingPolicySpec, TargetRef};
@@ -157,14 +155,8 @@ async fn main() -> Result<()> {
         Arc::new(Directory::in_memory(ui::DEFAULT_USER)),
         ControllerMetrics::new(),
         UiSources {
-            store,
-            policies: cache,
-            registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
-            alerts: Arc::new(AlertBook::new()),
             alert_webhook: false,
-            notify: None,
-            prometheus: None,
-            kube: None,
+            ..UiSources::local(store, cache)
         },
     );
     let router = ui::router(state);

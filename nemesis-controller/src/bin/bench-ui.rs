@@ -15,8 +15,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use chrono::Utc;
-use nemesis_controller::agents::{AgentRegistry, RegistryConfig};
-use nemesis_controller::alerts::AlertBook;
 use nemesis_controller::metrics::ControllerMetrics;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::policy::crd::{ScalingPolicySpec, ScalingPolicyStatus, TargetRef};
@@ -164,16 +162,7 @@ async fn main() -> Result<()> {
         AdminPassword::from_plaintext(PASSWORD)?,
         Arc::new(Directory::in_memory(ui::DEFAULT_USER)),
         ControllerMetrics::new(),
-        UiSources {
-            store,
-            policies: cache,
-            registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
-            alerts: Arc::new(AlertBook::new()),
-            alert_webhook: true,
-            kube: None,
-            notify: None,
-            prometheus: None,
-        },
+        UiSources::local(store, cache),
     );
     let router = ui::router(state);
     let resp = router

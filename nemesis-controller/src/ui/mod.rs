@@ -39,7 +39,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{delete, get, post, put};
 
-use crate::agents::AgentRegistry;
+use crate::agents::{AgentRegistry, RegistryConfig};
 use crate::alerts::AlertBook;
 use crate::metrics::ControllerMetrics;
 use crate::store::Store;
@@ -113,6 +113,24 @@ pub struct UiSources {
     /// The Prometheus reports read measured usage and the policies' `spec.reports`
     /// series from (`None`: no `--prometheus-url`).
     pub prometheus: Option<reports::ReportPrometheus>,
+}
+
+impl UiSources {
+    /// A UI over this history and these policies alone, as benchmarks and tests run it:
+    /// no Kubernetes client, notifier or Prometheus; no agents and no alerts yet; the
+    /// Alertmanager webhook served.
+    pub fn local(store: Arc<Store>, policies: PolicyCache) -> Self {
+        Self {
+            store,
+            policies,
+            registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
+            alerts: Arc::new(AlertBook::new()),
+            alert_webhook: true,
+            kube: None,
+            notify: None,
+            prometheus: None,
+        }
+    }
 }
 
 /// Everything the handlers share; cheap to clone.
