@@ -10,19 +10,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::deployments::{PodFacts, controller_ref};
-use super::{RESYNC, RETRY, api, now, random_suffix, safe_hash};
+use super::{RESYNC, api, now, random_suffix, safe_hash};
 use crate::kubelet::call::{CallError, call};
 
 /// The label naming a pod's revision, as Kubernetes names it.
@@ -214,21 +212,7 @@ pub async fn run(client: Client, namespace: Option<String>, cancel: Cancellation
     let sets: Api<DaemonSet> = api(&client, namespace.as_deref());
     let pods: Api<Pod> = api(&client, namespace.as_deref());
     let ctx = Arc::new(Context { client });
-    Controller::new(sets, watcher::Config::default())
-        .owns(pods, watcher::Config::default())
-        .graceful_shutdown_on(cancel.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(err) = res {
-                tracing::debug!(%err, "daemonset controller");
-            }
-        })
-        .await;
-}
-
-fn error_policy(set: Arc<DaemonSet>, err: &DaemonSetError, _: Arc<Context>) -> Action {
-    tracing::warn!(daemonset = %set.name_any(), %err, "reconcile failed");
-    Action::requeue(RETRY)
+    super::run_owner(sets, pods, ctx, cancel, reconcile).await;
 }
 
 #[tracing::instrument(skip_all, fields(daemonset = %set.name_any()))]

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
 };
@@ -21,13 +20,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::core::Selector;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{RESYNC, RETRY, api, now, random_suffix, safe_hash};
+use super::{RESYNC, api, now, random_suffix, safe_hash};
 use crate::kubelet::call::{CallError, call};
 
 /// The label that tells pods of one template from another, as Kubernetes names it.
@@ -483,21 +481,7 @@ pub async fn run(
     let deployments: Api<Deployment> = api(&client, namespace.as_deref());
     let sets: Api<ReplicaSet> = api(&client, namespace.as_deref());
     let ctx = Arc::new(Context { client, lag });
-    Controller::new(deployments, watcher::Config::default())
-        .owns(sets, watcher::Config::default())
-        .graceful_shutdown_on(cancel.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(err) = res {
-                tracing::debug!(%err, "deployment controller");
-            }
-        })
-        .await;
-}
-
-fn error_policy(deployment: Arc<Deployment>, err: &DeploymentError, _: Arc<Context>) -> Action {
-    tracing::warn!(deployment = %deployment.name_any(), %err, "reconcile failed");
-    Action::requeue(RETRY)
+    super::run_owner(deployments, sets, ctx, cancel, reconcile).await;
 }
 
 /// The ReplicaSet of `deployment`'s current template (hash `hash`), at `revision`.

@@ -13,10 +13,17 @@ pub mod gc;
 pub mod replicasets;
 pub mod statefulsets;
 
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Api;
-use kube::Client;
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 
 /// A missed watch event must never leave an object wrong for long.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -33,6 +40,41 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Runs `reconcile` for every `owners` object, again whenever one of its `owned`
+/// objects changes, until `cancel` fires: the loop every controller here shares.
+/// Failed reconciles are logged and retried after [`RETRY`].
+async fn run_owner<K, O, C, E, F, Fut>(
+    owners: Api<K>,
+    owned: Api<O>,
+    ctx: Arc<C>,
+    cancel: CancellationToken,
+    reconcile: F,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    C: Send + Sync + 'static,
+    E: std::error::Error + Send + 'static,
+    F: FnMut(Arc<K>, Arc<C>) -> Fut,
+    Fut: Future<Output = Result<Action, E>> + Send + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    let error_policy = |obj: Arc<K>, err: &E, _: Arc<C>| {
+        tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), %err, "reconcile failed");
+        Action::requeue(RETRY)
+    };
+    Controller::new(owners, watcher::Config::default())
+        .owns(owned, watcher::Config::default())
+        .graceful_shutdown_on(cancel.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| {
+            if let Err(err) = res {
+                tracing::debug!(%err, "{kind} controller");
+            }
+            futures::future::ready(())
+        })
+        .await;
 }
 
 /// Time now, to the second: what the API stores, so statuses compare equal after a

@@ -8,20 +8,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::Selector;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::deployments::{Plan, PodFacts, controller_ref, new_pod, victims};
-use super::{RESYNC, RETRY, api, now};
+use super::{RESYNC, api, now};
 use crate::kubelet::call::{CallError, call};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,21 +97,7 @@ pub async fn run(
     let sets: Api<ReplicaSet> = api(&client, namespace.as_deref());
     let pods: Api<Pod> = api(&client, namespace.as_deref());
     let ctx = Arc::new(Context { client, node_name });
-    Controller::new(sets, watcher::Config::default())
-        .owns(pods, watcher::Config::default())
-        .graceful_shutdown_on(cancel.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(err) = res {
-                tracing::debug!(%err, "replicaset controller");
-            }
-        })
-        .await;
-}
-
-fn error_policy(set: Arc<ReplicaSet>, err: &ReplicaSetError, _: Arc<Context>) -> Action {
-    tracing::warn!(replicaset = %set.name_any(), %err, "reconcile failed");
-    Action::requeue(RETRY)
+    super::run_owner(sets, pods, ctx, cancel, reconcile).await;
 }
 
 #[tracing::instrument(skip_all, fields(replicaset = %rs.name_any()))]

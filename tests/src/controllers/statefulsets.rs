@@ -14,21 +14,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::deployments::{PodFacts, controller_ref};
-use super::{RESYNC, RETRY, api, now, safe_hash};
+use super::{RESYNC, api, now, safe_hash};
 use crate::kubelet::call::{CallError, call};
 
 /// The label naming a pod's revision, as Kubernetes names it.
@@ -278,21 +276,7 @@ pub async fn run(
     let sets: Api<StatefulSet> = api(&client, namespace.as_deref());
     let pods: Api<Pod> = api(&client, namespace.as_deref());
     let ctx = Arc::new(Context { client, node_name });
-    Controller::new(sets, watcher::Config::default())
-        .owns(pods, watcher::Config::default())
-        .graceful_shutdown_on(cancel.cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(err) = res {
-                tracing::debug!(%err, "statefulset controller");
-            }
-        })
-        .await;
-}
-
-fn error_policy(set: Arc<StatefulSet>, err: &StatefulSetError, _: Arc<Context>) -> Action {
-    tracing::warn!(statefulset = %set.name_any(), %err, "reconcile failed");
-    Action::requeue(RETRY)
+    super::run_owner(sets, pods, ctx, cancel, reconcile).await;
 }
 
 #[tracing::instrument(skip_all, fields(statefulset = %set.name_any()))]
