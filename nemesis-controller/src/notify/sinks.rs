@@ -478,6 +478,20 @@ pub struct Sender {
     pub generator_url: String,
 }
 
+/// One notification in every form a sink takes; [`Sender::deliver`] picks the one its
+/// sink wants.
+struct Message {
+    /// The signed webhook's JSON body.
+    webhook: Vec<u8>,
+    /// Slack's text (mrkdwn).
+    slack: String,
+    /// Alertmanager's `/api/v2/alerts` body (`None`: not something Alertmanager takes).
+    alertmanager: Option<Vec<u8>>,
+    subject: String,
+    /// The mail's text, CRLF line ends.
+    mail_body: String,
+}
+
 impl Sender {
     pub fn new(identity: String, generator_url: String) -> Self {
         let http = reqwest::Client::builder()
@@ -502,36 +516,91 @@ impl Sender {
         alerts: &[Alert],
         now_ms: u64,
     ) -> Result<(), SendError> {
+        let headline = headline(rule, alerts);
+        let lines = text_lines(alerts);
+        let mut mail_body = String::new();
+        for l in &lines {
+            mail_body.push_str(l);
+            mail_body.push_str("\r\n");
+        }
+        mail_body.push_str(&format!("\r\nSent by Nemesis ({}).\r\n", self.identity));
+        let message = Message {
+            webhook: webhook_body(&self.identity, rule, alerts),
+            slack: std::iter::once(format!("*{headline}*"))
+                .chain(lines)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            alertmanager: Some(alertmanager_body(alerts, &self.generator_url, now_ms)),
+            subject: headline,
+            mail_body,
+        };
+        self.deliver(sink, message, now_ms).await
+    }
+
+    /// Sends a scheduled report to `sink`: the JSON report to a webhook (signed), a text
+    /// summary to Slack, a mail with the summary and the CSV over SMTP.
+    pub async fn send_report(
+        &self,
+        sink: &SinkSpec,
+        title: &str,
+        report: &crate::reports::Report,
+        now_ms: u64,
+    ) -> Result<(), SendError> {
+        use crate::reports::render;
+        let message = Message {
+            webhook: serde_json::to_vec(&serde_json::json!({
+                "version": "1",
+                "kind": "report",
+                "sender": self.identity,
+                "title": title,
+                "report": report,
+            }))
+            .unwrap_or_default(),
+            slack: format!("*{title}*\n{}", render::text(report)),
+            alertmanager: None,
+            subject: title.to_string(),
+            mail_body: format!(
+                "{}\r\nThe report as CSV:\r\n\r\n{}",
+                render::text(report).replace('\n', "\r\n"),
+                render::csv(report)
+            ),
+        };
+        self.deliver(sink, message, now_ms).await
+    }
+
+    /// Sends `message` in the form `sink` takes, within [`SEND_TIMEOUT`].
+    async fn deliver(
+        &self,
+        sink: &SinkSpec,
+        message: Message,
+        now_ms: u64,
+    ) -> Result<(), SendError> {
         let fut = async {
             match &sink.kind {
                 SinkKind::Webhook { url, hmac_key } => {
-                    let body = webhook_body(&self.identity, rule, alerts);
                     let ts = (now_ms / 1000).to_string();
-                    let sig = signature(hmac_key.expose().as_bytes(), &ts, &body);
+                    let sig = signature(hmac_key.expose().as_bytes(), &ts, &message.webhook);
                     let req = self
                         .http
                         .post(url)
                         .header(http::header::CONTENT_TYPE, "application/json")
                         .header(TIMESTAMP_HEADER, ts)
                         .header(SIGNATURE_HEADER, sig)
-                        .body(body);
+                        .body(message.webhook);
                     self.answer(req, false).await
                 }
                 SinkKind::Slack { url } => {
-                    let mut text = format!("*{}*", headline(rule, alerts));
-                    for l in text_lines(alerts) {
-                        text.push('\n');
-                        text.push_str(&l);
-                    }
                     let req = self
                         .http
                         .post(url.expose())
                         .header(http::header::CONTENT_TYPE, "application/json")
-                        .body(serde_json::json!({ "text": text }).to_string());
+                        .body(serde_json::json!({ "text": message.slack }).to_string());
                     self.answer(req, true).await
                 }
                 SinkKind::Alertmanager { url } => {
-                    let body = alertmanager_body(alerts, &self.generator_url, now_ms);
+                    let Some(body) = message.alertmanager else {
+                        return Err(SendError("Alertmanager takes alerts, not reports".into()));
+                    };
                     let req = self
                         .http
                         .post(format!("{}/api/v2/alerts", url.trim_end_matches('/')))
@@ -547,98 +616,11 @@ impl Sender {
                     username,
                     password,
                 } => {
-                    let mut body = String::new();
-                    for l in text_lines(alerts) {
-                        body.push_str(&l);
-                        body.push_str("\r\n");
-                    }
-                    body.push_str(&format!("\r\nSent by Nemesis ({}).\r\n", self.identity));
                     let mail = smtp::Mail {
                         from,
                         to,
-                        subject: &headline(rule, alerts),
-                        body: &body,
-                    };
-                    let auth = username
-                        .as_deref()
-                        .zip(password.as_ref().map(SecretString::expose));
-                    smtp::send(host, *port, auth, &mail, now_ms)
-                        .await
-                        .map_err(|e| SendError(e.to_string()))
-                }
-            }
-        };
-        match tokio::time::timeout(SEND_TIMEOUT, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(SendError(format!(
-                "no answer within {} s",
-                SEND_TIMEOUT.as_secs()
-            ))),
-        }
-    }
-
-    /// Sends a scheduled report to `sink`: the JSON report to a webhook (signed), a text
-    /// summary to Slack, a mail with the summary and the CSV over SMTP.
-    pub async fn send_report(
-        &self,
-        sink: &SinkSpec,
-        title: &str,
-        report: &crate::reports::Report,
-        now_ms: u64,
-    ) -> Result<(), SendError> {
-        use crate::reports::render;
-        let fut = async {
-            match &sink.kind {
-                SinkKind::Webhook { url, hmac_key } => {
-                    let body = serde_json::to_vec(&serde_json::json!({
-                        "version": "1",
-                        "kind": "report",
-                        "sender": self.identity,
-                        "title": title,
-                        "report": report,
-                    }))
-                    .unwrap_or_default();
-                    let ts = (now_ms / 1000).to_string();
-                    let sig = signature(hmac_key.expose().as_bytes(), &ts, &body);
-                    let req = self
-                        .http
-                        .post(url)
-                        .header(http::header::CONTENT_TYPE, "application/json")
-                        .header(TIMESTAMP_HEADER, ts)
-                        .header(SIGNATURE_HEADER, sig)
-                        .body(body);
-                    self.answer(req, false).await
-                }
-                SinkKind::Slack { url } => {
-                    let text = format!("*{title}*\n{}", render::text(report));
-                    let req = self
-                        .http
-                        .post(url.expose())
-                        .header(http::header::CONTENT_TYPE, "application/json")
-                        .body(serde_json::json!({ "text": text }).to_string());
-                    self.answer(req, true).await
-                }
-                SinkKind::Alertmanager { .. } => {
-                    Err(SendError("Alertmanager takes alerts, not reports".into()))
-                }
-                SinkKind::Smtp {
-                    host,
-                    port,
-                    from,
-                    to,
-                    username,
-                    password,
-                } => {
-                    let body = format!(
-                        "{}\r\nThe report as CSV:\r\n\r\n{}",
-                        render::text(report).replace('\n', "\r\n"),
-                        render::csv(report)
-                    );
-                    let mail = smtp::Mail {
-                        from,
-                        to,
-                        subject: title,
-                        body: &body,
+                        subject: &message.subject,
+                        body: &message.mail_body,
                     };
                     let auth = username
                         .as_deref()
