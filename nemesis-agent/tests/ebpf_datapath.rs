@@ -1082,7 +1082,7 @@ fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
     assert!(matches!(e, DatapathError::BalanceNeedsTcp { .. }), "{e}");
     let svc: SocketAddr = format!("{}:80", cluster_ip(4)).parse().unwrap();
     dp.upsert_service(svc, Proto::Tcp, Mode::Balance).unwrap();
-    let many: Vec<SocketAddr> = (0..65u16)
+    let many: Vec<SocketAddr> = (0..1025u16)
         .map(|p| SocketAddr::from(([127, 98, 0, 1], 1000 + p)))
         .collect();
     let e = dp.set_backends(svc, Proto::Tcp, &many).unwrap_err();
@@ -1090,15 +1090,15 @@ fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
         matches!(
             e,
             DatapathError::TooManyBackends {
-                count: 65,
-                max: 64,
+                count: 1025,
+                max: 1024,
                 ..
             }
         ),
         "{e}"
     );
-    dp.set_backends(svc, Proto::Tcp, &many[..64]).unwrap();
-    assert_eq!(dp.backends(svc, Proto::Tcp).unwrap().len(), 64);
+    dp.set_backends(svc, Proto::Tcp, &many[..1024]).unwrap();
+    assert_eq!(dp.backends(svc, Proto::Tcp).unwrap().len(), 1024);
 }
 
 #[test]
