@@ -152,7 +152,7 @@ pub const LC_REFRESH_MS: u64 = 100;
 // Balance-mode memory of one datapath, in all: BACKEND_TABLE + BACKEND_CONNS +
 // BACKEND_REMOTE, 3 MiB preallocated; BACKENDS, 2,112 bytes (+ the hash element's
 // ~64) per balanced Service port, allocated on use, at most MAX_SERVICES of them
-// (about 36 MiB if all 16,384 Service ports were balanced); BALANCE_RR 4 bytes x
+// (about 35 MiB if all 16,384 Service ports were balanced); BALANCE_RR 4 bytes x
 // MAX_SERVICES per CPU (64 KiB per CPU); SOCK_BACKEND 65,536 x 16 bytes (LRU, 1 MiB
 // plus elements). The V2 layout (64 backends) took 8 MiB for BACKEND_CONNS alone.
 /// Balanced sockets whose backend is remembered at once (LRU, as SOCKETS).
