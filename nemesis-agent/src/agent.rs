@@ -513,6 +513,27 @@ impl WriterParts {
             }
         };
 
+        // Balance mode: this node's per-backend load out, the other nodes' in.
+        let exchange_loads = {
+            let client = controller.clone();
+            let services = dp_services.clone();
+            let node = node.clone();
+            let balance = args.direct_mode == DirectMode::Balance;
+            async move {
+                let (Some(client), true) = (client, balance) else {
+                    return;
+                };
+                crate::loads::LoadExchange {
+                    client,
+                    node,
+                    services,
+                    every: crate::loads::LOAD_REPORT_INTERVAL,
+                }
+                .run()
+                .await
+            }
+        };
+
         let report = {
             let modes = modes.clone();
             let interval = args.controller_heartbeat_interval;
@@ -558,6 +579,7 @@ impl WriterParts {
                 watch_services,
                 reconcile_counts,
                 refresh_candidates,
+                exchange_loads,
                 host_addresses,
                 refresh_counters,
                 open_proxy,

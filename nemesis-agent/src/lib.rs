@@ -9,6 +9,7 @@ pub mod control;
 pub mod ebpf;
 pub mod endpoints;
 pub mod handover;
+pub mod loads;
 pub mod holdports;
 pub mod metrics;
 pub mod node;
