@@ -525,7 +525,11 @@ fn two_choices(set: *const BackendSet, n: u32, now: u64, window: u64) -> (u32, u
 fn least_loaded(set: *const BackendSet, n: u32, now: u64, window: u64) -> u32 {
     // SAFETY: as in pick_backend.
     let cc = unsafe { (*set).candidate_count };
-    let cc = if cc > LC_CANDIDATES { LC_CANDIDATES } else { cc };
+    let cc = if cc > LC_CANDIDATES {
+        LC_CANDIDATES
+    } else {
+        cc
+    };
     let start = rem(random(), cc);
     let mut best = u32::MAX;
     let mut best_load = u64::MAX;

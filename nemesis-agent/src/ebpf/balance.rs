@@ -172,7 +172,9 @@ impl BalanceTable {
                 members.entries.insert(id, entry);
             }
             let window = window_ns(balancing);
-            seal(&mut members, balancing, |id, e| self.load(id, e, now, window));
+            seal(&mut members, balancing, |id, e| {
+                self.load(id, e, now, window)
+            });
             if members.set != before || !known {
                 self.sets.insert(slot, members.set, 0)?;
             }
@@ -201,13 +203,22 @@ impl BalanceTable {
             .collect()
     }
 
+    /// The members of `slot`'s set, each with the other nodes' open connections to it
+    /// as last written.
+    pub fn remote_counts(&self, slot: Slot) -> Result<Vec<(Backend, u64)>, MapError> {
+        let Some(members) = self.mirror.get(&slot) else {
+            return Ok(vec![]);
+        };
+        members
+            .entries
+            .iter()
+            .map(|(id, e)| Ok((*e, self.remote.get(&u32::from(*id), 0)?)))
+            .collect()
+    }
+
     /// Writes the other nodes' open connections to `slot`'s backends (0 for a member
     /// `remote` does not name). Returns how many members got a non-zero load.
-    pub fn set_remote(
-        &mut self,
-        slot: Slot,
-        remote: &[(Backend, u64)],
-    ) -> Result<usize, MapError> {
+    pub fn set_remote(&mut self, slot: Slot, remote: &[(Backend, u64)]) -> Result<usize, MapError> {
         let Some(members) = self.mirror.get(&slot) else {
             return Ok(0);
         };
@@ -280,8 +291,8 @@ impl BalanceTable {
     /// nemesis-ebpf), from every node's counts; 0 on a read error.
     fn load(&self, id: u16, e: &Backend, now: u64, window: u64) -> u64 {
         let id = u32::from(id);
-        let conns = sane(self.conns.get(&id, 0).unwrap_or(0))
-            + sane(self.remote.get(&id, 0).unwrap_or(0));
+        let conns =
+            sane(self.conns.get(&id, 0).unwrap_or(0)) + sane(self.remote.get(&id, 0).unwrap_or(0));
         conns * m::WEIGHT_FULL * m::WEIGHT_FULL / weight(e.ready_ns, now, window)
     }
 }

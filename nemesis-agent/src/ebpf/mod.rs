@@ -967,6 +967,41 @@ impl Datapath {
             })
     }
 
+    /// The other nodes' open connections to each backend of a balanced service, as last
+    /// written by [`Datapath::set_remote_loads`].
+    pub fn remote_loads(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+    ) -> Result<Vec<BackendCounters>, DatapathError> {
+        let slot = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entries
+                .get(&service_key(addr, proto))
+                .ok_or(DatapathError::ServiceNotFound { addr, proto })?
+                .slot
+        };
+        let listed = self
+            .balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remote_counts(slot)
+            .map_err(|source| DatapathError::ReadBackends {
+                addr,
+                proto,
+                source,
+            })?;
+        let mut out: Vec<BackendCounters> = listed
+            .iter()
+            .map(|(e, n)| BackendCounters {
+                addr: socket_addr(&e.addr, u16::from_be_bytes(e.port)),
+                open_now: *n,
+            })
+            .collect();
+        out.sort_by_key(|c| c.addr);
+        Ok(out)
+    }
+
     /// Backend ids free for new balance backends on this node (of `MAX_BACKEND_IDS`).
     pub fn free_backend_ids(&self) -> usize {
         self.balance

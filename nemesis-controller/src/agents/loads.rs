@@ -118,7 +118,10 @@ mod tests {
         let first = board.report(report("a", &[("web", vec![load(80, 5), load(81, 1)])]), t0);
         assert_eq!(first.services, vec![], "nobody else yet");
         board.report(report("c", &[("web", vec![load(80, 2)])]), t0);
-        let b = board.report(report("b", &[("web", vec![load(80, 9)]), ("db", vec![])]), t0);
+        let b = board.report(
+            report("b", &[("web", vec![load(80, 9)]), ("db", vec![])]),
+            t0,
+        );
         assert_eq!(
             b.services,
             vec![ServiceLoads {
