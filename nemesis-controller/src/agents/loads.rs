@@ -1,5 +1,5 @@
 //! Balance mode's cluster-wide load: each agent's latest open connections per backend,
-//! and for each reporter the sum of everyone else's. It only adds up what agents say;
+//! and for each reporter the sum of everyone else's (kept as a running total). It only adds up what agents say;
 //! it never decides where a connection goes (each node's kernel does).
 
 use std::collections::BTreeMap;
@@ -25,50 +25,96 @@ struct NodeLoads {
     services: BTreeMap<ServiceRef, Vec<BackendLoad>>,
 }
 
-/// The latest report of every node.
+/// Open connections per backend per Service.
+type Totals = BTreeMap<ServiceRef, BTreeMap<SocketAddr, u64>>;
+
+/// The latest report of every node, and their running sum: a reply is the sum minus
+/// the asker's own report, so answering costs the size of that report, not the number
+/// of nodes (every agent asks every second).
 #[derive(Debug, Default)]
 pub struct LoadBoard {
-    nodes: Mutex<BTreeMap<String, NodeLoads>>,
+    inner: Mutex<Board>,
+}
+
+#[derive(Debug, Default)]
+struct Board {
+    nodes: BTreeMap<String, NodeLoads>,
+    totals: Totals,
+}
+
+impl Board {
+    fn add(&mut self, loads: &NodeLoads, sign: i8) {
+        for (svc, backends) in &loads.services {
+            let per = self.totals.entry(svc.clone()).or_default();
+            for b in backends {
+                let t = per.entry(b.addr).or_default();
+                *t = if sign > 0 {
+                    t.saturating_add(b.open)
+                } else {
+                    t.saturating_sub(b.open)
+                };
+                if *t == 0 {
+                    per.remove(&b.addr);
+                }
+            }
+            if per.is_empty() {
+                self.totals.remove(svc);
+            }
+        }
+    }
 }
 
 impl LoadBoard {
     /// Keeps `report` as its node's latest and answers the other nodes' sums for the
     /// Services it names.
     pub fn report(&self, report: LoadReport, now: Instant) -> LoadReply {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.retain(|_, n| now.saturating_duration_since(n.at) <= LOAD_MAX_AGE);
-        let wanted: Vec<ServiceRef> = report.services.iter().map(|s| s.service.clone()).collect();
-        let services = report
-            .services
-            .into_iter()
-            .map(|s| (s.service, s.backends))
+        let mut board = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<String> = board
+            .nodes
+            .iter()
+            .filter(|(_, n)| now.saturating_duration_since(n.at) > LOAD_MAX_AGE)
+            .map(|(name, _)| name.clone())
             .collect();
-        nodes.insert(report.node.clone(), NodeLoads { at: now, services });
-        LoadReply {
-            services: others(&nodes, &report.node, &wanted),
+        for name in stale.iter().chain(std::iter::once(&report.node)) {
+            if let Some(old) = board.nodes.remove(name) {
+                board.add(&old, -1);
+            }
         }
+        let mut services: BTreeMap<ServiceRef, Vec<BackendLoad>> = BTreeMap::new();
+        for s in report.services {
+            // Merged per backend: a Service listed twice must not count twice.
+            let list = services.entry(s.service).or_default();
+            for b in s.backends {
+                match list.iter_mut().find(|x| x.addr == b.addr) {
+                    Some(x) => x.open = x.open.saturating_add(b.open),
+                    None => list.push(b),
+                }
+            }
+        }
+        let mine = NodeLoads { at: now, services };
+        let reply = LoadReply {
+            services: others(&board.totals, &mine),
+        };
+        board.add(&mine, 1);
+        board.nodes.insert(report.node, mine);
+        reply
     }
 }
 
-/// For each of `wanted`, the sum per backend over every node but `node`; Services and
-/// backends nobody else has connections to are left out.
-fn others(
-    nodes: &BTreeMap<String, NodeLoads>,
-    node: &str,
-    wanted: &[ServiceRef],
-) -> Vec<ServiceLoads> {
+/// For each Service of `mine`, the sum per backend over every other node (`totals`
+/// holds them all, `mine` not yet); Services and backends nobody else has connections
+/// to are left out.
+fn others(totals: &Totals, mine: &NodeLoads) -> Vec<ServiceLoads> {
     let mut out = vec![];
-    for svc in wanted {
-        let mut sums: BTreeMap<SocketAddr, u64> = BTreeMap::new();
-        for (_, n) in nodes.iter().filter(|(name, _)| name.as_str() != node) {
-            for b in n.services.get(svc).into_iter().flatten() {
-                *sums.entry(b.addr).or_default() += b.open;
-            }
-        }
-        let backends: Vec<BackendLoad> = sums
-            .into_iter()
-            .filter(|(_, open)| *open > 0)
-            .map(|(addr, open)| BackendLoad { addr, open })
+    for svc in mine.services.keys() {
+        let Some(per) = totals.get(svc) else { continue };
+        let backends: Vec<BackendLoad> = per
+            .iter()
+            .filter(|(_, open)| **open > 0)
+            .map(|(addr, open)| BackendLoad {
+                addr: *addr,
+                open: *open,
+            })
             .collect();
         if !backends.is_empty() {
             out.push(ServiceLoads {
@@ -132,6 +178,19 @@ mod tests {
         );
         let a = board.report(report("a", &[("web", vec![load(80, 0)])]), t0);
         assert_eq!(a.services[0].backends, vec![load(80, 11)], "b's 9 + c's 2");
+        // a's new report replaced its old one in the sums.
+        let b = board.report(report("b", &[("web", vec![load(80, 9)])]), t0);
+        assert_eq!(b.services[0].backends, vec![load(80, 2)], "c's 2 only");
+        // A Service listed twice in one report counts once per backend entry.
+        board.report(
+            report(
+                "c",
+                &[("web", vec![load(80, 1)]), ("web", vec![load(80, 1)])],
+            ),
+            t0,
+        );
+        let b = board.report(report("b", &[("web", vec![])]), t0);
+        assert_eq!(b.services[0].backends, vec![load(80, 2)], "c's 1 + 1");
     }
 
     #[test]
