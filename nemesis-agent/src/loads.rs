@@ -15,6 +15,10 @@ use crate::services::{self, DatapathServices};
 /// about this old (plus a call), as the load-balancing issue asks (a second).
 pub const LOAD_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Remote loads older than this are dropped when the controller cannot be reached:
+/// as the controller's own bound, a stale picture must not steer choices for long.
+pub const REMOTE_LOAD_MAX_AGE: Duration = Duration::from_secs(3);
+
 /// The exchange loop of one agent.
 pub struct LoadExchange {
     pub client: ControllerClient,
@@ -24,12 +28,13 @@ pub struct LoadExchange {
 }
 
 impl LoadExchange {
-    /// Never ends. A failed call leaves the last remote loads in place until the next
-    /// one (the controller drops a silent node's load within seconds on its side).
+    /// Never ends. A failed call leaves the last remote loads in place for up to
+    /// [`REMOTE_LOAD_MAX_AGE`], then clears them (choices use this node's counts only).
     pub async fn run(self) {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut fresh_at: Option<tokio::time::Instant> = None;
         loop {
             tick.tick().await;
             let report = match self.report() {
@@ -42,15 +47,23 @@ impl LoadExchange {
             match self.client.loads(&report).await {
                 Ok(reply) => {
                     failing = false;
+                    fresh_at = Some(tokio::time::Instant::now());
                     if let Err(err) = self.services.set_remote_loads(&reply.services) {
                         tracing::warn!(error = %services::error_chain(&err), "other nodes' load not written to the datapath");
                     }
                 }
-                Err(err) if !failing => {
-                    failing = true;
-                    tracing::warn!(%err, "load exchange with the controller failed; choices use this node's counts and the last remote ones");
+                Err(err) => {
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(%err, "load exchange with the controller failed; choices use this node's counts and, for a few seconds, the last remote ones");
+                    }
+                    if fresh_at.is_some_and(|t| t.elapsed() > REMOTE_LOAD_MAX_AGE) {
+                        fresh_at = None;
+                        if let Err(err) = self.services.set_remote_loads(&[]) {
+                            tracing::warn!(error = %services::error_chain(&err), "stale remote load not cleared");
+                        }
+                    }
                 }
-                Err(_) => {}
             }
         }
     }
