@@ -428,6 +428,31 @@ impl WriterParts {
             }
         };
 
+        // Least connections over a set larger than its candidate list compares the
+        // backends the agent last listed as least loaded: the list follows the counts.
+        let refresh_candidates = {
+            let dp = Arc::downgrade(&datapath);
+            async move {
+                let every = Duration::from_millis(nemesis_common::maps::LC_REFRESH_MS);
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(dp) = dp.upgrade() else { return };
+                    match tokio::task::spawn_blocking(move || dp.refresh_least_loaded()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => {
+                            tracing::warn!(error = %services::error_chain(&err), "refreshing the least-connections candidates failed; retried at the next tick")
+                        }
+                        Err(err) => {
+                            tracing::warn!(%err, "the least-connections refresh stopped");
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+
         drop(datapath);
 
         // ScalingPolicies + Services -> managed rows in the table and the datapath.
@@ -488,6 +513,27 @@ impl WriterParts {
             }
         };
 
+        // Balance mode: this node's per-backend load out, the other nodes' in.
+        let exchange_loads = {
+            let client = controller.clone();
+            let services = dp_services.clone();
+            let node = node.clone();
+            let balance = args.direct_mode == DirectMode::Balance;
+            async move {
+                let (Some(client), true) = (client, balance) else {
+                    return;
+                };
+                crate::loads::LoadExchange {
+                    client,
+                    node,
+                    services,
+                    every: crate::loads::LOAD_REPORT_INTERVAL,
+                }
+                .run()
+                .await
+            }
+        };
+
         let report = {
             let modes = modes.clone();
             let interval = args.controller_heartbeat_interval;
@@ -532,6 +578,8 @@ impl WriterParts {
                 follow_backends,
                 watch_services,
                 reconcile_counts,
+                refresh_candidates,
+                exchange_loads,
                 host_addresses,
                 refresh_counters,
                 open_proxy,

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 
 pub const WAKE_PATH: &str = "/v1/agents/wake";
 pub const HEARTBEAT_PATH: &str = "/v1/agents/heartbeat";
+pub const LOADS_PATH: &str = "/v1/agents/loads";
 /// Per call, connect to last body byte: the controller answers from memory, so a call
 /// slower than this is a controller in trouble, and the caller retries.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,6 +133,15 @@ impl ControllerClient {
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<HeartbeatReply, ControlError> {
         self.post(HEARTBEAT_PATH, heartbeat).await
+    }
+
+    /// Balance mode's load exchange: this node's open connections per backend out, the
+    /// other nodes' back.
+    pub async fn loads(
+        &self,
+        report: &nemesis_common::wire::LoadReport,
+    ) -> Result<nemesis_common::wire::LoadReply, ControlError> {
+        self.post(LOADS_PATH, report).await
     }
 
     async fn post<Req: Serialize, Resp: DeserializeOwned>(

@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod endpoints;
 pub mod handover;
 pub mod holdports;
+pub mod loads;
 pub mod metrics;
 pub mod node;
 pub mod permissions;

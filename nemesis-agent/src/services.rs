@@ -19,7 +19,7 @@ use kube::core::GroupVersionKind;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use nemesis_common::policy;
-use nemesis_common::wire::{AppliedMode, Directive, ServiceRef};
+use nemesis_common::wire::{AppliedMode, Directive, ServiceLoads, ServiceRef};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -453,6 +453,40 @@ impl DatapathServices {
             out.push((svc.clone(), list));
         }
         Ok(out)
+    }
+
+    /// Balance mode: the other nodes' open connections per backend (as the controller
+    /// sums them) into the datapath, where every choice adds them to this node's own.
+    /// A managed Service `remote` does not name has no load elsewhere. Returns how many
+    /// backends carry a remote load.
+    pub fn set_remote_loads(&self, remote: &[ServiceLoads]) -> Result<usize, ServicesError> {
+        if self.direct != DirectMode::Balance {
+            return Ok(0);
+        }
+        let dp = self.datapath()?;
+        let state = self.state.lock().expect("datapath services lock");
+        let mut loaded = 0;
+        for (svc, rows) in state.iter() {
+            let theirs: Vec<(SocketAddr, u64)> = remote
+                .iter()
+                .filter(|l| l.service == *svc)
+                .flat_map(|l| l.backends.iter().map(|b| (b.addr, b.open)))
+                .collect();
+            for addr in &rows.addrs {
+                let family: Vec<(SocketAddr, u64)> = theirs
+                    .iter()
+                    .copied()
+                    .filter(|(b, _)| b.is_ipv4() == addr.is_ipv4())
+                    .collect();
+                loaded += dp
+                    .set_remote_loads(*addr, Proto::Tcp, &family)
+                    .map_err(|source| ServicesError::UpdateDatapath {
+                        service: svc.clone(),
+                        source: Box::new(source),
+                    })?;
+            }
+        }
+        Ok(loaded)
     }
 
     fn datapath(&self) -> Result<Arc<Datapath>, ServicesError> {

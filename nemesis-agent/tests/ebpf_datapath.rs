@@ -1082,7 +1082,7 @@ fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
     assert!(matches!(e, DatapathError::BalanceNeedsTcp { .. }), "{e}");
     let svc: SocketAddr = format!("{}:80", cluster_ip(4)).parse().unwrap();
     dp.upsert_service(svc, Proto::Tcp, Mode::Balance).unwrap();
-    let many: Vec<SocketAddr> = (0..65u16)
+    let many: Vec<SocketAddr> = (0..1025u16)
         .map(|p| SocketAddr::from(([127, 98, 0, 1], 1000 + p)))
         .collect();
     let e = dp.set_backends(svc, Proto::Tcp, &many).unwrap_err();
@@ -1090,15 +1090,15 @@ fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
         matches!(
             e,
             DatapathError::TooManyBackends {
-                count: 65,
-                max: 64,
+                count: 1025,
+                max: 1024,
                 ..
             }
         ),
         "{e}"
     );
-    dp.set_backends(svc, Proto::Tcp, &many[..64]).unwrap();
-    assert_eq!(dp.backends(svc, Proto::Tcp).unwrap().len(), 64);
+    dp.set_backends(svc, Proto::Tcp, &many[..1024]).unwrap();
+    assert_eq!(dp.backends(svc, Proto::Tcp).unwrap().len(), 1024);
 }
 
 #[test]
@@ -1560,4 +1560,263 @@ fn open_counts_return_to_the_live_sockets_after_the_tracking_map_evicted_their_r
         c.close(conn);
     }
     wait_counters(&dp, slot, |s| s.open_now == 0);
+}
+
+// === 1,024 backends per Service port ===
+
+/// `n` backend listeners on one loopback address (ports chosen by the kernel), all
+/// served by one thread; counts the connections each accepted, and keeps them open
+/// when asked (long-lived connections stay counted on the client side either way).
+struct ManyBackends {
+    addrs: Vec<SocketAddr>,
+    accepted: Arc<Vec<std::sync::atomic::AtomicUsize>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ManyBackends {
+    fn bind(ip: &str, n: usize, keep: bool) -> ManyBackends {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listeners: Vec<TcpListener> = (0..n)
+            .map(|_| {
+                let l = TcpListener::bind(format!("{ip}:0"))
+                    .unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect();
+        let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let accepted: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..n).map(|_| AtomicUsize::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut kept = vec![];
+            while !s.load(Ordering::Relaxed) {
+                let mut any = false;
+                for (i, l) in listeners.iter().enumerate() {
+                    while let Ok((conn, _)) = l.accept() {
+                        a[i].fetch_add(1, Ordering::Relaxed);
+                        any = true;
+                        if keep {
+                            kept.push(conn);
+                        }
+                    }
+                }
+                if !any {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        ManyBackends {
+            addrs,
+            accepted,
+            stop,
+        }
+    }
+
+    fn accepted(&self) -> Vec<usize> {
+        self.accepted
+            .iter()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for ManyBackends {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A balanced service with 1,024 backend listeners (none ready yet) and the datapath.
+struct Wide {
+    fx: Fixture,
+    dp: Datapath,
+    svc: Server,
+    proxy: Server,
+    backends: ManyBackends,
+}
+
+impl Wide {
+    fn new(test: &str, keep: bool) -> Wide {
+        let mut fx = Fixture::new(test);
+        let proxy = Server::bind("127.0.0.1:0");
+        fx.cfg.proxy_v4 = match proxy.addr {
+            SocketAddr::V4(a) => Some(a),
+            _ => None,
+        };
+        let dp = fx.load();
+        let svc = Server::bind(&format!("{}:0", cluster_ip(1)));
+        let backends = ManyBackends::bind(&pod_ip(200), 1024, keep);
+        dp.upsert_service(svc.addr, Proto::Tcp, Mode::Balance)
+            .unwrap();
+        Wide {
+            fx,
+            dp,
+            svc,
+            proxy,
+            backends,
+        }
+    }
+
+    fn set_ready(&self, which: impl Iterator<Item = usize>, algorithm: Algorithm) {
+        let list: Vec<(SocketAddr, Tier)> = which
+            .map(|i| (self.backends.addrs[i], Tier::Remote))
+            .collect();
+        self.dp
+            .set_balance(
+                self.svc.addr,
+                Proto::Tcp,
+                &list,
+                LoadBalancing {
+                    algorithm,
+                    ..LoadBalancing::default()
+                },
+            )
+            .unwrap();
+    }
+
+    /// Open connections per backend (by listener index) as the datapath counts them.
+    fn counts(&self) -> Vec<u64> {
+        let listed: std::collections::HashMap<SocketAddr, u64> = self
+            .dp
+            .backends(self.svc.addr, Proto::Tcp)
+            .unwrap()
+            .iter()
+            .map(|c| (c.addr, c.open_now))
+            .collect();
+        self.backends
+            .addrs
+            .iter()
+            .map(|a| listed.get(a).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn wait_accepted(&self, total: usize) -> Vec<usize> {
+        assert!(
+            wait_until(|| self.backends.accepted().iter().sum::<usize>() == total),
+            "accepted {} of {total}",
+            self.backends.accepted().iter().sum::<usize>()
+        );
+        assert_eq!(self.svc.accepted() + self.proxy.accepted(), 0);
+        self.backends.accepted()
+    }
+
+    fn wait_counts_sum(&self, want: u64) -> Vec<u64> {
+        assert!(
+            wait_until(|| self.counts().iter().sum::<u64>() == want),
+            "per-backend counts never summed to {want}: {}",
+            self.counts().iter().sum::<u64>()
+        );
+        self.counts()
+    }
+}
+
+#[test]
+fn random_and_round_robin_reach_the_whole_of_1024_backends() {
+    let w = Wide::new("wide-spread", false);
+    assert_eq!(w.dp.free_backend_ids(), 65_536);
+    w.set_ready(0..1024, Algorithm::Random);
+    assert_eq!(w.dp.backends(w.svc.addr, Proto::Tcp).unwrap().len(), 1024);
+    assert_eq!(w.dp.free_backend_ids(), 65_536 - 1024);
+    let mut c = w.fx.client();
+    let n = 6144;
+    assert_eq!(c.burst(w.svc.addr, n), n);
+    let per = w.wait_accepted(n);
+    // Uniform over the whole set: 64 groups of 16 backends, 96 expected in each;
+    // chi-square with 63 degrees of freedom, 103.4 is the 0.1% tail.
+    let groups: Vec<usize> = per.chunks(16).map(|g| g.iter().sum()).collect();
+    let chi2: f64 = groups
+        .iter()
+        .map(|k| (*k as f64 - 96.0).powi(2) / 96.0)
+        .sum();
+    assert!(chi2 < 103.4, "not uniform: {groups:?} (chi2 {chi2:.1})");
+
+    // Round robin: every one of the 1,024 in turn (each CPU keeps its own position,
+    // and one CPU made at least 1,024 of the 2,048 connects).
+    w.set_ready(0..1024, Algorithm::RoundRobin);
+    let before = per;
+    assert_eq!(c.burst(w.svc.addr, 2048), 2048);
+    let after = w.wait_accepted(n + 2048);
+    let got: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let missed = got.iter().filter(|k| **k == 0).count();
+    assert_eq!(missed, 0, "round robin skipped {missed} backends");
+    let (lo, hi) = (got.iter().min().unwrap(), got.iter().max().unwrap());
+    assert!(
+        hi - lo <= 2 * possible_cpus(),
+        "round robin drifted: {lo}..{hi}"
+    );
+}
+
+#[test]
+fn p2c_and_least_connections_follow_skewed_load_over_1024_backends() {
+    for (algorithm, test) in [
+        (Algorithm::P2c, "wide-p2c"),
+        (Algorithm::LeastConnections, "wide-lc"),
+    ] {
+        let w = Wide::new(test, true);
+        let mut c = w.fx.client();
+        // Eight long connections on the last backend alone (an index no 64-entry set
+        // had)...
+        w.set_ready(std::iter::once(1023), algorithm);
+        let mut long: Vec<Opened> = (0..8).map(|_| c.open(w.svc.addr)).collect();
+        let counts = w.wait_counts_sum(8);
+        assert_eq!(counts[1023], 8, "{algorithm:?}");
+        // ...then all 1,024 ready: the loaded one gets nothing new.
+        w.set_ready(0..1024, algorithm);
+        let rounds = if algorithm == Algorithm::LeastConnections {
+            // Least connections compares 16 candidates the agent lists: sixteen
+            // connects fill them (one each, as each is established before the next),
+            // and only a refresh of the list brings sixteen idle ones.
+            for _ in 0..2 {
+                long.extend((0..16).map(|_| c.open(w.svc.addr)));
+                w.wait_counts_sum(long.len() as u64);
+                assert_eq!(w.dp.refresh_least_loaded().unwrap(), 1, "the list changed");
+            }
+            long.extend((0..16).map(|_| c.open(w.svc.addr)));
+            3 * 16
+        } else {
+            long.extend((0..100).map(|_| c.open(w.svc.addr)));
+            100
+        };
+        let counts = w.wait_counts_sum(8 + rounds as u64);
+        assert_eq!(counts[1023], 8, "{algorithm:?}: the loaded backend got one");
+        let most = counts[..1023].iter().max().copied().unwrap_or(0);
+        let used = counts[..1023].iter().filter(|n| **n > 0).count();
+        if algorithm == Algorithm::LeastConnections {
+            // Every connect went to an idle backend: 48 distinct ones.
+            assert_eq!((most, used), (1, 48), "{algorithm:?}");
+        } else {
+            // Random choice would put 3 on one backend about one run in seven; two
+            // choices keep each at most 2 (a pair of loaded backends is rare).
+            assert!(most <= 2, "{algorithm:?}: {most} on one backend");
+            assert!(used >= 95, "{algorithm:?}: only {used} backends used");
+        }
+        drop(long);
+    }
+}
+
+#[test]
+fn other_nodes_load_steers_new_connects_away_and_back() {
+    let b = Balanced::new("remote-load", true);
+    let mut c = b.fx.client();
+    // The controller says other nodes hold 50 connections to backend 0.
+    let loaded =
+        b.dp.set_remote_loads(b.svc.addr, Proto::Tcp, &[(b.backends[0].addr, 50)])
+            .unwrap();
+    assert_eq!(loaded, 1);
+    let first: Vec<Opened> = (0..10).map(|_| c.open(b.svc.addr)).collect();
+    // This node's own counts stay its own (they are what it reports).
+    b.wait_counts(&[0, 5, 5]);
+    // The others' connections closed: backend 0 is the least loaded now.
+    assert_eq!(
+        b.dp.set_remote_loads(b.svc.addr, Proto::Tcp, &[]).unwrap(),
+        0
+    );
+    for _ in 0..5 {
+        let o = c.open(b.svc.addr);
+        assert_eq!(b.backend_of(&o), 0);
+    }
+    b.wait_counts(&[5, 5, 5]);
+    drop(first);
 }

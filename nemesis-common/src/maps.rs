@@ -27,19 +27,27 @@ pub const HEARTBEAT: &str = "HEARTBEAT_V1";
 /// `PerCpuArray<u64>` indexed by the `ERR_*` kinds.
 pub const ERRORS: &str = "ERRORS_V1";
 /// `HashMap<u32, BackendSet>` keyed by [`ServiceValue::slot`]: a balance-mode service's
-/// ready backends (not preallocated: only balanced services take memory). V2: the set
-/// carries its algorithm, slow-start window and topology tiers, each backend its ready
-/// time and tier, and a dense order of the occupied entries (O(1) random picks).
-/// Memory: 2,208 bytes per balanced service port (with BACKEND_CONNS' 8 MiB and
-/// BALANCE_RR's 64 KiB per CPU, the balance state of one datapath).
-pub const BACKENDS: &str = "BACKENDS_V2";
-/// `Array<u64>` indexed by `slot * MAX_BACKENDS + backend index`: open connections per
-/// backend, changed atomically by sock_ops (one count for all CPUs, as the choice of the
-/// least-loaded backend needs the total).
-pub const BACKEND_CONNS: &str = "BACKEND_CONNS_V1";
+/// ready backends as a dense list of backend ids (not preallocated: only balanced
+/// services take memory). V3: up to [`MAX_BACKENDS`] (1,024) per Service port; the
+/// backends themselves moved to [`BACKEND_TABLE`] under node-wide ids, so a set is a
+/// header and 2 bytes per backend (2,112 bytes; V2's 64-entry sets took 2,208).
+pub const BACKENDS: &str = "BACKENDS_V3";
+/// `Array<Backend>` indexed by backend id: every balance backend of every Service port
+/// of the node, [`MAX_BACKEND_IDS`] entries of 32 bytes (2 MiB), preallocated.
+pub const BACKEND_TABLE: &str = "BACKEND_TABLE_V1";
+/// `Array<u64>` indexed by backend id: open connections this node sent to the backend,
+/// changed atomically by sock_ops (one count for all CPUs, as the choice of the
+/// least-loaded backend needs the total). V2: by backend id (V1 was by slot and index).
+/// [`MAX_BACKEND_IDS`] x 8 bytes (512 KiB).
+pub const BACKEND_CONNS: &str = "BACKEND_CONNS_V2";
+/// `Array<u64>` indexed by backend id: open connections to the backend from the other
+/// nodes, as the controller last reported them; written by the agent only, added to
+/// [`BACKEND_CONNS`] by every choice. [`MAX_BACKEND_IDS`] x 8 bytes (512 KiB).
+pub const BACKEND_REMOTE: &str = "BACKEND_REMOTE_V1";
 /// `LruHashMap<u64, SockBackend>` keyed by socket cookie: which backend a balanced
 /// socket was sent to.
-pub const SOCK_BACKEND: &str = "SOCK_BACKEND_V1";
+/// V2: [`SockBackend::index`] is a backend id (V1: an index in the service's set).
+pub const SOCK_BACKEND: &str = "SOCK_BACKEND_V2";
 /// `PerCpuArray<u32>` indexed by slot: the service's round-robin position on this CPU
 /// (V2: one per service; V1 had a single entry for all).
 pub const BALANCE_RR: &str = "BALANCE_RR_V2";
@@ -49,7 +57,13 @@ pub const SOCK_PEER: &str = "SOCK_PEER_V1";
 
 /// Maps of earlier layouts that this agent no longer uses: removed from the pin
 /// directory at start (a new agent must not adopt an old layout under a new meaning).
-pub const RETIRED_MAPS: [&str; 2] = ["BACKENDS_V1", "BALANCE_RR_V1"];
+pub const RETIRED_MAPS: [&str; 5] = [
+    "BACKENDS_V1",
+    "BALANCE_RR_V1",
+    "BACKENDS_V2",
+    "BACKEND_CONNS_V1",
+    "SOCK_BACKEND_V1",
+];
 
 /// `Array<u32>` indexed by slot: the epoch of the service that has the slot now (0: the
 /// slot is free). A socket counts its close only while its slot still has the epoch it
@@ -70,7 +84,7 @@ pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 18] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -79,7 +93,9 @@ pub const PINNED_MAPS: [&str; 16] = [
     HEARTBEAT,
     ERRORS,
     BACKENDS,
+    BACKEND_TABLE,
     BACKEND_CONNS,
+    BACKEND_REMOTE,
     SOCK_BACKEND,
     BALANCE_RR,
     SLOT_EPOCH,
@@ -112,11 +128,33 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_SOCKETS: u32 = 65_536;
 /// Held connections whose original destination is remembered at once (LRU, as above).
 pub const MAX_ORIG_DST: u32 = 65_536;
-/// Ready backends per balanced service port. A power of two: the programs wrap indexes
-/// with a mask. Services with more ready backends than this are not balanced.
-pub const MAX_BACKENDS: u32 = 64;
-/// Entries of BACKEND_CONNS (8 MiB of u64).
-pub const MAX_BACKEND_CONNS: u32 = MAX_SERVICES * MAX_BACKENDS;
+/// Ready backends per balanced service port. A power of two: the programs wrap
+/// positions with a mask. Every algorithm stays O(1) in it: p2c, random and round robin
+/// index the dense order directly, and least connections scans at most
+/// [`LC_CANDIDATES`] backends the agent keeps as the least loaded (see
+/// [`BackendSet::candidates`]). Services with more ready backends than this are
+/// balanced over the first ones.
+pub const MAX_BACKENDS: u32 = 1024;
+/// Backend ids per node: entries of BACKEND_TABLE, BACKEND_CONNS and BACKEND_REMOTE
+/// (48 bytes per id in all, 3 MiB preallocated). The sum of the ready backends over
+/// every balanced Service port of the node must fit (a node sees every Service of the
+/// cluster: 10,000 Services of 6 backends, or 64 of 1,024). A u16 id in the sets.
+pub const MAX_BACKEND_IDS: u32 = 65_536;
+/// How many backends least connections compares per connect once a set has more than
+/// this: the agent lists the least loaded of each tier, refreshed from the counts
+/// every [`LC_REFRESH_MS`]; the kernel takes the least loaded of them by the counts
+/// of the moment. A set of at most this many is scanned whole (exact). Not more: the
+/// verifier walks every iteration of the scan, and 64 of them (three map lookups
+/// each) ran past its budget of a million instructions.
+pub const LC_CANDIDATES: u32 = 16;
+/// How often the agent refreshes least-connections candidates, in milliseconds.
+pub const LC_REFRESH_MS: u64 = 100;
+// Balance-mode memory of one datapath, in all: BACKEND_TABLE + BACKEND_CONNS +
+// BACKEND_REMOTE, 3 MiB preallocated; BACKENDS, 2,112 bytes (+ the hash element's
+// ~64) per balanced Service port, allocated on use, at most MAX_SERVICES of them
+// (about 35 MiB if all 16,384 Service ports were balanced); BALANCE_RR 4 bytes x
+// MAX_SERVICES per CPU (64 KiB per CPU); SOCK_BACKEND 65,536 x 16 bytes (LRU, 1 MiB
+// plus elements). The V2 layout (64 backends) took 8 MiB for BACKEND_CONNS alone.
 /// Balanced sockets whose backend is remembered at once (LRU, as SOCKETS).
 pub const MAX_SOCK_BACKENDS: u32 = MAX_SOCKETS;
 /// Backend (address, port) pairs of local pods the server-side hook recognises: a node
@@ -403,50 +441,55 @@ pub struct Backend {
     /// `TIER_*`: where the backend runs as seen from this node.
     pub tier: u8,
     pub _pad: u8,
-    /// 0: this index is empty. Otherwise unique for the agent's life per backend put at
-    /// this index, so a socket counts its close only against the backend it was sent
-    /// to, never against a later one at the same index.
+    /// 0: this id is free. Otherwise unique for the agent's life per backend given this
+    /// id, so a socket counts its close only against the backend it was sent to, never
+    /// against a later one under the same id.
     pub generation: u32,
     /// CLOCK_MONOTONIC ns when the backend became ready (0: warm since before anyone
     /// looked); its slow-start weight ramps from here.
     pub ready_ns: u64,
 }
 
-/// Value of BACKENDS. The agent keeps a backend at the same index while it stays ready
-/// (its count in BACKEND_CONNS is per index); `order` lists the occupied indexes densely,
-/// preferred tiers first, so every pick is an O(1) index into it.
+/// Value of BACKENDS: one Service port's ready backends, by id into BACKEND_TABLE.
+/// The agent keeps a backend at the same id while it stays ready (its count in
+/// BACKEND_CONNS is per id); `order` lists the ids densely, preferred tiers first, so
+/// every pick is an O(1) index into it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendSet {
-    /// Number of non-empty entries, and of valid `order` entries (0: hold).
+    /// Number of valid `order` entries (0: hold).
     pub count: u32,
-    /// Every non-empty entry has an index below this.
-    pub end: u32,
     /// `ALG_*`.
     pub algorithm: u32,
     /// `order[..tiers[0]]` are the preferred same-node backends, `order[..tiers[1]]`
     /// the preferred same-node and same-zone ones (0: no preference at that level).
     pub tiers: [u32; 2],
-    pub _pad: u32,
     /// The slow-start window in ns (0: none): a backend's weight ramps linearly from
     /// [`WEIGHT_MIN`] to [`WEIGHT_FULL`] over this long after its `ready_ns`.
     pub slow_start_ns: u64,
-    /// Indexes into `backends` of the occupied entries, `count` of them.
+    /// Number of valid `candidates` entries.
+    pub candidate_count: u32,
+    pub _pad: u32,
+    /// Least connections: positions in `order` it compares (ascending; a connect
+    /// confined to a tier takes those below the tier's bound). Every position when
+    /// `count <= LC_CANDIDATES`; else the least loaded of each tier as the agent last
+    /// saw them. Unused by the other algorithms.
+    pub candidates: [u16; LC_CANDIDATES as usize],
+    /// Backend ids (indexes into BACKEND_TABLE), `count` of them.
     pub order: [u16; MAX_BACKENDS as usize],
-    pub backends: [Backend; MAX_BACKENDS as usize],
 }
 
 impl Default for BackendSet {
     fn default() -> Self {
         Self {
             count: 0,
-            end: 0,
             algorithm: ALG_P2C,
             tiers: [0; 2],
-            _pad: 0,
             slow_start_ns: 0,
+            candidate_count: 0,
+            _pad: 0,
+            candidates: [0; LC_CANDIDATES as usize],
             order: [0; MAX_BACKENDS as usize],
-            backends: [Backend::default(); MAX_BACKENDS as usize],
         }
     }
 }
@@ -469,7 +512,7 @@ pub struct PeerRewrite {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockBackend {
     pub slot: u32,
-    /// Index into the service's [`BackendSet::backends`].
+    /// The backend's id (index into BACKEND_TABLE).
     pub index: u32,
     /// [`Backend::generation`] at the choice.
     pub generation: u32,
@@ -518,10 +561,16 @@ const _: () = {
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<Backend>() == 32);
-    assert!(core::mem::size_of::<BackendSet>() == 32 + (2 + 32) * MAX_BACKENDS as usize);
+    assert!(
+        core::mem::size_of::<BackendSet>()
+            == 32 + 2 * LC_CANDIDATES as usize + 2 * MAX_BACKENDS as usize
+    );
     assert!(core::mem::size_of::<PeerRewrite>() == 36);
     assert!(core::mem::size_of::<SockBackend>() == 16);
     assert!(MAX_BACKENDS.is_power_of_two());
+    assert!(LC_CANDIDATES.is_power_of_two());
+    // Ids are u16 in the sets.
+    assert!(MAX_BACKEND_IDS <= 1 << 16);
 };
 
 #[cfg(feature = "user")]

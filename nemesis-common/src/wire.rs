@@ -7,6 +7,9 @@
 //!   desired directives. Sent every few seconds, and at once after a change.
 //! - `POST /v1/agents/wake` with [`WakeRequest`] -> [`WakeReply`]: the first held
 //!   connection of a Service (single flight per Service on the agent).
+//! - `POST /v1/agents/loads` with [`LoadReport`] -> [`LoadReply`]: balance mode's
+//!   cluster-wide load, every second: the agent's open connections per backend out, the
+//!   other nodes' sums back. Apart from the heartbeat so it stays small and frequent.
 
 use serde::{Deserialize, Serialize};
 
@@ -187,4 +190,41 @@ pub struct WakeReply {
     /// False when no policy manages this Service (the agent then releases or closes).
     pub accepted: bool,
     pub message: String,
+}
+
+/// Open connections to one backend (address and port, as EndpointSlices list it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendLoad {
+    pub addr: std::net::SocketAddr,
+    pub open: u64,
+}
+
+/// A balanced Service's open connections per backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceLoads {
+    pub service: ServiceRef,
+    #[serde(default)]
+    pub backends: Vec<BackendLoad>,
+}
+
+/// An agent's balance-mode load: the connections its node has open now to each
+/// backend of each balanced Service (backends with none may be left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReport {
+    pub node: String,
+    #[serde(default)]
+    pub services: Vec<ServiceLoads>,
+}
+
+/// The other nodes' open connections per backend, summed, for the Services of the
+/// report (only backends some other node has connections to are listed); reports
+/// older than the controller's bound (about two report intervals) are left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReply {
+    #[serde(default)]
+    pub services: Vec<ServiceLoads>,
 }

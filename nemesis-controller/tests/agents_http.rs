@@ -373,3 +373,66 @@ async fn over_a_socket_concurrent_wakes_forward_once_and_a_sleep_waits_for_every
     server.abort();
     Ok(())
 }
+
+// === balance mode's load exchange ===
+
+#[tokio::test]
+async fn load_reports_need_the_token_and_answer_the_other_nodes_sums() {
+    use nemesis_common::wire::{BackendLoad, LoadReply, LoadReport, ServiceLoads};
+    use nemesis_controller::agents::http::LOADS_PATH;
+    let f = fixture();
+    let app = agent_routes(f.api.clone());
+    let backend: std::net::SocketAddr = "198.18.0.5:8080".parse().unwrap();
+    let report = |node: &str, open: u64| LoadReport {
+        node: node.into(),
+        services: vec![ServiceLoads {
+            service: svc("web"),
+            backends: vec![BackendLoad {
+                addr: backend,
+                open,
+            }],
+        }],
+    };
+
+    // Refused before the board sees it: node x's 100 never counts below.
+    let (status, _) = call(&app, post(LOADS_PATH, None, json(&report("x", 100)))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, v) = call(&app, post(LOADS_PATH, Some(TOKEN), json(&report("a", 3)))).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let first: LoadReply = serde_json::from_value(v).unwrap();
+    assert!(first.services.is_empty(), "nobody else reported");
+    let (status, v) = call(&app, post(LOADS_PATH, Some(TOKEN), json(&report("b", 1)))).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let reply: LoadReply = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        reply.services,
+        vec![ServiceLoads {
+            service: svc("web"),
+            backends: vec![BackendLoad {
+                addr: backend,
+                open: 3
+            }],
+        }],
+        "node a's load, not b's own (nor x's refused one)"
+    );
+
+    // Bad input: named.
+    let (status, v) = call(&app, post(LOADS_PATH, Some(TOKEN), json(&report("", 1)))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(error_text(&v).contains("node"), "{v}");
+    let mut wide = report("c", 1);
+    wide.services[0].backends = vec![
+        BackendLoad {
+            addr: backend,
+            open: 1
+        };
+        1025
+    ];
+    let (status, v) = call(&app, post(LOADS_PATH, Some(TOKEN), json(&wide))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        error_text(&v).contains("services[0] has 1025 backends"),
+        "{v}"
+    );
+}

@@ -46,8 +46,8 @@ use nemesis_common::maps::{
     ALG_LEAST_CONNECTIONS, ALG_RANDOM, ALG_ROUND_ROBIN, Backend, BackendSet, CONFIG_PROXY_V4,
     CONFIG_PROXY_V6, Config, ERR_BAD_SLOT, ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE,
     ERR_HOLD_NOT_TCP, ERR_LIVE_MARK, ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT,
-    ERR_SOCKETS_INSERT, ERROR_KINDS, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock,
-    MAX_BACKEND_CONNS, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES,
+    ERR_SOCKETS_INSERT, ERROR_KINDS, LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock,
+    MAX_BACKEND_IDS, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES,
     MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP,
     PeerRewrite, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR,
     SPILL_SLACK, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
@@ -76,12 +76,16 @@ static HEARTBEAT_V1: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static ERRORS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERROR_KINDS, 0);
 #[map]
-static BACKENDS_V2: HashMap<u32, BackendSet> =
+static BACKENDS_V3: HashMap<u32, BackendSet> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 #[map]
-static BACKEND_CONNS_V1: Array<u64> = Array::with_max_entries(MAX_BACKEND_CONNS, 0);
+static BACKEND_TABLE_V1: Array<Backend> = Array::with_max_entries(MAX_BACKEND_IDS, 0);
 #[map]
-static SOCK_BACKEND_V1: LruHashMap<u64, SockBackend> =
+static BACKEND_CONNS_V2: Array<u64> = Array::with_max_entries(MAX_BACKEND_IDS, 0);
+#[map]
+static BACKEND_REMOTE_V1: Array<u64> = Array::with_max_entries(MAX_BACKEND_IDS, 0);
+#[map]
+static SOCK_BACKEND_V2: LruHashMap<u64, SockBackend> =
     LruHashMap::with_max_entries(MAX_SOCK_BACKENDS, 0);
 #[map]
 static BALANCE_RR_V2: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
@@ -276,7 +280,7 @@ fn on_connect(
                 generation: c.generation,
                 opened: 0,
             };
-            if SOCK_BACKEND_V1.insert(cookie, sb, BPF_ANY as u64).is_err() {
+            if SOCK_BACKEND_V2.insert(cookie, sb, BPF_ANY as u64).is_err() {
                 count_error(ERR_SOCK_BACKEND_INSERT);
                 return None;
             }
@@ -383,81 +387,83 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
     }
 }
 
-/// `i & (MAX_BACKENDS - 1)`, with the mask kept even where LLVM proves it redundant
-/// (after `% n`): the verifier does not track bounds through `%` and needs the mask
-/// to bound the offset into the backend set.
+/// `i & (len - 1)` for a power-of-two `len`, with the mask kept even where LLVM proves
+/// it redundant (after `% n`): the verifier does not track bounds through `%` and needs
+/// the mask to bound the offset into the set.
 #[inline(always)]
-fn backend_index(i: u32) -> u32 {
-    let mask = MAX_BACKENDS - 1;
+fn masked(i: u32, len: u32) -> u32 {
+    let mask = len - 1;
     // SAFETY: a volatile read of a local, only so LLVM cannot drop the `&`.
     i & unsafe { read_volatile(&mask) }
 }
 
-/// Entry `idx` of a backend set, by pointer arithmetic: indexing would add a bounds
-/// check LLVM cannot drop after the volatile mask, and a panic path the verifier
-/// refuses.
-///
-/// # Safety
-/// `set` points to a live map value and `idx < MAX_BACKENDS` (from [`backend_index`]).
-#[inline(always)]
-unsafe fn backend_ptr(set: *const BackendSet, idx: u32) -> *const Backend {
-    // SAFETY: per the contract, the entry is inside the value.
-    unsafe {
-        addr_of!((*set).backends)
-            .cast::<Backend>()
-            .add(idx as usize)
-    }
-}
-
-/// The backend index at position `pos` of the set's dense order.
+/// The backend id at position `pos` of the set's dense order.
 ///
 /// # Safety
 /// `set` points to a live map value.
 #[inline(always)]
 unsafe fn order_at(set: *const BackendSet, pos: u32) -> u32 {
-    let pos = backend_index(pos);
+    let pos = masked(pos, MAX_BACKENDS);
     // SAFETY: pos < MAX_BACKENDS by the mask; the order array has that many entries.
-    let raw = unsafe { read_volatile(addr_of!((*set).order).cast::<u16>().add(pos as usize)) };
-    backend_index(raw as u32)
+    (unsafe { read_volatile(addr_of!((*set).order).cast::<u16>().add(pos as usize)) }) as u32
 }
 
-/// A balance-mode choice: where the connect goes and which backend entry it counts on.
+/// Least-connections candidate `i` of the set: a position in its order.
+///
+/// # Safety
+/// `set` points to a live map value.
+#[inline(always)]
+unsafe fn candidate_at(set: *const BackendSet, i: u32) -> u32 {
+    let i = masked(i, LC_CANDIDATES);
+    // SAFETY: i < LC_CANDIDATES by the mask; the array has that many entries.
+    (unsafe { read_volatile(addr_of!((*set).candidates).cast::<u16>().add(i as usize)) }) as u32
+}
+
+/// A balance-mode choice: where the connect goes and which backend id it counts on.
 struct Chosen {
     target: Target,
     index: u32,
     generation: u32,
 }
 
-/// A candidate's load as the algorithms compare it: open connections divided by its
-/// slow-start weight, in thousandths of a connection. Idle backends tie at zero (the
-/// random first pick wins, and a warming one is then taken with a probability of its
-/// weight); loaded ones settle where a warming backend carries its weight's share.
+/// A counter of BACKEND_CONNS or BACKEND_REMOTE. A plain aligned load of a counter
+/// others add to atomically; a close racing an id's reuse may have taken it below
+/// zero (huge): count it as 0.
 #[inline(always)]
-fn weighted_load(set: *const BackendSet, base: u32, idx: u32, now: u64, window: u64) -> u64 {
-    let conns = match BACKEND_CONNS_V1.get_ptr(base + idx) {
-        // SAFETY: a plain aligned load of a counter others add to atomically; a close
-        // racing an index's reuse may have taken it below zero (huge): count it as 0.
+fn counter(p: Option<*const u64>) -> u64 {
+    match p {
+        // SAFETY: an aligned u64 inside an array map value.
         Some(p) => {
             let v = unsafe { read_volatile(p) };
             if v > (1u64 << 40) { 0 } else { v }
         }
         None => 0,
-    };
-    div(
-        conns * WEIGHT_FULL * WEIGHT_FULL,
-        weight(set, idx, now, window),
-    )
+    }
 }
 
-/// The slow-start weight of entry `idx` now, in thousandths ([`WEIGHT_MIN`] just ready,
-/// [`WEIGHT_FULL`] once its window has passed).
+/// A candidate's load as the algorithms compare it: open connections from every node
+/// (this node's counted at once, the others' as the agent last wrote them) divided by
+/// its slow-start weight, in thousandths of a connection. Idle backends tie at zero
+/// (the random first pick wins, and a warming one is then taken with a probability of
+/// its weight); loaded ones settle where a warming backend carries its weight's share.
 #[inline(always)]
-fn weight(set: *const BackendSet, idx: u32, now: u64, window: u64) -> u64 {
+fn weighted_load(id: u32, now: u64, window: u64) -> u64 {
+    let conns = counter(BACKEND_CONNS_V2.get_ptr(id)) + counter(BACKEND_REMOTE_V1.get_ptr(id));
+    div(conns * WEIGHT_FULL * WEIGHT_FULL, weight(id, now, window))
+}
+
+/// The slow-start weight of backend `id` now, in thousandths ([`WEIGHT_MIN`] just
+/// ready, [`WEIGHT_FULL`] once its window has passed).
+#[inline(always)]
+fn weight(id: u32, now: u64, window: u64) -> u64 {
     if window == 0 {
         return WEIGHT_FULL;
     }
-    // SAFETY: as in pick_backend; idx < MAX_BACKENDS by the mask.
-    let ready = unsafe { (*backend_ptr(set, backend_index(idx))).ready_ns };
+    let Some(b) = BACKEND_TABLE_V1.get_ptr(id) else {
+        return WEIGHT_FULL;
+    };
+    // SAFETY: an array map value, valid while the program runs.
+    let ready = unsafe { read_volatile(addr_of!((*b).ready_ns)) };
     if ready == 0 || now <= ready {
         return if ready == 0 { WEIGHT_FULL } else { WEIGHT_MIN };
     }
@@ -488,14 +494,15 @@ fn random() -> u32 {
 }
 
 /// Two random positions in `order[..n]`, distinct when `n > 1`; the one whose backend
-/// has the lower weighted load (ties: the first, which is random already).
+/// has the lower weighted load (ties: the first, which is random already). O(1)
+/// whatever `n`.
 #[inline(always)]
-fn two_choices(set: *const BackendSet, base: u32, n: u32, now: u64, window: u64) -> (u32, u64) {
+fn two_choices(set: *const BackendSet, n: u32, now: u64, window: u64) -> (u32, u64) {
     let a = rem(random(), n);
     if n < 2 {
         // SAFETY: as in pick_backend.
         let ia = unsafe { order_at(set, a) };
-        return (a, weighted_load(set, base, ia, now, window));
+        return (a, weighted_load(ia, now, window));
     }
     let mut b = rem(random(), n - 1);
     if b >= a {
@@ -503,32 +510,50 @@ fn two_choices(set: *const BackendSet, base: u32, n: u32, now: u64, window: u64)
     }
     // SAFETY: as in pick_backend.
     let (ia, ib) = unsafe { (order_at(set, a), order_at(set, b)) };
-    let la = weighted_load(set, base, ia, now, window);
-    let lb = weighted_load(set, base, ib, now, window);
+    let la = weighted_load(ia, now, window);
+    let lb = weighted_load(ib, now, window);
     if lb < la { (b, lb) } else { (a, la) }
 }
 
-/// The position in `order[..n]` of the backend with the lowest weighted load; the scan
-/// starts at a random position, so equally loaded backends share the connects.
+/// The position in `order[..n]` of the least loaded of the set's least-connections
+/// candidates (every backend of a set of up to [`LC_CANDIDATES`], else the agent's
+/// least loaded per tier, refreshed every few hundred ms), by the loads of this
+/// moment: at most [`LC_CANDIDATES`] compared, whatever the set's size. The scan starts
+/// at a random candidate, so equally loaded backends share the connects. Two choices
+/// when no candidate is within `n` (a tier bound the agent's list does not reach yet).
 #[inline(always)]
-fn least_loaded(set: *const BackendSet, base: u32, n: u32, now: u64, window: u64) -> u32 {
-    let start = rem(random(), n);
-    let mut best = start;
+fn least_loaded(set: *const BackendSet, n: u32, now: u64, window: u64) -> u32 {
+    // SAFETY: as in pick_backend.
+    let cc = unsafe { (*set).candidate_count };
+    let cc = if cc > LC_CANDIDATES {
+        LC_CANDIDATES
+    } else {
+        cc
+    };
+    let start = rem(random(), cc);
+    let mut best = u32::MAX;
     let mut best_load = u64::MAX;
     let mut i = 0;
-    while i < MAX_BACKENDS {
-        if i >= n {
+    while i < LC_CANDIDATES {
+        if i >= cc {
             break;
         }
-        let pos = rem(start + i, n);
-        i += 1;
         // SAFETY: as in pick_backend.
-        let idx = unsafe { order_at(set, pos) };
-        let load = weighted_load(set, base, idx, now, window);
+        let pos = unsafe { candidate_at(set, rem(start + i, cc)) };
+        i += 1;
+        if pos >= n {
+            continue;
+        }
+        // SAFETY: as in pick_backend.
+        let id = unsafe { order_at(set, pos) };
+        let load = weighted_load(id, now, window);
         if load < best_load {
             best_load = load;
             best = pos;
         }
+    }
+    if best == u32::MAX {
+        return two_choices(set, n, now, window).0;
     }
     best
 }
@@ -550,18 +575,17 @@ fn round_robin(slot: u32, n: u32) -> u32 {
 /// One pick by the set's algorithm among `order[..n]`.
 #[inline(always)]
 fn choose(set: *const BackendSet, algorithm: u32, slot: u32, n: u32, now: u64, window: u64) -> u32 {
-    let base = slot.wrapping_mul(MAX_BACKENDS);
     match algorithm {
-        ALG_LEAST_CONNECTIONS => least_loaded(set, base, n, now, window),
+        ALG_LEAST_CONNECTIONS => least_loaded(set, n, now, window),
         ALG_ROUND_ROBIN => round_robin(slot, n),
         ALG_RANDOM => rem(random(), n),
-        _ => two_choices(set, base, n, now, window).0,
+        _ => two_choices(set, n, now, window).0,
     }
 }
 
 /// A pick after a warming backend was passed over: as [`choose`], but least
-/// connections picks by two choices here, so its scan of the whole set runs once per
-/// connect (the verifier walks every copy of the loop).
+/// connections picks by two choices here, so its scan runs once per connect (the
+/// verifier walks every copy of the loop).
 #[inline(always)]
 fn choose_again(
     set: *const BackendSet,
@@ -574,7 +598,7 @@ fn choose_again(
     match algorithm {
         ALG_ROUND_ROBIN => round_robin(slot, n),
         ALG_RANDOM => rem(random(), n),
-        _ => two_choices(set, slot.wrapping_mul(MAX_BACKENDS), n, now, window).0,
+        _ => two_choices(set, n, now, window).0,
     }
 }
 
@@ -582,10 +606,9 @@ fn choose_again(
 /// preferred tier (same node, then same zone) unless it is loaded well beyond the
 /// whole set (two random picks each, O(1)), then everyone.
 #[inline(always)]
-fn usable(set: *const BackendSet, slot: u32, count: u32, now: u64, window: u64) -> u32 {
+fn usable(set: *const BackendSet, count: u32, now: u64, window: u64) -> u32 {
     // SAFETY: as in pick_backend.
     let tiers = unsafe { [(*set).tiers[0], (*set).tiers[1]] };
-    let base = slot.wrapping_mul(MAX_BACKENDS);
     let mut t = 0;
     while t < 2 {
         let n = tiers[t];
@@ -593,8 +616,8 @@ fn usable(set: *const BackendSet, slot: u32, count: u32, now: u64, window: u64) 
         if n == 0 || n >= count {
             continue;
         }
-        let (_, local) = two_choices(set, base, n, now, window);
-        let (_, all) = two_choices(set, base, count, now, window);
+        let (_, local) = two_choices(set, n, now, window);
+        let (_, all) = two_choices(set, count, now, window);
         if local <= SPILL_FACTOR * all + SPILL_SLACK * WEIGHT_FULL {
             return n;
         }
@@ -607,7 +630,7 @@ fn usable(set: *const BackendSet, slot: u32, count: u32, now: u64, window: u64) 
 /// its weight, else the algorithm picks again (a few times, then it is kept).
 #[inline(always)]
 fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
-    let set = BACKENDS_V2.get_ptr(slot)?;
+    let set = BACKENDS_V3.get_ptr(slot)?;
     // SAFETY: the map value stays valid while this program runs (a concurrent update
     // replaces the element, RCU); fields are read one at a time, never copied whole
     // (the set is larger than the stack).
@@ -623,15 +646,15 @@ fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
     };
     // SAFETY: no arguments, always available.
     let now = unsafe { bpf_ktime_get_ns() };
-    let n = usable(set, slot, count, now, window);
+    let n = usable(set, count, now, window);
     let mut pos = choose(set, algorithm, slot, n, now, window);
     if window != 0 {
         let mut tries = 0;
         while tries < 3 {
             tries += 1;
             // SAFETY: as above.
-            let idx = unsafe { order_at(set, pos) };
-            let w = weight(set, idx, now, window);
+            let id = unsafe { order_at(set, pos) };
+            let w = weight(id, now, window);
             if w >= WEIGHT_FULL || rem(random(), WEIGHT_FULL as u32) < w as u32 {
                 break;
             }
@@ -639,12 +662,12 @@ fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
         }
     }
     // SAFETY: as above.
-    let idx = unsafe { order_at(set, pos) };
-    // SAFETY: as above; idx < MAX_BACKENDS by the mask.
-    let (generation, bytes, port) = unsafe {
-        let b = backend_ptr(set, idx);
-        ((*b).generation, (*b).addr, (*b).port)
-    };
+    let id = unsafe { order_at(set, pos) };
+    let b = BACKEND_TABLE_V1.get_ptr(id)?;
+    // SAFETY: an array map value, valid while the program runs. The agent never
+    // rewrites an id's entry while a set lists it (a freed id waits in a FIFO behind
+    // every other free id before reuse), so these fields belong together.
+    let (generation, bytes, port) = unsafe { ((*b).generation, (*b).addr, (*b).port) };
     if generation == 0 {
         return None;
     }
@@ -660,7 +683,7 @@ fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
             words,
             port: u16::from_ne_bytes(port) as u32,
         },
-        index: idx,
+        index: id,
         generation,
     })
 }
@@ -957,7 +980,7 @@ fn on_close(ctx: &SockOpsContext) {
 /// backend is still the one it was sent to.
 #[inline(always)]
 fn backend_opened(cookie: u64) {
-    let Some(sb) = SOCK_BACKEND_V1.get_ptr_mut(cookie) else {
+    let Some(sb) = SOCK_BACKEND_V2.get_ptr_mut(cookie) else {
         return; // not balanced
     };
     // SAFETY: the LRU entry stays valid while this program runs.
@@ -980,7 +1003,7 @@ fn backend_opened(cookie: u64) {
 #[inline(always)]
 fn backend_closed(cookie: u64) {
     // SAFETY: copied at once.
-    let Some(b) = (unsafe { SOCK_BACKEND_V1.get(cookie) }).copied() else {
+    let Some(b) = (unsafe { SOCK_BACKEND_V2.get(cookie) }).copied() else {
         return;
     };
     if b.opened != 0
@@ -989,22 +1012,21 @@ fn backend_closed(cookie: u64) {
         // SAFETY: as in backend_opened; adding u64::MAX subtracts one.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, u64::MAX) };
     }
-    let _ = SOCK_BACKEND_V1.remove(cookie);
+    let _ = SOCK_BACKEND_V2.remove(cookie);
 }
 
-/// The open-connection count of a balanced socket's backend, if the entry it was sent
-/// to still holds that backend (same generation): a removed backend's index may be
-/// reused, and its old sockets must not count against the new one.
+/// The open-connection count of a balanced socket's backend, if its id still holds
+/// that backend (same generation): a removed backend's id may be reused, and its old
+/// sockets must not count against the new one.
 #[inline(always)]
 fn current_backend_conns(b: &SockBackend) -> Option<*mut u64> {
-    let set = BACKENDS_V2.get_ptr(b.slot)?;
-    let idx = backend_index(b.index);
-    // SAFETY: as in pick_backend; idx < MAX_BACKENDS by the mask.
-    let generation = unsafe { (*backend_ptr(set, idx)).generation };
+    let entry = BACKEND_TABLE_V1.get_ptr(b.index)?;
+    // SAFETY: an array map value, valid while the program runs.
+    let generation = unsafe { read_volatile(addr_of!((*entry).generation)) };
     if generation != b.generation {
         return None;
     }
-    BACKEND_CONNS_V1.get_ptr_mut(b.slot.wrapping_mul(MAX_BACKENDS) + idx)
+    BACKEND_CONNS_V2.get_ptr_mut(b.index)
 }
 
 /// The stats of the socket's service, if its slot still has the epoch the socket

@@ -9,6 +9,7 @@
 //! (BPF_LINK_UPDATE), so the hooks are never without a program, also on upgrades.
 //! `unsafe` lives in `sys` only.
 
+mod balance;
 pub mod cgroup;
 pub mod live;
 mod log_forward;
@@ -402,6 +403,18 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "service {addr}/{proto:?}: {needed} new balance backends but only {free} backend ids free on this node (of {max})",
+        max = m::MAX_BACKEND_IDS
+    )]
+    BackendIdsExhausted {
+        addr: SocketAddr,
+        proto: Proto,
+        needed: usize,
+        free: usize,
+    },
+    #[error("refreshing the least-connections candidates")]
+    RefreshCandidates(#[source] MapError),
     #[error("reading the backend counters of service {addr}/{proto:?}")]
     ReadBackends {
         addr: SocketAddr,
@@ -452,7 +465,7 @@ pub struct Datapath {
     program_ids: Vec<u32>,
     table: Mutex<ServiceTable>,
     /// Locked after `table` when both are needed.
-    balance: Mutex<BalanceTable>,
+    balance: Mutex<balance::BalanceTable>,
     orig_dst: BpfHashMap<MapData, OrigDstKey, OrigDst>,
     errors: PerCpuArray<MapData, u64>,
     heartbeat: Mutex<Array<MapData, u64>>,
@@ -496,14 +509,6 @@ struct ServerPorts {
     map: BpfHashMap<MapData, ServiceKey, SlotRef>,
     by_slot: HashMap<Slot, BTreeSet<ServiceKey>>,
     owner: HashMap<ServiceKey, Slot>,
-}
-
-/// The balance backends map and its per-backend counters, with a mirror of the sets.
-struct BalanceTable {
-    sets: BpfHashMap<MapData, u32, BackendSet>,
-    conns: Array<MapData, u64>,
-    mirror: HashMap<Slot, BackendSet>,
-    next_generation: u32,
 }
 
 // === impl Datapath ===
@@ -596,8 +601,10 @@ impl Datapath {
         let errors = take_map(&mut ebpf, m::ERRORS)?;
         let heartbeat = take_map(&mut ebpf, m::HEARTBEAT)?;
         let config_map = take_map(&mut ebpf, m::CONFIG)?;
-        let mut sets: BpfHashMap<_, u32, BackendSet> = take_map(&mut ebpf, m::BACKENDS)?;
+        let sets: BpfHashMap<_, u32, BackendSet> = take_map(&mut ebpf, m::BACKENDS)?;
+        let backend_table = take_map(&mut ebpf, m::BACKEND_TABLE)?;
         let conns = take_map(&mut ebpf, m::BACKEND_CONNS)?;
+        let remote = take_map(&mut ebpf, m::BACKEND_REMOTE)?;
         let mut slot_epochs: Array<_, u32> = take_map(&mut ebpf, m::SLOT_EPOCH)?;
         let ports_map: BpfHashMap<_, ServiceKey, SlotRef> = take_map(&mut ebpf, m::SERVER_PORTS)?;
         let host_map: BpfHashMap<_, [u8; 16], u32> = take_map(&mut ebpf, m::HOST_ADDRS)?;
@@ -648,27 +655,10 @@ impl Datapath {
         for k in stale_ports {
             let _ = server_ports.map.remove(&k);
         }
-        // Sets of services still in the table carry on (their indexes and generations
+        // Sets of services still in the table carry on (their ids and generations
         // match what sockets recorded); a set whose service is gone is dropped.
-        let mut mirror = HashMap::new();
-        let mut stale = vec![];
-        for kv in sets.iter() {
-            let (slot, set) = kv.map_err(LoadError::ReadServices)?;
-            if used.contains(&slot) {
-                mirror.insert(slot, set);
-            } else {
-                stale.push(slot);
-            }
-        }
-        for slot in stale {
-            let _ = sets.remove(&slot);
-        }
-        let next_generation = mirror
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.generation))
-            .max()
-            .unwrap_or(0)
-            .max(sys::monotonic_ns() as u32);
+        let balance = balance::BalanceTable::adopt(sets, backend_table, conns, remote, &used)
+            .map_err(LoadError::ReadServices)?;
         let dp = Datapath {
             layout,
             cgroup: env.cgroup.clone(),
@@ -683,12 +673,7 @@ impl Datapath {
                 next_epoch: sys::monotonic_ns() as u32,
                 offsets: HashMap::new(),
             }),
-            balance: Mutex::new(BalanceTable {
-                sets,
-                conns,
-                mirror,
-                next_generation,
-            }),
+            balance: Mutex::new(balance),
             orig_dst,
             errors,
             heartbeat: Mutex::new(heartbeat),
@@ -909,73 +894,120 @@ impl Datapath {
             .get(&key)
             .ok_or(DatapathError::ServiceNotFound { addr, proto })?
             .slot;
-        let mut b = self.balance.lock().unwrap_or_else(|p| p.into_inner());
-        let write_err = |source| DatapathError::WriteBackends {
-            addr,
-            proto,
-            source,
-        };
-        let known = b.mirror.contains_key(&slot);
-        let before = b.mirror.get(&slot).copied();
-        let mut set = before.unwrap_or_default();
-        let wanted_keys: Vec<Backend> = wanted
+        let wanted: Vec<Backend> = wanted
             .iter()
             .map(|(a, tier)| Backend {
                 tier: tier.raw(),
                 ..backend_entry(*a, 0)
             })
             .collect();
-        let same = |x: &Backend, y: &Backend| x.addr == y.addr && x.port == y.port;
-
-        // Removals first, and written before any index is reused: until the kernel
-        // sees the new generation, an old socket's close still counts on the index.
-        let mut removed = false;
-        for e in set.backends.iter_mut() {
-            if e.generation != 0 && !wanted_keys.iter().any(|w| same(w, e)) {
-                *e = Backend::default();
-                removed = true;
-            }
-        }
-        if removed {
-            seal(&mut set, balancing);
-            b.sets.insert(slot, set, 0).map_err(write_err)?;
-            b.mirror.insert(slot, set);
-        }
-        let now = sys::monotonic_ns();
-        for w in &wanted_keys {
-            if let Some(e) = set
-                .backends
-                .iter_mut()
-                .find(|e| e.generation != 0 && same(w, e))
-            {
-                e.tier = w.tier;
-                continue;
-            }
-            let Some(idx) = set.backends.iter().position(|e| e.generation == 0) else {
-                break; // cannot happen: at most MAX_BACKENDS wanted
-            };
-            // A fresh count for the index: nothing counts on it until the set below
-            // gives it the new generation.
-            b.conns
-                .set(slot * m::MAX_BACKENDS + idx as u32, 0, 0)
-                .map_err(write_err)?;
-            b.next_generation = match b.next_generation.wrapping_add(1) {
-                0 => 1,
-                g => g,
-            };
-            set.backends[idx] = Backend {
-                generation: b.next_generation,
-                ready_ns: if known { now } else { 0 },
-                ..*w
-            };
-        }
-        seal(&mut set, balancing);
-        if before != Some(set) {
-            b.sets.insert(slot, set, 0).map_err(write_err)?;
-            b.mirror.insert(slot, set);
-        }
-        debug!(%addr, ?proto, slot, backends = set.count, algorithm = balancing.algorithm.name(), "balance backends set");
+        let count = self
+            .balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(slot, &wanted, balancing)
+            .map_err(|e| match e {
+                balance::BalanceError::Map(source) => DatapathError::WriteBackends {
+                    addr,
+                    proto,
+                    source,
+                },
+                balance::BalanceError::IdsExhausted { needed, free } => {
+                    DatapathError::BackendIdsExhausted {
+                        addr,
+                        proto,
+                        needed,
+                        free,
+                    }
+                }
+            })?;
+        debug!(%addr, ?proto, slot, backends = count, algorithm = balancing.algorithm.name(), "balance backends set");
         Ok(())
+    }
+
+    /// Least connections over sets of more than `LC_CANDIDATES` backends compares the
+    /// candidates the agent lists per set: this refreshes them from the counts now.
+    /// Call it every `LC_REFRESH_MS`. Returns how many sets changed.
+    pub fn refresh_least_loaded(&self) -> Result<usize, DatapathError> {
+        self.balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh_candidates()
+            .map_err(DatapathError::RefreshCandidates)
+    }
+
+    /// Sets the other nodes' open connections to a balanced service's backends (0 for
+    /// a backend `remote` does not name): every choice adds them to this node's own
+    /// counts. Returns how many backends have a non-zero remote load.
+    pub fn set_remote_loads(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        remote: &[(SocketAddr, u64)],
+    ) -> Result<usize, DatapathError> {
+        let slot = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entries
+                .get(&service_key(addr, proto))
+                .ok_or(DatapathError::ServiceNotFound { addr, proto })?
+                .slot
+        };
+        let remote: Vec<(Backend, u64)> = remote
+            .iter()
+            .map(|(a, n)| (backend_entry(*a, 0), *n))
+            .collect();
+        self.balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_remote(slot, &remote)
+            .map_err(|source| DatapathError::WriteBackends {
+                addr,
+                proto,
+                source,
+            })
+    }
+
+    /// The other nodes' open connections to each backend of a balanced service, as last
+    /// written by [`Datapath::set_remote_loads`].
+    pub fn remote_loads(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+    ) -> Result<Vec<BackendCounters>, DatapathError> {
+        let slot = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entries
+                .get(&service_key(addr, proto))
+                .ok_or(DatapathError::ServiceNotFound { addr, proto })?
+                .slot
+        };
+        let listed = self
+            .balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remote_counts(slot)
+            .map_err(|source| DatapathError::ReadBackends {
+                addr,
+                proto,
+                source,
+            })?;
+        let mut out: Vec<BackendCounters> = listed
+            .iter()
+            .map(|(e, n)| BackendCounters {
+                addr: socket_addr(&e.addr, u16::from_be_bytes(e.port)),
+                open_now: *n,
+            })
+            .collect();
+        out.sort_by_key(|c| c.addr);
+        Ok(out)
+    }
+
+    /// Backend ids free for new balance backends on this node (of `MAX_BACKEND_IDS`).
+    pub fn free_backend_ids(&self) -> usize {
+        self.balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free_ids()
     }
 
     /// The backends set for a service, each with its open connections now.
@@ -991,29 +1023,23 @@ impl Datapath {
                 .ok_or(DatapathError::ServiceNotFound { addr, proto })?
                 .slot
         };
-        let b = self.balance.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(set) = b.mirror.get(&slot) else {
-            return Ok(vec![]);
-        };
-        let mut out = vec![];
-        for (idx, e) in set.backends.iter().enumerate() {
-            if e.generation == 0 {
-                continue;
-            }
-            let raw = b
-                .conns
-                .get(&(slot * m::MAX_BACKENDS + idx as u32), 0)
-                .map_err(|source| DatapathError::ReadBackends {
-                    addr,
-                    proto,
-                    source,
-                })?;
-            out.push(BackendCounters {
+        let listed = self
+            .balance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .local_counts(slot)
+            .map_err(|source| DatapathError::ReadBackends {
+                addr,
+                proto,
+                source,
+            })?;
+        let mut out: Vec<BackendCounters> = listed
+            .iter()
+            .map(|(e, open_now)| BackendCounters {
                 addr: socket_addr(&e.addr, u16::from_be_bytes(e.port)),
-                // A close racing an index's reuse could take a count below zero.
-                open_now: if raw > i64::MAX as u64 { 0 } else { raw },
-            });
-        }
+                open_now: *open_now,
+            })
+            .collect();
         out.sort_by_key(|c| c.addr);
         Ok(out)
     }
@@ -1331,65 +1357,6 @@ impl Datapath {
     }
 }
 
-impl BalanceTable {
-    /// Forgets the set of a slot (its service is gone or the slot is fresh).
-    fn clear(&mut self, slot: Slot) {
-        if self.mirror.remove(&slot).is_some() || self.sets.get(&slot, 0).is_ok() {
-            match self.sets.remove(&slot) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(error) => warn!(slot, %error, "removing a balance backend set failed"),
-            }
-        }
-    }
-}
-
-/// Recomputes a set's count, search bound, dense order (preferred tiers first) and
-/// tier bounds from its entries, and takes the algorithm and window of `balancing`.
-fn seal(set: &mut BackendSet, balancing: LoadBalancing) {
-    let mut occupied: Vec<(u8, u16)> = set
-        .backends
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.generation != 0)
-        .map(|(i, e)| (e.tier, i as u16))
-        .collect();
-    occupied.sort();
-    set.count = occupied.len() as u32;
-    set.end = set
-        .backends
-        .iter()
-        .rposition(|e| e.generation != 0)
-        .map_or(0, |i| i as u32 + 1);
-    set.order = [0; m::MAX_BACKENDS as usize];
-    for (pos, (_, idx)) in occupied.iter().enumerate() {
-        set.order[pos] = *idx;
-    }
-    let within = |tier: u8| occupied.iter().filter(|(t, _)| *t <= tier).count() as u32;
-    set.tiers = [
-        if balancing.prefer_same_node {
-            within(m::TIER_NODE)
-        } else {
-            0
-        },
-        if balancing.prefer_same_zone {
-            within(m::TIER_ZONE)
-        } else {
-            0
-        },
-    ];
-    set.algorithm = algorithm_raw(balancing.algorithm);
-    set.slow_start_ns = u64::try_from(balancing.slow_start.as_nanos()).unwrap_or(u64::MAX);
-}
-
-fn algorithm_raw(a: Algorithm) -> u32 {
-    match a {
-        Algorithm::P2c => m::ALG_P2C,
-        Algorithm::LeastConnections => m::ALG_LEAST_CONNECTIONS,
-        Algorithm::RoundRobin => m::ALG_ROUND_ROBIN,
-        Algorithm::Random => m::ALG_RANDOM,
-    }
-}
-
 fn backend_entry(addr: SocketAddr, generation: u32) -> Backend {
     Backend {
         addr: ip16(addr.ip()),
@@ -1651,7 +1618,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 16] {
+fn expected_layouts() -> [(&'static str, u32, u32); 18] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -1671,7 +1638,9 @@ fn expected_layouts() -> [(&'static str, u32, u32); 16] {
         (m::HEARTBEAT, 4, 8),
         (m::ERRORS, 4, 8),
         (m::BACKENDS, 4, sz(size_of::<BackendSet>())),
+        (m::BACKEND_TABLE, 4, sz(size_of::<Backend>())),
         (m::BACKEND_CONNS, 4, 8),
+        (m::BACKEND_REMOTE, 4, 8),
         (m::SOCK_BACKEND, 8, sz(size_of::<m::SockBackend>())),
         (m::BALANCE_RR, 4, 4),
         (m::SLOT_EPOCH, 4, 4),

@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router, middleware};
 use http::StatusCode;
-use nemesis_common::wire::{Heartbeat, HeartbeatReply, ServiceRef, WakeReply, WakeRequest};
+use nemesis_common::wire::{
+    Heartbeat, HeartbeatReply, LoadReply, LoadReport, ServiceRef, WakeReply, WakeRequest,
+};
 use tokio::time::Instant;
 
 use super::registry::AgentRegistry;
@@ -19,10 +21,14 @@ use crate::auth::{BearerToken, require_bearer};
 
 pub const HEARTBEAT_PATH: &str = "/v1/agents/heartbeat";
 pub const WAKE_PATH: &str = "/v1/agents/wake";
+pub const LOADS_PATH: &str = "/v1/agents/loads";
 
 /// A heartbeat carries one report per Service the agent knows (about 250 bytes each):
 /// 1 MiB is room for about 4,000 Services per node.
 pub const MAX_HEARTBEAT_BYTES: usize = 1 << 20;
+/// A load report lists open connections per backend (about 50 bytes each): 4 MiB is
+/// room for about 80,000 backends of balanced Services per node.
+pub const MAX_LOADS_BYTES: usize = 4 << 20;
 /// A wake-up names one Service.
 pub const MAX_WAKE_BYTES: usize = 16 << 10;
 
@@ -45,6 +51,10 @@ pub fn agent_routes(api: AgentApi) -> Router {
         .route(
             WAKE_PATH,
             post(wake).layer(DefaultBodyLimit::max(MAX_WAKE_BYTES)),
+        )
+        .route(
+            LOADS_PATH,
+            post(loads).layer(DefaultBodyLimit::max(MAX_LOADS_BYTES)),
         )
         .route_layer(middleware::from_fn_with_state(token, require_bearer))
         .with_state(api)
@@ -115,6 +125,39 @@ pub fn check_heartbeat(hb: &Heartbeat) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What a decoded load report must hold before the board keeps it. Pure.
+pub fn check_loads(report: &LoadReport) -> Result<(), ApiError> {
+    use super::loads::{MAX_REPORT_BACKENDS, MAX_REPORT_SERVICES};
+    if report.node.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "loads: `node` must not be empty",
+        ));
+    }
+    if report.services.len() > MAX_REPORT_SERVICES {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "loads: {} services, at most {MAX_REPORT_SERVICES}",
+                report.services.len()
+            ),
+        ));
+    }
+    for (i, s) in report.services.iter().enumerate() {
+        check_service(&format!("loads: services[{i}]"), &s.service)?;
+        if s.backends.len() > MAX_REPORT_BACKENDS {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "loads: services[{i}] has {} backends, at most {MAX_REPORT_BACKENDS}",
+                    s.backends.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What a decoded wake-up must hold before the wake gate sees it. Pure.
 pub fn check_wake(req: &WakeRequest) -> Result<(), ApiError> {
     if req.node.is_empty() {
@@ -135,6 +178,16 @@ async fn heartbeat(
     check_heartbeat(&hb)?;
     tracing::debug!(node = %hb.node, services = hb.services.len(), "heartbeat");
     Ok(Json(api.registry.heartbeat(hb, Instant::now())))
+}
+
+async fn loads(
+    State(api): State<AgentApi>,
+    body: Result<Json<LoadReport>, JsonRejection>,
+) -> Result<Json<LoadReply>, ApiError> {
+    let Json(report) =
+        body.map_err(|r| ApiError::from_json_rejection("loads", MAX_LOADS_BYTES, r))?;
+    check_loads(&report)?;
+    Ok(Json(api.registry.loads().report(report, Instant::now())))
 }
 
 async fn wake(

@@ -149,6 +149,8 @@ pub struct AgentRegistry {
     inner: Mutex<Inner>,
     /// Bumped on every heartbeat and directive change; waiters re-check on it.
     changed: watch::Sender<u64>,
+    /// Balance mode's per-backend load reports (apart from the heartbeats' state).
+    loads: super::loads::LoadBoard,
 }
 
 // === impl AgentRegistry ===
@@ -159,7 +161,13 @@ impl AgentRegistry {
             config,
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
+            loads: super::loads::LoadBoard::default(),
         }
+    }
+
+    /// Balance mode's cluster-wide load (see [`super::loads`]).
+    pub fn loads(&self) -> &super::loads::LoadBoard {
+        &self.loads
     }
 
     pub fn config(&self) -> RegistryConfig {

@@ -224,6 +224,8 @@ pub struct TestController {
     pub scale_on_wake: Arc<AtomicBool>,
     /// What every heartbeat is answered with.
     pub directives: Arc<Mutex<Vec<ServiceDirective>>>,
+    /// Balance mode's load reports, summed by the real controller's board.
+    pub loads: Arc<nemesis_controller::agents::LoadBoard>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -242,6 +244,7 @@ struct ControllerState {
     last_heartbeat: Arc<Mutex<Option<Heartbeat>>>,
     scale_on_wake: Arc<AtomicBool>,
     directives: Arc<Mutex<Vec<ServiceDirective>>>,
+    loads: Arc<nemesis_controller::agents::LoadBoard>,
 }
 
 fn reply(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -313,6 +316,15 @@ async fn controller_call(
             }
             Err(e) => reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes()),
         },
+        (true, "/v1/agents/loads") => {
+            match serde_json::from_slice::<nemesis_common::wire::LoadReport>(&body) {
+                Ok(report) => {
+                    let r = state.loads.report(report, tokio::time::Instant::now());
+                    reply(StatusCode::OK, serde_json::to_vec(&r).expect("json"))
+                }
+                Err(e) => reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes()),
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             b"{\"error\":\"no such route\"}".to_vec(),
@@ -332,6 +344,7 @@ impl TestController {
             last_heartbeat: Arc::default(),
             scale_on_wake: Arc::new(AtomicBool::new(scale_on_wake)),
             directives: Arc::default(),
+            loads: Arc::default(),
         };
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -356,6 +369,7 @@ impl TestController {
             last_heartbeat: state.last_heartbeat,
             scale_on_wake: state.scale_on_wake,
             directives: state.directives,
+            loads: state.loads,
             task,
         })
     }
