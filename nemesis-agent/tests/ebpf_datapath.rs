@@ -26,6 +26,7 @@ use nemesis_agent::ebpf::{
     pins::ScratchBpffs,
     prereq,
 };
+use nemesis_agent::udphold::{UdpHoldBounds, UdpHoldRelay, UdpWake};
 use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY, PINNED_MAPS, UDP_PINNED_MAPS};
 
 const CLIENT_ENV: &str = "NEMESIS_TEST_CLIENT_CGROUP";
@@ -211,6 +212,24 @@ fn child_client_entry() {
                     }
                 }
                 format!("ok {}", got.join(" "))
+            }
+            // Sends `n` datagrams `d0`.. without waiting for answers.
+            ["fire", id, to, n] => {
+                let s = &udp[id.parse::<usize>().unwrap()];
+                let sent = (0..n.parse::<usize>().unwrap())
+                    .filter(|i| s.send_to(format!("d{i}").as_bytes(), to).is_ok())
+                    .count();
+                format!("ok {sent}")
+            }
+            // Receives one datagram: `ok <from> <payload>`.
+            ["recv", id] => {
+                let s = &udp[id.parse::<usize>().unwrap()];
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = [0u8; 1500];
+                match s.recv_from(&mut buf) {
+                    Ok((n, from)) => format!("ok {from} {}", String::from_utf8_lossy(&buf[..n])),
+                    Err(e) => format!("err recv {e}"),
+                }
             }
             ["exit"] => return,
             _ => format!("err unknown command {line:?}"),
@@ -1667,10 +1686,10 @@ struct UdpBalanced {
 }
 
 impl UdpBalanced {
-    fn new(test: &str, hold: Option<&UdpSocket>) -> UdpBalanced {
+    fn new(test: &str, hold: Option<SocketAddr>) -> UdpBalanced {
         let mut fx = Fixture::new(test);
         if let Some(h) = hold {
-            fx.cfg.proxy_v4 = match h.local_addr().unwrap() {
+            fx.cfg.proxy_v4 = match h {
                 // The TCP proxy's port does not matter here: UDP holds go to UDP_HOLD's.
                 SocketAddr::V4(a) => Some(a),
                 _ => None,
@@ -1684,8 +1703,7 @@ impl UdpBalanced {
             .collect();
         dp.upsert_service(svc, Proto::Udp, Mode::Balance).unwrap();
         if let Some(h) = hold {
-            dp.set_udp_hold(svc, Some(h.local_addr().unwrap().port()), None)
-                .unwrap();
+            dp.set_udp_hold(svc, Some(h.port()), None).unwrap();
         }
         UdpBalanced {
             fx,
@@ -1817,7 +1835,7 @@ fn udp_flows_follow_the_backend_set() {
 fn udp_at_zero_goes_to_the_hold_socket_and_its_answer_shows_the_service() {
     let hold = UdpSocket::bind("127.0.0.1:0").unwrap();
     hold.set_read_timeout(Some(WAIT)).unwrap();
-    let b = UdpBalanced::new("udp-zero", Some(&hold));
+    let b = UdpBalanced::new("udp-zero", Some(hold.local_addr().unwrap()));
     let mut c = b.fx.client();
     let id = c.cmd("udp4");
     let id = id.strip_prefix("ok ").unwrap();
@@ -1854,4 +1872,124 @@ fn udp_at_zero_goes_to_the_hold_socket_and_its_answer_shows_the_service() {
     );
     let st = b.dp.stats(b.slot()).unwrap();
     assert_eq!((st.connects, st.redirected), (2, 2));
+}
+
+// === the agent's UDP hold relay at zero ===
+
+/// The wake path as the relay sees it: counts wakes; the test decides when a backend
+/// is ready.
+#[derive(Default)]
+struct TestWake {
+    wakes: std::sync::atomic::AtomicUsize,
+    backend: Mutex<Option<SocketAddr>>,
+}
+
+impl UdpWake for TestWake {
+    fn wake(&self) {
+        self.wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn backend(&self) -> Option<SocketAddr> {
+        *self.backend.lock().unwrap()
+    }
+}
+
+/// A relay on 127.0.0.1 with `bounds`, a UDP Service at zero held to it.
+fn held_service(
+    test: &str,
+    bounds: UdpHoldBounds,
+) -> (
+    tokio::runtime::Runtime,
+    UdpHoldRelay,
+    Arc<TestWake>,
+    UdpBalanced,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let wake = Arc::new(TestWake::default());
+    let relay = rt
+        .block_on(UdpHoldRelay::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            wake.clone(),
+            bounds,
+        ))
+        .unwrap();
+    let b = UdpBalanced::new(test, Some(relay.local_addr()));
+    (rt, relay, wake, b)
+}
+
+#[test]
+fn a_dns_like_request_at_zero_is_held_wakes_the_service_and_gets_its_answer() {
+    let (_rt, relay, wake, b) = held_service("udp-dns", UdpHoldBounds::default());
+    let mut c = b.fx.client();
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    // The question goes out at zero; the client waits for its answer.
+    writeln!(c.stdin, "ask {id} {} what-is-example.test", b.svc).unwrap();
+    c.stdin.flush().unwrap();
+    assert!(
+        wait_until(|| wake.wakes.load(std::sync::atomic::Ordering::SeqCst) > 0),
+        "the held datagram asked for a wake"
+    );
+    assert_eq!(b.backends.iter().map(UdpEcho::asked).sum::<usize>(), 0);
+    // The Service wakes: a backend is ready (for the datapath and the relay alike).
+    b.set_ready(&[1], Algorithm::Random);
+    *wake.backend.lock().unwrap() = Some(b.backends[1].addr);
+    let r = c.replies.recv_timeout(REPLY_TIMEOUT).unwrap();
+    assert_eq!(
+        answer(&r),
+        (b.svc, 1),
+        "the held question got its answer, from the Service address: {r}"
+    );
+    assert!(r.contains("what-is-example.test"), "{r}");
+    let s = relay.stats();
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(
+        (
+            s.held.load(SeqCst),
+            s.forwarded.load(SeqCst),
+            s.replies.load(SeqCst)
+        ),
+        (1, 1, 1)
+    );
+    // The next question of the same socket goes straight to the backend.
+    assert_eq!(
+        answer(&c.cmd(&format!("ask {id} {} again", b.svc))),
+        (b.svc, 1)
+    );
+    assert_eq!(s.held.load(SeqCst), 1, "not through the relay");
+}
+
+#[test]
+fn udp_holds_are_bounded_per_flow_and_the_rest_are_dropped_and_counted() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let bounds = UdpHoldBounds {
+        per_flow_datagrams: 2,
+        ..UdpHoldBounds::default()
+    };
+    let (_rt, relay, wake, b) = held_service("udp-bound", bounds);
+    let mut c = b.fx.client();
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    assert_eq!(c.cmd(&format!("fire {id} {} 5", b.svc)), "ok 5");
+    let s = relay.stats();
+    assert!(
+        wait_until(|| s.held.load(SeqCst) + s.dropped.load(SeqCst) == 5),
+        "held {} dropped {}",
+        s.held.load(SeqCst),
+        s.dropped.load(SeqCst)
+    );
+    assert_eq!((s.held.load(SeqCst), s.dropped.load(SeqCst)), (2, 3));
+    *wake.backend.lock().unwrap() = Some(b.backends[0].addr);
+    // The two held ones are delivered and answered, in order.
+    for want in ["d0|0", "d1|0"] {
+        let r = c.cmd(&format!("recv {id}"));
+        assert!(r.ends_with(want), "{r}");
+        assert_eq!(answer(&r).0, b.svc);
+    }
+    assert!(wait_until(|| b.backends[0].asked() == 2));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        b.backends[0].asked(),
+        2,
+        "nothing beyond the bound was delivered"
+    );
 }
