@@ -295,13 +295,15 @@ pub struct ServiceValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
-    /// connect() calls to the service.
+    /// connect() calls to the service (TCP); new UDP flows (a socket's first
+    /// datagram or connect to the service, see [`SOCK_UDP`]).
     pub connects: u64,
     /// TCP connections established (open now = opened - closed, summed over CPUs).
     pub opened: u64,
     /// Established TCP connections closed.
     pub closed: u64,
-    /// connect() calls rewritten to the proxy (hold mode).
+    /// connect() calls rewritten to the proxy (hold mode); UDP flows sent to the hold
+    /// relay.
     pub redirected: u64,
     /// Hold-mode connects let through unchanged (dead-man switch, no proxy, not TCP).
     pub released: u64,
