@@ -18,6 +18,7 @@ mod relay;
 pub mod sniff;
 mod splice;
 pub mod table;
+pub mod udp_wake;
 mod wake;
 
 pub use backoff::Backoff;
