@@ -1942,14 +1942,9 @@ fn a_dns_like_request_at_zero_is_held_wakes_the_service_and_gets_its_answer() {
     assert!(r.contains("what-is-example.test"), "{r}");
     let s = relay.stats();
     use std::sync::atomic::Ordering::SeqCst;
-    assert_eq!(
-        (
-            s.held.load(SeqCst),
-            s.forwarded.load(SeqCst),
-            s.replies.load(SeqCst)
-        ),
-        (1, 1, 1)
-    );
+    // The reply counter moves just after the reply is sent: wait for it.
+    assert!(wait_until(|| s.replies.load(SeqCst) == 1));
+    assert_eq!((s.held.load(SeqCst), s.forwarded.load(SeqCst)), (1, 1));
     // The next question of the same socket goes straight to the backend.
     assert_eq!(
         answer(&c.cmd(&format!("ask {id} {} again", b.svc))),
@@ -1992,4 +1987,36 @@ fn udp_holds_are_bounded_per_flow_and_the_rest_are_dropped_and_counted() {
         2,
         "nothing beyond the bound was delivered"
     );
+}
+
+#[test]
+fn udp_over_native_ipv6_is_balanced_and_answers_show_the_service_address() {
+    let fx = Fixture::new("udp-v6");
+    let dp = fx.load();
+    // The "ClusterIP": a socket that never answers, so a datagram not rewritten is lost.
+    let silent = UdpSocket::bind("[::1]:0").unwrap();
+    let svc = silent.local_addr().unwrap();
+    let backends: Vec<UdpEcho> = (0..2).map(|n| UdpEcho::bind("[::1]:0", n)).collect();
+    dp.upsert_service(svc, Proto::Udp, Mode::Balance).unwrap();
+    let set: Vec<(SocketAddr, Tier)> = backends.iter().map(|b| (b.addr, Tier::Remote)).collect();
+    dp.set_balance(svc, Proto::Udp, &set, LoadBalancing::default())
+        .unwrap();
+    let mut c = fx.client();
+    let id = c.cmd("udp6");
+    let id = id.strip_prefix("ok ").unwrap();
+    let (from, first) = answer(&c.cmd(&format!("ask {id} {svc} v6a")));
+    assert_eq!(from, svc, "recvmsg6: the Service address");
+    let (from, again) = answer(&c.cmd(&format!("ask {id} {svc} v6b")));
+    assert_eq!((from, again), (svc, first), "the flow stays on its backend");
+    let r = c.cmd(&format!("udpconnect {svc}"));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(
+        w[2].parse::<SocketAddr>().unwrap(),
+        svc,
+        "getpeername6: {r}"
+    );
+    let (from, _) = answer(&c.cmd(&format!("ask {} - v6c", w[1])));
+    assert_eq!(from, svc);
+    let slot = dp.service(svc, Proto::Udp).unwrap().slot;
+    wait_counters(&dp, slot, |s| s.connects == 2);
 }
