@@ -226,6 +226,14 @@ pub struct UdpHoldRelay {
     task: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for UdpHoldRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpHoldRelay")
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
 impl Drop for UdpHoldRelay {
     fn drop(&mut self) {
         self.task.abort();
@@ -245,6 +253,22 @@ impl UdpHoldRelay {
         bounds: UdpHoldBounds,
     ) -> io::Result<Self> {
         let socket = Arc::new(UdpSocket::bind(addr).await?);
+        let local = socket.local_addr()?;
+        let stats = Arc::new(UdpHoldStats::default());
+        let task = tokio::spawn(serve(socket, wake, bounds, stats.clone()));
+        Ok(Self { local, stats, task })
+    }
+
+    /// As [`UdpHoldRelay::bind`], from synchronous code running on a tokio runtime
+    /// (the agent's Service watch binds relays as it writes the datapath rows).
+    pub fn bind_now(
+        addr: SocketAddr,
+        wake: Arc<dyn UdpWake>,
+        bounds: UdpHoldBounds,
+    ) -> io::Result<Self> {
+        let std_socket = std::net::UdpSocket::bind(addr)?;
+        std_socket.set_nonblocking(true)?;
+        let socket = Arc::new(UdpSocket::from_std(std_socket)?);
         let local = socket.local_addr()?;
         let stats = Arc::new(UdpHoldStats::default());
         let task = tokio::spawn(serve(socket, wake, bounds, stats.clone()));

@@ -25,7 +25,9 @@ pub use backoff::Backoff;
 pub use drain::{Drain, Want};
 pub use mode::{ModeFollower, ModeSink, ModeSinkError, decide_hold};
 pub use relay::{ProtocolFollower, Step as FollowStep};
-pub use table::{HoldBounds, ManagedPort, ServiceTable, TableError, service_ports};
+pub use table::{
+    HoldBounds, ManagedPort, ServiceTable, TableError, service_ports, udp_service_ports,
+};
 
 use crate::control::ControllerClient;
 use crate::endpoints::EndpointRegistry;

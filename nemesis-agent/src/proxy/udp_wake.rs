@@ -4,14 +4,68 @@
 //! refreshed, ended when a backend is ready), and its ready backends come from the same
 //! EndpointSlice registry. Owns no socket.
 
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use nemesis_common::wire::ServiceRef;
 
 use super::Proxy;
 use super::hold::{Admission, HeldGuard};
-use crate::udphold::UdpWake;
+use crate::udphold::{UdpHoldBounds, UdpHoldRelay, UdpWake};
+
+/// Binds the agent's UDP hold relays: on the proxy's address of each family (where the
+/// datapath sends held datagrams), each waking through the proxy.
+pub struct UdpRelays {
+    proxy: Proxy,
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+    bounds: UdpHoldBounds,
+}
+
+impl std::fmt::Debug for UdpRelays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpRelays")
+            .field("v4", &self.v4)
+            .field("v6", &self.v6)
+            .field("bounds", &self.bounds)
+            .finish()
+    }
+}
+
+impl UdpRelays {
+    pub fn new(proxy: Proxy, v4: Ipv4Addr, v6: Option<Ipv6Addr>, bounds: UdpHoldBounds) -> Self {
+        Self {
+            proxy,
+            v4,
+            v6,
+            bounds,
+        }
+    }
+
+    /// A relay for the UDP port `port_name` of `service` in the family of `ipv4`, or
+    /// `None` when the agent has no proxy address of that family (its datagrams are
+    /// then let through at zero, as the datapath does without a hold socket). Must run
+    /// on a tokio runtime.
+    pub fn bind(
+        &self,
+        service: &ServiceRef,
+        port_name: &str,
+        ipv4: bool,
+    ) -> std::io::Result<Option<UdpHoldRelay>> {
+        let ip: IpAddr = match (ipv4, self.v6) {
+            (true, _) => self.v4.into(),
+            (false, Some(v6)) => v6.into(),
+            (false, None) => return Ok(None),
+        };
+        let wake = Arc::new(ProxyUdpWake::new(
+            self.proxy.clone(),
+            service.clone(),
+            port_name,
+            ipv4,
+        ));
+        UdpHoldRelay::bind_now(SocketAddr::new(ip, 0), wake, self.bounds).map(Some)
+    }
+}
 
 /// One UDP Service port of one address family, as the relay asks about it.
 pub struct ProxyUdpWake {
