@@ -3,7 +3,8 @@
 //! UDP hold relay, which asks for one wake-up; once the pod is ready the relay sends it
 //! on and relays the answer, which the client's `recvfrom` sees coming from the
 //! ClusterIP. Warm, the datapath sends each datagram straight to the pod (the pod sees
-//! the client's own port, not the relay's), still answered from the ClusterIP.
+//! the client's own port, not the relay's), still answered from the ClusterIP, and so
+//! is a connected socket. Over IPv4 and over IPv6 (an IPv6-only Service).
 
 mod wake_support;
 
@@ -14,7 +15,9 @@ use anyhow::Context as _;
 use nemesis_agent::ebpf::{Mode, Proto};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use wake_support::{Options, Scenario, UDP_CLIENT, UdpPort, WakeEnv, eventually, slow_server};
+use wake_support::{
+    Families, Options, POD_PORT, Scenario, UDP_CLIENT, UdpPort, WakeEnv, eventually, slow_server,
+};
 
 const DNS_PORT: u16 = 53;
 const POD_DNS_PORT: u16 = 5353;
@@ -66,13 +69,35 @@ fn local_port(line: &Value) -> anyhow::Result<u16> {
 async fn a_dns_like_query_at_zero_is_held_wakes_once_and_is_answered_from_the_cluster_ip()
 -> anyhow::Result<()> {
     let mut pod = slow_server();
-    pod["container"]["args"]
-        .as_array_mut()
-        .context("the server's args")?
-        .extend([json!("--udp-port"), json!(POD_DNS_PORT.to_string())]);
+    pod["container"]["args"] = json!([
+        "--port",
+        POD_PORT.to_string(),
+        "--udp-port",
+        POD_DNS_PORT.to_string()
+    ]);
+    start_and_run("udp", pod, Families::V4).await
+}
+
+/// The same over IPv6: an IPv6-only Service, the relay on the agent's IPv6 proxy
+/// address, IPv6 backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_ipv6_a_query_at_zero_is_held_and_answered_from_the_ipv6_cluster_ip()
+-> anyhow::Result<()> {
+    let mut pod = slow_server();
+    // `[::]` takes IPv4 too, so the kubelet's IPv4 readiness probe still reaches it.
+    pod["container"]["args"] = json!([
+        "--listen",
+        format!("[::]:{POD_PORT}"),
+        "--udp-port",
+        POD_DNS_PORT.to_string()
+    ]);
+    start_and_run("udp6", pod, Families::V6).await
+}
+
+async fn start_and_run(name: &'static str, pod: Value, families: Families) -> anyhow::Result<()> {
     let env = WakeEnv::start_with_agent_flags(
         Scenario {
-            name: "udp",
+            name,
             pod,
             policy: json!({}),
             scale_on_wake: true,
@@ -82,6 +107,7 @@ async fn a_dns_like_query_at_zero_is_held_wakes_once_and_is_answered_from_the_cl
                 port: DNS_PORT,
                 target_port: POD_DNS_PORT,
             }),
+            families,
             ..Options::default()
         },
         &[("--direct-mode", "balance".to_string())],
@@ -114,6 +140,7 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     let cold = exchange(env, dns, &["--count", "1", "--retry-ms", "5000"]).await?;
     assert_eq!(cold.len(), 1, "{cold:?}");
     let first = &cold[0];
+    eprintln!("cold exchange: {first}");
     assert_eq!(first["ok"], json!(true), "{first}");
     assert_eq!(
         first["from"],
@@ -144,6 +171,7 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     )
     .await?;
     let warm = exchange(env, dns, &["--count", "3"]).await?;
+    eprintln!("warm exchanges: {warm:?}");
     assert_eq!(warm.len(), 3, "{warm:?}");
     for line in &warm {
         assert_eq!(line["ok"], json!(true), "{line}");
