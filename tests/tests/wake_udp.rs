@@ -16,7 +16,8 @@ use nemesis_agent::ebpf::{Mode, Proto};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use wake_support::{
-    Families, Options, POD_PORT, Scenario, UDP_CLIENT, UdpPort, WakeEnv, eventually, slow_server,
+    APP, Families, NS, Options, POD_PORT, Scenario, UDP_CLIENT, UdpPort, WakeEnv, eventually,
+    slow_server,
 };
 
 const DNS_PORT: u16 = 53;
@@ -192,5 +193,19 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     );
     assert_eq!(peer_port(&connected[0])?, local_port(&connected[0])?);
     assert_eq!(env.controller.wakes(), 1, "warm datagrams wake nothing");
+    // Counted: each UDP flow (the held one, the unconnected and the connected socket)
+    // is a connect of the Service, which keeps it warm. No TCP client ever called it.
+    eventually(
+        "the UDP flows counted as the Service's connects",
+        Duration::from_secs(30),
+        || async {
+            let connects = env.metrics().await?.sum(
+                "nemesis_agent_service_connects_total",
+                &[("namespace", NS), ("service", APP)],
+            );
+            Ok((connects >= 3.0).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
