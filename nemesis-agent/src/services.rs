@@ -1045,8 +1045,16 @@ pub async fn watch_managed_services(
             continue;
         }
         let (rows, mut problems) = desired_rows(seen.policies.values().flatten(), &seen.services);
-        // Its problems are the TCP call's (the same policies and Services).
-        let (udp_rows, _) = desired_udp_rows(seen.policies.values().flatten(), &seen.services);
+        // Its problems are the TCP call's (the same policies and Services), but for
+        // the UDP ports' own.
+        let (udp_rows, udp_problems) =
+            desired_udp_rows(seen.policies.values().flatten(), &seen.services);
+        problems.extend(udp_problems.into_iter().filter(|p| {
+            matches!(
+                p,
+                ServicesError::ServiceRows(TableError::PortOutOfRange { .. })
+            )
+        }));
         // UDP first: the first TCP apply prunes the rows of no managed port.
         problems.extend(managed.apply_udp(&udp_rows));
         problems.extend(managed.apply(&rows));
