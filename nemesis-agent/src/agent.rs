@@ -17,10 +17,12 @@ use crate::endpoints::{self, EndpointRegistry};
 use crate::handover::{self, HandoverError, Migration, WriterLock};
 use crate::holdports::HoldListeners;
 use crate::metrics::{DatapathCounters, Metrics, ProxyMetrics};
+use crate::proxy::udp_wake::UdpRelays;
 use crate::proxy::{
     self, Backoff, ModeFollower, OriginalDestinations, Proxy, ProxyConfig, ProxyError, ServiceTable,
 };
 use crate::services::{self, DatapathServices, Locality, ManagedServices};
+use crate::udphold::UdpHoldBounds;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -325,6 +327,15 @@ impl WriterParts {
                 zone: args.zone.clone().filter(|z| !z.is_empty()),
             },
         );
+        // UDP ports held at zero: relays on the proxy's addresses, woken through it.
+        if let Some(v4) = cfg.proxy_v4 {
+            dp_services.set_udp_relays(UdpRelays::new(
+                proxy.clone(),
+                *v4.ip(),
+                cfg.proxy_v6.map(|a| *a.ip()),
+                UdpHoldBounds::default(),
+            ));
+        }
         let managed = ManagedServices::new(
             table.clone(),
             dp_services.clone(),

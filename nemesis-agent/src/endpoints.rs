@@ -38,6 +38,10 @@ pub struct Place {
     pub zone: Option<String>,
 }
 
+/// UDP ports are kept beside the TCP ones under this prefix (Service port names are DNS
+/// labels, which never contain it), so a TCP lookup never meets a UDP port.
+const UDP_PORT_PREFIX: &str = "udp/";
+
 impl ServiceEndpoints {
     /// Backends for one named port, e.g. for tests: `ServiceEndpoints::default().with_port("http", addrs)`.
     pub fn with_port(
@@ -69,6 +73,15 @@ impl ServiceEndpoints {
             out.extend(self.portless.iter().map(|ip| SocketAddr::new(*ip, port)));
         }
         out
+    }
+
+    /// The ready backends for the UDP Service port named `port_name` (the UDP hold
+    /// relay's; TCP's [`ServiceEndpoints::backends`] never lists UDP ports).
+    pub fn udp_backends(&self, port_name: &str) -> Vec<SocketAddr> {
+        self.by_port
+            .get(&format!("{UDP_PORT_PREFIX}{port_name}"))
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Where a backend address runs, if its slice said.
@@ -141,13 +154,17 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> ServiceEndpoints {
         None | Some([]) => out.portless.extend(ready_ips),
         Some(ports) => {
             for port in ports {
-                if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                let Some(prefix) = (match port.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => Some(""),
+                    "UDP" => Some(UDP_PORT_PREFIX),
+                    _ => None,
+                }) else {
                     continue;
-                }
+                };
                 let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()) else {
                     continue;
                 };
-                let name = port.name.clone().unwrap_or_default();
+                let name = format!("{prefix}{}", port.name.as_deref().unwrap_or_default());
                 out.by_port
                     .entry(name)
                     .or_default()
@@ -484,6 +501,25 @@ mod tests {
             vec!["198.18.0.5:9090".parse().unwrap()]
         );
         assert!(eps.backends("metrics", None).is_empty());
+    }
+
+    #[test]
+    fn udp_ports_are_kept_apart_from_tcp_ports_of_the_same_name() {
+        let mut s = slice(
+            "dns-1",
+            "dns",
+            &[("dns", 53), ("dns-tcp", 53)],
+            &[("198.18.0.5", Some(true))],
+        );
+        s.ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
+        let eps = slice_endpoints(&s);
+        assert_eq!(
+            eps.udp_backends("dns"),
+            vec!["198.18.0.5:53".parse().unwrap()]
+        );
+        assert!(eps.backends("dns", None).is_empty(), "not a TCP port");
+        assert!(eps.udp_backends("dns-tcp").is_empty(), "not a UDP port");
+        assert_eq!(eps.backends("dns-tcp", None).len(), 1);
     }
 
     #[test]

@@ -16,3 +16,4 @@ pub mod node;
 pub mod permissions;
 pub mod proxy;
 pub mod services;
+pub mod udphold;

@@ -8,10 +8,12 @@ use crate::config::DirectMode;
 use crate::ebpf::{Datapath, DatapathError, LoadBalancing, Mode, Proto, Tier};
 use crate::endpoints::{EndpointRegistry, Place};
 use crate::metrics::{DatapathCounters, ProxyMetrics, ServiceCounters};
+use crate::proxy::udp_wake::UdpRelays;
 use crate::proxy::{
     HoldBounds, ManagedPort, ModeSink, ModeSinkError, ServiceTable, TableError, decide_hold,
-    service_ports,
+    service_ports, udp_service_ports,
 };
+use crate::udphold::UdpHoldRelay;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{ApiResource, DynamicObject};
@@ -23,7 +25,7 @@ use nemesis_common::wire::{AppliedMode, Directive, ServiceLoads, ServiceRef};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// Open connections per balance-mode backend of one Service.
@@ -251,6 +253,25 @@ pub fn desired_rows<'a>(
     targets: impl IntoIterator<Item = &'a PolicyTarget>,
     services: &BTreeMap<ServiceRef, Service>,
 ) -> (Rows, Vec<ServicesError>) {
+    desired_rows_of(targets, services, service_ports)
+}
+
+/// The UDP rows of every Service some policy targets and that exists, as
+/// [`desired_rows`] gives the TCP ones (with the same problems).
+pub fn desired_udp_rows<'a>(
+    targets: impl IntoIterator<Item = &'a PolicyTarget>,
+    services: &BTreeMap<ServiceRef, Service>,
+) -> (Rows, Vec<ServicesError>) {
+    desired_rows_of(targets, services, udp_service_ports)
+}
+
+type PortsOf = fn(&Service, HoldBounds) -> Result<Vec<(SocketAddr, ManagedPort)>, TableError>;
+
+fn desired_rows_of<'a>(
+    targets: impl IntoIterator<Item = &'a PolicyTarget>,
+    services: &BTreeMap<ServiceRef, Service>,
+    ports_of: PortsOf,
+) -> (Rows, Vec<ServicesError>) {
     let mut by_service: BTreeMap<&ServiceRef, &PolicyTarget> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut targets: Vec<&PolicyTarget> = targets.into_iter().collect();
@@ -271,7 +292,7 @@ pub fn desired_rows<'a>(
         let Some(svc) = services.get(service) else {
             continue;
         };
-        match service_ports(svc, target.bounds) {
+        match ports_of(svc, target.bounds) {
             Ok(r) if r.is_empty() => {}
             Ok(mut r) => {
                 for (_, port) in &mut r {
@@ -294,8 +315,23 @@ pub struct DatapathServices {
     datapath: Weak<Datapath>,
     endpoints: Arc<EndpointRegistry>,
     state: Mutex<HashMap<ServiceRef, DatapathRows>>,
+    /// The UDP rows of each Service (apart: a ClusterIP may have TCP and UDP 53). Locked
+    /// after `state` when both are.
+    udp: Mutex<HashMap<ServiceRef, BTreeMap<SocketAddr, UdpRow>>>,
+    /// Binds the hold relays of UDP rows; until set, UDP rows are held without one
+    /// (their datagrams go on unchanged at zero).
+    relays: OnceLock<UdpRelays>,
     direct: DirectMode,
     locality: Locality,
+}
+
+/// One UDP Service port of one ClusterIP.
+#[derive(Debug)]
+struct UdpRow {
+    port_name: String,
+    balancing: LoadBalancing,
+    /// Where its datagrams are held at zero (in UDP_HOLD while it lives).
+    _relay: Option<UdpHoldRelay>,
 }
 
 /// This agent's node and zone, against which balance mode tiers the backends.
@@ -361,6 +397,8 @@ impl DatapathServices {
             datapath: Arc::downgrade(datapath),
             endpoints,
             state: Mutex::new(HashMap::new()),
+            udp: Mutex::new(HashMap::new()),
+            relays: OnceLock::new(),
             direct,
             locality,
         })
@@ -383,11 +421,150 @@ impl DatapathServices {
             Ok(dp) => dp,
             Err(e) => return vec![e],
         };
-        let state = self.state.lock().expect("datapath services lock");
-        state
-            .iter()
-            .filter_map(|(svc, rows)| self.write_backends(&dp, svc, rows).err())
-            .collect()
+        let mut errors: Vec<ServicesError> = {
+            let state = self.state.lock().expect("datapath services lock");
+            state
+                .iter()
+                .filter_map(|(svc, rows)| self.write_backends(&dp, svc, rows).err())
+                .collect()
+        };
+        let udp = self.udp.lock().expect("datapath services lock");
+        errors.extend(
+            udp.iter()
+                .filter_map(|(svc, rows)| self.write_udp_backends(&dp, svc, rows).err()),
+        );
+        errors
+    }
+
+    /// The hold relays of UDP rows are bound by `relays` from now on (rows set before
+    /// keep going without one).
+    pub fn set_udp_relays(&self, relays: UdpRelays) {
+        let _ = self.relays.set(relays);
+    }
+
+    /// Balance mode: the ready backends of each UDP row, where its datagrams go.
+    fn write_udp_backends(
+        &self,
+        dp: &Datapath,
+        service: &ServiceRef,
+        rows: &BTreeMap<SocketAddr, UdpRow>,
+    ) -> Result<(), ServicesError> {
+        if self.direct != DirectMode::Balance {
+            return Ok(());
+        }
+        let eps = self.endpoints.current(service);
+        let max = nemesis_common::maps::MAX_BACKENDS as usize;
+        for (addr, row) in rows {
+            let tiered: Vec<(SocketAddr, Tier)> = eps
+                .udp_backends(&row.port_name)
+                .into_iter()
+                .filter(|b| b.is_ipv4() == addr.is_ipv4())
+                .take(max)
+                .map(|b| (b, self.locality.tier(eps.place(&b.ip()))))
+                .collect();
+            dp.set_balance(*addr, Proto::Udp, &tiered, row.balancing)
+                .map_err(|source| ServicesError::UpdateDatapath {
+                    service: service.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Make `rows_in` the UDP rows of `service`, as [`DatapathServices::set_rows`] does
+    /// the TCP ones; a new row gets its hold relay (in UDP_HOLD) before its mode.
+    pub fn set_udp_rows(
+        &self,
+        service: &ServiceRef,
+        rows_in: &[(SocketAddr, ManagedPort)],
+    ) -> Result<(), ServicesError> {
+        let dp = self.datapath()?;
+        let hold = {
+            let state = self.state.lock().expect("datapath services lock");
+            state.get(service).and_then(|r| r.hold)
+        }
+        .unwrap_or_else(|| {
+            decide_hold(
+                !self.endpoints.current(service).is_empty(),
+                Directive::Follow,
+            )
+        });
+        let update = |source| ServicesError::UpdateDatapath {
+            service: service.clone(),
+            source: Box::new(source),
+        };
+        let mode = self.mode_of(hold);
+        let mut udp = self.udp.lock().expect("datapath services lock");
+        let rows = udp.entry(service.clone()).or_default();
+        let wanted: BTreeMap<SocketAddr, &ManagedPort> =
+            rows_in.iter().map(|(a, p)| (*a, p)).collect();
+        let gone: Vec<SocketAddr> = rows
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            dp.remove_service(addr, Proto::Udp).map_err(update)?;
+            rows.remove(&addr);
+        }
+        for (addr, port) in wanted {
+            if let Some(row) = rows.get_mut(&addr) {
+                row.balancing = port.balancing;
+                if row.port_name == port.port_name {
+                    continue;
+                }
+            }
+            let relay = match self.relays.get() {
+                None => None,
+                Some(r) => match r.bind(service, &port.port_name, addr.is_ipv4()) {
+                    Ok(relay) => relay,
+                    Err(error) => {
+                        tracing::warn!(service = %service, %addr, %error, "binding the UDP hold relay failed; this port's datagrams go on unheld at zero");
+                        None
+                    }
+                },
+            };
+            let relay_port = relay.as_ref().map(|r| r.local_addr().port());
+            let (v4, v6) = if addr.is_ipv4() {
+                (relay_port, None)
+            } else {
+                (None, relay_port)
+            };
+            dp.set_udp_hold(addr, v4, v6).map_err(update)?;
+            dp.upsert_service(addr, Proto::Udp, mode).map_err(update)?;
+            rows.insert(
+                addr,
+                UdpRow {
+                    port_name: port.port_name.clone(),
+                    balancing: port.balancing,
+                    _relay: relay,
+                },
+            );
+        }
+        let result = self.write_udp_backends(&dp, service, rows);
+        if rows.is_empty() {
+            udp.remove(service);
+        }
+        result
+    }
+
+    /// Forget the UDP rows of a Service no longer managed (their relays close).
+    fn remove_udp(&self, dp: &Datapath, service: &ServiceRef) -> Result<(), ServicesError> {
+        let mut udp = self.udp.lock().expect("datapath services lock");
+        if let Some(rows) = udp.get_mut(service) {
+            let addrs: Vec<SocketAddr> = rows.keys().copied().collect();
+            for addr in addrs {
+                dp.remove_service(addr, Proto::Udp).map_err(|source| {
+                    ServicesError::UpdateDatapath {
+                        service: service.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+                rows.remove(&addr);
+            }
+            udp.remove(service);
+        }
+        Ok(())
     }
 
     /// The ready backends of each of `rows` into the datapath: always as server-side
@@ -533,6 +710,7 @@ impl DatapathServices {
     /// Forget a Service that is no longer managed: its connects go untouched.
     pub fn remove(&self, service: &ServiceRef) -> Result<(), ServicesError> {
         let dp = self.datapath()?;
+        self.remove_udp(&dp, service)?;
         let mut state = self.state.lock().expect("datapath services lock");
         if let Some(rows) = state.remove(service) {
             for addr in rows.addrs {
@@ -552,13 +730,20 @@ impl DatapathServices {
     pub fn prune_unmanaged(&self) -> Result<usize, ServicesError> {
         let dp = self.datapath()?;
         let state = self.state.lock().expect("datapath services lock");
-        let managed: BTreeSet<SocketAddr> = state
+        let mut managed: std::collections::HashSet<(SocketAddr, Proto)> = state
             .values()
-            .flat_map(|r| r.addrs.iter().copied())
+            .flat_map(|r| r.addrs.iter().map(|a| (*a, Proto::Tcp)))
             .collect();
+        managed.extend(
+            self.udp
+                .lock()
+                .expect("datapath services lock")
+                .values()
+                .flat_map(|r| r.keys().map(|a| (*a, Proto::Udp))),
+        );
         let mut removed = 0;
         for entry in dp.services() {
-            if !managed.contains(&entry.addr) {
+            if !managed.contains(&(entry.addr, entry.proto)) {
                 dp.remove_service(entry.addr, entry.proto)
                     .map_err(|source| ServicesError::PruneDatapath {
                         addr: entry.addr,
@@ -573,18 +758,29 @@ impl DatapathServices {
     /// The eBPF counters of every managed Service, summed over its rows.
     pub fn counters(&self) -> Result<Vec<(ServiceRef, ServiceCounters)>, ServicesError> {
         let dp = self.datapath()?;
-        let by_addr: HashMap<SocketAddr, crate::ebpf::ServiceCounters> = dp
+        let by_addr: HashMap<(SocketAddr, Proto), crate::ebpf::ServiceCounters> = dp
             .all_stats()
             .map_err(|e| ServicesError::ReadCounters(Box::new(e)))?
             .into_iter()
-            .map(|(e, c)| (e.addr, c))
+            .map(|(e, c)| ((e.addr, e.proto), c))
             .collect();
         let state = self.state.lock().expect("datapath services lock");
-        Ok(state
-            .iter()
-            .map(|(svc, rows)| {
+        let udp = self.udp.lock().expect("datapath services lock");
+        let services: BTreeSet<&ServiceRef> = state.keys().chain(udp.keys()).collect();
+        Ok(services
+            .into_iter()
+            .map(|svc| {
+                let tcp = state
+                    .get(svc)
+                    .into_iter()
+                    .flat_map(|r| r.addrs.iter().map(|a| (*a, Proto::Tcp)));
+                // A UDP flow's first datagram counts as a connect.
+                let udp_rows = udp
+                    .get(svc)
+                    .into_iter()
+                    .flat_map(|r| r.keys().map(|a| (*a, Proto::Udp)));
                 let mut sum = ServiceCounters::default();
-                for c in rows.addrs.iter().filter_map(|a| by_addr.get(a)) {
+                for c in tcp.chain(udp_rows).filter_map(|k| by_addr.get(&k)) {
                     sum.connects_total += c.connects;
                     sum.open_connections += c.open_now;
                     sum.closed_total += c.closed;
@@ -612,6 +808,17 @@ impl ModeSink for DatapathServices {
             dp.set_mode(*addr, Proto::Tcp, mode)
                 .map_err(|e| ModeSinkError(Box::new(e)))?;
         }
+        let udp = self.udp.lock().expect("datapath services lock");
+        if let Some(udp_rows) = udp.get(service) {
+            if !hold {
+                self.write_udp_backends(&dp, service, udp_rows)
+                    .map_err(|e| ModeSinkError(Box::new(e)))?;
+            }
+            for addr in udp_rows.keys() {
+                dp.set_mode(*addr, Proto::Udp, mode)
+                    .map_err(|e| ModeSinkError(Box::new(e)))?;
+            }
+        }
         rows.hold = Some(hold);
         Ok(match mode {
             Mode::Hold => AppliedMode::Hold,
@@ -631,6 +838,7 @@ pub struct ManagedServices {
     proxy_metrics: ProxyMetrics,
     counters: Arc<DatapathCounters>,
     applied: Mutex<Option<Rows>>,
+    applied_udp: Mutex<Rows>,
 }
 
 impl ManagedServices {
@@ -646,6 +854,7 @@ impl ManagedServices {
             proxy_metrics,
             counters,
             applied: Mutex::new(None),
+            applied_udp: Mutex::new(Rows::new()),
         })
     }
 
@@ -696,6 +905,43 @@ impl ManagedServices {
             }
         }
         *applied = Some(now);
+        problems
+    }
+
+    /// Bring the UDP rows to `desired`, changing only what changed. Call it before
+    /// [`ManagedServices::apply`] of the TCP rows: the first of those prunes the
+    /// datapath rows (TCP and UDP) of no managed port.
+    pub fn apply_udp(&self, desired: &Rows) -> Vec<ServicesError> {
+        let mut applied = self.applied_udp.lock().expect("managed services lock");
+        let mut problems = Vec::new();
+        let gone: Vec<ServiceRef> = applied
+            .keys()
+            .filter(|s| !desired.contains_key(*s))
+            .cloned()
+            .collect();
+        for service in gone {
+            match self.datapath.set_udp_rows(&service, &[]) {
+                Ok(()) => {
+                    self.table.upsert_udp_service(&service, Vec::new());
+                    applied.remove(&service);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        for (service, rows) in desired {
+            if applied.get(service) == Some(rows) {
+                continue;
+            }
+            match self.datapath.set_udp_rows(service, rows) {
+                Ok(()) => {
+                    self.table
+                        .upsert_udp_service(service, rows.iter().map(|(a, _)| *a).collect());
+                    tracing::info!(service = %service, rows = rows.len(), "UDP ports of the Service managed");
+                    applied.insert(service.clone(), rows.clone());
+                }
+                Err(e) => problems.push(e),
+            }
+        }
         problems
     }
 
@@ -833,6 +1079,18 @@ pub async fn watch_managed_services(
             continue;
         }
         let (rows, mut problems) = desired_rows(seen.policies.values().flatten(), &seen.services);
+        // Its problems are the TCP call's (the same policies and Services), but for
+        // the UDP ports' own.
+        let (udp_rows, udp_problems) =
+            desired_udp_rows(seen.policies.values().flatten(), &seen.services);
+        problems.extend(udp_problems.into_iter().filter(|p| {
+            matches!(
+                p,
+                ServicesError::ServiceRows(TableError::PortOutOfRange { .. })
+            )
+        }));
+        // UDP first: the first TCP apply prunes the rows of no managed port.
+        problems.extend(managed.apply_udp(&udp_rows));
         problems.extend(managed.apply(&rows));
         for err in problems {
             tracing::warn!(error = %error_chain(&err), "managing Services");
@@ -1125,6 +1383,41 @@ mod tests {
             error_chain(&err),
             "reading the datapath counters: the services table is full (3 services)"
         );
+    }
+
+    #[test]
+    fn udp_ports_are_rows_of_their_own_beside_tcp_ports_of_the_same_number() {
+        let t = policy_target(&policy(
+            "kube-system",
+            "dns",
+            json!({"target": {"deployment": "dns", "service": "dns"}}),
+        ))
+        .unwrap()
+        .unwrap();
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "dns", "namespace": "kube-system"},
+            "spec": {"clusterIP": "127.96.0.10", "clusterIPs": ["127.96.0.10"],
+                     "ports": [{"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                               {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}
+        }))
+        .unwrap();
+        let svc_ref = ServiceRef {
+            namespace: "kube-system".into(),
+            name: "dns".into(),
+        };
+        let services: BTreeMap<_, _> = [(svc_ref.clone(), svc)].into_iter().collect();
+        let (tcp, problems) = desired_rows([&t], &services);
+        assert!(problems.is_empty(), "{problems:?}");
+        let (udp, problems) = desired_udp_rows([&t], &services);
+        assert!(problems.is_empty(), "{problems:?}");
+        let addr: SocketAddr = "127.96.0.10:53".parse().unwrap();
+        assert_eq!(tcp[&svc_ref].len(), 1);
+        assert_eq!(tcp[&svc_ref][0].0, addr);
+        assert_eq!(tcp[&svc_ref][0].1.port_name, "dns-tcp");
+        assert_eq!(udp[&svc_ref].len(), 1);
+        assert_eq!(udp[&svc_ref][0].0, addr);
+        assert_eq!(udp[&svc_ref][0].1.port_name, "dns");
+        assert_eq!(udp[&svc_ref][0].1.target_port, Some(5353));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     process::{Child, ChildStdin, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -26,7 +26,8 @@ use nemesis_agent::ebpf::{
     pins::ScratchBpffs,
     prereq,
 };
-use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY, PINNED_MAPS};
+use nemesis_agent::udphold::{UdpHoldBounds, UdpHoldRelay, UdpWake};
+use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY, PINNED_MAPS, UDP_PINNED_MAPS};
 
 const CLIENT_ENV: &str = "NEMESIS_TEST_CLIENT_CGROUP";
 const REPLY: &str = "NEMESIS> ";
@@ -99,6 +100,7 @@ fn child_client_entry() {
     };
     move_process(Path::new(&cgroup), std::process::id()).expect("joining the test cgroup");
     let mut open: Vec<Option<TcpStream>> = vec![];
+    let mut udp: Vec<UdpSocket> = vec![];
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
@@ -163,11 +165,95 @@ fn child_client_entry() {
                 }
                 Err(e) => format!("err {e}"),
             },
+            // UDP: `udp4`/`udp6` make an unconnected socket, `udpconnect` a connected
+            // one; `ask` sends one datagram and waits for one back.
+            ["udp4"] | ["udp6"] => {
+                let bind = if words[0] == "udp4" {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let s = UdpSocket::bind(bind).unwrap();
+                udp.push(s);
+                format!("ok {}", udp.len() - 1)
+            }
+            ["udpconnect", addr] => {
+                let addr: SocketAddr = addr.parse().unwrap();
+                let bind = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let s = UdpSocket::bind(bind).unwrap();
+                match s.connect(addr) {
+                    Ok(()) => {
+                        let r = format!("ok {} {}", udp.len(), s.peer_addr().unwrap());
+                        udp.push(s);
+                        r
+                    }
+                    Err(e) => format!("err {e}"),
+                }
+            }
+            ["ask", id, to, payload] => {
+                let s = &udp[id.parse::<usize>().unwrap()];
+                ask(s, to, payload)
+            }
+            // `n` fresh unconnected sockets, one question each: the answers' backends.
+            ["spread", to, n] => {
+                let mut got = vec![];
+                for i in 0..n.parse::<usize>().unwrap() {
+                    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    let r = ask(&s, to, &format!("q{i}"));
+                    let w: Vec<&str> = r.split_whitespace().collect();
+                    if w.first() != Some(&"ok") || w[1] != *to {
+                        got.push(format!("bad:{}", r.replace(' ', "_")));
+                    } else {
+                        got.push(w[2].rsplit('|').next().unwrap().to_string());
+                    }
+                }
+                format!("ok {}", got.join(" "))
+            }
+            // Sends `n` datagrams `d0`.. without waiting for answers.
+            ["fire", id, to, n] => {
+                let s = &udp[id.parse::<usize>().unwrap()];
+                let sent = (0..n.parse::<usize>().unwrap())
+                    .filter(|i| s.send_to(format!("d{i}").as_bytes(), to).is_ok())
+                    .count();
+                format!("ok {sent}")
+            }
+            // Receives one datagram: `ok <from> <payload>`.
+            ["recv", id] => {
+                let s = &udp[id.parse::<usize>().unwrap()];
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = [0u8; 1500];
+                match s.recv_from(&mut buf) {
+                    Ok((n, from)) => format!("ok {from} {}", String::from_utf8_lossy(&buf[..n])),
+                    Err(e) => format!("err recv {e}"),
+                }
+            }
             ["exit"] => return,
             _ => format!("err unknown command {line:?}"),
         };
         writeln!(out, "{REPLY}{reply}").unwrap();
         out.flush().unwrap();
+    }
+}
+
+/// One datagram to `to` (`-`: the connected peer), one back: `ok <from> <payload>`.
+fn ask(s: &UdpSocket, to: &str, payload: &str) -> String {
+    let sent = if to == "-" {
+        s.send(payload.as_bytes())
+    } else {
+        s.send_to(payload.as_bytes(), to)
+    };
+    if let Err(e) = sent {
+        return format!("err send {e}");
+    }
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1500];
+    match s.recv_from(&mut buf) {
+        Ok((n, from)) => format!("ok {from} {}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) => format!("err recv {e}"),
     }
 }
 
@@ -550,11 +636,9 @@ fn hold_mode_redirects_to_the_proxy_which_recovers_the_original_destination() {
         "the programs' aya-log records reach tracing: {:?}",
         logs.lock().unwrap()
     );
-    // Only TCP can be held.
-    assert!(matches!(
-        dp.upsert_service(svc4.addr, Proto::Udp, Mode::Hold),
-        Err(DatapathError::HoldNeedsTcp { .. })
-    ));
+    // UDP is held too (its datagrams go to UDP_HOLD's socket: see the UDP tests).
+    dp.upsert_service(svc4.addr, Proto::Udp, Mode::Hold)
+        .expect("a UDP Service can be held");
 }
 
 #[test]
@@ -669,17 +753,21 @@ fn cleanup_leaves_nothing_attached_or_pinned() {
         .unwrap();
     let pin_dir = dp.pin_dir().to_path_buf();
     let links = dp.link_ids().to_vec();
-    // connect4, connect6, sock_ops, getpeername4, getpeername6.
-    assert_eq!(attached_programs(fx.cgroup()), 5);
-    assert!(pin_dir.join("links").read_dir().unwrap().count() == 5);
+    // connect4, connect6, sock_ops, getpeername4, getpeername6, and UDP's
+    // connect4_udp, connect6_udp, sendmsg4, sendmsg6, recvmsg4, recvmsg6.
+    assert_eq!(attached_programs(fx.cgroup()), 11);
+    assert!(pin_dir.join("links").read_dir().unwrap().count() == 11);
     let mut c = fx.client();
     assert_eq!(c.burst(srv.addr, 1), 1);
     wait_counters(&dp, slot, |s| s.connects == 1);
     drop(dp);
 
     let report = Datapath::cleanup(&fx.cfg).unwrap();
-    assert_eq!(report.links_removed.len(), 5);
-    assert_eq!(report.maps_removed.len(), PINNED_MAPS.len());
+    assert_eq!(report.links_removed.len(), 11);
+    assert_eq!(
+        report.maps_removed.len(),
+        PINNED_MAPS.len() + UDP_PINNED_MAPS.len()
+    );
     assert!(report.dir_removed);
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     assert_eq!(
@@ -1072,14 +1160,9 @@ fn closing_balanced_connections_brings_the_backend_counts_down() {
 }
 
 #[test]
-fn balance_refuses_udp_and_too_many_backends_with_clear_errors() {
+fn balance_refuses_too_many_backends_with_clear_errors() {
     let fx = Fixture::new("bal-refuse");
     let dp = fx.load();
-    let udp: SocketAddr = format!("{}:53", cluster_ip(3)).parse().unwrap();
-    let e = dp
-        .upsert_service(udp, Proto::Udp, Mode::Balance)
-        .unwrap_err();
-    assert!(matches!(e, DatapathError::BalanceNeedsTcp { .. }), "{e}");
     let svc: SocketAddr = format!("{}:80", cluster_ip(4)).parse().unwrap();
     dp.upsert_service(svc, Proto::Tcp, Mode::Balance).unwrap();
     let many: Vec<SocketAddr> = (0..1025u16)
@@ -1819,4 +1902,380 @@ fn other_nodes_load_steers_new_connects_away_and_back() {
     }
     b.wait_counts(&[5, 5, 5]);
     drop(first);
+}
+
+// === UDP: connected and unconnected sockets, recvmsg, hold at zero ===
+
+/// A UDP echo server standing in for a backend pod: answers each datagram with
+/// `<payload>|<tag>` and records who asked.
+struct UdpEcho {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl UdpEcho {
+    fn bind(addr: &str, tag: usize) -> UdpEcho {
+        let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let addr = s.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(vec![]));
+        let p = peers.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                p.lock().unwrap().push(from);
+                let mut reply = buf[..n].to_vec();
+                reply.extend_from_slice(format!("|{tag}").as_bytes());
+                let _ = s.send_to(&reply, from);
+            }
+        });
+        UdpEcho { addr, peers }
+    }
+
+    fn asked(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+}
+
+/// A UDP Service in balance mode over three echo backends, and the datapath.
+struct UdpBalanced {
+    fx: Fixture,
+    dp: Datapath,
+    svc: SocketAddr,
+    backends: Vec<UdpEcho>,
+}
+
+impl UdpBalanced {
+    fn new(test: &str, hold: Option<SocketAddr>) -> UdpBalanced {
+        let mut fx = Fixture::new(test);
+        if let Some(h) = hold {
+            fx.cfg.proxy_v4 = match h {
+                // The TCP proxy's port does not matter here: UDP holds go to UDP_HOLD's.
+                SocketAddr::V4(a) => Some(a),
+                _ => None,
+            };
+        }
+        let dp = fx.load();
+        // Nothing listens on the ClusterIP: a datagram that is not rewritten is lost.
+        let svc: SocketAddr = format!("{}:5353", cluster_ip(7)).parse().unwrap();
+        let backends: Vec<UdpEcho> = (1..=3)
+            .map(|n| UdpEcho::bind(&format!("{}:0", pod_ip(n)), n as usize - 1))
+            .collect();
+        dp.upsert_service(svc, Proto::Udp, Mode::Balance).unwrap();
+        if let Some(h) = hold {
+            dp.set_udp_hold(svc, Some(h.port()), None).unwrap();
+        }
+        UdpBalanced {
+            fx,
+            dp,
+            svc,
+            backends,
+        }
+    }
+
+    fn set_ready(&self, which: &[usize], algorithm: Algorithm) {
+        let addrs: Vec<(SocketAddr, Tier)> = which
+            .iter()
+            .map(|i| (self.backends[*i].addr, Tier::Remote))
+            .collect();
+        let balancing = LoadBalancing {
+            algorithm,
+            ..LoadBalancing::default()
+        };
+        self.dp
+            .set_balance(self.svc, Proto::Udp, &addrs, balancing)
+            .unwrap();
+    }
+
+    fn slot(&self) -> u32 {
+        self.dp.service(self.svc, Proto::Udp).unwrap().slot
+    }
+}
+
+/// `ok <from> <payload>|<backend>` -> (from, backend).
+fn answer(r: &str) -> (SocketAddr, usize) {
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(w.first(), Some(&"ok"), "no answer: {r}");
+    let backend = w[2].rsplit('|').next().unwrap().parse().unwrap();
+    (w[1].parse().unwrap(), backend)
+}
+
+#[test]
+fn udp_datagrams_are_balanced_and_answers_show_the_service_address() {
+    let b = UdpBalanced::new("udp-bal", None);
+    b.set_ready(&[0, 1, 2], Algorithm::Random);
+    let mut c = b.fx.client();
+
+    // An unconnected socket: every datagram goes to the Service address, one backend
+    // answers them all (the flow sticks), and recvfrom shows the ClusterIP and port.
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    let mut seen = vec![];
+    for i in 0..8 {
+        let (from, backend) = answer(&c.cmd(&format!("ask {id} {} u{i}", b.svc)));
+        assert_eq!(from, b.svc, "recvfrom: the Service address");
+        seen.push(backend);
+    }
+    assert!(
+        seen.iter().all(|x| *x == seen[0]),
+        "one flow, one backend: {seen:?}"
+    );
+
+    // A connected socket: getpeername and recvfrom both show the Service.
+    let r = c.cmd(&format!("udpconnect {}", b.svc));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(w[0], "ok", "{r}");
+    assert_eq!(
+        w[2].parse::<SocketAddr>().unwrap(),
+        b.svc,
+        "getpeername: the Service"
+    );
+    for i in 0..3 {
+        let (from, _) = answer(&c.cmd(&format!("ask {} - c{i}", w[1])));
+        assert_eq!(from, b.svc, "recvfrom on a connected socket");
+    }
+
+    // An IPv6 socket to the v4-mapped ClusterIP (sendmsg6 / recvmsg6).
+    let mapped = SocketAddr::new(
+        match b.svc.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().into(),
+            ip => ip,
+        },
+        b.svc.port(),
+    );
+    let id6 = c.cmd("udp6");
+    let id6 = id6.strip_prefix("ok ").unwrap();
+    let (from, _) = answer(&c.cmd(&format!("ask {id6} {mapped} m")));
+    assert_eq!(
+        from, mapped,
+        "recvfrom on an IPv6 socket: the address dialled"
+    );
+
+    // Flows, not datagrams, are counted: three sockets so far.
+    wait_counters(&b.dp, b.slot(), |s| s.connects == 3);
+
+    // Random spreads new flows over every backend (90 flows: each backend's share
+    // is 30 on average; below 10 is over four standard deviations away).
+    let r = c.cmd(&format!("spread {} 90", b.svc));
+    let got: Vec<&str> = r.strip_prefix("ok ").unwrap().split_whitespace().collect();
+    assert!(got.iter().all(|g| !g.starts_with("bad")), "{r}");
+    let per: Vec<usize> = (0..3)
+        .map(|i| got.iter().filter(|g| **g == i.to_string()).count())
+        .collect();
+    assert_eq!(per.iter().sum::<usize>(), 90);
+    assert!(
+        per.iter().all(|n| *n >= 10),
+        "spread over the backends: {per:?}"
+    );
+    wait_counters(&b.dp, b.slot(), |s| s.connects == 93);
+    // The backends saw the clients' own addresses (no proxy in between).
+    assert_eq!(
+        b.backends.iter().map(UdpEcho::asked).sum::<usize>(),
+        8 + 3 + 1 + 90
+    );
+}
+
+#[test]
+fn udp_flows_follow_the_backend_set() {
+    let b = UdpBalanced::new("udp-set", None);
+    b.set_ready(&[1], Algorithm::Random);
+    let mut c = b.fx.client();
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    assert_eq!(answer(&c.cmd(&format!("ask {id} {} a", b.svc))).1, 1);
+    // Its backend leaves the set: the same socket's next datagram goes to another.
+    b.set_ready(&[2], Algorithm::Random);
+    let (from, backend) = answer(&c.cmd(&format!("ask {id} {} b", b.svc)));
+    assert_eq!((from, backend), (b.svc, 2));
+    // Still one flow.
+    wait_counters(&b.dp, b.slot(), |s| s.connects == 1);
+}
+
+#[test]
+fn udp_at_zero_goes_to_the_hold_socket_and_its_answer_shows_the_service() {
+    let hold = UdpSocket::bind("127.0.0.1:0").unwrap();
+    hold.set_read_timeout(Some(WAIT)).unwrap();
+    let b = UdpBalanced::new("udp-zero", Some(hold.local_addr().unwrap()));
+    let mut c = b.fx.client();
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    // The client waits for its answer while the "agent" (this test) holds the question.
+    writeln!(c.stdin, "ask {id} {} query", b.svc).unwrap();
+    c.stdin.flush().unwrap();
+    let mut buf = [0u8; 64];
+    let (n, client) = hold.recv_from(&mut buf).expect("the held datagram");
+    assert_eq!(&buf[..n], b"query");
+    hold.send_to(b"answer|9", client).unwrap();
+    let r = c.replies.recv_timeout(REPLY_TIMEOUT).unwrap();
+    assert_eq!(
+        answer(&r),
+        (b.svc, 9),
+        "the hold's answer shows the Service: {r}"
+    );
+    let st = b.dp.stats(b.slot()).unwrap();
+    assert_eq!((st.connects, st.redirected), (1, 1));
+
+    // A connected socket at zero: connected to the hold socket, and shown the Service.
+    let r = c.cmd(&format!("udpconnect {}", b.svc));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(
+        w[2].parse::<SocketAddr>().unwrap(),
+        b.svc,
+        "getpeername: {r}"
+    );
+
+    // A backend becomes ready: the same socket's next datagram goes there.
+    b.set_ready(&[0], Algorithm::Random);
+    assert_eq!(
+        answer(&c.cmd(&format!("ask {id} {} again", b.svc))),
+        (b.svc, 0)
+    );
+    let st = b.dp.stats(b.slot()).unwrap();
+    assert_eq!((st.connects, st.redirected), (2, 2));
+}
+
+// === the agent's UDP hold relay at zero ===
+
+/// The wake path as the relay sees it: counts wakes; the test decides when a backend
+/// is ready.
+#[derive(Default)]
+struct TestWake {
+    wakes: std::sync::atomic::AtomicUsize,
+    backend: Mutex<Option<SocketAddr>>,
+}
+
+impl UdpWake for TestWake {
+    fn wake(&self) {
+        self.wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn backend(&self) -> Option<SocketAddr> {
+        *self.backend.lock().unwrap()
+    }
+}
+
+/// A relay on 127.0.0.1 with `bounds`, a UDP Service at zero held to it.
+fn held_service(
+    test: &str,
+    bounds: UdpHoldBounds,
+) -> (
+    tokio::runtime::Runtime,
+    UdpHoldRelay,
+    Arc<TestWake>,
+    UdpBalanced,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let wake = Arc::new(TestWake::default());
+    let relay = rt
+        .block_on(UdpHoldRelay::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            wake.clone(),
+            bounds,
+        ))
+        .unwrap();
+    let b = UdpBalanced::new(test, Some(relay.local_addr()));
+    (rt, relay, wake, b)
+}
+
+#[test]
+fn a_dns_like_request_at_zero_is_held_wakes_the_service_and_gets_its_answer() {
+    let (_rt, relay, wake, b) = held_service("udp-dns", UdpHoldBounds::default());
+    let mut c = b.fx.client();
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    // The question goes out at zero; the client waits for its answer.
+    writeln!(c.stdin, "ask {id} {} what-is-example.test", b.svc).unwrap();
+    c.stdin.flush().unwrap();
+    assert!(
+        wait_until(|| wake.wakes.load(std::sync::atomic::Ordering::SeqCst) > 0),
+        "the held datagram asked for a wake"
+    );
+    assert_eq!(b.backends.iter().map(UdpEcho::asked).sum::<usize>(), 0);
+    // The Service wakes: a backend is ready (for the datapath and the relay alike).
+    b.set_ready(&[1], Algorithm::Random);
+    *wake.backend.lock().unwrap() = Some(b.backends[1].addr);
+    let r = c.replies.recv_timeout(REPLY_TIMEOUT).unwrap();
+    assert_eq!(
+        answer(&r),
+        (b.svc, 1),
+        "the held question got its answer, from the Service address: {r}"
+    );
+    assert!(r.contains("what-is-example.test"), "{r}");
+    let s = relay.stats();
+    use std::sync::atomic::Ordering::SeqCst;
+    // The reply counter moves just after the reply is sent: wait for it.
+    assert!(wait_until(|| s.replies.load(SeqCst) == 1));
+    assert_eq!((s.held.load(SeqCst), s.forwarded.load(SeqCst)), (1, 1));
+    // The next question of the same socket goes straight to the backend.
+    assert_eq!(
+        answer(&c.cmd(&format!("ask {id} {} again", b.svc))),
+        (b.svc, 1)
+    );
+    assert_eq!(s.held.load(SeqCst), 1, "not through the relay");
+}
+
+#[test]
+fn udp_holds_are_bounded_per_flow_and_the_rest_are_dropped_and_counted() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let bounds = UdpHoldBounds {
+        per_flow_datagrams: 2,
+        ..UdpHoldBounds::default()
+    };
+    let (_rt, relay, wake, b) = held_service("udp-bound", bounds);
+    let mut c = b.fx.client();
+    let id = c.cmd("udp4");
+    let id = id.strip_prefix("ok ").unwrap();
+    assert_eq!(c.cmd(&format!("fire {id} {} 5", b.svc)), "ok 5");
+    let s = relay.stats();
+    assert!(
+        wait_until(|| s.held.load(SeqCst) + s.dropped.load(SeqCst) == 5),
+        "held {} dropped {}",
+        s.held.load(SeqCst),
+        s.dropped.load(SeqCst)
+    );
+    assert_eq!((s.held.load(SeqCst), s.dropped.load(SeqCst)), (2, 3));
+    *wake.backend.lock().unwrap() = Some(b.backends[0].addr);
+    // The two held ones are delivered and answered, in order.
+    for want in ["d0|0", "d1|0"] {
+        let r = c.cmd(&format!("recv {id}"));
+        assert!(r.ends_with(want), "{r}");
+        assert_eq!(answer(&r).0, b.svc);
+    }
+    assert!(wait_until(|| b.backends[0].asked() == 2));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        b.backends[0].asked(),
+        2,
+        "nothing beyond the bound was delivered"
+    );
+}
+
+#[test]
+fn udp_over_native_ipv6_is_balanced_and_answers_show_the_service_address() {
+    let fx = Fixture::new("udp-v6");
+    let dp = fx.load();
+    // The "ClusterIP": a socket that never answers, so a datagram not rewritten is lost.
+    let silent = UdpSocket::bind("[::1]:0").unwrap();
+    let svc = silent.local_addr().unwrap();
+    let backends: Vec<UdpEcho> = (0..2).map(|n| UdpEcho::bind("[::1]:0", n)).collect();
+    dp.upsert_service(svc, Proto::Udp, Mode::Balance).unwrap();
+    let set: Vec<(SocketAddr, Tier)> = backends.iter().map(|b| (b.addr, Tier::Remote)).collect();
+    dp.set_balance(svc, Proto::Udp, &set, LoadBalancing::default())
+        .unwrap();
+    let mut c = fx.client();
+    let id = c.cmd("udp6");
+    let id = id.strip_prefix("ok ").unwrap();
+    let (from, first) = answer(&c.cmd(&format!("ask {id} {svc} v6a")));
+    assert_eq!(from, svc, "recvmsg6: the Service address");
+    let (from, again) = answer(&c.cmd(&format!("ask {id} {svc} v6b")));
+    assert_eq!((from, again), (svc, first), "the flow stays on its backend");
+    let r = c.cmd(&format!("udpconnect {svc}"));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(
+        w[2].parse::<SocketAddr>().unwrap(),
+        svc,
+        "getpeername6: {r}"
+    );
+    let (from, _) = answer(&c.cmd(&format!("ask {} - v6c", w[1])));
+    assert_eq!(from, svc);
+    let slot = dp.service(svc, Proto::Udp).unwrap().slot;
+    wait_counters(&dp, slot, |s| s.connects == 2);
 }

@@ -170,12 +170,13 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Count and leave the connection alone.
 pub const MODE_PASSTHROUGH: u32 = 0;
-/// Rewrite the destination to the agent's proxy (TCP only), unless the dead-man
-/// switch has fired.
+/// Rewrite the destination to the agent's proxy (TCP; UDP datagrams go to the
+/// Service port's UDP hold socket, see [`UDP_HOLD`]), unless the dead-man switch has
+/// fired.
 pub const MODE_HOLD: u32 = 1;
 /// Rewrite the destination to a ready backend in BACKENDS chosen by the set's
-/// algorithm (TCP only); with no ready backend, behave as [`MODE_HOLD`] so the service
-/// still wakes.
+/// algorithm (TCP connections; UDP flows, see [`SOCK_UDP`]); with no ready backend,
+/// behave as [`MODE_HOLD`] so the service still wakes.
 pub const MODE_BALANCE: u32 = 2;
 
 // === balance algorithms ([`BackendSet::algorithm`]) ===
@@ -233,8 +234,11 @@ pub const ERR_BALANCE_NOT_TCP: u32 = 8;
 /// Putting the live marker on a counted socket failed (no memory): the reconcile sees
 /// the socket as closed until it is.
 pub const ERR_LIVE_MARK: u32 = 9;
+/// A UDP socket's flow record could not be created (no memory): its datagrams to a
+/// managed Service went on unchanged.
+pub const ERR_UDP_FLOW: u32 = 10;
 /// Number of error kinds (the length of ERRORS).
-pub const ERROR_KINDS: u32 = 10;
+pub const ERROR_KINDS: u32 = 11;
 /// Metric label of each error kind, by index.
 pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "sockets_insert",
@@ -247,6 +251,7 @@ pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "sock_backend_insert",
     "balance_not_tcp",
     "live_mark",
+    "udp_flow",
 ];
 
 // === CONFIG flags ===
@@ -328,13 +333,15 @@ pub struct ServiceValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
-    /// connect() calls to the service.
+    /// connect() calls to the service (TCP); new UDP flows (a socket's first
+    /// datagram or connect to the service, see [`SOCK_UDP`]).
     pub connects: u64,
     /// TCP connections established (open now = opened - closed, summed over CPUs).
     pub opened: u64,
     /// Established TCP connections closed.
     pub closed: u64,
-    /// connect() calls rewritten to the proxy (hold mode).
+    /// connect() calls rewritten to the proxy (hold mode); UDP flows sent to the hold
+    /// relay.
     pub redirected: u64,
     /// Hold-mode connects let through unchanged (dead-man switch, no proxy, not TCP).
     pub released: u64,
@@ -520,6 +527,102 @@ pub struct SockBackend {
     pub opened: u32,
 }
 
+// === UDP socket-LB (connect4/6 on UDP sockets, sendmsg4/6, recvmsg4/6) ===
+// Kept apart from the TCP maps above (their own pinned-map list and layouts), so the
+// two evolve without touching each other's lines.
+
+/// `SkStorage<UdpFlow>`: on each UDP socket that sent to (or connected to) a managed
+/// Service, the flow it is in: the Service it last addressed and where its datagrams go
+/// (a backend, or the agent's UDP hold socket at zero). A flow is socket x Service; its
+/// datagrams stay on one backend while that backend stays in the set.
+pub const SOCK_UDP: &str = "SOCK_UDP_V1";
+/// `LruHashMap<UdpRevKey, UdpRevValue>`: (socket cookie, address a datagram of the
+/// socket was sent to instead of the Service) -> the Service address. `recvmsg4`/`6`
+/// rewrite a reply's source with it, so `recvfrom` shows the ClusterIP and port.
+pub const UDP_REV: &str = "UDP_REV_V1";
+/// `HashMap<ServiceKey, UdpHold>`: a UDP Service port's hold sockets on the agent's
+/// proxy addresses (one port per family). At zero, datagrams go there.
+pub const UDP_HOLD: &str = "UDP_HOLD_V1";
+
+/// The UDP maps the agent pins and re-adopts across restarts (besides [`PINNED_MAPS`]).
+pub const UDP_PINNED_MAPS: [&str; 3] = [SOCK_UDP, UDP_REV, UDP_HOLD];
+
+/// `connect` of a UDP socket to a managed IPv4 Service (attached beside
+/// [`PROG_CONNECT4`], which leaves UDP sockets to it).
+pub const PROG_CONNECT4_UDP: &str = "connect4_udp";
+/// `connect` of a UDP socket to a managed IPv6 (or v4-mapped) Service.
+pub const PROG_CONNECT6_UDP: &str = "connect6_udp";
+/// `sendmsg` (unconnected UDP) to a managed IPv4 Service: its destination is rewritten.
+pub const PROG_SENDMSG4: &str = "sendmsg4";
+/// `sendmsg` to a managed IPv6 (or v4-mapped) Service.
+pub const PROG_SENDMSG6: &str = "sendmsg6";
+/// `recvmsg` on a socket whose datagrams were sent elsewhere: the source is rewritten
+/// back to the Service address.
+pub const PROG_RECVMSG4: &str = "recvmsg4";
+pub const PROG_RECVMSG6: &str = "recvmsg6";
+
+/// Reverse entries at once (LRU: a flow whose entry was evicted sees its replies come
+/// from the backend's address, as without the rewrite; nothing is refused).
+pub const MAX_UDP_REV: u32 = 65_536;
+
+/// [`UdpFlow::state`]: the flow's datagrams go to a balanced backend.
+pub const UDP_FLOW_BACKEND: u8 = 1;
+/// [`UdpFlow::state`]: the flow is held (its datagrams go to the agent's hold socket).
+pub const UDP_FLOW_HELD: u8 = 2;
+/// [`UdpFlow::state`]: the flow goes on unchanged (passthrough, or a hold let through).
+pub const UDP_FLOW_DIRECT: u8 = 3;
+
+/// Value of SOCK_UDP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlow {
+    /// What the socket addressed.
+    pub service: ServiceKey,
+    pub slot: u32,
+    pub epoch: u32,
+    /// The backend's position in [`BackendSet::order`] (high 16 bits) and its id (low
+    /// 16 bits), and its [`Backend::generation`] (state [`UDP_FLOW_BACKEND`] only): the
+    /// flow stays there while the set lists it at that position.
+    pub index: u32,
+    pub generation: u32,
+    /// Where the datagrams go (v4-mapped for IPv4), and the port, big-endian.
+    pub target_addr: [u8; 16],
+    pub target_port: [u8; 2],
+    /// `UDP_FLOW_*`.
+    pub state: u8,
+    pub _pad: u8,
+}
+
+/// Key of UDP_REV.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpRevKey {
+    /// The client socket's cookie.
+    pub cookie: u64,
+    /// The address its datagrams were sent to (backend or hold socket), v4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// Big-endian port bytes.
+    pub port: [u8; 2],
+    pub _pad: [u8; 6],
+}
+
+/// Value of UDP_REV: the Service address the client addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpRevValue {
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Value of UDP_HOLD: the hold sockets' ports (big-endian; 0: none for the family).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpHold {
+    pub v4_port: [u8; 2],
+    pub v6_port: [u8; 2],
+}
+
 /// `::ffff:a.b.c.d` for an IPv4 address.
 pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
@@ -571,6 +674,10 @@ const _: () = {
     assert!(LC_CANDIDATES.is_power_of_two());
     // Ids are u16 in the sets.
     assert!(MAX_BACKEND_IDS <= 1 << 16);
+    assert!(core::mem::size_of::<UdpFlow>() == 56);
+    assert!(core::mem::size_of::<UdpRevKey>() == 32);
+    assert!(core::mem::size_of::<UdpRevValue>() == 20);
+    assert!(core::mem::size_of::<UdpHold>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -591,6 +698,10 @@ mod pod {
     unsafe impl aya::Pod for super::SlotRef {}
     unsafe impl aya::Pod for super::LiveSock {}
     unsafe impl aya::Pod for super::PeerRewrite {}
+    unsafe impl aya::Pod for super::UdpFlow {}
+    unsafe impl aya::Pod for super::UdpRevKey {}
+    unsafe impl aya::Pod for super::UdpRevValue {}
+    unsafe impl aya::Pod for super::UdpHold {}
 }
 
 #[cfg(test)]

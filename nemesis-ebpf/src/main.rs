@@ -7,7 +7,8 @@
 //! that backend pods of managed services accept, whatever path they came by. The
 //! `live_sockets` iterator writes out every counted socket still open in a network
 //! namespace, the truth the agent reconciles the counters against. `getpeername4`/`6`
-//! show a balanced socket the Service address it dialled, not the backend's. Every path fails OPEN: on any error the connect goes on unchanged and an
+//! show a balanced socket the Service address it dialled, not the backend's. UDP (connected
+//! and unconnected sockets, `sendmsg`/`recvmsg`) lives in `udp`. Every path fails OPEN: on any error the connect goes on unchanged and an
 //! ERRORS counter says so. Nothing here may ever deny a connect.
 //!
 //! Map layouts and names live in `nemesis_common::maps`; the statics below are named
@@ -18,6 +19,8 @@
 // the intrinsic lowers to the BPF atomic add instruction.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+
+mod udp;
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_xadd},
@@ -49,9 +52,9 @@ use nemesis_common::maps::{
     ERR_SOCKETS_INSERT, ERROR_KINDS, LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock,
     MAX_BACKEND_IDS, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES,
     MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP,
-    PeerRewrite, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR,
-    SPILL_SLACK, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
-    WEIGHT_FULL, WEIGHT_MIN,
+    PROTO_UDP, PeerRewrite, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED,
+    SPILL_FACTOR, SPILL_SLACK, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend,
+    SockRecord, WEIGHT_FULL, WEIGHT_MIN,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -159,6 +162,9 @@ fn try_connect4(ctx: &SockAddrContext) {
             read_volatile(addr_of!((*sa).protocol)),
         )
     };
+    if proto == PROTO_UDP as u32 {
+        return; // connect4_udp/connect6_udp's (see `udp`)
+    }
     let words = [0, 0, V4_MAPPED_WORD, ip];
     if let Some(t) = on_connect(ctx, words, port, proto, Family::V4) {
         // SAFETY: user_ip4/user_port are writable in connect4; 4-byte stores.
@@ -184,6 +190,9 @@ fn try_connect6(ctx: &SockAddrContext) {
             read_volatile(addr_of!((*sa).protocol)),
         )
     };
+    if proto == PROTO_UDP as u32 {
+        return; // connect4_udp/connect6_udp's (see `udp`)
+    }
     let family = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
         Family::V4Mapped
     } else {
@@ -696,7 +705,27 @@ fn hold_target(ctx: &SockAddrContext, proto: u8, family: Family, slot: u32) -> O
         count_error(ERR_HOLD_NOT_TCP);
         return None;
     }
-    let Some(cfg) = CONFIG_V1.get(0) else {
+    let cfg = hold_config(ctx, family, slot)?;
+    let port = u16::from_ne_bytes(cfg.proxy_v4_port) as u32;
+    let v4 = u32::from_ne_bytes(cfg.proxy_v4_addr);
+    Some(match family {
+        Family::V4 | Family::V4Mapped => Target {
+            words: [0, 0, V4_MAPPED_WORD, v4],
+            port,
+        },
+        Family::V6 => Target {
+            words: addr_words(cfg.proxy_v6_addr),
+            port: u16::from_ne_bytes(cfg.proxy_v6_port) as u32,
+        },
+    })
+}
+
+/// The config when a hold may redirect to the agent for `family`: `None` (counted)
+/// when no proxy address of the family is configured or the heartbeat is stale (the
+/// dead-man switch). TCP and UDP holds alike.
+#[inline(always)]
+fn hold_config(ctx: &SockAddrContext, family: Family, slot: u32) -> Option<Config> {
+    let Some(cfg) = CONFIG_V1.get(0).copied() else {
         count_error(ERR_NO_PROXY);
         return None;
     };
@@ -721,18 +750,7 @@ fn hold_target(ctx: &SockAddrContext, proto: u8, family: Family, slot: u32) -> O
         );
         return None;
     }
-    let port = u16::from_ne_bytes(cfg.proxy_v4_port) as u32;
-    let v4 = u32::from_ne_bytes(cfg.proxy_v4_addr);
-    Some(match family {
-        Family::V4 | Family::V4Mapped => Target {
-            words: [0, 0, V4_MAPPED_WORD, v4],
-            port,
-        },
-        Family::V6 => Target {
-            words: addr_words(cfg.proxy_v6_addr),
-            port: u16::from_ne_bytes(cfg.proxy_v6_port) as u32,
-        },
-    })
+    Some(cfg)
 }
 
 // === sock_ops ===

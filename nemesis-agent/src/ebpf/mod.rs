@@ -474,6 +474,8 @@ pub struct Datapath {
     server_ports: Mutex<ServerPorts>,
     host_addrs: Mutex<HostAddrs>,
     live: live::LiveIter,
+    /// UDP_HOLD: each UDP Service port's hold socket ports.
+    udp_hold: Mutex<BpfHashMap<MapData, ServiceKey, m::UdpHold>>,
     corrections: [AtomicU64; 2],
     _log: Option<log_forward::LogForwarder>,
 }
@@ -537,8 +539,11 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let btf = aya::Btf::from_sys_fs().ok();
         loader.btf(btf.as_ref());
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            m::PINNED_MAPS.iter().map(|n| (*n, layout.map(n))).collect();
+        let map_paths: Vec<(&'static str, PathBuf)> = m::PINNED_MAPS
+            .iter()
+            .chain(m::UDP_PINNED_MAPS.iter())
+            .map(|n| (*n, layout.map(n)))
+            .collect();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -585,6 +590,25 @@ impl Datapath {
             program_ids.push(prog_id);
             link_ids.push(link_id);
         }
+        // UDP socket-LB: connected sockets, unconnected sends and the replies' source.
+        for (name, attach_type) in [
+            (
+                m::PROG_CONNECT4_UDP,
+                bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
+            ),
+            (
+                m::PROG_CONNECT6_UDP,
+                bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+            ),
+            (m::PROG_SENDMSG4, bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG),
+            (m::PROG_SENDMSG6, bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG),
+            (m::PROG_RECVMSG4, bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG),
+            (m::PROG_RECVMSG6, bpf_attach_type::BPF_CGROUP_UDP6_RECVMSG),
+        ] {
+            let (prog_id, link_id) = load_and_link(&mut ebpf, name, attach_type, &layout, &target)?;
+            program_ids.push(prog_id);
+            link_ids.push(link_id);
+        }
 
         let log = match log_forward::LogForwarder::start(program_ids[0]) {
             Ok(l) => Some(l),
@@ -608,6 +632,7 @@ impl Datapath {
         let mut slot_epochs: Array<_, u32> = take_map(&mut ebpf, m::SLOT_EPOCH)?;
         let ports_map: BpfHashMap<_, ServiceKey, SlotRef> = take_map(&mut ebpf, m::SERVER_PORTS)?;
         let host_map: BpfHashMap<_, [u8; 16], u32> = take_map(&mut ebpf, m::HOST_ADDRS)?;
+        let udp_hold = take_map(&mut ebpf, m::UDP_HOLD)?;
         let live = load_live_iter(&mut ebpf, btf.as_ref())?;
         // The links hold the programs; the loader's handles are no longer needed.
         drop(ebpf);
@@ -684,6 +709,7 @@ impl Datapath {
                 (host_map, have)
             }),
             live,
+            udp_hold: Mutex::new(udp_hold),
             corrections: [AtomicU64::new(0), AtomicU64::new(0)],
             _log: log,
         };
@@ -758,12 +784,8 @@ impl Datapath {
         proto: Proto,
         mode: Mode,
     ) -> Result<Slot, DatapathError> {
-        if mode == Mode::Hold && proto != Proto::Tcp {
-            return Err(DatapathError::HoldNeedsTcp { addr, proto });
-        }
-        if mode == Mode::Balance && proto != Proto::Tcp {
-            return Err(DatapathError::BalanceNeedsTcp { addr, proto });
-        }
+        // UDP holds and balances as TCP does (see `set_udp_hold` for where its held
+        // datagrams go).
         let key = service_key(addr, proto);
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = t.entries.get(&key).copied() {
@@ -832,6 +854,13 @@ impl Datapath {
             }
         }
         t.entries.remove(&key);
+        if proto == Proto::Udp {
+            let mut h = self.udp_hold.lock().unwrap_or_else(|p| p.into_inner());
+            match h.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => warn!(%addr, %error, "removing a UDP hold entry failed"),
+            }
+        }
         // No socket of the old service counts on the slot any more.
         if let Err(error) = t.slot_epochs.set(v.slot, 0, 0) {
             warn!(slot = v.slot, %error, "clearing a slot's epoch failed");
@@ -848,6 +877,36 @@ impl Datapath {
         t.free_slots.insert(v.slot);
         debug!(%addr, ?proto, slot = v.slot, "service removed");
         Ok(true)
+    }
+
+    /// Where a UDP Service's held datagrams go: the agent's hold socket of each family
+    /// (bound on the configured proxy address of that family; `None`: that family's
+    /// datagrams are let through, counted as released). Both `None` removes the entry.
+    pub fn set_udp_hold(
+        &self,
+        addr: SocketAddr,
+        v4_port: Option<u16>,
+        v6_port: Option<u16>,
+    ) -> Result<(), DatapathError> {
+        let key = service_key(addr, Proto::Udp);
+        let mut h = self.udp_hold.lock().unwrap_or_else(|p| p.into_inner());
+        let result = if v4_port.is_none() && v6_port.is_none() {
+            match h.remove(&key) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                r => r,
+            }
+        } else {
+            let value = m::UdpHold {
+                v4_port: v4_port.unwrap_or(0).to_be_bytes(),
+                v6_port: v6_port.unwrap_or(0).to_be_bytes(),
+            };
+            h.insert(key, value, 0)
+        };
+        result.map_err(|source| DatapathError::UpdateService {
+            addr,
+            proto: Proto::Udp,
+            source,
+        })
     }
 
     /// Sets the ready backends a balance-mode service's connects go to (the set is kept
@@ -1326,10 +1385,13 @@ impl Datapath {
     pub fn error_counters(&self) -> Result<ErrorCounters, DatapathError> {
         let mut out = ErrorCounters::default();
         for kind in 0..ERROR_KINDS {
-            let v = self
-                .errors
-                .get(&kind, 0)
-                .map_err(DatapathError::ReadErrors)?;
+            let v = match self.errors.get(&kind, 0) {
+                Ok(v) => v,
+                // An ERRORS map pinned by an older agent has fewer kinds: the newer
+                // ones read as zero until the map is made anew.
+                Err(MapError::OutOfBounds { .. }) => continue,
+                Err(e) => return Err(DatapathError::ReadErrors(e)),
+            };
             out.counts[kind as usize] = v.iter().sum();
         }
         Ok(out)
@@ -1346,7 +1408,8 @@ impl Datapath {
     }
 
     /// Kernel ids of the links (connect4, connect6, sock_ops, getpeername4,
-    /// getpeername6).
+    /// getpeername6, and UDP's connect4_udp, connect6_udp, sendmsg4, sendmsg6,
+    /// recvmsg4, recvmsg6).
     pub fn link_ids(&self) -> &[u32] {
         &self.link_ids
     }
@@ -1655,6 +1718,25 @@ fn expected_layouts() -> [(&'static str, u32, u32); 18] {
     ]
 }
 
+/// (name, key size, value size) of the UDP maps (kept apart from the TCP ones).
+fn udp_layouts() -> [(&'static str, u32, u32); 3] {
+    use std::mem::size_of;
+    let sz = |n: usize| n as u32;
+    [
+        (m::SOCK_UDP, 4, sz(size_of::<m::UdpFlow>())),
+        (
+            m::UDP_REV,
+            sz(size_of::<m::UdpRevKey>()),
+            sz(size_of::<m::UdpRevValue>()),
+        ),
+        (
+            m::UDP_HOLD,
+            sz(size_of::<ServiceKey>()),
+            sz(size_of::<m::UdpHold>()),
+        ),
+    ]
+}
+
 /// Unpins maps of earlier layouts this agent no longer uses (their sockets' counts die
 /// with them; the new maps start empty, and the agent writes its sets anew).
 fn remove_retired_maps(layout: &pins::PinLayout) -> Result<(), LoadError> {
@@ -1672,7 +1754,7 @@ fn remove_retired_maps(layout: &pins::PinLayout) -> Result<(), LoadError> {
 /// Refuses pinned maps whose layout differs from this agent's (an incompatible
 /// earlier version): programs would read their bytes wrongly.
 fn check_pinned_maps(layout: &pins::PinLayout) -> Result<(), LoadError> {
-    for (name, key, value) in expected_layouts() {
+    for (name, key, value) in expected_layouts().into_iter().chain(udp_layouts()) {
         let path = layout.map(name);
         if !path.exists() {
             continue;
@@ -1742,7 +1824,7 @@ mod tests {
     #[test]
     fn embedded_object_has_every_map_with_the_shared_layout() {
         let obj = aya_obj::Object::parse(OBJECT).expect("the embedded eBPF object parses");
-        for (name, key, value) in expected_layouts() {
+        for (name, key, value) in expected_layouts().into_iter().chain(udp_layouts()) {
             let map = obj
                 .maps
                 .get(name)
@@ -1753,9 +1835,9 @@ mod tests {
                 "map {name}"
             );
         }
-        for p in pins::PROGRAMS {
+        for p in pins::PROGRAMS.iter().chain(pins::UDP_PROGRAMS.iter()) {
             assert!(
-                obj.programs.contains_key(p),
+                obj.programs.contains_key(*p),
                 "program {p} is missing from nemesis-ebpf"
             );
         }

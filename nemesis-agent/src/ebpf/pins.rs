@@ -9,8 +9,9 @@ use std::{
 };
 
 use nemesis_common::maps::{
-    PINNED_MAPS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
-    RETIRED_MAPS,
+    PINNED_MAPS, PROG_CONNECT4, PROG_CONNECT4_UDP, PROG_CONNECT6, PROG_CONNECT6_UDP,
+    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4,
+    PROG_SENDMSG6, PROG_SOCK_OPS, RETIRED_MAPS, UDP_PINNED_MAPS,
 };
 
 /// The programs, each pinned as one link.
@@ -20,6 +21,16 @@ pub const PROGRAMS: [&str; 5] = [
     PROG_SOCK_OPS,
     PROG_GETPEERNAME4,
     PROG_GETPEERNAME6,
+];
+
+/// The UDP programs (connect, sendmsg and recvmsg), each pinned as one link too.
+pub const UDP_PROGRAMS: [&str; 6] = [
+    PROG_CONNECT4_UDP,
+    PROG_CONNECT6_UDP,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
 ];
 
 /// Directory under bpffs that holds every instance.
@@ -85,12 +96,16 @@ impl PinLayout {
     /// know (not created by Nemesis) are left and make the directory stay.
     pub fn remove_all(&self) -> io::Result<CleanupReport> {
         let mut report = CleanupReport::default();
-        for p in PROGRAMS {
+        for p in PROGRAMS.iter().chain(UDP_PROGRAMS.iter()) {
             if remove_if_exists(&self.link(p))? {
                 report.links_removed.push(self.link(p));
             }
         }
-        for m in PINNED_MAPS.iter().chain(RETIRED_MAPS.iter()) {
+        for m in PINNED_MAPS
+            .iter()
+            .chain(UDP_PINNED_MAPS.iter())
+            .chain(RETIRED_MAPS.iter())
+        {
             if remove_if_exists(&self.map(m))? {
                 report.maps_removed.push(self.map(m));
             }

@@ -18,13 +18,16 @@ mod relay;
 pub mod sniff;
 mod splice;
 pub mod table;
+pub mod udp_wake;
 mod wake;
 
 pub use backoff::Backoff;
 pub use drain::{Drain, Want};
 pub use mode::{ModeFollower, ModeSink, ModeSinkError, decide_hold};
 pub use relay::{ProtocolFollower, Step as FollowStep};
-pub use table::{HoldBounds, ManagedPort, ServiceTable, TableError, service_ports};
+pub use table::{
+    HoldBounds, ManagedPort, ServiceTable, TableError, service_ports, udp_service_ports,
+};
 
 use crate::control::ControllerClient;
 use crate::endpoints::EndpointRegistry;

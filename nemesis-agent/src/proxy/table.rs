@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use nemesis_common::wire::ServiceRef;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -81,6 +81,24 @@ pub fn service_ports(
     svc: &Service,
     bounds: HoldBounds,
 ) -> Result<Vec<(SocketAddr, ManagedPort)>, TableError> {
+    ports_of_protocol(svc, bounds, "TCP")
+}
+
+/// The UDP ports of `svc` as rows, as [`service_ports`] gives its TCP ones. Kept apart:
+/// a ClusterIP may serve TCP 53 and UDP 53, which the proxy's table (keyed by address)
+/// could not tell apart.
+pub fn udp_service_ports(
+    svc: &Service,
+    bounds: HoldBounds,
+) -> Result<Vec<(SocketAddr, ManagedPort)>, TableError> {
+    ports_of_protocol(svc, bounds, "UDP")
+}
+
+fn ports_of_protocol(
+    svc: &Service,
+    bounds: HoldBounds,
+    protocol: &str,
+) -> Result<Vec<(SocketAddr, ManagedPort)>, TableError> {
     let service = ServiceRef {
         namespace: svc.namespace().unwrap_or_default(),
         name: svc.name_any(),
@@ -109,7 +127,7 @@ pub fn service_ports(
             ip: ip.to_string(),
         })?;
         for port in spec.ports.iter().flatten() {
-            if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            if port.protocol.as_deref().unwrap_or("TCP") != protocol {
                 continue;
             }
             let name = port.name.clone().unwrap_or_default();
@@ -146,6 +164,9 @@ pub fn service_ports(
 #[derive(Debug)]
 pub struct ServiceTable {
     rows: RwLock<HashMap<SocketAddr, Arc<ManagedPort>>>,
+    /// Services with UDP ports, by Service: the proxy never accepts their datagrams
+    /// (the UDP hold relay does), but their modes follow their endpoints all the same.
+    udp: RwLock<BTreeMap<ServiceRef, Vec<SocketAddr>>>,
     changes: watch::Sender<u64>,
     drain: Drain,
 }
@@ -154,6 +175,7 @@ impl Default for ServiceTable {
     fn default() -> Self {
         Self {
             rows: RwLock::new(HashMap::new()),
+            udp: RwLock::new(BTreeMap::new()),
             changes: watch::Sender::new(0),
             drain: Drain::default(),
         }
@@ -183,7 +205,34 @@ impl ServiceTable {
             .write()
             .expect("service table lock")
             .retain(|_, p| &p.service != service);
+        self.udp
+            .write()
+            .expect("service table lock")
+            .remove(service);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Replace the UDP ports of `service` (none: it has no UDP port managed).
+    pub fn upsert_udp_service(&self, service: &ServiceRef, addrs: Vec<SocketAddr>) {
+        {
+            let mut udp = self.udp.write().expect("service table lock");
+            if addrs.is_empty() {
+                udp.remove(service);
+            } else {
+                udp.insert(service.clone(), addrs);
+            }
+        }
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// The UDP ports of `service` now.
+    pub fn udp_addrs(&self, service: &ServiceRef) -> Vec<SocketAddr> {
+        self.udp
+            .read()
+            .expect("service table lock")
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn lookup(&self, destination: SocketAddr) -> Option<Arc<ManagedPort>> {
@@ -213,13 +262,17 @@ impl ServiceTable {
             .min_by_key(|a| (a.is_ipv6() != family.is_ipv6(), *a))
     }
 
+    /// Every managed Service, of TCP or UDP ports.
     pub fn services(&self) -> BTreeSet<ServiceRef> {
-        self.rows
+        let mut out: BTreeSet<ServiceRef> = self
+            .rows
             .read()
             .expect("service table lock")
             .values()
             .map(|p| p.service.clone())
-            .collect()
+            .collect();
+        out.extend(self.udp.read().expect("service table lock").keys().cloned());
+        out
     }
 
     /// Wakes on every change of the table.
@@ -269,6 +322,22 @@ mod tests {
             protocol: Some(proto.into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_service_with_udp_ports_only_is_among_the_services() {
+        let t = ServiceTable::new();
+        let svc = ServiceRef {
+            namespace: "ns".into(),
+            name: "dns".into(),
+        };
+        let addr: SocketAddr = "127.96.0.10:53".parse().unwrap();
+        t.upsert_udp_service(&svc, vec![addr]);
+        assert!(t.services().contains(&svc));
+        assert_eq!(t.lookup(addr), None, "the proxy never takes a UDP port");
+        assert_eq!(t.udp_addrs(&svc), vec![addr]);
+        t.remove_service(&svc);
+        assert!(t.services().is_empty());
     }
 
     #[test]

@@ -4,10 +4,17 @@
 //! ignore it (to exercise the kubelet's SIGKILL after the grace period).
 //!
 //! Usage: nemesis-pod-server [--port N] [--listen ADDR:PORT] [--ignore-sigterm] [--hyper]
+//!        [--udp-port N]
 //!
 //! By default one request per connection, answered with `connection: close`. With
 //! `--hyper`, a real server (hyper) keeps connections alive and speaks HTTP/1.1 and
 //! HTTP/2 with prior knowledge, as an app behind a Service does.
+//!
+//! With `--udp-port N` it also answers UDP on the same address, port N, as a DNS server
+//! would a query: each datagram comes back with the response flag (QR, the top bit of
+//! its third byte) set, followed by `;peer=ADDR;pod=NAME` (the source address it came
+//! from and the pod's name), so a test can tell which pod answered and whether the
+//! datagram came straight from its client or through a relay.
 
 use std::net::SocketAddr;
 
@@ -21,6 +28,7 @@ struct Args {
     listen: SocketAddr,
     ignore_sigterm: bool,
     hyper: bool,
+    udp_port: Option<u16>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -28,6 +36,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut listen = None;
     let mut ignore_sigterm = false;
     let mut hyper = false;
+    let mut udp_port = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -48,6 +57,15 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--ignore-sigterm" => ignore_sigterm = true,
             "--hyper" => hyper = true,
+            "--udp-port" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--udp-port needs a value"))?;
+                udp_port = Some(
+                    v.parse()
+                        .map_err(|e| anyhow::anyhow!("--udp-port {v}: {e}"))?,
+                );
+            }
             other => anyhow::bail!("unknown argument {other:?}"),
         }
     }
@@ -67,6 +85,7 @@ fn parse_args() -> anyhow::Result<Args> {
         listen,
         ignore_sigterm,
         hyper,
+        udp_port,
     })
 }
 
@@ -77,6 +96,11 @@ async fn main() -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("{name} listening on {}", listener.local_addr()?);
+    if let Some(port) = args.udp_port {
+        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(args.listen.ip(), port)).await?;
+        println!("{name} answering UDP on {}", socket.local_addr()?);
+        tokio::spawn(answer_udp(socket, name.clone()));
+    }
     loop {
         tokio::select! {
             _ = sigterm.recv() => {
@@ -121,4 +145,20 @@ async fn serve_hyper(stream: tokio::net::TcpStream, name: String) {
     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
         .await;
+}
+
+/// The DNS-like answer to every datagram (see the module's doc).
+async fn answer_udp(socket: tokio::net::UdpSocket, name: String) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        let mut answer = buf[..n].to_vec();
+        if let Some(flags) = answer.get_mut(2) {
+            *flags |= 0x80;
+        }
+        answer.extend_from_slice(format!(";peer={peer};pod={name}").as_bytes());
+        let _ = socket.send_to(&answer, peer).await;
+    }
 }

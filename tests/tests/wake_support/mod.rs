@@ -53,6 +53,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_nemesis-pod-server");
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_nemesis-test-client");
+pub const UDP_CLIENT: &str = env!("CARGO_BIN_EXE_nemesis-udp-client");
 pub const TOKEN: &str = "wake-test-agent-token";
 /// What the real controller (see [`Options::real_controller`]) wants from Alertmanager.
 pub const ALERT_TOKEN: &str = "wake-test-alertmanager-token";
@@ -170,7 +171,12 @@ pub enum Families {
     Dual,
 }
 
-fn service(families: Families, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<Service> {
+fn service(
+    families: Families,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+    udp: Option<UdpPort>,
+) -> anyhow::Result<Service> {
     let (ips, policy, names) = match families {
         Families::V4 => (vec![v4.to_string()], "SingleStack", vec!["IPv4"]),
         Families::V6 => (vec![v6.to_string()], "SingleStack", vec!["IPv6"]),
@@ -180,6 +186,10 @@ fn service(families: Families, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<Ser
             vec!["IPv4", "IPv6"],
         ),
     };
+    let mut ports = vec![json!({"name": "http", "port": SERVICE_PORT, "targetPort": "http"})];
+    if let Some(udp) = udp {
+        ports.push(json!({"name": "dns", "port": udp.port, "targetPort": udp.target_port, "protocol": "UDP"}));
+    }
     Ok(serde_json::from_value(json!({
         "metadata": {"name": APP, "namespace": NS},
         "spec": {
@@ -188,7 +198,7 @@ fn service(families: Families, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<Ser
             "ipFamilyPolicy": policy,
             "ipFamilies": names,
             "selector": {"app": APP},
-            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
+            "ports": ports,
         },
     }))?)
 }
@@ -425,6 +435,15 @@ pub struct Options {
     pub stateful_set: bool,
     /// The Service's IP families (ClusterIPs from the sandbox's blocks of each).
     pub families: Families,
+    /// A UDP port of the Service too (named `dns`), beside its TCP `http` port.
+    pub udp_port: Option<UdpPort>,
+}
+
+/// A UDP Service port and the numeric port it reaches on the pods.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpPort {
+    pub port: u16,
+    pub target_port: u16,
 }
 
 /// Changes the objects of `manifests/base/rbac.yaml` before they are applied.
@@ -580,7 +599,10 @@ impl WakeEnv {
                 .context("creating the Deployment")?;
         }
         Api::<Service>::namespaced(client.clone(), NS)
-            .create(&PostParams::default(), &service(opts.families, ip, ip6)?)
+            .create(
+                &PostParams::default(),
+                &service(opts.families, ip, ip6, opts.udp_port)?,
+            )
             .await
             .context("creating the Service")?;
         let spec = match opts.policy_spec {
@@ -752,9 +774,17 @@ impl WakeEnv {
         &self,
         mut cmd: tokio::process::Command,
     ) -> anyhow::Result<(tokio::process::Child, tokio::process::ChildStdin)> {
+        cmd.arg("--connect").arg(self.service_addr.to_string());
+        self.spawn_in_cgroup(cmd)
+    }
+
+    /// Spawns `cmd` (which waits for `go` on stdin, given on the returned handle) and
+    /// moves it into the test's cgroup, stdout piped.
+    pub fn spawn_in_cgroup(
+        &self,
+        mut cmd: tokio::process::Command,
+    ) -> anyhow::Result<(tokio::process::Child, tokio::process::ChildStdin)> {
         let mut child = cmd
-            .arg("--connect")
-            .arg(self.service_addr.to_string())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
