@@ -4,9 +4,11 @@
 //! agent; scaling decisions belong to the core, not here.
 
 pub mod http;
+pub mod identity;
 pub mod registry;
 pub mod wake;
 
 pub use http::{AgentApi, ApiError, agent_routes};
+pub use identity::{AgentAuth, AgentIdentity, ReviewConfig, TokenReviewer};
 pub use registry::{AckError, AgentRegistry, AgentStatus, RegistryConfig, ServiceActivity};
 pub use wake::{WakeGate, WakeOutcome, WakeUp};
