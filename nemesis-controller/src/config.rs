@@ -94,8 +94,10 @@ pub struct RunArgs {
     #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<PathBuf>,
 
-    /// File holding the bearer token Alertmanager presents. Without it the webhook is not
-    /// served and `alert(...)` conditions never fire.
+    /// File holding the token Alertmanager presents, as a Bearer token (its
+    /// `http_config.authorization`) or as the password of HTTP Basic (its
+    /// `http_config.basic_auth`, any user name). Without it the webhook is not served and
+    /// `alert(...)` conditions never fire.
     #[arg(long, env = "NEMESIS_CONTROLLER_ALERTMANAGER_TOKEN_FILE")]
     pub alertmanager_token_file: Option<PathBuf>,
 

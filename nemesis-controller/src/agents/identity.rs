@@ -228,7 +228,7 @@ pub fn identity_from_review(
         ));
     }
     if let Some(auds) = &status.audiences
-        && !auds.iter().any(|a| *a == config.audience)
+        && !auds.contains(&config.audience)
     {
         return Err(Refusal::new(
             AgentAuthRefusal::WrongAudience,
