@@ -612,11 +612,16 @@ impl Agent {
     pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Agent, AgentError> {
         let node = node_name(args)?;
         let controller = match (&args.controller_url, &args.agent_token_file) {
-            (Some(url), Some(token_file)) => Some(ControllerClient::new(
-                url,
-                read_token(token_file)?,
-                DEFAULT_CALL_TIMEOUT,
-            )?),
+            (Some(url), Some(token_file)) => {
+                // Checked once here so a wrong path fails the start, then read for
+                // every call (the kubelet rotates a projected token in place).
+                read_token(token_file)?;
+                Some(ControllerClient::with_token_file(
+                    url,
+                    token_file,
+                    DEFAULT_CALL_TIMEOUT,
+                )?)
+            }
             (Some(_), None) => return Err(AgentError::MissingToken),
             (None, _) => None,
         };

@@ -75,8 +75,9 @@ pub struct RunArgs {
     /// by other means, and no heartbeats are reported.
     #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_URL")]
     pub controller_url: Option<String>,
-    /// File holding the bearer token presented to the controller (a mounted Secret).
-    /// Required with `--controller-url`.
+    /// File holding the bearer token presented to the controller: the agent's projected
+    /// ServiceAccount token (audience `nemesis-controller`), read again for every call so
+    /// a rotated token is used at once. Required with `--controller-url`.
     #[arg(
         long,
         visible_alias = "token-file",

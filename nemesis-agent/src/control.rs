@@ -52,6 +52,13 @@ pub enum ControlError {
     },
     #[error("POST {path}: no complete answer within {after:?}")]
     Timeout { path: &'static str, after: Duration },
+    #[error("reading the token file {}: {source}", file.display())]
+    ReadToken {
+        file: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token file {} is empty", file.display())]
+    EmptyToken { file: std::path::PathBuf },
     #[error("POST {path}: reading the answer: {source}")]
     ReadBody {
         path: &'static str,
@@ -75,7 +82,7 @@ pub enum ControlError {
 #[derive(Clone)]
 pub struct ControllerClient {
     base: String,
-    token: String,
+    token: Token,
     timeout: Duration,
     http: Client<HttpConnector, Full<Bytes>>,
 }
@@ -90,7 +97,47 @@ impl std::fmt::Debug for ControllerClient {
     }
 }
 
+/// Where the bearer token comes from.
+#[derive(Clone)]
+enum Token {
+    Value(String),
+    /// A projected ServiceAccount token: the kubelet rewrites the file before the token
+    /// expires, so it is read again for every call.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    fn current(&self) -> Result<String, ControlError> {
+        match self {
+            Token::Value(v) => Ok(v.clone()),
+            Token::File(file) => {
+                let text =
+                    std::fs::read_to_string(file).map_err(|source| ControlError::ReadToken {
+                        file: file.clone(),
+                        source,
+                    })?;
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(ControlError::EmptyToken { file: file.clone() });
+                }
+                Ok(token.to_owned())
+            }
+        }
+    }
+}
+
 impl ControllerClient {
+    /// A client presenting the token in `file`, read again for every call (rotation).
+    pub fn with_token_file(
+        base_url: &str,
+        file: impl Into<std::path::PathBuf>,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let mut c = Self::new(base_url, String::new(), timeout)?;
+        c.token = Token::File(file.into());
+        Ok(c)
+    }
+
     /// `base_url` like `http://nemesis-controller.nemesis-system:8080`.
     pub fn new(
         base_url: &str,
@@ -121,7 +168,7 @@ impl ControllerClient {
         connector.set_connect_timeout(Some(timeout));
         Ok(Self {
             base: base_url.trim_end_matches('/').to_string(),
-            token: token.into(),
+            token: Token::Value(token.into()),
             timeout,
             http: Client::builder(TokioExecutor::new()).build(connector),
         })
@@ -151,8 +198,9 @@ impl ControllerClient {
     ) -> Result<Resp, ControlError> {
         let json = serde_json::to_vec(body)
             .map_err(|source| ControlError::EncodeRequest { path, source })?;
+        let token = self.token.current()?;
         let request = http::Request::post(format!("{}{path}", self.base))
-            .header(AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(AUTHORIZATION, format!("Bearer {token}"))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(json)))
             .map_err(|source| ControlError::BuildRequest { path, source })?;

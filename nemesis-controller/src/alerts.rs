@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::agents::ApiError;
-use crate::auth::{BearerToken, require_bearer};
+use crate::auth::{BearerToken, require_bearer_or_basic};
 
 pub const ALERTMANAGER_PATH: &str = "/v1/alerts/alertmanager";
 
@@ -244,7 +244,9 @@ pub struct AlertApi {
     pub token: BearerToken,
 }
 
-/// `POST /v1/alerts/alertmanager`, authenticated with `api.token`.
+/// `POST /v1/alerts/alertmanager`, authenticated with `api.token`: as a Bearer token
+/// (Alertmanager's `http_config.authorization`) or as the password of HTTP Basic
+/// (`http_config.basic_auth`).
 pub fn alert_routes(api: AlertApi) -> Router {
     let token = api.token.clone();
     Router::new()
@@ -252,7 +254,10 @@ pub fn alert_routes(api: AlertApi) -> Router {
             ALERTMANAGER_PATH,
             post(receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES)),
         )
-        .route_layer(middleware::from_fn_with_state(token, require_bearer))
+        .route_layer(middleware::from_fn_with_state(
+            token,
+            require_bearer_or_basic,
+        ))
         .with_state(api)
 }
 

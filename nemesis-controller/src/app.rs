@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::registry::DEFAULT_FORGET_AFTER;
 use crate::agents::wake::{DEFAULT_QUEUE, DEFAULT_REFORWARD_AFTER};
-use crate::agents::{AgentApi, AgentRegistry, RegistryConfig, WakeGate};
+use crate::agents::{
+    AgentApi, AgentAuth, AgentRegistry, RegistryConfig, ReviewConfig, TokenReviewer, WakeGate,
+};
 use crate::alerts::{AlertApi, AlertBook};
 use crate::auth::{AuthError, BearerToken};
 use crate::config::{ConfigError, RunArgs};
@@ -161,8 +163,17 @@ impl Drop for Running {
 /// Starts a controller with `args` against the API server of `client`.
 pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, StartError> {
     args.validate()?;
-    let agent_token =
-        BearerToken::from_file(&args.agent_token_file).map_err(StartError::ReadAgentToken)?;
+    let agent_token = args
+        .agent_token_file
+        .as_ref()
+        .map(BearerToken::from_file)
+        .transpose()
+        .map_err(StartError::ReadAgentToken)?;
+    if agent_token.is_some() {
+        tracing::warn!(
+            "--agent-token-file: every agent shares one token and may speak for any node; without it each agent's own ServiceAccount token is reviewed"
+        );
+    }
     let alert_token = args
         .alertmanager_token_file
         .as_ref()
@@ -297,7 +308,18 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         AgentApi {
             registry: registry.clone(),
             wakes: wakes.clone(),
-            token: agent_token.clone(),
+            auth: match &agent_token {
+                Some(t) => AgentAuth::Shared(t.clone()),
+                None => AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
+                    client.clone(),
+                    ReviewConfig::new(
+                        &args.agent_token_audience,
+                        &args.agent_namespace,
+                        &args.agent_service_account,
+                    ),
+                    metrics.clone(),
+                ))),
+            },
         },
         alert_token.clone().map(|token| AlertApi {
             book: alerts.clone(),
@@ -425,10 +447,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     background.push(tokio::spawn(maintain(
         registry.clone(),
         metrics.clone(),
-        [Some(agent_token), alert_token]
-            .into_iter()
-            .flatten()
-            .collect(),
+        [agent_token, alert_token].into_iter().flatten().collect(),
         serve_stop.clone(),
     )));
     if let Some(pod) = args.pod_name.clone() {

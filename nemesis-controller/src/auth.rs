@@ -98,6 +98,37 @@ impl BearerToken {
         bool::from(cur.0.as_bytes().ct_eq(presented))
     }
 
+    /// Checks an `Authorization` header value that may also be HTTP Basic (RFC 7617)
+    /// with the token as the password and any user name: what Alertmanager's
+    /// `http_config.basic_auth` (`username`, `password_file`) sends, beside the Bearer
+    /// of its `http_config.authorization` (`credentials_file`).
+    pub fn check_bearer_or_basic(
+        &self,
+        authorization: Option<&http::HeaderValue>,
+    ) -> Result<(), Unauthorized> {
+        use base64::Engine;
+        let value = authorization.ok_or(Unauthorized::MissingHeader)?;
+        let bytes = value.as_bytes();
+        match bytes.get(..6) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"basic ") => {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(bytes[6..].trim_ascii())
+                    .map_err(|_| Unauthorized::WrongToken)?;
+                // user-id ":" password; the user name carries no secret.
+                let colon = decoded
+                    .iter()
+                    .position(|b| *b == b':')
+                    .ok_or(Unauthorized::WrongToken)?;
+                if self.matches(&decoded[colon + 1..]) {
+                    Ok(())
+                } else {
+                    Err(Unauthorized::WrongToken)
+                }
+            }
+            _ => self.check(Some(value)),
+        }
+    }
+
     /// Checks an `Authorization` header value.
     pub fn check(&self, authorization: Option<&http::HeaderValue>) -> Result<(), Unauthorized> {
         let value = authorization.ok_or(Unauthorized::MissingHeader)?;
@@ -184,6 +215,22 @@ pub async fn require_bearer(
     next: Next,
 ) -> Response {
     match token.check(req.headers().get(AUTHORIZATION)) {
+        Ok(()) => next.run(req).await,
+        Err(why) => {
+            tracing::warn!(path = %req.uri().path(), reason = why.message(), "request refused");
+            why.into_response()
+        }
+    }
+}
+
+/// axum middleware: as [`require_bearer`], also taking HTTP Basic with the token as the
+/// password (see [`BearerToken::check_bearer_or_basic`]).
+pub async fn require_bearer_or_basic(
+    State(token): State<BearerToken>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match token.check_bearer_or_basic(req.headers().get(AUTHORIZATION)) {
         Ok(()) => next.run(req).await,
         Err(why) => {
             tracing::warn!(path = %req.uri().path(), reason = why.message(), "request refused");

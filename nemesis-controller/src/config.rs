@@ -66,12 +66,38 @@ pub struct RunArgs {
     #[arg(long, env = "NEMESIS_CONTROLLER_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
 
-    /// File holding the bearer token agents present (a mounted Secret; re-read on change).
-    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TOKEN_FILE")]
-    pub agent_token_file: PathBuf,
+    /// The audience agents' projected ServiceAccount tokens must be issued for. Each
+    /// agent's token is checked with a TokenReview and tied to its pod's node.
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TOKEN_AUDIENCE",
+          default_value = crate::agents::identity::DEFAULT_AUDIENCE)]
+    pub agent_token_audience: String,
 
-    /// File holding the bearer token Alertmanager presents. Without it the webhook is not
-    /// served and `alert(...)` conditions never fire.
+    /// The namespace of the agents' ServiceAccount (and pods).
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_AGENT_NAMESPACE",
+        default_value = "nemesis-system"
+    )]
+    pub agent_namespace: String,
+
+    /// The agents' ServiceAccount: only its tokens may call the agent API.
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_AGENT_SERVICE_ACCOUNT",
+        default_value = "nemesis-agent"
+    )]
+    pub agent_service_account: String,
+
+    /// Deprecated, for test harnesses without TokenReview: one bearer token every agent
+    /// shares (re-read on change) instead of per-agent ServiceAccount tokens. It cannot
+    /// tell agents apart, so any agent may speak for any node.
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// File holding the token Alertmanager presents, as a Bearer token (its
+    /// `http_config.authorization`) or as the password of HTTP Basic (its
+    /// `http_config.basic_auth`, any user name). Without it the webhook is not served and
+    /// `alert(...)` conditions never fire.
     #[arg(long, env = "NEMESIS_CONTROLLER_ALERTMANAGER_TOKEN_FILE")]
     pub alertmanager_token_file: Option<PathBuf>,
 
@@ -365,7 +391,7 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
-        let mut all = vec!["nemesis-controller", "--agent-token-file", "/t"];
+        let mut all = vec!["nemesis-controller"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).map(|c| c.run)
     }
@@ -463,13 +489,11 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_agent_token_file_is_a_clear_error() {
-        #[derive(Parser)]
-        struct Bare {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let e = Bare::try_parse_from(["x"]).err().unwrap().to_string();
-        assert!(e.contains("--agent-token-file"), "{e}");
+    fn agents_authenticate_with_their_service_account_by_default() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.agent_token_file, None);
+        assert_eq!(a.agent_token_audience, "nemesis-controller");
+        assert_eq!(a.agent_namespace, "nemesis-system");
+        assert_eq!(a.agent_service_account, "nemesis-agent");
     }
 }

@@ -174,6 +174,54 @@ impl UiRefusal {
     }
 }
 
+/// Why the agent API refused a caller, for
+/// `nemesis_controller_agent_auth_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AgentAuthRefusal {
+    /// No `Authorization: Bearer` header (401).
+    Missing,
+    /// Not a JWT, or the API server did not authenticate it (forged, revoked) (401).
+    InvalidToken,
+    /// Past its expiry (401).
+    ExpiredToken,
+    /// Issued for another audience (401).
+    WrongAudience,
+    /// Authenticated, but not the agents' ServiceAccount (403).
+    WrongServiceAccount,
+    /// Not bound to a pod on a node (403).
+    NoNode,
+    /// A message about another node than the token's (403).
+    OtherNode,
+    /// The TokenReview could not be made (503).
+    ReviewUnavailable,
+}
+
+impl AgentAuthRefusal {
+    pub const ALL: [AgentAuthRefusal; 8] = [
+        AgentAuthRefusal::Missing,
+        AgentAuthRefusal::InvalidToken,
+        AgentAuthRefusal::ExpiredToken,
+        AgentAuthRefusal::WrongAudience,
+        AgentAuthRefusal::WrongServiceAccount,
+        AgentAuthRefusal::NoNode,
+        AgentAuthRefusal::OtherNode,
+        AgentAuthRefusal::ReviewUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentAuthRefusal::Missing => "missing",
+            AgentAuthRefusal::InvalidToken => "invalid_token",
+            AgentAuthRefusal::ExpiredToken => "expired_token",
+            AgentAuthRefusal::WrongAudience => "wrong_audience",
+            AgentAuthRefusal::WrongServiceAccount => "wrong_service_account",
+            AgentAuthRefusal::NoNode => "no_node",
+            AgentAuthRefusal::OtherNode => "other_node",
+            AgentAuthRefusal::ReviewUnavailable => "review_unavailable",
+        }
+    }
+}
+
 /// What became of one notification, for `nemesis_controller_alert_deliveries_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeliveryOutcome {
@@ -199,8 +247,14 @@ label_value_as_str!(
     ScaleDirection,
     DecisionOutcome,
     UiRefusal,
-    DeliveryOutcome
+    DeliveryOutcome,
+    AgentAuthRefusal
 );
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AgentAuthLabels {
+    reason: AgentAuthRefusal,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct UiRefusalLabels {
@@ -244,6 +298,7 @@ pub struct ControllerMetrics {
     live_agents: Gauge,
     leader: Gauge,
     ui_refusals: Family<UiRefusalLabels, Counter>,
+    agent_auth_refused: Family<AgentAuthLabels, Counter>,
     alerts_raised: Counter,
     alert_deliveries: Family<DeliveryLabels, Counter>,
     alert_outbox_pending: Gauge,
@@ -323,6 +378,15 @@ impl ControllerMetrics {
         for reason in UiRefusal::ALL {
             let _ = ui_refusals.get_or_create(&UiRefusalLabels { reason });
         }
+        let agent_auth_refused = Family::<AgentAuthLabels, Counter>::default();
+        registry.register(
+            "agent_auth_refused",
+            "Agent API requests refused by authentication, by reason",
+            agent_auth_refused.clone(),
+        );
+        for reason in AgentAuthRefusal::ALL {
+            let _ = agent_auth_refused.get_or_create(&AgentAuthLabels { reason });
+        }
         let alerts_raised = Counter::default();
         registry.register(
             "alerts_raised",
@@ -356,6 +420,7 @@ impl ControllerMetrics {
             live_agents,
             leader,
             ui_refusals,
+            agent_auth_refused,
             registry: Arc::new(registry),
         }
     }
@@ -373,6 +438,19 @@ impl ControllerMetrics {
         self.ui_refusals
             .get_or_create(&UiRefusalLabels { reason })
             .inc();
+    }
+
+    pub fn agent_auth_refused(&self, reason: AgentAuthRefusal) {
+        self.agent_auth_refused
+            .get_or_create(&AgentAuthLabels { reason })
+            .inc();
+    }
+
+    /// How many agent API requests were refused for `reason`.
+    pub fn agent_auth_refusals(&self, reason: AgentAuthRefusal) -> u64 {
+        self.agent_auth_refused
+            .get_or_create(&AgentAuthLabels { reason })
+            .get()
     }
 
     /// How many requests were refused for `reason` (tests and the UI's own checks).

@@ -205,7 +205,7 @@ mod tests {
         let agents = AgentApi {
             registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
             wakes: Arc::new(wakes),
-            token: BearerToken::from_value("t").unwrap(),
+            auth: BearerToken::from_value("t").unwrap().into(),
         };
         let (tx, rx) = watch::channel(leading);
         (api_router(agents, None, rx), tx)

@@ -34,7 +34,7 @@ fn fixture() -> Fixture {
         api: AgentApi {
             registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
             wakes: Arc::new(gate),
-            token: BearerToken::from_value(TOKEN).unwrap(),
+            auth: BearerToken::from_value(TOKEN).unwrap().into(),
         },
         wakes_rx,
     }

@@ -75,11 +75,22 @@ async fn serve_receiver(book: Arc<AlertBook>) -> Result<(String, Arc<Mutex<Vec<S
 }
 
 /// Starts Alertmanager (no clustering) on a free loopback port, sending every alert to
-/// `webhook` with `token` after 1 s of grouping.
+/// `webhook` with `token` as a Bearer token after 1 s of grouping.
 async fn start_alertmanager(
     dir: &Path,
     webhook: &str,
     token: &str,
+) -> Result<(ChildGuard, String)> {
+    let auth = format!("authorization:\n        type: Bearer\n        credentials: {token}\n");
+    start_alertmanager_with(dir, webhook, &auth).await
+}
+
+/// As [`start_alertmanager`], with `auth` (YAML under the webhook's `http_config`,
+/// indented by 6) for credentials.
+async fn start_alertmanager_with(
+    dir: &Path,
+    webhook: &str,
+    auth: &str,
 ) -> Result<(ChildGuard, String)> {
     let config = dir.join("alertmanager.yml");
     std::fs::write(
@@ -88,8 +99,7 @@ async fn start_alertmanager(
             "route:\n  receiver: nemesis\n  group_by: ['alertname']\n  group_wait: 1s\n  \
              group_interval: 1s\n  repeat_interval: 1h\n\
              receivers:\n- name: nemesis\n  webhook_configs:\n  - url: {webhook}\n    \
-             send_resolved: true\n    http_config:\n      authorization:\n        \
-             type: Bearer\n        credentials: {token}\n"
+             send_resolved: true\n    http_config:\n      {auth}"
         ),
     )?;
     let port = free_port()?;
@@ -214,6 +224,60 @@ async fn alerts_from_a_real_alertmanager_fire_and_resolve() -> Result<()> {
         !statuses.is_empty() && statuses.iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
     );
+    Ok(())
+}
+
+/// Alertmanager's `basic_auth` (the token as the password file's content) is taken too.
+#[tokio::test]
+async fn a_real_alertmanager_with_basic_auth_fires() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let book = Arc::new(AlertBook::new());
+    let mut rx = book.subscribe();
+    let (webhook, statuses) = serve_receiver(book.clone()).await?;
+    let password = dir.path().join("am-password");
+    std::fs::write(&password, TOKEN)?;
+    let auth = format!(
+        "basic_auth:\n        username: alertmanager\n        password_file: {}\n",
+        password.display()
+    );
+    let (_am, am) = start_alertmanager_with(dir.path(), &webhook, &auth).await?;
+    post_alert(&am, "GPUPressure", None).await?;
+    wait_until(&mut rx, "GPUPressure firing", |f| {
+        f.contains_key("GPUPressure")
+    })
+    .await?;
+    let statuses = statuses.lock().unwrap().clone();
+    assert!(
+        !statuses.is_empty() && statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    Ok(())
+}
+
+/// A wrong password in `basic_auth` is refused like a wrong Bearer token.
+#[tokio::test]
+async fn a_real_alertmanager_with_a_wrong_basic_password_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let book = Arc::new(AlertBook::new());
+    let (webhook, statuses) = serve_receiver(book.clone()).await?;
+    let auth = "basic_auth:\n        username: alertmanager\n        password: nope\n";
+    let (_am, am) = start_alertmanager_with(dir.path(), &webhook, auth).await?;
+    post_alert(&am, "GPUPressure", None).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while statuses.lock().unwrap().is_empty() {
+        if Instant::now() > deadline {
+            bail!("alertmanager never called the receiver");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| *s == StatusCode::UNAUTHORIZED)
+    );
+    assert!(book.firing().is_empty());
     Ok(())
 }
 

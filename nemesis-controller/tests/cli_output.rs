@@ -32,8 +32,6 @@ fn logs_carry_no_colour_codes_when_stdout_is_not_a_terminal() {
          current-context: x\n",
     )
     .unwrap();
-    let token = dir.path().join("agent-token");
-    std::fs::write(&token, "t0ken-for-the-test\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nemesis-controller"))
         .args([
             "run",
@@ -42,8 +40,6 @@ fn logs_carry_no_colour_codes_when_stdout_is_not_a_terminal() {
             "--admin-listen",
             "127.0.0.1:0",
         ])
-        .arg("--agent-token-file")
-        .arg(&token)
         .arg("--store-path")
         .arg(dir.path().join("history.redb"))
         .env("KUBECONFIG", &kubeconfig)

@@ -258,7 +258,7 @@ fn agent_api() -> AgentApi {
     AgentApi {
         registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
         wakes: Arc::new(wakes),
-        token: BearerToken::from_value(TOKEN).unwrap(),
+        auth: BearerToken::from_value(TOKEN).unwrap().into(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support: the project's own Kubernetes API server, the simulated kubelet, and
 //! the harness end-to-end tests run on. Nothing here runs in a real cluster.
 
+pub mod agent_token;
 pub mod apiserver;
 pub mod controller_flags;
 pub mod controllers;

@@ -346,6 +346,7 @@ async fn start_controller_as_installed(
     let client = server.client_with_token(&token).await?;
     let args = run_args(dir, &["--lease-namespace", SYSTEM_NS])?;
     let c = app::start(&args, client).await?;
+    register_agent_api(c.api_addr, admin.clone());
     wait_leading(&c, Duration::from_secs(10)).await?;
     Ok(c)
 }

@@ -138,3 +138,100 @@ async fn pods_find_a_token_of_their_service_account_bound_to_them() -> anyhow::R
     assert_eq!(review(&env, &token).await?.authenticated, None);
     env.shutdown().await
 }
+
+/// A `projected` volume with a `serviceAccountToken` source (as the agent's DaemonSet
+/// mounts one): the token is for the audience asked, bound to the pod, and names the
+/// pod's node in a TokenReview, beside a ConfigMap key of the same volume (the
+/// agent's CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projected_token_is_for_its_audience_and_names_the_pods_node() -> anyhow::Result<()> {
+    let env = Env::start("kubelet-proj").await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "robot"}}))?,
+        )
+        .await?;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "ca"}, "data": {"ca.crt": "the-ca"}}))?,
+    )
+    .await?;
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "proj"},
+        "spec": {
+            "nodeName": env.sandbox.node_name(),
+            "terminationGracePeriodSeconds": 1,
+            "serviceAccountName": "robot",
+            "automountServiceAccountToken": false,
+            "volumes": [{"name": "tok", "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "example-audience", "expirationSeconds": 3600, "path": "token"}},
+                {"configMap": {"name": "ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            ]}}],
+            "containers": [{"name": "main", "image": "x", "command": ["sleep", "60"],
+                            "volumeMounts": [{"name": "tok", "mountPath": "/var/run/secrets/example", "readOnly": true}]}],
+        },
+    }))?;
+    env.pods().create(&PostParams::default(), &p).await?;
+    // A container without an image runs on the host (no mounts): the volume's files
+    // are read where the kubelet wrote them.
+    let pods = env.sandbox.work_dir().join("pods");
+    let prefix = format!("{}_proj_", env.ns);
+    let vol = wait_for("the projected volume", Duration::from_secs(60), || async {
+        let dir = std::fs::read_dir(&pods)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path().join("volumes/tok"));
+        Ok(dir.filter(|d| d.join("token").exists() && d.join("ca.crt").exists()))
+    })
+    .await?;
+    assert_eq!(std::fs::read_to_string(vol.join("ca.crt"))?, "the-ca");
+    let token = std::fs::read_to_string(vol.join("token"))?;
+    let api: Api<TokenReview> = Api::all(env.client.clone());
+    let ask = |aud: &str| -> anyhow::Result<TokenReview> {
+        Ok(serde_json::from_value(
+            json!({"spec": {"token": token, "audiences": [aud]}}),
+        )?)
+    };
+    let status = api
+        .create(&PostParams::default(), &ask("example-audience")?)
+        .await?
+        .status
+        .context("a review status")?;
+    assert_eq!(status.authenticated, Some(true), "{status:?}");
+    let user = status.user.context("a user")?;
+    assert_eq!(
+        user.username.as_deref(),
+        Some(format!("system:serviceaccount:{}:robot", env.ns).as_str())
+    );
+    let extra = user.extra.unwrap_or_default();
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/pod-name"),
+        Some(&vec!["proj".to_string()])
+    );
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/node-name"),
+        Some(&vec![env.sandbox.node_name().to_string()])
+    );
+    let other = api
+        .create(
+            &PostParams::default(),
+            &ask("https://kubernetes.default.svc.cluster.local")?,
+        )
+        .await?
+        .status
+        .context("a review status")?;
+    assert_ne!(
+        other.authenticated,
+        Some(true),
+        "a token for example-audience only: {other:?}"
+    );
+    env.pods().delete("proj", &DeleteParams::default()).await?;
+    Ok(())
+}

@@ -296,7 +296,6 @@ async fn served_objects_and_workload_pods_are_accepted_by_the_test_api_server() 
         "Service/nemesis-controller",
         "Service/nemesis-controller-admin",
         "ConfigMap/nemesis-grafana-dashboard",
-        "Secret/nemesis-agent-token",
         "Secret/nemesis-ui-admin",
         "Pod/nemesis-agent-x7k2p",
         "Pod/nemesis-agent-cleanup-x7k2p",

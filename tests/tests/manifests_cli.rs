@@ -231,11 +231,6 @@ fn secret_file(workload: &Value, c: &Value, path: &Path) -> Result<(String, Stri
 }
 
 /// The Secret placeholders document every Secret and key the workloads read.
-fn assert_documented_secret(secret: &str, key: &str) -> Result<()> {
-    documented_secret_value(secret, key).map(drop)
-}
-
-/// The placeholder value of `key` in Secret `secret` of base/secrets.example.yaml.
 fn documented_secret_value(secret: &str, key: &str) -> Result<String> {
     let examples = yaml_file("base/secrets.example.yaml")?;
     let s = find(&examples, "Secret", secret)
@@ -387,15 +382,23 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
         bpffs.display()
     );
 
-    // The token the controller expects, from the Secret documented for it.
+    // The agent's own ServiceAccount token, projected for the controller's audience.
     let token = run.agent_token_file.clone().context("--agent-token-file")?;
-    let (secret, key) = secret_file(ds, c, &token)?;
-    assert_eq!(
-        (secret.as_str(), key.as_str()),
-        ("nemesis-agent-token", "token")
+    let (vol, mount) = volume_at(ds, c, token.parent().context("the token file's directory")?)?;
+    ensure!(
+        mount["subPath"].is_null(),
+        "a projected token mounted with subPath is never rotated"
     );
-    assert_documented_secret(&secret, &key)?;
-
+    let projected_token = vol["projected"]["sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| {
+            s["serviceAccountToken"]["path"].as_str() == token.file_name().and_then(OsStr::to_str)
+        })
+        .map(|s| &s["serviceAccountToken"])
+        .with_context(|| format!("{} is no projected ServiceAccount token", token.display()))?
+        .clone();
     // The controller URL is the controller's API Service, on the port that reaches the
     // controller's --listen.
     let url = run.controller_url.clone().context("--controller-url")?;
@@ -413,6 +416,24 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
     let sts = find(&objs, "StatefulSet", "nemesis-controller")?;
     let cc = container(sts, "controller")?;
     let controller = controller_run(&argv_of(sts, cc)?)?;
+    // The controller reviews exactly these tokens: this audience, this ServiceAccount.
+    assert_eq!(
+        projected_token["audience"].as_str(),
+        Some(controller.agent_token_audience.as_str()),
+        "the agent's token audience vs the controller's --agent-token-audience"
+    );
+    assert_eq!(controller.agent_token_file, None, "no shared agent token");
+    assert_eq!(
+        (
+            controller.agent_namespace.as_str(),
+            controller.agent_service_account.as_str()
+        ),
+        (
+            ds["metadata"]["namespace"].as_str().unwrap_or(""),
+            pod["serviceAccountName"].as_str().unwrap_or("")
+        ),
+        "the controller accepts the agents' ServiceAccount"
+    );
     assert_eq!(
         service_target(svc, port, cc)?,
         controller.listen.port(),
@@ -570,14 +591,8 @@ fn controller_statefulset_command_line_parses_and_matches_its_volume_services_an
         store_dir.display()
     );
 
-    // The same token Secret as the agents'.
-    let (secret, key) = secret_file(sts, c, &run.agent_token_file)?;
-    assert_eq!(
-        (secret.as_str(), key.as_str()),
-        ("nemesis-agent-token", "token")
-    );
-    assert_documented_secret(&secret, &key)?;
-
+    // No shared agent token: agents' own tokens are reviewed.
+    assert_eq!(run.agent_token_file, None, "no shared agent token");
     // The web UI is served (only with --ui-password-file), its login from the Secret
     // documented for it: the password (or its hash) as a file, the user name as a variable.
     let password = run

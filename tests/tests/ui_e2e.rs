@@ -262,6 +262,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
 
     let shots = artifacts_dir();
     std::fs::create_dir_all(&shots)?;
+    let agent_token = agent_token(addr, "node-e2e").await?;
     let out = run(
         Command::new("node")
             .arg(ui.join("tests/roles.mjs"))
@@ -275,7 +276,7 @@ async fn people_in_each_role_use_the_ui_and_the_cluster_shows_what_they_did() ->
                 "NEMESIS_E2E_WAKE",
                 json!({
                     "path": "/v1/agents/wake",
-                    "token": AGENT_TOKEN,
+                    "token": agent_token,
                     "body": {"node": "node-e2e", "service": svc, "heldConnections": 1},
                 })
                 .to_string(),

@@ -1,5 +1,6 @@
 //! The HTTP endpoints agents call (`POST /v1/agents/heartbeat`, `POST /v1/agents/wake`):
-//! bearer-token auth before any body is read, bounded bodies, and JSON errors that say
+//! authentication before any body is read (see `identity`), each agent only for its
+//! own node, bounded bodies, and JSON errors that say
 //! what was wrong. Handlers only translate; the registry and the wake gate decide.
 
 use std::sync::Arc;
@@ -8,16 +9,16 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router, middleware};
+use axum::{Extension, Json, Router, middleware};
 use http::StatusCode;
 use nemesis_common::wire::{
     Heartbeat, HeartbeatReply, LoadReply, LoadReport, ServiceRef, WakeReply, WakeRequest,
 };
 use tokio::time::Instant;
 
+use super::identity::{AgentAuth, AgentIdentity, check_node, require_agent};
 use super::registry::AgentRegistry;
 use super::wake::{WakeGate, WakeOutcome};
-use crate::auth::{BearerToken, require_bearer};
 
 pub const HEARTBEAT_PATH: &str = "/v1/agents/heartbeat";
 pub const WAKE_PATH: &str = "/v1/agents/wake";
@@ -37,12 +38,14 @@ pub const MAX_WAKE_BYTES: usize = 16 << 10;
 pub struct AgentApi {
     pub registry: Arc<AgentRegistry>,
     pub wakes: Arc<WakeGate>,
-    pub token: BearerToken,
+    pub auth: AgentAuth,
 }
 
-/// The agent endpoints, authenticated with `api.token`.
+/// The agent endpoints, authenticated by `api.auth`; with per-agent tokens a caller
+/// speaks only for its own node (heartbeats, and the acknowledgements they carry, and
+/// wake-ups).
 pub fn agent_routes(api: AgentApi) -> Router {
-    let token = api.token.clone();
+    let auth = api.auth.clone();
     Router::new()
         .route(
             HEARTBEAT_PATH,
@@ -56,7 +59,7 @@ pub fn agent_routes(api: AgentApi) -> Router {
             LOADS_PATH,
             post(loads).layer(DefaultBodyLimit::max(MAX_LOADS_BYTES)),
         )
-        .route_layer(middleware::from_fn_with_state(token, require_bearer))
+        .route_layer(middleware::from_fn_with_state(auth, require_agent))
         .with_state(api)
 }
 
@@ -169,33 +172,47 @@ pub fn check_wake(req: &WakeRequest) -> Result<(), ApiError> {
     check_service("wake", &req.service)
 }
 
+impl From<super::identity::Refusal> for ApiError {
+    fn from(r: super::identity::Refusal) -> Self {
+        ApiError::new(r.status(), r.message)
+    }
+}
+
 async fn heartbeat(
     State(api): State<AgentApi>,
+    identity: Option<Extension<AgentIdentity>>,
     body: Result<Json<Heartbeat>, JsonRejection>,
 ) -> Result<Json<HeartbeatReply>, ApiError> {
     let Json(hb) =
         body.map_err(|r| ApiError::from_json_rejection("heartbeat", MAX_HEARTBEAT_BYTES, r))?;
     check_heartbeat(&hb)?;
+    check_node(&api.auth, identity.as_deref(), "heartbeat", &hb.node)?;
     tracing::debug!(node = %hb.node, services = hb.services.len(), "heartbeat");
     Ok(Json(api.registry.heartbeat(hb, Instant::now())))
 }
 
 async fn loads(
     State(api): State<AgentApi>,
+    identity: Option<Extension<AgentIdentity>>,
     body: Result<Json<LoadReport>, JsonRejection>,
 ) -> Result<Json<LoadReply>, ApiError> {
     let Json(report) =
         body.map_err(|r| ApiError::from_json_rejection("loads", MAX_LOADS_BYTES, r))?;
     check_loads(&report)?;
+    // An agent reports only its own node's load: another node's would steer every
+    // node's choices.
+    check_node(&api.auth, identity.as_deref(), "loads", &report.node)?;
     Ok(Json(api.registry.loads().report(report, Instant::now())))
 }
 
 async fn wake(
     State(api): State<AgentApi>,
+    identity: Option<Extension<AgentIdentity>>,
     body: Result<Json<WakeRequest>, JsonRejection>,
 ) -> Result<Json<WakeReply>, ApiError> {
     let Json(req) = body.map_err(|r| ApiError::from_json_rejection("wake", MAX_WAKE_BYTES, r))?;
     check_wake(&req)?;
+    check_node(&api.auth, identity.as_deref(), "wake-up", &req.node)?;
     let outcome = api.wakes.wake(&req, Instant::now());
     tracing::info!(service = %req.service, node = %req.node, held = req.held_connections, ?outcome, "wake-up");
     let (accepted, message) = match outcome {

@@ -77,6 +77,18 @@ pub fn service_account_user(
             vec![pod.uid.clone()],
         );
     }
+    if let Some(node) = &k.node {
+        extra.insert(
+            "authentication.kubernetes.io/node-name".into(),
+            vec![node.name.clone()],
+        );
+        if !node.uid.is_empty() {
+            extra.insert(
+                "authentication.kubernetes.io/node-uid".into(),
+                vec![node.uid.clone()],
+            );
+        }
+    }
     extra.insert(
         "authentication.kubernetes.io/credential-id".into(),
         vec![format!("JTI={}", claims.jti)],

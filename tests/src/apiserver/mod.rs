@@ -269,6 +269,31 @@ impl TestApiServer {
             .to_owned())
     }
 
+    /// The token a TokenRequest `body` (`spec.audiences`, `spec.boundObjectRef`,
+    /// `spec.expirationSeconds`) for ServiceAccount `namespace/name` would have given at
+    /// `issued_at` (Unix seconds): in the past, an already expired token signed by this
+    /// server's key, which no TokenRequest can return.
+    pub fn service_account_token_issued_at(
+        &self,
+        namespace: &str,
+        name: &str,
+        body: &serde_json::Value,
+        issued_at: i64,
+    ) -> Result<String, Error> {
+        let st = self.shared.lock();
+        let answer =
+            reviews::token_request_at(&st, &self.shared.signer, namespace, name, body, issued_at)
+                .map_err(|source| Error::IssueToken {
+                namespace: namespace.into(),
+                name: name.into(),
+                source: Box::new(source),
+            })?;
+        Ok(answer["status"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     /// Writes a kubeconfig for this server that authenticates with `token` (for kubectl
     /// or a client acting as that user).
     pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), Error> {

@@ -165,6 +165,19 @@ pub fn token_request(
     name: &str,
     body: &Value,
 ) -> Result<Value, ApiError> {
+    token_request_at(st, signer, ns, name, body, chrono::Utc::now().timestamp())
+}
+
+/// [`token_request`] as if asked at `now` (Unix seconds): tests make expired tokens
+/// with a `now` in the past.
+pub fn token_request_at(
+    st: &State,
+    signer: &Signer,
+    ns: &str,
+    name: &str,
+    body: &Value,
+    now: i64,
+) -> Result<Value, ApiError> {
     let sa_key: StoreKey = (String::new(), "serviceaccounts".into());
     let sa = st
         .get(&sa_key, ns, name)
@@ -207,6 +220,7 @@ pub fn token_request(
         audiences = vec![tokens::ISSUER.to_owned()];
     }
     let bound = &spec["boundObjectRef"];
+    let mut node = None;
     let pod = match bound["kind"].as_str() {
         None => None,
         Some("Pod") => {
@@ -227,6 +241,18 @@ pub fn token_request(
                     ),
                 ));
             }
+            // As upstream: a token bound to a scheduled pod also names its node, so a
+            // TokenReview can say which node the bearer runs on.
+            if let Some(n) = p["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+                let uid = st
+                    .get(&(String::new(), "nodes".into()), "", n)
+                    .map(|o| meta::uid(o).to_owned())
+                    .unwrap_or_default();
+                node = Some(Ref {
+                    name: n.to_owned(),
+                    uid,
+                });
+            }
             Some(Ref {
                 name: pname.to_owned(),
                 uid: uid.to_owned(),
@@ -240,7 +266,6 @@ pub fn token_request(
             ));
         }
     };
-    let now = chrono::Utc::now().timestamp();
     let claims = Claims {
         iss: tokens::ISSUER.into(),
         sub: format!("{}{ns}:{name}", rbac::SA_PREFIX),
@@ -256,6 +281,7 @@ pub fn token_request(
                 uid: meta::uid(sa).to_owned(),
             },
             pod,
+            node,
         },
     };
     let token = signer.sign(&claims);

@@ -31,6 +31,10 @@ pub struct KubeClaim {
     pub serviceaccount: Ref,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<Ref>,
+    /// The node the bound pod was scheduled to when the token was issued (upstream's
+    /// `ServiceAccountTokenPodNodeInfo`, on by default since 1.30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Ref>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +180,7 @@ mod tests {
                     uid: "u".into(),
                 },
                 pod: None,
+                node: None,
             },
         }
     }

@@ -30,7 +30,6 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Distinct targets, one wake-up each: enough for a stable 99th percentile (the two
 /// slowest of 200), few enough to set up in seconds.
 const TARGETS: usize = 200;
-const TOKEN: &str = "bench-wake-token";
 
 #[derive(Parser)]
 struct Cli {
@@ -118,8 +117,6 @@ async fn run(latencies: Arc<Mutex<Vec<u64>>>) -> anyhow::Result<()> {
     }
 
     let dir = tempfile::tempdir()?;
-    let token = dir.path().join("agent-token");
-    std::fs::write(&token, TOKEN)?;
     let args = Cli::try_parse_from([
         "bench-wake".to_string(),
         "--listen".into(),
@@ -128,13 +125,13 @@ async fn run(latencies: Arc<Mutex<Vec<u64>>>) -> anyhow::Result<()> {
         "127.0.0.1:0".into(),
         "--lease-namespace".into(),
         "default".into(),
-        "--agent-token-file".into(),
-        token.display().to_string(),
         "--store-path".into(),
         dir.path().join("history.redb").display().to_string(),
     ])?
     .run;
     let controller = nemesis_controller::app::start(&args, client.clone()).await?;
+    // The wake-ups come as the agent of node `bench` sends them, with its own token.
+    let token = nemesis_tests::agent_token::mint_agent_token(&client, "bench").await?;
     let mut leading = controller.leading();
     tokio::time::timeout(Duration::from_secs(30), leading.wait_for(|l| *l))
         .await
@@ -163,7 +160,7 @@ async fn run(latencies: Arc<Mutex<Vec<u64>>>) -> anyhow::Result<()> {
         let body = json!({"node": "bench", "heldConnections": 1,
                           "service": {"namespace": "default", "name": format!("t{i}")}});
         let req = http::Request::post(format!("http://{}/v1/agents/wake", controller.api_addr))
-            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(serde_json::to_vec(&body)?)))?;
         let resp = tokio::time::timeout(Duration::from_secs(5), http.request(req)).await??;

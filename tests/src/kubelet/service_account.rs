@@ -89,27 +89,7 @@ pub async fn project(
     if !automount {
         return Ok(None);
     }
-    let req: TokenRequest = serde_json::from_value(json!({"spec": {
-        "audiences": [],
-        "expirationSeconds": EXPIRATION_SECS,
-        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid()},
-    }}))
-    .expect("a valid TokenRequest");
-    let answer = call(accounts.create_token_request(&name, &PostParams::default(), &req))
-        .await
-        .map_err(|source| ServiceAccountError::RequestToken {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            source,
-        })?;
-    let token = answer
-        .status
-        .and_then(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ServiceAccountError::NoToken {
-            namespace: namespace.clone(),
-            name: name.clone(),
-        })?;
+    let token = bound_token(client, pod, &[], EXPIRATION_SECS).await?;
     std::fs::create_dir_all(dir).map_err(|source| ServiceAccountError::Write {
         path: dir.to_path_buf(),
         source,
@@ -120,4 +100,41 @@ pub async fn project(
         write_atomically(&dir.join("ca.crt"), ca.as_bytes())?;
     }
     Ok(Some(dir.to_path_buf()))
+}
+
+/// A token from TokenRequest for `pod`'s ServiceAccount, bound to the pod, for
+/// `audiences` (none: the API server's own), living `expiration_secs`: what the kubelet
+/// writes for the default token and for a projected `serviceAccountToken` source.
+pub async fn bound_token(
+    client: &Client,
+    pod: &Pod,
+    audiences: &[String],
+    expiration_secs: i64,
+) -> Result<String, ServiceAccountError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let namespace = pod.namespace().unwrap_or_else(|| "default".into());
+    let name = spec
+        .service_account_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    let req: TokenRequest = serde_json::from_value(json!({"spec": {
+        "audiences": audiences,
+        "expirationSeconds": expiration_secs,
+        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.name_any(), "uid": pod.uid()},
+    }}))
+    .expect("a valid TokenRequest");
+    let answer = call(accounts.create_token_request(&name, &PostParams::default(), &req))
+        .await
+        .map_err(|source| ServiceAccountError::RequestToken {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    answer
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or(ServiceAccountError::NoToken { namespace, name })
 }

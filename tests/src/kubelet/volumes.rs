@@ -3,7 +3,9 @@
 //! become files in the pod's directory (`items` or every key, `defaultMode`), `emptyDir`
 //! a directory of the pod, `hostPath` the host's path (created for
 //! `DirectoryOrCreate`), a `persistentVolumeClaim` a directory of the node that outlives
-//! the pod (a local-path provisioner's job), owned by the pod's `fsGroup`. A missing
+//! the pod (a local-path provisioner's job), owned by the pod's `fsGroup`, a `projected`
+//! volume one directory of pod-bound ServiceAccount tokens (audience, lifetime, path as
+//! asked; not refreshed before they expire) and Secret and ConfigMap keys. A missing
 //! Secret, ConfigMap or claim is a retryable failure (the pod waits in
 //! `ContainerCreating`, as on a cluster until the Secret is created); an unsupported
 //! volume type is said by name. Also writes the pod's `/etc/hosts`: localhost, the pod's
@@ -17,12 +19,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, KeyToPath, PersistentVolumeClaim, Pod, Secret, Service, Volume,
+    ConfigMap, KeyToPath, PersistentVolumeClaim, Pod, ProjectedVolumeSource, Secret, Service,
+    Volume,
 };
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
 use super::call::{CallError, call};
+use super::service_account;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -54,6 +58,8 @@ pub enum VolumeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("volume \"{volume}\": requesting the ServiceAccount token: {message}")]
+    Token { volume: String, message: String },
     #[error("listing Services for /etc/hosts: {0}")]
     ListServices(CallError),
 }
@@ -153,18 +159,31 @@ fn write_keys(
     mode: u32,
     optional: bool,
 ) -> Result<(), VolumeError> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-        .map_err(write_err(dir))?;
-    let files: Vec<(String, &Vec<u8>, u32)> = match items {
+    let files = select_keys(volume, kind, name, data, items, mode, optional)?;
+    write_files(dir, files)
+}
+
+/// The files one Secret or ConfigMap source makes: `(relative path, bytes, mode)`.
+#[allow(clippy::too_many_arguments, reason = "one volume's source, all needed")]
+fn select_keys(
+    volume: &str,
+    kind: &'static str,
+    name: &str,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    mode: u32,
+    optional: bool,
+) -> Result<Vec<(String, Vec<u8>, u32)>, VolumeError> {
+    match items {
         Some(items) => {
             let mut out = Vec::new();
             for item in items {
                 match data.get(&item.key) {
-                    Some(v) => {
-                        out.push((item.path.clone(), v, item.mode.map_or(mode, |m| m as u32)))
-                    }
+                    Some(v) => out.push((
+                        item.path.clone(),
+                        v.clone(),
+                        item.mode.map_or(mode, |m| m as u32),
+                    )),
                     None if optional => {}
                     None => {
                         return Err(VolumeError::MissingKey {
@@ -176,10 +195,21 @@ fn write_keys(
                     }
                 }
             }
-            out
+            Ok(out)
         }
-        None => data.iter().map(|(k, v)| (k.clone(), v, mode)).collect(),
-    };
+        None => Ok(data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone(), mode))
+            .collect()),
+    }
+}
+
+/// Replaces `dir` with exactly `files`.
+fn write_files(dir: &Path, files: Vec<(String, Vec<u8>, u32)>) -> Result<(), VolumeError> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(write_err(dir))?;
     for (rel, bytes, mode) in files {
         let path = dir.join(rel.trim_start_matches('/'));
         if let Some(parent) = path.parent() {
@@ -190,6 +220,82 @@ fn write_keys(
             .map_err(write_err(&path))?;
     }
     Ok(())
+}
+
+/// The files of a `projected` volume: ServiceAccount tokens bound to `pod` for the
+/// audience asked (as the kubelet's token manager requests them), and Secret and
+/// ConfigMap keys, all in one directory.
+async fn projected_files(
+    client: &Client,
+    pod: &Pod,
+    volume: &str,
+    p: &ProjectedVolumeSource,
+    secrets: &Api<Secret>,
+    config_maps: &Api<ConfigMap>,
+) -> Result<Vec<(String, Vec<u8>, u32)>, VolumeError> {
+    let mode = p.default_mode.unwrap_or(0o644) as u32;
+    let mut files = Vec::new();
+    for source in p.sources.iter().flatten() {
+        if let Some(t) = &source.service_account_token {
+            let audiences: Vec<String> = t.audience.iter().cloned().collect();
+            let expiration = t
+                .expiration_seconds
+                .unwrap_or(service_account::EXPIRATION_SECS);
+            let token = service_account::bound_token(client, pod, &audiences, expiration)
+                .await
+                .map_err(|e| VolumeError::Token {
+                    volume: volume.into(),
+                    message: e.to_string(),
+                })?;
+            files.push((t.path.clone(), token.into_bytes(), mode));
+        } else if let Some(s) = &source.secret {
+            let optional = s.optional.unwrap_or(false);
+            match secret_data(secrets, &s.name).await? {
+                Some(d) => files.extend(select_keys(
+                    volume,
+                    "secret",
+                    &s.name,
+                    &d,
+                    s.items.as_ref(),
+                    mode,
+                    optional,
+                )?),
+                None if optional => {}
+                None => {
+                    return Err(VolumeError::Missing {
+                        kind: "secret",
+                        name: s.name.clone(),
+                    });
+                }
+            }
+        } else if let Some(c) = &source.config_map {
+            let optional = c.optional.unwrap_or(false);
+            match config_map_data(config_maps, &c.name).await? {
+                Some(d) => files.extend(select_keys(
+                    volume,
+                    "configmap",
+                    &c.name,
+                    &d,
+                    c.items.as_ref(),
+                    mode,
+                    optional,
+                )?),
+                None if optional => {}
+                None => {
+                    return Err(VolumeError::Missing {
+                        kind: "configmap",
+                        name: c.name.clone(),
+                    });
+                }
+            }
+        } else {
+            return Err(VolumeError::Unsupported {
+                volume: volume.into(),
+                what: "this projected source (supported: serviceAccountToken, secret, configMap)",
+            });
+        }
+    }
+    Ok(files)
 }
 
 /// A directory writable by the pod's `fsGroup`, as the kubelet's ownership management
@@ -263,6 +369,7 @@ pub async fn prepare(
         host_path: host,
         empty_dir,
         persistent_volume_claim,
+        projected,
         ..
     } in spec.volumes.iter().flatten().cloned()
     {
@@ -328,6 +435,13 @@ pub async fn prepare(
                 path: host_path(&name, &h.path, h.type_.as_deref().unwrap_or(""))?,
                 read_only: false,
             }
+        } else if let Some(p) = projected {
+            let files = projected_files(client, pod, &name, &p, &secrets, &config_maps).await?;
+            write_files(&dir, files)?;
+            Ready {
+                path: dir,
+                read_only: true,
+            }
         } else if empty_dir.is_some() {
             own_dir(&dir, fs_group)?;
             Ready {
@@ -360,7 +474,7 @@ pub async fn prepare(
         } else {
             return Err(VolumeError::Unsupported {
                 volume: name,
-                what: "this volume type (supported: secret, configMap, hostPath, emptyDir, persistentVolumeClaim)",
+                what: "this volume type (supported: secret, configMap, projected, hostPath, emptyDir, persistentVolumeClaim)",
             });
         };
         out.volumes.insert(name, ready);

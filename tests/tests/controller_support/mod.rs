@@ -35,7 +35,6 @@ use nemesis_tests::apiserver::TestApiServer;
 use serde_json::{Value, json};
 use tokio_util::task::AbortOnDropHandle;
 
-pub const AGENT_TOKEN: &str = "agent-token-for-controller-tests";
 pub const ALERT_TOKEN: &str = "alertmanager-token-for-controller-tests";
 
 pub fn init_tracing() {
@@ -70,15 +69,11 @@ struct Cli {
 /// The settings every test controller shares: loopback ports picked by the kernel,
 /// short leases and ticks so a test runs in seconds, files in `dir`.
 pub fn run_args(dir: &Path, extra: &[&str]) -> anyhow::Result<RunArgs> {
-    let agent_token = dir.join("agent-token");
-    std::fs::write(&agent_token, format!("{AGENT_TOKEN}\n"))?;
     let alert_token = dir.join("alert-token");
     std::fs::write(&alert_token, ALERT_TOKEN)?;
     let store = dir.join("history.redb");
     let mut args = nemesis_tests::controller_flags::argv_with_defaults(extra);
     args.extend([
-        "--agent-token-file".into(),
-        agent_token.display().to_string(),
         "--alertmanager-token-file".into(),
         alert_token.display().to_string(),
         "--store-path".into(),
@@ -96,8 +91,54 @@ pub async fn start_controller(
 ) -> anyhow::Result<Running> {
     let args = run_args(dir, extra)?;
     let client = server.client().await?;
-    Ok(app::start(&args, client).await?)
+    let c = app::start(&args, client.clone()).await?;
+    register_agent_api(c.api_addr, client);
+    Ok(c)
 }
+
+// === agent identities ===
+
+/// The API server behind each controller's agent API (by address), so test agents and
+/// wake-ups can get a token of their node's own from the controller's address alone.
+type Issuers = Mutex<BTreeMap<SocketAddr, (Client, BTreeMap<String, String>)>>;
+
+fn issuers() -> &'static Issuers {
+    static ISSUERS: std::sync::OnceLock<Issuers> = std::sync::OnceLock::new();
+    ISSUERS.get_or_init(Default::default)
+}
+
+/// Lets [`agent_token`] mint tokens for the controller listening at `api_addr`.
+pub fn register_agent_api(api_addr: SocketAddr, client: Client) {
+    issuers()
+        .lock()
+        .unwrap()
+        .insert(api_addr, (client, BTreeMap::new()));
+}
+
+/// A token as the agent of `node` has it: from a TokenRequest for the agents'
+/// ServiceAccount with the controller's audience, bound to a pod scheduled to `node`
+/// (made here: `nemesis-agent-<node>`), from the API server behind the controller at
+/// `api_addr`. Cached per controller and node.
+pub async fn agent_token(api_addr: SocketAddr, node: &str) -> anyhow::Result<String> {
+    let client = {
+        let map = issuers().lock().unwrap();
+        let (client, tokens) = map
+            .get(&api_addr)
+            .with_context(|| format!("no controller registered at {api_addr}"))?;
+        if let Some(t) = tokens.get(node) {
+            return Ok(t.clone());
+        }
+        client.clone()
+    };
+    let token = mint_agent_token(&client, node).await?;
+    if let Some((_, tokens)) = issuers().lock().unwrap().get_mut(&api_addr) {
+        tokens.insert(node.to_owned(), token.clone());
+    }
+    Ok(token)
+}
+
+#[allow(unused_imports, reason = "each test file uses its own subset")]
+pub use nemesis_tests::agent_token::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, mint_agent_token};
 
 pub async fn wait_leading(c: &Running, within: Duration) -> anyhow::Result<()> {
     let mut rx = c.leading();
@@ -285,10 +326,11 @@ impl Http {
         svc: &ServiceRef,
         held: u32,
     ) -> anyhow::Result<(u16, Value)> {
+        let token = agent_token(addr, node).await?;
         self.post(
             addr,
             "/v1/agents/wake",
-            AGENT_TOKEN,
+            &token,
             &json!({"node": node, "service": svc, "heldConnections": held}),
         )
         .await
@@ -439,9 +481,10 @@ async fn heartbeats(
         }
         let addrs = targets.lock().unwrap().clone();
         for addr in addrs {
-            let Ok((200, reply)) = http
-                .post(addr, "/v1/agents/heartbeat", AGENT_TOKEN, &body)
-                .await
+            let Ok(token) = agent_token(addr, &node).await else {
+                continue;
+            };
+            let Ok((200, reply)) = http.post(addr, "/v1/agents/heartbeat", &token, &body).await
             else {
                 continue;
             };

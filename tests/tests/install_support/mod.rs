@@ -171,18 +171,8 @@ impl Installed {
         let run = env.dir.path().join("run");
         env.kubectl(&["apply", "-k", &run.display().to_string()])
             .await?;
-        // The Secrets, by hand, as the README's install does (after the apply: the pods
+        // The Secret, by hand, as the README's install does (after the apply: the pods
         // wait for them in ContainerCreating).
-        env.kubectl(&[
-            "-n",
-            SYSTEM_NS,
-            "create",
-            "secret",
-            "generic",
-            "nemesis-agent-token",
-            "--from-literal=token=install-test-agent-token",
-        ])
-        .await?;
         env.kubectl(&[
             "-n",
             SYSTEM_NS,

@@ -631,11 +631,19 @@ impl WakeEnv {
         let controller = TestController::start(client.clone(), sc.scale_on_wake).await?;
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("agent-token");
-        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
         let real = match &opts.real_controller {
             Some(extra) => Some(start_real_controller(controller_client, dir.path(), extra).await?),
             None => None,
         };
+        // The real controller reviews the agent's own token (bound to a pod of this
+        // node); the test controller takes its fixed one.
+        let token = match &real {
+            Some(_) => {
+                nemesis_tests::agent_token::mint_agent_token(&client, sandbox.node_name()).await?
+            }
+            None => TOKEN.to_owned(),
+        };
+        std::fs::write(&token_file, format!("{token}\n"))?;
         let controller_url = real.as_ref().map_or_else(
             || controller.url.clone(),
             |r| format!("http://{}", r.api_addr),
@@ -929,8 +937,8 @@ struct ControllerCli {
     run: RunArgs,
 }
 
-/// The real controller against `server`, with its tokens and history in `dir` (the
-/// agent token file is already there), loopback ports picked by the kernel, and ticks and
+/// The real controller against `server` (agents authenticate with their own
+/// ServiceAccount tokens), with its alert token and history in `dir`, loopback ports picked by the kernel, and ticks and
 /// leases short enough for a test; waits until it leads.
 async fn start_real_controller(
     client: Client,
@@ -941,7 +949,6 @@ async fn start_real_controller(
     std::fs::write(&alert_token, ALERT_TOKEN)?;
     let mut args = nemesis_tests::controller_flags::argv_with_defaults(extra);
     for (flag, path) in [
-        ("--agent-token-file", dir.join("agent-token")),
         ("--alertmanager-token-file", alert_token),
         ("--store-path", dir.join("history.redb")),
     ] {

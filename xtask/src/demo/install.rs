@@ -112,25 +112,11 @@ impl Demo {
             &["apply", "-k", &install.display().to_string()],
             KUBECTL_TIMEOUT,
         )?;
-        // The Secrets, by hand as manifests/README.md says (from files: no secret on a
+        // The Secret, by hand as manifests/README.md says (from files: no secret on a
         // command line). The pods wait for them in ContainerCreating.
-        let token = self.layout.dir.join("agent-token");
-        write_secret(&token, &random_hex(24))?;
         let password = random_hex(12);
         let password_file = self.layout.dir.join("ui-password");
         write_secret(&password_file, &password)?;
-        kubectl.run(
-            &[
-                "-n",
-                SYSTEM_NS,
-                "create",
-                "secret",
-                "generic",
-                "nemesis-agent-token",
-                &format!("--from-file=token={}", token.display()),
-            ],
-            KUBECTL_TIMEOUT,
-        )?;
         kubectl.run(
             &[
                 "-n",
