@@ -199,7 +199,7 @@ async fn install_crd(client: &Client) -> anyhow::Result<()> {
     .await
 }
 
-async fn install_alertrule_crd(client: &Client) -> anyhow::Result<()> {
+pub async fn install_alertrule_crd(client: &Client) -> anyhow::Result<()> {
     use kube::CustomResourceExt as _;
     use nemesis_controller::notify::rule::AlertRule;
     Api::<CustomResourceDefinition>::all(client.clone())
@@ -929,6 +929,11 @@ async fn start_agent(argv: &[String], client: &Client) -> anyhow::Result<Agent> 
 /// controller's receiver, as Alertmanager's webhook would.
 pub async fn post_alert(env: &WakeEnv, alert: &str, firing: bool) -> anyhow::Result<()> {
     let addr = env.real.as_ref().context("the real controller")?.api_addr;
+    post_alert_to(addr, alert, firing).await
+}
+
+/// [`post_alert`] to the controller API at `addr` (one outside the [`WakeEnv`]).
+pub async fn post_alert_to(addr: SocketAddr, alert: &str, firing: bool) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let status = if firing { "firing" } else { "resolved" };
     // As Alertmanager: one fingerprint per label set, and a firing that follows a
