@@ -1306,6 +1306,11 @@ impl WakeEnv {
         self.start_agent_again().await
     }
 
+    /// The agent's command line with `flags` changed (to run it as a process).
+    pub fn agent_command_line(&self, flags: &[(&str, String)]) -> Vec<String> {
+        with_flags(&self.agent_argv, flags)
+    }
+
     /// A second agent of the same instance beside the running one (a DaemonSet's
     /// surge), with `flags` changed, e.g. `--proxy-v4` at the first agent's port. The
     /// caller stops it (it does not detach unless `--detach-on-exit` stays set).
