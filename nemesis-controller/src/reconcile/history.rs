@@ -156,7 +156,7 @@ async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: Con
             reopen |= Store::needs_reopen(&e);
             // The first failure of a streak, then one in a hundred: a full disk fails
             // every write until someone frees room.
-            if failing % 100 == 0 {
+            if failing.is_multiple_of(100) {
                 tracing::warn!(err = %e, path = %store.path().display(), failures = failing + 1, "writing to the history failed; records wait for the disk");
             }
             failing += 1;
