@@ -300,6 +300,9 @@ pub struct ControllerMetrics {
     ui_refusals: Family<UiRefusalLabels, Counter>,
     agent_auth_refused: Family<AgentAuthLabels, Counter>,
     alerts_raised: Counter,
+    /// `nemesis_controller_history_write_errors_total`: history records not committed
+    /// (disk full, I/O errors); they are retried, and the count says the disk needs care.
+    history_write_errors: Counter,
     alert_deliveries: Family<DeliveryLabels, Counter>,
     alert_outbox_pending: Gauge,
     /// `nemesis_controller_http_rejected_total{listener, reason}`: the listeners' limits.
@@ -393,6 +396,12 @@ impl ControllerMetrics {
             "Alerts raised by AlertRules (repeats of a firing alert not counted)",
             alerts_raised.clone(),
         );
+        let history_write_errors = Counter::default();
+        registry.register(
+            "history_write_errors",
+            "History writes (transactions) that failed, e.g. with the volume full; the records are retried",
+            history_write_errors.clone(),
+        );
         let alert_deliveries = Family::<DeliveryLabels, Counter>::default();
         registry.register(
             "alert_deliveries",
@@ -410,6 +419,7 @@ impl ControllerMetrics {
         Self {
             http_rejected,
             alerts_raised,
+            history_write_errors,
             alert_deliveries,
             alert_outbox_pending,
             reconciles,
@@ -458,6 +468,12 @@ impl ControllerMetrics {
         self.ui_refusals
             .get_or_create(&UiRefusalLabels { reason })
             .get()
+    }
+
+    /// A history write failed (also counted as a `store` error).
+    pub fn history_write_failed(&self) {
+        self.history_write_errors.inc();
+        self.error(ErrorKind::Store);
     }
 
     pub fn error(&self, kind: ErrorKind) {

@@ -202,6 +202,8 @@ mod tests {
 
     fn api(leading: bool) -> (Router, watch::Sender<bool>) {
         let (wakes, _rx) = WakeGate::new(8, std::time::Duration::from_secs(60));
+        // Listed: an unmanaged Service is refused, not retried.
+        wakes.set_synced(true);
         let agents = AgentApi {
             registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
             wakes: Arc::new(wakes),

@@ -3,6 +3,7 @@
 
 pub mod agent_token;
 pub mod apiserver;
+pub mod chaos;
 pub mod controller_flags;
 pub mod controllers;
 pub mod crds;

@@ -25,11 +25,15 @@ const BENCHES: &[(&str, &str, &str)] = &[
 /// tests, because they need the test suite's environment (the sandbox, the real agent
 /// and controller in-process): run with `--ignored`, their figures are the stdout lines
 /// of the form `name=number`.
-const TEST_BENCHES: &[(&str, &str, &str)] = &[(
-    "wake_to_first_byte",
-    "nemesis-tests",
-    "bench_wake_first_byte",
-)];
+const TEST_BENCHES: &[(&str, &str, &str)] = &[
+    (
+        "wake_to_first_byte",
+        "nemesis-tests",
+        "bench_wake_first_byte",
+    ),
+    // 50 rounds of the leader SIGKILLed mid wake/sleep (the test suite runs 10).
+    ("failover_ms", "nemesis-tests", "chaos_leader"),
+];
 
 pub fn run(only: Option<&str>) -> Result<()> {
     crate::setup::run_setup_steps()?;

@@ -225,6 +225,12 @@ async fn wake(
                 "the controller cannot take wake-ups right now; retry",
             ));
         }
+        WakeOutcome::NotSynced => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the controller is still listing its policies after taking the lead; retry",
+            ));
+        }
     };
     Ok(Json(WakeReply { accepted, message }))
 }

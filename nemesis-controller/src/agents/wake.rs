@@ -41,11 +41,16 @@ pub enum WakeOutcome {
     NotManaged,
     /// The core's queue is full or gone; the agent should retry.
     CoreUnavailable,
+    /// Not managed (yet): this leader has not listed its policies since it took the
+    /// lead; the agent should retry rather than refuse its held connections.
+    NotSynced,
 }
 
 #[derive(Debug, Default)]
 struct State {
     managed: BTreeSet<ServiceRef>,
+    /// The policies are listed and their actors started (this term).
+    synced: bool,
     waking: BTreeMap<ServiceRef, Instant>,
 }
 
@@ -91,6 +96,13 @@ impl WakeGate {
         let mut st = self.lock();
         st.managed.clear();
         st.waking.clear();
+        st.synced = false;
+    }
+
+    /// Whether this leader has listed its policies and started their actors: until
+    /// then an unmanaged Service may be one whose actor is not running yet.
+    pub fn set_synced(&self, synced: bool) {
+        self.lock().synced = synced;
     }
 
     /// Passes a wake-up on unless one for the same Service is in flight. The check and
@@ -98,7 +110,11 @@ impl WakeGate {
     pub fn wake(&self, req: &WakeRequest, now: Instant) -> WakeOutcome {
         let mut st = self.lock();
         if !st.managed.contains(&req.service) {
-            return WakeOutcome::NotManaged;
+            return if st.synced {
+                WakeOutcome::NotManaged
+            } else {
+                WakeOutcome::NotSynced
+            };
         }
         if let Some(since) = st.waking.get(&req.service)
             && now.saturating_duration_since(*since) < self.reforward_after
@@ -158,6 +174,7 @@ mod tests {
     fn one_wake_in_flight_per_service_until_the_core_finishes_it() {
         let (gate, mut rx) = WakeGate::new(8, DEFAULT_REFORWARD_AFTER);
         let now = Instant::now();
+        gate.set_synced(true);
         assert_eq!(gate.wake(&req("a"), now), WakeOutcome::NotManaged);
         gate.set_managed(&req("a").service, true);
         assert_eq!(gate.wake(&req("a"), now), WakeOutcome::Forwarded);
@@ -167,6 +184,18 @@ mod tests {
         gate.finished(&req("a").service);
         assert_eq!(gate.wake(&req("b"), now), WakeOutcome::Forwarded);
         assert_eq!(rx.try_recv().unwrap().node, "b");
+    }
+
+    #[test]
+    fn an_unmanaged_service_is_retried_until_the_policies_are_listed_then_refused() {
+        let (gate, _rx) = WakeGate::new(8, DEFAULT_REFORWARD_AFTER);
+        let now = Instant::now();
+        assert_eq!(gate.wake(&req("a"), now), WakeOutcome::NotSynced);
+        gate.set_synced(true);
+        assert_eq!(gate.wake(&req("a"), now), WakeOutcome::NotManaged);
+        // Losing the lead forgets the listing too.
+        gate.unmanage_all();
+        assert_eq!(gate.wake(&req("a"), now), WakeOutcome::NotSynced);
     }
 
     #[test]

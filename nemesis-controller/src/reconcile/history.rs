@@ -84,15 +84,40 @@ impl History {
     }
 }
 
+/// Events whose write failed wait here for the disk (a full volume) and are written
+/// first once it takes writes again; beyond this many the oldest are dropped.
+const RETRY_CAP: usize = 4096;
+/// With records waiting, the disk is tried again this often even if nothing new comes.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
 async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: ControllerMetrics) {
     let mut compact = tokio::time::interval(COMPACT_EVERY);
     compact.tick().await;
+    let mut waiting: std::collections::VecDeque<Item> = Default::default();
+    // Failed writes since the last that went through.
+    let mut failing: u64 = 0;
+    let mut closed = false;
     loop {
+        if closed {
+            if !waiting.is_empty() {
+                tracing::warn!(
+                    records = waiting.len(),
+                    "shutting down with history records the disk did not take"
+                );
+            }
+            return;
+        }
         let first = tokio::select! {
-            item = rx.recv() => match item {
-                Some(i) => i,
-                None => return,
+            item = rx.recv(), if !closed => match item {
+                Some(i) => Some(i),
+                None if waiting.is_empty() => return,
+                // One last try for what waits, then stop.
+                None => {
+                    closed = true;
+                    None
+                }
             },
+            _ = tokio::time::sleep(RETRY_EVERY), if !waiting.is_empty() => None,
             _ = compact.tick() => {
                 let store = store.clone();
                 let now = unix_ms(SystemTime::now());
@@ -107,56 +132,118 @@ async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: Con
                 continue;
             }
         };
-        let mut batch = vec![first];
+        let mut batch: Vec<Item> = waiting.drain(..).collect();
+        batch.extend(first);
         while batch.len() < 4096 {
             match rx.try_recv() {
                 Ok(i) => batch.push(i),
                 Err(_) => break,
             }
         }
-        let store = store.clone();
-        let result = tokio::task::spawn_blocking(move || write_batch(&store, batch)).await;
-        match result {
-            Ok(errors) => {
-                for e in errors {
-                    metrics.error(ErrorKind::Store);
-                    tracing::warn!(err = %e, "writing to the history failed");
-                }
+        let store2 = store.clone();
+        let result = tokio::task::spawn_blocking(move || write_batch(&store2, batch)).await;
+        let failed = match result {
+            Ok(failed) => failed,
+            Err(e) => {
+                tracing::error!(err = %e, "the history write task failed");
+                continue;
             }
-            Err(e) => tracing::error!(err = %e, "the history write task failed"),
+        };
+        let (failed, skipped) = failed;
+        let mut reopen = false;
+        for (item, e) in failed {
+            metrics.history_write_failed();
+            reopen |= Store::needs_reopen(&e);
+            // The first failure of a streak, then one in a hundred: a full disk fails
+            // every write until someone frees room.
+            if failing.is_multiple_of(100) {
+                tracing::warn!(err = %e, path = %store.path().display(), failures = failing + 1, "writing to the history failed; records wait for the disk");
+            }
+            failing += 1;
+            keep(&mut waiting, item);
+        }
+        for item in skipped {
+            keep(&mut waiting, item);
+        }
+        if !reopen && failing > 0 && waiting.is_empty() {
+            tracing::info!(failures = failing, "history writes resumed");
+            failing = 0;
+        }
+        if reopen {
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.reopen()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(err = %e, "reopening the history failed; retrying"),
+                Err(e) => tracing::error!(err = %e, "the reopening task failed"),
+            }
         }
     }
 }
 
+/// Keeps an event whose write failed for the next attempt (samples are many, and a
+/// minute of them is no loss); beyond [`RETRY_CAP`] the oldest goes.
+fn keep(waiting: &mut std::collections::VecDeque<Item>, item: Item) {
+    if matches!(item, Item::Samples { .. }) {
+        return;
+    }
+    if waiting.len() == RETRY_CAP {
+        waiting.pop_front();
+        tracing::warn!("too many history records waiting for the disk; the oldest was dropped");
+    }
+    waiting.push_back(item);
+}
+
+/// What a batch left: the writes that failed with why, and those not tried after the
+/// disk failed (the store must be reopened first).
+type Failed = (Vec<(Item, StoreError)>, Vec<Item>);
+
 /// Commits a batch: every event on its own, samples of one moment in one transaction.
-fn write_batch(store: &Store, batch: Vec<Item>) -> Vec<StoreError> {
-    let mut errors = Vec::new();
+fn write_batch(store: &Store, batch: Vec<Item>) -> Failed {
+    let mut failed = Vec::new();
+    let mut skipped = Vec::new();
+    let mut disk_failed = false;
     let mut samples: std::collections::BTreeMap<u64, Vec<(PolicyId, String, f64)>> =
         Default::default();
     for item in batch {
-        let r = match item {
-            Item::Transition(t) => store.record_transition(&t).map(drop),
-            Item::Scale(s) => store.record_scale(&s).map(drop),
-            Item::ColdStart(c) => store.record_cold_start(&c).map(drop),
+        if disk_failed {
+            skipped.push(item);
+            continue;
+        }
+        let r = match &item {
+            Item::Transition(t) => store.record_transition(t).map(drop),
+            Item::Scale(s) => store.record_scale(s).map(drop),
+            Item::ColdStart(c) => store.record_cold_start(c).map(drop),
             Item::Samples {
                 at_ms,
                 policy,
                 values,
             } => {
-                let at = samples.entry(at_ms).or_default();
-                at.extend(values.into_iter().map(|(m, v)| (policy.clone(), m, v)));
+                let at = samples.entry(*at_ms).or_default();
+                at.extend(values.iter().map(|(m, v)| (policy.clone(), m.clone(), *v)));
                 Ok(())
             }
         };
         if let Err(e) = r {
-            errors.push(e);
+            disk_failed = Store::needs_reopen(&e);
+            failed.push((item, e));
         }
+    }
+    if disk_failed {
+        return (failed, skipped);
     }
     for (at_ms, values) in samples {
         let r = store.record_samples(at_ms, values.iter().map(|(p, m, v)| (p, m.as_str(), *v)));
         if let Err(e) = r {
-            errors.push(e);
+            let item = Item::Samples {
+                at_ms,
+                policy: values
+                    .first()
+                    .map(|(p, _, _)| p.clone())
+                    .unwrap_or_else(|| PolicyId::new("", "")),
+                values: vec![],
+            };
+            failed.push((item, e));
         }
     }
-    errors
+    (failed, skipped)
 }

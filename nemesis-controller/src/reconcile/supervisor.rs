@@ -286,6 +286,7 @@ pub async fn run_term(
                 }
             }
         }
+        ctx.wakes.set_synced(policies_synced && hpas_synced);
         synced.send_if_modified(|s| {
             let now = policies_synced && hpas_synced;
             std::mem::replace(s, now) != now

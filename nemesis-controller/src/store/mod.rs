@@ -79,6 +79,11 @@ pub enum StoreError {
          controller understands; refusing to touch it (was the controller downgraded?)"
     )]
     SchemaTooNew { found: u64, supported: u64 },
+    #[error(
+        "the history database at {} is closed after a disk error; reopening it is retried",
+        path.display()
+    )]
+    Closed { path: PathBuf },
     #[error("no upgrade step from history schema version {from} to {}", from + 1)]
     MissingUpgradeStep { from: u64 },
 }
@@ -112,7 +117,9 @@ pub struct CompactionReport {
 }
 
 pub struct Store {
-    db: Database,
+    /// Behind a lock so that [`Store::reopen`] can replace it after an I/O error (redb
+    /// refuses every later transaction with `PreviousIo` until the file is reopened).
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
     retention: Retention,
     migration: Migration,
@@ -183,7 +190,7 @@ impl Store {
         txn.commit()?;
         tracing::info!(path = %path.display(), ?migration, "history store open");
         Ok(Self {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             path,
             retention,
             migration,
@@ -192,6 +199,63 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        // A panic while reopening leaves whatever handle there was: still worth a try.
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or_else(|| StoreError::Closed {
+            path: self.path.clone(),
+        })?;
+        Ok(db.begin_write()?)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or_else(|| StoreError::Closed {
+            path: self.path.clone(),
+        })?;
+        Ok(db.begin_read()?)
+    }
+
+    /// Closes and opens the file again, as redb asks after a write failed on I/O (a full
+    /// volume): until then every transaction fails with `PreviousIo`. Committed records
+    /// are on disk and stay; redb repairs the file on opening if it must. While the
+    /// file cannot be opened the store is closed (every call fails with
+    /// [`StoreError::Closed`]) and the next `reopen` tries again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The file lock goes with the old handle: drop it before opening again.
+        drop(db.take());
+        let fresh = Database::create(&self.path).map_err(|source| StoreError::OpenDatabase {
+            path: self.path.clone(),
+            source,
+        })?;
+        *db = Some(fresh);
+        tracing::debug!(path = %self.path.display(), "history store reopened");
+        Ok(())
+    }
+
+    /// Whether a write failed because of the disk (full, or another I/O error), so that
+    /// the file must be reopened before the next one.
+    pub fn needs_reopen(e: &StoreError) -> bool {
+        match e {
+            StoreError::Closed { .. } => true,
+            StoreError::AccessTable { source, .. } => {
+                matches!(source, StorageError::Io(_) | StorageError::PreviousIo)
+            }
+            StoreError::OpenTable {
+                source: redb::TableError::Storage(StorageError::Io(_) | StorageError::PreviousIo),
+                ..
+            } => true,
+            StoreError::Commit(redb::CommitError::Storage(
+                StorageError::Io(_) | StorageError::PreviousIo,
+            ))
+            | StoreError::BeginTransaction(redb::TransactionError::Storage(
+                StorageError::Io(_) | StorageError::PreviousIo,
+            )) => true,
+            _ => false,
+        }
     }
 
     pub fn retention(&self) -> Retention {
@@ -225,7 +289,7 @@ impl Store {
         at_ms: u64,
         samples: impl IntoIterator<Item = (&'a PolicyId, &'a str, f64)>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut table = open_table(&txn, METRIC_SAMPLES)?;
             for (policy, metric, value) in samples {
@@ -242,7 +306,7 @@ impl Store {
     /// Records many transitions in one transaction (importing history, benchmarks):
     /// sequence numbers as [`Store::record_transition`] would give them, in order.
     pub fn record_transitions(&self, recs: &[TransitionRecord]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut meta = open_table(&txn, META)?;
             let mut seq = meta
@@ -274,7 +338,7 @@ impl Store {
         &self,
         samples: impl IntoIterator<Item = (u64, &'a PolicyId, &'a str, f64)>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut table = open_table(&txn, METRIC_SAMPLES)?;
             for (at_ms, policy, metric, value) in samples {
@@ -296,7 +360,7 @@ impl Store {
         rec: &T,
     ) -> Result<u64, StoreError> {
         let bytes = encode(def, rec)?;
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let seq = {
             let mut meta = open_table(&txn, META)?;
             let seq = meta
@@ -372,7 +436,7 @@ impl Store {
         keys: &[(&PolicyId, &str)],
         window: Range<u64>,
     ) -> Result<Vec<Option<MetricPoint>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let table = txn
             .open_table(METRIC_SAMPLES)
             .map_err(|source| StoreError::OpenTable {
@@ -501,7 +565,7 @@ impl Store {
         def: TableDefinition<K, &'static [u8]>,
         range: Range<K::SelfType<'k>>,
     ) -> Result<redb::Range<'static, K, &'static [u8]>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let table = txn
             .open_table(def)
             .map_err(|source| StoreError::OpenTable {
@@ -519,7 +583,7 @@ impl Store {
     pub fn compact(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {
         let h = self.retention.horizons(now_ms);
         let mut report = CompactionReport::default();
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut table = open_table(&txn, METRIC_SAMPLES)?;
             type Owned = (String, String, u64);

@@ -13,6 +13,7 @@ use hyper::body::Frame;
 use serde_json::{Value, json};
 
 use super::convert;
+use super::faults::{self, Fault};
 use super::fields;
 use super::http::{Body, Format, Shared, error, respond};
 use super::lifecycle::{self, DeleteOpts, FieldValidation, Propagation, Sub, WriteOpts};
@@ -89,6 +90,36 @@ pub async fn resource(ctx: Ctx<'_>, p: ResourcePath) -> Response<Body> {
     }
     // `?watch=true` on an object's own path is the legacy single-object watch.
     let is_watch = *ctx.method == Method::GET && p.sub.is_none() && ctx.flag("watch");
+    let fault = ctx.shared.faults.decide(&faults::RequestInfo {
+        user: &ctx.user.name,
+        watch: is_watch,
+        resume: is_watch
+            && ctx.param("resourceVersion").is_some_and(|rv| rv != "0")
+            && ctx.param("sendInitialEvents") != Some("true"),
+        update: matches!(*ctx.method, Method::PUT | Method::PATCH),
+    });
+    match fault {
+        Some(Fault::ServerError) => {
+            return error(&ApiError::internal(
+                "injected fault: the server failed to handle this request",
+            ));
+        }
+        Some(Fault::Conflict) => {
+            let name = p.name.as_deref().unwrap_or_default();
+            return error(&ApiError::stale(&p.plural, &p.group, name));
+        }
+        Some(Fault::Gone) => return gone_watch(),
+        Some(Fault::Slow(by)) => {
+            // Carried out now, answered late: the client times out not knowing.
+            let answer = match sync_resource(&ctx, &p) {
+                Ok(r) => respond(r.status, &r.body, ctx.format, &r.warnings),
+                Err(e) => error(&e),
+            };
+            tokio::time::sleep(by).await;
+            return answer;
+        }
+        None => {}
+    }
     if is_watch {
         return match start_watch(&ctx, &p).await {
             Ok(r) => r,
@@ -799,6 +830,21 @@ fn bind(
         body: json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
         warnings: vec![],
     })
+}
+
+/// A watch refused as upstream refuses one from a compacted resourceVersion: `200` and
+/// a single `ERROR` event with `410 Expired`.
+fn gone_watch() -> Response<Body> {
+    let e = ApiError::gone("injected fault: too old resource version (the history was compacted)");
+    let line = watch::error_line(&e);
+    let stream =
+        futures::stream::once(async move { Ok::<_, std::convert::Infallible>(Frame::data(line)) });
+    let mut resp = Response::new(StreamBody::new(stream).boxed());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 async fn start_watch(ctx: &Ctx<'_>, p: &ResourcePath) -> Result<Response<Body>, ApiError> {

@@ -66,6 +66,8 @@ pub struct Shared {
     /// While true, new watch requests wait.
     pub watch_gate: tokio::sync::watch::Sender<bool>,
     pub log: Mutex<VecDeque<RequestRecord>>,
+    /// Injected faults (chaos tests); off unless a plan is set.
+    pub faults: super::faults::Injector,
 }
 
 impl Shared {

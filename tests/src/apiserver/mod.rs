@@ -10,6 +10,7 @@ mod access;
 mod convert;
 mod defaults;
 mod discovery;
+pub mod faults;
 mod fields;
 mod handlers;
 mod http;
@@ -103,6 +104,8 @@ pub struct ApiServerOptions {
     pub default_watch_timeout: Duration,
     /// The bearer token; `None`: a random one.
     pub token: Option<String>,
+    /// Faults to inject from the start (see [`TestApiServer::inject_faults`]).
+    pub faults: Option<faults::FaultPlan>,
 }
 
 impl Default for ApiServerOptions {
@@ -114,6 +117,7 @@ impl Default for ApiServerOptions {
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
             token: None,
+            faults: None,
         }
     }
 }
@@ -186,6 +190,7 @@ impl TestApiServer {
             watch_epoch: Mutex::new(cancel.child_token()),
             watch_gate: tokio::sync::watch::channel(false).0,
             log: Mutex::new(Default::default()),
+            faults: Default::default(),
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config.clone());
         let task = tokio::spawn(http::serve(
@@ -195,7 +200,7 @@ impl TestApiServer {
             cancel.clone(),
         ));
         tracing::info!(%url, kubeconfig = %kubeconfig.display(), "test API server started");
-        Ok(TestApiServer {
+        let server = TestApiServer {
             shared,
             addr,
             kubeconfig,
@@ -203,7 +208,11 @@ impl TestApiServer {
             cancel,
             task: Some(task),
             _tempdir: tempdir,
-        })
+        };
+        if let Some(plan) = opts.faults {
+            server.inject_faults(plan);
+        }
+        Ok(server)
     }
 
     /// `https://127.0.0.1:<port>`
@@ -363,6 +372,49 @@ impl TestApiServer {
         let mut st = self.shared.lock();
         let rv = st.rv();
         st.log.compact(rv);
+    }
+
+    /// Fault injection: from now on, follow `plan` (replacing any plan running): its
+    /// phases' faults hit the requests of its users, and cut-watches phases end every
+    /// running watch now and then (new ones are not held). Ends by itself with the plan,
+    /// or at [`stop_faults`](Self::stop_faults).
+    pub fn inject_faults(&self, plan: faults::FaultPlan) {
+        tracing::info!(
+            seed = plan.seed,
+            phases = plan.phases.len(),
+            "injecting API faults"
+        );
+        self.shared.faults.start(plan);
+        let shared = self.shared.clone();
+        let stop = self.cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(faults::CUT_TICK);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if !shared.faults.running() {
+                    return;
+                }
+                if shared.faults.cut_watches_now() {
+                    let mut epoch = shared.watch_epoch.lock().unwrap_or_else(|p| p.into_inner());
+                    epoch.cancel();
+                    *epoch = shared.shutdown.child_token();
+                }
+            }
+        });
+    }
+
+    /// Ends fault injection; returns what was injected (all plans so far).
+    pub fn stop_faults(&self) -> faults::FaultCounts {
+        self.shared.faults.stop();
+        self.shared.faults.counts()
+    }
+
+    /// What was injected so far (all plans).
+    pub fn fault_counts(&self) -> faults::FaultCounts {
+        self.shared.faults.counts()
     }
 
     /// Stop serving and wait for the accept loop to end.

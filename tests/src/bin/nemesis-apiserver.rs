@@ -12,6 +12,11 @@ use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 #[derive(Debug, Parser)]
 #[command(about = "The Nemesis test Kubernetes API server (loopback only, for tests and the demo)")]
 struct Args {
+    /// Inject API faults on a seeded schedule (chaos tests; off by default):
+    /// `seed=<u64>,for=<seconds>[,slow=<seconds>][,users=<user>+<user>]`: 500s, answers
+    /// held past the client timeout, watches cut, 410 on watch resumes, 409 on updates.
+    #[arg(long, env = "NEMESIS_APISERVER_FAULTS", value_parser = nemesis_tests::apiserver::faults::FaultPlan::parse)]
+    faults: Option<nemesis_tests::apiserver::faults::FaultPlan>,
     /// Address to listen on; must be a loopback address.
     #[arg(long, env = "NEMESIS_APISERVER_ADDRESS", default_value = "127.0.0.1")]
     address: IpAddr,
@@ -55,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         dir: args.dir.clone(),
         watch_history: args.watch_history,
         bookmark_interval: Duration::from_secs(5),
+        faults: args.faults.clone(),
         ..ApiServerOptions::default()
     };
     let server = TestApiServer::start(opts)

@@ -45,6 +45,11 @@ struct Args {
     #[arg(long, env = "NEMESIS_SANDBOX_DIR")]
     dir: Option<PathBuf>,
     /// Address the API server listens on; must be a loopback address.
+    /// Inject API faults on a seeded schedule (chaos tests; off by default):
+    /// `seed=<u64>,for=<seconds>[,slow=<seconds>][,users=<user>+<user>]`: 500s, answers
+    /// held past the client timeout, watches cut, 410 on watch resumes, 409 on updates.
+    #[arg(long, env = "NEMESIS_SANDBOX_FAULTS", value_parser = nemesis_tests::apiserver::faults::FaultPlan::parse)]
+    faults: Option<nemesis_tests::apiserver::faults::FaultPlan>,
     #[arg(long, env = "NEMESIS_SANDBOX_ADDRESS", default_value = "127.0.0.1")]
     address: IpAddr,
     /// API server port; 0 picks a free one.
@@ -143,6 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         addr: SocketAddr::new(args.address, args.port),
         dir: Some(dir.clone()),
         bookmark_interval: Duration::from_secs(5),
+        faults: args.faults.clone(),
         ..ApiServerOptions::default()
     })
     .await

@@ -977,6 +977,11 @@ async fn start_agent(argv: &[String], client: &Client) -> anyhow::Result<Agent> 
 /// controller's receiver, as Alertmanager's webhook would.
 pub async fn post_alert(env: &WakeEnv, alert: &str, firing: bool) -> anyhow::Result<()> {
     let addr = env.real.as_ref().context("the real controller")?.api_addr;
+    post_alert_to(addr, alert, firing).await
+}
+
+/// [`post_alert`] to the controller API at `addr` (one outside the [`WakeEnv`]).
+pub async fn post_alert_to(addr: SocketAddr, alert: &str, firing: bool) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let status = if firing { "firing" } else { "resolved" };
     // As Alertmanager: one fingerprint per label set, and a firing that follows a
@@ -1347,6 +1352,11 @@ impl WakeEnv {
         self.stop_agent_keeping_datapath().await?;
         self.agent_argv = with_flags(&self.agent_argv, flags);
         self.start_agent_again().await
+    }
+
+    /// The agent's command line with `flags` changed (to run it as a process).
+    pub fn agent_command_line(&self, flags: &[(&str, String)]) -> Vec<String> {
+        with_flags(&self.agent_argv, flags)
     }
 
     /// A second agent of the same instance beside the running one (a DaemonSet's

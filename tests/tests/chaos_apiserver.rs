@@ -1,0 +1,345 @@
+//! Chaos: the real controller and the real agent (as their ServiceAccounts) go through
+//! wake and sleep cycles while the test API server injects faults on a seeded schedule
+//! (500s, answers held past the client timeout, watches cut, `410 Gone` on watch
+//! resumes, `409` on updates) into their requests. Nothing crashes, no replica count is
+//! ever written that the policy did not decide (only 0 and 1; to 0 only while the sleep
+//! alert fires; to 1 only after a client asked), no scale is recorded twice, and once
+//! the faults stop a whole cycle is timed against one before them (the recovery).
+//! `NEMESIS_CHAOS_SEED` repeats a run; `NEMESIS_CHAOS_FAULT_SECS` (default 30) sets how
+//! long the faults last.
+
+mod wake_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use nemesis_controller::policy::ScalingPolicy;
+use nemesis_controller::store::PolicyId;
+use nemesis_tests::apiserver::faults::FaultPlan;
+use nemesis_tests::demo::apply::Manifest;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use wake_support::{
+    APP, NS, Options, POD_PORT, SERVER, SYSTEM_NS, Scenario, WakeEnv, eventually, post_alert,
+};
+
+const ALERT: &str = "NemesisChaosSleep";
+const CONTROLLER_USER: &str = "system:serviceaccount:nemesis-system:nemesis-controller";
+const AGENT_USER: &str = "system:serviceaccount:nemesis-system:nemesis-agent";
+/// A step of a cycle under faults: a few answers held past the 10 s client timeout and
+/// the watchers' backoff (up to 30 s) fit in it on a loaded machine.
+const STEP_UNDER_FAULTS: Duration = Duration::from_secs(90);
+const STEP: Duration = Duration::from_secs(30);
+
+fn as_shipped(_: &mut [Manifest]) {}
+
+/// Ready as soon as it listens, probed every 100 ms.
+fn quick_server() -> Value {
+    json!({
+        "annotations": {"nemesis.test/probe-period-ms": "100"},
+        "container": {
+            "name": "server",
+            "image": "local/nemesis-pod-server",
+            "command": [SERVER],
+            "args": ["--port", POD_PORT.to_string()],
+            "ports": [{"name": "http", "containerPort": POD_PORT}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+        }
+    })
+}
+
+/// zero --demand--> warm --alert--> zero: the only replica counts it decides are 0 and 1,
+/// and the test knows when each is due.
+fn policy() -> Value {
+    json!({
+        "target": {"deployment": APP, "service": APP},
+        "metrics": {"alerts": [ALERT]},
+        "initialState": "zero",
+        "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+        "transitions": [
+            {"from": "zero", "to": "warm", "when": "demand"},
+            {"from": "warm", "to": "zero", "when": format!("alert({ALERT})")},
+        ],
+        "holdTimeoutSeconds": 60,
+    })
+}
+
+/// What the test did and saw, in order, with when.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// A client connected to the Service (demand).
+    Client,
+    AlertFiring,
+    AlertResolved,
+    /// The Deployment's `spec.replicas` as the admin's watch saw it change.
+    Replicas(i32),
+}
+
+type Journal = Arc<Mutex<Vec<(Instant, Step)>>>;
+
+fn note(j: &Journal, s: Step) {
+    j.lock().unwrap().push((Instant::now(), s));
+}
+
+/// Every change of the Deployment's replicas, through the admin's own watch (the faults
+/// hit only the controller's and the agent's requests).
+fn watch_replicas(api: Api<Deployment>, j: Journal) -> tokio_util::task::AbortOnDropHandle<()> {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={APP}"));
+    let task = tokio::spawn(async move {
+        let stream = watcher::watcher(api, cfg).default_backoff();
+        futures::pin_mut!(stream);
+        let mut last = None;
+        while let Some(ev) = stream.next().await {
+            let (Ok(Event::Apply(d)) | Ok(Event::InitApply(d))) = ev else {
+                continue;
+            };
+            let r = d.spec.replicas.unwrap_or(1);
+            if last != Some(r) {
+                last = Some(r);
+                note(&j, Step::Replicas(r));
+            }
+        }
+    });
+    tokio_util::task::AbortOnDropHandle::new(task)
+}
+
+fn replicas_now(j: &Journal) -> Option<i32> {
+    j.lock().unwrap().iter().rev().find_map(|(_, s)| match s {
+        Step::Replicas(r) => Some(*r),
+        _ => None,
+    })
+}
+
+async fn wait_replicas(j: &Journal, want: i32, within: Duration) -> anyhow::Result<()> {
+    eventually(&format!("the Deployment at {want}"), within, || async {
+        Ok((replicas_now(j) == Some(want)).then_some(()))
+    })
+    .await
+}
+
+async fn wait_policy_state(env: &WakeEnv, state: &str, within: Duration) -> anyhow::Result<()> {
+    let policies: Api<ScalingPolicy> = Api::namespaced(env.client.clone(), NS);
+    eventually(&format!("the policy in state {state}"), within, || async {
+        let p = policies.get(APP).await?;
+        Ok((p.status.and_then(|s| s.state).as_deref() == Some(state)).then_some(()))
+    })
+    .await
+}
+
+/// What the clients of one cycle got.
+#[derive(Debug, Default, Clone, Copy)]
+struct Served {
+    ok: usize,
+    failed: usize,
+}
+
+/// One wake (a client at zero, answered by the woken pod) and one sleep (the alert, then
+/// 0 and the policy back in `zero`); returns how long it took and what the client got.
+async fn cycle(env: &WakeEnv, j: &Journal, within: Duration) -> anyhow::Result<Served> {
+    let timeout_ms = within.as_millis().to_string();
+    let mut served = Served::default();
+    let start = Instant::now();
+    // A client not served (refused while the controller could not act) tries again, as
+    // a real one would; the refusals are counted.
+    while served.ok == 0 && start.elapsed() < within {
+        note(j, Step::Client);
+        let results = env
+            .run_clients(
+                &["--http", "--clients", "1", "--timeout-ms", &timeout_ms],
+                within + Duration::from_secs(10),
+            )
+            .await?;
+        for r in &results {
+            match r.http() {
+                Ok(h) if h.status == 200 => served.ok += 1,
+                _ => {
+                    println!("a client not served: {r:?}");
+                    served.failed += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+    wait_replicas(j, 1, within).await?;
+    wait_policy_state(env, "warm", within).await?;
+    note(j, Step::AlertFiring);
+    post_alert(env, ALERT, true).await?;
+    wait_replicas(j, 0, within).await?;
+    wait_policy_state(env, "zero", within).await?;
+    // Asleep: the alert has done its job (and must not send the next wake back).
+    post_alert(env, ALERT, false).await?;
+    note(j, Step::AlertResolved);
+    // The pod gone: while it still terminates (ready), a client is forwarded to it
+    // without a wake-up, and the next cycle would wait for a scale nobody asked for.
+    eventually("the pod gone", within, || async {
+        Ok(env.pod_names().await?.is_empty().then_some(()))
+    })
+    .await?;
+    Ok(served)
+}
+
+/// Every replica count written is one the policy decided when it was written: only 0
+/// and 1, a rise to 1 only after a client asked since the last fall, a fall to 0 only
+/// while the sleep alert fired.
+fn check_decided(journal: &[(Instant, Step)]) -> anyhow::Result<usize> {
+    let mut demand = false;
+    let mut firing = false;
+    let mut changes = 0;
+    let mut first = true;
+    for (_, s) in journal {
+        match s {
+            Step::Client => demand = true,
+            Step::AlertFiring => firing = true,
+            Step::AlertResolved => firing = false,
+            Step::Replicas(r) if first => {
+                anyhow::ensure!(*r == 0, "the Deployment started at {r}, not 0");
+                first = false;
+            }
+            Step::Replicas(1) => {
+                anyhow::ensure!(demand, "scaled to 1 with no client asking: {journal:?}");
+                anyhow::ensure!(!firing, "scaled to 1 while the sleep alert fired");
+                changes += 1;
+            }
+            Step::Replicas(0) => {
+                anyhow::ensure!(firing, "scaled to 0 with no sleep alert: {journal:?}");
+                demand = false;
+                changes += 1;
+            }
+            Step::Replicas(r) => anyhow::bail!("a replica count the policy never decides: {r}"),
+        }
+    }
+    Ok(changes)
+}
+
+fn fault_secs() -> anyhow::Result<u64> {
+    match std::env::var("NEMESIS_CHAOS_FAULT_SECS") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("NEMESIS_CHAOS_FAULT_SECS={v:?} is not a number of seconds")),
+        Err(_) => Ok(30),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_faults_on_a_seeded_schedule_never_make_a_wrong_scale_and_it_recovers()
+-> anyhow::Result<()> {
+    let seed = nemesis_tests::chaos::seed("chaos_apiserver");
+    let env = WakeEnv::start_with(
+        Scenario {
+            name: "chaosapi",
+            pod: quick_server(),
+            policy: json!({}),
+            scale_on_wake: false,
+        },
+        Options {
+            policy_spec: Some(policy()),
+            real_controller: Some(vec!["--lease-namespace".into(), SYSTEM_NS.into()]),
+            rbac: Some(as_shipped),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let journal: Journal = Arc::default();
+    let _watch = watch_replicas(Api::namespaced(env.client.clone(), NS), journal.clone());
+    wait_replicas(&journal, 0, STEP).await?;
+    wait_policy_state(&env, "zero", STEP).await?;
+
+    // A cycle before the faults: the yardstick for the recovery.
+    let t = Instant::now();
+    let before = cycle(&env, &journal, STEP).await?;
+    let baseline = t.elapsed();
+    anyhow::ensure!(
+        before.ok == 1 && before.failed == 0,
+        "the cycle before the faults: {before:?}"
+    );
+
+    let plan = FaultPlan::seeded(seed, Duration::from_secs(fault_secs()?))
+        .for_users(&[CONTROLLER_USER, AGENT_USER]);
+    println!("fault plan (seed {seed}):");
+    for p in &plan.phases {
+        println!(
+            "  {:>6} ms .. {:>6} ms  {:<14} p={:.2}",
+            p.start.as_millis(),
+            p.end.as_millis(),
+            p.kind.name(),
+            p.probability
+        );
+    }
+    let server = env.server.as_ref().context("the API server")?;
+    let faults_until = Instant::now() + plan.duration();
+    server.inject_faults(plan);
+    let mut under = Served::default();
+    let mut cycles = 0;
+    while Instant::now() < faults_until {
+        let s = cycle(&env, &journal, STEP_UNDER_FAULTS)
+            .await
+            .with_context(|| {
+                format!(
+                    "a cycle under faults (seed {seed}, injected so far {:?}); journal: {:?}",
+                    server.fault_counts(),
+                    journal.lock().unwrap()
+                )
+            })?;
+        under.ok += s.ok;
+        under.failed += s.failed;
+        cycles += 1;
+    }
+    let counts = server.stop_faults();
+    let stopped = Instant::now();
+    println!("injected: {counts:?}; {cycles} cycles under faults, clients {under:?}");
+    anyhow::ensure!(counts.total() > 0, "no fault was injected: {counts:?}");
+
+    // Recovery: a whole cycle once the faults stop, every client served.
+    let after = cycle(&env, &journal, STEP).await?;
+    let recovery = stopped.elapsed();
+    anyhow::ensure!(
+        after.ok == 1 && after.failed == 0,
+        "the cycle after the faults: {after:?}"
+    );
+    println!("api_fault_recovery_ms={}", recovery.as_millis());
+    println!("api_cycle_ms_before_faults={}", baseline.as_millis());
+
+    // No wrong scale, in the order things happened.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let journal = journal.lock().unwrap().clone();
+    let changes = check_decided(&journal)?;
+    // Each scale the controller recorded is one the Deployment made, none twice. A
+    // scale whose answer was lost (held past the timeout) is made but the controller
+    // cannot know it did; it may then see the target already there and record nothing.
+    let real = env.real.as_ref().context("the real controller")?;
+    let store = real.store.clone();
+    let id = PolicyId::new(NS, APP);
+    let records = eventually("the scale records", Duration::from_secs(10), || async {
+        let r = store.scale_events(&id, 0..u64::MAX)?;
+        Ok((r.len() >= changes.saturating_sub(counts.slow as usize)).then_some(r))
+    })
+    .await?;
+    anyhow::ensure!(
+        records.len() <= changes,
+        "{} scale records for {changes} changes of the Deployment: a scale recorded twice",
+        records.len()
+    );
+    for w in records.windows(2) {
+        anyhow::ensure!(
+            w[0].to_replicas != w[1].to_replicas,
+            "two scales to {} in a row: {records:?}",
+            w[0].to_replicas
+        );
+    }
+    // Nothing crashed: the controller still leads and serves, the agent is ready.
+    anyhow::ensure!(real.is_leading(), "the controller no longer leads");
+    let (status, _) = env.http_get_admin("/readyz").await?;
+    anyhow::ensure!(status == 200, "the agent's /readyz answered {status}");
+    println!(
+        "seed {seed}: {changes} replica changes, {} scale records, {} cycles under faults",
+        records.len(),
+        cycles
+    );
+    env.shutdown().await
+}
