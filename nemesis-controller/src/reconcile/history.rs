@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{ControllerMetrics, ErrorKind};
 use crate::notify::NotifyTap;
@@ -45,13 +45,16 @@ pub struct History {
 }
 
 impl History {
-    /// The handle and the writer task (run it until shutdown).
+    /// The handle and the writer task (run it until shutdown). `epoch` is the
+    /// leadership epoch (`leader::run` sends it each time this instance starts leading):
+    /// the writer starts numbering its records in it before it writes the term's first.
     pub fn new(
         store: Arc<Store>,
         metrics: ControllerMetrics,
+        epoch: watch::Receiver<u64>,
     ) -> (Self, impl std::future::Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = write_all(store, rx, metrics.clone());
+        let task = write_all(store, rx, metrics.clone(), epoch);
         (
             Self {
                 tx,
@@ -84,7 +87,12 @@ impl History {
     }
 }
 
-async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: ControllerMetrics) {
+async fn write_all(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Item>,
+    metrics: ControllerMetrics,
+    mut epoch: watch::Receiver<u64>,
+) {
     let mut compact = tokio::time::interval(COMPACT_EVERY);
     compact.tick().await;
     loop {
@@ -114,8 +122,29 @@ async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: Con
                 Err(_) => break,
             }
         }
+        // A new term's records are numbered after every record of the previous leaders
+        // (the sender publishes the epoch before leadership, so before any record).
+        let new_epoch = match epoch.has_changed() {
+            Ok(true) => Some(*epoch.borrow_and_update()),
+            _ => None,
+        };
         let store = store.clone();
-        let result = tokio::task::spawn_blocking(move || write_batch(&store, batch)).await;
+        let result = tokio::task::spawn_blocking(move || {
+            let mut errors = Vec::new();
+            if let Some(e) = new_epoch {
+                match store.begin_epoch(e) {
+                    Ok(next) => tracing::info!(
+                        epoch = e,
+                        next_seq = next,
+                        "history records of this term start here"
+                    ),
+                    Err(err) => errors.push(err),
+                }
+            }
+            errors.extend(write_batch(&store, batch));
+            errors
+        })
+        .await;
         match result {
             Ok(errors) => {
                 for e in errors {
