@@ -1,6 +1,8 @@
-//! History on every replica: while the leader acts, the standby pulls its records and
-//! its UI shows them; when the leader is SIGKILLed the standby keeps serving what it
-//! holds and says it is stale, then takes over with the whole history, adds its own
+//! History and caches on every replica: while the leader acts, the standby pulls its
+//! records and its UI shows them, and keeps its policy and HPA caches listed and
+//! watching; when the leader is SIGKILLed the standby keeps serving what it
+//! holds and says it is stale, then takes over with the whole history and without
+//! relisting, adds its own
 //! records after the old leader's, and a replica started later catches up on all of
 //! them, each record once.
 
@@ -27,6 +29,21 @@ use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use serde_json::{Value, json};
 
 const UI_PW: &str = "replication-test-password";
+
+/// Cluster-wide lists (not watches) of the resources the core caches, so far.
+fn cluster_lists(server: &TestApiServer) -> Vec<String> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET"
+                && !r.query.contains("watch=true")
+                && (r.path == "/apis/nemesis.dev/v1alpha1/scalingpolicies"
+                    || r.path == "/apis/autoscaling/v2/horizontalpodautoscalers")
+        })
+        .map(|r| format!("{}?{}", r.path, r.query))
+        .collect()
+}
 /// A standby under a loaded machine still pulls within this (it polls every 250 ms).
 const PULL_BOUND: Duration = Duration::from_secs(60);
 
@@ -254,6 +271,12 @@ async fn the_standby_holds_the_leaders_history_shows_it_and_leads_on_with_every_
     );
     assert!(scrape(&b, "nemesis_controller_history_replicated_records_total").await? >= 2.0);
 
+    let lists_before_kill = cluster_lists(&server);
+    // A's and B's caches listed both kinds once each (the filter sees lists).
+    assert!(
+        lists_before_kill.len() >= 4,
+        "expected each instance's lists: {lists_before_kill:?}"
+    );
     // SIGKILL A (nothing released). Until A's Lease runs out B cannot reach its leader:
     // it keeps serving A's records and says it is stale.
     a.kill();
@@ -283,6 +306,12 @@ async fn the_standby_holds_the_leaders_history_shows_it_and_leads_on_with_every_
     wait_replicas(&deployments, "hist", 1, Duration::from_secs(30)).await?;
     wait_state(&policies, "hist", "low", Duration::from_secs(30)).await?;
     assert_eq!(log.seen(), vec![1, 3, 1], "every scale exactly once");
+    // B's caches were warm: from A's death to B's first scale nothing was relisted.
+    assert_eq!(
+        cluster_lists(&server),
+        lists_before_kill,
+        "the new leader relisted policies or HPAs"
+    );
 
     // B's UI: A's records and B's own, each once, B's after A's.
     let all = vec![
