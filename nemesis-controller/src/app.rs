@@ -43,8 +43,6 @@ pub enum StartError {
     ReadAgentToken(#[source] AuthError),
     #[error("the Alertmanager token: {0}")]
     ReadAlertmanagerToken(#[source] AuthError),
-    #[error("the replicas' token (--replica-token-secret): {0}")]
-    ReplicaToken(#[source] crate::replication::token::TokenError),
     #[error("the web UI: {0}")]
     ReadUiPassword(#[source] UiError),
     #[error("the web UI: {0}")]
@@ -181,13 +179,10 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         &args.lease_namespace,
         &args.replica_token_secret,
     );
+    // Read in the background (`TokenSecret::follow`): an API server down at start
+    // delays replication, not the start.
     let replica_token = if args.history_replication {
-        Some(
-            token_secret
-                .load()
-                .await
-                .map_err(StartError::ReplicaToken)?,
-        )
+        Some(crate::replication::ReplicaToken::pending())
     } else {
         tracing::warn!(
             "--history-replication=false: a new leader starts without the old one's records"

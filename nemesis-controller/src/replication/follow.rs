@@ -37,6 +37,8 @@ pub enum FollowError {
     },
     #[error("reading the Lease timed out")]
     LeaseTimeout,
+    #[error("the replicas' token has not been read from its Secret yet")]
+    NoToken,
     #[error("no instance holds the Lease yet")]
     NoLeader,
     #[error(
@@ -183,6 +185,14 @@ impl Follower {
                     }
                     failing = false;
                 }
+                // Just started: the token is being read (its reader logs failures).
+                Err(e @ FollowError::NoToken) => {
+                    let message = e.to_string();
+                    self.status.update(|v| {
+                        v.role = Role::Standby;
+                        v.error = Some(message);
+                    });
+                }
                 Err(e) => {
                     self.metrics.error(ErrorKind::Replication);
                     let behind = self.status.view().behind.unwrap_or(0);
@@ -205,6 +215,9 @@ impl Follower {
     }
 
     async fn pull(&self) -> Result<(), FollowError> {
+        if !self.token.is_ready() {
+            return Err(FollowError::NoToken);
+        }
         let lease = tokio::time::timeout(
             crate::reconcile::API_TIMEOUT,
             self.leases.get_opt(&self.lease_name),

@@ -22,6 +22,8 @@ pub const DEFAULT_SECRET: &str = "nemesis-replica-token";
 pub const TOKEN_KEY: &str = "token";
 /// How often every instance re-reads the Secret.
 pub const REFRESH: Duration = Duration::from_secs(60);
+/// How soon a failed first read is tried again.
+pub const RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -39,6 +41,8 @@ pub enum TokenError {
         #[source]
         source: kube::Error,
     },
+    #[error("reading or creating the replicas' token Secret timed out")]
+    Timeout,
     #[error(
         "Secret {namespace}/{name} has no usable data.{TOKEN_KEY} (empty, or not a header-safe string); delete it and the controller creates a new one"
     )]
@@ -65,6 +69,21 @@ impl ReplicaToken {
         }
     }
 
+    /// No token yet: every request is refused and nothing is pulled until
+    /// [`TokenSecret::follow`] has read the Secret.
+    pub fn pending() -> Self {
+        Self::from_value(String::new())
+    }
+
+    /// Whether a token has been read.
+    pub fn is_ready(&self) -> bool {
+        !self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     fn set(&self, token: String) -> bool {
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         let changed = *cur != token;
@@ -83,7 +102,7 @@ impl ReplicaToken {
             _ => return false,
         };
         let cur = self.current.read().unwrap_or_else(|e| e.into_inner());
-        bool::from(cur.as_bytes().ct_eq(presented))
+        !cur.is_empty() && bool::from(cur.as_bytes().ct_eq(presented))
     }
 
     /// The header that presents the token (marked sensitive, so clients never log it).
@@ -115,11 +134,7 @@ impl TokenSecret {
 
     /// Reads the token, creating the Secret with a fresh one if there is none (of two
     /// instances creating it at once, the loser reads the winner's).
-    pub async fn load(&self) -> Result<ReplicaToken, TokenError> {
-        Ok(ReplicaToken::from_value(self.read_or_create().await?))
-    }
-
-    async fn read_or_create(&self) -> Result<String, TokenError> {
+    pub async fn read_or_create(&self) -> Result<String, TokenError> {
         if let Some(t) = self.read().await? {
             return Ok(t);
         }
@@ -190,23 +205,34 @@ impl TokenSecret {
         Ok(Some(token))
     }
 
-    /// Re-reads the Secret every [`REFRESH`] into `token` (re-creating a deleted one).
+    /// Reads the Secret into `token` (creating it when missing), retrying every
+    /// [`RETRY`] until it succeeds, then re-reads it every [`REFRESH`]. The controller
+    /// starts without it: an API server down at start delays replication, nothing else.
     pub async fn follow(self, token: ReplicaToken, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(REFRESH);
-        tick.tick().await;
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            match self.read_or_create().await {
+            let read = tokio::time::timeout(crate::reconcile::API_TIMEOUT, self.read_or_create())
+                .await
+                .unwrap_or(Err(TokenError::Timeout));
+            match read {
                 Ok(t) => {
-                    if token.set(t) {
+                    let first = !token.is_ready();
+                    if token.set(t) && !first {
                         tracing::info!(secret = %self.name, "the replicas' token changed");
                     }
+                    wait = REFRESH;
+                }
+                Err(e) if token.is_ready() => {
+                    tracing::warn!(err = %e, "re-reading the replicas' token failed; keeping the old one");
+                    wait = REFRESH;
                 }
                 Err(e) => {
-                    tracing::warn!(err = %e, "re-reading the replicas' token failed; keeping the old one")
+                    tracing::warn!(err = %e, "reading the replicas' token failed; history is not replicated until it succeeds");
+                    wait = RETRY;
                 }
             }
         }
@@ -229,5 +255,9 @@ mod tests {
         assert!(!t.accepts(None));
         assert!(t.accepts(Some(&t.authorization())));
         assert!(t.authorization().is_sensitive());
+        let none = ReplicaToken::pending();
+        assert!(!none.is_ready());
+        assert!(!none.accepts(Some(&h("Bearer "))));
+        assert!(!none.accepts(Some(&h("Bearer  "))));
     }
 }
