@@ -185,6 +185,21 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
             "no --alertmanager-token-file: the Alertmanager webhook is not served and alert(...) conditions never fire"
         );
     }
+    let token_secret = crate::replication::TokenSecret::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.replica_token_secret,
+    );
+    // Read in the background (`TokenSecret::follow`): an API server down at start
+    // delays replication, not the start.
+    let replica_token = if args.history_replication {
+        Some(crate::replication::ReplicaToken::pending())
+    } else {
+        tracing::warn!(
+            "--history-replication=false: a new leader starts without the old one's records"
+        );
+        None
+    };
     let report_prometheus = match &args.prometheus_url {
         Some(url) => Some(ui::reports::ReportPrometheus {
             client: PromClient::new(url, DEFAULT_QUERY_TIMEOUT)
@@ -239,6 +254,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let wakes = Arc::new(wakes);
     let alerts = Arc::new(AlertBook::new());
     let (lead_tx, leading) = watch::channel(false);
+    let (epoch_tx, epoch) = watch::channel(0u64);
     let (synced_tx, synced) = watch::channel(false);
 
     let api_listener = server::bind("API", args.listen).await?;
@@ -298,7 +314,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         })),
     );
     background.push(tokio::spawn(notifier.run(core_stop.clone())));
-    let (history, writer) = History::new(store.clone(), metrics.clone());
+    let (history, writer) = History::new(store.clone(), metrics.clone(), epoch);
     let history = history.with_tap(tap);
     background.push(tokio::spawn(writer));
     let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
@@ -327,6 +343,28 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         }),
         leading.clone(),
     );
+    let replication = match &replica_token {
+        Some(token) => {
+            // Apart from the agents' routes: its own token, its own path.
+            api = api.merge(crate::replication::replica_routes(
+                store.clone(),
+                token.clone(),
+            ));
+            crate::replication::ReplicationStatus::default()
+        }
+        None => crate::replication::ReplicationStatus::disabled(),
+    };
+    let history_url = replica_token
+        .as_ref()
+        .and_then(|_| history_url(args.history_url.as_deref(), api_addr));
+    if replica_token.is_some() && history_url.is_none() {
+        tracing::warn!(listen = %api_addr, "no --history-url and the API listener has no specific address: the standbys cannot pull this instance's history while it leads");
+    }
+    if let Some(token) = &replica_token {
+        background.push(tokio::spawn(
+            token_secret.follow(token.clone(), serve_stop.clone()),
+        ));
+    }
     let mut ui_server = None;
     if let Some(password) = ui_password {
         // The UI watches the policies itself (above), so a standby shows them too.
@@ -363,7 +401,8 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
                 notify: Some(notify_handle),
                 prometheus: report_prometheus,
             },
-        );
+        )
+        .with_replication(replication.clone());
         match (ui_tls.clone(), ui_listener, ui_addr) {
             (Some(tls), Some(listener), Some(addr)) => {
                 ui_server = Some(tokio::spawn(crate::ui::tls::serve(
@@ -435,15 +474,34 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
             lease_duration: args.lease_duration,
             renew_deadline: args.renew_deadline,
             retry_period: args.retry_period,
+            history_url,
         },
     );
     let leader = tokio::spawn(leader::run(
         lock,
         lead_tx,
+        epoch_tx,
         metrics.clone(),
         leader_stop.clone(),
     ));
 
+    if let Some(token) = replica_token.clone() {
+        let follower = crate::replication::Follower::new(
+            client.clone(),
+            crate::replication::follow::FollowerConfig {
+                namespace: args.lease_namespace.clone(),
+                lease_name: args.lease_name.clone(),
+                identity: identity.clone(),
+                token,
+                poll: args.retry_period,
+            },
+            store.clone(),
+            metrics.clone(),
+            replication,
+            leading.clone(),
+        );
+        background.push(tokio::spawn(follower.run(serve_stop.clone())));
+    }
     background.push(tokio::spawn(maintain(
         registry.clone(),
         metrics.clone(),
@@ -479,6 +537,16 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         servers,
         background,
     })
+}
+
+/// Where the standbys reach this instance: the flag, else the API listener's own address
+/// when it is a specific one.
+fn history_url(flag: Option<&str>, api_addr: SocketAddr) -> Option<String> {
+    match flag {
+        Some(url) => Some(url.trim_end_matches('/').to_string()),
+        None if api_addr.ip().is_unspecified() => None,
+        None => Some(format!("http://{api_addr}")),
+    }
 }
 
 /// Keeps the live-agents gauge current and re-reads rotated token files.

@@ -157,6 +157,26 @@ pub struct RunArgs {
     #[arg(long, env = "NEMESIS_CONTROLLER_POD_NAME")]
     pub pod_name: Option<String>,
 
+    /// Replicate the history: every standby pulls the leader's records
+    /// (`GET /internal/history` on the API listener), so its UI shows them and a new
+    /// leader has the old one's. `false`: each instance keeps only what it recorded
+    /// while it led.
+    #[arg(long, env = "NEMESIS_CONTROLLER_HISTORY_REPLICATION", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub history_replication: bool,
+
+    /// The Secret (beside the Lease) holding the token the replicas present to each
+    /// other; created with a random token when missing, re-read every minute.
+    #[arg(long, env = "NEMESIS_CONTROLLER_REPLICA_TOKEN_SECRET",
+          default_value = crate::replication::token::DEFAULT_SECRET)]
+    pub replica_token_secret: String,
+
+    /// The URL the other replicas reach this instance's API listener at (for instance
+    /// `http://$(POD_IP):8080`); the leader writes it on the Lease. Default: the API
+    /// listener's address when it is a specific IP (not `0.0.0.0` or `::`).
+    #[arg(long, env = "NEMESIS_CONTROLLER_HISTORY_URL")]
+    pub history_url: Option<String>,
+
     /// How long a Lease is valid without renewal; a standby takes over after this.
     #[arg(long, env = "NEMESIS_CONTROLLER_LEASE_DURATION", value_parser = parse_flag_duration,
           default_value = "15s")]

@@ -21,6 +21,9 @@ use crate::metrics::{ControllerMetrics, ErrorKind};
 
 /// The label the leader puts on its own Pod (see `--pod-name`).
 pub const LEADER_LABEL: &str = "nemesis.dev/leader";
+/// The annotation the holder puts on the Lease: where the standbys pull its history
+/// from (see `crate::replication`).
+pub const HISTORY_URL_ANNOTATION: &str = "nemesis.dev/history-url";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderConfig {
@@ -31,6 +34,9 @@ pub struct LeaderConfig {
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// This instance's history URL for the standbys, written on the Lease while it holds
+    /// it ([`HISTORY_URL_ANNOTATION`]).
+    pub history_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +92,9 @@ pub struct LeaseLock {
     api: Api<Lease>,
     cfg: LeaderConfig,
     observed: Option<Observed>,
+    /// The Lease's `leaseTransitions` when this instance last acquired or renewed it:
+    /// the leadership epoch its history records are numbered in.
+    epoch: u64,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -104,6 +113,25 @@ impl LeaseLock {
             api: Api::namespaced(client, &cfg.namespace),
             cfg,
             observed: None,
+            epoch: 0,
+        }
+    }
+
+    /// The Lease's `leaseTransitions` at the last successful acquire or renew.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Puts this instance's history URL on the Lease (or takes a stale one off).
+    fn annotate(&self, meta: &mut ObjectMeta) {
+        let annotations = meta.annotations.get_or_insert_with(Default::default);
+        match &self.cfg.history_url {
+            Some(url) => {
+                annotations.insert(HISTORY_URL_ANNOTATION.to_string(), url.clone());
+            }
+            None => {
+                annotations.remove(HISTORY_URL_ANNOTATION);
+            }
         }
     }
 
@@ -151,12 +179,14 @@ impl LeaseLock {
             .await
             .map_err(|e| self.get_error(e))?;
         let Some(mut lease) = existing else {
+            let mut metadata = ObjectMeta {
+                name: Some(self.cfg.lease_name.clone()),
+                namespace: Some(self.cfg.namespace.clone()),
+                ..ObjectMeta::default()
+            };
+            self.annotate(&mut metadata);
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.cfg.lease_name.clone()),
-                    namespace: Some(self.cfg.namespace.clone()),
-                    ..ObjectMeta::default()
-                },
+                metadata,
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.cfg.identity.clone()),
                     lease_duration_seconds: Some(seconds(self.cfg.lease_duration)),
@@ -169,6 +199,7 @@ impl LeaseLock {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.observe(created.metadata.resource_version);
+                    self.epoch = 0;
                     Ok(Attempt::Leading)
                 }
                 // Another instance created it first.
@@ -210,6 +241,7 @@ impl LeaseLock {
             lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!ours)),
             ..spec
         });
+        self.annotate(&mut lease.metadata);
         match self
             .api
             .replace(&self.cfg.lease_name, &PostParams::default(), &lease)
@@ -217,6 +249,11 @@ impl LeaseLock {
         {
             Ok(updated) => {
                 self.observe(updated.metadata.resource_version);
+                self.epoch = updated
+                    .spec
+                    .and_then(|s| s.lease_transitions)
+                    .and_then(|t| u64::try_from(t).ok())
+                    .unwrap_or(0);
                 Ok(Attempt::Leading)
             }
             Err(e) if is_conflict(&e) => Ok(Attempt::Following { holder }),
@@ -260,9 +297,11 @@ impl LeaseLock {
 /// Runs the election until `shutdown`: publishes `true` on `leading` when this instance
 /// acquires the Lease and `false` the moment it loses it (another holder, or no renewal
 /// within the renew deadline). On shutdown it stops leading first, then releases.
+/// `epoch` gets the Lease's `leaseTransitions` before each `true`.
 pub async fn run(
     mut lock: LeaseLock,
     leading: watch::Sender<bool>,
+    epoch: watch::Sender<u64>,
     metrics: ControllerMetrics,
     shutdown: CancellationToken,
 ) {
@@ -296,7 +335,8 @@ pub async fn run(
                 _ = tokio::time::sleep(cfg.retry_period + jitter) => {}
             }
         }
-        tracing::info!(identity = %cfg.identity, lease = %cfg.lease_name, "became the leader");
+        tracing::info!(identity = %cfg.identity, lease = %cfg.lease_name, epoch = lock.epoch(), "became the leader");
+        epoch.send_replace(lock.epoch());
         metrics.set_leader(true);
         leading.send_replace(true);
 

@@ -12,6 +12,7 @@ pub mod permissions;
 pub mod policy;
 pub mod prometheus;
 pub mod reconcile;
+pub mod replication;
 pub mod reports;
 pub mod server;
 pub mod store;

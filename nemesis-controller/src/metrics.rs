@@ -31,10 +31,12 @@ pub enum ErrorKind {
     AgentAckTimeout,
     /// Acquiring or renewing the leader Lease.
     LeaderElection,
+    /// A standby pulling the leader's history (unreachable, refused, bad answer).
+    Replication,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::KubeApi,
         ErrorKind::Scale,
         ErrorKind::PrometheusQuery,
@@ -42,6 +44,7 @@ impl ErrorKind {
         ErrorKind::InvalidPolicy,
         ErrorKind::AgentAckTimeout,
         ErrorKind::LeaderElection,
+        ErrorKind::Replication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +56,7 @@ impl ErrorKind {
             ErrorKind::InvalidPolicy => "invalid_policy",
             ErrorKind::AgentAckTimeout => "agent_ack_timeout",
             ErrorKind::LeaderElection => "leader_election",
+            ErrorKind::Replication => "replication",
         }
     }
 }
@@ -305,6 +309,9 @@ pub struct ControllerMetrics {
     history_write_errors: Counter,
     alert_deliveries: Family<DeliveryLabels, Counter>,
     alert_outbox_pending: Gauge,
+    replication_lag: Gauge,
+    replication_source_up: Gauge,
+    replicated_records: Counter,
     /// `nemesis_controller_http_rejected_total{listener, reason}`: the listeners' limits.
     http_rejected: RejectionCounter,
     registry: Arc<Registry>,
@@ -414,9 +421,30 @@ impl ControllerMetrics {
             "Alert deliveries waiting in the outbox (all sinks)",
             alert_outbox_pending.clone(),
         );
+        let replication_lag = Gauge::default();
+        registry.register(
+            "history_replication_lag_records",
+            "Records the leader holds that this standby had not pulled at its last pull (0 on the leader)",
+            replication_lag.clone(),
+        );
+        let replication_source_up = Gauge::default();
+        registry.register(
+            "history_replication_source_up",
+            "1 while this standby's last pull from the leader succeeded (1 on the leader), else 0",
+            replication_source_up.clone(),
+        );
+        let replicated_records = Counter::default();
+        registry.register(
+            "history_replicated_records",
+            "History records pulled from the leader and stored here",
+            replicated_records.clone(),
+        );
         let http_rejected = RejectionCounter::default();
         http_rejected.register(&mut registry, "http_rejected");
         Self {
+            replication_lag,
+            replication_source_up,
+            replicated_records,
             http_rejected,
             alerts_raised,
             history_write_errors,
@@ -438,6 +466,18 @@ impl ControllerMetrics {
     /// What the HTTP listeners count their refusals in (see `nemesis_common::serve`).
     pub fn http_rejected(&self) -> &RejectionCounter {
         &self.http_rejected
+    }
+
+    /// A standby's state after a pull: records still behind, and whether the leader
+    /// answered.
+    pub fn set_replication(&self, behind: u64, source_up: bool) {
+        self.replication_lag
+            .set(i64::try_from(behind).unwrap_or(i64::MAX));
+        self.replication_source_up.set(i64::from(source_up));
+    }
+
+    pub fn replicated(&self, records: u64) {
+        self.replicated_records.inc_by(records);
     }
 
     pub fn reconciled(&self) {

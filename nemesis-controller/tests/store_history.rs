@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nemesis_controller::store::{
-    ColdStartOutcome, ColdStartRecord, MetricPoint, PolicyId, Retention, SampleValue, ScaleRecord,
-    Store, StoreError, TransitionRecord, tables,
+    ColdStartOutcome, ColdStartRecord, LogEntry, LogItem, MetricPoint, PolicyId, Retention,
+    SampleValue, ScaleRecord, Store, StoreError, TransitionRecord, tables,
 };
 
 fn policy(name: &str) -> PolicyId {
@@ -185,10 +185,128 @@ fn a_history_file_from_a_newer_controller_is_refused_with_a_clear_error() -> Res
         err,
         StoreError::SchemaTooNew {
             found: 99,
-            supported: 1
+            supported: nemesis_controller::store::SCHEMA_VERSION
         }
     ));
     assert!(err.to_string().contains("newer"), "{err}");
+    Ok(())
+}
+
+/// A version-1 file (before the replication log) gets its events into the log when a
+/// version-2 controller opens it, under their own sequence numbers.
+#[test]
+fn upgrading_a_version_1_file_puts_its_events_in_the_replication_log() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("h.redb");
+    let p = policy("old");
+    {
+        let store = Store::open(&path, Retention::default())?;
+        store.record_transition(&transition(&p, 1_000, "zero", "warm", "demand"))?;
+        store.record_scale(&scale(&p, 1_001, 0, 2))?;
+    }
+    {
+        // Back to what a version-1 controller left: no log table, version 1.
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_write()?;
+        txn.delete_table(tables::LOG)?;
+        txn.open_table(tables::META)?
+            .insert(tables::META_SCHEMA_VERSION, 1)?;
+        txn.commit()?;
+    }
+    let store = Store::open(&path, Retention::default())?;
+    assert_eq!(
+        store.migration(),
+        nemesis_controller::store::Migration::Upgraded { from: 1 }
+    );
+    let log = store.log_entries()?;
+    let kinds: Vec<(u64, &str)> = log
+        .iter()
+        .map(|(seq, e)| {
+            let kind = match &e.item {
+                LogItem::Transition { .. } => "transition",
+                LogItem::Scale { .. } => "scale",
+                LogItem::ColdStart { .. } => "coldStart",
+                LogItem::Samples { .. } => "samples",
+            };
+            (*seq, kind)
+        })
+        .collect();
+    assert_eq!(kinds, vec![(1, "transition"), (2, "scale")]);
+    Ok(())
+}
+
+// === replication ===
+
+/// A standby that applies the leader's log pages holds every record once, with the
+/// leader's sequence numbers; applying a page again changes nothing; and the standby's
+/// own records as the next leader sort after the old leader's and never collide.
+#[test]
+fn a_standby_applying_the_leaders_log_holds_every_record_once_and_leads_on_after_it() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let leader = Store::open(dir.path().join("a.redb"), Retention::default())?;
+    let standby = Store::open(dir.path().join("b.redb"), Retention::default())?;
+    let p = policy("web");
+    leader.begin_epoch(0)?;
+    for i in 0..5u64 {
+        leader.record_transition(&transition(&p, 1_000 + i, "low", "high", "load"))?;
+        leader.record_scale(&scale(&p, 1_000 + i, 1, 3))?;
+    }
+    leader.record_samples(2_000, [(&p, "conns.active", 7.0), (&p, "rps", f64::NAN)])?;
+
+    // Pull in pages of three, as a standby does (`after` = the highest it holds).
+    let mut pulls = 0;
+    loop {
+        let page = leader.log_after(standby.log_head()?, 3)?;
+        if page.entries.is_empty() {
+            break;
+        }
+        let entries: Vec<(u64, LogEntry)> = page
+            .entries
+            .iter()
+            .map(|(seq, bytes)| Ok((*seq, serde_json::from_slice(bytes)?)))
+            .collect::<Result<_>>()?;
+        assert!(entries.len() <= 3);
+        standby.apply_replicated(&entries)?;
+        // Applying the same page again is harmless.
+        assert_eq!(standby.apply_replicated(&entries)?, 0);
+        pulls += 1;
+        assert!(pulls < 10, "the pull does not end");
+    }
+    assert_eq!(pulls, 4, "11 entries in pages of 3");
+    // (As JSON: a NaN sample is not equal to itself.)
+    let json = |s: &Store| -> Result<String> { Ok(serde_json::to_string(&s.log_entries()?)?) };
+    assert_eq!(json(&standby)?, json(&leader)?);
+    assert_eq!(standby.log_entries()?.len(), 11);
+    assert_eq!(
+        standby.transitions(&p, 0..u64::MAX)?,
+        leader.transitions(&p, 0..u64::MAX)?
+    );
+    assert_eq!(standby.scale_events(&p, 0..u64::MAX)?.len(), 5);
+    let samples = standby.samples(&p, "rps", 0..u64::MAX)?;
+    assert_eq!(samples.len(), 1);
+    assert!(samples[0].value.mean().is_nan());
+
+    // The standby leads (the Lease's transitions went to 1): its records come after.
+    let first = standby.begin_epoch(1)?;
+    assert_eq!(first, 1 << nemesis_controller::store::log::EPOCH_SHIFT);
+    assert_eq!(
+        leader.log_head()? >> nemesis_controller::store::log::EPOCH_SHIFT,
+        0
+    );
+    let own = standby.record_scale(&scale(&p, 3_000, 3, 1))?;
+    assert_eq!(own, first);
+    let old_head = leader.log_head()?;
+    assert!(own > old_head);
+    // A leader that comes back in a later term (here without ever pulling) collides
+    // with neither.
+    let again = leader.begin_epoch(2)?;
+    assert!(again > own);
+    // What the old leader pulls from the new one starts after what it holds.
+    let page = standby.log_after(old_head, 100)?;
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].0, own);
+    assert_eq!(page.remaining, 0);
     Ok(())
 }
 

@@ -45,12 +45,14 @@ enum ControllerCommand {
 
 /// Variables that are not flags: tracing's filter, and the node IP the agent's
 /// proxy address is built from (`$(NODE_IP)`).
-const NON_FLAG_ENV: &[&str] = &["RUST_LOG", "NODE_IP"];
+const NON_FLAG_ENV: &[&str] = &["RUST_LOG", "NODE_IP", "POD_IP"];
 
 /// A node name for `spec.nodeName`.
 const NODE: &str = "node-a";
 /// A node IP for `status.hostIP` (198.18.0.0/15: never a real network).
 const NODE_IP: &str = "198.18.0.1";
+/// A Pod IP for `status.podIP` (same range).
+const POD_IP: &str = "198.18.1.7";
 /// The node's IPv6 address, second in `status.hostIPs` on a dual-stack node (unique
 /// local: never a real network).
 const NODE_IP_V6: &str = "fd6e:6d00::1";
@@ -86,6 +88,7 @@ fn pod_env(workload: &Value, c: &Value) -> Result<Vec<(String, String)>> {
                     .to_string(),
                 "spec.nodeName" => NODE.to_string(),
                 "status.hostIP" => NODE_IP.to_string(),
+                "status.podIP" => POD_IP.to_string(),
                 // A dual-stack node; the downward API joins the list with commas.
                 "status.hostIPs" => format!("{NODE_IP},{NODE_IP_V6}"),
                 other => bail!("{name}: the test does not resolve fieldPath {other}"),
@@ -663,6 +666,27 @@ fn controller_statefulset_command_line_parses_and_matches_its_volume_services_an
     );
     let binding = find(&objs, "RoleBinding", "nemesis-controller-leader")?;
     assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
+
+    // History replication: the standby reaches the leader's API port at its Pod IP,
+    // and every instance may read the replicas' token Secret.
+    assert!(run.history_replication);
+    assert_eq!(
+        run.history_url.as_deref(),
+        Some(format!("http://{POD_IP}:{}", run.listen.port()).as_str())
+    );
+    assert!(
+        rules.iter().any(|r| {
+            r["resources"] == serde_json::json!(["secrets"])
+                && r["resourceNames"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|n| *n == run.replica_token_secret.as_str()))
+                && r["verbs"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v == "get"))
+        }),
+        "the Role must let the controller read {}",
+        run.replica_token_secret
+    );
 
     // A stopping leader finishes before the kubelet's SIGKILL.
     let grace = pod["terminationGracePeriodSeconds"]

@@ -266,6 +266,23 @@ function route() {
   return { nav: 'overview', run: overview, live: true };
 }
 
+// A standby shows the history it pulled from the leader; when it cannot reach the
+// leader (or is still catching up) it says so above every page.
+async function showReplication() {
+  const el = document.getElementById('replication');
+  let v;
+  try { v = await api('/api/v1/replication'); } catch (e) { return; }
+  if (v.role !== 'standby' || !v.stale) {
+    el.hidden = true;
+    return;
+  }
+  const last = v.lastPullMs ? ` Last pulled ${new Date(v.lastPullMs).toLocaleString()}.` : '';
+  const why = v.error ? ` Cannot reach the leader${v.leader ? ` (${v.leader})` : ''}: ${v.error}.`
+    : (v.behind ? ` ${v.behind} records behind the leader.` : ' Not pulled from the leader yet.');
+  el.textContent = `This is a standby controller: its history may lack the leader's latest records.${why}${last}`;
+  el.hidden = false;
+}
+
 async function start() {
   try {
     setSession(await api('/api/v1/session'));
@@ -278,6 +295,8 @@ async function start() {
     if (!can(a.dataset.minRole)) a.remove();
   }
   document.getElementById('logout').addEventListener('click', logout);
+  showReplication();
+  setInterval(showReplication, 10000);
   const r = route();
   for (const a of document.querySelectorAll('[data-nav]')) {
     a.classList.toggle('active', a.dataset.nav === r.nav);

@@ -4,13 +4,13 @@
 //! agent; scaling decisions belong to the core, not here.
 
 pub mod http;
-pub mod loads;
 pub mod identity;
+pub mod loads;
 pub mod registry;
 pub mod wake;
 
 pub use http::{AgentApi, ApiError, agent_routes};
-pub use loads::LoadBoard;
 pub use identity::{AgentAuth, AgentIdentity, ReviewConfig, TokenReviewer};
+pub use loads::LoadBoard;
 pub use registry::{AckError, AgentRegistry, AgentStatus, RegistryConfig, ServiceActivity};
 pub use wake::{WakeGate, WakeOutcome, WakeUp};

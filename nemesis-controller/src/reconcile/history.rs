@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{ControllerMetrics, ErrorKind};
 use crate::notify::NotifyTap;
@@ -45,13 +45,16 @@ pub struct History {
 }
 
 impl History {
-    /// The handle and the writer task (run it until shutdown).
+    /// The handle and the writer task (run it until shutdown). `epoch` is the
+    /// leadership epoch (`leader::run` sends it each time this instance starts leading):
+    /// the writer starts numbering its records in it before it writes the term's first.
     pub fn new(
         store: Arc<Store>,
         metrics: ControllerMetrics,
+        epoch: watch::Receiver<u64>,
     ) -> (Self, impl std::future::Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = write_all(store, rx, metrics.clone());
+        let task = write_all(store, rx, metrics.clone(), epoch);
         (
             Self {
                 tx,
@@ -90,9 +93,17 @@ const RETRY_CAP: usize = 4096;
 /// With records waiting, the disk is tried again this often even if nothing new comes.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
-async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: ControllerMetrics) {
+async fn write_all(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Item>,
+    metrics: ControllerMetrics,
+    mut epoch: watch::Receiver<u64>,
+) {
     let mut compact = tokio::time::interval(COMPACT_EVERY);
     compact.tick().await;
+    // A new term's epoch the store has not taken yet (the disk refused it): nothing is
+    // written before it is, so no record is numbered in a previous leader's epoch.
+    let mut pending_epoch: Option<u64> = None;
     let mut waiting: std::collections::VecDeque<Item> = Default::default();
     // Failed writes since the last that went through.
     let mut failing: u64 = 0;
@@ -140,10 +151,41 @@ async fn write_all(store: Arc<Store>, mut rx: mpsc::Receiver<Item>, metrics: Con
                 Err(_) => break,
             }
         }
+        // A new term's records are numbered after every record of the previous leaders
+        // (the sender publishes the epoch before leadership, so before any record).
+        if let Ok(true) = epoch.has_changed() {
+            pending_epoch = Some(*epoch.borrow_and_update());
+        }
         let store2 = store.clone();
-        let result = tokio::task::spawn_blocking(move || write_batch(&store2, batch)).await;
+        let epoch_now = pending_epoch;
+        let result = tokio::task::spawn_blocking(move || -> (bool, Failed) {
+            if let Some(e) = epoch_now {
+                match store2.begin_epoch(e) {
+                    Ok(next) => tracing::info!(
+                        epoch = e,
+                        next_seq = next,
+                        "history records of this term start here"
+                    ),
+                    Err(err) => {
+                        // The batch waits with the epoch, counted as one failed write.
+                        let mut items = batch.into_iter();
+                        return match items.next() {
+                            Some(first) => (false, (vec![(first, err)], items.collect())),
+                            None => (false, (Vec::new(), Vec::new())),
+                        };
+                    }
+                }
+            }
+            (true, write_batch(&store2, batch))
+        })
+        .await;
         let failed = match result {
-            Ok(failed) => failed,
+            Ok((epoch_taken, failed)) => {
+                if epoch_taken {
+                    pending_epoch = None;
+                }
+                failed
+            }
             Err(e) => {
                 tracing::error!(err = %e, "the history write task failed");
                 continue;

@@ -6,10 +6,13 @@
 //! least every tick, so a missed watch event never strands a Deployment at zero.
 //!
 //! Leadership: the whole core runs inside a leadership term; losing the Lease drops the
-//! term, which aborts every actor at its next await. A new term rebuilds everything from
-//! the API server (policies, their status, Deployments) and the agents' heartbeats.
+//! term, which aborts every actor at its next await. The cluster-wide caches (policies,
+//! HPAs) are kept on every instance from boot (`caches`), so a new term starts from
+//! them without relisting; each actor reads its policy's status and watches its own
+//! target afresh, and the agents' heartbeats reach every instance.
 
 pub mod actor;
+pub mod caches;
 pub mod cold_start;
 pub mod connections;
 pub mod events;
@@ -105,6 +108,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut leading = ctx.leading.clone();
+    // Listed and watched from boot, leader or not: a term starts from warm caches.
+    let caches = caches::Caches::start(ctx.client.clone());
     loop {
         tokio::select! {
             r = leading.wait_for(|l| *l) => if r.is_err() { return },
@@ -112,7 +117,7 @@ pub async fn run(
         }
         tracing::info!("leading: starting the policy actors");
         {
-            let term = supervisor::run_term(ctx.clone(), &mut wake_rx, &synced);
+            let term = supervisor::run_term(ctx.clone(), &caches, &mut wake_rx, &synced);
             tokio::select! {
                 _ = term => tracing::error!("a leadership term ended by itself"),
                 _ = leading.wait_for(|l| !*l) => tracing::warn!("lost the lead: stopping every policy actor"),

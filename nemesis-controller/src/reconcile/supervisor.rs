@@ -1,5 +1,5 @@
-//! One leadership term: watches ScalingPolicies and HorizontalPodAutoscalers
-//! (cluster-wide, with reflector caches), keeps one actor per policy, and routes to them
+//! One leadership term: follows the warm ScalingPolicy and HorizontalPodAutoscaler
+//! caches (`caches`, kept on every instance), keeps one actor per policy, and routes to them
 //! what concerns them: spec changes, wake-ups by Service, HPA and alert changes. Each
 //! actor watches its own target (`workload`). It holds no scaling logic; dropping the
 //! term aborts every actor it started.
@@ -8,17 +8,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, reflector, watcher as watch_api};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
 use nemesis_common::wire::ServiceRef;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::actor::{Actor, Handle, Msg, Term};
+use super::caches::{Caches, is_forbidden};
 use super::{AbortOnDrop, Context};
 use crate::agents::WakeUp;
 use crate::metrics::ErrorKind;
@@ -118,33 +116,19 @@ impl Actors {
     }
 }
 
-/// Runs one leadership term; it only ends when dropped (or when a watch stream ends,
-/// which the default backoff never lets happen).
+/// Runs one leadership term over the warm `caches`; it only ends when dropped (or when
+/// a cache's watch ends, which the default backoff never lets happen).
 pub async fn run_term(
     ctx: Arc<Context>,
+    caches: &Caches,
     wake_rx: &mut mpsc::Receiver<WakeUp>,
     synced: &watch::Sender<bool>,
 ) {
-    let client = ctx.client.clone();
-    let (hpa_reader, hpa_writer) = reflector::store::<HorizontalPodAutoscaler>();
-    let hpas = reflector::reflector(
-        hpa_writer,
-        watch_api(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    );
-    let (pol_reader, pol_writer) = reflector::store::<ScalingPolicy>();
-    let policies = reflector::reflector(
-        pol_writer,
-        watch_api(
-            Api::<ScalingPolicy>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    );
-    futures::pin_mut!(hpas, policies);
+    // Subscribe before reading the stores, so no change falls between the two.
+    let mut policies = caches.policies.subscribe();
+    let mut hpas = caches.hpas.subscribe();
+    let pol_reader = caches.policies.reader.clone();
+    let hpa_reader = caches.hpas.reader.clone();
     // The hold EndpointSlices live and die with the term (a follower writes nothing).
     let _hold_slices = AbortOnDrop(tokio::spawn(
         ctx.hold_slices
@@ -159,25 +143,41 @@ pub async fn run_term(
     let mut tasks: JoinSet<PolicyId> = JoinSet::new();
     let mut alerts = ctx.alerts.subscribe();
     let mut resync = tokio::time::interval(RESYNC);
-    let (mut policies_synced, mut hpas_synced) = (false, false);
+    // A standby's caches are synced long before it leads: its actors start at once.
+    let mut policies_synced = caches.policies.is_synced();
+    let mut hpas_synced = caches.hpas.is_synced();
+    if !hpas_synced && caches.hpas.is_forbidden() {
+        tracing::warn!(
+            "starting the policies without HorizontalPodAutoscalers: a policy whose target an HPA scales will fight it until they can be read"
+        );
+        hpas_synced = true;
+    }
+    if hpas_synced {
+        for p in pol_reader.state() {
+            actors.upsert(&ctx, &term, &mut tasks, (*p).clone());
+        }
+    }
+    synced.send_replace(policies_synced && hpas_synced);
 
     loop {
         tokio::select! {
-            ev = policies.next() => match ev {
+            ev = policies.recv() => match ev {
                 // Actors start once the HPA cache is synced (a policy that missed its
                 // target's HPA would take the HPA's replicas for a manual scale and put
                 // them back); until then the policy cache keeps what arrives.
-                Some(Ok(Event::Apply(p) | Event::InitApply(p))) if hpas_synced => {
+                Ok(Ok(Event::Apply(p) | Event::InitApply(p))) if hpas_synced => {
                     actors.upsert(&ctx, &term, &mut tasks, p)
                 }
-                Some(Ok(Event::Apply(_) | Event::InitApply(_))) => {}
-                Some(Ok(Event::Delete(p))) => {
+                Ok(Ok(Event::Apply(_) | Event::InitApply(_))) => {}
+                Ok(Ok(Event::Delete(p))) => {
                     tracing::info!(policy = %id_of(&p), "policy deleted");
                     actors.remove(&id_of(&p));
                 }
-                Some(Ok(Event::Init)) => {}
-                Some(Ok(Event::InitDone)) => {
-                    policies_synced = true;
+                Ok(Ok(Event::Init)) => {}
+                // A term that fell behind the cache's events reconciles with its store,
+                // as after a listing.
+                Ok(Ok(Event::InitDone)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    policies_synced = caches.policies.is_synced();
                     let present: BTreeSet<PolicyId> =
                         pol_reader.state().iter().map(|p| id_of(p)).collect();
                     let gone: Vec<PolicyId> = actors
@@ -202,16 +202,16 @@ pub async fn run_term(
                         }
                     }
                 }
-                Some(Err(e)) => {
+                Ok(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
-                    tracing::warn!(err = %crate::permissions::explain_chain(&e), "watching ScalingPolicies failed; retrying");
+                    tracing::warn!(err = %crate::permissions::explain_chain(&*e), "watching ScalingPolicies failed; retrying");
                 }
-                None => return,
+                Err(broadcast::error::RecvError::Closed) => return,
             },
-            ev = hpas.next() => match ev {
-                Some(Ok(Event::Apply(_) | Event::Delete(_))) => actors.poke_all(),
-                Some(Ok(Event::InitApply(_) | Event::Init)) => {}
-                Some(Ok(Event::InitDone)) => {
+            ev = hpas.recv() => match ev {
+                Ok(Ok(Event::Apply(_) | Event::Delete(_))) => actors.poke_all(),
+                Ok(Ok(Event::InitApply(_) | Event::Init)) => {}
+                Ok(Ok(Event::InitDone)) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     actors.poke_all();
                     if !hpas_synced {
                         hpas_synced = true;
@@ -220,13 +220,13 @@ pub async fn run_term(
                         }
                     }
                 }
-                Some(Err(e)) => {
+                Ok(Err(e)) => {
                     ctx.metrics.error(ErrorKind::KubeApi);
-                    let why = crate::permissions::explain_chain(&e);
+                    let why = crate::permissions::explain_chain(&*e);
                     tracing::warn!(err = %why, "watching HorizontalPodAutoscalers failed; retrying");
                     // Without HPAs the policies still run (they just cannot see one);
                     // waiting for a permission that may never come would stop them all.
-                    if !hpas_synced && forbidden(&e) {
+                    if !hpas_synced && is_forbidden(&e) {
                         tracing::warn!("starting the policies without HorizontalPodAutoscalers: a policy whose target an HPA scales will fight it until they can be read");
                         hpas_synced = true;
                         for p in pol_reader.state() {
@@ -234,7 +234,7 @@ pub async fn run_term(
                         }
                     }
                 }
-                None => return,
+                Err(broadcast::error::RecvError::Closed) => return,
             },
             w = wake_rx.recv() => {
                 let Some(w) = w else { return };
@@ -292,14 +292,4 @@ pub async fn run_term(
             std::mem::replace(s, now) != now
         });
     }
-}
-
-/// A watch refused for want of a permission (which retrying will not grant).
-fn forbidden(e: &watcher::Error) -> bool {
-    matches!(
-        e,
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-            if s.code == 403
-    )
 }

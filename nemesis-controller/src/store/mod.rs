@@ -7,6 +7,7 @@
 //! power cut. All calls block on disk I/O: call them from `spawn_blocking` (the `Store`
 //! is `Send + Sync`; share it in an `Arc`).
 
+pub mod log;
 pub mod records;
 pub mod reports;
 pub mod samples;
@@ -32,8 +33,9 @@ pub use reports::ColdStartStats;
 pub use samples::{DEFAULT_RETENTION, Retention};
 pub use schema::{Migration, SCHEMA_VERSION};
 
+pub use log::{LogEntry, LogItem, LogPage};
 use tables::{
-    COLD_STARTS, EventKey, META, META_NEXT_SEQ, METRIC_SAMPLES, SCALE_EVENTS, SampleKey,
+    COLD_STARTS, EventKey, LOG, META, META_NEXT_SEQ, METRIC_SAMPLES, SCALE_EVENTS, SampleKey,
     TRANSITIONS,
 };
 
@@ -114,6 +116,8 @@ pub struct CompactionReport {
     pub samples_expired: u64,
     /// Transitions, scale events and cold starts deleted for age.
     pub events_expired: u64,
+    /// Replication log entries deleted for age.
+    pub log_expired: u64,
 }
 
 pub struct Store {
@@ -187,6 +191,7 @@ impl Store {
         open_table(&txn, SCALE_EVENTS)?;
         open_table(&txn, COLD_STARTS)?;
         open_table(&txn, METRIC_SAMPLES)?;
+        open_table(&txn, LOG)?;
         txn.commit()?;
         tracing::info!(path = %path.display(), ?migration, "history store open");
         Ok(Self {
@@ -271,15 +276,24 @@ impl Store {
 
     /// Records a transition; returns its sequence number (unique, increasing).
     pub fn record_transition(&self, rec: &TransitionRecord) -> Result<u64, StoreError> {
-        self.insert_event(TRANSITIONS, &rec.policy, rec.at_ms, rec)
+        let item = LogItem::Transition {
+            record: rec.clone(),
+        };
+        self.insert_event(TRANSITIONS, &rec.policy, rec.at_ms, rec, item)
     }
 
     pub fn record_scale(&self, rec: &ScaleRecord) -> Result<u64, StoreError> {
-        self.insert_event(SCALE_EVENTS, &rec.policy, rec.at_ms, rec)
+        let item = LogItem::Scale {
+            record: rec.clone(),
+        };
+        self.insert_event(SCALE_EVENTS, &rec.policy, rec.at_ms, rec, item)
     }
 
     pub fn record_cold_start(&self, rec: &ColdStartRecord) -> Result<u64, StoreError> {
-        self.insert_event(COLD_STARTS, &rec.policy, rec.wake_at_ms, rec)
+        let item = LogItem::ColdStart {
+            record: rec.clone(),
+        };
+        self.insert_event(COLD_STARTS, &rec.policy, rec.wake_at_ms, rec, item)
     }
 
     /// Records one raw sample per `(policy, metric, value)` at `at_ms`, all in one
@@ -289,18 +303,11 @@ impl Store {
         at_ms: u64,
         samples: impl IntoIterator<Item = (&'a PolicyId, &'a str, f64)>,
     ) -> Result<(), StoreError> {
-        let txn = self.begin_write()?;
-        {
-            let mut table = open_table(&txn, METRIC_SAMPLES)?;
-            for (policy, metric, value) in samples {
-                let bytes = encode(METRIC_SAMPLES, &SampleValue::Raw { value })?;
-                table
-                    .insert((policy.key().as_str(), metric, at_ms), bytes.as_slice())
-                    .map_err(access_error(METRIC_SAMPLES))?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
+        self.record_sample_batch(
+            samples
+                .into_iter()
+                .map(|(policy, metric, value)| (at_ms, policy, metric, value)),
+        )
     }
 
     /// Records many transitions in one transaction (importing history, benchmarks):
@@ -315,6 +322,7 @@ impl Store {
                 .map(|g| g.value())
                 .unwrap_or(1);
             let mut table = open_table(&txn, TRANSITIONS)?;
+            let mut log = open_table(&txn, LOG)?;
             for rec in recs {
                 let bytes = encode(TRANSITIONS, rec)?;
                 table
@@ -323,6 +331,13 @@ impl Store {
                         bytes.as_slice(),
                     )
                     .map_err(access_error(TRANSITIONS))?;
+                let entry = LogEntry {
+                    at_ms: rec.at_ms,
+                    item: LogItem::Transition {
+                        record: rec.clone(),
+                    },
+                };
+                log::append(&mut log, seq, &entry)?;
                 seq += 1;
             }
             meta.insert(META_NEXT_SEQ, seq)
@@ -338,6 +353,8 @@ impl Store {
         &self,
         samples: impl IntoIterator<Item = (u64, &'a PolicyId, &'a str, f64)>,
     ) -> Result<(), StoreError> {
+        // One log entry per policy and moment, so a standby gets them as recorded.
+        let mut moments: BTreeMap<(u64, &PolicyId), BTreeMap<String, f64>> = BTreeMap::new();
         let txn = self.begin_write()?;
         {
             let mut table = open_table(&txn, METRIC_SAMPLES)?;
@@ -346,6 +363,23 @@ impl Store {
                 table
                     .insert((policy.key().as_str(), metric, at_ms), bytes.as_slice())
                     .map_err(access_error(METRIC_SAMPLES))?;
+                moments
+                    .entry((at_ms, policy))
+                    .or_default()
+                    .insert(metric.to_string(), value);
+            }
+            let mut meta = open_table(&txn, META)?;
+            let mut log = open_table(&txn, LOG)?;
+            for ((at_ms, policy), values) in moments {
+                let seq = log::next_seq(&mut meta)?;
+                let entry = LogEntry {
+                    at_ms,
+                    item: LogItem::Samples {
+                        policy: policy.clone(),
+                        values,
+                    },
+                };
+                log::append(&mut log, seq, &entry)?;
             }
         }
         txn.commit()?;
@@ -358,22 +392,19 @@ impl Store {
         policy: &PolicyId,
         at_ms: u64,
         rec: &T,
+        item: LogItem,
     ) -> Result<u64, StoreError> {
         let bytes = encode(def, rec)?;
         let txn = self.begin_write()?;
         let seq = {
             let mut meta = open_table(&txn, META)?;
-            let seq = meta
-                .get(META_NEXT_SEQ)
-                .map_err(access_error(META))?
-                .map(|g| g.value())
-                .unwrap_or(1);
-            meta.insert(META_NEXT_SEQ, seq + 1)
-                .map_err(access_error(META))?;
+            let seq = log::next_seq(&mut meta)?;
             let mut table = open_table(&txn, def)?;
             table
                 .insert((policy.key().as_str(), at_ms, seq), bytes.as_slice())
                 .map_err(access_error(def))?;
+            let mut log = open_table(&txn, LOG)?;
+            log::append(&mut log, seq, &LogEntry { at_ms, item })?;
             seq
         };
         txn.commit()?;
@@ -653,6 +684,7 @@ impl Store {
                 .map_err(access_error(def))?;
             report.events_expired += removed;
         }
+        report.log_expired = log::expire_log(&txn, h.expire_events_before_ms, h.fold_before_ms)?;
         txn.commit()?;
         tracing::debug!(?report, "history compacted");
         Ok(report)

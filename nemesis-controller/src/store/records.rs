@@ -179,7 +179,7 @@ mod f64_any {
     pub struct Any(#[serde(with = "self")] pub f64);
 }
 
-mod f64_map {
+pub(crate) mod f64_map {
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -10,14 +10,14 @@ use super::{StoreError, access_error, open_table};
 
 /// The schema this code writes. Bump it together with a new `_vN` table and a step in
 /// [`UPGRADES`].
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Moves a file from one version to the next inside the opening write transaction
 /// (typically: create the `_v(N+1)` table, copy and convert rows, delete the `_vN` table).
 pub type UpgradeStep = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// `UPGRADES[i]` upgrades a file from version `i + 1` to `i + 2`.
-pub const UPGRADES: &[UpgradeStep] = &[];
+pub const UPGRADES: &[UpgradeStep] = &[super::log::backfill_log];
 
 /// What opening did to the file's schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,6 +23,14 @@ pub const COLD_STARTS: TableDefinition<EventKey, &[u8]> = TableDefinition::new("
 pub const METRIC_SAMPLES: TableDefinition<SampleKey, &[u8]> =
     TableDefinition::new("metric_samples_v1");
 
+/// The replication log: every event and sample batch this file holds, by sequence
+/// number, as serde_json bytes of a `store::log::LogEntry`. The leader serves it to the
+/// standbys in sequence order (`GET /internal/history?after=`); a standby stores what it
+/// pulls here under the leader's sequence, so its highest key is where it resumes. A
+/// sequence is `(leadership epoch << 40) | counter` (see `store::log::EPOCH_SHIFT`), so
+/// two leaders' records never share one.
+pub const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("replication_log_v1");
+
 /// Small named counters: [`META_SCHEMA_VERSION`] and [`META_NEXT_SEQ`].
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
 

@@ -685,6 +685,12 @@ pub struct AgentList {
     pub agents: Vec<AgentView>,
 }
 
+/// `GET /api/v1/replication`: whether this instance's history is the leader's, or how
+/// far behind it may be (a standby that cannot reach the leader says so here).
+pub async fn replication(State(ui): State<UiState>) -> Json<crate::replication::ReplicationView> {
+    Json(ui.replication.view())
+}
+
 pub async fn agents(State(ui): State<UiState>) -> Json<AgentList> {
     let now = Instant::now();
     let agents: Vec<AgentView> = ui

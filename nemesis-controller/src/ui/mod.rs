@@ -143,6 +143,8 @@ pub struct UiState {
     pub(crate) lockout: Arc<lockout::UserLockout>,
     pub(crate) metrics: ControllerMetrics,
     pub(crate) sources: UiSources,
+    /// How current this instance's history is (a standby pulls the leader's).
+    pub(crate) replication: crate::replication::ReplicationStatus,
 }
 
 impl UiState {
@@ -162,7 +164,14 @@ impl UiState {
             directory,
             metrics,
             sources,
+            replication: crate::replication::ReplicationStatus::disabled(),
         }
+    }
+
+    /// Shows `status` at `GET /api/v1/replication` (default: replication disabled).
+    pub fn with_replication(mut self, status: crate::replication::ReplicationStatus) -> Self {
+        self.replication = status;
+        self
     }
 
     pub fn directory(&self) -> &Arc<Directory> {
@@ -228,6 +237,7 @@ pub fn router(state: UiState) -> Router {
             get(api::history),
         )
         .route("/api/v1/agents", get(api::agents))
+        .route("/api/v1/replication", get(api::replication))
         .route("/api/v1/alerts", get(api::alerts))
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/stream", get(events::stream))
