@@ -267,7 +267,9 @@ impl AgentRegistry {
                         || !p.live_at(now, self.config.lease)
                         || p.reports.len() != reports.len()
                         || reports.iter().any(|(svc, r)| {
-                            p.reports.get(svc).is_none_or(|o| o.hold_ports != r.hold_ports)
+                            p.reports
+                                .get(svc)
+                                .is_none_or(|o| o.hold_ports != r.hold_ports)
                         })
                 }
             };

@@ -183,7 +183,10 @@ pub fn worth_writing(
 
 /// Whether `new` differs from `written` in more than the metric values (such a write
 /// always goes; a values-only one waits for the [`WriteBudget`]).
-pub fn significant_change(new: &ScalingPolicyStatus, written: Option<&ScalingPolicyStatus>) -> bool {
+pub fn significant_change(
+    new: &ScalingPolicyStatus,
+    written: Option<&ScalingPolicyStatus>,
+) -> bool {
     written.is_none_or(|old| significant(old) != significant(new))
 }
 

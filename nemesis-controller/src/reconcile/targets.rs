@@ -171,7 +171,9 @@ fn on_event(shared: &Cache, relisting: &mut Option<HashSet<String>>, ev: Event<D
             for name in missing {
                 gone(shared, &name);
             }
-            shared.state.send_if_modified(|s| !std::mem::replace(&mut s.listed, true));
+            shared
+                .state
+                .send_if_modified(|s| !std::mem::replace(&mut s.listed, true));
         }
     }
 }

@@ -85,8 +85,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -425,13 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let mut agent_tasks = Vec::new();
     for (a, h) in hosted.into_iter().enumerate().take(cli.agents) {
-        agent_tasks.push(tokio::spawn(agent(
-            a,
-            h,
-            api.clone(),
-            every,
-            stats.clone(),
-        )));
+        agent_tasks.push(tokio::spawn(agent(a, h, api.clone(), every, stats.clone())));
     }
 
     // Every policy adopted at zero: its status says so.
@@ -500,12 +493,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (rss, hwm) = memory_mib(pid)?;
     // Which writes: the request log's tail (it keeps the latest few thousand).
     let log = server.requests();
-    let served: u64 = after.by_method.values().sum::<u64>() - before.by_method.values().sum::<u64>();
+    let served: u64 =
+        after.by_method.values().sum::<u64>() - before.by_method.values().sum::<u64>();
     let tail = usize::try_from(served).unwrap_or(usize::MAX).min(log.len());
     let mut by_path: HashMap<String, u64> = HashMap::new();
     for r in &log[log.len() - tail..] {
         if ["POST", "PUT", "PATCH", "DELETE"].contains(&r.method.as_str()) {
-            *by_path.entry(format!("{} {}", r.method, r.path)).or_default() += 1;
+            *by_path
+                .entry(format!("{} {}", r.method, r.path))
+                .or_default() += 1;
         }
     }
     let mut by_path: Vec<_> = by_path.into_iter().collect();
@@ -515,7 +511,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let mut rtts = stats.rtts.lock().unwrap_or_else(|e| e.into_inner()).clone();
     rtts.sort_by(f64::total_cmp);
-    let mut sizes = stats.sizes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut sizes = stats
+        .sizes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     sizes.sort_by(f64::total_cmp);
     let failures = stats.failures.load(Ordering::Relaxed);
     eprintln!(
@@ -547,11 +547,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         let deadline = start + Duration::from_secs(60);
         loop {
-            if let Some(at) = scaled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&name)
-            {
+            if let Some(at) = scaled.lock().unwrap_or_else(|e| e.into_inner()).get(&name) {
                 latencies.push(at.saturating_duration_since(start).as_secs_f64() * 1000.0);
                 break;
             }
@@ -571,7 +567,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
 
     println!("controller_rss_mib_1k_agents_10k_services={rss:.1}");
-    println!("controller_peak_rss_mib_1k_agents_10k_services={:.1}", hwm.max(hwm_end));
+    println!(
+        "controller_peak_rss_mib_1k_agents_10k_services={:.1}",
+        hwm.max(hwm_end)
+    );
     println!("api_writes_per_s_steady={:.3}", writes as f64 / window);
     println!(
         "wake_to_scale_ms_p99_under_load={:.3}",
