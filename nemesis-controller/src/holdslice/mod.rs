@@ -314,12 +314,14 @@ impl HoldSlices {
         let mut events = futures::stream::select(services.map(|_| ()), slices).boxed();
         // Heartbeats that change nothing a slice shows do not start a pass.
         let mut changed = self.registry.subscribe_topology();
+        let mut managed = wakes.subscribe_managed();
         let (mut services_ready, mut slices_ready) = (false, false);
         let mut seeded = false;
         loop {
             tokio::select! {
                 e = events.next() => if e.is_none() { return },
                 _ = changed.changed() => {}
+                _ = managed.changed() => {}
                 _ = tokio::time::sleep(MAX_PASS_INTERVAL) => {}
             }
             // Let a burst of heartbeats and events settle into one pass.
@@ -332,6 +334,7 @@ impl HoldSlices {
                 .is_some()
             {}
             changed.borrow_and_update();
+            managed.borrow_and_update();
             if !services_ready {
                 services_ready = svc_reader.wait_until_ready().now_or_never().is_some();
             }
