@@ -505,7 +505,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     let mut by_path: Vec<_> = by_path.into_iter().collect();
-    by_path.sort_by(|a, b| b.1.cmp(&a.1));
+    by_path.sort_by_key(|p| std::cmp::Reverse(p.1));
     for (p, n) in by_path.iter().take(10) {
         eprintln!("steady write: {n} x {p}");
     }
