@@ -461,6 +461,9 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
             sample_interval: args.sample_interval,
             status_interval: args.status_interval,
         },
+        status_budget: reconcile::status::WriteBudget::new(
+            reconcile::status::VALUE_WRITES_PER_SECOND,
+        ),
         leading: leading.clone(),
     });
     let core = tokio::spawn(reconcile::run(ctx, wake_rx, synced_tx, core_stop.clone()));

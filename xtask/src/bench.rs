@@ -18,8 +18,15 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("policy_decide", "nemesis-controller", "bench-policy"),
     ("policy_tick_status", "nemesis-tests", "bench-status"),
     ("ui_overview", "nemesis-controller", "bench-ui"),
+    // controller_rss_mib_1k_agents_10k_services, api_writes_per_s_steady,
+    // wake_to_scale_ms_p99_under_load: a few minutes (see tests/src/bin/bench-scale.rs).
+    ("controller_rss_scale", "nemesis-tests", "bench-scale"),
     ("report_30d", "nemesis-controller", "bench-report"),
 ];
+
+/// Binaries a benchmark runs besides its own (bench binary, package, binary): built in
+/// release next to it.
+const NEEDS: &[(&str, &str, &str)] = &[("bench-scale", "nemesis-controller", "nemesis-controller")];
 
 /// (figure-name prefix filter, package, test target) of the benchmarks that are ignored
 /// tests, because they need the test suite's environment (the sandbox, the real agent
@@ -42,6 +49,9 @@ pub fn run(only: Option<&str>) -> Result<()> {
     for (name, package, bin) in BENCHES {
         if only.is_some_and(|o| !name.contains(o)) {
             continue;
+        }
+        for (_, pkg, needed) in NEEDS.iter().filter(|(b, _, _)| b == bin) {
+            sh(cargo().args(["build", "--release", "-p", pkg, "--bin", needed]))?;
         }
         sh(cargo().args(["build", "--release", "-p", package, "--bin", bin]))?;
         let exe = root().join("target/release").join(bin);

@@ -57,6 +57,8 @@ struct State {
 #[derive(Debug)]
 pub struct WakeGate {
     state: Mutex<State>,
+    /// Bumped when the set of managed Services changes (hold slices follow it).
+    managed_changed: tokio::sync::watch::Sender<u64>,
     tx: mpsc::Sender<WakeUp>,
     reforward_after: Duration,
 }
@@ -69,6 +71,7 @@ impl WakeGate {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let gate = Self {
             state: Mutex::new(State::default()),
+            managed_changed: tokio::sync::watch::channel(0).0,
             tx,
             reforward_after,
         };
@@ -81,22 +84,35 @@ impl WakeGate {
 
     /// Marks a Service as managed by a policy (or not any more).
     pub fn set_managed(&self, svc: &ServiceRef, managed: bool) {
-        let mut st = self.lock();
-        if managed {
-            st.managed.insert(svc.clone());
-        } else {
-            st.managed.remove(svc);
-            st.waking.remove(svc);
+        let changed = {
+            let mut st = self.lock();
+            if managed {
+                st.managed.insert(svc.clone())
+            } else {
+                st.waking.remove(svc);
+                st.managed.remove(svc)
+            }
+        };
+        if changed {
+            self.managed_changed.send_modify(|v| *v = v.wrapping_add(1));
         }
+    }
+
+    /// A receiver that changes when a Service becomes managed or stops being managed.
+    pub fn subscribe_managed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.managed_changed.subscribe()
     }
 
     /// Forgets every managed Service and wake in flight (this instance stopped leading:
     /// wake-ups are refused until policies are managed again).
     pub fn unmanage_all(&self) {
-        let mut st = self.lock();
-        st.managed.clear();
-        st.waking.clear();
-        st.synced = false;
+        {
+            let mut st = self.lock();
+            st.managed.clear();
+            st.waking.clear();
+            st.synced = false;
+        }
+        self.managed_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Whether this leader has listed its policies and started their actors: until

@@ -29,7 +29,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use nemesis_common::wire::{Directive, HoldPort, ServiceRef};
 use tokio::time::Instant;
 
-use crate::agents::{AgentRegistry, WakeGate};
+use crate::agents::{AgentRegistry, AgentStatus, WakeGate};
 use crate::policy::ScalingPolicy;
 use plan::{AgentEndpoint, Owner};
 pub use ports::{DEFAULT_RANGE, HoldPorts, PortsExhausted};
@@ -88,6 +88,27 @@ impl std::fmt::Debug for HoldSlices {
     }
 }
 
+/// The agents of `agents` that can be listed for `svc`, with the hold ports each listens
+/// on for it. A pass reads the registry once and calls this per Service (reading it per
+/// Service copied every agent's reports once per Service: 10^7 copies a pass at 1,000
+/// agents and 10,000 Services).
+fn endpoints_for(agents: &[AgentStatus], svc: &ServiceRef) -> Vec<AgentEndpoint> {
+    agents
+        .iter()
+        .filter(|a| a.live && a.ready && !a.addresses.is_empty())
+        .map(|a| AgentEndpoint {
+            listening: a
+                .services
+                .iter()
+                .find(|r| &r.service == svc)
+                .map(|r| r.hold_ports.iter().copied().collect())
+                .unwrap_or_default(),
+            node: a.node.clone(),
+            addresses: a.addresses.clone(),
+        })
+        .collect()
+}
+
 fn owner(policy: &ScalingPolicy) -> Owner {
     Owner {
         api_version: ScalingPolicy::api_version(&()).into_owned(),
@@ -124,21 +145,7 @@ impl HoldSlices {
     /// The live, ready agents that can be listed for `svc`, with the hold ports each
     /// listens on for it.
     fn agents_for(&self, svc: &ServiceRef) -> Vec<AgentEndpoint> {
-        self.registry
-            .agents(Instant::now())
-            .into_iter()
-            .filter(|a| a.live && a.ready && !a.addresses.is_empty())
-            .map(|a| AgentEndpoint {
-                listening: a
-                    .services
-                    .iter()
-                    .find(|r| &r.service == svc)
-                    .map(|r| r.hold_ports.iter().copied().collect())
-                    .unwrap_or_default(),
-                node: a.node,
-                addresses: a.addresses,
-            })
-            .collect()
+        endpoints_for(&self.registry.agents(Instant::now()), svc)
     }
 
     /// The hold ports of `service`'s TCP ports, handed to the agents with its directive.
@@ -234,6 +241,21 @@ impl HoldSlices {
         Ok(true)
     }
 
+    fn wrote(&self, key: &(String, String)) -> bool {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+    }
+
+    /// A slice was deleted (the watch says so): the next pass writes it again if wanted.
+    fn forget(&self, slice: &EndpointSlice) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(slice.namespace().unwrap_or_default(), slice.name_any()));
+    }
+
     async fn delete(&self, namespace: &str, name: &str) -> Result<(), HoldSliceError> {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
         let result = timed(
@@ -283,20 +305,36 @@ impl HoldSlices {
             )
             .default_backoff(),
         );
-        let mut events = futures::stream::select(services.map(|_| ()), slices.map(|_| ())).boxed();
-        let mut changed = self.registry.subscribe();
+        let this = self.clone();
+        let slices = slices.map(move |ev| {
+            if let Ok(watcher::Event::Delete(s)) = &ev {
+                this.forget(s);
+            }
+        });
+        let mut events = futures::stream::select(services.map(|_| ()), slices).boxed();
+        // Heartbeats that change nothing a slice shows do not start a pass.
+        let mut changed = self.registry.subscribe_topology();
+        let mut managed = wakes.subscribe_managed();
         let (mut services_ready, mut slices_ready) = (false, false);
         let mut seeded = false;
         loop {
             tokio::select! {
                 e = events.next() => if e.is_none() { return },
                 _ = changed.changed() => {}
+                _ = managed.changed() => {}
                 _ = tokio::time::sleep(MAX_PASS_INTERVAL) => {}
             }
             // Let a burst of heartbeats and events settle into one pass.
             tokio::time::sleep(MIN_PASS_INTERVAL).await;
-            while events.next().now_or_never().flatten().is_some() {}
+            // Unconstrained: under the scheduler's budget a long drain stops early and the
+            // caches fall behind (they did, by thousands of events, at 10,000 Services).
+            while tokio::task::unconstrained(events.next())
+                .now_or_never()
+                .flatten()
+                .is_some()
+            {}
             changed.borrow_and_update();
+            managed.borrow_and_update();
             if !services_ready {
                 services_ready = svc_reader.wait_until_ready().now_or_never().is_some();
             }
@@ -360,6 +398,13 @@ impl HoldSlices {
             }
         }
         let mut desired: Vec<EndpointSlice> = Vec::new();
+        // Only agents with hold listeners can be listed: most passes copy none.
+        let agents: Vec<AgentStatus> = self
+            .registry
+            .agents(Instant::now())
+            .into_iter()
+            .filter(|a| !a.addresses.is_empty())
+            .collect();
         let mut managed: BTreeSet<ServiceRef> = BTreeSet::new();
         let mut first_error = None;
         for policy in policies.state() {
@@ -392,7 +437,7 @@ impl HoldSlices {
                 .is_some_and(|d| d.directive == Directive::Sleep);
             let own = by_service.get(&svc).map(Vec::as_slice).unwrap_or(&[]);
             if sleeping || !plan::has_ready_backend(own.iter().copied()) {
-                let agents = self.agents_for(&svc);
+                let agents = endpoints_for(&agents, &svc);
                 desired.extend(plan::hold_slices(
                     &service,
                     &ports,
@@ -418,8 +463,13 @@ impl HoldSlices {
             .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
             .collect();
         for slice in desired {
+            // A slice missing from the cache is written even if we wrote it as it is, so
+            // one deleted behind our back comes back; but the cache lags our own writes
+            // (it learns of them by watch), so a slice we wrote is "missing" only once
+            // the watch has shown it gone (see `forget`).
             let key = (slice.namespace().unwrap_or_default(), slice.name_any());
-            if let Err(e) = self.apply(slice, !present.contains(&key)).await {
+            let unknown = !present.contains(&key) && !self.wrote(&key);
+            if let Err(e) = self.apply(slice, unknown).await {
                 tracing::warn!(err = %e, "hold EndpointSlice not written");
                 first_error.get_or_insert(e);
             }

@@ -73,6 +73,8 @@ pub struct Term {
     /// one agent lease to show up here, and an empty registry would "acknowledge" a
     /// hold no agent applied.
     pub sleep_allowed_from: Instant,
+    /// The shared watches of Deployments and StatefulSets (one per kind and namespace).
+    pub targets: Arc<super::targets::AppsTargets>,
 }
 
 /// A wake in progress: from an agent's wake-up, or a scale from zero the policy made.
@@ -285,6 +287,7 @@ impl Actor {
             self.workload = target.map(|t| {
                 workload::Watch::start(
                     self.ctx.client.clone(),
+                    self.term.targets.clone(),
                     &self.id.namespace,
                     t,
                     self.poke.clone(),
@@ -1077,9 +1080,22 @@ impl Actor {
         if !status::worth_writing(&new, written, age, self.ctx.settings.status_interval) {
             return;
         }
+        // Values-only writes share one budget across every policy (next tick retries).
+        if !status::significant_change(&new, written)
+            && !self.ctx.status_budget.take(std::time::Instant::now())
+        {
+            return;
+        }
         if !self.ctx.is_leading() {
             return;
         }
+        tracing::debug!(
+            policy = %self.id,
+            changed = ?written.map(|w| status::changed_fields(w, &new)),
+            was = ?written.map(|w| w.metrics.iter().map(|m| (m.name.as_str(), m.value)).collect::<Vec<_>>()),
+            now = ?new.metrics.iter().map(|m| (m.name.as_str(), m.value)).collect::<Vec<_>>(),
+            "writing status"
+        );
         let api: Api<ScalingPolicy> = Api::namespaced(self.ctx.client.clone(), self.namespace());
         let mut patch = serde_json::json!({ "status": new });
         // A merge patch keeps a field it does not name: an HPA that went away must be

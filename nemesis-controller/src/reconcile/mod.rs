@@ -21,6 +21,7 @@ pub mod hpa;
 pub mod prom;
 pub mod status;
 pub mod supervisor;
+pub mod targets;
 pub mod workload;
 
 use std::sync::Arc;
@@ -89,6 +90,8 @@ pub struct Context {
     pub prom: Arc<PromPool>,
     pub hold_slices: Arc<HoldSlices>,
     pub settings: Settings,
+    /// Values-only status writes of every policy share this budget.
+    pub status_budget: status::WriteBudget,
     /// True while this instance holds the Lease; checked again right before every scale.
     pub leading: watch::Receiver<bool>,
 }

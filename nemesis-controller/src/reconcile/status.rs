@@ -181,6 +181,74 @@ pub fn worth_writing(
     }
 }
 
+/// Whether `new` differs from `written` in more than the metric values (such a write
+/// always goes; a values-only one waits for the [`WriteBudget`]).
+pub fn significant_change(
+    new: &ScalingPolicyStatus,
+    written: Option<&ScalingPolicyStatus>,
+) -> bool {
+    written.is_none_or(|old| significant(old) != significant(new))
+}
+
+/// How many values-only status writes the whole controller makes per second, at most:
+/// with 10,000 busy policies the status interval alone would allow 650 a second. The
+/// values are for people reading `kubectl get`; a skipped write is retried at the
+/// policy's next tick, so values stay at most a few intervals old.
+pub const VALUE_WRITES_PER_SECOND: f64 = 20.0;
+
+/// A token bucket shared by every policy's actor for values-only status writes. Time is
+/// passed in; the bucket holds at most one second's worth.
+#[derive(Debug)]
+pub struct WriteBudget {
+    per_second: f64,
+    state: std::sync::Mutex<(f64, Option<std::time::Instant>)>,
+}
+
+impl WriteBudget {
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            per_second,
+            state: std::sync::Mutex::new((per_second, None)),
+        }
+    }
+
+    /// Takes one write from the budget if there is one left at `now`.
+    pub fn take(&self, now: std::time::Instant) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = &mut *st;
+        if let Some(l) = *last {
+            let refill = now.saturating_duration_since(l).as_secs_f64() * self.per_second;
+            *tokens = (*tokens + refill).min(self.per_second.max(1.0));
+        }
+        *last = Some(now);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The top-level status fields that differ between `old` and `new` (for the log).
+pub fn changed_fields(old: &ScalingPolicyStatus, new: &ScalingPolicyStatus) -> Vec<String> {
+    let (o, n) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    );
+    let (Some(o), Some(n)) = (o.as_object(), n.as_object()) else {
+        return vec![];
+    };
+    let mut keys: Vec<String> = o
+        .keys()
+        .chain(n.keys())
+        .filter(|k| o.get(*k) != n.get(*k))
+        .cloned()
+        .collect();
+    keys.dedup();
+    keys
+}
+
 fn values(s: &ScalingPolicyStatus) -> Vec<Option<f64>> {
     s.metrics.iter().map(|m| m.value).collect()
 }
@@ -228,6 +296,33 @@ mod tests {
             hpa: None,
             now: now(),
         }
+    }
+
+    #[test]
+    fn the_write_budget_refills_at_its_rate_and_holds_one_second_at_most() {
+        let b = WriteBudget::new(2.0);
+        let t0 = std::time::Instant::now();
+        assert!(b.take(t0));
+        assert!(b.take(t0));
+        assert!(!b.take(t0), "two a second: the third waits");
+        assert!(b.take(t0 + Duration::from_millis(500)));
+        assert!(!b.take(t0 + Duration::from_millis(500)));
+        // An hour idle refills one second's worth, not an hour's.
+        let later = t0 + Duration::from_secs(3600);
+        assert!(b.take(later) && b.take(later) && !b.take(later));
+    }
+
+    #[test]
+    fn only_metric_values_changing_is_not_significant() {
+        let p = policy();
+        let prev = ScalingPolicyStatus::default();
+        let a = build(input(&p, &prev));
+        let mut b = a.clone();
+        b.metrics[0].value = Some(4.0);
+        assert!(!significant_change(&b, Some(&a)));
+        assert!(significant_change(&b, None));
+        b.state = Some("zero".into());
+        assert!(significant_change(&b, Some(&a)));
     }
 
     #[test]

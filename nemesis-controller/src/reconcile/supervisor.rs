@@ -138,6 +138,7 @@ pub async fn run_term(
     let term = Arc::new(Term {
         hpas: hpa_reader,
         sleep_allowed_from: Instant::now() + ctx.registry.config().lease,
+        targets: Arc::new(super::targets::AppsTargets::new(ctx.client.clone())),
     });
     let mut actors = Actors::default();
     let mut tasks: JoinSet<PolicyId> = JoinSet::new();

@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 use super::status::Blocked;
+use super::targets::AppsTargets;
 use super::{API_TIMEOUT, AbortOnDrop};
 use crate::permissions::{explain, explain_chain};
 use crate::policy::WorkloadRef;
@@ -58,10 +59,19 @@ pub struct Watch {
 
 impl Watch {
     /// Starts watching `target` in `namespace`; `poke` is notified on every change.
-    pub fn start(client: Client, namespace: &str, target: WorkloadRef, poke: Arc<Notify>) -> Self {
+    /// Deployments and StatefulSets are followed through the term's shared watches
+    /// (`targets`); other kinds get a watch of their own.
+    pub fn start(
+        client: Client,
+        targets: Arc<AppsTargets>,
+        namespace: &str,
+        target: WorkloadRef,
+        poke: Arc<Notify>,
+    ) -> Self {
         let (tx, rx) = watch::channel(Seen::Unknown);
         let task = tokio::spawn(run(
             client,
+            targets,
             namespace.to_string(),
             target.clone(),
             Publisher { tx, poke },
@@ -95,9 +105,18 @@ impl Publisher {
     }
 }
 
-async fn run(client: Client, namespace: String, target: WorkloadRef, out: Publisher) {
+async fn run(
+    client: Client,
+    targets: Arc<AppsTargets>,
+    namespace: String,
+    target: WorkloadRef,
+    out: Publisher,
+) {
     loop {
         match discover(&client, &target).await {
+            Ok(resource) if target.is_apps_kind() => {
+                follow_shared(&targets, &namespace, &target, resource, &out).await
+            }
             Ok(resource) => follow(&client, &namespace, &target, resource, &out).await,
             Err(b) => {
                 tracing::warn!(target = %target, reason = b.reason, message = %b.message, "target not usable; looking again in 15 s");
@@ -242,6 +261,33 @@ struct Facts {
     pods_blocked: Option<Blocked>,
 }
 
+/// Follows an apps target through the shared watch of its kind and namespace (until the
+/// term drops the shared watches).
+async fn follow_shared(
+    targets: &AppsTargets,
+    namespace: &str,
+    target: &WorkloadRef,
+    resource: ApiResource,
+    out: &Publisher,
+) {
+    let mut sub = targets.subscribe(&resource, namespace, &target.name);
+    loop {
+        let state = sub.state.borrow_and_update().clone();
+        let object = sub.object.borrow_and_update().clone();
+        let facts = Facts {
+            listed: state.listed,
+            object: object.map(|o| (*o).clone()),
+            blocked: state.refused.map(|why| unreadable(target, why)),
+            ..Default::default()
+        };
+        out.publish(seen(namespace, target, &resource, &facts));
+        tokio::select! {
+            r = sub.state.changed() => if r.is_err() { return },
+            r = sub.object.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 /// Watches the target until a watch ends (it never does with its backoff; the loop
 /// around rediscovers if it did).
 async fn follow(
@@ -331,7 +377,7 @@ async fn follow(
 
 /// The API server refused the watch (401/403): retrying will not help until a rule is
 /// granted or the token renewed.
-fn refused(e: &watcher::Error) -> bool {
+pub(super) fn refused(e: &watcher::Error) -> bool {
     matches!(
         e,
         watcher::Error::InitialListFailed(kube::Error::Api(s))

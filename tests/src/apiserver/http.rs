@@ -68,6 +68,25 @@ pub struct Shared {
     pub log: Mutex<VecDeque<RequestRecord>>,
     /// Injected faults (chaos tests); off unless a plan is set.
     pub faults: super::faults::Injector,
+    /// Every request served, counted by verb (the log above keeps only the latest).
+    pub counts: Mutex<RequestCounts>,
+}
+
+/// Requests served since start, by HTTP method (`GET` includes watches), so a test or
+/// a benchmark can difference two snapshots however many requests were served between.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub by_method: std::collections::BTreeMap<String, u64>,
+}
+
+impl RequestCounts {
+    /// Requests that change state: POST, PUT, PATCH and DELETE.
+    pub fn writes(&self) -> u64 {
+        ["POST", "PUT", "PATCH", "DELETE"]
+            .iter()
+            .map(|m| self.by_method.get(*m).copied().unwrap_or(0))
+            .sum()
+    }
 }
 
 impl Shared {
@@ -264,6 +283,13 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         },
     };
     tracing::debug!(method = %parts.method, %path, %query, status = resp.status().as_u16(), "request");
+    *shared
+        .counts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .by_method
+        .entry(parts.method.to_string())
+        .or_default() += 1;
     let mut log = shared.log.lock().unwrap_or_else(|p| p.into_inner());
     if log.len() == REQUEST_LOG_CAPACITY {
         log.pop_front();

@@ -46,7 +46,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use self::http::RequestRecord;
+pub use self::http::{RequestCounts, RequestRecord};
 pub use self::lifecycle::{SERVICE_CIDR, SERVICE_CIDR_V6, in_service_range};
 
 /// Events kept for watch resumption by default (older resourceVersions get `410`).
@@ -191,6 +191,7 @@ impl TestApiServer {
             watch_gate: tokio::sync::watch::channel(false).0,
             log: Mutex::new(Default::default()),
             faults: Default::default(),
+            counts: Mutex::new(Default::default()),
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config.clone());
         let task = tokio::spawn(http::serve(
@@ -342,6 +343,16 @@ impl TestApiServer {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Every request served since start, counted by method (unlike
+    /// [`requests`](Self::requests), never truncated).
+    pub fn request_counts(&self) -> RequestCounts {
+        self.shared
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current (latest) resourceVersion.

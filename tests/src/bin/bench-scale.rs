@@ -1,0 +1,598 @@
+//! Benchmark: one controller process with many simulated agents and managed Services.
+//!
+//! Starts the test API server in this process, creates `--services` Services, Deployments
+//! (at zero) and ScalingPolicies with concurrent requests, starts one real
+//! `nemesis-controller` process (the binary next to this one unless `--controller`), and
+//! runs `--agents` simulated agents as tokio tasks speaking the real agent HTTP API: each
+//! heartbeats every `--heartbeat` seconds (with jitter) and reports per-Service counters
+//! for the Services it "hosts" (Service `i` lives on agent `i % agents`), acknowledging the
+//! directive epochs it receives. Then, while every agent keeps heartbeating:
+//!
+//! - a steady window of `--steady` seconds with nothing changing: the API server's write
+//!   count (POST/PUT/PATCH/DELETE) over it -> `api_writes_per_s_steady` (goal: near 0; the
+//!   leader's Lease renewal is the floor);
+//! - the controller's resident memory (`VmRSS` of `/proc/<pid>/status`) at the end of it
+//!   -> `controller_rss_mib_1k_agents_10k_services` (and the peak, `VmHWM`);
+//! - `--wakes` wake-ups sent one at a time by the agent hosting a random Service, each timed
+//!   from the wake request to the moment a watch on Deployments sees its scale write
+//!   -> `wake_to_scale_ms_p99_under_load`;
+//! - the agents' own view: heartbeat round trips and reply sizes.
+//!
+//! Prints `name=value` lines (what `cargo xtask bench` collects); progress goes to stderr.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::PostParams;
+use kube::runtime::watcher;
+use kube::{Api, CustomResourceExt, ResourceExt};
+use nemesis_common::wire::{
+    AppliedMode, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, WakeReply, WakeRequest,
+};
+use nemesis_controller::notify::rule::AlertRule;
+use nemesis_controller::policy::ScalingPolicy;
+use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use rand::Rng as _;
+use serde_json::json;
+
+const NAMESPACE: &str = "default";
+const TOKEN: &str = "bench-scale-agent-token";
+
+#[derive(Parser)]
+struct Cli {
+    /// Managed Services (each with a Deployment at zero and a ScalingPolicy).
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Simulated agents (one per node).
+    #[arg(long, default_value_t = 1_000)]
+    agents: usize,
+    /// Seconds between an agent's heartbeats (each jittered by up to ±10%).
+    #[arg(long, default_value_t = 5.0)]
+    heartbeat: f64,
+    /// Seconds of the steady window (nothing changing) over which writes are counted.
+    #[arg(long, default_value_t = 30.0)]
+    steady: f64,
+    /// Wake-ups timed under load (one at a time).
+    #[arg(long, default_value_t = 100)]
+    wakes: usize,
+    /// Concurrent create requests while setting up.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Where the controller's log goes (default: a temporary file removed at the end).
+    #[arg(long)]
+    controller_log: Option<PathBuf>,
+    /// The controller binary (default: `nemesis-controller` next to this binary).
+    #[arg(long)]
+    controller: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+fn service_name(i: usize) -> String {
+    format!("s{i}")
+}
+
+fn node_name(a: usize) -> String {
+    format!("sim-node-{a}")
+}
+
+/// A free loopback port for the controller's listeners (it runs in another process, so
+/// port 0 would hide the port from us).
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Resident and peak memory of a process, in MiB, from `/proc/<pid>/status`.
+fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        let kib: f64 = line
+            .trim_start_matches(name)
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {line:?}"))?;
+        Ok(kib / 1024.0)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+async fn create_objects(client: &kube::Client, cli: &Cli) -> anyhow::Result<()> {
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    futures::stream::iter(0..cli.services)
+        .map(|i| {
+            let (services, deployments, policies) =
+                (services.clone(), deployments.clone(), policies.clone());
+            async move {
+                let name = service_name(i);
+                let svc: Service = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {"selector": {"app": name},
+                             "ports": [{"port": 80, "targetPort": 8080}]},
+                }))?;
+                services.create(&PostParams::default(), &svc).await?;
+                let d: Deployment = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {
+                        "replicas": 0,
+                        "selector": {"matchLabels": {"app": name}},
+                        "template": {"metadata": {"labels": {"app": name}},
+                                     "spec": {"containers": [{"name": "app", "image": "local/app"}]}},
+                    },
+                }))?;
+                deployments.create(&PostParams::default(), &d).await?;
+                let p: ScalingPolicy = serde_json::from_value(json!({
+                    "apiVersion": "nemesis.dev/v1alpha1", "kind": "ScalingPolicy",
+                    "metadata": {"name": name},
+                    "spec": {"target": {"deployment": name, "service": name},
+                             "minReplicas": 0, "maxReplicas": 1, "idleTimeout": "1h"},
+                }))?;
+                policies.create(&PostParams::default(), &p).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(cli.concurrency.max(1))
+        .try_collect::<()>()
+        .await
+}
+
+/// How a simulated agent authenticates to the controller: one place to adapt when the
+/// agent API's authentication changes.
+fn authenticate(req: http::request::Builder) -> http::request::Builder {
+    req.header("authorization", format!("Bearer {TOKEN}"))
+}
+
+/// What the agents measured, shared by every agent task.
+#[derive(Default)]
+struct AgentStats {
+    heartbeats: AtomicU64,
+    failures: AtomicU64,
+    reply_bytes: AtomicU64,
+    /// Round trips in ms, and reply sizes in bytes, of the current window.
+    rtts: Mutex<Vec<f64>>,
+    sizes: Mutex<Vec<f64>>,
+}
+
+impl AgentStats {
+    fn reset_window(&self) {
+        self.rtts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.sizes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+struct AgentApi {
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl AgentApi {
+    async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> anyhow::Result<(R, usize)> {
+        let req = authenticate(http::Request::post(format!("{}{path}", self.base)))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
+            .await
+            .with_context(|| format!("{path}: no answer within 30 s"))??;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("{path}: {status} {}", String::from_utf8_lossy(&bytes));
+        }
+        Ok((serde_json::from_slice(&bytes)?, bytes.len()))
+    }
+}
+
+/// One simulated agent: heartbeats forever, reporting the Services it hosts with the
+/// directive epochs it last received for them.
+async fn agent(
+    index: usize,
+    hosted: Vec<ServiceRef>,
+    api: Arc<AgentApi>,
+    every: Duration,
+    stats: Arc<AgentStats>,
+) {
+    let node = node_name(index);
+    let instance = format!("{:016x}", rand::random::<u64>());
+    let mut epochs: HashMap<ServiceRef, u64> = HashMap::new();
+    // Spread the first beats over one interval, as agents started at different times.
+    let first = every.mul_f64(rand::rng().random_range(0.0..1.0));
+    tokio::time::sleep(first).await;
+    loop {
+        let hb = Heartbeat {
+            node: node.clone(),
+            instance: instance.clone(),
+            services: hosted
+                .iter()
+                .map(|s| ServiceReport {
+                    service: s.clone(),
+                    mode: AppliedMode::Hold,
+                    applied_epoch: epochs.get(s).copied().unwrap_or(0),
+                    connects_total: 0,
+                    open_connections: 0,
+                    closed_total: 0,
+                    held_connections: 0,
+                    accepted_total: 0,
+                    accepted_open: 0,
+                    hold_ports: vec![],
+                    holds_total: 0,
+                    holds_refused_total: 0,
+                    proxy_errors: Default::default(),
+                })
+                .collect(),
+            addresses: vec![],
+            ready: true,
+        };
+        let start = Instant::now();
+        match api
+            .post::<_, HeartbeatReply>("/v1/agents/heartbeat", &hb)
+            .await
+        {
+            Ok((reply, size)) => {
+                let ms = start.elapsed().as_secs_f64() * 1000.0;
+                stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                stats.reply_bytes.fetch_add(size as u64, Ordering::Relaxed);
+                stats
+                    .rtts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(ms);
+                stats
+                    .sizes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(size as f64);
+                for d in reply.directives {
+                    if let Some(e) = epochs.get_mut(&d.service) {
+                        *e = d.epoch;
+                    } else if hosted.contains(&d.service) {
+                        epochs.insert(d.service, d.epoch);
+                    }
+                }
+            }
+            Err(e) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node, err = %e, "heartbeat failed");
+            }
+        }
+        let jitter = rand::rng().random_range(0.9..1.1);
+        tokio::time::sleep(every.mul_f64(jitter)).await;
+    }
+}
+
+/// Kills the controller process when the benchmark ends however it ends.
+struct ChildGuard(tokio::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let t_setup = Instant::now();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &ScalingPolicy::crd())
+        .await
+        .context("installing the ScalingPolicy CRD")?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &AlertRule::crd())
+        .await
+        .context("installing the AlertRule CRD")?;
+    create_objects(&client, &cli).await?;
+    eprintln!(
+        "created {} Services, Deployments and ScalingPolicies in {:.1} s",
+        cli.services,
+        t_setup.elapsed().as_secs_f64()
+    );
+
+    // Scale writes, as a watch sees them: Deployment name -> when replicas went above 0.
+    let scaled: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch_ready = Arc::new(tokio::sync::Notify::new());
+    {
+        let (scaled, ready) = (scaled.clone(), watch_ready.clone());
+        let api: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default()).boxed();
+            while let Some(ev) = stream.next().await {
+                let now = Instant::now();
+                match ev {
+                    Ok(watcher::Event::Apply(d)) => {
+                        if d.spec.replicas.unwrap_or(0) > 0 {
+                            let mut m = scaled.lock().unwrap_or_else(|e| e.into_inner());
+                            m.entry(d.name_any()).or_insert(now);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => ready.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(err = %e, "Deployment watch"),
+                }
+            }
+        });
+    }
+
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("agent-token");
+    std::fs::write(&token, TOKEN)?;
+    let controller_bin = match &cli.controller {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the benchmark binary has no directory")?
+            .join("nemesis-controller"),
+    };
+    let (listen, admin) = (free_port()?, free_port()?);
+    let log_path = cli
+        .controller_log
+        .clone()
+        .unwrap_or_else(|| dir.path().join("controller.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let child = tokio::process::Command::new(&controller_bin)
+        .arg("run")
+        .args(["--listen", &listen.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--lease-namespace", NAMESPACE])
+        .args(["--agent-token-file", &token.display().to_string()])
+        .args([
+            "--store-path",
+            &dir.path().join("history.redb").display().to_string(),
+        ])
+        .args(["--hold-ports", "20000-59999"])
+        .env("KUBECONFIG", server.kubeconfig_path())
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", controller_bin.display()))?;
+    let pid = child.id().context("the controller exited at once")?;
+    let mut child = ChildGuard(child);
+    eprintln!(
+        "controller {} (pid {pid}) on {listen}; its log: {}",
+        controller_bin.display(),
+        log_path.display()
+    );
+
+    // The agents start with the controller: they retry until it listens.
+    let api = Arc::new(AgentApi {
+        http: HttpClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(cli.agents)
+            .build_http(),
+        base: format!("http://{listen}"),
+    });
+    let stats = Arc::new(AgentStats::default());
+    let every = Duration::from_secs_f64(cli.heartbeat);
+    let mut hosted: Vec<Vec<ServiceRef>> = vec![Vec::new(); cli.agents.max(1)];
+    for i in 0..cli.services {
+        hosted[i % cli.agents.max(1)].push(ServiceRef {
+            namespace: NAMESPACE.into(),
+            name: service_name(i),
+        });
+    }
+    let mut agent_tasks = Vec::new();
+    for (a, h) in hosted.into_iter().enumerate().take(cli.agents) {
+        agent_tasks.push(tokio::spawn(agent(a, h, api.clone(), every, stats.clone())));
+    }
+
+    // Every policy adopted at zero: its status says so.
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    let t_adopt = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait()? {
+            bail!(
+                "the controller exited ({status}); see {}",
+                log_path.display()
+            );
+        }
+        let at_zero = policies
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.state.as_deref()) == Some("zero"))
+            .count();
+        if at_zero == cli.services {
+            break;
+        }
+        if t_adopt.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "only {at_zero} of {} policies at zero after 600 s",
+                cli.services
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!(
+        "every policy at zero {:.1} s after the controller started",
+        t_adopt.elapsed().as_secs_f64()
+    );
+    // Settle: every agent has beaten at least twice, and what adoption wrote is done
+    // (the first values-only status writes come one status interval after adoption):
+    // wait for a 5 s stretch with at most a write a second, for up to 3 minutes.
+    tokio::time::sleep(every * 2).await;
+    tokio::time::timeout(Duration::from_secs(60), watch_ready.notified())
+        .await
+        .ok();
+    let t_settle = Instant::now();
+    loop {
+        let w0 = server.request_counts().writes();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let w = server.request_counts().writes() - w0;
+        if w <= 5 || t_settle.elapsed() > Duration::from_secs(180) {
+            eprintln!(
+                "settled after {:.1} s ({w} writes in the last 5 s)",
+                t_settle.elapsed().as_secs_f64()
+            );
+            break;
+        }
+    }
+
+    // Steady window: nothing changes; count what is written anyway.
+    stats.reset_window();
+    let before = server.request_counts();
+    let beats_before = stats.heartbeats.load(Ordering::Relaxed);
+    let t_steady = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(cli.steady)).await;
+    let window = t_steady.elapsed().as_secs_f64();
+    let after = server.request_counts();
+    let writes = after.writes() - before.writes();
+    let beats = stats.heartbeats.load(Ordering::Relaxed) - beats_before;
+    let (rss, hwm) = memory_mib(pid)?;
+    // Which writes: the request log's tail (it keeps the latest few thousand).
+    let log = server.requests();
+    let served: u64 =
+        after.by_method.values().sum::<u64>() - before.by_method.values().sum::<u64>();
+    let tail = usize::try_from(served).unwrap_or(usize::MAX).min(log.len());
+    let mut by_path: HashMap<String, u64> = HashMap::new();
+    for r in &log[log.len() - tail..] {
+        if ["POST", "PUT", "PATCH", "DELETE"].contains(&r.method.as_str()) {
+            *by_path
+                .entry(format!("{} {}", r.method, r.path))
+                .or_default() += 1;
+        }
+    }
+    let mut by_path: Vec<_> = by_path.into_iter().collect();
+    by_path.sort_by_key(|p| std::cmp::Reverse(p.1));
+    for (p, n) in by_path.iter().take(10) {
+        eprintln!("steady write: {n} x {p}");
+    }
+    let mut rtts = stats.rtts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    rtts.sort_by(f64::total_cmp);
+    let mut sizes = stats
+        .sizes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    sizes.sort_by(f64::total_cmp);
+    let failures = stats.failures.load(Ordering::Relaxed);
+    eprintln!(
+        "steady window {window:.1} s: {writes} writes, {beats} heartbeats ({:.0}/s), {failures} failed in total",
+        beats as f64 / window
+    );
+
+    // Wakes under load: the agent hosting a random Service asks, the watch sees the scale.
+    let mut latencies = Vec::new();
+    let mut rng_pick: Vec<usize> = (0..cli.services).collect();
+    {
+        use rand::seq::SliceRandom as _;
+        rng_pick.shuffle(&mut rand::rng());
+    }
+    for &i in rng_pick.iter().take(cli.wakes.min(cli.services)) {
+        let name = service_name(i);
+        let req = WakeRequest {
+            node: node_name(i % cli.agents.max(1)),
+            service: ServiceRef {
+                namespace: NAMESPACE.into(),
+                name: name.clone(),
+            },
+            held_connections: 1,
+        };
+        let start = Instant::now();
+        let (reply, _): (WakeReply, _) = api.post("/v1/agents/wake", &req).await?;
+        if !reply.accepted {
+            bail!("wake-up of {name} refused: {}", reply.message);
+        }
+        let deadline = start + Duration::from_secs(60);
+        loop {
+            if let Some(at) = scaled.lock().unwrap_or_else(|e| e.into_inner()).get(&name) {
+                latencies.push(at.saturating_duration_since(start).as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the wake-up of {name} was not scaled within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let (rss_end, hwm_end) = memory_mib(pid)?;
+    eprintln!(
+        "{} agents, {} Services; RSS {rss:.1} MiB after the steady window, {rss_end:.1} MiB after the wakes (peak {:.1} MiB)",
+        cli.agents,
+        cli.services,
+        hwm.max(hwm_end)
+    );
+
+    println!("controller_rss_mib_1k_agents_10k_services={rss:.1}");
+    println!(
+        "controller_peak_rss_mib_1k_agents_10k_services={:.1}",
+        hwm.max(hwm_end)
+    );
+    println!("api_writes_per_s_steady={:.3}", writes as f64 / window);
+    println!(
+        "wake_to_scale_ms_p99_under_load={:.3}",
+        percentile(&latencies, 0.99)
+    );
+    println!(
+        "wake_to_scale_ms_p50_under_load={:.3}",
+        percentile(&latencies, 0.50)
+    );
+    println!(
+        "agent_heartbeat_ms_p99_under_load={:.3}",
+        percentile(&rtts, 0.99)
+    );
+    println!(
+        "agent_heartbeat_reply_bytes_p50={:.0}",
+        percentile(&sizes, 0.50)
+    );
+
+    for t in agent_tasks {
+        t.abort();
+    }
+    drop(child);
+    server.shutdown().await;
+    Ok(())
+}
