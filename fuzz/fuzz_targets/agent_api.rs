@@ -1,4 +1,4 @@
-//! The agent API's messages: a sequence of heartbeats and wake-ups (split at 0xFF, a
+//! The agent API's messages: a sequence of heartbeats, wake-ups and load reports (split at 0xFF, a
 //! byte no JSON text holds; each message's first byte says which) decoded as axum's
 //! `Json` extractor does, checked by the handlers' checks and applied to one agent
 //! registry and wake gate, as the controller's handlers do; and the controller's
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use axum::Json;
 use libfuzzer_sys::fuzz_target;
-use nemesis_common::wire::{Heartbeat, HeartbeatReply, WakeReply, WakeRequest};
-use nemesis_controller::agents::http::{check_heartbeat, check_wake};
+use nemesis_common::wire::{Heartbeat, HeartbeatReply, LoadReply, LoadReport, WakeReply, WakeRequest};
+use nemesis_controller::agents::http::{check_heartbeat, check_loads, check_wake};
 use nemesis_controller::agents::{AgentRegistry, RegistryConfig, WakeGate};
 use tokio::time::Instant;
 
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         };
         // Time moves on between messages, so leases expire and state changes.
         let now = start + Duration::from_secs(i as u64 * 7);
-        match kind % 4 {
+        match kind % 6 {
             0 => {
                 if let Ok(Json(hb)) = Json::<Heartbeat>::from_bytes(body)
                     && check_heartbeat(&hb).is_ok()
@@ -42,6 +42,16 @@ fuzz_target!(|data: &[u8]| {
             }
             2 => {
                 let _ = serde_json::from_slice::<HeartbeatReply>(body);
+            }
+            4 => {
+                if let Ok(Json(report)) = Json::<LoadReport>::from_bytes(body)
+                    && check_loads(&report).is_ok()
+                {
+                    let _ = registry.loads().report(report, now);
+                }
+            }
+            5 => {
+                let _ = serde_json::from_slice::<LoadReply>(body);
             }
             _ => {
                 let _ = serde_json::from_slice::<WakeReply>(body);

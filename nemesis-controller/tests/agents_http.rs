@@ -30,6 +30,8 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let (gate, wakes_rx) = WakeGate::new(16, Duration::from_secs(300));
+    // A leader that has listed its policies: an unmanaged Service is really unmanaged.
+    gate.set_synced(true);
     Fixture {
         api: AgentApi {
             registry: Arc::new(AgentRegistry::new(RegistryConfig::default())),
