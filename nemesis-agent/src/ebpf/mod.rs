@@ -57,6 +57,9 @@ pub const DEFAULT_DEADMAN_MAX_AGE: Duration = Duration::from_secs(15);
 /// A service's index into the per-service counters.
 pub type Slot = u32;
 
+/// Reads a balanced set's members with one kind of open-connection counts.
+type CountsReader = fn(&balance::BalanceTable, Slot) -> Result<Vec<(m::Backend, u64)>, MapError>;
+
 /// What the programs do with a connect to a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
@@ -1033,32 +1036,7 @@ impl Datapath {
         addr: SocketAddr,
         proto: Proto,
     ) -> Result<Vec<BackendCounters>, DatapathError> {
-        let slot = {
-            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            t.entries
-                .get(&service_key(addr, proto))
-                .ok_or(DatapathError::ServiceNotFound { addr, proto })?
-                .slot
-        };
-        let listed = self
-            .balance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remote_counts(slot)
-            .map_err(|source| DatapathError::ReadBackends {
-                addr,
-                proto,
-                source,
-            })?;
-        let mut out: Vec<BackendCounters> = listed
-            .iter()
-            .map(|(e, n)| BackendCounters {
-                addr: socket_addr(&e.addr, u16::from_be_bytes(e.port)),
-                open_now: *n,
-            })
-            .collect();
-        out.sort_by_key(|c| c.addr);
-        Ok(out)
+        self.backend_counts(addr, proto, balance::BalanceTable::remote_counts)
     }
 
     /// Backend ids free for new balance backends on this node (of `MAX_BACKEND_IDS`).
@@ -1075,6 +1053,17 @@ impl Datapath {
         addr: SocketAddr,
         proto: Proto,
     ) -> Result<Vec<BackendCounters>, DatapathError> {
+        self.backend_counts(addr, proto, balance::BalanceTable::local_counts)
+    }
+
+    /// The members of a balanced service's set with the counts `read` gives for them
+    /// (this node's or the other nodes'), in address order.
+    fn backend_counts(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        read: CountsReader,
+    ) -> Result<Vec<BackendCounters>, DatapathError> {
         let slot = {
             let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
             t.entries
@@ -1082,16 +1071,15 @@ impl Datapath {
                 .ok_or(DatapathError::ServiceNotFound { addr, proto })?
                 .slot
         };
-        let listed = self
-            .balance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .local_counts(slot)
-            .map_err(|source| DatapathError::ReadBackends {
-                addr,
-                proto,
-                source,
-            })?;
+        let listed = read(
+            &self.balance.lock().unwrap_or_else(|p| p.into_inner()),
+            slot,
+        )
+        .map_err(|source| DatapathError::ReadBackends {
+            addr,
+            proto,
+            source,
+        })?;
         let mut out: Vec<BackendCounters> = listed
             .iter()
             .map(|(e, open_now)| BackendCounters {
