@@ -20,7 +20,6 @@ use nemesis_common::wire::ServiceRef;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::PolicyId;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
-use serde_json::json;
 
 /// A tmpfs mounted for the test; unmounted (lazily, if something still holds it) on drop.
 struct Tmpfs {
@@ -106,21 +105,7 @@ async fn a_full_history_volume_fails_writes_clearly_scaling_goes_on_and_writing_
     };
     let agent = TestAgent::start("node-d", vec![svc], vec![c.api_addr]);
     policies
-        .create(
-            &PostParams::default(),
-            &policy(
-                "disk",
-                json!({
-                    "target": {"deployment": "disk", "service": "disk"},
-                    "initialState": "low",
-                    "states": [{"name": "low", "replicas": 1}, {"name": "high", "replicas": 3}],
-                    "transitions": [
-                        {"from": "low", "to": "high", "when": "conns.active > 5"},
-                        {"from": "high", "to": "low", "when": "conns.active <= 5"},
-                    ],
-                }),
-            ),
-        )
+        .create(&PostParams::default(), &busy_policy("disk"))
         .await?;
     wait_state(&policies, "disk", "low", Duration::from_secs(30)).await?;
 

@@ -202,24 +202,7 @@ async fn the_standby_holds_the_leaders_history_shows_it_and_leads_on_with_every_
     };
     let agent = TestAgent::start("node-h", vec![svc.clone()], vec![a.api_addr]);
     policies
-        .create(
-            &PostParams::default(),
-            &policy(
-                "hist",
-                json!({
-                    "target": {"deployment": "hist", "service": "hist"},
-                    "initialState": "low",
-                    "states": [
-                        {"name": "low", "replicas": 1},
-                        {"name": "high", "replicas": 3},
-                    ],
-                    "transitions": [
-                        {"from": "low", "to": "high", "when": "conns.active > 5"},
-                        {"from": "high", "to": "low", "when": "conns.active <= 5"},
-                    ],
-                }),
-            ),
-        )
+        .create(&PostParams::default(), &busy_policy("hist"))
         .await?;
     wait_state(&policies, "hist", "low", Duration::from_secs(30)).await?;
 

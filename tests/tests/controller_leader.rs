@@ -61,24 +61,7 @@ async fn only_the_leader_scales_and_a_killed_leader_is_replaced_without_repeatin
     };
     let agent = TestAgent::start("node-a", vec![svc.clone()], vec![a.api_addr, b.api_addr]);
     policies
-        .create(
-            &PostParams::default(),
-            &policy(
-                "web",
-                json!({
-                    "target": {"deployment": "web", "service": "web"},
-                    "initialState": "low",
-                    "states": [
-                        {"name": "low", "replicas": 1},
-                        {"name": "high", "replicas": 3},
-                    ],
-                    "transitions": [
-                        {"from": "low", "to": "high", "when": "conns.active > 5"},
-                        {"from": "high", "to": "low", "when": "conns.active <= 5"},
-                    ],
-                }),
-            ),
-        )
+        .create(&PostParams::default(), &busy_policy("web"))
         .await?;
     wait_state(&policies, "web", "low", Duration::from_secs(10)).await?;
 

@@ -196,6 +196,26 @@ pub fn policy(name: &str, spec: Value) -> ScalingPolicy {
     .expect("valid ScalingPolicy")
 }
 
+/// A policy on Deployment and Service `name`: 1 replica ("low") until more than 5
+/// connections are open, then 3 ("high") until 5 or fewer are.
+pub fn busy_policy(name: &str) -> ScalingPolicy {
+    policy(
+        name,
+        json!({
+            "target": {"deployment": name, "service": name},
+            "initialState": "low",
+            "states": [
+                {"name": "low", "replicas": 1},
+                {"name": "high", "replicas": 3},
+            ],
+            "transitions": [
+                {"from": "low", "to": "high", "when": "conns.active > 5"},
+                {"from": "high", "to": "low", "when": "conns.active <= 5"},
+            ],
+        }),
+    )
+}
+
 pub async fn replicas(api: &Api<Deployment>, name: &str) -> anyhow::Result<i32> {
     Ok(api.get(name).await?.spec.replicas.unwrap_or(1))
 }
