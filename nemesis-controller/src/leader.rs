@@ -78,6 +78,11 @@ pub enum Attempt {
     Leading,
     /// Someone else holds a Lease that has not expired, or won a race for it.
     Following { holder: Option<String> },
+    /// The renewal was refused with a `409` yet the Lease, read again, still names this
+    /// instance: nobody took it (the API server's answer was spurious, or our own write
+    /// raced an earlier one of ours). Still the leader, not renewed: retry before the
+    /// renew deadline.
+    StillOurs,
 }
 
 /// The Lease record as this instance last saw it, and when it saw it change.
@@ -256,9 +261,34 @@ impl LeaseLock {
                     .unwrap_or(0);
                 Ok(Attempt::Leading)
             }
+            Err(e) if is_conflict(&e) && ours => self.after_conflict().await,
             Err(e) if is_conflict(&e) => Ok(Attempt::Following { holder }),
             Err(e) => Err(self.update_error(e)),
         }
+    }
+
+    /// A renewal got `409`: whoever holds the Lease now decides. Stepping down while it
+    /// still names us would stop every policy for nothing (and restart them from what
+    /// the API server last recorded).
+    async fn after_conflict(&mut self) -> Result<Attempt, LeaderError> {
+        let lease = self
+            .api
+            .get_opt(&self.cfg.lease_name)
+            .await
+            .map_err(|e| self.get_error(e))?;
+        let holder = lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone())
+            .filter(|h| !h.is_empty());
+        if holder.as_deref() == Some(self.cfg.identity.as_str()) {
+            tracing::info!("renewing the Lease met a conflict, but it is still ours");
+            return Ok(Attempt::StillOurs);
+        }
+        if let Some(l) = lease {
+            self.observe(l.metadata.resource_version);
+        }
+        Ok(Attempt::Following { holder })
     }
 
     /// Gives the Lease up (holder cleared, one-second duration) so a standby takes over
@@ -320,6 +350,8 @@ pub async fn run(
                 Ok(Ok(Attempt::Following { holder })) => {
                     tracing::debug!(?holder, "following");
                 }
+                // Only a renewal says so; a follower keeps trying.
+                Ok(Ok(Attempt::StillOurs)) => {}
                 Ok(Err(e)) => {
                     metrics.error(ErrorKind::LeaderElection);
                     tracing::warn!(err = %e, "leader election attempt failed");
@@ -341,9 +373,16 @@ pub async fn run(
         leading.send_replace(true);
 
         // --- leading: renew every retry period; stop at the renew deadline ---
+        let mut failed = false;
         loop {
             let deadline = renewed_at + cfg.renew_deadline;
-            let next = (Instant::now() + cfg.retry_period).min(deadline);
+            // A failed renewal is retried sooner: the deadline leaves room for several.
+            let pause = if failed {
+                cfg.retry_period / 4
+            } else {
+                cfg.retry_period
+            };
+            let next = (Instant::now() + pause).min(deadline);
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     leading.send_replace(false);
@@ -364,8 +403,19 @@ pub async fn run(
                 break;
             }
             let sent = Instant::now();
-            match tokio::time::timeout_at(deadline, lock.try_acquire_or_renew()).await {
-                Ok(Ok(Attempt::Leading)) => renewed_at = sent,
+            // One answer held back (a slow API server, a lost response) must not use up
+            // the whole renew deadline: the attempt gives up after a retry period and
+            // the next one goes out, as long as the deadline allows.
+            let give_up = (sent + attempt_timeout).min(deadline);
+            failed = true;
+            match tokio::time::timeout_at(give_up, lock.try_acquire_or_renew()).await {
+                Ok(Ok(Attempt::Leading)) => {
+                    renewed_at = sent;
+                    failed = false;
+                }
+                Ok(Ok(Attempt::StillOurs)) => {
+                    metrics.error(ErrorKind::LeaderElection);
+                }
                 Ok(Ok(Attempt::Following { holder })) => {
                     tracing::error!(?holder, "lost the Lease; stepping down");
                     break;
@@ -376,8 +426,7 @@ pub async fn run(
                 }
                 Err(_) => {
                     metrics.error(ErrorKind::LeaderElection);
-                    tracing::error!(deadline = ?cfg.renew_deadline, "renewing the Lease timed out; stepping down");
-                    break;
+                    tracing::warn!(after = ?(give_up - sent), "renewing the Lease timed out; retrying until the renew deadline");
                 }
             }
         }

@@ -27,6 +27,7 @@ use super::events::Note;
 use super::history::Item;
 use super::hpa::{self, HpaView};
 use super::prom::Poller;
+use super::resume;
 use super::status::{self, Blocked};
 use super::workload::{self, Seen};
 use super::{API_TIMEOUT, Context, ReconcileError, backoff};
@@ -632,21 +633,45 @@ impl Actor {
             self.ready_since_wake = false;
         }
         let status = self.obj.status.as_ref();
-        if let Some(name) = status.and_then(|s| s.state.as_deref())
-            && c.state_index(name).is_some()
-        {
-            let since = status.and_then(|s| s.state_since).unwrap_or(now);
-            let mut state = State::resume(c, name, since, now);
-            // The windows were counted for this generation's program: an edited policy
-            // numbers its clauses anew, so they restart.
-            if let Some(s) = status
-                && s.observed_generation.is_some()
-                && s.observed_generation == self.generation
-            {
-                let windows: Vec<_> = s.windows.iter().map(|w| (w.clause, w.since)).collect();
-                state.resume_windows(&windows, now);
+        let from_status = status.and_then(|s| {
+            s.state.as_deref().map(|state| resume::FromStatus {
+                state,
+                since: s.state_since,
+            })
+        });
+        let latest = self.ctx.history.latest_transition(&self.id);
+        let created = self
+            .obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| DateTime::<Utc>::from_timestamp_millis(t.0.as_millisecond()));
+        match resume::resume_point(from_status, latest.as_ref(), created, now, |n| {
+            c.state_index(n).is_some()
+        }) {
+            resume::Resume::Status { state: name, since } => {
+                let mut state = State::resume(c, &name, since, now);
+                // The windows were counted for this generation's program: an edited
+                // policy numbers its clauses anew, so they restart.
+                if let Some(s) = status
+                    && s.observed_generation.is_some()
+                    && s.observed_generation == self.generation
+                {
+                    let windows: Vec<_> = s.windows.iter().map(|w| (w.clause, w.since)).collect();
+                    state.resume_windows(&windows, now);
+                }
+                return state;
             }
-            return state;
+            resume::Resume::History { state: name, since } => {
+                tracing::info!(
+                    policy = %self.id,
+                    state = %name,
+                    status = ?status.and_then(|s| s.state.as_deref()),
+                    "resuming from the history's latest transition: the status has not caught up with it"
+                );
+                return State::resume(c, &name, since, now);
+            }
+            resume::Resume::Nothing => {}
         }
         if c.is_short_form() && target.replicas == 0 && c.state_index(ZERO_STATE).is_some() {
             return State::resume(c, ZERO_STATE, now, now);

@@ -3,7 +3,8 @@
 //! batching the metric samples of a moment into one transaction, and compacts the store
 //! now and then. It decides nothing about what is recorded.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
@@ -42,6 +43,10 @@ pub struct History {
     metrics: ControllerMetrics,
     /// Alert rules see every record too.
     tap: NotifyTap,
+    store: Arc<Store>,
+    /// The newest transition handed over per policy, committed or not (a record waiting
+    /// in the queue or for the disk still says where the policy is).
+    latest: Arc<Mutex<HashMap<PolicyId, TransitionRecord>>>,
 }
 
 impl History {
@@ -54,12 +59,14 @@ impl History {
         epoch: watch::Receiver<u64>,
     ) -> (Self, impl std::future::Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = write_all(store, rx, metrics.clone(), epoch);
+        let task = write_all(store.clone(), rx, metrics.clone(), epoch);
         (
             Self {
                 tx,
                 metrics,
                 tap: NotifyTap::default(),
+                store,
+                latest: Arc::default(),
             },
             task,
         )
@@ -76,7 +83,34 @@ impl History {
         self.tap.send(s);
     }
 
+    /// The newest transition of `policy` this instance knows: recorded by this process,
+    /// else in its store (its own earlier terms', or the records pulled from the
+    /// leader). A new term compares it with the status, which may not have caught up.
+    pub fn latest_transition(&self, policy: &PolicyId) -> Option<TransitionRecord> {
+        if let Some(t) = self
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(policy)
+        {
+            return Some(t.clone());
+        }
+        match self.store.latest_transition(policy) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(%policy, err = %e, "reading the latest transition from the history failed");
+                None
+            }
+        }
+    }
+
     pub fn record(&self, item: Item) {
+        if let Item::Transition(t) = &item {
+            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            if latest.get(&t.policy).is_none_or(|old| old.at_ms <= t.at_ms) {
+                latest.insert(t.policy.clone(), t.clone());
+            }
+        }
         if let Some(s) = crate::notify::signal_of(&item) {
             self.tap.send(s);
         }

@@ -19,6 +19,7 @@ pub mod events;
 pub mod history;
 pub mod hpa;
 pub mod prom;
+pub mod resume;
 pub mod status;
 pub mod supervisor;
 pub mod targets;

@@ -422,6 +422,14 @@ impl Store {
         self.events_in(TRANSITIONS, policy, window)
     }
 
+    /// The newest transition of `policy`, if any.
+    pub fn latest_transition(
+        &self,
+        policy: &PolicyId,
+    ) -> Result<Option<TransitionRecord>, StoreError> {
+        self.last_event_before(TRANSITIONS, policy, u64::MAX)
+    }
+
     pub fn scale_events(
         &self,
         policy: &PolicyId,

@@ -1,0 +1,141 @@
+//! A leadership term that starts over (the Lease lost for a moment) resumes every
+//! policy where it is, even when the policy's status did not catch up with the last
+//! transition (a status write that failed or was cut off with the old term): the
+//! history this instance recorded is newer than the status, and wins. Resuming from the
+//! stale status put a woken Service back to zero with no sleep condition (found by
+//! tests/tests/chaos_apiserver.rs).
+
+mod controller_support;
+
+use std::time::Duration;
+
+use controller_support::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use nemesis_common::wire::ServiceRef;
+use nemesis_controller::policy::ScalingPolicy;
+use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_behind()
+-> anyhow::Result<()> {
+    init_tracing();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    install_crd(&client).await?;
+    let ns = "default";
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("resumed", 0))
+        .await?;
+    let log = ReplicaLog::start(deployments.clone(), "resumed");
+
+    let dir = tempfile::tempdir()?;
+    let a = start_controller(&server, dir.path(), &[]).await?;
+    wait_leading(&a, Duration::from_secs(30)).await?;
+    let svc = ServiceRef {
+        namespace: ns.into(),
+        name: "resumed".into(),
+    };
+    let _agent = TestAgent::start("node-r", vec![svc.clone()], vec![a.api_addr]);
+    // zero --demand--> warm --alert--> zero; the alert never fires here, so nothing may
+    // ever take the Deployment back to zero.
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                "resumed",
+                json!({
+                    "target": {"deployment": "resumed", "service": "resumed"},
+                    "metrics": {"alerts": ["ResumedSleep"]},
+                    "initialState": "zero",
+                    "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+                    "transitions": [
+                        {"from": "zero", "to": "warm", "when": "demand"},
+                        {"from": "warm", "to": "zero", "when": "alert(ResumedSleep)"},
+                    ],
+                }),
+            ),
+        )
+        .await?;
+    let asleep = wait_state(&policies, "resumed", "zero", Duration::from_secs(30)).await?;
+    let zero_since = asleep
+        .status
+        .and_then(|s| s.state_since)
+        .expect("stateSince in the status");
+
+    // A wake: zero -> warm, 0 -> 1.
+    let http = Http::default();
+    eventually("the wake-up taken", Duration::from_secs(30), || async {
+        let (status, _) = http.wake(a.api_addr, "node-r", &svc, 1).await?;
+        Ok((status == 200).then_some(()))
+    })
+    .await?;
+    wait_replicas(&deployments, "resumed", 1, Duration::from_secs(30)).await?;
+    wait_state(&policies, "resumed", "warm", Duration::from_secs(30)).await?;
+
+    // Another instance takes the Lease for a while: A steps down, its actors end.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let mut lease = leases.get("nemesis-controller").await?;
+    let spec = lease.spec.as_mut().expect("a Lease spec");
+    spec.holder_identity = Some("someone-else".into());
+    spec.lease_duration_seconds = Some(8);
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("nemesis-controller", &PostParams::default(), &lease)
+        .await?;
+    let mut leading = a.leading();
+    tokio::time::timeout(Duration::from_secs(30), leading.wait_for(|l| !*l)).await??;
+
+    // The status as if A's last write had been lost: still `zero` since before the wake.
+    policies
+        .patch_status(
+            "resumed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "state": "zero",
+                "stateSince": zero_since,
+                "lastTransition": null,
+                "desiredReplicas": 0,
+            }})),
+        )
+        .await?;
+    let p = policies.get("resumed").await?;
+    assert_eq!(
+        p.status.and_then(|s| s.state).as_deref(),
+        Some("zero"),
+        "the stale status in place"
+    );
+
+    // The other instance never renews: A leads again, a new term. It must resume in
+    // `warm` (its history holds zero -> warm, newer than the status) and say so.
+    wait_leading(&a, Duration::from_secs(60)).await?;
+    wait_state(&policies, "resumed", "warm", Duration::from_secs(60)).await?;
+    // One more evaluation round with the agents heard (a sleep would have been asked by
+    // now): still at 1, and the Deployment went 0 -> 1 only.
+    eventually(
+        "a few evaluations of the new term",
+        Duration::from_secs(60),
+        || async {
+            let p = policies.get("resumed").await?;
+            let st = p.status.unwrap_or_default();
+            Ok(
+                (st.state.as_deref() == Some("warm") && st.desired_replicas == Some(1))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(replicas(&deployments, "resumed").await?, 1);
+    assert_eq!(log.seen(), vec![0, 1], "no scale back to zero");
+    a.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}
