@@ -3,7 +3,8 @@
 //! transition (a status write that failed or was cut off with the old term): the
 //! history this instance recorded is newer than the status, and wins. Resuming from the
 //! stale status put a woken Service back to zero with no sleep condition (found by
-//! tests/tests/chaos_apiserver.rs).
+//! tests/tests/chaos_apiserver.rs). A scale whose answer is lost (made, but answered
+//! after the client gave up) is recorded once, when it shows, and not made again.
 
 mod controller_support;
 
@@ -16,6 +17,8 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use nemesis_common::wire::ServiceRef;
 use nemesis_controller::policy::ScalingPolicy;
+use nemesis_controller::store::PolicyId;
+use nemesis_tests::apiserver::faults::{FaultKind, FaultPlan, Phase};
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use serde_json::json;
 
@@ -135,6 +138,85 @@ async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_b
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(replicas(&deployments, "resumed").await?, 1);
     assert_eq!(log.seen(), vec![0, 1], "no scale back to zero");
+    a.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_whose_answer_is_lost_is_recorded_once_and_not_repeated() -> anyhow::Result<()> {
+    init_tracing();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    install_crd(&client).await?;
+    let ns = "default";
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("lost", 1))
+        .await?;
+    let log = ReplicaLog::start(deployments.clone(), "lost");
+    let dir = tempfile::tempdir()?;
+    // A renew deadline the held answers below cannot use up (they hit the Lease too).
+    let a = start_controller(
+        &server,
+        dir.path(),
+        &["--lease-duration", "30s", "--renew-deadline", "20s"],
+    )
+    .await?;
+    wait_leading(&a, Duration::from_secs(30)).await?;
+    let svc = ServiceRef {
+        namespace: ns.into(),
+        name: "lost".into(),
+    };
+    let agent = TestAgent::start("node-l", vec![svc], vec![a.api_addr]);
+    policies
+        .create(&PostParams::default(), &busy_policy("lost"))
+        .await?;
+    wait_state(&policies, "lost", "low", Duration::from_secs(30)).await?;
+
+    // Every answer held past the controller's 10 s API timeout for 3 s (the requests are
+    // carried out at once): the scale 1 -> 3 is made, its answer lost.
+    server.inject_faults(FaultPlan {
+        seed: 2,
+        phases: vec![Phase {
+            start: Duration::ZERO,
+            end: Duration::from_secs(3),
+            kind: FaultKind::Slow,
+            probability: 1.0,
+        }],
+        users: Vec::new(),
+        slow_by: Duration::from_secs(12),
+    });
+    agent.set(|s| s.open = 10);
+    wait_replicas(&deployments, "lost", 3, Duration::from_secs(60)).await?;
+    let counts = server.stop_faults();
+    anyhow::ensure!(counts.slow > 0, "no answer was held: {counts:?}");
+    let records = |a: &nemesis_controller::app::Running| -> anyhow::Result<Vec<(i32, i32)>> {
+        Ok(a.store
+            .scale_events(&PolicyId::new(ns, "lost"), 0..u64::MAX)?
+            .iter()
+            .map(|r| (r.from_replicas, r.to_replicas))
+            .collect())
+    };
+    // Recorded once it shows (the controller gave up on its answer after 10 s).
+    eventually(
+        "the lost scale recorded",
+        Duration::from_secs(60),
+        || async { Ok((records(&a)? == vec![(1, 3)]).then_some(())) },
+    )
+    .await?;
+    wait_state(&policies, "lost", "high", Duration::from_secs(60)).await?;
+    // Back down, answered this time.
+    agent.set(|s| s.open = 0);
+    wait_replicas(&deployments, "lost", 1, Duration::from_secs(60)).await?;
+    eventually(
+        "the scale down recorded",
+        Duration::from_secs(60),
+        || async { Ok((records(&a)? == vec![(1, 3), (3, 1)]).then_some(())) },
+    )
+    .await?;
+    assert_eq!(log.seen(), vec![1, 3, 1], "every scale made once");
     a.shutdown().await;
     server.shutdown().await;
     Ok(())

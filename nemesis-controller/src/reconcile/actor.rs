@@ -110,6 +110,33 @@ enum SleepPhase {
     },
 }
 
+/// A scale as it is recorded: what, when, in which state and why.
+#[derive(Debug, Clone)]
+struct Made {
+    from: u32,
+    to: u32,
+    at: DateTime<Utc>,
+    state: String,
+    reason: String,
+    values: BTreeMap<String, f64>,
+}
+
+/// A scale sent whose outcome is unknown.
+#[derive(Debug, Clone)]
+struct Unconfirmed(Made);
+
+/// Whether a failed scale may still have been made: no answer, or a server-side error
+/// (a 4xx refusal changed nothing).
+fn outcome_unknown(e: &ReconcileError) -> bool {
+    match e {
+        ReconcileError::Timeout { .. } => true,
+        ReconcileError::ScaleTarget { source, .. } => {
+            !matches!(source, kube::Error::Api(s) if (400..500).contains(&s.code))
+        }
+        _ => false,
+    }
+}
+
 /// What one evaluation has to say in the status.
 #[derive(Debug, Default)]
 struct Report {
@@ -155,6 +182,9 @@ pub struct Actor {
     /// A cold start that ended, waiting for the agents' count before it is reported.
     ended: Option<cold_start::Ended>,
     pending_scale: Option<(u32, Instant)>,
+    /// A scale whose answer never came (a timeout, a server error): the API server may
+    /// have made it. Recorded once it shows, and asked about before the next scale.
+    unconfirmed: Option<Unconfirmed>,
     sleep: SleepPhase,
     /// Why the last sleep was refused (shown in status until the next one succeeds).
     sleep_note: Option<String>,
@@ -210,6 +240,7 @@ impl Actor {
             holds_baseline: cold_start::Baseline::default(),
             ended: None,
             pending_scale: None,
+            unconfirmed: None,
             sleep: SleepPhase::Awake,
             sleep_note: None,
             last_transition: obj.status.as_ref().and_then(|s| s.last_transition.clone()),
@@ -432,6 +463,15 @@ impl Actor {
             self.namespace(),
             compiled.workload(),
         );
+        // A scale whose answer was lost shows in the target's watch: it was made.
+        if let Some(Unconfirmed(m)) = &self.unconfirmed
+            && target.replicas == m.to
+        {
+            let m = m.clone();
+            self.unconfirmed = None;
+            tracing::info!(policy = %self.id, from = m.from, to = m.to, "a scale whose answer was lost was made");
+            self.made(m);
+        }
         if !self.ready_since_wake && self.last_wake.is_some() && target.ready > 0 {
             self.ready_since_wake = true;
         }
@@ -868,6 +908,58 @@ impl Actor {
         };
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.ctx.client.clone(), self.namespace(), &resource);
+        let mut from = from;
+        if let Some(Unconfirmed(lost)) = self.unconfirmed.clone() {
+            // The last scale may have been made though its answer was lost, and the
+            // watch may not show it yet: ask, so it is recorded once and not repeated.
+            let current = match tokio::time::timeout(API_TIMEOUT, api.get_scale(name)).await {
+                Ok(Ok(s)) => s.spec.and_then(|s| s.replicas).unwrap_or(0),
+                Ok(Err(source)) => {
+                    self.ctx.metrics.error(ErrorKind::Scale);
+                    return Err(ReconcileError::ScaleTarget {
+                        kind: target.kind.clone(),
+                        namespace: self.id.namespace.clone(),
+                        name: name.to_string(),
+                        replicas: to,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    self.ctx.metrics.error(ErrorKind::Scale);
+                    return Err(ReconcileError::Timeout {
+                        what: format!(
+                            "reading the scale of {} {}/{name}",
+                            target.kind, self.id.namespace
+                        ),
+                        after: API_TIMEOUT,
+                    });
+                }
+            };
+            let current = u32::try_from(current).unwrap_or(0);
+            self.unconfirmed = None;
+            if current == lost.to {
+                tracing::info!(policy = %self.id, from = lost.from, to = lost.to, "a scale whose answer was lost was made");
+                self.made(lost);
+            }
+            if current == to {
+                self.pending_scale = Some((to, Instant::now()));
+                return Ok(());
+            }
+            from = current;
+        }
+        let state = self
+            .engine
+            .as_ref()
+            .map(|s| s.name(c).to_string())
+            .unwrap_or_default();
+        let made = Made {
+            from,
+            to,
+            at: now,
+            state,
+            reason: self.last_reason.clone(),
+            values: self.last_values.clone(),
+        };
         let patch = serde_json::json!({ "spec": { "replicas": to } });
         let result = tokio::time::timeout(
             API_TIMEOUT,
@@ -890,8 +982,31 @@ impl Actor {
         };
         if let Some(e) = err {
             self.ctx.metrics.error(ErrorKind::Scale);
+            if outcome_unknown(&e) {
+                self.unconfirmed = Some(Unconfirmed(made));
+            }
             return Err(e);
         }
+        self.made(made);
+        Ok(())
+    }
+
+    /// Everything a scale that was made changes: metrics, the wake in progress, the
+    /// history record, the Event.
+    fn made(&mut self, m: Made) {
+        let Made {
+            from,
+            to,
+            at: now,
+            state,
+            reason: why,
+            values,
+        } = m;
+        let Ok(c) = self.compiled.clone() else {
+            return;
+        };
+        let target = c.workload();
+        let name = target.name.as_str();
         let acked = Instant::now();
         self.ctx.metrics.scaled(to_i32(from), to_i32(to));
         self.pending_scale = Some((to, acked));
@@ -924,11 +1039,6 @@ impl Actor {
                 }
             }
         }
-        let state = self
-            .engine
-            .as_ref()
-            .map(|s| s.name(c).to_string())
-            .unwrap_or_default();
         tracing::info!(policy = %self.id, from, to, %state, "scaled");
         self.ctx.history.record(Item::Scale(store::ScaleRecord {
             at_ms: unix_ms(now.into()),
@@ -936,8 +1046,8 @@ impl Actor {
             state,
             from_replicas: to_i32(from),
             to_replicas: to_i32(to),
-            reason: self.last_reason.clone(),
-            metrics: self.last_values.clone(),
+            reason: why.clone(),
+            metrics: values,
         }));
         let reason = if to == 0 {
             "ScaledToZero"
@@ -950,12 +1060,8 @@ impl Actor {
             false,
             reason,
             "Scale",
-            format!(
-                "{} {name} scaled from {from} to {to}: {}",
-                target.kind, self.last_reason
-            ),
+            format!("{} {name} scaled from {from} to {to}: {why}", target.kind),
         );
-        Ok(())
     }
 
     /// Ends a wake once a pod is ready, the readiness budget is spent, or (when the
