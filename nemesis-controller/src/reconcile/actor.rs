@@ -1362,7 +1362,32 @@ fn to_i32(n: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::cold_start_note;
+    use super::{ReconcileError, cold_start_note, outcome_unknown};
+
+    fn scale_error(code: u16) -> ReconcileError {
+        ReconcileError::ScaleTarget {
+            kind: "Deployment".into(),
+            namespace: "ns".into(),
+            name: "web".into(),
+            replicas: 0,
+            source: kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_proves_a_failed_scale_was_not_made() {
+        assert!(!outcome_unknown(&scale_error(403)));
+        assert!(!outcome_unknown(&scale_error(409)));
+        assert!(outcome_unknown(&scale_error(500)));
+        assert!(outcome_unknown(&scale_error(504)));
+        assert!(outcome_unknown(&ReconcileError::Timeout {
+            what: "scaling".into(),
+            after: std::time::Duration::from_secs(10),
+        }));
+    }
 
     #[test]
     fn the_cold_start_note_counts_held_connections_in_words() {
