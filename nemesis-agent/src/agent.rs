@@ -272,6 +272,7 @@ struct WriterParts {
     args: RunArgs,
     cfg: DatapathConfig,
     node: String,
+    zone: Option<String>,
     kube: kube::Client,
     controller: Option<ControllerClient>,
     table: Arc<ServiceTable>,
@@ -297,6 +298,7 @@ impl WriterParts {
             args,
             cfg,
             node,
+            zone,
             kube,
             controller,
             table,
@@ -324,7 +326,7 @@ impl WriterParts {
             args.direct_mode,
             Locality {
                 node: node_name(&args).ok(),
-                zone: args.zone.clone().filter(|z| !z.is_empty()),
+                zone,
             },
         );
         // UDP ports held at zero: relays on the proxy's addresses, woken through it.
@@ -808,6 +810,7 @@ impl Agent {
             args: args.clone(),
             cfg: cfg.clone(),
             node: node.clone(),
+            zone: crate::zone::resolve(args.zone.as_deref(), &client, &node).await,
             kube: client,
             controller,
             table,

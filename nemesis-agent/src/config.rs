@@ -88,8 +88,9 @@ pub struct RunArgs {
     /// This node's name, sent with wake-ups and heartbeats (default: the host name).
     #[arg(long, env = "NEMESIS_AGENT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// This node's zone (its `topology.kubernetes.io/zone` label), for balance mode's
-    /// `preferSameZone`; without it only same-node preference applies.
+    /// This node's zone, for balance mode's `preferSameZone`. Default: the
+    /// `topology.kubernetes.io/zone` label of this agent's Node, read once at start
+    /// (needs get on nodes); without either only same-node preference applies.
     #[arg(long, env = "NEMESIS_AGENT_ZONE")]
     pub zone: Option<String>,
     /// How often the agent reports to the controller (sooner after a mode change).
