@@ -280,6 +280,7 @@ struct WriterParts {
     proxy: Proxy,
     proxy_metrics: ProxyMetrics,
     counters: Arc<DatapathCounters>,
+    udp_hold: Arc<crate::udphold::UdpHoldStats>,
     readiness: Arc<Readiness>,
     strong: Arc<OnceLock<Arc<Datapath>>>,
     late: LateDatapath,
@@ -306,6 +307,7 @@ impl WriterParts {
             proxy,
             proxy_metrics,
             counters,
+            udp_hold,
             readiness,
             strong,
             late,
@@ -336,6 +338,7 @@ impl WriterParts {
                 *v4.ip(),
                 cfg.proxy_v6.map(|a| *a.ip()),
                 UdpHoldBounds::default(),
+                udp_hold,
             ));
         }
         let managed = ManagedServices::new(
@@ -732,6 +735,7 @@ impl Agent {
         );
         let proxy_metrics = metrics.proxy.clone();
         let counters = metrics.datapath.clone();
+        let udp_hold = metrics.udp_hold.0.clone();
         let http_rejected = metrics.http_rejected.clone();
         let registry_text = metrics.into_registry();
 
@@ -818,6 +822,7 @@ impl Agent {
             proxy: proxy.clone(),
             proxy_metrics,
             counters,
+            udp_hold,
             readiness: readiness.clone(),
             strong: strong.clone(),
             late,
