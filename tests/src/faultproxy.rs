@@ -52,8 +52,9 @@ struct Inner {
     addr: SocketAddr,
     upstream: Mutex<SocketAddr>,
     fault: Mutex<Fault>,
-    /// Cancelled when the proxy goes down: the accept loop and its connections stop.
-    listening: Mutex<Option<CancellationToken>>,
+    /// Cancelled when the proxy goes down: the accept loop (whose end closes the port)
+    /// and its connections stop.
+    listening: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
     client: Client<HttpConnector, Full<Bytes>>,
     passed: AtomicU64,
     faulted: AtomicU64,
@@ -99,8 +100,11 @@ impl FaultProxy {
         *self.inner.fault.lock().unwrap() = fault.clone();
         match (fault == Fault::Down, was_down) {
             (true, false) => {
-                if let Some(t) = self.inner.listening.lock().unwrap().take() {
-                    t.cancel();
+                let running = self.inner.listening.lock().unwrap().take();
+                if let Some((token, accept_loop)) = running {
+                    token.cancel();
+                    // Only once the loop has ended is the port closed.
+                    let _ = accept_loop.await;
                 }
             }
             (false, true) => {
@@ -123,8 +127,8 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        if let Some(t) = self.inner.listening.lock().unwrap().take() {
-            t.cancel();
+        if let Some((token, _)) = self.inner.listening.lock().unwrap().take() {
+            token.cancel();
         }
     }
 }
@@ -147,8 +151,10 @@ async fn rebind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 fn serve(inner: Arc<Inner>, listener: tokio::net::TcpListener) {
     let token = CancellationToken::new();
-    *inner.listening.lock().unwrap() = Some(token.clone());
-    tokio::spawn(async move {
+    let inner2 = inner.clone();
+    let token2 = token.clone();
+    let accept_loop = tokio::spawn(async move {
+        let (inner, token) = (inner2, token2);
         loop {
             let stream = tokio::select! {
                 _ = token.cancelled() => return,
@@ -173,6 +179,7 @@ fn serve(inner: Arc<Inner>, listener: tokio::net::TcpListener) {
             });
         }
     });
+    *inner.listening.lock().unwrap() = Some((token, accept_loop));
 }
 
 async fn handle(inner: &Inner, req: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {

@@ -98,8 +98,6 @@ async fn start_prometheus(
         &[
             format!("--config.file={}", config.display()),
             format!("--storage.tsdb.path={}", dir.join("data").display()),
-            // A SIGKILLed Prometheus leaves its lock file behind.
-            "--storage.tsdb.no-lockfile".to_string(),
             format!("--web.listen-address=127.0.0.1:{port}"),
         ],
         dir,
