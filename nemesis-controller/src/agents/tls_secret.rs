@@ -55,7 +55,7 @@ pub enum SyncError {
         namespace: String,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error(
         "Secret {namespace}/{name} does not exist (with --agent-tls-provided the operator creates it)"
@@ -150,7 +150,7 @@ impl TlsSecret {
             kind,
             namespace,
             name,
-            source,
+            source: Box::new(source),
         }
     }
 
