@@ -188,11 +188,12 @@ async fn agents_speak_tls_with_the_issued_ca_and_plain_http_is_refused() -> anyh
     let other = tls::issue_ca(SystemTime::now())?;
     let other_ca = dir.path().join("other-ca.crt");
     std::fs::write(&other_ca, &other.cert_pem)?;
+    // (A generous timeout: on a loaded machine the refusal must not turn into a timeout.)
     let stranger = ControllerClient::with_ca(
         &https(agent_addr),
         &token,
         &other_ca,
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     )?;
     let err = stranger
         .heartbeat(&heartbeat("node-a"))
@@ -209,7 +210,7 @@ async fn agents_speak_tls_with_the_issued_ca_and_plain_http_is_refused() -> anyh
     let plain = ControllerClient::new(
         &format!("http://127.0.0.1:{}", agent_addr.port()),
         &token,
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     )?;
     match plain.heartbeat(&heartbeat("node-a")).await {
         Err(ControlError::Status { status, body, .. }) => {
@@ -253,8 +254,9 @@ async fn rotation_keeps_agents_connected() -> anyhow::Result<()> {
     let client = server.client().await?;
     install_crd(&client).await?;
     let dir = tempfile::tempdir()?;
-    // Valid 30 s: rotated at about 20 s, checked every 3 s.
-    let c = start(&server, dir.path(), &tls_flags("30s")).await?;
+    // Valid 60 s: rotated at about 40 s (20 s before expiry, room for a slow machine),
+    // checked every 6 s.
+    let c = start(&server, dir.path(), &tls_flags("60s")).await?;
     let agent_addr = c.agent_addr.context("the agents' TLS listener")?;
     let ca = published_ca(&client, dir.path()).await?;
     let token = agent_token(c.api_addr, "node-r").await?;
@@ -267,13 +269,13 @@ async fn rotation_keeps_agents_connected() -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let mut seen = vec![presented(agent_addr, &ca).await?];
     let mut refused = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     // Two rotations: each certificate the Secret holds is presented and the agent's
     // heartbeats keep passing with the CA it started with.
     while seen.len() < 3 {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "saw {} certificates in 180 s, expected 3 (two rotations)",
+            "saw {} certificates in 300 s, expected 3 (two rotations)",
             seen.len()
         );
         if let Err(e) = agent.heartbeat(&heartbeat("node-r")).await {
@@ -296,10 +298,8 @@ async fn rotation_keeps_agents_connected() -> anyhow::Result<()> {
             })
             .await?;
             seen.push(presented_now);
-            agent
-                .heartbeat(&heartbeat("node-r"))
-                .await
-                .map_err(|e| anyhow::anyhow!("heartbeat after a rotation: {}", chain(&e)))?;
+            // The same client, the same CA file: its heartbeats pass on the new one.
+            heartbeat_passes(&agent, "node-r").await?;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
