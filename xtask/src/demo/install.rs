@@ -376,47 +376,6 @@ fn relative(to: &Path, from: &Path) -> PathBuf {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_paths_climb_to_the_common_root() {
-        assert_eq!(
-            relative(
-                Path::new("/w/x/manifests/sandbox"),
-                Path::new("/w/x/target/nemesis-demo/demo/install")
-            ),
-            PathBuf::from("../../../../manifests/sandbox")
-        );
-        assert_eq!(
-            relative(Path::new("/w/m"), Path::new("/tmp/a")),
-            PathBuf::from("../../w/m")
-        );
-    }
-
-    #[test]
-    fn the_kustomization_names_the_demos_own_cgroup_bpffs_instance_and_address() {
-        let text = kustomization(&KustomizationParams {
-            base: Path::new("../../manifests/sandbox"),
-            instance: "t42",
-            cgroup: Path::new("/sys/fs/cgroup/unified/nemesis-t42"),
-            bpffs: Path::new("/w/target/nemesis-demo/t42/bpffs"),
-            controller_ip: Ipv4Addr::new(127, 96, 128, 2),
-        });
-        for want in [
-            "  - ../../manifests/sandbox\n",
-            r#"{name: NEMESIS_AGENT_INSTANCE, value: "t42"}"#,
-            r#"hostPath: {path: "/sys/fs/cgroup/unified/nemesis-t42", type: Directory}"#,
-            r#"hostPath: {path: "/w/target/nemesis-demo/t42/bpffs", type: Directory}"#,
-            r#"spec: {clusterIP: "127.96.128.2"}"#,
-            "spec: {replicas: 1}",
-        ] {
-            assert!(text.contains(want), "{want:?} missing from:\n{text}");
-        }
-    }
-}
-
 /// The token the agent of `node` would have from its projected volume, for the agent run
 /// as a host process (`--processes`): the agents' ServiceAccount, a pod of theirs on
 /// `node` for it to be bound to (the controller ties the token to that pod's node), and
@@ -486,4 +445,45 @@ spec:
         bail!("kubectl create token answered no token");
     }
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_climb_to_the_common_root() {
+        assert_eq!(
+            relative(
+                Path::new("/w/x/manifests/sandbox"),
+                Path::new("/w/x/target/nemesis-demo/demo/install")
+            ),
+            PathBuf::from("../../../../manifests/sandbox")
+        );
+        assert_eq!(
+            relative(Path::new("/w/m"), Path::new("/tmp/a")),
+            PathBuf::from("../../w/m")
+        );
+    }
+
+    #[test]
+    fn the_kustomization_names_the_demos_own_cgroup_bpffs_instance_and_address() {
+        let text = kustomization(&KustomizationParams {
+            base: Path::new("../../manifests/sandbox"),
+            instance: "t42",
+            cgroup: Path::new("/sys/fs/cgroup/unified/nemesis-t42"),
+            bpffs: Path::new("/w/target/nemesis-demo/t42/bpffs"),
+            controller_ip: Ipv4Addr::new(127, 96, 128, 2),
+        });
+        for want in [
+            "  - ../../manifests/sandbox\n",
+            r#"{name: NEMESIS_AGENT_INSTANCE, value: "t42"}"#,
+            r#"hostPath: {path: "/sys/fs/cgroup/unified/nemesis-t42", type: Directory}"#,
+            r#"hostPath: {path: "/w/target/nemesis-demo/t42/bpffs", type: Directory}"#,
+            r#"spec: {clusterIP: "127.96.128.2"}"#,
+            "spec: {replicas: 1}",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+    }
 }
