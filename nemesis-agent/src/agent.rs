@@ -621,9 +621,15 @@ impl Agent {
                 // Checked once here so a wrong path fails the start, then read for
                 // every call (the kubelet rotates a projected token in place).
                 read_token(token_file)?;
+                if args.controller_ca_file.is_none() {
+                    tracing::warn!(
+                        "no --controller-ca-file: the agent's token goes to the controller over plain HTTP"
+                    );
+                }
                 Some(ControllerClient::with_token_file(
                     url,
                     token_file,
+                    args.controller_ca_file.as_deref(),
                     DEFAULT_CALL_TIMEOUT,
                 )?)
             }

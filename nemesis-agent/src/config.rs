@@ -70,11 +70,22 @@ pub struct RunArgs {
     /// The admin listener: `/metrics`, `/healthz`, `/readyz` (port 0: any free port).
     #[arg(long, env = "NEMESIS_AGENT_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
-    /// The controller's agent API, e.g. `http://nemesis-controller.nemesis-system:8080`.
+    /// The controller's agent API, e.g.
+    /// `https://nemesis-controller.nemesis-system.svc:9443` (with --controller-ca-file),
+    /// or plain `http://...:8080` for a controller without --agent-tls-secret.
     /// Without it no wake-ups are sent: held connections wait for endpoints that come
     /// by other means, and no heartbeats are reported.
     #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_URL")]
     pub controller_url: Option<String>,
+    /// The CA (PEM) the controller's certificate is checked against, with an
+    /// `https://` --controller-url: the `ca.crt` of the ConfigMap the controller
+    /// publishes (`nemesis-agent-ca`), or the operator's CA.
+    #[arg(
+        long,
+        env = "NEMESIS_AGENT_CONTROLLER_CA_FILE",
+        requires = "controller_url"
+    )]
+    pub controller_ca_file: Option<PathBuf>,
     /// File holding the bearer token presented to the controller: the agent's projected
     /// ServiceAccount token (audience `nemesis-controller`), read again for every call so
     /// a rotated token is used at once. Required with `--controller-url`.
