@@ -272,6 +272,7 @@ struct WriterParts {
     args: RunArgs,
     cfg: DatapathConfig,
     node: String,
+    zone: Option<String>,
     kube: kube::Client,
     controller: Option<ControllerClient>,
     table: Arc<ServiceTable>,
@@ -279,6 +280,7 @@ struct WriterParts {
     proxy: Proxy,
     proxy_metrics: ProxyMetrics,
     counters: Arc<DatapathCounters>,
+    udp_hold: Arc<crate::udphold::UdpHoldStats>,
     readiness: Arc<Readiness>,
     strong: Arc<OnceLock<Arc<Datapath>>>,
     late: LateDatapath,
@@ -297,6 +299,7 @@ impl WriterParts {
             args,
             cfg,
             node,
+            zone,
             kube,
             controller,
             table,
@@ -304,6 +307,7 @@ impl WriterParts {
             proxy,
             proxy_metrics,
             counters,
+            udp_hold,
             readiness,
             strong,
             late,
@@ -324,7 +328,7 @@ impl WriterParts {
             args.direct_mode,
             Locality {
                 node: node_name(&args).ok(),
-                zone: args.zone.clone().filter(|z| !z.is_empty()),
+                zone,
             },
         );
         // UDP ports held at zero: relays on the proxy's addresses, woken through it.
@@ -334,6 +338,7 @@ impl WriterParts {
                 *v4.ip(),
                 cfg.proxy_v6.map(|a| *a.ip()),
                 UdpHoldBounds::default(),
+                udp_hold,
             ));
         }
         let managed = ManagedServices::new(
@@ -616,9 +621,15 @@ impl Agent {
                 // Checked once here so a wrong path fails the start, then read for
                 // every call (the kubelet rotates a projected token in place).
                 read_token(token_file)?;
+                if args.controller_ca_file.is_none() {
+                    tracing::warn!(
+                        "no --controller-ca-file: the agent's token goes to the controller over plain HTTP"
+                    );
+                }
                 Some(ControllerClient::with_token_file(
                     url,
                     token_file,
+                    args.controller_ca_file.as_deref(),
                     DEFAULT_CALL_TIMEOUT,
                 )?)
             }
@@ -730,6 +741,7 @@ impl Agent {
         );
         let proxy_metrics = metrics.proxy.clone();
         let counters = metrics.datapath.clone();
+        let udp_hold = metrics.udp_hold.0.clone();
         let http_rejected = metrics.http_rejected.clone();
         let registry_text = metrics.into_registry();
 
@@ -808,6 +820,7 @@ impl Agent {
             args: args.clone(),
             cfg: cfg.clone(),
             node: node.clone(),
+            zone: crate::zone::resolve(args.zone.as_deref(), &client, &node).await,
             kube: client,
             controller,
             table,
@@ -815,6 +828,7 @@ impl Agent {
             proxy: proxy.clone(),
             proxy_metrics,
             counters,
+            udp_hold,
             readiness: readiness.clone(),
             strong: strong.clone(),
             late,

@@ -70,11 +70,22 @@ pub struct RunArgs {
     /// The admin listener: `/metrics`, `/healthz`, `/readyz` (port 0: any free port).
     #[arg(long, env = "NEMESIS_AGENT_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
-    /// The controller's agent API, e.g. `http://nemesis-controller.nemesis-system:8080`.
+    /// The controller's agent API, e.g.
+    /// `https://nemesis-controller.nemesis-system.svc:9443` (with --controller-ca-file),
+    /// or plain `http://...:8080` for a controller without --agent-tls-secret.
     /// Without it no wake-ups are sent: held connections wait for endpoints that come
     /// by other means, and no heartbeats are reported.
     #[arg(long, env = "NEMESIS_AGENT_CONTROLLER_URL")]
     pub controller_url: Option<String>,
+    /// The CA (PEM) the controller's certificate is checked against, with an
+    /// `https://` --controller-url: the `ca.crt` of the ConfigMap the controller
+    /// publishes (`nemesis-agent-ca`), or the operator's CA.
+    #[arg(
+        long,
+        env = "NEMESIS_AGENT_CONTROLLER_CA_FILE",
+        requires = "controller_url"
+    )]
+    pub controller_ca_file: Option<PathBuf>,
     /// File holding the bearer token presented to the controller: the agent's projected
     /// ServiceAccount token (audience `nemesis-controller`), read again for every call so
     /// a rotated token is used at once. Required with `--controller-url`.
@@ -88,8 +99,9 @@ pub struct RunArgs {
     /// This node's name, sent with wake-ups and heartbeats (default: the host name).
     #[arg(long, env = "NEMESIS_AGENT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// This node's zone (its `topology.kubernetes.io/zone` label), for balance mode's
-    /// `preferSameZone`; without it only same-node preference applies.
+    /// This node's zone, for balance mode's `preferSameZone`. Default: the
+    /// `topology.kubernetes.io/zone` label of this agent's Node, read once at start
+    /// (needs get on nodes); without either only same-node preference applies.
     #[arg(long, env = "NEMESIS_AGENT_ZONE")]
     pub zone: Option<String>,
     /// How often the agent reports to the controller (sooner after a mode change).

@@ -10,6 +10,7 @@ use crate::proxy::{ModeFollower, Proxy, ServiceTable};
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -57,6 +58,13 @@ pub enum ControlError {
         file: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("reading the controller's CA file {}: {source}", file.display())]
+    ReadCa {
+        file: std::path::PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the controller's CA file {} holds no usable certificate", file.display())]
+    NoCa { file: std::path::PathBuf },
     #[error("the token file {} is empty", file.display())]
     EmptyToken { file: std::path::PathBuf },
     #[error("POST {path}: reading the answer: {source}")]
@@ -77,14 +85,15 @@ pub enum ControlError {
     },
 }
 
-/// HTTP client of the controller's agent API. Plain HTTP inside the cluster network;
-/// the bearer token authenticates the agent.
+/// HTTP client of the controller's agent API: HTTPS verified against the controller's CA
+/// (`https://` URLs), or plain HTTP (`http://`, deprecated: the token crosses the
+/// network in clear); the bearer token authenticates the agent.
 #[derive(Clone)]
 pub struct ControllerClient {
     base: String,
     token: Token,
     timeout: Duration,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for ControllerClient {
@@ -127,48 +136,93 @@ impl Token {
 }
 
 impl ControllerClient {
-    /// A client presenting the token in `file`, read again for every call (rotation).
+    /// A client presenting the token in `file`, read again for every call (rotation);
+    /// an `https://` URL needs `ca`, the PEM file of the CA the controller's
+    /// certificate is checked against.
     pub fn with_token_file(
         base_url: &str,
         file: impl Into<std::path::PathBuf>,
+        ca: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<Self, ControlError> {
-        let mut c = Self::new(base_url, String::new(), timeout)?;
+        let mut c = Self::build(base_url, String::new(), ca, timeout)?;
         c.token = Token::File(file.into());
         Ok(c)
     }
 
-    /// `base_url` like `http://nemesis-controller.nemesis-system:8080`.
+    /// `base_url` like `http://nemesis-controller.nemesis-system:8080` (plain HTTP).
     pub fn new(
         base_url: &str,
         token: impl Into<String>,
         timeout: Duration,
     ) -> Result<Self, ControlError> {
-        let uri: http::Uri =
-            base_url
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| ControlError::ParseUrl {
-                    url: base_url.to_string(),
-                    reason: e.to_string(),
-                })?;
-        if uri.scheme_str() != Some("http") {
-            return Err(ControlError::ParseUrl {
-                url: base_url.to_string(),
-                reason: "only http:// URLs are supported".into(),
-            });
+        Self::build(base_url, token.into(), None, timeout)
+    }
+
+    /// `base_url` like `https://nemesis-controller.nemesis-system.svc:9443`, the
+    /// controller's certificate checked against the CA certificates in `ca` (PEM).
+    pub fn with_ca(
+        base_url: &str,
+        token: impl Into<String>,
+        ca: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        Self::build(base_url, token.into(), Some(ca), timeout)
+    }
+
+    fn build(
+        base_url: &str,
+        token: String,
+        ca: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let bad = |reason: &str| ControlError::ParseUrl {
+            url: base_url.to_string(),
+            reason: reason.to_string(),
+        };
+        let uri: http::Uri = base_url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        match (uri.scheme_str(), ca) {
+            (Some("https"), Some(_)) | (Some("http"), None) => {}
+            (Some("https"), None) => {
+                return Err(bad(
+                    "https:// needs the controller's CA file (--controller-ca-file)",
+                ));
+            }
+            (Some("http"), Some(_)) => {
+                return Err(bad(
+                    "a CA file is given but the URL is http://: use https:// (the controller's --agent-listen)",
+                ));
+            }
+            _ => return Err(bad("only http:// and https:// URLs are supported")),
         }
         if uri.authority().is_none() {
-            return Err(ControlError::ParseUrl {
-                url: base_url.to_string(),
-                reason: "no host".into(),
-            });
+            return Err(bad("no host"));
         }
+        let roots = match ca {
+            Some(file) => read_ca(file)?,
+            None => rustls::RootCertStore::empty(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Ok(Self {
             base: base_url.trim_end_matches('/').to_string(),
-            token: Token::Value(token.into()),
+            token: Token::Value(token),
             timeout,
             http: Client::builder(TokioExecutor::new()).build(connector),
         })
@@ -235,6 +289,27 @@ impl ControllerClient {
                 after: self.timeout,
             })?
     }
+}
+
+/// The CA certificates the controller's certificate must chain to.
+fn read_ca(file: &std::path::Path) -> Result<rustls::RootCertStore, ControlError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let read = |source| ControlError::ReadCa {
+        file: file.to_path_buf(),
+        source,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(file).map_err(read)? {
+        // A certificate rustls cannot use as a root is skipped; none at all is an error.
+        let _ = roots.add(cert.map_err(read)?);
+    }
+    if roots.is_empty() {
+        return Err(ControlError::NoCa {
+            file: file.to_path_buf(),
+        });
+    }
+    Ok(roots)
 }
 
 // === heartbeats ===
@@ -376,14 +451,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_http_urls_with_a_host_are_accepted() {
+    fn https_needs_a_ca_and_a_ca_needs_https() {
         let t = Duration::from_secs(1);
         assert!(ControllerClient::new("http://127.0.0.1:8080/", "t", t).is_ok());
-        let err = ControllerClient::new("https://c:8443", "t", t)
+        let err = ControllerClient::new("https://c:9443", "t", t)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("only http://"), "{err}");
+        assert!(err.contains("--controller-ca-file"), "{err}");
+        let err = ControllerClient::new("ftp://c:21", "t", t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only http:// and https://"), "{err}");
         assert!(ControllerClient::new("not a url", "t", t).is_err());
+        let dir = std::env::temp_dir().join(format!("nemesis-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.crt");
+        std::fs::write(&empty, "").unwrap();
+        let err = ControllerClient::with_ca("https://c:9443", "t", &empty, t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no usable certificate"), "{err}");
+        let err = ControllerClient::with_ca("http://c:9443", "t", &empty, t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("use https://"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

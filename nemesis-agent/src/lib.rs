@@ -17,3 +17,4 @@ pub mod permissions;
 pub mod proxy;
 pub mod services;
 pub mod udphold;
+pub mod zone;

@@ -648,6 +648,52 @@ impl Collector for DatapathCounters {
     }
 }
 
+/// The UDP hold relays' counts over every Service port of this node (relays come and
+/// go with their Service rows; these totals only grow).
+#[derive(Debug, Clone, Default)]
+pub struct UdpHoldTotals(pub Arc<crate::udphold::UdpHoldStats>);
+
+impl Collector for UdpHoldTotals {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let mut family = encoder.encode_descriptor(
+            "nemesis_agent_udp_hold_datagrams",
+            "UDP datagrams of zero-scaled Services at this node's hold relays, by outcome: held (kept until a backend is ready), forwarded (sent to a backend, held or later), dropped (a per-flow or node bound was reached, or the flow expired holding them)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (outcome, n) in [
+            ("held", s.held.load(Relaxed)),
+            ("forwarded", s.forwarded.load(Relaxed)),
+            ("dropped", s.dropped.load(Relaxed)),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        for (name, help, n) in [
+            (
+                "nemesis_agent_udp_hold_replies",
+                "Backend replies the hold relays sent back to held UDP flows",
+                s.replies.load(Relaxed),
+            ),
+            (
+                "nemesis_agent_udp_hold_flows",
+                "UDP flows (client address x Service port) the hold relays took",
+                s.flows.load(Relaxed),
+            ),
+        ] {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(n).encode(family)?;
+        }
+        Ok(())
+    }
+}
+
 // === impl Metrics ===
 
 /// Every metric of the agent, registered in one registry. Build it once at start-up,
@@ -658,6 +704,8 @@ pub struct Metrics {
     registry: Registry,
     pub proxy: ProxyMetrics,
     pub datapath: Arc<DatapathCounters>,
+    /// `nemesis_agent_udp_hold_*`: the UDP hold relays' totals.
+    pub udp_hold: UdpHoldTotals,
     /// `nemesis_agent_http_rejected_total{listener, reason}`: the admin listener's limits.
     pub http_rejected: nemesis_common::serve::RejectionCounter,
 }
@@ -675,12 +723,15 @@ impl Metrics {
         proxy.register(&mut registry);
         let datapath = Arc::new(DatapathCounters::default());
         registry.register_collector(Box::new(datapath.clone()));
+        let udp_hold = UdpHoldTotals::default();
+        registry.register_collector(Box::new(udp_hold.clone()));
         let http_rejected = nemesis_common::serve::RejectionCounter::default();
         http_rejected.register(&mut registry, "nemesis_agent_http_rejected");
         Self {
             registry,
             proxy,
             datapath,
+            udp_hold,
             http_rejected,
         }
     }

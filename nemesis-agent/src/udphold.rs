@@ -59,7 +59,7 @@ pub trait UdpWake: Send + Sync + 'static {
     fn backend(&self) -> Option<SocketAddr>;
 }
 
-/// Counters of one relay, since it started.
+/// Counters of a relay since it started, or of every relay sharing them.
 #[derive(Debug, Default)]
 pub struct UdpHoldStats {
     /// Datagrams taken into hold.
@@ -260,17 +260,19 @@ impl UdpHoldRelay {
     }
 
     /// As [`UdpHoldRelay::bind`], from synchronous code running on a tokio runtime
-    /// (the agent's Service watch binds relays as it writes the datapath rows).
+    /// (the agent's Service watch binds relays as it writes the datapath rows),
+    /// counting into `stats`, which relays may share (the agent's node-wide totals:
+    /// a relay goes with its Service row, its counts must not).
     pub fn bind_now(
         addr: SocketAddr,
         wake: Arc<dyn UdpWake>,
         bounds: UdpHoldBounds,
+        stats: Arc<UdpHoldStats>,
     ) -> io::Result<Self> {
         let std_socket = std::net::UdpSocket::bind(addr)?;
         std_socket.set_nonblocking(true)?;
         let socket = Arc::new(UdpSocket::from_std(std_socket)?);
         let local = socket.local_addr()?;
-        let stats = Arc::new(UdpHoldStats::default());
         let task = tokio::spawn(serve(socket, wake, bounds, stats.clone()));
         Ok(Self { local, stats, task })
     }
@@ -280,6 +282,7 @@ impl UdpHoldRelay {
         self.local
     }
 
+    /// Its counters (shared with other relays when bound with shared ones).
     pub fn stats(&self) -> &UdpHoldStats {
         &self.stats
     }

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::registry::DEFAULT_FORGET_AFTER;
+use crate::agents::tls::CertSlot;
+use crate::agents::tls_secret::{self, TlsSecret};
 use crate::agents::wake::{DEFAULT_QUEUE, DEFAULT_REFORWARD_AFTER};
 use crate::agents::{
     AgentApi, AgentAuth, AgentRegistry, RegistryConfig, ReviewConfig, TokenReviewer, WakeGate,
@@ -70,6 +72,8 @@ pub struct Running {
     /// Where the UI is served over TLS (`None`: on the API listener, or not at all).
     pub ui_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// Where the agents' API is served over TLS (`None`: on the API listener, plain).
+    pub agent_addr: Option<SocketAddr>,
     pub identity: String,
     pub metrics: ControllerMetrics,
     pub registry: Arc<AgentRegistry>,
@@ -276,6 +280,27 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
         Some(l) => Some(local(l, "UI", args.ui_listen)?),
         None => None,
     };
+    let agent_tls = match &args.agent_tls_secret {
+        Some(name) => {
+            let listener = server::bind("agents", args.agent_listen).await?;
+            let source = if args.agent_tls_provided {
+                tls_secret::Source::Provided
+            } else {
+                tls_secret::Source::Issued {
+                    names: args.agent_tls_names.clone(),
+                    validity: args.agent_tls_validity,
+                    ca_configmap: args.agent_ca_configmap.clone(),
+                }
+            };
+            let secret = TlsSecret::new(client.clone(), &args.lease_namespace, name, source);
+            Some((listener, secret))
+        }
+        None => None,
+    };
+    let agent_addr = match &agent_tls {
+        Some((l, _)) => Some(local(l, "agents", args.agent_listen)?),
+        None => None,
+    };
 
     let core_stop = CancellationToken::new();
     let leader_stop = CancellationToken::new();
@@ -320,23 +345,51 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
     let publisher = tokio::spawn(publisher);
 
-    let mut api = server::api_router(
-        AgentApi {
-            registry: registry.clone(),
-            wakes: wakes.clone(),
-            auth: match &agent_token {
-                Some(t) => AgentAuth::Shared(t.clone()),
-                None => AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
-                    client.clone(),
-                    ReviewConfig::new(
-                        &args.agent_token_audience,
-                        &args.agent_namespace,
-                        &args.agent_service_account,
-                    ),
-                    metrics.clone(),
-                ))),
-            },
+    let agent_api = AgentApi {
+        registry: registry.clone(),
+        wakes: wakes.clone(),
+        auth: match &agent_token {
+            Some(t) => AgentAuth::Shared(t.clone()),
+            None => AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
+                client.clone(),
+                ReviewConfig::new(
+                    &args.agent_token_audience,
+                    &args.agent_namespace,
+                    &args.agent_service_account,
+                ),
+                metrics.clone(),
+            ))),
         },
+    };
+    // With TLS the agents' routes leave the plain listener: plain HTTP reaches none.
+    let (plain_agent_api, agent_server) = match agent_tls {
+        Some((listener, secret)) => {
+            let slot = Arc::new(CertSlot::default());
+            background.push(tokio::spawn(
+                secret.follow(slot.clone(), serve_stop.clone()),
+            ));
+            let router = server::limited(
+                "agents",
+                server::agents_router(agent_api, leading.clone()),
+                server::API_LIMITS,
+                &metrics,
+            );
+            let serve = crate::ui::tls::serve_tls(
+                "agents",
+                listener,
+                crate::agents::tls::server_config(slot),
+                router,
+                serve_stop.clone(),
+            );
+            (None, Some(tokio::spawn(serve)))
+        }
+        None => (Some(agent_api), None),
+    };
+    if let Some(s) = agent_server {
+        background.push(s);
+    }
+    let mut api = server::api_router(
+        plain_agent_api,
         alert_token.clone().map(|token| AlertApi {
             book: alerts.clone(),
             token,
@@ -522,11 +575,12 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     // Events outlive the core only as long as the publisher drains its queue.
     background.push(publisher);
 
-    tracing::info!(%api_addr, %admin_addr, %identity, "controller started");
+    tracing::info!(%api_addr, %admin_addr, agent_tls = ?agent_addr, %identity, "controller started");
     Ok(Running {
         api_addr,
         ui_addr: ui_addr.filter(|_| ui_tls.is_some()),
         admin_addr,
+        agent_addr,
         identity,
         metrics,
         registry,

@@ -18,6 +18,10 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:8081";
 /// The UI over TLS (only with --ui-tls-cert-file); 8443 is the usual HTTPS port.
 pub const DEFAULT_UI_LISTEN: &str = "0.0.0.0:8443";
+/// The agents' API over TLS (only with --agent-tls-secret): 9443, clear of the UI's 8443.
+pub const DEFAULT_AGENT_LISTEN: &str = "0.0.0.0:9443";
+/// The names agents reach the controller by through the manifests' Service.
+pub const DEFAULT_AGENT_TLS_NAMES: &str = "nemesis-controller,nemesis-controller.nemesis-system,nemesis-controller.nemesis-system.svc,nemesis-controller.nemesis-system.svc.cluster.local";
 /// The StatefulSet mounts its volume here; redb keeps the history in one file.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/nemesis/history.redb";
 pub const DEFAULT_LEASE_NAME: &str = "nemesis-controller";
@@ -87,6 +91,45 @@ pub struct RunArgs {
         default_value = "nemesis-agent"
     )]
     pub agent_service_account: String,
+
+    /// Serve the agents' API over TLS on --agent-listen (and no longer on --listen),
+    /// with the certificate in this Secret (in --lease-namespace). The controller issues
+    /// a CA and a serving certificate into it and rotates the certificate before it
+    /// expires (publishing the CA in --agent-ca-configmap for the agents), unless
+    /// --agent-tls-provided says the operator provides it.
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TLS_SECRET")]
+    pub agent_tls_secret: Option<String>,
+
+    /// --agent-tls-secret is the operator's `kubernetes.io/tls` Secret (tls.crt,
+    /// tls.key; for instance cert-manager's): only read, re-read every minute.
+    #[arg(
+        long,
+        env = "NEMESIS_CONTROLLER_AGENT_TLS_PROVIDED",
+        requires = "agent_tls_secret"
+    )]
+    pub agent_tls_provided: bool,
+
+    /// Where the agents' API listens over TLS (with --agent-tls-secret).
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_LISTEN", default_value = DEFAULT_AGENT_LISTEN)]
+    pub agent_listen: SocketAddr,
+
+    /// The DNS names and IP addresses an issued certificate carries (comma-separated):
+    /// the ones agents use in --controller-url.
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TLS_NAMES", value_delimiter = ',',
+          default_value = DEFAULT_AGENT_TLS_NAMES)]
+    pub agent_tls_names: Vec<String>,
+
+    /// How long an issued serving certificate is valid; it is replaced when a third of
+    /// that is left.
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TLS_VALIDITY", value_parser = parse_flag_duration,
+          default_value = "30d")]
+    pub agent_tls_validity: Duration,
+
+    /// The ConfigMap (in --lease-namespace) where the controller publishes the CA of the
+    /// certificates it issues (`ca.crt`), for the agents to mount.
+    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_CA_CONFIGMAP",
+          default_value = crate::agents::tls_secret::DEFAULT_CA_CONFIGMAP)]
+    pub agent_ca_configmap: String,
 
     /// Deprecated, for test harnesses without TokenReview: one bearer token every agent
     /// shares (re-read on change) instead of per-agent ServiceAccount tokens. It cannot
@@ -319,6 +362,7 @@ impl RunArgs {
             ("sample-interval", self.sample_interval),
             ("status-interval", self.status_interval),
             ("ui-session-ttl", self.ui_session_ttl),
+            ("agent-tls-validity", self.agent_tls_validity),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero { flag });

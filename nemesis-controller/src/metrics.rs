@@ -247,6 +247,7 @@ impl DeliveryOutcome {
 }
 
 label_value_as_str!(
+    crate::prometheus::PromFailure,
     ErrorKind,
     ScaleDirection,
     DecisionOutcome,
@@ -270,6 +271,11 @@ struct UiRefusalLabels {
 struct DeliveryLabels {
     sink: String,
     outcome: DeliveryOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PromErrorLabels {
+    reason: crate::prometheus::PromFailure,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -304,6 +310,11 @@ pub struct ControllerMetrics {
     ui_refusals: Family<UiRefusalLabels, Counter>,
     agent_auth_refused: Family<AgentAuthLabels, Counter>,
     alerts_raised: Counter,
+    /// `nemesis_controller_prometheus_errors_total{reason}`: failed PromQL source queries.
+    prometheus_errors: Family<PromErrorLabels, Counter>,
+    /// `nemesis_controller_prometheus_failing_sources`: PromQL sources whose latest query
+    /// failed, over the policies this instance runs (their fallback stands in).
+    prometheus_failing_sources: Gauge,
     /// `nemesis_controller_history_write_errors_total`: history records not committed
     /// (disk full, I/O errors); they are retried, and the count says the disk needs care.
     history_write_errors: Counter,
@@ -403,6 +414,21 @@ impl ControllerMetrics {
             "Alerts raised by AlertRules (repeats of a firing alert not counted)",
             alerts_raised.clone(),
         );
+        let prometheus_errors = Family::<PromErrorLabels, Counter>::default();
+        registry.register(
+            "prometheus_errors",
+            "PromQL source queries that failed, by reason (refused, timeout, http_status, not_json, wrong_shape, ...)",
+            prometheus_errors.clone(),
+        );
+        for reason in crate::prometheus::PromFailure::ALL {
+            let _ = prometheus_errors.get_or_create(&PromErrorLabels { reason });
+        }
+        let prometheus_failing_sources = Gauge::default();
+        registry.register(
+            "prometheus_failing_sources",
+            "PromQL sources whose latest query failed (their policy runs on the declared fallback, or holds)",
+            prometheus_failing_sources.clone(),
+        );
         let history_write_errors = Counter::default();
         registry.register(
             "history_write_errors",
@@ -447,6 +473,8 @@ impl ControllerMetrics {
             replicated_records,
             http_rejected,
             alerts_raised,
+            prometheus_errors,
+            prometheus_failing_sources,
             history_write_errors,
             alert_deliveries,
             alert_outbox_pending,
@@ -514,6 +542,26 @@ impl ControllerMetrics {
     pub fn history_write_failed(&self) {
         self.history_write_errors.inc();
         self.error(ErrorKind::Store);
+    }
+
+    /// A PromQL source query failed (also counted as a `prometheus_query` error).
+    pub fn prometheus_failed(&self, reason: crate::prometheus::PromFailure) {
+        self.prometheus_errors
+            .get_or_create(&PromErrorLabels { reason })
+            .inc();
+        self.error(ErrorKind::PrometheusQuery);
+    }
+
+    /// How many source queries failed for `reason`.
+    pub fn prometheus_failures(&self, reason: crate::prometheus::PromFailure) -> u64 {
+        self.prometheus_errors
+            .get_or_create(&PromErrorLabels { reason })
+            .get()
+    }
+
+    /// A source started (`+1`) or stopped (`-1`) failing.
+    pub fn prometheus_failing_sources_add(&self, delta: i64) {
+        self.prometheus_failing_sources.inc_by(delta);
     }
 
     pub fn error(&self, kind: ErrorKind) {

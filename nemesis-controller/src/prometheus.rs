@@ -23,6 +23,10 @@ pub enum PromError {
     InvalidUrl { url: String, reason: String },
     #[error("building the HTTP client for Prometheus: {0}")]
     BuildClient(#[source] reqwest::Error),
+    #[error(
+        "Prometheus at {url} unreachable: connection refused (is it running, on that port?): {reason}"
+    )]
+    Refused { url: String, reason: String },
     #[error("Prometheus at {url} unreachable: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("Prometheus at {url} did not answer within {after:?}")]
@@ -43,6 +47,16 @@ pub enum PromError {
     },
     #[error("reading the answer of Prometheus at {url}: {reason}")]
     ReadResponse { url: String, reason: String },
+    #[error("the answer of Prometheus at {url} is larger than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
+    #[error(
+        "the answer of Prometheus at {url} is not the query API's JSON, not JSON at all (is it Prometheus?): {reason}; it began {body:?}"
+    )]
+    NotJson {
+        url: String,
+        reason: String,
+        body: String,
+    },
     #[error("the answer of Prometheus at {url} is not the query API's JSON: {reason}")]
     DecodeResponse { url: String, reason: String },
     #[error(
@@ -59,6 +73,107 @@ pub enum PromError {
     NotScalar { query: String, result_type: String },
     #[error("the query `{query}` returned {value:?}, which is not a number")]
     NotANumber { query: String, value: String },
+}
+
+/// What kind of failure a [`PromError`] is: the `reason` label of
+/// `nemesis_controller_prometheus_errors_total` and the reason of a policy's
+/// `PrometheusQueries` condition. Few and fixed, so the label stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PromFailure {
+    /// Nothing listens there: Prometheus is down, or the URL's port is wrong.
+    Refused,
+    /// Other transport failures: DNS, reset, a connection closed mid-answer.
+    Unreachable,
+    /// No complete answer within the source's timeout (or Prometheus' own query timeout).
+    Timeout,
+    /// An HTTP error status with a body that is not the query API's (a proxy's 502 page).
+    HttpStatus,
+    /// A body that is not JSON at all.
+    NotJson,
+    /// JSON, but not the query API's shape, or a body over the size limit.
+    WrongShape,
+    /// The query API's own error: a bad query, an execution error.
+    Rejected,
+    /// The query returned no series.
+    NoData,
+    /// Several series, a range vector, a string, or NaN: not one number.
+    NotOneNumber,
+    /// No Prometheus configured, or an invalid URL.
+    Config,
+}
+
+impl PromFailure {
+    pub const ALL: [PromFailure; 10] = [
+        PromFailure::Refused,
+        PromFailure::Unreachable,
+        PromFailure::Timeout,
+        PromFailure::HttpStatus,
+        PromFailure::NotJson,
+        PromFailure::WrongShape,
+        PromFailure::Rejected,
+        PromFailure::NoData,
+        PromFailure::NotOneNumber,
+        PromFailure::Config,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromFailure::Refused => "refused",
+            PromFailure::Unreachable => "unreachable",
+            PromFailure::Timeout => "timeout",
+            PromFailure::HttpStatus => "http_status",
+            PromFailure::NotJson => "not_json",
+            PromFailure::WrongShape => "wrong_shape",
+            PromFailure::Rejected => "rejected",
+            PromFailure::NoData => "no_data",
+            PromFailure::NotOneNumber => "not_one_number",
+            PromFailure::Config => "config",
+        }
+    }
+
+    /// The reason of a Kubernetes condition (CamelCase).
+    pub fn condition_reason(self) -> &'static str {
+        match self {
+            PromFailure::Refused => "ConnectionRefused",
+            PromFailure::Unreachable => "Unreachable",
+            PromFailure::Timeout => "Timeout",
+            PromFailure::HttpStatus => "HTTPError",
+            PromFailure::NotJson => "NotJSON",
+            PromFailure::WrongShape => "WrongShape",
+            PromFailure::Rejected => "QueryRejected",
+            PromFailure::NoData => "NoData",
+            PromFailure::NotOneNumber => "NotOneNumber",
+            PromFailure::Config => "NotConfigured",
+        }
+    }
+}
+
+impl PromError {
+    pub fn failure(&self) -> PromFailure {
+        match self {
+            PromError::InvalidUrl { .. } | PromError::BuildClient(_) => PromFailure::Config,
+            PromError::Refused { .. } => PromFailure::Refused,
+            PromError::Unreachable { .. } | PromError::ReadResponse { .. } => {
+                PromFailure::Unreachable
+            }
+            PromError::Timeout { .. } => PromFailure::Timeout,
+            // Prometheus' own deadline (the `timeout` parameter we pass) ran out.
+            PromError::Rejected { error_type, .. } if error_type == "timeout" => {
+                PromFailure::Timeout
+            }
+            PromError::Rejected { .. } => PromFailure::Rejected,
+            PromError::HttpStatus { .. } => PromFailure::HttpStatus,
+            PromError::NotJson { .. } => PromFailure::NotJson,
+            PromError::DecodeResponse { .. } | PromError::TooLarge { .. } => {
+                PromFailure::WrongShape
+            }
+            PromError::EmptyResult { .. } => PromFailure::NoData,
+            PromError::MultipleSeries { .. }
+            | PromError::NotScalar { .. }
+            | PromError::NotANumber { .. } => PromFailure::NotOneNumber,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -201,10 +316,21 @@ impl PromClient {
                 message: error,
             }),
             Ok(ApiResponse::Success { data }) => Ok(data),
-            Err(e) if status.is_success() => Err(PromError::DecodeResponse {
-                url,
-                reason: e.to_string(),
-            }),
+            // A success status: the body should have been the API's JSON. Whether it is
+            // JSON at all tells a wrong server (an HTML page) from a wrong shape.
+            Err(e) if status.is_success() => {
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+                    Err(_) => Err(PromError::NotJson {
+                        url,
+                        reason: e.to_string(),
+                        body: snippet(&body),
+                    }),
+                    Ok(_) => Err(PromError::DecodeResponse {
+                        url,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
             Err(_) => Err(PromError::HttpStatus {
                 url,
                 query: promql.to_string(),
@@ -219,6 +345,11 @@ impl PromClient {
             PromError::Timeout {
                 url: url.to_string(),
                 after: self.timeout,
+            }
+        } else if refused(e) {
+            PromError::Refused {
+                url: url.to_string(),
+                reason: error_chain(e),
             }
         } else {
             PromError::Unreachable {
@@ -238,9 +369,9 @@ impl PromClient {
                 url: url.to_string(),
                 reason: error_chain(e),
             },
-            BodyError::TooLarge => PromError::ReadResponse {
+            BodyError::TooLarge => PromError::TooLarge {
                 url: url.to_string(),
-                reason: format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"),
+                limit: MAX_RESPONSE_BYTES,
             },
         }
     }
@@ -260,6 +391,25 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, BodyError>
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// Whether the connection was refused (nothing listens), from the I/O error down the
+/// chain: reqwest words it differently across versions, the error kind is stable.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        // A boxed cause hides its type from `downcast_ref`; its text is the OS's.
+        if err.to_string().contains("Connection refused") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// reqwest's Display stops at "error sending request"; the cause ("Connection refused")
@@ -499,6 +649,87 @@ mod tests {
             r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"x"]]}]}}"#,
         );
         assert!(matches!(bad, Err(PromError::NotANumber { .. })));
+    }
+
+    /// Answers every connection with `response` (a whole HTTP/1.1 answer), once read.
+    async fn answering(response: &'static str) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = 0;
+                    // The head, then the form body (small): wait for its last bytes.
+                    while !String::from_utf8_lossy(&buf[..got]).contains("timeout=") {
+                        match s.read(&mut buf[got..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got += n,
+                        }
+                    }
+                    let _ = s.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn failure_of(addr: std::net::SocketAddr, timeout: Duration) -> (PromFailure, String) {
+        let c = PromClient::new(&format!("http://{addr}"), timeout).unwrap();
+        let e = c.query("up").await.unwrap_err();
+        (e.failure(), e.to_string())
+    }
+
+    #[tokio::test]
+    async fn each_kind_of_failure_is_told_apart() {
+        let t = Duration::from_secs(30);
+        // Nothing listens on a port just released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (f, m) = failure_of(closed, t).await;
+        assert_eq!(f, PromFailure::Refused, "{m}");
+        assert!(m.contains("connection refused"), "{m}");
+        let html = answering(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\nConnection: close\r\n\r\n<html></html>",
+        )
+        .await;
+        let (f, m) = failure_of(html, t).await;
+        assert_eq!(f, PromFailure::NotJson, "{m}");
+        assert!(m.contains("not JSON at all") && m.contains("<html>"), "{m}");
+        let shape = answering(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\nConnection: close\r\n\r\n[1,2,3]",
+        )
+        .await;
+        let (f, m) = failure_of(shape, t).await;
+        assert_eq!(f, PromFailure::WrongShape, "{m}");
+        let bad_gateway = answering(
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope",
+        )
+        .await;
+        let (f, m) = failure_of(bad_gateway, t).await;
+        assert_eq!(f, PromFailure::HttpStatus, "{m}");
+        assert!(m.contains("answered HTTP 502"), "{m}");
+        let rejected = answering(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 56\r\nConnection: close\r\n\r\n{\"status\":\"error\",\"errorType\":\"bad_data\",\"error\":\"oops\"}",
+        )
+        .await;
+        let (f, m) = failure_of(rejected, t).await;
+        assert_eq!(f, PromFailure::Rejected, "{m}");
+        // Accepts, never answers: past the client's deadline.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = l.local_addr().unwrap();
+        let _keep = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let (f, m) = failure_of(silent, Duration::from_millis(200)).await;
+        assert_eq!(f, PromFailure::Timeout, "{m}");
+        assert!(m.contains("did not answer within 200ms"), "{m}");
     }
 
     #[test]

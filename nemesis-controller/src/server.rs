@@ -63,18 +63,27 @@ pub enum ServerError {
     },
 }
 
-/// The API listener's routes: the agents' endpoints, and the Alertmanager webhook when a
-/// token for it is configured. Wake-ups reach only a leading instance.
+/// The API listener's routes: the agents' endpoints (unless they are served over TLS on
+/// a listener of their own, `None`), and the Alertmanager webhook when a token for it is
+/// configured. Wake-ups reach only a leading instance.
 pub fn api_router(
-    agents: AgentApi,
+    agents: Option<AgentApi>,
     alerts: Option<AlertApi>,
     leading: watch::Receiver<bool>,
 ) -> Router {
-    let mut router = agent_routes(agents);
+    let mut router = agents.map(agent_routes).unwrap_or_default();
     if let Some(alerts) = alerts {
         router = router.merge(alert_routes(alerts));
     }
     router.layer(middleware::from_fn_with_state(
+        leading,
+        standby_refuses_wakes,
+    ))
+}
+
+/// The agents' TLS listener's routes: theirs alone, wake-ups for a leading instance only.
+pub fn agents_router(agents: AgentApi, leading: watch::Receiver<bool>) -> Router {
+    agent_routes(agents).layer(middleware::from_fn_with_state(
         leading,
         standby_refuses_wakes,
     ))
@@ -210,7 +219,7 @@ mod tests {
             auth: BearerToken::from_value("t").unwrap().into(),
         };
         let (tx, rx) = watch::channel(leading);
-        (api_router(agents, None, rx), tx)
+        (api_router(Some(agents), None, rx), tx)
     }
 
     fn post(path: &str, body: &str) -> Request<Body> {

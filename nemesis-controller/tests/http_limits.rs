@@ -290,7 +290,7 @@ async fn the_api_listener_refuses_oversized_bodies_and_cuts_slow_clients() -> an
     let dir = tempfile::tempdir()?;
     let (_lead, leading) = watch::channel(true);
     let api = server::api_router(
-        agent_api(),
+        Some(agent_api()),
         Some(AlertApi {
             book: Arc::new(AlertBook::new()),
             token: BearerToken::from_value(TOKEN).unwrap(),

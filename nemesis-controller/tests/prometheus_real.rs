@@ -202,7 +202,11 @@ async fn a_stopped_prometheus_is_reported_unreachable_with_its_url() -> Result<(
         started.elapsed() < Duration::from_secs(5),
         "a refused connect is immediate"
     );
-    assert!(matches!(err, PromError::Unreachable { .. }), "{err:?}");
+    assert!(matches!(err, PromError::Refused { .. }), "{err:?}");
+    assert_eq!(
+        err.failure(),
+        nemesis_controller::prometheus::PromFailure::Refused
+    );
     let msg = err.to_string();
     assert!(
         msg.starts_with(&format!("Prometheus at {url} unreachable")),

@@ -7,6 +7,7 @@ pub const TEST_DEFAULTS: &[(&str, &str)] = &[
     ("--listen", "127.0.0.1:0"),
     ("--admin-listen", "127.0.0.1:0"),
     ("--ui-listen", "127.0.0.1:0"),
+    ("--agent-listen", "127.0.0.1:0"),
     ("--lease-namespace", "default"),
     ("--lease-duration", "3s"),
     ("--renew-deadline", "2s"),

@@ -8,6 +8,7 @@ pub mod controller_flags;
 pub mod controllers;
 pub mod crds;
 pub mod demo;
+pub mod faultproxy;
 pub mod ingress;
 pub mod kubelet;
 pub mod netns;

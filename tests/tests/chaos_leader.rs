@@ -34,8 +34,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use wake_support::{
-    ALERT_TOKEN, APP, NS, Options, POD_PORT, SERVER, Scenario, TOKEN, WakeEnv, eventually,
-    post_alert_to,
+    ALERT_TOKEN, APP, NS, Options, POD_PORT, SERVER, Scenario, WakeEnv, eventually, post_alert_to,
 };
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_nemesis-test-controller");
@@ -94,14 +93,11 @@ async fn spawn_replica(
     identity: &str,
 ) -> anyhow::Result<Replica> {
     std::fs::create_dir_all(slot_dir)?;
-    let agent_token = slot_dir.join("agent-token");
-    std::fs::write(&agent_token, format!("{TOKEN}\n"))?;
     let alert_token = slot_dir.join("alert-token");
     std::fs::write(&alert_token, ALERT_TOKEN)?;
     let mut args = nemesis_tests::controller_flags::argv_with_defaults(&[] as &[&str]);
     args.remove(0);
     for (flag, value) in [
-        ("--agent-token-file", agent_token.display().to_string()),
         (
             "--alertmanager-token-file",
             alert_token.display().to_string(),
@@ -515,10 +511,26 @@ async fn run_rounds(
     world.spawn('b').await?;
     // The agent reaches the controller through the forwarder from now on (a restart
     // keeps its datapath).
-    env.restart_agent_with(&[(
-        "--controller-url",
-        format!("http://{}", world.forwarder.addr),
-    )])
+    // The real controllers review the agent's own token (bound to a pod of its node),
+    // as in a cluster: no shared token.
+    let node = env
+        .sandbox
+        .as_ref()
+        .context("the sandbox")?
+        .node_name()
+        .to_owned();
+    let agent_token = world.dir.join("agent-token");
+    std::fs::write(
+        &agent_token,
+        nemesis_tests::agent_token::mint_agent_token(&env.client, &node).await?,
+    )?;
+    env.restart_agent_with(&[
+        (
+            "--controller-url",
+            format!("http://{}", world.forwarder.addr),
+        ),
+        ("--agent-token-file", agent_token.display().to_string()),
+    ])
     .await?;
     world.wait_replicas(0).await?;
     let policies: Api<nemesis_controller::policy::ScalingPolicy> =

@@ -402,10 +402,10 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
         .map(|s| &s["serviceAccountToken"])
         .with_context(|| format!("{} is no projected ServiceAccount token", token.display()))?
         .clone();
-    // The controller URL is the controller's API Service, on the port that reaches the
-    // controller's --listen.
+    // The controller URL is the controller's API Service over TLS, on the port that
+    // reaches the controller's --agent-listen, by a name its certificate carries.
     let url = run.controller_url.clone().context("--controller-url")?;
-    let rest = url.strip_prefix("http://").context("an http:// URL")?;
+    let rest = url.strip_prefix("https://").context("an https:// URL")?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let (host, port) = authority
         .rsplit_once(':')
@@ -439,8 +439,47 @@ fn agent_daemonset_command_line_parses_and_matches_its_mounts_ports_and_the_cont
     );
     assert_eq!(
         service_target(svc, port, cc)?,
-        controller.listen.port(),
-        "{url} must reach the controller's --listen"
+        controller.agent_listen.port(),
+        "{url} must reach the controller's --agent-listen"
+    );
+    assert!(
+        controller.agent_tls_secret.is_some() && !controller.agent_tls_provided,
+        "the controller serves the agents over TLS with a certificate it issues"
+    );
+    assert!(
+        controller
+            .agent_tls_names
+            .iter()
+            .any(|n| n.as_str() == host),
+        "the issued certificate names {host}: {:?}",
+        controller.agent_tls_names
+    );
+    // The agent checks it against the CA the controller publishes (the ConfigMap's
+    // ca.crt, no key).
+    let ca = run
+        .controller_ca_file
+        .clone()
+        .context("--controller-ca-file")?;
+    let (vol, mount) = volume_at(ds, c, ca.parent().context("the CA file's directory")?)?;
+    ensure!(
+        mount["subPath"].is_null(),
+        "a ConfigMap mounted with subPath is never updated"
+    );
+    assert_eq!(
+        vol["configMap"]["name"].as_str(),
+        Some(controller.agent_ca_configmap.as_str())
+    );
+    let file = ca
+        .file_name()
+        .and_then(OsStr::to_str)
+        .context("a file name")?;
+    assert!(
+        vol["configMap"]["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["key"] == "ca.crt" && i["path"] == file),
+        "the ConfigMap's ca.crt is mounted as {file}"
     );
 
     // IPv6 and dual-stack Services are held and counted by default: the node's
@@ -533,6 +572,7 @@ fn controller_statefulset_command_line_parses_and_matches_its_volume_services_an
     // --admin-listen.
     assert_eq!(container_port(c, "http")?, run.listen.port());
     assert_eq!(container_port(c, "admin")?, run.admin_listen.port());
+    assert_eq!(container_port(c, "agents")?, run.agent_listen.port());
     assert_eq!(probe_port(c, "readinessProbe")?, run.admin_listen.port());
     assert_eq!(probe_port(c, "livenessProbe")?, run.admin_listen.port());
 
@@ -687,6 +727,32 @@ fn controller_statefulset_command_line_parses_and_matches_its_volume_services_an
         "the Role must let the controller read {}",
         run.replica_token_secret
     );
+
+    // The agents' TLS Secret: read and replaced by name; the CA's ConfigMap: created,
+    // read and replaced by name.
+    let allows = |resource: &str, name: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r["resources"] == serde_json::json!([resource])
+                && r["resourceNames"]
+                    .as_array()
+                    .is_none_or(|n| n.iter().any(|n| n == name))
+                && r["verbs"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v == verb))
+        })
+    };
+    let tls_secret = run.agent_tls_secret.clone().context("--agent-tls-secret")?;
+    for verb in ["create", "get", "update"] {
+        assert!(
+            allows("secrets", &tls_secret, verb),
+            "secrets {tls_secret} {verb}"
+        );
+        assert!(
+            allows("configmaps", &run.agent_ca_configmap, verb),
+            "configmaps {} {verb}",
+            run.agent_ca_configmap
+        );
+    }
 
     // A stopping leader finishes before the kubelet's SIGKILL.
     let grace = pod["terminationGracePeriodSeconds"]

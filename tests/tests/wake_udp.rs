@@ -158,6 +158,32 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     }
     // Only the relay asks for a wake-up: nothing else called the Service.
     assert_eq!(env.controller.wakes(), 1, "one wake-up for the held flow");
+    // The relay's work shows in the agent's metrics: the flow, its held datagram
+    // forwarded to the pod, nothing dropped (one datagram is far within the bounds).
+    eventually(
+        "the UDP hold relay's counts in the agent's metrics",
+        Duration::from_secs(30),
+        || async {
+            let m = env.metrics().await?;
+            let count = |name: &str, labels: &[(&str, &str)]| m.sum(name, labels);
+            let held = count(
+                "nemesis_agent_udp_hold_datagrams_total",
+                &[("outcome", "held")],
+            );
+            let forwarded = count(
+                "nemesis_agent_udp_hold_datagrams_total",
+                &[("outcome", "forwarded")],
+            );
+            let dropped = count(
+                "nemesis_agent_udp_hold_datagrams_total",
+                &[("outcome", "dropped")],
+            );
+            let flows = count("nemesis_agent_udp_hold_flows_total", &[]);
+            anyhow::ensure!(dropped == 0.0, "nothing dropped, got {dropped}");
+            Ok((held >= 1.0 && forwarded >= 1.0 && flows >= 1.0).then_some(()))
+        },
+    )
+    .await?;
 
     // Warm: balance mode sends each datagram straight to the pod.
     eventually(

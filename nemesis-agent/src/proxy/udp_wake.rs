@@ -11,7 +11,7 @@ use nemesis_common::wire::ServiceRef;
 
 use super::Proxy;
 use super::hold::{Admission, HeldGuard};
-use crate::udphold::{UdpHoldBounds, UdpHoldRelay, UdpWake};
+use crate::udphold::{UdpHoldBounds, UdpHoldRelay, UdpHoldStats, UdpWake};
 
 /// Binds the agent's UDP hold relays: on the proxy's address of each family (where the
 /// datapath sends held datagrams), each waking through the proxy.
@@ -20,6 +20,8 @@ pub struct UdpRelays {
     v4: Ipv4Addr,
     v6: Option<Ipv6Addr>,
     bounds: UdpHoldBounds,
+    /// Every relay's counts, for the agent's metrics.
+    stats: Arc<UdpHoldStats>,
 }
 
 impl std::fmt::Debug for UdpRelays {
@@ -33,12 +35,20 @@ impl std::fmt::Debug for UdpRelays {
 }
 
 impl UdpRelays {
-    pub fn new(proxy: Proxy, v4: Ipv4Addr, v6: Option<Ipv6Addr>, bounds: UdpHoldBounds) -> Self {
+    /// Relays on `v4` (and `v6`), within `bounds` each, counting into `stats`.
+    pub fn new(
+        proxy: Proxy,
+        v4: Ipv4Addr,
+        v6: Option<Ipv6Addr>,
+        bounds: UdpHoldBounds,
+        stats: Arc<UdpHoldStats>,
+    ) -> Self {
         Self {
             proxy,
             v4,
             v6,
             bounds,
+            stats,
         }
     }
 
@@ -63,7 +73,13 @@ impl UdpRelays {
             port_name,
             ipv4,
         ));
-        UdpHoldRelay::bind_now(SocketAddr::new(ip, 0), wake, self.bounds).map(Some)
+        UdpHoldRelay::bind_now(
+            SocketAddr::new(ip, 0),
+            wake,
+            self.bounds,
+            self.stats.clone(),
+        )
+        .map(Some)
     }
 }
 

@@ -7,6 +7,8 @@ pub mod http;
 pub mod identity;
 pub mod loads;
 pub mod registry;
+pub mod tls;
+pub mod tls_secret;
 pub mod wake;
 
 pub use http::{AgentApi, ApiError, agent_routes};

@@ -40,6 +40,19 @@ pub enum Signal {
     PolicyValid {
         policy: PolicyId,
     },
+    /// A PromQL source of the policy started failing (or failed its first query): the
+    /// policy runs on the source's fallback, or holds without one.
+    PrometheusFailing {
+        policy: PolicyId,
+        source: String,
+        message: String,
+        fallback: Option<f64>,
+    },
+    /// The source answered (again, or at its first query).
+    PrometheusAnswering {
+        policy: PolicyId,
+        source: String,
+    },
     AgentLost {
         node: String,
     },
@@ -56,7 +69,9 @@ impl Signal {
             | Signal::ColdStart { policy, .. }
             | Signal::Samples { policy, .. }
             | Signal::PolicyInvalid { policy, .. }
-            | Signal::PolicyValid { policy } => Some(policy),
+            | Signal::PolicyValid { policy }
+            | Signal::PrometheusFailing { policy, .. }
+            | Signal::PrometheusAnswering { policy, .. } => Some(policy),
             Signal::AgentLost { .. } | Signal::AgentBack { .. } => None,
         }
     }
@@ -106,7 +121,10 @@ fn raise(rule: &CompiledRule, index: usize, t: &Trigger, s: Subject<'_>, summary
     }
     let event_like = !matches!(
         t,
-        Trigger::Threshold { .. } | Trigger::Event(EventKind::InvalidPolicy | EventKind::AgentLost)
+        Trigger::Threshold { .. }
+            | Trigger::Event(
+                EventKind::InvalidPolicy | EventKind::AgentLost | EventKind::PrometheusFailing
+            )
     );
     Raise {
         id: alert_id(&[&rule.key, &index.to_string(), s.kind, &s.what]),
@@ -343,6 +361,33 @@ fn on_trigger(
                 raise(rule, i, t, policy_subject(policy), String::new()).id,
             ))
         }
+        (
+            Trigger::Event(EventKind::PrometheusFailing),
+            Signal::PrometheusFailing {
+                policy,
+                source,
+                message,
+                fallback,
+            },
+        ) => {
+            let runs_on = match fallback {
+                Some(f) => format!("its conditions see the declared fallback {f}"),
+                None => "no fallback is declared: transitions reading it hold and ranges keep their replicas".to_string(),
+            };
+            out.push(Action::Raise(raise(
+                rule,
+                i,
+                t,
+                source_subject(policy, source),
+                format!("{policy}: PromQL source `{source}` failing ({message}); {runs_on} until Prometheus answers"),
+            )))
+        }
+        (
+            Trigger::Event(EventKind::PrometheusFailing),
+            Signal::PrometheusAnswering { policy, source },
+        ) => out.push(Action::Resolve(
+            raise(rule, i, t, source_subject(policy, source), String::new()).id,
+        )),
         (Trigger::Event(EventKind::AgentLost), Signal::AgentLost { node }) => {
             out.push(Action::Raise(raise(
                 rule,
@@ -356,6 +401,19 @@ fn on_trigger(
             Action::Resolve(raise(rule, i, t, agent_subject(node), String::new()).id),
         ),
         _ => {}
+    }
+}
+
+/// One alert per (policy, source): two sources fail and recover apart.
+fn source_subject(p: &PolicyId, source: &str) -> Subject<'static> {
+    Subject {
+        kind: "prometheus-source",
+        what: format!("{}/{source}", p.key()),
+        labels: vec![
+            ("namespace", p.namespace.clone()),
+            ("policy", p.name.clone()),
+            ("source", source.to_string()),
+        ],
     }
 }
 
@@ -552,6 +610,44 @@ mod tests {
             evaluate(&r, &[], &Signal::AgentBack { node: "n1".into() }, &mut m, 0).len(),
             1
         );
+    }
+
+    #[test]
+    fn a_failing_prometheus_source_fires_per_source_until_it_answers_again() {
+        let r = rules(serde_json::json!([{"event": "PrometheusFailing"}]));
+        let mut m = Memory::default();
+        let failing = |source: &str, fallback| Signal::PrometheusFailing {
+            policy: p(),
+            source: source.into(),
+            message: "Prometheus at http://p:9090 did not answer within 2s".into(),
+            fallback,
+        };
+        let a = evaluate(&r, &[], &failing("queue", Some(20.0)), &mut m, 0);
+        let queue = raised(&a)[0].clone();
+        assert_eq!(queue.labels["alertname"], "NemesisPrometheusFailing");
+        assert_eq!(queue.labels["source"], "queue");
+        assert!(queue.resolve_after_ms.is_none(), "fires until resolved");
+        assert!(
+            queue.summary.contains("did not answer within 2s")
+                && queue.summary.contains("declared fallback 20"),
+            "{}",
+            queue.summary
+        );
+        let a = evaluate(&r, &[], &failing("gpu", None), &mut m, 0);
+        let gpu = raised(&a)[0].clone();
+        assert_ne!(gpu.id, queue.id, "one alert per source");
+        assert!(gpu.summary.contains("no fallback"), "{}", gpu.summary);
+        let back = Signal::PrometheusAnswering {
+            policy: p(),
+            source: "queue".into(),
+        };
+        assert_eq!(
+            evaluate(&r, &[], &back, &mut m, 1),
+            vec![Action::Resolve(queue.id)]
+        );
+        // Other rules' triggers ignore it.
+        let other = rules(serde_json::json!([{"event": "InvalidPolicy"}]));
+        assert!(evaluate(&other, &[], &failing("queue", None), &mut m, 2).is_empty());
     }
 
     #[test]

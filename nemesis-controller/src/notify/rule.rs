@@ -75,7 +75,9 @@ pub struct AlertTrigger {
     /// readiness budget: the held connections were timed out), `HoldsRefused` (an
     /// agent's proxy refused connections at once because a held-connection bound was
     /// reached), `WakeFailed` (a wake was refused or failed), `InvalidPolicy`,
-    /// `AgentLost`.
+    /// `AgentLost`, `PrometheusFailing` (a PromQL source's query fails: Prometheus down,
+    /// slow past the source's timeout, or answering garbage; the policy runs on the
+    /// source's `fallback` until it answers again, which resolves the alert).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
 
@@ -151,10 +153,11 @@ pub enum EventKind {
     WakeFailed,
     InvalidPolicy,
     AgentLost,
+    PrometheusFailing,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::ScaledToZero,
         EventKind::ScaledFromZero,
         EventKind::HoldsTimedOut,
@@ -162,6 +165,7 @@ impl EventKind {
         EventKind::WakeFailed,
         EventKind::InvalidPolicy,
         EventKind::AgentLost,
+        EventKind::PrometheusFailing,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -173,6 +177,7 @@ impl EventKind {
             EventKind::WakeFailed => "WakeFailed",
             EventKind::InvalidPolicy => "InvalidPolicy",
             EventKind::AgentLost => "AgentLost",
+            EventKind::PrometheusFailing => "PrometheusFailing",
         }
     }
 }

@@ -41,6 +41,10 @@
 //! into a state that can have zero replicas never fires while a metric it reads is
 //! missing, while a wake-up or held connection is pending, or while the pods started by
 //! the last wake have not become ready: missing data never scales anything to zero.
+//! Why a query fails (refused, timeout, an HTTP error, not JSON, the wrong shape, ...)
+//! is the `PrometheusQueries` condition's reason, the `reason` label of
+//! `nemesis_controller_prometheus_errors_total`, and an AlertRule's `PrometheusFailing`
+//! alert, resolved when the source answers again.
 //!
 //! # Replicas
 //!

@@ -173,6 +173,8 @@ pub struct Actor {
     engine: Option<State>,
     rates: SideRates,
     poller: Option<Poller>,
+    /// The failing sources at the last evaluation and how each failed (for Events).
+    prom_failing: BTreeMap<usize, crate::prometheus::PromFailure>,
     last_demand: Option<DateTime<Utc>>,
     last_wake: Option<DateTime<Utc>>,
     ready_since_wake: bool,
@@ -233,6 +235,7 @@ impl Actor {
             engine: None,
             rates,
             poller: None,
+            prom_failing: BTreeMap::new(),
             last_demand: None,
             last_wake: None,
             ready_since_wake: false,
@@ -336,12 +339,18 @@ impl Actor {
                     name: name.to_string(),
                 });
                 self.rates.set_window(c.rate_window());
+                // The old poller goes first: its failing sources stop counting before
+                // the new one's first queries count theirs.
+                self.poller = None;
+                self.prom_failing.clear();
                 self.poller = (!c.sources().is_empty()).then(|| {
                     Poller::start(
+                        self.id.clone(),
                         self.ctx.prom.clone(),
                         c.sources(),
                         self.poke.clone(),
                         self.ctx.metrics.clone(),
+                        self.ctx.history.clone(),
                     )
                 });
                 tracing::info!(policy = %self.id, generation = ?generation, "policy valid; running it");
@@ -578,10 +587,12 @@ impl Actor {
 
         let mut notes = Vec::new();
         if let Some(p) = &self.poller {
-            for (i, e) in p.errors() {
-                let name = compiled.sources()[i].name.as_str();
-                notes.push(format!("PromQL source `{name}` failing: {e}"));
+            let errors = p.errors();
+            for (i, e) in &errors {
+                let name = compiled.sources()[*i].name.as_str();
+                notes.push(format!("PromQL source `{name}` failing: {}", e.message));
             }
+            self.note_prometheus(&compiled, &errors);
         }
         if let Some(n) = &self.sleep_note {
             notes.push(n.clone());
@@ -1187,7 +1198,23 @@ impl Actor {
             .map(|(s, _)| s.clone())
             .or_else(|| self.obj.status.clone())
             .unwrap_or_default();
+        let sources = match (compiled, &self.poller) {
+            (Ok(c), Some(p)) => {
+                let errors = p.errors();
+                c.sources()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| status::SourceHealth {
+                        name: s.name.clone(),
+                        fallback: s.fallback,
+                        error: errors.iter().find(|(j, _)| *j == i).map(|(_, e)| e.clone()),
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let new = status::build(status::Input {
+            sources,
             compiled,
             generation: self.generation,
             previous: &previous,
@@ -1303,6 +1330,52 @@ impl Actor {
             policy: self.id.clone(),
             values: out,
         });
+    }
+
+    /// Events when a PromQL source starts failing, fails differently, or answers again:
+    /// `kubectl describe` then tells the story without reading the status over time.
+    fn note_prometheus(
+        &mut self,
+        compiled: &CompiledPolicy,
+        errors: &[(usize, crate::reconcile::prom::SourceError)],
+    ) {
+        let now: BTreeMap<usize, crate::prometheus::PromFailure> =
+            errors.iter().map(|(i, e)| (*i, e.failure)).collect();
+        if now == self.prom_failing {
+            return;
+        }
+        for (i, e) in errors {
+            if self.prom_failing.get(i) == Some(&e.failure) {
+                continue;
+            }
+            let src = &compiled.sources()[*i];
+            let runs_on = match src.fallback {
+                Some(f) => format!("conditions see its fallback {f}"),
+                None => "no fallback: the policy holds".to_string(),
+            };
+            self.emit(
+                true,
+                "PrometheusFailing",
+                "Query",
+                format!(
+                    "PromQL source `{}` failing ({runs_on}): {}",
+                    src.name, e.message
+                ),
+            );
+        }
+        for i in self.prom_failing.keys() {
+            if !now.contains_key(i)
+                && let Some(src) = compiled.sources().get(*i)
+            {
+                self.emit(
+                    false,
+                    "PrometheusAnswering",
+                    "Query",
+                    format!("PromQL source `{}` answers again", src.name),
+                );
+            }
+        }
+        self.prom_failing = now;
     }
 
     fn emit(&self, warning: bool, reason: &'static str, action: &'static str, message: String) {

@@ -10,6 +10,19 @@ use crate::policy::crd::{ForWindow, MetricValue, ScalingPolicyStatus, Transition
 use crate::policy::status::{CONDITION_READY, policy_conditions};
 use crate::policy::{CompiledPolicy, InvalidPolicy, WorkloadRef};
 use crate::reconcile::hpa::{CONDITION_HPA, HpaView};
+use crate::reconcile::prom::SourceError;
+
+/// The condition saying whether the policy's PromQL sources answer.
+pub const CONDITION_PROMETHEUS: &str = "PrometheusQueries";
+
+/// One PromQL source as the `PrometheusQueries` condition reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceHealth {
+    pub name: String,
+    pub fallback: Option<f64>,
+    /// Why its latest query failed; `None`: it answered (or has not run yet).
+    pub error: Option<SourceError>,
+}
 
 /// Why a valid policy cannot act right now (the `Ready` condition turns `False`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +51,43 @@ pub struct Input<'a> {
     pub target: Option<&'a WorkloadRef>,
     /// The HPA that shares the target, if any.
     pub hpa: Option<&'a HpaView>,
+    /// The policy's PromQL sources (none: no `PrometheusQueries` condition).
+    pub sources: Vec<SourceHealth>,
     pub now: DateTime<Utc>,
+}
+
+/// `PrometheusQueries`: `True` while every source answers; `False` with the first
+/// failing source's kind of failure as the reason, and for each failing source what it
+/// runs on (its declared fallback, or nothing: the policy holds) and the error.
+fn prometheus_condition(sources: &[SourceHealth]) -> Option<(&'static str, &'static str, String)> {
+    if sources.is_empty() {
+        return None;
+    }
+    let failing: Vec<&SourceHealth> = sources.iter().filter(|s| s.error.is_some()).collect();
+    let Some(first) = failing.first().and_then(|s| s.error.as_ref()) else {
+        return Some((
+            "True",
+            "Answering",
+            "every PromQL source answers".to_string(),
+        ));
+    };
+    let parts: Vec<String> = failing
+        .iter()
+        .filter_map(|s| {
+            let e = s.error.as_ref()?;
+            let runs_on = match s.fallback {
+                Some(f) => format!("on its fallback {f}"),
+                None => "no fallback: holding".to_string(),
+            };
+            Some(format!(
+                "source `{}` {runs_on} ({}): {}",
+                s.name,
+                e.failure.as_str(),
+                e.message
+            ))
+        })
+        .collect();
+    Some(("False", first.failure.condition_reason(), parts.join("; ")))
 }
 
 pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
@@ -62,6 +111,25 @@ pub fn build(input: Input<'_>) -> ScalingPolicyStatus {
         if !input.notes.is_empty() {
             ready.message = format!("{}; {}", ready.message, input.notes.join("; "));
         }
+    }
+    if let Some((status, reason, message)) = prometheus_condition(&input.sources) {
+        let mut c = Condition {
+            type_: CONDITION_PROMETHEUS.to_string(),
+            observed_generation: input.generation,
+            status: String::new(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        };
+        set(
+            &mut c,
+            status,
+            reason,
+            &message,
+            &input.previous.conditions,
+            input.now,
+        );
+        conditions.push(c);
     }
     if let (Some(h), Some(t)) = (input.hpa, input.target) {
         let mut c = Condition {
@@ -294,8 +362,72 @@ mod tests {
             notes: vec![],
             target: Some(p.workload()),
             hpa: None,
+            sources: vec![],
             now: now(),
         }
+    }
+
+    #[test]
+    fn failing_prometheus_sources_say_how_they_fail_and_what_they_run_on() {
+        use crate::prometheus::PromFailure;
+        let p = policy();
+        let prev = ScalingPolicyStatus::default();
+        let source = |name: &str, fallback, error: Option<(PromFailure, &str)>| SourceHealth {
+            name: name.into(),
+            fallback,
+            error: error.map(|(failure, m)| SourceError {
+                failure,
+                message: m.into(),
+            }),
+        };
+        let cond = |s: &ScalingPolicyStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_PROMETHEUS)
+                .cloned()
+        };
+        assert!(
+            cond(&build(input(&p, &prev))).is_none(),
+            "no sources: no condition"
+        );
+        let ok = build(Input {
+            sources: vec![source("queue", Some(20.0), None)],
+            ..input(&p, &prev)
+        });
+        let c = cond(&ok).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Answering")
+        );
+        let failing = build(Input {
+            sources: vec![
+                source("ok", None, None),
+                source(
+                    "queue",
+                    Some(20.0),
+                    Some((PromFailure::Timeout, "did not answer within 2s")),
+                ),
+                source(
+                    "gpu",
+                    None,
+                    Some((PromFailure::Refused, "connection refused")),
+                ),
+            ],
+            now: now() + chrono::TimeDelta::seconds(5),
+            ..input(&p, &ok)
+        });
+        let c = cond(&failing).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Timeout"));
+        assert_eq!(
+            c.message,
+            "source `queue` on its fallback 20 (timeout): did not answer within 2s; \
+             source `gpu` no fallback: holding (refused): connection refused"
+        );
+        assert_ne!(
+            c.last_transition_time,
+            cond(&ok).unwrap().last_transition_time
+        );
+        assert!(significant_change(&failing, Some(&ok)), "written at once");
     }
 
     #[test]

@@ -22,8 +22,10 @@ error_rate_max";
 pub const LATENCY_SERIES: &str = "latency";
 pub const ERROR_RATE_SERIES: &str = "errorRate";
 
-/// RFC 4180 quoting; a leading `=`, `+`, `-`, `@` gets a `'` so a spreadsheet does not
-/// run it as a formula.
+/// RFC 4180 quoting (a field with a comma, quote or line break is quoted, quotes
+/// doubled); a leading `=`, `+`, `-`, `@` gets a `'` so a spreadsheet does not run it as
+/// a formula (names are Kubernetes names, but states are user-written). The UI's CSV
+/// summary uses it too.
 pub fn csv_field(s: &str) -> String {
     let s = if s.starts_with(['=', '+', '-', '@']) {
         format!("'{s}")
@@ -37,7 +39,8 @@ pub fn csv_field(s: &str) -> String {
     }
 }
 
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+/// An optional value as a CSV field: empty when absent.
+pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 

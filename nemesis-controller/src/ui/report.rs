@@ -18,6 +18,7 @@ use super::UiState;
 use super::api::{Window, WindowQuery, blocking, now_ms, query_error};
 use super::error::HttpError;
 use super::policies::id_of;
+use crate::reports::render::{csv_field, opt};
 use crate::store::reports::cold_start_stats;
 use crate::store::{ColdStartStats, PolicyId, Store, StoreError};
 
@@ -103,26 +104,6 @@ pub fn build(
         policies: rows,
         totals,
     })
-}
-
-/// RFC 4180 quoting: a field with a comma, quote or line break is quoted, quotes doubled.
-/// A field starting with `=`, `+`, `-` or `@` gets a leading `'` so a spreadsheet does not
-/// run it as a formula (names are Kubernetes names, but states are user-written).
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
-
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_default()
 }
 
 pub const CSV_HEADER: &str = "namespace,name,state,window_seconds,transitions,scale_events,\

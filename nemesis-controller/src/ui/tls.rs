@@ -82,6 +82,25 @@ pub async fn serve(
     router: LimitedRouter,
     stop: CancellationToken,
 ) {
+    serve_tls("UI", listener, config, router, stop).await
+}
+
+/// The answer to a plain-HTTP request on a TLS port, so whoever configured `http://`
+/// reads why rather than seeing a reset.
+const PLAIN_HTTP_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: 46\r\n\r\nthis port speaks TLS only: use https:// here\r\n";
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// [`serve`] for any TLS listener, `which` naming it in logs. A connection whose first
+/// byte is not a TLS handshake (plain HTTP) gets a 400 saying the port speaks TLS and is
+/// closed.
+pub async fn serve_tls(
+    which: &'static str,
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    router: LimitedRouter,
+    stop: CancellationToken,
+) {
     let acceptor = TlsAcceptor::from(config);
     let (stopped_tx, stopped) = watch::channel(false);
     loop {
@@ -93,7 +112,7 @@ pub async fn serve(
             Ok(a) => a,
             Err(e) => {
                 // Out of descriptors and the like: wait a moment rather than spin.
-                tracing::warn!(err = %e, "UI TLS listener: accept failed");
+                tracing::warn!(which, err = %e, "TLS listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -102,10 +121,24 @@ pub async fn serve(
         let router = router.clone();
         let stopped = stopped.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = async {
+                let mut first = [0u8; 1];
+                let n = tcp.peek(&mut first).await?;
+                if n == 1 && first[0] != TLS_HANDSHAKE_RECORD {
+                    let mut tcp = tcp;
+                    use tokio::io::AsyncWriteExt;
+                    tcp.write_all(PLAIN_HTTP_REFUSAL).await?;
+                    let _ = tcp.shutdown().await;
+                    return Err(std::io::Error::other(
+                        "plain HTTP (or not TLS) on a TLS port",
+                    ));
+                }
+                acceptor.accept(tcp).await
+            };
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    tracing::debug!(%peer, err = %e, "UI TLS handshake failed");
+                    tracing::debug!(which, %peer, err = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {

@@ -122,6 +122,7 @@ async fn run() -> anyhow::Result<()> {
                 ],
                 blocked: None,
                 notes: vec![],
+                sources: vec![],
                 target: Some(p.compiled.workload()),
                 hpa: None,
                 now,

@@ -235,30 +235,24 @@ async fn reconcile(set: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Dae
             .map(|n| n.name_any())
             .collect();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let uid = set.uid();
-    let members: Vec<Member> = call(pods_api.list(&ListParams::default()))
-        .await
-        .map_err(|source| DaemonSetError::ListPods {
-            set: key.clone(),
-            source,
-        })?
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
-        })
-        .map(|p| Member {
-            node: p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_default(),
-            revision: p.labels().get(REVISION_LABEL).cloned(),
-            facts: PodFacts::of(&p),
-        })
-        .collect();
+    let members: Vec<Member> =
+        super::owned_pods(&ctx.client, &namespace, &*set, &ListParams::default())
+            .await
+            .map_err(|source| DaemonSetError::ListPods {
+                set: key.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|p| Member {
+                node: p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default(),
+                revision: p.labels().get(REVISION_LABEL).cloned(),
+                facts: PodFacts::of(&p),
+            })
+            .collect();
     let revision = revision(&set);
     let plan = plan(&nodes, &revision, surges(&set), &members);
     if plan != Plan::default() {

@@ -42,6 +42,29 @@ where
     }
 }
 
+/// The pods in `namespace` (matching `params`) that `owner` controls, by the owner
+/// reference's uid as Kubernetes' controllers adopt them (labels alone could match
+/// another owner's pods).
+async fn owned_pods<K: Resource>(
+    client: &Client,
+    namespace: &str,
+    owner: &K,
+    params: &kube::api::ListParams,
+) -> Result<Vec<k8s_openapi::api::core::v1::Pod>, crate::kubelet::call::CallError> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let uid = owner.uid();
+    Ok(crate::kubelet::call::call(pods.list(params))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
+        })
+        .collect())
+}
+
 /// Runs `reconcile` for every `owners` object, again whenever one of its `owned`
 /// objects changes, until `cancel` fires: the loop every controller here shares.
 /// Failed reconciles are logged and retried after [`RETRY`].

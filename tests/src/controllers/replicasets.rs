@@ -114,21 +114,17 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Rep
             message: e.to_string(),
         })?;
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let uid = rs.uid();
-    let pods: Vec<Pod> = call(pods_api.list(&ListParams::default().labels_from(&selector)))
-        .await
-        .map_err(|source| ReplicaSetError::ListPods {
-            set: key.clone(),
-            source,
-        })?
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
-        })
-        .collect();
+    let pods: Vec<Pod> = super::owned_pods(
+        &ctx.client,
+        &namespace,
+        &*rs,
+        &ListParams::default().labels_from(&selector),
+    )
+    .await
+    .map_err(|source| ReplicaSetError::ListPods {
+        set: key.clone(),
+        source,
+    })?;
     let facts: Vec<PodFacts> = pods.iter().map(PodFacts::of).collect();
     let replicas = spec.replicas.unwrap_or(1).max(0) as usize;
     let plan = plan(replicas, &facts);

@@ -288,28 +288,22 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, S
         return Ok(Action::await_change());
     }
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let uid = set.uid();
-    let members: Vec<Member> = call(pods_api.list(&ListParams::default()))
-        .await
-        .map_err(|source| StatefulSetError::ListPods {
-            set: key.clone(),
-            source,
-        })?
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
-        })
-        .filter_map(|p| {
-            Some(Member {
-                ordinal: ordinal_of(&name, &p.name_any())?,
-                revision: p.labels().get(REVISION_LABEL).cloned(),
-                facts: PodFacts::of(&p),
+    let members: Vec<Member> =
+        super::owned_pods(&ctx.client, &namespace, &*set, &ListParams::default())
+            .await
+            .map_err(|source| StatefulSetError::ListPods {
+                set: key.clone(),
+                source,
+            })?
+            .into_iter()
+            .filter_map(|p| {
+                Some(Member {
+                    ordinal: ordinal_of(&name, &p.name_any())?,
+                    revision: p.labels().get(REVISION_LABEL).cloned(),
+                    facts: PodFacts::of(&p),
+                })
             })
-        })
-        .collect();
+            .collect();
     let revision = revision(&set);
     let replicas = set.spec.replicas.unwrap_or(1).max(0) as u32;
     let parallel = set.spec.pod_management_policy.as_deref() == Some("Parallel");

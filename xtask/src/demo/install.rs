@@ -246,16 +246,16 @@ impl Demo {
 }
 
 /// The real kubectl on the sandbox's kubeconfig, as a user runs it.
-struct Kubectl {
-    kubeconfig: PathBuf,
+pub(super) struct Kubectl {
+    pub(super) kubeconfig: PathBuf,
     /// Where its output goes while it runs.
-    scratch: PathBuf,
+    pub(super) scratch: PathBuf,
 }
 
 impl Kubectl {
     /// Runs `kubectl args`: its stdout, or an error with its output. Stops it when
     /// `within` runs out or a signal comes (start-up then ends).
-    fn run(&self, args: &[&str], within: Duration) -> Result<String> {
+    pub(super) fn run(&self, args: &[&str], within: Duration) -> Result<String> {
         let out_path = self.scratch.join("kubectl.out");
         let err_path = self.scratch.join("kubectl.err");
         let mut cmd = Command::new("kubectl");
@@ -374,6 +374,77 @@ fn relative(to: &Path, from: &Path) -> PathBuf {
         out.push(c);
     }
     out
+}
+
+/// The token the agent of `node` would have from its projected volume, for the agent run
+/// as a host process (`--processes`): the agents' ServiceAccount, a pod of theirs on
+/// `node` for it to be bound to (the controller ties the token to that pod's node), and
+/// a TokenRequest for the controller's audience, as the kubelet makes one. A day of
+/// life: longer than a demo runs.
+pub(super) fn agent_token(kubectl: &Kubectl, scratch: &Path, node: &str) -> Result<String> {
+    let pod = "nemesis-agent-demo";
+    let manifest = scratch.join("agent-identity.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: nemesis-agent, namespace: {SYSTEM_NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {SYSTEM_NS}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: nemesis-agent
+  terminationGracePeriodSeconds: 1
+  containers:
+    - {{name: agent, image: local/nemesis-agent, command: ["sleep", "86400"]}}
+"#
+        ),
+    )
+    .with_context(|| format!("writing {}", manifest.display()))?;
+    kubectl.run(
+        &["apply", "-f", &manifest.display().to_string()],
+        KUBECTL_TIMEOUT,
+    )?;
+    let uid = kubectl.run(
+        &[
+            "-n",
+            SYSTEM_NS,
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ],
+        KUBECTL_TIMEOUT,
+    )?;
+    let token = kubectl.run(
+        &[
+            "-n",
+            SYSTEM_NS,
+            "create",
+            "token",
+            "nemesis-agent",
+            "--audience",
+            "nemesis-controller",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            pod,
+            "--bound-object-uid",
+            uid.trim(),
+            "--duration",
+            "24h",
+        ],
+        KUBECTL_TIMEOUT,
+    )?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        bail!("kubectl create token answered no token");
+    }
+    Ok(token)
 }
 
 #[cfg(test)]

@@ -385,12 +385,22 @@ impl Demo {
         self.bpffs_mounted = true;
         cgroup::create(&cgroup)?;
         self.cgroup = Some(cgroup.clone());
+        // The agent's own token, as its projected volume would hold it: the controller
+        // reviews it (no shared token).
         let token_file = self.layout.dir.join("agent-token");
-        write_secret(&token_file, &random_hex(24))?;
+        let kubectl = install::Kubectl {
+            kubeconfig: sandbox.kubeconfig.clone(),
+            scratch: self.layout.dir.clone(),
+        };
+        write_secret(
+            &token_file,
+            &install::agent_token(&kubectl, &self.layout.dir, SANDBOX_NODE)
+                .context("the agent's token")?,
+        )?;
 
         let mut notes = Vec::new();
         let controller = match controller_bin {
-            Ok(bin) => match self.start_controller(&bin, &sandbox, &token_file) {
+            Ok(bin) => match self.start_controller(&bin, &sandbox) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     notes.push(format!("the controller is not running: {e:#}"));
@@ -549,12 +559,7 @@ impl Demo {
         })
     }
 
-    fn start_controller(
-        &mut self,
-        bin: &Path,
-        sandbox: &SandboxInfo,
-        token_file: &Path,
-    ) -> Result<ControllerInfo> {
+    fn start_controller(&mut self, bin: &Path, sandbox: &SandboxInfo) -> Result<ControllerInfo> {
         let api = free_loopback_port()?;
         let admin = free_loopback_port()?;
         let log = self.layout.log("controller");
@@ -564,8 +569,6 @@ impl Demo {
             .arg(api.to_string())
             .arg("--admin-listen")
             .arg(admin.to_string())
-            .arg("--agent-token-file")
-            .arg(token_file)
             .arg("--store-path")
             .arg(self.layout.dir.join("history.redb"))
             .arg("--identity")
