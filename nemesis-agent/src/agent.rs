@@ -16,6 +16,7 @@ use crate::ebpf::{Datapath, DatapathConfig, LoadError, pins, prereq};
 use crate::endpoints::{self, EndpointRegistry};
 use crate::handover::{self, HandoverError, Migration, WriterLock};
 use crate::holdports::HoldListeners;
+use crate::kube_proxy_skip::{self, SkipError, SkipRule};
 use crate::metrics::{DatapathCounters, Metrics, ProxyMetrics};
 use crate::proxy::udp_wake::UdpRelays;
 use crate::proxy::{
@@ -83,6 +84,8 @@ pub enum AgentError {
     KubeClient(#[source] kube::Error),
     #[error("waiting for the datapath's writer lock")]
     Handover(#[from] HandoverError),
+    #[error("the kube-proxy skip rule")]
+    KubeProxySkip(#[from] SkipError),
     #[error("installing the {signal} handler")]
     Signal {
         signal: &'static str,
@@ -183,6 +186,7 @@ pub struct Agent {
     failed: Option<oneshot::Receiver<AgentError>>,
     detach_on_exit: bool,
     shutdown_grace: Duration,
+    skip: Option<Arc<SkipRule>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -286,6 +290,7 @@ struct WriterParts {
     late: LateDatapath,
     serving: watch::Sender<bool>,
     holds: Arc<HoldListeners>,
+    skip: Option<Arc<SkipRule>>,
 }
 
 impl WriterParts {
@@ -313,6 +318,7 @@ impl WriterParts {
             late,
             serving,
             holds,
+            skip,
         } = self;
         let datapath = Arc::new(
             Datapath::load_or_adopt(&cfg).map_err(|e| AgentError::LoadDatapath(Box::new(e)))?,
@@ -471,6 +477,22 @@ impl WriterParts {
 
         drop(datapath);
 
+        // The kube-proxy skip rule (opt-in): installed now that the programs mark
+        // balanced connects, and put back ahead of kube-proxy's jump if it moved.
+        let keep_skip_rule = async move {
+            let Some(skip) = skip else { return };
+            let mut tick = tokio::time::interval(kube_proxy_skip::REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let skip = skip.clone();
+                let Ok(results) = tokio::task::spawn_blocking(move || skip.ensure()).await else {
+                    return;
+                };
+                log_skip_results(&results, "installed");
+            }
+        };
+
         // ScalingPolicies + Services -> managed rows in the table and the datapath.
         let watch_services = {
             let managed = managed.clone();
@@ -595,6 +617,7 @@ impl WriterParts {
                 watch_services,
                 reconcile_counts,
                 refresh_candidates,
+                keep_skip_rule,
                 exchange_loads,
                 host_addresses,
                 refresh_counters,
@@ -654,6 +677,14 @@ impl Agent {
         // runs (then this one stands by, see below). Tried before binding: only such a
         // successor may share its predecessor's ports.
         let mut cfg = args.datapath.to_config();
+        cfg.kube_proxy_skip_mark = args.kube_proxy_skip_mark.unwrap_or(0);
+        let skip = match args.kube_proxy_skip_mark {
+            Some(mark) => Some(Arc::new(SkipRule::new(
+                mark,
+                &args.kube_proxy_skip.kube_proxy_skip_commands,
+            )?)),
+            None => None,
+        };
         let lock_dir = writer_lock_dir(&cfg);
         let lock = match &lock_dir {
             Some(dir) => WriterLock::try_acquire(dir)?,
@@ -834,6 +865,7 @@ impl Agent {
             late,
             serving,
             holds,
+            skip: skip.clone(),
         };
         let (failed_tx, failed) = oneshot::channel();
         let writer = match (lock, lock_dir) {
@@ -887,6 +919,7 @@ impl Agent {
             failed: Some(failed),
             detach_on_exit: args.detach_on_exit,
             shutdown_grace: args.shutdown_grace,
+            skip,
         })
     }
 
@@ -967,6 +1000,7 @@ impl Agent {
             proxy,
             detach_on_exit,
             shutdown_grace,
+            skip,
             ..
         } = self;
         stop.send_replace(true);
@@ -980,6 +1014,15 @@ impl Agent {
                 t.abort();
                 let _ = t.await;
             }
+        }
+        // The skip rule goes while this agent still holds the writer lock: a successor
+        // installs its own once it has the lock, and this removal cannot undo it.
+        // Removing it is always safe (balanced connects only walk kube-proxy's list
+        // again, matching nothing).
+        if let Some(skip) = skip
+            && let Ok(results) = tokio::task::spawn_blocking(move || skip.remove()).await
+        {
+            log_skip_results(&results, "removed");
         }
         writer.abort();
         let _ = writer.await;
@@ -1034,6 +1077,26 @@ impl Agent {
             "datapath detached and unpinned"
         );
         Ok(())
+    }
+}
+
+/// Logs what [`SkipRule::ensure`] or [`SkipRule::remove`] did per command.
+fn log_skip_results(results: &[(String, Result<kube_proxy_skip::Plan, SkipError>)], done: &str) {
+    for (command, result) in results {
+        match result {
+            Ok(plan) if plan.insert || !plan.delete.is_empty() => tracing::info!(
+                %command,
+                inserted = plan.insert,
+                deleted = plan.delete.len(),
+                "kube-proxy skip rule {done}"
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(
+                %command,
+                error = %services::error_chain(err),
+                "the kube-proxy skip rule could not be written: balanced connects still walk kube-proxy's rules (correct, only slower)"
+            ),
+        }
     }
 }
 

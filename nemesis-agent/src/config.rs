@@ -144,6 +144,40 @@ pub struct RunArgs {
     /// node's IPv6 address gets the IPv6 proxy listener (at `--proxy-v4`'s port).
     #[arg(long, env = "NEMESIS_AGENT_NODE_ADDRESSES", value_delimiter = ',')]
     pub node_addresses: Vec<IpAddr>,
+    /// Opt-in: a socket mark bit (exactly one, e.g. `0x2000`; pick one no other
+    /// component of the node uses) that balance mode sets on the connects it sends to a
+    /// pod, and an iptables rule at the head of the nat OUTPUT chain (kept there, removed
+    /// when the agent stops) that lets exactly those connects skip kube-proxy's
+    /// KUBE-SERVICES walk. See "kube-proxy skip rule" in manifests/README.md.
+    #[arg(long, env = "NEMESIS_AGENT_KUBE_PROXY_SKIP_MARK", value_parser = parse_mark)]
+    pub kube_proxy_skip_mark: Option<u32>,
+    #[command(flatten)]
+    pub kube_proxy_skip: SkipCommandArgs,
+}
+
+/// The iptables commands the kube-proxy skip rule is written (and removed) with.
+#[derive(Debug, Clone, Args)]
+pub struct SkipCommandArgs {
+    /// One command per address family (comma-separated), the same iptables flavour
+    /// kube-proxy uses (`iptables-legacy,ip6tables-legacy` on legacy nodes).
+    #[arg(long, env = "NEMESIS_AGENT_KUBE_PROXY_SKIP_COMMANDS", value_delimiter = ',', default_values_t = crate::kube_proxy_skip::DEFAULT_COMMANDS.iter().map(|c| c.to_string()))]
+    pub kube_proxy_skip_commands: Vec<String>,
+}
+
+/// A socket mark: decimal or `0x` hexadecimal, exactly one bit.
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let v = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|e| format!("{s:?}: not a 32-bit mark ({e})"))?;
+    if v.count_ones() != 1 {
+        return Err(format!(
+            "{s:?}: the mark must be exactly one bit (e.g. 0x2000), so the rest of the socket's mark stays the application's"
+        ));
+    }
+    Ok(v)
 }
 
 impl RunArgs {
@@ -198,6 +232,9 @@ pub enum DirectMode {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// Also removes any kube-proxy skip rule an agent left behind.
+    #[command(flatten)]
+    pub kube_proxy_skip: SkipCommandArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -249,6 +286,7 @@ impl DatapathArgs {
             proxy_v6: self.proxy_v6,
             deadman_max_age: self.deadman_max_age,
             socket_map_entries: self.socket_map_entries,
+            kube_proxy_skip_mark: 0,
         }
     }
 }
@@ -284,6 +322,48 @@ mod tests {
         assert_eq!(cfg.deadman_max_age, Duration::from_secs(15));
         assert_eq!(run.heartbeat_interval, Duration::from_secs(1));
         assert!(cfg.cgroup.is_none());
+    }
+
+    #[test]
+    fn the_kube_proxy_skip_is_off_by_default_and_takes_one_bit() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["nemesis-agent", "run"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Run(run) => run,
+                Command::Cleanup(_) => panic!("expected run"),
+            })
+        };
+        let run = parse(&[]).unwrap();
+        assert_eq!(run.kube_proxy_skip_mark, None);
+        assert_eq!(
+            run.kube_proxy_skip.kube_proxy_skip_commands,
+            ["iptables", "ip6tables"]
+        );
+        let run = parse(&[
+            "--kube-proxy-skip-mark",
+            "0x2000",
+            "--kube-proxy-skip-commands",
+            "iptables-legacy",
+        ])
+        .unwrap();
+        assert_eq!(run.kube_proxy_skip_mark, Some(0x2000));
+        assert_eq!(
+            run.kube_proxy_skip.kube_proxy_skip_commands,
+            ["iptables-legacy"]
+        );
+        assert_eq!(
+            parse(&["--kube-proxy-skip-mark", "8192"])
+                .unwrap()
+                .kube_proxy_skip_mark,
+            Some(0x2000)
+        );
+        for bad in ["0x3000", "0", "x"] {
+            let err = parse(&["--kube-proxy-skip-mark", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--kube-proxy-skip-mark"), "{err}");
+        }
     }
 
     #[test]

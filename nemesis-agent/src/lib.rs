@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod endpoints;
 pub mod handover;
 pub mod holdports;
+pub mod kube_proxy_skip;
 pub mod loads;
 pub mod metrics;
 pub mod node;

@@ -10,6 +10,7 @@ use nemesis_agent::{
     agent,
     config::{Cli, Command, RunArgs},
     ebpf::Datapath,
+    kube_proxy_skip,
 };
 
 fn main() -> Result<()> {
@@ -28,6 +29,25 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Cleanup(args) => {
+            // The skip rule first: without the programs' marks it matches nothing, but a
+            // stale rule would let another component's use of the same bit skip
+            // kube-proxy. A node without the commands (or without the rule) is fine.
+            for (command, result) in
+                kube_proxy_skip::remove_all(&args.kube_proxy_skip.kube_proxy_skip_commands)
+            {
+                match result {
+                    Ok(plan) if !plan.delete.is_empty() => {
+                        println!(
+                            "removed {} kube-proxy skip rule(s) with {command}",
+                            plan.delete.len()
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(%command, error = %err, "kube-proxy skip rule not checked")
+                    }
+                }
+            }
             let report = Datapath::cleanup(&args.instance.to_config())?;
             println!(
                 "removed {} links and {} maps{}",

@@ -434,7 +434,11 @@ pub struct Config {
     pub proxy_v6_port: [u8; 2],
     /// `CONFIG_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The socket mark bit connect4/connect6 set on a connect balance mode sent to a
+    /// backend (0: none), so that the agent's kube-proxy skip rule lets it bypass
+    /// kube-proxy's Service chains (see `kube_proxy_skip` in the agent). Was padding:
+    /// an older agent's pinned CONFIG reads as 0 here, which is off.
+    pub skip_mark: u32,
 }
 
 /// One ready backend of a balanced service.

@@ -33,12 +33,12 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, SO_MARK, SOL_SOCKET,
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write,
-        bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
+        bpf_seq_write, bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -294,6 +294,7 @@ fn on_connect(
                 return None;
             }
             remember_peer(ctx, &key, &c.target);
+            mark_for_skip(ctx);
         }
     }
     if holding {
@@ -333,6 +334,48 @@ fn remember_peer(ctx: &SockAddrContext, service: &ServiceKey, target: &Target) {
     // SAFETY: a non-null storage value of PeerRewrite's size; a reconnect of the same
     // socket overwrites it.
     unsafe { write_volatile(p, rw) };
+}
+
+/// Sets CONFIG's skip mark bit on a socket balance mode just sent to a backend, keeping
+/// the bits the application set: the agent's kube-proxy skip rule lets exactly such
+/// connects bypass kube-proxy's Service chains (they already go to a pod; kube-proxy
+/// would walk its whole list and match nothing). Off (no helper call) while the mark
+/// is 0. A failure only leaves the connect to walk kube-proxy's rules as before, which
+/// is correct, only slower; it has no error kind of its own (a new one would change
+/// ERRORS' size, which pinned maps of a running agent must keep).
+#[inline(always)]
+fn mark_for_skip(ctx: &SockAddrContext) {
+    let Some(mark) = CONFIG_V1.get(0).map(|c| c.skip_mark) else {
+        return;
+    };
+    if mark == 0 {
+        return;
+    }
+    let mut current: u32 = 0;
+    // SAFETY: the context's socket (locked by connect()); a 4-byte stack buffer.
+    let got = unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET as i32,
+            SO_MARK as i32,
+            addr_of_mut!(current).cast(),
+            4,
+        )
+    };
+    if got != 0 || current & mark == mark {
+        return;
+    }
+    let mut marked = current | mark;
+    // SAFETY: as above.
+    let _ = unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET as i32,
+            SO_MARK as i32,
+            addr_of_mut!(marked).cast(),
+            4,
+        )
+    };
 }
 
 // === getpeername4 / getpeername6 ===

@@ -106,6 +106,9 @@ fn build_one(bin: &Path, out: &Path, component: &str) -> Result<PathBuf> {
     if component == "nemesis-controller" {
         stage_controller_extras(&rootfs)?;
     }
+    if component == "nemesis-agent" {
+        stage_iptables(&rootfs)?;
+    }
     let tag = format!("{component}:{}", version());
     let revision = output(
         Command::new("git")
@@ -203,6 +206,56 @@ fn copy_into(from: &Path, rootfs: &Path, at: &Path) -> Result<()> {
     }
     std::fs::copy(from, &dest)
         .with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
+    Ok(())
+}
+
+/// The iptables commands of the agent's opt-in kube-proxy skip rule, both backends
+/// (kube-proxy uses either; a rule written through the other would not stop its walk):
+/// Debian's multi-call binaries with their libraries and extensions, and on the PATH
+/// (`/usr/local/bin`) the names the agent runs.
+fn stage_iptables(rootfs: &Path) -> Result<()> {
+    let sbin = Path::new("/usr/sbin");
+    let ext = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
+    let mut objects = vec![];
+    for multi in ["xtables-nft-multi", "xtables-legacy-multi"] {
+        let bin = sbin.join(multi);
+        if !bin.exists() {
+            bail!(
+                "{} is missing: the agent image carries iptables (run `cargo xtask setup`, it installs Debian's iptables)",
+                bin.display()
+            );
+        }
+        copy_into(&bin, rootfs, &bin)?;
+        objects.push(bin);
+    }
+    if ext.is_dir() {
+        for e in std::fs::read_dir(ext)? {
+            let path = e?.path();
+            copy_into(&path, rootfs, &path)?;
+            objects.push(path);
+        }
+    }
+    for obj in &objects {
+        let mut ldd = Command::new("ldd");
+        ldd.arg(obj);
+        let listed = output(&mut ldd).with_context(|| format!("`{}` failed", describe(&ldd)))?;
+        for lib in shared_objects(&listed) {
+            copy_into(Path::new(&lib), rootfs, Path::new(&lib))?;
+        }
+    }
+    let bin = rootfs.join("usr/local/bin");
+    std::fs::create_dir_all(&bin)?;
+    for (name, multi) in [
+        ("iptables", "xtables-nft-multi"),
+        ("ip6tables", "xtables-nft-multi"),
+        ("iptables-nft", "xtables-nft-multi"),
+        ("ip6tables-nft", "xtables-nft-multi"),
+        ("iptables-legacy", "xtables-legacy-multi"),
+        ("ip6tables-legacy", "xtables-legacy-multi"),
+    ] {
+        std::os::unix::fs::symlink(sbin.join(multi), bin.join(name))
+            .with_context(|| format!("linking {name}"))?;
+    }
     Ok(())
 }
 

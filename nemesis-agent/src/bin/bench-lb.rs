@@ -8,9 +8,10 @@
 //!   over kube-proxy's own DNAT path (no programs, ClusterIP), both with kube-proxy's
 //!   iptables rules for 5,000 Services of 3 endpoints loaded and the measured Service in
 //!   the middle of KUBE-SERVICES (goal >= 1.0);
-//!   `lb_connect_rate_ratio_vs_iptables_5000_skip`: the same with one rule added ahead of
-//!   kube-proxy's in nat OUTPUT that returns connections already addressed to the pod
-//!   CIDR (balance mode's) before the KUBE-SERVICES walk;
+//!   `lb_connect_rate_ratio_vs_iptables_5000_skip`: the same with the agent's opt-in
+//!   kube-proxy skip (`nemesis_agent::kube_proxy_skip`, `--kube-proxy-skip-mark`): the
+//!   programs mark balanced connects and the agent's rule, ahead of kube-proxy's jump in
+//!   nat OUTPUT, returns them before the KUBE-SERVICES walk;
 //! - `lb_connect_rate_ratio_vs_nftables_5000`: the same against kube-proxy's nftables
 //!   mode (verdict maps) for the 5,000 Services (goal >= 1.2);
 //! - `lb_warm_throughput_ratio`: request/response round trips per second on one
@@ -34,11 +35,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use nemesis_agent::ebpf::{
-    Datapath, DatapathConfig, Mode, Proto,
-    cgroup::{ChildCgroup, current_cgroup, move_process},
-    pins::ScratchBpffs,
-    prereq,
+use nemesis_agent::{
+    ebpf::{
+        Datapath, DatapathConfig, Mode, Proto,
+        cgroup::{ChildCgroup, current_cgroup, move_process},
+        pins::ScratchBpffs,
+        prereq,
+    },
+    kube_proxy_skip::SkipRule,
 };
 use nix::sched::{CloneFlags, unshare};
 
@@ -69,6 +73,9 @@ const BLOCKS: usize = 60;
 const WARMUP: usize = 1_000;
 const ROUND_TRIPS_PER_RUN: usize = 5_000;
 const THROUGHPUT_BLOCKS: usize = 15;
+/// The skip mark bit of the `_skip` figure (the agent's `--kube-proxy-skip-mark`): not
+/// one of kube-proxy's own (0x4000 masquerade, 0x8000 drop).
+const SKIP_MARK: u32 = 0x2000;
 
 /// The ClusterIP of Service `i` (198.19.0.1 upwards).
 fn cluster_ip(i: usize) -> Ipv4Addr {
@@ -167,7 +174,7 @@ fn run(dp: &Datapath, on: &Path, off: &Path) -> Result<Vec<(&'static str, f64)>>
         throughput_ratio(on, echo_service, off, echo_pod)?,
     ));
 
-    load_iptables(false)?;
+    load_iptables()?;
     // Both sides now walk the rules: balance mode's connect (to a pod IP) matches
     // nothing; kube-proxy's (to the ClusterIP) is DNAT-ed halfway down.
     let t = time_ratio(
@@ -176,13 +183,28 @@ fn run(dp: &Datapath, on: &Path, off: &Path) -> Result<Vec<(&'static str, f64)>>
         (off, service),
     )?;
     out.push(("lb_connect_rate_ratio_vs_iptables_5000", 1.0 / t));
-    load_iptables(true)?;
+    // The agent's own skip: the programs' mark and the agent's rule, as `--kube-proxy-
+    // skip-mark` installs them.
+    let skip = SkipRule::new(SKIP_MARK, &["iptables".to_string()])?;
+    dp.set_kube_proxy_skip_mark(SKIP_MARK)?;
+    for (command, result) in skip.ensure() {
+        let plan = result?;
+        ensure!(plan.insert, "{command}: the skip rule was not inserted");
+    }
     let t = time_ratio(
-        "balance (+pod CIDR skip rule) vs kube-proxy iptables",
+        "balance (+the agent's kube-proxy skip rule) vs kube-proxy iptables",
         (on, service),
         (off, service),
     )?;
     out.push(("lb_connect_rate_ratio_vs_iptables_5000_skip", 1.0 / t));
+    ensure!(
+        skip_rule_packets()? > 0,
+        "the skip rule matched no connect: the programs did not mark balanced connects"
+    );
+    for (_, result) in skip.remove() {
+        result?;
+    }
+    dp.set_kube_proxy_skip_mark(0)?;
     flush_iptables()?;
 
     load_nftables()?;
@@ -294,9 +316,8 @@ fn echo_loop(mut s: TcpStream) {
 
 /// kube-proxy's iptables mode, nat table, as its proxier writes it (KUBE-SERVICES ->
 /// KUBE-SVC-* with the statistic match -> KUBE-SEP-* DNAT, masquerade marks, the
-/// nodeports jump last). `skip`: one rule ahead of KUBE-SERVICES in OUTPUT returning
-/// connections already addressed to the pod CIDR.
-fn iptables_rules(skip: bool) -> String {
+/// nodeports jump last).
+fn iptables_rules() -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     for c in [
@@ -306,11 +327,6 @@ fn iptables_rules(skip: bool) -> String {
         "KUBE-MARK-MASQ",
     ] {
         chains.push_str(&format!(":{c} - [0:0]\n"));
-    }
-    if skip {
-        rules.push_str(&format!(
-            "-A OUTPUT -d {POD_CIDR} -m comment --comment \"nemesis: already addressed to a pod\" -j RETURN\n"
-        ));
     }
     rules.push_str(
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
@@ -361,12 +377,29 @@ fn iptables_rules(skip: bool) -> String {
     format!("*nat\n{chains}{rules}COMMIT\n")
 }
 
-fn load_iptables(skip: bool) -> Result<()> {
-    // A fresh nat table each time (the restore replaces the whole table).
+fn load_iptables() -> Result<()> {
+    // A fresh nat table (the restore replaces the whole table).
     sh(
         &mut Command::new("iptables-restore"),
-        Some(&iptables_rules(skip)),
+        Some(&iptables_rules()),
     )
+}
+
+/// Packets the agent's skip rule matched (its counter in `iptables -L -v -x`).
+fn skip_rule_packets() -> Result<u64> {
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-L", "OUTPUT", "-v", "-x", "-n"])
+        .output()
+        .context("running iptables -L")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(nemesis_agent::kube_proxy_skip::COMMENT))
+        .context("the skip rule is not in nat OUTPUT")?;
+    line.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no packet count in {line:?}"))
 }
 
 fn flush_iptables() -> Result<()> {

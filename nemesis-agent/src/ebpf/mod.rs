@@ -131,6 +131,9 @@ pub struct DatapathConfig {
     /// Entries of the socket-tracking map (SOCKETS); `None`: its built-in size. Only
     /// tests shrink it, to show that counts survive its evictions.
     pub socket_map_entries: Option<u32>,
+    /// The socket mark bit balance mode sets on the connects it sends to a backend, for
+    /// the kube-proxy skip rule (`kube_proxy_skip`); 0: none (the default).
+    pub kube_proxy_skip_mark: u32,
 }
 
 impl DatapathConfig {
@@ -143,6 +146,7 @@ impl DatapathConfig {
             proxy_v6: None,
             deadman_max_age: DEFAULT_DEADMAN_MAX_AGE,
             socket_map_entries: None,
+            kube_proxy_skip_mark: 0,
         }
     }
 }
@@ -717,6 +721,7 @@ impl Datapath {
             _log: log,
         };
         dp.set_config(cfg.proxy_v4, cfg.proxy_v6, cfg.deadman_max_age)?;
+        dp.set_kube_proxy_skip_mark(cfg.kube_proxy_skip_mark)?;
         dp.heartbeat()?;
         info!(
             pin_dir = %dp.layout.dir().display(),
@@ -1346,6 +1351,18 @@ impl Datapath {
             c.flags |= m::CONFIG_PROXY_V6;
         }
         let mut guard = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        c.skip_mark = guard.1.skip_mark;
+        guard.0.set(0, c, 0).map_err(DatapathError::WriteConfig)?;
+        guard.1 = c;
+        Ok(())
+    }
+
+    /// Sets the socket mark bit balance mode puts on the connects it sends to a backend
+    /// (0: none), which the kube-proxy skip rule matches (see `kube_proxy_skip`).
+    pub fn set_kube_proxy_skip_mark(&self, mark: u32) -> Result<(), DatapathError> {
+        let mut guard = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = guard.1;
+        c.skip_mark = mark;
         guard.0.set(0, c, 0).map_err(DatapathError::WriteConfig)?;
         guard.1 = c;
         Ok(())
