@@ -1478,6 +1478,7 @@ fn p2c_sends_clearly_fewer_new_connections_than_random_to_a_backend_five_times_s
     // near 45 (55-70 with up to 300 ms of scheduling delay added to every exchange).
     let random = connections_under_skew(Algorithm::Random, "skew-rnd");
     let p2c = connections_under_skew(Algorithm::P2c, "skew-p2c");
+    eprintln!("new connections per backend (the third is slow): random {random:?}, p2c {p2c:?}");
     assert!(
         p2c[2] * 4 < random[2] * 3,
         "p2c sent the slow backend {} of 360 new connections ({p2c:?}), random {} ({random:?}): not clearly fewer",
