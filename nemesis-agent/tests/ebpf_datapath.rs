@@ -983,7 +983,7 @@ impl Balanced {
     }
 
     fn with(test: &str, ready: bool, balancing: LoadBalancing) -> Balanced {
-        Self::with_backends(test, ready, balancing, |addr| Server::bind(addr))
+        Self::with_backends(test, ready, balancing, Server::bind)
     }
 
     /// As [`Balanced::with`], the three backends made by `backend` (given the address
