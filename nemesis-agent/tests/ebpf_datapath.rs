@@ -145,6 +145,19 @@ fn child_client_entry() {
                 }
                 format!("ok {ok}")
             }
+            // `clients` threads, each `per` times: connect, one request byte, wait for
+            // the one-byte answer, close with RST. `ok <answers>`.
+            ["requests", addr, clients, per] => {
+                let (clients, per): (usize, usize) =
+                    (clients.parse().unwrap(), per.parse().unwrap());
+                let answered: usize = std::thread::scope(|scope| {
+                    let threads: Vec<_> = (0..clients)
+                        .map(|_| scope.spawn(|| requests(addr, per)))
+                        .collect();
+                    threads.into_iter().map(|t| t.join().unwrap()).sum()
+                });
+                format!("ok {answered}")
+            }
             ["listen", addr] => match TcpListener::bind(addr) {
                 // A backend pod: serves from inside the cgroup, closes each connection
                 // when its client does.
@@ -255,6 +268,23 @@ fn ask(s: &UdpSocket, to: &str, payload: &str) -> String {
         Ok((n, from)) => format!("ok {from} {}", String::from_utf8_lossy(&buf[..n])),
         Err(e) => format!("err recv {e}"),
     }
+}
+
+/// `n` connections to `addr` one after the other, each asking one question; how many
+/// got their answer.
+fn requests(addr: &str, n: usize) -> usize {
+    let mut answered = 0;
+    for _ in 0..n {
+        let Ok(mut s) = connect(addr) else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut answer = [0u8; 1];
+        if s.write_all(b"?").is_ok() && s.read_exact(&mut answer).is_ok() {
+            answered += 1;
+        }
+        // RST: no TIME_WAIT, and the close is counted at once.
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    }
+    answered
 }
 
 fn connect(addr: &str) -> std::io::Result<TcpStream> {
@@ -413,6 +443,35 @@ impl Server {
             addr,
             peers,
             received,
+        }
+    }
+
+    /// A backend that answers each byte it reads with one byte, `delay` later (one
+    /// thread per connection: its connections do not queue behind each other).
+    fn answering(addr: &str, delay: Duration) -> Server {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let addr = l.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(vec![]));
+        let p = peers.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                p.lock().unwrap().push(s.peer_addr().unwrap());
+                std::thread::spawn(move || {
+                    let mut request = [0u8; 1];
+                    while s.read_exact(&mut request).is_ok() {
+                        std::thread::sleep(delay);
+                        if s.write_all(b"!").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Server {
+            addr,
+            peers,
+            received: Arc::new(Mutex::new(0)),
         }
     }
 
@@ -924,6 +983,17 @@ impl Balanced {
     }
 
     fn with(test: &str, ready: bool, balancing: LoadBalancing) -> Balanced {
+        Self::with_backends(test, ready, balancing, Server::bind)
+    }
+
+    /// As [`Balanced::with`], the three backends made by `backend` (given the address
+    /// to bind).
+    fn with_backends(
+        test: &str,
+        ready: bool,
+        balancing: LoadBalancing,
+        backend: impl Fn(&str) -> Server,
+    ) -> Balanced {
         let mut fx = Fixture::new(test);
         let proxy = Server::bind("127.0.0.1:0");
         fx.cfg.proxy_v4 = match proxy.addr {
@@ -933,7 +1003,7 @@ impl Balanced {
         let dp = fx.load();
         let svc = Server::bind(&format!("{}:0", cluster_ip(1)));
         let backends: Vec<Server> = (1..=3)
-            .map(|n| Server::bind(&format!("{}:0", pod_ip(n))))
+            .map(|n| backend(&format!("{}:0", pod_ip(n))))
             .collect();
         dp.upsert_service(svc.addr, Proto::Tcp, Mode::Balance)
             .unwrap();
@@ -1367,6 +1437,56 @@ fn p2c_and_least_connections_send_new_connects_away_from_a_loaded_backend() {
         }
         drop(long);
     }
+}
+
+/// How many new connections each of three backends got from 12 clients making 30
+/// one-request connections each, when backend 2 answers five times slower than the
+/// others (500 ms against 100 ms: far above the jitter of a loaded machine).
+fn connections_under_skew(algorithm: Algorithm, test: &str) -> Vec<usize> {
+    let b = Balanced::with_backends(
+        test,
+        true,
+        LoadBalancing {
+            algorithm,
+            ..LoadBalancing::default()
+        },
+        |addr| {
+            let slow = addr.starts_with(&pod_ip(3));
+            Server::answering(addr, Duration::from_millis(if slow { 500 } else { 100 }))
+        },
+    );
+    let mut c = b.fx.client();
+    let (clients, per) = (12, 30);
+    assert_eq!(
+        c.cmd(&format!("requests {} {clients} {per}", b.svc.addr)),
+        format!("ok {}", clients * per)
+    );
+    assert!(
+        wait_until(|| b.accepted().iter().sum::<usize>() == clients * per),
+        "{:?}",
+        b.accepted()
+    );
+    assert_eq!(b.svc.accepted() + b.proxy.accepted(), 0);
+    b.accepted()
+}
+
+#[test]
+fn p2c_sends_clearly_fewer_new_connections_than_random_to_a_backend_five_times_slower() {
+    // The slow backend's connections stay open five times longer, so its open count is
+    // the higher one of most pairs p2c compares; random ignores counts and gives it a
+    // third (120 of 360, give or take 9). A simulation of these 12 clients puts p2c
+    // near 45 (55-70 with up to 300 ms of scheduling delay added to every exchange).
+    let random = connections_under_skew(Algorithm::Random, "skew-rnd");
+    let p2c = connections_under_skew(Algorithm::P2c, "skew-p2c");
+    eprintln!("new connections per backend (the third is slow): random {random:?}, p2c {p2c:?}");
+    assert!(
+        p2c[2] * 4 < random[2] * 3,
+        "p2c sent the slow backend {} of 360 new connections ({p2c:?}), random {} ({random:?}): not clearly fewer",
+        p2c[2],
+        random[2]
+    );
+    // Not by starving it: p2c still uses the slow backend when the others are busier.
+    assert!(p2c[2] > 0, "{p2c:?}");
 }
 
 #[test]

@@ -16,7 +16,13 @@
 //!   mode (verdict maps) for the 5,000 Services (goal >= 1.2);
 //! - `lb_warm_throughput_ratio`: request/response round trips per second on one
 //!   established connection made through the Service address in balance mode over one
-//!   made straight to the pod (goal >= 0.95).
+//!   made straight to the pod (goal >= 0.95);
+//! - `lb_p99_ratio_vs_random`: p99 request latency through a Service balanced by power
+//!   of two choices (balance mode's default) over the same with random choice, three
+//!   backends of which one answers five times slower, clients on a mix of short and
+//!   long-lived connections (`shared/skewed_load.rs` says how and why); the two p99s are
+//!   `lb_p99_ms_p2c` and `lb_p99_ms_random`, pooled over P B B P blocks that switch the
+//!   Service's algorithm in place (goal for the ratio <= 0.5).
 //!
 //! The topology is a node and a pod, each a network namespace of this benchmark's own
 //! (nothing can leave the machine): the node namespace (this process, after
@@ -26,6 +32,7 @@
 //! bottleneck. Addresses: node link 198.18.0.0/24, pods 198.18.128.0/17 (the "cluster
 //! CIDR"), Services 198.19.0.0/16, all within 198.18.0.0/15, the benchmarking range.
 //! Needs root, iptables-restore and nft (Debian's iptables and nftables packages).
+//! `bench-lb p99` measures only the p99 figures.
 #![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -37,7 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use nemesis_agent::{
     ebpf::{
-        Datapath, DatapathConfig, Mode, Proto,
+        Algorithm, Datapath, DatapathConfig, LoadBalancing, Mode, Proto, Tier,
         cgroup::{ChildCgroup, current_cgroup, move_process},
         pins::ScratchBpffs,
         prereq,
@@ -49,6 +56,8 @@ use nix::sched::{CloneFlags, unshare};
 #[path = "shared/sockets.rs"]
 mod sockets;
 use sockets::{connect, connect_close, listen};
+#[path = "shared/skewed_load.rs"]
+mod skewed_load;
 
 const SERVICES: usize = 5_000;
 const ENDPOINTS: usize = 3;
@@ -56,6 +65,10 @@ const ENDPOINTS: usize = 3;
 const MEASURED: usize = SERVICES / 2;
 const POD_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 8081;
+/// The skewed backends of the p99 figure: the pod's three addresses on this port,
+/// `POD_IPS[SLOW_BACKEND]` the slow one.
+const WORK_PORT: u16 = 8082;
+const SLOW_BACKEND: usize = 2;
 const SERVICE_PORT: u16 = 80;
 const NODE_ADDR: &str = "198.18.0.1";
 const POD_LINK_ADDR: &str = "198.18.0.2";
@@ -68,6 +81,13 @@ const POD_IPS: [Ipv4Addr; ENDPOINTS] = [
 ];
 /// The Service the echo (throughput) figure dials.
 const ECHO_SERVICE: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+/// The Service the p99 figure's clients dial.
+const WORK_SERVICE: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);
+/// P B B P groups of the p99 figure (P: p2c, B: random), each block this long, the
+/// first part of it untimed while the backends' queues form.
+const P99_GROUPS: usize = 3;
+const P99_BLOCK: Duration = Duration::from_secs(3);
+const P99_WARMUP: Duration = Duration::from_millis(500);
 const CONNS_PER_RUN: usize = 500;
 const BLOCKS: usize = 60;
 const WARMUP: usize = 1_000;
@@ -97,9 +117,15 @@ fn endpoints(i: usize) -> [Ipv4Addr; ENDPOINTS] {
 }
 
 fn main() -> Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("--pod") {
-        return serve_pod();
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let only_p99 = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["--pod"] => return serve_pod(),
+        [] => false,
+        ["p99"] => true,
+        _ => bail!(
+            "unknown arguments {args:?}: `bench-lb` runs every part, `bench-lb p99` only the p99 figures"
+        ),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -135,7 +161,7 @@ fn main() -> Result<()> {
     cfg.bpffs = Some(bpffs.path().to_path_buf());
     let dp = Datapath::load_or_adopt(&cfg)?;
 
-    let result = run(&dp, on.path(), off.path());
+    let result = run(&dp, on.path(), off.path(), only_p99);
 
     move_process(&home, pid).context("moving back to the original cgroup")?;
     dp.detach()?;
@@ -150,7 +176,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn run(dp: &Datapath, on: &Path, off: &Path) -> Result<Vec<(&'static str, f64)>> {
+fn run(dp: &Datapath, on: &Path, off: &Path, only_p99: bool) -> Result<Vec<(&'static str, f64)>> {
+    if only_p99 {
+        return p99_figures(dp, on);
+    }
     let service = SocketAddr::from((cluster_ip(MEASURED), SERVICE_PORT));
     let pods: Vec<SocketAddr> = POD_IPS
         .iter()
@@ -173,6 +202,7 @@ fn run(dp: &Datapath, on: &Path, off: &Path) -> Result<Vec<(&'static str, f64)>>
         "lb_warm_throughput_ratio",
         throughput_ratio(on, echo_service, off, echo_pod)?,
     ));
+    out.extend(p99_figures(dp, on)?);
 
     load_iptables()?;
     // Both sides now walk the rules: balance mode's connect (to a pod IP) matches
@@ -284,6 +314,8 @@ fn serve_pod() -> Result<()> {
     ip(&["link", "set", "nbl1", "up"])?;
     let accept = listen(SocketAddr::from(([0, 0, 0, 0], POD_PORT)))?;
     let echo = listen(SocketAddr::from(([0, 0, 0, 0], ECHO_PORT)))?;
+    let work = listen(SocketAddr::from(([0, 0, 0, 0], WORK_PORT)))?;
+    skewed_load::serve(work, &POD_IPS, SLOW_BACKEND);
     std::thread::spawn(move || {
         for s in accept.incoming() {
             drop(s);
@@ -533,6 +565,109 @@ fn throughput_ratio(on: &Path, service: SocketAddr, off: &Path, pod: SocketAddr)
         ratios[ratios.len() * 3 / 4]
     );
     Ok(median)
+}
+
+/// `lb_p99_ratio_vs_random` and its two p99s, through a Service of its own over the
+/// pod's skewed backends.
+fn p99_figures(dp: &Datapath, on: &Path) -> Result<Vec<(&'static str, f64)>> {
+    let service = SocketAddr::from((WORK_SERVICE, SERVICE_PORT));
+    dp.upsert_service(service, Proto::Tcp, Mode::Balance)?;
+    let p99 = p99_by_algorithm(dp, on, service)?;
+    Ok(vec![
+        ("lb_p99_ratio_vs_random", p99.p2c / p99.random),
+        ("lb_p99_ms_p2c", p99.p2c),
+        ("lb_p99_ms_random", p99.random),
+    ])
+}
+
+/// The p99 request latency of each algorithm, each pooled over its blocks.
+struct P99 {
+    p2c: f64,
+    random: f64,
+}
+
+/// The skewed workload through `service` (balance mode, the pod's three skewed
+/// backends) in P B B P blocks: the Service's algorithm is switched in place between
+/// blocks, each block starting with every connection of the last one closed. On
+/// stderr: each group's ratio (the noise), and where the requests went.
+fn p99_by_algorithm(dp: &Datapath, on: &Path, service: SocketAddr) -> Result<P99> {
+    let backends: Vec<(SocketAddr, Tier)> = POD_IPS
+        .iter()
+        .map(|ip| (SocketAddr::from((*ip, WORK_PORT)), Tier::Remote))
+        .collect();
+    move_process(on, std::process::id())?;
+    let (mut p2c, mut random) = (skewed_load::Block::default(), skewed_load::Block::default());
+    let mut group_ratios = Vec::with_capacity(P99_GROUPS);
+    for _ in 0..P99_GROUPS {
+        let (mut gp, mut gr) = (skewed_load::Block::default(), skewed_load::Block::default());
+        for algorithm in [
+            Algorithm::P2c,
+            Algorithm::Random,
+            Algorithm::Random,
+            Algorithm::P2c,
+        ] {
+            let balancing = LoadBalancing {
+                algorithm,
+                ..LoadBalancing::default()
+            };
+            dp.set_balance(service, Proto::Tcp, &backends, balancing)?;
+            wait_no_open(dp, service)?;
+            let block = skewed_load::run(service, skewed_load::MIX, P99_BLOCK, P99_WARMUP)?;
+            match algorithm {
+                Algorithm::P2c => gp.merge(block),
+                _ => gr.merge(block),
+            }
+        }
+        gp.sort();
+        gr.sort();
+        group_ratios.push(gp.p99() / gr.p99());
+        p2c.merge(gp);
+        random.merge(gr);
+    }
+    p2c.sort();
+    random.sort();
+    for (name, b) in [("p2c", &p2c), ("random", &random)] {
+        eprintln!(
+            "skewed load, {name}: {} requests timed, p50 {:.2} ms, p99 {:.2} ms; the slow backend answered {:.1}% of the requests and got {:.1}% of the new connections",
+            b.latencies_ms.len(),
+            skewed_load::percentile(&b.latencies_ms, 50.0),
+            b.p99(),
+            share(&b.requests, SLOW_BACKEND),
+            share(&b.connections, SLOW_BACKEND),
+        );
+    }
+    group_ratios.sort_by(f64::total_cmp);
+    eprintln!(
+        "skewed load: p99 ratio p2c/random per P B B P group {:.3?} (pooled {:.3})",
+        group_ratios,
+        p2c.p99() / random.p99()
+    );
+    Ok(P99 {
+        p2c: p2c.p99(),
+        random: random.p99(),
+    })
+}
+
+/// Percent of `per_backend` that is backend `i`'s.
+fn share(per_backend: &[u64], i: usize) -> f64 {
+    let all: u64 = per_backend.iter().sum();
+    100.0 * per_backend.get(i).copied().unwrap_or(0) as f64 / all.max(1) as f64
+}
+
+/// Waits until the balancer counts no open connection on any of the Service's backends
+/// (the last block's closes are in), so that no block inherits another's load.
+fn wait_no_open(dp: &Datapath, service: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = dp.backends(service, Proto::Tcp)?;
+        if counts.iter().all(|c| c.open_now == 0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("connections of the last block still counted open after 30 s: {counts:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn round_trips(s: &mut TcpStream, n: usize) -> Result<Duration> {

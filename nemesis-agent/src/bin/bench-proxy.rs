@@ -28,7 +28,10 @@
 //! round, per GiB moved), which the load of a shared machine disturbs far less than the
 //! wall-clock figures: on two cores the figures are bounded by that CPU time.
 //!
-//! `bench-proxy [cold] [rss] [throughput]` runs only the parts named (all by default).
+//! `bench-proxy [cold] [rss] [throughput]` runs only the parts named (all by default);
+//! `NEMESIS_BENCH_COLD_ROUNDS` sets the cold-start rounds (10 by default): the p99 of
+//! 1,000 exchanges is the 10th worst, one bad round on a loaded machine moves it, so
+//! A/B comparisons of the release path want more.
 //!
 //! The proxy runs in a child process (this binary with `--serve-proxy`), so its memory is
 //! measured apart from the clients and it competes for the CPU like the agent would. Its
@@ -620,7 +623,11 @@ async fn cold_start() -> Result<ColdStart> {
     let mut slice = Ttfb::default();
     // Warm the backend's and the clients' runtimes, as the proxy's warms in round 1.
     direct_round(backend, &log, &mut Ttfb::default()).await?;
-    for round in 0..COLD_ROUNDS {
+    let rounds = std::env::var("NEMESIS_BENCH_COLD_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(COLD_ROUNDS);
+    for round in 0..rounds {
         let redirect_path = proxy.addr;
         proxied_round(&mut proxy, redirect_path, backend, &log, &mut proxied).await?;
         let slice_path = proxy.hold_addr;

@@ -11,18 +11,37 @@ use super::http1::{self, Http1};
 use super::http2::{self, Http2, PREFACE};
 use super::refuse::close_cleanly;
 use super::sniff::{MAX_REQUEST_LINE, Sniff, sniff};
-use super::splice::{pump, shutdown_write, splice_bidirectional, write_all};
+use super::splice::{pump, shutdown_write, splice_bidirectional, write_all, write_all_then_eof};
 use crate::metrics::{ProxyMetrics, StepOut};
 use prometheus_client::metrics::counter::Counter;
+use std::cell::RefCell;
 use std::io;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Read per wake-up of a followed direction (the copy phase of `splice` reads as much).
 const READ_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// The buffer a followed direction reads into, one per thread: the bytes are handed
+    /// on before the next await, so no read holds it across one, and a released burst
+    /// costs no 16 KiB allocation and free per read.
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// One non-blocking read of `src` into this thread's buffer; `then` gets what was
+/// read (empty: EOF). `WouldBlock` clears the readiness, as `try_read` does.
+fn read_then<R>(src: &TcpStream, then: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+    READ_BUFFER.with(|b| {
+        let mut buf = b.borrow_mut();
+        let n = src.try_read(&mut buf)?;
+        Ok(then(&buf[..n]))
+    })
+}
 /// Backend bytes kept while the client's first bytes do not tell the protocol yet (an
 /// HTTP/2 server's SETTINGS can come first); a server that says more is not HTTP.
 const MAX_EARLY_BACKEND: usize = 16 * 1024;
@@ -357,19 +376,21 @@ async fn upstream(shared: &Shared<'_>, drain: &DrainWatch, bytes: &Counter) -> i
             return pump(shared.client, shared.backend, bytes).await;
         }
         shared.client.readable().await?;
-        let mut buf = Vec::with_capacity(READ_CHUNK);
-        match shared.client.try_read_buf(&mut buf) {
-            Ok(0) => return shutdown_write(shared.backend),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-        let mut forward = Vec::with_capacity(buf.len());
-        let poke = {
+        let mut forward = Vec::new();
+        let read = read_then(shared.client, |buf| {
+            if buf.is_empty() {
+                return None;
+            }
             let mut state = shared.state();
             state.active_at = Instant::now();
-            state.follower.client_sent(&buf, &mut forward);
-            state.follower.is_plain() || drain.now() != Want::Stay
+            state.follower.client_sent(buf, &mut forward);
+            Some(state.follower.is_plain() || drain.now() != Want::Stay)
+        });
+        let poke = match read {
+            Ok(Some(poke)) => poke,
+            Ok(None) => return shutdown_write(shared.backend),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         };
         if poke {
             shared.kick.notify_one();
@@ -398,30 +419,36 @@ async fn downstream(
                 _ => None,
             }
         };
-        let readable = tokio::select! {
-            r = shared.backend.readable() => {
-                r?;
-                true
-            }
-            () = drain.changed() => false,
-            () = shared.kick.notified() => false,
-            () = sleep_until(idle_close_at), if idle_close_at.is_some() => false,
+        let ready = tokio::select! {
+            r = shared.backend.ready(Interest::READABLE) => Some(r?),
+            () = drain.changed() => None,
+            () = shared.kick.notified() => None,
+            () = sleep_until(idle_close_at), if idle_close_at.is_some() => None,
         };
         let want = drain.now();
-        let step = if readable {
-            let mut buf = Vec::with_capacity(READ_CHUNK);
-            match shared.backend.try_read_buf(&mut buf) {
-                Ok(0) => {
+        // The backend's FIN came with what is read now (as when it answers and closes):
+        // the client gets it on the last segment of these bytes.
+        let mut eof_follows = false;
+        let step = if let Some(ready) = ready {
+            let read = read_then(shared.backend, |buf| {
+                if buf.is_empty() {
+                    return None;
+                }
+                let mut state = shared.state();
+                state.active_at = Instant::now();
+                Some(state.follower.backend_sent(buf, want, &mut out))
+            });
+            match read {
+                Ok(None) => {
                     shared.state().follower.backend_closed(&mut out);
                     write_all(shared.client, &out).await?;
                     bytes.inc_by(out.len() as u64);
                     shutdown_write(shared.client)?;
                     return Ok(None);
                 }
-                Ok(_) => {
-                    let mut state = shared.state();
-                    state.active_at = Instant::now();
-                    state.follower.backend_sent(&buf, want, &mut out)
+                Ok(Some(step)) => {
+                    eof_follows = ready.is_read_closed();
+                    step
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -431,7 +458,12 @@ async fn downstream(
             let quiet = state.active_at.elapsed();
             state.follower.poll(want, quiet, &mut out)
         };
-        write_all(shared.client, &out).await?;
+        if eof_follows {
+            // Every way on from here writes, shuts down or closes the client next.
+            write_all_then_eof(shared.client, &out).await?;
+        } else {
+            write_all(shared.client, &out).await?;
+        }
         bytes.inc_by(out.len() as u64);
         out.clear();
         match step {

@@ -91,6 +91,29 @@ pub(crate) async fn write_all(dst: &TcpStream, buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// As [`write_all`], with the last segment held back (`MSG_MORE`) for what comes next
+/// at once: the caller knows the source has closed, so its EOF follows, and
+/// `shutdown(Write)` puts the FIN on this segment instead of sending one of its own.
+/// One segment instead of two, and one wake-up of the peer instead of two: when a burst
+/// of held connections is released, every exchange that ends in a close costs less of
+/// the cores the other first bytes wait for. The caller must write again, shut down or
+/// close next (each sends what is held back), and never await anything else between.
+pub(crate) async fn write_all_then_eof(dst: &TcpStream, buf: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(dst)
+                .send_with_flags(&buf[off..], libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        }) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(Shutdown::Write) {
         // The peer is already gone: nothing left to tell it.
