@@ -42,7 +42,8 @@ use kube::api::PostParams;
 use kube::runtime::watcher;
 use kube::{Api, CustomResourceExt, ResourceExt};
 use nemesis_common::wire::{
-    AppliedMode, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, WakeReply, WakeRequest,
+    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, ViewUpdate,
+    WakeReply, WakeRequest,
 };
 use nemesis_controller::notify::rule::AlertRule;
 use nemesis_controller::policy::ScalingPolicy;
@@ -191,6 +192,9 @@ fn authenticate(req: http::request::Builder) -> http::request::Builder {
 struct AgentStats {
     heartbeats: AtomicU64,
     failures: AtomicU64,
+    /// Delta replies that did not continue an agent's copy (each then asks for the
+    /// whole set at once): should stay 0 with one controller.
+    resyncs: AtomicU64,
     reply_bytes: AtomicU64,
     /// Round trips in ms, and reply sizes in bytes, of the current window.
     rtts: Mutex<Vec<f64>>,
@@ -241,7 +245,8 @@ async fn agent(
 ) {
     let node = node_name(index);
     let instance = format!("{:016x}", rand::random::<u64>());
-    let mut epochs: HashMap<ServiceRef, u64> = HashMap::new();
+    // The agent's copy of the directives, patched by each reply as the real agent's.
+    let mut view = DirectiveView::default();
     // Spread the first beats over one interval, as agents started at different times.
     let first = every.mul_f64(rand::rng().random_range(0.0..1.0));
     tokio::time::sleep(first).await;
@@ -254,7 +259,7 @@ async fn agent(
                 .map(|s| ServiceReport {
                     service: s.clone(),
                     mode: AppliedMode::Hold,
-                    applied_epoch: epochs.get(s).copied().unwrap_or(0),
+                    applied_epoch: view.get(s).map_or(0, |d| d.epoch),
                     connects_total: 0,
                     open_connections: 0,
                     closed_total: 0,
@@ -269,6 +274,7 @@ async fn agent(
                 .collect(),
             addresses: vec![],
             ready: true,
+            directives_cursor: view.cursor(),
         };
         let start = Instant::now();
         match api
@@ -289,12 +295,9 @@ async fn agent(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(size as f64);
-                for d in reply.directives {
-                    if let Some(e) = epochs.get_mut(&d.service) {
-                        *e = d.epoch;
-                    } else if hosted.contains(&d.service) {
-                        epochs.insert(d.service, d.epoch);
-                    }
+                if view.apply(&reply) == ViewUpdate::Resync {
+                    stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
             }
             Err(e) => {
@@ -587,6 +590,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!(
         "agent_heartbeat_reply_bytes_p50={:.0}",
         percentile(&sizes, 0.50)
+    );
+    println!(
+        "agent_heartbeat_resyncs={}",
+        stats.resyncs.load(Ordering::Relaxed)
     );
 
     for t in agent_tasks {
