@@ -132,6 +132,46 @@ fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The size the figures are named for: 1,000 agents, 10,000 Services.
+const FULL_AGENTS: usize = 1_000;
+const FULL_SERVICES: usize = 10_000;
+
+/// The size a run measured, which every figure's name carries unless it is the full size
+/// (then the names are the issue's: `controller_rss_mib_1k_agents_10k_services`,
+/// `api_writes_per_s_steady`, `wake_to_scale_ms_p99_under_load`), so a figure of a
+/// smaller run is never taken for the full one.
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    agents: usize,
+    services: usize,
+}
+
+impl Size {
+    fn tag(self) -> String {
+        let count = |n: usize| {
+            if n >= 1000 && n.is_multiple_of(1000) {
+                format!("{}k", n / 1000)
+            } else {
+                n.to_string()
+            }
+        };
+        format!(
+            "{}_agents_{}_services",
+            count(self.agents),
+            count(self.services)
+        )
+    }
+
+    /// Memory figures always say their size; the others only when it is not the full one.
+    fn name(self, figure: &str) -> String {
+        if figure.contains("rss") || (self.agents, self.services) != (FULL_AGENTS, FULL_SERVICES) {
+            format!("{figure}_{}", self.tag())
+        } else {
+            figure.to_string()
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -569,31 +609,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         hwm.max(hwm_end)
     );
 
-    println!("controller_rss_mib_1k_agents_10k_services={rss:.1}");
-    println!(
-        "controller_peak_rss_mib_1k_agents_10k_services={:.1}",
-        hwm.max(hwm_end)
+    let size = Size {
+        agents: cli.agents,
+        services: cli.services,
+    };
+    let figure = |name: &str, value: f64, decimals: usize| {
+        println!("{}={value:.decimals$}", size.name(name));
+    };
+    figure("controller_rss_mib", rss, 1);
+    figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
+    figure("api_writes_per_s_steady", writes as f64 / window, 3);
+    figure(
+        "wake_to_scale_ms_p99_under_load",
+        percentile(&latencies, 0.99),
+        3,
     );
-    println!("api_writes_per_s_steady={:.3}", writes as f64 / window);
-    println!(
-        "wake_to_scale_ms_p99_under_load={:.3}",
-        percentile(&latencies, 0.99)
+    figure(
+        "wake_to_scale_ms_p50_under_load",
+        percentile(&latencies, 0.50),
+        3,
     );
-    println!(
-        "wake_to_scale_ms_p50_under_load={:.3}",
-        percentile(&latencies, 0.50)
+    figure(
+        "agent_heartbeat_ms_p99_under_load",
+        percentile(&rtts, 0.99),
+        3,
     );
-    println!(
-        "agent_heartbeat_ms_p99_under_load={:.3}",
-        percentile(&rtts, 0.99)
+    figure(
+        "agent_heartbeat_reply_bytes_p50",
+        percentile(&sizes, 0.50),
+        0,
     );
-    println!(
-        "agent_heartbeat_reply_bytes_p50={:.0}",
-        percentile(&sizes, 0.50)
+    figure(
+        "agent_heartbeat_reply_bytes_p99",
+        percentile(&sizes, 0.99),
+        0,
     );
-    println!(
-        "agent_heartbeat_resyncs={}",
-        stats.resyncs.load(Ordering::Relaxed)
+    figure(
+        "agent_heartbeat_resyncs",
+        stats.resyncs.load(Ordering::Relaxed) as f64,
+        0,
     );
 
     for t in agent_tasks {
