@@ -2,7 +2,10 @@
 //! byte no JSON text holds; each message's first byte says which) decoded as axum's
 //! `Json` extractor does, checked by the handlers' checks and applied to one agent
 //! registry and wake gate, as the controller's handlers do; and the controller's
-//! replies as the agent decodes them.
+//! replies as the agent decodes them. Two more kinds drive the directives: one changes
+//! them (sleep, follow, hold ports, removal) as the core does, the other is a heartbeat
+//! of an agent that keeps its copy by delta replies (through JSON, as the agent decodes
+//! them), whose copy must then equal the registry's whole set.
 #![no_main]
 
 use std::sync::Arc;
@@ -10,7 +13,10 @@ use std::time::Duration;
 
 use axum::Json;
 use libfuzzer_sys::fuzz_target;
-use nemesis_common::wire::{Heartbeat, HeartbeatReply, LoadReply, LoadReport, WakeReply, WakeRequest};
+use nemesis_common::wire::{
+    DirectiveView, Heartbeat, HeartbeatReply, HoldPort, LoadReply, LoadReport, ServiceRef,
+    ViewUpdate, WakeReply, WakeRequest,
+};
 use nemesis_controller::agents::http::{check_heartbeat, check_loads, check_wake};
 use nemesis_controller::agents::{AgentRegistry, RegistryConfig, WakeGate};
 use tokio::time::Instant;
@@ -19,13 +25,14 @@ fuzz_target!(|data: &[u8]| {
     let registry = Arc::new(AgentRegistry::new(RegistryConfig::default()));
     let (wakes, _rx) = WakeGate::new(8, Duration::from_secs(60));
     let start = Instant::now();
+    let mut view = DirectiveView::default();
     for (i, message) in data.split(|b| *b == 0xff).enumerate() {
         let Some((&kind, body)) = message.split_first() else {
             continue;
         };
         // Time moves on between messages, so leases expire and state changes.
         let now = start + Duration::from_secs(i as u64 * 7);
-        match kind % 6 {
+        match kind % 8 {
             0 => {
                 if let Ok(Json(hb)) = Json::<Heartbeat>::from_bytes(body)
                     && check_heartbeat(&hb).is_ok()
@@ -52,6 +59,54 @@ fuzz_target!(|data: &[u8]| {
             }
             5 => {
                 let _ = serde_json::from_slice::<LoadReply>(body);
+            }
+            6 => {
+                let &[op, name, port, ..] = body else {
+                    continue;
+                };
+                let svc = ServiceRef {
+                    namespace: "ns".into(),
+                    name: format!("s{}", name % 16),
+                };
+                match op % 4 {
+                    0 => {
+                        registry.request_sleep(&svc);
+                    }
+                    1 => {
+                        registry.follow(&svc);
+                    }
+                    2 => registry.set_hold_ports(
+                        &svc,
+                        vec![HoldPort {
+                            name: String::new(),
+                            port: 20000 + u16::from(port),
+                        }],
+                    ),
+                    _ => registry.remove(&svc),
+                }
+            }
+            7 => {
+                // The delta-following agent; a body byte may make it restart (copy lost).
+                if body.first().is_some_and(|b| b % 5 == 0) {
+                    view = DirectiveView::default();
+                }
+                let hb = Heartbeat {
+                    node: "delta-agent".into(),
+                    instance: "1".into(),
+                    services: vec![],
+                    addresses: vec![],
+                    ready: true,
+                    directives_cursor: view.cursor(),
+                };
+                let json = serde_json::to_vec(&registry.heartbeat(hb, now)).expect("reply encodes");
+                let reply: HeartbeatReply = serde_json::from_slice(&json).expect("reply decodes");
+                assert_ne!(
+                    view.apply(&reply),
+                    ViewUpdate::Resync,
+                    "one controller's replies always continue"
+                );
+                let mine: Vec<_> = view.directives().cloned().collect();
+                assert_eq!(mine, registry.directives(), "the delta-kept copy drifted");
             }
             _ => {
                 let _ = serde_json::from_slice::<WakeReply>(body);

@@ -15,7 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nemesis_common::wire::{
-    AppliedMode, Heartbeat, HeartbeatReply, ServiceDirective, ServiceReport, WakeReply, WakeRequest,
+    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceDirective, ServiceReport,
+    ViewUpdate, WakeReply, WakeRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -416,6 +417,10 @@ pub struct Heartbeats {
 impl Heartbeats {
     pub async fn run(self) {
         let mut failures = 0u32;
+        // The controller sends only what changed since the cursor we send back; the sink
+        // still gets the whole set every time (hold listeners that failed to bind are
+        // retried on each call).
+        let mut view = DirectiveView::default();
         loop {
             let heartbeat = Heartbeat {
                 node: self.node.clone(),
@@ -423,11 +428,19 @@ impl Heartbeats {
                 services: self.reports.reports(),
                 addresses: self.addresses.clone(),
                 ready: self.ready.is_ready(),
+                directives_cursor: view.cursor(),
             };
             let wait = match self.client.heartbeat(&heartbeat).await {
                 Ok(reply) => {
                     failures = 0;
-                    self.directives.apply(&reply.directives);
+                    if view.apply(&reply) == ViewUpdate::Resync {
+                        tracing::info!(
+                            "the controller's directives do not continue ours: asking for all of them"
+                        );
+                        self.kick.notify_one();
+                    }
+                    let all: Vec<ServiceDirective> = view.directives().cloned().collect();
+                    self.directives.apply(&all);
                     // Beat at least three times per lease, so one lost beat is not death.
                     let lease = Duration::from_secs(u64::from(reply.lease_seconds.max(1)));
                     self.interval.min(lease / 3)

@@ -179,6 +179,9 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
                                     hold_ports: vec![],
                                 }],
                                 lease_seconds: 3,
+                                cursor: None,
+                                delta: false,
+                                removed: vec![],
                             };
                             Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(
                                 serde_json::to_vec(&reply).unwrap(),

@@ -4,12 +4,17 @@
 //!
 //! - `POST /v1/agents/heartbeat` with [`Heartbeat`] -> [`HeartbeatReply`]: registers the
 //!   agent, reports what it applied and its per-Service counters, and fetches the
-//!   desired directives. Sent every few seconds, and at once after a change.
+//!   desired directives. Sent every few seconds, and at once after a change. The reply
+//!   carries only the directives changed since the [`DirectivesCursor`] the heartbeat
+//!   names (the whole set on first contact, after a controller change or a gap); the
+//!   agent keeps the whole set in a [`DirectiveView`].
 //! - `POST /v1/agents/wake` with [`WakeRequest`] -> [`WakeReply`]: the first held
 //!   connection of a Service (single flight per Service on the agent).
 //! - `POST /v1/agents/loads` with [`LoadReport`] -> [`LoadReply`]: balance mode's
 //!   cluster-wide load, every second: the agent's open connections per backend out, the
 //!   other nodes' sums back. Apart from the heartbeat so it stays small and frequent.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -161,18 +166,124 @@ pub struct Heartbeat {
     /// EndpointSlices. Agents that predate it count as ready.
     #[serde(default = "ready_by_default")]
     pub ready: bool,
+    /// The cursor of the last reply whose directives this agent holds: the reply then
+    /// carries only what changed since. Absent: the agent wants the whole set (first
+    /// contact, or an agent that predates deltas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directives_cursor: Option<DirectivesCursor>,
 }
 
 fn ready_by_default() -> bool {
     true
 }
 
+/// A point in a controller's sequence of directive changes: `stream` names the sequence
+/// (random per controller process, so a restarted or new leader never takes another's
+/// version for its own) and `version` counts the changes in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectivesCursor {
+    pub stream: u64,
+    pub version: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatReply {
+    /// With `delta` false: every directive. With `delta` true: those new or changed
+    /// since the heartbeat's cursor.
     pub directives: Vec<ServiceDirective>,
     /// How long until the controller considers this agent dead without a heartbeat.
     pub lease_seconds: u32,
+    /// Where this reply brings the agent's copy; the next heartbeat sends it back.
+    /// Absent from controllers that predate deltas (their replies are whole sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<DirectivesCursor>,
+    /// True: `directives` and `removed` are changes since the heartbeat's cursor.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delta: bool,
+    /// With `delta`: Services whose directive is gone since the heartbeat's cursor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<ServiceRef>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// An agent's copy of the controller's directives, kept in step by heartbeat replies:
+/// a whole set replaces it, a delta patches it. Send [`DirectiveView::cursor`] in each
+/// heartbeat and hand [`DirectiveView::apply`] the reply to that heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectiveView {
+    cursor: Option<DirectivesCursor>,
+    directives: BTreeMap<ServiceRef, ServiceDirective>,
+}
+
+/// What [`DirectiveView::apply`] did with a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewUpdate {
+    /// A whole set replaced the copy.
+    Replaced,
+    /// A delta patched the copy.
+    Patched,
+    /// A delta that does not continue this copy (another controller's stream, or a
+    /// version behind the copy's): ignored, and the cursor dropped so that the next
+    /// heartbeat asks for the whole set.
+    Resync,
+}
+
+impl DirectiveView {
+    /// The cursor to send with the next heartbeat.
+    pub fn cursor(&self) -> Option<DirectivesCursor> {
+        self.cursor
+    }
+
+    /// Applies the reply to a heartbeat that carried [`DirectiveView::cursor`].
+    pub fn apply(&mut self, reply: &HeartbeatReply) -> ViewUpdate {
+        if !reply.delta {
+            self.directives = reply
+                .directives
+                .iter()
+                .map(|d| (d.service.clone(), d.clone()))
+                .collect();
+            self.cursor = reply.cursor;
+            return ViewUpdate::Replaced;
+        }
+        let continues = match (self.cursor, reply.cursor) {
+            (Some(mine), Some(next)) => mine.stream == next.stream && next.version >= mine.version,
+            _ => false,
+        };
+        if !continues {
+            self.cursor = None;
+            return ViewUpdate::Resync;
+        }
+        for svc in &reply.removed {
+            self.directives.remove(svc);
+        }
+        for d in &reply.directives {
+            self.directives.insert(d.service.clone(), d.clone());
+        }
+        self.cursor = reply.cursor;
+        ViewUpdate::Patched
+    }
+
+    /// Every directive, by Service.
+    pub fn directives(&self) -> impl ExactSizeIterator<Item = &ServiceDirective> {
+        self.directives.values()
+    }
+
+    pub fn get(&self, svc: &ServiceRef) -> Option<&ServiceDirective> {
+        self.directives.get(svc)
+    }
+
+    pub fn len(&self) -> usize {
+        self.directives.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.directives.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,4 +338,127 @@ pub struct LoadReport {
 pub struct LoadReply {
     #[serde(default)]
     pub services: Vec<ServiceLoads>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str) -> ServiceRef {
+        ServiceRef {
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+
+    fn directive(name: &str, epoch: u64) -> ServiceDirective {
+        ServiceDirective {
+            service: svc(name),
+            directive: Directive::Follow,
+            epoch,
+            hold_ports: vec![],
+        }
+    }
+
+    fn reply(
+        delta: bool,
+        cursor: Option<(u64, u64)>,
+        directives: Vec<ServiceDirective>,
+        removed: Vec<ServiceRef>,
+    ) -> HeartbeatReply {
+        HeartbeatReply {
+            directives,
+            lease_seconds: 15,
+            cursor: cursor.map(|(stream, version)| DirectivesCursor { stream, version }),
+            delta,
+            removed,
+        }
+    }
+
+    fn names(view: &DirectiveView) -> Vec<(String, u64)> {
+        view.directives()
+            .map(|d| (d.service.name.clone(), d.epoch))
+            .collect()
+    }
+
+    #[test]
+    fn a_whole_set_replaces_the_copy_and_a_delta_patches_it() {
+        let mut view = DirectiveView::default();
+        assert_eq!(view.cursor(), None);
+        let full = reply(
+            false,
+            Some((7, 3)),
+            vec![directive("a", 1), directive("b", 2)],
+            vec![],
+        );
+        assert_eq!(view.apply(&full), ViewUpdate::Replaced);
+        assert_eq!(
+            view.cursor(),
+            Some(DirectivesCursor {
+                stream: 7,
+                version: 3
+            })
+        );
+        let delta = reply(true, Some((7, 5)), vec![directive("c", 4)], vec![svc("a")]);
+        assert_eq!(view.apply(&delta), ViewUpdate::Patched);
+        assert_eq!(names(&view), vec![("b".into(), 2), ("c".into(), 4)]);
+        assert_eq!(view.cursor().map(|c| c.version), Some(5));
+        // Nothing changed: an empty delta keeps everything.
+        assert_eq!(
+            view.apply(&reply(true, Some((7, 5)), vec![], vec![])),
+            ViewUpdate::Patched
+        );
+        assert_eq!(view.len(), 2);
+    }
+
+    #[test]
+    fn a_delta_of_another_stream_or_behind_the_copy_asks_for_the_whole_set() {
+        let mut view = DirectiveView::default();
+        view.apply(&reply(false, Some((7, 3)), vec![directive("a", 1)], vec![]));
+        let other = reply(true, Some((8, 9)), vec![directive("b", 2)], vec![]);
+        assert_eq!(view.apply(&other), ViewUpdate::Resync);
+        assert_eq!(
+            view.cursor(),
+            None,
+            "the next heartbeat asks for everything"
+        );
+        assert_eq!(
+            names(&view),
+            vec![("a".into(), 1)],
+            "the copy is kept meanwhile"
+        );
+
+        view.apply(&reply(false, Some((7, 3)), vec![directive("a", 1)], vec![]));
+        assert_eq!(
+            view.apply(&reply(true, Some((7, 2)), vec![], vec![svc("a")])),
+            ViewUpdate::Resync
+        );
+        // A delta without a cursor, or to a copy without one, never patches.
+        let mut fresh = DirectiveView::default();
+        assert_eq!(
+            fresh.apply(&reply(true, Some((7, 3)), vec![directive("a", 1)], vec![])),
+            ViewUpdate::Resync
+        );
+        assert!(fresh.is_empty());
+    }
+
+    #[test]
+    fn replies_from_controllers_that_predate_deltas_are_whole_sets() {
+        let old: HeartbeatReply = serde_json::from_str(
+            r#"{"directives":[{"service":{"namespace":"ns","name":"a"},"directive":"sleep","epoch":4}],"leaseSeconds":15}"#,
+        )
+        .unwrap();
+        assert!(!old.delta && old.cursor.is_none());
+        let mut view = DirectiveView::default();
+        assert_eq!(view.apply(&old), ViewUpdate::Replaced);
+        assert_eq!(view.cursor(), None);
+        assert_eq!(
+            view.get(&svc("a")).map(|d| d.directive),
+            Some(Directive::Sleep)
+        );
+        // And a heartbeat without a cursor reads as one from an older agent.
+        let hb: Heartbeat =
+            serde_json::from_str(r#"{"node":"n","instance":"i","services":[]}"#).unwrap();
+        assert_eq!(hb.directives_cursor, None);
+    }
 }

@@ -70,6 +70,7 @@ fn heartbeat(node: &str, applied_epoch: u64) -> Heartbeat {
         }],
         addresses: vec![],
         ready: true,
+        directives_cursor: None,
     }
 }
 

@@ -278,6 +278,7 @@ async fn agents_and_alerts_show_what_the_registry_and_the_alert_book_hold() {
             }],
             addresses: vec![],
             ready: true,
+            directives_cursor: None,
         },
         tokio::time::Instant::now(),
     );

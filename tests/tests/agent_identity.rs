@@ -24,6 +24,7 @@ fn heartbeat(node: &str) -> Value {
         services: vec![],
         addresses: vec![],
         ready: true,
+        directives_cursor: None,
     })
     .expect("heartbeat serializes")
 }

@@ -3,6 +3,7 @@
 //! wake-ups they send, and the HTTP endpoints they call. The controller never dials an
 //! agent; scaling decisions belong to the core, not here.
 
+pub mod directives;
 pub mod http;
 pub mod identity;
 pub mod loads;

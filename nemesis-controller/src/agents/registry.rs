@@ -13,6 +13,8 @@ use nemesis_common::wire::{
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::directives::DirectiveLog;
+
 /// Agents heartbeat every few seconds (and at once after a change); three missed
 /// heartbeats at 5 s make an agent dead. Short enough that a dead node does not block a
 /// sleep for long, long enough that one slow heartbeat is not a death.
@@ -141,10 +143,10 @@ fn new_since(now_total: u64, last: Option<u64>, same_instance: bool, known_agent
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     agents: BTreeMap<String, AgentEntry>,
-    directives: BTreeMap<ServiceRef, ServiceDirective>,
+    directives: DirectiveLog,
     last_epoch: u64,
     counters: BTreeMap<ServiceRef, Counters>,
 }
@@ -170,7 +172,14 @@ impl AgentRegistry {
     pub fn new(config: RegistryConfig) -> Self {
         Self {
             config,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                agents: BTreeMap::new(),
+                // Random per process: a restarted or new leader never patches an agent's
+                // copy with its own versions.
+                directives: DirectiveLog::new(rand::random()),
+                last_epoch: 0,
+                counters: BTreeMap::new(),
+            }),
             changed: watch::channel(0).0,
             loads: super::loads::LoadBoard::default(),
             topology: watch::channel(0).0,
@@ -205,7 +214,8 @@ impl AgentRegistry {
         now.saturating_duration_since(a.last_heartbeat) <= self.config.lease
     }
 
-    /// Registers or refreshes an agent and returns the directives it must apply.
+    /// Registers or refreshes an agent and returns the directives it must apply: those
+    /// changed since the heartbeat's cursor, or all of them (see [`DirectiveLog::since`]).
     pub fn heartbeat(&self, hb: Heartbeat, now: Instant) -> HeartbeatReply {
         let forget_after = self.config.forget_after;
         let topology_changed;
@@ -225,6 +235,7 @@ impl AgentRegistry {
                 ),
                 Some(_) => {}
             }
+            let cursor = hb.directives_cursor;
             let same_instance = prev.as_ref().filter(|p| p.instance == hb.instance);
             let mut reports = BTreeMap::new();
             for r in hb.services {
@@ -291,9 +302,13 @@ impl AgentRegistry {
                     addresses: hb.addresses,
                 },
             );
+            let changes = inner.directives.since(cursor);
             HeartbeatReply {
-                directives: inner.directives.values().cloned().collect(),
+                directives: changes.directives,
                 lease_seconds: u32::try_from(self.config.lease.as_secs()).unwrap_or(u32::MAX),
+                cursor: Some(changes.cursor),
+                delta: changes.delta,
+                removed: changes.removed,
             }
         };
         if topology_changed {
@@ -327,15 +342,12 @@ impl AgentRegistry {
                         .get(svc)
                         .map(|d| d.hold_ports.clone())
                         .unwrap_or_default();
-                    inner.directives.insert(
-                        svc.clone(),
-                        ServiceDirective {
-                            service: svc.clone(),
-                            directive,
-                            epoch,
-                            hold_ports,
-                        },
-                    );
+                    inner.directives.set(ServiceDirective {
+                        service: svc.clone(),
+                        directive,
+                        epoch,
+                        hold_ports,
+                    });
                     (epoch, true)
                 }
             }
@@ -363,23 +375,24 @@ impl AgentRegistry {
     pub fn set_hold_ports(&self, svc: &ServiceRef, ports: Vec<HoldPort>) {
         let changed = {
             let mut inner = self.lock();
-            match inner.directives.get_mut(svc) {
+            match inner.directives.get(svc) {
                 Some(d) if d.hold_ports == ports => false,
                 Some(d) => {
-                    d.hold_ports = ports;
+                    let d = ServiceDirective {
+                        hold_ports: ports,
+                        ..d.clone()
+                    };
+                    inner.directives.set(d);
                     true
                 }
                 None => {
                     let epoch = Self::next_epoch(&mut inner);
-                    inner.directives.insert(
-                        svc.clone(),
-                        ServiceDirective {
-                            service: svc.clone(),
-                            directive: Directive::Follow,
-                            epoch,
-                            hold_ports: ports,
-                        },
-                    );
+                    inner.directives.set(ServiceDirective {
+                        service: svc.clone(),
+                        directive: Directive::Follow,
+                        epoch,
+                        hold_ports: ports,
+                    });
                     true
                 }
             }
@@ -402,7 +415,7 @@ impl AgentRegistry {
 
     /// Drops the directive of a Service no policy manages any more.
     pub fn remove(&self, svc: &ServiceRef) {
-        let removed = self.lock().directives.remove(svc).is_some();
+        let removed = self.lock().directives.remove(svc);
         if removed {
             self.notify_topology();
         }
@@ -410,6 +423,11 @@ impl AgentRegistry {
 
     pub fn directive(&self, svc: &ServiceRef) -> Option<ServiceDirective> {
         self.lock().directives.get(svc).cloned()
+    }
+
+    /// Every directive (what a heartbeat without a cursor gets), by Service.
+    pub fn directives(&self) -> Vec<ServiceDirective> {
+        self.lock().directives.since(None).directives
     }
 
     /// Nodes of live agents that have not applied `epoch` (or later) for `svc`.
@@ -579,7 +597,53 @@ mod tests {
             services,
             addresses: vec![],
             ready: true,
+            directives_cursor: None,
         }
+    }
+
+    #[test]
+    fn heartbeats_with_a_cursor_get_only_the_directives_changed_since() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        let other = ServiceRef {
+            namespace: "ns".into(),
+            name: "api".into(),
+        };
+        r.follow(&svc());
+        r.follow(&other);
+        for i in 0..4 {
+            r.follow(&ServiceRef {
+                namespace: "ns".into(),
+                name: format!("s{i}"),
+            });
+        }
+        let first = r.heartbeat(hb("a", "1", vec![]), t0);
+        assert!(!first.delta);
+        assert_eq!(first.directives.len(), 6);
+        let beat = |cursor| Heartbeat {
+            directives_cursor: cursor,
+            ..hb("a", "1", vec![])
+        };
+        let steady = r.heartbeat(beat(first.cursor), t0);
+        assert!(steady.delta && steady.directives.is_empty() && steady.removed.is_empty());
+        let e = r.request_sleep(&svc());
+        r.remove(&other);
+        let changed = r.heartbeat(beat(steady.cursor), t0);
+        assert!(changed.delta);
+        assert_eq!(changed.directives.len(), 1);
+        assert_eq!(
+            (changed.directives[0].directive, changed.directives[0].epoch),
+            (Directive::Sleep, e)
+        );
+        assert_eq!(changed.removed, vec![other]);
+        // Another controller's cursor (a failover): the whole set.
+        let foreign = nemesis_common::wire::DirectivesCursor {
+            stream: changed.cursor.unwrap().stream.wrapping_add(1),
+            version: 1,
+        };
+        let whole = r.heartbeat(beat(Some(foreign)), t0);
+        assert!(!whole.delta);
+        assert_eq!(whole.directives.len(), 5);
     }
 
     #[test]

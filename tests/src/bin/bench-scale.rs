@@ -42,7 +42,8 @@ use kube::api::PostParams;
 use kube::runtime::watcher;
 use kube::{Api, CustomResourceExt, ResourceExt};
 use nemesis_common::wire::{
-    AppliedMode, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, WakeReply, WakeRequest,
+    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, ViewUpdate,
+    WakeReply, WakeRequest,
 };
 use nemesis_controller::notify::rule::AlertRule;
 use nemesis_controller::policy::ScalingPolicy;
@@ -131,6 +132,46 @@ fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The size the figures are named for: 1,000 agents, 10,000 Services.
+const FULL_AGENTS: usize = 1_000;
+const FULL_SERVICES: usize = 10_000;
+
+/// The size a run measured, which every figure's name carries unless it is the full size
+/// (then the names are the issue's: `controller_rss_mib_1k_agents_10k_services`,
+/// `api_writes_per_s_steady`, `wake_to_scale_ms_p99_under_load`), so a figure of a
+/// smaller run is never taken for the full one.
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    agents: usize,
+    services: usize,
+}
+
+impl Size {
+    fn tag(self) -> String {
+        let count = |n: usize| {
+            if n >= 1000 && n.is_multiple_of(1000) {
+                format!("{}k", n / 1000)
+            } else {
+                n.to_string()
+            }
+        };
+        format!(
+            "{}_agents_{}_services",
+            count(self.agents),
+            count(self.services)
+        )
+    }
+
+    /// Memory figures always say their size; the others only when it is not the full one.
+    fn name(self, figure: &str) -> String {
+        if figure.contains("rss") || (self.agents, self.services) != (FULL_AGENTS, FULL_SERVICES) {
+            format!("{figure}_{}", self.tag())
+        } else {
+            figure.to_string()
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -191,6 +232,9 @@ fn authenticate(req: http::request::Builder) -> http::request::Builder {
 struct AgentStats {
     heartbeats: AtomicU64,
     failures: AtomicU64,
+    /// Delta replies that did not continue an agent's copy (each then asks for the
+    /// whole set at once): should stay 0 with one controller.
+    resyncs: AtomicU64,
     reply_bytes: AtomicU64,
     /// Round trips in ms, and reply sizes in bytes, of the current window.
     rtts: Mutex<Vec<f64>>,
@@ -241,7 +285,8 @@ async fn agent(
 ) {
     let node = node_name(index);
     let instance = format!("{:016x}", rand::random::<u64>());
-    let mut epochs: HashMap<ServiceRef, u64> = HashMap::new();
+    // The agent's copy of the directives, patched by each reply as the real agent's.
+    let mut view = DirectiveView::default();
     // Spread the first beats over one interval, as agents started at different times.
     let first = every.mul_f64(rand::rng().random_range(0.0..1.0));
     tokio::time::sleep(first).await;
@@ -254,7 +299,7 @@ async fn agent(
                 .map(|s| ServiceReport {
                     service: s.clone(),
                     mode: AppliedMode::Hold,
-                    applied_epoch: epochs.get(s).copied().unwrap_or(0),
+                    applied_epoch: view.get(s).map_or(0, |d| d.epoch),
                     connects_total: 0,
                     open_connections: 0,
                     closed_total: 0,
@@ -269,6 +314,7 @@ async fn agent(
                 .collect(),
             addresses: vec![],
             ready: true,
+            directives_cursor: view.cursor(),
         };
         let start = Instant::now();
         match api
@@ -289,12 +335,9 @@ async fn agent(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(size as f64);
-                for d in reply.directives {
-                    if let Some(e) = epochs.get_mut(&d.service) {
-                        *e = d.epoch;
-                    } else if hosted.contains(&d.service) {
-                        epochs.insert(d.service, d.epoch);
-                    }
+                if view.apply(&reply) == ViewUpdate::Resync {
+                    stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
             }
             Err(e) => {
@@ -566,27 +609,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         hwm.max(hwm_end)
     );
 
-    println!("controller_rss_mib_1k_agents_10k_services={rss:.1}");
-    println!(
-        "controller_peak_rss_mib_1k_agents_10k_services={:.1}",
-        hwm.max(hwm_end)
+    let size = Size {
+        agents: cli.agents,
+        services: cli.services,
+    };
+    let figure = |name: &str, value: f64, decimals: usize| {
+        println!("{}={value:.decimals$}", size.name(name));
+    };
+    figure("controller_rss_mib", rss, 1);
+    figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
+    figure("api_writes_per_s_steady", writes as f64 / window, 3);
+    figure(
+        "wake_to_scale_ms_p99_under_load",
+        percentile(&latencies, 0.99),
+        3,
     );
-    println!("api_writes_per_s_steady={:.3}", writes as f64 / window);
-    println!(
-        "wake_to_scale_ms_p99_under_load={:.3}",
-        percentile(&latencies, 0.99)
+    figure(
+        "wake_to_scale_ms_p50_under_load",
+        percentile(&latencies, 0.50),
+        3,
     );
-    println!(
-        "wake_to_scale_ms_p50_under_load={:.3}",
-        percentile(&latencies, 0.50)
+    figure(
+        "agent_heartbeat_ms_p99_under_load",
+        percentile(&rtts, 0.99),
+        3,
     );
-    println!(
-        "agent_heartbeat_ms_p99_under_load={:.3}",
-        percentile(&rtts, 0.99)
+    figure(
+        "agent_heartbeat_reply_bytes_p50",
+        percentile(&sizes, 0.50),
+        0,
     );
-    println!(
-        "agent_heartbeat_reply_bytes_p50={:.0}",
-        percentile(&sizes, 0.50)
+    figure(
+        "agent_heartbeat_reply_bytes_p99",
+        percentile(&sizes, 0.99),
+        0,
+    );
+    figure(
+        "agent_heartbeat_resyncs",
+        stats.resyncs.load(Ordering::Relaxed) as f64,
+        0,
     );
 
     for t in agent_tasks {

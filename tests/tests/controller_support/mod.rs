@@ -482,6 +482,7 @@ async fn heartbeats(
                     services: reports,
                     addresses: vec![],
                     ready: true,
+                    directives_cursor: None,
                 };
                 Some((
                     serde_json::to_value(hb).expect("heartbeat serializes"),

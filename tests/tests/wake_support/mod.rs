@@ -321,6 +321,9 @@ async fn controller_call(
                 let r = HeartbeatReply {
                     directives: state.directives.lock().expect("lock").clone(),
                     lease_seconds: 10,
+                    cursor: None,
+                    delta: false,
+                    removed: vec![],
                 };
                 reply(StatusCode::OK, serde_json::to_vec(&r).expect("json"))
             }
