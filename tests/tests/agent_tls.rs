@@ -41,6 +41,7 @@ fn heartbeat(node: &str) -> Heartbeat {
         services: vec![],
         addresses: vec![],
         ready: true,
+        directives_cursor: None,
     }
 }
 
