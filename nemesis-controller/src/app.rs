@@ -43,8 +43,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum StartError {
     #[error(transparent)]
     InvalidConfig(#[from] ConfigError),
-    #[error("the agent token: {0}")]
-    ReadAgentToken(#[source] AuthError),
     #[error("the Alertmanager token: {0}")]
     ReadAlertmanagerToken(#[source] AuthError),
     #[error("the web UI: {0}")]
@@ -167,17 +165,6 @@ impl Drop for Running {
 /// Starts a controller with `args` against the API server of `client`.
 pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, StartError> {
     args.validate()?;
-    let agent_token = args
-        .agent_token_file
-        .as_ref()
-        .map(BearerToken::from_file)
-        .transpose()
-        .map_err(StartError::ReadAgentToken)?;
-    if agent_token.is_some() {
-        tracing::warn!(
-            "--agent-token-file: every agent shares one token and may speak for any node; without it each agent's own ServiceAccount token is reviewed"
-        );
-    }
     let alert_token = args
         .alertmanager_token_file
         .as_ref()
@@ -348,18 +335,17 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let agent_api = AgentApi {
         registry: registry.clone(),
         wakes: wakes.clone(),
-        auth: match &agent_token {
-            Some(t) => AgentAuth::Shared(t.clone()),
-            None => AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
-                client.clone(),
-                ReviewConfig::new(
-                    &args.agent_token_audience,
-                    &args.agent_namespace,
-                    &args.agent_service_account,
-                ),
-                metrics.clone(),
-            ))),
-        },
+        // Each agent's own ServiceAccount token, reviewed and tied to its node: the
+        // binary has no shared-token mode (AgentAuth::Shared is for in-process tests).
+        auth: AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
+            client.clone(),
+            ReviewConfig::new(
+                &args.agent_token_audience,
+                &args.agent_namespace,
+                &args.agent_service_account,
+            ),
+            metrics.clone(),
+        ))),
     };
     // With TLS the agents' routes leave the plain listener: plain HTTP reaches none.
     let (plain_agent_api, agent_server) = match agent_tls {
@@ -561,7 +547,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     background.push(tokio::spawn(maintain(
         registry.clone(),
         metrics.clone(),
-        [agent_token, alert_token].into_iter().flatten().collect(),
+        alert_token.into_iter().collect(),
         serve_stop.clone(),
     )));
     if let Some(pod) = args.pod_name.clone() {

@@ -131,12 +131,6 @@ pub struct RunArgs {
           default_value = crate::agents::tls_secret::DEFAULT_CA_CONFIGMAP)]
     pub agent_ca_configmap: String,
 
-    /// Deprecated, for test harnesses without TokenReview: one bearer token every agent
-    /// shares (re-read on change) instead of per-agent ServiceAccount tokens. It cannot
-    /// tell agents apart, so any agent may speak for any node.
-    #[arg(long, env = "NEMESIS_CONTROLLER_AGENT_TOKEN_FILE")]
-    pub agent_token_file: Option<PathBuf>,
-
     /// File holding the token Alertmanager presents, as a Bearer token (its
     /// `http_config.authorization`) or as the password of HTTP Basic (its
     /// `http_config.basic_auth`, any user name). Without it the webhook is not served and
@@ -555,7 +549,6 @@ mod tests {
     #[test]
     fn agents_authenticate_with_their_service_account_by_default() {
         let a = parse(&[]).unwrap();
-        assert_eq!(a.agent_token_file, None);
         assert_eq!(a.agent_token_audience, "nemesis-controller");
         assert_eq!(a.agent_namespace, "nemesis-system");
         assert_eq!(a.agent_service_account, "nemesis-agent");

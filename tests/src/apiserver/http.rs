@@ -77,15 +77,23 @@ pub struct Shared {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestCounts {
     pub by_method: std::collections::BTreeMap<String, u64>,
+    /// POSTs of reviews (TokenReview, SubjectAccessReview and the like): creates that
+    /// persist nothing, asked to authenticate or authorize a caller.
+    pub reviews: u64,
 }
 
 impl RequestCounts {
-    /// Requests that change state: POST, PUT, PATCH and DELETE.
+    /// Requests that may change state: POST, PUT, PATCH and DELETE (reviews included).
     pub fn writes(&self) -> u64 {
         ["POST", "PUT", "PATCH", "DELETE"]
             .iter()
             .map(|m| self.by_method.get(*m).copied().unwrap_or(0))
             .sum()
+    }
+
+    /// [`RequestCounts::writes`] without the reviews: the requests that store something.
+    pub fn state_writes(&self) -> u64 {
+        self.writes() - self.reviews
     }
 }
 
@@ -283,13 +291,16 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         },
     };
     tracing::debug!(method = %parts.method, %path, %query, status = resp.status().as_u16(), "request");
-    *shared
-        .counts
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .by_method
-        .entry(parts.method.to_string())
-        .or_default() += 1;
+    {
+        let mut counts = shared.counts.lock().unwrap_or_else(|p| p.into_inner());
+        *counts
+            .by_method
+            .entry(parts.method.to_string())
+            .or_default() += 1;
+        if parts.method == http::Method::POST && path.ends_with("reviews") {
+            counts.reviews += 1;
+        }
+    }
     let mut log = shared.log.lock().unwrap_or_else(|p| p.into_inner());
     if log.len() == REQUEST_LOG_CAPACITY {
         log.pop_front();

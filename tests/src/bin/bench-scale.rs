@@ -3,14 +3,16 @@
 //! Starts the test API server in this process, creates `--services` Services, Deployments
 //! (at zero) and ScalingPolicies with concurrent requests, starts one real
 //! `nemesis-controller` process (the binary next to this one unless `--controller`), and
-//! runs `--agents` simulated agents as tokio tasks speaking the real agent HTTP API: each
-//! heartbeats every `--heartbeat` seconds (with jitter) and reports per-Service counters
+//! runs `--agents` simulated agents as tokio tasks speaking the real agent HTTP API, each
+//! with its own token (a TokenRequest bound to a pod of its node, as its projected volume
+//! would hold; the controller reviews it through TokenReview): each heartbeats every `--heartbeat` seconds (with jitter) and reports per-Service counters
 //! for the Services it "hosts" (Service `i` lives on agent `i % agents`), acknowledging the
 //! directive epochs it receives. Then, while every agent keeps heartbeating:
 //!
 //! - a steady window of `--steady` seconds with nothing changing: the API server's write
 //!   count (POST/PUT/PATCH/DELETE) over it -> `api_writes_per_s_steady` (goal: near 0; the
-//!   leader's Lease renewal is the floor);
+//!   leader's Lease renewal is the floor), without the TokenReviews, which store nothing
+//!   and are reported as `api_token_reviews_per_s_steady` (one per agent per cache period);
 //! - the controller's resident memory (`VmRSS` of `/proc/<pid>/status`) at the end of it
 //!   -> `controller_rss_mib_1k_agents_10k_services` (and the peak, `VmHWM`);
 //! - `--wakes` wake-ups sent one at a time by the agent hosting a random Service, each timed
@@ -47,12 +49,12 @@ use nemesis_common::wire::{
 };
 use nemesis_controller::notify::rule::AlertRule;
 use nemesis_controller::policy::ScalingPolicy;
+use nemesis_tests::agent_token::mint_agent_token;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use rand::Rng as _;
 use serde_json::json;
 
 const NAMESPACE: &str = "default";
-const TOKEN: &str = "bench-scale-agent-token";
 
 #[derive(Parser)]
 struct Cli {
@@ -221,12 +223,6 @@ async fn create_objects(client: &kube::Client, cli: &Cli) -> anyhow::Result<()> 
         .await
 }
 
-/// How a simulated agent authenticates to the controller: one place to adapt when the
-/// agent API's authentication changes.
-fn authenticate(req: http::request::Builder) -> http::request::Builder {
-    req.header("authorization", format!("Bearer {TOKEN}"))
-}
-
 /// What the agents measured, shared by every agent task.
 #[derive(Default)]
 struct AgentStats {
@@ -251,15 +247,21 @@ impl AgentStats {
 struct AgentApi {
     http: HttpClient<HttpConnector, Full<Bytes>>,
     base: String,
+    /// Each agent's own token (index = agent), as its projected volume would hold it:
+    /// bound to a pod of its node, reviewed by the controller through TokenReview.
+    tokens: Vec<String>,
 }
 
 impl AgentApi {
+    /// POSTs `body` to `path` as agent `agent`.
     async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
         &self,
+        agent: usize,
         path: &str,
         body: &T,
     ) -> anyhow::Result<(R, usize)> {
-        let req = authenticate(http::Request::post(format!("{}{path}", self.base)))
+        let req = http::Request::post(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.tokens[agent]))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
         let resp = tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
@@ -318,7 +320,7 @@ async fn agent(
         };
         let start = Instant::now();
         match api
-            .post::<_, HeartbeatReply>("/v1/agents/heartbeat", &hb)
+            .post::<_, HeartbeatReply>(index, "/v1/agents/heartbeat", &hb)
             .await
         {
             Ok((reply, size)) => {
@@ -403,9 +405,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
 
+    // Each agent's own token, minted as the kubelet would for its projected volume (a
+    // pod of its node, the agents' ServiceAccount, the controller's audience): the
+    // controller reviews each once per cache period, as it would in a cluster.
+    let t_tokens = Instant::now();
+    let tokens: Vec<String> = futures::stream::iter(0..cli.agents.max(1))
+        .map(|a| {
+            let client = client.clone();
+            async move { mint_agent_token(&client, &node_name(a)).await }
+        })
+        .buffered(cli.concurrency.max(1))
+        .try_collect()
+        .await
+        .context("minting the agents' tokens")?;
+    eprintln!(
+        "{} agent tokens minted in {:.1} s",
+        tokens.len(),
+        t_tokens.elapsed().as_secs_f64()
+    );
     let dir = tempfile::tempdir()?;
-    let token = dir.path().join("agent-token");
-    std::fs::write(&token, TOKEN)?;
     let controller_bin = match &cli.controller {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -425,7 +443,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .args(["--listen", &listen.to_string()])
         .args(["--admin-listen", &admin.to_string()])
         .args(["--lease-namespace", NAMESPACE])
-        .args(["--agent-token-file", &token.display().to_string()])
         .args([
             "--store-path",
             &dir.path().join("history.redb").display().to_string(),
@@ -455,6 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .pool_max_idle_per_host(cli.agents)
             .build_http(),
         base: format!("http://{listen}"),
+        tokens,
     });
     let stats = Arc::new(AgentStats::default());
     let every = Duration::from_secs_f64(cli.heartbeat);
@@ -511,9 +529,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .ok();
     let t_settle = Instant::now();
     loop {
-        let w0 = server.request_counts().writes();
+        let w0 = server.request_counts().state_writes();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let w = server.request_counts().writes() - w0;
+        let w = server.request_counts().state_writes() - w0;
         if w <= 5 || t_settle.elapsed() > Duration::from_secs(180) {
             eprintln!(
                 "settled after {:.1} s ({w} writes in the last 5 s)",
@@ -531,7 +549,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs_f64(cli.steady)).await;
     let window = t_steady.elapsed().as_secs_f64();
     let after = server.request_counts();
-    let writes = after.writes() - before.writes();
+    // Reviews (the agents' tokens checked once per cache period) store nothing: they
+    // are counted apart from the writes.
+    let writes = after.state_writes() - before.state_writes();
+    let reviews = after.reviews - before.reviews;
     let beats = stats.heartbeats.load(Ordering::Relaxed) - beats_before;
     let (rss, hwm) = memory_mib(pid)?;
     // Which writes: the request log's tail (it keeps the latest few thousand).
@@ -541,7 +562,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let tail = usize::try_from(served).unwrap_or(usize::MAX).min(log.len());
     let mut by_path: HashMap<String, u64> = HashMap::new();
     for r in &log[log.len() - tail..] {
-        if ["POST", "PUT", "PATCH", "DELETE"].contains(&r.method.as_str()) {
+        if ["POST", "PUT", "PATCH", "DELETE"].contains(&r.method.as_str())
+            && !(r.method == "POST" && r.path.ends_with("reviews"))
+        {
             *by_path
                 .entry(format!("{} {}", r.method, r.path))
                 .or_default() += 1;
@@ -562,7 +585,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     sizes.sort_by(f64::total_cmp);
     let failures = stats.failures.load(Ordering::Relaxed);
     eprintln!(
-        "steady window {window:.1} s: {writes} writes, {beats} heartbeats ({:.0}/s), {failures} failed in total",
+        "steady window {window:.1} s: {writes} writes, {reviews} token reviews, {beats} heartbeats ({:.0}/s), {failures} failed in total",
         beats as f64 / window
     );
 
@@ -575,8 +598,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     for &i in rng_pick.iter().take(cli.wakes.min(cli.services)) {
         let name = service_name(i);
+        let waker = i % cli.agents.max(1);
         let req = WakeRequest {
-            node: node_name(i % cli.agents.max(1)),
+            node: node_name(waker),
             service: ServiceRef {
                 namespace: NAMESPACE.into(),
                 name: name.clone(),
@@ -584,7 +608,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             held_connections: 1,
         };
         let start = Instant::now();
-        let (reply, _): (WakeReply, _) = api.post("/v1/agents/wake", &req).await?;
+        let (reply, _): (WakeReply, _) = api.post(waker, "/v1/agents/wake", &req).await?;
         if !reply.accepted {
             bail!("wake-up of {name} refused: {}", reply.message);
         }
@@ -619,6 +643,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     figure("controller_rss_mib", rss, 1);
     figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
     figure("api_writes_per_s_steady", writes as f64 / window, 3);
+    figure("api_token_reviews_per_s_steady", reviews as f64 / window, 3);
     figure(
         "wake_to_scale_ms_p99_under_load",
         percentile(&latencies, 0.99),
