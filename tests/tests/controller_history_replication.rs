@@ -18,14 +18,11 @@ use bytes::Bytes;
 use controller_support::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
 use kube::api::PostParams;
 use nemesis_common::wire::ServiceRef;
 use nemesis_controller::app::Running;
-use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::PolicyId;
-use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
+use nemesis_tests::apiserver::TestApiServer;
 use serde_json::{Value, json};
 
 const UI_PW: &str = "replication-test-password";
@@ -167,16 +164,14 @@ fn summaries(events: &[(String, u64, String)]) -> Vec<String> {
 async fn the_standby_holds_the_leaders_history_shows_it_and_leads_on_with_every_record_once()
 -> anyhow::Result<()> {
     init_tracing();
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
-    let client = server.client().await?;
-    install_crd(&client).await?;
+    let OneDeployment {
+        server,
+        client: _,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("hist", 1).await?;
     let ns = "default";
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
-    deployments
-        .create(&PostParams::default(), &deployment("hist", 1))
-        .await?;
-    let log = ReplicaLog::start(deployments.clone(), "hist");
 
     let (dir_a, dir_b, dir_c) = (
         tempfile::tempdir()?,

@@ -8,14 +8,12 @@ mod controller_support;
 use std::time::{Duration, Instant};
 
 use controller_support::*;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
 use nemesis_common::wire::ServiceRef;
 use nemesis_controller::leader::LEADER_LABEL;
-use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::PolicyId;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use serde_json::json;
@@ -35,16 +33,14 @@ fn scale_records(c: &nemesis_controller::app::Running, ns: &str, name: &str) -> 
 async fn only_the_leader_scales_and_a_killed_leader_is_replaced_without_repeating_or_losing_a_scale()
 -> anyhow::Result<()> {
     init_tracing();
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
-    let client = server.client().await?;
-    install_crd(&client).await?;
+    let OneDeployment {
+        server,
+        client,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("web", 1).await?;
     let ns = "default";
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
-    deployments
-        .create(&PostParams::default(), &deployment("web", 1))
-        .await?;
-    let log = ReplicaLog::start(deployments.clone(), "web");
 
     let dir_a = tempfile::tempdir()?;
     let dir_b = tempfile::tempdir()?;
@@ -238,16 +234,14 @@ async fn a_leader_killed_mid_for_window_is_replaced_by_one_that_fires_at_the_ori
 -> anyhow::Result<()> {
     const WINDOW: Duration = Duration::from_secs(12);
     init_tracing();
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
-    let client = server.client().await?;
-    install_crd(&client).await?;
+    let OneDeployment {
+        server,
+        client: _,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("win", 3).await?;
     let ns = "default";
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
-    deployments
-        .create(&PostParams::default(), &deployment("win", 3))
-        .await?;
-    let log = ReplicaLog::start(deployments.clone(), "win");
 
     let dir_a = tempfile::tempdir()?;
     let dir_b = tempfile::tempdir()?;

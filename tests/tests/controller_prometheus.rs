@@ -101,15 +101,13 @@ async fn a_promql_policy_with_a_real_prometheus_scales_up_and_back_down() -> any
     )
     .await?;
 
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
-    let client = server.client().await?;
-    install_crd(&client).await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), "default");
-    deployments
-        .create(&PostParams::default(), &deployment("worker", 1))
-        .await?;
-    let log = ReplicaLog::start(deployments.clone(), "worker");
+    let OneDeployment {
+        server,
+        client: _,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("worker", 1).await?;
     let url = format!("http://{prom}");
     let ctl_dir = tempfile::tempdir()?;
     let c = start_controller(&server, ctl_dir.path(), &["--prometheus-url", &url]).await?;

@@ -11,31 +11,26 @@ mod controller_support;
 use std::time::Duration;
 
 use controller_support::*;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use nemesis_common::wire::ServiceRef;
-use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::PolicyId;
 use nemesis_tests::apiserver::faults::{FaultKind, FaultPlan, Phase};
-use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_behind()
 -> anyhow::Result<()> {
     init_tracing();
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
-    let client = server.client().await?;
-    install_crd(&client).await?;
+    let OneDeployment {
+        server,
+        client,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("resumed", 0).await?;
     let ns = "default";
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
-    deployments
-        .create(&PostParams::default(), &deployment("resumed", 0))
-        .await?;
-    let log = ReplicaLog::start(deployments.clone(), "resumed");
 
     let dir = tempfile::tempdir()?;
     let a = start_controller(&server, dir.path(), &[]).await?;
@@ -146,16 +141,14 @@ async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_whose_answer_is_lost_is_recorded_once_and_not_repeated() -> anyhow::Result<()> {
     init_tracing();
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
-    let client = server.client().await?;
-    install_crd(&client).await?;
+    let OneDeployment {
+        server,
+        client: _,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("lost", 1).await?;
     let ns = "default";
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
-    deployments
-        .create(&PostParams::default(), &deployment("lost", 1))
-        .await?;
-    let log = ReplicaLog::start(deployments.clone(), "lost");
     let dir = tempfile::tempdir()?;
     // A renew deadline the held answers below cannot use up (they hit the Lease too).
     let a = start_controller(

@@ -252,6 +252,40 @@ pub async fn wait_state(
     .await
 }
 
+/// How most controller tests begin: a test API server with the ScalingPolicy CRD and
+/// one Deployment in `default`, whose replica counts are logged from the start.
+pub struct OneDeployment {
+    pub server: TestApiServer,
+    pub client: Client,
+    pub deployments: Api<Deployment>,
+    pub policies: Api<ScalingPolicy>,
+    pub log: ReplicaLog,
+}
+
+impl OneDeployment {
+    /// Deployment `name` at `replicas`.
+    pub async fn start(name: &str, replicas: i32) -> anyhow::Result<Self> {
+        let server =
+            TestApiServer::start(nemesis_tests::apiserver::ApiServerOptions::default()).await?;
+        let client = server.client().await?;
+        install_crd(&client).await?;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+        let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), "default");
+        deployments
+            .create(&PostParams::default(), &deployment(name, replicas))
+            .await
+            .with_context(|| format!("creating Deployment {name}"))?;
+        let log = ReplicaLog::start(deployments.clone(), name);
+        Ok(Self {
+            server,
+            client,
+            deployments,
+            policies,
+            log,
+        })
+    }
+}
+
 /// Every distinct `spec.replicas` a Deployment had, in order, as a watch sees them.
 pub struct ReplicaLog {
     seen: Arc<Mutex<Vec<i32>>>,
