@@ -33,7 +33,6 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
 const GAUGE: &str = "nemesis_test_jobs_queued";
 /// The queue the exporter reports: 4 replicas at 10 per replica.
 const QUEUE: f64 = 35.0;
@@ -75,36 +74,6 @@ async fn serve_exporter() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
-}
-
-/// Debian's Prometheus scraping `target` every second, its TSDB in `dir` (kept across
-/// restarts), on a fresh loopback port.
-async fn start_prometheus(
-    dir: &std::path::Path,
-    target: SocketAddr,
-) -> anyhow::Result<(ChildGuard, SocketAddr)> {
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n- job_name: exporter\n  static_configs:\n  - targets: ['{target}']\n"
-        ),
-    )?;
-    let port = free_port()?;
-    start_monitoring_process(
-        PROMETHEUS,
-        "prometheus",
-        &[
-            format!("--config.file={}", config.display()),
-            format!("--storage.tsdb.path={}", dir.join("data").display()),
-            format!("--web.listen-address=127.0.0.1:{port}"),
-        ],
-        dir,
-        "prometheus",
-        port,
-    )
-    .await
 }
 
 /// One fault and what the controller must say about it.

@@ -171,35 +171,6 @@ async fn a_promql_policy_with_a_real_prometheus_scales_up_and_back_down() -> any
 
 const REPORT_PASSWORD: &str = "reports-admin-password";
 
-/// Debian's Prometheus scraping `target` every second, its files in `dir`.
-async fn start_prometheus(
-    dir: &std::path::Path,
-    target: std::net::SocketAddr,
-) -> anyhow::Result<(ChildGuard, std::net::SocketAddr)> {
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n- job_name: exporter\n  static_configs:\n  - targets: ['{target}']\n"
-        ),
-    )?;
-    let port = free_port()?;
-    start_monitoring_process(
-        PROMETHEUS,
-        "prometheus",
-        &[
-            format!("--config.file={}", config.display()),
-            format!("--storage.tsdb.path={}", dir.join("data").display()),
-            format!("--web.listen-address=127.0.0.1:{port}"),
-        ],
-        dir,
-        "prometheus",
-        port,
-    )
-    .await
-}
-
 /// A controller with the UI (and `extra` flags) and a logged-in admin session, with the
 /// Deployment `worker` and its policy `spec`.
 async fn report_controller(

@@ -595,6 +595,36 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Debian's Prometheus scraping `target` every second, its TSDB in `dir` (kept across
+/// restarts), on a fresh loopback port.
+pub async fn start_prometheus(
+    dir: &std::path::Path,
+    target: std::net::SocketAddr,
+) -> anyhow::Result<(ChildGuard, std::net::SocketAddr)> {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n- job_name: exporter\n  static_configs:\n  - targets: ['{target}']\n"
+        ),
+    )?;
+    let port = free_port()?;
+    start_monitoring_process(
+        "/usr/bin/prometheus",
+        "prometheus",
+        &[
+            format!("--config.file={}", config.display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+        ],
+        dir,
+        "prometheus",
+        port,
+    )
+    .await
+}
+
 /// Starts `program` with `args` (stderr to `dir/<name>.log`) and waits until
 /// `GET /-/ready` on `port` answers 200.
 pub async fn start_monitoring_process(
