@@ -81,6 +81,10 @@ pub enum Rejection {
     BodyTimeout,
     /// 503: the body arrived but the handler did not answer within `request_timeout`.
     AnswerTimeout,
+    /// 400: plain HTTP (or anything not TLS) on a TLS listener.
+    PlainHttpOnTls,
+    /// The TLS handshake failed (a client trusting another CA, a protocol mismatch).
+    TlsHandshake,
 }
 
 impl Rejection {
@@ -91,14 +95,18 @@ impl Rejection {
             Rejection::HeaderTimeout => "header_timeout",
             Rejection::BodyTimeout => "body_timeout",
             Rejection::AnswerTimeout => "answer_timeout",
+            Rejection::PlainHttpOnTls => "plain_http_on_tls",
+            Rejection::TlsHandshake => "tls_handshake_failed",
         }
     }
 
-    pub const ALL: [Rejection; 4] = [
+    pub const ALL: [Rejection; 6] = [
         Rejection::BodyTooLarge,
         Rejection::HeaderTimeout,
         Rejection::BodyTimeout,
         Rejection::AnswerTimeout,
+        Rejection::PlainHttpOnTls,
+        Rejection::TlsHandshake,
     ];
 }
 
@@ -124,7 +132,7 @@ impl RejectionCounter {
     pub fn register(&self, registry: &mut Registry, name: &str) {
         registry.register(
             name,
-            "HTTP requests and connections refused by a listener's limits (body size, header and request time), by listener and reason",
+            "HTTP requests and connections refused by a listener's limits (body size, header and request time) or its TLS (plain HTTP, failed handshakes), by listener and reason",
             self.0.clone(),
         );
     }

@@ -4,7 +4,8 @@
 //! agents' API on its TLS listener only, and rotates the certificate before it expires
 //! while the agents (the real `ControllerClient`) keep heartbeating with the CA they
 //! started with. A wrong CA is refused by the agent; plain HTTP is refused by the
-//! controller, on the TLS port (a 400 saying so) and on the plain port (no agent routes).
+//! controller, on the TLS port (a 400 saying so, counted) and on the plain port (no agent
+//! routes).
 //! An operator's own certificate Secret is presented as it is.
 
 mod controller_support;
@@ -231,6 +232,15 @@ async fn agents_speak_tls_with_the_issued_ca_and_plain_http_is_refused() -> anyh
         )
         .await?;
     assert_eq!(code, 404, "no agent route on the plain listener");
+    // Both refusals on the TLS port are counted: the plain request and the handshakes
+    // of the client trusting another CA.
+    for reason in ["plain_http_on_tls", "tls_handshake_failed"] {
+        let series = format!(
+            "nemesis_controller_http_rejected_total{{listener=\"agents\",reason=\"{reason}\"}}"
+        );
+        let counted = scrape(&c, &series).await?;
+        assert!(counted >= 1.0, "{series} counts the refusal, got {counted}");
+    }
 
     // A second replica (a standby) reads the same Secret: same CA, no new one issued.
     let dir2 = tempfile::tempdir()?;

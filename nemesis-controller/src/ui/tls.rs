@@ -91,9 +91,20 @@ const PLAIN_HTTP_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: te
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// Why a connection on a TLS listener never reached the router.
+enum Refused {
+    /// It closed before sending anything (a TCP probe): nothing to count.
+    Closed,
+    /// Its first byte was not a TLS handshake record.
+    PlainHttp,
+    /// The handshake (or reading its first byte) failed.
+    Handshake(std::io::Error),
+}
+
 /// [`serve`] for any TLS listener, `which` naming it in logs. A connection whose first
 /// byte is not a TLS handshake (plain HTTP) gets a 400 saying the port speaks TLS and is
-/// closed.
+/// closed; both it and a failed handshake are counted in the listener's rejections
+/// (`plain_http_on_tls`, `tls_handshake_failed`).
 pub async fn serve_tls(
     which: &'static str,
     listener: TcpListener,
@@ -123,22 +134,31 @@ pub async fn serve_tls(
         tokio::spawn(async move {
             let handshake = async {
                 let mut first = [0u8; 1];
-                let n = tcp.peek(&mut first).await?;
-                if n == 1 && first[0] != TLS_HANDSHAKE_RECORD {
+                let n = tcp.peek(&mut first).await.map_err(Refused::Handshake)?;
+                if n == 0 {
+                    return Err(Refused::Closed);
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD {
                     let mut tcp = tcp;
                     use tokio::io::AsyncWriteExt;
-                    tcp.write_all(PLAIN_HTTP_REFUSAL).await?;
+                    // The refusal is counted whether or not the client stays to read it.
+                    let _ = tcp.write_all(PLAIN_HTTP_REFUSAL).await;
                     let _ = tcp.shutdown().await;
-                    return Err(std::io::Error::other(
-                        "plain HTTP (or not TLS) on a TLS port",
-                    ));
+                    return Err(Refused::PlainHttp);
                 }
-                acceptor.accept(tcp).await
+                acceptor.accept(tcp).await.map_err(Refused::Handshake)
             };
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
+                Ok(Err(Refused::Closed)) => return,
+                Ok(Err(Refused::PlainHttp)) => {
+                    tracing::debug!(which, %peer, "plain HTTP on a TLS port: refused");
+                    router.count_rejection(Rejection::PlainHttpOnTls);
+                    return;
+                }
+                Ok(Err(Refused::Handshake(e))) => {
                     tracing::debug!(which, %peer, err = %e, "TLS handshake failed");
+                    router.count_rejection(Rejection::TlsHandshake);
                     return;
                 }
                 Err(_) => {
