@@ -350,7 +350,7 @@ impl WriterParts {
         let managed = ManagedServices::new(
             table.clone(),
             dp_services.clone(),
-            proxy_metrics,
+            proxy_metrics.clone(),
             counters.clone(),
         );
         // Balance routes to the ready backends itself: no Service proxy to wait for.
@@ -566,6 +566,7 @@ impl WriterParts {
                     node,
                     services,
                     every: crate::loads::LOAD_REPORT_INTERVAL,
+                    metrics: proxy_metrics,
                 }
                 .run()
                 .await

@@ -1,4 +1,4 @@
-//! Balance mode's cluster-wide load: every second, this node's open connections per
+//! Balance mode's cluster-wide load: every half second, this node's open connections per
 //! backend go to the controller and the other nodes' sums come back into the
 //! datapath, where each choice adds them to the node's own counts (read at once in
 //! the kernel). It owns only the exchange; the kernel decides where connections go.
@@ -9,11 +9,19 @@ use std::time::Duration;
 use nemesis_common::wire::{BackendLoad, LoadReport, ServiceLoads};
 
 use crate::control::ControllerClient;
+use crate::metrics::{LoadExchangeResult, ProxyMetrics};
 use crate::services::{self, DatapathServices};
 
-/// How often loads are exchanged: the other nodes' counts a choice uses are at most
-/// about this old (plus a call), as the load-balancing issue asks (a second).
-pub const LOAD_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often loads are exchanged. A node's change reaches the controller within one
+/// interval (its next report) and another node within one more (that node's next
+/// exchange), so the other nodes' counts a choice uses are at most two intervals (plus
+/// two calls) old: half a second each keeps that within the second the load-balancing
+/// issue asks for.
+pub const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+const _: () = assert!(
+    LOAD_REPORT_INTERVAL.as_millis() * 2 <= 1000,
+    "two exchanges must fit in the second the issue allows"
+);
 
 /// Remote loads older than this are dropped when the controller cannot be reached:
 /// as the controller's own bound, a stale picture must not steer choices for long.
@@ -25,6 +33,8 @@ pub struct LoadExchange {
     pub node: String,
     pub services: Arc<DatapathServices>,
     pub every: Duration,
+    /// Where each exchange is counted (`nemesis_agent_load_exchanges_total`).
+    pub metrics: ProxyMetrics,
 }
 
 impl LoadExchange {
@@ -51,8 +61,12 @@ impl LoadExchange {
                     if let Err(err) = self.services.set_remote_loads(&reply.services) {
                         tracing::warn!(error = %services::error_chain(&err), "other nodes' load not written to the datapath");
                     }
+                    // Counted once the datapath has the reply: a count seen means its
+                    // loads are what choices use.
+                    self.metrics.load_exchange(LoadExchangeResult::Ok);
                 }
                 Err(err) => {
+                    self.metrics.load_exchange(LoadExchangeResult::Failed);
                     if !failing {
                         failing = true;
                         tracing::warn!(%err, "load exchange with the controller failed; choices use this node's counts and, for a few seconds, the last remote ones");

@@ -168,6 +168,30 @@ impl EncodeLabelValue for WakeResult {
     }
 }
 
+/// How one exchange of balance mode's loads with the controller went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoadExchangeResult {
+    /// The controller took this node's loads and answered the other nodes'.
+    Ok,
+    /// The call failed (unreachable, refused, bad reply): choices keep the last remote
+    /// loads for a few seconds, then use this node's alone.
+    Failed,
+}
+
+impl EncodeLabelValue for LoadExchangeResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            LoadExchangeResult::Ok => "ok",
+            LoadExchangeResult::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LoadExchangeLabels {
+    pub result: LoadExchangeResult,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub namespace: String,
@@ -279,6 +303,9 @@ pub struct ProxyMetrics {
     pub stepped_out: Family<StepOutLabels, Counter>,
     /// Connections the proxy has in hand (held, refusing or forwarding).
     pub open: Gauge,
+    /// Balance mode's load exchanges with the controller, by result (beside the proxy's
+    /// families because every loop of the agent gets these).
+    pub load_exchanges: Family<LoadExchangeLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -303,7 +330,12 @@ impl ProxyMetrics {
                 how,
             });
         }
+        let load_exchanges = Family::<LoadExchangeLabels, Counter>::default();
+        for result in [LoadExchangeResult::Ok, LoadExchangeResult::Failed] {
+            let _ = load_exchanges.get_or_create(&LoadExchangeLabels { result });
+        }
         Self {
+            load_exchanges,
             held: Family::default(),
             holds: Family::default(),
             holds_refused: Family::default(),
@@ -374,6 +406,19 @@ impl ProxyMetrics {
             "Client connections the proxy has in hand (held, refusing or forwarding)",
             self.open.clone(),
         );
+        registry.register(
+            "nemesis_agent_load_exchanges",
+            "Balance mode's exchanges of per-backend open connections with the controller \
+             (this node's out, the other nodes' in), by result",
+            self.load_exchanges.clone(),
+        );
+    }
+
+    /// Counts one load exchange.
+    pub fn load_exchange(&self, result: LoadExchangeResult) {
+        self.load_exchanges
+            .get_or_create(&LoadExchangeLabels { result })
+            .inc();
     }
 
     pub fn outcome(&self, outcome: Outcome) {

@@ -11,7 +11,7 @@
 //! - `POST /v1/agents/wake` with [`WakeRequest`] -> [`WakeReply`]: the first held
 //!   connection of a Service (single flight per Service on the agent).
 //! - `POST /v1/agents/loads` with [`LoadReport`] -> [`LoadReply`]: balance mode's
-//!   cluster-wide load, every second: the agent's open connections per backend out, the
+//!   cluster-wide load, every half second: the agent's open connections per backend out, the
 //!   other nodes' sums back. Apart from the heartbeat so it stays small and frequent.
 
 use std::collections::BTreeMap;

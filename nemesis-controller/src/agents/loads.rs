@@ -10,8 +10,8 @@ use std::time::Duration;
 use nemesis_common::wire::{BackendLoad, LoadReply, LoadReport, ServiceLoads, ServiceRef};
 use tokio::time::Instant;
 
-/// A node's report counts for this long: two of the agents' one-second reports, so one
-/// late report does not drop its load, and a node gone silent (stopped, cut off) stops
+/// A node's report counts for this long: four of the agents' half-second reports, so a
+/// late report or two does not drop its load, and a node gone silent (stopped, cut off) stops
 /// weighing on the others' choices within seconds.
 pub const LOAD_MAX_AGE: Duration = Duration::from_secs(2);
 /// Balanced Services one report may carry, and backends per Service (balance mode's
@@ -30,7 +30,7 @@ type Totals = BTreeMap<ServiceRef, BTreeMap<SocketAddr, u64>>;
 
 /// The latest report of every node, and their running sum: a reply is the sum minus
 /// the asker's own report, so answering costs the size of that report, not the number
-/// of nodes (every agent asks every second).
+/// of nodes (every agent asks every half second).
 #[derive(Debug, Default)]
 pub struct LoadBoard {
     inner: Mutex<Board>,

@@ -1,14 +1,16 @@
 //! The EndpointSlice controller: for each Service with a selector, keeps EndpointSlices
 //! labelled `kubernetes.io/service-name=<svc>` listing the selected pods with their
 //! ready/serving/terminating conditions and the Service's ports resolved against the
-//! pods' container ports. It manages only slices carrying its own `managed-by` label;
-//! slices of selector-less Services belong to whoever wrote them.
+//! pods' container ports, each endpoint with its pod's `nodeName` and that Node's zone
+//! (its `topology.kubernetes.io/zone` label), as kube-controller-manager fills them. It
+//! manages only slices carrying its own `managed-by` label; slices of selector-less
+//! Services belong to whoever wrote them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -30,11 +32,26 @@ pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 /// Endpoints per slice, as Kubernetes' default `--max-endpoints-per-slice`.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+/// The Node label an endpoint's `zone` comes from.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Each Node's zone by node name (Nodes without the label are left out).
+pub type Zones = BTreeMap<String, String>;
+
+/// The zones of `nodes`, from their [`ZONE_LABEL`].
+pub fn zones_of(nodes: &[Node]) -> Zones {
+    nodes
+        .iter()
+        .filter_map(|n| Some((n.name_any(), n.labels().get(ZONE_LABEL)?.clone())))
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SliceError {
     #[error("listing pods for service {service}: {source}")]
     ListPods { service: String, source: CallError },
+    #[error("listing nodes for the zones of service {service}'s endpoints: {source}")]
+    ListNodes { service: String, source: CallError },
     #[error("listing endpointslices of service {service}: {source}")]
     ListSlices { service: String, source: CallError },
     #[error("writing endpointslice {slice} of service {service}: {source}")]
@@ -117,8 +134,15 @@ pub fn families(service: &Service) -> Vec<&'static str> {
 }
 
 /// The endpoint for `pod` in a slice of `family` (`IPv4`, `IPv6`), or `None` when it has
-/// no address of that family or has finished.
-pub fn endpoint(pod: &Pod, publish_not_ready: bool, family: &str) -> Option<Endpoint> {
+/// no address of that family or has finished. Its `zone` is its node's in `zones`
+/// (none when the node has no zone label, or no Node object: Kubernetes would leave such
+/// a pod out until its Node shows up, the sandbox keeps it without a zone).
+pub fn endpoint(
+    pod: &Pod,
+    publish_not_ready: bool,
+    family: &str,
+    zones: &Zones,
+) -> Option<Endpoint> {
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
@@ -136,6 +160,8 @@ pub fn endpoint(pod: &Pod, publish_not_ready: bool, family: &str) -> Option<Endp
         .find(of_family)?;
     let terminating = pod.metadata.deletion_timestamp.is_some();
     let ready = pod_ready(pod);
+    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let zone = node_name.as_ref().and_then(|n| zones.get(n)).cloned();
     Some(Endpoint {
         addresses: vec![ip.to_string()],
         conditions: Some(EndpointConditions {
@@ -143,7 +169,8 @@ pub fn endpoint(pod: &Pod, publish_not_ready: bool, family: &str) -> Option<Endp
             serving: Some(publish_not_ready || ready),
             terminating: Some(terminating),
         }),
-        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        node_name,
+        zone,
         target_ref: Some(ObjectReference {
             kind: Some("Pod".into()),
             namespace: pod.namespace(),
@@ -160,14 +187,20 @@ pub fn endpoint(pod: &Pod, publish_not_ready: bool, family: &str) -> Option<Endp
 /// [`MAX_ENDPOINTS_PER_SLICE`] per slice, names stable so reconciles are idempotent.
 /// A service selecting nothing gets one empty slice, as Kubernetes' placeholder. A
 /// dual-stack Service gets a set of slices per family, as kube-controller-manager does.
-pub fn desired_slices(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
+/// `zones` gives each endpoint its node's zone.
+pub fn desired_slices(service: &Service, pods: &[Pod], zones: &Zones) -> Vec<EndpointSlice> {
     families(service)
         .into_iter()
-        .flat_map(|family| desired_slices_of(service, pods, family))
+        .flat_map(|family| desired_slices_of(service, pods, family, zones))
         .collect()
 }
 
-fn desired_slices_of(service: &Service, pods: &[Pod], family: &str) -> Vec<EndpointSlice> {
+fn desired_slices_of(
+    service: &Service,
+    pods: &[Pod],
+    family: &str,
+    zones: &Zones,
+) -> Vec<EndpointSlice> {
     if selector_of(service).is_none() {
         return Vec::new();
     }
@@ -180,7 +213,7 @@ fn desired_slices_of(service: &Service, pods: &[Pod], family: &str) -> Vec<Endpo
     sorted.sort_by_key(|p| p.name_any());
     let mut groups: BTreeMap<Vec<(String, i32, String)>, Vec<Endpoint>> = BTreeMap::new();
     for pod in sorted {
-        let Some(endpoint) = endpoint(pod, publish_not_ready, family) else {
+        let Some(endpoint) = endpoint(pod, publish_not_ready, family, zones) else {
             continue;
         };
         let ports: Vec<(String, i32, String)> = service_ports
@@ -293,8 +326,10 @@ pub async fn run(client: Client, namespace: Option<String>, cancel: Cancellation
     let services: Api<Service> = api(&client, namespace.as_deref());
     let pods: Api<Pod> = api(&client, namespace.as_deref());
     let slices: Api<EndpointSlice> = api(&client, namespace.as_deref());
+    let nodes: Api<Node> = Api::all(client.clone());
     let controller = Controller::new(services, watcher::Config::default());
     let store = controller.store();
+    let every_service = controller.store();
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     controller
         // A pod change concerns every Service selecting it (also on its deletion).
@@ -303,6 +338,15 @@ pub async fn run(client: Client, namespace: Option<String>, cancel: Cancellation
                 .state()
                 .into_iter()
                 .filter(|svc| selects(svc, &pod))
+                .map(|svc| ObjectRef::from_obj(&*svc))
+                .collect::<Vec<_>>()
+        })
+        // A Node's zone is in its pods' endpoints: a Node change concerns every Service
+        // (a sandbox has few of both).
+        .watches(nodes, watcher::Config::default(), move |_: Node| {
+            every_service
+                .state()
+                .into_iter()
                 .map(|svc| ObjectRef::from_obj(&*svc))
                 .collect::<Vec<_>>()
         })
@@ -351,7 +395,20 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, S
                 .collect()
         }
     };
-    let desired = desired_slices(&service, &pods);
+    // Only the nodes' labels matter; a sandbox has a handful of Nodes.
+    let zones = if pods.is_empty() {
+        Zones::new()
+    } else {
+        let nodes: Api<Node> = Api::all(ctx.client.clone());
+        let listed = call(nodes.list(&ListParams::default()))
+            .await
+            .map_err(|source| SliceError::ListNodes {
+                service: key.clone(),
+                source,
+            })?;
+        zones_of(&listed.items)
+    };
+    let desired = desired_slices(&service, &pods, &zones);
     let existing = call(slices_api.list(&ListParams::default().labels(&format!(
         "{SERVICE_NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}"
     ))))
@@ -491,7 +548,7 @@ mod tests {
             pod("a", Some("198.18.1.2"), true, 8080),
             pod("no-ip", None, false, 8080),
         ];
-        let slices = desired_slices(&service(Some(IntOrString::Int(8080))), &pods);
+        let slices = desired_slices(&service(Some(IntOrString::Int(8080))), &pods, &Zones::new());
         assert_eq!(slices.len(), 1);
         let s = &slices[0];
         assert_eq!(s.address_type, "IPv4");
@@ -517,10 +574,49 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_carry_their_pods_node_and_that_nodes_zone() {
+        let mut elsewhere = pod("b", Some("198.18.1.3"), true, 8080);
+        elsewhere.spec.as_mut().unwrap().node_name = Some("node-2".into());
+        let mut unbound = pod("c", Some("198.18.1.4"), true, 8080);
+        unbound.spec.as_mut().unwrap().node_name = None;
+        let pods = [pod("a", Some("198.18.1.2"), true, 8080), elsewhere, unbound];
+        let nodes: Vec<Node> = [("node-1", Some("zone-a")), ("node-2", None)]
+            .iter()
+            .map(|(name, zone)| {
+                let mut labels = serde_json::json!({"kubernetes.io/hostname": name});
+                if let Some(z) = zone {
+                    labels[ZONE_LABEL] = serde_json::json!(z);
+                }
+                serde_json::from_value(
+                    serde_json::json!({"metadata": {"name": name, "labels": labels}}),
+                )
+                .unwrap()
+            })
+            .collect();
+        let zones = zones_of(&nodes);
+        assert_eq!(zones, Zones::from([("node-1".into(), "zone-a".into())]));
+        let slices = desired_slices(&service(Some(IntOrString::Int(8080))), &pods, &zones);
+        let placed: Vec<(Option<String>, Option<String>)> = slices[0]
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| (e.node_name.clone(), e.zone.clone()))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                (Some("node-1".into()), Some("zone-a".into())),
+                (Some("node-2".into()), None),
+                (None, None),
+            ]
+        );
+    }
+
+    #[test]
     fn terminating_pods_are_serving_but_not_ready() {
         let mut leaving = pod("a", Some("198.18.1.2"), true, 8080);
         leaving.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
-        let slices = desired_slices(&service(None), &[leaving]);
+        let slices = desired_slices(&service(None), &[leaving], &Zones::new());
         assert_eq!(
             conditions(&slices[0]),
             [("198.18.1.2".into(), false, true, true)]
@@ -534,7 +630,7 @@ mod tests {
             pod("a", Some("198.18.1.2"), true, 8080),
             pod("b", Some("198.18.1.3"), true, 9090),
         ];
-        let slices = desired_slices(&svc, &pods);
+        let slices = desired_slices(&svc, &pods, &Zones::new());
         let mut ports: Vec<i32> = slices
             .iter()
             .map(|s| s.ports.as_ref().unwrap()[0].port.unwrap())
@@ -546,12 +642,19 @@ mod tests {
 
     #[test]
     fn a_service_selecting_nothing_gets_one_empty_slice_and_no_selector_gets_none() {
-        let slices = desired_slices(&service(None), &[]);
+        let slices = desired_slices(&service(None), &[], &Zones::new());
         assert_eq!(slices.len(), 1);
         assert!(slices[0].endpoints.as_ref().unwrap().is_empty());
         let mut manual = service(None);
         manual.spec.as_mut().unwrap().selector = None;
-        assert!(desired_slices(&manual, &[pod("a", Some("198.18.1.2"), true, 80)]).is_empty());
+        assert!(
+            desired_slices(
+                &manual,
+                &[pod("a", Some("198.18.1.2"), true, 80)],
+                &Zones::new()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -568,8 +671,8 @@ mod tests {
     #[test]
     fn slice_names_are_stable_across_reconciles() {
         let pods = [pod("a", Some("198.18.1.2"), true, 8080)];
-        let one = desired_slices(&service(None), &pods);
-        let two = desired_slices(&service(None), &pods);
+        let one = desired_slices(&service(None), &pods, &Zones::new());
+        let two = desired_slices(&service(None), &pods, &Zones::new());
         assert_eq!(one, two);
         assert!(same_content(&one[0], &two[0]));
     }
@@ -586,7 +689,7 @@ mod tests {
                 )
             })
             .collect();
-        let slices = desired_slices(&service(None), &pods);
+        let slices = desired_slices(&service(None), &pods, &Zones::new());
         let sizes: Vec<usize> = slices
             .iter()
             .map(|s| s.endpoints.as_ref().unwrap().len())

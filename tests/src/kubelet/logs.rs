@@ -222,10 +222,12 @@ pub async fn serve(dir: PathBuf, cancel: CancellationToken) -> Result<SocketAddr
     Ok(addr)
 }
 
-/// Creates or updates the Node `name`: Ready, at 127.0.0.1, its kubelet port `port`.
+/// Creates or updates the Node `name`: Ready, at 127.0.0.1, its kubelet port `port`,
+/// labelled with its `zone` (`topology.kubernetes.io/zone`) when it has one.
 pub async fn register_node(
     client: &kube::Client,
     name: &str,
+    zone: Option<&str>,
     port: u16,
 ) -> Result<(), LogServerError> {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -233,9 +235,13 @@ pub async fn register_node(
         node: name.into(),
         source,
     };
+    let mut labels = json!({"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"});
+    if let Some(zone) = zone {
+        labels[crate::controllers::endpointslices::ZONE_LABEL] = json!(zone);
+    }
     let node = json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        "metadata": {"name": name, "labels": labels},
     });
     let pp = PatchParams::apply("nemesis-sandbox-kubelet").force();
     call(nodes.patch(name, &pp, &Patch::Apply(&node)))

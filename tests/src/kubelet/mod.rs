@@ -157,6 +157,10 @@ pub struct SandboxOptions {
     /// `_PORT`, and a route to it from their own namespaces ([`api_route`]), so
     /// in-cluster clients work. `None`: neither.
     pub api_server: Option<std::net::SocketAddr>,
+    /// The node's zone: its Node's `topology.kubernetes.io/zone` label, as a cloud's
+    /// node controller sets it (and so the `zone` of its pods' EndpointSlice
+    /// endpoints). `None`: no zone label.
+    pub zone: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -173,6 +177,7 @@ impl Default for SandboxOptions {
             ca_pem: None,
             images: None,
             api_server: None,
+            zone: None,
         }
     }
 }
@@ -244,7 +249,13 @@ impl Sandbox {
         let cancel = CancellationToken::new();
         // `kubectl logs` reaches container logs through the Node, as on a cluster.
         let log_addr = logs::serve(env.work_dir.join("logs"), cancel.child_token()).await?;
-        logs::register_node(&client, &opts.node_name, log_addr.port()).await?;
+        logs::register_node(
+            &client,
+            &opts.node_name,
+            opts.zone.as_deref(),
+            log_addr.port(),
+        )
+        .await?;
         let ns = opts.namespace.clone();
         let pods_api: kube::Api<Pod> = match &ns {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),

@@ -440,6 +440,9 @@ pub struct Options {
     pub families: Families,
     /// A UDP port of the Service too (named `dns`), beside its TCP `http` port.
     pub udp_port: Option<UdpPort>,
+    /// The sandbox node's zone (its Node's `topology.kubernetes.io/zone` label, there
+    /// before the agent starts and reads it).
+    pub node_zone: Option<String>,
 }
 
 /// A UDP Service port and the numeric port it reaches on the pods.
@@ -576,6 +579,7 @@ impl WakeEnv {
                 service_proxy: true,
                 pod_cgroup: Some(cgroup.path().to_path_buf()),
                 rollout_lag: opts.rollout_lag,
+                zone: opts.node_zone.clone(),
                 ..SandboxOptions::default()
             },
         )
