@@ -274,3 +274,77 @@ async fn a_server_speaks_first_protocol_gets_its_greeting_after_the_cold_start()
     })
     .await
 }
+
+/// A response whose end is the backend's close (HTTP/1.0 style: no length, the close
+/// delimits the body) reaches the client whole and then its EOF, when the close comes
+/// with the bytes (one read takes all) and when it comes behind more than one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_ends_with_the_backends_close_arrives_whole_then_eof() -> Result<()> {
+    bounded(Duration::from_secs(20), async {
+        let h = Harness::start(ProxyConfig::new("n"), None).await?;
+        let web = svc("close-delimited");
+        let dst = h.manage(&web, 1, bounds(Duration::from_secs(15), 10));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let backend = listener.local_addr()?;
+        // The body's size is the request's path: "/<n>".
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut buf = [0u8; 1024];
+                        match s.read(&mut buf).await {
+                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let path = String::from_utf8_lossy(&head);
+                    let n: usize = path
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.trim_start_matches('/').parse().ok())
+                        .unwrap_or(0);
+                    let mut response = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+                    response.extend((0..n).map(|i| b'a' + (i % 26) as u8));
+                    let _ = s.write_all(&response).await;
+                    // Dropped: the FIN follows the last byte.
+                });
+            }
+        });
+        let sizes = [2usize, 100 * 1024];
+        let mut clients = Vec::new();
+        for n in sizes {
+            let mut c = h.connect_as(dst).await?;
+            c.write_all(format!("GET /{n} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await?;
+            clients.push((n, c));
+        }
+        wait_until("both held", Duration::from_secs(10), || {
+            h.proxy.held(&web) == sizes.len()
+        })
+        .await?;
+        h.ready(&web, &[backend]);
+        for (n, mut c) in clients {
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await?;
+            let text = String::from_utf8_lossy(&got);
+            let (head, body) = text
+                .split_once("\r\n\r\n")
+                .context("no end of the response head")?;
+            ensure!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+            ensure!(
+                body.len() == n,
+                "body of {} bytes, expected {n}",
+                body.len()
+            );
+            ensure!(
+                body.bytes()
+                    .enumerate()
+                    .all(|(i, b)| b == b'a' + (i % 26) as u8),
+                "the body of {n} bytes came changed"
+            );
+        }
+        Ok(())
+    })
+    .await
+}

@@ -429,6 +429,10 @@ async fn downstream(
         // The backend's FIN came with what is read now (as when it answers and closes):
         // the client gets it on the last segment of these bytes.
         let mut eof_follows = false;
+        // ... and this read took all there was before it: the next read would only say
+        // EOF. The close is handled now, without another wake-up and read(2) per
+        // connection (a released burst ends thousands of exchanges this way).
+        let mut eof_now = false;
         let step = if let Some(ready) = ready {
             let read = read_then(shared.backend, |buf| {
                 if buf.is_empty() {
@@ -436,7 +440,14 @@ async fn downstream(
                 }
                 let mut state = shared.state();
                 state.active_at = Instant::now();
-                Some(state.follower.backend_sent(buf, want, &mut out))
+                let step = state.follower.backend_sent(buf, want, &mut out);
+                if step == Step::Follow && ready.is_read_closed() && buf.len() < READ_CHUNK {
+                    // The FIN arrived before this read (read-closed readiness is never
+                    // stale), so every byte before it was queued and has been read.
+                    state.follower.backend_closed(&mut out);
+                    eof_now = true;
+                }
+                Some(step)
             });
             match read {
                 Ok(None) => {
@@ -458,6 +469,12 @@ async fn downstream(
             let quiet = state.active_at.elapsed();
             state.follower.poll(want, quiet, &mut out)
         };
+        if eof_now {
+            write_all_then_eof(shared.client, &out).await?;
+            bytes.inc_by(out.len() as u64);
+            shutdown_write(shared.client)?;
+            return Ok(None);
+        }
         if eof_follows {
             // Every way on from here writes, shuts down or closes the client next.
             write_all_then_eof(shared.client, &out).await?;
