@@ -1202,9 +1202,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         let r = parse_http_lenient(&text)?;
         Ok::<_, anyhow::Error>(r)
     };
-    tokio::time::timeout(Duration::from_secs(5), run)
+    // Generous: on a loaded machine a request through nginx to a pod took over 5 s.
+    tokio::time::timeout(Duration::from_secs(30), run)
         .await
-        .with_context(|| format!("GET http://{addr}{path} timed out"))?
+        .with_context(|| format!("GET http://{addr}{path} timed out after 30 s"))?
 }
 
 /// Status and body, de-chunking a chunked body (axum streams `/metrics`).
