@@ -1693,11 +1693,105 @@ fn connections_a_backend_accepts_are_counted_server_side_whatever_path_they_took
 }
 
 #[test]
+fn server_side_open_counts_return_to_the_kernels_connections_after_their_port_moved() {
+    // An accepted socket carries no record of its own: its close finds its service again
+    // by its server port. Taken out of the list while its connections are open, their
+    // closes go uncounted; the reconcile reads the kernel's connection table and brings
+    // the count back, and counts the correction.
+    let fx = Fixture::new("server-moved");
+    let dp = fx.load();
+    let svc: SocketAddr = format!("{}:80", cluster_ip(2)).parse().unwrap();
+    let slot = dp
+        .upsert_service(svc, Proto::Tcp, Mode::Passthrough)
+        .unwrap();
+    let mut pod = fx.client();
+    let backend = pod.listen(&format!("{}:0", pod_ip(2)));
+    dp.set_server_ports(svc, Proto::Tcp, &[backend]).unwrap();
+    let conns: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(backend).unwrap())
+        .collect();
+    wait_counters(&dp, slot, |s| s.accepted == 4 && s.accepted_open == 4);
+    // The table holds the same four: nothing to correct (were they not found there, the
+    // reconcile would bring the count to 0).
+    let report = dp.reconcile_open_counts().unwrap();
+    assert_eq!(report.server_corrections, 0, "{report:?}");
+    assert_eq!(dp.stats(slot).unwrap().accepted_open, 4);
+
+    dp.set_server_ports(svc, Proto::Tcp, &[]).unwrap();
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        dp.stats(slot).unwrap().accepted_open,
+        4,
+        "closes on a port taken out are not seen"
+    );
+    assert!(wait_until(|| {
+        dp.reconcile_open_counts().unwrap();
+        dp.stats(slot).unwrap().accepted_open == 0
+    }));
+    assert_eq!(dp.corrections().1, 1, "one server-side correction");
+
+    // Back in the list: new connections are counted exactly on top of the correction.
+    dp.set_server_ports(svc, Proto::Tcp, &[backend]).unwrap();
+    let conns: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(backend).unwrap())
+        .collect();
+    wait_counters(&dp, slot, |s| s.accepted == 6 && s.accepted_open == 2);
+    let report = dp.reconcile_open_counts().unwrap();
+    assert_eq!(report.server_corrections, 0, "{report:?}");
+    drop(conns);
+    wait_counters(&dp, slot, |s| {
+        s.accepted_open == 0 && s.accepted_closed == 2
+    });
+}
+
+#[test]
+fn a_connection_seen_from_both_sides_is_counted_once_on_each() {
+    // A client in the cgroup dials the Service; balance mode sends it to a backend pod
+    // on this node, whose accept is counted too. Each side counts it once (the
+    // controller takes the larger side, so it is one connection, not two).
+    let fx = Fixture::new("both-sides");
+    let dp = fx.load();
+    let svc: SocketAddr = format!("{}:80", cluster_ip(3)).parse().unwrap();
+    let slot = dp.upsert_service(svc, Proto::Tcp, Mode::Balance).unwrap();
+    let mut pod = fx.client();
+    let backend = pod.listen(&format!("{}:0", pod_ip(3)));
+    dp.set_balance(
+        svc,
+        Proto::Tcp,
+        &[(backend, Tier::Remote)],
+        LoadBalancing::default(),
+    )
+    .unwrap();
+    dp.set_server_ports(svc, Proto::Tcp, &[backend]).unwrap();
+    let opened: Vec<Opened> = (0..3).map(|_| pod.open(svc)).collect();
+    wait_counters(&dp, slot, |s| s.opened == 3 && s.accepted == 3);
+    let s = dp.stats(slot).unwrap();
+    assert_eq!(
+        (s.connects, s.open_now, s.accepted_open),
+        (3, 3, 3),
+        "once on each side: {s:?}"
+    );
+    for o in &opened {
+        pod.close(o);
+    }
+    wait_counters(&dp, slot, |s| {
+        (s.open_now, s.accepted_open, s.closed, s.accepted_closed) == (0, 0, 3, 3)
+    });
+    let report = dp.reconcile_open_counts().unwrap();
+    assert_eq!(
+        (report.client_corrections, report.server_corrections),
+        (0, 0),
+        "{report:?}"
+    );
+}
+
+#[test]
 fn open_counts_return_to_the_live_sockets_after_the_tracking_map_evicted_their_records() {
     // A tracking map of 16 entries, and 120 connections on each side at once: most
     // client records are evicted before their close, so the client counters alone never
-    // come down. The server side keeps no evictable record (an accepted socket's marker
-    // lives in the socket itself), so it stays exact.
+    // come down. The server side keeps no evictable record (an accepted socket's close
+    // finds its service by its server port), so it stays exact.
     let mut fx = Fixture::new("drift");
     fx.cfg.socket_map_entries = Some(16);
     let dp = fx.load();

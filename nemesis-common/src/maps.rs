@@ -77,10 +77,12 @@ pub const SERVER_PORTS: &str = "SERVER_PORTS_V1";
 /// the kubelet's probes above all (Cilium calls this identity `reserved:host`). It is
 /// not traffic, and counting it would keep every Service awake forever.
 pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
-/// `SkStorage<LiveSock>`: one entry on each counted socket that is still open (client or
-/// server side), freed by the kernel with the socket. It can neither fill up nor evict:
-/// the TCP sockets that carry it are the truth the counters are reconciled against.
-/// For an accepted (server-side) socket it is the only record: its close reads it back.
+/// `SkStorage<LiveSock>`: one entry on each counted client socket that is still open,
+/// freed by the kernel with the socket. It can neither fill up nor evict: the TCP
+/// sockets that carry it are the truth the client counters are reconciled against.
+/// Accepted (server-side) sockets carry none (its allocation was most of an accept's
+/// cost): their truth is the kernel's table of sockets on the SERVER_PORTS, and their
+/// close finds its service there again. Only older agents' programs marked them.
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
@@ -283,7 +285,9 @@ pub const LIVE_GONE: u32 = 0;
 
 /// A client's socket to a managed service, counted in `opened`.
 pub const LIVE_CLIENT: u32 = 1;
-/// A backend pod's accepted socket, counted in `accepted`.
+/// A backend pod's accepted socket, counted in `accepted`: written by older agents'
+/// programs only (accepted sockets are no longer marked); its close is still counted
+/// through it, and the reconcile does not count it (it finds the socket by its port).
 pub const LIVE_SERVER: u32 = 2;
 
 /// Key of SERVICES: what a client dials.

@@ -5,8 +5,9 @@
 //! counts opened/closed TCP connections per service and per backend and remembers held
 //! connections' original destinations; on the server side it counts the connections
 //! that backend pods of managed services accept, whatever path they came by. The
-//! `live_sockets` iterator writes out every counted socket still open in a network
-//! namespace, the truth the agent reconciles the counters against. `getpeername4`/`6`
+//! `live_sockets` iterator writes out every counted client socket still open in a network
+//! namespace, the truth the agent reconciles the counters against (the server side's
+//! truth is the kernel's table of sockets on the server ports, read by the agent). `getpeername4`/`6`
 //! show a balanced socket the Service address it dialled, not the backend's. UDP (connected
 //! and unconnected sockets, `sendmsg`/`recvmsg`) lives in `udp`. Every path fails OPEN: on any error the connect goes on unchanged and an
 //! ERRORS counter says so. Nothing here may ever deny a connect.
@@ -874,9 +875,13 @@ fn on_established(ctx: &SockOpsContext) {
 /// A backend pod accepted a connection: if its (address, port) serves a managed service,
 /// one more accepted connection, and its close will be counted.
 ///
-/// The socket's only record is its SOCK_LIVE marker (slot, epoch, side), which the close
-/// reads back: no SOCKETS entry, so an accept costs no LRU insert and its close no LRU
-/// lookup and delete (issue 9's accept_overhead_ratio: those were most of the cost).
+/// The socket gets no record at all: its state callback is the mark that it was
+/// counted, and its close finds the service again by its local (address, port) in
+/// SERVER_PORTS (see [`server_closed`]). Both earlier records cost most of an accept
+/// (issue 9's accept_overhead_ratio): a SOCKETS entry (an LRU insert, then a lookup and
+/// delete at the close) and then a SOCK_LIVE marker (two allocations at the accept,
+/// two RCU frees with the socket). The open count's truth is the kernel's socket
+/// table, which the agent reads by the same (address, port) (`ebpf::live`).
 fn on_accepted(ctx: &SockOpsContext) {
     let Some(local) = local_key(ctx) else { return };
     let key = ServiceKey {
@@ -908,12 +913,36 @@ fn on_accepted(ctx: &SockOpsContext) {
         count_error(ERR_CB_FLAGS);
         return;
     }
-    // Without its marker the close could not be attributed: then do not count the open.
-    if !mark_live(ctx, port.slot, port.epoch, LIVE_SERVER) {
-        return;
-    }
     // SAFETY: per-CPU value of this CPU.
     unsafe { (*stats).accepted += 1 };
+}
+
+/// The close of a socket without a live marker: if it is a backend pod's accepted
+/// socket (its local (address, port) is a server port whose service still has the
+/// epoch), one more accepted connection closed; true if so. Only sockets whose state
+/// callback is on get here, and on_accepted turns it on only for the accepts it
+/// counted. A server port moved meanwhile (taken out, given to another service) makes
+/// this close count there or nowhere: the reconcile brings the count back.
+#[inline(always)]
+fn server_closed(ctx: &SockOpsContext) -> bool {
+    let Some(local) = local_key(ctx) else {
+        return false;
+    };
+    let key = ServiceKey {
+        addr: local.addr,
+        port: local.port,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    // SAFETY: a copy is taken at once.
+    let Some(port) = (unsafe { SERVER_PORTS_V1.get(key) }).copied() else {
+        return false;
+    };
+    if let Some(stats) = stats_of(port.slot, port.epoch) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*stats).accepted_closed += 1 };
+    }
+    true
 }
 
 /// The kernel socket behind a sock_ops context, or null.
@@ -924,9 +953,9 @@ fn sock_of(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
 }
 
 /// Puts the live marker on a counted socket (see SOCK_LIVE in `nemesis_common::maps`);
-/// false (and an error counted) when it could not. On a client socket a failure only
-/// makes the reconcile see one socket fewer, as if it had closed; a server socket's
-/// close is attributed through its marker, so it is not counted without one.
+/// false (and an error counted) when it could not. A failure only makes the reconcile
+/// see one socket fewer, as if it had closed. Client sockets only: accepted ones are
+/// found in the kernel's socket table by their server port instead (see on_accepted).
 #[inline(always)]
 fn mark_live(ctx: &SockOpsContext, slot: u32, epoch: u32, side: u32) -> bool {
     let sk = sock_of(ctx);
@@ -997,15 +1026,18 @@ fn on_close(ctx: &SockOpsContext) {
     // First, whether or not the record below is still there (the LRU may have evicted
     // it): the marker is what the reconcile trusts.
     let live = unmark_live(ctx);
-    // A backend pod's socket has only its marker (see on_accepted).
-    if let Some(l) = live
-        && l.side == LIVE_SERVER
-    {
-        if let Some(stats) = stats_of(l.slot, l.epoch) {
-            // SAFETY: per-CPU value of this CPU.
-            unsafe { (*stats).accepted_closed += 1 };
+    match live {
+        // Accepted by an older agent's program, which marked server sockets too.
+        Some(l) if l.side == LIVE_SERVER => {
+            if let Some(stats) = stats_of(l.slot, l.epoch) {
+                // SAFETY: per-CPU value of this CPU.
+                unsafe { (*stats).accepted_closed += 1 };
+            }
+            return;
         }
-        return;
+        // A backend pod's socket has no record at all (see on_accepted).
+        None if server_closed(ctx) => return,
+        _ => {}
     }
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

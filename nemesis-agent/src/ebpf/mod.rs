@@ -15,6 +15,7 @@ pub mod live;
 mod log_forward;
 pub mod pins;
 pub mod prereq;
+mod sockdiag;
 mod sys;
 
 use std::{
@@ -1240,9 +1241,16 @@ impl Datapath {
                 Ok(out)
             };
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let servers = self.server_index();
         let before = read_all(&t)?;
-        let first = self.live.walk().map_err(DatapathError::WalkLiveSockets)?;
-        let second = self.live.walk().map_err(DatapathError::WalkLiveSockets)?;
+        let first = self
+            .live
+            .walk(&servers)
+            .map_err(DatapathError::WalkLiveSockets)?;
+        let second = self
+            .live
+            .walk(&servers)
+            .map_err(DatapathError::WalkLiveSockets)?;
         let after = read_all(&t)?;
         let mut report = ReconcileReport::default();
         for (slot, (epoch, b)) in &before {
@@ -1302,6 +1310,23 @@ impl Datapath {
         self.corrections[0].fetch_add(report.client_corrections, Ordering::Relaxed);
         self.corrections[1].fetch_add(report.server_corrections, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// What the server side counts now (SERVER_PORTS as the kernel has it, and the
+    /// node's addresses), for the walk to find the same connections the programs count.
+    fn server_index(&self) -> live::ServerIndex {
+        let mut idx = live::ServerIndex::default();
+        {
+            let ports = self.server_ports.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in ports.map.iter().flatten() {
+                if k.proto == m::PROTO_TCP {
+                    idx.ports.insert((k.addr, k.port()), (v.slot, v.epoch));
+                }
+            }
+        }
+        let hosts = self.host_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        idx.hosts = hosts.1.iter().copied().collect();
+        idx
     }
 
     /// Open-count corrections made since this datapath was loaded: (client, server).
