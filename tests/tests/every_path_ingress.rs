@@ -201,14 +201,34 @@ async fn the_nodes_service_proxy_called_from_outside_the_cgroup_is_held_through_
     result
 }
 
+/// Whether `e` is a refused connect (nothing listened, nothing was held).
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
 async fn node_proxy(env: &WakeEnv) -> anyhow::Result<()> {
     env.wait_held().await?;
     // This test process is not in the intercepted cgroup: its connect to the ClusterIP
     // is the node's Service proxy's business, which follows the EndpointSlices, so at
     // zero it forwards to the hold listener.
-    let (status, body) = http_get(env.service_addr, "/")
-        .await
-        .context("GET the ClusterIP")?;
+    // The Service proxy picks the hold slice up a moment after the agent holds: until
+    // then the ClusterIP has no endpoint and refuses, which holds and wakes nothing, so
+    // a refused connect is tried again.
+    let (status, body) = eventually(
+        "the ClusterIP answering through the hold slice",
+        Duration::from_secs(60),
+        || async {
+            match http_get(env.service_addr, "/").await {
+                Ok(answer) => Ok(Some(answer)),
+                Err(e) if refused(&e) => Ok(None),
+                Err(e) => Err(e.context("GET the ClusterIP")),
+            }
+        },
+    )
+    .await?;
     anyhow::ensure!(status == 200, "the Service answered {status}: {body}");
     anyhow::ensure!(env.replicas().await? == 1);
     let m = env.metrics().await?;
