@@ -1230,6 +1230,36 @@ fn closing_balanced_connections_brings_the_backend_counts_down() {
 }
 
 #[test]
+fn open_balanced_sockets_are_live_to_the_reconcile_and_their_closes_are_counted() {
+    // A balanced socket's one record (on the socket itself) is also its live marker:
+    // the reconcile must see the open ones (or it would "correct" the count to 0) and
+    // none once they are closed.
+    let b = Balanced::new("bal-live", true);
+    let slot = b.dp.service(b.svc.addr, Proto::Tcp).unwrap().slot;
+    let mut c = b.fx.client();
+    let conns: Vec<Opened> = (0..6).map(|_| c.open(b.svc.addr)).collect();
+    b.wait_counts(&[2, 2, 2]);
+    wait_counters(&b.dp, slot, |s| s.opened == 6 && s.open_now == 6);
+    let report = b.dp.reconcile_open_counts().unwrap();
+    assert_eq!(report.client_corrections, 0, "{report:?}");
+    assert_eq!(b.dp.stats(slot).unwrap().open_now, 6);
+
+    for o in &conns {
+        c.close(o);
+    }
+    b.wait_counts(&[0, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.closed == 6 && s.open_now == 0);
+    let report = b.dp.reconcile_open_counts().unwrap();
+    assert_eq!(report.client_corrections, 0, "{report:?}");
+    // getpeername still shows the Service on a socket balanced after all this.
+    let o = c.open(b.svc.addr);
+    assert_eq!(o.peer, b.svc.addr, "getpeername: the ClusterIP and port");
+    wait_counters(&b.dp, slot, |s| s.open_now == 1);
+    c.close(&o);
+    wait_counters(&b.dp, slot, |s| s.open_now == 0);
+}
+
+#[test]
 fn balance_refuses_too_many_backends_with_clear_errors() {
     let fx = Fixture::new("bal-refuse");
     let dp = fx.load();

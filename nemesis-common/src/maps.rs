@@ -54,6 +54,14 @@ pub const BALANCE_RR: &str = "BALANCE_RR_V2";
 /// `SkStorage<PeerRewrite>`: on each balanced client socket, the Service address it
 /// dialled and the backend it was sent to, so `getpeername` reports the former.
 pub const SOCK_PEER: &str = "SOCK_PEER_V1";
+/// `SkStorage<BalancedSock>`: a balanced client socket's one record, created by
+/// connect4/6 and read by sock_ops and `getpeername`: the service slot it counts for,
+/// the backend it was sent to, and what `getpeername` reports. It replaces a SOCKETS
+/// and a SOCK_BACKEND entry (two LRU inserts, lookups and deletes per connection) and
+/// the SOCK_PEER entry; the kernel frees it with the socket. SOCKETS, SOCK_BACKEND and
+/// SOCK_PEER stay for held and counted sockets and for sockets an older agent's
+/// programs balanced.
+pub const SOCK_BALANCED_REC: &str = "SOCK_BALANCED_V1";
 
 /// Maps of earlier layouts that this agent no longer uses: removed from the pin
 /// directory at start (a new agent must not adopt an old layout under a new meaning).
@@ -83,10 +91,12 @@ pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 /// Accepted (server-side) sockets carry none (its allocation was most of an accept's
 /// cost): their truth is the kernel's table of sockets on the SERVER_PORTS, and their
 /// close finds its service there again. Only older agents' programs marked them.
+/// A balanced client socket has none either: its SOCK_BALANCED record (with
+/// [`BAL_OPENED`]) is its marker, and `live_sockets` reports it the same way.
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 19] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -105,6 +115,7 @@ pub const PINNED_MAPS: [&str; 18] = [
     SOCK_LIVE,
     HOST_ADDRS,
     SOCK_PEER,
+    SOCK_BALANCED_REC,
 ];
 
 // === program names (the eBPF function names) ===
@@ -522,6 +533,30 @@ pub struct PeerRewrite {
     pub backend_port: [u8; 2],
 }
 
+/// Value of SOCK_BALANCED: one balanced client socket (see [`SOCK_BALANCED_REC`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalancedSock {
+    /// What the socket dialled and where it was sent (for `getpeername`; sock_ops also
+    /// checks the socket's peer against the backend, so a record left from an earlier
+    /// connect of the same socket is never taken for the current one).
+    pub peer: PeerRewrite,
+    /// The service's stats slot and its epoch at the connect (see [`SLOT_EPOCH`]).
+    pub slot: u32,
+    pub epoch: u32,
+    /// The backend's id (index into BACKEND_TABLE) and its generation at the choice.
+    pub backend: u32,
+    pub generation: u32,
+    /// `BAL_*` bits.
+    pub flags: u32,
+}
+
+/// [`BalancedSock::flags`]: counted in the service's `opened` (its close is counted);
+/// also what makes the record the socket's live marker (see [`SOCK_LIVE`]).
+pub const BAL_OPENED: u32 = 1;
+/// [`BalancedSock::flags`]: counted in BACKEND_CONNS (its close is subtracted).
+pub const BAL_BACKEND_COUNTED: u32 = 2;
+
 /// Value of SOCK_BACKEND: written by connect4/6, read by sock_ops.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -678,6 +713,7 @@ const _: () = {
     );
     assert!(core::mem::size_of::<PeerRewrite>() == 36);
     assert!(core::mem::size_of::<SockBackend>() == 16);
+    assert!(core::mem::size_of::<BalancedSock>() == 56);
     assert!(MAX_BACKENDS.is_power_of_two());
     assert!(LC_CANDIDATES.is_power_of_two());
     // Ids are u16 in the sets.
@@ -706,6 +742,7 @@ mod pod {
     unsafe impl aya::Pod for super::SlotRef {}
     unsafe impl aya::Pod for super::LiveSock {}
     unsafe impl aya::Pod for super::PeerRewrite {}
+    unsafe impl aya::Pod for super::BalancedSock {}
     unsafe impl aya::Pod for super::UdpFlow {}
     unsafe impl aya::Pod for super::UdpRevKey {}
     unsafe impl aya::Pod for super::UdpRevValue {}

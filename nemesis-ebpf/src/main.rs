@@ -47,15 +47,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use nemesis_common::maps::{
-    ALG_LEAST_CONNECTIONS, ALG_RANDOM, ALG_ROUND_ROBIN, Backend, BackendSet, CONFIG_PROXY_V4,
-    CONFIG_PROXY_V6, Config, ERR_BAD_SLOT, ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE,
-    ERR_HOLD_NOT_TCP, ERR_LIVE_MARK, ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT,
-    ERR_SOCKETS_INSERT, ERROR_KINDS, LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock,
-    MAX_BACKEND_IDS, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES,
-    MAX_SOCK_BACKENDS, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP,
-    PROTO_UDP, PeerRewrite, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED,
-    SPILL_FACTOR, SPILL_SLACK, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend,
-    SockRecord, WEIGHT_FULL, WEIGHT_MIN,
+    ALG_LEAST_CONNECTIONS, ALG_RANDOM, ALG_ROUND_ROBIN, BAL_BACKEND_COUNTED, BAL_OPENED, Backend,
+    BackendSet, BalancedSock, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
+    ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_LIVE_MARK,
+    ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
+    LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock, MAX_BACKEND_IDS, MAX_BACKENDS,
+    MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS,
+    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, PROTO_UDP, PeerRewrite, SOCK_BALANCED,
+    SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR, SPILL_SLACK, ServiceKey,
+    ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord, WEIGHT_FULL, WEIGHT_MIN,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -104,6 +104,8 @@ static HOST_ADDRS_V1: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_HOS
 static SOCK_LIVE_V1: SkStorage<LiveSock> = SkStorage::new();
 #[btf_map]
 static SOCK_PEER_V1: SkStorage<PeerRewrite> = SkStorage::new();
+#[btf_map]
+static SOCK_BALANCED_V1: SkStorage<BalancedSock> = SkStorage::new();
 
 // === connect4 / connect6 ===
 
@@ -257,18 +259,22 @@ fn on_connect(
         None => None,
     };
     let held = holding && target.is_some();
-    if key.proto == PROTO_TCP {
+    if key.proto == PROTO_TCP
+        && let Some(c) = &chosen
+    {
+        // A balanced socket's one record, on the socket itself (see SOCK_BALANCED in
+        // `nemesis_common::maps`): no cookie, no LRU entries to insert and delete.
+        if !remember_balanced(ctx, &key, &svc, c) {
+            count_error(ERR_SOCK_BACKEND_INSERT);
+            return None;
+        }
+        mark_for_skip(ctx);
+    } else if key.proto == PROTO_TCP {
         let record = SockRecord {
             service: key,
             slot: svc.slot,
             epoch: svc.epoch,
-            flags: if held {
-                SOCK_HELD
-            } else if chosen.is_some() {
-                SOCK_BALANCED
-            } else {
-                0
-            },
+            flags: if held { SOCK_HELD } else { 0 },
         };
         // SAFETY: the helper accepts this program type's context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -282,20 +288,6 @@ fn on_connect(
                 unsafe { (*stats).released += 1 };
             }
             return None;
-        }
-        if let Some(c) = &chosen {
-            let sb = SockBackend {
-                slot: svc.slot,
-                index: c.index,
-                generation: c.generation,
-                opened: 0,
-            };
-            if SOCK_BACKEND_V2.insert(cookie, sb, BPF_ANY as u64).is_err() {
-                count_error(ERR_SOCK_BACKEND_INSERT);
-                return None;
-            }
-            remember_peer(ctx, &key, &c.target);
-            mark_for_skip(ctx);
         }
     }
     if holding {
@@ -317,8 +309,46 @@ fn on_connect(
     target
 }
 
-/// Puts on a balanced socket what it dialled and where it goes, for `getpeername`. A
-/// failure (no memory) only leaves `getpeername` reporting the backend.
+/// Puts on a balanced socket its one record: the service slot it counts for, the
+/// backend it was sent to, and what `getpeername` shows. False (no memory) when it could
+/// not: then the connect goes on unchanged, as its backend could not be counted.
+///
+/// One socket-storage element instead of two LRU entries and a storage element (the
+/// cost of every balanced connect: issue 12's lb_connect_overhead_ratio).
+#[inline(always)]
+fn remember_balanced(
+    ctx: &SockAddrContext,
+    service: &ServiceKey,
+    svc: &ServiceValue,
+    c: &Chosen,
+) -> bool {
+    let mut rec = BalancedSock {
+        peer: PeerRewrite {
+            service_addr: service.addr,
+            backend_addr: addr_bytes(c.target.words),
+            service_port: service.port,
+            backend_port: (c.target.port as u16).to_ne_bytes(),
+        },
+        slot: svc.slot,
+        epoch: svc.epoch,
+        backend: c.index,
+        generation: c.generation,
+        flags: 0,
+    };
+    // SAFETY: the context's socket; the value is copied in when created.
+    let p = unsafe { SOCK_BALANCED_V1.get_or_insert_ptr_mut(ctx, Some(&mut rec)) };
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null storage value of BalancedSock's size; a reconnect of the same
+    // socket overwrites it.
+    unsafe { write_volatile(p, rec) };
+    true
+}
+
+/// Puts on a connected UDP socket (see `udp`) what it dialled and where it goes, for
+/// `getpeername`. A failure (no memory) only leaves `getpeername` reporting the backend.
+/// A balanced TCP socket keeps the same in its [`BalancedSock`] record.
 #[inline(always)]
 fn remember_peer(ctx: &SockAddrContext, service: &ServiceKey, target: &Target) {
     let mut rw = PeerRewrite {
@@ -399,12 +429,20 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: the context's socket; without the create flag nothing is written.
-    let p = unsafe { SOCK_PEER_V1.get_ptr_mut(ctx) };
-    if p.is_null() {
-        return;
-    }
-    // SAFETY: a non-null storage value of PeerRewrite's size.
-    let rw = unsafe { read_volatile(p) };
+    let b = unsafe { SOCK_BALANCED_V1.get_ptr_mut(ctx) };
+    let rw = if b.is_null() {
+        // A socket an older agent's programs balanced keeps its SOCK_PEER entry.
+        // SAFETY: as above.
+        let p = unsafe { SOCK_PEER_V1.get_ptr_mut(ctx) };
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: a non-null storage value of PeerRewrite's size.
+        unsafe { read_volatile(p) }
+    } else {
+        // SAFETY: a non-null storage value of BalancedSock's size.
+        unsafe { read_volatile(addr_of!((*b).peer)) }
+    };
     let sa = ctx.sock_addr;
     let backend = addr_words(rw.backend_addr);
     let service = addr_words(rw.service_addr);
@@ -815,6 +853,14 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 /// the close) and records a held socket's original destination under its local address,
 /// before the proxy can possibly accept it.
 fn on_tcp_connect(ctx: &SockOpsContext) {
+    // A balanced socket has nothing to do here (see balanced_established) and no
+    // SOCKETS entry: skip the cookie and the lookup.
+    if let Some(b) = balanced_of(ctx)
+        // SAFETY: a storage value owned by this socket, valid while the program runs.
+        && is_peer(ctx, unsafe { &*addr_of!((*b).peer) })
+    {
+        return;
+    }
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(rec) = SOCKETS_V1.get_ptr_mut(cookie) else {
@@ -845,6 +891,11 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
 
 /// The handshake completed: one more open connection, if its close will be seen.
 fn on_established(ctx: &SockOpsContext) {
+    if let Some(b) = balanced_of(ctx)
+        && balanced_established(ctx, b)
+    {
+        return;
+    }
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(rec) = SOCKETS_V1.get_ptr_mut(cookie) else {
@@ -856,6 +907,7 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     // Only balanced sockets have a backend entry: the others skip the lookup.
+    // Only sockets an older agent's programs balanced have a backend entry.
     if r.flags & SOCK_BALANCED != 0 {
         backend_opened(cookie);
     }
@@ -1039,6 +1091,11 @@ fn on_close(ctx: &SockOpsContext) {
         None if server_closed(ctx) => return,
         _ => {}
     }
+    if let Some(b) = balanced_of(ctx)
+        && balanced_closed(b)
+    {
+        return;
+    }
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied at once.
@@ -1067,6 +1124,111 @@ fn on_close(ctx: &SockOpsContext) {
         backend_closed(cookie);
     }
     let _ = SOCKETS_V1.remove(cookie);
+}
+
+/// The balanced-socket record of the context's socket, if it has one.
+#[inline(always)]
+fn balanced_of(ctx: &SockOpsContext) -> Option<*mut BalancedSock> {
+    let sk = sock_of(ctx);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is the context's non-null socket; without the create flag nothing
+    // is allocated.
+    let p = unsafe { bpf_sk_storage_get(sock_balanced_map(), sk, core::ptr::null_mut(), 0) }
+        .cast::<BalancedSock>();
+    if p.is_null() { None } else { Some(p) }
+}
+
+/// SOCK_BALANCED as the helpers want it (see [`sock_live_map`]).
+#[inline(always)]
+fn sock_balanced_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&SOCK_BALANCED_V1).cast_mut().cast()
+}
+
+/// A balanced socket's handshake completed: turns on the state callback (only now: a
+/// connect that never completes counted nothing, and its record goes with the socket,
+/// so there is nothing to undo; this also spares the callback on the move to
+/// ESTABLISHED), then one more open connection on the service and on the backend.
+/// False when the record is not this connection's (a socket connected again elsewhere
+/// after an earlier balanced connect): the caller then looks in SOCKETS as for any
+/// other socket.
+#[inline(always)]
+fn balanced_established(ctx: &SockOpsContext, b: *mut BalancedSock) -> bool {
+    // SAFETY: a storage value owned by this socket, valid while the program runs.
+    let r = unsafe { read_volatile(b) };
+    if !is_peer(ctx, &r.peer) {
+        return false;
+    }
+    if r.flags != 0 {
+        return true; // already counted
+    }
+    // Without the state callback the close would go unseen: then count nothing.
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        count_error(ERR_CB_FLAGS);
+        return true;
+    }
+    let mut flags = 0;
+    if let Some(conns) = backend_conns_of(r.backend, r.generation) {
+        // SAFETY: as in backend_opened.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, 1) };
+        flags |= BAL_BACKEND_COUNTED;
+    }
+    if let Some(stats) = stats_of(r.slot, r.epoch) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*stats).opened += 1 };
+        // The record is the socket's live marker too: `live_sockets` reports it while
+        // this flag is on (no SOCK_LIVE element to create and free).
+        flags |= BAL_OPENED;
+    }
+    // SAFETY: as above.
+    unsafe { (*b).flags = flags };
+    true
+}
+
+/// A balanced socket closed: its service's close and one fewer open connection on its
+/// backend, for what its open counted. False when the record counted nothing (not this
+/// connection's, see [`balanced_established`]): the caller then looks in SOCKETS.
+#[inline(always)]
+fn balanced_closed(b: *mut BalancedSock) -> bool {
+    // SAFETY: a storage value owned by this socket, valid while the program runs.
+    let r = unsafe { read_volatile(b) };
+    if r.flags == 0 {
+        return false;
+    }
+    if r.flags & BAL_OPENED != 0
+        && let Some(stats) = stats_of(r.slot, r.epoch)
+    {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*stats).closed += 1 };
+    }
+    if r.flags & BAL_BACKEND_COUNTED != 0
+        && let Some(conns) = backend_conns_of(r.backend, r.generation)
+    {
+        // SAFETY: as in backend_closed.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, u64::MAX) };
+    }
+    // Counted once: a later connect of the same socket writes a new record.
+    // SAFETY: as above.
+    unsafe { (*b).flags = 0 };
+    true
+}
+
+/// Whether the socket's peer is the backend `peer` says it was sent to.
+#[inline(always)]
+fn is_peer(ctx: &SockOpsContext, peer: &PeerRewrite) -> bool {
+    let Some(addr) = remote_addr(ctx) else {
+        return false;
+    };
+    // sock_ops' remote_port holds the network-order port in its upper half on
+    // little-endian kernels (the lower half on big-endian ones): either half matches,
+    // the other is 0, never a valid port.
+    let rp = ctx.remote_port();
+    let want = u16::from_ne_bytes(peer.backend_port) as u32;
+    addr == peer.backend_addr && (rp >> 16 == want || rp & 0xffff == want)
 }
 
 /// A balanced socket is established: one more open connection on its backend, if the
@@ -1113,13 +1275,19 @@ fn backend_closed(cookie: u64) {
 /// sockets must not count against the new one.
 #[inline(always)]
 fn current_backend_conns(b: &SockBackend) -> Option<*mut u64> {
-    let entry = BACKEND_TABLE_V1.get_ptr(b.index)?;
+    backend_conns_of(b.index, b.generation)
+}
+
+/// The open-connection count of backend id `index` if it still has `generation`.
+#[inline(always)]
+fn backend_conns_of(index: u32, generation: u32) -> Option<*mut u64> {
+    let entry = BACKEND_TABLE_V1.get_ptr(index)?;
     // SAFETY: an array map value, valid while the program runs.
-    let generation = unsafe { read_volatile(addr_of!((*entry).generation)) };
-    if generation != b.generation {
+    let current = unsafe { read_volatile(addr_of!((*entry).generation)) };
+    if current != generation {
         return None;
     }
-    BACKEND_CONNS_V2.get_ptr_mut(b.index)
+    BACKEND_CONNS_V2.get_ptr_mut(index)
 }
 
 /// The stats of the socket's service, if its slot still has the epoch the socket
@@ -1205,7 +1373,8 @@ pub struct IterMeta {
 }
 
 /// Writes the SOCK_LIVE entry of every TCP socket of the walked network namespace that
-/// has one (a counted socket still open), one [`LiveSock`] after another. The agent
+/// has one (a counted socket still open), or the same made from a counted balanced
+/// socket's SOCK_BALANCED record, one [`LiveSock`] after another. The agent
 /// walks each namespace in turn: the kernel's own socket table, so a socket whose
 /// close the counters missed is simply not there.
 #[unsafe(no_mangle)]
@@ -1225,15 +1394,39 @@ pub fn live_sockets(ctx: *mut TcpIterCtx) -> i32 {
     // SAFETY: `tp` is a full socket; without the create flag nothing is written.
     let live = unsafe { bpf_sk_storage_get(sock_live_map(), tp.cast(), core::ptr::null_mut(), 0) }
         .cast::<LiveSock>();
-    if live.is_null() {
-        return 0;
-    }
-    // SAFETY: a non-null storage value of LiveSock's size; copied to the stack so the
-    // helper reads verified memory.
-    let mut rec = unsafe { core::ptr::read_volatile(live) };
-    if rec.side == LIVE_GONE {
-        return 0; // closed, its storage not yet freed with the socket
-    }
+    let marker = if live.is_null() {
+        None
+    } else {
+        // SAFETY: a non-null storage value of LiveSock's size; copied to the stack so
+        // the helper reads verified memory.
+        Some(unsafe { core::ptr::read_volatile(live) })
+    };
+    let mut rec = match marker {
+        Some(m) if m.side != LIVE_GONE => m,
+        // No marker, or a closed one's (its storage not yet freed with the socket): a
+        // balanced socket's record is its marker (see balanced_established).
+        _ => {
+            // SAFETY: as above.
+            let b = unsafe {
+                bpf_sk_storage_get(sock_balanced_map(), tp.cast(), core::ptr::null_mut(), 0)
+            }
+            .cast::<BalancedSock>();
+            if b.is_null() {
+                return 0;
+            }
+            // SAFETY: a non-null storage value of BalancedSock's size.
+            let r = unsafe { core::ptr::read_volatile(b) };
+            if r.flags & BAL_OPENED == 0 {
+                return 0; // not counted, or closed
+            }
+            LiveSock {
+                slot: r.slot,
+                epoch: r.epoch,
+                side: LIVE_CLIENT,
+                _pad: 0,
+            }
+        }
+    };
     // SAFETY: `meta` is the iterator's metadata; `seq` its output.
     let seq = unsafe { (*meta).seq };
     // SAFETY: `rec` is a live stack value of the size passed.

@@ -14,6 +14,10 @@
 //!   nat OUTPUT, returns them before the KUBE-SERVICES walk;
 //! - `lb_connect_rate_ratio_vs_nftables_5000`: the same against kube-proxy's nftables
 //!   mode (verdict maps) for the 5,000 Services (goal >= 1.2);
+//!   `lb_connect_rate_ceiling_vs_nftables_5000`: the same for a connect straight to the
+//!   pod IP from the cgroup without programs, through the same rules: what balance mode
+//!   would reach if its programs cost nothing (conntrack and the ruleset still see
+//!   every connection to a pod), the ceiling of the figure above on this machine;
 //! - `lb_warm_throughput_ratio`: request/response round trips per second on one
 //!   established connection made through the Service address in balance mode over one
 //!   made straight to the pod (goal >= 0.95);
@@ -244,6 +248,15 @@ fn run(dp: &Datapath, on: &Path, off: &Path, only_p99: bool) -> Result<Vec<(&'st
         (off, service),
     )?;
     out.push(("lb_connect_rate_ratio_vs_nftables_5000", 1.0 / t));
+    // The most any connect hook could reach here: the pod IP with no programs at all,
+    // through the same rules (conntrack and nftables still see every connection to a
+    // pod), over kube-proxy's DNAT. What balance mode lacks of it is its programs' cost.
+    let t = time_ratio(
+        "pod IP without programs (the ceiling) vs kube-proxy nftables",
+        (off, pods[0]),
+        (off, service),
+    )?;
+    out.push(("lb_connect_rate_ceiling_vs_nftables_5000", 1.0 / t));
     sh(
         Command::new("nft").args(["delete", "table", "ip", "kube-proxy"]),
         None,

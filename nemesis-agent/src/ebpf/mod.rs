@@ -1711,7 +1711,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 18] {
+fn expected_layouts() -> [(&'static str, u32, u32); 19] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -1745,6 +1745,7 @@ fn expected_layouts() -> [(&'static str, u32, u32); 18] {
         (m::SOCK_LIVE, 4, sz(size_of::<LiveSock>())),
         (m::HOST_ADDRS, 16, 4),
         (m::SOCK_PEER, 4, sz(size_of::<m::PeerRewrite>())),
+        (m::SOCK_BALANCED_REC, 4, sz(size_of::<m::BalancedSock>())),
     ]
 }
 
