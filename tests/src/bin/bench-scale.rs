@@ -43,7 +43,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::PostParams;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Api, CustomResourceExt, ResourceExt};
 use nemesis_common::wire::{
     AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, ViewUpdate,
@@ -430,6 +430,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
 
+    // The policies' statuses, as a watch shows them.
+    let (policy_cache, policy_writer) = reflector::store::<ScalingPolicy>();
+    tokio::spawn(
+        reflector::reflector(
+            policy_writer,
+            watcher(
+                Api::<ScalingPolicy>::namespaced(client.clone(), NAMESPACE),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        )
+        .for_each(|_| futures::future::ready(())),
+    );
+
     // Each agent's own token, minted as the kubelet would for its projected volume (a
     // pod of its node, the agents' ServiceAccount, the controller's audience): the
     // controller reviews each once per cache period, as it would in a cluster.
@@ -513,9 +527,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent_tasks.push(tokio::spawn(agent(a, h, api.clone(), every, stats.clone())));
     }
 
-    // Every policy adopted at zero: its status says so.
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    // Every policy adopted at zero: its status says so (read from the watch's cache:
+    // listing 10,000 policies every few seconds loaded the API server the controller
+    // needs for its Lease).
     let t_adopt = Instant::now();
+    let mut last_progress = Instant::now();
     loop {
         if let Some(status) = child.0.try_wait()? {
             bail!(
@@ -523,15 +539,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 log_path.display()
             );
         }
-        let at_zero = policies
-            .list(&Default::default())
-            .await?
-            .items
+        let at_zero = policy_cache
+            .state()
             .iter()
             .filter(|p| p.status.as_ref().and_then(|s| s.state.as_deref()) == Some("zero"))
             .count();
         if at_zero == cli.services {
             break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(30) {
+            last_progress = Instant::now();
+            eprintln!(
+                "{at_zero} of {} policies at zero after {:.0} s",
+                cli.services,
+                t_adopt.elapsed().as_secs_f64()
+            );
         }
         if t_adopt.elapsed() > Duration::from_secs(600) {
             bail!(
