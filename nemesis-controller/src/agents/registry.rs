@@ -930,10 +930,12 @@ mod tests {
             now += Duration::from_millis(rng.random_range(0..2000));
             // n0 beats about every 64 steps, n7 every 4: some outlive their lease.
             let node = format!("n{}", rng.random_range(0..64u32).isqrt());
-            let reports = services
-                .iter()
-                .filter(|_| rng.random_bool(0.7))
-                .map(|s| ServiceReport {
+            let mut reports = Vec::new();
+            for s in &services {
+                if rng.random_bool(0.3) {
+                    continue;
+                }
+                reports.push(ServiceReport {
                     service: s.clone(),
                     mode: if rng.random_bool(0.5) {
                         AppliedMode::Hold
@@ -944,8 +946,8 @@ mod tests {
                     accepted_open: rng.random_range(0..5),
                     held_connections: rng.random_range(0..5),
                     ..report(0, 0, 0)
-                })
-                .collect();
+                });
+            }
             // Some nodes go quiet for a while, past their lease or past being forgotten.
             if rng.random_bool(0.9) {
                 let instance = rng.random_range(0..2).to_string();
