@@ -86,7 +86,10 @@ pub fn run(only: Option<&str>, scale: ScaleSize) -> Result<()> {
             .output()
             .with_context(|| format!("running {}", exe.display()))?;
         if !out.status.success() {
-            bail!("benchmark {bin} failed ({}); its output is above", out.status);
+            bail!(
+                "benchmark {bin} failed ({}); its output is above",
+                out.status
+            );
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             if let Some((k, v)) = line.split_once('=') {

@@ -954,7 +954,11 @@ mod tests {
                 r.heartbeat(hb(&node, &instance, reports), now);
             }
             // Mostly now (the sums), sometimes ahead (a sweep) and then behind it (a walk).
-            let ahead = if rng.random_bool(0.8) { 0 } else { rng.random_range(0..20_000) };
+            let ahead = if rng.random_bool(0.8) {
+                0
+            } else {
+                rng.random_range(0..20_000)
+            };
             let query = now + Duration::from_millis(ahead);
             for svc in &services {
                 let mut want = ServiceActivity::default();
