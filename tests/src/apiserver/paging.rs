@@ -99,7 +99,9 @@ pub struct Page {
 
 /// The page of `matching` (already filtered; ordered here by [`key_of`]) after `after`, at
 /// most `limit` long. `filtered` lists (selectors) get no remaining count: upstream
-/// cannot know it without reading everything either.
+/// cannot know it without reading everything either. The reference [`page_of`] (what
+/// the server uses) is checked against.
+#[cfg(test)]
 pub fn page(
     mut matching: Vec<Value>,
     after: Option<&str>,
