@@ -42,7 +42,31 @@ const TEST_BENCHES: &[(&str, &str, &str)] = &[
     ("failover_ms", "nemesis-tests", "chaos_leader"),
 ];
 
-pub fn run(only: Option<&str>) -> Result<()> {
+/// The scale bench's size when not the acceptance one (its defaults: 1,000 agents,
+/// 10,000 Services), for CI-sized runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScaleSize {
+    pub agents: Option<usize>,
+    pub services: Option<usize>,
+}
+
+impl ScaleSize {
+    fn args(self, bin: &str) -> Vec<String> {
+        if bin != "bench-scale" {
+            return Vec::new();
+        }
+        let mut args = Vec::new();
+        if let Some(a) = self.agents {
+            args.extend(["--agents".to_string(), a.to_string()]);
+        }
+        if let Some(s) = self.services {
+            args.extend(["--services".to_string(), s.to_string()]);
+        }
+        args
+    }
+}
+
+pub fn run(only: Option<&str>, scale: ScaleSize) -> Result<()> {
     crate::setup::run_setup_steps()?;
     crate::ebpf::build()?;
     let mut figures = Map::new();
@@ -55,14 +79,16 @@ pub fn run(only: Option<&str>) -> Result<()> {
         }
         sh(cargo().args(["build", "--release", "-p", package, "--bin", bin]))?;
         let exe = root().join("target/release").join(bin);
+        // Progress (stderr) shows as it comes: the scale bench runs for minutes.
         let out = Command::new(&exe)
+            .args(scale.args(bin))
+            .stderr(std::process::Stdio::inherit())
             .output()
             .with_context(|| format!("running {}", exe.display()))?;
         if !out.status.success() {
             bail!(
-                "benchmark {bin} failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                "benchmark {bin} failed ({}); its output is above",
+                out.status
             );
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {

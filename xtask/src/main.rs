@@ -63,6 +63,13 @@ enum Command {
         /// Only run the benchmarks whose name contains this text.
         #[arg(long)]
         only: Option<String>,
+        /// Simulated agents of the scale bench (default: the acceptance size, 1,000);
+        /// figures of another size carry it in their names.
+        #[arg(long)]
+        scale_agents: Option<usize>,
+        /// Managed Services of the scale bench (default: the acceptance size, 10,000).
+        #[arg(long)]
+        scale_services: Option<usize>,
     },
 }
 
@@ -72,7 +79,17 @@ fn main() -> Result<()> {
         Command::BuildEbpf => ebpf::build(),
         Command::Test { nextest_args } => test::run(&nextest_args),
         Command::Fuzz { seconds, only } => fuzz::run(seconds, only.as_deref()),
-        Command::Bench { only } => bench::run(only.as_deref()),
+        Command::Bench {
+            only,
+            scale_agents,
+            scale_services,
+        } => bench::run(
+            only.as_deref(),
+            bench::ScaleSize {
+                agents: scale_agents,
+                services: scale_services,
+            },
+        ),
         Command::Gen { check } => codegen::run(check),
         Command::Demo(args) => demo::run(&args),
         Command::Image(args) => image::run(&args),

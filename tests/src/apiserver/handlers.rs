@@ -427,8 +427,14 @@ fn list(ctx: &Ctx, st: &State, rt: &ResourceType, ns: Option<&str>) -> Result<Re
             }
         }
     };
-    let stored: Vec<Value> = match snapshot {
-        Some(at) => match st.list_at(&key, ns, at) {
+    // Only what the page may show is cloned and converted: the objects the selectors
+    // match past the continue point (each page of a 10,000-object list cloned all).
+    let after = resume.as_ref().map(|c| c.after.as_str());
+    let wanted = |o: &Value| {
+        matches(rt, ns, &ls, &fs, o) && after.is_none_or(|a| paging::key_of(o).as_str() > a)
+    };
+    let stored: Vec<std::borrow::Cow<'_, Value>> = match snapshot {
+        Some(at) => match st.list_at(&key, ns, at, wanted) {
             Ok(objs) => objs,
             Err(e) => {
                 return match &resume {
@@ -440,22 +446,27 @@ fn list(ctx: &Ctx, st: &State, rt: &ResourceType, ns: Option<&str>) -> Result<Re
                 };
             }
         },
-        None => st.list(&key, ns).into_iter().cloned().collect(),
+        None => st
+            .list(&key, ns)
+            .into_iter()
+            .filter(|o| wanted(o))
+            .map(std::borrow::Cow::Borrowed)
+            .collect(),
     };
     let rv_num = snapshot.unwrap_or(current);
-    let items: Vec<Value> = stored
-        .iter()
-        .filter(|o| matches(rt, ns, &ls, &fs, o))
-        .map(|o| convert::to_served(o, rt))
-        .collect();
     let filtered = ctx.param("labelSelector").is_some() || ctx.param("fieldSelector").is_some();
-    let page = paging::page(
-        items,
+    let mut page = paging::page_of(
+        stored,
         resume.as_ref().map(|c| c.after.as_str()),
         limit,
         i64::try_from(rv_num).unwrap_or(i64::MAX),
         filtered,
     );
+    page.items = page
+        .items
+        .iter()
+        .map(|o| convert::to_served(o, rt))
+        .collect();
     let rv = rv_num.to_string();
     let mut list_meta = json!({"resourceVersion": rv});
     if let Some(t) = &page.continue_token {

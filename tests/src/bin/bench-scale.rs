@@ -13,6 +13,8 @@
 //!   count (POST/PUT/PATCH/DELETE) over it -> `api_writes_per_s_steady` (goal: near 0; the
 //!   leader's Lease renewal is the floor), without the TokenReviews, which store nothing
 //!   and are reported as `api_token_reviews_per_s_steady` (one per agent per cache period);
+//! - the controller's CPU time (`/proc/<pid>/stat`) over the same window ->
+//!   `controller_cpu_cores_steady` (CPU-seconds per second);
 //! - the controller's resident memory (`VmRSS` of `/proc/<pid>/status`) at the end of it
 //!   -> `controller_rss_mib_1k_agents_10k_services` (and the peak, `VmHWM`);
 //! - `--wakes` wake-ups sent one at a time by the agent hosting a random Service, each timed
@@ -41,7 +43,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::PostParams;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Api, CustomResourceExt, ResourceExt};
 use nemesis_common::wire::{
     AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, ViewUpdate,
@@ -132,6 +134,29 @@ fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
         Ok(kib / 1024.0)
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user + system, every thread) a process has used, in seconds, from
+/// `/proc/<pid>/stat` (fields 14 and 15, in clock ticks: USER_HZ, 100 on Linux).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = stat
+        .rsplit_once(')')
+        .with_context(|| format!("no command name in /proc/{pid}/stat"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i)
+            .with_context(|| format!("/proc/{pid}/stat has {} fields", fields.len() + 2))?
+            .parse::<f64>()
+            .with_context(|| format!("field {} of /proc/{pid}/stat", i + 3))
+    };
+    // Field 3 (the state) is fields[0]: utime (14) and stime (15) are 11 and 12.
+    Ok((ticks(11)? + ticks(12)?) / USER_HZ)
 }
 
 /// The size the figures are named for: 1,000 agents, 10,000 Services.
@@ -405,6 +430,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
 
+    // The policies' statuses, as a watch shows them.
+    let (policy_cache, policy_writer) = reflector::store::<ScalingPolicy>();
+    tokio::spawn(
+        reflector::reflector(
+            policy_writer,
+            watcher(
+                Api::<ScalingPolicy>::namespaced(client.clone(), NAMESPACE),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        )
+        .for_each(|_| futures::future::ready(())),
+    );
+
     // Each agent's own token, minted as the kubelet would for its projected volume (a
     // pod of its node, the agents' ServiceAccount, the controller's audience): the
     // controller reviews each once per cache period, as it would in a cluster.
@@ -488,9 +527,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent_tasks.push(tokio::spawn(agent(a, h, api.clone(), every, stats.clone())));
     }
 
-    // Every policy adopted at zero: its status says so.
-    let policies: Api<ScalingPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    // Every policy adopted at zero: its status says so (read from the watch's cache:
+    // listing 10,000 policies every few seconds loaded the API server the controller
+    // needs for its Lease).
     let t_adopt = Instant::now();
+    let mut last_progress = Instant::now();
     loop {
         if let Some(status) = child.0.try_wait()? {
             bail!(
@@ -498,15 +539,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 log_path.display()
             );
         }
-        let at_zero = policies
-            .list(&Default::default())
-            .await?
-            .items
+        let at_zero = policy_cache
+            .state()
             .iter()
             .filter(|p| p.status.as_ref().and_then(|s| s.state.as_deref()) == Some("zero"))
             .count();
         if at_zero == cli.services {
             break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(30) {
+            last_progress = Instant::now();
+            eprintln!(
+                "{at_zero} of {} policies at zero after {:.0} s",
+                cli.services,
+                t_adopt.elapsed().as_secs_f64()
+            );
         }
         if t_adopt.elapsed() > Duration::from_secs(600) {
             bail!(
@@ -545,9 +592,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stats.reset_window();
     let before = server.request_counts();
     let beats_before = stats.heartbeats.load(Ordering::Relaxed);
+    let cpu_before = cpu_seconds(pid)?;
     let t_steady = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(cli.steady)).await;
     let window = t_steady.elapsed().as_secs_f64();
+    // CPU-seconds per second: 1.0 is one core busy all the window.
+    let cpu_cores = (cpu_seconds(pid)? - cpu_before) / window;
     let after = server.request_counts();
     // Reviews (the agents' tokens checked once per cache period) store nothing: they
     // are counted apart from the writes.
@@ -585,7 +635,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     sizes.sort_by(f64::total_cmp);
     let failures = stats.failures.load(Ordering::Relaxed);
     eprintln!(
-        "steady window {window:.1} s: {writes} writes, {reviews} token reviews, {beats} heartbeats ({:.0}/s), {failures} failed in total",
+        "steady window {window:.1} s: {writes} writes, {reviews} token reviews, {beats} heartbeats ({:.0}/s), {failures} failed in total, controller CPU {cpu_cores:.3} cores",
         beats as f64 / window
     );
 
@@ -626,6 +676,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     latencies.sort_by(f64::total_cmp);
     let (rss_end, hwm_end) = memory_mib(pid)?;
+    if let Ok(m) = std::fs::metadata(dir.path().join("history.redb")) {
+        eprintln!(
+            "history store {:.1} MiB after {:.0} s; controller CPU {:.1} s in all",
+            m.len() as f64 / (1024.0 * 1024.0),
+            t_adopt.elapsed().as_secs_f64(),
+            cpu_seconds(pid)?
+        );
+    }
     eprintln!(
         "{} agents, {} Services; RSS {rss:.1} MiB after the steady window, {rss_end:.1} MiB after the wakes (peak {:.1} MiB)",
         cli.agents,
@@ -642,6 +700,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     figure("controller_rss_mib", rss, 1);
     figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
+    figure("controller_cpu_cores_steady", cpu_cores, 3);
     figure("api_writes_per_s_steady", writes as f64 / window, 3);
     figure("api_token_reviews_per_s_steady", reviews as f64 / window, 3);
     figure(
