@@ -44,7 +44,7 @@ pub fn without_redundant(
 pub fn merge(stores: impl IntoIterator<Item = Vec<ScaleRecord>>) -> Vec<ScaleRecord> {
     let mut all: Vec<ScaleRecord> = stores.into_iter().flatten().collect();
     // Recovered after an original at the same millisecond, so the original is kept.
-    all.sort_by(|a, b| (a.at_ms, a.recovered).cmp(&(b.at_ms, b.recovered)));
+    all.sort_by_key(|r| (r.at_ms, r.recovered));
     // Copies are identical; metrics may hold NaN (never equal), so compare the rest.
     let same = |a: &ScaleRecord, b: &ScaleRecord| {
         (
