@@ -152,8 +152,8 @@ mod tests {
 
     #[test]
     fn original_records_are_never_dropped() {
-        // Two originals to the same replicas (a scale 0 -> 1 and an HPA-era 1 -> 1 is
-        // not a thing, but two wakes with the sleep lost would be): both stay.
+        // Two wakes in a row (the sleep between them lost with a killed leader's
+        // queue): both were made, both stay.
         let r = vec![sc(10, 0, 1, false), sc(20, 0, 1, false)];
         assert_eq!(without_redundant(None, r).len(), 2);
     }
