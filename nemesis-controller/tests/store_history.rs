@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nemesis_controller::store::{
-    ColdStartOutcome, ColdStartRecord, LogEntry, LogItem, MetricPoint, PolicyId, Retention,
-    SampleValue, ScaleRecord, Store, StoreError, TransitionRecord, tables,
+    ColdStartOutcome, ColdStartRecord, EventTable, LogEntry, LogItem, MetricPoint, PolicyId,
+    Retention, SampleValue, ScaleRecord, Store, StoreError, TransitionRecord, tables,
 };
 
 fn policy(name: &str) -> PolicyId {
@@ -38,6 +38,7 @@ fn scale(p: &PolicyId, at_ms: u64, from: i32, to: i32) -> ScaleRecord {
         to_replicas: to,
         reason: format!("{from}->{to}"),
         metrics: BTreeMap::new(),
+        recovered: false,
     }
 }
 
@@ -307,6 +308,87 @@ fn a_standby_applying_the_leaders_log_holds_every_record_once_and_leads_on_after
     assert_eq!(page.entries.len(), 1);
     assert_eq!(page.entries[0].0, own);
     assert_eq!(page.remaining, 0);
+    Ok(())
+}
+
+/// A leader killed after its wake's record was committed, before its standby pulled
+/// it: the standby, leading, recovers the same change from the target. Where the two
+/// records meet (the old leader pulling the new one's log, or a union of both stores)
+/// the change is read once, as the original; where only the recovery is, it stays.
+#[test]
+fn a_change_recorded_by_the_killed_leader_and_recovered_by_the_next_is_read_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = Store::open(dir.path().join("a.redb"), Retention::default())?;
+    let b = Store::open(dir.path().join("b.redb"), Retention::default())?;
+    let p = policy("web");
+    a.begin_epoch(0)?;
+    a.record_scale(&scale(&p, 1_000, 1, 0))?;
+    let pull = |from: &Store, to: &Store| -> Result<()> {
+        let page = from.log_after(to.log_head()?, 100)?;
+        let entries: Vec<(u64, LogEntry)> = page
+            .entries
+            .iter()
+            .map(|(seq, bytes)| Ok((*seq, serde_json::from_slice(bytes)?)))
+            .collect::<Result<_>>()?;
+        to.apply_replicated(&entries)?;
+        Ok(())
+    };
+    pull(&a, &b)?;
+    // The wake a committed and b never pulled; then a is killed.
+    a.record_scale(&scale(&p, 2_000, 0, 1))?;
+    // b leads, finds the target at 1 and its history at 0, and records the change.
+    b.begin_epoch(1)?;
+    let mut found = scale(&p, 3_000, 0, 1);
+    found.recovered = true;
+    found.reason = "found at takeover".into();
+    b.record_scale(&found)?;
+    b.record_scale(&scale(&p, 4_000, 1, 0))?;
+    let tos = |r: &[ScaleRecord]| -> Vec<(u64, i32, i32, bool)> {
+        r.iter()
+            .map(|r| (r.at_ms, r.from_replicas, r.to_replicas, r.recovered))
+            .collect()
+    };
+    // b alone: the recovery is the only record of the wake.
+    assert_eq!(
+        tos(&b.scale_events(&p, 0..u64::MAX)?),
+        vec![
+            (1_000, 1, 0, false),
+            (3_000, 0, 1, true),
+            (4_000, 1, 0, false)
+        ]
+    );
+    // a back as a standby pulls b's records: it holds both, reads the original.
+    pull(&b, &a)?;
+    let once = vec![
+        (1_000, 1, 0, false),
+        (2_000, 0, 1, false),
+        (4_000, 1, 0, false),
+    ];
+    assert_eq!(tos(&a.scale_events(&p, 0..u64::MAX)?), once);
+    // The event list (UI) reads it so too, newest first...
+    let listed: Vec<u64> = a
+        .events_before(EventTable::ScaleEvents, &p, 0, (u64::MAX, 0), 10)?
+        .into_iter()
+        .map(|((at, _), _)| at)
+        .collect();
+    assert_eq!(listed, vec![4_000, 2_000, 1_000]);
+    // ...and a window starting after the original as well.
+    assert_eq!(
+        tos(&a.scale_events(&p, 2_500..u64::MAX)?),
+        vec![(4_000, 1, 0, false)]
+    );
+    // The union of both stores (what the chaos test checks).
+    let union = nemesis_controller::store::scales::merge([
+        a.scale_events(&p, 0..u64::MAX)?,
+        b.scale_events(&p, 0..u64::MAX)?,
+    ]);
+    assert_eq!(tos(&union), once);
+    // A record written before the field existed reads as made by its writer.
+    let old: ScaleRecord = serde_json::from_str(
+        r#"{"at_ms":1,"policy":{"namespace":"shop","name":"web"},"state":"warm","from_replicas":0,"to_replicas":1,"reason":"demand","metrics":{}}"#,
+    )?;
+    assert!(!old.recovered);
+    assert!(!serde_json::to_string(&scale(&p, 1, 0, 1))?.contains("recovered"));
     Ok(())
 }
 

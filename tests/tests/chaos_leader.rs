@@ -457,7 +457,10 @@ async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
     // replica records what it scaled while it led, and standbys copy the leader's
     // records, so a record may be in both (the same record: deduplicated). The final
     // leader alone may lack what a killed leader wrote after its standby's last pull
-    // (at most one pull period); the killed replica's volume still holds it.
+    // (at most one pull period); the killed replica's volume still holds it. A leader
+    // killed between its scale and the record's commit leaves the change to the next
+    // leader, which records it as recovered when its term starts; if the killed one did
+    // commit, `merge` keeps the original only.
     let changes: Vec<i32> = journal
         .lock()
         .unwrap()
@@ -468,20 +471,15 @@ async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
         })
         .skip(1)
         .collect();
-    let mut records = Vec::new();
+    let mut stores = Vec::new();
     for slot in ['a', 'b'] {
         let path = world.slot_dir(slot).join("history.redb");
         let store = Store::open(&path, DEFAULT_RETENTION)
             .with_context(|| format!("opening {}", path.display()))?;
-        records.extend(store.scale_events(&PolicyId::new(NS, APP), 0..u64::MAX)?);
+        stores.push(store.scale_events(&PolicyId::new(NS, APP), 0..u64::MAX)?);
     }
-    records.sort_by(|a, b| {
-        (a.at_ms, a.from_replicas, a.to_replicas).cmp(&(b.at_ms, b.from_replicas, b.to_replicas))
-    });
-    records.dedup_by(|a, b| {
-        (a.at_ms, a.from_replicas, a.to_replicas, &a.state, &a.reason)
-            == (b.at_ms, b.from_replicas, b.to_replicas, &b.state, &b.reason)
-    });
+    let records = nemesis_controller::store::scales::merge(stores);
+    let recovered = records.iter().filter(|r| r.recovered).count();
     let recorded: Vec<i32> = records.iter().map(|r| r.to_replicas).collect();
     anyhow::ensure!(
         recorded == changes,
@@ -489,7 +487,7 @@ async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
     );
 
     println!(
-        "seed {seed}: {rounds} rounds, {} connections served, {} scales",
+        "seed {seed}: {rounds} rounds, {} connections served, {} scales ({recovered} recorded by the next leader)",
         clients.len(),
         changes.len(),
     );

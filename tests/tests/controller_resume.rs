@@ -4,7 +4,8 @@
 //! history this instance recorded is newer than the status, and wins. Resuming from the
 //! stale status put a woken Service back to zero with no sleep condition (found by
 //! tests/tests/chaos_apiserver.rs). A scale whose answer is lost (made, but answered
-//! after the client gave up) is recorded once, when it shows, and not made again.
+//! after the client gave up) is recorded once, when it shows, and not made again. A scale
+//! the previous leader made but never recorded is recorded by the next one, once.
 
 mod controller_support;
 
@@ -210,6 +211,139 @@ async fn a_scale_whose_answer_is_lost_is_recorded_once_and_not_repeated() -> any
     )
     .await?;
     assert_eq!(log.seen(), vec![1, 3, 1], "every scale made once");
+    a.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// A leader killed after its scale reached the API server and before the scale's record
+/// was committed leaves a change no replica's history holds (found by the 50-round
+/// tests/tests/chaos_leader.rs). Here the "previous leader" is another Lease holder that
+/// puts the Deployment to sleep and records nothing; when A leads again it finds the
+/// target at 0 while its history ends at 1, and records the change once, as recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_the_previous_leader_did_not_record_is_recorded_once_by_the_next()
+-> anyhow::Result<()> {
+    init_tracing();
+    let OneDeployment {
+        server,
+        client,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start("unrecorded", 0).await?;
+    let ns = "default";
+    let dir = tempfile::tempdir()?;
+    let a = start_controller(&server, dir.path(), &[]).await?;
+    wait_leading(&a, Duration::from_secs(30)).await?;
+    let svc = ServiceRef {
+        namespace: ns.into(),
+        name: "unrecorded".into(),
+    };
+    let _agent = TestAgent::start("node-u", vec![svc.clone()], vec![a.api_addr]);
+    // zero --demand--> warm --alert--> zero; the alert never fires, so A itself never
+    // puts the Deployment back to zero.
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                "unrecorded",
+                json!({
+                    "target": {"deployment": "unrecorded", "service": "unrecorded"},
+                    "metrics": {"alerts": ["UnrecordedSleep"]},
+                    "initialState": "zero",
+                    "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+                    "transitions": [
+                        {"from": "zero", "to": "warm", "when": "demand"},
+                        {"from": "warm", "to": "zero", "when": "alert(UnrecordedSleep)"},
+                    ],
+                }),
+            ),
+        )
+        .await?;
+    wait_state(&policies, "unrecorded", "zero", Duration::from_secs(30)).await?;
+    let http = Http::default();
+    eventually("the wake-up taken", Duration::from_secs(30), || async {
+        let (status, _) = http.wake(a.api_addr, "node-u", &svc, 1).await?;
+        Ok((status == 200).then_some(()))
+    })
+    .await?;
+    wait_replicas(&deployments, "unrecorded", 1, Duration::from_secs(30)).await?;
+    wait_state(&policies, "unrecorded", "warm", Duration::from_secs(30)).await?;
+    let id = PolicyId::new(ns, "unrecorded");
+    let records = || -> anyhow::Result<Vec<(i32, i32, bool)>> {
+        Ok(a.store
+            .scale_events(&id, 0..u64::MAX)?
+            .iter()
+            .map(|r| (r.from_replicas, r.to_replicas, r.recovered))
+            .collect())
+    };
+    eventually("the wake recorded", Duration::from_secs(30), || async {
+        Ok((records()? == vec![(0, 1, false)]).then_some(()))
+    })
+    .await?;
+
+    // Another instance takes the Lease: A steps down, its actors end.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let mut lease = leases.get("nemesis-controller").await?;
+    let spec = lease.spec.as_mut().expect("a Lease spec");
+    spec.holder_identity = Some("previous-leader".into());
+    spec.lease_duration_seconds = Some(8);
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("nemesis-controller", &PostParams::default(), &lease)
+        .await?;
+    let mut leading = a.leading();
+    tokio::time::timeout(Duration::from_secs(30), leading.wait_for(|l| !*l)).await??;
+
+    // The other instance puts the Deployment to sleep through /scale and writes the
+    // status, then dies before its history record is committed: none exists.
+    deployments
+        .patch_scale(
+            "unrecorded",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await?;
+    policies
+        .patch_status(
+            "unrecorded",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "state": "zero",
+                "stateSince": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "desiredReplicas": 0,
+            }})),
+        )
+        .await?;
+
+    // It never renews: A leads again and finds the target at 0, its history at 1.
+    wait_leading(&a, Duration::from_secs(60)).await?;
+    eventually(
+        "the sleep recorded as recovered",
+        Duration::from_secs(60),
+        || async { Ok((records()? == vec![(0, 1, false), (1, 0, true)]).then_some(())) },
+    )
+    .await?;
+    let recovered = a.store.scale_events(&id, 0..u64::MAX)?[1].clone();
+    assert!(
+        recovered.reason.contains("previous leader"),
+        "{}",
+        recovered.reason
+    );
+    assert_eq!(recovered.state, "zero");
+    // More evaluations of the term: the change is recorded once, and A scaled nothing
+    // itself (the 3 s only give a wrong second record or scale the time to show).
+    wait_state(&policies, "unrecorded", "zero", Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(records()?, vec![(0, 1, false), (1, 0, true)]);
+    assert_eq!(
+        log.seen(),
+        vec![0, 1, 0],
+        "no scale of A's after the takeover"
+    );
     a.shutdown().await;
     server.shutdown().await;
     Ok(())

@@ -95,6 +95,7 @@ fn seed(store: &Store, id: &PolicyId, now: u64) -> Result<()> {
                 to_replicas: tr,
                 reason: "demand".into(),
                 metrics: Default::default(),
+                recovered: false,
             })?;
             if tr > 0 {
                 store.record_cold_start(&ColdStartRecord {

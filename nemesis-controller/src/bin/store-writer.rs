@@ -59,6 +59,7 @@ fn main() -> Result<()> {
                     to_replicas: 1,
                     reason: "0->1".into(),
                     metrics: BTreeMap::new(),
+                    recovered: false,
                 })?;
                 "scale"
             }

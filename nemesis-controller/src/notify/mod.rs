@@ -811,6 +811,9 @@ pub fn signal_of(item: &crate::reconcile::history::Item) -> Option<Signal> {
             to: t.to_state.clone(),
             reason: t.reason.clone(),
         },
+        // The previous leader made it and signalled it when it did (the record is what
+        // its kill lost); rules must not see one change twice.
+        Item::Scale(s) if s.recovered => return None,
         Item::Scale(s) => Signal::Scaled {
             policy: s.policy.clone(),
             from: s.from_replicas,

@@ -488,7 +488,11 @@ impl Actor {
         let obs = self.observe(&compiled, target, now);
         let state = match self.engine.take() {
             Some(s) => s,
-            None => self.initial_state(&compiled, target, now),
+            None => {
+                let state = self.initial_state(&compiled, target, now);
+                self.recover_unrecorded_scale(&compiled, &state, target, hpa.is_some(), now);
+                state
+            }
         };
         let from_state = state.name(&compiled).to_string();
         let d = engine::decide(&compiled, &state, &obs, now);
@@ -691,12 +695,7 @@ impl Actor {
             })
         });
         let latest = self.ctx.history.latest_transition(&self.id);
-        let created = self
-            .obj
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .and_then(|t| DateTime::<Utc>::from_timestamp_millis(t.0.as_millisecond()));
+        let created = self.created();
         match resume::resume_point(from_status, latest.as_ref(), created, now, |n| {
             c.state_index(n).is_some()
         }) {
@@ -728,6 +727,51 @@ impl Actor {
             return State::resume(c, ZERO_STATE, now, now);
         }
         State::initial(c, now)
+    }
+
+    /// Records the change of the target that this instance's history lacks when it
+    /// starts running the policy (a new term): the previous leader scaled and was killed
+    /// before its record was committed. Before this term's first scale, so the history
+    /// stays in order.
+    fn recover_unrecorded_scale(
+        &mut self,
+        c: &CompiledPolicy,
+        state: &State,
+        target: Target,
+        beside_hpa: bool,
+        now: DateTime<Utc>,
+    ) {
+        let last = self.ctx.history.latest_scale(&self.id);
+        let Some((from, to)) =
+            resume::unrecorded_scale(last.as_ref(), target.replicas, beside_hpa, self.created())
+        else {
+            return;
+        };
+        let reason = format!(
+            "found at {to} replicas when this leader started running the policy, while the \
+             history's last scale left {from}: made by the previous leader (stopped before \
+             it recorded the scale) or outside Nemesis"
+        );
+        tracing::info!(policy = %self.id, from, to, "recording a scale the history lacks");
+        self.ctx.history.record(Item::Scale(store::ScaleRecord {
+            at_ms: unix_ms(now.into()),
+            policy: self.id.clone(),
+            state: state.name(c).to_string(),
+            from_replicas: to_i32(from),
+            to_replicas: to_i32(to),
+            reason,
+            metrics: BTreeMap::new(),
+            recovered: true,
+        }));
+    }
+
+    /// When the policy object was created.
+    fn created(&self) -> Option<DateTime<Utc>> {
+        self.obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| DateTime::<Utc>::from_timestamp_millis(t.0.as_millisecond()))
     }
 
     // --- applying a decision ---
@@ -1059,6 +1103,7 @@ impl Actor {
             to_replicas: to_i32(to),
             reason: why.clone(),
             metrics: values,
+            recovered: false,
         }));
         let reason = if to == 0 {
             "ScaledToZero"

@@ -47,6 +47,8 @@ pub struct History {
     /// The newest transition handed over per policy, committed or not (a record waiting
     /// in the queue or for the disk still says where the policy is).
     latest: Arc<Mutex<HashMap<PolicyId, TransitionRecord>>>,
+    /// The same for scale records.
+    latest_scale: Arc<Mutex<HashMap<PolicyId, ScaleRecord>>>,
 }
 
 impl History {
@@ -67,6 +69,7 @@ impl History {
                 tap: NotifyTap::default(),
                 store,
                 latest: Arc::default(),
+                latest_scale: Arc::default(),
             },
             task,
         )
@@ -104,12 +107,46 @@ impl History {
         }
     }
 
-    pub fn record(&self, item: Item) {
-        if let Item::Transition(t) = &item {
-            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-            if latest.get(&t.policy).is_none_or(|old| old.at_ms <= t.at_ms) {
-                latest.insert(t.policy.clone(), t.clone());
+    /// The newest scale of `policy` this instance knows (as [`Self::latest_transition`]):
+    /// a new term compares it with the target to find a change no record holds.
+    /// The newer of the two wins: this process may have led an earlier term, and its
+    /// store hold the later leaders' records pulled since.
+    pub fn latest_scale(&self, policy: &PolicyId) -> Option<ScaleRecord> {
+        let mine = self
+            .latest_scale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(policy)
+            .cloned();
+        let stored = match self.store.latest_scale(policy) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%policy, err = %e, "reading the latest scale from the history failed");
+                None
             }
+        };
+        match (mine, stored) {
+            (Some(m), Some(s)) if s.at_ms > m.at_ms => Some(s),
+            (Some(m), _) => Some(m),
+            (None, s) => s,
+        }
+    }
+
+    pub fn record(&self, item: Item) {
+        match &item {
+            Item::Transition(t) => {
+                let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+                if latest.get(&t.policy).is_none_or(|old| old.at_ms <= t.at_ms) {
+                    latest.insert(t.policy.clone(), t.clone());
+                }
+            }
+            Item::Scale(s) => {
+                let mut latest = self.latest_scale.lock().unwrap_or_else(|e| e.into_inner());
+                if latest.get(&s.policy).is_none_or(|old| old.at_ms <= s.at_ms) {
+                    latest.insert(s.policy.clone(), s.clone());
+                }
+            }
+            _ => {}
         }
         if let Some(s) = crate::notify::signal_of(&item) {
             self.tap.send(s);

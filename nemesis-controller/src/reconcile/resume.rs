@@ -1,14 +1,18 @@
-//! Where a policy's actor resumes when a leadership term starts: the state its status
+//! Where a policy's actor resumes when a leadership term starts, and which change of the
+//! target its history lacks. The first: the state its status the state its status
 //! records, unless this instance's history holds a later transition. The status is
 //! written after the scale it follows, so a term that ends between the two (a lost
 //! Lease, a failed or slow status write, a cache that has not caught up) leaves a status
 //! one transition behind the target; resuming from it would undo the scale (a woken
 //! Service put back to zero with no sleep condition, or a sleeping one woken with no
-//! demand). Pure: the actor gathers the inputs.
+//! demand). The second: a leader killed after its scale reached the API server and
+//! before the record was committed leaves a change no store holds, and the next leader
+//! records it (`crate::store::scales` keeps it once where it was recorded after all).
+//! Pure: the actor gathers the inputs.
 
 use chrono::{DateTime, Utc};
 
-use crate::store::{TransitionRecord, unix_ms};
+use crate::store::{ScaleRecord, TransitionRecord, unix_ms};
 
 /// What the status says about the state.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +71,27 @@ pub fn resume_point(
             }
         }
     }
+}
+
+/// The change `(from, to)` of the target that the history does not hold: the target is
+/// at `observed` replicas while the newest scale record (`last`) left it elsewhere. None
+/// when they agree, when nothing was ever recorded (the replicas are where the target
+/// was made; no scale of this policy is known), when the record belongs to an earlier
+/// object of the same name (before `created`), and beside an HPA unless zero is on
+/// one side (the policy owns only zero and the wake; between counts above zero the HPA
+/// scales, and its changes are not the policy's records).
+pub fn unrecorded_scale(
+    last: Option<&ScaleRecord>,
+    observed: u32,
+    beside_hpa: bool,
+    created: Option<DateTime<Utc>>,
+) -> Option<(u32, u32)> {
+    let last = last.filter(|s| created.is_none_or(|c| s.at_ms >= unix_ms(c.into())))?;
+    let from = u32::try_from(last.to_replicas).unwrap_or(0);
+    if from == observed || (beside_hpa && from != 0 && observed != 0) {
+        return None;
+    }
+    Some((from, observed))
 }
 
 #[cfg(test)]
@@ -182,6 +207,49 @@ mod tests {
             known,
         );
         assert!(matches!(r, Resume::Status { ref state, .. } if state == "zero"));
+    }
+
+    fn scaled(from: i32, to: i32, when: DateTime<Utc>) -> ScaleRecord {
+        ScaleRecord {
+            at_ms: unix_ms(when.into()),
+            policy: PolicyId::new("ns", "p"),
+            state: "warm".into(),
+            from_replicas: from,
+            to_replicas: to,
+            reason: String::new(),
+            metrics: BTreeMap::new(),
+            recovered: false,
+        }
+    }
+
+    #[test]
+    fn a_target_elsewhere_than_the_last_scale_left_it_is_an_unrecorded_change() {
+        // The history ends with the sleep 1 -> 0; the previous leader woke the target
+        // and was killed before recording it.
+        let last = scaled(1, 0, at(10));
+        assert_eq!(
+            unrecorded_scale(Some(&last), 1, false, Some(at(0))),
+            Some((0, 1))
+        );
+        assert_eq!(unrecorded_scale(Some(&last), 0, false, Some(at(0))), None);
+        // Nothing recorded, or recorded for an earlier object: nothing to compare with.
+        assert_eq!(unrecorded_scale(None, 1, false, None), None);
+        assert_eq!(unrecorded_scale(Some(&last), 1, false, Some(at(20))), None);
+    }
+
+    #[test]
+    fn beside_an_hpa_only_changes_to_or_from_zero_are_the_policys() {
+        let woke = scaled(0, 2, at(10));
+        assert_eq!(
+            unrecorded_scale(Some(&woke), 5, true, None),
+            None,
+            "the HPA's"
+        );
+        assert_eq!(unrecorded_scale(Some(&woke), 0, true, None), Some((2, 0)));
+        let slept = scaled(2, 0, at(10));
+        assert_eq!(unrecorded_scale(Some(&slept), 2, true, None), Some((0, 2)));
+        // Without an HPA every change is the policy's.
+        assert_eq!(unrecorded_scale(Some(&woke), 5, false, None), Some((2, 5)));
     }
 
     #[test]

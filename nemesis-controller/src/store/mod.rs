@@ -11,6 +11,7 @@ pub mod log;
 pub mod records;
 pub mod reports;
 pub mod samples;
+pub mod scales;
 pub mod schema;
 pub mod tables;
 
@@ -430,12 +431,26 @@ impl Store {
         self.last_event_before(TRANSITIONS, policy, u64::MAX)
     }
 
+    /// Scale events of `policy` in `window`, oldest first, without the recovered records
+    /// that repeat a change this store also holds as made (see [`scales`]).
     pub fn scale_events(
         &self,
         policy: &PolicyId,
         window: Range<u64>,
     ) -> Result<Vec<ScaleRecord>, StoreError> {
-        self.events_in(SCALE_EVENTS, policy, window)
+        let records: Vec<ScaleRecord> = self.events_in(SCALE_EVENTS, policy, window.clone())?;
+        let before = match records.first() {
+            Some(first) if first.recovered => {
+                self.last_event_before(SCALE_EVENTS, policy, window.start)?
+            }
+            _ => None,
+        };
+        Ok(scales::without_redundant(before, records))
+    }
+
+    /// The newest scale event of `policy`, if any.
+    pub fn latest_scale(&self, policy: &PolicyId) -> Result<Option<ScaleRecord>, StoreError> {
+        self.last_event_before(SCALE_EVENTS, policy, u64::MAX)
     }
 
     /// Cold starts whose wake-up falls in `window`.
@@ -573,15 +588,34 @@ impl Store {
         if since_ms > at || limit == 0 {
             return Ok(Vec::new());
         }
-        self.read_range(def, (key.as_str(), since_ms, 0)..(key.as_str(), at, seq))?
+        let mut out = Vec::new();
+        for entry in self
+            .read_range(def, (key.as_str(), since_ms, 0)..(key.as_str(), at, seq))?
             .rev()
-            .take(limit)
-            .map(|entry| {
-                let (k, v): (_, serde_json::Value) = decode_entry(def, entry)?;
-                let (_, at_ms, seq) = k.value();
-                Ok(((at_ms, seq), v))
-            })
-            .collect()
+        {
+            if out.len() == limit {
+                break;
+            }
+            let (k, v): (_, serde_json::Value) = decode_entry(def, entry)?;
+            let (_, at_ms, seq) = k.value();
+            // A recovered scale that repeats the one before it is not shown, as
+            // `scale_events` does not return it (rare: the record before is read apart).
+            if kind == EventTable::ScaleEvents
+                && v.get("recovered") == Some(&serde_json::Value::Bool(true))
+                && let Ok(rec) = serde_json::from_value::<ScaleRecord>(v.clone())
+            {
+                let before: Option<ScaleRecord> = self
+                    .read_range(def, (key.as_str(), 0, 0)..(key.as_str(), at_ms, seq))?
+                    .next_back()
+                    .map(|e| Ok::<_, StoreError>(decode_entry(def, e)?.1))
+                    .transpose()?;
+                if scales::is_redundant(before.as_ref(), &rec) {
+                    continue;
+                }
+            }
+            out.push(((at_ms, seq), v));
+        }
+        Ok(out)
     }
 
     fn last_event_before<T: DeserializeOwned>(

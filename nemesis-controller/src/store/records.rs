@@ -75,6 +75,13 @@ pub struct ScaleRecord {
     pub reason: String,
     #[serde(with = "f64_map")]
     pub metrics: BTreeMap<String, f64>,
+    /// Not made by the instance that recorded it: a leader found the target at replicas
+    /// its history does not end at (the previous leader was killed between its scale and
+    /// the record's commit) and recorded the change it saw when its term started. The
+    /// original record may exist in another replica's store: [`super::scales`] drops a
+    /// recovered record that repeats the change before it. Absent in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

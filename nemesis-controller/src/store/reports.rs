@@ -138,6 +138,7 @@ mod tests {
             to_replicas: to,
             reason: String::new(),
             metrics: BTreeMap::new(),
+            recovered: false,
         }
     }
 

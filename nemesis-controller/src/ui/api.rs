@@ -446,6 +446,10 @@ pub struct ScaleView {
     pub from_replicas: i32,
     pub to_replicas: i32,
     pub reason: String,
+    /// Recorded by a later leader, which found the change made but not recorded (see
+    /// `store::scales`); absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -601,6 +605,7 @@ pub fn read_history(
                 from_replicas: s.from_replicas,
                 to_replicas: s.to_replicas,
                 reason: s.reason,
+                recovered: s.recovered,
             })
             .collect(),
         cold_starts: colds

@@ -77,6 +77,7 @@ pub fn seed(store: &Store, id: &PolicyId, now: u64) {
         to_replicas: to,
         reason: format!("{from} -> {to}"),
         metrics: BTreeMap::new(),
+        recovered: false,
     };
     store
         .record_transition(&t(now - 5 * H, "zero", "warm", 0, 2, "demand"))
