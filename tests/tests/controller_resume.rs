@@ -12,85 +12,112 @@ mod controller_support;
 use std::time::Duration;
 
 use controller_support::*;
+
+const NS: &str = "default";
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use nemesis_common::wire::ServiceRef;
+use nemesis_controller::app::Running;
 use nemesis_controller::store::PolicyId;
 use nemesis_tests::apiserver::faults::{FaultKind, FaultPlan, Phase};
 use serde_json::json;
+
+/// What the two term tests share: Deployment `name` and its policy (zero --demand-->
+/// warm --alert--> zero; the alert never fires, so the controller never puts it back to
+/// zero itself), led by controller A with one agent on `node`, asleep and then woken:
+/// 0 -> 1, state `warm`.
+struct Woken {
+    one: OneDeployment,
+    a: Running,
+    /// When the policy went to `zero`, before the wake (its status said so).
+    zero_since: Option<chrono::DateTime<chrono::Utc>>,
+    _agent: TestAgent,
+    _dir: tempfile::TempDir,
+}
+
+impl Woken {
+    async fn start(name: &str, node: &str) -> anyhow::Result<Self> {
+        let one = OneDeployment::start(name, 0).await?;
+        let dir = tempfile::tempdir()?;
+        let a = start_controller(&one.server, dir.path(), &[]).await?;
+        wait_leading(&a, Duration::from_secs(30)).await?;
+        let svc = ServiceRef {
+            namespace: NS.into(),
+            name: name.into(),
+        };
+        let agent = TestAgent::start(node, vec![svc.clone()], vec![a.api_addr]);
+        let alert = format!("{name}Sleep");
+        one.policies
+            .create(
+                &PostParams::default(),
+                &policy(
+                    name,
+                    json!({
+                        "target": {"deployment": name, "service": name},
+                        "metrics": {"alerts": [alert]},
+                        "initialState": "zero",
+                        "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+                        "transitions": [
+                            {"from": "zero", "to": "warm", "when": "demand"},
+                            {"from": "warm", "to": "zero", "when": format!("alert({alert})")},
+                        ],
+                    }),
+                ),
+            )
+            .await?;
+        let asleep = wait_state(&one.policies, name, "zero", Duration::from_secs(30)).await?;
+        let zero_since = asleep.status.and_then(|s| s.state_since);
+        let http = Http::default();
+        eventually("the wake-up taken", Duration::from_secs(30), || async {
+            let (status, _) = http.wake(a.api_addr, node, &svc, 1).await?;
+            Ok((status == 200).then_some(()))
+        })
+        .await?;
+        wait_replicas(&one.deployments, name, 1, Duration::from_secs(30)).await?;
+        wait_state(&one.policies, name, "warm", Duration::from_secs(30)).await?;
+        Ok(Self {
+            one,
+            a,
+            zero_since,
+            _agent: agent,
+            _dir: dir,
+        })
+    }
+
+    /// Another instance (`holder`) takes the Lease for 8 s and never renews: A steps
+    /// down (its actors end) and leads again once the Lease runs out.
+    async fn depose(&self, holder: &str) -> anyhow::Result<()> {
+        let leases: Api<Lease> = Api::namespaced(self.one.client.clone(), NS);
+        let mut lease = leases.get("nemesis-controller").await?;
+        let spec = lease.spec.as_mut().expect("a Lease spec");
+        spec.holder_identity = Some(holder.into());
+        spec.lease_duration_seconds = Some(8);
+        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        leases
+            .replace("nemesis-controller", &PostParams::default(), &lease)
+            .await?;
+        let mut leading = self.a.leading();
+        tokio::time::timeout(Duration::from_secs(30), leading.wait_for(|l| !*l)).await??;
+        Ok(())
+    }
+
+    async fn shutdown(self) {
+        self.a.shutdown().await;
+        self.one.server.shutdown().await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_behind()
 -> anyhow::Result<()> {
     init_tracing();
-    let OneDeployment {
-        server,
-        client,
-        deployments,
-        policies,
-        log,
-    } = OneDeployment::start("resumed", 0).await?;
-    let ns = "default";
-
-    let dir = tempfile::tempdir()?;
-    let a = start_controller(&server, dir.path(), &[]).await?;
-    wait_leading(&a, Duration::from_secs(30)).await?;
-    let svc = ServiceRef {
-        namespace: ns.into(),
-        name: "resumed".into(),
-    };
-    let _agent = TestAgent::start("node-r", vec![svc.clone()], vec![a.api_addr]);
-    // zero --demand--> warm --alert--> zero; the alert never fires here, so nothing may
-    // ever take the Deployment back to zero.
-    policies
-        .create(
-            &PostParams::default(),
-            &policy(
-                "resumed",
-                json!({
-                    "target": {"deployment": "resumed", "service": "resumed"},
-                    "metrics": {"alerts": ["ResumedSleep"]},
-                    "initialState": "zero",
-                    "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
-                    "transitions": [
-                        {"from": "zero", "to": "warm", "when": "demand"},
-                        {"from": "warm", "to": "zero", "when": "alert(ResumedSleep)"},
-                    ],
-                }),
-            ),
-        )
-        .await?;
-    let asleep = wait_state(&policies, "resumed", "zero", Duration::from_secs(30)).await?;
-    let zero_since = asleep
-        .status
-        .and_then(|s| s.state_since)
-        .expect("stateSince in the status");
-
-    // A wake: zero -> warm, 0 -> 1.
-    let http = Http::default();
-    eventually("the wake-up taken", Duration::from_secs(30), || async {
-        let (status, _) = http.wake(a.api_addr, "node-r", &svc, 1).await?;
-        Ok((status == 200).then_some(()))
-    })
-    .await?;
-    wait_replicas(&deployments, "resumed", 1, Duration::from_secs(30)).await?;
-    wait_state(&policies, "resumed", "warm", Duration::from_secs(30)).await?;
-
+    let w = Woken::start("resumed", "node-r").await?;
+    let (a, deployments, policies, log) = (&w.a, &w.one.deployments, &w.one.policies, &w.one.log);
     // Another instance takes the Lease for a while: A steps down, its actors end.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let mut lease = leases.get("nemesis-controller").await?;
-    let spec = lease.spec.as_mut().expect("a Lease spec");
-    spec.holder_identity = Some("someone-else".into());
-    spec.lease_duration_seconds = Some(8);
-    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-        k8s_openapi::jiff::Timestamp::now(),
-    ));
-    leases
-        .replace("nemesis-controller", &PostParams::default(), &lease)
-        .await?;
-    let mut leading = a.leading();
-    tokio::time::timeout(Duration::from_secs(30), leading.wait_for(|l| !*l)).await??;
+    w.depose("someone-else").await?;
 
     // The status as if A's last write had been lost: still `zero` since before the wake.
     policies
@@ -99,7 +126,7 @@ async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_b
             &PatchParams::default(),
             &Patch::Merge(json!({"status": {
                 "state": "zero",
-                "stateSince": zero_since,
+                "stateSince": w.zero_since.expect("stateSince in the status"),
                 "lastTransition": null,
                 "desiredReplicas": 0,
             }})),
@@ -114,8 +141,8 @@ async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_b
 
     // The other instance never renews: A leads again, a new term. It must resume in
     // `warm` (its history holds zero -> warm, newer than the status) and say so.
-    wait_leading(&a, Duration::from_secs(60)).await?;
-    wait_state(&policies, "resumed", "warm", Duration::from_secs(60)).await?;
+    wait_leading(a, Duration::from_secs(60)).await?;
+    wait_state(policies, "resumed", "warm", Duration::from_secs(60)).await?;
     // One more evaluation round with the agents heard (a sleep would have been asked by
     // now): still at 1, and the Deployment went 0 -> 1 only.
     eventually(
@@ -132,10 +159,9 @@ async fn a_new_term_resumes_from_the_history_when_the_status_is_one_transition_b
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(replicas(&deployments, "resumed").await?, 1);
+    assert_eq!(replicas(deployments, "resumed").await?, 1);
     assert_eq!(log.seen(), vec![0, 1], "no scale back to zero");
-    a.shutdown().await;
-    server.shutdown().await;
+    w.shutdown().await;
     Ok(())
 }
 
@@ -225,52 +251,9 @@ async fn a_scale_whose_answer_is_lost_is_recorded_once_and_not_repeated() -> any
 async fn a_scale_the_previous_leader_did_not_record_is_recorded_once_by_the_next()
 -> anyhow::Result<()> {
     init_tracing();
-    let OneDeployment {
-        server,
-        client,
-        deployments,
-        policies,
-        log,
-    } = OneDeployment::start("unrecorded", 0).await?;
-    let ns = "default";
-    let dir = tempfile::tempdir()?;
-    let a = start_controller(&server, dir.path(), &[]).await?;
-    wait_leading(&a, Duration::from_secs(30)).await?;
-    let svc = ServiceRef {
-        namespace: ns.into(),
-        name: "unrecorded".into(),
-    };
-    let _agent = TestAgent::start("node-u", vec![svc.clone()], vec![a.api_addr]);
-    // zero --demand--> warm --alert--> zero; the alert never fires, so A itself never
-    // puts the Deployment back to zero.
-    policies
-        .create(
-            &PostParams::default(),
-            &policy(
-                "unrecorded",
-                json!({
-                    "target": {"deployment": "unrecorded", "service": "unrecorded"},
-                    "metrics": {"alerts": ["UnrecordedSleep"]},
-                    "initialState": "zero",
-                    "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
-                    "transitions": [
-                        {"from": "zero", "to": "warm", "when": "demand"},
-                        {"from": "warm", "to": "zero", "when": "alert(UnrecordedSleep)"},
-                    ],
-                }),
-            ),
-        )
-        .await?;
-    wait_state(&policies, "unrecorded", "zero", Duration::from_secs(30)).await?;
-    let http = Http::default();
-    eventually("the wake-up taken", Duration::from_secs(30), || async {
-        let (status, _) = http.wake(a.api_addr, "node-u", &svc, 1).await?;
-        Ok((status == 200).then_some(()))
-    })
-    .await?;
-    wait_replicas(&deployments, "unrecorded", 1, Duration::from_secs(30)).await?;
-    wait_state(&policies, "unrecorded", "warm", Duration::from_secs(30)).await?;
-    let id = PolicyId::new(ns, "unrecorded");
+    let w = Woken::start("unrecorded", "node-u").await?;
+    let (a, deployments, policies, log) = (&w.a, &w.one.deployments, &w.one.policies, &w.one.log);
+    let id = PolicyId::new(NS, "unrecorded");
     let records = || -> anyhow::Result<Vec<(i32, i32, bool)>> {
         Ok(a.store
             .scale_events(&id, 0..u64::MAX)?
@@ -284,19 +267,7 @@ async fn a_scale_the_previous_leader_did_not_record_is_recorded_once_by_the_next
     .await?;
 
     // Another instance takes the Lease: A steps down, its actors end.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let mut lease = leases.get("nemesis-controller").await?;
-    let spec = lease.spec.as_mut().expect("a Lease spec");
-    spec.holder_identity = Some("previous-leader".into());
-    spec.lease_duration_seconds = Some(8);
-    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
-        k8s_openapi::jiff::Timestamp::now(),
-    ));
-    leases
-        .replace("nemesis-controller", &PostParams::default(), &lease)
-        .await?;
-    let mut leading = a.leading();
-    tokio::time::timeout(Duration::from_secs(30), leading.wait_for(|l| !*l)).await??;
+    w.depose("previous-leader").await?;
 
     // The other instance puts the Deployment to sleep through /scale and writes the
     // status, then dies before its history record is committed: none exists.
@@ -320,7 +291,7 @@ async fn a_scale_the_previous_leader_did_not_record_is_recorded_once_by_the_next
         .await?;
 
     // It never renews: A leads again and finds the target at 0, its history at 1.
-    wait_leading(&a, Duration::from_secs(60)).await?;
+    wait_leading(a, Duration::from_secs(60)).await?;
     eventually(
         "the sleep recorded as recovered",
         Duration::from_secs(60),
@@ -336,7 +307,7 @@ async fn a_scale_the_previous_leader_did_not_record_is_recorded_once_by_the_next
     assert_eq!(recovered.state, "zero");
     // More evaluations of the term: the change is recorded once, and A scaled nothing
     // itself (the 3 s only give a wrong second record or scale the time to show).
-    wait_state(&policies, "unrecorded", "zero", Duration::from_secs(60)).await?;
+    wait_state(policies, "unrecorded", "zero", Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(records()?, vec![(0, 1, false), (1, 0, true)]);
     assert_eq!(
@@ -344,7 +315,6 @@ async fn a_scale_the_previous_leader_did_not_record_is_recorded_once_by_the_next
         vec![0, 1, 0],
         "no scale of A's after the takeover"
     );
-    a.shutdown().await;
-    server.shutdown().await;
+    w.shutdown().await;
     Ok(())
 }
