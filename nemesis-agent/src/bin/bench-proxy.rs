@@ -179,13 +179,16 @@ async fn serve_proxy() -> Result<()> {
     tokio::spawn(obey(proxy, endpoints, svc, port, hold_port)).await?
 }
 
-async fn obey(
-    proxy: Proxy,
-    endpoints: std::sync::Arc<EndpointRegistry>,
-    svc: ServiceRef,
+/// The child's side of the command pipe: says its ports on stdout (`PORT <port>
+/// <hold port>`), then reads one command a line from stdin (the proxy child and the floor
+/// relay speak the same commands).
+async fn command_pipe(
     port: u16,
     hold_port: u16,
-) -> Result<()> {
+) -> Result<(
+    tokio::net::unix::pipe::Sender,
+    tokio::io::Lines<BufReader<tokio::net::unix::pipe::Receiver>>,
+)> {
     let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
     let mut out =
         tokio::net::unix::pipe::Sender::from_owned_fd(stdout).context("stdout must be a pipe")?;
@@ -194,7 +197,17 @@ async fn obey(
     let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
     let stdin =
         tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).context("stdin must be a pipe")?;
-    let mut lines = BufReader::new(stdin).lines();
+    Ok((out, BufReader::new(stdin).lines()))
+}
+
+async fn obey(
+    proxy: Proxy,
+    endpoints: std::sync::Arc<EndpointRegistry>,
+    svc: ServiceRef,
+    port: u16,
+    hold_port: u16,
+) -> Result<()> {
+    let (mut out, mut lines) = command_pipe(port, hold_port).await?;
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {

@@ -13,13 +13,12 @@
 //! writes it to the client with the FIN on the last segment when the backend's FIN came
 //! with it, and closes both.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Default)]
@@ -48,15 +47,7 @@ pub async fn serve(cpu_micros: fn() -> Result<u64>) -> Result<()> {
 }
 
 async fn obey(floor: Shared, port: u16, cpu_micros: fn() -> Result<u64>) -> Result<()> {
-    let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
-    let mut out =
-        tokio::net::unix::pipe::Sender::from_owned_fd(stdout).context("stdout must be a pipe")?;
-    out.write_all(format!("PORT {port} {port}\n").as_bytes())
-        .await?;
-    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
-    let stdin =
-        tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).context("stdin must be a pipe")?;
-    let mut lines = BufReader::new(stdin).lines();
+    let (mut out, mut lines) = super::command_pipe(port, port).await?;
     while let Some(line) = lines.next_line().await? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
