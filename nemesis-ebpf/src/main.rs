@@ -1078,22 +1078,26 @@ fn on_close(ctx: &SockOpsContext) {
     // First, whether or not the record below is still there (the LRU may have evicted
     // it): the marker is what the reconcile trusts.
     let live = unmark_live(ctx);
-    match live {
-        // Accepted by an older agent's program, which marked server sockets too.
-        Some(l) if l.side == LIVE_SERVER => {
-            if let Some(stats) = stats_of(l.slot, l.epoch) {
-                // SAFETY: per-CPU value of this CPU.
-                unsafe { (*stats).accepted_closed += 1 };
-            }
-            return;
+    // Accepted by an older agent's program, which marked server sockets too.
+    if let Some(l) = live
+        && l.side == LIVE_SERVER
+    {
+        if let Some(stats) = stats_of(l.slot, l.epoch) {
+            // SAFETY: per-CPU value of this CPU.
+            unsafe { (*stats).accepted_closed += 1 };
         }
-        // A backend pod's socket has no record at all (see on_accepted).
-        None if server_closed(ctx) => return,
-        _ => {}
+        return;
     }
+    // A balanced socket's own record first: it is a storage lookup on the socket, and
+    // asking the server ports first cost every balanced close a hash lookup it never
+    // matches (a client socket's local port is no backend's).
     if let Some(b) = balanced_of(ctx)
         && balanced_closed(b)
     {
+        return;
+    }
+    // A backend pod's socket has no record at all (see on_accepted).
+    if live.is_none() && server_closed(ctx) {
         return;
     }
     // SAFETY: the helper accepts the sock_ops context.
