@@ -86,25 +86,26 @@ impl History {
         self.tap.send(s);
     }
 
-    /// The newest transition of `policy` this instance knows: recorded by this process,
-    /// else in its store (its own earlier terms', or the records pulled from the
-    /// leader). A new term compares it with the status, which may not have caught up.
+    /// The newest transition of `policy` this instance knows: the newer of the one this
+    /// process recorded and its store's (its own earlier terms', or the records pulled
+    /// from the leader since: this process may have led an earlier term, and a later
+    /// leader's record must win over its own older one). A new term compares it with the
+    /// status, which may not have caught up.
     pub fn latest_transition(&self, policy: &PolicyId) -> Option<TransitionRecord> {
-        if let Some(t) = self
+        let mine = self
             .latest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(policy)
-        {
-            return Some(t.clone());
-        }
-        match self.store.latest_transition(policy) {
+            .cloned();
+        let stored = match self.store.latest_transition(policy) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(%policy, err = %e, "reading the latest transition from the history failed");
                 None
             }
-        }
+        };
+        newer(mine, stored, |t| t.at_ms)
     }
 
     /// The newest scale of `policy` this instance knows (as [`Self::latest_transition`]):
@@ -125,11 +126,7 @@ impl History {
                 None
             }
         };
-        match (mine, stored) {
-            (Some(m), Some(s)) if s.at_ms > m.at_ms => Some(s),
-            (Some(m), _) => Some(m),
-            (None, s) => s,
-        }
+        newer(mine, stored, |s| s.at_ms)
     }
 
     pub fn record(&self, item: Item) {
@@ -155,6 +152,16 @@ impl History {
             self.metrics.error(ErrorKind::Store);
             tracing::warn!("history queue full; a record was dropped");
         }
+    }
+}
+
+/// The later of a record this process holds and one its store holds (ties: this
+/// process's, which may not be committed yet).
+fn newer<T>(mine: Option<T>, stored: Option<T>, at_ms: impl Fn(&T) -> u64) -> Option<T> {
+    match (mine, stored) {
+        (Some(m), Some(s)) if at_ms(&s) > at_ms(&m) => Some(s),
+        (Some(m), _) => Some(m),
+        (None, s) => s,
     }
 }
 
@@ -359,4 +366,50 @@ fn write_batch(store: &Store, batch: Vec<Item>) -> Failed {
         }
     }
     (failed, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Retention;
+
+    fn transition(policy: &PolicyId, at_ms: u64, to_state: &str) -> TransitionRecord {
+        TransitionRecord {
+            at_ms,
+            policy: policy.clone(),
+            from_state: "warm".into(),
+            to_state: to_state.into(),
+            from_replicas: 1,
+            to_replicas: 0,
+            reason: "idle".into(),
+            metrics: Default::default(),
+        }
+    }
+
+    /// A process that led an earlier term and leads again: what a later leader recorded
+    /// (pulled into its store since) is newer than what it holds in memory, and wins.
+    #[test]
+    fn a_later_leaders_pulled_transition_wins_over_this_processs_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path().join("h.redb"), Retention::default()).unwrap());
+        let (_epoch_tx, epoch) = watch::channel(1);
+        let (history, _writer) = History::new(store.clone(), ControllerMetrics::new(), epoch);
+        let policy = PolicyId::new("default", "app");
+        // Recorded in this process's first term (the writer task is not run: the record
+        // stays in memory only, as one waiting for the disk would).
+        history.record(Item::Transition(transition(&policy, 1_000, "zero")));
+        assert_eq!(history.latest_transition(&policy).unwrap().to_state, "zero");
+        // A later leader's transition, pulled into this store.
+        store
+            .record_transition(&transition(&policy, 2_000, "warm"))
+            .unwrap();
+        let latest = history.latest_transition(&policy).unwrap();
+        assert_eq!((latest.at_ms, latest.to_state.as_str()), (2_000, "warm"));
+        // An older stored record does not hide this process's newer one.
+        history.record(Item::Transition(transition(&policy, 3_000, "draining")));
+        assert_eq!(
+            history.latest_transition(&policy).unwrap().to_state,
+            "draining"
+        );
+    }
 }
