@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use nemesis_agent::ebpf::{
     Datapath, DatapathConfig, Mode, Proto,
-    cgroup::{ChildCgroup, current_cgroup, move_process},
+    cgroup::{self, ChildCgroup, current_cgroup, move_process},
     pins::ScratchBpffs,
     prereq,
 };
@@ -80,6 +80,13 @@ fn main() -> Result<()> {
     };
     let pid = std::process::id();
     let home = current_cgroup(&root).context("finding this process's cgroup")?;
+    // A run killed before its clean-up left its cgroups behind: remove them first.
+    for gone in cgroup::remove_orphans(&root, "nemesis-bench-").unwrap_or_default() {
+        eprintln!(
+            "removed {}, left by a run that did not finish",
+            gone.display()
+        );
+    }
     let on = ChildCgroup::create(&root, &format!("nemesis-bench-{pid}-on"))
         .context("creating a child cgroup (are you root?)")?;
     let off = ChildCgroup::create(&root, &format!("nemesis-bench-{pid}-off"))?;

@@ -49,7 +49,7 @@ use anyhow::{Context, Result, bail, ensure};
 use nemesis_agent::{
     ebpf::{
         Algorithm, Datapath, DatapathConfig, LoadBalancing, Mode, Proto, Tier,
-        cgroup::{ChildCgroup, current_cgroup, move_process},
+        cgroup::{self, ChildCgroup, current_cgroup, move_process},
         pins::ScratchBpffs,
         prereq,
     },
@@ -156,6 +156,13 @@ fn main() -> Result<()> {
     let mut pod = Pod::start()?;
     let pid = std::process::id();
     let home = current_cgroup(&root).context("finding this process's cgroup")?;
+    // A run killed before its clean-up left its cgroups behind: remove them first.
+    for gone in cgroup::remove_orphans(&root, "nemesis-bench-lb-").unwrap_or_default() {
+        eprintln!(
+            "removed {}, left by a run that did not finish",
+            gone.display()
+        );
+    }
     let on = ChildCgroup::create(&root, &format!("nemesis-bench-lb-{pid}-on"))
         .context("creating a child cgroup (are you root?)")?;
     let off = ChildCgroup::create(&root, &format!("nemesis-bench-lb-{pid}-off"))?;
