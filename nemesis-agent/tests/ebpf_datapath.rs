@@ -812,17 +812,17 @@ fn cleanup_leaves_nothing_attached_or_pinned() {
         .unwrap();
     let pin_dir = dp.pin_dir().to_path_buf();
     let links = dp.link_ids().to_vec();
-    // connect4, connect6, sock_ops, getpeername4, getpeername6, and UDP's
-    // connect4_udp, connect6_udp, sendmsg4, sendmsg6, recvmsg4, recvmsg6.
-    assert_eq!(attached_programs(fx.cgroup()), 11);
-    assert!(pin_dir.join("links").read_dir().unwrap().count() == 11);
+    // connect4, connect6 (TCP and UDP sockets alike), sock_ops, getpeername4,
+    // getpeername6, and UDP's sendmsg4, sendmsg6, recvmsg4, recvmsg6.
+    assert_eq!(attached_programs(fx.cgroup()), 9);
+    assert!(pin_dir.join("links").read_dir().unwrap().count() == 9);
     let mut c = fx.client();
     assert_eq!(c.burst(srv.addr, 1), 1);
     wait_counters(&dp, slot, |s| s.connects == 1);
     drop(dp);
 
     let report = Datapath::cleanup(&fx.cfg).unwrap();
-    assert_eq!(report.links_removed.len(), 11);
+    assert_eq!(report.links_removed.len(), 9);
     assert_eq!(
         report.maps_removed.len(),
         PINNED_MAPS.len() + UDP_PINNED_MAPS.len()
@@ -2332,6 +2332,71 @@ fn udp_flows_follow_the_backend_set() {
     assert_eq!((from, backend), (b.svc, 2));
     // Still one flow.
     wait_counters(&b.dp, b.slot(), |s| s.connects == 1);
+}
+
+/// An agent of before connect4/connect6 handled UDP sockets pinned two more links,
+/// connect4_udp and connect6_udp. The upgraded agent adopts the common links, removes
+/// those two (detaching their programs), and connected UDP sockets stay balanced.
+#[test]
+fn an_upgraded_agent_removes_the_older_udp_connect_links_and_udp_stays_balanced() {
+    use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+
+    let b = UdpBalanced::new("udp-upgrade", None);
+    b.set_ready(&[1], Algorithm::Random);
+    let UdpBalanced {
+        fx,
+        dp,
+        svc,
+        backends,
+    } = b;
+    let links = dp.link_ids().to_vec();
+    let links_dir = dp.pin_dir().join("links");
+    // The older agent's links, pinned where it pinned them. Any connect program stands
+    // in for its connect4_udp/connect6_udp: this object's own connect4/connect6, from
+    // a load of their own.
+    let object = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bpfel-unknown-none/release/nemesis-ebpf");
+    let mut older = aya::Ebpf::load_file(&object).expect("loading the eBPF object");
+    for (pin, program) in [("connect4_udp", "connect4"), ("connect6_udp", "connect6")] {
+        let p: &mut CgroupSockAddr = older.program_mut(program).unwrap().try_into().unwrap();
+        p.load().unwrap();
+        let cgroup = std::fs::File::open(fx.cgroup()).unwrap();
+        let id = p.attach(&cgroup, CgroupAttachMode::Single).unwrap();
+        let link: FdLink = p.take_link(id).unwrap().try_into().unwrap();
+        link.pin(links_dir.join(pin)).unwrap();
+    }
+    drop(older);
+    assert_eq!(
+        attached_programs(fx.cgroup()),
+        11,
+        "9 links and the older 2"
+    );
+
+    // The agent restarts as the new version.
+    drop(dp);
+    let dp = fx.load();
+    assert_eq!(dp.link_ids(), links.as_slice(), "the same links, adopted");
+    for pin in ["connect4_udp", "connect6_udp"] {
+        assert!(!links_dir.join(pin).exists(), "{pin} is still pinned");
+    }
+    assert_eq!(attached_programs(fx.cgroup()), 9, "the older two detached");
+
+    // A connected UDP socket: sent to the backend by the new connect4, shown the
+    // Service by getpeername and recvfrom, counted once.
+    let slot = dp.service(svc, Proto::Udp).unwrap().slot;
+    let before = dp.stats(slot).unwrap().connects;
+    let mut c = fx.client();
+    let r = c.cmd(&format!("udpconnect {svc}"));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(w[0], "ok", "{r}");
+    assert_eq!(w[2].parse::<SocketAddr>().unwrap(), svc, "getpeername");
+    let (from, backend) = answer(&c.cmd(&format!("ask {} - up", w[1])));
+    assert_eq!((from, backend), (svc, 1));
+    assert_eq!(backends[1].asked(), 1);
+    wait_counters(&dp, slot, |s| s.connects == before + 1);
+    // Datapath::cleanup (the fixture's drop) removes what is left.
+    drop(c);
+    drop(dp);
 }
 
 #[test]

@@ -590,10 +590,11 @@ pub const UDP_HOLD: &str = "UDP_HOLD_V1";
 /// The UDP maps the agent pins and re-adopts across restarts (besides [`PINNED_MAPS`]).
 pub const UDP_PINNED_MAPS: [&str; 3] = [SOCK_UDP, UDP_REV, UDP_HOLD];
 
-/// `connect` of a UDP socket to a managed IPv4 Service (attached beside
-/// [`PROG_CONNECT4`], which leaves UDP sockets to it).
+/// Retired: the link an older agent pinned for `connect` of UDP sockets, beside
+/// [`PROG_CONNECT4`]. [`PROG_CONNECT4`] handles UDP sockets itself now (one program
+/// run per connect, not two); an agent removes this pin when it finds it.
 pub const PROG_CONNECT4_UDP: &str = "connect4_udp";
-/// `connect` of a UDP socket to a managed IPv6 (or v4-mapped) Service.
+/// Retired: as [`PROG_CONNECT4_UDP`], beside [`PROG_CONNECT6`].
 pub const PROG_CONNECT6_UDP: &str = "connect6_udp";
 /// `sendmsg` (unconnected UDP) to a managed IPv4 Service: its destination is rewritten.
 pub const PROG_SENDMSG4: &str = "sendmsg4";

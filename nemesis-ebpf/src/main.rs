@@ -53,9 +53,9 @@ use nemesis_common::maps::{
     ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
     LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock, MAX_BACKEND_IDS, MAX_BACKENDS,
     MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS,
-    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, PROTO_UDP, PeerRewrite, SOCK_BALANCED,
-    SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR, SPILL_SLACK, ServiceKey,
-    ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord, WEIGHT_FULL, WEIGHT_MIN,
+    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, PeerRewrite, SOCK_BALANCED, SOCK_HELD,
+    SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR, SPILL_SLACK, ServiceKey, ServiceStats,
+    ServiceValue, SlotRef, SockBackend, SockRecord, WEIGHT_FULL, WEIGHT_MIN,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -109,15 +109,26 @@ static SOCK_BALANCED_V1: SkStorage<BalancedSock> = SkStorage::new();
 
 // === connect4 / connect6 ===
 
+// One program per family for TCP and UDP alike, branching on the socket's protocol
+// first: a connect runs one program, not a TCP one and a UDP one that skips it (every
+// balanced TCP connect paid that second run: issue 12's lb_connect_overhead_ratio).
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx);
+    if udp::is_udp(&ctx) {
+        udp::connect4_udp(&ctx);
+    } else {
+        try_connect4(&ctx);
+    }
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    try_connect6(&ctx);
+    if udp::is_udp(&ctx) {
+        udp::connect6_udp(&ctx);
+    } else {
+        try_connect6(&ctx);
+    }
     ALLOW
 }
 
@@ -165,9 +176,6 @@ fn try_connect4(ctx: &SockAddrContext) {
             read_volatile(addr_of!((*sa).protocol)),
         )
     };
-    if proto == PROTO_UDP as u32 {
-        return; // connect4_udp/connect6_udp's (see `udp`)
-    }
     let words = [0, 0, V4_MAPPED_WORD, ip];
     if let Some(t) = on_connect(ctx, words, port, proto, Family::V4) {
         // SAFETY: user_ip4/user_port are writable in connect4; 4-byte stores.
@@ -193,9 +201,6 @@ fn try_connect6(ctx: &SockAddrContext) {
             read_volatile(addr_of!((*sa).protocol)),
         )
     };
-    if proto == PROTO_UDP as u32 {
-        return; // connect4_udp/connect6_udp's (see `udp`)
-    }
     let family = if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
         Family::V4Mapped
     } else {
@@ -540,7 +545,13 @@ fn counter(p: Option<*const u64>) -> u64 {
 #[inline(always)]
 fn weighted_load(id: u32, now: u64, window: u64) -> u64 {
     let conns = counter(BACKEND_CONNS_V2.get_ptr(id)) + counter(BACKEND_REMOTE_V1.get_ptr(id));
-    div(conns * WEIGHT_FULL * WEIGHT_FULL, weight(id, now, window))
+    let w = weight(id, now, window);
+    // A full weight (no slow start, or past it: the common case) divides exactly:
+    // spare the division.
+    if w == WEIGHT_FULL {
+        return conns * WEIGHT_FULL;
+    }
+    div(conns * WEIGHT_FULL * WEIGHT_FULL, w)
 }
 
 /// The slow-start weight of backend `id` now, in thousandths ([`WEIGHT_MIN`] just
@@ -735,8 +746,14 @@ fn pick_backend(slot: u32, family: Family) -> Option<Chosen> {
     } else {
         count
     };
-    // SAFETY: no arguments, always available.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Only slow start weighs by age: without it the clock is never read (a helper call
+    // on every balanced connect).
+    let now = if window != 0 {
+        // SAFETY: no arguments, always available.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let n = usable(set, count, now, window);
     let mut pos = choose(set, algorithm, slot, n, now, window);
     if window != 0 {

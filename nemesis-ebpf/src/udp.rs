@@ -43,29 +43,25 @@ static UDP_REV_V1: LruHashMap<UdpRevKey, UdpRevValue> =
 static UDP_HOLD_V1: HashMap<ServiceKey, UdpHold> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-// === connect4_udp / connect6_udp: connected sockets, decided at connect ===
-// Programs of their own, attached beside connect4/connect6 (which skip UDP sockets):
-// one program inlining the backend choice twice, for TCP and UDP, is more than the
-// verifier will walk.
+// === connected sockets, decided at connect ===
+// Called by connect4/connect6 (in `main`) for a UDP socket: one program per family
+// handles both protocols, so a TCP connect does not pay a second program's run.
 
-#[cgroup_sock_addr(connect4)]
-pub fn connect4_udp(ctx: SockAddrContext) -> i32 {
-    if is_udp(&ctx) {
-        udp4(&ctx, true);
-    }
-    ALLOW
-}
-
-#[cgroup_sock_addr(connect6)]
-pub fn connect6_udp(ctx: SockAddrContext) -> i32 {
-    if is_udp(&ctx) {
-        udp6(&ctx, true);
-    }
-    ALLOW
-}
-
+/// A UDP socket's connect4.
 #[inline(always)]
-fn is_udp(ctx: &SockAddrContext) -> bool {
+pub(crate) fn connect4_udp(ctx: &SockAddrContext) {
+    udp4(ctx, true);
+}
+
+/// A UDP socket's connect6.
+#[inline(always)]
+pub(crate) fn connect6_udp(ctx: &SockAddrContext) {
+    udp6(ctx, true);
+}
+
+/// Whether the connecting socket is a UDP one.
+#[inline(always)]
+pub(crate) fn is_udp(ctx: &SockAddrContext) -> bool {
     // SAFETY: the kernel hands a valid `bpf_sock_addr`; a 4-byte load.
     unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) == PROTO_UDP as u32 }
 }

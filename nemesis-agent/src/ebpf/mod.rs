@@ -598,16 +598,9 @@ impl Datapath {
             program_ids.push(prog_id);
             link_ids.push(link_id);
         }
-        // UDP socket-LB: connected sockets, unconnected sends and the replies' source.
+        // UDP socket-LB: unconnected sends and the replies' source (a connected socket's
+        // connect is connect4's and connect6's).
         for (name, attach_type) in [
-            (
-                m::PROG_CONNECT4_UDP,
-                bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
-            ),
-            (
-                m::PROG_CONNECT6_UDP,
-                bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
-            ),
             (m::PROG_SENDMSG4, bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG),
             (m::PROG_SENDMSG6, bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG),
             (m::PROG_RECVMSG4, bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG),
@@ -617,6 +610,10 @@ impl Datapath {
             program_ids.push(prog_id);
             link_ids.push(link_id);
         }
+        // Only now that connect4/connect6 handle UDP sockets: an older agent's separate
+        // UDP connect programs go (until here they kept balancing; the two never both
+        // rewrite a connect, as the second sees a backend, not a Service).
+        remove_retired_links(&layout)?;
 
         let log = match log_forward::LogForwarder::start(program_ids[0]) {
             Ok(l) => Some(l),
@@ -1438,8 +1435,7 @@ impl Datapath {
     }
 
     /// Kernel ids of the links (connect4, connect6, sock_ops, getpeername4,
-    /// getpeername6, and UDP's connect4_udp, connect6_udp, sendmsg4, sendmsg6,
-    /// recvmsg4, recvmsg6).
+    /// getpeername6, and UDP's sendmsg4, sendmsg6, recvmsg4, recvmsg6).
     pub fn link_ids(&self) -> &[u32] {
         &self.link_ids
     }
@@ -1770,6 +1766,20 @@ fn udp_layouts() -> [(&'static str, u32, u32); 3] {
 
 /// Unpins maps of earlier layouts this agent no longer uses (their sockets' counts die
 /// with them; the new maps start empty, and the agent writes its sets anew).
+/// Unpins the links of [`pins::RETIRED_PROGRAMS`] an older agent left, which detaches
+/// their programs (no one else holds them).
+fn remove_retired_links(layout: &pins::PinLayout) -> Result<(), LoadError> {
+    for name in pins::RETIRED_PROGRAMS {
+        let path = layout.link(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!(path = %path.display(), "removed a retired pinned link"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::RemovePins { path, source }),
+        }
+    }
+    Ok(())
+}
+
 fn remove_retired_maps(layout: &pins::PinLayout) -> Result<(), LoadError> {
     for name in m::RETIRED_MAPS {
         let path = layout.map(name);

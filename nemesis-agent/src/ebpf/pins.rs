@@ -23,15 +23,14 @@ pub const PROGRAMS: [&str; 5] = [
     PROG_GETPEERNAME6,
 ];
 
-/// The UDP programs (connect, sendmsg and recvmsg), each pinned as one link too.
-pub const UDP_PROGRAMS: [&str; 6] = [
-    PROG_CONNECT4_UDP,
-    PROG_CONNECT6_UDP,
-    PROG_SENDMSG4,
-    PROG_SENDMSG6,
-    PROG_RECVMSG4,
-    PROG_RECVMSG6,
-];
+/// The UDP programs (sendmsg and recvmsg), each pinned as one link too. A UDP socket's
+/// connect is connect4's and connect6's.
+pub const UDP_PROGRAMS: [&str; 4] = [PROG_SENDMSG4, PROG_SENDMSG6, PROG_RECVMSG4, PROG_RECVMSG6];
+
+/// Links an older agent pinned that this one no longer makes: removed (detaching their
+/// programs) once this agent's own are in place, and by a cleanup. connect4_udp and
+/// connect6_udp ran beside connect4 and connect6, which now handle UDP sockets too.
+pub const RETIRED_PROGRAMS: [&str; 2] = [PROG_CONNECT4_UDP, PROG_CONNECT6_UDP];
 
 /// Directory under bpffs that holds every instance.
 pub const ROOT_DIR: &str = "nemesis";
@@ -96,7 +95,11 @@ impl PinLayout {
     /// know (not created by Nemesis) are left and make the directory stay.
     pub fn remove_all(&self) -> io::Result<CleanupReport> {
         let mut report = CleanupReport::default();
-        for p in PROGRAMS.iter().chain(UDP_PROGRAMS.iter()) {
+        for p in PROGRAMS
+            .iter()
+            .chain(UDP_PROGRAMS.iter())
+            .chain(RETIRED_PROGRAMS.iter())
+        {
             if remove_if_exists(&self.link(p))? {
                 report.links_removed.push(self.link(p));
             }
