@@ -9,6 +9,7 @@ use super::drain::DrainWatch;
 use super::hold::{Admission, HeldGuard};
 use super::refuse::{Reason, close_cleanly, refuse};
 use super::relay::relay;
+use super::sleep_gate::GateWatch;
 use super::sniff::{Sniff, sniff};
 use super::splice::shutdown_write;
 use super::table::ManagedPort;
@@ -119,7 +120,11 @@ pub(crate) async fn handle_to(
     // Small writes (a request, a handshake) go out at once; the proxy adds no Nagle delay.
     let _ = client.set_nodelay(true);
     let endpoints = shared.endpoints.subscribe(&port.service);
-    let needs_wake = endpoints.borrow().is_empty();
+    let mut gate = shared.table.sleep_gates().watch(&port.service);
+    // Being put to sleep counts as at zero: the ready backends are going away, and the
+    // wake-up tells the controller a client came (it gives the sleep up, or wakes the
+    // Service again right after).
+    let needs_wake = endpoints.borrow().is_empty() || gate.closed();
     match shared
         .holds
         .admit(&port.service, port.bounds.max_held, needs_wake)
@@ -154,6 +159,7 @@ pub(crate) async fn handle_to(
                 guard,
                 released,
                 accepted,
+                gate,
             };
             hold(shared, client, peer, port, endpoints, held).await;
         }
@@ -166,6 +172,9 @@ struct Held {
     /// Notified when the controller says no policy manages the Service.
     released: Arc<tokio::sync::Notify>,
     accepted: Instant,
+    /// Closed while the controller puts the Service to sleep: its ready backends are
+    /// the ones going away.
+    gate: GateWatch,
 }
 
 async fn hold(
@@ -180,6 +189,7 @@ async fn hold(
         guard,
         released,
         accepted,
+        mut gate,
     } = held;
     let deadline = accepted + port.bounds.hold_timeout;
     let mut buf = HoldBuffer::new(port.bounds.buffer_bytes);
@@ -188,8 +198,24 @@ async fn hold(
     // `None`: dial as soon as there is a ready backend; `Some(t)`: backing off until t.
     let mut retry_at: Option<Instant> = None;
     let mut endpoints_open = true;
+    // The Service's endpoints were empty at some point while this connection was held:
+    // whatever is ready after that was woken, not left over from before a sleep.
+    let mut seen_empty = false;
     loop {
-        if retry_at.is_none_or(|t| Instant::now() >= t) {
+        // While the Service is being put to sleep its ready backends are about to be
+        // stopped: a connection sent there could be cut before it is answered. It waits
+        // for the sleep to be given up or for the scale to zero (then for the wake).
+        let closed = gate.closed();
+        let empty = if closed && !seen_empty {
+            // Marked seen while waiting: only a change can end the wait, and the backoff
+            // below means nothing then.
+            endpoints.borrow_and_update().is_empty()
+        } else {
+            endpoints.borrow().is_empty()
+        };
+        seen_empty |= empty;
+        let gated = closed && !seen_empty;
+        if !gated && retry_at.is_none_or(|t| Instant::now() >= t) {
             retry_at = None;
             let backends = endpoints
                 .borrow_and_update()
@@ -248,14 +274,19 @@ async fn hold(
                 }
             }
         }
-        // Held while the Service had backends (no flight then), and now it has none: the
-        // Service is going to zero under this connection, which must wake it again
-        // rather than wait for the controller to see the held count in a heartbeat.
-        if endpoints.borrow().is_empty() && shared.holds.claim_wake(&port.service) {
+        // Held while the Service had backends (no flight then), and now it has none, or
+        // it is being put to sleep: the Service is going to zero under this connection,
+        // which must tell the controller (or wake it again) rather than wait for the
+        // held count to reach it in a heartbeat.
+        if (endpoints.borrow().is_empty() || gated) && shared.holds.claim_wake(&port.service) {
             tokio::spawn(super::wake::run_wake(shared.clone(), port.service.clone()));
         }
         let wake_at = retry_at.map_or(deadline, |t| t.min(deadline));
         tokio::select! {
+            () = gate.changed() => {
+                // The sleep given up: the backends are staying, dial at once.
+                retry_at = None;
+            }
             changed = endpoints.changed(), if endpoints_open => {
                 if changed.is_ok() {
                     // New backends: dial at once, whatever the backoff said.

@@ -122,7 +122,9 @@ impl UdpWake for ProxyUdpWake {
             return; // in the table already: its flight runs (or a backend is ready)
         }
         let shared = &self.proxy.shared;
-        let needs_wake = shared.endpoints.current(&self.service).is_empty();
+        // As a held connection: a Service being put to sleep counts as at zero.
+        let needs_wake = shared.endpoints.current(&self.service).is_empty()
+            || shared.table.sleep_gates().is_closed(&self.service);
         // The relay bounds its own datagrams; here it is one holder among the
         // connections, under the agent's total bound.
         match shared.holds.admit(&self.service, usize::MAX, needs_wake) {
@@ -141,6 +143,17 @@ impl UdpWake for ProxyUdpWake {
     }
 
     fn backend(&self) -> Option<SocketAddr> {
+        // The backends of a Service being put to sleep are about to stop: the held
+        // datagrams wait for the sleep to be given up or for the woken backends.
+        if self
+            .proxy
+            .shared
+            .table
+            .sleep_gates()
+            .is_closed(&self.service)
+        {
+            return None;
+        }
         let eps = self.proxy.shared.endpoints.current(&self.service);
         let ready = eps.udp_backends(&self.port_name);
         // Spread the relay's flows: any ready backend of the family will do.
