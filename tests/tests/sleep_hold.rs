@@ -110,6 +110,11 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
     scale(&env, 1).await?;
 
     let results = client.finish(STEP).await?;
+    anyhow::ensure!(
+        results[0].result == "response" && !results[0].text.is_empty(),
+        "the client's connection was cut (by the kill of the pod it was sent to?): {:?}",
+        results[0]
+    );
     let answer = results[0].http()?;
     assert_eq!(answer.status, 200, "{:?}", results[0]);
     assert_ne!(
