@@ -1,8 +1,8 @@
 //! Connections held while the controller puts their Service to sleep (the `Sleep`
 //! directive: every agent holds, then the scale to zero): they never go to the
 //! backends the scale is about to stop; they go to the same backends once the sleep is
-//! given up, or to the woken ones after the scale to zero, and the controller hears
-//! of them at once.
+//! given up, or to the woken ones after the scale to zero (asking for the wake once the
+//! backends are gone, not before: the controller sees them held in the agent's report).
 
 mod proxy_support;
 
@@ -85,8 +85,7 @@ async fn sleeping(name: &str) -> Result<Sleeping> {
 }
 
 impl Sleeping {
-    /// A client whose request reaches the proxy during the sleep; waits until it is held
-    /// and the controller has its wake-up.
+    /// A client whose request reaches the proxy during the sleep; waits until it is held.
     async fn held_client(&self) -> Result<tokio::task::JoinHandle<Result<String>>> {
         let s = self.h.connect_as(self.dst).await?;
         let client = tokio::spawn(async move { http_get(s, "/during-sleep").await });
@@ -95,17 +94,6 @@ impl Sleeping {
             self.h.proxy.held(&web) == 1
         })
         .await?;
-        wait_until(
-            "the controller hears of the held connection",
-            Duration::from_secs(10),
-            || self.controller.accepted.load(Ordering::SeqCst) >= 1,
-        )
-        .await?;
-        let wake = self.controller.last_wake.lock().unwrap().clone();
-        ensure!(
-            wake.is_some_and(|w| w.service == self.web && w.held_connections == 1),
-            "the wake-up names the Service and its held connection"
-        );
         Ok(client)
     }
 }
@@ -122,6 +110,10 @@ async fn a_connection_held_during_a_sleep_goes_to_the_backends_once_the_sleep_is
         ensure!(
             s.old_served.load(Ordering::SeqCst) == 0,
             "nothing sent to a backend that is going away"
+        );
+        ensure!(
+            s.controller.requests.load(Ordering::SeqCst) == 0,
+            "no wake-up while its backends are listed"
         );
         // The controller gives the sleep up (the client's wake-up): the backend stays.
         s.modes
@@ -145,6 +137,17 @@ async fn a_connection_held_during_a_sleep_goes_to_the_woken_backend_after_the_sc
         // The scale to zero takes the backend away (its pod is stopped); the Sleep
         // directive stays until the controller wakes the Service again.
         s.h.ready(&s.web, &[]);
+        wait_until(
+            "the held connection asks for the wake",
+            Duration::from_secs(10),
+            || s.controller.accepted.load(Ordering::SeqCst) == 1,
+        )
+        .await?;
+        let wake = s.controller.last_wake.lock().unwrap().clone();
+        ensure!(
+            wake.is_some_and(|w| w.service == s.web && w.held_connections == 1),
+            "the wake-up names the Service and its held connection"
+        );
         let (woken, woken_served) = http_backend().await?;
         wait_until(
             "the gate sees the Service at zero",

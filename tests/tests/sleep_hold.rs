@@ -4,8 +4,8 @@
 //! request, then the Deployment is scaled to zero and its pod, which ignores SIGTERM and
 //! answers slowly (a loaded app), is SIGKILLed at the end of its grace period. The
 //! client must get its answer from the woken pod, not an EOF from the killed one: the
-//! proxy holds it instead of forwarding it to the pod going away, tells the controller
-//! at once (a wake-up), and forwards it to the pod the wake starts.
+//! proxy holds it instead of forwarding it to the pod going away, asks for a wake-up
+//! once that pod is gone, and forwards it to the pod the wake starts.
 
 mod wake_support;
 
@@ -124,7 +124,7 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
     );
     assert!(
         env.controller.wakes() >= 2,
-        "the held client told the controller (wake-ups: {})",
+        "the held client asked for the wake (wake-ups: {})",
         env.controller.wakes()
     );
     env.shutdown().await

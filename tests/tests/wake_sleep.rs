@@ -2,8 +2,8 @@
 //! reply asks to hold a warm Service (`Sleep`, before it scales to zero); the agent
 //! flips the datapath to hold and acknowledges the epoch in its next heartbeat. A connect
 //! meanwhile goes to the proxy, which holds it (its backends are about to be stopped)
-//! and tells the controller with a wake-up; `Follow` at a newer epoch (the sleep given
-//! up) flips the datapath back and sends the held connections to the still-ready pod.
+//! and reports it held; `Follow` at a newer epoch (the sleep given up) flips the
+//! datapath back and sends the held connections to the still-ready pod.
 //! (`sleep_hold` follows a held connection through the scale to zero instead.)
 
 mod wake_support;
@@ -70,12 +70,23 @@ async fn a_sleep_directive_holds_a_warm_service_and_is_acknowledged() -> anyhow:
     })
     .await?;
     eventually(
-        "the controller to hear of them",
+        "the controller to see them held",
         Duration::from_secs(30),
-        || async { Ok((env.controller.wakes() >= 2).then_some(())) },
+        || async {
+            Ok(env
+                .controller
+                .report()
+                .filter(|r| r.held_connections == 3)
+                .map(|_| ()))
+        },
     )
     .await?;
     let during = env.metrics().await?;
+    assert_eq!(
+        env.controller.wakes(),
+        1,
+        "no wake-up while the backends are listed"
+    );
     assert_eq!(
         during.outcome("forwarded"),
         before.outcome("forwarded"),

@@ -120,11 +120,14 @@ pub(crate) async fn handle_to(
     // Small writes (a request, a handshake) go out at once; the proxy adds no Nagle delay.
     let _ = client.set_nodelay(true);
     let endpoints = shared.endpoints.subscribe(&port.service);
-    let mut gate = shared.table.sleep_gates().watch(&port.service);
-    // Being put to sleep counts as at zero: the ready backends are going away, and the
-    // wake-up tells the controller a client came (it gives the sleep up, or wakes the
-    // Service again right after).
-    let needs_wake = endpoints.borrow().is_empty() || gate.closed();
+    // No wake-up for a Service being put to sleep (its gate closed) while its backends
+    // are still listed: the controller sees the held connection in the agent's report
+    // and gives the sleep up, or scales to zero, and the connection asks for the wake
+    // once the backends are gone. A wake-up before that could make the controller wake
+    // the Service at once and tell the agents to follow endpoints that still list the
+    // pods it is stopping.
+    let gate = shared.table.sleep_gates().watch(&port.service);
+    let needs_wake = endpoints.borrow().is_empty();
     match shared
         .holds
         .admit(&port.service, port.bounds.max_held, needs_wake)
@@ -274,11 +277,10 @@ async fn hold(
                 }
             }
         }
-        // Held while the Service had backends (no flight then), and now it has none, or
-        // it is being put to sleep: the Service is going to zero under this connection,
-        // which must tell the controller (or wake it again) rather than wait for the
-        // held count to reach it in a heartbeat.
-        if (endpoints.borrow().is_empty() || gated) && shared.holds.claim_wake(&port.service) {
+        // Held while the Service had backends (no flight then), and now it has none: the
+        // Service is going to zero under this connection, which must wake it again
+        // rather than wait for the controller to see the held count in a heartbeat.
+        if endpoints.borrow().is_empty() && shared.holds.claim_wake(&port.service) {
             tokio::spawn(super::wake::run_wake(shared.clone(), port.service.clone()));
         }
         let wake_at = retry_at.map_or(deadline, |t| t.min(deadline));

@@ -118,13 +118,17 @@ impl ProxyUdpWake {
 impl UdpWake for ProxyUdpWake {
     fn wake(&self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.is_some() {
-            return; // in the table already: its flight runs (or a backend is ready)
-        }
         let shared = &self.proxy.shared;
-        // As a held connection: a Service being put to sleep counts as at zero.
-        let needs_wake = shared.endpoints.current(&self.service).is_empty()
-            || shared.table.sleep_gates().is_closed(&self.service);
+        let needs_wake = shared.endpoints.current(&self.service).is_empty();
+        if held.is_some() {
+            // In the table already: its flight runs, or it was held while the Service was
+            // being put to sleep, and its backends have gone since (as a held connection
+            // does, it asks for the wake then).
+            if needs_wake && shared.holds.claim_wake(&self.service) {
+                tokio::spawn(super::wake::run_wake(shared.clone(), self.service.clone()));
+            }
+            return;
+        }
         // The relay bounds its own datagrams; here it is one holder among the
         // connections, under the agent's total bound.
         match shared.holds.admit(&self.service, usize::MAX, needs_wake) {

@@ -1,9 +1,8 @@
 //! The single wake-up flight of one Service: started by the first held connection (see
 //! `hold`), it tells the controller, retries with backoff while connections are held,
-//! and ends when a backend is ready (its sleep gate open) or nothing is held any more. Never holds a connection.
+//! and ends when a backend is ready or nothing is held any more. Never holds a connection.
 
 use super::Shared;
-use super::sleep_gate::GateWatch;
 use crate::control::ControllerClient;
 use crate::endpoints::ServiceEndpoints;
 use crate::metrics::{WakeLabels, WakeResult};
@@ -15,13 +14,12 @@ use tokio::time::Instant;
 
 pub(crate) async fn run_wake(shared: Arc<Shared>, service: ServiceRef) {
     let mut endpoints = shared.endpoints.subscribe(&service);
-    let mut gate = shared.table.sleep_gates().watch(&service);
     let emptied = shared.holds.emptied(&service);
     let mut failures = 0u32;
     let mut send_now = true;
     let mut next_send = Instant::now();
     loop {
-        if flight_over(&shared, &service, &mut endpoints, &mut gate) {
+        if flight_over(&shared, &service, &mut endpoints) {
             return;
         }
         // Without a controller (a bench, a node without one) the Service wakes by other
@@ -43,7 +41,6 @@ pub(crate) async fn run_wake(shared: Arc<Shared>, service: ServiceRef) {
                 false
             }
             _ = emptied.notified() => false,
-            () = gate.changed() => false,
             _ = tokio::time::sleep_until(next_send), if shared.controller.is_some() => true,
         };
     }
@@ -51,17 +48,14 @@ pub(crate) async fn run_wake(shared: Arc<Shared>, service: ServiceRef) {
     shared.holds.end_wake(&service, false);
 }
 
-/// Whether the flight is over: a backend is ready (and not one a sleep is about to
-/// stop), or nothing is held any more (ended under the holds lock, so a connection held
-/// after this starts a new flight).
+/// Whether the flight is over: a backend is ready, or nothing is held any more (ended
+/// under the holds lock, so a connection held after this starts a new flight).
 fn flight_over(
     shared: &Shared,
     service: &ServiceRef,
     endpoints: &mut watch::Receiver<Arc<ServiceEndpoints>>,
-    gate: &mut GateWatch,
 ) -> bool {
-    let closed = gate.closed();
-    if !endpoints.borrow_and_update().is_empty() && !closed {
+    if !endpoints.borrow_and_update().is_empty() {
         shared.holds.end_wake(service, false);
         tracing::debug!(service = %service, "backend ready; wake-up flight over");
         return true;
