@@ -253,5 +253,22 @@ mod tests {
         assert_eq!(w.backend(), Some(backend));
         assert!(!w.holding(), "the hold ends once a backend is ready");
         assert_eq!(proxy.held(&dns), 0);
+
+        // Being put to sleep: a flow held now waits rather than go to the backend the
+        // scale to zero is about to stop, and asks for no wake while it is listed.
+        let gates = proxy.shared.table.sleep_gates();
+        gates.set_closed([dns.clone()].into());
+        w.wake();
+        assert!(w.holding());
+        assert_eq!(w.backend(), None, "not the backend going away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            wakes.load(Ordering::SeqCst),
+            1,
+            "no wake-up while it is listed"
+        );
+        // The sleep given up: the same backend.
+        gates.set_closed(Default::default());
+        assert_eq!(w.backend(), Some(backend));
     }
 }
