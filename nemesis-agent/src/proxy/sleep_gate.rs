@@ -2,8 +2,8 @@
 //! their held connections must not be sent to those backends, which the scale to zero
 //! is about to stop (a pod killed before it answers loses the connection). The mode
 //! follower closes and opens the gates (from the `Sleep` directive and the endpoints);
-//! held connections, wake-up flights and UDP relays read them. Owns only the signal;
-//! never touches a connection.
+//! held connections and UDP relays read them. Owns only the signal; never touches a
+//! connection.
 
 use nemesis_common::wire::ServiceRef;
 use std::collections::BTreeSet;
