@@ -582,6 +582,86 @@ async fn an_agent_that_never_acknowledges_the_hold_keeps_the_target_up() -> anyh
     w.shutdown().await
 }
 
+/// A client that arrives while the agents are asked to hold (before the scale to zero)
+/// is held by its agent, which asks for a wake-up at once (its backends are about to be
+/// stopped): the controller gives the sleep up instead of scaling the target away
+/// under it, and the agents go back to following the endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_during_the_sleep_handshake_gives_the_sleep_up() -> anyhow::Result<()> {
+    let w = World::start("ctl-wake-in-sleep", true).await?;
+    w.app("web", 1).await?;
+    eventually("a ready pod", Duration::from_secs(30), || async {
+        Ok((w.ready_replicas("web").await? == 1).then_some(()))
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    // No acknowledgement timeout within the test: the handshake stays open until the
+    // agent acknowledges.
+    let c = start_controller(&w.server, dir.path(), &["--sleep-ack-timeout", "300s"]).await?;
+    wait_leading(&c, Duration::from_secs(10)).await?;
+    let svc = w.svc("web");
+    let agent = TestAgent::start("node-a", vec![svc.clone()], vec![c.api_addr]);
+    // Slow to apply the hold: the handshake is open while the client arrives.
+    agent.set(|s| s.ack = false);
+    let log = ReplicaLog::start(w.deployments(), "web");
+    w.policies()
+        .create(
+            &PostParams::default(),
+            &policy(
+                "web",
+                json!({
+                    "target": {"deployment": "web", "service": "web"},
+                    "minReplicas": 0,
+                    "idleTimeout": "2s",
+                }),
+            ),
+        )
+        .await?;
+    eventually(
+        "the agents asked to hold",
+        Duration::from_secs(30),
+        || async {
+            Ok(
+                (c.registry.directive(&svc).map(|d| d.directive) == Some(Directive::Sleep))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let (status, body) = Http::default().wake(c.api_addr, "node-a", &svc, 1).await?;
+    assert_eq!(
+        (status, body["accepted"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    eventually("the sleep given up", Duration::from_secs(20), || async {
+        Ok(
+            (c.registry.directive(&svc).map(|d| d.directive) == Some(Directive::Follow))
+                .then_some(()),
+        )
+    })
+    .await?;
+    eventually(
+        "a SleepCancelled Event",
+        Duration::from_secs(10),
+        || async {
+            Ok(events(&w.client, &w.ns, "web")
+                .await?
+                .into_iter()
+                .find(|e| e.0 == "SleepCancelled"))
+        },
+    )
+    .await?;
+    assert_eq!(replicas(&w.deployments(), "web").await?, 1);
+    assert!(
+        !log.seen().contains(&0),
+        "scaled to zero under the client: {:?}",
+        log.seen()
+    );
+    c.shutdown().await;
+    w.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_policy_reports_the_field_and_column_and_scales_nothing() -> anyhow::Result<()> {
     let w = World::start("ctl-invalid", false).await?;

@@ -9,6 +9,7 @@ use super::drain::DrainWatch;
 use super::hold::{Admission, HeldGuard};
 use super::refuse::{Reason, close_cleanly, refuse};
 use super::relay::relay;
+use super::sleep_gate::GateWatch;
 use super::sniff::{Sniff, sniff};
 use super::splice::shutdown_write;
 use super::table::ManagedPort;
@@ -119,6 +120,13 @@ pub(crate) async fn handle_to(
     // Small writes (a request, a handshake) go out at once; the proxy adds no Nagle delay.
     let _ = client.set_nodelay(true);
     let endpoints = shared.endpoints.subscribe(&port.service);
+    // No wake-up for a Service being put to sleep (its gate closed) while its backends
+    // are still listed: the controller sees the held connection in the agent's report
+    // and gives the sleep up, or scales to zero, and the connection asks for the wake
+    // once the backends are gone. A wake-up before that could make the controller wake
+    // the Service at once and tell the agents to follow endpoints that still list the
+    // pods it is stopping.
+    let gate = shared.table.sleep_gates().watch(&port.service);
     let needs_wake = endpoints.borrow().is_empty();
     match shared
         .holds
@@ -154,6 +162,7 @@ pub(crate) async fn handle_to(
                 guard,
                 released,
                 accepted,
+                gate,
             };
             hold(shared, client, peer, port, endpoints, held).await;
         }
@@ -166,6 +175,9 @@ struct Held {
     /// Notified when the controller says no policy manages the Service.
     released: Arc<tokio::sync::Notify>,
     accepted: Instant,
+    /// Closed while the controller puts the Service to sleep: its ready backends are
+    /// the ones going away.
+    gate: GateWatch,
 }
 
 async fn hold(
@@ -180,6 +192,7 @@ async fn hold(
         guard,
         released,
         accepted,
+        mut gate,
     } = held;
     let deadline = accepted + port.bounds.hold_timeout;
     let mut buf = HoldBuffer::new(port.bounds.buffer_bytes);
@@ -188,8 +201,24 @@ async fn hold(
     // `None`: dial as soon as there is a ready backend; `Some(t)`: backing off until t.
     let mut retry_at: Option<Instant> = None;
     let mut endpoints_open = true;
+    // The Service's endpoints were empty at some point while this connection was held:
+    // whatever is ready after that was woken, not left over from before a sleep.
+    let mut seen_empty = false;
     loop {
-        if retry_at.is_none_or(|t| Instant::now() >= t) {
+        // While the Service is being put to sleep its ready backends are about to be
+        // stopped: a connection sent there could be cut before it is answered. It waits
+        // for the sleep to be given up or for the scale to zero (then for the wake).
+        let closed = gate.closed();
+        let empty = if closed && !seen_empty {
+            // Marked seen while waiting: only a change can end the wait, and the backoff
+            // below means nothing then.
+            endpoints.borrow_and_update().is_empty()
+        } else {
+            endpoints.borrow().is_empty()
+        };
+        seen_empty |= empty;
+        let gated = closed && !seen_empty;
+        if !gated && retry_at.is_none_or(|t| Instant::now() >= t) {
             retry_at = None;
             let backends = endpoints
                 .borrow_and_update()
@@ -256,6 +285,10 @@ async fn hold(
         }
         let wake_at = retry_at.map_or(deadline, |t| t.min(deadline));
         tokio::select! {
+            () = gate.changed() => {
+                // The sleep given up: the backends are staying, dial at once.
+                retry_at = None;
+            }
             changed = endpoints.changed(), if endpoints_open => {
                 if changed.is_ok() {
                     // New backends: dial at once, whatever the backoff said.

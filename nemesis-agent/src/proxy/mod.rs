@@ -15,6 +15,7 @@ mod http2;
 pub mod mode;
 mod refuse;
 mod relay;
+pub mod sleep_gate;
 pub mod sniff;
 mod splice;
 pub mod table;
@@ -25,6 +26,7 @@ pub use backoff::Backoff;
 pub use drain::{Drain, Want};
 pub use mode::{ModeFollower, ModeSink, ModeSinkError, decide_hold};
 pub use relay::{ProtocolFollower, Step as FollowStep};
+pub use sleep_gate::SleepGates;
 pub use table::{
     HoldBounds, ManagedPort, ServiceTable, TableError, service_ports, udp_service_ports,
 };

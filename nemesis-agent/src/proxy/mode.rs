@@ -2,13 +2,15 @@
 //! backend (or the controller asked to hold it for a scale-down), direct once it has one
 //! and the node's Service proxy has had [`DIRECT_AFTER_READY`] to program it.
 //! Owns the decision and its application through a [`ModeSink`], and tells the proxy
-//! which Services go direct (`drain`); never touches connections (those already
+//! which Services go direct (`drain`) and which are being put to sleep with their
+//! backends still up (`sleep_gate`); never touches connections (those already
 //! forwarded step out through the proxy's `relay`).
 
+use super::sleep_gate::{SleepSeen, next_sleep};
 use super::table::ServiceTable;
 use crate::endpoints::EndpointRegistry;
 use nemesis_common::wire::{AppliedMode, Directive, ServiceDirective, ServiceRef};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -81,6 +83,9 @@ pub struct ModeFollower {
     applied: Mutex<HashMap<ServiceRef, Applied>>,
     /// Since when each Service has had a ready backend without a break.
     ready_since: Mutex<HashMap<ServiceRef, Instant>>,
+    /// The Services asked to sleep, and whether they reached zero since (see
+    /// `sleep_gate`).
+    sleeps: Mutex<HashMap<ServiceRef, SleepSeen>>,
     /// The next time a hand-over ends (a pass is due then).
     recheck_at: Mutex<Option<Instant>>,
     kick: Notify,
@@ -122,6 +127,7 @@ impl ModeFollower {
             desired: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             ready_since: Mutex::new(HashMap::new()),
+            sleeps: Mutex::new(HashMap::new()),
             recheck_at: Mutex::new(None),
             kick: Notify::new(),
             changed: Arc::new(Notify::new()),
@@ -166,6 +172,9 @@ impl ModeFollower {
         applied.retain(|svc, _| services.contains(svc));
         let mut ready_since = self.ready_since.lock().expect("mode ready lock");
         ready_since.retain(|svc, _| services.contains(svc));
+        // The gates first: a Service told to sleep is held in the datapath below, and
+        // the connections that brings to the proxy must find its gate closed already.
+        self.close_sleep_gates(&services, &desired);
         let now = Instant::now();
         let mut recheck_at: Option<Instant> = None;
         let mut all_ok = true;
@@ -231,6 +240,38 @@ impl ModeFollower {
             self.changed.notify_one();
         }
         all_ok
+    }
+
+    /// Closes the gate of every Service asked to sleep that has not reached zero since,
+    /// opens every other.
+    fn close_sleep_gates(
+        &self,
+        services: &BTreeSet<ServiceRef>,
+        desired: &HashMap<ServiceRef, Desired>,
+    ) {
+        let mut sleeps = self.sleeps.lock().expect("mode sleeps lock");
+        let mut closed = BTreeSet::new();
+        for svc in services {
+            let sleep_epoch = desired
+                .get(svc)
+                .filter(|d| d.directive == Directive::Sleep)
+                .map(|d| d.epoch);
+            let ready = !self.endpoints.current(svc).is_empty();
+            match next_sleep(sleeps.get(svc).copied(), sleep_epoch, ready) {
+                Some(seen) => {
+                    if !seen.reached_zero {
+                        closed.insert(svc.clone());
+                    }
+                    sleeps.insert(svc.clone(), seen);
+                }
+                None => {
+                    sleeps.remove(svc);
+                }
+            }
+        }
+        sleeps.retain(|svc, _| services.contains(svc));
+        drop(sleeps);
+        self.table.sleep_gates().set_closed(closed);
     }
 
     /// Follow changes forever.

@@ -3,6 +3,7 @@
 //! Services are managed (the agent's policy watch does) nor what happens to a connection.
 
 use super::drain::Drain;
+use super::sleep_gate::SleepGates;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -160,7 +161,8 @@ fn ports_of_protocol(
 /// ClusterIP:port -> [`ManagedPort`] of every managed Service. Read on every accepted
 /// connection, written when a Service or its policy changes. Carries the [`Drain`]
 /// signal too: the mode follower and the proxy share the table, and the signal is how
-/// the one tells the other which Services' forwarded connections may step out.
+/// the one tells the other which Services' forwarded connections may step out, as the
+/// [`SleepGates`] are which Services' held connections must wait.
 #[derive(Debug)]
 pub struct ServiceTable {
     rows: RwLock<HashMap<SocketAddr, Arc<ManagedPort>>>,
@@ -169,6 +171,7 @@ pub struct ServiceTable {
     udp: RwLock<BTreeMap<ServiceRef, Vec<SocketAddr>>>,
     changes: watch::Sender<u64>,
     drain: Drain,
+    sleep_gates: SleepGates,
 }
 
 impl Default for ServiceTable {
@@ -178,6 +181,7 @@ impl Default for ServiceTable {
             udp: RwLock::new(BTreeMap::new()),
             changes: watch::Sender::new(0),
             drain: Drain::default(),
+            sleep_gates: SleepGates::default(),
         }
     }
 }
@@ -283,6 +287,11 @@ impl ServiceTable {
     /// When forwarded connections should step out of the proxy.
     pub fn drain(&self) -> &Drain {
         &self.drain
+    }
+
+    /// Which Services' held connections wait for the controller's sleep to end.
+    pub fn sleep_gates(&self) -> &SleepGates {
+        &self.sleep_gates
     }
 }
 

@@ -118,11 +118,17 @@ impl ProxyUdpWake {
 impl UdpWake for ProxyUdpWake {
     fn wake(&self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.is_some() {
-            return; // in the table already: its flight runs (or a backend is ready)
-        }
         let shared = &self.proxy.shared;
         let needs_wake = shared.endpoints.current(&self.service).is_empty();
+        if held.is_some() {
+            // In the table already: its flight runs, or it was held while the Service was
+            // being put to sleep, and its backends have gone since (as a held connection
+            // does, it asks for the wake then).
+            if needs_wake && shared.holds.claim_wake(&self.service) {
+                tokio::spawn(super::wake::run_wake(shared.clone(), self.service.clone()));
+            }
+            return;
+        }
         // The relay bounds its own datagrams; here it is one holder among the
         // connections, under the agent's total bound.
         match shared.holds.admit(&self.service, usize::MAX, needs_wake) {
@@ -141,6 +147,17 @@ impl UdpWake for ProxyUdpWake {
     }
 
     fn backend(&self) -> Option<SocketAddr> {
+        // The backends of a Service being put to sleep are about to stop: the held
+        // datagrams wait for the sleep to be given up or for the woken backends.
+        if self
+            .proxy
+            .shared
+            .table
+            .sleep_gates()
+            .is_closed(&self.service)
+        {
+            return None;
+        }
         let eps = self.proxy.shared.endpoints.current(&self.service);
         let ready = eps.udp_backends(&self.port_name);
         // Spread the relay's flows: any ready backend of the family will do.
@@ -236,5 +253,22 @@ mod tests {
         assert_eq!(w.backend(), Some(backend));
         assert!(!w.holding(), "the hold ends once a backend is ready");
         assert_eq!(proxy.held(&dns), 0);
+
+        // Being put to sleep: a flow held now waits rather than go to the backend the
+        // scale to zero is about to stop, and asks for no wake while it is listed.
+        let gates = proxy.shared.table.sleep_gates();
+        gates.set_closed([dns.clone()].into());
+        w.wake();
+        assert!(w.holding());
+        assert_eq!(w.backend(), None, "not the backend going away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            wakes.load(Ordering::SeqCst),
+            1,
+            "no wake-up while it is listed"
+        );
+        // The sleep given up: the same backend.
+        gates.set_closed(Default::default());
+        assert_eq!(w.backend(), Some(backend));
     }
 }

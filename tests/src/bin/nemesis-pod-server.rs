@@ -4,8 +4,10 @@
 //! ignore it (to exercise the kubelet's SIGKILL after the grace period).
 //!
 //! Usage: nemesis-pod-server [--port N] [--listen ADDR:PORT] [--ignore-sigterm] [--hyper]
-//!        [--udp-port N]
+//!        [--udp-port N] [--answer-delay-ms MS]
 //!
+//! With `--answer-delay-ms MS` every request but `GET /healthz` (a readiness probe's) is
+//! answered MS after it arrived: a loaded app, which a kill cuts before it answers.
 //! By default one request per connection, answered with `connection: close`. With
 //! `--hyper`, a real server (hyper) keeps connections alive and speaks HTTP/1.1 and
 //! HTTP/2 with prior knowledge, as an app behind a Service does.
@@ -29,6 +31,7 @@ struct Args {
     ignore_sigterm: bool,
     hyper: bool,
     udp_port: Option<u16>,
+    answer_delay: std::time::Duration,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -37,6 +40,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut ignore_sigterm = false;
     let mut hyper = false;
     let mut udp_port = None;
+    let mut answer_delay = std::time::Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -66,6 +70,15 @@ fn parse_args() -> anyhow::Result<Args> {
                         .map_err(|e| anyhow::anyhow!("--udp-port {v}: {e}"))?,
                 );
             }
+            "--answer-delay-ms" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--answer-delay-ms needs a value"))?;
+                answer_delay = std::time::Duration::from_millis(
+                    v.parse()
+                        .map_err(|e| anyhow::anyhow!("--answer-delay-ms {v}: {e}"))?,
+                );
+            }
             other => anyhow::bail!("unknown argument {other:?}"),
         }
     }
@@ -86,6 +99,7 @@ fn parse_args() -> anyhow::Result<Args> {
         ignore_sigterm,
         hyper,
         udp_port,
+        answer_delay,
     })
 }
 
@@ -118,10 +132,14 @@ async fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 let body = format!("{name}\n");
+                let delay = args.answer_delay;
                 tokio::spawn(async move {
                     let mut buf = [0u8; 2048];
                     // One request per connection is all the tests need.
-                    let _ = stream.read(&mut buf).await;
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if !delay.is_zero() && !buf[..n].starts_with(b"GET /healthz ") {
+                        tokio::time::sleep(delay).await;
+                    }
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
