@@ -121,6 +121,11 @@ struct Made {
     values: BTreeMap<String, f64>,
 }
 
+/// How many times a scale refused with 409 (the target changed since it was read: its
+/// status, an HPA, a previous leader) is sent again from a fresh read within one
+/// evaluation; past that the error waits for the next one.
+const CONFLICT_RETRIES: u32 = 3;
+
 /// A scale sent whose outcome is unknown.
 #[derive(Debug, Clone)]
 struct Unconfirmed(Made);
@@ -184,6 +189,9 @@ pub struct Actor {
     /// A cold start that ended, waiting for the agents' count before it is reported.
     ended: Option<cold_start::Ended>,
     pending_scale: Option<(u32, Instant)>,
+    /// The target's `resourceVersion` as its watch last showed it (see
+    /// [`workload::Observed::version`]).
+    target_version: Option<String>,
     /// A scale whose answer never came (a timeout, a server error): the API server may
     /// have made it. Recorded once it shows, and asked about before the next scale.
     unconfirmed: Option<Unconfirmed>,
@@ -243,6 +251,7 @@ impl Actor {
             holds_baseline: cold_start::Baseline::default(),
             ended: None,
             pending_scale: None,
+            target_version: None,
             unconfirmed: None,
             sleep: SleepPhase::Awake,
             sleep_note: None,
@@ -635,6 +644,7 @@ impl Actor {
         };
         let (cached, ready) = (observed.replicas, observed.ready);
         self.resource = Some(observed.resource);
+        self.target_version = observed.version;
         let replicas = match self.pending_scale {
             Some((n, _)) if n == cached => {
                 self.pending_scale = None;
@@ -952,6 +962,20 @@ impl Actor {
         to: u32,
         now: DateTime<Utc>,
     ) -> Result<(), ReconcileError> {
+        self.scale_conditionally(c, from, to, now, CONFLICT_RETRIES)
+            .await
+    }
+
+    /// [`Self::scale`], sent again from a fresh read at most `retries` times when the
+    /// target changed since it was read (see [`Self::after_conflict`]).
+    async fn scale_conditionally(
+        &mut self,
+        c: &CompiledPolicy,
+        from: u32,
+        to: u32,
+        now: DateTime<Utc>,
+        retries: u32,
+    ) -> Result<(), ReconcileError> {
         if !self.ctx.is_leading() {
             return Ok(());
         }
@@ -1015,12 +1039,25 @@ impl Actor {
             reason: self.last_reason.clone(),
             values: self.last_values.clone(),
         };
-        let patch = serde_json::json!({ "spec": { "replicas": to } });
+        // Conditional on the version `from` was read at: a previous leader's scale the
+        // watch has not shown yet makes this a 409, not a second record of one change.
+        let mut patch = serde_json::json!({ "spec": { "replicas": to } });
+        if let Some(v) = &self.target_version {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": v });
+        }
         let result = tokio::time::timeout(
             API_TIMEOUT,
             api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
         .await;
+        if matches!(&result, Ok(Err(kube::Error::Api(s))) if s.code == 409) && retries > 0 {
+            return match self.after_conflict(c, &api, to, now).await? {
+                Some(current) => {
+                    Box::pin(self.scale_conditionally(c, current, to, now, retries - 1)).await
+                }
+                None => Ok(()),
+            };
+        }
         let err = match result {
             Ok(Ok(_)) => None,
             Ok(Err(source)) => Some(ReconcileError::ScaleTarget {
@@ -1044,6 +1081,71 @@ impl Actor {
         }
         self.made(made);
         Ok(())
+    }
+
+    /// A scale refused because the target changed since the watch showed it (another
+    /// writer: a previous leader whose scale this term's watch has not shown yet, or an
+    /// HPA). Reads the target: if it is already where this scale would take it, nothing
+    /// is made or recorded by this leader (a change the history lacks is recorded as
+    /// recovered, as at the start of a term) and it returns None; otherwise it returns
+    /// the replicas read, to send the scale again from, conditional on that version.
+    async fn after_conflict(
+        &mut self,
+        c: &CompiledPolicy,
+        api: &Api<DynamicObject>,
+        to: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Option<u32>, ReconcileError> {
+        let target = c.workload();
+        let name = target.name.as_str();
+        let read = match tokio::time::timeout(API_TIMEOUT, api.get_scale(name)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                self.ctx.metrics.error(ErrorKind::Scale);
+                return Err(ReconcileError::ScaleTarget {
+                    kind: target.kind.clone(),
+                    namespace: self.id.namespace.clone(),
+                    name: name.to_string(),
+                    replicas: to,
+                    source,
+                });
+            }
+            Err(_) => {
+                self.ctx.metrics.error(ErrorKind::Scale);
+                return Err(ReconcileError::Timeout {
+                    what: format!(
+                        "reading the scale of {} {}/{name}",
+                        target.kind, self.id.namespace
+                    ),
+                    after: API_TIMEOUT,
+                });
+            }
+        };
+        let current = u32::try_from(read.spec.and_then(|s| s.replicas).unwrap_or(0)).unwrap_or(0);
+        tracing::info!(
+            policy = %self.id,
+            current,
+            to,
+            "the target changed since its watch showed it (another writer); read it again"
+        );
+        self.target_version = read.metadata.resource_version;
+        if current == to {
+            self.pending_scale = Some((to, Instant::now()));
+            if let Some(state) = self.engine.clone() {
+                let hpa = hpa::find(
+                    self.term.hpas.state().iter().map(|h| h.as_ref()),
+                    self.namespace(),
+                    c.workload(),
+                );
+                let seen = Target {
+                    replicas: current,
+                    ready: 0,
+                };
+                self.recover_unrecorded_scale(c, &state, seen, hpa.is_some(), now);
+            }
+            return Ok(None);
+        }
+        Ok(Some(current))
     }
 
     /// Everything a scale that was made changes: metrics, the wake in progress, the

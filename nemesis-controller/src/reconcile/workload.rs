@@ -48,6 +48,10 @@ pub struct Observed {
     pub replicas: u32,
     pub ready: u32,
     pub resource: ApiResource,
+    /// The object's `resourceVersion` these replicas were read at: a scale sent on the
+    /// strength of them is conditional on it (another writer's change since is a 409,
+    /// not a change recorded twice).
+    pub version: Option<String>,
 }
 
 /// A running watch of one target; dropping it stops the watch.
@@ -507,6 +511,7 @@ fn seen(namespace: &str, target: &WorkloadRef, resource: &ApiResource, f: &Facts
         replicas,
         ready,
         resource: resource.clone(),
+        version: obj.metadata.resource_version.clone(),
     })
 }
 
