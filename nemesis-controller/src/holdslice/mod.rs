@@ -186,16 +186,49 @@ impl HoldSlices {
         };
         let ports = self.assign_ports(svc, &service)?;
         let agents = self.agents_for(svc);
-        let slices = plan::hold_slices(&service, &ports, &agents, &owner(policy));
-        let listed = slices
-            .iter()
-            .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
-            .max()
-            .unwrap_or(0);
+        let slices = self.plan(&service, &ports, &agents, &owner(policy), &[]);
+        // Per family, the agents its slices list together.
+        let mut per_family: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &slices {
+            *per_family.entry(s.address_type.as_str()).or_default() +=
+                s.endpoints.as_ref().map_or(0, Vec::len);
+        }
+        let listed = per_family.into_values().max().unwrap_or(0);
         for slice in slices {
             self.apply(slice, true).await?;
         }
         Ok(listed)
+    }
+
+    /// The hold slices `service` wants, each agent kept in the slice that lists it now:
+    /// as we wrote it last (the cache lags our writes), else as `cached` shows it.
+    fn plan(
+        &self,
+        service: &Service,
+        ports: &[HoldPort],
+        agents: &[AgentEndpoint],
+        owner: &Owner,
+        cached: &[&EndpointSlice],
+    ) -> Vec<EndpointSlice> {
+        let namespace = service.namespace().unwrap_or_default();
+        let prefix = format!("{}-nemesis-hold-", service.name_any());
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut previous: Vec<&EndpointSlice> = written
+            .range((namespace.clone(), prefix.clone())..)
+            .take_while(|((ns, name), _)| *ns == namespace && name.starts_with(&prefix))
+            .map(|(_, s)| s)
+            .collect();
+        previous.extend(cached.iter().copied().filter(|s| {
+            plan::is_hold_slice(s) && !written.contains_key(&(namespace.clone(), s.name_any()))
+        }));
+        plan::hold_slices(
+            service,
+            ports,
+            agents,
+            owner,
+            &previous,
+            plan::MAX_ENDPOINTS,
+        )
     }
 
     /// Server-side applies `slice` unless it is what we applied last (`force`: even so).
@@ -438,12 +471,7 @@ impl HoldSlices {
             let own = by_service.get(&svc).map(Vec::as_slice).unwrap_or(&[]);
             if sleeping || !plan::has_ready_backend(own.iter().copied()) {
                 let agents = endpoints_for(&agents, &svc);
-                desired.extend(plan::hold_slices(
-                    &service,
-                    &ports,
-                    &agents,
-                    &owner(&policy),
-                ));
+                desired.extend(self.plan(&service, &ports, &agents, &owner(&policy), own));
             }
         }
         // Ports of Services no longer managed go back.

@@ -134,22 +134,53 @@ pub fn has_ready_backend<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>
         })
 }
 
-/// The hold slices of `service` (one per family) listing the `agents` that listen on
-/// every one of `ports`.
+/// Endpoints per hold slice at most: the API server refuses a slice of more than 1,000
+/// (EndpointSlice validation); a Service held on more nodes gets several slices, which
+/// kube-proxy, Ingress controllers and meshes merge by their service-name label.
+pub const MAX_ENDPOINTS: usize = 1000;
+
+/// The index of a hold slice of `service` and `family` by its name: 0 for the first
+/// ([`slice_name`]), `k` for `{slice_name}-{k}`; `None` for any other name.
+pub fn slice_index(name: &str, service: &str, family: Family) -> Option<usize> {
+    let base = slice_name(service, family);
+    if name == base {
+        return Some(0);
+    }
+    let k: usize = name.strip_prefix(&base)?.strip_prefix('-')?.parse().ok()?;
+    (k > 0 && name == indexed_name(&base, k)).then_some(k)
+}
+
+fn indexed_name(base: &str, k: usize) -> String {
+    if k == 0 {
+        base.to_string()
+    } else {
+        format!("{base}-{k}")
+    }
+}
+
+/// The hold slices of `service` listing the `agents` that listen on every one of
+/// `ports`: per family, as many slices of at most `max` endpoints as the agents fill.
+/// `previous` (its hold slices as they are, ours or the cluster's) keeps each agent in
+/// the slice that lists it now, so a node coming or going rewrites one slice, not all
+/// of them; new agents fill the lowest slice with room. The first slice of a family is
+/// always there (empty when no agent listens); emptied further ones are left out (the
+/// caller deletes what it no longer wants).
 pub fn hold_slices(
     service: &Service,
     ports: &[HoldPort],
     agents: &[AgentEndpoint],
     owner: &Owner,
+    previous: &[&EndpointSlice],
+    max: usize,
 ) -> Vec<EndpointSlice> {
+    let max = max.max(1);
     let name = service.name_any();
     let namespace = service.namespace().unwrap_or_default();
     let wanted: BTreeSet<u16> = ports.iter().map(|p| p.port).collect();
-    let mut listed: Vec<&AgentEndpoint> = agents
+    let listed: Vec<&AgentEndpoint> = agents
         .iter()
         .filter(|a| wanted.is_subset(&a.listening))
         .collect();
-    listed.sort_by(|a, b| a.node.cmp(&b.node));
     let slice_ports: Vec<EndpointPort> = ports
         .iter()
         .map(|p| EndpointPort {
@@ -159,21 +190,17 @@ pub fn hold_slices(
             app_protocol: None,
         })
         .collect();
-    families(service)
-        .into_iter()
-        .map(|family| {
-            let endpoints: Vec<Endpoint> = listed
-                .iter()
-                .filter_map(|a| {
-                    let addrs: Vec<String> = a
-                        .addresses
-                        .iter()
-                        .filter(|ip| family.holds(ip))
-                        .map(|ip| ip.to_string())
-                        .take(1)
-                        .collect();
-                    (!addrs.is_empty()).then(|| Endpoint {
-                        addresses: addrs,
+    let mut out = Vec::new();
+    for family in families(service) {
+        // Every listed agent with an address of this family, by node.
+        let mut pool: BTreeMap<&str, Endpoint> = listed
+            .iter()
+            .filter_map(|a| {
+                let addr = a.addresses.iter().find(|ip| family.holds(ip))?;
+                Some((
+                    a.node.as_str(),
+                    Endpoint {
+                        addresses: vec![addr.to_string()],
                         conditions: Some(EndpointConditions {
                             ready: Some(true),
                             serving: Some(true),
@@ -181,12 +208,50 @@ pub fn hold_slices(
                         }),
                         node_name: Some(a.node.clone()),
                         ..Endpoint::default()
-                    })
-                })
-                .collect();
-            EndpointSlice {
+                    },
+                ))
+            })
+            .collect();
+        // Agents stay where they are listed (the first `max` of a slice).
+        let mut slices: BTreeMap<usize, BTreeMap<String, Endpoint>> = BTreeMap::new();
+        slices.insert(0, BTreeMap::new());
+        let mut was: Vec<(usize, &EndpointSlice)> = previous
+            .iter()
+            .filter(|s| is_hold_slice(s) && s.address_type == family.address_type())
+            .filter_map(|s| Some((slice_index(&s.name_any(), &name, family)?, *s)))
+            .collect();
+        was.sort_by_key(|(k, _)| *k);
+        for (k, s) in was {
+            let slot = slices.entry(k).or_default();
+            for node in s
+                .endpoints
+                .iter()
+                .flatten()
+                .filter_map(|e| e.node_name.as_deref())
+            {
+                if slot.len() < max
+                    && let Some(e) = pool.remove(node)
+                {
+                    slot.insert(node.to_string(), e);
+                }
+            }
+        }
+        // Newcomers fill the lowest slices with room, then new ones.
+        let mut k = 0;
+        for (node, e) in pool {
+            while slices.get(&k).is_some_and(|s| s.len() >= max) {
+                k += 1;
+            }
+            slices.entry(k).or_default().insert(node.to_string(), e);
+        }
+        let base = slice_name(&name, family);
+        for (k, endpoints) in slices {
+            if k > 0 && endpoints.is_empty() {
+                continue;
+            }
+            out.push(EndpointSlice {
                 metadata: ObjectMeta {
-                    name: Some(slice_name(&name, family)),
+                    name: Some(indexed_name(&base, k)),
                     namespace: Some(namespace.clone()),
                     labels: Some(BTreeMap::from([
                         (SERVICE_NAME_LABEL.to_string(), name.clone()),
@@ -206,11 +271,12 @@ pub fn hold_slices(
                     ..ObjectMeta::default()
                 },
                 address_type: family.address_type().to_string(),
-                endpoints: Some(endpoints),
+                endpoints: Some(endpoints.into_values().collect()),
                 ports: Some(slice_ports.clone()),
-            }
-        })
-        .collect()
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -265,7 +331,7 @@ mod tests {
             agent("a", &["198.18.0.1", "fd00::1"], &[20000, 20001]),
             agent("c", &["198.18.2.1"], &[20000]), // not listening on grpc's yet
         ];
-        let slices = hold_slices(&svc, &ports, &agents, &owner());
+        let slices = hold_slices(&svc, &ports, &agents, &owner(), &[], MAX_ENDPOINTS);
         assert_eq!(slices.len(), 1);
         let s = &slices[0];
         assert_eq!(s.metadata.name.as_deref(), Some("web-nemesis-hold-ipv4"));
@@ -305,7 +371,7 @@ mod tests {
             agent("a", &["198.18.0.1", "fd00::1"], &[20000]),
             agent("b", &["198.18.1.1"], &[20000]),
         ];
-        let slices = hold_slices(&svc, &ports, &agents, &owner());
+        let slices = hold_slices(&svc, &ports, &agents, &owner(), &[], MAX_ENDPOINTS);
         let by_type: Vec<(&str, Vec<&str>)> = slices
             .iter()
             .map(|s| {
@@ -329,6 +395,118 @@ mod tests {
         assert_eq!(
             slices[1].metadata.name.as_deref(),
             Some("web-nemesis-hold-ipv6")
+        );
+    }
+
+    fn nodes(s: &EndpointSlice) -> Vec<&str> {
+        s.endpoints
+            .iter()
+            .flatten()
+            .map(|e| e.node_name.as_deref().unwrap())
+            .collect()
+    }
+
+    fn names(slices: &[EndpointSlice]) -> Vec<&str> {
+        slices
+            .iter()
+            .map(|s| s.metadata.name.as_deref().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn agents_past_the_limit_spill_into_further_slices_and_stay_put_as_nodes_change() {
+        let svc = service(&["IPv4"], json!([{"port": 80}]));
+        let ports = vec![HoldPort {
+            name: String::new(),
+            port: 20000,
+        }];
+        let agent_n = |n: u8| agent(&format!("n{n}"), &[&format!("198.18.0.{n}")], &[20000]);
+        let agents: Vec<AgentEndpoint> = (1..=5).map(agent_n).collect();
+        let first = hold_slices(&svc, &ports, &agents, &owner(), &[], 2);
+        assert_eq!(
+            names(&first),
+            [
+                "web-nemesis-hold-ipv4",
+                "web-nemesis-hold-ipv4-1",
+                "web-nemesis-hold-ipv4-2"
+            ]
+        );
+        let listed: Vec<Vec<&str>> = first.iter().map(nodes).collect();
+        assert_eq!(listed, [vec!["n1", "n2"], vec!["n3", "n4"], vec!["n5"]]);
+        assert!(first.iter().all(is_hold_slice));
+
+        // n2 goes, n0 and n6 come: only the slice that lost n2 and the one with room
+        // change; n0 does not push everyone along.
+        let mut agents: Vec<AgentEndpoint> =
+            agents.into_iter().filter(|a| a.node != "n2").collect();
+        agents.push(agent_n(0));
+        agents.push(agent_n(6));
+        let prev: Vec<&EndpointSlice> = first.iter().collect();
+        let next = hold_slices(&svc, &ports, &agents, &owner(), &prev, 2);
+        let listed: Vec<Vec<&str>> = next.iter().map(nodes).collect();
+        assert_eq!(
+            listed,
+            [vec!["n0", "n1"], vec!["n3", "n4"], vec!["n5", "n6"]]
+        );
+        assert_eq!(next[1], first[1], "an untouched slice is unchanged");
+
+        // Nodes leaving empty a further slice: it is no longer wanted (the caller
+        // deletes it); the first slice stays, even empty.
+        let prev: Vec<&EndpointSlice> = next.iter().collect();
+        let only_n5 = [agent_n(5)];
+        let last = hold_slices(&svc, &ports, &only_n5, &owner(), &prev, 2);
+        assert_eq!(
+            names(&last),
+            ["web-nemesis-hold-ipv4", "web-nemesis-hold-ipv4-2"]
+        );
+        assert!(nodes(&last[0]).is_empty());
+        let none = hold_slices(&svc, &ports, &[], &owner(), &[], 2);
+        assert_eq!(names(&none), ["web-nemesis-hold-ipv4"]);
+    }
+
+    #[test]
+    fn a_thousand_and_one_nodes_fit_in_slices_the_api_server_accepts() {
+        let svc = service(&["IPv4"], json!([{"port": 80}]));
+        let ports = vec![HoldPort {
+            name: String::new(),
+            port: 20000,
+        }];
+        let agents: Vec<AgentEndpoint> = (0..1001u32)
+            .map(|i| {
+                let ip = format!("198.18.{}.{}", i / 250, i % 250 + 1);
+                agent(&format!("node-{i:04}"), &[&ip], &[20000])
+            })
+            .collect();
+        let slices = hold_slices(&svc, &ports, &agents, &owner(), &[], MAX_ENDPOINTS);
+        let sizes: Vec<usize> = slices.iter().map(|s| nodes(s).len()).collect();
+        assert_eq!(sizes, [1000, 1]);
+    }
+
+    #[test]
+    fn slice_names_parse_back_to_their_index() {
+        assert_eq!(
+            slice_index("web-nemesis-hold-ipv4", "web", Family::V4),
+            Some(0)
+        );
+        assert_eq!(
+            slice_index("web-nemesis-hold-ipv4-3", "web", Family::V4),
+            Some(3)
+        );
+        assert_eq!(
+            slice_index("web-nemesis-hold-ipv4-03", "web", Family::V4),
+            None
+        );
+        assert_eq!(
+            slice_index("web-nemesis-hold-ipv4-0", "web", Family::V4),
+            None
+        );
+        assert_eq!(
+            slice_index("web-nemesis-hold-ipv6-1", "web", Family::V4),
+            None
+        );
+        assert_eq!(
+            slice_index("web-x-nemesis-hold-ipv4", "web", Family::V4),
+            None
         );
     }
 

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::{ControllerMetrics, ErrorKind};
 use crate::notify::NotifyTap;
 use crate::notify::evaluate::Signal;
+use crate::reconcile::thinning::Thinning;
 use crate::store::{
     ColdStartRecord, PolicyId, ScaleRecord, Store, StoreError, TransitionRecord, unix_ms,
 };
@@ -49,6 +50,8 @@ pub struct History {
     latest: Arc<Mutex<HashMap<PolicyId, TransitionRecord>>>,
     /// The same for scale records.
     latest_scale: Arc<Mutex<HashMap<PolicyId, ScaleRecord>>>,
+    /// Which samples reach the disk (alert rules see them all).
+    thinning: Arc<Mutex<Thinning>>,
 }
 
 impl History {
@@ -70,6 +73,7 @@ impl History {
                 store,
                 latest: Arc::default(),
                 latest_scale: Arc::default(),
+                thinning: Arc::default(),
             },
             task,
         )
@@ -148,6 +152,29 @@ impl History {
         if let Some(s) = crate::notify::signal_of(&item) {
             self.tap.send(s);
         }
+        let Item::Samples {
+            at_ms,
+            policy,
+            values,
+        } = &item
+        else {
+            return self.enqueue(item);
+        };
+        let kept = self
+            .thinning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keep(*at_ms, policy, values);
+        for (at_ms, policy, values) in kept {
+            self.enqueue(Item::Samples {
+                at_ms,
+                policy,
+                values,
+            });
+        }
+    }
+
+    fn enqueue(&self, item: Item) {
         if self.tx.try_send(item).is_err() {
             self.metrics.error(ErrorKind::Store);
             tracing::warn!("history queue full; a record was dropped");

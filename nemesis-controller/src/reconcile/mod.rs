@@ -23,6 +23,7 @@ pub mod resume;
 pub mod status;
 pub mod supervisor;
 pub mod targets;
+pub mod thinning;
 pub mod workload;
 
 use std::sync::Arc;

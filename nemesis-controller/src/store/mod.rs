@@ -176,12 +176,21 @@ impl EventTable {
     }
 }
 
+/// redb's page cache. Its default (1 GiB) is filled by every page written or read, and
+/// the history is mostly written once and rarely read: at 10,000 policies the cache held
+/// most of the controller's memory. The OS page cache still keeps the file's hot pages.
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+fn create(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
+
 impl Store {
     /// Opens (or creates) the history file, creates missing tables and runs schema
     /// upgrades. After an unclean shutdown redb repairs the file here first.
     pub fn open(path: impl AsRef<Path>, retention: Retention) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(|source| StoreError::OpenDatabase {
+        let db = create(&path).map_err(|source| StoreError::OpenDatabase {
             path: path.clone(),
             source,
         })?;
@@ -233,7 +242,7 @@ impl Store {
         let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
         // The file lock goes with the old handle: drop it before opening again.
         drop(db.take());
-        let fresh = Database::create(&self.path).map_err(|source| StoreError::OpenDatabase {
+        let fresh = create(&self.path).map_err(|source| StoreError::OpenDatabase {
             path: self.path.clone(),
             source,
         })?;

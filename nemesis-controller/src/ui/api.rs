@@ -44,8 +44,10 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(400 * 24 * 3600);
 pub const MAX_EVENTS: usize = 2_000;
 /// Points per chart series: about one per pixel column of a wide chart.
 pub const MAX_POINTS: usize = 400;
-/// The latest replica sample counts as current for this long (samples come every 10 s).
-const CURRENT_SAMPLE_AGE: Duration = Duration::from_secs(120);
+/// The latest replica sample counts as current for this long: an unchanged value is
+/// written again every [`crate::reconcile::thinning::REFRESH`], a change at once.
+const CURRENT_SAMPLE_AGE: Duration =
+    Duration::from_secs(crate::reconcile::thinning::REFRESH.as_secs() + 120);
 /// Series a history answer carries besides the policy's own metrics.
 pub const REPLICA_SERIES: [&str; 3] = [
     "nemesis.replicas",
