@@ -71,6 +71,10 @@ fn heartbeat(node: &str, applied_epoch: u64) -> Heartbeat {
         addresses: vec![],
         ready: true,
         directives_cursor: None,
+        pages: false,
+        reports_seq: None,
+        reports_since: None,
+        gone: vec![],
     }
 }
 
