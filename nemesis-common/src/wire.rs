@@ -277,7 +277,7 @@ pub struct DirectiveView {
 /// What [`DirectiveView::apply`] did with a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewUpdate {
-    /// A whole set replaced the copy.
+    /// A whole set replaced the copy (in one reply, or with the last of its pages).
     Replaced,
     /// A delta patched the copy.
     Patched,
@@ -330,11 +330,7 @@ impl DirectiveView {
         match self.building.take() {
             Some(whole) => {
                 self.directives = whole;
-                if reply.delta {
-                    ViewUpdate::Patched
-                } else {
-                    ViewUpdate::Replaced
-                }
+                ViewUpdate::Replaced
             }
             None => ViewUpdate::Patched,
         }
@@ -764,7 +760,7 @@ mod tests {
         );
         assert_eq!(
             view.apply(&page(true, 6, vec![directive("d", 6)], vec![], false)),
-            ViewUpdate::Patched
+            ViewUpdate::Replaced
         );
         assert!(!view.is_building());
         assert_eq!(
@@ -776,7 +772,7 @@ mod tests {
         view.apply(&page(false, 1, vec![directive("y", 1)], vec![], true));
         assert_eq!(
             view.apply(&page(true, 9, vec![directive("z", 2)], vec![], false)),
-            ViewUpdate::Patched
+            ViewUpdate::Replaced
         );
         assert_eq!(names(&view), vec![("y".into(), 1), ("z".into(), 2)]);
         view.apply(&page(false, 1, vec![directive("p", 1)], vec![], true));

@@ -349,8 +349,7 @@ impl TokenReviewer {
             }
             return Ok(identity);
         }
-        let identity = self.review_and_cache(key, token, claims.exp).await?;
-        Ok(identity)
+        self.review_and_cache(key, token, claims.exp).await
     }
 
     /// Renews a cached verdict: a refused token loses it at once (counted when the
