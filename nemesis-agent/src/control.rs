@@ -15,8 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nemesis_common::wire::{
-    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceDirective, ServiceReport,
-    ViewUpdate, WakeReply, WakeRequest,
+    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ReportDeltas, ServiceDirective,
+    ServiceReport, ViewUpdate, WakeReply, WakeRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -417,35 +417,54 @@ pub struct Heartbeats {
 impl Heartbeats {
     pub async fn run(self) {
         let mut failures = 0u32;
-        // The controller sends only what changed since the cursor we send back; the sink
-        // still gets the whole set every time (hold listeners that failed to bind are
-        // retried on each call).
+        // The controller sends only what changed since the cursor we send back, in pages;
+        // the sink still gets the whole set in use every time (hold listeners that failed
+        // to bind are retried on each call).
         let mut view = DirectiveView::default();
+        // And we send only the reports that changed since those it holds.
+        let mut reports = ReportDeltas::default();
         loop {
-            let heartbeat = Heartbeat {
+            let mut heartbeat = Heartbeat {
                 node: self.node.clone(),
                 instance: self.instance.clone(),
-                services: self.reports.reports(),
+                services: Vec::new(),
                 addresses: self.addresses.clone(),
                 ready: self.ready.is_ready(),
                 directives_cursor: view.cursor(),
+                pages: true,
+                reports_seq: None,
+                reports_since: None,
+                gone: Vec::new(),
             };
+            reports.prepare(&mut heartbeat, self.reports.reports());
             let wait = match self.client.heartbeat(&heartbeat).await {
                 Ok(reply) => {
                     failures = 0;
-                    if view.apply(&reply) == ViewUpdate::Resync {
-                        tracing::info!(
-                            "the controller's directives do not continue ours: asking for all of them"
-                        );
-                        self.kick.notify_one();
+                    // At once again: the controller wants every report, or has more
+                    // directives for us.
+                    let mut again = reports.acknowledge(&reply);
+                    match view.apply(&reply) {
+                        ViewUpdate::Resync => {
+                            tracing::info!(
+                                "the controller's directives do not continue ours: asking for all of them"
+                            );
+                            again = true;
+                        }
+                        ViewUpdate::Partial => again = true,
+                        ViewUpdate::Replaced | ViewUpdate::Patched => {}
                     }
                     let all: Vec<ServiceDirective> = view.directives().cloned().collect();
                     self.directives.apply(&all);
-                    // Beat at least three times per lease, so one lost beat is not death.
-                    let lease = Duration::from_secs(u64::from(reply.lease_seconds.max(1)));
-                    self.interval.min(lease / 3)
+                    if again {
+                        Duration::ZERO
+                    } else {
+                        // Beat at least three times per lease, so one lost beat is not death.
+                        let lease = Duration::from_secs(u64::from(reply.lease_seconds.max(1)));
+                        self.interval.min(lease / 3)
+                    }
                 }
                 Err(err) => {
+                    reports.failed();
                     failures += 1;
                     tracing::warn!(%err, failures, "heartbeat to the controller failed");
                     self.backoff.delay(failures)

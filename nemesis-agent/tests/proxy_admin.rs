@@ -182,6 +182,8 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
                                 cursor: None,
                                 delta: false,
                                 removed: vec![],
+                                more: false,
+                                reports_seq: None,
                             };
                             Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(
                                 serde_json::to_vec(&reply).unwrap(),

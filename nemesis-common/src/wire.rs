@@ -171,6 +171,39 @@ pub struct Heartbeat {
     /// contact, or an agent that predates deltas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directives_cursor: Option<DirectivesCursor>,
+    /// The agent takes directives in pages (see [`HeartbeatReply::more`]). Agents that
+    /// predate pages get a whole set, or any delta, in one reply.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pages: bool,
+    /// Numbers this heartbeat's reports (rising per agent process). A reply naming it in
+    /// [`HeartbeatReply::reports_seq`] says the controller holds them as this agent's, so
+    /// the next heartbeat may send only what changed since (see `reports_since`).
+    /// Absent from agents that predate report deltas: every heartbeat has every report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_seq: Option<u64>,
+    /// Present: `services` holds only the reports that differ from those of the
+    /// heartbeat numbered so, plus every report showing open, accepted-open or held
+    /// connections (changed or not, so that activity is seen on every beat), and `gone`
+    /// the Services dropped since. A controller not holding exactly those reports
+    /// answers without `reports_seq`, and the agent sends all of them at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_since: Option<u64>,
+    /// With `reports_since`: Services reported then and not any more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gone: Vec<ServiceRef>,
+}
+
+/// A bound on what one [`Heartbeat`] may list in `services` plus `gone` (the agent API
+/// refuses more): a full report at 10,000 Services is about 2.5 MB, so an agent that
+/// knows more than this many Services must rely on report deltas.
+pub const MAX_HEARTBEAT_REPORTS: usize = 30_000;
+
+impl ServiceReport {
+    /// Whether the report shows connections open or held now: such reports travel in
+    /// every heartbeat, changed or not (the controller refreshes activity from them).
+    pub fn is_active(&self) -> bool {
+        self.open_connections > 0 || self.accepted_open > 0 || self.held_connections > 0
+    }
 }
 
 fn ready_by_default() -> bool {
@@ -205,7 +238,21 @@ pub struct HeartbeatReply {
     /// With `delta`: Services whose directive is gone since the heartbeat's cursor.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<ServiceRef>,
+    /// More changes follow this reply (only to agents that take `pages`): the agent
+    /// applies this one and asks again at once with the reply's cursor. A reply is at
+    /// most [`MAX_PAGE_DIRECTIVES`] directives, so that a whole set of 10,000 (after a
+    /// controller change) or a mass change travels in bounded pieces.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub more: bool,
+    /// The `reports_seq` of the heartbeat whose reports the controller now holds for this
+    /// agent. Absent: it holds none the agent can send changes against (an older
+    /// controller, a new leader, or a delta against reports it does not hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_seq: Option<u64>,
 }
+
+/// The most directives (and removals) one paged reply carries: about 130 KB.
+pub const MAX_PAGE_DIRECTIVES: usize = 1000;
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -214,19 +261,28 @@ fn is_false(b: &bool) -> bool {
 /// An agent's copy of the controller's directives, kept in step by heartbeat replies:
 /// a whole set replaces it, a delta patches it. Send [`DirectiveView::cursor`] in each
 /// heartbeat and hand [`DirectiveView::apply`] the reply to that heartbeat.
+///
+/// A paged reply (`more`) is applied to a copy being built while the one in use stays
+/// as it was: a whole set arriving in pieces never leaves the agent with half of it
+/// (hold listeners of the missing half closed). [`DirectiveView::directives`] is the
+/// copy in use; the one being built takes its place with the last page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirectiveView {
     cursor: Option<DirectivesCursor>,
     directives: BTreeMap<ServiceRef, ServiceDirective>,
+    /// A whole set (and the changes since) arriving in pages, until the last one.
+    building: Option<BTreeMap<ServiceRef, ServiceDirective>>,
 }
 
 /// What [`DirectiveView::apply`] did with a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewUpdate {
-    /// A whole set replaced the copy.
+    /// A whole set replaced the copy (in one reply, or with the last of its pages).
     Replaced,
     /// A delta patched the copy.
     Patched,
+    /// A page was taken; more follow (ask again at once with the new cursor).
+    Partial,
     /// A delta that does not continue this copy (another controller's stream, or a
     /// version behind the copy's): ignored, and the cursor dropped so that the next
     /// heartbeat asks for the whole set.
@@ -241,34 +297,51 @@ impl DirectiveView {
 
     /// Applies the reply to a heartbeat that carried [`DirectiveView::cursor`].
     pub fn apply(&mut self, reply: &HeartbeatReply) -> ViewUpdate {
-        if !reply.delta {
-            self.directives = reply
-                .directives
-                .iter()
-                .map(|d| (d.service.clone(), d.clone()))
-                .collect();
-            self.cursor = reply.cursor;
-            return ViewUpdate::Replaced;
-        }
-        let continues = match (self.cursor, reply.cursor) {
-            (Some(mine), Some(next)) => mine.stream == next.stream && next.version >= mine.version,
-            _ => false,
+        let target = if !reply.delta {
+            // A whole set (or its first page) starts a new copy.
+            self.building.insert(BTreeMap::new())
+        } else {
+            let continues = match (self.cursor, reply.cursor) {
+                (Some(mine), Some(next)) => {
+                    mine.stream == next.stream && next.version >= mine.version
+                }
+                _ => false,
+            };
+            if !continues {
+                self.cursor = None;
+                self.building = None;
+                return ViewUpdate::Resync;
+            }
+            match &mut self.building {
+                Some(b) => b,
+                None => &mut self.directives,
+            }
         };
-        if !continues {
-            self.cursor = None;
-            return ViewUpdate::Resync;
-        }
         for svc in &reply.removed {
-            self.directives.remove(svc);
+            target.remove(svc);
         }
         for d in &reply.directives {
-            self.directives.insert(d.service.clone(), d.clone());
+            target.insert(d.service.clone(), d.clone());
         }
         self.cursor = reply.cursor;
-        ViewUpdate::Patched
+        if reply.more {
+            return ViewUpdate::Partial;
+        }
+        match self.building.take() {
+            Some(whole) => {
+                self.directives = whole;
+                ViewUpdate::Replaced
+            }
+            None => ViewUpdate::Patched,
+        }
     }
 
-    /// Every directive, by Service.
+    /// Whether a paged set is still arriving (the copy in use is the previous one).
+    pub fn is_building(&self) -> bool {
+        self.building.is_some()
+    }
+
+    /// Every directive of the copy in use, by Service.
     pub fn directives(&self) -> impl ExactSizeIterator<Item = &ServiceDirective> {
         self.directives.values()
     }
@@ -283,6 +356,86 @@ impl DirectiveView {
 
     pub fn is_empty(&self) -> bool {
         self.directives.is_empty()
+    }
+}
+
+/// An agent's side of report deltas: which reports the controller holds (the last
+/// heartbeat it acknowledged), so that a heartbeat carries only what changed since,
+/// with every report now and then and whenever the controller holds none.
+#[derive(Debug, Clone, Default)]
+pub struct ReportDeltas {
+    seq: u64,
+    /// The reports the controller said it holds, and their number.
+    acked: Option<(u64, BTreeMap<ServiceRef, ServiceReport>)>,
+    /// The reports of the heartbeat awaiting its reply.
+    sent: Option<(u64, BTreeMap<ServiceRef, ServiceReport>)>,
+    /// Deltas sent since the last full report.
+    deltas: u32,
+}
+
+/// Every this many heartbeats the reports go whole even when the controller holds them
+/// (about 5 minutes at 5 s): a bound on how long any divergence could last.
+pub const FULL_REPORTS_EVERY: u32 = 60;
+
+impl ReportDeltas {
+    /// Puts `reports` in `hb`: all of them, or only the changes since the reports the
+    /// controller holds (see [`Heartbeat::reports_since`]), and numbers them.
+    pub fn prepare(&mut self, hb: &mut Heartbeat, reports: Vec<ServiceReport>) {
+        self.seq += 1;
+        let current: BTreeMap<ServiceRef, ServiceReport> = reports
+            .into_iter()
+            .map(|r| (r.service.clone(), r))
+            .collect();
+        hb.reports_seq = Some(self.seq);
+        match &self.acked {
+            Some((seq, acked)) if self.deltas < FULL_REPORTS_EVERY => {
+                self.deltas += 1;
+                hb.reports_since = Some(*seq);
+                hb.services = current
+                    .values()
+                    .filter(|r| r.is_active() || acked.get(&r.service) != Some(*r))
+                    .cloned()
+                    .collect();
+                hb.gone = acked
+                    .keys()
+                    .filter(|s| !current.contains_key(*s))
+                    .cloned()
+                    .collect();
+            }
+            _ => {
+                self.deltas = 0;
+                hb.reports_since = None;
+                hb.services = current.values().cloned().collect();
+                hb.gone = Vec::new();
+            }
+        }
+        self.sent = Some((self.seq, current));
+    }
+
+    /// Takes the reply to the heartbeat last prepared. True: it was a delta the
+    /// controller could not take (it holds other reports): send a heartbeat at once,
+    /// which carries every report.
+    pub fn acknowledge(&mut self, reply: &HeartbeatReply) -> bool {
+        let was_delta = self.deltas > 0;
+        match self.sent.take() {
+            Some((seq, reports)) if reply.reports_seq == Some(seq) => {
+                self.acked = Some((seq, reports));
+                false
+            }
+            _ => {
+                self.acked = None;
+                self.deltas = 0;
+                was_delta && reply.reports_seq.is_none()
+            }
+        }
+    }
+
+    /// The heartbeat last prepared got no reply: the controller may hold its reports or
+    /// the acknowledged ones, so the next heartbeat carries every report.
+    pub fn failed(&mut self) {
+        self.sent = None;
+        self.acked = None;
+        self.deltas = 0;
     }
 }
 
@@ -372,6 +525,8 @@ mod tests {
             cursor: cursor.map(|(stream, version)| DirectivesCursor { stream, version }),
             delta,
             removed,
+            more: false,
+            reports_seq: None,
         }
     }
 
@@ -460,5 +615,173 @@ mod tests {
         let hb: Heartbeat =
             serde_json::from_str(r#"{"node":"n","instance":"i","services":[]}"#).unwrap();
         assert_eq!(hb.directives_cursor, None);
+    }
+
+    fn report(name: &str, connects_total: u64, open: u64) -> ServiceReport {
+        ServiceReport {
+            service: svc(name),
+            mode: AppliedMode::Hold,
+            applied_epoch: 0,
+            connects_total,
+            open_connections: open,
+            closed_total: 0,
+            held_connections: 0,
+            accepted_total: 0,
+            accepted_open: 0,
+            hold_ports: vec![],
+            holds_total: 0,
+            holds_refused_total: 0,
+            proxy_errors: ProxyErrors::default(),
+        }
+    }
+
+    fn beat() -> Heartbeat {
+        serde_json::from_str(r#"{"node":"n","instance":"i","services":[]}"#).unwrap()
+    }
+
+    fn acked(seq: Option<u64>) -> HeartbeatReply {
+        HeartbeatReply {
+            reports_seq: seq,
+            ..reply(true, Some((1, 1)), vec![], vec![])
+        }
+    }
+
+    fn listed(hb: &Heartbeat) -> Vec<(String, u64)> {
+        hb.services
+            .iter()
+            .map(|r| (r.service.name.clone(), r.connects_total))
+            .collect()
+    }
+
+    #[test]
+    fn reports_go_whole_until_acknowledged_and_then_as_changes_with_the_active_ones() {
+        let mut d = ReportDeltas::default();
+        let mut hb = beat();
+        d.prepare(
+            &mut hb,
+            vec![report("a", 1, 0), report("b", 1, 0), report("c", 0, 2)],
+        );
+        assert_eq!((hb.reports_seq, hb.reports_since), (Some(1), None));
+        assert_eq!(hb.services.len(), 3);
+        assert!(!d.acknowledge(&acked(Some(1))));
+        // b changed; c is unchanged but has open connections; a is unchanged.
+        let mut hb = beat();
+        d.prepare(
+            &mut hb,
+            vec![report("a", 1, 0), report("b", 5, 0), report("c", 0, 2)],
+        );
+        assert_eq!((hb.reports_seq, hb.reports_since), (Some(2), Some(1)));
+        assert_eq!(listed(&hb), vec![("b".into(), 5), ("c".into(), 0)]);
+        assert!(hb.gone.is_empty());
+        assert!(!d.acknowledge(&acked(Some(2))));
+        let mut hb = beat();
+        d.prepare(&mut hb, vec![report("b", 5, 0)]);
+        assert_eq!(hb.reports_since, Some(2));
+        assert!(hb.services.is_empty());
+        assert_eq!(hb.gone, vec![svc("a"), svc("c")]);
+        // The controller does not hold them (another leader): all of them at once.
+        assert!(d.acknowledge(&acked(None)));
+        let mut hb = beat();
+        d.prepare(&mut hb, vec![report("b", 5, 0)]);
+        assert_eq!((hb.reports_since, hb.services.len()), (None, 1));
+        assert!(!d.acknowledge(&acked(Some(4))));
+        // A lost reply: all of them again.
+        let mut hb = beat();
+        d.prepare(&mut hb, vec![report("b", 6, 0)]);
+        assert_eq!(hb.reports_since, Some(4));
+        d.failed();
+        let mut hb = beat();
+        d.prepare(&mut hb, vec![report("b", 6, 0)]);
+        assert_eq!(hb.reports_since, None);
+    }
+
+    #[test]
+    fn reports_go_whole_now_and_then_and_always_to_controllers_that_predate_deltas() {
+        let mut d = ReportDeltas::default();
+        let mut wholes = 0;
+        for seq in 1..=(2 * (FULL_REPORTS_EVERY as u64 + 1) + 1) {
+            let mut hb = beat();
+            d.prepare(&mut hb, vec![report("a", 0, 0)]);
+            wholes += usize::from(hb.reports_since.is_none());
+            d.acknowledge(&acked(Some(seq)));
+        }
+        assert_eq!(wholes, 3);
+        // An old controller never names the reports: never a delta, never a resend.
+        let mut d = ReportDeltas::default();
+        for _ in 0..3 {
+            let mut hb = beat();
+            d.prepare(&mut hb, vec![report("a", 0, 0)]);
+            assert_eq!(hb.reports_since, None);
+            assert!(!d.acknowledge(&acked(None)));
+        }
+        // And an old agent's heartbeat reads as whole reports.
+        let hb = beat();
+        assert_eq!(
+            (hb.reports_seq, hb.reports_since, hb.pages),
+            (None, None, false)
+        );
+    }
+
+    #[test]
+    fn a_paged_whole_set_replaces_the_copy_only_with_its_last_page() {
+        let mut view = DirectiveView::default();
+        view.apply(&reply(
+            false,
+            Some((7, 3)),
+            vec![directive("old", 1)],
+            vec![],
+        ));
+        let page = |delta, version, directives, removed, more| HeartbeatReply {
+            more,
+            ..reply(delta, Some((8, version)), directives, removed)
+        };
+        assert_eq!(
+            view.apply(&page(
+                false,
+                2,
+                vec![directive("a", 1), directive("b", 2)],
+                vec![],
+                true
+            )),
+            ViewUpdate::Partial
+        );
+        assert!(view.is_building());
+        assert_eq!(names(&view), vec![("old".into(), 1)]);
+        assert_eq!(view.cursor().map(|c| (c.stream, c.version)), Some((8, 2)));
+        assert_eq!(
+            view.apply(&page(
+                true,
+                5,
+                vec![directive("c", 3)],
+                vec![svc("a")],
+                true
+            )),
+            ViewUpdate::Partial
+        );
+        assert_eq!(
+            view.apply(&page(true, 6, vec![directive("d", 6)], vec![], false)),
+            ViewUpdate::Replaced
+        );
+        assert!(!view.is_building());
+        assert_eq!(
+            names(&view),
+            vec![("b".into(), 2), ("c".into(), 3), ("d".into(), 6)]
+        );
+        // A new whole set mid-run starts the copy over; a resync drops it.
+        view.apply(&page(false, 2, vec![directive("x", 1)], vec![], true));
+        view.apply(&page(false, 1, vec![directive("y", 1)], vec![], true));
+        assert_eq!(
+            view.apply(&page(true, 9, vec![directive("z", 2)], vec![], false)),
+            ViewUpdate::Replaced
+        );
+        assert_eq!(names(&view), vec![("y".into(), 1), ("z".into(), 2)]);
+        view.apply(&page(false, 1, vec![directive("p", 1)], vec![], true));
+        let foreign = HeartbeatReply {
+            more: false,
+            ..reply(true, Some((9, 9)), vec![], vec![])
+        };
+        assert_eq!(view.apply(&foreign), ViewUpdate::Resync);
+        assert!(!view.is_building());
+        assert_eq!(names(&view), vec![("y".into(), 1), ("z".into(), 2)]);
     }
 }

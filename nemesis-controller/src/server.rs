@@ -28,16 +28,21 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::http::WAKE_PATH;
+use crate::agents::http::{MAX_HEARTBEAT_BYTES, WAKE_PATH};
 use crate::agents::{AgentApi, ApiError, agent_routes};
 use crate::alerts::{AlertApi, MAX_WEBHOOK_BYTES, alert_routes};
 use crate::metrics::{ControllerMetrics, OPENMETRICS_CONTENT_TYPE};
 
 pub use nemesis_common::serve::{LimitedRouter, Limits, Rejection};
 
-/// The API listener: the largest body it takes is an Alertmanager group (the agents'
-/// routes, and the UI's when it is served here, set lower limits of their own).
-pub const API_LIMITS: Limits = Limits::with_max_body(MAX_WEBHOOK_BYTES);
+/// The API listener: the largest body it takes is an agent's full heartbeat or an
+/// Alertmanager group (every route sets its own limit, the UI's too when it is served
+/// here).
+pub const API_LIMITS: Limits = Limits::with_max_body(if MAX_HEARTBEAT_BYTES > MAX_WEBHOOK_BYTES {
+    MAX_HEARTBEAT_BYTES
+} else {
+    MAX_WEBHOOK_BYTES
+});
 /// The admin listener: no route takes a body, and Prometheus gives up a scrape after
 /// 10 s (its default `scrape_timeout`), so an answer later than that is wasted.
 pub const ADMIN_LIMITS: Limits = Limits {

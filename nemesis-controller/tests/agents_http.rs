@@ -71,6 +71,10 @@ fn heartbeat(node: &str, applied_epoch: u64) -> Heartbeat {
         addresses: vec![],
         ready: true,
         directives_cursor: None,
+        pages: false,
+        reports_seq: None,
+        reports_since: None,
+        gone: vec![],
     }
 }
 
@@ -438,4 +442,55 @@ async fn load_reports_need_the_token_and_answer_the_other_nodes_sums() {
         error_text(&v).contains("services[0] has 1025 backends"),
         "{v}"
     );
+}
+
+/// Report deltas and pages through the endpoint, in the JSON an agent sends: a delta
+/// against the reports the controller holds is taken, one against others is answered
+/// without `reportsSeq`; a whole set of more than a page comes in bounded pages.
+#[tokio::test]
+async fn report_deltas_and_directive_pages_through_the_endpoint() {
+    use nemesis_common::wire::{DirectiveView, MAX_PAGE_DIRECTIVES, ViewUpdate};
+    let f = fixture();
+    let app = agent_routes(f.api.clone());
+    let n = MAX_PAGE_DIRECTIVES + 10;
+    for i in 0..n {
+        f.api.registry.follow(&svc(&format!("s{i}")));
+    }
+    let beat = |body: serde_json::Value| post(HEARTBEAT_PATH, Some(TOKEN), body.to_string());
+    let mut full = serde_json::to_value(heartbeat("n1", 0)).unwrap();
+    full["reportsSeq"] = 1.into();
+    full["pages"] = true.into();
+    let (status, v) = call(&app, beat(full.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let first: HeartbeatReply = serde_json::from_value(v).unwrap();
+    assert_eq!(first.reports_seq, Some(1));
+    assert!(first.more && first.directives.len() == MAX_PAGE_DIRECTIVES);
+    let mut view = DirectiveView::default();
+    assert_eq!(view.apply(&first), ViewUpdate::Partial);
+    // The next page, with the report delta: nothing changed, one Service gone.
+    let mut delta = full.clone();
+    delta["reportsSeq"] = 2.into();
+    delta["reportsSince"] = 1.into();
+    delta["services"] = serde_json::json!([]);
+    delta["gone"] = serde_json::json!([{"namespace": "shop", "name": "web"}]);
+    delta["directivesCursor"] = serde_json::to_value(view.cursor()).unwrap();
+    let (status, v) = call(&app, beat(delta.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let second: HeartbeatReply = serde_json::from_value(v).unwrap();
+    assert_eq!(second.reports_seq, Some(2));
+    assert_eq!(view.apply(&second), ViewUpdate::Replaced);
+    assert_eq!(view.len(), n);
+    let now = tokio::time::Instant::now();
+    assert!(f.api.registry.agents(now)[0].services.is_empty());
+    // The same delta again: the controller holds reports 2, not 1.
+    delta["reportsSeq"] = 3.into();
+    let (status, v) = call(&app, beat(delta.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v.get("reportsSeq").is_none(), "{v}");
+    // `gone` without `reportsSince` is refused, naming the field.
+    let mut bad = full.clone();
+    bad["gone"] = serde_json::json!([{"namespace": "shop", "name": "web"}]);
+    let (status, v) = call(&app, beat(bad)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(error_text(&v).contains("reportsSince"), "{v}");
 }

@@ -310,19 +310,23 @@ async fn the_api_listener_refuses_oversized_bodies_and_cuts_slow_clients() -> an
             "POST /v1/agents/heartbeat HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\n"
         ),
     };
-    // Over the listener's limit (the webhook's 4 MiB): refused before anything is read.
+    // Over the listener's limit (a full heartbeat's 8 MiB): refused before anything is
+    // read.
     case.oversized(limits.max_body_bytes + 1).await?;
-    // Over the heartbeat's own limit (1 MiB), under the listener's: found while reading.
-    let big = vec![b' '; nemesis_controller::agents::http::MAX_HEARTBEAT_BYTES + 1];
+    // Over the wake-up's own limit (16 KiB), under the listener's: found while reading.
+    let big = vec![b' '; nemesis_controller::agents::http::MAX_WAKE_BYTES + 1];
     let e = send(
         &case.target,
-        &format!("{}content-length: {}\r\n", case.body_route, big.len()),
+        &format!(
+            "POST /v1/agents/wake HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            big.len()
+        ),
         &big,
     )
     .await?;
     ensure!(e.status.contains(" 413 "), "{}", e.answer);
     ensure!(
-        e.answer.contains("heartbeat body is larger than the limit"),
+        e.answer.contains("wake body is larger than the limit"),
         "{}",
         e.answer
     );

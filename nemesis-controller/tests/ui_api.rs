@@ -279,6 +279,10 @@ async fn agents_and_alerts_show_what_the_registry_and_the_alert_book_hold() {
             addresses: vec![],
             ready: true,
             directives_cursor: None,
+            pages: false,
+            reports_seq: None,
+            reports_since: None,
+            gone: vec![],
         },
         tokio::time::Instant::now(),
     );

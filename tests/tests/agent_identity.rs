@@ -25,6 +25,10 @@ fn heartbeat(node: &str) -> Value {
         addresses: vec![],
         ready: true,
         directives_cursor: None,
+        pages: false,
+        reports_seq: None,
+        reports_since: None,
+        gone: vec![],
     })
     .expect("heartbeat serializes")
 }

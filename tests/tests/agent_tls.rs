@@ -43,6 +43,10 @@ fn heartbeat(node: &str) -> Heartbeat {
         addresses: vec![],
         ready: true,
         directives_cursor: None,
+        pages: false,
+        reports_seq: None,
+        reports_since: None,
+        gone: vec![],
     }
 }
 

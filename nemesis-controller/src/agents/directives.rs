@@ -25,6 +25,8 @@ pub struct Changes {
     pub removed: Vec<ServiceRef>,
     /// Where the agent's copy stands once it applied these.
     pub cursor: DirectivesCursor,
+    /// A page: more changes follow (ask again at once with `cursor`).
+    pub more: bool,
 }
 
 #[derive(Debug)]
@@ -119,12 +121,17 @@ impl DirectiveLog {
 
     /// What an agent holding the set at `since` needs: the changes after it, or the whole
     /// set when `since` is absent, of another stream, older than the remembered removals,
-    /// ahead of this log, or when the changes would be as large as the set.
-    pub fn since(&self, since: Option<DirectivesCursor>) -> Changes {
+    /// or ahead of this log. With `page`, at most that many directives and removals, in
+    /// the order of their changes (see [`DirectiveLog::page`]); without, all at once, and
+    /// the whole set also when the changes would be as large as it.
+    pub fn since(&self, since: Option<DirectivesCursor>, page: Option<usize>) -> Changes {
         let cursor = self.cursor();
         let patchable = since.filter(|c| {
             c.stream == self.stream && c.version >= self.floor && c.version <= self.version
         });
+        if let Some(size) = page {
+            return self.page(patchable.map(|c| c.version), size.max(1));
+        }
         if let Some(c) = patchable {
             let changed = self.changes.range(c.version + 1..);
             if changed.clone().count() < self.current.len().max(1) {
@@ -140,6 +147,7 @@ impl DirectiveLog {
                     directives,
                     removed,
                     cursor,
+                    more: false,
                 };
             }
         }
@@ -148,6 +156,46 @@ impl DirectiveLog {
             directives: self.current.values().cloned().collect(),
             removed: Vec::new(),
             cursor,
+            more: false,
+        }
+    }
+
+    /// One page of changes after version `from` (none: a whole set, the changes after
+    /// version 0 without removals, applied to an empty copy). A page that stops early
+    /// carries the version of its last change as cursor: the next page is the changes
+    /// after it, so a Service changed again meanwhile comes in a later page with its
+    /// latest directive, and the agent's copy equals the set once a page ends the run.
+    fn page(&self, from: Option<u64>, size: usize) -> Changes {
+        let delta = from.is_some();
+        let (mut directives, mut removed) = (Vec::new(), Vec::new());
+        let mut more = false;
+        let mut last = from.unwrap_or(0);
+        for (&version, svc) in self.changes.range(last + 1..) {
+            if directives.len() + removed.len() >= size {
+                more = true;
+                break;
+            }
+            match self.current.get(svc) {
+                Some(d) => directives.push(d.clone()),
+                None if delta => removed.push(svc.clone()),
+                None => {}
+            }
+            last = version;
+        }
+        let cursor = if more {
+            DirectivesCursor {
+                stream: self.stream,
+                version: last,
+            }
+        } else {
+            self.cursor()
+        };
+        Changes {
+            delta,
+            directives,
+            removed,
+            cursor,
+            more,
         }
     }
 }
@@ -181,6 +229,14 @@ mod tests {
             cursor: Some(c.cursor),
             delta: c.delta,
             removed: c.removed,
+            more: c.more,
+            reports_seq: None,
+        }
+    }
+
+    impl DirectiveLog {
+        fn since_all(&self, since: Option<DirectivesCursor>) -> Changes {
+            self.since(since, None)
         }
     }
 
@@ -194,17 +250,17 @@ mod tests {
         for i in 0..10 {
             log.set(directive(i, Directive::Follow, i as u64 + 1));
         }
-        let first = log.since(None);
+        let first = log.since_all(None);
         assert!(!first.delta);
         assert_eq!(first.directives.len(), 10);
-        let nothing = log.since(Some(first.cursor));
+        let nothing = log.since_all(Some(first.cursor));
         assert!(nothing.delta && nothing.directives.is_empty() && nothing.removed.is_empty());
         assert_eq!(nothing.cursor, first.cursor);
 
         log.set(directive(3, Directive::Sleep, 20));
         log.remove(&svc(5));
         log.set(directive(11, Directive::Follow, 21));
-        let changes = log.since(Some(first.cursor));
+        let changes = log.since_all(Some(first.cursor));
         assert!(changes.delta);
         assert_eq!(
             changes.directives,
@@ -227,7 +283,7 @@ mod tests {
         log.set(directive(0, Directive::Follow, 3));
         log.remove(&svc(1));
         log.set(directive(1, Directive::Sleep, 4));
-        let c = log.since(Some(at));
+        let c = log.since_all(Some(at));
         assert_eq!(
             c.directives,
             vec![
@@ -249,18 +305,18 @@ mod tests {
             stream: 2,
             version: old.version,
         };
-        assert!(!log.since(Some(other)).delta);
+        assert!(!log.since_all(Some(other)).delta);
         let ahead = DirectivesCursor {
             stream: 1,
             version: old.version + 1,
         };
-        assert!(!log.since(Some(ahead)).delta);
+        assert!(!log.since_all(Some(ahead)).delta);
         // One more removal than remembered: the oldest is forgotten.
         for i in 0..=MAX_TOMBSTONES {
             log.remove(&svc(i));
         }
         assert_eq!(log.tombstones.len(), MAX_TOMBSTONES);
-        let c = log.since(Some(old));
+        let c = log.since_all(Some(old));
         assert!(
             !c.delta,
             "the first removal is forgotten: no delta can say it"
@@ -269,7 +325,7 @@ mod tests {
         // A cursor after the forgotten removal still gets a delta.
         let mut later = log.cursor();
         later.version -= 3;
-        let c = log.since(Some(later));
+        let c = log.since_all(Some(later));
         assert!(c.delta);
         assert_eq!(
             c.removed,
@@ -285,10 +341,10 @@ mod tests {
         let start = log.cursor();
         log.set(directive(0, Directive::Follow, 1));
         log.set(directive(1, Directive::Follow, 1));
-        assert!(!log.since(Some(start)).delta);
+        assert!(!log.since_all(Some(start)).delta);
         // An empty log still answers a delta to a current cursor.
         let empty = DirectiveLog::new(1);
-        assert!(empty.since(Some(empty.cursor())).delta);
+        assert!(empty.since_all(Some(empty.cursor())).delta);
     }
 
     /// An agent following every reply, or only some (lost replies, restarts, controller
@@ -340,13 +396,146 @@ mod tests {
                 if step % (v + 1) != 0 {
                     continue;
                 }
-                let update = view.apply(&reply(log.since(view.cursor())));
+                let update = view.apply(&reply(log.since_all(view.cursor())));
                 if update == ViewUpdate::Resync {
-                    view.apply(&reply(log.since(view.cursor())));
+                    view.apply(&reply(log.since_all(view.cursor())));
                 }
                 let mine: Vec<_> = view.directives().cloned().collect();
                 assert_eq!(mine, whole(&log), "seed {seed}, step {step}, view {v}");
             }
+        }
+    }
+
+    #[test]
+    fn pages_carry_at_most_their_size_and_a_whole_set_arrives_before_it_is_used() {
+        let mut log = DirectiveLog::new(1);
+        for i in 0..10 {
+            log.set(directive(i, Directive::Follow, 1));
+        }
+        let mut view = DirectiveView::default();
+        // An old copy in use (another controller's), kept until the new set is complete.
+        view.apply(&HeartbeatReply {
+            directives: vec![directive(99, Directive::Sleep, 1)],
+            lease_seconds: 15,
+            cursor: Some(DirectivesCursor {
+                stream: 2,
+                version: 1,
+            }),
+            delta: false,
+            removed: vec![],
+            more: false,
+            reports_seq: None,
+        });
+        let mut pages = 0;
+        loop {
+            let c = log.since(view.cursor(), Some(4));
+            assert!(c.directives.len() + c.removed.len() <= 4);
+            pages += 1;
+            // Changes between pages: one already sent, one removed, one new.
+            if pages == 2 {
+                log.set(directive(0, Directive::Sleep, 2));
+                log.remove(&svc(1));
+                log.set(directive(10, Directive::Follow, 2));
+            }
+            let update = view.apply(&reply(c));
+            if update != ViewUpdate::Partial {
+                break;
+            }
+            assert!(view.is_building());
+            assert_eq!(
+                view.directives()
+                    .map(|d| d.service.clone())
+                    .collect::<Vec<_>>(),
+                vec![svc(99)],
+                "the old copy stays in use while pages arrive"
+            );
+        }
+        assert_eq!(pages, 4);
+        assert!(!view.is_building());
+        assert_eq!(view.directives().cloned().collect::<Vec<_>>(), whole(&log));
+        // Steady: an empty delta, no more pages.
+        let c = log.since(view.cursor(), Some(4));
+        assert!(c.delta && !c.more && c.directives.is_empty());
+        // A mass change goes as a paged delta.
+        for i in 0..9 {
+            log.set(directive(i, Directive::Sleep, 3));
+        }
+        let mut pages = 0;
+        loop {
+            let c = log.since(view.cursor(), Some(4));
+            assert!(c.delta);
+            pages += 1;
+            if view.apply(&reply(c)) != ViewUpdate::Partial {
+                break;
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(view.directives().cloned().collect::<Vec<_>>(), whole(&log));
+    }
+
+    /// Agents taking pages of any size converge to the set through changes between
+    /// their pages, lost copies and controller changes (each a new stream: the whole set
+    /// again, in pages), and every completed run equals the set.
+    #[test]
+    fn paged_views_converge_through_changes_restarts_and_controller_changes() {
+        use rand::{Rng as _, SeedableRng as _};
+        let seed = rand::random::<u64>();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut log = DirectiveLog::new(rng.random());
+        let sizes = [1, 2, 3, 7, 1000];
+        let mut views = vec![DirectiveView::default(); sizes.len()];
+        let mut epoch = 0;
+        for step in 0..5000 {
+            let i = rng.random_range(0..60);
+            match rng.random_range(0..20) {
+                0..=11 => {
+                    epoch += 1;
+                    let kind = if rng.random() {
+                        Directive::Sleep
+                    } else {
+                        Directive::Follow
+                    };
+                    log.set(directive(i, kind, epoch));
+                }
+                12..=15 => {
+                    log.remove(&svc(i));
+                }
+                16 => {
+                    let mut next = DirectiveLog::new(rng.random());
+                    for d in whole(&log) {
+                        next.set(d);
+                    }
+                    log = next;
+                }
+                17 => {
+                    let v = rng.random_range(0..views.len());
+                    views[v] = DirectiveView::default();
+                }
+                _ => {}
+            }
+            for (v, view) in views.iter_mut().enumerate() {
+                let c = log.since(view.cursor(), Some(sizes[v]));
+                assert!(c.directives.len() + c.removed.len() <= sizes[v]);
+                match view.apply(&reply(c)) {
+                    ViewUpdate::Partial => {}
+                    ViewUpdate::Resync => panic!("seed {seed}, step {step}: a page resynced"),
+                    _ => assert_eq!(
+                        view.directives().cloned().collect::<Vec<_>>(),
+                        whole(&log),
+                        "seed {seed}, step {step}, view {v}"
+                    ),
+                }
+            }
+        }
+        // Quiet: every view finishes its run and holds the set.
+        for view in &mut views {
+            for _ in 0..1000 {
+                if view.apply(&reply(log.since(view.cursor(), Some(3)))) != ViewUpdate::Partial {
+                    break;
+                }
+            }
+            assert_eq!(view.directives().cloned().collect::<Vec<_>>(), whole(&log));
         }
     }
 }

@@ -12,7 +12,8 @@ use axum::routing::post;
 use axum::{Extension, Json, Router, middleware};
 use http::StatusCode;
 use nemesis_common::wire::{
-    Heartbeat, HeartbeatReply, LoadReply, LoadReport, ServiceRef, WakeReply, WakeRequest,
+    Heartbeat, HeartbeatReply, LoadReply, LoadReport, MAX_HEARTBEAT_REPORTS, ServiceRef, WakeReply,
+    WakeRequest,
 };
 use tokio::time::Instant;
 
@@ -24,9 +25,10 @@ pub const HEARTBEAT_PATH: &str = "/v1/agents/heartbeat";
 pub const WAKE_PATH: &str = "/v1/agents/wake";
 pub const LOADS_PATH: &str = "/v1/agents/loads";
 
-/// A heartbeat carries one report per Service the agent knows (about 250 bytes each):
-/// 1 MiB is room for about 4,000 Services per node.
-pub const MAX_HEARTBEAT_BYTES: usize = 1 << 20;
+/// A full heartbeat carries one report per Service the agent knows (about 250 bytes
+/// each; later ones only the changed and active reports): 8 MiB is room for the
+/// [`MAX_HEARTBEAT_REPORTS`] bound.
+pub const MAX_HEARTBEAT_BYTES: usize = 8 << 20;
 /// A load report lists open connections per backend (about 50 bytes each): 4 MiB is
 /// room for about 80,000 backends of balanced Services per node.
 pub const MAX_LOADS_BYTES: usize = 4 << 20;
@@ -122,8 +124,24 @@ pub fn check_heartbeat(hb: &Heartbeat) -> Result<(), ApiError> {
             "heartbeat: `node` and `instance` must not be empty",
         ));
     }
+    let listed = hb.services.len() + hb.gone.len();
+    if listed > MAX_HEARTBEAT_REPORTS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("heartbeat: {listed} services and gone, at most {MAX_HEARTBEAT_REPORTS}"),
+        ));
+    }
+    if !hb.gone.is_empty() && hb.reports_since.is_none() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "heartbeat: `gone` is only meaningful with `reportsSince`",
+        ));
+    }
     for (i, r) in hb.services.iter().enumerate() {
         check_service(&format!("heartbeat: services[{i}]"), &r.service)?;
+    }
+    for (i, svc) in hb.gone.iter().enumerate() {
+        check_service(&format!("heartbeat: gone[{i}]"), svc)?;
     }
     Ok(())
 }

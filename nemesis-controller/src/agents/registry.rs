@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nemesis_common::wire::{
-    AppliedMode, Directive, Heartbeat, HeartbeatReply, HoldPort, ServiceDirective, ServiceRef,
-    ServiceReport,
+    AppliedMode, Directive, Heartbeat, HeartbeatReply, HoldPort, MAX_PAGE_DIRECTIVES,
+    ServiceDirective, ServiceRef, ServiceReport,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -111,6 +111,8 @@ struct AgentEntry {
     instance: String,
     last_heartbeat: Instant,
     reports: BTreeMap<ServiceRef, ServiceReport>,
+    /// The number the agent gave these reports (its next delta names it).
+    reports_seq: Option<u64>,
     ready: bool,
     addresses: Vec<std::net::IpAddr>,
 }
@@ -345,98 +347,41 @@ impl AgentRegistry {
     }
 
     /// Registers or refreshes an agent and returns the directives it must apply: those
-    /// changed since the heartbeat's cursor, or all of them (see [`DirectiveLog::since`]).
+    /// changed since the heartbeat's cursor, or all of them, in pages to agents that take
+    /// them (see [`DirectiveLog::since`]). A report delta is recorded only onto exactly
+    /// the reports it was made against; otherwise the agent is left as it was and the
+    /// reply, without `reports_seq`, asks for every report.
     pub fn heartbeat(&self, hb: Heartbeat, now: Instant) -> HeartbeatReply {
         let forget_after = self.config.forget_after;
-        let topology_changed;
+        let mut topology_changed = false;
         let reply = {
             let mut inner = self.lock();
             let inner = &mut *inner;
             inner.forget_silent(now, forget_after);
-            let prev = inner.remove_agent(&hb.node);
-            match &prev {
-                None => {
-                    tracing::info!(node = %hb.node, instance = %hb.instance, "agent registered")
-                }
-                Some(p) if p.instance != hb.instance => tracing::info!(
-                    node = %hb.node, old = %p.instance, new = %hb.instance, "agent restarted"
-                ),
-                Some(_) => {}
-            }
-            let cursor = hb.directives_cursor;
-            let same_instance = prev.as_ref().filter(|p| p.instance == hb.instance);
-            let mut reports = BTreeMap::new();
-            for r in hb.services {
-                // Epochs must keep rising across controller restarts: never hand out an
-                // epoch at or below one an agent has already applied.
-                inner.last_epoch = inner.last_epoch.max(r.applied_epoch);
-                let old = same_instance.and_then(|p| p.reports.get(&r.service));
-                let (same, known) = (old.is_some(), prev.is_some());
-                let connects =
-                    new_since(r.connects_total, old.map(|o| o.connects_total), same, known);
-                let accepts =
-                    new_since(r.accepted_total, old.map(|o| o.accepted_total), same, known);
-                let holds = new_since(r.holds_total, old.map(|o| o.holds_total), same, known);
-                let refused = new_since(
-                    r.holds_refused_total,
-                    old.map(|o| o.holds_refused_total),
-                    same,
-                    known,
-                );
-                let errors = new_since(
-                    r.proxy_errors.total(),
-                    old.map(|o| o.proxy_errors.total()),
-                    same,
-                    known,
-                );
-                let c = inner.counters.entry(r.service.clone()).or_default();
-                c.connects_total += connects;
-                c.accepted_total += accepts;
-                c.holds_total += holds;
-                c.holds_refused_total += refused;
-                c.proxy_errors_total += errors;
-                if connects > 0
-                    || accepts > 0
-                    || r.open_connections > 0
-                    || r.accepted_open > 0
-                    || r.held_connections > 0
-                {
-                    c.last_active = Some(now);
-                }
-                reports.insert(r.service.clone(), r);
-            }
-            topology_changed = match &prev {
-                None => true,
-                Some(p) => {
-                    p.instance != hb.instance
-                        || p.ready != hb.ready
-                        || p.addresses != hb.addresses
-                        || !p.live_at(now, self.config.lease)
-                        || p.reports.len() != reports.len()
-                        || reports.iter().any(|(svc, r)| {
-                            p.reports
-                                .get(svc)
-                                .is_none_or(|o| o.hold_ports != r.hold_ports)
-                        })
-                }
+            let page = hb.pages.then_some(MAX_PAGE_DIRECTIVES);
+            let changes = inner.directives.since(hb.directives_cursor, page);
+            let base_held = hb.reports_since.is_none_or(|since| {
+                inner
+                    .agents
+                    .get(&hb.node)
+                    .is_some_and(|a| a.instance == hb.instance && a.reports_seq == Some(since))
+            });
+            let reports_seq = if base_held {
+                let seq = hb.reports_seq;
+                topology_changed = Self::record(inner, hb, now, self.config.lease);
+                seq
+            } else {
+                tracing::debug!(node = %hb.node, "a report delta against reports not held: asking for all");
+                None
             };
-            inner.insert_agent(
-                hb.node,
-                AgentEntry {
-                    instance: hb.instance,
-                    last_heartbeat: now,
-                    reports,
-                    ready: hb.ready,
-                    addresses: hb.addresses,
-                },
-            );
-            let changes = inner.directives.since(cursor);
             HeartbeatReply {
                 directives: changes.directives,
                 lease_seconds: u32::try_from(self.config.lease.as_secs()).unwrap_or(u32::MAX),
                 cursor: Some(changes.cursor),
                 delta: changes.delta,
                 removed: changes.removed,
+                more: changes.more,
+                reports_seq,
             }
         };
         if topology_changed {
@@ -445,6 +390,122 @@ impl AgentRegistry {
             self.notify();
         }
         reply
+    }
+
+    /// Records a heartbeat's reports: all of them, or a delta onto the agent's held
+    /// reports (the caller checked they are the ones it was made against). True when
+    /// what hold EndpointSlices show may have changed.
+    fn record(inner: &mut Inner, hb: Heartbeat, now: Instant, lease: Duration) -> bool {
+        let Heartbeat {
+            node,
+            instance,
+            services,
+            addresses,
+            ready,
+            reports_seq,
+            reports_since,
+            gone,
+            ..
+        } = hb;
+        let mut prev = inner.remove_agent(&node);
+        match &prev {
+            None => {
+                tracing::info!(node = %node, instance = %instance, "agent registered")
+            }
+            Some(p) if p.instance != instance => tracing::info!(
+                node = %node, old = %p.instance, new = %instance, "agent restarted"
+            ),
+            Some(_) => {}
+        }
+        let delta = reports_since.is_some();
+        let known = prev.is_some();
+        // A delta patches the held reports; a full report replaces them.
+        let mut reports = match (&mut prev, delta) {
+            (Some(p), true) => std::mem::take(&mut p.reports),
+            _ => BTreeMap::new(),
+        };
+        let same_instance = prev.as_ref().filter(|p| p.instance == instance);
+        let mut hold_changed = false;
+        for svc in &gone {
+            hold_changed |= reports.remove(svc).is_some();
+        }
+        for r in services {
+            // Epochs must keep rising across controller restarts: never hand out an
+            // epoch at or below one an agent has already applied.
+            inner.last_epoch = inner.last_epoch.max(r.applied_epoch);
+            let old = if delta {
+                reports.get(&r.service)
+            } else {
+                same_instance.and_then(|p| p.reports.get(&r.service))
+            };
+            let same = old.is_some();
+            let connects = new_since(r.connects_total, old.map(|o| o.connects_total), same, known);
+            let accepts = new_since(r.accepted_total, old.map(|o| o.accepted_total), same, known);
+            let holds = new_since(r.holds_total, old.map(|o| o.holds_total), same, known);
+            let refused = new_since(
+                r.holds_refused_total,
+                old.map(|o| o.holds_refused_total),
+                same,
+                known,
+            );
+            let errors = new_since(
+                r.proxy_errors.total(),
+                old.map(|o| o.proxy_errors.total()),
+                same,
+                known,
+            );
+            hold_changed |= delta && old.is_none_or(|o| o.hold_ports != r.hold_ports);
+            let c = inner.counters.entry(r.service.clone()).or_default();
+            c.connects_total += connects;
+            c.accepted_total += accepts;
+            c.holds_total += holds;
+            c.holds_refused_total += refused;
+            c.proxy_errors_total += errors;
+            if connects > 0 || accepts > 0 || r.is_active() {
+                c.last_active = Some(now);
+            }
+            reports.insert(r.service.clone(), r);
+        }
+        if delta {
+            // Agents send every active report in each delta; one kept from before that
+            // shows connections still counts as activity now.
+            for r in reports.values().filter(|r| r.is_active()) {
+                if let Some(c) = inner.counters.get_mut(&r.service) {
+                    c.last_active = Some(now);
+                }
+            }
+        }
+        let topology_changed = match &prev {
+            None => true,
+            Some(p) => {
+                p.instance != instance
+                    || p.ready != ready
+                    || p.addresses != addresses
+                    || !p.live_at(now, lease)
+                    || if delta {
+                        hold_changed
+                    } else {
+                        p.reports.len() != reports.len()
+                            || reports.iter().any(|(svc, r)| {
+                                p.reports
+                                    .get(svc)
+                                    .is_none_or(|o| o.hold_ports != r.hold_ports)
+                            })
+                    }
+            }
+        };
+        inner.insert_agent(
+            node,
+            AgentEntry {
+                instance,
+                last_heartbeat: now,
+                reports,
+                reports_seq,
+                ready,
+                addresses,
+            },
+        );
+        topology_changed
     }
 
     fn next_epoch(inner: &mut Inner) -> u64 {
@@ -555,7 +616,7 @@ impl AgentRegistry {
 
     /// Every directive (what a heartbeat without a cursor gets), by Service.
     pub fn directives(&self) -> Vec<ServiceDirective> {
-        self.lock().directives.since(None).directives
+        self.lock().directives.since(None, None).directives
     }
 
     /// Nodes of live agents that have not applied `epoch` (or later) for `svc`.
@@ -733,7 +794,175 @@ mod tests {
             addresses: vec![],
             ready: true,
             directives_cursor: None,
+            pages: false,
+            reports_seq: None,
+            reports_since: None,
+            gone: vec![],
         }
+    }
+
+    fn named(name: &str, connects_total: u64, open: u64) -> ServiceReport {
+        ServiceReport {
+            service: ServiceRef {
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            ..report(0, connects_total, open)
+        }
+    }
+
+    fn held_reports(r: &AgentRegistry, node: &str, now: Instant) -> Vec<ServiceReport> {
+        r.agents(now)
+            .into_iter()
+            .find(|a| a.node == node)
+            .map(|a| a.services)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn report_deltas_patch_the_held_reports_and_others_ask_for_all() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        let beat = |seq, since, services, gone| Heartbeat {
+            reports_seq: Some(seq),
+            reports_since: since,
+            gone,
+            ..hb("a", "1", services)
+        };
+        let reply = r.heartbeat(
+            beat(
+                1,
+                None,
+                vec![named("api", 0, 0), named("web", 10, 0)],
+                vec![],
+            ),
+            t0,
+        );
+        assert_eq!(reply.reports_seq, Some(1));
+        // Only web changed: api is kept as it was, web's connects are differenced.
+        let t1 = t0 + Duration::from_secs(5);
+        let reply = r.heartbeat(beat(2, Some(1), vec![named("web", 15, 0)], vec![]), t1);
+        assert_eq!(reply.reports_seq, Some(2));
+        assert_eq!(
+            held_reports(&r, "a", t1),
+            vec![named("api", 0, 0), named("web", 15, 0)]
+        );
+        assert_eq!(
+            r.service_activity(&named("web", 0, 0).service, t1)
+                .connects_total,
+            5
+        );
+        // api is gone; web keeps an open connection, sent again unchanged.
+        let t2 = t1 + Duration::from_secs(5);
+        let gone = vec![named("api", 0, 0).service];
+        r.heartbeat(beat(3, Some(2), vec![named("web", 15, 1)], gone), t2);
+        assert_eq!(held_reports(&r, "a", t2), vec![named("web", 15, 1)]);
+        // A delta against other reports (a lost reply, a restarted agent) changes nothing
+        // and asks for every report; so does one to a controller that never had them.
+        let t3 = t2 + Duration::from_secs(5);
+        let stale = r.heartbeat(beat(4, Some(2), vec![named("web", 99, 0)], vec![]), t3);
+        assert_eq!(stale.reports_seq, None);
+        let other = Heartbeat {
+            instance: "2".into(),
+            ..beat(4, Some(3), vec![], vec![])
+        };
+        assert_eq!(r.heartbeat(other, t3).reports_seq, None);
+        assert_eq!(held_reports(&r, "a", t3), vec![named("web", 15, 1)]);
+        let web = r.service_activity(&named("web", 0, 0).service, t3);
+        assert_eq!((web.connects_total, web.open_connections), (5, 1));
+        let fresh = AgentRegistry::new(RegistryConfig::default());
+        assert_eq!(
+            fresh
+                .heartbeat(beat(4, Some(3), vec![], vec![]), t3)
+                .reports_seq,
+            None
+        );
+        assert!(fresh.agents(t3).is_empty(), "not registered from a delta");
+        // An old agent (no numbers) is answered without one.
+        assert_eq!(r.heartbeat(hb("b", "1", vec![]), t3).reports_seq, None);
+    }
+
+    #[test]
+    fn a_kept_report_with_open_connections_is_activity() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        let t0 = Instant::now();
+        let beat = |seq, since, services| Heartbeat {
+            reports_seq: Some(seq),
+            reports_since: since,
+            ..hb("a", "1", services)
+        };
+        r.heartbeat(beat(1, None, vec![named("web", 0, 2)]), t0);
+        let t1 = t0 + Duration::from_secs(5);
+        // An agent that left an active report out: still active.
+        r.heartbeat(beat(2, Some(1), vec![]), t1);
+        assert_eq!(
+            r.service_activity(&named("web", 0, 0).service, t1)
+                .last_active,
+            Some(t1)
+        );
+    }
+
+    /// An agent keeping its reports by deltas ([`ReportDeltas`]) through changes, lost
+    /// replies, restarts and controller changes: whenever a reply acknowledges its
+    /// heartbeat, the controller holds exactly the agent's reports.
+    #[test]
+    fn reports_kept_by_deltas_match_the_agents_whatever_was_lost() {
+        use nemesis_common::wire::ReportDeltas;
+        use rand::{Rng as _, SeedableRng as _};
+        let seed = rand::random::<u64>();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut r = AgentRegistry::new(RegistryConfig::default());
+        let mut deltas = ReportDeltas::default();
+        let mut instance = 0;
+        let mut current: BTreeMap<String, ServiceReport> = BTreeMap::new();
+        let mut now = Instant::now();
+        let mut sent_deltas = 0;
+        for step in 0..3000 {
+            now += Duration::from_millis(100);
+            for _ in 0..rng.random_range(0..3) {
+                let name = format!("s{}", rng.random_range(0..30));
+                if rng.random_bool(0.2) {
+                    current.remove(&name);
+                } else {
+                    let mut rep = named(&name, rng.random_range(0..4), 0);
+                    rep.open_connections = rng.random_range(0..2);
+                    rep.hold_ports = vec![rng.random_range(20000..20003)];
+                    current.insert(name, rep);
+                }
+            }
+            match rng.random_range(0..100) {
+                0 => r = AgentRegistry::new(RegistryConfig::default()),
+                1 => {
+                    instance += 1;
+                    deltas = ReportDeltas::default();
+                }
+                _ => {}
+            }
+            let mut beat = hb("a", &instance.to_string(), vec![]);
+            deltas.prepare(&mut beat, current.values().cloned().collect());
+            sent_deltas += usize::from(beat.reports_since.is_some());
+            let reply = r.heartbeat(beat, now);
+            if rng.random_bool(0.05) {
+                deltas.failed();
+                continue;
+            }
+            let again = deltas.acknowledge(&reply);
+            if reply.reports_seq.is_some() {
+                let held = held_reports(&r, "a", now);
+                assert_eq!(
+                    held,
+                    current.values().cloned().collect::<Vec<_>>(),
+                    "seed {seed}, step {step}"
+                );
+            } else {
+                assert!(
+                    again,
+                    "seed {seed}, step {step}: a refused delta is resent whole"
+                );
+            }
+        }
+        assert!(sent_deltas > 1500, "mostly deltas: {sent_deltas}");
     }
 
     #[test]

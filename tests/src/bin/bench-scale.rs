@@ -46,8 +46,8 @@ use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Api, CustomResourceExt, ResourceExt};
 use nemesis_common::wire::{
-    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ServiceRef, ServiceReport, ViewUpdate,
-    WakeReply, WakeRequest,
+    AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ReportDeltas, ServiceRef, ServiceReport,
+    ViewUpdate, WakeReply, WakeRequest,
 };
 use nemesis_controller::notify::rule::AlertRule;
 use nemesis_controller::policy::ScalingPolicy;
@@ -256,6 +256,14 @@ struct AgentStats {
     /// Delta replies that did not continue an agent's copy (each then asks for the
     /// whole set at once): should stay 0 with one controller.
     resyncs: AtomicU64,
+    /// Heartbeats that got no answer within the client's 30 s.
+    timeouts: AtomicU64,
+    /// Paged replies with more to follow (each asked again at once).
+    pages: AtomicU64,
+    /// Report deltas the controller could not take (each resent whole at once).
+    report_resends: AtomicU64,
+    /// The largest reply, in bytes, over the whole run.
+    max_reply: AtomicU64,
     reply_bytes: AtomicU64,
     /// Round trips in ms, and reply sizes in bytes, of the current window.
     rtts: Mutex<Vec<f64>>,
@@ -312,37 +320,45 @@ async fn agent(
 ) {
     let node = node_name(index);
     let instance = format!("{:016x}", rand::random::<u64>());
-    // The agent's copy of the directives, patched by each reply as the real agent's.
+    // The agent's copy of the directives, patched by each reply as the real agent's, and
+    // its side of report deltas.
     let mut view = DirectiveView::default();
+    let mut deltas = ReportDeltas::default();
     // Spread the first beats over one interval, as agents started at different times.
     let first = every.mul_f64(rand::rng().random_range(0.0..1.0));
     tokio::time::sleep(first).await;
     loop {
-        let hb = Heartbeat {
+        let mut hb = Heartbeat {
             node: node.clone(),
             instance: instance.clone(),
-            services: hosted
-                .iter()
-                .map(|s| ServiceReport {
-                    service: s.clone(),
-                    mode: AppliedMode::Hold,
-                    applied_epoch: view.get(s).map_or(0, |d| d.epoch),
-                    connects_total: 0,
-                    open_connections: 0,
-                    closed_total: 0,
-                    held_connections: 0,
-                    accepted_total: 0,
-                    accepted_open: 0,
-                    hold_ports: vec![],
-                    holds_total: 0,
-                    holds_refused_total: 0,
-                    proxy_errors: Default::default(),
-                })
-                .collect(),
+            services: Vec::new(),
             addresses: vec![],
             ready: true,
             directives_cursor: view.cursor(),
+            pages: true,
+            reports_seq: None,
+            reports_since: None,
+            gone: Vec::new(),
         };
+        let reports = hosted
+            .iter()
+            .map(|s| ServiceReport {
+                service: s.clone(),
+                mode: AppliedMode::Hold,
+                applied_epoch: view.get(s).map_or(0, |d| d.epoch),
+                connects_total: 0,
+                open_connections: 0,
+                closed_total: 0,
+                held_connections: 0,
+                accepted_total: 0,
+                accepted_open: 0,
+                hold_ports: vec![],
+                holds_total: 0,
+                holds_refused_total: 0,
+                proxy_errors: Default::default(),
+            })
+            .collect();
+        deltas.prepare(&mut hb, reports);
         let start = Instant::now();
         match api
             .post::<_, HeartbeatReply>(index, "/v1/agents/heartbeat", &hb)
@@ -352,6 +368,7 @@ async fn agent(
                 let ms = start.elapsed().as_secs_f64() * 1000.0;
                 stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                 stats.reply_bytes.fetch_add(size as u64, Ordering::Relaxed);
+                stats.max_reply.fetch_max(size as u64, Ordering::Relaxed);
                 stats
                     .rtts
                     .lock()
@@ -362,13 +379,30 @@ async fn agent(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(size as f64);
-                if view.apply(&reply) == ViewUpdate::Resync {
-                    stats.resyncs.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                let again = deltas.acknowledge(&reply);
+                if again {
+                    stats.report_resends.fetch_add(1, Ordering::Relaxed);
+                }
+                match view.apply(&reply) {
+                    ViewUpdate::Resync => {
+                        stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // The next page at once, as the real agent asks.
+                    ViewUpdate::Partial => {
+                        stats.pages.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    ViewUpdate::Replaced | ViewUpdate::Patched if again => continue,
+                    ViewUpdate::Replaced | ViewUpdate::Patched => {}
                 }
             }
             Err(e) => {
+                deltas.failed();
                 stats.failures.fetch_add(1, Ordering::Relaxed);
+                if e.to_string().contains("no answer within") {
+                    stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::warn!(node, err = %e, "heartbeat failed");
             }
         }
@@ -592,6 +626,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stats.reset_window();
     let before = server.request_counts();
     let beats_before = stats.heartbeats.load(Ordering::Relaxed);
+    let timeouts_before = stats.timeouts.load(Ordering::Relaxed);
     let cpu_before = cpu_seconds(pid)?;
     let t_steady = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(cli.steady)).await;
@@ -604,6 +639,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let writes = after.state_writes() - before.state_writes();
     let reviews = after.reviews - before.reviews;
     let beats = stats.heartbeats.load(Ordering::Relaxed) - beats_before;
+    let timeouts_steady = stats.timeouts.load(Ordering::Relaxed) - timeouts_before;
     let (rss, hwm) = memory_mib(pid)?;
     // Which writes: the request log's tail (it keeps the latest few thousand).
     let log = server.requests();
@@ -635,12 +671,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     sizes.sort_by(f64::total_cmp);
     let failures = stats.failures.load(Ordering::Relaxed);
     eprintln!(
-        "steady window {window:.1} s: {writes} writes, {reviews} token reviews, {beats} heartbeats ({:.0}/s), {failures} failed in total, controller CPU {cpu_cores:.3} cores",
+        "steady window {window:.1} s: {writes} writes, {reviews} token reviews, {beats} heartbeats ({:.0}/s), {timeouts_steady} timed out, {failures} failed in total, controller CPU {cpu_cores:.3} cores",
         beats as f64 / window
+    );
+    eprintln!(
+        "heartbeats in the window: p50 {:.0} ms, p99 {:.0} ms; replies p50 {:.0} B, p99 {:.0} B, largest of the run {} B; {} pages, {} report resends so far",
+        percentile(&rtts, 0.5),
+        percentile(&rtts, 0.99),
+        percentile(&sizes, 0.5),
+        percentile(&sizes, 0.99),
+        stats.max_reply.load(Ordering::Relaxed),
+        stats.pages.load(Ordering::Relaxed),
+        stats.report_resends.load(Ordering::Relaxed),
     );
 
     // Wakes under load: the agent hosting a random Service asks, the watch sees the scale.
     let mut latencies = Vec::new();
+    let mut wake_retries = 0u64;
     let mut rng_pick: Vec<usize> = (0..cli.services).collect();
     {
         use rand::seq::SliceRandom as _;
@@ -658,7 +705,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             held_connections: 1,
         };
         let start = Instant::now();
-        let (reply, _): (WakeReply, _) = api.post(waker, "/v1/agents/wake", &req).await?;
+        // A controller that lost its Lease under load answers 503 until it leads again:
+        // the agent retries, as the real one does (the time counts in the figure).
+        let reply: WakeReply = loop {
+            match api.post(waker, "/v1/agents/wake", &req).await {
+                Ok((reply, _)) => break reply,
+                Err(e)
+                    if e.to_string().contains("503")
+                        && start.elapsed() < Duration::from_secs(60) =>
+                {
+                    wake_retries += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if !reply.accepted {
             bail!("wake-up of {name} refused: {}", reply.message);
         }
@@ -713,6 +774,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         percentile(&latencies, 0.50),
         3,
     );
+    figure("wake_retries_503", wake_retries as f64, 0);
     figure(
         "agent_heartbeat_ms_p99_under_load",
         percentile(&rtts, 0.99),
@@ -731,6 +793,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     figure(
         "agent_heartbeat_resyncs",
         stats.resyncs.load(Ordering::Relaxed) as f64,
+        0,
+    );
+    figure("agent_heartbeat_timeouts_steady", timeouts_steady as f64, 0);
+    figure(
+        "agent_heartbeat_failures_total",
+        stats.failures.load(Ordering::Relaxed) as f64,
+        0,
+    );
+    figure(
+        "agent_heartbeat_reply_bytes_max",
+        stats.max_reply.load(Ordering::Relaxed) as f64,
+        0,
+    );
+    figure(
+        "agent_heartbeat_pages_total",
+        stats.pages.load(Ordering::Relaxed) as f64,
+        0,
+    );
+    figure(
+        "agent_heartbeat_report_resends_total",
+        stats.report_resends.load(Ordering::Relaxed) as f64,
         0,
     );
 

@@ -517,6 +517,10 @@ async fn heartbeats(
                     addresses: vec![],
                     ready: true,
                     directives_cursor: None,
+                    pages: false,
+                    reports_seq: None,
+                    reports_since: None,
+                    gone: vec![],
                 };
                 Some((
                     serde_json::to_value(hb).expect("heartbeat serializes"),

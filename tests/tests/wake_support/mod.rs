@@ -324,6 +324,8 @@ async fn controller_call(
                     cursor: None,
                     delta: false,
                     removed: vec![],
+                    more: false,
+                    reports_seq: None,
                 };
                 reply(StatusCode::OK, serde_json::to_vec(&r).expect("json"))
             }
