@@ -66,9 +66,8 @@ impl HoldPorts {
     ) -> Result<Vec<HoldPort>, PortsExhausted> {
         let wanted: BTreeSet<&String> = names.iter().collect();
         let stale: Vec<(ServiceRef, String)> = self
-            .by_port
-            .keys()
-            .filter(|(s, n)| s == svc && !wanted.contains(n))
+            .keys_of(svc)
+            .filter(|(_, n)| !wanted.contains(n))
             .cloned()
             .collect();
         for k in stale {
@@ -82,7 +81,7 @@ impl HoldPorts {
             let port = match self.by_port.get(&key) {
                 Some(p) => *p,
                 None => {
-                    let free = (self.first..=self.last).find(|p| !self.used.contains(p));
+                    let free = self.free_port();
                     let Some(p) = free else {
                         return Err(PortsExhausted {
                             service: svc.clone(),
@@ -107,17 +106,37 @@ impl HoldPorts {
 
     /// Gives back every port of a Service no policy manages any more.
     pub fn release(&mut self, svc: &ServiceRef) {
-        let mine: Vec<(ServiceRef, String)> = self
-            .by_port
-            .keys()
-            .filter(|(s, _)| s == svc)
-            .cloned()
-            .collect();
+        let mine: Vec<(ServiceRef, String)> = self.keys_of(svc).cloned().collect();
         for k in mine {
             if let Some(p) = self.by_port.remove(&k) {
                 self.used.remove(&p);
             }
         }
+    }
+
+    /// `svc`'s keys: a range of the map (it is ordered by Service first), so each pass
+    /// over 10,000 Services costs a lookup per Service, not a scan of every port.
+    fn keys_of<'a>(
+        &'a self,
+        svc: &'a ServiceRef,
+    ) -> impl Iterator<Item = &'a (ServiceRef, String)> + 'a {
+        self.by_port
+            .range((svc.clone(), String::new())..)
+            .map(|(k, _)| k)
+            .take_while(move |(s, _)| s == svc)
+    }
+
+    /// The lowest free port of the range: the first gap in the ordered set of used ones
+    /// (a walk of the used ports below it, not a lookup per candidate).
+    fn free_port(&self) -> Option<u16> {
+        let mut candidate = self.first;
+        for &p in self.used.range(self.first..=self.last) {
+            if p != candidate {
+                break;
+            }
+            candidate = candidate.checked_add(1)?;
+        }
+        (candidate <= self.last).then_some(candidate)
     }
 
     /// Every Service that has ports now.
@@ -156,6 +175,39 @@ mod tests {
         assert_eq!(c.iter().map(|h| h.port).collect::<Vec<_>>(), [101, 103]);
         p.release(&svc("b"));
         assert_eq!(p.assign(&svc("d"), &names(&["z"])).unwrap()[0].port, 102);
+    }
+
+    /// Services whose names sort next to each other (one a prefix of the other, in
+    /// other namespaces) keep their own ports: the per-Service range stops at the
+    /// Service.
+    #[test]
+    fn neighbouring_services_in_the_ordered_map_do_not_touch_each_others_ports() {
+        let mut p = HoldPorts::new((100, 199));
+        let other_ns = ServiceRef {
+            namespace: "nt".into(),
+            name: "a".into(),
+        };
+        let a = p.assign(&svc("a"), &names(&["http"])).unwrap();
+        let ab = p.assign(&svc("a-b"), &names(&["http", "grpc"])).unwrap();
+        let o = p.assign(&other_ns, &names(&[""])).unwrap();
+        // `a` drops nothing of `a-b` when it changes its ports, nor when it goes.
+        p.assign(&svc("a"), &names(&["grpc"])).unwrap();
+        assert_eq!(
+            p.assign(&svc("a-b"), &names(&["http", "grpc"])).unwrap(),
+            ab
+        );
+        p.release(&svc("a"));
+        assert_eq!(
+            p.assign(&svc("a-b"), &names(&["http", "grpc"])).unwrap(),
+            ab
+        );
+        assert_eq!(p.assign(&other_ns, &names(&[""])).unwrap(), o);
+        // The freed ports are the lowest free again.
+        let e = p.assign(&svc("e"), &names(&["1", "2", "3"])).unwrap();
+        assert_eq!(
+            e.iter().map(|h| h.port).collect::<Vec<_>>(),
+            [a[0].port, 104, 105]
+        );
     }
 
     #[test]
