@@ -577,9 +577,9 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
     wait_replicas(&deployments, "api", 2, Duration::from_secs(30)).await?;
     wait_state(&policies, "api", "warm", Duration::from_secs(10)).await?;
 
-    // The HPA scales up (played by the test): the policy leaves it there. Three of its
-    // samples at 3 replicas prove it looked several times (a sample per evaluation at
-    // most every 500 ms).
+    // The HPA scales up (played by the test): the policy leaves it there. A sample at 3
+    // replicas proves it saw the count (samples are written when they change), and
+    // three more evaluations that changed nothing prove it looked again and let it be.
     deployments
         .patch_scale(
             "api",
@@ -589,17 +589,24 @@ async fn beside_an_hpa_the_policy_wakes_to_its_minimum_and_leaves_the_range_abov
         .await?;
     let id = PolicyId::new(&ns, "api");
     eventually(
-        "three samples of the target at 3 replicas",
+        "a sample of the target at 3 replicas",
         Duration::from_secs(30),
         || async {
             let at_three = c
                 .store
                 .samples(&id, "nemesis.replicas", 0..u64::MAX)?
                 .iter()
-                .filter(|p| matches!(p.value, SampleValue::Raw { value } if value == 3.0))
-                .count();
-            Ok((at_three >= 3).then_some(()))
+                .any(|p| matches!(p.value, SampleValue::Raw { value } if value == 3.0));
+            Ok(at_three.then_some(()))
         },
+    )
+    .await?;
+    const UNCHANGED: &str = "nemesis_controller_decisions_total{outcome=\"unchanged\"}";
+    let before = scrape(&c, UNCHANGED).await.unwrap_or(0.0);
+    eventually(
+        "three more evaluations that left the target as it was",
+        Duration::from_secs(30),
+        || async { Ok((scrape(&c, UNCHANGED).await.unwrap_or(0.0) >= before + 3.0).then_some(())) },
     )
     .await?;
     assert_eq!(
