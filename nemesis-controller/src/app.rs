@@ -20,6 +20,7 @@ use crate::agents::{
     AgentApi, AgentAuth, AgentRegistry, RegistryConfig, ReviewConfig, TokenReviewer, WakeGate,
 };
 use crate::alerts::{AlertApi, AlertBook};
+use crate::api_client::ApiClients;
 use crate::auth::{AuthError, BearerToken};
 use crate::config::{ConfigError, RunArgs};
 use crate::leader::{self, LeaderConfig, LeaseLock};
@@ -162,8 +163,19 @@ impl Drop for Running {
     }
 }
 
-/// Starts a controller with `args` against the API server of `client`.
+/// Starts a controller with `args` against the API server of `client` (one client for
+/// every role, as in-process tests use it).
 pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, StartError> {
+    start_with(args, ApiClients::shared(client)).await
+}
+
+/// Starts a controller with `args`: leader election on `clients.lease`, everything else
+/// on `clients.main` (see [`crate::api_client`] for why they differ).
+pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, StartError> {
+    let ApiClients {
+        main: client,
+        lease: lease_client,
+    } = clients;
     args.validate()?;
     let alert_token = args
         .alertmanager_token_file
@@ -508,7 +520,7 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
     let core = tokio::spawn(reconcile::run(ctx, wake_rx, synced_tx, core_stop.clone()));
 
     let lock = LeaseLock::new(
-        client.clone(),
+        lease_client,
         LeaderConfig {
             lease_name: args.lease_name.clone(),
             namespace: args.lease_namespace.clone(),

@@ -1,5 +1,6 @@
 pub mod agents;
 pub mod alerts;
+pub mod api_client;
 pub mod app;
 pub mod auth;
 pub mod config;

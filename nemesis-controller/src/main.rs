@@ -73,10 +73,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let client = kube::Client::try_default()
+    let clients = nemesis_controller::api_client::ApiClients::infer()
         .await
         .context("configuring the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
-    let mut running = nemesis_controller::app::start(&args, client)
+    let mut running = nemesis_controller::app::start_with(&args, clients)
         .await
         .context("starting the controller")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
