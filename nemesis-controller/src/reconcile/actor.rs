@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::autoscaling::v1::Scale;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::reflector;
@@ -991,29 +992,12 @@ impl Actor {
         if let Some(Unconfirmed(lost)) = self.unconfirmed.clone() {
             // The last scale may have been made though its answer was lost, and the
             // watch may not show it yet: ask, so it is recorded once and not repeated.
-            let current = match tokio::time::timeout(API_TIMEOUT, api.get_scale(name)).await {
-                Ok(Ok(s)) => s.spec.and_then(|s| s.replicas).unwrap_or(0),
-                Ok(Err(source)) => {
-                    self.ctx.metrics.error(ErrorKind::Scale);
-                    return Err(ReconcileError::ScaleTarget {
-                        kind: target.kind.clone(),
-                        namespace: self.id.namespace.clone(),
-                        name: name.to_string(),
-                        replicas: to,
-                        source,
-                    });
-                }
-                Err(_) => {
-                    self.ctx.metrics.error(ErrorKind::Scale);
-                    return Err(ReconcileError::Timeout {
-                        what: format!(
-                            "reading the scale of {} {}/{name}",
-                            target.kind, self.id.namespace
-                        ),
-                        after: API_TIMEOUT,
-                    });
-                }
-            };
+            let current = self
+                .read_scale(c, &api, to)
+                .await?
+                .spec
+                .and_then(|s| s.replicas)
+                .unwrap_or(0);
             let current = u32::try_from(current).unwrap_or(0);
             self.unconfirmed = None;
             if current == lost.to {
@@ -1083,6 +1067,42 @@ impl Actor {
         Ok(())
     }
 
+    /// The target's `/scale` as the API server has it now (an error names the scale to
+    /// `to` it was read for).
+    async fn read_scale(
+        // `&mut`: the actor is Send but not Sync, and this borrow lives across an await.
+        &mut self,
+        c: &CompiledPolicy,
+        api: &Api<DynamicObject>,
+        to: u32,
+    ) -> Result<Scale, ReconcileError> {
+        let target = c.workload();
+        let name = target.name.as_str();
+        match tokio::time::timeout(API_TIMEOUT, api.get_scale(name)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(source)) => {
+                self.ctx.metrics.error(ErrorKind::Scale);
+                Err(ReconcileError::ScaleTarget {
+                    kind: target.kind.clone(),
+                    namespace: self.id.namespace.clone(),
+                    name: name.to_string(),
+                    replicas: to,
+                    source,
+                })
+            }
+            Err(_) => {
+                self.ctx.metrics.error(ErrorKind::Scale);
+                Err(ReconcileError::Timeout {
+                    what: format!(
+                        "reading the scale of {} {}/{name}",
+                        target.kind, self.id.namespace
+                    ),
+                    after: API_TIMEOUT,
+                })
+            }
+        }
+    }
+
     /// A scale refused because the target changed since the watch showed it (another
     /// writer: a previous leader whose scale this term's watch has not shown yet, or an
     /// HPA). Reads the target: if it is already where this scale would take it, nothing
@@ -1096,31 +1116,7 @@ impl Actor {
         to: u32,
         now: DateTime<Utc>,
     ) -> Result<Option<u32>, ReconcileError> {
-        let target = c.workload();
-        let name = target.name.as_str();
-        let read = match tokio::time::timeout(API_TIMEOUT, api.get_scale(name)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                self.ctx.metrics.error(ErrorKind::Scale);
-                return Err(ReconcileError::ScaleTarget {
-                    kind: target.kind.clone(),
-                    namespace: self.id.namespace.clone(),
-                    name: name.to_string(),
-                    replicas: to,
-                    source,
-                });
-            }
-            Err(_) => {
-                self.ctx.metrics.error(ErrorKind::Scale);
-                return Err(ReconcileError::Timeout {
-                    what: format!(
-                        "reading the scale of {} {}/{name}",
-                        target.kind, self.id.namespace
-                    ),
-                    after: API_TIMEOUT,
-                });
-            }
-        };
+        let read = self.read_scale(c, api, to).await?;
         let current = u32::try_from(read.spec.and_then(|s| s.replicas).unwrap_or(0)).unwrap_or(0);
         tracing::info!(
             policy = %self.id,
