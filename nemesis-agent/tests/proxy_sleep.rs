@@ -128,6 +128,31 @@ async fn a_connection_held_during_a_sleep_goes_to_the_backends_once_the_sleep_is
     .await
 }
 
+/// The policy is deleted mid-sleep: the controller's next whole set no longer lists the
+/// Service. Its `Sleep` goes with it (back to following the endpoints), so the held
+/// connection goes to the backend that stays, and new ones are not held for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleep_whose_directive_leaves_the_set_is_given_up() -> Result<()> {
+    bounded(Duration::from_secs(40), async {
+        let s = sleeping("sleep-dropped").await?;
+        let client = s.held_client().await?;
+        ensure!(s.old_served.load(Ordering::SeqCst) == 0, "held, not sent");
+        s.modes.apply_directives(&[]);
+        let (status, _, body) =
+            parse_response(&bounded(Duration::from_secs(10), async { client.await? }).await?)?;
+        ensure!(status == "HTTP/1.1 200 OK", "{status}");
+        ensure!(body == "hello /during-sleep ", "{body:?}");
+        wait_until(
+            "the Service follows its endpoints again",
+            Duration::from_secs(10),
+            || s.modes.applied(&s.web).map(|(mode, _)| mode) == Some(AppliedMode::Passthrough),
+        )
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_held_during_a_sleep_goes_to_the_woken_backend_after_the_scale_to_zero()
 -> Result<()> {

@@ -136,9 +136,15 @@ impl ModeFollower {
         })
     }
 
-    /// Record the controller's directives (newer epochs only) and re-decide.
+    /// Record the controller's directives, the whole set (newer epochs only), and
+    /// re-decide. A Service whose directive is gone from the set is back to `Follow`: a
+    /// `Sleep` left behind by a policy deleted mid-sleep would hold its new connections
+    /// for good.
     pub fn apply_directives(&self, directives: &[ServiceDirective]) {
         let mut desired = self.desired.lock().expect("mode desired lock");
+        let listed: std::collections::HashSet<&ServiceRef> =
+            directives.iter().map(|d| &d.service).collect();
+        desired.retain(|svc, _| listed.contains(svc));
         for d in directives {
             let cur = desired.entry(d.service.clone()).or_insert(Desired {
                 directive: Directive::Follow,
