@@ -27,7 +27,7 @@ fn committed_crd_yaml_matches_the_rust_types() {
 
 #[test]
 fn crd_is_namespaced_v1alpha1_in_the_nemesis_group_with_status() {
-    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let crd: serde_norway::Value = serde_norway::from_str(&crd_yaml()).unwrap();
     let spec = &crd["spec"];
     assert_eq!(
         crd["metadata"]["name"].as_str(),
@@ -75,9 +75,9 @@ fn crd_is_namespaced_v1alpha1_in_the_nemesis_group_with_status() {
 
 #[test]
 fn descriptions_are_whole_paragraphs_for_kubectl_explain() {
-    fn walk(v: &serde_yaml::Value, path: &str, bad: &mut Vec<String>) {
+    fn walk(v: &serde_norway::Value, path: &str, bad: &mut Vec<String>) {
         match v {
-            serde_yaml::Value::Mapping(m) => {
+            serde_norway::Value::Mapping(m) => {
                 for (k, x) in m {
                     let k = k.as_str().unwrap_or("?");
                     match (k, x.as_str()) {
@@ -96,11 +96,11 @@ fn descriptions_are_whole_paragraphs_for_kubectl_explain() {
                     }
                 }
             }
-            serde_yaml::Value::Sequence(s) => s.iter().for_each(|x| walk(x, path, bad)),
+            serde_norway::Value::Sequence(s) => s.iter().for_each(|x| walk(x, path, bad)),
             _ => {}
         }
     }
-    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let crd: serde_norway::Value = serde_norway::from_str(&crd_yaml()).unwrap();
     let mut bad = Vec::new();
     walk(&crd, "", &mut bad);
     assert!(
@@ -121,9 +121,9 @@ fn descriptions_are_whole_paragraphs_for_kubectl_explain() {
 /// (v1.36 refused `targetType: null` with "Unsupported value: null").
 #[test]
 fn no_nullable_field_has_an_enum_without_null() {
-    fn walk(v: &serde_yaml::Value, path: &str, bad: &mut Vec<String>) {
+    fn walk(v: &serde_norway::Value, path: &str, bad: &mut Vec<String>) {
         match v {
-            serde_yaml::Value::Mapping(m) => {
+            serde_norway::Value::Mapping(m) => {
                 let nullable = m.get("nullable").and_then(|n| n.as_bool()) == Some(true);
                 if let Some(values) = m.get("enum").and_then(|e| e.as_sequence())
                     && nullable
@@ -135,11 +135,11 @@ fn no_nullable_field_has_an_enum_without_null() {
                     walk(x, &format!("{path}.{}", k.as_str().unwrap_or("?")), bad);
                 }
             }
-            serde_yaml::Value::Sequence(s) => s.iter().for_each(|x| walk(x, path, bad)),
+            serde_norway::Value::Sequence(s) => s.iter().for_each(|x| walk(x, path, bad)),
             _ => {}
         }
     }
-    let crd: serde_yaml::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let crd: serde_norway::Value = serde_norway::from_str(&crd_yaml()).unwrap();
     let mut bad = Vec::new();
     walk(&crd, "", &mut bad);
     assert!(
@@ -158,7 +158,7 @@ fn committed_alertrule_crd_matches_the_rust_types_and_has_a_status() {
         committed == generated,
         "manifests/crd/alertrule.yaml is stale: run `cargo xtask gen` and commit it"
     );
-    let crd: serde_yaml::Value = serde_yaml::from_str(&generated).unwrap();
+    let crd: serde_norway::Value = serde_norway::from_str(&generated).unwrap();
     assert_eq!(
         crd["metadata"]["name"].as_str(),
         Some("alertrules.nemesis.dev")

@@ -25,7 +25,7 @@ fn every_example_parses_and_validates_without_warnings() {
     assert!(all.len() >= 3, "the examples are there: {all:?}");
     for (name, text) in all {
         let policy: ScalingPolicy =
-            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{name} does not parse: {e}"));
+            serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{name} does not parse: {e}"));
         assert_eq!(
             policy.metadata.name.as_deref().map(str::is_empty),
             Some(false),
@@ -46,7 +46,7 @@ fn the_ml_example_uses_prometheus_an_alert_and_a_schedule() {
         .into_iter()
         .find(|(n, _)| n == "ml-inference.yaml")
         .expect("ml-inference.yaml exists");
-    let policy: ScalingPolicy = serde_yaml::from_str(&text).unwrap();
+    let policy: ScalingPolicy = serde_norway::from_str(&text).unwrap();
     let compiled = compile(&policy.spec).unwrap();
     assert!(!compiled.is_short_form());
     assert_eq!(compiled.sources()[0].name, "queue");
@@ -68,7 +68,7 @@ fn the_short_form_example_expands_to_zero_and_warm() {
         .into_iter()
         .find(|(n, _)| n == "short-form.yaml")
         .expect("short-form.yaml exists");
-    let policy: ScalingPolicy = serde_yaml::from_str(&text).unwrap();
+    let policy: ScalingPolicy = serde_norway::from_str(&text).unwrap();
     let compiled = compile(&policy.spec).unwrap();
     assert!(compiled.is_short_form());
     assert!(compiled.state_names().eq(["zero", "warm"]));

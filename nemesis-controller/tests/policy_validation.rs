@@ -5,7 +5,7 @@ use nemesis_controller::policy::{CompiledPolicy, InvalidPolicy, ScalingPolicySpe
 use std::time::Duration;
 
 fn spec(yaml: &str) -> ScalingPolicySpec {
-    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("test spec does not parse: {e}\n{yaml}"))
+    serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("test spec does not parse: {e}\n{yaml}"))
 }
 
 fn invalid(yaml: &str) -> InvalidPolicy {

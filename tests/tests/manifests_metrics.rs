@@ -467,7 +467,7 @@ fn rule_file(rule: &Value, annotations: bool) -> Result<String> {
             }
         }
     }
-    Ok(serde_yaml::to_string(&spec)?)
+    Ok(serde_norway::to_string(&spec)?)
 }
 
 #[test]
@@ -492,7 +492,7 @@ fn alert_rules_pass_promtool_and_their_unit_cases() -> Result<()> {
     run_ok(cmd, TOOL_TIMEOUT)?;
 
     // Every alert has a case, and the cases feed series the binaries export.
-    let doc: Value = serde_yaml::from_str(&cases)?;
+    let doc: Value = serde_norway::from_str(&cases)?;
     let tested: BTreeSet<&str> = doc["tests"]
         .as_array()
         .into_iter()

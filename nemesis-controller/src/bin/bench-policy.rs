@@ -123,7 +123,7 @@ fn main() -> Result<()> {
         } else {
             automaton(i, &mut rng)
         };
-        let spec: ScalingPolicySpec = serde_yaml::from_str(&yaml).context("bench spec parses")?;
+        let spec: ScalingPolicySpec = serde_norway::from_str(&yaml).context("bench spec parses")?;
         let policy = compile(&spec).with_context(|| format!("bench policy {i} is valid"))?;
         // Spread the starting states: a third asleep, some automata bursting.
         let (name, replicas) = match (i % 2, i % 6) {

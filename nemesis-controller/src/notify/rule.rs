@@ -118,7 +118,7 @@ pub struct AlertRuleStatus {
 pub fn crd_yaml() -> String {
     let mut crd = serde_json::to_value(AlertRule::crd()).expect("a CRD is JSON");
     crate::policy::crd::reflow_descriptions(&mut crd);
-    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes to YAML");
+    let body = serde_norway::to_string(&crd).expect("a CRD always serializes to YAML");
     format!(
         "# Generated from nemesis-controller/src/notify/rule.rs by `cargo xtask gen`; do not edit.\n{body}"
     )

@@ -226,7 +226,7 @@ pub fn parse_config(path: &str, text: &str) -> Result<SinksConfig, SinksError> {
         path: path.to_string(),
         message,
     };
-    let file: SinksFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let file: SinksFile = serde_norway::from_str(text).map_err(|e| invalid(e.to_string()))?;
     let mut seen = std::collections::BTreeSet::new();
     for (i, s) in file.sinks.iter().enumerate() {
         let at = format!("sinks[{i}]");

@@ -401,7 +401,7 @@ pub struct MetricValue {
 pub fn crd_yaml() -> String {
     let mut crd = serde_json::to_value(ScalingPolicy::crd()).expect("a CRD is JSON");
     reflow_descriptions(&mut crd);
-    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes to YAML");
+    let body = serde_norway::to_string(&crd).expect("a CRD always serializes to YAML");
     format!(
         "# Generated from nemesis-controller/src/policy/crd.rs by `cargo xtask gen`; do not edit.\n{body}"
     )

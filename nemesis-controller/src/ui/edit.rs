@@ -231,8 +231,8 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 fn from_yaml(yaml: &str) -> Result<ScalingPolicy, Vec<DraftProblem>> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(yaml).map_err(|e| vec![yaml_problem(&e)])?;
+    let value: serde_norway::Value =
+        serde_norway::from_str(yaml).map_err(|e| vec![yaml_problem(&e)])?;
     let api_version = value.get("apiVersion").and_then(|v| v.as_str());
     let kind = value.get("kind").and_then(|v| v.as_str());
     let mut problems = Vec::new();
@@ -249,7 +249,7 @@ fn from_yaml(yaml: &str) -> Result<ScalingPolicy, Vec<DraftProblem>> {
         return Err(problems);
     }
     // Parsed again typed so serde's error carries the line and column of the bad field.
-    let mut p: ScalingPolicy = serde_yaml::from_str(yaml).map_err(|e| vec![yaml_problem(&e)])?;
+    let mut p: ScalingPolicy = serde_norway::from_str(yaml).map_err(|e| vec![yaml_problem(&e)])?;
     p.status = None;
     p.metadata.managed_fields = None;
     p.metadata.resource_version = None;
@@ -259,7 +259,7 @@ fn from_yaml(yaml: &str) -> Result<ScalingPolicy, Vec<DraftProblem>> {
     Ok(p)
 }
 
-fn yaml_problem(e: &serde_yaml::Error) -> DraftProblem {
+fn yaml_problem(e: &serde_norway::Error) -> DraftProblem {
     let loc = e.location();
     DraftProblem {
         field: "yaml".into(),
@@ -307,7 +307,7 @@ fn parse_draft(body: Result<Json<Draft>, JsonRejection>) -> Result<Draft, HttpEr
 fn verdict(draft: &Draft) -> (Result<ScalingPolicy, ()>, DraftVerdict) {
     match check_draft(draft) {
         Ok(p) => {
-            let manifest = serde_yaml::to_string(&p).ok();
+            let manifest = serde_norway::to_string(&p).ok();
             let v = DraftVerdict {
                 valid: true,
                 problems: Vec::new(),

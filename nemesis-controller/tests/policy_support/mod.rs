@@ -21,7 +21,7 @@ pub fn mins(n: i64) -> TimeDelta {
 }
 
 pub fn policy(yaml: &str) -> CompiledPolicy {
-    let spec: ScalingPolicySpec = serde_yaml::from_str(yaml).expect("test spec parses");
+    let spec: ScalingPolicySpec = serde_norway::from_str(yaml).expect("test spec parses");
     compile(&spec).unwrap_or_else(|e| panic!("test policy is valid: {e}"))
 }
 

@@ -202,7 +202,7 @@ fn decode_body(ctx: &Ctx) -> Result<Value, ApiError> {
     match ct.as_str() {
         "" | "application/json" | "*/*" => serde_json::from_slice(ctx.body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
-        "application/yaml" => serde_yaml::from_slice(ctx.body)
+        "application/yaml" => serde_norway::from_slice(ctx.body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
         "application/vnd.kubernetes.protobuf" => {
             super::protobuf::decode_object(ctx.body).map_err(|e| match e {
@@ -681,7 +681,7 @@ fn patch(
                 )],
             )
         })?;
-        let cfg: Value = serde_yaml::from_slice(ctx.body)
+        let cfg: Value = serde_norway::from_slice(ctx.body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
         if !cfg.is_object() {
             return Err(ApiError::bad_request(

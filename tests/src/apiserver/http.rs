@@ -167,7 +167,7 @@ pub fn respond(status: u16, v: &Value, format: &Format, warnings: &[String]) -> 
     let (ct, bytes) = match format {
         Format::Yaml => (
             "application/yaml",
-            serde_yaml::to_string(v).unwrap_or_default().into_bytes(),
+            serde_norway::to_string(v).unwrap_or_default().into_bytes(),
         ),
         Format::Table(av) if v["kind"] == "Table" => {
             let ver = av.rsplit('/').next().unwrap_or("v1");

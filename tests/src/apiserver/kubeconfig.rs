@@ -22,7 +22,7 @@ pub fn render(url: &str, ca_pem: &str, token: &str, namespace: &str) -> String {
         "current-context": "nemesis-test",
         "preferences": {},
     });
-    serde_yaml::to_string(&doc).expect("a JSON document always renders as YAML")
+    serde_norway::to_string(&doc).expect("a JSON document always renders as YAML")
 }
 
 pub fn write(path: &Path, url: &str, ca_pem: &str, token: &str) -> std::io::Result<()> {

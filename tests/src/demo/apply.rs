@@ -113,12 +113,13 @@ pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<Manifest>, ApplyError> {
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Manifest>, ApplyError> {
     use serde::Deserialize;
     let mut out = Vec::new();
-    for (n, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (n, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let origin = format!("{}#{}", file.display(), n + 1);
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| ApplyError::ParseManifest {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
+        let value =
+            serde_norway::Value::deserialize(doc).map_err(|e| ApplyError::ParseManifest {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
         if value.is_null() {
             continue;
         }

@@ -94,7 +94,7 @@ pub fn yaml_file(rel: &str) -> Result<Vec<Value>> {
 
 fn parse_documents(text: &str) -> Result<Vec<Value>> {
     let mut out = vec![];
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let v = Value::deserialize(doc).with_context(|| format!("YAML document {}", i + 1))?;
         if !v.is_null() {
             out.push(v);

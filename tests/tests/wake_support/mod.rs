@@ -208,7 +208,7 @@ async fn install_crd(client: &Client) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        serde_norway::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &crd)
         .await
