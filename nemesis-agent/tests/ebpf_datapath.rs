@@ -120,6 +120,21 @@ fn child_client_entry() {
                 }
                 Err(e) => format!("err {e}"),
             },
+            // As `open`, from `local` with SO_REUSEADDR and SO_REUSEPORT on (a second
+            // socket can bind the same address and port).
+            ["bindopen", addr, local] => match bind_connect(addr, local) {
+                Ok(s) => {
+                    let r = format!(
+                        "ok {} {} {}",
+                        open.len(),
+                        s.local_addr().unwrap(),
+                        s.peer_addr().unwrap()
+                    );
+                    open.push(Some(s));
+                    r
+                }
+                Err(e) => format!("err {e}"),
+            },
             ["send", id] => match open[id.parse::<usize>().unwrap()].as_mut() {
                 Some(s) => match s.write_all(b"ping") {
                     Ok(()) => "ok".to_string(),
@@ -292,6 +307,24 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+}
+
+fn bind_connect(addr: &str, local: &str) -> std::io::Result<TcpStream> {
+    let parse = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (addr, local) = (parse(addr)?, parse(local)?);
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&local.into())?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(s.into())
 }
 
 struct Client {
@@ -1257,6 +1290,68 @@ fn open_balanced_sockets_are_live_to_the_reconcile_and_their_closes_are_counted(
     wait_counters(&b.dp, slot, |s| s.open_now == 1);
     c.close(&o);
     wait_counters(&b.dp, slot, |s| s.open_now == 0);
+}
+
+#[test]
+fn a_balanced_connect_that_fails_before_its_syn_leaves_no_record_behind() {
+    // A balanced socket's record is deleted at its close once its SYN went out. One
+    // whose connect fails before (here: its four-tuple is in use, EADDRNOTAVAIL) gets
+    // no callback at all: the agent's sweep deletes it at its second look, and leaves
+    // the records of open connections alone.
+    let b = Balanced::new("bal-sweep", false);
+    b.set_ready(&[0]);
+    let slot = b.dp.service(b.svc.addr, Proto::Tcp).unwrap().slot;
+    let mut c = b.fx.client();
+    let local = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let r = c.cmd(&format!("bindopen {} {local}", b.svc.addr));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(w[0], "ok", "the first connect from {local}: {r}");
+    let first = Opened {
+        id: w[1].parse().unwrap(),
+        local: w[2].parse().unwrap(),
+        peer: w[3].parse().unwrap(),
+    };
+    b.wait_counts(&[1, 0, 0]);
+    assert_eq!(b.dp.balanced_records(), 1);
+    let r = c.cmd(&format!("bindopen {} {local}", b.svc.addr));
+    assert!(
+        r.starts_with("err"),
+        "the same four-tuple again must fail: {r}"
+    );
+    assert_eq!(
+        b.dp.balanced_records(),
+        2,
+        "the failed connect's record is left"
+    );
+
+    assert_eq!(b.dp.sweep_balanced(), 0, "first look: nothing goes yet");
+    assert_eq!(
+        b.dp.sweep_balanced(),
+        1,
+        "second look: the failed connect's record"
+    );
+    assert_eq!(b.dp.balanced_records(), 1);
+    assert_eq!(
+        b.dp.sweep_balanced(),
+        0,
+        "the open connection's record stays"
+    );
+    b.wait_counts(&[1, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.opened == 1 && s.open_now == 1);
+    let o = c.open(b.svc.addr);
+    assert_eq!(o.peer, b.svc.addr, "getpeername after the sweeps");
+    b.wait_counts(&[2, 0, 0]);
+    c.close(&first);
+    c.close(&o);
+    b.wait_counts(&[0, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.closed == 2 && s.open_now == 0);
+    assert!(
+        wait_until(|| b.dp.balanced_records() == 0),
+        "closed connections' records are deleted at their close"
+    );
 }
 
 #[test]
