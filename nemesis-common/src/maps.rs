@@ -102,7 +102,7 @@ pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 /// Accepted (server-side) sockets carry none (its allocation was most of an accept's
 /// cost): their truth is the kernel's table of sockets on the SERVER_PORTS, and their
 /// close finds its service there again. Only older agents' programs marked them.
-/// A balanced client socket has none either: its SOCK_BALANCED record (with
+/// A balanced client socket has none either: its SOCK_BAL entry (with
 /// [`BAL_OPENED`]) is its marker, and `live_sockets` reports it the same way.
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
@@ -549,7 +549,8 @@ pub struct PeerRewrite {
     pub backend_port: [u8; 2],
 }
 
-/// Value of SOCK_BALANCED: one balanced client socket (see [`SOCK_BALANCED_REC`]).
+/// Value of SOCK_BAL (and of the older SOCK_BALANCED): one balanced client socket (see
+/// [`SOCK_BAL`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BalancedSock {

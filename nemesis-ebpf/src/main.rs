@@ -1496,8 +1496,8 @@ pub struct IterMeta {
 
 /// Writes the SOCK_LIVE entry of every TCP socket of the walked network namespace that
 /// has one (a counted socket still open), or the same made from a counted balanced
-/// socket's SOCK_BALANCED record, one [`LiveSock`] after another. The agent
-/// walks each namespace in turn: the kernel's own socket table, so a socket whose
+/// socket's SOCK_BAL entry (or an older agent's SOCK_BALANCED record), one
+/// [`LiveSock`] after another. The agent walks each namespace in turn: the kernel's own socket table, so a socket whose
 /// close the counters missed is simply not there.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
