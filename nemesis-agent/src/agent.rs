@@ -432,6 +432,15 @@ impl WriterParts {
                 loop {
                     tick.tick().await;
                     let Some(dp) = dp.upgrade() else { return };
+                    let swept = Arc::clone(&dp);
+                    match tokio::task::spawn_blocking(move || swept.sweep_balanced()).await {
+                        Ok(n) if n > 0 => tracing::debug!(
+                            entries = n,
+                            "removed the records of balanced connects that failed before their SYN"
+                        ),
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(%err, "the balanced-socket sweep stopped"),
+                    }
                     match tokio::task::spawn_blocking(move || dp.reconcile_open_counts()).await {
                         Ok(Ok(r)) if r.client_corrections + r.server_corrections > 0 => {
                             tracing::info!(

@@ -27,7 +27,9 @@ use nemesis_agent::ebpf::{
     prereq,
 };
 use nemesis_agent::udphold::{UdpHoldBounds, UdpHoldRelay, UdpWake};
-use nemesis_common::maps::{ERR_DEADMAN_RELEASE, ERR_NO_PROXY, PINNED_MAPS, UDP_PINNED_MAPS};
+use nemesis_common::maps::{
+    BalancedSock, ERR_DEADMAN_RELEASE, ERR_NO_PROXY, PINNED_MAPS, PeerRewrite, UDP_PINNED_MAPS,
+};
 
 const CLIENT_ENV: &str = "NEMESIS_TEST_CLIENT_CGROUP";
 const REPLY: &str = "NEMESIS> ";
@@ -120,6 +122,76 @@ fn child_client_entry() {
                 }
                 Err(e) => format!("err {e}"),
             },
+            // As `open`, from `local` with SO_REUSEADDR and SO_REUSEPORT on (a second
+            // socket can bind the same address and port).
+            ["bindopen", addr, local] => match bind_connect(addr, local) {
+                Ok(s) => {
+                    let r = format!(
+                        "ok {} {} {}",
+                        open.len(),
+                        s.local_addr().unwrap(),
+                        s.peer_addr().unwrap()
+                    );
+                    open.push(Some(s));
+                    r
+                }
+                Err(e) => format!("err {e}"),
+            },
+            // A socket as an older agent's connect4 left it: a SOCK_BALANCED_V1 element
+            // (at `map`) saying it dialled `service` and was sent to `backend` (id and
+            // generation), for `slot` and `epoch`, then the connect to the backend.
+            [
+                "oldbalanced",
+                map,
+                service,
+                backend,
+                slot,
+                epoch,
+                id,
+                generation,
+            ] => {
+                let record = BalancedSock {
+                    peer: PeerRewrite {
+                        service_addr: ip16(service),
+                        backend_addr: ip16(backend),
+                        service_port: port_bytes(service),
+                        backend_port: port_bytes(backend),
+                    },
+                    slot: slot.parse().unwrap(),
+                    epoch: epoch.parse().unwrap(),
+                    backend: id.parse().unwrap(),
+                    generation: generation.parse().unwrap(),
+                    flags: 0,
+                };
+                let backend: SocketAddr = backend.parse().unwrap();
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(backend),
+                    socket2::Type::STREAM,
+                    None,
+                )
+                .unwrap();
+                let data = aya::maps::MapData::from_pin(map).unwrap();
+                let mut storage: aya::maps::SkStorage<_, BalancedSock> =
+                    aya::maps::Map::from_map_data(data)
+                        .unwrap()
+                        .try_into()
+                        .unwrap();
+                storage.insert(&s, record, 0).unwrap();
+                match s.connect_timeout(&backend.into(), Duration::from_secs(5)) {
+                    Ok(()) => {
+                        let s: TcpStream = s.into();
+                        let r = format!(
+                            "ok {} {} {}",
+                            open.len(),
+                            s.local_addr().unwrap(),
+                            s.peer_addr().unwrap()
+                        );
+                        open.push(Some(s));
+                        r
+                    }
+                    Err(e) => format!("err {e}"),
+                }
+            }
             ["send", id] => match open[id.parse::<usize>().unwrap()].as_mut() {
                 Some(s) => match s.write_all(b"ping") {
                     Ok(()) => "ok".to_string(),
@@ -292,6 +364,36 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+}
+
+/// An address as the maps hold it (IPv4 v4-mapped).
+fn ip16(addr: &str) -> [u8; 16] {
+    match addr.parse::<SocketAddr>().unwrap().ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn port_bytes(addr: &str) -> [u8; 2] {
+    addr.parse::<SocketAddr>().unwrap().port().to_be_bytes()
+}
+
+fn bind_connect(addr: &str, local: &str) -> std::io::Result<TcpStream> {
+    let parse = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (addr, local) = (parse(addr)?, parse(local)?);
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&local.into())?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(s.into())
 }
 
 struct Client {
@@ -1257,6 +1359,137 @@ fn open_balanced_sockets_are_live_to_the_reconcile_and_their_closes_are_counted(
     wait_counters(&b.dp, slot, |s| s.open_now == 1);
     c.close(&o);
     wait_counters(&b.dp, slot, |s| s.open_now == 0);
+}
+
+#[test]
+fn a_balanced_connect_that_fails_before_its_syn_leaves_no_record_behind() {
+    // A balanced socket's record is deleted at its close once its SYN went out. One
+    // whose connect fails before (here: its four-tuple is in use, EADDRNOTAVAIL) gets
+    // no callback at all: the agent's sweep deletes it at its second look, and leaves
+    // the records of open connections alone.
+    let b = Balanced::new("bal-sweep", false);
+    b.set_ready(&[0]);
+    let slot = b.dp.service(b.svc.addr, Proto::Tcp).unwrap().slot;
+    let mut c = b.fx.client();
+    let local = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let r = c.cmd(&format!("bindopen {} {local}", b.svc.addr));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(w[0], "ok", "the first connect from {local}: {r}");
+    let first = Opened {
+        id: w[1].parse().unwrap(),
+        local: w[2].parse().unwrap(),
+        peer: w[3].parse().unwrap(),
+    };
+    b.wait_counts(&[1, 0, 0]);
+    assert_eq!(b.dp.balanced_records(), 1);
+    let r = c.cmd(&format!("bindopen {} {local}", b.svc.addr));
+    assert!(
+        r.starts_with("err"),
+        "the same four-tuple again must fail: {r}"
+    );
+    assert_eq!(
+        b.dp.balanced_records(),
+        2,
+        "the failed connect's record is left"
+    );
+
+    assert_eq!(b.dp.sweep_balanced(), 0, "first look: nothing goes yet");
+    assert_eq!(
+        b.dp.sweep_balanced(),
+        1,
+        "second look: the failed connect's record"
+    );
+    assert_eq!(b.dp.balanced_records(), 1);
+    assert_eq!(
+        b.dp.sweep_balanced(),
+        0,
+        "the open connection's record stays"
+    );
+    b.wait_counts(&[1, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.opened == 1 && s.open_now == 1);
+    let o = c.open(b.svc.addr);
+    assert_eq!(o.peer, b.svc.addr, "getpeername after the sweeps");
+    b.wait_counts(&[2, 0, 0]);
+    c.close(&first);
+    c.close(&o);
+    b.wait_counts(&[0, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.closed == 2 && s.open_now == 0);
+    assert!(
+        wait_until(|| b.dp.balanced_records() == 0),
+        "closed connections' records are deleted at their close"
+    );
+}
+
+#[test]
+fn a_socket_an_older_agent_balanced_is_still_counted_and_shown_the_service() {
+    // Before SOCK_BAL_V1, connect4 put a SOCK_BALANCED_V1 element on each balanced socket
+    // (pinned, adopted by the new agent). A socket mid-connect at the upgrade carries one
+    // and no SOCK_BAL entry: the new programs must count its open and close on its
+    // backend and service and show it the Service.
+    let b = Balanced::new("bal-older", false);
+    b.set_ready(&[0]);
+    let slot = b.dp.service(b.svc.addr, Proto::Tcp).unwrap().slot;
+    let maps = b.dp.pin_dir().join("maps");
+    let epochs: aya::maps::Array<_, u32> = aya::maps::Map::from_map_data(
+        aya::maps::MapData::from_pin(maps.join(nemesis_common::maps::SLOT_EPOCH)).unwrap(),
+    )
+    .unwrap()
+    .try_into()
+    .unwrap();
+    let epoch = epochs.get(&slot, 0).unwrap();
+    let table: aya::maps::Array<_, nemesis_common::maps::Backend> = aya::maps::Map::from_map_data(
+        aya::maps::MapData::from_pin(maps.join(nemesis_common::maps::BACKEND_TABLE)).unwrap(),
+    )
+    .unwrap()
+    .try_into()
+    .unwrap();
+    let backend = b.backends[0].addr;
+    let (id, entry) = table
+        .iter()
+        .map(Result::unwrap)
+        .enumerate()
+        .find(|(_, e)| {
+            e.generation != 0
+                && e.addr == ip16(&backend.to_string())
+                && e.port == backend.port().to_be_bytes()
+        })
+        .expect("the backend's id");
+    let mut c = b.fx.client();
+    let r = c.cmd(&format!(
+        "oldbalanced {} {} {backend} {slot} {epoch} {id} {}",
+        maps.join(nemesis_common::maps::SOCK_BALANCED_REC).display(),
+        b.svc.addr,
+        entry.generation
+    ));
+    let w: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(w[0], "ok", "{r}");
+    let o = Opened {
+        id: w[1].parse().unwrap(),
+        local: w[2].parse().unwrap(),
+        peer: w[3].parse().unwrap(),
+    };
+    assert_eq!(
+        o.peer, b.svc.addr,
+        "getpeername: the Service, from the older record"
+    );
+    b.wait_counts(&[1, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.opened == 1 && s.open_now == 1);
+    let report = b.dp.reconcile_open_counts().unwrap();
+    assert_eq!(
+        report.client_corrections, 0,
+        "live to the reconcile: {report:?}"
+    );
+    assert_eq!(
+        b.dp.balanced_records(),
+        0,
+        "no SOCK_BAL entry was made for it"
+    );
+    c.close(&o);
+    b.wait_counts(&[0, 0, 0]);
+    wait_counters(&b.dp, slot, |s| s.closed == 1 && s.open_now == 0);
 }
 
 #[test]

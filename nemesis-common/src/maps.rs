@@ -62,6 +62,17 @@ pub const SOCK_PEER: &str = "SOCK_PEER_V1";
 /// SOCK_PEER stay for held and counted sockets and for sockets an older agent's
 /// programs balanced.
 pub const SOCK_BALANCED_REC: &str = "SOCK_BALANCED_V1";
+/// `HashMap<u64, BalancedSock>` keyed by socket cookie, preallocated: a balanced client
+/// socket's one record, as [`SOCK_BALANCED_REC`] was, which only sockets an older
+/// agent's programs balanced still carry. A socket-storage element cost most of a
+/// balanced connect (two allocations at the connect, two RCU frees with the socket:
+/// issue 12's lb_connect_overhead_ratio); a preallocated entry is taken from and given
+/// back to a free list. connect4/6 insert it; sock_ops turns on the state callback at
+/// the SYN ([`BAL_CONNECTING`]), so every entry that got that far is deleted at the
+/// socket's close. An entry without the flag is a connect that failed before its SYN
+/// (no route, a fast-open connect never sent): the agent's sweeper deletes those once
+/// they have stayed so for a whole sweep period (`ebpf::balanced_sweep`).
+pub const SOCK_BAL: &str = "SOCK_BAL_V1";
 
 /// Maps of earlier layouts that this agent no longer uses: removed from the pin
 /// directory at start (a new agent must not adopt an old layout under a new meaning).
@@ -91,12 +102,12 @@ pub const HOST_ADDRS: &str = "HOST_ADDRS_V1";
 /// Accepted (server-side) sockets carry none (its allocation was most of an accept's
 /// cost): their truth is the kernel's table of sockets on the SERVER_PORTS, and their
 /// close finds its service there again. Only older agents' programs marked them.
-/// A balanced client socket has none either: its SOCK_BALANCED record (with
+/// A balanced client socket has none either: its SOCK_BAL entry (with
 /// [`BAL_OPENED`]) is its marker, and `live_sockets` reports it the same way.
 pub const SOCK_LIVE: &str = "SOCK_LIVE_V1";
 
 /// Every map the agent pins and re-adopts across restarts.
-pub const PINNED_MAPS: [&str; 19] = [
+pub const PINNED_MAPS: [&str; 20] = [
     SERVICES,
     SERVICE_STATS,
     SOCKETS,
@@ -116,6 +127,7 @@ pub const PINNED_MAPS: [&str; 19] = [
     HOST_ADDRS,
     SOCK_PEER,
     SOCK_BALANCED_REC,
+    SOCK_BAL,
 ];
 
 // === program names (the eBPF function names) ===
@@ -170,6 +182,10 @@ pub const LC_REFRESH_MS: u64 = 100;
 // plus elements). The V2 layout (64 backends) took 8 MiB for BACKEND_CONNS alone.
 /// Balanced sockets whose backend is remembered at once (LRU, as SOCKETS).
 pub const MAX_SOCK_BACKENDS: u32 = MAX_SOCKETS;
+/// Balanced client sockets open (or connecting) at once on a node ([`SOCK_BAL`], about
+/// 7 MiB preallocated). When it is full a balanced connect goes on unchanged (counted in
+/// ERR_SOCK_BACKEND_INSERT), as any failure.
+pub const MAX_SOCK_BAL: u32 = 65_536;
 /// Backend (address, port) pairs of local pods the server-side hook recognises: a node
 /// runs at most a few hundred pods, each with a handful of ports.
 pub const MAX_SERVER_PORTS: u32 = 65_536;
@@ -533,7 +549,8 @@ pub struct PeerRewrite {
     pub backend_port: [u8; 2],
 }
 
-/// Value of SOCK_BALANCED: one balanced client socket (see [`SOCK_BALANCED_REC`]).
+/// Value of SOCK_BAL (and of the older SOCK_BALANCED): one balanced client socket (see
+/// [`SOCK_BAL`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BalancedSock {
@@ -556,6 +573,10 @@ pub struct BalancedSock {
 pub const BAL_OPENED: u32 = 1;
 /// [`BalancedSock::flags`]: counted in BACKEND_CONNS (its close is subtracted).
 pub const BAL_BACKEND_COUNTED: u32 = 2;
+/// [`BalancedSock::flags`] in [`SOCK_BAL`]: the SYN went out and the state callback is
+/// on, so the socket's close deletes the entry. Entries without it for a whole sweep
+/// period are connects that failed before their SYN: the agent deletes them.
+pub const BAL_CONNECTING: u32 = 4;
 
 /// Value of SOCK_BACKEND: written by connect4/6, read by sock_ops.
 #[repr(C)]

@@ -47,15 +47,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use nemesis_common::maps::{
-    ALG_LEAST_CONNECTIONS, ALG_RANDOM, ALG_ROUND_ROBIN, BAL_BACKEND_COUNTED, BAL_OPENED, Backend,
-    BackendSet, BalancedSock, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config, ERR_BAD_SLOT,
-    ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP, ERR_LIVE_MARK,
-    ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT, ERROR_KINDS,
-    LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock, MAX_BACKEND_IDS, MAX_BACKENDS,
-    MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS, MAX_SOCKETS,
-    MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP, PeerRewrite, SOCK_BALANCED, SOCK_HELD,
-    SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR, SPILL_SLACK, ServiceKey, ServiceStats,
-    ServiceValue, SlotRef, SockBackend, SockRecord, WEIGHT_FULL, WEIGHT_MIN,
+    ALG_LEAST_CONNECTIONS, ALG_RANDOM, ALG_ROUND_ROBIN, BAL_BACKEND_COUNTED, BAL_CONNECTING,
+    BAL_OPENED, Backend, BackendSet, BalancedSock, CONFIG_PROXY_V4, CONFIG_PROXY_V6, Config,
+    ERR_BAD_SLOT, ERR_BALANCE_NOT_TCP, ERR_CB_FLAGS, ERR_DEADMAN_RELEASE, ERR_HOLD_NOT_TCP,
+    ERR_LIVE_MARK, ERR_NO_PROXY, ERR_ORIG_DST_INSERT, ERR_SOCK_BACKEND_INSERT, ERR_SOCKETS_INSERT,
+    ERROR_KINDS, LC_CANDIDATES, LIVE_CLIENT, LIVE_GONE, LIVE_SERVER, LiveSock, MAX_BACKEND_IDS,
+    MAX_BACKENDS, MAX_HOST_ADDRS, MAX_ORIG_DST, MAX_SERVER_PORTS, MAX_SERVICES, MAX_SOCK_BACKENDS,
+    MAX_SOCK_BAL, MAX_SOCKETS, MODE_BALANCE, MODE_HOLD, OrigDst, OrigDstKey, PROTO_TCP,
+    PeerRewrite, SOCK_BALANCED, SOCK_HELD, SOCK_OPENED, SOCK_SERVER, SOCK_TRACKED, SPILL_FACTOR,
+    SPILL_SLACK, ServiceKey, ServiceStats, ServiceValue, SlotRef, SockBackend, SockRecord,
+    WEIGHT_FULL, WEIGHT_MIN,
 };
 
 /// Verdict of a cgroup sock_addr program that lets the connect() go on.
@@ -106,6 +107,8 @@ static SOCK_LIVE_V1: SkStorage<LiveSock> = SkStorage::new();
 static SOCK_PEER_V1: SkStorage<PeerRewrite> = SkStorage::new();
 #[btf_map]
 static SOCK_BALANCED_V1: SkStorage<BalancedSock> = SkStorage::new();
+#[map]
+static SOCK_BAL_V1: HashMap<u64, BalancedSock> = HashMap::with_max_entries(MAX_SOCK_BAL, 0);
 
 // === connect4 / connect6 ===
 
@@ -267,8 +270,7 @@ fn on_connect(
     if key.proto == PROTO_TCP
         && let Some(c) = &chosen
     {
-        // A balanced socket's one record, on the socket itself (see SOCK_BALANCED in
-        // `nemesis_common::maps`): no cookie, no LRU entries to insert and delete.
+        // A balanced socket's one record (see SOCK_BAL in `nemesis_common::maps`).
         if !remember_balanced(ctx, &key, &svc, c) {
             count_error(ERR_SOCK_BACKEND_INSERT);
             return None;
@@ -314,12 +316,13 @@ fn on_connect(
     target
 }
 
-/// Puts on a balanced socket its one record: the service slot it counts for, the
-/// backend it was sent to, and what `getpeername` shows. False (no memory) when it could
+/// Writes a balanced socket's one record: the service slot it counts for, the backend it
+/// was sent to, and what `getpeername` shows. False (the map is full) when it could
 /// not: then the connect goes on unchanged, as its backend could not be counted.
 ///
-/// One socket-storage element instead of two LRU entries and a storage element (the
-/// cost of every balanced connect: issue 12's lb_connect_overhead_ratio).
+/// One preallocated hash entry by cookie: neither two LRU entries and a storage element
+/// (the older agents' way), nor a socket-storage element (two allocations here and two
+/// RCU frees with the socket: most of issue 12's lb_connect_overhead_ratio).
 #[inline(always)]
 fn remember_balanced(
     ctx: &SockAddrContext,
@@ -327,7 +330,7 @@ fn remember_balanced(
     svc: &ServiceValue,
     c: &Chosen,
 ) -> bool {
-    let mut rec = BalancedSock {
+    let rec = BalancedSock {
         peer: PeerRewrite {
             service_addr: service.addr,
             backend_addr: addr_bytes(c.target.words),
@@ -340,15 +343,11 @@ fn remember_balanced(
         generation: c.generation,
         flags: 0,
     };
-    // SAFETY: the context's socket; the value is copied in when created.
-    let p = unsafe { SOCK_BALANCED_V1.get_or_insert_ptr_mut(ctx, Some(&mut rec)) };
-    if p.is_null() {
-        return false;
-    }
-    // SAFETY: a non-null storage value of BalancedSock's size; a reconnect of the same
-    // socket overwrites it.
-    unsafe { write_volatile(p, rec) };
-    true
+    // SAFETY: the helper accepts this program type's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // connect() runs the hook only on a closed socket: an entry already there is an
+    // earlier connect's that never sent its SYN (it counted nothing): replace it.
+    SOCK_BAL_V1.insert(cookie, rec, BPF_ANY as u64).is_ok()
 }
 
 /// Puts on a connected UDP socket (see `udp`) what it dialled and where it goes, for
@@ -433,21 +432,43 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 /// while the peer is still that backend: a socket connected again elsewhere is left be.
 #[inline(always)]
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
+    // SAFETY: the helper accepts this program type's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the entry's peer is copied at once (only connect4/6 ever write it).
+    let rw = if let Some(r) = unsafe { SOCK_BAL_V1.get(cookie) } {
+        r.peer
+    } else if let Some(p) = peer_of_older(ctx) {
+        p
+    } else {
+        return;
+    };
+    rewrite_peer(ctx, v6, &rw);
+}
+
+/// What `getpeername` shows a socket an older agent's programs balanced (a SOCK_BALANCED
+/// element, or before that a SOCK_PEER one).
+#[inline(always)]
+fn peer_of_older(ctx: &SockAddrContext) -> Option<PeerRewrite> {
     // SAFETY: the context's socket; without the create flag nothing is written.
     let b = unsafe { SOCK_BALANCED_V1.get_ptr_mut(ctx) };
-    let rw = if b.is_null() {
+    Some(if b.is_null() {
         // A socket an older agent's programs balanced keeps its SOCK_PEER entry.
         // SAFETY: as above.
         let p = unsafe { SOCK_PEER_V1.get_ptr_mut(ctx) };
         if p.is_null() {
-            return;
+            return None;
         }
         // SAFETY: a non-null storage value of PeerRewrite's size.
         unsafe { read_volatile(p) }
     } else {
         // SAFETY: a non-null storage value of BalancedSock's size.
         unsafe { read_volatile(addr_of!((*b).peer)) }
-    };
+    })
+}
+
+/// Shows the Service `rw` says the socket dialled, if its peer is still the backend.
+#[inline(always)]
+fn rewrite_peer(ctx: &SockAddrContext, v6: bool, rw: &PeerRewrite) {
     let sa = ctx.sock_addr;
     let backend = addr_words(rw.backend_addr);
     let service = addr_words(rw.service_addr);
@@ -870,16 +891,13 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 /// the close) and records a held socket's original destination under its local address,
 /// before the proxy can possibly accept it.
 fn on_tcp_connect(ctx: &SockOpsContext) {
-    // A balanced socket has nothing to do here (see balanced_established) and no
-    // SOCKETS entry: skip the cookie and the lookup.
-    if let Some(b) = balanced_of(ctx)
-        // SAFETY: a storage value owned by this socket, valid while the program runs.
-        && is_peer(ctx, unsafe { &*addr_of!((*b).peer) })
-    {
-        return;
-    }
     // SAFETY: the helper accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(b) = SOCK_BAL_V1.get_ptr_mut(cookie)
+        && balanced_connecting(ctx, cookie, b)
+    {
+        return; // a balanced socket has no SOCKETS entry
+    }
     let Some(rec) = SOCKETS_V1.get_ptr_mut(cookie) else {
         return; // not a managed service's socket
     };
@@ -906,15 +924,73 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     }
 }
 
+/// A balanced socket's SYN is about to go out: turns on the state callback, so that its
+/// close, whether or not the handshake completes, deletes its SOCK_BAL entry, and flags
+/// the entry as such for the agent's sweeper (which deletes only the entries of
+/// connects that failed before their SYN). False when the entry is not this connect's
+/// (an earlier connect of the socket to a Service failed before its SYN, and this one
+/// dialled something else): it is deleted, and the caller looks in SOCKETS.
+#[inline(always)]
+fn balanced_connecting(ctx: &SockOpsContext, cookie: u64, b: *mut BalancedSock) -> bool {
+    // SAFETY: a hash value, valid while the program runs; only connect4/6 write `peer`.
+    if !is_peer(ctx, unsafe { &*addr_of!((*b).peer) }) {
+        let _ = SOCK_BAL_V1.remove(cookie);
+        return false;
+    }
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        // The close would go unseen: count nothing, keep nothing (getpeername then
+        // shows the backend).
+        count_error(ERR_CB_FLAGS);
+        let _ = SOCK_BAL_V1.remove(cookie);
+        return true;
+    }
+    // SAFETY: as above; nothing else writes the flags before the SYN.
+    unsafe { (*b).flags = BAL_CONNECTING };
+    true
+}
+
+/// The handshake of a socket with a SOCK_BAL entry completed: one more open connection
+/// on the service and on the backend (its close will be seen: see balanced_connecting).
+#[inline(always)]
+fn bal_established(b: *mut BalancedSock) {
+    // SAFETY: a hash value, valid while the program runs.
+    let r = unsafe { read_volatile(b) };
+    if r.flags != BAL_CONNECTING {
+        return; // its SYN was not seen (the close would not be), or already counted
+    }
+    let mut flags = BAL_CONNECTING;
+    if let Some(conns) = backend_conns_of(r.backend, r.generation) {
+        // SAFETY: as in backend_opened.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, 1) };
+        flags |= BAL_BACKEND_COUNTED;
+    }
+    if let Some(stats) = stats_of(r.slot, r.epoch) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*stats).opened += 1 };
+        // The entry is the socket's live marker too (see live_sockets).
+        flags |= BAL_OPENED;
+    }
+    // SAFETY: as above.
+    unsafe { (*b).flags = flags };
+}
+
 /// The handshake completed: one more open connection, if its close will be seen.
 fn on_established(ctx: &SockOpsContext) {
+    // SAFETY: the helper accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(b) = SOCK_BAL_V1.get_ptr_mut(cookie) {
+        bal_established(b);
+        return;
+    }
+    // A socket an older agent's programs balanced, mid-handshake at the upgrade.
     if let Some(b) = balanced_of(ctx)
         && balanced_established(ctx, b)
     {
         return;
     }
-    // SAFETY: the helper accepts the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(rec) = SOCKETS_V1.get_ptr_mut(cookie) else {
         return;
     };
@@ -1105,9 +1181,18 @@ fn on_close(ctx: &SockOpsContext) {
         }
         return;
     }
-    // A balanced socket's own record first: it is a storage lookup on the socket, and
-    // asking the server ports first cost every balanced close a hash lookup it never
-    // matches (a client socket's local port is no backend's).
+    // A balanced socket's own record first: a lookup by cookie, where asking the server
+    // ports first cost every balanced close a hash lookup it never matches (a client
+    // socket's local port is no backend's).
+    // SAFETY: the helper accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied at once.
+    if let Some(r) = (unsafe { SOCK_BAL_V1.get(cookie) }).copied() {
+        bal_closed(&r);
+        let _ = SOCK_BAL_V1.remove(cookie);
+        return;
+    }
+    // A socket an older agent's programs balanced.
     if let Some(b) = balanced_of(ctx)
         && balanced_closed(b)
     {
@@ -1117,8 +1202,6 @@ fn on_close(ctx: &SockOpsContext) {
     if live.is_none() && server_closed(ctx) {
         return;
     }
-    // SAFETY: the helper accepts the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied at once.
     let Some(r) = (unsafe { SOCKETS_V1.get(cookie) }).copied() else {
         return;
@@ -1147,7 +1230,25 @@ fn on_close(ctx: &SockOpsContext) {
     let _ = SOCKETS_V1.remove(cookie);
 }
 
-/// The balanced-socket record of the context's socket, if it has one.
+/// A socket with a SOCK_BAL entry closed: its service's close and one fewer open
+/// connection on its backend, for what its open counted.
+#[inline(always)]
+fn bal_closed(r: &BalancedSock) {
+    if r.flags & BAL_OPENED != 0
+        && let Some(stats) = stats_of(r.slot, r.epoch)
+    {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*stats).closed += 1 };
+    }
+    if r.flags & BAL_BACKEND_COUNTED != 0
+        && let Some(conns) = backend_conns_of(r.backend, r.generation)
+    {
+        // SAFETY: as in backend_closed.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(conns, u64::MAX) };
+    }
+}
+
+/// The SOCK_BALANCED element an older agent's programs put on the context's socket.
 #[inline(always)]
 fn balanced_of(ctx: &SockOpsContext) -> Option<*mut BalancedSock> {
     let sk = sock_of(ctx);
@@ -1395,8 +1496,8 @@ pub struct IterMeta {
 
 /// Writes the SOCK_LIVE entry of every TCP socket of the walked network namespace that
 /// has one (a counted socket still open), or the same made from a counted balanced
-/// socket's SOCK_BALANCED record, one [`LiveSock`] after another. The agent
-/// walks each namespace in turn: the kernel's own socket table, so a socket whose
+/// socket's SOCK_BAL entry (or an older agent's SOCK_BALANCED record), one
+/// [`LiveSock`] after another. The agent walks each namespace in turn: the kernel's own socket table, so a socket whose
 /// close the counters missed is simply not there.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
@@ -1425,8 +1526,26 @@ pub fn live_sockets(ctx: *mut TcpIterCtx) -> i32 {
     let mut rec = match marker {
         Some(m) if m.side != LIVE_GONE => m,
         // No marker, or a closed one's (its storage not yet freed with the socket): a
-        // balanced socket's record is its marker (see balanced_established).
+        // balanced socket's record is its marker (see bal_established).
         _ => {
+            // SAFETY: a full socket, as above.
+            let cookie = unsafe { bpf_get_socket_cookie(tp.cast()) };
+            // SAFETY: copied at once.
+            let flags = (unsafe { SOCK_BAL_V1.get(cookie) }).map(|r| (r.flags, r.slot, r.epoch));
+            if let Some((flags, slot, epoch)) = flags {
+                if flags & BAL_OPENED == 0 {
+                    return 0; // not counted
+                }
+                let mut rec = LiveSock {
+                    slot,
+                    epoch,
+                    side: LIVE_CLIENT,
+                    _pad: 0,
+                };
+                write_live(meta, &mut rec);
+                return 0;
+            }
+            // A socket an older agent's programs balanced.
             // SAFETY: as above.
             let b = unsafe {
                 bpf_sk_storage_get(sock_balanced_map(), tp.cast(), core::ptr::null_mut(), 0)
@@ -1448,17 +1567,23 @@ pub fn live_sockets(ctx: *mut TcpIterCtx) -> i32 {
             }
         }
     };
+    write_live(meta, &mut rec);
+    0
+}
+
+/// Writes one [`LiveSock`] to the iterator's output.
+#[inline(always)]
+fn write_live(meta: *mut IterMeta, rec: &mut LiveSock) {
     // SAFETY: `meta` is the iterator's metadata; `seq` its output.
     let seq = unsafe { (*meta).seq };
     // SAFETY: `rec` is a live stack value of the size passed.
     unsafe {
         bpf_seq_write(
             seq.cast(),
-            addr_of_mut!(rec).cast(),
+            core::ptr::from_mut(rec).cast(),
             core::mem::size_of::<LiveSock>() as u32,
         )
     };
-    0
 }
 
 #[inline(always)]

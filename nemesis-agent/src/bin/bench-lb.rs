@@ -122,12 +122,21 @@ fn endpoints(i: usize) -> [Ipv4Addr; ENDPOINTS] {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let only_p99 = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+    let part = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["--pod"] => return serve_pod(),
-        [] => false,
-        ["p99"] => true,
+        [] => Part::All,
+        ["p99"] => Part::P99,
+        ["overhead"] => Part::Overhead(1),
+        ["overhead", n] => Part::Overhead(
+            n.parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .with_context(|| format!("`bench-lb overhead {n}`: a count of runs >= 1"))?,
+        ),
         _ => bail!(
-            "unknown arguments {args:?}: `bench-lb` runs every part, `bench-lb p99` only the p99 figures"
+            "unknown arguments {args:?}: `bench-lb` runs every part, `bench-lb p99` only the \
+             p99 figures, `bench-lb overhead [RUNS]` only lb_connect_overhead_ratio (RUNS \
+             times, each printed)"
         ),
     };
     tracing_subscriber::fmt()
@@ -172,7 +181,7 @@ fn main() -> Result<()> {
     cfg.bpffs = Some(bpffs.path().to_path_buf());
     let dp = Datapath::load_or_adopt(&cfg)?;
 
-    let result = run(&dp, on.path(), off.path(), only_p99);
+    let result = run(&dp, on.path(), off.path(), part);
 
     move_process(&home, pid).context("moving back to the original cgroup")?;
     dp.detach()?;
@@ -187,8 +196,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn run(dp: &Datapath, on: &Path, off: &Path, only_p99: bool) -> Result<Vec<(&'static str, f64)>> {
-    if only_p99 {
+/// Which figures a run measures.
+#[derive(Clone, Copy)]
+enum Part {
+    All,
+    P99,
+    /// lb_connect_overhead_ratio alone, this many times over: the quick A/B of a datapath
+    /// change (run it for the old and the new binary in turn).
+    Overhead(usize),
+}
+
+fn run(dp: &Datapath, on: &Path, off: &Path, part: Part) -> Result<Vec<(&'static str, f64)>> {
+    if let Part::P99 = part {
         return p99_figures(dp, on);
     }
     let service = SocketAddr::from((cluster_ip(MEASURED), SERVICE_PORT));
@@ -204,6 +223,15 @@ fn run(dp: &Datapath, on: &Path, off: &Path, only_p99: bool) -> Result<Vec<(&'st
     dp.set_backends(echo_service, Proto::Tcp, &[echo_pod])?;
 
     let mut out = vec![];
+    if let Part::Overhead(runs) = part {
+        for _ in 0..runs {
+            out.push((
+                "lb_connect_overhead_ratio",
+                time_ratio("balance vs pod IP, no rules", (on, service), (off, pods[0]))?,
+            ));
+        }
+        return Ok(out);
+    }
     // No rules: the programs' own cost.
     out.push((
         "lb_connect_overhead_ratio",

@@ -10,6 +10,7 @@
 //! `unsafe` lives in `sys` only.
 
 mod balance;
+mod balanced_sweep;
 pub mod cgroup;
 pub mod live;
 mod log_forward;
@@ -484,6 +485,11 @@ pub struct Datapath {
     live: live::LiveIter,
     /// UDP_HOLD: each UDP Service port's hold socket ports.
     udp_hold: Mutex<BpfHashMap<MapData, ServiceKey, m::UdpHold>>,
+    /// SOCK_BAL and what its sweeper remembers between sweeps.
+    sock_bal: Mutex<(
+        BpfHashMap<MapData, u64, m::BalancedSock>,
+        balanced_sweep::Sweeper,
+    )>,
     corrections: [AtomicU64; 2],
     _log: Option<log_forward::LogForwarder>,
 }
@@ -638,6 +644,7 @@ impl Datapath {
         let ports_map: BpfHashMap<_, ServiceKey, SlotRef> = take_map(&mut ebpf, m::SERVER_PORTS)?;
         let host_map: BpfHashMap<_, [u8; 16], u32> = take_map(&mut ebpf, m::HOST_ADDRS)?;
         let udp_hold = take_map(&mut ebpf, m::UDP_HOLD)?;
+        let sock_bal = take_map(&mut ebpf, m::SOCK_BAL)?;
         let live = load_live_iter(&mut ebpf, btf.as_ref())?;
         // The links hold the programs; the loader's handles are no longer needed.
         drop(ebpf);
@@ -715,6 +722,7 @@ impl Datapath {
             }),
             live,
             udp_hold: Mutex::new(udp_hold),
+            sock_bal: Mutex::new((sock_bal, balanced_sweep::Sweeper::default())),
             corrections: [AtomicU64::new(0), AtomicU64::new(0)],
             _log: log,
         };
@@ -1309,6 +1317,33 @@ impl Datapath {
         Ok(report)
     }
 
+    /// Records of balanced sockets (SOCK_BAL entries) now: open and connecting ones, and
+    /// connects that failed before their SYN until [`Datapath::sweep_balanced`] deletes
+    /// them.
+    pub fn balanced_records(&self) -> usize {
+        let guard = self.sock_bal.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0.keys().map_while(Result::ok).count()
+    }
+
+    /// Deletes the SOCK_BAL entries of balanced connects that failed before their SYN
+    /// (see `balanced_sweep`); returns how many. Call it at an interval: an entry goes
+    /// at the second call that finds it unflagged and unchanged.
+    pub fn sweep_balanced(&self) -> usize {
+        let mut guard = self.sock_bal.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, sweeper) = &mut *guard;
+        // Entries deleted while the walk runs end it early or are skipped: what is
+        // missed now is found at the next sweep.
+        let entries: Vec<(u64, m::BalancedSock)> = map.iter().map_while(Result::ok).collect();
+        let mut deleted = 0;
+        for (cookie, was) in sweeper.sweep(entries) {
+            // Only if it is still as it was read (a new connect of the socket stays).
+            if map.get(&cookie, 0).ok() == Some(was) && map.remove(&cookie).is_ok() {
+                deleted += 1;
+            }
+        }
+        deleted
+    }
+
     /// What the server side counts now (SERVER_PORTS as the kernel has it, and the
     /// node's addresses), for the walk to find the same connections the programs count.
     fn server_index(&self) -> live::ServerIndex {
@@ -1707,7 +1742,7 @@ fn adopt_link(
 }
 
 /// (name, key size, value size) of every pinned map, as this agent lays them out.
-fn expected_layouts() -> [(&'static str, u32, u32); 19] {
+fn expected_layouts() -> [(&'static str, u32, u32); 20] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -1742,6 +1777,7 @@ fn expected_layouts() -> [(&'static str, u32, u32); 19] {
         (m::HOST_ADDRS, 16, 4),
         (m::SOCK_PEER, 4, sz(size_of::<m::PeerRewrite>())),
         (m::SOCK_BALANCED_REC, 4, sz(size_of::<m::BalancedSock>())),
+        (m::SOCK_BAL, 8, sz(size_of::<m::BalancedSock>())),
     ]
 }
 
