@@ -625,7 +625,13 @@ impl AgentRegistry {
             inner.directives.begin_term(term);
             (inner.directives.cursor(), inner.directives.len())
         };
-        tracing::info!(term, stream = cursor.stream, version = cursor.version, directives = held, "leading on from the directives held");
+        tracing::info!(
+            term,
+            stream = cursor.stream,
+            version = cursor.version,
+            directives = held,
+            "leading on from the directives held"
+        );
     }
 
     /// The term ended: a copy of the next leader's directives may replace these.
