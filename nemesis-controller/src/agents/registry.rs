@@ -1408,4 +1408,85 @@ mod tests {
             Err(AckError::Superseded { current: Some(c), .. }) if c == follow
         ));
     }
+
+    /// The waiter re-checks only the nodes it found missing, yet an agent that joins
+    /// while it waits is waited for and named.
+    #[tokio::test(start_paused = true)]
+    async fn agents_joining_during_a_wait_are_waited_for_and_named() {
+        let r = std::sync::Arc::new(AgentRegistry::new(RegistryConfig::default()));
+        r.heartbeat(hb("a", "1", vec![]), Instant::now());
+        let e = r.request_sleep(&svc());
+        let r2 = r.clone();
+        let steps = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r2.heartbeat(hb("b", "1", vec![]), Instant::now());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r2.heartbeat(hb("a", "1", vec![]), Instant::now());
+        });
+        let err = r
+            .wait_acknowledged(&svc(), e, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AckError::Timeout { missing, .. } if missing == &["a".to_string(), "b".to_string()]),
+            "{err}"
+        );
+        steps.await.unwrap();
+        let (a_only, b_joins) = (Duration::from_secs(1), Duration::from_secs(3));
+        let e = r.request_sleep(&ServiceRef {
+            namespace: "ns".into(),
+            name: "other".into(),
+        });
+        let other = |epoch| ServiceReport {
+            service: ServiceRef {
+                namespace: "ns".into(),
+                name: "other".into(),
+            },
+            ..report(epoch, 0, 0)
+        };
+        let r2 = r.clone();
+        let steps = tokio::spawn(async move {
+            tokio::time::sleep(a_only).await;
+            r2.heartbeat(hb("c", "1", vec![]), Instant::now());
+            r2.heartbeat(hb("a", "1", vec![other(e)]), Instant::now());
+            r2.heartbeat(hb("b", "1", vec![other(e)]), Instant::now());
+            tokio::time::sleep(b_joins).await;
+            r2.heartbeat(hb("c", "1", vec![other(e)]), Instant::now());
+        });
+        let start = Instant::now();
+        r.wait_acknowledged(&other(0).service, e, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(start.elapsed() >= a_only + b_joins, "returned before c acknowledged");
+        steps.await.unwrap();
+    }
+
+    #[test]
+    fn a_leading_registry_takes_no_copy_and_a_standby_leads_on_from_its_copy() {
+        let leader = AgentRegistry::new(RegistryConfig::default());
+        leader.begin_term(1);
+        let e = leader.request_sleep(&svc());
+        let agent = leader.heartbeat(hb("a", "1", vec![]), Instant::now());
+        let standby = AgentRegistry::new(RegistryConfig::default());
+        let from = standby.directives_cursor();
+        let page = leader.replica_page(Some(from), 100);
+        assert_eq!(standby.apply_replica(from, &[page.clone()]), Ok(1));
+        assert_eq!(standby.directives(), leader.directives());
+        // Its own epochs rise above the copied ones, whatever the clock says.
+        assert!(standby.lock().last_epoch >= e);
+        standby.begin_term(2);
+        assert!(
+            standby
+                .apply_replica(standby.directives_cursor(), &[page])
+                .is_err(),
+            "a leader's directives are its own"
+        );
+        let beat = Heartbeat {
+            directives_cursor: agent.cursor,
+            ..hb("a", "1", vec![])
+        };
+        let reply = standby.heartbeat(beat, Instant::now());
+        assert!(reply.delta && reply.directives.is_empty(), "{reply:?}");
+        standby.end_term();
+    }
 }
