@@ -1457,7 +1457,10 @@ mod tests {
         r.wait_acknowledged(&other(0).service, e, Duration::from_secs(60))
             .await
             .unwrap();
-        assert!(start.elapsed() >= a_only + b_joins, "returned before c acknowledged");
+        assert!(
+            start.elapsed() >= a_only + b_joins,
+            "returned before c acknowledged"
+        );
         steps.await.unwrap();
     }
 
@@ -1470,7 +1473,10 @@ mod tests {
         let standby = AgentRegistry::new(RegistryConfig::default());
         let from = standby.directives_cursor();
         let page = leader.replica_page(Some(from), 100);
-        assert_eq!(standby.apply_replica(from, &[page.clone()]), Ok(1));
+        assert_eq!(
+            standby.apply_replica(from, std::slice::from_ref(&page)),
+            Ok(1)
+        );
         assert_eq!(standby.directives(), leader.directives());
         // Its own epochs rise above the copied ones, whatever the clock says.
         assert!(standby.lock().last_epoch >= e);

@@ -266,6 +266,16 @@ impl Follower {
                     tracing::info!("copying the leader's directives works again");
                 }
             }
+            // A leader of an older version (a rolling upgrade): not an error.
+            Err(FollowError::Refused { status, .. })
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                if !self.directives_failing.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "the leader does not serve its directives (an older version); should this instance lead, agents get every directive again"
+                    );
+                }
+            }
             Err(e) => {
                 self.metrics.error(ErrorKind::Replication);
                 if self.directives_failing.swap(true, Ordering::Relaxed) {
