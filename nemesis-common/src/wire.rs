@@ -211,8 +211,10 @@ fn ready_by_default() -> bool {
 }
 
 /// A point in a controller's sequence of directive changes: `stream` names the sequence
-/// (random per controller process, so a restarted or new leader never takes another's
-/// version for its own) and `version` counts the changes in it.
+/// (random, so a controller never takes another sequence's version for its own; a new
+/// leader that holds a copy of the old one's sequence goes on in it) and `version`, which
+/// rises with the changes, says where in it. Opaque to agents: they send back the last
+/// one they got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectivesCursor {

@@ -338,6 +338,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
         })),
     );
     background.push(tokio::spawn(notifier.run(core_stop.clone())));
+    let term = epoch.clone();
     let (history, writer) = History::new(store.clone(), metrics.clone(), epoch);
     let history = history.with_tap(tap);
     background.push(tokio::spawn(writer));
@@ -400,6 +401,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
             api = api.merge(crate::replication::replica_routes(
                 store.clone(),
                 token.clone(),
+                registry.clone(),
             ));
             crate::replication::ReplicationStatus::default()
         }
@@ -516,6 +518,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
             reconcile::status::VALUE_WRITES_PER_SECOND,
         ),
         leading: leading.clone(),
+        term,
     });
     let core = tokio::spawn(reconcile::run(ctx, wake_rx, synced_tx, core_stop.clone()));
 
@@ -550,6 +553,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
                 poll: args.retry_period,
             },
             store.clone(),
+            registry.clone(),
             metrics.clone(),
             replication,
             leading.clone(),

@@ -7,13 +7,13 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nemesis_common::wire::{
-    AppliedMode, Directive, Heartbeat, HeartbeatReply, HoldPort, MAX_PAGE_DIRECTIVES,
-    ServiceDirective, ServiceRef, ServiceReport,
+    AppliedMode, Directive, DirectivesCursor, Heartbeat, HeartbeatReply, HoldPort,
+    MAX_PAGE_DIRECTIVES, ServiceDirective, ServiceRef, ServiceReport,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::directives::DirectiveLog;
+use super::directives::{DirectiveLog, ReplicaError, ReplicaPage};
 
 /// Agents heartbeat every few seconds (and at once after a change); three missed
 /// heartbeats at 5 s make an agent dead. Short enough that a dead node does not block a
@@ -104,6 +104,15 @@ pub enum AckError {
     },
     #[error("the hold EndpointSlice of {service} could not be published: {reason}")]
     HoldSlice { service: ServiceRef, reason: String },
+}
+
+/// Why a standby did not take a pulled copy of the leader's directives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaApplyError {
+    #[error("this instance leads: its directives are its own")]
+    Leading,
+    #[error(transparent)]
+    Copy(#[from] ReplicaError),
 }
 
 #[derive(Debug)]
@@ -205,6 +214,12 @@ struct Inner {
     /// The latest time `counted` was swept to: a query for an earlier moment (only
     /// tests ask one) cannot use the sums and walks the agents instead.
     swept_to: Option<Instant>,
+    /// A leadership term began here and has not ended: the directives are this
+    /// instance's to write, and no copy of another leader's may replace them.
+    leading: bool,
+    /// Bumped whenever an agent enters the live set (registers, restarts, or comes back
+    /// after its lease ran out): acknowledgement waiters walk every agent only then.
+    joined: u64,
 }
 
 impl Inner {
@@ -311,6 +326,8 @@ impl AgentRegistry {
                 counted: BTreeSet::new(),
                 live_sums: HashMap::new(),
                 swept_to: None,
+                leading: false,
+                joined: 0,
             }),
             changed: watch::channel(0).0,
             loads: super::loads::LoadBoard::default(),
@@ -475,6 +492,12 @@ impl AgentRegistry {
                 }
             }
         }
+        if prev
+            .as_ref()
+            .is_none_or(|p| p.instance != instance || !p.live_at(now, lease))
+        {
+            inner.joined = inner.joined.wrapping_add(1);
+        }
         let topology_changed = match &prev {
             None => true,
             Some(p) => {
@@ -591,6 +614,89 @@ impl AgentRegistry {
         }
     }
 
+    /// This instance leads from now on, in the Lease's term `term` (its
+    /// `leaseTransitions`): it goes on writing the directives it holds, a copy of the
+    /// last leader's or its own (see [`DirectiveLog::begin_term`]), so agents keep their
+    /// cursors. Call before anything writes a directive in the term.
+    pub fn begin_term(&self, term: u64) {
+        let (cursor, held) = {
+            let mut inner = self.lock();
+            inner.leading = true;
+            inner.directives.begin_term(term);
+            (inner.directives.cursor(), inner.directives.len())
+        };
+        tracing::info!(
+            term,
+            stream = cursor.stream,
+            version = cursor.version,
+            directives = held,
+            "leading on from the directives held"
+        );
+    }
+
+    /// The term ended: a copy of the next leader's directives may replace these.
+    pub fn end_term(&self) {
+        self.lock().leading = false;
+    }
+
+    /// Where this instance's directives stand (a standby pulls from here).
+    pub fn directives_cursor(&self) -> DirectivesCursor {
+        self.lock().directives.cursor()
+    }
+
+    /// A page of the directive log for a standby at `since` (see
+    /// [`DirectiveLog::replica_page`]).
+    pub fn replica_page(&self, since: Option<DirectivesCursor>, size: usize) -> ReplicaPage {
+        self.lock().directives.replica_page(since, size)
+    }
+
+    /// Takes a complete run of pages pulled from the leader, asked from `from`, as this
+    /// standby's directives (see [`DirectiveLog::apply_replica`]). Refused while this
+    /// instance leads. Returns how many changes it took.
+    pub fn apply_replica(
+        &self,
+        from: DirectivesCursor,
+        pages: &[ReplicaPage],
+    ) -> Result<usize, ReplicaApplyError> {
+        let taken = {
+            let mut inner = self.lock();
+            if inner.leading {
+                return Err(ReplicaApplyError::Leading);
+            }
+            let taken = inner.directives.apply_replica(Some(from), pages)?;
+            // The leader's epochs are the floor for this instance's own, should it lead.
+            let highest = inner.directives.iter().map(|d| d.epoch).max().unwrap_or(0);
+            inner.last_epoch = inner.last_epoch.max(highest);
+            taken
+        };
+        if taken > 0 {
+            self.notify_topology();
+        }
+        Ok(taken)
+    }
+
+    /// Drops every directive whose Service `keep` does not name (a new leader's copy may
+    /// hold Services whose policy went while no one led). Returns how many went.
+    pub fn retain_directives(&self, keep: impl Fn(&ServiceRef) -> bool) -> usize {
+        let gone = {
+            let mut inner = self.lock();
+            let drop: Vec<ServiceRef> = inner
+                .directives
+                .iter()
+                .filter(|d| !keep(&d.service))
+                .map(|d| d.service.clone())
+                .collect();
+            for svc in &drop {
+                inner.directives.remove(svc);
+            }
+            drop.len()
+        };
+        if gone > 0 {
+            self.notify_topology();
+        }
+        gone
+    }
+
     /// A receiver that changes on every heartbeat and directive change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -653,10 +759,11 @@ impl AgentRegistry {
     ) -> Result<(), AckError> {
         let deadline = Instant::now() + timeout;
         let mut changed = self.changed.subscribe();
+        let mut last = None;
         loop {
             changed.borrow_and_update();
             let now = Instant::now();
-            let current = self.current_epoch(svc);
+            let (current, missing) = self.still_unacknowledged(svc, epoch, now, &mut last);
             if current != Some(epoch) {
                 return Err(AckError::Superseded {
                     service: svc.clone(),
@@ -664,7 +771,6 @@ impl AgentRegistry {
                     current,
                 });
             }
-            let missing = self.unacknowledged(svc, epoch, now);
             if missing.is_empty() {
                 return Ok(());
             }
@@ -685,6 +791,45 @@ impl AgentRegistry {
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
         }
+    }
+
+    /// The current epoch of `svc` and [`AgentRegistry::unacknowledged`], for a waiter
+    /// that re-checks on every heartbeat: every heartbeat of 1,000 agents wakes every
+    /// waiter, so it re-checks only the nodes missing at its last check (`last`) unless
+    /// an agent joined the live set since, and walks every agent again before it says
+    /// none is missing (an agent may have dropped the Service's report meanwhile).
+    fn still_unacknowledged(
+        &self,
+        svc: &ServiceRef,
+        epoch: u64,
+        now: Instant,
+        last: &mut Option<(u64, Vec<String>)>,
+    ) -> (Option<u64>, Vec<String>) {
+        let inner = self.lock();
+        let current = inner.directives.get(svc).map(|d| d.epoch);
+        let missing = |a: &AgentEntry| {
+            self.is_live(a, now) && a.reports.get(svc).is_none_or(|r| r.applied_epoch < epoch)
+        };
+        let walk = || -> Vec<String> {
+            inner
+                .agents
+                .iter()
+                .filter(|(_, a)| missing(a))
+                .map(|(node, _)| node.clone())
+                .collect()
+        };
+        let nodes = match last.take() {
+            Some((joined, before)) if joined == inner.joined => {
+                let left: Vec<String> = before
+                    .into_iter()
+                    .filter(|n| inner.agents.get(n).is_some_and(missing))
+                    .collect();
+                if left.is_empty() { walk() } else { left }
+            }
+            _ => walk(),
+        };
+        *last = Some((inner.joined, nodes.clone()));
+        (current, nodes)
     }
 
     fn next_lease_expiry(&self, nodes: &[String]) -> Option<Instant> {
@@ -1262,5 +1407,92 @@ mod tests {
             r.wait_acknowledged(&svc(), e, Duration::from_secs(2)).await,
             Err(AckError::Superseded { current: Some(c), .. }) if c == follow
         ));
+    }
+
+    /// The waiter re-checks only the nodes it found missing, yet an agent that joins
+    /// while it waits is waited for and named.
+    #[tokio::test(start_paused = true)]
+    async fn agents_joining_during_a_wait_are_waited_for_and_named() {
+        let r = std::sync::Arc::new(AgentRegistry::new(RegistryConfig::default()));
+        r.heartbeat(hb("a", "1", vec![]), Instant::now());
+        let e = r.request_sleep(&svc());
+        let r2 = r.clone();
+        let steps = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r2.heartbeat(hb("b", "1", vec![]), Instant::now());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r2.heartbeat(hb("a", "1", vec![]), Instant::now());
+        });
+        let err = r
+            .wait_acknowledged(&svc(), e, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AckError::Timeout { missing, .. } if missing == &["a".to_string(), "b".to_string()]),
+            "{err}"
+        );
+        steps.await.unwrap();
+        let (a_only, b_joins) = (Duration::from_secs(1), Duration::from_secs(3));
+        let e = r.request_sleep(&ServiceRef {
+            namespace: "ns".into(),
+            name: "other".into(),
+        });
+        let other = |epoch| ServiceReport {
+            service: ServiceRef {
+                namespace: "ns".into(),
+                name: "other".into(),
+            },
+            ..report(epoch, 0, 0)
+        };
+        let r2 = r.clone();
+        let steps = tokio::spawn(async move {
+            tokio::time::sleep(a_only).await;
+            r2.heartbeat(hb("c", "1", vec![]), Instant::now());
+            r2.heartbeat(hb("a", "1", vec![other(e)]), Instant::now());
+            r2.heartbeat(hb("b", "1", vec![other(e)]), Instant::now());
+            tokio::time::sleep(b_joins).await;
+            r2.heartbeat(hb("c", "1", vec![other(e)]), Instant::now());
+        });
+        let start = Instant::now();
+        r.wait_acknowledged(&other(0).service, e, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(
+            start.elapsed() >= a_only + b_joins,
+            "returned before c acknowledged"
+        );
+        steps.await.unwrap();
+    }
+
+    #[test]
+    fn a_leading_registry_takes_no_copy_and_a_standby_leads_on_from_its_copy() {
+        let leader = AgentRegistry::new(RegistryConfig::default());
+        leader.begin_term(1);
+        let e = leader.request_sleep(&svc());
+        let agent = leader.heartbeat(hb("a", "1", vec![]), Instant::now());
+        let standby = AgentRegistry::new(RegistryConfig::default());
+        let from = standby.directives_cursor();
+        let page = leader.replica_page(Some(from), 100);
+        assert_eq!(
+            standby.apply_replica(from, std::slice::from_ref(&page)),
+            Ok(1)
+        );
+        assert_eq!(standby.directives(), leader.directives());
+        // Its own epochs rise above the copied ones, whatever the clock says.
+        assert!(standby.lock().last_epoch >= e);
+        standby.begin_term(2);
+        assert!(
+            standby
+                .apply_replica(standby.directives_cursor(), &[page])
+                .is_err(),
+            "a leader's directives are its own"
+        );
+        let beat = Heartbeat {
+            directives_cursor: agent.cursor,
+            ..hb("a", "1", vec![])
+        };
+        let reply = standby.heartbeat(beat, Instant::now());
+        assert!(reply.delta && reply.directives.is_empty(), "{reply:?}");
+        standby.end_term();
     }
 }

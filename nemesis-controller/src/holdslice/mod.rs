@@ -390,9 +390,18 @@ impl HoldSlices {
         }
     }
 
-    /// Hold ports as an earlier controller left them in its slices.
+    /// Hold ports as an earlier controller left them: in the directives this leader
+    /// goes on from (a copy of the last leader's, which agents listen on: the same
+    /// ports keep those directives unchanged, and agents get an empty delta), then in
+    /// its slices.
     fn seed(&self, slices: &[Arc<EndpointSlice>]) {
+        let directives = self.registry.directives();
         let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        for d in &directives {
+            for p in &d.hold_ports {
+                ports.seed(&d.service, &p.name, p.port);
+            }
+        }
         for s in slices.iter().filter(|s| plan::is_hold_slice(s)) {
             let Some(name) = s.labels().get(plan::SERVICE_NAME_LABEL) else {
                 continue;

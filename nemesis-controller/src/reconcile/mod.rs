@@ -96,6 +96,9 @@ pub struct Context {
     pub status_budget: status::WriteBudget,
     /// True while this instance holds the Lease; checked again right before every scale.
     pub leading: watch::Receiver<bool>,
+    /// The Lease's `leaseTransitions` of the term this instance leads (set before
+    /// `leading` turns true): the agents' directives are versioned by it.
+    pub term: watch::Receiver<u64>,
 }
 
 impl Context {
@@ -121,6 +124,8 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         }
         tracing::info!("leading: starting the policy actors");
+        // Before any actor writes a directive: the term's versions go on from the copy.
+        ctx.registry.begin_term(*ctx.term.borrow());
         {
             let term = supervisor::run_term(ctx.clone(), &caches, &mut wake_rx, &synced);
             tokio::select! {
@@ -131,6 +136,7 @@ pub async fn run(
             // The term (and with it every actor) is dropped here.
         }
         ctx.wakes.unmanage_all();
+        ctx.registry.end_term();
         synced.send_replace(false);
         if shutdown.is_cancelled() {
             return;

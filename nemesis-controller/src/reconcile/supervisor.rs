@@ -116,6 +116,31 @@ impl Actors {
     }
 }
 
+/// Drops the directives of Services no running policy names: a term starts from the
+/// last leader's directives (agents keep their cursors), and a policy deleted or paused
+/// while no one led, or after this instance's last copy, has no actor to remove its
+/// directive. Called once per term, when the caches are synced and an actor runs for
+/// every policy listed.
+fn prune_directives(ctx: &Context, policies: &[Arc<ScalingPolicy>]) {
+    let named: BTreeSet<ServiceRef> = policies
+        .iter()
+        .filter(|p| !p.spec.paused)
+        .filter_map(|p| {
+            Some(ServiceRef {
+                namespace: p.namespace().unwrap_or_default(),
+                name: p.spec.target.service.clone()?,
+            })
+        })
+        .collect();
+    let gone = ctx.registry.retain_directives(|svc| named.contains(svc));
+    if gone > 0 {
+        tracing::info!(
+            gone,
+            "dropped the directives of Services no policy manages any more"
+        );
+    }
+}
+
 /// Runs one leadership term over the warm `caches`; it only ends when dropped (or when
 /// a cache's watch ends, which the default backoff never lets happen).
 pub async fn run_term(
@@ -159,8 +184,13 @@ pub async fn run_term(
         }
     }
     synced.send_replace(policies_synced && hpas_synced);
+    let mut pruned = false;
 
     loop {
+        if !pruned && policies_synced && hpas_synced {
+            pruned = true;
+            prune_directives(&ctx, &pol_reader.state());
+        }
         tokio::select! {
             ev = policies.recv() => match ev {
                 // Actors start once the HPA cache is synced (a policy that missed its

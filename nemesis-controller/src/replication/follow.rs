@@ -2,9 +2,13 @@
 //! asks the holder for the log entries after the highest sequence it holds, page by
 //! page, and stores them. A leader it cannot reach changes nothing here: the UI keeps
 //! serving what this instance holds and reports itself stale (`ReplicationView`), and
-//! `nemesis_controller_history_replication_source_up` drops to 0.
+//! `nemesis_controller_history_replication_source_up` drops to 0. Alongside, it copies
+//! the leader's directive log into its own registry (`GET /internal/directives`), so
+//! that it leads on from it; a leader without that route (an older version) only costs
+//! the agents a whole set at the next failover.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,7 +17,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::token::ReplicaToken;
-use super::{HISTORY_PATH, MAX_PAGE, Page, ReplicationStatus, Role};
+use super::{DIRECTIVES_PATH, HISTORY_PATH, MAX_PAGE, Page, ReplicationStatus, Role};
+use crate::agents::AgentRegistry;
+use crate::agents::directives::ReplicaPage;
+use crate::agents::registry::ReplicaApplyError;
 use crate::leader::HISTORY_URL_ANNOTATION;
 use crate::metrics::{ControllerMetrics, ErrorKind};
 use crate::store::{LogEntry, Store, StoreError, unix_ms};
@@ -25,6 +32,10 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Pages per pull at most, so a far-behind standby still re-reads the Lease now and
 /// then (the leader may change while it catches up).
 const MAX_PAGES_PER_PULL: usize = 100;
+/// Directive pages of one copied run at most (a run is applied whole): 200,000 changes,
+/// twenty times a whole set of 10,000. A leader changing faster is copied at a later
+/// pull.
+const MAX_DIRECTIVE_PAGES: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -59,7 +70,7 @@ pub enum FollowError {
     },
     #[error("the leader at {url} sent more than {MAX_BODY} bytes for one page")]
     TooLarge { url: String },
-    #[error("the leader at {url} sent a page that is not valid history: {source}")]
+    #[error("the leader at {url} sent a page that is not valid: {source}")]
     Decode {
         url: String,
         #[source]
@@ -67,6 +78,10 @@ pub enum FollowError {
     },
     #[error("storing pulled history: {0}")]
     Store(#[from] StoreError),
+    #[error("copying the leader's directives: {0}")]
+    Directives(#[from] ReplicaApplyError),
+    #[error("the leader's directives changed through {MAX_DIRECTIVE_PAGES} pages of one pull")]
+    DirectivesRunTooLong,
     #[error("the store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -113,12 +128,15 @@ pub struct Follower {
     lease_name: String,
     identity: String,
     store: Arc<Store>,
+    registry: Arc<AgentRegistry>,
     token: ReplicaToken,
     http: reqwest::Client,
     metrics: ControllerMetrics,
     status: ReplicationStatus,
     leading: watch::Receiver<bool>,
     poll: Duration,
+    /// The last directive pull failed (warned once per outage).
+    directives_failing: AtomicBool,
 }
 
 /// What the follower needs to find and reach the leader.
@@ -136,6 +154,7 @@ impl Follower {
         client: Client,
         cfg: FollowerConfig,
         store: Arc<Store>,
+        registry: Arc<AgentRegistry>,
         metrics: ControllerMetrics,
         status: ReplicationStatus,
         leading: watch::Receiver<bool>,
@@ -150,12 +169,14 @@ impl Follower {
             lease_name: cfg.lease_name,
             identity: cfg.identity,
             store,
+            registry,
             token: cfg.token,
             http,
             metrics,
             status,
             leading,
             poll: cfg.poll,
+            directives_failing: AtomicBool::new(false),
         }
     }
 
@@ -237,6 +258,33 @@ impl Follower {
             v.role = Role::Standby;
             v.leader = Some(holder.clone());
         });
+        // The directives first: they are small when nothing changed, and a history
+        // that fails to store must not keep the agents' cursors from carrying over.
+        match self.pull_directives(&base).await {
+            Ok(_) | Err(FollowError::Directives(ReplicaApplyError::Leading)) => {
+                if self.directives_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("copying the leader's directives works again");
+                }
+            }
+            // A leader of an older version (a rolling upgrade): not an error.
+            Err(FollowError::Refused { status, .. })
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                if !self.directives_failing.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "the leader does not serve its directives (an older version); should this instance lead, agents get every directive again"
+                    );
+                }
+            }
+            Err(e) => {
+                self.metrics.error(ErrorKind::Replication);
+                if self.directives_failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(err = %e, "copying the leader's directives failed");
+                } else {
+                    tracing::warn!(err = %e, "copying the leader's directives failed; should this instance lead, agents get every directive again");
+                }
+            }
+        }
         let url = format!("{}{HISTORY_PATH}", base.trim_end_matches('/'));
         for _ in 0..MAX_PAGES_PER_PULL {
             let store = self.store.clone();
@@ -271,7 +319,43 @@ impl Follower {
         Ok(())
     }
 
+    /// Copies the leader's directive log into the registry: pages from this copy's
+    /// cursor until one ends the run, applied at once. Returns the changes taken.
+    async fn pull_directives(&self, base: &str) -> Result<usize, FollowError> {
+        let url = format!("{}{DIRECTIVES_PATH}", base.trim_end_matches('/'));
+        let from = self.registry.directives_cursor();
+        let mut at = from;
+        let mut pages: Vec<ReplicaPage> = Vec::new();
+        loop {
+            let query = [
+                ("stream", at.stream),
+                ("version", at.version),
+                ("limit", nemesis_common::wire::MAX_PAGE_DIRECTIVES as u64),
+            ];
+            let page: ReplicaPage = self.fetch_json(&url, &query).await?;
+            at = page.cursor();
+            let more = page.more;
+            pages.push(page);
+            if !more {
+                break;
+            }
+            if pages.len() >= MAX_DIRECTIVE_PAGES {
+                return Err(FollowError::DirectivesRunTooLong);
+            }
+        }
+        Ok(self.registry.apply_replica(from, &pages)?)
+    }
+
     async fn fetch(&self, url: &str, after: u64) -> Result<Page, FollowError> {
+        self.fetch_json(url, &[("after", after), ("limit", MAX_PAGE as u64)])
+            .await
+    }
+
+    async fn fetch_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        query: &[(&str, u64)],
+    ) -> Result<T, FollowError> {
         let request_error = |source| FollowError::Request {
             url: url.to_string(),
             source,
@@ -279,7 +363,7 @@ impl Follower {
         let mut resp = self
             .http
             .get(url)
-            .query(&[("after", after), ("limit", MAX_PAGE as u64)])
+            .query(query)
             .header(http::header::AUTHORIZATION, self.token.authorization())
             .send()
             .await

@@ -5,8 +5,14 @@
 //! has the old one's history. A standby finds the leader through the Lease: its holder
 //! and the URL the holder wrote on it (`leader::HISTORY_URL_ANNOTATION`).
 //!
-//! What is served and applied is the store's business (`store::log`); this module
-//! only moves pages and keeps the standby's view of how far behind it is.
+//! The agents' directives travel the same way (`GET /internal/directives`): a standby
+//! keeps a copy of the leader's directive log, versions and all, and a new leader goes
+//! on from it, so agents keep their cursors across a failover and get only what changed
+//! (see `agents::directives`).
+//!
+//! What is served and applied is the store's (`store::log`) and the directive log's
+//! business; this module only moves pages and keeps the standby's view of how far
+//! behind it is.
 
 pub mod follow;
 pub mod serve;
@@ -17,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use follow::Follower;
-pub use serve::{HISTORY_PATH, replica_routes};
+pub use serve::{DIRECTIVES_PATH, HISTORY_PATH, replica_routes};
 pub use token::{ReplicaToken, TokenSecret};
 
 /// The most entries one page carries (a record is well under a kilobyte).

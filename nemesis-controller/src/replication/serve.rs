@@ -1,6 +1,9 @@
 //! `GET /internal/history?after=<seq>&limit=<n>`: a page of this instance's replication
-//! log for a standby. Authenticated with the replicas' token (never the agents'); any
-//! instance answers with what it holds (a standby only ever asks the Lease holder).
+//! log for a standby; `GET /internal/directives?stream=<s>&version=<v>&limit=<n>`: a
+//! page of its agents' directive log after that cursor (see
+//! `agents::directives::ReplicaPage`). Authenticated with the replicas' token (never
+//! the agents'); any instance answers with what it holds (a standby only ever asks the
+//! Lease holder).
 
 use std::sync::Arc;
 
@@ -14,14 +17,25 @@ use serde::Deserialize;
 
 use super::MAX_PAGE;
 use super::token::ReplicaToken;
+use crate::agents::AgentRegistry;
 use crate::store::Store;
+use nemesis_common::wire::{DirectivesCursor, MAX_PAGE_DIRECTIVES};
 
 pub const HISTORY_PATH: &str = "/internal/history";
+pub const DIRECTIVES_PATH: &str = "/internal/directives";
 
 #[derive(Clone)]
 struct Replicas {
     store: Arc<Store>,
     token: ReplicaToken,
+    registry: Arc<AgentRegistry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DirectivesQuery {
+    stream: Option<u64>,
+    version: Option<u64>,
+    limit: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,10 +46,64 @@ struct PageQuery {
 }
 
 /// The replicas' routes, for the API listener.
-pub fn replica_routes(store: Arc<Store>, token: ReplicaToken) -> Router {
+pub fn replica_routes(
+    store: Arc<Store>,
+    token: ReplicaToken,
+    registry: Arc<AgentRegistry>,
+) -> Router {
     Router::new()
         .route(HISTORY_PATH, get(page))
-        .with_state(Replicas { store, token })
+        .route(DIRECTIVES_PATH, get(directives))
+        .with_state(Replicas {
+            store,
+            token,
+            registry,
+        })
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(http::header::WWW_AUTHENTICATE, "Bearer")],
+        "the replicas' bearer token is required",
+    )
+        .into_response()
+}
+
+async fn directives(
+    State(r): State<Replicas>,
+    headers: HeaderMap,
+    query: Result<Query<DirectivesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if !r.token.accepts(headers.get(AUTHORIZATION)) {
+        return unauthorized();
+    }
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{DIRECTIVES_PATH}: stream, version and limit are unsigned integers: {e}"),
+            )
+                .into_response();
+        }
+    };
+    let since = match (q.stream, q.version) {
+        (Some(stream), Some(version)) => Some(DirectivesCursor { stream, version }),
+        (None, None) => None,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{DIRECTIVES_PATH}: give stream and version together, or neither"),
+            )
+                .into_response();
+        }
+    };
+    let limit = q
+        .limit
+        .unwrap_or(MAX_PAGE_DIRECTIVES)
+        .clamp(1, MAX_PAGE_DIRECTIVES);
+    axum::Json(r.registry.replica_page(since, limit)).into_response()
 }
 
 async fn page(
@@ -44,12 +112,7 @@ async fn page(
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if !r.token.accepts(headers.get(AUTHORIZATION)) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(http::header::WWW_AUTHENTICATE, "Bearer")],
-            "the replicas' bearer token is required",
-        )
-            .into_response();
+        return unauthorized();
     }
     let Query(q) = match query {
         Ok(q) => q,
