@@ -328,13 +328,15 @@ impl DirectiveLog {
         }
         self.make_room();
         self.current.remove(svc);
-        let version = self.touch(svc);
-        self.tombstones.insert(version);
+        // The tombstone is the removal's own version (`touch` returns the one before).
+        self.touch(svc);
+        self.tombstones.insert(self.version);
         self.forget_old_tombstones();
         true
     }
 
     fn forget_old_tombstones(&mut self) {
+        let mut forgot = false;
         while self.tombstones.len() > MAX_TOMBSTONES {
             let Some(oldest) = self.tombstones.pop_first() else {
                 break;
@@ -343,6 +345,29 @@ impl DirectiveLog {
                 self.changed_at.remove(&gone);
             }
             self.floor = self.floor.max(oldest);
+            forgot = true;
+        }
+        if forgot {
+            self.renumber_below_floor();
+        }
+    }
+
+    /// Moves every directive whose last change is older than the floor to a new
+    /// version. A whole set travels in pages cut at the versions of its directives; a
+    /// page cut at one below the floor would carry a cursor this log refuses (it cannot
+    /// say which removals that copy missed), so the agent would start the whole set
+    /// again, and again, for ever. Renumbered, they reach agents once more, unchanged, as
+    /// changes: a cost paid once per [`MAX_TOMBSTONES`] removals at most.
+    fn renumber_below_floor(&mut self) {
+        let stale: Vec<ServiceRef> = self
+            .changes
+            .range(..self.floor)
+            // The removals there were forgotten with their tombstones.
+            .filter(|(_, svc)| self.current.contains_key(*svc))
+            .map(|(_, svc)| svc.clone())
+            .collect();
+        for svc in stale {
+            self.touch(&svc);
         }
     }
 
@@ -546,18 +571,34 @@ impl DirectiveLog {
         };
         let mut taken = 0;
         for p in pages {
-            // Removals stay in `changes` (so a delta says them), but are not counted
-            // as this copy's own tombstones: the leader's floor says which it forgot.
+            // Removals are this copy's tombstones as they are the leader's, and
+            // forgotten where the leader's floor says it forgot them: a copy that comes
+            // to lead neither keeps them for ever nor takes them for directives.
             for c in &p.changes {
-                log.place(&c.service, c.version);
+                let before = log.place(&c.service, c.version);
+                log.tombstones.remove(&before);
                 match &c.directive {
-                    Some(d) => log.current.insert(c.service.clone(), d.clone()),
-                    None => log.current.remove(&c.service),
-                };
+                    Some(d) => {
+                        log.current.insert(c.service.clone(), d.clone());
+                    }
+                    None => {
+                        log.current.remove(&c.service);
+                        log.tombstones.insert(c.version);
+                    }
+                }
                 taken += 1;
             }
             log.version = unwire(p.version).0;
             log.floor = log.floor.max(p.floor);
+            // The floor is the newest removal the leader forgot.
+            while let Some(&oldest) = log.tombstones.first()
+                && oldest <= log.floor
+            {
+                log.tombstones.pop_first();
+                if let Some(gone) = log.changes.remove(&oldest) {
+                    log.changed_at.remove(&gone);
+                }
+            }
             log.term = p.term;
             log.continued = p.continued.clone();
         }
@@ -689,11 +730,15 @@ mod tests {
             "the first removal is forgotten: no delta can say it"
         );
         assert_eq!(c.directives.len(), 19);
-        // A cursor after the forgotten removal still gets a delta.
+        // A cursor after the forgotten removal still gets a delta: the last three
+        // removals, then the 19 directives left, renumbered above the forgotten removal
+        // (unchanged).
         let mut later = log.cursor();
-        later.version -= 2 * 3;
-        let c = log.since_all(Some(later));
+        later.version -= 2 * (3 + 19);
+        // (In pages: all at once, 22 changes to a set of 19 would go as the set.)
+        let c = log.since(Some(later), Some(1000));
         assert!(c.delta);
+        assert_eq!(c.directives, whole(&log));
         assert_eq!(
             c.removed,
             (MAX_TOMBSTONES - 2..=MAX_TOMBSTONES)
@@ -979,6 +1024,77 @@ mod tests {
             Err(ReplicaError::Moved { .. })
         ));
         assert_eq!(whole(&copy), whole(&leader));
+    }
+
+    /// Past [`MAX_TOMBSTONES`] removals the oldest are forgotten for good (the log does
+    /// not grow with every name ever removed), and a whole set still arrives in pages:
+    /// the directives older than the forgotten removals are renumbered above them, so
+    /// no page is cut at a version the log refuses to continue (an agent would start
+    /// over for ever). A copy following through it forgets alike and, leading, pages
+    /// the set to a new agent.
+    #[test]
+    fn many_removals_are_forgotten_and_a_paged_whole_set_still_completes() {
+        let mut leader = DirectiveLog::new(5);
+        leader.begin_term(1);
+        let mut copy = DirectiveLog::new(6);
+        for i in 0..2500 {
+            leader.set(directive(i, Directive::Follow, 1));
+        }
+        let before = view_at(&leader);
+        pull(&mut copy, &leader, 1000);
+        // Policies come and go: many more removals than remembered.
+        for round in 0..3 {
+            for i in 0..2000 {
+                leader.set(directive(10_000 + round * 2000 + i, Directive::Follow, 2));
+            }
+            for i in 0..2000 {
+                leader.remove(&svc(10_000 + round * 2000 + i));
+            }
+            pull(&mut copy, &leader, 1000);
+        }
+        assert_eq!(leader.tombstones.len(), MAX_TOMBSTONES);
+        assert_eq!(
+            leader.changes.len(),
+            2500 + MAX_TOMBSTONES,
+            "forgotten removals leave the log"
+        );
+        assert_eq!(leader.changed_at.len(), leader.changes.len());
+        assert_eq!(copy.changes.len(), leader.changes.len());
+        assert_eq!(whole(&copy), whole(&leader));
+        // A new agent takes the set in pages of 1,000 and completes it.
+        let mut fresh = DirectiveView::default();
+        let mut pages = 0;
+        while fresh.apply(&reply(leader.since(fresh.cursor(), Some(1000)))) == ViewUpdate::Partial {
+            pages += 1;
+            assert!(pages < 10, "a paged whole set started over");
+        }
+        assert_eq!(
+            fresh.directives().cloned().collect::<Vec<_>>(),
+            whole(&leader)
+        );
+        // An agent from before the forgotten removals gets the whole set, and completes.
+        let mut old = before;
+        let (delta, _) = follow_up(&mut old, &leader);
+        assert!(!delta);
+        assert_eq!(
+            old.directives().cloned().collect::<Vec<_>>(),
+            whole(&leader)
+        );
+        // The copy, leading, does the same.
+        copy.begin_term(2);
+        let mut fresh = DirectiveView::default();
+        let mut pages = 0;
+        while fresh.apply(&reply(copy.since(fresh.cursor(), Some(1000)))) == ViewUpdate::Partial {
+            pages += 1;
+            assert!(
+                pages < 10,
+                "a paged whole set started over on the new leader"
+            );
+        }
+        assert_eq!(
+            fresh.directives().cloned().collect::<Vec<_>>(),
+            whole(&leader)
+        );
     }
 
     /// The rule a new leader patches by: cursors of the old leader up to the version its
