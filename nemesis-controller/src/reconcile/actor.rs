@@ -1034,7 +1034,11 @@ impl Actor {
             api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
         .await;
-        if matches!(&result, Ok(Err(kube::Error::Api(s))) if s.code == 409) && retries > 0 {
+        let conflict = matches!(&result, Ok(Err(kube::Error::Api(s))) if s.code == 409);
+        if conflict {
+            self.ctx.metrics.scale_conflict();
+        }
+        if conflict && retries > 0 {
             return match self.after_conflict(c, &api, to, now).await? {
                 Some(current) => {
                     Box::pin(self.scale_conditionally(c, current, to, now, retries - 1)).await
