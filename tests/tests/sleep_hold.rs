@@ -6,15 +6,21 @@
 //! client must get its answer from the woken pod, not an EOF from the killed one: the
 //! proxy holds it instead of forwarding it to the pod going away, asks for a wake-up
 //! once that pod is gone, and forwards it to the pod the wake starts.
+//!
+//! The same for a client that comes through the hold port (as an Ingress controller
+//! does: it dials the address the hold EndpointSlice lists, the agent's hold listener on
+//! the node's address, from a pod of its own outside the intercepted cgroup).
 
 mod wake_support;
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use nemesis_common::wire::{AppliedMode, Directive, ServiceDirective, ServiceRef};
+use nemesis_common::wire::{AppliedMode, Directive, HoldPort, ServiceDirective, ServiceRef};
 use serde_json::json;
 use wake_support::{APP, NS, Scenario, WakeEnv, eventually, pod_server};
 
@@ -34,7 +40,7 @@ fn slow_answering_pod() -> serde_json::Value {
     pod
 }
 
-fn sleep_directive(epoch: u64) -> Vec<ServiceDirective> {
+fn sleep_directive(epoch: u64, hold_ports: Vec<HoldPort>) -> Vec<ServiceDirective> {
     vec![ServiceDirective {
         service: ServiceRef {
             namespace: NS.into(),
@@ -42,8 +48,32 @@ fn sleep_directive(epoch: u64) -> Vec<ServiceDirective> {
         },
         directive: Directive::Sleep,
         epoch,
-        hold_ports: vec![],
+        hold_ports,
     }]
+}
+
+/// A port free on both of the node's addresses (where the agent's hold listeners bind:
+/// the sandbox's gateways are this test's own).
+fn free_hold_port(v4: IpAddr, v6: IpAddr) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let a = std::net::TcpListener::bind(SocketAddr::new(v4, 0))?;
+        let port = a.local_addr()?.port();
+        if std::net::TcpListener::bind(SocketAddr::new(v6, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free on both {v4} and {v6}")
+}
+
+/// How the client reaches the Service.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    /// Dials the ClusterIP from the intercepted cgroup (the connect() hook sends it to
+    /// the proxy).
+    ClusterIp,
+    /// Dials the node's hold listener from a host of its own, as an Ingress controller
+    /// following the hold EndpointSlice does.
+    HoldPort,
 }
 
 async fn scale(env: &WakeEnv, replicas: i32) -> anyhow::Result<()> {
@@ -71,28 +101,90 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
         scale_on_wake: true,
     })
     .await?;
+    let result = held_through_the_sleep(&env, Path::ClusterIp).await;
+    env.shutdown().await?;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_through_the_hold_port_while_the_service_is_put_to_sleep_is_answered_by_the_woken_pod()
+-> anyhow::Result<()> {
+    let env = WakeEnv::start(Scenario {
+        name: "sleepholdport",
+        pod: slow_answering_pod(),
+        policy: json!({}),
+        scale_on_wake: true,
+    })
+    .await?;
+    let result = held_through_the_sleep(&env, Path::HoldPort).await;
+    env.shutdown().await?;
+    result
+}
+
+/// A client started, as its path needs.
+enum Client {
+    Intercepted(wake_support::Clients),
+    Outside(wake_support::RepeatingClients),
+}
+
+impl Client {
+    async fn finish(self, within: Duration) -> anyhow::Result<Vec<wake_support::ClientResult>> {
+        match self {
+            Client::Intercepted(c) => c.finish(within).await,
+            Client::Outside(c) => c.finish(within).await,
+        }
+    }
+}
+
+async fn held_through_the_sleep(env: &WakeEnv, path: Path) -> anyhow::Result<()> {
     // Warm: the first client wakes the Service (the stand-in controller scales it).
     let first = env
         .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
         .await?;
     let old_pod = pod_of(&first[0].http()?.body).to_owned();
 
-    // The controller puts it to sleep: every agent holds new connects first.
-    *env.controller.directives.lock().unwrap() = sleep_directive(1);
+    // The controller puts it to sleep: every agent holds new connects first (and
+    // listens on the Service's hold port, which the hold slice lists meanwhile).
+    let node_v4 = IpAddr::from(env.sandbox().gateway());
+    let hold_ports = match path {
+        Path::ClusterIp => vec![],
+        Path::HoldPort => vec![HoldPort {
+            name: "http".into(),
+            port: free_hold_port(node_v4, IpAddr::from(env.sandbox().gateway_v6()))?,
+        }],
+    };
+    let want_ports: Vec<u16> = hold_ports.iter().map(|p| p.port).collect();
+    *env.controller.directives.lock().unwrap() = sleep_directive(1, hold_ports);
     eventually("the agent to acknowledge the Sleep", STEP, || async {
         Ok(env
             .controller
             .report()
             .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
+            .filter(|r| want_ports.iter().all(|p| r.hold_ports.contains(p)))
             .map(|_| ()))
     })
     .await?;
 
     // A client connects and sends its request after the agents' acknowledgement.
     let before = env.metrics().await?;
-    let client = env
-        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
-        .await?;
+    let args = ["--clients", "1", "--http", "--timeout-ms", "120000"];
+    // The Ingress controller's host (kept until the client is done).
+    let mut ingress = None;
+    let client = match path {
+        Path::ClusterIp => Client::Intercepted(env.clients(&args).await?),
+        Path::HoldPort => {
+            let host = env.sandbox().outside_host().await?;
+            let hold = SocketAddr::new(node_v4, want_ports[0]).to_string();
+            let mut argv = vec!["--connect", hold.as_str()];
+            argv.extend(args);
+            let c = env
+                .outside_repeating_clients(host.name(), &argv)
+                .await
+                .context("a client through the hold port")?;
+            ingress = Some(host);
+            Client::Outside(c)
+        }
+    };
     eventually("the proxy to take the connection", STEP, || async {
         let m = env.metrics().await?;
         let forwarded = m.outcome("forwarded") > before.outcome("forwarded");
@@ -101,19 +193,19 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
     .await?;
 
     // The scale to zero: the pod gets SIGTERM (ignored), then SIGKILL after its grace.
-    scale(&env, 0).await?;
+    scale(env, 0).await?;
     eventually("the old pod to be gone", STEP, || async {
         Ok(env.pod_names().await?.is_empty().then_some(()))
     })
     .await?;
     // The controller wakes the Service again for its held client.
-    scale(&env, 1).await?;
+    scale(env, 1).await?;
 
     let results = client.finish(STEP).await?;
+    drop(ingress);
     anyhow::ensure!(
-        results[0].result == "response" && !results[0].text.is_empty(),
-        "the client's connection was cut (by the kill of the pod it was sent to?): {:?}",
-        results[0]
+        results.len() == 1 && results[0].result == "response" && !results[0].text.is_empty(),
+        "the client's connection was cut (by the kill of the pod it was sent to?): {results:?}"
     );
     let answer = results[0].http()?;
     assert_eq!(answer.status, 200, "{:?}", results[0]);
@@ -127,5 +219,5 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
         "the held client asked for the wake (wake-ups: {})",
         env.controller.wakes()
     );
-    env.shutdown().await
+    Ok(())
 }
