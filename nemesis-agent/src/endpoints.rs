@@ -61,6 +61,16 @@ impl ServiceEndpoints {
         self.portless.is_empty() && self.by_port.values().all(BTreeSet::is_empty)
     }
 
+    /// Every ready address, whatever its port.
+    pub fn addresses(&self) -> BTreeSet<IpAddr> {
+        self.by_port
+            .values()
+            .flatten()
+            .map(|a| a.ip())
+            .chain(self.portless.iter().copied())
+            .collect()
+    }
+
     /// The ready backends for the Service port named `port_name`, whose numeric
     /// `targetPort` (if any) reaches pods of slices that list no ports.
     pub fn backends(&self, port_name: &str, target_port: Option<u16>) -> Vec<SocketAddr> {

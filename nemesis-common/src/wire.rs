@@ -75,6 +75,13 @@ pub struct ServiceDirective {
     /// NodePorts, meshes). Empty from controllers that predate it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hold_ports: Vec<HoldPort>,
+    /// On a `Follow`: the target was scaled to zero since the Service's last `Sleep`
+    /// (that sleep completed; this is the wake). The backends an agent listed during the
+    /// sleep are the ones the scale stopped, even while its view of the endpoints still
+    /// lists them: it sends them nothing new and keeps holding until it sees them go.
+    /// False on a sleep given up (its backends stay) and from controllers that predate it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_zero: bool,
 }
 
 /// The mode an agent's eBPF table has for a Service right now.
@@ -510,6 +517,7 @@ mod tests {
             directive: Directive::Follow,
             epoch,
             hold_ports: vec![],
+            after_zero: false,
         }
     }
 

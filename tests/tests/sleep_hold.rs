@@ -22,7 +22,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use nemesis_common::wire::{AppliedMode, Directive, HoldPort, ServiceDirective, ServiceRef};
 use serde_json::json;
-use wake_support::{APP, NS, Scenario, WakeEnv, eventually, pod_server};
+use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, pod_server};
 
 /// Longer than the grace period (1 s) with room for a loaded machine: the pod answers
 /// only after it would have been killed.
@@ -49,6 +49,7 @@ fn sleep_directive(epoch: u64, hold_ports: Vec<HoldPort>) -> Vec<ServiceDirectiv
         directive: Directive::Sleep,
         epoch,
         hold_ports,
+        after_zero: false,
     }]
 }
 
@@ -218,6 +219,136 @@ async fn held_through_the_sleep(env: &WakeEnv, path: Path) -> anyhow::Result<()>
         env.controller.wakes() >= 2,
         "the held client asked for the wake (wake-ups: {})",
         env.controller.wakes()
+    );
+    Ok(())
+}
+
+const AGENT_USER: &str = "system:serviceaccount:nemesis-system:nemesis-agent";
+
+/// The wake's `Follow` after a completed sleep, as the controller sends it.
+fn follow_after_zero(epoch: u64) -> Vec<ServiceDirective> {
+    let mut d = sleep_directive(epoch, vec![]);
+    d[0].directive = Directive::Follow;
+    d[0].after_zero = true;
+    d
+}
+
+/// After a sleep completes (the scale to zero made) the Service is woken again, and the
+/// controller sends `Follow` while this agent's view of the endpoints still lists the
+/// pod of the previous cycle as ready (its EndpointSlice watch lags: the test API server
+/// holds the agent's events back). That pod is terminating (it ignores SIGTERM and has a
+/// long grace period); a connection held during the sleep must not be sent to it, but
+/// to the woken pod once the agent sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_after_a_completed_sleep_sends_nothing_to_the_pod_the_sleep_stopped()
+-> anyhow::Result<()> {
+    let mut pod = slow_answering_pod();
+    // Alive (and listed, in the agent's lagging view) well after the wake's Follow.
+    pod["terminationGracePeriodSeconds"] = json!(10);
+    let env = WakeEnv::start_with(
+        Scenario {
+            name: "sleepfollow",
+            pod,
+            policy: json!({}),
+            scale_on_wake: true,
+        },
+        Options {
+            rbac: Some(|_| {}),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let result = woken_while_the_view_lags(&env).await;
+    if let Some(s) = env.server.as_ref() {
+        s.release_watch_events();
+    }
+    if let Err(e) = &result {
+        eprintln!("{e:?}");
+    }
+    env.shutdown().await?;
+    result
+}
+
+async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
+    let server = env.server.as_ref().context("the API server")?;
+    let first = env
+        .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
+        .await?;
+    let old_pod = pod_of(&first[0].http()?.body).to_owned();
+    *env.controller.directives.lock().unwrap() = sleep_directive(1, vec![]);
+    eventually("the agent to acknowledge the Sleep", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
+            .map(|_| ()))
+    })
+    .await?;
+
+    // From now on the agent's view of the endpoints lags: the old pod stays listed.
+    server.hold_watch_events("discovery.k8s.io", "endpointslices", &[AGENT_USER]);
+    let before = env.metrics().await?;
+    let client = env
+        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
+        .await?;
+    eventually("the proxy to hold the connection", STEP, || async {
+        Ok((env.metrics().await?.held() >= 1.0).then_some(()))
+    })
+    .await?;
+
+    // The sleep completes: scaled to zero, the old pod terminating (for a while: it
+    // ignores SIGTERM). Then the wake: a new pod, ready, and `Follow`.
+    scale(env, 0).await?;
+    scale(env, 1).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), NS);
+    eventually("the woken pod ready", STEP, || async {
+        let list = pods.list(&Default::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|p| {
+                p.metadata.name.as_deref() != Some(old_pod.as_str())
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .then_some(()))
+    })
+    .await?;
+    *env.controller.directives.lock().unwrap() = follow_after_zero(2);
+    eventually("the agent to apply the Follow", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.applied_epoch == 2)
+            .map(|_| ()))
+    })
+    .await?;
+    // Give a wrong forward its chance (it would go at once), then let the agent see
+    // the endpoints as they are.
+    let forwarded = eventually(
+        "a forward while the view lags",
+        Duration::from_secs(5),
+        || async {
+            let m = env.metrics().await?;
+            Ok((m.outcome("forwarded") > before.outcome("forwarded")).then_some(()))
+        },
+    )
+    .await
+    .is_ok();
+    server.release_watch_events();
+    let results = client.finish(STEP).await?;
+    anyhow::ensure!(
+        results[0].result == "response" && !results[0].text.is_empty(),
+        "the client's connection was cut: {:?}",
+        results[0]
+    );
+    let answer = results[0].http()?;
+    anyhow::ensure!(answer.status == 200, "{:?}", results[0]);
+    anyhow::ensure!(
+        pod_of(&answer.body) != old_pod,
+        "answered by the terminating pod of the previous cycle (forwarded while the agent's view lagged: {forwarded})"
     );
     Ok(())
 }

@@ -219,6 +219,7 @@ mod tests {
             directive,
             epoch,
             hold_ports: vec![],
+            after_zero: false,
         }
     }
 

@@ -839,7 +839,14 @@ impl Actor {
                 .directive(&svc)
                 .is_some_and(|d| d.directive == Directive::Sleep)
             {
-                self.ctx.registry.follow(&svc);
+                // Woken from zero: the sleep completed, and the pods it stopped may still
+                // be listed (terminating) in an agent's view: it must send them nothing.
+                // Otherwise the sleep is given up and its pods stay.
+                if target.replicas == 0 {
+                    self.ctx.registry.follow_after_zero(&svc);
+                } else {
+                    self.ctx.registry.follow(&svc);
+                }
             }
             return Ok(());
         }
