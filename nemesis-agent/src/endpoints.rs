@@ -61,13 +61,14 @@ impl ServiceEndpoints {
         self.portless.is_empty() && self.by_port.values().all(BTreeSet::is_empty)
     }
 
-    /// Every ready address, whatever its port.
-    pub fn addresses(&self) -> BTreeSet<IpAddr> {
+    /// Every ready backend of every port (port 0 for the addresses of slices that list
+    /// no ports): what tells one set of pods from another.
+    pub fn addresses(&self) -> BTreeSet<SocketAddr> {
         self.by_port
             .values()
             .flatten()
-            .map(|a| a.ip())
-            .chain(self.portless.iter().copied())
+            .copied()
+            .chain(self.portless.iter().map(|ip| SocketAddr::new(*ip, 0)))
             .collect()
     }
 

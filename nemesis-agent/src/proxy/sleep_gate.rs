@@ -7,7 +7,7 @@
 
 use nemesis_common::wire::ServiceRef;
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use tokio::sync::watch;
 
 /// The gates, shared by the mode follower (which closes them) and the proxy.
@@ -71,25 +71,25 @@ impl GateWatch {
 
 /// Where one Service stands in a sleep the controller asked for (the `Sleep` directive
 /// of `epoch`): `reached_zero` once its endpoints were seen empty since, or listing
-/// none of the addresses they listed when the sleep began (`stopping`: a view that
+/// none of the backends they listed when the sleep began (`stopping`: a view that
 /// caught up at once may never show the empty moment), so the backends ready after
 /// that are woken ones, not the ones going away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SleepSeen {
     pub epoch: u64,
     pub reached_zero: bool,
-    pub stopping: BTreeSet<IpAddr>,
+    pub stopping: BTreeSet<SocketAddr>,
 }
 
 /// The gate's next state for a Service: `None` when it is not asked to sleep (gate
-/// open); else whether its endpoints (the ready addresses `ready`) left the sleep's
+/// open); else whether its endpoints (the ready backends `ready`) left the sleep's
 /// backends. The gate is closed while asked to sleep and not yet at zero. A new
 /// `Sleep` epoch is a new handshake (the Service may have been woken in between): it
 /// starts from the endpoints now.
 pub fn next_sleep(
     prev: Option<SleepSeen>,
     sleep_epoch: Option<u64>,
-    ready: &BTreeSet<IpAddr>,
+    ready: &BTreeSet<SocketAddr>,
 ) -> Option<SleepSeen> {
     let epoch = sleep_epoch?;
     let (stopping, reached) = match prev {
@@ -115,9 +115,9 @@ mod tests {
         }
     }
 
-    fn ips(last: &[u8]) -> BTreeSet<IpAddr> {
+    fn ips(last: &[u8]) -> BTreeSet<SocketAddr> {
         last.iter()
-            .map(|l| IpAddr::from([198, 18, 0, *l]))
+            .map(|l| SocketAddr::from(([198, 18, 0, *l], 8080)))
             .collect()
     }
 
