@@ -515,6 +515,20 @@ async fn stale_watch(env: &WakeEnv) -> anyhow::Result<()> {
     })
     .await?;
     anyhow::ensure!(targets(&records) == [1, 0, 1], "{records:?}");
+    // Woken after a completed sleep: the agents are told, so a view of the endpoints
+    // that still lists the stopped pod sends it nothing.
+    let svc = nemesis_common::wire::ServiceRef {
+        namespace: NS.into(),
+        name: APP.into(),
+    };
+    let directive = real
+        .registry
+        .directive(&svc)
+        .context("the Service's directive")?;
+    anyhow::ensure!(
+        directive.directive == nemesis_common::wire::Directive::Follow && directive.after_zero,
+        "the wake's directive: {directive:?}"
+    );
     println!(
         "scale conflicts counted: {}; records: {:?}",
         real.metrics.scale_conflicts(),

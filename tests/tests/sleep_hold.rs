@@ -299,8 +299,16 @@ async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
     // The sleep completes: scaled to zero, the old pod terminating (for a while: it
     // ignores SIGTERM). Then the wake: a new pod, ready, and `Follow`.
     scale(env, 0).await?;
-    scale(env, 1).await?;
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), NS);
+    // Terminating before the wake (scaled back at once, the scale to zero could be
+    // folded away and the old pod kept).
+    eventually("the old pod terminating", STEP, || async {
+        let p = pods.get_opt(&old_pod).await?;
+        Ok(p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(()))
+    })
+    .await?;
+    scale(env, 1).await?;
     eventually("the woken pod ready", STEP, || async {
         let list = pods.list(&Default::default()).await?;
         Ok(list
