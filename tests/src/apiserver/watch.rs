@@ -124,9 +124,10 @@ pub struct HoldWatch {
 
 impl HoldWatch {
     fn holds(&self, key: &StoreKey) -> bool {
-        self.rx.borrow().as_ref().is_some_and(|h| {
-            h.key == *key && (h.users.is_empty() || h.users.iter().any(|u| *u == self.user))
-        })
+        self.rx
+            .borrow()
+            .as_ref()
+            .is_some_and(|h| h.key == *key && (h.users.is_empty() || h.users.contains(&self.user)))
     }
 }
 
