@@ -545,6 +545,26 @@ mod tests {
     }
 
     #[test]
+    fn after_zero_is_false_from_old_controllers_and_sent_only_when_set() {
+        let old: ServiceDirective = serde_json::from_str(
+            r#"{"service":{"namespace":"ns","name":"a"},"directive":"follow","epoch":3}"#,
+        )
+        .unwrap();
+        assert!(!old.after_zero);
+        assert!(!serde_json::to_string(&old).unwrap().contains("afterZero"));
+        let woken = ServiceDirective {
+            after_zero: true,
+            ..old
+        };
+        let text = serde_json::to_string(&woken).unwrap();
+        assert!(text.contains(r#""afterZero":true"#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<ServiceDirective>(&text).unwrap(),
+            woken
+        );
+    }
+
+    #[test]
     fn a_whole_set_replaces_the_copy_and_a_delta_patches_it() {
         let mut view = DirectiveView::default();
         assert_eq!(view.cursor(), None);
