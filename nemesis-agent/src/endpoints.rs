@@ -61,6 +61,17 @@ impl ServiceEndpoints {
         self.portless.is_empty() && self.by_port.values().all(BTreeSet::is_empty)
     }
 
+    /// Every ready backend of every port (port 0 for the addresses of slices that list
+    /// no ports): what tells one set of pods from another.
+    pub fn addresses(&self) -> BTreeSet<SocketAddr> {
+        self.by_port
+            .values()
+            .flatten()
+            .copied()
+            .chain(self.portless.iter().map(|ip| SocketAddr::new(*ip, 0)))
+            .collect()
+    }
+
     /// The ready backends for the Service port named `port_name`, whose numeric
     /// `targetPort` (if any) reaches pods of slices that list no ports.
     pub fn backends(&self, port_name: &str, target_port: Option<u16>) -> Vec<SocketAddr> {

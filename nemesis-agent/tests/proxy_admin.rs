@@ -177,6 +177,7 @@ async fn heartbeats_report_services_and_apply_the_directives_they_get_back() -> 
                                     directive: Directive::Sleep,
                                     epoch: 9,
                                     hold_ports: vec![],
+                                    after_zero: false,
                                 }],
                                 lease_seconds: 3,
                                 cursor: None,

@@ -252,6 +252,7 @@ async fn the_mode_flips_to_direct_when_ready_while_held_connections_drain_throug
             directive: Directive::Sleep,
             epoch: 4,
             hold_ports: vec![],
+            after_zero: false,
         }]);
         wait_until("held for sleep", Duration::from_secs(5), || {
             modes.applied(&web) == Some((AppliedMode::Hold, 4))
@@ -263,6 +264,7 @@ async fn the_mode_flips_to_direct_when_ready_while_held_connections_drain_throug
             directive: Directive::Follow,
             epoch: 3,
             hold_ports: vec![],
+            after_zero: false,
         }]);
         tokio::time::sleep(Duration::from_millis(100)).await;
         ensure!(modes.applied(&web) == Some((AppliedMode::Hold, 4)));
@@ -271,6 +273,7 @@ async fn the_mode_flips_to_direct_when_ready_while_held_connections_drain_throug
             directive: Directive::Follow,
             epoch: 5,
             hold_ports: vec![],
+            after_zero: false,
         }]);
         wait_until("direct again", Duration::from_secs(5), || {
             modes.applied(&web) == Some((AppliedMode::Balance, 5))

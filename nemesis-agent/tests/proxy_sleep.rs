@@ -33,6 +33,7 @@ fn directive(service: &ServiceRef, directive: Directive, epoch: u64) -> ServiceD
         directive,
         epoch,
         hold_ports: Vec::new(),
+        after_zero: false,
     }
 }
 
@@ -196,6 +197,54 @@ async fn a_connection_held_during_a_sleep_goes_to_the_woken_backend_after_the_sc
             parse_response(&http_get(s.h.connect_as(s.dst).await?, "/woken").await?)?;
         ensure!(status == "HTTP/1.1 200 OK", "{status}");
         ensure!(woken_served.load(Ordering::SeqCst) == 2);
+        Ok(())
+    })
+    .await
+}
+
+/// The sleep completed (the scale to zero was made) and the controller wakes the
+/// Service: its `Follow` says so (`after_zero`). This agent's view of the endpoints
+/// lags and still lists the backend the scale stopped: the held connection waits, the
+/// datapath stays held, and both go to the woken backend once the view shows it, even
+/// when the view never shows the Service empty (it caught up in one change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_after_the_scale_to_zero_sends_nothing_to_the_stopped_backend_still_listed()
+-> Result<()> {
+    bounded(Duration::from_secs(40), async {
+        let s = sleeping("sleep-woken-lagging").await?;
+        let client = s.held_client().await?;
+        s.modes.apply_directives(&[ServiceDirective {
+            after_zero: true,
+            ..directive(&s.web, Directive::Follow, 11)
+        }]);
+        wait_until("the Follow is applied", Duration::from_secs(10), || {
+            s.modes.applied(&s.web) == Some((AppliedMode::Hold, 11))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ensure!(s.h.proxy.held(&s.web) == 1, "still held");
+        ensure!(
+            s.old_served.load(Ordering::SeqCst) == 0,
+            "nothing sent to the backend the scale to zero stopped"
+        );
+        ensure!(
+            s.modes.applied(&s.web) == Some((AppliedMode::Hold, 11)),
+            "new connects are held, not sent direct to it"
+        );
+        let (woken, woken_served) = http_backend().await?;
+        s.h.ready(&s.web, &[woken]);
+        let (status, _, body) =
+            parse_response(&bounded(Duration::from_secs(10), async { client.await? }).await?)?;
+        ensure!(status == "HTTP/1.1 200 OK", "{status}");
+        ensure!(body == "hello /during-sleep ", "{body:?}");
+        ensure!(woken_served.load(Ordering::SeqCst) == 1);
+        ensure!(s.old_served.load(Ordering::SeqCst) == 0);
+        wait_until(
+            "the Service follows its endpoints again",
+            Duration::from_secs(10),
+            || s.modes.applied(&s.web).map(|(mode, _)| mode) == Some(AppliedMode::Passthrough),
+        )
+        .await?;
         Ok(())
     })
     .await

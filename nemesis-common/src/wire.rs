@@ -75,6 +75,13 @@ pub struct ServiceDirective {
     /// NodePorts, meshes). Empty from controllers that predate it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hold_ports: Vec<HoldPort>,
+    /// On a `Follow`: the target was scaled to zero since the Service's last `Sleep`
+    /// (that sleep completed; this is the wake). The backends an agent listed during the
+    /// sleep are the ones the scale stopped, even while its view of the endpoints still
+    /// lists them: it sends them nothing new and keeps holding until it sees them go.
+    /// False on a sleep given up (its backends stay) and from controllers that predate it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_zero: bool,
 }
 
 /// The mode an agent's eBPF table has for a Service right now.
@@ -512,6 +519,7 @@ mod tests {
             directive: Directive::Follow,
             epoch,
             hold_ports: vec![],
+            after_zero: false,
         }
     }
 
@@ -536,6 +544,26 @@ mod tests {
         view.directives()
             .map(|d| (d.service.name.clone(), d.epoch))
             .collect()
+    }
+
+    #[test]
+    fn after_zero_is_false_from_old_controllers_and_sent_only_when_set() {
+        let old: ServiceDirective = serde_json::from_str(
+            r#"{"service":{"namespace":"ns","name":"a"},"directive":"follow","epoch":3}"#,
+        )
+        .unwrap();
+        assert!(!old.after_zero);
+        assert!(!serde_json::to_string(&old).unwrap().contains("afterZero"));
+        let woken = ServiceDirective {
+            after_zero: true,
+            ..old
+        };
+        let text = serde_json::to_string(&woken).unwrap();
+        assert!(text.contains(r#""afterZero":true"#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<ServiceDirective>(&text).unwrap(),
+            woken
+        );
     }
 
     #[test]

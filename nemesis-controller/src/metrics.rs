@@ -304,6 +304,9 @@ pub struct ControllerMetrics {
     errors: Family<ErrorLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     scale_operations: Family<ScaleLabels, Counter>,
+    /// `nemesis_controller_scale_conflicts_total`: scales refused with 409 because the
+    /// target changed since this controller's watch showed it (another writer).
+    scale_conflicts: Counter,
     wake_latency: Histogram,
     live_agents: Gauge,
     leader: Gauge,
@@ -370,6 +373,12 @@ impl ControllerMetrics {
             "scale_operations",
             "Scale patches acknowledged by the API server, by direction",
             scale_operations.clone(),
+        );
+        let scale_conflicts = Counter::default();
+        registry.register(
+            "scale_conflicts",
+            "Scales refused with 409 because the target changed since its watch showed it (another writer: a previous leader, an HPA); each is read again",
+            scale_conflicts.clone(),
         );
         let (start, factor, len) = WAKE_LATENCY_BUCKETS;
         let wake_latency = Histogram::new(exponential_buckets(start, factor, len));
@@ -482,6 +491,7 @@ impl ControllerMetrics {
             errors,
             decisions,
             scale_operations,
+            scale_conflicts,
             wake_latency,
             live_agents,
             leader,
@@ -581,6 +591,16 @@ impl ControllerMetrics {
                 .get_or_create(&ScaleLabels { direction })
                 .inc();
         }
+    }
+
+    /// A scale refused because the target changed since it was read.
+    pub fn scale_conflict(&self) {
+        self.scale_conflicts.inc();
+    }
+
+    /// Scales refused with 409 so far.
+    pub fn scale_conflicts(&self) -> u64 {
+        self.scale_conflicts.get()
     }
 
     pub fn observe_wake_latency(&self, latency: Duration) {

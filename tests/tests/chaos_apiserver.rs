@@ -7,20 +7,27 @@
 //! the faults stop a whole cycle is timed against one before them (the recovery).
 //! `NEMESIS_CHAOS_SEED` repeats a run; `NEMESIS_CHAOS_FAULT_SECS` (default 30) sets how
 //! long the faults last.
+//!
+//! Beside the seeded run, one fault made on purpose: the controller's watch of
+//! Deployments lags while another writer scales the target, and the controller decides
+//! from what its watch still shows. Its scale is conditional on the version it saw, so
+//! it is refused (409) and counted, not made and recorded a second time.
 
 mod wake_support;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use nemesis_controller::policy::ScalingPolicy;
-use nemesis_controller::store::PolicyId;
+use nemesis_controller::store::{PolicyId, ScaleRecord, unix_ms};
 use nemesis_tests::apiserver::faults::FaultPlan;
 use nemesis_tests::demo::apply::Manifest;
 use serde_json::{Value, json};
@@ -351,4 +358,181 @@ async fn api_server_faults_on_a_seeded_schedule_never_make_a_wrong_scale_and_it_
         cycles
     );
     env.shutdown().await
+}
+
+/// The history's scale records of the test's policy, oldest first (without the
+/// recovered ones that repeat the change before them, as every reader sees it).
+fn scale_records(env: &WakeEnv) -> anyhow::Result<Vec<ScaleRecord>> {
+    let real = env.real.as_ref().context("the real controller")?;
+    Ok(real
+        .store
+        .scale_events(&PolicyId::new(NS, APP), 0..u64::MAX)?)
+}
+
+fn targets(records: &[ScaleRecord]) -> Vec<i32> {
+    records.iter().map(|r| r.to_replicas).collect()
+}
+
+/// The run's `...,1,0,0,1,...` without the luck: the controller's watch of Deployments
+/// lags (the test API server holds its events back) while another writer scales the
+/// target to zero, as a previous leader would, whose record this replica's history
+/// already has (standbys pull the leader's records). The controller then decides from
+/// its stale view (one replica) to put the Service to sleep and scales to zero. That
+/// scale carries the resourceVersion the watch showed, so the API server refuses it
+/// (409); the controller reads `/scale`, finds the target at zero already and records
+/// nothing. Without the condition the patch changes nothing yet is recorded: two scales
+/// to 0 in a row. Once the watch catches up a wake works as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_decided_on_a_stale_watch_is_refused_and_recorded_once() -> anyhow::Result<()> {
+    let env = WakeEnv::start_with(
+        Scenario {
+            name: "stalewatch",
+            pod: quick_server(),
+            policy: json!({}),
+            scale_on_wake: false,
+        },
+        Options {
+            policy_spec: Some(policy()),
+            real_controller: Some(vec!["--lease-namespace".into(), SYSTEM_NS.into()]),
+            rbac: Some(as_shipped),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let result = stale_watch(&env).await;
+    if let Some(server) = env.server.as_ref() {
+        server.release_watch_events();
+    }
+    env.shutdown().await?;
+    result
+}
+
+async fn stale_watch(env: &WakeEnv) -> anyhow::Result<()> {
+    let journal: Journal = Arc::default();
+    let _watch = watch_replicas(Api::namespaced(env.client.clone(), NS), journal.clone());
+    wait_replicas(&journal, 0, STEP).await?;
+    wait_policy_state(env, "zero", STEP).await?;
+    let real = env.real.as_ref().context("the real controller")?;
+    let server = env.server.as_ref().context("the API server")?;
+    let id = PolicyId::new(NS, APP);
+    let timeout_ms = STEP.as_millis().to_string();
+    let client = ["--http", "--clients", "1", "--timeout-ms", &timeout_ms];
+
+    // Warm: a client wakes the Service; the controller scales 0 -> 1 and records it.
+    let woken = env
+        .run_clients(&client, STEP + Duration::from_secs(10))
+        .await?;
+    anyhow::ensure!(woken[0].http()?.status == 200, "the wake: {woken:?}");
+    wait_replicas(&journal, 1, STEP).await?;
+    wait_policy_state(env, "warm", STEP).await?;
+    // The cold start ends when the controller's watch shows the pod ready: from then on
+    // its view is one replica.
+    eventually("the cold start recorded", STEP, || async {
+        Ok((!real.store.cold_starts(&id, 0..u64::MAX)?.is_empty()).then_some(()))
+    })
+    .await?;
+    let records = eventually("the wake's scale record", STEP, || async {
+        let r = scale_records(env)?;
+        Ok((!r.is_empty()).then_some(r))
+    })
+    .await?;
+    anyhow::ensure!(targets(&records) == [1], "before the fault: {records:?}");
+
+    // The controller's watch of Deployments stops showing changes; another writer
+    // scales the target to zero, and its record is in this replica's history.
+    server.hold_watch_events("apps", "deployments", &[CONTROLLER_USER]);
+    Api::<Deployment>::namespaced(env.client.clone(), NS)
+        .patch_scale(
+            APP,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .context("the other writer's scale to zero")?;
+    real.store.record_scale(&ScaleRecord {
+        at_ms: unix_ms(SystemTime::now()),
+        policy: id.clone(),
+        state: "zero".into(),
+        from_replicas: 1,
+        to_replicas: 0,
+        reason: "made by the previous leader (the test)".into(),
+        metrics: BTreeMap::new(),
+        recovered: false,
+    })?;
+    wait_replicas(&journal, 0, STEP).await?;
+
+    // The policy wants zero; the controller's view still says one replica.
+    post_alert(env, ALERT, true).await?;
+    wait_policy_state(env, "zero", STEP).await?;
+    eventually(
+        "the controller's scale to zero (refused, or made and recorded)",
+        STEP,
+        || async {
+            let made = scale_records(env)?.len() > 2;
+            Ok((real.metrics.scale_conflicts() > 0 || made).then_some(()))
+        },
+    )
+    .await?;
+    let records = scale_records(env)?;
+    anyhow::ensure!(
+        targets(&records) == [1, 0],
+        "one change of the Deployment recorded twice (a scale decided on a stale watch was made): {records:?}"
+    );
+    anyhow::ensure!(real.metrics.scale_conflicts() >= 1, "no conflict counted");
+    let refused = server.requests().into_iter().any(|r| {
+        r.user == CONTROLLER_USER
+            && r.method == "PATCH"
+            && r.path.ends_with(&format!("/deployments/{APP}/scale"))
+            && r.status == 409
+    });
+    anyhow::ensure!(
+        refused,
+        "the API server refused no scale of the controller's with 409"
+    );
+
+    // The watch catches up; the Deployment is where the policy wants it, and stays.
+    server.release_watch_events();
+    post_alert(env, ALERT, false).await?;
+    eventually("the pod gone", STEP, || async {
+        Ok(env.pod_names().await?.is_empty().then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(
+        replicas_now(&journal) == Some(0),
+        "{:?}",
+        journal.lock().unwrap()
+    );
+
+    // A wake from the fresh view: scaled and recorded once.
+    let woken = env
+        .run_clients(&client, STEP + Duration::from_secs(10))
+        .await?;
+    anyhow::ensure!(woken[0].http()?.status == 200, "the wake after: {woken:?}");
+    wait_replicas(&journal, 1, STEP).await?;
+    let records = eventually("the second wake's record", STEP, || async {
+        let r = scale_records(env)?;
+        Ok((r.len() >= 3).then_some(r))
+    })
+    .await?;
+    anyhow::ensure!(targets(&records) == [1, 0, 1], "{records:?}");
+    // Woken after a completed sleep: the agents are told, so a view of the endpoints
+    // that still lists the stopped pod sends it nothing.
+    let svc = nemesis_common::wire::ServiceRef {
+        namespace: NS.into(),
+        name: APP.into(),
+    };
+    let directive = real
+        .registry
+        .directive(&svc)
+        .context("the Service's directive")?;
+    anyhow::ensure!(
+        directive.directive == nemesis_common::wire::Directive::Follow && directive.after_zero,
+        "the wake's directive: {directive:?}"
+    );
+    println!(
+        "scale conflicts counted: {}; records: {:?}",
+        real.metrics.scale_conflicts(),
+        targets(&records)
+    );
+    Ok(())
 }

@@ -641,6 +641,10 @@ async fn a_wake_up_during_the_sleep_handshake_gives_the_sleep_up() -> anyhow::Re
         )
     })
     .await?;
+    assert!(
+        c.registry.directive(&svc).is_some_and(|d| !d.after_zero),
+        "a sleep given up keeps its pods: the agents may use them at once"
+    );
     eventually(
         "a SleepCancelled Event",
         Duration::from_secs(10),

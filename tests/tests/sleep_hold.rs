@@ -6,17 +6,23 @@
 //! client must get its answer from the woken pod, not an EOF from the killed one: the
 //! proxy holds it instead of forwarding it to the pod going away, asks for a wake-up
 //! once that pod is gone, and forwards it to the pod the wake starts.
+//!
+//! The same for a client that comes through the hold port (as an Ingress controller
+//! does: it dials the address the hold EndpointSlice lists, the agent's hold listener on
+//! the node's address, from a pod of its own outside the intercepted cgroup).
 
 mod wake_support;
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use nemesis_common::wire::{AppliedMode, Directive, ServiceDirective, ServiceRef};
+use nemesis_common::wire::{AppliedMode, Directive, HoldPort, ServiceDirective, ServiceRef};
 use serde_json::json;
-use wake_support::{APP, NS, Scenario, WakeEnv, eventually, pod_server};
+use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, pod_server};
 
 /// Longer than the grace period (1 s) with room for a loaded machine: the pod answers
 /// only after it would have been killed.
@@ -34,7 +40,7 @@ fn slow_answering_pod() -> serde_json::Value {
     pod
 }
 
-fn sleep_directive(epoch: u64) -> Vec<ServiceDirective> {
+fn sleep_directive(epoch: u64, hold_ports: Vec<HoldPort>) -> Vec<ServiceDirective> {
     vec![ServiceDirective {
         service: ServiceRef {
             namespace: NS.into(),
@@ -42,8 +48,33 @@ fn sleep_directive(epoch: u64) -> Vec<ServiceDirective> {
         },
         directive: Directive::Sleep,
         epoch,
-        hold_ports: vec![],
+        hold_ports,
+        after_zero: false,
     }]
+}
+
+/// A port free on both of the node's addresses (where the agent's hold listeners bind:
+/// the sandbox's gateways are this test's own).
+fn free_hold_port(v4: IpAddr, v6: IpAddr) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let a = std::net::TcpListener::bind(SocketAddr::new(v4, 0))?;
+        let port = a.local_addr()?.port();
+        if std::net::TcpListener::bind(SocketAddr::new(v6, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free on both {v4} and {v6}")
+}
+
+/// How the client reaches the Service.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    /// Dials the ClusterIP from the intercepted cgroup (the connect() hook sends it to
+    /// the proxy).
+    ClusterIp,
+    /// Dials the node's hold listener from a host of its own, as an Ingress controller
+    /// following the hold EndpointSlice does.
+    HoldPort,
 }
 
 async fn scale(env: &WakeEnv, replicas: i32) -> anyhow::Result<()> {
@@ -71,28 +102,90 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
         scale_on_wake: true,
     })
     .await?;
+    let result = held_through_the_sleep(&env, Path::ClusterIp).await;
+    env.shutdown().await?;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_through_the_hold_port_while_the_service_is_put_to_sleep_is_answered_by_the_woken_pod()
+-> anyhow::Result<()> {
+    let env = WakeEnv::start(Scenario {
+        name: "sleepholdport",
+        pod: slow_answering_pod(),
+        policy: json!({}),
+        scale_on_wake: true,
+    })
+    .await?;
+    let result = held_through_the_sleep(&env, Path::HoldPort).await;
+    env.shutdown().await?;
+    result
+}
+
+/// A client started, as its path needs.
+enum Client {
+    Intercepted(wake_support::Clients),
+    Outside(wake_support::RepeatingClients),
+}
+
+impl Client {
+    async fn finish(self, within: Duration) -> anyhow::Result<Vec<wake_support::ClientResult>> {
+        match self {
+            Client::Intercepted(c) => c.finish(within).await,
+            Client::Outside(c) => c.finish(within).await,
+        }
+    }
+}
+
+async fn held_through_the_sleep(env: &WakeEnv, path: Path) -> anyhow::Result<()> {
     // Warm: the first client wakes the Service (the stand-in controller scales it).
     let first = env
         .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
         .await?;
     let old_pod = pod_of(&first[0].http()?.body).to_owned();
 
-    // The controller puts it to sleep: every agent holds new connects first.
-    *env.controller.directives.lock().unwrap() = sleep_directive(1);
+    // The controller puts it to sleep: every agent holds new connects first (and
+    // listens on the Service's hold port, which the hold slice lists meanwhile).
+    let node_v4 = IpAddr::from(env.sandbox().gateway());
+    let hold_ports = match path {
+        Path::ClusterIp => vec![],
+        Path::HoldPort => vec![HoldPort {
+            name: "http".into(),
+            port: free_hold_port(node_v4, IpAddr::from(env.sandbox().gateway_v6()))?,
+        }],
+    };
+    let want_ports: Vec<u16> = hold_ports.iter().map(|p| p.port).collect();
+    *env.controller.directives.lock().unwrap() = sleep_directive(1, hold_ports);
     eventually("the agent to acknowledge the Sleep", STEP, || async {
         Ok(env
             .controller
             .report()
             .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
+            .filter(|r| want_ports.iter().all(|p| r.hold_ports.contains(p)))
             .map(|_| ()))
     })
     .await?;
 
     // A client connects and sends its request after the agents' acknowledgement.
     let before = env.metrics().await?;
-    let client = env
-        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
-        .await?;
+    let args = ["--clients", "1", "--http", "--timeout-ms", "120000"];
+    // The Ingress controller's host (kept until the client is done).
+    let mut ingress = None;
+    let client = match path {
+        Path::ClusterIp => Client::Intercepted(env.clients(&args).await?),
+        Path::HoldPort => {
+            let host = env.sandbox().outside_host().await?;
+            let hold = SocketAddr::new(node_v4, want_ports[0]).to_string();
+            let mut argv = vec!["--connect", hold.as_str()];
+            argv.extend(args);
+            let c = env
+                .outside_repeating_clients(host.name(), &argv)
+                .await
+                .context("a client through the hold port")?;
+            ingress = Some(host);
+            Client::Outside(c)
+        }
+    };
     eventually("the proxy to take the connection", STEP, || async {
         let m = env.metrics().await?;
         let forwarded = m.outcome("forwarded") > before.outcome("forwarded");
@@ -101,19 +194,19 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
     .await?;
 
     // The scale to zero: the pod gets SIGTERM (ignored), then SIGKILL after its grace.
-    scale(&env, 0).await?;
+    scale(env, 0).await?;
     eventually("the old pod to be gone", STEP, || async {
         Ok(env.pod_names().await?.is_empty().then_some(()))
     })
     .await?;
     // The controller wakes the Service again for its held client.
-    scale(&env, 1).await?;
+    scale(env, 1).await?;
 
     let results = client.finish(STEP).await?;
+    drop(ingress);
     anyhow::ensure!(
-        results[0].result == "response" && !results[0].text.is_empty(),
-        "the client's connection was cut (by the kill of the pod it was sent to?): {:?}",
-        results[0]
+        results.len() == 1 && results[0].result == "response" && !results[0].text.is_empty(),
+        "the client's connection was cut (by the kill of the pod it was sent to?): {results:?}"
     );
     let answer = results[0].http()?;
     assert_eq!(answer.status, 200, "{:?}", results[0]);
@@ -127,5 +220,143 @@ async fn a_connection_made_while_the_service_is_put_to_sleep_is_answered_by_the_
         "the held client asked for the wake (wake-ups: {})",
         env.controller.wakes()
     );
-    env.shutdown().await
+    Ok(())
+}
+
+const AGENT_USER: &str = "system:serviceaccount:nemesis-system:nemesis-agent";
+
+/// The wake's `Follow` after a completed sleep, as the controller sends it.
+fn follow_after_zero(epoch: u64) -> Vec<ServiceDirective> {
+    let mut d = sleep_directive(epoch, vec![]);
+    d[0].directive = Directive::Follow;
+    d[0].after_zero = true;
+    d
+}
+
+/// After a sleep completes (the scale to zero made) the Service is woken again, and the
+/// controller sends `Follow` while this agent's view of the endpoints still lists the
+/// pod of the previous cycle as ready (its EndpointSlice watch lags: the test API server
+/// holds the agent's events back). That pod is terminating (it ignores SIGTERM and has a
+/// long grace period); a connection held during the sleep must not be sent to it, but
+/// to the woken pod once the agent sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_after_a_completed_sleep_sends_nothing_to_the_pod_the_sleep_stopped()
+-> anyhow::Result<()> {
+    let mut pod = slow_answering_pod();
+    // Alive (and listed, in the agent's lagging view) well after the wake's Follow.
+    pod["terminationGracePeriodSeconds"] = json!(10);
+    let env = WakeEnv::start_with(
+        Scenario {
+            name: "sleepfollow",
+            pod,
+            policy: json!({}),
+            scale_on_wake: true,
+        },
+        Options {
+            rbac: Some(|_| {}),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let result = woken_while_the_view_lags(&env).await;
+    if let Some(s) = env.server.as_ref() {
+        s.release_watch_events();
+    }
+    if let Err(e) = &result {
+        eprintln!("{e:?}");
+    }
+    env.shutdown().await?;
+    result
+}
+
+async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
+    let server = env.server.as_ref().context("the API server")?;
+    let first = env
+        .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
+        .await?;
+    let old_pod = pod_of(&first[0].http()?.body).to_owned();
+    *env.controller.directives.lock().unwrap() = sleep_directive(1, vec![]);
+    eventually("the agent to acknowledge the Sleep", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
+            .map(|_| ()))
+    })
+    .await?;
+
+    // From now on the agent's view of the endpoints lags: the old pod stays listed.
+    server.hold_watch_events("discovery.k8s.io", "endpointslices", &[AGENT_USER]);
+    let before = env.metrics().await?;
+    let client = env
+        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
+        .await?;
+    eventually("the proxy to hold the connection", STEP, || async {
+        Ok((env.metrics().await?.held() >= 1.0).then_some(()))
+    })
+    .await?;
+
+    // The sleep completes: scaled to zero, the old pod terminating (for a while: it
+    // ignores SIGTERM). Then the wake: a new pod, ready, and `Follow`.
+    scale(env, 0).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), NS);
+    // Terminating before the wake (scaled back at once, the scale to zero could be
+    // folded away and the old pod kept).
+    eventually("the old pod terminating", STEP, || async {
+        let p = pods.get_opt(&old_pod).await?;
+        Ok(p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(()))
+    })
+    .await?;
+    scale(env, 1).await?;
+    eventually("the woken pod ready", STEP, || async {
+        let list = pods.list(&Default::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|p| {
+                p.metadata.name.as_deref() != Some(old_pod.as_str())
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .then_some(()))
+    })
+    .await?;
+    *env.controller.directives.lock().unwrap() = follow_after_zero(2);
+    eventually("the agent to apply the Follow", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.applied_epoch == 2)
+            .map(|_| ()))
+    })
+    .await?;
+    // Give a wrong forward its chance (it would go at once), then let the agent see
+    // the endpoints as they are.
+    let forwarded = eventually(
+        "a forward while the view lags",
+        Duration::from_secs(5),
+        || async {
+            let m = env.metrics().await?;
+            Ok((m.outcome("forwarded") > before.outcome("forwarded")).then_some(()))
+        },
+    )
+    .await
+    .is_ok();
+    server.release_watch_events();
+    let results = client.finish(STEP).await?;
+    anyhow::ensure!(
+        results[0].result == "response" && !results[0].text.is_empty(),
+        "the client's connection was cut: {:?}",
+        results[0]
+    );
+    let answer = results[0].http()?;
+    anyhow::ensure!(answer.status == 200, "{:?}", results[0]);
+    anyhow::ensure!(
+        pod_of(&answer.body) != old_pod,
+        "answered by the terminating pod of the previous cycle (forwarded while the agent's view lagged: {forwarded})"
+    );
+    Ok(())
 }

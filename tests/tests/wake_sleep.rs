@@ -24,6 +24,7 @@ fn directive(directive: Directive, epoch: u64) -> Vec<ServiceDirective> {
         directive,
         epoch,
         hold_ports: vec![],
+        after_zero: false,
     }]
 }
 

@@ -64,6 +64,8 @@ fn hold_with_handover(
 struct Desired {
     directive: Directive,
     epoch: u64,
+    /// A `Follow` after a completed sleep (see `ServiceDirective::after_zero`).
+    after_zero: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,11 +151,13 @@ impl ModeFollower {
             let cur = desired.entry(d.service.clone()).or_insert(Desired {
                 directive: Directive::Follow,
                 epoch: 0,
+                after_zero: false,
             });
             if d.epoch >= cur.epoch {
                 *cur = Desired {
                     directive: d.directive,
                     epoch: d.epoch,
+                    after_zero: d.after_zero,
                 };
             }
         }
@@ -180,7 +184,7 @@ impl ModeFollower {
         ready_since.retain(|svc, _| services.contains(svc));
         // The gates first: a Service told to sleep is held in the datapath below, and
         // the connections that brings to the proxy must find its gate closed already.
-        self.close_sleep_gates(&services, &desired);
+        let gated = self.close_sleep_gates(&services, &desired);
         let now = Instant::now();
         let mut recheck_at: Option<Instant> = None;
         let mut all_ok = true;
@@ -189,6 +193,7 @@ impl ModeFollower {
             let want = desired.get(&svc).copied().unwrap_or(Desired {
                 directive: Directive::Follow,
                 epoch: 0,
+                after_zero: false,
             });
             let ready = !self.endpoints.current(&svc).is_empty();
             let since = if ready {
@@ -198,8 +203,10 @@ impl ModeFollower {
                 None
             };
             let held = applied.get(&svc).is_some_and(|a| a.hold);
+            // Gated (woken after a sleep whose stopped backends this agent still lists):
+            // held, as the new connects must not go direct to them.
             let (hold, until) = hold_with_handover(
-                decide_hold(ready, want.directive),
+                decide_hold(ready, want.directive) || gated.contains(&svc),
                 held,
                 since,
                 self.handover,
@@ -249,35 +256,37 @@ impl ModeFollower {
     }
 
     /// Closes the gate of every Service asked to sleep that has not reached zero since,
-    /// opens every other.
+    /// and of every Service woken after a sleep whose zero this agent has not seen yet
+    /// (its view of the endpoints still lists the backends the scale to zero stopped);
+    /// opens every other. Returns the closed ones.
     fn close_sleep_gates(
         &self,
         services: &BTreeSet<ServiceRef>,
         desired: &HashMap<ServiceRef, Desired>,
-    ) {
+    ) -> BTreeSet<ServiceRef> {
         let mut sleeps = self.sleeps.lock().expect("mode sleeps lock");
         let mut closed = BTreeSet::new();
         for svc in services {
-            let sleep_epoch = desired
-                .get(svc)
-                .filter(|d| d.directive == Directive::Sleep)
-                .map(|d| d.epoch);
-            let ready = !self.endpoints.current(svc).is_empty();
-            match next_sleep(sleeps.get(svc).copied(), sleep_epoch, ready) {
-                Some(seen) => {
-                    if !seen.reached_zero {
-                        closed.insert(svc.clone());
-                    }
-                    sleeps.insert(svc.clone(), seen);
+            let prev = sleeps.remove(svc);
+            let sleep_epoch = match desired.get(svc) {
+                Some(d) if d.directive == Directive::Sleep => Some(d.epoch),
+                // The sleep completed and this is the wake: it goes on for this agent
+                // until it sees the sleep's backends go.
+                Some(d) if d.after_zero => prev.as_ref().map(|p| p.epoch),
+                _ => None,
+            };
+            let ready = self.endpoints.current(svc).addresses();
+            if let Some(seen) = next_sleep(prev, sleep_epoch, &ready) {
+                if !seen.reached_zero {
+                    closed.insert(svc.clone());
                 }
-                None => {
-                    sleeps.remove(svc);
-                }
+                sleeps.insert(svc.clone(), seen);
             }
         }
         sleeps.retain(|svc, _| services.contains(svc));
         drop(sleeps);
-        self.table.sleep_gates().set_closed(closed);
+        self.table.sleep_gates().set_closed(closed.clone());
+        closed
     }
 
     /// Follow changes forever.

@@ -7,6 +7,7 @@
 
 use nemesis_common::wire::ServiceRef;
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use tokio::sync::watch;
 
 /// The gates, shared by the mode follower (which closes them) and the proxy.
@@ -69,31 +70,37 @@ impl GateWatch {
 }
 
 /// Where one Service stands in a sleep the controller asked for (the `Sleep` directive
-/// of `epoch`): `reached_zero` once its endpoints were seen empty since, so the
-/// backends ready after that are woken ones, not the ones going away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// of `epoch`): `reached_zero` once its endpoints were seen empty since, or listing
+/// none of the backends they listed when the sleep began (`stopping`: a view that
+/// caught up at once may never show the empty moment), so the backends ready after
+/// that are woken ones, not the ones going away.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SleepSeen {
     pub epoch: u64,
     pub reached_zero: bool,
+    pub stopping: BTreeSet<SocketAddr>,
 }
 
 /// The gate's next state for a Service: `None` when it is not asked to sleep (gate
-/// open); else whether its endpoints went empty during this sleep. The gate is closed
-/// while asked to sleep and not yet at zero. A new `Sleep` epoch is a new handshake
-/// (the Service may have been woken in between): it starts from the endpoints now.
+/// open); else whether its endpoints (the ready backends `ready`) left the sleep's
+/// backends. The gate is closed while asked to sleep and not yet at zero. A new
+/// `Sleep` epoch is a new handshake (the Service may have been woken in between): it
+/// starts from the endpoints now.
 pub fn next_sleep(
     prev: Option<SleepSeen>,
     sleep_epoch: Option<u64>,
-    ready: bool,
+    ready: &BTreeSet<SocketAddr>,
 ) -> Option<SleepSeen> {
     let epoch = sleep_epoch?;
-    let reached_zero = match prev {
-        Some(p) if p.epoch == epoch => p.reached_zero || !ready,
-        _ => !ready,
+    let (stopping, reached) = match prev {
+        Some(p) if p.epoch == epoch => (p.stopping, p.reached_zero),
+        _ => (ready.clone(), false),
     };
+    let reached_zero = reached || ready.is_empty() || ready.is_disjoint(&stopping);
     Some(SleepSeen {
         epoch,
         reached_zero,
+        stopping,
     })
 }
 
@@ -108,30 +115,47 @@ mod tests {
         }
     }
 
-    fn closed(s: Option<SleepSeen>) -> bool {
-        s.is_some_and(|s| !s.reached_zero)
+    fn ips(last: &[u8]) -> BTreeSet<SocketAddr> {
+        last.iter()
+            .map(|l| SocketAddr::from(([198, 18, 0, *l], 8080)))
+            .collect()
+    }
+
+    fn closed(s: &Option<SleepSeen>) -> bool {
+        s.as_ref().is_some_and(|s| !s.reached_zero)
     }
 
     #[test]
     fn the_gate_closes_on_sleep_with_backends_and_opens_at_zero_or_when_the_sleep_ends() {
         // Asked to sleep while backends run: closed.
-        let s = next_sleep(None, Some(7), true);
-        assert!(closed(s));
+        let s = next_sleep(None, Some(7), &ips(&[5]));
+        assert!(closed(&s));
         // Still ready: still closed.
-        let s = next_sleep(s, Some(7), true);
-        assert!(closed(s));
+        let s = next_sleep(s, Some(7), &ips(&[5]));
+        assert!(closed(&s));
         // The scale to zero removed them: open, and stays open for the woken ones.
-        let s = next_sleep(s, Some(7), false);
-        assert!(!closed(s));
-        let s = next_sleep(s, Some(7), true);
-        assert!(!closed(s));
+        let s = next_sleep(s, Some(7), &ips(&[]));
+        assert!(!closed(&s));
+        let s = next_sleep(s, Some(7), &ips(&[5]));
+        assert!(!closed(&s));
         // A new sleep handshake while the woken backends run: closed again.
-        let s = next_sleep(s, Some(9), true);
-        assert!(closed(s));
+        let s = next_sleep(s, Some(9), &ips(&[5]));
+        assert!(closed(&s));
         // The sleep abandoned (Follow): open, nothing remembered.
-        assert_eq!(next_sleep(s, None, true), None);
+        assert_eq!(next_sleep(s, None, &ips(&[5])), None);
         // Asked to sleep at zero already: open.
-        assert!(!closed(next_sleep(None, Some(3), false)));
+        assert!(!closed(&next_sleep(None, Some(3), &ips(&[]))));
+    }
+
+    #[test]
+    fn a_view_that_skips_the_empty_moment_opens_once_the_sleeps_backends_are_gone() {
+        let s = next_sleep(None, Some(7), &ips(&[5, 6]));
+        // One of them gone, one new: the other is still going away.
+        let s = next_sleep(s, Some(7), &ips(&[6, 9]));
+        assert!(closed(&s));
+        // Only woken ones left.
+        let s = next_sleep(s, Some(7), &ips(&[9]));
+        assert!(!closed(&s));
     }
 
     #[tokio::test]

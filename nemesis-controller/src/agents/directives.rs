@@ -627,6 +627,7 @@ mod tests {
             directive,
             epoch,
             hold_ports: vec![],
+            after_zero: false,
         }
     }
 

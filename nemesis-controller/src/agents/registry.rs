@@ -542,11 +542,13 @@ impl AgentRegistry {
         inner.last_epoch
     }
 
-    fn set(&self, svc: &ServiceRef, directive: Directive) -> u64 {
+    fn set(&self, svc: &ServiceRef, directive: Directive, after_zero: bool) -> u64 {
         let (epoch, changed) = {
             let mut inner = self.lock();
             match inner.directives.get(svc) {
-                Some(d) if d.directive == directive => (d.epoch, false),
+                Some(d) if d.directive == directive && d.after_zero == after_zero => {
+                    (d.epoch, false)
+                }
                 _ => {
                     let epoch = Self::next_epoch(&mut inner);
                     let hold_ports = inner
@@ -559,13 +561,14 @@ impl AgentRegistry {
                         directive,
                         epoch,
                         hold_ports,
+                        after_zero,
                     });
                     (epoch, true)
                 }
             }
         };
         if changed {
-            tracing::info!(service = %svc, ?directive, epoch, "service directive changed");
+            tracing::info!(service = %svc, ?directive, after_zero, epoch, "service directive changed");
             self.notify_topology();
         }
         epoch
@@ -574,12 +577,20 @@ impl AgentRegistry {
     /// Asks every agent to hold new connections of `svc` (before a scale to zero).
     /// Returns the epoch to wait for; asking again while already asked returns the same.
     pub fn request_sleep(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Sleep)
+        self.set(svc, Directive::Sleep, false)
     }
 
-    /// Back to the agents' own rule for `svc` (hold at zero, direct when warm).
+    /// Back to the agents' own rule for `svc` (hold at zero, direct when warm): a sleep
+    /// given up, whose backends stay.
     pub fn follow(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Follow)
+        self.set(svc, Directive::Follow, false)
+    }
+
+    /// [`Self::follow`] once the sleep completed (the target was scaled to zero) and
+    /// `svc` is woken: agents send nothing to the backends they listed during the sleep
+    /// (stopped by the scale, whatever their view of the endpoints still says).
+    pub fn follow_after_zero(&self, svc: &ServiceRef) -> u64 {
+        self.set(svc, Directive::Follow, true)
     }
 
     /// The hold ports every agent must listen on for `svc` (sent with its directive; a
@@ -604,6 +615,7 @@ impl AgentRegistry {
                         directive: Directive::Follow,
                         epoch,
                         hold_ports: ports,
+                        after_zero: false,
                     });
                     true
                 }

@@ -839,7 +839,14 @@ impl Actor {
                 .directive(&svc)
                 .is_some_and(|d| d.directive == Directive::Sleep)
             {
-                self.ctx.registry.follow(&svc);
+                // Woken from zero: the sleep completed, and the pods it stopped may still
+                // be listed (terminating) in an agent's view: it must send them nothing.
+                // Otherwise the sleep is given up and its pods stay.
+                if target.replicas == 0 {
+                    self.ctx.registry.follow_after_zero(&svc);
+                } else {
+                    self.ctx.registry.follow(&svc);
+                }
             }
             return Ok(());
         }
@@ -1034,7 +1041,11 @@ impl Actor {
             api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
         .await;
-        if matches!(&result, Ok(Err(kube::Error::Api(s))) if s.code == 409) && retries > 0 {
+        let conflict = matches!(&result, Ok(Err(kube::Error::Api(s))) if s.code == 409);
+        if conflict {
+            self.ctx.metrics.scale_conflict();
+        }
+        if conflict && retries > 0 {
             return match self.after_conflict(c, &api, to, now).await? {
                 Some(current) => {
                     Box::pin(self.scale_conditionally(c, current, to, now, retries - 1)).await

@@ -985,7 +985,11 @@ async fn start_watch(ctx: &Ctx<'_>, p: &ResourcePath) -> Result<Response<Body>, 
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        tokio::spawn(watch::run(spec, backlog, rx, cancel, tx));
+        let hold = watch::HoldWatch {
+            user: ctx.user.name.clone(),
+            rx: ctx.shared.watch_hold.subscribe(),
+        };
+        tokio::spawn(watch::run(spec, backlog, rx, cancel, tx, hold));
     }
     let stream = futures::stream::unfold(rx_bytes, |mut rx| async move {
         rx.recv()

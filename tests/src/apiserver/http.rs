@@ -65,6 +65,8 @@ pub struct Shared {
     pub watch_epoch: Mutex<CancellationToken>,
     /// While true, new watch requests wait.
     pub watch_gate: tokio::sync::watch::Sender<bool>,
+    /// While set, the watches it covers hold their events back.
+    pub watch_hold: tokio::sync::watch::Sender<Option<super::watch::EventHold>>,
     pub log: Mutex<VecDeque<RequestRecord>>,
     /// Injected faults (chaos tests); off unless a plan is set.
     pub faults: super::faults::Injector,

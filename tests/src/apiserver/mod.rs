@@ -189,6 +189,7 @@ impl TestApiServer {
             shutdown: cancel.clone(),
             watch_epoch: Mutex::new(cancel.child_token()),
             watch_gate: tokio::sync::watch::channel(false).0,
+            watch_hold: tokio::sync::watch::channel(None).0,
             log: Mutex::new(Default::default()),
             faults: Default::default(),
             counts: Mutex::new(Default::default()),
@@ -375,6 +376,24 @@ impl TestApiServer {
 
     pub fn resume_watches(&self) {
         self.shared.watch_gate.send_replace(false);
+    }
+
+    /// Fault injection: the watches of `group`/`plural` by `users` (all users when
+    /// empty) deliver no event from now on (a lagging watch: the client decides on an
+    /// old world while others write); their events queue, in order, until
+    /// [`release_watch_events`](Self::release_watch_events). Replaces any hold in force.
+    pub fn hold_watch_events(&self, group: &str, plural: &str, users: &[&str]) {
+        tracing::info!(group, plural, ?users, "holding watch events back");
+        self.shared.watch_hold.send_replace(Some(watch::EventHold {
+            key: (group.to_owned(), plural.to_owned()),
+            users: users.iter().map(|u| u.to_string()).collect(),
+        }));
+    }
+
+    /// Ends [`hold_watch_events`](Self::hold_watch_events): the queued events go out.
+    pub fn release_watch_events(&self) {
+        tracing::info!("releasing held watch events");
+        self.shared.watch_hold.send_replace(None);
     }
 
     /// Forget the watch history (as an etcd compaction): watches resuming from an older

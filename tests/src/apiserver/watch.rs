@@ -1,7 +1,8 @@
 //! Watches: the bounded event history (resume from a resourceVersion, `410 Expired` when
 //! it is too old) and the task that streams one watch as JSON lines (ADDED, MODIFIED,
-//! DELETED, BOOKMARK, ERROR) with selector-aware translation and a timeout. It reads
-//! events; it never writes objects.
+//! DELETED, BOOKMARK, ERROR) with selector-aware translation and a timeout, holding its
+//! events back while a test's [`EventHold`] covers it. It reads events; it never writes
+//! objects.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -103,6 +104,33 @@ impl EventLog {
     }
 }
 
+/// A fault: the watches of one resource (by some users) stop delivering events, which
+/// queue and are delivered in order once the hold ends, as a lagging cache or a slow
+/// watch connection shows a client an old world while writes go on. Lists and gets
+/// still see the store as it is; bookmarks wait too (they would skip the held events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventHold {
+    /// The resource, as `(group, plural)`.
+    pub key: StoreKey,
+    /// Only watches by these users (exact names as authenticated); empty: everybody's.
+    pub users: Vec<String>,
+}
+
+/// Whether one watch is held back now: the hold switch and who is watching.
+pub struct HoldWatch {
+    pub user: String,
+    pub rx: tokio::sync::watch::Receiver<Option<EventHold>>,
+}
+
+impl HoldWatch {
+    fn holds(&self, key: &StoreKey) -> bool {
+        self.rx
+            .borrow()
+            .as_ref()
+            .is_some_and(|h| h.key == *key && (h.users.is_empty() || h.users.contains(&self.user)))
+    }
+}
+
 /// Renders a stored object in the form the watcher asked for (version, Table).
 pub type Render = Box<dyn Fn(&Value) -> Value + Send + Sync>;
 /// Whether an object is in the watcher's namespace and selectors.
@@ -167,15 +195,21 @@ fn translate(spec: &WatchSpec, ev: &StoredEvent) -> Option<(&'static str, Value)
 }
 
 /// Stream one watch into `out` until the timeout, cancellation, a lagging receiver, or
-/// the client going away.
+/// the client going away; while `hold` covers it, events queue instead (dropped if the
+/// watch ends first: its client resumes from the last version it was sent).
 pub async fn run(
     spec: WatchSpec,
     backlog: Vec<Arc<StoredEvent>>,
     mut rx: broadcast::Receiver<Arc<StoredEvent>>,
     cancel: CancellationToken,
     out: mpsc::Sender<Bytes>,
+    mut hold: HoldWatch,
 ) {
+    // The latest version sent (an event or a bookmark may carry it), and the latest
+    // received (to skip what the backlog already had).
     let mut last_rv = spec.start_rv;
+    let mut seen_rv = spec.start_rv;
+    let mut queued: VecDeque<Arc<StoredEvent>> = VecDeque::new();
     for obj in &spec.initial {
         if out.send(line("ADDED", (spec.render)(obj))).await.is_err() {
             return;
@@ -185,45 +219,54 @@ pub async fn run(
         return;
     }
     for ev in backlog {
-        last_rv = ev.rv;
-        if let Some((t, o)) = translate(&spec, &ev)
-            && out.send(line(t, o)).await.is_err()
-        {
-            return;
-        }
+        seen_rv = ev.rv;
+        queued.push_back(ev);
     }
     let deadline = tokio::time::sleep(spec.timeout);
     tokio::pin!(deadline);
     let mut ticker = tokio::time::interval(spec.bookmark_interval);
     ticker.tick().await;
+    let mut hold_open = true;
     loop {
+        if !hold.holds(&spec.key) {
+            while let Some(ev) = queued.pop_front() {
+                last_rv = ev.rv;
+                if let Some((t, o)) = translate(&spec, &ev)
+                    && out.send(line(t, o)).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
         tokio::select! {
             _ = &mut deadline => break,
             _ = cancel.cancelled() => break,
             _ = out.closed() => return,
+            changed = hold.rx.changed(), if hold_open => {
+                // Gone with the server: nothing can hold this watch any more.
+                if changed.is_err() {
+                    hold_open = false;
+                }
+            }
             _ = ticker.tick(), if spec.bookmarks => {
-                if out.send(bookmark(&spec, last_rv, false)).await.is_err() {
+                if queued.is_empty() && out.send(bookmark(&spec, last_rv, false)).await.is_err() {
                     return;
                 }
             }
             ev = rx.recv() => match ev {
                 Ok(ev) => {
-                    if ev.rv <= last_rv {
+                    if ev.rv <= seen_rv {
                         continue;
                     }
-                    last_rv = ev.rv;
-                    if let Some((t, o)) = translate(&spec, &ev)
-                        && out.send(line(t, o)).await.is_err()
-                    {
-                        return;
-                    }
+                    seen_rv = ev.rv;
+                    queued.push_back(ev);
                 }
                 // Lagged: this watcher missed events; end it so the client resumes.
                 Err(_) => break,
             },
         }
     }
-    if spec.bookmarks {
+    if spec.bookmarks && queued.is_empty() {
         let _ = out.send(bookmark(&spec, last_rv, false)).await;
     }
 }
@@ -256,6 +299,82 @@ mod tests {
         log.compact(6);
         assert!(log.since(5, 6).is_err());
         assert!(log.since(6, 6).unwrap().is_empty());
+    }
+
+    fn pods_spec() -> WatchSpec {
+        WatchSpec {
+            key: ("".into(), "pods".into()),
+            filter: Box::new(|_| true),
+            render: Box::new(|o| o.clone()),
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            bookmarks: true,
+            bookmark_interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(60),
+            initial: vec![],
+            initial_events_end: false,
+            start_rv: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_watch_sends_nothing_then_every_event_in_order() {
+        let mut log = EventLog::new(16);
+        let hold = tokio::sync::watch::Sender::new(Some(EventHold {
+            key: ("".into(), "pods".into()),
+            users: vec!["slow".into()],
+        }));
+        let (tx, mut rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            pods_spec(),
+            vec![],
+            log.subscribe(),
+            cancel.clone(),
+            tx,
+            HoldWatch {
+                user: "slow".into(),
+                rx: hold.subscribe(),
+            },
+        ));
+        for rv in 2..=4 {
+            log.push(StoredEvent {
+                object: json!({ "n": rv }),
+                ..ev(rv)
+            });
+        }
+        // Held: not even a bookmark (it would claim the held events were seen).
+        let quiet = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(quiet.is_err(), "a held watch sent {quiet:?}");
+        hold.send_replace(None);
+        let mut rvs = vec![];
+        while rvs.len() < 3 {
+            let l = rx.recv().await.expect("the watch runs");
+            let v: Value = serde_json::from_slice(&l).unwrap();
+            if v["type"] == "ADDED" {
+                rvs.push(v["object"]["n"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(rvs, vec![2, 3, 4]);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hold_covers_only_its_resource_and_users() {
+        let hold = tokio::sync::watch::Sender::new(Some(EventHold {
+            key: ("".into(), "pods".into()),
+            users: vec!["slow".into()],
+        }));
+        let w = |user: &str| HoldWatch {
+            user: user.into(),
+            rx: hold.subscribe(),
+        };
+        assert!(w("slow").holds(&("".into(), "pods".into())));
+        assert!(!w("other").holds(&("".into(), "pods".into())));
+        assert!(!w("slow").holds(&("apps".into(), "deployments".into())));
+        hold.send_replace(None);
+        assert!(!w("slow").holds(&("".into(), "pods".into())));
     }
 
     #[test]

@@ -143,7 +143,9 @@ fn deployment(pod: &Value) -> anyhow::Result<Deployment> {
             "template": {
                 "metadata": {"labels": {"app": APP}, "annotations": pod["annotations"]},
                 "spec": {
-                    "terminationGracePeriodSeconds": 1,
+                    // 1 s unless the pod says otherwise (a pod that must outlive
+                    // its Service's endpoints for a while).
+                    "terminationGracePeriodSeconds": pod.get("terminationGracePeriodSeconds").cloned().unwrap_or(json!(1)),
                     "containers": [pod["container"]],
                 },
             },
