@@ -604,7 +604,8 @@ fn history_url(flag: Option<&str>, api_addr: SocketAddr) -> Option<String> {
     }
 }
 
-/// Keeps the live-agents gauge current and re-reads rotated token files.
+/// Keeps the live-agents gauge current (warning when they outgrow the open-file limit)
+/// and re-reads rotated token files.
 async fn maintain(
     registry: Arc<AgentRegistry>,
     metrics: ControllerMetrics,
@@ -613,10 +614,16 @@ async fn maintain(
 ) {
     let mut gauge = tokio::time::interval(Duration::from_secs(1));
     let mut reload = tokio::time::interval(TOKEN_RELOAD_EVERY);
+    let limit = crate::open_files::current().ok();
+    let mut files = crate::open_files::ShortfallWarning::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = gauge.tick() => metrics.set_live_agents(registry.live_count(Instant::now())),
+            _ = gauge.tick() => {
+                let live = registry.live_count(Instant::now());
+                metrics.set_live_agents(live);
+                files.check(limit, live);
+            }
             _ = reload.tick() => {
                 for t in &tokens {
                     match t.reload() {
