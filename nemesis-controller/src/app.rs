@@ -58,6 +58,8 @@ pub enum StartError {
     AlertSinks(#[source] crate::notify::sinks::SinksError),
     #[error(transparent)]
     OpenStore(#[from] StoreError),
+    #[error("starting the leader election's runtime: {0}")]
+    LeaderRuntime(#[source] std::io::Error),
     #[error("opening the history store: the blocking task failed: {0}")]
     JoinStore(#[source] tokio::task::JoinError),
     #[error(transparent)]
@@ -83,6 +85,9 @@ pub struct Running {
     serve_stop: CancellationToken,
     core: Option<JoinHandle<()>>,
     leader: Option<JoinHandle<()>>,
+    /// The leader election's own runtime, if it has one (shut down in the background:
+    /// dropping a runtime from async code would panic).
+    leader_runtime: Option<tokio::runtime::Runtime>,
     servers: Vec<JoinHandle<Result<(), ServerError>>>,
     background: Vec<JoinHandle<()>>,
 }
@@ -107,6 +112,9 @@ impl Running {
         self.leader_stop.cancel();
         if let Some(leader) = self.leader.take() {
             let _ = tokio::time::timeout(STOP_TIMEOUT, leader).await;
+        }
+        if let Some(rt) = self.leader_runtime.take() {
+            rt.shutdown_background();
         }
         self.serve_stop.cancel();
         for s in std::mem::take(&mut self.servers) {
@@ -160,6 +168,9 @@ impl Drop for Running {
         for s in &self.servers {
             s.abort();
         }
+        if let Some(rt) = self.leader_runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -175,6 +186,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
     let ApiClients {
         main: client,
         lease: lease_client,
+        lease_thread,
     } = clients;
     args.validate()?;
     let alert_token = args
@@ -531,13 +543,26 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
             history_url,
         },
     );
-    let leader = tokio::spawn(leader::run(
+    let election = leader::run(
         lock,
         lead_tx,
         epoch_tx,
         metrics.clone(),
         leader_stop.clone(),
-    ));
+    );
+    // On a runtime of its own when asked: a renewal is then never queued behind policy
+    // and agent work (see `ApiClients::lease_thread`).
+    let (leader, leader_runtime) = if lease_thread {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("nemesis-leader")
+            .enable_all()
+            .build()
+            .map_err(StartError::LeaderRuntime)?;
+        (rt.spawn(election), Some(rt))
+    } else {
+        (tokio::spawn(election), None)
+    };
 
     if let Some(token) = replica_token.clone() {
         let follower = crate::replication::Follower::new(
@@ -589,6 +614,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
         serve_stop,
         core: Some(core),
         leader: Some(leader),
+        leader_runtime,
         servers,
         background,
     })

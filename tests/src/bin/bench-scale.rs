@@ -712,6 +712,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
 
     // Steady window: nothing changes; count what is written anyway.
     let lost_before_steady = leadership_lost(&api.http, admin).await?;
+    report_lease("settling", lost_adopted, lost_before_steady);
     stats.reset_window();
     let before = server.request_counts();
     let beats_before = stats.heartbeats.load(Ordering::Relaxed);
