@@ -42,6 +42,11 @@ pub struct ApiClients {
     pub main: kube::Client,
     /// Leader election's Lease reads and renewals only.
     pub lease: kube::Client,
+    /// Run leader election on a thread of its own (with `lease` apart from `main`, so
+    /// its connection lives on that thread too): tokio's scheduling is cooperative, and
+    /// a burst of policy and agent work on the main runtime once held the renewal task
+    /// off both worker threads past the renew deadline (1,000 agents, 10,000 policies).
+    pub lease_thread: bool,
 }
 
 impl ApiClients {
@@ -50,6 +55,7 @@ impl ApiClients {
         Self {
             main: client.clone(),
             lease: client,
+            lease_thread: false,
         }
     }
 
@@ -68,6 +74,7 @@ impl ApiClients {
         Ok(Self {
             main: bounded(config.clone(), MAX_CONCURRENT_REQUESTS)?,
             lease: kube::Client::try_from(config)?,
+            lease_thread: true,
         })
     }
 }

@@ -58,6 +58,8 @@ pub enum StartError {
     AlertSinks(#[source] crate::notify::sinks::SinksError),
     #[error(transparent)]
     OpenStore(#[from] StoreError),
+    #[error("starting the leader election's runtime: {0}")]
+    LeaderRuntime(#[source] std::io::Error),
     #[error("opening the history store: the blocking task failed: {0}")]
     JoinStore(#[source] tokio::task::JoinError),
     #[error(transparent)]
@@ -83,6 +85,9 @@ pub struct Running {
     serve_stop: CancellationToken,
     core: Option<JoinHandle<()>>,
     leader: Option<JoinHandle<()>>,
+    /// The leader election's own runtime, if it has one (shut down in the background:
+    /// dropping a runtime from async code would panic).
+    leader_runtime: Option<tokio::runtime::Runtime>,
     servers: Vec<JoinHandle<Result<(), ServerError>>>,
     background: Vec<JoinHandle<()>>,
 }
@@ -107,6 +112,9 @@ impl Running {
         self.leader_stop.cancel();
         if let Some(leader) = self.leader.take() {
             let _ = tokio::time::timeout(STOP_TIMEOUT, leader).await;
+        }
+        if let Some(rt) = self.leader_runtime.take() {
+            rt.shutdown_background();
         }
         self.serve_stop.cancel();
         for s in std::mem::take(&mut self.servers) {
@@ -160,6 +168,9 @@ impl Drop for Running {
         for s in &self.servers {
             s.abort();
         }
+        if let Some(rt) = self.leader_runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -175,6 +186,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
     let ApiClients {
         main: client,
         lease: lease_client,
+        lease_thread,
     } = clients;
     args.validate()?;
     let alert_token = args
@@ -534,13 +546,26 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
             history_url,
         },
     );
-    let leader = tokio::spawn(leader::run(
+    let election = leader::run(
         lock,
         lead_tx,
         epoch_tx,
         metrics.clone(),
         leader_stop.clone(),
-    ));
+    );
+    // On a runtime of its own when asked: a renewal is then never queued behind policy
+    // and agent work (see `ApiClients::lease_thread`).
+    let (leader, leader_runtime) = if lease_thread {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("nemesis-leader")
+            .enable_all()
+            .build()
+            .map_err(StartError::LeaderRuntime)?;
+        (rt.spawn(election), Some(rt))
+    } else {
+        (tokio::spawn(election), None)
+    };
 
     if let Some(token) = replica_token.clone() {
         let follower = crate::replication::Follower::new(
@@ -593,6 +618,7 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
         serve_stop,
         core: Some(core),
         leader: Some(leader),
+        leader_runtime,
         servers,
         background,
     })
@@ -608,7 +634,8 @@ fn history_url(flag: Option<&str>, api_addr: SocketAddr) -> Option<String> {
     }
 }
 
-/// Keeps the live-agents gauge current and re-reads rotated token files.
+/// Keeps the live-agents gauge current (warning when they outgrow the open-file limit)
+/// and re-reads rotated token files.
 async fn maintain(
     registry: Arc<AgentRegistry>,
     metrics: ControllerMetrics,
@@ -617,10 +644,16 @@ async fn maintain(
 ) {
     let mut gauge = tokio::time::interval(Duration::from_secs(1));
     let mut reload = tokio::time::interval(TOKEN_RELOAD_EVERY);
+    let limit = crate::open_files::current().ok();
+    let mut files = crate::open_files::ShortfallWarning::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = gauge.tick() => metrics.set_live_agents(registry.live_count(Instant::now())),
+            _ = gauge.tick() => {
+                let live = registry.live_count(Instant::now());
+                metrics.set_live_agents(live);
+                files.check(limit, live);
+            }
             _ = reload.tick() => {
                 for t in &tokens {
                     match t.reload() {

@@ -432,6 +432,7 @@ pub async fn run(
         }
         leading.send_replace(false);
         metrics.set_leader(false);
+        metrics.leadership_lost();
     }
 }
 

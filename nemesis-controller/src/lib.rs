@@ -9,6 +9,7 @@ pub mod holdslice;
 pub mod leader;
 pub mod metrics;
 pub mod notify;
+pub mod open_files;
 pub mod permissions;
 pub mod policy;
 pub mod prometheus;

@@ -61,6 +61,9 @@ fn main() -> anyhow::Result<()> {
         ),
         Command::Run(args) => {
             init_tracing(args.log_format);
+            // Before any connection: one descriptor per agent, and the container's
+            // soft limit is often far below its hard one.
+            nemesis_controller::open_files::raise_and_log();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -310,6 +310,9 @@ pub struct ControllerMetrics {
     wake_latency: Histogram,
     live_agents: Gauge,
     leader: Gauge,
+    /// `nemesis_controller_leadership_lost_total`: times this instance stopped leading
+    /// without being asked to (no renewal within the renew deadline, or another holder).
+    leadership_lost: Counter,
     ui_refusals: Family<UiRefusalLabels, Counter>,
     agent_auth_refused: Family<AgentAuthLabels, Counter>,
     alerts_raised: Counter,
@@ -398,6 +401,12 @@ impl ControllerMetrics {
             "leader",
             "1 while this instance holds the leader Lease and acts, else 0",
             leader.clone(),
+        );
+        let leadership_lost = Counter::default();
+        registry.register(
+            "leadership_lost",
+            "Times this instance stopped leading without shutting down: no renewal within the renew deadline, or another holder took the Lease",
+            leadership_lost.clone(),
         );
         let ui_refusals = Family::<UiRefusalLabels, Counter>::default();
         registry.register(
@@ -495,6 +504,7 @@ impl ControllerMetrics {
             wake_latency,
             live_agents,
             leader,
+            leadership_lost,
             ui_refusals,
             agent_auth_refused,
             registry: Arc::new(registry),
@@ -615,6 +625,10 @@ impl ControllerMetrics {
         self.leader.set(i64::from(leading));
     }
 
+    pub fn leadership_lost(&self) {
+        self.leadership_lost.inc();
+    }
+
     pub fn alert_raised(&self) {
         self.alerts_raised.inc();
     }
@@ -674,7 +688,12 @@ mod tests {
         m.observe_wake_latency(Duration::from_millis(3));
         m.set_live_agents(4);
         m.set_leader(true);
+        m.leadership_lost();
         let t = m.clone().render();
+        assert_eq!(
+            sample(&t, "nemesis_controller_leadership_lost_total"),
+            Some(1.0)
+        );
         assert_eq!(sample(&t, "nemesis_controller_reconciles_total"), Some(2.0));
         assert_eq!(
             sample(

@@ -94,11 +94,30 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    tokio::runtime::Builder::new_multi_thread()
+    // 1,000 agents hold a connection each (and the API server one per controller
+    // connection): a soft limit of 1,024 would fail accepts and connects with EMFILE.
+    let files = nemesis_controller::open_files::raise().context("raising RLIMIT_NOFILE")?;
+    eprintln!(
+        "open-file limit {} (hard {}; was {})",
+        files.now.soft, files.now.hard, files.before.soft
+    );
+    // The test API server stands for a cluster's API server, which runs on machines of
+    // its own: on its own threads here, so the simulated agents (parsing whole directive
+    // sets by the hundred) cannot starve it of the scheduler and make the controller's
+    // Lease renewals time out, a failure no real cluster would show.
+    let apiserver = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("apiserver")
+        .enable_all()
+        .build()?;
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench")
         .enable_all()
         .build()?
-        .block_on(run(cli))
+        .block_on(run(cli, apiserver.handle().clone()));
+    apiserver.shutdown_timeout(Duration::from_secs(5));
+    result
 }
 
 fn service_name(i: usize) -> String {
@@ -420,9 +439,56 @@ impl Drop for ChildGuard {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Open descriptors of process `pid` (`/proc/<pid>/fd`).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The most descriptors each of two processes held, sampled every second.
+#[derive(Default)]
+struct FdPeaks {
+    bench: AtomicU64,
+    controller: AtomicU64,
+}
+
+/// `nemesis_controller_leadership_lost_total` from the controller's `/metrics`.
+async fn leadership_lost(
+    http: &HttpClient<HttpConnector, Full<Bytes>>,
+    admin: SocketAddr,
+) -> anyhow::Result<u64> {
+    let req =
+        http::Request::get(format!("http://{admin}/metrics")).body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), http.request(req))
+        .await
+        .context("the controller's /metrics: no answer within 30 s")??;
+    let text = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nemesis_controller_leadership_lost_total "))
+        .context("no nemesis_controller_leadership_lost_total in the controller's /metrics")?;
+    Ok(line.trim().parse::<f64>()? as u64)
+}
+
+/// Says on stderr, loudly, when the controller lost its Lease during `phase`: every
+/// agent then takes the whole directive set again and the figures are not a steady
+/// controller's.
+fn report_lease(phase: &str, lost_before: u64, lost_now: u64) {
+    if lost_now > lost_before {
+        eprintln!(
+            "LEASE LOST: the controller stopped leading {} time(s) during {phase} (the figures below include re-adoption)",
+            lost_now - lost_before
+        );
+    } else {
+        eprintln!("lease kept through {phase}");
+    }
+}
+
+async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> {
     let t_setup = Instant::now();
-    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    // Started on its own runtime: its accept loop and connections run there.
+    let server = apiserver
+        .spawn(TestApiServer::start(ApiServerOptions::default()))
+        .await??;
     let client = server.client().await?;
     Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &ScalingPolicy::crd())
@@ -446,7 +512,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let (scaled, ready) = (scaled.clone(), watch_ready.clone());
         let api: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
         tokio::spawn(async move {
-            let mut stream = watcher(api, watcher::Config::default()).boxed();
+            // With backoff: a watch failing without it retried in a busy loop (thousands
+            // of attempts a second) and took the CPU the API server needed.
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(ev) = stream.next().await {
                 let now = Instant::now();
                 match ev {
@@ -538,6 +608,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         controller_bin.display(),
         log_path.display()
     );
+    let fd_peaks = Arc::new(FdPeaks::default());
+    let fd_sampler = {
+        let peaks = fd_peaks.clone();
+        tokio::spawn(async move {
+            let me = std::process::id();
+            loop {
+                peaks
+                    .bench
+                    .fetch_max(open_fds(me) as u64, Ordering::Relaxed);
+                peaks
+                    .controller
+                    .fetch_max(open_fds(pid) as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
 
     // The agents start with the controller: they retry until it listens.
     let api = Arc::new(AgentApi {
@@ -601,6 +687,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "every policy at zero {:.1} s after the controller started",
         t_adopt.elapsed().as_secs_f64()
     );
+    let lost_adopted = leadership_lost(&api.http, admin).await?;
+    report_lease("setup and adoption", 0, lost_adopted);
     // Settle: every agent has beaten at least twice, and what adoption wrote is done
     // (the first values-only status writes come one status interval after adoption):
     // wait for a 5 s stretch with at most a write a second, for up to 3 minutes.
@@ -623,6 +711,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Steady window: nothing changes; count what is written anyway.
+    let lost_before_steady = leadership_lost(&api.http, admin).await?;
+    report_lease("settling", lost_adopted, lost_before_steady);
     stats.reset_window();
     let before = server.request_counts();
     let beats_before = stats.heartbeats.load(Ordering::Relaxed);
@@ -641,6 +731,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let beats = stats.heartbeats.load(Ordering::Relaxed) - beats_before;
     let timeouts_steady = stats.timeouts.load(Ordering::Relaxed) - timeouts_before;
     let (rss, hwm) = memory_mib(pid)?;
+    let lost_after_steady = leadership_lost(&api.http, admin).await?;
+    report_lease("the steady window", lost_before_steady, lost_after_steady);
     // Which writes: the request log's tail (it keeps the latest few thousand).
     let log = server.requests();
     let served: u64 =
@@ -737,6 +829,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     latencies.sort_by(f64::total_cmp);
     let (rss_end, hwm_end) = memory_mib(pid)?;
+    let lost_end = leadership_lost(&api.http, admin).await?;
+    report_lease("the wakes", lost_after_steady, lost_end);
+    fd_sampler.abort();
+    let limit = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .map(|l| {
+                        l.split_whitespace()
+                            .skip(3)
+                            .take(2)
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    })
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    eprintln!(
+        "open descriptors at most: bench {} (limit soft/hard {}), controller {} (limit {})",
+        fd_peaks.bench.load(Ordering::Relaxed),
+        limit(std::process::id()),
+        fd_peaks.controller.load(Ordering::Relaxed),
+        limit(pid),
+    );
     if let Ok(m) = std::fs::metadata(dir.path().join("history.redb")) {
         eprintln!(
             "history store {:.1} MiB after {:.0} s; controller CPU {:.1} s in all",
@@ -759,6 +877,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let figure = |name: &str, value: f64, decimals: usize| {
         println!("{}={value:.decimals$}", size.name(name));
     };
+    // Not a figure of merit but the run's validity: any loss means every agent took the
+    // whole directive set again and the controller re-adopted every policy.
+    figure("controller_lease_losses", lost_end as f64, 0);
     figure("controller_rss_mib", rss, 1);
     figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
     figure("controller_cpu_cores_steady", cpu_cores, 3);
@@ -814,6 +935,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     figure(
         "agent_heartbeat_report_resends_total",
         stats.report_resends.load(Ordering::Relaxed) as f64,
+        0,
+    );
+    figure(
+        "bench_open_fds_max",
+        fd_peaks.bench.load(Ordering::Relaxed) as f64,
+        0,
+    );
+    figure(
+        "controller_open_fds_max",
+        fd_peaks.controller.load(Ordering::Relaxed) as f64,
         0,
     );
 
