@@ -2,9 +2,14 @@
 //!
 //! Map keys and values are `#[repr(C)]`, `Copy`, with fixed-width fields and explicit
 //! padding, so the kernel side and the loader read the same bytes. This crate is
-//! `no_std` unless a std-only feature (`wire`, `policy`, `serve`) is enabled.
+//! `no_std` unless a std-only feature (`wire`, `policy`, `serve`, `stats`) is enabled.
 #![cfg_attr(
-    not(any(feature = "wire", feature = "policy", feature = "serve")),
+    not(any(
+        feature = "wire",
+        feature = "policy",
+        feature = "serve",
+        feature = "stats"
+    )),
     no_std
 )]
 
@@ -16,5 +21,7 @@ pub mod duration;
 pub mod policy;
 #[cfg(feature = "serve")]
 pub mod serve;
+#[cfg(feature = "stats")]
+pub mod stats;
 #[cfg(feature = "wire")]
 pub mod wire;

@@ -181,7 +181,11 @@ pub async fn start(args: &RunArgs, client: kube::Client) -> Result<Running, Star
 }
 
 /// Starts a controller with `args`: leader election on `clients.lease`, everything else
-/// on `clients.main` (see [`crate::api_client`] for why they differ).
+/// on `clients.main` (see [`crate::api_client`] for why they differ). Each step is a
+/// function below, in this order: read what the flags name (a bad file fails the start
+/// before anything runs), open the history, bind every listener (a busy port fails it
+/// too), start the feeds and the notifier, serve the agents, the API, the UI and the
+/// admin endpoints, then the core, the election and the standby's follower.
 pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, StartError> {
     let ApiClients {
         main: client,
@@ -189,254 +193,492 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
         lease_thread,
     } = clients;
     args.validate()?;
-    let alert_token = args
-        .alertmanager_token_file
-        .as_ref()
-        .map(BearerToken::from_file)
-        .transpose()
-        .map_err(StartError::ReadAlertmanagerToken)?;
-    if alert_token.is_none() {
-        tracing::warn!(
-            "no --alertmanager-token-file: the Alertmanager webhook is not served and alert(...) conditions never fire"
-        );
-    }
-    let token_secret = crate::replication::TokenSecret::new(
-        client.clone(),
-        &args.lease_namespace,
-        &args.replica_token_secret,
-    );
-    // Read in the background (`TokenSecret::follow`): an API server down at start
-    // delays replication, not the start.
-    let replica_token = if args.history_replication {
-        Some(crate::replication::ReplicaToken::pending())
-    } else {
-        tracing::warn!(
-            "--history-replication=false: a new leader starts without the old one's records"
-        );
-        None
-    };
-    let report_prometheus = match &args.prometheus_url {
-        Some(url) => Some(ui::reports::ReportPrometheus {
-            client: PromClient::new(url, DEFAULT_QUERY_TIMEOUT)
-                .map_err(StartError::PrometheusUrl)?,
-            usage: crate::reports::usage::UsageQueries {
-                cpu: args.report_cpu_usage_query.clone(),
-                memory: args.report_memory_usage_query.clone(),
-            },
-        }),
-        None => None,
-    };
-    let ui_password = args
-        .ui_password_file
-        .as_ref()
-        .map(AdminPassword::from_file)
-        .transpose()
-        .map_err(StartError::ReadUiPassword)?;
-    if ui_password.is_none() {
-        tracing::warn!("no --ui-password-file: the web UI is not served");
-    }
-    let ui_tls = match (&args.ui_tls_cert_file, &args.ui_tls_key_file) {
-        (Some(cert), Some(key)) if ui_password.is_some() => {
-            Some(crate::ui::tls::load(cert, key).map_err(StartError::UiTls)?)
-        }
-        _ => None,
-    };
-    let alert_sinks = args
-        .alert_sinks_file
-        .as_deref()
-        .map(notify::sinks::read_sinks)
-        .transpose()
-        .map_err(StartError::AlertSinks)?
-        .unwrap_or_default();
-    if args.alert_sinks_file.is_none() {
-        tracing::warn!("no --alert-sinks-file: alerts are raised and shown, but sent nowhere");
-    }
-    let store = {
-        let path = args.store_path.clone();
-        let retention = args.retention();
-        tokio::task::spawn_blocking(move || Store::open(path, retention))
-            .await
-            .map_err(StartError::JoinStore)??
-    };
-    let store = Arc::new(store);
-    let identity = args.identity();
-    let metrics = ControllerMetrics::new();
-    let registry = Arc::new(AgentRegistry::new(RegistryConfig {
-        lease: args.agent_lease,
-        forget_after: DEFAULT_FORGET_AFTER,
-    }));
+    let mut files = StartFiles::read(args)?;
+    let store = open_store(args).await?;
     let (wakes, wake_rx) = WakeGate::new(DEFAULT_QUEUE, DEFAULT_REFORWARD_AFTER);
-    let wakes = Arc::new(wakes);
-    let alerts = Arc::new(AlertBook::new());
     let (lead_tx, leading) = watch::channel(false);
     let (epoch_tx, epoch) = watch::channel(0u64);
     let (synced_tx, synced) = watch::channel(false);
-
-    let api_listener = server::bind("API", args.listen).await?;
-    let admin_listener = server::bind("admin", args.admin_listen).await?;
-    let local = |l: &tokio::net::TcpListener, which, addr| {
-        l.local_addr().map_err(|source| ServerError::Bind {
-            which,
-            addr,
-            source,
-        })
-    };
-    let api_addr = local(&api_listener, "API", args.listen)?;
-    let admin_addr = local(&admin_listener, "admin", args.admin_listen)?;
-    let ui_listener = match &ui_tls {
-        Some(_) => Some(server::bind("UI", args.ui_listen).await?),
-        None => None,
-    };
-    let ui_addr = match &ui_listener {
-        Some(l) => Some(local(l, "UI", args.ui_listen)?),
-        None => None,
-    };
-    let agent_tls = match &args.agent_tls_secret {
-        Some(name) => {
-            let listener = server::bind("agents", args.agent_listen).await?;
-            let source = if args.agent_tls_provided {
-                tls_secret::Source::Provided
-            } else {
-                tls_secret::Source::Issued {
-                    names: args.agent_tls_names.clone(),
-                    validity: args.agent_tls_validity,
-                    ca_configmap: args.agent_ca_configmap.clone(),
-                }
-            };
-            let secret = TlsSecret::new(client.clone(), &args.lease_namespace, name, source);
-            Some((listener, secret))
-        }
-        None => None,
-    };
-    let agent_addr = match &agent_tls {
-        Some((l, _)) => Some(local(l, "agents", args.agent_listen)?),
-        None => None,
-    };
-
-    let core_stop = CancellationToken::new();
-    let leader_stop = CancellationToken::new();
-    let serve_stop = CancellationToken::new();
-    let mut background = Vec::new();
-
-    let (rules, rule_feed) = RuleSource::watch(client.clone(), serve_stop.clone());
-    background.push(tokio::spawn(rule_feed));
-    // The policies as the UI and scheduled reports see them (every instance watches).
-    let (policies, feed) = PolicyCache::new();
-    background.push(tokio::spawn(feed.run(client.clone(), serve_stop.clone())));
-    let (notifier, notify_handle, tap) = Notifier::new(
-        alert_sinks.sinks,
-        Box::new(SecretOutbox::new(
-            client.clone(),
-            &args.lease_namespace,
-            &args.alert_outbox_secret,
-        )),
-        rules,
-        notify::sinks::Sender::new(identity.clone(), format!("http://{api_addr}/alerts")),
-        metrics.clone(),
-        Some(registry.clone()),
-        leading.clone(),
-    );
-    let notifier = notifier.with_reports(
-        alert_sinks.reports,
-        Arc::new(ui::reports::ScheduledReports(UiSources {
-            store: store.clone(),
-            policies: policies.clone(),
-            registry: registry.clone(),
-            alerts: alerts.clone(),
-            alert_webhook: alert_token.is_some(),
-            notify: None,
-            kube: Some(client.clone()),
-            prometheus: report_prometheus.clone(),
+    let shared = Shared {
+        client,
+        identity: args.identity(),
+        store,
+        metrics: ControllerMetrics::new(),
+        registry: Arc::new(AgentRegistry::new(RegistryConfig {
+            lease: args.agent_lease,
+            forget_after: DEFAULT_FORGET_AFTER,
         })),
-    );
-    background.push(tokio::spawn(notifier.run(core_stop.clone())));
-    let term = epoch.clone();
-    let (history, writer) = History::new(store.clone(), metrics.clone(), epoch);
-    let history = history.with_tap(tap);
-    background.push(tokio::spawn(writer));
-    let (events, publisher) = EventSink::new(client.clone(), identity.clone(), metrics.clone());
-    let publisher = tokio::spawn(publisher);
+        wakes: Arc::new(wakes),
+        alerts: Arc::new(AlertBook::new()),
+        leading,
+    };
+    let listeners = Listeners::bind(args, files.ui_tls.is_some(), &shared.client).await?;
+    let mut tasks = Tasks::default();
 
-    let agent_api = AgentApi {
-        registry: registry.clone(),
-        wakes: wakes.clone(),
-        // Each agent's own ServiceAccount token, reviewed and tied to its node: the
-        // binary has no shared-token mode (AgentAuth::Shared is for in-process tests).
-        auth: AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
-            client.clone(),
-            ReviewConfig::new(
-                &args.agent_token_audience,
-                &args.agent_namespace,
-                &args.agent_service_account,
-            ),
-            metrics.clone(),
-        ))),
-    };
-    // With TLS the agents' routes leave the plain listener: plain HTTP reaches none.
-    let (plain_agent_api, agent_server) = match agent_tls {
-        Some((listener, secret)) => {
-            let slot = Arc::new(CertSlot::default());
-            background.push(tokio::spawn(
-                secret.follow(slot.clone(), serve_stop.clone()),
-            ));
-            let router = server::limited(
-                "agents",
-                server::agents_router(agent_api, leading.clone()),
-                server::API_LIMITS,
-                &metrics,
-            );
-            let serve = crate::ui::tls::serve_tls(
-                "agents",
-                listener,
-                crate::agents::tls::server_config(slot),
-                router,
-                serve_stop.clone(),
-            );
-            (None, Some(tokio::spawn(serve)))
-        }
-        None => (Some(agent_api), None),
-    };
-    if let Some(s) = agent_server {
-        background.push(s);
-    }
-    let mut api = server::api_router(
-        plain_agent_api,
-        alert_token.clone().map(|token| AlertApi {
-            book: alerts.clone(),
-            token,
-        }),
-        leading.clone(),
+    let feeds = shared.start_feeds(
+        args,
+        &mut files,
+        listeners.api_addr,
+        epoch.clone(),
+        &mut tasks,
     );
-    let replication = match &replica_token {
-        Some(token) => {
-            // Apart from the agents' routes: its own token, its own path.
-            api = api.merge(crate::replication::replica_routes(
-                store.clone(),
-                token.clone(),
-                registry.clone(),
-            ));
-            crate::replication::ReplicationStatus::default()
-        }
-        None => crate::replication::ReplicationStatus::disabled(),
-    };
-    let history_url = replica_token
+    let plain_agent_api = shared.serve_agents(args, listeners.agents, &mut tasks);
+    let (mut api, replication) = shared.api_router(plain_agent_api, &files);
+    let history_url = files
+        .replica_token
         .as_ref()
-        .and_then(|_| history_url(args.history_url.as_deref(), api_addr));
-    if replica_token.is_some() && history_url.is_none() {
-        tracing::warn!(listen = %api_addr, "no --history-url and the API listener has no specific address: the standbys cannot pull this instance's history while it leads");
+        .and_then(|_| history_url(args.history_url.as_deref(), listeners.api_addr));
+    if files.replica_token.is_some() && history_url.is_none() {
+        tracing::warn!(listen = %listeners.api_addr, "no --history-url and the API listener has no specific address: the standbys cannot pull this instance's history while it leads");
     }
-    if let Some(token) = &replica_token {
-        background.push(tokio::spawn(
-            token_secret.follow(token.clone(), serve_stop.clone()),
+    if let Some(token) = &files.replica_token {
+        let secret = crate::replication::TokenSecret::new(
+            shared.client.clone(),
+            &args.lease_namespace,
+            &args.replica_token_secret,
+        );
+        // Read in the background: an API server down at start delays replication, not
+        // the start.
+        tasks.spawn(secret.follow(token.clone(), tasks.serve_stop.clone()));
+    }
+    let ui_addr = shared
+        .serve_ui(
+            args,
+            &mut files,
+            UiParts {
+                policies: feeds.policies,
+                notify: feeds.notify,
+                listener: listeners.ui,
+                replication: replication.clone(),
+                api_addr: listeners.api_addr,
+            },
+            &mut api,
+            &mut tasks,
+        )
+        .await?;
+    let servers = shared.serve_api_and_admin(
+        api,
+        (listeners.api, listeners.admin),
+        synced,
+        &tasks.serve_stop,
+    );
+    let core = shared.start_core(
+        args,
+        feeds.history,
+        feeds.events,
+        wake_rx,
+        synced_tx,
+        epoch,
+        &tasks,
+    );
+    let (leader, leader_runtime) = shared.start_election(
+        args,
+        (lease_client, lease_thread),
+        history_url,
+        (lead_tx, epoch_tx),
+        &tasks,
+    )?;
+    if let Some(token) = files.replica_token.clone() {
+        shared.start_follower(args, token, replication, &mut tasks);
+    }
+    tasks.spawn(maintain(
+        shared.registry.clone(),
+        shared.metrics.clone(),
+        files.alert_token.into_iter().collect(),
+        tasks.serve_stop.clone(),
+    ));
+    if let Some(pod) = args.pod_name.clone() {
+        tasks.spawn(label_leader_pod(
+            shared.client.clone(),
+            args.lease_namespace.clone(),
+            pod,
+            shared.leading.clone(),
         ));
     }
-    let mut ui_server = None;
-    if let Some(password) = ui_password {
-        // The UI watches the policies itself (above), so a standby shows them too.
+    // Events outlive the core only as long as the publisher drains its queue.
+    tasks.background.push(feeds.publisher);
+
+    let (api_addr, admin_addr, agent_addr) = (
+        listeners.api_addr,
+        listeners.admin_addr,
+        listeners.agent_addr,
+    );
+    let identity = shared.identity;
+    tracing::info!(%api_addr, %admin_addr, agent_tls = ?agent_addr, %identity, "controller started");
+    Ok(Running {
+        api_addr,
+        ui_addr,
+        admin_addr,
+        agent_addr,
+        identity,
+        metrics: shared.metrics,
+        registry: shared.registry,
+        store: shared.store,
+        leading: shared.leading,
+        core_stop: tasks.core_stop,
+        leader_stop: tasks.leader_stop,
+        serve_stop: tasks.serve_stop,
+        core: Some(core),
+        leader: Some(leader),
+        leader_runtime,
+        servers,
+        background: tasks.background,
+    })
+}
+
+/// What the flags name, read (and checked) before anything starts.
+struct StartFiles {
+    alert_token: Option<BearerToken>,
+    /// The replicas' bearer token, filled in the background from its Secret (`None`:
+    /// `--history-replication=false`).
+    replica_token: Option<crate::replication::ReplicaToken>,
+    report_prometheus: Option<ui::reports::ReportPrometheus>,
+    ui_password: Option<AdminPassword>,
+    /// The UI's own TLS listener's certificate, when there is a UI to serve over it.
+    ui_tls: Option<Arc<rustls::ServerConfig>>,
+    alert_sinks: notify::sinks::SinksConfig,
+}
+
+impl StartFiles {
+    fn read(args: &RunArgs) -> Result<Self, StartError> {
+        let alert_token = args
+            .alertmanager_token_file
+            .as_ref()
+            .map(BearerToken::from_file)
+            .transpose()
+            .map_err(StartError::ReadAlertmanagerToken)?;
+        if alert_token.is_none() {
+            tracing::warn!(
+                "no --alertmanager-token-file: the Alertmanager webhook is not served and alert(...) conditions never fire"
+            );
+        }
+        let replica_token = if args.history_replication {
+            Some(crate::replication::ReplicaToken::pending())
+        } else {
+            tracing::warn!(
+                "--history-replication=false: a new leader starts without the old one's records"
+            );
+            None
+        };
+        let report_prometheus = match &args.prometheus_url {
+            Some(url) => Some(ui::reports::ReportPrometheus {
+                client: PromClient::new(url, DEFAULT_QUERY_TIMEOUT)
+                    .map_err(StartError::PrometheusUrl)?,
+                usage: crate::reports::usage::UsageQueries {
+                    cpu: args.report_cpu_usage_query.clone(),
+                    memory: args.report_memory_usage_query.clone(),
+                },
+            }),
+            None => None,
+        };
+        let ui_password = args
+            .ui_password_file
+            .as_ref()
+            .map(AdminPassword::from_file)
+            .transpose()
+            .map_err(StartError::ReadUiPassword)?;
+        if ui_password.is_none() {
+            tracing::warn!("no --ui-password-file: the web UI is not served");
+        }
+        let ui_tls = match (&args.ui_tls_cert_file, &args.ui_tls_key_file) {
+            (Some(cert), Some(key)) if ui_password.is_some() => {
+                Some(crate::ui::tls::load(cert, key).map_err(StartError::UiTls)?)
+            }
+            _ => None,
+        };
+        let alert_sinks = args
+            .alert_sinks_file
+            .as_deref()
+            .map(notify::sinks::read_sinks)
+            .transpose()
+            .map_err(StartError::AlertSinks)?
+            .unwrap_or_default();
+        if args.alert_sinks_file.is_none() {
+            tracing::warn!("no --alert-sinks-file: alerts are raised and shown, but sent nowhere");
+        }
+        Ok(Self {
+            alert_token,
+            replica_token,
+            report_prometheus,
+            ui_password,
+            ui_tls,
+            alert_sinks,
+        })
+    }
+}
+
+async fn open_store(args: &RunArgs) -> Result<Arc<Store>, StartError> {
+    let path = args.store_path.clone();
+    let retention = args.retention();
+    let store = tokio::task::spawn_blocking(move || Store::open(path, retention))
+        .await
+        .map_err(StartError::JoinStore)??;
+    Ok(Arc::new(store))
+}
+
+/// Every listener, bound before anything is served.
+struct Listeners {
+    api: tokio::net::TcpListener,
+    api_addr: SocketAddr,
+    admin: tokio::net::TcpListener,
+    admin_addr: SocketAddr,
+    /// The UI's own TLS listener (`None`: the UI, if any, is on the API listener).
+    ui: Option<(tokio::net::TcpListener, SocketAddr)>,
+    /// The agents' TLS listener and the Secret its certificate comes from.
+    agents: Option<(tokio::net::TcpListener, TlsSecret)>,
+    agent_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(args: &RunArgs, ui_tls: bool, client: &kube::Client) -> Result<Self, StartError> {
+        let local = |l: &tokio::net::TcpListener, which, addr| {
+            l.local_addr().map_err(|source| ServerError::Bind {
+                which,
+                addr,
+                source,
+            })
+        };
+        let api = server::bind("API", args.listen).await?;
+        let admin = server::bind("admin", args.admin_listen).await?;
+        let api_addr = local(&api, "API", args.listen)?;
+        let admin_addr = local(&admin, "admin", args.admin_listen)?;
+        let ui = match ui_tls {
+            true => {
+                let l = server::bind("UI", args.ui_listen).await?;
+                let addr = local(&l, "UI", args.ui_listen)?;
+                Some((l, addr))
+            }
+            false => None,
+        };
+        let (agents, agent_addr) = match &args.agent_tls_secret {
+            Some(name) => {
+                let listener = server::bind("agents", args.agent_listen).await?;
+                let addr = local(&listener, "agents", args.agent_listen)?;
+                let source = if args.agent_tls_provided {
+                    tls_secret::Source::Provided
+                } else {
+                    tls_secret::Source::Issued {
+                        names: args.agent_tls_names.clone(),
+                        validity: args.agent_tls_validity,
+                        ca_configmap: args.agent_ca_configmap.clone(),
+                    }
+                };
+                let secret = TlsSecret::new(client.clone(), &args.lease_namespace, name, source);
+                (Some((listener, secret)), Some(addr))
+            }
+            None => (None, None),
+        };
+        Ok(Self {
+            api,
+            api_addr,
+            admin,
+            admin_addr,
+            ui,
+            agents,
+            agent_addr,
+        })
+    }
+}
+
+/// The tokens that stop a controller's stages (in shutdown order: the core, the
+/// election, the servers and feeds) and the background tasks it spawned.
+#[derive(Default)]
+struct Tasks {
+    core_stop: CancellationToken,
+    leader_stop: CancellationToken,
+    serve_stop: CancellationToken,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.background.push(tokio::spawn(task));
+    }
+}
+
+/// What every part of a controller shares, built once at start.
+struct Shared {
+    client: kube::Client,
+    identity: String,
+    store: Arc<Store>,
+    metrics: ControllerMetrics,
+    registry: Arc<AgentRegistry>,
+    wakes: Arc<WakeGate>,
+    alerts: Arc<AlertBook>,
+    leading: watch::Receiver<bool>,
+}
+
+/// The feeds the rest is built on.
+struct Feeds {
+    /// The policies as the UI and scheduled reports see them (every instance watches).
+    policies: PolicyCache,
+    notify: notify::NotifyHandle,
+    history: History,
+    events: EventSink,
+    /// The event publisher, joined last (see [`start_with`]).
+    publisher: JoinHandle<()>,
+}
+
+/// What the UI is built from beyond [`Shared`].
+struct UiParts {
+    policies: PolicyCache,
+    notify: notify::NotifyHandle,
+    listener: Option<(tokio::net::TcpListener, SocketAddr)>,
+    replication: crate::replication::ReplicationStatus,
+    /// Where the UI is served when it has no listener of its own.
+    api_addr: SocketAddr,
+}
+
+impl Shared {
+    /// The alert rules and policies watched, the notifier (with scheduled reports), the
+    /// history writer and the event publisher.
+    fn start_feeds(
+        &self,
+        args: &RunArgs,
+        files: &mut StartFiles,
+        api_addr: SocketAddr,
+        epoch: watch::Receiver<u64>,
+        tasks: &mut Tasks,
+    ) -> Feeds {
+        let (rules, rule_feed) = RuleSource::watch(self.client.clone(), tasks.serve_stop.clone());
+        tasks.spawn(rule_feed);
+        let (policies, feed) = PolicyCache::new();
+        tasks.spawn(feed.run(self.client.clone(), tasks.serve_stop.clone()));
+        let (notifier, notify, tap) = Notifier::new(
+            std::mem::take(&mut files.alert_sinks.sinks),
+            Box::new(SecretOutbox::new(
+                self.client.clone(),
+                &args.lease_namespace,
+                &args.alert_outbox_secret,
+            )),
+            rules,
+            notify::sinks::Sender::new(self.identity.clone(), format!("http://{api_addr}/alerts")),
+            self.metrics.clone(),
+            Some(self.registry.clone()),
+            self.leading.clone(),
+        );
+        let notifier = notifier.with_reports(
+            std::mem::take(&mut files.alert_sinks.reports),
+            Arc::new(ui::reports::ScheduledReports(UiSources {
+                store: self.store.clone(),
+                policies: policies.clone(),
+                registry: self.registry.clone(),
+                alerts: self.alerts.clone(),
+                alert_webhook: files.alert_token.is_some(),
+                notify: None,
+                kube: Some(self.client.clone()),
+                prometheus: files.report_prometheus.clone(),
+            })),
+        );
+        tasks.spawn(notifier.run(tasks.core_stop.clone()));
+        let (history, writer) = History::new(self.store.clone(), self.metrics.clone(), epoch);
+        tasks.spawn(writer);
+        let (events, publisher) = EventSink::new(
+            self.client.clone(),
+            self.identity.clone(),
+            self.metrics.clone(),
+        );
+        Feeds {
+            policies,
+            notify,
+            history: history.with_tap(tap),
+            events,
+            publisher: tokio::spawn(publisher),
+        }
+    }
+
+    /// The agents' API: on its own TLS listener when there is one (plain HTTP then
+    /// reaches none of its routes), else returned to be served on the API listener.
+    fn serve_agents(
+        &self,
+        args: &RunArgs,
+        tls: Option<(tokio::net::TcpListener, TlsSecret)>,
+        tasks: &mut Tasks,
+    ) -> Option<AgentApi> {
+        let agent_api = AgentApi {
+            registry: self.registry.clone(),
+            wakes: self.wakes.clone(),
+            // Each agent's own ServiceAccount token, reviewed and tied to its node: the
+            // binary has no shared-token mode (AgentAuth::Shared is for in-process tests).
+            auth: AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
+                self.client.clone(),
+                ReviewConfig::new(
+                    &args.agent_token_audience,
+                    &args.agent_namespace,
+                    &args.agent_service_account,
+                ),
+                self.metrics.clone(),
+            ))),
+        };
+        let (listener, secret) = match tls {
+            Some(tls) => tls,
+            None => return Some(agent_api),
+        };
+        let slot = Arc::new(CertSlot::default());
+        tasks.spawn(secret.follow(slot.clone(), tasks.serve_stop.clone()));
+        let router = server::limited(
+            "agents",
+            server::agents_router(agent_api, self.leading.clone()),
+            server::API_LIMITS,
+            &self.metrics,
+        );
+        let serve = crate::ui::tls::serve_tls(
+            "agents",
+            listener,
+            crate::agents::tls::server_config(slot),
+            router,
+            tasks.serve_stop.clone(),
+        );
+        tasks.spawn(serve);
+        None
+    }
+
+    /// The API listener's routes: the plain agents' API if it is served there, the
+    /// Alertmanager webhook, and the replicas' routes (their own token, their own path).
+    fn api_router(
+        &self,
+        plain_agent_api: Option<AgentApi>,
+        files: &StartFiles,
+    ) -> (axum::Router, crate::replication::ReplicationStatus) {
+        let api = server::api_router(
+            plain_agent_api,
+            files.alert_token.clone().map(|token| AlertApi {
+                book: self.alerts.clone(),
+                token,
+            }),
+            self.leading.clone(),
+        );
+        match &files.replica_token {
+            Some(token) => (
+                api.merge(crate::replication::replica_routes(
+                    self.store.clone(),
+                    token.clone(),
+                    self.registry.clone(),
+                )),
+                crate::replication::ReplicationStatus::default(),
+            ),
+            None => (api, crate::replication::ReplicationStatus::disabled()),
+        }
+    }
+
+    /// The web UI, when a password is set: on its own TLS listener, or merged into the
+    /// API's routes. Returns the TLS listener's address.
+    async fn serve_ui(
+        &self,
+        args: &RunArgs,
+        files: &mut StartFiles,
+        parts: UiParts,
+        api: &mut axum::Router,
+        tasks: &mut Tasks,
+    ) -> Result<Option<SocketAddr>, StartError> {
+        let Some(password) = files.ui_password.take() else {
+            return Ok(None);
+        };
+        // The UI watches the policies itself (`Feeds::policies`), so a standby shows them.
         let directory = Arc::new(
             Directory::open(
                 Backing::secret(
-                    client.clone(),
+                    self.client.clone(),
                     &args.lease_namespace,
                     &args.ui_accounts_secret,
                 ),
@@ -445,183 +687,184 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
             .await
             .map_err(StartError::UiAccounts)?,
         );
-        background.push(tokio::spawn(directory.clone().follow(serve_stop.clone())));
+        tasks.spawn(directory.clone().follow(tasks.serve_stop.clone()));
         let state = UiState::new(
             UiConfig {
                 user: args.ui_user.clone(),
                 session_ttl: args.ui_session_ttl,
-                secure_cookie: args.ui_secure_cookie || ui_tls.is_some(),
+                secure_cookie: args.ui_secure_cookie || files.ui_tls.is_some(),
                 ..UiConfig::default()
             },
             password,
             directory,
-            metrics.clone(),
+            self.metrics.clone(),
             UiSources {
-                store: store.clone(),
-                policies,
-                registry: registry.clone(),
-                alerts: alerts.clone(),
-                alert_webhook: alert_token.is_some(),
-                kube: Some(client.clone()),
-                notify: Some(notify_handle),
-                prometheus: report_prometheus,
+                store: self.store.clone(),
+                policies: parts.policies,
+                registry: self.registry.clone(),
+                alerts: self.alerts.clone(),
+                alert_webhook: files.alert_token.is_some(),
+                kube: Some(self.client.clone()),
+                notify: Some(parts.notify),
+                prometheus: files.report_prometheus.clone(),
             },
         )
-        .with_replication(replication.clone());
-        match (ui_tls.clone(), ui_listener, ui_addr) {
-            (Some(tls), Some(listener), Some(addr)) => {
-                ui_server = Some(tokio::spawn(crate::ui::tls::serve(
+        .with_replication(parts.replication);
+        match (files.ui_tls.clone(), parts.listener) {
+            (Some(tls), Some((listener, addr))) => {
+                tasks.spawn(crate::ui::tls::serve(
                     listener,
                     tls,
-                    server::limited("ui", ui::router(state), ui::tls::UI_LIMITS, &metrics),
-                    serve_stop.clone(),
-                )));
+                    server::limited("ui", ui::router(state), ui::tls::UI_LIMITS, &self.metrics),
+                    tasks.serve_stop.clone(),
+                ));
                 tracing::info!(ui = %format!("https://{addr}/"), "web UI served over TLS on its own listener");
+                Ok(Some(addr))
             }
             _ => {
-                api = api.merge(ui::router(state));
+                *api = std::mem::take(api).merge(ui::router(state));
+                let api_addr = parts.api_addr;
                 tracing::info!(ui = %format!("http://{api_addr}/"), "web UI served on the API listener");
+                Ok(None)
             }
         }
     }
-    if let Some(ui_server) = ui_server {
-        background.push(ui_server);
+
+    fn serve_api_and_admin(
+        &self,
+        api: axum::Router,
+        (api_listener, admin_listener): (tokio::net::TcpListener, tokio::net::TcpListener),
+        synced: watch::Receiver<bool>,
+        stop: &CancellationToken,
+    ) -> Vec<JoinHandle<Result<(), ServerError>>> {
+        let admin = server::admin_router(
+            self.metrics.clone(),
+            Health {
+                leading: self.leading.clone(),
+                synced,
+            },
+        );
+        let api = server::limited("api", api, server::API_LIMITS, &self.metrics);
+        let admin = server::limited("admin", admin, server::ADMIN_LIMITS, &self.metrics);
+        vec![
+            tokio::spawn(server::serve("API", api_listener, api, stop.clone())),
+            tokio::spawn(server::serve("admin", admin_listener, admin, stop.clone())),
+        ]
     }
-    let admin = server::admin_router(
-        metrics.clone(),
-        Health {
-            leading: leading.clone(),
-            synced,
-        },
-    );
-    let api = server::limited("api", api, server::API_LIMITS, &metrics);
-    let admin = server::limited("admin", admin, server::ADMIN_LIMITS, &metrics);
-    let servers = vec![
-        tokio::spawn(server::serve("API", api_listener, api, serve_stop.clone())),
-        tokio::spawn(server::serve(
-            "admin",
-            admin_listener,
-            admin,
-            serve_stop.clone(),
-        )),
-    ];
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        registry: registry.clone(),
-        wakes,
-        alerts,
-        metrics: metrics.clone(),
-        history,
-        events,
-        prom: Arc::new(PromPool::new(args.prometheus_url.clone())),
-        hold_slices: Arc::new(crate::holdslice::HoldSlices::new(
-            client.clone(),
-            registry.clone(),
-            args.hold_ports,
-        )),
-        settings: Settings {
-            tick: args.tick_interval,
-            sleep_ack_timeout: args.sleep_ack_timeout,
-            sample_interval: args.sample_interval,
-            status_interval: args.status_interval,
-        },
-        status_budget: reconcile::status::WriteBudget::new(
-            reconcile::status::VALUE_WRITES_PER_SECOND,
-        ),
-        leading: leading.clone(),
-        term,
-    });
-    let core = tokio::spawn(reconcile::run(ctx, wake_rx, synced_tx, core_stop.clone()));
+    /// The reconcile core: it acts only while this instance leads.
+    #[allow(clippy::too_many_arguments)]
+    fn start_core(
+        &self,
+        args: &RunArgs,
+        history: History,
+        events: EventSink,
+        wake_rx: tokio::sync::mpsc::Receiver<crate::agents::wake::WakeUp>,
+        synced_tx: watch::Sender<bool>,
+        term: watch::Receiver<u64>,
+        tasks: &Tasks,
+    ) -> JoinHandle<()> {
+        let ctx = Arc::new(Context {
+            client: self.client.clone(),
+            registry: self.registry.clone(),
+            wakes: self.wakes.clone(),
+            alerts: self.alerts.clone(),
+            metrics: self.metrics.clone(),
+            history,
+            events,
+            prom: Arc::new(PromPool::new(args.prometheus_url.clone())),
+            hold_slices: Arc::new(crate::holdslice::HoldSlices::new(
+                self.client.clone(),
+                self.registry.clone(),
+                args.hold_ports,
+            )),
+            settings: Settings {
+                tick: args.tick_interval,
+                sleep_ack_timeout: args.sleep_ack_timeout,
+                sample_interval: args.sample_interval,
+                status_interval: args.status_interval,
+            },
+            status_budget: reconcile::status::WriteBudget::new(
+                reconcile::status::VALUE_WRITES_PER_SECOND,
+            ),
+            leading: self.leading.clone(),
+            term,
+        });
+        tokio::spawn(reconcile::run(
+            ctx,
+            wake_rx,
+            synced_tx,
+            tasks.core_stop.clone(),
+        ))
+    }
 
-    let lock = LeaseLock::new(
-        lease_client,
-        LeaderConfig {
-            lease_name: args.lease_name.clone(),
-            namespace: args.lease_namespace.clone(),
-            identity: identity.clone(),
-            lease_duration: args.lease_duration,
-            renew_deadline: args.renew_deadline,
-            retry_period: args.retry_period,
-            history_url,
-        },
-    );
-    let election = leader::run(
-        lock,
-        lead_tx,
-        epoch_tx,
-        metrics.clone(),
-        leader_stop.clone(),
-    );
-    // On a runtime of its own when asked: a renewal is then never queued behind policy
-    // and agent work (see `ApiClients::lease_thread`).
-    let (leader, leader_runtime) = if lease_thread {
+    /// Leader election on the Lease client, on a runtime of its own when asked: a
+    /// renewal is then never queued behind policy and agent work (see
+    /// `ApiClients::lease_thread`).
+    fn start_election(
+        &self,
+        args: &RunArgs,
+        (lease_client, own_thread): (kube::Client, bool),
+        history_url: Option<String>,
+        (lead_tx, epoch_tx): (watch::Sender<bool>, watch::Sender<u64>),
+        tasks: &Tasks,
+    ) -> Result<(JoinHandle<()>, Option<tokio::runtime::Runtime>), StartError> {
+        let lock = LeaseLock::new(
+            lease_client,
+            LeaderConfig {
+                lease_name: args.lease_name.clone(),
+                namespace: args.lease_namespace.clone(),
+                identity: self.identity.clone(),
+                lease_duration: args.lease_duration,
+                renew_deadline: args.renew_deadline,
+                retry_period: args.retry_period,
+                history_url,
+            },
+        );
+        let election = leader::run(
+            lock,
+            lead_tx,
+            epoch_tx,
+            self.metrics.clone(),
+            tasks.leader_stop.clone(),
+        );
+        if !own_thread {
+            return Ok((tokio::spawn(election), None));
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("nemesis-leader")
             .enable_all()
             .build()
             .map_err(StartError::LeaderRuntime)?;
-        (rt.spawn(election), Some(rt))
-    } else {
-        (tokio::spawn(election), None)
-    };
+        Ok((rt.spawn(election), Some(rt)))
+    }
 
-    if let Some(token) = replica_token.clone() {
+    /// A standby's copy of the leader's history and directives.
+    fn start_follower(
+        &self,
+        args: &RunArgs,
+        token: crate::replication::ReplicaToken,
+        replication: crate::replication::ReplicationStatus,
+        tasks: &mut Tasks,
+    ) {
         let follower = crate::replication::Follower::new(
-            client.clone(),
+            self.client.clone(),
             crate::replication::follow::FollowerConfig {
                 namespace: args.lease_namespace.clone(),
                 lease_name: args.lease_name.clone(),
-                identity: identity.clone(),
+                identity: self.identity.clone(),
                 token,
                 poll: args.retry_period,
             },
-            store.clone(),
-            registry.clone(),
-            metrics.clone(),
+            self.store.clone(),
+            self.registry.clone(),
+            self.metrics.clone(),
             replication,
-            leading.clone(),
+            self.leading.clone(),
         );
-        background.push(tokio::spawn(follower.run(serve_stop.clone())));
+        tasks.spawn(follower.run(tasks.serve_stop.clone()));
     }
-    background.push(tokio::spawn(maintain(
-        registry.clone(),
-        metrics.clone(),
-        alert_token.into_iter().collect(),
-        serve_stop.clone(),
-    )));
-    if let Some(pod) = args.pod_name.clone() {
-        background.push(tokio::spawn(label_leader_pod(
-            client,
-            args.lease_namespace.clone(),
-            pod,
-            leading.clone(),
-        )));
-    }
-    // Events outlive the core only as long as the publisher drains its queue.
-    background.push(publisher);
-
-    tracing::info!(%api_addr, %admin_addr, agent_tls = ?agent_addr, %identity, "controller started");
-    Ok(Running {
-        api_addr,
-        ui_addr: ui_addr.filter(|_| ui_tls.is_some()),
-        admin_addr,
-        agent_addr,
-        identity,
-        metrics,
-        registry,
-        store,
-        leading,
-        core_stop,
-        leader_stop,
-        serve_stop,
-        core: Some(core),
-        leader: Some(leader),
-        leader_runtime,
-        servers,
-        background,
-    })
 }
 
 /// Where the standbys reach this instance: the flag, else the API listener's own address

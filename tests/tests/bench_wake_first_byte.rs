@@ -21,6 +21,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
+use nemesis_common::stats::percentile_or_nan;
 use serde_json::json;
 use tokio::time::Instant;
 use wake_support::{APP, NS, Options, Scenario, WakeEnv, eventually, pod_server};
@@ -34,11 +35,6 @@ const IDLE: &str = "2s";
 struct Seen {
     created: Option<Instant>,
     ready: Option<Instant>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -160,15 +156,15 @@ async fn run(env: &WakeEnv) -> anyhow::Result<()> {
     start_to_ready.sort_by(f64::total_cmp);
     println!(
         "wake_to_first_byte_ms_p99={:.1}",
-        percentile(&overhead, 0.99)
+        percentile_or_nan(&overhead, 99.0)
     );
     println!(
         "wake_to_first_byte_ms_p50={:.1}",
-        percentile(&overhead, 0.50)
+        percentile_or_nan(&overhead, 50.0)
     );
     println!(
         "pod_start_to_ready_ms_p50={:.1}",
-        percentile(&start_to_ready, 0.50)
+        percentile_or_nan(&start_to_ready, 50.0)
     );
     Ok(())
 }

@@ -678,7 +678,7 @@ fn p99_by_algorithm(dp: &Datapath, on: &Path, service: SocketAddr) -> Result<P99
         eprintln!(
             "skewed load, {name}: {} requests timed, p50 {:.2} ms, p99 {:.2} ms; the slow backend answered {:.1}% of the requests and got {:.1}% of the new connections",
             b.latencies_ms.len(),
-            skewed_load::percentile(&b.latencies_ms, 50.0),
+            nemesis_common::stats::percentile_or_nan(&b.latencies_ms, 50.0),
             b.p99(),
             share(&b.requests, SLOW_BACKEND),
             share(&b.connections, SLOW_BACKEND),

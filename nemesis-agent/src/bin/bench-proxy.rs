@@ -54,6 +54,7 @@ use nemesis_agent::metrics::Metrics;
 use nemesis_agent::proxy::{
     FixedDestination, HoldBounds, ManagedPort, Proxy, ProxyConfig, ServiceTable,
 };
+use nemesis_common::stats::percentile_or_nan;
 use nemesis_common::wire::ServiceRef;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -351,11 +352,11 @@ async fn run_benches(cold: bool, rss: bool, throughput: bool) -> Result<()> {
         // proxy and the backend), on both sides alike.
         println!(
             "release_after_ready_arrival_ms_p99={:.3}",
-            percentile(&c.proxied_arrived, 99.0)
+            percentile_or_nan(&c.proxied_arrived, 99.0)
         );
         println!(
             "release_direct_arrival_ms_p99={:.3}",
-            percentile(&c.direct_arrived, 99.0)
+            percentile_or_nan(&c.direct_arrived, 99.0)
         );
         println!("release_floor_ms_p99={:.3}", c.floor_p99);
         println!("release_floor_ratio_p99={:.3}", c.floor_p99 / c.direct_p99);
@@ -441,11 +442,6 @@ async fn http_backend() -> Result<(SocketAddr, BackendLog)> {
         }
     });
     Ok((addr, log))
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n";
@@ -559,7 +555,7 @@ impl Ttfb {
     fn median_round(&self) -> f64 {
         let mut v: Vec<f64> = self.timeline.iter().map(|t| t[3]).collect();
         v.sort_by(f64::total_cmp);
-        percentile(&v, 50.0)
+        percentile_or_nan(&v, 50.0)
     }
 
     fn sort(&mut self) {
@@ -575,9 +571,9 @@ impl Ttfb {
             eprintln!(
                 "{what} ms ({how}): min {:.3} p50 {:.3} p90 {:.3} p99 {:.3} max {:.3}",
                 v[0],
-                percentile(v, 50.0),
-                percentile(v, 90.0),
-                percentile(v, 99.0),
+                percentile_or_nan(v, 50.0),
+                percentile_or_nan(v, 90.0),
+                percentile_or_nan(v, 99.0),
                 v[v.len() - 1]
             );
         }
@@ -589,7 +585,7 @@ impl Ttfb {
         let column = |i: usize| {
             let mut v: Vec<f64> = self.timeline.iter().map(|t| t[i]).collect();
             v.sort_by(f64::total_cmp);
-            percentile(&v, 50.0)
+            percentile_or_nan(&v, 50.0)
         };
         eprintln!(
             "{what}: timeline ms (median round): backend's last accept {:.3}, its last response written {:.3}, last first byte arrived {:.3}, seen {:.3}",
@@ -706,12 +702,12 @@ async fn cold_start() -> Result<ColdStart> {
     proxied.describe("cold start overhead (proxied)");
     direct.describe("cold start direct (baseline)");
     Ok(ColdStart {
-        proxied_p50: percentile(&proxied.seen, 50.0),
-        proxied_p99: percentile(&proxied.seen, 99.0),
-        direct_p50: percentile(&direct.seen, 50.0),
-        direct_p99: percentile(&direct.seen, 99.0),
-        slice_p99: percentile(&slice.seen, 99.0),
-        floor_p99: percentile(&floored.seen, 99.0),
+        proxied_p50: percentile_or_nan(&proxied.seen, 50.0),
+        proxied_p99: percentile_or_nan(&proxied.seen, 99.0),
+        direct_p50: percentile_or_nan(&direct.seen, 50.0),
+        direct_p99: percentile_or_nan(&direct.seen, 99.0),
+        slice_p99: percentile_or_nan(&slice.seen, 99.0),
+        floor_p99: percentile_or_nan(&floored.seen, 99.0),
         round_medians: [
             proxied.median_round(),
             floored.median_round(),
@@ -963,7 +959,7 @@ async fn throughput_ratio() -> Result<f64> {
             .map(|us| *us as f64 / 1000.0 * (1u64 << 30) as f64 / BULK_BYTES as f64)
             .collect();
         v.sort_by(f64::total_cmp);
-        percentile(&v, 50.0)
+        percentile_or_nan(&v, 50.0)
     };
     eprintln!(
         "CPU ms per GiB (median): direct: client+sink {:.0}; proxied: client+sink {:.0}, proxy {:.0}",
@@ -983,5 +979,5 @@ async fn throughput_ratio() -> Result<f64> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    Ok(percentile(&ratios, 50.0))
+    Ok(percentile_or_nan(&ratios, 50.0))
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use nemesis_common::stats::percentile;
 use serde::Serialize;
 
 use super::records::{ColdStartOutcome, ColdStartRecord, ScaleRecord, TransitionRecord};
@@ -49,16 +50,6 @@ pub fn cold_start_stats(records: &[ColdStartRecord]) -> ColdStartStats {
     stats.p99_ms = percentile(&ready_ms, 99.0);
     stats.max_ms = ready_ms.last().copied();
     stats
-}
-
-/// Nearest-rank percentile of sorted values: the smallest value with at least `p`% of
-/// the values at or below it.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 /// Milliseconds spent in each state during `window`. `before` is the last transition
@@ -150,16 +141,6 @@ mod tests {
             held_connections: 2,
             outcome,
         }
-    }
-
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50));
-        assert_eq!(percentile(&v, 99.0), Some(99));
-        assert_eq!(percentile(&[7], 99.0), Some(7));
-        assert_eq!(percentile(&[], 50.0), None);
-        assert_eq!(percentile(&[1, 2], 0.0), Some(1));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ListParams, PostParams};
 use kube::{Api, CustomResourceExt};
 use nemesis_controller::config::RunArgs;
+use nemesis_common::stats::percentile;
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use serde_json::json;
@@ -61,9 +62,9 @@ impl<S: tracing::Subscriber> Layer<S> for Latencies {
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1000.0
+/// A percentile of microsecond samples, in milliseconds.
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    percentile(sorted_us, p).map_or(f64::NAN, |us| us as f64 / 1000.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -183,8 +184,8 @@ async fn run(latencies: Arc<Mutex<Vec<u64>>>) -> anyhow::Result<()> {
     }
     let mut all = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
     all.sort_unstable();
-    println!("wake_to_scale_ms_p99={:.3}", percentile(&all, 0.99));
-    println!("wake_to_scale_ms_p50={:.3}", percentile(&all, 0.50));
+    println!("wake_to_scale_ms_p99={:.3}", percentile_ms(&all, 99.0));
+    println!("wake_to_scale_ms_p50={:.3}", percentile_ms(&all, 50.0));
     controller.shutdown().await;
     server.shutdown().await;
     Ok(())

@@ -22,6 +22,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nemesis_common::stats::percentile_or_nan;
 
 /// A fast backend's time per request: well above the wake-up jitter of a loaded
 /// two-core machine (a few ms would swamp 0.1 ms), short enough for thousands of
@@ -157,7 +158,7 @@ impl Block {
 
     /// The p99 latency in ms, of sorted latencies.
     pub fn p99(&self) -> f64 {
-        percentile(&self.latencies_ms, 99.0)
+        percentile_or_nan(&self.latencies_ms, 99.0)
     }
 }
 
@@ -256,11 +257,3 @@ fn reset(s: &TcpStream) -> Result<()> {
         .context("setting SO_LINGER {on, 0}")
 }
 
-/// The `p`th percentile of `sorted` (nearest rank).
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
