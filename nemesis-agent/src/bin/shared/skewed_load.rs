@@ -256,4 +256,3 @@ fn reset(s: &TcpStream) -> Result<()> {
     nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &rst)
         .context("setting SO_LINGER {on, 0}")
 }
-
