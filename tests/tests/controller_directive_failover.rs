@@ -30,6 +30,8 @@ struct SimAgent {
     instance: String,
     view: DirectiveView,
     http: Http,
+    /// What the heartbeats report (nothing, unless a test sets it).
+    reports: Vec<nemesis_common::wire::ServiceReport>,
 }
 
 impl SimAgent {
@@ -39,6 +41,7 @@ impl SimAgent {
             instance: format!("{node}-{:08x}", rand::random::<u32>()),
             view: DirectiveView::default(),
             http: Http::default(),
+            reports: vec![],
         }
     }
 
@@ -47,7 +50,7 @@ impl SimAgent {
         let hb = Heartbeat {
             node: self.node.clone(),
             instance: self.instance.clone(),
-            services: vec![],
+            services: self.reports.clone(),
             addresses: vec![],
             ready: true,
             directives_cursor: self.view.cursor(),
@@ -200,4 +203,232 @@ async fn a_new_leader_continues_the_agents_cursors_with_deltas() -> anyhow::Resu
     assert!(agent.view.get(&gone).is_none());
     b.shutdown().await;
     Ok(())
+}
+
+// === a new leader after a completed sleep ===
+
+/// Where the second controller is when the leader is killed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Standby {
+    /// Running, its copy of the leader's directives in step (it holds the `Sleep`).
+    Copied,
+    /// Started only after the kill (a single replica restarted, or a standby that never
+    /// pulled): it holds no directive of the old leader at all.
+    None,
+}
+
+/// An agent heartbeating every 100 ms to one controller, reporting the epoch it applied
+/// for `svc` (so a sleep's handshake completes), and applying directives as
+/// `nemesis-agent` does: a directive replaces the one applied only with an epoch at
+/// least as high. Every directive it applies is kept with the controller it came from
+/// (0: the first, 1: the one after [`ApplyingAgent::switch`], a port the killed one had
+/// may be the next one's).
+struct ApplyingAgent {
+    to: std::sync::Arc<std::sync::Mutex<(SocketAddr, u32)>>,
+    applied: std::sync::Arc<std::sync::Mutex<Vec<(u32, ServiceDirective)>>>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl ApplyingAgent {
+    fn start(node: &str, svc: ServiceRef, to: SocketAddr) -> Self {
+        let to = std::sync::Arc::new(std::sync::Mutex::new((to, 0)));
+        let applied: std::sync::Arc<std::sync::Mutex<Vec<(u32, ServiceDirective)>>> =
+            Default::default();
+        let mut agent = SimAgent::new(node);
+        let (t, a) = (to.clone(), applied.clone());
+        let task = tokio::spawn(async move {
+            let mut current: Option<ServiceDirective> = None;
+            loop {
+                let (addr, controller) = *t.lock().unwrap();
+                let epoch = current.as_ref().map_or(0, |d| d.epoch);
+                if agent.sync_reporting(addr, &svc, epoch).await.is_ok()
+                    && let Some(d) = agent.view.get(&svc)
+                    && current.as_ref().is_none_or(|c| d.epoch > c.epoch)
+                {
+                    current = Some(d.clone());
+                    a.lock().unwrap().push((controller, d.clone()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self {
+            to,
+            applied,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Heartbeats go to `addr` from now on.
+    fn switch(&self, addr: SocketAddr) {
+        let mut to = self.to.lock().unwrap();
+        *to = (addr, to.1 + 1);
+    }
+
+    fn applied_from(&self, controller: u32) -> Vec<ServiceDirective> {
+        self.applied
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(from, _)| *from == controller)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+}
+
+impl SimAgent {
+    /// [`SimAgent::sync`], reporting `svc` as applied at `epoch`, nothing open or held.
+    async fn sync_reporting(
+        &mut self,
+        addr: SocketAddr,
+        svc: &ServiceRef,
+        epoch: u64,
+    ) -> anyhow::Result<()> {
+        self.reports = vec![nemesis_common::wire::ServiceReport {
+            service: svc.clone(),
+            mode: nemesis_common::wire::AppliedMode::Hold,
+            applied_epoch: epoch,
+            connects_total: 0,
+            open_connections: 0,
+            closed_total: 0,
+            held_connections: 0,
+            accepted_total: 0,
+            accepted_open: 0,
+            hold_ports: vec![],
+            holds_total: 0,
+            holds_refused_total: 0,
+            proxy_errors: Default::default(),
+        }];
+        self.sync(addr).await.map(drop)
+    }
+}
+
+/// Leader A puts the Service to sleep (every agent holds, the Deployment scaled to
+/// zero) and is SIGKILLed right after; B takes over and the Service is woken. The
+/// agents listed the sleep's pods while holding; those pods are stopping, and an agent
+/// whose view of the endpoints still lists them must send them nothing: B's `Follow`
+/// has to say the wake is from zero (`afterZero`), whatever B holds of A's directives.
+async fn a_new_leader_after_a_completed_sleep(standby: Standby) -> anyhow::Result<()> {
+    init_tracing();
+    let name = match standby {
+        Standby::Copied => "dfo-zero-copied",
+        Standby::None => "dfo-zero-fresh",
+    };
+    let OneDeployment {
+        server,
+        client,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start(name, 1).await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    services
+        .create(&PostParams::default(), &service(name))
+        .await?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let a = start_controller(&server, dir_a.path(), &[]).await?;
+    wait_leading(&a, START).await?;
+    let b = match standby {
+        Standby::Copied => Some(start_controller(&server, dir_b.path(), &[]).await?),
+        Standby::None => None,
+    };
+    let svc = svc(name);
+    let agent = ApplyingAgent::start("node-dfo-zero", svc.clone(), a.api_addr);
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                name,
+                serde_json::json!({
+                    "target": {"deployment": name, "service": name},
+                    // Put to sleep from the start (the Deployment runs 1), woken on demand;
+                    // the alert never fires.
+                    "metrics": {"alerts": ["DfoZeroSleep"]},
+                    "initialState": "zero",
+                    "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+                    "transitions": [
+                        {"from": "zero", "to": "warm", "when": "demand"},
+                        {"from": "warm", "to": "zero", "when": "alert(DfoZeroSleep)"},
+                    ],
+                }),
+            ),
+        )
+        .await?;
+
+    // A's sleep completes: the agent holds (A's `Sleep` applied), then the scale to 0.
+    wait_replicas(&deployments, name, 0, START).await?;
+    let sleep = agent
+        .applied_from(0)
+        .into_iter()
+        .rfind(|d| d.directive == nemesis_common::wire::Directive::Sleep)
+        .context("the agent applied A's Sleep before the scale to zero")?;
+    if let Some(b) = &b {
+        eventually("B's copy holding A's Sleep", START, || async {
+            Ok(b.registry
+                .directive(&svc)
+                .filter(|d| d.epoch == sleep.epoch)
+                .map(drop))
+        })
+        .await?;
+    }
+
+    a.kill();
+    let b = match b {
+        Some(b) => b,
+        None => start_controller(&server, dir_b.path(), &[]).await?,
+    };
+    agent.switch(b.api_addr);
+    wait_leading(&b, START).await?;
+
+    // A held client asks B to wake the Service.
+    let http = Http::default();
+    eventually("B waking the Service", START, || async {
+        let (status, body) = http.wake(b.api_addr, "node-dfo-zero", &svc, 1).await?;
+        anyhow::ensure!(status == 200, "wake: {status} {body}");
+        Ok((replicas(&deployments, name).await? == 1).then_some(()))
+    })
+    .await?;
+    let from_b = eventually("the agent applying B's Follow", START, || async {
+        let from_b = agent.applied_from(1);
+        Ok(from_b
+            .iter()
+            .any(|d| d.directive == nemesis_common::wire::Directive::Follow)
+            .then_some(from_b))
+    })
+    .await?;
+    // Before the wake's Follow, nothing from B may have let the agent forget the sleep's
+    // pods (a plain Follow ends the sleep for it: the pods stay, as after a sleep given
+    // up), whether it arrived at term start or with the wake.
+    let first_follow = from_b
+        .iter()
+        .find(|d| d.directive == nemesis_common::wire::Directive::Follow)
+        .expect("found above");
+    assert!(
+        first_follow.after_zero,
+        "B's first Follow does not say the wake is from zero (the sleep's pods are stopping): \
+         {first_follow:?}; everything B sent the agent: {from_b:?}"
+    );
+    assert!(
+        first_follow.epoch > sleep.epoch,
+        "{first_follow:?} after {sleep:?}"
+    );
+    // (B may have put it to sleep again since: idle.)
+    assert_eq!(
+        log.seen().get(..3),
+        Some(&[1, 0, 1][..]),
+        "one sleep, one wake"
+    );
+    b.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_with_the_copy_wakes_after_a_completed_sleep_with_after_zero()
+-> anyhow::Result<()> {
+    a_new_leader_after_a_completed_sleep(Standby::Copied).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_without_the_copy_wakes_after_a_completed_sleep_with_after_zero()
+-> anyhow::Result<()> {
+    a_new_leader_after_a_completed_sleep(Standby::None).await
 }

@@ -2,7 +2,7 @@
 //! each Service with its epoch, and what every agent reports having applied. Pure state
 //! behind one lock, with time passed in; it never dials an agent (agents call in).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -220,6 +220,15 @@ struct Inner {
     /// Bumped whenever an agent enters the live set (registers, restarts, or comes back
     /// after its lease ran out): acknowledgement waiters walk every agent only then.
     joined: u64,
+    /// The term this instance leads (or led last), and the Services whose directive it
+    /// wrote in that term. The others it holds were inherited from its copy of the last
+    /// leader's log, which may be behind what that leader sent the agents.
+    term: Option<u64>,
+    written_in_term: HashSet<ServiceRef>,
+    /// Hold ports assigned to Services that have no directive yet: a Service's first
+    /// directive of a term waits until its policy has read the target (see
+    /// [`AgentRegistry::open`]).
+    early_hold_ports: HashMap<ServiceRef, Vec<HoldPort>>,
 }
 
 impl Inner {
@@ -328,6 +337,9 @@ impl AgentRegistry {
                 swept_to: None,
                 leading: false,
                 joined: 0,
+                term: None,
+                written_in_term: HashSet::new(),
+                early_hold_ports: HashMap::new(),
             }),
             changed: watch::channel(0).0,
             loads: super::loads::LoadBoard::default(),
@@ -542,11 +554,24 @@ impl AgentRegistry {
         inner.last_epoch
     }
 
-    fn set(&self, svc: &ServiceRef, directive: Directive, after_zero: bool) -> u64 {
+    /// Sets `svc`'s directive; the same one again keeps its epoch, unless
+    /// `renew_inherited` and it was inherited (not written in this term).
+    fn set(
+        &self,
+        svc: &ServiceRef,
+        directive: Directive,
+        after_zero: bool,
+        renew_inherited: bool,
+    ) -> u64 {
         let (epoch, changed) = {
             let mut inner = self.lock();
+            let inherited = !inner.written_in_term.contains(svc);
             match inner.directives.get(svc) {
-                Some(d) if d.directive == directive && d.after_zero == after_zero => {
+                Some(d)
+                    if d.directive == directive
+                        && d.after_zero == after_zero
+                        && !(renew_inherited && inherited) =>
+                {
                     (d.epoch, false)
                 }
                 _ => {
@@ -563,6 +588,7 @@ impl AgentRegistry {
                         hold_ports,
                         after_zero,
                     });
+                    inner.written_in_term.insert(svc.clone());
                     (epoch, true)
                 }
             }
@@ -577,24 +603,60 @@ impl AgentRegistry {
     /// Asks every agent to hold new connections of `svc` (before a scale to zero).
     /// Returns the epoch to wait for; asking again while already asked returns the same.
     pub fn request_sleep(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Sleep, false)
+        self.set(svc, Directive::Sleep, false, false)
     }
 
     /// Back to the agents' own rule for `svc` (hold at zero, direct when warm): a sleep
     /// given up, whose backends stay.
     pub fn follow(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Follow, false)
+        self.set(svc, Directive::Follow, false, false)
     }
 
-    /// [`Self::follow`] once the sleep completed (the target was scaled to zero) and
-    /// `svc` is woken: agents send nothing to the backends they listed during the sleep
-    /// (stopped by the scale, whatever their view of the endpoints still says).
+    /// [`Self::follow`] when `svc` is woken from zero (its target was at zero: a sleep
+    /// completed, or it was scaled down otherwise): agents send nothing to the backends
+    /// they listed during a sleep (stopped by the scale, whatever their view of the
+    /// endpoints still says). A directive inherited from the last leader gets a new
+    /// epoch even when it is this one: the copy it came from may be behind what that
+    /// leader sent (a `Sleep` with a higher epoch, which agents would keep).
     pub fn follow_after_zero(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Follow, true)
+        self.set(svc, Directive::Follow, true, true)
     }
 
-    /// The hold ports every agent must listen on for `svc` (sent with its directive; a
-    /// Service without one gets a `Follow` directive, which is what agents do anyway).
+    /// The first directive of `svc` in this term, once its policy has read the target
+    /// (`at_zero`: its replicas are 0); nothing when one is held already (this term's, or
+    /// the last leader's from the copy). Otherwise a `Follow`, and after zero when the
+    /// target is at zero: this instance holds nothing of an earlier leader's directives
+    /// (it started after that leader stopped, or its copy never came), and that leader
+    /// may have put the Service to sleep and scaled it down. Agents still holding that
+    /// `Sleep` then keep its stopping pods apart until they are gone; a plain `Follow`
+    /// would end the sleep for them as if its pods stayed.
+    pub fn open(&self, svc: &ServiceRef, at_zero: bool) {
+        let opened = {
+            let mut inner = self.lock();
+            if inner.directives.get(svc).is_some() {
+                None
+            } else {
+                let epoch = Self::next_epoch(&mut inner);
+                let hold_ports = inner.early_hold_ports.remove(svc).unwrap_or_default();
+                inner.directives.set(ServiceDirective {
+                    service: svc.clone(),
+                    directive: Directive::Follow,
+                    epoch,
+                    hold_ports,
+                    after_zero: at_zero,
+                });
+                inner.written_in_term.insert(svc.clone());
+                Some(epoch)
+            }
+        };
+        if let Some(epoch) = opened {
+            tracing::info!(service = %svc, after_zero = at_zero, epoch, "first directive of the term");
+            self.notify_topology();
+        }
+    }
+
+    /// The hold ports every agent must listen on for `svc`, sent with its directive
+    /// (kept until [`Self::open`] when it has none yet).
     pub fn set_hold_ports(&self, svc: &ServiceRef, ports: Vec<HoldPort>) {
         let changed = {
             let mut inner = self.lock();
@@ -609,15 +671,8 @@ impl AgentRegistry {
                     true
                 }
                 None => {
-                    let epoch = Self::next_epoch(&mut inner);
-                    inner.directives.set(ServiceDirective {
-                        service: svc.clone(),
-                        directive: Directive::Follow,
-                        epoch,
-                        hold_ports: ports,
-                        after_zero: false,
-                    });
-                    true
+                    inner.early_hold_ports.insert(svc.clone(), ports);
+                    false
                 }
             }
         };
@@ -635,6 +690,10 @@ impl AgentRegistry {
             let mut inner = self.lock();
             inner.leading = true;
             inner.directives.begin_term(term);
+            if inner.term != Some(term) {
+                inner.term = Some(term);
+                inner.written_in_term.clear();
+            }
             (inner.directives.cursor(), inner.directives.len())
         };
         tracing::info!(
@@ -722,7 +781,11 @@ impl AgentRegistry {
 
     /// Drops the directive of a Service no policy manages any more.
     pub fn remove(&self, svc: &ServiceRef) {
-        let removed = self.lock().directives.remove(svc);
+        let removed = {
+            let mut inner = self.lock();
+            inner.early_hold_ports.remove(svc);
+            inner.directives.remove(svc)
+        };
         if removed {
             self.notify_topology();
         }
@@ -1505,6 +1568,66 @@ mod tests {
         };
         let reply = standby.heartbeat(beat, Instant::now());
         assert!(reply.delta && reply.directives.is_empty(), "{reply:?}");
+        standby.end_term();
+    }
+
+    #[test]
+    fn a_services_first_directive_of_a_term_waits_for_its_target_and_is_after_zero_at_zero() {
+        let r = AgentRegistry::new(RegistryConfig::default());
+        r.begin_term(1);
+        let ports = vec![HoldPort {
+            name: "http".into(),
+            port: 30001,
+        }];
+        r.set_hold_ports(&svc(), ports.clone());
+        assert_eq!(
+            r.directive(&svc()),
+            None,
+            "no directive before the target is read"
+        );
+        r.open(&svc(), true);
+        let d = r.directive(&svc()).expect("opened");
+        assert_eq!(
+            (d.directive, d.after_zero, d.hold_ports.clone()),
+            (Directive::Follow, true, ports)
+        );
+        // Opened once: the target's later replicas change nothing.
+        r.open(&svc(), false);
+        assert_eq!(r.directive(&svc()), Some(d));
+        let warm = ServiceRef {
+            namespace: "ns".into(),
+            name: "warm".into(),
+        };
+        r.open(&warm, false);
+        let w = r.directive(&warm).expect("opened");
+        assert_eq!((w.directive, w.after_zero), (Directive::Follow, false));
+        assert!(w.hold_ports.is_empty());
+        r.end_term();
+    }
+
+    /// The standby's copy is behind: the leader sent a `Sleep` after the copy's
+    /// `Follow` (after zero, from an earlier wake). The new leader's wake from zero must
+    /// reach agents holding that `Sleep`, whose epoch is above the copy's.
+    #[test]
+    fn a_wake_from_zero_renews_a_directive_inherited_from_a_copy_that_is_behind() {
+        let leader = AgentRegistry::new(RegistryConfig::default());
+        leader.begin_term(1);
+        leader.follow_after_zero(&svc());
+        let standby = AgentRegistry::new(RegistryConfig::default());
+        let from = standby.directives_cursor();
+        let page = leader.replica_page(Some(from), 100);
+        assert_eq!(standby.apply_replica(from, &[page]), Ok(1));
+        let sleep = leader.request_sleep(&svc());
+        // A take-over comes a Lease's duration later: the wall clock (the epochs' floor
+        // across instances) has moved on.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        standby.begin_term(2);
+        let wake = standby.follow_after_zero(&svc());
+        assert!(
+            wake > sleep,
+            "the wake's epoch {wake} is not above the old leader's Sleep {sleep}"
+        );
+        assert_eq!(standby.follow_after_zero(&svc()), wake, "renewed once");
         standby.end_term();
     }
 }

@@ -477,6 +477,11 @@ impl Actor {
                 return backoff(tick, 3);
             }
         };
+        if let Some(svc) = &self.svc {
+            // The Service's first directive of this term (if this instance holds none)
+            // depends on where the target is.
+            self.ctx.registry.open(svc, target.replicas == 0);
+        }
         let hpa = hpa::find(
             self.term.hpas.state().iter().map(|h| h.as_ref()),
             self.namespace(),
@@ -833,20 +838,22 @@ impl Actor {
             if target.replicas != desired {
                 self.scale(c, target.replicas, desired, now).await?;
             }
-            if self
+            if target.replicas == 0 {
+                // Woken from zero (the scale above was conditional on the target's
+                // version at zero): the pods a sleep stopped may still be listed
+                // (terminating) in an agent's view, and it must send them nothing. The
+                // target's zero is the fact, not this instance's directive: a leader that
+                // took over after the sleep completed may hold none of it, or a copy of
+                // the old leader's log from before its `Sleep`.
+                self.ctx.registry.follow_after_zero(&svc);
+            } else if self
                 .ctx
                 .registry
                 .directive(&svc)
                 .is_some_and(|d| d.directive == Directive::Sleep)
             {
-                // Woken from zero: the sleep completed, and the pods it stopped may still
-                // be listed (terminating) in an agent's view: it must send them nothing.
-                // Otherwise the sleep is given up and its pods stay.
-                if target.replicas == 0 {
-                    self.ctx.registry.follow_after_zero(&svc);
-                } else {
-                    self.ctx.registry.follow(&svc);
-                }
+                // Not scaled to zero: the sleep is given up and its pods stay.
+                self.ctx.registry.follow(&svc);
             }
             return Ok(());
         }
