@@ -1168,8 +1168,22 @@ fn unmark_live(ctx: &SockOpsContext) -> Option<LiveSock> {
 
 /// The socket reached TCP_CLOSE: count the close and forget the socket.
 fn on_close(ctx: &SockOpsContext) {
-    // First, whether or not the record below is still there (the LRU may have evicted
-    // it): the marker is what the reconcile trusts.
+    // A balanced socket's own record first, before anything else: the commonest close
+    // here, and one lookup by cookie is all it needs. Such a socket carries no live
+    // marker (on_established marks only sockets without a SOCK_BAL entry, and a socket
+    // counted by an earlier connect had its marker taken off at that connection's
+    // close), so looking for one first only cost every balanced close a storage lookup
+    // that never matched.
+    // SAFETY: the helper accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied at once.
+    if let Some(r) = (unsafe { SOCK_BAL_V1.get(cookie) }).copied() {
+        bal_closed(&r);
+        let _ = SOCK_BAL_V1.remove(cookie);
+        return;
+    }
+    // Then, whether or not the SOCKETS record below is still there (the LRU may have
+    // evicted it): the marker is what the reconcile trusts.
     let live = unmark_live(ctx);
     // Accepted by an older agent's program, which marked server sockets too.
     if let Some(l) = live
@@ -1181,25 +1195,16 @@ fn on_close(ctx: &SockOpsContext) {
         }
         return;
     }
-    // A balanced socket's own record first: a lookup by cookie, where asking the server
-    // ports first cost every balanced close a hash lookup it never matches (a client
-    // socket's local port is no backend's).
-    // SAFETY: the helper accepts the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied at once.
-    if let Some(r) = (unsafe { SOCK_BAL_V1.get(cookie) }).copied() {
-        bal_closed(&r);
-        let _ = SOCK_BAL_V1.remove(cookie);
+    // A backend pod's socket has no record at all (see on_accepted): its server port,
+    // before the storage lookup of the sockets an older agent balanced (a client
+    // socket's local port is no backend's, and those sockets only last out an upgrade).
+    if live.is_none() && server_closed(ctx) {
         return;
     }
     // A socket an older agent's programs balanced.
     if let Some(b) = balanced_of(ctx)
         && balanced_closed(b)
     {
-        return;
-    }
-    // A backend pod's socket has no record at all (see on_accepted).
-    if live.is_none() && server_closed(ctx) {
         return;
     }
     // SAFETY: copied at once.
