@@ -4,6 +4,12 @@
 //! change (immune to clock skew), and publish leadership on a watch channel. A leader
 //! that cannot renew within the renew deadline publishes `false` at once, before its
 //! lease can expire for anyone else. It never scales anything itself.
+//!
+//! A holder renews with one round trip: a PUT of the Lease as its own last write
+//! returned it (that write's resourceVersion guards it), and only when that PUT meets a
+//! `409` does it read the Lease and go the long way (client-go's elector has the same
+//! fast path since Kubernetes 1.29). At 10,000 policies the API server answers slowly
+//! while it takes the adoption burst, and a GET then a PUT took twice one answer's time.
 
 use std::time::Duration;
 
@@ -100,6 +106,9 @@ pub struct LeaseLock {
     /// The Lease's `leaseTransitions` when this instance last acquired or renewed it:
     /// the leadership epoch its history records are numbered in.
     epoch: u64,
+    /// The Lease as this instance's last successful write (create or update) returned
+    /// it, while it names this instance: the next renewal PUTs it at once.
+    written: Option<Lease>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -119,6 +128,7 @@ impl LeaseLock {
             cfg,
             observed: None,
             epoch: 0,
+            written: None,
         }
     }
 
@@ -175,8 +185,62 @@ impl LeaseLock {
     }
 
     /// Takes the Lease if it is free, expired or ours, and renews it if ours. Every write
-    /// carries the resourceVersion read, so of two racing instances exactly one wins.
+    /// carries the resourceVersion read (or, renewing, the one of this instance's own
+    /// last write), so of two racing instances exactly one wins.
     pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, LeaderError> {
+        if let Some(attempt) = self.renew_from_own_write().await? {
+            return Ok(attempt);
+        }
+        self.read_then_write().await
+    }
+
+    /// The fast path: PUT this instance's last written Lease with a new renew time.
+    /// `None`: nothing to renew from, or the Lease changed since (a `409`); the caller
+    /// reads it and decides. Any other error fails the attempt, as a failed GET would.
+    async fn renew_from_own_write(&mut self) -> Result<Option<Attempt>, LeaderError> {
+        let Some(mut lease) = self.written.take() else {
+            return Ok(None);
+        };
+        let spec = lease.spec.take().unwrap_or_default();
+        lease.spec = Some(LeaseSpec {
+            lease_duration_seconds: Some(seconds(self.cfg.lease_duration)),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..spec
+        });
+        self.annotate(&mut lease.metadata);
+        match self
+            .api
+            .replace(&self.cfg.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(updated) => {
+                self.wrote(updated);
+                Ok(Some(Attempt::Leading))
+            }
+            Err(e) if is_conflict(&e) => {
+                tracing::debug!("the Lease changed since this instance wrote it; reading it");
+                Ok(None)
+            }
+            Err(e) => Err(self.update_error(e)),
+        }
+    }
+
+    /// Records a successful update: the record seen, the epoch, and the Lease to renew
+    /// from next time (only while it names this instance).
+    fn wrote(&mut self, updated: Lease) {
+        self.observe(updated.metadata.resource_version.clone());
+        let spec = updated.spec.as_ref();
+        self.epoch = spec
+            .and_then(|s| s.lease_transitions)
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(0);
+        let ours =
+            spec.and_then(|s| s.holder_identity.as_deref()) == Some(self.cfg.identity.as_str());
+        self.written = ours.then_some(updated);
+    }
+
+    /// The long way, as client-go's elector goes it: read the Lease, then write it.
+    async fn read_then_write(&mut self) -> Result<Attempt, LeaderError> {
         let now = MicroTime(Timestamp::now());
         let existing = self
             .api
@@ -203,8 +267,9 @@ impl LeaseLock {
             };
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
-                    self.observe(created.metadata.resource_version);
+                    self.observe(created.metadata.resource_version.clone());
                     self.epoch = 0;
+                    self.written = Some(created);
                     Ok(Attempt::Leading)
                 }
                 // Another instance created it first.
@@ -253,12 +318,7 @@ impl LeaseLock {
             .await
         {
             Ok(updated) => {
-                self.observe(updated.metadata.resource_version);
-                self.epoch = updated
-                    .spec
-                    .and_then(|s| s.lease_transitions)
-                    .and_then(|t| u64::try_from(t).ok())
-                    .unwrap_or(0);
+                self.wrote(updated);
                 Ok(Attempt::Leading)
             }
             Err(e) if is_conflict(&e) && ours => self.after_conflict().await,
@@ -294,6 +354,7 @@ impl LeaseLock {
     /// Gives the Lease up (holder cleared, one-second duration) so a standby takes over
     /// at its next attempt instead of after the lease duration. `false`: not ours.
     pub async fn release(&mut self) -> Result<bool, LeaderError> {
+        self.written = None;
         let Some(mut lease) = self
             .api
             .get_opt(&self.cfg.lease_name)
@@ -408,7 +469,14 @@ pub async fn run(
             // the next one goes out, as long as the deadline allows.
             let give_up = (sent + attempt_timeout).min(deadline);
             failed = true;
-            match tokio::time::timeout_at(give_up, lock.try_acquire_or_renew()).await {
+            let answer = tokio::time::timeout_at(give_up, lock.try_acquire_or_renew()).await;
+            // Where the renew deadline goes: a renewal answered after half a retry period
+            // says so (the deadline allows a few of those, not many).
+            let took = sent.elapsed();
+            if took > cfg.retry_period / 2 {
+                tracing::warn!(?took, left = ?deadline.saturating_duration_since(Instant::now()), "renewing the Lease was slow");
+            }
+            match answer {
                 Ok(Ok(Attempt::Leading)) => {
                     renewed_at = sent;
                     failed = false;

@@ -171,3 +171,27 @@ async fn answers_held_past_the_attempt_do_not_use_up_the_renew_deadline() -> any
     server.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_is_one_round_trip_so_slow_answers_still_fit_the_attempt() -> anyhow::Result<()> {
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    // Every answer 600 ms late for 8 s, twice the 4 s renew deadline; an attempt gives
+    // up after the 1 s retry period. A GET then a PUT (1.2 s) never fits, and the leader
+    // steps down at its deadline; a PUT of its own last write (0.6 s) does.
+    let name = "lease-one-round-trip";
+    let cfg = LeaderConfig {
+        lease_duration: Duration::from_secs(6),
+        renew_deadline: Duration::from_secs(4),
+        ..config(name, Duration::from_secs(1))
+    };
+    let e = elect(client.clone(), cfg).await?;
+    let plan = FaultPlan {
+        slow_by: Duration::from_millis(600),
+        ..only(FaultKind::Slow, 8)
+    };
+    rides_out(&server, &client, name, &e, plan).await?;
+    e.shutdown.cancel();
+    server.shutdown().await;
+    Ok(())
+}

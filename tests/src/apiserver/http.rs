@@ -246,6 +246,11 @@ async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
     }
 }
 
+/// A Lease request that takes longer than this to serve is logged (see [`handle`]).
+const SLOW_LEASE_REQUEST: Duration = Duration::from_millis(250);
+/// Any other request served slower than this is logged: what holds the Lease's back.
+const SLOW_REQUEST: Duration = Duration::from_secs(1);
+
 /// Serve one request.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
@@ -264,6 +269,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         .unwrap_or("")
         .to_owned();
     let route = routes::route(&path);
+    let started = std::time::Instant::now();
     let admitted = admit(
         &shared,
         &parts.headers,
@@ -276,6 +282,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         .as_ref()
         .map(|u| u.name.clone())
         .unwrap_or_default();
+    let admitted_after = started.elapsed();
     let resp = match admitted {
         Err(e) => error(&e),
         Ok(user) => match read_body(body).await {
@@ -293,6 +300,14 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         },
     };
     tracing::debug!(method = %parts.method, %path, %query, status = resp.status().as_u16(), "request");
+    // A Lease request served slowly says where its time went (admission takes the state
+    // lock once, the handler again): a leader steps down when its renewals are late.
+    let took = started.elapsed();
+    if path.contains("/leases/") && took > SLOW_LEASE_REQUEST {
+        tracing::warn!(method = %parts.method, %path, ?took, admitted_after = ?admitted_after, "a Lease request was served slowly");
+    } else if took > SLOW_REQUEST {
+        tracing::warn!(method = %parts.method, %path, %query, ?took, admitted_after = ?admitted_after, "a request was served slowly");
+    }
     {
         let mut counts = shared.counts.lock().unwrap_or_else(|p| p.into_inner());
         *counts

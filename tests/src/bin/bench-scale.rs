@@ -481,6 +481,15 @@ fn report_lease(phase: &str, lost_before: u64, lost_now: u64) {
     } else {
         eprintln!("lease kept through {phase}");
     }
+    // The machine's load says how much of a late renewal was the bench's neighbours.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "load average after {phase}: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }
 
 async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> {
@@ -683,10 +692,8 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    eprintln!(
-        "every policy at zero {:.1} s after the controller started",
-        t_adopt.elapsed().as_secs_f64()
-    );
+    let adopted_s = t_adopt.elapsed().as_secs_f64();
+    eprintln!("every policy at zero {adopted_s:.1} s after the controller started");
     let lost_adopted = leadership_lost(&api.http, admin).await?;
     report_lease("setup and adoption", 0, lost_adopted);
     // Settle: every agent has beaten at least twice, and what adoption wrote is done
@@ -880,6 +887,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     // Not a figure of merit but the run's validity: any loss means every agent took the
     // whole directive set again and the controller re-adopted every policy.
     figure("controller_lease_losses", lost_end as f64, 0);
+    figure("policies_at_zero_s", adopted_s, 1);
     figure("controller_rss_mib", rss, 1);
     figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
     figure("controller_cpu_cores_steady", cpu_cores, 3);
