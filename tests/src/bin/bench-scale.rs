@@ -281,6 +281,9 @@ struct AgentStats {
     pages: AtomicU64,
     /// Report deltas the controller could not take (each resent whole at once).
     report_resends: AtomicU64,
+    /// Agents whose latest reply brought no directive change (a delta with nothing in
+    /// it and no page to follow): they hold the controller's whole set as it stands.
+    current: AtomicU64,
     /// The largest reply, in bytes, over the whole run.
     max_reply: AtomicU64,
     reply_bytes: AtomicU64,
@@ -343,6 +346,8 @@ async fn agent(
     // its side of report deltas.
     let mut view = DirectiveView::default();
     let mut deltas = ReportDeltas::default();
+    // Whether this agent counts in `stats.current`.
+    let mut current = false;
     // Spread the first beats over one interval, as agents started at different times.
     let first = every.mul_f64(rand::rng().random_range(0.0..1.0));
     tokio::time::sleep(first).await;
@@ -402,6 +407,18 @@ async fn agent(
                 if again {
                     stats.report_resends.fetch_add(1, Ordering::Relaxed);
                 }
+                let now_current = reply.delta
+                    && !reply.more
+                    && reply.directives.is_empty()
+                    && reply.removed.is_empty();
+                if now_current != current {
+                    current = now_current;
+                    if current {
+                        stats.current.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.current.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
                 match view.apply(&reply) {
                     ViewUpdate::Resync => {
                         stats.resyncs.fetch_add(1, Ordering::Relaxed);
@@ -427,6 +444,43 @@ async fn agent(
         }
         let jitter = rand::rng().random_range(0.9..1.1);
         tokio::time::sleep(every.mul_f64(jitter)).await;
+    }
+}
+
+/// Waits until every agent holds the controller's whole directive set as it stands
+/// (its latest reply brought no change), so that the steady window measures steady
+/// heartbeats and not the tail of the adoption's directive delivery. Returns the
+/// seconds from `start` (the controller's start), or `None` after `limit`.
+async fn wait_every_agent_current(
+    stats: &AgentStats,
+    agents: usize,
+    start: Instant,
+    limit: Duration,
+) -> Option<f64> {
+    let t = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        let current = stats.current.load(Ordering::Relaxed);
+        if current >= agents as u64 {
+            let s = start.elapsed().as_secs_f64();
+            eprintln!(
+                "every agent holds the whole directive set {s:.1} s after the controller started ({:.1} s waited for it)",
+                t.elapsed().as_secs_f64()
+            );
+            return Some(s);
+        }
+        if t.elapsed() > limit {
+            eprintln!(
+                "only {current} of {agents} agents hold the whole directive set after {:.0} s more: the steady window opens anyway",
+                limit.as_secs_f64()
+            );
+            return None;
+        }
+        if said.elapsed() > Duration::from_secs(10) {
+            said = Instant::now();
+            eprintln!("{current} of {agents} agents hold the whole directive set");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -710,6 +764,9 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
         }
     }
 
+    let directives_everywhere =
+        wait_every_agent_current(&stats, cli.agents, t_adopt, Duration::from_secs(300)).await;
+
     // Steady window: nothing changes; count what is written anyway.
     let lost_before_steady = leadership_lost(&api.http, admin).await?;
     report_lease("settling", lost_adopted, lost_before_steady);
@@ -717,6 +774,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     let before = server.request_counts();
     let beats_before = stats.heartbeats.load(Ordering::Relaxed);
     let timeouts_before = stats.timeouts.load(Ordering::Relaxed);
+    let pages_before = stats.pages.load(Ordering::Relaxed);
     let cpu_before = cpu_seconds(pid)?;
     let t_steady = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(cli.steady)).await;
@@ -730,6 +788,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     let reviews = after.reviews - before.reviews;
     let beats = stats.heartbeats.load(Ordering::Relaxed) - beats_before;
     let timeouts_steady = stats.timeouts.load(Ordering::Relaxed) - timeouts_before;
+    let pages_steady = stats.pages.load(Ordering::Relaxed) - pages_before;
     let (rss, hwm) = memory_mib(pid)?;
     let lost_after_steady = leadership_lost(&api.http, admin).await?;
     report_lease("the steady window", lost_before_steady, lost_after_steady);
@@ -880,6 +939,13 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     // Not a figure of merit but the run's validity: any loss means every agent took the
     // whole directive set again and the controller re-adopted every policy.
     figure("controller_lease_losses", lost_end as f64, 0);
+    // Seconds from the controller's start until every agent's latest reply brought no
+    // directive change (NaN: not within the wait's limit).
+    figure(
+        "directives_at_every_agent_s",
+        directives_everywhere.unwrap_or(f64::NAN),
+        1,
+    );
     figure("controller_rss_mib", rss, 1);
     figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
     figure("controller_cpu_cores_steady", cpu_cores, 3);
@@ -917,6 +983,14 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
         0,
     );
     figure("agent_heartbeat_timeouts_steady", timeouts_steady as f64, 0);
+    // Directive pages with more to follow taken in the steady window (0 when every
+    // agent held the whole set before it opened).
+    figure("agent_heartbeat_pages_steady", pages_steady as f64, 0);
+    figure(
+        "agent_heartbeat_ms_p50_under_load",
+        percentile(&rtts, 0.50),
+        3,
+    );
     figure(
         "agent_heartbeat_failures_total",
         stats.failures.load(Ordering::Relaxed) as f64,
