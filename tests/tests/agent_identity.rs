@@ -220,3 +220,42 @@ async fn a_token_of_a_deleted_pod_is_refused() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// Calls presenting one token the controller has not reviewed yet cost one TokenReview
+/// between them (an agent's heartbeat, wake-up and load report arrive together; all of
+/// a thousand agents' calls arrive together after a controller start), and the verdict
+/// then answers without another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_with_one_new_token_cost_one_review() -> anyhow::Result<()> {
+    init_tracing();
+    let server = TestApiServer::start(ApiServerOptions::default()).await?;
+    let client = server.client().await?;
+    install_crd(&client).await?;
+    let dir = tempfile::tempdir()?;
+    let c = start_controller(&server, dir.path(), &[]).await?;
+    let api = c.api_addr;
+    let token = mint_agent_token(&client, "node-busy").await?;
+    let http = Http::default();
+    let before = server.request_counts().reviews;
+    let hb = heartbeat("node-busy");
+    let calls = (0..16).map(|_| http.post(api, "/v1/agents/heartbeat", &token, &hb));
+    for (code, body) in futures::future::try_join_all(calls).await? {
+        assert_eq!(code, 200, "a heartbeat with the agent's own token: {body}");
+    }
+    assert_eq!(
+        server.request_counts().reviews - before,
+        1,
+        "16 concurrent heartbeats with one new token: one review"
+    );
+    for _ in 0..5 {
+        let (code, body) = http.post(api, "/v1/agents/heartbeat", &token, &hb).await?;
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(
+        server.request_counts().reviews - before,
+        1,
+        "heartbeats within the verdict's minute: no review more"
+    );
+    c.shutdown().await;
+    Ok(())
+}

@@ -26,6 +26,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
+use nemesis_common::stats::percentile;
 use nemesis_controller::store::{DEFAULT_RETENTION, PolicyId, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -353,14 +354,6 @@ impl World {
     }
 }
 
-fn percentile(sorted: &[u128], p: f64) -> u128 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
 fn rounds_from_env(default: usize) -> anyhow::Result<usize> {
     match std::env::var("NEMESIS_CHAOS_ROUNDS") {
         Ok(v) => v
@@ -434,11 +427,11 @@ async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
     ms.sort_unstable();
     println!(
         "seed {seed}: failover ms p50 {} max {} over {} kills",
-        percentile(&ms, 0.5),
+        percentile(&ms, 50.0).unwrap_or(0),
         ms.last().copied().unwrap_or(0),
         ms.len()
     );
-    println!("failover_ms_p99={}", percentile(&ms, 0.99));
+    println!("failover_ms_p99={}", percentile(&ms, 99.0).unwrap_or(0));
 
     // No client lost: every connection of the run was answered by the app.
     let lost: Vec<_> = clients

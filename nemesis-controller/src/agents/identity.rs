@@ -275,7 +275,15 @@ pub struct TokenReviewer {
     config: ReviewConfig,
     metrics: ControllerMetrics,
     cache: Mutex<HashMap<[u8; 32], Verdict>>,
+    /// The review of each token under way, which every caller presenting that token
+    /// meanwhile waits for instead of asking one of its own: an agent's concurrent calls
+    /// (heartbeat, wake-up, load report), its calls while its renewal is under way past
+    /// the verdict's end, and all of them after a controller start, cost one review.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<ReviewOnce>>>,
 }
+
+/// One review's outcome, shared by every caller that waited for it.
+type ReviewOnce = tokio::sync::OnceCell<Result<AgentIdentity, Refusal>>;
 
 /// A cached review's outcome.
 #[derive(Debug, Clone)]
@@ -308,6 +316,7 @@ impl TokenReviewer {
             config,
             metrics,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -349,7 +358,46 @@ impl TokenReviewer {
             }
             return Ok(identity);
         }
-        self.review_and_cache(key, token, claims.exp).await
+        self.review_once(key, token, claims.exp).await
+    }
+
+    /// Reviews `token` and caches the verdict, or waits for the review of it already
+    /// under way (see [`TokenReviewer::in_flight`]).
+    async fn review_once(
+        &self,
+        key: [u8; 32],
+        token: &str,
+        exp: Option<i64>,
+    ) -> Result<AgentIdentity, Refusal> {
+        let (once, mine) = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            match in_flight.get(&key) {
+                Some(once) => (Arc::clone(once), false),
+                None => {
+                    // A review that ended between the caller's look at the cache and
+                    // here left its verdict there.
+                    let now = Instant::now();
+                    if let Some(v) = self.cache().get(&key).filter(|v| v.until > now)
+                        && !v.renewing
+                        && v.until.saturating_duration_since(now) >= REFRESH_AHEAD
+                    {
+                        return Ok(v.identity.clone());
+                    }
+                    let once = Arc::new(ReviewOnce::new());
+                    in_flight.insert(key, Arc::clone(&once));
+                    (once, true)
+                }
+            }
+        };
+        // Whoever started the review ends its entry, however the review ends (a caller
+        // that went away drops its future: the guard still runs).
+        let _done = mine.then(|| InFlightEntry {
+            map: &self.in_flight,
+            key,
+        });
+        once.get_or_init(|| self.review_and_cache(key, token, exp))
+            .await
+            .clone()
     }
 
     /// Renews a cached verdict: a refused token loses it at once (counted when the
@@ -358,7 +406,7 @@ impl TokenReviewer {
         let exp = precheck(token, &self.config.audience, chrono::Utc::now().timestamp())
             .ok()
             .and_then(|c| c.exp);
-        match self.review_and_cache(key, token, exp).await {
+        match self.review_once(key, token, exp).await {
             Ok(_) => {}
             Err(r) if r.reason == AgentAuthRefusal::ReviewUnavailable => {
                 if let Some(v) = self.cache().get_mut(&key) {
@@ -461,6 +509,21 @@ impl TokenReviewer {
                 "the token's pod is gone or not scheduled to a node",
             )),
         }
+    }
+}
+
+/// Removes a token's in-flight review when the caller that started it is done.
+struct InFlightEntry<'a> {
+    map: &'a Mutex<HashMap<[u8; 32], Arc<ReviewOnce>>>,
+    key: [u8; 32],
+}
+
+impl Drop for InFlightEntry<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
     }
 }
 

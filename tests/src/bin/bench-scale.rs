@@ -45,6 +45,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Api, CustomResourceExt, ResourceExt};
+use nemesis_common::stats::percentile_or_nan;
 use nemesis_common::wire::{
     AppliedMode, DirectiveView, Heartbeat, HeartbeatReply, ReportDeltas, ServiceRef, ServiceReport,
     ViewUpdate, WakeReply, WakeRequest,
@@ -218,14 +219,6 @@ impl Size {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
 async fn create_objects(client: &kube::Client, cli: &Cli) -> anyhow::Result<()> {
     let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
@@ -281,6 +274,9 @@ struct AgentStats {
     pages: AtomicU64,
     /// Report deltas the controller could not take (each resent whole at once).
     report_resends: AtomicU64,
+    /// Agents whose latest reply brought no directive change (a delta with nothing in
+    /// it and no page to follow): they hold the controller's whole set as it stands.
+    current: AtomicU64,
     /// The largest reply, in bytes, over the whole run.
     max_reply: AtomicU64,
     reply_bytes: AtomicU64,
@@ -343,6 +339,8 @@ async fn agent(
     // its side of report deltas.
     let mut view = DirectiveView::default();
     let mut deltas = ReportDeltas::default();
+    // Whether this agent counts in `stats.current`.
+    let mut current = false;
     // Spread the first beats over one interval, as agents started at different times.
     let first = every.mul_f64(rand::rng().random_range(0.0..1.0));
     tokio::time::sleep(first).await;
@@ -402,6 +400,18 @@ async fn agent(
                 if again {
                     stats.report_resends.fetch_add(1, Ordering::Relaxed);
                 }
+                let now_current = reply.delta
+                    && !reply.more
+                    && reply.directives.is_empty()
+                    && reply.removed.is_empty();
+                if now_current != current {
+                    current = now_current;
+                    if current {
+                        stats.current.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.current.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
                 match view.apply(&reply) {
                     ViewUpdate::Resync => {
                         stats.resyncs.fetch_add(1, Ordering::Relaxed);
@@ -427,6 +437,43 @@ async fn agent(
         }
         let jitter = rand::rng().random_range(0.9..1.1);
         tokio::time::sleep(every.mul_f64(jitter)).await;
+    }
+}
+
+/// Waits until every agent holds the controller's whole directive set as it stands
+/// (its latest reply brought no change), so that the steady window measures steady
+/// heartbeats and not the tail of the adoption's directive delivery. Returns the
+/// seconds from `start` (the controller's start), or `None` after `limit`.
+async fn wait_every_agent_current(
+    stats: &AgentStats,
+    agents: usize,
+    start: Instant,
+    limit: Duration,
+) -> Option<f64> {
+    let t = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        let current = stats.current.load(Ordering::Relaxed);
+        if current >= agents as u64 {
+            let s = start.elapsed().as_secs_f64();
+            eprintln!(
+                "every agent holds the whole directive set {s:.1} s after the controller started ({:.1} s waited for it)",
+                t.elapsed().as_secs_f64()
+            );
+            return Some(s);
+        }
+        if t.elapsed() > limit {
+            eprintln!(
+                "only {current} of {agents} agents hold the whole directive set after {:.0} s more: the steady window opens anyway",
+                limit.as_secs_f64()
+            );
+            return None;
+        }
+        if said.elapsed() > Duration::from_secs(10) {
+            said = Instant::now();
+            eprintln!("{current} of {agents} agents hold the whole directive set");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -717,6 +764,9 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
         }
     }
 
+    let directives_everywhere =
+        wait_every_agent_current(&stats, cli.agents, t_adopt, Duration::from_secs(300)).await;
+
     // Steady window: nothing changes; count what is written anyway.
     let lost_before_steady = leadership_lost(&api.http, admin).await?;
     report_lease("settling", lost_adopted, lost_before_steady);
@@ -724,6 +774,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     let before = server.request_counts();
     let beats_before = stats.heartbeats.load(Ordering::Relaxed);
     let timeouts_before = stats.timeouts.load(Ordering::Relaxed);
+    let pages_before = stats.pages.load(Ordering::Relaxed);
     let cpu_before = cpu_seconds(pid)?;
     let t_steady = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(cli.steady)).await;
@@ -737,6 +788,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     let reviews = after.reviews - before.reviews;
     let beats = stats.heartbeats.load(Ordering::Relaxed) - beats_before;
     let timeouts_steady = stats.timeouts.load(Ordering::Relaxed) - timeouts_before;
+    let pages_steady = stats.pages.load(Ordering::Relaxed) - pages_before;
     let (rss, hwm) = memory_mib(pid)?;
     let lost_after_steady = leadership_lost(&api.http, admin).await?;
     report_lease("the steady window", lost_before_steady, lost_after_steady);
@@ -775,10 +827,10 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     );
     eprintln!(
         "heartbeats in the window: p50 {:.0} ms, p99 {:.0} ms; replies p50 {:.0} B, p99 {:.0} B, largest of the run {} B; {} pages, {} report resends so far",
-        percentile(&rtts, 0.5),
-        percentile(&rtts, 0.99),
-        percentile(&sizes, 0.5),
-        percentile(&sizes, 0.99),
+        percentile_or_nan(&rtts, 50.0),
+        percentile_or_nan(&rtts, 99.0),
+        percentile_or_nan(&sizes, 50.0),
+        percentile_or_nan(&sizes, 99.0),
         stats.max_reply.load(Ordering::Relaxed),
         stats.pages.load(Ordering::Relaxed),
         stats.report_resends.load(Ordering::Relaxed),
@@ -888,6 +940,13 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     // whole directive set again and the controller re-adopted every policy.
     figure("controller_lease_losses", lost_end as f64, 0);
     figure("policies_at_zero_s", adopted_s, 1);
+    // Seconds from the controller's start until every agent's latest reply brought no
+    // directive change (NaN: not within the wait's limit).
+    figure(
+        "directives_at_every_agent_s",
+        directives_everywhere.unwrap_or(f64::NAN),
+        1,
+    );
     figure("controller_rss_mib", rss, 1);
     figure("controller_peak_rss_mib", hwm.max(hwm_end), 1);
     figure("controller_cpu_cores_steady", cpu_cores, 3);
@@ -895,28 +954,28 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     figure("api_token_reviews_per_s_steady", reviews as f64 / window, 3);
     figure(
         "wake_to_scale_ms_p99_under_load",
-        percentile(&latencies, 0.99),
+        percentile_or_nan(&latencies, 99.0),
         3,
     );
     figure(
         "wake_to_scale_ms_p50_under_load",
-        percentile(&latencies, 0.50),
+        percentile_or_nan(&latencies, 50.0),
         3,
     );
     figure("wake_retries_503", wake_retries as f64, 0);
     figure(
         "agent_heartbeat_ms_p99_under_load",
-        percentile(&rtts, 0.99),
+        percentile_or_nan(&rtts, 99.0),
         3,
     );
     figure(
         "agent_heartbeat_reply_bytes_p50",
-        percentile(&sizes, 0.50),
+        percentile_or_nan(&sizes, 50.0),
         0,
     );
     figure(
         "agent_heartbeat_reply_bytes_p99",
-        percentile(&sizes, 0.99),
+        percentile_or_nan(&sizes, 99.0),
         0,
     );
     figure(
@@ -925,6 +984,14 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
         0,
     );
     figure("agent_heartbeat_timeouts_steady", timeouts_steady as f64, 0);
+    // Directive pages with more to follow taken in the steady window (0 when every
+    // agent held the whole set before it opened).
+    figure("agent_heartbeat_pages_steady", pages_steady as f64, 0);
+    figure(
+        "agent_heartbeat_ms_p50_under_load",
+        percentile_or_nan(&rtts, 50.0),
+        3,
+    );
     figure(
         "agent_heartbeat_failures_total",
         stats.failures.load(Ordering::Relaxed) as f64,
