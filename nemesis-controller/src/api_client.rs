@@ -20,6 +20,12 @@
 //! The leader's Lease renewals go through a separate client without the bound: a
 //! burst of policy traffic queued behind the limit must never delay a renewal past the
 //! renew deadline (that would hand leadership away exactly when the controller is busy).
+//! That client is built on the leader's own runtime, not handed to it: a kube client
+//! spawns its request queue's worker (tower's `Buffer`) on the runtime it is built on,
+//! and every request passes through that worker, so a lease client built on the main
+//! runtime waited for the main runtime's scheduler whatever thread the election ran
+//! on (at 1,000 agents and 10,000 policies its renewals missed the deadline while the
+//! main runtime worked through a burst: see [`LeaseClient`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,12 +47,31 @@ pub struct ApiClients {
     /// Everything except leader election: policies, watches, events, status writes.
     pub main: kube::Client,
     /// Leader election's Lease reads and renewals only.
-    pub lease: kube::Client,
-    /// Run leader election on a thread of its own (with `lease` apart from `main`, so
-    /// its connection lives on that thread too): tokio's scheduling is cooperative, and
-    /// a burst of policy and agent work on the main runtime once held the renewal task
-    /// off both worker threads past the renew deadline (1,000 agents, 10,000 policies).
-    pub lease_thread: bool,
+    pub lease: LeaseClient,
+}
+
+/// How leader election gets its client.
+#[derive(Clone)]
+pub enum LeaseClient {
+    /// This client, on the caller's runtime (in-process tests that hand the controller
+    /// a client).
+    Shared(kube::Client),
+    /// A client built from this config on a runtime of the election's own, so that
+    /// nothing the client does waits for the main runtime: tokio's scheduling is
+    /// cooperative, and a burst of policy and agent work on the main runtime once held
+    /// renewals past the renew deadline (1,000 agents, 10,000 policies).
+    OwnRuntime(Box<kube::Config>),
+}
+
+impl LeaseClient {
+    /// The client to use on the runtime current at the call: `Shared`'s, or a new one
+    /// from `OwnRuntime`'s config (its request queue's worker spawned there).
+    pub fn build(self) -> Result<kube::Client, kube::Error> {
+        match self {
+            LeaseClient::Shared(client) => Ok(client),
+            LeaseClient::OwnRuntime(config) => kube::Client::try_from(*config),
+        }
+    }
 }
 
 impl ApiClients {
@@ -54,8 +79,7 @@ impl ApiClients {
     pub fn shared(client: kube::Client) -> Self {
         Self {
             main: client.clone(),
-            lease: client,
-            lease_thread: false,
+            lease: LeaseClient::Shared(client),
         }
     }
 
@@ -69,12 +93,11 @@ impl ApiClients {
     }
 
     /// Clients for `config`: the main one with [`MAX_CONCURRENT_REQUESTS`], the lease one
-    /// kube's default.
+    /// kube's default, built later on the election's runtime.
     pub fn from_config(config: kube::Config) -> Result<Self, kube::Error> {
         Ok(Self {
             main: bounded(config.clone(), MAX_CONCURRENT_REQUESTS)?,
-            lease: kube::Client::try_from(config)?,
-            lease_thread: true,
+            lease: LeaseClient::OwnRuntime(Box::new(config)),
         })
     }
 }

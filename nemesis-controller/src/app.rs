@@ -20,7 +20,7 @@ use crate::agents::{
     AgentApi, AgentAuth, AgentRegistry, RegistryConfig, ReviewConfig, TokenReviewer, WakeGate,
 };
 use crate::alerts::{AlertApi, AlertBook};
-use crate::api_client::ApiClients;
+use crate::api_client::{ApiClients, LeaseClient};
 use crate::auth::{AuthError, BearerToken};
 use crate::config::{ConfigError, RunArgs};
 use crate::leader::{self, LeaderConfig, LeaseLock};
@@ -60,6 +60,8 @@ pub enum StartError {
     OpenStore(#[from] StoreError),
     #[error("starting the leader election's runtime: {0}")]
     LeaderRuntime(#[source] std::io::Error),
+    #[error("building the leader election's Kubernetes client: {0}")]
+    LeaseClient(#[source] kube::Error),
     #[error("opening the history store: the blocking task failed: {0}")]
     JoinStore(#[source] tokio::task::JoinError),
     #[error(transparent)]
@@ -190,7 +192,6 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
     let ApiClients {
         main: client,
         lease: lease_client,
-        lease_thread,
     } = clients;
     args.validate()?;
     let mut files = StartFiles::read(args)?;
@@ -271,13 +272,8 @@ pub async fn start_with(args: &RunArgs, clients: ApiClients) -> Result<Running, 
         epoch,
         &tasks,
     );
-    let (leader, leader_runtime) = shared.start_election(
-        args,
-        (lease_client, lease_thread),
-        history_url,
-        (lead_tx, epoch_tx),
-        &tasks,
-    )?;
+    let (leader, leader_runtime) =
+        shared.start_election(args, lease_client, history_url, (lead_tx, epoch_tx), &tasks)?;
     if let Some(token) = files.replica_token.clone() {
         shared.start_follower(args, token, replication, &mut tasks);
     }
@@ -798,19 +794,35 @@ impl Shared {
         ))
     }
 
-    /// Leader election on the Lease client, on a runtime of its own when asked: a
-    /// renewal is then never queued behind policy and agent work (see
-    /// `ApiClients::lease_thread`).
+    /// Leader election on the Lease client, on a runtime of its own when the client is
+    /// to be built there: a renewal is then never queued behind policy and agent work
+    /// (see [`LeaseClient`]).
     fn start_election(
         &self,
         args: &RunArgs,
-        (lease_client, own_thread): (kube::Client, bool),
+        lease_client: LeaseClient,
         history_url: Option<String>,
         (lead_tx, epoch_tx): (watch::Sender<bool>, watch::Sender<u64>),
         tasks: &Tasks,
     ) -> Result<(JoinHandle<()>, Option<tokio::runtime::Runtime>), StartError> {
+        let rt = match &lease_client {
+            LeaseClient::Shared(_) => None,
+            LeaseClient::OwnRuntime(_) => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("nemesis-leader")
+                    .enable_all()
+                    .build()
+                    .map_err(StartError::LeaderRuntime)?,
+            ),
+        };
+        // Built inside the runtime it will run on, so its request queue runs there.
+        let client = {
+            let _on = rt.as_ref().map(|rt| rt.enter());
+            lease_client.build().map_err(StartError::LeaseClient)?
+        };
         let lock = LeaseLock::new(
-            lease_client,
+            client,
             LeaderConfig {
                 lease_name: args.lease_name.clone(),
                 namespace: args.lease_namespace.clone(),
@@ -828,16 +840,10 @@ impl Shared {
             self.metrics.clone(),
             tasks.leader_stop.clone(),
         );
-        if !own_thread {
-            return Ok((tokio::spawn(election), None));
+        match rt {
+            None => Ok((tokio::spawn(election), None)),
+            Some(rt) => Ok((rt.spawn(election), Some(rt))),
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("nemesis-leader")
-            .enable_all()
-            .build()
-            .map_err(StartError::LeaderRuntime)?;
-        Ok((rt.spawn(election), Some(rt)))
     }
 
     /// A standby's copy of the leader's history and directives.

@@ -325,3 +325,161 @@ async fn a_leader_killed_mid_for_window_is_replaced_by_one_that_fires_at_the_ori
     b.shutdown().await;
     Ok(())
 }
+
+/// Lease renewals never wait for the main runtime. Here both of its worker threads are
+/// held (as a long burst of CPU work holds the scheduler's queue) for three renew
+/// deadlines; the leader must keep leading and keep renewing. Before the lease client
+/// was built on the election's own runtime, its request queue ran on the main one, and
+/// the leader stepped down at the first renew deadline.
+#[test]
+fn a_leader_whose_main_runtime_is_held_past_the_renew_deadline_keeps_leading() -> anyhow::Result<()>
+{
+    const RENEW_DEADLINE: Duration = Duration::from_secs(2); // as `run_args` sets it
+    init_tracing();
+    // The API server and the test's own checks run apart from the controller's runtime.
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = side.block_on(TestApiServer::start(ApiServerOptions::default()))?;
+    let client = side.block_on(server.client())?;
+    side.block_on(install_crd(&client))?;
+    let config = side.block_on(server.config())?;
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    let args = run_args(dir.path(), &[])?;
+    let running = main.block_on(async {
+        let clients = nemesis_controller::api_client::ApiClients::from_config(config)?;
+        anyhow::Ok(nemesis_controller::app::start_with(&args, clients).await?)
+    })?;
+    main.block_on(wait_leading(&running, Duration::from_secs(30)))?;
+
+    let stepped_down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut leading = running.leading();
+    let flag = stepped_down.clone();
+    side.spawn(async move {
+        if leading.wait_for(|l| !*l).await.is_ok() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let renewed = || {
+        side.block_on(leases.get("nemesis-controller"))
+            .map(|l| l.spec.unwrap_or_default())
+    };
+    let before = renewed()?;
+
+    // Both workers at once (a barrier only both can pass), for three renew deadlines.
+    let held = RENEW_DEADLINE * 3;
+    let both = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let holds: Vec<_> = (0..2)
+        .map(|_| {
+            let both = both.clone();
+            main.spawn(async move {
+                both.wait();
+                std::thread::sleep(held);
+            })
+        })
+        .collect();
+    std::thread::sleep(held / 2);
+    let during = renewed()?;
+    for h in holds {
+        main.block_on(h)?;
+    }
+
+    anyhow::ensure!(
+        !stepped_down.load(std::sync::atomic::Ordering::SeqCst),
+        "the leader stepped down while its main runtime was held for {held:?}"
+    );
+    assert_eq!(
+        during.lease_transitions, before.lease_transitions,
+        "the Lease changed hands"
+    );
+    assert_ne!(
+        during.renew_time, before.renew_time,
+        "no renewal landed while the main runtime was held"
+    );
+    // Both stop inside the runtime they run on.
+    {
+        let _on = main.enter();
+        running.kill();
+    }
+    let _on = side.enter();
+    drop(server);
+    Ok(())
+}
+
+/// A new leader leaves alone the hold EndpointSlices the last one left right: at 10,000
+/// Services a takeover rewrote every one (10,000 writes while the new term settled).
+/// It still writes what is wrong: a slice deleted behind its back comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_does_not_rewrite_the_hold_slices_the_last_one_left_right()
+-> anyhow::Result<()> {
+    const SLICE: &str = "held-nemesis-hold-ipv4";
+    init_tracing();
+    let OneDeployment {
+        server,
+        client,
+        policies,
+        ..
+    } = OneDeployment::start("held", 0).await?;
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &service("held"))
+        .await?;
+    policies
+        .create(&PostParams::default(), &busy_policy("held"))
+        .await?;
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), "default");
+    let dir_a = tempfile::tempdir()?;
+    let a = start_controller(&server, dir_a.path(), &[]).await?;
+    wait_leading(&a, Duration::from_secs(10)).await?;
+    // No pod ever runs here, so the Service never has a ready backend: it is held.
+    eventually("A's hold slice", Duration::from_secs(20), || async {
+        Ok(slices.get_opt(SLICE).await?.map(|_| ()))
+    })
+    .await?;
+    a.kill();
+
+    let dir_b = tempfile::tempdir()?;
+    let b = start_controller(&server, dir_b.path(), &[]).await?;
+    // Marks where B's requests begin in the server's log.
+    let marker = "b-takes-over";
+    let _ = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "default")
+        .get_opt(marker)
+        .await?;
+    wait_leading(&b, Duration::from_secs(10)).await?;
+    // Longer than the hold-slice loop's longest interval between passes (5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let writes_of_the_slice = || {
+        let log = server.requests();
+        let from = log
+            .iter()
+            .rposition(|r| r.path.ends_with(marker))
+            .expect("the marker request is in the log");
+        log[from..]
+            .iter()
+            .filter(|r| r.method != "GET" && r.path.ends_with(SLICE))
+            .count()
+    };
+    assert_eq!(
+        writes_of_the_slice(),
+        0,
+        "the new leader rewrote a hold slice that was right"
+    );
+    // B's passes run: a slice deleted behind its back is written again.
+    slices.delete(SLICE, &Default::default()).await?;
+    eventually("B's hold slice", Duration::from_secs(20), || async {
+        Ok(slices.get_opt(SLICE).await?.map(|_| ()))
+    })
+    .await?;
+    assert!(
+        writes_of_the_slice() >= 1,
+        "B wrote the deleted slice again"
+    );
+    b.shutdown().await;
+    Ok(())
+}

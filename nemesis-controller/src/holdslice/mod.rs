@@ -195,7 +195,7 @@ impl HoldSlices {
         }
         let listed = per_family.into_values().max().unwrap_or(0);
         for slice in slices {
-            self.apply(slice, true).await?;
+            self.apply(slice, None, true).await?;
         }
         Ok(listed)
     }
@@ -231,20 +231,29 @@ impl HoldSlices {
         )
     }
 
-    /// Server-side applies `slice` unless it is what we applied last (`force`: even so).
-    async fn apply(&self, slice: EndpointSlice, force: bool) -> Result<bool, HoldSliceError> {
+    /// Server-side applies `slice` unless it is what we applied last, or, when we have
+    /// not written it, what `stored` (the cache's copy) already says (`force`: even so).
+    async fn apply(
+        &self,
+        slice: EndpointSlice,
+        stored: Option<&EndpointSlice>,
+        force: bool,
+    ) -> Result<bool, HoldSliceError> {
         let namespace = slice.namespace().unwrap_or_default();
         let name = slice.name_any();
         let key = (namespace.clone(), name.clone());
-        if !force
-            && self
-                .written
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
-                == Some(&slice)
-        {
-            return Ok(false);
+        if !force {
+            let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            let unchanged = match written.get(&key) {
+                Some(ours) => ours == &slice,
+                // A slice an earlier term (or leader) left right is left alone. Nothing is
+                // recorded as written: if the cache's copy was stale, the pass after the
+                // watch catches up sees the difference and writes.
+                None => stored.is_some_and(|s| plan::says_the_same(&slice, s)),
+            };
+            if unchanged {
+                return Ok(false);
+            }
         }
         let mut body = serde_json::to_value(&slice).unwrap_or_default();
         if let Some(obj) = body.as_object_mut() {
@@ -494,10 +503,10 @@ impl HoldSlices {
             .iter()
             .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
             .collect();
-        let present: BTreeSet<(String, String)> = all_slices
+        let present: BTreeMap<(String, String), &EndpointSlice> = all_slices
             .iter()
             .filter(|s| plan::is_hold_slice(s))
-            .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
+            .map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), &**s))
             .collect();
         for slice in desired {
             // A slice missing from the cache is written even if we wrote it as it is, so
@@ -505,13 +514,14 @@ impl HoldSlices {
             // (it learns of them by watch), so a slice we wrote is "missing" only once
             // the watch has shown it gone (see `forget`).
             let key = (slice.namespace().unwrap_or_default(), slice.name_any());
-            let unknown = !present.contains(&key) && !self.wrote(&key);
-            if let Err(e) = self.apply(slice, unknown).await {
+            let stored = present.get(&key).copied();
+            let unknown = stored.is_none() && !self.wrote(&key);
+            if let Err(e) = self.apply(slice, stored, unknown).await {
                 tracing::warn!(err = %e, "hold EndpointSlice not written");
                 first_error.get_or_insert(e);
             }
         }
-        for (namespace, name) in present.difference(&wanted) {
+        for (namespace, name) in present.keys().filter(|k| !wanted.contains(*k)) {
             if let Err(e) = self.delete(namespace, name).await {
                 tracing::warn!(err = %e, "hold EndpointSlice not removed");
                 first_error.get_or_insert(e);

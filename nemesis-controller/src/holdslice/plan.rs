@@ -78,6 +78,36 @@ pub fn is_hold_slice(slice: &EndpointSlice) -> bool {
     slice.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(HOLD_SLICE_MANAGED_BY)
 }
 
+/// Whether `stored` (the slice as the API server has it) already says everything
+/// `desired` says: the fields a hold slice owns, other managers' labels aside. A new
+/// leadership term has no record of what it wrote, and without this it rewrote every
+/// hold slice the last leader had left right (10,000 writes at 10,000 Services, in the
+/// middle of the takeover). Absent and empty lists are the same list.
+pub fn says_the_same(desired: &EndpointSlice, stored: &EndpointSlice) -> bool {
+    let ours = |s: &EndpointSlice| {
+        let labels = s.metadata.labels.as_ref();
+        [SERVICE_NAME_LABEL, MANAGED_BY_LABEL].map(|k| labels.and_then(|l| l.get(k)).cloned())
+    };
+    desired.metadata.name == stored.metadata.name
+        && desired.metadata.namespace == stored.metadata.namespace
+        && ours(desired) == ours(stored)
+        && desired
+            .metadata
+            .owner_references
+            .as_deref()
+            .unwrap_or_default()
+            == stored
+                .metadata
+                .owner_references
+                .as_deref()
+                .unwrap_or_default()
+        && desired.address_type == stored.address_type
+        && desired.endpoints.as_deref().unwrap_or_default()
+            == stored.endpoints.as_deref().unwrap_or_default()
+        && desired.ports.as_deref().unwrap_or_default()
+            == stored.ports.as_deref().unwrap_or_default()
+}
+
 /// The families of a Service: `spec.ipFamilies`, else its ClusterIPs', else IPv4.
 pub fn families(service: &Service) -> Vec<Family> {
     let Some(spec) = &service.spec else {
@@ -358,6 +388,62 @@ mod tests {
         );
         assert_eq!(s.metadata.owner_references.as_ref().unwrap()[0].uid, "u-1");
         assert!(is_hold_slice(s));
+    }
+
+    #[test]
+    fn a_stored_slice_says_the_same_as_the_planned_one_whatever_the_server_added() {
+        let svc = service(&["IPv4"], json!([{"name": "http", "port": 80}]));
+        let ports = vec![HoldPort {
+            name: "http".into(),
+            port: 20000,
+        }];
+        let agents = [agent("a", &["198.18.0.1"], &[20000])];
+        let desired = hold_slices(&svc, &ports, &agents, &owner(), &[], MAX_ENDPOINTS).remove(0);
+        // What the API server hands back: the same fields, plus its own metadata and
+        // another manager's label.
+        let mut stored = desired.clone();
+        stored.metadata.resource_version = Some("42".into());
+        stored.metadata.uid = Some("uid-9".into());
+        stored
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("team".into(), "shop".into());
+        assert!(says_the_same(&desired, &stored));
+
+        let moved = hold_slices(
+            &svc,
+            &ports,
+            &[agent("b", &["198.18.1.1"], &[20000])],
+            &owner(),
+            &[],
+            MAX_ENDPOINTS,
+        )
+        .remove(0);
+        assert!(!says_the_same(&moved, &stored), "another agent listed");
+        let mut other_port = desired.clone();
+        other_port.ports.as_mut().unwrap()[0].port = Some(20001);
+        assert!(!says_the_same(&other_port, &stored), "another hold port");
+        let mut unlabelled = stored.clone();
+        unlabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(SERVICE_NAME_LABEL);
+        assert!(
+            !says_the_same(&desired, &unlabelled),
+            "its Service label gone"
+        );
+        let mut no_owner = stored.clone();
+        no_owner.metadata.owner_references = None;
+        assert!(!says_the_same(&desired, &no_owner), "its owner gone");
+
+        let mut empty = desired.clone();
+        empty.endpoints = Some(vec![]);
+        let mut absent = stored.clone();
+        absent.endpoints = None;
+        assert!(says_the_same(&empty, &absent), "[] and absent are one list");
     }
 
     #[test]

@@ -241,6 +241,12 @@ impl TestApiServer {
 
     /// A kube client configured from this server's kubeconfig (default namespace `default`).
     pub async fn client(&self) -> Result<kube::Client, Error> {
+        kube::Client::try_from(self.config().await?).map_err(Error::BuildClient)
+    }
+
+    /// The kube config of this server's kubeconfig, for a caller that builds its
+    /// clients itself (the controller's `ApiClients::from_config`).
+    pub async fn config(&self) -> Result<kube::Config, Error> {
         install_crypto_provider();
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).map_err(|source| {
             Error::ReadKubeconfig {
@@ -248,14 +254,12 @@ impl TestApiServer {
                 source,
             }
         })?;
-        let cfg =
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|source| Error::ReadKubeconfig {
-                    path: self.kubeconfig.clone(),
-                    source,
-                })?;
-        kube::Client::try_from(cfg).map_err(Error::BuildClient)
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|source| Error::ReadKubeconfig {
+                path: self.kubeconfig.clone(),
+                source,
+            })
     }
 
     /// A token for ServiceAccount `namespace/name`, as a TokenRequest with no
