@@ -52,6 +52,7 @@ use nemesis_common::wire::{
 };
 use nemesis_controller::notify::rule::AlertRule;
 use nemesis_controller::policy::ScalingPolicy;
+use nemesis_controller::reconcile::status::VALUE_WRITES_PER_SECOND;
 use nemesis_tests::agent_token::mint_agent_token;
 use nemesis_tests::apiserver::{ApiServerOptions, TestApiServer};
 use rand::Rng as _;
@@ -743,26 +744,32 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     eprintln!("every policy at zero {adopted_s:.1} s after the controller started");
     let lost_adopted = leadership_lost(&api.http, admin).await?;
     report_lease("setup and adoption", 0, lost_adopted);
-    // Settle: every agent has beaten at least twice, and what adoption wrote is done
-    // (the first values-only status writes come one status interval after adoption):
-    // wait for a 5 s stretch with at most a write a second, for up to 3 minutes.
+    // Settle: every agent has beaten at least twice, and what adoption wrote is done:
+    // wait for a 5 s stretch with at most a write a second. The adoption wrote each
+    // status before the agents' counts were trusted (metric values unknown); each
+    // policy's values then change once, to known, and values-only writes share one
+    // budget across the controller, so they drain at that budget's rate: at 10,000
+    // policies and 20 a second, about 500 s. Wait for that, with room.
     tokio::time::sleep(every * 2).await;
     tokio::time::timeout(Duration::from_secs(60), watch_ready.notified())
         .await
         .ok();
     let t_settle = Instant::now();
-    loop {
+    let value_writes = cli.services as f64 / VALUE_WRITES_PER_SECOND;
+    let settle_limit = Duration::from_secs_f64((value_writes * 1.5).max(120.0) + 60.0);
+    let settled_s = loop {
         let w0 = server.request_counts().state_writes();
         tokio::time::sleep(Duration::from_secs(5)).await;
         let w = server.request_counts().state_writes() - w0;
-        if w <= 5 || t_settle.elapsed() > Duration::from_secs(180) {
+        if w <= 5 || t_settle.elapsed() > settle_limit {
+            let s = t_settle.elapsed().as_secs_f64();
             eprintln!(
-                "settled after {:.1} s ({w} writes in the last 5 s)",
-                t_settle.elapsed().as_secs_f64()
+                "settled after {s:.1} s ({w} writes in the last 5 s; {value_writes:.0} s of \
+                 values-only writes expected at {VALUE_WRITES_PER_SECOND}/s)"
             );
-            break;
+            break s;
         }
-    }
+    };
 
     let directives_everywhere =
         wait_every_agent_current(&stats, cli.agents, t_adopt, Duration::from_secs(300)).await;
@@ -940,6 +947,9 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     // whole directive set again and the controller re-adopted every policy.
     figure("controller_lease_losses", lost_end as f64, 0);
     figure("policies_at_zero_s", adopted_s, 1);
+    // From the end of adoption (every agent beaten twice after it) until the status
+    // writes went quiet: the values-only writes draining at their budget.
+    figure("status_writes_settled_s", settled_s, 1);
     // Seconds from the controller's start until every agent's latest reply brought no
     // directive change (NaN: not within the wait's limit).
     figure(
