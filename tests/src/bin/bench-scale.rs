@@ -746,10 +746,10 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
     report_lease("setup and adoption", 0, lost_adopted);
     // Settle: every agent has beaten at least twice, and what adoption wrote is done:
     // wait for a 5 s stretch with at most a write a second. The adoption wrote each
-    // status before the agents' counts were trusted (metric values unknown); each
-    // policy's values then change once, to known, and values-only writes share one
-    // budget across the controller, so they drain at that budget's rate: at 10,000
-    // policies and 20 a second, about 500 s. Wait for that, with room.
+    // status before any agent reported its Service (metric values unknown); each
+    // policy's values change once, to known, when agents report it, and values-only
+    // writes share one budget across the controller: at 10,000 policies and 20 a
+    // second, up to 500 s. Wait for that, with room.
     tokio::time::sleep(every * 2).await;
     tokio::time::timeout(Duration::from_secs(60), watch_ready.notified())
         .await
