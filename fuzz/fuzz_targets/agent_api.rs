@@ -97,7 +97,7 @@ fuzz_target!(|data: &[u8]| {
                 };
                 match op % 4 {
                     0 => {
-                        registry.request_sleep(&svc);
+                        registry.request_sleep(&svc, None);
                     }
                     1 => {
                         registry.follow(&svc);

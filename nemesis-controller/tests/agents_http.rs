@@ -219,7 +219,7 @@ async fn heartbeats_carry_directives_down_and_acknowledgements_up() {
     assert_eq!(reply.lease_seconds, 15);
     assert_eq!(reg.live_count(now()), 1);
 
-    let epoch = reg.request_sleep(&svc("web"));
+    let epoch = reg.request_sleep(&svc("web"), None);
     assert!(!reg.all_live_acknowledged(&svc("web"), epoch, now()));
     let (_, v) = call(
         &app,
@@ -347,7 +347,7 @@ async fn over_a_socket_concurrent_wakes_forward_once_and_a_sleep_waits_for_every
     send_hb("a", 0).await;
     send_hb("b", 0).await;
     let reg = f.api.registry.clone();
-    let epoch = reg.request_sleep(&svc("web"));
+    let epoch = reg.request_sleep(&svc("web"), None);
     let waiter = {
         let reg = reg.clone();
         tokio::spawn(async move {

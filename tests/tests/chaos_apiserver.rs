@@ -5,8 +5,11 @@
 //! ever written that the policy did not decide (only 0 and 1; to 0 only while the sleep
 //! alert fires; to 1 only after a client asked), no scale is recorded twice, and once
 //! the faults stop a whole cycle is timed against one before them (the recovery).
+//! Then each kind alone, in a seeded order: until it was injected at least once (and
+//! for at least [`KIND_AT_LEAST`]), cycles run under it; then the faults stop and the
+//! recovery is timed and checked the same way, per kind.
 //! `NEMESIS_CHAOS_SEED` repeats a run; `NEMESIS_CHAOS_FAULT_SECS` (default 30) sets how
-//! long the faults last.
+//! long the mixed faults last.
 //!
 //! Beside the seeded run, one fault made on purpose: the controller's watch of
 //! Deployments lags while another writer scales the target, and the controller decides
@@ -28,8 +31,10 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use nemesis_controller::policy::ScalingPolicy;
 use nemesis_controller::store::{PolicyId, ScaleRecord, unix_ms};
-use nemesis_tests::apiserver::faults::FaultPlan;
+use nemesis_tests::apiserver::faults::{ALL_KINDS, FaultKind, FaultPlan};
 use nemesis_tests::demo::apply::Manifest;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use wake_support::{
@@ -45,6 +50,11 @@ const STEP_UNDER_FAULTS: Duration = Duration::from_secs(90);
 /// A step of a cycle without faults: generous, as the machine may be loaded (and the
 /// controller may still be winning its Lease back right after the faults).
 const STEP: Duration = Duration::from_secs(90);
+/// Each kind alone lasts at least this (a cycle or two), and until it was injected.
+const KIND_AT_LEAST: Duration = Duration::from_secs(3);
+/// A kind not injected within this fails the run: every kind has eligible requests
+/// every second (Lease renewals, status patches, reads, watches).
+const KIND_WITHIN: Duration = Duration::from_secs(60);
 
 fn as_shipped(_: &mut [Manifest]) {}
 
@@ -303,25 +313,63 @@ async fn api_server_faults_on_a_seeded_schedule_never_make_a_wrong_scale_and_it_
     let stopped = Instant::now();
     println!("injected: {counts:?}; {cycles} cycles under faults, clients {under:?}");
     anyhow::ensure!(counts.total() > 0, "no fault was injected: {counts:?}");
+    let real = env.real.as_ref().context("the real controller")?;
 
     // Recovery: a whole cycle once the faults stop, every client served.
-    let after = cycle(&env, &journal, STEP).await?;
-    let recovery = stopped.elapsed();
-    anyhow::ensure!(
-        after.ok == 1 && after.failed == 0,
-        "the cycle after the faults: {after:?}"
-    );
+    let recovery = recover(&env, &journal, stopped, "the mixed faults").await?;
     println!("api_fault_recovery_ms={}", recovery.as_millis());
     println!("api_cycle_ms_before_faults={}", baseline.as_millis());
+
+    // Each kind alone, then its recovery.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut order = ALL_KINDS;
+    order.shuffle(&mut rng);
+    let mut all = counts;
+    let mut per_kind = Vec::new();
+    for kind in order {
+        let probability = match kind {
+            FaultKind::Slow => rng.random_range(0.1..=0.3),
+            _ => rng.random_range(0.2..=0.6),
+        };
+        let (injected, cycles) = one_kind(&env, &journal, kind, probability, seed).await?;
+        let stopped = Instant::now();
+        let now = server.stop_faults();
+        let what = format!("{} alone (p={probability:.2}, seed {seed})", kind.name());
+        anyhow::ensure!(
+            now.of(kind) > all.of(kind),
+            "{what}: not injected in {KIND_WITHIN:?}: {now:?}"
+        );
+        all = now;
+        let recovery = recover(&env, &journal, stopped, &what).await?;
+        println!(
+            "{what}: {injected} injected over {cycles} cycles; recovered in {} ms ({:.2} cycles before the faults)",
+            recovery.as_millis(),
+            recovery.as_secs_f64() / baseline.as_secs_f64()
+        );
+        per_kind.push((kind, recovery));
+    }
+    for (kind, recovery) in &per_kind {
+        println!(
+            "api_fault_recovery_ms_{}={}",
+            kind.name().replace('-', "_"),
+            recovery.as_millis()
+        );
+    }
+    let missing: Vec<_> = ALL_KINDS
+        .iter()
+        .filter(|k| all.of(**k) == 0)
+        .map(|k| k.name())
+        .collect();
+    anyhow::ensure!(missing.is_empty(), "never injected: {missing:?} ({all:?})");
 
     // No wrong scale, in the order things happened.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let journal = journal.lock().unwrap().clone();
     let changes = check_decided(&journal)?;
+    let counts = all;
     // Each scale the controller recorded is one the Deployment made, none twice. A
     // scale whose answer was lost (held past the timeout) is recorded once it shows;
     // one that shows only after the policy moved on may stay unrecorded.
-    let real = env.real.as_ref().context("the real controller")?;
     let store = real.store.clone();
     let id = PolicyId::new(NS, APP);
     let records = eventually("the scale records", Duration::from_secs(60), || async {
@@ -358,6 +406,77 @@ async fn api_server_faults_on_a_seeded_schedule_never_make_a_wrong_scale_and_it_
         cycles
     );
     env.shutdown().await
+}
+
+/// `kind` alone (see [`FaultPlan::only`]) on the controller's and the agent's requests,
+/// cycles running under it until it was injected and [`KIND_AT_LEAST`] passed. Returns
+/// how many were injected and the cycles run; the faults are still on.
+async fn one_kind(
+    env: &WakeEnv,
+    j: &Journal,
+    kind: FaultKind,
+    probability: f64,
+    seed: u64,
+) -> anyhow::Result<(u64, usize)> {
+    let server = env.server.as_ref().context("the API server")?;
+    let before = server.fault_counts().of(kind);
+    let plan = FaultPlan::only(seed, kind, KIND_WITHIN, probability)
+        .for_users(&[CONTROLLER_USER, AGENT_USER]);
+    let started = Instant::now();
+    server.inject_faults(plan);
+    let mut cycles = 0;
+    loop {
+        cycle(env, j, STEP_UNDER_FAULTS).await.with_context(|| {
+            format!(
+                "a cycle under {} alone (seed {seed}, injected so far {:?}); journal: {:?}",
+                kind.name(),
+                server.fault_counts(),
+                j.lock().unwrap()
+            )
+        })?;
+        cycles += 1;
+        let injected = server.fault_counts().of(kind) - before;
+        if (injected > 0 && started.elapsed() >= KIND_AT_LEAST) || started.elapsed() >= KIND_WITHIN
+        {
+            return Ok((injected, cycles));
+        }
+    }
+}
+
+/// After faults stopped at `stopped`: a whole cycle with every client served, no
+/// replica count the policy did not decide, the controller leading and the agent
+/// ready. Returns the time from `stopped` to the end of that cycle.
+async fn recover(
+    env: &WakeEnv,
+    j: &Journal,
+    stopped: Instant,
+    after: &str,
+) -> anyhow::Result<Duration> {
+    let served = cycle(env, j, STEP)
+        .await
+        .with_context(|| format!("the cycle after {after}"))?;
+    let recovery = stopped.elapsed();
+    anyhow::ensure!(
+        served.ok == 1 && served.failed == 0,
+        "the cycle after {after}: {served:?}"
+    );
+    check_decided(&j.lock().unwrap()).with_context(|| format!("after {after}"))?;
+    // Nothing crashed: the controller still leads and serves, the agent is ready. (A
+    // 409 on a renewal of the Lease it still holds does not make it step down; renewals
+    // failing past the renew deadline would, for a moment: it must lead again.)
+    let real = env.real.as_ref().context("the real controller")?;
+    eventually(
+        &format!("the controller leading after {after}"),
+        Duration::from_secs(60),
+        || async { Ok(real.is_leading().then_some(())) },
+    )
+    .await?;
+    let (status, _) = env.http_get_admin("/readyz").await?;
+    anyhow::ensure!(
+        status == 200,
+        "the agent's /readyz answered {status} after {after}"
+    );
+    Ok(recovery)
 }
 
 /// The history's scale records of the test's policy, oldest first (without the

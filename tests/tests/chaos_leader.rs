@@ -4,9 +4,12 @@
 //! the Service every 100 ms throughout. Each round sleeps the Service (an Alertmanager
 //! alert, as `sleep_through`) and wakes it again (the held clients), and SIGKILLs the
 //! leader at a random moment of that cycle; the killed replica comes back as a standby.
-//! No client is lost, the Deployment never stays at zero while clients are held, every
-//! scale is made once and recorded once, and the failover time (kill to the new
-//! leader's first scale) is reported as `failover_ms_p99`.
+//! No client is lost, the Deployment never stays at zero while a client is held for
+//! longer than a failover, the agent's next wake-up and a tick allow
+//! ([`Budgets::held_at_zero`]), every scale is made once and recorded once, and the
+//! failover time (kill to the new leader's first scale) is reported as
+//! `failover_ms_p99`, against a goal derived from the Lease settings
+//! ([`Budgets::failover_p99_goal`], asserted by the 50-round benchmark).
 //! `NEMESIS_CHAOS_SEED` repeats a run; `NEMESIS_CHAOS_ROUNDS` sets the rounds of the
 //! default test (10, to stay within CI's budget); the ignored benchmark
 //! (`cargo xtask bench`) runs the 50 rounds of the acceptance.
@@ -46,8 +49,64 @@ const LEASE_NS: &str = "default";
 const LEASE_NAME: &str = "nemesis-controller";
 /// One step of a round: a take-over (3 s lease) plus a wake on a loaded machine.
 const STEP: Duration = Duration::from_secs(60);
+/// A sleep after a kill at zero: the agent's wake-up, retried through the failover, may
+/// reach the new leader just after it woke the target (on the held connections its
+/// heartbeat reported), and a wake-up while warm is demand for
+/// [`DEMAND_WINDOW`](nemesis_controller::engine::observations::DEMAND_WINDOW): the next
+/// sleep waits that out. Seen once in 7 kills at zero.
+const SLEEP_STEP: Duration = Duration::from_secs(
+    STEP.as_secs() + nemesis_controller::engine::observations::DEMAND_WINDOW.num_seconds() as u64,
+);
 /// The kill falls this far at most into a round's cycle (which takes 1 to 3 s here).
 const KILL_WITHIN: Duration = Duration::from_millis(2000);
+/// From taking the Lease to acting: a new term starts from warm caches (the standby
+/// watched them) and lists the target once; 2 s leaves room for that on the loaded
+/// 2-core machine. A budget, not a measurement.
+const TERM_START: Duration = Duration::from_secs(2);
+
+/// What the test's bounds are made of, from the settings every replica runs with.
+#[derive(Debug, Clone, Copy)]
+struct Budgets {
+    /// Kill to a new leader acting: the Lease runs out (`--lease-duration`), the
+    /// standby's next attempt (one `--retry-period`), the term's start ([`TERM_START`]).
+    failover: Duration,
+    /// The longest the Deployment may stay at zero while a client is held: a failover,
+    /// then the agent's next wake-up (its retries back off up to its `wake_backoff`
+    /// ceiling while no leader answers), then the policy's next tick
+    /// (`--tick-interval`). Without a kill it is a tick or two.
+    held_at_zero: Duration,
+    /// The goal for `failover_ms_p99`: a failover, then the new leader's first scale,
+    /// whichever the kill left to do: a scale to zero waits one agent lease
+    /// (`--agent-lease`: agents must report to the new leader before it may believe a
+    /// hold acknowledged) and one tick for the acknowledgement; a wake waits for the
+    /// agent's next wake-up and a tick, as in `held_at_zero`.
+    failover_p99_goal: Duration,
+}
+
+impl Budgets {
+    fn from_settings() -> anyhow::Result<Self> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: nemesis_controller::config::RunArgs,
+        }
+        let args = nemesis_tests::controller_flags::argv_with_defaults(&[] as &[&str]);
+        let run = <Cli as clap::Parser>::try_parse_from(args)
+            .context("parsing the test controllers' flags")?
+            .run;
+        let wake_retry = nemesis_agent::proxy::ProxyConfig::new("chaos")
+            .wake_backoff
+            .max;
+        let failover = run.lease_duration + run.retry_period + TERM_START;
+        let wake = wake_retry + run.tick_interval;
+        let sleep = run.agent_lease + run.tick_interval;
+        Ok(Self {
+            failover,
+            held_at_zero: failover + wake,
+            failover_p99_goal: failover + wake.max(sleep),
+        })
+    }
+}
 
 /// Ready as soon as it listens (probed every 100 ms) and draining after SIGTERM as a
 /// well-behaved app does (see `sleep_through`).
@@ -320,7 +379,11 @@ impl World {
     }
 
     async fn wait_replicas(&self, want: i32) -> anyhow::Result<()> {
-        eventually(&format!("the Deployment at {want}"), STEP, || async {
+        self.wait_replicas_within(want, STEP).await
+    }
+
+    async fn wait_replicas_within(&self, want: i32, within: Duration) -> anyhow::Result<()> {
+        eventually(&format!("the Deployment at {want}"), within, || async {
             self.follow_leader().await?;
             self.tell_alert().await;
             Ok((self.replicas_now() == Some(want)).then_some(()))
@@ -363,8 +426,18 @@ fn rounds_from_env(default: usize) -> anyhow::Result<usize> {
     }
 }
 
-async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
+/// Whether `failover_ms_p99` must meet [`Budgets::failover_p99_goal`] (the benchmark's
+/// 50 rounds: a p99 of 10 kills is their maximum, reported but not held to it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Goal {
+    Assert,
+    Report,
+}
+
+async fn leader_chaos(rounds: usize, goal: Goal) -> anyhow::Result<()> {
     let seed = nemesis_tests::chaos::seed("chaos_leader");
+    let budgets = Budgets::from_settings()?;
+    println!("budgets: {budgets:?}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut env = WakeEnv::start_with(
         Scenario {
@@ -421,17 +494,55 @@ async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
         }
         return Err(e.context(format!("seed {seed}")));
     }
-    let (clients, failovers) = result?;
+    let (clients, failovers, go_at) = result?;
     // The failover figure is measured whether or not the checks below pass.
     let mut ms: Vec<u128> = failovers.iter().map(|d| d.as_millis()).collect();
     ms.sort_unstable();
+    let p99 = percentile(&ms, 99.0).unwrap_or(0);
     println!(
-        "seed {seed}: failover ms p50 {} max {} over {} kills",
+        "seed {seed}: failover ms p50 {} max {} over {} kills: {ms:?}",
         percentile(&ms, 50.0).unwrap_or(0),
         ms.last().copied().unwrap_or(0),
         ms.len()
     );
-    println!("failover_ms_p99={}", percentile(&ms, 99.0).unwrap_or(0));
+    println!("failover_ms_p99={p99}");
+    println!(
+        "failover_ms_p99_goal={} (a failover of {} ms: lease + one retry period + term \
+         start; then the longer of an agent lease and a wake-up retry, + a tick)",
+        budgets.failover_p99_goal.as_millis(),
+        budgets.failover.as_millis()
+    );
+
+    // No Deployment left at zero while a client is held, past the bound.
+    let journal_now = journal.lock().unwrap().clone();
+    let stretches = held_at_zero(&journal_now, &clients, go_at);
+    let worst = stretches.iter().map(|(d, _)| *d).max().unwrap_or_default();
+    let over: Vec<_> = stretches
+        .iter()
+        .filter(|(d, _)| *d > budgets.held_at_zero)
+        .collect();
+    println!(
+        "seed {seed}: held at zero: {} stretches, longest {} ms (bound {} ms), with a kill: {:?} ms",
+        stretches.len(),
+        worst.as_millis(),
+        budgets.held_at_zero.as_millis(),
+        stretches
+            .iter()
+            .filter(|(_, k)| *k)
+            .map(|(d, _)| d.as_millis())
+            .collect::<Vec<_>>()
+    );
+    println!("held_at_zero_ms_max={}", worst.as_millis());
+    anyhow::ensure!(
+        over.is_empty(),
+        "seed {seed}: the Deployment stayed at zero while clients were held longer than {:?}: {over:?}",
+        budgets.held_at_zero
+    );
+    anyhow::ensure!(
+        stretches.len() >= rounds,
+        "seed {seed}: {} stretches at zero with a held client in {rounds} rounds: the check saw too few",
+        stretches.len()
+    );
 
     // No client lost: every connection of the run was answered by the app.
     let lost: Vec<_> = clients
@@ -484,6 +595,13 @@ async fn leader_chaos(rounds: usize) -> anyhow::Result<()> {
         clients.len(),
         changes.len(),
     );
+    if goal == Goal::Assert {
+        anyhow::ensure!(
+            p99 <= budgets.failover_p99_goal.as_millis(),
+            "seed {seed}: failover_ms_p99 {p99} above its goal {:?}",
+            budgets.failover_p99_goal
+        );
+    }
     env.shutdown().await
 }
 
@@ -493,7 +611,7 @@ async fn run_rounds(
     rng: &mut StdRng,
     rounds: usize,
     seed: u64,
-) -> anyhow::Result<(Vec<wake_support::ClientResult>, Vec<Duration>)> {
+) -> anyhow::Result<(Vec<wake_support::ClientResult>, Vec<Duration>, Instant)> {
     let _watch = watch_replicas(
         Api::namespaced(env.client.clone(), NS),
         world.journal.clone(),
@@ -538,6 +656,7 @@ async fn run_rounds(
     .await?;
     env.wait_mode(nemesis_agent::ebpf::Mode::Hold).await?;
 
+    let go_at = Instant::now();
     let clients = env
         .repeating_clients(&[
             "--http",
@@ -556,14 +675,30 @@ async fn run_rounds(
 
     for round in 0..rounds {
         let kill_after = Duration::from_millis(rng.random_range(0..KILL_WITHIN.as_millis() as u64));
-        println!("round {round}: kill the leader {kill_after:?} into the cycle (seed {seed})");
+        // Every other round, on average, the kill falls as the Deployment reaches zero:
+        // the clients held there wait through the failover, which is what
+        // `Budgets::held_at_zero` bounds (a stretch at zero lasts some 50 ms otherwise,
+        // and a kill at a random moment almost never falls in one).
+        let at_zero = rng.random_bool(0.5);
+        if at_zero {
+            println!("round {round}: kill the leader once the Deployment is at zero (seed {seed})");
+        } else {
+            println!("round {round}: kill the leader {kill_after:?} into the cycle (seed {seed})");
+        }
         let killer = async {
-            tokio::time::sleep(kill_after).await;
+            if at_zero {
+                eventually("the Deployment at zero, to kill", STEP, || async {
+                    Ok((world.replicas_now() == Some(0)).then_some(()))
+                })
+                .await?;
+            } else {
+                tokio::time::sleep(kill_after).await;
+            }
             world.kill_leader().await
         };
         let cycle = async {
             world.set_alert(true).await?;
-            world.wait_replicas(0).await?;
+            world.wait_replicas_within(0, SLEEP_STEP).await?;
             world.set_alert(false).await?;
             // Held clients wake it: it must not stay at zero while they wait.
             world.wait_replicas(1).await
@@ -587,7 +722,7 @@ async fn run_rounds(
     }
     // One more cycle, so the last kill is followed by a scale of the new leader.
     world.set_alert(true).await?;
-    world.wait_replicas(0).await?;
+    world.wait_replicas_within(0, SLEEP_STEP).await?;
     world.set_alert(false).await?;
     world.wait_replicas(1).await?;
     let results = clients.stop(STEP).await?;
@@ -604,18 +739,59 @@ async fn run_rounds(
             failovers.push(next);
         }
     }
-    Ok((results, failovers))
+    Ok((results, failovers, go_at))
+}
+
+/// Every stretch at zero while a client was held, as `(how long, whether a kill fell
+/// in it)`: from when the Deployment reached zero, or a client started held there if
+/// later, to the scale that woke it. A client is held from its start until its answer;
+/// `go_at` is when the clients started counting (their `started_ms`).
+fn held_at_zero(
+    journal: &[(Instant, Step)],
+    clients: &[wake_support::ClientResult],
+    go_at: Instant,
+) -> Vec<(Duration, bool)> {
+    let mut out = Vec::new();
+    let mut zero_since: Option<(Instant, bool)> = None;
+    for (at, s) in journal {
+        match s {
+            Step::Replicas(0) => zero_since = Some((*at, false)),
+            Step::Kill(_) => {
+                if let Some((_, killed)) = &mut zero_since {
+                    *killed = true;
+                }
+            }
+            Step::Replicas(_) => {
+                if let Some((z0, killed)) = zero_since.take() {
+                    let held_since = clients
+                        .iter()
+                        .map(|c| {
+                            let start = go_at + Duration::from_millis(c.started_ms);
+                            (start, start + Duration::from_millis(c.ms))
+                        })
+                        .filter(|(start, end)| *start < *at && *end > z0)
+                        .map(|(start, _)| start.max(z0))
+                        .min();
+                    if let Some(since) = held_since {
+                        out.push((at.duration_since(since), killed));
+                    }
+                }
+            }
+            Step::Leader(_) => {}
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_sigkilled_at_random_moments_of_wake_and_sleep_loses_no_connection_and_no_scale()
 -> anyhow::Result<()> {
-    leader_chaos(rounds_from_env(10)?).await
+    leader_chaos(rounds_from_env(10)?, Goal::Report).await
 }
 
 /// The acceptance's 50 rounds, for `cargo xtask bench` (prints `failover_ms_p99=`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: cargo xtask bench runs it"]
 async fn bench_failover_over_50_rounds() -> anyhow::Result<()> {
-    leader_chaos(rounds_from_env(50)?).await
+    leader_chaos(rounds_from_env(50)?, Goal::Assert).await
 }

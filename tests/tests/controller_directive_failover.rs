@@ -432,3 +432,134 @@ async fn a_new_leader_without_the_copy_wakes_after_a_completed_sleep_with_after_
 -> anyhow::Result<()> {
     a_new_leader_after_a_completed_sleep(Standby::None).await
 }
+
+/// Leader A puts the Service to sleep and B's copy of A's directives takes the `Sleep`;
+/// then B's copying stops (the replicas' URL A wrote on the Lease answers 503), A
+/// completes the sleep, wakes the Service (its `Follow afterZero` reaches the agent, not
+/// B) and is SIGKILLed. B inherits a `Sleep` while the target runs again: the pods the
+/// agent listed during the sleep were stopped, so B's first directive must be a
+/// `Follow` with `afterZero` too (a plain one would let the agent send to them), with an
+/// epoch above A's, and B must not scale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_whose_copy_ends_at_a_sleep_the_old_one_completed_and_woke_follows_after_zero()
+-> anyhow::Result<()> {
+    use nemesis_common::wire::Directive;
+    use nemesis_tests::faultproxy::{Answer, Fault, FaultProxy};
+    init_tracing();
+    let name = "dfo-zero-woken";
+    let OneDeployment {
+        server,
+        client,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start(name, 1).await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    services
+        .create(&PostParams::default(), &service(name))
+        .await?;
+    // B copies A through this proxy; the test cuts it when it wants B's copy to stop.
+    let copy_path = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], 9))).await?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let url = format!("http://{}", copy_path.addr());
+    let a = start_controller(&server, dir_a.path(), &["--history-url", &url]).await?;
+    copy_path.set_upstream(a.api_addr);
+    wait_leading(&a, START).await?;
+    let b = start_controller(&server, dir_b.path(), &[]).await?;
+    let svc = svc(name);
+    let agent = ApplyingAgent::start("node-dfo-woken", svc.clone(), a.api_addr);
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                name,
+                serde_json::json!({
+                    "target": {"deployment": name, "service": name},
+                    "metrics": {"alerts": ["DfoWokenSleep"]},
+                    "initialState": "zero",
+                    "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+                    "transitions": [
+                        {"from": "zero", "to": "warm", "when": "demand"},
+                        {"from": "warm", "to": "zero", "when": "alert(DfoWokenSleep)"},
+                    ],
+                }),
+            ),
+        )
+        .await?;
+
+    // A's `Sleep` reaches the agent and B's copy; then B's copying stops.
+    let sleep = eventually("the agent applying A's Sleep", START, || async {
+        Ok(agent
+            .applied_from(0)
+            .into_iter()
+            .rfind(|d| d.directive == Directive::Sleep))
+    })
+    .await?;
+    eventually("B's copy holding A's Sleep", START, || async {
+        Ok(b.registry
+            .directive(&svc)
+            .filter(|d| d.epoch == sleep.epoch)
+            .map(drop))
+    })
+    .await?;
+    copy_path
+        .set(Fault::Answer(Answer {
+            status: 503,
+            content_type: "text/plain",
+            body: "the copy is cut".into(),
+        }))
+        .await?;
+    let inherited = b.registry.inherited_sleep(&svc);
+    assert!(
+        inherited.is_some_and(|s| s.target_generation.is_some()),
+        "B's copy of A's Sleep carries the target's generation: {inherited:?}"
+    );
+
+    // A completes the sleep, then wakes the Service: its `Follow afterZero` reaches the
+    // agent but not B.
+    wait_replicas(&deployments, name, 0, START).await?;
+    let http = Http::default();
+    eventually("A waking the Service", START, || async {
+        let (status, body) = http.wake(a.api_addr, "node-dfo-woken", &svc, 1).await?;
+        anyhow::ensure!(status == 200, "wake: {status} {body}");
+        Ok((replicas(&deployments, name).await? == 1).then_some(()))
+    })
+    .await?;
+    let a_wake = eventually("the agent applying A's wake", START, || async {
+        Ok(agent
+            .applied_from(0)
+            .into_iter()
+            .find(|d| d.directive == Directive::Follow && d.epoch > sleep.epoch))
+    })
+    .await?;
+    assert!(a_wake.after_zero, "A's wake: {a_wake:?}");
+    // B's engine resumes from the status A wrote: warm.
+    wait_state(&policies, name, "warm", START).await?;
+    assert_eq!(
+        b.registry.directive(&svc).map(|d| d.epoch),
+        Some(sleep.epoch),
+        "B's copy still ends at A's Sleep"
+    );
+
+    a.kill();
+    agent.switch(b.api_addr);
+    wait_leading(&b, START).await?;
+    let first = eventually("the agent applying B's first directive", START, || async {
+        Ok(agent.applied_from(1).into_iter().next())
+    })
+    .await?;
+    assert_eq!(
+        (first.directive, first.after_zero),
+        (Directive::Follow, true),
+        "B's first directive after inheriting a Sleep the old leader completed and woke \
+         from: {first:?} (A's Sleep {sleep:?}, A's wake {a_wake:?})"
+    );
+    assert!(first.epoch > a_wake.epoch, "{first:?} after {a_wake:?}");
+    assert_eq!(
+        log.seen(),
+        vec![1, 0, 1],
+        "one sleep and one wake, both A's"
+    );
+    b.shutdown().await;
+    Ok(())
+}

@@ -103,6 +103,10 @@ pub struct LoggedChange {
     pub service: ServiceRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directive: Option<ServiceDirective>,
+    /// With a `Sleep`: the target's `metadata.generation` the leader saw when it asked
+    /// for it (see [`DirectiveLog::set_noted`]). Absent from leaders that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_generation: Option<i64>,
 }
 
 /// A page of the leader's log for a standby (`GET /internal/directives`).
@@ -176,6 +180,11 @@ pub struct DirectiveLog {
     /// The versions of the changes older than `term`, when this process began it: a
     /// page cut at one of them carries the version `term << TERM_SHIFT | rank`.
     older: Vec<u64>,
+    /// Per Service, the target's generation noted with its directive of the epoch
+    /// given (see [`DirectiveLog::set_noted`]); a note whose epoch is not the
+    /// directive's any more is stale and never read. Controllers' business only:
+    /// agents never see it, standbys copy it with the directive.
+    notes: HashMap<ServiceRef, (u64, i64)>,
 }
 
 // === impl DirectiveLog ===
@@ -196,11 +205,21 @@ impl DirectiveLog {
             continued: Vec::new(),
             writing: true,
             older: Vec::new(),
+            notes: HashMap::new(),
         }
     }
 
     pub fn get(&self, svc: &ServiceRef) -> Option<&ServiceDirective> {
         self.current.get(svc)
+    }
+
+    /// The target's generation noted with `svc`'s current directive, if any.
+    pub fn target_generation(&self, svc: &ServiceRef) -> Option<i64> {
+        let d = self.current.get(svc)?;
+        self.notes
+            .get(svc)
+            .filter(|(epoch, _)| *epoch == d.epoch)
+            .map(|&(_, generation)| generation)
     }
 
     pub fn len(&self) -> usize {
@@ -295,7 +314,9 @@ impl DirectiveLog {
     /// old one is patched.
     fn restream(&mut self, stream: u64, term: u64, start: u64) {
         let current = std::mem::take(&mut self.current);
+        let notes = std::mem::take(&mut self.notes);
         *self = Self::new(stream);
+        self.notes = notes;
         self.term = term;
         self.version = start;
         self.floor = start;
@@ -313,12 +334,24 @@ impl DirectiveLog {
     }
 
     /// Records `d` as its Service's directive (a change even if equal: callers store
-    /// only what changed).
+    /// only what changed). A note made with the same epoch stays.
     pub fn set(&mut self, d: ServiceDirective) {
         self.make_room();
         let version = self.touch(&d.service);
         self.tombstones.remove(&version);
         self.current.insert(d.service.clone(), d);
+    }
+
+    /// [`Self::set`], noting with `d` the target's `metadata.generation` when it was
+    /// decided (`None`: unknown). The note travels with the directive to standbys in the
+    /// same change, so a copy that holds the directive holds its note: a new leader
+    /// compares it with the target as it finds it (`reconcile::inherited_sleep`).
+    pub fn set_noted(&mut self, d: ServiceDirective, target_generation: Option<i64>) {
+        match target_generation {
+            Some(g) => self.notes.insert(d.service.clone(), (d.epoch, g)),
+            None => self.notes.remove(&d.service),
+        };
+        self.set(d);
     }
 
     /// Drops the directive of `svc`; false if it had none.
@@ -328,6 +361,7 @@ impl DirectiveLog {
         }
         self.make_room();
         self.current.remove(svc);
+        self.notes.remove(svc);
         // The tombstone is the removal's own version (`touch` returns the one before).
         self.touch(svc);
         self.tombstones.insert(self.version);
@@ -516,6 +550,7 @@ impl DirectiveLog {
                 version,
                 service: svc.clone(),
                 directive: d.cloned(),
+                target_generation: d.and_then(|_| self.target_generation(svc)),
             })
         });
         ReplicaPage {
@@ -580,9 +615,14 @@ impl DirectiveLog {
                 match &c.directive {
                     Some(d) => {
                         log.current.insert(c.service.clone(), d.clone());
+                        match c.target_generation {
+                            Some(g) => log.notes.insert(c.service.clone(), (d.epoch, g)),
+                            None => log.notes.remove(&c.service),
+                        };
                     }
                     None => {
                         log.current.remove(&c.service);
+                        log.notes.remove(&c.service);
                         log.tombstones.insert(c.version);
                     }
                 }
@@ -1163,6 +1203,43 @@ mod tests {
         let c_view = view_at(&c);
         assert!(!a.since(c_view.cursor(), None).delta);
         assert!(!b.since(c_view.cursor(), None).delta);
+    }
+
+    /// A note belongs to the directive it was set with: a later directive of the
+    /// Service (another epoch) has none, a removal drops it, and a page from a leader
+    /// that predates notes (no field) is read as one without.
+    #[test]
+    fn a_note_belongs_to_its_directive_and_old_pages_have_none() {
+        let mut log = DirectiveLog::new(7);
+        log.begin_term(1);
+        log.set_noted(directive(0, Directive::Sleep, 5), Some(3));
+        assert_eq!(log.target_generation(&svc(0)), Some(3));
+        // The same directive again (new hold ports): the note stays.
+        log.set(ServiceDirective {
+            hold_ports: vec![HoldPort {
+                name: "http".into(),
+                port: 30001,
+            }],
+            ..directive(0, Directive::Sleep, 5)
+        });
+        assert_eq!(log.target_generation(&svc(0)), Some(3));
+        log.set(directive(0, Directive::Follow, 6));
+        assert_eq!(log.target_generation(&svc(0)), None);
+        log.set_noted(directive(0, Directive::Sleep, 7), Some(4));
+        log.remove(&svc(0));
+        log.set(directive(0, Directive::Sleep, 7));
+        assert_eq!(
+            log.target_generation(&svc(0)),
+            None,
+            "removed with its directive"
+        );
+        let old: LoggedChange = serde_json::from_value(serde_json::json!({
+            "version": 1,
+            "service": {"namespace": "ns", "name": "s0"},
+            "directive": {"service": {"namespace": "ns", "name": "s0"}, "directive": "sleep", "epoch": 5},
+        }))
+        .unwrap();
+        assert_eq!(old.target_generation, None);
     }
 
     #[test]

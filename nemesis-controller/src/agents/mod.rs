@@ -15,5 +15,7 @@ pub mod wake;
 pub use http::{AgentApi, ApiError, agent_routes};
 pub use identity::{AgentAuth, AgentIdentity, ReviewConfig, TokenReviewer};
 pub use loads::LoadBoard;
-pub use registry::{AckError, AgentRegistry, AgentStatus, RegistryConfig, ServiceActivity};
+pub use registry::{
+    AckError, AgentRegistry, AgentStatus, InheritedSleep, RegistryConfig, ServiceActivity,
+};
 pub use wake::{WakeGate, WakeOutcome, WakeUp};

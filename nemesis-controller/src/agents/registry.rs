@@ -85,6 +85,15 @@ pub struct ServiceActivity {
 }
 
 /// Why waiting for acknowledgements ended without them.
+/// A `Sleep` a new leader found in its copy of the last leader's directive log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InheritedSleep {
+    pub epoch: u64,
+    /// The target's `metadata.generation` the last leader saw when it asked for the
+    /// sleep (`None`: a leader that predates the note, or a target without one).
+    pub target_generation: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
     #[error(
@@ -554,14 +563,16 @@ impl AgentRegistry {
         inner.last_epoch
     }
 
-    /// Sets `svc`'s directive; the same one again keeps its epoch, unless
-    /// `renew_inherited` and it was inherited (not written in this term).
+    /// Sets `svc`'s directive, with `target_generation` noted in the log (see
+    /// [`DirectiveLog::set_noted`]); the same one again keeps its epoch (and note),
+    /// unless `renew_inherited` and it was inherited (not written in this term).
     fn set(
         &self,
         svc: &ServiceRef,
         directive: Directive,
         after_zero: bool,
         renew_inherited: bool,
+        target_generation: Option<i64>,
     ) -> u64 {
         let (epoch, changed) = {
             let mut inner = self.lock();
@@ -581,13 +592,16 @@ impl AgentRegistry {
                         .get(svc)
                         .map(|d| d.hold_ports.clone())
                         .unwrap_or_default();
-                    inner.directives.set(ServiceDirective {
-                        service: svc.clone(),
-                        directive,
-                        epoch,
-                        hold_ports,
-                        after_zero,
-                    });
+                    inner.directives.set_noted(
+                        ServiceDirective {
+                            service: svc.clone(),
+                            directive,
+                            epoch,
+                            hold_ports,
+                            after_zero,
+                        },
+                        target_generation,
+                    );
                     inner.written_in_term.insert(svc.clone());
                     (epoch, true)
                 }
@@ -602,14 +616,30 @@ impl AgentRegistry {
 
     /// Asks every agent to hold new connections of `svc` (before a scale to zero).
     /// Returns the epoch to wait for; asking again while already asked returns the same.
-    pub fn request_sleep(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Sleep, false, false)
+    /// `target_generation`: the target's `metadata.generation` as the caller sees it,
+    /// kept with the `Sleep` for a leader that inherits it (see [`InheritedSleep`]).
+    pub fn request_sleep(&self, svc: &ServiceRef, target_generation: Option<i64>) -> u64 {
+        self.set(svc, Directive::Sleep, false, false, target_generation)
     }
 
     /// Back to the agents' own rule for `svc` (hold at zero, direct when warm): a sleep
     /// given up, whose backends stay.
     pub fn follow(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Follow, false, false)
+        self.set(svc, Directive::Follow, false, false, None)
+    }
+
+    /// `svc`'s directive if it is a `Sleep` this instance did not write in its term:
+    /// the last leader's, from the copy of its log (which may be behind what that leader
+    /// did next), with the target's generation it was asked at.
+    pub fn inherited_sleep(&self, svc: &ServiceRef) -> Option<InheritedSleep> {
+        let inner = self.lock();
+        let d = inner.directives.get(svc)?;
+        (d.directive == Directive::Sleep && !inner.written_in_term.contains(svc)).then(|| {
+            InheritedSleep {
+                epoch: d.epoch,
+                target_generation: inner.directives.target_generation(svc),
+            }
+        })
     }
 
     /// [`Self::follow`] when `svc` is woken from zero (its target was at zero: a sleep
@@ -619,7 +649,7 @@ impl AgentRegistry {
     /// epoch even when it is this one: the copy it came from may be behind what that
     /// leader sent (a `Sleep` with a higher epoch, which agents would keep).
     pub fn follow_after_zero(&self, svc: &ServiceRef) -> u64 {
-        self.set(svc, Directive::Follow, true, true)
+        self.set(svc, Directive::Follow, true, true, None)
     }
 
     /// The first directive of `svc` in this term, once its policy has read the target
@@ -1210,7 +1240,7 @@ mod tests {
         };
         let steady = r.heartbeat(beat(first.cursor), t0);
         assert!(steady.delta && steady.directives.is_empty() && steady.removed.is_empty());
-        let e = r.request_sleep(&svc());
+        let e = r.request_sleep(&svc(), None);
         r.remove(&other);
         let changed = r.heartbeat(beat(steady.cursor), t0);
         assert!(changed.delta);
@@ -1236,8 +1266,12 @@ mod tests {
         let t0 = Instant::now();
         r.heartbeat(hb("a", "1", vec![report(0, 0, 0)]), t0);
         r.heartbeat(hb("b", "1", vec![]), t0);
-        let e = r.request_sleep(&svc());
-        assert_eq!(r.request_sleep(&svc()), e, "asking twice is one request");
+        let e = r.request_sleep(&svc(), None);
+        assert_eq!(
+            r.request_sleep(&svc(), None),
+            e,
+            "asking twice is one request"
+        );
         assert!(!r.all_live_acknowledged(&svc(), e, t0));
         let reply = r.heartbeat(hb("a", "1", vec![report(e, 0, 0)]), t0);
         assert_eq!(reply.directives.len(), 1);
@@ -1253,7 +1287,7 @@ mod tests {
         let r = AgentRegistry::new(RegistryConfig::default());
         let t0 = Instant::now();
         r.heartbeat(hb("a", "1", vec![]), t0);
-        let e = r.request_sleep(&svc());
+        let e = r.request_sleep(&svc(), None);
         let later = t0 + DEFAULT_LEASE + Duration::from_secs(1);
         r.heartbeat(hb("b", "1", vec![report(e, 0, 0)]), later);
         assert_eq!(r.live_count(later), 1);
@@ -1265,7 +1299,7 @@ mod tests {
     fn a_superseded_epoch_is_never_acknowledged() {
         let r = AgentRegistry::new(RegistryConfig::default());
         let t0 = Instant::now();
-        let sleep = r.request_sleep(&svc());
+        let sleep = r.request_sleep(&svc(), None);
         let follow = r.follow(&svc());
         assert!(follow > sleep);
         r.heartbeat(hb("a", "1", vec![report(follow, 0, 0)]), t0);
@@ -1278,7 +1312,7 @@ mod tests {
         let r = AgentRegistry::new(RegistryConfig::default());
         let far = u64::MAX / 2;
         r.heartbeat(hb("a", "1", vec![report(far, 0, 0)]), Instant::now());
-        assert!(r.request_sleep(&svc()) > far);
+        assert!(r.request_sleep(&svc(), None) > far);
     }
 
     #[test]
@@ -1448,7 +1482,7 @@ mod tests {
         let r = std::sync::Arc::new(AgentRegistry::new(RegistryConfig::default()));
         r.heartbeat(hb("a", "1", vec![]), Instant::now());
         r.heartbeat(hb("b", "1", vec![]), Instant::now());
-        let e = r.request_sleep(&svc());
+        let e = r.request_sleep(&svc(), None);
         let r2 = r.clone();
         let acker = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1467,7 +1501,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_times_out_naming_the_missing_nodes() {
         let r = AgentRegistry::new(RegistryConfig::default());
-        let e = r.request_sleep(&svc());
+        let e = r.request_sleep(&svc(), None);
         r.heartbeat(hb("a", "1", vec![]), Instant::now());
         let err = r
             .wait_acknowledged(&svc(), e, Duration::from_secs(2))
@@ -1490,7 +1524,7 @@ mod tests {
     async fn agents_joining_during_a_wait_are_waited_for_and_named() {
         let r = std::sync::Arc::new(AgentRegistry::new(RegistryConfig::default()));
         r.heartbeat(hb("a", "1", vec![]), Instant::now());
-        let e = r.request_sleep(&svc());
+        let e = r.request_sleep(&svc(), None);
         let r2 = r.clone();
         let steps = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1508,10 +1542,13 @@ mod tests {
         );
         steps.await.unwrap();
         let (a_only, b_joins) = (Duration::from_secs(1), Duration::from_secs(3));
-        let e = r.request_sleep(&ServiceRef {
-            namespace: "ns".into(),
-            name: "other".into(),
-        });
+        let e = r.request_sleep(
+            &ServiceRef {
+                namespace: "ns".into(),
+                name: "other".into(),
+            },
+            None,
+        );
         let other = |epoch| ServiceReport {
             service: ServiceRef {
                 namespace: "ns".into(),
@@ -1543,7 +1580,7 @@ mod tests {
     fn a_leading_registry_takes_no_copy_and_a_standby_leads_on_from_its_copy() {
         let leader = AgentRegistry::new(RegistryConfig::default());
         leader.begin_term(1);
-        let e = leader.request_sleep(&svc());
+        let e = leader.request_sleep(&svc(), None);
         let agent = leader.heartbeat(hb("a", "1", vec![]), Instant::now());
         let standby = AgentRegistry::new(RegistryConfig::default());
         let from = standby.directives_cursor();
@@ -1617,7 +1654,7 @@ mod tests {
         let from = standby.directives_cursor();
         let page = leader.replica_page(Some(from), 100);
         assert_eq!(standby.apply_replica(from, &[page]), Ok(1));
-        let sleep = leader.request_sleep(&svc());
+        let sleep = leader.request_sleep(&svc(), None);
         // A take-over comes a Lease's duration later: the wall clock (the epochs' floor
         // across instances) has moved on.
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -1628,6 +1665,51 @@ mod tests {
             "the wake's epoch {wake} is not above the old leader's Sleep {sleep}"
         );
         assert_eq!(standby.follow_after_zero(&svc()), wake, "renewed once");
+        standby.end_term();
+    }
+
+    /// The target's generation a leader saw when it asked for a sleep reaches the
+    /// standby's copy with the `Sleep` (in the same change, so a copy never holds one
+    /// without the other), and the standby, leading, finds it there as the last
+    /// leader's; once it writes its own directive it inherits nothing.
+    #[test]
+    fn a_sleep_reaches_the_copy_with_the_targets_generation_and_is_inherited_until_replaced() {
+        let leader = AgentRegistry::new(RegistryConfig::default());
+        leader.begin_term(1);
+        let sleep = leader.request_sleep(&svc(), Some(7));
+        assert_eq!(leader.request_sleep(&svc(), Some(9)), sleep, "asked once");
+        assert_eq!(leader.inherited_sleep(&svc()), None, "its own");
+        // A hold-port change moves the directive to a new version, the note with it.
+        leader.set_hold_ports(
+            &svc(),
+            vec![HoldPort {
+                name: "http".into(),
+                port: 30001,
+            }],
+        );
+        let standby = AgentRegistry::new(RegistryConfig::default());
+        let from = standby.directives_cursor();
+        let page = leader.replica_page(Some(from), 100);
+        assert_eq!(standby.apply_replica(from, &[page]), Ok(1));
+        let want = Some(InheritedSleep {
+            epoch: sleep,
+            target_generation: Some(7),
+        });
+        assert_eq!(standby.inherited_sleep(&svc()), want);
+        standby.begin_term(2);
+        assert_eq!(standby.inherited_sleep(&svc()), want, "the last leader's");
+        standby.follow(&svc());
+        assert_eq!(standby.inherited_sleep(&svc()), None);
+        // Its own Sleep, noted without a generation, carries none to its standby.
+        standby.request_sleep(&svc(), None);
+        let next = AgentRegistry::new(RegistryConfig::default());
+        let from = next.directives_cursor();
+        let page = standby.replica_page(Some(from), 100);
+        next.apply_replica(from, &[page]).unwrap();
+        assert_eq!(
+            next.inherited_sleep(&svc()).map(|s| s.target_generation),
+            Some(None)
+        );
         standby.end_term();
     }
 }

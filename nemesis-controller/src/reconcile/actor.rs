@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::autoscaling::v1::Scale;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::reflector;
 use kube::{Api, Resource, ResourceExt};
 use nemesis_common::wire::{Directive, ServiceRef};
@@ -27,6 +27,7 @@ use super::connections::{self, SideRates};
 use super::events::Note;
 use super::history::Item;
 use super::hpa::{self, HpaView};
+use super::inherited_sleep::{self, Verdict};
 use super::prom::Poller;
 use super::resume;
 use super::status::{self, Blocked};
@@ -111,6 +112,13 @@ enum SleepPhase {
     },
 }
 
+/// The target read from the API server (see [`Actor::read_fresh`]).
+struct FreshTarget {
+    facts: inherited_sleep::Fresh,
+    /// The `resourceVersion` its `/scale` was read at.
+    version: Option<String>,
+}
+
 /// A scale as it is recorded: what, when, in which state and why.
 #[derive(Debug, Clone)]
 struct Made {
@@ -193,6 +201,9 @@ pub struct Actor {
     /// The target's `resourceVersion` as its watch last showed it (see
     /// [`workload::Observed::version`]).
     target_version: Option<String>,
+    /// The target's `metadata.generation` as its watch last showed it, noted with a
+    /// `Sleep` (see [`inherited_sleep`]).
+    target_generation: Option<i64>,
     /// A scale whose answer never came (a timeout, a server error): the API server may
     /// have made it. Recorded once it shows, and asked about before the next scale.
     unconfirmed: Option<Unconfirmed>,
@@ -253,6 +264,7 @@ impl Actor {
             ended: None,
             pending_scale: None,
             target_version: None,
+            target_generation: None,
             unconfirmed: None,
             sleep: SleepPhase::Awake,
             sleep_note: None,
@@ -651,6 +663,7 @@ impl Actor {
         let (cached, ready) = (observed.replicas, observed.ready);
         self.resource = Some(observed.resource);
         self.target_version = observed.version;
+        self.target_generation = observed.generation;
         let replicas = match self.pending_scale {
             Some((n, _)) if n == cached => {
                 self.pending_scale = None;
@@ -835,16 +848,51 @@ impl Actor {
                 );
             }
             self.sleep = SleepPhase::Awake;
+            let mut target = target;
+            let mut woken_from_zero = false;
+            if target.replicas > 0
+                && let Some(sleep) = self.ctx.registry.inherited_sleep(&svc)
+                // Set by `target()`, which read the target this tick.
+                && let Some(resource) = self.resource.clone()
+            {
+                // The last leader's `Sleep`, and the target up: whether it went through
+                // zero since is read from the API server, not from the copy or the
+                // watch (see `inherited_sleep` for why this suffices).
+                let fresh = self.read_fresh(c, resource, desired).await?;
+                let verdict = inherited_sleep::judge(sleep.target_generation, fresh.facts);
+                tracing::info!(
+                    policy = %self.id,
+                    service = %svc,
+                    sleep_epoch = sleep.epoch,
+                    noted_generation = ?sleep.target_generation,
+                    generation = ?fresh.facts.generation,
+                    replicas = fresh.facts.replicas,
+                    watched_replicas = target.replicas,
+                    ?verdict,
+                    "a Sleep inherited from the last leader, with the target up"
+                );
+                match verdict {
+                    Verdict::AtZero => {
+                        // The watch is behind: scale from the zero just read.
+                        target.replicas = 0;
+                        self.target_version = fresh.version;
+                        self.pending_scale = None;
+                    }
+                    Verdict::WokenFromZero => woken_from_zero = true,
+                    Verdict::GivenUp => {}
+                }
+            }
             if target.replicas != desired {
                 self.scale(c, target.replicas, desired, now).await?;
             }
-            if target.replicas == 0 {
+            if target.replicas == 0 || woken_from_zero {
                 // Woken from zero (the scale above was conditional on the target's
-                // version at zero): the pods a sleep stopped may still be listed
-                // (terminating) in an agent's view, and it must send them nothing. The
-                // target's zero is the fact, not this instance's directive: a leader that
-                // took over after the sleep completed may hold none of it, or a copy of
-                // the old leader's log from before its `Sleep`.
+                // version at zero), or found woken from zero since the last leader's
+                // `Sleep`: the pods a sleep stopped may still be listed (terminating) in
+                // an agent's view, and it must send them nothing. The target's zero is
+                // the fact, not this instance's directive: a leader that took over after
+                // the sleep completed may hold none of it, or a copy of the old leader's
+                // log from before its `Sleep`.
                 self.ctx.registry.follow_after_zero(&svc);
             } else if self
                 .ctx
@@ -864,7 +912,7 @@ impl Actor {
     }
 
     fn request_sleep(&mut self, svc: &ServiceRef, now: DateTime<Utc>) {
-        let epoch = self.ctx.registry.request_sleep(svc);
+        let epoch = self.ctx.registry.request_sleep(svc, self.target_generation);
         let registry = self.ctx.registry.clone();
         let timeout = self.ctx.settings.sleep_ack_timeout;
         let svc2 = svc.clone();
@@ -1083,6 +1131,51 @@ impl Actor {
         }
         self.made(made);
         Ok(())
+    }
+
+    /// The target as the API server has it now, not as a watch or cache shows it: its
+    /// `/scale` (replicas, and the version a scale from them is conditional on), then
+    /// the object listed by name (its generation: a list without a version is read
+    /// from storage, and `list` is what the controller's role grants on targets).
+    async fn read_fresh(
+        &mut self,
+        c: &CompiledPolicy,
+        resource: ApiResource,
+        to: u32,
+    ) -> Result<FreshTarget, ReconcileError> {
+        let target = c.workload();
+        let name = target.name.as_str();
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.ctx.client.clone(), self.namespace(), &resource);
+        let scale = self.read_scale(c, &api, to).await?;
+        let replicas = scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0);
+        let by_name = ListParams::default().fields(&format!("metadata.name={name}"));
+        let listed = match tokio::time::timeout(API_TIMEOUT, api.list(&by_name)).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(source)) => {
+                self.ctx.metrics.error(ErrorKind::Scale);
+                return Err(ReconcileError::ReadTarget {
+                    kind: target.kind.clone(),
+                    namespace: self.id.namespace.clone(),
+                    name: name.to_string(),
+                    source,
+                });
+            }
+            Err(_) => {
+                self.ctx.metrics.error(ErrorKind::Scale);
+                return Err(ReconcileError::Timeout {
+                    what: format!("listing {} {}/{name}", target.kind, self.id.namespace),
+                    after: API_TIMEOUT,
+                });
+            }
+        };
+        Ok(FreshTarget {
+            facts: inherited_sleep::Fresh {
+                replicas: u32::try_from(replicas).unwrap_or(u32::MAX),
+                generation: listed.items.first().and_then(|o| o.metadata.generation),
+            },
+            version: scale.metadata.resource_version,
+        })
     }
 
     /// The target's `/scale` as the API server has it now (an error names the scale to

@@ -18,6 +18,7 @@ pub mod connections;
 pub mod events;
 pub mod history;
 pub mod hpa;
+pub mod inherited_sleep;
 pub mod prom;
 pub mod resume;
 pub mod status;
@@ -57,6 +58,15 @@ pub enum ReconcileError {
         namespace: String,
         name: String,
         replicas: u32,
+        #[source]
+        source: kube::Error,
+    },
+    /// Listing the target by name, to read its generation (see `inherited_sleep`).
+    #[error("reading {kind} {namespace}/{name}: {}", crate::permissions::explain(.source))]
+    ReadTarget {
+        kind: String,
+        namespace: String,
+        name: String,
         #[source]
         source: kube::Error,
     },

@@ -52,6 +52,10 @@ pub struct Observed {
     /// strength of them is conditional on it (another writer's change since is a 409,
     /// not a change recorded twice).
     pub version: Option<String>,
+    /// The object's `metadata.generation` (raised by every change of its spec, a scale
+    /// included): noted with a `Sleep`, so that a leader inheriting it can tell whether
+    /// the target was scaled since (see `reconcile::inherited_sleep`).
+    pub generation: Option<i64>,
 }
 
 /// A running watch of one target; dropping it stops the watch.
@@ -512,6 +516,7 @@ fn seen(namespace: &str, target: &WorkloadRef, resource: &ApiResource, f: &Facts
         ready,
         resource: resource.clone(),
         version: obj.metadata.resource_version.clone(),
+        generation: obj.metadata.generation,
     })
 }
 

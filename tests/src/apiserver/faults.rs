@@ -119,6 +119,28 @@ impl FaultPlan {
         }
     }
 
+    /// `kind` alone for `total`, hitting with `probability`. A `410 on resume` phase
+    /// comes with watch cuts at the same rate: a watch resumes only after it ended, and
+    /// without cuts none may end while the phase lasts (one seeded run injected none).
+    pub fn only(seed: u64, kind: FaultKind, total: Duration, probability: f64) -> Self {
+        let phase = |kind| Phase {
+            start: Duration::ZERO,
+            end: total,
+            kind,
+            probability,
+        };
+        let mut phases = vec![phase(kind)];
+        if kind == FaultKind::GoneOnResume {
+            phases.push(phase(FaultKind::CutWatches));
+        }
+        FaultPlan {
+            seed,
+            phases,
+            users: Vec::new(),
+            slow_by: DEFAULT_SLOW_BY,
+        }
+    }
+
     /// Only requests by `users` are hit.
     pub fn for_users(mut self, users: &[&str]) -> Self {
         self.users = users.iter().map(|u| u.to_string()).collect();
@@ -215,6 +237,17 @@ pub struct FaultCounts {
 impl FaultCounts {
     pub fn total(&self) -> u64 {
         self.server_errors + self.slow + self.watch_cuts + self.gone + self.conflicts
+    }
+
+    /// How many of `kind` were injected.
+    pub fn of(&self, kind: FaultKind) -> u64 {
+        match kind {
+            FaultKind::ServerError => self.server_errors,
+            FaultKind::Slow => self.slow,
+            FaultKind::CutWatches => self.watch_cuts,
+            FaultKind::GoneOnResume => self.gone,
+            FaultKind::Conflict => self.conflicts,
+        }
     }
 
     /// The kinds injected at least once.
@@ -370,6 +403,43 @@ mod tests {
         for w in a.phases.windows(2) {
             assert_eq!(w[0].end, w[1].start, "phases follow each other");
         }
+    }
+
+    #[test]
+    fn a_plan_of_one_kind_hits_with_that_kind_and_a_410_phase_cuts_watches_too() {
+        let plan = FaultPlan::only(3, FaultKind::Conflict, Duration::from_secs(5), 1.0);
+        assert_eq!(plan.duration(), Duration::from_secs(5));
+        let kinds = |p: &FaultPlan| p.phases.iter().map(|p| p.kind).collect::<Vec<_>>();
+        assert_eq!(kinds(&plan), [FaultKind::Conflict]);
+        let inj = Injector::default();
+        inj.start(plan);
+        let update = RequestInfo {
+            user: "ctl",
+            watch: false,
+            resume: false,
+            update: true,
+        };
+        assert_eq!(inj.decide(&update), Some(Fault::Conflict));
+        assert!(!inj.cut_watches_now());
+        let counts = inj.counts();
+        assert_eq!(counts.of(FaultKind::Conflict), 1);
+        assert_eq!(counts.kinds(), [FaultKind::Conflict]);
+        let gone = FaultPlan::only(3, FaultKind::GoneOnResume, Duration::from_secs(5), 1.0);
+        assert_eq!(
+            kinds(&gone),
+            [FaultKind::GoneOnResume, FaultKind::CutWatches]
+        );
+        inj.start(gone);
+        assert!(inj.cut_watches_now());
+        let resume = RequestInfo {
+            user: "ctl",
+            watch: true,
+            resume: true,
+            update: false,
+        };
+        assert_eq!(inj.decide(&resume), Some(Fault::Gone));
+        assert_eq!(inj.counts().of(FaultKind::GoneOnResume), 1);
+        assert_eq!(inj.counts().of(FaultKind::CutWatches), 1);
     }
 
     #[test]
