@@ -378,6 +378,20 @@ impl World {
             })
     }
 
+    /// Where the journal ends now: [`World::reached_since`] looks after it.
+    fn journal_mark(&self) -> usize {
+        self.journal.lock().unwrap().len()
+    }
+
+    /// Whether the Deployment went to `want` after `mark`, however briefly: a stretch
+    /// at zero with clients waiting lasts some 50 ms, and a poll of the latest count
+    /// missed it on a loaded machine (the kill then waited for a zero that had passed).
+    fn reached_since(&self, mark: usize, want: i32) -> bool {
+        self.journal.lock().unwrap()[mark..]
+            .iter()
+            .any(|(_, s)| *s == Step::Replicas(want))
+    }
+
     async fn wait_replicas(&self, want: i32) -> anyhow::Result<()> {
         self.wait_replicas_within(want, STEP).await
     }
@@ -387,6 +401,22 @@ impl World {
             self.follow_leader().await?;
             self.tell_alert().await;
             Ok((self.replicas_now() == Some(want)).then_some(()))
+        })
+        .await
+    }
+
+    /// As [`World::wait_replicas_within`], for a count reached after `mark` even if
+    /// already left (see [`World::reached_since`]).
+    async fn wait_reached_within(
+        &self,
+        mark: usize,
+        want: i32,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        eventually(&format!("the Deployment at {want}"), within, || async {
+            self.follow_leader().await?;
+            self.tell_alert().await;
+            Ok(self.reached_since(mark, want).then_some(()))
         })
         .await
     }
@@ -685,10 +715,11 @@ async fn run_rounds(
         } else {
             println!("round {round}: kill the leader {kill_after:?} into the cycle (seed {seed})");
         }
+        let mark = world.journal_mark();
         let killer = async {
             if at_zero {
                 eventually("the Deployment at zero, to kill", STEP, || async {
-                    Ok((world.replicas_now() == Some(0)).then_some(()))
+                    Ok(world.reached_since(mark, 0).then_some(()))
                 })
                 .await?;
             } else {
@@ -698,7 +729,7 @@ async fn run_rounds(
         };
         let cycle = async {
             world.set_alert(true).await?;
-            world.wait_replicas_within(0, SLEEP_STEP).await?;
+            world.wait_reached_within(mark, 0, SLEEP_STEP).await?;
             world.set_alert(false).await?;
             // Held clients wake it: it must not stay at zero while they wait.
             world.wait_replicas(1).await
@@ -721,8 +752,9 @@ async fn run_rounds(
         .await?;
     }
     // One more cycle, so the last kill is followed by a scale of the new leader.
+    let mark = world.journal_mark();
     world.set_alert(true).await?;
-    world.wait_replicas_within(0, SLEEP_STEP).await?;
+    world.wait_reached_within(mark, 0, SLEEP_STEP).await?;
     world.set_alert(false).await?;
     world.wait_replicas(1).await?;
     let results = clients.stop(STEP).await?;
