@@ -99,24 +99,6 @@ fn held_by(c: &Running) -> Vec<ServiceDirective> {
     c.registry.directives()
 }
 
-/// A policy that puts `name` to sleep from the start (its Deployment runs 1) and wakes
-/// it on demand; `alert`, which never fires here, is its only way back to zero.
-fn zero_on_start(name: &str, alert: &str) -> nemesis_controller::policy::ScalingPolicy {
-    policy(
-        name,
-        serde_json::json!({
-            "target": {"deployment": name, "service": name},
-            "metrics": {"alerts": [alert]},
-            "initialState": "zero",
-            "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
-            "transitions": [
-                {"from": "zero", "to": "warm", "when": "demand"},
-                {"from": "warm", "to": "zero", "when": format!("alert({alert})")},
-            ],
-        }),
-    )
-}
-
 fn svc(name: &str) -> ServiceRef {
     ServiceRef {
         namespace: "default".into(),
@@ -352,7 +334,10 @@ async fn a_new_leader_after_a_completed_sleep(standby: Standby) -> anyhow::Resul
     let svc = svc(name);
     let agent = ApplyingAgent::start("node-dfo-zero", svc.clone(), a.api_addr);
     policies
-        .create(&PostParams::default(), &zero_on_start(name, "DfoZeroSleep"))
+        .create(
+            &PostParams::default(),
+            &zero_until_demand(name, "DfoZeroSleep"),
+        )
         .await?;
 
     // A's sleep completes: the agent holds (A's `Sleep` applied), then the scale to 0.
@@ -472,7 +457,7 @@ async fn a_new_leader_whose_copy_ends_at_a_sleep_the_old_one_completed_and_woke_
     policies
         .create(
             &PostParams::default(),
-            &zero_on_start(name, "DfoWokenSleep"),
+            &zero_until_demand(name, "DfoWokenSleep"),
         )
         .await?;
 

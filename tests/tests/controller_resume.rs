@@ -49,22 +49,7 @@ impl Woken {
         let agent = TestAgent::start(node, vec![svc.clone()], vec![a.api_addr]);
         let alert = format!("{name}Sleep");
         one.policies
-            .create(
-                &PostParams::default(),
-                &policy(
-                    name,
-                    json!({
-                        "target": {"deployment": name, "service": name},
-                        "metrics": {"alerts": [alert]},
-                        "initialState": "zero",
-                        "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
-                        "transitions": [
-                            {"from": "zero", "to": "warm", "when": "demand"},
-                            {"from": "warm", "to": "zero", "when": format!("alert({alert})")},
-                        ],
-                    }),
-                ),
-            )
+            .create(&PostParams::default(), &zero_until_demand(name, &alert))
             .await?;
         let asleep = wait_state(&one.policies, name, "zero", Duration::from_secs(30)).await?;
         let zero_since = asleep.status.and_then(|s| s.state_since);

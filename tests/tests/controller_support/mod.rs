@@ -196,6 +196,24 @@ pub fn policy(name: &str, spec: Value) -> ScalingPolicy {
     .expect("valid ScalingPolicy")
 }
 
+/// A policy on Deployment and Service `name` that starts at zero (0 replicas), wakes to
+/// 1 on demand, and goes back to zero only when the alert `alert` fires.
+pub fn zero_until_demand(name: &str, alert: &str) -> ScalingPolicy {
+    policy(
+        name,
+        json!({
+            "target": {"deployment": name, "service": name},
+            "metrics": {"alerts": [alert]},
+            "initialState": "zero",
+            "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+            "transitions": [
+                {"from": "zero", "to": "warm", "when": "demand"},
+                {"from": "warm", "to": "zero", "when": format!("alert({alert})")},
+            ],
+        }),
+    )
+}
+
 /// A policy on Deployment and Service `name`: 1 replica ("low") until more than 5
 /// connections are open, then 3 ("high") until 5 or fewer are.
 pub fn busy_policy(name: &str) -> ScalingPolicy {
