@@ -84,7 +84,6 @@ pub struct ServiceActivity {
     pub holding_agents: usize,
 }
 
-/// Why waiting for acknowledgements ended without them.
 /// A `Sleep` a new leader found in its copy of the last leader's directive log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InheritedSleep {
@@ -94,6 +93,7 @@ pub struct InheritedSleep {
     pub target_generation: Option<i64>,
 }
 
+/// Why waiting for acknowledgements ended without them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
     #[error(
