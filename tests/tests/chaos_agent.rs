@@ -10,12 +10,15 @@
 
 mod wake_support;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use nemesis_agent::ebpf::Mode;
+use nemesis_agent::ebpf::pins::{self, PinLayout};
+use nemesis_common::maps::{PINNED_MAPS, UDP_PINNED_MAPS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -96,6 +99,134 @@ impl AgentProcess {
     }
 }
 
+/// The datapath as the kernel has it, read with `bpftool` as an operator would: each
+/// pinned link's id and the program it runs, each pinned map's id, and every program
+/// attached to the cgroup by attach type.
+#[derive(Debug, Clone, PartialEq)]
+struct KernelDatapath {
+    links: BTreeMap<String, (u64, u64)>,
+    maps: BTreeMap<String, u64>,
+    attached: BTreeMap<String, Vec<u64>>,
+}
+
+impl KernelDatapath {
+    /// From the agent's own command line (its `--instance`, `--cgroup` and `--bpffs`).
+    fn read(argv: &[String]) -> anyhow::Result<Self> {
+        let flag = |name: &str| -> anyhow::Result<&str> {
+            argv.iter()
+                .position(|a| a == name)
+                .and_then(|i| argv.get(i + 1))
+                .map(String::as_str)
+                .with_context(|| format!("no {name} in the agent's command line {argv:?}"))
+        };
+        let layout = PinLayout::new(Path::new(flag("--bpffs")?), flag("--instance")?);
+        let mut links = BTreeMap::new();
+        for prog in pins::PROGRAMS.iter().chain(pins::UDP_PROGRAMS.iter()) {
+            let v = bpftool(&[
+                "link",
+                "show",
+                "pinned",
+                &layout.link(prog).display().to_string(),
+            ])?;
+            let id = |k: &str| {
+                v[k].as_u64()
+                    .with_context(|| format!("link {prog}: no {k} in {v}"))
+            };
+            links.insert(prog.to_string(), (id("id")?, id("prog_id")?));
+        }
+        let mut maps = BTreeMap::new();
+        for name in PINNED_MAPS.iter().chain(UDP_PINNED_MAPS.iter()) {
+            let v = bpftool(&[
+                "map",
+                "show",
+                "pinned",
+                &layout.map(name).display().to_string(),
+            ])?;
+            let id = v["id"]
+                .as_u64()
+                .with_context(|| format!("map {name}: no id in {v}"))?;
+            maps.insert(name.to_string(), id);
+        }
+        let mut attached: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let cg = bpftool(&["cgroup", "show", flag("--cgroup")?])?;
+        for p in cg.as_array().context("bpftool cgroup show: not a list")? {
+            let t = p["attach_type"].as_str().unwrap_or_default().to_string();
+            let id = p["id"]
+                .as_u64()
+                .with_context(|| format!("an attached program without an id: {p}"))?;
+            attached.entry(t).or_default().push(id);
+        }
+        Ok(Self {
+            links,
+            maps,
+            attached,
+        })
+    }
+
+    /// One program per hook on the cgroup, each the one its pinned link runs: nothing
+    /// attached twice, nothing left behind by a killed agent.
+    fn one_program_per_hook(&self) -> anyhow::Result<()> {
+        let mut running: Vec<u64> = self.links.values().map(|(_, prog)| *prog).collect();
+        running.sort_unstable();
+        let mut attached: Vec<u64> = self.attached.values().flatten().copied().collect();
+        attached.sort_unstable();
+        anyhow::ensure!(
+            self.attached.values().all(|ids| ids.len() == 1) && running == attached,
+            "the cgroup runs {:?}, the pinned links {:?}",
+            self.attached,
+            self.links
+        );
+        Ok(())
+    }
+
+    /// `later` re-adopted this datapath: the same links and maps (kernel ids), with the
+    /// later agent's programs swapped into the links.
+    fn adopted_by(&self, later: &Self, who: &str) -> anyhow::Result<()> {
+        let ids = |d: &Self| -> BTreeMap<String, u64> {
+            d.links
+                .iter()
+                .map(|(k, (id, _))| (k.clone(), *id))
+                .collect()
+        };
+        anyhow::ensure!(
+            ids(self) == ids(later),
+            "{who} did not keep the pinned links: {:?} then {:?}",
+            self.links,
+            later.links
+        );
+        anyhow::ensure!(
+            self.maps == later.maps,
+            "{who} did not keep the pinned maps: {:?} then {:?}",
+            self.maps,
+            later.maps
+        );
+        anyhow::ensure!(
+            self.links
+                .values()
+                .zip(later.links.values())
+                .all(|(a, b)| a.1 != b.1),
+            "{who} did not swap its own programs into the links: {:?} then {:?}",
+            self.links,
+            later.links
+        );
+        later.one_program_per_hook()
+    }
+}
+
+fn bpftool(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool (cargo xtask setup installs it)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| format!("bpftool {args:?}: not JSON"))
+}
+
 fn refused(r: &ClientResult) -> bool {
     r.result == "error" && r.error_kind == "ConnectionRefused"
 }
@@ -128,6 +259,9 @@ async fn a_sigkilled_agent_leaves_its_programs_counting_and_a_standby_leaves_no_
     // The in-process agent hands its datapath over to agent processes on its port.
     env.stop_agent_keeping_datapath().await?;
     let a = spawn_agent(&env, &kubeconfig, port, &log).await?;
+    let argv = env.agent_command_line(&[]);
+    let first = KernelDatapath::read(&argv)?;
+    first.one_program_per_hook()?;
 
     let clients = env
         .repeating_clients(&[
@@ -158,6 +292,13 @@ async fn a_sigkilled_agent_leaves_its_programs_counting_and_a_standby_leaves_no_
         Ok((m.ebpf_connects() > connects_at_start).then_some(()))
     })
     .await?;
+    // And it is the same datapath, not a new one beside the old: the kernel's ids.
+    let second = KernelDatapath::read(&argv)?;
+    first.adopted_by(&second, "the agent started again after the SIGKILL")?;
+    println!(
+        "re-adopted after the SIGKILL: links {:?}, maps {:?}",
+        second.links, second.maps
+    );
 
     // 2. A standby on the same port, then SIGKILL the active one.
     tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
@@ -171,6 +312,7 @@ async fn a_sigkilled_agent_leaves_its_programs_counting_and_a_standby_leaves_no_
         Ok((m.ebpf_connects() > 0.0).then_some(()))
     })
     .await?;
+    second.adopted_by(&KernelDatapath::read(&argv)?, "the standby")?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let results = clients.stop(STEP).await?;
     let total = results.len() as f64;
