@@ -423,6 +423,7 @@ impl Heartbeats {
         let mut view = DirectiveView::default();
         // And we send only the reports that changed since those it holds.
         let mut reports = ReportDeltas::default();
+        let mut last_ok = None;
         loop {
             let mut heartbeat = Heartbeat {
                 node: self.node.clone(),
@@ -437,9 +438,22 @@ impl Heartbeats {
                 gone: Vec::new(),
             };
             reports.prepare(&mut heartbeat, self.reports.reports());
+            let sent = tokio::time::Instant::now();
             let wait = match self.client.heartbeat(&heartbeat).await {
                 Ok(reply) => {
                     failures = 0;
+                    let took = sent.elapsed();
+                    let lease = Duration::from_secs(u64::from(reply.lease_seconds.max(1)));
+                    let gap = last_ok.map(|t: tokio::time::Instant| sent.duration_since(t));
+                    if took > lease / 2 || gap.is_some_and(|g| g > lease) {
+                        tracing::warn!(
+                            took_ms = took.as_millis() as u64,
+                            since_last_ms = gap.map(|g| g.as_millis() as u64),
+                            lease_ms = lease.as_millis() as u64,
+                            "heartbeat late: the controller may count this agent as gone"
+                        );
+                    }
+                    last_ok = Some(sent);
                     // At once again: the controller wants every report, or has more
                     // directives for us.
                     let mut again = reports.acknowledge(&reply);

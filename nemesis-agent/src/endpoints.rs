@@ -29,6 +29,19 @@ pub struct ServiceEndpoints {
     /// Where each ready address runs (its endpoint's `nodeName` and `zone`), for
     /// balance mode's topology preference.
     places: BTreeMap<IpAddr, Place>,
+    /// The pod behind each ready address (its endpoint's `targetRef`: the uid, else the
+    /// name), where the slice says: a pod started in a stopped one's place may get its
+    /// address, and only this tells the two apart.
+    pods: BTreeMap<IpAddr, String>,
+}
+
+/// One ready backend as told apart from every other: its address and, where the slice
+/// names it, its pod. Two pods that had the same address one after the other are two
+/// backends.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendId {
+    pub addr: SocketAddr,
+    pub pod: Option<String>,
 }
 
 /// Where an endpoint runs, as its EndpointSlice says.
@@ -95,6 +108,24 @@ impl ServiceEndpoints {
             .unwrap_or_default()
     }
 
+    /// Every ready backend with the pod behind it (see [`BackendId`]): what tells one
+    /// set of pods from another, even when a new pod reuses a stopped one's address.
+    pub fn backend_ids(&self) -> BTreeSet<BackendId> {
+        self.addresses()
+            .into_iter()
+            .map(|addr| BackendId {
+                addr,
+                pod: self.pods.get(&addr.ip()).cloned(),
+            })
+            .collect()
+    }
+
+    /// Records the pod behind a backend address, e.g. for tests.
+    pub fn with_pod(mut self, ip: IpAddr, pod: &str) -> Self {
+        self.pods.insert(ip, pod.to_string());
+        self
+    }
+
     /// Where a backend address runs, if its slice said.
     pub fn place(&self, ip: &IpAddr) -> Option<&Place> {
         self.places.get(ip)
@@ -109,6 +140,8 @@ impl ServiceEndpoints {
     fn merge(&mut self, other: &ServiceEndpoints) {
         self.places
             .extend(other.places.iter().map(|(k, v)| (*k, v.clone())));
+        self.pods
+            .extend(other.pods.iter().map(|(k, v)| (*k, v.clone())));
         for (name, addrs) in &other.by_port {
             self.by_port
                 .entry(name.clone())
@@ -142,8 +175,18 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> ServiceEndpoints {
         if !ready || terminating {
             continue;
         }
+        let pod = ep.target_ref.as_ref().and_then(|r| {
+            r.uid.clone().or_else(|| {
+                r.name
+                    .as_ref()
+                    .map(|n| format!("{}/{n}", r.namespace.as_deref().unwrap_or_default()))
+            })
+        });
         for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
             ready_ips.push(ip);
+            if let Some(pod) = &pod {
+                out.pods.insert(ip, pod.clone());
+            }
             if ep.node_name.is_some() || ep.zone.is_some() {
                 out.places.insert(
                     ip,
@@ -544,6 +587,49 @@ mod tests {
             vec!["198.18.0.5:7000".parse().unwrap()]
         );
         assert!(eps.backends("", None).is_empty());
+    }
+
+    #[test]
+    fn a_pod_in_a_stopped_ones_address_is_another_backend() {
+        let with_pod = |uid: Option<&str>, name: &str| {
+            let mut s = slice(
+                "s1",
+                "web",
+                &[("http", 8080)],
+                &[("198.18.0.5", Some(true))],
+            );
+            s.endpoints.as_mut().unwrap()[0].target_ref =
+                Some(k8s_openapi::api::core::v1::ObjectReference {
+                    kind: Some("Pod".into()),
+                    namespace: Some("ns".into()),
+                    name: Some(name.into()),
+                    uid: uid.map(str::to_string),
+                    ..Default::default()
+                });
+            slice_endpoints(&s)
+        };
+        let (a, b) = (
+            with_pod(Some("uid-a"), "web-a"),
+            with_pod(Some("uid-b"), "web-b"),
+        );
+        // The same backends to dial, but not the same pods: a change to publish.
+        assert_eq!(a.backends("http", None), b.backends("http", None));
+        assert_ne!(a, b);
+        let id = |e: &ServiceEndpoints| e.backend_ids().into_iter().next().unwrap();
+        assert_eq!(id(&a).pod.as_deref(), Some("uid-a"));
+        // No uid (a hand-made slice): the pod's name.
+        assert_eq!(
+            id(&with_pod(None, "web-c")).pod.as_deref(),
+            Some("ns/web-c")
+        );
+        // No targetRef at all: the address alone.
+        let plain = slice_endpoints(&slice(
+            "s1",
+            "web",
+            &[("http", 8080)],
+            &[("198.18.0.5", None)],
+        ));
+        assert_eq!(id(&plain).pod, None);
     }
 
     #[test]

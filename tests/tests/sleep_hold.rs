@@ -360,3 +360,142 @@ async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The sleep completes and the Service is woken while the agent's view of the
+/// endpoints lags; the woken pod gets the address of the pod the sleep stopped (the
+/// sandbox reuses addresses lowest first; so do many CNIs' allocators). Then the agent's
+/// EndpointSlice watch is cut and its resume answered `410 Gone`: it relists, and the
+/// relist shows the woken pod at once, never the empty moment in between. The
+/// connection held through the sleep must go to the woken pod, not wait behind the
+/// sleep's gate for a pod it takes for the stopped one (the chaos test's
+/// `410-on-resume` phase lost connections this way, at the 60 s hold budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_pod_at_the_stopped_ones_address_seen_through_a_relist_takes_the_held_connection()
+-> anyhow::Result<()> {
+    let env = WakeEnv::start_with(
+        Scenario {
+            name: "sleepreuse",
+            pod: wake_support::quick_server(),
+            policy: json!({}),
+            scale_on_wake: true,
+        },
+        Options {
+            rbac: Some(|_| {}),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let result = woken_at_the_old_address(&env).await;
+    if let Some(s) = env.server.as_ref() {
+        s.stop_faults();
+        s.release_watch_events();
+    }
+    if let Err(e) = &result {
+        eprintln!("{e:?}");
+    }
+    env.shutdown().await?;
+    result
+}
+
+async fn woken_at_the_old_address(env: &WakeEnv) -> anyhow::Result<()> {
+    use nemesis_tests::apiserver::faults::{FaultKind, FaultPlan};
+    let server = env.server.as_ref().context("the API server")?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), NS);
+    let ready_pod = || async {
+        let list = pods.list(&Default::default()).await?;
+        anyhow::Ok(list.items.into_iter().find(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        }))
+    };
+    let ip = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default()
+    };
+    let first = env
+        .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
+        .await?;
+    let old_pod = pod_of(&first[0].http()?.body).to_owned();
+    let old = eventually("the first pod", STEP, || async { ready_pod().await }).await?;
+    anyhow::ensure!(old.metadata.name.as_deref() == Some(old_pod.as_str()));
+    *env.controller.directives.lock().unwrap() = sleep_directive(1, vec![]);
+    eventually("the agent to acknowledge the Sleep", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
+            .map(|_| ()))
+    })
+    .await?;
+
+    // From now on the agent's view of the endpoints lags: the old pod stays listed.
+    server.hold_watch_events("discovery.k8s.io", "endpointslices", &[AGENT_USER]);
+    let client = env
+        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
+        .await?;
+    eventually("the proxy to hold the connection", STEP, || async {
+        Ok((env.metrics().await?.held() >= 1.0).then_some(()))
+    })
+    .await?;
+
+    // The sleep completes (the old pod gone, its address free), then the wake.
+    scale(env, 0).await?;
+    eventually("the old pod gone", STEP, || async {
+        Ok(pods.get_opt(&old_pod).await?.is_none().then_some(()))
+    })
+    .await?;
+    scale(env, 1).await?;
+    let new = eventually("the woken pod ready", STEP, || async { ready_pod().await }).await?;
+    anyhow::ensure!(
+        ip(&new) == ip(&old),
+        "the woken pod got {} and the stopped one had {}: the sandbox no longer reuses \
+         addresses lowest first, and this test needs it to",
+        ip(&new),
+        ip(&old)
+    );
+    *env.controller.directives.lock().unwrap() = follow_after_zero(2);
+    eventually("the agent to apply the Follow", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.applied_epoch == 2)
+            .map(|_| ()))
+    })
+    .await?;
+
+    // The agent's watches cut, every resume answered 410: it relists, and its view
+    // jumps from the old pod to the woken one at the same address.
+    let gone_before = server.fault_counts().of(FaultKind::GoneOnResume);
+    server.inject_faults(
+        FaultPlan::only(7, FaultKind::GoneOnResume, Duration::from_secs(60), 1.0)
+            .for_users(&[AGENT_USER]),
+    );
+    eventually("a 410 on the agent's resume", STEP, || async {
+        Ok((server.fault_counts().of(FaultKind::GoneOnResume) > gone_before).then_some(()))
+    })
+    .await?;
+    // A relist after it (the watcher backs off about a second first).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.stop_faults();
+    server.release_watch_events();
+
+    let results = client.finish(STEP).await?;
+    anyhow::ensure!(
+        results[0].result == "response" && !results[0].text.is_empty(),
+        "the held connection was not answered: {:?}",
+        results[0]
+    );
+    let answer = results[0].http()?;
+    anyhow::ensure!(answer.status == 200, "{:?}", results[0]);
+    anyhow::ensure!(
+        pod_of(&answer.body) == new.metadata.name.as_deref().unwrap_or_default(),
+        "answered by {} and not by the woken pod",
+        pod_of(&answer.body)
+    );
+    Ok(())
+}

@@ -275,7 +275,7 @@ impl ModeFollower {
                 Some(d) if d.after_zero => prev.as_ref().map(|p| p.epoch),
                 _ => None,
             };
-            let ready = self.endpoints.current(svc).addresses();
+            let ready = self.endpoints.current(svc).backend_ids();
             if let Some(seen) = next_sleep(prev, sleep_epoch, &ready) {
                 if !seen.reached_zero {
                     closed.insert(svc.clone());

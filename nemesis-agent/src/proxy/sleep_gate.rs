@@ -5,9 +5,9 @@
 //! held connections and UDP relays read them. Owns only the signal; never touches a
 //! connection.
 
+use crate::endpoints::BackendId;
 use nemesis_common::wire::ServiceRef;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use tokio::sync::watch;
 
 /// The gates, shared by the mode follower (which closes them) and the proxy.
@@ -72,13 +72,16 @@ impl GateWatch {
 /// Where one Service stands in a sleep the controller asked for (the `Sleep` directive
 /// of `epoch`): `reached_zero` once its endpoints were seen empty since, or listing
 /// none of the backends they listed when the sleep began (`stopping`: a view that
-/// caught up at once may never show the empty moment), so the backends ready after
-/// that are woken ones, not the ones going away.
+/// caught up at once may never show the empty moment, e.g. a relist after a `410`),
+/// so the backends ready after that are woken ones, not the ones going away. Backends
+/// are told apart by their pod as well as their address: a woken pod may get the
+/// address of the one the sleep stopped, and taking it for that one would keep the
+/// gate closed (and its held connections waiting) until the view changed again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SleepSeen {
     pub epoch: u64,
     pub reached_zero: bool,
-    pub stopping: BTreeSet<SocketAddr>,
+    pub stopping: BTreeSet<BackendId>,
 }
 
 /// The gate's next state for a Service: `None` when it is not asked to sleep (gate
@@ -89,7 +92,7 @@ pub struct SleepSeen {
 pub fn next_sleep(
     prev: Option<SleepSeen>,
     sleep_epoch: Option<u64>,
-    ready: &BTreeSet<SocketAddr>,
+    ready: &BTreeSet<BackendId>,
 ) -> Option<SleepSeen> {
     let epoch = sleep_epoch?;
     let (stopping, reached) = match prev {
@@ -107,6 +110,7 @@ pub fn next_sleep(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn svc(n: &str) -> ServiceRef {
         ServiceRef {
@@ -115,9 +119,23 @@ mod tests {
         }
     }
 
-    fn ips(last: &[u8]) -> BTreeSet<SocketAddr> {
-        last.iter()
-            .map(|l| SocketAddr::from(([198, 18, 0, *l], 8080)))
+    /// Backends at 198.18.0.<l>, each its own pod (`pod-<l>`).
+    fn ips(last: &[u8]) -> BTreeSet<BackendId> {
+        pods(
+            &last
+                .iter()
+                .map(|l| (*l, format!("pod-{l}")))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn pods(backends: &[(u8, String)]) -> BTreeSet<BackendId> {
+        backends
+            .iter()
+            .map(|(l, pod)| BackendId {
+                addr: SocketAddr::from(([198, 18, 0, *l], 8080)),
+                pod: Some(pod.clone()),
+            })
             .collect()
     }
 
@@ -156,6 +174,28 @@ mod tests {
         // Only woken ones left.
         let s = next_sleep(s, Some(7), &ips(&[9]));
         assert!(!closed(&s));
+    }
+
+    #[test]
+    fn a_woken_pod_with_the_stopped_ones_address_opens_the_gate() {
+        // The sleep's pod at .5; the view then skips the empty moment (a relist) and
+        // shows the woken pod, which got the same address.
+        let s = next_sleep(None, Some(7), &pods(&[(5, "web-a".into())]));
+        assert!(closed(&s));
+        let s = next_sleep(s, Some(7), &pods(&[(5, "web-a".into())]));
+        assert!(closed(&s), "the same pod is still the one going away");
+        let s = next_sleep(s, Some(7), &pods(&[(5, "web-b".into())]));
+        assert!(!closed(&s), "a new pod at the old address is a woken one");
+        // Slices that name no pod: the address is all there is to go by.
+        let anon = |l: u8| -> BTreeSet<BackendId> {
+            [BackendId {
+                addr: SocketAddr::from(([198, 18, 0, l], 8080)),
+                pod: None,
+            }]
+            .into()
+        };
+        let s = next_sleep(None, Some(8), &anon(5));
+        assert!(closed(&next_sleep(s, Some(8), &anon(5))));
     }
 
     #[tokio::test]

@@ -453,6 +453,12 @@ impl AgentRegistry {
             Some(p) if p.instance != instance => tracing::info!(
                 node = %node, old = %p.instance, new = %instance, "agent restarted"
             ),
+            Some(p) if !p.live_at(now, lease) => tracing::warn!(
+                node = %node,
+                silent_ms = now.saturating_duration_since(p.last_heartbeat).as_millis() as u64,
+                lease_ms = lease.as_millis() as u64,
+                "agent heard from again after its lease ran out (it was counted as gone meanwhile)"
+            ),
             Some(_) => {}
         }
         let delta = reports_since.is_some();
