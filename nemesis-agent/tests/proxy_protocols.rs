@@ -348,3 +348,74 @@ async fn a_response_that_ends_with_the_backends_close_arrives_whole_then_eof() -
     })
     .await
 }
+
+/// A backend that answers, half-closes and reads on (to learn that its client is done)
+/// sees the client's close as a clean EOF, not a reset, when the client closes after
+/// the answer's EOF: the proxy then closes its backend socket with nothing unread in it
+/// (and no shutdown before the close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_reads_on_after_its_answer_sees_the_clients_close_as_eof() -> Result<()> {
+    bounded(Duration::from_secs(20), async {
+        let h = Harness::start(ProxyConfig::new("n"), None).await?;
+        let web = svc("reads-on");
+        let dst = h.manage(&web, 1, bounds(Duration::from_secs(15), 10));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let backend = listener.local_addr()?;
+        let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let ended_tx = ended_tx.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut buf = [0u8; 1024];
+                        match s.read(&mut buf).await {
+                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                    if s.write_all(answer).await.is_err() || s.shutdown().await.is_err() {
+                        return;
+                    }
+                    // What the read after the answer ends with: Ok(0) is the FIN.
+                    let mut rest = Vec::new();
+                    let _ = ended_tx.send(s.read_to_end(&mut rest).await.map(|_| rest));
+                });
+            }
+        });
+        let clients = 3;
+        let mut held = Vec::new();
+        for _ in 0..clients {
+            let mut c = h.connect_as(dst).await?;
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await?;
+            held.push(c);
+        }
+        wait_until("all held", Duration::from_secs(10), || {
+            h.proxy.held(&web) == clients
+        })
+        .await?;
+        h.ready(&web, &[backend]);
+        for mut c in held {
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await?;
+            ensure!(
+                got.ends_with(b"\r\n\r\nok"),
+                "{:?}",
+                String::from_utf8_lossy(&got)
+            );
+            drop(c);
+        }
+        for _ in 0..clients {
+            let end = ended.recv().await.context("the backend task ended early")?;
+            match end {
+                Ok(rest) => ensure!(rest.is_empty(), "the backend got {rest:?} after its answer"),
+                Err(err) => anyhow::bail!("the backend's read after its answer failed: {err}"),
+            }
+        }
+        Ok(())
+    })
+    .await
+}

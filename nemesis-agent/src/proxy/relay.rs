@@ -251,6 +251,9 @@ fn http2_step(step: http2::Step) -> Step {
 struct State {
     follower: Follower,
     active_at: Instant,
+    /// The backend -> client direction ended at the backend's EOF (passed on to the
+    /// client): once the client's EOF comes too, `relay` closes both sockets.
+    backend_ended: bool,
 }
 
 /// What the two directions share.
@@ -301,6 +304,7 @@ pub(crate) async fn relay(
         state: Mutex::new(State {
             follower,
             active_at: Instant::now(),
+            backend_ended: false,
         }),
         kick: Notify::new(),
         client: &client,
@@ -388,6 +392,14 @@ async fn upstream(shared: &Shared<'_>, drain: &DrainWatch, bytes: &Counter) -> i
         });
         let poke = match read {
             Ok(Some(poke)) => poke,
+            Ok(None) if shared.state().backend_ended => {
+                // Both directions are over and `relay` closes the backend socket next,
+                // with nothing unread in it (its EOF was read): that close sends the
+                // same FIN a shutdown would, so the shutdown is left out (one system
+                // call less per exchange that ends this way: every released request
+                // answered with `Connection: close`).
+                return Ok(());
+            }
             Ok(None) => return shutdown_write(shared.backend),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -455,6 +467,7 @@ async fn downstream(
                     write_all(shared.client, &out).await?;
                     bytes.inc_by(out.len() as u64);
                     shutdown_write(shared.client)?;
+                    shared.state().backend_ended = true;
                     return Ok(None);
                 }
                 Ok(Some(step)) => {
@@ -473,6 +486,7 @@ async fn downstream(
             write_all_then_eof(shared.client, &out).await?;
             bytes.inc_by(out.len() as u64);
             shutdown_write(shared.client)?;
+            shared.state().backend_ended = true;
             return Ok(None);
         }
         if eof_follows {

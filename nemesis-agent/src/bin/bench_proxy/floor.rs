@@ -2,7 +2,10 @@
 //! with the fewest steps any userspace proxy needs, timed exactly like the real proxy
 //! (same child-process protocol, same clients, same backend, same runtime kind). What it
 //! leaves out is all the real proxy adds: Service lookup, bounds, wake-up flights,
-//! backend choice, protocol following, metrics, drain.
+//! backend choice, protocol following, metrics, drain, and half-closes (it closes both
+//! sockets once the answer is written; the proxy shuts the client's write side and
+//! waits for the client's end: two system calls more per connection, after its first
+//! byte).
 //!
 //! Per held client: accepted and its request read before the backend is ready; at
 //! `READY`, the held clients are split into one share per runtime worker, each dialled
