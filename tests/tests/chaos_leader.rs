@@ -718,7 +718,8 @@ async fn run_rounds(
         let mark = world.journal_mark();
         let killer = async {
             if at_zero {
-                eventually("the Deployment at zero, to kill", STEP, || async {
+                // As long as the cycle waits for it: see `SLEEP_STEP`.
+                eventually("the Deployment at zero, to kill", SLEEP_STEP, || async {
                     Ok(world.reached_since(mark, 0).then_some(()))
                 })
                 .await?;
