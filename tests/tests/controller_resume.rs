@@ -11,6 +11,8 @@ mod controller_support;
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use controller_support::*;
 
 const NS: &str = "default";
@@ -32,7 +34,7 @@ struct Woken {
     a: Running,
     /// When the policy went to `zero`, before the wake (its status said so).
     zero_since: Option<chrono::DateTime<chrono::Utc>>,
-    _agent: TestAgent,
+    agent: TestAgent,
     _dir: tempfile::TempDir,
 }
 
@@ -65,7 +67,7 @@ impl Woken {
             one,
             a,
             zero_since,
-            _agent: agent,
+            agent,
             _dir: dir,
         })
     }
@@ -191,6 +193,7 @@ async fn a_scale_whose_answer_is_lost_is_recorded_once_and_not_repeated() -> any
             probability: 1.0,
         }],
         users: Vec::new(),
+        subresource: None,
         slow_by: Duration::from_secs(12),
     });
     agent.set(|s| s.open = 10);
@@ -224,6 +227,85 @@ async fn a_scale_whose_answer_is_lost_is_recorded_once_and_not_repeated() -> any
     assert_eq!(log.seen(), vec![1, 3, 1], "every scale made once");
     a.shutdown().await;
     server.shutdown().await;
+    Ok(())
+}
+
+/// A wake-up that comes in while the policy waits on a scale to zero whose answer is
+/// lost (made at once, answered after the controller's 10 s API timeout) is answered by
+/// the wake that follows. It must not count as new demand in the state it woke, or the
+/// next sleep (its alert still firing) waits out the whole demand window (60 s): found
+/// by chaos_apiserver's `slow` phase, whose recovery took 70 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_that_waited_behind_a_lost_scale_does_not_hold_off_the_next_sleep()
+-> anyhow::Result<()> {
+    init_tracing();
+    let name = "latewake";
+    let node = "node-w";
+    let w = Woken::start(name, node).await?;
+    let svc = ServiceRef {
+        namespace: NS.into(),
+        name: name.into(),
+    };
+    // No kubelet here: the woken pod's readiness is written as one would write it (a
+    // policy does not sleep a wake that never became ready).
+    let ready = |n: i32| {
+        let api = w.one.deployments.clone();
+        async move {
+            let generation = api.get(name).await?.metadata.generation;
+            api.patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {
+                    "replicas": n,
+                    "readyReplicas": n,
+                    "observedGeneration": generation,
+                }})),
+            )
+            .await?;
+            anyhow::Ok(())
+        }
+    };
+    ready(1).await?;
+    let log = ReplicaLog::start(w.one.deployments.clone(), name);
+    // Every answer to a `/scale` request held past the API timeout: the scale to zero
+    // is made, its answer lost, and the actor waits on it meanwhile.
+    w.one.server.inject_faults(
+        FaultPlan::only(3, FaultKind::Slow, Duration::from_secs(60), 1.0).for_subresource("scale"),
+    );
+    post_alert(w.a.api_addr, &format!("{name}Sleep"), true).await?;
+    eventually(
+        "the scale to zero made",
+        Duration::from_secs(30),
+        || async { Ok(log.seen().contains(&0).then_some(())) },
+    )
+    .await?;
+    // The actor is still waiting on that answer: this wake-up waits behind it, while
+    // the agent reports the connection it holds (so the first evaluation after the
+    // answer wakes the Service before the actor gets to the wake-up).
+    w.agent.set(|s| s.held = 1);
+    let (status, _) = Http::default().wake(w.a.api_addr, node, &svc, 1).await?;
+    anyhow::ensure!(status == 200, "the wake-up answered {status}");
+    w.one.server.stop_faults();
+    wait_replicas(&w.one.deployments, name, 1, Duration::from_secs(60)).await?;
+    ready(1).await?;
+    // The woken pod took the held connection.
+    w.agent.set(|s| s.held = 0);
+    let woken = std::time::Instant::now();
+    // The alert still fires: the policy goes back to zero as soon as the wake is ready,
+    // not a demand window (60 s) later.
+    let within = nemesis_controller::engine::observations::DEMAND_WINDOW
+        .to_std()?
+        .mul_f64(0.5);
+    wait_replicas(&w.one.deployments, name, 0, within)
+        .await
+        .with_context(|| {
+            format!(
+                "the next sleep was held off (still at 1 {:?} after the wake)",
+                woken.elapsed()
+            )
+        })?;
+    assert_eq!(log.seen(), vec![1, 0, 1, 0], "every scale made once");
+    w.shutdown().await;
     Ok(())
 }
 

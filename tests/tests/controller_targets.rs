@@ -9,7 +9,6 @@
 
 mod controller_support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -171,41 +170,6 @@ fn run_model_operator(client: Client, ns: String, name: String) -> AbortOnDropHa
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }))
-}
-
-/// Posts an Alertmanager webhook to the controller, as Alertmanager does.
-async fn post_alert(api: SocketAddr, alert: &str, firing: bool) -> anyhow::Result<()> {
-    let now = chrono::Utc::now();
-    let status = if firing { "firing" } else { "resolved" };
-    let (starts, ends) = if firing {
-        (now.to_rfc3339(), "0001-01-01T00:00:00Z".to_string())
-    } else {
-        (
-            (now - chrono::Duration::seconds(60)).to_rfc3339(),
-            now.to_rfc3339(),
-        )
-    };
-    let body = json!({
-        "version": "4",
-        "groupKey": format!("{{}}:{{alertname=\"{alert}\"}}"),
-        "status": status,
-        "receiver": "nemesis",
-        "alerts": [{
-            "status": status,
-            "labels": {"alertname": alert},
-            "startsAt": starts,
-            "endsAt": ends,
-            "fingerprint": format!("{:016x}", alert.len() as u64 * 0x9e37_79b9),
-        }],
-    });
-    let (code, answer) = Http::default()
-        .post(api, "/v1/alerts/alertmanager", ALERT_TOKEN, &body)
-        .await?;
-    anyhow::ensure!(
-        code == 200,
-        "the controller refused the alert: {code} {answer}"
-    );
-    Ok(())
 }
 
 /// zero --alert--> warm (`replicas` replicas) --resolved--> zero, on `target`.

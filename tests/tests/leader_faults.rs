@@ -42,6 +42,7 @@ fn only(kind: FaultKind, secs: u64) -> FaultPlan {
             probability: 1.0,
         }],
         users: Vec::new(),
+        subresource: None,
         slow_by: Duration::from_secs(12),
     }
 }

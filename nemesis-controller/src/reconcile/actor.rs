@@ -428,7 +428,15 @@ impl Actor {
 
     fn on_wake(&mut self, w: WakeUp) {
         let now = Utc::now();
-        self.last_demand = Some(now);
+        // Demand dates from when the wake-up came in, not from when this actor got to it.
+        // One that waited behind a slow call (a scale to zero whose answer is lost takes
+        // the whole API timeout) is answered by the wake that follows; stamped `now`, it
+        // would count as new demand in the state it woke and hold the next sleep off for
+        // a whole `DEMAND_WINDOW`. Nothing genuine is lost: a wake-up that came in
+        // during a sleep handshake still dates after the request (`on_ack` abandons the
+        // sleep), and connections still held keep signalling demand on their own.
+        let waited = chrono::TimeDelta::from_std(w.received_at.elapsed()).unwrap_or_default();
+        self.last_demand = Some(now - waited);
         tracing::debug!(policy = %self.id, node = %w.node, held = w.held_connections, "wake-up");
         match &mut self.wake {
             Some(p) => p.held = p.held.max(u64::from(w.held_connections)),

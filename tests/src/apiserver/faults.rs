@@ -77,6 +77,8 @@ pub struct FaultPlan {
     /// Only requests by these users are hit (exact user names as the server
     /// authenticated them, e.g. `system:serviceaccount:ns:name`); empty: everybody's.
     pub users: Vec<String>,
+    /// Only requests for this subresource (e.g. `scale`) are hit; `None`: any request.
+    pub subresource: Option<String>,
     /// How long a [`FaultKind::Slow`] answer is held back.
     pub slow_by: Duration,
 }
@@ -115,6 +117,7 @@ impl FaultPlan {
             seed,
             phases,
             users: Vec::new(),
+            subresource: None,
             slow_by: DEFAULT_SLOW_BY,
         }
     }
@@ -137,6 +140,7 @@ impl FaultPlan {
             seed,
             phases,
             users: Vec::new(),
+            subresource: None,
             slow_by: DEFAULT_SLOW_BY,
         }
     }
@@ -144,6 +148,12 @@ impl FaultPlan {
     /// Only requests by `users` are hit.
     pub fn for_users(mut self, users: &[&str]) -> Self {
         self.users = users.iter().map(|u| u.to_string()).collect();
+        self
+    }
+
+    /// Only requests for the subresource `sub` (e.g. `scale`) are hit.
+    pub fn for_subresource(mut self, sub: &str) -> Self {
+        self.subresource = Some(sub.to_string());
         self
     }
 
@@ -213,6 +223,8 @@ pub struct RequestInfo<'a> {
     pub resume: bool,
     /// `PUT` or `PATCH`.
     pub update: bool,
+    /// The subresource the request is for (`scale`, `status`, ...), if any.
+    pub subresource: Option<&'a str>,
 }
 
 /// What to do to one request.
@@ -328,6 +340,9 @@ impl Injector {
         if !a.plan.users.is_empty() && !a.plan.users.iter().any(|u| u == req.user) {
             return None;
         }
+        if a.plan.subresource.is_some() && a.plan.subresource.as_deref() != req.subresource {
+            return None;
+        }
         let elapsed = a.started.elapsed();
         let candidates: &[FaultKind] = if req.watch {
             &[FaultKind::GoneOnResume, FaultKind::ServerError]
@@ -418,6 +433,7 @@ mod tests {
             watch: false,
             resume: false,
             update: true,
+            subresource: None,
         };
         assert_eq!(inj.decide(&update), Some(Fault::Conflict));
         assert!(!inj.cut_watches_now());
@@ -436,6 +452,7 @@ mod tests {
             watch: true,
             resume: true,
             update: false,
+            subresource: None,
         };
         assert_eq!(inj.decide(&resume), Some(Fault::Gone));
         assert_eq!(inj.counts().of(FaultKind::GoneOnResume), 1);
@@ -453,6 +470,7 @@ mod tests {
                 probability: 1.0,
             }],
             users: vec!["ctl".into()],
+            subresource: None,
             slow_by: DEFAULT_SLOW_BY,
         };
         let inj = Injector::default();
@@ -462,6 +480,7 @@ mod tests {
             watch: false,
             resume: false,
             update,
+            subresource: None,
         };
         assert_eq!(inj.decide(&req("ctl", true)), Some(Fault::Conflict));
         assert_eq!(inj.decide(&req("ctl", false)), None, "a read is no update");

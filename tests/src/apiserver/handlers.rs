@@ -97,6 +97,7 @@ pub async fn resource(ctx: Ctx<'_>, p: ResourcePath) -> Response<Body> {
             && ctx.param("resourceVersion").is_some_and(|rv| rv != "0")
             && ctx.param("sendInitialEvents") != Some("true"),
         update: matches!(*ctx.method, Method::PUT | Method::PATCH),
+        subresource: p.sub.as_deref(),
     });
     match fault {
         Some(Fault::ServerError) => {
