@@ -2,6 +2,7 @@
 //! the harness end-to-end tests run on. Nothing here runs in a real cluster.
 
 pub mod agent_token;
+pub mod alertmanager_payload;
 pub mod apiserver;
 pub mod chaos;
 pub mod controller_flags;

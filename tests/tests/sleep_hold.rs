@@ -245,56 +245,18 @@ async fn a_follow_after_a_completed_sleep_sends_nothing_to_the_pod_the_sleep_sto
     let mut pod = slow_answering_pod();
     // Alive (and listed, in the agent's lagging view) well after the wake's Follow.
     pod["terminationGracePeriodSeconds"] = json!(10);
-    let env = WakeEnv::start_with(
-        Scenario {
-            name: "sleepfollow",
-            pod,
-            policy: json!({}),
-            scale_on_wake: true,
-        },
-        Options {
-            rbac: Some(|_| {}),
-            ..Options::default()
-        },
-    )
-    .await?;
+    let env = lagging_env("sleepfollow", pod).await?;
     let result = woken_while_the_view_lags(&env).await;
-    if let Some(s) = env.server.as_ref() {
-        s.release_watch_events();
-    }
-    if let Err(e) = &result {
-        eprintln!("{e:?}");
-    }
-    env.shutdown().await?;
-    result
+    finish(env, result).await
 }
 
 async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
     let server = env.server.as_ref().context("the API server")?;
-    let first = env
-        .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
-        .await?;
-    let old_pod = pod_of(&first[0].http()?.body).to_owned();
-    *env.controller.directives.lock().unwrap() = sleep_directive(1, vec![]);
-    eventually("the agent to acknowledge the Sleep", STEP, || async {
-        Ok(env
-            .controller
-            .report()
-            .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
-            .map(|_| ()))
-    })
-    .await?;
-
-    // From now on the agent's view of the endpoints lags: the old pod stays listed.
-    server.hold_watch_events("discovery.k8s.io", "endpointslices", &[AGENT_USER]);
-    let before = env.metrics().await?;
-    let client = env
-        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
-        .await?;
-    eventually("the proxy to hold the connection", STEP, || async {
-        Ok((env.metrics().await?.held() >= 1.0).then_some(()))
-    })
-    .await?;
+    let Lagging {
+        old_pod,
+        before,
+        client,
+    } = held_while_the_view_lags(env).await?;
 
     // The sleep completes: scaled to zero, the old pod terminating (for a while: it
     // ignores SIGTERM). Then the wake: a new pod, ready, and `Follow`.
@@ -372,29 +334,9 @@ async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_woken_pod_at_the_stopped_ones_address_seen_through_a_relist_takes_the_held_connection()
 -> anyhow::Result<()> {
-    let env = WakeEnv::start_with(
-        Scenario {
-            name: "sleepreuse",
-            pod: wake_support::quick_server(),
-            policy: json!({}),
-            scale_on_wake: true,
-        },
-        Options {
-            rbac: Some(|_| {}),
-            ..Options::default()
-        },
-    )
-    .await?;
+    let env = lagging_env("sleepreuse", wake_support::quick_server()).await?;
     let result = woken_at_the_old_address(&env).await;
-    if let Some(s) = env.server.as_ref() {
-        s.stop_faults();
-        s.release_watch_events();
-    }
-    if let Err(e) = &result {
-        eprintln!("{e:?}");
-    }
-    env.shutdown().await?;
-    result
+    finish(env, result).await
 }
 
 async fn woken_at_the_old_address(env: &WakeEnv) -> anyhow::Result<()> {
@@ -417,31 +359,12 @@ async fn woken_at_the_old_address(env: &WakeEnv) -> anyhow::Result<()> {
             .and_then(|s| s.pod_ip.clone())
             .unwrap_or_default()
     };
-    let first = env
-        .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
-        .await?;
-    let old_pod = pod_of(&first[0].http()?.body).to_owned();
+    let Lagging {
+        old_pod, client, ..
+    } = held_while_the_view_lags(env).await?;
+    // Still running: the sleep is acknowledged, not yet made.
     let old = eventually("the first pod", STEP, || async { ready_pod().await }).await?;
     anyhow::ensure!(old.metadata.name.as_deref() == Some(old_pod.as_str()));
-    *env.controller.directives.lock().unwrap() = sleep_directive(1, vec![]);
-    eventually("the agent to acknowledge the Sleep", STEP, || async {
-        Ok(env
-            .controller
-            .report()
-            .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
-            .map(|_| ()))
-    })
-    .await?;
-
-    // From now on the agent's view of the endpoints lags: the old pod stays listed.
-    server.hold_watch_events("discovery.k8s.io", "endpointslices", &[AGENT_USER]);
-    let client = env
-        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
-        .await?;
-    eventually("the proxy to hold the connection", STEP, || async {
-        Ok((env.metrics().await?.held() >= 1.0).then_some(()))
-    })
-    .await?;
 
     // The sleep completes (the old pod gone, its address free), then the wake.
     scale(env, 0).await?;
@@ -498,4 +421,79 @@ async fn woken_at_the_old_address(env: &WakeEnv) -> anyhow::Result<()> {
         pod_of(&answer.body)
     );
     Ok(())
+}
+
+/// An environment whose agent's watch events the test may hold back or fault (with the
+/// API server's RBAC as installed, so the agent is a user of its own).
+async fn lagging_env(name: &'static str, pod: serde_json::Value) -> anyhow::Result<WakeEnv> {
+    WakeEnv::start_with(
+        Scenario {
+            name,
+            pod,
+            policy: json!({}),
+            scale_on_wake: true,
+        },
+        Options {
+            rbac: Some(|_| {}),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// Lets the agent's watches go (faults stopped, held events released) before the
+/// environment shuts down; prints the test's error first.
+async fn finish(env: WakeEnv, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Some(s) = env.server.as_ref() {
+        s.stop_faults();
+        s.release_watch_events();
+    }
+    if let Err(e) = &result {
+        eprintln!("{e:?}");
+    }
+    env.shutdown().await?;
+    result
+}
+
+/// A connection held through a sleep while the agent's view of the endpoints lags.
+struct Lagging {
+    /// The pod that answered before the sleep.
+    old_pod: String,
+    /// The agent's metrics before the held connection.
+    before: wake_support::Metrics,
+    client: wake_support::Clients,
+}
+
+/// A first client served, the Sleep acknowledged by the agent, then its EndpointSlice
+/// events held back (the old pod stays listed) and a client held by the proxy.
+async fn held_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<Lagging> {
+    let server = env.server.as_ref().context("the API server")?;
+    let first = env
+        .run_clients(&["--clients", "1", "--http", "--timeout-ms", "60000"], STEP)
+        .await?;
+    let old_pod = pod_of(&first[0].http()?.body).to_owned();
+    *env.controller.directives.lock().unwrap() = sleep_directive(1, vec![]);
+    eventually("the agent to acknowledge the Sleep", STEP, || async {
+        Ok(env
+            .controller
+            .report()
+            .filter(|r| r.mode == AppliedMode::Hold && r.applied_epoch == 1)
+            .map(|_| ()))
+    })
+    .await?;
+    // From now on the agent's view of the endpoints lags: the old pod stays listed.
+    server.hold_watch_events("discovery.k8s.io", "endpointslices", &[AGENT_USER]);
+    let before = env.metrics().await?;
+    let client = env
+        .clients(&["--clients", "1", "--http", "--timeout-ms", "120000"])
+        .await?;
+    eventually("the proxy to hold the connection", STEP, || async {
+        Ok((env.metrics().await?.held() >= 1.0).then_some(()))
+    })
+    .await?;
+    Ok(Lagging {
+        old_pod,
+        before,
+        client,
+    })
 }

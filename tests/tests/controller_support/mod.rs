@@ -411,29 +411,7 @@ impl Http {
 
 /// Posts an Alertmanager webhook to the controller, as Alertmanager does.
 pub async fn post_alert(api: SocketAddr, alert: &str, firing: bool) -> anyhow::Result<()> {
-    let now = chrono::Utc::now();
-    let status = if firing { "firing" } else { "resolved" };
-    let (starts, ends) = if firing {
-        (now.to_rfc3339(), "0001-01-01T00:00:00Z".to_string())
-    } else {
-        (
-            (now - chrono::Duration::seconds(60)).to_rfc3339(),
-            now.to_rfc3339(),
-        )
-    };
-    let body = json!({
-        "version": "4",
-        "groupKey": format!("{{}}:{{alertname=\"{alert}\"}}"),
-        "status": status,
-        "receiver": "nemesis",
-        "alerts": [{
-            "status": status,
-            "labels": {"alertname": alert},
-            "startsAt": starts,
-            "endsAt": ends,
-            "fingerprint": format!("{:016x}", alert.len() as u64 * 0x9e37_79b9),
-        }],
-    });
+    let body = nemesis_tests::alertmanager_payload::webhook(alert, firing);
     let (code, answer) = Http::default()
         .post(api, "/v1/alerts/alertmanager", ALERT_TOKEN, &body)
         .await?;

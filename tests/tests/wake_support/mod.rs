@@ -993,41 +993,8 @@ pub async fn post_alert(env: &WakeEnv, alert: &str, firing: bool) -> anyhow::Res
 
 /// [`post_alert`] to the controller API at `addr` (one outside the [`WakeEnv`]).
 pub async fn post_alert_to(addr: SocketAddr, alert: &str, firing: bool) -> anyhow::Result<()> {
-    let now = chrono::Utc::now();
+    let body = nemesis_tests::alertmanager_payload::webhook(alert, firing).to_string();
     let status = if firing { "firing" } else { "resolved" };
-    // As Alertmanager: one fingerprint per label set, and a firing that follows a
-    // resolution is a new instance that starts now (an older start would be taken for
-    // a late copy of the resolved one and ignored).
-    let fingerprint = format!(
-        "{:016x}",
-        alert.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
-    );
-    let starts_at = if firing {
-        now.to_rfc3339()
-    } else {
-        (now - chrono::Duration::seconds(60)).to_rfc3339()
-    };
-    let ends_at = if firing {
-        "0001-01-01T00:00:00Z".to_string()
-    } else {
-        now.to_rfc3339()
-    };
-    let body = json!({
-        "version": "4",
-        "groupKey": format!("{{}}:{{alertname=\"{alert}\"}}"),
-        "status": status,
-        "receiver": "nemesis",
-        "alerts": [{
-            "status": status,
-            "labels": {"alertname": alert},
-            "startsAt": starts_at,
-            "endsAt": ends_at,
-            "fingerprint": fingerprint,
-        }],
-    })
-    .to_string();
     let run = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(
