@@ -308,16 +308,9 @@ async fn woken_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<()> {
     .await
     .is_ok();
     server.release_watch_events();
-    let results = client.finish(STEP).await?;
+    let pod = answered_by(client).await?;
     anyhow::ensure!(
-        results[0].result == "response" && !results[0].text.is_empty(),
-        "the client's connection was cut: {:?}",
-        results[0]
-    );
-    let answer = results[0].http()?;
-    anyhow::ensure!(answer.status == 200, "{:?}", results[0]);
-    anyhow::ensure!(
-        pod_of(&answer.body) != old_pod,
+        pod != old_pod,
         "answered by the terminating pod of the previous cycle (forwarded while the agent's view lagged: {forwarded})"
     );
     Ok(())
@@ -407,18 +400,10 @@ async fn woken_at_the_old_address(env: &WakeEnv) -> anyhow::Result<()> {
     server.stop_faults();
     server.release_watch_events();
 
-    let results = client.finish(STEP).await?;
+    let pod = answered_by(client).await?;
     anyhow::ensure!(
-        results[0].result == "response" && !results[0].text.is_empty(),
-        "the held connection was not answered: {:?}",
-        results[0]
-    );
-    let answer = results[0].http()?;
-    anyhow::ensure!(answer.status == 200, "{:?}", results[0]);
-    anyhow::ensure!(
-        pod_of(&answer.body) == new.metadata.name.as_deref().unwrap_or_default(),
-        "answered by {} and not by the woken pod",
-        pod_of(&answer.body)
+        pod == new.metadata.name.as_deref().unwrap_or_default(),
+        "answered by {pod} and not by the woken pod"
     );
     Ok(())
 }
@@ -496,4 +481,17 @@ async fn held_while_the_view_lags(env: &WakeEnv) -> anyhow::Result<Lagging> {
         before,
         client,
     })
+}
+
+/// The held client's answer: a whole `200`, from the pod it names.
+async fn answered_by(client: wake_support::Clients) -> anyhow::Result<String> {
+    let results = client.finish(STEP).await?;
+    anyhow::ensure!(
+        results[0].result == "response" && !results[0].text.is_empty(),
+        "the held connection was cut or not answered: {:?}",
+        results[0]
+    );
+    let answer = results[0].http()?;
+    anyhow::ensure!(answer.status == 200, "{:?}", results[0]);
+    Ok(pod_of(&answer.body).to_owned())
 }
