@@ -28,6 +28,7 @@ use super::events::Note;
 use super::history::Item;
 use super::hpa::{self, HpaView};
 use super::inherited_sleep::{self, Verdict};
+use super::late_wake;
 use super::prom::Poller;
 use super::resume;
 use super::status::{self, Blocked};
@@ -428,7 +429,24 @@ impl Actor {
 
     fn on_wake(&mut self, w: WakeUp) {
         let now = Utc::now();
-        self.last_demand = Some(now);
+        let directive = self
+            .svc
+            .as_ref()
+            .and_then(|s| self.ctx.registry.directive(s));
+        let replicas = self.target().ok().map(|t| t.replicas);
+        if late_wake::already_answered(w.applied_epoch, directive.as_ref(), replicas) {
+            // Still a wake in progress for the cold start's count below; only not demand.
+            tracing::info!(
+                policy = %self.id,
+                node = %w.node,
+                held = w.held_connections,
+                applied_epoch = ?w.applied_epoch,
+                woken_epoch = ?directive.as_ref().map(|d| d.epoch),
+                "a late wake-up from before the target was woken: not new demand"
+            );
+        } else {
+            self.last_demand = Some(now);
+        }
         tracing::debug!(policy = %self.id, node = %w.node, held = w.held_connections, "wake-up");
         match &mut self.wake {
             Some(p) => p.held = p.held.max(u64::from(w.held_connections)),
