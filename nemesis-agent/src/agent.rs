@@ -364,6 +364,7 @@ impl WriterParts {
             dp_services.clone(),
             direct_after_ready,
         );
+        proxy.report_applied_epochs(modes.clone());
         // Balance: the datapath's backends follow the EndpointSlices.
         let follow_backends = {
             let dp_services = dp_services.clone();

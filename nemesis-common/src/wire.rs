@@ -455,6 +455,13 @@ pub struct WakeRequest {
     pub service: ServiceRef,
     /// Connections held for this Service when the wake-up was sent.
     pub held_connections: u32,
+    /// The directive epoch this agent had applied for the Service when its wake-up
+    /// flight began (every send of the flight carries the same). A controller that woke
+    /// the target from zero since (its `Follow` after zero has a higher epoch) knows the
+    /// flight's connections are answered, and does not count a late wake-up as new
+    /// demand. Absent from agents that predate it and while no directive was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -511,6 +518,21 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
         }
+    }
+
+    #[test]
+    fn a_wake_up_sends_its_applied_epoch_only_when_set_and_reads_an_old_agents() {
+        let old = r#"{"node":"n","service":{"namespace":"ns","name":"web"},"heldConnections":2}"#;
+        let req: WakeRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(req.applied_epoch, None);
+        assert_eq!(serde_json::to_string(&req).unwrap(), old);
+        let new = WakeRequest {
+            applied_epoch: Some(7),
+            ..req
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains(r#""appliedEpoch":7"#), "{text}");
+        assert_eq!(serde_json::from_str::<WakeRequest>(&text).unwrap(), new);
     }
 
     fn directive(name: &str, epoch: u64) -> ServiceDirective {

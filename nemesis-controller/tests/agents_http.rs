@@ -250,6 +250,7 @@ async fn a_wake_for_a_service_already_waking_is_acknowledged_but_not_forwarded()
             node: node.into(),
             service: svc("web"),
             held_connections: 2,
+            applied_epoch: None,
         })
     };
 
@@ -305,6 +306,7 @@ async fn over_a_socket_concurrent_wakes_forward_once_and_a_sleep_waits_for_every
                 node: format!("n{i}"),
                 service: svc("web"),
                 held_connections: 1,
+                applied_epoch: None,
             })
             .unwrap();
             let resp = client

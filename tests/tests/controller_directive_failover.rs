@@ -537,3 +537,148 @@ async fn a_new_leader_whose_copy_ends_at_a_sleep_the_old_one_completed_and_woke_
     b.shutdown().await;
     Ok(())
 }
+
+/// Sets the Deployment's `status.readyReplicas`, as observed at its current generation
+/// (no Deployment controller runs here).
+async fn set_ready(api: &Api<Deployment>, name: &str, ready: i32) -> anyhow::Result<()> {
+    let generation = api.get(name).await?.metadata.generation;
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "status": {"readyReplicas": ready, "observedGeneration": generation}
+        })),
+    )
+    .await
+    .with_context(|| format!("setting {name}'s readyReplicas to {ready}"))?;
+    Ok(())
+}
+
+/// A wake-up with `applied_epoch`, sent until the controller forwards it to the policy
+/// (while the last wake is in progress the gate only acknowledges it).
+async fn wake_forwarded(
+    c: &Running,
+    node: &str,
+    svc: &ServiceRef,
+    applied_epoch: u64,
+) -> anyhow::Result<()> {
+    let http = Http::default();
+    eventually("a wake-up forwarded to the policy", START, || async {
+        let (status, body) = http
+            .wake_applied(c.api_addr, node, svc, 1, applied_epoch)
+            .await?;
+        anyhow::ensure!(status == 200, "wake: {status} {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        Ok(message.starts_with("waking").then_some(()))
+    })
+    .await
+}
+
+/// The failover case of a late wake-up, on one controller: an agent's flight began under
+/// the `Sleep` (its connections were held at zero), the target was woken and its pods
+/// are ready, and the flight's wake-up arrives only now (in the chaos test it was being
+/// retried while no leader answered, and the new leader had woken the target from the
+/// held connections its heartbeat reported). It must not hold the next sleep off for the
+/// demand window. A wake-up from a flight begun after the agent applied the wake's
+/// `Follow` (new demand) still must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_wake_up_from_before_the_wake_does_not_hold_the_next_sleep_but_new_demand_does()
+-> anyhow::Result<()> {
+    init_tracing();
+    let name = "dfo-late-wake";
+    let node = "node-dfo-late";
+    let OneDeployment {
+        server,
+        client,
+        deployments,
+        policies,
+        log,
+    } = OneDeployment::start(name, 1).await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    services
+        .create(&PostParams::default(), &service(name))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let c = start_controller(&server, dir.path(), &[]).await?;
+    wait_leading(&c, START).await?;
+    let svc = svc(name);
+    let agent = ApplyingAgent::start(node, svc.clone(), c.api_addr);
+    // warm -> zero as soon as two pods are ready (the test sets that), unless demand.
+    let policy = controller_support::policy(
+        name,
+        serde_json::json!({
+            "target": {"deployment": name, "service": name},
+            "initialState": "zero",
+            "states": [{"name": "zero", "replicas": 0}, {"name": "warm", "replicas": 1}],
+            "transitions": [
+                {"from": "zero", "to": "warm", "when": "demand"},
+                {"from": "warm", "to": "zero", "when": "replicas.ready >= 2"},
+            ],
+        }),
+    );
+    policies.create(&PostParams::default(), &policy).await?;
+    wait_replicas(&deployments, name, 0, START).await?;
+    let applied = |directive, after_zero| {
+        agent
+            .applied_from(0)
+            .into_iter()
+            .rfind(|d: &ServiceDirective| d.directive == directive && d.after_zero == after_zero)
+    };
+    let sleep = applied(nemesis_common::wire::Directive::Sleep, false)
+        .context("the agent applied the Sleep before the scale to zero")?;
+
+    // The flight begins under the Sleep: its first wake-up wakes the target.
+    wake_forwarded(&c, node, &svc, sleep.epoch).await?;
+    wait_replicas(&deployments, name, 1, START).await?;
+    let woken =
+        eventually("the agent applying the wake's Follow", START, || async {
+            Ok(applied(nemesis_common::wire::Directive::Follow, true)
+                .filter(|d| d.epoch > sleep.epoch))
+        })
+        .await?;
+    set_ready(&deployments, name, 1).await?;
+    // The same flight's late wake-up, once the wake is over (forwarded, not deduplicated).
+    wake_forwarded(&c, node, &svc, sleep.epoch).await?;
+    set_ready(&deployments, name, 2).await?;
+    // Without the fix the sleep waits out the demand window (60 s).
+    let asleep = Duration::from_secs(20);
+    wait_replicas(&deployments, name, 0, asleep)
+        .await
+        .context("a late wake-up held the sleep off")?;
+
+    // New demand: a flight begun after the agent applied the next wake's Follow.
+    set_ready(&deployments, name, 0).await?;
+    let sleep2 =
+        eventually("the agent applying the second Sleep", START, || async {
+            Ok(applied(nemesis_common::wire::Directive::Sleep, false)
+                .filter(|d| d.epoch > woken.epoch))
+        })
+        .await?;
+    wake_forwarded(&c, node, &svc, sleep2.epoch).await?;
+    wait_replicas(&deployments, name, 1, START).await?;
+    let woken2 = eventually(
+        "the agent applying the second wake's Follow",
+        START,
+        || async {
+            Ok(applied(nemesis_common::wire::Directive::Follow, true)
+                .filter(|d| d.epoch > sleep2.epoch))
+        },
+    )
+    .await?;
+    set_ready(&deployments, name, 1).await?;
+    wake_forwarded(&c, node, &svc, woken2.epoch).await?;
+    set_ready(&deployments, name, 2).await?;
+    tokio::time::sleep(asleep).await;
+    assert_eq!(
+        replicas(&deployments, name).await?,
+        1,
+        "a wake-up of new demand (its flight began after the wake reached the agent) must hold the sleep"
+    );
+    assert_eq!(
+        log.seen().get(..5),
+        Some(&[1, 0, 1, 0, 1][..]),
+        "two sleeps, two wakes"
+    );
+    c.shutdown().await;
+    Ok(())
+}

@@ -124,6 +124,20 @@ pub(crate) struct Shared {
     pub(crate) metrics: ProxyMetrics,
     pub(crate) holds: Arc<hold::Holds>,
     pub(crate) backends: Arc<backend::BackendLoad>,
+    /// The directive epochs applied per Service (the mode follower, once the agent
+    /// wires it): a wake-up flight reports the one in force when it began.
+    pub(crate) applied_epochs: std::sync::OnceLock<Arc<dyn AppliedEpochs>>,
+}
+
+/// Where the proxy reads the directive epoch applied for a Service.
+pub trait AppliedEpochs: Send + Sync + 'static {
+    fn applied_epoch(&self, service: &ServiceRef) -> Option<u64>;
+}
+
+impl AppliedEpochs for mode::ModeFollower {
+    fn applied_epoch(&self, service: &ServiceRef) -> Option<u64> {
+        self.applied(service).map(|(_, epoch)| epoch)
+    }
 }
 
 /// The proxy; cheap to clone.
@@ -193,8 +207,15 @@ impl Proxy {
                 metrics,
                 holds,
                 backends: Arc::new(backend::BackendLoad::default()),
+                applied_epochs: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Where wake-ups read the directive epoch applied for their Service (set once;
+    /// without it they carry none, and the controller counts every one as demand).
+    pub fn report_applied_epochs(&self, epochs: Arc<dyn AppliedEpochs>) {
+        let _ = self.shared.applied_epochs.set(epochs);
     }
 
     /// Accept connections forever, each in a task of its own. Dropping this future stops

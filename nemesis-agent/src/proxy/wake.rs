@@ -15,6 +15,12 @@ use tokio::time::Instant;
 pub(crate) async fn run_wake(shared: Arc<Shared>, service: ServiceRef) {
     let mut endpoints = shared.endpoints.subscribe(&service);
     let emptied = shared.holds.emptied(&service);
+    // What this flight was started against: a controller that has woken the Service
+    // since (a higher epoch) does not count the flight's later sends as new demand.
+    let applied_epoch = shared
+        .applied_epochs
+        .get()
+        .and_then(|e| e.applied_epoch(&service));
     let mut failures = 0u32;
     let mut send_now = true;
     let mut next_send = Instant::now();
@@ -25,7 +31,7 @@ pub(crate) async fn run_wake(shared: Arc<Shared>, service: ServiceRef) {
         // Without a controller (a bench, a node without one) the Service wakes by other
         // means; held connections wait for its endpoints as usual.
         if send_now && let Some(controller) = shared.controller.as_ref() {
-            match send_wake(&shared, controller, &service, &mut failures).await {
+            match send_wake(&shared, controller, &service, applied_epoch, &mut failures).await {
                 Some(after) => next_send = Instant::now() + after,
                 None => return,
             }
@@ -73,12 +79,14 @@ async fn send_wake(
     shared: &Shared,
     controller: &ControllerClient,
     service: &ServiceRef,
+    applied_epoch: Option<u64>,
     failures: &mut u32,
 ) -> Option<Duration> {
     let request = WakeRequest {
         node: shared.config.node.clone(),
         service: service.clone(),
         held_connections: u32::try_from(shared.holds.held(service)).unwrap_or(u32::MAX),
+        applied_epoch,
     };
     let (result, next) = match controller.wake(&request).await {
         Ok(reply) if reply.accepted => {
@@ -117,14 +125,14 @@ async fn send_wake(
 #[cfg(test)]
 mod tests {
     use super::super::hold::{Admission, HeldGuard};
-    use super::super::{FixedDestination, Proxy, ProxyConfig, ServiceTable};
+    use super::super::{AppliedEpochs, FixedDestination, Proxy, ProxyConfig, ServiceTable};
     use crate::control::{ControllerClient, WAKE_PATH};
     use crate::endpoints::{EndpointRegistry, ServiceEndpoints};
     use crate::metrics::Metrics;
     use axum::{Json, Router, routing::post};
-    use nemesis_common::wire::{ServiceRef, WakeReply};
-    use std::sync::Arc;
+    use nemesis_common::wire::{ServiceRef, WakeReply, WakeRequest};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     /// Longer than any test here: a second wake-up inside it is a duplicate, not a refresh.
@@ -209,6 +217,86 @@ mod tests {
             }
             Admission::Refused(o) => panic!("refused: {o:?}"),
         }
+    }
+
+    /// A controller that accepts every wake-up and keeps each request.
+    async fn recording_controller() -> (ControllerClient, Arc<Mutex<Vec<WakeRequest>>>) {
+        let seen: Arc<Mutex<Vec<WakeRequest>>> = Arc::default();
+        let s = seen.clone();
+        let app = Router::new().route(
+            WAKE_PATH,
+            post(move |Json(req): Json<WakeRequest>| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push(req);
+                    Json(WakeReply {
+                        accepted: true,
+                        message: String::new(),
+                    })
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client =
+            ControllerClient::new(&format!("http://{addr}"), "token", Duration::from_secs(5))
+                .unwrap();
+        (client, seen)
+    }
+
+    /// The directive epoch applied per Service, as the test sets it.
+    #[derive(Default)]
+    struct Epochs(Mutex<Option<u64>>);
+
+    impl AppliedEpochs for Epochs {
+        fn applied_epoch(&self, _: &ServiceRef) -> Option<u64> {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_send_of_a_flight_carries_the_epoch_applied_when_it_began() {
+        let refresh = Duration::from_millis(200);
+        let (client, seen) = recording_controller().await;
+        let p = proxy_refreshing(client, EndpointRegistry::new(), refresh);
+        let epochs = Arc::new(Epochs::default());
+        p.report_applied_epochs(epochs.clone());
+        *epochs.0.lock().unwrap() = Some(100);
+        let held = hold_one(&p);
+        wait_for("the first wake-up", || !seen.lock().unwrap().is_empty()).await;
+        // The wake's directive reaches the agent while the flight goes on: its refresh
+        // still says what the flight began under.
+        *epochs.0.lock().unwrap() = Some(200);
+        wait_for("the refresh", || seen.lock().unwrap().len() >= 2).await;
+        let epochs_sent: Vec<_> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.applied_epoch)
+            .collect();
+        assert!(
+            epochs_sent.iter().all(|e| *e == Some(100)),
+            "{epochs_sent:?}"
+        );
+        drop(held);
+        // The next flight begins under the new epoch.
+        endpoints_idle().await;
+        let n = seen.lock().unwrap().len();
+        let _held = hold_one(&p);
+        wait_for("the next flight's wake-up", || {
+            seen.lock().unwrap().len() > n
+        })
+        .await;
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap().applied_epoch,
+            Some(200)
+        );
+    }
+
+    /// Long enough for a flight with nothing held to notice and end.
+    async fn endpoints_idle() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     #[tokio::test]

@@ -27,6 +27,9 @@ pub struct WakeUp {
     /// The agent that sent it first.
     pub node: String,
     pub held_connections: u32,
+    /// The directive epoch the agent had applied when its flight began (see
+    /// [`WakeRequest::applied_epoch`]).
+    pub applied_epoch: Option<u64>,
     /// When the controller received it (the start of the wake latency).
     pub received_at: Instant,
 }
@@ -141,6 +144,7 @@ impl WakeGate {
             service: req.service.clone(),
             node: req.node.clone(),
             held_connections: req.held_connections,
+            applied_epoch: req.applied_epoch,
             received_at: now,
         };
         match self.tx.try_send(wake) {
@@ -183,6 +187,7 @@ mod tests {
                 name: "web".into(),
             },
             held_connections: 1,
+            applied_epoch: None,
         }
     }
 

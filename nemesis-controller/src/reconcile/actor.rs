@@ -28,6 +28,7 @@ use super::events::Note;
 use super::history::Item;
 use super::hpa::{self, HpaView};
 use super::inherited_sleep::{self, Verdict};
+use super::late_wake;
 use super::prom::Poller;
 use super::resume;
 use super::status::{self, Blocked};
@@ -428,15 +429,33 @@ impl Actor {
 
     fn on_wake(&mut self, w: WakeUp) {
         let now = Utc::now();
-        // Demand dates from when the wake-up came in, not from when this actor got to it.
-        // One that waited behind a slow call (a scale to zero whose answer is lost takes
-        // the whole API timeout) is answered by the wake that follows; stamped `now`, it
-        // would count as new demand in the state it woke and hold the next sleep off for
-        // a whole `DEMAND_WINDOW`. Nothing genuine is lost: a wake-up that came in
-        // during a sleep handshake still dates after the request (`on_ack` abandons the
-        // sleep), and connections still held keep signalling demand on their own.
-        let waited = chrono::TimeDelta::from_std(w.received_at.elapsed()).unwrap_or_default();
-        self.last_demand = Some(now - waited);
+        let directive = self
+            .svc
+            .as_ref()
+            .and_then(|s| self.ctx.registry.directive(s));
+        let replicas = self.target().ok().map(|t| t.replicas);
+        if late_wake::already_answered(w.applied_epoch, directive.as_ref(), replicas) {
+            // Still a wake in progress for the cold start's count below; only not demand.
+            tracing::info!(
+                policy = %self.id,
+                node = %w.node,
+                held = w.held_connections,
+                applied_epoch = ?w.applied_epoch,
+                woken_epoch = ?directive.as_ref().map(|d| d.epoch),
+                "a late wake-up from before the target was woken: not new demand"
+            );
+        } else {
+            // Demand dates from when the wake-up came in, not from when this actor got
+            // to it. One that waited behind a slow call (a scale to zero whose answer is
+            // lost takes the whole API timeout) is answered by the wake that follows;
+            // stamped `now`, it would count as new demand in the state it woke and hold
+            // the next sleep off for a whole `DEMAND_WINDOW`. Nothing genuine is lost: a
+            // wake-up that came in during a sleep handshake still dates after the
+            // request (`on_ack` abandons the sleep), and connections still held keep
+            // signalling demand on their own.
+            let waited = chrono::TimeDelta::from_std(w.received_at.elapsed()).unwrap_or_default();
+            self.last_demand = Some(now - waited);
+        }
         tracing::debug!(policy = %self.id, node = %w.node, held = w.held_connections, "wake-up");
         match &mut self.wake {
             Some(p) => p.held = p.held.max(u64::from(w.held_connections)),

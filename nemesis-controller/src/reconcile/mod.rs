@@ -19,6 +19,7 @@ pub mod events;
 pub mod history;
 pub mod hpa;
 pub mod inherited_sleep;
+pub mod late_wake;
 pub mod prom;
 pub mod resume;
 pub mod status;

@@ -861,6 +861,7 @@ async fn run(cli: Cli, apiserver: tokio::runtime::Handle) -> anyhow::Result<()> 
                 name: name.clone(),
             },
             held_connections: 1,
+            applied_epoch: None,
         };
         let start = Instant::now();
         // A controller that lost its Lease under load answers 503 until it leads again:

@@ -407,6 +407,25 @@ impl Http {
         )
         .await
     }
+
+    /// [`Http::wake`] from a flight begun with directive `epoch` applied.
+    pub async fn wake_applied(
+        &self,
+        addr: SocketAddr,
+        node: &str,
+        svc: &ServiceRef,
+        held: u32,
+        epoch: u64,
+    ) -> anyhow::Result<(u16, Value)> {
+        let token = agent_token(addr, node).await?;
+        self.post(
+            addr,
+            "/v1/agents/wake",
+            &token,
+            &json!({"node": node, "service": svc, "heldConnections": held, "appliedEpoch": epoch}),
+        )
+        .await
+    }
 }
 
 /// Posts an Alertmanager webhook to the controller, as Alertmanager does.
