@@ -398,14 +398,7 @@ impl Http {
         svc: &ServiceRef,
         held: u32,
     ) -> anyhow::Result<(u16, Value)> {
-        let token = agent_token(addr, node).await?;
-        self.post(
-            addr,
-            "/v1/agents/wake",
-            &token,
-            &json!({"node": node, "service": svc, "heldConnections": held}),
-        )
-        .await
+        self.send_wake(addr, node, svc, held, None).await
     }
 
     /// [`Http::wake`] from a flight begun with directive `epoch` applied.
@@ -417,14 +410,23 @@ impl Http {
         held: u32,
         epoch: u64,
     ) -> anyhow::Result<(u16, Value)> {
+        self.send_wake(addr, node, svc, held, Some(epoch)).await
+    }
+
+    async fn send_wake(
+        &self,
+        addr: SocketAddr,
+        node: &str,
+        svc: &ServiceRef,
+        held: u32,
+        epoch: Option<u64>,
+    ) -> anyhow::Result<(u16, Value)> {
         let token = agent_token(addr, node).await?;
-        self.post(
-            addr,
-            "/v1/agents/wake",
-            &token,
-            &json!({"node": node, "service": svc, "heldConnections": held, "appliedEpoch": epoch}),
-        )
-        .await
+        let mut body = json!({"node": node, "service": svc, "heldConnections": held});
+        if let Some(e) = epoch {
+            body["appliedEpoch"] = json!(e);
+        }
+        self.post(addr, "/v1/agents/wake", &token, &body).await
     }
 }
 
